@@ -1,0 +1,41 @@
+"""admmcompress: compress PyTorch models with ADMM and turn the structure into measured savings.
+
+Three lines in your own loop::
+
+    from admmcompress import ADMM, Plan, Unstructured
+    admm = ADMM(model, Plan({"fc*": Unstructured(compression=50)}))
+    loss = loss_fn(model(x), y) + admm.penalty()   # every batch
+    admm.step()                                      # every epoch (or N steps)
+    masks = admm.finalize(); masks.attach(model, fresh_optimizer)   # hard prune, retrain
+
+Or one call: ``compress(model, plan, train, test, admm={"epochs": 10}, retrain={"epochs": 5})``.
+"""
+
+from admmcompress.api import CompressionResult, compress
+from admmcompress.drivers import ADMM, GradualMagnitude, RhoSchedule, one_shot
+from admmcompress.masks import MaskSet, hard_prune
+from admmcompress.plan import Plan, PlanError, Rule
+from admmcompress.report import measure
+from admmcompress.structures import Channel, Column, Filter, Unstructured, list_structures
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ADMM",
+    "Channel",
+    "Column",
+    "CompressionResult",
+    "Filter",
+    "GradualMagnitude",
+    "MaskSet",
+    "Plan",
+    "PlanError",
+    "RhoSchedule",
+    "Rule",
+    "Unstructured",
+    "compress",
+    "hard_prune",
+    "list_structures",
+    "measure",
+    "one_shot",
+]

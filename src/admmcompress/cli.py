@@ -1,0 +1,91 @@
+"""Command line: ``admmcompress run CONFIG.yaml [--resume] [--out DIR]`` and ``admmcompress report DIR``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from admmcompress.data.datasets import load_dataset
+from admmcompress.models import create_model
+from admmcompress.report.metrics import measure
+from admmcompress.report.render import load_report, save_report
+from admmcompress.train import checkpoint as ckpt
+from admmcompress.train.config import RunConfig
+from admmcompress.train.loop import TrainingDiverged
+from admmcompress.train.runner import STATE_FILE, Runner
+
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError, TrainingDiverged)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="admmcompress", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train/compress as a YAML config says; prints the report")
+    run.add_argument("config", help="YAML run configuration (see configs/)")
+    run.add_argument("--out", help="output folder (default: runs/<name>-<time>)")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    report = sub.add_parser("report", help="recompute and print the report of a finished run folder")
+    report.add_argument("dir")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+        return _report(Path(args.dir))
+    except USER_ERRORS as err:
+        message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+        print(f"admmcompress: error: {message}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = RunConfig.from_yaml(args.config)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    if args.resume and not args.out:
+        raise ValueError("--resume needs --out DIR: the folder of the run to continue")
+    out = Path(args.out) if args.out else Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if (out / STATE_FILE).exists() and not args.resume:
+        raise ValueError(f"'{out}' already holds a run; add --resume to continue it, or choose another --out")
+    model = create_model(config.model["name"], **{k: v for k, v in config.model.items() if k != "name"})
+    if config.pretrained:
+        ckpt.load_weights(model, config.pretrained)
+    train = load_dataset(config.data.dataset, "train", config.data.data_dir, config.data.train_limit)
+    test = load_dataset(config.data.dataset, "test", config.data.data_dir, config.data.test_limit)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_config(out, config)
+    runner = Runner(config, model, train, test, out_dir=out, progress=not args.no_progress and sys.stderr.isatty())
+    print(f"admmcompress: run '{config.name}' -> {out}", file=sys.stderr)
+    metrics = runner.run(resume=args.resume)
+    ckpt.save_tensors(out / "model.safetensors", model.state_dict(), {"config": config.to_dict()})
+    ckpt.save_tensors(out / "masks.safetensors", runner.masks.state_dict())
+    print(save_report(out, metrics, runner.history, f"admmcompress: {config.name}"))
+    print(f"(report, metrics.json and plots in {out}; rerun: admmcompress run {args.config} --out {out}-again)")
+    return 0
+
+
+def _write_config(out: Path, config: RunConfig) -> None:
+    text = yaml.safe_dump(json.loads(json.dumps(config.to_dict())), sort_keys=False)
+    ckpt.atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(text))
+
+
+def _report(out: Path) -> int:
+    """Recompute per-layer figures from the saved weights; accuracy and times come from metrics.json."""
+    metrics, history = load_report(out)
+    config = RunConfig.from_yaml(out / "config.yaml")
+    model = create_model(config.model["name"], **{k: v for k, v in config.model.items() if k != "name"})
+    ckpt.load_weights(model, out / "model.safetensors")
+    layers = [row["name"] for row in metrics["stats"]["layers"]]
+    metrics["stats"] = measure(model, layers).to_dict()
+    print(save_report(out, metrics, history, f"admmcompress: {config.name}"))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

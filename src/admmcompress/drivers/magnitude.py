@@ -1,0 +1,77 @@
+"""Magnitude baselines driven by the same plan: one-shot and gradual (iterative) pruning.
+
+One-shot: project the trained weights once (``hard_prune``), then masked retraining.
+Gradual: raise each target's sparsity along the cubic schedule of Zhu & Gupta,
+``s_t = s_final * (1 - (1 - t/T)^3)``, re-pruning by magnitude at each of ``T`` updates,
+so a baseline gets the same epoch budget as an ADMM phase.
+
+>>> import torch.nn as nn
+>>> from admmcompress.structures import Unstructured
+>>> model = nn.Linear(10, 10)
+>>> gradual = GradualMagnitude(model, Plan({"": Unstructured(sparsity=0.9)}), updates=3)
+>>> [round(gradual.sparsity_at(i), 3) for i in (1, 2, 3)]
+[0.633, 0.867, 0.9]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from admmcompress.masks import MaskSet, hard_prune
+from admmcompress.plan import Plan, Target
+
+
+def one_shot(model: torch.nn.Module, plan: Plan | list[Target], frozen: MaskSet | None = None) -> MaskSet:
+    """Prune every target to its final structure at once, by magnitude."""
+    targets = plan.resolve(model) if isinstance(plan, Plan) else list(plan)
+    return hard_prune(model, targets, frozen)
+
+
+class GradualMagnitude:
+    """Prune in ``updates`` steps of growing sparsity; call ``step()`` at each update."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        plan: Plan | list[Target],
+        updates: int,
+        frozen: MaskSet | None = None,
+    ):
+        if updates < 1:
+            raise ValueError(f"GradualMagnitude: updates={updates} must be >= 1")
+        self.model = model
+        self.targets = plan.resolve(model) if isinstance(plan, Plan) else list(plan)
+        self.updates = updates
+        self.frozen = frozen
+        self.iteration = 0
+        self.masks = MaskSet(frozen.masks if frozen is not None else None)
+
+    def sparsity_at(self, iteration: int, final: float = 1.0) -> float:
+        progress = min(1.0, iteration / self.updates)
+        return final * (1.0 - (1.0 - progress) ** 3)
+
+    def step(self) -> MaskSet:
+        """Prune to the next sparsity level; returns the masks (re-attach them to keep them)."""
+        self.iteration = min(self.iteration + 1, self.updates)
+        staged = [self._at(t, self.iteration) for t in self.targets]
+        self.masks = hard_prune(self.model, staged, self.frozen)
+        return self.masks
+
+    def _at(self, target: Target, iteration: int) -> Target:
+        sparsity = max(1e-9, self.sparsity_at(iteration, target.structure.target_sparsity))
+        return Target(target.layer, target.param, target.structure.with_sparsity(sparsity), target.rule)
+
+    def finalize(self) -> MaskSet:
+        """Jump to the final sparsity (if not reached yet) and return the masks."""
+        while self.iteration < self.updates:
+            self.step()
+        return self.masks
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"iteration": self.iteration, "masks": self.masks.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.iteration = int(state["iteration"])
+        self.masks = MaskSet(state["masks"])

@@ -1,0 +1,206 @@
+"""Plans: per-layer rules that say which structure each layer must reach.
+
+A plan is a list of rules. A rule selects layers by a glob on the module name
+(``match``) and/or by module type (``type``), and names a structure with its target.
+``Plan.resolve(model)`` turns rules into concrete targets and raises one ``PlanError``
+listing every problem before anything trains.
+
+>>> import torch.nn as nn
+>>> from admmcompress.structures import Unstructured
+>>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+>>> plan = Plan({"0": Unstructured(sparsity=0.5), "2": Unstructured(compression=4)})
+>>> [(t.layer, t.structure.target_sparsity) for t in plan.resolve(model)]
+[('0', 0.5), ('2', 0.75)]
+
+The same plan in YAML::
+
+    rules:
+      - {match: "0", structure: unstructured, sparsity: 0.5}
+      - {match: "2", structure: unstructured, compression: 4}
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from admmcompress.structures.sparsity import GEMM_MODULES, SparsityStructure, structure_from_dict
+
+RULE_KEYS = {"match", "type", "structure", "sparsity", "compression"}
+
+
+class PlanError(ValueError):
+    """A plan that does not fit the model; the message lists every problem and its fix."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Select layers by name glob and/or module type name, and give them a structure."""
+
+    structure: SparsityStructure
+    match: str | None = None
+    type: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.match is None and self.type is None:
+            raise PlanError("a rule needs 'match' (a glob on module names) or 'type' (e.g. Conv2d), or both")
+        if not isinstance(self.structure, SparsityStructure):
+            raise PlanError(f"rule structure must be a SparsityStructure, got {type(self.structure).__name__}")
+
+    def describe(self) -> str:
+        parts = [f"match={self.match!r}"] if self.match is not None else []
+        if self.type is not None:
+            parts.append(f"type={self.type!r}")
+        return f"rule({', '.join(parts)}, {self.structure.kind})"
+
+    def selects(self, name: str, module: torch.nn.Module) -> bool:
+        if self.match is not None and not fnmatch.fnmatchcase(name, self.match):
+            return False
+        return self.type is None or type(module).__name__ == self.type
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.match is not None:
+            out["match"] = self.match
+        if self.type is not None:
+            out["type"] = self.type
+        out.update(self.structure.to_dict())
+        return out
+
+    @classmethod
+    def from_dict(cls, spec: Mapping[str, Any], where: str = "rule") -> Rule:
+        if not isinstance(spec, Mapping):
+            raise PlanError(f"{where}: expected a mapping like {{match: conv1, structure: unstructured, sparsity: 0.8}}")
+        unknown = sorted(set(spec) - RULE_KEYS)
+        if unknown:
+            raise PlanError(f"{where}: unknown key(s) {unknown}; allowed keys are {sorted(RULE_KEYS)}")
+        try:
+            structure = structure_from_dict(dict(spec), where)
+        except ValueError as err:
+            raise PlanError(str(err)) from None
+        return cls(structure=structure, match=spec.get("match"), type=spec.get("type"))
+
+
+@dataclass(frozen=True)
+class Target:
+    """One concrete constraint: parameter ``param`` of module ``layer`` must lie in ``structure``."""
+
+    layer: str
+    param: str
+    structure: SparsityStructure
+    rule: int
+
+    @property
+    def key(self) -> str:
+        """Stable name of this target, unique within a plan (used in state dicts)."""
+        return f"{self.layer}.{self.param}:{self.structure.kind}"
+
+    @property
+    def param_name(self) -> str:
+        return f"{self.layer}.{self.param}" if self.layer else self.param
+
+
+def prunable_layers(model: torch.nn.Module) -> list[str]:
+    """Names of modules with a 'weight' tensor (what a plan may target)."""
+    return [n for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), torch.Tensor)]
+
+
+class Plan:
+    """An ordered list of rules; build from Python, a dict, or YAML."""
+
+    def __init__(self, rules: Mapping[str, SparsityStructure] | Iterable[Rule]):
+        if isinstance(rules, Mapping):
+            rules = [Rule(structure=s, match=pattern) for pattern, s in rules.items()]
+        self.rules: list[Rule] = list(rules)
+        if not self.rules:
+            raise PlanError("the plan has no rules; add at least one {match: ..., structure: ..., sparsity: ...}")
+
+    def __repr__(self) -> str:
+        return f"Plan({[r.describe() for r in self.rules]})"
+
+    # --- construction ------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, spec: Mapping[str, Any] | list[Any]) -> Plan:
+        """From ``{"rules": [...]}`` or a bare list of rule mappings."""
+        if isinstance(spec, Mapping):
+            unknown = sorted(set(spec) - {"rules"})
+            if unknown:
+                raise PlanError(f"plan: unknown key(s) {unknown}; a plan has only 'rules'")
+            spec = spec.get("rules")
+        if not isinstance(spec, list):
+            raise PlanError("plan: 'rules' must be a list of rule mappings")
+        errors, rules = [], []
+        for i, item in enumerate(spec):
+            try:
+                rules.append(Rule.from_dict(item, where=f"plan rule #{i}"))
+            except PlanError as err:
+                errors.append(str(err))
+        if errors:
+            raise PlanError("invalid plan:\n  - " + "\n  - ".join(errors))
+        return cls(rules)
+
+    @classmethod
+    def from_yaml(cls, source: str | Path) -> Plan:
+        """From a YAML file path or a YAML string."""
+        looks_like_path = isinstance(source, Path) or ("\n" not in source and source.endswith((".yaml", ".yml")))
+        if looks_like_path:
+            path = Path(source)
+            if not path.is_file():
+                raise PlanError(f"plan file '{path}' does not exist; check the path (relative to {Path.cwd()})")
+            source = path.read_text()
+        return cls.from_dict(yaml.safe_load(source))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rules": [r.to_dict() for r in self.rules]}
+
+    # --- validation --------------------------------------------------------------------
+    def resolve(self, model: torch.nn.Module) -> list[Target]:
+        """Concrete targets for ``model``; raises ``PlanError`` listing every problem."""
+        modules = dict(model.named_modules())
+        candidates = prunable_layers(model)
+        errors: list[str] = []
+        targets: list[Target] = []
+        seen: dict[tuple[str, str], int] = {}
+        for i, rule in enumerate(self.rules):
+            selected = [n for n in candidates if rule.selects(n, modules[n])]
+            if not selected:
+                errors.append(_nothing_matched(i, rule, modules, candidates))
+                continue
+            for name in selected:
+                try:
+                    rule.structure.check_module(modules[name], name)
+                except ValueError as err:
+                    errors.append(f"rule #{i} {rule.describe()}: {err}")
+                    continue
+                previous = seen.get((name, rule.structure.kind))
+                if previous is not None:
+                    errors.append(
+                        f"rule #{i} {rule.describe()} and rule #{previous} {self.rules[previous].describe()} both give "
+                        f"layer '{name}' a '{rule.structure.kind}' target; keep one (each layer takes each structure once)"
+                    )
+                    continue
+                seen[(name, rule.structure.kind)] = i
+                targets.append(Target(layer=name, param="weight", structure=rule.structure, rule=i))
+        if errors:
+            raise PlanError("the plan does not fit this model:\n  - " + "\n  - ".join(errors))
+        return targets
+
+
+def _nothing_matched(i: int, rule: Rule, modules: dict[str, torch.nn.Module], candidates: list[str]) -> str:
+    shown = ", ".join(candidates[:12]) + (" ..." if len(candidates) > 12 else "")
+    if rule.match is not None and rule.match in modules and rule.match not in candidates:
+        kind = type(modules[rule.match]).__name__
+        return f"rule #{i} {rule.describe()}: layer '{rule.match}' is {kind} and has no weight to prune; prunable: {shown}"
+    if rule.type is not None and not any(type(m).__name__ == rule.type for m in modules.values()):
+        types = sorted({type(modules[n]).__name__ for n in candidates})
+        return f"rule #{i} {rule.describe()}: the model has no module of type '{rule.type}'; its prunable types: {types}"
+    return f"rule #{i} {rule.describe()}: matches no layer of the model; prunable layers are: {shown}"
+
+
+__all__ = ["GEMM_MODULES", "Plan", "PlanError", "Rule", "Target", "prunable_layers"]

@@ -1,0 +1,130 @@
+"""Turn measured run metrics into report.md, metrics.json and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from admmcompress.train.checkpoint import atomic_write
+
+
+def _fmt_rate(x: float) -> str:
+    return "inf" if math.isinf(x) else f"{x:,.1f}x"
+
+
+def render_markdown(metrics: dict[str, Any], title: str = "admmcompress report") -> str:
+    """A human-readable report: per-layer table, overall figures, accuracy, per-stage results, time."""
+    stats = metrics["stats"]
+    lines = [f"# {title}", "", "| layer | type | shape | weights | kept | sparsity | compression |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for layer in stats["layers"]:
+        shape = "x".join(str(d) for d in layer["shape"])
+        lines.append(
+            f"| {layer['name']} | {layer['type']} | {shape} | {layer['params']:,} | {layer['kept']:,} | "
+            f"{100 * layer['sparsity']:.2f}% | {_fmt_rate(layer['compression'])} |"
+        )
+    lines.append(
+        f"| **total (pruned layers)** | | | {stats['pruned_layer_weights']:,} | {stats['kept_weights']:,} | "
+        f"{100 * (1 - stats['kept_weights'] / max(1, stats['pruned_layer_weights'])):.2f}% | "
+        f"**{_fmt_rate(stats['overall_compression'])}** |"
+    )
+    before, after = metrics.get("accuracy_before"), metrics.get("accuracy_after")
+    lines += [
+        "",
+        f"- Overall compression (pruned layers' weights / nonzero): **{_fmt_rate(stats['overall_compression'])}**",
+        f"- Compression over all {stats['total_params']:,} parameters (biases and unpruned layers included): "
+        f"{_fmt_rate(stats['compression_all_params'])}",
+    ]
+    if before is not None and after is not None:
+        lines.append(f"- Top-1 accuracy: {before:.2f}% before -> {after:.2f}% after ({after - before:+.2f} points)")
+    if metrics.get("wall_seconds") is not None:
+        lines.append(f"- Wall time: {metrics['wall_seconds']:.1f} s")
+    stages = [s for s in metrics.get("stages", []) if s]
+    if stages:
+        lines += ["", "| stage | compression | acc. before hard prune | after hard prune | after retrain |",
+                  "|---:|---:|---:|---:|---:|"]
+        for i, stage in enumerate(stages, 1):
+            lines.append(
+                f"| {i} | {_fmt_rate(stage.get('overall_compression', float('nan')))} | "
+                f"{_pct(stage.get('accuracy_before_hard_prune'))} | {_pct(stage.get('accuracy_after_hard_prune'))} | "
+                f"{_pct(stage.get('accuracy_after_retrain'))} |"
+            )
+    seconds = metrics.get("phase_seconds", {})
+    if seconds:
+        lines += ["", "Time per phase: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items())]
+    return "\n".join(lines) + "\n"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}%"
+
+
+def plot_run(metrics: dict[str, Any], history: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """sparsity.png (per-layer sparsity) and training.png (accuracy and ADMM residual per epoch)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    layers = metrics["stats"]["layers"]
+    fig, ax = plt.subplots(figsize=(max(4, 0.9 * len(layers) + 2), 3.2))
+    ax.bar([layer["name"] for layer in layers], [100 * layer["sparsity"] for layer in layers], color="#3b6ea8")
+    ax.set_ylabel("sparsity (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"per-layer sparsity, overall {_fmt_rate(metrics['stats']['overall_compression'])}")
+    fig.tight_layout()
+    written.append(_save_fig(fig, out_dir / "sparsity.png"))
+    plt.close(fig)
+
+    if history:
+        fig, (acc_ax, res_ax) = plt.subplots(1, 2, figsize=(9, 3.2))
+        steps = range(1, len(history) + 1)
+        acc_ax.plot(steps, [h["accuracy"] for h in history], marker=".")
+        acc_ax.set_xlabel("epoch (all phases)")
+        acc_ax.set_ylabel("test accuracy (%)")
+        residual_points = [(i, h["residual"]) for i, h in enumerate(history, 1) if h.get("residual")]
+        keys = sorted({k for _, r in residual_points for k in r})
+        for key in keys:
+            pts = [(i, r[key]) for i, r in residual_points if key in r and r[key] > 0]
+            if pts:
+                res_ax.semilogy(*zip(*pts), marker=".", label=key)
+        res_ax.set_xlabel("epoch (all phases)")
+        res_ax.set_ylabel("||W - Z|| / ||W||")
+        if keys:
+            res_ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(_save_fig(fig, out_dir / "training.png"))
+        plt.close(fig)
+    return written
+
+
+def _save_fig(fig, path: Path) -> Path:
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+
+
+def save_report(out_dir: str | Path, metrics: dict[str, Any], history: list[dict[str, Any]], title: str) -> str:
+    """Write metrics.json, report.md and the plots; return the markdown."""
+    out_dir = Path(out_dir)
+    text = render_markdown(metrics, title)
+    payload = json.dumps({"metrics": metrics, "history": history}, indent=2, default=_json_default)
+    atomic_write(out_dir / "metrics.json", lambda tmp: tmp.write_text(payload))
+    atomic_write(out_dir / "report.md", lambda tmp: tmp.write_text(text))
+    plot_run(metrics, history, out_dir)
+    return text
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    return str(value)
+
+
+def load_report(out_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    path = Path(out_dir) / "metrics.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics.json in '{out_dir}'; is it the --out folder of a finished run?")
+    data = json.loads(path.read_text())
+    return data["metrics"], data["history"]

@@ -1,0 +1,95 @@
+"""The GEMM view of a weight and the one projection every sparsity structure uses.
+
+Every weight is seen as a matrix whose rows are filters/neurons and whose columns are
+(input channel, kernel position) "shapes". A sparsity structure is a partition of that
+matrix into groups; projecting onto "at most k nonzero groups" keeps the k groups of
+largest L2 norm and zeroes the rest. Ties are broken by group index (lower index wins)
+so results never depend on the sort implementation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def as_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """Return the GEMM view ``(rows, cols)`` of a weight tensor as a view (no copy).
+
+    ``Conv(O, I/g, kh, kw) -> (O, I/g*kh*kw)``, ``Linear(O, I) -> (O, I)``; a 1-D tensor
+    becomes a single column. Writing into the returned view writes into ``weight``.
+
+    >>> as_matrix(torch.zeros(20, 1, 5, 5)).shape
+    torch.Size([20, 25])
+    """
+    if weight.dim() == 0:
+        raise ValueError("as_matrix: a scalar parameter has no GEMM view; prune only weight tensors")
+    if weight.dim() == 1:
+        return weight.view(-1, 1)
+    return weight.view(weight.shape[0], -1)
+
+
+def kept_count(n_groups: int, sparsity: float) -> int:
+    """How many of ``n_groups`` survive pruning at ``sparsity`` (fraction of groups removed).
+
+    ``k = round(n * (1 - sparsity))`` with Python's round-half-to-even, clamped to
+    ``[1, n]``: at least one group is always kept so no layer is cut off entirely.
+
+    >>> kept_count(500, 0.8), kept_count(10, 0.999)
+    (100, 1)
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    return max(1, min(n_groups, int(round(n_groups * (1.0 - sparsity)))))
+
+
+def group_scores(matrix: torch.Tensor, group_ids: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Sum of squared entries of each group (float64 so that sums of tiny values still rank)."""
+    flat = matrix.detach().reshape(-1).to(torch.float64)
+    scores = torch.zeros(n_groups, dtype=torch.float64, device=matrix.device)
+    return scores.index_add_(0, group_ids.reshape(-1), flat * flat)
+
+
+def top_groups(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean vector marking the ``k`` largest scores; ties go to the lower index."""
+    if not 0 < k <= scores.numel():
+        raise ValueError(f"cannot keep {k} of {scores.numel()} groups")
+    order = torch.argsort(scores, descending=True, stable=True)
+    keep = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    keep[order[:k]] = True
+    return keep
+
+
+def project_groups(matrix: torch.Tensor, group_ids: torch.Tensor, n_groups: int, k: int) -> torch.Tensor:
+    """Euclidean projection of ``matrix`` onto "at most ``k`` nonzero groups".
+
+    ``group_ids`` has the matrix's shape and gives each entry's group in ``[0, n_groups)``.
+    Returns the support mask (bool, matrix shape); the projection is ``matrix * mask``.
+    """
+    keep = top_groups(group_scores(matrix, group_ids, n_groups), k)
+    return keep[group_ids]
+
+
+def element_ids(rows: int, cols: int, device: torch.device | None = None) -> torch.Tensor:
+    return torch.arange(rows * cols, device=device).view(rows, cols)
+
+
+def row_ids(rows: int, cols: int, device: torch.device | None = None) -> torch.Tensor:
+    return torch.arange(rows, device=device).view(rows, 1).expand(rows, cols)
+
+
+def column_ids(rows: int, cols: int, device: torch.device | None = None) -> torch.Tensor:
+    return torch.arange(cols, device=device).view(1, cols).expand(rows, cols)
+
+
+def channel_ids(rows: int, cols: int, kernel_size: int, device: torch.device | None = None) -> torch.Tensor:
+    """Columns are ordered (channel, ky, kx), so a channel is ``kernel_size`` adjacent columns."""
+    if cols % kernel_size:
+        raise ValueError(f"{cols} columns do not split into input channels of {kernel_size} kernel positions")
+    return column_ids(rows, cols, device) // kernel_size
+
+
+def kernel_positions(weight: torch.Tensor) -> int:
+    """Number of kernel positions per input channel (1 for Linear)."""
+    return math.prod(weight.shape[2:]) if weight.dim() > 2 else 1

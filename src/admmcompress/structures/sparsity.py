@@ -1,0 +1,192 @@
+"""Sparsity structures: what a pruned layer may look like, with exact projections.
+
+Each structure is a small validated dataclass naming a partition of the GEMM matrix
+(see :mod:`admmcompress.structures.groups`) and how many groups must go. Give either
+``sparsity`` (fraction of groups removed, in (0, 1)) or ``compression`` (groups before /
+groups after, > 1); the other is derived.
+
+>>> s = Unstructured(compression=5)
+>>> s.sparsity
+0.8
+>>> w = torch.tensor([[3.0, -1.0], [0.5, 2.0]])
+>>> Unstructured(sparsity=0.5).project(w)
+tensor([[3., -0.],
+        [0., 2.]])
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
+
+import torch
+
+from admmcompress.structures import groups
+
+# Module types whose weight has a GEMM view that filter/column/channel structures understand.
+GEMM_MODULES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+
+
+@dataclass(frozen=True)
+class SparsityStructure:
+    """Base class: keep the k groups of largest L2 norm of a partition of the GEMM matrix."""
+
+    sparsity: float | None = None
+    compression: float | None = None
+    kind: ClassVar[str] = ""
+    _resolved: float = field(default=0.0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        if (self.sparsity is None) == (self.compression is None):
+            raise ValueError(f"{name}: give exactly one of sparsity=... (in (0,1)) or compression=... (> 1)")
+        if self.sparsity is not None:
+            if not isinstance(self.sparsity, (int, float)) or not 0.0 < float(self.sparsity) < 1.0:
+                raise ValueError(
+                    f"{name}: sparsity={self.sparsity!r} is outside (0, 1); "
+                    "it is the fraction of weights removed, e.g. 0.9 for 10x compression"
+                )
+            resolved = float(self.sparsity)
+        else:
+            if not isinstance(self.compression, (int, float)) or not float(self.compression) > 1.0:
+                raise ValueError(
+                    f"{name}: compression={self.compression!r} must be > 1 (total / kept), e.g. 10 for 90% sparsity"
+                )
+            resolved = 1.0 - 1.0 / float(self.compression)
+        if not math.isfinite(resolved):
+            raise ValueError(f"{name}: target must be a finite number")
+        object.__setattr__(self, "_resolved", resolved)
+
+    @property
+    def target_sparsity(self) -> float:
+        """The fraction of groups removed, whichever way the target was given."""
+        return self._resolved
+
+    def with_sparsity(self, sparsity: float) -> SparsityStructure:
+        """The same structure at another sparsity (used by gradual schedules)."""
+        return replace(self, sparsity=sparsity, compression=None)
+
+    # --- the partition -------------------------------------------------------------
+    def check_module(self, module: torch.nn.Module, name: str) -> None:
+        """Raise if this structure cannot apply to ``module`` (overridden where needed)."""
+        if not isinstance(module, GEMM_MODULES):
+            allowed = ", ".join(t.__name__ for t in GEMM_MODULES)
+            raise ValueError(
+                f"layer '{name}' is {type(module).__name__}; structure '{self.kind}' supports {allowed}. "
+                "Narrow the rule's pattern or type so it matches only those layers"
+            )
+
+    def group_ids(self, weight: torch.Tensor) -> tuple[torch.Tensor, int]:
+        raise NotImplementedError
+
+    def n_groups(self, weight: torch.Tensor) -> int:
+        return self.group_ids(weight)[1]
+
+    def kept_groups(self, weight: torch.Tensor) -> int:
+        return groups.kept_count(self.n_groups(weight), self.target_sparsity)
+
+    # --- the projection ------------------------------------------------------------
+    def support(self, weight: torch.Tensor) -> torch.Tensor:
+        """Boolean mask (weight's shape) of the entries the projection keeps."""
+        ids, n = self.group_ids(weight)
+        k = groups.kept_count(n, self.target_sparsity)
+        mask = groups.project_groups(groups.as_matrix(weight), ids, n, k)
+        return mask.reshape(weight.shape)
+
+    @torch.no_grad()
+    def project(self, weight: torch.Tensor) -> torch.Tensor:
+        """Nearest point (Euclidean) of the constraint set to ``weight``; a new tensor."""
+        return weight * self.support(weight)
+
+    # --- serialisation -------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"structure": self.kind}
+        if self.sparsity is not None:
+            out["sparsity"] = self.sparsity
+        else:
+            out["compression"] = self.compression
+        return out
+
+
+@dataclass(frozen=True)
+class Unstructured(SparsityStructure):
+    """Keep the k individual weights of largest magnitude (any parameter tensor)."""
+
+    kind: ClassVar[str] = "unstructured"
+
+    def check_module(self, module: torch.nn.Module, name: str) -> None:
+        if not isinstance(getattr(module, "weight", None), torch.Tensor):
+            raise ValueError(
+                f"layer '{name}' ({type(module).__name__}) has no 'weight' tensor to prune; "
+                "narrow the rule so it matches layers with weights"
+            )
+
+    def group_ids(self, weight: torch.Tensor) -> tuple[torch.Tensor, int]:
+        rows, cols = groups.as_matrix(weight).shape
+        return groups.element_ids(rows, cols, weight.device), rows * cols
+
+    def support(self, weight: torch.Tensor) -> torch.Tensor:
+        # Same result as the generic path, without materialising one id per element.
+        k = groups.kept_count(weight.numel(), self.target_sparsity)
+        keep = groups.top_groups(weight.detach().reshape(-1).abs().to(torch.float64), k)
+        return keep.reshape(weight.shape)
+
+
+@dataclass(frozen=True)
+class Filter(SparsityStructure):
+    """Keep the k rows (output filters / neurons) of largest L2 norm."""
+
+    kind: ClassVar[str] = "filter"
+
+    def group_ids(self, weight: torch.Tensor) -> tuple[torch.Tensor, int]:
+        rows, cols = groups.as_matrix(weight).shape
+        return groups.row_ids(rows, cols, weight.device), rows
+
+
+@dataclass(frozen=True)
+class Column(SparsityStructure):
+    """Keep the k columns ("shapes": input channel x kernel position) of largest L2 norm."""
+
+    kind: ClassVar[str] = "column"
+
+    def group_ids(self, weight: torch.Tensor) -> tuple[torch.Tensor, int]:
+        rows, cols = groups.as_matrix(weight).shape
+        return groups.column_ids(rows, cols, weight.device), cols
+
+
+@dataclass(frozen=True)
+class Channel(SparsityStructure):
+    """Keep the k input channels (all kernel positions of one channel) of largest L2 norm."""
+
+    kind: ClassVar[str] = "channel"
+
+    def group_ids(self, weight: torch.Tensor) -> tuple[torch.Tensor, int]:
+        rows, cols = groups.as_matrix(weight).shape
+        kpos = groups.kernel_positions(weight)
+        return groups.channel_ids(rows, cols, kpos, weight.device), cols // kpos
+
+
+STRUCTURES: dict[str, type[SparsityStructure]] = {
+    cls.kind: cls for cls in (Unstructured, Filter, Column, Channel)
+}
+ALIASES = {"shape": "column", "irregular": "unstructured", "non-structured": "unstructured", "row": "filter"}
+
+
+def list_structures() -> list[str]:
+    """Names accepted in a plan's ``structure`` field."""
+    return sorted(STRUCTURES) + sorted(ALIASES)
+
+
+def structure_from_dict(spec: dict[str, Any], where: str = "structure") -> SparsityStructure:
+    """Build a structure from ``{"structure": name, "sparsity"|"compression": value}``."""
+    name = spec.get("structure")
+    if not isinstance(name, str):
+        raise ValueError(f"{where}: missing 'structure' (one of {', '.join(list_structures())})")
+    cls = STRUCTURES.get(ALIASES.get(name, name))
+    if cls is None:
+        raise ValueError(f"{where}: unknown structure '{name}'; choose one of {', '.join(list_structures())}")
+    try:
+        return cls(sparsity=spec.get("sparsity"), compression=spec.get("compression"))
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None

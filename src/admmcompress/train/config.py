@@ -1,0 +1,210 @@
+"""Run configuration: typed, validated dataclasses read from YAML (no pickle, unknown keys rejected).
+
+A run is: a dense model (loaded from ``pretrained`` or trained by ``pretrain``), then one or
+more *stages*; each stage drives the model toward its plan (ADMM, or a magnitude baseline),
+hard-prunes and retrains with masks. Several stages make progressive (multi-step) pruning:
+each starts from the previous stage's retrained, masked model.
+
+Example (``configs/lenet5_admm_71x.yaml``)::
+
+    model: {name: lenet5}
+    data: {dataset: mnist, batch_size: 64}
+    pretrained: ../checkpoints/lenet5_mnist_dense.safetensors
+    stages:
+      - plan: {rules: [{match: conv1, structure: unstructured, sparsity: 0.8}, ...]}
+        method: admm
+        admm: {epochs: 10, rho: 1.0e-3}
+        retrain: {epochs: 5}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from admmcompress.plan import Plan, PlanError
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+LR_SCHEDULES = ("constant", "cosine", "admm_reset")
+METHODS = ("admm", "magnitude", "gradual")
+
+
+class ConfigError(ValueError):
+    """A configuration mistake; the message names the key, the value and the fix."""
+
+
+def _build(cls, spec: Any, where: str):
+    """Instantiate dataclass ``cls`` from a mapping, rejecting unknown keys by name."""
+    if spec is None:
+        spec = {}
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(spec).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(spec) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(names)}")
+    try:
+        return cls(**spec)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def _positive(value: Any, name: str, integer: bool = False) -> None:
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if not ok or isinstance(value, bool) or not value > 0 or not math.isfinite(value):
+        kind = "a positive integer" if integer else "a positive number"
+        raise ValueError(f"{name}={value!r} must be {kind}")
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    nesterov: bool = False
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"optimizer name={self.name!r}; choose one of {OPTIMIZERS}")
+        _positive(self.lr, "lr")
+        if not 0 <= self.weight_decay < 1:
+            raise ValueError(f"weight_decay={self.weight_decay!r} must be in [0, 1)")
+
+
+@dataclass
+class PhaseConfig:
+    """Epoch budget, optimizer and learning-rate schedule of one training phase."""
+
+    epochs: int = 1
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    lr_schedule: str = "cosine"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.optimizer, dict):
+            self.optimizer = _build(OptimizerConfig, self.optimizer, "optimizer")
+        if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs < 0:
+            raise ValueError(f"epochs={self.epochs!r} must be an integer >= 0")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule={self.lr_schedule!r}; choose one of {LR_SCHEDULES}")
+
+
+@dataclass
+class ADMMPhaseConfig(PhaseConfig):
+    """The ADMM (or gradual-magnitude) phase: cadence of Z/U updates and the rho schedule."""
+
+    update_every_epochs: int | None = None
+    update_every_steps: int | None = None
+    rho: float = 1e-3
+    rho_growth: float = 1.3
+    rho_max: float = 1.0
+    lr_schedule: str = "admm_reset"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.update_every_epochs is not None and self.update_every_steps is not None:
+            raise ValueError("give update_every_epochs or update_every_steps, not both")
+        if self.update_every_epochs is None and self.update_every_steps is None:
+            self.update_every_epochs = 1
+        if self.update_every_epochs is not None:
+            _positive(self.update_every_epochs, "update_every_epochs", integer=True)
+        if self.update_every_steps is not None:
+            _positive(self.update_every_steps, "update_every_steps", integer=True)
+        _positive(self.rho, "rho")
+
+
+@dataclass
+class StageConfig:
+    plan: Plan
+    method: str = "admm"
+    admm: ADMMPhaseConfig = field(default_factory=ADMMPhaseConfig)
+    retrain: PhaseConfig = field(default_factory=PhaseConfig)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r}; choose one of {METHODS}")
+        if not isinstance(self.plan, Plan):
+            try:
+                self.plan = Plan.from_dict(self.plan)
+            except PlanError as err:
+                raise ValueError(str(err)) from None
+        if isinstance(self.admm, dict):
+            self.admm = _build(ADMMPhaseConfig, self.admm, "admm")
+        if isinstance(self.retrain, dict):
+            self.retrain = _build(PhaseConfig, self.retrain, "retrain")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "mnist"
+    batch_size: int = 64
+    eval_batch_size: int = 1000
+    train_limit: int | None = None
+    test_limit: int | None = None
+    data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        _positive(self.batch_size, "batch_size", integer=True)
+        _positive(self.eval_batch_size, "eval_batch_size", integer=True)
+
+
+@dataclass
+class RunConfig:
+    model: dict[str, Any]
+    data: DataConfig = field(default_factory=DataConfig)
+    name: str = "run"
+    seed: int = 0
+    threads: int | None = None
+    pretrained: str | None = None
+    pretrain: PhaseConfig | None = None
+    stages: list[StageConfig] = field(default_factory=list)
+    checkpoint_every_epochs: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, dict) or "name" not in self.model:
+            raise ValueError("model: give a mapping with 'name' (e.g. {name: lenet5}) and optional arguments")
+        if isinstance(self.data, dict):
+            self.data = _build(DataConfig, self.data, "data")
+        if isinstance(self.pretrain, dict):
+            self.pretrain = _build(PhaseConfig, self.pretrain, "pretrain")
+        if self.pretrained is None and self.pretrain is None:
+            raise ValueError("give 'pretrained' (a dense checkpoint) or 'pretrain' (epochs to train one)")
+        if not isinstance(self.stages, list):
+            raise ValueError("stages must be a list (one entry per pruning step)")
+        self.stages = [
+            s if isinstance(s, StageConfig) else _build(StageConfig, s, f"stages[{i}]")
+            for i, s in enumerate(self.stages)
+        ]
+        _positive(self.checkpoint_every_epochs, "checkpoint_every_epochs", integer=True)
+
+    @classmethod
+    def from_dict(cls, spec: dict[str, Any], base_dir: Path | None = None) -> RunConfig:
+        config = _build(cls, spec, "config")
+        if config.pretrained and base_dir is not None and not Path(config.pretrained).is_absolute():
+            candidate = (base_dir / config.pretrained).resolve()
+            if candidate.exists() or not Path(config.pretrained).exists():
+                config.pretrained = str(candidate)
+        return config
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> RunConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            spec = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        return cls.from_dict(spec, base_dir=path.parent)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["stages"] = [
+            {**dataclasses.asdict(s), "plan": s.plan.to_dict()} for s in self.stages
+        ]
+        return out

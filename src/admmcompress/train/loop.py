@@ -1,0 +1,112 @@
+"""Reference training pieces: optimizers, learning-rate schedules, one epoch, evaluation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from admmcompress.data.datasets import BatchLoader, Split
+from admmcompress.train.config import ADMMPhaseConfig, OptimizerConfig, PhaseConfig
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf; the last checkpoint is intact."""
+
+
+def make_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """A fresh optimizer (each phase gets its own, so stale momentum cannot revive pruned weights)."""
+    params = model.parameters()
+    if cfg.name == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
+        )
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def update_period_steps(cfg: PhaseConfig, steps_per_epoch: int) -> int:
+    """Optimizer steps between two ADMM updates (the whole phase for non-ADMM phases)."""
+    if isinstance(cfg, ADMMPhaseConfig):
+        if cfg.update_every_steps is not None:
+            return cfg.update_every_steps
+        return cfg.update_every_epochs * steps_per_epoch
+    return max(1, cfg.epochs * steps_per_epoch)
+
+
+def learning_rate(cfg: PhaseConfig, step: int, steps_per_epoch: int) -> float:
+    """LR at optimizer step ``step`` of a phase; a pure function of the counters (so resume is exact).
+
+    ``cosine`` anneals over the phase; ``admm_reset`` restarts at the base LR at every ADMM
+    update and divides it by 10 at each third of the ADMM iteration (SPEC 1.4, P9).
+    """
+    base = cfg.optimizer.lr
+    total = max(1, cfg.epochs * steps_per_epoch)
+    if cfg.lr_schedule == "constant":
+        return base
+    if cfg.lr_schedule == "cosine":
+        return base * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+    period = update_period_steps(cfg, steps_per_epoch)
+    position = (step % period) / period
+    return base * 0.1 ** math.floor(3 * position)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Split, batch_size: int = 1000) -> float:
+    """Top-1 accuracy in percent."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for start in range(0, len(data), batch_size):
+        logits = model(data.x[start : start + batch_size])
+        correct += (logits.argmax(1) == data.y[start : start + batch_size]).sum().item()
+    model.train(was_training)
+    return 100.0 * correct / max(1, len(data))
+
+
+def train_epoch(
+    model: nn.Module,
+    loader: BatchLoader,
+    optimizer: torch.optim.Optimizer,
+    lr_at: Callable[[int], float],
+    first_step: int,
+    penalty: Callable[[], torch.Tensor] | None = None,
+    after_step: Callable[[int], None] | None = None,
+    desc: str = "train",
+    progress: bool = True,
+) -> dict[str, float]:
+    """One epoch of cross-entropy (+ optional penalty) training; returns mean losses.
+
+    ``after_step(global_step)`` runs after every optimizer step (ADMM cadence in steps).
+    """
+    model.train()
+    step = first_step
+    data_sum = penalty_sum = 0.0
+    batches = tqdm(loader, total=len(loader), desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
+    for x, y in batches:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        data_loss = nn.functional.cross_entropy(model(x), y)
+        loss = data_loss
+        if penalty is not None:
+            extra = penalty()
+            loss = data_loss + extra
+            penalty_sum += extra.item()
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"{desc}: loss became {loss.item()} at step {step}; lower the learning rate "
+                f"(now {lr_at(step):.3g}) or rho, then rerun with --resume from the last checkpoint"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        data_sum += data_loss.item()
+        step += 1
+        if after_step is not None:
+            after_step(step)
+    n = max(1, len(loader))
+    return {"loss": data_sum / n, "penalty": penalty_sum / n}

@@ -1,0 +1,240 @@
+"""The reference pipeline: dense model -> (drive toward plan -> hard prune -> masked retrain) per stage.
+
+Everything the run carries (model, optimizer, driver state, masks, data order, RNG, history)
+is saved at each epoch end, atomically, so a run killed at any point resumes with the same
+result as an uninterrupted one. Phases are a flat list so the checkpoint only needs
+``(phase, epoch)`` counters.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from admmcompress.data.datasets import BatchLoader, Split
+from admmcompress.drivers.admm import ADMM, RhoSchedule
+from admmcompress.drivers.magnitude import GradualMagnitude, one_shot
+from admmcompress.masks import MaskSet
+from admmcompress.plan import Target
+from admmcompress.report.metrics import measure
+from admmcompress.train import checkpoint as ckpt
+from admmcompress.train.config import PhaseConfig, RunConfig
+from admmcompress.train.loop import evaluate, learning_rate, make_optimizer, train_epoch, update_period_steps
+
+STATE_FILE = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class Phase:
+    kind: str  # "pretrain" | "prune" | "retrain"
+    stage: int  # stage index (-1 for pretrain)
+    cfg: PhaseConfig
+
+    @property
+    def label(self) -> str:
+        return "pretrain" if self.kind == "pretrain" else f"stage{self.stage + 1}/{self.kind}"
+
+
+class Runner:
+    """Runs a ``RunConfig`` on a model and in-memory data; writes its state into ``out_dir``."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        model: nn.Module,
+        train: Split,
+        test: Split,
+        out_dir: str | Path | None = None,
+        progress: bool = True,
+        train_dense: bool = True,
+    ):
+        self.config, self.model, self.test = config, model, test
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.progress = progress
+        self.loader = BatchLoader(train, config.data.batch_size, shuffle=True, seed=config.seed)
+        self.stage_targets: list[list[Target]] = [s.plan.resolve(model) for s in config.stages]
+        self.phases: list[Phase] = []
+        if train_dense and config.pretrain is not None and config.pretrained is None:
+            self.phases.append(Phase("pretrain", -1, config.pretrain))
+        for i, stage in enumerate(config.stages):
+            self.phases += [Phase("prune", i, stage.admm), Phase("retrain", i, stage.retrain)]
+        self.phase_index = 0
+        self.epoch = 0
+        self.masks = MaskSet()
+        self.history: list[dict[str, Any]] = []
+        self.metrics: dict[str, Any] = {"stages": [{} for _ in config.stages], "phase_seconds": {}}
+        self._driver: ADMM | GradualMagnitude | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._pending: dict[str, Any] | None = None
+
+    # --- public -------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        torch.manual_seed(self.config.seed)
+        self._clock = time.perf_counter()
+        if resume:
+            self._load()
+        if "accuracy_before" not in self.metrics and not (self.phases and self.phases[0].kind == "pretrain"):
+            self.metrics["accuracy_before"] = self._evaluate()
+        while self.phase_index < len(self.phases):
+            phase = self.phases[self.phase_index]
+            self._enter(phase)
+            steps = len(self.loader)
+            while self.epoch < phase.cfg.epochs:
+                started = time.perf_counter()
+                losses = self._train_one_epoch(phase, steps)
+                self.epoch += 1
+                self._after_epoch(phase, steps)
+                seconds = time.perf_counter() - started
+                self.metrics["phase_seconds"][phase.label] = self.metrics["phase_seconds"].get(phase.label, 0.0) + seconds
+                self._record(phase, losses, seconds)
+                if self.epoch % self.config.checkpoint_every_epochs == 0 or self.epoch == phase.cfg.epochs:
+                    self._save()
+            self._finish(phase)
+            self.phase_index += 1
+            self.epoch = 0
+            self._driver = self._optimizer = None
+            self._save()
+        self.masks.detach()
+        self.metrics["accuracy_after"] = self._evaluate()
+        self.metrics["stats"] = measure(self.model, self.layers()).to_dict()
+        self._tick_clock()
+        return self.metrics
+
+    def _tick_clock(self) -> None:
+        """Wall time adds up across resumed invocations."""
+        now = time.perf_counter()
+        self.metrics["wall_seconds"] = self.metrics.get("wall_seconds", 0.0) + now - self._clock
+        self._clock = now
+
+    def layers(self) -> list[str]:
+        """Every layer some stage prunes, in model order."""
+        wanted = {t.layer for targets in self.stage_targets for t in targets}
+        return [n for n, _ in self.model.named_modules() if n in wanted]
+
+    # --- phases -------------------------------------------------------------------------
+    def _enter(self, phase: Phase) -> None:
+        """Build the phase's optimizer/driver and masks; restore them if resuming mid-phase."""
+        self.masks.detach()
+        self._optimizer = make_optimizer(self.model, phase.cfg.optimizer)
+        self._driver = None
+        if phase.kind == "prune":
+            stage = self.config.stages[phase.stage]
+            targets = self.stage_targets[phase.stage]
+            frozen = MaskSet(self.masks.masks) if len(self.masks) else None
+            if stage.method == "admm":
+                rho = RhoSchedule(phase.cfg.rho, phase.cfg.rho_growth, phase.cfg.rho_max)
+                self._driver = ADMM(self.model, targets, rho=rho, frozen=frozen)
+            elif stage.method == "gradual":
+                updates = max(1, (phase.cfg.epochs * len(self.loader)) // update_period_steps(phase.cfg, len(self.loader)))
+                self._driver = GradualMagnitude(self.model, targets, updates=updates, frozen=frozen)
+            elif self.epoch == 0 and self._pending is None:
+                self.masks = one_shot(self.model, targets, frozen)
+        if self._pending is not None:
+            self._optimizer.load_state_dict(self._pending["optimizer"])
+            if self._driver is not None and self._pending.get("driver") is not None:
+                self._driver.load_state_dict(self._pending["driver"])
+            self._pending = None
+        if len(self.masks):
+            self.masks.attach(self.model, self._optimizer)
+
+    def _train_one_epoch(self, phase: Phase, steps: int) -> dict[str, float]:
+        cfg = phase.cfg
+        penalty = self._driver.penalty if isinstance(self._driver, ADMM) else None
+        after_step = None
+        if phase.kind == "prune" and getattr(cfg, "update_every_steps", None):
+            def after_step(step: int) -> None:
+                if step % cfg.update_every_steps == 0:
+                    self._driver_update()
+        return train_epoch(
+            self.model,
+            self.loader,
+            self._optimizer,
+            lambda step: learning_rate(cfg, step, steps),
+            first_step=self.epoch * steps,
+            penalty=penalty,
+            after_step=after_step,
+            desc=f"{phase.label} epoch {self.epoch + 1}/{cfg.epochs}",
+            progress=self.progress,
+        )
+
+    def _after_epoch(self, phase: Phase, steps: int) -> None:
+        every = getattr(phase.cfg, "update_every_epochs", None)
+        if phase.kind == "prune" and every and self.epoch % every == 0:
+            self._driver_update()
+
+    def _driver_update(self) -> None:
+        if isinstance(self._driver, ADMM):
+            self._driver.step()
+        elif isinstance(self._driver, GradualMagnitude):
+            self.masks = self._driver.step()
+            self.masks.attach(self.model, self._optimizer)
+
+    def _finish(self, phase: Phase) -> None:
+        if phase.kind == "pretrain":
+            self.metrics["accuracy_before"] = self._evaluate()
+            return
+        record = self.metrics["stages"][phase.stage]
+        if phase.kind == "prune":
+            record["accuracy_before_hard_prune"] = self._evaluate()
+            if self._driver is not None:
+                self.masks.detach()
+                self.masks = self._driver.finalize()
+            record["accuracy_after_hard_prune"] = self._evaluate()
+            if isinstance(self._driver, ADMM):
+                record["admm_history"] = self._driver.history
+        else:
+            record["accuracy_after_retrain"] = self._evaluate()
+            stats = measure(self.model, self.layers())
+            record["overall_compression"] = stats.overall_compression
+            record["layers"] = {layer.name: layer.compression for layer in stats.layers}
+
+    def _evaluate(self) -> float:
+        return evaluate(self.model, self.test, self.config.data.eval_batch_size)
+
+    def _record(self, phase: Phase, losses: dict[str, float], seconds: float) -> None:
+        entry = {"phase": phase.label, "epoch": self.epoch, "seconds": seconds, **losses,
+                 "accuracy": self._evaluate()}
+        if isinstance(self._driver, ADMM):
+            entry["residual"] = self._driver.residuals()
+            entry["rho"] = max((s["rho"] for s in self._driver.state.values()), default=0.0)
+        self.history.append(entry)
+
+    # --- checkpointing -------------------------------------------------------------------
+    def _save(self) -> None:
+        self._tick_clock()
+        if self.out_dir is None:
+            return
+        state = {
+            "phase_index": self.phase_index,
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self._optimizer.state_dict() if self._optimizer is not None else None,
+            "driver": self._driver.state_dict() if self._driver is not None else None,
+            "masks": self.masks.state_dict(),
+            "loader": self.loader.state_dict(),
+            "rng": torch.get_rng_state(),
+            "history": self.history,
+            "metrics": self.metrics,
+        }
+        ckpt.save_state(self.out_dir / STATE_FILE, state)
+
+    def _load(self) -> None:
+        path = None if self.out_dir is None else self.out_dir / STATE_FILE
+        if path is None or not path.is_file():
+            raise FileNotFoundError(
+                f"--resume: no checkpoint at {path}; run without --resume to start, or pass the run's --out folder"
+            )
+        state = ckpt.load_state(path)
+        self.model.load_state_dict(state["model"])
+        self.phase_index, self.epoch = int(state["phase_index"]), int(state["epoch"])
+        self.masks = MaskSet(state["masks"])
+        self.loader.load_state_dict(state["loader"])
+        torch.set_rng_state(state["rng"])
+        self.history, self.metrics = list(state["history"]), dict(state["metrics"])
+        if state["optimizer"] is not None:
+            self._pending = {"optimizer": state["optimizer"], "driver": state["driver"]}
