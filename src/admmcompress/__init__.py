@@ -12,16 +12,18 @@ Or one call: ``compress(model, plan, train, test, admm={"epochs": 10}, retrain={
 """
 
 from admmcompress.api import CompressionResult, compress
-from admmcompress.drivers import ADMM, GradualMagnitude, RhoSchedule, one_shot
+from admmcompress.drivers import ADMM, GradualMagnitude, Reweighted, RhoSchedule, one_shot
 from admmcompress.masks import MaskSet, hard_prune
 from admmcompress.plan import Plan, PlanError, Rule
 from admmcompress.report import measure
-from admmcompress.structures import Channel, Column, Filter, Unstructured, list_structures
+from admmcompress.structures import Block, BlockRow, Channel, Column, Filter, Unstructured, list_structures
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ADMM",
+    "Block",
+    "BlockRow",
     "Channel",
     "Column",
     "CompressionResult",
@@ -30,6 +32,7 @@ __all__ = [
     "MaskSet",
     "Plan",
     "PlanError",
+    "Reweighted",
     "RhoSchedule",
     "Rule",
     "Unstructured",

@@ -15,6 +15,7 @@ from admmcompress.data.datasets import load_dataset
 from admmcompress.models import create_model
 from admmcompress.report.metrics import measure
 from admmcompress.report.render import load_report, save_report
+from admmcompress.report.storage import storage
 from admmcompress.train import checkpoint as ckpt
 from admmcompress.train.config import RunConfig
 from admmcompress.train.loop import TrainingDiverged
@@ -33,10 +34,20 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     report = sub.add_parser("report", help="recompute and print the report of a finished run folder")
     report.add_argument("dir")
+    export = sub.add_parser("export", help="write a finished run's model as a packed file or ONNX")
+    fmt = export.add_mutually_exclusive_group(required=True)
+    fmt.add_argument("--packed", action="store_true", help="bit-packed codes + indices (sizes as in the storage report)")
+    fmt.add_argument("--onnx", action="store_true", help="ONNX with integer weights + DequantizeLinear")
+    export.add_argument("dir", help="run folder (the --out of `admmcompress run`)")
+    export.add_argument("--out", required=True, help="file to write")
+    export.add_argument("--scheme", default="best", help="packed: best|dense|bitmask|relative|csr|structured")
+    export.add_argument("--index-bits", default="best", help="packed: relative index bits b_r, or best")
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "export":
+            return _export(args)
         return _report(Path(args.dir))
     except USER_ERRORS as err:
         message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
@@ -53,6 +64,7 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if (out / STATE_FILE).exists() and not args.resume:
         raise ValueError(f"'{out}' already holds a run; add --resume to continue it, or choose another --out")
+    torch.manual_seed(config.seed)  # the initial weights of a model trained from scratch follow the seed too
     model = create_model(config.model["name"], **{k: v for k, v in config.model.items() if k != "name"})
     if config.pretrained:
         ckpt.load_weights(model, config.pretrained)
@@ -83,7 +95,19 @@ def _report(out: Path) -> int:
     ckpt.load_weights(model, out / "model.safetensors")
     layers = [row["name"] for row in metrics["stats"]["layers"]]
     metrics["stats"] = measure(model, layers).to_dict()
+    metrics["storage"] = storage(model, layers).to_dict()
     print(save_report(out, metrics, history, f"admmcompress: {config.name}"))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from admmcompress.executors import export_run
+
+    if args.onnx:
+        print(export_run.export_onnx_run(args.dir, args.out))
+        return 0
+    index_bits = args.index_bits if args.index_bits == "best" else int(args.index_bits)
+    print(export_run.export_packed_run(args.dir, args.out, scheme=args.scheme, index_bits=index_bits))
     return 0
 
 

@@ -139,10 +139,17 @@ def hard_prune(model: torch.nn.Module, targets, frozen: MaskSet | None = None) -
     """Project each target's weight itself (not W+U, see SPEC P4), zero the rest, return the masks.
 
     Several targets on one parameter intersect; ``frozen`` masks from earlier stages are kept.
+    With quantization targets (or values held by ``frozen``) the kept weights are then
+    quantized and a ``QuantizedMaskSet`` is returned (see :mod:`admmcompress.quantize`).
     """
     params = dict(model.named_parameters())
     masks = MaskSet(frozen.masks if frozen is not None else None)
     for target in targets:
-        masks.intersect(target.param_name, target.structure.support(params[target.param_name]))
+        for name, mask in target.masks(params).items():  # one parameter, or several for a coupled target
+            masks.intersect(name, mask)
     masks.apply(model)
+    if hasattr(frozen, "held") or any(getattr(t.structure, "quantizes", False) for t in targets):
+        from admmcompress.quantize import hard_quantize  # prune first, then quantize the kept weights
+
+        return hard_quantize(model, targets, masks, frozen)
     return masks

@@ -30,7 +30,20 @@ from typing import Any
 import torch
 import yaml
 
-from admmcompress.structures.sparsity import GEMM_MODULES, SparsityStructure, structure_from_dict
+from admmcompress.structures.groups import gemm_params
+from admmcompress.structures.sparsity import (
+    ALIASES,
+    GEMM_MODULES,
+    STRUCTURES,
+    SparsityStructure,
+    structure_from_dict,
+)
+from admmcompress.structures.quantization import (
+    QUANT_ALIASES,
+    QUANTIZERS,
+    QuantizationStructure,
+    quantization_from_dict,
+)
 
 RULE_KEYS = {"match", "type", "structure", "sparsity", "compression"}
 
@@ -50,8 +63,17 @@ class Rule:
     def __post_init__(self) -> None:
         if self.match is None and self.type is None:
             raise PlanError("a rule needs 'match' (a glob on module names) or 'type' (e.g. Conv2d), or both")
-        if not isinstance(self.structure, SparsityStructure):
-            raise PlanError(f"rule structure must be a SparsityStructure, got {type(self.structure).__name__}")
+        for key in ("match", "type"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, str):
+                raise PlanError(
+                    f"rule {key}={value!r} must be a string (got {type(value).__name__}); "
+                    f"quote it in YAML, e.g. {key}: \"{value}\""
+                )
+        if not isinstance(self.structure, (SparsityStructure, QuantizationStructure)):
+            raise PlanError(
+                f"rule structure must be a SparsityStructure or QuantizationStructure, got {type(self.structure).__name__}"
+            )
 
     def describe(self) -> str:
         parts = [f"match={self.match!r}"] if self.match is not None else []
@@ -77,11 +99,13 @@ class Rule:
     def from_dict(cls, spec: Mapping[str, Any], where: str = "rule") -> Rule:
         if not isinstance(spec, Mapping):
             raise PlanError(f"{where}: expected a mapping like {{match: conv1, structure: unstructured, sparsity: 0.8}}")
-        unknown = sorted(set(spec) - RULE_KEYS)
+        allowed = RULE_KEYS | set(_structure_options(spec.get("structure")))
+        unknown = sorted(set(spec) - allowed)
         if unknown:
-            raise PlanError(f"{where}: unknown key(s) {unknown}; allowed keys are {sorted(RULE_KEYS)}")
+            raise PlanError(f"{where}: unknown key(s) {unknown}; allowed keys are {sorted(allowed)}")
         try:
-            structure = structure_from_dict(dict(spec), where)
+            build = quantization_from_dict if _is_quantization(spec.get("structure")) else structure_from_dict
+            structure = build(dict(spec), where)
         except ValueError as err:
             raise PlanError(str(err)) from None
         return cls(structure=structure, match=spec.get("match"), type=spec.get("type"))
@@ -99,16 +123,42 @@ class Target:
     @property
     def key(self) -> str:
         """Stable name of this target, unique within a plan (used in state dicts)."""
-        return f"{self.layer}.{self.param}:{self.structure.kind}"
+        return f"{self.param_name}:{self.structure.kind}"
 
     @property
     def param_name(self) -> str:
         return f"{self.layer}.{self.param}" if self.layer else self.param
 
+    # The driver/finalizer interface (a CoupledTarget spans several parameters behind the same three calls).
+    def value(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The tensor this target constrains, from ``dict(model.named_parameters())``."""
+        return params[self.param_name]
+
+    def masks(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Keep-masks by parameter name of the structure's support of ``value(params)``."""
+        return {self.param_name: self.structure.support(params[self.param_name])}
+
+    def with_structure(self, structure: SparsityStructure) -> Target:
+        """The same target with another structure (e.g. a gradual schedule's intermediate sparsity)."""
+        return Target(self.layer, self.param, structure, self.rule)
+
 
 def prunable_layers(model: torch.nn.Module) -> list[str]:
-    """Names of modules with a 'weight' tensor (what a plan may target)."""
-    return [n for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), torch.Tensor)]
+    """Names of modules with a 'weight' tensor or GRU/LSTM weight matrices (what a plan may target)."""
+    return [n for n, m in model.named_modules() if gemm_params(m)]
+
+
+def _structure_options(name: Any) -> tuple[str, ...]:
+    """Extra rule keys the named structure accepts (e.g. ``block`` for ``structure: block``)."""
+    cls = STRUCTURES.get(ALIASES.get(name, name)) if isinstance(name, str) else None
+    if cls is None and _is_quantization(name):
+        cls = QUANTIZERS[QUANT_ALIASES.get(name, name)]
+    return cls.options if cls is not None else ()
+
+
+def _is_quantization(name: Any) -> bool:
+    """Whether ``structure: name`` names a quantization (fixed_point, binary, clustering, ...)."""
+    return isinstance(name, str) and QUANT_ALIASES.get(name, name) in QUANTIZERS
 
 
 class Plan:
@@ -178,18 +228,32 @@ class Plan:
                 except ValueError as err:
                     errors.append(f"rule #{i} {rule.describe()}: {err}")
                     continue
-                previous = seen.get((name, rule.structure.kind))
+                # A layer takes each structure once, and at most one level set (quantizations share a slot).
+                slot = "quantization" if getattr(rule.structure, "quantizes", False) else rule.structure.kind
+                previous = seen.get((name, slot))
                 if previous is not None:
                     errors.append(
                         f"rule #{i} {rule.describe()} and rule #{previous} {self.rules[previous].describe()} both give "
-                        f"layer '{name}' a '{rule.structure.kind}' target; keep one (each layer takes each structure once)"
+                        f"layer '{name}' a '{slot}' target; keep one (each layer takes each structure once)"
                     )
                     continue
-                seen[(name, rule.structure.kind)] = i
-                targets.append(Target(layer=name, param="weight", structure=rule.structure, rule=i))
+                seen[(name, slot)] = i
+                for param in rule.structure.params(modules[name]):  # "weight", or GRU/LSTM weight_ih/hh_l{k}
+                    structure = rule.structure.bind(modules[name], param)
+                    targets.append(Target(layer=name, param=param, structure=structure, rule=i))
         if errors:
             raise PlanError("the plan does not fit this model:\n  - " + "\n  - ".join(errors))
         return targets
+
+    def resolve_coupled(self, model: torch.nn.Module, example_inputs: Any, mode: str = "strict") -> list[Target]:
+        """``resolve``, then filter/channel targets on tied channels become one coupled target per group.
+
+        Residual adds, concatenations, depthwise convs and BN tie channels; see
+        :func:`admmcompress.structures.coupled.couple` for ``mode`` ("strict" or "extend").
+        """
+        from admmcompress.structures.coupled import couple  # needs torch-pruning's dependency graph
+
+        return couple(model, self.resolve(model), example_inputs, mode)
 
 
 def _nothing_matched(i: int, rule: Rule, modules: dict[str, torch.nn.Module], candidates: list[str]) -> str:

@@ -84,7 +84,7 @@ class ADMM:
         self.state: dict[str, dict[str, Any]] = {}
         with torch.no_grad():
             for t in self.targets:
-                w = self._params[t.param_name]
+                w = t.value(self._params)
                 self.state[t.key] = {
                     "Z": t.structure.project(w.detach()),
                     "U": torch.zeros_like(w),
@@ -101,7 +101,7 @@ class ADMM:
         """``sum_i rho_i/2 * ||W_i - Z_i + U_i||_F^2`` as a differentiable scalar."""
         total = None
         for t in self.targets:
-            diff = self._params[t.param_name] - self._anchors[t.key]
+            diff = t.value(self._params) - self._anchors[t.key]
             term = 0.5 * self.state[t.key]["rho"] * diff.pow(2).sum()
             total = term if total is None else total + term
         if total is None:
@@ -115,7 +115,7 @@ class ADMM:
         entry: dict[str, Any] = {"iteration": self.iteration + 1, "rho": {}, "residual": {}, "dual": {}}
         for t in self.targets:
             s = self.state[t.key]
-            w = self._params[t.param_name].detach()
+            w = t.value(self._params).detach()
             z_old = s["Z"]
             s["Z"] = t.structure.project(w + s["U"])
             s["U"] += w - s["Z"]
@@ -132,7 +132,7 @@ class ADMM:
     def residuals(self) -> dict[str, float]:
         """Current ``||W - Z|| / ||W||`` per target (0 means W already satisfies the structure)."""
         return {
-            t.key: _relative(self._params[t.param_name].detach() - self.state[t.key]["Z"], self._params[t.param_name])
+            t.key: _relative(t.value(self._params).detach() - self.state[t.key]["Z"], t.value(self._params))
             for t in self.targets
         }
 
@@ -158,7 +158,7 @@ class ADMM:
     def state_dict(self) -> dict[str, Any]:
         return {
             "iteration": self.iteration,
-            "history": self.history,
+            "history": list(self.history),  # a snapshot: later steps must not append to it
             "state": {k: {"Z": s["Z"].clone(), "U": s["U"].clone(), "rho": s["rho"]} for k, s in self.state.items()},
         }
 

@@ -61,7 +61,7 @@ class GradualMagnitude:
 
     def _at(self, target: Target, iteration: int) -> Target:
         sparsity = max(1e-9, self.sparsity_at(iteration, target.structure.target_sparsity))
-        return Target(target.layer, target.param, target.structure.with_sparsity(sparsity), target.rule)
+        return target.with_structure(target.structure.with_sparsity(sparsity))
 
     def finalize(self) -> MaskSet:
         """Jump to the final sparsity (if not reached yet) and return the masks."""

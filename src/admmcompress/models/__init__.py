@@ -1,7 +1,19 @@
 """Benchmark models, built by name: ``create_model("lenet5")``."""
 
-from admmcompress.models import lenet  # noqa: F401  (registers the models)
+from admmcompress.models import cifar_resnet, lenet, mobilenetv2, vgg  # noqa: F401  (registers the models)
+from admmcompress.models.cifar_resnet import CifarResNet
 from admmcompress.models.lenet import LeNet5, LeNet300100
+from admmcompress.models.mobilenetv2 import MobileNetV2
 from admmcompress.models.registry import create_model, list_models, register_model
+from admmcompress.models.vgg import VGG
 
-__all__ = ["LeNet5", "LeNet300100", "create_model", "list_models", "register_model"]
+__all__ = [
+    "CifarResNet",
+    "LeNet5",
+    "LeNet300100",
+    "MobileNetV2",
+    "VGG",
+    "create_model",
+    "list_models",
+    "register_model",
+]

@@ -18,6 +18,8 @@ class LeNet5(nn.Module):
     431080
     """
 
+    input_shape = (1, 28, 28)
+
     def __init__(self, num_classes: int = 10, in_channels: int = 1, dropout: float = 0.0):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 20, 5)
@@ -40,6 +42,8 @@ class LeNet300100(nn.Module):
     >>> sum(p.numel() for p in LeNet300100().parameters())
     266610
     """
+
+    input_shape = (1, 28, 28)
 
     def __init__(self, num_classes: int = 10, dropout: float = 0.0):
         super().__init__()

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from admmcompress.structures.groups import gemm_params
+
 
 @dataclass
 class LayerStats:
@@ -58,6 +60,8 @@ class ModelStats:
 
     @property
     def overall_compression(self) -> float:
+        if not self.pruned_weights:  # no pruned layers (a dense run): nothing was compressed
+            return 1.0
         return self.pruned_weights / self.kept_weights if self.kept_weights else float("inf")
 
     @property
@@ -89,14 +93,17 @@ def measure(model: torch.nn.Module, layers: list[str]) -> ModelStats:
         raise ValueError(f"measure: the model has no layer(s) {unknown}")
     stats = ModelStats(total_params=sum(p.numel() for p in model.parameters()))
     for name in dict.fromkeys(layers):
-        weight = modules[name].weight
-        stats.layers.append(
-            LayerStats(
-                name=name,
-                type=type(modules[name]).__name__,
-                shape=list(weight.shape),
-                params=weight.numel(),
-                kept=int(torch.count_nonzero(weight).item()),
+        # One row per weight matrix: "weight", or each GRU/LSTM weight_ih/hh_l{k} as "<layer>.<param>".
+        params = gemm_params(modules[name]) or ["weight"]
+        for param in params:
+            weight = getattr(modules[name], param)
+            stats.layers.append(
+                LayerStats(
+                    name=name if param == "weight" else f"{name}.{param}",
+                    type=type(modules[name]).__name__,
+                    shape=list(weight.shape),
+                    params=weight.numel(),
+                    kept=int(torch.count_nonzero(weight).item()),
+                )
             )
-        )
     return stats

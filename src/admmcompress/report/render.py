@@ -25,9 +25,10 @@ def render_markdown(metrics: dict[str, Any], title: str = "admmcompress report")
             f"| {layer['name']} | {layer['type']} | {shape} | {layer['params']:,} | {layer['kept']:,} | "
             f"{100 * layer['sparsity']:.2f}% | {_fmt_rate(layer['compression'])} |"
         )
+    pruned, kept = stats["pruned_layer_weights"], stats["kept_weights"]
     lines.append(
-        f"| **total (pruned layers)** | | | {stats['pruned_layer_weights']:,} | {stats['kept_weights']:,} | "
-        f"{100 * (1 - stats['kept_weights'] / max(1, stats['pruned_layer_weights'])):.2f}% | "
+        f"| **total (pruned layers)** | | | {pruned:,} | {kept:,} | "
+        f"{100 * (1 - kept / pruned) if pruned else 0.0:.2f}% | "
         f"**{_fmt_rate(stats['overall_compression'])}** |"
     )
     before, after = metrics.get("accuracy_before"), metrics.get("accuracy_after")
@@ -54,6 +55,10 @@ def render_markdown(metrics: dict[str, Any], title: str = "admmcompress report")
     seconds = metrics.get("phase_seconds", {})
     if seconds:
         lines += ["", "Time per phase: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items())]
+    if metrics.get("storage"):  # SPEC 4.2 storage: indices and codebooks counted
+        from admmcompress.report.storage import render_storage
+
+        lines += ["", "## Storage (SPEC 4.2)", "", render_storage(metrics["storage"]).rstrip()]
     return "\n".join(lines) + "\n"
 
 

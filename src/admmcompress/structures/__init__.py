@@ -1,5 +1,6 @@
 """What a layer may look like after compression: structures with exact projections."""
 
+from admmcompress.structures.block import Block, BlockRow
 from admmcompress.structures.groups import as_matrix, kept_count, project_groups
 from admmcompress.structures.sparsity import (
     STRUCTURES,
@@ -14,6 +15,8 @@ from admmcompress.structures.sparsity import (
 
 __all__ = [
     "STRUCTURES",
+    "Block",
+    "BlockRow",
     "Channel",
     "Column",
     "Filter",

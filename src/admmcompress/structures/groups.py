@@ -90,6 +90,45 @@ def channel_ids(rows: int, cols: int, kernel_size: int, device: torch.device | N
     return column_ids(rows, cols, device) // kernel_size
 
 
+# Gates stacked along the rows of a recurrent weight (torch order: LSTM i,f,g,o; GRU r,z,n).
+RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+CELL_GATES = {"LSTMCell": 4, "GRUCell": 3, "RNNCell": 1}
+
+
+def gemm_params(module: torch.nn.Module) -> list[str]:
+    """Names of the module's weight matrices in the GEMM view (what structures may prune).
+
+    ``["weight"]`` for a module with a ``weight`` tensor; for GRU/LSTM/RNN every
+    ``weight_ih_l{k}``/``weight_hh_l{k}`` (and ``_reverse``, ``weight_hr_l{k}``) matrix; for
+    their cells ``weight_ih``/``weight_hh``; else ``[]``.
+
+    >>> gemm_params(torch.nn.GRU(4, 8, num_layers=2))
+    ['weight_ih_l0', 'weight_hh_l0', 'weight_ih_l1', 'weight_hh_l1']
+    >>> gemm_params(torch.nn.Linear(3, 2)), gemm_params(torch.nn.ReLU())
+    (['weight'], [])
+    """
+    if isinstance(module, (torch.nn.RNNBase, torch.nn.RNNCellBase)):
+        params = module.named_parameters(recurse=False)
+        return [n for n, p in params if n.startswith("weight_") and p.dim() == 2]
+    return ["weight"] if isinstance(getattr(module, "weight", None), torch.Tensor) else []
+
+
+def gate_count(module: torch.nn.Module, param: str) -> int:
+    """How many gate matrices are stacked along the rows of ``module.<param>`` (1 if none).
+
+    Row blocks of a recurrent weight must stay inside one gate (SPEC P13): the ``3H`` rows
+    of a GRU ``weight_ih_l0`` are three ``H``-row matrices (r, z, n).
+
+    >>> gate_count(torch.nn.LSTM(4, 8), "weight_hh_l0"), gate_count(torch.nn.Linear(3, 2), "weight")
+    (4, 1)
+    """
+    if isinstance(module, torch.nn.RNNBase) and not param.startswith("weight_hr"):
+        return RECURRENT_GATES.get(module.mode, 1)
+    if isinstance(module, torch.nn.RNNCellBase):
+        return CELL_GATES.get(type(module).__name__, 1)
+    return 1
+
+
 def kernel_positions(weight: torch.Tensor) -> int:
     """Number of kernel positions per input channel (1 for Linear)."""
     return math.prod(weight.shape[2:]) if weight.dim() > 2 else 1

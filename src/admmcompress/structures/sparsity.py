@@ -35,6 +35,8 @@ class SparsityStructure:
     sparsity: float | None = None
     compression: float | None = None
     kind: ClassVar[str] = ""
+    # Extra fields a plan rule may set for this structure (besides sparsity/compression).
+    options: ClassVar[tuple[str, ...]] = ()
     _resolved: float = field(default=0.0, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -54,6 +56,11 @@ class SparsityStructure:
                     f"{name}: compression={self.compression!r} must be > 1 (total / kept), e.g. 10 for 90% sparsity"
                 )
             resolved = 1.0 - 1.0 / float(self.compression)
+            if not resolved < 1.0:  # inf, or so large that 1 - 1/c rounds to 1: nothing could be kept
+                raise ValueError(
+                    f"{name}: compression={self.compression!r} is too large to keep any weight; "
+                    "give a finite ratio such as 10 (or sparsity=...)"
+                )
         if not math.isfinite(resolved):
             raise ValueError(f"{name}: target must be a finite number")
         object.__setattr__(self, "_resolved", resolved)
@@ -76,6 +83,17 @@ class SparsityStructure:
                 f"layer '{name}' is {type(module).__name__}; structure '{self.kind}' supports {allowed}. "
                 "Narrow the rule's pattern or type so it matches only those layers"
             )
+
+    def params(self, module: torch.nn.Module) -> list[str]:
+        """Names of ``module``'s parameters this structure constrains, one target each.
+
+        ``["weight"]`` for Linear/Conv; ``weight_ih_l{k}``/``weight_hh_l{k}`` for GRU/LSTM.
+        """
+        return groups.gemm_params(module)
+
+    def bind(self, module: torch.nn.Module, param: str) -> SparsityStructure:
+        """This structure specialised to ``module.<param>`` (e.g. its gate count); default: itself."""
+        return self
 
     def group_ids(self, weight: torch.Tensor) -> tuple[torch.Tensor, int]:
         raise NotImplementedError
@@ -116,7 +134,7 @@ class Unstructured(SparsityStructure):
     kind: ClassVar[str] = "unstructured"
 
     def check_module(self, module: torch.nn.Module, name: str) -> None:
-        if not isinstance(getattr(module, "weight", None), torch.Tensor):
+        if not groups.gemm_params(module):  # a 'weight' tensor, or GRU/LSTM weight_ih/hh matrices
             raise ValueError(
                 f"layer '{name}' ({type(module).__name__}) has no 'weight' tensor to prune; "
                 "narrow the rule so it matches layers with weights"
@@ -186,7 +204,8 @@ def structure_from_dict(spec: dict[str, Any], where: str = "structure") -> Spars
     cls = STRUCTURES.get(ALIASES.get(name, name))
     if cls is None:
         raise ValueError(f"{where}: unknown structure '{name}'; choose one of {', '.join(list_structures())}")
+    extra = {key: spec[key] for key in cls.options if key in spec}
     try:
-        return cls(sparsity=spec.get("sparsity"), compression=spec.get("compression"))
+        return cls(sparsity=spec.get("sparsity"), compression=spec.get("compression"), **extra)
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None

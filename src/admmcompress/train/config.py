@@ -27,11 +27,12 @@ from typing import Any
 
 import yaml
 
+from admmcompress.drivers.reweighted import ReweightedConfig
 from admmcompress.plan import Plan, PlanError
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine", "admm_reset")
-METHODS = ("admm", "magnitude", "gradual")
+METHODS = ("admm", "magnitude", "gradual", "reweighted")
 
 
 class ConfigError(ValueError):
@@ -54,11 +55,27 @@ def _build(cls, spec: Any, where: str):
         raise ConfigError(f"{where}: {err}") from None
 
 
+def _yaml_hint(value: Any) -> str:
+    # YAML 1.1 reads 1e-3 (no dot) as a string; say so instead of a puzzling type error.
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return ""
+        return f" (YAML read {value!r} as text: write it with a dot, e.g. 1.0e-3)"
+    return ""
+
+
+def _number(value: Any, name: str) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} must be a finite number{_yaml_hint(value)}")
+
+
 def _positive(value: Any, name: str, integer: bool = False) -> None:
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
     if not ok or isinstance(value, bool) or not value > 0 or not math.isfinite(value):
         kind = "a positive integer" if integer else "a positive number"
-        raise ValueError(f"{name}={value!r} must be {kind}")
+        raise ValueError(f"{name}={value!r} must be {kind}{_yaml_hint(value)}")
 
 
 @dataclass
@@ -73,6 +90,8 @@ class OptimizerConfig:
         if self.name not in OPTIMIZERS:
             raise ValueError(f"optimizer name={self.name!r}; choose one of {OPTIMIZERS}")
         _positive(self.lr, "lr")
+        _number(self.momentum, "momentum")
+        _number(self.weight_decay, "weight_decay")
         if not 0 <= self.weight_decay < 1:
             raise ValueError(f"weight_decay={self.weight_decay!r} must be in [0, 1)")
 
@@ -116,6 +135,12 @@ class ADMMPhaseConfig(PhaseConfig):
         if self.update_every_steps is not None:
             _positive(self.update_every_steps, "update_every_steps", integer=True)
         _positive(self.rho, "rho")
+        _number(self.rho_growth, "rho_growth")
+        _number(self.rho_max, "rho_max")
+        if not self.rho_growth >= 1.0:
+            raise ValueError(f"rho_growth={self.rho_growth!r} must be >= 1 (1 keeps rho constant)")
+        if not self.rho_max >= self.rho:
+            raise ValueError(f"rho_max={self.rho_max!r} must be >= rho={self.rho!r}")
 
 
 @dataclass
@@ -124,8 +149,12 @@ class StageConfig:
     method: str = "admm"
     admm: ADMMPhaseConfig = field(default_factory=ADMMPhaseConfig)
     retrain: PhaseConfig = field(default_factory=PhaseConfig)
+    # method: reweighted: lambda/power/eps; the 'admm' phase gives its epochs and reweighting cadence.
+    reweighted: ReweightedConfig = field(default_factory=ReweightedConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.reweighted, dict):
+            self.reweighted = _build(ReweightedConfig, self.reweighted, "reweighted")
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r}; choose one of {METHODS}")
         if not isinstance(self.plan, Plan):
@@ -151,6 +180,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         _positive(self.batch_size, "batch_size", integer=True)
         _positive(self.eval_batch_size, "eval_batch_size", integer=True)
+        for name in ("train_limit", "test_limit"):
+            if getattr(self, name) is not None:
+                _positive(getattr(self, name), name, integer=True)
 
 
 @dataclass
@@ -181,6 +213,10 @@ class RunConfig:
             for i, s in enumerate(self.stages)
         ]
         _positive(self.checkpoint_every_epochs, "checkpoint_every_epochs", integer=True)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"seed={self.seed!r} must be an integer >= 0")
+        if self.threads is not None:
+            _positive(self.threads, "threads", integer=True)
 
     @classmethod
     def from_dict(cls, spec: dict[str, Any], base_dir: Path | None = None) -> RunConfig:

@@ -19,9 +19,12 @@ from torch import nn
 from admmcompress.data.datasets import BatchLoader, Split
 from admmcompress.drivers.admm import ADMM, RhoSchedule
 from admmcompress.drivers.magnitude import GradualMagnitude, one_shot
+from admmcompress.drivers.reweighted import Reweighted
 from admmcompress.masks import MaskSet
+from admmcompress.quantize import mask_set_from_state, release_holds
 from admmcompress.plan import Target
 from admmcompress.report.metrics import measure
+from admmcompress.report.storage import storage
 from admmcompress.train import checkpoint as ckpt
 from admmcompress.train.config import PhaseConfig, RunConfig
 from admmcompress.train.loop import evaluate, learning_rate, make_optimizer, train_epoch, update_period_steps
@@ -68,7 +71,7 @@ class Runner:
         self.masks = MaskSet()
         self.history: list[dict[str, Any]] = []
         self.metrics: dict[str, Any] = {"stages": [{} for _ in config.stages], "phase_seconds": {}}
-        self._driver: ADMM | GradualMagnitude | None = None
+        self._driver: ADMM | GradualMagnitude | Reweighted | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._pending: dict[str, Any] | None = None
 
@@ -102,6 +105,7 @@ class Runner:
         self.masks.detach()
         self.metrics["accuracy_after"] = self._evaluate()
         self.metrics["stats"] = measure(self.model, self.layers()).to_dict()
+        self.metrics["storage"] = storage(self.model, self.layers()).to_dict()
         self._tick_clock()
         return self.metrics
 
@@ -125,13 +129,17 @@ class Runner:
         if phase.kind == "prune":
             stage = self.config.stages[phase.stage]
             targets = self.stage_targets[phase.stage]
-            frozen = MaskSet(self.masks.masks) if len(self.masks) else None
+            if len(self.masks):  # masks carry; values this stage quantizes again are released
+                self.masks = release_holds(self.masks, targets)
+            frozen = self.masks if len(self.masks) else None
             if stage.method == "admm":
                 rho = RhoSchedule(phase.cfg.rho, phase.cfg.rho_growth, phase.cfg.rho_max)
                 self._driver = ADMM(self.model, targets, rho=rho, frozen=frozen)
             elif stage.method == "gradual":
                 updates = max(1, (phase.cfg.epochs * len(self.loader)) // update_period_steps(phase.cfg, len(self.loader)))
                 self._driver = GradualMagnitude(self.model, targets, updates=updates, frozen=frozen)
+            elif stage.method == "reweighted":
+                self._driver = Reweighted(self.model, targets, penalty=stage.reweighted, frozen=frozen)
             elif self.epoch == 0 and self._pending is None:
                 self.masks = one_shot(self.model, targets, frozen)
         if self._pending is not None:
@@ -144,7 +152,7 @@ class Runner:
 
     def _train_one_epoch(self, phase: Phase, steps: int) -> dict[str, float]:
         cfg = phase.cfg
-        penalty = self._driver.penalty if isinstance(self._driver, ADMM) else None
+        penalty = self._driver.penalty if isinstance(self._driver, (ADMM, Reweighted)) else None
         after_step = None
         if phase.kind == "prune" and getattr(cfg, "update_every_steps", None):
             def after_step(step: int) -> None:
@@ -168,9 +176,10 @@ class Runner:
             self._driver_update()
 
     def _driver_update(self) -> None:
-        if isinstance(self._driver, ADMM):
+        if isinstance(self._driver, (ADMM, Reweighted)):  # Z/U update, or reweighting P_g
             self._driver.step()
         elif isinstance(self._driver, GradualMagnitude):
+            self.masks.detach()  # the old masks' hooks would otherwise stay on the model for good
             self.masks = self._driver.step()
             self.masks.attach(self.model, self._optimizer)
 
@@ -232,7 +241,7 @@ class Runner:
         state = ckpt.load_state(path)
         self.model.load_state_dict(state["model"])
         self.phase_index, self.epoch = int(state["phase_index"]), int(state["epoch"])
-        self.masks = MaskSet(state["masks"])
+        self.masks = mask_set_from_state(state["masks"])
         self.loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"])
         self.history, self.metrics = list(state["history"]), dict(state["metrics"])

@@ -1,0 +1,103 @@
+"""Per-channel facts about a channel group, read from the weights: which channels are dead, and why.
+
+A group channel can be removed without changing the model's function when
+
+- **no one reads it**: every consumer's input columns for it are zero (``unread``), or
+- **it is exactly zero**: every producer's filter row and bias entry is zero, every BN maps a zero
+  input to zero (``beta - gamma * mean / sqrt(var + eps) == 0``) and every depthwise bias is zero,
+  and every op in the group keeps zero at zero (``zero``), or
+- **it is a constant that can be folded** into the consumers' biases (``filters_zero`` but not
+  ``zero``: a bias or a BN shift survives; see ``fold.py``).
+
+``pruned`` marks channels some producer or depthwise conv has a zero filter for: what structured
+pruning asked to remove.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from admmcompress.graph import CONSUMER, DEPTHWISE, NORM, PRODUCER, ChannelGroup, Member
+
+
+@dataclass
+class ChannelStatus:
+    """Boolean vectors over the group's channels (see the module docstring)."""
+
+    filters_zero: torch.Tensor
+    zero: torch.Tensor
+    unread: torch.Tensor
+    pruned: torch.Tensor
+
+    @property
+    def removable_now(self) -> torch.Tensor:
+        return self.zero | self.unread
+
+
+def _zero_per_root(member: Member, tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """True at root channel r when every entry of ``tensor`` at the member's locals for r is zero."""
+    local = torch.tensor(member.local, dtype=torch.long, device=tensor.device)
+    root = torch.tensor(member.root, dtype=torch.long)
+    rows = tensor.detach().index_select(dim, local).movedim(dim, 0).reshape(len(member.local), -1)
+    nonzero = (rows != 0).any(dim=1).cpu()
+    out = torch.ones(size, dtype=torch.bool)
+    out[root[nonzero]] = False
+    return out
+
+
+def _covered(member: Member, size: int) -> torch.Tensor:
+    out = torch.zeros(size, dtype=torch.bool)
+    out[torch.tensor(member.root, dtype=torch.long)] = True
+    return out
+
+
+def bn_zero_response(bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
+    """What an eval-mode BN outputs for a zero input, per channel."""
+    with torch.no_grad():
+        if bn.track_running_stats and bn.running_mean is not None:
+            out = -bn.running_mean / torch.sqrt(bn.running_var + bn.eps)
+        else:
+            out = torch.zeros(bn.num_features)
+        if bn.affine:
+            out = out * bn.weight + bn.bias
+    return out
+
+
+def channel_status(group: ChannelGroup, modules: dict[str, nn.Module]) -> ChannelStatus:
+    """Read the dead/pruned facts of ``group`` from the current weights of ``modules``."""
+    n = group.size
+    filters_zero = torch.ones(n, dtype=torch.bool)
+    shifts_zero = torch.ones(n, dtype=torch.bool)
+    produced = torch.zeros(n, dtype=torch.bool)
+    pruned = torch.zeros(n, dtype=torch.bool)
+    unread = torch.ones(n, dtype=torch.bool)
+    read = torch.zeros(n, dtype=torch.bool)
+    for m in group.members:
+        module = modules[m.layer]
+        if m.role in (PRODUCER, DEPTHWISE):
+            rows_zero = _zero_per_root(m, module.weight, 0, n)
+            pruned |= rows_zero & _covered(m, n)
+            if m.role == PRODUCER:
+                filters_zero &= rows_zero
+                produced |= _covered(m, n)
+            if module.bias is not None:
+                shifts_zero &= _zero_per_root(m, module.bias, 0, n)
+        elif m.role == NORM:
+            response = bn_zero_response(module)
+            shifts_zero &= _zero_per_root(m, response, 0, n)
+        elif m.role == CONSUMER:
+            unread &= _zero_per_root(m, module.weight, 1, n)
+            read |= _covered(m, n)
+    filters_zero &= produced
+    zero = filters_zero & shifts_zero if group.zero_preserving else torch.zeros(n, dtype=torch.bool)
+    unread &= read
+    if group.problems:
+        none = torch.zeros(n, dtype=torch.bool)
+        return ChannelStatus(filters_zero, none, none.clone(), pruned)
+    return ChannelStatus(filters_zero, zero, unread, pruned)
+
+
+__all__ = ["ChannelStatus", "bn_zero_response", "channel_status"]

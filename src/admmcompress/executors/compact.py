@@ -1,0 +1,214 @@
+"""Physical compaction: a structurally pruned (masked) model becomes a smaller dense model, same outputs.
+
+Masks give no speed; ``compact`` is the explicit step that makes a model smaller. Channel groups come
+from Torch-Pruning's dependency graph (residual adds, concatenation, depthwise convs, BatchNorm,
+Linear after flatten), and removal uses its pruning functions. A group channel is removed when it is
+provably dead (see :mod:`admmcompress.executors.channels`): unread by every consumer, or exactly
+zero (filters, biases and BN shifts all zero), or a constant that was folded into the consumers'
+biases (:mod:`admmcompress.executors.fold`). The result is checked against the input model on the
+example inputs (eval mode, ``atol``) before it is returned; the input model is never modified.
+
+>>> import torch.nn as nn
+>>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+>>> with torch.no_grad():
+...     model[0].weight[:4] = 0; model[1].weight[:4] = 0; model[1].bias[:4] = 0   # 4 filters pruned with BN
+>>> result = compact(model, torch.randn(2, 3, 8, 8))
+>>> result.model[0].out_channels, result.model[3].in_channels, result.params_after < result.params_before
+(4, 4, True)
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from admmcompress.executors.channels import channel_status
+from admmcompress.executors.fold import fold_constant_channels, forward
+from admmcompress.graph import _groups_with_roots, build_dependency_graph
+from admmcompress.masks import MaskSet
+
+COLUMN_MODES = ("off", "auto", "on")
+
+
+class CompactionError(ValueError):
+    """Pruned channels that cannot be removed, or a compacted model whose outputs differ."""
+
+
+@dataclass(frozen=True)
+class CompactConfig:
+    """Options of ``compact``.
+
+    Args:
+        strict: raise ``CompactionError`` when a pruned filter cannot be removed (e.g. one member of a
+            residual group kept it); with False the channel is kept and a warning says why.
+        fold_constants: fold zero-weight channels with a bias/BN constant into consumers where exact.
+        atol: largest allowed ``max |compacted - masked|`` on the example inputs (eval mode).
+        extra_channelwise_ops: autograd op names (``"MyOp"`` for ``MyOpBackward0``) known to act per channel.
+        columns: "off", "auto" (column executor where measured faster) or "on" (wherever columns are pruned).
+    """
+
+    strict: bool = True
+    fold_constants: bool = True
+    atol: float = 1e-4
+    extra_channelwise_ops: tuple[str, ...] = ()
+    columns: str = "off"
+
+    def __post_init__(self) -> None:
+        if self.columns not in COLUMN_MODES:
+            raise ValueError(f"CompactConfig: columns={self.columns!r} must be one of {COLUMN_MODES}")
+        if not self.atol >= 0:
+            raise ValueError(f"CompactConfig: atol={self.atol!r} must be >= 0, e.g. 1e-4")
+
+
+@dataclass
+class CompactionResult:
+    """The compacted model and what was done to get it."""
+
+    model: nn.Module
+    removed: dict[str, tuple[int, int]] = field(default_factory=dict)  # group label -> (removed, channels)
+    folded: dict[str, int] = field(default_factory=dict)
+    kept: list[str] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    max_abs_diff: float = 0.0
+    columns: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lines = [f"parameters {self.params_before:,} -> {self.params_after:,} "
+                 f"({self.params_before / max(1, self.params_after):.2f}x); max |diff| {self.max_abs_diff:.2e}"]
+        lines += [f"  {label}: removed {r} of {n} channels" for label, (r, n) in self.removed.items() if r]
+        lines += [f"  folded constants of {n} channels of {label}" for label, n in self.folded.items()]
+        lines += [f"  column executor on {name}: {info}" for name, info in self.columns.items()]
+        lines += [f"  kept: {reason}" for reason in self.kept]
+        return "\n".join(lines)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def compact(
+    model: nn.Module,
+    example_inputs,
+    masks: MaskSet | None = None,
+    config: CompactConfig | None = None,
+) -> CompactionResult:
+    """A physically smaller copy of ``model`` with the same outputs (the input model is not changed).
+
+    ``masks`` (optional) are applied to the copy first, so pruned entries are exactly zero.
+    ``example_inputs`` is what ``model`` is called with (a tensor, or a tuple of them).
+    """
+    config = config or CompactConfig()
+    work = copy.deepcopy(model)
+    if masks is not None:
+        masks.apply(work)
+    modes = {name: m.training for name, m in work.named_modules()}
+    work.eval()
+    with torch.no_grad():
+        reference = _flat_outputs(forward(work, example_inputs))
+    result = CompactionResult(model=work, params_before=count_params(work))
+
+    graph = build_dependency_graph(work, example_inputs)
+    pairs = _groups_with_roots(work, example_inputs, tuple(config.extra_channelwise_ops), graph)
+    modules = dict(work.named_modules())
+    statuses = [channel_status(g, modules) for g, _ in pairs]
+    if config.fold_constants:
+        requests = [(g, s.filters_zero & ~s.zero & ~s.unread) for (g, _), s in zip(pairs, statuses, strict=True)]
+        result.folded, reasons = fold_constant_channels(work, example_inputs, requests)
+        result.kept += reasons
+        statuses = [channel_status(g, modules) for g, _ in pairs]
+    elif any(bool((s.filters_zero & ~s.zero & ~s.unread).any()) for s in statuses):
+        result.kept.append("some zero filters keep a bias/BN constant and fold_constants=False, so they stay")
+
+    plan = []
+    for (group, root), status in zip(pairs, statuses, strict=True):
+        removable = status.removable_now
+        if bool(removable.all()):  # a layer needs at least one channel; a dead one changes nothing
+            removable = removable.clone()
+            removable[0] = False
+        stuck = status.pruned & ~status.removable_now
+        if bool(stuck.any()):
+            result.kept.append(_why_kept(group, stuck, status, modules))
+        result.removed[group.label] = (int(removable.sum()), group.size)
+        if bool(removable.any()):
+            plan.append((group, root, removable))
+    if result.kept and config.strict:
+        raise CompactionError(
+            "cannot remove every pruned channel (compact(..., config=CompactConfig(strict=False)) keeps them):\n  - "
+            + "\n  - ".join(result.kept)
+        )
+    for kept in result.kept:
+        warnings.warn(f"compact: {kept}", RuntimeWarning, stacklevel=2)
+
+    for group, (module, handler), removable in plan:
+        idxs = _root_local(group, removable)
+        graph.get_pruning_group(module, handler, idxs).prune()
+
+    if config.columns != "off":
+        from admmcompress.executors.column import apply_column_executors
+
+        result.columns = apply_column_executors(work, example_inputs, mode=config.columns)
+    with torch.no_grad():
+        outputs = _flat_outputs(forward(work, example_inputs))
+    result.max_abs_diff = _max_diff(reference, outputs)
+    if not result.max_abs_diff <= config.atol:
+        raise CompactionError(
+            f"the compacted model's outputs differ from the masked model's by {result.max_abs_diff:.3g} "
+            f"(> atol={config.atol:g}); an op in the model probably mixes channels or does not keep zero at zero. "
+            "Name channelwise ops in CompactConfig.extra_channelwise_ops, or report the model"
+        )
+    for name, m in work.named_modules():
+        m.train(modes.get(name, model.training))
+    result.params_after = count_params(work)
+    return result
+
+
+def _root_local(group, removable: torch.Tensor) -> list[int]:
+    """Indices in the Torch-Pruning root layer's own numbering (root local == root channel)."""
+    return torch.nonzero(removable).flatten().tolist()
+
+
+def _why_kept(group, stuck: torch.Tensor, status, modules) -> str:
+    idx = torch.nonzero(stuck).flatten().tolist()
+    shown = str(idx if len(idx) <= 8 else idx[:8] + ["..."])
+    if group.problems:
+        return f"channels {shown} of '{group.label}' are pruned but " + "; ".join(group.problems)
+    alive = []
+    for m in group.members:
+        if m.role in ("producer", "depthwise"):
+            w = modules[m.layer].weight.detach()
+            rows = [loc for loc, r in zip(m.local, m.root, strict=True) if stuck[r]]
+            if rows and bool((w[rows].reshape(len(rows), -1) != 0).any()):
+                alive.append(m.layer)
+    if alive:
+        return (f"channels {shown} of '{group.label}' have zero filters in some layers but {alive} still compute "
+                "them (coupled by a residual add / concat / depthwise conv); prune coupled layers together "
+                "(Plan.resolve_coupled) so the whole group can go")
+    return (f"channels {shown} of '{group.label}' have zero filters but still output a constant "
+            "(bias / BN shift) that was not folded")
+
+
+def _flat_outputs(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out.detach()]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _flat_outputs(o)]
+    return []
+
+
+def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b, strict=True)):
+        shapes = ([tuple(x.shape) for x in a], [tuple(y.shape) for y in b])
+        raise CompactionError(f"compaction changed the output shapes {shapes[0]} -> {shapes[1]}; report the model")
+    return max((float((x.float() - y.float()).abs().max()) for x, y in zip(a, b, strict=True) if x.numel()),
+               default=0.0)
+
+
+__all__ = ["CompactConfig", "CompactionError", "CompactionResult", "compact", "count_params"]

@@ -1,0 +1,144 @@
+"""Fold constant channels into the next layers' biases (SPEC P6).
+
+A filter whose weights are all zero still outputs a constant: its bias, or the BN shift
+``beta - gamma * mean / sqrt(var + eps)``, through the activation. Its consumers see that constant
+``v`` on the channel, so their output gains ``W[:, channel] * v``; adding exactly that to their bias
+and zeroing the channel's input columns leaves the function unchanged, after which the channel is
+unread and can go. This is exact only when a consumer sees ``v`` at every position: a Linear, or a
+Conv without zero padding (a padded border would see 0, not ``v``). Elsewhere the channel is kept and
+the reason is reported; prune the BN with the filter (a coupled target) to avoid it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from admmcompress.graph import CONSUMER, ChannelGroup
+
+
+def forward(model: nn.Module, example_inputs):
+    """Call ``model`` the way Torch-Pruning does: a tuple/list is unpacked, a dict is passed as keywords."""
+    if isinstance(example_inputs, dict):
+        return model(**example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return model(*example_inputs)
+    return model(example_inputs)
+
+
+def fold_blocker(module: nn.Module, name: str) -> str | None:
+    """Why a constant input channel of ``module`` cannot be folded into its bias (None if it can)."""
+    if isinstance(module, nn.Linear):
+        return None
+    if isinstance(module, nn.modules.conv._ConvNd) and module.groups == 1 and not module.transposed:
+        padding = module.padding
+        if padding == "valid" or (not isinstance(padding, str) and all(p == 0 for p in padding)):
+            return None
+        return f"'{name}' pads its input with zeros (padding={padding}), so its border would not see the constant"
+    return f"'{name}' ({type(module).__name__}) is not a Linear or an unpadded Conv"
+
+
+@torch.no_grad()
+def fold_constant_channels(
+    model: nn.Module,
+    example_inputs,
+    requests: Sequence[tuple[ChannelGroup, torch.Tensor]],
+    rtol: float = 1e-5,
+) -> tuple[dict[str, int], list[str]]:
+    """Fold the requested channels (bool over each group's channels) into their consumers.
+
+    Returns ``({group label: channels folded}, [reasons a request was refused])``. The model is
+    changed in place: consumer biases gain the constant's contribution (a bias is created where the
+    layer had none) and the folded channels' input columns become zero.
+    """
+    modules = dict(model.named_modules())
+    reasons: list[str] = []
+    todo = []
+    for group, wanted in requests:
+        if not bool(wanted.any()):
+            continue
+        blockers = [b for b in (fold_blocker(modules[n], n) for n in group.consumers) if b]
+        if blockers:
+            reasons.append(f"channels {_few(wanted)} of '{group.label}' output a constant (bias / BN shift) that "
+                           f"cannot be folded exactly: {'; '.join(blockers)}. Prune the BN/bias with the filter "
+                           "(a coupled target does) to remove them")
+        else:
+            todo.append((group, wanted))
+    if not todo:
+        return {}, reasons
+    inputs = _capture_inputs(model, example_inputs, {m.layer for g, _ in todo for m in g.members if m.role == CONSUMER})
+    folded: dict[str, int] = {}
+    for group, wanted in todo:
+        values, why = _constants(group, wanted, inputs, rtol)
+        if why:
+            reasons.append(f"channels {_few(wanted)} of '{group.label}': {why}")
+            continue
+        for member, local, value in values:
+            _fold_into(modules[member], local, value)
+        folded[group.label] = int(wanted.sum())
+    return folded, reasons
+
+
+def _capture_inputs(model: nn.Module, example_inputs, names: set[str]) -> dict[str, torch.Tensor]:
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def record(_module, args) -> None:
+            captured.setdefault(name, args[0].detach())
+
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules() if n in names]
+    was_training = model.training
+    model.eval()
+    try:
+        forward(model, example_inputs)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return captured
+
+
+def _constants(group: ChannelGroup, wanted: torch.Tensor, inputs: dict[str, torch.Tensor], rtol: float):
+    """``[(consumer, local indices, constant values)]`` or a reason the channels are not constant."""
+    out = []
+    for m in group.members:
+        if m.role != CONSUMER:
+            continue
+        pairs = [(loc, r) for loc, r in zip(m.local, m.root, strict=True) if wanted[r]]
+        if not pairs:
+            continue
+        local = torch.tensor([p[0] for p in pairs], dtype=torch.long)
+        x = inputs[m.layer]
+        x = x.movedim(1, 0).reshape(x.shape[1], -1) if x.dim() > 2 else x.reshape(-1, x.shape[-1]).t()
+        seen = x.index_select(0, local)
+        value = seen[:, 0]
+        spread = (seen.max(dim=1).values - seen.min(dim=1).values).abs()
+        if bool((spread > rtol * (value.abs() + 1.0)).any()):
+            return [], (f"the input of '{m.layer}' is not constant on them (spread {float(spread.max()):.3g}); "
+                        "an op between producer and consumer is not channelwise")
+        out.append((m.layer, local, value))
+    return out, ""
+
+
+def _fold_into(module: nn.Module, local: torch.Tensor, value: torch.Tensor) -> None:
+    weight = module.weight
+    cols = weight.index_select(1, local.to(weight.device))
+    if cols.dim() > 2:
+        cols = cols.sum(dim=tuple(range(2, cols.dim())))
+    shift = cols @ value.to(weight.dtype)
+    if module.bias is None:
+        module.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device))
+    module.bias.add_(shift)
+    weight.index_fill_(1, local.to(weight.device), 0.0)
+
+
+def _few(mask: torch.Tensor, limit: int = 8) -> str:
+    idx = torch.nonzero(mask).flatten().tolist()
+    return str(idx if len(idx) <= limit else idx[:limit] + ["..."])
+
+
+__all__ = ["fold_blocker", "fold_constant_channels", "forward"]

@@ -1,0 +1,244 @@
+"""Channel groups: which layers' filters, input channels and BN entries must be removed together.
+
+Torch-Pruning's ``DependencyGraph`` is asked once (it traces the model with autograd); its groups
+are turned into plain ``ChannelGroup`` records that name, for every channel of the group, the slice
+of each member layer that carries it:
+
+- ``producer``: a Conv (``groups == 1``) or Linear computing the channel (weight row, bias entry);
+- ``consumer``: a Conv (``groups == 1``) or Linear reading it (weight columns; after a flatten one
+  channel is several Linear columns);
+- ``norm``: a BatchNorm entry (gamma, beta, running statistics);
+- ``depthwise``: a depthwise conv, which maps the channel to itself (weight row, bias entry).
+
+Residual adds, concatenations and depthwise convolutions tie channels across layers; a group lists
+all of them, with each member's local index and the group ("root") channel it belongs to.
+
+>>> import torch.nn as nn
+>>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+>>> [(g.label, g.size, g.problems) for g in channel_groups(model, torch.zeros(1, 3, 8, 8))]
+[('0', 4, []), ('4', 2, ["its channels are model outputs (from '4')"])]
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+PRODUCER, CONSUMER, NORM, DEPTHWISE = "producer", "consumer", "norm", "depthwise"
+
+# Autograd ops that act on each channel separately (so a channel group is closed under them).
+# ``zero`` marks those with f(0) == 0: a channel that is zero before them stays zero after.
+CHANNELWISE_OPS: dict[str, bool] = {
+    "Relu": True, "Hardtanh": True, "LeakyRelu": True, "Elu": True, "Gelu": True, "Silu": True,
+    "Hardswish": True, "Tanh": True, "Threshold": True, "Add": True, "Sub": True, "Mul": True, "Div": True,
+    "Neg": True, "MaxPool2DWithIndices": True, "MaxPool1DWithIndices": True, "MaxPool3DWithIndices": True,
+    "AvgPool2D": True, "AvgPool1D": True, "AvgPool3D": True, "AdaptiveAvgPool2D": True,
+    "AdaptiveAvgPool1D": True, "AdaptiveMaxPool2D": True, "Mean": True, "Clone": True, "T": True,
+    "NativeDropout": True, "Squeeze": True, "Unsqueeze": True, "Sigmoid": False, "Hardsigmoid": False,
+    "Exp": False,
+}
+
+# Index-mapping nodes Torch-Pruning resolves itself (they move channels, never mix them).
+STRUCTURAL_OPS = ("concat", "split", "reshape", "slice")
+
+
+class GraphError(ValueError):
+    """The model's channel coupling cannot be analysed; the message names the op and the fix."""
+
+
+@dataclass(frozen=True)
+class Member:
+    """One layer's share of a channel group: ``local[i]`` (its index) carries group channel ``root[i]``."""
+
+    layer: str
+    role: str
+    local: tuple[int, ...]
+    root: tuple[int, ...]
+
+    def param_dims(self, module: nn.Module) -> list[tuple[str, int]]:
+        """``(parameter name, dimension)`` pairs whose slices at ``local`` carry the channel."""
+        if self.role == CONSUMER:
+            return [("weight", 1)]
+        names = ["weight", "bias"]
+        return [(n, 0) for n in names if isinstance(getattr(module, n, None), torch.Tensor)]
+
+
+@dataclass
+class ChannelGroup:
+    """A set of channels that live or die together, and every member layer's slice of them."""
+
+    size: int
+    members: list[Member]
+    ops: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    root: str = ""
+
+    def layers(self, role: str) -> list[str]:
+        return list(dict.fromkeys(m.layer for m in self.members if m.role == role))
+
+    @property
+    def producers(self) -> list[str]:
+        return self.layers(PRODUCER)
+
+    @property
+    def consumers(self) -> list[str]:
+        return self.layers(CONSUMER)
+
+    @property
+    def label(self) -> str:
+        """Producers joined by '+' (or the root layer when there is none): unique within a model."""
+        names = self.producers + self.layers(DEPTHWISE)
+        return "+".join(sorted(names)) if names else self.root
+
+    @property
+    def zero_preserving(self) -> bool:
+        """True when every op in the group maps a zero channel to a zero channel."""
+        return all(op in STRUCTURAL_OPS or CHANNELWISE_OPS.get(op, False) for op in self.ops)
+
+
+def op_name(grad_fn_name: str) -> str:
+    """``"ReluBackward0" -> "Relu"`` (the autograd node name without suffix)."""
+    return re.sub(r"Backward\d*$", "", grad_fn_name)
+
+
+def build_dependency_graph(model: nn.Module, example_inputs):
+    """Trace ``model`` once with Torch-Pruning; the model's train/eval mode is restored afterwards."""
+    try:
+        import torch_pruning as tp
+    except ImportError as err:  # pragma: no cover - a declared dependency
+        raise ImportError("channel coupling needs Torch-Pruning: pip install torch-pruning") from err
+    was_training = {m: m.training for m in model.modules()}
+    try:
+        with torch.enable_grad():
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+    finally:
+        for module, mode in was_training.items():
+            module.train(mode)
+    return graph
+
+
+def channel_groups(
+    model: nn.Module, example_inputs, extra_channelwise_ops: Iterable[str] = (), graph=None
+) -> list[ChannelGroup]:
+    """Every channel group of ``model`` (one per independent channel space), in a stable order.
+
+    ``extra_channelwise_ops`` names further autograd ops (e.g. ``"MyOp"`` for ``MyOpBackward0``)
+    known to act on each channel separately; any other unknown op in a group is recorded in
+    ``problems`` so that nothing is removed across it.
+    """
+    return [g for g, _ in _groups_with_roots(model, example_inputs, tuple(extra_channelwise_ops), graph)]
+
+
+def _groups_with_roots(model, example_inputs, extra_ops: tuple[str, ...], graph=None):
+    """``(ChannelGroup, (root module, root pruning function))`` pairs; builds the graph unless given."""
+    graph = graph if graph is not None else build_dependency_graph(model, example_inputs)
+    names = {m: n for n, m in model.named_modules()}
+    known = dict(CHANNELWISE_OPS, **{op: True for op in extra_ops})
+    out, seen = [], set()
+    for tp_group in graph.get_all_groups(root_module_types=(nn.modules.conv._ConvNd, nn.Linear)):
+        group = _convert(tp_group, graph, names, known)
+        key = frozenset((m.layer, m.role, m.local) for m in group.members)
+        if key in seen:  # a depthwise conv roots a second copy of its producer's group
+            continue
+        seen.add(key)
+        root = tp_group[0].dep
+        out.append((group, (root.target.module, root.handler)))
+    out.sort(key=lambda pair: pair[0].label)
+    return out
+
+
+def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGroup:
+    import torch_pruning as tp
+
+    members: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    ops: list[str] = []
+    problems: list[str] = []
+    size = 0
+    for item in tp_group:
+        node, handler = item.dep.target, item.dep.handler
+        module = node.module
+        pairs = list(zip(item.idxs, item.root_idxs, strict=True))
+        size = max([size] + [r + 1 for _, r in pairs])
+        if node.type == tp.ops.OPTYPE.OUTPUT or (isinstance(module, nn.Module) and module in names
+                                                   and graph.is_out_channel_pruning_fn(handler)
+                                                   and not node.outputs):
+            problems.append(f"its channels are model outputs (from '{names.get(module, node.name)}')")
+            continue
+        role = _role(module, handler, graph)
+        if role is None:
+            if node.type == tp.ops.OPTYPE.ELEMENTWISE:
+                op = op_name(str(module._grad_fn))
+                ops.append(op)
+                if op not in known:
+                    problems.append(
+                        f"op '{op}' is not known to act on each channel separately; if it does, pass "
+                        f"extra_channelwise_ops=('{op}',), otherwise keep these channels"
+                    )
+            elif node.type.name.lower() in STRUCTURAL_OPS:
+                ops.append(node.type.name.lower())
+            elif isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:
+                problems.append(
+                    f"grouped conv '{names[module]}' (groups={module.groups}, not depthwise) ties channels "
+                    "within each of its groups; removing them is not supported, so these channels are kept"
+                )
+            elif isinstance(module, nn.Module) and module in names:
+                problems.append(
+                    f"layer '{names[module]}' ({type(module).__name__}) has no channel rule here; "
+                    "supported: Conv (groups 1 or depthwise), Linear, BatchNorm"
+                )
+            else:
+                problems.append(f"'{node.name}' cannot be sliced by channel")
+            continue
+        members.setdefault((names[module], role), []).extend(pairs)
+    result = []
+    for (layer, role), pairs in members.items():
+        pairs = sorted(set(pairs))
+        result.append(Member(layer, role, tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)))
+    root_module = tp_group[0].dep.target.module
+    return ChannelGroup(size=size, members=result, ops=sorted(set(ops)), problems=list(dict.fromkeys(problems)),
+                        root=names.get(root_module, ""))
+
+
+def _role(module, handler, graph) -> str | None:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return NORM
+    if isinstance(module, nn.modules.conv._ConvNd):
+        if module.groups > 1:
+            if module.groups == module.in_channels == module.out_channels:
+                return DEPTHWISE
+            return None
+        if getattr(module, "transposed", False):
+            return None
+        return PRODUCER if graph.is_out_channel_pruning_fn(handler) else CONSUMER
+    if isinstance(module, nn.Linear):
+        return PRODUCER if graph.is_out_channel_pruning_fn(handler) else CONSUMER
+    return None
+
+
+def group_of(groups: list[ChannelGroup], layer: str, roles: tuple[str, ...]) -> ChannelGroup | None:
+    """The group in which ``layer`` appears with one of ``roles`` (None if there is none)."""
+    for group in groups:
+        if any(m.layer == layer and m.role in roles for m in group.members):
+            return group
+    return None
+
+
+__all__ = [
+    "CHANNELWISE_OPS",
+    "CONSUMER",
+    "DEPTHWISE",
+    "NORM",
+    "PRODUCER",
+    "STRUCTURAL_OPS",
+    "ChannelGroup",
+    "GraphError",
+    "Member",
+    "build_dependency_graph",
+    "channel_groups",
+    "group_of",
+    "op_name",
+]

@@ -1,0 +1,215 @@
+"""Hard quantization and quantized retraining: a ``QuantizedMaskSet`` holds masks *and* levels.
+
+``hard_quantize`` projects every quantization target's weight (already hard-pruned, so pruned
+weights are exactly zero and are skipped) and records per parameter its ``levels`` and integer
+``codes`` (-1 = zero). Attached to a model and optimizer, the set keeps the model on those levels
+during retraining under any optimizer:
+
+- ``"hold"`` (fixed point, power of two, binary, ternary): gradients of quantized weights are
+  zeroed, their optimizer state is zeroed, and after every ``optimizer.step()`` the values are
+  written back bit-exactly, so weight decay or stale momentum cannot move them. Biases and
+  unquantized layers keep training.
+- ``"centroids"`` (clustering): every weight trains, then after each step each centroid becomes
+  the mean of its members and the members are set to it (centroid updating, SPEC 2.2): the
+  layer keeps exactly its ``K`` shared values and its codes, while the values learn.
+
+Masks (pruning) still hold as in ``MaskSet``; zeros a quantizer creates (ternary) are added to
+the masks, so joint prune + quantize needs nothing else.
+
+>>> import torch.nn as nn
+>>> from admmcompress.plan import Plan
+>>> from admmcompress.structures.quantization import FixedPoint
+>>> model = nn.Linear(4, 2)
+>>> masks = hard_quantize(model, Plan({"": FixedPoint(bits=2)}).resolve(model))
+>>> len(torch.unique(model.weight.detach())) <= 4
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from admmcompress.masks import MaskSet, _named_params, hard_prune
+
+UPDATES = ("hold", "centroids")
+SEP = "@"  # state-dict keys: "fc1.weight@codes", "fc1.weight@levels", "fc1.weight@update"
+
+
+@dataclass
+class HeldValues:
+    """The quantized state of one parameter: ``weight == levels[codes]`` (0 where ``codes == -1``)."""
+
+    levels: torch.Tensor
+    codes: torch.Tensor
+    update: str = "hold"
+
+    def __post_init__(self) -> None:
+        if self.update not in UPDATES:
+            raise ValueError(f"update={self.update!r}; choose one of {UPDATES}")
+        self.codes = self.codes.to(torch.int64)
+
+    def decode(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> torch.Tensor:
+        levels = self.levels.to(device=device, dtype=dtype)
+        codes = self.codes.to(device)
+        values = levels[codes.clamp(min=0)] if levels.numel() else torch.zeros(codes.shape, dtype=levels.dtype)
+        return torch.where(codes >= 0, values, torch.zeros((), dtype=values.dtype, device=values.device))
+
+
+class QuantizedMaskSet(MaskSet):
+    """A ``MaskSet`` whose quantized parameters are also held on their levels during retraining."""
+
+    def __init__(
+        self,
+        masks: Mapping[str, torch.Tensor] | None = None,
+        held: Mapping[str, HeldValues] | None = None,
+    ):
+        super().__init__(masks)
+        self.held: dict[str, HeldValues] = dict(held or {})
+        self._held_params: dict[str, torch.nn.Parameter] = {}
+
+    def quantized(self) -> dict[str, HeldValues]:
+        return dict(self.held)
+
+    def merged(self, other: MaskSet) -> QuantizedMaskSet:
+        out = QuantizedMaskSet(self.masks, self.held)
+        for name, mask in other.items():
+            out.intersect(name, mask)
+        if isinstance(other, QuantizedMaskSet):
+            out.held.update(other.held)
+        return out
+
+    # --- applying ---------------------------------------------------------------------
+    @torch.no_grad()
+    def apply(self, model: torch.nn.Module) -> None:
+        """Zero pruned entries and write the quantized values (in place)."""
+        super().apply(model)
+        params = _named_params(model, self.held)
+        for name, held in self.held.items():
+            params[name].copy_(held.decode(params[name].dtype, params[name].device))
+
+    def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> QuantizedMaskSet:
+        """Apply masks and values and keep them (see the module docstring); ``detach()`` removes all hooks."""
+        super().attach(model, optimizer)
+        self.apply(model)
+        self._held_params = _named_params(model, self.held)
+        for name, param in self._held_params.items():
+            if self.held[name].update == "hold":
+                self._handles.append(param.register_hook(torch.zeros_like))
+        if optimizer is not None:
+            self._zero_held_state(optimizer)
+            self._handles.append(optimizer.register_step_post_hook(lambda opt, *_: self._after_held_step(opt)))
+        return self
+
+    @torch.no_grad()
+    def _after_held_step(self, optimizer: torch.optim.Optimizer) -> None:
+        for name, param in self._held_params.items():
+            held = self.held[name]
+            if held.update == "centroids":
+                held.levels = _centroids(param.detach(), held.codes.to(param.device), held.levels).cpu()
+            param.copy_(held.decode(param.dtype, param.device))
+        self._zero_held_state(optimizer)
+
+    @torch.no_grad()
+    def _zero_held_state(self, optimizer: torch.optim.Optimizer) -> None:
+        for name, param in self._held_params.items():
+            if self.held[name].update != "hold":
+                continue
+            for value in optimizer.state.get(param, {}).values():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                    value.zero_()
+
+    # --- saving -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = super().state_dict()
+        for name, held in self.held.items():
+            out[f"{name}{SEP}codes"] = held.codes.to(torch.int32).clone()
+            out[f"{name}{SEP}levels"] = held.levels.clone()
+            out[f"{name}{SEP}update"] = torch.tensor([UPDATES.index(held.update)], dtype=torch.int32)
+        return out
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, torch.Tensor]) -> QuantizedMaskSet:
+        masks = {k: v for k, v in state.items() if SEP not in k}
+        names = sorted({k.rsplit(SEP, 1)[0] for k in state if SEP in k})
+        held = {
+            n: HeldValues(
+                levels=state[f"{n}{SEP}levels"].clone(),
+                codes=state[f"{n}{SEP}codes"].clone(),
+                update=UPDATES[int(state[f"{n}{SEP}update"][0])],
+            )
+            for n in names
+        }
+        return cls(masks, held)
+
+
+def mask_set_from_state(state: Mapping[str, torch.Tensor]) -> MaskSet:
+    """A ``MaskSet`` or, when the state holds quantized values, a ``QuantizedMaskSet``."""
+    if any(SEP in key for key in state):
+        return QuantizedMaskSet.from_state_dict(state)
+    return MaskSet(state)
+
+
+def _centroids(weight: torch.Tensor, codes: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Mean of the members of each cluster (a cluster without members keeps its value)."""
+    flat, flat_codes = weight.reshape(-1), codes.reshape(-1)
+    members = flat_codes >= 0
+    dtype = torch.float64
+    sums = torch.zeros(levels.numel(), dtype=dtype, device=weight.device)
+    counts = torch.zeros_like(sums)
+    sums.index_add_(0, flat_codes[members], flat[members].to(dtype))
+    counts.index_add_(0, flat_codes[members], torch.ones_like(flat[members], dtype=dtype))
+    means = (sums / counts.clamp(min=1)).to(levels.dtype)
+    return torch.where(counts > 0, means, levels.to(weight.device))
+
+
+def is_quantization(target) -> bool:
+    return bool(getattr(target.structure, "quantizes", False))
+
+
+@torch.no_grad()
+def hard_quantize(model: torch.nn.Module, targets, masks: MaskSet | None = None,
+                  frozen: MaskSet | None = None) -> QuantizedMaskSet:
+    """Quantize every quantization target's weight in place; return masks + held values.
+
+    ``masks``: the masks of this stage's hard pruning (``hard_prune`` runs first when not given,
+    so pruning comes before quantizing and only kept weights are quantized). Values held by
+    ``frozen`` (an earlier stage) are kept for parameters this call does not quantize again.
+    """
+    targets = list(targets)
+    if masks is None:
+        masks = hard_prune(model, [t for t in targets if not is_quantization(t)], frozen)
+    params = dict(model.named_parameters())
+    held: dict[str, HeldValues] = {}
+    if isinstance(frozen, QuantizedMaskSet):
+        held.update(frozen.held)
+    out = QuantizedMaskSet(masks.masks, {})
+    out.apply(model)
+    for target in targets:
+        if not is_quantization(target):
+            continue
+        name = target.param_name
+        q = target.structure.quantize(params[name].detach())
+        held[name] = HeldValues(q.levels.detach().cpu(), q.codes.cpu(), target.structure.update)
+        out.intersect(name, q.codes >= 0)  # zeros a quantizer makes (ternary) are pruned from now on
+    out.held = held
+    out.apply(model)
+    return out
+
+
+def release_holds(masks: MaskSet, targets) -> MaskSet:
+    """The set a new stage starts from: masks carry; values the stage quantizes again are released.
+
+    Progressive quantization (8 -> 4 -> 2 bits) re-quantizes the same layers, so their weights
+    must be free to move during the new stage's ADMM phase; other held layers stay held.
+    """
+    if not isinstance(masks, QuantizedMaskSet):
+        return MaskSet(masks.masks)
+    again = {t.param_name for t in targets if is_quantization(t)}
+    kept = {n: h for n, h in masks.held.items() if n not in again}
+    return QuantizedMaskSet(masks.masks, kept) if kept else MaskSet(masks.masks)
+
+
+__all__ = ["HeldValues", "QuantizedMaskSet", "hard_quantize", "mask_set_from_state", "release_holds"]

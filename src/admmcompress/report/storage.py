@@ -1,0 +1,425 @@
+"""Storage of compressed weights, exactly as SPEC 4.2 defines it, computed from the model itself.
+
+For one weight with ``N`` entries, ``nnz`` nonzeros, GEMM shape ``R x C`` and value bits ``b``:
+
+=============  =========================================================================================
+scheme         bits
+=============  =========================================================================================
+dense          ``N * b0``
+bitmask        ``N + nnz * b``
+relative       ``E * (b' + b_r) + (C + 1) * ceil(log2(E + 1))``, ``E = nnz + sum_j floor(d_j / 2^b_r)``
+csr            ``nnz * (b + ceil(log2 C)) + (R + 1) * ceil(log2(nnz + 1))``
+structured     ``kept_rows * kept_cols * b0' + R + C`` (``+ 0`` instead of ``R + C`` when compacted)
+=============  =========================================================================================
+
+plus the layer's codebook in every scheme. ``d_j`` is the number of zeros before the j-th nonzero
+of a column (counted from the column start; columns scanned top to bottom, EIE style, or rows with
+``order="row"``); a relative index of ``b_r`` bits skips at most ``2^b_r - 1`` zeros, so each
+``2^b_r`` zeros of a gap cost one filler entry (a stored zero).
+
+**Value bits, read off the weights.** The distinct nonzero values of the weight are its levels
+(``K`` of them). A nonzero costs ``b = ceil(log2 K)`` bits (at least 1). Formats that also store
+zeros (dense with pruned entries, fillers of the relative index, zeros inside a structured block)
+need a code for zero: ``b0 = ceil(log2(K + 1))``. The codebook is, whichever is cheaper for the
+layer: a *table* of ``K`` float32 values (``32 K`` bits, SPEC's clustering codebook), or, when
+every level is ``s * c`` for one float32 scale ``s`` and integers ``c`` (fixed-point, binary,
+ternary, power of two with small exponent range), a *grid*: ``s`` (32 bits) plus the lowest and
+highest ``c`` (16 bits each), codes numbering the integers in between with zero skipped; or plain
+float32 (``b = b0 = 32``, no codebook) for unquantized layers. Biases and other parameters are
+reported apart, at their own dtype's width (SPEC 4.2: the papers count weights only).
+
+"Weight reduction" = total weights / nonzero weights; "storage reduction" = ``32 N / S``.
+
+>>> w = torch.tensor([[0.5, 0, 0, 0, 0, 0, -0.5, 0.5, 0.5, -0.5]]).T   # one column; a gap of 5 zeros
+>>> layer = layer_storage("w", w, index_bits=2)
+>>> layer.value.kind, layer.value.code_bits, layer.value.zero_bits, layer.entries   # +-0.5: 1 filler
+('grid', 1, 2, 6)
+>>> layer.bits["relative"]      # 6 entries * (2-bit code with zero + 2) + 2 pointers * 3 bits + grid 64
+94
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from admmcompress.structures.groups import as_matrix, gemm_params
+
+SCHEMES = ("dense", "bitmask", "relative", "csr", "structured")
+MAX_LEVELS = 2**16  # more distinct values than this: treated as unquantized float32
+GRID_INT_BITS = 16  # lowest/highest integer of a grid codebook
+
+
+def clog2(x: int) -> int:
+    """``ceil(log2 x)`` for integers >= 1 (0 for x = 1).
+
+    >>> [clog2(x) for x in (1, 2, 3, 4, 5, 256, 257)]
+    [0, 1, 2, 2, 3, 8, 9]
+    """
+    if x < 1:
+        raise ValueError(f"clog2: x={x} must be >= 1")
+    return (x - 1).bit_length()
+
+
+# --- value formats --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ValueFormat:
+    """How a layer's nonzero values are coded: ``float32``, a ``grid`` ``s * c`` or a ``table``."""
+
+    kind: str
+    levels: int
+    code_bits: int
+    zero_bits: int
+    table_bits: int
+    scale: float | None = None
+    low: int | None = None
+    high: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+FLOAT32 = ValueFormat("float32", 0, 32, 32, 0)
+
+
+def table_format(k: int) -> ValueFormat:
+    return ValueFormat("table", k, max(1, clog2(max(k, 1))), clog2(k + 1), 32 * k)
+
+
+def grid_format(k: int, scale: float, low: int, high: int) -> ValueFormat:
+    count = high - low + 1 - (1 if low <= 0 <= high else 0)
+    return ValueFormat("grid", k, max(1, clog2(count)), clog2(count + 1), 32 + 2 * GRID_INT_BITS, scale, low, high)
+
+
+def grid_of(levels: torch.Tensor) -> tuple[float, int, int] | None:
+    """``(s, low, high)`` if every level is exactly ``float32(s) * c`` for integers ``c``, else None."""
+    levels = levels.to(torch.float32)
+    if levels.numel() == 0:
+        return None
+    candidates = [levels.abs().min()]
+    if levels.numel() > 1:
+        candidates.append((levels[1:] - levels[:-1]).min())
+    limit = 2 ** (GRID_INT_BITS - 1) - 1
+    for s in candidates:
+        if not bool(s > 0):
+            continue
+        c = torch.round(levels.to(torch.float64) / float(s))
+        if float(c.abs().max()) > limit:
+            continue
+        if torch.equal(s * c.to(torch.float32), levels):
+            return float(s), int(c.min()), int(c.max())
+    return None
+
+
+def value_format(weight: torch.Tensor, nnz: int | None = None) -> ValueFormat:
+    """The cheapest coding of the weight's distinct nonzero values (see the module docstring)."""
+    values = weight.detach().reshape(-1)
+    nonzero = values[values != 0].to(torch.float32)
+    nnz = nonzero.numel() if nnz is None else nnz
+    levels = torch.unique(nonzero)
+    k = levels.numel()
+    if k > MAX_LEVELS:
+        return FLOAT32
+    options = [FLOAT32, table_format(k)]
+    grid = grid_of(levels)
+    if grid is not None:
+        options.append(grid_format(k, *grid))
+    return min(options, key=lambda f: (nnz * f.code_bits + f.table_bits, f.kind != "grid"))
+
+
+def codes_of(weight: torch.Tensor, fmt: ValueFormat) -> torch.Tensor:
+    """Integer code of every entry: ``0`` for zero, ``1..`` for nonzeros (int64, weight's shape).
+
+    Formats that never store zeros subtract 1 (see ``executors.packed``); float32 has no codes.
+    """
+    flat = weight.detach().reshape(-1).to(torch.float32)
+    codes = torch.zeros(flat.shape, dtype=torch.int64)
+    nz = flat != 0
+    if fmt.kind == "table":
+        levels = torch.unique(flat[nz])
+        codes[nz] = torch.searchsorted(levels, flat[nz]) + 1
+    elif fmt.kind == "grid":
+        c = torch.round(flat[nz].to(torch.float64) / fmt.scale).to(torch.int64)
+        index = c - fmt.low
+        if fmt.low <= 0 <= fmt.high:
+            index = torch.where(c > 0, index - 1, index)
+        codes[nz] = index + 1
+    else:
+        raise ValueError("codes_of: float32 values have no codes; store them as raw float32")
+    return codes.view(weight.shape)
+
+
+def levels_of(fmt: ValueFormat, table: torch.Tensor | None = None) -> torch.Tensor:
+    """The float32 value of each nonzero code ``0..``: the table itself, or ``s * c`` over the grid."""
+    if fmt.kind == "table":
+        return table.to(torch.float32)
+    c = torch.arange(fmt.low, fmt.high + 1, dtype=torch.float32)
+    c = c[c != 0]
+    return torch.tensor(fmt.scale, dtype=torch.float32) * c
+
+
+# --- the SPEC 4.2 formulas ------------------------------------------------------------------
+
+
+def relative_gaps(mask: torch.Tensor, order: str = "column") -> torch.Tensor:
+    """Zeros before each nonzero in its column (``order="column"``) or row, from the line start.
+
+    >>> relative_gaps(torch.tensor([[1, 0], [0, 0], [1, 1]], dtype=torch.bool)).tolist()
+    [0, 1, 2]
+    """
+    if order not in ("column", "row"):
+        raise ValueError(f"order={order!r}; choose 'column' (EIE) or 'row'")
+    lines = mask.t() if order == "column" else mask
+    idx = torch.nonzero(lines)  # sorted by line, then position
+    if idx.numel() == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    line, pos = idx[:, 0], idx[:, 1]
+    prev = torch.cat([pos.new_full((1,), -1), pos[:-1]])
+    starts = torch.cat([torch.ones(1, dtype=torch.bool), line[1:] != line[:-1]])
+    prev = torch.where(starts, torch.full_like(prev, -1), prev)
+    return pos - prev - 1
+
+
+def relative_entries(gaps: torch.Tensor, index_bits: int) -> int:
+    """``E = nnz + sum_j floor(d_j / 2^b_r)``: nonzeros plus filler entries.
+
+    >>> relative_entries(torch.tensor([0, 3, 4, 9]), 2)   # fillers: 0 + 0 + 1 + 2
+    7
+    """
+    return int(gaps.numel() + (gaps >> index_bits).sum())
+
+
+def dense_bits(n: int, b: int) -> int:
+    return n * b
+
+
+def bitmask_bits(n: int, nnz: int, b: int) -> int:
+    return n + nnz * b
+
+
+def relative_bits(entries: int, lines: int, b: int, index_bits: int) -> int:
+    """``E (b + b_r) + (lines + 1) ceil(log2(E + 1))`` (lines = columns, or rows for row order)."""
+    return entries * (b + index_bits) + (lines + 1) * clog2(entries + 1)
+
+
+def csr_bits(nnz: int, rows: int, cols: int, b: int) -> int:
+    return nnz * (b + clog2(cols)) + (rows + 1) * clog2(nnz + 1)
+
+
+def structured_bits(kept_rows: int, kept_cols: int, rows: int, cols: int, b: int, compacted: bool = False) -> int:
+    return kept_rows * kept_cols * b + (0 if compacted else rows + cols)
+
+
+# --- one layer, a model ---------------------------------------------------------------------
+
+
+@dataclass
+class LayerStorage:
+    """Storage of one weight under every scheme (``bits`` include the codebook)."""
+
+    name: str
+    shape: list[int]
+    rows: int
+    cols: int
+    params: int
+    nnz: int
+    value: ValueFormat
+    index_bits: int
+    order: str
+    entries: int
+    kept_rows: int
+    kept_cols: int
+    bits: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def best(self) -> str:
+        return min(SCHEMES, key=lambda s: (self.bits[s], SCHEMES.index(s)))
+
+    @property
+    def weight_reduction(self) -> float:
+        return self.params / self.nnz if self.nnz else math.inf
+
+    def storage_reduction(self, scheme: str | None = None) -> float:
+        bits = self.bits[scheme or self.best]
+        return 32 * self.params / bits if bits else math.inf
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.update(best=self.best, weight_reduction=self.weight_reduction,
+                   storage_reduction=self.storage_reduction())
+        return out
+
+
+def layer_storage(
+    name: str,
+    weight: torch.Tensor,
+    index_bits: int | str = "best",
+    order: str = "column",
+    compacted: bool = False,
+) -> LayerStorage:
+    """Bits of ``weight`` under every SPEC 4.2 scheme; ``index_bits`` = ``b_r`` or ``"best"`` (1..16)."""
+    matrix = as_matrix(weight.detach())
+    rows, cols = matrix.shape
+    mask = matrix != 0
+    nnz = int(mask.sum())
+    fmt = value_format(weight, nnz)
+    gaps = relative_gaps(mask, order)
+    lines = cols if order == "column" else rows
+    choices = range(1, 17) if index_bits == "best" else [index_bits]
+    if index_bits != "best" and (isinstance(index_bits, bool) or not isinstance(index_bits, int) or index_bits < 1):
+        raise ValueError(f"index_bits={index_bits!r} must be a positive integer (b_r) or 'best'")
+
+    def rel(b_r: int) -> tuple[int, int]:
+        entries = relative_entries(gaps, b_r)
+        b = fmt.zero_bits if entries > nnz else fmt.code_bits
+        return relative_bits(entries, lines, b, b_r), entries
+
+    b_r = min(choices, key=lambda r: (rel(r)[0], r))
+    rel_bits, entries = rel(b_r)
+    kept_r, kept_c = mask.any(dim=1), mask.any(dim=0)
+    kr, kc = int(kept_r.sum()), int(kept_c.sum())
+    block_has_zeros = kr * kc > nnz
+    bits = {
+        "dense": dense_bits(rows * cols, fmt.zero_bits if nnz < rows * cols else fmt.code_bits),
+        "bitmask": bitmask_bits(rows * cols, nnz, fmt.code_bits),
+        "relative": rel_bits,
+        "csr": csr_bits(nnz, rows, cols, fmt.code_bits),
+        "structured": structured_bits(kr, kc, rows, cols, fmt.zero_bits if block_has_zeros else fmt.code_bits,
+                                      compacted),
+    }
+    bits = {k: v + fmt.table_bits for k, v in bits.items()}
+    return LayerStorage(name, list(weight.shape), rows, cols, rows * cols, nnz, fmt, b_r, order, entries, kr, kc,
+                        bits)
+
+
+@dataclass
+class StorageReport:
+    """Per-layer storage and model totals; ``other_bits`` = biases and every other parameter."""
+
+    layers: list[LayerStorage]
+    other_bits: int
+    other_params: int
+    scheme: str = "best"
+
+    @property
+    def params(self) -> int:
+        return sum(layer.params for layer in self.layers)
+
+    @property
+    def nnz(self) -> int:
+        return sum(layer.nnz for layer in self.layers)
+
+    def bits(self, scheme: str | None = None) -> int:
+        """Total weight bits under ``scheme`` ("best" = each layer's cheapest scheme)."""
+        scheme = scheme or self.scheme
+        if scheme != "best" and scheme not in SCHEMES:
+            raise ValueError(f"scheme={scheme!r}; choose 'best' or one of {SCHEMES}")
+        return sum(layer.bits[layer.best if scheme == "best" else scheme] for layer in self.layers)
+
+    @property
+    def weight_reduction(self) -> float:
+        return self.params / self.nnz if self.nnz else math.inf
+
+    def storage_reduction(self, scheme: str | None = None) -> float:
+        bits = self.bits(scheme)
+        return 32 * self.params / bits if bits else math.inf
+
+    @property
+    def paper_reduction(self) -> float:
+        """``32 N / sum(nnz * b)``: no indices, no codebooks (how 1,910x-style figures are computed)."""
+        bits = sum(layer.nnz * layer.value.code_bits for layer in self.layers)
+        return 32 * self.params / bits if bits else math.inf
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layers": [layer.to_dict() for layer in self.layers],
+            "scheme": self.scheme,
+            "weight_bits": {s: self.bits(s) for s in ("best", *SCHEMES)},
+            "other_bits": self.other_bits,
+            "other_params": self.other_params,
+            "weight_reduction": self.weight_reduction,
+            "storage_reduction": {s: self.storage_reduction(s) for s in ("best", *SCHEMES)},
+            "paper_reduction": self.paper_reduction,
+        }
+
+
+@torch.no_grad()
+def storage(
+    model: torch.nn.Module,
+    layers: list[str] | None = None,
+    index_bits: int | str = "best",
+    order: str = "column",
+    compacted: bool = False,
+) -> StorageReport:
+    """Storage of the weight matrices of ``layers`` (module names; default: every layer with weights).
+
+    >>> import torch.nn as nn
+    >>> report = storage(nn.Linear(4, 2, bias=False))
+    >>> report.bits("dense"), report.storage_reduction("dense")
+    (256, 1.0)
+    """
+    modules = dict(model.named_modules())
+    if layers is None:
+        layers = [n for n, m in modules.items() if gemm_params(m)]
+    unknown = [n for n in layers if n not in modules]
+    if unknown:
+        raise ValueError(f"storage: the model has no layer(s) {unknown}; give module names such as 'fc1'")
+    rows, counted = [], set()
+    for name in dict.fromkeys(layers):
+        for param in gemm_params(modules[name]):
+            full = f"{name}.{param}" if name else param
+            counted.add(full)
+            rows.append(layer_storage(full, getattr(modules[name], param), index_bits, order, compacted))
+    others = [(n, p) for n, p in model.named_parameters() if n not in counted]
+    other_bits = sum(p.numel() * p.element_size() * 8 for _, p in others)
+    return StorageReport(rows, other_bits, sum(p.numel() for _, p in others))
+
+
+def render_storage(report: StorageReport | dict[str, Any]) -> str:
+    """A markdown table: per layer value format, bits per scheme, best scheme; totals and ratios."""
+    data = report.to_dict() if isinstance(report, StorageReport) else report
+    lines = [
+        "| weight | nnz / N | values | b | b_r | " + " | ".join(SCHEMES) + " | best |",
+        "|---|---:|---|---:|---:|" + "---:|" * len(SCHEMES) + "---|",
+    ]
+    for layer in data["layers"]:
+        value = layer["value"]
+        kind = "float32" if value["kind"] == "float32" else f"{value['kind']} K={value['levels']}"
+        lines.append(
+            f"| {layer['name']} | {layer['nnz']:,} / {layer['params']:,} | {kind} | {value['code_bits']} | "
+            f"{layer['index_bits']} | " + " | ".join(f"{layer['bits'][s]:,}" for s in SCHEMES) + f" | {layer['best']} |"
+        )
+    bits = data["weight_bits"]
+    lines.append("| **total** | | | | | " + " | ".join(f"{bits[s]:,}" for s in SCHEMES) + f" | {bits['best']:,} |")
+    reduction = data["storage_reduction"]
+    lines += [
+        "",
+        f"- Weight reduction (weights / nonzero): **{_x(data['weight_reduction'])}**",
+        f"- Storage reduction (32-bit dense / stored bits, indices and codebooks included): "
+        f"**{_x(reduction['best'])}** with each layer's best scheme; "
+        + ", ".join(f"{s} {_x(reduction[s])}" for s in SCHEMES),
+        f"- Paper-style storage reduction (32 N / sum nnz*b, no indices or codebooks): {_x(data['paper_reduction'])}",
+        f"- Other parameters (biases etc.): {data['other_params']:,} = {data['other_bits']:,} bits, not included above",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _x(value: float) -> str:
+    return "inf" if value == math.inf or value == "inf" else f"{value:,.1f}x"
+
+
+__all__ = [
+    "SCHEMES",
+    "LayerStorage",
+    "StorageReport",
+    "ValueFormat",
+    "layer_storage",
+    "render_storage",
+    "storage",
+    "value_format",
+]

@@ -1,0 +1,244 @@
+"""Coupled structured targets: filters/channels tied by residual adds, concatenation, depthwise convs or BN
+are decided together.
+
+A ``CoupledTarget`` spans one channel group (see :mod:`admmcompress.graph`). Its value is a virtual
+GEMM matrix with one row per group channel, holding every member's slice of that channel side by side
+(producer filter rows and biases, BN gamma/beta, depthwise kernels, consumer input columns). A
+``Filter`` structure on that matrix is then exactly the coupled projection: a channel's score is the
+sum of its members' squared norms, and one top-k decides for all members. Drivers and ``hard_prune``
+use it like any target, through ``value(params)`` and ``masks(params)``.
+
+What it zeroes is exactly what compaction removes with the channel, so the masked model and the
+compacted model compute the same function.
+
+>>> import torch.nn as nn
+>>> from admmcompress.plan import Plan
+>>> from admmcompress.structures import Filter
+>>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+>>> targets = couple(model, Plan({"0": Filter(sparsity=0.5)}).resolve(model), torch.zeros(1, 3, 8, 8))
+>>> [(t.key, t.members) for t in targets]
+[('0:coupled-filter', ('0', '1', '3'))]
+>>> sorted(targets[0].masks(dict(model.named_parameters())))
+['0.bias', '0.weight', '1.bias', '1.weight', '3.weight']
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from admmcompress.graph import CONSUMER, DEPTHWISE, PRODUCER, ChannelGroup, channel_groups
+from admmcompress.plan import PlanError, Target
+from admmcompress.structures.sparsity import Filter, SparsityStructure
+
+COUPLING_MODES = ("strict", "extend")
+COUPLED_KINDS = ("filter", "channel")
+
+
+@dataclass(frozen=True)
+class ChannelSlice:
+    """Entries of parameter ``param`` along ``dim`` at ``local[i]`` belong to group channel ``root[i]``."""
+
+    param: str
+    dim: int
+    local: tuple[int, ...]
+    root: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class CoupledTarget(Target):
+    """One filter/channel target over a whole channel group (``layer`` is the group's label).
+
+    ``members`` names the member layers, ``slices`` the parameter slices, ``size`` the number of
+    group channels and ``sources`` the keys of the plan targets it replaced.
+    """
+
+    size: int = 0
+    members: tuple[str, ...] = ()
+    slices: tuple[ChannelSlice, ...] = ()
+    sources: tuple[str, ...] = ()
+    _index: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @property
+    def key(self) -> str:
+        return f"{self.layer}:coupled-{self.structure.kind}"
+
+    @property
+    def param_name(self) -> str:
+        """The first slice's parameter (a coupled target spans ``param_names``)."""
+        return self.slices[0].param
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(s.param for s in self.slices))
+
+    def with_structure(self, structure: SparsityStructure) -> CoupledTarget:
+        return replace(self, structure=structure)
+
+    # --- the virtual GEMM matrix ------------------------------------------------------------
+    def _gather_index(self, s: ChannelSlice, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        cache_key = (s, tuple(shape), str(device))
+        if cache_key not in self._index:
+            self._index[cache_key] = _gather_index(s, shape, self.size).to(device)
+        return self._index[cache_key]
+
+    def value(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``(size, width)`` matrix: row ``c`` holds every member's entries of channel ``c`` (differentiable)."""
+        columns = []
+        for s in self.slices:
+            p = params[s.param]
+            flat = torch.cat([p.reshape(-1), p.new_zeros(1)])  # the last entry pads uneven slices
+            columns.append(flat[self._gather_index(s, p.shape, p.device)])
+        return torch.cat(columns, dim=1)
+
+    @torch.no_grad()
+    def masks(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Keep-masks by parameter name from the structure's support of ``value(params)``."""
+        keep = self.structure.support(self.value(params)).any(dim=1)
+        return self.masks_for_channels(params, keep)
+
+    def masks_for_channels(self, params: Mapping[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Keep-masks that keep exactly the group channels where ``keep`` (bool, ``size``) is True."""
+        out: dict[str, torch.Tensor] = {}
+        for s in self.slices:
+            p = params[s.param]
+            index = self._gather_index(s, p.shape, p.device)
+            flat = torch.ones(p.numel() + 1, dtype=torch.bool, device=p.device)
+            flat[index[~keep.to(p.device)].reshape(-1)] = False
+            mask = flat[:-1].view(p.shape)
+            out[s.param] = out[s.param] & mask if s.param in out else mask
+        return out
+
+
+def _gather_index(s: ChannelSlice, shape: torch.Size, size: int) -> torch.Tensor:
+    """Flat indices into ``param`` (numel = padding) laying out the slice as ``(size, count * width)``."""
+    numel = math.prod(shape)
+    rows = torch.arange(numel).view(shape).movedim(s.dim, 0).reshape(shape[s.dim], -1)
+    local = torch.tensor(s.local, dtype=torch.long)
+    root = torch.tensor(s.root, dtype=torch.long)
+    order = torch.argsort(root * (shape[s.dim] + 1) + local)
+    local, root = local[order], root[order]
+    counts = torch.bincount(root, minlength=size)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(len(root)) - starts[root]
+    width = rows.shape[1]
+    index = torch.full((size, int(counts.max()), width), numel, dtype=torch.long)
+    index[root, slot] = rows[local]
+    return index.view(size, -1)
+
+
+def couple(
+    model: nn.Module,
+    targets: Sequence[Target],
+    example_inputs,
+    mode: str = "strict",
+    extra_channelwise_ops: Iterable[str] = (),
+    groups: list[ChannelGroup] | None = None,
+) -> list[Target]:
+    """Replace the filter/channel targets of ``targets`` by one ``CoupledTarget`` per channel group.
+
+    Targets on layers whose channels are tied are merged; they must share one sparsity. With
+    ``mode="strict"`` a group is pruned only if the plan names all its producers (filter targets) or
+    all its consumers (channel targets); otherwise ``PlanError`` lists the missing layers, since the
+    pruned filters could not be removed by compaction. ``mode="extend"`` prunes the whole group.
+    Other targets (unstructured, column, ...) pass through unchanged.
+    """
+    if mode not in COUPLING_MODES:
+        raise PlanError(f"coupling mode {mode!r} is unknown; use one of {COUPLING_MODES}")
+    groups = groups if groups is not None else channel_groups(model, example_inputs, extra_channelwise_ops)
+    modules = dict(model.named_modules())
+    errors: list[str] = []
+    buckets: dict[str, list[Target]] = {}
+    by_label = {g.label: g for g in groups}
+    for t in targets:
+        if t.structure.kind not in COUPLED_KINDS or isinstance(t, CoupledTarget):
+            continue
+        group, error = _find_group(groups, t, modules)
+        if error:
+            errors.append(error)
+        else:
+            buckets.setdefault(group.label, []).append(t)
+    for label, members in buckets.items():
+        errors += _check_bucket(by_label[label], members, mode)
+    if errors:
+        raise PlanError("the coupled plan does not fit this model:\n  - " + "\n  - ".join(errors))
+    coupled = {label: _coupled_target(by_label[label], members, modules) for label, members in buckets.items()}
+    placed: set[str] = set()
+    out: list[Target] = []
+    for t in targets:
+        label = next((lbl for lbl, ms in buckets.items() if any(m is t for m in ms)), None)
+        if label is None:
+            out.append(t)
+        elif label not in placed:
+            placed.add(label)
+            out.append(coupled[label])
+    return out
+
+
+def _find_group(groups: list[ChannelGroup], t: Target, modules) -> tuple[ChannelGroup | None, str]:
+    roles = (PRODUCER, DEPTHWISE) if t.structure.kind == "filter" else (CONSUMER, DEPTHWISE)
+    for g in groups:
+        if any(m.layer == t.layer and m.role in roles for m in g.members):
+            if g.problems:
+                return None, (f"{t.structure.kind} target on '{t.layer}': its channels cannot be removed: "
+                              + "; ".join(g.problems))
+            return g, ""
+    module = modules[t.layer]
+    for g in groups:
+        if g.root == t.layer and g.problems:
+            return None, (f"{t.structure.kind} target on '{t.layer}': " + "; ".join(g.problems)
+                          + "; drop the target, or prune it uncoupled (Plan.resolve)")
+    return None, (
+        f"{t.structure.kind} target on '{t.layer}' ({type(module).__name__}): the dependency graph has no "
+        f"channel group where it is a {' or '.join(roles)}; drop the target or prune it uncoupled (Plan.resolve)"
+    )
+
+
+def _check_bucket(group: ChannelGroup, members: list[Target], mode: str) -> list[str]:
+    errors = []
+    sparsities = {t.structure.target_sparsity for t in members}
+    if len(sparsities) > 1:
+        listed = ", ".join(f"'{t.layer}' {t.structure.kind} {t.structure.target_sparsity:g}" for t in members)
+        errors.append(f"coupled layers must share one sparsity, got {listed}; give them one value")
+    if mode == "strict":
+        filtered = {t.layer for t in members if t.structure.kind == "filter"}
+        channeled = {t.layer for t in members if t.structure.kind == "channel"}
+        producers = group.producers + group.layers(DEPTHWISE)
+        missing_p = sorted(n for n in producers if n not in filtered)
+        missing_c = sorted(n for n in group.consumers if n not in channeled)
+        if missing_p and (missing_c or not group.consumers):
+            named = ", ".join(f"'{t.layer}'" for t in members)
+            errors.append(
+                f"{named} share channels (residual add / concat / BN / depthwise) with "
+                f"{', '.join(repr(n) for n in missing_p)}, which have no filter target; pruned filters could not "
+                "be removed. Give all of them the same filter target (one rule matching them), or "
+                "couple with mode='extend' to prune the whole group"
+            )
+    return errors
+
+
+def _coupled_target(group: ChannelGroup, members: list[Target], modules) -> CoupledTarget:
+    slices = []
+    for m in group.members:
+        module = modules[m.layer]
+        for pname, dim in m.param_dims(module):
+            full = f"{m.layer}.{pname}" if m.layer else pname
+            slices.append(ChannelSlice(full, dim, m.local, m.root))
+    first = members[0]
+    return CoupledTarget(
+        layer=group.label,
+        param="weight",
+        structure=Filter(sparsity=first.structure.target_sparsity),
+        rule=min(t.rule for t in members),
+        size=group.size,
+        members=tuple(dict.fromkeys(m.layer for m in group.members)),
+        slices=tuple(slices),
+        sources=tuple(t.key for t in members),
+    )
+
+
+__all__ = ["COUPLING_MODES", "ChannelSlice", "CoupledTarget", "couple"]

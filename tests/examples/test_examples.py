@@ -1,0 +1,21 @@
+"""The examples in examples/ run and do what their docstrings say."""
+
+import importlib.util
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_own_training_loop_example_prunes_and_keeps_accuracy():
+    result = load("own_training_loop").main(limit=2000, epochs=2)
+    # fc1 20x, fc2 10x, fc3 4x: 11,760 + 3,000 + 250 = 15,010 of 266,200 weights kept
+    assert abs(result["compression"] - 266200 / 15010) < 0.05
+    assert result["dense_accuracy"] > 80.0
+    assert result["pruned_accuracy"] > result["dense_accuracy"] - 5.0

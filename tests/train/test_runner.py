@@ -1,0 +1,368 @@
+"""The reference pipeline: exact resume after a crash, compress() API, ADMM update cadence."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from admmcompress import Filter, Plan, Unstructured, compress
+from admmcompress.data import load_dataset
+from admmcompress.models import LeNet300100
+from admmcompress.plan import PlanError
+from admmcompress.train.config import RunConfig
+from admmcompress.train.runner import STATE_FILE, Runner
+
+pytestmark = pytest.mark.filterwarnings("ignore:ADMM residual:RuntimeWarning")
+
+PLAN1 = {"rules": [{"match": "fc1", "structure": "unstructured", "sparsity": 0.5}]}
+PLAN2 = {
+    "rules": [
+        {"match": "fc1", "structure": "unstructured", "sparsity": 0.9},
+        {"match": "fc2", "structure": "filter", "sparsity": 0.5},
+    ]
+}
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset("mnist", "train", limit=512), load_dataset("mnist", "test", limit=200)
+
+
+@pytest.fixture(scope="module")
+def dense(data):
+    """A LeNet-300-100 trained one epoch on the subset (the 'pretrained' model of the API tests)."""
+    torch.manual_seed(0)
+    model = LeNet300100()
+    config = RunConfig.from_dict({"model": {"name": "lenet300100"}, "pretrain": {"epochs": 1}, "seed": 0})
+    Runner(config, model, *data, progress=False).run()
+    return model
+
+
+def fresh_model(seed: int = 0) -> LeNet300100:
+    torch.manual_seed(seed)
+    return LeNet300100()
+
+
+def run_config(method: str = "admm", two_stages: bool = False, **admm) -> RunConfig:
+    stage = {
+        "method": method,
+        "admm": {"epochs": 3, "rho": 1.0e-2, **admm},
+        "retrain": {"epochs": 2, "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9}},
+    }
+    stages = [{**copy.deepcopy(stage), "plan": PLAN1}]
+    if two_stages:
+        stages.append({**copy.deepcopy(stage), "plan": PLAN2})
+    return RunConfig.from_dict(
+        {
+            "name": "resume",
+            "seed": 3,
+            "model": {"name": "lenet300100"},
+            "data": {"batch_size": 64},
+            "pretrain": {"epochs": 1},
+            "stages": stages,
+        }
+    )
+
+
+class Crash(Exception):
+    """Stands for a kill: raised in the middle of an epoch's bookkeeping, before it is checkpointed."""
+
+
+def crash_at_epoch(monkeypatch, n: int) -> None:
+    """Make the n-th finished epoch (counting over all phases) raise before its checkpoint."""
+    original = Runner._record
+    calls = {"n": 0}
+
+    def record(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise Crash(f"epoch {n}")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Runner, "_record", record)
+
+
+def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), f"{key} differs after resume"
+
+
+def assert_same_masks(a, b) -> None:
+    assert set(a.masks) == set(b.masks)
+    for key in a.masks:
+        assert torch.equal(a.masks[key], b.masks[key]), key
+
+
+def interrupted_then_resumed(config, data, out, monkeypatch, crash_epoch: int) -> Runner:
+    crash_at_epoch(monkeypatch, crash_epoch)
+    with pytest.raises(Crash):
+        Runner(config, fresh_model(), *data, out_dir=out, progress=False).run()
+    monkeypatch.undo()
+    assert (out / STATE_FILE).is_file()
+    # a different initial model: everything must come from the checkpoint
+    resumed = Runner(config, fresh_model(seed=99), *data, out_dir=out, progress=False)
+    resumed.run(resume=True)
+    return resumed
+
+
+# Epochs over all phases: pretrain 1, then per stage prune 3 and retrain 2.
+@pytest.mark.parametrize(
+    ("method", "two_stages", "crash_epoch"),
+    [
+        ("admm", False, 3),  # during ADMM (checkpoint after prune epoch 1)
+        ("admm", False, 4),  # during the last ADMM epoch: resume must still hard-prune correctly
+        ("admm", False, 6),  # during retrain
+        ("admm", True, 8),  # progressive: during stage 2's ADMM phase
+        ("admm", True, 11),  # progressive: during stage 2's retrain
+        ("gradual", False, 3),
+        ("gradual", True, 9),
+        ("magnitude", False, 3),
+        ("magnitude", True, 8),
+    ],
+)
+def test_resume_after_a_crash_is_bit_identical(tmp_path, data, monkeypatch, method, two_stages, crash_epoch):
+    config = run_config(method, two_stages)
+    full = Runner(config, fresh_model(), *data, out_dir=tmp_path / "full", progress=False)
+    full_metrics = full.run()
+    resumed = interrupted_then_resumed(config, data, tmp_path / "crashed", monkeypatch, crash_epoch)
+    assert_same_state(full.model, resumed.model)
+    assert_same_masks(full.masks, resumed.masks)
+    assert resumed.metrics["accuracy_after"] == full_metrics["accuracy_after"]
+    assert resumed.metrics["stats"] == full_metrics["stats"]
+    strip = [{k: v for k, v in h.items() if k != "seconds"} for h in full.history]
+    assert [{k: v for k, v in h.items() if k != "seconds"} for h in resumed.history] == strip
+    for a, b in zip(full_metrics["stages"], resumed.metrics["stages"], strict=True):
+        assert a == b
+
+
+@pytest.mark.parametrize("method", ["admm", "gradual", "magnitude"])
+def test_resume_after_a_crash_between_the_last_epoch_and_the_hard_prune(tmp_path, data, monkeypatch, method):
+    """The prune phase's last epoch is checkpointed, then the run dies before hard pruning."""
+    config = run_config(method)
+    full = Runner(config, fresh_model(), *data, progress=False)
+    full.run()
+
+    original = Runner._finish
+
+    def finish(self, phase):
+        if phase.kind == "prune":
+            raise Crash("before hard prune")
+        return original(self, phase)
+
+    monkeypatch.setattr(Runner, "_finish", finish)
+    out = tmp_path / "crashed"
+    with pytest.raises(Crash):
+        Runner(config, fresh_model(), *data, out_dir=out, progress=False).run()
+    monkeypatch.undo()
+    state = torch.load(out / STATE_FILE, weights_only=True)
+    assert (state["phase_index"], state["epoch"]) == (1, 3)
+    resumed = Runner(config, fresh_model(seed=7), *data, out_dir=out, progress=False)
+    resumed.run(resume=True)
+    assert_same_state(full.model, resumed.model)
+    assert_same_masks(full.masks, resumed.masks)
+    assert resumed.metrics["stages"] == full.metrics["stages"]
+
+
+def test_resume_with_step_cadence_and_sparse_checkpoints(tmp_path, data, monkeypatch):
+    config = run_config("admm", update_every_steps=5)
+    config.checkpoint_every_epochs = 2
+    full = Runner(config, fresh_model(), *data, progress=False)
+    full.run()
+    resumed = interrupted_then_resumed(config, data, tmp_path / "crashed", monkeypatch, crash_epoch=4)
+    assert_same_state(full.model, resumed.model)
+    assert_same_masks(full.masks, resumed.masks)
+
+
+def test_resume_of_a_finished_run_changes_nothing(tmp_path, data):
+    config = run_config("admm")
+    full = Runner(config, fresh_model(), *data, out_dir=tmp_path, progress=False)
+    metrics = full.run()
+    again = Runner(config, fresh_model(seed=5), *data, out_dir=tmp_path, progress=False)
+    assert again.run(resume=True)["stats"] == metrics["stats"]
+    assert_same_state(full.model, again.model)
+    assert_same_masks(full.masks, again.masks)
+
+
+def test_resume_without_a_checkpoint_says_so(tmp_path, data):
+    runner = Runner(run_config(), fresh_model(), *data, out_dir=tmp_path, progress=False)
+    with pytest.raises(FileNotFoundError, match="--resume: no checkpoint"):
+        runner.run(resume=True)
+
+
+def test_checkpoint_records_phase_and_epoch(tmp_path, data):
+    config = run_config("admm")
+    Runner(config, fresh_model(), *data, out_dir=tmp_path, progress=False).run()
+    state = torch.load(tmp_path / STATE_FILE, weights_only=True)
+    assert state["phase_index"] == 3 and state["epoch"] == 0
+    assert set(state["masks"]) == {"fc1.weight"}
+    assert [p.name for p in tmp_path.iterdir()] == [STATE_FILE]
+
+
+def test_a_plan_that_does_not_fit_fails_before_training(data):
+    config = run_config("admm")
+    config.stages[0].plan = Plan.from_dict(
+        {"rules": [{"match": "conv*", "structure": "filter", "sparsity": 0.5}]}
+    )
+    with pytest.raises(PlanError, match="rule #0"):
+        Runner(config, fresh_model(), *data, progress=False)
+
+
+# --- compress() ------------------------------------------------------------------------------
+def nonzeros(model, name: str) -> int:
+    return int(torch.count_nonzero(dict(model.named_parameters())[name]).item())
+
+
+API_PLAN = Plan({"fc1": Unstructured(sparsity=0.9), "fc2": Filter(sparsity=0.5)})
+FC1_KEPT = round(300 * 784 * 0.1)  # 23,520
+FC2_KEPT = 50 * 300  # 50 of 100 rows
+
+
+@pytest.mark.parametrize("method", ["admm", "gradual", "magnitude"])
+def test_compress_reaches_the_plan_with_every_method(data, dense, method):
+    model = copy.deepcopy(dense)
+    result = compress(
+        model,
+        API_PLAN,
+        *data,
+        method=method,
+        admm={"epochs": 2, "rho": 1.0e-2},
+        retrain={"epochs": 1},
+        batch_size=64,
+    )
+    assert result.model is model
+    assert nonzeros(model, "fc1.weight") == FC1_KEPT
+    assert nonzeros(model, "fc2.weight") == FC2_KEPT
+    assert nonzeros(model, "fc3.weight") == model.fc3.weight.numel()  # untouched layer stays dense
+    rows = model.fc2.weight.detach().abs().sum(1)
+    assert int((rows > 0).sum()) == 50
+    metrics = result.metrics
+    layers = {row["name"]: row for row in metrics["stats"]["layers"]}
+    assert list(layers) == ["fc1", "fc2"]
+    assert layers["fc1"]["kept"] == FC1_KEPT and layers["fc2"]["kept"] == FC2_KEPT
+    assert metrics["stats"]["overall_compression"] == pytest.approx((235200 + 30000) / (FC1_KEPT + FC2_KEPT))
+    assert 0 <= metrics["accuracy_before"] <= 100 and 0 <= metrics["accuracy_after"] <= 100
+    assert metrics["accuracy_after"] > 50  # a 1-epoch dense model is ~80%; pruning + retrain keeps it useful
+    (stage,) = metrics["stages"]
+    for key in (
+        "accuracy_before_hard_prune",
+        "accuracy_after_hard_prune",
+        "accuracy_after_retrain",
+        "overall_compression",
+        "layers",
+    ):
+        assert key in stage
+    assert ("admm_history" in stage) == (method == "admm")
+    assert {k: v.sum().item() for k, v in result.masks.items()} == {
+        "fc1.weight": FC1_KEPT,
+        "fc2.weight": FC2_KEPT,
+    }
+    assert len(result.history) == 3
+    assert "| fc1 | Linear | 300x784 | 235,200 | 23,520 | 90.00% | 10.0x |" in result.report
+
+
+def test_compress_leaves_no_hooks_on_the_model(data, dense):
+    """After compress() the model is a plain module: training it further must not be masked."""
+    for method in ("admm", "gradual", "magnitude"):
+        model = copy.deepcopy(dense)
+        compress(
+            model,
+            API_PLAN,
+            *data,
+            method=method,
+            admm={"epochs": 2, "update_every_steps": 3},
+            retrain={"epochs": 1},
+        )
+        for name, param in model.named_parameters():
+            assert not param._backward_hooks, f"{method}: {name} still has gradient hooks"
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(data[0].x[:32]), data[0].y[:32]).backward()
+        assert int(torch.count_nonzero(model.fc1.weight.grad)) > FC1_KEPT, method
+
+
+def test_compress_progressive_keeps_earlier_pruning(data, dense, monkeypatch):
+    captured = {}
+    original = Runner._finish
+
+    def finish(self, phase):
+        original(self, phase)
+        if phase.kind == "retrain":
+            captured[phase.stage] = {k: v.clone() for k, v in self.model.state_dict().items()}
+
+    monkeypatch.setattr(Runner, "_finish", finish)
+    model = copy.deepcopy(dense)
+    first = Plan({"fc1": Unstructured(sparsity=0.5)})
+    result = compress(
+        model, [first, API_PLAN], *data, admm={"epochs": 2, "rho": 1.0e-2}, retrain={"epochs": 1}
+    )
+    assert nonzeros(model, "fc1.weight") == FC1_KEPT
+    assert nonzeros(model, "fc2.weight") == FC2_KEPT
+    stage1 = captured[0]["fc1.weight"]
+    assert int(torch.count_nonzero(stage1)) == 300 * 784 // 2
+    # every weight stage 1 pruned is still zero at the end
+    assert torch.all(model.fc1.weight[stage1 == 0] == 0)
+    s1, s2 = result.metrics["stages"]
+    # every stage is measured over the layers any stage prunes (fc2 is still dense after stage 1)
+    assert s1["overall_compression"] == pytest.approx((235200 + 30000) / (235200 // 2 + 30000))
+    assert s1["layers"] == {"fc1": pytest.approx(2.0), "fc2": pytest.approx(1.0)}
+    assert s2["overall_compression"] == pytest.approx((235200 + 30000) / (FC1_KEPT + FC2_KEPT))
+    assert len(result.history) == 6
+
+
+def test_compress_with_out_dir_checkpoints_and_saves_a_report(tmp_path, data, dense):
+    result = compress(
+        copy.deepcopy(dense),
+        API_PLAN,
+        *data,
+        method="magnitude",
+        admm={"epochs": 1},
+        retrain={"epochs": 1},
+        out_dir=tmp_path / "run",
+    )
+    assert (tmp_path / "run" / STATE_FILE).is_file()
+    text = result.save(tmp_path / "report", title="api run")
+    assert text.startswith("# api run")
+    for name in ("report.md", "metrics.json", "sparsity.png", "training.png"):
+        assert (tmp_path / "report" / name).is_file(), name
+
+
+# --- ADMM update cadence ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("admm", "updates"),
+    [
+        ({"epochs": 2}, 2),  # default: every epoch
+        ({"epochs": 3, "update_every_epochs": 2}, 1),
+        ({"epochs": 2, "update_every_steps": 3}, 5),  # 8 steps/epoch -> 16 steps -> updates at 3, 6, ..., 15
+        ({"epochs": 2, "update_every_steps": 8}, 2),
+        ({"epochs": 1, "update_every_steps": 100}, 0),
+    ],
+)
+def test_admm_update_cadence(data, dense, admm, updates):
+    result = compress(copy.deepcopy(dense), API_PLAN, *data, admm=admm, retrain={"epochs": 0})
+    history = result.metrics["stages"][0]["admm_history"]
+    assert len(history) == updates
+    assert [h["iteration"] for h in history] == list(range(1, updates + 1))
+    # rho grows by 1.3 per update (default schedule)
+    if updates >= 2:
+        rho = [h["rho"]["fc1.weight:unstructured"] for h in history]
+        assert rho[1] == pytest.approx(rho[0] * 1.3)
+
+
+def test_gradual_reaches_the_target_with_step_cadence(data, dense):
+    model = copy.deepcopy(dense)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compress(
+            model,
+            API_PLAN,
+            *data,
+            method="gradual",
+            admm={"epochs": 2, "update_every_steps": 5},
+            retrain={"epochs": 1},
+        )
+    assert nonzeros(model, "fc1.weight") == FC1_KEPT
+    assert nonzeros(model, "fc2.weight") == FC2_KEPT
