@@ -1,4 +1,4 @@
-"""Hard quantization and quantized retraining: values held bit-exactly, centroids learned, joint prune+quantize."""
+"""Hard quantization and retraining: values held bit-exactly, centroids learned, joint prune+quantize."""
 
 import pytest
 import torch
@@ -17,12 +17,14 @@ OPTIMIZERS = {
     "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=1e-2),
 }
 
-JOINT = Plan.from_dict([
-    {"match": "0", "structure": "unstructured", "sparsity": 0.8},
-    {"match": "0", "structure": "fixed_point", "bits": 3},
-    {"match": "3", "structure": "ternary"},
-    {"match": "5", "structure": "clustering", "clusters": 4},
-])
+JOINT = Plan.from_dict(
+    [
+        {"match": "0", "structure": "unstructured", "sparsity": 0.8},
+        {"match": "0", "structure": "fixed_point", "bits": 3},
+        {"match": "3", "structure": "ternary"},
+        {"match": "5", "structure": "clustering", "clusters": 4},
+    ]
+)
 
 
 def small_model() -> nn.Module:
@@ -91,7 +93,12 @@ def test_admm_with_quantization_targets_finalizes_to_held_levels():
             loss.backward()
             opt.step()
         admm.step()
-    assert set(admm.state) == {"0.weight:unstructured", "0.weight:fixed_point", "3.weight:ternary", "5.weight:clustering"}
+    assert set(admm.state) == {
+        "0.weight:unstructured",
+        "0.weight:fixed_point",
+        "3.weight:ternary",
+        "5.weight:clustering",
+    }
     final = admm.finalize()
     assert isinstance(final, QuantizedMaskSet) and set(final.held) == {"0.weight", "3.weight", "5.weight"}
 
@@ -102,7 +109,9 @@ def test_state_dict_round_trip_and_release():
     restored = mask_set_from_state(final.state_dict())
     assert isinstance(restored, QuantizedMaskSet)
     for name, held in final.held.items():
-        assert torch.equal(restored.held[name].codes, held.codes) and restored.held[name].update == held.update
+        assert (
+            torch.equal(restored.held[name].codes, held.codes) and restored.held[name].update == held.update
+        )
     assert type(mask_set_from_state(MaskSet({"a": torch.ones(2, dtype=torch.bool)}).state_dict())) is MaskSet
     targets = Plan.from_dict([{"match": "0", "structure": "fixed_point", "bits": 2}]).resolve(model)
     released = release_holds(final, targets)
@@ -112,7 +121,9 @@ def test_state_dict_round_trip_and_release():
 def test_hard_quantize_without_masks_prunes_first():
     model = small_model()
     final = hard_quantize(model, JOINT.resolve(model))
-    assert int(final["0.weight"].sum()) == round(144 * 0.2 * 1) // 1 or final.sparsity()["0.weight"] > 0.79
+    w = model[0].weight.detach()
+    assert int(final["0.weight"].sum()) == int((w != 0).sum()) == round(36 * 0.2)
+    assert torch.unique(w[w != 0]).numel() <= 8
 
 
 def test_progressive_quantization_stages_8_4_2_bits_keep_pruned_zeros():
@@ -122,13 +133,52 @@ def test_progressive_quantization_stages_8_4_2_bits_keep_pruned_zeros():
     data = Split(x, y)
     model = small_model()
     prune = Plan.from_dict([{"match": "3", "structure": "unstructured", "sparsity": 0.75}])
-    plans = [prune] + [Plan.from_dict([{"type": "Linear", "structure": "fixed_point", "bits": b},
-                                       {"match": "0", "structure": "fixed_point", "bits": 8}]) for b in (8, 4, 2)]
-    result = compress(model, plans, data, data, admm={"epochs": 1, "rho": 1e-2}, retrain={"epochs": 1},
-                      batch_size=32)
+    plans = [prune] + [
+        Plan.from_dict(
+            [
+                {"type": "Linear", "structure": "fixed_point", "bits": b},
+                {"match": "0", "structure": "fixed_point", "bits": 8},
+            ]
+        )
+        for b in (8, 4, 2)
+    ]
+    result = compress(
+        model, plans, data, data, admm={"epochs": 1, "rho": 1e-2}, retrain={"epochs": 1}, batch_size=32
+    )
     w3 = model[3].weight.detach()
     assert int((w3 != 0).sum()) == round(w3.numel() * 0.25)  # pruned in stage 1, still pruned after 3 more
     assert torch.unique(w3[w3 != 0]).numel() <= 4 and torch.unique(model[5].weight.detach()).numel() <= 4
     assert torch.unique(model[0].weight.detach()).numel() <= 256
     assert isinstance(result.masks, QuantizedMaskSet)
     assert result.metrics["storage"]["storage_reduction"]["best"] > 1
+
+
+def test_iterative_partial_quantization_freezes_a_growing_share_on_fixed_levels():
+    from admmcompress.quantize import partial_quantize
+
+    model = small_model()
+    targets = Plan.from_dict([{"match": "3", "structure": "fixed_point", "bits": 2}]).resolve(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    state, shares = None, []
+    for fraction in (0.3, 0.3, 0.5, 1.0):
+        if state is not None:
+            state.detach()
+        state = partial_quantize(model, targets, fraction, state)
+        held = state.held["3.weight"]
+        w = model[3].weight.detach()
+        frozen_values = w[held.frozen].clone()
+        assert torch.equal(frozen_values, held.decode()[held.frozen])  # frozen entries sit on a level
+        shares.append(float(held.frozen.float().mean()))
+        free_before = w[~held.frozen].clone()
+        state.attach(model, opt)
+        train(model, opt, 10)
+        w = model[3].weight.detach()
+        assert torch.equal(w[held.frozen], frozen_values)  # held bit-exactly while the rest trains
+        if (~held.frozen).any():
+            assert not torch.equal(w[~held.frozen], free_before)
+    assert shares == sorted(shares) and shares[0] == pytest.approx(0.3, abs=0.01) and shares[-1] == 1.0
+    assert torch.unique(model[3].weight.detach()).numel() <= 4
+    restored = mask_set_from_state(state.state_dict())
+    assert torch.equal(restored.held["3.weight"].frozen, state.held["3.weight"].frozen)
+    with pytest.raises(ValueError, match=r"fraction=0 must be in \(0, 1\]"):
+        partial_quantize(model, targets, 0)

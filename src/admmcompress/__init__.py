@@ -13,19 +13,34 @@ Or one call: ``compress(model, plan, train, test, admm={"epochs": 10}, retrain={
 
 from admmcompress.api import CompressionResult, compress
 from admmcompress.drivers import ADMM, GradualMagnitude, Reweighted, RhoSchedule, one_shot
+from admmcompress.executors.compact import CompactConfig, CompactionError, compact
+from admmcompress.executors.purify import purify, remove_unused_paths
 from admmcompress.masks import MaskSet, hard_prune
 from admmcompress.plan import Plan, PlanError, Rule
+from admmcompress.quantize import QuantizedMaskSet, hard_quantize
 from admmcompress.report import measure
+from admmcompress.report.storage import storage
 from admmcompress.structures import Block, BlockRow, Channel, Column, Filter, Unstructured, list_structures
+from admmcompress.structures.quantization import Binary, Clustering, FixedPoint, PowerOfTwo, Ternary
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ADMM",
+    "Binary",
+    "Clustering",
+    "FixedPoint",
+    "PowerOfTwo",
+    "QuantizedMaskSet",
+    "Ternary",
+    "hard_quantize",
+    "storage",
     "Block",
     "BlockRow",
     "Channel",
     "Column",
+    "CompactConfig",
+    "CompactionError",
     "CompressionResult",
     "Filter",
     "GradualMagnitude",
@@ -36,9 +51,12 @@ __all__ = [
     "RhoSchedule",
     "Rule",
     "Unstructured",
+    "compact",
     "compress",
     "hard_prune",
     "list_structures",
     "measure",
     "one_shot",
+    "purify",
+    "remove_unused_paths",
 ]

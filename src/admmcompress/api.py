@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from admmcompress.data.datasets import Split
+from admmcompress.drivers.reweighted import ReweightedConfig
 from admmcompress.masks import MaskSet
 from admmcompress.plan import Plan
 from admmcompress.report.render import render_markdown, save_report
@@ -42,6 +43,7 @@ def compress(
     method: str = "admm",
     admm: ADMMPhaseConfig | dict[str, Any] | None = None,
     retrain: PhaseConfig | dict[str, Any] | None = None,
+    reweighted: ReweightedConfig | dict[str, Any] | None = None,
     batch_size: int = 64,
     seed: int = 0,
     out_dir: str | Path | None = None,
@@ -51,7 +53,9 @@ def compress(
 
     A list of plans runs progressive (multi-step) pruning, each step starting from the last.
     ``method`` is "admm", "gradual" (iterative magnitude) or "magnitude" (one-shot), all
-    with the same epoch budget. With ``out_dir``, state is checkpointed there every epoch.
+    with the same epoch budget; "reweighted" is reweighted group lasso (``reweighted={"penalty":
+    1e-4}``; ``admm`` then gives its epochs and reweighting cadence). With ``out_dir``, state is
+    checkpointed there every epoch.
 
     >>> from admmcompress import Plan, Unstructured, compress  # doctest: +SKIP
     >>> result = compress(model, Plan({"fc1": Unstructured(compression=50)}), train, test,
@@ -60,7 +64,8 @@ def compress(
     """
     plans = plan if isinstance(plan, list) else [plan]
     stages = [
-        StageConfig(plan=p, method=method, admm=admm or ADMMPhaseConfig(), retrain=retrain or PhaseConfig())
+        StageConfig(plan=p, method=method, admm=admm or ADMMPhaseConfig(), retrain=retrain or PhaseConfig(),
+                    reweighted=reweighted or ReweightedConfig())
         for p in plans
     ]
     config = RunConfig(model={"name": type(model).__name__}, data={"batch_size": batch_size}, seed=seed,

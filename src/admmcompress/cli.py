@@ -32,11 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--out", help="output folder (default: runs/<name>-<time>)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    run.add_argument("--threads", type=int, help="torch threads (overrides the config's 'threads')")
     report = sub.add_parser("report", help="recompute and print the report of a finished run folder")
     report.add_argument("dir")
     export = sub.add_parser("export", help="write a finished run's model as a packed file or ONNX")
     fmt = export.add_mutually_exclusive_group(required=True)
-    fmt.add_argument("--packed", action="store_true", help="bit-packed codes + indices (sizes as in the storage report)")
+    fmt.add_argument("--packed", action="store_true", help="bit-packed codes + indices")
     fmt.add_argument("--onnx", action="store_true", help="ONNX with integer weights + DequantizeLinear")
     export.add_argument("dir", help="run folder (the --out of `admmcompress run`)")
     export.add_argument("--out", required=True, help="file to write")
@@ -57,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     config = RunConfig.from_yaml(args.config)
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    threads = args.threads or config.threads
+    if threads:
+        torch.set_num_threads(threads)
     if args.resume and not args.out:
         raise ValueError("--resume needs --out DIR: the folder of the run to continue")
     out = Path(args.out) if args.out else Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -14,7 +14,7 @@ Residual adds, concatenations and depthwise convolutions tie channels across lay
 all of them, with each member's local index and the group ("root") channel it belongs to.
 
 >>> import torch.nn as nn
->>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+>>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2))
 >>> [(g.label, g.size, g.problems) for g in channel_groups(model, torch.zeros(1, 3, 8, 8))]
 [('0', 4, []), ('4', 2, ["its channels are model outputs (from '4')"])]
 """
@@ -33,12 +33,37 @@ PRODUCER, CONSUMER, NORM, DEPTHWISE = "producer", "consumer", "norm", "depthwise
 # Autograd ops that act on each channel separately (so a channel group is closed under them).
 # ``zero`` marks those with f(0) == 0: a channel that is zero before them stays zero after.
 CHANNELWISE_OPS: dict[str, bool] = {
-    "Relu": True, "Hardtanh": True, "LeakyRelu": True, "Elu": True, "Gelu": True, "Silu": True,
-    "Hardswish": True, "Tanh": True, "Threshold": True, "Add": True, "Sub": True, "Mul": True, "Div": True,
-    "Neg": True, "MaxPool2DWithIndices": True, "MaxPool1DWithIndices": True, "MaxPool3DWithIndices": True,
-    "AvgPool2D": True, "AvgPool1D": True, "AvgPool3D": True, "AdaptiveAvgPool2D": True,
-    "AdaptiveAvgPool1D": True, "AdaptiveMaxPool2D": True, "Mean": True, "Clone": True, "T": True,
-    "NativeDropout": True, "Squeeze": True, "Unsqueeze": True, "Sigmoid": False, "Hardsigmoid": False,
+    "Relu": True,
+    "Hardtanh": True,
+    "LeakyRelu": True,
+    "Elu": True,
+    "Gelu": True,
+    "Silu": True,
+    "Hardswish": True,
+    "Tanh": True,
+    "Threshold": True,
+    "Add": True,
+    "Sub": True,
+    "Mul": True,
+    "Div": True,
+    "Neg": True,
+    "MaxPool2DWithIndices": True,
+    "MaxPool1DWithIndices": True,
+    "MaxPool3DWithIndices": True,
+    "AvgPool2D": True,
+    "AvgPool1D": True,
+    "AvgPool3D": True,
+    "AdaptiveAvgPool2D": True,
+    "AdaptiveAvgPool1D": True,
+    "AdaptiveMaxPool2D": True,
+    "Mean": True,
+    "Clone": True,
+    "T": True,
+    "NativeDropout": True,
+    "Squeeze": True,
+    "Unsqueeze": True,
+    "Sigmoid": False,
+    "Hardsigmoid": False,
     "Exp": False,
 }
 
@@ -163,9 +188,12 @@ def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGro
         module = node.module
         pairs = list(zip(item.idxs, item.root_idxs, strict=True))
         size = max([size] + [r + 1 for _, r in pairs])
-        if node.type == tp.ops.OPTYPE.OUTPUT or (isinstance(module, nn.Module) and module in names
-                                                   and graph.is_out_channel_pruning_fn(handler)
-                                                   and not node.outputs):
+        if node.type == tp.ops.OPTYPE.OUTPUT or (
+            isinstance(module, nn.Module)
+            and module in names
+            and graph.is_out_channel_pruning_fn(handler)
+            and not node.outputs
+        ):
             problems.append(f"its channels are model outputs (from '{names.get(module, node.name)}')")
             continue
         role = _role(module, handler, graph)
@@ -199,8 +227,13 @@ def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGro
         pairs = sorted(set(pairs))
         result.append(Member(layer, role, tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)))
     root_module = tp_group[0].dep.target.module
-    return ChannelGroup(size=size, members=result, ops=sorted(set(ops)), problems=list(dict.fromkeys(problems)),
-                        root=names.get(root_module, ""))
+    return ChannelGroup(
+        size=size,
+        members=result,
+        ops=sorted(set(ops)),
+        problems=list(dict.fromkeys(problems)),
+        root=names.get(root_module, ""),
+    )
 
 
 def _role(module, handler, graph) -> str | None:

@@ -31,18 +31,18 @@ import torch
 import yaml
 
 from admmcompress.structures.groups import gemm_params
+from admmcompress.structures.quantization import (
+    QUANT_ALIASES,
+    QUANTIZERS,
+    QuantizationStructure,
+    quantization_from_dict,
+)
 from admmcompress.structures.sparsity import (
     ALIASES,
     GEMM_MODULES,
     STRUCTURES,
     SparsityStructure,
     structure_from_dict,
-)
-from admmcompress.structures.quantization import (
-    QUANT_ALIASES,
-    QUANTIZERS,
-    QuantizationStructure,
-    quantization_from_dict,
 )
 
 RULE_KEYS = {"match", "type", "structure", "sparsity", "compression"}
@@ -72,7 +72,8 @@ class Rule:
                 )
         if not isinstance(self.structure, (SparsityStructure, QuantizationStructure)):
             raise PlanError(
-                f"rule structure must be a SparsityStructure or QuantizationStructure, got {type(self.structure).__name__}"
+                "rule structure must be a SparsityStructure or QuantizationStructure, "
+                f"got {type(self.structure).__name__}"
             )
 
     def describe(self) -> str:
@@ -204,7 +205,11 @@ class Plan:
             if not path.is_file():
                 raise PlanError(f"plan file '{path}' does not exist; check the path (relative to {Path.cwd()})")
             source = path.read_text()
-        return cls.from_dict(yaml.safe_load(source))
+        try:
+            spec = yaml.safe_load(source)
+        except yaml.YAMLError as err:
+            raise PlanError(f"plan is not valid YAML: {err}") from None
+        return cls.from_dict(spec)
 
     def to_dict(self) -> dict[str, Any]:
         return {"rules": [r.to_dict() for r in self.rules]}

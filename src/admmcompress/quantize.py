@@ -45,16 +45,24 @@ class HeldValues:
     levels: torch.Tensor
     codes: torch.Tensor
     update: str = "hold"
+    #: Entries held on their level (None: all). Partial quantization holds a growing subset.
+    frozen: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.update not in UPDATES:
             raise ValueError(f"update={self.update!r}; choose one of {UPDATES}")
+        if self.frozen is not None and self.update != "hold":
+            raise ValueError(
+                "partial quantization (frozen=...) holds values; it cannot use update='centroids'"
+            )
         self.codes = self.codes.to(torch.int64)
 
     def decode(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> torch.Tensor:
         levels = self.levels.to(device=device, dtype=dtype)
         codes = self.codes.to(device)
-        values = levels[codes.clamp(min=0)] if levels.numel() else torch.zeros(codes.shape, dtype=levels.dtype)
+        values = (
+            levels[codes.clamp(min=0)] if levels.numel() else torch.zeros(codes.shape, dtype=levels.dtype)
+        )
         return torch.where(codes >= 0, values, torch.zeros((), dtype=values.dtype, device=values.device))
 
 
@@ -88,19 +96,27 @@ class QuantizedMaskSet(MaskSet):
         super().apply(model)
         params = _named_params(model, self.held)
         for name, held in self.held.items():
-            params[name].copy_(held.decode(params[name].dtype, params[name].device))
+            _write(params[name], held)
 
-    def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> QuantizedMaskSet:
+    def attach(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
+    ) -> QuantizedMaskSet:
         """Apply masks and values and keep them (see the module docstring); ``detach()`` removes all hooks."""
         super().attach(model, optimizer)
         self.apply(model)
         self._held_params = _named_params(model, self.held)
         for name, param in self._held_params.items():
-            if self.held[name].update == "hold":
+            held = self.held[name]
+            if held.frozen is not None:
+                free = (~held.frozen).to(param.device, param.dtype)
+                self._handles.append(param.register_hook(lambda grad, free=free: grad * free))
+            elif held.update == "hold":
                 self._handles.append(param.register_hook(torch.zeros_like))
         if optimizer is not None:
             self._zero_held_state(optimizer)
-            self._handles.append(optimizer.register_step_post_hook(lambda opt, *_: self._after_held_step(opt)))
+            self._handles.append(
+                optimizer.register_step_post_hook(lambda opt, *_: self._after_held_step(opt))
+            )
         return self
 
     @torch.no_grad()
@@ -109,17 +125,19 @@ class QuantizedMaskSet(MaskSet):
             held = self.held[name]
             if held.update == "centroids":
                 held.levels = _centroids(param.detach(), held.codes.to(param.device), held.levels).cpu()
-            param.copy_(held.decode(param.dtype, param.device))
+            _write(param, held)
         self._zero_held_state(optimizer)
 
     @torch.no_grad()
     def _zero_held_state(self, optimizer: torch.optim.Optimizer) -> None:
         for name, param in self._held_params.items():
-            if self.held[name].update != "hold":
+            held = self.held[name]
+            if held.update != "hold":
                 continue
+            free = None if held.frozen is None else (~held.frozen).to(param.device)
             for value in optimizer.state.get(param, {}).values():
                 if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                    value.zero_()
+                    value.zero_() if free is None else value.mul_(free.to(value.dtype))
 
     # --- saving -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -128,6 +146,8 @@ class QuantizedMaskSet(MaskSet):
             out[f"{name}{SEP}codes"] = held.codes.to(torch.int32).clone()
             out[f"{name}{SEP}levels"] = held.levels.clone()
             out[f"{name}{SEP}update"] = torch.tensor([UPDATES.index(held.update)], dtype=torch.int32)
+            if held.frozen is not None:
+                out[f"{name}{SEP}frozen"] = held.frozen.clone()
         return out
 
     @classmethod
@@ -139,10 +159,21 @@ class QuantizedMaskSet(MaskSet):
                 levels=state[f"{n}{SEP}levels"].clone(),
                 codes=state[f"{n}{SEP}codes"].clone(),
                 update=UPDATES[int(state[f"{n}{SEP}update"][0])],
+                frozen=state.get(f"{n}{SEP}frozen"),
             )
             for n in names
         }
         return cls(masks, held)
+
+
+def _write(param: torch.Tensor, held: HeldValues) -> None:
+    """Write the held values into ``param`` (only the frozen entries under partial quantization)."""
+    values = held.decode(param.dtype, param.device)
+    if held.frozen is None:
+        param.copy_(values)
+    else:
+        frozen = held.frozen.to(param.device)
+        param.copy_(torch.where(frozen, values, param))
 
 
 def mask_set_from_state(state: Mapping[str, torch.Tensor]) -> MaskSet:
@@ -170,8 +201,9 @@ def is_quantization(target) -> bool:
 
 
 @torch.no_grad()
-def hard_quantize(model: torch.nn.Module, targets, masks: MaskSet | None = None,
-                  frozen: MaskSet | None = None) -> QuantizedMaskSet:
+def hard_quantize(
+    model: torch.nn.Module, targets, masks: MaskSet | None = None, frozen: MaskSet | None = None
+) -> QuantizedMaskSet:
     """Quantize every quantization target's weight in place; return masks + held values.
 
     ``masks``: the masks of this stage's hard pruning (``hard_prune`` runs first when not given,
@@ -212,4 +244,77 @@ def release_holds(masks: MaskSet, targets) -> MaskSet:
     return QuantizedMaskSet(masks.masks, kept) if kept else MaskSet(masks.masks)
 
 
-__all__ = ["HeldValues", "QuantizedMaskSet", "hard_quantize", "mask_set_from_state", "release_holds"]
+@torch.no_grad()
+def partial_quantize(
+    model: torch.nn.Module, targets, fraction: float, previous: MaskSet | None = None
+) -> QuantizedMaskSet:
+    """One round of iterative quantization (ADMM-NN, SPEC 2.3): freeze part of each layer on its levels.
+
+    The levels come from the first round (the structure's projection of the current weights) and stay
+    fixed. In every round each not-yet-frozen nonzero weight is assigned its nearest level; weights
+    already equal to a level are frozen, and of the rest, in every level's bin, the
+    ``ceil(fraction * n_bin)`` closest to the level are snapped to it and frozen. The others keep
+    training (attach the result to an optimizer). ``fraction=1.0`` freezes everything: the final
+    projection onto the fixed levels. Pruned zeros (and masks in ``previous``) stay as they are.
+
+    >>> import torch.nn as nn
+    >>> from admmcompress.plan import Plan
+    >>> model = nn.Linear(10, 10)
+    >>> targets = Plan.from_dict([{"match": "", "structure": "fixed_point", "bits": 2}]).resolve(model)
+    >>> first = partial_quantize(model, targets, 0.3)
+    >>> 30 <= int(first.held["weight"].frozen.sum()) <= 34      # 30% per level bin, rounded up
+    True
+    >>> int(partial_quantize(model, targets, 1.0, first).held["weight"].frozen.sum())
+    100
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"partial_quantize: fraction={fraction!r} must be in (0, 1], e.g. 0.3 per round")
+    masks = previous.masks if previous is not None else None
+    held = dict(previous.held) if isinstance(previous, QuantizedMaskSet) else {}
+    out = QuantizedMaskSet(masks, {})
+    params = dict(model.named_parameters())
+    for target in targets:
+        if not is_quantization(target):
+            continue
+        name = target.param_name
+        w = params[name].detach()
+        before = held.get(name)
+        if before is None or before.frozen is None:
+            levels = target.structure.quantize(w).levels.to(w.dtype)
+            frozen = w == 0
+        else:
+            levels, frozen = before.levels.to(w.dtype), before.frozen.to(w.device) | (w == 0)
+        flat = w.reshape(-1)
+        mids = (levels[1:] + levels[:-1]) / 2
+        codes = torch.bucketize(flat, mids).reshape(w.shape)
+        codes = torch.where(w == 0, torch.full_like(codes, -1), codes)
+        distance = (w - levels[codes.clamp(min=0)]).abs()
+        frozen = frozen | ((distance == 0) & (codes >= 0))
+        free = (~frozen).reshape(-1).nonzero().reshape(-1)
+        if free.numel():
+            bins, dist = codes.reshape(-1)[free], distance.reshape(-1)[free].to(torch.float64)
+            order = torch.argsort(dist, stable=True)
+            order = order[torch.argsort(bins[order], stable=True)]  # by bin, then by distance
+            counts = torch.bincount(bins, minlength=levels.numel())
+            quota = torch.ceil(fraction * counts.to(torch.float64)).to(torch.int64)
+            start = torch.cumsum(counts, 0) - counts
+            rank = torch.arange(free.numel(), device=w.device) - start[bins[order]]
+            chosen = free[order[rank < quota[bins[order]]]]
+            frozen = frozen.reshape(-1).clone()
+            frozen[chosen] = True
+            frozen = frozen.reshape(w.shape)
+        held[name] = HeldValues(levels.cpu(), codes.cpu(), "hold", frozen.cpu())
+        out.intersect(name, torch.ones_like(w, dtype=torch.bool))  # quantizing prunes nothing
+    out.held = held
+    out.apply(model)
+    return out
+
+
+__all__ = [
+    "HeldValues",
+    "QuantizedMaskSet",
+    "hard_quantize",
+    "mask_set_from_state",
+    "partial_quantize",
+    "release_holds",
+]

@@ -16,6 +16,14 @@ from admmcompress.train.config import ConfigError, RunConfig
 from admmcompress.train.runner import Runner
 
 
+@pytest.fixture(autouse=True)
+def _private_rng():
+    """Seeded, and the global RNG restored afterwards: later tests see the state they would without these."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        yield
+
+
 def block_columns(w: torch.Tensor, r: int) -> list[torch.Tensor]:
     """The block-columns of a 2-D weight, written out by hand (groups of ``Block(block=(r, .))``)."""
     return [w[i : i + r, j] for i in range(0, w.shape[0], r) for j in range(w.shape[1])]
@@ -170,3 +178,22 @@ def test_runner_drives_a_reweighted_stage():
     with pytest.raises(ConfigError, match=r"reweighted: reweighted power=3 must be 1"):
         stages = [{"plan": {"rules": []}, "reweighted": {"power": 3}}]
         RunConfig.from_dict({**config.to_dict(), "stages": stages})
+
+
+def test_compress_api_runs_the_reweighted_method():
+    from admmcompress import compress
+
+    torch.manual_seed(0)
+    train, test = load_dataset("mnist", "train", limit=128), load_dataset("mnist", "test", limit=64)
+    plan = Plan({"fc2": Block(compression=4, block=(10, 20))})
+    result = compress(
+        LeNet300100(),
+        plan,
+        train,
+        test,
+        method="reweighted",
+        reweighted={"penalty": 1e-3},
+        admm={"epochs": 1, "lr_schedule": "cosine"},
+        retrain={"epochs": 1},
+    )
+    assert result.metrics["stages"][0]["overall_compression"] == pytest.approx(4.0)

@@ -22,7 +22,14 @@ from admmcompress.structures.quantization import (
     quantization_from_dict,
 )
 
-ALL = [FixedPoint(bits=1), FixedPoint(bits=3), PowerOfTwo(bits=3), Binary(), Ternary(), Clustering(clusters=3)]
+ALL = [
+    FixedPoint(bits=1),
+    FixedPoint(bits=3),
+    PowerOfTwo(bits=3),
+    Binary(),
+    Ternary(),
+    Clustering(clusters=3),
+]
 
 vectors = st.lists(
     st.floats(min_value=-4, max_value=4, allow_nan=False, width=32).filter(lambda v: v == 0 or abs(v) > 1e-3),
@@ -68,7 +75,9 @@ def test_zeros_do_not_change_the_levels_and_projection_is_idempotent(structure):
     gen = torch.Generator().manual_seed(0)
     v = torch.randn(40, generator=gen)
     with_zeros = torch.cat([v, torch.zeros(25)])[torch.randperm(65, generator=gen)]
-    assert torch.allclose(structure.project(with_zeros)[with_zeros != 0], structure.project(with_zeros[with_zeros != 0]))
+    assert torch.allclose(
+        structure.project(with_zeros)[with_zeros != 0], structure.project(with_zeros[with_zeros != 0])
+    )
     z = structure.project(v)
     assert torch.allclose(structure.project(z), z, atol=1e-6)
     assert structure.project(torch.zeros(3, 4)).abs().sum() == 0
@@ -151,7 +160,9 @@ def test_binary_scale_is_the_mean_magnitude_and_optimal(v):
     alpha = v[nz].abs().double().mean()
     assert torch.allclose(z[nz].abs().double(), alpha.expand(int(nz.sum())), rtol=1e-6)
     for scale in torch.linspace(0.01, 5, 200, dtype=torch.float64):
-        assert sq_error(v, z) <= float(((v[nz].double() - scale * torch.sign(v[nz].double())) ** 2).sum()) + 1e-9
+        assert (
+            sq_error(v, z) <= float(((v[nz].double() - scale * torch.sign(v[nz].double())) ** 2).sum()) + 1e-9
+        )
 
 
 @given(v=vectors)
@@ -176,7 +187,9 @@ def test_ternary_is_the_exact_projection_over_every_support(v):
 
 def test_kmeans_is_a_lloyd_fixed_point_and_beats_its_initialisation():
     gen = torch.Generator().manual_seed(5)
-    v = torch.cat([torch.randn(300, generator=gen) * 0.1 - 1, torch.randn(300, generator=gen) * 0.3 + 0.5]).double()
+    v = torch.cat(
+        [torch.randn(300, generator=gen) * 0.1 - 1, torch.randn(300, generator=gen) * 0.3 + 0.5]
+    ).double()
     centroids, codes = kmeans_1d(v, 4)
     assert centroids.numel() <= 4
     for k in range(centroids.numel()):
@@ -209,7 +222,10 @@ def test_plan_rules_with_bits_build_quantizers_and_round_trip():
     plan = Plan.from_dict(spec)
     targets = plan.resolve(model)
     assert [t.key for t in targets] == [
-        "0.weight:unstructured", "0.weight:fixed_point", "2.weight:clustering", "4.weight:binary"
+        "0.weight:unstructured",
+        "0.weight:fixed_point",
+        "2.weight:clustering",
+        "4.weight:binary",
     ]
     assert targets[1].structure == FixedPoint(bits=4)
     assert plan.to_dict() == spec
@@ -237,10 +253,12 @@ def test_bad_quantization_rules_name_the_value_and_the_fix(rule, message):
 def test_one_level_set_per_layer():
     import torch.nn as nn
 
-    plan = Plan.from_dict([
-        {"match": "0", "structure": "fixed_point", "bits": 4},
-        {"match": "*", "structure": "ternary"},
-    ])
+    plan = Plan.from_dict(
+        [
+            {"match": "0", "structure": "fixed_point", "bits": 4},
+            {"match": "*", "structure": "ternary"},
+        ]
+    )
     with pytest.raises(PlanError, match="'quantization' target; keep one"):
         plan.resolve(nn.Sequential(nn.Linear(2, 2)))
 

@@ -22,6 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 ENV_VAR = "ADMMCOMPRESS_DATA"
 
 FILES = {"mnist": "mnist.npz", "fashion_mnist": "fashion_mnist.npz", "cifar10": "cifar10_jpeg.npz"}
+FILES.update({"fsdd": "fsdd.npz", "ptb": "ptb.npz"})  # speech digits (data/fsdd.py), PTB text (data/ptb.py)
 # Per-channel mean/std used to normalise inputs (MNIST constants are the canonical ones).
 NORMALIZATION = {
     "mnist": ((0.1307,), (0.3081,)),
@@ -73,6 +74,12 @@ def load_dataset(
     """Load ``split`` ("train" or "test") of a local dataset, normalised, optionally the first ``limit``."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if name in ("fsdd", "ptb"):  # sequence data: their own loaders (imported here: they import this module)
+        if name == "ptb":
+            raise ValueError("ptb is a language-model corpus, not a labelled split; use data.ptb.load_ptb")
+        from admmcompress.data.fsdd import load_fsdd
+
+        return load_fsdd(split, data_dir, limit)
     path = find_dataset(name, data_dir)
     with np.load(path, allow_pickle=False) as archive:
         if name == "cifar10":

@@ -43,11 +43,13 @@ class RhoSchedule:
 
     initial: float = 1e-3
     growth: float = 1.3
-    maximum: float = 1.0
+    maximum: float | None = None  # default: max(1.0, initial)
 
     def __post_init__(self) -> None:
         if not (self.initial > 0 and math.isfinite(self.initial)):
             raise ValueError(f"rho={self.initial!r} must be a positive number, e.g. 1e-3")
+        if self.maximum is None:
+            object.__setattr__(self, "maximum", max(1.0, float(self.initial)))
         if not self.growth >= 1.0:
             raise ValueError(f"rho growth={self.growth!r} must be >= 1 (1 keeps rho constant)")
         if not self.maximum >= self.initial:

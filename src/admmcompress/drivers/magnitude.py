@@ -56,7 +56,9 @@ class GradualMagnitude:
         """Prune to the next sparsity level; returns the masks (re-attach them to keep them)."""
         self.iteration = min(self.iteration + 1, self.updates)
         staged = [self._at(t, self.iteration) for t in self.targets]
-        self.masks = hard_prune(self.model, staged, self.frozen)
+        # Zero what earlier updates pruned first, so it can never come back (once pruned, stays pruned).
+        self.masks.apply(self.model)
+        self.masks = hard_prune(self.model, staged, self.masks)
         return self.masks
 
     def _at(self, target: Target, iteration: int) -> Target:

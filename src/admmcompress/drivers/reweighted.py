@@ -70,14 +70,18 @@ class ReweightedConfig:
     eps: float = 1e-3
 
     def __post_init__(self) -> None:
-        if isinstance(self.penalty, bool) or not isinstance(self.penalty, (int, float)) or not (
-            self.penalty >= 0 and math.isfinite(self.penalty)
+        if (
+            isinstance(self.penalty, bool)
+            or not isinstance(self.penalty, (int, float))
+            or not (self.penalty >= 0 and math.isfinite(self.penalty))
         ):
             raise ValueError(f"reweighted penalty={self.penalty!r} must be a finite number >= 0, e.g. 1e-4")
         if self.power not in (1, 2) or isinstance(self.power, bool):
             raise ValueError(f"reweighted power={self.power!r} must be 1 (group norm) or 2 (squared norm)")
-        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not (
-            self.eps > 0 and math.isfinite(self.eps)
+        if (
+            isinstance(self.eps, bool)
+            or not isinstance(self.eps, (int, float))
+            or not (self.eps > 0 and math.isfinite(self.eps))
         ):
             raise ValueError(f"reweighted eps={self.eps!r} must be a finite number > 0, e.g. 1e-3")
 

@@ -79,8 +79,10 @@ class CompactionResult:
     columns: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:
-        lines = [f"parameters {self.params_before:,} -> {self.params_after:,} "
-                 f"({self.params_before / max(1, self.params_after):.2f}x); max |diff| {self.max_abs_diff:.2e}"]
+        lines = [
+            f"parameters {self.params_before:,} -> {self.params_after:,} "
+            f"({self.params_before / max(1, self.params_after):.2f}x); max |diff| {self.max_abs_diff:.2e}"
+        ]
         lines += [f"  {label}: removed {r} of {n} channels" for label, (r, n) in self.removed.items() if r]
         lines += [f"  folded constants of {n} channels of {label}" for label, n in self.folded.items()]
         lines += [f"  column executor on {name}: {info}" for name, info in self.columns.items()]
@@ -118,9 +120,12 @@ def compact(
     modules = dict(work.named_modules())
     statuses = [channel_status(g, modules) for g, _ in pairs]
     if config.fold_constants:
-        requests = [(g, s.filters_zero & ~s.zero & ~s.unread) for (g, _), s in zip(pairs, statuses, strict=True)]
-        result.folded, reasons = fold_constant_channels(work, example_inputs, requests)
-        result.kept += reasons
+        requests = [
+            (g, s.filters_zero & ~s.zero & ~s.unread) for (g, _), s in zip(pairs, statuses, strict=True)
+        ]
+        fold = fold_constant_channels(work, example_inputs, requests)
+        result.folded = fold.folded
+        result.kept += fold.reasons
         statuses = [channel_status(g, modules) for g, _ in pairs]
     elif any(bool((s.filters_zero & ~s.zero & ~s.unread).any()) for s in statuses):
         result.kept.append("some zero filters keep a bias/BN constant and fold_constants=False, so they stay")
@@ -132,14 +137,15 @@ def compact(
             removable = removable.clone()
             removable[0] = False
         stuck = status.pruned & ~status.removable_now
-        if bool(stuck.any()):
+        if bool(stuck.any()) and not any(f"of '{group.label}'" in k for k in result.kept):
             result.kept.append(_why_kept(group, stuck, status, modules))
         result.removed[group.label] = (int(removable.sum()), group.size)
         if bool(removable.any()):
             plan.append((group, root, removable))
     if result.kept and config.strict:
         raise CompactionError(
-            "cannot remove every pruned channel (compact(..., config=CompactConfig(strict=False)) keeps them):\n  - "
+            "cannot remove every pruned channel "
+            "(compact(..., config=CompactConfig(strict=False)) keeps them):\n  - "
             + "\n  - ".join(result.kept)
         )
     for kept in result.kept:
@@ -159,7 +165,8 @@ def compact(
     if not result.max_abs_diff <= config.atol:
         raise CompactionError(
             f"the compacted model's outputs differ from the masked model's by {result.max_abs_diff:.3g} "
-            f"(> atol={config.atol:g}); an op in the model probably mixes channels or does not keep zero at zero. "
+            f"(> atol={config.atol:g}); an op in the model probably mixes channels or does not keep zero "
+            "at zero. "
             "Name channelwise ops in CompactConfig.extra_channelwise_ops, or report the model"
         )
     for name, m in work.named_modules():
@@ -186,11 +193,15 @@ def _why_kept(group, stuck: torch.Tensor, status, modules) -> str:
             if rows and bool((w[rows].reshape(len(rows), -1) != 0).any()):
                 alive.append(m.layer)
     if alive:
-        return (f"channels {shown} of '{group.label}' have zero filters in some layers but {alive} still compute "
-                "them (coupled by a residual add / concat / depthwise conv); prune coupled layers together "
-                "(Plan.resolve_coupled) so the whole group can go")
-    return (f"channels {shown} of '{group.label}' have zero filters but still output a constant "
-            "(bias / BN shift) that was not folded")
+        return (
+            f"channels {shown} of '{group.label}' have zero filters in some layers but {alive} still compute "
+            "them (coupled by a residual add / concat / depthwise conv); prune coupled layers together "
+            "(Plan.resolve_coupled) so the whole group can go"
+        )
+    return (
+        f"channels {shown} of '{group.label}' have zero filters but still output a constant "
+        "(bias / BN shift) that was not folded"
+    )
 
 
 def _flat_outputs(out) -> list[torch.Tensor]:
@@ -206,9 +217,13 @@ def _flat_outputs(out) -> list[torch.Tensor]:
 def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b, strict=True)):
         shapes = ([tuple(x.shape) for x in a], [tuple(y.shape) for y in b])
-        raise CompactionError(f"compaction changed the output shapes {shapes[0]} -> {shapes[1]}; report the model")
-    return max((float((x.float() - y.float()).abs().max()) for x, y in zip(a, b, strict=True) if x.numel()),
-               default=0.0)
+        raise CompactionError(
+            f"compaction changed the output shapes {shapes[0]} -> {shapes[1]}; report the model"
+        )
+    return max(
+        (float((x.float() - y.float()).abs().max()) for x, y in zip(a, b, strict=True) if x.numel()),
+        default=0.0,
+    )
 
 
 __all__ = ["CompactConfig", "CompactionError", "CompactionResult", "compact", "count_params"]

@@ -36,8 +36,9 @@ def example_input(config: RunConfig, count: int = 8) -> torch.Tensor:
     return load_dataset(config.data.dataset, "test", config.data.data_dir, count).x[:count]
 
 
-def export_packed_run(run_dir: str | Path, out: str | Path, scheme: str = "best",
-                      index_bits: int | str = "best") -> str:
+def export_packed_run(
+    run_dir: str | Path, out: str | Path, scheme: str = "best", index_bits: int | str = "best"
+) -> str:
     """Write the packed file, verify the round trip, return a printable summary."""
     from admmcompress.executors.packed import load_packed, save_packed
 
@@ -55,7 +56,8 @@ def export_packed_run(run_dir: str | Path, out: str | Path, scheme: str = "best"
     expected = (report.bits(scheme) + 7) // 8 + report.other_bits // 8
     lines = [
         render_storage(report),
-        f"packed file: {out} = {size:,} bytes (manifest {summary.header_bytes:,} B, weights {summary.weight_bytes:,} B, "
+        f"packed file: {out} = {size:,} bytes (manifest {summary.header_bytes:,} B, "
+        f"weights {summary.weight_bytes:,} B, "
         f"other parameters {summary.other_bytes:,} B); storage report: {report.bits(scheme):,} weight bits + "
         f"{report.other_bits:,} other bits = {expected:,} bytes; file / report = {size / expected:.4f}",
         f"round trip: state dict bit-identical, outputs identical: {identical}",
@@ -74,5 +76,6 @@ def export_onnx_run(run_dir: str | Path, out: str | Path) -> str:
         diff = float((torch.from_numpy(run_onnx(out, x)[0]) - model(x)).abs().max())
     return (
         f"onnx: {out}; integer weights + DequantizeLinear: {summary.quantized or 'none'}; "
-        f"float weights: {summary.float_weights or 'none'}; max |onnxruntime - torch| on {len(x)} test inputs: {diff:.3g}"
+        f"float weights: {summary.float_weights or 'none'}; "
+        f"max |onnxruntime - torch| on {len(x)} test inputs: {diff:.3g}"
     )

@@ -12,11 +12,21 @@ the reason is reported; prune the BN with the filter (a coupled target) to avoid
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from admmcompress.graph import CONSUMER, ChannelGroup
+
+
+@dataclass
+class FoldResult:
+    """Channels folded per group, refused requests, consumer columns zeroed ``(layer, indices, weights)``."""
+
+    folded: dict[str, int] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)
+    zeroed: list[tuple[str, list[int], int]] = field(default_factory=list)
 
 
 def forward(model: nn.Module, example_inputs):
@@ -36,7 +46,7 @@ def fold_blocker(module: nn.Module, name: str) -> str | None:
         padding = module.padding
         if padding == "valid" or (not isinstance(padding, str) and all(p == 0 for p in padding)):
             return None
-        return f"'{name}' pads its input with zeros (padding={padding}), so its border would not see the constant"
+        return f"'{name}' pads its input with zeros (padding={padding}): its border would miss the constant"
     return f"'{name}' ({type(module).__name__}) is not a Linear or an unpadded Conv"
 
 
@@ -46,39 +56,46 @@ def fold_constant_channels(
     example_inputs,
     requests: Sequence[tuple[ChannelGroup, torch.Tensor]],
     rtol: float = 1e-5,
-) -> tuple[dict[str, int], list[str]]:
+) -> FoldResult:
     """Fold the requested channels (bool over each group's channels) into their consumers.
 
-    Returns ``({group label: channels folded}, [reasons a request was refused])``. The model is
-    changed in place: consumer biases gain the constant's contribution (a bias is created where the
-    layer had none) and the folded channels' input columns become zero.
+    The model is changed in place: consumer biases gain the constant's contribution (a bias is
+    created where the layer had none) and the folded channels' input columns become zero (listed in
+    ``FoldResult.zeroed`` so masks can follow).
     """
     modules = dict(model.named_modules())
-    reasons: list[str] = []
-    todo = []
-    for group, wanted in requests:
-        if not bool(wanted.any()):
-            continue
-        blockers = [b for b in (fold_blocker(modules[n], n) for n in group.consumers) if b]
-        if blockers:
-            reasons.append(f"channels {_few(wanted)} of '{group.label}' output a constant (bias / BN shift) that "
-                           f"cannot be folded exactly: {'; '.join(blockers)}. Prune the BN/bias with the filter "
-                           "(a coupled target does) to remove them")
-        else:
-            todo.append((group, wanted))
+    result = FoldResult()
+    reasons = result.reasons
+    todo = [(g, w) for g, w in requests if bool(w.any())]
     if not todo:
-        return {}, reasons
-    inputs = _capture_inputs(model, example_inputs, {m.layer for g, _ in todo for m in g.members if m.role == CONSUMER})
-    folded: dict[str, int] = {}
+        return result
+    inputs = _capture_inputs(
+        model, example_inputs, {m.layer for g, _ in todo for m in g.members if m.role == CONSUMER}
+    )
     for group, wanted in todo:
         values, why = _constants(group, wanted, inputs, rtol)
         if why:
             reasons.append(f"channels {_few(wanted)} of '{group.label}': {why}")
             continue
-        for member, local, value in values:
-            _fold_into(modules[member], local, value)
-        folded[group.label] = int(wanted.sum())
-    return folded, reasons
+        nonzero = torch.zeros_like(wanted)
+        for _, _, root, value in values:  # a zero constant (e.g. a negative shift after ReLU) needs no bias
+            nonzero[root[value != 0]] = True
+        blockers = [b for b in (fold_blocker(modules[n], n) for n in group.consumers) if b]
+        if blockers and bool(nonzero.any()):
+            reasons.append(
+                f"channels {_few(nonzero)} of '{group.label}' output a nonzero constant (bias / BN shift) "
+                f"that cannot be folded exactly: {'; '.join(blockers)}. Prune the BN/bias with the filter "
+                "(a coupled target does) to remove them"
+            )
+            wanted = wanted & ~nonzero
+        for member, local, root, value in values:
+            keep = wanted[root]
+            if bool(keep.any()):
+                weights = _fold_into(modules[member], local[keep], value[keep])
+                result.zeroed.append((member, local[keep].tolist(), weights))
+        if bool(wanted.any()):
+            result.folded[group.label] = int(wanted.sum())
+    return result
 
 
 def _capture_inputs(model: nn.Module, example_inputs, names: set[str]) -> dict[str, torch.Tensor]:
@@ -103,7 +120,7 @@ def _capture_inputs(model: nn.Module, example_inputs, names: set[str]) -> dict[s
 
 
 def _constants(group: ChannelGroup, wanted: torch.Tensor, inputs: dict[str, torch.Tensor], rtol: float):
-    """``[(consumer, local indices, constant values)]`` or a reason the channels are not constant."""
+    """``[(consumer, local indices, root channels, constant values)]``, or a reason they are not constant."""
     out = []
     for m in group.members:
         if m.role != CONSUMER:
@@ -112,28 +129,37 @@ def _constants(group: ChannelGroup, wanted: torch.Tensor, inputs: dict[str, torc
         if not pairs:
             continue
         local = torch.tensor([p[0] for p in pairs], dtype=torch.long)
+        root = torch.tensor([p[1] for p in pairs], dtype=torch.long)
         x = inputs[m.layer]
         x = x.movedim(1, 0).reshape(x.shape[1], -1) if x.dim() > 2 else x.reshape(-1, x.shape[-1]).t()
         seen = x.index_select(0, local)
         value = seen[:, 0]
         spread = (seen.max(dim=1).values - seen.min(dim=1).values).abs()
         if bool((spread > rtol * (value.abs() + 1.0)).any()):
-            return [], (f"the input of '{m.layer}' is not constant on them (spread {float(spread.max()):.3g}); "
-                        "an op between producer and consumer is not channelwise")
-        out.append((m.layer, local, value))
+            return [], (
+                f"the input of '{m.layer}' is not constant on them (spread {float(spread.max()):.3g}); "
+                "an op between producer and consumer is not channelwise"
+            )
+        out.append((m.layer, local, root, value))
     return out, ""
 
 
-def _fold_into(module: nn.Module, local: torch.Tensor, value: torch.Tensor) -> None:
+def _fold_into(module: nn.Module, local: torch.Tensor, value: torch.Tensor) -> int:
+    """Add the constant inputs' contribution to the bias, zero their columns; returns weights zeroed."""
     weight = module.weight
     cols = weight.index_select(1, local.to(weight.device))
+    zeroed = int(torch.count_nonzero(cols))
     if cols.dim() > 2:
         cols = cols.sum(dim=tuple(range(2, cols.dim())))
     shift = cols @ value.to(weight.dtype)
+    if not bool((shift != 0).any()):
+        weight.index_fill_(1, local.to(weight.device), 0.0)
+        return zeroed
     if module.bias is None:
         module.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device))
     module.bias.add_(shift)
     weight.index_fill_(1, local.to(weight.device), 0.0)
+    return zeroed
 
 
 def _few(mask: torch.Tensor, limit: int = 8) -> str:
@@ -141,4 +167,4 @@ def _few(mask: torch.Tensor, limit: int = 8) -> str:
     return str(idx if len(idx) <= limit else idx[:limit] + ["..."])
 
 
-__all__ = ["fold_blocker", "fold_constant_channels", "forward"]
+__all__ = ["FoldResult", "fold_blocker", "fold_constant_channels", "forward"]

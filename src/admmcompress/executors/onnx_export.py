@@ -97,7 +97,11 @@ def export_onnx(
         weight = weights.get(init.name)
         value = numpy_helper.to_array(init) if weight is not None else None
         found = None
-        if weight is not None and value.shape == tuple(weight.shape) and np.array_equal(value, weight.numpy()):
+        if (
+            weight is not None
+            and value.shape == tuple(weight.shape)
+            and np.array_equal(value, weight.numpy())
+        ):
             found = integer_codes(weight)
         if found is None:
             kept.append(init)
@@ -109,10 +113,14 @@ def export_onnx(
         kept.append(numpy_helper.from_array(codes, f"{base}_quantized"))
         kept.append(numpy_helper.from_array(np.array(scale, dtype=np.float32), f"{base}_scale"))
         kept.append(numpy_helper.from_array(np.array(0, dtype=codes.dtype), f"{base}_zero_point"))
-        new_nodes.append(helper.make_node(
-            "DequantizeLinear", [f"{base}_quantized", f"{base}_scale", f"{base}_zero_point"], [base],
-            name=f"{base}_DequantizeLinear",
-        ))
+        new_nodes.append(
+            helper.make_node(
+                "DequantizeLinear",
+                [f"{base}_quantized", f"{base}_scale", f"{base}_zero_point"],
+                [base],
+                name=f"{base}_DequantizeLinear",
+            )
+        )
         summary.quantized[base] = str(codes.dtype)
     del graph.initializer[:]
     graph.initializer.extend(kept)
@@ -129,9 +137,11 @@ def run_onnx(path: str | Path, *inputs: torch.Tensor) -> list[np.ndarray]:
     try:
         import onnxruntime as ort
     except ImportError as err:  # pragma: no cover
-        raise ImportError(f"checking an ONNX export needs onnxruntime: pip install 'admmcompress[export]' ({err})") from None
+        raise ImportError(
+            f"checking an ONNX export needs onnxruntime: pip install 'admmcompress[export]' ({err})"
+        ) from None
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feeds = {i.name: t.detach().numpy() for i, t in zip(session.get_inputs(), inputs)}
+    feeds = {i.name: t.detach().numpy() for i, t in zip(session.get_inputs(), inputs, strict=True)}
     return session.run(None, feeds)
 
 

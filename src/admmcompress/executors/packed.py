@@ -46,14 +46,16 @@ import numpy as np
 import torch
 
 from admmcompress.report.storage import (
+    FLOAT32,
     SCHEMES,
     LayerStorage,
-    ValueFormat,
     clog2,
     codes_of,
+    grid_format,
     layer_storage,
     levels_of,
     relative_gaps,
+    table_format,
 )
 from admmcompress.structures.groups import as_matrix, gemm_params
 
@@ -158,8 +160,11 @@ def _encode(weight: torch.Tensor, layer: LayerStorage, scheme: str) -> bytes:
         fillers = gaps >> layer.index_bits
         line_of = torch.nonzero(lines)[:, 0]
         position = torch.nonzero(lines)
-        flat_index = (position[:, 1] * cols + position[:, 0]) if layer.order == "column" else (
-            position[:, 0] * cols + position[:, 1])
+        flat_index = (
+            (position[:, 1] * cols + position[:, 0])
+            if layer.order == "column"
+            else (position[:, 0] * cols + position[:, 1])
+        )
         # Entries: per nonzero, `fillers` filler entries (skip 2^b_r - 1, value zero), then the nonzero.
         repeat = fillers + 1
         entry_skip = torch.full((int(repeat.sum()),), step - 1, dtype=torch.int64)
@@ -175,7 +180,9 @@ def _encode(weight: torch.Tensor, layer: LayerStorage, scheme: str) -> bytes:
         else:
             code = codes.reshape(-1)[entry_index.clamp(min=0)]
             code = torch.where(entry_index >= 0, code, torch.zeros_like(code))
-            out.write(code.numpy() if with_zero else code.numpy() - 1, fmt.zero_bits if with_zero else fmt.code_bits)
+            out.write(
+                code.numpy() if with_zero else code.numpy() - 1, fmt.zero_bits if with_zero else fmt.code_bits
+            )
         out.write(entry_skip.numpy(), layer.index_bits)
         n_lines = lines.shape[0]
         per_line = torch.zeros(n_lines, dtype=torch.int64).index_add_(0, line_of, repeat)
@@ -196,29 +203,34 @@ def _encode(weight: torch.Tensor, layer: LayerStorage, scheme: str) -> bytes:
     else:
         raise ValueError(f"scheme={scheme!r}; choose one of {SCHEMES}")
     if out.bits != layer.bits[scheme]:
-        raise AssertionError(f"{layer.name}: wrote {out.bits} bits, the storage report counts {layer.bits[scheme]}")
+        raise AssertionError(
+            f"{layer.name}: wrote {out.bits} bits, the storage report counts {layer.bits[scheme]}"
+        )
     return out.getvalue()
 
 
 def _decode(data: bytes, meta: dict[str, Any]) -> torch.Tensor:
-    fmt = ValueFormat(**meta["value"])
+    fmt = meta["value"]
     rows, cols = meta["rows"], meta["cols"]
     scheme, nnz = meta["scheme"], meta["nnz"]
     src = BitReader(data)
-    is_float = fmt.kind == "float32"
     table = None
-    if fmt.kind == "table":
+    if fmt == "grid":
+        scale = float(_bits_float(src.read(1, 32))[0])
+        low, high = (int(v) - (1 << 16) if v >= (1 << 15) else int(v) for v in src.read(2, 16))
+        fmt = grid_format(meta["levels"], scale, low, high)
+    elif fmt.kind == "table":
         table = _bits_float(src.read(fmt.levels, 32))
-    elif fmt.kind == "grid":
-        src.read(1, 32)
-        src.read(2, 16)
+    is_float = fmt.kind == "float32"
     levels = None if is_float else levels_of(fmt, table)
     flat = torch.zeros(rows * cols, dtype=torch.float32)
 
     def read_values(count: int, with_zero: bool) -> torch.Tensor:
         if is_float:
             return _bits_float(src.read(count, 32))
-        raw = torch.from_numpy(src.read(count, fmt.zero_bits if with_zero else fmt.code_bits).astype(np.int64))
+        raw = torch.from_numpy(
+            src.read(count, fmt.zero_bits if with_zero else fmt.code_bits).astype(np.int64)
+        )
         code = raw - 1 if with_zero else raw  # now -1 = zero, 0.. = level index
         return torch.where(code >= 0, levels[code.clamp(min=0)], torch.zeros(()))
 
@@ -239,7 +251,9 @@ def _decode(data: bytes, meta: dict[str, Any]) -> torch.Tensor:
         # Position inside the line: cumulative (skip + 1) within each line, minus 1.
         steps = skips + 1
         total = torch.cumsum(steps, 0)
-        before = torch.where(pointers[:-1] > 0, total[(pointers[:-1] - 1).clamp(min=0)], torch.zeros(()).long())
+        before = torch.where(
+            pointers[:-1] > 0, total[(pointers[:-1] - 1).clamp(min=0)], torch.zeros(()).long()
+        )
         position = total - before[line] - 1
         index = position * cols + line if meta["order"] == "column" else line * cols + position
         flat[index] = vals
@@ -311,20 +325,30 @@ def save_packed(
             schemes[name] = chosen
             weight_bytes += len(blob)
             weight_bits += layer.bits[chosen]
-            entries.append({
-                "name": name, "kind": "packed", "shape": list(value.shape), "rows": layer.rows, "cols": layer.cols,
-                "scheme": chosen, "nnz": layer.nnz, "entries": layer.entries, "index_bits": layer.index_bits,
-                "order": layer.order, "value": {k: v for k, v in layer.value.to_dict().items() if v is not None},
-                "bytes": len(blob),
-            })
+            fmt = layer.value
+            entries.append(
+                [
+                    name,
+                    list(value.shape),
+                    len(blob),
+                    chosen,
+                    layer.nnz,
+                    layer.entries,
+                    layer.index_bits,
+                    layer.order,
+                    fmt.kind,
+                    fmt.levels,
+                ]
+            )
         else:
             array = value.detach().cpu().contiguous().numpy()
             blob = array.tobytes()
             other_bytes += len(blob)
-            entries.append({"name": name, "kind": "raw", "dtype": str(array.dtype), "shape": list(array.shape),
-                            "bytes": len(blob)})
+            entries.append([name, list(array.shape), len(blob), str(array.dtype)])
         blobs.append(blob)
     manifest = json.dumps({"model": model_spec, "tensors": entries}, separators=(",", ":")).encode()
+    # Entries are lists to keep the manifest small: [name, shape, bytes, dtype] for raw tensors,
+    # [name, shape, bytes, scheme, nnz, entries, b_r, order, value kind, K] for packed weights.
     header = MAGIC + struct.pack("<I", len(manifest)) + manifest
     data = header + b"".join(blobs)
     if isinstance(path, (str, Path)):
@@ -336,11 +360,41 @@ def save_packed(
     return PackedSummary(len(header), weight_bytes, other_bytes, weight_bits, schemes)
 
 
+def manifest_entry(entry: list[Any]) -> dict[str, Any]:
+    """One manifest list entry as a dict with named fields (see ``save_packed``)."""
+    name, shape, nbytes = entry[:3]
+    if len(entry) == 4:
+        return {"name": name, "shape": shape, "bytes": nbytes, "kind": "raw", "dtype": entry[3]}
+    scheme, nnz, entries, index_bits, order, kind, levels = entry[3:]
+    # A grid's scale and integer range are read from the bit stream itself (see _decode).
+    value = FLOAT32 if kind == "float32" else table_format(levels) if kind == "table" else kind
+    matrix = torch.empty(shape, device="meta")
+    rows, cols = as_matrix(matrix).shape
+    return {
+        "name": name,
+        "shape": shape,
+        "bytes": nbytes,
+        "kind": "packed",
+        "scheme": scheme,
+        "nnz": nnz,
+        "entries": entries,
+        "index_bits": index_bits,
+        "order": order,
+        "value": value,
+        "rows": rows,
+        "cols": cols,
+        "levels": levels,
+    }
+
+
 def read_manifest(source: str | Path | BinaryIO) -> tuple[dict[str, Any], bytes]:
     """``(manifest, payload)`` of a packed file."""
     data = Path(source).read_bytes() if isinstance(source, (str, Path)) else source.read()
     if data[: len(MAGIC)] != MAGIC:
-        raise ValueError(f"not an admmcompress packed file (magic {data[:8]!r}); write one with `admmcompress export --packed`")
+        raise ValueError(
+            f"not an admmcompress packed file (magic {data[:8]!r}); "
+            "write one with `admmcompress export --packed`"
+        )
     (length,) = struct.unpack("<I", data[len(MAGIC) : len(MAGIC) + 4])
     start = len(MAGIC) + 4
     return json.loads(data[start : start + length]), data[start + length :]
@@ -348,7 +402,7 @@ def read_manifest(source: str | Path | BinaryIO) -> tuple[dict[str, Any], bytes]
 
 @torch.no_grad()
 def load_packed(source: str | Path | BinaryIO, model: torch.nn.Module | None = None) -> torch.nn.Module:
-    """Rebuild the model (from ``model``, or from the file's model spec via the registry) and load its weights."""
+    """Rebuild the model (``model``, or the file's model spec via the registry) and load its weights."""
     manifest, payload = read_manifest(source)
     if model is None:
         spec = manifest.get("model")
@@ -359,6 +413,7 @@ def load_packed(source: str | Path | BinaryIO, model: torch.nn.Module | None = N
         model = create_model(spec["name"], **{k: v for k, v in spec.items() if k != "name"})
     state, offset = {}, 0
     for entry in manifest["tensors"]:
+        entry = manifest_entry(entry)
         blob = payload[offset : offset + entry["bytes"]]
         offset += entry["bytes"]
         if entry["kind"] == "packed":
@@ -377,5 +432,13 @@ def save_packed_bytes(model: torch.nn.Module, **kwargs: Any) -> bytes:
     return buffer.getvalue()
 
 
-__all__ = ["BitReader", "BitWriter", "PackedSummary", "load_packed", "read_manifest", "save_packed",
-           "save_packed_bytes"]
+__all__ = [
+    "BitReader",
+    "BitWriter",
+    "PackedSummary",
+    "load_packed",
+    "manifest_entry",
+    "read_manifest",
+    "save_packed",
+    "save_packed_bytes",
+]

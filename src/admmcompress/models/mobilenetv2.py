@@ -18,8 +18,15 @@ from admmcompress.models.registry import register_model
 from admmcompress.models.widths import scaled
 
 # (expansion t, output channels c, repeats n, first stride s); CIFAR strides.
-CIFAR_SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
-                  (6, 320, 1, 1))
+CIFAR_SETTINGS = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 1),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
 
 
 class InvertedResidual(nn.Module):

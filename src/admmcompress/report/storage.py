@@ -93,26 +93,39 @@ def table_format(k: int) -> ValueFormat:
 
 def grid_format(k: int, scale: float, low: int, high: int) -> ValueFormat:
     count = high - low + 1 - (1 if low <= 0 <= high else 0)
-    return ValueFormat("grid", k, max(1, clog2(count)), clog2(count + 1), 32 + 2 * GRID_INT_BITS, scale, low, high)
+    return ValueFormat(
+        "grid", k, max(1, clog2(count)), clog2(count + 1), 32 + 2 * GRID_INT_BITS, scale, low, high
+    )
 
 
-def grid_of(levels: torch.Tensor) -> tuple[float, int, int] | None:
-    """``(s, low, high)`` if every level is exactly ``float32(s) * c`` for integers ``c``, else None."""
+def grid_of(levels: torch.Tensor, max_divisor: int = 512) -> tuple[float, int, int] | None:
+    """``(s, low, high)`` if every level is exactly ``float32(s) * c`` for integers ``c``, else None.
+
+    ``s`` is the largest step found: ``min|level| / m`` for ``m = 1, 2, ...`` (levels a quantizer
+    did not use leave gaps, so the step can be a fraction of the smallest level), refined by least
+    squares over all levels and checked exactly in float32 (with its neighbouring floats).
+
+    >>> grid_of(torch.tensor([-0.75, 0.5, 1.25]))
+    (0.25, -3, 5)
+    """
     levels = levels.to(torch.float32)
     if levels.numel() == 0:
         return None
-    candidates = [levels.abs().min()]
-    if levels.numel() > 1:
-        candidates.append((levels[1:] - levels[:-1]).min())
+    wide = levels.to(torch.float64)
+    smallest = float(wide.abs().min())
     limit = 2 ** (GRID_INT_BITS - 1) - 1
-    for s in candidates:
-        if not bool(s > 0):
-            continue
-        c = torch.round(levels.to(torch.float64) / float(s))
+    for m in range(1, max_divisor + 1):
+        rough = smallest / m
+        c = torch.round(wide / rough)
         if float(c.abs().max()) > limit:
-            continue
-        if torch.equal(s * c.to(torch.float32), levels):
-            return float(s), int(c.min()), int(c.max())
+            return None
+        if float((wide / rough - c).abs().max()) > 1e-3:
+            continue  # not even approximately a grid of this step
+        fitted = float((wide * c).sum() / (c * c).sum())  # least squares: far below an ulp from s
+        base = torch.tensor(fitted, dtype=torch.float32)
+        for step in (base, torch.nextafter(base, base * 2), torch.nextafter(base, base * 0)):
+            if bool(step > 0) and torch.equal(step * c.to(torch.float32), levels):
+                return float(step), int(c.min()), int(c.max())
     return None
 
 
@@ -211,7 +224,9 @@ def csr_bits(nnz: int, rows: int, cols: int, b: int) -> int:
     return nnz * (b + clog2(cols)) + (rows + 1) * clog2(nnz + 1)
 
 
-def structured_bits(kept_rows: int, kept_cols: int, rows: int, cols: int, b: int, compacted: bool = False) -> int:
+def structured_bits(
+    kept_rows: int, kept_cols: int, rows: int, cols: int, b: int, compacted: bool = False
+) -> int:
     return kept_rows * kept_cols * b + (0 if compacted else rows + cols)
 
 
@@ -242,16 +257,16 @@ class LayerStorage:
 
     @property
     def weight_reduction(self) -> float:
-        return self.params / self.nnz if self.nnz else math.inf
+        return _ratio(self.params, self.nnz)
 
     def storage_reduction(self, scheme: str | None = None) -> float:
-        bits = self.bits[scheme or self.best]
-        return 32 * self.params / bits if bits else math.inf
+        return _ratio(32 * self.params, self.bits[scheme or self.best])
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        out.update(best=self.best, weight_reduction=self.weight_reduction,
-                   storage_reduction=self.storage_reduction())
+        out.update(
+            best=self.best, weight_reduction=self.weight_reduction, storage_reduction=self.storage_reduction()
+        )
         return out
 
 
@@ -271,7 +286,9 @@ def layer_storage(
     gaps = relative_gaps(mask, order)
     lines = cols if order == "column" else rows
     choices = range(1, 17) if index_bits == "best" else [index_bits]
-    if index_bits != "best" and (isinstance(index_bits, bool) or not isinstance(index_bits, int) or index_bits < 1):
+    if index_bits != "best" and (
+        isinstance(index_bits, bool) or not isinstance(index_bits, int) or index_bits < 1
+    ):
         raise ValueError(f"index_bits={index_bits!r} must be a positive integer (b_r) or 'best'")
 
     def rel(b_r: int) -> tuple[int, int]:
@@ -289,12 +306,14 @@ def layer_storage(
         "bitmask": bitmask_bits(rows * cols, nnz, fmt.code_bits),
         "relative": rel_bits,
         "csr": csr_bits(nnz, rows, cols, fmt.code_bits),
-        "structured": structured_bits(kr, kc, rows, cols, fmt.zero_bits if block_has_zeros else fmt.code_bits,
-                                      compacted),
+        "structured": structured_bits(
+            kr, kc, rows, cols, fmt.zero_bits if block_has_zeros else fmt.code_bits, compacted
+        ),
     }
     bits = {k: v + fmt.table_bits for k, v in bits.items()}
-    return LayerStorage(name, list(weight.shape), rows, cols, rows * cols, nnz, fmt, b_r, order, entries, kr, kc,
-                        bits)
+    return LayerStorage(
+        name, list(weight.shape), rows, cols, rows * cols, nnz, fmt, b_r, order, entries, kr, kc, bits
+    )
 
 
 @dataclass
@@ -323,20 +342,19 @@ class StorageReport:
 
     @property
     def weight_reduction(self) -> float:
-        return self.params / self.nnz if self.nnz else math.inf
+        return _ratio(self.params, self.nnz)
 
     def storage_reduction(self, scheme: str | None = None) -> float:
-        bits = self.bits(scheme)
-        return 32 * self.params / bits if bits else math.inf
+        return _ratio(32 * self.params, self.bits(scheme))
 
     @property
     def paper_reduction(self) -> float:
         """``32 N / sum(nnz * b)``: no indices, no codebooks (how 1,910x-style figures are computed)."""
-        bits = sum(layer.nnz * layer.value.code_bits for layer in self.layers)
-        return 32 * self.params / bits if bits else math.inf
+        return _ratio(32 * self.params, sum(layer.nnz * layer.value.code_bits for layer in self.layers))
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """JSON-ready (an infinite ratio, from a layer with no nonzero, is the string "inf")."""
+        return _json_safe({
             "layers": [layer.to_dict() for layer in self.layers],
             "scheme": self.scheme,
             "weight_bits": {s: self.bits(s) for s in ("best", *SCHEMES)},
@@ -345,7 +363,24 @@ class StorageReport:
             "weight_reduction": self.weight_reduction,
             "storage_reduction": {s: self.storage_reduction(s) for s in ("best", *SCHEMES)},
             "paper_reduction": self.paper_reduction,
-        }
+        })
+
+
+def _ratio(num: float, den: float) -> float:
+    """``num / den``; 1.0 when both are 0 (nothing to compress), inf when only ``den`` is."""
+    if den:
+        return num / den
+    return math.inf if num else 1.0
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 @torch.no_grad()
@@ -392,10 +427,14 @@ def render_storage(report: StorageReport | dict[str, Any]) -> str:
         kind = "float32" if value["kind"] == "float32" else f"{value['kind']} K={value['levels']}"
         lines.append(
             f"| {layer['name']} | {layer['nnz']:,} / {layer['params']:,} | {kind} | {value['code_bits']} | "
-            f"{layer['index_bits']} | " + " | ".join(f"{layer['bits'][s]:,}" for s in SCHEMES) + f" | {layer['best']} |"
+            f"{layer['index_bits']} | "
+            + " | ".join(f"{layer['bits'][s]:,}" for s in SCHEMES)
+            + f" | {layer['best']} |"
         )
     bits = data["weight_bits"]
-    lines.append("| **total** | | | | | " + " | ".join(f"{bits[s]:,}" for s in SCHEMES) + f" | {bits['best']:,} |")
+    lines.append(
+        "| **total** | | | | | " + " | ".join(f"{bits[s]:,}" for s in SCHEMES) + f" | {bits['best']:,} |"
+    )
     reduction = data["storage_reduction"]
     lines += [
         "",
@@ -403,8 +442,10 @@ def render_storage(report: StorageReport | dict[str, Any]) -> str:
         f"- Storage reduction (32-bit dense / stored bits, indices and codebooks included): "
         f"**{_x(reduction['best'])}** with each layer's best scheme; "
         + ", ".join(f"{s} {_x(reduction[s])}" for s in SCHEMES),
-        f"- Paper-style storage reduction (32 N / sum nnz*b, no indices or codebooks): {_x(data['paper_reduction'])}",
-        f"- Other parameters (biases etc.): {data['other_params']:,} = {data['other_bits']:,} bits, not included above",
+        "- Paper-style storage reduction (32 N / sum nnz*b, no indices or codebooks): "
+        f"{_x(data['paper_reduction'])}",
+        f"- Other parameters (biases etc.): {data['other_params']:,} = {data['other_bits']:,} bits, "
+        "not included above",
     ]
     return "\n".join(lines) + "\n"
 

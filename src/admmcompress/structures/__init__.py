@@ -2,6 +2,16 @@
 
 from admmcompress.structures.block import Block, BlockRow
 from admmcompress.structures.groups import as_matrix, kept_count, project_groups
+from admmcompress.structures.quantization import (
+    QUANTIZERS,
+    Binary,
+    Clustering,
+    FixedPoint,
+    PowerOfTwo,
+    QuantizationStructure,
+    Ternary,
+    list_quantizers,
+)
 from admmcompress.structures.sparsity import (
     STRUCTURES,
     Channel,
@@ -14,7 +24,15 @@ from admmcompress.structures.sparsity import (
 )
 
 __all__ = [
+    "QUANTIZERS",
     "STRUCTURES",
+    "Binary",
+    "Clustering",
+    "FixedPoint",
+    "PowerOfTwo",
+    "QuantizationStructure",
+    "Ternary",
+    "list_quantizers",
     "Block",
     "BlockRow",
     "Channel",

@@ -146,7 +146,8 @@ class Block(SparsityStructure):
             problems.append(f"block cols {c} do not divide {cols}; use one of {_divisors_near(cols, c)}")
         if problems:
             raise ValueError(
-                f"{where}: GEMM shape {rows}x{cols}{gate_note}, block {r}x{c}: " + "; ".join(problems)
+                f"{where}: GEMM shape {rows}x{cols}{gate_note}, block {r}x{c}: "
+                + "; ".join(problems)
                 + ", or set allow_ragged=True to make the last block smaller"
             )
         per_gate = (height + r - 1) // r

@@ -69,8 +69,13 @@ class CoupledTarget(Target):
 
     @property
     def param_name(self) -> str:
-        """The first slice's parameter (a coupled target spans ``param_names``)."""
-        return self.slices[0].param
+        """Not one parameter: code that reads ``params[t.param_name]`` must use ``t.value(params)``."""
+        names = ", ".join(self.param_names[:4]) + (", ..." if len(self.param_names) > 4 else "")
+        raise TypeError(
+            f"coupled target '{self.key}' spans {len(self.param_names)} parameters ({names}); this code "
+            "reads one parameter per target. Use ADMM, GradualMagnitude or hard_prune (they call "
+            "target.value() and target.masks()), or Plan.resolve for uncoupled targets"
+        )
 
     @property
     def param_names(self) -> tuple[str, ...]:
@@ -87,7 +92,7 @@ class CoupledTarget(Target):
         return self._index[cache_key]
 
     def value(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """``(size, width)`` matrix: row ``c`` holds every member's entries of channel ``c`` (differentiable)."""
+        """``(size, width)`` matrix, row ``c`` = every member's entries of channel ``c`` (differentiable)."""
         columns = []
         for s in self.slices:
             p = params[s.param]
@@ -101,7 +106,9 @@ class CoupledTarget(Target):
         keep = self.structure.support(self.value(params)).any(dim=1)
         return self.masks_for_channels(params, keep)
 
-    def masks_for_channels(self, params: Mapping[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    def masks_for_channels(
+        self, params: Mapping[str, torch.Tensor], keep: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """Keep-masks that keep exactly the group channels where ``keep`` (bool, ``size``) is True."""
         out: dict[str, torch.Tensor] = {}
         for s in self.slices:
@@ -166,7 +173,9 @@ def couple(
         errors += _check_bucket(by_label[label], members, mode)
     if errors:
         raise PlanError("the coupled plan does not fit this model:\n  - " + "\n  - ".join(errors))
-    coupled = {label: _coupled_target(by_label[label], members, modules) for label, members in buckets.items()}
+    coupled = {
+        label: _coupled_target(by_label[label], members, modules) for label, members in buckets.items()
+    }
     placed: set[str] = set()
     out: list[Target] = []
     for t in targets:
@@ -184,17 +193,23 @@ def _find_group(groups: list[ChannelGroup], t: Target, modules) -> tuple[Channel
     for g in groups:
         if any(m.layer == t.layer and m.role in roles for m in g.members):
             if g.problems:
-                return None, (f"{t.structure.kind} target on '{t.layer}': its channels cannot be removed: "
-                              + "; ".join(g.problems))
+                return None, (
+                    f"{t.structure.kind} target on '{t.layer}': its channels cannot be removed: "
+                    + "; ".join(g.problems)
+                )
             return g, ""
     module = modules[t.layer]
     for g in groups:
         if g.root == t.layer and g.problems:
-            return None, (f"{t.structure.kind} target on '{t.layer}': " + "; ".join(g.problems)
-                          + "; drop the target, or prune it uncoupled (Plan.resolve)")
+            return None, (
+                f"{t.structure.kind} target on '{t.layer}': "
+                + "; ".join(g.problems)
+                + "; drop the target, or prune it uncoupled (Plan.resolve)"
+            )
     return None, (
         f"{t.structure.kind} target on '{t.layer}' ({type(module).__name__}): the dependency graph has no "
-        f"channel group where it is a {' or '.join(roles)}; drop the target or prune it uncoupled (Plan.resolve)"
+        f"channel group where it is a {' or '.join(roles)}; drop the target or prune it uncoupled "
+        "(Plan.resolve)"
     )
 
 
@@ -214,8 +229,8 @@ def _check_bucket(group: ChannelGroup, members: list[Target], mode: str) -> list
             named = ", ".join(f"'{t.layer}'" for t in members)
             errors.append(
                 f"{named} share channels (residual add / concat / BN / depthwise) with "
-                f"{', '.join(repr(n) for n in missing_p)}, which have no filter target; pruned filters could not "
-                "be removed. Give all of them the same filter target (one rule matching them), or "
+                f"{', '.join(repr(n) for n in missing_p)}, which have no filter target; pruned filters could "
+                "not be removed. Give all of them the same filter target (one rule matching them), or "
                 "couple with mode='extend' to prune the whole group"
             )
     return errors

@@ -210,10 +210,12 @@ def _codes_for(a: torch.Tensor, q: float, n: int) -> torch.Tensor:
 
 def _searched_interval(a: torch.Tensor, n: int) -> float:
     top = float(a.max()) / n
-    grid = torch.cat([
-        top * (0.9 + 0.001 * torch.arange(201, dtype=torch.float64)),  # ADMM-NN's scan
-        top * torch.logspace(math.log10(0.02), math.log10(2.0), 64, dtype=torch.float64),
-    ])
+    grid = torch.cat(
+        [
+            top * (0.9 + 0.001 * torch.arange(201, dtype=torch.float64)),  # ADMM-NN's scan
+            top * torch.logspace(math.log10(0.02), math.log10(2.0), 64, dtype=torch.float64),
+        ]
+    )
     best_q, best_err = top, math.inf
     for chunk in grid.split(16):
         codes = torch.clamp(torch.floor(a[None, :] / chunk[:, None] + 0.5), 1, n)
@@ -298,7 +300,8 @@ class PowerOfTwo(QuantizationStructure):
         _check_bits(type(self).__name__, self.bits, low=1)
         if self.bits > 8:
             raise ValueError(
-                f"PowerOfTwo: bits={self.bits} gives 2^{self.bits - 1} exponents, more than float32 has; use bits <= 8"
+                f"PowerOfTwo: bits={self.bits} gives 2^{self.bits - 1} exponents, more than float32 has; "
+                "use bits <= 8"
             )
 
     def _quantize(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -434,9 +437,14 @@ class Clustering(QuantizationStructure):
             raise ValueError("Clustering: give exactly one of clusters=K (shared values) or bits=B (K = 2^B)")
         if self.bits is not None:
             _check_bits("Clustering", self.bits)
-        elif isinstance(self.clusters, bool) or not isinstance(self.clusters, int) or not 2 <= self.clusters <= 2**MAX_BITS:
+        elif (
+            isinstance(self.clusters, bool)
+            or not isinstance(self.clusters, int)
+            or not 2 <= self.clusters <= 2**MAX_BITS
+        ):
             raise ValueError(
-                f"Clustering: clusters={self.clusters!r} must be an integer in [2, {2**MAX_BITS}], e.g. clusters: 16"
+                f"Clustering: clusters={self.clusters!r} must be an integer in [2, {2**MAX_BITS}], "
+                "e.g. clusters: 16"
             )
 
     @property
@@ -477,13 +485,18 @@ def quantization_from_dict(spec: dict[str, Any], where: str = "structure") -> Qu
     name = spec.get("structure")
     cls = QUANTIZERS.get(QUANT_ALIASES.get(name, name)) if isinstance(name, str) else None
     if cls is None:
-        raise ValueError(f"{where}: unknown quantization '{name}'; choose one of {', '.join(list_quantizers())}")
+        raise ValueError(
+            f"{where}: unknown quantization '{name}'; choose one of {', '.join(list_quantizers())}"
+        )
     allowed = set(cls.options)
     given = {key for key in spec if key in QUANT_KEYS | {"sparsity", "compression"} and spec[key] is not None}
     extra = sorted(given - allowed)
     if extra:
-        hint = " (add a separate rule for pruning: each target gets its own Z/U)" if {"sparsity", "compression"} & set(
-            extra) else ""
+        hint = (
+            " (add a separate rule for pruning: each target gets its own Z/U)"
+            if {"sparsity", "compression"} & set(extra)
+            else ""
+        )
         raise ValueError(
             f"{where}: structure '{cls.kind}' takes {sorted(allowed) or 'no target keys'}, not {extra}{hint}"
         )

@@ -196,6 +196,8 @@ class RunConfig:
     pretrain: PhaseConfig | None = None
     stages: list[StageConfig] = field(default_factory=list)
     checkpoint_every_epochs: int = 1
+    # Continue from an already pruned checkpoint: its zeros in the plan's layers stay zero (progressive).
+    freeze_pretrained_zeros: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, dict) or "name" not in self.model:
@@ -213,6 +215,10 @@ class RunConfig:
             for i, s in enumerate(self.stages)
         ]
         _positive(self.checkpoint_every_epochs, "checkpoint_every_epochs", integer=True)
+        if not isinstance(self.freeze_pretrained_zeros, bool):
+            raise ValueError(f"freeze_pretrained_zeros={self.freeze_pretrained_zeros!r} must be true or false")
+        if self.freeze_pretrained_zeros and self.pretrained is None:
+            raise ValueError("freeze_pretrained_zeros needs 'pretrained' (the pruned checkpoint to continue from)")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"seed={self.seed!r} must be an integer >= 0")
         if self.threads is not None:

@@ -20,9 +20,9 @@ from admmcompress.data.datasets import BatchLoader, Split
 from admmcompress.drivers.admm import ADMM, RhoSchedule
 from admmcompress.drivers.magnitude import GradualMagnitude, one_shot
 from admmcompress.drivers.reweighted import Reweighted
-from admmcompress.masks import MaskSet
-from admmcompress.quantize import mask_set_from_state, release_holds
+from admmcompress.masks import MaskSet, masks_from_model
 from admmcompress.plan import Target
+from admmcompress.quantize import mask_set_from_state, release_holds
 from admmcompress.report.metrics import measure
 from admmcompress.report.storage import storage
 from admmcompress.train import checkpoint as ckpt
@@ -69,6 +69,9 @@ class Runner:
         self.phase_index = 0
         self.epoch = 0
         self.masks = MaskSet()
+        if config.freeze_pretrained_zeros:
+            names = dict.fromkeys(t.param_name for targets in self.stage_targets for t in targets)
+            self.masks = masks_from_model(model, list(names))
         self.history: list[dict[str, Any]] = []
         self.metrics: dict[str, Any] = {"stages": [{} for _ in config.stages], "phase_seconds": {}}
         self._driver: ADMM | GradualMagnitude | Reweighted | None = None

@@ -1,0 +1,224 @@
+"""LSTM language model on Penn Treebank: perplexity of the dense model and of its LSTM pruned 4x / 10x.
+
+    MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 python benchmarks/lstm_ptb.py
+
+Model: ``LSTMLanguageModel`` (embedding 256, 2 LSTM layers of 256, dropout 0.2, adaptive-softmax
+decoder with cutoffs [2000, 6000] so that a CPU epoch fits the budget; perplexities are exact:
+the adaptive softmax is a normalised distribution). Data: Mikolov's PTB (10k words), batch 20,
+BPTT 35, Adam, gradient norm clipped at 1. Only the 8 LSTM gate matrices are pruned, each at the
+rate (compression = LSTM weights / nonzero LSTM weights); embedding and decoder stay dense.
+
+Methods (same step budget: ``--prune-epochs`` then ``--retrain-epochs`` of masked retraining):
+``reweighted`` (``Block(block=(16, 1))``, reweighted group lasso, lambda ``--lam``),
+``admm`` (same block structure, rho ``--rho`` x1.3), ``magnitude`` (unstructured, gradual cubic
+schedule). Drivers are used with the three-line loop (no Runner: the LM carries its state).
+Results are appended as JSON lines to ``--out/results.jsonl``; ``--table`` prints them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from admmcompress.data.ptb import batchify, bptt_windows, load_ptb
+from admmcompress.drivers import ADMM, GradualMagnitude, Reweighted, ReweightedConfig, RhoSchedule
+from admmcompress.models import LSTMLanguageModel
+from admmcompress.plan import Plan
+from admmcompress.report.metrics import measure
+from admmcompress.structures import Block, Unstructured
+
+MALLOC = "MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824"
+BPTT, BATCH = 35, 20
+
+
+def make_model() -> LSTMLanguageModel:
+    return LSTMLanguageModel(10000, embed=256, hidden=256, num_layers=2, dropout=0.2, cutoffs=[2000, 6000])
+
+
+def detach(state):
+    return None if state is None else tuple(s.detach() for s in state)
+
+
+def train_steps(
+    model: LSTMLanguageModel,
+    data: torch.Tensor,
+    steps: int,
+    lr: float,
+    penalty: Callable[[], torch.Tensor] | None = None,
+    every: int = 0,
+    update: Callable[[], object] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> float:
+    """``steps`` Adam steps over BPTT windows (cycling), cosine LR; ``update()`` every ``every`` steps."""
+    model.train()
+    opt = optimizer or torch.optim.Adam(model.parameters(), lr)
+    state, step, total = None, 0, 0.0
+    while step < steps:
+        for x, y in bptt_windows(data, BPTT):
+            for group in opt.param_groups:
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+            loss, state = model.nll(x, y, detach(state))
+            full = loss + penalty() if penalty is not None else loss
+            opt.zero_grad(set_to_none=True)
+            full.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            total += loss.item()
+            step += 1
+            if update is not None and every and step % every == 0:
+                update()
+            if step >= steps:
+                break
+    return math.exp(total / steps)
+
+
+@torch.no_grad()
+def perplexity(model: LSTMLanguageModel, data: torch.Tensor) -> float:
+    model.eval()
+    state, total, count = None, 0.0, 0
+    for x, y in bptt_windows(data, BPTT):
+        loss, state = model.nll(x, y, state)
+        total += loss.item() * y.numel()
+        count += y.numel()
+    return math.exp(total / count)
+
+
+def plan_for(method: str, rate: float) -> Plan:
+    structure = (
+        Unstructured(compression=rate) if method == "magnitude" else Block(compression=rate, block=(16, 1))
+    )
+    return Plan({"lstm": structure})
+
+
+def compress(
+    method: str, rate: float, dense: LSTMLanguageModel, train: torch.Tensor, valid: torch.Tensor, args
+):
+    """A pruned, mask-retrained copy of ``dense`` and its valid perplexity right after hard pruning."""
+    model = copy.deepcopy(dense)
+    targets = plan_for(method, rate).resolve(model)
+    prune_steps = int(args.prune_epochs * args.epoch_steps)
+    every = max(1, args.epoch_steps // 4)
+    if method == "reweighted":
+        driver = Reweighted(model, targets, ReweightedConfig(penalty=args.lam))
+        train_steps(model, train, prune_steps, args.lr, driver.penalty, every, driver.step)
+    elif method == "admm":
+        driver = ADMM(model, targets, RhoSchedule(args.rho, 1.3, 1.0))
+        train_steps(model, train, prune_steps, args.lr, driver.penalty, every, driver.step)
+    else:
+        driver = GradualMagnitude(model, targets, updates=max(1, prune_steps // every))
+        opt = torch.optim.Adam(model.parameters(), args.lr)
+
+        def regrow_masks():
+            driver.masks.detach()
+            driver.step().attach(model, opt)
+
+        train_steps(model, train, prune_steps, args.lr, None, every, regrow_masks, optimizer=opt)
+        driver.masks.detach()
+    masks = driver.finalize()
+    hard_pruned = perplexity(model, valid)
+    opt = torch.optim.Adam(model.parameters(), args.lr)
+    masks.attach(model, opt)
+    train_steps(model, train, int(args.retrain_epochs * args.epoch_steps), args.lr, optimizer=opt)
+    masks.detach()
+    return model, hard_pruned
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["reweighted", "magnitude"],
+        choices=["reweighted", "admm", "magnitude"],
+    )
+    parser.add_argument("--rates", type=float, nargs="+", default=[4, 10])
+    parser.add_argument("--dense-epochs", type=float, default=2.0)
+    parser.add_argument("--prune-epochs", type=float, default=0.5)
+    parser.add_argument("--retrain-epochs", type=float, default=0.5)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lam", type=float, default=1e-5)
+    parser.add_argument("--rho", type=float, default=1e-2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="runs/lstm_ptb")
+    parser.add_argument("--table", action="store_true")
+    args = parser.parse_args()
+    results = Path(args.out) / "results.jsonl"
+    if args.table:
+        print_table(results)
+        return
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    corpus = load_ptb()
+    train, valid, test = batchify(corpus.train, BATCH), batchify(corpus.valid, 10), batchify(corpus.test, 10)
+    args.epoch_steps = (train.shape[0] - 1 + BPTT - 1) // BPTT
+    dense = make_model()
+    path = Path(args.out) / "dense.safetensors"
+    if path.is_file():
+        dense.load_state_dict(load_file(path))
+    else:
+        started = time.perf_counter()
+        train_steps(dense, train, int(args.dense_epochs * args.epoch_steps), args.lr)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, path)
+        print(
+            f"dense trained {args.dense_epochs} epochs in {time.perf_counter() - started:.0f} s", flush=True
+        )
+    dense_ppl = {"valid": perplexity(dense, valid), "test": perplexity(dense, test)}
+    print(f"dense perplexity: {dense_ppl}", flush=True)
+    command = f"{MALLOC} python benchmarks/lstm_ptb.py {' '.join(sys.argv[1:])}"
+    for method in args.methods:
+        for rate in args.rates:
+            started = time.perf_counter()
+            model, hard_pruned = compress(method, rate, dense, train, valid, args)
+            stats = measure(model, ["lstm"])
+            record = {
+                "date": time.strftime("%Y-%m-%d %H:%M"),
+                "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+                f"{args.threads} thread(s), load avg {os.getloadavg()[0]:.1f}",
+                "method": method,
+                "rate": rate,
+                "compression": stats.overall_compression,
+                "valid_ppl_hard_pruned": hard_pruned,
+                "valid_ppl": perplexity(model, valid),
+                "test_ppl": perplexity(model, test),
+                "dense_valid_ppl": dense_ppl["valid"],
+                "dense_test_ppl": dense_ppl["test"],
+                "epochs": f"dense {args.dense_epochs}, prune {args.prune_epochs}, "
+                f"retrain {args.retrain_epochs}",
+                "seconds": time.perf_counter() - started,
+                "command": command,
+            }
+            with results.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            print(json.dumps(record), flush=True)
+    print_table(results)
+
+
+def print_table(results: Path) -> None:
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    print(
+        "| method | target | LSTM compression | valid ppl hard-pruned | valid ppl | test ppl "
+        "| dense valid / test | s |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in sorted(rows, key=lambda r: (r["method"], r["rate"])):
+        print(
+            f"| {r['method']} | {r['rate']:g}x | {r['compression']:.2f}x | {r['valid_ppl_hard_pruned']:.1f} "
+            f"| {r['valid_ppl']:.1f} | {r['test_ppl']:.1f} "
+            f"| {r['dense_valid_ppl']:.1f} / {r['dense_test_ppl']:.1f} | {r['seconds']:.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""CIFAR-10 ResNet-20 filter pruning: coupled-filter ADMM vs Torch-Pruning's L1 MagnitudePruner, same widths.
+
+    python benchmarks/structured_cifar.py dense                 # the dense model all runs start from
+    python benchmarks/structured_cifar.py admm --keep 0.5       # one run (each well under 10 min)
+    python benchmarks/structured_cifar.py magnitude --keep 0.5
+    python benchmarks/structured_cifar.py summary
+
+Data: the first ``--train-limit`` (10,000) images of ``cifar10_jpeg.npz`` (JPEG q75, see
+../shared/data/README.md: a few points below real CIFAR-10), flip + 4-pixel-shift augmentation, and
+all 10,000 test images. CPU is scarce, so the schedules are short and the absolute accuracies low;
+compare the two methods, which share everything but how they choose the filters:
+
+- dense: SGD (Nesterov, momentum 0.9, wd 5e-4), lr 0.1 cosine, batch 128, ``--dense-epochs`` epochs.
+- admm: one coupled filter target per channel group on every Conv2d at sparsity ``1 - keep``
+  (``Plan.resolve_coupled``: residual stream, inner block and BN channels decided together),
+  ADMM for ``--admm-epochs`` (SGD lr 0.01 cosine, Z/U update every quarter epoch, rho 1e-2 x1.5 per
+  update), hard prune, ``compact`` (checked equal to the masked model), then ``--finetune-epochs``
+  of the compacted model (SGD lr 0.01 cosine).
+- magnitude: ``tp.pruner.MagnitudePruner`` (L1 group importance, same ratio, classifier ignored) on
+  the dense model, which gives exactly the same layer widths (checked), then
+  ``--admm-epochs + --finetune-epochs`` epochs of fine-tuning with the same optimizer: the same
+  number of training steps as the ADMM run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import time
+from pathlib import Path
+
+import torch
+from structured_common import command_line, ensure_malloc_env, machine, params, train_epochs
+
+from admmcompress.data import load_dataset
+from admmcompress.drivers import ADMM, RhoSchedule
+from admmcompress.executors.compact import compact
+from admmcompress.models import create_model
+from admmcompress.plan import Plan, Rule
+from admmcompress.structures import Filter
+from admmcompress.train import checkpoint as ckpt
+from admmcompress.train.loop import evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def data(args):
+    train = load_dataset("cifar10", "train", limit=args.train_limit)
+    test = load_dataset("cifar10", "test")
+    return train, test
+
+
+def log_to(out: Path):
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / "log.txt", "a")  # noqa: SIM115 - kept open for the run
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+        handle.write(msg + "\n")
+        handle.flush()
+
+    return log
+
+
+def dense_path(args) -> Path:
+    return Path(args.out) / "resnet20_dense.safetensors"
+
+
+def run_dense(args, log) -> dict:
+    train, test = data(args)
+    torch.manual_seed(0)
+    model = create_model("resnet20")
+    train_epochs(
+        model,
+        train,
+        args.dense_epochs,
+        0.1,
+        optimizer="sgd",
+        batch_size=128,
+        weight_decay=5e-4,
+        augment=True,
+        log=log,
+    )
+    ckpt.save_tensors(dense_path(args), model.state_dict())
+    return {"accuracy": evaluate(model, test), "params": params(model)}
+
+
+def load_dense(args):
+    model = create_model("resnet20").eval()
+    ckpt.load_weights(model, dense_path(args))
+    return model
+
+
+def run_admm(args, log) -> dict:
+    train, test = data(args)
+    model = load_dense(args)
+    x = test.x[:2]
+    targets = Plan([Rule(Filter(sparsity=1 - args.keep), type="Conv2d")]).resolve_coupled(model, x)
+    steps = (len(train.y) + 127) // 128
+    admm = ADMM(model, targets, rho=RhoSchedule(initial=args.rho, growth=1.5, maximum=1.0))
+    log(f"ADMM: {len(targets)} coupled filter targets, keep {args.keep}")
+    train_epochs(
+        model,
+        train,
+        args.admm_epochs,
+        0.01,
+        optimizer="sgd",
+        batch_size=128,
+        weight_decay=5e-4,
+        penalty=admm.penalty,
+        every=max(1, steps // 4),
+        on_every=admm.step,
+        augment=True,
+        log=log,
+    )
+    before_prune = evaluate(model, test)
+    masks = admm.finalize()
+    hard = evaluate(model, test)
+    result = compact(model, x, masks)
+    small = result.model
+    log(f"hard prune: {before_prune:.2f}% -> {hard:.2f}%; {result.summary().splitlines()[0]}")
+    train_epochs(
+        small,
+        train,
+        args.finetune_epochs,
+        0.01,
+        optimizer="sgd",
+        batch_size=128,
+        weight_decay=5e-4,
+        augment=True,
+        seed=1,
+        log=log,
+    )
+    return {
+        "accuracy_before_hard_prune": before_prune,
+        "accuracy_after_hard_prune": hard,
+        "accuracy": evaluate(small, test),
+        "params": params(small),
+        "widths": widths(small),
+        "residuals": {k: round(v, 4) for k, v in admm.residuals().items()},
+    }
+
+
+def run_magnitude(args, log) -> dict:
+    import torch_pruning as tp
+
+    train, test = data(args)
+    model = load_dense(args)
+    x = test.x[:2]
+    pruner = tp.pruner.MagnitudePruner(
+        model,
+        x,
+        importance=tp.importance.MagnitudeImportance(p=1),
+        pruning_ratio=1 - args.keep,
+        ignored_layers=[model.linear],
+    )
+    pruner.step()
+    ideal = create_model("resnet20", width_mult=args.keep)
+    same = {k: v.shape for k, v in model.state_dict().items()} == {
+        k: v.shape for k, v in ideal.state_dict().items()
+    }
+    pruned = evaluate(model, test)
+    log(
+        f"Torch-Pruning L1 magnitude: {params(model):,} params, same widths as ideal: {same}, {pruned:.2f}%"
+    )
+    train_epochs(
+        model,
+        train,
+        args.admm_epochs + args.finetune_epochs,
+        0.01,
+        optimizer="sgd",
+        batch_size=128,
+        weight_decay=5e-4,
+        augment=True,
+        seed=1,
+        log=log,
+    )
+    return {
+        "accuracy_after_hard_prune": pruned,
+        "accuracy": evaluate(model, test),
+        "params": params(model),
+        "widths": widths(model),
+        "same_widths_as_ideal": same,
+    }
+
+
+def widths(model) -> list[int]:
+    return [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+
+
+def summary(out: Path) -> str:
+    dense_file = out / "dense.json"
+    if not dense_file.is_file():
+        return f"no dense run in {out}"
+    dense = json.loads(dense_file.read_text())
+    lines = [
+        f"Dense ResNet-20: {dense['accuracy']:.2f}% ({dense['params']:,} parameters)",
+        "",
+        "| keep | params | reduction | ADMM: after hard prune | ADMM: after fine-tune | "
+        "L1 magnitude (Torch-Pruning): after prune | L1 magnitude: after fine-tune |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for path in sorted(out.glob("admm_keep*.json"), reverse=True):
+        a = json.loads(path.read_text())
+        mpath = out / path.name.replace("admm", "magnitude")
+        m = json.loads(mpath.read_text()) if mpath.is_file() else None
+        lines.append(
+            f"| {a['keep']} | {a['params']:,} | {dense['params'] / a['params']:.1f}x | "
+            f"{a['accuracy_after_hard_prune']:.2f}% | **{a['accuracy']:.2f}%** | "
+            + (f"{m['accuracy_after_hard_prune']:.2f}% | **{m['accuracy']:.2f}%** |" if m else "- | - |")
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["dense", "admm", "magnitude", "summary"])
+    parser.add_argument("--keep", type=float, default=0.5, help="fraction of channels kept in every group")
+    parser.add_argument("--train-limit", type=int, default=10000)
+    parser.add_argument("--dense-epochs", type=int, default=7)
+    parser.add_argument("--admm-epochs", type=int, default=2)
+    parser.add_argument("--finetune-epochs", type=int, default=2)
+    parser.add_argument("--rho", type=float, default=1e-2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=str(ROOT / "runs" / "structured_cifar"))
+    args = parser.parse_args()
+    out = Path(args.out)
+    if args.what == "summary":
+        print(summary(out))
+        return
+    ensure_malloc_env()
+    torch.set_num_threads(args.threads)
+    log = log_to(out)
+    log(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} | {machine()}\n# {command_line()}")
+    start = time.perf_counter()
+    runner = {"dense": run_dense, "admm": run_admm, "magnitude": run_magnitude}[args.what]
+    record = runner(args, log)
+    record.update(
+        keep=args.keep,
+        seconds=round(time.perf_counter() - start),
+        command=command_line(),
+        date=str(datetime.date.today()),
+        args=vars(args),
+    )
+    name = "dense.json" if args.what == "dense" else f"{args.what}_keep{args.keep}.json"
+    (out / name).write_text(json.dumps(record, indent=1))
+    log(json.dumps({k: v for k, v in record.items() if k != "args"}))
+
+
+if __name__ == "__main__":
+    main()

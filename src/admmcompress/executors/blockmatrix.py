@@ -1,0 +1,160 @@
+"""A block-sparse weight matrix for CPU inference: per row block, a dense GEMM on gathered inputs.
+
+The matrix ``W (O, I)`` is cut into row blocks of ``r`` rows. Block pruning (``structures.Block``)
+leaves all rows of a row block with one shared set of nonzero columns, so a row block is stored
+as the list of its kept columns and a small dense ``(K, r)`` matrix. The product ``x @ W.T`` is
+then one gather of ``x``'s columns and one batched matmul over the row blocks (``torch.bmm``),
+with every row block padded to the same ``K`` (zeros, index 0). ``buckets > 1`` sorts the row
+blocks by their column count and pads each bucket to its own ``K`` instead, which wastes less
+when the counts differ (global top-k pruning).
+
+Any mask packs exactly: a row block keeps the union of its rows' columns, storing explicit
+zeros where rows differ, so outputs always equal the dense product (to float rounding). Speed
+comes only when row blocks share columns. The gather + ``bmm`` implementation was chosen by
+measurement against torch CSR (``W_csr @ x.T``) and dense ``F.linear`` on this project's CPU:
+see ``benchmarks/blocksparse_kernels.py`` and RESULTS.md; ``impl="csr"``/``"dense"`` keep the
+others selectable.
+
+>>> w = torch.zeros(4, 6)
+>>> w[:2, [1, 4]] = 1.0; w[2:, [0]] = 2.0
+>>> m = BlockSparseMatrix(w, block_rows=2)
+>>> m.index0.tolist(), m.stored_columns    # block 2 keeps column 0, padded to 2 columns
+([1, 4, 0, 0], 4)
+>>> torch.equal(m(torch.ones(1, 6)), torch.ones(1, 6) @ w.T)
+True
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMPLS = ("gather", "csr", "dense")
+
+
+class BlockSparseMatrix(nn.Module):
+    """``x -> x @ W.T (+ b)`` for a weight with shared column patterns per row block (inference only).
+
+    Args:
+        weight: the dense (masked) ``(O, I)`` matrix; packed, not kept (except ``impl="dense"``).
+        block_rows: rows per row block ``r`` (use the ``Block`` structure's ``r``); the last may be ragged.
+        impl: ``"gather"`` (gather + batched dense matmul), ``"csr"`` (torch sparse CSR) or ``"dense"``.
+        buckets: groups of row blocks padded separately (``"gather"`` only), sorted by column count.
+        bias: optional ``(O,)`` bias, added inside the batched matmul (``baddbmm``).
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        block_rows: int = 16,
+        impl: str = "gather",
+        buckets: int = 1,
+        bias: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        if weight.dim() != 2:
+            raise ValueError(f"BlockSparseMatrix: weight must be 2-D (O, I), got shape {tuple(weight.shape)}")
+        if impl not in IMPLS:
+            raise ValueError(f"BlockSparseMatrix: impl={impl!r}; choose one of {IMPLS}")
+        if not isinstance(block_rows, int) or block_rows < 1:
+            raise ValueError(
+                f"BlockSparseMatrix: block_rows={block_rows!r} must be a positive integer, e.g. 16"
+            )
+        if not isinstance(buckets, int) or buckets < 1:
+            raise ValueError(f"BlockSparseMatrix: buckets={buckets!r} must be a positive integer")
+        weight = weight.detach()
+        self.out_features, self.in_features = weight.shape
+        if bias is not None and bias.shape != (self.out_features,):
+            raise ValueError(f"BlockSparseMatrix: bias shape {tuple(bias.shape)} != ({self.out_features},)")
+        self.block_rows, self.impl = block_rows, impl
+        self.nonzeros = int(torch.count_nonzero(weight))
+        self.n_buckets = 0
+        bias = None if bias is None else bias.detach().clone()
+        if impl == "dense":
+            self.register_buffer("weight", weight.clone())
+            self.register_buffer("bias", bias)
+            self.stored_columns = self.in_features * ((self.out_features + block_rows - 1) // block_rows)
+            return
+        if impl == "csr":
+            with warnings.catch_warnings():  # "sparse CSR support is in beta": known, and measured
+                warnings.simplefilter("ignore", UserWarning)
+                self.csr = weight.to_sparse_csr()  # an attribute, not a buffer (sparse)
+            self.register_buffer("bias", bias)
+            self.stored_columns = 0
+            return
+        self._pack(weight, buckets, bias)
+
+    def _pack(self, weight: torch.Tensor, buckets: int, bias: torch.Tensor | None) -> None:
+        rows, cols, r = self.out_features, self.in_features, self.block_rows
+        n_blocks = (rows + r - 1) // r
+        padded = torch.zeros(n_blocks * r, cols + 1, dtype=weight.dtype, device=weight.device)
+        padded[:rows, :cols] = weight
+        if bias is not None:
+            padded[:rows, cols] = bias
+        blocks = padded.view(n_blocks, r, cols + 1)
+        keep = (blocks[:, :, :cols] != 0).any(1)  # (n_blocks, I): the columns each row block needs
+        counts = keep.sum(1)
+        # Row blocks sorted by column count (descending; ties by index) so buckets pad little.
+        order = torch.argsort(counts, descending=True, stable=True)
+        chunks = [c for c in torch.tensor_split(order, min(buckets, n_blocks)) if c.numel()]
+        self.n_buckets = len(chunks)
+        for b, chunk in enumerate(chunks):
+            chunk = chunk if self.n_buckets > 1 else torch.arange(n_blocks, device=weight.device)
+            k = max(1, int(counts[chunk].max()))
+            # Kept columns first, in ascending order (stable sort of "not kept").
+            cols_sorted = torch.argsort((~keep[chunk]).to(torch.int8), dim=1, stable=True)[:, :k]
+            valid = torch.arange(k, device=weight.device).view(1, k) < counts[chunk].view(-1, 1)
+            index = torch.where(valid, cols_sorted, torch.zeros_like(cols_sorted))
+            values = blocks[chunk].gather(2, index.unsqueeze(1).expand(-1, r, k)) * valid.unsqueeze(1)
+            self.register_buffer(f"index{b}", index.reshape(-1).contiguous())
+            self.register_buffer(f"values{b}", values.transpose(1, 2).contiguous())  # (blocks, K, r)
+            block_bias = None if bias is None else blocks[chunk][:, :, cols].unsqueeze(1).contiguous()
+            self.register_buffer(f"bias{b}", block_bias)  # (blocks, 1, r)
+        self.register_buffer("unpermute", torch.argsort(torch.cat(chunks)) if self.n_buckets > 1 else None)
+        self.stored_columns = sum(int(getattr(self, f"index{b}").numel()) for b in range(self.n_buckets))
+
+    @property
+    def stored_values(self) -> int:
+        """Weights stored, padding and in-block zeros included (what a product reads)."""
+        return self.stored_columns * self.block_rows if self.impl != "csr" else self.nonzeros
+
+    def macs(self, batch: int = 1) -> int:
+        """Multiply-adds of one product on ``batch`` rows (padding included)."""
+        return batch * self.stored_values
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (N, I) -> x @ W.T + b (N, O)``."""
+        buffers = self._buffers  # direct lookups: this runs once per RNN step, where overhead counts
+        if self.impl == "dense":
+            return F.linear(x, buffers["weight"], buffers["bias"])
+        if self.impl == "csr":
+            y = (self.csr @ x.t()).t()
+            return y if buffers["bias"] is None else y + buffers["bias"]
+        n = x.shape[0]
+        outs = []
+        for b in range(self.n_buckets):
+            values, bias = buffers[f"values{b}"], buffers[f"bias{b}"]
+            gathered = x.index_select(1, buffers[f"index{b}"])
+            # (blocks, N, K) @ (blocks, K, r) -> (blocks, N, r); at N = 1 no transpose is needed
+            gathered = (
+                gathered.view(values.shape[0], 1, -1) if n == 1 else gathered.view(n, values.shape[0], -1)
+            )
+            gathered = gathered if n == 1 else gathered.transpose(0, 1)
+            outs.append(
+                torch.bmm(gathered, values) if bias is None else torch.baddbmm(bias, gathered, values)
+            )
+        y = outs[0] if self.n_buckets == 1 else torch.cat(outs, 0).index_select(0, buffers["unpermute"])
+        y = y.view(1, -1) if n == 1 else y.transpose(0, 1).reshape(n, -1)
+        return y if y.shape[1] == self.out_features else y[:, : self.out_features]
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.out_features}x{self.in_features}, block_rows={self.block_rows}, impl={self.impl}, "
+            f"nonzeros={self.nonzeros}, stored={self.stored_values}"
+        )
+
+
+__all__ = ["IMPLS", "BlockSparseMatrix"]

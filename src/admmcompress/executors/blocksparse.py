@@ -1,0 +1,152 @@
+"""Block-sparse CPU executor: swap the pruned layers of a model for block-sparse ones (inference).
+
+After block pruning (``structures.Block``), ``to_blocksparse(model)`` replaces every
+``nn.Linear``, ``nn.Conv2d``, ``nn.GRU``, ``nn.LSTM``, ``nn.GRUCell`` and ``nn.LSTMCell`` whose
+weights are sparse enough with a module that computes the same outputs from packed row blocks
+(each row block: its kept columns + a small dense matrix; see
+:mod:`admmcompress.executors.blockmatrix`). The model stays an ``nn.Module``; the swap is
+explicit and one-way (keep the masked model to train further).
+
+>>> from admmcompress.structures import Block
+>>> model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+>>> with torch.no_grad():
+...     _ = model[0].weight.copy_(Block(compression=8, block=(8, 8)).project(model[0].weight))
+>>> x = torch.randn(4, 64)
+>>> expected = model(x)
+>>> plan = Plan({"0": Block(compression=8, block=(8, 8))})
+>>> to_blocksparse(model, block_rows=block_rows_from(plan, model))    # r = 8 for layer "0"
+['0']
+>>> torch.allclose(model(x), expected, atol=1e-5)
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from admmcompress.executors.blockmatrix import BlockSparseMatrix
+from admmcompress.executors.blocksparse_layers import BlockSparseConv2d, BlockSparseLinear
+from admmcompress.executors.blocksparse_rnn import BlockSparseCell, BlockSparseGRU, BlockSparseLSTM
+from admmcompress.plan import Plan, Target
+from admmcompress.structures.block import Block
+from admmcompress.structures.groups import gemm_params
+
+SUPPORTED = (nn.Linear, nn.Conv2d, nn.GRU, nn.LSTM, nn.GRUCell, nn.LSTMCell)
+
+
+def block_rows_from(targets: Plan | list[Target], model: nn.Module | None = None) -> dict[str, int]:
+    """``{layer: r}`` from the plan's ``Block``/``BlockRow`` targets (the executor's row block size)."""
+    if isinstance(targets, Plan):
+        if model is None:
+            raise ValueError("block_rows_from(plan): pass the model too, or the resolved targets")
+        targets = targets.resolve(model)
+    return {t.layer: t.structure.block[0] for t in targets if isinstance(t.structure, Block)}
+
+
+def sparsity_of(module: nn.Module) -> float:
+    """Fraction of zeros over the module's GEMM weight matrices."""
+    weights = [getattr(module, p) for p in gemm_params(module)]
+    total = sum(w.numel() for w in weights)
+    return 1.0 - sum(int(torch.count_nonzero(w)) for w in weights) / total if total else 0.0
+
+
+def convert_module(module: nn.Module, block_rows: int = 16, name: str = "layer", **kwargs) -> nn.Module:
+    """The block-sparse replacement of one supported module (its weights are copied, not shared).
+
+    ``kernel`` ("torch" or "cpp") applies to GRU/LSTM sequences only; ``min_sparsity`` to their
+    matrices (one that is denser stays dense).
+    """
+    if not isinstance(module, (nn.GRU, nn.LSTM)):
+        kwargs.pop("kernel", None)
+    if isinstance(module, nn.Linear):
+        kwargs.pop("min_sparsity", None)
+        return BlockSparseLinear.from_dense(module, block_rows, **kwargs)
+    if isinstance(module, nn.Conv2d):
+        kwargs.pop("min_sparsity", None)
+        return BlockSparseConv2d.from_dense(module, block_rows, name=name, **kwargs)
+    if isinstance(module, nn.GRU):
+        return BlockSparseGRU.from_dense(module, block_rows, name=name, **kwargs)
+    if isinstance(module, nn.LSTM):
+        return BlockSparseLSTM.from_dense(module, block_rows, name=name, **kwargs)
+    if isinstance(module, (nn.GRUCell, nn.LSTMCell)):
+        return BlockSparseCell.from_dense(module, block_rows, **kwargs)
+    supported = ", ".join(t.__name__ for t in SUPPORTED)
+    raise ValueError(
+        f"layer '{name}' is {type(module).__name__}; the block-sparse executor supports {supported}"
+    )
+
+
+@torch.no_grad()
+def to_blocksparse(
+    model: nn.Module,
+    block_rows: int | Mapping[str, int] = 16,
+    layers: Iterable[str] | None = None,
+    min_sparsity: float = 0.5,
+    impl: str = "gather",
+    buckets: int = 1,
+    kernel: str = "torch",
+) -> list[str]:
+    """Replace sparse layers of ``model`` in place with block-sparse executors; returns their names.
+
+    Args:
+        block_rows: rows per row block, one for all or ``{layer: r}`` (see ``block_rows_from``);
+            layers missing from the mapping use 16.
+        layers: names to convert (each must be a supported type); default: every supported layer
+            whose weights are at least ``min_sparsity`` zero.
+        min_sparsity: below it a layer (or, in a GRU/LSTM, one matrix) stays dense: packing pays
+            off only when most columns of a row block are gone.
+        impl, buckets: see :class:`~admmcompress.executors.blockmatrix.BlockSparseMatrix`.
+        kernel: ``"cpp"`` runs GRU/LSTM sequences in the compiled kernel (``blocksparse_cpp``; built on
+            first use, about a minute; falls back to ``"torch"`` with a warning where it cannot be built).
+    """
+    modules = dict(model.named_modules())
+    if layers is None:
+        chosen = [
+            n for n, m in modules.items() if isinstance(m, SUPPORTED) and sparsity_of(m) >= min_sparsity
+        ]
+    else:
+        chosen = list(dict.fromkeys(layers))
+        unknown = [n for n in chosen if n not in modules]
+        if unknown:
+            raise ValueError(f"to_blocksparse: the model has no layer(s) {unknown}; check the names")
+        wrong = {n: type(modules[n]).__name__ for n in chosen if not isinstance(modules[n], SUPPORTED)}
+        if wrong:
+            supported = ", ".join(t.__name__ for t in SUPPORTED)
+            raise ValueError(f"to_blocksparse: {wrong} cannot be converted; supported types are {supported}")
+    if "" in chosen:
+        raise ValueError(
+            "to_blocksparse: the model itself is a single layer; wrap it, e.g. nn.Sequential(layer)"
+        )
+    for name in chosen:
+        rows = block_rows.get(name, 16) if isinstance(block_rows, Mapping) else block_rows
+        new = convert_module(
+            modules[name],
+            rows,
+            name=name,
+            impl=impl,
+            buckets=buckets,
+            min_sparsity=min_sparsity,
+            kernel=kernel,
+        )
+        new.train(modules[name].training)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, new)
+    return chosen
+
+
+__all__ = [
+    "SUPPORTED",
+    "BlockSparseCell",
+    "BlockSparseConv2d",
+    "BlockSparseGRU",
+    "BlockSparseLSTM",
+    "BlockSparseLinear",
+    "BlockSparseMatrix",
+    "block_rows_from",
+    "convert_module",
+    "sparsity_of",
+    "to_blocksparse",
+]

@@ -1,0 +1,110 @@
+"""Block-sparse replacements for ``nn.Linear`` and ``nn.Conv2d`` (inference; same outputs as dense).
+
+``BlockSparseLinear.from_dense(linear)`` packs the (pruned) weight into a
+:class:`~admmcompress.executors.blockmatrix.BlockSparseMatrix`; ``BlockSparseConv2d`` runs the
+convolution as im2col (``F.unfold``) followed by the same block-sparse GEMM, whose columns are
+the conv's GEMM-view columns ``(channel, ky, kx)``.
+
+>>> conv = nn.Conv2d(3, 8, 3, padding=1)
+>>> fast = BlockSparseConv2d.from_dense(conv, block_rows=4)
+>>> x = torch.randn(2, 3, 5, 5)
+>>> torch.allclose(fast(x), conv(x), atol=1e-5)
+True
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from admmcompress.executors.blockmatrix import BlockSparseMatrix
+
+
+class BlockSparseLinear(nn.Module):
+    """``y = x @ W.T + b`` with a block-sparse ``W`` (bias inside the matrix); input ``(..., I)``."""
+
+    def __init__(self, matrix: BlockSparseMatrix):
+        super().__init__()
+        self.matrix = matrix
+        self.in_features, self.out_features = matrix.in_features, matrix.out_features
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, block_rows: int = 16, **kwargs) -> BlockSparseLinear:
+        return cls(BlockSparseMatrix(linear.weight, block_rows, bias=linear.bias, **kwargs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matrix(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+
+
+class BlockSparseConv2d(nn.Module):
+    """A 2-D convolution (``groups=1``, zero padding) as im2col + block-sparse GEMM."""
+
+    def __init__(
+        self,
+        matrix: BlockSparseMatrix,
+        kernel_size: tuple[int, int],
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        dilation: tuple[int, int],
+    ):
+        super().__init__()
+        self.matrix = matrix
+        self.kernel_size, self.stride, self.padding, self.dilation = kernel_size, stride, padding, dilation
+        self.out_channels = matrix.out_features
+
+    @classmethod
+    def from_dense(
+        cls, conv: nn.Conv2d, block_rows: int = 16, name: str = "conv", **kwargs
+    ) -> BlockSparseConv2d:
+        problems = []
+        if conv.groups != 1:
+            problems.append(f"groups={conv.groups} (only 1 is supported)")
+        if conv.padding_mode != "zeros":
+            problems.append(f"padding_mode={conv.padding_mode!r} (only 'zeros')")
+        padding = conv.padding
+        if isinstance(padding, str):
+            if padding == "valid":
+                padding = (0, 0)
+            elif all(s == 1 for s in conv.stride) and all(
+                (d * (k - 1)) % 2 == 0 for d, k in zip(conv.dilation, conv.kernel_size, strict=True)
+            ):
+                padding = tuple(
+                    d * (k - 1) // 2 for d, k in zip(conv.dilation, conv.kernel_size, strict=True)
+                )
+            else:
+                problems.append("padding='same' with an even kernel")
+        if problems:
+            raise ValueError(
+                f"layer '{name}' (Conv2d): cannot run block-sparse with {', '.join(problems)}; "
+                "leave it dense (pass layers=... without it)"
+            )
+        weight = conv.weight.reshape(conv.out_channels, -1)
+        matrix = BlockSparseMatrix(weight, block_rows, bias=conv.bias, **kwargs)
+        return cls(matrix, conv.kernel_size, conv.stride, tuple(padding), conv.dilation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batched = x.dim() == 4
+        if not batched:
+            x = x.unsqueeze(0)
+        n, _, h, w = x.shape
+        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (N, C*kh*kw, L)
+        out_h = (h + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[
+            0
+        ] + 1
+        out_w = (w + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[
+            1
+        ] + 1
+        y = self.matrix(cols.transpose(1, 2).reshape(-1, cols.shape[1]))  # (N*L, O), bias included
+        y = (
+            y.view(n, out_h * out_w, self.out_channels)
+            .transpose(1, 2)
+            .reshape(n, self.out_channels, out_h, out_w)
+        )
+        return y if batched else y.squeeze(0)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+
+__all__ = ["BlockSparseConv2d", "BlockSparseLinear"]

@@ -1,0 +1,271 @@
+"""Block-sparse GRU/LSTM for inference: the cell's two matmuls run on block-sparse gate matrices.
+
+Per layer and direction, the input matmul ``x @ W_ih.T`` runs once for the whole sequence (the
+``T*B`` rows make it a real GEMM even at batch 1); the hidden matmul ``h @ W_hh.T`` runs at every
+step; the gate arithmetic is PyTorch's, in PyTorch's gate order (GRU r, z, n; LSTM i, f, g, o):
+
+- GRU: ``r = s(x_r + h_r)``, ``z = s(x_z + h_z)``, ``n = tanh(x_n + r * h_n)``, ``h' = (1 - z) * n + z * h``
+- LSTM: ``c' = s(f) * c + s(i) * tanh(g)``, ``h' = s(o) * tanh(c')``
+
+with the biases ``b_ih`` in ``x_*`` and ``b_hh`` in ``h_*``. ``from_dense`` copies every setting of
+the original module (layers, bidirectional, batch_first) and gives outputs equal to it (to float
+rounding); ``proj_size`` LSTMs and packed sequences are refused with an error naming the fix.
+
+>>> gru = nn.GRU(4, 8, num_layers=2, batch_first=True)
+>>> fast = BlockSparseGRU.from_dense(gru, block_rows=4)
+>>> x = torch.randn(3, 5, 4)
+>>> all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fast(x), gru(x)))
+True
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence
+
+from admmcompress.executors import blocksparse_cpp
+from admmcompress.executors.blockmatrix import BlockSparseMatrix
+
+KERNELS = ("torch", "cpp")
+
+
+def gru_cell(gi: torch.Tensor, gh: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """One GRU step from the input part ``gi`` and hidden part ``gh`` (biases included)."""
+    size = h.shape[-1]
+    rz = torch.sigmoid(gi[..., : 2 * size] + gh[..., : 2 * size])
+    n = torch.tanh(torch.addcmul(gi[..., 2 * size :], rz[..., :size], gh[..., 2 * size :]))
+    return torch.lerp(n, h, rz[..., size:])  # (1 - z) * n + z * h
+
+
+def lstm_cell(
+    gi: torch.Tensor, gh: torch.Tensor, h: torch.Tensor, c: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One LSTM step; returns ``(h', c')``."""
+    size = h.shape[-1]
+    gates = gi + gh
+    s = torch.sigmoid(gates)  # i, f, (g: unused), o
+    c = torch.addcmul(s[..., size : 2 * size] * c, s[..., :size], torch.tanh(gates[..., 2 * size : 3 * size]))
+    return s[..., 3 * size :] * torch.tanh(c), c
+
+
+def _matrix(
+    weight: torch.Tensor, bias: torch.Tensor | None, block_rows: int, min_sparsity: float, **kwargs
+) -> BlockSparseMatrix:
+    """Block-sparse when sparse enough to pay off, else dense (``impl="dense"``)."""
+    sparsity = 1.0 - int(torch.count_nonzero(weight)) / weight.numel()
+    impl = kwargs.pop("impl", "gather")
+    return BlockSparseMatrix(
+        weight, block_rows, impl=impl if sparsity >= min_sparsity else "dense", bias=bias, **kwargs
+    )
+
+
+class _BlockSparseRNNBase(nn.Module):
+    """Shared sequence loop of the GRU/LSTM executors; subclasses give the cell and the state."""
+
+    mode = ""
+
+    def __init__(
+        self,
+        rnn: nn.RNNBase,
+        block_rows: int = 16,
+        min_sparsity: float = 0.0,
+        name: str = "rnn",
+        kernel: str = "torch",
+        **kwargs,
+    ):
+        super().__init__()
+        if kernel not in KERNELS:
+            raise ValueError(f"layer '{name}': kernel={kernel!r}; choose one of {KERNELS}")
+        # "cpp": the whole sequence loop in the compiled kernel (blocksparse_cpp), where it can be built.
+        self.kernel = kernel if kernel == "torch" or blocksparse_cpp.available() else "torch"
+        if getattr(rnn, "proj_size", 0):
+            raise ValueError(
+                f"layer '{name}' (LSTM): proj_size={rnn.proj_size} is not supported by the block-sparse "
+                "executor; leave it dense (pass layers=... without it)"
+            )
+        self.input_size, self.hidden_size = rnn.input_size, rnn.hidden_size
+        self.num_layers, self.batch_first = rnn.num_layers, rnn.batch_first
+        self.directions = 2 if rnn.bidirectional else 1
+        self.dropout = rnn.dropout
+        self.ih, self.hh = (
+            nn.ModuleList(),
+            nn.ModuleList(),
+        )  # one matrix per (layer, direction), biases inside
+        for layer in range(self.num_layers):
+            for direction in range(self.directions):
+                suffix = f"_l{layer}" + ("_reverse" if direction else "")
+                for kind, matrices in (("ih", self.ih), ("hh", self.hh)):
+                    weight = getattr(rnn, f"weight_{kind}{suffix}")
+                    bias = getattr(rnn, f"bias_{kind}{suffix}") if rnn.bias else None
+                    matrices.append(_matrix(weight, bias, block_rows, min_sparsity, **kwargs))
+
+    @classmethod
+    def from_dense(cls, rnn: nn.RNNBase, block_rows: int = 16, **kwargs):
+        if rnn.mode != cls.mode:
+            raise ValueError(f"{cls.__name__}.from_dense needs an nn.{cls.mode}, got {type(rnn).__name__}")
+        return cls(rnn, block_rows, **kwargs)
+
+    # The state: a tensor (GRU) or an (h, c) pair (LSTM).
+    def _zeros_state(self, batch: int, like: torch.Tensor):
+        raise NotImplementedError
+
+    def _step(self, gi: torch.Tensor, gh: torch.Tensor, state):
+        raise NotImplementedError
+
+    def _hidden(self, state) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _map(self, fn, state):
+        """Apply a tensor function to every tensor of the state."""
+        raise NotImplementedError
+
+    def _compiled(self, gi: torch.Tensor, state, hh: BlockSparseMatrix, reverse: bool):
+        """The whole sequence in the compiled kernel: ``(outputs (T, N, H), final state)``."""
+        raise NotImplementedError
+
+    def _stack(self, states: list):
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, hx=None):
+        if isinstance(x, PackedSequence):
+            raise ValueError(
+                f"{type(self).__name__}: packed sequences are not supported; pad them (batch of equal length)"
+            )
+        batched = x.dim() == 3
+        if not batched:
+            x = x.unsqueeze(1)
+            hx = None if hx is None else self._map(lambda t: t.unsqueeze(1), hx)
+        elif self.batch_first:
+            x = x.transpose(0, 1)
+        steps, batch = x.shape[0], x.shape[1]
+        if hx is None:
+            hx = self._zeros_state(batch, x)
+        finals = []
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(self.directions):
+                index = layer * self.directions + direction
+                hh = self.hh[index]
+                gi = self.ih[index](x.reshape(steps * batch, -1)).view(steps, batch, -1)
+                state = self._map(lambda t, i=index: t[i], hx)
+                if self.kernel == "cpp" and blocksparse_cpp.supports(hh):
+                    sequence, state = self._compiled(gi, state, hh, bool(direction))
+                    outputs.append(sequence)
+                    finals.append(state)
+                    continue
+                out: list[torch.Tensor] = [x] * steps
+                for t in range(steps - 1, -1, -1) if direction else range(steps):
+                    state = self._step(gi[t], hh(self._hidden(state)), state)
+                    out[t] = self._hidden(state)
+                outputs.append(torch.stack(out))
+                finals.append(state)
+            x = outputs[0] if self.directions == 1 else torch.cat(outputs, 2)
+            if self.training and self.dropout and layer < self.num_layers - 1:
+                x = F.dropout(x, self.dropout)
+        hn = self._stack(finals)
+        if not batched:
+            return x.squeeze(1), self._map(lambda t: t.squeeze(1), hn)
+        return (x.transpose(0, 1) if self.batch_first else x), hn
+
+
+class BlockSparseGRU(_BlockSparseRNNBase):
+    """Drop-in for ``nn.GRU`` (inference): ``output, h_n = gru(x, h0)``."""
+
+    mode = "GRU"
+
+    def _zeros_state(self, batch, like):
+        return like.new_zeros(self.num_layers * self.directions, batch, self.hidden_size)
+
+    def _step(self, gi, gh, state):
+        return gru_cell(gi, gh, state)
+
+    def _hidden(self, state):
+        return state
+
+    def _map(self, fn, state):
+        return fn(state)
+
+    def _compiled(self, gi, state, hh, reverse):
+        out, h = blocksparse_cpp.load().gru_sequence(
+            gi.contiguous(), state, *blocksparse_cpp.packed(hh), reverse
+        )
+        return out, h
+
+    def _stack(self, states):
+        return torch.stack(states)
+
+
+class BlockSparseLSTM(_BlockSparseRNNBase):
+    """Drop-in for ``nn.LSTM``, no ``proj_size`` (inference): ``output, (h_n, c_n) = lstm(x, (h0, c0))``."""
+
+    mode = "LSTM"
+
+    def _zeros_state(self, batch, like):
+        zeros = like.new_zeros(self.num_layers * self.directions, batch, self.hidden_size)
+        return zeros, zeros
+
+    def _step(self, gi, gh, state):
+        return lstm_cell(gi, gh, *state)
+
+    def _hidden(self, state):
+        return state[0]
+
+    def _map(self, fn, state):
+        return fn(state[0]), fn(state[1])
+
+    def _compiled(self, gi, state, hh, reverse):
+        ext = blocksparse_cpp.load()
+        out, h, c = ext.lstm_sequence(
+            gi.contiguous(), state[0], state[1], *blocksparse_cpp.packed(hh), reverse
+        )
+        return out, (h, c)
+
+    def _stack(self, states):
+        return torch.stack([s[0] for s in states]), torch.stack([s[1] for s in states])
+
+
+class BlockSparseCell(nn.Module):
+    """Drop-in for ``nn.GRUCell`` or ``nn.LSTMCell`` (inference): one step on block-sparse matrices."""
+
+    def __init__(self, cell: nn.RNNCellBase, block_rows: int = 16, min_sparsity: float = 0.0, **kwargs):
+        super().__init__()
+        if not isinstance(cell, (nn.GRUCell, nn.LSTMCell)):
+            raise ValueError(
+                f"{type(self).__name__} needs an nn.GRUCell or nn.LSTMCell, got {type(cell).__name__}"
+            )
+        self.lstm = isinstance(cell, nn.LSTMCell)
+        self.hidden_size = cell.hidden_size
+        biases = (cell.bias_ih, cell.bias_hh) if cell.bias else (None, None)
+        self.ih = _matrix(cell.weight_ih, biases[0], block_rows, min_sparsity, **kwargs)
+        self.hh = _matrix(cell.weight_hh, biases[1], block_rows, min_sparsity, **kwargs)
+
+    @classmethod
+    def from_dense(cls, cell: nn.RNNCellBase, block_rows: int = 16, **kwargs) -> BlockSparseCell:
+        return cls(cell, block_rows, **kwargs)
+
+    def forward(self, x: torch.Tensor, hx=None):
+        batched = x.dim() == 2
+        if not batched:
+            x = x.unsqueeze(0)
+        zeros = x.new_zeros(x.shape[0], self.hidden_size)
+        if hx is None:
+            hx = (zeros, zeros) if self.lstm else zeros
+        elif not batched:
+            hx = tuple(h.unsqueeze(0) for h in hx) if self.lstm else hx.unsqueeze(0)
+        h = hx[0] if self.lstm else hx
+        gi, gh = self.ih(x), self.hh(h)
+        out = lstm_cell(gi, gh, h, hx[1]) if self.lstm else gru_cell(gi, gh, h)
+        if not batched:
+            return tuple(o.squeeze(0) for o in out) if self.lstm else out.squeeze(0)
+        return out
+
+
+__all__ = [
+    "BlockSparseCell",
+    "BlockSparseGRU",
+    "BlockSparseLSTM",
+    "gru_cell",
+    "lstm_cell",
+]

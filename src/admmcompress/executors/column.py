@@ -1,0 +1,273 @@
+"""Column (shape) executor: a convolution or Linear that computes only its kept GEMM columns.
+
+Column pruning that does not empty a whole input channel cannot shrink the layer, but its GEMM can:
+``ColumnConv2d`` builds the im2col matrix with the kept columns only (one ``index_select`` of the
+padded input at precomputed positions) and multiplies it by the ``(out, kept)`` weight;
+``ColumnLinear`` gathers the kept input features. ``apply_column_executors`` swaps them in only where
+they measure faster than the dense layer on the example input (``mode="auto"``).
+
+>>> conv = nn.Conv2d(4, 3, 3, padding=1)
+>>> with torch.no_grad():
+...     conv.weight[:, :, 0, :] = 0                  # a third of the columns pruned
+>>> fast = ColumnConv2d.from_conv(conv)
+>>> x = torch.ones(1, 4, 5, 5)
+>>> fast.kept.numel(), bool(torch.allclose(fast(x), conv(x), atol=1e-6))
+(24, True)
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from admmcompress.executors.fold import forward
+
+
+def kept_columns(weight: torch.Tensor) -> torch.Tensor:
+    """Indices of the GEMM columns (input channel x kernel position) with any nonzero entry."""
+    matrix = weight.detach().reshape(weight.shape[0], -1)
+    return torch.nonzero((matrix != 0).any(dim=0)).flatten()
+
+
+class ColumnConv2d(nn.Module):
+    """A 2-D convolution (``groups=1``, zero padding) that computes only the kept GEMM columns.
+
+    ``weight`` is ``(out_channels, len(kept))``; ``kept`` holds the column indices into the dense
+    ``(in_channels * kh * kw)`` axis (a buffer, saved with the state dict).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: tuple[int, int],
+        columns: int,
+        stride=(1, 1),
+        padding=(0, 0),
+        dilation=(1, 1),
+        bias: bool = True,
+    ):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
+        self.padding, self.dilation = tuple(padding), tuple(dilation)
+        self.weight = nn.Parameter(torch.zeros(out_channels, columns))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        self.register_buffer("kept", torch.zeros(columns, dtype=torch.long))
+        self._index: dict[tuple[int, int, str], torch.Tensor] = {}
+
+    @classmethod
+    @torch.no_grad()
+    def from_conv(cls, conv: nn.Conv2d) -> ColumnConv2d:
+        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(
+                f"ColumnConv2d needs groups=1 and numeric zero padding, got groups={conv.groups}, "
+                f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}; keep this layer dense"
+            )
+        kept = kept_columns(conv.weight)
+        out = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            len(kept),
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.bias is not None,
+        )
+        out.kept.copy_(kept)
+        out.weight.copy_(conv.weight.reshape(conv.out_channels, -1)[:, kept])
+        if conv.bias is not None:
+            out.bias.copy_(conv.bias)
+        return out.to(conv.weight.device)
+
+    def extra_repr(self) -> str:
+        total = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"columns={self.kept.numel()}/{total}, stride={self.stride}, padding={self.padding}"
+        )
+
+    def _positions(self, height: int, width: int, device: torch.device) -> torch.Tensor:
+        key = (height, width, str(device))
+        if key not in self._index:
+            kh, kw = self.kernel_size
+            (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
+            hp, wp = height + 2 * ph, width + 2 * pw
+            ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+            kept = self.kept.cpu()
+            c, ky, kx = kept // (kh * kw), (kept % (kh * kw)) // kw, kept % kw
+            oy = torch.arange(ho).view(1, ho, 1) * sh
+            ox = torch.arange(wo).view(1, 1, wo) * sw
+            rows = (ky * dh).view(-1, 1, 1) + oy
+            cols = (kx * dw).view(-1, 1, 1) + ox
+            index = (c.view(-1, 1, 1) * hp * wp + rows * wp + cols).reshape(-1)
+            self._index[key] = index.to(device)
+        return self._index[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        ph, pw = self.padding
+        kh, kw = self.kernel_size
+        (sh, sw), (dh, dw) = self.stride, self.dilation
+        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        padded = F.pad(x, (pw, pw, ph, ph)) if (ph or pw) else x
+        columns = padded.reshape(n, -1).index_select(1, self._positions(h, w, x.device))
+        out = torch.matmul(self.weight, columns.view(n, self.kept.numel(), ho * wo))
+        if self.bias is not None:
+            out = out + self.bias.view(1, -1, 1)
+        return out.view(n, self.out_channels, ho, wo)
+
+
+class ColumnLinear(nn.Module):
+    """A Linear that reads only its kept input features: ``y = x[..., kept] @ weight.T + bias``."""
+
+    def __init__(self, in_features: int, out_features: int, columns: int, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.zeros(out_features, columns))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.register_buffer("kept", torch.zeros(columns, dtype=torch.long))
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear) -> ColumnLinear:
+        kept = kept_columns(linear.weight)
+        out = cls(linear.in_features, linear.out_features, len(kept), linear.bias is not None)
+        out.kept.copy_(kept)
+        out.weight.copy_(linear.weight[:, kept])
+        if linear.bias is not None:
+            out.bias.copy_(linear.bias)
+        return out.to(linear.weight.device)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, columns={self.kept.numel()}"
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.index_select(-1, self.kept), self.weight, self.bias)
+
+
+def column_executor(module: nn.Module) -> nn.Module | None:
+    """The column executor for ``module`` (None when it has no pruned column or no executor applies)."""
+    if (
+        isinstance(module, nn.Conv2d)
+        and module.groups == 1
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
+    ):
+        return (
+            ColumnConv2d.from_conv(module)
+            if len(kept_columns(module.weight)) < module.weight[0].numel()
+            else None
+        )
+    if isinstance(module, nn.Linear):
+        return (
+            ColumnLinear.from_linear(module)
+            if len(kept_columns(module.weight)) < module.in_features
+            else None
+        )
+    return None
+
+
+def _median_ms(fn, x: torch.Tensor, rounds: int) -> float:
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return 1e3 * times[len(times) // 2]
+
+
+@torch.no_grad()
+def time_pair(
+    dense: nn.Module, fast: nn.Module, x: torch.Tensor, rounds: int = 9, warmup: int = 3
+) -> tuple[float, float]:
+    """Median milliseconds of ``dense(x)`` and ``fast(x)``, measured interleaved."""
+    for _ in range(warmup):
+        dense(x), fast(x)
+    d, f = [], []
+    for _ in range(rounds):
+        d.append(_median_ms(dense, x, 1))
+        f.append(_median_ms(fast, x, 1))
+    d.sort(), f.sort()
+    return d[len(d) // 2], f[len(f) // 2]
+
+
+@torch.no_grad()
+def apply_column_executors(
+    model: nn.Module, example_inputs, mode: str = "auto", min_sparsity: float = 0.25, rounds: int = 9
+) -> dict[str, dict[str, Any]]:
+    """Replace layers with pruned columns by column executors, in place; returns per-layer decisions.
+
+    ``mode="auto"`` keeps a replacement only where it measured faster on the layer's input from
+    ``example_inputs`` (so the batch size of the example matters); ``"on"`` replaces wherever at
+    least ``min_sparsity`` of the columns are pruned.
+    """
+    if mode not in ("auto", "on"):
+        raise ValueError(f"apply_column_executors: mode={mode!r} must be 'auto' or 'on'")
+    candidates = {}
+    for name, module in model.named_modules():
+        fast = column_executor(module)
+        if fast is None:
+            continue
+        total = module.weight[0].numel()
+        sparsity = 1.0 - fast.kept.numel() / total
+        if sparsity >= min_sparsity:
+            candidates[name] = (module, fast, sparsity)
+    inputs = _layer_inputs(model, example_inputs, set(candidates))
+    decisions: dict[str, dict[str, Any]] = {}
+    for name, (module, fast, sparsity) in candidates.items():
+        entry: dict[str, Any] = {"column_sparsity": round(sparsity, 4)}
+        if mode == "auto":
+            dense_ms, fast_ms = time_pair(module, fast, inputs[name], rounds)
+            entry.update(dense_ms=round(dense_ms, 4), column_ms=round(fast_ms, 4))
+            use = fast_ms < dense_ms
+        else:
+            use = True
+        entry["executor"] = "column" if use else "dense"
+        decisions[name] = entry
+        if use:
+            _set_module(model, name, fast)
+    return decisions
+
+
+def _layer_inputs(model: nn.Module, example_inputs, names: set[str]) -> dict[str, torch.Tensor]:
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def record(_module, args) -> None:
+            captured.setdefault(name, args[0].detach())
+
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules() if n in names]
+    try:
+        forward(model, example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+__all__ = [
+    "ColumnConv2d",
+    "ColumnLinear",
+    "apply_column_executors",
+    "column_executor",
+    "kept_columns",
+    "time_pair",
+]

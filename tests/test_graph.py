@@ -1,0 +1,97 @@
+"""Channel groups from Torch-Pruning's dependency graph: residual, concat, depthwise, flatten, outputs."""
+
+import torch
+from torch import nn
+
+from admmcompress.graph import CONSUMER, DEPTHWISE, NORM, PRODUCER, channel_groups, group_of
+from admmcompress.models import create_model
+
+
+def roles(group):
+    return {(m.layer, m.role) for m in group.members}
+
+
+def test_residual_stream_is_one_group_with_every_producer_and_consumer():
+    model = create_model("resnet20")
+    groups = channel_groups(model, torch.zeros(1, 3, 32, 32))
+    stream = group_of(groups, "layers.0.0.conv2", (PRODUCER,))
+    assert sorted(stream.producers) == ["conv1", "layers.0.0.conv2", "layers.0.1.conv2", "layers.0.2.conv2"]
+    assert {"layers.1.0.conv1", "layers.1.0.shortcut.0", "layers.0.1.conv1"} <= set(stream.consumers)
+    assert ("bn1", NORM) in roles(stream) and stream.size == 16 and not stream.problems
+    inner = group_of(groups, "layers.0.0.conv1", (PRODUCER,))
+    assert roles(inner) == {
+        ("layers.0.0.conv1", PRODUCER),
+        ("layers.0.0.bn1", NORM),
+        ("layers.0.0.conv2", CONSUMER),
+    }
+
+
+def test_model_outputs_are_never_a_removable_group():
+    model = create_model("resnet20")
+    groups = channel_groups(model, torch.zeros(1, 3, 32, 32))
+    out = [g for g in groups if g.root == "linear"]
+    assert out and "model outputs" in out[0].problems[0]
+
+
+class Branches(nn.Module):
+    """Concat of two convs, BN, a grouped conv, a depthwise conv and a Linear after flatten."""
+
+    input_shape = (3, 8, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 6, 1)
+        self.bn = nn.BatchNorm2d(10)
+        self.c = nn.Conv2d(10, 6, 3, padding=1)
+        self.dw = nn.Conv2d(6, 6, 3, padding=1, groups=6)
+        self.g = nn.Conv2d(6, 4, 1, groups=2)
+        self.fc = nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(torch.cat([self.a(x), self.b(x)], 1)))
+        y = self.g(torch.relu(self.dw(self.c(y))))
+        return self.fc(nn.functional.avg_pool2d(y, 2).flatten(1))
+
+
+def test_concat_maps_each_branch_to_its_slice_of_the_consumer():
+    groups = channel_groups(Branches(), torch.zeros(1, 3, 8, 8))
+    b = group_of(groups, "b", (PRODUCER,))
+    consumer = next(m for m in b.members if m.layer == "c")
+    assert consumer.local == (4, 5, 6, 7, 8, 9) and consumer.root == (0, 1, 2, 3, 4, 5)
+
+
+def test_depthwise_joins_its_producer_and_grouped_conv_is_reported():
+    groups = channel_groups(Branches(), torch.zeros(1, 3, 8, 8))
+    c = group_of(groups, "c", (PRODUCER,))
+    assert ("dw", DEPTHWISE) in roles(c)
+    assert any("grouped conv 'g'" in p for p in c.problems)
+
+
+def test_flatten_maps_one_channel_to_many_linear_columns():
+    model = create_model("lenet5")
+    groups = channel_groups(model, torch.zeros(1, 1, 28, 28))
+    conv2 = group_of(groups, "conv2", (PRODUCER,))
+    fc1 = next(m for m in conv2.members if m.layer == "fc1")
+    assert len(fc1.local) == 800 and fc1.root[:16] == (0,) * 16 and fc1.root[16] == 1
+
+
+def test_unknown_op_is_reported_not_assumed_channelwise():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 2, 3, padding=1)
+
+        def forward(self, x):
+            return self.b(torch.erf(self.a(x)))
+
+    groups = channel_groups(Odd(), torch.zeros(2, 3, 8, 8))
+    a = group_of(groups, "a", (PRODUCER,))
+    assert any("op 'Erf' is not known" in p and "extra_channelwise_ops=('Erf',)" in p for p in a.problems)
+    again = channel_groups(Odd(), torch.zeros(2, 3, 8, 8), extra_channelwise_ops=("Erf",))
+    assert not group_of(again, "a", (PRODUCER,)).problems
+
+
+def test_tracing_restores_the_training_mode():
+    model = create_model("resnet20").train()
+    channel_groups(model, torch.zeros(1, 3, 32, 32))
+    assert all(m.training for m in model.modules())
