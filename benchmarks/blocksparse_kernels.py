@@ -6,7 +6,8 @@ Weights are pruned with ``Block(compression=c, block=(16, 64))`` (block-columns 
 top-k, or ``--per-block`` for the balanced variant) at c in 2..20x; every weight matrix of the GRU
 (``weight_ih_l0`` 3072x1024 and ``weight_hh_l0`` 3072x1024) is pruned at the same rate. Contenders,
 timed round-robin in one process (BENCHMARKING.md): the dense layer (``nn.Linear`` / ``nn.GRU``), the
-block-sparse executor (gather + bmm, the default), and torch CSR for the Linear. Each round runs
+block-sparse executor (gather + bmm, the default), torch CSR for the Linear, and with ``--cpp`` the
+compiled GRU sequence kernel (``executors/blocksparse_cpp.py``). Each round runs
 every contender ``--calls`` times; the figure is the median over all rounds (``eval``,
 ``inference_mode``, 2 threads, >= 5 warm-up calls). The GRU runs a sequence of ``--steps`` steps.
 
@@ -79,7 +80,7 @@ def linear_rows(compressions, batch, rounds, calls, per_block) -> list[str]:
     return table("Linear 4096x4096", batch, med, macs)
 
 
-def gru_rows(compressions, batch, steps, rounds, calls, per_block) -> list[str]:
+def gru_rows(compressions, batch, steps, rounds, calls, per_block, cpp) -> list[str]:
     torch.manual_seed(0)
     dense = nn.GRU(1024, 1024).eval()
     x = torch.randn(steps, batch, 1024)
@@ -97,10 +98,16 @@ def gru_rows(compressions, batch, steps, rounds, calls, per_block) -> list[str]:
         fast = BlockSparseGRU.from_dense(gru, block_rows=16)
         for a, b in zip(fast(x), gru(x), strict=True):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        if cpp:
+            compiled = BlockSparseGRU.from_dense(gru, block_rows=16, kernel="cpp")
+            for a, b in zip(compiled(x), gru(x), strict=True):
+                torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+            contenders[f"block+cpp {c}x"] = lambda f=compiled: f(x)
         kept = int(torch.count_nonzero(gru.weight_ih_l0)) + int(torch.count_nonzero(gru.weight_hh_l0))
         contenders[f"block {c}x"] = lambda f=fast: f(x)
         stored = sum(m.stored_values for m in (*fast.ih, *fast.hh))
         macs[f"block {c}x"] = (stored, total / kept)
+        macs[f"block+cpp {c}x"] = (stored, total / kept)
     with torch.inference_mode():
         med = interleaved(contenders, rounds, calls)
     return table(f"GRU 1024->1024, {steps} steps", batch, med, macs)
@@ -133,6 +140,7 @@ def main() -> None:
     parser.add_argument("--per-block", action="store_true", help="balanced Block(per_block=True) pruning")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", choices=["linear", "gru"], default=None)
+    parser.add_argument("--cpp", action="store_true", help="add the compiled GRU sequence kernel (builds it)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     comps = [int(c) if float(c).is_integer() else c for c in args.compressions]
@@ -144,7 +152,8 @@ def main() -> None:
         if args.only in (None, "linear"):
             print("\n".join(linear_rows(comps, batch, args.rounds, args.calls, args.per_block)))
         if args.only in (None, "gru"):
-            print("\n".join(gru_rows(comps, batch, args.steps, args.rounds, args.calls, args.per_block)))
+            rows = gru_rows(comps, batch, args.steps, args.rounds, args.calls, args.per_block, args.cpp)
+            print("\n".join(rows))
     print(f"\nrerun: {MALLOC} python benchmarks/blocksparse_kernels.py {' '.join(sys.argv[1:])}".rstrip())
 
 

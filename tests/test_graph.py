@@ -95,3 +95,10 @@ def test_tracing_restores_the_training_mode():
     model = create_model("resnet20").train()
     channel_groups(model, torch.zeros(1, 3, 32, 32))
     assert all(m.training for m in model.modules())
+
+
+def test_a_batch_of_one_is_traced_as_a_batch():
+    """Torch-Pruning's default call would unpack a (1, C, H, W) tensor into one unbatched sample."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.ReLU(), nn.Conv2d(4, 2, 3))
+    groups = channel_groups(model, torch.randn(1, 3, 8, 8))
+    assert groups[0].ops == ["Relu"] and not groups[0].problems

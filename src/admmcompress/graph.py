@@ -130,6 +130,19 @@ def op_name(grad_fn_name: str) -> str:
     return re.sub(r"Backward\d*$", "", grad_fn_name)
 
 
+def call_model(model: nn.Module, example_inputs):
+    """Call ``model`` on example inputs: a tuple/list is unpacked, a dict passed as keywords, a tensor as is.
+
+    (Torch-Pruning's own default tries ``model(*inputs)`` first, which splits a batch-1 tensor into an
+    unbatched sample; every trace here goes through this function instead.)
+    """
+    if isinstance(example_inputs, dict):
+        return model(**example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return model(*example_inputs)
+    return model(example_inputs)
+
+
 def build_dependency_graph(model: nn.Module, example_inputs):
     """Trace ``model`` once with Torch-Pruning; the model's train/eval mode is restored afterwards."""
     try:
@@ -139,7 +152,9 @@ def build_dependency_graph(model: nn.Module, example_inputs):
     was_training = {m: m.training for m in model.modules()}
     try:
         with torch.enable_grad():
-            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+            graph = tp.DependencyGraph().build_dependency(
+                model, example_inputs=example_inputs, forward_fn=call_model, verbose=False
+            )
     finally:
         for module, mode in was_training.items():
             module.train(mode)
@@ -271,6 +286,7 @@ __all__ = [
     "GraphError",
     "Member",
     "build_dependency_graph",
+    "call_model",
     "channel_groups",
     "group_of",
     "op_name",

@@ -250,7 +250,9 @@ class Plan:
             raise PlanError("the plan does not fit this model:\n  - " + "\n  - ".join(errors))
         return targets
 
-    def resolve_coupled(self, model: torch.nn.Module, example_inputs: Any, mode: str = "strict") -> list[Target]:
+    def resolve_coupled(
+        self, model: torch.nn.Module, example_inputs: Any, mode: str = "strict"
+    ) -> list[Target]:
         """``resolve``, then filter/channel targets on tied channels become one coupled target per group.
 
         Residual adds, concatenations, depthwise convs and BN tie channels; see

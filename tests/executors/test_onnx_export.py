@@ -17,7 +17,10 @@ def test_integer_codes_reproduce_the_weight_exactly():
     codes, scale = integer_codes(w)
     assert codes.dtype.name == "int8"
     assert torch.equal(torch.tensor(scale, dtype=torch.float32) * torch.from_numpy(codes).float(), w)
-    assert integer_codes(FixedPoint(bits=8).project(torch.randn(50, 50)))[0].dtype.name == "int16"
+    wide = 0.1 * torch.tensor([-128.0, -3.0, 1.0, 128.0])  # 8-bit fixed point uses codes up to +-128
+    codes, scale = integer_codes(wide)
+    assert codes.dtype.name == "int16" and codes.tolist() == [-128, -3, 1, 128]
+    assert scale == pytest.approx(0.1)
     assert integer_codes(torch.randn(5, 5)) is None  # float weights have no grid
 
 
@@ -36,6 +39,7 @@ def test_quantized_lenet5_runs_in_onnxruntime_with_the_same_outputs(tmp_path):
     summary = export_onnx(model, (x,), path)
     assert summary.quantized == {"conv1.weight": "int16", "conv2.weight": "int8", "fc1.weight": "int8"}
     assert summary.float_weights == ["fc2.weight"]  # clustered: a table of values, no integer grid
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lenet5.onnx"]  # self-contained: no side file
     graph = onnx.load(str(path)).graph
     assert sum(node.op_type == "DequantizeLinear" for node in graph.node) == 3
     with torch.no_grad():
@@ -64,3 +68,5 @@ def test_cli_export_onnx_checks_against_onnxruntime(tmp_path, capsys):
     assert "'fc1.weight': 'int8'" in printed and "float weights: none" in printed
     diff = float(printed.rsplit("test inputs: ", 1)[1].split()[0])
     assert diff < 1e-5
+
+

@@ -121,6 +121,12 @@ class _BlockSparseRNNBase(nn.Module):
         """Apply a tensor function to every tensor of the state."""
         raise NotImplementedError
 
+    def _input_product(self, ih: BlockSparseMatrix, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W_ih.T + b_ih`` for all steps at once (compiled when the kernel is "cpp")."""
+        if self.kernel == "cpp" and blocksparse_cpp.supports(ih):
+            return blocksparse_cpp.load().bsmm(x, *blocksparse_cpp.packed(ih), ih.out_features)
+        return ih(x)
+
     def _compiled(self, gi: torch.Tensor, state, hh: BlockSparseMatrix, reverse: bool):
         """The whole sequence in the compiled kernel: ``(outputs (T, N, H), final state)``."""
         raise NotImplementedError
@@ -148,7 +154,7 @@ class _BlockSparseRNNBase(nn.Module):
             for direction in range(self.directions):
                 index = layer * self.directions + direction
                 hh = self.hh[index]
-                gi = self.ih[index](x.reshape(steps * batch, -1)).view(steps, batch, -1)
+                gi = self._input_product(self.ih[index], x.reshape(steps * batch, -1)).view(steps, batch, -1)
                 state = self._map(lambda t, i=index: t[i], hx)
                 if self.kernel == "cpp" and blocksparse_cpp.supports(hh):
                     sequence, state = self._compiled(gi, state, hh, bool(direction))

@@ -11,6 +11,16 @@ A group channel can be removed without changing the model's function when
 
 ``pruned`` marks channels some producer or depthwise conv has a zero filter for: what structured
 pruning asked to remove.
+
+>>> from admmcompress.graph import channel_groups
+>>> model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.ReLU(), nn.Conv2d(4, 2, 3))
+>>> with torch.no_grad():
+...     model[0].weight[1] = 0          # filter 1 is zero: channel 1 is exactly zero
+...     model[2].weight[:, 3] = 0       # channel 3 is read by nobody
+>>> group = channel_groups(model, torch.zeros(1, 3, 8, 8))[0]
+>>> status = channel_status(group, dict(model.named_modules()))
+>>> status.zero.tolist(), status.unread.tolist()
+([False, True, False, False], [False, False, False, True])
 """
 
 from __future__ import annotations

@@ -7,6 +7,18 @@ and zeroing the channel's input columns leaves the function unchanged, after whi
 unread and can go. This is exact only when a consumer sees ``v`` at every position: a Linear, or a
 Conv without zero padding (a padded border would see 0, not ``v``). Elsewhere the channel is kept and
 the reason is reported; prune the BN with the filter (a coupled target) to avoid it.
+
+>>> from admmcompress.graph import channel_groups
+>>> model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 1, 3)).eval()
+>>> with torch.no_grad():
+...     model[0].weight[0] = 0; model[0].bias[0] = 0.5          # channel 0 is the constant relu(0.5)
+>>> x = torch.randn(1, 1, 8, 8)
+>>> before = model(x)
+>>> group = channel_groups(model, x)[0]
+>>> fold_constant_channels(model, x, [(group, torch.tensor([True, False]))]).folded
+{'0': 1}
+>>> bool(torch.allclose(model(x), before, atol=1e-6)), bool(model[2].weight[:, 0].abs().sum() == 0)
+(True, True)
 """
 
 from __future__ import annotations
@@ -17,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from admmcompress.graph import CONSUMER, ChannelGroup
+from admmcompress.graph import CONSUMER, ChannelGroup, call_model
 
 
 @dataclass
@@ -29,13 +41,7 @@ class FoldResult:
     zeroed: list[tuple[str, list[int], int]] = field(default_factory=list)
 
 
-def forward(model: nn.Module, example_inputs):
-    """Call ``model`` the way Torch-Pruning does: a tuple/list is unpacked, a dict is passed as keywords."""
-    if isinstance(example_inputs, dict):
-        return model(**example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return model(*example_inputs)
-    return model(example_inputs)
+forward = call_model  # the one way every executor calls a model on its example inputs
 
 
 def fold_blocker(module: nn.Module, name: str) -> str | None:

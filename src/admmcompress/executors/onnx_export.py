@@ -19,6 +19,7 @@ onnxscript).
 
 from __future__ import annotations
 
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,11 +86,13 @@ def export_onnx(
         for param in gemm_params(module):
             weights[f"{name}.{param}" if name else param] = getattr(module, param).detach()
     path = Path(path)
-    with warnings.catch_warnings():
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # The exporter may write the float weights to a side file; export apart, keep one self-contained file.
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, example_inputs, str(path), dynamo=True, opset_version=opset, verbose=False)
+        raw = Path(tmp) / "model.onnx"
+        torch.onnx.export(model, example_inputs, str(raw), dynamo=True, opset_version=opset, verbose=False)
+        graph_model = onnx.load(str(raw))
     model.train(was_training)
-    graph_model = onnx.load(str(path))
     graph = graph_model.graph
     summary = OnnxSummary(str(path))
     kept, new_nodes = [], []
