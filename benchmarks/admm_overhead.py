@@ -27,8 +27,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--limit", type=int, default=None, help="train on the first N images only")
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     data = load_dataset("mnist", "train", limit=args.limit)
     base = LeNet5()
@@ -52,12 +53,14 @@ def main() -> None:
                 update()
             times[name].append(time.perf_counter() - start)
     plain, with_admm = statistics.median(times["plain"]), statistics.median(times["admm"])
-    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, threads 2")
+    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {args.threads}")
     print(f"images per epoch: {len(data)}, rounds: {args.rounds}")
     for name, values in times.items():
-        print(f"{name:>6}: median {statistics.median(values):.2f} s/epoch  (all: {', '.join(f'{v:.2f}' for v in values)})")
+        every = ", ".join(f"{v:.2f}" for v in values)
+        print(f"{name:>6}: median {statistics.median(values):.2f} s/epoch  (all: {every})")
     print(f"ratio admm/plain: {with_admm / plain:.3f}x (target <= 1.10x)")
-    print("rerun: MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 python benchmarks/admm_overhead.py")
+    print("rerun: MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 python benchmarks/admm_overhead.py "
+          f"--rounds {args.rounds} --threads {args.threads}" + (f" --limit {args.limit}" if args.limit else ""))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ retraining, Adam):
 - ``reweighted``: ``Block(block=(16, 1))`` (16-row block-columns), reweighted group lasso
   (power 1, eps 1e-3, lambda ``--lam`` = 1e-3, reweighting twice per epoch), then hard pruning;
 - ``admm``: the same block structure driven by ADMM (rho ``--rho`` x1.3 per update, twice per epoch);
-- ``magnitude``: unstructured, gradual magnitude pruning on the cubic schedule (twice per epoch).
+- ``magnitude``: unstructured, gradual magnitude pruning on the cubic schedule (twice per epoch);
+- ``magnitude_block``: the block structure with that gradual magnitude schedule (separates the
+  driver's effect from the structure's).
 The dense model is trained once (``--dense-epochs``) and cached in ``--out``; each (method, rate)
 appends one JSON line to ``--out/results.jsonl``; ``--table`` prints them as markdown.
 """
@@ -40,7 +42,7 @@ from admmcompress.train.loop import evaluate
 from admmcompress.train.runner import Runner
 
 MALLOC = "MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824"
-STRUCTURE = {"reweighted": "block", "admm": "block", "magnitude": "unstructured"}
+STRUCTURE = {"reweighted": "block", "admm": "block", "magnitude": "unstructured", "magnitude_block": "block"}
 
 
 def stage(method: str, rate: float, args: argparse.Namespace, steps_per_epoch: int) -> dict:
@@ -59,7 +61,7 @@ def stage(method: str, rate: float, args: argparse.Namespace, steps_per_epoch: i
         prune.update({"rho": args.rho, "rho_growth": 1.3, "rho_max": 1.0})
     out = {
         "plan": {"rules": [rule]},
-        "method": "gradual" if method == "magnitude" else method,
+        "method": "gradual" if method.startswith("magnitude") else method,
         "admm": prune,
         "retrain": {"epochs": args.retrain_epochs, "optimizer": {"name": "adam", "lr": 1e-3}},
     }

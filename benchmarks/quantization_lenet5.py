@@ -32,6 +32,7 @@ EXPERIMENTS = {
     "binary": "configs/lenet5_binary.yaml",
     "structured_quantize": "configs/lenet5_structured_quantize.yaml",
 }
+DENSE_STARTS = ("prune_quantize", "binary", "structured_quantize")  # runs that start from the dense model
 ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
 
 
@@ -119,8 +120,8 @@ def summarize(out_root: Path) -> str:
 
     lines = []
     rows = [
-        "| run | top-1 dense -> after | drop | weight reduction | paper-style storage | honest storage "
-        "(best per layer) | bitmask | relative | CSR | structured | "
+        "| run | top-1 start -> after | drop vs dense | weight reduction | paper-style storage | "
+        "honest storage (best per layer) | bitmask | relative | CSR | structured | "
         "packed file (weights + biases + manifest) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -140,8 +141,11 @@ def summarize(out_root: Path) -> str:
                 f"manifest {len(json.dumps(manifest, separators=(',', ':')))} B)"
             )
         before, after = m["accuracy_before"], m["accuracy_after"]
+        dense = next(
+            (r["accuracy_before"] for r in map(lambda n: load(n, out_root), DENSE_STARTS) if r), before
+        )
         rows.append(
-            f"| {name} | {before:.2f}% -> {after:.2f}% | {before - after:+.2f} | "
+            f"| {name} | {before:.2f}% -> {after:.2f}% | {after - dense:+.2f} | "
             f"{_x(s['weight_reduction'])} | {_x(s['paper_reduction'])} | **{_x(red['best'])}** | "
             f"{_x(red['bitmask'])} | {_x(red['relative'])} | {_x(red['csr'])} | {_x(red['structured'])} | "
             f"{size} |"

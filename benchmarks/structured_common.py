@@ -120,10 +120,11 @@ def train_epochs(
     on_every: Callable[[], object] | None = None,
     masks=None,
     augment: bool = False,
+    schedule: str = "cosine",
     seed: int = 0,
     log: Callable[[str], None] = print,
 ) -> None:
-    """A plain loop: fresh optimizer, cosine LR over all steps, optional penalty and masks.
+    """A plain loop: fresh optimizer, cosine (or constant) LR over all steps, optional penalty and masks.
 
     ``on_every()`` runs every ``every`` optimizer steps (the ADMM Z/U update cadence); ``masks``
     (a ``MaskSet``) are attached to the model and the fresh optimizer for masked retraining.
@@ -151,7 +152,9 @@ def train_epochs(
             if augment:
                 x = augment_cifar(x, generator)
             for group in opt.param_groups:
-                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+                group["lr"] = (
+                    lr * 0.5 * (1 + math.cos(math.pi * step / total)) if schedule == "cosine" else lr
+                )
             loss = nn.functional.cross_entropy(model(x), y)
             loss_sum += loss.item()
             if penalty is not None:

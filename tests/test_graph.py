@@ -102,3 +102,13 @@ def test_a_batch_of_one_is_traced_as_a_batch():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.ReLU(), nn.Conv2d(4, 2, 3))
     groups = channel_groups(model, torch.randn(1, 3, 8, 8))
     assert groups[0].ops == ["Relu"] and not groups[0].problems
+
+
+def test_each_layer_role_belongs_to_exactly_one_group():
+    from collections import Counter
+
+    for name in ("mobilenetv2_cifar", "resnet20", "lenet5"):
+        model = create_model(name)
+        groups = channel_groups(model, torch.zeros(1, *model.input_shape))
+        seen = Counter((m.layer, m.role) for g in groups for m in g.members)
+        assert max(seen.values()) == 1, name

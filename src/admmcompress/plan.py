@@ -99,7 +99,8 @@ class Rule:
     @classmethod
     def from_dict(cls, spec: Mapping[str, Any], where: str = "rule") -> Rule:
         if not isinstance(spec, Mapping):
-            raise PlanError(f"{where}: expected a mapping like {{match: conv1, structure: unstructured, sparsity: 0.8}}")
+            example = "{match: conv1, structure: unstructured, sparsity: 0.8}"
+            raise PlanError(f"{where}: expected a mapping like {example}")
         allowed = RULE_KEYS | set(_structure_options(spec.get("structure")))
         unknown = sorted(set(spec) - allowed)
         if unknown:
@@ -267,10 +268,16 @@ def _nothing_matched(i: int, rule: Rule, modules: dict[str, torch.nn.Module], ca
     shown = ", ".join(candidates[:12]) + (" ..." if len(candidates) > 12 else "")
     if rule.match is not None and rule.match in modules and rule.match not in candidates:
         kind = type(modules[rule.match]).__name__
-        return f"rule #{i} {rule.describe()}: layer '{rule.match}' is {kind} and has no weight to prune; prunable: {shown}"
+        return (
+            f"rule #{i} {rule.describe()}: layer '{rule.match}' is {kind} and has no weight to prune; "
+            f"prunable: {shown}"
+        )
     if rule.type is not None and not any(type(m).__name__ == rule.type for m in modules.values()):
         types = sorted({type(modules[n]).__name__ for n in candidates})
-        return f"rule #{i} {rule.describe()}: the model has no module of type '{rule.type}'; its prunable types: {types}"
+        return (
+            f"rule #{i} {rule.describe()}: the model has no module of type '{rule.type}'; "
+            f"its prunable types: {types}"
+        )
     return f"rule #{i} {rule.describe()}: matches no layer of the model; prunable layers are: {shown}"
 
 

@@ -83,7 +83,7 @@ def test_buckets_pad_less_than_one_bucket():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"impl": "mkl"}, r"impl='mkl'; choose one of \('gather', 'csr', 'dense'\)"),
+        ({"impl": "mkl"}, r"impl='mkl'; choose one of \('gather', 'cpp', 'csr', 'dense'\)"),
         ({"block_rows": 0}, r"block_rows=0 must be a positive integer"),
         ({"buckets": 0}, r"buckets=0 must be a positive integer"),
     ],

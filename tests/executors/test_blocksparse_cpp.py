@@ -56,3 +56,17 @@ def test_compiled_product_equals_the_torch_product(ext):
     x = torch.randn(5, 20)
     out = ext.bsmm(x, *blocksparse_cpp.packed(fast.matrix), 30)
     torch.testing.assert_close(out, layer(x), atol=1e-5, rtol=1e-5)
+
+
+def test_matrix_impl_cpp_equals_dense(ext):
+    w = Block(compression=4, block=(16, 1)).project(torch.randn(64, 40))
+    bias = torch.randn(64)
+    layer = nn.Linear(40, 64)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        layer.bias.copy_(bias)
+    fast = BlockSparseLinear.from_dense(layer, block_rows=16, impl="cpp")
+    assert fast.matrix.impl == "cpp"
+    for n in (1, 6):
+        x = torch.randn(n, 40)
+        torch.testing.assert_close(fast(x), layer(x), atol=1e-5, rtol=1e-5)

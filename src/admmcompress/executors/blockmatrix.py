@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IMPLS = ("gather", "csr", "dense")
+IMPLS = ("gather", "cpp", "csr", "dense")
 
 
 class BlockSparseMatrix(nn.Module):
@@ -41,7 +41,9 @@ class BlockSparseMatrix(nn.Module):
     Args:
         weight: the dense (masked) ``(O, I)`` matrix; packed, not kept (except ``impl="dense"``).
         block_rows: rows per row block ``r`` (use the ``Block`` structure's ``r``); the last may be ragged.
-        impl: ``"gather"`` (gather + batched dense matmul), ``"csr"`` (torch sparse CSR) or ``"dense"``.
+        impl: ``"gather"`` (gather + batched dense matmul), ``"cpp"`` (the same packing, multiplied by the
+            optional compiled kernel of ``blocksparse_cpp``; ``"gather"`` where it cannot be built),
+            ``"csr"`` (torch sparse CSR) or ``"dense"``.
         buckets: groups of row blocks padded separately (``"gather"`` only), sorted by column count.
         bias: optional ``(O,)`` bias, added inside the batched matmul (``baddbmm``).
     """
@@ -85,6 +87,11 @@ class BlockSparseMatrix(nn.Module):
             self.register_buffer("bias", bias)
             self.stored_columns = 0
             return
+        if impl == "cpp":
+            from admmcompress.executors import blocksparse_cpp  # compiles on first use
+
+            self.impl = impl if blocksparse_cpp.available() and weight.dtype == torch.float32 else "gather"
+            buckets = 1  # the kernel reads one packed bucket
         self._pack(weight, buckets, bias)
 
     def _pack(self, weight: torch.Tensor, buckets: int, bias: torch.Tensor | None) -> None:
@@ -133,6 +140,10 @@ class BlockSparseMatrix(nn.Module):
         if self.impl == "csr":
             y = (self.csr @ x.t()).t()
             return y if buffers["bias"] is None else y + buffers["bias"]
+        if self.impl == "cpp":
+            from admmcompress.executors import blocksparse_cpp
+
+            return blocksparse_cpp.load().bsmm(x, *blocksparse_cpp.packed(self), self.out_features)
         n = x.shape[0]
         outs = []
         for b in range(self.n_buckets):

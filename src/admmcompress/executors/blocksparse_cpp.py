@@ -186,10 +186,10 @@ def available() -> bool:
 
 
 def supports(matrix: torch.nn.Module) -> bool:
-    """The kernel runs float32 ``gather`` matrices with one bucket (the packed layout it reads)."""
+    """The kernel runs float32 ``gather``/``cpp`` matrices with one bucket (the packed layout it reads)."""
     buffers = getattr(matrix, "_buffers", {})
     return (
-        getattr(matrix, "impl", None) == "gather"
+        getattr(matrix, "impl", None) in ("gather", "cpp")
         and getattr(matrix, "n_buckets", 0) == 1
         and buffers.get("values0") is not None
         and buffers["values0"].dtype == torch.float32

@@ -95,7 +95,7 @@ def plot_run(metrics: dict[str, Any], history: list[dict[str, Any]], out_dir: Pa
         for key in keys:
             pts = [(i, r[key]) for i, r in residual_points if key in r and r[key] > 0]
             if pts:
-                res_ax.semilogy(*zip(*pts), marker=".", label=key)
+                res_ax.semilogy(*zip(*pts, strict=True), marker=".", label=key)
         res_ax.set_xlabel("epoch (all phases)")
         res_ax.set_ylabel("||W - Z|| / ||W||")
         if keys:

@@ -96,7 +96,8 @@ class Runner:
                 self.epoch += 1
                 self._after_epoch(phase, steps)
                 seconds = time.perf_counter() - started
-                self.metrics["phase_seconds"][phase.label] = self.metrics["phase_seconds"].get(phase.label, 0.0) + seconds
+                spent = self.metrics["phase_seconds"]
+                spent[phase.label] = spent.get(phase.label, 0.0) + seconds
                 self._record(phase, losses, seconds)
                 if self.epoch % self.config.checkpoint_every_epochs == 0 or self.epoch == phase.cfg.epochs:
                     self._save()
@@ -139,7 +140,8 @@ class Runner:
                 rho = RhoSchedule(phase.cfg.rho, phase.cfg.rho_growth, phase.cfg.rho_max)
                 self._driver = ADMM(self.model, targets, rho=rho, frozen=frozen)
             elif stage.method == "gradual":
-                updates = max(1, (phase.cfg.epochs * len(self.loader)) // update_period_steps(phase.cfg, len(self.loader)))
+                period = update_period_steps(phase.cfg, len(self.loader))
+                updates = max(1, (phase.cfg.epochs * len(self.loader)) // period)
                 self._driver = GradualMagnitude(self.model, targets, updates=updates, frozen=frozen)
             elif stage.method == "reweighted":
                 self._driver = Reweighted(self.model, targets, penalty=stage.reweighted, frozen=frozen)
