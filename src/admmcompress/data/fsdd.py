@@ -68,7 +68,11 @@ def load_fsdd(
     frames: int = 64,
     feature: str = "mfcc39",
 ) -> Split:
-    """``Split`` with ``x (N, frames, F)`` float32 features and digit labels ``y (N,)``."""
+    """``Split`` with ``x (N, frames, F)`` float32 features and digit labels ``y (N,)``.
+
+    ``limit`` keeps the first N recordings in file order (sorted by speaker, then digit): a quick subset,
+    not a balanced one.
+    """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if feature not in FEATURES:
