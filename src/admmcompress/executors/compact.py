@@ -120,9 +120,7 @@ def compact(
     modules = dict(work.named_modules())
     statuses = [channel_status(g, modules) for g, _ in pairs]
     if config.fold_constants:
-        requests = [
-            (g, s.filters_zero & ~s.zero & ~s.unread) for (g, _), s in zip(pairs, statuses, strict=True)
-        ]
+        requests = [(g, s.filters_zero & ~s.zero & ~s.unread) for (g, _), s in zip(pairs, statuses, strict=True)]
         fold = fold_constant_channels(work, example_inputs, requests)
         result.folded = fold.folded
         result.kept += fold.reasons
@@ -145,8 +143,7 @@ def compact(
     if result.kept and config.strict:
         raise CompactionError(
             "cannot remove every pruned channel "
-            "(compact(..., config=CompactConfig(strict=False)) keeps them):\n  - "
-            + "\n  - ".join(result.kept)
+            "(compact(..., config=CompactConfig(strict=False)) keeps them):\n  - " + "\n  - ".join(result.kept)
         )
     for kept in result.kept:
         warnings.warn(f"compact: {kept}", RuntimeWarning, stacklevel=2)
@@ -158,7 +155,7 @@ def compact(
     if config.columns != "off":
         from admmcompress.executors.column import apply_column_executors
 
-        result.columns = apply_column_executors(work, example_inputs, mode=config.columns)
+        result.columns = apply_column_executors(work, example_inputs, mode=config.columns, min_sparsity=0.0)
     with torch.no_grad():
         outputs = _flat_outputs(forward(work, example_inputs))
     result.max_abs_diff = _max_diff(reference, outputs)
@@ -217,9 +214,7 @@ def _flat_outputs(out) -> list[torch.Tensor]:
 def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b, strict=True)):
         shapes = ([tuple(x.shape) for x in a], [tuple(y.shape) for y in b])
-        raise CompactionError(
-            f"compaction changed the output shapes {shapes[0]} -> {shapes[1]}; report the model"
-        )
+        raise CompactionError(f"compaction changed the output shapes {shapes[0]} -> {shapes[1]}; report the model")
     return max(
         (float((x.float() - y.float()).abs().max()) for x, y in zip(a, b, strict=True) if x.numel()),
         default=0.0,
