@@ -1,4 +1,4 @@
-"""Command line: ``admmcompress run CONFIG.yaml [--resume] [--out DIR]`` and ``admmcompress report DIR``."""
+"""Command line: ``admmcompress run CONFIG.yaml [--resume] [--out DIR]``, ``report DIR`` and ``export``."""
 
 from __future__ import annotations
 
@@ -35,12 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--threads", type=int, help="torch threads (overrides the config's 'threads')")
     report = sub.add_parser("report", help="recompute and print the report of a finished run folder")
     report.add_argument("dir")
-    export = sub.add_parser("export", help="write a finished run's model as a packed file or ONNX")
+    export = sub.add_parser("export", help="write a finished run's model as a packed file, ONNX or compacted")
     fmt = export.add_mutually_exclusive_group(required=True)
     fmt.add_argument("--packed", action="store_true", help="bit-packed codes + indices")
     fmt.add_argument("--onnx", action="store_true", help="ONNX with integer weights + DequantizeLinear")
+    fmt.add_argument(
+        "--compact", action="store_true", help="physically compacted model: --out FOLDER gets manifest + safetensors"
+    )
     export.add_argument("dir", help="run folder (the --out of `admmcompress run`)")
-    export.add_argument("--out", required=True, help="file to write")
+    export.add_argument("--out", required=True, help="file to write (--compact: folder)")
     export.add_argument("--scheme", default="best", help="packed: best|dense|bitmask|relative|csr|structured")
     export.add_argument("--index-bits", default="best", help="packed: relative index bits b_r, or best")
     args = parser.parse_args(argv)
@@ -107,6 +110,11 @@ def _export(args: argparse.Namespace) -> int:
 
     if args.onnx:
         print(export_run.export_onnx_run(args.dir, args.out))
+        return 0
+    if args.compact:
+        from admmcompress.executors.compact_run import export_compact_run
+
+        print(export_compact_run(args.dir, args.out))
         return 0
     index_bits = args.index_bits if args.index_bits == "best" else int(args.index_bits)
     print(export_run.export_packed_run(args.dir, args.out, scheme=args.scheme, index_bits=index_bits))

@@ -59,6 +59,10 @@ def render_markdown(metrics: dict[str, Any], title: str = "admmcompress report")
         from admmcompress.report.storage import render_storage
 
         lines += ["", "## Storage (SPEC 4.2)", "", render_storage(metrics["storage"]).rstrip()]
+    if metrics.get("compaction"):  # the physically compacted model (compact: true)
+        from admmcompress.executors.compact_run import render_compaction
+
+        lines += ["", "## Compacted model", "", render_compaction(metrics["compaction"])]
     return "\n".join(lines) + "\n"
 
 

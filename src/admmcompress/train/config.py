@@ -33,6 +33,10 @@ from admmcompress.plan import Plan, PlanError
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine", "admm_reset")
 METHODS = ("admm", "magnitude", "gradual", "reweighted")
+# How a stage's filter/channel targets are tied across layers (see Plan.resolve_coupled):
+# "none" resolves the plan per layer; "strict"/"extend" make one coupled target per channel group.
+COUPLINGS = ("none", "strict", "extend")
+COLUMN_MODES = ("off", "auto", "on")
 
 
 class ConfigError(ValueError):
@@ -151,12 +155,22 @@ class StageConfig:
     retrain: PhaseConfig = field(default_factory=PhaseConfig)
     # method: reweighted: lambda/power/eps; the 'admm' phase gives its epochs and reweighting cadence.
     reweighted: ReweightedConfig = field(default_factory=ReweightedConfig)
+    # "strict"/"extend": filter/channel targets on tied channels (residual adds, concat, depthwise, BN)
+    # become one coupled target per channel group, as Plan.resolve_coupled does; "none": per layer.
+    coupling: str = "none"
 
     def __post_init__(self) -> None:
         if isinstance(self.reweighted, dict):
             self.reweighted = _build(ReweightedConfig, self.reweighted, "reweighted")
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r}; choose one of {METHODS}")
+        if self.coupling not in COUPLINGS:
+            raise ValueError(f"coupling={self.coupling!r}; choose one of {COUPLINGS}")
+        if self.coupling != "none" and self.method == "reweighted":
+            raise ValueError(
+                "coupling needs method admm, gradual or magnitude (reweighted drives one parameter per "
+                "target); use method: admm, or coupling: none"
+            )
         if not isinstance(self.plan, Plan):
             try:
                 self.plan = Plan.from_dict(self.plan)
@@ -186,6 +200,27 @@ class DataConfig:
 
 
 @dataclass
+class CompactRunConfig:
+    """``compact:`` of a run: after the last stage, build the physically smaller model and check it.
+
+    ``atol`` bounds ``max |compacted - masked|`` on ``samples`` random inputs (the run fails otherwise);
+    ``columns`` puts in the kept-column executor ("off", "auto": where measured faster, "on").
+    """
+
+    atol: float = 1e-4
+    samples: int = 8
+    columns: str = "off"
+
+    def __post_init__(self) -> None:
+        _number(self.atol, "atol")
+        if not self.atol >= 0:
+            raise ValueError(f"atol={self.atol!r} must be >= 0, e.g. 1.0e-4")
+        _positive(self.samples, "samples", integer=True)
+        if self.columns not in COLUMN_MODES:
+            raise ValueError(f"columns={self.columns!r}; choose one of {COLUMN_MODES}")
+
+
+@dataclass
 class RunConfig:
     model: dict[str, Any]
     data: DataConfig = field(default_factory=DataConfig)
@@ -198,6 +233,8 @@ class RunConfig:
     checkpoint_every_epochs: int = 1
     # Continue from an already pruned checkpoint: its zeros in the plan's layers stay zero (progressive).
     freeze_pretrained_zeros: bool = False
+    # true (or a mapping of CompactRunConfig options): compact the model after the last stage.
+    compact: CompactRunConfig | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, dict) or "name" not in self.model:
@@ -223,6 +260,18 @@ class RunConfig:
             raise ValueError(f"seed={self.seed!r} must be an integer >= 0")
         if self.threads is not None:
             _positive(self.threads, "threads", integer=True)
+        if self.compact is True:
+            self.compact = CompactRunConfig()
+        elif self.compact is False:
+            self.compact = None
+        elif isinstance(self.compact, dict):
+            self.compact = _build(CompactRunConfig, self.compact, "compact")
+        elif self.compact is not None and not isinstance(self.compact, CompactRunConfig):
+            raise ValueError(
+                f"compact={self.compact!r} must be true, false or a mapping like {{atol: 1.0e-4, samples: 8}}"
+            )
+        if self.compact is not None and not self.stages:
+            raise ValueError("compact: true needs at least one stage (there is nothing pruned to compact)")
 
     @classmethod
     def from_dict(cls, spec: dict[str, Any], base_dir: Path | None = None) -> RunConfig:

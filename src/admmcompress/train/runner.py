@@ -8,6 +8,7 @@ result as an uninterrupted one. Phases are a flat list so the checkpoint only ne
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +26,23 @@ from admmcompress.plan import Target
 from admmcompress.quantize import mask_set_from_state, release_holds
 from admmcompress.report.metrics import measure
 from admmcompress.report.storage import storage
+from admmcompress.structures.coupled import CoupledTarget, couple
 from admmcompress.train import checkpoint as ckpt
-from admmcompress.train.config import PhaseConfig, RunConfig
+from admmcompress.train.config import ConfigError, PhaseConfig, RunConfig, StageConfig
 from admmcompress.train.loop import evaluate, learning_rate, make_optimizer, train_epoch, update_period_steps
 
 STATE_FILE = "checkpoint.pt"
+
+
+def _param_names(t: Target) -> tuple[str, ...]:
+    return t.param_names if isinstance(t, CoupledTarget) else (t.param_name,)
+
+
+def _gemm_members(t: CoupledTarget, model: nn.Module) -> list[str]:
+    """A coupled target's Conv/Linear member layers (BatchNorm entries go with them but are not reported)."""
+    modules = dict(model.named_modules())
+    kinds = (nn.modules.conv._ConvNd, nn.Linear)
+    return [m for m in t.members if isinstance(modules.get(m), kinds)]
 
 
 @dataclass(frozen=True)
@@ -60,7 +73,12 @@ class Runner:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.progress = progress
         self.loader = BatchLoader(train, config.data.batch_size, shuffle=True, seed=config.seed)
-        self.stage_targets: list[list[Target]] = [s.plan.resolve(model) for s in config.stages]
+        self.example = train.x[:2]  # traces the channel coupling and gives compaction its input shape
+        self._groups = None
+        self.stage_targets: list[list[Target]] = [self._resolve(s) for s in config.stages]
+        self.compacted: nn.Module | None = None
+        if config.compact is not None:
+            self._preflight_compaction()
         self.phases: list[Phase] = []
         if train_dense and config.pretrain is not None and config.pretrained is None:
             self.phases.append(Phase("pretrain", -1, config.pretrain))
@@ -70,7 +88,7 @@ class Runner:
         self.epoch = 0
         self.masks = MaskSet()
         if config.freeze_pretrained_zeros:
-            names = dict.fromkeys(t.param_name for targets in self.stage_targets for t in targets)
+            names = dict.fromkeys(n for targets in self.stage_targets for t in targets for n in _param_names(t))
             self.masks = masks_from_model(model, list(names))
         self.history: list[dict[str, Any]] = []
         self.metrics: dict[str, Any] = {"stages": [{} for _ in config.stages], "phase_seconds": {}}
@@ -110,6 +128,8 @@ class Runner:
         self.metrics["accuracy_after"] = self._evaluate()
         self.metrics["stats"] = measure(self.model, self.layers()).to_dict()
         self.metrics["storage"] = storage(self.model, self.layers()).to_dict()
+        if self.config.compact is not None:
+            self.metrics["compaction"] = self._compact()
         self._tick_clock()
         return self.metrics
 
@@ -120,9 +140,66 @@ class Runner:
         self._clock = now
 
     def layers(self) -> list[str]:
-        """Every layer some stage prunes, in model order."""
-        wanted = {t.layer for targets in self.stage_targets for t in targets}
+        """Every layer some stage prunes, in model order (a coupled target: its Conv/Linear members)."""
+        wanted: set[str] = set()
+        for targets in self.stage_targets:
+            for t in targets:
+                wanted |= set(_gemm_members(t, self.model)) if isinstance(t, CoupledTarget) else {t.layer}
         return [n for n, _ in self.model.named_modules() if n in wanted]
+
+    # --- coupling and compaction ---------------------------------------------------------
+    def _resolve(self, stage: StageConfig) -> list[Target]:
+        """The stage's targets: per layer, or coupled over channel groups (``coupling: strict|extend``)."""
+        if stage.coupling == "none":
+            return stage.plan.resolve(self.model)
+        if self._groups is None:
+            from admmcompress.graph import channel_groups
+
+            self._groups = channel_groups(self.model, self.example)
+        return couple(self.model, stage.plan.resolve(self.model), self.example, stage.coupling, groups=self._groups)
+
+    def _preflight_compaction(self) -> None:
+        """Fail before training if the plans prune channels that compaction could not remove.
+
+        The stages' targets are hard-pruned by magnitude on a copy whose BatchNorm shifts and statistics
+        are made nonzero (as after training), then the copy is compacted.
+        """
+        from admmcompress.executors.compact import CompactConfig, CompactionError, compact
+        from admmcompress.masks import hard_prune
+
+        trial = copy.deepcopy(self.model).eval()
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for m in trial.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and m.track_running_stats:
+                    m.bias.add_(torch.rand(m.num_features, generator=generator) - 0.5)
+                    m.running_mean.add_(torch.rand(m.num_features, generator=generator) - 0.5)
+        masks = None
+        for targets in self.stage_targets:
+            masks = hard_prune(trial, targets, masks)
+        try:
+            compact(trial, self.example, masks, CompactConfig(atol=float("inf")))
+        except CompactionError as err:
+            reason = " ".join(line.strip() for line in str(err).splitlines()[1:]) or str(err)
+            raise ConfigError(
+                f"compact: the plan prunes channels that compaction cannot remove: {reason} "
+                "(set 'coupling: strict' or 'coupling: extend' on the stage to prune tied layers together, "
+                "or drop 'compact')"
+            ) from None
+
+    def _compact(self) -> dict[str, Any]:
+        """Compact the final masked model, check it on random inputs, save it under ``out_dir/compact``."""
+        from admmcompress.executors.compact_run import COMPACT_DIR, compact_checked, model_spec, save_compact
+
+        options = self.config.compact
+        result, figures = compact_checked(
+            self.model, self.example, self.masks, options.atol, options.samples, options.columns, self.config.seed
+        )
+        self.compacted = result.model
+        if self.out_dir is not None:
+            figures = save_compact(result, figures, self.out_dir / COMPACT_DIR, model_spec(self.config.model))
+            figures["folder"] = COMPACT_DIR
+        return figures
 
     # --- phases -------------------------------------------------------------------------
     def _enter(self, phase: Phase) -> None:

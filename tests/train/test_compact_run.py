@@ -1,0 +1,193 @@
+"""Structured (coupled) pruning from a run config, and `compact: true`: a checked, saved, reported compact model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from admmcompress.cli import main
+from admmcompress.data.datasets import Split
+from admmcompress.executors import compact_run
+from admmcompress.executors.compact import CompactionError
+from admmcompress.executors.manifest import load_compacted
+from admmcompress.models import create_model
+from admmcompress.structures.coupled import CoupledTarget
+from admmcompress.train.config import CompactRunConfig, ConfigError, RunConfig
+from admmcompress.train.runner import Runner
+
+pytestmark = pytest.mark.filterwarnings("ignore:ADMM residual:RuntimeWarning")
+
+READY = Path(__file__).resolve().parents[2] / "configs" / "resnet20_cifar_filter_admm.yaml"
+FILTERS = {"rules": [{"type": "Conv2d", "structure": "filter", "sparsity": 0.5}]}
+
+
+@pytest.fixture(autouse=True)
+def keep_thread_count():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def spec(plan=None, coupling: str = "strict", compact=True, method: str = "admm") -> dict:
+    stage = {
+        "plan": plan or FILTERS,
+        "method": method,
+        "coupling": coupling,
+        "admm": {"epochs": 1, "update_every_steps": 1, "rho": 1.0, "rho_max": 1.0},
+        "retrain": {"epochs": 1},
+    }
+    out = {"model": {"name": "resnet20"}, "pretrain": {"epochs": 0}, "data": {"batch_size": 8}, "stages": [stage]}
+    if compact is not None:
+        out["compact"] = compact
+    return out
+
+
+def random_split(n: int = 16, seed: int = 0) -> Split:
+    g = torch.Generator().manual_seed(seed)
+    return Split(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g))
+
+
+def outputs(model, x):
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+# --- configuration ---------------------------------------------------------------------------
+def test_coupling_and_compact_options_are_validated():
+    config = RunConfig.from_dict(spec())
+    assert config.stages[0].coupling == "strict" and config.compact == CompactRunConfig()
+    assert RunConfig.from_dict(spec(compact=False)).compact is None
+    assert RunConfig.from_dict(spec(compact={"atol": 1e-5})).compact.atol == 1e-5
+    assert RunConfig.from_dict(spec(coupling="none", compact=None)).stages[0].coupling == "none"
+    with pytest.raises(ConfigError, match=r"coupling='loose'; choose one of \('none', 'strict', 'extend'\)"):
+        RunConfig.from_dict(spec(coupling="loose"))
+    with pytest.raises(ConfigError, match="coupling needs method admm, gradual or magnitude"):
+        RunConfig.from_dict(spec(method="reweighted"))
+    with pytest.raises(ConfigError, match=r"compact: unknown key\(s\) \['atoll'\]"):
+        RunConfig.from_dict(spec(compact={"atoll": 1e-4}))
+    with pytest.raises(ConfigError, match="columns='fast'"):
+        RunConfig.from_dict(spec(compact={"columns": "fast"}))
+    with pytest.raises(ConfigError, match="compact=1 must be true, false or a mapping"):
+        RunConfig.from_dict(spec(compact=1))
+    with pytest.raises(ConfigError, match="compact: true needs at least one stage"):
+        RunConfig.from_dict({**spec(), "stages": []})
+
+
+def test_config_round_trips_through_its_saved_yaml():
+    config = RunConfig.from_dict(spec(compact={"samples": 3}))
+    again = RunConfig.from_dict(yaml.safe_load(yaml.safe_dump(json.loads(json.dumps(config.to_dict())))))
+    assert again.compact == config.compact and again.stages[0].coupling == "strict"
+
+
+def test_the_ready_config_validates_and_couples_every_conv_of_resnet20():
+    config = RunConfig.from_yaml(READY)
+    assert config.model == {"name": "resnet20"} and config.data.dataset == "cifar10"
+    assert config.compact is not None and config.stages[0].coupling == "strict"
+    runner = Runner(config, create_model("resnet20"), random_split(4), random_split(4), progress=False)
+    targets = runner.stage_targets[0]
+    assert targets and all(isinstance(t, CoupledTarget) for t in targets)
+    convs = {n for n, m in runner.model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    assert convs <= set(runner.layers())
+
+
+# --- the runner ---------------------------------------------------------------------------
+def test_coupled_admm_run_ends_with_a_checked_saved_compact_model(tmp_path):
+    torch.manual_seed(0)
+    config = RunConfig.from_dict(spec())
+    model = create_model("resnet20")
+    runner = Runner(config, model, random_split(16), random_split(8, seed=1), out_dir=tmp_path, progress=False)
+    metrics = runner.run()
+    figures = metrics["compaction"]
+    assert figures["params_after"] < figures["params_before"] and figures["macs_after"] < figures["macs_before"]
+    assert figures["max_abs_diff"] <= 1e-4 and figures["folder"] == "compact"
+    # uniform 50% coupled filter pruning gives exactly the half-width ResNet-20
+    ideal = create_model("resnet20", width_mult=0.5)
+    assert figures["params_after"] == sum(p.numel() for p in ideal.parameters())
+    restored = load_compacted(tmp_path / "compact")
+    fresh = torch.randn(3, 3, 32, 32)
+    assert (outputs(restored, fresh) - outputs(model, fresh)).abs().max() <= 1e-4
+    assert runner.compacted is not None
+    assert set(runner.layers()) <= {n for n, _ in model.named_modules()}
+
+
+def test_an_uncoupled_plan_that_cannot_be_compacted_fails_before_training():
+    plan = {"rules": [{"match": "layers.0.0.conv2", "structure": "filter", "sparsity": 0.5}]}
+    config = RunConfig.from_dict(spec(plan, coupling="none"))
+    with pytest.raises(ConfigError, match=r"compact: the plan prunes channels .*layers.0.0.conv2.*coupling: strict"):
+        Runner(config, create_model("resnet20"), random_split(4), random_split(4), progress=False)
+
+
+def test_a_strict_coupled_plan_naming_part_of_a_group_is_a_plan_error():
+    plan = {"rules": [{"match": "layers.0.0.conv2", "structure": "filter", "sparsity": 0.5}]}
+    config = RunConfig.from_dict(spec(plan, compact=None))
+    with pytest.raises(ValueError, match="share channels .* with 'conv1'"):
+        Runner(config, create_model("resnet20"), random_split(4), random_split(4), progress=False)
+
+
+def test_a_compacted_model_that_differs_fails_loudly(monkeypatch):
+    model = create_model("resnet20").eval()
+    real = compact_run.compact
+
+    def wrong(*args, **kwargs):
+        result = real(*args, **kwargs)
+        with torch.no_grad():
+            result.model.linear.bias.add_(1.0)
+        return result
+
+    monkeypatch.setattr(compact_run, "compact", wrong)
+    with pytest.raises(CompactionError, match=r"differs from the masked model by 1 \(> atol=0.0001\)"):
+        compact_run.compact_checked(model, torch.randn(2, 3, 32, 32), samples=2)
+
+
+# --- the command line ------------------------------------------------------------------------
+def tiny_ready_config(tmp_path: Path) -> Path:
+    ready = yaml.safe_load(READY.read_text())
+    ready["threads"] = 1
+    ready["data"].update(train_limit=16, test_limit=8, batch_size=8, eval_batch_size=8)
+    ready["pretrain"]["epochs"] = 1
+    stage = ready["stages"][0]
+    stage["admm"].update(epochs=1, update_every_steps=1)
+    stage["retrain"]["epochs"] = 1
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(ready, sort_keys=False))
+    return path
+
+
+def test_cli_run_of_the_ready_config_compacts_reports_and_exports(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", str(tiny_ready_config(tmp_path)), "--out", str(out), "--no-progress"]) == 0
+    report = (out / "report.md").read_text()
+    assert "## Compacted model" in report and "MACs per sample" in report and "Parameters: 272,474 ->" in report
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]["compaction"]
+    assert {"params_before", "params_after", "macs_before", "macs_after", "max_abs_diff"} <= set(metrics)
+    assert (out / "compact" / "manifest.json").is_file() and (out / "compact" / "model.safetensors").is_file()
+    assert main(["report", str(out)]) == 0 and "## Compacted model" in capsys.readouterr().out
+    assert main(["export", "--compact", str(out), "--out", str(tmp_path / "exported")]) == 0
+    printed = capsys.readouterr().out
+    assert "Reloaded from" in printed and (tmp_path / "exported" / "manifest.json").is_file()
+    small = load_compacted(tmp_path / "exported")
+    assert sum(p.numel() for p in small.parameters()) == metrics["params_after"]
+
+
+def one_line_error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("admmcompress: error: "), err
+    return err[0]
+
+
+def test_cli_errors_of_compaction_are_one_line(tmp_path, capsys):
+    bad = spec({"rules": [{"match": "layers.0.0.conv2", "structure": "filter", "sparsity": 0.5}]}, coupling="none")
+    bad["data"] = {"dataset": "cifar10", "train_limit": 4, "test_limit": 4}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    message = one_line_error(capsys, ["run", str(path), "--out", str(tmp_path / "o")])
+    assert "compaction cannot remove" in message and "coupling: strict" in message
+    message = one_line_error(capsys, ["export", "--compact", str(tmp_path / "none"), "--out", str(tmp_path / "x")])
+    assert "has no model.safetensors" in message
+    path.write_text(yaml.safe_dump({**spec(coupling="tight"), "data": {"dataset": "cifar10"}}))
+    assert "coupling='tight'" in one_line_error(capsys, ["run", str(path), "--out", str(tmp_path / "p")])
