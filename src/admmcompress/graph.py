@@ -226,7 +226,9 @@ def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGro
             elif isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:
                 problems.append(
                     f"grouped conv '{names[module]}' (groups={module.groups}, not depthwise) ties channels "
-                    "within each of its groups; removing them is not supported, so these channels are kept"
+                    "within each of its groups; removing them is not supported, so these channels are kept. "
+                    f"Fix: drop the filter/channel targets on the layers that feed or read '{names[module]}', "
+                    "or make it depthwise (groups = channels) or groups=1"
                 )
             elif isinstance(module, nn.Module) and module in names:
                 problems.append(
