@@ -191,3 +191,14 @@ def test_cli_errors_of_compaction_are_one_line(tmp_path, capsys):
     assert "has no model.safetensors" in message
     path.write_text(yaml.safe_dump({**spec(coupling="tight"), "data": {"dataset": "cifar10"}}))
     assert "coupling='tight'" in one_line_error(capsys, ["run", str(path), "--out", str(tmp_path / "p")])
+
+
+def test_resuming_a_finished_compact_run_gives_the_same_compact_model(tmp_path):
+    torch.manual_seed(0)
+    config = RunConfig.from_dict(spec(compact={"samples": 2}))
+    data = random_split(8)
+    first = Runner(config, create_model("resnet20"), data, data, out_dir=tmp_path, progress=False).run()
+    saved = load_compacted(tmp_path / "compact").state_dict()
+    again = Runner(config, create_model("resnet20"), data, data, out_dir=tmp_path, progress=False).run(resume=True)
+    assert again["compaction"] == first["compaction"]
+    assert all(torch.equal(v, saved[k]) for k, v in load_compacted(tmp_path / "compact").state_dict().items())
