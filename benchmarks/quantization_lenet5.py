@@ -122,7 +122,7 @@ def summarize(out_root: Path) -> str:
     rows = [
         "| run | top-1 start -> after | drop vs dense | weight reduction | paper-style storage | "
         "honest storage (best per layer) | bitmask | relative | CSR | structured | "
-        "packed file (weights + biases + manifest) |",
+        "packed file (weights + biases + header) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in EXPERIMENTS:
@@ -138,7 +138,7 @@ def summarize(out_root: Path) -> str:
             weight_bytes = (s["weight_bits"]["best"] + 7) // 8
             size = (
                 f"{packed.stat().st_size:,} B (report {weight_bytes:,} + {s['other_bits'] // 8:,} B; "
-                f"manifest {len(json.dumps(manifest, separators=(',', ':')))} B)"
+                f"header {manifest['header_bytes']} B)"
             )
         before, after = m["accuracy_before"], m["accuracy_after"]
         dense = next(

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from admmcompress.cli import main
+from admmcompress.executors.export_run import packed_size_lines
 from admmcompress.executors.packed import (
     BitReader,
     BitWriter,
@@ -66,7 +67,8 @@ def test_round_trip_is_bit_exact_under_every_scheme(quantizer, keep):
         assert torch.equal(restored(x), model(x))
         # Each weight's payload is exactly the storage report's bits, rounded up to whole bytes.
         report = storage(model)
-        manifest, _ = read_manifest(io.BytesIO(buffer.getvalue()))
+        manifest, _ = read_manifest(io.BytesIO(buffer.getvalue()), make_model())
+        assert manifest["header_bytes"] == summary.header_bytes
         entries = [manifest_entry(e) for e in manifest["tensors"]]
         packed = {e["name"]: e for e in entries if e["kind"] == "packed"}
         for layer in report.layers:
@@ -93,6 +95,69 @@ def test_file_size_matches_the_storage_report_within_one_percent():
     assert all(torch.equal(v, restored.state_dict()[k]) for k, v in model.state_dict().items())
 
 
+def pruned_quantized_lenet5(seed: int = 0) -> nn.Module:
+    """A LeNet-5 (431K weights) pruned and quantized by projection alone, about 150x storage reduction."""
+    torch.manual_seed(seed)
+    model = create_model("lenet5")
+    plan = {"conv1": (0.5, FixedPoint(bits=4)), "conv2": (0.1, FixedPoint(bits=3)),
+            "fc1": (0.015, Ternary()), "fc2": (0.1, FixedPoint(bits=3))}
+    with torch.no_grad():
+        for name, (keep, quantizer) in plan.items():
+            layer = getattr(model, name)
+            w = layer.weight * (torch.rand_like(layer.weight) < keep)
+            layer.weight.copy_(quantizer.project(w))
+    return model.eval()
+
+
+def test_small_lenet5_file_matches_the_storage_report_within_one_percent():
+    # ~10 KB of payload: the container header must stay far below 1% of it.
+    model = pruned_quantized_lenet5()
+    report = storage(model)
+    assert 100 < report.storage_reduction("best") < 200
+    buffer = io.BytesIO()
+    summary = save_packed(model, buffer, model_spec={"name": "lenet5"})
+    data = buffer.getvalue()
+    expected_bytes = (report.bits("best") + report.other_bits) / 8
+    assert len(data) < 16_000 and summary.file_bytes == len(data)
+    assert abs(len(data) / expected_bytes - 1) < 0.01, (len(data), expected_bytes, summary)
+    assert summary.header_bytes < 80  # magic, checksum, spec, 8 tensors' fields
+    assert summary.weight_bits == report.bits("best") and 0 <= summary.padding_bits < 8 * 4
+    assert summary.other_bytes * 8 == report.other_bits  # LeNet-5 has no buffers
+    restored = load_packed(io.BytesIO(data))
+    assert all(torch.equal(v, restored.state_dict()[k]) for k, v in model.state_dict().items())
+    # The export command's summary names every byte between the report's figure and the file.
+    storage_line, overhead, file_line = packed_size_lines(len(data), summary, report)
+    assert f"header {summary.header_bytes} B" in overhead and "buffers" not in overhead
+    assert f"file / report = {len(data) / expected_bytes:.4f}" in file_line
+    assert f"{report.bits('best'):,} bits" in storage_line
+
+
+def test_a_different_architecture_is_refused():
+    data = io.BytesIO()
+    save_packed(pruned_quantized_lenet5(), data, model_spec={"name": "lenet5"})
+    with pytest.raises(ValueError, match="state dict differs"):
+        load_packed(io.BytesIO(data.getvalue()), create_model("lenet5", num_classes=7))
+    with pytest.raises(ValueError, match="truncated"):
+        read_manifest(data.getvalue()[:20])
+
+
+def test_format_1_files_are_still_read():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    weight, bias = model.weight.detach(), model.bias.detach()
+    entries = [
+        ["weight", [2, 3], 24, "dense", 6, 6, 1, "column", "float32", 0],
+        ["bias", [2], 8, "float32"],
+    ]
+    manifest = json.dumps({"model": None, "tensors": entries}).encode()
+    # Format 1: magic, uint32 manifest length, JSON manifest; a float32 dense weight is its IEEE bits, MSB first.
+    data = b"ADMMPK1\n" + len(manifest).to_bytes(4, "little") + manifest
+    data += weight.numpy().astype(">f4").tobytes() + bias.numpy().tobytes()
+    restored = load_packed(io.BytesIO(data), nn.Linear(3, 2))
+    assert torch.equal(restored.weight, weight) and torch.equal(restored.bias, bias)
+    assert read_manifest(data)[0]["header_bytes"] == 12 + len(manifest)
+
+
 def test_cli_export_packed_writes_and_verifies(tmp_path, capsys):
     torch.manual_seed(0)
     model = create_model("lenet300100")
@@ -108,6 +173,7 @@ def test_cli_export_packed_writes_and_verifies(tmp_path, capsys):
     assert main(["export", "--packed", str(run), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "outputs identical: True" in printed and "file / report" in printed
+    assert "storage report (SPEC 4.2)" in printed and "container overhead: header" in printed
     manifest, _ = read_manifest(out)
     assert manifest["model"] == {"name": "lenet300100"}
     assert json.loads(json.dumps(manifest)) == manifest
