@@ -216,7 +216,13 @@ def hard_quantize(
     params = dict(model.named_parameters())
     held: dict[str, HeldValues] = {}
     if isinstance(frozen, QuantizedMaskSet):
-        held.update(frozen.held)
+        for name, before in frozen.held.items():
+            keep = masks.masks.get(name)
+            if keep is not None and bool((before.codes[~keep.cpu()] >= 0).any()):
+                # Pruned after it was quantized (a later stage prunes a held layer): pruned stays zero.
+                codes = torch.where(keep.cpu(), before.codes, torch.full_like(before.codes, -1))
+                before = HeldValues(before.levels, codes, before.update, before.frozen)
+            held[name] = before
     out = QuantizedMaskSet(masks.masks, {})
     out.apply(model)
     for target in targets:

@@ -176,3 +176,64 @@ def test_state_dict_round_trip():
         assert torch.equal(nxt_restored[name], mask)
     for (n, p), (_, q) in zip(model.named_parameters(), restored.model.named_parameters(), strict=True):
         assert torch.equal(p, q), n
+
+
+def test_gradual_stage_keeps_held_quantized_values_through_steps_and_resume(tmp_path):
+    from admmcompress.quantize import QuantizedMaskSet, mask_set_from_state
+    from admmcompress.train import checkpoint as ckpt
+
+    model = small_cnn()
+    first = Plan.from_dict(
+        [
+            {"match": "3", "structure": "unstructured", "sparsity": 0.8},
+            {"match": "3", "structure": "fixed_point", "bits": 2},
+        ]
+    )
+    frozen = hard_prune(model, first.resolve(model))
+    assert isinstance(frozen, QuantizedMaskSet) and "3.weight" in frozen.held
+    quantized = model[3].weight.detach().clone()
+    plan = Plan({"5": Column(sparsity=0.5)})
+    gradual = GradualMagnitude(model, plan, updates=3, frozen=frozen)
+    masks = gradual.step()
+    assert isinstance(masks, QuantizedMaskSet) and torch.equal(masks.held["3.weight"].decode(), quantized)
+    # Resume as the runner does: masks and driver state through a checkpoint, a fresh driver.
+    ckpt.save_state(tmp_path / "state.pt", {"masks": masks.state_dict(), "driver": gradual.state_dict()})
+    state = ckpt.load_state(tmp_path / "state.pt")
+    resumed_model = copy.deepcopy(model)
+    resumed = GradualMagnitude(resumed_model, plan, updates=3, frozen=mask_set_from_state(state["masks"]))
+    resumed.load_state_dict(state["driver"])
+    assert isinstance(resumed.masks, QuantizedMaskSet)
+    assert torch.equal(resumed.masks.held["3.weight"].decode(), quantized)
+    # Held values stay exactly in place while training and through the remaining updates.
+    opt = torch.optim.Adam(resumed_model.parameters(), lr=0.1, weight_decay=0.1)
+    resumed.masks.attach(resumed_model, opt)
+    for _ in range(2):
+        resumed_model(torch.randn(4, 2, 6, 6)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        resumed.masks.detach()
+        resumed.masks = resumed.step() if resumed.iteration < 3 else resumed.masks
+        resumed.masks.attach(resumed_model, opt)
+        assert torch.equal(resumed_model[3].weight.detach(), quantized)
+    final = resumed.finalize()
+    assert isinstance(final, QuantizedMaskSet) and torch.equal(resumed_model[3].weight.detach(), quantized)
+
+
+def test_pruning_a_held_layer_further_keeps_the_pruned_weights_zero():
+    from admmcompress.quantize import QuantizedMaskSet
+
+    model = small_cnn()
+    first = Plan.from_dict([{"match": "3", "structure": "fixed_point", "bits": 2}])
+    frozen = hard_prune(model, first.resolve(model))
+    quantized = model[3].weight.detach().clone()
+    gradual = GradualMagnitude(model, Plan({"3": Unstructured(sparsity=0.9)}), updates=2, frozen=frozen)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(2):
+        masks = gradual.step().attach(model, opt)
+        model(torch.randn(4, 2, 6, 6)).sum().backward()
+        opt.step()
+        masks.detach()
+        keep = masks["3.weight"]
+        assert isinstance(masks, QuantizedMaskSet)
+        assert torch.equal(model[3].weight.detach(), quantized * keep)
+    assert abs(float(keep.float().mean()) - 0.1) < 0.01

@@ -366,3 +366,27 @@ def test_gradual_reaches_the_target_with_step_cadence(data, dense):
         )
     assert nonzeros(model, "fc1.weight") == FC1_KEPT
     assert nonzeros(model, "fc2.weight") == FC2_KEPT
+
+
+def test_resume_of_a_gradual_stage_keeps_values_quantized_by_an_earlier_stage(tmp_path, data, monkeypatch):
+    from admmcompress.quantize import QuantizedMaskSet
+
+    quantize = {
+        "rules": [
+            {"match": "fc1", "structure": "unstructured", "sparsity": 0.5},
+            {"match": "fc1", "structure": "fixed_point", "bits": 2},
+        ]
+    }
+    config = run_config("magnitude", two_stages=True)
+    stages = config.to_dict()["stages"]
+    stages[0]["plan"] = quantize
+    stages[1].update(method="gradual", plan={"rules": [{"match": "fc2", "structure": "filter", "sparsity": 0.5}]})
+    config = RunConfig.from_dict({**config.to_dict(), "stages": stages})
+    full = Runner(config, fresh_model(), *data, out_dir=tmp_path / "full", progress=False)
+    full.run()
+    resumed = interrupted_then_resumed(config, data, tmp_path / "crashed", monkeypatch, crash_epoch=8)
+    for runner in (full, resumed):
+        assert isinstance(runner.masks, QuantizedMaskSet) and "fc1.weight" in runner.masks.held
+        assert torch.unique(runner.model.fc1.weight.detach()[runner.masks["fc1.weight"]]).numel() <= 4
+    assert_same_state(full.model, resumed.model)
+    assert_same_masks(full.masks, resumed.masks)

@@ -46,7 +46,7 @@ class GradualMagnitude:
         self.updates = updates
         self.frozen = frozen
         self.iteration = 0
-        self.masks = MaskSet(frozen.masks if frozen is not None else None)
+        self.masks = _carry(frozen)
 
     def sparsity_at(self, iteration: int, final: float = 1.0) -> float:
         progress = min(1.0, iteration / self.updates)
@@ -72,8 +72,24 @@ class GradualMagnitude:
         return self.masks
 
     def state_dict(self) -> dict[str, Any]:
+        """Iteration and masks, with the values a ``QuantizedMaskSet`` holds (tensors only)."""
         return {"iteration": self.iteration, "masks": self.masks.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()``; quantized values held by earlier stages come back held."""
+        from admmcompress.quantize import mask_set_from_state
+
         self.iteration = int(state["iteration"])
-        self.masks = MaskSet(state["masks"])
+        self.masks = mask_set_from_state(state["masks"])
+
+
+def _carry(frozen: MaskSet | None) -> MaskSet:
+    """A copy of an earlier stage's set to start from: its masks and, if any, its held values."""
+    if frozen is None:
+        return MaskSet()
+    held = getattr(frozen, "held", None)
+    if held:
+        from admmcompress.quantize import QuantizedMaskSet
+
+        return QuantizedMaskSet(frozen.masks, held)
+    return MaskSet(frozen.masks)
