@@ -60,11 +60,13 @@ def test_concat_maps_each_branch_to_its_slice_of_the_consumer():
     assert consumer.local == (4, 5, 6, 7, 8, 9) and consumer.root == (0, 1, 2, 3, 4, 5)
 
 
-def test_depthwise_joins_its_producer_and_grouped_conv_is_reported():
+def test_depthwise_joins_its_producer_and_grouped_conv_splits_it_into_blocks():
     groups = channel_groups(Branches(), torch.zeros(1, 3, 8, 8))
     c = group_of(groups, "c", (PRODUCER,))
     assert ("dw", DEPTHWISE) in roles(c)
-    assert any("grouped conv 'g'" in p for p in c.problems)
+    assert not c.problems and c.grouped == [("g", 2)] and c.blocks == (0, 0, 0, 1, 1, 1)
+    g = next(m for m in c.members if m.layer == "g")
+    assert g.role == CONSUMER and g.groups == 2
 
 
 def test_flatten_maps_one_channel_to_many_linear_columns():

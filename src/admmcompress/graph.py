@@ -4,14 +4,20 @@ Torch-Pruning's ``DependencyGraph`` is asked once (it traces the model with auto
 are turned into plain ``ChannelGroup`` records that name, for every channel of the group, the slice
 of each member layer that carries it:
 
-- ``producer``: a Conv (``groups == 1``) or Linear computing the channel (weight row, bias entry);
-- ``consumer``: a Conv (``groups == 1``) or Linear reading it (weight columns; after a flatten one
-  channel is several Linear columns);
+- ``producer``: a Conv or Linear computing the channel (weight row, bias entry);
+- ``consumer``: a Conv or Linear reading it (weight columns; after a flatten one channel is several
+  Linear columns; in a grouped conv, the column of the channel's conv group, see ``channel_index``);
 - ``norm``: a BatchNorm entry (gamma, beta, running statistics);
 - ``depthwise``: a depthwise conv, which maps the channel to itself (weight row, bias entry).
 
 Residual adds, concatenations and depthwise convolutions tie channels across layers; a group lists
 all of them, with each member's local index and the group ("root") channel it belongs to.
+
+A grouped conv that is not depthwise (``1 < groups < in_channels``) splits its input and its output
+channels into ``groups`` equal conv groups, and PyTorch needs every conv group to keep the same number
+of channels. A channel group it belongs to records that split in ``blocks`` (one block id per group
+channel; the common refinement when several grouped convs split it), so pruning can keep the same
+number of channels in every block and compaction can rebuild the conv with the same ``groups``.
 
 >>> import torch.nn as nn
 >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2))
@@ -21,6 +27,7 @@ all of them, with each member's local index and the group ("root") channel it be
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -83,6 +90,7 @@ class Member:
     role: str
     local: tuple[int, ...]
     root: tuple[int, ...]
+    groups: int = 1  # conv groups of a grouped (not depthwise) conv; 1 otherwise
 
     def param_dims(self, module: nn.Module) -> list[tuple[str, int]]:
         """``(parameter name, dimension)`` pairs whose slices at ``local`` carry the channel."""
@@ -101,6 +109,7 @@ class ChannelGroup:
     ops: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     root: str = ""
+    blocks: tuple[int, ...] = ()  # block id per channel when grouped convs split the channels; else ()
 
     def layers(self, role: str) -> list[str]:
         return list(dict.fromkeys(m.layer for m in self.members if m.role == role))
@@ -120,9 +129,49 @@ class ChannelGroup:
         return "+".join(sorted(names)) if names else self.root
 
     @property
+    def grouped(self) -> list[tuple[str, int]]:
+        """``(layer, groups)`` of the grouped (not depthwise) convs among the members."""
+        return list(dict.fromkeys((m.layer, m.groups) for m in self.members if m.groups > 1))
+
+    @property
     def zero_preserving(self) -> bool:
         """True when every op in the group maps a zero channel to a zero channel."""
         return all(op in STRUCTURAL_OPS or CHANNELWISE_OPS.get(op, False) for op in self.ops)
+
+
+def channel_index(shape: tuple[int, ...] | torch.Size, dim: int, groups: int = 1) -> torch.Tensor:
+    """Flat indices into a tensor of ``shape``, one row per channel along ``dim`` (``(channels, width)``).
+
+    Row ``c`` lists every entry that belongs to channel ``c``. For a grouped conv weight
+    ``(O, I/g, kh, kw)`` read along its input side (``dim == 1``, ``groups > 1``) the channels are the
+    ``I`` input channels: input channel ``c`` is column ``c % (I/g)`` of the ``O/g`` filters of conv group
+    ``c // (I/g)``.
+
+    >>> channel_index((4, 2, 1, 1), 1, groups=2).tolist()   # conv(4 -> 4, groups=2): 4 input channels
+    [[0, 2], [1, 3], [4, 6], [5, 7]]
+    """
+    shape = tuple(shape)
+    flat = torch.arange(math.prod(shape)).view(shape)
+    if groups == 1 or dim != 1:
+        return flat.movedim(dim, 0).reshape(shape[dim], -1)
+    out, span = shape[0], shape[1]
+    return flat.reshape(groups, out // groups, span, -1).permute(0, 2, 1, 3).reshape(groups * span, -1)
+
+
+def channel_rows(tensor: torch.Tensor, dim: int, groups: int = 1) -> torch.Tensor:
+    """``tensor``'s entries as ``(channels, width)``, row ``c`` = channel ``c`` (see ``channel_index``)."""
+    index = channel_index(tensor.shape, dim, groups).to(tensor.device)
+    return tensor.reshape(-1)[index]
+
+
+def is_grouped_conv(module: nn.Module) -> bool:
+    """A Conv with ``groups > 1`` that is not depthwise (``groups != in_channels``)."""
+    return (
+        isinstance(module, nn.modules.conv._ConvNd)
+        and not module.transposed
+        and 1 < module.groups
+        and not module.groups == module.in_channels == module.out_channels
+    )
 
 
 def op_name(grad_fn_name: str) -> str:
@@ -195,6 +244,7 @@ def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGro
     import torch_pruning as tp
 
     members: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    modules: dict[str, nn.Module] = {}
     ops: list[str] = []
     problems: list[str] = []
     size = 0
@@ -223,26 +273,24 @@ def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGro
                     )
             elif node.type.name.lower() in STRUCTURAL_OPS:
                 ops.append(node.type.name.lower())
-            elif isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:
-                problems.append(
-                    f"grouped conv '{names[module]}' (groups={module.groups}, not depthwise) ties channels "
-                    "within each of its groups; removing them is not supported, so these channels are kept. "
-                    f"Fix: drop the filter/channel targets on the layers that feed or read '{names[module]}', "
-                    "or make it depthwise (groups = channels) or groups=1"
-                )
             elif isinstance(module, nn.Module) and module in names:
                 problems.append(
                     f"layer '{names[module]}' ({type(module).__name__}) has no channel rule here; "
-                    "supported: Conv (groups 1 or depthwise), Linear, BatchNorm"
+                    "supported: Conv (not transposed), Linear, BatchNorm"
                 )
             else:
                 problems.append(f"'{node.name}' cannot be sliced by channel")
             continue
         members.setdefault((names[module], role), []).extend(pairs)
+        modules[names[module]] = module
     result = []
     for (layer, role), pairs in members.items():
         pairs = sorted(set(pairs))
-        result.append(Member(layer, role, tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)))
+        conv_groups = modules[layer].groups if is_grouped_conv(modules[layer]) else 1
+        result.append(Member(layer, role, tuple(p[0] for p in pairs), tuple(p[1] for p in pairs), conv_groups))
+    blocks, why = _blocks(result, size, modules)
+    if why:
+        problems.append(why)
     root_module = tp_group[0].dep.target.module
     return ChannelGroup(
         size=size,
@@ -250,19 +298,60 @@ def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGro
         ops=sorted(set(ops)),
         problems=list(dict.fromkeys(problems)),
         root=names.get(root_module, ""),
+        blocks=blocks,
     )
+
+
+def _blocks(members: list[Member], size: int, modules: dict[str, nn.Module]) -> tuple[tuple[int, ...], str]:
+    """Block id per group channel from the grouped convs' splits (their common refinement), or a reason.
+
+    Every block must have the same size, so that "the same number of channels in every block" keeps the
+    same number in every conv group of every grouped member.
+    """
+    keys: list[tuple[int, ...]] = [() for _ in range(size)]
+    for m in members:
+        if m.groups == 1:
+            continue
+        module = modules[m.layer]
+        channels = module.out_channels if m.role == PRODUCER else module.in_channels
+        side = "output" if m.role == PRODUCER else "input"
+        span = channels // m.groups
+        block: dict[int, int] = {}
+        for local, root in zip(m.local, m.root, strict=True):
+            if block.setdefault(root, local // span) != local // span:
+                block[root] = -1
+        if sorted(set(m.local)) != list(range(channels)) or len(block) != size or -1 in block.values():
+            return (), (
+                f"grouped conv '{m.layer}' (groups={m.groups}) shares only part of its {side} channels with "
+                "this channel group (a concat/split in between), so its conv groups cannot be kept equal; "
+                f"drop the filter/channel targets on the layers that feed or read '{m.layer}', or make it "
+                "depthwise (groups = channels) or groups=1"
+            )
+        keys = [k + (block[r],) for r, k in enumerate(keys)]
+    if not any(keys):
+        return (), ""
+    ids: dict[tuple[int, ...], int] = {}
+    blocks = tuple(ids.setdefault(k, len(ids)) for k in keys)
+    counts = torch.bincount(torch.tensor(blocks))
+    if bool((counts != counts[0]).any()):
+        named = ", ".join(f"'{layer}' (groups={g})" for layer, g in dict.fromkeys((m.layer, m.groups)
+                          for m in members if m.groups > 1))
+        return (), (
+            f"grouped convs {named} split these channels into conv groups that do not nest (blocks of sizes "
+            f"{sorted(set(counts.tolist()))}), so no pruning keeps every conv group equal; drop the "
+            "filter/channel targets on these channels, or give the convs nesting groups (e.g. 2 and 4)"
+        )
+    return blocks, ""
 
 
 def _role(module, handler, graph) -> str | None:
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return NORM
     if isinstance(module, nn.modules.conv._ConvNd):
-        if module.groups > 1:
-            if module.groups == module.in_channels == module.out_channels:
-                return DEPTHWISE
-            return None
         if getattr(module, "transposed", False):
             return None
+        if module.groups > 1 and module.groups == module.in_channels == module.out_channels:
+            return DEPTHWISE
         return PRODUCER if graph.is_out_channel_pruning_fn(handler) else CONSUMER
     if isinstance(module, nn.Linear):
         return PRODUCER if graph.is_out_channel_pruning_fn(handler) else CONSUMER
@@ -290,6 +379,9 @@ __all__ = [
     "build_dependency_graph",
     "call_model",
     "channel_groups",
+    "channel_index",
+    "channel_rows",
     "group_of",
+    "is_grouped_conv",
     "op_name",
 ]

@@ -133,15 +133,18 @@ def test_concat_depthwise_and_linear_after_flatten():
     assert (outputs(small, fresh) - outputs(model, fresh)).abs().max() <= 1e-4
 
 
-def test_grouped_conv_channels_are_kept_and_the_reason_given():
+def test_grouped_conv_channels_go_evenly_per_conv_group():
     model = randomize_norms(Branches(grouped=True))
     x = torch.randn(2, 3, 8, 8)
-    with torch.no_grad():
-        model.c.weight[:3] = 0
-        model.bn2.weight[:3] = 0
-        model.bn2.bias[:3] = 0
-    with pytest.raises(CompactionError, match=r"grouped conv 'g' \(groups=2, not depthwise\)"):
-        compact(model, x)
+    with torch.no_grad():  # channel 1 of g's first conv group and channel 4 of its second: zero filters + BN
+        for ch in (1, 4):
+            model.c.weight[ch] = 0
+            model.bn2.weight[ch] = 0
+            model.bn2.bias[ch] = 0
+    result = compact(model, x)
+    assert (result.model.g.in_channels, result.model.g.groups, result.model.dw.groups) == (4, 2, 4)
+    fresh = torch.randn(3, 3, 8, 8)
+    assert (outputs(result.model, fresh) - outputs(model, fresh)).abs().max() <= 1e-4
 
 
 def test_compaction_leaves_the_input_model_alone():

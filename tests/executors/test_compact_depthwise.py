@@ -1,4 +1,4 @@
-"""Compaction of depthwise convolutions (MobileNetV2 CIFAR) and the clear error for grouped ones."""
+"""Compaction of depthwise convolutions (MobileNetV2 CIFAR), also next to a grouped conv."""
 
 import pytest
 import torch
@@ -10,7 +10,7 @@ from admmcompress.data.datasets import Split
 from admmcompress.executors.compact import CompactionError, compact
 from admmcompress.masks import hard_prune
 from admmcompress.models import create_model
-from admmcompress.plan import Plan, PlanError, Rule
+from admmcompress.plan import Plan, Rule
 from admmcompress.structures import Filter
 from admmcompress.train.config import RunConfig
 from admmcompress.train.runner import Runner
@@ -92,11 +92,24 @@ def test_a_mobilenetv2_run_config_with_coupling_compacts(tmp_path):
     assert (tmp_path / "compact" / "manifest.json").is_file()
 
 
-def test_a_grouped_conv_in_a_coupled_plan_names_the_layer_and_the_fix():
+def test_a_grouped_conv_after_a_depthwise_conv_keeps_its_groups():
+    torch.manual_seed(0)
     model = randomize_norms(Branches(grouped=True))
     x = torch.randn(2, 3, 8, 8)
-    with pytest.raises(PlanError, match=r"filter target on 'c'.*grouped conv 'g' \(groups=2.*Fix: drop the filter"):
-        Plan([Rule(Filter(sparsity=0.5), match=n) for n in ("c", "dw")]).resolve_coupled(model, x)
-    masks = hard_prune(model, Plan([Rule(Filter(sparsity=0.5), match=n) for n in ("c", "dw")]).resolve(model))
-    with pytest.raises(CompactionError, match=r"grouped conv 'g'.*make it depthwise \(groups = channels\) or groups=1"):
-        compact(model, x, masks)
+    plan = Plan([Rule(Filter(sparsity=0.5), match=n) for n in ("c", "dw")])
+    masks = hard_prune(model, plan.resolve_coupled(model, x))
+    small = compact(model, x, masks).model
+    assert (small.dw.groups, small.g.in_channels, small.g.groups) == (4, 4, 2)  # 2 of 3 kept per conv group of g
+    fresh = torch.randn(3, 3, 8, 8)
+    assert (outputs(small, fresh) - outputs(model, fresh)).abs().max() <= 1e-4
+
+
+def test_uncoupled_masks_uneven_across_a_grouped_convs_groups_name_the_layer_and_the_fix():
+    model = randomize_norms(Branches(grouped=True))
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():  # channels 0-2 (all of g's first conv group) zero, filters + BN
+        model.c.weight[:3] = 0
+        model.bn2.weight[:3] = 0
+        model.bn2.bias[:3] = 0
+    with pytest.raises(CompactionError, match=r"grouped conv 'g' \(groups=2\) needs the same number.*resolve_coupled"):
+        compact(model, x)

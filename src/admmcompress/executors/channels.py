@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from admmcompress.graph import CONSUMER, DEPTHWISE, NORM, PRODUCER, ChannelGroup, Member
+from admmcompress.graph import CONSUMER, DEPTHWISE, NORM, PRODUCER, ChannelGroup, Member, channel_rows
 
 
 @dataclass
@@ -47,11 +47,14 @@ class ChannelStatus:
         return self.zero | self.unread
 
 
-def _zero_per_root(member: Member, tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
-    """True at root channel r when every entry of ``tensor`` at the member's locals for r is zero."""
+def _zero_per_root(member: Member, tensor: torch.Tensor, dim: int, size: int, groups: int = 1) -> torch.Tensor:
+    """True at root channel r when every entry of ``tensor`` at the member's locals for r is zero.
+
+    ``groups > 1``: ``tensor`` is a grouped conv weight read along its input side (``dim == 1``).
+    """
     local = torch.tensor(member.local, dtype=torch.long, device=tensor.device)
     root = torch.tensor(member.root, dtype=torch.long)
-    rows = tensor.detach().index_select(dim, local).movedim(dim, 0).reshape(len(member.local), -1)
+    rows = channel_rows(tensor.detach(), dim, groups).index_select(0, local)
     nonzero = (rows != 0).any(dim=1).cpu()
     out = torch.ones(size, dtype=torch.bool)
     out[root[nonzero]] = False
@@ -99,7 +102,7 @@ def channel_status(group: ChannelGroup, modules: dict[str, nn.Module]) -> Channe
             response = bn_zero_response(module)
             shifts_zero &= _zero_per_root(m, response, 0, n)
         elif m.role == CONSUMER:
-            unread &= _zero_per_root(m, module.weight, 1, n)
+            unread &= _zero_per_root(m, module.weight, 1, n, m.groups)
             read |= _covered(m, n)
     filters_zero &= produced
     zero = filters_zero & shifts_zero if group.zero_preserving else torch.zeros(n, dtype=torch.bool)

@@ -8,6 +8,12 @@ zero (filters, biases and BN shifts all zero), or a constant that was folded int
 biases (:mod:`admmcompress.executors.fold`). The result is checked against the input model on the
 example inputs (eval mode, ``atol``) before it is returned; the input model is never modified.
 
+Grouped convs that are not depthwise (``1 < groups < in_channels``) keep their ``groups``: PyTorch needs
+every conv group to keep the same number of input and of output channels, so where a grouped conv splits
+a channel group, the same number of channels is removed from every block (coupled targets prune that
+way). Removable channels beyond that are kept (dead, harmless); pruned ones among them are an error
+under ``strict`` naming the grouped conv and the fix.
+
 >>> import torch.nn as nn
 >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
 >>> with torch.no_grad():
@@ -29,7 +35,7 @@ from torch import nn
 
 from admmcompress.executors.channels import channel_status
 from admmcompress.executors.fold import fold_constant_channels, forward
-from admmcompress.graph import _groups_with_roots, build_dependency_graph
+from admmcompress.graph import _groups_with_roots, build_dependency_graph, is_grouped_conv
 from admmcompress.masks import MaskSet
 
 COLUMN_MODES = ("off", "auto", "on")
@@ -131,12 +137,17 @@ def compact(
     plan = []
     for (group, root), status in zip(pairs, statuses, strict=True):
         removable = status.removable_now
-        if bool(removable.all()):  # a layer needs at least one channel; a dead one changes nothing
+        if group.blocks:  # grouped convs: the same number from every block, at least one kept in each
+            removable = even_blocks(group.blocks, removable, status.pruned)
+        elif bool(removable.all()):  # a layer needs at least one channel; a dead one changes nothing
             removable = removable.clone()
             removable[0] = False
         stuck = status.pruned & ~status.removable_now
         if bool(stuck.any()) and not any(f"of '{group.label}'" in k for k in result.kept):
             result.kept.append(_why_kept(group, stuck, status, modules))
+        uneven = status.pruned & status.removable_now & ~removable
+        if group.blocks and bool(uneven.any()):
+            result.kept.append(_why_uneven(group, uneven, status.removable_now))
         result.removed[group.label] = (int(removable.sum()), group.size)
         if bool(removable.any()):
             plan.append((group, root, removable))
@@ -150,7 +161,7 @@ def compact(
 
     for group, (module, handler), removable in plan:
         idxs = _root_local(group, removable)
-        graph.get_pruning_group(module, handler, idxs).prune()
+        _prune(graph, graph.get_pruning_group(module, handler, idxs))
 
     if config.columns != "off":
         from admmcompress.executors.column import apply_column_executors
@@ -170,6 +181,75 @@ def compact(
         m.train(modes.get(name, model.training))
     result.params_after = count_params(work)
     return result
+
+
+def even_blocks(blocks: tuple[int, ...], removable: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
+    """The largest subset of ``removable`` with the same count in every block, at least one kept per block.
+
+    Pruned channels go first within a block, then lower indices.
+
+    >>> even_blocks((0, 0, 1, 1), torch.tensor([True, True, False, True]), torch.zeros(4, dtype=torch.bool))
+    tensor([ True, False, False,  True])
+    """
+    owner = torch.tensor(blocks, dtype=torch.long)
+    sizes = torch.bincount(owner)
+    counts = torch.bincount(owner[removable], minlength=len(sizes))
+    take = min(int(counts.min()), int(sizes.min()) - 1)
+    out = torch.zeros_like(removable)
+    if take <= 0:
+        return out
+    for b in range(len(sizes)):
+        idx = torch.nonzero(removable & (owner == b)).flatten()
+        order = torch.argsort((~pruned[idx]).to(torch.long), stable=True)  # pruned first, then by index
+        out[idx[order[:take]]] = True
+    return out
+
+
+def _prune(graph, pruning_group) -> None:
+    """``pruning_group.prune()``, with each grouped conv's input channels removed conv group by conv group.
+
+    (Torch-Pruning slices a grouped conv's weight columns with the first conv group's pattern for all of
+    them; the weight is rebuilt here from the removed input channels of every conv group.)
+    """
+    saved: dict[nn.Module, tuple[torch.Tensor, set[int], set[int]]] = {}
+    for dep, idxs in pruning_group:
+        module = dep.target.module
+        if is_grouped_conv(module):
+            weight, out_idx, in_idx = saved.setdefault(module, (module.weight.detach().clone(), set(), set()))
+            (out_idx if graph.is_out_channel_pruning_fn(dep.handler) else in_idx).update(int(i) for i in idxs)
+    pruning_group.prune()
+    for module, (weight, out_idx, in_idx) in saved.items():
+        if in_idx:
+            module.weight = nn.Parameter(_grouped_weight(weight, out_idx, in_idx, module.groups))
+
+
+def _grouped_weight(weight: torch.Tensor, out_idx: set[int], in_idx: set[int], groups: int) -> torch.Tensor:
+    """A grouped conv ``weight`` without the output rows ``out_idx`` and the input channels ``in_idx``."""
+    out, span = weight.shape[0], weight.shape[1]
+    per_out = out // groups
+    parts = []
+    for b in range(groups):
+        rows = [r for r in range(b * per_out, (b + 1) * per_out) if r not in out_idx]
+        cols = [j for j in range(span) if b * span + j not in in_idx]
+        parts.append(weight[rows][:, cols])
+    widths = {p.shape[1] for p in parts}
+    if len(widths) != 1:  # even_blocks guarantees equal counts; this guards the invariant
+        raise CompactionError(f"grouped conv input channels removed unevenly ({sorted(widths)}); report this")
+    return torch.cat(parts, dim=0).contiguous()
+
+
+def _why_uneven(group, uneven: torch.Tensor, removable: torch.Tensor) -> str:
+    owner = torch.tensor(group.blocks, dtype=torch.long)
+    counts = torch.bincount(owner[removable], minlength=int(owner.max()) + 1).tolist()
+    convs = ", ".join(f"'{layer}' (groups={g})" for layer, g in group.grouped)
+    idx = torch.nonzero(uneven).flatten().tolist()
+    shown = str(idx if len(idx) <= 8 else idx[:8] + ["..."])
+    return (
+        f"channels {shown} of '{group.label}' are pruned but grouped conv {convs} needs the same number of "
+        f"channels removed from each of its conv groups, but the removable channels per block are {counts}. "
+        "Prune through Plan.resolve_coupled (its coupled target keeps every conv group equal), or prune the "
+        "same number of channels in every conv group"
+    )
 
 
 def _root_local(group, removable: torch.Tensor) -> list[int]:
@@ -221,4 +301,4 @@ def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     )
 
 
-__all__ = ["CompactConfig", "CompactionError", "CompactionResult", "compact", "count_params"]
+__all__ = ["CompactConfig", "CompactionError", "CompactionResult", "compact", "count_params", "even_blocks"]

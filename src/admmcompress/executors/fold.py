@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from admmcompress.graph import CONSUMER, ChannelGroup, call_model
+from admmcompress.graph import CONSUMER, ChannelGroup, call_model, channel_index, is_grouped_conv
 
 
 @dataclass
@@ -153,6 +153,13 @@ def _constants(group: ChannelGroup, wanted: torch.Tensor, inputs: dict[str, torc
 def _fold_into(module: nn.Module, local: torch.Tensor, value: torch.Tensor) -> int:
     """Add the constant inputs' contribution to the bias, zero their columns; returns weights zeroed."""
     weight = module.weight
+    if is_grouped_conv(module):  # only zero constants reach a grouped conv (fold_blocker refuses the others)
+        if bool((value != 0).any()):
+            raise ValueError("a nonzero constant cannot be folded into a grouped conv")  # pragma: no cover
+        index = zeroed_index(module, local)
+        zeroed = int(torch.count_nonzero(weight.reshape(-1)[index]))
+        weight.view(-1)[index] = 0.0
+        return zeroed
     cols = weight.index_select(1, local.to(weight.device))
     zeroed = int(torch.count_nonzero(cols))
     if cols.dim() > 2:
@@ -168,9 +175,16 @@ def _fold_into(module: nn.Module, local: torch.Tensor, value: torch.Tensor) -> i
     return zeroed
 
 
+def zeroed_index(module: nn.Module, local: torch.Tensor | list[int]) -> torch.Tensor:
+    """Flat indices of ``module.weight`` that read the input channels ``local`` (grouped convs included)."""
+    groups = module.groups if is_grouped_conv(module) else 1
+    rows = channel_index(module.weight.shape, 1, groups).to(module.weight.device)
+    return rows[torch.as_tensor(local, dtype=torch.long, device=rows.device)].reshape(-1)
+
+
 def _few(mask: torch.Tensor, limit: int = 8) -> str:
     idx = torch.nonzero(mask).flatten().tolist()
     return str(idx if len(idx) <= limit else idx[:limit] + ["..."])
 
 
-__all__ = ["FoldResult", "fold_blocker", "fold_constant_channels", "forward"]
+__all__ = ["FoldResult", "fold_blocker", "fold_constant_channels", "forward", "zeroed_index"]

@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from admmcompress.executors.channels import channel_status
-from admmcompress.executors.fold import fold_constant_channels, forward
-from admmcompress.graph import CONSUMER, NORM, ChannelGroup, channel_groups
+from admmcompress.executors.fold import fold_constant_channels, forward, zeroed_index
+from admmcompress.graph import CONSUMER, NORM, ChannelGroup, channel_groups, channel_index
 from admmcompress.masks import MaskSet
 
 
@@ -123,8 +123,9 @@ def _one_pass(model, example_inputs, groups, masks: MaskSet, name: str) -> PassR
     report.folded = fold.folded
     for layer, local, weights in fold.zeroed:  # the consumers' columns of folded channels: masked from now on
         name = f"{layer}.weight" if layer else "weight"
-        keep = torch.ones_like(params[name], dtype=torch.bool)
-        keep.index_fill_(1, torch.tensor(local, dtype=torch.long, device=keep.device), False)
+        keep = torch.ones(params[name].numel(), dtype=torch.bool, device=params[name].device)
+        keep[zeroed_index(modules[layer], local)] = False
+        keep = keep.view(params[name].shape)
         report.weights += weights
         masks.intersect(name, keep)
         report.channels[layer] = report.channels.get(layer, 0) + len(local)
@@ -141,7 +142,8 @@ def _one_pass(model, example_inputs, groups, masks: MaskSet, name: str) -> PassR
                 continue
             for pname, dim in member.param_dims(module):
                 full = f"{member.layer}.{pname}" if member.layer else pname
-                zeroed, slices = _zero_slices(params[full], dim, local, masks, full)
+                groups = member.groups if member.role == CONSUMER else 1
+                zeroed, slices = _zero_slices(params[full], dim, local, masks, full, groups)
                 report.weights += zeroed
                 if slices and pname == "weight" and member.role != NORM:
                     bucket = report.channels if member.role == CONSUMER else report.filters
@@ -150,15 +152,19 @@ def _one_pass(model, example_inputs, groups, masks: MaskSet, name: str) -> PassR
 
 
 def _zero_slices(
-    param: torch.Tensor, dim: int, local: list[int], masks: MaskSet, name: str
+    param: torch.Tensor, dim: int, local: list[int], masks: MaskSet, name: str, groups: int = 1
 ) -> tuple[int, int]:
-    """Zero ``param``'s slices at ``local`` along ``dim`` (and mask them); (weights, slices) newly zeroed."""
-    index = torch.tensor(local, dtype=torch.long, device=param.device)
-    rows = param.index_select(dim, index).movedim(dim, 0).reshape(len(local), -1)
+    """Zero ``param``'s slices at ``local`` along ``dim`` (and mask them); (weights, slices) newly zeroed.
+
+    ``groups > 1``: ``param`` is a grouped conv weight read along its input side (``dim == 1``).
+    """
+    index = channel_index(param.shape, dim, groups).to(param.device)[torch.tensor(local, dtype=torch.long)]
+    rows = param.reshape(-1)[index]
     slices = int((rows != 0).any(dim=1).sum())
     weights = int(torch.count_nonzero(rows))
-    keep = torch.ones_like(param, dtype=torch.bool)
-    keep.index_fill_(dim, index, False)
+    keep = torch.ones(param.numel(), dtype=torch.bool, device=param.device)
+    keep[index.reshape(-1)] = False
+    keep = keep.view(param.shape)
     param.mul_(keep.to(param.dtype))
     masks.intersect(name, keep)
     return weights, slices

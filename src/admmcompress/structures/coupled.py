@@ -11,6 +11,11 @@ use it like any target, through ``value(params)`` and ``masks(params)``.
 What it zeroes is exactly what compaction removes with the channel, so the masked model and the
 compacted model compute the same function.
 
+When a grouped (not depthwise) conv is a member, the group's channels are split into blocks (its conv
+groups, see ``ChannelGroup.blocks``) and the structure is a ``BlockFilter``: every block keeps the
+same number of channels, its top channels by norm, so the grouped conv can be rebuilt with the same
+``groups`` by compaction.
+
 >>> import torch.nn as nn
 >>> from admmcompress.plan import Plan
 >>> from admmcompress.structures import Filter
@@ -31,8 +36,10 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from admmcompress.graph import CONSUMER, DEPTHWISE, PRODUCER, ChannelGroup, channel_groups
+from admmcompress.graph import CONSUMER, DEPTHWISE, PRODUCER, ChannelGroup, channel_groups, channel_index
 from admmcompress.plan import PlanError, Target
+from admmcompress.structures import groups as gemm
+from admmcompress.structures.block import top_groups_per_block
 from admmcompress.structures.sparsity import Filter, SparsityStructure
 
 COUPLING_MODES = ("strict", "extend")
@@ -47,6 +54,38 @@ class ChannelSlice:
     dim: int
     local: tuple[int, ...]
     root: tuple[int, ...]
+    groups: int = 1  # a grouped conv's weight read along its input side (see graph.channel_index)
+
+
+@dataclass(frozen=True)
+class BlockFilter(Filter):
+    """``Filter`` whose rows are split into equal blocks: every block keeps its top rows by L2 norm.
+
+    ``blocks[r]`` is the block of row ``r``; each block keeps ``kept_count(block size, sparsity)`` rows,
+    which is the exact Euclidean projection onto that set. Coupled targets over channels that a grouped
+    conv splits into conv groups use it, so every conv group keeps the same number of channels.
+
+    >>> w = torch.tensor([[3.0], [1.0], [0.5], [2.0]])
+    >>> BlockFilter(sparsity=0.5, blocks=(0, 0, 1, 1)).project(w).flatten().tolist()
+    [3.0, 0.0, 0.0, 2.0]
+    """
+
+    blocks: tuple[int, ...] = ()
+
+    def _owner(self, weight: torch.Tensor) -> torch.Tensor:
+        rows = gemm.as_matrix(weight).shape[0]
+        if len(self.blocks) != rows:
+            raise ValueError(f"BlockFilter: {len(self.blocks)} block ids for a matrix with {rows} rows")
+        return torch.tensor(self.blocks, dtype=torch.long, device=weight.device)
+
+    def support(self, weight: torch.Tensor) -> torch.Tensor:
+        matrix = gemm.as_matrix(weight).detach().to(torch.float64)
+        keep = top_groups_per_block((matrix * matrix).sum(dim=1), self._owner(weight), self.target_sparsity)
+        return keep.view(-1, 1).expand(matrix.shape).reshape(weight.shape).clone()
+
+    def kept_groups(self, weight: torch.Tensor) -> int:
+        sizes = torch.bincount(self._owner(weight))
+        return sum(gemm.kept_count(int(n), self.target_sparsity) for n in sizes.tolist() if n)
 
 
 @dataclass(frozen=True)
@@ -124,7 +163,7 @@ class CoupledTarget(Target):
 def _gather_index(s: ChannelSlice, shape: torch.Size, size: int) -> torch.Tensor:
     """Flat indices into ``param`` (numel = padding) laying out the slice as ``(size, count * width)``."""
     numel = math.prod(shape)
-    rows = torch.arange(numel).view(shape).movedim(s.dim, 0).reshape(shape[s.dim], -1)
+    rows = channel_index(shape, s.dim, s.groups)
     local = torch.tensor(s.local, dtype=torch.long)
     root = torch.tensor(s.root, dtype=torch.long)
     order = torch.argsort(root * (shape[s.dim] + 1) + local)
@@ -242,12 +281,14 @@ def _coupled_target(group: ChannelGroup, members: list[Target], modules) -> Coup
         module = modules[m.layer]
         for pname, dim in m.param_dims(module):
             full = f"{m.layer}.{pname}" if m.layer else pname
-            slices.append(ChannelSlice(full, dim, m.local, m.root))
+            slices.append(ChannelSlice(full, dim, m.local, m.root, m.groups if m.role == CONSUMER else 1))
     first = members[0]
+    sparsity = first.structure.target_sparsity
+    structure = BlockFilter(sparsity=sparsity, blocks=group.blocks) if group.blocks else Filter(sparsity=sparsity)
     return CoupledTarget(
         layer=group.label,
         param="weight",
-        structure=Filter(sparsity=first.structure.target_sparsity),
+        structure=structure,
         rule=min(t.rule for t in members),
         size=group.size,
         members=tuple(dict.fromkeys(m.layer for m in group.members)),
@@ -256,4 +297,4 @@ def _coupled_target(group: ChannelGroup, members: list[Target], modules) -> Coup
     )
 
 
-__all__ = ["COUPLING_MODES", "ChannelSlice", "CoupledTarget", "couple"]
+__all__ = ["COUPLING_MODES", "BlockFilter", "ChannelSlice", "CoupledTarget", "couple"]
