@@ -101,16 +101,40 @@ class OptimizerConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation from the run's starting model (the teacher) during a phase.
+
+    loss = (1 - alpha) * CE(student, labels) + alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)).
+    The teacher is the model as it was when the first stage began (the dense or ``pretrained`` model).
+    """
+
+    alpha: float = 0.5
+    temperature: float = 4.0
+
+    def __post_init__(self) -> None:
+        _number(self.alpha, "alpha")
+        if not 0 < self.alpha <= 1:
+            raise ValueError(f"alpha={self.alpha!r} must be in (0, 1] (the weight of the teacher's soft targets)")
+        _positive(self.temperature, "temperature")
+
+
+@dataclass
 class PhaseConfig:
     """Epoch budget, optimizer and learning-rate schedule of one training phase."""
 
     epochs: int = 1
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     lr_schedule: str = "cosine"
+    # Optional distillation from the run's starting model (e.g. {alpha: 0.5, temperature: 4.0}).
+    distill: DistillConfig | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.optimizer, dict):
             self.optimizer = _build(OptimizerConfig, self.optimizer, "optimizer")
+        if isinstance(self.distill, dict):
+            self.distill = _build(DistillConfig, self.distill, "distill")
+        elif self.distill is not None and not isinstance(self.distill, DistillConfig):
+            raise ValueError("distill: give a mapping such as {alpha: 0.5, temperature: 4.0}, or leave it out")
         if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs < 0:
             raise ValueError(f"epochs={self.epochs!r} must be an integer >= 0")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -245,6 +269,9 @@ class RunConfig:
             self.pretrain = _build(PhaseConfig, self.pretrain, "pretrain")
         if self.pretrained is None and self.pretrain is None:
             raise ValueError("give 'pretrained' (a dense checkpoint) or 'pretrain' (epochs to train one)")
+        if self.pretrain is not None and self.pretrain.distill is not None:
+            raise ValueError("pretrain: 'distill' needs a teacher, and the teacher is the pretrained model; "
+                             "use distill in a stage's admm/retrain phase")
         if not isinstance(self.stages, list):
             raise ValueError("stages must be a list (one entry per pruning step)")
         self.stages = [

@@ -10,7 +10,7 @@ from torch import nn
 from tqdm import tqdm
 
 from admmcompress.data.datasets import BatchLoader, Split
-from admmcompress.train.config import ADMMPhaseConfig, OptimizerConfig, PhaseConfig
+from admmcompress.train.config import ADMMPhaseConfig, DistillConfig, OptimizerConfig, PhaseConfig
 
 
 class TrainingDiverged(RuntimeError):
@@ -55,6 +55,21 @@ def learning_rate(cfg: PhaseConfig, step: int, steps_per_epoch: int) -> float:
     return base * 0.1 ** math.floor(3 * position)
 
 
+def distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, cfg: DistillConfig
+) -> torch.Tensor:
+    """(1 - alpha) * CE + alpha * T^2 * KL(teacher_T || student_T) (Hinton et al.; T^2 keeps gradient scale)."""
+    t = cfg.temperature
+    soft = nn.functional.kl_div(
+        nn.functional.log_softmax(student_logits / t, dim=1),
+        nn.functional.log_softmax(teacher_logits / t, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    )
+    hard = nn.functional.cross_entropy(student_logits, labels)
+    return (1.0 - cfg.alpha) * hard + cfg.alpha * t * t * soft
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Split, batch_size: int = 1000) -> float:
     """Top-1 accuracy in percent."""
@@ -78,11 +93,17 @@ def train_epoch(
     after_step: Callable[[int], None] | None = None,
     desc: str = "train",
     progress: bool = True,
+    teacher: nn.Module | None = None,
+    distill: DistillConfig | None = None,
 ) -> dict[str, float]:
     """One epoch of cross-entropy (+ optional penalty) training; returns mean losses.
 
-    ``after_step(global_step)`` runs after every optimizer step (ADMM cadence in steps).
+    ``after_step(global_step)`` runs after every optimizer step (ADMM cadence in steps). With
+    ``teacher`` and ``distill`` the data loss is :func:`distillation_loss`; the reported ``loss`` is
+    always the plain cross-entropy, so runs with and without distillation compare.
     """
+    if (teacher is None) != (distill is None):
+        raise ValueError("distillation needs both a teacher model and a DistillConfig")
     model.train()
     step = first_step
     data_sum = penalty_sum = 0.0
@@ -90,11 +111,16 @@ def train_epoch(
     for x, y in batches:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        data_loss = nn.functional.cross_entropy(model(x), y)
+        logits = model(x)
+        data_loss = nn.functional.cross_entropy(logits, y)
         loss = data_loss
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits = teacher(x)
+            loss = distillation_loss(logits, teacher_logits, y, distill)
         if penalty is not None:
             extra = penalty()
-            loss = data_loss + extra
+            loss = loss + extra
             penalty_sum += extra.item()
         if not torch.isfinite(loss):
             raise TrainingDiverged(

@@ -95,6 +95,8 @@ class Runner:
         self._driver: ADMM | GradualMagnitude | Reweighted | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._pending: dict[str, Any] | None = None
+        # Distillation teacher: the model as the first stage found it (saved with the checkpoint).
+        self.teacher: nn.Module | None = None
 
     # --- public -------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict[str, Any]:
@@ -205,6 +207,8 @@ class Runner:
     def _enter(self, phase: Phase) -> None:
         """Build the phase's optimizer/driver and masks; restore them if resuming mid-phase."""
         self.masks.detach()
+        if phase.kind != "pretrain" and self.teacher is None and self._uses_distillation():
+            self.teacher = self._frozen_copy()
         self._optimizer = make_optimizer(self.model, phase.cfg.optimizer)
         self._driver = None
         if phase.kind == "prune":
@@ -232,6 +236,17 @@ class Runner:
         if len(self.masks):
             self.masks.attach(self.model, self._optimizer)
 
+    def _uses_distillation(self) -> bool:
+        return any(p.cfg.distill is not None for p in self.phases if p.kind != "pretrain")
+
+    def _frozen_copy(self, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        teacher = copy.deepcopy(self.model).eval()
+        if state is not None:
+            teacher.load_state_dict(state)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        return teacher
+
     def _train_one_epoch(self, phase: Phase, steps: int) -> dict[str, float]:
         cfg = phase.cfg
         penalty = self._driver.penalty if isinstance(self._driver, (ADMM, Reweighted)) else None
@@ -250,6 +265,8 @@ class Runner:
             after_step=after_step,
             desc=f"{phase.label} epoch {self.epoch + 1}/{cfg.epochs}",
             progress=self.progress,
+            teacher=self.teacher if cfg.distill is not None else None,
+            distill=cfg.distill,
         )
 
     def _after_epoch(self, phase: Phase, steps: int) -> None:
@@ -312,6 +329,8 @@ class Runner:
             "history": self.history,
             "metrics": self.metrics,
         }
+        if self.teacher is not None:
+            state["teacher"] = self.teacher.state_dict()
         ckpt.save_state(self.out_dir / STATE_FILE, state)
 
     def _load(self) -> None:
@@ -327,5 +346,7 @@ class Runner:
         self.loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"])
         self.history, self.metrics = list(state["history"]), dict(state["metrics"])
+        if state.get("teacher") is not None:
+            self.teacher = self._frozen_copy(state["teacher"])
         if state["optimizer"] is not None:
             self._pending = {"optimizer": state["optimizer"], "driver": state["driver"]}

@@ -1,0 +1,137 @@
+"""Knowledge distillation from the run's starting model: loss, config validation, runner and resume."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from admmcompress.data import load_dataset
+from admmcompress.models import LeNet300100
+from admmcompress.train.config import ConfigError, DistillConfig, RunConfig
+from admmcompress.train.loop import distillation_loss
+from admmcompress.train.runner import STATE_FILE, Runner
+
+pytestmark = pytest.mark.filterwarnings("ignore:ADMM residual:RuntimeWarning")
+
+DISTILL = {"alpha": 0.7, "temperature": 3.0}
+PLAN = {"rules": [{"match": "fc1", "structure": "unstructured", "sparsity": 0.8}]}
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset("mnist", "train", limit=384), load_dataset("mnist", "test", limit=200)
+
+
+def config(distill: dict | None = DISTILL) -> RunConfig:
+    retrain = {"epochs": 2, "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9}}
+    if distill is not None:
+        retrain["distill"] = dict(distill)
+    return RunConfig.from_dict(
+        {
+            "seed": 1,
+            "model": {"name": "lenet300100"},
+            "data": {"batch_size": 64},
+            "pretrain": {"epochs": 1},
+            "stages": [{"plan": PLAN, "method": "admm", "admm": {"epochs": 2, "rho": 1.0e-2}, "retrain": retrain}],
+        }
+    )
+
+
+def model(seed: int = 0) -> LeNet300100:
+    torch.manual_seed(seed)
+    return LeNet300100()
+
+
+def test_loss_is_cross_entropy_when_alpha_is_zero_weight_and_kl_when_one():
+    torch.manual_seed(0)
+    student, teacher, labels = torch.randn(8, 10), torch.randn(8, 10), torch.randint(0, 10, (8,))
+    t = 2.0
+    kl = torch.nn.functional.kl_div(
+        torch.log_softmax(student / t, 1), torch.softmax(teacher / t, 1), reduction="batchmean"
+    )
+    ce = torch.nn.functional.cross_entropy(student, labels)
+    got = distillation_loss(student, teacher, labels, DistillConfig(alpha=1.0, temperature=t))
+    torch.testing.assert_close(got, t * t * kl)
+    half = distillation_loss(student, teacher, labels, DistillConfig(alpha=0.5, temperature=t))
+    torch.testing.assert_close(half, 0.5 * ce + 0.5 * t * t * kl)
+    # a student that already matches the teacher gets no soft-target loss
+    same = distillation_loss(teacher, teacher, labels, DistillConfig(alpha=1.0, temperature=t))
+    assert abs(same.item()) < 1e-6
+
+
+@pytest.mark.parametrize(
+    ("distill", "message"),
+    [
+        ({"alpha": 0.0}, "alpha=0.0 must be in"),
+        ({"alpha": 1.5}, "alpha=1.5 must be in"),
+        ({"temperature": -1.0}, "temperature=-1.0 must be a positive number"),
+        ({"tau": 2.0}, "unknown key"),
+    ],
+)
+def test_bad_distill_settings_are_named(distill, message):
+    with pytest.raises(ConfigError, match=message):
+        config(distill)
+
+
+def test_pretrain_cannot_distill():
+    spec = config().to_dict()
+    spec["pretrain"]["distill"] = {"alpha": 0.5, "temperature": 4.0}
+    with pytest.raises(ConfigError, match="pretrain: 'distill' needs a teacher"):
+        RunConfig.from_dict(spec)
+
+
+def test_the_teacher_is_the_model_the_stage_started_from_and_changes_training(data):
+    plain = Runner(config(None), model(), *data, progress=False)
+    plain.run()
+    distilled = Runner(config(), model(), *data, progress=False)
+    distilled.run()
+    assert plain.teacher is None
+    # same pretrain (same seed), so the teacher equals the plain run's model before its stage
+    reference = Runner(config(None), model(), *data, progress=False)
+    reference.phases = reference.phases[:1]
+    reference.run()
+    for name, value in reference.model.state_dict().items():
+        assert torch.equal(distilled.teacher.state_dict()[name], value), name
+    assert all(not p.requires_grad for p in distilled.teacher.parameters())
+    assert not distilled.teacher.training
+    # retraining differs (the soft targets are used), the pruned support does not
+    assert not torch.equal(plain.model.fc1.weight, distilled.model.fc1.weight)
+    assert torch.equal(plain.model.fc1.weight == 0, distilled.model.fc1.weight == 0)
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_restores_the_teacher_bit_identically(tmp_path, data, monkeypatch):
+    full = Runner(config(), model(), *data, out_dir=tmp_path / "full", progress=False)
+    full.run()
+    original = Runner._record
+    calls = {"n": 0}
+
+    def record(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # pretrain 1 + prune 2 + retrain epoch 2 dies before its checkpoint
+            raise Crash()
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Runner, "_record", record)
+    out = tmp_path / "crashed"
+    with pytest.raises(Crash):
+        Runner(config(), model(), *data, out_dir=out, progress=False).run()
+    monkeypatch.undo()
+    assert "teacher" in torch.load(out / STATE_FILE, weights_only=True)
+    resumed = Runner(config(), model(seed=42), *data, out_dir=out, progress=False)
+    resumed.run(resume=True)
+    for name, value in full.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], value), name
+    for name, value in full.teacher.state_dict().items():
+        assert torch.equal(resumed.teacher.state_dict()[name], value), name
+
+
+def test_config_round_trips_with_distill():
+    spec = config().to_dict()
+    again = RunConfig.from_dict(copy.deepcopy(spec))
+    assert again.stages[0].retrain.distill == DistillConfig(alpha=0.7, temperature=3.0)
