@@ -260,3 +260,17 @@ def test_unused_path_removal_and_the_manifest_handle_grouped_convs(tmp_path):
     assert restored.b2.conv2.groups == 4 and restored.b2.conv2.weight.shape == small.b2.conv2.weight.shape
     fresh = torch.randn(3, 3, 8, 8)
     assert (outputs(restored, fresh) - outputs(model, fresh)).abs().max() <= 1e-4
+
+
+def test_a_grouped_conv_reading_a_concat_is_a_plan_error_naming_it():
+    class Concat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+            self.g = nn.Conv2d(8, 4, 1, groups=2)
+
+        def forward(self, x):
+            return self.g(torch.cat([self.a(x), self.b(x)], 1))
+
+    with pytest.raises(PlanError, match=r"grouped conv 'g' \(groups=2\) shares only part of its input channels"):
+        Plan({"a": Filter(sparsity=0.5)}).resolve_coupled(Concat(), torch.zeros(2, 3, 8, 8))
