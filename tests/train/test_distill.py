@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import yaml
 
 from admmcompress.data import load_dataset
 from admmcompress.models import LeNet300100
@@ -135,3 +136,29 @@ def test_config_round_trips_with_distill():
     spec = config().to_dict()
     again = RunConfig.from_dict(copy.deepcopy(spec))
     assert again.stages[0].retrain.distill == DistillConfig(alpha=0.7, temperature=3.0)
+
+
+def test_teacher_from_a_checkpoint_file(tmp_path, data):
+    from admmcompress.train import checkpoint as ckpt
+
+    other = model(seed=5)
+    path = tmp_path / "teacher.safetensors"
+    ckpt.save_tensors(path, other.state_dict())
+    spec = config().to_dict()
+    spec["teacher"] = "teacher.safetensors"
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(spec))
+    runner = Runner(RunConfig.from_yaml(tmp_path / "run.yaml"), model(), *data, progress=False)
+    runner.run()
+    for name, value in other.state_dict().items():
+        assert torch.equal(runner.teacher.state_dict()[name], value), name
+
+
+def test_teacher_errors_are_named(tmp_path, data):
+    spec = config().to_dict()
+    spec["teacher"] = str(tmp_path / "missing.safetensors")
+    with pytest.raises(ConfigError, match="teacher: checkpoint .* does not exist"):
+        Runner(RunConfig.from_dict(spec), model(), *data, progress=False)
+    spec = config(None).to_dict()
+    spec["teacher"] = str(tmp_path / "missing.safetensors")
+    with pytest.raises(ConfigError, match="teacher is set but no phase distills"):
+        RunConfig.from_dict(spec)

@@ -105,7 +105,8 @@ class DistillConfig:
     """Knowledge distillation from the run's starting model (the teacher) during a phase.
 
     loss = (1 - alpha) * CE(student, labels) + alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)).
-    The teacher is the model as it was when the first stage began (the dense or ``pretrained`` model).
+    The teacher is the run's ``teacher`` checkpoint if it names one (e.g. the dense model when
+    ``pretrained`` is an already pruned one), else the model as it was when the first stage began.
     """
 
     alpha: float = 0.5
@@ -244,6 +245,14 @@ class CompactRunConfig:
             raise ValueError(f"columns={self.columns!r}; choose one of {COLUMN_MODES}")
 
 
+def _relative_to(path: str | None, base_dir: Path) -> str | None:
+    """A checkpoint path written in a config is relative to the config's folder (unless it exists as given)."""
+    if not path or Path(path).is_absolute():
+        return path
+    candidate = (base_dir / path).resolve()
+    return str(candidate) if candidate.exists() or not Path(path).exists() else path
+
+
 @dataclass
 class RunConfig:
     model: dict[str, Any]
@@ -259,6 +268,8 @@ class RunConfig:
     freeze_pretrained_zeros: bool = False
     # true (or a mapping of CompactRunConfig options): compact the model after the last stage.
     compact: CompactRunConfig | None = None
+    # Distillation teacher (same architecture); default: the model the first stage starts from.
+    teacher: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, dict) or "name" not in self.model:
@@ -283,6 +294,10 @@ class RunConfig:
             raise ValueError(f"freeze_pretrained_zeros={self.freeze_pretrained_zeros!r} must be true or false")
         if self.freeze_pretrained_zeros and self.pretrained is None:
             raise ValueError("freeze_pretrained_zeros needs 'pretrained' (the pruned checkpoint to continue from)")
+        if self.teacher is not None and not any(
+            p.distill is not None for s in self.stages for p in (s.admm, s.retrain)
+        ):
+            raise ValueError("teacher is set but no phase distills; add distill: {alpha: 0.5} to a phase, or drop it")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"seed={self.seed!r} must be an integer >= 0")
         if self.threads is not None:
@@ -303,10 +318,9 @@ class RunConfig:
     @classmethod
     def from_dict(cls, spec: dict[str, Any], base_dir: Path | None = None) -> RunConfig:
         config = _build(cls, spec, "config")
-        if config.pretrained and base_dir is not None and not Path(config.pretrained).is_absolute():
-            candidate = (base_dir / config.pretrained).resolve()
-            if candidate.exists() or not Path(config.pretrained).exists():
-                config.pretrained = str(candidate)
+        if base_dir is not None:
+            config.pretrained = _relative_to(config.pretrained, base_dir)
+            config.teacher = _relative_to(config.teacher, base_dir)
         return config
 
     @classmethod

@@ -97,6 +97,8 @@ class Runner:
         self._pending: dict[str, Any] | None = None
         # Distillation teacher: the model as the first stage found it (saved with the checkpoint).
         self.teacher: nn.Module | None = None
+        if config.teacher is not None and not Path(config.teacher).is_file():
+            raise ConfigError(f"teacher: checkpoint '{config.teacher}' does not exist; give the dense model's file")
 
     # --- public -------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict[str, Any]:
@@ -243,6 +245,8 @@ class Runner:
         teacher = copy.deepcopy(self.model).eval()
         if state is not None:
             teacher.load_state_dict(state)
+        elif self.config.teacher is not None:
+            ckpt.load_weights(teacher, self.config.teacher)
         for p in teacher.parameters():
             p.requires_grad_(False)
         return teacher
