@@ -92,9 +92,11 @@ def export_onnx_run(run_dir: str | Path, out: str | Path) -> str:
     x = example_input(config)
     summary = export_onnx(model, (x,), out)
     with torch.no_grad():
-        diff = float((torch.from_numpy(run_onnx(out, x)[0]) - model(x)).abs().max())
+        # Two batch sizes: the graph's batch dimension is dynamic.
+        diff = max(float((torch.from_numpy(run_onnx(out, b)[0]) - model(b)).abs().max()) for b in (x, x[:1]))
     return (
         f"onnx: {out}; integer weights + DequantizeLinear: {summary.quantized or 'none'}; "
-        f"float weights: {summary.float_weights or 'none'}; "
-        f"max |onnxruntime - torch| on {len(x)} test inputs: {diff:.3g}"
+        f"codebook indices + Gather: {summary.codebook or 'none'}; "
+        f"float weights: {summary.float_weights or 'none'}; dynamic batch: {summary.dynamic_batch}; "
+        f"max |onnxruntime - torch| on {len(x)} test inputs (batches of {len(x)} and 1): {diff:.3g}"
     )

@@ -1,12 +1,23 @@
 """Deployment path: a quantized model to ONNX with integer weights behind ``DequantizeLinear``.
 
-The model is exported with ``torch.onnx.export`` (the torch.export-based exporter); then every
-weight initializer whose values lie on an integer grid ``s * c`` (fixed point, binary, ternary,
-power of two with a small exponent range; see ``report.storage``) is replaced by an int8 (or
-int16, opset 21) initializer of the codes ``c`` and a ``DequantizeLinear(c, s, 0)`` node, the
-QDQ form ONNX Runtime recognises for quantized weights. ``s * c`` is computed in float32 by both
-PyTorch and ONNX Runtime, so the dequantized weights are bit-identical to the model's.
-Clustered layers (a table of shared values, no grid) and unquantized layers stay float.
+The model is exported with ``torch.onnx.export`` (the torch.export-based exporter), with a dynamic
+batch dimension (the first dimension of every input tensor, named ``batch``) unless
+``dynamic_batch=False``; then every weight initializer is rewritten by what its values allow:
+
+- **integer grid** ``s * c`` (fixed point, binary, ternary, power of two with a small exponent
+  range; see ``report.storage``): an int8 (or int16, opset 21) initializer of the codes ``c`` and a
+  ``DequantizeLinear(c, s, 0)`` node, the QDQ form ONNX Runtime recognises for quantized weights.
+  ``s * c`` is computed in float32 by both PyTorch and ONNX Runtime, so the dequantized weights
+  are bit-identical to the model's.
+- **codebook** (clustering: ``K`` shared values that lie on no grid): a uint8 (uint16 above 256
+  values) initializer of indices into a float32 table (zero included when the layer is pruned) and
+  ``Cast(to int64) -> Gather(table, indices)``. QDQ cannot express it: ``DequantizeLinear`` is
+  affine (``(c - z) * s``), and k-means centroids are not equally spaced, so any grid fine enough
+  to hold them exactly needs far more codes than ``K`` (usually more than int16 has). The Gather
+  costs nothing at run time: its inputs are all initializers, so ONNX Runtime folds it into a
+  float32 weight when the session is created; the file keeps 1-2 bytes per weight, and the values
+  are the table's, bit for bit. Used only when smaller than float32.
+- anything else (unquantized layers) stays float32.
 
 Needs the optional ``export`` extra: ``pip install "admmcompress[export]"`` (onnx, onnxruntime,
 onnxscript).
@@ -15,6 +26,8 @@ onnxscript).
 >>> summary = export_onnx(model, (torch.randn(1, 1, 28, 28),), "lenet5_q.onnx")  # doctest: +SKIP
 >>> summary.quantized                                                             # doctest: +SKIP
 {'conv1.weight': 'int8', 'conv2.weight': 'int8', 'fc1.weight': 'int8', 'fc2.weight': 'int8'}
+>>> run_onnx("lenet5_q.onnx", torch.randn(32, 1, 28, 28))[0].shape               # doctest: +SKIP
+(32, 10)
 """
 
 from __future__ import annotations
@@ -36,11 +49,14 @@ OPSET = 21  # int16 DequantizeLinear needs opset 21
 
 @dataclass
 class OnnxSummary:
-    """Which weights became integer + DequantizeLinear (with their integer type), which stayed float."""
+    """Which weights became integer + DequantizeLinear or codebook indices + Gather (with their
+    integer type), which stayed float, and whether the batch dimension is dynamic."""
 
     path: str
     quantized: dict[str, str] = field(default_factory=dict)
     float_weights: list[str] = field(default_factory=list)
+    codebook: dict[str, str] = field(default_factory=dict)
+    dynamic_batch: bool = False
 
 
 def _require_onnx():
@@ -68,16 +84,48 @@ def integer_codes(weight: torch.Tensor) -> tuple[np.ndarray, float] | None:
     return codes.reshape(weight.shape).numpy().astype(dtype), scale
 
 
+def codebook_indices(weight: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(indices, table)`` with ``weight == table[indices]`` (uint8/uint16 indices, float32 table).
+
+    None when that is not smaller than storing ``weight`` as float32 (e.g. an unquantized layer).
+    """
+    flat = weight.detach().to(torch.float32).reshape(-1)
+    table, inverse = torch.unique(flat, sorted=True, return_inverse=True)
+    if table.numel() > 2**16:
+        return None
+    dtype = np.uint8 if table.numel() <= 2**8 else np.uint16
+    if table.numel() * 4 + flat.numel() * np.dtype(dtype).itemsize >= flat.numel() * 4:
+        return None
+    return inverse.reshape(weight.shape).numpy().astype(dtype), table.numpy()
+
+
+def _batch_shapes(example_inputs: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """Example inputs with a batch of at least 2 (a batch of 1 would be specialised) and their dynamic shapes."""
+    batch = torch.export.Dim("batch")
+    inputs, shapes = [], []
+    for value in example_inputs:
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            if value.shape[0] == 1:
+                value = value.expand(2, *value.shape[1:]).contiguous()
+            shapes.append({0: batch})
+        else:
+            shapes.append(None)
+        inputs.append(value)
+    return tuple(inputs), tuple(shapes)
+
+
 @torch.no_grad()
 def export_onnx(
     model: torch.nn.Module,
     example_inputs: tuple[Any, ...],
     path: str | Path,
     opset: int = OPSET,
+    dynamic_batch: bool = True,
 ) -> OnnxSummary:
-    """Export ``model`` (in eval mode) to ``path``; quantized weights become int + DequantizeLinear."""
+    """Export ``model`` (in eval mode) to ``path``; quantized weights become int + DequantizeLinear,
+    clustered ones uint8 indices + Gather; ``dynamic_batch``: any batch size (first input dimension)."""
     onnx = _require_onnx()
-    from onnx import helper, numpy_helper
+    from onnx import TensorProto, helper, numpy_helper
 
     was_training = model.training
     model.eval()
@@ -90,22 +138,44 @@ def export_onnx(
         # The exporter may write the float weights to a side file; export apart, keep one self-contained file.
         warnings.simplefilter("ignore")
         raw = Path(tmp) / "model.onnx"
-        torch.onnx.export(model, example_inputs, str(raw), dynamo=True, opset_version=opset, verbose=False)
+        shapes = None
+        if dynamic_batch:
+            example_inputs, shapes = _batch_shapes(tuple(example_inputs))
+        torch.onnx.export(
+            model, example_inputs, str(raw), dynamo=True, opset_version=opset, verbose=False,
+            dynamic_shapes=shapes,
+        )
         graph_model = onnx.load(str(raw))
     model.train(was_training)
     graph = graph_model.graph
-    summary = OnnxSummary(str(path))
+    summary = OnnxSummary(str(path), dynamic_batch=dynamic_batch)
     kept, new_nodes = [], []
     for init in graph.initializer:
         weight = weights.get(init.name)
         value = numpy_helper.to_array(init) if weight is not None else None
-        found = None
-        if (
-            weight is not None
-            and value.shape == tuple(weight.shape)
-            and np.array_equal(value, weight.numpy())
-        ):
-            found = integer_codes(weight)
+        matches = (
+            weight is not None and value.shape == tuple(weight.shape) and np.array_equal(value, weight.numpy())
+        )
+        found = integer_codes(weight) if matches else None
+        table = codebook_indices(weight) if matches and found is None else None
+        if table is not None:
+            indices, levels = table
+            base = init.name
+            kept.append(numpy_helper.from_array(indices, f"{base}_indices"))
+            kept.append(numpy_helper.from_array(levels, f"{base}_codebook"))
+            new_nodes.append(
+                helper.make_node(
+                    "Cast", [f"{base}_indices"], [f"{base}_indices_int64"], to=TensorProto.INT64,
+                    name=f"{base}_Cast",
+                )
+            )
+            new_nodes.append(
+                helper.make_node(
+                    "Gather", [f"{base}_codebook", f"{base}_indices_int64"], [base], axis=0, name=f"{base}_Gather"
+                )
+            )
+            summary.codebook[base] = f"{indices.dtype} K={levels.size}"
+            continue
         if found is None:
             kept.append(init)
             if weight is not None:
@@ -148,4 +218,4 @@ def run_onnx(path: str | Path, *inputs: torch.Tensor) -> list[np.ndarray]:
     return session.run(None, feeds)
 
 
-__all__ = ["OnnxSummary", "export_onnx", "integer_codes", "run_onnx"]
+__all__ = ["OnnxSummary", "codebook_indices", "export_onnx", "integer_codes", "run_onnx"]
