@@ -9,7 +9,7 @@ so a baseline gets the same epoch budget as an ADMM phase.
 >>> from admmcompress.structures import Unstructured
 >>> model = nn.Linear(10, 10)
 >>> gradual = GradualMagnitude(model, Plan({"": Unstructured(sparsity=0.9)}), updates=3)
->>> [round(gradual.sparsity_at(i), 3) for i in (1, 2, 3)]
+>>> [round(gradual.sparsity_at(i, final=0.9), 3) for i in (1, 2, 3)]
 [0.633, 0.867, 0.9]
 """
 
