@@ -1,0 +1,301 @@
+"""CIFAR-10 ResNet-20: ADMM quantization at 4 bits, 2 bits and binary, with and without pruning first.
+
+    python benchmarks/quantization_cifar.py                     # all six settings, one after the other
+    python benchmarks/quantization_cifar.py --only fp4 prune70_binary
+    python benchmarks/quantization_cifar.py --summary           # the markdown table, no training
+
+Every setting starts from the dense ResNet-20 of ``benchmarks/structured_cifar.py dense``
+(``runs/structured_cifar/resnet20_dense.safetensors``) and uses the same data: the first
+``--train-limit`` (10,000) training images of ``cifar10_jpeg.npz`` with flip + 4-pixel-shift
+augmentation, all 10,000 test images. CPU is scarce: the schedules are short, the dense model is
+under-trained (56.76%), read the accuracies relative to it.
+
+Settings: {``fp4`` fixed point 4 bits, ``fp2`` fixed point 2 bits, ``binary``} x {no pruning,
+``prune70_``: unstructured pruning first}. **Every** Conv2d and Linear weight is quantized, the first
+conv (``conv1``) and the classifier (``linear``) included (binary = fully binarized); biases and
+BatchNorm parameters stay float32 (counted apart, as the papers do).
+
+- Pruning (``prune70_*`` only; run once and cached in ``--out``, shared by the three bit widths):
+  ADMM ``unstructured`` at 70% sparsity on every Conv2d under ``layers.*`` (all but the first conv;
+  the classifier is not pruned), ``--prune-admm-epochs`` epochs, hard prune, then
+  ``--prune-retrain-epochs`` of masked retraining. Its masks stay attached in every later phase.
+- Quantization (the same budget in every setting): ADMM with the quantization structure on every
+  Conv2d/Linear (``admmcompress.drivers.ADMM``; Z = exact projection onto the level set, pruned zeros
+  skipped) for ``--admm-epochs``, hard quantization (``ADMM.finalize`` -> ``hard_quantize``), then
+  ``--retrain-epochs`` with the quantized values held (``QuantizedMaskSet.attach``: only biases and
+  BatchNorm train).
+- Optimizer everywhere: SGD (Nesterov, momentum 0.9, wd 5e-4), batch 128, lr 0.01: constant during
+  ADMM (W must keep tracking Z - U), cosine during retraining. Z/U updates every quarter epoch
+  (19 steps); rho ``--rho`` constant (1.0: with so few steps per update the W-step must nearly reach
+  Z - U; the per-update residual ``||W - Z|| / ||W||`` is logged and stored).
+
+Per run (JSON line appended to ``runs/quantization_cifar/results.jsonl``): dense accuracy, accuracy
+before / after hard quantization and after retraining, weight reduction, paper-style storage
+(32 N / sum nnz*b, no index or codebook) and honest storage (``report.storage``: each layer's
+cheapest SPEC 4.2 scheme, indices and codebooks counted; Conv2d/Linear weights only, biases and BatchNorm
+reported apart), the residual log, wall time. The final model (weights + masks + held levels) is
+saved as ``<setting>.safetensors`` next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import time
+from pathlib import Path
+
+import torch
+from structured_common import command_line, ensure_malloc_env, machine, train_epochs
+
+from admmcompress.data import load_dataset
+from admmcompress.drivers import ADMM, RhoSchedule
+from admmcompress.masks import MaskSet
+from admmcompress.models import create_model
+from admmcompress.plan import Plan, Rule
+from admmcompress.report.storage import storage
+from admmcompress.structures import Unstructured
+from admmcompress.structures.quantization import Binary, FixedPoint
+from admmcompress.train import checkpoint as ckpt
+from admmcompress.train.loop import evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+DENSE = ROOT / "runs" / "structured_cifar" / "resnet20_dense.safetensors"
+QUANTIZERS = {"fp4": lambda: FixedPoint(bits=4), "fp2": lambda: FixedPoint(bits=2), "binary": Binary}
+PRUNE_PREFIX = "prune70_"
+SETTINGS = [*QUANTIZERS, *(PRUNE_PREFIX + q for q in QUANTIZERS)]
+BATCH = 128
+
+
+def sgd_epochs(model, train, epochs, *, log, admm=None, masks=None, seed=0) -> None:
+    """The one optimizer recipe of this benchmark (see the module docstring)."""
+    steps = (len(train.y) + BATCH - 1) // BATCH
+    train_epochs(
+        model,
+        train,
+        epochs,
+        0.01,
+        optimizer="sgd",
+        batch_size=BATCH,
+        weight_decay=5e-4,
+        penalty=admm.penalty if admm is not None else None,
+        every=max(1, steps // 4) if admm is not None else None,
+        on_every=(lambda: _log_residual(admm, log)) if admm is not None else None,
+        masks=masks,
+        augment=True,
+        schedule="constant" if admm is not None else "cosine",
+        seed=seed,
+        log=log,
+    )
+
+
+def _log_residual(admm: ADMM, log) -> None:
+    entry = admm.step()
+    res = list(entry["residual"].values())
+    log(f"    ADMM update {entry['iteration']}: rho {next(iter(entry['rho'].values())):g}, "
+        f"||W-Z||/||W|| mean {sum(res) / len(res):.4f} max {max(res):.4f}")
+
+
+def quant_plan(kind: str) -> Plan:
+    """Every Conv2d and Linear weight, first conv and classifier included."""
+    return Plan([Rule(QUANTIZERS[kind](), type="Conv2d"), Rule(QUANTIZERS[kind](), type="Linear")])
+
+
+def prune_plan(sparsity: float) -> Plan:
+    """Every Conv2d inside the residual stages (shortcuts too): not the first conv, not the classifier."""
+    return Plan([Rule(Unstructured(sparsity=sparsity), match="layers.*", type="Conv2d")])
+
+
+def gemm_layers(model) -> list[str]:
+    """The Conv2d and Linear layers: their weights are the model's weights (BatchNorm goes to "other")."""
+    return [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+
+
+def load_dense(path: Path = DENSE):
+    model = create_model("resnet20").eval()
+    ckpt.load_weights(model, path)
+    return model
+
+
+def residual_summary(history: list[dict]) -> dict:
+    def mean(entry):
+        values = list(entry["residual"].values())
+        return round(sum(values) / len(values), 4)
+
+    if not history:
+        return {}
+    first, last = history[0]["residual"], history[-1]["residual"]
+    return {
+        "updates": len(history),
+        "mean_first": mean(history[0]),
+        "mean_last": mean(history[-1]),
+        "max_last": round(max(last.values()), 4),
+        "not_decreasing": sorted(k for k in last if last[k] >= first[k] and first[k] > 1e-6),
+    }
+
+
+def prune(args, train, test, log) -> tuple[torch.nn.Module, MaskSet, dict]:
+    """The shared pruning stage (cached in ``--out``): ADMM unstructured, hard prune, masked retrain."""
+    out = Path(args.out)
+    weights, mask_file, info_file = (out / f"pruned{args.prune_sparsity}{s}" for s in
+                                     (".safetensors", "_masks.safetensors", ".json"))
+    model = load_dense(Path(args.dense))
+    if weights.is_file() and mask_file.is_file() and info_file.is_file():
+        ckpt.load_weights(model, weights)
+        log(f"pruning stage: cached {weights.name}")
+        return model, MaskSet.from_state_dict(ckpt.load_tensors(mask_file)), json.loads(info_file.read_text())
+    start = time.perf_counter()
+    targets = prune_plan(args.prune_sparsity).resolve(model)
+    admm = ADMM(model, targets, rho=RhoSchedule(initial=args.rho, growth=1.0, maximum=args.rho))
+    log(f"pruning stage: ADMM unstructured {args.prune_sparsity} on {len(targets)} convs")
+    sgd_epochs(model, train, args.prune_admm_epochs, log=log, admm=admm)
+    info = {"accuracy_before_hard_prune": evaluate(model, test)}
+    masks = admm.finalize()
+    info["accuracy_after_hard_prune"] = evaluate(model, test)
+    sgd_epochs(model, train, args.prune_retrain_epochs, log=log, masks=masks, seed=1)
+    info.update(
+        accuracy=evaluate(model, test),
+        residuals=residual_summary(admm.history),
+        seconds=round(time.perf_counter() - start),
+        admm_epochs=args.prune_admm_epochs,
+        retrain_epochs=args.prune_retrain_epochs,
+    )
+    log(f"pruning stage: {info}")
+    if not args.no_cache:
+        ckpt.save_tensors(weights, model.state_dict())
+        ckpt.save_tensors(mask_file, masks.state_dict())
+        info_file.write_text(json.dumps(info, indent=1))
+    return model, masks, info
+
+
+def run_setting(name: str, args, train, test, dense_accuracy: float, log) -> dict:
+    """One setting end to end; returns its record."""
+    kind = name.removeprefix(PRUNE_PREFIX)
+    start = time.perf_counter()
+    record: dict = {"setting": name, "quantizer": kind, "dense_accuracy": dense_accuracy}
+    masks = None
+    if name.startswith(PRUNE_PREFIX):
+        model, masks, record["pruning"] = prune(args, train, test, log)
+    else:
+        model = load_dense(Path(args.dense))
+    quant_start = time.perf_counter()
+    targets = quant_plan(kind).resolve(model)
+    admm = ADMM(
+        model, targets, rho=RhoSchedule(initial=args.rho, growth=1.0, maximum=args.rho), frozen=masks
+    )
+    log(f"{name}: ADMM {kind} on {len(targets)} weights (first conv and classifier included)")
+    sgd_epochs(model, train, args.admm_epochs, log=log, admm=admm, masks=masks)
+    record["accuracy_before_hard_quantize"] = evaluate(model, test)
+    held = admm.finalize()  # hard prune (pruning masks kept) + hard quantize -> QuantizedMaskSet
+    record["accuracy_after_hard_quantize"] = evaluate(model, test)
+    snapshot = {n: model.get_parameter(n).detach().clone() for n in held.held}
+    sgd_epochs(model, train, args.retrain_epochs, log=log, masks=held, seed=1)
+    record["accuracy"] = evaluate(model, test)
+    record["held_unchanged"] = all(torch.equal(model.get_parameter(n), w) for n, w in snapshot.items())
+    ckpt.save_tensors(Path(args.out) / f"{name}.safetensors", {**model.state_dict(), **held.state_dict()})
+    report = storage(model, gemm_layers(model))
+    record.update(
+        quant_seconds=round(time.perf_counter() - quant_start),
+        seconds=round(time.perf_counter() - start),
+        residuals=residual_summary(admm.history),
+        levels={layer.name: layer.value.levels for layer in report.layers},
+        weight_reduction=report.weight_reduction,
+        paper_storage=report.paper_reduction,
+        honest_storage=report.storage_reduction("best"),
+        best_schemes=sorted({layer.best for layer in report.layers}),
+        other_params=report.other_params,
+        storage=report.to_dict(),
+    )
+    log(
+        f"{name}: {record['accuracy_before_hard_quantize']:.2f}% -> hard {record['accuracy_after_hard_quantize']:.2f}%"
+        f" -> retrained {record['accuracy']:.2f}% (dense {dense_accuracy:.2f}%);"
+        f" weights {report.weight_reduction:.1f}x, paper {report.paper_reduction:.1f}x,"
+        f" honest {record['honest_storage']:.1f}x; {record['seconds']} s"
+    )
+    return record
+
+
+def summary(out: Path) -> str:
+    path = out / "results.jsonl"
+    if not path.is_file():
+        return f"no results in {path}"
+    latest = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            latest[r["setting"]] = r  # the last run of each setting
+    lines = [
+        "| setting | dense | after hard quantization | after retrain (held) | drop | weight reduction | "
+        "paper-style storage | honest storage (best per layer) | ADMM residual first -> last (mean) | wall time |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in [s for s in SETTINGS if s in latest]:
+        r = latest[name]
+        res = r["residuals"]
+        pruning = r.get("pruning")
+        wall = f"{r['quant_seconds']} s" + (f" (+ {pruning['seconds']} s pruning)" if pruning else "")
+        lines.append(
+            f"| {name} | {r['dense_accuracy']:.2f}% | {r['accuracy_after_hard_quantize']:.2f}% | "
+            f"**{r['accuracy']:.2f}%** | {r['accuracy'] - r['dense_accuracy']:+.2f} | {r['weight_reduction']:.2f}x | "
+            f"{r['paper_storage']:.1f}x | **{r['honest_storage']:.1f}x** | "
+            f"{res['mean_first']:.3f} -> {res['mean_last']:.3f} | {wall} |"
+        )
+    pruned = [latest[n]["pruning"] for n in SETTINGS if n in latest and "pruning" in latest[n]]
+    if pruned:
+        p = pruned[0]
+        lines += ["", f"Pruning stage (shared): {p['accuracy_before_hard_prune']:.2f}% -> hard prune "
+                  f"{p['accuracy_after_hard_prune']:.2f}% -> masked retrain {p['accuracy']:.2f}%; residual "
+                  f"{p['residuals']['mean_first']:.3f} -> {p['residuals']['mean_last']:.3f}; {p['seconds']} s"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", choices=SETTINGS, default=SETTINGS)
+    parser.add_argument("--summary", action="store_true", help="print the markdown table and exit")
+    parser.add_argument("--dense", default=str(DENSE))
+    parser.add_argument("--train-limit", type=int, default=10000)
+    parser.add_argument("--test-limit", type=int, default=None)
+    parser.add_argument("--admm-epochs", type=int, default=2)
+    parser.add_argument("--retrain-epochs", type=int, default=1)
+    parser.add_argument("--prune-sparsity", type=float, default=0.7)
+    parser.add_argument("--prune-admm-epochs", type=int, default=2)
+    parser.add_argument("--prune-retrain-epochs", type=int, default=1)
+    parser.add_argument("--rho", type=float, default=1.0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-cache", action="store_true", help="do not store the pruned model")
+    parser.add_argument("--out", default=str(ROOT / "runs" / "quantization_cifar"))
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if args.summary:
+        print(summary(out))
+        return
+    if argv is None:
+        ensure_malloc_env()
+    torch.set_num_threads(args.threads)
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / "log.txt", "a")  # noqa: SIM115 - kept open for the run
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+        handle.write(msg + "\n")
+        handle.flush()
+
+    command = "nice -n 5 " + command_line()
+    log(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} | {machine()}\n# {command}")
+    train = load_dataset("cifar10", "train", limit=args.train_limit)
+    test = load_dataset("cifar10", "test", limit=args.test_limit)
+    dense_accuracy = evaluate(load_dense(Path(args.dense)), test)
+    log(f"dense ResNet-20: {dense_accuracy:.2f}%")
+    for name in args.only:
+        record = run_setting(name, args, train, test, dense_accuracy, log)
+        record.update(command=command, date=str(datetime.date.today()), machine=machine(), args=vars(args))
+        with open(out / "results.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+    handle.close()
+    print(f"\nrerun: {command}\n")
+    print(summary(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""benchmarks/quantization_cifar.py: one setting end to end on a few random images (seconds, not minutes)."""
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from admmcompress.data.datasets import Split
+from admmcompress.models import create_model
+from admmcompress.train import checkpoint as ckpt
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture()
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the script imports structured_common as a sibling
+    module = importlib.import_module("quantization_cifar")
+    yield module
+    sys.modules.pop("quantization_cifar", None)
+
+
+@pytest.mark.filterwarnings("ignore:ADMM residual")
+@pytest.mark.parametrize("setting", ["fp2", "prune70_binary"])
+def test_setting_runs_and_holds_levels(bench, setting, tmp_path):
+    torch.manual_seed(0)
+    dense = tmp_path / "dense.safetensors"
+    ckpt.save_tensors(dense, create_model("resnet20").state_dict())
+    data = Split(torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,)))
+    args = argparse.Namespace(
+        dense=str(dense), out=str(tmp_path), rho=1.0, admm_epochs=1, retrain_epochs=1,
+        prune_sparsity=0.7, prune_admm_epochs=1, prune_retrain_epochs=1, no_cache=True,
+    )
+    record = bench.run_setting(setting, args, data, data, 10.0, lambda msg: None)
+    assert record["held_unchanged"]
+    bits = {"fp2": 2, "prune70_binary": 1}[setting]
+    assert all(1 <= k <= 2**bits for k in record["levels"].values())  # every Conv2d/Linear, conv1 and linear too
+    assert set(record["levels"]) >= {"conv1.weight", "linear.weight"}
+    if setting.startswith("prune70_"):
+        assert record["pruning"]["accuracy"] >= 0
+        assert 2.5 < record["weight_reduction"] < 3.4  # 70% of all but conv1 / linear
+    else:
+        assert record["weight_reduction"] == 1.0
+    assert record["paper_storage"] >= record["honest_storage"] > 1
