@@ -21,7 +21,7 @@ from structured_common import command_line, ensure_malloc_env, interleaved_ms, m
 from torch import nn
 
 from admmcompress.executors.column import ColumnConv2d, apply_column_executors
-from admmcompress.masks import hard_prune
+from admmcompress.finalize import hard_prune
 from admmcompress.models import create_model
 from admmcompress.plan import Plan, Rule
 from admmcompress.structures import Column

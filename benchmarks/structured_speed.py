@@ -21,7 +21,7 @@ import torch
 from structured_common import command_line, ensure_malloc_env, interleaved_ms, machine, macs, params
 
 from admmcompress.executors.compact import compact
-from admmcompress.masks import hard_prune
+from admmcompress.finalize import hard_prune
 from admmcompress.models import create_model
 from admmcompress.plan import Plan, Rule
 from admmcompress.structures import Filter

@@ -6,7 +6,8 @@ from torch import nn
 
 from admmcompress import ADMM, Plan, compress
 from admmcompress.data.datasets import Split
-from admmcompress.masks import MaskSet, hard_prune
+from admmcompress.finalize import hard_prune
+from admmcompress.masks import MaskSet
 from admmcompress.quantize import QuantizedMaskSet, hard_quantize, mask_set_from_state, release_holds
 
 pytestmark = pytest.mark.filterwarnings("ignore:ADMM residual:RuntimeWarning")

@@ -15,7 +15,8 @@ from admmcompress.api import CompressionResult, compress
 from admmcompress.drivers import ADMM, GradualMagnitude, Reweighted, RhoSchedule, one_shot
 from admmcompress.executors.compact import CompactConfig, CompactionError, compact
 from admmcompress.executors.purify import purify, remove_unused_paths
-from admmcompress.masks import MaskSet, hard_prune
+from admmcompress.finalize import hard_prune
+from admmcompress.masks import MaskSet
 from admmcompress.plan import Plan, PlanError, Rule
 from admmcompress.quantize import QuantizedMaskSet, hard_quantize
 from admmcompress.report import measure

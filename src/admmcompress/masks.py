@@ -135,12 +135,11 @@ def masks_from_model(model: torch.nn.Module, names) -> MaskSet:
 
 
 @torch.no_grad()
-def hard_prune(model: torch.nn.Module, targets, frozen: MaskSet | None = None) -> MaskSet:
+def prune_masks(model: torch.nn.Module, targets, frozen: MaskSet | None = None) -> MaskSet:
     """Project each target's weight itself (not W+U, see SPEC P4), zero the rest, return the masks.
 
     Several targets on one parameter intersect; ``frozen`` masks from earlier stages are kept.
-    With quantization targets (or values held by ``frozen``) the kept weights are then
-    quantized and a ``QuantizedMaskSet`` is returned (see :mod:`admmcompress.quantize`).
+    Only the support is applied here: :func:`admmcompress.finalize.hard_prune` also quantizes.
     """
     params = dict(model.named_parameters())
     masks = MaskSet(frozen.masks if frozen is not None else None)
@@ -148,8 +147,4 @@ def hard_prune(model: torch.nn.Module, targets, frozen: MaskSet | None = None) -
         for name, mask in target.masks(params).items():  # one parameter, or several for a coupled target
             masks.intersect(name, mask)
     masks.apply(model)
-    if hasattr(frozen, "held") or any(getattr(t.structure, "quantizes", False) for t in targets):
-        from admmcompress.quantize import hard_quantize  # prune first, then quantize the kept weights
-
-        return hard_quantize(model, targets, masks, frozen)
     return masks

@@ -44,12 +44,9 @@ from admmcompress.structures.sparsity import (
     SparsityStructure,
     structure_from_dict,
 )
+from admmcompress.targets import PlanError, Target
 
 RULE_KEYS = {"match", "type", "structure", "sparsity", "compression"}
-
-
-class PlanError(ValueError):
-    """A plan that does not fit the model; the message lists every problem and its fix."""
 
 
 @dataclass(frozen=True)
@@ -111,38 +108,6 @@ class Rule:
         except ValueError as err:
             raise PlanError(str(err)) from None
         return cls(structure=structure, match=spec.get("match"), type=spec.get("type"))
-
-
-@dataclass(frozen=True)
-class Target:
-    """One concrete constraint: parameter ``param`` of module ``layer`` must lie in ``structure``."""
-
-    layer: str
-    param: str
-    structure: SparsityStructure
-    rule: int
-
-    @property
-    def key(self) -> str:
-        """Stable name of this target, unique within a plan (used in state dicts)."""
-        return f"{self.param_name}:{self.structure.kind}"
-
-    @property
-    def param_name(self) -> str:
-        return f"{self.layer}.{self.param}" if self.layer else self.param
-
-    # The driver/finalizer interface (a CoupledTarget spans several parameters behind the same three calls).
-    def value(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The tensor this target constrains, from ``dict(model.named_parameters())``."""
-        return params[self.param_name]
-
-    def masks(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Keep-masks by parameter name of the structure's support of ``value(params)``."""
-        return {self.param_name: self.structure.support(params[self.param_name])}
-
-    def with_structure(self, structure: SparsityStructure) -> Target:
-        """The same target with another structure (e.g. a gradual schedule's intermediate sparsity)."""
-        return Target(self.layer, self.param, structure, self.rule)
 
 
 def prunable_layers(model: torch.nn.Module) -> list[str]:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from admmcompress.masks import MaskSet, _named_params, hard_prune
+from admmcompress.masks import MaskSet, _named_params, prune_masks
 
 UPDATES = ("hold", "centroids")
 SEP = "@"  # state-dict keys: "fc1.weight@codes", "fc1.weight@levels", "fc1.weight@update"
@@ -206,13 +206,13 @@ def hard_quantize(
 ) -> QuantizedMaskSet:
     """Quantize every quantization target's weight in place; return masks + held values.
 
-    ``masks``: the masks of this stage's hard pruning (``hard_prune`` runs first when not given,
+    ``masks``: the masks of this stage's hard pruning (``prune_masks`` runs first when not given,
     so pruning comes before quantizing and only kept weights are quantized). Values held by
     ``frozen`` (an earlier stage) are kept for parameters this call does not quantize again.
     """
     targets = list(targets)
     if masks is None:
-        masks = hard_prune(model, [t for t in targets if not is_quantization(t)], frozen)
+        masks = prune_masks(model, [t for t in targets if not is_quantization(t)], frozen)
     params = dict(model.named_parameters())
     held: dict[str, HeldValues] = {}
     if isinstance(frozen, QuantizedMaskSet):

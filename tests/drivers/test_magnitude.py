@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from admmcompress.drivers import GradualMagnitude, one_shot
-from admmcompress.masks import MaskSet, hard_prune
+from admmcompress.finalize import hard_prune
+from admmcompress.masks import MaskSet
 from admmcompress.plan import Plan
 from admmcompress.structures import Column, Filter, Unstructured
 from admmcompress.structures.groups import kept_count

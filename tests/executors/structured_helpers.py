@@ -3,8 +3,8 @@
 import torch
 from torch import nn
 
+from admmcompress.finalize import hard_prune
 from admmcompress.graph import channel_groups
-from admmcompress.masks import hard_prune
 from admmcompress.models import create_model, list_models
 from admmcompress.plan import Plan, Rule
 from admmcompress.structures import Column, Filter

@@ -16,7 +16,7 @@ from admmcompress.executors.blocksparse import (
     block_rows_from,
     to_blocksparse,
 )
-from admmcompress.masks import hard_prune
+from admmcompress.finalize import hard_prune
 from admmcompress.plan import Plan
 from admmcompress.structures import Block, Unstructured
 

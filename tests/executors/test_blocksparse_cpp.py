@@ -8,7 +8,7 @@ from torch import nn
 
 from admmcompress.executors import blocksparse_cpp
 from admmcompress.executors.blocksparse import BlockSparseGRU, BlockSparseLinear, BlockSparseLSTM
-from admmcompress.masks import hard_prune
+from admmcompress.finalize import hard_prune
 from admmcompress.plan import Plan
 from admmcompress.structures import Block
 

@@ -8,7 +8,7 @@ from structured_helpers import IMAGE_MODELS, random_structured_masks, randomize_
 from torch import nn
 
 from admmcompress.executors.compact import CompactConfig, CompactionError, compact, count_params
-from admmcompress.masks import hard_prune
+from admmcompress.finalize import hard_prune
 from admmcompress.models import create_model
 from admmcompress.plan import Plan, Rule
 from admmcompress.structures import Channel, Filter

@@ -8,7 +8,7 @@ from torch import nn
 
 from admmcompress.data.datasets import Split
 from admmcompress.executors.compact import CompactionError, compact
-from admmcompress.masks import hard_prune
+from admmcompress.finalize import hard_prune
 from admmcompress.models import create_model
 from admmcompress.plan import Plan, Rule
 from admmcompress.structures import Filter

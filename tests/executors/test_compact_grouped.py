@@ -12,8 +12,8 @@ from admmcompress.drivers.magnitude import GradualMagnitude
 from admmcompress.executors.compact import CompactConfig, CompactionError, compact, even_blocks
 from admmcompress.executors.manifest import load_compacted, save_compacted
 from admmcompress.executors.purify import remove_unused_paths
+from admmcompress.finalize import hard_prune
 from admmcompress.graph import channel_groups, channel_index, group_of
-from admmcompress.masks import hard_prune
 from admmcompress.plan import Plan, PlanError, Rule
 from admmcompress.structures import Filter
 from admmcompress.structures.coupled import BlockFilter

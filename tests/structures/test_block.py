@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from admmcompress.masks import hard_prune
+from admmcompress.finalize import hard_prune
 from admmcompress.plan import Plan, PlanError
 from admmcompress.report.metrics import measure
 from admmcompress.structures import Block, BlockRow, Unstructured, structure_from_dict

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from admmcompress.drivers import ADMM, GradualMagnitude
-from admmcompress.masks import hard_prune
+from admmcompress.finalize import hard_prune
 from admmcompress.models import create_model
 from admmcompress.plan import Plan, PlanError, Rule
 from admmcompress.structures import Channel, Column, Filter

@@ -1,28 +1,18 @@
 """Local dataset loaders (no downloads): MNIST, Fashion-MNIST and CIFAR-10 from ``.npz`` files.
 
-Where files are looked for, in order:
-1. the ``data_dir`` argument;
-2. the ``ADMMCOMPRESS_DATA`` environment variable;
-3. the repository's own ``data/`` folder (MNIST is bundled there);
-4. ``../shared/data`` next to the repository.
-A missing file raises ``FileNotFoundError`` naming every place searched and how to fix it.
+Where the files are looked for: :mod:`admmcompress.data.files`.
 """
 
 from __future__ import annotations
 
 import io
-import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
-ENV_VAR = "ADMMCOMPRESS_DATA"
+from admmcompress.data.files import FILES, Split, find_dataset, search_dirs
 
-FILES = {"mnist": "mnist.npz", "fashion_mnist": "fashion_mnist.npz", "cifar10": "cifar10_jpeg.npz"}
-FILES.update({"fsdd": "fsdd.npz", "ptb": "ptb.npz"})  # speech digits (data/fsdd.py), PTB text (data/ptb.py)
 # Per-channel mean/std used to normalise inputs (MNIST constants are the canonical ones).
 NORMALIZATION = {
     "mnist": ((0.1307,), (0.3081,)),
@@ -31,50 +21,13 @@ NORMALIZATION = {
 }
 
 
-def search_dirs(data_dir: str | Path | None = None) -> list[Path]:
-    dirs = [Path(data_dir)] if data_dir else []
-    if os.environ.get(ENV_VAR):
-        dirs.append(Path(os.environ[ENV_VAR]))
-    dirs += [REPO_ROOT / "data", REPO_ROOT.parent / "shared" / "data"]
-    return dirs
-
-
-def find_dataset(name: str, data_dir: str | Path | None = None) -> Path:
-    """Path of a dataset file, or a FileNotFoundError that says where to put it."""
-    if name not in FILES:
-        raise ValueError(f"unknown dataset '{name}'; available: {', '.join(sorted(FILES))}")
-    dirs = search_dirs(data_dir)
-    for d in dirs:
-        if (d / FILES[name]).is_file():
-            return d / FILES[name]
-    searched = "\n  ".join(str(d) for d in dirs)
-    raise FileNotFoundError(
-        f"dataset '{name}' ({FILES[name]}) not found; searched:\n  {searched}\n"
-        f"Put {FILES[name]} in one of these folders, pass data_dir=..., or set {ENV_VAR}=/path/to/folder"
-    )
-
-
-@dataclass
-class Split:
-    """Normalised inputs (N, C, H, W float32) and integer labels."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def subset(self, n: int | None) -> Split:
-        return self if n is None or n >= len(self) else Split(self.x[:n], self.y[:n])
-
-
 def load_dataset(
     name: str, split: str = "train", data_dir: str | Path | None = None, limit: int | None = None
 ) -> Split:
     """Load ``split`` ("train" or "test") of a local dataset, normalised, optionally the first ``limit``."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if name in ("fsdd", "ptb"):  # sequence data: their own loaders (imported here: they import this module)
+    if name in ("fsdd", "ptb"):  # sequence data: their own loaders
         if name == "ptb":
             raise ValueError("ptb is a language-model corpus, not a labelled split; use data.ptb.load_ptb")
         from admmcompress.data.fsdd import load_fsdd
@@ -134,3 +87,6 @@ class BatchLoader:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.generator.set_state(state["generator"])
+
+
+__all__ = ["FILES", "NORMALIZATION", "BatchLoader", "Split", "find_dataset", "load_dataset", "search_dirs"]

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from admmcompress.data.audio import log_mel, mfcc
-from admmcompress.data.datasets import Split, find_dataset
+from admmcompress.data.files import Split, find_dataset
 
 FEATURES = ("mfcc39", "logmel40")
 N_FFT, HOP = 256, 128  # 32 ms windows every 16 ms at 8 kHz

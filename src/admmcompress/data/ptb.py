@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from admmcompress.data.datasets import find_dataset
+from admmcompress.data.files import find_dataset
 
 EOS = "<eos>"
 

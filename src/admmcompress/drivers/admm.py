@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from admmcompress.masks import MaskSet, hard_prune
+from admmcompress.finalize import hard_prune
+from admmcompress.masks import MaskSet
 from admmcompress.plan import Plan, Target
 
 

@@ -12,7 +12,7 @@ BLK-REW. Norms are taken of ``|w|`` (SPEC P11: never ``1/(w + eps)`` with a sign
 gradient of a group that is exactly zero is 0 (a subgradient), never ``inf * 0 = NaN``.
 The reweighting makes the penalty approximate a count of nonzero groups, so large groups are
 barely shrunk while small ones are driven to zero; ``finalize()`` then hard-prunes every target to
-its rate (``masks.hard_prune``). Like ADMM, the driver never knows which structure it drives: it
+its rate (``finalize.hard_prune``). Like ADMM, the driver never knows which structure it drives: it
 only reads the structure's group partition.
 
 Three lines in your own loop::
@@ -44,7 +44,8 @@ from typing import Any
 
 import torch
 
-from admmcompress.masks import MaskSet, hard_prune
+from admmcompress.finalize import hard_prune
+from admmcompress.masks import MaskSet
 from admmcompress.plan import Plan, Target
 from admmcompress.structures.groups import as_matrix
 

@@ -37,10 +37,10 @@ import torch
 from torch import nn
 
 from admmcompress.graph import CONSUMER, DEPTHWISE, PRODUCER, ChannelGroup, channel_groups, channel_index
-from admmcompress.plan import PlanError, Target
 from admmcompress.structures import groups as gemm
 from admmcompress.structures.block import top_groups_per_block
 from admmcompress.structures.sparsity import Filter, SparsityStructure
+from admmcompress.targets import PlanError, Target
 
 COUPLING_MODES = ("strict", "extend")
 COUPLED_KINDS = ("filter", "channel")

@@ -169,7 +169,7 @@ class Runner:
         are made nonzero (as after training), then the copy is compacted.
         """
         from admmcompress.executors.compact import CompactConfig, CompactionError, compact
-        from admmcompress.masks import hard_prune
+        from admmcompress.finalize import hard_prune
 
         trial = copy.deepcopy(self.model).eval()
         generator = torch.Generator().manual_seed(0)
