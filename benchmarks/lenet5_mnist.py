@@ -26,6 +26,7 @@ EXPERIMENTS = {
     "gradual_71x": "configs/lenet5_gradual_71x.yaml",
     "progressive_admm": "configs/lenet5_progressive_admm.yaml",  # continues from admm_71x
     "progressive_gradual": "configs/lenet5_progressive_gradual.yaml",  # continues from gradual_71x
+    "progressive_admm_kd": "configs/lenet5_progressive_admm_kd.yaml",  # + distillation while retraining
     # the earlier, shorter budget (8 + 6 epochs), for the record
     "admm_71x_short": "configs/lenet5_admm_71x_short.yaml",
     "gradual_71x_short": "configs/lenet5_gradual_71x_short.yaml",
@@ -91,7 +92,11 @@ def summarize(out_root: Path) -> str:
         if variant and stage_rows(variant):
             rate, acc = stage_rows(variant)[0]
             lines.append(f"\n{key} (8 + 6 epochs): {acc:.2f}% at {rate:.1f}x (drop {dense - acc:+.2f})")
-    for key in ("progressive_admm", "progressive_gradual"):
+    kd = results["progressive_admm_kd"]
+    if kd and stage_rows(kd):
+        lines.append("\nprogressive ADMM with distillation from the dense model in the retrain phases:")
+        lines += [f"  {rate:.1f}x: {acc:.2f}% (drop {dense - acc:+.2f})" for rate, acc in stage_rows(kd)]
+    for key in ("progressive_admm", "progressive_gradual", "progressive_admm_kd"):
         m = results[key]
         if not m:
             continue

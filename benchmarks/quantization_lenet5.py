@@ -28,11 +28,13 @@ sys.path.insert(0, str(ROOT / "src"))
 
 EXPERIMENTS = {
     "quantize_71x": "configs/lenet5_quantize_71x.yaml",  # needs runs/bench/admm_71x (lenet5_mnist.py)
+    "quantize_71x_5bit": "configs/lenet5_quantize_71x_5bit.yaml",  # the same, one more bit per layer
     "prune_quantize": "configs/lenet5_prune_quantize.yaml",
     "binary": "configs/lenet5_binary.yaml",
+    "binary_long": "configs/lenet5_binary_long.yaml",  # all images, 12 + 2 epochs
     "structured_quantize": "configs/lenet5_structured_quantize.yaml",
 }
-DENSE_STARTS = ("prune_quantize", "binary", "structured_quantize")  # runs that start from the dense model
+DENSE_STARTS = ("prune_quantize", "binary", "binary_long", "structured_quantize")  # runs that start from the dense model
 ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
 
 
