@@ -58,7 +58,7 @@ def stage(method: str, rate: float, args: argparse.Namespace, steps_per_epoch: i
     if method == "reweighted":
         prune["lr_schedule"] = "cosine"
     if method == "admm":
-        prune.update({"rho": args.rho, "rho_growth": 1.3, "rho_max": 1.0})
+        prune.update({"rho": args.rho, "rho_growth": 1.3, "rho_max": 1.0, "lr_schedule": args.admm_lr_schedule})
     out = {
         "plan": {"rules": [rule]},
         "method": "gradual" if method.startswith("magnitude") else method,
@@ -110,6 +110,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lam", type=float, default=1e-3, help="reweighted penalty lambda")
     parser.add_argument("--rho", type=float, default=1e-2, help="initial ADMM rho")
+    parser.add_argument(
+        "--admm-lr-schedule", default="admm_reset", choices=["admm_reset", "constant", "cosine"],
+        help="LR inside the ADMM phase (admm_reset: /10 at each third of an update period, SPEC 1.4)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/gru_fsdd")
@@ -155,6 +159,7 @@ def main() -> None:
                 "epochs": f"{args.prune_epochs}+{args.retrain_epochs}",
                 "lam": args.lam if method == "reweighted" else None,
                 "rho": args.rho if method == "admm" else None,
+                "admm_lr_schedule": args.admm_lr_schedule if method == "admm" else None,
                 "command": command,
             }
             results.parent.mkdir(parents=True, exist_ok=True)
@@ -164,12 +169,17 @@ def main() -> None:
     print_table(results)
 
 
+def _lr_note(record: dict) -> str:
+    schedule = record.get("admm_lr_schedule") or "admm_reset"
+    return "" if schedule == "admm_reset" else f" lr {schedule}"
+
+
 def setting(record: dict) -> str:
     if record["lam"]:
         return f"lambda {record['lam']:g}, {record['epochs']} ep"
-    return (
-        f"rho {record['rho']:g}, {record['epochs']} ep" if record["rho"] else f"cubic, {record['epochs']} ep"
-    )
+    if record["rho"]:
+        return f"rho {record['rho']:g}{_lr_note(record)}, {record['epochs']} ep"
+    return f"cubic, {record['epochs']} ep"
 
 
 def print_table(results: Path) -> None:
