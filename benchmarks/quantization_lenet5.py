@@ -34,7 +34,8 @@ EXPERIMENTS = {
     "binary_long": "configs/lenet5_binary_long.yaml",  # all images, 12 + 2 epochs
     "structured_quantize": "configs/lenet5_structured_quantize.yaml",
 }
-DENSE_STARTS = ("prune_quantize", "binary", "binary_long", "structured_quantize")  # runs that start from the dense model
+# runs that start from the dense model
+DENSE_STARTS = ("prune_quantize", "binary", "binary_long", "structured_quantize")
 ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
 
 

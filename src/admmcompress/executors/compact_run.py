@@ -19,6 +19,7 @@ from torch import nn
 from admmcompress.executors.compact import CompactConfig, CompactionError, CompactionResult, compact, count_params
 from admmcompress.executors.fold import forward
 from admmcompress.masks import MaskSet
+from admmcompress.report.compaction import render_compaction
 
 COMPACT_DIR = "compact"
 
@@ -123,27 +124,6 @@ def save_compact(
 def model_spec(model_config: dict[str, Any]) -> dict[str, Any]:
     """``{"name", "kwargs"}`` for the manifest, from a run config's ``model:`` mapping."""
     return {"name": model_config["name"], "kwargs": {k: v for k, v in model_config.items() if k != "name"}}
-
-
-def render_compaction(figures: dict[str, Any]) -> str:
-    """Markdown lines for report.md."""
-    pb, pa = figures["params_before"], figures["params_after"]
-    mb, ma = figures["macs_before"], figures["macs_after"]
-    lines = [
-        f"- Parameters: {pb:,} -> {pa:,} ({pb / max(1, pa):.2f}x fewer)",
-        f"- MACs per sample: {mb:,} -> {ma:,} ({mb / max(1, ma):.2f}x fewer)",
-        f"- Outputs vs the masked model: max |diff| {figures['max_abs_diff']:.2e} on {figures['random_inputs']} "
-        f"random inputs (atol {figures['atol']:g})",
-    ]
-    removed = figures.get("removed") or {}
-    if removed:
-        shown = ", ".join(f"{label} {r}/{n}" for label, (r, n) in list(removed.items())[:8])
-        more = f" and {len(removed) - 8} more groups" if len(removed) > 8 else ""
-        lines.append(f"- Channels removed: {shown}{more}")
-    if figures.get("folder"):
-        folder = figures["folder"]
-        lines.append(f"- Files: {folder}/manifest.json + {folder}/model.safetensors (reload: load_compacted)")
-    return "\n".join(lines)
 
 
 def export_compact_run(run_dir: str | Path, out: str | Path, atol: float = 1e-4, samples: int = 8) -> str:

@@ -429,7 +429,7 @@ def save_packed(
         blobs.append(blob)
     data = bytes(header) + b"".join(blobs)
     if isinstance(path, (str, Path)):
-        from admmcompress.train.checkpoint import atomic_write
+        from admmcompress.atomic import atomic_write
 
         atomic_write(path, lambda tmp: tmp.write_bytes(data))
     else:

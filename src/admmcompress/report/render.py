@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from admmcompress.train.checkpoint import atomic_write
+from admmcompress.atomic import atomic_write
 
 
 def _fmt_rate(x: float) -> str:
@@ -60,7 +60,7 @@ def render_markdown(metrics: dict[str, Any], title: str = "admmcompress report")
 
         lines += ["", "## Storage (SPEC 4.2)", "", render_storage(metrics["storage"]).rstrip()]
     if metrics.get("compaction"):  # the physically compacted model (compact: true)
-        from admmcompress.executors.compact_run import render_compaction
+        from admmcompress.report.compaction import render_compaction
 
         lines += ["", "## Compacted model", "", render_compaction(metrics["compaction"])]
     return "\n".join(lines) + "\n"
