@@ -148,3 +148,19 @@ def prune_masks(model: torch.nn.Module, targets, frozen: MaskSet | None = None) 
             masks.intersect(name, mask)
     masks.apply(model)
     return masks
+
+
+def __getattr__(name: str):
+    # hard_prune moved to admmcompress.finalize (it also quantizes); the old import path keeps working.
+    if name == "hard_prune":
+        import warnings
+
+        from admmcompress.finalize import hard_prune
+
+        warnings.warn(
+            "admmcompress.masks.hard_prune moved: import it from admmcompress (or admmcompress.finalize)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return hard_prune
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

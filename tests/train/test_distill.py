@@ -157,8 +157,43 @@ def test_teacher_errors_are_named(tmp_path, data):
     spec = config().to_dict()
     spec["teacher"] = str(tmp_path / "missing.safetensors")
     with pytest.raises(ConfigError, match="teacher: checkpoint .* does not exist"):
-        Runner(RunConfig.from_dict(spec), model(), *data, progress=False)
+        Runner(RunConfig.from_dict(spec), model(), *data, progress=False).run()
     spec = config(None).to_dict()
     spec["teacher"] = str(tmp_path / "missing.safetensors")
     with pytest.raises(ConfigError, match="teacher is set but no phase distills"):
         RunConfig.from_dict(spec)
+
+
+def test_a_teacher_for_another_model_fails_before_any_training(tmp_path, data, monkeypatch):
+    from admmcompress.models import LeNet5
+    from admmcompress.train import checkpoint as ckpt
+
+    path = tmp_path / "lenet5.safetensors"
+    ckpt.save_tensors(path, LeNet5().state_dict())
+    spec = config().to_dict()
+    spec["teacher"] = str(path)
+    trained = []
+    monkeypatch.setattr(Runner, "_train_one_epoch", lambda *a, **k: trained.append(1))
+    with pytest.raises(ConfigError, match="teacher: checkpoint .* does not fit"):
+        Runner(RunConfig.from_dict(spec), model(), *data, progress=False).run()
+    assert not trained
+
+
+def test_distilling_from_a_pruned_start_without_teacher_warns(tmp_path):
+    spec = config().to_dict()
+    spec.pop("pretrain")
+    spec["pretrained"] = str(tmp_path / "pruned.safetensors")
+    spec["freeze_pretrained_zeros"] = True
+    with pytest.warns(UserWarning, match="the teacher is that pruned model"):
+        RunConfig.from_dict(spec)
+
+
+def test_old_import_paths_still_work():
+    import admmcompress
+    from admmcompress.data.datasets import ENV_VAR, REPO_ROOT, Split, find_dataset  # noqa: F401
+    from admmcompress.plan import PlanError, Target  # noqa: F401
+    from admmcompress.train.checkpoint import atomic_write  # noqa: F401
+
+    with pytest.warns(DeprecationWarning, match="hard_prune moved"):
+        from admmcompress.masks import hard_prune
+    assert hard_prune is admmcompress.hard_prune

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from admmcompress.data.files import FILES, Split, find_dataset, search_dirs
+from admmcompress.data.files import ENV_VAR, FILES, REPO_ROOT, Split, find_dataset, search_dirs
 
 # Per-channel mean/std used to normalise inputs (MNIST constants are the canonical ones).
 NORMALIZATION = {
@@ -89,4 +89,7 @@ class BatchLoader:
         self.generator.set_state(state["generator"])
 
 
-__all__ = ["FILES", "NORMALIZATION", "BatchLoader", "Split", "find_dataset", "load_dataset", "search_dirs"]
+__all__ = [
+    "ENV_VAR", "FILES", "NORMALIZATION", "REPO_ROOT", "BatchLoader", "Split",
+    "find_dataset", "load_dataset", "search_dirs",
+]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -294,6 +295,14 @@ class RunConfig:
             raise ValueError(f"freeze_pretrained_zeros={self.freeze_pretrained_zeros!r} must be true or false")
         if self.freeze_pretrained_zeros and self.pretrained is None:
             raise ValueError("freeze_pretrained_zeros needs 'pretrained' (the pruned checkpoint to continue from)")
+        distills = any(p.distill is not None for s in self.stages for p in (s.admm, s.retrain))
+        if distills and self.freeze_pretrained_zeros and self.teacher is None:
+            warnings.warn(
+                "distillation without 'teacher:' while continuing from a pruned checkpoint: the teacher is that "
+                "pruned model; set teacher: to the dense model's file to distill from it",
+                UserWarning,
+                stacklevel=2,
+            )
         if self.teacher is not None and not any(
             p.distill is not None for s in self.stages for p in (s.admm, s.retrain)
         ):

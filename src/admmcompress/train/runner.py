@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,8 +98,6 @@ class Runner:
         self._pending: dict[str, Any] | None = None
         # Distillation teacher: the model as the first stage found it (saved with the checkpoint).
         self.teacher: nn.Module | None = None
-        if config.teacher is not None and not Path(config.teacher).is_file():
-            raise ConfigError(f"teacher: checkpoint '{config.teacher}' does not exist; give the dense model's file")
 
     # --- public -------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict[str, Any]:
@@ -106,6 +105,8 @@ class Runner:
         self._clock = time.perf_counter()
         if resume:
             self._load()
+        if self.teacher is None and self.config.teacher is not None:
+            self._frozen_copy()  # check the teacher file now (exists, fits the model), not after pretraining
         if "accuracy_before" not in self.metrics and not (self.phases and self.phases[0].kind == "pretrain"):
             self.metrics["accuracy_before"] = self._evaluate()
         while self.phase_index < len(self.phases):
@@ -238,6 +239,10 @@ class Runner:
         if len(self.masks):
             self.masks.attach(self.model, self._optimizer)
 
+    def _past_first_stage(self) -> bool:
+        first = next((i for i, p in enumerate(self.phases) if p.kind != "pretrain"), len(self.phases))
+        return self.phase_index > first or (self.phase_index == first and self.epoch > 0)
+
     def _uses_distillation(self) -> bool:
         return any(p.cfg.distill is not None for p in self.phases if p.kind != "pretrain")
 
@@ -246,7 +251,14 @@ class Runner:
         if state is not None:
             teacher.load_state_dict(state)
         elif self.config.teacher is not None:
-            ckpt.load_weights(teacher, self.config.teacher)
+            if not Path(self.config.teacher).is_file():
+                raise ConfigError(
+                    f"teacher: checkpoint '{self.config.teacher}' does not exist; give the dense model's file"
+                )
+            try:
+                ckpt.load_weights(teacher, self.config.teacher)
+            except ValueError as err:
+                raise ConfigError(f"teacher: {err}") from None
         for p in teacher.parameters():
             p.requires_grad_(False)
         return teacher
@@ -352,5 +364,12 @@ class Runner:
         self.history, self.metrics = list(state["history"]), dict(state["metrics"])
         if state.get("teacher") is not None:
             self.teacher = self._frozen_copy(state["teacher"])
+        elif self._uses_distillation() and self._past_first_stage():
+            warnings.warn(
+                "the checkpoint holds no distillation teacher (written before teachers were saved); the teacher "
+                "will be the run's 'teacher:' file or, without one, the current (partly pruned) model",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         if state["optimizer"] is not None:
             self._pending = {"optimizer": state["optimizer"], "driver": state["driver"]}
