@@ -157,7 +157,32 @@ def tiny_ready_config(tmp_path: Path) -> Path:
     return path
 
 
-def test_cli_run_of_the_ready_config_compacts_reports_and_exports(tmp_path, capsys):
+@pytest.fixture()
+def small_cifar(tmp_path_factory, monkeypatch):
+    """A 24-image stand-in for cifar10_jpeg.npz (same layout), so the CLI tests run where the real file is absent."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("cifar")
+    rng = np.random.default_rng(0)
+    arrays = {"classes": np.array([f"c{i}" for i in range(10)])}
+    for split in ("train", "test"):
+        blobs = []
+        for _ in range(24):
+            buffer = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, format="JPEG")
+            blobs.append(np.frombuffer(buffer.getvalue(), dtype=np.uint8))
+        arrays[f"x_{split}_jpeg"] = np.concatenate(blobs)
+        arrays[f"{split}_offsets"] = np.concatenate([[0], np.cumsum([len(b) for b in blobs])]).astype(np.int64)
+        arrays[f"y_{split}"] = rng.integers(0, 10, 24).astype(np.int64)
+    np.savez(folder / "cifar10_jpeg.npz", **arrays)
+    monkeypatch.setenv("ADMMCOMPRESS_DATA", str(folder))
+    return folder
+
+
+def test_cli_run_of_the_ready_config_compacts_reports_and_exports(tmp_path, capsys, small_cifar):
     out = tmp_path / "run"
     assert main(["run", str(tiny_ready_config(tmp_path)), "--out", str(out), "--no-progress"]) == 0
     report = (out / "report.md").read_text()
@@ -180,7 +205,7 @@ def one_line_error(capsys, argv) -> str:
     return err[0]
 
 
-def test_cli_errors_of_compaction_are_one_line(tmp_path, capsys):
+def test_cli_errors_of_compaction_are_one_line(tmp_path, capsys, small_cifar):
     bad = spec({"rules": [{"match": "layers.0.0.conv2", "structure": "filter", "sparsity": 0.5}]}, coupling="none")
     bad["data"] = {"dataset": "cifar10", "train_limit": 4, "test_limit": 4}
     path = tmp_path / "bad.yaml"
