@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 import torch
-from structured_common import command_line, ensure_malloc_env, machine, train_epochs
+from structured_common import command_line, ensure_malloc_env, log_to, machine, train_epochs
 
 from admmcompress.data import load_dataset
 from admmcompress.drivers import ADMM, RhoSchedule
@@ -273,13 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv is None:
         ensure_malloc_env()
     torch.set_num_threads(args.threads)
-    out.mkdir(parents=True, exist_ok=True)
-    handle = open(out / "log.txt", "a")  # noqa: SIM115 - kept open for the run
-
-    def log(msg: str) -> None:
-        print(msg, flush=True)
-        handle.write(msg + "\n")
-        handle.flush()
+    log = log_to(out)
 
     command = "nice -n 5 " + command_line()
     log(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} | {machine()}\n# {command}")
@@ -292,7 +286,6 @@ def main(argv: list[str] | None = None) -> None:
         record.update(command=command, date=str(datetime.date.today()), machine=machine(), args=vars(args))
         with open(out / "results.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-    handle.close()
     print(f"\nrerun: {command}\n")
     print(summary(out))
 

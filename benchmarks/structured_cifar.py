@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import torch
-from structured_common import command_line, ensure_malloc_env, machine, params, train_epochs
+from structured_common import command_line, ensure_malloc_env, log_to, machine, params, train_epochs
 
 from admmcompress.data import load_dataset
 from admmcompress.drivers import ADMM, RhoSchedule
@@ -53,16 +53,6 @@ def data(args):
     return train, test
 
 
-def log_to(out: Path):
-    out.mkdir(parents=True, exist_ok=True)
-    handle = open(out / "log.txt", "a")  # noqa: SIM115 - kept open for the run
-
-    def log(msg: str) -> None:
-        print(msg, flush=True)
-        handle.write(msg + "\n")
-        handle.flush()
-
-    return log
 
 
 def dense_path(args) -> Path:

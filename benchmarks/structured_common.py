@@ -14,9 +14,12 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
+
+from admmcompress.executors.compact_run import count_macs
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
 
@@ -69,27 +72,7 @@ def interleaved_ms(
 
 def macs(model: nn.Module, x: torch.Tensor) -> int:
     """Multiply-accumulates of Conv/Linear layers (and column executors) for one sample of ``x``'s shape."""
-    from admmcompress.executors.column import ColumnConv2d, ColumnLinear
-
-    total = 0
-
-    def hook(module, _inputs, output):
-        nonlocal total
-        if isinstance(module, nn.modules.conv._ConvNd):
-            per_out = module.in_channels // module.groups * int(torch.tensor(module.kernel_size).prod())
-            total += output[0].numel() * per_out
-        elif isinstance(module, nn.Linear):
-            total += output[0].numel() * module.in_features
-        elif isinstance(module, (ColumnConv2d, ColumnLinear)):
-            total += output[0].numel() * module.kept.numel()
-
-    kinds = (nn.modules.conv._ConvNd, nn.Linear, ColumnConv2d, ColumnLinear)
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
-    with torch.inference_mode():
-        model.eval()(x[:1])
-    for h in handles:
-        h.remove()
-    return total
+    return count_macs(model, x[:1])
 
 
 def params(model: nn.Module) -> int:
@@ -172,3 +155,16 @@ def train_epochs(
     if masks is not None:
         masks.detach()
     model.eval()
+
+
+def log_to(out: Path):
+    """A ``log(msg)`` that prints and appends to ``out/log.txt``."""
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / "log.txt", "a")  # noqa: SIM115 - kept open for the run
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+        handle.write(msg + "\n")
+        handle.flush()
+
+    return log
