@@ -303,9 +303,7 @@ class RunConfig:
                 UserWarning,
                 stacklevel=2,
             )
-        if self.teacher is not None and not any(
-            p.distill is not None for s in self.stages for p in (s.admm, s.retrain)
-        ):
+        if self.teacher is not None and not distills:
             raise ValueError("teacher is set but no phase distills; add distill: {alpha: 0.5} to a phase, or drop it")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"seed={self.seed!r} must be an integer >= 0")

@@ -56,9 +56,16 @@ def learning_rate(cfg: PhaseConfig, step: int, steps_per_epoch: int) -> float:
 
 
 def distillation_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, cfg: DistillConfig
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: DistillConfig,
+    hard: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(1 - alpha) * CE + alpha * T^2 * KL(teacher_T || student_T) (Hinton et al.; T^2 keeps gradient scale)."""
+    """(1 - alpha) * CE + alpha * T^2 * KL(teacher_T || student_T) (Hinton et al.; T^2 keeps gradient scale).
+
+    ``hard``: the cross-entropy of ``student_logits`` if the caller already has it.
+    """
     t = cfg.temperature
     soft = nn.functional.kl_div(
         nn.functional.log_softmax(student_logits / t, dim=1),
@@ -66,7 +73,8 @@ def distillation_loss(
         reduction="batchmean",
         log_target=True,
     )
-    hard = nn.functional.cross_entropy(student_logits, labels)
+    if hard is None:
+        hard = nn.functional.cross_entropy(student_logits, labels)
     return (1.0 - cfg.alpha) * hard + cfg.alpha * t * t * soft
 
 
@@ -117,7 +125,7 @@ def train_epoch(
         if teacher is not None:
             with torch.no_grad():
                 teacher_logits = teacher(x)
-            loss = distillation_loss(logits, teacher_logits, y, distill)
+            loss = distillation_loss(logits, teacher_logits, y, distill, hard=data_loss)
         if penalty is not None:
             extra = penalty()
             loss = loss + extra

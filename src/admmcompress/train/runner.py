@@ -106,7 +106,7 @@ class Runner:
         if resume:
             self._load()
         if self.teacher is None and self.config.teacher is not None:
-            self._frozen_copy()  # check the teacher file now (exists, fits the model), not after pretraining
+            self.teacher = self._frozen_copy()  # load (and so check) the teacher file now, not after pretraining
         if "accuracy_before" not in self.metrics and not (self.phases and self.phases[0].kind == "pretrain"):
             self.metrics["accuracy_before"] = self._evaluate()
         while self.phase_index < len(self.phases):
