@@ -390,3 +390,19 @@ def test_resume_of_a_gradual_stage_keeps_values_quantized_by_an_earlier_stage(tm
         assert torch.unique(runner.model.fc1.weight.detach()[runner.masks["fc1.weight"]]).numel() <= 4
     assert_same_state(full.model, resumed.model)
     assert_same_masks(full.masks, resumed.masks)
+
+
+def test_resume_with_augmented_batches_is_bit_identical(tmp_path, data, monkeypatch):
+    """The augmentation draws from the loader's checkpointed generator, so a resumed run matches."""
+    from admmcompress.data.augment import Augment
+
+    config = run_config("admm")
+    config.data.augment = Augment(shift=2)
+    full = Runner(config, fresh_model(), *data, progress=False)
+    full.run()
+    plain = Runner(run_config("admm"), fresh_model(), *data, progress=False)
+    plain.run()
+    assert not torch.equal(full.model.fc1.weight, plain.model.fc1.weight)  # the augmentation took effect
+    resumed = interrupted_then_resumed(config, data, tmp_path / "crashed", monkeypatch, crash_epoch=5)
+    assert_same_state(full.model, resumed.model)
+    assert_same_masks(full.masks, resumed.masks)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from admmcompress.data.augment import Augment
 from admmcompress.data.files import ENV_VAR, FILES, REPO_ROOT, Split, find_dataset, search_dirs
 
 # Per-channel mean/std used to normalise inputs (MNIST constants are the canonical ones).
@@ -63,13 +64,17 @@ def _decode_jpegs(buffer: np.ndarray, offsets: np.ndarray, limit: int | None) ->
 class BatchLoader:
     """Mini-batches over in-memory tensors with a seeded, checkpointable shuffle.
 
-    The generator state is part of ``state_dict()`` so a resumed run sees the same batches.
+    The generator state is part of ``state_dict()`` so a resumed run sees the same batches;
+    ``augment`` (random shifts/flips) draws from the same generator, so augmented runs resume exactly too.
     """
 
-    def __init__(self, data: Split, batch_size: int, shuffle: bool = True, seed: int = 0):
+    def __init__(
+        self, data: Split, batch_size: int, shuffle: bool = True, seed: int = 0, augment: Augment | None = None
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         self.data, self.batch_size, self.shuffle = data, batch_size, shuffle
+        self.augment = augment if augment is not None and augment.active else None
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
@@ -80,7 +85,10 @@ class BatchLoader:
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         for start in range(0, n, self.batch_size):
             idx = order[start : start + self.batch_size]
-            yield self.data.x[idx], self.data.y[idx]
+            x = self.data.x[idx]
+            if self.augment is not None:
+                x = self.augment(x, self.generator)
+            yield x, self.data.y[idx]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"generator": self.generator.get_state()}
@@ -90,6 +98,6 @@ class BatchLoader:
 
 
 __all__ = [
-    "ENV_VAR", "FILES", "NORMALIZATION", "REPO_ROOT", "BatchLoader", "Split",
+    "Augment", "ENV_VAR", "FILES", "NORMALIZATION", "REPO_ROOT", "BatchLoader", "Split",
     "find_dataset", "load_dataset", "search_dirs",
 ]

@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from admmcompress.data.augment import Augment
 from admmcompress.drivers.reweighted import ReweightedConfig
 from admmcompress.plan import Plan, PlanError
 
@@ -216,8 +217,14 @@ class DataConfig:
     train_limit: int | None = None
     test_limit: int | None = None
     data_dir: str | None = None
+    # Training-batch augmentation, e.g. {shift: 2} for digits or {shift: 4, hflip: true} for CIFAR-10.
+    augment: Augment | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.augment, dict):
+            self.augment = _build(Augment, self.augment, "augment")
+        elif self.augment is not None and not isinstance(self.augment, Augment):
+            raise ValueError("augment: give a mapping such as {shift: 2, hflip: false}, or leave it out")
         _positive(self.batch_size, "batch_size", integer=True)
         _positive(self.eval_batch_size, "eval_batch_size", integer=True)
         for name in ("train_limit", "test_limit"):

@@ -73,7 +73,9 @@ class Runner:
         self.config, self.model, self.test = config, model, test
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.progress = progress
-        self.loader = BatchLoader(train, config.data.batch_size, shuffle=True, seed=config.seed)
+        self.loader = BatchLoader(
+            train, config.data.batch_size, shuffle=True, seed=config.seed, augment=config.data.augment
+        )
         self.example = train.x[:2]  # traces the channel coupling and gives compaction its input shape
         self._groups = None
         self.stage_targets: list[list[Target]] = [self._resolve(s) for s in config.stages]
