@@ -127,3 +127,17 @@ def test_clog2_and_bad_arguments():
             .apply(lambda m: m.weight.data.zero_() if isinstance(m, nn.Linear) else None)
         ).storage_reduction("csr")
     )
+
+
+def test_normalisation_scales_are_counted_with_the_other_parameters_by_default():
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Flatten(), torch.nn.LayerNorm(8),
+        torch.nn.Linear(8, 4),
+    )
+    report = storage(model)
+    assert [row.name for row in report.layers] == ["0.weight", "4.weight"]
+    # conv bias 8 + BN weight/bias 16 + LayerNorm 16 + linear bias 4, all float32
+    assert report.other_params == 44
+    assert report.other_bits == 44 * 32
+    named = storage(model, ["0", "1"])  # asked for by name: still reported as a layer
+    assert [row.name for row in named.layers] == ["0.weight", "1.weight"]

@@ -391,7 +391,10 @@ def storage(
     order: str = "column",
     compacted: bool = False,
 ) -> StorageReport:
-    """Storage of the weight matrices of ``layers`` (module names; default: every layer with weights).
+    """Storage of the weight matrices of ``layers`` (module names; default: every layer whose weight
+    is a matrix or kernel: conv, linear, embedding, recurrent). Normalisation scales (BatchNorm,
+    LayerNorm: one value per channel) are counted with the biases under "other parameters",
+    at full width, unless named in ``layers``.
 
     >>> import torch.nn as nn
     >>> report = storage(nn.Linear(4, 2, bias=False))
@@ -400,7 +403,7 @@ def storage(
     """
     modules = dict(model.named_modules())
     if layers is None:
-        layers = [n for n, m in modules.items() if gemm_params(m)]
+        layers = [n for n, m in modules.items() if _is_weight_layer(m)]
     unknown = [n for n in layers if n not in modules]
     if unknown:
         raise ValueError(f"storage: the model has no layer(s) {unknown}; give module names such as 'fc1'")
@@ -413,6 +416,11 @@ def storage(
     others = [(n, p) for n, p in model.named_parameters() if n not in counted]
     other_bits = sum(p.numel() * p.element_size() * 8 for _, p in others)
     return StorageReport(rows, other_bits, sum(p.numel() for _, p in others))
+
+
+def _is_weight_layer(module: torch.nn.Module) -> bool:
+    params = gemm_params(module)
+    return bool(params) and all(getattr(module, p).dim() >= 2 for p in params)
 
 
 def render_storage(report: StorageReport | dict[str, Any]) -> str:
