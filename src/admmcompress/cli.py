@@ -106,18 +106,16 @@ def _report(out: Path) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from admmcompress.executors import export_run
+    from admmcompress import run_export
 
     if args.onnx:
-        print(export_run.export_onnx_run(args.dir, args.out))
+        print(run_export.export_onnx_run(args.dir, args.out))
         return 0
     if args.compact:
-        from admmcompress.executors.compact_run import export_compact_run
-
-        print(export_compact_run(args.dir, args.out))
+        print(run_export.export_compact_run(args.dir, args.out))
         return 0
     index_bits = args.index_bits if args.index_bits == "best" else int(args.index_bits)
-    print(export_run.export_packed_run(args.dir, args.out, scheme=args.scheme, index_bits=index_bits))
+    print(run_export.export_packed_run(args.dir, args.out, scheme=args.scheme, index_bits=index_bits))
     return 0
 
 

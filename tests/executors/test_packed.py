@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from admmcompress.cli import main
-from admmcompress.executors.export_run import packed_size_lines
 from admmcompress.executors.packed import (
     BitReader,
     BitWriter,
@@ -19,6 +18,7 @@ from admmcompress.executors.packed import (
 )
 from admmcompress.models import create_model
 from admmcompress.report.storage import SCHEMES, storage
+from admmcompress.run_export import packed_size_lines
 from admmcompress.structures.quantization import Binary, Clustering, FixedPoint, PowerOfTwo, Ternary
 from admmcompress.train import checkpoint as ckpt
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from admmcompress.executors.compact import CompactConfig, CompactionError, CompactionResult, compact, count_params
+from admmcompress.executors.compact import CompactConfig, CompactionError, CompactionResult, compact
 from admmcompress.executors.fold import forward
 from admmcompress.masks import MaskSet
 from admmcompress.report.compaction import render_compaction
@@ -126,36 +126,10 @@ def model_spec(model_config: dict[str, Any]) -> dict[str, Any]:
     return {"name": model_config["name"], "kwargs": {k: v for k, v in model_config.items() if k != "name"}}
 
 
-def export_compact_run(run_dir: str | Path, out: str | Path, atol: float = 1e-4, samples: int = 8) -> str:
-    """``admmcompress export --compact RUN_DIR --out FOLDER``: compact a finished run's model and save it."""
-    from admmcompress.executors.export_run import example_input, load_run_model
-    from admmcompress.executors.manifest import load_compacted
-
-    model, config = load_run_model(run_dir)
-    options = config.compact
-    atol = options.atol if options is not None else atol
-    columns = options.columns if options is not None else "off"
-    example = example_input(config, 2)
-    result, figures = compact_checked(model, example, atol=atol, samples=samples, columns=columns)
-    figures = save_compact(result, figures, out, model_spec(config.model))
-    restored = load_compacted(out).eval()
-    check = random_inputs(example, samples, seed=2)
-    with torch.no_grad():
-        diff = float((restored(check) - model(check)).abs().max())
-    if not diff <= atol:
-        raise CompactionError(f"the reloaded compacted model differs by {diff:.3g} (> atol={atol:g}); report this")
-    return (
-        f"compacted: {out}/manifest.json + model.safetensors ({count_params(restored):,} parameters)\n"
-        + render_compaction(figures)
-        + f"\n- Reloaded from {out} without the model's widths: max |diff| {diff:.2e}"
-    )
-
-
 __all__ = [
     "COMPACT_DIR",
     "compact_checked",
     "count_macs",
-    "export_compact_run",
     "model_spec",
     "random_inputs",
     "render_compaction",

@@ -70,6 +70,7 @@ from admmcompress.report.storage import (
     levels_of,
     relative_gaps,
     table_format,
+    weight_layers,
 )
 from admmcompress.structures.groups import as_matrix, gemm_params
 
@@ -328,10 +329,12 @@ class PackedSummary:
 
 
 def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors that are packed: the storage report's weight layers (norm scales stay raw)."""
+    modules = dict(model.named_modules())
     out = {}
-    for name, module in model.named_modules():
-        for param in gemm_params(module):
-            out[f"{name}.{param}" if name else param] = getattr(module, param)
+    for name in weight_layers(model):
+        for param in gemm_params(modules[name]):
+            out[f"{name}.{param}" if name else param] = getattr(modules[name], param)
     return out
 
 

@@ -403,7 +403,7 @@ def storage(
     """
     modules = dict(model.named_modules())
     if layers is None:
-        layers = [n for n, m in modules.items() if _is_weight_layer(m)]
+        layers = weight_layers(model)
     unknown = [n for n in layers if n not in modules]
     if unknown:
         raise ValueError(f"storage: the model has no layer(s) {unknown}; give module names such as 'fc1'")
@@ -418,9 +418,19 @@ def storage(
     return StorageReport(rows, other_bits, sum(p.numel() for _, p in others))
 
 
-def _is_weight_layer(module: torch.nn.Module) -> bool:
-    params = gemm_params(module)
-    return bool(params) and all(getattr(module, p).dim() >= 2 for p in params)
+def weight_layers(model: torch.nn.Module) -> list[str]:
+    """Names of the modules whose weights are matrices or kernels (what storage counts by default).
+
+    >>> import torch.nn as nn
+    >>> weight_layers(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2)))
+    ['0', '3']
+    """
+    out = []
+    for name, module in model.named_modules():
+        params = gemm_params(module)
+        if params and all(getattr(module, p).dim() >= 2 for p in params):
+            out.append(name)
+    return out
 
 
 def render_storage(report: StorageReport | dict[str, Any]) -> str:

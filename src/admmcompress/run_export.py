@@ -1,4 +1,7 @@
-"""``admmcompress export --packed|--onnx RUN_DIR --out FILE``: a finished run's model as a file.
+"""``admmcompress export --packed|--onnx|--compact RUN_DIR --out ...``: a finished run's model as a file.
+
+Run-folder glue for the CLI (reads ``config.yaml`` and the checkpoints), kept out of ``executors/``
+so that the executors never depend on the training package.
 
 The packed file is checked before the command returns: it is loaded back into a fresh model,
 whose state dict must equal the run's bit for bit and whose outputs must be identical; the printed
@@ -12,7 +15,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from admmcompress.executors.compact import CompactionError, count_params
+from admmcompress.executors.compact_run import compact_checked, model_spec, random_inputs, save_compact
+from admmcompress.executors.manifest import load_compacted
 from admmcompress.models import create_model
+from admmcompress.report.compaction import render_compaction
 from admmcompress.report.storage import StorageReport, render_storage, storage
 from admmcompress.train import checkpoint as ckpt
 from admmcompress.train.config import RunConfig
@@ -99,4 +106,26 @@ def export_onnx_run(run_dir: str | Path, out: str | Path) -> str:
         f"codebook indices + Gather: {summary.codebook or 'none'}; "
         f"float weights: {summary.float_weights or 'none'}; dynamic batch: {summary.dynamic_batch}; "
         f"max |onnxruntime - torch| on {len(x)} test inputs (batches of {len(x)} and 1): {diff:.3g}"
+    )
+
+
+def export_compact_run(run_dir: str | Path, out: str | Path, atol: float = 1e-4, samples: int = 8) -> str:
+    """``admmcompress export --compact RUN_DIR --out FOLDER``: compact a finished run's model and save it."""
+    model, config = load_run_model(run_dir)
+    options = config.compact
+    atol = options.atol if options is not None else atol
+    columns = options.columns if options is not None else "off"
+    example = example_input(config, 2)
+    result, figures = compact_checked(model, example, atol=atol, samples=samples, columns=columns)
+    figures = save_compact(result, figures, out, model_spec(config.model))
+    restored = load_compacted(out).eval()
+    check = random_inputs(example, samples, seed=2)
+    with torch.no_grad():
+        diff = float((restored(check) - model(check)).abs().max())
+    if not diff <= atol:
+        raise CompactionError(f"the reloaded compacted model differs by {diff:.3g} (> atol={atol:g}); report this")
+    return (
+        f"compacted: {out}/manifest.json + model.safetensors ({count_params(restored):,} parameters)\n"
+        + render_compaction(figures)
+        + f"\n- Reloaded from {out} without the model's widths: max |diff| {diff:.2e}"
     )
