@@ -130,8 +130,15 @@ class PhaseConfig:
     lr_schedule: str = "cosine"
     # Optional distillation from the run's starting model (e.g. {alpha: 0.5, temperature: 4.0}).
     distill: DistillConfig | None = None
+    # Dropout probability of every dropout layer during this phase (None: the model's own). The TF
+    # LeNet-5 reference turns dropout off for ADMM and back on for retraining (SPEC P12).
+    dropout: float | None = None
 
     def __post_init__(self) -> None:
+        if self.dropout is not None:
+            _number(self.dropout, "dropout")
+            if not 0 <= self.dropout < 1:
+                raise ValueError(f"dropout={self.dropout!r} must be in [0, 1) (0 turns dropout off)")
         if isinstance(self.optimizer, dict):
             self.optimizer = _build(OptimizerConfig, self.optimizer, "optimizer")
         if isinstance(self.distill, dict):

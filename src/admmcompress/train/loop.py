@@ -13,6 +13,33 @@ from admmcompress.data.datasets import BatchLoader, Split
 from admmcompress.train.config import ADMMPhaseConfig, DistillConfig, OptimizerConfig, PhaseConfig
 
 
+def dropout_rates(model: nn.Module) -> dict[str, float]:
+    """The dropout probability of every dropout layer (and multi-layer RNN) of ``model``, by name."""
+    return {
+        name: float(m.p if isinstance(m, nn.modules.dropout._DropoutNd) else m.dropout)
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.modules.dropout._DropoutNd, nn.RNNBase))
+    }
+
+
+def set_dropout(model: nn.Module, rate: float | dict[str, float]) -> None:
+    """Set every dropout layer's probability to ``rate`` (or per name, from :func:`dropout_rates`).
+
+    >>> from admmcompress.models import LeNet5
+    >>> model = LeNet5(dropout=0.5)
+    >>> set_dropout(model, 0.0); dropout_rates(model)
+    {'dropout': 0.0}
+    """
+    for name, m in model.named_modules():
+        value = rate.get(name) if isinstance(rate, dict) else rate
+        if value is None:
+            continue
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.p = float(value)
+        elif isinstance(m, nn.RNNBase) and m.num_layers > 1:  # single-layer RNNs reject dropout
+            m.dropout = float(value)
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf; the last checkpoint is intact."""
 

@@ -30,7 +30,15 @@ from admmcompress.report.storage import storage
 from admmcompress.structures.coupled import CoupledTarget, couple
 from admmcompress.train import checkpoint as ckpt
 from admmcompress.train.config import ConfigError, PhaseConfig, RunConfig, StageConfig
-from admmcompress.train.loop import evaluate, learning_rate, make_optimizer, train_epoch, update_period_steps
+from admmcompress.train.loop import (
+    dropout_rates,
+    evaluate,
+    learning_rate,
+    make_optimizer,
+    set_dropout,
+    train_epoch,
+    update_period_steps,
+)
 
 STATE_FILE = "checkpoint.pt"
 
@@ -90,6 +98,7 @@ class Runner:
         self.phase_index = 0
         self.epoch = 0
         self.masks = MaskSet()
+        self._model_dropout = dropout_rates(model)  # restored wherever a phase sets no dropout of its own
         if config.freeze_pretrained_zeros:
             names = dict.fromkeys(n for targets in self.stage_targets for t in targets for n in _param_names(t))
             self.masks = masks_from_model(model, list(names))
@@ -132,6 +141,7 @@ class Runner:
             self._driver = self._optimizer = None
             self._save()
         self.masks.detach()
+        set_dropout(self.model, self._model_dropout)
         self.metrics["accuracy_after"] = self._evaluate()
         self.metrics["stats"] = measure(self.model, self.layers()).to_dict()
         self.metrics["storage"] = storage(self.model, self.layers()).to_dict()
@@ -212,6 +222,7 @@ class Runner:
     def _enter(self, phase: Phase) -> None:
         """Build the phase's optimizer/driver and masks; restore them if resuming mid-phase."""
         self.masks.detach()
+        set_dropout(self.model, self._model_dropout if phase.cfg.dropout is None else phase.cfg.dropout)
         if phase.kind != "pretrain" and self.teacher is None and self._uses_distillation():
             self.teacher = self._frozen_copy()
         self._optimizer = make_optimizer(self.model, phase.cfg.optimizer)
