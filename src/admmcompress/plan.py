@@ -44,7 +44,7 @@ from admmcompress.structures.sparsity import (
     SparsityStructure,
     structure_from_dict,
 )
-from admmcompress.targets import PlanError, Target
+from admmcompress.structures.targets import PlanError, Target
 
 RULE_KEYS = {"match", "type", "structure", "sparsity", "compression"}
 

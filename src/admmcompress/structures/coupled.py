@@ -40,7 +40,7 @@ from admmcompress.graph import CONSUMER, DEPTHWISE, PRODUCER, ChannelGroup, chan
 from admmcompress.structures import groups as gemm
 from admmcompress.structures.block import top_groups_per_block
 from admmcompress.structures.sparsity import Filter, SparsityStructure
-from admmcompress.targets import PlanError, Target
+from admmcompress.structures.targets import PlanError, Target
 
 COUPLING_MODES = ("strict", "extend")
 COUPLED_KINDS = ("filter", "channel")
