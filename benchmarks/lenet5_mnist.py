@@ -6,6 +6,7 @@ then prints the side-by-side tables from each run's metrics.json:
     python benchmarks/lenet5_mnist.py                    # everything (about 2.5 hours on 2 idle cores)
     python benchmarks/lenet5_mnist.py --only admm_71x    # one experiment
     python benchmarks/lenet5_mnist.py --summarize        # tables from finished runs, no training
+    python benchmarks/lenet5_mnist.py --only admm_71x --seeds 0 1 2   # the seed spread (runs/bench/admm_71x_seed1, ...)
 
 The progressive runs continue from the 71.2x runs' models. Every accuracy drop is measured
 against the dense model the 71.2x runs start from (re-measured by them as accuracy_before).
@@ -28,6 +29,7 @@ EXPERIMENTS = {
     "progressive_gradual": "configs/lenet5_progressive_gradual.yaml",  # continues from gradual_71x
     "progressive_admm_kd": "configs/lenet5_progressive_admm_kd.yaml",  # + distillation while retraining
     "admm_71x_kd": "configs/lenet5_admm_71x_kd.yaml",  # + distillation while retraining
+    "admm_71x_long": "configs/lenet5_admm_71x_long.yaml",  # 48 ADMM epochs + 10 retrain, distillation
     # the earlier, shorter budget (8 + 6 epochs), for the record
     "admm_71x_short": "configs/lenet5_admm_71x_short.yaml",
     "gradual_71x_short": "configs/lenet5_gradual_71x_short.yaml",
@@ -36,10 +38,19 @@ EXPERIMENTS = {
 ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
 
 
-def run(name: str, out_root: Path, threads: int | None) -> None:
-    out = out_root / name
+SEEDED = ("admm_71x", "admm_71x_kd", "admm_71x_long", "gradual_71x")  # one-shot runs with a seed table
+
+
+def run_folder(name: str, seed: int | None) -> str:
+    """``name`` for the config's own seed (0 in every config here), ``name_seed<N>`` for another."""
+    return name if not seed else f"{name}_seed{seed}"
+
+
+def run(name: str, out_root: Path, threads: int | None, seed: int | None = None) -> None:
+    out = out_root / run_folder(name, seed)
     cmd = [sys.executable, "-m", "admmcompress.cli", "run", str(ROOT / EXPERIMENTS[name]), "--out", str(out),
            "--no-progress"] + (["--threads", str(threads)] if threads else [])
+    cmd += ["--seed", str(seed)] if seed is not None else []
     if (out / "checkpoint.pt").exists():
         cmd.append("--resume")
     print("$", " ".join(cmd), flush=True)
@@ -57,6 +68,26 @@ def load(name: str, out_root: Path) -> dict | None:
 
         return torch.load(state, weights_only=True)["metrics"]
     return None
+
+
+def seed_table(out_root: Path, dense: float) -> list[str]:
+    """Per-seed accuracy of the one-shot 71.2x runs, with the mean and its drop."""
+    lines = ["\n| run | seeds | accuracies | mean | mean drop |", "|---|---:|---|---:|---:|"]
+    for name in SEEDED:
+        accs = {}
+        for folder in sorted(p.name for p in out_root.glob(f"{name}*")):
+            seed = 0 if folder == name else folder.removeprefix(f"{name}_seed")
+            if folder != name and not str(seed).isdigit():
+                continue
+            metrics = load(folder, out_root)
+            rows = stage_rows(metrics) if metrics else []
+            if rows and "accuracy_after" in metrics:  # finished runs only
+                accs[int(seed)] = rows[0][1]
+        if accs:
+            mean = sum(accs.values()) / len(accs)
+            listed = ", ".join(f"{acc:.2f} (seed {seed})" for seed, acc in sorted(accs.items()))
+            lines.append(f"| {name} | {len(accs)} | {listed} | {mean:.2f}% | {dense - mean:+.2f} |")
+    return lines
 
 
 def stage_rows(metrics: dict) -> list[tuple[float, float]]:
@@ -88,11 +119,13 @@ def summarize(out_root: Path) -> str:
             lines.append(
                 f"| {label} | {i + 1} | {rate:.1f}x | {_acc(a)} | {_drop(a, dense)} | {_acc(g)} | {_drop(g, dense)} |"
             )
-    for key in ("admm_71x_kd", "admm_71x_short", "gradual_71x_short", "admm_71x_rho2e-3"):
+    lines += seed_table(out_root, dense)
+    budgets = {"admm_71x_kd": "20 + 10 epochs, distillation", "admm_71x_long": "48 + 10 epochs, distillation"}
+    for key in ("admm_71x_kd", "admm_71x_long", "admm_71x_short", "gradual_71x_short", "admm_71x_rho2e-3"):
         variant = results[key]
         if variant and stage_rows(variant):
             rate, acc = stage_rows(variant)[0]
-            budget = "20 + 10 epochs, distillation" if key == "admm_71x_kd" else "8 + 6 epochs"
+            budget = budgets.get(key, "8 + 6 epochs")
             lines.append(f"\n{key} ({budget}): {acc:.2f}% at {rate:.1f}x (drop {dense - acc:+.2f})")
     kd = results["progressive_admm_kd"]
     if kd and stage_rows(kd):
@@ -126,13 +159,17 @@ def main() -> None:
     parser.add_argument("--summarize", action="store_true", help="only print tables from finished runs")
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench"))
     parser.add_argument("--threads", type=int, help="torch threads per run (default: the config's)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="run each experiment once per seed (--seed N)")
     args = parser.parse_args()
     out_root = Path(args.out)
     if not args.summarize:
         for name in args.only or EXPERIMENTS:
-            run(name, out_root, args.threads)
+            for seed in args.seeds or [None]:
+                run(name, out_root, args.threads, seed)
     print(summarize(out_root))
-    print(f"\nrerun: python benchmarks/lenet5_mnist.py {' '.join('--only ' + o for o in args.only or [])}".rstrip())
+    seeds = f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds else ""
+    only = " ".join("--only " + o for o in args.only or [])
+    print(f"\nrerun: python benchmarks/lenet5_mnist.py {only}{seeds}".rstrip())
 
 
 if __name__ == "__main__":

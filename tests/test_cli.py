@@ -234,6 +234,19 @@ def test_same_config_gives_the_same_model_in_one_process(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_seed_flag_overrides_the_configs_seed_and_is_recorded(tmp_path):
+    """`--seed N` runs exactly what the config with `seed: N` runs, and its config.yaml says so."""
+    flagged = write_config(tmp_path, tiny_spec(stages=[]))
+    edited = write_config(tmp_path, tiny_spec(stages=[], seed=7), name="seed7.yaml")
+    assert main(["run", str(flagged), "--out", str(tmp_path / "a"), "--no-progress", "--seed", "7"]) == 0
+    assert main(["run", str(edited), "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    assert main(["run", str(flagged), "--out", str(tmp_path / "c"), "--no-progress"]) == 0
+    a, b, c = (load_file(str(tmp_path / d / "model.safetensors")) for d in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    assert yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())["seed"] == 7
+
+
 # --- a real kill ------------------------------------------------------------------------------
 KILL_SPEC = tiny_spec(
     name="killed",

@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     run.add_argument("--threads", type=int, help="torch threads (overrides the config's 'threads')")
+    run.add_argument(
+        "--seed", type=int, help="random seed (overrides the config's 'seed'; kept in the run's config.yaml)"
+    )
     report = sub.add_parser("report", help="recompute and print the report of a finished run folder")
     report.add_argument("dir")
     export = sub.add_parser("export", help="write a finished run's model as a packed file, ONNX or compacted")
@@ -61,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     config = RunConfig.from_yaml(args.config)
+    if args.seed is not None:
+        config.seed = args.seed
     threads = args.threads or config.threads
     if threads:
         torch.set_num_threads(threads)
