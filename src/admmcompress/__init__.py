@@ -12,7 +12,7 @@ Or one call: ``compress(model, plan, train, test, admm={"epochs": 10}, retrain={
 """
 
 from admmcompress.api import CompressionResult, compress
-from admmcompress.drivers import ADMM, GradualMagnitude, Reweighted, RhoSchedule, one_shot
+from admmcompress.drivers import ADMM, GradualMagnitude, IterativeQuantization, Reweighted, RhoSchedule, one_shot
 from admmcompress.executors.compact import CompactConfig, CompactionError, compact
 from admmcompress.executors.purify import purify, remove_unused_paths
 from admmcompress.finalize import hard_prune
@@ -45,6 +45,7 @@ __all__ = [
     "CompressionResult",
     "Filter",
     "GradualMagnitude",
+    "IterativeQuantization",
     "MaskSet",
     "Plan",
     "PlanError",

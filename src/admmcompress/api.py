@@ -61,7 +61,9 @@ def compress(
     A list of plans runs progressive (multi-step) pruning, each step starting from the last.
     ``method`` is "admm", "gradual" (iterative magnitude) or "magnitude" (one-shot), all
     with the same epoch budget; "reweighted" is reweighted group lasso (``reweighted={"penalty":
-    1e-4}``; ``admm`` then gives its epochs and reweighting cadence). With ``out_dir``, state is
+    1e-4}``; ``admm`` then gives its epochs and reweighting cadence); "iterative_quantization" freezes
+    a growing share of each quantized layer on its levels at every update of the ``admm`` phase (plans
+    with quantization rules only; prune first with a run config's earlier stage). With ``out_dir``, state is
     checkpointed there every epoch.
 
     ``coupling`` ("none", "strict" or "extend") is a run config stage's ``coupling``: filter/channel

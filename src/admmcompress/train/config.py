@@ -34,7 +34,7 @@ from admmcompress.plan import Plan, PlanError
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine", "admm_reset")
-METHODS = ("admm", "magnitude", "gradual", "reweighted")
+METHODS = ("admm", "magnitude", "gradual", "reweighted", "iterative_quantization")
 # How a stage's filter/channel targets are tied across layers (see Plan.resolve_coupled):
 # "none" resolves the plan per layer; "strict"/"extend" make one coupled target per channel group.
 COUPLINGS = ("none", "strict", "extend")
@@ -153,7 +153,7 @@ class PhaseConfig:
 
 @dataclass
 class ADMMPhaseConfig(PhaseConfig):
-    """The ADMM (or gradual-magnitude) phase: cadence of Z/U updates and the rho schedule."""
+    """The ADMM (or gradual-magnitude / iterative-quantization) phase: cadence of its updates and the rho schedule."""
 
     update_every_epochs: int | None = None
     update_every_steps: int | None = None
@@ -200,9 +200,9 @@ class StageConfig:
             raise ValueError(f"method={self.method!r}; choose one of {METHODS}")
         if self.coupling not in COUPLINGS:
             raise ValueError(f"coupling={self.coupling!r}; choose one of {COUPLINGS}")
-        if self.coupling != "none" and self.method == "reweighted":
+        if self.coupling != "none" and self.method in ("reweighted", "iterative_quantization"):
             raise ValueError(
-                "coupling needs method admm, gradual or magnitude (reweighted drives one parameter per "
+                f"coupling needs method admm, gradual or magnitude ({self.method} drives one parameter per "
                 "target); use method: admm, or coupling: none"
             )
         if not isinstance(self.plan, Plan):

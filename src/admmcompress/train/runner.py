@@ -20,10 +20,11 @@ from torch import nn
 
 from admmcompress.data.datasets import BatchLoader, Split
 from admmcompress.drivers.admm import ADMM, RhoSchedule
+from admmcompress.drivers.iterative_quantization import IterativeQuantization, check_quantization_only
 from admmcompress.drivers.magnitude import GradualMagnitude, one_shot
 from admmcompress.drivers.reweighted import Reweighted
 from admmcompress.masks import MaskSet, masks_from_model
-from admmcompress.plan import Target
+from admmcompress.plan import PlanError, Target
 from admmcompress.quantize import mask_set_from_state, release_holds
 from admmcompress.report.metrics import measure
 from admmcompress.report.storage import storage
@@ -87,6 +88,12 @@ class Runner:
         self.example = train.x[:2]  # traces the channel coupling and gives compaction its input shape
         self._groups = None
         self.stage_targets: list[list[Target]] = [self._resolve(s) for s in config.stages]
+        for i, (stage, targets) in enumerate(zip(config.stages, self.stage_targets, strict=True)):
+            if stage.method == "iterative_quantization":  # fail before any training, not at the stage
+                try:
+                    check_quantization_only(targets)
+                except PlanError as err:
+                    raise PlanError(f"stages[{i}]: {err}") from None
         self.compacted: nn.Module | None = None
         if config.compact is not None:
             self._preflight_compaction()
@@ -104,7 +111,7 @@ class Runner:
             self.masks = masks_from_model(model, list(names))
         self.history: list[dict[str, Any]] = []
         self.metrics: dict[str, Any] = {"stages": [{} for _ in config.stages], "phase_seconds": {}}
-        self._driver: ADMM | GradualMagnitude | Reweighted | None = None
+        self._driver: ADMM | GradualMagnitude | IterativeQuantization | Reweighted | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._pending: dict[str, Any] | None = None
         # Distillation teacher: the model as the first stage found it (saved with the checkpoint).
@@ -236,10 +243,11 @@ class Runner:
             if stage.method == "admm":
                 rho = RhoSchedule(phase.cfg.rho, phase.cfg.rho_growth, phase.cfg.rho_max)
                 self._driver = ADMM(self.model, targets, rho=rho, frozen=frozen)
-            elif stage.method == "gradual":
+            elif stage.method in ("gradual", "iterative_quantization"):
                 period = update_period_steps(phase.cfg, len(self.loader))
                 updates = max(1, (phase.cfg.epochs * len(self.loader)) // period)
-                self._driver = GradualMagnitude(self.model, targets, updates=updates, frozen=frozen)
+                schedule = GradualMagnitude if stage.method == "gradual" else IterativeQuantization
+                self._driver = schedule(self.model, targets, updates=updates, frozen=frozen)
             elif stage.method == "reweighted":
                 self._driver = Reweighted(self.model, targets, penalty=stage.reweighted, frozen=frozen)
             elif self.epoch == 0 and self._pending is None:
@@ -248,6 +256,10 @@ class Runner:
             self._optimizer.load_state_dict(self._pending["optimizer"])
             if self._driver is not None and self._pending.get("driver") is not None:
                 self._driver.load_state_dict(self._pending["driver"])
+                if isinstance(self._driver, (GradualMagnitude, IterativeQuantization)):
+                    # The schedule's masks are the phase's current ones (with any values it holds);
+                    # release_holds above would otherwise drop holds this phase itself made.
+                    self.masks = self._driver.masks
             self._pending = None
         if len(self.masks):
             self.masks.attach(self.model, self._optimizer)
@@ -306,7 +318,7 @@ class Runner:
     def _driver_update(self) -> None:
         if isinstance(self._driver, (ADMM, Reweighted)):  # Z/U update, or reweighting P_g
             self._driver.step()
-        elif isinstance(self._driver, GradualMagnitude):
+        elif isinstance(self._driver, (GradualMagnitude, IterativeQuantization)):
             self.masks.detach()  # the old masks' hooks would otherwise stay on the model for good
             self.masks = self._driver.step()
             self.masks.attach(self.model, self._optimizer)
