@@ -20,16 +20,15 @@ projection of the weights then), pruned zeros stay zero.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
+from admmcompress.drivers.schedule import MaskSchedule
 from admmcompress.masks import MaskSet
 from admmcompress.plan import Plan, PlanError, Target
-from admmcompress.quantize import QuantizedMaskSet, is_quantization, mask_set_from_state, partial_quantize
+from admmcompress.quantize import QuantizedMaskSet, is_quantization, partial_quantize
 
 
-class IterativeQuantization:
+class IterativeQuantization(MaskSchedule):
     """Quantize in ``updates`` rounds of partial freezing; call ``step()`` at each update."""
 
     def __init__(
@@ -39,14 +38,8 @@ class IterativeQuantization:
         updates: int,
         frozen: MaskSet | None = None,
     ):
-        if updates < 1:
-            raise ValueError(f"IterativeQuantization: updates={updates} must be >= 1")
-        self.model = model
-        self.targets = plan.resolve(model) if isinstance(plan, Plan) else list(plan)
+        super().__init__(model, plan, updates, frozen)
         check_quantization_only(self.targets)
-        self.updates = updates
-        self.iteration = 0
-        self.masks: MaskSet = frozen if frozen is not None else MaskSet()
 
     def frozen_share_at(self, iteration: int) -> float:
         """Share of each layer's nonzero weights frozen on a level after ``iteration`` updates."""
@@ -61,21 +54,6 @@ class IterativeQuantization:
         self.masks.apply(self.model)
         self.masks = partial_quantize(self.model, self.targets, fraction, self.masks)
         return self.masks
-
-    def finalize(self) -> QuantizedMaskSet:
-        """Run the remaining updates (to every weight frozen) and return the masks."""
-        if self.iteration == 0:
-            self.step()
-        while self.iteration < self.updates:
-            self.step()
-        return self.masks
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"iteration": self.iteration, "masks": self.masks.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.iteration = int(state["iteration"])
-        self.masks = mask_set_from_state(state["masks"])
 
 
 def check_quantization_only(targets: list[Target]) -> None:

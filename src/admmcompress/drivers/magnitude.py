@@ -15,10 +15,9 @@ so a baseline gets the same epoch budget as an ADMM phase.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
+from admmcompress.drivers.schedule import MaskSchedule
 from admmcompress.finalize import hard_prune
 from admmcompress.masks import MaskSet
 from admmcompress.plan import Plan, Target
@@ -30,24 +29,8 @@ def one_shot(model: torch.nn.Module, plan: Plan | list[Target], frozen: MaskSet 
     return hard_prune(model, targets, frozen)
 
 
-class GradualMagnitude:
+class GradualMagnitude(MaskSchedule):
     """Prune in ``updates`` steps of growing sparsity; call ``step()`` at each update."""
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        plan: Plan | list[Target],
-        updates: int,
-        frozen: MaskSet | None = None,
-    ):
-        if updates < 1:
-            raise ValueError(f"GradualMagnitude: updates={updates} must be >= 1")
-        self.model = model
-        self.targets = plan.resolve(model) if isinstance(plan, Plan) else list(plan)
-        self.updates = updates
-        self.frozen = frozen
-        self.iteration = 0
-        self.masks = _carry(frozen)
 
     def sparsity_at(self, iteration: int, final: float = 1.0) -> float:
         progress = min(1.0, iteration / self.updates)
@@ -65,32 +48,3 @@ class GradualMagnitude:
     def _at(self, target: Target, iteration: int) -> Target:
         sparsity = max(1e-9, self.sparsity_at(iteration, target.structure.target_sparsity))
         return target.with_structure(target.structure.with_sparsity(sparsity))
-
-    def finalize(self) -> MaskSet:
-        """Jump to the final sparsity (if not reached yet) and return the masks."""
-        while self.iteration < self.updates:
-            self.step()
-        return self.masks
-
-    def state_dict(self) -> dict[str, Any]:
-        """Iteration and masks, with the values a ``QuantizedMaskSet`` holds (tensors only)."""
-        return {"iteration": self.iteration, "masks": self.masks.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state_dict()``; quantized values held by earlier stages come back held."""
-        from admmcompress.quantize import mask_set_from_state
-
-        self.iteration = int(state["iteration"])
-        self.masks = mask_set_from_state(state["masks"])
-
-
-def _carry(frozen: MaskSet | None) -> MaskSet:
-    """A copy of an earlier stage's set to start from: its masks and, if any, its held values."""
-    if frozen is None:
-        return MaskSet()
-    held = getattr(frozen, "held", None)
-    if held:
-        from admmcompress.quantize import QuantizedMaskSet
-
-        return QuantizedMaskSet(frozen.masks, held)
-    return MaskSet(frozen.masks)

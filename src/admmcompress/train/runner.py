@@ -23,6 +23,7 @@ from admmcompress.drivers.admm import ADMM, RhoSchedule
 from admmcompress.drivers.iterative_quantization import IterativeQuantization, check_quantization_only
 from admmcompress.drivers.magnitude import GradualMagnitude, one_shot
 from admmcompress.drivers.reweighted import Reweighted
+from admmcompress.drivers.schedule import MaskSchedule
 from admmcompress.masks import MaskSet, masks_from_model
 from admmcompress.plan import PlanError, Target
 from admmcompress.quantize import mask_set_from_state, release_holds
@@ -111,7 +112,7 @@ class Runner:
             self.masks = masks_from_model(model, list(names))
         self.history: list[dict[str, Any]] = []
         self.metrics: dict[str, Any] = {"stages": [{} for _ in config.stages], "phase_seconds": {}}
-        self._driver: ADMM | GradualMagnitude | IterativeQuantization | Reweighted | None = None
+        self._driver: ADMM | MaskSchedule | Reweighted | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._pending: dict[str, Any] | None = None
         # Distillation teacher: the model as the first stage found it (saved with the checkpoint).
@@ -256,7 +257,7 @@ class Runner:
             self._optimizer.load_state_dict(self._pending["optimizer"])
             if self._driver is not None and self._pending.get("driver") is not None:
                 self._driver.load_state_dict(self._pending["driver"])
-                if isinstance(self._driver, (GradualMagnitude, IterativeQuantization)):
+                if isinstance(self._driver, MaskSchedule):
                     # The schedule's masks are the phase's current ones (with any values it holds);
                     # release_holds above would otherwise drop holds this phase itself made.
                     self.masks = self._driver.masks
@@ -318,7 +319,7 @@ class Runner:
     def _driver_update(self) -> None:
         if isinstance(self._driver, (ADMM, Reweighted)):  # Z/U update, or reweighting P_g
             self._driver.step()
-        elif isinstance(self._driver, (GradualMagnitude, IterativeQuantization)):
+        elif isinstance(self._driver, MaskSchedule):
             self.masks.detach()  # the old masks' hooks would otherwise stay on the model for good
             self.masks = self._driver.step()
             self.masks.attach(self.model, self._optimizer)

@@ -1,0 +1,70 @@
+"""What the mask-replacing drivers share: ``T`` updates, each of which returns a new mask set.
+
+Gradual magnitude pruning and iterative quantization both move a plan's targets toward their
+structure in ``updates`` steps; after each step the caller re-attaches the returned masks.
+Subclasses implement :meth:`MaskSchedule.step`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from admmcompress.masks import MaskSet
+from admmcompress.plan import Plan, Target
+
+
+class MaskSchedule:
+    """``updates`` steps over ``plan``'s targets, starting from the masks (and held values) of ``frozen``."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        plan: Plan | list[Target],
+        updates: int,
+        frozen: MaskSet | None = None,
+    ):
+        if updates < 1:
+            raise ValueError(f"{type(self).__name__}: updates={updates} must be >= 1")
+        self.model = model
+        self.targets = plan.resolve(model) if isinstance(plan, Plan) else list(plan)
+        self.updates = updates
+        self.iteration = 0
+        self.masks = carry(frozen)
+
+    def step(self) -> MaskSet:
+        """Take the next update; returns the masks (re-attach them to keep them)."""
+        raise NotImplementedError
+
+    def finalize(self) -> MaskSet:
+        """Take the remaining updates (to the final structure) and return the masks."""
+        while self.iteration < self.updates:
+            self.step()
+        return self.masks
+
+    def state_dict(self) -> dict[str, Any]:
+        """Iteration and masks, with the values a ``QuantizedMaskSet`` holds (tensors only)."""
+        return {"iteration": self.iteration, "masks": self.masks.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()``; held quantized values come back held."""
+        from admmcompress.quantize import mask_set_from_state
+
+        self.iteration = int(state["iteration"])
+        self.masks = mask_set_from_state(state["masks"])
+
+
+def carry(frozen: MaskSet | None) -> MaskSet:
+    """A copy of an earlier stage's set to start from: its masks and, if any, its held values."""
+    if frozen is None:
+        return MaskSet()
+    held = getattr(frozen, "held", None)
+    if held:
+        from admmcompress.quantize import QuantizedMaskSet
+
+        return QuantizedMaskSet(frozen.masks, held)
+    return MaskSet(frozen.masks)
+
+
+__all__ = ["MaskSchedule", "carry"]
