@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT / "src"))
 EXPERIMENTS = {
     "quantize_71x": "configs/lenet5_quantize_71x.yaml",  # needs runs/bench/admm_71x (lenet5_mnist.py)
     "quantize_71x_5bit": "configs/lenet5_quantize_71x_5bit.yaml",  # the same, one more bit per layer
+    "quantize_71x_ste": "configs/lenet5_quantize_71x_ste.yaml",  # the same bits, STE retraining
     "iterative_quantize_71x": "configs/lenet5_iterative_quantize_71x.yaml",  # baseline: iterative, same bits
     "prune_quantize": "configs/lenet5_prune_quantize.yaml",
     "binary": "configs/lenet5_binary.yaml",

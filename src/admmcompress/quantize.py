@@ -12,6 +12,13 @@ during retraining under any optimizer:
 - ``"centroids"`` (clustering): every weight trains, then after each step each centroid becomes
   the mean of its members and the members are set to it (centroid updating, SPEC 2.2): the
   layer keeps exactly its ``K`` shared values and its codes, while the values learn.
+- ``"ste"`` (any fixed level set; ``with_update("ste")``): quantization-aware retraining with a
+  straight-through estimator. The set keeps a float *shadow* of each weight; the gradient taken at
+  the quantized values updates the shadow (the optimizer's step is added to it), and after every
+  step each weight becomes the level nearest its shadow (clamped to the outermost levels). The
+  levels stay fixed, the codes move, pruned weights stay zero. With ``"hold"`` a layer quantized
+  to 2 bits can only be compensated by its biases and by other layers; with ``"ste"`` it learns
+  which level each weight should take.
 
 Masks (pruning) still hold as in ``MaskSet``; zeros a quantizer creates (ternary) are added to
 the masks, so joint prune + quantize needs nothing else.
@@ -34,7 +41,7 @@ import torch
 
 from admmcompress.masks import MaskSet, _named_params, prune_masks
 
-UPDATES = ("hold", "centroids")
+UPDATES = ("hold", "centroids", "ste")
 SEP = "@"  # state-dict keys: "fc1.weight@codes", "fc1.weight@levels", "fc1.weight@update"
 
 
@@ -47,14 +54,18 @@ class HeldValues:
     update: str = "hold"
     #: Entries held on their level (None: all). Partial quantization holds a growing subset.
     frozen: torch.Tensor | None = None
+    #: ``update="ste"``: the float weights the optimizer trains (None until attached).
+    shadow: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.update not in UPDATES:
             raise ValueError(f"update={self.update!r}; choose one of {UPDATES}")
         if self.frozen is not None and self.update != "hold":
             raise ValueError(
-                "partial quantization (frozen=...) holds values; it cannot use update='centroids'"
+                f"partial quantization (frozen=...) holds values; it cannot use update={self.update!r}"
             )
+        if self.shadow is not None and self.update != "ste":
+            raise ValueError(f"a float shadow belongs to update='ste', not update={self.update!r}")
         self.codes = self.codes.to(torch.int64)
 
     def decode(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> torch.Tensor:
@@ -80,6 +91,33 @@ class QuantizedMaskSet(MaskSet):
 
     def quantized(self) -> dict[str, HeldValues]:
         return dict(self.held)
+
+    def with_update(self, update: str) -> QuantizedMaskSet:
+        """This set with its fixed-level values trained as ``update``: ``"hold"`` or ``"ste"``.
+
+        Clustered layers keep centroid updating and partially quantized ones their holds. Switching
+        to ``"ste"`` starts each shadow at the quantized values; an ``"ste"`` entry already training
+        keeps its shadow, so resuming a run continues exactly.
+
+        >>> import torch.nn as nn
+        >>> from admmcompress.plan import Plan
+        >>> from admmcompress.structures.quantization import FixedPoint
+        >>> model = nn.Linear(8, 4)
+        >>> masks = hard_quantize(model, Plan({"": FixedPoint(bits=2)}).resolve(model)).with_update("ste")
+        >>> opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        >>> _ = masks.attach(model, opt)
+        >>> model(torch.randn(16, 8)).pow(2).sum().backward(); opt.step()
+        >>> len(torch.unique(model.weight.detach())) <= 4     # still on the 2-bit levels
+        True
+        """
+        if update not in ("hold", "ste"):
+            raise ValueError(f"quantized_weights={update!r}; choose 'hold' (frozen values) or 'ste' (straight-through)")
+        held = {}
+        for name, h in self.held.items():
+            if h.update in ("hold", "ste") and h.frozen is None and h.update != update:
+                h = HeldValues(h.levels, h.codes, update)
+            held[name] = h
+        return QuantizedMaskSet(self.masks, held)
 
     def merged(self, other: MaskSet) -> QuantizedMaskSet:
         out = QuantizedMaskSet(self.masks, self.held)
@@ -112,6 +150,10 @@ class QuantizedMaskSet(MaskSet):
                 self._handles.append(param.register_hook(lambda grad, free=free: grad * free))
             elif held.update == "hold":
                 self._handles.append(param.register_hook(torch.zeros_like))
+            elif held.update == "ste" and held.shadow is None:
+                held.shadow = param.detach().clone()
+            elif held.update == "ste":
+                held.shadow = held.shadow.to(param.device, param.dtype)
         if optimizer is not None:
             self._zero_held_state(optimizer)
             self._handles.append(
@@ -125,6 +167,8 @@ class QuantizedMaskSet(MaskSet):
             held = self.held[name]
             if held.update == "centroids":
                 held.levels = _centroids(param.detach(), held.codes.to(param.device), held.levels).cpu()
+            elif held.update == "ste":
+                _straight_through_step(param.detach(), held)
             _write(param, held)
         self._zero_held_state(optimizer)
 
@@ -148,6 +192,8 @@ class QuantizedMaskSet(MaskSet):
             out[f"{name}{SEP}update"] = torch.tensor([UPDATES.index(held.update)], dtype=torch.int32)
             if held.frozen is not None:
                 out[f"{name}{SEP}frozen"] = held.frozen.clone()
+            if held.shadow is not None:
+                out[f"{name}{SEP}shadow"] = held.shadow.detach().cpu().clone()
         return out
 
     @classmethod
@@ -160,6 +206,7 @@ class QuantizedMaskSet(MaskSet):
                 codes=state[f"{n}{SEP}codes"].clone(),
                 update=UPDATES[int(state[f"{n}{SEP}update"][0])],
                 frozen=state.get(f"{n}{SEP}frozen"),
+                shadow=state.get(f"{n}{SEP}shadow"),
             )
             for n in names
         }
@@ -174,6 +221,19 @@ def _write(param: torch.Tensor, held: HeldValues) -> None:
     else:
         frozen = held.frozen.to(param.device)
         param.copy_(torch.where(frozen, values, param))
+
+
+@torch.no_grad()
+def _straight_through_step(param: torch.Tensor, held: HeldValues) -> None:
+    """Add the optimizer's step to the shadow and move each kept weight to the level nearest it."""
+    before = held.decode(param.dtype, param.device)  # what the step started from
+    codes = held.codes.to(param.device)
+    kept = codes >= 0
+    levels = held.levels.to(param.device, param.dtype)
+    shadow = (held.shadow + (param - before)).clamp(levels[0], levels[-1])  # no drift past the grid
+    held.shadow = torch.where(kept, shadow, torch.zeros((), dtype=shadow.dtype, device=shadow.device))
+    nearest = torch.bucketize(held.shadow, (levels[1:] + levels[:-1]) / 2)
+    held.codes = torch.where(kept, nearest, torch.full_like(nearest, -1))
 
 
 def mask_set_from_state(state: Mapping[str, torch.Tensor]) -> MaskSet:

@@ -406,3 +406,48 @@ def test_resume_with_augmented_batches_is_bit_identical(tmp_path, data, monkeypa
     resumed = interrupted_then_resumed(config, data, tmp_path / "crashed", monkeypatch, crash_epoch=5)
     assert_same_state(full.model, resumed.model)
     assert_same_masks(full.masks, resumed.masks)
+
+
+def ste_config() -> RunConfig:
+    """Magnitude prune + 2-bit quantize fc1, then retrain with straight-through quantized weights."""
+    config = run_config("magnitude")
+    stages = config.to_dict()["stages"]
+    stages[0]["plan"] = {
+        "rules": [
+            {"match": "fc1", "structure": "unstructured", "sparsity": 0.5},
+            {"match": "fc1", "structure": "fixed_point", "bits": 2},
+        ]
+    }
+    stages[0]["retrain"].update(epochs=3, quantized_weights="ste")
+    return RunConfig.from_dict({**config.to_dict(), "stages": stages})
+
+
+def test_ste_retraining_moves_quantized_weights_between_levels_and_resumes_bit_identically(
+    tmp_path, data, monkeypatch
+):
+    from admmcompress.quantize import QuantizedMaskSet
+
+    config = ste_config()
+    held = RunConfig.from_dict({**config.to_dict()})
+    held.stages[0].retrain.quantized_weights = "hold"
+    frozen = Runner(held, fresh_model(), *data, progress=False)
+    frozen.run()
+    full = Runner(config, fresh_model(), *data, out_dir=tmp_path / "full", progress=False)
+    full.run()
+    for runner in (frozen, full):
+        assert isinstance(runner.masks, QuantizedMaskSet)
+        fc1 = runner.masks.held["fc1.weight"]
+        assert fc1.update == "hold" and fc1.shadow is None  # the run's final masks carry no shadow
+        assert torch.equal(runner.model.fc1.weight.detach(), fc1.decode())
+    assert torch.equal(frozen.masks.held["fc1.weight"].levels, full.masks.held["fc1.weight"].levels)
+    assert not torch.equal(frozen.masks.held["fc1.weight"].codes, full.masks.held["fc1.weight"].codes)
+    # crash during retrain epoch 2 (pretrain 1, prune 3 epochs of magnitude: the 6th record)
+    resumed = interrupted_then_resumed(config, data, tmp_path / "crashed", monkeypatch, crash_epoch=6)
+    assert_same_state(full.model, resumed.model)
+    assert torch.equal(full.masks.held["fc1.weight"].codes, resumed.masks.held["fc1.weight"].codes)
+
+
+def test_unknown_quantized_weights_mode_is_refused():
+    stage = {"plan": PLAN1, "retrain": {"quantized_weights": "float"}}
+    with pytest.raises(ValueError, match=r"quantized_weights='float'; choose one of \('hold', 'ste'\)"):
+        RunConfig.from_dict({"model": {"name": "lenet300100"}, "pretrain": {"epochs": 1}, "stages": [stage]})

@@ -34,6 +34,7 @@ from admmcompress.plan import Plan, PlanError
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine", "admm_reset")
+QUANTIZED_WEIGHTS = ("hold", "ste")
 METHODS = ("admm", "magnitude", "gradual", "reweighted", "iterative_quantization")
 # How a stage's filter/channel targets are tied across layers (see Plan.resolve_coupled):
 # "none" resolves the plan per layer; "strict"/"extend" make one coupled target per channel group.
@@ -133,8 +134,18 @@ class PhaseConfig:
     # Dropout probability of every dropout layer during this phase (None: the model's own). The TF
     # LeNet-5 reference turns dropout off for ADMM and back on for retraining (SPEC P12).
     dropout: float | None = None
+    # How weights quantized by an earlier hard quantization train in this phase: "hold" keeps them
+    # on their values (only biases and other layers adapt); "ste" trains them with a straight-through
+    # estimator on the same levels (quantization-aware retraining). Clustered layers always update
+    # their centroids.
+    quantized_weights: str = "hold"
 
     def __post_init__(self) -> None:
+        if self.quantized_weights not in QUANTIZED_WEIGHTS:
+            raise ValueError(
+                f"quantized_weights={self.quantized_weights!r}; choose one of {QUANTIZED_WEIGHTS} "
+                "('ste' retrains quantized weights on their levels)"
+            )
         if self.dropout is not None:
             _number(self.dropout, "dropout")
             if not 0 <= self.dropout < 1:

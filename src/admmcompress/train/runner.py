@@ -26,7 +26,7 @@ from admmcompress.drivers.reweighted import Reweighted
 from admmcompress.drivers.schedule import MaskSchedule
 from admmcompress.masks import MaskSet, masks_from_model
 from admmcompress.plan import PlanError, Target
-from admmcompress.quantize import mask_set_from_state, release_holds
+from admmcompress.quantize import QuantizedMaskSet, mask_set_from_state, release_holds
 from admmcompress.report.metrics import measure
 from admmcompress.report.storage import storage
 from admmcompress.structures.coupled import CoupledTarget, couple
@@ -262,6 +262,8 @@ class Runner:
                     # release_holds above would otherwise drop holds this phase itself made.
                     self.masks = self._driver.masks
             self._pending = None
+        if isinstance(self.masks, QuantizedMaskSet):  # held values train as this phase says
+            self.masks = self.masks.with_update(phase.cfg.quantized_weights)
         if len(self.masks):
             self.masks.attach(self.model, self._optimizer)
 
@@ -338,6 +340,9 @@ class Runner:
             if isinstance(self._driver, ADMM):
                 record["admm_history"] = self._driver.history
         else:
+            if isinstance(self.masks, QuantizedMaskSet):  # the phase's float shadows are done with
+                self.masks.detach()
+                self.masks = self.masks.with_update("hold")
             record["accuracy_after_retrain"] = self._evaluate()
             stats = measure(self.model, self.layers())
             record["overall_compression"] = stats.overall_compression
