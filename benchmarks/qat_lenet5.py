@@ -9,7 +9,8 @@ included) to ``b`` bits per tensor, and get the same number of epochs on the sam
   weights (activations stay float, as in ours).
 - **ADMM** (admmcompress): ``fixed_point`` with ``b`` bits (``2^b`` levels ``q*{+-1..+-2^(b-1)}``,
   interval chosen exactly), ADMM for all but the last epoch, hard quantization, one epoch of retraining
-  with the values held.
+  with the values held, or (third column) with the quantized weights trained by the straight-through
+  estimator on their levels (``quantized_weights: ste``).
 
     python benchmarks/qat_lenet5.py --pretrained checkpoints/lenet5_mnist_dense.safetensors --bits 4 2
 """
@@ -65,14 +66,17 @@ def torch_qat(model: nn.Module, bits: int, train, test, epochs: int, seed: int) 
     return evaluate(model, test), time.perf_counter() - started
 
 
-def admm_quant(model: nn.Module, bits: int, train, test, epochs: int, seed: int) -> tuple[float, float]:
+def admm_quant(
+    model: nn.Module, bits: int, train, test, epochs: int, seed: int, quantized_weights: str = "hold"
+) -> tuple[float, float]:
     from admmcompress import Plan, compress
 
     rules = [{"type": t, "structure": "fixed_point", "bits": bits} for t in ("Conv2d", "Linear")]
     plan = Plan.from_dict(rules)
     started = time.perf_counter()
     admm = {"epochs": epochs - 1, "update_every_steps": 80, "rho": 1e-3, "lr_schedule": "admm_reset"}
-    result = compress(model, plan, train, test, admm=admm, retrain={"epochs": 1}, seed=seed)
+    retrain = {"epochs": 1, "quantized_weights": quantized_weights}
+    result = compress(model, plan, train, test, admm=admm, retrain=retrain, seed=seed)
     return result.metrics["accuracy_after"], time.perf_counter() - started
 
 
@@ -101,8 +105,9 @@ def main() -> None:
         return model
 
     print(f"dense top-1: {evaluate(dense(), test):.2f}%  ({args.epochs} epochs on {len(train)} images each)")
-    print("| bits | torch.ao QAT (fake-quant, STE) | ADMM fixed_point | time QAT / ADMM |")
-    print("|---:|---:|---:|---:|")
+    print("| bits | torch.ao QAT (fake-quant, STE) | ADMM fixed_point | ADMM + STE retrain | "
+          "time QAT / ADMM / ADMM + STE |")
+    print("|---:|---:|---:|---:|---:|")
     for bits in args.bits:
         torch.manual_seed(0)
         with warnings.catch_warnings():
@@ -110,7 +115,10 @@ def main() -> None:
             qat, t_qat = torch_qat(dense(), bits, train, test, args.epochs, seed=0)
             torch.manual_seed(0)
             ours, t_ours = admm_quant(dense(), bits, train, test, args.epochs, seed=0)
-        print(f"| {bits} | {qat:.2f}% | {ours:.2f}% | {t_qat:.0f} s / {t_ours:.0f} s |", flush=True)
+            torch.manual_seed(0)
+            ste, t_ste = admm_quant(dense(), bits, train, test, args.epochs, seed=0, quantized_weights="ste")
+        print(f"| {bits} | {qat:.2f}% | {ours:.2f}% | {ste:.2f}% | {t_qat:.0f} s / {t_ours:.0f} s / {t_ste:.0f} s |",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -34,10 +34,11 @@ EXPERIMENTS = {
     "prune_quantize": "configs/lenet5_prune_quantize.yaml",
     "binary": "configs/lenet5_binary.yaml",
     "binary_long": "configs/lenet5_binary_long.yaml",  # all images, 12 + 2 epochs
+    "binary_long_ste": "configs/lenet5_binary_long_ste.yaml",  # the same, STE retraining
     "structured_quantize": "configs/lenet5_structured_quantize.yaml",
 }
 # runs that start from the dense model
-DENSE_STARTS = ("prune_quantize", "binary", "binary_long", "structured_quantize")
+DENSE_STARTS = ("prune_quantize", "binary", "binary_long", "binary_long_ste", "structured_quantize")
 ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
 
 
