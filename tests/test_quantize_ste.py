@@ -137,7 +137,8 @@ def test_partial_quantization_holds_are_not_switched_and_bad_updates_are_refused
     model, _, _ = model_and_data()
     targets = Plan.from_dict([{"match": "0", "structure": "fixed_point", "bits": 2}]).resolve(model)
     partial = partial_quantize(model, targets, 0.5)
-    assert partial.with_update("ste").held["0.weight"].update == "hold"
+    assert partial.with_update("ste") is partial  # partial holds are not switched: the same set back
+    assert partial.held["0.weight"].update == "hold"
     with pytest.raises(ValueError, match="choose 'hold'.*'ste'"):
         partial.with_update("centroids")
     with pytest.raises(ValueError, match="shadow belongs to update='ste'"):

@@ -112,11 +112,14 @@ class QuantizedMaskSet(MaskSet):
         """
         if update not in ("hold", "ste"):
             raise ValueError(f"quantized_weights={update!r}; choose 'hold' (frozen values) or 'ste' (straight-through)")
-        held = {}
-        for name, h in self.held.items():
-            if h.update in ("hold", "ste") and h.frozen is None and h.update != update:
-                h = HeldValues(h.levels, h.codes, update)
-            held[name] = h
+        switch = [
+            n for n, h in self.held.items() if h.update in ("hold", "ste") and h.frozen is None and h.update != update
+        ]
+        if not switch:
+            return self  # nothing to change: the same set (a schedule may hold on to it)
+        held = dict(self.held)
+        for name in switch:
+            held[name] = HeldValues(held[name].levels, held[name].codes, update)
         return QuantizedMaskSet(self.masks, held)
 
     def merged(self, other: MaskSet) -> QuantizedMaskSet:
@@ -187,8 +190,8 @@ class QuantizedMaskSet(MaskSet):
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = super().state_dict()
         for name, held in self.held.items():
-            out[f"{name}{SEP}codes"] = held.codes.to(torch.int32).clone()
-            out[f"{name}{SEP}levels"] = held.levels.clone()
+            out[f"{name}{SEP}codes"] = held.codes.to("cpu", torch.int32).clone()
+            out[f"{name}{SEP}levels"] = held.levels.cpu().clone()
             out[f"{name}{SEP}update"] = torch.tensor([UPDATES.index(held.update)], dtype=torch.int32)
             if held.frozen is not None:
                 out[f"{name}{SEP}frozen"] = held.frozen.clone()
