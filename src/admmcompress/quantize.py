@@ -42,6 +42,7 @@ import torch
 from admmcompress.masks import MaskSet, _named_params, prune_masks
 
 UPDATES = ("hold", "centroids", "ste")
+FIXED_LEVEL_UPDATES = ("hold", "ste")  # how values on fixed levels train (a phase's ``quantized_weights``)
 SEP = "@"  # state-dict keys: "fc1.weight@codes", "fc1.weight@levels", "fc1.weight@update"
 
 
@@ -110,10 +111,12 @@ class QuantizedMaskSet(MaskSet):
         >>> len(torch.unique(model.weight.detach())) <= 4     # still on the 2-bit levels
         True
         """
-        if update not in ("hold", "ste"):
+        if update not in FIXED_LEVEL_UPDATES:
             raise ValueError(f"quantized_weights={update!r}; choose 'hold' (frozen values) or 'ste' (straight-through)")
         switch = [
-            n for n, h in self.held.items() if h.update in ("hold", "ste") and h.frozen is None and h.update != update
+            n
+            for n, h in self.held.items()
+            if h.update in FIXED_LEVEL_UPDATES and h.frozen is None and h.update != update
         ]
         if not switch:
             return self  # nothing to change: the same set (a schedule may hold on to it)
@@ -153,10 +156,9 @@ class QuantizedMaskSet(MaskSet):
                 self._handles.append(param.register_hook(lambda grad, free=free: grad * free))
             elif held.update == "hold":
                 self._handles.append(param.register_hook(torch.zeros_like))
-            elif held.update == "ste" and held.shadow is None:
-                held.shadow = param.detach().clone()
-            elif held.update == "ste":
-                held.shadow = held.shadow.to(param.device, param.dtype)
+            elif held.update == "ste":  # a new shadow starts at the values; a restored one continues
+                shadow = param.detach().clone() if held.shadow is None else held.shadow
+                held.shadow = shadow.to(param.device, param.dtype)
         if optimizer is not None:
             self._zero_held_state(optimizer)
             self._handles.append(
@@ -235,8 +237,13 @@ def _straight_through_step(param: torch.Tensor, held: HeldValues) -> None:
     levels = held.levels.to(param.device, param.dtype)
     shadow = (held.shadow + (param - before)).clamp(levels[0], levels[-1])  # no drift past the grid
     held.shadow = torch.where(kept, shadow, torch.zeros((), dtype=shadow.dtype, device=shadow.device))
-    nearest = torch.bucketize(held.shadow, (levels[1:] + levels[:-1]) / 2)
+    nearest = _nearest_level(held.shadow, levels)
     held.codes = torch.where(kept, nearest, torch.full_like(nearest, -1))
+
+
+def _nearest_level(values: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest of the sorted ``levels`` for every value (a tie goes to the lower level)."""
+    return torch.bucketize(values, (levels[1:] + levels[:-1]) / 2)
 
 
 def mask_set_from_state(state: Mapping[str, torch.Tensor]) -> MaskSet:
@@ -353,9 +360,7 @@ def partial_quantize(
             frozen = w == 0
         else:
             levels, frozen = before.levels.to(w.dtype), before.frozen.to(w.device) | (w == 0)
-        flat = w.reshape(-1)
-        mids = (levels[1:] + levels[:-1]) / 2
-        codes = torch.bucketize(flat, mids).reshape(w.shape)
+        codes = _nearest_level(w, levels)
         codes = torch.where(w == 0, torch.full_like(codes, -1), codes)
         distance = (w - levels[codes.clamp(min=0)]).abs()
         frozen = frozen | ((distance == 0) & (codes >= 0))

@@ -20,26 +20,16 @@ projection of the weights then), pruned zeros stay zero.
 
 from __future__ import annotations
 
-import torch
-
 from admmcompress.drivers.schedule import MaskSchedule
-from admmcompress.masks import MaskSet
-from admmcompress.plan import Plan, PlanError, Target
+from admmcompress.plan import PlanError, Target
 from admmcompress.quantize import QuantizedMaskSet, is_quantization, partial_quantize
 
 
 class IterativeQuantization(MaskSchedule):
     """Quantize in ``updates`` rounds of partial freezing; call ``step()`` at each update."""
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        plan: Plan | list[Target],
-        updates: int,
-        frozen: MaskSet | None = None,
-    ):
-        super().__init__(model, plan, updates, frozen)
-        check_quantization_only(self.targets)
+    def check_targets(self, targets: list[Target]) -> None:
+        check_quantization_only(targets)
 
     def frozen_share_at(self, iteration: int) -> float:
         """Share of each layer's nonzero weights frozen on a level after ``iteration`` updates."""

@@ -2,7 +2,7 @@
 
 Gradual magnitude pruning and iterative quantization both move a plan's targets toward their
 structure in ``updates`` steps; after each step the caller re-attaches the returned masks.
-Subclasses implement :meth:`MaskSchedule.step`.
+Subclasses implement :meth:`MaskSchedule.step` (and may refuse targets in ``check_targets``).
 """
 
 from __future__ import annotations
@@ -29,9 +29,13 @@ class MaskSchedule:
             raise ValueError(f"{type(self).__name__}: updates={updates} must be >= 1")
         self.model = model
         self.targets = plan.resolve(model) if isinstance(plan, Plan) else list(plan)
+        self.check_targets(self.targets)
         self.updates = updates
         self.iteration = 0
         self.masks = carry(frozen)
+
+    def check_targets(self, targets: list[Target]) -> None:
+        """Raise if this schedule cannot drive ``targets`` (every target is fine here)."""
 
     def step(self) -> MaskSet:
         """Take the next update; returns the masks (re-attach them to keep them)."""

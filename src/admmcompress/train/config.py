@@ -31,10 +31,11 @@ import yaml
 from admmcompress.data.augment import Augment
 from admmcompress.drivers.reweighted import ReweightedConfig
 from admmcompress.plan import Plan, PlanError
+from admmcompress.quantize import FIXED_LEVEL_UPDATES
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine", "admm_reset")
-QUANTIZED_WEIGHTS = ("hold", "ste")
+QUANTIZED_WEIGHTS = FIXED_LEVEL_UPDATES
 METHODS = ("admm", "magnitude", "gradual", "reweighted", "iterative_quantization")
 # How a stage's filter/channel targets are tied across layers (see Plan.resolve_coupled):
 # "none" resolves the plan per layer; "strict"/"extend" make one coupled target per channel group.
