@@ -30,13 +30,23 @@ def model_and_data():
     return model, x, y
 
 
-def fit(model, optimizer, x, y, steps):
+def fit(model, optimizer, x, y, steps, loss_fn=nn.functional.cross_entropy):
     for _ in range(steps):
-        loss = nn.functional.cross_entropy(model(x), y)
+        loss = loss_fn(model(x), y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return nn.functional.cross_entropy(model(x), y).item()
+    return loss_fn(model(x), y).item()
+
+
+def training_with_ste(steps: int):
+    """A model hard-quantized by PLAN, trained ``steps`` Adam steps with STE: (model, x, y, masks, optimizer)."""
+    model, x, y = model_and_data()
+    masks = hard_quantize(model, PLAN.resolve(model)).with_update("ste")
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    masks.attach(model, optimizer)
+    fit(model, optimizer, x, y, steps)
+    return model, x, y, masks, optimizer
 
 
 @pytest.mark.parametrize("name", ["sgd", "adam"])
@@ -79,11 +89,7 @@ def test_ste_finds_the_levels_a_regression_needs_where_hold_cannot_move():
         y = x @ wanted.T
         optimizer = torch.optim.SGD(layer.parameters(), lr=0.05, momentum=0.9)
         masks.with_update(update).attach(layer, optimizer)
-        for _ in range(300):
-            loss = nn.functional.mse_loss(layer(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        fit(layer, optimizer, x, y, 300, loss_fn=nn.functional.mse_loss)
         found[update] = (layer.weight.detach().clone(), start, wanted)
     weight, start, wanted = found["hold"]
     assert torch.equal(weight, start)
@@ -92,11 +98,7 @@ def test_ste_finds_the_levels_a_regression_needs_where_hold_cannot_move():
 
 
 def test_shadow_round_trips_and_training_continues_identically():
-    model, x, y = model_and_data()
-    masks = hard_quantize(model, PLAN.resolve(model)).with_update("ste")
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
-    masks.attach(model, optimizer)
-    fit(model, optimizer, x, y, 20)
+    model, x, y, masks, optimizer = training_with_ste(20)
     state = masks.state_dict()
     assert "0.weight@shadow" in state and "4.weight@shadow" not in state
     model_state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -117,11 +119,7 @@ def test_shadow_round_trips_and_training_continues_identically():
 
 
 def test_back_to_hold_drops_the_shadow_and_freezes_the_values():
-    model, x, y = model_and_data()
-    masks = hard_quantize(model, PLAN.resolve(model)).with_update("ste")
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
-    masks.attach(model, optimizer)
-    fit(model, optimizer, x, y, 10)
+    model, x, y, masks, _ = training_with_ste(10)
     masks.detach()
     held = masks.with_update("hold")
     assert all(h.shadow is None for h in held.held.values())
