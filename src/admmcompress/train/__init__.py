@@ -1,5 +1,6 @@
 """Reference training: configuration, loop, checkpoints and the compression pipeline."""
 
+from admmcompress.train.averaging import WeightAverage
 from admmcompress.train.config import ADMMPhaseConfig, ConfigError, OptimizerConfig, PhaseConfig, RunConfig, StageConfig
 from admmcompress.train.loop import TrainingDiverged, evaluate
 from admmcompress.train.runner import Runner
@@ -13,5 +14,6 @@ __all__ = [
     "Runner",
     "StageConfig",
     "TrainingDiverged",
+    "WeightAverage",
     "evaluate",
 ]

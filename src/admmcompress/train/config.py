@@ -140,6 +140,10 @@ class PhaseConfig:
     # estimator on the same levels (quantization-aware retraining). Clustered layers always update
     # their centroids.
     quantized_weights: str = "hold"
+    # End the phase on the mean of the weights at the end of each epoch from this one (1-based) on:
+    # stochastic weight averaging. Masked weights stay zero in the mean; BatchNorm statistics are
+    # re-estimated on the training data. None: end on the last weights.
+    average_from_epoch: int | None = None
 
     def __post_init__(self) -> None:
         if self.quantized_weights not in QUANTIZED_WEIGHTS:
@@ -161,6 +165,18 @@ class PhaseConfig:
             raise ValueError(f"epochs={self.epochs!r} must be an integer >= 0")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule={self.lr_schedule!r}; choose one of {LR_SCHEDULES}")
+        if self.average_from_epoch is not None:
+            _positive(self.average_from_epoch, "average_from_epoch", integer=True)
+            if self.average_from_epoch > self.epochs:
+                raise ValueError(
+                    f"average_from_epoch={self.average_from_epoch} is past the phase's last epoch "
+                    f"(epochs={self.epochs}); give an epoch in 1..{self.epochs}"
+                )
+            if self.quantized_weights == "ste":
+                raise ValueError(
+                    "average_from_epoch with quantized_weights: ste would average weights off their levels; "
+                    "use one of them"
+                )
 
 
 @dataclass
@@ -176,6 +192,11 @@ class ADMMPhaseConfig(PhaseConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.average_from_epoch is not None:
+            raise ValueError(
+                "average_from_epoch applies to retrain and pretrain phases (a prune phase ends on its own "
+                "hard prune); move it to the stage's retrain phase"
+            )
         if self.update_every_epochs is not None and self.update_every_steps is not None:
             raise ValueError("give update_every_epochs or update_every_steps, not both")
         if self.update_every_epochs is None and self.update_every_steps is None:

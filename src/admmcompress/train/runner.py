@@ -31,6 +31,7 @@ from admmcompress.report.metrics import measure
 from admmcompress.report.storage import storage
 from admmcompress.structures.coupled import CoupledTarget, couple
 from admmcompress.train import checkpoint as ckpt
+from admmcompress.train.averaging import WeightAverage
 from admmcompress.train.config import ConfigError, PhaseConfig, RunConfig, StageConfig
 from admmcompress.train.loop import (
     dropout_rates,
@@ -115,6 +116,7 @@ class Runner:
         self._driver: ADMM | MaskSchedule | Reweighted | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._pending: dict[str, Any] | None = None
+        self._average: WeightAverage | None = None  # the phase's weight average, if its config asks for one
         # Distillation teacher: the model as the first stage found it (saved with the checkpoint).
         self.teacher: nn.Module | None = None
 
@@ -137,6 +139,8 @@ class Runner:
                 losses = self._train_one_epoch(phase, steps)
                 self.epoch += 1
                 self._after_epoch(phase, steps)
+                if self._average is not None and self.epoch >= phase.cfg.average_from_epoch:
+                    self._average.update(self.model)
                 seconds = time.perf_counter() - started
                 spent = self.metrics["phase_seconds"]
                 spent[phase.label] = spent.get(phase.label, 0.0) + seconds
@@ -146,7 +150,7 @@ class Runner:
             self._finish(phase)
             self.phase_index += 1
             self.epoch = 0
-            self._driver = self._optimizer = None
+            self._driver = self._optimizer = self._average = None
             self._save()
         self.masks.detach()
         set_dropout(self.model, self._model_dropout)
@@ -235,6 +239,7 @@ class Runner:
             self.teacher = self._frozen_copy()
         self._optimizer = make_optimizer(self.model, phase.cfg.optimizer)
         self._driver = None
+        self._average = WeightAverage() if phase.cfg.average_from_epoch is not None else None
         if phase.kind == "prune":
             stage = self.config.stages[phase.stage]
             targets = self.stage_targets[phase.stage]
@@ -261,6 +266,8 @@ class Runner:
                     # The schedule's masks are the phase's current ones (with any values it holds);
                     # release_holds above would otherwise drop holds this phase itself made.
                     self.masks = self._driver.masks
+            if self._average is not None and self._pending.get("average") is not None:
+                self._average.load_state_dict(self._pending["average"])
             self._pending = None
         if isinstance(self.masks, QuantizedMaskSet):  # held values train as this phase says
             self.masks = self.masks.with_update(phase.cfg.quantized_weights)
@@ -327,6 +334,8 @@ class Runner:
             self.masks.attach(self.model, self._optimizer)
 
     def _finish(self, phase: Phase) -> None:
+        if self._average is not None and self._average.count:
+            self._end_on_average(phase)
         if phase.kind == "pretrain":
             self.metrics["accuracy_before"] = self._evaluate()
             return
@@ -347,6 +356,19 @@ class Runner:
             stats = measure(self.model, self.layers())
             record["overall_compression"] = stats.overall_compression
             record["layers"] = {layer.name: layer.compression for layer in stats.layers}
+
+    def _end_on_average(self, phase: Phase) -> None:
+        """Load the phase's weight average (masks hold: pruned weights are zero in every snapshot)."""
+        last = self._evaluate()
+        self.masks.detach()
+        self._average.apply(self.model, self.loader)
+        self.masks.apply(self.model)  # pruned weights are zero in every snapshot; this only guards it
+        key = "pretrain" if phase.kind == "pretrain" else phase.label
+        self.metrics.setdefault("weight_average", {})[key] = {
+            "snapshots": self._average.count,
+            "accuracy_last_weights": last,
+            "accuracy_averaged": self._evaluate(),
+        }
 
     def _evaluate(self) -> float:
         return evaluate(self.model, self.test, self.config.data.eval_batch_size)
@@ -370,6 +392,7 @@ class Runner:
             "model": self.model.state_dict(),
             "optimizer": self._optimizer.state_dict() if self._optimizer is not None else None,
             "driver": self._driver.state_dict() if self._driver is not None else None,
+            "average": self._average.state_dict() if self._average is not None else None,
             "masks": self.masks.state_dict(),
             "loader": self.loader.state_dict(),
             "rng": torch.get_rng_state(),
@@ -403,4 +426,5 @@ class Runner:
                 stacklevel=2,
             )
         if state["optimizer"] is not None:
-            self._pending = {"optimizer": state["optimizer"], "driver": state["driver"]}
+            self._pending = {"optimizer": state["optimizer"], "driver": state["driver"],
+                             "average": state.get("average")}
