@@ -8,6 +8,7 @@ from torch import nn
 
 from admmcompress.data import load_dataset
 from admmcompress.models import LeNet300100
+from admmcompress.report.render import render_markdown
 from admmcompress.train import WeightAverage
 from admmcompress.train.config import RunConfig
 from admmcompress.train.runner import STATE_FILE, Runner
@@ -105,6 +106,8 @@ def test_retrain_ends_on_the_mean_of_its_last_epochs_and_keeps_the_mask(data, mo
     summary = metrics["weight_average"]["stage1/retrain"]
     assert summary["snapshots"] == 2
     assert summary["accuracy_averaged"] == metrics["stages"][0]["accuracy_after_retrain"]
+    report = render_markdown(metrics)
+    assert "stage1/retrain ended on the mean of its last 2 epochs' weights" in report
 
 
 def test_resume_mid_average_is_bit_identical(tmp_path, data, monkeypatch):

@@ -52,6 +52,13 @@ def render_markdown(metrics: dict[str, Any], title: str = "admmcompress report")
                 f"{_pct(stage.get('accuracy_before_hard_prune'))} | {_pct(stage.get('accuracy_after_hard_prune'))} | "
                 f"{_pct(stage.get('accuracy_after_retrain'))} |"
             )
+    averages = metrics.get("weight_average", {})
+    lines += [""] if averages else []
+    for phase, average in averages.items():
+        lines.append(
+            f"- {phase} ended on the mean of its last {average['snapshots']} epochs' weights: "
+            f"{_pct(average['accuracy_last_weights'])} with the last weights -> {_pct(average['accuracy_averaged'])}"
+        )
     seconds = metrics.get("phase_seconds", {})
     if seconds:
         lines += ["", "Time per phase: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items())]
