@@ -197,3 +197,80 @@ def test_old_import_paths_still_work():
     with pytest.warns(DeprecationWarning, match="hard_prune moved"):
         from admmcompress.masks import hard_prune
     assert hard_prune is admmcompress.hard_prune
+
+
+def test_an_ensemble_teacher_predicts_the_mean_of_its_members_logits(tmp_path, data):
+    from admmcompress.train import checkpoint as ckpt
+    from admmcompress.train.teacher import LogitEnsemble
+
+    members = [model(seed=s) for s in (5, 6, 7)]
+    files = []
+    for i, m in enumerate(members):
+        files.append(f"t{i}.safetensors")
+        ckpt.save_tensors(tmp_path / files[-1], m.state_dict())
+    spec = config().to_dict()
+    spec["teacher"] = files
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(spec))
+    runner = Runner(RunConfig.from_yaml(tmp_path / "run.yaml"), model(), *data, progress=False)
+    runner.run()
+    assert isinstance(runner.teacher, LogitEnsemble) and len(runner.teacher.members) == 3
+    assert all(not p.requires_grad for p in runner.teacher.parameters()) and not runner.teacher.training
+    x = data[1].x[:16]
+    with torch.no_grad():
+        expected = torch.stack([m.eval()(x) for m in members]).mean(0)
+        torch.testing.assert_close(runner.teacher(x), expected)
+
+
+def test_resume_restores_an_ensemble_teacher(tmp_path, data, monkeypatch):
+    from admmcompress.train import checkpoint as ckpt
+
+    files = []
+    for s in (5, 6):
+        files.append(str(tmp_path / f"t{s}.safetensors"))
+        ckpt.save_tensors(files[-1], model(seed=s).state_dict())
+    spec = config().to_dict()
+    spec["teacher"] = files
+    full = Runner(RunConfig.from_dict(spec), model(), *data, out_dir=tmp_path / "full", progress=False)
+    full.run()
+    original = Runner._record
+    calls = {"n": 0}
+
+    def record(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise Crash()
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Runner, "_record", record)
+    out = tmp_path / "crashed"
+    with pytest.raises(Crash):
+        Runner(RunConfig.from_dict(spec), model(), *data, out_dir=out, progress=False).run()
+    monkeypatch.undo()
+    resumed = Runner(RunConfig.from_dict(spec), model(seed=42), *data, out_dir=out, progress=False)
+    resumed.run(resume=True)
+    for name, value in full.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize(
+    ("teacher", "message"),
+    [([], "non-empty list"), ([3], "non-empty list"), (7, "must be a checkpoint file or a list")],
+)
+def test_bad_teacher_values_are_named(teacher, message):
+    spec = config().to_dict()
+    spec["teacher"] = teacher
+    with pytest.raises(ConfigError, match=message):
+        RunConfig.from_dict(spec)
+
+
+def test_a_missing_ensemble_member_is_named_before_training(tmp_path, data, monkeypatch):
+    from admmcompress.train import checkpoint as ckpt
+
+    ckpt.save_tensors(tmp_path / "a.safetensors", model(seed=5).state_dict())
+    spec = config().to_dict()
+    spec["teacher"] = [str(tmp_path / "a.safetensors"), str(tmp_path / "gone.safetensors")]
+    trained = []
+    monkeypatch.setattr(Runner, "_train_one_epoch", lambda *a, **k: trained.append(1))
+    with pytest.raises(ConfigError, match="teacher: checkpoint .*gone.safetensors' does not exist"):
+        Runner(RunConfig.from_dict(spec), model(), *data, progress=False).run()
+    assert not trained

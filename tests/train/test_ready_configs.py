@@ -26,5 +26,6 @@ def test_ready_config_validates_and_its_plans_resolve(path):
     for stage in config.stages:
         if stage.coupling == "none":
             assert stage.plan.resolve(model), f"{path.name}: a stage's plan selects nothing"
-    if config.teacher is not None:
-        assert Path(config.teacher).name.endswith(".safetensors")
+    teachers = config.teacher if isinstance(config.teacher, list) else [config.teacher]
+    teachers = [t for t in teachers if t is not None]
+    assert all(Path(t).name.endswith(".safetensors") for t in teachers)

@@ -316,8 +316,9 @@ class RunConfig:
     freeze_pretrained_zeros: bool = False
     # true (or a mapping of CompactRunConfig options): compact the model after the last stage.
     compact: CompactRunConfig | None = None
-    # Distillation teacher (same architecture); default: the model the first stage starts from.
-    teacher: str | None = None
+    # Distillation teacher (same architecture): one checkpoint, or a list of them for an ensemble teacher
+    # (mean of the members' logits); default: the model the first stage starts from.
+    teacher: str | list[str] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, dict) or "name" not in self.model:
@@ -350,6 +351,13 @@ class RunConfig:
                 UserWarning,
                 stacklevel=2,
             )
+        if isinstance(self.teacher, list):
+            if not self.teacher or not all(isinstance(f, str) and f for f in self.teacher):
+                raise ValueError(
+                    f"teacher={self.teacher!r}: give one checkpoint file, or a non-empty list of files (an ensemble)"
+                )
+        elif self.teacher is not None and not isinstance(self.teacher, str):
+            raise ValueError(f"teacher={self.teacher!r} must be a checkpoint file or a list of them")
         if self.teacher is not None and not distills:
             raise ValueError("teacher is set but no phase distills; add distill: {alpha: 0.5} to a phase, or drop it")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
@@ -374,7 +382,10 @@ class RunConfig:
         config = _build(cls, spec, "config")
         if base_dir is not None:
             config.pretrained = _relative_to(config.pretrained, base_dir)
-            config.teacher = _relative_to(config.teacher, base_dir)
+            if isinstance(config.teacher, list):
+                config.teacher = [_relative_to(f, base_dir) for f in config.teacher]
+            else:
+                config.teacher = _relative_to(config.teacher, base_dir)
         return config
 
     @classmethod

@@ -42,6 +42,7 @@ from admmcompress.train.loop import (
     train_epoch,
     update_period_steps,
 )
+from admmcompress.train.teacher import load_teacher
 
 STATE_FILE = "checkpoint.pt"
 
@@ -282,21 +283,10 @@ class Runner:
         return any(p.cfg.distill is not None for p in self.phases if p.kind != "pretrain")
 
     def _frozen_copy(self, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
-        teacher = copy.deepcopy(self.model).eval()
-        if state is not None:
-            teacher.load_state_dict(state)
-        elif self.config.teacher is not None:
-            if not Path(self.config.teacher).is_file():
-                raise ConfigError(
-                    f"teacher: checkpoint '{self.config.teacher}' does not exist; give the dense model's file"
-                )
-            try:
-                ckpt.load_weights(teacher, self.config.teacher)
-            except ValueError as err:
-                raise ConfigError(f"teacher: {err}") from None
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        return teacher
+        try:
+            return load_teacher(self.model, self.config.teacher, state)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
     def _train_one_epoch(self, phase: Phase, steps: int) -> dict[str, float]:
         cfg = phase.cfg
