@@ -250,6 +250,8 @@ def test_resume_restores_an_ensemble_teacher(tmp_path, data, monkeypatch):
     resumed.run(resume=True)
     for name, value in full.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[name], value), name
+    for name, value in full.teacher.state_dict().items():
+        assert torch.equal(resumed.teacher.state_dict()[name], value), name
 
 
 @pytest.mark.parametrize(

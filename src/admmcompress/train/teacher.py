@@ -42,13 +42,6 @@ def _frozen(module: nn.Module) -> nn.Module:
     return module
 
 
-def teacher_skeleton(model: nn.Module, files: str | Sequence[str] | None) -> nn.Module:
-    """A frozen copy of ``model`` (or an ensemble of len(files) copies when ``files`` is a list)."""
-    if isinstance(files, (list, tuple)):
-        return _frozen(LogitEnsemble([copy.deepcopy(model) for _ in files]))
-    return _frozen(copy.deepcopy(model))
-
-
 def load_teacher(
     model: nn.Module,
     files: str | Sequence[str] | None,
@@ -60,19 +53,20 @@ def load_teacher(
     or a list of them (an ensemble); with neither, the teacher is a frozen copy of ``model`` as it is now.
     Raises ValueError naming the file when one is missing or does not fit the model.
     """
-    teacher = teacher_skeleton(model, files)
+    ensemble = isinstance(files, (list, tuple))
+    paths = list(files) if ensemble else [files]
+    members = [copy.deepcopy(model) for _ in paths]
+    teacher = _frozen(LogitEnsemble(members) if ensemble else members[0])
     if state is not None:
         teacher.load_state_dict(state)
         return teacher
-    if files is None:
-        return teacher
-    paths = list(files) if isinstance(files, (list, tuple)) else [files]
-    members = list(teacher.members) if isinstance(teacher, LogitEnsemble) else [teacher]
     for member, path in zip(members, paths, strict=True):
+        if path is None:  # no file: the copy of the model as it is now
+            continue
         if not Path(path).is_file():
             raise ValueError(f"teacher: checkpoint '{path}' does not exist; give the dense model's file")
         try:
             ckpt.load_weights(member, path)
         except ValueError as err:
             raise ValueError(f"teacher: {err}") from None
-    return _frozen(teacher)
+    return teacher
