@@ -143,6 +143,9 @@ def test_relative_pretrained_path_is_resolved_against_the_config_folder(tmp_path
         (lambda s: s["data"].update(test_limit=0), r"data: test_limit=0 must be a positive integer"),
         (lambda s: s.update(threads=-1), r"threads=-1 must be a positive integer"),
         (lambda s: s.update(seed="zero"), r"seed='zero' must be an integer"),
+        (lambda s: s["pretrain"].update(label_smoothing=1.0), r"label_smoothing=1.0 must be in \[0, 1\)"),
+        (lambda s: s.update(autocast="fp16"), r"autocast='fp16'; choose one of"),
+        (lambda s: s.update(channels_last="yes"), r"channels_last='yes' must be true or false"),
     ],
 )
 def test_validation_errors_name_the_key(tmp_path, mutate, match):

@@ -197,3 +197,32 @@ def test_train_epoch_raises_when_a_huge_lr_blows_up():
 
 def test_training_diverged_is_a_runtime_error():
     assert issubclass(TrainingDiverged, RuntimeError)
+
+
+def test_label_smoothing_changes_the_trained_loss_not_the_reported_one():
+    results = []
+    for smoothing in (0.0, 0.2):
+        torch.manual_seed(0)
+        model = LeNet300100()
+        loader = BatchLoader(_data(32), batch_size=16, seed=0)
+        opt = make_optimizer(model, OptimizerConfig(name="sgd", lr=0.1))
+        losses = train_epoch(model, loader, opt, lambda s: 0.1, 0, progress=False, label_smoothing=smoothing)
+        results.append((losses["loss"], model.fc1.weight.detach().clone()))
+    assert results[0][0] == pytest.approx(results[1][0], rel=0.05)  # first-step losses are the same
+    assert not torch.equal(results[0][1], results[1][1])  # but the gradients differed
+
+
+def test_bf16_autocast_and_channels_last_train_float32_weights():
+    from admmcompress.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet20")
+    g = torch.Generator().manual_seed(0)
+    data = Split(torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g))
+    opt = make_optimizer(model, OptimizerConfig(name="sgd", lr=0.05))
+    before = model.conv1.weight.detach().clone()
+    losses = train_epoch(model, BatchLoader(data, 8, seed=0), opt, lambda s: 0.05, 0, progress=False,
+                         autocast=torch.bfloat16, channels_last=True)
+    assert math.isfinite(losses["loss"])
+    assert model.conv1.weight.dtype == torch.float32 and model.conv1.weight.is_contiguous()
+    assert not torch.equal(before, model.conv1.weight)

@@ -41,6 +41,7 @@ METHODS = ("admm", "magnitude", "gradual", "reweighted", "iterative_quantization
 # "none" resolves the plan per layer; "strict"/"extend" make one coupled target per channel group.
 COUPLINGS = ("none", "strict", "extend")
 COLUMN_MODES = ("off", "auto", "on")
+AUTOCAST_DTYPES = {None: None, "bf16": "bfloat16"}
 
 
 class ConfigError(ValueError):
@@ -144,8 +145,13 @@ class PhaseConfig:
     # stochastic weight averaging. Masked weights stay zero in the mean; BatchNorm statistics are
     # re-estimated on the training data. None: end on the last weights.
     average_from_epoch: int | None = None
+    # Cross-entropy label smoothing of this phase's data loss (0: plain cross-entropy).
+    label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
+        _number(self.label_smoothing, "label_smoothing")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing={self.label_smoothing!r} must be in [0, 1), e.g. 0.1")
         if self.quantized_weights not in QUANTIZED_WEIGHTS:
             raise ValueError(
                 f"quantized_weights={self.quantized_weights!r}; choose one of {QUANTIZED_WEIGHTS} "
@@ -319,8 +325,17 @@ class RunConfig:
     # Distillation teacher (same architecture): one checkpoint, or a list of them for an ensemble teacher
     # (mean of the members' logits); default: the model the first stage starts from.
     teacher: str | list[str] | None = None
+    # Training speed on CPU (measured in benchmarks/RESULTS.md): feed batches in channels_last layout
+    # (weights stay contiguous, so projections and masks see the usual layout), and run forward passes
+    # under bf16 autocast (master weights, optimizer and evaluation stay float32).
+    channels_last: bool = False
+    autocast: str | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.channels_last, bool):
+            raise ValueError(f"channels_last={self.channels_last!r} must be true or false")
+        if self.autocast not in AUTOCAST_DTYPES:
+            raise ValueError(f"autocast={self.autocast!r}; choose one of {[k for k in AUTOCAST_DTYPES if k]} or leave it out")
         if not isinstance(self.model, dict) or "name" not in self.model:
             raise ValueError("model: give a mapping with 'name' (e.g. {name: lenet5}) and optional arguments")
         if isinstance(self.data, dict):

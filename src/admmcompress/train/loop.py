@@ -130,12 +130,17 @@ def train_epoch(
     progress: bool = True,
     teacher: nn.Module | None = None,
     distill: DistillConfig | None = None,
+    label_smoothing: float = 0.0,
+    autocast: torch.dtype | None = None,
+    channels_last: bool = False,
 ) -> dict[str, float]:
     """One epoch of cross-entropy (+ optional penalty) training; returns mean losses.
 
     ``after_step(global_step)`` runs after every optimizer step (ADMM cadence in steps). With
     ``teacher`` and ``distill`` the data loss is :func:`distillation_loss`; the reported ``loss`` is
-    always the plain cross-entropy, so runs with and without distillation compare.
+    always the plain cross-entropy, so runs with and without distillation compare (label smoothing
+    changes the trained loss only, likewise). ``autocast`` (e.g. ``torch.bfloat16``) runs forward passes
+    in that precision; ``channels_last`` feeds 4-D batches in that memory layout (faster convs on CPU).
     """
     if (teacher is None) != (distill is None):
         raise ValueError("distillation needs both a teacher model and a DistillConfig")
@@ -146,13 +151,18 @@ def train_epoch(
     for x, y in batches:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        logits = model(x)
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            logits = model(x).float()
         data_loss = nn.functional.cross_entropy(logits, y)
         loss = data_loss
+        if label_smoothing:
+            loss = nn.functional.cross_entropy(logits, y, label_smoothing=label_smoothing)
         if teacher is not None:
             with torch.no_grad():
                 teacher_logits = teacher(x)
-            loss = distillation_loss(logits, teacher_logits, y, distill, hard=data_loss)
+            loss = distillation_loss(logits, teacher_logits, y, distill, hard=loss)
         if penalty is not None:
             extra = penalty()
             loss = loss + extra

@@ -9,6 +9,7 @@ result as an uninterrupted one. Phases are a flat list so the checkpoint only ne
 from __future__ import annotations
 
 import copy
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from admmcompress.report.storage import storage
 from admmcompress.structures.coupled import CoupledTarget, couple
 from admmcompress.train import checkpoint as ckpt
 from admmcompress.train.averaging import WeightAverage
-from admmcompress.train.config import ConfigError, PhaseConfig, RunConfig, StageConfig
+from admmcompress.train.config import AUTOCAST_DTYPES, ConfigError, PhaseConfig, RunConfig, StageConfig
 from admmcompress.train.loop import (
     dropout_rates,
     evaluate,
@@ -308,6 +309,9 @@ class Runner:
             progress=self.progress,
             teacher=self.teacher if cfg.distill is not None else None,
             distill=cfg.distill,
+            label_smoothing=cfg.label_smoothing,
+            autocast=getattr(torch, AUTOCAST_DTYPES[self.config.autocast]) if self.config.autocast else None,
+            channels_last=self.config.channels_last,
         )
 
     def _after_epoch(self, phase: Phase, steps: int) -> None:
@@ -370,6 +374,9 @@ class Runner:
             entry["residual"] = self._driver.residuals()
             entry["rho"] = max((s["rho"] for s in self._driver.state.values()), default=0.0)
         self.history.append(entry)
+        if not self.progress:  # one line per epoch where there are no progress bars (logs, background runs)
+            print(f"{phase.label} epoch {self.epoch}/{phase.cfg.epochs}: loss {losses['loss']:.4f}, "
+                  f"accuracy {entry['accuracy']:.2f}%, {seconds:.0f} s", file=sys.stderr, flush=True)
 
     # --- checkpointing -------------------------------------------------------------------
     def _save(self) -> None:
