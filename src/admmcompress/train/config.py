@@ -335,7 +335,8 @@ class RunConfig:
         if not isinstance(self.channels_last, bool):
             raise ValueError(f"channels_last={self.channels_last!r} must be true or false")
         if self.autocast not in AUTOCAST_DTYPES:
-            raise ValueError(f"autocast={self.autocast!r}; choose one of {[k for k in AUTOCAST_DTYPES if k]} or leave it out")
+            choices = [k for k in AUTOCAST_DTYPES if k]
+            raise ValueError(f"autocast={self.autocast!r}; choose one of {choices} or leave it out")
         if not isinstance(self.model, dict) or "name" not in self.model:
             raise ValueError("model: give a mapping with 'name' (e.g. {name: lenet5}) and optional arguments")
         if isinstance(self.data, dict):
