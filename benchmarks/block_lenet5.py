@@ -9,7 +9,8 @@ weights vs block-columns of 10). Same method and budget for both: gradual magnit
 schedule, an update every quarter epoch) for ``--prune-epochs``, then ``--retrain-epochs`` of masked
 retraining (Adam 1e-3), on the first ``--train-limit`` training images (CPU budget); test on all 10,000.
 Masks only: filter pruning could also be compacted (smaller dense layers), block pruning needs the
-block-sparse executor for speed.
+block-sparse executor for speed. Each setting is a run folder (``--out/<structure>_<rate>x``, as
+``admmcompress run`` writes); the table is ``admmcompress report --compare`` over them.
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ import time
 from pathlib import Path
 
 import torch
+from bench_runs import run_in_folder, table
 from safetensors.torch import load_file
 
 from admmcompress.data import load_dataset
 from admmcompress.models import LeNet5
 from admmcompress.train.config import RunConfig
-from admmcompress.train.runner import Runner
 
 ROOT = Path(__file__).resolve().parents[1]
 MALLOC = "MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824"
@@ -60,6 +61,7 @@ def main() -> None:
     steps = (len(train) + 63) // 64
     results = Path(args.out) / "results.jsonl"
     results.parent.mkdir(parents=True, exist_ok=True)
+    folders: list[Path] = []
     for structure in args.structures:
         for rate in args.rates:
             rate = int(rate) if float(rate).is_integer() else rate
@@ -70,12 +72,18 @@ def main() -> None:
                 "retrain": {"epochs": args.retrain_epochs, "optimizer": {"name": "adam", "lr": 1e-3}},
             }
             config = RunConfig.from_dict(
-                {"model": {"name": "lenet5"}, "pretrained": "<in-memory>", "stages": [stage], "seed": 0}
+                {
+                    "name": f"{structure} {rate}x",
+                    "model": {"name": "lenet5"},
+                    "pretrained": "<in-memory>",
+                    "stages": [stage],
+                    "seed": 0,
+                }
             )
             started = time.perf_counter()
-            metrics = Runner(
-                config, copy.deepcopy(dense), train, test, progress=False, train_dense=False
-            ).run()
+            folder = Path(args.out) / f"{structure}_{rate}x"
+            metrics = run_in_folder(config, copy.deepcopy(dense), train, test, folder)
+            folders.append(folder)
             record = {
                 "date": time.strftime("%Y-%m-%d %H:%M"),
                 "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
@@ -93,14 +101,10 @@ def main() -> None:
             with results.open("a") as f:
                 f.write(json.dumps(record) + "\n")
             print(json.dumps(record), flush=True)
-    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-    print("| structure | target (conv2, fc1) | kept | compression | acc. end of pruning | acc. retrained |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for r in sorted(rows, key=lambda r: (r["rate"], r["structure"])):
-        print(
-            f"| {r['structure']} | {r['rate']}x | {r['kept_weights']:,} | {r['compression']:.2f}x "
-            f"| {r['accuracy_after_hard_prune']:.2f}% | {r['accuracy']:.2f}% |"
-        )
+    command = f"{MALLOC} python benchmarks/block_lenet5.py {' '.join(sys.argv[1:])}"
+    print(f"\n{table(folders, Path(args.out) / 'compare.png')}\n")
+    print(f"(run folders in {args.out}; the same table: admmcompress report --compare {args.out}/*x/; "
+          f"rerun: {command})")
 
 
 if __name__ == "__main__":

@@ -17,8 +17,9 @@ retraining, Adam):
 - ``magnitude``: unstructured, gradual magnitude pruning on the cubic schedule (twice per epoch);
 - ``magnitude_block``: the block structure with that gradual magnitude schedule (separates the
   driver's effect from the structure's).
-The dense model is trained once (``--dense-epochs``) and cached in ``--out``; each (method, rate)
-appends one JSON line to ``--out/results.jsonl``; ``--table`` prints them as markdown.
+The dense model is trained once (``--dense-epochs``) and cached in ``--out``; each (method, rate) is a run
+folder ``--out/<method>_<rate>x`` (as ``admmcompress run`` writes) and one JSON line in
+``--out/results.jsonl``; ``--table`` prints ``admmcompress report --compare`` over the folders.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_runs import run_in_folder, table
 from safetensors.torch import load_file, save_file
 
 from admmcompress.data import load_dataset
@@ -117,11 +119,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/gru_fsdd")
-    parser.add_argument("--table", action="store_true", help="print the results collected so far and exit")
+    parser.add_argument(
+        "--table", action="store_true", help="print the table of the run folders in --out so far and exit"
+    )
     args = parser.parse_args()
     results = Path(args.out) / "results.jsonl"
     if args.table:
-        print_table(results)
+        print_table(Path(args.out))
         return
     torch.set_num_threads(args.threads)
     train, test = load_dataset("fsdd", "train"), load_dataset("fsdd", "test")
@@ -132,8 +136,15 @@ def main() -> None:
     for method in args.methods:
         for rate in args.rates:
             rate = int(rate) if float(rate).is_integer() else rate
+            knobs = {
+                "epochs": f"{args.prune_epochs}+{args.retrain_epochs}",
+                "lam": args.lam if method == "reweighted" else None,
+                "rho": args.rho if method == "admm" else None,
+                "admm_lr_schedule": args.admm_lr_schedule if method == "admm" else None,
+            }
             config = RunConfig.from_dict(
                 {
+                    "name": f"{method} {rate}x, {setting(knobs)}",
                     "model": {"name": "gru_fsdd"},
                     "seed": args.seed,
                     "pretrained": "<in-memory>",
@@ -142,8 +153,8 @@ def main() -> None:
                 }
             )
             started = time.perf_counter()
-            runner = Runner(config, copy.deepcopy(dense), train, test, progress=False, train_dense=False)
-            metrics = runner.run()
+            folder = Path(args.out) / f"{method}_{rate}x"
+            metrics = run_in_folder(config, copy.deepcopy(dense), train, test, folder)
             record = {
                 "date": time.strftime("%Y-%m-%d %H:%M"),
                 "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
@@ -156,17 +167,14 @@ def main() -> None:
                 "accuracy": metrics["accuracy_after"],
                 "compression": metrics["stages"][0]["overall_compression"],
                 "seconds": time.perf_counter() - started,
-                "epochs": f"{args.prune_epochs}+{args.retrain_epochs}",
-                "lam": args.lam if method == "reweighted" else None,
-                "rho": args.rho if method == "admm" else None,
-                "admm_lr_schedule": args.admm_lr_schedule if method == "admm" else None,
+                **knobs,
                 "command": command,
             }
             results.parent.mkdir(parents=True, exist_ok=True)
             with results.open("a") as f:
                 f.write(json.dumps(record) + "\n")
             print(json.dumps(record), flush=True)
-    print_table(results)
+    print_table(Path(args.out), command)
 
 
 def _lr_note(record: dict) -> str:
@@ -182,20 +190,12 @@ def setting(record: dict) -> str:
     return f"cubic, {record['epochs']} ep"
 
 
-def print_table(results: Path) -> None:
-    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-    print(
-        "| method | setting | target | compression | acc. hard-pruned | acc. retrained | dense | s |",
-        flush=True,
-    )
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for r in sorted(rows, key=lambda r: (r["method"], r["rate"])):
-        print(
-            f"| {r['method']} | {setting(r)} | {r['rate']}x | {r['compression']:.2f}x "
-            f"| {r['accuracy_after_hard_prune']:.2f}% "
-            f"| {r['accuracy']:.2f}% | {r['dense_accuracy']:.2f}% | {r['seconds']:.0f} |"
-        )
-
+def print_table(out: Path, command: str | None = None) -> None:
+    """The ``admmcompress report --compare`` table of every finished run folder in ``out``."""
+    folders = sorted(p.parent for p in out.glob("*/metrics.json"))
+    print(f"\n{table(folders, out / 'compare.png')}\n", flush=True)
+    print(f"(run folders in {out}; the same table: admmcompress report --compare {out}/*/"
+          + (f"; rerun: {command})" if command else ")"))
 
 if __name__ == "__main__":
     main()

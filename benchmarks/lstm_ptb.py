@@ -13,7 +13,10 @@ Methods (same step budget: ``--prune-epochs`` then ``--retrain-epochs`` of maske
 short-trained, so it still improves). ``reweighted`` (``Block(block=(8, 1))``, 8-row block-columns;
 reweighted group lasso, lambda ``--lam``),
 ``admm`` (same block structure, rho ``--rho`` x1.3), ``magnitude`` (unstructured, gradual cubic
-schedule). Drivers are used with the three-line loop (no Runner: the LM carries its state).
+schedule), each built by the driver registry. Training is the library's ``train_epoch`` with a custom
+loss (``loss_fn``: next-token NLL through the adaptive softmax) and a model wrapper that carries the
+LSTM state across BPTT windows. Not the Runner: it batches labelled splits and measures top-1
+accuracy, not perplexity.
 Results are appended as JSON lines to ``--out/results.jsonl``; ``--table`` prints them.
 """
 
@@ -32,13 +35,15 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from admmcompress.data.ptb import batchify, bptt_windows, load_ptb
-from admmcompress.drivers import ADMM, GradualMagnitude, Reweighted, ReweightedConfig, RhoSchedule
+from admmcompress.drivers import DriverContext, get_driver
 from admmcompress.models import LSTMLanguageModel
 from admmcompress.plan import Plan
 from admmcompress.report.metrics import measure
 from admmcompress.structures import Block, Unstructured
+from admmcompress.train.loop import train_epoch
 
 MALLOC = "MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824"
 BPTT, BATCH = 35, 20
@@ -52,6 +57,53 @@ def detach(state):
     return None if state is None else tuple(s.detach() for s in state)
 
 
+class CarriedState(nn.Module):
+    """``lm`` with its LSTM state carried (detached) from one BPTT window to the next.
+
+    ``forward(tokens)`` returns the dropout-applied LSTM features; :func:`lm_loss` decodes them. The
+    state starts empty at each pass of :class:`Windows` (truncated BPTT, as in Zaremba et al.).
+    """
+
+    def __init__(self, lm: LSTMLanguageModel):
+        super().__init__()
+        self.lm = lm
+        self.state: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        out, state = self.lm.features(tokens, self.state)
+        self.state = detach(state)
+        return out
+
+
+def lm_loss(batch, features: torch.Tensor, model: CarriedState) -> torch.Tensor:
+    """Mean next-token NLL: the ``loss_fn`` of ``train_epoch`` for ``(inputs, targets)`` windows."""
+    flat, goal = features.reshape(-1, features.shape[-1]), batch[1].reshape(-1)
+    decoder = model.lm.decoder
+    if isinstance(decoder, nn.AdaptiveLogSoftmaxWithLoss):
+        return decoder(flat, goal).loss
+    return nn.functional.cross_entropy(decoder(flat), goal)
+
+
+class Windows:
+    """``steps`` BPTT windows over ``data``, cycling through it; each pass starts ``carrier``'s state afresh."""
+
+    def __init__(self, data: torch.Tensor, steps: int, carrier: CarriedState):
+        self.data, self.steps, self.carrier = data, steps, carrier
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        self.carrier.state = None
+        step = 0
+        while step < self.steps:
+            for window in bptt_windows(self.data, BPTT):
+                yield window
+                step += 1
+                if step >= self.steps:
+                    return
+
+
 def train_steps(
     model: LSTMLanguageModel,
     data: torch.Tensor,
@@ -62,27 +114,25 @@ def train_steps(
     update: Callable[[], object] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
 ) -> float:
-    """``steps`` Adam steps over BPTT windows (cycling), cosine LR; ``update()`` every ``every`` steps."""
-    model.train()
+    """``steps`` Adam steps of the library's ``train_epoch`` over BPTT windows (cycling), cosine LR,
+    gradient norm clipped at 1; ``update()`` every ``every`` steps. Returns the training perplexity."""
+    if steps < 1:
+        return float("nan")
+    carrier = CarriedState(model)
     opt = optimizer or torch.optim.Adam(model.parameters(), lr)
-    state, step, total = None, 0, 0.0
-    while step < steps:
-        for x, y in bptt_windows(data, BPTT):
-            for group in opt.param_groups:
-                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-            loss, state = model.nll(x, y, detach(state))
-            full = loss + penalty() if penalty is not None else loss
-            opt.zero_grad(set_to_none=True)
-            full.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            total += loss.item()
-            step += 1
-            if update is not None and every and step % every == 0:
-                update()
-            if step >= steps:
-                break
-    return math.exp(total / steps)
+    losses = train_epoch(
+        carrier,
+        Windows(data, steps, carrier),
+        opt,
+        lambda step: lr * 0.5 * (1 + math.cos(math.pi * step / steps)),
+        0,
+        penalty=penalty,
+        after_step=(lambda step: update() if step % every == 0 else None) if update is not None and every else None,
+        progress=False,
+        loss_fn=lm_loss,
+        max_grad_norm=1.0,
+    )
+    return math.exp(losses["loss"])
 
 
 @torch.no_grad()
@@ -103,6 +153,14 @@ def plan_for(method: str, rate: float) -> Plan:
     return Plan({"lstm": structure})
 
 
+# Each method's registered driver and its options (the registry builds it: no branch per method).
+DRIVERS = {
+    "reweighted": ("reweighted", lambda args: {"penalty": args.lam}),
+    "admm": ("admm", lambda args: {"rho": args.rho, "rho_growth": 1.3, "rho_max": 1.0}),
+    "magnitude": ("gradual", lambda args: {}),
+}
+
+
 def compress(
     method: str, rate: float, dense: LSTMLanguageModel, train: torch.Tensor, valid: torch.Tensor, args
 ):
@@ -117,21 +175,22 @@ def compress(
         return model, midway
     targets = plan_for(method, rate).resolve(model)
     every = max(1, args.epoch_steps // 4)
-    if method == "reweighted":
-        driver = Reweighted(model, targets, ReweightedConfig(penalty=args.lam))
-        train_steps(model, train, prune_steps, args.lr, driver.penalty, every, driver.step)
-    elif method == "admm":
-        driver = ADMM(model, targets, RhoSchedule(args.rho, 1.3, 1.0))
-        train_steps(model, train, prune_steps, args.lr, driver.penalty, every, driver.step)
-    else:
-        driver = GradualMagnitude(model, targets, updates=max(1, prune_steps // every))
-        opt = torch.optim.Adam(model.parameters(), args.lr)
+    name, options = DRIVERS[method]
+    spec = get_driver(name)
+    context = DriverContext(updates=max(1, prune_steps // every), steps_per_epoch=args.epoch_steps)
+    driver = spec.cls.from_config(model, targets, spec.make_config(options(args)), context)
+    opt = torch.optim.Adam(model.parameters(), args.lr)
 
-        def regrow_masks():
-            driver.masks.detach()
-            driver.step().attach(model, opt)
+    def update() -> None:
+        held = driver.masks  # drivers that prune as they go (gradual) hand back new masks: re-attach them
+        if held is not None:
+            held.detach()
+        driver.step()
+        if driver.masks is not None:
+            driver.masks.attach(model, opt)
 
-        train_steps(model, train, prune_steps, args.lr, None, every, regrow_masks, optimizer=opt)
+    train_steps(model, train, prune_steps, args.lr, driver.penalty, every, update, optimizer=opt)
+    if driver.masks is not None:
         driver.masks.detach()
     masks = driver.finalize()
     hard_pruned = perplexity(model, valid)

@@ -43,7 +43,7 @@ def fake_quant(bits: int) -> nn.Module:
 
 def torch_qat(model: nn.Module, bits: int, train, test, epochs: int, seed: int) -> tuple[float, float]:
     from admmcompress.data.datasets import BatchLoader
-    from admmcompress.train.loop import evaluate
+    from admmcompress.train.loop import evaluate, train_epoch
 
     for module in model.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
@@ -51,18 +51,13 @@ def torch_qat(model: nn.Module, bits: int, train, test, epochs: int, seed: int) 
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     loader = BatchLoader(train, 64, shuffle=True, seed=seed)
     steps = epochs * len(loader)
-    step = 0
+
+    def lr_at(step: int) -> float:  # cosine, as our retraining phases (float32 cosine: as measured before)
+        return 1e-3 * 0.5 * (1 + torch.cos(torch.tensor(step / steps * torch.pi)).item())
+
     started = time.perf_counter()
-    for _ in range(epochs):
-        model.train()
-        for x, y in loader:
-            for group in optimizer.param_groups:  # cosine, as our retraining phases
-                group["lr"] = 1e-3 * 0.5 * (1 + torch.cos(torch.tensor(step / steps * torch.pi)).item())
-            loss = nn.functional.cross_entropy(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            step += 1
+    for epoch in range(epochs):
+        train_epoch(model, loader, optimizer, lr_at, epoch * len(loader), progress=False)
     return evaluate(model, test), time.perf_counter() - started
 
 

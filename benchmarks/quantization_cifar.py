@@ -6,8 +6,9 @@
 
 Every setting starts from the dense ResNet-20 of ``benchmarks/structured_cifar.py dense``
 (``runs/structured_cifar/resnet20_dense.safetensors``) and uses the same data: the first
-``--train-limit`` (10,000) training images of ``cifar10_jpeg.npz`` with flip + 4-pixel-shift
-augmentation, all 10,000 test images. CPU is scarce: the schedules are short, the dense model is
+``--train-limit`` (10,000) training images of ``cifar10_jpeg.npz`` with the library's augmentation
+(``Augment(shift=4, hflip=True)``, per image), all 10,000 test images; training runs on
+``admmcompress.train.loop.train_epoch``. CPU is scarce: the schedules are short, the dense model is
 under-trained (56.76%), read the accuracies relative to it.
 
 Settings: {``fp4`` fixed point 4 bits, ``fp2`` fixed point 2 bits, ``binary``} x {no pruning,
@@ -46,11 +47,11 @@ import time
 from pathlib import Path
 
 import torch
-from structured_common import command_line, ensure_malloc_env, log_to, machine, train_epochs
+from structured_common import CIFAR_AUGMENT, command_line, ensure_malloc_env, fit, log_to, machine
 
 from admmcompress.data import load_dataset
 from admmcompress.drivers import ADMM, RhoSchedule
-from admmcompress.masks import MaskSet
+from admmcompress.finalize import MaskSet
 from admmcompress.models import create_model
 from admmcompress.plan import Plan, Rule
 from admmcompress.report.storage import storage
@@ -70,7 +71,7 @@ BATCH = 128
 def sgd_epochs(model, train, epochs, *, log, admm=None, masks=None, seed=0) -> None:
     """The one optimizer recipe of this benchmark (see the module docstring)."""
     steps = (len(train.y) + BATCH - 1) // BATCH
-    train_epochs(
+    fit(
         model,
         train,
         epochs,
@@ -82,7 +83,7 @@ def sgd_epochs(model, train, epochs, *, log, admm=None, masks=None, seed=0) -> N
         every=max(1, steps // 4) if admm is not None else None,
         on_every=(lambda: _log_residual(admm, log)) if admm is not None else None,
         masks=masks,
-        augment=True,
+        augment=CIFAR_AUGMENT,
         schedule="constant" if admm is not None else "cosine",
         seed=seed,
         log=log,

@@ -6,9 +6,11 @@
     python benchmarks/structured_cifar.py summary
 
 Data: the first ``--train-limit`` (10,000) images of ``cifar10_jpeg.npz`` (JPEG q75, see
-../shared/data/README.md: a few points below real CIFAR-10), flip + 4-pixel-shift augmentation, and
-all 10,000 test images. CPU is scarce, so the schedules are short and the absolute accuracies low;
-compare the two methods, which share everything but how they choose the filters:
+../shared/data/README.md: a few points below real CIFAR-10), the library's augmentation
+(``Augment(shift=4, hflip=True)``: each image shifted by up to 4 pixels, border replicated, and mirrored
+with probability 1/2), and all 10,000 test images; training runs on ``admmcompress.train.loop.train_epoch``.
+CPU is scarce, so the schedules are short and the absolute accuracies low; compare the two methods,
+which share everything but how they choose the filters:
 
 - dense: SGD (Nesterov, momentum 0.9, wd 5e-4), lr 0.1 cosine, batch 128, ``--dense-epochs`` epochs.
 - admm: one coupled filter target per channel group on every Conv2d at sparsity ``1 - keep``
@@ -33,13 +35,14 @@ import time
 from pathlib import Path
 
 import torch
-from structured_common import command_line, ensure_malloc_env, log_to, machine, params, train_epochs
+from structured_common import CIFAR_AUGMENT, command_line, ensure_malloc_env, fit, log_to, machine, macs, params
 
 from admmcompress.data import load_dataset
 from admmcompress.drivers import ADMM, RhoSchedule
 from admmcompress.executors.compact import compact
 from admmcompress.models import create_model
 from admmcompress.plan import Plan, Rule
+from admmcompress.report.compare import RunSummary, compare_table, plot_compare
 from admmcompress.structures import Filter
 from admmcompress.train import checkpoint as ckpt
 from admmcompress.train.loop import evaluate
@@ -63,7 +66,7 @@ def run_dense(args, log) -> dict:
     train, test = data(args)
     torch.manual_seed(0)
     model = create_model("resnet20")
-    train_epochs(
+    fit(
         model,
         train,
         args.dense_epochs,
@@ -71,11 +74,11 @@ def run_dense(args, log) -> dict:
         optimizer="sgd",
         batch_size=128,
         weight_decay=5e-4,
-        augment=True,
+        augment=CIFAR_AUGMENT,
         log=log,
     )
     ckpt.save_tensors(dense_path(args), model.state_dict())
-    return {"accuracy": evaluate(model, test), "params": params(model)}
+    return {"accuracy": evaluate(model, test), "params": params(model), "macs": macs(model, test.x[:1])}
 
 
 def load_dense(args):
@@ -93,7 +96,7 @@ def run_admm(args, log) -> dict:
     rho = RhoSchedule(initial=args.rho, growth=args.rho_growth, maximum=args.rho_max)
     admm = ADMM(model, targets, rho=rho)
     log(f"ADMM: {len(targets)} coupled filter targets, keep {args.keep}")
-    train_epochs(
+    fit(
         model,
         train,
         args.admm_epochs,
@@ -104,7 +107,7 @@ def run_admm(args, log) -> dict:
         penalty=admm.penalty,
         every=max(1, steps // 4),
         on_every=admm.step,
-        augment=True,
+        augment=CIFAR_AUGMENT,
         schedule="constant",  # ADMM needs W to keep tracking Z - U: no decay to 0 inside the phase (P9)
         log=log,
     )
@@ -114,7 +117,7 @@ def run_admm(args, log) -> dict:
     result = compact(model, x, masks)
     small = result.model
     log(f"hard prune: {before_prune:.2f}% -> {hard:.2f}%; {result.summary().splitlines()[0]}")
-    train_epochs(
+    fit(
         small,
         train,
         args.finetune_epochs,
@@ -122,7 +125,7 @@ def run_admm(args, log) -> dict:
         optimizer="sgd",
         batch_size=128,
         weight_decay=5e-4,
-        augment=True,
+        augment=CIFAR_AUGMENT,
         seed=1,
         log=log,
     )
@@ -131,6 +134,7 @@ def run_admm(args, log) -> dict:
         "accuracy_after_hard_prune": hard,
         "accuracy": evaluate(small, test),
         "params": params(small),
+        "macs": macs(small, x),
         "widths": widths(small),
         "residuals": {k: round(v, 4) for k, v in admm.residuals().items()},
     }
@@ -156,7 +160,7 @@ def run_magnitude(args, log) -> dict:
     }
     pruned = evaluate(model, test)
     log(f"Torch-Pruning L1 magnitude: {params(model):,} params, same widths as ideal: {same}, {pruned:.2f}%")
-    train_epochs(
+    fit(
         model,
         train,
         args.admm_epochs + args.finetune_epochs,
@@ -164,7 +168,7 @@ def run_magnitude(args, log) -> dict:
         optimizer="sgd",
         batch_size=128,
         weight_decay=5e-4,
-        augment=True,
+        augment=CIFAR_AUGMENT,
         seed=1,
         log=log,
     )
@@ -172,6 +176,7 @@ def run_magnitude(args, log) -> dict:
         "accuracy_after_hard_prune": pruned,
         "accuracy": evaluate(model, test),
         "params": params(model),
+        "macs": macs(model, x),
         "widths": widths(model),
         "same_widths_as_ideal": same,
     }
@@ -182,27 +187,28 @@ def widths(model) -> list[int]:
 
 
 def summary(out: Path) -> str:
+    """The ``admmcompress report --compare`` table of the runs recorded in ``out`` (and ``out/compare.png``)."""
     dense_file = out / "dense.json"
     if not dense_file.is_file():
         return f"no dense run in {out}"
     dense = json.loads(dense_file.read_text())
-    lines = [
-        f"Dense ResNet-20: {dense['accuracy']:.2f}% ({dense['params']:,} parameters)",
-        "",
-        "| keep | params | reduction | ADMM: after hard prune | ADMM: after fine-tune | "
-        "L1 magnitude (Torch-Pruning): after prune | L1 magnitude: after fine-tune |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for path in sorted(out.glob("admm_keep*.json"), reverse=True):
-        a = json.loads(path.read_text())
-        mpath = out / path.name.replace("admm", "magnitude")
-        m = json.loads(mpath.read_text()) if mpath.is_file() else None
-        lines.append(
-            f"| {a['keep']} | {a['params']:,} | {dense['params'] / a['params']:.1f}x | "
-            f"{a['accuracy_after_hard_prune']:.2f}% | **{a['accuracy']:.2f}%** | "
-            + (f"{m['accuracy_after_hard_prune']:.2f}% | **{m['accuracy']:.2f}%** |" if m else "- | - |")
-        )
-    return "\n".join(lines)
+    rows = [RunSummary("dense", "dense", "dense (SGD)", 1.0, None, dense["accuracy"], params_after=dense["params"],
+                       macs_after=dense.get("macs"), wall_seconds=dense.get("seconds"))]
+    methods = {"admm": ("ADMM", "admm, coupled filters"), "magnitude": ("L1", "L1 magnitude (Torch-Pruning)")}
+    for path in sorted(out.glob("admm_keep*.json"), key=lambda p: -float(p.stem.removeprefix("admm_keep"))):
+        for what, (label, method) in methods.items():
+            run = out / path.name.replace("admm", what)
+            if not run.is_file():
+                continue
+            r = json.loads(run.read_text())
+            rows.append(RunSummary(
+                f"{label} keep {r['keep']}", run.stem, method, dense["params"] / r["params"], dense["accuracy"],
+                r["accuracy"], r["accuracy_after_hard_prune"], params_after=r["params"], macs_after=r.get("macs"),
+                wall_seconds=r.get("seconds"),
+            ))
+    plot_compare(rows, out / "compare.png")
+    return (f"{compare_table(rows)}\n\n(compression = dense / pruned parameters; 'accuracy before' is the dense "
+            f"model's; plot in {out / 'compare.png'})")
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Helpers shared by the structured-pruning benchmarks: malloc settings, interleaved timing, MACs.
+"""Helpers shared by the CNN benchmarks: malloc settings, interleaved timing, MACs, epochs of the library's loop.
 
 The conventions are those of ``../shared/BENCHMARKING.md``: glibc malloc thresholds set before the
 interpreter starts (``ensure_malloc_env`` re-executes the script with them), 2 threads, eval mode,
@@ -19,7 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from admmcompress.data import BatchLoader, Split
+from admmcompress.data.augment import Augment
 from admmcompress.executors.compact_run import count_macs
+from admmcompress.train.config import OptimizerConfig, PhaseConfig
+from admmcompress.train.loop import learning_rate, make_optimizer, train_epoch
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
 
@@ -79,19 +83,13 @@ def params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def augment_cifar(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random horizontal flip and random 32x32 crop of the 4-pixel zero-padded image (standard CIFAR)."""
-    n = x.shape[0]
-    flip = torch.rand(n, generator=generator) < 0.5
-    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
-    padded = nn.functional.pad(x, (4, 4, 4, 4))
-    dy, dx = torch.randint(0, 9, (2,), generator=generator).tolist()  # one offset per batch: cheap
-    return padded[:, :, dy : dy + x.shape[2], dx : dx + x.shape[3]]
+# Standard CIFAR augmentation, the library's: random flip and a shift of up to 4 pixels per image.
+CIFAR_AUGMENT = Augment(shift=4, hflip=True)
 
 
-def train_epochs(
+def fit(
     model: nn.Module,
-    data,
+    data: Split,
     epochs: int,
     lr: float,
     *,
@@ -102,56 +100,42 @@ def train_epochs(
     every: int | None = None,
     on_every: Callable[[], object] | None = None,
     masks=None,
-    augment: bool = False,
+    augment: Augment | None = None,
     schedule: str = "cosine",
     seed: int = 0,
     log: Callable[[str], None] = print,
 ) -> None:
-    """A plain loop: fresh optimizer, cosine (or constant) LR over all steps, optional penalty and masks.
+    """``epochs`` of the library's ``train_epoch`` with a fresh optimizer and one LR schedule over all steps.
 
-    ``on_every()`` runs every ``every`` optimizer steps (the ADMM Z/U update cadence); ``masks``
-    (a ``MaskSet``) are attached to the model and the fresh optimizer for masked retraining.
+    ``on_every()`` runs every ``every`` optimizer steps (the ADMM Z/U update cadence); ``masks`` (a
+    ``MaskSet``) are attached to the model and the fresh optimizer for masked retraining; ``augment``
+    (e.g. ``CIFAR_AUGMENT``) draws from the loader's seeded generator. SGD is Nesterov with momentum 0.9.
     """
-    import math
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    if optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    else:
-        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
+    cfg = OptimizerConfig(name=optimizer, lr=lr, weight_decay=weight_decay, nesterov=optimizer == "sgd")
+    opt = make_optimizer(model, cfg)
     if masks is not None:
         masks.attach(model, opt)
-    generator = torch.Generator().manual_seed(seed)
-    n = len(data.y)
-    steps_per_epoch = (n + batch_size - 1) // batch_size
-    total, step = epochs * steps_per_epoch, 0
-    model.train()
+    loader = BatchLoader(data, batch_size, shuffle=True, seed=seed, augment=augment)
+    phase = PhaseConfig(epochs=epochs, optimizer=cfg, lr_schedule=schedule)
+    steps = len(loader)
+
+    def after_step(step: int) -> None:
+        if step % every == 0:
+            on_every()
+
     for epoch in range(epochs):
-        order = torch.randperm(n, generator=generator)
-        start_time, loss_sum = time.perf_counter(), 0.0
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            x, y = data.x[idx], data.y[idx]
-            if augment:
-                x = augment_cifar(x, generator)
-            for group in opt.param_groups:
-                group["lr"] = (
-                    lr * 0.5 * (1 + math.cos(math.pi * step / total)) if schedule == "cosine" else lr
-                )
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss_sum += loss.item()
-            if penalty is not None:
-                loss = loss + penalty()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            if every and on_every is not None and step % every == 0:
-                on_every()
-        log(
-            f"  epoch {epoch + 1}/{epochs}: loss {loss_sum / steps_per_epoch:.4f} "
-            f"({time.perf_counter() - start_time:.0f} s)"
+        started = time.perf_counter()
+        losses = train_epoch(
+            model,
+            loader,
+            opt,
+            lambda step: learning_rate(phase, step, steps),
+            epoch * steps,
+            penalty=penalty,
+            after_step=after_step if every and on_every is not None else None,
+            progress=False,
         )
+        log(f"  epoch {epoch + 1}/{epochs}: loss {losses['loss']:.4f} ({time.perf_counter() - started:.0f} s)")
     if masks is not None:
         masks.detach()
     model.eval()

@@ -22,13 +22,13 @@ import json
 from pathlib import Path
 
 import torch
-from structured_common import command_line, ensure_malloc_env, interleaved_ms, machine, macs, train_epochs
+from structured_common import command_line, ensure_malloc_env, fit, interleaved_ms, machine, macs
 
 from admmcompress.data import load_dataset
 from admmcompress.drivers import ADMM, RhoSchedule
 from admmcompress.executors.compact import CompactConfig, compact
 from admmcompress.executors.purify import purify, remove_unused_paths
-from admmcompress.masks import MaskSet
+from admmcompress.finalize import MaskSet
 from admmcompress.models import create_model
 from admmcompress.plan import Plan, Rule
 from admmcompress.report import measure
@@ -65,7 +65,7 @@ def run_stage(i, model, masks, train, test, x, args, log) -> tuple[MaskSet, dict
     steps = (len(train.y) + 63) // 64
     admm = ADMM(model, targets, rho=RhoSchedule(initial=args.rho, growth=1.5, maximum=1.0), frozen=masks)
     log(f"stage {i + 1}: ADMM {args.admm_epochs} epochs, {len(targets)} targets")
-    train_epochs(
+    fit(
         model,
         train,
         args.admm_epochs,
@@ -85,7 +85,7 @@ def run_stage(i, model, masks, train, test, x, args, log) -> tuple[MaskSet, dict
     after_purify = evaluate(model, test)
     log(f"  hard prune {hard:.2f}%, after purification/removal {after_purify:.2f}%\n" + report.describe())
     model.dropout.p = 0.5
-    train_epochs(model, train, args.retrain_epochs, 1e-3, masks=masks, seed=100 + i, log=log)
+    fit(model, train, args.retrain_epochs, 1e-3, masks=masks, seed=100 + i, log=log)
     model.dropout.p = 0.0
     final = remove_unused_paths(model, x, masks)
     masks = final.masks

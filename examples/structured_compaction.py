@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from admmcompress import ADMM, Filter, Plan, Rule, compact
-from admmcompress.executors.manifest import load_compacted, save_compacted
+from admmcompress.executors import get_executor
 from admmcompress.models import create_model
 
 
@@ -40,8 +40,9 @@ def main(steps: int = 6) -> dict:
     result = compact(model, x, masks)  # the compacted model: smaller, same outputs
     print(result.summary().splitlines()[0])
     folder = tempfile.mkdtemp()
-    save_compacted(result.model, folder, {"name": "resnet20", "kwargs": {}})
-    restored = load_compacted(folder).eval()
+    compact_executor = get_executor("compact")  # convert / save / load / export, one verb per act
+    compact_executor.save(result.model, folder, model_spec={"name": "resnet20", "kwargs": {}})
+    restored = compact_executor.load(folder).eval()
     fresh = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         diff = float((restored(fresh) - model(fresh)).abs().max())

@@ -3,8 +3,8 @@
 import torch
 from torch import nn
 
-from admmcompress.graph import CONSUMER, DEPTHWISE, NORM, PRODUCER, channel_groups, group_of
 from admmcompress.models import create_model
+from admmcompress.plan.graph import CONSUMER, DEPTHWISE, NORM, PRODUCER, channel_groups, group_of
 
 
 def roles(group):

@@ -4,8 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from admmcompress.finalize import hard_prune
-from admmcompress.masks import MaskSet, masks_from_model
+from admmcompress.finalize import MaskSet, hard_prune, masks_from_model
 from admmcompress.plan import Plan
 from admmcompress.structures import Column, Filter, Unstructured
 

@@ -308,3 +308,22 @@ def test_resolve_does_not_touch_the_model():
     Plan.from_yaml(YAML_PLAN).resolve(model)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+def test_resolve_coupled_traces_a_model_once_and_again_when_its_layers_change(monkeypatch):
+    from admmcompress.plan import graph
+
+    calls = []
+    real = graph.build_dependency_graph
+    monkeypatch.setattr(graph, "build_dependency_graph", lambda m, x: calls.append(1) or real(m, x))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    plan = Plan({"0": Filter(sparsity=0.5)})
+    first = plan.resolve_coupled(model, torch.zeros(1, 3, 8, 8))
+    again = plan.resolve_coupled(model, torch.ones(1, 3, 8, 8))  # same shape: served from the cache
+    assert len(calls) == 1 and [t.key for t in again] == [t.key for t in first] == ["0:coupled-filter"]
+    assert again[0].members == first[0].members == ("0", "1", "3")
+    plan.resolve_coupled(model, torch.zeros(2, 3, 8, 8))  # another example shape traces again
+    assert len(calls) == 2
+    model[3] = nn.Conv2d(8, 6, 3)  # a replaced layer invalidates the cached groups
+    plan.resolve_coupled(model, torch.zeros(1, 3, 8, 8))
+    assert len(calls) == 3

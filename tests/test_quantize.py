@@ -6,9 +6,14 @@ from torch import nn
 
 from admmcompress import ADMM, Plan, compress
 from admmcompress.data.datasets import Split
-from admmcompress.finalize import hard_prune
-from admmcompress.masks import MaskSet
-from admmcompress.quantize import QuantizedMaskSet, hard_quantize, mask_set_from_state, release_holds
+from admmcompress.finalize import (
+    MaskSet,
+    QuantizedMaskSet,
+    hard_prune,
+    hard_quantize,
+    mask_set_from_state,
+    release_holds,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:ADMM residual:RuntimeWarning")
 
@@ -155,7 +160,7 @@ def test_progressive_quantization_stages_8_4_2_bits_keep_pruned_zeros():
 
 
 def test_iterative_partial_quantization_freezes_a_growing_share_on_fixed_levels():
-    from admmcompress.quantize import partial_quantize
+    from admmcompress.finalize import partial_quantize
 
     model = small_model()
     targets = Plan.from_dict([{"match": "3", "structure": "fixed_point", "bits": 2}]).resolve(model)

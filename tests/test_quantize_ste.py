@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 from admmcompress import Plan
-from admmcompress.finalize import hard_prune
-from admmcompress.quantize import HeldValues, QuantizedMaskSet, hard_quantize, partial_quantize
+from admmcompress.finalize import HeldValues, QuantizedMaskSet, hard_prune, hard_quantize, partial_quantize
 
 pytestmark = pytest.mark.filterwarnings("ignore:ADMM residual:RuntimeWarning")
 

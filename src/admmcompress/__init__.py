@@ -12,21 +12,44 @@ Or one call: ``compress(model, plan, train, test, admm={"epochs": 10}, retrain={
 """
 
 from admmcompress.api import CompressionResult, compress
-from admmcompress.drivers import ADMM, GradualMagnitude, IterativeQuantization, Reweighted, RhoSchedule, one_shot
+from admmcompress.drivers import (
+    ADMM,
+    Driver,
+    GradualMagnitude,
+    IterativeQuantization,
+    ModuleTransform,
+    Reweighted,
+    RhoSchedule,
+    get_driver,
+    list_drivers,
+    one_shot,
+    register_driver,
+)
+from admmcompress.executors import Executor, get_executor, list_executors, register_executor
 from admmcompress.executors.compact import CompactConfig, CompactionError, compact
 from admmcompress.executors.purify import purify, remove_unused_paths
-from admmcompress.finalize import hard_prune
-from admmcompress.masks import MaskSet
+from admmcompress.finalize import MaskSet, QuantizedMaskSet, hard_prune, hard_quantize
 from admmcompress.plan import Plan, PlanError, Rule
-from admmcompress.quantize import QuantizedMaskSet, hard_quantize
 from admmcompress.report import measure
 from admmcompress.report.storage import storage
 from admmcompress.structures import Block, BlockRow, Channel, Column, Filter, Unstructured, list_structures
+from admmcompress.structures.base import Structure, register_structure
 from admmcompress.structures.quantization import Binary, Clustering, FixedPoint, PowerOfTwo, Ternary
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Driver",
+    "Executor",
+    "ModuleTransform",
+    "Structure",
+    "get_driver",
+    "get_executor",
+    "list_drivers",
+    "list_executors",
+    "register_driver",
+    "register_executor",
+    "register_structure",
     "ADMM",
     "Binary",
     "Clustering",

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from admmcompress.data.datasets import Split
-from admmcompress.drivers.reweighted import ReweightedConfig
-from admmcompress.masks import MaskSet
+from admmcompress.finalize import MaskSet
 from admmcompress.plan import Plan
 from admmcompress.report.render import render_markdown, save_report
 from admmcompress.train.config import ADMMPhaseConfig, CompactRunConfig, PhaseConfig, RunConfig, StageConfig
@@ -48,23 +50,28 @@ def compress(
     method: str = "admm",
     admm: ADMMPhaseConfig | dict[str, Any] | None = None,
     retrain: PhaseConfig | dict[str, Any] | None = None,
-    reweighted: ReweightedConfig | dict[str, Any] | None = None,
+    options: Any = None,
     coupling: str = "none",
     compact: bool | dict[str, Any] | CompactRunConfig | None = None,
     batch_size: int = 64,
     seed: int = 0,
     out_dir: str | Path | None = None,
     progress: bool = False,
+    loss_fn: Callable[[Any, torch.Tensor, nn.Module], torch.Tensor] | None = None,
+    reweighted: Any = None,
 ) -> CompressionResult:
     """Compress a trained ``model`` toward ``plan`` with the reference loop.
 
     A list of plans runs progressive (multi-step) pruning, each step starting from the last.
-    ``method`` is "admm", "gradual" (iterative magnitude) or "magnitude" (one-shot), all
-    with the same epoch budget; "reweighted" is reweighted group lasso (``reweighted={"penalty":
-    1e-4}``; ``admm`` then gives its epochs and reweighting cadence); "iterative_quantization" freezes
-    a growing share of each quantized layer on its levels at every update of the ``admm`` phase (plans
-    with quantization rules only; prune first with a run config's earlier stage). With ``out_dir``, state is
-    checkpointed there every epoch.
+    ``method`` is any registered driver (``admmcompress.drivers.list_drivers()``): "admm", "gradual"
+    (iterative magnitude) or "magnitude" (one-shot), all with the same epoch budget; "reweighted" is
+    reweighted group lasso; "iterative_quantization" freezes a growing share of each quantized layer on its
+    levels at every update of the ``admm`` phase (plans with quantization rules only; prune first with a run
+    config's earlier stage); plugins add their own. ``admm`` is the driving phase of every method (epochs,
+    optimizer, update cadence); ``options`` the method's own config, a mapping or its dataclass
+    (``{"rho": 1e-3}`` for admm, ``{"penalty": 1e-4}`` for reweighted; ``reweighted=`` is its deprecated
+    spelling). ``loss_fn(batch, output, model)`` replaces cross-entropy in every phase. With ``out_dir``,
+    state is checkpointed there every epoch.
 
     ``coupling`` ("none", "strict" or "extend") is a run config stage's ``coupling``: filter/channel
     targets on tied channels become one coupled target per channel group (``Plan.resolve_coupled``).
@@ -89,14 +96,19 @@ def compress(
     ...                   admm={"epochs": 4}, retrain={"epochs": 2})  # doctest: +SKIP
     >>> result.compacted, result.metrics["compaction"]["params_after"]  # doctest: +SKIP
     """
+    if reweighted is not None:
+        warnings.warn("compress(reweighted=...) is deprecated: pass options=... (the method's own config)",
+                      DeprecationWarning, stacklevel=2)
+        options = reweighted if options is None else options
     plans = plan if isinstance(plan, list) else [plan]
     stages = [
         StageConfig(plan=p, method=method, admm=admm or ADMMPhaseConfig(), retrain=retrain or PhaseConfig(),
-                    reweighted=reweighted or ReweightedConfig(), coupling=coupling)
+                    options=options, coupling=coupling)
         for p in plans
     ]
     config = RunConfig(model={"name": type(model).__name__}, data={"batch_size": batch_size}, seed=seed,
                        pretrained="<in-memory model>", stages=stages, compact=compact)
-    runner = Runner(config, model, train, test, out_dir=out_dir, progress=progress, train_dense=False)
+    runner = Runner(config, model, train, test, out_dir=out_dir, progress=progress, train_dense=False,
+                    loss_fn=loss_fn)
     metrics = runner.run()
     return CompressionResult(model, runner.masks, metrics, runner.history, runner.compacted)

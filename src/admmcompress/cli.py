@@ -19,7 +19,7 @@ from admmcompress.report.storage import storage
 from admmcompress.train import checkpoint as ckpt
 from admmcompress.train.config import RunConfig
 from admmcompress.train.loop import TrainingDiverged
-from admmcompress.train.runner import STATE_FILE, Runner
+from admmcompress.train.runner import STATE_FILE, Runner, rebuild_transforms
 
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, TrainingDiverged)
 
@@ -36,26 +36,27 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument(
         "--seed", type=int, help="random seed (overrides the config's 'seed'; kept in the run's config.yaml)"
     )
-    report = sub.add_parser("report", help="recompute and print the report of a finished run folder")
-    report.add_argument("dir")
-    export = sub.add_parser("export", help="write a finished run's model as a packed file, ONNX or compacted")
-    fmt = export.add_mutually_exclusive_group(required=True)
-    fmt.add_argument("--packed", action="store_true", help="bit-packed codes + indices")
-    fmt.add_argument("--onnx", action="store_true", help="ONNX with integer weights + DequantizeLinear")
-    fmt.add_argument(
-        "--compact", action="store_true", help="physically compacted model: --out FOLDER gets manifest + safetensors"
+    report = sub.add_parser(
+        "report", help="recompute and print the report of a finished run folder, or --compare several runs"
     )
-    export.add_argument("dir", help="run folder (the --out of `admmcompress run`)")
-    export.add_argument("--out", required=True, help="file to write (--compact: folder)")
-    export.add_argument("--scheme", default="best", help="packed: best|dense|bitmask|relative|csr|structured")
-    export.add_argument("--index-bits", default="best", help="packed: relative index bits b_r, or best")
+    report.add_argument("dir", nargs="?", help="run folder (the --out of `admmcompress run`)")
+    report.add_argument(
+        "--compare", nargs="+", metavar="RUN_DIR", help="one markdown table (and one PNG) across these run folders"
+    )
+    report.add_argument("--out", help="--compare: write the table to this .md file, its plot beside it (.png)")
+    export = sub.add_parser(
+        "export", help="write a finished run's model with an executor: packed file, ONNX, compacted, or a plugin's"
+    )
+    from admmcompress.run_export import add_export_arguments  # flags from the executor registry, plugins first
+
+    add_export_arguments(export, argv)
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
             return _run(args)
         if args.command == "export":
             return _export(args)
-        return _report(Path(args.dir))
+        return _report_command(args)
     except USER_ERRORS as err:
         message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
         print(f"admmcompress: error: {message}", file=sys.stderr)
@@ -97,11 +98,27 @@ def _write_config(out: Path, config: RunConfig) -> None:
     ckpt.atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(text))
 
 
+def _report_command(args: argparse.Namespace) -> int:
+    if args.compare and args.dir:
+        raise ValueError(f"report: give either a run folder or --compare RUN_DIR..., not both ('{args.dir}')")
+    if args.compare:
+        from admmcompress.report.compare import compare_runs
+
+        print(compare_runs(args.compare, args.out))
+        return 0
+    if not args.dir:
+        raise ValueError("report: give a run folder, or --compare RUN_DIR... to tabulate several")
+    if args.out:
+        raise ValueError("report: --out goes with --compare; a single run's report is written into its own folder")
+    return _report(Path(args.dir))
+
+
 def _report(out: Path) -> int:
     """Recompute per-layer figures from the saved weights; accuracy and times come from metrics.json."""
     metrics, history = load_report(out)
     config = RunConfig.from_yaml(out / "config.yaml")
     model = create_model(config.model["name"], **{k: v for k, v in config.model.items() if k != "name"})
+    rebuild_transforms(model, metrics.get("transforms", []))  # modules a driver rewrote (ModuleTransform)
     ckpt.load_weights(model, out / "model.safetensors")
     layers = [row["name"] for row in metrics["stats"]["layers"]]
     metrics["stats"] = measure(model, layers).to_dict()
@@ -111,16 +128,9 @@ def _report(out: Path) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from admmcompress import run_export
+    from admmcompress.run_export import export_from_args
 
-    if args.onnx:
-        print(run_export.export_onnx_run(args.dir, args.out))
-        return 0
-    if args.compact:
-        print(run_export.export_compact_run(args.dir, args.out))
-        return 0
-    index_bits = args.index_bits if args.index_bits == "best" else int(args.index_bits)
-    print(run_export.export_packed_run(args.dir, args.out, scheme=args.scheme, index_bits=index_bits))
+    print(export_from_args(args))
     return 0
 
 

@@ -1,166 +1,28 @@
-"""Hard pruning and masked retraining: a ``MaskSet`` keeps pruned weights exactly zero.
+"""Deprecated alias of :mod:`admmcompress.finalize.masks` (kept for one release).
 
-Masks hold by construction under any optimizer: gradients are masked by a tensor hook,
-and after every ``optimizer.step()`` (a registered post-step hook) the weights are
-re-masked and every optimizer state tensor shaped like the weight (momentum buffers,
-Adam moments) is zeroed at pruned entries, so nothing can revive them. The model stays a
-plain ``nn.Module``: no renamed parameters, no parametrizations in its state dict.
-
->>> import torch.nn as nn
->>> model = nn.Linear(4, 2)
->>> masks = MaskSet({"weight": torch.tensor([[1, 0, 1, 0], [0, 1, 0, 1]], dtype=torch.bool)})
->>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
->>> masks.attach(model, opt)
->>> model(torch.randn(3, 4)).sum().backward(); opt.step()
->>> bool((model.weight[0, 1] == 0) and (model.weight[1, 0] == 0))
-True
+Import ``MaskSet``, ``masks_from_model`` and ``prune_masks`` from :mod:`admmcompress.finalize`;
+``hard_prune`` from :mod:`admmcompress` (or :mod:`admmcompress.finalize`).
 """
 
-from __future__ import annotations
+import warnings
 
-from collections.abc import Mapping
+from admmcompress import finalize as _finalize
+from admmcompress.finalize import masks as _new
 
-import torch
-
-
-class MaskSet:
-    """Boolean keep-masks by parameter name (``"fc1.weight"``); True = kept."""
-
-    def __init__(self, masks: Mapping[str, torch.Tensor] | None = None):
-        self.masks: dict[str, torch.Tensor] = {k: v.to(torch.bool) for k, v in (masks or {}).items()}
-        self._handles: list = []
-        self._params: dict[str, torch.nn.Parameter] = {}
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.masks
-
-    def __len__(self) -> int:
-        return len(self.masks)
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self.masks[name]
-
-    def items(self):
-        return self.masks.items()
-
-    def intersect(self, name: str, mask: torch.Tensor) -> None:
-        """Add a mask for ``name``, AND-ed with any mask it already has (several targets per layer)."""
-        mask = mask.to(torch.bool)
-        self.masks[name] = self.masks[name] & mask if name in self.masks else mask
-
-    def merged(self, other: MaskSet) -> MaskSet:
-        out = MaskSet(self.masks)
-        for name, mask in other.items():
-            out.intersect(name, mask)
-        return out
-
-    # --- applying ---------------------------------------------------------------------
-    @torch.no_grad()
-    def apply(self, model: torch.nn.Module) -> None:
-        """Zero the pruned entries of the model's weights (in place)."""
-        params = _named_params(model, self.masks)
-        for name, mask in self.masks.items():
-            params[name].mul_(mask.to(params[name].device, params[name].dtype))
-
-    def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> MaskSet:
-        """Apply the masks and keep them: mask gradients and re-mask after each optimizer step.
-
-        Call ``detach()`` to remove the hooks. Attaching again first detaches.
-        """
-        self.detach()
-        self.apply(model)
-        self._params = _named_params(model, self.masks)
-        for name, param in self._params.items():
-            keep = self.masks[name].to(param.device, param.dtype)
-            self._handles.append(param.register_hook(lambda grad, keep=keep: grad * keep))
-        if optimizer is not None:
-            self.watch(optimizer)
-        return self
-
-    def watch(self, optimizer: torch.optim.Optimizer) -> None:
-        """Re-mask weights and zero pruned optimizer state after every ``optimizer.step()``."""
-        if not self._params:
-            raise RuntimeError("MaskSet.watch: call attach(model) before watching an optimizer")
-        self.zero_optimizer_state(optimizer)
-        self._handles.append(optimizer.register_step_post_hook(lambda opt, *_: self._after_step(opt)))
-
-    def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._params = {}
-
-    @torch.no_grad()
-    def _after_step(self, optimizer: torch.optim.Optimizer) -> None:
-        for name, param in self._params.items():
-            param.mul_(self.masks[name].to(param.device, param.dtype))
-        self.zero_optimizer_state(optimizer)
-
-    @torch.no_grad()
-    def zero_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
-        """Zero momentum/moment buffers at pruned entries so they cannot move those weights."""
-        for name, param in self._params.items():
-            state = optimizer.state.get(param)
-            if not state:
-                continue
-            keep = self.masks[name].to(param.device)
-            for value in state.values():
-                if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                    value.mul_(keep.to(value.dtype))
-
-    # --- inspection and saving --------------------------------------------------------
-    def sparsity(self) -> dict[str, float]:
-        return {name: 1.0 - mask.float().mean().item() for name, mask in self.masks.items()}
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: mask.clone() for name, mask in self.masks.items()}
-
-    @classmethod
-    def from_state_dict(cls, state: Mapping[str, torch.Tensor]) -> MaskSet:
-        return cls(state)
-
-
-def _named_params(model: torch.nn.Module, names) -> dict[str, torch.nn.Parameter]:
-    params = dict(model.named_parameters())
-    missing = [n for n in names if n not in params]
-    if missing:
-        raise KeyError(f"masks name parameters the model does not have: {missing}; was the model changed?")
-    return {n: params[n] for n in names}
-
-
-def masks_from_model(model: torch.nn.Module, names) -> MaskSet:
-    """Masks of the current nonzero pattern of the named parameters (e.g. after loading a pruned model)."""
-    params = _named_params(model, names)
-    return MaskSet({n: p.detach() != 0 for n, p in params.items()})
-
-
-@torch.no_grad()
-def prune_masks(model: torch.nn.Module, targets, frozen: MaskSet | None = None) -> MaskSet:
-    """Project each target's weight itself (not W+U, see SPEC P4), zero the rest, return the masks.
-
-    Several targets on one parameter intersect; ``frozen`` masks from earlier stages are kept.
-    Only the support is applied here: :func:`admmcompress.finalize.hard_prune` also quantizes.
-    """
-    params = dict(model.named_parameters())
-    masks = MaskSet(frozen.masks if frozen is not None else None)
-    for target in targets:
-        for name, mask in target.masks(params).items():  # one parameter, or several for a coupled target
-            masks.intersect(name, mask)
-    masks.apply(model)
-    return masks
+__all__ = [*_new.__all__, *_finalize.hard.__all__]
 
 
 def __getattr__(name: str):
-    # hard_prune moved to admmcompress.finalize (it also quantizes); the old import path keeps working.
     if name == "hard_prune":
-        import warnings
-
-        from admmcompress.finalize import hard_prune
-
         warnings.warn(
             "admmcompress.masks.hard_prune moved: import it from admmcompress (or admmcompress.finalize)",
             DeprecationWarning,
             stacklevel=2,
         )
-        return hard_prune
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        return _finalize.hard_prune
+    if name.startswith("__") or not hasattr(_new, name):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn(
+        f"admmcompress.masks moved: import {name} from admmcompress.finalize", DeprecationWarning, stacklevel=2
+    )
+    return getattr(_new, name)

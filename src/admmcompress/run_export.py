@@ -1,31 +1,42 @@
-"""``admmcompress export --packed|--onnx|--compact RUN_DIR --out ...``: a finished run's model as a file.
+"""``admmcompress export --<executor> RUN_DIR --out ...``: a finished run's model through a registered executor.
 
-Run-folder glue for the CLI (reads ``config.yaml`` and the checkpoints), kept out of ``executors/``
-so that the executors never depend on the training package.
+Run-folder glue for the CLI, kept out of ``executors/`` so that the executors never depend on the
+training package or the report: ``open_run`` reads a run folder (``config.yaml``, ``model.safetensors``)
+into an :class:`~admmcompress.executors.FinishedRun` (the model, its config, test inputs, its storage
+report), and ``export_run`` hands it to ``get_executor(name).export``.
 
-The packed file is checked before the command returns: it is loaded back into a fresh model,
-whose state dict must equal the run's bit for bit and whose outputs must be identical; the printed
-summary puts the file's size next to the storage report's figure.
+The command's flags come from the registry: one ``--<name>`` per registered executor that can
+``export`` (built-ins ``--compact``, ``--onnx``, ``--packed``) and each executor's own options
+(``--scheme``, ``--index-bits`` for ``--packed``). Plugins are imported before the parser is built, so
+their executors get flags too: ``--plugin MODULE_OR_FILE`` (repeatable; a .py path is taken from the
+current folder) and the run config's ``plugins:`` list (``config.yaml`` in the run folder; a .py path is
+taken from that folder).
+
+>>> summary = export_run("packed", "runs/lenet5", "lenet5.admmpk")              # doctest: +SKIP
+>>> print(summary.splitlines()[-1])                                            # doctest: +SKIP
+round trip: state dict bit-identical, outputs identical: True
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
+import yaml
+from typing_extensions import deprecated
 
-from admmcompress.executors.compact import CompactionError, count_params
-from admmcompress.executors.compact_run import compact_checked, model_spec, random_inputs, save_compact
-from admmcompress.executors.manifest import load_compacted
+from admmcompress.executors.base import FinishedRun, get_executor, list_executors
+from admmcompress.executors.packed import packed_size_lines  # noqa: F401  (its old home; tests import it here)
 from admmcompress.models import create_model
-from admmcompress.report.compaction import render_compaction
-from admmcompress.report.storage import StorageReport, render_storage, storage
+from admmcompress.plugins import PluginError, load_plugins
+from admmcompress.report.storage import storage
 from admmcompress.train import checkpoint as ckpt
 from admmcompress.train.config import RunConfig
-
-if TYPE_CHECKING:
-    from admmcompress.executors.packed import PackedSummary
 
 
 def load_run_model(run_dir: str | Path) -> tuple[torch.nn.Module, RunConfig]:
@@ -37,95 +48,210 @@ def load_run_model(run_dir: str | Path) -> tuple[torch.nn.Module, RunConfig]:
         )
     config = RunConfig.from_yaml(run_dir / "config.yaml")
     model = create_model(config.model["name"], **{k: v for k, v in config.model.items() if k != "name"})
+    transforms = _recorded_transforms(run_dir)
+    if transforms:  # modules a driver rewrote (ModuleTransform): rebuild them before loading the weights
+        from admmcompress.train.runner import rebuild_transforms
+
+        rebuild_transforms(model, transforms)
     ckpt.load_weights(model, run_dir / "model.safetensors")
     return model.eval(), config
 
 
+def _recorded_transforms(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        return []
+    return json.loads(path.read_text()).get("metrics", {}).get("transforms", [])
+
+
 def example_input(config: RunConfig, count: int = 8) -> torch.Tensor:
+    """The first ``count`` test inputs of the run's dataset."""
     from admmcompress.data.datasets import load_dataset
 
     return load_dataset(config.data.dataset, "test", config.data.data_dir, count).x[:count]
 
 
+def open_run(run_dir: str | Path) -> FinishedRun:
+    """A finished run folder, opened for an executor's ``export`` (model loaded, in eval mode).
+
+    >>> run = open_run("runs/lenet5")                                              # doctest: +SKIP
+    >>> get_executor("onnx").export(run, "lenet5.onnx")                             # doctest: +SKIP
+    """
+    model, config = load_run_model(run_dir)
+    return FinishedRun(
+        folder=Path(run_dir),
+        model=model,
+        model_config=dict(config.model),
+        settings=config.to_dict(),
+        examples=lambda count: example_input(config, count),
+        storage_report=lambda **options: storage(model, **options),
+    )
+
+
+def export_run(name: str, run_dir: str | Path, out: str | Path, **options: Any) -> str:
+    """``get_executor(name).export(open_run(run_dir), out, **options)``: the summary to print.
+
+    The executor is looked up first, so an unknown name fails before the run is read.
+    """
+    executor = get_executor(name)
+    return executor.export(open_run(run_dir), out, **options)
+
+
+# --- the command line -----------------------------------------------------------------------
+
+
+class _Probe(argparse.ArgumentParser):
+    """A parser that raises instead of exiting: the pre-parse leaves errors to the real parser."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise argparse.ArgumentError(None, message)
+
+
+def _export_args(argv: Sequence[str] | None) -> list[str] | None:
+    """The arguments after ``export`` when ``argv`` is an export command, else None."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(argv):
+        if not arg.startswith("-"):
+            return argv[i + 1 :] if arg == "export" else None
+    return None
+
+
+def config_plugins(run_dir: str | Path) -> list[str] | None:
+    """The ``plugins:`` list of a run folder's ``config.yaml`` (None when there is none to read)."""
+    path = Path(run_dir) / "config.yaml"
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None  # a missing or broken config is reported when the run is opened
+    return spec.get("plugins") if isinstance(spec, dict) else None
+
+
+def load_export_plugins(args: Sequence[str]) -> None:
+    """Import the plugins an ``export`` command names: ``--plugin`` entries, then the run config's list."""
+    pre = _Probe(add_help=False)
+    pre.add_argument("--plugin", action="append", default=[])
+    known, _ = pre.parse_known_args(args)
+    load_plugins(known.plugin, Path.cwd())
+    probe = _Probe(add_help=False)
+    _add_arguments(probe, required=False)
+    try:
+        known, _ = probe.parse_known_args(args)
+    except argparse.ArgumentError:
+        return  # the real parser will say what is wrong
+    if known.dir:
+        load_plugins(config_plugins(known.dir), Path(known.dir))
+
+
+def add_export_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> None:
+    """Fill the ``export`` sub-parser from the registry, after importing the plugins ``argv`` names.
+
+    ``argv`` is the whole command line (default ``sys.argv[1:]``); plugins are imported only when it is
+    an ``export`` command. A plugin that fails to import ends the command like a usage error: exit status
+    2 and one line naming the plugin and the fix (its flags cannot be parsed without it).
+    """
+    args = _export_args(argv)
+    if args is not None:
+        try:
+            load_export_plugins(args)
+        except PluginError as err:
+            parser.exit(2, f"admmcompress: error: {err}\n")
+    _add_arguments(parser, required=True)
+
+
+def _add_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
+    names = list_executors("export")
+    formats = parser.add_mutually_exclusive_group(required=required)
+    for name in names:
+        cls = type(get_executor(name))
+        doc = (cls.__doc__ or "").strip().splitlines()
+        formats.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest="executor",
+            action="store_const",
+            const=name,
+            help=cls.summary or (doc[0] if doc else f"the '{name}' executor"),
+        )
+    parser.add_argument("dir", nargs=None if required else "?", help="run folder (the --out of `admmcompress run`)")
+    parser.add_argument("--out", required=required, help="file to write (--compact: folder)")
+    seen = set()
+    for name in names:
+        for option, keywords in type(get_executor(name)).export_options.items():
+            if option in seen:
+                continue  # an option two executors share is added once
+            seen.add(option)
+            keywords = dict(keywords)
+            default = keywords.pop("default", None)
+            text = keywords.pop("help", f"{name} option")
+            if default is not None:
+                text += f" (default: {default})"
+            parser.add_argument(
+                f"--{option.replace('_', '-')}", dest=option, default=argparse.SUPPRESS, help=text, **keywords
+            )
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        metavar="MODULE_OR_FILE",
+        help="import this module or .py file first (registers its executors; repeatable); "
+        "the run config's `plugins:` are imported too",
+    )
+
+
+def export_from_args(args: argparse.Namespace) -> str:
+    """Run the parsed ``admmcompress export`` command; returns the summary to print."""
+    executor = get_executor(args.executor)
+    owners: dict[str, list[str]] = {}
+    for name in list_executors("export"):
+        for option in type(get_executor(name)).export_options:
+            owners.setdefault(option, []).append(name)
+    given = {option: getattr(args, option) for option in owners if hasattr(args, option)}
+    wrong = sorted(option for option in given if option not in executor.export_options)
+    if wrong:
+        flag = wrong[0].replace("_", "-")
+        raise ValueError(
+            f"--{flag} is an option of --{' / --'.join(owners[wrong[0]])}, not of --{args.executor}; drop it"
+        )
+    return executor.export(open_run(args.dir), args.out, **given)
+
+
+# --- deprecated names (one release) ---------------------------------------------------------
+
+
+@deprecated("export_packed_run(run_dir, out, ...) is deprecated; use export_run('packed', run_dir, out, ...)")
 def export_packed_run(
     run_dir: str | Path, out: str | Path, scheme: str = "best", index_bits: int | str = "best"
 ) -> str:
-    """Write the packed file, verify the round trip, return a printable summary."""
-    from admmcompress.executors.packed import load_packed, save_packed
-
-    model, config = load_run_model(run_dir)
-    summary = save_packed(model, out, scheme=scheme, index_bits=index_bits, model_spec=dict(config.model))
-    restored = load_packed(out).eval()
-    for name, value in model.state_dict().items():
-        if not torch.equal(value, restored.state_dict()[name]):
-            raise RuntimeError(f"packed round trip changed '{name}'; please report this as a bug")
-    x = example_input(config)
-    with torch.no_grad():
-        identical = torch.equal(model(x), restored(x))
-    report = storage(model, index_bits=index_bits)
-    lines = [render_storage(report), *packed_size_lines(Path(out).stat().st_size, summary, report, scheme)]
-    lines.append(f"round trip: state dict bit-identical, outputs identical: {identical}")
-    return "\n".join(lines)
+    """Deprecated: ``export_run("packed", run_dir, out, scheme=..., index_bits=...)``."""
+    return export_run("packed", run_dir, out, scheme=scheme, index_bits=index_bits)
 
 
-def packed_size_lines(size: int, summary: PackedSummary, report: StorageReport, scheme: str = "best") -> list[str]:
-    """The packed file's size against the storage report (SPEC 4.2), every byte of difference named.
-
-    The report counts weight bits (codes, indices, codebooks) and, apart, the other parameters;
-    the file adds the container header, each packed weight's last partial byte and any buffers
-    (BN statistics), which the report does not count.
-    """
-    weight_bits, other_bits = report.bits(scheme), report.other_bits
-    figure = (weight_bits + other_bits) / 8
-    buffers = summary.other_bytes - other_bits / 8
-    return [
-        f"storage report (SPEC 4.2): weights {weight_bits:,} bits = {weight_bits / 8:,.1f} B, "
-        f"other parameters {other_bits / 8:,.0f} B; together {figure:,.1f} B",
-        f"container overhead: header {summary.header_bytes:,} B (format, layout checksum, model spec, "
-        f"per-tensor scheme/nnz/length), byte padding {summary.padding_bits:,} bits "
-        f"({len(summary.schemes)} packed weights)"
-        + (f", buffers not in the report {buffers:,.0f} B" if buffers else ""),
-        f"packed file: {size:,} B = {summary.header_bytes:,} header + {summary.weight_bytes:,} weights + "
-        f"{summary.other_bytes:,} other tensors; file / report = {size / figure:.4f} "
-        f"({100 * (size / figure - 1):+.2f}%)",
-    ]
-
-
+@deprecated("export_onnx_run(run_dir, out) is deprecated; use export_run('onnx', run_dir, out)")
 def export_onnx_run(run_dir: str | Path, out: str | Path) -> str:
-    """Export to ONNX (integer weights + DequantizeLinear), check against ONNX Runtime, summarize."""
-    from admmcompress.executors.onnx_export import export_onnx, run_onnx
-
-    model, config = load_run_model(run_dir)
-    x = example_input(config)
-    summary = export_onnx(model, (x,), out)
-    with torch.no_grad():
-        # Two batch sizes: the graph's batch dimension is dynamic.
-        diff = max(float((torch.from_numpy(run_onnx(out, b)[0]) - model(b)).abs().max()) for b in (x, x[:1]))
-    return (
-        f"onnx: {out}; integer weights + DequantizeLinear: {summary.quantized or 'none'}; "
-        f"codebook indices + Gather: {summary.codebook or 'none'}; "
-        f"float weights: {summary.float_weights or 'none'}; dynamic batch: {summary.dynamic_batch}; "
-        f"max |onnxruntime - torch| on {len(x)} test inputs (batches of {len(x)} and 1): {diff:.3g}"
-    )
+    """Deprecated: ``export_run("onnx", run_dir, out)``."""
+    return export_run("onnx", run_dir, out)
 
 
+@deprecated(
+    "export_compact_run(run_dir, out, ...) is deprecated; "
+    "use export_run('compact', run_dir, out, atol=..., samples=...)"
+)
 def export_compact_run(run_dir: str | Path, out: str | Path, atol: float = 1e-4, samples: int = 8) -> str:
-    """``admmcompress export --compact RUN_DIR --out FOLDER``: compact a finished run's model and save it."""
-    model, config = load_run_model(run_dir)
-    options = config.compact
-    atol = options.atol if options is not None else atol
-    columns = options.columns if options is not None else "off"
-    example = example_input(config, 2)
-    result, figures = compact_checked(model, example, atol=atol, samples=samples, columns=columns)
-    figures = save_compact(result, figures, out, model_spec(config.model))
-    restored = load_compacted(out).eval()
-    check = random_inputs(example, samples, seed=2)
-    with torch.no_grad():
-        diff = float((restored(check) - model(check)).abs().max())
-    if not diff <= atol:
-        raise CompactionError(f"the reloaded compacted model differs by {diff:.3g} (> atol={atol:g}); report this")
-    return (
-        f"compacted: {out}/manifest.json + model.safetensors ({count_params(restored):,} parameters)\n"
-        + render_compaction(figures)
-        + f"\n- Reloaded from {out} without the model's widths: max |diff| {diff:.2e}"
-    )
+    """Deprecated: ``export_run("compact", run_dir, out)`` (the run config's ``compact: atol`` wins, as before)."""
+    run = open_run(run_dir)
+    if run.settings.get("compact"):
+        atol = run.settings["compact"].get("atol", atol)
+    return get_executor("compact").export(run, out, atol=atol, samples=samples)
+
+
+__all__ = [
+    "add_export_arguments",
+    "config_plugins",
+    "example_input",
+    "export_compact_run",
+    "export_from_args",
+    "export_onnx_run",
+    "export_packed_run",
+    "export_run",
+    "load_export_plugins",
+    "load_run_model",
+    "open_run",
+]

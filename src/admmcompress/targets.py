@@ -1,5 +1,14 @@
-"""Old home of :class:`Target` and :class:`PlanError`: both now live in :mod:`admmcompress.structures.targets`."""
+"""Deprecated alias: ``Target`` and ``PlanError`` live in :mod:`admmcompress.plan` (kept for one release)."""
 
-from admmcompress.structures.targets import PlanError, Target
+import warnings
 
-__all__ = ["PlanError", "Target"]
+from admmcompress.plan import targets as _new
+
+__all__ = list(_new.__all__)
+
+
+def __getattr__(name: str):
+    if name not in _new.__all__:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn(f"admmcompress.targets moved: import {name} from admmcompress.plan", DeprecationWarning, stacklevel=2)
+    return getattr(_new, name)

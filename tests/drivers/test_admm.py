@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from admmcompress.drivers import ADMM, RhoSchedule
-from admmcompress.masks import MaskSet
+from admmcompress.finalize import MaskSet
 from admmcompress.plan import Plan
 from admmcompress.structures import Column, Filter, SparsityStructure, Unstructured
 
@@ -281,12 +281,12 @@ def test_rho_must_be_positive_and_finite(initial):
 
 @pytest.mark.parametrize("growth", [0.9, 0.0, -1.0, float("nan")])
 def test_rho_growth_must_not_shrink(growth):
-    with pytest.raises(ValueError, match=r"rho growth=.* must be >= 1"):
+    with pytest.raises(ValueError, match=r"rho_growth=.* must be >= 1"):
         RhoSchedule(growth=growth)
 
 
 def test_rho_maximum_below_initial():
-    with pytest.raises(ValueError, match=r"rho maximum=0.001 must be >= the initial rho 0.01"):
+    with pytest.raises(ValueError, match=r"rho_max=0.001 must be >= rho=0.01"):
         RhoSchedule(initial=1e-2, maximum=1e-3)
 
 

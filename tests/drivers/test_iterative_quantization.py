@@ -8,7 +8,7 @@ from torch import nn
 
 from admmcompress.data import load_dataset
 from admmcompress.drivers import IterativeQuantization
-from admmcompress.masks import MaskSet
+from admmcompress.finalize import MaskSet
 from admmcompress.models import LeNet300100
 from admmcompress.plan import Plan, PlanError
 from admmcompress.structures import FixedPoint, Unstructured
@@ -161,5 +161,5 @@ def test_a_pruning_rule_fails_before_any_training(data):
 
 
 def test_coupling_is_refused_for_iterative_quantization():
-    with pytest.raises(ConfigError, match="coupling needs method admm, gradual or magnitude"):
+    with pytest.raises(ConfigError, match=r"coupling needs a method that drives coupled targets, one of \[.admm"):
         config(coupling="strict")

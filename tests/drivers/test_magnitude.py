@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 from admmcompress.drivers import GradualMagnitude, one_shot
-from admmcompress.finalize import hard_prune
-from admmcompress.masks import MaskSet
+from admmcompress.finalize import MaskSet, hard_prune
 from admmcompress.plan import Plan
 from admmcompress.structures import Column, Filter, Unstructured
 from admmcompress.structures.groups import kept_count
@@ -180,7 +179,7 @@ def test_state_dict_round_trip():
 
 
 def test_gradual_stage_keeps_held_quantized_values_through_steps_and_resume(tmp_path):
-    from admmcompress.quantize import QuantizedMaskSet, mask_set_from_state
+    from admmcompress.finalize import QuantizedMaskSet, mask_set_from_state
     from admmcompress.train import checkpoint as ckpt
 
     model = small_cnn()
@@ -221,7 +220,7 @@ def test_gradual_stage_keeps_held_quantized_values_through_steps_and_resume(tmp_
 
 
 def test_pruning_a_held_layer_further_keeps_the_pruned_weights_zero():
-    from admmcompress.quantize import QuantizedMaskSet
+    from admmcompress.finalize import QuantizedMaskSet
 
     model = small_cnn()
     first = Plan.from_dict([{"match": "3", "structure": "fixed_point", "bits": 2}])

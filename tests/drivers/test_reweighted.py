@@ -8,7 +8,7 @@ from torch import nn
 
 from admmcompress.data import load_dataset
 from admmcompress.drivers.reweighted import Reweighted, ReweightedConfig, group_norms
-from admmcompress.masks import MaskSet
+from admmcompress.finalize import MaskSet
 from admmcompress.models import LeNet300100
 from admmcompress.plan import Plan
 from admmcompress.structures import Block, Column, Unstructured
@@ -168,15 +168,15 @@ def test_runner_drives_a_reweighted_stage():
             ],
         }
     )
-    assert config.stages[0].reweighted == ReweightedConfig(penalty=1e-4)
+    assert config.stages[0].options == ReweightedConfig(penalty=1e-4)
     runner = Runner(config, LeNet300100(), train, test, progress=False, train_dense=False)
     metrics = runner.run()
     assert metrics["stages"][0]["overall_compression"] == pytest.approx(10.0, rel=1e-3)
     nonzero_per_block_column = (runner.model.fc1.weight.reshape(30, 10, 784) != 0).sum(1)
     assert set(nonzero_per_block_column.unique().tolist()) <= {0, 10}  # whole block-columns only
     assert int((nonzero_per_block_column > 0).sum()) == 2352  # 10% of 30 x 784 block-columns
-    with pytest.raises(ConfigError, match=r"reweighted: reweighted power=3 must be 1"):
-        stages = [{"plan": {"rules": []}, "reweighted": {"power": 3}}]
+    with pytest.raises(ConfigError, match=r"options: reweighted power=3 must be 1"):
+        stages = [{"plan": {"rules": []}, "method": "reweighted", "options": {"power": 3}}]
         RunConfig.from_dict({**config.to_dict(), "stages": stages})
 
 
@@ -192,7 +192,7 @@ def test_compress_api_runs_the_reweighted_method():
         train,
         test,
         method="reweighted",
-        reweighted={"penalty": 1e-3},
+        options={"penalty": 1e-3},
         admm={"epochs": 1, "lr_schedule": "cosine"},
         retrain={"epochs": 1},
     )

@@ -4,11 +4,11 @@ import torch
 from torch import nn
 
 from admmcompress.finalize import hard_prune
-from admmcompress.graph import channel_groups
 from admmcompress.models import create_model, list_models
 from admmcompress.plan import Plan, Rule
+from admmcompress.plan.coupled import couple
+from admmcompress.plan.graph import channel_groups
 from admmcompress.structures import Column, Filter
-from admmcompress.structures.coupled import couple
 
 
 def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -9,14 +9,15 @@ from torch import nn
 
 from admmcompress.drivers.admm import ADMM
 from admmcompress.drivers.magnitude import GradualMagnitude
+from admmcompress.executors import get_executor
 from admmcompress.executors.compact import CompactConfig, CompactionError, compact, even_blocks
-from admmcompress.executors.manifest import load_compacted, save_compacted
+from admmcompress.executors.manifest import load_compacted
 from admmcompress.executors.purify import remove_unused_paths
 from admmcompress.finalize import hard_prune
-from admmcompress.graph import channel_groups, channel_index, group_of
 from admmcompress.plan import Plan, PlanError, Rule
+from admmcompress.plan.graph import channel_groups, channel_index, group_of
 from admmcompress.structures import Filter
-from admmcompress.structures.coupled import BlockFilter
+from admmcompress.structures.block import BlockFilter
 
 pytestmark = pytest.mark.filterwarnings("ignore:ADMM residual:RuntimeWarning")
 
@@ -255,7 +256,7 @@ def test_unused_path_removal_and_the_manifest_handle_grouped_convs(tmp_path):
     assert (outputs(model, x) - before).abs().max() <= 1e-5
     assert report.masks is not None
     small = compact(model, x, report.masks).model
-    save_compacted(small, tmp_path)
+    get_executor("compact").save(small, tmp_path)
     restored = load_compacted(tmp_path, TinyResNeXt())
     assert restored.b2.conv2.groups == 4 and restored.b2.conv2.weight.shape == small.b2.conv2.weight.shape
     fresh = torch.randn(3, 3, 8, 8)

@@ -1,4 +1,5 @@
-"""Compacted models saved as a shape manifest + safetensors, rebuilt without the original widths; ONNX."""
+"""Compacted models saved as a shape manifest + safetensors (the compact executor), rebuilt without the original
+widths; ONNX (the onnx executor)."""
 
 import json
 
@@ -6,9 +7,12 @@ import pytest
 import torch
 from structured_helpers import random_structured_masks, randomize_norms
 
+from admmcompress.executors import get_executor
 from admmcompress.executors.compact import CompactConfig, compact
-from admmcompress.executors.manifest import load_compacted, save_compacted
+from admmcompress.executors.manifest import load_compacted
 from admmcompress.models import create_model
+
+COMPACT = get_executor("compact")
 
 
 @pytest.fixture(scope="module")
@@ -22,12 +26,12 @@ def compacted():
 
 def test_manifest_round_trip_by_registry_name(compacted, tmp_path):
     model, x = compacted
-    save_compacted(model, tmp_path, {"name": "resnet20", "kwargs": {}})
+    COMPACT.save(model, tmp_path, model_spec={"name": "resnet20", "kwargs": {}})
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert (
         manifest["format"] == "admmcompress.compacted/1" and manifest["layers"]["conv1"]["out_channels"] < 16
     )
-    restored = load_compacted(tmp_path).eval()  # built from the registry at full width, then reshaped
+    restored = COMPACT.load(tmp_path).eval()  # built from the registry at full width, then reshaped
     with torch.no_grad():
         assert torch.equal(restored(x), model(x))
     assert restored.state_dict().keys() == model.state_dict().keys()
@@ -36,7 +40,7 @@ def test_manifest_round_trip_by_registry_name(compacted, tmp_path):
 def test_loading_needs_a_manifest_and_a_skeleton(tmp_path, compacted):
     with pytest.raises(FileNotFoundError, match="has no manifest.json"):
         load_compacted(tmp_path)
-    save_compacted(compacted[0], tmp_path)
+    COMPACT.save(compacted[0], tmp_path)
     with pytest.raises(ValueError, match="names no registered model; pass the skeleton"):
         load_compacted(tmp_path)
     assert load_compacted(tmp_path, create_model("resnet20")) is not None
@@ -46,9 +50,13 @@ def test_loading_needs_a_manifest_and_a_skeleton(tmp_path, compacted):
 def test_compacted_model_runs_in_onnxruntime_with_the_same_outputs(compacted, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    from admmcompress.executors.export import export_compacted
+    from admmcompress.executors.onnx_export import run_onnx
 
     model, x = compacted
-    summary = export_compacted(model, x, tmp_path, {"name": "resnet20", "kwargs": {}})
-    assert summary["onnx_max_abs_diff"] <= 1e-4 and summary["reload_max_abs_diff"] == 0.0
+    COMPACT.save(model, tmp_path, model_spec={"name": "resnet20", "kwargs": {}})
+    with torch.no_grad():
+        assert torch.equal(COMPACT.load(tmp_path).eval()(x), model(x))
+    get_executor("onnx").save(model, tmp_path / "model.onnx", example=x, atol=1e-4)  # checked in onnxruntime
+    with torch.no_grad():
+        assert abs(run_onnx(tmp_path / "model.onnx", x)[0] - model(x).numpy()).max() <= 1e-4
     assert (tmp_path / "model.onnx").is_file() and (tmp_path / "model.safetensors").is_file()

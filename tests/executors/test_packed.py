@@ -8,17 +8,18 @@ import torch
 from torch import nn
 
 from admmcompress.cli import main
+from admmcompress.encoding import SCHEMES
 from admmcompress.executors.packed import (
     BitReader,
     BitWriter,
     load_packed,
     manifest_entry,
+    packed_size_lines,
     read_manifest,
     save_packed,
 )
 from admmcompress.models import create_model
-from admmcompress.report.storage import SCHEMES, storage
-from admmcompress.run_export import packed_size_lines
+from admmcompress.report.storage import storage
 from admmcompress.structures.quantization import Binary, Clustering, FixedPoint, PowerOfTwo, Ternary
 from admmcompress.train import checkpoint as ckpt
 

@@ -6,8 +6,7 @@ from structured_helpers import IMAGE_MODELS, random_structured_masks, randomize_
 
 from admmcompress.executors.compact import compact
 from admmcompress.executors.purify import nonzero_params, purify, remove_unused_paths
-from admmcompress.finalize import hard_prune
-from admmcompress.masks import MaskSet
+from admmcompress.finalize import MaskSet, hard_prune
 from admmcompress.models import create_model
 from admmcompress.plan import Plan, Rule
 from admmcompress.structures import Column, Filter

@@ -6,8 +6,9 @@ import importlib
 import pytest
 
 MODULES = [
-    "admmcompress.graph",
-    "admmcompress.structures.coupled",
+    "admmcompress.plan.graph",
+    "admmcompress.plan.coupled",
+    "admmcompress.plan.rules",
     "admmcompress.executors.channels",
     "admmcompress.executors.fold",
     "admmcompress.executors.compact",

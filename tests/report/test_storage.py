@@ -1,4 +1,7 @@
-"""Storage accounting (SPEC 4.2) on hand-computed cases, including filler entries of the relative index."""
+"""Storage accounting (SPEC 4.2) on hand-computed cases, including filler entries of the relative index.
+
+The per-weight helpers live in ``admmcompress.encoding``; ``report.storage`` keeps the model table.
+"""
 
 import math
 
@@ -6,16 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from admmcompress.report.storage import (
-    FLOAT32,
-    clog2,
-    layer_storage,
-    relative_entries,
-    relative_gaps,
-    render_storage,
-    storage,
-    value_format,
-)
+from admmcompress.encoding import FLOAT32, clog2, layer_storage, relative_entries, relative_gaps, value_format
+from admmcompress.report.storage import render_storage, storage
 from admmcompress.structures.quantization import Clustering, FixedPoint
 
 # R=3, C=4, nnz=4, levels {-0.5, 0.5, 1.0} = 0.5 * {-1, 1, 2}: a grid of 3 nonzero codes (2 bits).
@@ -141,3 +136,18 @@ def test_normalisation_scales_are_counted_with_the_other_parameters_by_default()
     assert report.other_bits == 44 * 32
     named = storage(model, ["0", "1"])  # asked for by name: still reported as a layer
     assert [row.name for row in named.layers] == ["0.weight", "1.weight"]
+
+
+def test_the_encoding_helpers_are_one_object_under_both_names_and_their_examples_run():
+    import doctest
+
+    from admmcompress import encoding
+    from admmcompress.report import storage as report_storage
+
+    for name in ("SCHEMES", "LayerStorage", "ValueFormat", "layer_storage", "value_format", "weight_layers"):
+        assert getattr(report_storage, name) is getattr(encoding, name), name
+    report = storage(nn.Linear(4, 3))
+    assert report.render() == render_storage(report)
+    for module in (encoding, report_storage):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+        assert result.failed == 0 and result.attempted > 0

@@ -8,8 +8,8 @@ from admmcompress.drivers import ADMM, GradualMagnitude
 from admmcompress.finalize import hard_prune
 from admmcompress.models import create_model
 from admmcompress.plan import Plan, PlanError, Rule
+from admmcompress.plan.coupled import CoupledTarget, couple
 from admmcompress.structures import Channel, Column, Filter
-from admmcompress.structures.coupled import CoupledTarget, couple
 from admmcompress.structures.groups import kept_count
 
 

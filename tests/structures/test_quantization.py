@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 
 from admmcompress.plan import Plan, PlanError
 from admmcompress.structures.quantization import (
-    QUANTIZERS,
     Binary,
     Clustering,
     FixedPoint,
@@ -19,7 +18,6 @@ from admmcompress.structures.quantization import (
     _searched_interval,
     best_interval,
     kmeans_1d,
-    quantization_from_dict,
 )
 
 ALL = [
@@ -261,11 +259,3 @@ def test_one_level_set_per_layer():
     )
     with pytest.raises(PlanError, match="'quantization' target; keep one"):
         plan.resolve(nn.Sequential(nn.Linear(2, 2)))
-
-
-def test_every_registered_quantizer_builds_from_its_dict():
-    examples = {"fixed_point": {"bits": 4}, "power_of_two": {"bits": 3}, "clustering": {"clusters": 4}}
-    for kind, cls in QUANTIZERS.items():
-        structure = quantization_from_dict({"structure": kind, **examples.get(kind, {})})
-        assert isinstance(structure, cls)
-        assert quantization_from_dict(structure.to_dict()) == structure

@@ -15,7 +15,7 @@ from admmcompress.executors import compact_run
 from admmcompress.executors.compact import CompactionError
 from admmcompress.executors.manifest import load_compacted
 from admmcompress.models import create_model
-from admmcompress.structures.coupled import CoupledTarget
+from admmcompress.plan import CoupledTarget
 from admmcompress.train.config import CompactRunConfig, ConfigError, RunConfig
 from admmcompress.train.runner import Runner
 
@@ -65,7 +65,7 @@ def test_coupling_and_compact_options_are_validated():
     assert RunConfig.from_dict(spec(coupling="none", compact=None)).stages[0].coupling == "none"
     with pytest.raises(ConfigError, match=r"coupling='loose'; choose one of \('none', 'strict', 'extend'\)"):
         RunConfig.from_dict(spec(coupling="loose"))
-    with pytest.raises(ConfigError, match="coupling needs method admm, gradual or magnitude"):
+    with pytest.raises(ConfigError, match=r"coupling needs a method that drives coupled targets, one of \[.admm"):
         RunConfig.from_dict(spec(method="reweighted"))
     with pytest.raises(ConfigError, match=r"compact: unknown key\(s\) \['atoll'\]"):
         RunConfig.from_dict(spec(compact={"atoll": 1e-4}))

@@ -125,7 +125,7 @@ def test_relative_pretrained_path_is_resolved_against_the_config_folder(tmp_path
         (lambda s: s.pop("pretrain"), r"give 'pretrained' .* or 'pretrain'"),
         (
             lambda s: s["stages"][0].update(method="prune"),
-            r"method='prune'; choose one of \('admm', 'magnitude'",
+            r"method='prune'; choose one of \['admm', 'gradual'",
         ),
         (lambda s: s.update(model="lenet5"), r"model: give a mapping with 'name'"),
         (lambda s: s.update(stages={"plan": PLAN}), r"stages must be a list"),

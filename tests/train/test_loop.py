@@ -226,3 +226,105 @@ def test_bf16_autocast_and_channels_last_train_float32_weights():
     assert math.isfinite(losses["loss"])
     assert model.conv1.weight.dtype == torch.float32 and model.conv1.weight.is_contiguous()
     assert not torch.equal(before, model.conv1.weight)
+
+
+# --- the custom-loss hook -----------------------------------------------------------------------
+def _trained(loss_fn=None, **kwargs):
+    """fc1 of a LeNet-300-100 after one seeded epoch, and the reported losses."""
+    torch.manual_seed(0)
+    model = LeNet300100()
+    opt = make_optimizer(model, OptimizerConfig(name="sgd", lr=0.1))
+    out = train_epoch(model, BatchLoader(_data(32), 16, seed=0), opt, lambda s: 0.1, 0, progress=False,
+                      loss_fn=loss_fn, **kwargs)
+    return out, model.fc1.weight.detach().clone()
+
+
+def test_loss_fn_that_is_cross_entropy_trains_exactly_like_the_default():
+    seen = []
+
+    def ce(batch, output, model):
+        seen.append((len(batch), output.shape, type(model).__name__))
+        return nn.functional.cross_entropy(output, batch[1])
+
+    default, w_default = _trained()
+    custom, w_custom = _trained(ce)
+    assert torch.equal(w_default, w_custom)
+    assert custom == default
+    assert seen == [(2, torch.Size([16, 10]), "LeNet300100")] * 2
+
+
+def test_loss_fn_replaces_the_data_loss_and_is_what_is_reported():
+    def doubled(batch, output, model):
+        return 2 * nn.functional.cross_entropy(output, batch[1])
+
+    default, w_default = _trained()
+    custom, w_custom = _trained(doubled)
+    assert custom["loss"] == pytest.approx(2 * default["loss"], rel=0.05)  # first steps dominate
+    assert not torch.equal(w_default, w_custom)
+
+
+def test_loss_fn_with_language_model_batches_and_a_plain_iterable():
+    """Batches of another shape (token windows, no labels) from a generator without len()."""
+    from admmcompress.models import LSTMLanguageModel
+
+    torch.manual_seed(0)
+    model = LSTMLanguageModel(50, embed=8, hidden=8, num_layers=1, dropout=0.0)
+    stream = torch.randint(0, 50, (41, 4))
+
+    def windows():  # (steps, batch) inputs and next-token targets, as a 3-tuple with a tag
+        for start in range(0, 40, 10):
+            yield stream[start : start + 10], stream[start + 1 : start + 11], "ptb"
+
+    def nll(batch, output, model):
+        log_probs, _state = output
+        return nn.functional.nll_loss(log_probs.reshape(-1, 50), batch[1].reshape(-1))
+
+    opt = make_optimizer(model, OptimizerConfig(name="adam", lr=1e-2))
+    steps = []
+    first = train_epoch(model, windows(), opt, lambda s: 1e-2, 0, after_step=steps.append, progress=False,
+                        loss_fn=nll, max_grad_norm=1.0)
+    assert steps == [1, 2, 3, 4]
+    for _ in range(5):
+        last = train_epoch(model, windows(), opt, lambda s: 1e-2, 0, progress=False, loss_fn=nll)
+    assert first["loss"] == pytest.approx(math.log(50), rel=0.1)
+    assert last["loss"] < first["loss"]
+
+
+def test_max_grad_norm_clips_the_step():
+    def big(batch, output, model):
+        return 1e4 * nn.functional.cross_entropy(output, batch[1])
+
+    torch.manual_seed(0)
+    start = LeNet300100().fc1.weight.detach().clone()
+    _, unclipped = _trained(big)
+    _, clipped = _trained(big, max_grad_norm=1e-3)
+    assert (clipped - start).norm() < (unclipped - start).norm() / 100
+
+
+def test_loss_fn_refuses_distillation_and_label_smoothing():
+    from admmcompress.train.config import DistillConfig
+
+    def ce(batch, output, model):
+        return nn.functional.cross_entropy(output, batch[1])
+
+    with pytest.raises(ValueError, match="cannot be combined with distillation or label smoothing"):
+        _trained(ce, label_smoothing=0.1)
+    with pytest.raises(ValueError, match="cannot be combined with distillation or label smoothing"):
+        _trained(ce, teacher=LeNet300100(), distill=DistillConfig(alpha=0.5, temperature=4.0))
+
+
+def test_loss_fn_must_return_a_scalar():
+    with pytest.raises(ValueError, match=r"loss_fn must return a scalar tensor.*got \(16,\)"):
+        _trained(lambda batch, output, model: nn.functional.cross_entropy(output, batch[1], reduction="none"))
+    with pytest.raises(ValueError, match="loss_fn must return a scalar tensor.*got float"):
+        _trained(lambda batch, output, model: 1.0)
+
+
+def test_without_loss_fn_other_batch_shapes_get_one_clear_error():
+    model = LeNet300100()
+    opt = make_optimizer(model, OptimizerConfig(name="sgd", lr=0.1))
+    batches = [(torch.randn(2, 1, 28, 28), torch.tensor([1, 2]), "extra")]
+    with pytest.raises(ValueError, match="yielded a 3-tuple; without loss_fn a batch must be an"):
+        train_epoch(model, batches, opt, lambda s: 0.1, 0, progress=False)
+    with pytest.raises(ValueError, match="max_grad_norm=0 must be > 0"):
+        train_epoch(model, batches, opt, lambda s: 0.1, 0, progress=False, max_grad_norm=0)

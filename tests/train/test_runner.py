@@ -369,7 +369,7 @@ def test_gradual_reaches_the_target_with_step_cadence(data, dense):
 
 
 def test_resume_of_a_gradual_stage_keeps_values_quantized_by_an_earlier_stage(tmp_path, data, monkeypatch):
-    from admmcompress.quantize import QuantizedMaskSet
+    from admmcompress.finalize import QuantizedMaskSet
 
     quantize = {
         "rules": [
@@ -425,7 +425,7 @@ def ste_config() -> RunConfig:
 def test_ste_retraining_moves_quantized_weights_between_levels_and_resumes_bit_identically(
     tmp_path, data, monkeypatch
 ):
-    from admmcompress.quantize import QuantizedMaskSet
+    from admmcompress.finalize import QuantizedMaskSet
 
     config = ste_config()
     held = RunConfig.from_dict({**config.to_dict()})

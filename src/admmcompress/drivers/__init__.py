@@ -1,11 +1,26 @@
-"""How training is pushed toward a structure: ADMM, reweighted group lasso, magnitude baselines and
-iterative quantization."""
+"""How training is pushed toward a structure: one :class:`Driver` protocol and a registry of methods
+(ADMM, reweighted group lasso, one-shot and gradual magnitude baselines, iterative quantization, and any
+plugin registered with :func:`register_driver`)."""
 
-from admmcompress.drivers.admm import ADMM, RhoSchedule
-from admmcompress.drivers.iterative_quantization import IterativeQuantization
-from admmcompress.drivers.magnitude import GradualMagnitude, one_shot
+from admmcompress.drivers.admm import ADMM, ADMMConfig, RhoSchedule
+from admmcompress.drivers.base import (
+    Driver,
+    DriverContext,
+    DriverError,
+    DriverSpec,
+    ModuleTransform,
+    get_driver,
+    list_drivers,
+    register_driver,
+    unregister_driver,
+)
+from admmcompress.drivers.iterative_quantization import IterativeQuantization, IterativeQuantizationConfig
+from admmcompress.drivers.magnitude import GradualMagnitude, MagnitudeConfig, OneShotMagnitude, one_shot
 from admmcompress.drivers.reweighted import Reweighted, ReweightedConfig
 
 __all__ = [
-    "ADMM", "GradualMagnitude", "IterativeQuantization", "Reweighted", "ReweightedConfig", "RhoSchedule", "one_shot",
+    "ADMM", "ADMMConfig", "Driver", "DriverContext", "DriverError", "DriverSpec", "GradualMagnitude",
+    "IterativeQuantization", "IterativeQuantizationConfig", "MagnitudeConfig", "ModuleTransform",
+    "OneShotMagnitude", "Reweighted", "ReweightedConfig", "RhoSchedule", "get_driver", "list_drivers",
+    "one_shot", "register_driver", "unregister_driver",
 ]

@@ -28,9 +28,15 @@ from typing import Any
 
 import torch
 
-from admmcompress.finalize import hard_prune
-from admmcompress.masks import MaskSet
+from admmcompress.drivers.base import Driver, DriverContext, register_driver
+from admmcompress.finalize import MaskSet, hard_prune
 from admmcompress.plan import Plan, Target
+
+
+def _finite(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        hint = " (YAML read it as text: write it with a dot, e.g. 1.0e-3)" if isinstance(value, str) else ""
+        raise ValueError(f"{name}={value!r} must be a finite number{hint}")
 
 
 @dataclass(frozen=True)
@@ -39,7 +45,7 @@ class RhoSchedule:
 
     ``growth=1.0`` gives the constant-rho recipe (the TF LeNet-5 code uses 1e-4 constant);
     the default 1e-3 x1.3 follows the PyTorch progressive code (SPEC 1.3). The cap keeps a
-    growing rho from freezing training (SPEC P8).
+    growing rho from freezing training (SPEC P8). This is the one place rho is validated.
     """
 
     initial: float = 1e-3
@@ -47,20 +53,48 @@ class RhoSchedule:
     maximum: float | None = None  # default: max(1.0, initial)
 
     def __post_init__(self) -> None:
-        if not (self.initial > 0 and math.isfinite(self.initial)):
+        if isinstance(self.initial, str):
+            _finite(self.initial, "rho")
+        if isinstance(self.initial, bool) or not (
+            isinstance(self.initial, (int, float)) and self.initial > 0 and math.isfinite(self.initial)
+        ):
             raise ValueError(f"rho={self.initial!r} must be a positive number, e.g. 1e-3")
         if self.maximum is None:
             object.__setattr__(self, "maximum", max(1.0, float(self.initial)))
+        _finite(self.maximum, "rho_max")
+        if isinstance(self.growth, str):
+            _finite(self.growth, "rho_growth")
         if not self.growth >= 1.0:
-            raise ValueError(f"rho growth={self.growth!r} must be >= 1 (1 keeps rho constant)")
+            raise ValueError(f"rho_growth={self.growth!r} must be >= 1 (1 keeps rho constant)")
+        _finite(self.growth, "rho_growth")
         if not self.maximum >= self.initial:
-            raise ValueError(f"rho maximum={self.maximum!r} must be >= the initial rho {self.initial!r}")
+            raise ValueError(f"rho_max={self.maximum!r} must be >= rho={self.initial!r}")
 
     def next(self, rho: float) -> float:
         return min(rho * self.growth, self.maximum)
 
 
-class ADMM:
+@dataclass(frozen=True)
+class ADMMConfig:
+    """Options of method ``admm`` (a run config's ``options:``; older configs give them inside ``admm:``).
+
+    >>> ADMMConfig(rho=1e-3, rho_growth=1.1).schedule()
+    RhoSchedule(initial=0.001, growth=1.1, maximum=1.0)
+    """
+
+    rho: float = 1e-3
+    rho_growth: float = 1.3
+    rho_max: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.schedule()  # validates
+
+    def schedule(self) -> RhoSchedule:
+        return RhoSchedule(self.rho, self.rho_growth, self.rho_max)
+
+
+@register_driver("admm", ADMMConfig)
+class ADMM(Driver):
     """ADMM state for every target of a plan on one model (shaped like an optimizer's state).
 
     Args:
@@ -94,6 +128,13 @@ class ADMM:
                     "rho": self.schedule.initial,
                 }
         self._refresh_anchors()
+
+    supports_coupling = True
+
+    @classmethod
+    def from_config(cls, model: torch.nn.Module, targets: list[Target], config: ADMMConfig,
+                    context: DriverContext) -> ADMM:
+        return cls(model, targets, rho=config.schedule(), frozen=context.frozen)
 
     # --- the W-step penalty -------------------------------------------------------------
     def _refresh_anchors(self) -> None:
@@ -138,6 +179,12 @@ class ADMM:
             t.key: _relative(t.value(self._params).detach() - self.state[t.key]["Z"], t.value(self._params))
             for t in self.targets
         }
+
+    def progress(self) -> dict[str, Any]:
+        return {"residual": self.residuals(), "rho": max((s["rho"] for s in self.state.values()), default=0.0)}
+
+    def summary(self) -> dict[str, Any]:
+        return {"admm_history": self.history}
 
     def finalize(self) -> MaskSet:
         """Hard-prune each target from W itself; returns the masks (attach them for retraining)."""

@@ -20,15 +20,25 @@ projection of the weights then), pruned zeros stay zero.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from admmcompress.drivers.base import register_driver
 from admmcompress.drivers.schedule import MaskSchedule
+from admmcompress.finalize import QuantizedMaskSet, partial_quantize
 from admmcompress.plan import PlanError, Target
-from admmcompress.quantize import QuantizedMaskSet, is_quantization, partial_quantize
 
 
+@dataclass(frozen=True)
+class IterativeQuantizationConfig:
+    """Method ``iterative_quantization`` has no options: its rounds are the phase's updates (its cadence)."""
+
+
+@register_driver("iterative_quantization", IterativeQuantizationConfig)
 class IterativeQuantization(MaskSchedule):
     """Quantize in ``updates`` rounds of partial freezing; call ``step()`` at each update."""
 
-    def check_targets(self, targets: list[Target]) -> None:
+    @classmethod
+    def check_targets(cls, targets: list[Target]) -> None:
         check_quantization_only(targets)
 
     def frozen_share_at(self, iteration: int) -> float:
@@ -48,7 +58,7 @@ class IterativeQuantization(MaskSchedule):
 
 def check_quantization_only(targets: list[Target]) -> None:
     """Iterative quantization quantizes; pruning rules belong to an earlier stage."""
-    pruning = [t.param_name for t in targets if not is_quantization(t)]
+    pruning = [t.param_name for t in targets if not t.structure.quantizes]
     if pruning:
         raise PlanError(
             f"method 'iterative_quantization' only quantizes, but the plan prunes {pruning}; "

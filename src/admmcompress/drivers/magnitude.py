@@ -15,12 +15,20 @@ so a baseline gets the same epoch budget as an ADMM phase.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
+from admmcompress.drivers.base import Driver, DriverContext, register_driver
 from admmcompress.drivers.schedule import MaskSchedule
-from admmcompress.finalize import hard_prune
-from admmcompress.masks import MaskSet
+from admmcompress.finalize import MaskSet, hard_prune, mask_set_from_state
 from admmcompress.plan import Plan, Target
+
+
+@dataclass(frozen=True)
+class MagnitudeConfig:
+    """Methods ``magnitude`` and ``gradual`` have no options (gradual's steps are the phase's updates)."""
 
 
 def one_shot(model: torch.nn.Module, plan: Plan | list[Target], frozen: MaskSet | None = None) -> MaskSet:
@@ -29,8 +37,46 @@ def one_shot(model: torch.nn.Module, plan: Plan | list[Target], frozen: MaskSet 
     return hard_prune(model, targets, frozen)
 
 
+@register_driver("magnitude", MagnitudeConfig)
+class OneShotMagnitude(Driver):
+    """One-shot magnitude pruning as a driver: prunes when its phase starts, then holds the masks.
+
+    The phase (usually 0 epochs, or a short masked fine-tune) trains with the masks attached;
+    ``finalize()`` returns them.
+    """
+
+    supports_coupling = True
+
+    def __init__(self, model: torch.nn.Module, targets: list[Target], frozen: MaskSet | None = None,
+                 resuming: bool = False):
+        self.model, self.targets, self.frozen = model, list(targets), frozen
+        self.history: list[dict[str, Any]] = []
+        # Resuming a phase begun before drivers kept state: the carried masks already hold the pruning.
+        self.masks = frozen if resuming and frozen is not None else one_shot(model, self.targets, frozen)
+
+    @classmethod
+    def from_config(cls, model: torch.nn.Module, targets: list[Target], config: MagnitudeConfig,
+                    context: DriverContext) -> OneShotMagnitude:
+        return cls(model, targets, context.frozen, context.resuming)
+
+    def step(self) -> MaskSet:
+        return self.masks
+
+    def finalize(self) -> MaskSet:
+        return self.masks
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"masks": self.masks.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.masks = mask_set_from_state(state["masks"])
+
+
+@register_driver("gradual", MagnitudeConfig)
 class GradualMagnitude(MaskSchedule):
     """Prune in ``updates`` steps of growing sparsity; call ``step()`` at each update."""
+
+    supports_coupling = True
 
     def sparsity_at(self, iteration: int, final: float = 1.0) -> float:
         progress = min(1.0, iteration / self.updates)

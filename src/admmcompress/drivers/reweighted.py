@@ -44,8 +44,8 @@ from typing import Any
 
 import torch
 
-from admmcompress.finalize import hard_prune
-from admmcompress.masks import MaskSet
+from admmcompress.drivers.base import Driver, DriverContext, register_driver
+from admmcompress.finalize import MaskSet, hard_prune
 from admmcompress.plan import Plan, Target
 from admmcompress.structures.groups import as_matrix
 
@@ -112,7 +112,8 @@ def group_norms(weight: torch.Tensor, ids: torch.Tensor, n_groups: int, power: i
     return squares.clamp_min(_TINY).sqrt() * (squares > _TINY)
 
 
-class Reweighted:
+@register_driver("reweighted", ReweightedConfig)
+class Reweighted(Driver):
     """Reweighted group-lasso state for every target of a plan (shaped like ``ADMM``).
 
     Args:
@@ -141,6 +142,11 @@ class Reweighted:
         for t in self.targets:
             self._groups[t.key] = t.structure.group_ids(self._params[t.param_name])
             self.state[t.key] = {"P": self._weights(t)}
+
+    @classmethod
+    def from_config(cls, model: torch.nn.Module, targets: list[Target], config: ReweightedConfig,
+                    context: DriverContext) -> Reweighted:
+        return cls(model, targets, penalty=config, frozen=context.frozen)
 
     # --- the penalty --------------------------------------------------------------------------
     def _norms(self, target: Target, detach: bool = False) -> torch.Tensor:

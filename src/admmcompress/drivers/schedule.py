@@ -11,12 +11,22 @@ from typing import Any
 
 import torch
 
-from admmcompress.masks import MaskSet
+from admmcompress.drivers.base import Driver, DriverContext
+from admmcompress.finalize import MaskSet, QuantizedMaskSet, mask_set_from_state
 from admmcompress.plan import Plan, Target
 
 
-class MaskSchedule:
-    """``updates`` steps over ``plan``'s targets, starting from the masks (and held values) of ``frozen``."""
+class MaskSchedule(Driver):
+    """``updates`` steps over ``plan``'s targets, starting from the masks (and held values) of ``frozen``.
+
+    As a registered driver it takes ``context.updates`` (the number of updates its phase makes) and
+    replaces ``masks`` at every ``step()``.
+    """
+
+    @classmethod
+    def from_config(cls, model: torch.nn.Module, targets: list[Target], config: Any,
+                    context: DriverContext) -> MaskSchedule:
+        return cls(model, targets, updates=context.updates, frozen=context.frozen)
 
     def __init__(
         self,
@@ -32,9 +42,11 @@ class MaskSchedule:
         self.check_targets(self.targets)
         self.updates = updates
         self.iteration = 0
+        self.history: list[dict[str, Any]] = []
         self.masks = carry(frozen)
 
-    def check_targets(self, targets: list[Target]) -> None:
+    @classmethod
+    def check_targets(cls, targets: list[Target]) -> None:
         """Raise if this schedule cannot drive ``targets`` (every target is fine here)."""
 
     def step(self) -> MaskSet:
@@ -53,8 +65,6 @@ class MaskSchedule:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict()``; held quantized values come back held."""
-        from admmcompress.quantize import mask_set_from_state
-
         self.iteration = int(state["iteration"])
         self.masks = mask_set_from_state(state["masks"])
 
@@ -63,11 +73,8 @@ def carry(frozen: MaskSet | None) -> MaskSet:
     """A copy of an earlier stage's set to start from: its masks and, if any, its held values."""
     if frozen is None:
         return MaskSet()
-    held = getattr(frozen, "held", None)
-    if held:
-        from admmcompress.quantize import QuantizedMaskSet
-
-        return QuantizedMaskSet(frozen.masks, held)
+    if isinstance(frozen, QuantizedMaskSet) and frozen.held:
+        return QuantizedMaskSet(frozen.masks, frozen.held)
     return MaskSet(frozen.masks)
 
 

@@ -5,7 +5,8 @@ After block pruning (``structures.Block``), ``to_blocksparse(model)`` replaces e
 weights are sparse enough with a module that computes the same outputs from packed row blocks
 (each row block: its kept columns + a small dense matrix; see
 :mod:`admmcompress.executors.blockmatrix`). The model stays an ``nn.Module``; the swap is
-explicit and one-way (keep the masked model to train further).
+explicit and one-way (keep the masked model to train further). The ``blocksparse`` executor
+(``get_executor("blocksparse").convert(model, block_rows=...)``) does the same on a copy.
 
 >>> from admmcompress.structures import Block
 >>> model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
@@ -22,11 +23,14 @@ True
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
+from admmcompress.executors.base import Executor, register_executor, reject_unknown
 from admmcompress.executors.blockmatrix import BlockSparseMatrix
 from admmcompress.executors.blocksparse_layers import BlockSparseConv2d, BlockSparseLinear
 from admmcompress.executors.blocksparse_rnn import BlockSparseCell, BlockSparseGRU, BlockSparseLSTM
@@ -137,6 +141,32 @@ def to_blocksparse(
     return chosen
 
 
+_OPTIONS = ("block_rows", "layers", "min_sparsity", "impl", "buckets", "kernel")
+
+
+@register_executor("blocksparse")
+class BlocksparseExecutor(Executor):
+    """Block-sparse CPU layers (Linear, Conv2d, GRU, LSTM and their cells) for block-pruned weights."""
+
+    summary = "block-sparse CPU layers for block-pruned weights"
+    hints = {
+        "save": "save the masked model's state dict; convert after loading it",
+        "load": "load the masked model, then convert it",
+        "export": "load the run's model, then convert it",
+    }
+
+    def convert(self, model: nn.Module, masks: Any = None, example: Any = None, **options: Any) -> nn.Module:
+        """A copy of ``model`` (``masks`` applied) with its sparse layers block-sparse; options as
+        ``to_blocksparse`` (``block_rows``, ``layers``, ``min_sparsity``, ``impl``, ``buckets``, ``kernel``).
+        ``example`` is not needed."""
+        reject_unknown("blocksparse", "convert", options, _OPTIONS)
+        work = copy.deepcopy(model)
+        if masks is not None:
+            masks.apply(work)
+        to_blocksparse(work, **options)
+        return work
+
+
 __all__ = [
     "SUPPORTED",
     "BlockSparseCell",
@@ -145,6 +175,7 @@ __all__ = [
     "BlockSparseLSTM",
     "BlockSparseLinear",
     "BlockSparseMatrix",
+    "BlocksparseExecutor",
     "block_rows_from",
     "convert_module",
     "sparsity_of",

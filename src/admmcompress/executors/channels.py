@@ -12,7 +12,7 @@ A group channel can be removed without changing the model's function when
 ``pruned`` marks channels some producer or depthwise conv has a zero filter for: what structured
 pruning asked to remove.
 
->>> from admmcompress.graph import channel_groups
+>>> from admmcompress.plan.graph import channel_groups
 >>> model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.ReLU(), nn.Conv2d(4, 2, 3))
 >>> with torch.no_grad():
 ...     model[0].weight[1] = 0          # filter 1 is zero: channel 1 is exactly zero
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from admmcompress.graph import CONSUMER, DEPTHWISE, NORM, PRODUCER, ChannelGroup, Member, channel_rows
+from admmcompress.plan.graph import CONSUMER, DEPTHWISE, NORM, PRODUCER, ChannelGroup, Member, channel_rows
 
 
 @dataclass

@@ -35,8 +35,8 @@ from torch import nn
 
 from admmcompress.executors.channels import channel_status
 from admmcompress.executors.fold import fold_constant_channels, forward
-from admmcompress.graph import _groups_with_roots, build_dependency_graph, is_grouped_conv
-from admmcompress.masks import MaskSet
+from admmcompress.finalize import MaskSet
+from admmcompress.plan.graph import _groups_with_roots, build_dependency_graph, is_grouped_conv
 
 COLUMN_MODES = ("off", "auto", "on")
 

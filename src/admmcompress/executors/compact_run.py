@@ -1,25 +1,44 @@
-"""Compaction as a run step: compact a pruned model, check it on random inputs, save it, report it.
+"""The ``compact`` executor, and compaction as a run step: compact, check on random inputs, save, report.
 
-Used by the ``Runner`` (``compact: true`` in a run config) and by ``admmcompress export --compact``.
-The compacted model is written as ``manifest.json`` + ``model.safetensors``
-(:mod:`admmcompress.executors.manifest`), so it reloads without the original widths; the figures
-(parameters and MACs before and after, the largest output difference) go into ``metrics.json`` and
-``report.md``.
+``get_executor("compact")``: ``convert`` = :func:`~admmcompress.executors.compact.compact` (a physically
+smaller copy, same outputs), ``save`` / ``load`` = ``manifest.json`` + ``model.safetensors``
+(:mod:`admmcompress.executors.manifest`, reloaded without the original widths), ``export`` = a finished
+run's model compacted, checked, saved and reloaded (``admmcompress export --compact``).
+The ``Runner`` (``compact: true`` in a run config) uses ``compact_checked``; the figures (parameters and
+MACs before and after, the largest output difference) go into ``metrics.json`` and, through
+``render_compaction``, into ``report.md``.
+
+>>> import torch.nn as nn
+>>> from admmcompress.executors import get_executor
+>>> model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+>>> with torch.no_grad():
+...     model[0].weight[:2] = 0; model[0].bias[:2] = 0            # two neurons pruned
+>>> get_executor("compact").convert(model, example=torch.randn(2, 6))[0].out_features
+2
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from typing_extensions import deprecated
 
-from admmcompress.executors.compact import CompactConfig, CompactionError, CompactionResult, compact
+from admmcompress.executors.base import Executor, FinishedRun, register_executor, reject_unknown
+from admmcompress.executors.compact import (
+    CompactConfig,
+    CompactionError,
+    CompactionResult,
+    compact,
+    count_params,
+)
 from admmcompress.executors.fold import forward
-from admmcompress.masks import MaskSet
-from admmcompress.report.compaction import render_compaction
+from admmcompress.executors.manifest import _write_compacted, load_compacted
+from admmcompress.finalize import MaskSet
 
 COMPACT_DIR = "compact"
 
@@ -110,14 +129,17 @@ def compact_checked(
     return result, figures
 
 
+@deprecated(
+    "save_compact(result, figures, folder, spec) is deprecated; use "
+    "admmcompress.executors.get_executor('compact').save(result.model, folder, model_spec=spec) "
+    "and figures['folder'] = str(folder)"
+)
 def save_compact(
     result: CompactionResult, figures: dict[str, Any], folder: str | Path, model_spec: dict[str, Any]
 ) -> dict[str, Any]:
-    """Save the compacted model (manifest + safetensors) into ``folder``; ``figures`` gains its path."""
-    from admmcompress.executors.manifest import save_compacted
-
+    """Deprecated: save the compacted model into ``folder``; ``figures`` gains its path."""
     folder = Path(folder)
-    save_compacted(result.model, folder, model_spec)
+    _write_compacted(result.model, folder, model_spec)
     return {**figures, "folder": str(folder)}
 
 
@@ -126,8 +148,88 @@ def model_spec(model_config: dict[str, Any]) -> dict[str, Any]:
     return {"name": model_config["name"], "kwargs": {k: v for k, v in model_config.items() if k != "name"}}
 
 
+def render_compaction(figures: dict[str, Any]) -> str:
+    """Markdown lines for report.md's "Compacted model" section, from ``compact_checked``'s figures."""
+    pb, pa = figures["params_before"], figures["params_after"]
+    mb, ma = figures["macs_before"], figures["macs_after"]
+    lines = [
+        f"- Parameters: {pb:,} -> {pa:,} ({pb / max(1, pa):.2f}x fewer)",
+        f"- MACs per sample: {mb:,} -> {ma:,} ({mb / max(1, ma):.2f}x fewer)",
+        f"- Outputs vs the masked model: max |diff| {figures['max_abs_diff']:.2e} on {figures['random_inputs']} "
+        f"random inputs (atol {figures['atol']:g})",
+    ]
+    removed = figures.get("removed") or {}
+    if removed:
+        shown = ", ".join(f"{label} {r}/{n}" for label, (r, n) in list(removed.items())[:8])
+        more = f" and {len(removed) - 8} more groups" if len(removed) > 8 else ""
+        lines.append(f"- Channels removed: {shown}{more}")
+    if figures.get("folder"):
+        folder = figures["folder"]
+        lines.append(f"- Files: {folder}/manifest.json + {folder}/model.safetensors (reload: load_compacted)")
+    return "\n".join(lines)
+
+
+_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(CompactConfig))
+
+
+@register_executor("compact")
+class CompactExecutor(Executor):
+    """Physical compaction: pruned channels removed, a smaller dense model with the same outputs."""
+
+    summary = "physically compacted model: --out FOLDER gets manifest + safetensors"
+
+    def convert(
+        self, model: nn.Module, masks: MaskSet | None = None, example: Any = None, **options: Any
+    ) -> nn.Module:
+        """``compact(model, example, masks, CompactConfig(**options)).model``; ``example`` is required."""
+        if example is None:
+            raise ValueError(
+                "compact.convert needs example=<inputs the model is called with> (e.g. torch.randn(2, 3, 32, 32)): "
+                "compaction traces the model"
+            )
+        reject_unknown("compact", "convert", options, _CONFIG_FIELDS)
+        return compact(model, example, masks, CompactConfig(**options)).model
+
+    def save(self, model: nn.Module, path: str | Path, model_spec: dict[str, Any] | None = None) -> Path:
+        """``manifest.json`` + ``model.safetensors`` into the folder ``path``; ``model_spec``
+        (``{"name", "kwargs"}``, see ``model_spec()``) lets ``load`` rebuild it without a skeleton."""
+        return _write_compacted(model, path, model_spec)
+
+    def load(self, path: str | Path, skeleton: nn.Module | None = None) -> nn.Module:
+        """The compacted model saved in the folder ``path`` (``load_compacted``)."""
+        return load_compacted(path, skeleton)
+
+    def export(
+        self, run: FinishedRun, out: str | Path, atol: float | None = None, samples: int = 8
+    ) -> str:
+        """Compact the run's model (its config's ``compact:`` atol and columns), check it, save it, reload it."""
+        model = run.model
+        options = run.settings.get("compact") or {}
+        atol = float(atol) if atol is not None else options.get("atol", 1e-4)
+        columns = options.get("columns", "off")
+        samples = int(samples)
+        example = run.example(2)
+        result, figures = compact_checked(model, example, atol=atol, samples=samples, columns=columns)
+        self.save(result.model, out, model_spec(run.model_config))
+        figures = {**figures, "folder": str(Path(out))}
+        restored = self.load(out).eval()
+        check = random_inputs(example, samples, seed=2)
+        with torch.no_grad():
+            diff = float((restored(check) - model(check)).abs().max())
+        if not diff <= atol:
+            raise CompactionError(
+                f"the reloaded compacted model differs by {diff:.3g} (> atol={atol:g}); report this"
+            )
+        return (
+            f"compacted: {out}/manifest.json + model.safetensors ({count_params(restored):,} parameters)\n"
+            + render_compaction(figures)
+            + f"\n- Reloaded from {out} without the model's widths: max |diff| {diff:.2e}"
+        )
+
+
 __all__ = [
     "COMPACT_DIR",
+    "CompactExecutor",
     "compact_checked",
     "count_macs",
     "model_spec",

@@ -1,7 +1,10 @@
-"""One call to ship a compacted model: manifest + safetensors, and ONNX, each checked before returning.
+"""Deprecated: one call to ship a compacted model (manifest + safetensors, and ONNX), each checked.
 
-``export_compacted`` writes ``manifest.json`` and ``model.safetensors`` (rebuilt with
-``load_compacted`` and compared with the model) and, with ``onnx=True``, ``model.onnx`` exported by
+Use the executors instead: ``get_executor("compact").save(model, folder, model_spec=...)`` /
+``.load(folder)`` and ``get_executor("onnx").save(model, folder / "model.onnx", example=x)`` (which
+checks the file against ONNX Runtime). ``export_compacted`` stays for one release; it writes
+``manifest.json`` and ``model.safetensors`` (rebuilt with ``load_compacted`` and compared with the
+model) and, with ``onnx=True``, ``model.onnx`` exported by
 :func:`admmcompress.executors.onnx_export.export_onnx` and run with ONNX Runtime on the example
 inputs. Any difference above ``atol`` raises; the returned dict holds the measured differences.
 
@@ -18,11 +21,17 @@ from typing import Any
 
 import torch
 from torch import nn
+from typing_extensions import deprecated
 
 from admmcompress.executors.fold import forward
-from admmcompress.executors.manifest import load_compacted, save_compacted
+from admmcompress.executors.manifest import _write_compacted, load_compacted
 
 
+@deprecated(
+    "export_compacted(model, x, folder, spec) is deprecated; use "
+    "admmcompress.executors.get_executor('compact').save(model, folder, model_spec=spec) and "
+    "get_executor('onnx').save(model, folder / 'model.onnx', example=x)"
+)
 @torch.no_grad()
 def export_compacted(
     model: nn.Module,
@@ -32,12 +41,12 @@ def export_compacted(
     onnx: bool = True,
     atol: float = 1e-4,
 ) -> dict[str, Any]:
-    """Save ``model`` into ``folder`` (manifest, safetensors, optionally ONNX) and verify each file."""
+    """Deprecated: save ``model`` into ``folder`` (manifest, safetensors, optionally ONNX), verify each file."""
     folder = Path(folder)
     model = model.eval()
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     expected = forward(model, example_inputs)
-    save_compacted(model, folder, model_spec)
+    _write_compacted(model, folder, model_spec)
     skeleton = None
     if model_spec is None:
         import copy

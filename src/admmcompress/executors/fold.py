@@ -8,7 +8,7 @@ unread and can go. This is exact only when a consumer sees ``v`` at every positi
 Conv without zero padding (a padded border would see 0, not ``v``). Elsewhere the channel is kept and
 the reason is reported; prune the BN with the filter (a coupled target) to avoid it.
 
->>> from admmcompress.graph import channel_groups
+>>> from admmcompress.plan.graph import channel_groups
 >>> model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 1, 3)).eval()
 >>> with torch.no_grad():
 ...     model[0].weight[0] = 0; model[0].bias[0] = 0.5          # channel 0 is the constant relu(0.5)
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from admmcompress.graph import CONSUMER, ChannelGroup, call_model, channel_index, is_grouped_conv
+from admmcompress.plan.graph import CONSUMER, ChannelGroup, call_model, channel_index, is_grouped_conv
 
 
 @dataclass

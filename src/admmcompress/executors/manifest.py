@@ -1,16 +1,18 @@
 """Save and load compacted models as a shape manifest (JSON) plus a plain safetensors state dict.
 
 A compacted model has other layer widths than its model code builds, so its state dict alone does not
-load. ``save_compacted`` writes ``manifest.json`` with the constructor arguments of every Conv, Linear,
-BatchNorm and column-executor layer (the shapes) and ``model.safetensors`` with the state dict; no
-module is pickled. ``load_compacted`` builds the model skeleton (by registry name from the manifest, or
-the one you pass), replaces those layers with fresh ones of the recorded shapes, then calls an
-ordinary ``load_state_dict(strict=True)``: the original widths are never needed.
+load. The ``compact`` executor's ``save`` writes ``manifest.json`` with the constructor arguments of every
+Conv, Linear, BatchNorm and column-executor layer (the shapes) and ``model.safetensors`` with the state
+dict; no module is pickled. ``load_compacted`` (the executor's ``load``) builds the model skeleton (by
+registry name from the manifest, or the one you pass), replaces those layers with fresh ones of the
+recorded shapes, then calls an ordinary ``load_state_dict(strict=True)``: the original widths are never
+needed. ``save_compacted`` is the deprecated old name of the save.
 
 >>> import tempfile
+>>> from admmcompress.executors import get_executor
 >>> model = nn.Sequential(nn.Conv2d(3, 5, 3), nn.ReLU(), nn.Conv2d(5, 2, 1))
 >>> folder = tempfile.mkdtemp()
->>> _ = save_compacted(model, folder)
+>>> _ = get_executor("compact").save(model, folder)
 >>> skeleton = nn.Sequential(nn.Conv2d(3, 64, 3), nn.ReLU(), nn.Conv2d(64, 2, 1))   # other widths
 >>> load_compacted(folder, skeleton)[0].out_channels
 5
@@ -25,6 +27,7 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 from torch import nn
+from typing_extensions import deprecated
 
 from admmcompress.executors.column import ColumnConv2d, ColumnLinear
 
@@ -103,11 +106,12 @@ def shape_manifest(model: nn.Module, model_spec: dict[str, Any] | None = None) -
     }
 
 
-def save_compacted(model: nn.Module, folder: str | Path, model_spec: dict[str, Any] | None = None) -> Path:
+def _write_compacted(model: nn.Module, folder: str | Path, model_spec: dict[str, Any] | None = None) -> Path:
     """Write ``manifest.json`` and ``model.safetensors`` into ``folder``; returns the folder.
 
     ``model_spec`` (e.g. ``{"name": "resnet20", "kwargs": {"num_classes": 10}}``) lets ``load_compacted``
-    build the skeleton from the model registry without being given one.
+    build the skeleton from the model registry without being given one. Package-internal: call it as
+    ``get_executor("compact").save(model, folder, model_spec=...)``.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -118,12 +122,21 @@ def save_compacted(model: nn.Module, folder: str | Path, model_spec: dict[str, A
     return folder
 
 
+@deprecated(
+    "save_compacted(model, folder, model_spec) is deprecated; use "
+    "admmcompress.executors.get_executor('compact').save(model, folder, model_spec=model_spec)"
+)
+def save_compacted(model: nn.Module, folder: str | Path, model_spec: dict[str, Any] | None = None) -> Path:
+    """Deprecated old name: ``get_executor("compact").save(model, folder, model_spec=...)``."""
+    return _write_compacted(model, folder, model_spec)
+
+
 def load_compacted(folder: str | Path, model: nn.Module | None = None) -> nn.Module:
     """Rebuild a compacted model from ``folder``: skeleton -> recorded layer shapes -> state dict."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"'{folder}' has no {MANIFEST}; give the folder written by save_compacted")
+        raise FileNotFoundError(f"'{folder}' has no {MANIFEST}; give the folder written by the compact executor's save")
     manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT:
         raise ValueError(f"'{path}' has format {manifest.get('format')!r}, expected {FORMAT!r}")

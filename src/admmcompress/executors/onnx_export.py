@@ -5,7 +5,7 @@ batch dimension (the first dimension of every input tensor, named ``batch``) unl
 ``dynamic_batch=False``; then every weight initializer is rewritten by what its values allow:
 
 - **integer grid** ``s * c`` (fixed point, binary, ternary, power of two with a small exponent
-  range; see ``report.storage``): an int8 (or int16, opset 21) initializer of the codes ``c`` and a
+  range; see ``admmcompress.encoding``): an int8 (or int16, opset 21) initializer of the codes ``c`` and a
   ``DequantizeLinear(c, s, 0)`` node, the QDQ form ONNX Runtime recognises for quantized weights.
   ``s * c`` is computed in float32 by both PyTorch and ONNX Runtime, so the dequantized weights
   are bit-identical to the model's.
@@ -21,6 +21,10 @@ batch dimension (the first dimension of every input tensor, named ``batch``) unl
 
 Needs the optional ``export`` extra: ``pip install "admmcompress[export]"`` (onnx, onnxruntime,
 onnxscript).
+
+The ``onnx`` executor (``get_executor("onnx")``): ``save`` = ``export_onnx`` checked against ONNX
+Runtime on the example inputs, ``export`` = the same for a finished run's model at two batch sizes
+(``admmcompress export --onnx``).
 
 >>> import torch.nn as nn  # doctest: +SKIP
 >>> summary = export_onnx(model, (torch.randn(1, 1, 28, 28),), "lenet5_q.onnx")  # doctest: +SKIP
@@ -41,7 +45,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from admmcompress.report.storage import grid_of
+from admmcompress.encoding import grid_of
+from admmcompress.executors.base import Executor, FinishedRun, register_executor
 from admmcompress.structures.groups import gemm_params
 
 OPSET = 21  # int16 DequantizeLinear needs opset 21
@@ -218,4 +223,61 @@ def run_onnx(path: str | Path, *inputs: torch.Tensor) -> list[np.ndarray]:
     return session.run(None, feeds)
 
 
-__all__ = ["OnnxSummary", "codebook_indices", "export_onnx", "integer_codes", "run_onnx"]
+def _max_onnx_diff(path: str | Path, model: torch.nn.Module, batches: tuple[torch.Tensor, ...]) -> float:
+    with torch.no_grad():
+        return max(float((torch.from_numpy(run_onnx(path, b)[0]) - model(b)).abs().max()) for b in batches)
+
+
+@register_executor("onnx")
+class OnnxExecutor(Executor):
+    """ONNX with integer weights + DequantizeLinear (codebooks: indices + Gather), checked with ONNX Runtime."""
+
+    summary = "ONNX with integer weights + DequantizeLinear"
+    hints = {
+        "convert": "ONNX is a file: save it and run it with onnxruntime",
+        "load": "run the file with admmcompress.executors.onnx_export.run_onnx(path, x) or onnxruntime",
+    }
+
+    def save(
+        self,
+        model: torch.nn.Module,
+        path: str | Path,
+        example: Any = None,
+        opset: int = OPSET,
+        dynamic_batch: bool = True,
+        atol: float | None = 1e-4,
+    ) -> OnnxSummary:
+        """``export_onnx(model, example, path)``, then ONNX Runtime's outputs on ``example`` must match
+        the model's within ``atol`` (``atol=None``: no check)."""
+        if example is None:
+            raise ValueError(
+                "onnx.save needs example=<inputs the model is called with> (a tensor or a tuple): "
+                "the exporter traces the model"
+            )
+        inputs = example if isinstance(example, tuple) else (example,)
+        summary = export_onnx(model, inputs, path, opset=opset, dynamic_batch=dynamic_batch)
+        if atol is not None:
+            was_training = model.training
+            with torch.no_grad():
+                expected = model.eval()(*inputs)
+            model.train(was_training)
+            diff = float((torch.from_numpy(run_onnx(path, *inputs)[0]) - expected).abs().max())
+            if diff > atol:
+                raise RuntimeError(f"onnxruntime's outputs for '{path}' differ from torch's by {diff:.3g}")
+        return summary
+
+    def export(self, run: FinishedRun, out: str | Path) -> str:
+        """Export the run's model, check it against ONNX Runtime at batch sizes 8 and 1, summarize."""
+        model = run.model
+        x = run.example(8)
+        summary = export_onnx(model, (x,), out)
+        diff = _max_onnx_diff(out, model, (x, x[:1]))  # two batch sizes: the graph's batch dimension is dynamic
+        return (
+            f"onnx: {out}; integer weights + DequantizeLinear: {summary.quantized or 'none'}; "
+            f"codebook indices + Gather: {summary.codebook or 'none'}; "
+            f"float weights: {summary.float_weights or 'none'}; dynamic batch: {summary.dynamic_batch}; "
+            f"max |onnxruntime - torch| on {len(x)} test inputs (batches of {len(x)} and 1): {diff:.3g}"
+        )
+
+
+__all__ = ["OnnxExecutor", "OnnxSummary", "codebook_indices", "export_onnx", "integer_codes", "run_onnx"]

@@ -36,7 +36,12 @@ float32 values), then per scheme:
 - ``csr``: ``nnz`` codes, ``nnz`` column indices, ``R + 1`` row pointers;
 - ``structured``: ``R`` kept-row bits, ``C`` kept-column bits, the kept block's codes.
 
-Float32 layers store raw IEEE-754 bits in place of codes.
+Float32 layers store raw IEEE-754 bits in place of codes. The widths and codes come from
+:mod:`admmcompress.encoding`, the same module the storage report counts with.
+
+The ``packed`` executor (``get_executor("packed")``): ``save`` = ``save_packed``, ``load`` =
+``load_packed``, ``export`` = a finished run's model packed, reloaded, checked bit for bit and sized
+against the storage report (``admmcompress export --packed``).
 
 >>> import io, torch.nn as nn
 >>> model = nn.Linear(8, 4)
@@ -59,7 +64,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from admmcompress.report.storage import (
+from admmcompress.encoding import (
     FLOAT32,
     SCHEMES,
     LayerStorage,
@@ -70,9 +75,10 @@ from admmcompress.report.storage import (
     levels_of,
     relative_gaps,
     table_format,
-    weight_layers,
+    weight_tensors,
 )
-from admmcompress.structures.groups import as_matrix, gemm_params
+from admmcompress.executors.base import Executor, FinishedRun, register_executor
+from admmcompress.structures.groups import as_matrix
 
 MAGIC = b"ADMMPK1\n"
 
@@ -328,16 +334,6 @@ class PackedSummary:
         return 8 * self.weight_bytes - self.weight_bits
 
 
-def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors that are packed: the storage report's weight layers (norm scales stay raw)."""
-    modules = dict(model.named_modules())
-    out = {}
-    for name in weight_layers(model):
-        for param in gemm_params(modules[name]):
-            out[f"{name}.{param}" if name else param] = getattr(modules[name], param)
-    return out
-
-
 def layout_checksum(state: dict[str, torch.Tensor]) -> int:
     """CRC-32 of the state dict's names, dtypes and shapes, in order (what a packed file omits)."""
     text = "\n".join(f"{k}:{str(v.dtype).removeprefix('torch.')}:{list(v.shape)}" for k, v in state.items())
@@ -401,7 +397,7 @@ def save_packed(
     ``load_packed`` rebuild the architecture from the registry without a model instance."""
     if scheme != "best" and scheme not in SCHEMES:
         raise ValueError(f"scheme={scheme!r}; choose 'best' or one of {SCHEMES}")
-    weights = _weights(model)
+    weights = weight_tensors(model)  # the storage report's weight layers (norm scales stay raw)
     state = model.state_dict()
     spec = json.dumps(model_spec, separators=(",", ":")).encode() if model_spec else b""
     header = bytearray(MAGIC + struct.pack("<I", layout_checksum(state)))
@@ -576,13 +572,96 @@ def save_packed_bytes(model: torch.nn.Module, **kwargs: Any) -> bytes:
     return buffer.getvalue()
 
 
+def packed_size_lines(size: int, summary: PackedSummary, report: Any, scheme: str = "best") -> list[str]:
+    """The packed file's size against the storage report (SPEC 4.2), every byte of difference named.
+
+    ``report`` is the model's ``report.storage.StorageReport`` (only its ``bits(scheme)`` and
+    ``other_bits`` are read). The report counts weight bits (codes, indices, codebooks) and, apart, the
+    other parameters; the file adds the container header, each packed weight's last partial byte and
+    any buffers (BN statistics), which the report does not count.
+    """
+    weight_bits, other_bits = report.bits(scheme), report.other_bits
+    figure = (weight_bits + other_bits) / 8
+    buffers = summary.other_bytes - other_bits / 8
+    return [
+        f"storage report (SPEC 4.2): weights {weight_bits:,} bits = {weight_bits / 8:,.1f} B, "
+        f"other parameters {other_bits / 8:,.0f} B; together {figure:,.1f} B",
+        f"container overhead: header {summary.header_bytes:,} B (format, layout checksum, model spec, "
+        f"per-tensor scheme/nnz/length), byte padding {summary.padding_bits:,} bits "
+        f"({len(summary.schemes)} packed weights)"
+        + (f", buffers not in the report {buffers:,.0f} B" if buffers else ""),
+        f"packed file: {size:,} B = {summary.header_bytes:,} header + {summary.weight_bytes:,} weights + "
+        f"{summary.other_bytes:,} other tensors; file / report = {size / figure:.4f} "
+        f"({100 * (size / figure - 1):+.2f}%)",
+    ]
+
+
+def _index_bits(value: int | str) -> int | str:
+    """``"best"`` or a positive integer ``b_r`` (the command line gives strings)."""
+    if value == "best" or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"index_bits={value!r}: give a positive integer (relative index bits b_r) or 'best'") from None
+
+
+@register_executor("packed")
+class PackedExecutor(Executor):
+    """Bit-packed storage: codes, indices and codebooks with the storage report's widths, no pickle."""
+
+    summary = "bit-packed codes + indices"
+    export_options = {
+        "scheme": {"default": "best", "help": "packed: best|dense|bitmask|relative|csr|structured"},
+        "index_bits": {"default": "best", "help": "packed: relative index bits b_r, or best"},
+    }
+    hints = {"convert": "packing changes the file, not the model: save it, then load it back"}
+
+    def save(
+        self,
+        model: torch.nn.Module,
+        path: str | Path | BinaryIO,
+        scheme: str = "best",
+        index_bits: int | str = "best",
+        order: str = "column",
+        model_spec: dict[str, Any] | None = None,
+    ) -> PackedSummary:
+        """``save_packed``: every weight in its cheapest scheme (or ``scheme`` for all); sizes returned."""
+        return save_packed(model, path, scheme, _index_bits(index_bits), order, model_spec)
+
+    def load(self, path: str | Path | BinaryIO, skeleton: torch.nn.Module | None = None) -> torch.nn.Module:
+        """``load_packed``: ``skeleton``, or the model the file's spec names, with the file's weights."""
+        return load_packed(path, skeleton)
+
+    def export(
+        self, run: FinishedRun, out: str | Path, scheme: str = "best", index_bits: int | str = "best"
+    ) -> str:
+        """Write the packed file, verify the round trip bit for bit, return the storage table and sizes."""
+        model = run.model
+        index_bits = _index_bits(index_bits)
+        summary = self.save(model, out, scheme=scheme, index_bits=index_bits, model_spec=dict(run.model_config))
+        restored = self.load(out).eval()
+        for name, value in model.state_dict().items():
+            if not torch.equal(value, restored.state_dict()[name]):
+                raise RuntimeError(f"packed round trip changed '{name}'; please report this as a bug")
+        x = run.example(8)
+        with torch.no_grad():
+            identical = torch.equal(model(x), restored(x))
+        report = run.storage(index_bits=index_bits)
+        lines = [report.render(), *packed_size_lines(Path(out).stat().st_size, summary, report, scheme)]
+        lines.append(f"round trip: state dict bit-identical, outputs identical: {identical}")
+        return "\n".join(lines)
+
+
 __all__ = [
     "BitReader",
     "BitWriter",
+    "PackedExecutor",
     "PackedSummary",
     "layout_checksum",
     "load_packed",
     "manifest_entry",
+    "packed_size_lines",
     "read_manifest",
     "save_packed",
     "save_packed_bytes",

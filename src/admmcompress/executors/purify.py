@@ -32,8 +32,8 @@ from torch import nn
 
 from admmcompress.executors.channels import channel_status
 from admmcompress.executors.fold import fold_constant_channels, forward, zeroed_index
-from admmcompress.graph import CONSUMER, NORM, ChannelGroup, channel_groups, channel_index
-from admmcompress.masks import MaskSet
+from admmcompress.finalize import MaskSet
+from admmcompress.plan.graph import CONSUMER, NORM, ChannelGroup, channel_groups, channel_index
 
 
 @dataclass

@@ -37,7 +37,8 @@ from typing import Any, ClassVar
 import torch
 
 from admmcompress.structures import groups
-from admmcompress.structures.sparsity import ALIASES, GEMM_MODULES, STRUCTURES, SparsityStructure
+from admmcompress.structures.base import register_structure
+from admmcompress.structures.sparsity import GEMM_MODULES, Filter, SparsityStructure
 
 RECURRENT_MODULES = (torch.nn.RNNBase, torch.nn.RNNCellBase)
 
@@ -53,6 +54,7 @@ def block_starts(length: int, size: int) -> torch.Tensor:
     return torch.arange(length) // size
 
 
+@register_structure("block", aliases=("block_column",))
 @dataclass(frozen=True)
 class Block(SparsityStructure):
     """Inside every ``r x c`` block of the GEMM matrix, keep or drop whole block-columns.
@@ -72,7 +74,6 @@ class Block(SparsityStructure):
     per_block: bool = False
     allow_ragged: bool = False
     gates: int = 1
-    kind: ClassVar[str] = "block"
     axis: ClassVar[str] = "column"
     options: ClassVar[tuple[str, ...]] = ("block", "per_block", "allow_ragged", "gates")
 
@@ -195,6 +196,10 @@ class Block(SparsityStructure):
         return sum(groups.kept_count(int(s), self.target_sparsity) for s in sizes if s > 0)
 
     # --- serialisation --------------------------------------------------------------------
+    @classmethod
+    def example(cls) -> Block:
+        return cls(sparsity=0.5, block=(2, 2))
+
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
         out["block"] = list(self.block)
@@ -206,6 +211,7 @@ class Block(SparsityStructure):
         return out
 
 
+@register_structure("block_row")
 @dataclass(frozen=True)
 class BlockRow(Block):
     """Inside every ``r x c`` block, keep or drop whole block-rows (one row restricted to ``c`` columns).
@@ -214,7 +220,6 @@ class BlockRow(Block):
     tensor([[0., 0., 0., 3.]])
     """
 
-    kind: ClassVar[str] = "block_row"
     axis: ClassVar[str] = "row"
 
 
@@ -236,8 +241,36 @@ def top_groups_per_block(scores: torch.Tensor, owner: torch.Tensor, sparsity: fl
     return keep
 
 
-__all__ = ["Block", "BlockRow", "top_groups_per_block"]
+@dataclass(frozen=True)
+class BlockFilter(Filter):
+    """``Filter`` whose rows are split into equal blocks: every block keeps its top rows by L2 norm.
 
-STRUCTURES[Block.kind] = Block
-STRUCTURES[BlockRow.kind] = BlockRow
-ALIASES["block_column"] = Block.kind
+    ``blocks[r]`` is the block of row ``r``; each block keeps ``kept_count(block size, sparsity)`` rows,
+    which is the exact Euclidean projection onto that set. Coupled targets over channels that a grouped
+    conv splits into conv groups use it (see :mod:`admmcompress.plan.coupled`), so every conv group keeps
+    the same number of channels. Not registered: its blocks come from the model's graph, not from a plan.
+
+    >>> w = torch.tensor([[3.0], [1.0], [0.5], [2.0]])
+    >>> BlockFilter(sparsity=0.5, blocks=(0, 0, 1, 1)).project(w).flatten().tolist()
+    [3.0, 0.0, 0.0, 2.0]
+    """
+
+    blocks: tuple[int, ...] = ()
+
+    def _owner(self, weight: torch.Tensor) -> torch.Tensor:
+        rows = groups.as_matrix(weight).shape[0]
+        if len(self.blocks) != rows:
+            raise ValueError(f"BlockFilter: {len(self.blocks)} block ids for a matrix with {rows} rows")
+        return torch.tensor(self.blocks, dtype=torch.long, device=weight.device)
+
+    def support(self, weight: torch.Tensor) -> torch.Tensor:
+        matrix = groups.as_matrix(weight).detach().to(torch.float64)
+        keep = top_groups_per_block((matrix * matrix).sum(dim=1), self._owner(weight), self.target_sparsity)
+        return keep.view(-1, 1).expand(matrix.shape).reshape(weight.shape).clone()
+
+    def kept_groups(self, weight: torch.Tensor) -> int:
+        sizes = torch.bincount(self._owner(weight))
+        return sum(groups.kept_count(int(n), self.target_sparsity) for n in sizes.tolist() if n)
+
+
+__all__ = ["Block", "BlockFilter", "BlockRow", "top_groups_per_block"]

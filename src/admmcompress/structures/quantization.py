@@ -37,11 +37,13 @@ tensor([ 0.6625, -0.6625,  0.0000,  0.6625, -0.6625])
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
+from admmcompress.structures.base import Structure, register_structure
 from admmcompress.structures.groups import gemm_params
 
 EXACT_BREAKPOINTS = 2_000_000  # fixed-point: exact interval search when N*(n-1) is at most this
@@ -68,17 +70,14 @@ class Quantized:
 
 
 @dataclass(frozen=True)
-class QuantizationStructure:
+class QuantizationStructure(Structure):
     """Base class: every nonzero weight of the layer takes one of a few per-layer levels.
 
     Subclasses implement ``_quantize(magnitudes or values)``; this class handles pruned zeros,
     dtypes and the plan interface (``kind``, ``check_module``, ``support``, ``project``, ``to_dict``).
     """
 
-    kind: ClassVar[str] = ""
     quantizes: ClassVar[bool] = True
-    #: Extra rule keys a plan may set for this structure.
-    options: ClassVar[tuple[str, ...]] = ()
     #: How the finalizer keeps values during retraining: "hold" (frozen) or "centroids" (learned).
     update: ClassVar[str] = "hold"
     #: A quantization target removes no weight: it never lowers the sparsity a plan asks for.
@@ -148,6 +147,40 @@ class QuantizationStructure:
 
     def to_dict(self) -> dict[str, Any]:
         return {"structure": self.kind}
+
+    @classmethod
+    def from_dict(cls, spec: Mapping[str, Any]) -> QuantizationStructure:
+        """From ``{"bits": b}`` (or ``{"clusters": k}``); target keys this structure does not take raise.
+
+        >>> FixedPoint.from_dict({"structure": "fixed_point", "bits": 4})
+        FixedPoint(bits=4)
+        """
+        cls._check_keys(spec)
+        if "bits" in cls.options:
+            if spec.get("bits") is None:
+                raise ValueError(f"{cls.__name__}: give bits, e.g. {{structure: {cls.kind}, bits: 4}}")
+            return cls(bits=spec["bits"])
+        return cls()
+
+    @classmethod
+    def _check_keys(cls, spec: Mapping[str, Any]) -> None:
+        """Raise if the rule gives a target key (bits, clusters, sparsity, ...) this structure does not take."""
+        allowed = set(cls.options)
+        given = {key for key in spec if key in QUANT_KEYS | {"sparsity", "compression"} and spec[key] is not None}
+        extra = sorted(given - allowed)
+        if extra:
+            hint = (
+                " (add a separate rule for pruning: each target gets its own Z/U)"
+                if {"sparsity", "compression"} & set(extra)
+                else ""
+            )
+            raise ValueError(
+                f"structure '{cls.kind}' takes {sorted(allowed) or 'no target keys'}, not {extra}{hint}"
+            )
+
+    @classmethod
+    def example(cls) -> QuantizationStructure:
+        return cls()
 
 
 def _check_bits(name: str, bits: Any, low: int = 1) -> None:
@@ -233,6 +266,7 @@ def _searched_interval(a: torch.Tensor, n: int) -> float:
     return best_q
 
 
+@register_structure("fixed_point", aliases=("fixed",))
 @dataclass(frozen=True)
 class FixedPoint(QuantizationStructure):
     """Symmetric fixed point, ``bits`` per nonzero: levels ``q*{+-1, ..., +-2^(bits-1)}``, best ``q``.
@@ -245,11 +279,14 @@ class FixedPoint(QuantizationStructure):
     """
 
     bits: int = 8
-    kind: ClassVar[str] = "fixed_point"
     options: ClassVar[tuple[str, ...]] = ("bits",)
 
     def __post_init__(self) -> None:
         _check_bits(type(self).__name__, self.bits)
+
+    @classmethod
+    def example(cls) -> FixedPoint:
+        return cls(bits=2)
 
     def _quantize(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = 2 ** (self.bits - 1)
@@ -279,6 +316,7 @@ def _nearest(a: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(a, mids, right=False)
 
 
+@register_structure("power_of_two", aliases=("pow2",))
 @dataclass(frozen=True)
 class PowerOfTwo(QuantizationStructure):
     """Powers of two, ``bits`` per nonzero: levels ``+-2^(e-j)``, ``j = 0..2^(bits-1)-1``, best integer ``e``.
@@ -293,7 +331,6 @@ class PowerOfTwo(QuantizationStructure):
     """
 
     bits: int = 4
-    kind: ClassVar[str] = "power_of_two"
     options: ClassVar[tuple[str, ...]] = ("bits",)
 
     def __post_init__(self) -> None:
@@ -303,6 +340,10 @@ class PowerOfTwo(QuantizationStructure):
                 f"PowerOfTwo: bits={self.bits} gives 2^{self.bits - 1} exponents, more than float32 has; "
                 "use bits <= 8"
             )
+
+    @classmethod
+    def example(cls) -> PowerOfTwo:
+        return cls(bits=2)
 
     def _quantize(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         count = 2 ** (self.bits - 1)
@@ -330,6 +371,7 @@ class PowerOfTwo(QuantizationStructure):
 # --- binary and ternary --------------------------------------------------------------------
 
 
+@register_structure("binary")
 @dataclass(frozen=True)
 class Binary(QuantizationStructure):
     """``{-a, +a}`` with ``a = mean|w|`` over the nonzeros: the exact projection for a free scale.
@@ -338,7 +380,6 @@ class Binary(QuantizationStructure):
     tensor([ 2., -2.])
     """
 
-    kind: ClassVar[str] = "binary"
 
     @property
     def code_bits(self) -> int:
@@ -349,6 +390,7 @@ class Binary(QuantizationStructure):
         return _signed(alpha.reshape(1), torch.zeros_like(values, dtype=torch.int64), values)
 
 
+@register_structure("ternary")
 @dataclass(frozen=True)
 class Ternary(QuantizationStructure):
     """``{-a, 0, +a}``: keep the ``k`` largest ``|w|`` at ``+-a``, zero the rest (``a`` = their mean).
@@ -362,7 +404,6 @@ class Ternary(QuantizationStructure):
     tensor([ 0.9500, -0.9500,  0.0000,  0.0000])
     """
 
-    kind: ClassVar[str] = "ternary"
 
     @property
     def code_bits(self) -> int:
@@ -412,6 +453,7 @@ def kmeans_1d(values: torch.Tensor, k: int, max_iter: int = 100) -> tuple[torch.
     return centroids[used], remap[codes]
 
 
+@register_structure("clustering", aliases=("cluster",))
 @dataclass(frozen=True)
 class Clustering(QuantizationStructure):
     """``clusters`` shared values per layer, learned by 1-D k-means on the nonzeros (SPEC 2.2).
@@ -428,7 +470,6 @@ class Clustering(QuantizationStructure):
 
     clusters: int | None = None
     bits: int | None = None
-    kind: ClassVar[str] = "clustering"
     options: ClassVar[tuple[str, ...]] = ("bits", "clusters")
     update: ClassVar[str] = "centroids"
 
@@ -447,6 +488,15 @@ class Clustering(QuantizationStructure):
                 "e.g. clusters: 16"
             )
 
+    @classmethod
+    def from_dict(cls, spec: Mapping[str, Any]) -> Clustering:
+        cls._check_keys(spec)
+        return cls(clusters=spec.get("clusters"), bits=spec.get("bits"))
+
+    @classmethod
+    def example(cls) -> Clustering:
+        return cls(clusters=3)
+
     @property
     def k(self) -> int:
         return self.clusters if self.clusters is not None else 2**self.bits
@@ -464,49 +514,18 @@ class Clustering(QuantizationStructure):
         return {"structure": self.kind, "clusters": self.clusters}
 
 
-QUANTIZERS: dict[str, type[QuantizationStructure]] = {
-    cls.kind: cls for cls in (FixedPoint, PowerOfTwo, Binary, Ternary, Clustering)
-}
-QUANT_ALIASES = {"fixed": "fixed_point", "pow2": "power_of_two", "cluster": "clustering"}
+# Keys a quantization rule may carry; the ones a structure does not take are reported, not ignored.
 QUANT_KEYS = {"bits", "clusters"}
 
 
-def list_quantizers() -> list[str]:
-    """Names of quantization structures accepted in a plan's ``structure`` field."""
-    return sorted(QUANTIZERS) + sorted(QUANT_ALIASES)
-
-
-def quantization_from_dict(spec: dict[str, Any], where: str = "structure") -> QuantizationStructure:
-    """Build from ``{"structure": name, "bits": b}`` (or ``"clusters": k`` for clustering).
-
-    >>> quantization_from_dict({"structure": "fixed_point", "bits": 4})
-    FixedPoint(bits=4)
-    """
-    name = spec.get("structure")
-    cls = QUANTIZERS.get(QUANT_ALIASES.get(name, name)) if isinstance(name, str) else None
-    if cls is None:
-        raise ValueError(
-            f"{where}: unknown quantization '{name}'; choose one of {', '.join(list_quantizers())}"
-        )
-    allowed = set(cls.options)
-    given = {key for key in spec if key in QUANT_KEYS | {"sparsity", "compression"} and spec[key] is not None}
-    extra = sorted(given - allowed)
-    if extra:
-        hint = (
-            " (add a separate rule for pruning: each target gets its own Z/U)"
-            if {"sparsity", "compression"} & set(extra)
-            else ""
-        )
-        raise ValueError(
-            f"{where}: structure '{cls.kind}' takes {sorted(allowed) or 'no target keys'}, not {extra}{hint}"
-        )
-    try:
-        if cls is Clustering:
-            return Clustering(clusters=spec.get("clusters"), bits=spec.get("bits"))
-        if "bits" in allowed:
-            if spec.get("bits") is None:
-                raise ValueError(f"{cls.__name__}: give bits, e.g. {{structure: {cls.kind}, bits: 4}}")
-            return cls(bits=spec["bits"])
-        return cls()
-    except ValueError as err:
-        raise ValueError(f"{where}: {err}") from None
+__all__ = [
+    "Binary",
+    "Clustering",
+    "FixedPoint",
+    "PowerOfTwo",
+    "QuantizationStructure",
+    "Quantized",
+    "Ternary",
+    "best_interval",
+    "kmeans_1d",
+]

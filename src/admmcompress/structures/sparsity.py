@@ -6,7 +6,7 @@ Each structure is a small validated dataclass naming a partition of the GEMM mat
 groups after, > 1); the other is derived.
 
 >>> s = Unstructured(compression=5)
->>> s.sparsity
+>>> s.target_sparsity
 0.8
 >>> w = torch.tensor([[3.0, -1.0], [0.5, 2.0]])
 >>> Unstructured(sparsity=0.5).project(w)
@@ -17,26 +17,26 @@ tensor([[3., -0.],
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
 
 from admmcompress.structures import groups
+from admmcompress.structures.base import Structure, register_structure
 
 # Module types whose weight has a GEMM view that filter/column/channel structures understand.
 GEMM_MODULES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 
 
 @dataclass(frozen=True)
-class SparsityStructure:
+class SparsityStructure(Structure):
     """Base class: keep the k groups of largest L2 norm of a partition of the GEMM matrix."""
 
     sparsity: float | None = None
     compression: float | None = None
-    kind: ClassVar[str] = ""
-    # Extra fields a plan rule may set for this structure (besides sparsity/compression).
-    options: ClassVar[tuple[str, ...]] = ()
+    quantizes: ClassVar[bool] = False
     _resolved: float = field(default=0.0, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -126,12 +126,21 @@ class SparsityStructure:
             out["compression"] = self.compression
         return out
 
+    @classmethod
+    def from_dict(cls, spec: Mapping[str, Any]) -> SparsityStructure:
+        """From ``{"sparsity"|"compression": value}`` and the class's ``options`` (other keys are ignored)."""
+        extra = {key: spec[key] for key in cls.options if key in spec}
+        return cls(sparsity=spec.get("sparsity"), compression=spec.get("compression"), **extra)
 
+    @classmethod
+    def example(cls) -> SparsityStructure:
+        return cls(sparsity=0.5)
+
+
+@register_structure("unstructured", aliases=("irregular", "non-structured"))
 @dataclass(frozen=True)
 class Unstructured(SparsityStructure):
     """Keep the k individual weights of largest magnitude (any parameter tensor)."""
-
-    kind: ClassVar[str] = "unstructured"
 
     def check_module(self, module: torch.nn.Module, name: str) -> None:
         if not groups.gemm_params(module):  # a 'weight' tensor, or GRU/LSTM weight_ih/hh matrices
@@ -151,33 +160,30 @@ class Unstructured(SparsityStructure):
         return keep.reshape(weight.shape)
 
 
+@register_structure("filter", aliases=("row",))
 @dataclass(frozen=True)
 class Filter(SparsityStructure):
     """Keep the k rows (output filters / neurons) of largest L2 norm."""
-
-    kind: ClassVar[str] = "filter"
 
     def group_ids(self, weight: torch.Tensor) -> tuple[torch.Tensor, int]:
         rows, cols = groups.as_matrix(weight).shape
         return groups.row_ids(rows, cols, weight.device), rows
 
 
+@register_structure("column", aliases=("shape",))
 @dataclass(frozen=True)
 class Column(SparsityStructure):
     """Keep the k columns ("shapes": input channel x kernel position) of largest L2 norm."""
-
-    kind: ClassVar[str] = "column"
 
     def group_ids(self, weight: torch.Tensor) -> tuple[torch.Tensor, int]:
         rows, cols = groups.as_matrix(weight).shape
         return groups.column_ids(rows, cols, weight.device), cols
 
 
+@register_structure("channel")
 @dataclass(frozen=True)
 class Channel(SparsityStructure):
     """Keep the k input channels (all kernel positions of one channel) of largest L2 norm."""
-
-    kind: ClassVar[str] = "channel"
 
     def group_ids(self, weight: torch.Tensor) -> tuple[torch.Tensor, int]:
         rows, cols = groups.as_matrix(weight).shape
@@ -185,27 +191,4 @@ class Channel(SparsityStructure):
         return groups.channel_ids(rows, cols, kpos, weight.device), cols // kpos
 
 
-STRUCTURES: dict[str, type[SparsityStructure]] = {
-    cls.kind: cls for cls in (Unstructured, Filter, Column, Channel)
-}
-ALIASES = {"shape": "column", "irregular": "unstructured", "non-structured": "unstructured", "row": "filter"}
-
-
-def list_structures() -> list[str]:
-    """Names accepted in a plan's ``structure`` field."""
-    return sorted(STRUCTURES) + sorted(ALIASES)
-
-
-def structure_from_dict(spec: dict[str, Any], where: str = "structure") -> SparsityStructure:
-    """Build a structure from ``{"structure": name, "sparsity"|"compression": value}``."""
-    name = spec.get("structure")
-    if not isinstance(name, str):
-        raise ValueError(f"{where}: missing 'structure' (one of {', '.join(list_structures())})")
-    cls = STRUCTURES.get(ALIASES.get(name, name))
-    if cls is None:
-        raise ValueError(f"{where}: unknown structure '{name}'; choose one of {', '.join(list_structures())}")
-    extra = {key: spec[key] for key in cls.options if key in spec}
-    try:
-        return cls(sparsity=spec.get("sparsity"), compression=spec.get("compression"), **extra)
-    except ValueError as err:
-        raise ValueError(f"{where}: {err}") from None
+__all__ = ["GEMM_MODULES", "Channel", "Column", "Filter", "SparsityStructure", "Unstructured"]

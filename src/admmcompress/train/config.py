@@ -29,14 +29,18 @@ from typing import Any
 import yaml
 
 from admmcompress.data.augment import Augment
-from admmcompress.drivers.reweighted import ReweightedConfig
+from admmcompress.drivers.base import DriverError, get_driver, list_drivers
+from admmcompress.finalize import FIXED_LEVEL_UPDATES
 from admmcompress.plan import Plan, PlanError
-from admmcompress.quantize import FIXED_LEVEL_UPDATES
+from admmcompress.plugins import load_plugins
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine", "admm_reset")
 QUANTIZED_WEIGHTS = FIXED_LEVEL_UPDATES
-METHODS = ("admm", "magnitude", "gradual", "reweighted", "iterative_quantization")
+# Driver options that configs written before the driver registry gave inside the ``admm:`` phase mapping
+# (for every method: run folders' config.yaml carried them even for gradual stages). They are method admm's
+# options; for other methods they are ignored, as they always were.
+LEGACY_ADMM_OPTIONS = ("rho", "rho_growth", "rho_max")
 # How a stage's filter/channel targets are tied across layers (see Plan.resolve_coupled):
 # "none" resolves the plan per layer; "strict"/"extend" make one coupled target per channel group.
 COUPLINGS = ("none", "strict", "extend")
@@ -187,13 +191,12 @@ class PhaseConfig:
 
 @dataclass
 class ADMMPhaseConfig(PhaseConfig):
-    """The ADMM (or gradual-magnitude / iterative-quantization) phase: cadence of its updates and the rho schedule."""
+    """The driving phase of a stage (``admm:`` in a config, whatever the method): its epochs, optimizer,
+    learning-rate schedule and the cadence of the driver's updates (see :class:`admmcompress.train.cadence.Cadence`).
+    The driver's own options (ADMM's rho schedule, the reweighted penalty, ...) are the stage's ``options:``."""
 
     update_every_epochs: int | None = None
     update_every_steps: int | None = None
-    rho: float = 1e-3
-    rho_growth: float = 1.3
-    rho_max: float = 1.0
     lr_schedule: str = "admm_reset"
 
     def __post_init__(self) -> None:
@@ -211,48 +214,78 @@ class ADMMPhaseConfig(PhaseConfig):
             _positive(self.update_every_epochs, "update_every_epochs", integer=True)
         if self.update_every_steps is not None:
             _positive(self.update_every_steps, "update_every_steps", integer=True)
-        _positive(self.rho, "rho")
-        _number(self.rho_growth, "rho_growth")
-        _number(self.rho_max, "rho_max")
-        if not self.rho_growth >= 1.0:
-            raise ValueError(f"rho_growth={self.rho_growth!r} must be >= 1 (1 keeps rho constant)")
-        if not self.rho_max >= self.rho:
-            raise ValueError(f"rho_max={self.rho_max!r} must be >= rho={self.rho!r}")
 
 
 @dataclass
 class StageConfig:
+    """One pruning step: a plan, the method (a registered driver) with its ``options``, the driving phase
+    (``admm:``, named so for history: it is every method's phase) and the masked ``retrain`` phase.
+
+    ``options`` is the driver's typed config (``admmcompress.drivers.get_driver(method).config_class``),
+    from a mapping: ``{rho: 1.0e-3}`` for admm, ``{penalty: 1.0e-4}`` for reweighted. Older spellings
+    still read: rho/rho_growth/rho_max inside ``admm:``, and a ``reweighted:`` mapping.
+    """
+
     plan: Plan
     method: str = "admm"
     admm: ADMMPhaseConfig = field(default_factory=ADMMPhaseConfig)
     retrain: PhaseConfig = field(default_factory=PhaseConfig)
-    # method: reweighted: lambda/power/eps; the 'admm' phase gives its epochs and reweighting cadence.
-    reweighted: ReweightedConfig = field(default_factory=ReweightedConfig)
+    options: Any = None
     # "strict"/"extend": filter/channel targets on tied channels (residual adds, concat, depthwise, BN)
     # become one coupled target per channel group, as Plan.resolve_coupled does; "none": per layer.
     coupling: str = "none"
+    # Older spelling of method reweighted's options (configs and run folders written before the registry).
+    reweighted: Any = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.reweighted, dict):
-            self.reweighted = _build(ReweightedConfig, self.reweighted, "reweighted")
-        if self.method not in METHODS:
-            raise ValueError(f"method={self.method!r}; choose one of {METHODS}")
+        try:
+            driver = get_driver(self.method)
+        except DriverError as err:
+            raise ValueError(str(err)) from None
+        legacy: dict[str, Any] = {}
+        if isinstance(self.admm, dict):
+            phase = dict(self.admm)
+            legacy = {k: phase.pop(k) for k in LEGACY_ADMM_OPTIONS if k in phase}
+            self.admm = _build(ADMMPhaseConfig, phase, "admm")
+        if self.method != "admm":
+            legacy = {}  # ignored for other methods, as before the registry
+        if self.method == "reweighted" and self.reweighted is not None:
+            legacy = self.reweighted
+        self.reweighted = None
+        if legacy and self.options is not None:
+            raise ValueError(
+                f"method {self.method}: options given twice (in options: and in the older spelling "
+                f"{sorted(legacy) if isinstance(legacy, dict) else 'reweighted:'}); keep only options:"
+            )
+        try:
+            self.options = driver.make_config(self.options if self.options is not None else legacy or None)
+        except DriverError as err:
+            raise ValueError(str(err)) from None
         if self.coupling not in COUPLINGS:
             raise ValueError(f"coupling={self.coupling!r}; choose one of {COUPLINGS}")
-        if self.coupling != "none" and self.method in ("reweighted", "iterative_quantization"):
+        if self.coupling != "none" and not driver.cls.supports_coupling:
+            coupled = [m for m in list_drivers() if get_driver(m).cls.supports_coupling]
             raise ValueError(
-                f"coupling needs method admm, gradual or magnitude ({self.method} drives one parameter per "
-                "target); use method: admm, or coupling: none"
+                f"coupling needs a method that drives coupled targets, one of {coupled} ({self.method} drives one "
+                "parameter per target); change the method, or set coupling: none"
             )
         if not isinstance(self.plan, Plan):
             try:
                 self.plan = Plan.from_dict(self.plan)
             except PlanError as err:
                 raise ValueError(str(err)) from None
-        if isinstance(self.admm, dict):
-            self.admm = _build(ADMMPhaseConfig, self.admm, "admm")
         if isinstance(self.retrain, dict):
             self.retrain = _build(PhaseConfig, self.retrain, "retrain")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "plan": self.plan.to_dict(),
+            "method": self.method,
+            "admm": dataclasses.asdict(self.admm),
+            "retrain": dataclasses.asdict(self.retrain),
+            "options": dataclasses.asdict(self.options),
+            "coupling": self.coupling,
+        }
 
 
 @dataclass
@@ -307,6 +340,12 @@ def _relative_to(path: str | None, base_dir: Path) -> str | None:
     return str(candidate) if candidate.exists() or not Path(path).exists() else path
 
 
+def _plugin_path(entry: Any, base_dir: Path) -> Any:
+    if isinstance(entry, str) and entry.endswith(".py") and not Path(entry).is_absolute():
+        return str((base_dir / entry).resolve())
+    return entry
+
+
 @dataclass
 class RunConfig:
     model: dict[str, Any]
@@ -330,8 +369,15 @@ class RunConfig:
     # under bf16 autocast (master weights, optimizer and evaluation stay float32).
     channels_last: bool = False
     autocast: str | None = None
+    # Modules (names, or .py files relative to the config) whose import registers drivers, structures and
+    # executors of your own; loaded before the stages are read (admmcompress.plugins).
+    plugins: list[str] | None = None
 
     def __post_init__(self) -> None:
+        try:
+            load_plugins(self.plugins)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         if not isinstance(self.channels_last, bool):
             raise ValueError(f"channels_last={self.channels_last!r} must be true or false")
         if self.autocast not in AUTOCAST_DTYPES:
@@ -395,6 +441,9 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, spec: dict[str, Any], base_dir: Path | None = None) -> RunConfig:
+        plugins = spec.get("plugins") if isinstance(spec, dict) else None
+        if base_dir is not None and isinstance(plugins, list):  # .py plugins are relative to the config
+            spec = {**spec, "plugins": [_plugin_path(p, base_dir) for p in plugins]}
         config = _build(cls, spec, "config")
         if base_dir is not None:
             config.pretrained = _relative_to(config.pretrained, base_dir)
@@ -417,7 +466,5 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        out["stages"] = [
-            {**dataclasses.asdict(s), "plan": s.plan.to_dict()} for s in self.stages
-        ]
+        out["stages"] = [s.to_dict() for s in self.stages]
         return out

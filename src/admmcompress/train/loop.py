@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from admmcompress.data.datasets import BatchLoader, Split
-from admmcompress.train.config import ADMMPhaseConfig, DistillConfig, OptimizerConfig, PhaseConfig
+from admmcompress.train.config import DistillConfig, OptimizerConfig, PhaseConfig
 
 
 def dropout_rates(model: nn.Module) -> dict[str, float]:
@@ -58,11 +59,9 @@ def make_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimi
 
 def update_period_steps(cfg: PhaseConfig, steps_per_epoch: int) -> int:
     """Optimizer steps between two ADMM updates (the whole phase for non-ADMM phases)."""
-    if isinstance(cfg, ADMMPhaseConfig):
-        if cfg.update_every_steps is not None:
-            return cfg.update_every_steps
-        return cfg.update_every_epochs * steps_per_epoch
-    return max(1, cfg.epochs * steps_per_epoch)
+    from admmcompress.train.cadence import Cadence  # the one place the cadence is decided
+
+    return Cadence.of(cfg, steps_per_epoch).period
 
 
 def learning_rate(cfg: PhaseConfig, step: int, steps_per_epoch: int) -> float:
@@ -118,9 +117,13 @@ def evaluate(model: nn.Module, data: Split, batch_size: int = 1000) -> float:
     return 100.0 * correct / max(1, len(data))
 
 
+LossFn = Callable[[Any, Any, nn.Module], torch.Tensor]
+"""``loss_fn(batch, output, model) -> scalar tensor``: the custom data loss of :func:`train_epoch`."""
+
+
 def train_epoch(
     model: nn.Module,
-    loader: BatchLoader,
+    loader: BatchLoader | Iterable[Any],
     optimizer: torch.optim.Optimizer,
     lr_at: Callable[[int], float],
     first_step: int,
@@ -133,6 +136,8 @@ def train_epoch(
     label_smoothing: float = 0.0,
     autocast: torch.dtype | None = None,
     channels_last: bool = False,
+    loss_fn: LossFn | None = None,
+    max_grad_norm: float | None = None,
 ) -> dict[str, float]:
     """One epoch of cross-entropy (+ optional penalty) training; returns mean losses.
 
@@ -141,28 +146,64 @@ def train_epoch(
     always the plain cross-entropy, so runs with and without distillation compare (label smoothing
     changes the trained loss only, likewise). ``autocast`` (e.g. ``torch.bfloat16``) runs forward passes
     in that precision; ``channels_last`` feeds 4-D batches in that memory layout (faster convs on CPU).
+
+    ``loss_fn(batch, output, model)`` replaces the cross-entropy: ``batch`` is what ``loader`` yields
+    (any shape; the model's input is ``batch[0]`` for a tuple or list, else the batch itself),
+    ``output = model(input)`` as the model returns it (under ``autocast``: in that precision), and the
+    reported ``loss`` is the mean of ``loss_fn``'s values. It cannot be combined with distillation or
+    label smoothing (both are cross-entropy terms: put them in ``loss_fn``).
+    ``max_grad_norm`` clips the gradient's global L2 norm before each step (e.g. 1.0 for LSTMs).
+    ``loader`` may be any iterable; without ``len()`` the progress bar shows no total.
+
+    Example: a custom loss on (inputs, labels) batches (here mean squared error on one-hot labels).
+
+    >>> from admmcompress.models import LeNet300100
+    >>> model = LeNet300100()
+    >>> batches = [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)))]
+    >>> def mse(batch, output, model):
+    ...     return nn.functional.mse_loss(output, nn.functional.one_hot(batch[1], 10).float())
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> out = train_epoch(model, batches, opt, lambda step: 0.1, 0, progress=False, loss_fn=mse)
+    >>> sorted(out)
+    ['loss', 'penalty']
     """
     if (teacher is None) != (distill is None):
         raise ValueError("distillation needs both a teacher model and a DistillConfig")
+    if loss_fn is not None and (teacher is not None or label_smoothing):
+        raise ValueError(
+            "loss_fn replaces the cross-entropy, so it cannot be combined with distillation or label smoothing; "
+            "compute those terms inside loss_fn"
+        )
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm={max_grad_norm!r} must be > 0 (e.g. 1.0), or None for no clipping")
     model.train()
     step = first_step
     data_sum = penalty_sum = 0.0
-    batches = tqdm(loader, total=len(loader), desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
-    for x, y in batches:
+    total = len(loader) if hasattr(loader, "__len__") else None
+    batches = tqdm(loader, total=total, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
+    for batch in batches:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        if channels_last and x.dim() == 4:
+        if loss_fn is None:
+            x, y = _pair(batch)
+        else:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if channels_last and isinstance(x, torch.Tensor) and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-            logits = model(x).float()
-        data_loss = nn.functional.cross_entropy(logits, y)
-        loss = data_loss
-        if label_smoothing:
-            loss = nn.functional.cross_entropy(logits, y, label_smoothing=label_smoothing)
-        if teacher is not None:
-            with torch.no_grad():
-                teacher_logits = teacher(x)
-            loss = distillation_loss(logits, teacher_logits, y, distill, hard=loss)
+            output = model(x)
+        if loss_fn is not None:
+            data_loss = loss = _scalar(loss_fn(batch, output, model), desc)
+        else:
+            logits = output.float()
+            data_loss = nn.functional.cross_entropy(logits, y)
+            loss = data_loss
+            if label_smoothing:
+                loss = nn.functional.cross_entropy(logits, y, label_smoothing=label_smoothing)
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = teacher(x)
+                loss = distillation_loss(logits, teacher_logits, y, distill, hard=loss)
         if penalty is not None:
             extra = penalty()
             loss = loss + extra
@@ -174,10 +215,30 @@ def train_epoch(
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if max_grad_norm is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()
         data_sum += data_loss.item()
         step += 1
         if after_step is not None:
             after_step(step)
-    n = max(1, len(loader))
+    n = max(1, step - first_step)
     return {"loss": data_sum / n, "penalty": penalty_sum / n}
+
+
+def _pair(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (inputs, labels) of a cross-entropy batch, or one clear error for any other batch shape."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    kind = f"a {len(batch)}-tuple" if isinstance(batch, (tuple, list)) else type(batch).__name__
+    raise ValueError(
+        f"the loader yielded {kind}; without loss_fn a batch must be an (inputs, labels) pair: "
+        "pass loss_fn(batch, output, model) for other batch shapes"
+    )
+
+
+def _scalar(loss: Any, desc: str) -> torch.Tensor:
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"{desc}: loss_fn must return a scalar tensor (e.g. its mean), got {shape}")
+    return loss.reshape(())

@@ -12,6 +12,7 @@ import copy
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,19 +21,21 @@ import torch
 from torch import nn
 
 from admmcompress.data.datasets import BatchLoader, Split
-from admmcompress.drivers.admm import ADMM, RhoSchedule
-from admmcompress.drivers.iterative_quantization import IterativeQuantization, check_quantization_only
-from admmcompress.drivers.magnitude import GradualMagnitude, one_shot
-from admmcompress.drivers.reweighted import Reweighted
-from admmcompress.drivers.schedule import MaskSchedule
-from admmcompress.masks import MaskSet, masks_from_model
-from admmcompress.plan import PlanError, Target
-from admmcompress.quantize import QuantizedMaskSet, mask_set_from_state, release_holds
+from admmcompress.drivers.base import Driver, DriverContext, ModuleTransform, get_driver
+from admmcompress.finalize import (
+    MaskSet,
+    QuantizedMaskSet,
+    hard_prune,
+    mask_set_from_state,
+    masks_from_model,
+    release_holds,
+)
+from admmcompress.plan import CoupledTarget, PlanError, Target
 from admmcompress.report.metrics import measure
 from admmcompress.report.storage import storage
-from admmcompress.structures.coupled import CoupledTarget, couple
 from admmcompress.train import checkpoint as ckpt
 from admmcompress.train.averaging import WeightAverage
+from admmcompress.train.cadence import Cadence
 from admmcompress.train.config import AUTOCAST_DTYPES, ConfigError, PhaseConfig, RunConfig, StageConfig
 from admmcompress.train.loop import (
     dropout_rates,
@@ -41,7 +44,6 @@ from admmcompress.train.loop import (
     make_optimizer,
     set_dropout,
     train_epoch,
-    update_period_steps,
 )
 from admmcompress.train.teacher import load_teacher
 
@@ -82,22 +84,22 @@ class Runner:
         out_dir: str | Path | None = None,
         progress: bool = True,
         train_dense: bool = True,
+        loss_fn: Callable[[Any, torch.Tensor, nn.Module], torch.Tensor] | None = None,
     ):
         self.config, self.model, self.test = config, model, test
+        self.loss_fn = loss_fn  # replaces cross-entropy in every phase (train.loop.train_epoch's hook)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.progress = progress
         self.loader = BatchLoader(
             train, config.data.batch_size, shuffle=True, seed=config.seed, augment=config.data.augment
         )
         self.example = train.x[:2]  # traces the channel coupling and gives compaction its input shape
-        self._groups = None
         self.stage_targets: list[list[Target]] = [self._resolve(s) for s in config.stages]
         for i, (stage, targets) in enumerate(zip(config.stages, self.stage_targets, strict=True)):
-            if stage.method == "iterative_quantization":  # fail before any training, not at the stage
-                try:
-                    check_quantization_only(targets)
-                except PlanError as err:
-                    raise PlanError(f"stages[{i}]: {err}") from None
+            try:  # fail before any training, not at the stage
+                get_driver(stage.method).cls.check_targets(targets)
+            except PlanError as err:
+                raise PlanError(f"stages[{i}]: {err}") from None
         self.compacted: nn.Module | None = None
         if config.compact is not None:
             self._preflight_compaction()
@@ -115,7 +117,9 @@ class Runner:
             self.masks = masks_from_model(model, list(names))
         self.history: list[dict[str, Any]] = []
         self.metrics: dict[str, Any] = {"stages": [{} for _ in config.stages], "phase_seconds": {}}
-        self._driver: ADMM | MaskSchedule | Reweighted | None = None
+        self._driver: Driver | None = None
+        # Module rewrites made by drivers that end in a ModuleTransform, in order (rebuilt on --resume).
+        self.transforms: list[dict[str, Any]] = []
         self._optimizer: torch.optim.Optimizer | None = None
         self._pending: dict[str, Any] | None = None
         self._average: WeightAverage | None = None  # the phase's weight average, if its config asks for one
@@ -140,7 +144,6 @@ class Runner:
                 started = time.perf_counter()
                 losses = self._train_one_epoch(phase, steps)
                 self.epoch += 1
-                self._after_epoch(phase, steps)
                 if self._average is not None and self.epoch >= phase.cfg.average_from_epoch:
                     self._average.update(self.model)
                 seconds = time.perf_counter() - started
@@ -183,11 +186,7 @@ class Runner:
         """The stage's targets: per layer, or coupled over channel groups (``coupling: strict|extend``)."""
         if stage.coupling == "none":
             return stage.plan.resolve(self.model)
-        if self._groups is None:
-            from admmcompress.graph import channel_groups
-
-            self._groups = channel_groups(self.model, self.example)
-        return couple(self.model, stage.plan.resolve(self.model), self.example, stage.coupling, groups=self._groups)
+        return stage.plan.resolve_coupled(self.model, self.example, stage.coupling)
 
     def _preflight_compaction(self) -> None:
         """Fail before training if the plans prune channels that compaction could not remove.
@@ -196,7 +195,6 @@ class Runner:
         are made nonzero (as after training), then the copy is compacted.
         """
         from admmcompress.executors.compact import CompactConfig, CompactionError, compact
-        from admmcompress.finalize import hard_prune
 
         trial = copy.deepcopy(self.model).eval()
         generator = torch.Generator().manual_seed(0)
@@ -220,7 +218,8 @@ class Runner:
 
     def _compact(self) -> dict[str, Any]:
         """Compact the final masked model, check it on random inputs, save it under ``out_dir/compact``."""
-        from admmcompress.executors.compact_run import COMPACT_DIR, compact_checked, model_spec, save_compact
+        from admmcompress.executors import get_executor
+        from admmcompress.executors.compact_run import COMPACT_DIR, compact_checked, model_spec
 
         options = self.config.compact
         result, figures = compact_checked(
@@ -228,7 +227,7 @@ class Runner:
         )
         self.compacted = result.model
         if self.out_dir is not None:
-            figures = save_compact(result, figures, self.out_dir / COMPACT_DIR, model_spec(self.config.model))
+            get_executor("compact").save(result.model, self.out_dir / COMPACT_DIR, model_spec(self.config.model))
             figures["folder"] = COMPACT_DIR
         return figures
 
@@ -247,30 +246,28 @@ class Runner:
             targets = self.stage_targets[phase.stage]
             if len(self.masks):  # masks carry; values this stage quantizes again are released
                 self.masks = release_holds(self.masks, targets)
-            frozen = self.masks if len(self.masks) else None
-            if stage.method == "admm":
-                rho = RhoSchedule(phase.cfg.rho, phase.cfg.rho_growth, phase.cfg.rho_max)
-                self._driver = ADMM(self.model, targets, rho=rho, frozen=frozen)
-            elif stage.method in ("gradual", "iterative_quantization"):
-                period = update_period_steps(phase.cfg, len(self.loader))
-                updates = max(1, (phase.cfg.epochs * len(self.loader)) // period)
-                schedule = GradualMagnitude if stage.method == "gradual" else IterativeQuantization
-                self._driver = schedule(self.model, targets, updates=updates, frozen=frozen)
-            elif stage.method == "reweighted":
-                self._driver = Reweighted(self.model, targets, penalty=stage.reweighted, frozen=frozen)
-            elif self.epoch == 0 and self._pending is None:
-                self.masks = one_shot(self.model, targets, frozen)
+            resuming = self._pending is not None
+            context = DriverContext(
+                frozen=self.masks if len(self.masks) else None,
+                updates=Cadence.of(phase.cfg, len(self.loader)).updates,
+                steps_per_epoch=len(self.loader),
+                example=self.example,
+                resuming=resuming,
+            )
+            self._driver = get_driver(stage.method).cls.from_config(self.model, targets, stage.options, context)
         if self._pending is not None:
             self._optimizer.load_state_dict(self._pending["optimizer"])
             if self._driver is not None and self._pending.get("driver") is not None:
                 self._driver.load_state_dict(self._pending["driver"])
-                if isinstance(self._driver, MaskSchedule):
-                    # The schedule's masks are the phase's current ones (with any values it holds);
-                    # release_holds above would otherwise drop holds this phase itself made.
-                    self.masks = self._driver.masks
             if self._average is not None and self._pending.get("average") is not None:
                 self._average.load_state_dict(self._pending["average"])
             self._pending = None
+        if self._driver is not None:
+            self._driver.prepare(self.model)
+            if self._driver.masks is not None:
+                # The driver's masks are the phase's current ones (with any values it holds); release_holds
+                # above would otherwise drop holds this phase itself made.
+                self.masks = self._driver.masks
         if isinstance(self.masks, QuantizedMaskSet):  # held values train as this phase says
             self.masks = self.masks.with_update(phase.cfg.quantized_weights)
         if len(self.masks):
@@ -291,19 +288,21 @@ class Runner:
 
     def _train_one_epoch(self, phase: Phase, steps: int) -> dict[str, float]:
         cfg = phase.cfg
-        penalty = self._driver.penalty if isinstance(self._driver, (ADMM, Reweighted)) else None
         after_step = None
-        if phase.kind == "prune" and getattr(cfg, "update_every_steps", None):
+        if self._driver is not None:
+            cadence = Cadence.of(cfg, steps)
+
             def after_step(step: int) -> None:
-                if step % cfg.update_every_steps == 0:
+                if cadence.due(step):
                     self._driver_update()
+
         return train_epoch(
             self.model,
             self.loader,
             self._optimizer,
             lambda step: learning_rate(cfg, step, steps),
             first_step=self.epoch * steps,
-            penalty=penalty,
+            penalty=self._driver.penalty if self._driver is not None else None,
             after_step=after_step,
             desc=f"{phase.label} epoch {self.epoch + 1}/{cfg.epochs}",
             progress=self.progress,
@@ -312,19 +311,16 @@ class Runner:
             label_smoothing=cfg.label_smoothing,
             autocast=getattr(torch, AUTOCAST_DTYPES[self.config.autocast]) if self.config.autocast else None,
             channels_last=self.config.channels_last,
+            **({"loss_fn": self.loss_fn} if self.loss_fn is not None else {}),
         )
 
-    def _after_epoch(self, phase: Phase, steps: int) -> None:
-        every = getattr(phase.cfg, "update_every_epochs", None)
-        if phase.kind == "prune" and every and self.epoch % every == 0:
-            self._driver_update()
-
     def _driver_update(self) -> None:
-        if isinstance(self._driver, (ADMM, Reweighted)):  # Z/U update, or reweighting P_g
-            self._driver.step()
-        elif isinstance(self._driver, MaskSchedule):
+        """The driver's update at its cadence; masks it replaced are re-attached."""
+        self._driver.step()
+        masks = self._driver.masks
+        if masks is not None and masks is not self.masks:
             self.masks.detach()  # the old masks' hooks would otherwise stay on the model for good
-            self.masks = self._driver.step()
+            self.masks = masks
             self.masks.attach(self.model, self._optimizer)
 
     def _finish(self, phase: Phase) -> None:
@@ -336,12 +332,17 @@ class Runner:
         record = self.metrics["stages"][phase.stage]
         if phase.kind == "prune":
             record["accuracy_before_hard_prune"] = self._evaluate()
-            if self._driver is not None:
-                self.masks.detach()
-                self.masks = self._driver.finalize()
+            self._driver.close()
+            self.masks.detach()
+            outcome = self._driver.finalize()
+            if isinstance(outcome, ModuleTransform):  # a reparametrizing driver rewrites modules in place
+                outcome.apply(self.model)
+                self.transforms.append({"method": self.config.stages[phase.stage].method, "spec": outcome.spec()})
+                self.metrics["transforms"] = list(self.transforms)
+                outcome = outcome.masks
+            self.masks = outcome
             record["accuracy_after_hard_prune"] = self._evaluate()
-            if isinstance(self._driver, ADMM):
-                record["admm_history"] = self._driver.history
+            record.update(self._driver.summary())
         else:
             if isinstance(self.masks, QuantizedMaskSet):  # the phase's float shadows are done with
                 self.masks.detach()
@@ -370,9 +371,8 @@ class Runner:
     def _record(self, phase: Phase, losses: dict[str, float], seconds: float) -> None:
         entry = {"phase": phase.label, "epoch": self.epoch, "seconds": seconds, **losses,
                  "accuracy": self._evaluate()}
-        if isinstance(self._driver, ADMM):
-            entry["residual"] = self._driver.residuals()
-            entry["rho"] = max((s["rho"] for s in self._driver.state.values()), default=0.0)
+        if self._driver is not None:
+            entry.update(self._driver.progress())
         self.history.append(entry)
         if not self.progress:  # one line per epoch where there are no progress bars (logs, background runs)
             print(f"{phase.label} epoch {self.epoch}/{phase.cfg.epochs}: loss {losses['loss']:.4f}, "
@@ -395,6 +395,7 @@ class Runner:
             "rng": torch.get_rng_state(),
             "history": self.history,
             "metrics": self.metrics,
+            "transforms": self.transforms,
         }
         if self.teacher is not None:
             state["teacher"] = self.teacher.state_dict()
@@ -407,6 +408,8 @@ class Runner:
                 f"--resume: no checkpoint at {path}; run without --resume to start, or pass the run's --out folder"
             )
         state = ckpt.load_state(path)
+        self.transforms = list(state.get("transforms", []))
+        rebuild_transforms(self.model, self.transforms)  # the module structure the saved weights belong to
         self.model.load_state_dict(state["model"])
         self.phase_index, self.epoch = int(state["phase_index"]), int(state["epoch"])
         self.masks = mask_set_from_state(state["masks"])
@@ -425,3 +428,9 @@ class Runner:
         if state["optimizer"] is not None:
             self._pending = {"optimizer": state["optimizer"], "driver": state["driver"],
                              "average": state.get("average")}
+
+
+def rebuild_transforms(model: nn.Module, transforms: list[dict[str, Any]]) -> None:
+    """Re-apply recorded module transforms (``metrics["transforms"]``) to a freshly built model, in order."""
+    for entry in transforms:
+        get_driver(entry["method"]).cls.rebuild(model, entry["spec"])

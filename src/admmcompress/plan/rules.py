@@ -30,21 +30,12 @@ from typing import Any
 import torch
 import yaml
 
+from admmcompress.plan.coupled import couple
+from admmcompress.plan.targets import PlanError, Target
+from admmcompress.structures.base import Structure
 from admmcompress.structures.groups import gemm_params
-from admmcompress.structures.quantization import (
-    QUANT_ALIASES,
-    QUANTIZERS,
-    QuantizationStructure,
-    quantization_from_dict,
-)
-from admmcompress.structures.sparsity import (
-    ALIASES,
-    GEMM_MODULES,
-    STRUCTURES,
-    SparsityStructure,
-    structure_from_dict,
-)
-from admmcompress.structures.targets import PlanError, Target
+from admmcompress.structures.registry import structure_class, structure_from_dict
+from admmcompress.structures.sparsity import GEMM_MODULES
 
 RULE_KEYS = {"match", "type", "structure", "sparsity", "compression"}
 
@@ -53,7 +44,7 @@ RULE_KEYS = {"match", "type", "structure", "sparsity", "compression"}
 class Rule:
     """Select layers by name glob and/or module type name, and give them a structure."""
 
-    structure: SparsityStructure
+    structure: Structure
     match: str | None = None
     type: str | None = None
 
@@ -67,10 +58,10 @@ class Rule:
                     f"rule {key}={value!r} must be a string (got {type(value).__name__}); "
                     f"quote it in YAML, e.g. {key}: \"{value}\""
                 )
-        if not isinstance(self.structure, (SparsityStructure, QuantizationStructure)):
+        if not isinstance(self.structure, Structure):
             raise PlanError(
-                "rule structure must be a SparsityStructure or QuantizationStructure, "
-                f"got {type(self.structure).__name__}"
+                "rule structure must be a SparsityStructure or QuantizationStructure (a registered Structure, "
+                f"e.g. Unstructured(sparsity=0.5)), got {type(self.structure).__name__}"
             )
 
     def describe(self) -> str:
@@ -98,13 +89,13 @@ class Rule:
         if not isinstance(spec, Mapping):
             example = "{match: conv1, structure: unstructured, sparsity: 0.8}"
             raise PlanError(f"{where}: expected a mapping like {example}")
-        allowed = RULE_KEYS | set(_structure_options(spec.get("structure")))
+        named = structure_class(spec.get("structure"))
+        allowed = RULE_KEYS | set(named.options if named is not None else ())
         unknown = sorted(set(spec) - allowed)
         if unknown:
             raise PlanError(f"{where}: unknown key(s) {unknown}; allowed keys are {sorted(allowed)}")
         try:
-            build = quantization_from_dict if _is_quantization(spec.get("structure")) else structure_from_dict
-            structure = build(dict(spec), where)
+            structure = structure_from_dict(dict(spec), where)
         except ValueError as err:
             raise PlanError(str(err)) from None
         return cls(structure=structure, match=spec.get("match"), type=spec.get("type"))
@@ -115,23 +106,10 @@ def prunable_layers(model: torch.nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if gemm_params(m)]
 
 
-def _structure_options(name: Any) -> tuple[str, ...]:
-    """Extra rule keys the named structure accepts (e.g. ``block`` for ``structure: block``)."""
-    cls = STRUCTURES.get(ALIASES.get(name, name)) if isinstance(name, str) else None
-    if cls is None and _is_quantization(name):
-        cls = QUANTIZERS[QUANT_ALIASES.get(name, name)]
-    return cls.options if cls is not None else ()
-
-
-def _is_quantization(name: Any) -> bool:
-    """Whether ``structure: name`` names a quantization (fixed_point, binary, clustering, ...)."""
-    return isinstance(name, str) and QUANT_ALIASES.get(name, name) in QUANTIZERS
-
-
 class Plan:
     """An ordered list of rules; build from Python, a dict, or YAML."""
 
-    def __init__(self, rules: Mapping[str, SparsityStructure] | Iterable[Rule]):
+    def __init__(self, rules: Mapping[str, Structure] | Iterable[Rule]):
         if isinstance(rules, Mapping):
             rules = [Rule(structure=s, match=pattern) for pattern, s in rules.items()]
         self.rules: list[Rule] = list(rules)
@@ -200,7 +178,7 @@ class Plan:
                     errors.append(f"rule #{i} {rule.describe()}: {err}")
                     continue
                 # A layer takes each structure once, and at most one level set (quantizations share a slot).
-                slot = "quantization" if getattr(rule.structure, "quantizes", False) else rule.structure.kind
+                slot = "quantization" if rule.structure.quantizes else rule.structure.kind
                 previous = seen.get((name, slot))
                 if previous is not None:
                     errors.append(
@@ -217,16 +195,27 @@ class Plan:
         return targets
 
     def resolve_coupled(
-        self, model: torch.nn.Module, example_inputs: Any, mode: str = "strict"
+        self,
+        model: torch.nn.Module,
+        example: Any,
+        mode: str = "strict",
+        extra_channelwise_ops: Iterable[str] | None = None,
     ) -> list[Target]:
         """``resolve``, then filter/channel targets on tied channels become one coupled target per group.
 
-        Residual adds, concatenations, depthwise convs and BN tie channels; see
-        :func:`admmcompress.structures.coupled.couple` for ``mode`` ("strict" or "extend").
-        """
-        from admmcompress.structures.coupled import couple  # needs torch-pruning's dependency graph
+        The entry point for coupled targets. Residual adds, concatenations, depthwise convs and BN tie
+        channels; the model's dependency graph is traced once per model and example shape and then
+        cached (:func:`~admmcompress.plan.graph.cached_channel_groups`). ``mode`` is "strict" (the plan
+        must name every tied layer) or "extend" (prune the whole group); ``extra_channelwise_ops`` names
+        further autograd ops known to act per channel. See :func:`admmcompress.plan.coupled.couple`.
 
-        return couple(model, self.resolve(model), example_inputs, mode)
+        >>> import torch.nn as nn
+        >>> from admmcompress.structures import Filter
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+        >>> [t.key for t in Plan({"0": Filter(sparsity=0.5)}).resolve_coupled(model, torch.zeros(1, 3, 8, 8))]
+        ['0:coupled-filter']
+        """
+        return couple(model, self.resolve(model), example, mode, extra_channelwise_ops)
 
 
 def _nothing_matched(i: int, rule: Rule, modules: dict[str, torch.nn.Module], candidates: list[str]) -> str:

@@ -1,8 +1,15 @@
 """A plan's resolved constraint on one parameter, and the error of a plan that does not fit.
 
-Lives beside the structures (and :class:`~admmcompress.structures.coupled.CoupledTarget`, which
-builds targets of its own) so that nothing in ``structures/`` imports the plan that uses it;
-:mod:`admmcompress.plan` re-exports both names.
+Drivers and the finalizer see a plan only through targets: ``value(params)`` (the tensor to constrain),
+``masks(params)`` (the structure's support) and ``structure.project``. A
+:class:`~admmcompress.plan.coupled.CoupledTarget` spans several parameters behind the same calls.
+
+>>> import torch.nn as nn
+>>> from admmcompress.structures import Unstructured
+>>> model = nn.Linear(4, 2)
+>>> t = Target(layer="", param="weight", structure=Unstructured(sparsity=0.5), rule=0)
+>>> t.key, int(t.masks(dict(model.named_parameters()))["weight"].sum())
+('weight:unstructured', 4)
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from admmcompress.structures.sparsity import SparsityStructure
+from admmcompress.structures.base import Structure
 
 
 class PlanError(ValueError):
@@ -25,7 +32,7 @@ class Target:
 
     layer: str
     param: str
-    structure: SparsityStructure
+    structure: Structure
     rule: int
 
     @property
@@ -46,7 +53,7 @@ class Target:
         """Keep-masks by parameter name of the structure's support of ``value(params)``."""
         return {self.param_name: self.structure.support(params[self.param_name])}
 
-    def with_structure(self, structure: SparsityStructure) -> Target:
+    def with_structure(self, structure: Structure) -> Target:
         """The same target with another structure (e.g. a gradual schedule's intermediate sparsity)."""
         return Target(self.layer, self.param, structure, self.rule)
 

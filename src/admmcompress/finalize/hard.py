@@ -2,7 +2,7 @@
 
 ``hard_prune`` zeroes what each target's structure removes (``masks.prune_masks``) and, for
 quantization targets or values held by an earlier stage, then quantizes the kept weights
-(``quantize.hard_quantize``), so drivers call one function whatever the structure.
+(``quantized.hard_quantize``), so drivers call one function whatever the structure.
 
 Example::
 
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from admmcompress.masks import MaskSet, prune_masks
-from admmcompress.quantize import hard_quantize
+from admmcompress.finalize.masks import MaskSet, prune_masks
+from admmcompress.finalize.quantized import QuantizedMaskSet, hard_quantize
 
 
 @torch.no_grad()
@@ -24,10 +24,10 @@ def hard_prune(model: torch.nn.Module, targets, frozen: MaskSet | None = None) -
 
     Several targets on one parameter intersect; ``frozen`` masks from earlier stages are kept.
     With quantization targets (or values held by ``frozen``) the kept weights are then
-    quantized and a ``QuantizedMaskSet`` is returned (see :mod:`admmcompress.quantize`).
+    quantized and a ``QuantizedMaskSet`` is returned (see :mod:`admmcompress.finalize.quantized`).
     """
     masks = prune_masks(model, targets, frozen)
-    if hasattr(frozen, "held") or any(getattr(t.structure, "quantizes", False) for t in targets):
+    if isinstance(frozen, QuantizedMaskSet) or any(t.structure.quantizes for t in targets):
         return hard_quantize(model, targets, masks, frozen)  # prune first, then quantize the kept weights
     return masks
 

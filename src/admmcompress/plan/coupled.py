@@ -1,7 +1,7 @@
 """Coupled structured targets: filters/channels tied by residual adds, concatenation, depthwise convs or BN
 are decided together.
 
-A ``CoupledTarget`` spans one channel group (see :mod:`admmcompress.graph`). Its value is a virtual
+A ``CoupledTarget`` spans one channel group (see :mod:`admmcompress.plan.graph`). Its value is a virtual
 GEMM matrix with one row per group channel, holding every member's slice of that channel side by side
 (producer filter rows and biases, BN gamma/beta, depthwise kernels, consumer input columns). A
 ``Filter`` structure on that matrix is then exactly the coupled projection: a channel's score is the
@@ -12,7 +12,8 @@ What it zeroes is exactly what compaction removes with the channel, so the maske
 compacted model compute the same function.
 
 When a grouped (not depthwise) conv is a member, the group's channels are split into blocks (its conv
-groups, see ``ChannelGroup.blocks``) and the structure is a ``BlockFilter``: every block keeps the
+groups, see ``ChannelGroup.blocks``) and the structure is a
+:class:`~admmcompress.structures.block.BlockFilter`: every block keeps the
 same number of channels, its top channels by norm, so the grouped conv can be rebuilt with the same
 ``groups`` by compaction.
 
@@ -36,11 +37,18 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from admmcompress.graph import CONSUMER, DEPTHWISE, PRODUCER, ChannelGroup, channel_groups, channel_index
-from admmcompress.structures import groups as gemm
-from admmcompress.structures.block import top_groups_per_block
-from admmcompress.structures.sparsity import Filter, SparsityStructure
-from admmcompress.structures.targets import PlanError, Target
+from admmcompress.plan.graph import (
+    CONSUMER,
+    DEPTHWISE,
+    PRODUCER,
+    ChannelGroup,
+    cached_channel_groups,
+    channel_index,
+)
+from admmcompress.plan.targets import PlanError, Target
+from admmcompress.structures.base import Structure
+from admmcompress.structures.block import BlockFilter
+from admmcompress.structures.sparsity import Filter
 
 COUPLING_MODES = ("strict", "extend")
 COUPLED_KINDS = ("filter", "channel")
@@ -55,37 +63,6 @@ class ChannelSlice:
     local: tuple[int, ...]
     root: tuple[int, ...]
     groups: int = 1  # a grouped conv's weight read along its input side (see graph.channel_index)
-
-
-@dataclass(frozen=True)
-class BlockFilter(Filter):
-    """``Filter`` whose rows are split into equal blocks: every block keeps its top rows by L2 norm.
-
-    ``blocks[r]`` is the block of row ``r``; each block keeps ``kept_count(block size, sparsity)`` rows,
-    which is the exact Euclidean projection onto that set. Coupled targets over channels that a grouped
-    conv splits into conv groups use it, so every conv group keeps the same number of channels.
-
-    >>> w = torch.tensor([[3.0], [1.0], [0.5], [2.0]])
-    >>> BlockFilter(sparsity=0.5, blocks=(0, 0, 1, 1)).project(w).flatten().tolist()
-    [3.0, 0.0, 0.0, 2.0]
-    """
-
-    blocks: tuple[int, ...] = ()
-
-    def _owner(self, weight: torch.Tensor) -> torch.Tensor:
-        rows = gemm.as_matrix(weight).shape[0]
-        if len(self.blocks) != rows:
-            raise ValueError(f"BlockFilter: {len(self.blocks)} block ids for a matrix with {rows} rows")
-        return torch.tensor(self.blocks, dtype=torch.long, device=weight.device)
-
-    def support(self, weight: torch.Tensor) -> torch.Tensor:
-        matrix = gemm.as_matrix(weight).detach().to(torch.float64)
-        keep = top_groups_per_block((matrix * matrix).sum(dim=1), self._owner(weight), self.target_sparsity)
-        return keep.view(-1, 1).expand(matrix.shape).reshape(weight.shape).clone()
-
-    def kept_groups(self, weight: torch.Tensor) -> int:
-        sizes = torch.bincount(self._owner(weight))
-        return sum(gemm.kept_count(int(n), self.target_sparsity) for n in sizes.tolist() if n)
 
 
 @dataclass(frozen=True)
@@ -120,7 +97,7 @@ class CoupledTarget(Target):
     def param_names(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(s.param for s in self.slices))
 
-    def with_structure(self, structure: SparsityStructure) -> CoupledTarget:
+    def with_structure(self, structure: Structure) -> CoupledTarget:
         return replace(self, structure=structure)
 
     # --- the virtual GEMM matrix ------------------------------------------------------------
@@ -182,7 +159,7 @@ def couple(
     targets: Sequence[Target],
     example_inputs,
     mode: str = "strict",
-    extra_channelwise_ops: Iterable[str] = (),
+    extra_channelwise_ops: Iterable[str] | None = None,
     groups: list[ChannelGroup] | None = None,
 ) -> list[Target]:
     """Replace the filter/channel targets of ``targets`` by one ``CoupledTarget`` per channel group.
@@ -191,11 +168,14 @@ def couple(
     ``mode="strict"`` a group is pruned only if the plan names all its producers (filter targets) or
     all its consumers (channel targets); otherwise ``PlanError`` lists the missing layers, since the
     pruned filters could not be removed by compaction. ``mode="extend"`` prunes the whole group.
-    Other targets (unstructured, column, ...) pass through unchanged.
+    Other targets (unstructured, column, ...) pass through unchanged. ``groups`` defaults to the model's
+    cached channel groups (:func:`~admmcompress.plan.graph.cached_channel_groups`); most callers want
+    :meth:`Plan.resolve_coupled <admmcompress.plan.Plan.resolve_coupled>`, which calls this.
     """
     if mode not in COUPLING_MODES:
         raise PlanError(f"coupling mode {mode!r} is unknown; use one of {COUPLING_MODES}")
-    groups = groups if groups is not None else channel_groups(model, example_inputs, extra_channelwise_ops)
+    if groups is None:
+        groups = cached_channel_groups(model, example_inputs, extra_channelwise_ops or ())
     modules = dict(model.named_modules())
     errors: list[str] = []
     buckets: dict[str, list[Target]] = {}
@@ -297,4 +277,4 @@ def _coupled_target(group: ChannelGroup, members: list[Target], modules) -> Coup
     )
 
 
-__all__ = ["COUPLING_MODES", "BlockFilter", "ChannelSlice", "CoupledTarget", "couple"]
+__all__ = ["COUPLED_KINDS", "COUPLING_MODES", "BlockFilter", "ChannelSlice", "CoupledTarget", "couple"]

@@ -1,0 +1,459 @@
+"""Channel groups: which layers' filters, input channels and BN entries must be removed together.
+
+Torch-Pruning's ``DependencyGraph`` is asked once (it traces the model with autograd); its groups
+are turned into plain ``ChannelGroup`` records (``cached_channel_groups`` keeps them per model and
+example shape, so a plan's coupled resolution traces a model once) that name, for every channel of the group, the slice
+of each member layer that carries it:
+
+- ``producer``: a Conv or Linear computing the channel (weight row, bias entry);
+- ``consumer``: a Conv or Linear reading it (weight columns; after a flatten one channel is several
+  Linear columns; in a grouped conv, the column of the channel's conv group, see ``channel_index``);
+- ``norm``: a BatchNorm entry (gamma, beta, running statistics);
+- ``depthwise``: a depthwise conv, which maps the channel to itself (weight row, bias entry).
+
+Residual adds, concatenations and depthwise convolutions tie channels across layers; a group lists
+all of them, with each member's local index and the group ("root") channel it belongs to.
+
+A grouped conv that is not depthwise (``1 < groups < in_channels``) splits its input and its output
+channels into ``groups`` equal conv groups, and PyTorch needs every conv group to keep the same number
+of channels. A channel group it belongs to records that split in ``blocks`` (one block id per group
+channel; the common refinement when several grouped convs split it), so pruning can keep the same
+number of channels in every block and compaction can rebuild the conv with the same ``groups``.
+
+>>> import torch.nn as nn
+>>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2))
+>>> [(g.label, g.size, g.problems) for g in channel_groups(model, torch.zeros(1, 3, 8, 8))]
+[('0', 4, []), ('4', 2, ["its channels are model outputs (from '4')"])]
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+PRODUCER, CONSUMER, NORM, DEPTHWISE = "producer", "consumer", "norm", "depthwise"
+
+# Autograd ops that act on each channel separately (so a channel group is closed under them).
+# ``zero`` marks those with f(0) == 0: a channel that is zero before them stays zero after.
+CHANNELWISE_OPS: dict[str, bool] = {
+    "Relu": True,
+    "Hardtanh": True,
+    "LeakyRelu": True,
+    "Elu": True,
+    "Gelu": True,
+    "Silu": True,
+    "Hardswish": True,
+    "Tanh": True,
+    "Threshold": True,
+    "Add": True,
+    "Sub": True,
+    "Mul": True,
+    "Div": True,
+    "Neg": True,
+    "MaxPool2DWithIndices": True,
+    "MaxPool1DWithIndices": True,
+    "MaxPool3DWithIndices": True,
+    "AvgPool2D": True,
+    "AvgPool1D": True,
+    "AvgPool3D": True,
+    "AdaptiveAvgPool2D": True,
+    "AdaptiveAvgPool1D": True,
+    "AdaptiveMaxPool2D": True,
+    "Mean": True,
+    "Clone": True,
+    "T": True,
+    "NativeDropout": True,
+    "Squeeze": True,
+    "Unsqueeze": True,
+    "Sigmoid": False,
+    "Hardsigmoid": False,
+    "Exp": False,
+}
+
+# Index-mapping nodes Torch-Pruning resolves itself (they move channels, never mix them).
+STRUCTURAL_OPS = ("concat", "split", "reshape", "slice")
+
+
+class GraphError(ValueError):
+    """The model's channel coupling cannot be analysed; the message names the op and the fix."""
+
+
+@dataclass(frozen=True)
+class Member:
+    """One layer's share of a channel group: ``local[i]`` (its index) carries group channel ``root[i]``."""
+
+    layer: str
+    role: str
+    local: tuple[int, ...]
+    root: tuple[int, ...]
+    groups: int = 1  # conv groups of a grouped (not depthwise) conv; 1 otherwise
+
+    def param_dims(self, module: nn.Module) -> list[tuple[str, int]]:
+        """``(parameter name, dimension)`` pairs whose slices at ``local`` carry the channel."""
+        if self.role == CONSUMER:
+            return [("weight", 1)]
+        names = ["weight", "bias"]
+        return [(n, 0) for n in names if isinstance(getattr(module, n, None), torch.Tensor)]
+
+
+@dataclass
+class ChannelGroup:
+    """A set of channels that live or die together, and every member layer's slice of them."""
+
+    size: int
+    members: list[Member]
+    ops: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    root: str = ""
+    blocks: tuple[int, ...] = ()  # block id per channel when grouped convs split the channels; else ()
+
+    def layers(self, role: str) -> list[str]:
+        return list(dict.fromkeys(m.layer for m in self.members if m.role == role))
+
+    @property
+    def producers(self) -> list[str]:
+        return self.layers(PRODUCER)
+
+    @property
+    def consumers(self) -> list[str]:
+        return self.layers(CONSUMER)
+
+    @property
+    def label(self) -> str:
+        """Producers joined by '+' (or the root layer when there is none): unique within a model."""
+        names = self.producers + self.layers(DEPTHWISE)
+        return "+".join(sorted(names)) if names else self.root
+
+    @property
+    def grouped(self) -> list[tuple[str, int]]:
+        """``(layer, groups)`` of the grouped (not depthwise) convs among the members."""
+        return list(dict.fromkeys((m.layer, m.groups) for m in self.members if m.groups > 1))
+
+    @property
+    def zero_preserving(self) -> bool:
+        """True when every op in the group maps a zero channel to a zero channel."""
+        return all(op in STRUCTURAL_OPS or CHANNELWISE_OPS.get(op, False) for op in self.ops)
+
+
+def channel_index(shape: tuple[int, ...] | torch.Size, dim: int, groups: int = 1) -> torch.Tensor:
+    """Flat indices into a tensor of ``shape``, one row per channel along ``dim`` (``(channels, width)``).
+
+    Row ``c`` lists every entry that belongs to channel ``c``. For a grouped conv weight
+    ``(O, I/g, kh, kw)`` read along its input side (``dim == 1``, ``groups > 1``) the channels are the
+    ``I`` input channels: input channel ``c`` is column ``c % (I/g)`` of the ``O/g`` filters of conv group
+    ``c // (I/g)``.
+
+    >>> channel_index((4, 2, 1, 1), 1, groups=2).tolist()   # conv(4 -> 4, groups=2): 4 input channels
+    [[0, 2], [1, 3], [4, 6], [5, 7]]
+    """
+    shape = tuple(shape)
+    flat = torch.arange(math.prod(shape)).view(shape)
+    if groups == 1 or dim != 1:
+        return flat.movedim(dim, 0).reshape(shape[dim], -1)
+    out, span = shape[0], shape[1]
+    return flat.reshape(groups, out // groups, span, -1).permute(0, 2, 1, 3).reshape(groups * span, -1)
+
+
+def channel_rows(tensor: torch.Tensor, dim: int, groups: int = 1) -> torch.Tensor:
+    """``tensor``'s entries as ``(channels, width)``, row ``c`` = channel ``c`` (see ``channel_index``)."""
+    index = channel_index(tensor.shape, dim, groups).to(tensor.device)
+    return tensor.reshape(-1)[index]
+
+
+def is_grouped_conv(module: nn.Module) -> bool:
+    """A Conv with ``groups > 1`` that is not depthwise (``groups != in_channels``)."""
+    return (
+        isinstance(module, nn.modules.conv._ConvNd)
+        and not module.transposed
+        and 1 < module.groups
+        and not module.groups == module.in_channels == module.out_channels
+    )
+
+
+def op_name(grad_fn_name: str) -> str:
+    """``"ReluBackward0" -> "Relu"`` (the autograd node name without suffix)."""
+    return re.sub(r"Backward\d*$", "", grad_fn_name)
+
+
+def call_model(model: nn.Module, example_inputs):
+    """Call ``model`` on example inputs: a tuple/list is unpacked, a dict passed as keywords, a tensor as is.
+
+    (Torch-Pruning's own default tries ``model(*inputs)`` first, which splits a batch-1 tensor into an
+    unbatched sample; every trace here goes through this function instead.)
+    """
+    if isinstance(example_inputs, dict):
+        return model(**example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return model(*example_inputs)
+    return model(example_inputs)
+
+
+def build_dependency_graph(model: nn.Module, example_inputs):
+    """Trace ``model`` once with Torch-Pruning; the model's train/eval mode is restored afterwards."""
+    try:
+        import torch_pruning as tp
+    except ImportError as err:  # pragma: no cover - a declared dependency
+        raise ImportError("channel coupling needs Torch-Pruning: pip install torch-pruning") from err
+    was_training = {m: m.training for m in model.modules()}
+    try:
+        with torch.enable_grad():
+            graph = tp.DependencyGraph().build_dependency(
+                model, example_inputs=example_inputs, forward_fn=call_model, verbose=False
+            )
+    finally:
+        for module, mode in was_training.items():
+            module.train(mode)
+    return graph
+
+
+def channel_groups(
+    model: nn.Module, example_inputs, extra_channelwise_ops: Iterable[str] = (), graph=None
+) -> list[ChannelGroup]:
+    """Every channel group of ``model`` (one per independent channel space), in a stable order.
+
+    ``extra_channelwise_ops`` names further autograd ops (e.g. ``"MyOp"`` for ``MyOpBackward0``)
+    known to act on each channel separately; any other unknown op in a group is recorded in
+    ``problems`` so that nothing is removed across it.
+    """
+    return [g for g, _ in _groups_with_roots(model, example_inputs, tuple(extra_channelwise_ops), graph)]
+
+
+# model -> {(example key, extra ops): (module signature, groups)}; entries die with the model.
+_GROUP_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[tuple, list[ChannelGroup]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def cached_channel_groups(
+    model: nn.Module, example_inputs, extra_channelwise_ops: Iterable[str] = ()
+) -> list[ChannelGroup]:
+    """``channel_groups``, traced once per model, example shape and extra ops (then served from a cache).
+
+    The cache is keyed weakly by the model and checked against its module names, types and parameter
+    shapes: replacing or resizing a layer traces again; switching train/eval mode does not (the groups
+    depend on the layers, not on the mode). Every call returns fresh
+    ``ChannelGroup`` records, so a caller may edit them. Example inputs that are not tensors (or
+    tuples/lists/dicts of tensors and plain scalars) are traced every time.
+
+    >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3))
+    >>> first = cached_channel_groups(model, torch.zeros(1, 3, 8, 8))
+    >>> [g.label for g in cached_channel_groups(model, torch.ones(1, 3, 8, 8))] == [g.label for g in first]
+    True
+    """
+    extra = tuple(extra_channelwise_ops)
+    example_key = _inputs_key(example_inputs)
+    if example_key is None:
+        return channel_groups(model, example_inputs, extra)
+    key = (example_key, tuple(sorted(set(extra))))
+    signature = _module_signature(model)
+    entries = _GROUP_CACHE.setdefault(model, {})
+    hit = entries.get(key)
+    if hit is None or hit[0] != signature:
+        hit = entries[key] = (signature, channel_groups(model, example_inputs, extra))
+    return [replace(g, members=list(g.members), ops=list(g.ops), problems=list(g.problems)) for g in hit[1]]
+
+
+def clear_channel_group_cache(model: nn.Module | None = None) -> None:
+    """Forget the cached channel groups of ``model`` (of every model when None)."""
+    if model is None:
+        _GROUP_CACHE.clear()
+    else:
+        _GROUP_CACHE.pop(model, None)
+
+
+def _inputs_key(example: Any) -> tuple | None:
+    """A hashable description of the example's structure (shapes, dtypes, devices); None if unknown."""
+    if isinstance(example, torch.Tensor):
+        return ("tensor", tuple(example.shape), str(example.dtype), str(example.device))
+    if isinstance(example, (tuple, list)):
+        parts = [_inputs_key(x) for x in example]
+        return None if None in parts else (type(example).__name__, tuple(parts))
+    if isinstance(example, dict):
+        parts = [(k, _inputs_key(v)) for k, v in example.items()]
+        if not all(isinstance(k, str) for k, _ in parts) or any(v is None for _, v in parts):
+            return None
+        return ("dict", tuple(sorted(parts)))
+    if example is None or isinstance(example, (bool, int, float, str)):
+        return ("value", type(example).__name__, example)
+    return None
+
+
+def _module_signature(model: nn.Module) -> tuple:
+    """What the traced graph depends on besides the inputs: the modules and their parameter shapes."""
+    modules = tuple((name, type(m)) for name, m in model.named_modules())
+    params = tuple((name, tuple(p.shape)) for name, p in model.named_parameters())
+    return modules, params
+
+
+def _groups_with_roots(model, example_inputs, extra_ops: tuple[str, ...], graph=None):
+    """``(ChannelGroup, (root module, root pruning function))`` pairs; builds the graph unless given."""
+    graph = graph if graph is not None else build_dependency_graph(model, example_inputs)
+    names = {m: n for n, m in model.named_modules()}
+    known = dict(CHANNELWISE_OPS, **{op: True for op in extra_ops})
+    out, seen = [], set()
+    for tp_group in graph.get_all_groups(root_module_types=(nn.modules.conv._ConvNd, nn.Linear)):
+        group = _convert(tp_group, graph, names, known)
+        key = frozenset((m.layer, m.role, m.local) for m in group.members)
+        if key in seen:  # a depthwise conv roots a second copy of its producer's group
+            continue
+        seen.add(key)
+        root = tp_group[0].dep
+        out.append((group, (root.target.module, root.handler)))
+    out.sort(key=lambda pair: pair[0].label)
+    return out
+
+
+def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGroup:
+    import torch_pruning as tp
+
+    members: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    modules: dict[str, nn.Module] = {}
+    ops: list[str] = []
+    problems: list[str] = []
+    size = 0
+    for item in tp_group:
+        node, handler = item.dep.target, item.dep.handler
+        module = node.module
+        pairs = list(zip(item.idxs, item.root_idxs, strict=True))
+        size = max([size] + [r + 1 for _, r in pairs])
+        if node.type == tp.ops.OPTYPE.OUTPUT or (
+            isinstance(module, nn.Module)
+            and module in names
+            and graph.is_out_channel_pruning_fn(handler)
+            and not node.outputs
+        ):
+            problems.append(f"its channels are model outputs (from '{names.get(module, node.name)}')")
+            continue
+        role = _role(module, handler, graph)
+        if role is None:
+            if node.type == tp.ops.OPTYPE.ELEMENTWISE:
+                op = op_name(str(module._grad_fn))
+                ops.append(op)
+                if op not in known:
+                    problems.append(
+                        f"op '{op}' is not known to act on each channel separately; if it does, pass "
+                        f"extra_channelwise_ops=('{op}',), otherwise keep these channels"
+                    )
+            elif node.type.name.lower() in STRUCTURAL_OPS:
+                ops.append(node.type.name.lower())
+            elif isinstance(module, nn.Module) and module in names:
+                problems.append(
+                    f"layer '{names[module]}' ({type(module).__name__}) has no channel rule here; "
+                    "supported: Conv (not transposed), Linear, BatchNorm"
+                )
+            else:
+                problems.append(f"'{node.name}' cannot be sliced by channel")
+            continue
+        members.setdefault((names[module], role), []).extend(pairs)
+        modules[names[module]] = module
+    result = []
+    for (layer, role), pairs in members.items():
+        pairs = sorted(set(pairs))
+        conv_groups = modules[layer].groups if is_grouped_conv(modules[layer]) else 1
+        result.append(Member(layer, role, tuple(p[0] for p in pairs), tuple(p[1] for p in pairs), conv_groups))
+    blocks, why = _blocks(result, size, modules)
+    if why:
+        problems.append(why)
+    root_module = tp_group[0].dep.target.module
+    return ChannelGroup(
+        size=size,
+        members=result,
+        ops=sorted(set(ops)),
+        problems=list(dict.fromkeys(problems)),
+        root=names.get(root_module, ""),
+        blocks=blocks,
+    )
+
+
+def _blocks(members: list[Member], size: int, modules: dict[str, nn.Module]) -> tuple[tuple[int, ...], str]:
+    """Block id per group channel from the grouped convs' splits (their common refinement), or a reason.
+
+    Every block must have the same size, so that "the same number of channels in every block" keeps the
+    same number in every conv group of every grouped member.
+    """
+    keys: list[tuple[int, ...]] = [() for _ in range(size)]
+    for m in members:
+        if m.groups == 1:
+            continue
+        module = modules[m.layer]
+        channels = module.out_channels if m.role == PRODUCER else module.in_channels
+        side = "output" if m.role == PRODUCER else "input"
+        span = channels // m.groups
+        block: dict[int, int] = {}
+        for local, root in zip(m.local, m.root, strict=True):
+            if block.setdefault(root, local // span) != local // span:
+                block[root] = -1
+        if sorted(set(m.local)) != list(range(channels)) or len(block) != size or -1 in block.values():
+            return (), (
+                f"grouped conv '{m.layer}' (groups={m.groups}) shares only part of its {side} channels with "
+                "this channel group (a concat/split in between), so its conv groups cannot be kept equal; "
+                f"drop the filter/channel targets on the layers that feed or read '{m.layer}', or make it "
+                "depthwise (groups = channels) or groups=1"
+            )
+        keys = [k + (block[r],) for r, k in enumerate(keys)]
+    if not any(keys):
+        return (), ""
+    ids: dict[tuple[int, ...], int] = {}
+    blocks = tuple(ids.setdefault(k, len(ids)) for k in keys)
+    counts = torch.bincount(torch.tensor(blocks))
+    if bool((counts != counts[0]).any()):
+        named = ", ".join(f"'{layer}' (groups={g})" for layer, g in dict.fromkeys((m.layer, m.groups)
+                          for m in members if m.groups > 1))
+        return (), (
+            f"grouped convs {named} split these channels into conv groups that do not nest (blocks of sizes "
+            f"{sorted(set(counts.tolist()))}), so no pruning keeps every conv group equal; drop the "
+            "filter/channel targets on these channels, or give the convs nesting groups (e.g. 2 and 4)"
+        )
+    return blocks, ""
+
+
+def _role(module, handler, graph) -> str | None:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return NORM
+    if isinstance(module, nn.modules.conv._ConvNd):
+        if getattr(module, "transposed", False):
+            return None
+        if module.groups > 1 and module.groups == module.in_channels == module.out_channels:
+            return DEPTHWISE
+        return PRODUCER if graph.is_out_channel_pruning_fn(handler) else CONSUMER
+    if isinstance(module, nn.Linear):
+        return PRODUCER if graph.is_out_channel_pruning_fn(handler) else CONSUMER
+    return None
+
+
+def group_of(groups: list[ChannelGroup], layer: str, roles: tuple[str, ...]) -> ChannelGroup | None:
+    """The group in which ``layer`` appears with one of ``roles`` (None if there is none)."""
+    for group in groups:
+        if any(m.layer == layer and m.role in roles for m in group.members):
+            return group
+    return None
+
+
+__all__ = [
+    "CHANNELWISE_OPS",
+    "CONSUMER",
+    "DEPTHWISE",
+    "NORM",
+    "PRODUCER",
+    "STRUCTURAL_OPS",
+    "ChannelGroup",
+    "GraphError",
+    "Member",
+    "build_dependency_graph",
+    "cached_channel_groups",
+    "call_model",
+    "channel_groups",
+    "clear_channel_group_cache",
+    "channel_index",
+    "channel_rows",
+    "group_of",
+    "is_grouped_conv",
+    "op_name",
+]

@@ -1,0 +1,257 @@
+"""One markdown table (and one PNG) across finished runs: ``admmcompress report --compare RUN_DIR...``.
+
+Each run folder is the ``--out`` of ``admmcompress run`` (or any folder with the same ``metrics.json`` and
+``config.yaml``); nothing is retrained or re-measured, the figures are those the runs recorded. Results made
+outside the runner (a benchmark's baseline from another library, say) join the same table by writing a
+``summary.json`` with :func:`save_summary`.
+
+Example::
+
+    summaries = [load_summary(d) for d in ("runs/lenet5-admm", "runs/lenet5-magnitude")]
+    print(compare_table(summaries))
+    plot_compare(summaries, "compare.png")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from admmcompress.atomic import atomic_write
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """The figures of one run that the comparison shows (None: the run did not record it)."""
+
+    name: str
+    folder: str
+    method: str
+    compression: float | None = None
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
+    accuracy_hard_pruned: float | None = None  # the last stage's, right after hard pruning
+    storage_reduction: float | None = None
+    params_after: int | None = None  # of the physically compacted model (compact: true)
+    macs_after: int | None = None
+    wall_seconds: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load_summary(run_dir: str | Path) -> RunSummary:
+    """Read ``metrics.json`` and ``config.yaml`` of a finished run folder.
+
+    >>> load_summary("/nonexistent")
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: compare: no metrics.json in '/nonexistent'; give the --out folder of a finished run
+    """
+    folder = Path(run_dir)
+    metrics_file, config_file = folder / "metrics.json", folder / "config.yaml"
+    if not metrics_file.is_file() and (folder / SUMMARY_FILE).is_file():
+        return _read_summary(folder / SUMMARY_FILE)
+    if not metrics_file.is_file():
+        raise FileNotFoundError(f"compare: no metrics.json in '{folder}'; give the --out folder of a finished run")
+    try:
+        metrics = json.loads(metrics_file.read_text())["metrics"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ValueError(f"compare: '{metrics_file}' is not a run's metrics.json (no 'metrics' entry)") from None
+    config: dict[str, Any] = {}
+    if config_file.is_file():
+        config = yaml.safe_load(config_file.read_text()) or {}
+    stages = [s for s in config.get("stages") or [] if isinstance(s, dict)]
+    methods = [str(s.get("method", "admm")) for s in stages]
+    method = " + ".join(dict.fromkeys(methods)) if methods else "dense"
+    stage_metrics = [s for s in metrics.get("stages") or [] if s]
+    compaction = metrics.get("compaction") or {}
+    return RunSummary(
+        name=str(config.get("name") or folder.name),
+        folder=folder.name,
+        method=method,
+        compression=_number((metrics.get("stats") or {}).get("overall_compression")),
+        accuracy_before=_number(metrics.get("accuracy_before")),
+        accuracy_after=_number(metrics.get("accuracy_after")),
+        accuracy_hard_pruned=_number(stage_metrics[-1].get("accuracy_after_hard_prune")) if stage_metrics else None,
+        storage_reduction=_storage_reduction(metrics.get("storage") or {}),
+        params_after=compaction.get("params_after"),
+        macs_after=compaction.get("macs_after"),
+        wall_seconds=_number(metrics.get("wall_seconds")),
+    )
+
+
+SUMMARY_FILE = "summary.json"
+
+
+def save_summary(summary: RunSummary, folder: str | Path) -> Path:
+    """Write ``summary`` as ``folder/summary.json``, which :func:`load_summary` reads where no run left metrics.
+
+    >>> import tempfile
+    >>> folder = tempfile.mkdtemp()
+    >>> _ = save_summary(RunSummary("L1 keep 0.5", "l1", "magnitude (Torch-Pruning)", 4.0, 56.8, 56.1), folder)
+    >>> load_summary(folder).accuracy_after
+    56.1
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(dataclasses.asdict(summary), indent=1, default=str)
+    return atomic_write(folder / SUMMARY_FILE, lambda tmp: tmp.write_text(text))
+
+
+def _read_summary(path: Path) -> RunSummary:
+    try:
+        data = json.loads(path.read_text())
+        known = {f.name for f in dataclasses.fields(RunSummary)}
+        return RunSummary(**{k: v for k, v in data.items() if k in known})
+    except (json.JSONDecodeError, TypeError, AttributeError):
+        raise ValueError(f"compare: '{path}' is not a summary written by save_summary") from None
+
+
+def _storage_reduction(storage: dict[str, Any]) -> float | None:
+    """32-bit dense bits / stored bits of the pruned layers under the report's scheme (indices counted)."""
+    reduction = storage.get("storage_reduction")
+    if isinstance(reduction, dict):  # one figure per scheme: the report's own (default: the cheapest)
+        reduction = reduction.get(storage.get("scheme") or "best", reduction.get("best"))
+    return _number(reduction)
+
+
+def _number(value: Any) -> float | None:
+    """A recorded figure as a float (metrics.json writes infinity as the string "inf")."""
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def compare_table(summaries: Sequence[RunSummary], extra_columns: Sequence[str] = ()) -> str:
+    """The markdown table, one row per run in the given order.
+
+    Columns that no run recorded (accuracy after hard pruning, compacted params/MACs) are left out;
+    ``extra_columns`` name entries of ``RunSummary.extra`` shown after the method.
+
+    >>> a = RunSummary("lenet5", "a", "admm", 10.0, 99.1, 98.9, wall_seconds=61.0)
+    >>> print(compare_table([a]))
+    | run | method | compression | accuracy before | accuracy after | change | storage reduction | wall time |
+    |---|---|---:|---:|---:|---:|---:|---:|
+    | lenet5 | admm | 10.0x | 99.10% | 98.90% | -0.20 | - | 61 s |
+    """
+    if not summaries:
+        raise ValueError("compare: give at least one run folder")
+    repeated = {n for n, c in Counter(s.name for s in summaries).items() if c > 1}
+    optional = [
+        ("acc. after hard prune", "accuracy_hard_pruned", _pct),
+        ("params after compaction", "params_after", _count),
+        ("MACs after compaction", "macs_after", _count),
+    ]
+    shown = [(title, key, fmt) for title, key, fmt in optional if any(getattr(s, key) is not None for s in summaries)]
+    header = ["run", "method", *extra_columns, "compression", "accuracy before", "accuracy after", "change",
+              *(t for t, _, _ in shown[:1]), "storage reduction", *(t for t, _, _ in shown[1:]), "wall time"]
+    align = ["---", "---", *("---" for _ in extra_columns)] + ["---:"] * (len(header) - 2 - len(extra_columns))
+    lines = [_row(header), "|" + "|".join(align) + "|"]
+    for s in summaries:
+        change = (
+            f"{s.accuracy_after - s.accuracy_before:+.2f}"
+            if s.accuracy_after is not None and s.accuracy_before is not None
+            else "-"
+        )
+        hard = [fmt(getattr(s, key)) for _, key, fmt in shown if key == "accuracy_hard_pruned"]
+        compacted = [fmt(getattr(s, key)) for _, key, fmt in shown if key != "accuracy_hard_pruned"]
+        cells = [
+            f"{s.name} ({s.folder})" if s.name in repeated else s.name,
+            s.method,
+            *(str(s.extra.get(c, "-")) for c in extra_columns),
+            _rate(s.compression),
+            _pct(s.accuracy_before),
+            _pct(s.accuracy_after),
+            change,
+            *hard,
+            _rate(s.storage_reduction),
+            *compacted,
+            _seconds(s.wall_seconds),
+        ]
+        lines.append(_row(cells))
+    return "\n".join(lines)
+
+
+def _row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _rate(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return "inf" if math.isinf(x) else f"{x:,.1f}x"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}%"
+
+
+def _seconds(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.1f} s" if x < 10 else f"{x:.0f} s"
+
+
+def _count(x: int | None) -> str:
+    return "-" if x is None else f"{x:,}"
+
+
+def plot_compare(summaries: Sequence[RunSummary], path: str | Path) -> Path:
+    """Accuracy after vs overall compression (log scale), one labelled point per run; hollow: before."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [s for s in summaries if s.compression is not None and s.accuracy_after is not None]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for s in points:
+        x = s.compression if math.isfinite(s.compression) else float("nan")
+        ax.scatter([x], [s.accuracy_after], zorder=3)
+        ax.annotate(s.name if len(points) < 16 else s.folder, (x, s.accuracy_after), fontsize=7,
+                    textcoords="offset points", xytext=(4, 3))
+        if s.accuracy_before is not None:
+            ax.scatter([x], [s.accuracy_before], facecolors="none", edgecolors="grey", zorder=2)
+    if points and all(s.compression > 0 for s in points):
+        ax.set_xscale("log")
+    ax.set_xlabel("overall compression (pruned layers' weights / nonzero)")
+    ax.set_ylabel("top-1 accuracy (%) after (hollow: before)")
+    ax.set_title(f"{len(summaries)} runs")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return path
+
+
+def compare_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> str:
+    """Table of ``run_dirs``; writes ``out`` (markdown) and its PNG beside it, or ``compare.png`` here.
+
+    Returns the markdown with a last line naming the files written.
+    """
+    summaries = [load_summary(d) for d in run_dirs]
+    table = compare_table(summaries)
+    if out is not None:
+        md = Path(out)
+        if md.suffix != ".md":
+            raise ValueError(f"compare: --out {out}: give a markdown file name ending in .md, e.g. compare.md")
+        md.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(md, lambda tmp: tmp.write_text(table + "\n"))
+        png = plot_compare(summaries, md.with_suffix(".png"))
+        return f"{table}\n\n(table in {md}, plot in {png})"
+    png = plot_compare(summaries, Path("compare.png"))
+    return f"{table}\n\n(plot in {png})"
+
+
+__all__ = ["RunSummary", "compare_runs", "compare_table", "load_summary", "plot_compare", "save_summary"]
