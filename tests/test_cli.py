@@ -133,7 +133,9 @@ def test_report_recomputes_from_the_saved_weights(finished_run, capsys):
         kept_rows = (weights["fc2.weight"].abs().sum(1) > 0).nonzero().flatten()
         weights["fc2.weight"][kept_rows[:25]] = 0.0  # 25 more rows gone: fc2 now keeps 25 of 100
         save_file(weights, str(path))
-        assert main(["report", str(out)]) == 0
+        assert main(["report", str(out)]) == 2  # changed after the run: refused (recorded SHA-256)
+        assert "model.safetensors' does not match the SHA-256" in capsys.readouterr().err
+        assert main(["report", str(out), "--rehash"]) == 0  # changed on purpose: accepted, checksums recorded anew
         printed = capsys.readouterr().out
         assert "| fc2 | Linear | 100x300 | 30,000 | 7,500 | 75.00% | 4.0x |" in printed
         assert "| fc2 | Linear | 100x300 | 30,000 | 7,500 |" in (out / "report.md").read_text()
@@ -141,7 +143,7 @@ def test_report_recomputes_from_the_saved_weights(finished_run, capsys):
         assert stats["kept_weights"] == 23520 + 7500
     finally:
         path.write_bytes(original)
-        assert main(["report", str(out)]) == 0
+        assert main(["report", str(out), "--rehash"]) == 0
     assert "| fc2 | Linear | 100x300 | 30,000 | 15,000 |" in (out / "report.md").read_text()
 
 

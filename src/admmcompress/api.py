@@ -111,4 +111,6 @@ def compress(
     runner = Runner(config, model, train, test, out_dir=out_dir, progress=progress, train_dense=False,
                     loss_fn=loss_fn)
     metrics = runner.run()
+    if getattr(train, "source", None) is not None:  # data from load_dataset: name the file, as a CLI run does
+        metrics["data_file"] = str(Path(train.source).absolute())
     return CompressionResult(model, runner.masks, metrics, runner.history, runner.compacted)

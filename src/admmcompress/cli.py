@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
-import yaml
 
+from admmcompress.atomic import WriteError, clean_orphans
 from admmcompress.data.datasets import load_dataset
 from admmcompress.models import create_model
 from admmcompress.report.metrics import measure
@@ -18,10 +17,12 @@ from admmcompress.report.render import load_report, save_report
 from admmcompress.report.storage import storage
 from admmcompress.train import checkpoint as ckpt
 from admmcompress.train.config import RunConfig
+from admmcompress.train.lock import LOCK_FILE, RunLock
 from admmcompress.train.loop import TrainingDiverged
-from admmcompress.train.runner import STATE_FILE, Runner, rebuild_transforms
+from admmcompress.train.run_folder import commit, plan_folder
+from admmcompress.train.runner import Runner, read_progress, rebuild_transforms, run_phases
 
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError, TrainingDiverged)
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError, TrainingDiverged, WriteError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +37,15 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument(
         "--seed", type=int, help="random seed (overrides the config's 'seed'; kept in the run's config.yaml)"
     )
+    run.add_argument("--overwrite", action="store_true", help="replace the run outputs already in --out")
+    run.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="--resume with an edited config: accept the safe changes (epochs of unfinished phases, threads, ...)",
+    )
+    run.add_argument(
+        "--dry-run", action="store_true", help="check the config, plan, data and checkpoints, print the plan, exit"
+    )
     report = sub.add_parser(
         "report", help="recompute and print the report of a finished run folder, or --compare several runs"
     )
@@ -44,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         "--compare", nargs="+", metavar="RUN_DIR", help="one markdown table (and one PNG) across these run folders"
     )
     report.add_argument("--out", help="--compare: write the table to this .md file, its plot beside it (.png)")
+    report.add_argument(
+        "--rehash",
+        action="store_true",
+        help="the run's files were changed on purpose: skip their checksums, record new ones (masks still checked)",
+    )
     export = sub.add_parser(
         "export", help="write a finished run's model with an executor: packed file, ONNX, compacted, or a plugin's"
     )
@@ -64,38 +79,116 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    config = RunConfig.from_yaml(args.config)
+    """Check the flags and the config, then run in the locked --out folder (or only check: --dry-run)."""
+    _check_run_flags(args)
+    try:
+        config = RunConfig.from_yaml(args.config)
+    except (TypeError, AttributeError) as err:  # a section of the wrong kind that the config's checks let through
+        raise ValueError(
+            f"config '{args.config}': a value has the wrong type or shape ({err}); compare it with a ready config "
+            "in configs/"
+        ) from None
     if args.seed is not None:
         config.seed = args.seed
+    out = Path(args.out) if args.out else Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    ckpt.check_output_folder(out)  # a file or a read-only folder: one line now, not a traceback after loading
+    if args.dry_run:
+        return _dry_run(args, config, out)
     threads = args.threads or config.threads
     if threads:
         torch.set_num_threads(threads)
-    if args.resume and not args.out:
-        raise ValueError("--resume needs --out DIR: the folder of the run to continue")
-    out = Path(args.out) if args.out else Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if (out / STATE_FILE).exists() and not args.resume:
-        raise ValueError(f"'{out}' already holds a run; add --resume to continue it, or choose another --out")
+    created, stale = not out.exists(), (out / LOCK_FILE).exists()  # a lock file left behind: a killed run
+    lock = RunLock(out).acquire()
+    try:
+        return _run_locked(args, config, out, stale)
+    finally:
+        lock.release()
+        if created and out.is_dir() and not any(out.iterdir()):  # the run failed before writing anything
+            out.rmdir()
+
+
+def _check_run_flags(args: argparse.Namespace) -> None:
+    """The run flags, checked like config values: one line naming the flag and the fix."""
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        raise ValueError(f"--seed {args.seed} must be an integer in [0, 2**63), e.g. --seed 1")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads {args.threads} must be a positive integer (torch's threads), e.g. --threads 4")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite replaces it: give one of them")
+    if args.allow_config_change and not args.resume:
+        raise ValueError("--allow-config-change goes with --resume (it accepts safe edits of a run's config)")
+    for flag, given in (("--resume", args.resume), ("--overwrite", args.overwrite)):
+        if given and not args.out:
+            raise ValueError(f"{flag} needs --out DIR: the folder of the run to {flag[2:]}")
+
+
+def _build_runner(config: RunConfig, out: Path | None, progress: bool) -> Runner:
+    """Model (pretrained weights loaded), data and the Runner: every check that needs no training."""
     torch.manual_seed(config.seed)  # the initial weights of a model trained from scratch follow the seed too
     model = create_model(config.model["name"], **{k: v for k, v in config.model.items() if k != "name"})
     if config.pretrained:
         ckpt.load_weights(model, config.pretrained)
     train = load_dataset(config.data.dataset, "train", config.data.data_dir, config.data.train_limit)
     test = load_dataset(config.data.dataset, "test", config.data.data_dir, config.data.test_limit)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_config(out, config)
-    runner = Runner(config, model, train, test, out_dir=out, progress=not args.no_progress and sys.stderr.isatty())
-    print(f"admmcompress: run '{config.name}' -> {out}", file=sys.stderr)
-    metrics = runner.run(resume=args.resume)
-    ckpt.save_tensors(out / "model.safetensors", model.state_dict(), {"config": config.to_dict()})
-    ckpt.save_tensors(out / "masks.safetensors", runner.masks.state_dict())
-    print(save_report(out, metrics, runner.history, f"admmcompress: {config.name}"))
-    print(f"(report, metrics.json and plots in {out}; rerun: admmcompress run {args.config} --out {out}-again)")
+    return Runner(config, model, train, test, out_dir=out, progress=progress)
+
+
+def _dry_run(args: argparse.Namespace, config: RunConfig, out: Path) -> int:
+    """--dry-run: every check of a run (flags, config, plan against the model, data, checkpoints, --out), no writes."""
+    folder = "(no --out: a new folder under runs/)"
+    if args.out:
+        progress = read_progress(out) if args.resume else None
+        plan = plan_folder(
+            out, config, run_phases(config), progress, resume=args.resume, overwrite=args.overwrite,
+            allow_config_change=args.allow_config_change, stale_lock=(out / LOCK_FILE).exists(),
+        )
+        folder = plan.describe()
+    runner = _build_runner(config, None, progress=False)
+    runner.preflight()
+    model = runner.model
+    phases = ", ".join(f"{p.label} {p.cfg.epochs} epoch(s)" for p in runner.phases) or "none"
+    print(f"admmcompress: dry run of '{config.name}': config, plan, data and checkpoints check out; nothing written")
+    print(f"  model: {config.model['name']}, {sum(p.numel() for p in model.parameters()):,} parameters"
+          + (f", from '{config.pretrained}'" if config.pretrained else ", trained from scratch"))
+    print(f"  data: {config.data.dataset}, {len(runner.train.x)} train / {len(runner.test.x)} test samples, "
+          f"{len(runner.loader)} steps per epoch")
+    print(f"  phases: {phases}")
+    print(f"  pruned layers: {', '.join(runner.layers()) or 'none'}")
+    print(f"  out: {folder}")
     return 0
 
 
-def _write_config(out: Path, config: RunConfig) -> None:
-    text = yaml.safe_dump(json.loads(json.dumps(config.to_dict())), sort_keys=False)
-    ckpt.atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(text))
+def _run_locked(args: argparse.Namespace, config: RunConfig, out: Path, stale_lock: bool) -> int:
+    """The run proper, holding --out's lock: decide start/resume, prepare the folder, train, write the outputs."""
+    progress = read_progress(out) if args.resume else None
+    plan = plan_folder(
+        out, config, run_phases(config), progress, resume=args.resume, overwrite=args.overwrite,
+        allow_config_change=args.allow_config_change, stale_lock=stale_lock,
+    )
+    runner = _build_runner(config, out, progress=not args.no_progress and sys.stderr.isatty())
+    if not plan.resume:
+        runner.preflight()  # NaN weights or data, teacher files: refused before the folder changes
+    removed = clean_orphans(out)  # temporary files of writes a kill cut short; we hold the lock
+    if removed:
+        print(f"admmcompress: removed {len(removed)} unfinished temporary file(s) of a killed run", file=sys.stderr)
+    if plan.restart:
+        print(f"admmcompress: no checkpoint in '{out}' yet (the run stopped before its first one): "
+              "starting from the beginning", file=sys.stderr)
+    if plan.accepted:
+        print(f"admmcompress: {plan.describe()}; config.yaml updated", file=sys.stderr)
+    commit(plan, config)
+    model = runner.model
+    print(f"admmcompress: run '{config.name}' -> {out}", file=sys.stderr)
+    metrics = runner.run(resume=plan.resume)
+    metrics["data_file"] = str(Path(runner.train.source).absolute())  # which copy of the dataset was read
+    ckpt.save_tensors(out / "model.safetensors", model.state_dict(), {"config": config.to_dict()})
+    ckpt.save_tensors(out / "masks.safetensors", runner.masks.state_dict())
+    print(save_report(out, metrics, runner.history, f"admmcompress: {config.name}"))
+    from admmcompress.report.integrity import record_output_checksums  # issue 20 part B: report/export verify
+
+    record_output_checksums(out)  # SHA-256 of the outputs into metrics.json, once they are all written
+    print(f"(report, metrics.json and plots in {out}; rerun: admmcompress run {args.config} --out {out}-again)")
+    return 0
 
 
 def _report_command(args: argparse.Namespace) -> int:
@@ -110,11 +203,20 @@ def _report_command(args: argparse.Namespace) -> int:
         raise ValueError("report: give a run folder, or --compare RUN_DIR... to tabulate several")
     if args.out:
         raise ValueError("report: --out goes with --compare; a single run's report is written into its own folder")
-    return _report(Path(args.dir))
+    return _report(Path(args.dir), rehash=args.rehash)
 
 
-def _report(out: Path) -> int:
-    """Recompute per-layer figures from the saved weights; accuracy and times come from metrics.json."""
+def _report(out: Path, rehash: bool = False) -> int:
+    """Recompute per-layer figures from the saved weights; accuracy and times come from metrics.json.
+
+    The run's outputs are verified first (recorded checksums, weights against masks); a read-only run
+    folder gets the report printed, and a note that it could not be saved there.
+    """
+    from admmcompress.report.integrity import record_output_checksums, seal, verify_run
+    from admmcompress.report.render import render_markdown
+
+    for note in verify_run(out, files=not rehash):
+        print(f"admmcompress: note: {note}", file=sys.stderr)
     metrics, history = load_report(out)
     config = RunConfig.from_yaml(out / "config.yaml")
     model = create_model(config.model["name"], **{k: v for k, v in config.model.items() if k != "name"})
@@ -123,7 +225,17 @@ def _report(out: Path) -> int:
     layers = [row["name"] for row in metrics["stats"]["layers"]]
     metrics["stats"] = measure(model, layers).to_dict()
     metrics["storage"] = storage(model, layers).to_dict()
-    print(save_report(out, metrics, history, f"admmcompress: {config.name}"))
+    seal(metrics, history)  # the figures were recomputed: metrics.json's content checksum follows them
+    title = f"admmcompress: {config.name}"
+    try:
+        text = save_report(out, metrics, history, title)
+        if rehash:
+            record_output_checksums(out)
+    except OSError as err:  # a read-only run folder (or a full disk): the report is still worth printing
+        print(render_markdown(metrics, title))
+        print(f"admmcompress: note: could not save the report into '{out}' ({err}); printed only", file=sys.stderr)
+        return 0
+    print(text)
     return 0
 
 

@@ -1,9 +1,10 @@
 """``admmcompress export --<executor> RUN_DIR --out ...``: a finished run's model through a registered executor.
 
 Run-folder glue for the CLI, kept out of ``executors/`` so that the executors never depend on the
-training package or the report: ``open_run`` reads a run folder (``config.yaml``, ``model.safetensors``)
-into an :class:`~admmcompress.executors.FinishedRun` (the model, its config, test inputs, its storage
-report), and ``export_run`` hands it to ``get_executor(name).export``.
+training package or the report: ``open_run`` verifies a run folder (the output checksums recorded in
+``metrics.json``, the weights against ``masks.safetensors``: ``report.integrity``) and reads it
+(``config.yaml``, ``model.safetensors``) into an :class:`~admmcompress.executors.FinishedRun` (the model,
+its config, test inputs, its storage report), and ``export_run`` hands it to ``get_executor(name).export``.
 
 The command's flags come from the registry: one ``--<name>`` per registered executor that can
 ``export`` (built-ins ``--compact``, ``--onnx``, ``--packed``) and each executor's own options
@@ -77,6 +78,7 @@ def open_run(run_dir: str | Path) -> FinishedRun:
     >>> run = open_run("runs/lenet5")                                              # doctest: +SKIP
     >>> get_executor("onnx").export(run, "lenet5.onnx")                             # doctest: +SKIP
     """
+    verify_run_folder(run_dir)
     model, config = load_run_model(run_dir)
     return FinishedRun(
         folder=Path(run_dir),
@@ -86,6 +88,21 @@ def open_run(run_dir: str | Path) -> FinishedRun:
         examples=lambda count: example_input(config, count),
         storage_report=lambda **options: storage(model, **options),
     )
+
+
+def verify_run_folder(run_dir: str | Path) -> None:
+    """Refuse a run folder whose outputs changed since the run (recorded checksums, weights against masks).
+
+    One ``RunIntegrityError`` line naming the file on a mismatch; a run written before checksums were
+    recorded gets a note on stderr. A folder without metrics.json (a model put there by hand, not a run's
+    output) has nothing recorded to verify.
+    """
+    from admmcompress.report.integrity import verify_run
+
+    if not (Path(run_dir) / "metrics.json").is_file():
+        return
+    for note in verify_run(run_dir):
+        print(f"admmcompress: note: {note}", file=sys.stderr)
 
 
 def export_run(name: str, run_dir: str | Path, out: str | Path, **options: Any) -> str:
@@ -254,4 +271,5 @@ __all__ = [
     "load_export_plugins",
     "load_run_model",
     "open_run",
+    "verify_run_folder",
 ]

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from admmcompress.data.files import whole_number
+
 
 @dataclass(frozen=True)
 class Augment:
@@ -29,6 +31,7 @@ class Augment:
     hflip: bool = False
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "shift", whole_number(self.shift))  # np.int64(2) is 2
         if isinstance(self.shift, bool) or not isinstance(self.shift, int) or self.shift < 0:
             raise ValueError(f"augment.shift={self.shift!r}: give a whole number of pixels >= 0 (e.g. 2)")
         if not isinstance(self.hflip, bool):

@@ -12,7 +12,17 @@ import numpy as np
 import torch
 
 from admmcompress.data.augment import Augment
-from admmcompress.data.files import ENV_VAR, FILES, REPO_ROOT, Split, find_dataset, search_dirs
+from admmcompress.data.files import (
+    ENV_VAR,
+    FILES,
+    REPO_ROOT,
+    DataFileError,
+    Split,
+    check_arrays,
+    find_dataset,
+    read_npz,
+    search_dirs,
+)
 
 # Per-channel mean/std used to normalise inputs (MNIST constants are the canonical ones).
 NORMALIZATION = {
@@ -25,7 +35,10 @@ NORMALIZATION = {
 def load_dataset(
     name: str, split: str = "train", data_dir: str | Path | None = None, limit: int | None = None
 ) -> Split:
-    """Load ``split`` ("train" or "test") of a local dataset, normalised, optionally the first ``limit``."""
+    """Load ``split`` ("train" or "test") of a local dataset, normalised, optionally the first ``limit``.
+
+    The returned ``Split.source`` is the file read. A damaged file raises :class:`DataFileError` naming it.
+    """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if name in ("fsdd", "ptb"):  # sequence data: their own loaders
@@ -35,30 +48,43 @@ def load_dataset(
 
         return load_fsdd(split, data_dir, limit)
     path = find_dataset(name, data_dir)
-    with np.load(path, allow_pickle=False) as archive:
-        if name == "cifar10":
-            images = _decode_jpegs(archive[f"x_{split}_jpeg"], archive[f"{split}_offsets"], limit)
-            labels = archive[f"y_{split}"][: len(images)]
-        else:
-            images = archive[f"x_{split}"][:limit, None]
-            labels = archive[f"y_{split}"][:limit]
+    if name == "cifar10":
+        arrays = read_npz(path, [f"x_{split}_jpeg", f"{split}_offsets", f"y_{split}"], name)
+        buffer, offsets, labels = arrays[f"x_{split}_jpeg"], arrays[f"{split}_offsets"], arrays[f"y_{split}"]
+        check_arrays(path, name, buffer.ndim == offsets.ndim == labels.ndim == 1 and len(offsets) == len(labels) + 1,
+                     f"a JPEG byte buffer with {split} offsets (one more than labels)")
+        images = _decode_jpegs(buffer, offsets, limit, path)
+        labels = labels[: len(images)]
+    else:
+        arrays = read_npz(path, [f"x_{split}", f"y_{split}"], name)
+        images, labels = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        check_arrays(path, name, images.ndim == 3 and labels.ndim == 1 and len(images) == len(labels),
+                     f"{split} images (N, H, W) with N labels")
+        images, labels = images[:limit, None], labels[:limit]
     x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
     mean, std = NORMALIZATION[name]
     x = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
-    return Split(x.contiguous(), torch.from_numpy(labels.astype(np.int64)))
+    return Split(x.contiguous(), torch.from_numpy(labels.astype(np.int64)), path)
 
 
-def _decode_jpegs(buffer: np.ndarray, offsets: np.ndarray, limit: int | None) -> np.ndarray:
+def _decode_jpegs(buffer: np.ndarray, offsets: np.ndarray, limit: int | None, path: Path | None = None) -> np.ndarray:
     try:
         from PIL import Image
     except ImportError as err:  # pragma: no cover - Pillow comes with matplotlib
         raise ImportError("CIFAR-10 is stored as JPEG; install Pillow (pip install pillow)") from err
     n = len(offsets) - 1 if limit is None else min(limit, len(offsets) - 1)
-    images = [
-        np.asarray(Image.open(io.BytesIO(buffer[offsets[i] : offsets[i + 1]].tobytes())).convert("RGB"))
-        for i in range(n)
-    ]
-    return np.stack(images).transpose(0, 3, 1, 2)
+    images = []
+    try:
+        for i in range(n):
+            images.append(
+                np.asarray(Image.open(io.BytesIO(buffer[offsets[i] : offsets[i + 1]].tobytes())).convert("RGB"))
+            )
+        return np.stack(images).transpose(0, 3, 1, 2)
+    except (OSError, ValueError) as err:  # a damaged JPEG (PIL's UnidentifiedImageError is an OSError)
+        raise DataFileError(
+            f"dataset file '{path}': image {len(images)} cannot be decoded ({err}); "
+            f"replace it with a good copy of {FILES['cifar10']}"
+        ) from None
 
 
 class BatchLoader:
@@ -98,6 +124,6 @@ class BatchLoader:
 
 
 __all__ = [
-    "Augment", "ENV_VAR", "FILES", "NORMALIZATION", "REPO_ROOT", "BatchLoader", "Split",
+    "Augment", "ENV_VAR", "FILES", "NORMALIZATION", "REPO_ROOT", "BatchLoader", "DataFileError", "Split",
     "find_dataset", "load_dataset", "search_dirs",
 ]

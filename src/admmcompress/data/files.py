@@ -1,19 +1,28 @@
-"""Where dataset files are found (no downloads), and the labelled split every loader returns.
+"""Where dataset files are found (no downloads), how they are read, and the labelled split every loader returns.
 
-Where files are looked for, in order:
-1. the ``data_dir`` argument;
-2. the ``ADMMCOMPRESS_DATA`` environment variable;
-3. the repository's own ``data/`` folder (MNIST is bundled there);
-4. ``../shared/data`` next to the repository.
-A missing file raises ``FileNotFoundError`` naming every place searched and how to fix it.
+An explicit ``data_dir`` (argument or config key) is the only place looked at: a folder without the
+dataset is an error naming it, never a silent fall-back to another copy. Without one, files are looked
+for, in order:
+1. the ``ADMMCOMPRESS_DATA`` environment variable;
+2. the repository's own ``data/`` folder (MNIST is bundled there);
+3. ``../shared/data`` next to the repository.
+A missing file raises ``FileNotFoundError`` naming every place searched and how to fix it; a file that
+cannot be read (truncated, random bytes, another dataset's arrays) raises :class:`DataFileError` naming it.
+Every ``Split`` a loader returns carries the file it came from (``Split.source``).
 """
 
 from __future__ import annotations
 
+import operator
 import os
+import zipfile
+import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -22,8 +31,16 @@ ENV_VAR = "ADMMCOMPRESS_DATA"
 FILES = {"mnist": "mnist.npz", "fashion_mnist": "fashion_mnist.npz", "cifar10": "cifar10_jpeg.npz"}
 FILES.update({"fsdd": "fsdd.npz", "ptb": "ptb.npz"})  # speech digits (data/fsdd.py), PTB text (data/ptb.py)
 
+
+class DataFileError(ValueError):
+    """A dataset file that cannot be read as its dataset; the message names the file and the fix."""
+
+
 def search_dirs(data_dir: str | Path | None = None) -> list[Path]:
-    dirs = [Path(data_dir)] if data_dir else []
+    """The folders a dataset is looked for in: ``data_dir`` alone when given, else the default places."""
+    if data_dir:
+        return [Path(data_dir)]
+    dirs = []
     if os.environ.get(ENV_VAR):
         dirs.append(Path(os.environ[ENV_VAR]))
     dirs += [REPO_ROOT / "data", REPO_ROOT.parent / "shared" / "data"]
@@ -34,7 +51,9 @@ def find_dataset(name: str, data_dir: str | Path | None = None) -> Path:
     """Path of a dataset file, or a FileNotFoundError that says where to put it."""
     if name not in FILES:
         raise ValueError(f"unknown dataset '{name}'; available: {', '.join(sorted(FILES))}")
-    dirs = search_dirs(data_dir)
+    if data_dir:
+        return _in_data_dir(name, Path(data_dir))
+    dirs = search_dirs()
     for d in dirs:
         if (d / FILES[name]).is_file():
             return d / FILES[name]
@@ -45,15 +64,92 @@ def find_dataset(name: str, data_dir: str | Path | None = None) -> Path:
     )
 
 
+def _in_data_dir(name: str, folder: Path) -> Path:
+    """The dataset file in an explicitly given folder, or an error naming that folder (no fall-back)."""
+    path = folder / FILES[name]
+    if path.is_file():
+        return path
+    if folder.is_file():
+        problem = "is a file, not a folder; give the folder that holds it"
+    elif not folder.is_dir():
+        problem = "does not exist"
+    else:
+        problem = f"has no {FILES[name]}"
+    where = f"'{folder}'" if folder.is_absolute() else f"'{folder}' ({folder.resolve()})"
+    raise FileNotFoundError(
+        f"dataset '{name}': data_dir {where} {problem}; put {FILES[name]} there, "
+        f"or remove data_dir to search the default places ({', '.join(str(d) for d in search_dirs())})"
+    )
+
+
+def read_npz(path: str | Path, keys: Sequence[str], name: str) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` of dataset ``name``'s ``.npz`` file, read in full (no pickles).
+
+    Raises :class:`DataFileError` naming the file when it is not a readable ``.npz`` archive (truncated,
+    random bytes, a plain ``.npy``), lacks one of the arrays, or an array is damaged.
+    """
+    path = Path(path)
+    fix = f"replace it with a good copy of {FILES.get(name, path.name)}"
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except _READ_ERRORS as err:
+        raise DataFileError(
+            f"dataset file '{path}' cannot be read ({_reason(err)}): it is truncated, damaged or not a .npz "
+            f"archive; {fix}"
+        ) from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise DataFileError(f"dataset file '{path}' holds a single array, not the .npz archive of '{name}'; {fix}")
+    with archive:
+        missing = [k for k in keys if k not in archive.files]
+        if missing:
+            raise DataFileError(
+                f"dataset file '{path}' lacks the array(s) {missing} of '{name}' (it has {archive.files}); {fix}"
+            )
+        try:
+            return {k: archive[k] for k in keys}
+        except _READ_ERRORS as err:
+            raise DataFileError(f"dataset file '{path}' is damaged ({_reason(err)}); {fix}") from None
+
+
+# What numpy/zipfile raise on a damaged archive: a bad zip, CRC or deflate stream, a short read, a bad
+# .npy header, an object array (allow_pickle=False), a member listed but unreadable.
+_READ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def check_arrays(path: Path, name: str, condition: bool, what: str) -> None:
+    """Raise :class:`DataFileError` naming the file unless ``condition`` (its arrays look like ``what``)."""
+    if not condition:
+        raise DataFileError(
+            f"dataset file '{path}' does not hold {what} as '{name}' needs; replace it with a good copy of "
+            f"{FILES.get(name, path.name)}"
+        )
+
+
+def whole_number(value: Any) -> Any:
+    """A numpy or 0-d torch integer as a Python ``int``; anything else (booleans too) unchanged."""
+    if isinstance(value, (bool, int)) or str(getattr(value, "dtype", "bool")) in ("bool", "torch.bool"):
+        return value
+    try:
+        return operator.index(value)
+    except TypeError:
+        return value
+
+
 @dataclass
 class Split:
-    """Normalised inputs (N, C, H, W float32) and integer labels."""
+    """Normalised inputs (N, C, H, W float32) and integer labels; ``source``: the file they were read from."""
 
     x: torch.Tensor
     y: torch.Tensor
+    source: Path | None = None
 
     def __len__(self) -> int:
         return len(self.y)
 
     def subset(self, n: int | None) -> Split:
-        return self if n is None or n >= len(self) else Split(self.x[:n], self.y[:n])
+        return self if n is None or n >= len(self) else Split(self.x[:n], self.y[:n], self.source)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from admmcompress.data.audio import log_mel, mfcc
-from admmcompress.data.files import Split, find_dataset
+from admmcompress.data.files import Split, check_arrays, find_dataset, read_npz, whole_number
 
 FEATURES = ("mfcc39", "logmel40")
 N_FFT, HOP = 256, 128  # 32 ms windows every 16 ms at 8 kHz
@@ -50,10 +50,15 @@ def features(signal: np.ndarray, kind: str, sample_rate: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=2)  # train and test come from one pass over all 3,000 recordings
 def _normalised_features(path: str, frames: int, feature: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    with np.load(path, allow_pickle=False) as archive:
-        audio, offsets = archive["audio"], archive["offsets"]
-        labels, is_test = archive["labels"], archive["is_test"]
-        rate = int(archive["sample_rate"])
+    arrays = read_npz(path, ["audio", "offsets", "labels", "is_test", "sample_rate"], "fsdd")
+    audio, offsets, labels, is_test = arrays["audio"], arrays["offsets"], arrays["labels"], arrays["is_test"]
+    check_arrays(
+        Path(path), "fsdd",
+        audio.ndim == labels.ndim == is_test.ndim == 1 and len(offsets) == len(labels) + 1 == len(is_test) + 1
+        and arrays["sample_rate"].size == 1 and is_test.dtype == bool,
+        "audio samples with offsets, labels and is_test per recording and one sample_rate",
+    )
+    rate = int(arrays["sample_rate"])
     signal = fixed_length(audio, offsets, N_FFT + HOP * (frames - 1))
     feats = features(signal, feature, rate)
     train = feats[~is_test]
@@ -77,15 +82,17 @@ def load_fsdd(
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if feature not in FEATURES:
         raise ValueError(f"fsdd: features={feature!r}; choose one of {FEATURES}")
-    if not isinstance(frames, int) or frames < 1:
+    frames = whole_number(frames)  # np.int64(64) is 64
+    if not isinstance(frames, int) or isinstance(frames, bool) or frames < 1:
         raise ValueError(f"fsdd: frames={frames!r} must be a positive integer (64 frames = 1.04 s)")
-    feats, labels, is_test = _normalised_features(str(find_dataset("fsdd", data_dir)), frames, feature)
+    path = find_dataset("fsdd", data_dir)
+    feats, labels, is_test = _normalised_features(str(path), frames, feature)
     chosen = is_test if split == "test" else ~is_test
     x = feats[chosen]
     y = labels[chosen]
     if limit is not None:
         x, y = x[:limit], y[:limit]
-    return Split(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y.astype(np.int64)))
+    return Split(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y.astype(np.int64)), path)
 
 
 __all__ = ["FEATURES", "fixed_length", "load_fsdd"]

@@ -21,10 +21,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from admmcompress.data.files import find_dataset
+from admmcompress.data.files import DataFileError, find_dataset, read_npz
 
 EOS = "<eos>"
 
@@ -46,8 +45,13 @@ def tokens(text: str) -> list[str]:
 
 def load_ptb(data_dir: str | Path | None = None) -> Corpus:
     """Read ``ptb.npz`` (raw text bytes of the three files) into token ids."""
-    with np.load(find_dataset("ptb", data_dir), allow_pickle=False) as archive:
-        texts = {split: archive[split].tobytes().decode() for split in ("train", "valid", "test")}
+    path = find_dataset("ptb", data_dir)
+    arrays = read_npz(path, ["train", "valid", "test"], "ptb")
+    try:
+        texts = {split: array.tobytes().decode() for split, array in arrays.items()}
+    except UnicodeDecodeError as err:
+        raise DataFileError(f"dataset file '{path}' holds text that is not UTF-8 ({err}); "
+                            "replace it with a good copy of ptb.npz") from None
     words = {split: tokens(text) for split, text in texts.items()}
     counts = Counter(words["train"])
     vocab = sorted(counts, key=lambda w: (-counts[w], w))

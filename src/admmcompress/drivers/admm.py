@@ -31,6 +31,7 @@ import torch
 from admmcompress.drivers.base import Driver, DriverContext, register_driver
 from admmcompress.finalize import MaskSet, hard_prune
 from admmcompress.plan import Plan, Target
+from admmcompress.structures.scalars import plain_number
 
 
 def _finite(value: Any, name: str) -> None:
@@ -53,6 +54,8 @@ class RhoSchedule:
     maximum: float | None = None  # default: max(1.0, initial)
 
     def __post_init__(self) -> None:
+        for key in ("initial", "growth", "maximum"):  # np.float32(1e-3) or a 0-d tensor is the number it holds
+            object.__setattr__(self, key, plain_number(getattr(self, key)))
         if isinstance(self.initial, str):
             _finite(self.initial, "rho")
         if isinstance(self.initial, bool) or not (
@@ -87,6 +90,8 @@ class ADMMConfig:
     rho_max: float = 1.0
 
     def __post_init__(self) -> None:
+        for key in ("rho", "rho_growth", "rho_max"):  # numpy/torch scalars: the Python numbers they hold
+            object.__setattr__(self, key, plain_number(getattr(self, key)))
         self.schedule()  # validates
 
     def schedule(self) -> RhoSchedule:
@@ -113,7 +118,7 @@ class ADMM(Driver):
     ):
         self.model = model
         self.targets: list[Target] = plan.resolve(model) if isinstance(plan, Plan) else list(plan)
-        self.schedule = rho if isinstance(rho, RhoSchedule) else RhoSchedule(initial=float(rho))
+        self.schedule = rho if isinstance(rho, RhoSchedule) else RhoSchedule(initial=float(plain_number(rho)))
         self.frozen = frozen
         self.iteration = 0
         self.history: list[dict[str, Any]] = []

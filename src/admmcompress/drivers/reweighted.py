@@ -48,6 +48,7 @@ from admmcompress.drivers.base import Driver, DriverContext, register_driver
 from admmcompress.finalize import MaskSet, hard_prune
 from admmcompress.plan import Plan, Target
 from admmcompress.structures.groups import as_matrix
+from admmcompress.structures.scalars import plain_number
 
 # Squared norms below this count as zero: their gradient is 0 instead of w / 0.
 _TINY = 1e-30
@@ -71,13 +72,15 @@ class ReweightedConfig:
     eps: float = 1e-3
 
     def __post_init__(self) -> None:
+        for key in ("penalty", "power", "eps"):  # numpy/torch scalars: the Python numbers they hold
+            object.__setattr__(self, key, plain_number(getattr(self, key)))
         if (
             isinstance(self.penalty, bool)
             or not isinstance(self.penalty, (int, float))
             or not (self.penalty >= 0 and math.isfinite(self.penalty))
         ):
             raise ValueError(f"reweighted penalty={self.penalty!r} must be a finite number >= 0, e.g. 1e-4")
-        if self.power not in (1, 2) or isinstance(self.power, bool):
+        if not isinstance(self.power, (int, float)) or isinstance(self.power, bool) or self.power not in (1, 2):
             raise ValueError(f"reweighted power={self.power!r} must be 1 (group norm) or 2 (squared norm)")
         if (
             isinstance(self.eps, bool)

@@ -14,6 +14,7 @@ import torch
 from admmcompress.drivers.base import Driver, DriverContext
 from admmcompress.finalize import MaskSet, QuantizedMaskSet, mask_set_from_state
 from admmcompress.plan import Plan, Target
+from admmcompress.structures.scalars import plain_number
 
 
 class MaskSchedule(Driver):
@@ -35,6 +36,7 @@ class MaskSchedule(Driver):
         updates: int,
         frozen: MaskSet | None = None,
     ):
+        updates = plain_number(updates)  # np.int64(4) or a 0-d tensor: the int it holds
         if updates < 1:
             raise ValueError(f"{type(self).__name__}: updates={updates} must be >= 1")
         self.model = model

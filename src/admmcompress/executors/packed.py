@@ -5,10 +5,11 @@ cheapest by default, or one scheme for all), field by field with the widths of S
 payload is ``ceil(bits / 8)`` bytes for the report's ``bits``. Everything else in the state dict
 (biases, BN statistics) is stored raw. Loading rebuilds the model and its weights bit-exactly.
 
-File layout, format 2 (no pickle; a few bytes of header so that small models, e.g. a LeNet-5 at
+File layout, format 3 (no pickle; a few bytes of header so that small models, e.g. a LeNet-5 at
 ~10 KB, match the storage report within 1%)::
 
-    b"APK\\x02"                       4 bytes, magic and format version
+    b"APK\\x03"                       4 bytes, magic and format version
+    uint32 little endian              CRC-32 of every byte after this field (header and payload)
     uint32 little endian              CRC-32 of the state dict's layout (names, dtypes, shapes)
     varint n, n bytes                 model spec as compact JSON (n = 0: none)
     varint                            number of tensors (the state dict's, in its order)
@@ -22,8 +23,17 @@ File layout, format 2 (no pickle; a few bytes of header so that small models, e.
 
 Names and shapes are not stored: they come from the model the file is loaded into (an instance
 passed to ``load_packed``, or the one the model spec builds), and the layout checksum refuses a
-model whose state dict differs. Varints are unsigned LEB128. Files of format 1 (magic
-``b"ADMMPK1\\n"``, a JSON manifest with names) are still read.
+model whose state dict differs. Varints are unsigned LEB128.
+
+Integrity: the file checksum is verified before anything else is read (CRC-32 catches every single-bit
+flip and every burst up to 32 bits; 4 bytes keep small files within 1% of the report). Then every header
+field is checked against the model's state dict and the file's length, and every weight's stream against
+its fields (sizes, codes within the codebook, pointers and indices in range, the nonzero count), before
+anything is allocated; a model built from the file's spec is built on the meta device first and refused
+above ``MAX_MODEL_ELEMENTS``. Any failure is one ``PackedFormatError`` (a ``ValueError``) naming the file.
+Format 2 (the same without the file checksum, magic ``b"APK\\x02"``) and format 1 (magic
+``b"ADMMPK1\\n"``, a JSON manifest with names) are still read, with a ``PackedFormatWarning`` that they
+carry no checksum.
 
 A weight's bit stream (most significant bit first, ``numpy.packbits`` order) is its codebook
 (``table``: ``K`` float32; ``grid``: float32 scale, int16 lowest and highest integer; none for
@@ -55,33 +65,36 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import struct
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NoReturn
 
 import numpy as np
 import torch
 
 from admmcompress.encoding import (
     FLOAT32,
+    MAX_LEVELS,
     SCHEMES,
     LayerStorage,
+    ValueFormat,
     clog2,
     codes_of,
+    csr_bits,
     grid_format,
     layer_storage,
     levels_of,
+    relative_bits,
     relative_gaps,
     table_format,
     weight_tensors,
 )
 from admmcompress.executors.base import Executor, FinishedRun, register_executor
 from admmcompress.structures.groups import as_matrix
-
-MAGIC = b"ADMMPK1\n"
-
 
 # --- bit streams ------------------------------------------------------------------------------
 
@@ -230,91 +243,155 @@ def _encode(weight: torch.Tensor, layer: LayerStorage, scheme: str) -> bytes:
     return out.getvalue()
 
 
+class PackedFormatError(ValueError):
+    """A packed file that cannot be loaded as it is: corrupt, truncated, crafted, or written from another model.
+
+    Always one line naming the file and what is wrong (a ``ValueError``, so the command line prints it as
+    ``admmcompress: error: ...``); never a ``KeyError``/``IndexError``/``RuntimeError``/``struct.error``.
+    """
+
+
+class PackedFormatWarning(UserWarning):
+    """A packed file of format 1 or 2 was read: those carry no checksum, so corruption cannot be detected."""
+
+
+def _fail(message: str) -> NoReturn:
+    raise PackedFormatError(message)
+
+
+def _codebook(src: BitReader, meta: dict[str, Any]) -> tuple[ValueFormat, torch.Tensor | None]:
+    """The weight's value format and table, read from the front of its bit stream and checked."""
+    kind, name, levels = meta["value"], meta["name"], meta["levels"]
+    if kind == "float32":
+        return FLOAT32, None
+    if kind not in KINDS:
+        _fail(f"tensor {name!r}: unknown value kind {kind!r}")
+    if not 1 <= levels <= MAX_LEVELS:
+        _fail(f"tensor {name!r}: {levels} levels, a codebook holds 1 to {MAX_LEVELS}")
+    if kind == "table":
+        return table_format(levels), _bits_float(src.read(levels, 32))
+    scale = float(_bits_float(src.read(1, 32))[0])
+    low, high = (int(v) - (1 << 16) if v >= (1 << 15) else int(v) for v in src.read(2, 16))
+    count = high - low + 1 - (1 if low <= 0 <= high else 0)
+    if not (math.isfinite(scale) and scale > 0) or count < max(1, levels):
+        _fail(f"tensor {name!r}: grid codebook (scale {scale:g}, integers {low}..{high}) cannot hold {levels} levels")
+    return grid_format(levels, scale, low, high), None
+
+
+def _check_size(data: bytes, meta: dict[str, Any], bits: int) -> None:
+    """The weight's bytes must be its fields' bits rounded up to a byte, as the writer made them."""
+    if len(data) != (bits + 7) // 8:
+        _fail(f"tensor {meta['name']!r} has {len(data):,} bytes, its header fields describe {bits:,} bits")
+
+
+def _check_pointers(pointers: torch.Tensor, total: int, meta: dict[str, Any]) -> None:
+    if int(pointers[0]) != 0 or int(pointers[-1]) != total or bool((pointers[1:] < pointers[:-1]).any()):
+        _fail(f"tensor {meta['name']!r}: its {meta['scheme']} pointers do not run from 0 up to {total}")
+
+
 def _decode(data: bytes, meta: dict[str, Any]) -> torch.Tensor:
-    kind = meta["value"]
-    rows, cols = meta["rows"], meta["cols"]
-    scheme, nnz = meta["scheme"], meta["nnz"]
+    """One packed weight, every field checked against its header before it is used (no index out of range)."""
+    name, rows, cols = meta["name"], meta["rows"], meta["cols"]
+    scheme, nnz, n = meta["scheme"], meta["nnz"], rows * cols
+    if scheme not in SCHEMES:
+        _fail(f"tensor {name!r}: unknown scheme {scheme!r}")
+    if meta["order"] not in ORDERS:
+        _fail(f"tensor {name!r}: unknown index order {meta['order']!r}")
+    if not 0 <= nnz <= n or (scheme == "relative" and not (meta["entries"] >= nnz and 1 <= meta["index_bits"] <= 64)):
+        _fail(f"tensor {name!r}: header fields out of range (nnz {nnz} of {n}, entries {meta['entries']}, "
+              f"index bits {meta['index_bits']})")
     src = BitReader(data)
-    table = None
-    fmt = FLOAT32
-    if kind == "grid":
-        scale = float(_bits_float(src.read(1, 32))[0])
-        low, high = (int(v) - (1 << 16) if v >= (1 << 15) else int(v) for v in src.read(2, 16))
-        fmt = grid_format(meta["levels"], scale, low, high)
-    elif kind == "table":
-        fmt = table_format(meta["levels"])
-        table = _bits_float(src.read(fmt.levels, 32))
-    elif kind != "float32":
-        raise ValueError(f"packed file: unknown value kind {kind!r}")
+    fmt, table = _codebook(src, meta)
     is_float = fmt.kind == "float32"
     levels = None if is_float else levels_of(fmt, table)
-    flat = torch.zeros(rows * cols, dtype=torch.float32)
+    b, b0 = fmt.code_bits, fmt.zero_bits
+    entries, b_r = meta["entries"], meta["index_bits"]
+    lines = cols if meta["order"] == "column" else rows
+    if scheme == "dense":
+        _check_size(data, meta, fmt.table_bits + n * (b0 if nnz < n else b))
+    elif scheme == "bitmask":
+        _check_size(data, meta, fmt.table_bits + n + nnz * b)
+    elif scheme == "relative":
+        _check_size(data, meta, fmt.table_bits + relative_bits(entries, lines, b0 if entries > nnz else b, b_r))
+    elif scheme == "csr":
+        _check_size(data, meta, fmt.table_bits + csr_bits(nnz, rows, cols, b))
+    flat = torch.zeros(n, dtype=torch.float32)
 
     def read_values(count: int, with_zero: bool) -> torch.Tensor:
         if is_float:
             return _bits_float(src.read(count, 32))
-        raw = torch.from_numpy(
-            src.read(count, fmt.zero_bits if with_zero else fmt.code_bits).astype(np.int64)
-        )
+        raw = torch.from_numpy(src.read(count, b0 if with_zero else b).astype(np.int64))
         code = raw - 1 if with_zero else raw  # now -1 = zero, 0.. = level index
+        if code.numel() and int(code.max()) >= levels.numel():
+            _fail(f"tensor {name!r}: code {int(code.max())} is beyond its {levels.numel()} levels")
         return torch.where(code >= 0, levels[code.clamp(min=0)], torch.zeros(()))
 
     if scheme == "dense":
-        flat[:] = read_values(rows * cols, nnz < rows * cols)
+        flat[:] = read_values(n, nnz < n)
     elif scheme == "bitmask":
-        mask = torch.from_numpy(src.read(rows * cols, 1).astype(bool))
+        mask = torch.from_numpy(src.read(n, 1).astype(bool))
+        if int(mask.sum()) != nnz:
+            _fail(f"tensor {name!r}: its bitmask marks {int(mask.sum())} weights, its header says {nnz}")
         flat[mask] = read_values(nnz, False)
     elif scheme == "relative":
-        entries, b_r = meta["entries"], meta["index_bits"]
         vals = read_values(entries, entries > nnz)
         skips = torch.from_numpy(src.read(entries, b_r).astype(np.int64))
-        n_lines = cols if meta["order"] == "column" else rows
-        pointers = torch.from_numpy(src.read(n_lines + 1, clog2(entries + 1)).astype(np.int64))
-        if entries == 0:
-            return flat.view(meta["shape"])
-        line = torch.repeat_interleave(torch.arange(n_lines), pointers[1:] - pointers[:-1])
-        # Position inside the line: cumulative (skip + 1) within each line, minus 1.
-        steps = skips + 1
-        total = torch.cumsum(steps, 0)
-        before = torch.where(
-            pointers[:-1] > 0, total[(pointers[:-1] - 1).clamp(min=0)], torch.zeros(()).long()
-        )
-        position = total - before[line] - 1
-        index = position * cols + line if meta["order"] == "column" else line * cols + position
-        flat[index] = vals
+        pointers = torch.from_numpy(src.read(lines + 1, clog2(entries + 1)).astype(np.int64))
+        _check_pointers(pointers, entries, meta)
+        if entries:
+            line = torch.repeat_interleave(torch.arange(lines), pointers[1:] - pointers[:-1])
+            # Position inside the line: cumulative (skip + 1) within each line, minus 1.
+            total = torch.cumsum(skips + 1, 0)
+            before = torch.where(pointers[:-1] > 0, total[(pointers[:-1] - 1).clamp(min=0)], torch.zeros(()).long())
+            position = total - before[line] - 1
+            if int(position.max()) >= (rows if meta["order"] == "column" else cols):
+                _fail(f"tensor {name!r}: a relative index runs past the end of its line")
+            index = position * cols + line if meta["order"] == "column" else line * cols + position
+            flat[index] = vals
     elif scheme == "csr":
         vals = read_values(nnz, False)
         col = torch.from_numpy(src.read(nnz, clog2(cols)).astype(np.int64))
         pointers = torch.from_numpy(src.read(rows + 1, clog2(nnz + 1)).astype(np.int64))
+        _check_pointers(pointers, nnz, meta)
+        if nnz and int(col.max()) >= cols:
+            _fail(f"tensor {name!r}: column index {int(col.max())} is past its {cols} columns")
         row = torch.repeat_interleave(torch.arange(rows), pointers[1:] - pointers[:-1])
         flat[row * cols + col] = vals
-    elif scheme == "structured":
+    else:  # structured: the kept rows and columns say how large the block is
         kept_rows = torch.from_numpy(src.read(rows, 1).astype(bool))
         kept_cols = torch.from_numpy(src.read(cols, 1).astype(bool))
         kr, kc = int(kept_rows.sum()), int(kept_cols.sum())
+        if kr * kc < nnz:
+            _fail(f"tensor {name!r}: a kept block of {kr}x{kc} cannot hold its {nnz} nonzeros")
+        _check_size(data, meta, fmt.table_bits + rows + cols + kr * kc * (b0 if kr * kc > nnz else b))
         vals = read_values(kr * kc, kr * kc > nnz)
-        index = torch.arange(rows * cols).view(rows, cols)[kept_rows][:, kept_cols].reshape(-1)
+        index = torch.arange(n).view(rows, cols)[kept_rows][:, kept_cols].reshape(-1)
         flat[index] = vals
-    else:
-        raise ValueError(f"packed file: unknown scheme {scheme!r}")
+    found = int(torch.count_nonzero(flat))
+    if found != nnz:
+        _fail(f"tensor {name!r} decodes to {found} nonzero weights, its header says {nnz}")
     return flat.view(meta["shape"])
 
 
 # --- files ---------------------------------------------------------------------------------
 
 MAGIC_V1 = b"ADMMPK1\n"
-MAGIC = b"APK\x02"
+MAGIC_V2 = b"APK\x02"
+MAGIC = b"APK\x03"
+FORMAT = 3
 RAW_TAG = 0xFF
 KINDS = ("float32", "grid", "table")
 ORDERS = ("column", "row")
+MAX_SPEC_BYTES = 1 << 16  # a model spec is a registry name and a few keyword arguments
+MAX_MODEL_ELEMENTS = 1 << 28  # a model built from a file's spec: at most 2^28 elements (1 GiB of float32)
 
 
 @dataclass
 class PackedSummary:
     """Sizes of a written packed file, in bytes, and each weight's scheme.
 
-    ``header_bytes`` is the container (magic, layout checksum, model spec, per-tensor fields);
-    ``weight_bytes`` the packed weights, ``weight_bits`` the storage report's bits for them (the
+    ``header_bytes`` is the container (magic, file checksum, layout checksum, model spec, per-tensor
+    fields); ``weight_bytes`` the packed weights, ``weight_bits`` the storage report's bits for them (the
     difference is ``padding_bits``, each weight rounded up to whole bytes); ``other_bytes`` the
     raw tensors (biases, BN statistics).
     """
@@ -359,7 +436,7 @@ class _Cursor:
 
     def take(self, count: int) -> bytes:
         if self.pos + count > len(self.data):
-            raise ValueError("packed file is truncated (header)")
+            _fail(f"is truncated: its header needs {self.pos + count:,} bytes, the file has {len(self.data):,}")
         chunk = self.data[self.pos : self.pos + count]
         self.pos += count
         return chunk
@@ -376,7 +453,7 @@ class _Cursor:
                 return value
             shift += 7
             if shift > 63:
-                raise ValueError("packed file is corrupt (varint longer than 64 bits)")
+                _fail("is corrupt (a header varint is longer than 64 bits)")
 
 
 def _raw_bytes(value: torch.Tensor) -> bytes:
@@ -400,7 +477,7 @@ def save_packed(
     weights = weight_tensors(model)  # the storage report's weight layers (norm scales stay raw)
     state = model.state_dict()
     spec = json.dumps(model_spec, separators=(",", ":")).encode() if model_spec else b""
-    header = bytearray(MAGIC + struct.pack("<I", layout_checksum(state)))
+    header = bytearray(struct.pack("<I", layout_checksum(state)))  # after the magic and the file checksum
     header += _varint(len(spec)) + spec + _varint(len(state))
     blobs, schemes = [], {}
     weight_bytes = weight_bits = other_bytes = 0
@@ -426,14 +503,16 @@ def save_packed(
             other_bytes += len(blob)
             header.append(RAW_TAG)
         blobs.append(blob)
-    data = bytes(header) + b"".join(blobs)
+    body = bytes(header) + b"".join(blobs)
+    # One CRC-32 over everything after it: any single-bit flip or burst up to 32 bits is always caught.
+    data = MAGIC + struct.pack("<I", zlib.crc32(body)) + body
     if isinstance(path, (str, Path)):
         from admmcompress.atomic import atomic_write
 
         atomic_write(path, lambda tmp: tmp.write_bytes(data))
     else:
         path.write(data)
-    return PackedSummary(len(header), weight_bytes, other_bytes, weight_bits, schemes)
+    return PackedSummary(len(MAGIC) + 4 + len(header), weight_bytes, other_bytes, weight_bits, schemes)
 
 
 def manifest_entry(entry: list[Any] | dict[str, Any]) -> dict[str, Any]:
@@ -457,111 +536,245 @@ def manifest_entry(entry: list[Any] | dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _template(spec: dict[str, Any] | None, model: torch.nn.Module | None) -> torch.nn.Module:
-    if model is not None:
-        return model
+def _build(spec: dict[str, Any] | None, device: str | None = None) -> torch.nn.Module:
+    """The model a file's spec names (``device="meta"``: shapes only, nothing allocated)."""
     if not spec:
-        raise ValueError("this packed file names no model; pass model=<an instance of its architecture>")
+        _fail("names no model; pass model=<an instance of its architecture>")
     from admmcompress.models import create_model
 
-    return create_model(spec["name"], **{k: v for k, v in spec.items() if k != "name"})
+    kwargs = {k: v for k, v in spec.items() if k != "name"}
+    try:
+        with torch.device(device or "cpu"):
+            return create_model(spec["name"], **kwargs)
+    except Exception as err:  # a spec from a file: whatever the registry says about it, say it in one line
+        _fail(f"names a model that cannot be built ({spec!r}: {type(err).__name__}: {err})")
+
+
+def _shape_model(spec: dict[str, Any] | None, model: torch.nn.Module | None, limit: int) -> torch.nn.Module:
+    """``model``, or the file's model built on the meta device and bounded, before anything is allocated."""
+    if model is not None:
+        return model
+    skeleton = _build(spec, "meta")
+    elements = sum(value.numel() for value in skeleton.state_dict().values())
+    if elements > limit:
+        _fail(
+            f"names a model of {elements:,} elements, more than the {limit:,} a file may make the loader "
+            "build; pass model=<an instance> (or max_elements=) if you trust this file"
+        )
+    return skeleton
+
+
+def _spec(raw: bytes) -> dict[str, Any] | None:
+    if not raw:
+        return None
+    try:
+        spec = json.loads(raw.decode("utf-8"))
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
+        _fail(f"is corrupt: its model spec is not JSON ({err})")
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        _fail(f"is corrupt: its model spec {spec!r} is not a mapping with a model 'name'")
+    return spec
 
 
 def read_manifest(
-    source: str | Path | BinaryIO | bytes, model: torch.nn.Module | None = None
+    source: str | Path | BinaryIO | bytes, model: torch.nn.Module | None = None, max_elements: int = MAX_MODEL_ELEMENTS
 ) -> tuple[dict[str, Any], bytes]:
     """``(manifest, payload)`` of a packed file; the manifest is JSON-ready.
 
-    ``manifest``: ``{"format", "model" (spec or None), "header_bytes", "tensors"}``, one dict per
-    tensor in payload order (``name``, ``shape``, ``bytes``, ``kind`` raw/packed, then ``dtype``, or
-    ``scheme``, ``nnz``, ``entries``, ``index_bits``, ``order``, ``value`` kind, ``levels``). Format 2
-    stores no names or shapes: they are read from ``model`` (default: built from the file's spec).
+    ``manifest``: ``{"format", "model" (spec or None), "header_bytes", "checksum", "tensors"}``, one dict
+    per tensor in payload order (``name``, ``shape``, ``bytes``, ``kind`` raw/packed, then ``dtype``, or
+    ``scheme``, ``nnz``, ``entries``, ``index_bits``, ``order``, ``value`` kind, ``levels``). ``checksum``
+    is the file's CRC-32 as hex (format 3), or None (formats 1 and 2 carry none: a ``PackedFormatWarning``
+    says so). Formats 2 and 3 store no names or shapes: they are read from ``model`` (default: the file's
+    spec, built on the meta device). Any problem is one ``PackedFormatError`` naming the file.
     """
-    manifest, payload, _ = _parse(_read(source), model)
+    data, label = _read(source)
+    with _named(label):
+        manifest, payload, _ = _parse(data, model, max_elements)
+    _note_unchecked(manifest, label)
     return manifest, payload
 
 
-def _read(source: str | Path | BinaryIO | bytes) -> bytes:
+def _read(source: str | Path | BinaryIO | bytes) -> tuple[bytes, str]:
+    """The file's bytes and how to name it in messages."""
     if isinstance(source, bytes):
-        return source
-    return Path(source).read_bytes() if isinstance(source, (str, Path)) else source.read()
+        return source, "<bytes>"
+    if isinstance(source, (str, Path)):
+        return Path(source).read_bytes(), f"'{source}'"
+    name = getattr(source, "name", None)
+    return source.read(), f"'{name}'" if isinstance(name, str) else "<stream>"
 
 
-def _parse(data: bytes, model: torch.nn.Module | None) -> tuple[dict[str, Any], bytes, torch.nn.Module | None]:
-    """Manifest, payload and the model that names the tensors (None for format 1 without one)."""
-    if data.startswith(MAGIC_V1):
-        (length,) = struct.unpack("<I", data[len(MAGIC_V1) : len(MAGIC_V1) + 4])
-        start = len(MAGIC_V1) + 4
-        raw = json.loads(data[start : start + length])
-        tensors = [manifest_entry(e) for e in raw["tensors"]]
-        manifest = {"format": 1, "model": raw.get("model"), "header_bytes": start + length, "tensors": tensors}
-        return manifest, data[start + length :], model
-    if not data.startswith(MAGIC):
-        raise ValueError(
-            f"not an admmcompress packed file (magic {data[:8]!r}); "
-            "write one with `admmcompress export --packed`"
+class _named:
+    """Prefix every ``PackedFormatError`` with the file's name; anything else a hostile file could provoke
+    below (an index, a reshape, a struct) becomes one too, so no traceback ever reaches the user."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type | None, err: BaseException | None, _tb: Any) -> None:
+        if err is None or not isinstance(err, Exception) or isinstance(err, OSError):
+            return
+        if isinstance(err, PackedFormatError):
+            text = str(err)
+            joint = " " if text.split(" ", 1)[0] in ("is", "was", "has", "names") else ": "
+            raise PackedFormatError(f"packed file {self.label}{joint}{text}") from None
+        raise PackedFormatError(
+            f"packed file {self.label} could not be decoded ({type(err).__name__}: {err}); if admmcompress wrote "
+            "it unchanged, please report this"
+        ) from err
+
+
+def _note_unchecked(manifest: dict[str, Any], label: str) -> None:
+    if manifest["checksum"] is None:
+        warnings.warn(
+            f"packed file {label} is format {manifest['format']}, which carries no checksum: corruption cannot be "
+            f"detected; write it again (`admmcompress export --packed`) for format {FORMAT}",
+            PackedFormatWarning,
+            stacklevel=3,
         )
+
+
+def _parse_v1(
+    data: bytes, model: torch.nn.Module | None, limit: int
+) -> tuple[dict[str, Any], bytes, torch.nn.Module | None]:
+    """Format 1: a JSON manifest with names and shapes, checked against the model before use."""
+    head = _Cursor(data, len(MAGIC_V1))
+    (length,) = struct.unpack("<I", head.take(4))
+    try:
+        raw = json.loads(head.take(length).decode("utf-8"))
+        tensors = [manifest_entry(e) for e in raw["tensors"]]
+        spec = raw.get("model")
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        _fail(f"is corrupt: its format-1 manifest cannot be read ({type(err).__name__}: {err})")
+    template = None if model is None and not spec else _shape_model(spec, model, limit)
+    found = {str(e["name"]): list(e["shape"]) for e in tensors}
+    if template is not None and found != {k: list(v.shape) for k, v in template.state_dict().items()}:
+        _fail("was written from a model whose state dict differs from this one's (names or shapes)")
+    manifest = {"format": 1, "model": spec, "header_bytes": head.pos, "checksum": None, "tensors": tensors}
+    return manifest, data[head.pos :], template
+
+
+def _parse(
+    data: bytes, model: torch.nn.Module | None, limit: int
+) -> tuple[dict[str, Any], bytes, torch.nn.Module | None]:
+    """Manifest, payload and the model that names the tensors (the meta-device one when built from the spec).
+
+    Everything is checked here before anything is allocated: magic and version, the file checksum, then
+    every header field and size against the model's state dict and the file's length.
+    """
+    if data.startswith(MAGIC_V1):
+        return _parse_v1(data, model, limit)
+    if not data.startswith(MAGIC[:3]) or len(data) < len(MAGIC):
+        _fail(f"is not an admmcompress packed file (magic {data[:8]!r}); write one with `admmcompress export --packed`")
+    version = data[len(MAGIC) - 1]
+    if version not in (2, FORMAT):
+        _fail(f"is format {version}; this admmcompress reads formats 1 to {FORMAT} (upgrade admmcompress to read it)")
     head = _Cursor(data, len(MAGIC))
-    (checksum,) = struct.unpack("<I", head.take(4))
-    spec_bytes = head.take(head.varint())
-    spec = json.loads(spec_bytes) if spec_bytes else None
-    model = _template(spec, model)
-    state = model.state_dict()
+    checksum = None
+    if version == FORMAT:
+        (recorded,) = struct.unpack("<I", head.take(4))
+        actual = zlib.crc32(memoryview(data)[head.pos :])
+        if actual != recorded:
+            _fail(
+                f"is corrupt or truncated: the CRC-32 of its {len(data) - head.pos:,} bytes after the checksum is "
+                f"{actual:08x}, the file records {recorded:08x}; write it again from the run"
+            )
+        checksum = f"{recorded:08x}"
+    (layout,) = struct.unpack("<I", head.take(4))
+    spec_length = head.varint()
+    if spec_length > MAX_SPEC_BYTES:
+        _fail(f"is corrupt: its model spec claims {spec_length:,} bytes (at most {MAX_SPEC_BYTES:,})")
+    spec = _spec(head.take(spec_length))
+    template = _shape_model(spec, model, limit)
+    state = template.state_dict()
     count = head.varint()
-    if count != len(state) or checksum != layout_checksum(state):
-        raise ValueError(
-            f"this packed file was written from a model whose state dict differs from this one's "
-            f"({count} tensors, layout checksum {checksum:08x}; this model: {len(state)} tensors, "
+    if count != len(state) or layout != layout_checksum(state):
+        _fail(
+            f"was written from a model whose state dict differs from this one's "
+            f"({count} tensors, layout checksum {layout:08x}; this model: {len(state)} tensors, "
             f"{layout_checksum(state):08x}); load it into an instance of the architecture it was saved from"
         )
-    tensors = []
-    for name, value in state.items():
-        tag = head.byte()
-        entry: dict[str, Any] = {"name": name, "shape": list(value.shape)}
-        if tag == RAW_TAG:
-            dtype = np.dtype(str(value.dtype).removeprefix("torch.")).newbyteorder("<")
-            entry.update(kind="raw", dtype=dtype.str, bytes=value.numel() * dtype.itemsize)
-        else:
-            scheme_index, order_index, kind_index = tag & 7, tag >> 3 & 1, tag >> 4 & 3
-            if scheme_index >= len(SCHEMES) or kind_index >= len(KINDS) or tag >> 6:
-                raise ValueError(f"packed file is corrupt (tensor {name!r}: tag {tag:#04x})")
-            scheme = SCHEMES[scheme_index]
-            nnz = head.varint()
-            index_bits, entries = 0, nnz
-            if scheme == "relative":
-                index_bits = head.varint()
-                entries = nnz + head.varint()
-            kind = KINDS[kind_index]
-            levels = head.varint() if kind != "float32" else 0
-            entry.update(
-                kind="packed", scheme=scheme, nnz=nnz, entries=entries, index_bits=index_bits,
-                order=ORDERS[order_index], value=kind, levels=levels, bytes=head.varint(),
-            )
-        tensors.append(entry)
+    tensors = [_tensor_fields(head, name, value) for name, value in state.items()]
     payload = data[head.pos :]
     needed = sum(entry["bytes"] for entry in tensors)
     if len(payload) != needed:
-        raise ValueError(f"packed file has {len(payload)} payload bytes, its header describes {needed}")
-    manifest = {"format": 2, "model": spec, "header_bytes": head.pos, "tensors": tensors}
-    return manifest, payload, model
+        _fail(f"has {len(payload):,} payload bytes, its header describes {needed:,} (truncated or corrupt)")
+    manifest = {"format": version, "model": spec, "header_bytes": head.pos, "checksum": checksum, "tensors": tensors}
+    return manifest, payload, template
+
+
+def _tensor_fields(head: _Cursor, name: str, value: torch.Tensor) -> dict[str, Any]:
+    """One tensor's header fields, each checked against the model's tensor (formats 2 and 3)."""
+    tag = head.byte()
+    entry: dict[str, Any] = {"name": name, "shape": list(value.shape)}
+    if tag == RAW_TAG:
+        try:
+            dtype = np.dtype(str(value.dtype).removeprefix("torch.")).newbyteorder("<")
+        except TypeError:
+            _fail(f"tensor {name!r} is {value.dtype}, which packed files do not store")
+        entry.update(kind="raw", dtype=dtype.str, bytes=value.numel() * dtype.itemsize)
+        return entry
+    scheme_index, order_index, kind_index = tag & 7, tag >> 3 & 1, tag >> 4 & 3
+    if scheme_index >= len(SCHEMES) or kind_index >= len(KINDS) or tag >> 6:
+        _fail(f"is corrupt (tensor {name!r}: tag {tag:#04x})")
+    if value.dtype != torch.float32 or value.dim() < 2:
+        _fail(f"is corrupt (tensor {name!r} is marked packed; only float32 weight matrices and kernels are)")
+    rows, cols = as_matrix(value).shape
+    scheme, kind, n = SCHEMES[scheme_index], KINDS[kind_index], rows * cols
+    nnz = head.varint()
+    index_bits, entries = 0, nnz
+    if scheme == "relative":
+        index_bits = head.varint()
+        fillers = head.varint()
+        entries = nnz + fillers
+        if not 1 <= index_bits <= 64 or fillers > (n - min(nnz, n)) >> min(index_bits, 64):
+            _fail(f"is corrupt (tensor {name!r}: {index_bits} index bits, {fillers} filler entries)")
+    levels = head.varint() if kind != "float32" else 0
+    nbytes = head.varint()
+    if nnz > n or (kind != "float32" and not 1 <= levels <= MAX_LEVELS) or nbytes > len(head.data):
+        _fail(f"is corrupt (tensor {name!r}: {nnz} nonzeros of {n}, {levels} levels, {nbytes:,} bytes)")
+    entry.update(
+        kind="packed", scheme=scheme, nnz=nnz, entries=entries, index_bits=index_bits,
+        order=ORDERS[order_index], value=kind, levels=levels, bytes=nbytes,
+    )
+    return entry
 
 
 @torch.no_grad()
-def load_packed(source: str | Path | BinaryIO, model: torch.nn.Module | None = None) -> torch.nn.Module:
-    """Rebuild the model (``model``, or the file's model spec via the registry) and load its weights."""
-    manifest, payload, model = _parse(_read(source), model)
-    model = _template(manifest["model"], model)
-    state, offset = {}, 0
-    for entry in manifest["tensors"]:
-        entry = manifest_entry(entry)
-        blob = payload[offset : offset + entry["bytes"]]
-        offset += entry["bytes"]
-        if entry["kind"] == "packed":
-            state[entry["name"]] = _decode(blob, entry)
-        else:
-            array = np.frombuffer(blob, dtype=np.dtype(entry["dtype"])).reshape(entry["shape"])
-            state[entry["name"]] = torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=True))
-    model.load_state_dict(state)
+def load_packed(
+    source: str | Path | BinaryIO, model: torch.nn.Module | None = None, max_elements: int = MAX_MODEL_ELEMENTS
+) -> torch.nn.Module:
+    """Rebuild the model (``model``, or the file's model spec via the registry) and load its weights.
+
+    Nothing is built or allocated before the whole header has been checked (a model from the file's spec is
+    first built on the meta device and refused above ``max_elements``); every weight is decoded and checked
+    before the model is built. A corrupt, truncated or crafted file is one ``PackedFormatError``.
+    """
+    data, label = _read(source)
+    with _named(label):
+        manifest, payload, template = _parse(data, model, max_elements)
+        state, offset = {}, 0
+        for entry in manifest["tensors"]:
+            entry = manifest_entry(entry)
+            blob = payload[offset : offset + entry["bytes"]]
+            offset += entry["bytes"]
+            if entry["kind"] == "packed":
+                state[entry["name"]] = _decode(blob, entry)
+            else:
+                dtype = np.dtype(entry["dtype"])
+                if len(blob) != dtype.itemsize * math.prod(entry["shape"]):
+                    _fail(f"tensor {entry['name']!r} has {len(blob):,} bytes, its shape needs more")
+                array = np.frombuffer(blob, dtype=dtype).reshape(entry["shape"])
+                state[entry["name"]] = torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=True))
+        if offset != len(payload):
+            _fail(f"has {len(payload) - offset:,} bytes after its last tensor")
+        model = _build(manifest["model"]) if model is None else model  # only now: everything checked
+        model.load_state_dict(state)
+    _note_unchecked(manifest, label)
     return model
 
 
@@ -586,7 +799,7 @@ def packed_size_lines(size: int, summary: PackedSummary, report: Any, scheme: st
     return [
         f"storage report (SPEC 4.2): weights {weight_bits:,} bits = {weight_bits / 8:,.1f} B, "
         f"other parameters {other_bits / 8:,.0f} B; together {figure:,.1f} B",
-        f"container overhead: header {summary.header_bytes:,} B (format, layout checksum, model spec, "
+        f"container overhead: header {summary.header_bytes:,} B (format, checksums, model spec, "
         f"per-tensor scheme/nnz/length), byte padding {summary.padding_bits:,} bits "
         f"({len(summary.schemes)} packed weights)"
         + (f", buffers not in the report {buffers:,.0f} B" if buffers else ""),
@@ -656,7 +869,10 @@ class PackedExecutor(Executor):
 __all__ = [
     "BitReader",
     "BitWriter",
+    "MAX_MODEL_ELEMENTS",
     "PackedExecutor",
+    "PackedFormatError",
+    "PackedFormatWarning",
     "PackedSummary",
     "layout_checksum",
     "load_packed",

@@ -18,6 +18,7 @@ True
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 
 import torch
@@ -30,6 +31,7 @@ class MaskSet:
         self.masks: dict[str, torch.Tensor] = {k: v.to(torch.bool) for k, v in (masks or {}).items()}
         self._handles: list = []
         self._params: dict[str, torch.nn.Parameter] = {}
+        self._model: weakref.ref | None = None  # the model attached to (a weak reference: no leak)
 
     def __contains__(self, name: str) -> bool:
         return name in self.masks
@@ -65,10 +67,22 @@ class MaskSet:
     def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> MaskSet:
         """Apply the masks and keep them: mask gradients and re-mask after each optimizer step.
 
-        Call ``detach()`` to remove the hooks. Attaching again first detaches.
+        Call ``detach()`` to remove the hooks. Attaching again to the same model (e.g. with a new optimizer)
+        first detaches. One set masks one model at a time: attaching it to a second model while the first is
+        still attached raises ``RuntimeError`` and changes nothing, so the first model is never silently
+        un-masked. ``detach()`` first to move it, or attach a copy to the second model:
+        ``MaskSet(masks.state_dict()).attach(other)``.
         """
+        attached = self._model() if self._model is not None else None
+        if attached is not None and attached is not model:
+            raise RuntimeError(
+                f"MaskSet.attach: these masks are attached to another model ({type(attached).__name__}); attaching "
+                "them here would stop masking it. Call masks.detach() first, or attach a copy: "
+                "MaskSet(masks.state_dict()).attach(model)"
+            )
         self.detach()
         self.apply(model)
+        self._model = weakref.ref(model)
         self._params = _named_params(model, self.masks)
         for name, param in self._params.items():
             keep = self.masks[name].to(param.device, param.dtype)
@@ -89,6 +103,7 @@ class MaskSet:
             handle.remove()
         self._handles.clear()
         self._params = {}
+        self._model = None
 
     @torch.no_grad()
     def _after_step(self, optimizer: torch.optim.Optimizer) -> None:

@@ -42,6 +42,7 @@ def render_markdown(metrics: dict[str, Any], title: str = "admmcompress report")
         lines.append(f"- Top-1 accuracy: {before:.2f}% before -> {after:.2f}% after ({after - before:+.2f} points)")
     if metrics.get("wall_seconds") is not None:
         lines.append(f"- Wall time: {metrics['wall_seconds']:.1f} s")
+    lines += [f"- Data file: {metrics['data_file']}"] if metrics.get("data_file") else []
     stages = [s for s in metrics.get("stages", []) if s]
     if stages:
         lines += ["", "| stage | compression | acc. before hard prune | after hard prune | after retrain |",

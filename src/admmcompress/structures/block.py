@@ -38,6 +38,7 @@ import torch
 
 from admmcompress.structures import groups
 from admmcompress.structures.base import register_structure
+from admmcompress.structures.scalars import plain_number
 from admmcompress.structures.sparsity import GEMM_MODULES, Filter, SparsityStructure
 
 RECURRENT_MODULES = (torch.nn.RNNBase, torch.nn.RNNCellBase)
@@ -81,6 +82,11 @@ class Block(SparsityStructure):
         super().__post_init__()
         name = type(self).__name__
         size = self.block
+        if isinstance(size, (tuple, list)):  # numpy/torch integers are the numbers they hold
+            size = tuple(plain_number(v) for v in size)
+        else:
+            size = plain_number(size)
+        object.__setattr__(self, "gates", plain_number(self.gates))
         if isinstance(size, int) and not isinstance(size, bool):
             size = (size, size)
         if (

@@ -45,6 +45,7 @@ import torch
 
 from admmcompress.structures.base import Structure, register_structure
 from admmcompress.structures.groups import gemm_params
+from admmcompress.structures.scalars import plain_number
 
 EXACT_BREAKPOINTS = 2_000_000  # fixed-point: exact interval search when N*(n-1) is at most this
 MAX_BITS = 16
@@ -183,6 +184,12 @@ class QuantizationStructure(Structure):
         return cls()
 
 
+def _plain(structure: Structure, *keys: str) -> None:
+    """Numpy/torch scalars given for ``keys`` become the Python numbers they hold (frozen dataclass)."""
+    for key in keys:
+        object.__setattr__(structure, key, plain_number(getattr(structure, key)))
+
+
 def _check_bits(name: str, bits: Any, low: int = 1) -> None:
     if isinstance(bits, bool) or not isinstance(bits, int) or not low <= bits <= MAX_BITS:
         raise ValueError(
@@ -282,6 +289,7 @@ class FixedPoint(QuantizationStructure):
     options: ClassVar[tuple[str, ...]] = ("bits",)
 
     def __post_init__(self) -> None:
+        _plain(self, "bits")
         _check_bits(type(self).__name__, self.bits)
 
     @classmethod
@@ -334,6 +342,7 @@ class PowerOfTwo(QuantizationStructure):
     options: ClassVar[tuple[str, ...]] = ("bits",)
 
     def __post_init__(self) -> None:
+        _plain(self, "bits")
         _check_bits(type(self).__name__, self.bits, low=1)
         if self.bits > 8:
             raise ValueError(
@@ -474,6 +483,7 @@ class Clustering(QuantizationStructure):
     update: ClassVar[str] = "centroids"
 
     def __post_init__(self) -> None:
+        _plain(self, "clusters", "bits")
         if (self.clusters is None) == (self.bits is None):
             raise ValueError("Clustering: give exactly one of clusters=K (shared values) or bits=B (K = 2^B)")
         if self.bits is not None:

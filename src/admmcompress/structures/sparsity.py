@@ -25,6 +25,7 @@ import torch
 
 from admmcompress.structures import groups
 from admmcompress.structures.base import Structure, register_structure
+from admmcompress.structures.scalars import plain_number
 
 # Module types whose weight has a GEMM view that filter/column/channel structures understand.
 GEMM_MODULES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
@@ -41,6 +42,8 @@ class SparsityStructure(Structure):
 
     def __post_init__(self) -> None:
         name = type(self).__name__
+        for key in ("sparsity", "compression"):  # np.float32(0.9) or a 0-d tensor is the number it holds
+            object.__setattr__(self, key, plain_number(getattr(self, key)))
         if (self.sparsity is None) == (self.compression is None):
             raise ValueError(f"{name}: give exactly one of sparsity=... (in (0,1)) or compression=... (> 1)")
         if self.sparsity is not None:

@@ -9,49 +9,163 @@ renamed over the old one, so a crash leaves either the old or the new file, neve
 from __future__ import annotations
 
 import json
+import os
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from admmcompress.atomic import atomic_write
 
 
+class OutputFolderError(ValueError):
+    """An output folder that cannot be written (a file, or no write permission); names it and the fix."""
+
+
+def check_output_folder(folder: str | Path) -> None:
+    """Refuse, before any work, an output folder that is a file or that this user cannot write; creates nothing.
+
+    A folder not there yet is judged by its nearest existing parent (where it would be created).
+    """
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is a file" if existing == folder else f"cannot be created: '{existing}' is a file"
+        raise OutputFolderError(f"output folder '{folder}' {where}, not a folder; choose another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "is not writable" if existing == folder else f"cannot be created: '{existing}' is not writable"
+        raise OutputFolderError(
+            f"output folder '{folder}' {where} (read-only for this user); make it writable or choose another --out"
+        )
+
+
 def save_state(path: str | Path, state: dict[str, Any]) -> Path:
     """Save a training state (tensors, numbers, strings, lists, dicts) atomically."""
-    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+    return atomic_write(path, lambda tmp: _torch_save(state, tmp))
+
+
+def _torch_save(state: dict[str, Any], tmp: Path) -> None:
+    # Through a Python file, so a full disk surfaces as the OSError (ENOSPC) behind torch's RuntimeError.
+    with open(tmp, "wb") as handle:
+        torch.save(state, handle)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message names the file and the fix."""
+
+
+class UnsafeCheckpointError(CheckpointError, pickle.UnpicklingError):
+    """A state file holding objects a weights-only load refuses (never unpickled); also an ``UnpicklingError``."""
+
+
+# What torch.load raises on a truncated or damaged file (RuntimeError from its zip reader, EOFError on an
+# empty one, UnpicklingError on bytes that are no weights-only pickle).
+_STATE_ERRORS = (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, KeyError, IndexError)
 
 
 def load_state(path: str | Path) -> dict[str, Any]:
-    """Load a training state without unpickling arbitrary objects."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Load a training state without unpickling arbitrary objects.
+
+    A missing file raises ``FileNotFoundError``; a truncated, damaged or foreign one a :class:`CheckpointError`
+    naming it (its objects are never unpickled).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except _STATE_ERRORS as err:
+        unsafe = isinstance(err, pickle.UnpicklingError)
+        reason = "objects other than tensors, refused by the weights only load" if unsafe else _reason(err)
+        raise (UnsafeCheckpointError if unsafe else CheckpointError)(
+            f"checkpoint '{path}' cannot be read ({reason}): it is truncated, damaged or not a training state; "
+            "a run cannot resume from it: start the run again (--overwrite) or in another --out"
+        ) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            f"checkpoint '{path}' holds a {type(state).__name__}, not a training state; a run cannot resume from "
+            "it: start the run again (--overwrite) or in another --out"
+        )
+    return state
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> Path:
     """Save named tensors as safetensors; ``metadata`` values are stored as JSON strings."""
     flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
+    # No metadata at all rather than an empty mapping: safetensors writes an unreadable file for no tensors
+    # and empty metadata (a dense run's masks.safetensors).
+    meta = {k: json.dumps(v) for k, v in (metadata or {}).items()} or None
     return atomic_write(path, lambda tmp: save_file(flat, str(tmp), metadata=meta))
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Named tensors of a safetensors file; a damaged or non-safetensors file is a :class:`CheckpointError`."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint '{path}' is a folder; give the .safetensors file in it")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist")
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(
+            f"checkpoint '{path}' is not a readable safetensors file ({_reason(err)}): it is truncated, damaged "
+            "or in another format; give a .safetensors file (a torch.save state dict converts with "
+            "safetensors.torch.save_file(state_dict, 'model.safetensors'))"
+        ) from None
+
+
+def _reason(err: BaseException) -> str:
+    """The first line of an error, shortened: library messages can run to paragraphs."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _names(keys: list[str], limit: int = 8) -> str:
+    """``['a', 'b']``, or the first ``limit`` and a count: a checkpoint of another model differs everywhere."""
+    return repr(keys) if len(keys) <= limit else f"{keys[:limit]!r} and {len(keys) - limit} more"
 
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> None:
     """Load a safetensors state dict into ``model``; a mismatch names the missing/unexpected keys."""
     state = load_tensors(path)
+    mismatch = _mismatch(model, state)
+    if mismatch:
+        raise CheckpointError(
+            f"checkpoint '{path}' does not fit {type(model).__name__}: {mismatch}; is it for another model?"
+        )
+    model.load_state_dict(state)
+
+
+def check_state_fits(model: torch.nn.Module, state: dict[str, Any], path: str | Path) -> None:
+    """Raise :class:`CheckpointError` unless the training state's ``"model"`` weights fit ``model`` (resume).
+
+    Call it between :func:`load_state` and ``model.load_state_dict(state["model"])``: a run folder's
+    checkpoint replaced by another model's names the file instead of a size-mismatch traceback.
+    """
+    weights = state.get("model")
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        mismatch = "it has no model weights"
+    else:
+        mismatch = _mismatch(model, weights)
+    if mismatch:
+        raise CheckpointError(
+            f"checkpoint '{path}' does not fit {type(model).__name__}: {mismatch}; a run cannot resume from it: "
+            "start the run again (--overwrite) or in another --out"
+        )
+
+
+def _mismatch(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> str:
+    """How ``state`` differs from ``model``'s state dict (keys, shapes); empty when it fits."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        raise ValueError(
-            f"checkpoint '{path}' does not fit {type(model).__name__}: missing {missing}, "
-            f"unexpected {unexpected}, wrong shapes {wrong}; is it for another model?"
-        )
-    model.load_state_dict(state)
+    if not (missing or unexpected or wrong):
+        return ""
+    return f"missing {_names(missing)}, unexpected {_names(unexpected)}, wrong shapes {_names(wrong)}"

@@ -33,6 +33,7 @@ from admmcompress.drivers.base import DriverError, get_driver, list_drivers
 from admmcompress.finalize import FIXED_LEVEL_UPDATES
 from admmcompress.plan import Plan, PlanError
 from admmcompress.plugins import load_plugins
+from admmcompress.structures.scalars import plain_number
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine", "admm_reset")
@@ -68,6 +69,12 @@ def _build(cls, spec: Any, where: str):
         raise ConfigError(f"{where}: {err}") from None
 
 
+def _section(value: Any, cls: type, where: str, example: str) -> None:
+    """A section that is neither a mapping nor already built (e.g. ``data: 5``): one line, not a later traceback."""
+    if not isinstance(value, cls):
+        raise ValueError(f"{where}: expected a mapping such as {example}, got {type(value).__name__} {value!r}")
+
+
 def _yaml_hint(value: Any) -> str:
     # YAML 1.1 reads 1e-3 (no dot) as a string; say so instead of a puzzling type error.
     if isinstance(value, str):
@@ -77,6 +84,19 @@ def _yaml_hint(value: Any) -> str:
             return ""
         return f" (YAML read {value!r} as text: write it with a dot, e.g. 1.0e-3)"
     return ""
+
+
+def _plain_fields(config: Any) -> None:
+    """Numpy and 0-d torch scalars in a config's fields become the Python numbers they hold.
+
+    So ``lr=np.float32(1e-3)`` passes the checks below and is written to config.yaml as 0.001; booleans are
+    left alone (and still refused where a number belongs).
+    """
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        plain = plain_number(value)
+        if plain is not value:
+            setattr(config, f.name, plain)
 
 
 def _number(value: Any, name: str) -> None:
@@ -100,6 +120,7 @@ class OptimizerConfig:
     nesterov: bool = False
 
     def __post_init__(self) -> None:
+        _plain_fields(self)
         if self.name not in OPTIMIZERS:
             raise ValueError(f"optimizer name={self.name!r}; choose one of {OPTIMIZERS}")
         _positive(self.lr, "lr")
@@ -122,6 +143,7 @@ class DistillConfig:
     temperature: float = 4.0
 
     def __post_init__(self) -> None:
+        _plain_fields(self)
         _number(self.alpha, "alpha")
         if not 0 < self.alpha <= 1:
             raise ValueError(f"alpha={self.alpha!r} must be in (0, 1] (the weight of the teacher's soft targets)")
@@ -153,6 +175,7 @@ class PhaseConfig:
     label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
+        _plain_fields(self)
         _number(self.label_smoothing, "label_smoothing")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing={self.label_smoothing!r} must be in [0, 1), e.g. 0.1")
@@ -276,6 +299,8 @@ class StageConfig:
                 raise ValueError(str(err)) from None
         if isinstance(self.retrain, dict):
             self.retrain = _build(PhaseConfig, self.retrain, "retrain")
+        _section(self.admm, ADMMPhaseConfig, "admm", "{epochs: 10}")
+        _section(self.retrain, PhaseConfig, "retrain", "{epochs: 5}")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -300,10 +325,13 @@ class DataConfig:
     augment: Augment | None = None
 
     def __post_init__(self) -> None:
+        _plain_fields(self)
         if isinstance(self.augment, dict):
             self.augment = _build(Augment, self.augment, "augment")
         elif self.augment is not None and not isinstance(self.augment, Augment):
             raise ValueError("augment: give a mapping such as {shift: 2, hflip: false}, or leave it out")
+        if not isinstance(self.dataset, str) or not self.dataset:
+            raise ValueError(f"dataset={self.dataset!r} must be a dataset name, e.g. mnist")
         _positive(self.batch_size, "batch_size", integer=True)
         _positive(self.eval_batch_size, "eval_batch_size", integer=True)
         for name in ("train_limit", "test_limit"):
@@ -324,12 +352,23 @@ class CompactRunConfig:
     columns: str = "off"
 
     def __post_init__(self) -> None:
+        _plain_fields(self)
         _number(self.atol, "atol")
         if not self.atol >= 0:
             raise ValueError(f"atol={self.atol!r} must be >= 0, e.g. 1.0e-4")
         _positive(self.samples, "samples", integer=True)
         if self.columns not in COLUMN_MODES:
             raise ValueError(f"columns={self.columns!r}; choose one of {COLUMN_MODES}")
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line: the parser's problem and where (``str(err)`` spans several lines with a caret drawing)."""
+    problem = getattr(err, "problem", None)
+    mark = getattr(err, "problem_mark", None)
+    if problem is None:
+        return str(err).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
 
 
 def _relative_to(path: str | None, base_dir: Path) -> str | None:
@@ -374,6 +413,7 @@ class RunConfig:
     plugins: list[str] | None = None
 
     def __post_init__(self) -> None:
+        _plain_fields(self)
         try:
             load_plugins(self.plugins)
         except ValueError as err:
@@ -385,10 +425,15 @@ class RunConfig:
             raise ValueError(f"autocast={self.autocast!r}; choose one of {choices} or leave it out")
         if not isinstance(self.model, dict) or "name" not in self.model:
             raise ValueError("model: give a mapping with 'name' (e.g. {name: lenet5}) and optional arguments")
+        if not isinstance(self.model.get("name"), str) or not self.model["name"]:
+            raise ValueError(f"model: name={self.model.get('name')!r} must be a model name, e.g. {{name: lenet5}}")
         if isinstance(self.data, dict):
             self.data = _build(DataConfig, self.data, "data")
         if isinstance(self.pretrain, dict):
             self.pretrain = _build(PhaseConfig, self.pretrain, "pretrain")
+        _section(self.data, DataConfig, "data", "{dataset: mnist}")
+        if self.pretrain is not None:
+            _section(self.pretrain, PhaseConfig, "pretrain", "{epochs: 10}")
         if self.pretrained is None and self.pretrain is None:
             raise ValueError("give 'pretrained' (a dense checkpoint) or 'pretrain' (epochs to train one)")
         if self.pretrain is not None and self.pretrain.distill is not None:
@@ -455,13 +500,37 @@ class RunConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> RunConfig:
+        """Read a run config; an unreadable, empty, binary or non-mapping file is a ConfigError naming it."""
         path = Path(path)
         if not path.is_file():
+            if path.is_dir():
+                raise ConfigError(f"config file '{path}' is a folder; give a YAML run configuration (see configs/)")
             raise ConfigError(f"config file '{path}' does not exist")
         try:
-            spec = yaml.safe_load(path.read_text())
+            text = path.read_bytes().decode("utf-8")
+        except OSError as err:
+            raise ConfigError(
+                f"config file '{path}' cannot be read ({err.strerror or err}); check its permissions"
+            ) from None
+        except UnicodeDecodeError:
+            raise ConfigError(
+                f"config file '{path}' is not text (a binary file?); give a YAML run configuration (see configs/)"
+            ) from None
+        try:
+            spec = yaml.safe_load(text)
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+            raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
+        if spec is None:
+            raise ConfigError(
+                f"config file '{path}' is empty; a run config needs at least 'model:' and 'pretrained:' or "
+                "'pretrain:' (e.g. copy configs/lenet5_demo.yaml)"
+            )
+        if not isinstance(spec, dict):
+            kind = "a list" if isinstance(spec, list) else f"the single value {spec!r:.40}"
+            raise ConfigError(
+                f"config: expected a mapping, got {type(spec).__name__}: '{path}' holds {kind}; write 'key: value' "
+                "lines such as 'model: {name: lenet5}' (see configs/)"
+            )
         return cls.from_dict(spec, base_dir=path.parent)
 
     def to_dict(self) -> dict[str, Any]:

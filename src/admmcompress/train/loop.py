@@ -211,7 +211,7 @@ def train_epoch(
         if not torch.isfinite(loss):
             raise TrainingDiverged(
                 f"{desc}: loss became {loss.item()} at step {step}; lower the learning rate "
-                f"(now {lr_at(step):.3g}) or rho, then rerun with --resume from the last checkpoint"
+                f"(now {lr_at(step):.3g}) or rho"
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

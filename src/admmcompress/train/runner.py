@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from admmcompress.atomic import WriteError
 from admmcompress.data.datasets import BatchLoader, Split
 from admmcompress.drivers.base import Driver, DriverContext, ModuleTransform, get_driver
 from admmcompress.finalize import (
@@ -38,6 +39,7 @@ from admmcompress.train.averaging import WeightAverage
 from admmcompress.train.cadence import Cadence
 from admmcompress.train.config import AUTOCAST_DTYPES, ConfigError, PhaseConfig, RunConfig, StageConfig
 from admmcompress.train.loop import (
+    TrainingDiverged,
     dropout_rates,
     evaluate,
     learning_rate,
@@ -48,6 +50,10 @@ from admmcompress.train.loop import (
 from admmcompress.train.teacher import load_teacher
 
 STATE_FILE = "checkpoint.pt"
+
+
+class NonFiniteError(ValueError):
+    """NaN/inf in the starting weights or the data, found before training (the message names the tensor)."""
 
 
 def _param_names(t: Target) -> tuple[str, ...]:
@@ -71,6 +77,13 @@ class Phase:
     def label(self) -> str:
         return "pretrain" if self.kind == "pretrain" else f"stage{self.stage + 1}/{self.kind}"
 
+    @property
+    def config_key(self) -> str:
+        """Where the phase's settings sit in the run's config (``stages.0.admm``), as config diffs name them."""
+        if self.kind == "pretrain":
+            return "pretrain"
+        return f"stages.{self.stage}.{'admm' if self.kind == 'prune' else 'retrain'}"
+
 
 class Runner:
     """Runs a ``RunConfig`` on a model and in-memory data; writes its state into ``out_dir``."""
@@ -86,7 +99,7 @@ class Runner:
         train_dense: bool = True,
         loss_fn: Callable[[Any, torch.Tensor, nn.Module], torch.Tensor] | None = None,
     ):
-        self.config, self.model, self.test = config, model, test
+        self.config, self.model, self.train, self.test = config, model, train, test
         self.loss_fn = loss_fn  # replaces cross-entropy in every phase (train.loop.train_epoch's hook)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.progress = progress
@@ -103,11 +116,7 @@ class Runner:
         self.compacted: nn.Module | None = None
         if config.compact is not None:
             self._preflight_compaction()
-        self.phases: list[Phase] = []
-        if train_dense and config.pretrain is not None and config.pretrained is None:
-            self.phases.append(Phase("pretrain", -1, config.pretrain))
-        for i, stage in enumerate(config.stages):
-            self.phases += [Phase("prune", i, stage.admm), Phase("retrain", i, stage.retrain)]
+        self.phases: list[Phase] = run_phases(config, train_dense)
         self.phase_index = 0
         self.epoch = 0
         self.masks = MaskSet()
@@ -130,8 +139,66 @@ class Runner:
     def run(self, resume: bool = False) -> dict[str, Any]:
         torch.manual_seed(self.config.seed)
         self._clock = time.perf_counter()
+        # Whether the folder's checkpoint belongs to this run (the NaN-loss advice points only to such a one).
+        self._saved, self._resumed = False, resume
         if resume:
             self._load()
+        else:
+            self.check_finite()
+        try:
+            self._train_phases()
+        except TrainingDiverged as err:
+            raise TrainingDiverged(f"{err}{self._diverged_advice()}") from None
+        self.masks.detach()
+        set_dropout(self.model, self._model_dropout)
+        self.metrics["accuracy_after"] = self._evaluate()
+        self.metrics["stats"] = measure(self.model, self.layers()).to_dict()
+        self.metrics["storage"] = storage(self.model, self.layers()).to_dict()
+        if self.config.compact is not None:
+            self.metrics["compaction"] = self._compact()
+        self._tick_clock()
+        return self.metrics
+
+    def check_finite(self) -> None:
+        """Refuse NaN/inf in the starting weights or the data before any training; the message names the tensor."""
+        source = f"pretrained '{self.config.pretrained}'" if self.config.pretrained else "the model's initial weights"
+        for name, tensor in self.model.state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise NonFiniteError(
+                    f"weight tensor '{name}' holds {bad} NaN/inf value(s) ({source}); training would diverge at once: "
+                    "use a checkpoint without them"
+                )
+        for split, data in (("train", self.train), ("test", self.test)):
+            x = data.x
+            if isinstance(x, torch.Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                rows = (~torch.isfinite(x.reshape(len(x), -1))).any(dim=1).nonzero().flatten()
+                raise NonFiniteError(
+                    f"the {split} inputs of dataset '{self.config.data.dataset}' hold NaN/inf in {len(rows)} sample(s) "
+                    f"(first: sample {int(rows[0])}); repair or replace the dataset file"
+                )
+
+    def preflight(self) -> None:
+        """Every check a run makes before it trains, without training: finite weights and data, teacher files."""
+        self.check_finite()
+        if self.config.teacher is not None:
+            self._frozen_copy()
+
+    def _diverged_advice(self) -> str:
+        """Where to go on after a NaN loss: only a checkpoint that exists is pointed to."""
+        path = None if self.out_dir is None else self.out_dir / STATE_FILE
+        if path is None:
+            return ", then run again (no output folder, so no checkpoint was saved)"
+        if not path.is_file() or not (self._saved or self._resumed):
+            return f", then run again with --overwrite --out {self.out_dir} (no checkpoint was saved yet)"
+        state = ckpt.load_state(path)
+        phase, epoch = int(state["phase_index"]), int(state["epoch"])
+        where = (f"{self.phases[phase].label} after epoch {epoch}" if phase < len(self.phases)
+                 else "after the last phase")
+        return (f", then continue from the last checkpoint '{path}' ({where}) with --resume --allow-config-change "
+                f"--out {self.out_dir}")
+
+    def _train_phases(self) -> None:
         if self.teacher is None and self.config.teacher is not None:
             self.teacher = self._frozen_copy()  # load (and so check) the teacher file now, not after pretraining
         if "accuracy_before" not in self.metrics and not (self.phases and self.phases[0].kind == "pretrain"):
@@ -157,15 +224,6 @@ class Runner:
             self.epoch = 0
             self._driver = self._optimizer = self._average = None
             self._save()
-        self.masks.detach()
-        set_dropout(self.model, self._model_dropout)
-        self.metrics["accuracy_after"] = self._evaluate()
-        self.metrics["stats"] = measure(self.model, self.layers()).to_dict()
-        self.metrics["storage"] = storage(self.model, self.layers()).to_dict()
-        if self.config.compact is not None:
-            self.metrics["compaction"] = self._compact()
-        self._tick_clock()
-        return self.metrics
 
     def _tick_clock(self) -> None:
         """Wall time adds up across resumed invocations."""
@@ -399,7 +457,11 @@ class Runner:
         }
         if self.teacher is not None:
             state["teacher"] = self.teacher.state_dict()
-        ckpt.save_state(self.out_dir / STATE_FILE, state)
+        try:
+            ckpt.save_state(self.out_dir / STATE_FILE, state)
+        except WriteError as err:
+            raise WriteError(err.errno, f"{err}; then continue the run with --resume --out {self.out_dir}") from None
+        self._saved = True
 
     def _load(self) -> None:
         path = None if self.out_dir is None else self.out_dir / STATE_FILE
@@ -410,6 +472,7 @@ class Runner:
         state = ckpt.load_state(path)
         self.transforms = list(state.get("transforms", []))
         rebuild_transforms(self.model, self.transforms)  # the module structure the saved weights belong to
+        ckpt.check_state_fits(self.model, state, path)  # another model's checkpoint: one line, not a traceback
         self.model.load_state_dict(state["model"])
         self.phase_index, self.epoch = int(state["phase_index"]), int(state["epoch"])
         self.masks = mask_set_from_state(state["masks"])
@@ -428,6 +491,25 @@ class Runner:
         if state["optimizer"] is not None:
             self._pending = {"optimizer": state["optimizer"], "driver": state["driver"],
                              "average": state.get("average")}
+
+
+def run_phases(config: RunConfig, train_dense: bool = True) -> list[Phase]:
+    """The run's phases in order: pretrain (when it trains the dense model), then each stage's prune and retrain."""
+    phases: list[Phase] = []
+    if train_dense and config.pretrain is not None and config.pretrained is None:
+        phases.append(Phase("pretrain", -1, config.pretrain))
+    for i, stage in enumerate(config.stages):
+        phases += [Phase("prune", i, stage.admm), Phase("retrain", i, stage.retrain)]
+    return phases
+
+
+def read_progress(out_dir: str | Path) -> tuple[int, int] | None:
+    """``(phase_index, epoch)`` of the checkpoint in a run folder, None if it has none yet."""
+    path = Path(out_dir) / STATE_FILE
+    if not path.is_file():
+        return None
+    state = ckpt.load_state(path)
+    return int(state["phase_index"]), int(state["epoch"])
 
 
 def rebuild_transforms(model: nn.Module, transforms: list[dict[str, Any]]) -> None:

@@ -1,0 +1,201 @@
+"""Checksums of a finished run's outputs, recorded when the run ends and verified by ``report`` and ``export``.
+
+When ``admmcompress run`` has written its outputs, ``record_output_checksums(out_dir)`` stores in
+``metrics.json`` (under ``metrics["integrity"]``) the SHA-256 of ``model.safetensors``,
+``masks.safetensors`` and, for ``compact: true`` runs, ``compact/manifest.json`` and
+``compact/model.safetensors``, plus a SHA-256 of ``metrics.json``'s own content (its canonical JSON,
+so re-indenting it changes nothing, but any changed value is seen). ``verify_run(out_dir)`` checks all
+of them and that the weights agree with the masks (every weight a mask prunes is exactly zero); a
+mismatch is one ``RunIntegrityError`` line naming the file. Runs written before checksums were
+recorded are still verified against their masks, and get a note instead of a refusal.
+
+What ``admmcompress run`` does at its end, then what ``report`` and ``export`` do first::
+
+    record_output_checksums("runs/lenet5")
+    verify_run("runs/lenet5")        # [] (no notes), or RunIntegrityError naming the file
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from admmcompress.atomic import atomic_write
+from admmcompress.executors.manifest import canonical_sha256
+from admmcompress.finalize.quantized import SEP
+
+KEY = "integrity"
+METRICS = "metrics.json"
+MODEL, MASKS = "model.safetensors", "masks.safetensors"
+CHECKED_FILES = (MODEL, MASKS, "compact/manifest.json", "compact/model.safetensors")
+
+
+class RunIntegrityError(ValueError):
+    """A run folder whose outputs are not what the run wrote (changed, damaged or missing); one line."""
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _as_json(value: Any) -> Any:
+    """``value`` as ``metrics.json`` holds it once written (numpy scalars and the like become what the
+    writer makes of them), so the content checksum is the same before writing and after reading."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def content_sha256(metrics: dict[str, Any], history: list[dict[str, Any]]) -> str:
+    """SHA-256 of ``metrics.json``'s content: metrics and history, the integrity record without this value."""
+    record = {k: v for k, v in metrics.get(KEY, {}).items() if k != "content"}
+    return canonical_sha256(_as_json({"metrics": {**metrics, KEY: record}, "history": history}))
+
+
+def seal(metrics: dict[str, Any], history: list[dict[str, Any]]) -> None:
+    """Update the content checksum of ``metrics`` (in place) after its figures changed; no-op without a record."""
+    if isinstance(metrics.get(KEY), dict):
+        metrics[KEY]["content"] = content_sha256(metrics, history)
+
+
+def record_output_checksums(out_dir: str | Path) -> dict[str, Any]:
+    """Record the SHA-256 of the run's output files and of ``metrics.json``'s content in ``metrics.json``.
+
+    Called once the run's outputs are all written (the end of ``admmcompress run``); returns the record.
+    """
+    out = Path(out_dir)
+    path = out / METRICS
+    data = json.loads(path.read_text())
+    metrics, history = data["metrics"], data["history"]
+    files = {name: file_sha256(out / name) for name in CHECKED_FILES if (out / name).is_file()}
+    metrics[KEY] = {"algorithm": "sha256", "files": files}
+    seal(metrics, history)
+    payload = json.dumps({**data, "metrics": metrics}, indent=2, default=str)
+    atomic_write(path, lambda tmp: tmp.write_text(payload))
+    return metrics[KEY]
+
+
+def read_metrics(out_dir: str | Path) -> dict[str, Any]:
+    """``metrics.json`` of a run folder as a dict, or one ``RunIntegrityError`` line when it is damaged."""
+    path = Path(out_dir) / METRICS
+    if not path.is_file():
+        raise FileNotFoundError(f"no {METRICS} in '{out_dir}'; is it the --out folder of a finished run?")
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
+        raise RunIntegrityError(f"'{path}' is not valid JSON ({err}): the file is damaged") from None
+    if not isinstance(data, dict) or not isinstance(data.get("metrics"), dict) or not isinstance(
+        data.get("history"), list
+    ):
+        raise RunIntegrityError(f"'{path}' is not a run's {METRICS} (no 'metrics' and 'history'): the file is damaged")
+    return data
+
+
+def verify_run(out_dir: str | Path, files: bool = True) -> list[str]:
+    """Check a finished run folder; return notes (one line each), raise ``RunIntegrityError`` on a mismatch.
+
+    Checks ``metrics.json``'s content checksum and the recorded SHA-256 of every output file (``files=False``
+    skips those two: files changed on purpose), then that ``model.safetensors`` agrees with
+    ``masks.safetensors``. A run without recorded checksums (written before they were) gets a note.
+    """
+    out = Path(out_dir)
+    data = read_metrics(out)
+    metrics, history = data["metrics"], data["history"]
+    record = metrics.get(KEY)
+    notes = []
+    if record is None:
+        for key, value in metrics.items():  # a record under a damaged key must not pass as an older run
+            if isinstance(value, dict) and ("files" in value or "content" in value) and "algorithm" in value:
+                raise RunIntegrityError(f"'{out / METRICS}' holds its checksum record under {key!r}: it is damaged")
+        notes.append(
+            f"'{out}' was written before runs recorded checksums: its files cannot be verified "
+            "(the weights are still checked against the masks)"
+        )
+    elif files:
+        _check_record(out, record, metrics, history)
+    _check_masks(out)
+    return notes
+
+
+def _check_record(out: Path, record: Any, metrics: dict[str, Any], history: list[dict[str, Any]]) -> None:
+    path = out / METRICS
+    if not (
+        isinstance(record, dict)
+        and isinstance(record.get("files"), dict)
+        and isinstance(record.get("content"), str)
+        and all(isinstance(v, str) for v in record["files"].values())
+    ):
+        raise RunIntegrityError(f"'{path}': its '{KEY}' record is malformed; the file is damaged")
+    if content_sha256(metrics, history) != record["content"]:
+        raise RunIntegrityError(
+            f"'{path}' does not match the checksum recorded in it when the run finished: it was changed or damaged"
+        )
+    for name, digest in record["files"].items():
+        if name not in CHECKED_FILES:
+            raise RunIntegrityError(f"'{path}' records a checksum for '{name}', which is not a run output: damaged")
+        target = out / name
+        if not target.is_file():
+            raise RunIntegrityError(f"'{target}' is missing; the run wrote it ({METRICS} records its checksum)")
+        actual = file_sha256(target)
+        if actual != digest:
+            raise RunIntegrityError(
+                f"'{target}' does not match the SHA-256 recorded when the run finished ({actual[:12]}... != "
+                f"{digest[:12]}...): it was changed or damaged; if you changed it on purpose, add --rehash"
+            )
+
+
+# safetensors 0.4-0.8 write an empty dict with empty metadata as this malformed header (and cannot read it
+# back); dense runs' masks.safetensors are that file. It means "no masks", so it is read as such.
+_EMPTY_WITH_METADATA = b'{},"__metadata__":{}}'
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    data = path.read_bytes()
+    if data[8 : 8 + int.from_bytes(data[:8], "little")].rstrip(b" ") == _EMPTY_WITH_METADATA:
+        return {}
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors' own error type for a damaged file, said in one line
+        raise RunIntegrityError(f"'{path}' is not a readable safetensors file ({type(err).__name__}: {err})") from None
+
+
+def _check_masks(out: Path) -> None:
+    """Every weight that ``masks.safetensors`` prunes is exactly zero in ``model.safetensors``."""
+    if not (out / MODEL).is_file() or not (out / MASKS).is_file():
+        return
+    weights, masks = _load(out / MODEL), _load(out / MASKS)
+    for name, mask in masks.items():
+        if SEP in name:
+            continue  # held quantized values (codes, levels), not a mask
+        weight = weights.get(name)
+        if weight is None or weight.shape != mask.shape:
+            found = "no such tensor" if weight is None else f"shape {list(weight.shape)}"
+            raise RunIntegrityError(
+                f"'{out / MASKS}' masks '{name}' of shape {list(mask.shape)}, '{out / MODEL}' has {found}"
+            )
+        revived = weight[~mask.bool()] != 0
+        if bool(revived.any()):
+            raise RunIntegrityError(
+                f"'{out / MODEL}': {int(revived.sum())} weights of '{name}' that masks.safetensors prunes are not "
+                "zero; the file was changed after the run"
+            )
+
+
+__all__ = [
+    "CHECKED_FILES",
+    "RunIntegrityError",
+    "content_sha256",
+    "file_sha256",
+    "read_metrics",
+    "record_output_checksums",
+    "seal",
+    "verify_run",
+]

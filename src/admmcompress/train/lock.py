@@ -1,0 +1,131 @@
+"""The run-folder lock: one ``admmcompress run`` writes a folder at a time.
+
+The lock is an OS-level ``flock`` on ``<folder>/.admmcompress.lock``, which holds the writer's pid so a
+refused run can name it. The OS drops the lock when its process dies however it dies (kill -9 included),
+so a stale lock file left by a killed run is simply locked again by the next run: no pid guessing, no
+time-outs. The file is removed when the run ends; a run that opened it just before then notices the
+file it locked is no longer the one at the path, and tries again.
+
+Where ``fcntl`` is missing (Windows) or the file system refuses locks (some network mounts), the run goes
+on unlocked after a one-line warning.
+
+Example::
+
+    with RunLock("runs/lenet5"):
+        ...  # write the run's files
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from pathlib import Path
+from types import TracebackType
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on POSIX
+    fcntl = None  # type: ignore[assignment]
+
+LOCK_FILE = ".admmcompress.lock"
+
+
+class RunLocked(ValueError):
+    """Another process holds the folder's lock (a user error: one line naming its pid)."""
+
+
+class RunLock:
+    """Exclusive, non-blocking lock of a run folder (created if missing) for the life of a ``with`` block."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        if self.folder.exists() and not self.folder.is_dir():
+            raise ValueError(f"--out '{self.folder}' is a file, not a folder; choose a folder for the run's outputs")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if fcntl is None:  # pragma: no cover - not on POSIX
+            _warn(f"no OS file locking on this system; make sure no other run writes '{self.folder}'")
+            return self
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as err:
+                raise RunLocked(
+                    f"cannot open the lock file '{self.path}' ({err.strerror}); make the folder writable, or choose "
+                    "another --out"
+                ) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                holder = _read_pid(fd)
+                os.close(fd)
+                if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    who = f"pid {holder}" if holder else "another process"
+                    raise RunLocked(
+                        f"'{self.folder}' is being written by another admmcompress run ({who}); wait for it to "
+                        "end, or choose another --out"
+                    ) from None
+                _warn(f"cannot lock '{self.path}' ({err.strerror}); make sure no other run writes '{self.folder}'")
+                return self
+            try:  # the holder before us may have removed the file between our open and our lock
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Remove the lock file, then drop the lock (in that order, so a waiter retries on the new file)."""
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self.release()
+
+
+def holder_pid(folder: str | Path) -> int | None:
+    """The pid written in ``folder``'s lock file, if any (it may be a dead run's: only the flock tells)."""
+    try:
+        text = (Path(folder) / LOCK_FILE).read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _warn(message: str) -> None:
+    print(f"admmcompress: warning: {message}", file=sys.stderr)
+
+
+__all__ = ["LOCK_FILE", "RunLock", "RunLocked", "holder_pid"]

@@ -1,0 +1,285 @@
+"""What ``admmcompress run`` may do with its ``--out`` folder: start, resume, or refuse, and why.
+
+A folder holding run outputs is never written over by accident: a new run there needs ``--overwrite``
+(which removes the old run's outputs, and only those, once the new run is ready to train), and
+``--resume`` continues from ``checkpoint.pt``, or from the start when the run was killed before its first
+checkpoint. The folder's ``config.yaml`` is the run's config: a resume with a config that differs from it
+is refused with the keys that changed, and ``--allow-config-change`` accepts the changes that cannot
+contradict what was already trained:
+
+* at any time: ``threads``, ``checkpoint_every_epochs``, ``data.eval_batch_size`` (speed and bookkeeping);
+* a phase not started yet (pretrain, or a stage's ``admm``/``retrain``): any of its settings but ``distill``
+  (the teacher is chosen when the first stage starts); a stage whose driving phase has not started: its
+  ``options`` (rho, ...);
+* the phase in progress: ``epochs`` (not below the epochs it has done) and ``optimizer.lr`` (the advice after
+  a NaN loss);
+* before the first checkpoint: anything (the run starts from the beginning with the new config).
+
+Everything else (model, data, plan, method, seed, pretrained, ...) changes what the checkpoint was trained
+for: start a new run instead (``--overwrite``, or another ``--out``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from admmcompress.atomic import atomic_write
+from admmcompress.train.config import RunConfig
+from admmcompress.train.runner import STATE_FILE, Phase
+
+CONFIG_FILE = "config.yaml"
+# Files and folders a run writes into its --out folder (what --overwrite removes, nothing else).
+RUN_OUTPUTS = (
+    STATE_FILE,
+    CONFIG_FILE,
+    "model.safetensors",
+    "masks.safetensors",
+    "metrics.json",
+    "report.md",
+    "sparsity.png",
+    "training.png",
+    "compact",
+)
+FINAL_OUTPUTS = ("model.safetensors", "masks.safetensors", "metrics.json", "report.md")
+ALWAYS_SAFE = ("threads", "checkpoint_every_epochs", "data.eval_batch_size")
+IN_PROGRESS_SAFE = ("epochs", "optimizer.lr")
+SHOWN_CHANGES = 8  # a config diff names at most this many keys in its one line
+
+
+class RunFolderError(ValueError):
+    """The --out folder cannot be used as asked (one line naming the folder and the fix)."""
+
+
+@dataclass
+class FolderPlan:
+    """What the run does with its folder: resume from the checkpoint or start, and what to change first."""
+
+    folder: Path
+    resume: bool = False  # load checkpoint.pt
+    restart: bool = False  # --resume of a run killed before its first checkpoint
+    remove: list[str] = field(default_factory=list)  # old outputs to remove (--overwrite)
+    write_config: bool = True
+    accepted: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # --allow-config-change
+
+    def describe(self) -> str:
+        """One line for --dry-run and the log."""
+        if self.resume:
+            what = f"resume the run in '{self.folder}' from its checkpoint"
+        elif self.restart:
+            what = f"start the run in '{self.folder}' again from the beginning (it saved no checkpoint)"
+        elif self.remove:
+            what = f"replace the run in '{self.folder}' (removing {', '.join(self.remove)})"
+        else:
+            what = f"write a new run into '{self.folder}'"
+        if self.accepted:
+            what += f", with config changes {_changes(self.accepted)}"
+        return what
+
+
+def outputs_in(folder: Path) -> list[str]:
+    """The run outputs present in ``folder``."""
+    return [name for name in RUN_OUTPUTS if (folder / name).exists()]
+
+
+def plan_folder(
+    folder: Path,
+    config: RunConfig,
+    phases: list[Phase],
+    progress: tuple[int, int] | None,
+    *,
+    resume: bool,
+    overwrite: bool,
+    allow_config_change: bool,
+    stale_lock: bool = False,
+) -> FolderPlan:
+    """Decide (without writing anything) how a run of ``config`` uses ``folder``; refuse with one line.
+
+    ``progress`` is the folder checkpoint's ``(phase_index, epoch)`` (None without a checkpoint),
+    ``phases`` the run's phases as the Runner lists them, ``stale_lock`` whether the folder held a lock file
+    before this run locked it (left by a run killed there, perhaps before it wrote anything).
+    """
+    if folder.exists() and not folder.is_dir():
+        raise RunFolderError(f"--out '{folder}' is a file, not a folder; choose a folder for the run's outputs")
+    present = outputs_in(folder) if folder.is_dir() else []
+    if overwrite:
+        return FolderPlan(folder, remove=present)
+    if not resume:
+        if present:
+            raise RunFolderError(
+                f"'{folder}' already holds a run; add --resume to continue it, --overwrite to replace it "
+                f"({', '.join(present)}), or choose another --out"
+            )
+        return FolderPlan(folder)
+    started = CONFIG_FILE in present or stale_lock
+    if STATE_FILE not in present:
+        finished = [name for name in FINAL_OUTPUTS if name in present]
+        if finished:
+            raise RunFolderError(
+                f"--resume: '{folder}' holds a finished run's outputs ({', '.join(finished)}) but no {STATE_FILE} to "
+                "continue from; add --overwrite (instead of --resume) to run it again from the start"
+            )
+        if not started:
+            raise FileNotFoundError(
+                f"--resume: no checkpoint at {folder / STATE_FILE}; run without --resume to start, or pass the run's "
+                "--out folder"
+            )
+    plan = FolderPlan(folder, resume=STATE_FILE in present, restart=STATE_FILE not in present)
+    if CONFIG_FILE in present:
+        diff = config_diff(_saved_config(folder / CONFIG_FILE), config_dict(config))
+        if diff:
+            refused = diff if not allow_config_change else unsafe_changes(diff, phases, progress)
+            if refused:
+                raise RunFolderError(_refusal(folder, diff, refused, allow_config_change))
+            plan.accepted = diff
+        plan.write_config = bool(diff)
+    return plan
+
+
+def commit(plan: FolderPlan, config: RunConfig) -> None:
+    """Carry out the plan's changes to the folder (call it holding the folder's lock, right before training)."""
+    for name in plan.remove:
+        target = plan.folder / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+    if plan.write_config:
+        text = yaml.safe_dump(config_dict(config), sort_keys=False)
+        atomic_write(plan.folder / CONFIG_FILE, lambda tmp: tmp.write_text(text))
+
+
+def config_dict(config: RunConfig) -> dict[str, Any]:
+    """The config as plain YAML-able data (what a run folder's config.yaml holds)."""
+    return json.loads(json.dumps(config.to_dict()))
+
+
+def _saved_config(path: Path) -> dict[str, Any]:
+    """A run folder's config.yaml, with the defaults of keys added since it was written (so they are no change)."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise RunFolderError(
+            f"--resume: cannot read '{path}' ({err}); restore it, or start again with --overwrite"
+        ) from None
+    if not isinstance(raw, dict):
+        raise RunFolderError(f"--resume: '{path}' is not a run config; restore it, or start again with --overwrite")
+    try:
+        return config_dict(RunConfig.from_dict(raw))
+    except (ValueError, TypeError, KeyError):  # written by another version: compare as written
+        return json.loads(json.dumps(raw))
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings and lists as dotted keys (``stages.0.admm.epochs``); leaves keep their values."""
+    if isinstance(value, dict) and value:
+        items = value.items()
+    elif isinstance(value, list) and value:
+        items = ((str(i), v) for i, v in enumerate(value))
+    else:
+        return {prefix: value}
+    out: dict[str, Any] = {}
+    for key, sub in items:
+        out.update(flatten(sub, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+MISSING = "(absent)"
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (old value, new value)}`` for every key whose value differs."""
+    a, b = flatten(old), flatten(new)
+    keys = sorted(set(a) | set(b))
+    return {k: (a.get(k, MISSING), b.get(k, MISSING)) for k in keys if (k in a) != (k in b) or a.get(k) != b.get(k)}
+
+
+def unsafe_changes(
+    diff: dict[str, tuple[Any, Any]], phases: list[Phase], progress: tuple[int, int] | None
+) -> dict[str, str]:
+    """The changed keys ``--allow-config-change`` cannot accept, each with the reason (see the module doc)."""
+    if progress is None:
+        return {}  # nothing was saved: the run starts from the beginning with the new config
+    phase_index, epoch = progress
+    by_key = {p.config_key: i for i, p in enumerate(phases)}
+    prune_of_stage = {p.stage: i for i, p in enumerate(phases) if p.kind == "prune"}
+    refused: dict[str, str] = {}
+    for key, (_, new) in diff.items():
+        if key in ALWAYS_SAFE:
+            continue
+        parts = key.split(".")
+        if len(parts) > 3 and parts[0] == "stages" and parts[2] == "options" and parts[1].isdigit():
+            index = prune_of_stage.get(int(parts[1]))
+            started = index is None or index < phase_index or (index == phase_index and epoch > 0)
+            if started:
+                refused[key] = "its stage has started"
+            continue
+        prefix, rest = _phase_key(key, by_key)
+        if prefix is None:
+            refused[key] = "it changes what the checkpoint was trained for"
+            continue
+        index = by_key[prefix]
+        if index < phase_index:
+            refused[key] = "its phase is finished"
+        elif index > phase_index or epoch == 0:
+            if rest.split(".")[0] == "distill":
+                refused[key] = "the teacher is chosen when the first stage starts"
+        elif rest not in IN_PROGRESS_SAFE:
+            refused[key] = "its phase is in progress (only epochs and optimizer.lr may change)"
+        elif rest == "epochs" and not (isinstance(new, int) and new >= epoch):
+            refused[key] = f"the phase has done {epoch} epochs already"
+    return refused
+
+
+def _phase_key(key: str, by_key: dict[str, int]) -> tuple[str | None, str]:
+    for prefix in by_key:
+        if key.startswith(prefix + "."):
+            return prefix, key[len(prefix) + 1 :]
+    return None, ""
+
+
+def _short(value: Any) -> str:
+    text = value if value is MISSING else json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _changes(diff: dict[str, Any], reasons: dict[str, str] | None = None) -> str:
+    keys = list(diff)
+    shown = [
+        f"{k} ({_short(diff[k][0])} -> {_short(diff[k][1])}{': ' + reasons[k] if reasons else ''})"
+        for k in keys[:SHOWN_CHANGES]
+    ]
+    more = f" and {len(keys) - SHOWN_CHANGES} more" if len(keys) > SHOWN_CHANGES else ""
+    return ", ".join(shown) + more
+
+
+def _refusal(folder: Path, diff: dict[str, Any], refused: dict[str, str], allowed: bool) -> str:
+    saved = folder / CONFIG_FILE
+    if allowed:
+        return (
+            f"--resume --allow-config-change: cannot accept {_changes({k: diff[k] for k in refused}, refused)}; "
+            f"resume with the run's own config ('{saved}') or those keys as they were, or start again with --overwrite"
+        )
+    return (
+        f"--resume: the config differs from the run's '{saved}' in {_changes(diff)}; resume with the run's own "
+        "config, add --allow-config-change to accept safe changes (epochs of unfinished phases, threads, ...), "
+        "or start again with --overwrite"
+    )
+
+
+__all__ = [
+    "CONFIG_FILE",
+    "FolderPlan",
+    "RUN_OUTPUTS",
+    "RunFolderError",
+    "commit",
+    "config_diff",
+    "outputs_in",
+    "plan_folder",
+    "unsafe_changes",
+]
