@@ -1,5 +1,6 @@
 """Shared settings for the fast suite: few threads, modest hypothesis budgets."""
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -14,3 +15,11 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile("fast")
+
+
+@pytest.fixture(autouse=True)
+def keep_thread_count():
+    """A config's `threads:` sets torch's thread count for the whole process; put it back after every test."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

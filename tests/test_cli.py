@@ -49,12 +49,6 @@ def write_config(tmp_path: Path, spec: dict, name: str = "tiny.yaml") -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def keep_thread_count():
-    """`threads:` in a config sets torch's thread count for the whole process; put it back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

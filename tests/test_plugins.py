@@ -8,7 +8,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from admmcompress.cli import main
@@ -87,11 +86,6 @@ def plugin_file(tmp_path):
         unregister_structure("toy_even_rows")
 
 
-@pytest.fixture(autouse=True)
-def keep_thread_count():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_a_plugin_driver_and_structure_run_through_the_cli(plugin_file, tmp_path, capsys):

@@ -75,11 +75,6 @@ def registry_guard():
         unregister_executor(name)
 
 
-@pytest.fixture(autouse=True)
-def keep_thread_count():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- registry --------------------------------------------------------------------------------

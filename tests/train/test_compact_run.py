@@ -25,11 +25,6 @@ READY = Path(__file__).resolve().parents[2] / "configs" / "resnet20_cifar_filter
 FILTERS = {"rules": [{"type": "Conv2d", "structure": "filter", "sparsity": 0.5}]}
 
 
-@pytest.fixture(autouse=True)
-def keep_thread_count():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def spec(plan=None, coupling: str = "strict", compact=True, method: str = "admm") -> dict:

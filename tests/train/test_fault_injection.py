@@ -47,11 +47,6 @@ SPEC = {
 OUTPUTS = ("model.safetensors", "masks.safetensors")
 
 
-@pytest.fixture(autouse=True)
-def keep_thread_count():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -58,11 +58,6 @@ def user_error(capsys, argv: list[str]) -> str:
     return err[0].removeprefix("admmcompress: error: ")
 
 
-@pytest.fixture(autouse=True)
-def keep_thread_count():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- config files ------------------------------------------------------------------------------------

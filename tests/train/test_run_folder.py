@@ -43,11 +43,6 @@ def write(path: Path, content: dict) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def keep_thread_count():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def error_line(capsys, argv: list[str]) -> str:
