@@ -149,7 +149,8 @@ def _dry_run(args: argparse.Namespace, config: RunConfig, out: Path) -> int:
     phases = ", ".join(f"{p.label} {p.cfg.epochs} epoch(s)" for p in runner.phases) or "none"
     print(f"admmcompress: dry run of '{config.name}': config, plan, data and checkpoints check out; nothing written")
     print(f"  model: {config.model['name']}, {sum(p.numel() for p in model.parameters()):,} parameters"
-          + (f", from '{config.pretrained}'" if config.pretrained else ", trained from scratch"))
+          + (", from the run's checkpoint" if args.resume
+             else f", from '{config.pretrained}'" if config.pretrained else ", trained from scratch"))
     print(f"  data: {config.data.dataset}, {len(runner.train.x)} train / {len(runner.test.x)} test samples, "
           f"{len(runner.loader)} steps per epoch")
     print(f"  phases: {phases}")
