@@ -344,21 +344,3 @@ def test_export_help_lists_every_registered_flag(capsys):
     for flag in ("--compact", "--onnx", "--packed", "--scheme", "--index-bits", "--plugin", "--out"):
         assert flag in text, flag
     assert "--blocksparse" not in text  # it cannot export
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        "admmcompress.executors",
-        "admmcompress.executors.base",
-        "admmcompress.executors.blocksparse",
-        "admmcompress.executors.compact_run",
-        "admmcompress.executors.packed",
-    ],
-)
-def test_docstring_examples(name):
-    import doctest
-    import importlib
-
-    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.failed == 0 and result.attempted > 0
