@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from admmcompress.data.augment import Augment
@@ -46,7 +47,7 @@ LEGACY_ADMM_OPTIONS = ("rho", "rho_growth", "rho_max")
 # "none" resolves the plan per layer; "strict"/"extend" make one coupled target per channel group.
 COUPLINGS = ("none", "strict", "extend")
 COLUMN_MODES = ("off", "auto", "on")
-AUTOCAST_DTYPES = {None: None, "bf16": "bfloat16"}
+AUTOCAST_DTYPES = {None: None, "bf16": torch.bfloat16}
 
 
 class ConfigError(ValueError):

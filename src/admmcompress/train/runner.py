@@ -127,6 +127,7 @@ class Runner:
         self.history: list[dict[str, Any]] = []
         self.metrics: dict[str, Any] = {"stages": [{} for _ in config.stages], "phase_seconds": {}}
         self._driver: Driver | None = None
+        self._cadence: Cadence | None = None  # when the prune phase's driver updates (set with the driver)
         # Module rewrites made by drivers that end in a ModuleTransform, in order (rebuilt on --resume).
         self.transforms: list[dict[str, Any]] = []
         self._optimizer: torch.optim.Optimizer | None = None
@@ -191,8 +192,7 @@ class Runner:
             return ", then run again (no output folder, so no checkpoint was saved)"
         if not path.is_file() or not (self._saved or self._resumed):
             return f", then run again with --overwrite --out {self.out_dir} (no checkpoint was saved yet)"
-        state = ckpt.load_state(path)
-        phase, epoch = int(state["phase_index"]), int(state["epoch"])
+        phase, epoch = read_progress(self.out_dir)
         where = (f"{self.phases[phase].label} after epoch {epoch}" if phase < len(self.phases)
                  else "after the last phase")
         return (f", then continue from the last checkpoint '{path}' ({where}) with --resume --allow-config-change "
@@ -304,13 +304,13 @@ class Runner:
             targets = self.stage_targets[phase.stage]
             if len(self.masks):  # masks carry; values this stage quantizes again are released
                 self.masks = release_holds(self.masks, targets)
-            resuming = self._pending is not None
+            self._cadence = Cadence.of(phase.cfg, len(self.loader))
             context = DriverContext(
                 frozen=self.masks if len(self.masks) else None,
-                updates=Cadence.of(phase.cfg, len(self.loader)).updates,
+                updates=self._cadence.updates,
                 steps_per_epoch=len(self.loader),
                 example=self.example,
-                resuming=resuming,
+                resuming=self._pending is not None,
             )
             self._driver = get_driver(stage.method).cls.from_config(self.model, targets, stage.options, context)
         if self._pending is not None:
@@ -348,10 +348,9 @@ class Runner:
         cfg = phase.cfg
         after_step = None
         if self._driver is not None:
-            cadence = Cadence.of(cfg, steps)
 
             def after_step(step: int) -> None:
-                if cadence.due(step):
+                if self._cadence.due(step):
                     self._driver_update()
 
         return train_epoch(
@@ -367,9 +366,9 @@ class Runner:
             teacher=self.teacher if cfg.distill is not None else None,
             distill=cfg.distill,
             label_smoothing=cfg.label_smoothing,
-            autocast=getattr(torch, AUTOCAST_DTYPES[self.config.autocast]) if self.config.autocast else None,
+            autocast=AUTOCAST_DTYPES[self.config.autocast],
             channels_last=self.config.channels_last,
-            **({"loss_fn": self.loss_fn} if self.loss_fn is not None else {}),
+            loss_fn=self.loss_fn,
         )
 
     def _driver_update(self) -> None:
