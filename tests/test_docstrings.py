@@ -29,6 +29,7 @@ MODULES = [
     "admmcompress.train.cadence",
     "admmcompress.train.loop",
     "admmcompress.plugins",
+    "admmcompress.deprecation",
     # executors, encodings, reports
     "admmcompress.executors",
     "admmcompress.executors.base",

@@ -5,17 +5,10 @@ Import ``QuantizedMaskSet``, ``HeldValues``, ``hard_quantize``, ``partial_quanti
 ``is_quantization(target)`` ask ``target.structure.quantizes``.
 """
 
-import warnings
-
+from admmcompress.deprecation import moved_module
 from admmcompress.finalize import quantized as _new
 
 __all__ = list(_new.__all__)
 
 
-def __getattr__(name: str):
-    if name.startswith("__") or not hasattr(_new, name):
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    warnings.warn(
-        f"admmcompress.quantize moved: import {name} from admmcompress.finalize", DeprecationWarning, stacklevel=2
-    )
-    return getattr(_new, name)
+__getattr__ = moved_module("admmcompress.quantize", _new, "admmcompress.finalize")
