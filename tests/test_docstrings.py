@@ -30,6 +30,7 @@ MODULES = [
     "admmcompress.train.loop",
     "admmcompress.plugins",
     "admmcompress.deprecation",
+    "admmcompress.timing",
     # executors, encodings, reports
     "admmcompress.executors",
     "admmcompress.executors.base",

@@ -17,7 +17,6 @@ they measure faster than the dense layer on the example input (``mode="auto"``).
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from admmcompress.executors.fold import forward
+from admmcompress.timing import time_interleaved
 
 
 def kept_columns(weight: torch.Tensor) -> torch.Tensor:
@@ -176,29 +176,12 @@ def column_executor(module: nn.Module) -> nn.Module | None:
     return None
 
 
-def _median_ms(fn, x: torch.Tensor, rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return 1e3 * times[len(times) // 2]
-
-
-@torch.no_grad()
 def time_pair(
     dense: nn.Module, fast: nn.Module, x: torch.Tensor, rounds: int = 9, warmup: int = 3
 ) -> tuple[float, float]:
     """Median milliseconds of ``dense(x)`` and ``fast(x)``, measured interleaved."""
-    for _ in range(warmup):
-        dense(x), fast(x)
-    d, f = [], []
-    for _ in range(rounds):
-        d.append(_median_ms(dense, x, 1))
-        f.append(_median_ms(fast, x, 1))
-    d.sort(), f.sort()
-    return d[len(d) // 2], f[len(f) // 2]
+    ms = time_interleaved({"dense": lambda: dense(x), "fast": lambda: fast(x)}, rounds, warmup)
+    return ms["dense"], ms["fast"]
 
 
 @torch.no_grad()
