@@ -5,6 +5,13 @@
     python benchmarks/structured_cifar.py magnitude --keep 0.5
     python benchmarks/structured_cifar.py summary
 
+From the shipped dense model on all 50,000 images (issue 18), three seeds per method, fewer MACs x4:
+
+    python benchmarks/structured_cifar.py admm --dense-from checkpoints/resnet20_cifar10_dense.safetensors \
+        --train-limit 0 --fast --label-smoothing 0.1 --admm-epochs 3 --finetune-epochs 3 --rho 0.1 \
+        --rho-growth 1.3 --rho-max 1 --keep 0.5 --seed 0 --out runs/cifar_filter_full
+    (then magnitude and taylor with the same flags, seeds 0 1 2, and `summary --out runs/cifar_filter_full`)
+
 Data: the first ``--train-limit`` (10,000) images of ``cifar10_jpeg.npz`` (JPEG q75, see
 ../shared/data/README.md: a few points below real CIFAR-10), the library's augmentation
 (``Augment(shift=4, hflip=True)``: each image shifted by up to 4 pixels, border replicated, and mirrored
@@ -20,6 +27,8 @@ which share everything but how they choose the filters:
   ``--finetune-epochs`` of the compacted model (SGD lr 0.01 cosine). With so few steps per update the
   W-step must nearly reach Z - U (lr * rho * steps / (1 - momentum) ~ 2); rho 1e-2 x1.5 (the usual
   small-rho recipe for long schedules) left ||W - Z|| / ||W|| above 1 and hard pruning at 15%.
+- taylor: Torch-Pruning's first-order Taylor group importance (|w * dL/dw| summed over each coupled group,
+  gradients of ``--taylor-batches`` training batches), otherwise as magnitude.
 - magnitude: ``tp.pruner.MagnitudePruner`` (L1 group importance, same ratio, classifier ignored) on
   the dense model, which gives exactly the same layer widths (checked), then
   ``--admm-epochs + --finetune-epochs`` epochs of fine-tuning with the same optimizer: the same
@@ -31,13 +40,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import statistics
 import time
 from pathlib import Path
 
 import torch
 from structured_common import CIFAR_AUGMENT, command_line, ensure_malloc_env, fit, log_to, machine, macs, params
 
-from admmcompress.data import load_dataset
+from admmcompress.data import BatchLoader, load_dataset
 from admmcompress.drivers import ADMM, RhoSchedule
 from admmcompress.executors.compact import compact
 from admmcompress.models import create_model
@@ -51,7 +61,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def data(args):
-    train = load_dataset("cifar10", "train", limit=args.train_limit)
+    train = load_dataset("cifar10", "train", limit=args.train_limit or None)
     test = load_dataset("cifar10", "test")
     return train, test
 
@@ -59,11 +69,19 @@ def data(args):
 
 
 def dense_path(args) -> Path:
-    return Path(args.out) / "resnet20_dense.safetensors"
+    return Path(args.dense_from) if args.dense_from else Path(args.out) / "resnet20_dense.safetensors"
+
+
+def training(args) -> dict:
+    """The fit() options every method shares (seeded loader order, label smoothing, bf16 + channels_last)."""
+    return {"seed": 1 + 1000 * args.seed, "label_smoothing": args.label_smoothing, "fast": args.fast}
 
 
 def run_dense(args, log) -> dict:
     train, test = data(args)
+    if args.dense_from:  # the shipped model: record its figures, train nothing
+        model = load_dense(args)
+        return {"accuracy": evaluate(model, test), "params": params(model), "macs": macs(model, test.x[:1])}
     torch.manual_seed(0)
     model = create_model("resnet20")
     fit(
@@ -110,6 +128,7 @@ def run_admm(args, log) -> dict:
         augment=CIFAR_AUGMENT,
         schedule="constant",  # ADMM needs W to keep tracking Z - U: no decay to 0 inside the phase (P9)
         log=log,
+        **{**training(args), "seed": 1000 * args.seed},
     )
     before_prune = evaluate(model, test)
     masks = admm.finalize()
@@ -126,8 +145,8 @@ def run_admm(args, log) -> dict:
         batch_size=128,
         weight_decay=5e-4,
         augment=CIFAR_AUGMENT,
-        seed=1,
         log=log,
+        **training(args),
     )
     return {
         "accuracy_before_hard_prune": before_prune,
@@ -143,23 +162,46 @@ def run_admm(args, log) -> dict:
 def run_magnitude(args, log) -> dict:
     import torch_pruning as tp
 
+    return run_torch_pruning(args, log, tp.importance.MagnitudeImportance(p=1), "L1 magnitude")
+
+
+def run_taylor(args, log) -> dict:
+    import torch_pruning as tp
+
+    return run_torch_pruning(args, log, tp.importance.GroupTaylorImportance(), "Taylor")
+
+
+def accumulate_gradients(model, train, batches: int, seed: int) -> None:
+    """Gradients of the training loss over ``batches`` batches (what Taylor importance reads)."""
+    loader = BatchLoader(train, 128, shuffle=True, seed=seed, augment=CIFAR_AUGMENT)
+    model.zero_grad()
+    model.train()
+    for i, (x, y) in enumerate(loader):
+        if i == batches:
+            break
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    model.eval()
+
+
+def run_torch_pruning(args, log, importance, label: str) -> dict:
+    import torch_pruning as tp
+
     train, test = data(args)
     model = load_dense(args)
     x = test.x[:2]
-    pruner = tp.pruner.MagnitudePruner(
-        model,
-        x,
-        importance=tp.importance.MagnitudeImportance(p=1),
-        pruning_ratio=1 - args.keep,
-        ignored_layers=[model.linear],
+    if args.what == "taylor":
+        accumulate_gradients(model, train, args.taylor_batches, seed=1000 * args.seed)
+    pruner = tp.pruner.MetaPruner(
+        model, x, importance=importance, pruning_ratio=1 - args.keep, ignored_layers=[model.linear]
     )
     pruner.step()
+    model.zero_grad(set_to_none=True)
     ideal = create_model("resnet20", width_mult=args.keep)
     same = {k: v.shape for k, v in model.state_dict().items()} == {
         k: v.shape for k, v in ideal.state_dict().items()
     }
     pruned = evaluate(model, test)
-    log(f"Torch-Pruning L1 magnitude: {params(model):,} params, same widths as ideal: {same}, {pruned:.2f}%")
+    log(f"Torch-Pruning {label}: {params(model):,} params, same widths as ideal: {same}, {pruned:.2f}%")
     fit(
         model,
         train,
@@ -169,8 +211,8 @@ def run_magnitude(args, log) -> dict:
         batch_size=128,
         weight_decay=5e-4,
         augment=CIFAR_AUGMENT,
-        seed=1,
         log=log,
+        **training(args),
     )
     return {
         "accuracy_after_hard_prune": pruned,
@@ -187,15 +229,18 @@ def widths(model) -> list[int]:
 
 
 def summary(out: Path) -> str:
-    """The ``admmcompress report --compare`` table of the runs recorded in ``out`` (and ``out/compare.png``)."""
+    """Seed-0 ``admmcompress report --compare`` table (and ``out/compare.png``), then mean +- sd over seeds."""
     dense_file = out / "dense.json"
     if not dense_file.is_file():
         return f"no dense run in {out}"
     dense = json.loads(dense_file.read_text())
     rows = [RunSummary("dense", "dense", "dense (SGD)", 1.0, None, dense["accuracy"], params_after=dense["params"],
                        macs_after=dense.get("macs"), wall_seconds=dense.get("seconds"))]
-    methods = {"admm": ("ADMM", "admm, coupled filters"), "magnitude": ("L1", "L1 magnitude (Torch-Pruning)")}
+    methods = {"admm": ("ADMM", "admm, coupled filters"), "magnitude": ("L1", "L1 magnitude (Torch-Pruning)"),
+               "taylor": ("Taylor", "Taylor (Torch-Pruning)")}
     for path in sorted(out.glob("admm_keep*.json"), key=lambda p: -float(p.stem.removeprefix("admm_keep"))):
+        if "_seed" in path.stem:
+            continue
         for what, (label, method) in methods.items():
             run = out / path.name.replace("admm", what)
             if not run.is_file():
@@ -208,14 +253,40 @@ def summary(out: Path) -> str:
             ))
     plot_compare(rows, out / "compare.png")
     return (f"{compare_table(rows)}\n\n(compression = dense / pruned parameters; 'accuracy before' is the dense "
-            f"model's; plot in {out / 'compare.png'})")
+            f"model's; plot in {out / 'compare.png'})\n\n{seed_table(out, dense, methods)}")
+
+
+def seed_table(out: Path, dense: dict, methods: dict) -> str:
+    """Mean and sample standard deviation of test accuracy over the seeds found, per method and keep."""
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for what in methods:
+        for run in out.glob(f"{what}_keep*.json"):
+            r = json.loads(run.read_text())
+            groups.setdefault((what, r["keep"]), []).append(r)
+    lines = ["| method | keep | MACs (M) | params | seeds | after prune (%) | final accuracy (%) | drop vs dense |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (what, keep), runs in sorted(groups.items(), key=lambda kv: (-kv[0][1], kv[0][0])):
+        acc = [r["accuracy"] for r in runs]
+        pruned = [r["accuracy_after_hard_prune"] for r in runs]
+        sd = statistics.stdev(acc) if len(acc) > 1 else float("nan")
+        lines.append(
+            f"| {methods[what][1]} | {keep} | {runs[0]['macs'] / 1e6:.1f} | {runs[0]['params']:,} | {len(runs)} | "
+            f"{statistics.mean(pruned):.2f} | {statistics.mean(acc):.2f} +- {sd:.2f} | "
+            f"{dense['accuracy'] - statistics.mean(acc):.2f} |"
+        )
+    return "\n".join(lines) + f"\n\n(dense: {dense['accuracy']:.2f}%, {dense['macs'] / 1e6:.1f} M MACs)"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["dense", "admm", "magnitude", "summary"])
+    parser.add_argument("what", choices=["dense", "admm", "magnitude", "taylor", "summary"])
     parser.add_argument("--keep", type=float, default=0.5, help="fraction of channels kept in every group")
-    parser.add_argument("--train-limit", type=int, default=10000)
+    parser.add_argument("--train-limit", type=int, default=10000, help="first N training images (0: all)")
+    parser.add_argument("--dense-from", help="start from this dense checkpoint instead of training one")
+    parser.add_argument("--seed", type=int, default=0, help="data order, augmentation and Taylor batches")
+    parser.add_argument("--label-smoothing", type=float, default=0.0)
+    parser.add_argument("--fast", action="store_true", help="bf16 autocast + channels_last training")
+    parser.add_argument("--taylor-batches", type=int, default=8)
     parser.add_argument("--dense-epochs", type=int, default=7)
     parser.add_argument("--admm-epochs", type=int, default=2)
     parser.add_argument("--finetune-epochs", type=int, default=2)
@@ -234,7 +305,8 @@ def main() -> None:
     log = log_to(out)
     log(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} | {machine()}\n# {command_line()}")
     start = time.perf_counter()
-    runner = {"dense": run_dense, "admm": run_admm, "magnitude": run_magnitude}[args.what]
+    torch.manual_seed(args.seed)
+    runner = {"dense": run_dense, "admm": run_admm, "magnitude": run_magnitude, "taylor": run_taylor}[args.what]
     record = runner(args, log)
     record.update(
         keep=args.keep,
@@ -243,7 +315,8 @@ def main() -> None:
         date=str(datetime.date.today()),
         args=vars(args),
     )
-    name = "dense.json" if args.what == "dense" else f"{args.what}_keep{args.keep}.json"
+    seed = f"_seed{args.seed}" if args.seed else ""
+    name = "dense.json" if args.what == "dense" else f"{args.what}_keep{args.keep}{seed}.json"
     (out / name).write_text(json.dumps(record, indent=1))
     log(json.dumps({k: v for k, v in record.items() if k != "args"}))
 
