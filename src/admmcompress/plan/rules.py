@@ -1,7 +1,8 @@
 """Plans: per-layer rules that say which structure each layer must reach.
 
 A plan is a list of rules. A rule selects layers by a glob on the module name
-(``match``) and/or by module type (``type``), and names a structure with its target.
+(``match``) and/or by module type (``type``, which also matches subclasses), minus the layers whose names
+match any ``exclude`` glob, and names a structure with its target.
 ``Plan.resolve(model)`` turns rules into concrete targets and raises one ``PlanError``
 listing every problem before anything trains.
 
@@ -17,6 +18,10 @@ The same plan in YAML::
     rules:
       - {match: "0", structure: unstructured, sparsity: 0.5}
       - {match: "2", structure: unstructured, compression: 4}
+
+"Every Linear but the classifier" is one rule::
+
+      - {type: Linear, exclude: [classifier, "*.head"], structure: block, block: [4, 4], sparsity: 0.75}
 """
 
 from __future__ import annotations
@@ -37,20 +42,31 @@ from admmcompress.structures.groups import gemm_params
 from admmcompress.structures.registry import structure_class, structure_from_dict
 from admmcompress.structures.sparsity import GEMM_MODULES
 
-RULE_KEYS = {"match", "type", "structure", "sparsity", "compression"}
+RULE_KEYS = {"match", "type", "exclude", "structure", "sparsity", "compression"}
 
 
 @dataclass(frozen=True)
 class Rule:
-    """Select layers by name glob and/or module type name, and give them a structure."""
+    """Select layers by name glob and/or module type name (subclasses too), minus ``exclude`` globs.
+
+    ``exclude`` is one glob or a sequence of globs on module names; a layer matching any is left out.
+    """
 
     structure: Structure
     match: str | None = None
     type: str | None = None
+    exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.match is None and self.type is None:
             raise PlanError("a rule needs 'match' (a glob on module names) or 'type' (e.g. Conv2d), or both")
+        exclude = (self.exclude,) if isinstance(self.exclude, str) else self.exclude
+        if not isinstance(exclude, Iterable) or not all(isinstance(g, str) for g in exclude):
+            raise PlanError(
+                f"rule exclude={self.exclude!r} must be a glob or a list of globs on module names, "
+                "e.g. exclude: [classifier, \"*.head\"]"
+            )
+        object.__setattr__(self, "exclude", tuple(exclude))
         for key in ("match", "type"):
             value = getattr(self, key)
             if value is not None and not isinstance(value, str):
@@ -68,12 +84,16 @@ class Rule:
         parts = [f"match={self.match!r}"] if self.match is not None else []
         if self.type is not None:
             parts.append(f"type={self.type!r}")
+        if self.exclude:
+            parts.append(f"exclude={list(self.exclude)!r}")
         return f"rule({', '.join(parts)}, {self.structure.kind})"
 
     def selects(self, name: str, module: torch.nn.Module) -> bool:
         if self.match is not None and not fnmatch.fnmatchcase(name, self.match):
             return False
-        return self.type is None or type(module).__name__ == self.type
+        if any(fnmatch.fnmatchcase(name, glob) for glob in self.exclude):
+            return False
+        return self.type is None or is_of_type(module, self.type)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -81,6 +101,8 @@ class Rule:
             out["match"] = self.match
         if self.type is not None:
             out["type"] = self.type
+        if self.exclude:
+            out["exclude"] = list(self.exclude)
         out.update(self.structure.to_dict())
         return out
 
@@ -98,7 +120,12 @@ class Rule:
             structure = structure_from_dict(dict(spec), where)
         except ValueError as err:
             raise PlanError(str(err)) from None
-        return cls(structure=structure, match=spec.get("match"), type=spec.get("type"))
+        return cls(structure=structure, match=spec.get("match"), type=spec.get("type"), exclude=spec.get("exclude", ()))
+
+
+def is_of_type(module: torch.nn.Module, name: str) -> bool:
+    """Whether ``module``'s class or one of its base classes is called ``name`` (``Conv2d`` matches subclasses)."""
+    return any(cls.__name__ == name for cls in type(module).__mro__)
 
 
 def prunable_layers(model: torch.nn.Module) -> list[str]:
@@ -190,6 +217,7 @@ class Plan:
                 for param in rule.structure.params(modules[name]):  # "weight", or GRU/LSTM weight_ih/hh_l{k}
                     structure = rule.structure.bind(modules[name], param)
                     targets.append(Target(layer=name, param=param, structure=structure, rule=i))
+        errors += _tied_targets(targets, modules)
         if errors:
             raise PlanError("the plan does not fit this model:\n  - " + "\n  - ".join(errors))
         return targets
@@ -218,6 +246,22 @@ class Plan:
         return couple(model, self.resolve(model), example, mode, extra_channelwise_ops)
 
 
+def _tied_targets(targets: list[Target], modules: dict[str, torch.nn.Module]) -> list[str]:
+    """Two targets on one tensor (tied weights, e.g. an LM head sharing the token embedding) would be driven
+    twice toward different sets; name both and say how to keep one."""
+    first: dict[int, Target] = {}
+    errors = []
+    for t in targets:
+        tensor = getattr(modules[t.layer], t.param)
+        other = first.setdefault(id(tensor), t)
+        if other is not t and other.layer != t.layer:
+            errors.append(
+                f"layers '{other.layer}' and '{t.layer}' share one '{t.param}' tensor (tied weights) and both "
+                f"have a target; target it under one name only (e.g. add exclude: ['{t.layer}'] to rule #{t.rule})"
+            )
+    return errors
+
+
 def _nothing_matched(i: int, rule: Rule, modules: dict[str, torch.nn.Module], candidates: list[str]) -> str:
     shown = ", ".join(candidates[:12]) + (" ..." if len(candidates) > 12 else "")
     if rule.match is not None and rule.match in modules and rule.match not in candidates:
@@ -226,11 +270,16 @@ def _nothing_matched(i: int, rule: Rule, modules: dict[str, torch.nn.Module], ca
             f"rule #{i} {rule.describe()}: layer '{rule.match}' is {kind} and has no weight to prune; "
             f"prunable: {shown}"
         )
-    if rule.type is not None and not any(type(m).__name__ == rule.type for m in modules.values()):
+    if rule.type is not None and not any(is_of_type(m, rule.type) for m in modules.values()):
         types = sorted({type(modules[n]).__name__ for n in candidates})
         return (
             f"rule #{i} {rule.describe()}: the model has no module of type '{rule.type}'; "
             f"its prunable types: {types}"
+        )
+    if rule.exclude:
+        return (
+            f"rule #{i} {rule.describe()}: matches no layer once exclude={list(rule.exclude)!r} is applied; "
+            f"prunable layers are: {shown}"
         )
     return f"rule #{i} {rule.describe()}: matches no layer of the model; prunable layers are: {shown}"
 
