@@ -88,7 +88,7 @@ def test_unknown_op_is_reported_not_assumed_channelwise():
 
     groups = channel_groups(Odd(), torch.zeros(2, 3, 8, 8))
     a = group_of(groups, "a", (PRODUCER,))
-    assert any("op 'Erf' is not known" in p and "extra_channelwise_ops=('Erf',)" in p for p in a.problems)
+    assert any("op 'Erf' (feeding 'b') is not known" in p and "extra_channelwise_ops=('Erf',)" in p for p in a.problems)
     again = channel_groups(Odd(), torch.zeros(2, 3, 8, 8), extra_channelwise_ops=("Erf",))
     assert not group_of(again, "a", (PRODUCER,)).problems
 

@@ -77,6 +77,12 @@ CHANNELWISE_OPS: dict[str, bool] = {
     "Exp": False,
 }
 
+# Autograd ops that combine or reorder channels: never offered as extra channelwise ops in error messages.
+MIXING_OPS = frozenset({
+    "Addmm", "Mm", "Bmm", "Baddbmm", "Matmul", "Transpose", "Permute", "Softmax",
+    "ScaledDotProductFlashAttentionForCpu", "ScaledDotProductEfficientAttention", "ScaledDotProductAttentionMath",
+})
+
 # Index-mapping nodes Torch-Pruning resolves itself (they move channels, never mix them).
 STRUCTURAL_OPS = ("concat", "split", "reshape", "slice")
 
@@ -335,11 +341,19 @@ def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGro
         if role is None:
             if node.type == tp.ops.OPTYPE.ELEMENTWISE:
                 op = op_name(str(module._grad_fn))
+                if _inside_linear(op, node, names):
+                    continue
                 ops.append(op)
-                if op not in known:
+                if op in MIXING_OPS and op not in known:
                     problems.append(
-                        f"op '{op}' is not known to act on each channel separately; if it does, pass "
-                        f"extra_channelwise_ops=('{op}',), otherwise keep these channels"
+                        f"op '{op}'{_near(node, names)} mixes or moves channels (a matrix product, attention or "
+                        "an axis permutation outside nn.Linear/Conv): keep these channels (exclude the layer "
+                        "from the rule)"
+                    )
+                elif op not in known:
+                    problems.append(
+                        f"op '{op}'{_near(node, names)} is not known to act on each channel separately; if it "
+                        f"does, pass extra_channelwise_ops=('{op}',), otherwise keep these channels"
                     )
             elif node.type.name.lower() in STRUCTURAL_OPS:
                 ops.append(node.type.name.lower())
@@ -369,6 +383,36 @@ def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGro
         problems=list(dict.fromkeys(problems)),
         root=names.get(root_module, ""),
         blocks=blocks,
+    )
+
+
+# On inputs of more than 2 dimensions nn.Linear runs a matrix product on a flattened view and returns a view
+# of it; the trace records the view as the Linear and the product as a separate node in front of it, which
+# carries the Linear's input channels. Hand-written here (Torch-Pruning leaves it to the caller).
+_LINEAR_PRODUCTS = ("Addmm", "Mm")
+
+
+def _near(node, names: dict) -> str:
+    """' (feeding 'fc2')': the named module an op's channels flow into, so the message points at model code."""
+    seen, frontier = set(), list(node.outputs)
+    while frontier:
+        nxt = frontier.pop(0)
+        if id(nxt) in seen or len(seen) > 50:
+            continue
+        seen.add(id(nxt))
+        if isinstance(nxt.module, nn.Module) and nxt.module in names:
+            return f" (feeding '{names[nxt.module]}')"
+        frontier.extend(nxt.outputs)
+    return ""
+
+
+def _inside_linear(op: str, node, names: dict) -> bool:
+    """Whether an elementwise-looking node is the matrix product inside an ``nn.Linear`` (3-D inputs)."""
+    outputs = list(node.outputs)
+    return (
+        op in _LINEAR_PRODUCTS
+        and bool(outputs)
+        and all(isinstance(o.module, nn.Linear) and o.module in names for o in outputs)
     )
 
 
