@@ -2,7 +2,11 @@
 
 The model is exported with ``torch.onnx.export`` (the torch.export-based exporter), with a dynamic
 batch dimension (the first dimension of every input tensor, named ``batch``) unless
-``dynamic_batch=False``; then every weight initializer is rewritten by what its values allow:
+``dynamic_batch=False``, and with ``dynamic_sequence=True`` a dynamic second dimension (``sequence``) of
+every input with at least two. Inputs are a tuple of tensors or a mapping of named tensors (a tokenizer's
+``{"input_ids": ..., "attention_mask": ...}``: the ONNX inputs take those names); outputs may be a tensor,
+a tuple or a mapping such as transformers' ``ModelOutput`` (every tensor in it becomes an ONNX output, named
+by its key). Then every weight initializer is rewritten by what its values allow:
 
 - **integer grid** ``s * c`` (fixed point, binary, ternary, power of two with a small exponent
   range; see ``admmcompress.encoding``): an int8 (or int16, opset 21) initializer of the codes ``c`` and a
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import tempfile
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +67,66 @@ class OnnxSummary:
     float_weights: list[str] = field(default_factory=list)
     codebook: dict[str, str] = field(default_factory=dict)
     dynamic_batch: bool = False
+    dynamic_sequence: bool = False
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+
+
+def output_tensors(output: Any) -> tuple[list[str], tuple[torch.Tensor, ...]]:
+    """Names and tensors of a model output: a tensor, a tuple/list, or a mapping (``ModelOutput``).
+
+    >>> names, tensors = output_tensors({"logits": torch.zeros(1), "loss": None, "hidden": (torch.ones(2),)})
+    >>> names, [t.shape for t in tensors]
+    (['logits', 'hidden.0'], [torch.Size([1]), torch.Size([2])])
+    """
+    names: list[str] = []
+    tensors: list[torch.Tensor] = []
+
+    def walk(value: Any, name: str) -> None:
+        if isinstance(value, torch.Tensor):
+            names.append(name)
+            tensors.append(value)
+        elif isinstance(value, Mapping):
+            for key, item in value.items():
+                walk(item, f"{name}.{key}" if name else str(key))
+        elif isinstance(value, (tuple, list)):
+            for i, item in enumerate(value):
+                walk(item, f"{name}.{i}" if name else f"output_{i}")
+
+    walk(output, "")
+    return names, tuple(tensors)
+
+
+class _Exportable(torch.nn.Module):
+    """Calls the model with positional tensors (by name when the example was a mapping) and returns a flat
+    tuple of output tensors: the form torch.onnx.export takes. The model sits under ``model.``."""
+
+    def __init__(self, model: torch.nn.Module, names: list[str] | None) -> None:
+        super().__init__()
+        self.model = model
+        self.names = names
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return output_tensors(_call(self.model, args, self.names))[1]
+
+
+def _call(model: torch.nn.Module, values: tuple[Any, ...], names: list[str] | None) -> Any:
+    return model(**dict(zip(names, values, strict=True))) if names else model(*values)
+
+
+def _positional(example_inputs: Any) -> tuple[tuple[Any, ...], list[str] | None]:
+    """``(values, names)``: a mapping's values in order with its keys, else the tuple and None."""
+    if isinstance(example_inputs, Mapping):
+        for key, value in example_inputs.items():
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(
+                    f"export_onnx: input '{key}' is {type(value).__name__}; named inputs must all be tensors "
+                    "(drop the others from the example, or fix them in a wrapper module)"
+                )
+        return tuple(example_inputs.values()), [str(k) for k in example_inputs]
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), None
+    return tuple(example_inputs), None
 
 
 def _require_onnx():
@@ -104,15 +169,21 @@ def codebook_indices(weight: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | No
     return inverse.reshape(weight.shape).numpy().astype(dtype), table.numpy()
 
 
-def _batch_shapes(example_inputs: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-    """Example inputs with a batch of at least 2 (a batch of 1 would be specialised) and their dynamic shapes."""
+def _batch_shapes(
+    example_inputs: tuple[Any, ...], sequence: bool = False
+) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """Example inputs with a batch (and sequence) of at least 2 (a size of 1 would be specialised) and their
+    dynamic shapes."""
     batch = torch.export.Dim("batch")
+    length = torch.export.Dim("sequence")
     inputs, shapes = [], []
     for value in example_inputs:
         if isinstance(value, torch.Tensor) and value.dim() >= 1:
-            if value.shape[0] == 1:
-                value = value.expand(2, *value.shape[1:]).contiguous()
-            shapes.append({0: batch})
+            dims = [0, 1] if sequence and value.dim() >= 2 else [0]
+            for d in dims:
+                if value.shape[d] == 1:
+                    value = value.expand(*value.shape[:d], 2, *value.shape[d + 1:]).contiguous()
+            shapes.append({d: (batch if d == 0 else length) for d in dims})
         else:
             shapes.append(None)
         inputs.append(value)
@@ -122,20 +193,29 @@ def _batch_shapes(example_inputs: tuple[Any, ...]) -> tuple[tuple[Any, ...], tup
 @torch.no_grad()
 def export_onnx(
     model: torch.nn.Module,
-    example_inputs: tuple[Any, ...],
+    example_inputs: tuple[Any, ...] | Mapping[str, torch.Tensor],
     path: str | Path,
     opset: int = OPSET,
     dynamic_batch: bool = True,
+    dynamic_sequence: bool = False,
 ) -> OnnxSummary:
     """Export ``model`` (in eval mode) to ``path``; quantized weights become int + DequantizeLinear,
-    clustered ones uint8 indices + Gather; ``dynamic_batch``: any batch size (first input dimension)."""
+    clustered ones uint8 indices + Gather; ``dynamic_batch``: any batch size (first input dimension);
+    ``dynamic_sequence``: any length of the second dimension of inputs with two or more."""
     onnx = _require_onnx()
     from onnx import TensorProto, helper, numpy_helper
 
     was_training = model.training
     model.eval()
+    values, names = _positional(example_inputs)
+    output = _call(model, values, names)
+    output_names, _ = output_tensors(output)
+    # A plain model (positional tensors in, one tensor out) is exported as it is, so its initializers keep
+    # the model's own parameter names; anything else goes through the flattening wrapper.
+    plain = names is None and isinstance(output, torch.Tensor)
+    wrapped = model if plain else _Exportable(model, names)
     weights = {}
-    for name, module in model.named_modules():
+    for name, module in wrapped.named_modules():
         for param in gemm_params(module):
             weights[f"{name}.{param}" if name else param] = getattr(module, param).detach()
     path = Path(path)
@@ -144,16 +224,22 @@ def export_onnx(
         warnings.simplefilter("ignore")
         raw = Path(tmp) / "model.onnx"
         shapes = None
-        if dynamic_batch:
-            example_inputs, shapes = _batch_shapes(tuple(example_inputs))
+        if dynamic_batch or dynamic_sequence:
+            values, shapes = _batch_shapes(values, sequence=dynamic_sequence)
+            if not dynamic_batch:  # keep only the sequence axes
+                shapes = tuple({d: v for d, v in s.items() if d != 0} or None if s else None for s in shapes)
         torch.onnx.export(
-            model, example_inputs, str(raw), dynamo=True, opset_version=opset, verbose=False,
-            dynamic_shapes=shapes,
+            wrapped, values, str(raw), dynamo=True, opset_version=opset, verbose=False,
+            dynamic_shapes=shapes if plain or shapes is None else (shapes,), input_names=names,
+            output_names=None if plain else output_names,
         )
         graph_model = onnx.load(str(raw))
     model.train(was_training)
     graph = graph_model.graph
-    summary = OnnxSummary(str(path), dynamic_batch=dynamic_batch)
+    summary = OnnxSummary(
+        str(path), dynamic_batch=dynamic_batch, dynamic_sequence=dynamic_sequence,
+        inputs=[i.name for i in graph.input], outputs=[o.name for o in graph.output],
+    )
     kept, new_nodes = [], []
     for init in graph.initializer:
         weight = weights.get(init.name)
@@ -210,8 +296,9 @@ def export_onnx(
     return summary
 
 
-def run_onnx(path: str | Path, *inputs: torch.Tensor) -> list[np.ndarray]:
-    """Run the exported model with ONNX Runtime on CPU (for checks against PyTorch)."""
+def run_onnx(path: str | Path, *inputs: torch.Tensor, **named: torch.Tensor) -> list[np.ndarray]:
+    """Run the exported model with ONNX Runtime on CPU (for checks against PyTorch); inputs by position or,
+    for a model exported from named inputs, by name."""
     try:
         import onnxruntime as ort
     except ImportError as err:  # pragma: no cover
@@ -219,8 +306,23 @@ def run_onnx(path: str | Path, *inputs: torch.Tensor) -> list[np.ndarray]:
             f"checking an ONNX export needs onnxruntime: pip install 'admmcompress[export]' ({err})"
         ) from None
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feeds = {i.name: t.detach().numpy() for i, t in zip(session.get_inputs(), inputs, strict=True)}
+    if named:
+        feeds = {name: t.detach().numpy() for name, t in named.items()}
+    else:
+        feeds = {i.name: t.detach().numpy() for i, t in zip(session.get_inputs(), inputs, strict=True)}
     return session.run(None, feeds)
+
+
+def max_onnx_diff(path: str | Path, model: torch.nn.Module, example: Any) -> float:
+    """Largest |ONNX Runtime - torch| over every output tensor of ``model`` on ``example`` (a tensor, a tuple
+    or a mapping of named tensors)."""
+    values, names = _positional(example)
+    was_training = model.training
+    with torch.no_grad():
+        expected = output_tensors(_call(model.eval(), values, names))[1]
+    model.train(was_training)
+    got = run_onnx(path, **dict(zip(names, values, strict=True))) if names else run_onnx(path, *values)
+    return max(float((torch.from_numpy(g) - e).abs().max()) for g, e in zip(got, expected, strict=True))
 
 
 def _max_onnx_diff(path: str | Path, model: torch.nn.Module, batches: tuple[torch.Tensor, ...]) -> float:
@@ -246,22 +348,22 @@ class OnnxExecutor(Executor):
         opset: int = OPSET,
         dynamic_batch: bool = True,
         atol: float | None = 1e-4,
+        dynamic_sequence: bool = False,
     ) -> OnnxSummary:
-        """``export_onnx(model, example, path)``, then ONNX Runtime's outputs on ``example`` must match
-        the model's within ``atol`` (``atol=None``: no check)."""
+        """``export_onnx(model, example, path)``, then ONNX Runtime's outputs on ``example`` (a tensor, a tuple
+        or a mapping of named tensors) must match every output of the model within ``atol`` (``atol=None``:
+        no check)."""
         if example is None:
             raise ValueError(
-                "onnx.save needs example=<inputs the model is called with> (a tensor or a tuple): "
+                "onnx.save needs example=<inputs the model is called with> (a tensor, a tuple or a dict): "
                 "the exporter traces the model"
             )
-        inputs = example if isinstance(example, tuple) else (example,)
-        summary = export_onnx(model, inputs, path, opset=opset, dynamic_batch=dynamic_batch)
+        inputs = example if isinstance(example, tuple | Mapping) else (example,)
+        summary = export_onnx(
+            model, inputs, path, opset=opset, dynamic_batch=dynamic_batch, dynamic_sequence=dynamic_sequence
+        )
         if atol is not None:
-            was_training = model.training
-            with torch.no_grad():
-                expected = model.eval()(*inputs)
-            model.train(was_training)
-            diff = float((torch.from_numpy(run_onnx(path, *inputs)[0]) - expected).abs().max())
+            diff = max_onnx_diff(path, model, inputs)
             if diff > atol:
                 raise RuntimeError(f"onnxruntime's outputs for '{path}' differ from torch's by {diff:.3g}")
         return summary
@@ -280,4 +382,7 @@ class OnnxExecutor(Executor):
         )
 
 
-__all__ = ["OnnxExecutor", "OnnxSummary", "codebook_indices", "export_onnx", "integer_codes", "run_onnx"]
+__all__ = [
+    "OnnxExecutor", "OnnxSummary", "codebook_indices", "export_onnx", "integer_codes", "max_onnx_diff",
+    "output_tensors", "run_onnx",
+]
