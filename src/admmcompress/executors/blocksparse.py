@@ -32,7 +32,7 @@ from torch import nn
 
 from admmcompress.executors.base import Executor, register_executor, reject_unknown
 from admmcompress.executors.blockmatrix import BlockSparseMatrix
-from admmcompress.executors.blocksparse_layers import BlockSparseConv2d, BlockSparseLinear
+from admmcompress.executors.blocksparse_layers import BlockSparseConv2d, BlockSparseLinear, conv_blockers
 from admmcompress.executors.blocksparse_rnn import BlockSparseCell, BlockSparseGRU, BlockSparseLSTM
 from admmcompress.plan import Plan, Target
 from admmcompress.structures.block import Block
@@ -99,7 +99,7 @@ def to_blocksparse(
         block_rows: rows per row block, one for all or ``{layer: r}`` (see ``block_rows_from``);
             layers missing from the mapping use 16.
         layers: names to convert (each must be a supported type); default: every supported layer
-            whose weights are at least ``min_sparsity`` zero.
+            whose weights are at least ``min_sparsity`` zero (grouped/depthwise convs stay dense).
         min_sparsity: below it a layer (or, in a GRU/LSTM, one matrix) stays dense: packing pays
             off only when most columns of a row block are gone.
         impl, buckets: see :class:`~admmcompress.executors.blockmatrix.BlockSparseMatrix`.
@@ -108,8 +108,11 @@ def to_blocksparse(
     """
     modules = dict(model.named_modules())
     if layers is None:
+        # Depthwise/grouped or reflect-padded convs have no block-sparse form: by default they stay dense.
         chosen = [
-            n for n, m in modules.items() if isinstance(m, SUPPORTED) and sparsity_of(m) >= min_sparsity
+            n for n, m in modules.items()
+            if isinstance(m, SUPPORTED) and sparsity_of(m) >= min_sparsity
+            and not (isinstance(m, nn.Conv2d) and conv_blockers(m)[0])
         ]
     else:
         chosen = list(dict.fromkeys(layers))

@@ -37,6 +37,28 @@ class BlockSparseLinear(nn.Module):
         return self.matrix(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
 
 
+def conv_blockers(conv: nn.Conv2d) -> tuple[list[str], tuple[int, ...]]:
+    """Why ``conv`` cannot run block-sparse (empty when it can), and its padding as numbers."""
+    problems = []
+    if conv.groups != 1:
+        problems.append(f"groups={conv.groups} (only 1 is supported)")
+    if conv.padding_mode != "zeros":
+        problems.append(f"padding_mode={conv.padding_mode!r} (only 'zeros')")
+    padding = conv.padding
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = (0, 0)
+        elif all(s == 1 for s in conv.stride) and all(
+            (d * (k - 1)) % 2 == 0 for d, k in zip(conv.dilation, conv.kernel_size, strict=True)
+        ):
+            padding = tuple(
+                d * (k - 1) // 2 for d, k in zip(conv.dilation, conv.kernel_size, strict=True)
+            )
+        else:
+            problems.append("padding='same' with an even kernel")
+    return problems, tuple(padding) if not isinstance(padding, str) else (0, 0)
+
+
 class BlockSparseConv2d(nn.Module):
     """A 2-D convolution (``groups=1``, zero padding) as im2col + block-sparse GEMM."""
 
@@ -57,23 +79,7 @@ class BlockSparseConv2d(nn.Module):
     def from_dense(
         cls, conv: nn.Conv2d, block_rows: int = 16, name: str = "conv", **kwargs
     ) -> BlockSparseConv2d:
-        problems = []
-        if conv.groups != 1:
-            problems.append(f"groups={conv.groups} (only 1 is supported)")
-        if conv.padding_mode != "zeros":
-            problems.append(f"padding_mode={conv.padding_mode!r} (only 'zeros')")
-        padding = conv.padding
-        if isinstance(padding, str):
-            if padding == "valid":
-                padding = (0, 0)
-            elif all(s == 1 for s in conv.stride) and all(
-                (d * (k - 1)) % 2 == 0 for d, k in zip(conv.dilation, conv.kernel_size, strict=True)
-            ):
-                padding = tuple(
-                    d * (k - 1) // 2 for d, k in zip(conv.dilation, conv.kernel_size, strict=True)
-                )
-            else:
-                problems.append("padding='same' with an even kernel")
+        problems, padding = conv_blockers(conv)
         if problems:
             raise ValueError(
                 f"layer '{name}' (Conv2d): cannot run block-sparse with {', '.join(problems)}; "
