@@ -59,3 +59,24 @@ def test_a_matrix_product_outside_a_linear_still_blocks_the_group():
     with pytest.raises(PlanError, match="op 'Addmm' mixes or moves channels") as err:
         Plan([Rule(Filter(sparsity=0.5), match="0")]).resolve_coupled(model, torch.randn(2, 3, 8))
     assert "extra_channelwise_ops" not in str(err.value)  # not offered: a matrix product is not channelwise
+
+
+def padded(value: float) -> nn.Module:
+    pad = nn.ZeroPad2d((1, 0, 1, 0)) if value == 0 else nn.ConstantPad2d((1, 0, 1, 0), value)
+    return nn.Sequential(nn.Conv2d(3, 8, 1), pad, nn.Conv2d(8, 8, 2, groups=8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+
+
+def test_zero_padding_modules_are_channelwise_and_compact_exactly():
+    torch.manual_seed(0)
+    model = padded(0.0).eval()
+    x = torch.randn(2, 3, 6, 6)
+    targets = Plan([Rule(Filter(sparsity=0.5), match="0")]).resolve_coupled(model, x, mode="extend")
+    small = compact(model, x, hard_prune(model, targets)).model
+    assert small[0].out_channels == 4 and small[2].groups == 4
+    y = torch.randn(3, 3, 9, 9)
+    torch.testing.assert_close(small(y), model(y), atol=1e-5, rtol=0)
+
+
+def test_padding_with_a_nonzero_value_still_blocks_the_group():
+    with pytest.raises(PlanError, match="op 'ConstantPadNd' .*is not known to act on each channel separately"):
+        Plan([Rule(Filter(sparsity=0.5), match="0")]).resolve_coupled(padded(1.0), torch.randn(2, 3, 6, 6))

@@ -114,6 +114,32 @@ def test_ffn_hidden_units_prune_and_compact_exactly(name):
         assert_same_outputs(result.model, model, inputs(*shape))
 
 
+def efficientnet():
+    # hidden_dim must equal the top conv's width (round_filters(1280) at this width), or the model cannot run.
+    config = transformers.EfficientNetConfig(image_size=32, width_coefficient=0.25, depth_coefficient=0.25,
+                                             hidden_dim=320)
+    return transformers.EfficientNetModel(config), "encoder.top_conv"
+
+
+# ConvNeXt's residual stream runs through LayerNorm, layer-scale parameters and channels-last permutes, which have
+# no channel rule yet (issue 17): only its FFN units are pruned above.
+@pytest.mark.parametrize("backbone", [efficientnet])
+def test_cnn_backbone_channels_prune_and_compact_exactly(backbone):
+    """Channels of every conv (whole coupled groups: residual stream, depthwise, squeeze-excite, zero padding),
+    except the layers whose channels are the model's outputs."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, outputs = backbone()
+    model.eval()
+    rule = Rule(Filter(sparsity=0.5), type="Conv2d", exclude=outputs)
+    targets = Plan([rule]).resolve_coupled(model, images(2), mode="extend")
+    result = compact(model, images(2), hard_prune(model, targets))
+    assert result.params_after < 0.8 * result.params_before
+    for x in (images(3), images(2, 40)):
+        assert_same_outputs(result.model, model, x)
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_unstructured_admm_ends_in_masks_on_every_linear(name):
     model, _, inputs = build(name)

@@ -72,6 +72,7 @@ CHANNELWISE_OPS: dict[str, bool] = {
     "NativeDropout": True,
     "Squeeze": True,
     "Unsqueeze": True,
+    "ZeroPad": True,  # ZeroPad2d / ConstantPadNd(value=0) modules, recognised by module (build_dependency_graph)
     "Sigmoid": False,
     "Hardsigmoid": False,
     "Exp": False,
@@ -208,15 +209,37 @@ def build_dependency_graph(model: nn.Module, example_inputs):
     except ImportError as err:  # pragma: no cover - a declared dependency
         raise ImportError("channel coupling needs Torch-Pruning: pip install torch-pruning") from err
     was_training = {m: m.training for m in model.modules()}
+    zero_pads: set[int] = set()
+    hooks = [
+        m.register_forward_hook(_record_zero_pad(zero_pads)) for m in model.modules() if _is_spatial_zero_pad(m)
+    ]
     try:
         with torch.enable_grad():
             graph = tp.DependencyGraph().build_dependency(
                 model, example_inputs=example_inputs, forward_fn=call_model, verbose=False
             )
     finally:
+        for hook in hooks:
+            hook.remove()
         for module, mode in was_training.items():
             module.train(mode)
+    graph.admm_zero_pads = zero_pads  # autograd nodes of zero-padding modules (channelwise, see _convert)
     return graph
+
+
+def _is_spatial_zero_pad(module: nn.Module) -> bool:
+    """nn.ZeroPad2d / ConstantPadNd(value=0): pads only spatial axes, so it acts on each channel separately and
+    keeps a zero channel zero. (The autograd node alone does not say the pad value; the module does.)"""
+    return isinstance(module, nn.modules.padding._ConstantPadNd) and float(module.value) == 0.0
+
+
+def _record_zero_pad(found: set[int]):
+    def hook(module: nn.Module, inputs, output) -> None:
+        spatial = len(module.padding) <= 2 * (output.dim() - 2)  # never reaches the channel (or batch) axis
+        if spatial and output.grad_fn is not None:
+            found.add(id(output.grad_fn))
+
+    return hook
 
 
 def channel_groups(
@@ -342,6 +365,9 @@ def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGro
             if node.type == tp.ops.OPTYPE.ELEMENTWISE:
                 op = op_name(str(module._grad_fn))
                 if _inside_linear(op, node, names):
+                    continue
+                if id(node.grad_fn) in getattr(graph, "admm_zero_pads", ()):
+                    ops.append("ZeroPad")
                     continue
                 ops.append(op)
                 if op in MIXING_OPS and op not in known:
