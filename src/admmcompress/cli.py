@@ -11,12 +11,14 @@ import torch
 
 from admmcompress.atomic import WriteError, clean_orphans
 from admmcompress.data.datasets import load_dataset
+from admmcompress.data.imported import describe, load_data
 from admmcompress.models import create_model
 from admmcompress.report.metrics import measure
 from admmcompress.report.render import load_report, save_report
 from admmcompress.report.storage import storage
 from admmcompress.train import checkpoint as ckpt
 from admmcompress.train.config import RunConfig
+from admmcompress.train.distributed import Distributed
 from admmcompress.train.lock import LOCK_FILE, RunLock
 from admmcompress.train.loop import TrainingDiverged
 from admmcompress.train.run_folder import commit, plan_folder
@@ -65,12 +67,17 @@ def main(argv: list[str] | None = None) -> int:
     from admmcompress.run_export import add_export_arguments  # flags from the executor registry, plugins first
 
     add_export_arguments(export, argv)
+    from admmcompress.hardware.command import add_arguments as add_hardware_arguments
+
+    add_hardware_arguments(sub.add_parser("hardware", help="modelled crossbar / SOT-MRAM mapping of a finished run"))
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
             return _run(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "hardware":
+            return _hardware(args)
         return _report_command(args)
     except USER_ERRORS as err:
         message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
@@ -97,14 +104,30 @@ def _run(args: argparse.Namespace) -> int:
     threads = args.threads or config.threads
     if threads:
         torch.set_num_threads(threads)
-    created, stale = not out.exists(), (out / LOCK_FILE).exists()  # a lock file left behind: a killed run
-    lock = RunLock(out).acquire()
+    ctx = Distributed.from_env()  # under torchrun: rank 0 locks, checks and writes --out; the other ranks follow
     try:
-        return _run_locked(args, config, out, stale)
+        if not ctx.is_main:
+            return _follow(config, out, ctx)
+        created, stale = not out.exists(), (out / LOCK_FILE).exists()  # a lock file left behind: a killed run
+        lock = RunLock(out).acquire()
+        try:
+            return _run_locked(args, config, out, stale, ctx)
+        finally:
+            lock.release()
+            if created and out.is_dir() and not any(out.iterdir()):  # the run failed before writing anything
+                out.rmdir()
+    except BaseException as err:
+        ctx.abort(err)  # a refusal before training reaches the other ranks as the same one line
+        raise
     finally:
-        lock.release()
-        if created and out.is_dir() and not any(out.iterdir()):  # the run failed before writing anything
-            out.rmdir()
+        ctx.close()
+
+
+def _follow(config: RunConfig, out: Path, ctx: Distributed) -> int:
+    """A rank > 0 under torchrun: trains in step with rank 0, which decided start or resume and writes --out."""
+    resume = ctx.share()
+    _build_runner(config, out, progress=False, dist=ctx).run(resume=resume)
+    return 0
 
 
 def _check_run_flags(args: argparse.Namespace) -> None:
@@ -122,15 +145,16 @@ def _check_run_flags(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag} needs --out DIR: the folder of the run to {flag[2:]}")
 
 
-def _build_runner(config: RunConfig, out: Path | None, progress: bool) -> Runner:
+def _build_runner(config: RunConfig, out: Path | None, progress: bool, dist: Distributed | None = None) -> Runner:
     """Model (pretrained weights loaded), data and the Runner: every check that needs no training."""
     torch.manual_seed(config.seed)  # the initial weights of a model trained from scratch follow the seed too
     model = create_model(config.model["name"], **{k: v for k, v in config.model.items() if k != "name"})
     if config.pretrained:
         ckpt.load_weights(model, config.pretrained)
-    train = load_dataset(config.data.dataset, "train", config.data.data_dir, config.data.train_limit)
-    test = load_dataset(config.data.dataset, "test", config.data.data_dir, config.data.test_limit)
-    return Runner(config, model, train, test, out_dir=out, progress=progress)
+    load = load_dataset if isinstance(config.data.dataset, str) else load_data  # bundled, or a Dataset by import path
+    train = load(config.data.dataset, "train", config.data.data_dir, config.data.train_limit)
+    test = load(config.data.dataset, "test", config.data.data_dir, config.data.test_limit)
+    return Runner(config, model, train, test, out_dir=out, progress=progress, dist=dist)
 
 
 def _dry_run(args: argparse.Namespace, config: RunConfig, out: Path) -> int:
@@ -151,7 +175,7 @@ def _dry_run(args: argparse.Namespace, config: RunConfig, out: Path) -> int:
     print(f"  model: {config.model['name']}, {sum(p.numel() for p in model.parameters()):,} parameters"
           + (", from the run's checkpoint" if args.resume
              else f", from '{config.pretrained}'" if config.pretrained else ", trained from scratch"))
-    print(f"  data: {config.data.dataset}, {len(runner.train.x)} train / {len(runner.test.x)} test samples, "
+    print(f"  data: {describe(config.data.dataset)}, {len(runner.train)} train / {len(runner.test)} test samples, "
           f"{len(runner.loader)} steps per epoch")
     print(f"  phases: {phases}")
     print(f"  pruned layers: {', '.join(runner.layers()) or 'none'}")
@@ -159,14 +183,16 @@ def _dry_run(args: argparse.Namespace, config: RunConfig, out: Path) -> int:
     return 0
 
 
-def _run_locked(args: argparse.Namespace, config: RunConfig, out: Path, stale_lock: bool) -> int:
+def _run_locked(
+    args: argparse.Namespace, config: RunConfig, out: Path, stale_lock: bool, ctx: Distributed | None = None
+) -> int:
     """The run proper, holding --out's lock: decide start/resume, prepare the folder, train, write the outputs."""
     progress = read_progress(out) if args.resume else None
     plan = plan_folder(
         out, config, run_phases(config), progress, resume=args.resume, overwrite=args.overwrite,
         allow_config_change=args.allow_config_change, stale_lock=stale_lock,
     )
-    runner = _build_runner(config, out, progress=not args.no_progress and sys.stderr.isatty())
+    runner = _build_runner(config, out, progress=not args.no_progress and sys.stderr.isatty(), dist=ctx)
     if not plan.resume:
         runner.preflight()  # NaN weights or data, teacher files: refused before the folder changes
     removed = clean_orphans(out)  # temporary files of writes a kill cut short; we hold the lock
@@ -178,10 +204,13 @@ def _run_locked(args: argparse.Namespace, config: RunConfig, out: Path, stale_lo
     if plan.accepted:
         print(f"admmcompress: {plan.describe()}; config.yaml updated", file=sys.stderr)
     commit(plan, config)
+    if ctx is not None:
+        ctx.share(plan.resume)  # the folder is ready: the other ranks start (or resume) with rank 0
     model = runner.model
     print(f"admmcompress: run '{config.name}' -> {out}", file=sys.stderr)
     metrics = runner.run(resume=plan.resume)
-    metrics["data_file"] = str(Path(runner.train.source).absolute())  # which copy of the dataset was read
+    source = getattr(runner.train, "source", None)  # which copy of the dataset was read (or the import path)
+    metrics["data_file"] = str(Path(source).absolute()) if source is not None else describe(config.data.dataset)
     ckpt.save_tensors(out / "model.safetensors", model.state_dict(), {"config": config.to_dict()})
     ckpt.save_tensors(out / "masks.safetensors", runner.masks.state_dict())
     print(save_report(out, metrics, runner.history, f"admmcompress: {config.name}"))
@@ -244,6 +273,19 @@ def _export(args: argparse.Namespace) -> int:
     from admmcompress.run_export import export_from_args
 
     print(export_from_args(args))
+    return 0
+
+
+def _hardware(args: argparse.Namespace) -> int:
+    """Load the run and its test data; the analysis itself is admmcompress.hardware.command."""
+    from admmcompress.hardware.command import run_command, sample
+    from admmcompress.run_export import load_run_model
+    from admmcompress.train.loop import evaluate
+
+    model, config = load_run_model(args.dir)
+    test = sample(load_dataset(config.data.dataset, "test", config.data.data_dir), args.samples, args.seed)
+    batch = config.data.eval_batch_size
+    print(run_command(args, model, test.x[:8], lambda m: evaluate(m, test, batch), f"Hardware: {config.name}"))
     return 0
 
 

@@ -81,9 +81,9 @@ def registry_guard():
 
 
 def test_the_built_ins_are_listed_with_their_acts():
-    assert list_executors() == ["blocksparse", "compact", "onnx", "packed"]
+    assert list_executors() == ["blocksparse", "compact", "onnx", "packed", "penni", "tucker"]
     assert list_executors("export") == ["compact", "onnx", "packed"]
-    assert list_executors("convert") == ["blocksparse", "compact"]
+    assert list_executors("convert") == ["blocksparse", "compact", "penni", "tucker"]
     assert get_executor("compact").acts() == ("convert", "save", "load", "export")
     assert get_executor("blocksparse").acts() == ("convert",)
     assert isinstance(get_executor("packed"), PackedExecutor) and get_executor("packed").name == "packed"

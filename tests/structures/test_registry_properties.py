@@ -41,6 +41,7 @@ from admmcompress.structures import (
     unregister_structure,
 )
 from admmcompress.structures.base import _ALIASES
+from admmcompress.structures.crossbar import Conductance
 
 NAMES = list_structures(aliases=False)
 SEEDS = (0, 1, 2)
@@ -112,7 +113,10 @@ def feasible_supports(structure: SparsityStructure, w: torch.Tensor):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("name", [n for n in NAMES if not structure_class(n).quantizes])
+# Low-rank structures (factorizes) are no support pattern; tests/structures/test_lowrank.py checks their projections.
+@pytest.mark.parametrize(
+    "name", [n for n in NAMES if not structure_class(n).quantizes and not structure_class(n).factorizes]
+)
 def test_pruning_projection_is_the_closest_feasible_support(name, seed):
     structure = example(name)
     if not hasattr(structure, "group_ids"):
@@ -176,8 +180,15 @@ def exact_power_of_two(s: PowerOfTwo, v: torch.Tensor) -> float:
     return best
 
 
+def exact_conductance(s: Conductance, v: torch.Tensor) -> float:
+    signs = torch.sign(v).tolist()
+    codes = itertools.product(range(1, s.magnitudes + 1), repeat=v.numel())
+    return best_scaled_error(v, ([sg * c for sg, c in zip(signs, cs, strict=True)] for cs in codes))
+
+
 # Exact brute force per level family; LOCAL_ONLY structures are checked for local optimality only.
-EXACT = {FixedPoint: exact_fixed_point, Binary: exact_binary, Ternary: exact_ternary, PowerOfTwo: exact_power_of_two}
+EXACT = {FixedPoint: exact_fixed_point, Binary: exact_binary, Ternary: exact_ternary, PowerOfTwo: exact_power_of_two,
+         Conductance: exact_conductance}
 LOCAL_ONLY = (Clustering,)
 
 
@@ -221,7 +232,7 @@ def test_the_registry_lists_pruning_and_quantization_with_aliases():
     assert {"unstructured", "filter", "column", "channel", "block", "block_row"} <= set(names)
     assert {"fixed_point", "power_of_two", "binary", "ternary", "clustering"} <= set(names)
     assert {"shape", "row", "block_column", "pow2", "cluster"} <= set(names)
-    assert list_structures(aliases=False, quantizes=True) == ["binary", "clustering", "fixed_point",
+    assert list_structures(aliases=False, quantizes=True) == ["binary", "clustering", "conductance", "fixed_point",
                                                                "power_of_two", "ternary"]
 
 

@@ -16,11 +16,14 @@ from admmcompress.drivers.base import (
 )
 from admmcompress.drivers.iterative_quantization import IterativeQuantization, IterativeQuantizationConfig
 from admmcompress.drivers.magnitude import GradualMagnitude, MagnitudeConfig, OneShotMagnitude, one_shot
+from admmcompress.drivers.penni import Penni, PenniConfig
 from admmcompress.drivers.reweighted import Reweighted, ReweightedConfig
+from admmcompress.drivers.soft import SoftConfig, SoftThreshold
 
 __all__ = [
     "ADMM", "ADMMConfig", "Driver", "DriverContext", "DriverError", "DriverSpec", "GradualMagnitude",
     "IterativeQuantization", "IterativeQuantizationConfig", "MagnitudeConfig", "ModuleTransform",
-    "OneShotMagnitude", "Reweighted", "ReweightedConfig", "RhoSchedule", "get_driver", "list_drivers",
-    "one_shot", "register_driver", "unregister_driver",
+    "OneShotMagnitude", "Penni", "PenniConfig", "Reweighted", "ReweightedConfig", "RhoSchedule", "get_driver",
+    "list_drivers",
+    "one_shot", "register_driver", "unregister_driver", "SoftConfig", "SoftThreshold",
 ]

@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from admmcompress.drivers.base import Driver, DriverContext, register_driver
+from admmcompress.drivers.base import Driver, DriverContext, ModuleTransform, register_driver
+from admmcompress.drivers.factorize import FactorizeTransform, check_factorized_targets
 from admmcompress.finalize import MaskSet, hard_prune
 from admmcompress.plan import Plan, Target
 from admmcompress.structures.scalars import plain_number
@@ -191,10 +192,26 @@ class ADMM(Driver):
     def summary(self) -> dict[str, Any]:
         return {"admm_history": self.history}
 
-    def finalize(self) -> MaskSet:
-        """Hard-prune each target from W itself; returns the masks (attach them for retraining)."""
+    def finalize(self) -> MaskSet | ModuleTransform:
+        """Hard-prune each target from W itself; returns the masks (attach them for retraining).
+
+        Low-rank targets (``tucker2``, ``shared_kernels``) end in a ``FactorizeTransform`` instead: their convs
+        are replaced by the factors of W, and the other targets' masks hold afterwards.
+        """
         self._warn_if_not_converging()
-        return hard_prune(self.model, self.targets, self.frozen)
+        factored = [t for t in self.targets if t.structure.factorizes]
+        masks = hard_prune(self.model, [t for t in self.targets if not t.structure.factorizes], self.frozen)
+        if not factored:
+            return masks
+        return FactorizeTransform({t.layer: t.structure for t in factored}, masks)
+
+    @classmethod
+    def check_targets(cls, targets: list) -> None:
+        check_factorized_targets(targets)
+
+    @classmethod
+    def rebuild(cls, model: torch.nn.Module, spec: dict[str, Any]) -> None:
+        FactorizeTransform.rebuild(model, spec)
 
     def _warn_if_not_converging(self) -> None:
         if len(self.history) < 2:

@@ -15,8 +15,9 @@ An executor is what turns a structure into speed or savings. It has one verb per
 An act an executor does not have raises :class:`UnsupportedAct` (a ``NotImplementedError``) naming the
 executor, the act and what it does support. Built-ins: ``compact`` (physical compaction, manifest +
 safetensors), ``blocksparse`` (block-sparse CPU layers), ``packed`` (bit-packed storage), ``onnx``
-(integer weights + DequantizeLinear). A plugin adds its own with ``@register_executor("name")``; every
-registered executor that can ``export`` gets an ``admmcompress export --name`` flag.
+(integer weights + DequantizeLinear), ``penni`` and ``tucker`` (decomposed convs). A plugin adds its own
+with ``@register_executor("name")``; every registered executor that can ``export`` gets an
+``admmcompress export --name`` flag.
 
 ``export`` takes an opened run (:class:`FinishedRun`: the model, its config, test inputs, its storage
 report) rather than a folder: opening a run folder needs the training package, which sits above the
@@ -24,7 +25,7 @@ executors (``admmcompress.run_export.open_run`` opens one; ``run_export.export_r
 does both).
 
 >>> list_executors()
-['blocksparse', 'compact', 'onnx', 'packed']
+['blocksparse', 'compact', 'onnx', 'packed', 'penni', 'tucker']
 >>> get_executor("packed").supports("convert"), get_executor("packed").supports("save")
 (False, True)
 >>> get_executor("blocksparse").load("model.bin")
@@ -53,6 +54,8 @@ BUILTIN_MODULES = (
     "admmcompress.executors.compact_run",
     "admmcompress.executors.onnx_export",
     "admmcompress.executors.packed",
+    "admmcompress.executors.penni",
+    "admmcompress.executors.tucker",
 )
 # Names the `admmcompress export` command uses itself; an executor flag may not take them.
 RESERVED = frozenset({"out", "plugin", "help", "dir"})

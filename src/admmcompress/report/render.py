@@ -42,6 +42,8 @@ def render_markdown(metrics: dict[str, Any], title: str = "admmcompress report")
         lines.append(f"- Top-1 accuracy: {before:.2f}% before -> {after:.2f}% after ({after - before:+.2f} points)")
     if metrics.get("wall_seconds") is not None:
         lines.append(f"- Wall time: {metrics['wall_seconds']:.1f} s")
+    if metrics.get("world_size", 1) > 1:  # a torchrun run (issue 24); one-process reports stay as they were
+        lines.append(f"- Processes (torch.distributed world size): {metrics['world_size']}")
     lines += [f"- Data file: {metrics['data_file']}"] if metrics.get("data_file") else []
     stages = [s for s in metrics.get("stages", []) if s]
     if stages:
@@ -67,6 +69,10 @@ def render_markdown(metrics: dict[str, Any], title: str = "admmcompress report")
         from admmcompress.report.storage import render_storage
 
         lines += ["", "## Storage (SPEC 4.2)", "", render_storage(metrics["storage"]).rstrip()]
+    from admmcompress.report.rates import render_rates, soft_record
+
+    if soft_record(metrics):  # rates an automatic (method soft) stage found
+        lines += ["", "## Rates found (SS-Auto)", "", render_rates(soft_record(metrics))]
     if metrics.get("compaction"):  # the physically compacted model (compact: true)
         from admmcompress.report.compaction import render_compaction
 
@@ -95,6 +101,10 @@ def plot_run(metrics: dict[str, Any], history: list[dict[str, Any]], out_dir: Pa
     fig.tight_layout()
     written.append(_save_fig(fig, out_dir / "sparsity.png"))
     plt.close(fig)
+    from admmcompress.report.rates import plot_rates, soft_record
+
+    if soft_record(metrics):
+        written.append(plot_rates(soft_record(metrics), out_dir / "rates.png"))
 
     if history:
         fig, (acc_ax, res_ax) = plt.subplots(1, 2, figsize=(9, 3.2))

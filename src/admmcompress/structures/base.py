@@ -45,6 +45,8 @@ class Structure(ABC):
 
     kind: ClassVar[str] = ""
     quantizes: ClassVar[bool] = False
+    #: True for low-rank structures (structures/lowrank.py): the weight is replaced by its factors at the end.
+    factorizes: ClassVar[bool] = False
     options: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod

@@ -30,6 +30,7 @@ import torch
 import yaml
 
 from admmcompress.data.augment import Augment
+from admmcompress.data.imported import DatasetSpec
 from admmcompress.drivers.base import DriverError, get_driver, list_drivers
 from admmcompress.finalize import FIXED_LEVEL_UPDATES
 from admmcompress.plan import Plan, PlanError
@@ -316,7 +317,9 @@ class StageConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "mnist"
+    # A bundled dataset's name, or {import: "package.module:ClassOrFactory", args: {...}} for any torch Dataset
+    # (admmcompress.data.imported).
+    dataset: str | dict[str, Any] = "mnist"
     batch_size: int = 64
     eval_batch_size: int = 1000
     train_limit: int | None = None
@@ -331,13 +334,59 @@ class DataConfig:
             self.augment = _build(Augment, self.augment, "augment")
         elif self.augment is not None and not isinstance(self.augment, Augment):
             raise ValueError("augment: give a mapping such as {shift: 2, hflip: false}, or leave it out")
-        if not isinstance(self.dataset, str) or not self.dataset:
-            raise ValueError(f"dataset={self.dataset!r} must be a dataset name, e.g. mnist")
+        if isinstance(self.dataset, dict):
+            DatasetSpec.from_config(self.dataset)  # validates
+            if self.augment is not None:
+                raise ValueError("augment: applies to the bundled datasets; put the transforms of an imported "
+                                 "dataset into the dataset itself, and drop augment")
+        elif not isinstance(self.dataset, str) or not self.dataset:
+            raise ValueError(
+                f"dataset={self.dataset!r} must be a dataset name, e.g. mnist, or {{import: 'package.module:Name'}}"
+            )
         _positive(self.batch_size, "batch_size", integer=True)
         _positive(self.eval_batch_size, "eval_batch_size", integer=True)
         for name in ("train_limit", "test_limit"):
             if getattr(self, name) is not None:
                 _positive(getattr(self, name), name, integer=True)
+
+
+def _flag(value: Any, name: str) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} must be true or false")
+
+
+@dataclass
+class DistributedConfig:
+    """``distributed:`` of a run: what matters only under ``torchrun`` (see admmcompress.train.distributed).
+
+    ``sync_batchnorm`` trains BatchNorm on global batch statistics (torch's SyncBatchNorm: CUDA only);
+    ``check_ranks`` asserts after every driver update that driver state, masks and weights are equal on
+    every rank (a debug mode; also switched on by ADMMCOMPRESS_CHECK_RANKS=1).
+    """
+
+    sync_batchnorm: bool = False
+    check_ranks: bool = False
+
+    def __post_init__(self) -> None:
+        _flag(self.sync_batchnorm, "distributed.sync_batchnorm")
+        _flag(self.check_ranks, "distributed.check_ranks")
+
+
+@dataclass
+class LoggingConfig:
+    """``logging:`` of a run: per-epoch loss, penalty, rho, per-layer residual and sparsity as ``log.csv`` and/or
+    TensorBoard events under ``tensorboard/`` (pip install tensorboard) in the run folder."""
+
+    csv: bool = False
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        _flag(self.csv, "logging.csv")
+        _flag(self.tensorboard, "logging.tensorboard")
+
+    @property
+    def active(self) -> bool:
+        return self.csv or self.tensorboard
 
 
 @dataclass
@@ -412,9 +461,19 @@ class RunConfig:
     # Modules (names, or .py files relative to the config) whose import registers drivers, structures and
     # executors of your own; loaded before the stages are read (admmcompress.plugins).
     plugins: list[str] | None = None
+    # Under torchrun: SyncBatchNorm and the equal-state debug check (admmcompress.train.distributed).
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    # Per-epoch CSV / TensorBoard logs in the run folder (admmcompress.train.logging).
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
         _plain_fields(self)
+        if isinstance(self.distributed, dict) or self.distributed is None:
+            self.distributed = _build(DistributedConfig, self.distributed, "distributed")
+        if isinstance(self.logging, dict) or self.logging is None:
+            self.logging = _build(LoggingConfig, self.logging, "logging")
+        _section(self.distributed, DistributedConfig, "distributed", "{sync_batchnorm: false}")
+        _section(self.logging, LoggingConfig, "logging", "{csv: true}")
         try:
             load_plugins(self.plugins)
         except ValueError as err:

@@ -138,6 +138,7 @@ def train_epoch(
     channels_last: bool = False,
     loss_fn: LossFn | None = None,
     max_grad_norm: float | None = None,
+    loss_weight: Callable[[Any], float] | None = None,
 ) -> dict[str, float]:
     """One epoch of cross-entropy (+ optional penalty) training; returns mean losses.
 
@@ -154,6 +155,9 @@ def train_epoch(
     label smoothing (both are cross-entropy terms: put them in ``loss_fn``).
     ``max_grad_norm`` clips the gradient's global L2 norm before each step (e.g. 1.0 for LSTMs).
     ``loader`` may be any iterable; without ``len()`` the progress bar shows no total.
+    ``loss_weight(batch)`` scales the data loss (not the penalty) of each batch: a distributed rank's share of
+    the global batch (:class:`admmcompress.train.distributed.ShardedLoader`), so DDP's gradient average is the
+    global batch's gradient.
 
     Example: a custom loss on (inputs, labels) batches (here mean squared error on one-hot labels).
 
@@ -204,6 +208,8 @@ def train_epoch(
                 with torch.no_grad():
                     teacher_logits = teacher(x)
                 loss = distillation_loss(logits, teacher_logits, y, distill, hard=loss)
+        if loss_weight is not None:
+            loss = loss * loss_weight(batch)
         if penalty is not None:
             extra = penalty()
             loss = loss + extra

@@ -7,7 +7,8 @@ checkpoint. The folder's ``config.yaml`` is the run's config: a resume with a co
 is refused with the keys that changed, and ``--allow-config-change`` accepts the changes that cannot
 contradict what was already trained:
 
-* at any time: ``threads``, ``checkpoint_every_epochs``, ``data.eval_batch_size`` (speed and bookkeeping);
+* at any time: ``threads``, ``checkpoint_every_epochs``, ``data.eval_batch_size``, ``distributed.check_ranks``,
+  ``logging.*`` (speed and bookkeeping); the number of processes is no config key (any may resume);
 * a phase not started yet (pretrain, or a stage's ``admm``/``retrain``): any of its settings but ``distill``
   (the teacher is chosen when the first stage starts); a stage whose driving phase has not started: its
   ``options`` (rho, ...);
@@ -45,9 +46,14 @@ RUN_OUTPUTS = (
     "sparsity.png",
     "training.png",
     "compact",
+    "log.csv",
+    "tensorboard",
 )
 FINAL_OUTPUTS = ("model.safetensors", "masks.safetensors", "metrics.json", "report.md")
-ALWAYS_SAFE = ("threads", "checkpoint_every_epochs", "data.eval_batch_size")
+ALWAYS_SAFE = (
+    "threads", "checkpoint_every_epochs", "data.eval_batch_size", "distributed.check_ranks", "logging.csv",
+    "logging.tensorboard",
+)
 IN_PROGRESS_SAFE = ("epochs", "optimizer.lr")
 SHOWN_CHANGES = 8  # a config diff names at most this many keys in its one line
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from admmcompress.atomic import WriteError
 from admmcompress.data.datasets import BatchLoader, Split
+from admmcompress.data.imported import DatasetLoader, first_inputs
 from admmcompress.drivers.base import Driver, DriverContext, ModuleTransform, get_driver
 from admmcompress.finalize import (
     MaskSet,
@@ -38,6 +39,9 @@ from admmcompress.train import checkpoint as ckpt
 from admmcompress.train.averaging import WeightAverage
 from admmcompress.train.cadence import Cadence
 from admmcompress.train.config import AUTOCAST_DTYPES, ConfigError, PhaseConfig, RunConfig, StageConfig
+from admmcompress.train.distributed import Distributed, ShardedLoader, sync_batchnorm, wrap
+from admmcompress.train.distributed import evaluate as evaluate_sharded
+from admmcompress.train.logging import EpochLogger, layer_sparsity
 from admmcompress.train.loop import (
     TrainingDiverged,
     dropout_rates,
@@ -86,7 +90,11 @@ class Phase:
 
 
 class Runner:
-    """Runs a ``RunConfig`` on a model and in-memory data; writes its state into ``out_dir``."""
+    """Runs a ``RunConfig`` on a model and in-memory data (or torch Datasets); writes its state into ``out_dir``.
+
+    ``dist``: this process's place under torchrun (:mod:`admmcompress.train.distributed`): the model trains as
+    DistributedDataParallel on this rank's share of each global batch, and only rank 0 writes ``out_dir``.
+    """
 
     def __init__(
         self,
@@ -98,15 +106,29 @@ class Runner:
         progress: bool = True,
         train_dense: bool = True,
         loss_fn: Callable[[Any, torch.Tensor, nn.Module], torch.Tensor] | None = None,
+        dist: Distributed | None = None,
     ):
+        # Under torchrun: this process's rank; one process otherwise (admmcompress.train.distributed).
+        self.dist = dist if dist is not None else Distributed()
+        self.dist.check = self.dist.check or config.distributed.check_ranks
+        if config.distributed.sync_batchnorm:
+            model = sync_batchnorm(model, self.dist)
         self.config, self.model, self.train, self.test = config, model, train, test
+        self._net: nn.Module = model  # what the training step calls: the model, or its DDP wrapper
         self.loss_fn = loss_fn  # replaces cross-entropy in every phase (train.loop.train_epoch's hook)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.progress = progress
-        self.loader = BatchLoader(
-            train, config.data.batch_size, shuffle=True, seed=config.seed, augment=config.data.augment
-        )
-        self.example = train.x[:2]  # traces the channel coupling and gives compaction its input shape
+        self.loader: BatchLoader | ShardedLoader | DatasetLoader
+        if isinstance(train, Split):
+            self.loader = BatchLoader(
+                train, config.data.batch_size, shuffle=True, seed=config.seed, augment=config.data.augment
+            )
+            if self.dist.active:  # this rank's share of each global batch, in one process's order
+                self.loader = ShardedLoader(self.loader, self.dist)
+        else:  # a torch Dataset by import path: read batch by batch (DistributedSampler under torchrun)
+            self.loader = DatasetLoader(train, config.data.batch_size, config.seed, self.dist.rank,
+                                        self.dist.world_size)
+        self.example = first_inputs(train)  # traces the channel coupling and gives compaction its input shape
         self.stage_targets: list[list[Target]] = [self._resolve(s) for s in config.stages]
         for i, (stage, targets) in enumerate(zip(config.stages, self.stage_targets, strict=True)):
             try:  # fail before any training, not at the stage
@@ -135,6 +157,7 @@ class Runner:
         self._average: WeightAverage | None = None  # the phase's weight average, if its config asks for one
         # Distillation teacher: the model as the first stage found it (saved with the checkpoint).
         self.teacher: nn.Module | None = None
+        self.logger: EpochLogger | None = None  # log.csv / TensorBoard, when the config asks (rank 0 only)
 
     # --- public -------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict[str, Any]:
@@ -146,10 +169,17 @@ class Runner:
             self._load()
         else:
             self.check_finite()
+        self.metrics["world_size"] = self.dist.world_size  # of this invocation (a resume may use another)
+        if self.config.logging.active and self.out_dir is not None and self.dist.is_main:
+            self.logger = EpochLogger(self.out_dir, self.config.logging, len(self.history))
         try:
             self._train_phases()
         except TrainingDiverged as err:
             raise TrainingDiverged(f"{err}{self._diverged_advice()}") from None
+        finally:
+            self._net = self.model  # drop the DDP wrapper (its reducer must not outlive the process group)
+            if self.logger is not None:
+                self.logger.close()
         self.masks.detach()
         set_dropout(self.model, self._model_dropout)
         self.metrics["accuracy_after"] = self._evaluate()
@@ -171,7 +201,7 @@ class Runner:
                     "use a checkpoint without them"
                 )
         for split, data in (("train", self.train), ("test", self.test)):
-            x = data.x
+            x = getattr(data, "x", None)  # a Dataset by import path is read in batches: not checked whole
             if isinstance(x, torch.Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
                 rows = (~torch.isfinite(x.reshape(len(x), -1))).any(dim=1).nonzero().flatten()
                 raise NonFiniteError(
@@ -284,7 +314,7 @@ class Runner:
             self.model, self.example, self.masks, options.atol, options.samples, options.columns, self.config.seed
         )
         self.compacted = result.model
-        if self.out_dir is not None:
+        if self.out_dir is not None and self.dist.is_main:
             get_executor("compact").save(result.model, self.out_dir / COMPACT_DIR, model_spec(self.config.model))
             figures["folder"] = COMPACT_DIR
         return figures
@@ -330,6 +360,8 @@ class Runner:
             self.masks = self.masks.with_update(phase.cfg.quantized_weights)
         if len(self.masks):
             self.masks.attach(self.model, self._optimizer)
+        self._net = wrap(self.model, self.dist)  # anew per phase: transforms and masks may change parameters
+        self._check_ranks(f"{phase.label} start")
 
     def _past_first_stage(self) -> bool:
         first = next((i for i, p in enumerate(self.phases) if p.kind != "pretrain"), len(self.phases))
@@ -353,8 +385,8 @@ class Runner:
                 if self._cadence.due(step):
                     self._driver_update()
 
-        return train_epoch(
-            self.model,
+        losses = train_epoch(
+            self._net,
             self.loader,
             self._optimizer,
             lambda step: learning_rate(cfg, step, steps),
@@ -369,11 +401,52 @@ class Runner:
             autocast=AUTOCAST_DTYPES[self.config.autocast],
             channels_last=self.config.channels_last,
             loss_fn=self.loss_fn,
+            loss_weight=self.loader.weight if isinstance(self.loader, ShardedLoader) else None,
         )
+        if self.dist.active:  # every rank's mean: the global batch's mean where the shares are equal
+            keys = sorted(losses)
+            losses = dict(zip(keys, self.dist.mean([losses[k] for k in keys]), strict=True))
+        return losses
+
+    def _check_ranks(self, where: str, attached: bool = True) -> None:
+        """Under torchrun: driver state and masks equal on every rank (else rank 0's, broadcast).
+
+        Debug mode (``check_ranks``): weights included, and a difference is an error instead. ``attached``:
+        whether the masks are on the model now (not between a hard prune and the next phase).
+        """
+        if not self.dist.active:
+            return
+        state = {"masks": self.masks.state_dict()}
+        if self._driver is not None:
+            state["driver"] = self._driver.state_dict()
+        if self.dist.check:
+            state["model"] = dict(self.model.named_parameters())
+            self.dist.assert_same(state, f"{where}: driver state, masks and weights")
+            return
+        differing = self.dist.differing(state)
+        if not differing:
+            return
+        if self.dist.is_main:
+            warnings.warn(f"{where}: {differing} differed between ranks; rank 0's is used on every rank "
+                          "(a driver deciding from measured latency or its own random draws)",
+                          RuntimeWarning, stacklevel=2)
+        state = self.dist.broadcast_object(state)
+        if "driver" in differing:
+            self._driver.load_state_dict(state["driver"])
+            if self._driver.masks is not None and self._driver.masks is not self.masks:
+                self.masks.detach()
+                self.masks = self._driver.masks
+                self.masks.attach(self.model, self._optimizer)
+        elif "masks" in differing:
+            self.masks.detach()
+            self.masks = mask_set_from_state(state["masks"])
+            if attached:
+                self.masks.attach(self.model, self._optimizer)
 
     def _driver_update(self) -> None:
         """The driver's update at its cadence; masks it replaced are re-attached."""
         self._driver.step()
+        self._check_ranks(f"driver update {getattr(self._driver, 'iteration', '')}".strip())
         masks = self._driver.masks
         if masks is not None and masks is not self.masks:
             self.masks.detach()  # the old masks' hooks would otherwise stay on the model for good
@@ -398,6 +471,7 @@ class Runner:
                 self.metrics["transforms"] = list(self.transforms)
                 outcome = outcome.masks
             self.masks = outcome
+            self._check_ranks(f"{phase.label} hard prune", attached=False)
             record["accuracy_after_hard_prune"] = self._evaluate()
             record.update(self._driver.summary())
         else:
@@ -423,6 +497,8 @@ class Runner:
         }
 
     def _evaluate(self) -> float:
+        if self.dist.active or not isinstance(self.test, Split):  # each test sample counted once, over all ranks
+            return evaluate_sharded(self.model, self.test, self.config.data.eval_batch_size, self.dist)
         return evaluate(self.model, self.test, self.config.data.eval_batch_size)
 
     def _record(self, phase: Phase, losses: dict[str, float], seconds: float) -> None:
@@ -430,7 +506,11 @@ class Runner:
                  "accuracy": self._evaluate()}
         if self._driver is not None:
             entry.update(self._driver.progress())
+        if self.config.logging.active:
+            entry["sparsity"] = layer_sparsity(self.model, self.layers())
         self.history.append(entry)
+        if self.logger is not None:
+            self.logger.log(self.history)
         if not self.progress:  # one line per epoch where there are no progress bars (logs, background runs)
             print(f"{phase.label} epoch {self.epoch}/{phase.cfg.epochs}: loss {losses['loss']:.4f}, "
                   f"accuracy {entry['accuracy']:.2f}%, {seconds:.0f} s", file=sys.stderr, flush=True)
@@ -438,7 +518,7 @@ class Runner:
     # --- checkpointing -------------------------------------------------------------------
     def _save(self) -> None:
         self._tick_clock()
-        if self.out_dir is None:
+        if self.out_dir is None or not self.dist.is_main:  # one writer: rank 0
             return
         state = {
             "phase_index": self.phase_index,

@@ -1,0 +1,282 @@
+"""SS-Auto (automatic per-layer rates) against rate baselines at equal MACs: LeNet-5 / MNIST and ResNet-20 / CIFAR-10.
+
+    python benchmarks/ss_auto.py --model lenet5                       # 2x/4x/8x fewer MACs, seeds 0 1 2
+    python benchmarks/ss_auto.py --model resnet20 --reductions 2 4    # from checkpoints/resnet20_cifar10_dense
+    python benchmarks/ss_auto.py --model lenet5 --quick               # smoke: a fraction of an epoch, one seed
+    python benchmarks/ss_auto.py --summarize --out runs/ss_auto       # the tables from results.jsonl
+
+Methods, all on the same plan (rows = coupled filters, columns) and the same MAC budget, counted as
+``admmcompress.drivers.budget`` counts it, then checked on the compacted model (``count_macs``):
+
+- ``auto``: method ``soft`` (one run: the strength adapts to the budget; the rates emerge), then masked retraining;
+- ``uniform``: one sparsity for every filter and column target (bisected to the budget), ADMM, retraining;
+- ``handset``: the hand-set ADMM recipe's per-layer pattern scaled to the budget (LeNet-5: the relative rates
+  of ``benchmarks/structured_lenet5.py``; ResNet-20: filters only, uniform, as
+  ``configs/resnet20_cifar_filter_admm.yaml``), ADMM, retraining;
+- ``sensitivity``: each target pruned alone over a grid (accuracy on a held-out slice of the training set), the
+  rates picked from the curves for the budget, ADMM, retraining;
+- ``tp_global``: Torch-Pruning's global magnitude ranking gives the filter rates; one-shot magnitude pruning and
+  retraining for the driving + retraining epochs.
+
+Every model is compacted (channels removed; column executor on) and its batch-1 latency timed with the others,
+interleaved (``admmcompress.timing``). Per run: accuracy, MACs, parameters, latency, the wall time of the
+allocation + training, and for ``auto`` the share of pruned groups zeroed by the soft threshold vs cut by the
+final top-k, the rates plot and the rates as a plan YAML (reruns with any driver).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from structured_common import CIFAR_AUGMENT, command_line, ensure_malloc_env, fit, log_to, machine
+
+from admmcompress.data import Split, load_dataset
+from admmcompress.drivers import ADMM, RhoSchedule
+from admmcompress.drivers.allocation import (
+    plan_from_rates,
+    rates_plan,
+    sensitivity_curves,
+    sensitivity_plan,
+    torch_pruning_plan,
+    uniform_plan,
+    write_rates_plan,
+)
+from admmcompress.drivers.budget import Budget, drop_unread_channels, gemm_shapes, structured_cost
+from admmcompress.drivers.soft import SoftConfig, SoftThreshold
+from admmcompress.executors.compact import CompactConfig, compact
+from admmcompress.executors.compact_run import count_macs
+from admmcompress.finalize import hard_prune
+from admmcompress.models import create_model
+from admmcompress.plan import Plan, Rule
+from admmcompress.report.rates import plot_rates
+from admmcompress.structures import Column, Filter
+from admmcompress.timing import time_interleaved
+from admmcompress.train import checkpoint as ckpt
+from admmcompress.train.loop import evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("auto", "uniform", "handset", "sensitivity", "tp_global")
+
+SETUPS = {
+    "lenet5": {
+        "dataset": "mnist", "checkpoint": "lenet5_mnist_dense.safetensors", "model": {"dropout": 0.0},
+        "rules": [Rule(Filter(sparsity=0.9), match="conv*"), Rule(Filter(sparsity=0.95), match="fc1"),
+                  Rule(Column(sparsity=0.95), match="conv2"), Rule(Column(sparsity=0.95), match="fc*")],
+        "optimizer": "adam", "lr": 1e-3, "batch": 64, "drive": 6, "retrain": 4, "every": 235, "rho": 1e-2,
+        "augment": None,
+        # hand-set relative rates (filter, column) per layer, from benchmarks/structured_lenet5.py's last stage
+        "handset": {"conv1.weight:filter": 0.6, "conv2.weight:filter": 0.8, "fc1.weight:filter": 0.96,
+                    "conv2.weight:column": 0.9, "fc1.weight:column": 0.97},
+    },
+    "resnet20": {
+        "dataset": "cifar10", "checkpoint": "resnet20_cifar10_dense.safetensors", "model": {},
+        "rules": [Rule(Filter(sparsity=0.8), type="Conv2d"), Rule(Column(sparsity=0.8), match="layers.*.conv*")],
+        "optimizer": "sgd", "lr": 0.01, "batch": 128, "drive": 4, "retrain": 6, "every": 98, "rho": 1e-2,
+        "augment": CIFAR_AUGMENT, "handset": None,
+    },
+}
+
+
+def shuffled(data: Split, limit: int | None) -> Split:
+    """A seeded random order (and the first ``limit`` of it): subsets and held-out slices cover every class."""
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(1234))[:limit]
+    return Split(data.x[order], data.y[order], data.source)
+
+
+def load(setup: dict, name: str) -> torch.nn.Module:
+    model = create_model(name, **setup["model"]).eval()
+    ckpt.load_weights(model, ROOT / "checkpoints" / setup["checkpoint"])
+    return model
+
+
+def train_kwargs(setup: dict, seed: int, log) -> dict:
+    return {"optimizer": setup["optimizer"], "batch_size": setup["batch"], "augment": setup["augment"],
+            "seed": seed, "log": log, "weight_decay": 5e-4 if setup["optimizer"] == "sgd" else 0.0}
+
+
+def drive_admm(model, targets, train, setup, epochs, every, seed, log):
+    admm = ADMM(model, targets, rho=RhoSchedule(setup["rho"], 1.3, 1.0))
+    fit(model, train, epochs, setup["lr"], penalty=admm.penalty, every=every, on_every=admm.step,
+        schedule="constant", **train_kwargs(setup, seed, log))
+    return admm.finalize(), {}
+
+
+def handset_plan(model, targets, setup, budget, x) -> Plan:
+    """The hand-set pattern scaled by one factor (bisected) until the budget is met."""
+    shapes = gemm_shapes(model, x)
+    goal = budget.resolve(structured_cost(shapes, {}, "macs"))
+    pattern = setup["handset"] or {t.key: 1.0 for t in targets if t.structure.kind == "filter"}
+    base = {}  # by target key; a coupled target takes the rate of the layer rule it came from
+    for t in targets:
+        found = [pattern[k] for k in (t.key, *getattr(t, "sources", ())) if k in pattern]
+        if found:
+            base[t.key] = found[0]
+    kept = [t for t in targets if t.key in base]
+
+    def plan_at(scale: float) -> Plan:
+        return plan_from_rates(kept, {t.key: min(0.99, base[t.key] * scale) for t in kept}, model)
+
+    def cost(scale: float) -> float:
+        trial = copy.deepcopy(model)
+        staged = plan_at(scale).resolve_coupled(trial, x, "strict")
+        hard_prune(trial, staged)
+        patterns = {n: p != 0 for n, p in trial.named_parameters()}
+        return structured_cost(shapes, drop_unread_channels(staged, patterns), "macs")
+
+    lo, hi = 0.0, 1.0 / min(base.values())
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if cost(mid) <= goal else (mid, hi)
+    return plan_at(hi)
+
+
+def one_run(name, method, reduction, seed, data, out, log, quick, weighting="sqrt") -> dict:
+    setup = SETUPS[name]
+    train, test, held = data
+    torch.manual_seed(seed)
+    model = load(setup, name)
+    x = train.x[:2]
+    plan = Plan(setup["rules"])
+    targets = plan.resolve_coupled(model, x, "strict")
+    budget = Budget(kind="macs", reduction=reduction)
+    drive, retrain = (1, 1) if quick else setup.get("epochs", (setup["drive"], setup["retrain"]))
+    every = 3 if quick else setup["every"]
+    started = time.perf_counter()
+    extra: dict = {}
+    if method == "auto":
+        updates = max(1, drive * ((len(train) + setup["batch"] - 1) // setup["batch"]) // every)
+        cfg = SoftConfig(rho=setup["rho"], budget=budget.to_dict(), weighting=weighting)
+        soft = SoftThreshold(model, targets, cfg, example=x, updates=updates)
+        fit(model, train, drive, setup["lr"], penalty=soft.penalty, every=every, on_every=soft.step,
+            schedule="constant", **train_kwargs(setup, seed, log))
+        masks = soft.finalize()
+        record = soft.summary()["soft"]
+        extra = {k: record[k] for k in ("zeroed_by_soft_threshold", "cut_by_final_topk", "restored_by_fill",
+                                        "share_soft_threshold", "strength")}
+        extra["rates"] = record["rates"]
+        tag = f"{name}_{reduction:g}x_seed{seed}"
+        write_rates_plan(out / f"rates_{tag}.yaml", rates_plan(model, targets),
+                         comment=f"SS-Auto rates for {name} at {reduction:g}x fewer MACs (seed {seed}); "
+                                 "rerun with any driver (coupling: strict)")
+        plot_rates(record, out / f"rates_{tag}.png")
+    elif method == "tp_global":
+        found = torch_pruning_plan(model, plan, budget, x)
+        masks = hard_prune(model, found.resolve_coupled(model, x, "strict"))
+        retrain, drive, extra = retrain + drive, 0, {"plan": found.to_dict()}  # the same epochs, all retraining
+    else:
+        if method == "uniform":
+            found = uniform_plan(model, targets, budget, x)
+        elif method == "handset":
+            found = handset_plan(model, targets, setup, budget, x)
+        else:
+            grid = (0.25, 0.5, 0.75) if quick else (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+            curves = sensitivity_curves(model, targets, lambda m: evaluate(m, held), grid)
+            found = sensitivity_plan(model, targets, budget, curves, x)
+        masks, _ = drive_admm(model, found.resolve_coupled(model, x, "strict"), train, setup, drive, every,
+                              seed, log)
+        extra = {"plan": found.to_dict()}
+    accuracy_hard = evaluate(model, test)
+    fit(model, train, retrain, setup["lr"], masks=masks, **train_kwargs(setup, seed, log))
+    wall = time.perf_counter() - started
+    small = compact(model, x, masks, CompactConfig(columns="on")).model.eval()
+    shapes = gemm_shapes(model, x)
+    patterns = {n: p != 0 for n, p in model.named_parameters()}
+    return {
+        "model": name, "method": method, "reduction": reduction, "seed": seed, "quick": quick, "weighting": weighting,
+        "accuracy": evaluate(model, test), "accuracy_after_hard_prune": accuracy_hard,
+        "macs_budget_count": structured_cost(shapes, drop_unread_channels(targets, patterns), "macs"),
+        "macs_compacted": count_macs(small, x), "macs_dense": count_macs(load(setup, name), x),
+        "params_compacted": sum(p.numel() for p in small.parameters()), "wall_seconds": wall, **extra,
+        "_compacted": small,
+    }
+
+
+def time_models(models: dict[str, torch.nn.Module], x: torch.Tensor, rounds: int) -> dict[str, float]:
+    calls = {k: (lambda m=m: m(x)) for k, m in models.items()}
+    return time_interleaved(calls, rounds=rounds, warmup=3)
+
+
+def summarize(out: Path) -> str:
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+    lines = []
+    for name in sorted({r["model"] for r in rows}):
+        lines += [f"### {name}", "", "| fewer MACs | method | accuracy (mean +- sd, seeds) | MAC reduction (compacted) "
+                  "| latency ms (batch 1) | soft-threshold share | wall s |", "|---:|---|---:|---:|---:|---:|---:|"]
+        for reduction in sorted({r["reduction"] for r in rows if r["model"] == name}):
+            for method in METHODS:
+                rs = [r for r in rows if (r["model"], r["reduction"], r["method"]) == (name, reduction, method)]
+                if not rs:
+                    continue
+                acc = [r["accuracy"] for r in rs]
+                sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
+                red = statistics.mean(r["macs_dense"] / r["macs_compacted"] for r in rs)
+                lat = statistics.mean(r.get("latency_ms", float("nan")) for r in rs)
+                share = statistics.mean(r["share_soft_threshold"] for r in rs) if method == "auto" else None
+                lines.append(
+                    f"| {reduction:g}x | {method} | {statistics.mean(acc):.2f} +- {sd:.2f} ({len(rs)}) | {red:.2f}x | "
+                    f"{lat:.3f} | {'-' if share is None else f'{100 * share:.0f}%'} | "
+                    f"{statistics.mean(r['wall_seconds'] for r in rs):.0f} |"
+                )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(SETUPS), default="lenet5")
+    parser.add_argument("--reductions", type=float, nargs="+", default=[2.0, 4.0, 8.0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1,000 training images, 1 epoch per phase")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "ss_auto")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--epochs", type=int, nargs=2, metavar=("DRIVE", "RETRAIN"), help="override the epochs")
+    parser.add_argument("--weighting", choices=("sqrt", "cost", "none"), default="sqrt", help="method soft's")
+    parser.add_argument("--summarize", action="store_true")
+    args = parser.parse_args()
+    if args.summarize:
+        print(summarize(args.out))
+        return
+    ensure_malloc_env()
+    torch.set_num_threads(args.threads)
+    out = args.out / args.model
+    log = log_to(out)
+    setup = SETUPS[args.model]
+    if args.epochs:
+        setup["epochs"] = tuple(args.epochs)
+    log(f"# {command_line()}\n# {machine()}")
+    # Shuffled once (seeded) before any split or subset: the dataset files may be sorted by class.
+    everything = shuffled(load_dataset(setup["dataset"], "train"), 1000 if args.quick else None)
+    held_size = 200 if args.quick else 5000  # the sensitivity scan's accuracy: training images held out of training
+    full = Split(everything.x[:-held_size], everything.y[:-held_size], everything.source)
+    held = Split(everything.x[-held_size:], everything.y[-held_size:], everything.source)
+    test = shuffled(load_dataset(setup["dataset"], "test"), 500 if args.quick else None)
+    for reduction in args.reductions:
+        for seed in args.seeds if not args.quick else args.seeds[:1]:
+            results = {}
+            for method in args.methods:
+                log(f"== {args.model} {reduction:g}x seed {seed}: {method}")
+                results[method] = one_run(args.model, method, reduction, seed, (full, test, held), out, log,
+                                          args.quick, args.weighting)
+                log(f"   accuracy {results[method]['accuracy']:.2f}%, compacted MACs "
+                    f"{results[method]['macs_compacted']:,} (dense {results[method]['macs_dense']:,}), "
+                    f"{results[method]['wall_seconds']:.0f} s")
+            x = full.x[:1]
+            models = {m: r.pop("_compacted") for m, r in results.items()}
+            models["dense"] = load(setup, args.model)
+            latency = time_models(models, x, rounds=5 if args.quick else 31)
+            with open(args.out / "results.jsonl", "a") as handle:
+                for method, r in results.items():
+                    r.update(latency_ms=latency[method], dense_latency_ms=latency["dense"])
+                    handle.write(json.dumps(r) + "\n")
+    print(summarize(args.out))
+
+
+if __name__ == "__main__":
+    main()

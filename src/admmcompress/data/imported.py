@@ -1,0 +1,175 @@
+"""Datasets of your own by import path: any ``torch.utils.data.Dataset`` or ``IterableDataset``.
+
+A run config names a class or factory and its arguments instead of a bundled dataset::
+
+    data:
+      dataset: {import: "mypackage.data:ShardedImages", args: {root: /data/images}}
+      batch_size: 256
+
+The train split is ``ShardedImages(root=..., split="train")`` and the test split the same with
+``split="test"``; ``train_args`` / ``test_args`` replace those split arguments (e.g. ``{train: true}`` and
+``{train: false}`` for torchvision's datasets). Items are ``(input, label)`` pairs. Data are read batch by batch
+through a ``DataLoader`` (nothing is loaded whole), so a dataset may be larger than memory; an
+``IterableDataset`` must have ``__len__`` (samples per epoch: the schedules count steps) and, under torchrun,
+must yield its own share on each rank.
+
+>>> spec = DatasetSpec.from_config({"import": "torch.utils.data:TensorDataset", "args": {}})
+>>> spec.target, spec.split_args("test")
+('torch.utils.data:TensorDataset', {'split': 'test'})
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+
+from admmcompress.data.datasets import load_dataset
+from admmcompress.data.files import Split
+
+KEYS = ("import", "args", "train_args", "test_args")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """``data.dataset`` given as ``{import: "package.module:Name", args: {...}, train_args:, test_args:}``."""
+
+    target: str
+    args: dict[str, Any] = field(default_factory=dict)
+    train_args: dict[str, Any] | None = None
+    test_args: dict[str, Any] | None = None
+
+    @classmethod
+    def from_config(cls, spec: dict[str, Any]) -> DatasetSpec:
+        unknown = sorted(set(spec) - set(KEYS))
+        if unknown:
+            raise ValueError(f"data.dataset: unknown key(s) {unknown}; allowed: {list(KEYS)}")
+        target = spec.get("import")
+        if not isinstance(target, str) or target.count(":") != 1 or not all(target.split(":")):
+            raise ValueError(
+                f"data.dataset.import={target!r} must be 'package.module:ClassOrFactory', "
+                "e.g. 'torchvision.datasets:MNIST'"
+            )
+        for key in ("args", "train_args", "test_args"):
+            if spec.get(key) is not None and not isinstance(spec[key], dict):
+                raise ValueError(f"data.dataset.{key}={spec[key]!r} must be a mapping of keyword arguments")
+        return cls(target, dict(spec.get("args") or {}), spec.get("train_args"), spec.get("test_args"))
+
+    def split_args(self, split: str) -> dict[str, Any]:
+        given = self.train_args if split == "train" else self.test_args
+        return dict(given) if given is not None else {"split": split}
+
+    def build(self, split: str) -> Dataset:
+        module_name, _, name = self.target.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), name)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(
+                f"data.dataset.import={self.target!r} cannot be imported ({err}); install the package or fix the path"
+            ) from None
+        dataset = factory(**self.args, **self.split_args(split))
+        if not isinstance(dataset, Dataset):
+            raise ValueError(
+                f"data.dataset.import={self.target!r} returned a {type(dataset).__name__}, not a "
+                "torch.utils.data.Dataset; return a Dataset (or an IterableDataset with __len__)"
+            )
+        if isinstance(dataset, IterableDataset) and not hasattr(dataset, "__len__"):
+            raise ValueError(
+                f"data.dataset: the IterableDataset of {self.target!r} has no __len__; give it one (samples per "
+                "epoch): the learning-rate and ADMM schedules count steps"
+            )
+        return dataset
+
+
+def load_data(dataset: str | dict[str, Any], split: str, data_dir: str | Path | None = None,
+              limit: int | None = None) -> Split | Dataset:
+    """A bundled dataset (an in-memory :class:`Split`) by name, or a dataset of your own by import path.
+
+    ``limit`` keeps the first ``limit`` samples of a map-style dataset (an IterableDataset is used whole).
+    """
+    if isinstance(dataset, str):
+        return load_dataset(dataset, split, data_dir, limit)
+    built = DatasetSpec.from_config(dataset).build(split)
+    if limit is not None and not isinstance(built, IterableDataset) and limit < len(built):
+        built = Subset(built, range(limit))
+    return built
+
+
+def describe(dataset: str | dict[str, Any]) -> str:
+    """The dataset's name or import path, for reports."""
+    return dataset if isinstance(dataset, str) else str(dataset.get("import"))
+
+
+def first_inputs(dataset: Split | Dataset, n: int = 2) -> torch.Tensor:
+    """The first ``n`` inputs as a batch (traces and compaction checks need an example input)."""
+    if isinstance(dataset, Split):
+        return dataset.x[:n]
+    batch = next(iter(DataLoader(dataset, batch_size=n)))
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+class DatasetLoader:
+    """Batches of a torch ``Dataset`` in a seeded order that is a function of (seed, epoch): resumable.
+
+    With several processes, ``torch.utils.data.DistributedSampler`` (same seed on every rank) gives each rank
+    ``batch_size // world_size`` samples per step; an ``IterableDataset`` shards itself.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 workers: int = 0):
+        if batch_size % world_size:
+            raise ValueError(
+                f"data.batch_size={batch_size} is not a multiple of the {world_size} processes; the global batch "
+                f"is split evenly over them: choose e.g. {batch_size - batch_size % world_size or world_size}"
+            )
+        self.dataset, self.epoch = dataset, 0
+        self.batch_size, self.seed = batch_size // world_size, seed
+        self.sampler = None
+        if not isinstance(dataset, IterableDataset):
+            if world_size > 1:
+                self.sampler = torch.utils.data.DistributedSampler(
+                    dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed
+                )
+            else:
+                self.sampler = _EpochSampler(len(dataset), seed)
+        self.loader = DataLoader(dataset, batch_size=self.batch_size, sampler=self.sampler, num_workers=workers)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.sampler is not None:
+            self.sampler.set_epoch(self.epoch)
+        self.epoch += 1
+        yield from self.loader
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+
+
+class _EpochSampler(torch.utils.data.Sampler[int]):
+    """One process's shuffle: a permutation seeded by (seed, epoch)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=generator).tolist())
+
+
+__all__ = ["DatasetLoader", "DatasetSpec", "describe", "first_inputs", "load_data"]

@@ -1,0 +1,217 @@
+"""Per-layer rate allocations as plans: the rates SS-Auto found, and the baselines on the same budget.
+
+Every function here ends in a :class:`~admmcompress.plan.Plan` (per-layer ``filter`` / ``column`` /
+``channel`` rules at fixed sparsities), so any driver (``admm``, ``gradual``, ``magnitude``, ``soft`` with
+pins) reruns the allocation:
+
+- :func:`rates_plan` / :func:`write_rates_plan`: the rates a finished (pruned) model has, as a plan YAML;
+- :func:`uniform_plan`: one sparsity for every target, the largest whose magnitude pruning meets the budget;
+- :func:`sensitivity_plan`: prune each target alone over a grid of rates, measure the accuracy, and give each
+  the largest rate whose drop stays under one threshold, the threshold bisected to meet the budget;
+- :func:`torch_pruning_plan`: Torch-Pruning's global magnitude pruning (``MagnitudePruner`` with
+  ``global_pruning=True``, a well-kept library) on a copy, its per-layer filter rates read back.
+
+Budgets are counted as :mod:`admmcompress.drivers.budget` counts them (kept rows x kept columns of the
+masks), so every allocation is compared at the same cost.
+
+>>> import torch.nn as nn
+>>> from admmcompress.structures import Filter
+>>> model = nn.Sequential(nn.Linear(8, 10), nn.ReLU(), nn.Linear(10, 2))
+>>> plan = uniform_plan(model, Plan([Rule(Filter(sparsity=0.5), match="0")]), {"kind": "params", "fraction": 0.6})
+>>> plan.to_dict()["rules"]
+[{'match': '0', 'structure': 'filter', 'sparsity': 0.5}]
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from admmcompress.atomic import atomic_write
+from admmcompress.drivers.budget import Budget, BudgetError, drop_unread_channels, gemm_shapes, structured_cost
+from admmcompress.finalize import hard_prune
+from admmcompress.plan import Plan, Rule, Target
+from admmcompress.plan.coupled import CoupledTarget
+from admmcompress.structures.groups import group_scores, kept_count
+from admmcompress.structures.registry import structure_class
+
+
+def _source_layers(t: Target) -> list[tuple[str, str]]:
+    """``(layer, structure kind)`` of the plan rules behind ``t`` (a coupled target: every source)."""
+    if isinstance(t, CoupledTarget):
+        out = []
+        for key in t.sources:
+            param, kind = key.rsplit(":", 1)
+            out.append((param.rsplit(".", 1)[0], kind))
+        return out
+    return [(t.layer, t.structure.kind)]
+
+
+def plan_from_rates(targets: list[Target], rates: Mapping[str, float], model: nn.Module | None = None) -> Plan:
+    """A plan giving every target (by key) its sparsity; targets at rate 0 get no rule (left dense).
+
+    With ``model`` each rate is written as the exact share of groups it removes (``1 - kept / groups``).
+    """
+    params = dict(model.named_parameters()) if model is not None else None
+    rules = []
+    for t in targets:
+        rate = float(rates.get(t.key, 0.0))
+        if rate > 0 and params is not None:
+            n = t.structure.group_ids(t.value(params))[1]
+            rate = 1.0 - kept_count(n, rate) / n
+        if rate <= 0:
+            continue
+        for layer, kind in _source_layers(t):
+            rules.append(Rule(structure_class(kind)(sparsity=min(rate, 0.999999)), match=layer))
+    if not rules:
+        raise BudgetError("every rate is 0: nothing to prune; tighten the budget")
+    return Plan(rules)
+
+
+@torch.no_grad()
+def rates_plan(model: nn.Module, targets: list[Target]) -> Plan:
+    """The rates the (pruned) ``model`` has: per target, the share of its groups that are all zero."""
+    params = dict(model.named_parameters())
+    rates = {}
+    for t in targets:
+        value = t.value(params).detach()
+        ids, n = t.structure.group_ids(value)
+        rates[t.key] = float((group_scores(value, ids, n) == 0).sum()) / n
+    return plan_from_rates(targets, rates)
+
+
+def write_rates_plan(path: str | Path, plan: Plan, comment: str = "") -> Path:
+    """Write ``plan`` as YAML (``rules:``) that ``Plan.from_yaml`` and any run config's ``plan:`` read."""
+    header = "".join(f"# {line}\n" for line in comment.splitlines())
+    text = header + yaml.safe_dump(plan.to_dict(), sort_keys=False, default_flow_style=None)
+    return atomic_write(Path(path), lambda tmp: tmp.write_text(text))
+
+
+def _cost_of(model: nn.Module, targets: list[Target], rates: Mapping[str, float], shapes, kind: str,
+              latency=None) -> float:
+    trial = copy.deepcopy(model)
+    staged = [t.with_structure(t.structure.with_sparsity(max(1e-9, r))) for t in targets
+              if (r := rates.get(t.key, 0.0)) > 0]
+    masks = hard_prune(trial, staged) if staged else None
+    params = dict(trial.named_parameters())
+    patterns = {n: (p != 0) for n, p in params.items()} if masks is not None else {}
+    return structured_cost(shapes, drop_unread_channels(targets, patterns), kind, latency)
+
+
+def _bisect(cost: Callable[[float], float], budget: float, lo: float = 0.0, hi: float = 0.999,
+            steps: int = 30) -> float:
+    """The smallest x in [lo, hi] with cost(x) <= budget (cost non-increasing in x)."""
+    if cost(hi) > budget:
+        raise BudgetError(f"the budget {budget:g} cannot be met even at the highest rate; raise the budget")
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        if cost(mid) <= budget:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def uniform_plan(model: nn.Module, plan: Plan | list[Target], budget: Budget | Mapping[str, Any],
+                 example: torch.Tensor | None = None) -> Plan:
+    """One sparsity for every target of ``plan``: the smallest whose magnitude pruning meets ``budget``."""
+    targets = plan.resolve(model) if isinstance(plan, Plan) else list(plan)
+    budget = Budget.from_any(budget)
+    shapes = gemm_shapes(model, example)
+    target = budget.resolve(structured_cost(shapes, {}, budget.kind))
+    rate = _bisect(lambda s: _cost_of(model, targets, {t.key: s for t in targets}, shapes, budget.kind), target)
+    return plan_from_rates(targets, {t.key: rate for t in targets}, model)
+
+
+def sensitivity_curves(model: nn.Module, targets: list[Target], evaluate: Callable[[nn.Module], float],
+                       grid: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)) -> dict[str, dict]:
+    """Accuracy with each target pruned alone (by magnitude) at each rate of ``grid``: ``{key: {rate: acc}}``."""
+    curves: dict[str, dict[float, float]] = {}
+    for t in targets:
+        curves[t.key] = {}
+        for rate in grid:
+            trial = copy.deepcopy(model)
+            hard_prune(trial, [t.with_structure(t.structure.with_sparsity(rate))])
+            curves[t.key][rate] = float(evaluate(trial))
+    return curves
+
+
+def sensitivity_plan(model: nn.Module, plan: Plan | list[Target], budget: Budget | Mapping[str, Any],
+                     curves: Mapping[str, Mapping[float, float]], example: torch.Tensor | None = None) -> Plan:
+    """Each target's largest grid rate whose accuracy drop is at most ``d``; ``d`` bisected to meet ``budget``.
+
+    ``curves`` come from :func:`sensitivity_curves` (``evaluate`` on the dense model gives the reference: the
+    best accuracy of each curve's lowest rate is taken as the layer's no-loss level).
+    """
+    targets = plan.resolve(model) if isinstance(plan, Plan) else list(plan)
+    budget = Budget.from_any(budget)
+    shapes = gemm_shapes(model, example)
+    target = budget.resolve(structured_cost(shapes, {}, budget.kind))
+    reference = max(max(c.values()) for c in curves.values())
+
+    def rates_at(drop: float) -> dict[str, float]:
+        out = {}
+        for t in targets:
+            ok = [r for r, acc in sorted(curves[t.key].items()) if reference - acc <= drop]
+            out[t.key] = max(ok) if ok else 0.0
+        return out
+
+    top = max(reference - min(c.values()) for c in curves.values()) + 1e-6
+
+    def cost(share: float) -> float:
+        return _cost_of(model, targets, rates_at(share * top), shapes, budget.kind)
+
+    share = _bisect(cost, target, 0.0, 1.0)
+    return plan_from_rates(targets, rates_at(share * top), model)
+
+
+def torch_pruning_plan(model: nn.Module, plan: Plan | list[Target], budget: Budget | Mapping[str, Any],
+                       example: torch.Tensor) -> Plan:
+    """Torch-Pruning's global magnitude pruning, its ratio bisected to meet ``budget``, as per-layer filter rates.
+
+    Only the layers with a ``filter`` rule in ``plan`` may lose channels (the others are TP's ignored layers);
+    the rates are read from the copy TP pruned, so the plan reruns them through any driver.
+    """
+    import torch_pruning as tp  # optional dependency; Torch-Pruning does the dependency-aware global ranking
+
+    targets = plan.resolve(model) if isinstance(plan, Plan) else list(plan)
+    budget = Budget.from_any(budget)
+    shapes = gemm_shapes(model, example)
+    target = budget.resolve(structured_cost(shapes, {}, budget.kind))
+    prunable = {layer for t in targets for layer, kind in _source_layers(t) if kind == "filter"}
+    modules = dict(model.named_modules())
+
+    def pruned_copy(ratio: float) -> nn.Module:
+        trial = copy.deepcopy(model).eval()
+        names = {m: n for n, m in trial.named_modules()}
+        ignored = [m for m in trial.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and names[m] not in prunable]
+        pruner = tp.pruner.MagnitudePruner(trial, example[:1], importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                           pruning_ratio=ratio, global_pruning=True, ignored_layers=ignored)
+        pruner.step()
+        return trial
+
+    def cost(ratio: float) -> float:
+        return structured_cost(gemm_shapes(pruned_copy(ratio), example), {}, budget.kind)
+
+    ratio = _bisect(cost, target, 0.0, 0.95, steps=16)
+    small = dict(pruned_copy(ratio).named_modules())
+    rules = []
+    for layer in sorted(prunable, key=list(modules).index):
+        before, after = modules[layer].weight.shape[0], small[layer].weight.shape[0]
+        if after < before:
+            rules.append(Rule(structure_class("filter")(sparsity=1 - after / before), match=layer))
+    if not rules:
+        raise BudgetError("Torch-Pruning removed no channel at this budget; tighten the budget")
+    return Plan(rules)
+
+
+__all__ = [
+    "plan_from_rates", "rates_plan", "sensitivity_curves", "sensitivity_plan", "torch_pruning_plan",
+    "uniform_plan", "write_rates_plan",
+]

@@ -1,0 +1,320 @@
+"""Budgets for automatic per-layer rates: parameters, MACs or measured latency of the structured model.
+
+A budget is what the pruned model may cost. Cost is counted in the GEMM view (SPEC 0.1): every Linear/Conv
+layer ``l`` keeps ``r_l`` rows (filters) and ``c_l`` columns (input channel x kernel position) with a nonzero
+entry, and costs
+
+- ``params``: ``r_l * c_l`` weights (the dense sub-matrix compaction keeps; biases and BN not counted);
+- ``macs``: ``r_l * c_l * positions_l`` (output positions per sample, from one traced forward pass);
+- ``latency``: milliseconds of the layer at ``(r_l, c_l)``, interpolated in a table measured once per
+  machine (:class:`LatencyTable`, over :class:`admmcompress.timing.LatencyCache`).
+
+Layers no target touches cost their dense figure. A pruned channel that an uncoupled consumer still reads
+is counted at the consumer (conservative); with ``coupling: strict`` the consumer's columns are pruned with
+the channel and the count is what compaction removes.
+
+>>> import torch.nn as nn
+>>> model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+>>> shapes = gemm_shapes(model, torch.zeros(1, 8))
+>>> [(s.name, s.rows, s.cols, s.positions) for s in shapes.values()]
+[('0', 4, 8, 1), ('2', 2, 4, 1)]
+>>> Budget(kind="params", reduction=2).resolve(40.0)
+20.0
+>>> pattern = {"0.weight": torch.eye(4, 8, dtype=torch.bool)}       # 4 rows, 4 columns survive
+>>> structured_cost(shapes, pattern, "params")
+24.0
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from admmcompress.structures.groups import as_matrix
+from admmcompress.structures.scalars import plain_number
+from admmcompress.timing import LatencyCache, time_interleaved
+
+BUDGET_KINDS = ("params", "macs", "latency")
+
+
+class BudgetError(ValueError):
+    """A budget that cannot be met or does not make sense for the model."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What the pruned model may cost: ``kind`` and exactly one of ``value``, ``fraction``, ``reduction``.
+
+    Args:
+        kind: "params", "macs" or "latency" (see the module docstring for how each is counted).
+        value: the cost itself (a parameter count, MACs per sample, milliseconds).
+        fraction: share of the dense cost kept, in (0, 1].
+        reduction: dense cost / pruned cost, >= 1 ("4x fewer MACs" is ``reduction: 4``).
+    """
+
+    kind: str = "macs"
+    value: float | None = None
+    fraction: float | None = None
+    reduction: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in BUDGET_KINDS:
+            raise BudgetError(f"budget kind={self.kind!r}; choose one of {BUDGET_KINDS}")
+        given = [k for k in ("value", "fraction", "reduction") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise BudgetError(
+                f"budget: give exactly one of value, fraction or reduction (got {given or 'none'}), "
+                "e.g. {kind: macs, reduction: 4}"
+            )
+        key = given[0]
+        number = plain_number(getattr(self, key))
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+            raise BudgetError(f"budget {key}={number!r} must be a finite number")
+        object.__setattr__(self, key, float(number))
+        if key == "value" and not number > 0:
+            raise BudgetError(f"budget value={number!r} must be > 0 ({self.kind} the pruned model may keep)")
+        if key == "fraction" and not 0 < number <= 1:
+            raise BudgetError(f"budget fraction={number!r} must be in (0, 1] (share of the dense {self.kind} kept)")
+        if key == "reduction" and not number >= 1:
+            raise BudgetError(f"budget reduction={number!r} must be >= 1 (dense {self.kind} / pruned {self.kind})")
+
+    @classmethod
+    def from_any(cls, spec: Budget | Mapping[str, Any]) -> Budget:
+        if isinstance(spec, Budget):
+            return spec
+        if not isinstance(spec, Mapping):
+            raise BudgetError(f"budget must be a mapping such as {{kind: macs, reduction: 4}}, got {spec!r}")
+        unknown = sorted(set(spec) - {"kind", "value", "fraction", "reduction"})
+        if unknown:
+            raise BudgetError(f"budget: unknown key(s) {unknown}; allowed: kind, value, fraction, reduction")
+        return cls(**spec)
+
+    def resolve(self, dense: float) -> float:
+        """The cost the pruned model may have, given the dense model's; refuses one above the dense cost."""
+        if self.value is not None:
+            if self.value > dense:
+                raise BudgetError(
+                    f"budget value={self.value:g} {self.kind} is above the dense model's {dense:g}; "
+                    "give a smaller value (or a fraction / reduction)"
+                )
+            return self.value
+        return dense * self.fraction if self.fraction is not None else dense / self.reduction
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class GemmShape:
+    """One Linear/Conv layer in the GEMM view, with what one forward pass of one sample saw."""
+
+    name: str
+    param: str
+    rows: int
+    cols: int
+    positions: int  # output positions per row for one sample (1 for a Linear on a vector)
+    kind: str  # "linear" or "conv"
+    in_shape: tuple[int, ...]  # one sample's input
+    conv: dict[str, Any] | None = None  # kernel_size, stride, padding, dilation, groups (convs)
+
+
+@torch.no_grad()
+def gemm_shapes(model: nn.Module, example: torch.Tensor | None) -> dict[str, GemmShape]:
+    """Every Linear/Conv2d layer's GEMM shape and output positions, by weight name, from one sample.
+
+    Without ``example`` the positions are 1 (enough for parameter budgets, not for MACs or latency).
+    """
+    found: dict[str, GemmShape] = {}
+    names = {m: n for n, m in model.named_modules()}
+    if example is None:
+        for name, m in model.named_modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                param = f"{name}.weight" if name else "weight"
+                rows, cols = as_matrix(m.weight).shape
+                kind = "linear" if isinstance(m, nn.Linear) else "conv"
+                found[param] = GemmShape(name, param, rows, cols, 1, kind, ())
+        return found
+
+    def hook(module: nn.Module, inputs, output) -> None:
+        name = names[module]
+        param = f"{name}.weight" if name else "weight"
+        rows, cols = as_matrix(module.weight).shape
+        per_row = output[0].numel() // rows
+        conv = None
+        if isinstance(module, nn.Conv2d):
+            conv = {k: getattr(module, k) for k in ("kernel_size", "stride", "padding", "dilation", "groups")}
+        found[param] = GemmShape(name, param, rows, cols, per_row, "conv" if conv else "linear",
+                                 tuple(inputs[0][0].shape), conv)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    training = model.training
+    try:
+        model.eval()(example[:1])
+    finally:
+        model.train(training)
+        for h in handles:
+            h.remove()
+    return found
+
+
+def kept_rows_cols(pattern: torch.Tensor) -> tuple[int, int]:
+    """Rows and columns of the GEMM view with at least one nonzero (True) entry."""
+    m = as_matrix(pattern) != 0
+    return int(m.any(dim=1).sum()), int(m.any(dim=0).sum())
+
+
+def structured_cost(
+    shapes: Mapping[str, GemmShape],
+    patterns: Mapping[str, torch.Tensor],
+    kind: str,
+    latency: LatencyTable | None = None,
+) -> float:
+    """The model's cost in ``kind`` when weight ``name`` keeps the nonzero rows/columns of ``patterns[name]``.
+
+    Layers without a pattern count dense.
+    """
+    total = 0.0
+    for param, s in shapes.items():
+        r, c = kept_rows_cols(patterns[param]) if param in patterns else (s.rows, s.cols)
+        if kind == "params":
+            total += r * c
+        elif kind == "macs":
+            total += r * c * s.positions
+        elif latency is None:
+            raise BudgetError("a latency budget needs a LatencyTable (built once per machine)")
+        else:
+            total += latency.ms(param, r, c)
+    return float(total)
+
+
+def drop_unread_channels(targets, patterns: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``patterns`` with every coupled channel that no consumer reads removed from its producers too.
+
+    A channel whose consumer columns are all zero (say every column of the next conv that reads it was
+    pruned) is removed by compaction with its producer filters; counting those filters would overstate the
+    cost. Only coupled targets (``Plan.resolve_coupled``) know their consumers; others pass through.
+    """
+    from admmcompress.plan.coupled import CoupledTarget
+
+    out = dict(patterns)
+    for t in targets:
+        if not isinstance(t, CoupledTarget) or not all(n in out for n in t.param_names):
+            continue
+        readers = {s.param for s in t.slices if s.dim == 1}  # input-channel slices of the next layers
+        if not readers:
+            continue
+        role = {n: torch.full(out[n].shape, 1.0 if n in readers else 0.0) for n in t.param_names}
+        consumer_columns = t.value(role) > 0
+        read = ((t.value({n: out[n].float() for n in t.param_names}) != 0) & consumer_columns).any(dim=1)
+        for name, mask in t.masks_for_channels(out, read).items():
+            out[name] = out[name] & mask
+    return out
+
+
+def entry_costs(shapes: Mapping[str, GemmShape], kind: str, latency: LatencyTable | None = None) -> dict[str, float]:
+    """What one weight of each layer costs in ``kind`` (dense figure / weights): weights the strength."""
+    out = {}
+    for param, s in shapes.items():
+        if kind == "params":
+            out[param] = 1.0
+        elif kind == "macs":
+            out[param] = float(s.positions)
+        else:
+            out[param] = latency.ms(param, s.rows, s.cols) / (s.rows * s.cols) if latency else 1.0
+    return out
+
+
+class LatencyTable:
+    """Per-layer latency (ms, batch 1) against kept rows and columns, measured once per machine and cached.
+
+    For every layer a grid of kept shares (``grid`` of rows x ``grid`` of columns) is timed as a dense layer of
+    that size (a conv keeps ``ceil(cols / kernel positions)`` input channels) on the layer's input size, through
+    :func:`admmcompress.timing.time_interleaved`; values in between are interpolated bilinearly. Entries are
+    keyed by shape in a :class:`~admmcompress.timing.LatencyCache`, so another model with the same layer
+    shapes reuses them.
+    """
+
+    def __init__(
+        self,
+        shapes: Mapping[str, GemmShape],
+        grid: tuple[float, ...] = (0.125, 0.25, 0.5, 0.75, 1.0),
+        cache: LatencyCache | None = None,
+        rounds: int = 7,
+    ) -> None:
+        self.shapes = dict(shapes)
+        self.grid = tuple(sorted(grid))
+        self.cache = cache if cache is not None else LatencyCache("gemm-layer")  # an empty cache is falsy
+        self.rounds = rounds
+        self._table: dict[str, torch.Tensor] = {p: self._measure(s) for p, s in self.shapes.items()}
+
+    def _counts(self, total: int) -> list[int]:
+        return [max(1, round(total * f)) for f in self.grid]
+
+    def _measure(self, s: GemmShape) -> torch.Tensor:
+        rows, cols = self._counts(s.rows), self._counts(s.cols)
+        table = torch.zeros(len(rows), len(cols), dtype=torch.float64)
+        for i, r in enumerate(rows):
+            for j, c in enumerate(cols):
+                key, build = _layer_builder(s, r, c)
+                table[i, j] = self.cache.get_or_measure(key, lambda b=build: _time(b, self.rounds))
+        return table
+
+    def ms(self, param: str, rows: int, cols: int) -> float:
+        """Interpolated milliseconds of layer ``param`` keeping ``rows`` x ``cols``."""
+        s, table = self.shapes[param], self._table[param]
+        i, fi = _bracket(self._counts(s.rows), rows)
+        j, fj = _bracket(self._counts(s.cols), cols)
+        i1, j1 = min(i + 1, table.shape[0] - 1), min(j + 1, table.shape[1] - 1)
+        top = table[i, j] * (1 - fj) + table[i, j1] * fj
+        bottom = table[i1, j] * (1 - fj) + table[i1, j1] * fj
+        return float(top * (1 - fi) + bottom * fi)
+
+
+def _bracket(points: list[int], x: int) -> tuple[int, float]:
+    """Index ``i`` and weight ``f`` such that ``x ~ points[i] * (1 - f) + points[i + 1] * f`` (clamped)."""
+    if x <= points[0]:
+        return 0, 0.0
+    for i in range(len(points) - 1):
+        if x <= points[i + 1]:
+            span = points[i + 1] - points[i]
+            return i, (x - points[i]) / span if span else 0.0
+    return len(points) - 1, 0.0
+
+
+def _layer_builder(s: GemmShape, rows: int, cols: int):
+    if s.kind == "linear":
+        key = f"linear-{cols}x{rows}-in{'x'.join(map(str, s.in_shape))}"
+        shape = s.in_shape[:-1] + (cols,)
+
+        def build():
+            return nn.Linear(cols, rows), torch.randn(1, *shape)
+    else:
+        c = s.conv
+        kpos = math.prod(c["kernel_size"])
+        groups = c["groups"]
+        channels = max(1, math.ceil(cols / kpos)) * groups
+        out = max(groups, (rows // groups) * groups)
+        key = f"conv-{channels}x{out}-{c}-in{'x'.join(map(str, s.in_shape[1:]))}"
+
+        def build():
+            layer = nn.Conv2d(channels, out, c["kernel_size"], c["stride"], c["padding"], c["dilation"], groups)
+            return layer, torch.randn(1, channels, *s.in_shape[1:])
+    return key, build
+
+
+def _time(build, rounds: int) -> float:
+    layer, x = build()
+    layer.eval()
+    return time_interleaved({"layer": lambda: layer(x)}, rounds=rounds)["layer"]
+
+
+__all__ = [
+    "BUDGET_KINDS", "Budget", "BudgetError", "GemmShape", "LatencyTable", "drop_unread_channels", "entry_costs",
+    "gemm_shapes",
+    "kept_rows_cols", "structured_cost",
+]

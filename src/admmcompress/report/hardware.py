@@ -1,0 +1,171 @@
+"""The hardware section of a report: tiles before/after, where the area goes, SOT-MRAM bit widths, accuracy
+under variation and ADC resolution. Every cost figure is labelled "modelled" and printed with its constants.
+
+>>> import torch
+>>> from admmcompress.hardware import CrossbarSpec, analyze
+>>> text = render_hardware(analyze(torch.nn.Linear(64, 32), CrossbarSpec(), pim_bits=(2,)))
+>>> "modelled" in text.splitlines()[0], "ISAAC" in text
+(True, True)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from admmcompress.atomic import atomic_write
+from admmcompress.hardware.analysis import HardwareAnalysis
+from admmcompress.hardware.constants import CROSSBAR, DEVICE, PIM, constants_table
+
+MODELLED = "modelled"
+
+
+def _x(value: float) -> str:
+    return "inf" if value == float("inf") else f"{value:.2f}x"
+
+
+def _constants_markdown() -> list[str]:
+    lines = ["", f"Constants of the {MODELLED} figures (admmcompress/hardware/constants.py; [M] = from memory "
+             "of the named table, not re-checked):", "", "| constant | value | unit | source |", "|---|---|---|---|"]
+    for group in (CROSSBAR, DEVICE, PIM):
+        for name, value, unit, source in constants_table(group):
+            lines.append(f"| {type(group).__name__}.{name} | {value:g} | {unit} | {source} |")
+    return lines
+
+
+def render_hardware(result: HardwareAnalysis, title: str = "Hardware") -> str:
+    """Markdown of ``result``: crossbar tiles and costs, layers, SOT-MRAM, accuracy curves, constants."""
+    spec, costs, base = result.spec, result.costs, result.baseline_cost
+    lines = [
+        f"## {title} ({MODELLED}: crossbar and SOT-MRAM figures come from a cost model, not from hardware)",
+        "",
+        f"Crossbar mapping: {spec.describe()}; inputs applied in {result.act_bits} bit-serial cycles. "
+        f"Reference: the unpruned model at {result.baseline_bits}-bit weights, same tiles and constants "
+        f"({base.tiles} tiles).",
+        "",
+        f"| mapping | tiles | area (um^2, {MODELLED}) | power (mW, {MODELLED}) | energy / inference (nJ, {MODELLED}) "
+        f"| area reduction ({MODELLED}) | power reduction ({MODELLED}) | energy reduction ({MODELLED}) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    rows = [(f"unpruned, {result.baseline_bits}-bit (reference)", base)]
+    rows += [(f"{kind}, {spec.weight_bits}-bit", costs[kind]) for kind in ("dense", "masked", "compact")]
+    for label, cost in rows:
+        r = cost.ratios(base)
+        lines.append(
+            f"| {label} | {cost.tiles} | {cost.area_um2:,.0f} | {cost.power_mw:,.2f} | {cost.energy_nj:,.1f} "
+            f"| {_x(r['area'])} | {_x(r['power'])} | {_x(r['energy'])} |"
+        )
+    ratios = result.ratios
+    lines += [
+        "",
+        f"Compacted + masked mapping vs the reference ({MODELLED}): {_x(ratios['tiles'])} fewer tiles, "
+        f"area -{100 * (1 - 1 / ratios['area']):.2f}%, power -{100 * (1 - 1 / ratios['power']):.2f}%, "
+        f"energy -{100 * (1 - 1 / ratios['energy']):.2f}%."
+        if ratios["area"] not in (0.0, float("inf")) else "",
+        "",
+        f"Where the area goes (compact mapping, {MODELLED}):",
+        "",
+        f"| component | area (um^2, {MODELLED}) | share | power (mW, {MODELLED}) |",
+        "|---|---|---|---|",
+    ]
+    compact = costs["compact"]
+    total = compact.area_um2 or 1.0
+    for name, area in compact.area.items():
+        lines.append(f"| {name} | {area:,.1f} | {100 * area / total:.1f}% | {compact.power[name]:,.3f} |")
+    lines += [
+        "",
+        f"| layer | matrix | kept outputs x inputs | nonzero | tiles dense | tiles masked | tiles compact "
+        f"| positions | energy (nJ, {MODELLED}) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for layer in result.mapping.layers:
+        lines.append(
+            f"| {layer.name} | {layer.outputs}x{layer.inputs} | {layer.kept_outputs}x{layer.kept_inputs} "
+            f"| {layer.nonzero:,} | {layer.dense} | {layer.masked} | {layer.compact} | {layer.positions} "
+            f"| {compact.layer_energy_nj.get(layer.name, 0.0):,.2f} |"
+        )
+    for note in result.mapping.notes:
+        lines.append(f"\nNote: {note}")
+    if result.pim and result.pim_baseline is not None:
+        ref = result.pim_baseline
+        lines += [
+            "",
+            f"SOT-MRAM processing-in-memory ({MODELLED}; {ref.spec.rows}x{ref.spec.cols} sub-arrays, "
+            f"{ref.spec.act_bits}-bit activations, bit-serial: weight bits x activation bits cycles per row "
+            f"operation; reference: unpruned, {ref.spec.weight_bits}-bit weights, {ref.subarrays} sub-arrays):",
+            "",
+            f"| weight bits | sub-arrays | cycles / row op | area (um^2, {MODELLED}) | energy (nJ, {MODELLED}) "
+            f"| latency (us, {MODELLED}) | area reduction ({MODELLED}) | energy reduction ({MODELLED}) "
+            f"| one-time write energy (nJ, {MODELLED}) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for cost in result.pim:
+            r = cost.ratios(ref)
+            lines.append(
+                f"| {cost.spec.weight_bits} | {cost.subarrays} | {cost.spec.cycles_per_row_op} "
+                f"| {cost.area_um2:,.0f} | {cost.energy_nj:,.2f} | {cost.latency_us:,.2f} | {_x(r['area'])} "
+                f"| {_x(r['energy'])} | {cost.write_energy_nj:,.2f} |"
+            )
+    if result.variation:
+        lines += [
+            "",
+            f"Accuracy under device non-idealities ({MODELLED} device, accuracy measured on the test set; "
+            f"clean {result.accuracy:.2f}%, mapped without noise {result.mapped_accuracy:.2f}%):",
+            "",
+            "| model | sigma (log-normal) | stuck-on | stuck-off | accuracy mean (%) | sd | draws |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for point in result.variation:
+            n = point.noise
+            lines.append(
+                f"| {point.label or '-'} | {n.sigma:g} | {n.stuck_on:g} | {n.stuck_off:g} "
+                f"| {point.accuracy.mean:.2f} | {point.accuracy.sd:.2f} | {len(point.accuracy.values)} |"
+            )
+    if result.adc:
+        lines += [
+            "",
+            f"Accuracy vs ADC resolution ({MODELLED} ADC: each tile's partial sum quantized, analog inputs):",
+            "",
+            "| ADC bits | accuracy (%) |",
+            "|---|---|",
+        ]
+        lines += [f"| {bits} | {acc:.2f} |" for bits, acc in result.adc]
+    lines += _constants_markdown()
+    return "\n".join(line for line in lines if line is not None) + "\n"
+
+
+def plot_hardware(result: HardwareAnalysis, path: str | Path) -> Path:
+    """One PNG: tiles per layer (dense / masked / compact) and the compact mapping's area by component."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = result.mapping.layers
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 1]})
+    x = range(len(layers))
+    width = 0.27
+    for i, kind in enumerate(("dense", "masked", "compact")):
+        left.bar([p + (i - 1) * width for p in x], [getattr(layer, kind) for layer in layers], width, label=kind)
+    left.set_xticks(list(x))
+    left.set_xticklabels([layer.name for layer in layers], rotation=60, ha="right", fontsize=7)
+    left.set_ylabel("crossbar tiles")
+    left.set_title(f"tiles per layer ({result.spec.rows}x{result.spec.cols}, {MODELLED})")
+    left.legend()
+    area = result.costs["compact"].area
+    right.pie(list(area.values()), labels=list(area.keys()), autopct="%1.0f%%", textprops={"fontsize": 7})
+    right.set_title(f"area by component ({MODELLED})")
+    fig.tight_layout()
+    out = atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return out
+
+
+def save_hardware(result: HardwareAnalysis, folder: str | Path, title: str = "Hardware") -> tuple[Path, Path]:
+    """Write ``hardware.md`` and ``hardware.png`` into ``folder`` (atomically)."""
+    folder = Path(folder)
+    text = render_hardware(result, title)
+    md = atomic_write(folder / "hardware.md", lambda tmp: tmp.write_text(text))
+    return md, plot_hardware(result, folder / "hardware.png")
+
+
+__all__ = ["MODELLED", "plot_hardware", "render_hardware", "save_hardware"]

@@ -1,0 +1,316 @@
+"""Runs under ``torch.distributed`` (``torchrun --nproc-per-node N admmcompress run CONFIG.yaml``).
+
+One process per rank trains a DistributedDataParallel copy of the model on its share of every global batch.
+What keeps N processes equal to one:
+
+* **Data**: every rank draws the *same* seeded permutation (and augmentation) of the whole training set as a
+  single process would (``BatchLoader`` seeded with the run's seed), then keeps its contiguous share of each
+  global batch (:class:`ShardedLoader`: a distributed sampler whose order does not depend on N). The global
+  batch is ``data.batch_size``, whatever N is; a rank's loss is weighted by its share so the averaged gradient
+  is the gradient of the global batch's mean loss. The loader's state is the shared generator's, so a
+  checkpoint resumes with any number of processes.
+* **Driver state**: DDP keeps the weights bitwise equal on every rank (the gradient all-reduce returns the
+  same sum everywhere), and every driver computes Z, U, rho and masks from those weights only, so they are
+  equal on every rank without being sent. After each driver update and hard prune the ranks compare a SHA-256
+  of the driver's state and masks; a driver whose state still differs (one that decides from measured
+  latency or its own random draws) gets rank 0's state, broadcast, with a warning. ``ADMMCOMPRESS_CHECK_RANKS=1``
+  (or ``distributed: {check_ranks: true}``) turns that into an error and adds the weights to the comparison
+  (:meth:`Distributed.assert_same`): the debug mode.
+* **Metrics**: test accuracy counts each test sample exactly once (contiguous shards, summed counts);
+  epoch losses are averaged over ranks. Checkpoints, reports and metrics are written by rank 0 only.
+
+BatchNorm: DDP broadcasts rank 0's running statistics at each forward, and the runner broadcasts them
+before evaluations, so every rank evaluates rank 0's model. In training each rank normalizes with its own
+share of the batch, which differs from one process; ``distributed: {sync_batchnorm: true}`` converts BatchNorm
+to ``torch.nn.SyncBatchNorm`` (global batch statistics, as one process), which torch provides for CUDA
+devices only.
+
+>>> ctx = Distributed()            # one process: every helper is the identity
+>>> ctx.active, ctx.is_main, ctx.mean([2.0, 4.0])
+(False, True, [2.0, 4.0])
+>>> shard(10, rank=1, world_size=3)
+(4, 7)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+
+from admmcompress.data.datasets import BatchLoader, Split
+
+CHECK_ENV = "ADMMCOMPRESS_CHECK_RANKS"
+
+
+class RankMismatch(RuntimeError):
+    """State that must be equal on every rank differs (names the first differing entry and the ranks)."""
+
+
+class FollowerError(ValueError):
+    """Rank 0 refused the run (its one-line message, repeated on the other ranks)."""
+
+
+@dataclass
+class Distributed:
+    """Who this process is in the run: ``rank`` of ``world_size`` (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+    check: bool = False  # assert equal driver state on every rank (debug mode)
+    shared: bool = False  # rank 0 has sent its start/resume decision (see share)
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # --- lifecycle ------------------------------------------------------------------------
+    @classmethod
+    def from_env(cls, backend: str | None = None) -> Distributed:
+        """The process group torchrun describes (``WORLD_SIZE``/``RANK``), joined once; one process without it.
+
+        The backend is gloo (the runner trains on the CPU) unless ``backend`` names another.
+        """
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        check = os.environ.get(CHECK_ENV, "") not in ("", "0")
+        if world <= 1:
+            return cls(check=check)
+        if not dist.is_available():
+            raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed; run one process")
+        if not dist.is_initialized():
+            dist.init_process_group(backend or "gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), check)
+
+    def close(self) -> None:
+        if self.active and dist.is_initialized():
+            dist.destroy_process_group()
+
+    # --- rank 0 decides, the others follow ---------------------------------------------------------
+    def share(self, value: Any = None, error: BaseException | None = None) -> Any:
+        """Rank 0's ``value`` (or its ``error``, raised as :class:`FollowerError`) on every rank."""
+        self.shared = True
+        if not self.active:
+            return value
+        box = [("error", str(error)) if error is not None else ("ok", value)] if self.is_main else [None]
+        dist.broadcast_object_list(box, src=0)
+        kind, payload = box[0]
+        if kind == "error" and not self.is_main:
+            raise FollowerError(payload)
+        return payload
+
+    def abort(self, error: BaseException) -> None:
+        """On rank 0, before it shared its decision: send ``error`` so the other ranks stop instead of waiting."""
+        if self.active and self.is_main and not self.shared:
+            self.share(error=error)
+
+    # --- reductions -------------------------------------------------------------------------
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over ranks (float64, so integer counts stay exact)."""
+        if not self.active:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def mean(self, values: list[float]) -> list[float]:
+        return [v / self.world_size for v in self.sum(values)] if self.active else list(values)
+
+    def broadcast_buffers(self, model: nn.Module) -> None:
+        """Rank 0's buffers (BatchNorm statistics) on every rank, so all ranks evaluate the same model."""
+        if not self.active:
+            return
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+    def differing(self, named: Mapping[str, Any]) -> list[str]:
+        """Names whose values differ from rank 0's on some rank (the same list on every rank)."""
+        if not self.active:
+            return []
+        digests = {name: _digest(value) for name, value in sorted(named.items())}
+        gathered: list[dict[str, str] | None] = [None] * self.world_size
+        dist.all_gather_object(gathered, digests)
+        return sorted({k for other in gathered[1:] for k in set(gathered[0]) | set(other)
+                       if gathered[0].get(k) != other.get(k)})
+
+    def broadcast_object(self, value: Any) -> Any:
+        """Rank 0's ``value`` (any picklable object) on every rank."""
+        if not self.active:
+            return value
+        box = [value if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def assert_same(self, named: Mapping[str, Any], what: str) -> None:
+        """Raise :class:`RankMismatch` unless every rank holds the same values under the same names.
+
+        Values are tensors, numbers or nested containers of them; each rank sends one SHA-256 per name.
+        """
+        if not self.active:
+            return
+        digests = {name: _digest(value) for name, value in sorted(named.items())}
+        gathered: list[dict[str, str] | None] = [None] * self.world_size
+        dist.all_gather_object(gathered, digests)
+        reference = gathered[0]
+        for rank, other in enumerate(gathered[1:], start=1):
+            differing = sorted(k for k in set(reference) | set(other) if reference.get(k) != other.get(k))
+            if differing:
+                raise RankMismatch(
+                    f"{what}: rank {rank} differs from rank 0 in {differing[:5]} ({len(differing)} entries); "
+                    "a driver must compute its state from the synchronized weights only (no per-rank data or RNG)"
+                )
+
+
+def _digest(value: Any) -> str:
+    h = hashlib.sha256()
+
+    def feed(v: Any) -> None:
+        if isinstance(v, torch.Tensor):
+            h.update(str((v.dtype, tuple(v.shape))).encode())
+            h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                     if v.numel() else b"")
+        elif isinstance(v, Mapping):
+            for k in sorted(v, key=str):
+                h.update(str(k).encode())
+                feed(v[k])
+        elif isinstance(v, (list, tuple)):
+            for item in v:
+                feed(item)
+        else:
+            h.update(repr(v).encode())
+
+    feed(value)
+    return h.hexdigest()
+
+
+def shard(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The contiguous ``[start, stop)`` of ``n`` items that ``rank`` owns (sizes differ by at most one)."""
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+class ShardedLoader:
+    """This rank's share of each global batch of a :class:`BatchLoader` (same order for any world size).
+
+    Every rank iterates the full loader (same permutation, same augmentation draws) and keeps its contiguous
+    slice, so the union of the ranks' batches is exactly the one-process batch. ``weight(batch)`` is the factor
+    that turns the rank's mean loss into its share of the global mean (``rows * world_size / global rows``;
+    DDP averages gradients over ranks). A last global batch smaller than the world size would leave a rank
+    without data: it is skipped, with a warning.
+
+    >>> import torch
+    >>> data = Split(torch.arange(6.0).view(6, 1), torch.arange(6))
+    >>> [y.tolist() for _, y in ShardedLoader(BatchLoader(data, 4, shuffle=False), Distributed(1, 2))]
+    [[2, 3], [5]]
+    """
+
+    def __init__(self, inner: BatchLoader, ctx: Distributed):
+        self.inner, self.ctx = inner, ctx
+        self.data = inner.data
+        n, size = len(inner.data), inner.batch_size
+        last = n - (len(inner) - 1) * size
+        self._skip_last = last < ctx.world_size
+        self._weight = 1.0
+        if self._skip_last and ctx.is_main:
+            warnings.warn(
+                f"the last batch of each epoch holds {last} sample(s), fewer than the {ctx.world_size} processes: "
+                "it is skipped (one process trains on it); make the training set size a multiple of batch_size",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    def __len__(self) -> int:
+        return len(self.inner) - int(self._skip_last)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        steps = len(self)
+        for i, (x, y) in enumerate(self.inner):
+            if i >= steps:
+                continue  # drawn (so the generator advances as in one process) but not trained on
+            start, stop = shard(len(y), self.ctx.rank, self.ctx.world_size)
+            self._weight = (stop - start) * self.ctx.world_size / len(y)
+            yield x[start:stop], y[start:stop]
+
+    def weight(self, batch: Any) -> float:
+        """The loss factor of the batch just yielded (1.0 when the global batch splits evenly)."""
+        return self._weight
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.inner.load_state_dict(state)
+
+
+def wrap(model: nn.Module, ctx: Distributed) -> nn.Module:
+    """``model`` in DistributedDataParallel when the run has several processes (the model itself otherwise).
+
+    Wrapped anew at each phase: a driver's module transform or a mask set can change the parameters.
+    """
+    if not ctx.active:
+        return model
+    return nn.parallel.DistributedDataParallel(model)
+
+
+def sync_batchnorm(model: nn.Module, ctx: Distributed) -> nn.Module:
+    """BatchNorm layers as SyncBatchNorm (global batch statistics); refused where torch has no kernel for it."""
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if not ctx.active or not has_bn:
+        return model
+    device = next(model.parameters()).device
+    if device.type == "cpu":
+        raise ValueError(
+            "distributed.sync_batchnorm: torch's SyncBatchNorm runs on CUDA devices only and this run trains on "
+            "the CPU; set sync_batchnorm: false (each process then normalizes over its share of the batch)"
+        )
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+@torch.no_grad()
+def correct_count(model: nn.Module, data: Split | Dataset, batch_size: int, ctx: Distributed) -> tuple[int, int]:
+    """Correct top-1 predictions and samples over this rank's contiguous shard of ``data``.
+
+    An ``IterableDataset`` is read whole on each rank: it must yield this rank's own share under torchrun.
+    """
+    if isinstance(data, Split):
+        start, stop = shard(len(data), ctx.rank, ctx.world_size)
+        batches = ((data.x[lo:min(lo + batch_size, stop)], data.y[lo:min(lo + batch_size, stop)])
+                   for lo in range(start, stop, batch_size))
+    elif isinstance(data, IterableDataset):
+        batches = DataLoader(data, batch_size=batch_size)
+    else:
+        batches = DataLoader(Subset(data, range(*shard(len(data), ctx.rank, ctx.world_size))), batch_size=batch_size)
+    correct = count = 0
+    for x, y in batches:
+        correct += int((model(x).argmax(1) == y).sum())
+        count += len(y)
+    return correct, count
+
+
+def evaluate(model: nn.Module, data: Split | Dataset, batch_size: int, ctx: Distributed) -> float:
+    """Top-1 accuracy in percent over the whole test set, each sample counted once across ranks."""
+    ctx.broadcast_buffers(model)
+    was_training = model.training
+    model.eval()
+    correct, count = correct_count(model, data, batch_size, ctx)
+    model.train(was_training)
+    correct, count = ctx.sum([float(correct), float(count)])
+    return 100.0 * int(correct) / max(1, int(count))
+
+
+__all__ = [
+    "CHECK_ENV", "Distributed", "FollowerError", "RankMismatch", "ShardedLoader", "correct_count", "evaluate",
+    "shard", "sync_batchnorm", "wrap",
+]

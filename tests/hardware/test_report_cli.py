@@ -1,0 +1,109 @@
+"""The hardware report ('modelled' on every cost figure, constants printed, plot written) and the CLI
+end to end: a tiny run with the variation-aware driver and crossbar structures, then `admmcompress hardware`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from admmcompress.cli import main
+from admmcompress.hardware import CrossbarSpec, DeviceNoise, add_adc, add_variation, analyze
+from admmcompress.report.hardware import plot_hardware, render_hardware
+
+COST_WORDS = ("area", "power", "energy", "latency")
+
+
+def assert_every_cost_figure_is_modelled(text: str) -> None:
+    """Every table column naming a cost (area, power, energy, latency) says "modelled", and so does every
+    sentence that states a modelled reduction; returns nothing, fails naming the first unlabelled one."""
+    lines = text.splitlines()
+    headers = [line for line, below in zip(lines, lines[1:], strict=False) if below.startswith("|---")]
+    assert headers, "no tables found"
+    for header in headers:
+        for cell in (c.strip() for c in header.strip("|").split("|")):
+            if any(w in cell for w in COST_WORDS):
+                assert "modelled" in cell, f"column '{cell}' is not labelled modelled"
+    for line in lines:
+        if line.startswith(("Compacted", "SOT-MRAM", "Where the area", "Accuracy under", "Accuracy vs")):
+            assert "modelled" in line, line
+
+
+def test_report_labels_every_modelled_figure_and_prints_its_constants(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(300, 40), torch.nn.ReLU(), torch.nn.Linear(40, 10))
+    with torch.no_grad():
+        model[0].weight[:, 150:] = 0.0
+    x = torch.randn(20, 300)
+    result = analyze(model, CrossbarSpec(), x[:1], pim_bits=(1, 4))
+    add_variation(result, model, lambda m: float(m(x).argmax(1).eq(0).float().mean() * 100),
+                  [DeviceNoise(sigma=0.1)], draws=2)
+    add_adc(result, model, lambda m: 50.0, [4, 8], x)
+    text = render_hardware(result, "Hardware: toy")
+    assert text.startswith("## Hardware: toy (modelled")
+    assert_every_cost_figure_is_modelled(text)
+    assert "| CrossbarConstants.adc_area | 1200 | um^2 | ISAAC" in text
+    assert "| PIMConstants.cell_area | 0.12 | um^2 |" in text
+    assert "| 1 | " in text and "| 4 | " in text  # SOT-MRAM rows for 1 and 4 bits
+    assert "Accuracy vs ADC resolution (modelled ADC" in text
+    assert result.to_dict()["modelled"] is True
+    png = plot_hardware(result, tmp_path / "hw.png")
+    assert png.stat().st_size > 1000
+
+
+@pytest.fixture(scope="module")
+def crossbar_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("hw")
+    spec = {
+        "name": "tiny_crossbar",
+        "seed": 1,
+        "threads": 1,
+        "plugins": ["admmcompress.hardware.variation"],
+        "model": {"name": "lenet300100"},
+        "data": {"dataset": "mnist", "batch_size": 64, "train_limit": 256, "test_limit": 100},
+        "pretrain": {"epochs": 1},
+        "stages": [{
+            "plan": {"rules": [
+                {"match": "fc1", "structure": "crossbar_tile", "sparsity": 0.5, "tile": [128, 128],
+                 "columns_per_weight": 8},
+                {"match": "fc*", "structure": "conductance", "bits": 2},
+            ]},
+            "method": "variation_admm",
+            "options": {"rho": 1.0e-2, "sigma": 0.1},
+            "admm": {"epochs": 1},
+            "retrain": {"epochs": 1},
+        }],
+    }
+    config = tmp / "tiny.yaml"
+    config.write_text(yaml.safe_dump(spec, sort_keys=False))
+    out = tmp / "out"
+    assert main(["run", str(config), "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:ADMM residual:RuntimeWarning")
+def test_cli_hardware_on_a_variation_aware_crossbar_run(crossbar_run, capsys):
+    out: Path = crossbar_run
+    capsys.readouterr()
+    code = main(["hardware", str(out), "--variation", "0.1", "--draws", "2", "--adc-sweep", "6", "--pim-bits", "2",
+                 "--samples", "50"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert (out / "hardware.md").is_file() and (out / "hardware.png").is_file()
+    assert_every_cost_figure_is_modelled(printed)
+    fc1 = next(line for line in printed.splitlines() if line.startswith("| fc1 |"))
+    # fc1 is 300x784: 16 outputs x 128 inputs per tile -> 19 x 7 = 133 tiles; half the tile blocks pruned.
+    cells = [c.strip() for c in fc1.strip("|").split("|")]
+    assert cells[4] == "133" and int(cells[5]) == 66
+    assert "| - | 0.1 | 0 | 0 |" in printed
+    stage = json.loads((out / "metrics.json").read_text())["metrics"]["stages"][0]
+    assert len(stage["admm_history"]) >= 1  # the variation_admm driver (a plugin) drove the stage
+
+
+def test_cli_hardware_errors_are_one_line(tmp_path, capsys):
+    assert main(["hardware", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("admmcompress: error:") and "model.safetensors" in err[0]
