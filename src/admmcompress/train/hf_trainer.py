@@ -41,6 +41,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 from admmcompress.drivers.base import Driver, DriverContext, ModuleTransform, get_driver
 from admmcompress.finalize import MaskSet
 from admmcompress.plan import Plan, Target
+from admmcompress.train.logging import numeric_scalars
 
 
 class ADMMTrainerCallback(TrainerCallback):
@@ -119,7 +120,7 @@ class ADMMTrainerCallback(TrainerCallback):
         if self.driver is None or logs is None:
             return
         extra = {"admm/penalty": self._penalty}
-        extra.update({f"admm/{key}": value for key, value in _scalars(self.driver.progress()).items()})
+        extra.update({f"admm/{key}": value for key, value in numeric_scalars(self.driver.progress()).items()})
         logs.update(extra)  # seen by the callbacks after this one
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(extra)  # the trainer appended its copy of logs before calling us
@@ -147,16 +148,6 @@ class ADMMTrainerCallback(TrainerCallback):
             if clear:
                 optimizer.state.clear()  # fresh moments: stale momentum must not revive pruned weights
             self.masks.watch(optimizer)  # re-mask after every optimizer step
-
-
-def _scalars(progress: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    out: dict[str, float] = {}
-    for key, value in progress.items():
-        if isinstance(value, dict):
-            out.update(_scalars(value, f"{prefix}{key}/"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[f"{prefix}{key}"] = float(value)
-    return out
 
 
 __all__ = ["ADMMTrainerCallback"]

@@ -39,6 +39,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 from admmcompress.drivers.base import Driver, DriverContext, ModuleTransform, get_driver
 from admmcompress.finalize import MaskSet, mask_set_from_state
 from admmcompress.plan import Plan, Target
+from admmcompress.train.logging import numeric_scalars
 
 
 class ADMMCallback(pl.Callback):
@@ -136,7 +137,7 @@ class ADMMCallback(pl.Callback):
         epoch = trainer.current_epoch + 1
         if self.every_epochs is not None and epoch % self.every_epochs == 0:
             self.driver.step()
-        for key, value in _scalars(self.driver.progress()).items():
+        for key, value in numeric_scalars(self.driver.progress()).items():
             pl_module.log(f"admm/{key}", value, sync_dist=False)
         if epoch >= self.admm_epochs:
             self._finalize(trainer, self._net(pl_module))
@@ -170,16 +171,6 @@ class ADMMCallback(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending = dict(state_dict)
-
-
-def _scalars(progress: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    out: dict[str, float] = {}
-    for key, value in progress.items():
-        if isinstance(value, dict):
-            out.update(_scalars(value, f"{prefix}{key}/"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[f"{prefix}{key}"] = float(value)
-    return out
 
 
 def masked_weights_zero(net: nn.Module, masks: MaskSet) -> bool:

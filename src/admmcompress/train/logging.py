@@ -41,6 +41,16 @@ def flatten_entry(entry: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def numeric_scalars(progress: Mapping[str, Any]) -> dict[str, float]:
+    """The numbers of a driver's ``progress()`` as flat ``name -> float`` (what training-framework loggers take).
+
+    >>> numeric_scalars({"rho": 0.1, "residual": {"fc1": 0.5}, "note": "x", "done": True})
+    {'rho': 0.1, 'residual/fc1': 0.5}
+    """
+    flat = flatten_entry(progress).items()
+    return {k: float(v) for k, v in flat if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
 @torch.no_grad()
 def layer_sparsity(model: nn.Module, layers: list[str]) -> dict[str, float]:
     """Fraction of exactly-zero weights of each named layer (its ``weight`` parameter)."""
