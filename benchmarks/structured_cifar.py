@@ -77,6 +77,12 @@ def training(args) -> dict:
     return {"seed": 1 + 1000 * args.seed, "label_smoothing": args.label_smoothing, "fast": args.fast}
 
 
+def finetune(model, train, epochs: int, args, log) -> None:
+    """The fine-tuning every method ends with: SGD 0.01 (Nesterov), weight decay 5e-4, cosine, augmented."""
+    fit(model, train, epochs, 0.01, optimizer="sgd", batch_size=128, weight_decay=5e-4, augment=CIFAR_AUGMENT,
+        log=log, **training(args))
+
+
 def run_dense(args, log) -> dict:
     train, test = data(args)
     if args.dense_from:  # the shipped model: record its figures, train nothing
@@ -136,18 +142,7 @@ def run_admm(args, log) -> dict:
     result = compact(model, x, masks)
     small = result.model
     log(f"hard prune: {before_prune:.2f}% -> {hard:.2f}%; {result.summary().splitlines()[0]}")
-    fit(
-        small,
-        train,
-        args.finetune_epochs,
-        0.01,
-        optimizer="sgd",
-        batch_size=128,
-        weight_decay=5e-4,
-        augment=CIFAR_AUGMENT,
-        log=log,
-        **training(args),
-    )
+    finetune(small, train, args.finetune_epochs, args, log)
     return {
         "accuracy_before_hard_prune": before_prune,
         "accuracy_after_hard_prune": hard,
@@ -202,18 +197,7 @@ def run_torch_pruning(args, log, importance, label: str) -> dict:
     }
     pruned = evaluate(model, test)
     log(f"Torch-Pruning {label}: {params(model):,} params, same widths as ideal: {same}, {pruned:.2f}%")
-    fit(
-        model,
-        train,
-        args.admm_epochs + args.finetune_epochs,
-        0.01,
-        optimizer="sgd",
-        batch_size=128,
-        weight_decay=5e-4,
-        augment=CIFAR_AUGMENT,
-        log=log,
-        **training(args),
-    )
+    finetune(model, train, args.admm_epochs + args.finetune_epochs, args, log)
     return {
         "accuracy_after_hard_prune": pruned,
         "accuracy": evaluate(model, test),

@@ -11,6 +11,7 @@ MODULES = [
     "admmcompress.structures.registry",
     "admmcompress.structures.sparsity",
     "admmcompress.structures.nm",
+    "admmcompress.models.conv1d",
     "admmcompress.structures.block",
     "admmcompress.structures.quantization",
     "admmcompress.structures.crossbar",
@@ -39,6 +40,7 @@ MODULES = [
     "admmcompress.train.distributed",  # issue 24
     "admmcompress.train.logging",
     "admmcompress.data.imported",
+    "admmcompress.data.files",
     "admmcompress.plugins",
     "admmcompress.deprecation",
     "admmcompress.timing",

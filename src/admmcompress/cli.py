@@ -20,7 +20,7 @@ from admmcompress.train import checkpoint as ckpt
 from admmcompress.train.config import RunConfig
 from admmcompress.train.distributed import Distributed
 from admmcompress.train.lock import LOCK_FILE, RunLock
-from admmcompress.train.loop import TrainingDiverged
+from admmcompress.train.loop import TrainingDiverged, evaluate
 from admmcompress.train.run_folder import commit, plan_folder
 from admmcompress.train.runner import Runner, read_progress, rebuild_transforms, run_phases
 
@@ -154,7 +154,13 @@ def _build_runner(config: RunConfig, out: Path | None, progress: bool, dist: Dis
     load = load_dataset if isinstance(config.data.dataset, str) else load_data  # bundled, or a Dataset by import path
     train = load(config.data.dataset, "train", config.data.data_dir, config.data.train_limit)
     test = load(config.data.dataset, "test", config.data.data_dir, config.data.test_limit)
-    return Runner(config, model, train, test, out_dir=out, progress=progress, dist=dist)
+    final_test = None
+    if config.data.validation:  # the run measures on held-out training data; the test set once, at the end
+        train, held = train.hold_out(config.data.validation)
+        test, final_test = held, test
+    runner = Runner(config, model, train, test, out_dir=out, progress=progress, dist=dist)
+    runner.final_test = final_test
+    return runner
 
 
 def _dry_run(args: argparse.Namespace, config: RunConfig, out: Path) -> int:
@@ -209,6 +215,9 @@ def _run_locked(
     model = runner.model
     print(f"admmcompress: run '{config.name}' -> {out}", file=sys.stderr)
     metrics = runner.run(resume=plan.resume)
+    if runner.final_test is not None:
+        metrics["evaluated_on"] = f"validation: {config.data.validation} held-out training samples"
+        metrics["test_accuracy"] = evaluate(model, runner.final_test, config.data.eval_batch_size)
     source = getattr(runner.train, "source", None)  # which copy of the dataset was read (or the import path)
     metrics["data_file"] = str(Path(source).absolute()) if source is not None else describe(config.data.dataset)
     ckpt.save_tensors(out / "model.safetensors", model.state_dict(), {"config": config.to_dict()})

@@ -198,3 +198,25 @@ def test_numpy_and_torch_integers_are_whole_numbers_booleans_are_not():
         Augment(shift=np.bool_(True))
     with pytest.raises(ValueError, match="augment.shift"):
         Augment(shift=torch.tensor(True))
+
+
+def test_a_limit_on_a_class_sorted_split_warns(tmp_path):
+    """The CIFAR-10 test file is sorted by class (its first 1,000 images are class 0); a limit there says so."""
+    import warnings
+
+    import numpy as np
+    import pytest
+
+    from admmcompress.data import load_dataset
+
+    images = np.zeros((40, 28, 28), np.uint8)
+    for name, labels in (("sorted", np.repeat(np.arange(10), 4)), ("shuffled", np.tile([3, 1, 4, 0, 5, 9, 2, 6, 8, 7], 4))):
+        folder = tmp_path / name
+        folder.mkdir()
+        np.savez(folder / "mnist.npz", x_train=images, y_train=labels, x_test=images, y_test=labels)
+    with pytest.warns(RuntimeWarning, match=r"first 8 samples hold only classes \[0, 1\] of 10 \(the file is sorted"):
+        load_dataset("mnist", "test", tmp_path / "sorted", limit=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_dataset("mnist", "test", tmp_path / "shuffled", limit=8)  # 8 classes of 10, not sorted: no warning
+        load_dataset("mnist", "test", tmp_path / "sorted")  # no limit

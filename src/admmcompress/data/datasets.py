@@ -6,6 +6,7 @@ Where the files are looked for: :mod:`admmcompress.data.files`.
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,7 @@ def load_dataset(
         buffer, offsets, labels = arrays[f"x_{split}_jpeg"], arrays[f"{split}_offsets"], arrays[f"y_{split}"]
         check_arrays(path, name, buffer.ndim == offsets.ndim == labels.ndim == 1 and len(offsets) == len(labels) + 1,
                      f"a JPEG byte buffer with {split} offsets (one more than labels)")
+        _warn_if_few_classes(name, split, labels, limit)
         images = _decode_jpegs(buffer, offsets, limit, path)
         labels = labels[: len(images)]
     else:
@@ -60,11 +62,28 @@ def load_dataset(
         images, labels = arrays[f"x_{split}"], arrays[f"y_{split}"]
         check_arrays(path, name, images.ndim == 3 and labels.ndim == 1 and len(images) == len(labels),
                      f"{split} images (N, H, W) with N labels")
+        _warn_if_few_classes(name, split, labels, limit)
         images, labels = images[:limit, None], labels[:limit]
     x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
     mean, std = NORMALIZATION[name]
     x = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
     return Split(x.contiguous(), torch.from_numpy(labels.astype(np.int64)), path)
+
+
+def _warn_if_few_classes(name: str, split: str, labels: np.ndarray, limit: int | None) -> None:
+    """The CIFAR-10 test split is stored sorted by class: its first 1,000 images are all class 0. A ``limit``
+    that keeps a fraction of the classes measures nothing; say so (the caller's data stay as asked)."""
+    if limit is None or limit >= len(labels):
+        return
+    head = labels[:limit]
+    kept, every = np.unique(head), np.unique(labels)
+    if len(kept) < len(every) and bool(np.all(np.diff(head) >= 0)):  # sorted, not just a small sample
+        warnings.warn(
+            f"{name} {split}: the first {limit} samples hold only classes {kept.tolist()} of {len(every)} (the file "
+            "is sorted by class); take a seeded random subset instead of a limit, or use the whole split",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _decode_jpegs(buffer: np.ndarray, offsets: np.ndarray, limit: int | None, path: Path | None = None) -> np.ndarray:

@@ -153,3 +153,20 @@ class Split:
 
     def subset(self, n: int | None) -> Split:
         return self if n is None or n >= len(self) else Split(self.x[:n], self.y[:n], self.source)
+
+    def hold_out(self, n: int, seed: int = 0) -> tuple[Split, Split]:
+        """``(rest, held)``: ``n`` samples drawn at random (seeded, whatever the run's seed, so every recipe is
+        chosen on the same validation set) and the others, both in their original order.
+
+        >>> split = Split(torch.arange(10.0).view(10, 1), torch.arange(10))
+        >>> rest, held = split.hold_out(3)
+        >>> len(rest), len(held), sorted(rest.y.tolist() + held.y.tolist()) == list(range(10))
+        (7, 3, True)
+        """
+        if not 0 < n < len(self):
+            raise ValueError(
+                f"validation={n}: hold out between 1 and {len(self) - 1} of the {len(self)} training samples"
+            )
+        held = torch.zeros(len(self), dtype=torch.bool)
+        held[torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]] = True
+        return Split(self.x[~held], self.y[~held], self.source), Split(self.x[held], self.y[held], self.source)

@@ -202,6 +202,18 @@ def call_model(model: nn.Module, example_inputs):
     return model(example_inputs)
 
 
+def output_tensors(output: Any) -> list[torch.Tensor]:
+    """The tensors of a model output: a tensor, tuples/lists and mappings (``ModelOutput``) of them. Other objects
+    (a generation cache) are not outputs whose channels matter here, and the tracer cannot walk them."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        return [t for item in output for t in output_tensors(item)]
+    return []
+
+
 def build_dependency_graph(model: nn.Module, example_inputs):
     """Trace ``model`` once with Torch-Pruning; the model's train/eval mode is restored afterwards."""
     try:
@@ -216,7 +228,8 @@ def build_dependency_graph(model: nn.Module, example_inputs):
     try:
         with torch.enable_grad():
             graph = tp.DependencyGraph().build_dependency(
-                model, example_inputs=example_inputs, forward_fn=call_model, verbose=False
+                model, example_inputs=example_inputs, forward_fn=call_model, output_transform=output_tensors,
+                verbose=False,
             )
     finally:
         for hook in hooks:

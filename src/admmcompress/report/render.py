@@ -39,7 +39,11 @@ def render_markdown(metrics: dict[str, Any], title: str = "admmcompress report")
         f"{_fmt_rate(stats['compression_all_params'])}",
     ]
     if before is not None and after is not None:
-        lines.append(f"- Top-1 accuracy: {before:.2f}% before -> {after:.2f}% after ({after - before:+.2f} points)")
+        where = f" ({metrics['evaluated_on']})" if metrics.get("evaluated_on") else ""
+        lines.append(f"- Top-1 accuracy{where}: {before:.2f}% before -> {after:.2f}% after "
+                     f"({after - before:+.2f} points)")
+    if metrics.get("test_accuracy") is not None:
+        lines.append(f"- Test top-1 accuracy, measured once at the end: **{metrics['test_accuracy']:.2f}%**")
     if metrics.get("wall_seconds") is not None:
         lines.append(f"- Wall time: {metrics['wall_seconds']:.1f} s")
     if metrics.get("world_size", 1) > 1:  # a torchrun run (issue 24); one-process reports stay as they were

@@ -39,7 +39,7 @@ import torch
 from admmcompress.structures import groups
 from admmcompress.structures.base import register_structure
 from admmcompress.structures.scalars import plain_number
-from admmcompress.structures.sparsity import GEMM_MODULES, Filter, SparsityStructure
+from admmcompress.structures.sparsity import GEMM_MODULES, Filter, SparsityStructure, unsupported_layer
 
 RECURRENT_MODULES = (torch.nn.RNNBase, torch.nn.RNNCellBase)
 
@@ -110,10 +110,7 @@ class Block(SparsityStructure):
     def check_module(self, module: torch.nn.Module, name: str) -> None:
         if not isinstance(module, GEMM_MODULES + RECURRENT_MODULES):
             allowed = ", ".join(t.__name__ for t in GEMM_MODULES) + ", GRU, LSTM, RNN and their cells"
-            raise ValueError(
-                f"layer '{name}' is {type(module).__name__}; structure '{self.kind}' supports {allowed}. "
-                "Narrow the rule's pattern or type so it matches only those layers"
-            )
+            raise ValueError(unsupported_layer(name, module, self.kind, allowed))
         for param in self.params(module):
             bound = self.bind(module, param)
             bound.layout(getattr(module, param).shape, f"layer '{name}' {param}")

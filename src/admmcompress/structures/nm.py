@@ -30,7 +30,7 @@ from admmcompress.structures import groups
 from admmcompress.structures.base import register_structure
 from admmcompress.structures.block import top_groups_per_block
 from admmcompress.structures.scalars import plain_number
-from admmcompress.structures.sparsity import GEMM_MODULES, SparsityStructure
+from admmcompress.structures.sparsity import GEMM_MODULES, SparsityStructure, unsupported_layer
 
 # Only these two have hardware behind them; other n:m are accepted (the projection is the same) but named here.
 HARDWARE_PATTERNS = ((2, 4), (4, 8))
@@ -74,11 +74,7 @@ class NM(SparsityStructure):
 
     def check_module(self, module: torch.nn.Module, name: str) -> None:
         if not isinstance(module, GEMM_MODULES):
-            allowed = ", ".join(t.__name__ for t in GEMM_MODULES)
-            raise ValueError(
-                f"layer '{name}' is {type(module).__name__}; structure 'nm' supports {allowed}. "
-                "Narrow the rule's pattern or type so it matches only those layers"
-            )
+            raise ValueError(unsupported_layer(name, module, self.kind, ", ".join(t.__name__ for t in GEMM_MODULES)))
         cols = groups.as_matrix(module.weight).shape[1]
         if cols % self.m:
             raise ValueError(

@@ -23,12 +23,26 @@ from typing import Any, ClassVar
 
 import torch
 
+from admmcompress.models.conv1d import is_conv1d
 from admmcompress.structures import groups
 from admmcompress.structures.base import Structure, register_structure
 from admmcompress.structures.scalars import plain_number
 
 # Module types whose weight has a GEMM view that filter/column/channel structures understand.
 GEMM_MODULES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+
+
+def unsupported_layer(name: str, module: torch.nn.Module, kind: str, allowed: str) -> str:
+    """The one-line refusal of a layer type a structure does not support, with the fix."""
+    if is_conv1d(module):
+        return (
+            f"layer '{name}' is a GPT-style Conv1D (weight stored (in, out)); convert the model's Conv1D layers "
+            "to the equal nn.Linear first: admmcompress.models.conv1d.linear_from_conv1d(model)"
+        )
+    return (
+        f"layer '{name}' is {type(module).__name__}; structure '{kind}' supports {allowed}. "
+        "Narrow the rule's pattern or type so it matches only those layers"
+    )
 
 
 @dataclass(frozen=True)
@@ -81,11 +95,7 @@ class SparsityStructure(Structure):
     def check_module(self, module: torch.nn.Module, name: str) -> None:
         """Raise if this structure cannot apply to ``module`` (overridden where needed)."""
         if not isinstance(module, GEMM_MODULES):
-            allowed = ", ".join(t.__name__ for t in GEMM_MODULES)
-            raise ValueError(
-                f"layer '{name}' is {type(module).__name__}; structure '{self.kind}' supports {allowed}. "
-                "Narrow the rule's pattern or type so it matches only those layers"
-            )
+            raise ValueError(unsupported_layer(name, module, self.kind, ", ".join(t.__name__ for t in GEMM_MODULES)))
 
     def params(self, module: torch.nn.Module) -> list[str]:
         """Names of ``module``'s parameters this structure constrains, one target each.

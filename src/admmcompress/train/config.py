@@ -324,6 +324,9 @@ class DataConfig:
     eval_batch_size: int = 1000
     train_limit: int | None = None
     test_limit: int | None = None
+    # Hold out this many training samples (a fixed seeded draw) as the validation set: every accuracy during the
+    # run (per epoch, per stage) is measured on it, and the test set is evaluated once, at the end.
+    validation: int | None = None
     data_dir: str | None = None
     # Training-batch augmentation, e.g. {shift: 2} for digits or {shift: 4, hflip: true} for CIFAR-10.
     augment: Augment | None = None
@@ -345,9 +348,12 @@ class DataConfig:
             )
         _positive(self.batch_size, "batch_size", integer=True)
         _positive(self.eval_batch_size, "eval_batch_size", integer=True)
-        for name in ("train_limit", "test_limit"):
+        for name in ("train_limit", "test_limit", "validation"):
             if getattr(self, name) is not None:
                 _positive(getattr(self, name), name, integer=True)
+        if self.validation is not None and isinstance(self.dataset, dict):
+            raise ValueError("validation: holds out part of a bundled dataset; give an imported dataset its own "
+                             "validation split (test_args) instead")
 
 
 def _flag(value: Any, name: str) -> None:
