@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -354,3 +355,18 @@ def test_run_config_refuses_bad_options_with_one_line():
     with pytest.raises(ConfigError, match=r"soft weighting='flat'; choose one of") as err:
         soft_run_config(weighting="flat")
     assert "\n" not in str(err.value)
+
+
+def test_a_budget_the_plan_cannot_meet_is_refused_by_dry_run_before_training(tmp_path, capsys):
+    import yaml
+
+    from admmcompress.cli import main
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "lenet5_ss_auto.yaml").read_text())
+    config["pretrained"] = str(Path(__file__).resolve().parents[2] / "checkpoints" / "lenet5_mnist_dense.safetensors")
+    config["stages"][0]["options"]["budget"] = {"kind": "macs", "reduction": 1e6}
+    path = tmp_path / "too_small.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", str(path), "--out", str(tmp_path / "out"), "--dry-run"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stages[0]:" in err[0] and "below the least this plan allows" in err[0]

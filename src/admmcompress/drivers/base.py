@@ -103,6 +103,11 @@ class Driver:
         """Raise ``PlanError`` if this driver cannot drive ``targets`` (called before any training)."""
 
     @classmethod
+    def preflight(cls, model: nn.Module, targets: list, config: Any, example: torch.Tensor | None) -> None:
+        """Raise ``ValueError`` (one line, with the fix) if ``config`` cannot work on ``model`` and ``targets``;
+        called by the runner before any training (and so by ``--dry-run``). Cheap checks only: nothing is timed."""
+
+    @classmethod
     def rebuild(cls, model: nn.Module, spec: dict[str, Any]) -> None:
         """Re-apply a recorded :class:`ModuleTransform` spec to a freshly built model (resume, report)."""
         raise NotImplementedError(f"driver '{cls.name}' ends in masks; it has no module transform to rebuild")

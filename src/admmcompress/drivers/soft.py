@@ -225,6 +225,14 @@ class SoftThreshold(Driver):
         self._refresh_anchors()
 
     @classmethod
+    def preflight(cls, model: torch.nn.Module, targets: list, config: SoftConfig,
+                  example: torch.Tensor | None) -> None:
+        """A params or MACs budget the plan cannot meet is refused before training (a latency budget is checked
+        when its phase starts: its table is measured then)."""
+        if config.budget is not None and config.budget["kind"] in ("params", "macs"):
+            cls(model, targets, config, example=example)  # the constructor checks the budget against the model
+
+    @classmethod
     def from_config(cls, model: torch.nn.Module, targets: list[Target], config: SoftConfig,
                     context: DriverContext) -> SoftThreshold:
         return cls(model, targets, config, example=context.example, frozen=context.frozen, updates=context.updates)

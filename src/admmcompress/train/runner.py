@@ -132,9 +132,13 @@ class Runner:
         self.stage_targets: list[list[Target]] = [self._resolve(s) for s in config.stages]
         for i, (stage, targets) in enumerate(zip(config.stages, self.stage_targets, strict=True)):
             try:  # fail before any training, not at the stage
-                get_driver(stage.method).cls.check_targets(targets)
+                driver = get_driver(stage.method).cls
+                driver.check_targets(targets)
+                driver.preflight(model, targets, stage.options, self.example)
             except PlanError as err:
                 raise PlanError(f"stages[{i}]: {err}") from None
+            except ValueError as err:
+                raise ValueError(f"stages[{i}]: {err}") from None
         self.compacted: nn.Module | None = None
         if config.compact is not None:
             self._preflight_compaction()
