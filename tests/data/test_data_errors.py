@@ -210,7 +210,8 @@ def test_a_limit_on_a_class_sorted_split_warns(tmp_path):
     from admmcompress.data import load_dataset
 
     images = np.zeros((40, 28, 28), np.uint8)
-    for name, labels in (("sorted", np.repeat(np.arange(10), 4)), ("shuffled", np.tile([3, 1, 4, 0, 5, 9, 2, 6, 8, 7], 4))):
+    shuffled = np.tile([3, 1, 4, 0, 5, 9, 2, 6, 8, 7], 4)
+    for name, labels in (("sorted", np.repeat(np.arange(10), 4)), ("shuffled", shuffled)):
         folder = tmp_path / name
         folder.mkdir()
         np.savez(folder / "mnist.npz", x_train=images, y_train=labels, x_test=images, y_test=labels)

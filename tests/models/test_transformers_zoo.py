@@ -19,7 +19,7 @@ from admmcompress.executors.compact import compact
 from admmcompress.executors.onnx_export import export_onnx, max_onnx_diff, output_tensors
 from admmcompress.finalize import hard_prune
 from admmcompress.plan import Plan, Rule
-from admmcompress.structures import Block, Filter, Unstructured
+from admmcompress.structures import Block, Filter, Heads, Unstructured
 
 transformers = pytest.importorskip("transformers")
 
@@ -138,6 +138,25 @@ def test_cnn_backbone_channels_prune_and_compact_exactly(backbone):
     assert result.params_after < 0.8 * result.params_before
     for x in (images(3), images(2, 40)):
         assert_same_outputs(result.model, model, x)
+
+
+QUERIES = {"bert": "*attention.self.query", "vit": "*attention.q_proj", "wav2vec2": "*attention.q_proj",
+           "whisper_encoder": "*self_attn.q_proj", "mobilevit": "*attention.attention.query"}
+
+
+@pytest.mark.parametrize("name", QUERIES)
+def test_attention_heads_and_ffn_units_prune_and_compact_exactly(name):
+    model, ffn, inputs = build(name)
+    x = inputs(2, 4)
+    plan = Plan([Rule(Heads(sparsity=0.5), match=QUERIES[name]), Rule(Filter(sparsity=0.5), match=ffn)])
+    targets = plan.resolve_coupled(model, x)
+    result = compact(model, x, hard_prune(model, targets))
+    assert result.heads and all(after == before // 2 for before, after in result.heads.values())
+    for block in result.heads:
+        counts = [getattr(result.model.get_submodule(block), a, None) for a in ("num_heads", "num_attention_heads")]
+        assert min(c for c in counts if c is not None) == result.heads[block][1]
+    for shape in [(2, 4), (3, 5)]:
+        assert_same_outputs(result.model, model, inputs(*shape))
 
 
 @pytest.mark.parametrize("name", MODELS)

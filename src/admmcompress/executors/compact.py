@@ -35,6 +35,7 @@ from torch import nn
 
 from admmcompress.executors.channels import channel_status
 from admmcompress.executors.fold import fold_constant_channels, forward
+from admmcompress.executors.heads import remove_dead_heads
 from admmcompress.finalize import MaskSet
 from admmcompress.plan.graph import _groups_with_roots, build_dependency_graph, is_grouped_conv
 
@@ -83,6 +84,7 @@ class CompactionResult:
     params_after: int = 0
     max_abs_diff: float = 0.0
     columns: dict[str, Any] = field(default_factory=dict)
+    heads: dict[str, tuple[int, int]] = field(default_factory=dict)  # attention block -> (heads before, after)
 
     def summary(self) -> str:
         lines = [
@@ -90,6 +92,7 @@ class CompactionResult:
             f"({self.params_before / max(1, self.params_after):.2f}x); max |diff| {self.max_abs_diff:.2e}"
         ]
         lines += [f"  {label}: removed {r} of {n} channels" for label, (r, n) in self.removed.items() if r]
+        lines += [f"  {block}: {a} -> {b} attention heads" for block, (a, b) in self.heads.items()]
         lines += [f"  folded constants of {n} channels of {label}" for label, n in self.folded.items()]
         lines += [f"  column executor on {name}: {info}" for name, info in self.columns.items()]
         lines += [f"  kept: {reason}" for reason in self.kept]
@@ -120,6 +123,7 @@ def compact(
     with torch.no_grad():
         reference = _flat_outputs(forward(work, example_inputs))
     result = CompactionResult(model=work, params_before=count_params(work))
+    result.heads = remove_dead_heads(work)  # before the trace: heads are not channels Torch-Pruning can follow
 
     graph = build_dependency_graph(work, example_inputs)
     pairs = _groups_with_roots(work, example_inputs, tuple(config.extra_channelwise_ops), graph)

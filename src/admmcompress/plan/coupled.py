@@ -37,6 +37,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from admmcompress.plan.attention import AttentionLayout, attention_layouts
 from admmcompress.plan.graph import (
     CONSUMER,
     DEPTHWISE,
@@ -255,6 +256,59 @@ def _check_bucket(group: ChannelGroup, members: list[Target], mode: str) -> list
     return errors
 
 
+def couple_heads(model: nn.Module, targets: Sequence[Target]) -> list[Target]:
+    """Replace every ``heads`` target (on an attention block's query projection) by one coupled target over the
+    block's query, key and value rows and its output projection's columns (blocks found by
+    :func:`~admmcompress.plan.attention.attention_layouts`; no trace needed)."""
+    if not any(t.structure.kind == "heads" and not isinstance(t, CoupledTarget) for t in targets):
+        return list(targets)
+    try:
+        layouts = attention_layouts(model)
+    except ValueError as err:  # grouped-query attention and other layouts heads cannot be cut from
+        raise PlanError(str(err)) from None
+    out, errors = [], []
+    for t in targets:
+        if t.structure.kind != "heads" or isinstance(t, CoupledTarget):
+            out.append(t)
+            continue
+        layout = layouts.get(t.layer)
+        if layout is None:
+            known = ", ".join(sorted(layouts)[:6]) or "none found"
+            errors.append(
+                f"heads target on '{t.layer}': not the query projection of an attention block this library can read "
+                f"(query projections found: {known}); name the block's query Linear, or register an adapter with "
+                "admmcompress.plan.attention.register_attention"
+            )
+            continue
+        given = getattr(t.structure, "head_dim", None)
+        if given is not None and given != layout.head_dim:
+            errors.append(f"heads target on '{t.layer}': head_dim={given} but the block's heads have {layout.head_dim}")
+            continue
+        out.append(_head_target(t, layout, dict(model.named_modules())))
+    if errors:
+        raise PlanError("the plan does not fit this model:\n  - " + "\n  - ".join(errors))
+    return out
+
+
+def _head_target(t: Target, layout: AttentionLayout, modules) -> CoupledTarget:
+    channels = tuple(range(layout.width))
+    slices = []
+    for layer, dim in ((layout.q, 0), (layout.k, 0), (layout.v, 0), (layout.o, 1)):
+        slices.append(ChannelSlice(f"{layer}.weight", dim, channels, channels))
+        if dim == 0 and modules[layer].bias is not None:
+            slices.append(ChannelSlice(f"{layer}.bias", 0, channels, channels))
+    return CoupledTarget(
+        layer=layout.module,
+        param="weight",
+        structure=replace(t.structure, head_dim=layout.head_dim),
+        rule=t.rule,
+        size=layout.width,
+        members=(layout.q, layout.k, layout.v, layout.o),
+        slices=tuple(slices),
+        sources=(t.key,),
+    )
+
+
 def _coupled_target(group: ChannelGroup, members: list[Target], modules) -> CoupledTarget:
     slices = []
     for m in group.members:
@@ -277,4 +331,6 @@ def _coupled_target(group: ChannelGroup, members: list[Target], modules) -> Coup
     )
 
 
-__all__ = ["COUPLED_KINDS", "COUPLING_MODES", "BlockFilter", "ChannelSlice", "CoupledTarget", "couple"]
+__all__ = [
+    "COUPLED_KINDS", "COUPLING_MODES", "BlockFilter", "ChannelSlice", "CoupledTarget", "couple", "couple_heads",
+]

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import yaml
 
-from admmcompress.plan.coupled import couple
+from admmcompress.plan.coupled import couple, couple_heads
 from admmcompress.plan.targets import PlanError, Target
 from admmcompress.structures.base import Structure
 from admmcompress.structures.groups import gemm_params
@@ -220,7 +220,7 @@ class Plan:
         errors += _tied_targets(targets, modules)
         if errors:
             raise PlanError("the plan does not fit this model:\n  - " + "\n  - ".join(errors))
-        return targets
+        return couple_heads(model, targets)  # a heads target always spans its block's q/k/v rows and o columns
 
     def resolve_coupled(
         self,

@@ -8,6 +8,7 @@ quantization alike, and ``structure.quantizes`` tells them apart.
 from admmcompress.structures.base import Structure, register_structure, unregister_structure
 from admmcompress.structures.block import Block, BlockFilter, BlockRow
 from admmcompress.structures.groups import as_matrix, kept_count, project_groups
+from admmcompress.structures.heads import Heads
 from admmcompress.structures.lowrank import SharedKernels, Tucker2
 from admmcompress.structures.nm import NM
 from admmcompress.structures.quantization import (
@@ -29,6 +30,7 @@ from admmcompress.structures.registry import (
 from admmcompress.structures.sparsity import Channel, Column, Filter, SparsityStructure, Unstructured
 
 __all__ = [
+    "Heads",
     "NM",
     "QUANTIZERS",
     "STRUCTURES",

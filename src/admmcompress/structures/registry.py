@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 # The built-ins register themselves when their module runs; import them here so no lookup misses one.
-from admmcompress.structures import block, crossbar, lowrank, nm, quantization, sparsity  # noqa: F401
+from admmcompress.structures import block, crossbar, heads, lowrank, nm, quantization, sparsity  # noqa: F401
 from admmcompress.structures.base import _ALIASES, _CLASSES, Structure
 
 
