@@ -222,9 +222,8 @@ def summary(out: Path) -> str:
                        macs_after=dense.get("macs"), wall_seconds=dense.get("seconds"))]
     methods = {"admm": ("ADMM", "admm, coupled filters"), "magnitude": ("L1", "L1 magnitude (Torch-Pruning)"),
                "taylor": ("Taylor", "Taylor (Torch-Pruning)")}
-    for path in sorted(out.glob("admm_keep*.json"), key=lambda p: -float(p.stem.removeprefix("admm_keep"))):
-        if "_seed" in path.stem:
-            continue
+    seed0 = [p for p in out.glob("admm_keep*.json") if "_seed" not in p.stem]
+    for path in sorted(seed0, key=lambda p: -float(p.stem.removeprefix("admm_keep"))):
         for what, (label, method) in methods.items():
             run = out / path.name.replace("admm", what)
             if not run.is_file():

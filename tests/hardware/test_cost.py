@@ -12,7 +12,7 @@ from admmcompress.hardware.cost import tile_figures
 from admmcompress.hardware.pim import PIMSpec, pim_cost, pim_matrix_cost
 
 # ISAAC per-array figures (constants.py), summed by hand for a 128x128 tile with an 8-bit ADC:
-TILE_AREA = 25.0 + 1200.0 + 0.166 * 128 + 0.039 * 128 + 30.0 + 358.5  # um^2
+TILE_AREA = 25.0 + 1200.0 + 0.166 * 128 + 0.039 * 128 + 30.0 + 358.75  # um^2
 TILE_POWER = 0.3 + 2.0 + 0.0039 * 128 + 0.0000098 * 128 + 0.025 + 0.184  # mW
 
 

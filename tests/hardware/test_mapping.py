@@ -100,3 +100,19 @@ def test_model_without_gemm_layers_is_a_clear_error():
 def test_bad_specs_name_the_problem(kwargs, message):
     with pytest.raises(ValueError, match=message):
         CrossbarSpec(**kwargs)
+
+
+def test_compacting_never_needs_more_tiles_than_the_masked_layout():
+    from types import SimpleNamespace
+
+    import torch
+
+    from admmcompress.hardware.crossbar import map_matrix
+
+    m = torch.zeros(4, 4)
+    m[1, 0:2] = 1
+    m[2, 2:4] = 1
+    m[3, 2:4] = 1  # removing zero row 0 shifts rows 2-3 across the 2x2 tile border
+    layout = SimpleNamespace(outputs_per_tile=2, inputs_per_tile=2)
+    mapping = map_matrix("m", m, layout)
+    assert (mapping.dense, mapping.masked, mapping.compact) == (4, 2, 2)

@@ -72,7 +72,7 @@ def test_the_penalty_gradient_is_added_once_before_each_optimizer_step(tmp_path)
     plan = Plan([Rule(Unstructured(sparsity=0.9), match="*intermediate.dense")])
     callback = ADMMTrainerCallback(plan, admm_epochs=1, options={"rho": 0.5})
     args = SimpleNamespace(fp16=False, gradient_accumulation_steps=2)
-    callback.on_train_begin(args, SimpleNamespace(max_steps=4), None, model=model, optimizer=None)
+    callback.on_train_begin(args, SimpleNamespace(global_step=0, max_steps=4), None, model=model, optimizer=None)
     callback.driver.step()  # Z, U away from W so the penalty's gradient is not zero
     batch = Tokens()[0]
     out = model(**{k: v.unsqueeze(0) for k, v in batch.items()})
@@ -83,6 +83,16 @@ def test_the_penalty_gradient_is_added_once_before_each_optimizer_step(tmp_path)
     callback.on_pre_optimizer_step(args, None, None)
     assert float(expected.abs().max()) > 0
     torch.testing.assert_close(weight.grad, data_grad + expected)
+
+
+def test_resuming_a_trainer_checkpoint_is_refused_not_silently_restarted():
+    from types import SimpleNamespace
+
+    plan = Plan([Rule(Unstructured(sparsity=0.5), match="*intermediate.dense")])
+    callback = ADMMTrainerCallback(plan, admm_epochs=1)
+    args = SimpleNamespace(fp16=False, gradient_accumulation_steps=1)
+    with pytest.raises(ValueError, match="would restart ADMM from scratch"):
+        callback.on_train_begin(args, SimpleNamespace(global_step=12, max_steps=20), None, model=classifier())
 
 
 def test_bad_arguments_are_one_clear_line():

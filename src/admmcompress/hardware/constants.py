@@ -19,7 +19,7 @@ ADC (8 bit, 1.28 GS/s) 1200             2.0                 8 ADCs: 0.0096 mm^2,
 DAC (1 bit) x rows     0.166 each       0.0039 each         8x128 DACs: 0.00017 mm^2, 4 mW
 sample & hold x cols   0.039 each       0.0000098 each      8x128 S+H: 0.00004 mm^2, 0.01 mW
 shift & add            30               0.025               4 units: 0.00024 mm^2, 0.2 mW (half per array)
-input/output regs      358.5            0.184               IR 2 KB 0.0021 mm^2 1.24 mW; OR 256 B 0.00077 mm^2
+input/output regs      358.75           0.184               IR 2 KB 0.0021 mm^2 1.24 mW; OR 256 B 0.00077 mm^2
                                                             0.23 mW (one eighth each)
 =====================  ===============  ==================  ===============================================
 
@@ -80,7 +80,7 @@ class CrossbarConstants:
     sample_hold_power: Constant = Constant(0.0000098, "mW per column", _ISAAC)
     shift_add_area: Constant = Constant(30.0, "um^2", _ISAAC)
     shift_add_power: Constant = Constant(0.025, "mW", _ISAAC)
-    registers_area: Constant = Constant(358.5, "um^2", _ISAAC)
+    registers_area: Constant = Constant(358.75, "um^2", _ISAAC)
     registers_power: Constant = Constant(0.184, "mW", _ISAAC)
 
 

@@ -15,8 +15,8 @@ same constants and tile size.
 >>> spec = CrossbarSpec()
 >>> mapping = ModelMapping(spec, [LayerMapping("fc", 16, 128, 16, 128, 2048, 1, 1, 1, positions=1)])
 >>> cost = crossbar_cost(mapping, act_bits=8)
->>> round(cost.area_um2, 3), round(cost.power_mw, 6)            # area: 25+1200+21.248+4.992+30+358.5
-(1639.74, 3.009454)
+>>> round(cost.area_um2, 3), round(cost.power_mw, 6)            # area: 25+1200+21.248+4.992+30+358.75
+(1639.99, 3.009454)
 >>> round(cost.energy_nj, 6)                                    # 8 cycles x 100 ns x 3.009454 mW
 2.407564
 """

@@ -91,10 +91,11 @@ def perturb_conductance(
     """One draw of the device model applied to conductances ``g`` (a new tensor)."""
     out = g
     if noise.sigma > 0:
-        z = torch.randn(g.shape, generator=generator, dtype=g.dtype, device=g.device)
+        # Drawn on the generator's device (the CPU) and moved: a CPU generator cannot draw CUDA tensors.
+        z = torch.randn(g.shape, generator=generator, dtype=g.dtype).to(g.device)
         out = g * torch.exp(noise.sigma * z)
     if noise.stuck_on > 0 or noise.stuck_off > 0:
-        u = torch.rand(g.shape, generator=generator, dtype=g.dtype, device=g.device)
+        u = torch.rand(g.shape, generator=generator, dtype=g.dtype).to(g.device)
         out = torch.where(u < noise.stuck_off, torch.full_like(out, g_min), out)
         stuck_on = (u >= noise.stuck_off) & (u < noise.stuck_off + noise.stuck_on)
         out = torch.where(stuck_on, torch.full_like(out, g_max), out)
@@ -109,7 +110,8 @@ def _grid_scale(magnitudes: torch.Tensor, n_max: int, exact_grid: bool) -> float
     if exact_grid and values.numel() <= n_max:  # more distinct magnitudes than codes: no grid can hold them
         for k in range(1, n_max + 1):
             codes = values * k / top
-            if bool(torch.all((codes - torch.round(codes)).abs() <= 1e-4 * k)):
+            # float32 rounding of s * c, in code units: a fixed fraction, so a fine grid never admits any weights
+            if bool(torch.all((codes - torch.round(codes)).abs() <= min(1e-6 * k, 0.01))):
                 return top / k
     return top / n_max
 
@@ -165,7 +167,7 @@ class CellMapping:
         def level(digits: torch.Tensor) -> torch.Tensor:
             g = spec.g_min + digits.to(self.dtype) * step
             g = perturb_conductance(g, noise, spec.g_min, spec.g_max, generator)
-            return ((g - spec.g_min) / step * place).sum(0)
+            return ((g - spec.g_min) / step * place.to(g.device)).sum(0)
 
         if self.negative is not None:
             codes = level(self.positive) - level(self.negative)

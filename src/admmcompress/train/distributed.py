@@ -8,7 +8,10 @@ What keeps N processes equal to one:
   global batch (:class:`ShardedLoader`: a distributed sampler whose order does not depend on N). The global
   batch is ``data.batch_size``, whatever N is; a rank's loss is weighted by its share so the averaged gradient
   is the gradient of the global batch's mean loss. The loader's state is the shared generator's, so a
-  checkpoint resumes with any number of processes.
+  checkpoint resumes with any number of processes. This holds for the bundled in-memory datasets; a dataset
+  given by import path is read through ``DistributedSampler``, whose order depends on N (a resume with another
+  N sees other batches), and an ``IterableDataset`` must split itself across ranks with ``__len__`` per rank.
+  Dropout draws the same masks on every rank (unlike one process drawing for the whole batch).
 * **Driver state**: DDP keeps the weights bitwise equal on every rank (the gradient all-reduce returns the
   same sum everywhere), and every driver computes Z, U, rho and masks from those weights only, so they are
   equal on every rank without being sent. After each driver update and hard prune the ranks compare a SHA-256

@@ -15,7 +15,8 @@ The penalty and the driver's progress (ADMM: rho, residual ``||W - Z|| / ||W||``
 integrations are called before user callbacks, so they do not see them: a logging callback listed after this one
 does. Limits: ``max_grad_norm`` clips the data
 gradient only (the trainer clips before the penalty's gradient is added); fp16 gradient scaling is refused (use
-fp32 or bf16); a driver that rewrites modules (``penni``) cannot run here, since the trainer's optimizer would keep
+fp32 or bf16); ``resume_from_checkpoint`` is refused (the ADMM state is not in the trainer's checkpoints); a driver
+that rewrites modules (``penni``) cannot run here, since the trainer's optimizer would keep
 the old parameters (use ``admmcompress run``).
 
 Example (a transformers model pruned to 2:4 in its FFNs, 3 epochs of ADMM then 2 of masked fine-tuning)::
@@ -83,6 +84,13 @@ class ADMMTrainerCallback(TrainerCallback):
                 "train in fp32 or with bf16=True"
             )
         self._model = model
+        if state.global_step > 0 and self.driver is None and self.masks is None:
+            # The trainer's checkpoints are JSON for callbacks: Z, U and masks are not in them.
+            raise ValueError(
+                "ADMMTrainerCallback: resuming a Trainer from a checkpoint would restart ADMM from scratch (Z, U and "
+                "masks are not in the trainer's checkpoint); rerun train() from the start, or save the masks "
+                "(callback.masks.state_dict()) after the driving phase and fine-tune with them"
+            )
         if self.masks is not None:  # a further train() call: fine-tune with the masks already found
             self._attach(model, optimizer, clear=False)
             return
