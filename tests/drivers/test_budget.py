@@ -163,6 +163,7 @@ def test_uniform_and_sensitivity_allocations_meet_the_budget():
     uniform = uniform_plan(model, plan, {"kind": "params", "reduction": 2})
     assert len({r.structure.target_sparsity for r in uniform.rules}) == 1
     assert kept_params(mlp(), shapes, uniform) <= dense / 2
+    assert kept_params(mlp(), shapes, uniform) >= 0.95 * dense / 2  # the smallest rate that meets it, not any
     x, y = torch.randn(128, 32), torch.randint(0, 10, (128,))
 
     def accuracy(m):
@@ -183,3 +184,8 @@ def test_torch_pruning_global_allocation_meets_a_mac_budget():
     trial.load_state_dict(model.state_dict())
     masks = hard_prune(trial, tp_plan.resolve_coupled(trial, X))  # reruns through the library's plan
     assert count_macs(compact(trial, X, masks).model, X) <= count_macs(model, X) / 2
+
+
+def test_allocation_baselines_refuse_a_latency_budget_in_one_line():
+    with pytest.raises(BudgetError, match="the allocation baselines take params or macs budgets, got latency"):
+        uniform_plan(mlp(), Plan([Rule(Filter(sparsity=0.9), type="Linear")]), {"kind": "latency", "reduction": 2})

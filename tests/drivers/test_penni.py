@@ -127,3 +127,17 @@ def test_two_stage_run_decomposes_then_sparsifies_lenet5():
     assert [t["method"] for t in metrics["transforms"]] == ["penni"]
     assert float((model.conv2.coefs == 0).float().mean()) > 0.3
     assert runner.masks["conv2.coefs"].logical_not().sum() == (model.conv2.coefs == 0).sum()
+
+
+def test_penni_is_refused_under_torchrun_before_training():
+    """Its steps swap which parameters train, which DDP's reducer would not follow."""
+    from admmcompress.train.distributed import Distributed
+
+    config = RunConfig.from_dict({
+        "model": {"name": "lenet5"}, "pretrained": "<in-memory>", "data": {"batch_size": 32},
+        "stages": [{"plan": {"rules": [{"match": "conv*", "structure": "shared_kernels", "bases": 4}]},
+                    "method": "penni", "admm": {"epochs": 0}, "retrain": {"epochs": 0}}],
+    })
+    train = load_dataset("mnist", "train", limit=32)
+    with pytest.raises(ValueError, match="method 'penni' cannot run under torchrun"):
+        Runner(config, LeNet5(), train, train, dist=Distributed(rank=0, world_size=2))

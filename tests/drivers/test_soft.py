@@ -370,3 +370,8 @@ def test_a_budget_the_plan_cannot_meet_is_refused_by_dry_run_before_training(tmp
     assert main(["run", str(path), "--out", str(tmp_path / "out"), "--dry-run"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "stages[0]:" in err[0] and "below the least this plan allows" in err[0]
+
+
+def test_a_pin_that_matches_no_target_is_one_line():
+    with pytest.raises(PlanError, match=r"soft pin \['fc_9'\] matches no target layer"):
+        SoftThreshold(mlp(), row_col_plan(), SoftConfig(pin={"fc_9": 0.5}))

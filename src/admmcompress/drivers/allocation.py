@@ -5,7 +5,7 @@ Every function here ends in a :class:`~admmcompress.plan.Plan` (per-layer ``filt
 pins) reruns the allocation:
 
 - :func:`rates_plan` / :func:`write_rates_plan`: the rates a finished (pruned) model has, as a plan YAML;
-- :func:`uniform_plan`: one sparsity for every target, the largest whose magnitude pruning meets the budget;
+- :func:`uniform_plan`: one sparsity for every target, the smallest whose magnitude pruning meets the budget;
 - :func:`sensitivity_plan`: prune each target alone over a grid of rates, measure the accuracy, and give each
   the largest rate whose drop stays under one threshold, the threshold bisected to meet the budget;
 - :func:`torch_pruning_plan`: Torch-Pruning's global magnitude pruning (``MagnitudePruner`` with
@@ -104,6 +104,15 @@ def _cost_of(model: nn.Module, targets: list[Target], rates: Mapping[str, float]
     return structured_cost(shapes, drop_unread_channels(targets, patterns), kind, latency)
 
 
+def _baseline_budget(budget: Budget | Mapping[str, Any]) -> Budget:
+    """The budget of a baseline allocation: params or MACs (a latency table is the SS-Auto driver's alone)."""
+    budget = Budget.from_any(budget)
+    if budget.kind == "latency":
+        raise BudgetError("the allocation baselines take params or macs budgets, got latency; give the same budget "
+                          "in MACs, or use method soft for a latency budget")
+    return budget
+
+
 def _bisect(cost: Callable[[float], float], budget: float, lo: float = 0.0, hi: float = 0.999,
             steps: int = 30) -> float:
     """The smallest x in [lo, hi] with cost(x) <= budget (cost non-increasing in x)."""
@@ -122,7 +131,7 @@ def uniform_plan(model: nn.Module, plan: Plan | list[Target], budget: Budget | M
                  example: torch.Tensor | None = None) -> Plan:
     """One sparsity for every target of ``plan``: the smallest whose magnitude pruning meets ``budget``."""
     targets = plan.resolve(model) if isinstance(plan, Plan) else list(plan)
-    budget = Budget.from_any(budget)
+    budget = _baseline_budget(budget)
     shapes = gemm_shapes(model, example)
     target = budget.resolve(structured_cost(shapes, {}, budget.kind))
     rate = _bisect(lambda s: _cost_of(model, targets, {t.key: s for t in targets}, shapes, budget.kind), target)
@@ -150,7 +159,7 @@ def sensitivity_plan(model: nn.Module, plan: Plan | list[Target], budget: Budget
     best accuracy of each curve's lowest rate is taken as the layer's no-loss level).
     """
     targets = plan.resolve(model) if isinstance(plan, Plan) else list(plan)
-    budget = Budget.from_any(budget)
+    budget = _baseline_budget(budget)
     shapes = gemm_shapes(model, example)
     target = budget.resolve(structured_cost(shapes, {}, budget.kind))
     reference = max(max(c.values()) for c in curves.values())
@@ -181,7 +190,7 @@ def torch_pruning_plan(model: nn.Module, plan: Plan | list[Target], budget: Budg
     import torch_pruning as tp  # optional dependency; Torch-Pruning does the dependency-aware global ranking
 
     targets = plan.resolve(model) if isinstance(plan, Plan) else list(plan)
-    budget = Budget.from_any(budget)
+    budget = _baseline_budget(budget)
     shapes = gemm_shapes(model, example)
     target = budget.resolve(structured_cost(shapes, {}, budget.kind))
     prunable = {layer for t in targets for layer, kind in _source_layers(t) if kind == "filter"}

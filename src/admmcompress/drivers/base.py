@@ -91,6 +91,8 @@ class Driver:
     name: ClassVar[str] = ""
     config_class: ClassVar[type] = type(None)
     supports_coupling: ClassVar[bool] = False
+    #: False for a driver that changes which parameters train during its phase (DDP's reducer would not follow).
+    supports_distributed: ClassVar[bool] = True
     history: list[dict[str, Any]]
 
     @classmethod

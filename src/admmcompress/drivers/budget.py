@@ -208,7 +208,7 @@ def drop_unread_channels(targets, patterns: Mapping[str, torch.Tensor]) -> dict[
         readers = {s.param for s in t.slices if s.dim == 1}  # input-channel slices of the next layers
         if not readers:
             continue
-        role = {n: torch.full(out[n].shape, 1.0 if n in readers else 0.0) for n in t.param_names}
+        role = {n: torch.full(out[n].shape, 1.0 if n in readers else 0.0, device=out[n].device) for n in t.param_names}
         consumer_columns = t.value(role) > 0
         read = ((t.value({n: out[n].float() for n in t.param_names}) != 0) & consumer_columns).any(dim=1)
         for name, mask in t.masks_for_channels(out, read).items():

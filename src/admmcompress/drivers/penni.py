@@ -75,6 +75,9 @@ class PenniConfig:
 class Penni(Driver):
     """PENNI: decompose k x k convs into shared basis kernels, or train and prune their coefficients."""
 
+    # Each step() swaps which of coefficients / bases trains (requires_grad), which DDP's reducer does not follow.
+    supports_distributed = False
+
     def __init__(self, model: nn.Module, targets: list[Target], config: PenniConfig | None = None,
                  frozen: MaskSet | None = None):
         self.check_targets(targets)

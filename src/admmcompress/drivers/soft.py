@@ -191,6 +191,11 @@ class SoftThreshold(Driver):
         self._params = dict(model.named_parameters())
         self.names = list(dict.fromkeys(n for t in self.targets for n in _params_of(t)))
         self.pins = {t.key: self._pin(t) for t in self.targets}
+        layers = [layer for t in self.targets for layer in _layers_of(t)]
+        unmatched = [p for p in self.config.pin if not any(fnmatch.fnmatchcase(layer, p) for layer in layers)]
+        if unmatched:
+            raise PlanError(f"soft pin {unmatched} matches no target layer; the targets' layers: {layers[:8]}"
+                            + (" ..." if len(layers) > 8 else ""))
         if example is None:
             if self.config.budget is not None and self.config.budget["kind"] != "params":
                 raise BudgetError(

@@ -9,8 +9,11 @@ driving phase the weight is replaced by its factors (``admmcompress.executors.tu
   ``partial_tucker`` stopped before any HOOI sweep. Truncated HOSVD is *quasi-optimal*: its error is at most
   ``sqrt(2)`` times the error of the nearest point of the set, not always the nearest point itself.
 - :class:`SharedKernels` ``(bases=d)``: every k x k kernel is a combination of the same ``d`` basis kernels,
-  i.e. the ``(O*I, k*k)`` matrix of kernels has rank at most ``d``. PENNI's decomposition is PCA of that matrix
-  without the mean, which is the truncated SVD: the exact Euclidean projection (Eckart-Young).
+  i.e. the ``(O*I, k*k)`` matrix of kernels has rank at most ``d``. The decomposition here is PCA of that matrix
+  without the mean, which is the truncated SVD: the exact Euclidean projection (Eckart-Young), and at
+  ``d = k*k`` the weight itself. PENNI's released code runs scikit-learn's PCA, which centres the kernels first
+  and drops the mean, so its starting weight is about ``W - mean`` and its bases differ; the uncentred form is
+  kept on purpose (the network's function is preserved at full rank).
 
 >>> w = torch.randn(8, 6, 3, 3)
 >>> z = Tucker2(ranks=(4, 3)).project(w)

@@ -133,6 +133,9 @@ class Runner:
         for i, (stage, targets) in enumerate(zip(config.stages, self.stage_targets, strict=True)):
             try:  # fail before any training, not at the stage
                 driver = get_driver(stage.method).cls
+                if self.dist.active and not driver.supports_distributed:
+                    raise ValueError(f"method '{stage.method}' cannot run under torchrun (it changes which parameters "
+                                     "train during its phase); run this stage in one process")
                 driver.check_targets(targets)
                 driver.preflight(model, targets, stage.options, self.example)
             except PlanError as err:
