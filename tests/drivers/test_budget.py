@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from toy_models import Residual
 
 from admmcompress.drivers import ADMM
 from admmcompress.drivers.allocation import (
@@ -37,20 +38,6 @@ def _private_rng():
     with torch.random.fork_rng():
         torch.manual_seed(0)
         yield
-
-
-class Residual(nn.Module):
-    def __init__(self, width=8):
-        super().__init__()
-        self.stem, self.bn0 = nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
-        self.conv1, self.bn1 = nn.Conv2d(width, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12)
-        self.conv2, self.bn2 = nn.Conv2d(12, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
-        self.fc = nn.Linear(width, 4)
-
-    def forward(self, x):
-        x = torch.relu(self.bn0(self.stem(x)))
-        y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
-        return self.fc(torch.relu(x + y).mean(dim=(2, 3)))
 
 
 X = torch.randn(2, 3, 8, 8)

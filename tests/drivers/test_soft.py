@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from toy_models import Residual
 
 from admmcompress.data import load_dataset
 from admmcompress.drivers import get_driver
@@ -207,20 +208,6 @@ def test_pins_bounds_and_excluded_layers_are_respected():
     w2 = model[2].weight != 0
     assert int(w2.any(1).sum()) == 48 and int(w2.any(0).sum()) == 48  # pinned at 25% rows and 25% columns
     assert torch.equal(model[4].weight.detach(), fc3)
-
-
-class Residual(nn.Module):
-    def __init__(self, width=8):
-        super().__init__()
-        self.stem, self.bn0 = nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
-        self.conv1, self.bn1 = nn.Conv2d(width, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12)
-        self.conv2, self.bn2 = nn.Conv2d(12, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
-        self.fc = nn.Linear(width, 4)
-
-    def forward(self, x):
-        x = torch.relu(self.bn0(self.stem(x)))
-        y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
-        return self.fc(torch.relu(x + y).mean(dim=(2, 3)))
 
 
 def test_coupled_result_compacts_exactly_on_a_residual_model():
