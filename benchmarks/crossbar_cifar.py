@@ -43,12 +43,12 @@ from admmcompress.drivers import ADMM, RhoSchedule
 from admmcompress.finalize import MaskSet, hard_prune
 from admmcompress.hardware import CrossbarSpec, DeviceNoise, NoiseInjector, add_adc, add_variation, analyze
 from admmcompress.hardware.analysis import VariationPoint
-from admmcompress.hardware.command import sample
 from admmcompress.hardware.noise import monte_carlo
 from admmcompress.hardware.pim import PIMSpec, pim_baseline, pim_cost
 from admmcompress.models import create_model
 from admmcompress.plan import Plan
 from admmcompress.report.hardware import save_hardware
+from admmcompress.run_hardware import sample
 from admmcompress.train import checkpoint as ckpt
 from admmcompress.train.loop import evaluate
 

@@ -76,7 +76,7 @@ MODULES = [
     "admmcompress.hardware.pim",
     "admmcompress.hardware.variation",
     "admmcompress.hardware.analysis",
-    "admmcompress.hardware.command",
+    "admmcompress.run_hardware",
     "admmcompress.report.hardware",
     # models
     "admmcompress.models.widths",

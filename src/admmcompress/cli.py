@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     from admmcompress.run_export import add_export_arguments  # flags from the executor registry, plugins first
 
     add_export_arguments(export, argv)
-    from admmcompress.hardware.command import add_arguments as add_hardware_arguments
+    from admmcompress.run_hardware import add_arguments as add_hardware_arguments
 
     add_hardware_arguments(sub.add_parser("hardware", help="modelled crossbar / SOT-MRAM mapping of a finished run"))
     args = parser.parse_args(argv)
@@ -286,9 +286,9 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _hardware(args: argparse.Namespace) -> int:
-    """Load the run and its test data; the analysis itself is admmcompress.hardware.command."""
-    from admmcompress.hardware.command import run_command, sample
+    """Load the run and its test data; the analysis itself is admmcompress.run_hardware."""
     from admmcompress.run_export import load_run_model
+    from admmcompress.run_hardware import run_command, sample
     from admmcompress.train.loop import evaluate
 
     model, config = load_run_model(args.dir)
