@@ -24,8 +24,14 @@ def test_own_training_loop_example_prunes_and_keeps_accuracy():
 def test_hf_trainer_example_prunes_ffns_to_2_of_4():
     import pytest
 
+    from admmcompress.data import find_dataset
+
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
+    try:
+        find_dataset("fashion_mnist")
+    except FileNotFoundError:
+        pytest.skip("fashion_mnist.npz is not available here (../shared/data or $ADMMCOMPRESS_DATA)")
     result = load("hf_trainer_admm").main(["--limit", "2000", "--dense-epochs", "2", "--admm-epochs", "1",
                                            "--finetune-epochs", "1"])
     assert result["pattern_holds"]
