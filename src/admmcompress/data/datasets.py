@@ -75,9 +75,8 @@ def _warn_if_few_classes(name: str, split: str, labels: np.ndarray, limit: int |
     that keeps a fraction of the classes measures nothing; say so (the caller's data stay as asked)."""
     if limit is None or limit >= len(labels):
         return
-    head = labels[:limit]
-    kept, every = np.unique(head), np.unique(labels)
-    if len(kept) < len(every) and bool(np.all(np.diff(head) >= 0)):  # sorted, not just a small sample
+    kept, every = np.unique(labels[:limit]), np.unique(labels)
+    if len(kept) < len(every) and bool(np.all(np.diff(labels) >= 0)):  # the whole file sorted, not a small sample
         warnings.warn(
             f"{name} {split}: the first {limit} samples hold only classes {kept.tolist()} of {len(every)} (the file "
             "is sorted by class); take a seeded random subset instead of a limit, or use the whole split",
