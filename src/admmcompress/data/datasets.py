@@ -76,7 +76,8 @@ def _warn_if_few_classes(name: str, split: str, labels: np.ndarray, limit: int |
     if limit is None or limit >= len(labels):
         return
     kept, every = np.unique(labels[:limit]), np.unique(labels)
-    if len(kept) < len(every) and bool(np.all(np.diff(labels) >= 0)):  # the whole file sorted, not a small sample
+    grouped = len(labels) > len(every) and bool(np.all(np.diff(labels) >= 0))  # the file is sorted by class
+    if grouped and len(kept) < len(every):
         warnings.warn(
             f"{name} {split}: the first {limit} samples hold only classes {kept.tolist()} of {len(every)} (the file "
             "is sorted by class); take a seeded random subset instead of a limit, or use the whole split",
