@@ -242,6 +242,17 @@ class ModelMapping:
         return [layer.note for layer in self.layers if layer.note]
 
 
+def gemm_matrices(
+    model: nn.Module, example: torch.Tensor | None, dense: bool = False
+) -> Iterator[tuple[str, torch.Tensor, int]]:
+    """``(name, GEMM matrix, output positions per sample)`` of every mapped layer; ``dense``: all ones (the
+    unpruned mapping under the same layout)."""
+    positions = output_positions(model, example)
+    for name, module in gemm_layers(model):
+        matrix = as_matrix(module.weight.detach())
+        yield name, (torch.ones_like(matrix) if dense else matrix), positions[name]
+
+
 def map_model(
     model: nn.Module, spec: CrossbarSpec, example: torch.Tensor | None = None, dense: bool = False
 ) -> ModelMapping:
@@ -249,13 +260,9 @@ def map_model(
 
     Raises ``ValueError`` if the model has no layer a crossbar computes.
     """
-    positions = output_positions(model, example)
     mapping = ModelMapping(spec)
-    for name, module in gemm_layers(model):
-        matrix = as_matrix(module.weight.detach())
-        if dense:
-            matrix = torch.ones_like(matrix)
-        mapping.layers.append(map_matrix(name, matrix, spec, positions[name]))
+    for name, matrix, positions in gemm_matrices(model, example, dense):
+        mapping.layers.append(map_matrix(name, matrix, spec, positions))
     if not mapping.layers:
         raise ValueError(
             f"{type(model).__name__} has no Linear or Conv layer to map onto crossbar tiles; "
@@ -265,6 +272,6 @@ def map_model(
 
 
 __all__ = [
-    "CrossbarSpec", "LayerMapping", "ModelMapping", "gemm_layers", "map_matrix", "map_model",
+    "CrossbarSpec", "LayerMapping", "ModelMapping", "gemm_layers", "gemm_matrices", "map_matrix", "map_model",
     "TileLayout", "output_positions", "tile_grid",
 ]

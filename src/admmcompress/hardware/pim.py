@@ -37,8 +37,7 @@ import torch
 from torch import nn
 
 from admmcompress.hardware.constants import PIM, PIMConstants
-from admmcompress.hardware.crossbar import gemm_layers, output_positions
-from admmcompress.structures.groups import as_matrix
+from admmcompress.hardware.crossbar import gemm_matrices
 
 
 @dataclass(frozen=True)
@@ -167,13 +166,9 @@ def pim_cost(
     constants: PIMConstants = PIM,
 ) -> PIMCost:
     """Modelled SOT-MRAM cost of every Linear/Conv layer of ``model``; ``dense=True`` ignores pruning."""
-    positions = output_positions(model, example)
     cost = PIMCost(spec, constants=constants)
-    for name, module in gemm_layers(model):
-        matrix = as_matrix(module.weight.detach())
-        if dense:
-            matrix = torch.ones_like(matrix)
-        cost.layers.append(pim_matrix_cost(name, matrix, spec, positions[name]))
+    for name, matrix, positions in gemm_matrices(model, example, dense):
+        cost.layers.append(pim_matrix_cost(name, matrix, spec, positions))
     if not cost.layers:
         raise ValueError(
             f"{type(model).__name__} has no Linear or Conv layer to map onto SOT-MRAM sub-arrays; "
