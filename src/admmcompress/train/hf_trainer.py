@@ -39,9 +39,10 @@ try:
 except ImportError:  # pragma: no cover - depends on the environment
     raise ImportError("admmcompress.train.hf_trainer needs transformers: pip install 'admmcompress[hf]'") from None
 
-from admmcompress.drivers.base import Driver, DriverContext, ModuleTransform, get_driver
+from admmcompress.drivers.base import Driver, DriverContext, get_driver
 from admmcompress.finalize import MaskSet
 from admmcompress.plan import Plan, Target
+from admmcompress.train.framework_hooks import check_admm_epochs, finish_driving, hold_masks, is_positive_int
 from admmcompress.train.logging import numeric_scalars
 
 
@@ -63,11 +64,8 @@ class ADMMTrainerCallback(TrainerCallback):
         options: dict[str, Any] | None = None,
         update_every_steps: int | None = None,
     ):
-        if not isinstance(admm_epochs, int) or isinstance(admm_epochs, bool) or admm_epochs < 1:
-            raise ValueError(f"admm_epochs={admm_epochs!r} must be an integer >= 1 (epochs of the driving phase)")
-        if update_every_steps is not None and (
-            not isinstance(update_every_steps, int) or isinstance(update_every_steps, bool) or update_every_steps < 1
-        ):
+        check_admm_epochs(admm_epochs)
+        if update_every_steps is not None and not is_positive_int(update_every_steps):
             raise ValueError(f"update_every_steps={update_every_steps!r} must be a positive integer (or None)")
         self.spec = get_driver(method)  # an unknown method: one line listing the registered ones
         self.config = self.spec.make_config(options)
@@ -138,24 +136,13 @@ class ADMMTrainerCallback(TrainerCallback):
             self._finalize(None)
 
     def _finalize(self, optimizer) -> None:
-        self.driver.close()
-        outcome = self.driver.finalize()
-        if isinstance(outcome, ModuleTransform):
-            raise ValueError(
-                f"ADMMTrainerCallback: method '{self.spec.name}' rewrites modules, which would leave the trainer's "
-                "optimizer on old parameters; use a masking method (admm, reweighted, magnitude) here, or "
-                "admmcompress run"
-            )
-        self.masks, self.driver = outcome, None
+        self.masks, self.driver = finish_driving(self.driver, self.spec.name, "ADMMTrainerCallback"), None
         self._attach(self._model, optimizer, clear=True)
 
     def _attach(self, model: nn.Module, optimizer, clear: bool) -> None:
-        self.masks.attach(model)  # gradient hooks; zeroes the pruned weights
-        if optimizer is not None:
-            optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper -> the torch optimizer
-            if clear:
-                optimizer.state.clear()  # fresh moments: stale momentum must not revive pruned weights
-            self.masks.watch(optimizer)  # re-mask after every optimizer step
+        # accelerate wraps the torch optimizer; the step hooks go on the one inside
+        optimizers = [] if optimizer is None else [getattr(optimizer, "optimizer", optimizer)]
+        hold_masks(self.masks, model, optimizers, clear)
 
 
 __all__ = ["ADMMTrainerCallback"]

@@ -36,9 +36,10 @@ except ImportError:  # pragma: no cover - depends on the environment
         "admmcompress.train.lightning needs PyTorch Lightning: pip install 'admmcompress[lightning]'"
     ) from None
 
-from admmcompress.drivers.base import Driver, DriverContext, ModuleTransform, get_driver
+from admmcompress.drivers.base import Driver, DriverContext, get_driver
 from admmcompress.finalize import MaskSet, mask_set_from_state
 from admmcompress.plan import Plan, Target
+from admmcompress.train.framework_hooks import check_admm_epochs, finish_driving, hold_masks, is_positive_int
 from admmcompress.train.logging import numeric_scalars
 
 
@@ -63,12 +64,11 @@ class ADMMCallback(pl.Callback):
         update_every_steps: int | None = None,
         submodule: str | None = None,
     ):
-        if not isinstance(admm_epochs, int) or isinstance(admm_epochs, bool) or admm_epochs < 1:
-            raise ValueError(f"admm_epochs={admm_epochs!r} must be an integer >= 1 (epochs of the driving phase)")
+        check_admm_epochs(admm_epochs)
         if update_every_epochs is not None and update_every_steps is not None:
             raise ValueError("give update_every_epochs or update_every_steps, not both")
         for name, value in (("update_every_epochs", update_every_epochs), ("update_every_steps", update_every_steps)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            if value is not None and not is_positive_int(value):
                 raise ValueError(f"{name}={value!r} must be a positive integer")
         self.spec = get_driver(method)  # an unknown method: one line listing the registered ones
         self.config = self.spec.make_config(options)
@@ -144,22 +144,11 @@ class ADMMCallback(pl.Callback):
 
     def _finalize(self, trainer: pl.Trainer, net: nn.Module) -> None:
         """Hard prune (or the driver's module transform), then masks on the model and the optimizers."""
-        self.driver.close()
-        outcome = self.driver.finalize()
-        if isinstance(outcome, ModuleTransform):
-            raise ValueError(
-                f"ADMMCallback: method '{self.spec.name}' rewrites modules, which would leave the trainer's optimizer "
-                "on old parameters; use a masking method (admm, reweighted, magnitude) here, or admmcompress run"
-            )
-        self.masks, self.driver = outcome, None
+        self.masks, self.driver = finish_driving(self.driver, self.spec.name, "ADMMCallback"), None
         self._attach(trainer, net, clear=True)
 
     def _attach(self, trainer: pl.Trainer, net: nn.Module, clear: bool) -> None:
-        self.masks.attach(net)  # gradient hooks; zeroes the pruned weights
-        for optimizer in trainer.optimizers:
-            if clear:
-                optimizer.state.clear()  # fresh moments: stale momentum must not revive pruned weights
-            self.masks.watch(optimizer)  # re-mask after every step of each optimizer
+        hold_masks(self.masks, net, trainer.optimizers, clear)
 
     # --- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
