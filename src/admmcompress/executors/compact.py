@@ -37,7 +37,7 @@ from admmcompress.executors.channels import channel_status
 from admmcompress.executors.fold import fold_constant_channels, forward
 from admmcompress.executors.heads import remove_dead_heads
 from admmcompress.finalize import MaskSet
-from admmcompress.plan.graph import _groups_with_roots, build_dependency_graph, is_grouped_conv
+from admmcompress.plan.graph import _groups_with_roots, build_dependency_graph, is_grouped_conv, output_tensors
 
 COLUMN_MODES = ("off", "auto", "on")
 
@@ -121,7 +121,7 @@ def compact(
     modes = {name: m.training for name, m in work.named_modules()}
     work.eval()
     with torch.no_grad():
-        reference = _flat_outputs(forward(work, example_inputs))
+        reference = output_tensors(forward(work, example_inputs))
     result = CompactionResult(model=work, params_before=count_params(work))
     result.heads = remove_dead_heads(work)  # before the trace: heads are not channels Torch-Pruning can follow
 
@@ -172,7 +172,7 @@ def compact(
 
         result.columns = apply_column_executors(work, example_inputs, mode=config.columns, min_sparsity=0.0)
     with torch.no_grad():
-        outputs = _flat_outputs(forward(work, example_inputs))
+        outputs = output_tensors(forward(work, example_inputs))
     result.max_abs_diff = _max_diff(reference, outputs)
     if not result.max_abs_diff <= config.atol:
         raise CompactionError(
@@ -283,16 +283,6 @@ def _why_kept(group, stuck: torch.Tensor, status, modules) -> str:
         f"channels {shown} of '{group.label}' have zero filters but still output a constant "
         "(bias / BN shift) that was not folded"
     )
-
-
-def _flat_outputs(out) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out.detach()]
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _flat_outputs(o)]
-    return []
 
 
 def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
