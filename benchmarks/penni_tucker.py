@@ -33,6 +33,7 @@ import argparse
 import copy
 import json
 import math
+import statistics
 import time
 from pathlib import Path
 
@@ -45,6 +46,7 @@ from admmcompress.drivers import ADMM, Penni, PenniConfig, RhoSchedule
 from admmcompress.executors import rank_search as rs
 from admmcompress.executors.compact_run import count_macs
 from admmcompress.executors.penni import TwoStageConv, shared_layers, shrink
+from admmcompress.executors.tucker import factorize_tucker2
 from admmcompress.models import create_model
 from admmcompress.plan import Plan, Rule
 from admmcompress.structures import SharedKernels, Tucker2
@@ -81,8 +83,11 @@ def sparse_macs(model: nn.Module, x: torch.Tensor) -> int:
     """MACs for one sample with two-stage convs counted at their stage-2 nonzeros (SPEC 10.3)."""
     total = count_macs(model, x[:1])
     sizes: dict[str, tuple[int, int]] = {}
-    handles = [m.register_forward_hook(lambda mod, _i, out, n=n: sizes.__setitem__(n, tuple(out.shape[-2:])))
-               for n, m in model.named_modules() if isinstance(m, TwoStageConv)]
+    handles = [
+        m.register_forward_hook(lambda mod, _i, out, n=n: sizes.__setitem__(n, tuple(out.shape[-2:])))
+        for n, m in model.named_modules()
+        if isinstance(m, TwoStageConv)
+    ]
     with torch.no_grad():
         model.eval()(x[:1])
     for handle in handles:
@@ -129,42 +134,98 @@ def onnx_check(model: nn.Module, path: Path) -> float:
 # --- PENNI ---------------------------------------------------------------------------------------------------
 
 
+def penni_decomposed(bases: int) -> tuple[nn.Module, list]:
+    """The dense model with every 3x3 conv decomposed into ``bases`` kernels (PCA without the mean), its targets."""
+    model = dense_model()
+    targets = Plan([Rule(SharedKernels(bases=bases), match="*conv*")]).resolve(model)
+    Penni(model, targets).finalize().apply(model)
+    return model, targets
+
+
+def penni_two_stage(state: Path, bases: int) -> nn.Module:
+    """A saved PENNI run (the fine-tuned shared-kernel model) rebuilt, shrunk and in its two-stage form."""
+    model, _ = penni_decomposed(bases)
+    ckpt.load_weights(model, state)
+    return shrink(model.eval(), torch.randn(8, 3, 32, 32)).eval()
+
+
 def run_penni(args, log) -> dict:
     train, test = data(args)
-    model = dense_model()
-    dense = copy.deepcopy(model)
-    plan = Plan([Rule(SharedKernels(bases=args.bases), match="*conv*")])
-    targets = plan.resolve(model)
-    Penni(model, targets).finalize().apply(model)  # PCA without the mean
+    dense = dense_model()
+    model, targets = penni_decomposed(args.bases)
     acc_decomposed = evaluate(model, test)
     log(f"decomposed (d={args.bases}): {acc_decomposed:.2f}% (dense {evaluate(dense, test):.2f}%)")
     driver = Penni(model, targets, PenniConfig(l1=args.l1, prune_std=args.prune_std))
     driver.prepare(model)
     steps = math.ceil(len(train) / 128)
-    fit(model, train, args.train_epochs, 0.01, optimizer="sgd", batch_size=128, weight_decay=1e-4,
-        penalty=driver.penalty, every=steps * args.alternate_epochs, on_every=driver.step,
-        augment=CIFAR_AUGMENT, log=log, fast=args.fast)
+    fit(
+        model,
+        train,
+        args.train_epochs,
+        0.01,
+        optimizer="sgd",
+        batch_size=128,
+        weight_decay=1e-4,
+        penalty=driver.penalty,
+        every=steps * args.alternate_epochs,
+        on_every=driver.step,
+        augment=CIFAR_AUGMENT,
+        log=log,
+        fast=args.fast,
+        seed=1 + 1000 * args.seed,
+    )
     driver.close()
     masks = driver.finalize()
     acc_pruned = evaluate(model, test)
-    fit(model, train, args.finetune_epochs, 0.01, optimizer="sgd", batch_size=128, weight_decay=1e-4, masks=masks,
-        augment=CIFAR_AUGMENT, log=log, fast=args.fast)
+    fit(
+        model,
+        train,
+        args.finetune_epochs,
+        0.01,
+        optimizer="sgd",
+        batch_size=128,
+        weight_decay=1e-4,
+        masks=masks,
+        augment=CIFAR_AUGMENT,
+        log=log,
+        fast=args.fast,
+        seed=2 + 1000 * args.seed,
+    )
     acc = evaluate(model, test)
+    # The fine-tuned model, so `time` can rebuild the two-stage form on a quiet machine (no pickle).
+    ckpt.save_tensors(
+        Path(args.out) / f"penni_seed{args.seed}.safetensors",
+        {k: v.detach().contiguous() for k, v in model.state_dict().items()},
+    )
     x = torch.randn(8, 3, 32, 32)
     fast = shrink(model.eval(), x).eval()
     kept = sum(int(model.get_submodule(n).coefs.count_nonzero()) for n in shared_layers(model))
     result = {
-        "bases": args.bases, "l1": args.l1, "prune_std": args.prune_std,
-        "accuracy": {"dense": evaluate(dense, test), "decomposed": acc_decomposed, "pruned": acc_pruned,
-                     "finetuned": acc, "two_stage": evaluate(fast, test)},
+        "bases": args.bases,
+        "l1": args.l1,
+        "prune_std": args.prune_std,
+        "accuracy": {
+            "dense": evaluate(dense, test),
+            "decomposed": acc_decomposed,
+            "pruned": acc_pruned,
+            "finetuned": acc,
+            "two_stage": evaluate(fast, test),
+        },
         "coefs_kept": kept,
-        "params": {"dense": params(dense), "two_stage": params(fast),
-                   "two_stage_nonzero": sum(int(p.count_nonzero()) for p in fast.parameters())},
-        "macs": {"dense": count_macs(dense, x), "two_stage_dense_stage2": count_macs(fast, x),
-                 "two_stage_sparse_stage2": sparse_macs(fast, x)},
-        "speed_memory": speed_and_memory({"dense": dense, "two_stage": fast}, args.rounds),
+        "params": {
+            "dense": params(dense),
+            "two_stage": params(fast),
+            "two_stage_nonzero": sum(int(p.count_nonzero()) for p in fast.parameters()),
+        },
+        "macs": {
+            "dense": count_macs(dense, x),
+            "two_stage_dense_stage2": count_macs(fast, x),
+            "two_stage_sparse_stage2": sparse_macs(fast, x),
+        },
         "onnx_max_diff": onnx_check(fast, Path(args.out) / "penni_two_stage.onnx"),
     }
+    if not args.no_timing:
+        result["speed_memory"] = speed_and_memory({"dense": dense, "two_stage": fast}, args.rounds)
     log(json.dumps(result, indent=1))
     return result
 
@@ -184,13 +245,38 @@ def train_tucker(chosen: dict, train, test, args, log) -> nn.Module:
         return model
     admm = ADMM(model, plan, rho=RhoSchedule(args.rho, 1.3, 1.0))
     steps = math.ceil(len(train) / 128)
-    fit(model, train, args.admm_epochs, 0.01, optimizer="sgd", batch_size=128, weight_decay=5e-4,
-        penalty=admm.penalty, every=max(1, steps // 4), on_every=admm.step, augment=CIFAR_AUGMENT,
-        schedule="constant", log=log, fast=args.fast)
+    fit(
+        model,
+        train,
+        args.admm_epochs,
+        0.01,
+        optimizer="sgd",
+        batch_size=128,
+        weight_decay=5e-4,
+        penalty=admm.penalty,
+        every=max(1, steps // 4),
+        on_every=admm.step,
+        augment=CIFAR_AUGMENT,
+        schedule="constant",
+        log=log,
+        fast=args.fast,
+        seed=1 + 1000 * args.seed,
+    )
     outcome = admm.finalize()
     outcome.apply(model)
-    fit(model, train, args.finetune_epochs, 0.01, optimizer="sgd", batch_size=128, weight_decay=5e-4,
-        augment=CIFAR_AUGMENT, log=log, fast=args.fast)
+    fit(
+        model,
+        train,
+        args.finetune_epochs,
+        0.01,
+        optimizer="sgd",
+        batch_size=128,
+        weight_decay=5e-4,
+        augment=CIFAR_AUGMENT,
+        log=log,
+        fast=args.fast,
+        seed=2 + 1000 * args.seed,
+    )
     return model.eval()
 
 
@@ -204,8 +290,10 @@ def run_tucker(args, log) -> dict:
     # A smoke run's timings on a busy machine must not land in the per-machine cache a real search reuses.
     cache = LatencyCache("tucker2", folder=Path(args.out) / "latency_cache") if args.quick else None
     latency = rs.latency_table(shapes, args.batch, fractions, cache=cache, rounds=3 if args.quick else 9)
-    log(f"latency table: {len(layers)} layers x {len(fractions) + 1} candidates in "
-        f"{time.perf_counter() - started:.0f} s (cached per machine and shape)")
+    log(
+        f"latency table: {len(layers)} layers x {len(fractions) + 1} candidates in "
+        f"{time.perf_counter() - started:.0f} s (cached per machine and shape)"
+    )
     flops = rs.flop_table(shapes, fractions)
     losses = rs.reconstruction_losses(dense, latency)
     dense_ms = sum(t[None] for t in latency.values())
@@ -220,11 +308,15 @@ def run_tucker(args, log) -> dict:
             model = train_tucker(chosen, train, test, args, log)
             entry[label] = {
                 "ranks": {k: v for k, v in chosen.items()},
-                "table_ms": rs.total(latency, chosen), "table_macs": rs.total(flops, chosen),
-                "accuracy": evaluate(model, test), "params": params(model), "model": model,
+                "table_ms": rs.total(latency, chosen),
+                "table_macs": rs.total(flops, chosen),
+                "accuracy": evaluate(model, test),
+                "params": params(model),
+                "model": model,
             }
         models = {"dense": dense, **{k: v.pop("model") for k, v in entry.items()}}
-        entry["speed_memory"] = speed_and_memory(models, args.rounds)
+        if not args.no_timing:
+            entry["speed_memory"] = speed_and_memory(models, args.rounds)
         entry["onnx_max_diff"] = onnx_check(models["latency"], Path(args.out) / "tucker_latency.onnx")
         results["budgets"][str(budget)] = entry
         log(json.dumps(entry, indent=1, default=str))
@@ -237,7 +329,7 @@ def run_peer(args, log) -> dict:
     import tensorly
     from tensorly.decomposition import partial_tucker
 
-    from admmcompress.executors.tucker import Tucker2Conv
+    from admmcompress.executors.tucker import Tucker2Conv  # noqa: I001
 
     _, test = data(args)
     dense = dense_model()
@@ -253,38 +345,121 @@ def run_peer(args, log) -> dict:
             block.last.weight.copy_(u_out[:, :, None, None])
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, block)
-    result = {"accuracy": {"dense": evaluate(dense, test), "half_rank": evaluate(model.eval(), test)},
-              "speed_memory": speed_and_memory({"dense": dense, "half_rank": model.eval()}, args.rounds)}
+    result = {
+        "accuracy": {"dense": evaluate(dense, test), "half_rank": evaluate(model.eval(), test)},
+        "speed_memory": speed_and_memory({"dense": dense, "half_rank": model.eval()}, args.rounds),
+    }
     log(json.dumps(result, indent=1))
     return result
 
 
+def tucker_model(ranks: dict) -> nn.Module:
+    """The factorized ResNet-20 at ``ranks`` (random factors: latency depends on the shapes, not the values)."""
+    chosen = {name: tuple(r) for name, r in ranks.items() if r is not None}
+    return factorize_tucker2(dense_model(), chosen, weights=False).eval()
+
+
+def run_time(args, log) -> dict:
+    """Latency and peak memory of the saved runs' models, all timed in this one process (run it on a quiet machine)."""
+    out = Path(args.out)
+    result: dict = {}
+    states = sorted(out.glob("penni_seed*.safetensors"))
+    if states:
+        bases = {json.loads(p.with_suffix(".json").read_text())["bases"] for p in states}
+        if len(bases) != 1:
+            raise SystemExit(f"time: the PENNI runs in {out} use different --bases {sorted(bases)}; one per folder")
+        models = {
+            "dense": dense_model(),
+            **{p.stem.removeprefix("penni_"): penni_two_stage(p, bases.pop()) for p in states},
+        }
+        result["penni"] = speed_and_memory(models, args.rounds)
+    runs = [json.loads(p.read_text()) for p in sorted(out.glob("tucker_seed*.json"))]
+    if runs:
+        result["tucker"] = {}
+        for budget, entry in runs[0]["budgets"].items():
+            for label in ("latency", "flops"):
+                if any(r["budgets"][budget][label]["ranks"] != entry[label]["ranks"] for r in runs):
+                    raise SystemExit(
+                        f"time: the Tucker runs chose different {label}-driven ranks at budget {budget} "
+                        "(latency tables from other machines?); one machine's runs per folder"
+                    )
+            models = {"dense": dense_model(), **{k: tucker_model(entry[k]["ranks"]) for k in ("latency", "flops")}}
+            result["tucker"][budget] = speed_and_memory(models, args.rounds)
+    if not result:
+        raise SystemExit(f"time: no penni_seed*.safetensors or tucker_seed*.json in {out}; run penni/tucker first")
+    log(json.dumps(result, indent=1))
+    return result
+
+
+def mean_sd(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f} (1 seed)"
+    return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f} ({len(values)} seeds)"
+
+
+def log_speed(log, label: str, speed: dict) -> None:
+    for batch, value in speed.items():
+        dense = value["dense"]["ms"]
+        log(
+            f"{label} {batch}: "
+            + ", ".join(
+                f"{k} {v['ms']:.2f} ms ({dense / v['ms']:.2f}x) / {v['peak_bytes'] / 2**20:.1f} MiB"
+                for k, v in value.items()
+            )
+        )
+
+
 def summary(args, log) -> None:
     out = Path(args.out)
-    for name in ("penni", "tucker", "peer"):
-        path = out / f"{name}.json"
-        if not path.is_file():
-            log(f"{name}: not run yet")
-            continue
-        found = json.loads(path.read_text())
-        for key, value in found.get("speed_memory", {}).items():
-            log(f"{name} {key}: " + ", ".join(f"{k} {v['ms']:.2f} ms / {v['peak_bytes'] / 2**20:.1f} MiB"
-                                              for k, v in value.items()))
-        for budget, entry in found.get("budgets", {}).items():
-            for label in ("latency", "flops"):
-                e = entry[label]
-                ms = {b: entry["speed_memory"][b][label]["ms"] for b in entry["speed_memory"]}
-                log(f"tucker budget {budget} {label}-driven: accuracy {e['accuracy']:.2f}%, measured {ms}")
+    penni = [json.loads(p.read_text()) for p in sorted(out.glob("penni_seed*.json"))]
+    if penni:
+        for stage in ("decomposed", "pruned", "finetuned", "two_stage"):
+            log(f"penni accuracy {stage}: {mean_sd([r['accuracy'][stage] for r in penni])}")
+        log(f"penni dense accuracy: {penni[0]['accuracy']['dense']:.2f}%")
+        for key in ("params", "macs"):
+            dense = penni[0][key]["dense"]
+            for kind in [k for k in penni[0][key] if k != "dense"]:
+                ratios = [r[key]["dense"] / r[key][kind] for r in penni]
+                log(f"penni {key} {kind}: dense/{kind} {mean_sd(ratios)} x (dense {dense:,})")
+    tucker = [json.loads(p.read_text()) for p in sorted(out.glob("tucker_seed*.json"))]
+    for budget in tucker[0]["budgets"] if tucker else []:
+        for label in ("latency", "flops"):
+            entries = [r["budgets"][budget][label] for r in tucker]
+            log(
+                f"tucker budget {budget} {label}-driven: accuracy {mean_sd([e['accuracy'] for e in entries])}, "
+                f"table {entries[0]['table_ms']:.3f} ms / {entries[0]['table_macs'] / 1e6:.2f} M MACs, "
+                f"params {entries[0]['params']:,}, ranks {entries[0]['ranks']}"
+            )
+    if tucker:
+        log(f"tucker dense accuracy: {tucker[0]['accuracy_dense']:.2f}%")
+    timing = out / "time.json"
+    if timing.is_file():
+        found = json.loads(timing.read_text())
+        if "penni" in found:
+            log_speed(log, "penni", found["penni"])
+        for budget, speed in found.get("tucker", {}).items():
+            log_speed(log, f"tucker budget {budget}", speed)
+    peer = out / "peer.json"
+    if peer.is_file():
+        found = json.loads(peer.read_text())
+        log(f"peer accuracy {found['accuracy']}")
+        log_speed(log, "peer", found["speed_memory"])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("penni", "tucker", "peer", "summary"))
+    parser.add_argument("what", choices=("penni", "tucker", "peer", "time", "summary"))
     parser.add_argument("--out", default="runs/penni_tucker")
     parser.add_argument("--quick", action="store_true", help="smoke run: 512 training images, 1 epoch per phase")
     parser.add_argument("--train-limit", type=int, default=0, help="training images (0: all 50,000)")
     parser.add_argument("--fast", action="store_true", help="bf16 autocast + channels_last while training")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0, help="data order and augmentation of penni/tucker")
+    parser.add_argument(
+        "--no-timing",
+        action="store_true",
+        help="skip latency/memory in penni/tucker (time them later with `time` on a quiet machine)",
+    )
     parser.add_argument("--rounds", type=int, default=25, help="interleaved timing rounds")
     parser.add_argument("--bases", type=int, default=5)
     parser.add_argument("--l1", type=float, default=1e-4)
@@ -302,15 +477,16 @@ def main() -> None:
         args.rounds = 3
     ensure_malloc_env()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     log = log_to(Path(args.out))
     log(f"{command_line()}\n{machine()}")
     if args.what == "summary":
         summary(args, log)
         return
-    result = {"penni": run_penni, "tucker": run_tucker, "peer": run_peer}[args.what](args, log)
-    result["command"], result["machine"] = command_line(), machine()
-    (Path(args.out) / f"{args.what}.json").write_text(json.dumps(result, indent=1, default=str))
+    result = {"penni": run_penni, "tucker": run_tucker, "peer": run_peer, "time": run_time}[args.what](args, log)
+    result["command"], result["machine"], result["seed"] = command_line(), machine(), args.seed
+    name = f"{args.what}_seed{args.seed}" if args.what in ("penni", "tucker") else args.what
+    (Path(args.out) / f"{name}.json").write_text(json.dumps(result, indent=1, default=str))
 
 
 if __name__ == "__main__":
