@@ -289,7 +289,10 @@ def run_tucker(args, log) -> dict:
     started = time.perf_counter()
     # A smoke run's timings on a busy machine must not land in the per-machine cache a real search reuses.
     cache = LatencyCache("tucker2", folder=Path(args.out) / "latency_cache") if args.quick else None
+    # The table is keyed by thread count: search at the threads the model will run with, train at --threads.
+    torch.set_num_threads(args.search_threads or args.threads)
     latency = rs.latency_table(shapes, args.batch, fractions, cache=cache, rounds=3 if args.quick else 9)
+    torch.set_num_threads(args.threads)
     log(
         f"latency table: {len(layers)} layers x {len(fractions) + 1} candidates in "
         f"{time.perf_counter() - started:.0f} s (cached per machine and shape)"
@@ -470,6 +473,7 @@ def main() -> None:
     parser.add_argument("--admm-epochs", type=int, default=4)
     parser.add_argument("--rho", type=float, default=1e-2)
     parser.add_argument("--batch", type=int, default=1, help="batch size the rank search times at")
+    parser.add_argument("--search-threads", type=int, default=0, help="threads the rank search times at (0: --threads)")
     parser.add_argument("--budget", type=float, nargs="+", default=[0.6], help="fractions of the dense convs' cost")
     args = parser.parse_args()
     if args.quick:
