@@ -83,6 +83,23 @@ def test_std_pruning_and_masks_that_hold_while_fine_tuning():
     assert torch.all(model[0].coefs[~masks["0.coefs"]] == 0)
 
 
+def test_pointwise_option_regularizes_and_prunes_1x1_weights_too():
+    model, targets = decomposed()
+    pointwise = model[4].weight.detach().clone()
+    driver = Penni(model, targets, PenniConfig(l1=1e-3, pointwise=True))
+    expected = 1e-3 * (model[0].coefs.abs().sum() + model[2].coefs.abs().sum() + pointwise.abs().sum())
+    assert torch.allclose(driver.penalty(), expected)
+    masks = driver.finalize()
+    assert set(masks.masks) == {"0.coefs", "2.coefs", "4.weight"}
+    assert torch.equal(masks["4.weight"], pointwise.abs() >= pointwise.std())
+    assert torch.equal(model[4].weight.detach() == 0, ~masks["4.weight"])
+    assert driver.summary()["penni_pointwise_kept"] == {"4": int(masks["4.weight"].sum())}
+    plain, _ = decomposed()
+    assert set(Penni(plain, targets).finalize().masks) == {"0.coefs", "2.coefs"}  # off by default
+    with pytest.raises(ValueError, match="pointwise"):
+        PenniConfig(pointwise="yes")
+
+
 def test_quantized_coefficients_in_the_same_plan():
     model, _ = decomposed()
     plan = Plan({"0": SharedKernels(bases=4), "2": SharedKernels(bases=4)})

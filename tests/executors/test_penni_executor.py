@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from admmcompress.executors import get_executor
+from admmcompress.executors import ExecutorError, get_executor
 from admmcompress.executors.penni import (
     SharedKernelConv,
     TwoStageConv,
@@ -93,6 +93,30 @@ def test_shrink_removes_dead_channels_and_keeps_the_union_across_a_residual_add(
     assert small.conv2.out_channels == 8 and small.conv2.in_channels == 3
     with torch.no_grad():
         assert torch.allclose(small(x), model(x), atol=1e-5)
+
+
+def test_shrink_keeps_the_pruned_zeros_and_refuses_coefficients_that_fill_them(monkeypatch):
+    torch.manual_seed(0)
+    model = decompose_shared_kernels(Block().eval(), {"stem": 5, "conv1": 5, "conv2": 5})
+    with torch.no_grad():
+        for name in ("stem", "conv1", "conv2"):
+            coefs = getattr(model, name).coefs
+            coefs[torch.rand_like(coefs) < 0.5] = 0
+    x = torch.randn(2, 3, 8, 8)
+    small = shrink(model, x)
+    for name in ("stem", "conv1", "conv2"):  # solved back on the same basis: no pruned zero becomes nonzero
+        kept = int(getattr(small, name).stage2.weight.count_nonzero())
+        assert kept <= int(getattr(model, name).coefs.count_nonzero())
+
+    solve = torch.linalg.lstsq
+
+    def smeared(*args, **kwargs):  # a solver that fills pruned zeros with small values must be caught
+        found = solve(*args, **kwargs)
+        return type(found)((found.solution + 1e-3, *found[1:]))
+
+    monkeypatch.setattr(torch.linalg, "lstsq", smeared)
+    with pytest.raises(ExecutorError, match="layer 'stem' has .* nonzero coefficients after shrinking"):
+        shrink(model, x)
 
 
 def test_executor_converts_and_leaves_its_input_unchanged():

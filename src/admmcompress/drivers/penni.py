@@ -11,6 +11,8 @@ k x k convs only) in two ways, depending on what the layers are when its phase s
   swaps which of {coefficients, bases} trains; ``finalize()`` zeroes coefficients with
   ``|c| < prune_std * std(c)`` per tensor and returns their masks for the masked fine-tune. Quantization
   targets of the same layers quantize the kept coefficients (a ``QuantizedMaskSet`` on ``<layer>.coefs``).
+  With ``pointwise: true`` the weights of every 1x1 conv of the model (PENNI skips them when sharing kernels)
+  get the same L1 term and the same per-tensor std pruning, as PENNI's code does (SPEC 10.2).
 
 Runs start a fresh optimizer per phase, so the decomposed parameters exist when the next phase's optimizer is
 built; that is why decomposing and sparsifying are two stages (configs/resnet20_cifar_penni.yaml).
@@ -55,11 +57,13 @@ class PenniConfig:
         l1: weight of ``sum |coefs|`` in the loss (PENNI's code: 1e-4).
         prune_std: coefficients with ``|c| < prune_std * std(c)`` (per tensor) are pruned at the end (PENNI: 1.0).
         start: which part trains first, "coefs" or "basis"; the other is frozen until the next ``step()``.
+        pointwise: also put the L1 term on, and std-prune, the weights of every ungrouped 1x1 conv of the model.
     """
 
     l1: float = 1e-4
     prune_std: float = 1.0
     start: str = "coefs"
+    pointwise: bool = False
 
     def __post_init__(self) -> None:
         for key in ("l1", "prune_std"):
@@ -69,6 +73,8 @@ class PenniConfig:
             object.__setattr__(self, key, float(value))
         if self.start not in PARTS:
             raise ValueError(f"penni: start={self.start!r} must be one of {PARTS}")
+        if not isinstance(self.pointwise, bool):
+            raise ValueError(f"penni: pointwise={self.pointwise!r} must be true or false")
 
 
 @register_driver("penni", PenniConfig)
@@ -93,6 +99,11 @@ class Penni(Driver):
             raise PlanError("penni: coefficients are quantized after decomposition; put the quantization rules "
                             "in the stage that trains the decomposed layers")
         self.layers = {t.layer: modules[t.layer] for t in self.shared}
+        # 1x1 convs (never shared): PENNI's code regularizes and std-prunes their weights too.
+        self.pointwise = {
+            name: m for name, m in modules.items()
+            if self.config.pointwise and type(m) is nn.Conv2d and m.kernel_size == (1, 1) and m.groups == 1
+        } if self.decomposed else {}
         self.training = self.config.start
         self.history: list[dict[str, Any]] = []
 
@@ -129,11 +140,17 @@ class Penni(Driver):
         if self.decomposed:
             self._set_trainable(None)
 
+    def _sparsified(self) -> dict[str, torch.Tensor]:
+        """The tensors the L1 term and the std pruning act on: coefficients, and 1x1 weights with ``pointwise``."""
+        found = {f"{name}.coefs": m.coefs for name, m in self.layers.items()}
+        found.update({f"{name}.weight": m.weight for name, m in self.pointwise.items()})
+        return found
+
     def penalty(self) -> torch.Tensor:
-        """``l1 * sum |coefs|`` over the decomposed layers (zero before decomposition)."""
+        """``l1 * sum |coefs|`` over the decomposed layers (and ``|W|`` of 1x1 convs with ``pointwise``)."""
         if not self.decomposed or not self.config.l1:
             return torch.zeros(())
-        return self.config.l1 * sum(m.coefs.abs().sum() for m in self.layers.values())
+        return self.config.l1 * sum(t.abs().sum() for t in self._sparsified().values())
 
     def step(self) -> dict[str, Any]:
         """Swap which of coefficients / bases trains (SPEC 10.2, ``cross_interval``)."""
@@ -160,9 +177,8 @@ class Penni(Driver):
         if not self.decomposed:
             return FactorizeTransform({t.layer: t.structure for t in self.shared}, self.frozen)
         masks = MaskSet(self.frozen.masks if self.frozen is not None else None)
-        for name, module in self.layers.items():
-            keep = module.coefs.abs() >= self.config.prune_std * module.coefs.std()
-            masks.intersect(f"{name}.coefs", keep)
+        for key, tensor in self._sparsified().items():
+            masks.intersect(key, tensor.abs() >= self.config.prune_std * tensor.std())
         masks.apply(self.model)
         if self.quantized:  # quantize the kept coefficients (SPEC 10 + 2.1): one target per coefficient tensor
             coefs = [Target(t.layer, "coefs", t.structure, t.rule) for t in self.quantized]
@@ -172,7 +188,10 @@ class Penni(Driver):
     def summary(self) -> dict[str, Any]:
         if not self.decomposed:
             return {}
-        return {"penni_coefs_kept": {n: int(m.coefs.count_nonzero()) for n, m in self.layers.items()}}
+        found = {"penni_coefs_kept": {n: int(m.coefs.count_nonzero()) for n, m in self.layers.items()}}
+        if self.pointwise:
+            found["penni_pointwise_kept"] = {n: int(m.weight.count_nonzero()) for n, m in self.pointwise.items()}
+        return found
 
     def state_dict(self) -> dict[str, Any]:
         return {"training": self.training, "history": list(self.history)}

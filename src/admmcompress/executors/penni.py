@@ -214,6 +214,12 @@ def shrink(model: nn.Module, example: Any, atol: float = 1e-5) -> nn.Module:
         kernels = conv.weight.detach().reshape(conv.out_channels * conv.in_channels, -1)
         coefs = torch.linalg.lstsq(basis.t().double(), kernels.t().double()).solution.t()
         coefs[coefs.abs() <= 1e-6 * coefs.abs().max().clamp_min(1e-30)] = 0
+        if int(coefs.count_nonzero()) > int(original.coefs.count_nonzero()):  # lstsq filled a pruned zero back in
+            raise ExecutorError(
+                f"penni shrink: layer '{name}' has {int(coefs.count_nonzero())} nonzero coefficients after shrinking, "
+                f"more than the {int(original.coefs.count_nonzero())} it had (its basis is near rank-deficient); "
+                "decompose with fewer bases"
+            )
         shared.basis.copy_(original.basis)
         shared.coefs.copy_(coefs.reshape(shared.coefs.shape))
         if conv.bias is not None:
