@@ -2,6 +2,8 @@
 
     python benchmarks/crossbar_cifar.py                   # the full run (see the command in the report)
     python benchmarks/crossbar_cifar.py --quick           # smoke test: a few hundred images, one epoch each
+    python benchmarks/crossbar_cifar.py --seed 1 --out runs/crossbar_cifar/seed1   # one run per seed, then
+    python benchmarks/crossbar_cifar.py --summarize runs/crossbar_cifar/seed*      # mean +- sd over the seeds
 
 Starting from the shipped dense ResNet-20 (``checkpoints/resnet20_cifar10_dense.safetensors``):
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -43,7 +46,7 @@ from admmcompress.drivers import ADMM, RhoSchedule
 from admmcompress.finalize import MaskSet, hard_prune
 from admmcompress.hardware import CrossbarSpec, DeviceNoise, NoiseInjector, add_adc, add_variation, analyze
 from admmcompress.hardware.analysis import VariationPoint
-from admmcompress.hardware.noise import monte_carlo
+from admmcompress.hardware.noise import device_noise, monte_carlo
 from admmcompress.hardware.pim import PIMSpec, pim_baseline, pim_cost
 from admmcompress.models import create_model
 from admmcompress.plan import Plan
@@ -63,7 +66,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dense", type=Path, default=DENSE)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "crossbar_cifar")
     p.add_argument("--train-limit", type=int, default=None, help="first N training images (default all)")
-    p.add_argument("--test-limit", type=int, default=None, help="first N test images (default all)")
+    p.add_argument("--test-limit", type=int, default=None, help="N test images, a seeded draw (default all)")
+    p.add_argument("--mc-test-limit", type=int, default=1000,
+                   help="test images (a seeded draw) for each Monte-Carlo draw and ADC setting (0: the whole test set)")
     p.add_argument("--tile", type=int, default=128)
     p.add_argument("--bits-per-cell", type=int, default=2)
     p.add_argument("--cells", type=int, default=2, help="cells per polarity (bit slices) of a weight")
@@ -78,6 +83,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pim-bits", type=int, nargs="+", default=[1, 2, 3, 4])
     p.add_argument("--pim-epochs", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--summarize", type=Path, nargs="+", help="run folders (one per seed): mean +- sd, no training")
     args = p.parse_args(argv)
     if args.quick:
         args.train_limit, args.test_limit = args.train_limit or 256, args.test_limit or 200
@@ -97,9 +103,10 @@ def compression_plan(args, spec: CrossbarSpec) -> Plan:
     ]})
 
 
-def sgd(model, train, epochs, log, *, schedule="cosine", **kw) -> None:
+def sgd(model, train, epochs, log, *, seed: int, schedule="cosine", **kw) -> None:
+    """``fit`` with SGD; ``seed`` draws the data order and augmentation (each phase its own, per run seed)."""
     fit(model, train, epochs, 0.01, optimizer="sgd", batch_size=BATCH, weight_decay=5e-4, augment=CIFAR_AUGMENT,
-        schedule=schedule, log=log, fast=True, **kw)  # bf16 autocast + channels_last, as the run configs
+        schedule=schedule, log=log, fast=True, seed=seed, **kw)  # bf16 autocast + channels_last, as the run configs
 
 
 def compress(args, model, spec, train, log):
@@ -107,11 +114,11 @@ def compress(args, model, spec, train, log):
     admm = ADMM(model, targets, rho=RhoSchedule(args.rho, 1.3, 1.0))
     every = max(1, ((len(train.y) + BATCH - 1) // BATCH) // 4)
     log(f"ADMM: {args.admm_epochs} epochs, Z/U every {every} steps")
-    sgd(model, train, args.admm_epochs, log, schedule="constant", penalty=admm.penalty, every=every,
-        on_every=admm.step)
+    sgd(model, train, args.admm_epochs, log, seed=1000 * args.seed + 1, schedule="constant", penalty=admm.penalty,
+        every=every, on_every=admm.step)
     masks = admm.finalize()
     log(f"retrain: {args.retrain_epochs} epochs, levels held")
-    sgd(model, train, args.retrain_epochs, log, masks=masks)
+    sgd(model, train, args.retrain_epochs, log, seed=1000 * args.seed + 2, masks=masks)
     return masks
 
 
@@ -120,7 +127,7 @@ def variation_aware(args, model, masks, spec, sigma, train, log):
     vat = copy.deepcopy(model)
     injector = NoiseInjector(spec, DeviceNoise(sigma=sigma), seed=args.seed).install(vat)
     log(f"variation-aware retraining at sigma={sigma}: {args.vat_epochs} epochs")
-    sgd(vat, train, args.vat_epochs, log, masks=masks.with_update("ste"))
+    sgd(vat, train, args.vat_epochs, log, seed=1000 * args.seed + 3, masks=masks.with_update("ste"))
     injector.remove()
     return vat
 
@@ -135,7 +142,7 @@ def pim_width(args, model, masks, bits, train, log):
     held = hard_prune(copy_, targets, MaskSet(masks.masks))
     if args.pim_epochs:
         log(f"SOT-MRAM {bits}-bit: {args.pim_epochs} straight-through epochs")
-        sgd(copy_, train, args.pim_epochs, log, masks=held.with_update("ste"))
+        sgd(copy_, train, args.pim_epochs, log, seed=1000 * args.seed + 10 + bits, masks=held.with_update("ste"))
     return copy_
 
 
@@ -162,8 +169,42 @@ def plot_variation(path: Path, clean: dict, aware: dict, adc: list) -> None:
     plt.close(fig)
 
 
+def mean_sd(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.2f} (1 seed)"
+    return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}"
+
+
+def summarize(folders: list[Path]) -> str:
+    """Mean +- sd over the seeds' runs (one results.json per folder) of every accuracy the report gives."""
+    runs = [json.loads((f / "results.json").read_text()) for f in folders]
+    hw = [r["hardware"] for r in runs]
+    lines = [f"{len(runs)} seeds: {', '.join(str(r['args']['seed']) for r in runs)}; "
+             f"dense {runs[0]['dense_accuracy']:.2f}%",
+             f"compressed (clean) {mean_sd([h['accuracy'] for h in hw])}%, mapped without noise "
+             f"{mean_sd([h['mapped_accuracy'] for h in hw])}%",
+             f"modelled ratios to the unpruned 16-bit mapping: {hw[0]['ratios']}"]
+    points: dict[tuple[str, float], list[float]] = {}
+    for h in hw:
+        for v in h["variation"]:
+            points.setdefault((v["label"], v["sigma"]), []).append(v["mean"])
+    lines += [f"sigma {sigma} {label}: {mean_sd(acc)}% (mean over draws, then over seeds)"
+              for (label, sigma), acc in sorted(points.items(), key=lambda kv: (kv[0][1], kv[0][0]))]
+    lines.append(f"ADC reference (no ADC quantization) {mean_sd([r['adc_reference_accuracy'] for r in runs])}%")
+    for i, entry in enumerate(hw[0]["adc"]):
+        lines.append(f"ADC {entry['bits']} bits: {mean_sd([h['adc'][i]['accuracy'] for h in hw])}%")
+    for i, entry in enumerate(runs[0]["pim_accuracy"]):
+        ratios = {k: round(v, 2) for k, v in entry["ratios"].items()}
+        lines.append(f"SOT-MRAM {entry['bits']}-bit: {mean_sd([r['pim_accuracy'][i]['accuracy'] for r in runs])}%, "
+                     f"modelled ratios {ratios}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
+    if args.summarize:
+        print(summarize(args.summarize))
+        return
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     log = log_to(args.out)
@@ -173,8 +214,14 @@ def main(argv: list[str] | None = None) -> None:
     train = sample(load_dataset("cifar10", "train"), args.train_limit, args.seed)
     test = sample(load_dataset("cifar10", "test"), args.test_limit, args.seed)
 
+    # Every variation draw and ADC setting is one evaluation: on a seeded subset, so a run fits the CPU budget.
+    test_mc = sample(test, args.mc_test_limit or None, args.seed + 1)
+
     def acc(m) -> float:
         return evaluate(m, test, 500)
+
+    def acc_mc(m) -> float:
+        return evaluate(m, test_mc, 500)
 
     magnitude_bits = args.bits_per_cell * args.cells
     spec = CrossbarSpec(args.tile, args.tile, args.bits_per_cell, magnitude_bits + 1)
@@ -189,7 +236,10 @@ def main(argv: list[str] | None = None) -> None:
 
     masks = compress(args, model, spec, train, log)
     result = analyze(model, spec, example, pim_bits=())
-    add_variation(result, model, acc, [DeviceNoise(sigma=s) for s in args.sigmas], args.draws, args.seed,
+    result.accuracy = acc(model)  # clean and noise-free mapped: the whole test set; Monte-Carlo draws: test_mc
+    with device_noise(model, spec, DeviceNoise()):
+        result.mapped_accuracy = acc(model)
+    add_variation(result, model, acc_mc, [DeviceNoise(sigma=s) for s in args.sigmas], args.draws, args.seed,
                   label="compressed")
     log(f"compressed: {result.accuracy:.2f}%, mapped {result.mapped_accuracy:.2f}%, "
         f"tiles {result.mapping.total('dense')} -> {result.mapping.total('compact')} (modelled ratios "
@@ -198,12 +248,13 @@ def main(argv: list[str] | None = None) -> None:
     aware = {}
     for sigma in args.sigmas:
         vat = variation_aware(args, model, masks, spec, sigma, train, log)
-        mc = monte_carlo(vat, acc, spec, DeviceNoise(sigma=sigma), args.draws, args.seed)
+        mc = monte_carlo(vat, acc_mc, spec, DeviceNoise(sigma=sigma), args.draws, args.seed)
         result.variation.append(VariationPoint(DeviceNoise(sigma=sigma), mc, f"variation-aware (trained at {sigma})"))
         aware[sigma] = (mc.mean, mc.sd)
         log(f"sigma {sigma}: {clean[sigma][0]:.2f} +- {clean[sigma][1]:.2f} -> variation-aware {mc}")
-    add_adc(result, model, acc, args.adc_bits, train.x[:500])
-    log(f"ADC sweep: {result.adc}")
+    adc_reference = acc_mc(model)  # no ADC quantization, the same images: what the sweep is compared with
+    add_adc(result, model, acc_mc, args.adc_bits, train.x[:500])
+    log(f"ADC sweep: {result.adc} (no ADC quantization: {adc_reference:.2f}% on the same {len(test_mc.y)} images)")
 
     reference = PIMSpec(weight_bits=min(args.pim_bits))
     pim_ref = pim_baseline(model, reference, 16, example)
@@ -217,11 +268,16 @@ def main(argv: list[str] | None = None) -> None:
         log(f"SOT-MRAM {bits}-bit: {pim_rows[-1]['accuracy']:.2f}%, modelled ratios {pim_rows[-1]['ratios']}")
 
     save_hardware(result, args.out, "Hardware: ResNet-20, CIFAR-10 (crossbar_tile + conductance)")
+    with (args.out / "hardware.md").open("a") as md:
+        md.write(f"\nClean, mapped and SOT-MRAM accuracies: {len(test.y):,} test images; each Monte-Carlo draw and ADC "
+                 f"setting: a seeded draw of {len(test_mc.y):,} of them (no ADC quantization there: "
+                 f"{adc_reference:.2f}%).\n")
     plot_variation(args.out / "variation.png", clean, aware, result.adc)
     record = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "command": command_line(), "machine": machine(),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "dense_accuracy": dense_accuracy, "dense_mapping_tiles": dense_hw.mapping.total("dense"),
+        "test_images": len(test.y), "mc_test_images": len(test_mc.y), "adc_reference_accuracy": adc_reference,
         "hardware": result.to_dict(), "pim_accuracy": pim_rows, "wall_s": time.perf_counter() - started,
     }
     (args.out / "results.json").write_text(json.dumps(record, indent=1, default=str))
