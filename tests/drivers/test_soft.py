@@ -185,6 +185,37 @@ def test_mac_budgets_are_met_within_one_percent(weighting):
     assert 0.99 * dense / 4 <= structured_macs(model, x) <= dense / 4
 
 
+def test_latency_budget_is_met_on_the_table_and_the_result_compacts(tmp_path, monkeypatch):
+    from admmcompress.drivers import budget as budget_module
+    from admmcompress.drivers.budget import LatencyTable, gemm_shapes, structured_cost
+    from admmcompress.timing import LatencyCache
+
+    # Deterministic "measurements" (a unit test never times): a fixed overhead plus the layer's MACs.
+    def fake_time(build, rounds):
+        layer, x = build()
+        with torch.no_grad():
+            return 0.01 + 1e-6 * layer.weight.numel() * layer(x)[0, 0].numel()
+
+    monkeypatch.setattr(budget_module, "_time", fake_time)
+    model, x, y = SmallCNN(), torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))
+    plan = Plan([Rule(Filter(sparsity=0.9), type="Conv2d"), Rule(Column(sparsity=0.9), type="Conv2d"),
+                 Rule(Column(sparsity=0.9), type="Linear")])
+    table = LatencyTable(gemm_shapes(model, x[:2]), cache=LatencyCache("test", folder=tmp_path))
+    again = LatencyTable(gemm_shapes(model, x[:2]), cache=LatencyCache("test", folder=tmp_path))
+    assert len(again.cache) == len(table.cache) > 0  # measured once per machine: the second table read the cache
+    cfg = SoftConfig(rho=0.1, budget={"kind": "latency", "reduction": 2})
+    soft = SoftThreshold(model, plan, cfg, example=x[:2], updates=2, latency=table)
+    train_a_little(model, soft, x, y, steps=4)
+    soft.finalize()
+    dense_ms = structured_cost(gemm_shapes(SmallCNN(), x[:2]), {}, "latency", table)
+    assert soft.dense_cost == pytest.approx(dense_ms)
+    assert 0.99 * dense_ms / 2 <= soft.final_cost <= dense_ms / 2
+    small = compact(copy.deepcopy(model).eval(), x[:2]).model
+    with torch.no_grad():
+        assert torch.allclose(small(x), model.eval()(x), atol=1e-5)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in SmallCNN().parameters())
+
+
 def test_a_phase_cut_short_meets_the_budget_by_the_final_cut_and_says_so():
     model = mlp()
     soft = SoftThreshold(model, row_col_plan(), SoftConfig(budget={"kind": "params", "reduction": 2}), updates=10)
