@@ -303,10 +303,13 @@ def run_tucker(args, log) -> dict:
     dense_macs = sum(t[None] for t in flops.values())
     results = {"batch": args.batch, "budgets": {}}
     for budget in args.budget:
-        by_latency = rs.choose_ranks(latency, losses, budget * dense_ms)
-        by_flops = rs.choose_ranks(flops, losses, budget * dense_macs)
+        plans = {
+            "latency": lambda b=budget: rs.choose_ranks(latency, losses, b * dense_ms),
+            "flops": lambda b=budget: rs.choose_ranks(flops, losses, b * dense_macs),
+        }
         entry = {}
-        for label, chosen in (("latency", by_latency), ("flops", by_flops)):
+        for label in args.plans:
+            chosen = plans[label]()
             log(f"budget {budget}: {label}-driven ranks {chosen}")
             model = train_tucker(chosen, train, test, args, log)
             entry[label] = {
@@ -320,7 +323,7 @@ def run_tucker(args, log) -> dict:
         models = {"dense": dense, **{k: v.pop("model") for k, v in entry.items()}}
         if not args.no_timing:
             entry["speed_memory"] = speed_and_memory(models, args.rounds)
-        entry["onnx_max_diff"] = onnx_check(models["latency"], Path(args.out) / "tucker_latency.onnx")
+        entry["onnx_max_diff"] = onnx_check(models[args.plans[0]], Path(args.out) / f"tucker_{args.plans[0]}.onnx")
         results["budgets"][str(budget)] = entry
         log(json.dumps(entry, indent=1, default=str))
     results["accuracy_dense"] = evaluate(dense, test)
@@ -356,6 +359,11 @@ def run_peer(args, log) -> dict:
     return result
 
 
+def labels_of(entry: dict) -> list[str]:
+    """The rank choices a Tucker budget entry holds ("latency", "flops" or both, see --plans)."""
+    return [k for k in ("latency", "flops") if k in entry]
+
+
 def tucker_model(ranks: dict) -> nn.Module:
     """The factorized ResNet-20 at ``ranks`` (random factors: latency depends on the shapes, not the values)."""
     chosen = {name: tuple(r) for name, r in ranks.items() if r is not None}
@@ -380,13 +388,13 @@ def run_time(args, log) -> dict:
     if runs:
         result["tucker"] = {}
         for budget, entry in runs[0]["budgets"].items():
-            for label in ("latency", "flops"):
+            for label in labels_of(entry):
                 if any(r["budgets"][budget][label]["ranks"] != entry[label]["ranks"] for r in runs):
                     raise SystemExit(
                         f"time: the Tucker runs chose different {label}-driven ranks at budget {budget} "
                         "(latency tables from other machines?); one machine's runs per folder"
                     )
-            models = {"dense": dense_model(), **{k: tucker_model(entry[k]["ranks"]) for k in ("latency", "flops")}}
+            models = {"dense": dense_model(), **{k: tucker_model(entry[k]["ranks"]) for k in labels_of(entry)}}
             result["tucker"][budget] = speed_and_memory(models, args.rounds)
     if not result:
         raise SystemExit(f"time: no penni_seed*.safetensors or tucker_seed*.json in {out}; run penni/tucker first")
@@ -426,7 +434,7 @@ def summary(args, log) -> None:
                 log(f"penni {key} {kind}: dense/{kind} {mean_sd(ratios)} x (dense {dense:,})")
     tucker = [json.loads(p.read_text()) for p in sorted(out.glob("tucker_seed*.json"))]
     for budget in tucker[0]["budgets"] if tucker else []:
-        for label in ("latency", "flops"):
+        for label in labels_of(tucker[0]["budgets"][budget]):
             entries = [r["budgets"][budget][label] for r in tucker]
             log(
                 f"tucker budget {budget} {label}-driven: accuracy {mean_sd([e['accuracy'] for e in entries])}, "
@@ -473,6 +481,13 @@ def main() -> None:
     parser.add_argument("--admm-epochs", type=int, default=4)
     parser.add_argument("--rho", type=float, default=1e-2)
     parser.add_argument("--batch", type=int, default=1, help="batch size the rank search times at")
+    parser.add_argument(
+        "--plans",
+        nargs="+",
+        choices=("latency", "flops"),
+        default=["latency", "flops"],
+        help="which rank choices tucker trains (e.g. only latency-driven at a looser budget)",
+    )
     parser.add_argument("--search-threads", type=int, default=0, help="threads the rank search times at (0: --threads)")
     parser.add_argument("--budget", type=float, nargs="+", default=[0.6], help="fractions of the dense convs' cost")
     args = parser.parse_args()
