@@ -51,6 +51,11 @@ MODULES = [
     "admmcompress.executors",
     "admmcompress.executors.base",
     "admmcompress.executors.blocksparse",
+    "admmcompress.executors.blocksparse_choice",  # issue 19
+    "admmcompress.executors.blockmatrix",  # issue 19
+    "admmcompress.executors.blocksparse_layers",  # issue 19
+    "admmcompress.executors.blocksparse_rnn",  # issue 19
+    "admmcompress.executors.blocksparse_cpp",  # issue 19 (the doctest does not compile the kernel)
     "admmcompress.executors.compact_run",
     "admmcompress.executors.packed",
     "admmcompress.executors.channels",

@@ -52,7 +52,7 @@ def close(a, b) -> None:
 
 @pytest.mark.parametrize("impl", ["gather", "csr", "dense"])
 @pytest.mark.parametrize("buckets", [1, 3])
-@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("batch", [1, 5, 20])  # 20: the batch-last layout (ROWS_LAST_FROM)
 def test_matrix_product_equals_dense(impl, buckets, batch):
     torch.manual_seed(1)
     # 30 rows in blocks of 4: the last block is ragged
@@ -83,7 +83,7 @@ def test_buckets_pad_less_than_one_bucket():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"impl": "mkl"}, r"impl='mkl'; choose one of \('gather', 'cpp', 'csr', 'dense'\)"),
+        ({"impl": "mkl"}, r"impl='mkl'; choose one of \('gather', 'cpp', 'csr', 'dense', 'bsr'\)"),
         ({"block_rows": 0}, r"block_rows=0 must be a positive integer"),
         ({"buckets": 0}, r"buckets=0 must be a positive integer"),
     ],
@@ -224,3 +224,16 @@ def test_to_blocksparse_errors_name_the_layer():
     with pytest.raises(ValueError, match="the model itself is a single layer; wrap it"):
         to_blocksparse(nn.Linear(4, 4), layers=[""])
     assert to_blocksparse(model) == []  # dense layers stay dense (below min_sparsity)
+
+
+def test_loading_another_pattern_recounts_the_kept_columns():
+    """``counts0`` (each block's kept columns, what the compiled kernel reads) follows ``load_state_dict``."""
+    a, b = torch.zeros(8, 16), torch.zeros(8, 16)
+    a[:4, :6], a[4:, :2] = 1.0, 2.0  # kept columns per block: 6 and 2
+    b[:4, :3], b[4:, 10:16] = 3.0, 4.0  # 3 and 6: the same padded width, another pattern
+    m, other = BlockSparseMatrix(a, 4), BlockSparseMatrix(b, 4)
+    assert m.counts0.tolist() == [6, 2] and "counts0" not in m.state_dict()
+    m.load_state_dict(other.state_dict())
+    assert m.counts0.tolist() == [3, 6]
+    x = torch.randn(2, 16)
+    close(m(x), x @ b.T)

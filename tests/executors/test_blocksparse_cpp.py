@@ -7,7 +7,14 @@ import torch
 from torch import nn
 
 from admmcompress.executors import blocksparse_cpp
-from admmcompress.executors.blocksparse import BlockSparseGRU, BlockSparseLinear, BlockSparseLSTM
+from admmcompress.executors.blockmatrix import BlockSparseMatrix
+from admmcompress.executors.blocksparse import (
+    BlockSparseGRU,
+    BlockSparseLinear,
+    BlockSparseLSTM,
+    candidates,
+    to_blocksparse,
+)
 from admmcompress.finalize import hard_prune
 from admmcompress.plan import Plan
 from admmcompress.structures import Block
@@ -70,3 +77,100 @@ def test_matrix_impl_cpp_equals_dense(ext):
     for n in (1, 6):
         x = torch.randn(n, 40)
         torch.testing.assert_close(fast(x), layer(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture()
+def threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def pruned(module: nn.Module, block, compression: float = 4) -> nn.Module:
+    wrapper = nn.ModuleDict({"m": module}).eval()
+    hard_prune(wrapper, Plan({"m": Block(compression=compression, block=block)}).resolve(wrapper))
+    return wrapper["m"]
+
+
+def close(a, b) -> None:
+    if isinstance(a, tuple):
+        for x, y in zip(a, b, strict=True):
+            close(x, y)
+    else:
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+# Sizes large enough that a product splits over two threads (> 2 x 32768 multiply-adds per call).
+@pytest.mark.parametrize("n_threads", [1, 2])
+@pytest.mark.parametrize(
+    ("kind", "hidden", "rows", "pruned_rows"),
+    [
+        ("linear", 0, 16, 16),
+        ("conv", 0, 16, 16),
+        ("gru", 128, 16, 16),
+        ("lstm", 128, 16, 16),
+        ("gru", 24, 16, 8),
+        ("lstm", 20, 8, 4),
+    ],
+)
+def test_compiled_candidates_equal_the_masked_dense_layer(ext, threads, n_threads, kind, hidden, rows, pruned_rows):
+    """Every layer type at 1 and 2 threads. Hidden 24 / 20 is not a multiple of r: gates straddle row blocks
+    (pruned in smaller blocks; a row block keeps the union) and the sequence takes the unfused path."""
+    torch.set_num_threads(n_threads)
+    if kind == "linear":
+        dense, x = pruned(nn.Linear(256, 512), (16, 4)), torch.randn(9, 256)
+    elif kind == "conv":
+        # 7 x 5 outputs: 35 per image (two tiles of 16 and a padded tail), 70 for both
+        dense, x = pruned(nn.Conv2d(16, 32, 3, padding=1), (16, 9)), torch.randn(2, 16, 7, 5)
+    else:
+        cls = nn.GRU if kind == "gru" else nn.LSTM
+        dense = pruned(cls(32, hidden, num_layers=2, bidirectional=True), (pruned_rows, 1), compression=3)
+        x = torch.randn(5, 20, 32)  # 20: one tile of 16 inputs and 4 row by row
+    impls = candidates(dense, block_rows=rows, name=kind)
+    assert "cpp" in impls
+    with torch.inference_mode():
+        close(impls["cpp"](x), dense(x))
+        close(impls["cpp"](x[:1]), dense(x[:1]))  # one row, one image, one step: the small-input paths
+
+
+def test_unbalanced_row_blocks_split_by_work(ext, threads):
+    """One row block keeps every column, the others one: chunks of equal work, outputs exact at 2 threads."""
+    torch.set_num_threads(2)
+    w = torch.zeros(512, 1024)
+    w[:16] = torch.randn(16, 1024)
+    w[16:, 7] = torch.randn(496)
+    matrix = BlockSparseMatrix(w, 16, impl="cpp", bias=torch.randn(512))
+    counts = blocksparse_cpp.packed(matrix)[2]
+    assert counts[0] == 1024 and set(counts[1:].tolist()) == {1}  # padding is skipped, not multiplied
+    x = torch.randn(40, 1024)
+    close(matrix(x), x @ w.T + matrix.bias0.reshape(-1))
+
+
+def test_the_kernel_is_built_with_openmp_and_follows_torch_threads(ext, threads):
+    """Built with OpenMP on torch's own runtime: ``torch.set_num_threads`` is the kernel's thread count."""
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        assert ext.threads_compiled() == n
+
+
+def test_a_model_with_compiled_layers_saves_and_loads(ext, tmp_path):
+    model = nn.Sequential(pruned(nn.Linear(64, 64), (16, 4)), nn.ReLU(), pruned(nn.Linear(64, 32), (16, 4))).eval()
+    x = torch.randn(3, 64)
+    expected = model(x)
+    to_blocksparse(model, block_rows=16, impl="cpp")
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert loaded[0].matrix.impl == "cpp"
+    close(loaded(x), expected)
+
+
+def test_products_split_into_chunks_of_equal_work(ext, threads):
+    """One chunk per thread, cut where the kept columns (the work) are halved; small products stay whole."""
+    torch.set_num_threads(2)
+    even = torch.full((32,), 100, dtype=torch.int64)
+    assert ext.product_chunks(even, 16, 8) == [0, 16, 32]
+    heavy_first = torch.tensor([3000] + [10] * 31)  # block 0 alone is most of the work
+    assert ext.product_chunks(heavy_first, 16, 8) == [0, 1, 32]
+    assert ext.product_chunks(torch.full((4,), 10, dtype=torch.int64), 16, 1) == [0, 4]  # ~700 MACs: one chunk
+    torch.set_num_threads(1)
+    assert ext.product_chunks(even, 16, 8) == [0, 32]

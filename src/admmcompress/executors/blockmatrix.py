@@ -12,8 +12,9 @@ Any mask packs exactly: a row block keeps the union of its rows' columns, storin
 zeros where rows differ, so outputs always equal the dense product (to float rounding). Speed
 comes only when row blocks share columns. The gather + ``bmm`` implementation was chosen by
 measurement against torch CSR (``W_csr @ x.T``) and dense ``F.linear`` on this project's CPU:
-see ``benchmarks/blocksparse_kernels.py`` and RESULTS.md; ``impl="csr"``/``"dense"`` keep the
-others selectable.
+see ``benchmarks/blocksparse_kernels.py`` and RESULTS.md; ``impl="csr"``/``"bsr"``/``"dense"`` keep the
+others selectable, and ``to_blocksparse(choose="measured")`` picks among them per machine and batch
+(``benchmarks/blocksparse_grid.py``).
 
 >>> w = torch.zeros(4, 6)
 >>> w[:2, [1, 4]] = 1.0; w[2:, [0]] = 2.0
@@ -32,7 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IMPLS = ("gather", "cpp", "csr", "dense")
+from admmcompress.executors import blocksparse_cpp  # importing it compiles nothing: load() does, once
+
+IMPLS = ("gather", "cpp", "csr", "dense", "bsr")
+# From this many input rows the gather path puts the batch last in its matmuls: measured here (2026-12,
+# 3072x768 at 10x, 1 thread) 1.4-2x faster at 16-64 rows, slower at 8 and below.
+ROWS_LAST_FROM = 16
 
 
 class BlockSparseMatrix(nn.Module):
@@ -43,7 +49,8 @@ class BlockSparseMatrix(nn.Module):
         block_rows: rows per row block ``r`` (use the ``Block`` structure's ``r``); the last may be ragged.
         impl: ``"gather"`` (gather + batched dense matmul), ``"cpp"`` (the same packing, multiplied by the
             optional compiled kernel of ``blocksparse_cpp``; ``"gather"`` where it cannot be built),
-            ``"csr"`` (torch sparse CSR) or ``"dense"``.
+            ``"csr"`` (torch sparse CSR), ``"bsr"`` (torch sparse BSR with square ``r x r`` blocks: whole empty
+            blocks are skipped; needs ``r`` to divide both dimensions) or ``"dense"``.
         buckets: groups of row blocks padded separately (``"gather"`` only), sorted by column count.
         bias: optional ``(O,)`` bias, added inside the batched matmul (``baddbmm``).
     """
@@ -87,9 +94,19 @@ class BlockSparseMatrix(nn.Module):
             self.register_buffer("bias", bias)
             self.stored_columns = 0
             return
+        if impl == "bsr":
+            if self.out_features % block_rows or self.in_features % block_rows:
+                raise ValueError(
+                    f"BlockSparseMatrix: impl='bsr' needs square {block_rows}x{block_rows} blocks tiling the "
+                    f"{self.out_features}x{self.in_features} weight; use impl='gather'"
+                )
+            with warnings.catch_warnings():  # "sparse BSR support is in beta": known, and measured
+                warnings.simplefilter("ignore", UserWarning)
+                self.bsr = weight.to_sparse_bsr((block_rows, block_rows))  # MKL takes square blocks only
+            self.register_buffer("bias", bias)
+            self.stored_columns = 0
+            return
         if impl == "cpp":
-            from admmcompress.executors import blocksparse_cpp  # compiles on first use
-
             self.impl = impl if blocksparse_cpp.available() and weight.dtype == torch.float32 else "gather"
             buckets = 1  # the kernel reads one packed bucket
         self._pack(weight, buckets, bias)
@@ -122,10 +139,19 @@ class BlockSparseMatrix(nn.Module):
             self.register_buffer(f"bias{b}", block_bias)  # (blocks, 1, r)
         self.register_buffer("unpermute", torch.argsort(torch.cat(chunks)) if self.n_buckets > 1 else None)
         self.stored_columns = sum(int(getattr(self, f"index{b}").numel()) for b in range(self.n_buckets))
+        if self.n_buckets == 1:  # the compiled kernel skips each block's padding: derived, so not saved
+            self.register_buffer("counts0", blocksparse_cpp.counts_of(self.index0, self.values0), persistent=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self._buffers.get("counts0") is not None:  # the loaded pattern's kept columns, not the old ones
+            self.counts0 = blocksparse_cpp.counts_of(self.index0, self.values0)
 
     @property
     def stored_values(self) -> int:
         """Weights stored, padding and in-block zeros included (what a product reads)."""
+        if self.impl == "bsr":
+            return int(self.bsr.values().numel())
         return self.stored_columns * self.block_rows if self.impl != "csr" else self.nonzeros
 
     def macs(self, batch: int = 1) -> int:
@@ -137,29 +163,56 @@ class BlockSparseMatrix(nn.Module):
         buffers = self._buffers  # direct lookups: this runs once per RNN step, where overhead counts
         if self.impl == "dense":
             return F.linear(x, buffers["weight"], buffers["bias"])
-        if self.impl == "csr":
-            y = (self.csr @ x.t()).t()
+        if self.impl in ("csr", "bsr"):
+            y = ((self.csr if self.impl == "csr" else self.bsr) @ x.t()).t()
             return y if buffers["bias"] is None else y + buffers["bias"]
         if self.impl == "cpp":
-            from admmcompress.executors import blocksparse_cpp
-
-            return blocksparse_cpp.load().bsmm(x, *blocksparse_cpp.packed(self), self.out_features)
+            ext = blocksparse_cpp.load()
+            if ext is not None:  # None: loaded on a machine without a compiler; the packing runs in torch
+                return ext.bsmm(x, *blocksparse_cpp.packed(self), self.out_features)
         n = x.shape[0]
+        if n >= ROWS_LAST_FROM:
+            return self._rows_last(x)
         outs = []
         for b in range(self.n_buckets):
             values, bias = buffers[f"values{b}"], buffers[f"bias{b}"]
-            gathered = x.index_select(1, buffers[f"index{b}"])
-            # (blocks, N, K) @ (blocks, K, r) -> (blocks, N, r); at N = 1 no transpose is needed
-            gathered = (
-                gathered.view(values.shape[0], 1, -1) if n == 1 else gathered.view(n, values.shape[0], -1)
-            )
-            gathered = gathered if n == 1 else gathered.transpose(0, 1)
+            # (blocks, N, K) @ (blocks, K, r) -> (blocks, N, r); at N = 1 no transpose is needed, and the
+            # gather is a 1-D index_select (a quarter faster than along dim 1 of a (1, I) tensor here)
+            if n == 1:
+                gathered = x.reshape(-1).index_select(0, buffers[f"index{b}"]).view(values.shape[0], 1, -1)
+            else:
+                gathered = x.index_select(1, buffers[f"index{b}"]).view(n, values.shape[0], -1).transpose(0, 1)
             outs.append(
                 torch.bmm(gathered, values) if bias is None else torch.baddbmm(bias, gathered, values)
             )
         y = outs[0] if self.n_buckets == 1 else torch.cat(outs, 0).index_select(0, buffers["unpermute"])
         y = y.view(1, -1) if n == 1 else y.transpose(0, 1).reshape(n, -1)
         return y if y.shape[1] == self.out_features else y[:, : self.out_features]
+
+    def forward_transposed(self, xt: torch.Tensor) -> torch.Tensor:
+        """``xt (I, N) -> xt.T @ W.T + b (N, O)``: the product from inputs stored column by column (an im2col
+        matrix), without transposing them first where the implementation reads them that way."""
+        if self.impl == "cpp" and xt.dtype == torch.float32:
+            ext = blocksparse_cpp.load()
+            if ext is not None:
+                return ext.bsmm_t(xt, *blocksparse_cpp.packed(self), self.out_features)
+        return self.forward(xt.t())  # the gather path's batch-last layout transposes it back for free
+
+    def _rows_last(self, x: torch.Tensor) -> torch.Tensor:
+        """The gather product with the batch as the matmuls' last dimension: ``(blocks, r, K) @ (blocks, K, N)``
+        on the gathered rows of ``x.T``; no transposed copy of the gathered inputs for ``bmm`` to walk."""
+        buffers, n = self._buffers, x.shape[0]
+        xt = x.t().contiguous()
+        outs = []
+        for b in range(self.n_buckets):
+            values, bias = buffers[f"values{b}"], buffers[f"bias{b}"]
+            gathered = xt.index_select(0, buffers[f"index{b}"]).view(values.shape[0], values.shape[1], n)
+            weights = values.transpose(1, 2)  # (blocks, r, K), a view
+            outs.append(
+                torch.bmm(weights, gathered) if bias is None else torch.baddbmm(bias.transpose(1, 2), weights, gathered)
+            )
+        y = outs[0] if self.n_buckets == 1 else torch.cat(outs, 0).index_select(0, buffers["unpermute"])
+        return y.reshape(-1, n)[: self.out_features].t().contiguous()
 
     def extra_repr(self) -> str:
         return (

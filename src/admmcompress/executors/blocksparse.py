@@ -7,6 +7,9 @@ weights are sparse enough with a module that computes the same outputs from pack
 :mod:`admmcompress.executors.blockmatrix`). The model stays an ``nn.Module``; the swap is
 explicit and one-way (keep the masked model to train further). The ``blocksparse`` executor
 (``get_executor("blocksparse").convert(model, block_rows=...)``) does the same on a copy.
+``choose="measured"`` picks each layer's implementation per batch size (dense, the torch path, the
+compiled kernel or torch BSR) from latencies measured once per machine (see
+:mod:`admmcompress.executors.blocksparse_choice`).
 
 >>> from admmcompress.structures import Block
 >>> model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
@@ -24,14 +27,24 @@ True
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from admmcompress.executors import blocksparse_cpp
 from admmcompress.executors.base import Executor, register_executor, reject_unknown
 from admmcompress.executors.blockmatrix import BlockSparseMatrix
+from admmcompress.executors.blocksparse_choice import (
+    MeasuredChoice,
+    Table,
+    batch_axis,
+    check_batches,
+    choice_report,
+    choose_layer,
+    recorded_shapes,
+)
 from admmcompress.executors.blocksparse_layers import BlockSparseConv2d, BlockSparseLinear, conv_blockers
 from admmcompress.executors.blocksparse_rnn import BlockSparseCell, BlockSparseGRU, BlockSparseLSTM
 from admmcompress.plan import Plan, Target
@@ -92,6 +105,12 @@ def to_blocksparse(
     impl: str = "gather",
     buckets: int = 1,
     kernel: str = "torch",
+    choose: str = "fixed",
+    batches: Sequence[int] = (1,),
+    example: Any = None,
+    table: Table | None = None,
+    rounds: int = 9,
+    steps: int = 16,
 ) -> list[str]:
     """Replace sparse layers of ``model`` in place with block-sparse executors; returns their names.
 
@@ -105,7 +124,18 @@ def to_blocksparse(
         impl, buckets: see :class:`~admmcompress.executors.blockmatrix.BlockSparseMatrix`.
         kernel: ``"cpp"`` runs GRU/LSTM sequences in the compiled kernel (``blocksparse_cpp``; built on
             first use, about a minute; falls back to ``"torch"`` with a warning where it cannot be built).
+        choose: ``"fixed"`` (every converted layer uses ``impl``/``kernel``) or ``"measured"`` (``impl`` and
+            ``kernel`` unused): each layer becomes the fastest of dense, the torch path (``impl="gather"``,
+            ``buckets``), the compiled kernel (where it builds) and torch BSR (where ``r`` tiles the weight)
+            at each of ``batches`` (a :class:`~admmcompress.executors.blocksparse_choice.MeasuredChoice`
+            where that differs between batches), timed ``rounds`` times interleaved and cached per machine
+            in ``table`` (default: the ``LatencyCache`` "blocksparse-choice"). ``example`` (a model input,
+            or a tuple of them) gives each layer's input shape; without it Linear/cells are timed on
+            ``(batch, in)`` and GRU/LSTM on ``steps`` steps (convolutions need it). ``choice_report(model)``
+            says how often dense won.
     """
+    if choose not in ("fixed", "measured"):
+        raise ValueError(f"to_blocksparse: choose={choose!r}; choose 'fixed' or 'measured'")
     modules = dict(model.named_modules())
     if layers is None:
         # Depthwise/grouped or reflect-padded convs have no block-sparse form: by default they stay dense.
@@ -127,8 +157,20 @@ def to_blocksparse(
         raise ValueError(
             "to_blocksparse: the model itself is a single layer; wrap it, e.g. nn.Sequential(layer)"
         )
+    shapes: dict[str, tuple[int, ...]] = {}
+    if choose == "measured":
+        check_batches(batches)
+        shapes = recorded_shapes(model, example, chosen) if example is not None else {}
     for name in chosen:
         rows = block_rows.get(name, 16) if isinstance(block_rows, Mapping) else block_rows
+        if choose == "measured":
+            impls = candidates(modules[name], rows, name, buckets, min_sparsity)
+            key = layer_key(modules[name], impls["torch"], rows, shapes.get(name), steps)
+            new = choose_layer(name, impls, key, batches, shapes.get(name), table, rounds, steps)
+            new.train(modules[name].training)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, new)
+            continue
         new = convert_module(
             modules[name],
             rows,
@@ -144,7 +186,44 @@ def to_blocksparse(
     return chosen
 
 
-_OPTIONS = ("block_rows", "layers", "min_sparsity", "impl", "buckets", "kernel")
+def candidates(
+    module: nn.Module, block_rows: int, name: str, buckets: int = 1, min_sparsity: float = 0.5
+) -> dict[str, nn.Module]:
+    """Every implementation of ``module`` that runs here: ``{"dense", "torch", "cpp", "bsr"}`` (fewer when
+    the compiled kernel cannot be built or ``block_rows`` does not tile the weight into square blocks)."""
+    impls: dict[str, nn.Module] = {"dense": module}
+    common = {"name": name, "min_sparsity": min_sparsity}
+    impls["torch"] = convert_module(module, block_rows, impl="gather", buckets=buckets, kernel="torch", **common)
+    if blocksparse_cpp.available():
+        impls["cpp"] = convert_module(module, block_rows, impl="cpp", kernel="cpp", **common)
+    try:
+        impls["bsr"] = convert_module(module, block_rows, impl="bsr", kernel="torch", **common)
+    except ValueError:  # r does not tile the weight into square blocks (MKL's BSR takes no others)
+        pass
+    return {impl: m.eval() for impl, m in impls.items()}
+
+
+def layer_key(
+    module: nn.Module, packed: nn.Module, block_rows: int, shape: Sequence[int] | None, steps: int
+) -> str:
+    """What a latency of ``module`` depends on besides batch and threads: settings, input, pattern size."""
+    matrices = [m for m in packed.modules() if isinstance(m, BlockSparseMatrix)]
+    stored = sum(m.stored_values for m in matrices)
+    nonzeros = sum(m.nonzeros for m in matrices)
+    if shape is None:
+        where = f"default, {steps} steps" if isinstance(module, nn.RNNBase) else "default"
+    else:
+        batch_dim, batched_ndim = batch_axis(module)
+        where = str([s for i, s in enumerate(shape) if len(shape) < batched_ndim or i != batch_dim])
+    return (
+        f"{type(module).__name__}({module.extra_repr()})|x={where}|r={block_rows}|stored={stored}|nnz={nonzeros}"
+    )
+
+
+_OPTIONS = (
+    "block_rows", "layers", "min_sparsity", "impl", "buckets", "kernel", "choose", "batches", "table", "rounds",
+    "steps",
+)
 
 
 @register_executor("blocksparse")
@@ -160,13 +239,14 @@ class BlocksparseExecutor(Executor):
 
     def convert(self, model: nn.Module, masks: Any = None, example: Any = None, **options: Any) -> nn.Module:
         """A copy of ``model`` (``masks`` applied) with its sparse layers block-sparse; options as
-        ``to_blocksparse`` (``block_rows``, ``layers``, ``min_sparsity``, ``impl``, ``buckets``, ``kernel``).
-        ``example`` is not needed."""
+        ``to_blocksparse`` (``block_rows``, ``layers``, ``min_sparsity``, ``impl``, ``buckets``, ``kernel``,
+        ``choose``, ``batches``, ``table``, ``rounds``, ``steps``). ``example`` (a model input) is used by
+        ``choose="measured"`` only, for the layers' input shapes."""
         reject_unknown("blocksparse", "convert", options, _OPTIONS)
         work = copy.deepcopy(model)
         if masks is not None:
             masks.apply(work)
-        to_blocksparse(work, **options)
+        to_blocksparse(work, example=example if options.get("choose") == "measured" else None, **options)
         return work
 
 
@@ -179,8 +259,12 @@ __all__ = [
     "BlockSparseLinear",
     "BlockSparseMatrix",
     "BlocksparseExecutor",
+    "MeasuredChoice",
     "block_rows_from",
+    "candidates",
+    "choice_report",
     "convert_module",
+    "layer_key",
     "sparsity_of",
     "to_blocksparse",
 ]

@@ -1,36 +1,66 @@
-"""An optional compiled kernel for the block-sparse executor: whole GRU/LSTM sequences in C++.
+"""An optional compiled kernel for the block-sparse executor: products and whole GRU/LSTM sequences in C++.
 
 At batch 1 a recurrent step is a few hundred thousand multiply-adds, so the Python/dispatcher
 overhead of ~10 small torch ops per step, not arithmetic, bounds the torch implementation. This
-module compiles (once, with the system C++ compiler through ``torch.utils.cpp_extension``; cached
-in ``~/.cache/torch_extensions``) a kernel that runs the whole sequence loop in C++: per step one
+module compiles (once per machine, with the system C++ compiler through ``torch.utils.cpp_extension``;
+cached in ``~/.cache/torch_extensions``) a kernel that runs the whole sequence loop in C++: per step one
 packed block-sparse product (row block by row block, each kept column's ``r`` weights contiguous,
-so the inner loop is one SIMD multiply-add per column) and the gate arithmetic through vectorised
-ATen ops. It is opt-in (``kernel="cpp"``) because compiling takes a minute; ``available()`` says
-whether it can be built here, and every caller falls back to the torch path otherwise.
+so the inner loop is one SIMD multiply-add per column) and the gate arithmetic, fused into the same
+pass when the gates split into whole row blocks (``hidden_size % r == 0``). Products (``bsmm``; ``bsmm_t``
+for inputs already stored column by column, as im2col gives them) keep four partial sums per row block at
+batch 1, and from 16 inputs multiply 16 x 16 register tiles (the inputs transposed once).
+
+Threads: the extension is built with OpenMP (the same ``libgomp`` torch loads, so ``torch.set_num_threads``
+governs it) and splits every product over row blocks, in chunks of equal *work* (kept columns, padding
+skipped), one chunk per thread; a recurrent step splits over hidden slices (the ``r`` units whose gate
+rows form one row block per gate), so each thread computes its slice's gates and state without a second
+parallel region. Products too small to pay for a thread start stay on one thread.
+
+It is opt-in (``kernel="cpp"`` / ``impl="cpp"``, or picked by ``to_blocksparse(choose="measured")``)
+because compiling takes a minute; ``available()`` says whether it can be built here (without OpenMP it is
+built for one thread), and every caller falls back to the torch path otherwise, also for a model saved
+with it and loaded where it cannot be built.
+
+>>> w = torch.zeros(4, 3); w[:2, 1] = 2.0                # block 0 keeps column 1, block 1 nothing
+>>> index, values = torch.tensor([1, 0]), w.view(2, 2, 3).transpose(1, 2)[:, [1]].contiguous()
+>>> counts_of(index, values).tolist()                    # block 1's one column is padding
+[1, 0]
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import warnings
 from types import ModuleType
 
 import torch
 
+from admmcompress.timing import cpu_model
+
+VERSION = 4  # bump when SOURCE or the build flags change: the extension's cache name changes with it
+
 SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+// Packed layout (blockmatrix.py): row block b keeps counts[b] <= K columns index[b*K + k] (the rest of its K
+// slots are padding), with weights values[(b*K + k)*r + j] for its row j; bias[b*r + j].
 
 // One row block for n_rows inputs: out[n, j] = bias[j] + sum_k x[n, idx[k]] * v[k, j], j < R (R fixed:
 // the accumulator stays in registers and the j loop is one SIMD multiply-add per kept column).
 template <int R>
-static void block_rows_fixed(const float* __restrict x, int64_t n_rows, int64_t in_features,
+static void block_rows_fixed(const float* __restrict x, int64_t n_rows, int64_t x_stride,
                              const int64_t* __restrict idx, const float* __restrict v, const float* bias,
                              int64_t K, float* __restrict out, int64_t out_stride) {
   int64_t n = 0;
   for (; n + 4 <= n_rows; n += 4) {  // four inputs at a time: each kept column's weights are loaded once
-    const float* __restrict x0 = x + n * in_features;
+    const float* __restrict x0 = x + n * x_stride;
     float acc[4][R];
     for (int q = 0; q < 4; ++q)
       for (int j = 0; j < R; ++j) acc[q][j] = bias ? bias[j] : 0.f;
@@ -38,7 +68,7 @@ static void block_rows_fixed(const float* __restrict x, int64_t n_rows, int64_t 
       const int64_t col = idx[k];
       const float* __restrict vk = v + k * R;
       for (int q = 0; q < 4; ++q) {
-        const float xv = x0[q * in_features + col];
+        const float xv = x0[q * x_stride + col];
 #pragma omp simd
         for (int j = 0; j < R; ++j) acc[q][j] += xv * vk[j];
       }
@@ -46,26 +76,36 @@ static void block_rows_fixed(const float* __restrict x, int64_t n_rows, int64_t 
     for (int q = 0; q < 4; ++q)
       for (int j = 0; j < R; ++j) out[(n + q) * out_stride + j] = acc[q][j];
   }
-  for (; n < n_rows; ++n) {
-    const float* __restrict xn = x + n * in_features;
-    float acc[R];
-    for (int j = 0; j < R; ++j) acc[j] = bias ? bias[j] : 0.f;
-    for (int64_t k = 0; k < K; ++k) {
+  for (; n < n_rows; ++n) {  // one input: four partial sums over k, so the FMAs do not wait on each other
+    const float* __restrict xn = x + n * x_stride;
+    float acc[4][R];
+    for (int q = 0; q < 4; ++q)
+      for (int j = 0; j < R; ++j) acc[q][j] = 0.f;
+    int64_t k = 0;
+    for (; k + 4 <= K; k += 4) {
+      for (int q = 0; q < 4; ++q) {
+        const float xv = xn[idx[k + q]];
+        const float* __restrict vk = v + (k + q) * R;
+#pragma omp simd
+        for (int j = 0; j < R; ++j) acc[q][j] += xv * vk[j];
+      }
+    }
+    for (; k < K; ++k) {
       const float xv = xn[idx[k]];
       const float* __restrict vk = v + k * R;
 #pragma omp simd
-      for (int j = 0; j < R; ++j) acc[j] += xv * vk[j];
+      for (int j = 0; j < R; ++j) acc[0][j] += xv * vk[j];
     }
     float* o = out + n * out_stride;
-    for (int j = 0; j < R; ++j) o[j] = acc[j];
+    for (int j = 0; j < R; ++j) o[j] = (bias ? bias[j] : 0.f) + ((acc[0][j] + acc[1][j]) + (acc[2][j] + acc[3][j]));
   }
 }
 
-static void block_rows_any(const float* __restrict x, int64_t n_rows, int64_t in_features,
+static void block_rows_any(const float* __restrict x, int64_t n_rows, int64_t x_stride,
                            const int64_t* __restrict idx, const float* __restrict v, const float* bias,
                            int64_t K, int64_t r, float* __restrict out, int64_t out_stride) {
   for (int64_t n = 0; n < n_rows; ++n) {
-    const float* __restrict xn = x + n * in_features;
+    const float* __restrict xn = x + n * x_stride;
     float* __restrict o = out + n * out_stride;
     for (int64_t j = 0; j < r; ++j) o[j] = bias ? bias[j] : 0.f;
     for (int64_t k = 0; k < K; ++k) {
@@ -77,107 +117,419 @@ static void block_rows_any(const float* __restrict x, int64_t n_rows, int64_t in
   }
 }
 
-// out[n, b*r + j] = bias[b*r + j] + sum_k x[n, index[b*K + k]] * values[b, k, j]   (out: N x nb*r)
-static void block_mm(const float* x, int64_t n_rows, int64_t in_features, const int64_t* index,
-                     const float* values, const float* bias, int64_t nb, int64_t K, int64_t r, float* out) {
-  const int64_t width = nb * r;
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, K * r * n_rows));
-  at::parallel_for(0, nb, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t* idx = index + b * K;
-      const float* v = values + b * K * r;
-      const float* bb = bias ? bias + b * r : nullptr;
-      float* o = out + b * r;
-      if (r == 16) block_rows_fixed<16>(x, n_rows, in_features, idx, v, bb, K, o, width);
-      else if (r == 8) block_rows_fixed<8>(x, n_rows, in_features, idx, v, bb, K, o, width);
-      else if (r == 32) block_rows_fixed<32>(x, n_rows, in_features, idx, v, bb, K, o, width);
-      else block_rows_any(x, n_rows, in_features, idx, v, bb, K, r, o, width);
+struct Packed {
+  const int64_t* index;
+  const float* values;
+  const int64_t* counts;
+  const float* bias;
+  int64_t nb, K, r;
+};
+
+static Packed packed_of(const torch::Tensor& index, const torch::Tensor& values, const torch::Tensor& counts,
+                        const torch::Tensor& bias) {
+  TORCH_CHECK(values.dim() == 3 && values.scalar_type() == torch::kFloat && values.is_contiguous(),
+              "block-sparse kernel: values must be a contiguous float32 (blocks, K, r) tensor");
+  TORCH_CHECK(index.is_contiguous() && counts.is_contiguous(), "block-sparse kernel: index/counts not contiguous");
+  return {index.data_ptr<int64_t>(), values.data_ptr<float>(), counts.data_ptr<int64_t>(),
+          bias.numel() ? bias.data_ptr<float>() : nullptr, values.size(0), values.size(1), values.size(2)};
+}
+
+// NT inputs at once from the transposed input xt (in_features x ld): per kept column, NT contiguous inputs
+// times each of the R weights, an R x NT tile of accumulators (16 x 16: 16 AVX-512 registers) and one
+// weight broadcast per multiply-add instruction -- the register-blocked GEMM micro-kernel.
+template <int R, int NT>
+static void tile_cols(const float* __restrict xt, int64_t ld, int64_t n0, const int64_t* __restrict idx,
+                      const float* __restrict v, const float* bias, int64_t K, float* __restrict out,
+                      int64_t out_stride, int64_t nt = NT) {
+  float acc[R][NT];
+  for (int j = 0; j < R; ++j)
+    for (int t = 0; t < NT; ++t) acc[j][t] = 0.f;
+  for (int64_t k = 0; k < K; ++k) {
+    const float* __restrict xk = xt + idx[k] * ld + n0;
+    const float* __restrict vk = v + k * R;
+    for (int j = 0; j < R; ++j) {
+      const float w = vk[j];
+#pragma omp simd
+      for (int t = 0; t < NT; ++t) acc[j][t] += w * xk[t];
     }
+  }
+  for (int64_t t = 0; t < nt; ++t)  // nt < NT: a zero-padded tail tile, of which nt inputs are real
+    for (int j = 0; j < R; ++j) out[(n0 + t) * out_stride + j] = acc[j][t] + (bias ? bias[j] : 0.f);
+}
+
+// From this many inputs a product also reads them transposed (tile_cols); fewer go row by row.
+static const int64_t kTileRows = 16;
+
+static inline bool tiles(int64_t r, int64_t n_rows) { return n_rows >= kTileRows && (r == 16 || r == 8); }
+
+// x (n x m, row-major) -> xt (m x n), in 16 x 16 tiles (a row-by-row transpose strides through memory).
+static void transpose_into(const float* x, int64_t n, int64_t m, float* xt) {
+  for (int64_t i0 = 0; i0 < n; i0 += 16)
+    for (int64_t j0 = 0; j0 < m; j0 += 16)
+      for (int64_t i = i0; i < std::min<int64_t>(i0 + 16, n); ++i)
+        for (int64_t j = j0; j < std::min<int64_t>(j0 + 16, m); ++j) xt[j * n + i] = x[i * m + j];
+}
+
+// Row block b of x (n_rows x ..., row stride x_stride) into out[:, b*r : b*r + r] (row stride out_stride).
+// With xt (x transposed, in_features x n_rows; when tiles(r, n_rows)) whole tiles of 16 inputs read xt, and
+// the rest reads x, or, when x is null, xt_tail (those inputs transposed and zero-padded to 16 columns).
+static inline void one_block(const Packed& p, int64_t b, const float* x, int64_t n_rows, int64_t x_stride,
+                             float* out, int64_t out_stride, const float* xt = nullptr,
+                             const float* xt_tail = nullptr) {
+  const int64_t* idx = p.index + b * p.K;
+  const float* v = p.values + b * p.K * p.r;
+  const float* bb = p.bias ? p.bias + b * p.r : nullptr;
+  const int64_t kb = p.counts[b];
+  float* o = out + b * p.r;
+  if (xt != nullptr) {
+    int64_t n0 = 0;
+    for (; n0 + kTileRows <= n_rows; n0 += kTileRows) {
+      if (p.r == 16) tile_cols<16, 16>(xt, n_rows, n0, idx, v, bb, kb, o, out_stride);
+      else tile_cols<8, 16>(xt, n_rows, n0, idx, v, bb, kb, o, out_stride);
+    }
+    if (x == nullptr) {
+      float* ot = o + n0 * out_stride;
+      const int64_t nt = n_rows - n0;
+      if (nt > 0 && p.r == 16) tile_cols<16, 16>(xt_tail, 16, 0, idx, v, bb, kb, ot, out_stride, nt);
+      else if (nt > 0) tile_cols<8, 16>(xt_tail, 16, 0, idx, v, bb, kb, ot, out_stride, nt);
+      return;
+    }
+    x += n0 * x_stride;
+    o += n0 * out_stride;
+    n_rows -= n0;
+  }
+  if (p.r == 16) block_rows_fixed<16>(x, n_rows, x_stride, idx, v, bb, kb, o, out_stride);
+  else if (p.r == 8) block_rows_fixed<8>(x, n_rows, x_stride, idx, v, bb, kb, o, out_stride);
+  else if (p.r == 32) block_rows_fixed<32>(x, n_rows, x_stride, idx, v, bb, kb, o, out_stride);
+  else if (p.r == 4) block_rows_fixed<4>(x, n_rows, x_stride, idx, v, bb, kb, o, out_stride);
+  else block_rows_any(x, n_rows, x_stride, idx, v, bb, kb, p.r, o, out_stride);
+}
+
+// A chunk smaller than this many multiply-adds does not pay for waking a thread (~ a few microseconds).
+static const int64_t kMinChunkWork = 32768;
+
+// Bounds of `chunks` contiguous ranges of units with about equal total work (one chunk per thread).
+static std::vector<int64_t> balanced_bounds(const std::vector<int64_t>& work) {
+  const int64_t n = static_cast<int64_t>(work.size());
+  int64_t total = 0;
+  for (int64_t w : work) total += w;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>({threads, total / kMinChunkWork, n}));
+  std::vector<int64_t> bounds{0};
+  int64_t acc = 0, c = 1;
+  for (int64_t u = 0; u < n && c < chunks; ++u) {
+    acc += work[u];
+    while (c < chunks && acc * chunks >= total * c) {
+      bounds.push_back(u + 1);
+      ++c;
+    }
+  }
+  while (static_cast<int64_t>(bounds.size()) <= chunks) bounds.push_back(n);
+  bounds.back() = n;
+  return bounds;
+}
+
+// body(first_unit, end_unit) once per chunk, the chunks on torch's intra-op threads (one each).
+template <typename F>
+static void run_chunks(const std::vector<int64_t>& bounds, const F& body) {
+  const int64_t chunks = static_cast<int64_t>(bounds.size()) - 1;
+  if (chunks <= 1) {
+    body(bounds[0], bounds[1]);
+    return;
+  }
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) body(bounds[c], bounds[c + 1]);
   });
 }
 
-torch::Tensor bsmm(torch::Tensor x, torch::Tensor index, torch::Tensor values, torch::Tensor bias,
-                   int64_t out_features) {
+// out (n_rows x nb*r) = x @ W.T + b, over row blocks in chunks of equal work; xt / xt_tail as one_block's.
+static void block_mm(const Packed& p, const float* x, int64_t n_rows, int64_t in_features, float* out,
+                     const float* xt = nullptr, const float* xt_tail = nullptr) {
+  std::vector<int64_t> work(p.nb);
+  for (int64_t b = 0; b < p.nb; ++b) work[b] = (p.counts[b] + 1) * p.r * n_rows;
+  run_chunks(balanced_bounds(work), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) one_block(p, b, x, n_rows, in_features, out, p.nb * p.r, xt, xt_tail);
+  });
+}
+
+static torch::Tensor finish(torch::Tensor out, const Packed& p, int64_t out_features) {
+  return p.nb * p.r == out_features ? out : out.narrow(1, 0, out_features).contiguous();
+}
+
+// x (N, I) -> x @ W.T + b (N, O).
+torch::Tensor bsmm(torch::Tensor x, torch::Tensor index, torch::Tensor values, torch::Tensor counts,
+                   torch::Tensor bias, int64_t out_features) {
   x = x.contiguous();
-  const int64_t nb = values.size(0), K = values.size(1), r = values.size(2);
-  auto out = torch::empty({x.size(0), nb * r}, x.options());
-  block_mm(x.data_ptr<float>(), x.size(0), x.size(1), index.data_ptr<int64_t>(), values.data_ptr<float>(),
-           bias.numel() ? bias.data_ptr<float>() : nullptr, nb, K, r, out.data_ptr<float>());
-  return nb * r == out_features ? out : out.narrow(1, 0, out_features).contiguous();
+  const Packed p = packed_of(index, values, counts, bias);
+  const int64_t n = x.size(0);
+  auto out = torch::empty({n, p.nb * p.r}, x.options());
+  torch::Tensor xt;
+  if (tiles(p.r, n)) xt = x.t().contiguous();  // ATen's transposing copy: blocked, on torch's threads
+  const float* xtp = xt.defined() ? xt.data_ptr<float>() : nullptr;
+  block_mm(p, x.data_ptr<float>(), n, x.size(1), out.data_ptr<float>(), xtp);
+  return finish(out, p, out_features);
+}
+
+// The same product from the inputs already transposed, xt (I, N) (an im2col matrix): (xt.T @ W.T + b) (N, O).
+torch::Tensor bsmm_t(torch::Tensor xt, torch::Tensor index, torch::Tensor values, torch::Tensor counts,
+                     torch::Tensor bias, int64_t out_features) {
+  xt = xt.contiguous();
+  const Packed p = packed_of(index, values, counts, bias);
+  const int64_t in_features = xt.size(0), n = xt.size(1);
+  if (!tiles(p.r, n)) return bsmm(xt.t(), index, values, counts, bias, out_features);
+  auto out = torch::empty({n, p.nb * p.r}, xt.options());
+  const int64_t full = n / kTileRows * kTileRows;
+  torch::Tensor tail;
+  if (full < n) {  // the last n - full inputs, zero-padded to one tile
+    tail = torch::zeros({in_features, kTileRows}, xt.options());
+    tail.narrow(1, 0, n - full).copy_(xt.narrow(1, full, n - full));
+  }
+  block_mm(p, nullptr, n, in_features, out.data_ptr<float>(), xt.data_ptr<float>(),
+           tail.defined() ? tail.data_ptr<float>() : nullptr);
+  return finish(out, p, out_features);
+}
+
+// Vectorisable exp (Cephes-style: 2^n * polynomial on [-ln2/2, ln2/2], ~1 ulp), so the gate loops below
+// compile to SIMD instead of calling the scalar libm functions.
+static inline float exp_approx(float x) {
+  x = x < -87.0f ? -87.0f : x;  // plain selects and truncation: fmin/floor/std::min keep gcc from SIMD here
+  x = x > 88.0f ? 88.0f : x;
+  // n = the nearest integer to x / ln 2, by truncating a positive number (x / ln 2 + 128.5 > 0 for x >= -87)
+  const int32_t k = static_cast<int32_t>(x * 1.44269504088896341f + 128.5f) - 128;
+  const float n = static_cast<float>(k);
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float q = 1.9875691500e-4f;
+  q = q * r + 1.3981999507e-3f;
+  q = q * r + 8.3334519073e-3f;
+  q = q * r + 4.1665795894e-2f;
+  q = q * r + 1.6666665459e-1f;
+  q = q * r + 5.0000001201e-1f;
+  q = q * r * r + r + 1.0f;
+  const int32_t bits = (k + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return q * scale;
+}
+static inline float sigmoid_f(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
+static inline float tanh_f(float x) { return 2.0f / (1.0f + exp_approx(-2.0f * x)) - 1.0f; }
+
+// Hidden slices: slice s owns units [s*r, s*r + r) and the row blocks g*S + s (S = H / r) of every gate g.
+static std::vector<int64_t> slice_bounds(const Packed& p, int64_t gates, int64_t S, int64_t n_rows) {
+  std::vector<int64_t> work(S);
+  for (int64_t s = 0; s < S; ++s) {
+    int64_t w = 0;
+    for (int64_t g = 0; g < gates; ++g) w += (p.counts[g * S + s] + 1) * p.r;
+    work[s] = w * n_rows;
+  }
+  return balanced_bounds(work);
 }
 
 // GRU over gi (T, N, 3H) (input part incl. b_ih), h0 (N, H); the hidden product is block-sparse.
 std::vector<torch::Tensor> gru_sequence(torch::Tensor gi, torch::Tensor h0, torch::Tensor index,
-                                        torch::Tensor values, torch::Tensor bias, bool reverse) {
+                                        torch::Tensor values, torch::Tensor counts, torch::Tensor bias,
+                                        bool reverse) {
+  gi = gi.contiguous();
   const int64_t T = gi.size(0), N = gi.size(1), H = h0.size(1);
-  const int64_t nb = values.size(0), K = values.size(1), r = values.size(2);
+  const Packed p = packed_of(index, values, counts, bias);
   auto out = torch::empty({T, N, H}, h0.options());
   auto h = h0.contiguous().clone();
-  auto gh = torch::empty({N, nb * r}, h0.options());
+  auto gh = torch::empty({N, p.nb * p.r}, h0.options());
+  if (T == 0) return {out, h};
+  if (H % p.r != 0 || p.nb * p.r != 3 * H) {  // gates straddle row blocks: product, then ATen gate ops
+    for (int64_t s = 0; s < T; ++s) {
+      const int64_t t = reverse ? T - 1 - s : s;
+      block_mm(p, h.data_ptr<float>(), N, H, gh.data_ptr<float>());
+      auto g = gi[t];
+      auto rz = torch::sigmoid(g.narrow(1, 0, 2 * H) + gh.narrow(1, 0, 2 * H));
+      auto cand = torch::tanh(torch::addcmul(g.narrow(1, 2 * H, H), rz.narrow(1, 0, H), gh.narrow(1, 2 * H, H)));
+      h = torch::lerp(cand, h, rz.narrow(1, H, H));
+      out[t].copy_(h);
+    }
+    return {out, h};
+  }
+  const int64_t S = H / p.r, G = 3 * H;
+  const auto bounds = slice_bounds(p, 3, S, N);
+  std::vector<float> ht(tiles(p.r, N) ? N * H : 0);  // the state transposed, for the tiled product
+  const float* htp = ht.empty() ? nullptr : ht.data();
+  const float* hprev = h.data_ptr<float>();
+  float* ghp = gh.data_ptr<float>();
+  int64_t last = 0;
   for (int64_t s = 0; s < T; ++s) {
     const int64_t t = reverse ? T - 1 - s : s;
-    block_mm(h.data_ptr<float>(), N, H, index.data_ptr<int64_t>(), values.data_ptr<float>(),
-             bias.numel() ? bias.data_ptr<float>() : nullptr, nb, K, r, gh.data_ptr<float>());
-    auto g = gi[t];
-    auto rz = torch::sigmoid(g.narrow(1, 0, 2 * H) + gh.narrow(1, 0, 2 * H));
-    auto cand = torch::tanh(
-        torch::addcmul(g.narrow(1, 2 * H, H), rz.narrow(1, 0, H), gh.narrow(1, 2 * H, H)));
-    h = torch::lerp(cand, h, rz.narrow(1, H, H));
-    out[t].copy_(h);
+    float* hnew = out.data_ptr<float>() + t * N * H;  // out[t] is the next step's state: no copy
+    const float* git = gi.data_ptr<float>() + t * N * G;
+    if (htp != nullptr) transpose_into(hprev, N, H, ht.data());
+    run_chunks(bounds, [&](int64_t s0, int64_t s1) {
+      for (int64_t sl = s0; sl < s1; ++sl) {
+        for (int64_t g = 0; g < 3; ++g) one_block(p, g * S + sl, hprev, N, H, ghp, G, htp);
+        for (int64_t n = 0; n < N; ++n) {
+          const float* a = git + n * G;
+          const float* b = ghp + n * G;
+          const float* hp = hprev + n * H;
+          float* hn = hnew + n * H;
+#pragma omp simd
+          for (int64_t u = sl * p.r; u < (sl + 1) * p.r; ++u) {
+            const float rg = sigmoid_f(a[u] + b[u]);
+            const float z = sigmoid_f(a[H + u] + b[H + u]);
+            const float c = tanh_f(a[2 * H + u] + rg * b[2 * H + u]);
+            hn[u] = c + z * (hp[u] - c);
+          }
+        }
+      }
+    });
+    hprev = hnew;
+    last = t;
   }
-  return {out, h};
+  return {out, out[last].clone()};
 }
 
 // LSTM over gi (T, N, 4H), (h0, c0) (N, H); gate order i, f, g, o.
 std::vector<torch::Tensor> lstm_sequence(torch::Tensor gi, torch::Tensor h0, torch::Tensor c0,
-                                         torch::Tensor index,
-                                         torch::Tensor values, torch::Tensor bias, bool reverse) {
+                                         torch::Tensor index, torch::Tensor values, torch::Tensor counts,
+                                         torch::Tensor bias, bool reverse) {
+  gi = gi.contiguous();
   const int64_t T = gi.size(0), N = gi.size(1), H = h0.size(1);
-  const int64_t nb = values.size(0), K = values.size(1), r = values.size(2);
+  const Packed p = packed_of(index, values, counts, bias);
   auto out = torch::empty({T, N, H}, h0.options());
   auto h = h0.contiguous().clone();
   auto c = c0.contiguous().clone();
-  auto gh = torch::empty({N, nb * r}, h0.options());
+  auto gh = torch::empty({N, p.nb * p.r}, h0.options());
+  if (T == 0) return {out, h, c};
+  if (H % p.r != 0 || p.nb * p.r != 4 * H) {  // gates straddle row blocks: product, then ATen gate ops
+    for (int64_t s = 0; s < T; ++s) {
+      const int64_t t = reverse ? T - 1 - s : s;
+      block_mm(p, h.data_ptr<float>(), N, H, gh.data_ptr<float>());
+      auto gates = gi[t] + gh.narrow(1, 0, 4 * H);
+      auto sg = torch::sigmoid(gates);
+      c = torch::addcmul(sg.narrow(1, H, H) * c, sg.narrow(1, 0, H), torch::tanh(gates.narrow(1, 2 * H, H)));
+      h = (sg.narrow(1, 3 * H, H) * torch::tanh(c)).contiguous();
+      out[t].copy_(h);
+    }
+    return {out, h, c};
+  }
+  const int64_t S = H / p.r, G = 4 * H;
+  const auto bounds = slice_bounds(p, 4, S, N);
+  std::vector<float> ht(tiles(p.r, N) ? N * H : 0);  // the state transposed, for the tiled product
+  const float* htp = ht.empty() ? nullptr : ht.data();
+  const float* hprev = h.data_ptr<float>();
+  float* cp = c.data_ptr<float>();  // each slice's cells are read and written by its own thread only
+  float* ghp = gh.data_ptr<float>();
+  int64_t last = 0;
   for (int64_t s = 0; s < T; ++s) {
     const int64_t t = reverse ? T - 1 - s : s;
-    block_mm(h.data_ptr<float>(), N, H, index.data_ptr<int64_t>(), values.data_ptr<float>(),
-             bias.numel() ? bias.data_ptr<float>() : nullptr, nb, K, r, gh.data_ptr<float>());
-    auto gates = gi[t] + gh.narrow(1, 0, 4 * H);
-    auto sg = torch::sigmoid(gates);
-    c = torch::addcmul(sg.narrow(1, H, H) * c, sg.narrow(1, 0, H), torch::tanh(gates.narrow(1, 2 * H, H)));
-    h = (sg.narrow(1, 3 * H, H) * torch::tanh(c)).contiguous();
-    out[t].copy_(h);
+    float* hnew = out.data_ptr<float>() + t * N * H;
+    const float* git = gi.data_ptr<float>() + t * N * G;
+    if (htp != nullptr) transpose_into(hprev, N, H, ht.data());
+    run_chunks(bounds, [&](int64_t s0, int64_t s1) {
+      for (int64_t sl = s0; sl < s1; ++sl) {
+        for (int64_t g = 0; g < 4; ++g) one_block(p, g * S + sl, hprev, N, H, ghp, G, htp);
+        for (int64_t n = 0; n < N; ++n) {
+          const float* a = git + n * G;
+          const float* b = ghp + n * G;
+          float* cn = cp + n * H;
+          float* hn = hnew + n * H;
+#pragma omp simd
+          for (int64_t u = sl * p.r; u < (sl + 1) * p.r; ++u) {
+            const float i = sigmoid_f(a[u] + b[u]);
+            const float f = sigmoid_f(a[H + u] + b[H + u]);
+            const float g = tanh_f(a[2 * H + u] + b[2 * H + u]);
+            const float o = sigmoid_f(a[3 * H + u] + b[3 * H + u]);
+            const float cell = f * cn[u] + i * g;
+            cn[u] = cell;
+            hn[u] = o * tanh_f(cell);
+          }
+        }
+      }
+    });
+    hprev = hnew;
+    last = t;
   }
-  return {out, h, c};
+  return {out, out[last].clone(), c};
+}
+
+// The chunk bounds (over row blocks) a product of n_rows inputs is split into, for tests and tuning.
+std::vector<int64_t> product_chunks(torch::Tensor counts, int64_t r, int64_t n_rows) {
+  counts = counts.contiguous();
+  const int64_t* c = counts.data_ptr<int64_t>();
+  std::vector<int64_t> work(counts.numel());
+  for (int64_t b = 0; b < counts.numel(); ++b) work[b] = (c[b] + 1) * r * n_rows;
+  return balanced_bounds(work);
+}
+
+int64_t threads_compiled() {
+#ifdef _OPENMP
+  return at::get_num_threads();
+#else
+  return 1;
+#endif
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bsmm", &bsmm, "block-sparse x @ W.T + b");
+  m.def("bsmm_t", &bsmm_t, "block-sparse xt.T @ W.T + b from transposed inputs xt");
   m.def("gru_sequence", &gru_sequence, "GRU layer with a block-sparse hidden matrix");
   m.def("lstm_sequence", &lstm_sequence, "LSTM layer with a block-sparse hidden matrix");
+  m.def("threads_compiled", &threads_compiled, "threads a product may use (1 without OpenMP)");
+  m.def("product_chunks", &product_chunks, "chunk bounds over row blocks of one product");
 }
 """
+
+# OpenMP for the threads; the same libgomp soname torch links, so torch's own runtime (and its
+# set_num_threads) serves the kernel: no second thread pool. -fno-trapping-math lets gcc vectorise the gate
+# loops (the float -> int conversion in exp_approx); it changes no result (no reassociation, unlike -ffast-math).
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-trapping-math"]
+LDFLAGS = ["-fopenmp"]
+
+
+def extension_name() -> str:
+    """The cache name: the version and this CPU (``-march=native`` code must not run on another CPU)."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line for line in info if line.startswith("flags")), "")
+    except OSError:
+        pass
+    digest = hashlib.sha256(f"{cpu_model()}|{flags}|{torch.__version__}".encode()).hexdigest()[:10]
+    return f"admmcompress_blocksparse_v{VERSION}_{digest}"
+
+
+# Without OpenMP (a compiler without its runtime): the same kernel on one thread, under its own cache name.
+SERIAL_CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-trapping-math"]
 
 
 @functools.lru_cache(maxsize=1)
 def load(verbose: bool = False) -> ModuleType | None:
-    """The compiled kernel module, built on first use (about a minute); ``None`` if it cannot be built."""
-    try:
-        from torch.utils.cpp_extension import load_inline
+    """The compiled kernel module, built on first use (about a minute); ``None`` if it cannot be built.
 
-        return load_inline(
-            name="admmcompress_blocksparse_v3",
-            cpp_sources=[SOURCE],
-            extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
-            verbose=verbose,
-        )
-    except Exception as err:  # no compiler, no headers: the torch path still works
-        warnings.warn(
-            f"block-sparse C++ kernel unavailable ({type(err).__name__}: {err}); using torch ops",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        return None
+    Tried with OpenMP first, then without (one thread, with a warning); the torch path covers the rest.
+    """
+    errors = []
+    for suffix, cflags, ldflags in (("", CFLAGS, LDFLAGS), ("_serial", SERIAL_CFLAGS, [])):
+        try:
+            from torch.utils.cpp_extension import load_inline
+
+            module = load_inline(
+                name=extension_name() + suffix,
+                cpp_sources=[SOURCE],
+                extra_cflags=cflags,
+                extra_ldflags=ldflags,
+                verbose=verbose,
+            )
+        except Exception as err:  # no compiler, no headers, no OpenMP runtime
+            errors.append(f"{type(err).__name__}: {err}")
+            continue
+        if errors:
+            warnings.warn(
+                f"block-sparse C++ kernel built without OpenMP ({errors[0]}): it runs on one thread",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return module
+    warnings.warn(
+        f"block-sparse C++ kernel unavailable ({errors[-1]}); using torch ops", RuntimeWarning, stacklevel=2
+    )
+    return None
 
 
 def available() -> bool:
@@ -196,12 +548,41 @@ def supports(matrix: torch.nn.Module) -> bool:
     )
 
 
-def packed(matrix: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(index, values, bias)`` of a supported matrix, bias flattened (empty when there is none)."""
+def counts_of(index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Kept columns per row block: the slots before the trailing padding (index 0 and all-zero weights)."""
+    blocks, k = values.shape[0], values.shape[1]
+    used = (index.view(blocks, k) != 0) | (values != 0).any(2)
+    slots = torch.arange(1, k + 1, device=values.device).expand(blocks, k)
+    return torch.where(used, slots, torch.zeros_like(slots)).amax(1).contiguous()
+
+
+def packed(matrix: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(index, values, counts, bias)`` of a supported matrix, bias flattened (empty when there is none).
+
+    ``counts`` is the matrix's ``counts0`` buffer (kept at packing and after ``load_state_dict``; derived here
+    for a matrix pickled before it existed): write ``values0`` in place and it goes stale.
+    """
     buffers = matrix._buffers
+    index, values = buffers["index0"], buffers["values0"]
+    counts = buffers.get("counts0")
+    if counts is None:
+        counts = counts_of(index, values)
+        matrix.register_buffer("counts0", counts, persistent=False)
     bias = buffers["bias0"]
-    bias = bias.reshape(-1) if bias is not None else buffers["values0"].new_empty(0)
-    return buffers["index0"], buffers["values0"], bias
+    bias = bias.reshape(-1) if bias is not None else values.new_empty(0)
+    return index, values, counts, bias
 
 
-__all__ = ["SOURCE", "available", "load", "packed", "supports"]
+__all__ = [
+    "CFLAGS",
+    "LDFLAGS",
+    "SERIAL_CFLAGS",
+    "SOURCE",
+    "VERSION",
+    "available",
+    "counts_of",
+    "extension_name",
+    "load",
+    "packed",
+    "supports",
+]

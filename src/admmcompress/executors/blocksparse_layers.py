@@ -34,6 +34,8 @@ class BlockSparseLinear(nn.Module):
         return cls(BlockSparseMatrix(linear.weight, block_rows, bias=linear.bias, **kwargs))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:  # the common case, without the reshapes (they cost as much as a small product)
+            return self.matrix(x)
         return self.matrix(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
 
 
@@ -101,7 +103,9 @@ class BlockSparseConv2d(nn.Module):
         out_w = (w + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[
             1
         ] + 1
-        y = self.matrix(cols.transpose(1, 2).reshape(-1, cols.shape[1]))  # (N*L, O), bias included
+        # im2col gives the GEMM inputs column by column, (C*kh*kw, L) per image: hand them over that way
+        xt = cols[0] if n == 1 else cols.transpose(0, 1).reshape(cols.shape[1], -1)
+        y = self.matrix.forward_transposed(xt)  # (N*L, O), bias included
         y = (
             y.view(n, out_h * out_w, self.out_channels)
             .transpose(1, 2)

@@ -20,6 +20,8 @@ True
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -121,13 +123,21 @@ class _BlockSparseRNNBase(nn.Module):
         """Apply a tensor function to every tensor of the state."""
         raise NotImplementedError
 
+    def _extension(self, matrix: BlockSparseMatrix) -> ModuleType | None:
+        """The compiled kernel when this layer uses it and it runs ``matrix`` (``None``: the torch path,
+        e.g. a model saved with ``kernel="cpp"`` and loaded where nothing can be compiled)."""
+        if self.kernel != "cpp" or not blocksparse_cpp.supports(matrix):
+            return None
+        return blocksparse_cpp.load()
+
     def _input_product(self, ih: BlockSparseMatrix, x: torch.Tensor) -> torch.Tensor:
         """``x @ W_ih.T + b_ih`` for all steps at once (compiled when the kernel is "cpp")."""
-        if self.kernel == "cpp" and blocksparse_cpp.supports(ih):
-            return blocksparse_cpp.load().bsmm(x, *blocksparse_cpp.packed(ih), ih.out_features)
+        ext = self._extension(ih)
+        if ext is not None:
+            return ext.bsmm(x, *blocksparse_cpp.packed(ih), ih.out_features)
         return ih(x)
 
-    def _compiled(self, gi: torch.Tensor, state, hh: BlockSparseMatrix, reverse: bool):
+    def _compiled(self, ext, gi: torch.Tensor, state, hh: BlockSparseMatrix, reverse: bool):
         """The whole sequence in the compiled kernel: ``(outputs (T, N, H), final state)``."""
         raise NotImplementedError
 
@@ -156,14 +166,16 @@ class _BlockSparseRNNBase(nn.Module):
                 hh = self.hh[index]
                 gi = self._input_product(self.ih[index], x.reshape(steps * batch, -1)).view(steps, batch, -1)
                 state = self._map(lambda t, i=index: t[i], hx)
-                if self.kernel == "cpp" and blocksparse_cpp.supports(hh):
-                    sequence, state = self._compiled(gi, state, hh, bool(direction))
+                ext = self._extension(hh)
+                if ext is not None:
+                    sequence, state = self._compiled(ext, gi, state, hh, bool(direction))
                     outputs.append(sequence)
                     finals.append(state)
                     continue
                 out: list[torch.Tensor] = [x] * steps
+                product = hh.forward  # the bound method: no module-call overhead on every step
                 for t in range(steps - 1, -1, -1) if direction else range(steps):
-                    state = self._step(gi[t], hh(self._hidden(state)), state)
+                    state = self._step(gi[t], product(self._hidden(state)), state)
                     out[t] = self._hidden(state)
                 outputs.append(torch.stack(out))
                 finals.append(state)
@@ -193,10 +205,8 @@ class BlockSparseGRU(_BlockSparseRNNBase):
     def _map(self, fn, state):
         return fn(state)
 
-    def _compiled(self, gi, state, hh, reverse):
-        out, h = blocksparse_cpp.load().gru_sequence(
-            gi.contiguous(), state, *blocksparse_cpp.packed(hh), reverse
-        )
+    def _compiled(self, ext, gi, state, hh, reverse):
+        out, h = ext.gru_sequence(gi.contiguous(), state, *blocksparse_cpp.packed(hh), reverse)
         return out, h
 
     def _stack(self, states):
@@ -221,8 +231,7 @@ class BlockSparseLSTM(_BlockSparseRNNBase):
     def _map(self, fn, state):
         return fn(state[0]), fn(state[1])
 
-    def _compiled(self, gi, state, hh, reverse):
-        ext = blocksparse_cpp.load()
+    def _compiled(self, ext, gi, state, hh, reverse):
         out, h, c = ext.lstm_sequence(
             gi.contiguous(), state[0], state[1], *blocksparse_cpp.packed(hh), reverse
         )
