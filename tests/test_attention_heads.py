@@ -101,10 +101,10 @@ def test_a_head_with_zero_values_is_dead_even_if_its_output_columns_are_not():
     torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=0)
 
 
-def test_wrong_layers_and_grouped_query_attention_are_one_clear_line():
+def test_wrong_layers_and_a_key_value_head_count_that_disagrees_are_one_clear_line():
     with pytest.raises(PlanError, match="not the query projection of an attention block"):
         Plan([Rule(Heads(sparsity=0.5), match="attn.o_proj")]).resolve(block())
-    with pytest.raises(PlanError, match="grouped-query attention"):
+    with pytest.raises(PlanError, match="says num_key_value_heads=1 but its key projection holds 3 heads"):
         Plan([Rule(Heads(sparsity=0.5), match="attn.q_proj")]).resolve(block(kv_heads=1))
     with pytest.raises(PlanError, match="head_dim=3 but the block's heads have 4"):
         Plan([Rule(Heads(sparsity=0.5, head_dim=3), match="attn.q_proj")]).resolve(block())

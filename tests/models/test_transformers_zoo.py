@@ -18,7 +18,9 @@ from admmcompress.executors.blocksparse import to_blocksparse
 from admmcompress.executors.compact import compact
 from admmcompress.executors.onnx_export import export_onnx, max_onnx_diff, output_tensors
 from admmcompress.finalize import hard_prune
+from admmcompress.models.conv1d import linear_from_conv1d
 from admmcompress.plan import Plan, Rule
+from admmcompress.plan.attention import attention_layouts
 from admmcompress.structures import Block, Filter, Heads, Unstructured
 
 transformers = pytest.importorskip("transformers")
@@ -79,8 +81,26 @@ def mobilevit():
     return transformers.MobileViTModel(config), "*intermediate.dense", lambda b, t: images(b)
 
 
+def token_ids(b: int, t: int) -> dict[str, torch.Tensor]:
+    return {"input_ids": tokens(b, t)["input_ids"]}
+
+
+def gpt2():
+    config = transformers.GPT2Config(vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                                     bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config)
+    linear_from_conv1d(model)  # GPT-2's Conv1D layers as the equal nn.Linear (models/conv1d.py)
+    return model, "*mlp.c_fc", token_ids
+
+
+def llama():
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(config), "*mlp.[gu]*_proj", token_ids
+
+
 MODELS: dict[str, Callable] = {"bert": bert, "vit": vit, "wav2vec2": wav2vec2, "whisper_encoder": whisper_encoder,
-                               "convnext": convnext, "mobilevit": mobilevit}
+                               "convnext": convnext, "mobilevit": mobilevit, "gpt2": gpt2, "llama": llama}
 
 
 def build(name: str):
@@ -106,7 +126,8 @@ def test_ffn_hidden_units_prune_and_compact_exactly(name):
     model, ffn, inputs = build(name)
     x = inputs(2, 4)
     targets = Plan([Rule(Filter(sparsity=0.5), match=ffn)]).resolve_coupled(model, x)
-    assert targets and all(len(t.members) == 2 for t in targets)  # fc1 rows + fc2 columns, decided together
+    width = 3 if name == "llama" else 2  # fc1 rows + fc2 columns (SwiGLU: gate and up rows), decided together
+    assert targets and all(len(t.members) == width for t in targets)
     masks = hard_prune(model, targets)
     result = compact(model, x, masks)
     assert result.params_after < result.params_before
@@ -121,8 +142,7 @@ def efficientnet():
     return transformers.EfficientNetModel(config), "encoder.top_conv"
 
 
-# ConvNeXt's residual stream runs through LayerNorm, layer-scale parameters and channels-last permutes, which have
-# no channel rule yet (issue 17): only its FFN units are pruned above.
+# ConvNeXt's residual stream (LayerNorm, layer scale, channels-last permutes) is pruned in test_hidden_size.py.
 @pytest.mark.parametrize("backbone", [efficientnet])
 def test_cnn_backbone_channels_prune_and_compact_exactly(backbone):
     """Channels of every conv (whole coupled groups: residual stream, depthwise, squeeze-excite, zero padding),
@@ -141,7 +161,8 @@ def test_cnn_backbone_channels_prune_and_compact_exactly(backbone):
 
 
 QUERIES = {"bert": "*attention.self.query", "vit": "*attention.q_proj", "wav2vec2": "*attention.q_proj",
-           "whisper_encoder": "*self_attn.q_proj", "mobilevit": "*attention.attention.query"}
+           "whisper_encoder": "*self_attn.q_proj", "mobilevit": "*attention.attention.query", "gpt2": "*attn.c_attn",
+           "llama": "*self_attn.q_proj"}
 
 
 @pytest.mark.parametrize("name", QUERIES)
@@ -152,9 +173,8 @@ def test_attention_heads_and_ffn_units_prune_and_compact_exactly(name):
     targets = plan.resolve_coupled(model, x)
     result = compact(model, x, hard_prune(model, targets))
     assert result.heads and all(after == before // 2 for before, after in result.heads.values())
-    for block in result.heads:
-        counts = [getattr(result.model.get_submodule(block), a, None) for a in ("num_heads", "num_attention_heads")]
-        assert min(c for c in counts if c is not None) == result.heads[block][1]
+    kept = {layout.module: layout.heads for layout in attention_layouts(result.model).values()}
+    assert all(kept[block] == after for block, (_, after) in result.heads.items())  # the layout reads the new count
     for shape in [(2, 4), (3, 5)]:
         assert_same_outputs(result.model, model, inputs(*shape))
 
@@ -162,10 +182,11 @@ def test_attention_heads_and_ffn_units_prune_and_compact_exactly(name):
 @pytest.mark.parametrize("name", MODELS)
 def test_unstructured_admm_ends_in_masks_on_every_linear(name):
     model, _, inputs = build(name)
-    admm = ADMM(model, Plan([Rule(Unstructured(sparsity=0.75), type="Linear")]), rho=1.0)
+    rule = Rule(Unstructured(sparsity=0.75), type="Linear", exclude="lm_head")  # GPT-2's is tied to its embedding
+    admm = ADMM(model, Plan([rule]), rho=1.0)
     admm.step()
     masks = admm.finalize()
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
     assert linears and all(float((m.weight == 0).float().mean()) >= 0.74 for m in linears)
     assert len(masks.masks) == len(linears)
     assert all(torch.isfinite(t).all() for t in output_tensors(call(model, inputs(2, 4)))[1])
@@ -174,7 +195,7 @@ def test_unstructured_admm_ends_in_masks_on_every_linear(name):
 @pytest.mark.parametrize("name", MODELS)
 def test_block_pruning_then_blocksparse_is_exact(name):
     model, _, inputs = build(name)
-    plan = Plan([Rule(Block(sparsity=0.75, block=(4, 4), allow_ragged=True), type="Linear")])
+    plan = Plan([Rule(Block(sparsity=0.75, block=(4, 4), allow_ragged=True), type="Linear", exclude="lm_head")])
     hard_prune(model, plan.resolve(model))
     x = inputs(2, 4)
     with torch.no_grad():

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from admmcompress.plan.graph import CONSUMER, DEPTHWISE, NORM, PRODUCER, ChannelGroup, Member, channel_rows
+from admmcompress.plan.residual import STREAM_ROLES, has_layernorm, member_tensors
 
 
 @dataclass
@@ -79,6 +80,15 @@ def bn_zero_response(bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
     return out
 
 
+def _width(member: Member, module: nn.Module) -> int:
+    """How many channels the member's layer has on its side of the group."""
+    if member.role == CONSUMER:
+        return channel_rows(module.weight.detach(), 1, member.groups).shape[0]
+    if member.role == NORM:
+        return module.num_features
+    return module.weight.shape[0]
+
+
 def channel_status(group: ChannelGroup, modules: dict[str, nn.Module]) -> ChannelStatus:
     """Read the dead/pruned facts of ``group`` from the current weights of ``modules``."""
     n = group.size
@@ -89,7 +99,14 @@ def channel_status(group: ChannelGroup, modules: dict[str, nn.Module]) -> Channe
     unread = torch.ones(n, dtype=torch.bool)
     read = torch.zeros(n, dtype=torch.bool)
     for m in group.members:
+        if m.role in STREAM_ROLES:  # embeddings, LayerNorm weights, free parameters: all zero, or the channel lives
+            for tensor, dim in member_tensors(m.layer, m.role, m.dim, modules):
+                filters_zero &= _zero_per_root(m, tensor, dim, n)
+            produced |= _covered(m, n)
+            continue
         module = modules[m.layer]
+        if group.problems and max(m.local, default=-1) >= _width(m, module):
+            continue  # the trace lost this member's channel mapping (a problem of the group); it is never removed
         if m.role in (PRODUCER, DEPTHWISE):
             rows_zero = _zero_per_root(m, module.weight, 0, n)
             pruned |= rows_zero & _covered(m, n)
@@ -107,10 +124,30 @@ def channel_status(group: ChannelGroup, modules: dict[str, nn.Module]) -> Channe
     filters_zero &= produced
     zero = filters_zero & shifts_zero if group.zero_preserving else torch.zeros(n, dtype=torch.bool)
     unread &= read
+    if has_layernorm(group):  # a LayerNorm's statistics see every channel: only all-zero ones can go, none folded
+        filters_zero, unread = zero.clone(), torch.zeros(n, dtype=torch.bool)
     if group.problems:
         none = torch.zeros(n, dtype=torch.bool)
         return ChannelStatus(filters_zero, none, none.clone(), pruned)
     return ChannelStatus(filters_zero, zero, unread, pruned)
 
 
-__all__ = ["ChannelStatus", "bn_zero_response", "channel_status"]
+@torch.no_grad()
+def may_remove_channels(model: nn.Module) -> bool:
+    """False only when no channel of ``model`` can be dead: no Linear/Conv weight has an all-zero row or column,
+    and no other weight or free parameter holds an exact zero (a removable channel needs one of these). Then
+    compaction skips the dependency trace (slow on some models, e.g. LLaMA's rotary embeddings)."""
+    for module in model.modules():
+        weight = module._parameters.get("weight")
+        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and weight is not None and weight.dim() >= 2:
+            nonzero = weight != 0
+            if not bool(nonzero.flatten(1).any(1).all()) or not bool(nonzero.transpose(0, 1).flatten(1).any(1).all()):
+                return True
+            continue
+        for name, param in module._parameters.items():
+            if param is not None and name != "bias" and bool((param == 0).any()):
+                return True
+    return False
+
+
+__all__ = ["ChannelStatus", "bn_zero_response", "channel_status", "may_remove_channels"]

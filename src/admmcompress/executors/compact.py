@@ -33,11 +33,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from admmcompress.executors.channels import channel_status
+from admmcompress.executors.channels import channel_status, may_remove_channels
 from admmcompress.executors.fold import fold_constant_channels, forward
 from admmcompress.executors.heads import remove_dead_heads
 from admmcompress.finalize import MaskSet
 from admmcompress.plan.graph import _groups_with_roots, build_dependency_graph, is_grouped_conv, output_tensors
+from admmcompress.plan.residual import keep_norm_widths, norm_widths, retie, tied_parameters, update_hidden_size
 
 COLUMN_MODES = ("off", "auto", "on")
 
@@ -85,6 +86,7 @@ class CompactionResult:
     max_abs_diff: float = 0.0
     columns: dict[str, Any] = field(default_factory=dict)
     heads: dict[str, tuple[int, int]] = field(default_factory=dict)  # attention block -> (heads before, after)
+    hidden: tuple[int, int] | None = None  # config.hidden_size (before, after) when the residual stream shrank
 
     def summary(self) -> str:
         lines = [
@@ -125,8 +127,9 @@ def compact(
     result = CompactionResult(model=work, params_before=count_params(work))
     result.heads = remove_dead_heads(work)  # before the trace: heads are not channels Torch-Pruning can follow
 
-    graph = build_dependency_graph(work, example_inputs)
-    pairs = _groups_with_roots(work, example_inputs, tuple(config.extra_channelwise_ops), graph)
+    traced = may_remove_channels(work)  # without a zero row/column nothing is removable: skip the trace
+    graph = build_dependency_graph(work, example_inputs) if traced else None
+    pairs = _groups_with_roots(work, example_inputs, tuple(config.extra_channelwise_ops), graph) if traced else []
     modules = dict(work.named_modules())
     statuses = [channel_status(g, modules) for g, _ in pairs]
     if config.fold_constants:
@@ -163,9 +166,12 @@ def compact(
     for kept in result.kept:
         warnings.warn(f"compact: {kept}", RuntimeWarning, stacklevel=2)
 
+    widths, ties = norm_widths(work), tied_parameters(work)
     for group, (module, handler), removable in plan:
         idxs = _root_local(group, removable)
         _prune(graph, graph.get_pruning_group(module, handler, idxs))
+    retie(work, ties)  # an LM head and the embedding it shares were sliced as two tensors
+    result.hidden = update_hidden_size(work, keep_norm_widths(work, widths))  # LayerNorms keep their divisor
 
     if config.columns != "off":
         from admmcompress.executors.column import apply_column_executors

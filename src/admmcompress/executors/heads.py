@@ -3,9 +3,13 @@
 A head is dead when it cannot change the block's output: its columns of the output projection are all zero,
 or its value rows and value bias are all zero (its attention then averages zeros). Removing it slices its
 rows out of the query, key and value projections and its columns out of the output projection, and lowers the
-block's head-count attributes (``num_heads`` / ``num_attention_heads`` / ``all_head_size``); the attention code
-of the built-in layouts infers the head count from the projections' width, so the outputs are unchanged, which
-``compact`` checks. One head is always kept.
+block's head-count attributes (``num_heads`` / ``num_attention_heads`` / ``num_key_value_heads`` /
+``all_head_size`` / ``split_size``); the attention code of the built-in layouts infers the head count from the
+projections' width, so the outputs are unchanged, which ``compact`` checks. One head is always kept.
+
+With grouped-query attention the unit is a key/value head with the query heads that read it: it is dead when
+its value rows are zero or every one of its query heads' output columns is. A fused projection (GPT-2's
+``c_attn``) loses the query, key and value rows of the removed heads together.
 
 >>> import torch, torch.nn as nn
 >>> class Attention(nn.Module):
@@ -26,7 +30,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from admmcompress.plan.attention import ALL_HEADS_ATTRS, HEAD_COUNT_ATTRS, AttentionLayout, attention_layouts
+from admmcompress.plan.attention import (
+    ALL_HEADS_ATTRS,
+    HEAD_COUNT_ATTRS,
+    KV_COUNT_ATTRS,
+    AttentionLayout,
+    attention_layouts,
+)
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -46,20 +56,31 @@ def _sliced(old: nn.Linear, keep: torch.Tensor, dim: int) -> nn.Linear:
     return new
 
 
+def _value_rows(layout: AttentionLayout) -> slice:
+    start = layout.width + layout.kv_width if layout.fused else 0
+    return slice(start, start + layout.kv_width)
+
+
 @torch.no_grad()
 def dead_heads(model: nn.Module, layout: AttentionLayout) -> torch.Tensor:
-    """Boolean per head: its output columns are zero, or its value rows and bias are."""
+    """Boolean per key/value head (per head without grouped-query attention): every query head of its group has
+    zero output columns, or its value rows and bias are zero."""
     o, v = model.get_submodule(layout.o), model.get_submodule(layout.v)
-    out_cols = o.weight.reshape(o.out_features, layout.heads, layout.head_dim)
+    out_cols = o.weight.reshape(o.out_features, layout.kv_count, layout.group * layout.head_dim)
     silent = (out_cols == 0).all(dim=2).all(dim=0)
-    values = v.weight.reshape(layout.heads, -1) == 0
+    rows = _value_rows(layout)
+    values = v.weight[rows].reshape(layout.kv_count, -1) == 0
     if v.bias is not None:
-        values = torch.cat([values, (v.bias.reshape(layout.heads, -1) == 0)], dim=1)
+        values = torch.cat([values, (v.bias[rows].reshape(layout.kv_count, -1) == 0)], dim=1)
     return silent | values.all(dim=1)
 
 
+def _rows(units: torch.Tensor, size: int) -> torch.Tensor:
+    return (units[:, None] * size + torch.arange(size)).flatten()
+
+
 def remove_dead_heads(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """Slice every dead head out, in place; ``{block: (heads before, heads after)}`` for blocks that shrank."""
+    """Slice every dead head out, in place; ``{block: (query heads before, after)}`` for blocks that shrank."""
     changed = {}
     for layout in attention_layouts(model).values():
         dead = dead_heads(model, layout)
@@ -67,19 +88,30 @@ def remove_dead_heads(model: nn.Module) -> dict[str, tuple[int, int]]:
             dead[0] = False  # a block keeps one head (its output is then exactly zero, as before)
         if not bool(dead.any()):
             continue
-        kept_heads = torch.nonzero(~dead).flatten()
-        keep = (kept_heads[:, None] * layout.head_dim + torch.arange(layout.head_dim)).flatten()
-        for name, dim in ((layout.q, 0), (layout.k, 0), (layout.v, 0), (layout.o, 1)):
-            _set(model, name, _sliced(model.get_submodule(name), keep, dim))
+        kept = torch.nonzero(~dead).flatten()  # key/value heads (= heads without grouped-query attention)
+        q_keep = _rows(kept, layout.group * layout.head_dim)
+        kv_keep = _rows(kept, layout.head_dim)
+        if layout.fused:
+            stacked = torch.cat([q_keep, kv_keep + layout.width, kv_keep + layout.width + layout.kv_width])
+            _set(model, layout.q, _sliced(model.get_submodule(layout.q), stacked, 0))
+        else:
+            for name, keep in ((layout.q, q_keep), (layout.k, kv_keep), (layout.v, kv_keep)):
+                _set(model, name, _sliced(model.get_submodule(name), keep, 0))
+        _set(model, layout.o, _sliced(model.get_submodule(layout.o), q_keep, 1))
+        heads = len(kept) * layout.group
         block = model.get_submodule(layout.module)
-        for attr in HEAD_COUNT_ATTRS:
-            if isinstance(getattr(block, attr, None), int):
-                setattr(block, attr, len(kept_heads))
-        for attr in ALL_HEADS_ATTRS:
-            if isinstance(getattr(block, attr, None), int):
-                setattr(block, attr, len(kept_heads) * layout.head_dim)
-        changed[layout.module] = (layout.heads, len(kept_heads))
+        _lower(block, HEAD_COUNT_ATTRS, layout.heads, heads)
+        _lower(block, KV_COUNT_ATTRS, layout.kv_count, len(kept))
+        _lower(block, ALL_HEADS_ATTRS, layout.width, heads * layout.head_dim)
+        changed[layout.module] = (layout.heads, heads)
     return changed
+
+
+def _lower(block: nn.Module, attrs: tuple[str, ...], before: int, after: int) -> None:
+    """Set the block's integer attributes that held ``before`` to ``after`` (others mean something else)."""
+    for attr in attrs:
+        if getattr(block, attr, None) == before and isinstance(getattr(block, attr), int):
+            setattr(block, attr, after)
 
 
 __all__ = ["dead_heads", "remove_dead_heads"]

@@ -9,13 +9,18 @@ a ``heads`` target can prune whole heads (``plan.coupled``) and ``compact`` can 
 Layouts are found by adapters, tried in order; :func:`register_attention` adds one for another architecture.
 Built in:
 
-- ``q_proj``/``k_proj``/``v_proj`` and ``o_proj``/``out_proj`` in one module with ``num_heads`` or
-  ``num_attention_heads`` and ``head_dim`` (transformers' ViT, Whisper, Wav2Vec2, LLaMA-style attention);
+- ``q_proj``/``k_proj``/``v_proj`` and ``o_proj``/``out_proj`` in one module with ``head_dim`` and, optionally,
+  ``num_heads`` or ``num_attention_heads`` (else the head count is the query width over ``head_dim``):
+  transformers' ViT, Whisper, Wav2Vec2, and LLaMA/Mistral/Qwen2-style attention;
 - ``query``/``key``/``value`` with ``num_attention_heads`` and ``attention_head_size`` whose parent holds
-  ``output.dense`` (BERT-style ``attention.self`` / ``attention.output``).
+  ``output.dense`` (BERT-style ``attention.self`` / ``attention.output``);
+- GPT-2's fused ``c_attn`` (query, key and value rows stacked in one Linear, split by ``split_size``) with
+  ``c_proj``, once its ``Conv1D`` layers are ``nn.Linear`` (:func:`admmcompress.models.conv1d.linear_from_conv1d`).
 
-Grouped-query attention (fewer key/value heads than query heads) is refused with a message, as are packed
-projections (``nn.MultiheadAttention``'s ``in_proj_weight``, GPT-2's fused ``c_attn``).
+Grouped-query attention (``kv_heads`` key/value heads, each shared by ``heads // kv_heads`` query heads) prunes
+whole groups: a key head, a value head, and the query heads and output columns that read them
+(:func:`head_channels` maps every layer's channels onto the key/value channels). Packed projections of
+``nn.MultiheadAttention`` (``in_proj_weight``) are not read.
 
 >>> import torch.nn as nn
 >>> class Attention(nn.Module):
@@ -38,8 +43,9 @@ from dataclasses import dataclass
 from torch import nn
 
 HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads")
+KV_COUNT_ATTRS = ("num_key_value_heads",)
 HEAD_SIZE_ATTRS = ("head_dim", "attention_head_size")
-ALL_HEADS_ATTRS = ("all_head_size",)  # heads * head_dim, kept in step when heads are removed
+ALL_HEADS_ATTRS = ("all_head_size", "split_size")  # heads * head_dim (BERT, GPT-2), kept in step with the heads
 
 
 @dataclass(frozen=True)
@@ -53,10 +59,47 @@ class AttentionLayout:
     o: str
     heads: int
     head_dim: int
+    kv_heads: int | None = None  # key/value heads (grouped-query attention); None: one per query head
+    fused: bool = False  # q, k and v are row blocks of one Linear (q, k and v name it), in that order
 
     @property
     def width(self) -> int:
         return self.heads * self.head_dim
+
+    @property
+    def kv_count(self) -> int:
+        return self.heads if self.kv_heads is None else self.kv_heads
+
+    @property
+    def kv_width(self) -> int:
+        """Channels of the key (and value) projection: the unit of pruning is one key/value head's group."""
+        return self.kv_count * self.head_dim
+
+    @property
+    def group(self) -> int:
+        """Query heads per key/value head."""
+        return self.heads // self.kv_count
+
+
+def head_channels(layout: AttentionLayout) -> list[tuple[str, int, tuple[int, ...], tuple[int, ...]]]:
+    """``(layer, dim, local, root)`` per projection: weight rows (q/k/v, ``dim`` 0) or columns (o, ``dim`` 1) at
+    ``local`` carry key/value channel ``root`` (with grouped-query attention a group's query heads share the root
+    channels of their key/value head; for a fused projection the key and value rows follow the query rows).
+
+    >>> layout = AttentionLayout("a", "a.q", "a.k", "a.v", "a.o", heads=4, head_dim=1, kv_heads=2)
+    >>> [(layer, root) for layer, _, _, root in head_channels(layout)]
+    [('a.q', (0, 0, 1, 1)), ('a.k', (0, 1)), ('a.v', (0, 1)), ('a.o', (0, 0, 1, 1))]
+    """
+    d, group = layout.head_dim, layout.group
+    q_root = tuple((c // d) // group * d + c % d for c in range(layout.width))
+    kv_root = tuple(range(layout.kv_width))
+    k_off, v_off = (layout.width, layout.width + layout.kv_width) if layout.fused else (0, 0)
+    return [
+        (layout.q, 0, tuple(range(layout.width)), q_root),
+        (layout.k, 0, tuple(c + k_off for c in kv_root), kv_root),
+        (layout.v, 0, tuple(c + v_off for c in kv_root), kv_root),
+        (layout.o, 1, tuple(range(layout.width)), q_root),
+    ]
 
 
 Adapter = Callable[[str, nn.Module, dict[str, nn.Module]], AttentionLayout | None]
@@ -81,27 +124,33 @@ def _first_attr(module: nn.Module, names: tuple[str, ...]) -> int | None:
     return None
 
 
-def _check_gqa(name: str, module: nn.Module, heads: int) -> None:
-    kv = getattr(module, "num_key_value_heads", None) or getattr(getattr(module, "config", None),
-                                                                  "num_key_value_heads", None)
-    if isinstance(kv, int) and kv != heads:
+def _check_kv(name: str, module: nn.Module, kv_heads: int) -> None:
+    """A block that states its key/value head count must agree with its key projection's width."""
+    stated = _first_attr(module, ("num_key_value_heads",))
+    if stated is not None and stated != kv_heads:
         raise ValueError(
-            f"attention '{name}' shares {kv} key/value heads among {heads} query heads (grouped-query attention); "
-            "head pruning supports one key/value head per query head: prune its FFN units instead"
+            f"attention '{name}' says num_key_value_heads={stated} but its key projection holds {kv_heads} heads; "
+            "fix the attribute (or register an adapter with admmcompress.plan.attention.register_attention)"
         )
 
 
 def _layout(name: str, module: nn.Module, q: str, k: str, v: str, o: str,
             modules: dict[str, nn.Module]) -> AttentionLayout | None:
-    heads, head_dim = _first_attr(module, HEAD_COUNT_ATTRS), _first_attr(module, HEAD_SIZE_ATTRS)
+    head_dim = _first_attr(module, HEAD_SIZE_ATTRS)
     layers = [modules.get(n) for n in (q, k, v, o)]
-    if heads is None or head_dim is None or not all(isinstance(m, nn.Linear) for m in layers):
+    if head_dim is None or head_dim <= 0 or not all(isinstance(m, nn.Linear) for m in layers):
         return None
-    width = heads * head_dim
-    if not all(m.out_features == width for m in layers[:3]) or layers[3].in_features != width:
+    heads = _first_attr(module, HEAD_COUNT_ATTRS)
+    if heads is None:  # LLaMA-style blocks infer the head count from the projection's width
+        heads = layers[0].out_features // head_dim
+    width, kv_width = heads * head_dim, layers[1].out_features
+    if layers[0].out_features != width or layers[2].out_features != kv_width or layers[3].in_features != width:
         return None
-    _check_gqa(name, module, heads)
-    return AttentionLayout(name, q, k, v, o, heads, head_dim)
+    if kv_width % head_dim or not kv_width or heads % (kv_width // head_dim):
+        return None
+    kv_heads = kv_width // head_dim
+    _check_kv(name, module, kv_heads)
+    return AttentionLayout(name, q, k, v, o, heads, head_dim, kv_heads if kv_heads != heads else None)
 
 
 def _proj_style(name: str, module: nn.Module, modules: dict[str, nn.Module]) -> AttentionLayout | None:
@@ -123,7 +172,23 @@ def _bert_style(name: str, module: nn.Module, modules: dict[str, nn.Module]) -> 
     return _layout(name, module, q, k, v, _join(parent, "output.dense"), modules)
 
 
-_BUILT_IN: tuple[Adapter, ...] = (_proj_style, _bert_style)
+def _fused_style(name: str, module: nn.Module, modules: dict[str, nn.Module]) -> AttentionLayout | None:
+    """GPT-2: ``c_attn`` stacks query, key and value rows (``split_size`` each), ``c_proj`` reads the heads."""
+    children = dict(module.named_children())
+    if not {"c_attn", "c_proj"} <= set(children) or "q_attn" in children:  # cross-attention splits differently
+        return None
+    heads, head_dim = _first_attr(module, HEAD_COUNT_ATTRS), _first_attr(module, HEAD_SIZE_ATTRS)
+    qkv, out = children["c_attn"], children["c_proj"]
+    if heads is None or head_dim is None or not (isinstance(qkv, nn.Linear) and isinstance(out, nn.Linear)):
+        return None
+    width = heads * head_dim
+    if qkv.out_features != 3 * width or out.in_features != width or _first_attr(module, ("split_size",)) != width:
+        return None
+    qkv_name = _join(name, "c_attn")
+    return AttentionLayout(name, qkv_name, qkv_name, qkv_name, _join(name, "c_proj"), heads, head_dim, fused=True)
+
+
+_BUILT_IN: tuple[Adapter, ...] = (_proj_style, _bert_style, _fused_style)
 
 
 def attention_layouts(model: nn.Module) -> dict[str, AttentionLayout]:
@@ -139,4 +204,19 @@ def attention_layouts(model: nn.Module) -> dict[str, AttentionLayout]:
     return found
 
 
-__all__ = ["AttentionLayout", "attention_layouts", "register_attention"]
+def query_key_layers(model: nn.Module) -> list[str]:
+    """The separate query and key projections of every attention block found (not fused ones).
+
+    The channel trace treats their outputs as model outputs (see ``plan.graph.build_dependency_graph``): what
+    follows them (rotary embeddings' slices and concatenations, the attention product) can only tie heads, which
+    the layouts here handle, and Torch-Pruning 1.6.0's index propagation through LLaMA's rotary halves runs for
+    minutes per layer.
+    """
+    try:
+        layouts = attention_layouts(model)
+    except ValueError:  # a block that cannot be read: traced as it is (a heads target on it is refused anyway)
+        return []
+    return [name for lay in layouts.values() if not lay.fused for name in (lay.q, lay.k)]
+
+
+__all__ = ["AttentionLayout", "attention_layouts", "head_channels", "query_key_layers", "register_attention"]

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from admmcompress.plan.attention import AttentionLayout, attention_layouts
+from admmcompress.plan.attention import AttentionLayout, attention_layouts, head_channels
 from admmcompress.plan.graph import (
     CONSUMER,
     DEPTHWISE,
@@ -193,8 +193,9 @@ def couple(
         errors += _check_bucket(by_label[label], members, mode)
     if errors:
         raise PlanError("the coupled plan does not fit this model:\n  - " + "\n  - ".join(errors))
+    canonical = {id(p): n for n, p in model.named_parameters()}  # a tied tensor has one name (the first)
     coupled = {
-        label: _coupled_target(by_label[label], members, modules) for label, members in buckets.items()
+        label: _coupled_target(by_label[label], members, modules, canonical) for label, members in buckets.items()
     }
     placed: set[str] = set()
     out: list[Target] = []
@@ -291,31 +292,34 @@ def couple_heads(model: nn.Module, targets: Sequence[Target]) -> list[Target]:
 
 
 def _head_target(t: Target, layout: AttentionLayout, modules) -> CoupledTarget:
-    channels = tuple(range(layout.width))
     slices = []
-    for layer, dim in ((layout.q, 0), (layout.k, 0), (layout.v, 0), (layout.o, 1)):
-        slices.append(ChannelSlice(f"{layer}.weight", dim, channels, channels))
+    for layer, dim, local, root in head_channels(layout):  # one row per key/value channel (GQA: groups share)
+        slices.append(ChannelSlice(f"{layer}.weight", dim, local, root))
         if dim == 0 and modules[layer].bias is not None:
-            slices.append(ChannelSlice(f"{layer}.bias", 0, channels, channels))
+            slices.append(ChannelSlice(f"{layer}.bias", 0, local, root))
     return CoupledTarget(
         layer=layout.module,
         param="weight",
         structure=replace(t.structure, head_dim=layout.head_dim),
         rule=t.rule,
-        size=layout.width,
-        members=(layout.q, layout.k, layout.v, layout.o),
+        size=layout.kv_width,
+        members=tuple(dict.fromkeys((layout.q, layout.k, layout.v, layout.o))),
         slices=tuple(slices),
         sources=(t.key,),
     )
 
 
-def _coupled_target(group: ChannelGroup, members: list[Target], modules) -> CoupledTarget:
+def _coupled_target(group: ChannelGroup, members: list[Target], modules, canonical: dict[int, str]) -> CoupledTarget:
     slices = []
     for m in group.members:
-        module = modules[m.layer]
+        module = modules.get(m.layer)  # None for a free parameter (its member names the parameter itself)
         for pname, dim in m.param_dims(module):
-            full = f"{m.layer}.{pname}" if m.layer else pname
-            slices.append(ChannelSlice(full, dim, m.local, m.root, m.groups if m.role == CONSUMER else 1))
+            full = ".".join(part for part in (m.layer, pname) if part)
+            if module is not None:  # tied weights (an LM head sharing the token embedding): one slice, one name
+                full = canonical.get(id(getattr(module, pname)), full)
+            piece = ChannelSlice(full, dim, m.local, m.root, m.groups if m.role == CONSUMER else 1)
+            if piece not in slices:
+                slices.append(piece)
     first = members[0]
     sparsity = first.structure.target_sparsity
     structure = BlockFilter(sparsity=sparsity, blocks=group.blocks) if group.blocks else Filter(sparsity=sparsity)

@@ -9,7 +9,9 @@ of each member layer that carries it:
 - ``consumer``: a Conv or Linear reading it (weight columns; after a flatten one channel is several
   Linear columns; in a grouped conv, the column of the channel's conv group, see ``channel_index``);
 - ``norm``: a BatchNorm entry (gamma, beta, running statistics);
-- ``depthwise``: a depthwise conv, which maps the channel to itself (weight row, bias entry).
+- ``depthwise``: a depthwise conv, which maps the channel to itself (weight row, bias entry);
+- ``layernorm``, ``embedding``, ``parameter``: a transformer's residual stream (LayerNorm entries, embedding
+  columns, free parameters such as position embeddings and layer scale; see :mod:`admmcompress.plan.residual`).
 
 Residual adds, concatenations and depthwise convolutions tie channels across layers; a group lists
 all of them, with each member's local index and the group ("root") channel it belongs to.
@@ -37,6 +39,19 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from admmcompress.plan.attention import query_key_layers
+from admmcompress.plan.residual import (
+    LAYERNORM,
+    PARAMETER,
+    STREAM_ROLES,
+    is_rms_norm,
+    record_rms_nodes,
+    stream_param_dims,
+    stream_problem,
+    stream_role,
+)
+from admmcompress.plan.tp_compat import patch_torch_pruning
 
 PRODUCER, CONSUMER, NORM, DEPTHWISE = "producer", "consumer", "norm", "depthwise"
 
@@ -71,8 +86,12 @@ CHANNELWISE_OPS: dict[str, bool] = {
     "T": True,
     "NativeDropout": True,
     "Squeeze": True,
+    "Select": True,  # x[:, 0] (a class token): picks along the sequence, every channel kept
+    "Alias": True,  # x[:, slice(None)]: a view, every channel kept
+    "RMSNorm": True,  # the inside of a LLaMA-style RMSNorm, recognised by module (plan.residual.record_rms_nodes)
     "Unsqueeze": True,
     "ZeroPad": True,  # ZeroPad2d / ConstantPadNd(value=0) modules, recognised by module (build_dependency_graph)
+    "Pow": False,  # x ** p (GPT-2's tanh GELU): per channel; zero stays zero only for p > 0
     "Sigmoid": False,
     "Hardsigmoid": False,
     "Exp": False,
@@ -85,7 +104,12 @@ MIXING_OPS = frozenset({
 })
 
 # Index-mapping nodes Torch-Pruning resolves itself (they move channels, never mix them).
-STRUCTURAL_OPS = ("concat", "split", "reshape", "slice")
+STRUCTURAL_OPS = ("concat", "split", "reshape", "slice", "expand")
+
+# Axis moves: harmless in a group with no matrix product or attention (ViT's patch embedding flattened and
+# transposed to channels-last, ConvNeXt's permutes), where Torch-Pruning's channel mapping stays right; next to
+# attention they move heads and positions into channels, so there they remain problems (hand-written rule).
+AXIS_MOVES = frozenset({"Transpose", "Permute"})
 
 
 class GraphError(ValueError):
@@ -101,9 +125,12 @@ class Member:
     local: tuple[int, ...]
     root: tuple[int, ...]
     groups: int = 1  # conv groups of a grouped (not depthwise) conv; 1 otherwise
+    dim: int = 0  # a free parameter's channel dimension (role "parameter"; its layer is the parameter's name)
 
     def param_dims(self, module: nn.Module) -> list[tuple[str, int]]:
         """``(parameter name, dimension)`` pairs whose slices at ``local`` carry the channel."""
+        if self.role in STREAM_ROLES:  # LayerNorm, Embedding, free parameter (plan.residual)
+            return stream_param_dims(self.role, module, self.dim)
         if self.role == CONSUMER:
             return [("weight", 1)]
         names = ["weight", "bias"]
@@ -146,7 +173,7 @@ class ChannelGroup:
     @property
     def zero_preserving(self) -> bool:
         """True when every op in the group maps a zero channel to a zero channel."""
-        return all(op in STRUCTURAL_OPS or CHANNELWISE_OPS.get(op, False) for op in self.ops)
+        return all(op in STRUCTURAL_OPS or op in AXIS_MOVES or CHANNELWISE_OPS.get(op, False) for op in self.ops)
 
 
 def channel_index(shape: tuple[int, ...] | torch.Size, dim: int, groups: int = 1) -> torch.Tensor:
@@ -220,16 +247,31 @@ def build_dependency_graph(model: nn.Module, example_inputs):
         import torch_pruning as tp
     except ImportError as err:  # pragma: no cover - a declared dependency
         raise ImportError("channel coupling needs Torch-Pruning: pip install torch-pruning") from err
+    patch_torch_pruning()  # Torch-Pruning 1.6.0 fails on a concat along a negative axis (plan.tp_compat)
     was_training = {m: m.training for m in model.modules()}
     zero_pads: set[int] = set()
     hooks = [
         m.register_forward_hook(_record_zero_pad(zero_pads)) for m in model.modules() if _is_spatial_zero_pad(m)
     ]
+    rms_nodes: set[int] = set()
+    hooks += [m.register_forward_hook(record_rms_nodes(rms_nodes)) for m in model.modules() if is_rms_norm(m)]
+    cut: list[torch.Tensor] = []  # query/key projections' outputs: traced as model outputs (plan.attention)
+    cut_layers = [model.get_submodule(n) for n in query_key_layers(model)]
+
+    def forward(m: nn.Module, inputs):
+        cut.clear()  # hooked here, after Torch-Pruning's own hooks, so those still see the layers' real outputs
+        handles = [layer.register_forward_hook(_cut_into(cut)) for layer in cut_layers]
+        try:
+            return call_model(m, inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+
     try:
         with torch.enable_grad():
             graph = tp.DependencyGraph().build_dependency(
-                model, example_inputs=example_inputs, forward_fn=call_model, output_transform=output_tensors,
-                verbose=False,
+                model, example_inputs=example_inputs, forward_fn=forward,
+                output_transform=lambda out: output_tensors(out) + cut, verbose=False,
             )
     finally:
         for hook in hooks:
@@ -237,7 +279,20 @@ def build_dependency_graph(model: nn.Module, example_inputs):
         for module, mode in was_training.items():
             module.train(mode)
     graph.admm_zero_pads = zero_pads  # autograd nodes of zero-padding modules (channelwise, see _convert)
+    graph.admm_param_names = {id(p): n for n, p in model.named_parameters()}  # free parameters' names
+    graph.admm_rms_nodes = rms_nodes  # autograd nodes inside RMSNorm modules
+    graph.admm_cut_layers = {id(layer) for layer in cut_layers}
     return graph
+
+
+def _cut_into(found: list[torch.Tensor]):
+    def hook(module: nn.Module, inputs, output):
+        if not isinstance(output, torch.Tensor) or output.grad_fn is None:
+            return None
+        found.append(output)
+        return output.detach()  # what follows (rotary halves, attention) no longer reaches the trace
+
+    return hook
 
 
 def _is_spatial_zero_pad(module: nn.Module) -> bool:
@@ -342,7 +397,7 @@ def _groups_with_roots(model, example_inputs, extra_ops: tuple[str, ...], graph=
     out, seen = [], set()
     for tp_group in graph.get_all_groups(root_module_types=(nn.modules.conv._ConvNd, nn.Linear)):
         group = _convert(tp_group, graph, names, known)
-        key = frozenset((m.layer, m.role, m.local) for m in group.members)
+        key = frozenset((m.layer, m.role, m.local) for m in group.members) or group.root  # memberless: its root
         if key in seen:  # a depthwise conv roots a second copy of its producer's group
             continue
         seen.add(key)
@@ -357,6 +412,8 @@ def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGro
 
     members: dict[tuple[str, str], list[tuple[int, int]]] = {}
     modules: dict[str, nn.Module] = {}
+    dims: dict[str, int] = {}
+    moves: list[str] = []
     ops: list[str] = []
     problems: list[str] = []
     size = 0
@@ -371,9 +428,20 @@ def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGro
             and graph.is_out_channel_pruning_fn(handler)
             and not node.outputs
         ):
-            problems.append(f"its channels are model outputs (from '{names.get(module, node.name)}')")
+            if id(module) in getattr(graph, "admm_cut_layers", ()):  # traced as an output on purpose (see above)
+                problems.append(f"'{names[module]}' is an attention block's query/key projection: its channels are "
+                                "heads, pruned with structure: heads on the block's query projection")
+            else:
+                problems.append(f"its channels are model outputs (from '{names.get(module, node.name)}')")
+            continue
+        if node.type == tp.ops.OPTYPE.PARAMETER and id(module) in getattr(graph, "admm_param_names", {}):
+            layer = graph.admm_param_names[id(module)]  # a free nn.Parameter (position embeddings, layer scale)
+            members.setdefault((layer, PARAMETER), []).extend(pairs)
+            modules[layer], dims[layer] = module, node.pruning_dim
             continue
         role = _role(module, handler, graph)
+        if role == LAYERNORM and stream_problem(names[module], module):
+            problems.append(stream_problem(names[module], module))
         if role is None:
             if node.type == tp.ops.OPTYPE.ELEMENTWISE:
                 op = op_name(str(module._grad_fn))
@@ -382,8 +450,13 @@ def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGro
                 if id(node.grad_fn) in getattr(graph, "admm_zero_pads", ()):
                     ops.append("ZeroPad")
                     continue
+                if id(node.grad_fn) in getattr(graph, "admm_rms_nodes", ()):
+                    ops.append("RMSNorm")
+                    continue
                 ops.append(op)
-                if op in MIXING_OPS and op not in known:
+                if op in AXIS_MOVES and op not in known:
+                    moves.append(f"op '{op}'{_near(node, names)}")
+                elif op in MIXING_OPS and op not in known:
                     problems.append(
                         f"op '{op}'{_near(node, names)} mixes or moves channels (a matrix product, attention or "
                         "an axis permutation outside nn.Linear/Conv): keep these channels (exclude the layer "
@@ -399,7 +472,7 @@ def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGro
             elif isinstance(module, nn.Module) and module in names:
                 problems.append(
                     f"layer '{names[module]}' ({type(module).__name__}) has no channel rule here; "
-                    "supported: Conv (not transposed), Linear, BatchNorm"
+                    "supported: Conv (not transposed), Linear, BatchNorm, LayerNorm, Embedding"
                 )
             else:
                 problems.append(f"'{node.name}' cannot be sliced by channel")
@@ -410,7 +483,11 @@ def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGro
     for (layer, role), pairs in members.items():
         pairs = sorted(set(pairs))
         conv_groups = modules[layer].groups if is_grouped_conv(modules[layer]) else 1
-        result.append(Member(layer, role, tuple(p[0] for p in pairs), tuple(p[1] for p in pairs), conv_groups))
+        result.append(Member(layer, role, tuple(p[0] for p in pairs), tuple(p[1] for p in pairs), conv_groups,
+                             dims.get(layer, 0)))
+    if moves and any(op in MIXING_OPS and op not in AXIS_MOVES and op not in known for op in ops):
+        problems += [f"{m} moves an axis next to a matrix product or attention, so channels may mix: keep these "
+                     "channels (exclude the layer from the rule)" for m in dict.fromkeys(moves)]
     blocks, why = _blocks(result, size, modules)
     if why:
         problems.append(why)
@@ -448,6 +525,8 @@ def _near(node, names: dict) -> str:
 def _inside_linear(op: str, node, names: dict) -> bool:
     """Whether an elementwise-looking node is the matrix product inside an ``nn.Linear`` (3-D inputs)."""
     outputs = list(node.outputs)
+    if op == "NativeLayerNorm":  # a LayerNorm subclass that permutes around it (ConvNeXt channels_first): the
+        return bool(outputs) and all(isinstance(o.module, nn.LayerNorm) for o in outputs)  # module is the member
     return (
         op in _LINEAR_PRODUCTS
         and bool(outputs)
@@ -500,6 +579,8 @@ def _blocks(members: list[Member], size: int, modules: dict[str, nn.Module]) -> 
 def _role(module, handler, graph) -> str | None:
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return NORM
+    if stream_role(module) is not None:
+        return stream_role(module)
     if isinstance(module, nn.modules.conv._ConvNd):
         if getattr(module, "transposed", False):
             return None

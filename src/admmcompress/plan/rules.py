@@ -218,6 +218,7 @@ class Plan:
                     structure = rule.structure.bind(modules[name], param)
                     targets.append(Target(layer=name, param=param, structure=structure, rule=i))
         errors += _tied_targets(targets, modules)
+        errors += _tied_elsewhere(targets, modules, model)
         if errors:
             raise PlanError("the plan does not fit this model:\n  - " + "\n  - ".join(errors))
         return couple_heads(model, targets)  # a heads target always spans its block's q/k/v rows and o columns
@@ -258,6 +259,21 @@ def _tied_targets(targets: list[Target], modules: dict[str, torch.nn.Module]) ->
             errors.append(
                 f"layers '{other.layer}' and '{t.layer}' share one '{t.param}' tensor (tied weights) and both "
                 f"have a target; target it under one name only (e.g. add exclude: ['{t.layer}'] to rule #{t.rule})"
+            )
+    return errors
+
+
+def _tied_elsewhere(targets: list[Target], modules: dict[str, torch.nn.Module], model: torch.nn.Module) -> list[str]:
+    """A target on a tied tensor that the model lists under another name (GPT-2's LM head sharing the token
+    embedding) would be looked up under a name drivers never see; say which name holds it."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    errors = []
+    for t in targets:
+        owner = names.get(id(getattr(modules[t.layer], t.param)))
+        if owner is not None and owner != t.param_name:
+            errors.append(
+                f"layer '{t.layer}' shares its '{t.param}' tensor with '{owner}' (tied weights); exclude it from "
+                f"rule #{t.rule} (e.g. exclude: ['{t.layer}']): the tensor is pruned, if at all, as '{owner}'"
             )
     return errors
 

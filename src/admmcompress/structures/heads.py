@@ -1,9 +1,11 @@
 """Whole attention heads: the ``heads`` structure.
 
 A plan names an attention block by its query projection (``{match: "*attention.self.query", structure: heads,
-sparsity: 0.25}`` in BERT, ``"*q_proj"`` in ViT/Whisper/LLaMA-style blocks); ``Plan.resolve`` turns the target
-into one coupled target over the block's query, key and value rows and the output projection's columns
-(:mod:`admmcompress.plan.attention` finds them). Its GEMM view has one row per head channel, ``head_dim``
+sparsity: 0.25}`` in BERT, ``"*q_proj"`` in ViT/Whisper/LLaMA-style blocks, ``"*attn.c_attn"`` in GPT-2 after
+``linear_from_conv1d``); ``Plan.resolve`` turns the target into one coupled target over the block's query, key
+and value rows and the output projection's columns (:mod:`admmcompress.plan.attention` finds them). With
+grouped-query attention a "head" here is a key/value head with the query heads sharing it.
+Its GEMM view has one row per head channel, ``head_dim``
 consecutive rows per head; the projection keeps the ``k`` heads of largest L2 norm over all four layers, an
 exact projection (a partition into groups, like ``filter``). ``compact`` then slices the removed heads out.
 
@@ -20,9 +22,10 @@ from typing import Any, ClassVar
 
 import torch
 
+from admmcompress.models.conv1d import is_conv1d
 from admmcompress.structures import groups
 from admmcompress.structures.base import register_structure
-from admmcompress.structures.sparsity import SparsityStructure
+from admmcompress.structures.sparsity import SparsityStructure, unsupported_layer
 
 
 @register_structure("heads", aliases=("attention_heads",))
@@ -34,6 +37,8 @@ class Heads(SparsityStructure):
     options: ClassVar[tuple[str, ...]] = ("head_dim",)
 
     def check_module(self, module: torch.nn.Module, name: str) -> None:
+        if is_conv1d(module):  # GPT-2's fused c_attn: heads are read once it is an nn.Linear
+            raise ValueError(unsupported_layer(name, module, "heads", "nn.Linear"))
         if not isinstance(module, torch.nn.Linear):
             raise ValueError(
                 f"layer '{name}' is {type(module).__name__}; a heads rule names an attention block's query "

@@ -1,0 +1,100 @@
+"""Compacted transformers models saved with save_pretrained where the config can say their shapes (uniform FFN
+width, uniform head counts with a stated head_dim), reloaded by from_pretrained with equal outputs; the manifest,
+with one line saying why, otherwise."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from admmcompress.executors.compact import compact
+from admmcompress.executors.hf_save import pretrained_config, save_compacted_pretrained
+from admmcompress.finalize import hard_prune
+from admmcompress.models.conv1d import linear_from_conv1d
+from admmcompress.plan import Plan, Rule
+from admmcompress.structures import Filter, Heads
+
+transformers = pytest.importorskip("transformers")
+
+
+def quiet(factory):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return factory().eval()
+
+
+def ids(b: int = 2, t: int = 5) -> dict[str, torch.Tensor]:
+    return {"input_ids": torch.randint(0, 100, (b, t), generator=torch.Generator().manual_seed(b + t))}
+
+
+def bert():
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=64, num_labels=3)
+    return quiet(lambda: transformers.BertForSequenceClassification(config))
+
+
+def compacted(model, rules, x=None):
+    x = ids() if x is None else x
+    targets = Plan(rules).resolve_coupled(model, x)
+    return compact(model, x, hard_prune(model, targets)).model
+
+
+def test_uniform_ffn_width_becomes_intermediate_size_and_reloads_equal(tmp_path):
+    small = compacted(bert(), [Rule(Filter(sparsity=0.5), match="*intermediate.dense")])
+    saved = save_compacted_pretrained(small, tmp_path, example_inputs=ids(3, 7))
+    assert saved.format == "pretrained" and saved.changed == {"intermediate_size": 32}
+    reloaded = transformers.BertForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert reloaded.config.intermediate_size == 32
+    for x in (ids(2, 5), ids(3, 9)):
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded(**x).logits, small(**x).logits, atol=1e-5, rtol=0)
+
+
+def test_gpt2_ffn_goes_back_to_conv1d_and_reloaded_model_generates_the_same(tmp_path):
+    model = quiet(lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=4, n_inner=64, bos_token_id=0, eos_token_id=0)))
+    swapped = linear_from_conv1d(model)
+    small = compacted(model, [Rule(Filter(sparsity=0.25), match="*mlp.c_fc")])
+    saved = save_compacted_pretrained(small, tmp_path, example_inputs=ids(), conv1d_names=swapped)
+    assert saved.format == "pretrained" and saved.changed == {"n_inner": 48}
+    reloaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    assert type(reloaded.transformer.h[0].mlp.c_fc).__name__ == "Conv1D"
+    prompt, kwargs = ids(2, 4)["input_ids"], {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+    assert torch.equal(reloaded.generate(prompt, **kwargs), small.generate(prompt, **kwargs))
+
+
+def test_uniform_grouped_query_heads_and_ffn_width_become_the_config(tmp_path):
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = quiet(lambda: transformers.LlamaForCausalLM(config))
+    small = compacted(model, [Rule(Heads(sparsity=0.5), match="*self_attn.q_proj"),
+                              Rule(Filter(sparsity=0.25), match="*mlp.*_proj", exclude="*down_proj")])
+    saved = save_compacted_pretrained(small, tmp_path, example_inputs=ids(3, 6))
+    assert saved.format == "pretrained"
+    assert saved.changed == {"intermediate_size": 48, "num_attention_heads": 2, "head_dim": 8, "num_key_value_heads": 1}
+    assert saved.max_abs_diff is not None and saved.max_abs_diff <= 1e-4
+
+
+def test_per_layer_widths_fall_back_to_the_manifest_with_the_reason(tmp_path):
+    model = bert()
+    small = compacted(model, [Rule(Filter(sparsity=0.5), match="*layer.0.intermediate.dense"),
+                              Rule(Filter(sparsity=0.25), match="*layer.1.intermediate.dense")])
+    saved = save_compacted_pretrained(small, tmp_path, example_inputs=ids(3, 7))
+    assert saved.format == "manifest" and (tmp_path / "manifest.json").is_file()
+    assert "the FFN layers keep different widths [32, 48]" in saved.reason
+    assert saved.max_abs_diff is not None and saved.max_abs_diff <= 1e-4  # reloaded with load_compacted
+
+
+def test_head_counts_the_config_cannot_say_and_pruned_hidden_size_are_refused_in_one_line():
+    small = compacted(bert(), [Rule(Heads(sparsity=0.5), match="*attention.self.query")])
+    config, _, reason = pretrained_config(small)  # BERT derives the head size from hidden_size / heads
+    assert config is None and reason.startswith("no config of BertConfig builds these shapes")
+    model = bert()
+    x = ids()
+    targets = Plan([Rule(Filter(sparsity=0.25), match="*output.dense")]).resolve_coupled(model, x, mode="extend")
+    small = compact(model, x, hard_prune(model, targets)).model
+    config, _, reason = pretrained_config(small)
+    assert config is None and "keep the statistics of the original width" in reason
