@@ -8,6 +8,19 @@ registry name from the manifest, or the one you pass), replaces those layers wit
 recorded shapes, then calls an ordinary ``load_state_dict(strict=True)``: the original widths are never
 needed. ``save_compacted`` is the deprecated old name of the save.
 
+Transformers (a skeleton built from the ORIGINAL config, passed by the caller): the manifest also records
+LayerNorms (``WidthKeepingLayerNorm`` with its full width) and Embeddings as layers; under ``tensors`` the
+shape of every parameter held by a module it does not know (RMSNorm weights, ViT's position embeddings and
+class token, ConvNeXt's layer scale), re-created as zeros of that shape before the state dict loads; under
+``attributes`` the head counts the head executor lowers (``num_heads``, ``num_attention_heads``,
+``num_key_value_heads``, ``all_head_size``, ``split_size``; also the head size and ``scaling``, which a skeleton
+built from a compacted config gets wrong) and an RMSNorm's ``variance_epsilon``, per module;
+under ``config`` the fields compaction edits (``hidden_size``, ``hidden_sizes``, ``rms_norm_eps``); under
+``tied`` the groups of parameter names that are one tensor (an LM head sharing the token embedding), saved once
+per name and tied again after loading. Each must
+name something the skeleton has, of the same kind (rank, integer or float), or the load is refused in one line
+before anything changes. Manifests without these keys load as before.
+
 Integrity: ``manifest.json`` records the SHA-256 and size of ``model.safetensors`` and its own SHA-256 (of
 its canonical JSON, without that key), so a changed byte in either file is refused on load, one
 ``ManifestError`` line naming the file; so is a malformed manifest (wrong types, unknown layer types or
@@ -24,6 +37,10 @@ on the meta device before any layer is built (a model built from the manifest's 
 >>> skeleton = nn.Sequential(nn.Conv2d(3, 64, 3), nn.ReLU(), nn.Conv2d(64, 2, 1))   # other widths
 >>> load_compacted(folder, skeleton)[0].out_channels
 5
+>>> small = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3))
+>>> _ = get_executor("compact").save(small, folder)
+>>> load_compacted(folder, nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8)))[1].normalized_shape
+(3,)
 """
 
 from __future__ import annotations
@@ -44,6 +61,8 @@ from typing_extensions import deprecated
 
 from admmcompress.atomic import atomic_write
 from admmcompress.executors.column import ColumnConv2d, ColumnLinear
+from admmcompress.plan.attention import ALL_HEADS_ATTRS, HEAD_COUNT_ATTRS, HEAD_SIZE_ATTRS, KV_COUNT_ATTRS
+from admmcompress.plan.residual import WidthKeepingLayerNorm, tied_parameters
 
 FORMAT = "admmcompress.compacted/1"
 MANIFEST, WEIGHTS = "manifest.json", "model.safetensors"
@@ -133,22 +152,106 @@ SPECS: dict[type, Callable[[nn.Module], dict[str, Any]]] = {
         "bias": m.bias is not None,
     },
 }
+SPECS.update({
+    nn.LayerNorm: lambda m: {
+        "normalized_shape": list(m.normalized_shape),
+        "eps": float(m.eps),
+        "elementwise_affine": m.weight is not None,
+        "bias": m.bias is not None,
+    },
+    WidthKeepingLayerNorm: lambda m: {
+        "normalized_shape": m.normalized_shape[-1],
+        "full_width": m.full_width,
+        "eps": float(m.eps),
+        "elementwise_affine": m.weight is not None,
+        "bias": m.bias is not None,
+        "channels_first": m.channels_first,
+    },
+    nn.Embedding: lambda m: {
+        "num_embeddings": m.num_embeddings,
+        "embedding_dim": m.embedding_dim,
+        "padding_idx": m.padding_idx,
+        "max_norm": m.max_norm,
+        "norm_type": float(m.norm_type),
+        "scale_grad_by_freq": m.scale_grad_by_freq,
+        "sparse": m.sparse,
+    },
+})
 BUILDERS: dict[str, type] = {cls.__name__: cls for cls in SPECS}
+# The types every argument of the layers added with the transformers support must have (strict: a file's
+# "eps": "1e-5" or "bias": 1 is refused, not passed on to a constructor that would keep it).
+_INT, _FLOAT, _BOOL, _OPT_INT, _OPT_FLOAT = "int", "float", "bool", "int or null", "float or null"
+FIELD_TYPES: dict[str, dict[str, str]] = {
+    "LayerNorm": {"normalized_shape": "ints", "eps": _FLOAT, "elementwise_affine": _BOOL, "bias": _BOOL},
+    "WidthKeepingLayerNorm": {"normalized_shape": _INT, "full_width": _INT, "eps": _FLOAT,
+                              "elementwise_affine": _BOOL, "bias": _BOOL, "channels_first": _BOOL},
+    "Embedding": {"num_embeddings": _INT, "embedding_dim": _INT, "padding_idx": _OPT_INT, "max_norm": _OPT_FLOAT,
+                  "norm_type": _FLOAT, "scale_grad_by_freq": _BOOL, "sparse": _BOOL},
+}
+# Integer attributes the head executor lowers (executors/heads.py), per attention module, and the float
+# eps an RMSNorm's hidden-size compaction rescales (plan/residual.keep_norm_widths). The head size and the
+# attention's scale never change, but a skeleton built from a compacted config (BERT derives its head size from
+# hidden_size) would get them wrong, so they are recorded too.
+INT_ATTRIBUTES = HEAD_COUNT_ATTRS + KV_COUNT_ATTRS + ALL_HEADS_ATTRS + HEAD_SIZE_ATTRS
+FLOAT_ATTRIBUTES = ("variance_epsilon", "scaling")
+# Model config fields compaction edits (plan/residual.update_hidden_size) and their JSON types.
+CONFIG_FIELDS = {"hidden_size": _INT, "hidden_sizes": "ints", "rms_norm_eps": _FLOAT}
+MAX_DIMS, MAX_INT = 8, 1 << 40
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _has_type(value: Any, kind: str) -> bool:
+    """Whether a JSON value has one of the ``FIELD_TYPES`` kinds (ints bounded, floats finite)."""
+    if kind == "ints":
+        return isinstance(value, list) and 0 < len(value) <= MAX_DIMS and all(
+            _is_int(v) and 0 < v <= MAX_INT for v in value)
+    if kind.endswith(" or null") and value is None:
+        return True
+    if kind.startswith("int"):
+        return _is_int(value) and 0 <= value <= MAX_INT
+    if kind.startswith("float"):
+        return isinstance(value, float) and math.isfinite(value) and value >= 0
+    return isinstance(value, bool)
 
 
 def shape_manifest(model: nn.Module, model_spec: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The JSON-ready manifest: format, the optional registered ``{"name", "kwargs"}``, layer shapes."""
-    layers = {
-        name: {"type": type(m).__name__, **SPECS[type(m)](m)}
-        for name, m in model.named_modules()
-        if type(m) in SPECS
+    """The JSON-ready manifest: format, the optional registered ``{"name", "kwargs"}``, layer shapes, the shapes
+    of the parameters of every other module (RMSNorm weights, position embeddings, class tokens, layer scales),
+    the head-count attributes of attention modules and the config fields compaction edits."""
+    modules = dict(model.named_modules())
+    layers = {name: {"type": type(m).__name__, **SPECS[type(m)](m)} for name, m in modules.items() if type(m) in SPECS}
+    tensors = {
+        f"{name}.{attr}" if name else attr: list(p.shape)
+        for name, m in modules.items()
+        if type(m) not in SPECS
+        for attr, p in m._parameters.items()
+        if p is not None
     }
+    attributes = {}
+    for name, m in modules.items():
+        found = {a: getattr(m, a) for a in INT_ATTRIBUTES if _is_int(getattr(m, a, None))}
+        found.update({a: getattr(m, a) for a in FLOAT_ATTRIBUTES if isinstance(getattr(m, a, None), float)})
+        if found and type(m) not in SPECS:
+            attributes[name] = found
+    config = getattr(model, "config", None)
+    fields = {k: _json_value(getattr(config, k)) for k in CONFIG_FIELDS if hasattr(config, k)}
     return {
         "format": FORMAT,
         "model": model_spec,
         "layers": layers,
+        "tensors": tensors,
+        "attributes": attributes,
+        "config": {k: v for k, v in fields.items() if _has_type(v, CONFIG_FIELDS[k])},
+        "tied": [[f"{m}.{a}" if m else a for m, a in names] for names in tied_parameters(model)],
         "parameters": sum(p.numel() for p in model.parameters()),
     }
+
+
+def _json_value(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _write_compacted(model: nn.Module, folder: str | Path, model_spec: dict[str, Any] | None = None) -> Path:
@@ -161,7 +264,13 @@ def _write_compacted(model: nn.Module, folder: str | Path, model_spec: dict[str,
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     manifest = shape_manifest(model, model_spec)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state, seen = {}, set()
+    for k, v in model.state_dict().items():
+        tensor = v.detach().cpu()
+        storage = tensor.untyped_storage().data_ptr()
+        # safetensors refuses tensors sharing memory (tied weights): each gets its own copy, 'tied' reties them
+        state[k] = tensor.clone() if storage in seen else tensor.contiguous()
+        seen.add(storage)
     weights = save_safetensors(state, metadata={"format": FORMAT})
     manifest["weights"] = {"file": WEIGHTS, "bytes": len(weights), "sha256": sha256_hex(weights)}
     manifest[SELF_CHECKSUM] = canonical_sha256(manifest)
@@ -218,6 +327,8 @@ def load_compacted(folder: str | Path, model: nn.Module | None = None) -> nn.Mod
         skeleton = model if model is not None else _skeleton(manifest["model"], "meta")
         layers = {name: _build(name, dict(layer), "meta") for name, layer in manifest["layers"].items()}
         expected = _expected_state(skeleton, layers)
+        expected.update(_check_extras(skeleton, manifest, layers))
+        _check_tied(manifest.get("tied", []), skeleton, layers, expected)
         if model is None:  # the skeleton is built at its full widths first: bound it too
             full = sum(v.numel() for v in skeleton.state_dict().values())
             elements = max(full, sum(math.prod(shape) for _, shape in expected.values()))
@@ -231,7 +342,9 @@ def load_compacted(folder: str | Path, model: nn.Module | None = None) -> nn.Mod
             model = _skeleton(manifest["model"])  # only now: everything checked
         for name, layer in manifest["layers"].items():
             _replace(model, name, _build(name, dict(layer)))
+        _apply_extras(model, manifest)
         model.load_state_dict(state, strict=True)
+        _retie(model, manifest.get("tied", []), state)
         parameters = manifest.get("parameters")
         if parameters is not None and parameters != sum(p.numel() for p in model.parameters()):
             _fail(f"records {parameters:,} parameters, the model it describes has another count")
@@ -279,6 +392,113 @@ def _check_fields(manifest: dict[str, Any], path: Path) -> None:
     parameters = manifest.get("parameters")
     if parameters is not None and (not isinstance(parameters, int) or isinstance(parameters, bool)):
         _fail(f"'{path}': 'parameters' must be an integer, not {parameters!r}")
+    tensors, attributes = manifest.get("tensors", {}), manifest.get("attributes", {})
+    config = manifest.get("config", {})
+    if not isinstance(tensors, dict) or not all(_has_type(v, "ints") or v == [] for v in tensors.values()):
+        _fail(f"'{path}': 'tensors' must map parameter names to shapes (lists of at most {MAX_DIMS} positive ints)")
+    if not isinstance(attributes, dict) or not all(isinstance(v, dict) for v in attributes.values()):
+        _fail(f"'{path}': 'attributes' must map module names to {{attribute: value}}")
+    if not isinstance(config, dict):
+        _fail(f"'{path}': 'config' must map config fields to values, not {config!r}")
+    tied = manifest.get("tied", [])
+    names = [n for group in tied for n in group] if isinstance(tied, list) and all(
+        isinstance(g, list) and len(g) > 1 for g in tied) else None
+    if names is None or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        _fail(f"'{path}': 'tied' must be a list of lists of two or more distinct parameter names")
+
+
+def _check_extras(
+    skeleton: nn.Module, manifest: dict[str, Any], layers: dict[str, nn.Module]
+) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Check the recorded parameter shapes, attributes and config fields against the skeleton (each must name
+    something the skeleton has, of the same kind); the state-dict entries the parameter shapes give."""
+    modules = dict(skeleton.named_modules())
+
+    def module(name: str, what: str) -> nn.Module:
+        if name not in modules:
+            _fail(f"records {what} of module {name!r}, which the skeleton does not have (another architecture?)")
+        if any(name == layer or name.startswith(f"{layer}.") for layer in layers):
+            _fail(f"records {what} of module {name!r}, which is one of its layers")
+        return modules[name]
+
+    expected = {}
+    for name, shape in manifest.get("tensors", {}).items():
+        owner, _, attr = name.rpartition(".")
+        current = module(owner, f"parameter {name!r}")._parameters.get(attr)
+        if current is None:
+            _fail(f"records parameter {name!r}, which the skeleton does not have (another architecture?)")
+        if len(shape) != current.dim():
+            _fail(f"records parameter {name!r} with shape {shape}; the skeleton's has {current.dim()} dimensions")
+        expected[name] = (str(current.dtype), tuple(shape))
+    for name, values in manifest.get("attributes", {}).items():
+        owner = module(name, "attributes")
+        for attr, value in values.items():
+            kind = _INT if attr in INT_ATTRIBUTES else _FLOAT if attr in FLOAT_ATTRIBUTES else None
+            full = f"{name}.{attr}"
+            if kind is None:
+                _fail(f"records attribute {full!r}; only {list(INT_ATTRIBUTES + FLOAT_ATTRIBUTES)} are restored")
+            if not _has_type(value, kind) or not _has_type(getattr(owner, attr, None), kind):
+                _fail(f"records attribute {full!r} = {value!r}; it must be of type {kind}, on a skeleton module "
+                      f"that has one (the skeleton's: {getattr(owner, attr, None)!r})")
+    recorded = manifest.get("config", {})
+    config = getattr(skeleton, "config", None)
+    if recorded and config is None:
+        _fail(f"records config fields {sorted(recorded)}, but the skeleton has no config; pass the transformers model")
+    for field, value in recorded.items():
+        kind = CONFIG_FIELDS.get(field)
+        if kind is None:
+            _fail(f"records config field {field!r}; only {sorted(CONFIG_FIELDS)} are restored")
+        current = _json_value(getattr(config, field, None))
+        if not _has_type(value, kind) or not _has_type(current, kind) or (
+                kind == "ints" and len(value) != len(current)):
+            _fail(f"records config.{field} = {value!r}; the skeleton's config has {current!r} (another model?)")
+    return expected
+
+
+def _check_tied(tied: list[list[str]], skeleton: nn.Module, layers: dict[str, nn.Module],
+                expected: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+    """Every tied group names parameters (not buffers) of one dtype and shape, once the layers are replaced."""
+    if not tied:
+        return
+    params = {n for n, _ in skeleton.named_parameters(remove_duplicate=False)
+              if not any(n.startswith(f"{layer}.") for layer in layers)}
+    params |= {f"{layer}.{n}" for layer, module in layers.items() for n, _ in module.named_parameters()}
+    for group in tied:
+        shapes = {name: expected.get(name) if name in params else None for name in group}
+        if None in shapes.values() or len(set(shapes.values())) != 1:
+            _fail(f"records parameters {group} as one tensor, but they are not parameters of one shape: {shapes}")
+
+
+@torch.no_grad()
+def _retie(model: nn.Module, tied: list[list[str]], state: dict[str, torch.Tensor]) -> None:
+    """Make each recorded group of parameters one tensor again (an LM head sharing the token embedding)."""
+    for group in tied:
+        if not all(torch.equal(state[name], state[group[0]]) for name in group):
+            _fail(f"records parameters {group} as one tensor, but their saved values differ")
+        first = model.get_parameter(group[0])
+        for name in group[1:]:
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, first)
+
+
+@torch.no_grad()
+def _apply_extras(model: nn.Module, manifest: dict[str, Any]) -> None:
+    """Give the (checked) skeleton the recorded parameter shapes (zeros, filled by the state dict next), head
+    attributes and config fields."""
+    for name, shape in manifest.get("tensors", {}).items():
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        current = owner._parameters[attr]
+        if tuple(current.shape) != tuple(shape):  # the same shape: keep it (and any tie it has)
+            fresh = torch.zeros(shape, dtype=current.dtype, device=current.device)
+            owner._parameters[attr] = nn.Parameter(fresh, requires_grad=current.requires_grad)
+    for name, values in manifest.get("attributes", {}).items():
+        owner = model.get_submodule(name)
+        for attr, value in values.items():
+            setattr(owner, attr, value)
+    config = getattr(model, "config", None)
+    for field, value in manifest.get("config", {}).items():
+        setattr(config, field, list(value) if isinstance(value, list) else value)
 
 
 def _skeleton(spec: dict[str, Any] | None, device: str = "cpu") -> nn.Module:
@@ -336,6 +556,9 @@ def _build(name: str, layer: dict[str, Any], device: str = "cpu") -> nn.Module:
         raise ValueError(
             f"has layer '{name}' of type {kind!r}, which load_compacted cannot build; known: {sorted(BUILDERS)}"
         )
+    types = FIELD_TYPES.get(kind)
+    if types is not None and (set(layer) != set(types) or not all(_has_type(v, types[k]) for k, v in layer.items())):
+        _fail(f"has layer '{name}' ({kind}) with arguments {layer}; it needs exactly {types}")
     if kind not in ("ColumnConv2d", "ColumnLinear"):
         layer = {k: tuple(v) if isinstance(v, list) else v for k, v in layer.items()}
     try:
