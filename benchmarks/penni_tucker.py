@@ -384,18 +384,19 @@ def run_time(args, log) -> dict:
             **{p.stem.removeprefix("penni_"): penni_two_stage(p, bases.pop()) for p in states},
         }
         result["penni"] = speed_and_memory(models, args.rounds)
-    runs = [json.loads(p.read_text()) for p in sorted(out.glob("tucker_seed*.json"))]
-    if runs:
-        result["tucker"] = {}
-        for budget, entry in runs[0]["budgets"].items():
+    tucker = {}  # every Tucker plan of this folder and of --also folders, timed together with dense
+    for folder in [out, *map(Path, args.also)]:
+        runs = [json.loads(p.read_text()) for p in sorted(folder.glob("tucker_seed*.json"))]
+        for budget, entry in runs[0]["budgets"].items() if runs else ():
             for label in labels_of(entry):
                 if any(r["budgets"][budget][label]["ranks"] != entry[label]["ranks"] for r in runs):
                     raise SystemExit(
-                        f"time: the Tucker runs chose different {label}-driven ranks at budget {budget} "
+                        f"time: the Tucker runs in {folder} chose different {label}-driven ranks at budget {budget} "
                         "(latency tables from other machines?); one machine's runs per folder"
                     )
-            models = {"dense": dense_model(), **{k: tucker_model(entry[k]["ranks"]) for k in labels_of(entry)}}
-            result["tucker"][budget] = speed_and_memory(models, args.rounds)
+                tucker[f"{label}@{budget}"] = tucker_model(entry[label]["ranks"])
+    if tucker:
+        result["tucker"] = speed_and_memory({"dense": dense_model(), **tucker}, args.rounds)
     if not result:
         raise SystemExit(f"time: no penni_seed*.safetensors or tucker_seed*.json in {out}; run penni/tucker first")
     log(json.dumps(result, indent=1))
@@ -448,8 +449,8 @@ def summary(args, log) -> None:
         found = json.loads(timing.read_text())
         if "penni" in found:
             log_speed(log, "penni", found["penni"])
-        for budget, speed in found.get("tucker", {}).items():
-            log_speed(log, f"tucker budget {budget}", speed)
+        if "tucker" in found:
+            log_speed(log, "tucker", found["tucker"])
     peer = out / "peer.json"
     if peer.is_file():
         found = json.loads(peer.read_text())
@@ -488,6 +489,7 @@ def main() -> None:
         default=["latency", "flops"],
         help="which rank choices tucker trains (e.g. only latency-driven at a looser budget)",
     )
+    parser.add_argument("--also", nargs="+", default=[], help="time: Tucker runs of other folders, timed in one group")
     parser.add_argument("--search-threads", type=int, default=0, help="threads the rank search times at (0: --threads)")
     parser.add_argument("--budget", type=float, nargs="+", default=[0.6], help="fractions of the dense convs' cost")
     args = parser.parse_args()
