@@ -381,7 +381,7 @@ def run_time(args, log) -> dict:
             raise SystemExit(f"time: the PENNI runs in {out} use different --bases {sorted(bases)}; one per folder")
         models = {
             "dense": dense_model(),
-            **{p.stem.removeprefix("penni_"): penni_two_stage(p, bases.pop()) for p in states},
+            **{p.stem.removeprefix("penni_"): penni_two_stage(p, next(iter(bases))) for p in states},
         }
         result["penni"] = speed_and_memory(models, args.rounds)
     tucker = {}  # every Tucker plan of this folder and of --also folders, timed together with dense
