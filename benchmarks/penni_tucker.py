@@ -131,6 +131,24 @@ def onnx_check(model: nn.Module, path: Path) -> float:
         return float((torch.from_numpy(run_onnx(path, x)[0]) - model(x)).abs().max())
 
 
+def sgd(model: nn.Module, train, epochs: int, args, log, *, weight_decay: float, phase: int, **kw) -> None:
+    """``fit`` with the runs' shared SGD settings; ``phase`` gives each training phase of a seed its own data order."""
+    fit(
+        model,
+        train,
+        epochs,
+        0.01,
+        optimizer="sgd",
+        batch_size=128,
+        weight_decay=weight_decay,
+        augment=CIFAR_AUGMENT,
+        log=log,
+        fast=args.fast,
+        seed=phase + 1000 * args.seed,
+        **kw,
+    )
+
+
 # --- PENNI ---------------------------------------------------------------------------------------------------
 
 
@@ -158,39 +176,22 @@ def run_penni(args, log) -> dict:
     driver = Penni(model, targets, PenniConfig(l1=args.l1, prune_std=args.prune_std))
     driver.prepare(model)
     steps = math.ceil(len(train) / 128)
-    fit(
+    sgd(
         model,
         train,
         args.train_epochs,
-        0.01,
-        optimizer="sgd",
-        batch_size=128,
+        args,
+        log,
         weight_decay=1e-4,
+        phase=1,
         penalty=driver.penalty,
         every=steps * args.alternate_epochs,
         on_every=driver.step,
-        augment=CIFAR_AUGMENT,
-        log=log,
-        fast=args.fast,
-        seed=1 + 1000 * args.seed,
     )
     driver.close()
     masks = driver.finalize()
     acc_pruned = evaluate(model, test)
-    fit(
-        model,
-        train,
-        args.finetune_epochs,
-        0.01,
-        optimizer="sgd",
-        batch_size=128,
-        weight_decay=1e-4,
-        masks=masks,
-        augment=CIFAR_AUGMENT,
-        log=log,
-        fast=args.fast,
-        seed=2 + 1000 * args.seed,
-    )
+    sgd(model, train, args.finetune_epochs, args, log, weight_decay=1e-4, phase=2, masks=masks)
     acc = evaluate(model, test)
     # The fine-tuned model, so `time` can rebuild the two-stage form on a quiet machine (no pickle).
     ckpt.save_tensors(
@@ -245,38 +246,22 @@ def train_tucker(chosen: dict, train, test, args, log) -> nn.Module:
         return model
     admm = ADMM(model, plan, rho=RhoSchedule(args.rho, 1.3, 1.0))
     steps = math.ceil(len(train) / 128)
-    fit(
+    sgd(
         model,
         train,
         args.admm_epochs,
-        0.01,
-        optimizer="sgd",
-        batch_size=128,
+        args,
+        log,
         weight_decay=5e-4,
+        phase=1,
         penalty=admm.penalty,
         every=max(1, steps // 4),
         on_every=admm.step,
-        augment=CIFAR_AUGMENT,
         schedule="constant",
-        log=log,
-        fast=args.fast,
-        seed=1 + 1000 * args.seed,
     )
     outcome = admm.finalize()
     outcome.apply(model)
-    fit(
-        model,
-        train,
-        args.finetune_epochs,
-        0.01,
-        optimizer="sgd",
-        batch_size=128,
-        weight_decay=5e-4,
-        augment=CIFAR_AUGMENT,
-        log=log,
-        fast=args.fast,
-        seed=2 + 1000 * args.seed,
-    )
+    sgd(model, train, args.finetune_epochs, args, log, weight_decay=5e-4, phase=2)
     return model.eval()
 
 
