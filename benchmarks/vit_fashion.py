@@ -17,16 +17,23 @@ once per run at the end. Every method prunes the same structure, half the heads 
 - admm: ADMM for ``--admm-epochs`` (Z/U every quarter epoch, rho ``--rho`` growing x1.3 to 1), hard prune,
   ``--finetune-epochs`` of masked fine-tuning;
 - magnitude: one-shot L2 magnitude pruning of the same coupled groups (heads and hidden units), then
-  ``--admm-epochs + --finetune-epochs`` of masked fine-tuning: the same number of training steps.
+  ``--admm-epochs + --finetune-epochs`` of masked fine-tuning: the same number of training steps;
+- tp_magnitude / tp_taylor: Torch-Pruning's ``MetaPruner`` with its group L2 magnitude or group Taylor
+  importance (Taylor from the gradients of ``--taylor-batches`` training batches), whole heads
+  (``prune_num_heads``, ``head_pruning_ratio`` 0.5, head dimensions kept) and half of every FFN's hidden units;
+  the hidden size is held (patch embedding, ``o_proj``, ``fc2`` and the classifier are ignored as output
+  layers), so the pruned model has exactly the shapes of the others; then the same fine-tuning as magnitude.
 
 All training is AdamW (lr 1e-3, weight decay 0.05, cosine; ADMM's phase constant) on the library's loop. Each
 run compacts the pruned model (checked equal to the masked one) and times it against the dense model at batch
-1 and 8 (interleaved, medians, same process). Torch-Pruning's own ViT head pruning is not run here yet.
+1 and 8 (interleaved, medians, same process); Torch-Pruning's models are already physically small and are timed
+the same way.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import statistics
@@ -132,17 +139,105 @@ def run_method(args, log) -> dict:
     fit(model, train, opts.pop("epochs"), opts.pop("lr"), masks=masks, log=log, **opts)
     result = compact(model, x, masks)
     small = result.model.eval()
-    dense = load_dense(args)
+    timings = None if args.no_timing else latency(args, load_dense(args), small, test)
+    return {"validation_before_prune": before, "validation_after_prune": after, "validation": evaluate(model, val),
+            "accuracy": evaluate(small, test), "params": params(small), "macs": macs(small, x),
+            "heads": {k: list(v) for k, v in result.heads.items()}, "max_abs_diff": result.max_abs_diff,
+            "latency": timings}
+
+
+def accumulate_gradients(model: nn.Module, train, batches: int, seed: int) -> None:
+    """Gradients of the training loss over ``batches`` shuffled batches (what Taylor importance reads)."""
+    from admmcompress.data import BatchLoader
+
+    model.zero_grad()
+    model.train()
+    for i, (x, y) in enumerate(BatchLoader(train, 128, shuffle=True, seed=seed)):
+        if i == batches:
+            break
+        nn.functional.cross_entropy(model(x), y).backward()
+    model.eval()
+
+
+def torch_pruning_prune(args, model: ViT, train, x: torch.Tensor, taylor: bool) -> None:
+    """Torch-Pruning (its dependency graph and importance; not this library's code) to the plan's shapes."""
+    import torch_pruning as tp
+
+    vit = model.vit.vit
+    ignored = [vit.embeddings.patch_embeddings.projection, model.vit.classifier]  # the hidden size stays
+    num_heads = {}
+    for layer in vit.layers:
+        ignored += [layer.attention.o_proj, layer.mlp.fc2]
+        for proj in (layer.attention.q_proj, layer.attention.k_proj, layer.attention.v_proj):
+            num_heads[proj] = args.heads
+    if taylor:
+        accumulate_gradients(model, train, args.taylor_batches, seed=1000 * args.seed)
+        importance = tp.importance.GroupTaylorImportance()
+    else:
+        importance = tp.importance.GroupMagnitudeImportance(p=2)
+    pruner = tp.pruner.MetaPruner(model, x, importance=importance, pruning_ratio=0.5, ignored_layers=ignored,
+                                  num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
+                                  head_pruning_ratio=0.5)
+    pruner.step()
+    model.zero_grad(set_to_none=True)
+
+
+def run_torch_pruning(args, log) -> dict:
+    train, val, test = data(args)
+    model = load_dense(args)
+    x = test.x[:2]
+    before = evaluate(model, val)
+    torch_pruning_prune(args, model, train, x, taylor=args.what == "tp_taylor")
+    after = evaluate(model, val)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    log(f"{args.what}: validation {before:.2f}% -> {after:.2f}% at the prune; {params(model):,} params")
+    opts = train_opts(args, args.admm_epochs + args.finetune_epochs)
+    fit(model, train, opts.pop("epochs"), opts.pop("lr"), log=log, **opts)
+    model.eval()
+    dense = None if args.no_timing else load_dense(args)
+    heads = {name: int(m.weight.shape[0] // (args.width // args.heads))
+             for name, m in model.named_modules() if name.endswith("attention.q_proj")}
+    return {"validation_before_prune": before, "validation_after_prune": after, "validation": evaluate(model, val),
+            "accuracy": evaluate(model, test), "params": params(model), "macs": macs(model, x),
+            "heads_kept": heads, "fc1_kept": [s[0] for k, s in shapes.items() if k.endswith("fc1.weight")],
+            "latency": None if args.no_timing else latency(args, dense, model, test)}
+
+
+def latency(args, dense: nn.Module, small: nn.Module, test) -> dict:
+    """Dense vs pruned model, batch 1 and 8, interleaved medians in this process."""
     timings = {}
     for batch in (1, 8):
         xb = test.x[:batch]
         ms = interleaved_ms({"dense": lambda xb=xb: dense(xb), "compact": lambda xb=xb: small(xb)}, rounds=args.rounds)
         timings[batch] = {"dense_ms": round(ms["dense"], 3), "compact_ms": round(ms["compact"], 3),
                           "speedup": round(ms["dense"] / ms["compact"], 3)}
-    return {"validation_before_prune": before, "validation_after_prune": after, "validation": evaluate(model, val),
-            "accuracy": evaluate(small, test), "params": params(small), "macs": macs(small, x),
-            "heads": {k: list(v) for k, v in result.heads.items()}, "max_abs_diff": result.max_abs_diff,
-            "latency": timings}
+    return timings
+
+
+def run_time(args, log) -> dict:
+    """Dense vs the pruned shapes (this library's compaction and Torch-Pruning's), one process, interleaved.
+
+    Every method prunes to the same shapes, so one pruned model per implementation stands for all of them:
+    weights do not change the time. Run on an idle machine; ``--repeats`` whole passes, the median reported.
+    """
+    _, _, test = data(args)
+    x = test.x[:2]
+    dense = load_dense(args)
+    ours = copy.deepcopy(dense)
+    ours = compact(ours, x, hard_prune(ours, plan().resolve_coupled(ours, x))).model.eval()
+    theirs = copy.deepcopy(dense)
+    torch_pruning_prune(args, theirs, None, x, taylor=False)  # magnitude: no gradients needed to time it
+    contenders = {"dense": dense, "admmcompress": ours, "torch_pruning": theirs.eval()}
+    record = {"threads": args.threads, "rounds": args.rounds, "repeats": args.repeats, "macs": {}, "ms": {}}
+    for name, model in contenders.items():
+        record["macs"][name] = macs(model, x)
+    for batch in (1, 8):
+        xb = test.x[:batch]
+        passes = [interleaved_ms({n: (lambda m=m, xb=xb: m(xb)) for n, m in contenders.items()}, rounds=args.rounds)
+                  for _ in range(args.repeats)]
+        record["ms"][batch] = {n: round(statistics.median(p[n] for p in passes), 3) for n in contenders}
+        log(f"batch {batch}: " + ", ".join(f"{n} {ms:.3f} ms" for n, ms in record["ms"][batch].items()))
+    return record
 
 
 def summary(out: Path) -> str:
@@ -154,22 +249,35 @@ def summary(out: Path) -> str:
              f"{dense['params']:,} params, {dense['macs'] / 1e6:.2f} M MACs", "",
              "| method | seeds | MACs (M) | params | val. after prune (%) | test top-1 (%) | speed-up b1 | b8 |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for method in ("admm", "magnitude"):
+    for method in ("admm", "magnitude", "tp_magnitude", "tp_taylor"):
         runs = [json.loads(p.read_text()) for p in sorted(out.glob(f"{method}_seed*.json"))]
         if not runs:
             continue
         acc = [r["accuracy"] for r in runs]
         sd = statistics.stdev(acc) if len(acc) > 1 else float("nan")
-        speed = [statistics.median(r["latency"][b]["speedup"] for r in runs) for b in ("1", "8")]
+        timed = [r for r in runs if r.get("latency")]
+        speed = [statistics.median(r["latency"][b]["speedup"] for r in timed) if timed else float("nan")
+                 for b in ("1", "8")]
         lines.append(f"| {method} | {len(runs)} | {runs[0]['macs'] / 1e6:.2f} | {runs[0]['params']:,} | "
                      f"{statistics.mean(r['validation_after_prune'] for r in runs):.2f} | "
                      f"{statistics.mean(acc):.2f} +- {sd:.2f} | {speed[0]:.2f}x | {speed[1]:.2f}x |")
+    timing = out / "time.json"
+    if timing.is_file():
+        t = json.loads(timing.read_text())
+        lines += ["", f"Latency ({t['threads']} thread(s), median of {t['repeats']} interleaved passes of "
+                  f"{t['rounds']} rounds, ms; speed-up = dense / pruned):", "",
+                  "| batch | dense | admmcompress compacted | speed-up | Torch-Pruning | speed-up |",
+                  "|---:|---:|---:|---:|---:|---:|"]
+        for batch, ms in t["ms"].items():
+            lines.append(f"| {batch} | {ms['dense']:.3f} | {ms['admmcompress']:.3f} | "
+                         f"{ms['dense'] / ms['admmcompress']:.2f}x | {ms['torch_pruning']:.3f} | "
+                         f"{ms['dense'] / ms['torch_pruning']:.2f}x |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["dense", "admm", "magnitude", "summary"])
+    parser.add_argument("what", choices=["dense", "admm", "magnitude", "tp_magnitude", "tp_taylor", "time", "summary"])
     parser.add_argument("--out", default="runs/vit_fashion")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
@@ -181,6 +289,9 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, default=3)
     parser.add_argument("--rho", type=float, default=0.1)
     parser.add_argument("--rounds", type=int, default=25)
+    parser.add_argument("--repeats", type=int, default=3, help="time: whole interleaved passes")
+    parser.add_argument("--no-timing", action="store_true", help="method runs: skip the latency (use `time`)")
+    parser.add_argument("--taylor-batches", type=int, default=10, help="tp_taylor: batches of gradients")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--fast", action="store_true", help="bf16 autocast while training")
     args = parser.parse_args()
@@ -196,10 +307,12 @@ def main() -> None:
     log = log_to(out)
     log(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} | {machine()}\n# {command_line()}")
     start = time.perf_counter()
-    record = run_dense(args, log) if args.what == "dense" else run_method(args, log)
+    runners = {"dense": run_dense, "time": run_time, "tp_magnitude": run_torch_pruning, "tp_taylor": run_torch_pruning}
+    runner = runners.get(args.what, run_method)
+    record = runner(args, log)
     record.update(seconds=round(time.perf_counter() - start), command=command_line(), date=str(datetime.date.today()),
                   args=vars(args))
-    name = "dense.json" if args.what == "dense" else f"{args.what}_seed{args.seed}.json"
+    name = f"{args.what}.json" if args.what in ("dense", "time") else f"{args.what}_seed{args.seed}.json"
     (out / name).write_text(json.dumps(record, indent=1))
     log(json.dumps({k: v for k, v in record.items() if k != "args"}))
 
