@@ -39,6 +39,27 @@ def vit():
     return transformers.ViTForImageClassification(config), "*o_proj", lambda b, t: images(b)
 
 
+def whisper():
+    config = transformers.WhisperConfig(d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4,
+                                        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                        num_mel_bins=16, max_source_positions=20, vocab_size=100, num_labels=3,
+                                        classifier_proj_size=8, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                        decoder_start_token_id=1)
+    g = torch.Generator()  # Whisper's encoder takes a fixed number of frames (2 x max_source_positions)
+    return transformers.WhisperForAudioClassification(config), "*fc2", lambda b, t: torch.randn(
+        b, 16, 40, generator=g.manual_seed(b))
+
+
+def wav2vec2():
+    config = transformers.Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=64, conv_dim=(16, 16), conv_stride=(5, 2),
+                                         conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+                                         num_conv_pos_embedding_groups=4, num_labels=3, classifier_proj_size=8)
+    g = torch.Generator()
+    return transformers.Wav2Vec2ForSequenceClassification(config), "*feed_forward.output_dense", lambda b, t: (
+        torch.randn(b, 100 * t, generator=g.manual_seed(b + t)))
+
+
 def build(factory):
     torch.manual_seed(0)
     with warnings.catch_warnings():
@@ -199,3 +220,33 @@ def test_admm_on_the_hidden_size_ends_in_removable_channels():
     result = compact(model, x, masks)
     assert result.hidden == (32, 24)
     torch.testing.assert_close(logits(result.model, inputs(3, 4)), logits(model, inputs(3, 4)), atol=1e-4, rtol=0)
+
+
+def test_whisper_hidden_size_includes_its_frozen_positions_and_keeps_them_frozen():
+    """Whisper's sinusoidal position table does not require grad (no autograd node): it is traced all the same."""
+    model, writers, inputs = build(whisper)
+    x = inputs(2, 4)
+    (target,) = Plan([Rule(Filter(sparsity=0.25), match=writers)]).resolve_coupled(model, x, mode="extend")
+    assert "encoder.embed_positions" in target.members
+    assert not model.encoder.embed_positions.weight.requires_grad  # the trace gave it a gradient only meanwhile
+    result = compact(model, x, hard_prune(model, [target]))
+    small = result.model
+    assert result.hidden == (32, 24) and small.encoder.embed_positions.weight.shape == (20, 24)
+    assert not small.encoder.embed_positions.weight.requires_grad
+    for shape in [(2, 4), (3, 4)]:
+        torch.testing.assert_close(logits(small, inputs(*shape)), logits(model, inputs(*shape)), atol=1e-4, rtol=0)
+
+
+def test_wav2vec2_weight_norm_is_refused_with_the_fold_and_prunes_once_folded():
+    model, writers, inputs = build(wav2vec2)
+    x = inputs(2, 4)
+    plan = Plan([Rule(Filter(sparsity=0.25), match=writers)])
+    with pytest.raises(PlanError, match="weight_norm parametrization .*remove_parametrizations"):
+        plan.resolve_coupled(model, x, mode="extend")
+    torch.nn.utils.parametrize.remove_parametrizations(model.wav2vec2.encoder.pos_conv_embed.conv, "weight")
+    (target,) = plan.resolve_coupled(model, x, mode="extend")
+    result = compact(model, x, hard_prune(model, [target]))
+    assert result.hidden == (32, 24) and result.model.config.hidden_size == 24
+    for shape in [(2, 4), (3, 7)]:  # another batch size and clip length
+        torch.testing.assert_close(logits(result.model, inputs(*shape)), logits(model, inputs(*shape)), atol=1e-4,
+                                   rtol=0)

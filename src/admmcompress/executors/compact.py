@@ -167,10 +167,14 @@ def compact(
         warnings.warn(f"compact: {kept}", RuntimeWarning, stacklevel=2)
 
     widths, ties = norm_widths(work), tied_parameters(work)
+    frozen = {n for n, p in work.named_parameters() if not p.requires_grad}
     for group, (module, handler), removable in plan:
         idxs = _root_local(group, removable)
         _prune(graph, graph.get_pruning_group(module, handler, idxs))
     retie(work, ties)  # an LM head and the embedding it shares were sliced as two tensors
+    for name, param in work.named_parameters():  # sliced parameters are new ones: frozen ones stay frozen
+        if name in frozen:
+            param.requires_grad_(False)
     result.hidden = update_hidden_size(work, keep_norm_widths(work, widths))  # LayerNorms keep their divisor
 
     if config.columns != "off":

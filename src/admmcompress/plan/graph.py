@@ -103,6 +103,9 @@ MIXING_OPS = frozenset({
     "ScaledDotProductFlashAttentionForCpu", "ScaledDotProductEfficientAttention", "ScaledDotProductAttentionMath",
 })
 
+# A weight_norm parametrization's ops: its norm spans channels, so slicing the conv would change it.
+WEIGHT_NORM_OPS = frozenset({"WeightNormInterface", "NormExceptDim"})
+
 # Index-mapping nodes Torch-Pruning resolves itself (they move channels, never mix them).
 STRUCTURAL_OPS = ("concat", "split", "reshape", "slice", "expand")
 
@@ -249,6 +252,11 @@ def build_dependency_graph(model: nn.Module, example_inputs):
         raise ImportError("channel coupling needs Torch-Pruning: pip install torch-pruning") from err
     patch_torch_pruning()  # Torch-Pruning 1.6.0 fails on a concat along a negative axis (plan.tp_compat)
     was_training = {m: m.training for m in model.modules()}
+    # Frozen parameters (Whisper's sinusoidal positions, a user's frozen layers) leave no autograd node, so the
+    # trace would not see them: they get a gradient for the trace only.
+    frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
+    for p in frozen:
+        p.requires_grad_(True)
     zero_pads: set[int] = set()
     hooks = [
         m.register_forward_hook(_record_zero_pad(zero_pads)) for m in model.modules() if _is_spatial_zero_pad(m)
@@ -276,6 +284,8 @@ def build_dependency_graph(model: nn.Module, example_inputs):
     finally:
         for hook in hooks:
             hook.remove()
+        for p in frozen:
+            p.requires_grad_(False)
         for module, mode in was_training.items():
             module.train(mode)
     graph.admm_zero_pads = zero_pads  # autograd nodes of zero-padding modules (channelwise, see _convert)
@@ -461,6 +471,12 @@ def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGro
                         f"op '{op}'{_near(node, names)} mixes or moves channels (a matrix product, attention or "
                         "an axis permutation outside nn.Linear/Conv): keep these channels (exclude the layer "
                         "from the rule)"
+                    )
+                elif op in WEIGHT_NORM_OPS and op not in known:
+                    problems.append(
+                        f"a weight_norm parametrization (op '{op}'{_near(node, names)}) normalizes across channels: "
+                        "fold it first with torch.nn.utils.parametrize.remove_parametrizations(module, 'weight') "
+                        "(outputs unchanged; Wav2Vec2's positional conv has one), then prune"
                     )
                 elif op not in known:
                     problems.append(
