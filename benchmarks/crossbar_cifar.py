@@ -169,6 +169,56 @@ def plot_variation(path: Path, clean: dict, aware: dict, adc: list) -> None:
     plt.close(fig)
 
 
+def plot_summary(path: Path, runs: list[dict]) -> Path:
+    """The seeds in one figure: tiles per layer (modelled), accuracy vs sigma and vs ADC bits, SOT-MRAM widths;
+    points are means over the seeds, bars their sample standard deviation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def spread(values: list[float]) -> tuple[float, float]:
+        return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+    hw = [r["hardware"] for r in runs]
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4.2), gridspec_kw={"width_ratios": [3, 1.3, 1.3, 1.3]})
+    layers = hw[0]["layers"]
+    for i, kind in enumerate(("dense", "masked", "compact")):
+        axes[0].bar([p + (i - 1) * 0.27 for p in range(len(layers))], [layer[kind] for layer in layers], 0.27,
+                    label=kind)
+    axes[0].set_xticks(range(len(layers)))
+    axes[0].set_xticklabels([layer["name"] for layer in layers], rotation=60, ha="right", fontsize=6)
+    axes[0].set_ylabel("crossbar tiles (modelled)")
+    axes[0].set_title(f"tiles per layer, seed {runs[0]['args']['seed']}")
+    axes[0].legend()
+    labels = sorted({v["label"] for h in hw for v in h["variation"]})
+    for label in labels:
+        sigmas = sorted({v["sigma"] for v in hw[0]["variation"] if v["label"] == label})
+        stats = [spread([v["mean"] for h in hw for v in h["variation"] if v["label"] == label and v["sigma"] == s])
+                 for s in sigmas]
+        axes[1].errorbar(sigmas, [m for m, _ in stats], yerr=[sd for _, sd in stats], marker="o", capsize=3,
+                         label="variation-aware" if "variation-aware" in label else label)
+    axes[1].set_xlabel("log-normal sigma (modelled device)")
+    axes[1].set_ylabel("test accuracy (%)")
+    axes[1].legend(fontsize=7)
+    bits = [e["bits"] for e in hw[0]["adc"]]
+    stats = [spread([h["adc"][i]["accuracy"] for h in hw]) for i in range(len(bits))]
+    axes[2].errorbar(bits, [m for m, _ in stats], yerr=[sd for _, sd in stats], marker="o", capsize=3)
+    axes[2].set_xlabel("ADC bits (modelled ADC)")
+    widths = [e["bits"] for e in runs[0]["pim_accuracy"]]
+    stats = [spread([r["pim_accuracy"][i]["accuracy"] for r in runs]) for i in range(len(widths))]
+    axes[3].errorbar(widths, [m for m, _ in stats], yerr=[sd for _, sd in stats], marker="o", capsize=3)
+    axes[3].set_xlabel("SOT-MRAM weight bits")
+    axes[3].set_xticks(widths)
+    for ax in axes[2:]:
+        ax.set_ylabel("test accuracy (%)")
+    fig.suptitle(f"ResNet-20 / CIFAR-10 on a modelled crossbar: {len(runs)} seeds, mean +- sd")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def mean_sd(values: list[float]) -> str:
     if len(values) < 2:
         return f"{values[0]:.2f} (1 seed)"
@@ -197,6 +247,7 @@ def summarize(folders: list[Path]) -> str:
         ratios = {k: round(v, 2) for k, v in entry["ratios"].items()}
         lines.append(f"SOT-MRAM {entry['bits']}-bit: {mean_sd([r['pim_accuracy'][i]['accuracy'] for r in runs])}%, "
                      f"modelled ratios {ratios}")
+    lines.append(f"figure: {plot_summary(folders[0].parent / 'summary.png', runs)}")
     return "\n".join(lines)
 
 
