@@ -19,7 +19,7 @@ from admmcompress.report.storage import storage
 from admmcompress.train import checkpoint as ckpt
 from admmcompress.train.config import RunConfig
 from admmcompress.train.distributed import Distributed
-from admmcompress.train.lock import LOCK_FILE, RunLock
+from admmcompress.train.lock import LOCK_FILE, RunLock, check_unlocked
 from admmcompress.train.loop import TrainingDiverged, evaluate
 from admmcompress.train.run_folder import commit, plan_folder
 from admmcompress.train.runner import Runner, read_progress, rebuild_transforms, run_phases
@@ -167,6 +167,7 @@ def _dry_run(args: argparse.Namespace, config: RunConfig, out: Path) -> int:
     """--dry-run: every check of a run (flags, config, plan against the model, data, checkpoints, --out), no writes."""
     folder = "(no --out: a new folder under runs/)"
     if args.out:
+        check_unlocked(out)  # a folder another run is writing: refused now, as the real run would be
         progress = read_progress(out) if args.resume else None
         plan = plan_folder(
             out, config, run_phases(config), progress, resume=args.resume, overwrite=args.overwrite,

@@ -107,6 +107,33 @@ class RunLock:
         self.release()
 
 
+def check_unlocked(folder: str | Path) -> None:
+    """Raise ``RunLocked`` if a live run holds ``folder``'s lock; writes nothing (what ``--dry-run`` needs).
+
+    The lock file is opened read-only and probed with a non-blocking flock that is dropped at once, so a
+    stale file left by a killed run passes, as it would for a real run.
+    """
+    if fcntl is None:  # pragma: no cover - not on POSIX
+        return
+    path = Path(folder) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # no lock file (or unreadable: the real run reports that)
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            holder = _read_pid(fd)
+            who = f"pid {holder}" if holder else "another process"
+            raise RunLocked(
+                f"'{folder}' is being written by another admmcompress run ({who}); a real run would be refused: "
+                "wait for it to end, or choose another --out"
+            ) from None
+    finally:
+        os.close(fd)  # closing drops the probe's flock
+
+
 def holder_pid(folder: str | Path) -> int | None:
     """The pid written in ``folder``'s lock file, if any (it may be a dead run's: only the flock tells)."""
     try:
@@ -128,4 +155,4 @@ def _warn(message: str) -> None:
     print(f"admmcompress: warning: {message}", file=sys.stderr)
 
 
-__all__ = ["LOCK_FILE", "RunLock", "RunLocked", "holder_pid"]
+__all__ = ["LOCK_FILE", "RunLock", "RunLocked", "check_unlocked", "holder_pid"]
