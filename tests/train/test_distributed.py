@@ -39,6 +39,7 @@ from admmcompress.train.distributed import (
     evaluate,
     shard,
     sync_batchnorm,
+    wrap,
 )
 from admmcompress.train.logging import EpochLogger, csv_text
 from admmcompress.train.loop import evaluate as evaluate_one
@@ -231,6 +232,37 @@ def test_driver_state_that_drifts_across_ranks_is_rank_0s_or_an_error_in_debug_m
     results = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
     assert results[0]["False"] == results[1]["False"] and "differs" not in results[0]["False"]
     assert all("rank 1 differs from rank 0 in ['driver']" in r["True"] for r in results)
+
+
+def _nan_worker(rank: int, port: int, result_dir: str) -> None:
+    from admmcompress.train.loop import TrainingDiverged, train_epoch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
+    torch.set_num_threads(1)
+    ctx = Distributed.from_env()
+    torch.manual_seed(0)
+    net = wrap(torch.nn.Linear(4, 3), ctx)
+    batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(4)]
+    if rank == 1:
+        batches[2][0][0, 0] = float("nan")  # only rank 1's third batch
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    try:
+        train_epoch(net, batches, optimizer, lambda step: 0.1, 0, progress=False, all_ranks=ctx.all_true)
+        outcome = "finished"
+    except TrainingDiverged as err:
+        outcome = str(err)
+    Path(result_dir, f"{rank}.txt").write_text(outcome)
+    del net
+    gc.collect()
+    ctx.close()
+
+
+def test_a_nan_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """Without the all-ranks check rank 0 would wait in the gradient all-reduce that rank 1 never joins."""
+    mp.spawn(_nan_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    first, second = ((tmp_path / f"{r}.txt").read_text() for r in range(2))
+    assert "NaN/inf on another rank at step 2" in first
+    assert "loss became nan at step 2" in second
 
 
 # --- torchrun: the CLI under 2 processes vs 1 ------------------------------------------------------------

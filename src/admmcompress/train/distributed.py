@@ -127,6 +127,14 @@ class Distributed:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.tolist()
 
+    def all_true(self, flag: bool) -> bool:
+        """True when ``flag`` is True on every rank (one small all-reduce): ranks stop together."""
+        if not self.active:
+            return flag
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
+
     def mean(self, values: list[float]) -> list[float]:
         return [v / self.world_size for v in self.sum(values)] if self.active else list(values)
 

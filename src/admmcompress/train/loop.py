@@ -139,6 +139,7 @@ def train_epoch(
     loss_fn: LossFn | None = None,
     max_grad_norm: float | None = None,
     loss_weight: Callable[[Any], float] | None = None,
+    all_ranks: Callable[[bool], bool] | None = None,
 ) -> dict[str, float]:
     """One epoch of cross-entropy (+ optional penalty) training; returns mean losses.
 
@@ -157,7 +158,9 @@ def train_epoch(
     ``loader`` may be any iterable; without ``len()`` the progress bar shows no total.
     ``loss_weight(batch)`` scales the data loss (not the penalty) of each batch: a distributed rank's share of
     the global batch (:class:`admmcompress.train.distributed.ShardedLoader`), so DDP's gradient average is the
-    global batch's gradient.
+    global batch's gradient. ``all_ranks(flag)`` is True when ``flag`` is True on every distributed rank
+    (:meth:`admmcompress.train.distributed.Distributed.all_true`): with it, a loss that is NaN/inf on one rank
+    stops every rank at the same step, instead of leaving the others waiting in the gradient all-reduce.
 
     Example: a custom loss on (inputs, labels) batches (here mean squared error on one-hot labels).
 
@@ -214,7 +217,13 @@ def train_epoch(
             extra = penalty()
             loss = loss + extra
             penalty_sum += extra.item()
-        if not torch.isfinite(loss):
+        finite = bool(torch.isfinite(loss))
+        if all_ranks is not None and not all_ranks(finite) and finite:
+            raise TrainingDiverged(
+                f"{desc}: the loss became NaN/inf on another rank at step {step}; lower the learning rate "
+                f"(now {lr_at(step):.3g}) or rho"
+            )
+        if not finite:
             raise TrainingDiverged(
                 f"{desc}: loss became {loss.item()} at step {step}; lower the learning rate "
                 f"(now {lr_at(step):.3g}) or rho"

@@ -409,6 +409,7 @@ class Runner:
             channels_last=self.config.channels_last,
             loss_fn=self.loss_fn,
             loss_weight=self.loader.weight if isinstance(self.loader, ShardedLoader) else None,
+            all_ranks=self.dist.all_true if self.dist.active else None,  # a NaN on one rank stops them all
         )
         if self.dist.active:  # every rank's mean: the global batch's mean where the shares are equal
             keys = sorted(losses)
