@@ -148,6 +148,24 @@ def test_latency_table_is_cached_per_shape(tmp_path, monkeypatch):
     assert losses["1"][None] == 0.0 and math.isclose(losses["1"][(8, 8)], 0.0, abs_tol=1e-10)
 
 
+def test_reconstruction_losses_equal_the_truncated_hosvd_of_each_candidate():
+    """One SVD per mode, sliced per candidate: the same loss as TensorLy's HOSVD at those ranks."""
+    from admmcompress.structures.lowrank import tucker2_factors, tucker2_weight
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(12, 10, 3))
+    table = {"0": {None: 1.0, (10, 12): 1.0, (5, 7): 0.5, (1, 1): 0.1, (3, 12): 0.3}}
+    losses = rs.reconstruction_losses(model, table)["0"]
+    weight = model[0].weight.detach().double()
+    for ranks in [(10, 12), (5, 7), (1, 1), (3, 12)]:
+        approx = tucker2_weight(*tucker2_factors(weight, ranks))
+        assert math.isclose(losses[ranks], float((weight - approx).pow(2).sum() / weight.pow(2).sum()),
+                            rel_tol=1e-9, abs_tol=1e-12)
+    assert losses[None] == 0.0 and losses[(1, 1)] > losses[(5, 7)] > losses[(10, 12)]
+    with pytest.raises(ValueError, match="Tucker2 ranks \\(11, 2\\) must be within"):
+        rs.reconstruction_losses(model, {"0": {(11, 2): 1.0}})
+
+
 def test_onnx_export_of_a_tucker_model_matches_onnxruntime(tmp_path):
     pytest.importorskip("onnxruntime")
     from admmcompress.executors.onnx_export import export_onnx, run_onnx

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from admmcompress.executors.tucker import Tucker2Conv
-from admmcompress.structures.lowrank import tucker2_factors, tucker2_weight
+from admmcompress.structures.lowrank import tucker2_weight
 from admmcompress.timing import LatencyCache, time_interleaved
 
 Ranks = tuple[int, int] | None  # None: the dense conv
@@ -178,12 +178,25 @@ def reconstruction_losses(
     for name, options in table.items():
         weight = modules[name].weight.detach().double()
         norm = float(weight.pow(2).sum()) or 1.0
+        # The truncated HOSVD at ranks (r_o, r_i) projects modes 0 and 1 onto the leading r_o / r_i left singular
+        # vectors of their unfoldings: one SVD per mode serves every candidate (tucker2_factors, which goes
+        # through TensorLy, would redo both per candidate).
+        u_out = torch.linalg.svd(weight.reshape(weight.shape[0], -1), full_matrices=False)[0]
+        u_in = torch.linalg.svd(weight.transpose(0, 1).reshape(weight.shape[1], -1), full_matrices=False)[0]
         out[name] = {}
         for ranks in options:
             if ranks is None:
                 out[name][ranks] = 0.0
                 continue
-            approx = tucker2_weight(*tucker2_factors(weight, ranks))
+            r_o, r_i = ranks
+            if not (1 <= r_o <= u_out.shape[1] and 1 <= r_i <= u_in.shape[1]):
+                raise ValueError(
+                    f"layer '{name}': Tucker2 ranks {ranks} must be within 1..({u_out.shape[1]}, {u_in.shape[1]}) "
+                    f"for its weight of shape {tuple(weight.shape)}"
+                )
+            p_out, p_in = u_out[:, :r_o], u_in[:, :r_i]
+            core = torch.einsum("oi...,oa,ib->ab...", weight, p_out, p_in)
+            approx = tucker2_weight(core, p_out, p_in)
             out[name][ranks] = float((weight - approx).pow(2).sum()) / norm
     return out
 
