@@ -44,3 +44,40 @@ def test_callback_refuses_bad_settings_in_one_line():
         ADMMCallback(plan, admm_epochs=1, update_every_epochs=1, update_every_steps=5)
     with pytest.raises(ValueError, match="method='nope'; choose one of"):
         ADMMCallback(plan, admm_epochs=1, method="nope")
+
+
+def _fit(tmp_path, max_epochs: int, ckpt_path: str | None = None):
+    """LeNet-300-100 on 256 MNIST images in a fixed order; ADMM 2 epochs, then masked fine-tuning."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from admmcompress.data import load_dataset
+
+    example = _example()
+    pl.seed_everything(0, verbose=False)
+    train = load_dataset("mnist", "train", limit=256)
+    loader = DataLoader(TensorDataset(train.x, train.y), batch_size=64, shuffle=False)  # resumable order
+    module = example.Classifier()
+    plan = Plan({"fc1": Unstructured(compression=8), "fc2": Unstructured(compression=4)})
+    callback = ADMMCallback(plan, admm_epochs=2, options={"rho": 1e-2}, submodule="net")
+    saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_epochs=1, save_top_k=-1)
+    trainer = pl.Trainer(max_epochs=max_epochs, accelerator="cpu", devices=1, callbacks=[callback, saver],
+                         logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, loader, ckpt_path=ckpt_path)
+    return module, callback
+
+
+@pytest.mark.parametrize("stop_after", [1, 2], ids=["during-admm", "after-hard-prune"])
+def test_a_resumed_lightning_run_ends_where_the_uninterrupted_one_does(tmp_path, stop_after):
+    """Stopped after epoch 1 (the driver's Z, U and rho in the checkpoint) or 2 (the masks), then resumed."""
+    import torch
+
+    whole, whole_cb = _fit(tmp_path / "whole", 4)
+    _fit(tmp_path / "cut", stop_after)
+    (last,) = (tmp_path / "cut").glob("last*.ckpt")
+    resumed, resumed_cb = _fit(tmp_path / "cut", 4, ckpt_path=str(last))
+    assert resumed_cb.masks is not None and whole_cb.masks is not None
+    for name, mask in whole_cb.masks.items():
+        assert torch.equal(resumed_cb.masks[name], mask)
+    for (name, a), (_, b) in zip(whole.net.state_dict().items(), resumed.net.state_dict().items(), strict=True):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=0, msg=f"{name} differs after the resume")
