@@ -191,13 +191,15 @@ def plot_summary(path: Path, runs: list[dict]) -> Path:
     axes[0].set_ylabel("crossbar tiles (modelled)")
     axes[0].set_title(f"tiles per layer, seed {runs[0]['args']['seed']}")
     axes[0].legend()
-    labels = sorted({v["label"] for h in hw for v in h["variation"]})
-    for label in labels:
-        sigmas = sorted({v["sigma"] for v in hw[0]["variation"] if v["label"] == label})
-        stats = [spread([v["mean"] for h in hw for v in h["variation"] if v["label"] == label and v["sigma"] == s])
-                 for s in sigmas]
+    def series(label: str) -> str:  # each variation-aware point is labelled with its own training sigma
+        return "variation-aware retraining" if "variation-aware" in label else label
+
+    for name in sorted({series(v["label"]) for h in hw for v in h["variation"]}):
+        sigmas = sorted({v["sigma"] for v in hw[0]["variation"] if series(v["label"]) == name})
+        stats = [spread([v["mean"] for h in hw for v in h["variation"]
+                         if series(v["label"]) == name and v["sigma"] == s]) for s in sigmas]
         axes[1].errorbar(sigmas, [m for m, _ in stats], yerr=[sd for _, sd in stats], marker="o", capsize=3,
-                         label="variation-aware" if "variation-aware" in label else label)
+                         label=name)
     axes[1].set_xlabel("log-normal sigma (modelled device)")
     axes[1].set_ylabel("test accuracy (%)")
     axes[1].legend(fontsize=7)

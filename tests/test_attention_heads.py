@@ -78,6 +78,17 @@ def test_hard_prune_zeroes_the_weakest_heads_everywhere_and_compacts_exactly():
     torch.testing.assert_close(result.model(y), model(y), atol=1e-5, rtol=0)
 
 
+def test_frozen_projections_stay_frozen_after_their_heads_are_removed():
+    model = block()
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        getattr(model.attn, name).requires_grad_(False)
+    hard_prune(model, Plan([Rule(Heads(sparsity=0.34), match="attn.q_proj")]).resolve(model))
+    small = compact(model, torch.randn(2, 5, 12)).model
+    assert small.attn.q_proj.out_features == 8  # rebuilt layers: new parameters
+    frozen = {n for n, p in small.named_parameters() if not p.requires_grad}
+    assert frozen == {f"attn.{m}.{k}" for m in ("q_proj", "k_proj", "v_proj", "o_proj") for k in ("weight", "bias")}
+
+
 def test_admm_on_heads_ends_with_whole_heads_zero():
     model = block()
     admm = ADMM(model, Plan([Rule(Heads(sparsity=0.34), match="attn.q_proj")]), rho=1.0)

@@ -164,6 +164,10 @@ def test_reconstruction_losses_equal_the_truncated_hosvd_of_each_candidate():
     assert losses[None] == 0.0 and losses[(1, 1)] > losses[(5, 7)] > losses[(10, 12)]
     with pytest.raises(ValueError, match="Tucker2 ranks \\(11, 2\\) must be within"):
         rs.reconstruction_losses(model, {"0": {(11, 2): 1.0}})
+    # an expanding 1x1 conv: mode 0's unfolding has only 16 singular vectors, yet ranks up to 32 are valid
+    wide = nn.Sequential(nn.Conv2d(16, 32, 1))
+    full = rs.reconstruction_losses(wide, {"0": {(32, 16): 1.0, (20, 10): 0.5}})["0"]
+    assert math.isclose(full[(32, 16)], 0.0, abs_tol=1e-12) and full[(20, 10)] > 0
 
 
 def test_onnx_export_of_a_tucker_model_matches_onnxruntime(tmp_path):

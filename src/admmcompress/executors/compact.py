@@ -118,6 +118,8 @@ def compact(
     """
     config = config or CompactConfig()
     work = copy.deepcopy(model)
+    # Every step below may replace parameters with new (trainable) ones: frozen ones are frozen again by name.
+    frozen = {n for n, p in work.named_parameters(remove_duplicate=False) if not p.requires_grad}
     if masks is not None:
         masks.apply(work)
     modes = {name: m.training for name, m in work.named_modules()}
@@ -167,20 +169,19 @@ def compact(
         warnings.warn(f"compact: {kept}", RuntimeWarning, stacklevel=2)
 
     widths, ties = norm_widths(work), tied_parameters(work)
-    frozen = {n for n, p in work.named_parameters() if not p.requires_grad}
     for group, (module, handler), removable in plan:
         idxs = _root_local(group, removable)
         _prune(graph, graph.get_pruning_group(module, handler, idxs))
     retie(work, ties)  # an LM head and the embedding it shares were sliced as two tensors
-    for name, param in work.named_parameters():  # sliced parameters are new ones: frozen ones stay frozen
-        if name in frozen:
-            param.requires_grad_(False)
     result.hidden = update_hidden_size(work, keep_norm_widths(work, widths))  # LayerNorms keep their divisor
 
     if config.columns != "off":
         from admmcompress.executors.column import apply_column_executors
 
         result.columns = apply_column_executors(work, example_inputs, mode=config.columns, min_sparsity=0.0)
+    for name, param in work.named_parameters(remove_duplicate=False):
+        if name in frozen:
+            param.requires_grad_(False)
     with torch.no_grad():
         outputs = output_tensors(forward(work, example_inputs))
     result.max_abs_diff = _max_diff(reference, outputs)

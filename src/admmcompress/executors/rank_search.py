@@ -189,12 +189,14 @@ def reconstruction_losses(
                 out[name][ranks] = 0.0
                 continue
             r_o, r_i = ranks
-            if not (1 <= r_o <= u_out.shape[1] and 1 <= r_i <= u_in.shape[1]):
+            if not (1 <= r_o <= weight.shape[0] and 1 <= r_i <= weight.shape[1]):
                 raise ValueError(
-                    f"layer '{name}': Tucker2 ranks {ranks} must be within 1..({u_out.shape[1]}, {u_in.shape[1]}) "
+                    f"layer '{name}': Tucker2 ranks {ranks} must be within 1..({weight.shape[0]}, {weight.shape[1]}) "
                     f"for its weight of shape {tuple(weight.shape)}"
                 )
-            p_out, p_in = u_out[:, :r_o], u_in[:, :r_i]
+            # A mode's unfolding may have fewer singular vectors than the rank (an expanding 1x1 conv): the
+            # projection onto all of them is already exact there.
+            p_out, p_in = u_out[:, :min(r_o, u_out.shape[1])], u_in[:, :min(r_i, u_in.shape[1])]
             core = torch.einsum("oi...,oa,ib->ab...", weight, p_out, p_in)
             approx = tucker2_weight(core, p_out, p_in)
             out[name][ranks] = float((weight - approx).pow(2).sum()) / norm

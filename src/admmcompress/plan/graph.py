@@ -255,32 +255,18 @@ def build_dependency_graph(model: nn.Module, example_inputs):
     # Frozen parameters (Whisper's sinusoidal positions, a user's frozen layers) leave no autograd node, so the
     # trace would not see them: they get a gradient for the trace only.
     frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
-    for p in frozen:
-        p.requires_grad_(True)
     zero_pads: set[int] = set()
-    hooks = [
-        m.register_forward_hook(_record_zero_pad(zero_pads)) for m in model.modules() if _is_spatial_zero_pad(m)
-    ]
     rms_nodes: set[int] = set()
-    hooks += [m.register_forward_hook(record_rms_nodes(rms_nodes)) for m in model.modules() if is_rms_norm(m)]
+    hooks: list = []
     cut: list[torch.Tensor] = []  # query/key projections' outputs: traced as model outputs (plan.attention)
-    cut_layers = [model.get_submodule(n) for n in query_key_layers(model)]
-
-    def forward(m: nn.Module, inputs):
-        cut.clear()  # hooked here, after Torch-Pruning's own hooks, so those still see the layers' real outputs
-        handles = [layer.register_forward_hook(_cut_into(cut)) for layer in cut_layers]
-        try:
-            return call_model(m, inputs)
-        finally:
-            for handle in handles:
-                handle.remove()
-
     try:
-        with torch.enable_grad():
-            graph = tp.DependencyGraph().build_dependency(
-                model, example_inputs=example_inputs, forward_fn=forward,
-                output_transform=lambda out: output_tensors(out) + cut, verbose=False,
-            )
+        for p in frozen:
+            p.requires_grad_(True)
+        hooks += [m.register_forward_hook(_record_zero_pad(zero_pads)) for m in model.modules()
+                  if _is_spatial_zero_pad(m)]
+        hooks += [m.register_forward_hook(record_rms_nodes(rms_nodes)) for m in model.modules() if is_rms_norm(m)]
+        cut_layers = [model.get_submodule(n) for n in query_key_layers(model)]
+        graph = _trace(tp, model, example_inputs, cut, cut_layers)
     finally:
         for hook in hooks:
             hook.remove()
@@ -293,6 +279,25 @@ def build_dependency_graph(model: nn.Module, example_inputs):
     graph.admm_rms_nodes = rms_nodes  # autograd nodes inside RMSNorm modules
     graph.admm_cut_layers = {id(layer) for layer in cut_layers}
     return graph
+
+
+def _trace(tp, model: nn.Module, example_inputs, cut: list[torch.Tensor], cut_layers: list[nn.Module]):
+    """Torch-Pruning's dependency graph of ``model``, the query/key projections' outputs cut into ``cut``."""
+
+    def forward(m: nn.Module, inputs):
+        cut.clear()  # hooked here, after Torch-Pruning's own hooks, so those still see the layers' real outputs
+        handles = [layer.register_forward_hook(_cut_into(cut)) for layer in cut_layers]
+        try:
+            return call_model(m, inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    with torch.enable_grad():
+        return tp.DependencyGraph().build_dependency(
+            model, example_inputs=example_inputs, forward_fn=forward,
+            output_transform=lambda out: output_tensors(out) + cut, verbose=False,
+        )
 
 
 def _cut_into(found: list[torch.Tensor]):
@@ -476,7 +481,8 @@ def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGro
                     problems.append(
                         f"a weight_norm parametrization (op '{op}'{_near(node, names)}) normalizes across channels: "
                         "fold it first with torch.nn.utils.parametrize.remove_parametrizations(module, 'weight') "
-                        "(outputs unchanged; Wav2Vec2's positional conv has one), then prune"
+                        "(or torch.nn.utils.remove_weight_norm(module) for the older weight_norm; outputs unchanged; "
+                        "Wav2Vec2's positional conv has one), then prune"
                     )
                 elif op not in known:
                     problems.append(

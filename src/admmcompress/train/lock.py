@@ -110,8 +110,8 @@ class RunLock:
 def check_unlocked(folder: str | Path) -> None:
     """Raise ``RunLocked`` if a live run holds ``folder``'s lock; writes nothing (what ``--dry-run`` needs).
 
-    The lock file is opened read-only and probed with a non-blocking flock that is dropped at once, so a
-    stale file left by a killed run passes, as it would for a real run.
+    The lock file is opened read-only and probed with a non-blocking shared flock that is dropped at once, so
+    a stale file left by a killed run passes, as it would for a real run.
     """
     if fcntl is None:  # pragma: no cover - not on POSIX
         return
@@ -121,7 +121,7 @@ def check_unlocked(folder: str | Path) -> None:
     except OSError:  # no lock file (or unreadable: the real run reports that)
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # shared: conflicts with the run's, works read-only
     except OSError as err:
         if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             holder = _read_pid(fd)
