@@ -10,7 +10,8 @@ Starting from the shipped dense ResNet-20 (``checkpoints/resnet20_cifar10_dense.
 1. Crossbar-structured + conductance-quantized compression: one ADMM phase with two targets per block conv,
    ``crossbar_tile`` (whole tile blocks of ``--tile`` cells, ``--tile-sparsity`` of them pruned) and
    ``conductance`` (``--bits-per-cell`` per cell, ``--cells`` cells per polarity: weights ``q*{+-1..+-(2^(b*c)-1)}``)
-   on every Conv2d/Linear; hard prune + quantize; masked retraining with the levels held.
+   on every Conv2d/Linear; hard prune + quantize; masked retraining on the level grid (``--retrain-update``:
+   straight-through, or the weights held and only biases / BatchNorm trained).
 2. The modelled mapping (``admmcompress.hardware.analyze``): tiles dense / masked / compacted, and area, power
    and energy ratios to the unpruned 16-bit mapping under the same constants (every figure *modelled*).
 3. Accuracy under log-normal conductance variation (``--sigmas``, ``--draws`` seeded Monte-Carlo draws, mean
@@ -75,6 +76,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tile-sparsity", type=float, default=0.5)
     p.add_argument("--admm-epochs", type=int, default=4)
     p.add_argument("--retrain-epochs", type=int, default=6)
+    p.add_argument("--retrain-update", choices=("ste", "hold"), default="ste",
+                   help="how the quantized weights retrain: ste (straight-through, they move between levels) or "
+                        "hold (frozen; only biases and BatchNorm train: the runs of 2026-12-05 used it)")
     p.add_argument("--rho", type=float, default=1e-2)
     p.add_argument("--sigmas", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     p.add_argument("--draws", type=int, default=5)
@@ -117,7 +121,9 @@ def compress(args, model, spec, train, log):
     sgd(model, train, args.admm_epochs, log, seed=1000 * args.seed + 1, schedule="constant", penalty=admm.penalty,
         every=every, on_every=admm.step)
     masks = admm.finalize()
-    log(f"retrain: {args.retrain_epochs} epochs, levels held")
+    log(f"retrain: {args.retrain_epochs} epochs, quantized weights {args.retrain_update}")
+    if args.retrain_update == "ste":
+        masks = masks.with_update("ste")  # weights move between the levels; "hold" freezes them
     sgd(model, train, args.retrain_epochs, log, seed=1000 * args.seed + 2, masks=masks)
     return masks
 
