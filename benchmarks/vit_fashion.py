@@ -261,8 +261,7 @@ def summary(out: Path) -> str:
         lines.append(f"| {method} | {len(runs)} | {runs[0]['macs'] / 1e6:.2f} | {runs[0]['params']:,} | "
                      f"{statistics.mean(r['validation_after_prune'] for r in runs):.2f} | "
                      f"{statistics.mean(acc):.2f} +- {sd:.2f} | {speed[0]:.2f}x | {speed[1]:.2f}x |")
-    timing = out / "time.json"
-    if timing.is_file():
+    for timing in sorted(out.glob("time_t*.json")):
         t = json.loads(timing.read_text())
         lines += ["", f"Latency ({t['threads']} thread(s), median of {t['repeats']} interleaved passes of "
                   f"{t['rounds']} rounds, ms; speed-up = dense / pruned):", "",
@@ -312,7 +311,8 @@ def main() -> None:
     record = runner(args, log)
     record.update(seconds=round(time.perf_counter() - start), command=command_line(), date=str(datetime.date.today()),
                   args=vars(args))
-    name = f"{args.what}.json" if args.what in ("dense", "time") else f"{args.what}_seed{args.seed}.json"
+    fixed = {"dense": "dense.json", "time": f"time_t{args.threads}.json"}
+    name = fixed.get(args.what, f"{args.what}_seed{args.seed}.json")
     (out / name).write_text(json.dumps(record, indent=1))
     log(json.dumps({k: v for k, v in record.items() if k != "args"}))
 
