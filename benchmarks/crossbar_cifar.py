@@ -40,7 +40,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from structured_common import CIFAR_AUGMENT, command_line, fit, log_to, machine
+from structured_common import CIFAR_BATCH, cifar_sgd, command_line, log_to, machine
 
 from admmcompress.data import load_dataset
 from admmcompress.drivers import ADMM, RhoSchedule
@@ -58,7 +58,6 @@ from admmcompress.train.loop import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 DENSE = ROOT / "checkpoints" / "resnet20_cifar10_dense.safetensors"
-BATCH = 128
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -108,15 +107,15 @@ def compression_plan(args, spec: CrossbarSpec) -> Plan:
 
 
 def sgd(model, train, epochs, log, *, seed: int, schedule="cosine", **kw) -> None:
-    """``fit`` with SGD; ``seed`` draws the data order and augmentation (each phase its own, per run seed)."""
-    fit(model, train, epochs, 0.01, optimizer="sgd", batch_size=BATCH, weight_decay=5e-4, augment=CIFAR_AUGMENT,
-        schedule=schedule, log=log, fast=True, seed=seed, **kw)  # bf16 autocast + channels_last, as the run configs
+    """``cifar_sgd``; ``seed`` draws the data order and augmentation (each phase its own, per run seed)."""
+    # fast: bf16 autocast + channels_last, as the run configs
+    cifar_sgd(model, train, epochs, schedule=schedule, log=log, fast=True, seed=seed, **kw)
 
 
 def compress(args, model, spec, train, log):
     targets = compression_plan(args, spec).resolve(model)
     admm = ADMM(model, targets, rho=RhoSchedule(args.rho, 1.3, 1.0))
-    every = max(1, ((len(train.y) + BATCH - 1) // BATCH) // 4)
+    every = max(1, ((len(train.y) + CIFAR_BATCH - 1) // CIFAR_BATCH) // 4)
     log(f"ADMM: {args.admm_epochs} epochs, Z/U every {every} steps")
     sgd(model, train, args.admm_epochs, log, seed=1000 * args.seed + 1, schedule="constant", penalty=admm.penalty,
         every=every, on_every=admm.step)

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 import torch
-from structured_common import CIFAR_AUGMENT, command_line, ensure_malloc_env, fit, interleaved_ms, log_to, machine
+from structured_common import cifar_sgd, command_line, ensure_malloc_env, interleaved_ms, log_to, machine
 from torch import nn
 
 from admmcompress.data import load_dataset
@@ -133,20 +133,8 @@ def onnx_check(model: nn.Module, path: Path) -> float:
 
 def sgd(model: nn.Module, train, epochs: int, args, log, *, weight_decay: float, phase: int, **kw) -> None:
     """``fit`` with the runs' shared SGD settings; ``phase`` gives each training phase of a seed its own data order."""
-    fit(
-        model,
-        train,
-        epochs,
-        0.01,
-        optimizer="sgd",
-        batch_size=128,
-        weight_decay=weight_decay,
-        augment=CIFAR_AUGMENT,
-        log=log,
-        fast=args.fast,
-        seed=phase + 1000 * args.seed,
-        **kw,
-    )
+    cifar_sgd(model, train, epochs, weight_decay=weight_decay, log=log, fast=args.fast,
+              seed=phase + 1000 * args.seed, **kw)
 
 
 # --- PENNI ---------------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 
 import torch
-from structured_common import CIFAR_AUGMENT, command_line, ensure_malloc_env, fit, log_to, machine
+from structured_common import CIFAR_BATCH, cifar_sgd, command_line, ensure_malloc_env, log_to, machine
 
 from admmcompress.data import load_dataset
 from admmcompress.drivers import ADMM, RhoSchedule
@@ -65,25 +65,19 @@ DENSE = ROOT / "runs" / "structured_cifar" / "resnet20_dense.safetensors"
 QUANTIZERS = {"fp4": lambda: FixedPoint(bits=4), "fp2": lambda: FixedPoint(bits=2), "binary": Binary}
 PRUNE_PREFIX = "prune70_"
 SETTINGS = [*QUANTIZERS, *(PRUNE_PREFIX + q for q in QUANTIZERS)]
-BATCH = 128
 
 
 def sgd_epochs(model, train, epochs, *, log, admm=None, masks=None, seed=0) -> None:
     """The one optimizer recipe of this benchmark (see the module docstring)."""
-    steps = (len(train.y) + BATCH - 1) // BATCH
-    fit(
+    steps = (len(train.y) + CIFAR_BATCH - 1) // CIFAR_BATCH
+    cifar_sgd(
         model,
         train,
         epochs,
-        0.01,
-        optimizer="sgd",
-        batch_size=BATCH,
-        weight_decay=5e-4,
         penalty=admm.penalty if admm is not None else None,
         every=max(1, steps // 4) if admm is not None else None,
         on_every=(lambda: _log_residual(admm, log)) if admm is not None else None,
         masks=masks,
-        augment=CIFAR_AUGMENT,
         schedule="constant" if admm is not None else "cosine",
         seed=seed,
         log=log,

@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 
 import torch
-from structured_common import CIFAR_AUGMENT, command_line, ensure_malloc_env, fit, log_to, machine, macs, params
+from structured_common import CIFAR_AUGMENT, cifar_sgd, command_line, ensure_malloc_env, log_to, machine, macs, params
 
 from admmcompress.data import BatchLoader, load_dataset
 from admmcompress.drivers import ADMM, RhoSchedule
@@ -79,8 +79,7 @@ def training(args) -> dict:
 
 def finetune(model, train, epochs: int, args, log) -> None:
     """The fine-tuning every method ends with: SGD 0.01 (Nesterov), weight decay 5e-4, cosine, augmented."""
-    fit(model, train, epochs, 0.01, optimizer="sgd", batch_size=128, weight_decay=5e-4, augment=CIFAR_AUGMENT,
-        log=log, **training(args))
+    cifar_sgd(model, train, epochs, log=log, **training(args))
 
 
 def run_dense(args, log) -> dict:
@@ -90,17 +89,7 @@ def run_dense(args, log) -> dict:
         return {"accuracy": evaluate(model, test), "params": params(model), "macs": macs(model, test.x[:1])}
     torch.manual_seed(0)
     model = create_model("resnet20")
-    fit(
-        model,
-        train,
-        args.dense_epochs,
-        0.1,
-        optimizer="sgd",
-        batch_size=128,
-        weight_decay=5e-4,
-        augment=CIFAR_AUGMENT,
-        log=log,
-    )
+    cifar_sgd(model, train, args.dense_epochs, 0.1, log=log)
     ckpt.save_tensors(dense_path(args), model.state_dict())
     return {"accuracy": evaluate(model, test), "params": params(model), "macs": macs(model, test.x[:1])}
 
@@ -120,18 +109,13 @@ def run_admm(args, log) -> dict:
     rho = RhoSchedule(initial=args.rho, growth=args.rho_growth, maximum=args.rho_max)
     admm = ADMM(model, targets, rho=rho)
     log(f"ADMM: {len(targets)} coupled filter targets, keep {args.keep}")
-    fit(
+    cifar_sgd(
         model,
         train,
         args.admm_epochs,
-        0.01,
-        optimizer="sgd",
-        batch_size=128,
-        weight_decay=5e-4,
         penalty=admm.penalty,
         every=max(1, steps // 4),
         on_every=admm.step,
-        augment=CIFAR_AUGMENT,
         schedule="constant",  # ADMM needs W to keep tracking Z - U: no decay to 0 inside the phase (P9)
         log=log,
         **{**training(args), "seed": 1000 * args.seed},

@@ -139,6 +139,19 @@ def fit(
     model.eval()
 
 
+
+CIFAR_BATCH = 128
+
+
+def cifar_sgd(model: nn.Module, data: Split, epochs: int, lr: float = 0.01, *, weight_decay: float = 5e-4,
+              **kw) -> None:
+    """``fit`` with the CIFAR benchmarks' one SGD recipe: Nesterov, batch 128, the library's augmentation.
+
+    ``kw`` goes to ``fit`` (penalty, masks, schedule, seed, log, fast, ...).
+    """
+    fit(model, data, epochs, lr, optimizer="sgd", batch_size=CIFAR_BATCH, weight_decay=weight_decay,
+        augment=CIFAR_AUGMENT, **kw)
+
 def log_to(out: Path):
     """A ``log(msg)`` that prints and appends to ``out/log.txt``."""
     out.mkdir(parents=True, exist_ok=True)
