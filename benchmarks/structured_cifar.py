@@ -45,9 +45,19 @@ import time
 from pathlib import Path
 
 import torch
-from structured_common import CIFAR_AUGMENT, cifar_sgd, command_line, ensure_malloc_env, log_to, machine, macs, params
+from structured_common import (
+    CIFAR_AUGMENT,
+    accumulate_gradients,
+    cifar_sgd,
+    command_line,
+    ensure_malloc_env,
+    log_to,
+    machine,
+    macs,
+    params,
+)
 
-from admmcompress.data import BatchLoader, load_dataset
+from admmcompress.data import load_dataset
 from admmcompress.drivers import ADMM, RhoSchedule
 from admmcompress.executors.compact import compact
 from admmcompress.models import create_model
@@ -150,18 +160,6 @@ def run_taylor(args, log) -> dict:
     return run_torch_pruning(args, log, tp.importance.GroupTaylorImportance(), "Taylor")
 
 
-def accumulate_gradients(model, train, batches: int, seed: int) -> None:
-    """Gradients of the training loss over ``batches`` batches (what Taylor importance reads)."""
-    loader = BatchLoader(train, 128, shuffle=True, seed=seed, augment=CIFAR_AUGMENT)
-    model.zero_grad()
-    model.train()
-    for i, (x, y) in enumerate(loader):
-        if i == batches:
-            break
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-    model.eval()
-
-
 def run_torch_pruning(args, log, importance, label: str) -> dict:
     import torch_pruning as tp
 
@@ -169,7 +167,7 @@ def run_torch_pruning(args, log, importance, label: str) -> dict:
     model = load_dense(args)
     x = test.x[:2]
     if args.what == "taylor":
-        accumulate_gradients(model, train, args.taylor_batches, seed=1000 * args.seed)
+        accumulate_gradients(model, train, args.taylor_batches, seed=1000 * args.seed, augment=CIFAR_AUGMENT)
     pruner = tp.pruner.MetaPruner(
         model, x, importance=importance, pruning_ratio=1 - args.keep, ignored_layers=[model.linear]
     )

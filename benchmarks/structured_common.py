@@ -152,6 +152,18 @@ def cifar_sgd(model: nn.Module, data: Split, epochs: int, lr: float = 0.01, *, w
     fit(model, data, epochs, lr, optimizer="sgd", batch_size=CIFAR_BATCH, weight_decay=weight_decay,
         augment=CIFAR_AUGMENT, **kw)
 
+
+def accumulate_gradients(model: nn.Module, data: Split, batches: int, seed: int, augment: Augment | None = None,
+                         batch_size: int = 128) -> None:
+    """Gradients of the training loss over ``batches`` shuffled batches (what Taylor importance reads)."""
+    model.zero_grad()
+    model.train()
+    for i, (x, y) in enumerate(BatchLoader(data, batch_size, shuffle=True, seed=seed, augment=augment)):
+        if i == batches:
+            break
+        nn.functional.cross_entropy(model(x), y).backward()
+    model.eval()
+
 def log_to(out: Path):
     """A ``log(msg)`` that prints and appends to ``out/log.txt``."""
     out.mkdir(parents=True, exist_ok=True)

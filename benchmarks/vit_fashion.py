@@ -42,7 +42,17 @@ import warnings
 from pathlib import Path
 
 import torch
-from structured_common import command_line, ensure_malloc_env, fit, interleaved_ms, log_to, machine, macs, params
+from structured_common import (
+    accumulate_gradients,
+    command_line,
+    ensure_malloc_env,
+    fit,
+    interleaved_ms,
+    log_to,
+    machine,
+    macs,
+    params,
+)
 from torch import nn
 
 from admmcompress.data import load_dataset
@@ -144,19 +154,6 @@ def run_method(args, log) -> dict:
             "accuracy": evaluate(small, test), "params": params(small), "macs": macs(small, x),
             "heads": {k: list(v) for k, v in result.heads.items()}, "max_abs_diff": result.max_abs_diff,
             "latency": timings}
-
-
-def accumulate_gradients(model: nn.Module, train, batches: int, seed: int) -> None:
-    """Gradients of the training loss over ``batches`` shuffled batches (what Taylor importance reads)."""
-    from admmcompress.data import BatchLoader
-
-    model.zero_grad()
-    model.train()
-    for i, (x, y) in enumerate(BatchLoader(train, 128, shuffle=True, seed=seed)):
-        if i == batches:
-            break
-        nn.functional.cross_entropy(model(x), y).backward()
-    model.eval()
 
 
 def torch_pruning_prune(args, model: ViT, train, x: torch.Tensor, taylor: bool) -> None:

@@ -56,8 +56,7 @@ def test_no_private_training_loop_is_left():
     skip = {
         "training_speed.py",  # times single SGD steps under several settings; trains nothing
         "ddp_cifar.py",  # times single DDP steps (with and without the ADMM state); its epoch uses train_epoch
-        "structured_cifar.py",  # gradients of a few batches for Taylor importance; no optimizer step
-        "vit_fashion.py",  # the same, for Torch-Pruning's Taylor importance
+        "structured_common.py",  # accumulate_gradients: a few batches for Taylor importance; no optimizer step
     }
     offenders = [p.name for p in BENCHMARKS.glob("*.py") if ".backward(" in p.read_text() and p.name not in skip]
     assert offenders == []
