@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -174,3 +176,56 @@ def test_products_split_into_chunks_of_equal_work(ext, threads):
     assert ext.product_chunks(torch.full((4,), 10, dtype=torch.int64), 16, 1) == [0, 4]  # ~700 MACs: one chunk
     torch.set_num_threads(1)
     assert ext.product_chunks(even, 16, 8) == [0, 32]
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_tiled_products_equal_dense_for_any_batch_and_width(ext, threads, n_threads):
+    """From 16 inputs the kernel transposes them (16 x 16 register tiles, ragged edges element by element,
+    split over threads by column strips): every batch and width, whole tiles or not."""
+    torch.set_num_threads(n_threads)
+    for in_features in (37, 100, 3072):
+        dense = pruned(nn.Linear(in_features, 64), (16, 1))
+        fast = BlockSparseLinear.from_dense(dense, block_rows=16, impl="cpp")
+        for n in (16, 17, 33, 40):
+            x = torch.randn(n, in_features)
+            with torch.inference_mode():
+                close(fast(x), dense(x))
+
+
+def test_kernel_arguments_follow_the_buffers(ext):
+    """The kernel's arguments are kept between calls (32-bit indices), and rebuilt when the buffers change."""
+    first = pruned(nn.Linear(48, 32), (16, 1))
+    second = copy.deepcopy(first)
+    with torch.no_grad():
+        second.weight.mul_(-1.5)
+        second.bias.add_(1.0)
+    fast = BlockSparseLinear.from_dense(first, block_rows=16, impl="cpp")
+    args = blocksparse_cpp.packed(fast.matrix)
+    assert args[0].dtype == torch.int32 and blocksparse_cpp.packed(fast.matrix) is args
+    x = torch.randn(3, 48)
+    other = BlockSparseLinear.from_dense(second, block_rows=16, impl="cpp")
+    fast.load_state_dict(other.state_dict())  # loaded weights: counts are derived again, so are the arguments
+    assert blocksparse_cpp.packed(fast.matrix) is not args
+    close(fast(x), second(x))
+    fast.matrix.values0 = fast.matrix.values0 * 2  # a reassigned buffer
+    close(fast(x), 2 * (second(x) - second.bias) + second.bias)
+
+
+def test_hooks_on_the_inner_matrix_still_run(ext):
+    """The layer skips the matrix's module call only while nothing hooks the matrix."""
+    fast = BlockSparseLinear.from_dense(pruned(nn.Linear(48, 32), (16, 1)), block_rows=16, impl="cpp")
+    seen = []
+    fast.matrix.register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+    fast(torch.randn(2, 48))
+    assert seen == [torch.Size([2, 32])]
+
+
+def test_a_model_saved_after_running_loads_and_runs(ext, tmp_path):
+    """A whole-model pickle taken after a forward (the kept kernel arguments included) loads and runs."""
+    model = nn.Sequential(pruned(nn.Linear(64, 32), (16, 4))).eval()
+    x = torch.randn(3, 64)
+    expected = model(x)
+    to_blocksparse(model, block_rows=16, impl="cpp")
+    close(model(x), expected)
+    torch.save(model, tmp_path / "model.pt")
+    close(torch.load(tmp_path / "model.pt", weights_only=False)(x), expected)

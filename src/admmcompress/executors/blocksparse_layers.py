@@ -34,9 +34,13 @@ class BlockSparseLinear(nn.Module):
         return cls(BlockSparseMatrix(linear.weight, block_rows, bias=linear.bias, **kwargs))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        matrix = self.matrix
+        # The matrix's forward without a second module call when nothing hooks the matrix itself: at batch 1
+        # a 10x-sparse 768x3072 product takes ~20 us, and the extra call cost ~4 us of it (cold caches, 2026-12).
+        run = matrix.forward if not (matrix._forward_hooks or matrix._forward_pre_hooks) else matrix
         if x.dim() == 2:  # the common case, without the reshapes (they cost as much as a small product)
-            return self.matrix(x)
-        return self.matrix(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+            return run(x)
+        return run(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
 
 
 def conv_blockers(conv: nn.Conv2d) -> tuple[list[str], tuple[int, ...]]:
