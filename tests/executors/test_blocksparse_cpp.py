@@ -142,7 +142,7 @@ def test_unbalanced_row_blocks_split_by_work(ext, threads):
     w[:16] = torch.randn(16, 1024)
     w[16:, 7] = torch.randn(496)
     matrix = BlockSparseMatrix(w, 16, impl="cpp", bias=torch.randn(512))
-    counts = blocksparse_cpp.packed(matrix)[2]
+    counts = blocksparse_cpp.packed(matrix)[3]
     assert counts[0] == 1024 and set(counts[1:].tolist()) == {1}  # padding is skipped, not multiplied
     x = torch.randn(40, 1024)
     close(matrix(x), x @ w.T + matrix.bias0.reshape(-1))
@@ -229,3 +229,26 @@ def test_a_model_saved_after_running_loads_and_runs(ext, tmp_path):
     close(model(x), expected)
     torch.save(model, tmp_path / "model.pt")
     close(torch.load(tmp_path / "model.pt", weights_only=False)(x), expected)
+
+
+@pytest.mark.parametrize("per_block", [False, True])
+def test_padding_is_dropped_from_the_kernel_copy_when_it_is_large(ext, threads, per_block):
+    """Uneven row blocks (global top-k) get an unpadded kernel copy; even ones read the saved buffer itself."""
+    torch.set_num_threads(2)
+    dense = nn.Linear(256, 512)
+    with torch.no_grad():
+        dense.weight.copy_(Block(compression=6, block=(16, 4), per_block=per_block).project(dense.weight))
+    fast = BlockSparseLinear.from_dense(dense, block_rows=16, impl="cpp")
+    index, values, offsets, counts, _ = blocksparse_cpp.packed(fast.matrix)
+    slots = fast.matrix.values0.shape[1]
+    if per_block:
+        assert values.data_ptr() == fast.matrix.values0.data_ptr() and offsets.tolist() == [
+            b * slots for b in range(32)
+        ]
+    else:
+        assert values.shape[0] == int(counts.sum()) < 32 * slots
+        assert offsets.tolist() == (torch.cumsum(counts, 0) - counts).tolist()
+    for n in (1, 5, 40):
+        x = torch.randn(n, 256)
+        with torch.inference_mode():
+            close(fast(x), dense(x))

@@ -38,7 +38,7 @@ import torch
 
 from admmcompress.timing import cpu_model
 
-VERSION = 5  # bump when SOURCE or the build flags change: the extension's cache name changes with it
+VERSION = 6  # bump when SOURCE or the build flags change: the extension's cache name changes with it
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -52,9 +52,10 @@ SOURCE = r"""
 #include <immintrin.h>
 #endif
 
-// Packed layout (blockmatrix.py): row block b keeps counts[b] <= K columns index[b*K + k] (int32 here: half the
-// index bytes a product streams beside its weights; the rest of its K slots are padding), with weights
-// values[(b*K + k)*r + j] for its row j; bias[b*r + j].
+// Layout (blocksparse_cpp.packed): row block b keeps counts[b] columns index[offsets[b] + k] (int32: half the
+// index bytes a product streams beside its weights), with weights values[(offsets[b] + k)*r + j] for its row j;
+// bias[b*r + j]. The offsets are b*K into the saved layout padded to K slots per block, or into a copy without
+// the padding.
 
 // One row block for n_rows inputs: out[n, j] = bias[j] + sum_k x[n, idx[k]] * v[k, j], j < R (R fixed:
 // the accumulator stays in registers and the j loop is one SIMD multiply-add per kept column).
@@ -124,19 +125,22 @@ static void block_rows_any(const float* __restrict x, int64_t n_rows, int64_t x_
 struct Packed {
   const int32_t* index;
   const float* values;
+  const int64_t* offsets;
   const int64_t* counts;
   const float* bias;
-  int64_t nb, K, r;
+  int64_t nb, r;
 };
 
-static Packed packed_of(const torch::Tensor& index, const torch::Tensor& values, const torch::Tensor& counts,
-                        const torch::Tensor& bias) {
-  TORCH_CHECK(values.dim() == 3 && values.scalar_type() == torch::kFloat && values.is_contiguous(),
-              "block-sparse kernel: values must be a contiguous float32 (blocks, K, r) tensor");
-  TORCH_CHECK(index.scalar_type() == torch::kInt && index.is_contiguous() && counts.is_contiguous(),
-              "block-sparse kernel: index must be contiguous int32 (as blocksparse_cpp.packed gives it)");
-  return {index.data_ptr<int32_t>(), values.data_ptr<float>(), counts.data_ptr<int64_t>(),
-          bias.numel() ? bias.data_ptr<float>() : nullptr, values.size(0), values.size(1), values.size(2)};
+static Packed packed_of(const torch::Tensor& index, const torch::Tensor& values, const torch::Tensor& offsets,
+                        const torch::Tensor& counts, const torch::Tensor& bias) {
+  TORCH_CHECK(values.dim() == 2 && values.scalar_type() == torch::kFloat && values.is_contiguous(),
+              "block-sparse kernel: values must be a contiguous float32 (slots, r) tensor");
+  TORCH_CHECK(index.scalar_type() == torch::kInt && index.is_contiguous() && counts.is_contiguous() &&
+                  offsets.is_contiguous() && offsets.numel() == counts.numel(),
+              "block-sparse kernel: arguments not as blocksparse_cpp.packed gives them");
+  return {index.data_ptr<int32_t>(), values.data_ptr<float>(), offsets.data_ptr<int64_t>(),
+          counts.data_ptr<int64_t>(), bias.numel() ? bias.data_ptr<float>() : nullptr, counts.numel(),
+          values.size(1)};
 }
 
 // NT inputs at once from the transposed input xt (in_features x ld): per kept column, NT contiguous inputs
@@ -230,8 +234,8 @@ static void transpose_into(const float* x, int64_t n, int64_t m, float* xt) {
 static inline void one_block(const Packed& p, int64_t b, const float* x, int64_t n_rows, int64_t x_stride,
                              float* out, int64_t out_stride, const float* xt = nullptr,
                              const float* xt_tail = nullptr) {
-  const int32_t* idx = p.index + b * p.K;
-  const float* v = p.values + b * p.K * p.r;
+  const int32_t* idx = p.index + p.offsets[b];
+  const float* v = p.values + p.offsets[b] * p.r;
   const float* bb = p.bias ? p.bias + b * p.r : nullptr;
   const int64_t kb = p.counts[b];
   float* o = out + b * p.r;
@@ -311,10 +315,10 @@ static torch::Tensor finish(torch::Tensor out, const Packed& p, int64_t out_feat
 }
 
 // x (N, I) -> x @ W.T + b (N, O).
-torch::Tensor bsmm(torch::Tensor x, torch::Tensor index, torch::Tensor values, torch::Tensor counts,
-                   torch::Tensor bias, int64_t out_features) {
+torch::Tensor bsmm(torch::Tensor x, torch::Tensor index, torch::Tensor values, torch::Tensor offsets,
+                   torch::Tensor counts, torch::Tensor bias, int64_t out_features) {
   x = x.contiguous();
-  const Packed p = packed_of(index, values, counts, bias);
+  const Packed p = packed_of(index, values, offsets, counts, bias);
   const int64_t n = x.size(0);
   auto out = torch::empty({n, p.nb * p.r}, x.options());
   torch::Tensor xt;
@@ -328,12 +332,12 @@ torch::Tensor bsmm(torch::Tensor x, torch::Tensor index, torch::Tensor values, t
 }
 
 // The same product from the inputs already transposed, xt (I, N) (an im2col matrix): (xt.T @ W.T + b) (N, O).
-torch::Tensor bsmm_t(torch::Tensor xt, torch::Tensor index, torch::Tensor values, torch::Tensor counts,
-                     torch::Tensor bias, int64_t out_features) {
+torch::Tensor bsmm_t(torch::Tensor xt, torch::Tensor index, torch::Tensor values, torch::Tensor offsets,
+                     torch::Tensor counts, torch::Tensor bias, int64_t out_features) {
   xt = xt.contiguous();
-  const Packed p = packed_of(index, values, counts, bias);
+  const Packed p = packed_of(index, values, offsets, counts, bias);
   const int64_t in_features = xt.size(0), n = xt.size(1);
-  if (!tiles(p.r, n)) return bsmm(xt.t(), index, values, counts, bias, out_features);
+  if (!tiles(p.r, n)) return bsmm(xt.t(), index, values, offsets, counts, bias, out_features);
   auto out = torch::empty({n, p.nb * p.r}, xt.options());
   const int64_t full = n / kTileRows * kTileRows;
   torch::Tensor tail;
@@ -384,11 +388,11 @@ static std::vector<int64_t> slice_bounds(const Packed& p, int64_t gates, int64_t
 
 // GRU over gi (T, N, 3H) (input part incl. b_ih), h0 (N, H); the hidden product is block-sparse.
 std::vector<torch::Tensor> gru_sequence(torch::Tensor gi, torch::Tensor h0, torch::Tensor index,
-                                        torch::Tensor values, torch::Tensor counts, torch::Tensor bias,
-                                        bool reverse) {
+                                        torch::Tensor values, torch::Tensor offsets, torch::Tensor counts,
+                                        torch::Tensor bias, bool reverse) {
   gi = gi.contiguous();
   const int64_t T = gi.size(0), N = gi.size(1), H = h0.size(1);
-  const Packed p = packed_of(index, values, counts, bias);
+  const Packed p = packed_of(index, values, offsets, counts, bias);
   auto out = torch::empty({T, N, H}, h0.options());
   auto h = h0.contiguous().clone();
   auto gh = torch::empty({N, p.nb * p.r}, h0.options());
@@ -443,11 +447,11 @@ std::vector<torch::Tensor> gru_sequence(torch::Tensor gi, torch::Tensor h0, torc
 
 // LSTM over gi (T, N, 4H), (h0, c0) (N, H); gate order i, f, g, o.
 std::vector<torch::Tensor> lstm_sequence(torch::Tensor gi, torch::Tensor h0, torch::Tensor c0,
-                                         torch::Tensor index, torch::Tensor values, torch::Tensor counts,
-                                         torch::Tensor bias, bool reverse) {
+                                         torch::Tensor index, torch::Tensor values, torch::Tensor offsets,
+                                         torch::Tensor counts, torch::Tensor bias, bool reverse) {
   gi = gi.contiguous();
   const int64_t T = gi.size(0), N = gi.size(1), H = h0.size(1);
-  const Packed p = packed_of(index, values, counts, bias);
+  const Packed p = packed_of(index, values, offsets, counts, bias);
   auto out = torch::empty({T, N, H}, h0.options());
   auto h = h0.contiguous().clone();
   auto c = c0.contiguous().clone();
@@ -613,13 +617,26 @@ def counts_of(index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return torch.where(used, slots, torch.zeros_like(slots)).amax(1).contiguous()
 
 
-def packed(matrix: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(index, values, counts, bias)`` of a supported matrix, bias flattened (empty when there is none).
+# A kernel copy of the weights without the padding is kept when the padding is more than this share of the
+# slots: the padding breaks the stream of weights a product reads into one run per row block, and the
+# hardware prefetcher restarts at each; cold-cache batch-1 products at 10x (global top-k, 16 x 64 blocks, 20-30%
+# padding) ran 1.3-1.7x faster from an unpadded layout here (AMD EPYC, 2026-12). It costs the weights' memory.
+COMPACT_ABOVE = 0.05
+
+
+def packed(
+    matrix: torch.nn.Module,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(index, values, offsets, counts, bias)``: the kernel's arguments for a supported matrix.
+
+    Row block ``b`` keeps ``counts[b]`` columns, ``index[offsets[b]:][:counts[b]]`` (int32), with weights
+    ``values[offsets[b]:][:counts[b]]`` (``(slots, r)``); ``bias`` is flattened (empty when there is none).
+    ``values`` is the saved buffer ``values0`` itself, or a copy without its padding (``COMPACT_ABOVE``).
 
     ``counts`` is the matrix's ``counts0`` buffer (kept at packing and after ``load_state_dict``; derived here
-    for a matrix pickled before it existed): write ``values0`` in place and it goes stale. The tuple is kept
-    on the matrix while its buffers are the same tensors (``.to()`` or a reassigned buffer rebuilds it): at
-    batch 1 the product takes microseconds, and rebuilding it per call was a tenth of that.
+    for a matrix pickled before it existed): write ``values0`` in place and it goes stale. The arguments are
+    kept on the matrix while its buffers are the same tensors (``.to()``, ``load_state_dict`` or a reassigned
+    buffer rebuilds them): at batch 1 the product takes microseconds.
     """
     buffers = matrix._buffers
     index, values, counts, bias = buffers["index0"], buffers["values0"], buffers.get("counts0"), buffers["bias0"]
@@ -629,15 +646,27 @@ def packed(matrix: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.T
     if counts is None:
         counts = counts_of(index, values)
         matrix.register_buffer("counts0", counts, persistent=False)
+    blocks, slots, r = values.shape
     flat = bias.reshape(-1) if bias is not None else values.new_empty(0)
-    # 32-bit column indices for the kernel (the torch path indexes with index0): fewer bytes per product
-    args = (index.to(torch.int32).contiguous(), values, counts, flat)
+    if int(counts.sum()) < (1.0 - COMPACT_ABOVE) * blocks * slots:
+        used = torch.arange(slots, device=counts.device).view(1, slots) < counts.view(-1, 1)
+        args = (
+            index.view(blocks, slots)[used].to(torch.int32).contiguous(),
+            values[used].contiguous(),
+            torch.cumsum(counts, 0) - counts,
+            counts,
+            flat,
+        )
+    else:
+        offsets = torch.arange(blocks, dtype=torch.int64, device=counts.device) * slots
+        args = (index.to(torch.int32).contiguous(), values.view(blocks * slots, r), offsets, counts, flat)
     matrix.__dict__["_kernel_args"] = (index, values, counts, bias, args)  # not a buffer: never saved
     return args
 
 
 __all__ = [
     "CFLAGS",
+    "COMPACT_ABOVE",
     "LDFLAGS",
     "SERIAL_CFLAGS",
     "SOURCE",
