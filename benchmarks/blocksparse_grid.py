@@ -2,6 +2,7 @@
 
     MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 python benchmarks/blocksparse_grid.py
     python benchmarks/blocksparse_grid.py --quick        # smoke: one small case, seconds
+    python benchmarks/blocksparse_grid.py --merge a.json b.json c.json   # medians of repeated runs
 
 Cases: square Linear layers whose fp32 weight fits in half the L3 cache and one of at least 4x the L3
 size (read from sysfs / lscpu), the transformer MLP projections 768<->3072 and 1024<->4096, and one-layer
@@ -254,6 +255,25 @@ def summary(points: list[Point]) -> list[str]:
     return lines
 
 
+def merged(paths: list[str]) -> tuple[list[Point], list[str]]:
+    """Points of several ``--json`` runs, each contender's milliseconds the median over the runs; and per target
+    point (10x, batch 1 and 32) the compiled kernel's share of the ideal in every run, so the spread shows."""
+    runs = [[Point(**p) for p in json.loads(Path(path).read_text())] for path in paths]
+    by_key: dict[tuple, list[Point]] = {}
+    for run in runs:
+        for p in run:
+            by_key.setdefault((p.case, p.compression, p.batch, p.threads), []).append(p)
+    points, spread = [], []
+    for (case, c, batch, threads), found in by_key.items():
+        ms = {n: statistics.median(p.ms[n] for p in found if n in p.ms) for n in found[0].ms}
+        chosen = statistics.mode(p.chosen for p in found)
+        points.append(Point(case, found[0].cache, c, found[0].real, batch, threads, ms, chosen))
+        if c == 10 and batch in (1, 32) and "cpp" in ms:
+            shares = ", ".join(f"{p.speedup('cpp') / p.real:.2f}" for p in found)
+            spread.append(f"- {case}, batch {batch}, {threads} thr: cpp of ideal per run {shares}")
+    return points, spread
+
+
 def cases(args, l3: int) -> list[Case]:
     inside, outside = square_sides(l3)
     chosen = [
@@ -287,7 +307,15 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", help="cases whose name contains one of these words")
     parser.add_argument("--table-dir", default=None, help="latency table folder for the choice (default: fresh)")
     parser.add_argument("--json", default=None, help="also write every point here")
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="no timing: the table and targets from the per-point medians of these --json runs")
     args = parser.parse_args()
+    if args.merge:
+        points, spread = merged(args.merge)
+        print(f"{len(args.merge)} runs merged (per-point medians): {', '.join(args.merge)}\n\n{HEADER}")
+        print("\n".join(row(p) for p in points))
+        print("\n".join(summary(points)) + "\n\nPer run:\n" + "\n".join(spread))
+        return
     if args.quick:
         args.compressions, args.batches, args.threads = [10.0], [1, 8], [1]
         args.steps, args.rounds, args.warmup = 4, 3, 1

@@ -13,8 +13,9 @@ batch 1, and from 16 inputs multiply 16 x 16 register tiles (the inputs transpos
 Threads: the extension is built with OpenMP (the same ``libgomp`` torch loads, so ``torch.set_num_threads``
 governs it) and splits every product over row blocks, in chunks of equal *work* (kept columns, padding
 skipped), one chunk per thread; a recurrent step splits over hidden slices (the ``r`` units whose gate
-rows form one row block per gate), so each thread computes its slice's gates and state without a second
-parallel region. Products too small to pay for a thread start stay on one thread.
+rows form one row block per gate), so each thread computes its slice's gates and state, and a whole sequence
+runs in one parallel region with a barrier per step. Products too small to pay for a thread start stay on one
+thread.
 
 It is opt-in (``kernel="cpp"`` / ``impl="cpp"``, or picked by ``to_blocksparse(choose="measured")``)
 because compiling takes a minute; ``available()`` says whether it can be built here (without OpenMP it is
@@ -38,7 +39,7 @@ import torch
 
 from admmcompress.timing import cpu_model
 
-VERSION = 6  # bump when SOURCE or the build flags change: the extension's cache name changes with it
+VERSION = 7  # bump when SOURCE or the build flags change: the extension's cache name changes with it
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -48,6 +49,9 @@ SOURCE = r"""
 #include <cstdint>
 #include <cstring>
 #include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -386,6 +390,45 @@ static std::vector<int64_t> slice_bounds(const Packed& p, int64_t gates, int64_t
   return balanced_bounds(work);
 }
 
+// step(s, first_slice, end_slice) for s = 0..T-1, each thread its chunk of slices, in ONE parallel region for the
+// whole sequence with a barrier between steps (every slice of step s+1 reads the whole state of step s). A region
+// per step cost more than a 512-wide LSTM step's own work here: 2 threads ran slower than 1 (2026-12).
+template <typename Step>
+static void run_steps(const std::vector<int64_t>& bounds, int64_t T, const Step& step) {
+  const int64_t chunks = static_cast<int64_t>(bounds.size()) - 1;
+#ifdef _OPENMP
+  if (chunks > 1) {
+#pragma omp parallel num_threads(static_cast<int>(chunks))
+    {
+      const int64_t me = omp_get_thread_num(), team = omp_get_num_threads();  // the runtime may give fewer
+      for (int64_t s = 0; s < T; ++s) {
+        for (int64_t c = me; c < chunks; c += team) step(s, bounds[c], bounds[c + 1]);
+#pragma omp barrier
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t s = 0; s < T; ++s) step(s, bounds[0], bounds[chunks]);
+}
+
+// The state for the tiled product: two transposed copies (H x N), step s reading one while each thread writes its
+// own units of the new state into the other, so one barrier per step suffices.
+struct TransposedState {
+  std::vector<float> buffers[2];
+  int64_t N = 0, H = 0;
+  TransposedState(bool used, const float* h0, int64_t n, int64_t h) : N(n), H(h) {
+    if (!used) return;
+    buffers[0].resize(N * H);
+    buffers[1].resize(N * H);
+    transpose_into(h0, N, H, buffers[0].data());
+  }
+  const float* at(int64_t s) const { return buffers[0].empty() ? nullptr : buffers[s % 2].data(); }
+  void write(int64_t s, const float* hnew, int64_t u0, int64_t u1) {  // units [u0, u1) of step s's new state
+    if (!buffers[0].empty()) transpose_columns(hnew, N, H, buffers[(s + 1) % 2].data(), u0, u1);
+  }
+};
+
 // GRU over gi (T, N, 3H) (input part incl. b_ih), h0 (N, H); the hidden product is block-sparse.
 std::vector<torch::Tensor> gru_sequence(torch::Tensor gi, torch::Tensor h0, torch::Tensor index,
                                         torch::Tensor values, torch::Tensor offsets, torch::Tensor counts,
@@ -411,37 +454,35 @@ std::vector<torch::Tensor> gru_sequence(torch::Tensor gi, torch::Tensor h0, torc
   }
   const int64_t S = H / p.r, G = 3 * H;
   const auto bounds = slice_bounds(p, 3, S, N);
-  std::vector<float> ht(tiles(p.r, N) ? N * H : 0);  // the state transposed, for the tiled product
-  const float* htp = ht.empty() ? nullptr : ht.data();
-  const float* hprev = h.data_ptr<float>();
+  const float* h0p = h.data_ptr<float>();
+  float* outp = out.data_ptr<float>();
+  TransposedState ht(tiles(p.r, N), h0p, N, H);
   float* ghp = gh.data_ptr<float>();
-  int64_t last = 0;
-  for (int64_t s = 0; s < T; ++s) {
+  const float* gip = gi.data_ptr<float>();
+  run_steps(bounds, T, [&](int64_t s, int64_t s0, int64_t s1) {
     const int64_t t = reverse ? T - 1 - s : s;
-    float* hnew = out.data_ptr<float>() + t * N * H;  // out[t] is the next step's state: no copy
-    const float* git = gi.data_ptr<float>() + t * N * G;
-    if (htp != nullptr) transpose_into(hprev, N, H, ht.data());
-    run_chunks(bounds, [&](int64_t s0, int64_t s1) {
-      for (int64_t sl = s0; sl < s1; ++sl) {
-        for (int64_t g = 0; g < 3; ++g) one_block(p, g * S + sl, hprev, N, H, ghp, G, htp);
-        for (int64_t n = 0; n < N; ++n) {
-          const float* a = git + n * G;
-          const float* b = ghp + n * G;
-          const float* hp = hprev + n * H;
-          float* hn = hnew + n * H;
+    const float* hprev = s == 0 ? h0p : outp + (reverse ? t + 1 : t - 1) * N * H;
+    float* hnew = outp + t * N * H;  // out[t] is the next step's state: no copy
+    const float* git = gip + t * N * G;
+    for (int64_t sl = s0; sl < s1; ++sl) {
+      for (int64_t g = 0; g < 3; ++g) one_block(p, g * S + sl, hprev, N, H, ghp, G, ht.at(s));
+      for (int64_t n = 0; n < N; ++n) {
+        const float* a = git + n * G;
+        const float* b = ghp + n * G;
+        const float* hp = hprev + n * H;
+        float* hn = hnew + n * H;
 #pragma omp simd
-          for (int64_t u = sl * p.r; u < (sl + 1) * p.r; ++u) {
-            const float rg = sigmoid_f(a[u] + b[u]);
-            const float z = sigmoid_f(a[H + u] + b[H + u]);
-            const float c = tanh_f(a[2 * H + u] + rg * b[2 * H + u]);
-            hn[u] = c + z * (hp[u] - c);
-          }
+        for (int64_t u = sl * p.r; u < (sl + 1) * p.r; ++u) {
+          const float rg = sigmoid_f(a[u] + b[u]);
+          const float z = sigmoid_f(a[H + u] + b[H + u]);
+          const float c = tanh_f(a[2 * H + u] + rg * b[2 * H + u]);
+          hn[u] = c + z * (hp[u] - c);
         }
       }
-    });
-    hprev = hnew;
-    last = t;
-  }
+    }
+    ht.write(s, hnew, s0 * p.r, s1 * p.r);
+  });
+  const int64_t last = reverse ? 0 : T - 1;
   return {out, out[last].clone()};
 }
 
@@ -471,41 +512,39 @@ std::vector<torch::Tensor> lstm_sequence(torch::Tensor gi, torch::Tensor h0, tor
   }
   const int64_t S = H / p.r, G = 4 * H;
   const auto bounds = slice_bounds(p, 4, S, N);
-  std::vector<float> ht(tiles(p.r, N) ? N * H : 0);  // the state transposed, for the tiled product
-  const float* htp = ht.empty() ? nullptr : ht.data();
-  const float* hprev = h.data_ptr<float>();
+  const float* h0p = h.data_ptr<float>();
+  float* outp = out.data_ptr<float>();
+  TransposedState ht(tiles(p.r, N), h0p, N, H);
   float* cp = c.data_ptr<float>();  // each slice's cells are read and written by its own thread only
   float* ghp = gh.data_ptr<float>();
-  int64_t last = 0;
-  for (int64_t s = 0; s < T; ++s) {
+  const float* gip = gi.data_ptr<float>();
+  run_steps(bounds, T, [&](int64_t s, int64_t s0, int64_t s1) {
     const int64_t t = reverse ? T - 1 - s : s;
-    float* hnew = out.data_ptr<float>() + t * N * H;
-    const float* git = gi.data_ptr<float>() + t * N * G;
-    if (htp != nullptr) transpose_into(hprev, N, H, ht.data());
-    run_chunks(bounds, [&](int64_t s0, int64_t s1) {
-      for (int64_t sl = s0; sl < s1; ++sl) {
-        for (int64_t g = 0; g < 4; ++g) one_block(p, g * S + sl, hprev, N, H, ghp, G, htp);
-        for (int64_t n = 0; n < N; ++n) {
-          const float* a = git + n * G;
-          const float* b = ghp + n * G;
-          float* cn = cp + n * H;
-          float* hn = hnew + n * H;
+    const float* hprev = s == 0 ? h0p : outp + (reverse ? t + 1 : t - 1) * N * H;
+    float* hnew = outp + t * N * H;
+    const float* git = gip + t * N * G;
+    for (int64_t sl = s0; sl < s1; ++sl) {
+      for (int64_t g = 0; g < 4; ++g) one_block(p, g * S + sl, hprev, N, H, ghp, G, ht.at(s));
+      for (int64_t n = 0; n < N; ++n) {
+        const float* a = git + n * G;
+        const float* b = ghp + n * G;
+        float* cn = cp + n * H;
+        float* hn = hnew + n * H;
 #pragma omp simd
-          for (int64_t u = sl * p.r; u < (sl + 1) * p.r; ++u) {
-            const float i = sigmoid_f(a[u] + b[u]);
-            const float f = sigmoid_f(a[H + u] + b[H + u]);
-            const float g = tanh_f(a[2 * H + u] + b[2 * H + u]);
-            const float o = sigmoid_f(a[3 * H + u] + b[3 * H + u]);
-            const float cell = f * cn[u] + i * g;
-            cn[u] = cell;
-            hn[u] = o * tanh_f(cell);
-          }
+        for (int64_t u = sl * p.r; u < (sl + 1) * p.r; ++u) {
+          const float i = sigmoid_f(a[u] + b[u]);
+          const float f = sigmoid_f(a[H + u] + b[H + u]);
+          const float g = tanh_f(a[2 * H + u] + b[2 * H + u]);
+          const float o = sigmoid_f(a[3 * H + u] + b[3 * H + u]);
+          const float cell = f * cn[u] + i * g;
+          cn[u] = cell;
+          hn[u] = o * tanh_f(cell);
         }
       }
-    });
-    hprev = hnew;
-    last = t;
-  }
+    }
+    ht.write(s, hnew, s0 * p.r, s1 * p.r);
+  });
+  const int64_t last = reverse ? 0 : T - 1;
   return {out, out[last].clone(), c};
 }
 
