@@ -167,10 +167,11 @@ def test_a_model_with_compiled_layers_saves_and_loads(ext, tmp_path):
 
 
 def test_products_split_into_chunks_of_equal_work(ext, threads):
-    """One chunk per thread, cut where the kept columns (the work) are halved; small products stay whole."""
+    """Up to four chunks per thread, cut where the kept columns (the work) are equal; a block heavier than a
+    chunk is a chunk of its own (no empty chunks); small products and one thread stay whole."""
     torch.set_num_threads(2)
     even = torch.full((32,), 100, dtype=torch.int64)
-    assert ext.product_chunks(even, 16, 8) == [0, 16, 32]
+    assert ext.product_chunks(even, 16, 8) == list(range(0, 33, 4))  # 8 chunks of 4 blocks
     heavy_first = torch.tensor([3000] + [10] * 31)  # block 0 alone is most of the work
     assert ext.product_chunks(heavy_first, 16, 8) == [0, 1, 32]
     assert ext.product_chunks(torch.full((4,), 10, dtype=torch.int64), 16, 1) == [0, 4]  # ~700 MACs: one chunk

@@ -12,7 +12,8 @@ batch 1, and from 16 inputs multiply 16 x 16 register tiles (the inputs transpos
 
 Threads: the extension is built with OpenMP (the same ``libgomp`` torch loads, so ``torch.set_num_threads``
 governs it) and splits every product over row blocks, in chunks of equal *work* (kept columns, padding
-skipped), one chunk per thread; a recurrent step splits over hidden slices (the ``r`` units whose gate
+skipped), up to four per thread, which the threads take as they finish (a thread on a shared or slower core
+does not hold the others up); a recurrent step splits over hidden slices (the ``r`` units whose gate
 rows form one row block per gate), so each thread computes its slice's gates and state, and a whole sequence
 runs in one parallel region with a barrier per step. Products too small to pay for a thread start stay on one
 thread.
@@ -39,19 +40,18 @@ import torch
 
 from admmcompress.timing import cpu_model
 
-VERSION = 7  # bump when SOURCE or the build flags change: the extension's cache name changes with it
+VERSION = 8  # bump when SOURCE or the build flags change: the extension's cache name changes with it
 
 SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <atomic>
+#include <memory>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -270,38 +270,49 @@ static inline void one_block(const Packed& p, int64_t b, const float* x, int64_t
 // A chunk smaller than this many multiply-adds does not pay for waking a thread (~ a few microseconds).
 static const int64_t kMinChunkWork = 32768;
 
-// Bounds of `chunks` contiguous ranges of units with about equal total work (one chunk per thread).
+// Chunks per thread: threads take chunks as they finish the last (dynamic), so a thread whose core is shared or
+// slower does not hold the others up. With one chunk per thread, a 2-thread product on a shared 2-vCPU VM ran at
+// times slower than on 1 thread while dense MKL kept 1.3x (2026-12).
+static const int64_t kChunksPerThread = 4;
+
+static inline int64_t threads_now() { return std::max<int64_t>(1, at::get_num_threads()); }
+
+// Bounds of contiguous ranges of units with about equal total work: up to kChunksPerThread per thread, none
+// below kMinChunkWork multiply-adds, one when torch has one thread.
 static std::vector<int64_t> balanced_bounds(const std::vector<int64_t>& work) {
   const int64_t n = static_cast<int64_t>(work.size());
   int64_t total = 0;
   for (int64_t w : work) total += w;
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>({threads, total / kMinChunkWork, n}));
+  const int64_t threads = threads_now();
+  const int64_t most = threads > 1 ? threads * kChunksPerThread : 1;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>({most, total / kMinChunkWork, n}));
   std::vector<int64_t> bounds{0};
   int64_t acc = 0, c = 1;
   for (int64_t u = 0; u < n && c < chunks; ++u) {
     acc += work[u];
     while (c < chunks && acc * chunks >= total * c) {
-      bounds.push_back(u + 1);
+      if (bounds.back() != u + 1) bounds.push_back(u + 1);  // a unit heavier than a chunk: no empty chunks
       ++c;
     }
   }
-  while (static_cast<int64_t>(bounds.size()) <= chunks) bounds.push_back(n);
-  bounds.back() = n;
+  if (bounds.back() != n) bounds.push_back(n);
   return bounds;
 }
 
-// body(first_unit, end_unit) once per chunk, the chunks on torch's intra-op threads (one each).
+// body(first_unit, end_unit) once per chunk, on torch's intra-op threads, each taking the next chunk when done.
 template <typename F>
 static void run_chunks(const std::vector<int64_t>& bounds, const F& body) {
   const int64_t chunks = static_cast<int64_t>(bounds.size()) - 1;
-  if (chunks <= 1) {
-    body(bounds[0], bounds[1]);
+  const int64_t threads = std::min(threads_now(), chunks);
+#ifdef _OPENMP
+  if (threads > 1) {
+    std::atomic<int64_t> next{0};
+#pragma omp parallel num_threads(static_cast<int>(threads))
+    for (int64_t c = next++; c < chunks; c = next++) body(bounds[c], bounds[c + 1]);
     return;
   }
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) body(bounds[c], bounds[c + 1]);
-  });
+#endif
+  for (int64_t c = 0; c < chunks; ++c) body(bounds[c], bounds[c + 1]);
 }
 
 // out (n_rows x nb*r) = x @ W.T + b, over row blocks in chunks of equal work; xt / xt_tail as one_block's.
@@ -393,23 +404,25 @@ static std::vector<int64_t> slice_bounds(const Packed& p, int64_t gates, int64_t
 // step(s, first_slice, end_slice) for s = 0..T-1, each thread its chunk of slices, in ONE parallel region for the
 // whole sequence with a barrier between steps (every slice of step s+1 reads the whole state of step s). A region
 // per step cost more than a 512-wide LSTM step's own work here: 2 threads ran slower than 1 (2026-12).
+// Within a step the threads take chunks dynamically, as run_chunks does.
 template <typename Step>
 static void run_steps(const std::vector<int64_t>& bounds, int64_t T, const Step& step) {
   const int64_t chunks = static_cast<int64_t>(bounds.size()) - 1;
+  const int64_t threads = std::min(threads_now(), chunks);
 #ifdef _OPENMP
-  if (chunks > 1) {
-#pragma omp parallel num_threads(static_cast<int>(chunks))
-    {
-      const int64_t me = omp_get_thread_num(), team = omp_get_num_threads();  // the runtime may give fewer
-      for (int64_t s = 0; s < T; ++s) {
-        for (int64_t c = me; c < chunks; c += team) step(s, bounds[c], bounds[c + 1]);
+  if (threads > 1) {
+    std::unique_ptr<std::atomic<int64_t>[]> next(new std::atomic<int64_t>[T]);
+    for (int64_t s = 0; s < T; ++s) next[s] = 0;
+#pragma omp parallel num_threads(static_cast<int>(threads))
+    for (int64_t s = 0; s < T; ++s) {
+      for (int64_t c = next[s]++; c < chunks; c = next[s]++) step(s, bounds[c], bounds[c + 1]);
 #pragma omp barrier
-      }
     }
     return;
   }
 #endif
-  for (int64_t s = 0; s < T; ++s) step(s, bounds[0], bounds[chunks]);
+  for (int64_t s = 0; s < T; ++s)
+    for (int64_t c = 0; c < chunks; ++c) step(s, bounds[c], bounds[c + 1]);
 }
 
 // The state for the tiled product: two transposed copies (H x N), step s reading one while each thread writes its
