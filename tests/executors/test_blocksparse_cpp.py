@@ -113,6 +113,8 @@ def close(a, b) -> None:
         ("lstm", 128, 16, 16),
         ("gru", 24, 16, 8),
         ("lstm", 20, 8, 4),
+        ("gru", 40, 8, 8),  # r = 8: the 8-row tiles, and slices whose units are not whole 16-wide tiles
+        ("lstm", 120, 8, 8),
     ],
 )
 def test_compiled_candidates_equal_the_masked_dense_layer(ext, threads, n_threads, kind, hidden, rows, pruned_rows):
@@ -210,6 +212,48 @@ def test_kernel_arguments_follow_the_buffers(ext):
     close(fast(x), second(x))
     fast.matrix.values0 = fast.matrix.values0 * 2  # a reassigned buffer
     close(fast(x), 2 * (second(x) - second.bias) + second.bias)
+    with torch.no_grad():
+        fast.matrix.values0.mul_(0.5)  # written in place: seen too
+    close(fast(x), second(x))
+
+
+def test_a_replaced_pattern_is_read_with_its_own_counts(ext):
+    """Buffers replaced by another pattern with more kept columns: the counts are derived again (reading the
+    old counts would run past each row block)."""
+    sparse = pruned(nn.Linear(64, 32), (16, 1), compression=8)
+    denser = copy.deepcopy(sparse)
+    with torch.no_grad():
+        denser.weight.copy_(torch.randn(32, 64))
+    fast = BlockSparseLinear.from_dense(sparse, block_rows=16, impl="cpp")
+    x = torch.randn(3, 64)
+    close(fast(x), sparse(x))
+    other = BlockSparseLinear.from_dense(denser, block_rows=16, impl="cpp").matrix
+    fast.matrix.index0, fast.matrix.values0 = other.index0, other.values0
+    close(fast(x), denser(x))
+
+
+def test_a_pickle_leaves_the_kernel_arguments_out(ext):
+    fast = BlockSparseLinear.from_dense(pruned(nn.Linear(64, 32), (16, 1)), block_rows=16, impl="cpp")
+    fast(torch.randn(2, 64))
+    assert "_kernel_args" in fast.matrix.__dict__ and "_kernel_args" not in fast.matrix.__getstate__()
+
+
+@pytest.mark.parametrize("cls", [nn.GRU, nn.LSTM])
+def test_evenly_pruned_sequences_read_the_saved_layout(ext, threads, cls):
+    """Row blocks with equal column counts (per-block pruning): the kernel reads the padded buffer itself."""
+    torch.set_num_threads(2)
+    dense = cls(64, 64, bidirectional=True).eval()
+    gates = 3 if cls is nn.GRU else 4
+    with torch.no_grad():
+        for name, param in dense.named_parameters():
+            if name.startswith("weight"):
+                param.copy_(Block(compression=4, block=(16, 4), per_block=True, gates=gates).project(param))
+    fast = candidates(dense, block_rows=16, name="rnn")["cpp"]
+    matrices = [m for m in fast.modules() if isinstance(m, BlockSparseMatrix)]
+    assert all(blocksparse_cpp.packed(m)[1].data_ptr() == m.values0.data_ptr() for m in matrices)
+    x = torch.randn(6, 20, 64)
+    with torch.inference_mode():
+        close(fast(x), dense(x))
 
 
 def test_hooks_on_the_inner_matrix_still_run(ext):

@@ -142,6 +142,12 @@ class BlockSparseMatrix(nn.Module):
         if self.n_buckets == 1:  # the compiled kernel skips each block's padding: derived, so not saved
             self.register_buffer("counts0", blocksparse_cpp.counts_of(self.index0, self.values0), persistent=False)
 
+    def __getstate__(self) -> dict:
+        """Pickled without the compiled kernel's arguments (derived copies, rebuilt on the first call)."""
+        state = super().__getstate__()
+        state.pop("_kernel_args", None)
+        return state
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if self._buffers.get("counts0") is not None:  # the loaded pattern's kept columns, not the old ones

@@ -40,7 +40,7 @@ import torch
 
 from admmcompress.timing import cpu_model
 
-VERSION = 8  # bump when SOURCE or the build flags change: the extension's cache name changes with it
+VERSION = 9  # bump when SOURCE or the build flags change: the extension's cache name changes with it
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -442,6 +442,28 @@ struct TransposedState {
   }
 };
 
+// The fused loop GRU and LSTM share: at step s each thread's hidden slices get their GATES row blocks of the
+// hidden product (into gh), then cell(n, gi row, gh row, previous state row, new state row, u0, u1) updates units
+// [u0, u1) of input n. The new state is written straight into out[t] (the next step's previous state).
+template <int GATES, typename Cell>
+static void fused_sequence(const Packed& p, const float* gip, const float* h0p, float* outp, int64_t T, int64_t N,
+                           int64_t H, bool reverse, float* ghp, const Cell& cell) {
+  const int64_t S = H / p.r, G = GATES * H;
+  TransposedState ht(tiles(p.r, N), h0p, N, H);
+  run_steps(slice_bounds(p, GATES, S, N), T, [&](int64_t s, int64_t s0, int64_t s1) {
+    const int64_t t = reverse ? T - 1 - s : s;
+    const float* hprev = s == 0 ? h0p : outp + (reverse ? t + 1 : t - 1) * N * H;
+    float* hnew = outp + t * N * H;
+    const float* git = gip + t * N * G;
+    for (int64_t sl = s0; sl < s1; ++sl) {
+      for (int64_t g = 0; g < GATES; ++g) one_block(p, g * S + sl, hprev, N, H, ghp, G, ht.at(s));
+      for (int64_t n = 0; n < N; ++n)
+        cell(n, git + n * G, ghp + n * G, hprev + n * H, hnew + n * H, sl * p.r, (sl + 1) * p.r);
+    }
+    ht.write(s, hnew, s0 * p.r, s1 * p.r);
+  });
+}
+
 // GRU over gi (T, N, 3H) (input part incl. b_ih), h0 (N, H); the hidden product is block-sparse.
 std::vector<torch::Tensor> gru_sequence(torch::Tensor gi, torch::Tensor h0, torch::Tensor index,
                                         torch::Tensor values, torch::Tensor offsets, torch::Tensor counts,
@@ -465,35 +487,16 @@ std::vector<torch::Tensor> gru_sequence(torch::Tensor gi, torch::Tensor h0, torc
     }
     return {out, h};
   }
-  const int64_t S = H / p.r, G = 3 * H;
-  const auto bounds = slice_bounds(p, 3, S, N);
-  const float* h0p = h.data_ptr<float>();
-  float* outp = out.data_ptr<float>();
-  TransposedState ht(tiles(p.r, N), h0p, N, H);
-  float* ghp = gh.data_ptr<float>();
-  const float* gip = gi.data_ptr<float>();
-  run_steps(bounds, T, [&](int64_t s, int64_t s0, int64_t s1) {
-    const int64_t t = reverse ? T - 1 - s : s;
-    const float* hprev = s == 0 ? h0p : outp + (reverse ? t + 1 : t - 1) * N * H;
-    float* hnew = outp + t * N * H;  // out[t] is the next step's state: no copy
-    const float* git = gip + t * N * G;
-    for (int64_t sl = s0; sl < s1; ++sl) {
-      for (int64_t g = 0; g < 3; ++g) one_block(p, g * S + sl, hprev, N, H, ghp, G, ht.at(s));
-      for (int64_t n = 0; n < N; ++n) {
-        const float* a = git + n * G;
-        const float* b = ghp + n * G;
-        const float* hp = hprev + n * H;
-        float* hn = hnew + n * H;
+  fused_sequence<3>(p, gi.data_ptr<float>(), h.data_ptr<float>(), out.data_ptr<float>(), T, N, H, reverse,
+                    gh.data_ptr<float>(), [&](int64_t, const float* a, const float* b, const float* hp, float* hn,
+                                              int64_t u0, int64_t u1) {
 #pragma omp simd
-        for (int64_t u = sl * p.r; u < (sl + 1) * p.r; ++u) {
-          const float rg = sigmoid_f(a[u] + b[u]);
-          const float z = sigmoid_f(a[H + u] + b[H + u]);
-          const float c = tanh_f(a[2 * H + u] + rg * b[2 * H + u]);
-          hn[u] = c + z * (hp[u] - c);
-        }
-      }
+    for (int64_t u = u0; u < u1; ++u) {
+      const float rg = sigmoid_f(a[u] + b[u]);
+      const float z = sigmoid_f(a[H + u] + b[H + u]);
+      const float c = tanh_f(a[2 * H + u] + rg * b[2 * H + u]);
+      hn[u] = c + z * (hp[u] - c);
     }
-    ht.write(s, hnew, s0 * p.r, s1 * p.r);
   });
   const int64_t last = reverse ? 0 : T - 1;
   return {out, out[last].clone()};
@@ -523,39 +526,21 @@ std::vector<torch::Tensor> lstm_sequence(torch::Tensor gi, torch::Tensor h0, tor
     }
     return {out, h, c};
   }
-  const int64_t S = H / p.r, G = 4 * H;
-  const auto bounds = slice_bounds(p, 4, S, N);
-  const float* h0p = h.data_ptr<float>();
-  float* outp = out.data_ptr<float>();
-  TransposedState ht(tiles(p.r, N), h0p, N, H);
-  float* cp = c.data_ptr<float>();  // each slice's cells are read and written by its own thread only
-  float* ghp = gh.data_ptr<float>();
-  const float* gip = gi.data_ptr<float>();
-  run_steps(bounds, T, [&](int64_t s, int64_t s0, int64_t s1) {
-    const int64_t t = reverse ? T - 1 - s : s;
-    const float* hprev = s == 0 ? h0p : outp + (reverse ? t + 1 : t - 1) * N * H;
-    float* hnew = outp + t * N * H;
-    const float* git = gip + t * N * G;
-    for (int64_t sl = s0; sl < s1; ++sl) {
-      for (int64_t g = 0; g < 4; ++g) one_block(p, g * S + sl, hprev, N, H, ghp, G, ht.at(s));
-      for (int64_t n = 0; n < N; ++n) {
-        const float* a = git + n * G;
-        const float* b = ghp + n * G;
-        float* cn = cp + n * H;
-        float* hn = hnew + n * H;
+  float* cp = c.data_ptr<float>();  // a unit's cell: one thread per step (the barrier orders the steps)
+  fused_sequence<4>(p, gi.data_ptr<float>(), h.data_ptr<float>(), out.data_ptr<float>(), T, N, H, reverse,
+                    gh.data_ptr<float>(), [&](int64_t n, const float* a, const float* b, const float*, float* hn,
+                                              int64_t u0, int64_t u1) {
+    float* cn = cp + n * H;
 #pragma omp simd
-        for (int64_t u = sl * p.r; u < (sl + 1) * p.r; ++u) {
-          const float i = sigmoid_f(a[u] + b[u]);
-          const float f = sigmoid_f(a[H + u] + b[H + u]);
-          const float g = tanh_f(a[2 * H + u] + b[2 * H + u]);
-          const float o = sigmoid_f(a[3 * H + u] + b[3 * H + u]);
-          const float cell = f * cn[u] + i * g;
-          cn[u] = cell;
-          hn[u] = o * tanh_f(cell);
-        }
-      }
+    for (int64_t u = u0; u < u1; ++u) {
+      const float i = sigmoid_f(a[u] + b[u]);
+      const float f = sigmoid_f(a[H + u] + b[H + u]);
+      const float g = tanh_f(a[2 * H + u] + b[2 * H + u]);
+      const float o = sigmoid_f(a[3 * H + u] + b[3 * H + u]);
+      const float cell = f * cn[u] + i * g;
+      cn[u] = cell;
+      hn[u] = o * tanh_f(cell);
     }
-    ht.write(s, hnew, s0 * p.r, s1 * p.r);
   });
   const int64_t last = reverse ? 0 : T - 1;
   return {out, out[last].clone(), c};
@@ -676,6 +661,14 @@ def counts_of(index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 COMPACT_ABOVE = 0.05
 
 
+def _version(tensor: torch.Tensor) -> int:
+    """The tensor's in-place write counter (0 for inference tensors, which have none and cannot be written)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return 0
+
+
 def packed(
     matrix: torch.nn.Module,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -685,19 +678,18 @@ def packed(
     ``values[offsets[b]:][:counts[b]]`` (``(slots, r)``); ``bias`` is flattened (empty when there is none).
     ``values`` is the saved buffer ``values0`` itself, or a copy without its padding (``COMPACT_ABOVE``).
 
-    ``counts`` is the matrix's ``counts0`` buffer (kept at packing and after ``load_state_dict``; derived here
-    for a matrix pickled before it existed): write ``values0`` in place and it goes stale. The arguments are
-    kept on the matrix while its buffers are the same tensors (``.to()``, ``load_state_dict`` or a reassigned
-    buffer rebuilds them): at batch 1 the product takes microseconds.
+    The arguments are kept on the matrix (not saved) and rebuilt, with the kept-column counts (``counts0``),
+    whenever ``index0``, ``values0`` or ``bias0`` is another tensor or was written in place: at batch 1 the
+    product takes microseconds, so they are not rebuilt per call.
     """
     buffers = matrix._buffers
-    index, values, counts, bias = buffers["index0"], buffers["values0"], buffers.get("counts0"), buffers["bias0"]
+    index, values, bias = buffers["index0"], buffers["values0"], buffers["bias0"]
+    versions = (_version(index), _version(values), -1 if bias is None else _version(bias))
     kept = matrix.__dict__.get("_kernel_args")
-    if kept is not None and kept[0] is index and kept[1] is values and kept[2] is counts and kept[3] is bias:
+    if kept is not None and kept[0] is index and kept[1] is values and kept[2] is bias and kept[3] == versions:
         return kept[4]
-    if counts is None:
-        counts = counts_of(index, values)
-        matrix.register_buffer("counts0", counts, persistent=False)
+    counts = counts_of(index, values)  # derived again: a new pattern must not be read with old counts
+    matrix.register_buffer("counts0", counts, persistent=False)
     blocks, slots, r = values.shape
     flat = bias.reshape(-1) if bias is not None else values.new_empty(0)
     if int(counts.sum()) < (1.0 - COMPACT_ABOVE) * blocks * slots:
@@ -712,7 +704,7 @@ def packed(
     else:
         offsets = torch.arange(blocks, dtype=torch.int64, device=counts.device) * slots
         args = (index.to(torch.int32).contiguous(), values.view(blocks * slots, r), offsets, counts, flat)
-    matrix.__dict__["_kernel_args"] = (index, values, counts, bias, args)  # not a buffer: never saved
+    matrix.__dict__["_kernel_args"] = (index, values, bias, versions, args)  # not a buffer, not pickled
     return args
 
 
