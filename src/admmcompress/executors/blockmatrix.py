@@ -139,8 +139,6 @@ class BlockSparseMatrix(nn.Module):
             self.register_buffer(f"bias{b}", block_bias)  # (blocks, 1, r)
         self.register_buffer("unpermute", torch.argsort(torch.cat(chunks)) if self.n_buckets > 1 else None)
         self.stored_columns = sum(int(getattr(self, f"index{b}").numel()) for b in range(self.n_buckets))
-        if self.n_buckets == 1:  # the compiled kernel skips each block's padding: derived, so not saved
-            self.register_buffer("counts0", blocksparse_cpp.counts_of(self.index0, self.values0), persistent=False)
 
     def __getstate__(self) -> dict:
         """Pickled without the compiled kernel's arguments (derived copies, rebuilt on the first call)."""
@@ -148,10 +146,14 @@ class BlockSparseMatrix(nn.Module):
         state.pop("_kernel_args", None)
         return state
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if self._buffers.get("counts0") is not None:  # the loaded pattern's kept columns, not the old ones
-            self.counts0 = blocksparse_cpp.counts_of(self.index0, self.values0)
+    @property
+    def counts0(self) -> torch.Tensor | None:
+        """Each row block's kept columns, what the compiled kernel reads (one bucket only; else ``None``).
+
+        Derived from the saved buffers through the kernel's cached arguments, so it follows
+        ``load_state_dict`` and in-place writes and is never saved.
+        """
+        return blocksparse_cpp.packed(self)[3] if self.n_buckets == 1 else None
 
     @property
     def stored_values(self) -> int:

@@ -678,7 +678,7 @@ def packed(
     ``values[offsets[b]:][:counts[b]]`` (``(slots, r)``); ``bias`` is flattened (empty when there is none).
     ``values`` is the saved buffer ``values0`` itself, or a copy without its padding (``COMPACT_ABOVE``).
 
-    The arguments are kept on the matrix (not saved) and rebuilt, with the kept-column counts (``counts0``),
+    The arguments are kept on the matrix (not saved) and rebuilt, the kept-column counts included,
     whenever ``index0``, ``values0`` or ``bias0`` is another tensor or was written in place: at batch 1 the
     product takes microseconds, so they are not rebuilt per call.
     """
@@ -689,7 +689,6 @@ def packed(
     if kept is not None and kept[0] is index and kept[1] is values and kept[2] is bias and kept[3] == versions:
         return kept[4]
     counts = counts_of(index, values)  # derived again: a new pattern must not be read with old counts
-    matrix.register_buffer("counts0", counts, persistent=False)
     blocks, slots, r = values.shape
     flat = bias.reshape(-1) if bias is not None else values.new_empty(0)
     if int(counts.sum()) < (1.0 - COMPACT_ABOVE) * blocks * slots:
