@@ -4,12 +4,18 @@
     python benchmarks/quantization_cifar.py --only fp4 prune70_binary
     python benchmarks/quantization_cifar.py --summary           # the markdown table, no training
 
-Every setting starts from the dense ResNet-20 of ``benchmarks/structured_cifar.py dense``
-(``runs/structured_cifar/resnet20_dense.safetensors``) and uses the same data: the first
-``--train-limit`` (10,000) training images of ``cifar10_jpeg.npz`` with the library's augmentation
+Every setting starts from ``--dense`` (default: the shipped 88.39% ResNet-20,
+``checkpoints/resnet20_cifar10_dense.safetensors``) and uses the same data: the first ``--train-limit``
+training images of ``cifar10_jpeg.npz`` (0: all 50,000) with the library's augmentation
 (``Augment(shift=4, hflip=True)``, per image), all 10,000 test images; training runs on
-``admmcompress.train.loop.train_epoch``. CPU is scarce: the schedules are short, the dense model is
-under-trained (56.76%), read the accuracies relative to it.
+``admmcompress.train.loop.train_epoch`` (``--fast``: bf16 autocast + channels_last; ``--label-smoothing``).
+CPU is scarce: the schedules are short; read the accuracies relative to the dense model. ``--seed`` sets every
+phase's data order (one run per seed; ``--summary`` gives mean +- sd over seeds). ``--equal-budget`` gives the
+unpruned settings the pruning stage's epochs too (plain training of the dense model, cached per seed), so every
+setting trains as long.
+
+    python benchmarks/quantization_cifar.py --train-limit 0 --fast --label-smoothing 0.1 --equal-budget \
+        --seed 0 --out runs/quantization_cifar_full     # the issue-18 protocol, one seed
 
 Settings: {``fp4`` fixed point 4 bits, ``fp2`` fixed point 2 bits, ``binary``} x {no pruning,
 ``prune70_``: unstructured pruning first}. **Every** Conv2d and Linear weight is quantized, the first
@@ -43,6 +49,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -61,14 +68,17 @@ from admmcompress.train import checkpoint as ckpt
 from admmcompress.train.loop import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
-DENSE = ROOT / "runs" / "structured_cifar" / "resnet20_dense.safetensors"
+DENSE = ROOT / "checkpoints" / "resnet20_cifar10_dense.safetensors"  # the shipped 88.39% model
 QUANTIZERS = {"fp4": lambda: FixedPoint(bits=4), "fp2": lambda: FixedPoint(bits=2), "binary": Binary}
 PRUNE_PREFIX = "prune70_"
 SETTINGS = [*QUANTIZERS, *(PRUNE_PREFIX + q for q in QUANTIZERS)]
 
 
-def sgd_epochs(model, train, epochs, *, log, admm=None, masks=None, seed=0) -> None:
-    """The one optimizer recipe of this benchmark (see the module docstring)."""
+def sgd_epochs(model, train, epochs, *, log, admm=None, masks=None, seed=0, args=None, schedule=None) -> None:
+    """The one optimizer recipe of this benchmark (see the module docstring).
+
+    ``seed`` picks the phase's data order; the run's ``--seed`` shifts every phase's (``args.seed * 100``).
+    """
     steps = (len(train.y) + CIFAR_BATCH - 1) // CIFAR_BATCH
     cifar_sgd(
         model,
@@ -78,9 +88,11 @@ def sgd_epochs(model, train, epochs, *, log, admm=None, masks=None, seed=0) -> N
         every=max(1, steps // 4) if admm is not None else None,
         on_every=(lambda: _log_residual(admm, log)) if admm is not None else None,
         masks=masks,
-        schedule="constant" if admm is not None else "cosine",
-        seed=seed,
+        schedule=schedule or ("constant" if admm is not None else "cosine"),
+        seed=seed + 100 * getattr(args, "seed", 0),
         log=log,
+        fast=getattr(args, "fast", False),
+        label_smoothing=getattr(args, "label_smoothing", 0.0),
     )
 
 
@@ -127,8 +139,8 @@ def residual_summary(history: list[dict]) -> dict:
 def prune(args, train, test, log) -> tuple[torch.nn.Module, MaskSet, dict]:
     """The shared pruning stage (cached in ``--out``): ADMM unstructured, hard prune, masked retrain."""
     out = Path(args.out)
-    weights, mask_file, info_file = (out / f"pruned{args.prune_sparsity}{s}" for s in
-                                     (".safetensors", "_masks.safetensors", ".json"))
+    tag = f"pruned{args.prune_sparsity}" + (f"_seed{args.seed}" if getattr(args, "seed", 0) else "")
+    weights, mask_file, info_file = (out / f"{tag}{s}" for s in (".safetensors", "_masks.safetensors", ".json"))
     model = load_dense(Path(args.dense))
     if weights.is_file() and mask_file.is_file() and info_file.is_file():
         ckpt.load_weights(model, weights)
@@ -138,11 +150,11 @@ def prune(args, train, test, log) -> tuple[torch.nn.Module, MaskSet, dict]:
     targets = prune_plan(args.prune_sparsity).resolve(model)
     admm = ADMM(model, targets, rho=RhoSchedule(initial=args.rho, growth=1.0, maximum=args.rho))
     log(f"pruning stage: ADMM unstructured {args.prune_sparsity} on {len(targets)} convs")
-    sgd_epochs(model, train, args.prune_admm_epochs, log=log, admm=admm)
+    sgd_epochs(model, train, args.prune_admm_epochs, log=log, admm=admm, args=args)
     info = {"accuracy_before_hard_prune": evaluate(model, test)}
     masks = admm.finalize()
     info["accuracy_after_hard_prune"] = evaluate(model, test)
-    sgd_epochs(model, train, args.prune_retrain_epochs, log=log, masks=masks, seed=1)
+    sgd_epochs(model, train, args.prune_retrain_epochs, log=log, masks=masks, seed=1, args=args)
     info.update(
         accuracy=evaluate(model, test),
         residuals=residual_summary(admm.history),
@@ -158,6 +170,32 @@ def prune(args, train, test, log) -> tuple[torch.nn.Module, MaskSet, dict]:
     return model, masks, info
 
 
+def continued_dense(args, train, test, log) -> tuple[torch.nn.Module, dict]:
+    """``--equal-budget``: the dense model trained as long as the pruning stage, on its schedule, without pruning.
+
+    The unpruned settings start from it, so pruned and unpruned settings get the same number of training steps
+    (without it, the pruned settings had three more epochs: worth about a point on an under-trained model).
+    Cached in ``--out`` per seed, like the pruning stage.
+    """
+    path = Path(args.out) / f"continued_dense_seed{args.seed}.safetensors"
+    info_file = path.with_suffix(".json")
+    model = load_dense(Path(args.dense))
+    if path.is_file() and info_file.is_file():
+        ckpt.load_weights(model, path)
+        log(f"continued dense: cached {path.name}")
+        return model, json.loads(info_file.read_text())
+    start = time.perf_counter()
+    sgd_epochs(model, train, args.prune_admm_epochs, log=log, args=args, schedule="constant")
+    sgd_epochs(model, train, args.prune_retrain_epochs, log=log, seed=1, args=args)
+    info = {"accuracy": evaluate(model, test), "seconds": round(time.perf_counter() - start),
+            "epochs": args.prune_admm_epochs + args.prune_retrain_epochs}
+    log(f"continued dense: {info}")
+    if not args.no_cache:
+        ckpt.save_tensors(path, model.state_dict())
+        info_file.write_text(json.dumps(info, indent=1))
+    return model, info
+
+
 def run_setting(name: str, args, train, test, dense_accuracy: float, log) -> dict:
     """One setting end to end; returns its record."""
     kind = name.removeprefix(PRUNE_PREFIX)
@@ -166,23 +204,27 @@ def run_setting(name: str, args, train, test, dense_accuracy: float, log) -> dic
     masks = None
     if name.startswith(PRUNE_PREFIX):
         model, masks, record["pruning"] = prune(args, train, test, log)
+    elif getattr(args, "equal_budget", False):
+        model, record["continued_dense"] = continued_dense(args, train, test, log)
     else:
         model = load_dense(Path(args.dense))
+    record["seed"] = getattr(args, "seed", 0)
     quant_start = time.perf_counter()
     targets = quant_plan(kind).resolve(model)
     admm = ADMM(
         model, targets, rho=RhoSchedule(initial=args.rho, growth=1.0, maximum=args.rho), frozen=masks
     )
     log(f"{name}: ADMM {kind} on {len(targets)} weights (first conv and classifier included)")
-    sgd_epochs(model, train, args.admm_epochs, log=log, admm=admm, masks=masks)
+    sgd_epochs(model, train, args.admm_epochs, log=log, admm=admm, masks=masks, args=args)
     record["accuracy_before_hard_quantize"] = evaluate(model, test)
     held = admm.finalize()  # hard prune (pruning masks kept) + hard quantize -> QuantizedMaskSet
     record["accuracy_after_hard_quantize"] = evaluate(model, test)
     snapshot = {n: model.get_parameter(n).detach().clone() for n in held.held}
-    sgd_epochs(model, train, args.retrain_epochs, log=log, masks=held, seed=1)
+    sgd_epochs(model, train, args.retrain_epochs, log=log, masks=held, seed=1, args=args)
     record["accuracy"] = evaluate(model, test)
     record["held_unchanged"] = all(torch.equal(model.get_parameter(n), w) for n, w in snapshot.items())
-    ckpt.save_tensors(Path(args.out) / f"{name}.safetensors", {**model.state_dict(), **held.state_dict()})
+    suffix = f"_seed{record['seed']}" if record["seed"] else ""
+    ckpt.save_tensors(Path(args.out) / f"{name}{suffix}.safetensors", {**model.state_dict(), **held.state_dict()})
     report = storage(model)  # conv/linear weights; BatchNorm scales go to 'other' by default
     record.update(
         quant_seconds=round(time.perf_counter() - quant_start),
@@ -206,34 +248,43 @@ def run_setting(name: str, args, train, test, dense_accuracy: float, log) -> dic
 
 
 def summary(out: Path) -> str:
+    """Mean +- sd over seeds per setting (the last run of each setting and seed)."""
     path = out / "results.jsonl"
     if not path.is_file():
         return f"no results in {path}"
-    latest = {}
+    latest: dict[tuple[str, int], dict] = {}
     for line in path.read_text().splitlines():
         if line.strip():
             r = json.loads(line)
-            latest[r["setting"]] = r  # the last run of each setting
+            latest[r["setting"], r.get("seed", 0)] = r
     lines = [
-        "| setting | dense | after hard quantization | after retrain (held) | drop | weight reduction | "
-        "paper-style storage | honest storage (best per layer) | ADMM residual first -> last (mean) | wall time |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| setting | dense | start of quantization | after hard quantization | after retrain (held), mean +- sd "
+        "(seeds) | drop | weight reduction | paper-style storage | honest storage (best per layer) | "
+        "ADMM residual first -> last (mean) | wall time |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name in [s for s in SETTINGS if s in latest]:
-        r = latest[name]
-        res = r["residuals"]
-        pruning = r.get("pruning")
-        wall = f"{r['quant_seconds']} s" + (f" (+ {pruning['seconds']} s pruning)" if pruning else "")
+    for name in SETTINGS:
+        rs = [r for (n, _), r in sorted(latest.items()) if n == name]
+        if not rs:
+            continue
+        r = rs[-1]
+        acc = [x["accuracy"] for x in rs]
+        sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
+        start = [x.get("pruning", x.get("continued_dense", {})).get("accuracy", x["dense_accuracy"]) for x in rs]
+        pre = sum(x.get("pruning", x.get("continued_dense", {})).get("seconds", 0) for x in rs) / len(rs)
+        wall = f"{sum(x['quant_seconds'] for x in rs) / len(rs):.0f} s" + (f" (+ {pre:.0f} s)" if pre else "")
+        mean = statistics.mean(acc)
         lines.append(
-            f"| {name} | {r['dense_accuracy']:.2f}% | {r['accuracy_after_hard_quantize']:.2f}% | "
-            f"**{r['accuracy']:.2f}%** | {r['accuracy'] - r['dense_accuracy']:+.2f} | {r['weight_reduction']:.2f}x | "
-            f"{r['paper_storage']:.1f}x | **{r['honest_storage']:.1f}x** | "
-            f"{res['mean_first']:.3f} -> {res['mean_last']:.3f} | {wall} |"
+            f"| {name} | {r['dense_accuracy']:.2f}% | {statistics.mean(start):.2f}% | "
+            f"{statistics.mean(x['accuracy_after_hard_quantize'] for x in rs):.2f}% | "
+            f"**{mean:.2f} +- {sd:.2f}%** ({len(rs)}) | {mean - r['dense_accuracy']:+.2f} | "
+            f"{r['weight_reduction']:.2f}x | {r['paper_storage']:.1f}x | **{r['honest_storage']:.1f}x** | "
+            f"{r['residuals']['mean_first']:.3f} -> {r['residuals']['mean_last']:.3f} | {wall} |"
         )
-    pruned = [latest[n]["pruning"] for n in SETTINGS if n in latest and "pruning" in latest[n]]
+    pruned = [r["pruning"] for (n, _), r in sorted(latest.items()) if "pruning" in r]
     if pruned:
         p = pruned[0]
-        lines += ["", f"Pruning stage (shared): {p['accuracy_before_hard_prune']:.2f}% -> hard prune "
+        lines += ["", f"Pruning stage (first seed): {p['accuracy_before_hard_prune']:.2f}% -> hard prune "
                   f"{p['accuracy_after_hard_prune']:.2f}% -> masked retrain {p['accuracy']:.2f}%; residual "
                   f"{p['residuals']['mean_first']:.3f} -> {p['residuals']['mean_last']:.3f}; {p['seconds']} s"]
     return "\n".join(lines)
@@ -244,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="+", choices=SETTINGS, default=SETTINGS)
     parser.add_argument("--summary", action="store_true", help="print the markdown table and exit")
     parser.add_argument("--dense", default=str(DENSE))
-    parser.add_argument("--train-limit", type=int, default=10000)
+    parser.add_argument("--train-limit", type=int, default=10000, help="first N training images (0: all)")
     parser.add_argument("--test-limit", type=int, default=None)
     parser.add_argument("--admm-epochs", type=int, default=2)
     parser.add_argument("--retrain-epochs", type=int, default=1)
@@ -254,6 +305,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rho", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-cache", action="store_true", help="do not store the pruned model")
+    parser.add_argument("--seed", type=int, default=0, help="data order and augmentation of every phase")
+    parser.add_argument("--fast", action="store_true", help="bf16 autocast + channels_last training")
+    parser.add_argument("--label-smoothing", type=float, default=0.0)
+    parser.add_argument("--equal-budget", action="store_true",
+                        help="unpruned settings first train the dense model as long as the pruning stage")
     parser.add_argument("--out", default=str(ROOT / "runs" / "quantization_cifar"))
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -267,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
 
     command = "nice -n 5 " + command_line()
     log(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} | {machine()}\n# {command}")
-    train = load_dataset("cifar10", "train", limit=args.train_limit)
+    train = load_dataset("cifar10", "train", limit=args.train_limit or None)
     test = load_dataset("cifar10", "test", limit=args.test_limit)
     dense_accuracy = evaluate(load_dense(Path(args.dense)), test)
     log(f"dense ResNet-20: {dense_accuracy:.2f}%")

@@ -18,9 +18,10 @@ Methods, all on the same plan (rows = coupled filters, columns) and the same MAC
 - ``tp_global``: Torch-Pruning's global magnitude ranking gives the filter rates; one-shot magnitude pruning and
   retraining for the driving + retraining epochs.
 
-Every model is compacted (channels removed; column executor on, which counts the MACs; ResNet-20 is timed with the
-column executor only where it measured faster) and its batch-1 latency timed with the others, interleaved (``admmcompress.timing``). Per run: accuracy, MACs, parameters, latency, the wall time of the
-allocation + training, and for ``auto`` the share of pruned groups zeroed by the soft threshold vs cut by the
+Every model is compacted (channels removed; the column executor on counts the MACs; ResNet-20 is timed with the
+column executor only where it measured faster) and its batch-1 latency timed with the others, interleaved
+(``admmcompress.timing``). Per run: accuracy, MACs, parameters, latency, the wall time of the allocation +
+training, and for ``auto`` the share of pruned groups zeroed by the soft threshold vs cut by the
 final top-k, the rates plot and the rates as a plan YAML (reruns with any driver).
 """
 

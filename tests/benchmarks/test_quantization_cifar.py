@@ -2,6 +2,7 @@
 
 import argparse
 import importlib
+import json
 import sys
 from pathlib import Path
 
@@ -45,3 +46,26 @@ def test_setting_runs_and_holds_levels(bench, setting, tmp_path):
     else:
         assert record["weight_reduction"] == 1.0
     assert record["paper_storage"] >= record["honest_storage"] > 1
+
+
+@pytest.mark.filterwarnings("ignore:ADMM residual")
+def test_equal_budget_trains_the_unpruned_setting_as_long_and_summarizes_seeds(bench, tmp_path):
+    """``--equal-budget``: the unpruned setting starts from the dense model trained for the pruning stage's epochs."""
+    torch.manual_seed(0)
+    dense = tmp_path / "dense.safetensors"
+    ckpt.save_tensors(dense, create_model("resnet20").state_dict())
+    data = Split(torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,)))
+    records = []
+    for seed in (0, 1):
+        args = argparse.Namespace(
+            dense=str(dense), out=str(tmp_path), rho=1.0, admm_epochs=1, retrain_epochs=1, prune_sparsity=0.7,
+            prune_admm_epochs=1, prune_retrain_epochs=1, no_cache=False, seed=seed, equal_budget=True,
+        )
+        records.append(bench.run_setting("fp4", args, data, data, 10.0, lambda msg: None))
+    assert all(r["continued_dense"]["epochs"] == 2 for r in records)
+    assert (tmp_path / "continued_dense_seed1.safetensors").is_file()
+    assert [r["seed"] for r in records] == [0, 1]
+    with open(tmp_path / "results.jsonl", "w") as f:
+        f.write("\n".join(json.dumps(r) for r in records) + "\n")
+    table = bench.summary(tmp_path)
+    assert "| fp4 |" in table and "(2)" in table  # one row, two seeds
