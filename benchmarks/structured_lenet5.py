@@ -74,7 +74,7 @@ def run_stage(i, model, masks, train, test, x, args, log) -> tuple[MaskSet, dict
         every=max(1, steps // 4),
         on_every=admm.step,
         masks=masks if len(masks) else None,
-        seed=i,
+        seed=i + 1000 * args.seed,
         log=log,
     )
     residual = {k: round(v, 4) for k, v in admm.residuals().items()}
@@ -85,7 +85,7 @@ def run_stage(i, model, masks, train, test, x, args, log) -> tuple[MaskSet, dict
     after_purify = evaluate(model, test)
     log(f"  hard prune {hard:.2f}%, after purification/removal {after_purify:.2f}%\n" + report.describe())
     model.dropout.p = 0.5
-    fit(model, train, args.retrain_epochs, 1e-3, masks=masks, seed=100 + i, log=log)
+    fit(model, train, args.retrain_epochs, 1e-3, masks=masks, seed=100 + i + 1000 * args.seed, log=log)
     model.dropout.p = 0.0
     final = remove_unused_paths(model, x, masks)
     masks = final.masks
@@ -139,6 +139,7 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.02, help="purification: share of the mean kept norm")
     parser.add_argument("--train-limit", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0, help="data order of every phase (0: the recorded runs)")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--out", default=str(ROOT / "runs" / "structured_lenet5"))
     parser.add_argument("--summarize", action="store_true")
@@ -159,7 +160,7 @@ def main() -> None:
             log_file.flush()
 
         log(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} | {machine()}\n# {command_line()}")
-        torch.manual_seed(0)
+        torch.manual_seed(args.seed)
         train = load_dataset("mnist", "train", limit=args.train_limit)
         test = load_dataset("mnist", "test")
         x = test.x[:2]

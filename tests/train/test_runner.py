@@ -10,9 +10,12 @@ import torch
 
 from admmcompress import Filter, Plan, Unstructured, compress
 from admmcompress.data import load_dataset
+from admmcompress.finalize import MaskSet
 from admmcompress.models import LeNet300100
 from admmcompress.plan import PlanError
+from admmcompress.train import checkpoint as ckpt
 from admmcompress.train.config import RunConfig
+from admmcompress.train.loop import evaluate
 from admmcompress.train.runner import STATE_FILE, Runner
 
 pytestmark = pytest.mark.filterwarnings("ignore:ADMM residual:RuntimeWarning")
@@ -451,3 +454,22 @@ def test_unknown_quantized_weights_mode_is_refused():
     stage = {"plan": PLAN1, "retrain": {"quantized_weights": "float"}}
     with pytest.raises(ValueError, match=r"quantized_weights='float'; choose one of \('hold', 'ste'\)"):
         RunConfig.from_dict({"model": {"name": "lenet300100"}, "pretrain": {"epochs": 1}, "stages": [stage]})
+
+
+def test_save_stages_keeps_each_stage_result_and_a_run_continues_from_one(tmp_path, data):
+    """``save_stages``: stage N's weights and masks are written when it ends; stage 1's file is stage 1's model."""
+    spec = run_config(two_stages=True).to_dict()
+    spec["save_stages"] = True
+    config = RunConfig.from_dict(spec)
+    runner = Runner(config, fresh_model(), *data, out_dir=tmp_path, progress=False)
+    metrics = runner.run()
+    stage1 = fresh_model(seed=99)
+    ckpt.load_weights(stage1, tmp_path / "stages" / "stage1.safetensors")
+    masks1 = MaskSet.from_state_dict(ckpt.load_tensors(tmp_path / "stages" / "stage1_masks.safetensors"))
+    assert set(masks1.masks) == {"fc1.weight"} and float((stage1.fc1.weight == 0).float().mean()) >= 0.5
+    assert evaluate(stage1, data[1]) == pytest.approx(metrics["stages"][0]["accuracy_after_retrain"])
+    stage2 = fresh_model(seed=98)
+    ckpt.load_weights(stage2, tmp_path / "stages" / "stage2.safetensors")
+    assert_same_state(stage2, runner.model)
+    with pytest.raises(ValueError, match="save_stages='yes' must be true or false"):
+        RunConfig.from_dict({**spec, "save_stages": "yes"})

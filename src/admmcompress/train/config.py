@@ -456,6 +456,9 @@ class RunConfig:
     freeze_pretrained_zeros: bool = False
     # true (or a mapping of CompactRunConfig options): compact the model after the last stage.
     compact: CompactRunConfig | None = None
+    # Keep every stage's result, not only the last: each stage of a progressive run is a model at its own rate
+    # (stages/stage<N>.safetensors + stage<N>_masks.safetensors in the run folder).
+    save_stages: bool = False
     # Distillation teacher (same architecture): one checkpoint, or a list of them for an ensemble teacher
     # (mean of the members' logits); default: the model the first stage starts from.
     teacher: str | list[str] | None = None
@@ -514,6 +517,8 @@ class RunConfig:
         _positive(self.checkpoint_every_epochs, "checkpoint_every_epochs", integer=True)
         if not isinstance(self.freeze_pretrained_zeros, bool):
             raise ValueError(f"freeze_pretrained_zeros={self.freeze_pretrained_zeros!r} must be true or false")
+        if not isinstance(self.save_stages, bool):
+            raise ValueError(f"save_stages={self.save_stages!r} must be true or false")
         if self.freeze_pretrained_zeros and self.pretrained is None:
             raise ValueError("freeze_pretrained_zeros needs 'pretrained' (the pruned checkpoint to continue from)")
         distills = any(p.distill is not None for s in self.stages for p in (s.admm, s.retrain))

@@ -32,7 +32,7 @@ import yaml
 
 from admmcompress.atomic import atomic_write
 from admmcompress.train.config import RunConfig
-from admmcompress.train.runner import STATE_FILE, Phase
+from admmcompress.train.runner import STAGES_DIR, STATE_FILE, Phase
 
 CONFIG_FILE = "config.yaml"
 # Files and folders a run writes into its --out folder (what --overwrite removes, nothing else).
@@ -48,6 +48,7 @@ RUN_OUTPUTS = (
     "compact",
     "log.csv",
     "tensorboard",
+    STAGES_DIR,
 )
 FINAL_OUTPUTS = ("model.safetensors", "masks.safetensors", "metrics.json", "report.md")
 ALWAYS_SAFE = (

@@ -54,6 +54,7 @@ from admmcompress.train.loop import (
 from admmcompress.train.teacher import load_teacher
 
 STATE_FILE = "checkpoint.pt"
+STAGES_DIR = "stages"  # save_stages: every finished stage's model and masks
 
 
 class NonFiniteError(ValueError):
@@ -490,6 +491,18 @@ class Runner:
             stats = measure(self.model, self.layers())
             record["overall_compression"] = stats.overall_compression
             record["layers"] = {layer.name: layer.compression for layer in stats.layers}
+            if self.config.save_stages:
+                self._save_stage(phase.stage)
+
+    def _save_stage(self, stage: int) -> None:
+        """``save_stages``: the stage's weights and masks, beside the run's checkpoint (rank 0 writes)."""
+        if self.out_dir is None or not self.dist.is_main:
+            return
+        folder = self.out_dir / STAGES_DIR
+        folder.mkdir(exist_ok=True)
+        meta = {"config": self.config.to_dict(), "stage": stage + 1}
+        ckpt.save_tensors(folder / f"stage{stage + 1}.safetensors", self.model.state_dict(), meta)
+        ckpt.save_tensors(folder / f"stage{stage + 1}_masks.safetensors", self.masks.state_dict())
 
     def _end_on_average(self, phase: Phase) -> None:
         """Load the phase's weight average (masks hold: pruned weights are zero in every snapshot)."""
