@@ -265,6 +265,51 @@ def test_a_nan_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     assert "loss became nan at step 2" in second
 
 
+class _UnevenShares(torch.utils.data.IterableDataset):
+    """Rank 0 yields 3 batches' worth of samples, rank 1 five: a sharding that came out uneven."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def __len__(self) -> int:
+        return 8 * (3 if self.rank == 0 else 5)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.rank)
+        for _ in range(len(self)):
+            yield torch.randn(4, generator=generator), torch.randint(0, 3, (), generator=generator)
+
+
+def _uneven_worker(rank: int, port: int, result_dir: str) -> None:
+    from admmcompress.data.imported import DatasetLoader
+    from admmcompress.train.loop import train_epoch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
+    torch.set_num_threads(1)
+    ctx = Distributed.from_env()
+    torch.manual_seed(0)
+    net = wrap(torch.nn.Linear(4, 3), ctx)
+    loader = DatasetLoader(_UnevenShares(rank), 16, rank=rank, world_size=2, all_ranks=ctx.all_true)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    steps = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_epoch(net, loader, optimizer, lambda step: 0.1, 0, progress=False, after_step=steps.append)
+    out = {"steps": len(steps), "warnings": [str(w.message) for w in caught if "IterableDataset" in str(w.message)]}
+    Path(result_dir, f"{rank}.json").write_text(json.dumps(out))
+    del net
+    gc.collect()
+    ctx.close()
+
+
+def test_uneven_iterable_shares_stop_every_rank_at_the_shortest_instead_of_hanging(tmp_path):
+    """Without the per-batch agreement rank 1 would wait for good in the all-reduce of its 4th batch."""
+    mp.spawn(_uneven_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    first, second = (json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2))
+    assert first["steps"] == second["steps"] == 3
+    assert first["warnings"] == [] and "another rank's (which ended after 3)" in second["warnings"][0]
+
+
 # --- torchrun: the CLI under 2 processes vs 1 ------------------------------------------------------------
 DENSE = Path(__file__).resolve().parents[2] / "checkpoints" / "lenet5_mnist_dense.safetensors"
 # ADMM from a pretrained model, as the method is used. Masks are identical when no weight lies within float

@@ -21,7 +21,8 @@ must yield its own share on each rank.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from admmcompress.data.datasets import load_dataset
 from admmcompress.data.files import Split
+
+_END = object()  # an exhausted iterator's marker (a batch may be any object, None included)
 
 KEYS = ("import", "args", "train_args", "test_args")
 
@@ -117,17 +120,22 @@ class DatasetLoader:
     """Batches of a torch ``Dataset`` in a seeded order that is a function of (seed, epoch): resumable.
 
     With several processes, ``torch.utils.data.DistributedSampler`` (same seed on every rank) gives each rank
-    ``batch_size // world_size`` samples per step; an ``IterableDataset`` shards itself.
+    ``batch_size // world_size`` samples per step; an ``IterableDataset`` shards itself. Its shares may come out
+    uneven (a rank that runs out while another still trains would leave that one waiting in the gradient
+    all-reduce for good), so with ``all_ranks`` (``Distributed.all_true``) the ranks agree before every batch
+    that each still has one, and all stop at the shortest share, with a warning on the ranks that had more.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 workers: int = 0):
+                 workers: int = 0, all_ranks: Callable[[bool], bool] | None = None):
         if batch_size % world_size:
             raise ValueError(
                 f"data.batch_size={batch_size} is not a multiple of the {world_size} processes; the global batch "
                 f"is split evenly over them: choose e.g. {batch_size - batch_size % world_size or world_size}"
             )
         self.dataset, self.epoch = dataset, 0
+        # one tiny all-reduce per batch, for the only kind of data whose per-rank counts are not known ahead
+        self.all_ranks = all_ranks if isinstance(dataset, IterableDataset) and world_size > 1 else None
         self.batch_size, self.seed = batch_size // world_size, seed
         self.sampler = None
         if not isinstance(dataset, IterableDataset):
@@ -146,7 +154,21 @@ class DatasetLoader:
         if self.sampler is not None:
             self.sampler.set_epoch(self.epoch)
         self.epoch += 1
-        yield from self.loader
+        if self.all_ranks is None:
+            yield from self.loader
+            return
+        batches, step = iter(self.loader), 0
+        while True:
+            batch = next(batches, _END)
+            if not self.all_ranks(batch is not _END):
+                if batch is not _END:
+                    warnings.warn(
+                        f"the IterableDataset's share on this rank has more batches than another rank's (which ended "
+                        f"after {step}): every rank stops there and this epoch skips the rest; give each rank the "
+                        "same number of samples (e.g. drop the remainder)", RuntimeWarning, stacklevel=2)
+                return
+            step += 1
+            yield batch
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch}

@@ -10,7 +10,8 @@ What keeps N processes equal to one:
   is the gradient of the global batch's mean loss. The loader's state is the shared generator's, so a
   checkpoint resumes with any number of processes. This holds for the bundled in-memory datasets; a dataset
   given by import path is read through ``DistributedSampler``, whose order depends on N (a resume with another
-  N sees other batches), and an ``IterableDataset`` must split itself across ranks with ``__len__`` per rank.
+  N sees other batches), and an ``IterableDataset`` must split itself across ranks with ``__len__`` per rank
+  (uneven shares stop every rank at the shortest one, with a warning, instead of hanging in the all-reduce).
   Dropout draws the same masks on every rank (unlike one process drawing for the whole batch).
 * **Driver state**: DDP keeps the weights bitwise equal on every rank (the gradient all-reduce returns the
   same sum everywhere), and every driver computes Z, U, rho and masks from those weights only, so they are

@@ -128,7 +128,7 @@ class Runner:
                 self.loader = ShardedLoader(self.loader, self.dist)
         else:  # a torch Dataset by import path: read batch by batch (DistributedSampler under torchrun)
             self.loader = DatasetLoader(train, config.data.batch_size, config.seed, self.dist.rank,
-                                        self.dist.world_size)
+                                        self.dist.world_size, all_ranks=self.dist.all_true)
         self.example = first_inputs(train)  # traces the channel coupling and gives compaction its input shape
         self.stage_targets: list[list[Target]] = [self._resolve(s) for s in config.stages]
         for i, (stage, targets) in enumerate(zip(config.stages, self.stage_targets, strict=True)):
