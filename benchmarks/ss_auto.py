@@ -52,7 +52,7 @@ from admmcompress.drivers.budget import Budget, drop_unread_channels, gemm_shape
 from admmcompress.drivers.soft import SoftConfig, SoftThreshold
 from admmcompress.executors.compact import CompactConfig, compact
 from admmcompress.executors.compact_run import count_macs
-from admmcompress.finalize import hard_prune
+from admmcompress.finalize import MaskSet, hard_prune
 from admmcompress.models import create_model
 from admmcompress.plan import Plan, Rule
 from admmcompress.report.rates import plot_rates
@@ -68,6 +68,7 @@ SENSITIVITY_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 SETUPS = {
     "lenet5": {
         "dataset": "mnist", "checkpoint": "lenet5_mnist_dense.safetensors", "model": {"dropout": 0.0},
+        "input": (1, 28, 28),
         "rules": [Rule(Filter(sparsity=0.9), match="conv*"), Rule(Filter(sparsity=0.95), match="fc1"),
                   Rule(Column(sparsity=0.95), match="conv2"), Rule(Column(sparsity=0.95), match="fc*")],
         "optimizer": "adam", "lr": 1e-3, "batch": 64, "drive": 6, "retrain": 4, "every": 235, "rho": 1e-2,
@@ -77,7 +78,7 @@ SETUPS = {
                     "conv2.weight:column": 0.9, "fc1.weight:column": 0.97},
     },
     "resnet20": {
-        "dataset": "cifar10", "checkpoint": "resnet20_cifar10_dense.safetensors", "model": {},
+        "dataset": "cifar10", "checkpoint": "resnet20_cifar10_dense.safetensors", "model": {}, "input": (3, 32, 32),
         "rules": [Rule(Filter(sparsity=0.8), type="Conv2d"), Rule(Column(sparsity=0.8), match="layers.*.conv*")],
         # 3 + 3 epochs in bf16 / channels_last with label smoothing 0.1: the budget of the issue-18 coupled-filter
         # table (benchmarks/records/cifar_filter_full), so one seed of five methods fits about an hour here
@@ -217,7 +218,47 @@ def one_run(name, method, reduction, seed, data, out, log, quick, weighting="sqr
         "macs_compacted": count_macs(small, x), "macs_dense": count_macs(load(setup, name), x),
         "params_compacted": sum(p.numel() for p in small.parameters()), "wall_seconds": wall, **extra,
         "timed_columns": setup.get("timed_columns", "on"), "_compacted": timed,
+        "_trained": ({k: v.detach().clone() for k, v in model.state_dict().items()}, masks.state_dict()),
     }
+
+
+def model_files(out: Path, record: dict) -> tuple[Path, Path]:
+    """Where a run's trained (masked, not compacted) weights and masks are kept for ``--retime``."""
+    stem = f"{record['model']}_{record['reduction']:g}x_seed{record['seed']}_{record['method']}"
+    return out / "models" / f"{stem}.safetensors", out / "models" / f"{stem}_masks.safetensors"
+
+
+def compacted(name: str, weights: dict, masks: MaskSet, x: torch.Tensor) -> torch.nn.Module:
+    """The model as the run timed it: compacted, with the column executor as the setup times it."""
+    model = create_model(name, **SETUPS[name]["model"]).eval()
+    model.load_state_dict(weights)
+    return compact(model, x, masks, CompactConfig(columns=SETUPS[name].get("timed_columns", "on"))).model.eval()
+
+
+def retime(out: Path, rounds: int) -> None:
+    """Time every saved run again (batch 1, interleaved with the dense model per reduction and seed)."""
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if all(f.is_file() for f in model_files(out / r["model"], r)):
+            groups.setdefault((r["model"], r["reduction"], r["seed"]), []).append(r)
+    for (name, reduction, seed), rs in sorted(groups.items()):
+        x = torch.randn(1, *SETUPS[name]["input"])
+        models = {}
+        for r in rs:
+            weights_file, masks_file = model_files(out / name, r)
+            masks = MaskSet.from_state_dict(ckpt.load_tensors(masks_file))
+            models[r["method"]] = compacted(name, ckpt.load_tensors(weights_file), masks, x)
+        models["dense"] = load(SETUPS[name], name)
+        latency = time_models(models, x, rounds=rounds)
+        with open(out / "retimed.jsonl", "a") as handle:
+            for r in rs:
+                handle.write(json.dumps({
+                    "model": name, "reduction": reduction, "seed": seed, "method": r["method"],
+                    "latency_ms": latency[r["method"]], "dense_latency_ms": latency["dense"],
+                    "machine": machine(), "command": command_line(), "date": time.strftime("%Y-%m-%d %H:%M"),
+                }) + "\n")
+        print(f"{name} {reduction:g}x seed {seed}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in latency.items()))
 
 
 def time_models(models: dict[str, torch.nn.Module], x: torch.Tensor, rounds: int) -> dict[str, float]:
@@ -227,10 +268,18 @@ def time_models(models: dict[str, torch.nn.Module], x: torch.Tensor, rounds: int
 
 def summarize(out: Path) -> str:
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+    retimed_file = out / "retimed.jsonl"
+    quiet = {}  # the last --retime of each run
+    if retimed_file.is_file():
+        for line in retimed_file.read_text().splitlines():
+            if line.strip():
+                q = json.loads(line)
+                quiet[q["model"], q["reduction"], q["seed"], q["method"]] = q
     lines = []
     for name in sorted({r["model"] for r in rows}):
         lines += [f"### {name}", "", "| fewer MACs | method | accuracy (mean +- sd, seeds) | MAC reduction (compacted) "
-                  "| latency ms (batch 1) | soft-threshold share | wall s |", "|---:|---|---:|---:|---:|---:|---:|"]
+                  "| latency ms (batch 1) | quiet latency ms (dense) | soft-threshold share | wall s |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|"]
         for reduction in sorted({r["reduction"] for r in rows if r["model"] == name}):
             for method in METHODS:
                 rs = [r for r in rows if (r["model"], r["reduction"], r["method"]) == (name, reduction, method)]
@@ -241,9 +290,12 @@ def summarize(out: Path) -> str:
                 red = statistics.mean(r["macs_dense"] / r["macs_compacted"] for r in rs)
                 lat = statistics.mean(r.get("latency_ms", float("nan")) for r in rs)
                 share = statistics.mean(r["share_soft_threshold"] for r in rs) if method == "auto" else None
+                qs = [q for r in rs if (q := quiet.get((name, reduction, r["seed"], method)))]
+                retimed = (f"{statistics.mean(q['latency_ms'] for q in qs):.3f} "
+                           f"({statistics.mean(q['dense_latency_ms'] for q in qs):.3f})" if qs else "-")
                 lines.append(
                     f"| {reduction:g}x | {method} | {statistics.mean(acc):.2f} +- {sd:.2f} ({len(rs)}) | {red:.2f}x | "
-                    f"{lat:.3f} | {'-' if share is None else f'{100 * share:.0f}%'} | "
+                    f"{lat:.3f} | {retimed} | {'-' if share is None else f'{100 * share:.0f}%'} | "
                     f"{statistics.mean(r['wall_seconds'] for r in rs):.0f} |"
                 )
         lines.append("")
@@ -262,8 +314,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, nargs=2, metavar=("DRIVE", "RETRAIN"), help="override the epochs")
     parser.add_argument("--weighting", choices=("sqrt", "cost", "none"), default="sqrt", help="method soft's")
     parser.add_argument("--summarize", action="store_true")
+    parser.add_argument("--retime", action="store_true",
+                        help="time the saved runs of --out again (on a quiet machine), then summarize")
     args = parser.parse_args()
-    if args.summarize:
+    if args.retime:
+        torch.set_num_threads(args.threads)
+        retime(args.out, rounds=31)
+    if args.summarize or args.retime:
         print(summarize(args.out))
         return
     ensure_malloc_env()
@@ -289,11 +346,17 @@ def main() -> None:
                                           args.quick, args.weighting)
                 # each run as it ends (no latency yet): a seed cut short still leaves its finished runs
                 with open(out / "runs_partial.jsonl", "a") as handle:
-                    handle.write(json.dumps({k: v for k, v in results[method].items() if k != "_compacted"}) + "\n")
+                    handle.write(json.dumps({k: v for k, v in results[method].items() if not k.startswith("_")}) + "\n")
                 log(f"   accuracy {results[method]['accuracy']:.2f}%, compacted MACs "
                     f"{results[method]['macs_compacted']:,} (dense {results[method]['macs_dense']:,}), "
                     f"{results[method]['wall_seconds']:.0f} s")
             x = full.x[:1]
+            for r in results.values():  # kept (not committed) so a quiet machine can time them again: --retime
+                weights, masks = r.pop("_trained")
+                weights_file, masks_file = model_files(out, r)
+                weights_file.parent.mkdir(parents=True, exist_ok=True)
+                ckpt.save_tensors(weights_file, weights)
+                ckpt.save_tensors(masks_file, masks)
             models = {m: r.pop("_compacted") for m, r in results.items()}
             models["dense"] = load(setup, args.model)
             latency = time_models(models, x, rounds=5 if args.quick else 31)
