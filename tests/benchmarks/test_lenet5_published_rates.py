@@ -1,4 +1,4 @@
-"""benchmarks/lenet5_published_rates.py and its two configs: the chain runs (epochs cut to one) and the table reads it."""
+"""benchmarks/lenet5_published_rates.py and its configs: the chain runs (one epoch per phase), the table reads it."""
 
 import importlib
 import json
