@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import yaml
 from bench_runs import run_in_folder
-from structured_common import command_line, ensure_malloc_env, machine
+from structured_common import command_line, ensure_malloc_env, machine, mean_sd
 
 from admmcompress.data import Split, load_dataset
 from admmcompress.models import create_model
@@ -93,11 +93,10 @@ def summary(out: Path) -> str:
             if not rs:
                 continue
             acc = [r["accuracy"] for r in rs]
-            sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
             kept = statistics.mean(r["kept_weights"] for r in rs)
             hard = statistics.mean(r["accuracy_after_hard_prune"] for r in rs)
             lines.append(f"| {structure} | {rate:g}x | {kept:,.0f} of {rs[0]['total_weights']:,} | {hard:.2f} | "
-                         f"{statistics.mean(acc):.2f} +- {sd:.2f} ({len(rs)}) | "
+                         f"{mean_sd(acc)} | "
                          f"{rs[0]['dense_accuracy'] - statistics.mean(acc):.2f} |")
     return "\n".join(lines)
 

@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 import yaml
+from structured_common import mean_sd
 
 ROOT = Path(__file__).resolve().parents[1]
 PROGRESSIVE = ROOT / "configs" / "lenet5_progressive_348x.yaml"
@@ -73,12 +74,6 @@ def structured(seed: int, threads: int, out: Path) -> None:
     subprocess.run(command, check=True)
 
 
-def _spread(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    mean = statistics.mean(values)
-    return f"{mean:.2f} +- {sd:.2f} ({len(values)})"
-
-
 def _drop(values: list[float]) -> str:
     return f"{DENSE - statistics.mean(values):.2f}"
 
@@ -93,7 +88,7 @@ def summary(out: Path) -> str:
         if stages:
             acc = [s["accuracy_after_retrain"] for s in stages]
             rate = statistics.mean(s["overall_compression"] for s in stages)
-            lines.append(f"| {name} | {published} (almost) no loss | {rate:.1f}x | {_spread(acc)} | {_drop(acc)} | - |")
+            lines.append(f"| {name} | {published} (almost) no loss | {rate:.1f}x | {mean_sd(acc)} | {_drop(acc)} | - |")
     quant = [json.loads(p.read_text()) for p in sorted(out.glob("quantize176_s*/metrics.json"))]
     if quant:
         acc = [q["accuracy_after"] for q in quant]
@@ -101,7 +96,7 @@ def summary(out: Path) -> str:
         paper = statistics.mean(q["storage"]["paper_reduction"] for q in quant)
         honest = statistics.mean(q["storage"]["storage_reduction"]["best"] for q in quant)
         lines.append(f"| 176x pruning + 4/3/2/3-bit ADMM quantization | 1,910x storage, no loss | "
-                     f"{store['weight_reduction']:.1f}x weights | {_spread(acc)} | {_drop(acc)} | "
+                     f"{store['weight_reduction']:.1f}x weights | {mean_sd(acc)} | {_drop(acc)} | "
                      f"paper-style {paper:.0f}x, honest {honest:.0f}x |")
     results: dict[int, list[dict]] = {}
     for path in sorted(out.glob("structured_s*/stage*/result.json")):
@@ -111,7 +106,7 @@ def summary(out: Path) -> str:
         acc = [r["accuracy"] for r in rs]
         rate = statistics.mean(r["overall_compression"] for r in rs)
         b1 = statistics.mean(r["latency"]["1"]["speedup"] for r in rs)  # JSON keys: batch sizes as strings
-        lines.append(f"| filter + column, purified, stage {stage} | 232x no loss | {rate:.1f}x | {_spread(acc)} | "
+        lines.append(f"| filter + column, purified, stage {stage} | 232x no loss | {rate:.1f}x | {mean_sd(acc)} | "
                      f"{_drop(acc)} | compacted, {b1:.2f}x faster at batch 1 |")
     return "\n".join(lines)
 

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 import torch
-from structured_common import CIFAR_AUGMENT, command_line, ensure_malloc_env, fit, log_to, machine
+from structured_common import CIFAR_AUGMENT, command_line, ensure_malloc_env, fit, log_to, machine, mean_sd
 
 from admmcompress.data import Split, load_dataset
 from admmcompress.drivers import ADMM, RhoSchedule
@@ -286,7 +286,6 @@ def summarize(out: Path) -> str:
                 if not rs:
                     continue
                 acc = [r["accuracy"] for r in rs]
-                sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
                 red = statistics.mean(r["macs_dense"] / r["macs_compacted"] for r in rs)
                 lat = statistics.mean(r.get("latency_ms", float("nan")) for r in rs)
                 share = statistics.mean(r["share_soft_threshold"] for r in rs) if method == "auto" else None
@@ -294,7 +293,7 @@ def summarize(out: Path) -> str:
                 retimed = (f"{statistics.mean(q['latency_ms'] for q in qs):.3f} "
                            f"({statistics.mean(q['dense_latency_ms'] for q in qs):.3f})" if qs else "-")
                 lines.append(
-                    f"| {reduction:g}x | {method} | {statistics.mean(acc):.2f} +- {sd:.2f} ({len(rs)}) | {red:.2f}x | "
+                    f"| {reduction:g}x | {method} | {mean_sd(acc)} | {red:.2f}x | "
                     f"{lat:.3f} | {retimed} | {'-' if share is None else f'{100 * share:.0f}%'} | "
                     f"{statistics.mean(r['wall_seconds'] for r in rs):.0f} |"
                 )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -72,6 +73,16 @@ def macs(model: nn.Module, x: torch.Tensor) -> int:
 
 def params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def mean_sd(values: list[float]) -> str:
+    """``"mean +- sd (n)"`` of a metric over seeds, the tables' one format (sd 0 for a single seed).
+
+    >>> mean_sd([99.2, 99.3, 99.4])
+    '99.30 +- 0.10 (3)'
+    """
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2f} +- {sd:.2f} ({len(values)})"
 
 
 # Standard CIFAR augmentation, the library's: random flip and a shift of up to 4 pixels per image.

@@ -1,26 +1,17 @@
 """benchmarks/block_cifar.py: the configs it builds and its table (the runs themselves are CPU hours)."""
 
 import argparse
-import importlib
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from admmcompress.models import create_model
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
 
 @pytest.fixture()
-def bench(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    module = importlib.import_module("block_cifar")
-    yield module
-    for name in ("block_cifar", "bench_runs", "structured_common"):
-        sys.modules.pop(name, None)
+def bench(load_benchmark):
+    return load_benchmark("block_cifar")
 
 
 def args(**kw) -> argparse.Namespace:

@@ -1,8 +1,6 @@
 """benchmarks/lenet5_published_rates.py and its configs: the chain runs (one epoch per phase), the table reads it."""
 
-import importlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,11 +17,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:ADMM residual:RuntimeWarning")
 
 
 @pytest.fixture()
-def bench(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    module = importlib.import_module("lenet5_published_rates")
-    yield module
-    sys.modules.pop("lenet5_published_rates", None)
+def bench(load_benchmark):
+    return load_benchmark("lenet5_published_rates")
 
 
 def shortened(path: Path, **changes) -> RunConfig:

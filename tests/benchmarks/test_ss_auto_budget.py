@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from admmcompress.data import Split, load_dataset
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture()
-def ss_auto(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    yield importlib.import_module("ss_auto")
-    for name in ("ss_auto", "structured_common"):
-        sys.modules.pop(name, None)
+def ss_auto(load_benchmark):
+    return load_benchmark("ss_auto")
 
 
 @pytest.mark.parametrize("method", ["uniform", "handset"])

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,15 +13,10 @@ from admmcompress.plan import Plan, Rule
 from admmcompress.structures import Filter
 from admmcompress.train import checkpoint as ckpt
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
 
 @pytest.fixture()
-def ss_auto(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    yield importlib.import_module("ss_auto")
-    for name in ("ss_auto", "structured_common"):
-        sys.modules.pop(name, None)
+def ss_auto(load_benchmark):
+    return load_benchmark("ss_auto")
 
 
 def test_retime_compacts_the_saved_run_and_adds_a_quiet_column(ss_auto, tmp_path):
