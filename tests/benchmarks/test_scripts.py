@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -19,17 +18,8 @@ HELPERS = ("bench_runs", "structured_common")
 
 
 @pytest.fixture()
-def bench(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # scripts import their helpers as siblings
-    loaded = []
-
-    def load(name: str):
-        loaded.append(name)
-        return importlib.import_module(name)
-
-    yield load
-    for name in (*loaded, *HELPERS):
-        sys.modules.pop(name, None)
+def bench(load_benchmark):
+    return load_benchmark
 
 
 def test_the_scripts_are_found():
