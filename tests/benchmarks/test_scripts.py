@@ -14,7 +14,6 @@ from admmcompress.data.datasets import Split
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 SCRIPTS = sorted(p.stem for p in BENCHMARKS.glob("*.py") if "__main__" in p.read_text())
-HELPERS = ("bench_runs", "structured_common")
 
 
 @pytest.fixture()
