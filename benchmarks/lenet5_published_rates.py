@@ -44,7 +44,8 @@ def cli_run(config: Path, seed: int, threads: int, out: Path) -> None:
     if (out / "metrics.json").is_file():
         print(f"{out.name}: finished before", flush=True)
         return
-    resume = ["--resume"] if (out / "checkpoint.pt").is_file() else []
+    # a checkpoint: continue; a folder without one (killed before the first epoch ended): start it again
+    resume = ["--resume"] if (out / "checkpoint.pt").is_file() else ["--overwrite"] if out.exists() else []
     command = [sys.executable, "-m", "admmcompress", "run", str(config), "--seed", str(seed), "--threads",
                str(threads), "--out", str(out), "--no-progress", *resume]
     print("$ " + " ".join(command[1:]), flush=True)
