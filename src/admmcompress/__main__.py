@@ -1,6 +1,6 @@
-"""``python -m admmcompress ...``: the same command line as the ``admmcompress`` script."""
+"""``python -m admmcompress ...``: the same command line (and exit status) as the ``admmcompress`` script."""
 
 from admmcompress.cli import main
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -289,13 +289,17 @@ def _uneven_worker(rank: int, port: int, result_dir: str) -> None:
     ctx = Distributed.from_env()
     torch.manual_seed(0)
     net = wrap(torch.nn.Linear(4, 3), ctx)
-    loader = DatasetLoader(_UnevenShares(rank), 16, rank=rank, world_size=2, all_ranks=ctx.all_true)
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
-    steps = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        loader = DatasetLoader(_UnevenShares(rank), 16, rank=rank, world_size=2, all_ranks=ctx.all_true,
+                               least=ctx.least)
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+        steps = []
         train_epoch(net, loader, optimizer, lambda step: 0.1, 0, progress=False, after_step=steps.append)
-    out = {"steps": len(steps), "warnings": [str(w.message) for w in caught if "IterableDataset" in str(w.message)]}
+        # without the agreed length: the ranks count 3 and 5 steps per epoch (other schedules, other cadences)
+        unguarded = DatasetLoader(_UnevenShares(rank), 16, rank=rank, world_size=2, all_ranks=ctx.all_true)
+    out = {"steps": len(steps), "len": len(loader), "unguarded_len": len(unguarded),
+           "warnings": [str(w.message) for w in caught if "IterableDataset" in str(w.message)]}
     Path(result_dir, f"{rank}.json").write_text(json.dumps(out))
     del net
     gc.collect()
@@ -306,8 +310,9 @@ def test_uneven_iterable_shares_stop_every_rank_at_the_shortest_instead_of_hangi
     """Without the per-batch agreement rank 1 would wait for good in the all-reduce of its 4th batch."""
     mp.spawn(_uneven_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
     first, second = (json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2))
-    assert first["steps"] == second["steps"] == 3
-    assert first["warnings"] == [] and "another rank's (which ended after 3)" in second["warnings"][0]
+    assert first["steps"] == second["steps"] == 3 and first["len"] == second["len"] == 3
+    assert (first["unguarded_len"], second["unguarded_len"]) == (3, 5)
+    assert first["warnings"] == [] and "has 5 batches and another rank's 3" in second["warnings"][0]
 
 
 # --- torchrun: the CLI under 2 processes vs 1 ------------------------------------------------------------

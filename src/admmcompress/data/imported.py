@@ -124,10 +124,13 @@ class DatasetLoader:
     uneven (a rank that runs out while another still trains would leave that one waiting in the gradient
     all-reduce for good), so with ``all_ranks`` (``Distributed.all_true``) the ranks agree before every batch
     that each still has one, and all stop at the shortest share, with a warning on the ranks that had more.
+    With ``least`` (``Distributed.least``) they also agree on the length the schedules count (the smallest
+    ``len()``), so learning rates and driver updates fall on the same steps on every rank.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 workers: int = 0, all_ranks: Callable[[bool], bool] | None = None):
+                 workers: int = 0, all_ranks: Callable[[bool], bool] | None = None,
+                 least: Callable[[int], int] | None = None):
         if batch_size % world_size:
             raise ValueError(
                 f"data.batch_size={batch_size} is not a multiple of the {world_size} processes; the global batch "
@@ -146,9 +149,17 @@ class DatasetLoader:
             else:
                 self.sampler = _EpochSampler(len(dataset), seed)
         self.loader = DataLoader(dataset, batch_size=self.batch_size, sampler=self.sampler, num_workers=workers)
+        self.length = len(self.loader)
+        if self.all_ranks is not None and least is not None:
+            self.length = least(self.length)
+            if self.length < len(self.loader):
+                warnings.warn(
+                    f"the IterableDataset's share on this rank has {len(self.loader)} batches and another rank's "
+                    f"{self.length}: every rank counts {self.length} per epoch; give each rank the same number of "
+                    "samples (e.g. drop the remainder)", RuntimeWarning, stacklevel=2)
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return self.length
 
     def __iter__(self) -> Iterator[Any]:
         if self.sampler is not None:

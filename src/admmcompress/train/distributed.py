@@ -11,7 +11,8 @@ What keeps N processes equal to one:
   checkpoint resumes with any number of processes. This holds for the bundled in-memory datasets; a dataset
   given by import path is read through ``DistributedSampler``, whose order depends on N (a resume with another
   N sees other batches), and an ``IterableDataset`` must split itself across ranks with ``__len__`` per rank
-  (uneven shares stop every rank at the shortest one, with a warning, instead of hanging in the all-reduce).
+  (uneven shares: every rank counts and runs the shortest one, with a warning, instead of hanging in the
+  all-reduce or scheduling other steps).
   Dropout draws the same masks on every rank (unlike one process drawing for the whole batch).
 * **Driver state**: DDP keeps the weights bitwise equal on every rank (the gradient all-reduce returns the
   same sum everywhere), and every driver computes Z, U, rho and masks from those weights only, so they are
@@ -127,6 +128,14 @@ class Distributed:
         t = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.tolist()
+
+    def least(self, value: int) -> int:
+        """The smallest ``value`` over ranks (one small all-reduce): e.g. the batch count every rank can run."""
+        if not self.active:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
 
     def all_true(self, flag: bool) -> bool:
         """True when ``flag`` is True on every rank (one small all-reduce): ranks stop together."""

@@ -53,7 +53,7 @@ RUN_OUTPUTS = (
 FINAL_OUTPUTS = ("model.safetensors", "masks.safetensors", "metrics.json", "report.md")
 ALWAYS_SAFE = (
     "threads", "checkpoint_every_epochs", "data.eval_batch_size", "distributed.check_ranks", "logging.csv",
-    "logging.tensorboard",
+    "logging.tensorboard", "save_stages",
 )
 IN_PROGRESS_SAFE = ("epochs", "optimizer.lr")
 SHOWN_CHANGES = 8  # a config diff names at most this many keys in its one line

@@ -128,7 +128,7 @@ class Runner:
                 self.loader = ShardedLoader(self.loader, self.dist)
         else:  # a torch Dataset by import path: read batch by batch (DistributedSampler under torchrun)
             self.loader = DatasetLoader(train, config.data.batch_size, config.seed, self.dist.rank,
-                                        self.dist.world_size, all_ranks=self.dist.all_true)
+                                        self.dist.world_size, all_ranks=self.dist.all_true, least=self.dist.least)
         self.example = first_inputs(train)  # traces the channel coupling and gives compaction its input shape
         self.stage_targets: list[list[Target]] = [self._resolve(s) for s in config.stages]
         for i, (stage, targets) in enumerate(zip(config.stages, self.stage_targets, strict=True)):
@@ -500,7 +500,8 @@ class Runner:
             return
         folder = self.out_dir / STAGES_DIR
         folder.mkdir(exist_ok=True)
-        meta = {"config": self.config.to_dict(), "stage": stage + 1}
+        # the module rewrites so far: a stage file of a reparametrizing driver loads into the rewritten model
+        meta = {"config": self.config.to_dict(), "stage": stage + 1, "transforms": list(self.transforms)}
         ckpt.save_tensors(folder / f"stage{stage + 1}.safetensors", self.model.state_dict(), meta)
         ckpt.save_tensors(folder / f"stage{stage + 1}_masks.safetensors", self.masks.state_dict())
 
