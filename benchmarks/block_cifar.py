@@ -83,6 +83,8 @@ def targeted_weights(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def summary(out: Path) -> str:
+    if not (out / "results.jsonl").is_file():
+        return f"no results in {out / 'results.jsonl'}"
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
     latest = {(r["structure"], r["rate"], r["seed"]): r for r in rows}
     lines = ["| structure | rate (block convs) | kept weights (block convs) | acc. after hard prune | "
@@ -108,8 +110,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--admm-epochs", type=int, default=3)
     parser.add_argument("--retrain-epochs", type=int, default=3)
-    parser.add_argument("--train-limit", type=int, default=0, help="first N training images (0: all)")
-    parser.add_argument("--test-limit", type=int, default=0, help="first N test images (0: all)")
+    parser.add_argument("--train-limit", type=int, default=0, help="a seeded random N training images (0: all)")
+    parser.add_argument("--test-limit", type=int, default=0, help="a seeded random N test images (0: all)")
     parser.add_argument("--rho", type=float, default=0.1, help="initial rho (x1.3 per update, up to 1)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "block_cifar")

@@ -48,13 +48,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from structured_common import CIFAR_BATCH, cifar_sgd, command_line, ensure_malloc_env, log_to, machine
+from structured_common import CIFAR_BATCH, cifar_sgd, command_line, ensure_malloc_env, log_to, machine, write_json
 
 from admmcompress.data import load_dataset
 from admmcompress.drivers import ADMM, RhoSchedule
@@ -136,10 +137,23 @@ def residual_summary(history: list[dict]) -> dict:
     }
 
 
+PROTOCOL_KEYS = ("train_limit", "fast", "label_smoothing", "rho", "admm_epochs", "retrain_epochs", "prune_sparsity",
+                 "prune_admm_epochs", "prune_retrain_epochs", "equal_budget")
+
+
+def protocol(args) -> dict:
+    """What makes two runs comparable: the dense model's bytes and every training argument (not the seed)."""
+    spec = {k: getattr(args, k, None) for k in PROTOCOL_KEYS}
+    spec["dense_sha256"] = hashlib.sha256(Path(args.dense).read_bytes()).hexdigest()[:12]
+    spec["tag"] = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
+    return spec
+
+
 def prune(args, train, test, log) -> tuple[torch.nn.Module, MaskSet, dict]:
     """The shared pruning stage (cached in ``--out``): ADMM unstructured, hard prune, masked retrain."""
     out = Path(args.out)
-    tag = f"pruned{args.prune_sparsity}" + (f"_seed{args.seed}" if getattr(args, "seed", 0) else "")
+    # keyed by the protocol: another dense model, data or schedule never reuses a stale pruned model
+    tag = f"pruned{args.prune_sparsity}_{protocol(args)['tag']}_seed{getattr(args, 'seed', 0)}"
     weights, mask_file, info_file = (out / f"{tag}{s}" for s in (".safetensors", "_masks.safetensors", ".json"))
     model = load_dense(Path(args.dense))
     if weights.is_file() and mask_file.is_file() and info_file.is_file():
@@ -166,7 +180,7 @@ def prune(args, train, test, log) -> tuple[torch.nn.Module, MaskSet, dict]:
     if not args.no_cache:
         ckpt.save_tensors(weights, model.state_dict())
         ckpt.save_tensors(mask_file, masks.state_dict())
-        info_file.write_text(json.dumps(info, indent=1))
+        write_json(info_file, info)
     return model, masks, info
 
 
@@ -177,7 +191,7 @@ def continued_dense(args, train, test, log) -> tuple[torch.nn.Module, dict]:
     (without it, the pruned settings had three more epochs: worth about a point on an under-trained model).
     Cached in ``--out`` per seed, like the pruning stage.
     """
-    path = Path(args.out) / f"continued_dense_seed{args.seed}.safetensors"
+    path = Path(args.out) / f"continued_dense_{protocol(args)['tag']}_seed{args.seed}.safetensors"
     info_file = path.with_suffix(".json")
     model = load_dense(Path(args.dense))
     if path.is_file() and info_file.is_file():
@@ -192,7 +206,7 @@ def continued_dense(args, train, test, log) -> tuple[torch.nn.Module, dict]:
     log(f"continued dense: {info}")
     if not args.no_cache:
         ckpt.save_tensors(path, model.state_dict())
-        info_file.write_text(json.dumps(info, indent=1))
+        write_json(info_file, info)
     return model, info
 
 
@@ -209,6 +223,7 @@ def run_setting(name: str, args, train, test, dense_accuracy: float, log) -> dic
     else:
         model = load_dense(Path(args.dense))
     record["seed"] = getattr(args, "seed", 0)
+    record["protocol"] = protocol(args)
     quant_start = time.perf_counter()
     targets = quant_plan(kind).resolve(model)
     admm = ADMM(
@@ -223,7 +238,7 @@ def run_setting(name: str, args, train, test, dense_accuracy: float, log) -> dic
     sgd_epochs(model, train, args.retrain_epochs, log=log, masks=held, seed=1, args=args)
     record["accuracy"] = evaluate(model, test)
     record["held_unchanged"] = all(torch.equal(model.get_parameter(n), w) for n, w in snapshot.items())
-    suffix = f"_seed{record['seed']}" if record["seed"] else ""
+    suffix = f"_{record['protocol']['tag']}_seed{record['seed']}"
     ckpt.save_tensors(Path(args.out) / f"{name}{suffix}.safetensors", {**model.state_dict(), **held.state_dict()})
     report = storage(model)  # conv/linear weights; BatchNorm scales go to 'other' by default
     record.update(
@@ -248,16 +263,24 @@ def run_setting(name: str, args, train, test, dense_accuracy: float, log) -> dic
 
 
 def summary(out: Path) -> str:
-    """Mean +- sd over seeds per setting (the last run of each setting and seed)."""
+    """One table per protocol (``protocol``: dense model and training arguments), mean +- sd over seeds."""
     path = out / "results.jsonl"
     if not path.is_file():
         return f"no results in {path}"
-    latest: dict[tuple[str, int], dict] = {}
+    groups: dict[str, dict[tuple[str, int], dict]] = {}
     for line in path.read_text().splitlines():
         if line.strip():
             r = json.loads(line)
-            latest[r["setting"], r.get("seed", 0)] = r
+            tag = r.get("protocol", {}).get("tag", "untagged")
+            groups.setdefault(tag, {})[r["setting"], r.get("seed", 0)] = r  # the last run of each setting and seed
+    return "\n\n".join(protocol_table(tag, latest) for tag, latest in groups.items())
+
+
+def protocol_table(tag: str, latest: dict[tuple[str, int], dict]) -> str:
+    spec = next(iter(latest.values())).get("protocol", {})
     lines = [
+        f"Protocol {tag}: " + ", ".join(f"{k} {v}" for k, v in spec.items() if k != "tag"),
+        "",
         "| setting | dense | start of quantization | after hard quantization | after retrain (held), mean +- sd "
         "(seeds) | drop | weight reduction | paper-style storage | honest storage (best per layer) | "
         "ADMM residual first -> last (mean) | wall time |",

@@ -224,12 +224,14 @@ def one_run(name, method, reduction, seed, data, out, log, quick, weighting="sqr
 
 def model_files(out: Path, record: dict) -> tuple[Path, Path]:
     """Where a run's trained (masked, not compacted) weights and masks are kept for ``--retime``."""
-    stem = f"{record['model']}_{record['reduction']:g}x_seed{record['seed']}_{record['method']}"
+    quick = "_quick" if record.get("quick") else ""  # a smoke run never overwrites a full run's model
+    stem = f"{record['model']}_{record['reduction']:g}x_seed{record['seed']}_{record['method']}{quick}"
     return out / "models" / f"{stem}.safetensors", out / "models" / f"{stem}_masks.safetensors"
 
 
 def compacted(name: str, weights: dict, masks: MaskSet, x: torch.Tensor) -> torch.nn.Module:
-    """The model as the run timed it: compacted, with the column executor as the setup times it."""
+    """The model compacted as the run's was (with ``timed_columns: auto`` the column executor's per-layer choice
+    is measured again, so it may differ from the run's)."""
     model = create_model(name, **SETUPS[name]["model"]).eval()
     model.load_state_dict(weights)
     return compact(model, x, masks, CompactConfig(columns=SETUPS[name].get("timed_columns", "on"))).model.eval()
@@ -240,7 +242,7 @@ def retime(out: Path, rounds: int) -> None:
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        if all(f.is_file() for f in model_files(out / r["model"], r)):
+        if not r.get("quick") and all(f.is_file() for f in model_files(out / r["model"], r)):
             groups.setdefault((r["model"], r["reduction"], r["seed"]), []).append(r)
     for (name, reduction, seed), rs in sorted(groups.items()):
         x = torch.randn(1, *SETUPS[name]["input"])
@@ -343,19 +345,19 @@ def main() -> None:
                 log(f"== {args.model} {reduction:g}x seed {seed}: {method}")
                 results[method] = one_run(args.model, method, reduction, seed, (full, test, held), out, log,
                                           args.quick, args.weighting)
-                # each run as it ends (no latency yet): a seed cut short still leaves its finished runs
+                # each run as it ends (no latency yet): a seed cut short still leaves its finished runs, and their
+                # models are kept (not committed) so a quiet machine can time them again (--retime)
+                weights, masks = results[method].pop("_trained")
+                weights_file, masks_file = model_files(out, results[method])
+                weights_file.parent.mkdir(parents=True, exist_ok=True)
+                ckpt.save_tensors(weights_file, weights)
+                ckpt.save_tensors(masks_file, masks)
                 with open(out / "runs_partial.jsonl", "a") as handle:
                     handle.write(json.dumps({k: v for k, v in results[method].items() if not k.startswith("_")}) + "\n")
                 log(f"   accuracy {results[method]['accuracy']:.2f}%, compacted MACs "
                     f"{results[method]['macs_compacted']:,} (dense {results[method]['macs_dense']:,}), "
                     f"{results[method]['wall_seconds']:.0f} s")
             x = full.x[:1]
-            for r in results.values():  # kept (not committed) so a quiet machine can time them again: --retime
-                weights, masks = r.pop("_trained")
-                weights_file, masks_file = model_files(out, r)
-                weights_file.parent.mkdir(parents=True, exist_ok=True)
-                ckpt.save_tensors(weights_file, weights)
-                ckpt.save_tensors(masks_file, masks)
             models = {m: r.pop("_compacted") for m, r in results.items()}
             models["dense"] = load(setup, args.model)
             latency = time_models(models, x, rounds=5 if args.quick else 31)

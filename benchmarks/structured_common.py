@@ -8,6 +8,7 @@ contender.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from admmcompress.atomic import atomic_write
 from admmcompress.data import BatchLoader, Split
 from admmcompress.data.augment import Augment
 from admmcompress.executors.compact_run import count_macs
@@ -73,6 +75,11 @@ def macs(model: nn.Module, x: torch.Tensor) -> int:
 
 def params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def write_json(path: Path, value) -> None:
+    """JSON written atomically: a file that marks a finished step is whole or absent after a kill."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=1)))
 
 
 def mean_sd(values: list[float]) -> str:

@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 
 import torch
-from structured_common import command_line, ensure_malloc_env, fit, interleaved_ms, machine, macs
+from structured_common import command_line, ensure_malloc_env, fit, interleaved_ms, machine, macs, write_json
 
 from admmcompress.data import load_dataset
 from admmcompress.drivers import ADMM, RhoSchedule
@@ -172,19 +172,24 @@ def main() -> None:
         for i in range(args.stages):
             folder = stage_dir(out, i)
             if (folder / "result.json").is_file():
+                recorded = json.loads((folder / "result.json").read_text()).get("seed", 0)
+                if recorded != args.seed:
+                    raise SystemExit(f"{folder} holds a stage of seed {recorded}, not {args.seed}: give each seed its "
+                                     "own --out")
                 ckpt.load_weights(model, folder / "model.safetensors")
                 masks = MaskSet(ckpt.load_tensors(folder / "masks.safetensors"))
                 log(f"stage {i + 1}: done before, loaded")
                 continue
             masks, info = run_stage(i, model, masks, train, test, x, args, log)
-            info.update(stage=i + 1, plan=STAGES[i], dense_accuracy=dense_acc, accuracy=evaluate(model, test))
+            info.update(stage=i + 1, plan=STAGES[i], dense_accuracy=dense_acc, accuracy=evaluate(model, test),
+                        seed=args.seed)
             info.update(analyse(model, masks, test, x, args))
             info["drop"] = dense_acc - info["accuracy"]
             log(json.dumps({k: v for k, v in info.items() if k not in ("purify", "removal_after_retrain")}))
             folder.mkdir(parents=True, exist_ok=True)
             ckpt.save_tensors(folder / "model.safetensors", model.state_dict())
             ckpt.save_tensors(folder / "masks.safetensors", masks.state_dict())
-            (folder / "result.json").write_text(json.dumps(info, indent=1))
+            write_json(folder / "result.json", info)
     print(summarize(out))
 
 
@@ -198,7 +203,7 @@ def reanalyse(out: Path, args) -> None:
         ckpt.load_weights(model, path.parent / "model.safetensors")
         masks = MaskSet(ckpt.load_tensors(path.parent / "masks.safetensors"))
         info.update(analyse(model, masks, test, test.x[:2], args))
-        path.write_text(json.dumps(info, indent=1))
+        write_json(path, info)
         print(f"{path.parent.name}: reanalysed", flush=True)
 
 

@@ -49,23 +49,39 @@ def test_setting_runs_and_holds_levels(bench, setting, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:ADMM residual")
-def test_equal_budget_trains_the_unpruned_setting_as_long_and_summarizes_seeds(bench, tmp_path):
-    """``--equal-budget``: the unpruned setting starts from the dense model trained for the pruning stage's epochs."""
+def test_equal_budget_gives_both_arms_the_same_training_and_summarizes_per_protocol(bench, tmp_path, monkeypatch):
+    """``--equal-budget``: the unpruned arm trains the dense model on the pruning stage's schedule first, so both
+    arms take the same phases (epochs, schedules, data orders); seeds change every phase's data order."""
     torch.manual_seed(0)
     dense = tmp_path / "dense.safetensors"
     ckpt.save_tensors(dense, create_model("resnet20").state_dict())
     data = Split(torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,)))
-    records = []
-    for seed in (0, 1):
-        args = argparse.Namespace(
+    phases: list[tuple] = []
+    real = bench.cifar_sgd
+
+    def counted(model, train, epochs, **kw):
+        phases.append((epochs, kw["schedule"], kw["seed"]))
+        return real(model, train, epochs, **kw)
+
+    monkeypatch.setattr(bench, "cifar_sgd", counted)
+
+    def args(seed: int, **kw) -> argparse.Namespace:
+        return argparse.Namespace(
             dense=str(dense), out=str(tmp_path), rho=1.0, admm_epochs=1, retrain_epochs=1, prune_sparsity=0.7,
-            prune_admm_epochs=1, prune_retrain_epochs=1, no_cache=False, seed=seed, equal_budget=True,
-        )
-        records.append(bench.run_setting("fp4", args, data, data, 10.0, lambda msg: None))
-    assert all(r["continued_dense"]["epochs"] == 2 for r in records)
-    assert (tmp_path / "continued_dense_seed1.safetensors").is_file()
-    assert [r["seed"] for r in records] == [0, 1]
+            prune_admm_epochs=2, prune_retrain_epochs=1, no_cache=False, seed=seed, equal_budget=True, **kw)
+
+    records = []
+    for seed, setting in ((0, "fp4"), (0, "prune70_fp4"), (1, "fp4")):
+        phases.clear()
+        records.append(bench.run_setting(setting, args(seed), data, data, 10.0, lambda msg: None))
+        records[-1]["phases"] = list(phases)
+    unpruned, pruned, other_seed = (r["phases"] for r in records)
+    assert unpruned == pruned == [(2, "constant", 0), (1, "cosine", 1), (1, "constant", 0), (1, "cosine", 1)]
+    assert [seed for *_, seed in other_seed] == [100, 101, 100, 101]
+    assert records[0]["protocol"]["tag"] == records[2]["protocol"]["tag"]  # the seed is not part of the protocol
+    changed = bench.protocol(args(0, fast=True))
+    assert changed["tag"] != records[0]["protocol"]["tag"]  # another schedule: another cache and another table
     with open(tmp_path / "results.jsonl", "w") as f:
-        f.write("\n".join(json.dumps(r) for r in records) + "\n")
+        f.write("\n".join(json.dumps({k: v for k, v in r.items() if k != "phases"}) for r in records) + "\n")
     table = bench.summary(tmp_path)
-    assert "| fp4 |" in table and "(2)" in table  # one row, two seeds
+    assert table.count("Protocol ") == 1 and "| fp4 |" in table and "(2)" in table  # fp4: seeds 0 and 1

@@ -16,6 +16,7 @@ from admmcompress.plan import PlanError
 from admmcompress.train import checkpoint as ckpt
 from admmcompress.train.config import RunConfig
 from admmcompress.train.loop import evaluate
+from admmcompress.train.run_folder import outputs_in
 from admmcompress.train.runner import STATE_FILE, Runner
 
 pytestmark = pytest.mark.filterwarnings("ignore:ADMM residual:RuntimeWarning")
@@ -456,7 +457,7 @@ def test_unknown_quantized_weights_mode_is_refused():
         RunConfig.from_dict({"model": {"name": "lenet300100"}, "pretrain": {"epochs": 1}, "stages": [stage]})
 
 
-def test_save_stages_keeps_each_stage_result_and_a_run_continues_from_one(tmp_path, data):
+def test_save_stages_keeps_each_stage_result(tmp_path, data):
     """``save_stages``: stage N's weights and masks are written when it ends; stage 1's file is stage 1's model."""
     spec = run_config(two_stages=True).to_dict()
     spec["save_stages"] = True
@@ -473,3 +474,21 @@ def test_save_stages_keeps_each_stage_result_and_a_run_continues_from_one(tmp_pa
     assert_same_state(stage2, runner.model)
     with pytest.raises(ValueError, match="save_stages='yes' must be true or false"):
         RunConfig.from_dict({**spec, "save_stages": "yes"})
+
+
+def test_stage_files_survive_a_crash_and_resume_and_overwrite_removes_them(tmp_path, data, monkeypatch):
+    """Killed in stage 2 (after stage 1's file was written), resumed: stage 1's file unchanged, stage 2's written."""
+    spec = run_config(two_stages=True).to_dict()
+    spec["save_stages"] = True
+    config = RunConfig.from_dict(spec)
+    resumed = interrupted_then_resumed(config, data, tmp_path, monkeypatch, crash_epoch=8)  # stage 2's ADMM
+    stages = tmp_path / "stages"
+    assert sorted(p.name for p in stages.iterdir()) == [
+        "stage1.safetensors", "stage1_masks.safetensors", "stage2.safetensors", "stage2_masks.safetensors"]
+    straight = Runner(config, fresh_model(), *data, out_dir=tmp_path / "straight", progress=False)
+    straight.run()
+    for name in ("stage1.safetensors", "stage2.safetensors"):
+        a, b = ckpt.load_tensors(stages / name), ckpt.load_tensors(tmp_path / "straight" / "stages" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_state(resumed.model, straight.model)
+    assert "stages" in outputs_in(tmp_path)  # what --overwrite removes
