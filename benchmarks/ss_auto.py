@@ -146,7 +146,7 @@ def handset_plan(model, targets, setup, budget, x) -> Plan:
     return plan_at(hi)
 
 
-def one_run(name, method, reduction, seed, data, out, log, quick, weighting="sqrt") -> dict:
+def one_run(name, method, reduction, seed, data, out, log, quick, weighting="sqrt", soft_rho_growth=1.0) -> dict:
     setup = SETUPS[name]
     train, test, held = data
     torch.manual_seed(seed)
@@ -161,7 +161,7 @@ def one_run(name, method, reduction, seed, data, out, log, quick, weighting="sqr
     extra: dict = {}
     if method == "auto":
         updates = max(1, drive * ((len(train) + setup["batch"] - 1) // setup["batch"]) // every)
-        cfg = SoftConfig(rho=setup["rho"], budget=budget.to_dict(), weighting=weighting)
+        cfg = SoftConfig(rho=setup["rho"], rho_growth=soft_rho_growth, budget=budget.to_dict(), weighting=weighting)
         soft = SoftThreshold(model, targets, cfg, example=x, updates=updates)
         fit(model, train, drive, setup["lr"], penalty=soft.penalty, every=every, on_every=soft.step,
             schedule="constant", **train_kwargs(setup, seed, log))
@@ -213,6 +213,7 @@ def one_run(name, method, reduction, seed, data, out, log, quick, weighting="sqr
     patterns = {n: p != 0 for n, p in model.named_parameters()}
     return {
         "model": name, "method": method, "reduction": reduction, "seed": seed, "quick": quick, "weighting": weighting,
+        "soft_rho_growth": soft_rho_growth if method == "auto" else None,
         "accuracy": evaluate(model, test), "accuracy_after_hard_prune": accuracy_hard,
         "macs_budget_count": structured_cost(shapes, drop_unread_channels(targets, patterns), "macs"),
         "macs_compacted": count_macs(small, x), "macs_dense": count_macs(load(setup, name), x),
@@ -222,10 +223,16 @@ def one_run(name, method, reduction, seed, data, out, log, quick, weighting="sqr
     }
 
 
+def label(record: dict) -> str:
+    """The method as the tables name it: ``auto`` with a growing rho is its own row (another recipe)."""
+    growth = record.get("soft_rho_growth")
+    return f"auto_rho_x{growth:g}" if record["method"] == "auto" and growth not in (None, 1.0) else record["method"]
+
+
 def model_files(out: Path, record: dict) -> tuple[Path, Path]:
     """Where a run's trained (masked, not compacted) weights and masks are kept for ``--retime``."""
     quick = "_quick" if record.get("quick") else ""  # a smoke run never overwrites a full run's model
-    stem = f"{record['model']}_{record['reduction']:g}x_seed{record['seed']}_{record['method']}{quick}"
+    stem = f"{record['model']}_{record['reduction']:g}x_seed{record['seed']}_{label(record)}{quick}"
     return out / "models" / f"{stem}.safetensors", out / "models" / f"{stem}_masks.safetensors"
 
 
@@ -250,14 +257,14 @@ def retime(out: Path, rounds: int) -> None:
         for r in rs:
             weights_file, masks_file = model_files(out / name, r)
             masks = MaskSet.from_state_dict(ckpt.load_tensors(masks_file))
-            models[r["method"]] = compacted(name, ckpt.load_tensors(weights_file), masks, x)
+            models[label(r)] = compacted(name, ckpt.load_tensors(weights_file), masks, x)
         models["dense"] = load(SETUPS[name], name)
         latency = time_models(models, x, rounds=rounds)
         with open(out / "retimed.jsonl", "a") as handle:
             for r in rs:
                 handle.write(json.dumps({
-                    "model": name, "reduction": reduction, "seed": seed, "method": r["method"],
-                    "latency_ms": latency[r["method"]], "dense_latency_ms": latency["dense"],
+                    "model": name, "reduction": reduction, "seed": seed, "method": label(r),
+                    "latency_ms": latency[label(r)], "dense_latency_ms": latency["dense"],
                     "machine": machine(), "command": command_line(), "date": time.strftime("%Y-%m-%d %H:%M"),
                 }) + "\n")
         print(f"{name} {reduction:g}x seed {seed}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in latency.items()))
@@ -283,14 +290,14 @@ def summarize(out: Path) -> str:
                   "| latency ms (batch 1) | quiet latency ms (dense) | soft-threshold share | wall s |",
                   "|---:|---|---:|---:|---:|---:|---:|---:|"]
         for reduction in sorted({r["reduction"] for r in rows if r["model"] == name}):
-            for method in METHODS:
-                rs = [r for r in rows if (r["model"], r["reduction"], r["method"]) == (name, reduction, method)]
-                if not rs:
-                    continue
+            here = [r for r in rows if (r["model"], r["reduction"]) == (name, reduction)]
+            labels = sorted({label(r) for r in here}, key=lambda m: (METHODS.index(m.split("_rho")[0]), m))
+            for method in labels:
+                rs = [r for r in here if label(r) == method]
                 acc = [r["accuracy"] for r in rs]
                 red = statistics.mean(r["macs_dense"] / r["macs_compacted"] for r in rs)
                 lat = statistics.mean(r.get("latency_ms", float("nan")) for r in rs)
-                share = statistics.mean(r["share_soft_threshold"] for r in rs) if method == "auto" else None
+                share = statistics.mean(r["share_soft_threshold"] for r in rs) if method.startswith("auto") else None
                 qs = [q for r in rs if (q := quiet.get((name, reduction, r["seed"], method)))]
                 retimed = (f"{statistics.mean(q['latency_ms'] for q in qs):.3f} "
                            f"({statistics.mean(q['dense_latency_ms'] for q in qs):.3f})" if qs else "-")
@@ -314,6 +321,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--epochs", type=int, nargs=2, metavar=("DRIVE", "RETRAIN"), help="override the epochs")
     parser.add_argument("--weighting", choices=("sqrt", "cost", "none"), default="sqrt", help="method soft's")
+    parser.add_argument("--soft-rho-growth", type=float, default=1.0,
+                        help="method auto's rho factor per update (1: constant, the LeNet-5 protocol; the ADMM "
+                             "baselines grow theirs x1.3)")
     parser.add_argument("--summarize", action="store_true")
     parser.add_argument("--retime", action="store_true",
                         help="time the saved runs of --out again (on a quiet machine), then summarize")
@@ -344,7 +354,7 @@ def main() -> None:
             for method in args.methods:
                 log(f"== {args.model} {reduction:g}x seed {seed}: {method}")
                 results[method] = one_run(args.model, method, reduction, seed, (full, test, held), out, log,
-                                          args.quick, args.weighting)
+                                          args.quick, args.weighting, args.soft_rho_growth)
                 # each run as it ends (no latency yet): a seed cut short still leaves its finished runs, and their
                 # models are kept (not committed) so a quiet machine can time them again (--retime)
                 weights, masks = results[method].pop("_trained")

@@ -272,7 +272,7 @@ def test_coupled_result_compacts_exactly_on_a_residual_model():
 def test_state_dict_resume_is_exact():
     x, y = torch.randn(64, 32), torch.randint(0, 10, (64,))
     model = mlp()
-    cfg = SoftConfig(rho=0.1, budget={"kind": "params", "reduction": 3})
+    cfg = SoftConfig(rho=0.1, rho_growth=1.5, budget={"kind": "params", "reduction": 3})  # rho is state too
     soft = SoftThreshold(model, row_col_plan(), cfg, updates=4)
     train_a_little(model, soft, x, y, steps=4)
     saved_model, saved_state = copy.deepcopy(model.state_dict()), copy.deepcopy(soft.state_dict())
@@ -286,7 +286,28 @@ def test_state_dict_resume_is_exact():
     again.finalize()
     for key, value in model.state_dict().items():
         assert torch.equal(other.state_dict()[key], value), key
-    assert again.strength == soft.strength and again.history == soft.history
+    assert again.strength == soft.strength and again.history == soft.history and again.rho == soft.rho
+
+
+def test_rho_grows_per_update_up_to_its_cap_and_the_penalty_and_threshold_use_it():
+    x, y = torch.randn(64, 32), torch.randint(0, 10, (64,))
+    model = mlp()
+    soft = SoftThreshold(model, row_col_plan(), SoftConfig(strength=1e-3, rho=0.1, rho_growth=2.0, rho_max=0.5))
+    train_a_little(model, soft, x, y, steps=8, every=2)
+    assert [e["rho"] for e in soft.history] == [0.1, 0.2, 0.4, 0.5] and soft.rho == 0.5
+    model.zero_grad()
+    soft.penalty().backward()
+    expected = 0.5 * (model[0].weight - soft.Z["0.weight"] + soft.U["0.weight"])
+    assert torch.allclose(model[0].weight.grad, expected, atol=1e-6)
+    # the Z-step thresholds at lambda w_g / rho with the rho of that update: a larger rho zeroes fewer groups
+    v = {n: p.detach() for n, p in model.named_parameters() if n in soft.names}
+    zeroed = {}
+    for rho in (0.1, 0.5):
+        soft.rho = rho
+        zeroed[rho] = sum(int(z.sum()) for z in soft._prox(v, 3e-2)[1].values())
+    assert 0 < zeroed[0.5] < zeroed[0.1]
+    with pytest.raises(ValueError, match=r"rho_growth=0.5 must be >= 1"):
+        SoftConfig(rho_growth=0.5)
 
 
 @pytest.mark.parametrize(

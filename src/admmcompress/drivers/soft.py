@@ -61,6 +61,7 @@ from typing import Any
 
 import torch
 
+from admmcompress.drivers.admm import RhoSchedule
 from admmcompress.drivers.base import Driver, DriverContext, register_driver
 from admmcompress.drivers.budget import (
     Budget,
@@ -104,6 +105,10 @@ class SoftConfig:
     Args:
         strength: lambda, the group-lasso strength, used as given when there is no budget.
         rho: weight of ``rho/2 ||W - Z + U||^2`` (the pull of W toward Z); the threshold is ``lambda w_g / rho``.
+        rho_growth, rho_max: rho is multiplied by ``rho_growth`` after each update, up to ``rho_max`` (default
+            ``max(1, rho)``), as ADMM's schedule (``RhoSchedule``; U is not rescaled, as there). With plain SGD a
+            constant small rho may pull W too weakly to reach Z within the phase (hard pruning then loses what
+            W had); a growing rho closes that gap as it does for ADMM.
         budget: ``{kind: params|macs|latency, value|fraction|reduction: ...}``; None: fixed strength.
         ramp: share of the phase's updates over which the budget tightens from dense to the target (0: at once).
         weighting: "sqrt" (sqrt(group size), classic group lasso; default), "cost" (that x the group's cost per
@@ -116,6 +121,8 @@ class SoftConfig:
 
     strength: float = 1e-4
     rho: float = 1e-2
+    rho_growth: float = 1.0
+    rho_max: float | None = None
     budget: dict[str, Any] | None = None
     ramp: float = 0.5
     weighting: str = "sqrt"
@@ -124,6 +131,9 @@ class SoftConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "strength", _number(self.strength, "strength", 0.0, strict=False))
         object.__setattr__(self, "rho", _number(self.rho, "rho", 0.0, strict=True))
+        schedule = RhoSchedule(self.rho, self.rho_growth, self.rho_max)  # validates growth and cap
+        object.__setattr__(self, "rho_growth", schedule.growth)
+        object.__setattr__(self, "rho_max", schedule.maximum)
         ramp = _number(self.ramp, "ramp", 0.0, strict=False)
         if ramp > 1:
             raise ValueError(f"soft ramp={ramp!r} must be in [0, 1] (share of the updates)")
@@ -214,6 +224,8 @@ class SoftThreshold(Driver):
             self.Z = {n: w[n].clone() for n in self.names}
             self.U = {n: torch.zeros_like(w[n]) for n in self.names}
         self.strength = self.config.strength
+        self.rho = self.config.rho
+        self.schedule = RhoSchedule(self.config.rho, self.config.rho_growth, self.config.rho_max)
         self.dense_cost = structured_cost(self.shapes, {}, kind, self.latency)
         self.target_cost: float | None = None
         self.final_cost: float | None = None
@@ -340,7 +352,7 @@ class SoftThreshold(Driver):
             if pin is not None:
                 factor = top_groups(norms, kept_count(n, pin)).to(norms.dtype)
             else:
-                threshold = strength * self._weights[t.key] / self.config.rho
+                threshold = strength * self._weights[t.key] / self.rho
                 factor = torch.where(norms > threshold, 1 - threshold / norms.clamp_min(1e-300), 0.0)
                 factor = torch.nan_to_num(factor, nan=0.0)  # inf / inf at strength = inf
                 most = n - kept_count(n, t.structure.target_sparsity)  # the rule's sparsity bounds the layer
@@ -382,7 +394,7 @@ class SoftThreshold(Driver):
         top = 0.0
         for t in self.targets:  # above this strength every first-pass group is zero
             ratio = self._norms(t, flat) / self._weights[t.key].clamp_min(1e-300)
-            top = max(top, float(ratio.max()) * self.config.rho)
+            top = max(top, float(ratio.max()) * self.rho)
         hi, lo = top * 1.01 + 1e-300, top * 1e-9
         if 0 < self.strength < hi:  # warm start: bracket the last strength, widening until it holds
             a, b = self.strength / 2, min(hi, self.strength * 2)
@@ -418,7 +430,7 @@ class SoftThreshold(Driver):
         total = torch.zeros(())
         for n in self.names:
             total = total + (self._params[n] - self._anchors[n]).pow(2).sum()
-        return 0.5 * self.config.rho * total
+        return 0.5 * self.rho * total
 
     @torch.no_grad()
     def step(self) -> dict[str, Any]:
@@ -436,12 +448,14 @@ class SoftThreshold(Driver):
         entry = {
             "iteration": self.iteration,
             "strength": self.strength,
+            "rho": self.rho,
             "cost": self._cost(self.Z),
             "budget": budget,
             "zero_groups": {k: int(z.sum()) for k, z in zeros.items()},
             "residual": {n: _relative(w[n] - self.Z[n], w[n]) for n in self.names},
         }
         self.history.append(entry)
+        self.rho = self.schedule.next(self.rho)
         self._refresh_anchors()
         return entry
 
@@ -566,6 +580,7 @@ class SoftThreshold(Driver):
         return {
             "iteration": self.iteration,
             "strength": self.strength,
+            "rho": self.rho,
             "history": list(self.history),
             "Z": {n: z.clone() for n, z in self.Z.items()},
             "U": {n: u.clone() for n, u in self.U.items()},
@@ -582,6 +597,7 @@ class SoftThreshold(Driver):
                                  f"{tuple(self.Z[n].shape)}; was the model changed?")
         self.iteration = int(state["iteration"])
         self.strength = float(state["strength"])
+        self.rho = float(state.get("rho", self.config.rho))  # states saved before rho could grow: constant
         self.history = list(state["history"])
         self.Z = {n: state["Z"][n].clone() for n in self.names}
         self.U = {n: state["U"][n].clone() for n in self.names}
