@@ -170,7 +170,8 @@ def one_run(name, method, reduction, seed, data, out, log, quick, weighting="sqr
         extra = {k: record[k] for k in ("zeroed_by_soft_threshold", "cut_by_final_topk", "restored_by_fill",
                                         "share_soft_threshold", "strength")}
         extra["rates"] = record["rates"]
-        tag = f"{name}_{reduction:g}x_seed{seed}"
+        growth = f"_rho_x{soft_rho_growth:g}" if soft_rho_growth != 1.0 else ""  # another recipe: its own files
+        tag = f"{name}_{reduction:g}x{growth}_seed{seed}"
         write_rates_plan(out / f"rates_{tag}.yaml", rates_plan(model, targets),
                          comment=f"SS-Auto rates for {name} at {reduction:g}x fewer MACs (seed {seed}); "
                                  "rerun with any driver (coupling: strict)")
