@@ -3,7 +3,7 @@
 Rooms, top to bottom (an import may only go to the same room or a lower one; ``__init__`` modules re-export
 their room and count as it)::
 
-    entry points   admmcompress (package root), cli, api, run_export, run_hardware, and the deprecated alias modules
+    entry points   admmcompress (package root), __main__, cli, api, run_export, run_hardware, deprecated aliases
     train          the reference loop, runner, config, checkpoints
     drivers, executors, report, hardware
     finalize       masks, quantized masks, hard prune
@@ -25,7 +25,8 @@ ROOT = "admmcompress"
 
 # Lower number = higher room.
 ROOMS: dict[str, int] = {
-    "": 0, "cli": 0, "api": 0, "run_export": 0, "run_hardware": 0, "masks": 0, "quantize": 0, "graph": 0, "targets": 0,
+    "": 0, "__main__": 0, "cli": 0, "api": 0, "run_export": 0, "run_hardware": 0,
+    "masks": 0, "quantize": 0, "graph": 0, "targets": 0,
     "train": 1,
     "drivers": 2, "executors": 2, "report": 2, "hardware": 2,
     "finalize": 3,
