@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import yaml
 from bench_runs import run_in_folder
-from structured_common import command_line, ensure_malloc_env, machine, mean_sd
+from structured_common import command_line, ensure_malloc_env, machine, mean_sd, read_jsonl
 
 from admmcompress.data import Split, load_dataset
 from admmcompress.models import create_model
@@ -85,7 +85,7 @@ def targeted_weights(model: torch.nn.Module) -> tuple[int, int]:
 def summary(out: Path) -> str:
     if not (out / "results.jsonl").is_file():
         return f"no results in {out / 'results.jsonl'}"
-    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_jsonl(out / "results.jsonl")
     latest = {(r["structure"], r["rate"], r["seed"]): r for r in rows}
     lines = ["| structure | rate (block convs) | kept weights (block convs) | acc. after hard prune | "
              "test top-1 (%), mean +- sd (seeds) | drop vs dense |", "|---|---:|---:|---:|---:|---:|"]

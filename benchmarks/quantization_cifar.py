@@ -55,7 +55,16 @@ import time
 from pathlib import Path
 
 import torch
-from structured_common import CIFAR_BATCH, cifar_sgd, command_line, ensure_malloc_env, log_to, machine, write_json
+from structured_common import (
+    CIFAR_BATCH,
+    cifar_sgd,
+    command_line,
+    ensure_malloc_env,
+    log_to,
+    machine,
+    read_jsonl,
+    write_json,
+)
 
 from admmcompress.data import load_dataset
 from admmcompress.drivers import ADMM, RhoSchedule
@@ -149,11 +158,11 @@ def protocol(args) -> dict:
     return spec
 
 
-def prune(args, train, test, log) -> tuple[torch.nn.Module, MaskSet, dict]:
+def prune(args, train, test, log, spec: dict) -> tuple[torch.nn.Module, MaskSet, dict]:
     """The shared pruning stage (cached in ``--out``): ADMM unstructured, hard prune, masked retrain."""
     out = Path(args.out)
-    # keyed by the protocol: another dense model, data or schedule never reuses a stale pruned model
-    tag = f"pruned{args.prune_sparsity}_{protocol(args)['tag']}_seed{getattr(args, 'seed', 0)}"
+    # keyed by the protocol (``spec``): another dense model, data or schedule never reuses a stale pruned model
+    tag = f"pruned{args.prune_sparsity}_{spec['tag']}_seed{getattr(args, 'seed', 0)}"
     weights, mask_file, info_file = (out / f"{tag}{s}" for s in (".safetensors", "_masks.safetensors", ".json"))
     model = load_dense(Path(args.dense))
     if weights.is_file() and mask_file.is_file() and info_file.is_file():
@@ -184,14 +193,14 @@ def prune(args, train, test, log) -> tuple[torch.nn.Module, MaskSet, dict]:
     return model, masks, info
 
 
-def continued_dense(args, train, test, log) -> tuple[torch.nn.Module, dict]:
+def continued_dense(args, train, test, log, spec: dict) -> tuple[torch.nn.Module, dict]:
     """``--equal-budget``: the dense model trained as long as the pruning stage, on its schedule, without pruning.
 
     The unpruned settings start from it, so pruned and unpruned settings get the same number of training steps
     (without it, the pruned settings had three more epochs: worth about a point on an under-trained model).
     Cached in ``--out`` per seed, like the pruning stage.
     """
-    path = Path(args.out) / f"continued_dense_{protocol(args)['tag']}_seed{args.seed}.safetensors"
+    path = Path(args.out) / f"continued_dense_{spec['tag']}_seed{args.seed}.safetensors"
     info_file = path.with_suffix(".json")
     model = load_dense(Path(args.dense))
     if path.is_file() and info_file.is_file():
@@ -216,14 +225,14 @@ def run_setting(name: str, args, train, test, dense_accuracy: float, log) -> dic
     start = time.perf_counter()
     record: dict = {"setting": name, "quantizer": kind, "dense_accuracy": dense_accuracy}
     masks = None
+    spec = record["protocol"] = protocol(args)
     if name.startswith(PRUNE_PREFIX):
-        model, masks, record["pruning"] = prune(args, train, test, log)
+        model, masks, record["pruning"] = prune(args, train, test, log, spec)
     elif getattr(args, "equal_budget", False):
-        model, record["continued_dense"] = continued_dense(args, train, test, log)
+        model, record["continued_dense"] = continued_dense(args, train, test, log, spec)
     else:
         model = load_dense(Path(args.dense))
     record["seed"] = getattr(args, "seed", 0)
-    record["protocol"] = protocol(args)
     quant_start = time.perf_counter()
     targets = quant_plan(kind).resolve(model)
     admm = ADMM(
@@ -268,11 +277,9 @@ def summary(out: Path) -> str:
     if not path.is_file():
         return f"no results in {path}"
     groups: dict[str, dict[tuple[str, int], dict]] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            tag = r.get("protocol", {}).get("tag", "untagged")
-            groups.setdefault(tag, {})[r["setting"], r.get("seed", 0)] = r  # the last run of each setting and seed
+    for r in read_jsonl(path):
+        tag = r.get("protocol", {}).get("tag", "untagged")
+        groups.setdefault(tag, {})[r["setting"], r.get("seed", 0)] = r  # the last run of each setting and seed
     return "\n\n".join(protocol_table(tag, latest) for tag, latest in groups.items())
 
 

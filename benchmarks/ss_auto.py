@@ -35,7 +35,16 @@ import time
 from pathlib import Path
 
 import torch
-from structured_common import CIFAR_AUGMENT, command_line, ensure_malloc_env, fit, log_to, machine, mean_sd
+from structured_common import (
+    CIFAR_AUGMENT,
+    command_line,
+    ensure_malloc_env,
+    fit,
+    log_to,
+    machine,
+    mean_sd,
+    read_jsonl,
+)
 
 from admmcompress.data import Split, load_dataset
 from admmcompress.drivers import ADMM, RhoSchedule
@@ -247,7 +256,7 @@ def compacted(name: str, weights: dict, masks: MaskSet, x: torch.Tensor) -> torc
 
 def retime(out: Path, rounds: int) -> None:
     """Time every saved run again (batch 1, interleaved with the dense model per reduction and seed)."""
-    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_jsonl(out / "results.jsonl")
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if not r.get("quick") and all(f.is_file() for f in model_files(out / r["model"], r)):
@@ -277,14 +286,11 @@ def time_models(models: dict[str, torch.nn.Module], x: torch.Tensor, rounds: int
 
 
 def summarize(out: Path) -> str:
-    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_jsonl(out / "results.jsonl")
     retimed_file = out / "retimed.jsonl"
-    quiet = {}  # the last --retime of each run
-    if retimed_file.is_file():
-        for line in retimed_file.read_text().splitlines():
-            if line.strip():
-                q = json.loads(line)
-                quiet[q["model"], q["reduction"], q["seed"], q["method"]] = q
+    # the last --retime of each run
+    quiet = {(q["model"], q["reduction"], q["seed"], q["method"]): q
+             for q in (read_jsonl(retimed_file) if retimed_file.is_file() else [])}
     lines = []
     for name in sorted({r["model"] for r in rows}):
         lines += [f"### {name}", "", "| fewer MACs | method | accuracy (mean +- sd, seeds) | MAC reduction (compacted) "

@@ -82,6 +82,11 @@ def write_json(path: Path, value) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=1)))
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines results file, in order (blank lines skipped)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 def mean_sd(values: list[float]) -> str:
     """``"mean +- sd (n)"`` of a metric over seeds, the tables' one format (sd 0 for a single seed).
 

@@ -128,10 +128,15 @@ class SoftConfig:
     weighting: str = "sqrt"
     pin: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def schedule(self) -> RhoSchedule:
+        """rho's schedule (ADMM's class: one place validates and steps it)."""
+        return RhoSchedule(self.rho, self.rho_growth, self.rho_max)
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "strength", _number(self.strength, "strength", 0.0, strict=False))
         object.__setattr__(self, "rho", _number(self.rho, "rho", 0.0, strict=True))
-        schedule = RhoSchedule(self.rho, self.rho_growth, self.rho_max)  # validates growth and cap
+        schedule = self.schedule  # validates growth and cap
         object.__setattr__(self, "rho_growth", schedule.growth)
         object.__setattr__(self, "rho_max", schedule.maximum)
         ramp = _number(self.ramp, "ramp", 0.0, strict=False)
@@ -225,7 +230,7 @@ class SoftThreshold(Driver):
             self.U = {n: torch.zeros_like(w[n]) for n in self.names}
         self.strength = self.config.strength
         self.rho = self.config.rho
-        self.schedule = RhoSchedule(self.config.rho, self.config.rho_growth, self.config.rho_max)
+        self.schedule = self.config.schedule
         self.dense_cost = structured_cost(self.shapes, {}, kind, self.latency)
         self.target_cost: float | None = None
         self.final_cost: float | None = None
