@@ -165,10 +165,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _collective_worker(rank: int, port: int, result_dir: str) -> None:
+def _join(rank: int, port: int) -> Distributed:
+    """This worker as ``rank`` of a 2-process gloo group on ``port``, at 1 thread."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
     torch.set_num_threads(1)
-    ctx = Distributed.from_env()
+    return Distributed.from_env()
+
+
+def _collective_worker(rank: int, port: int, result_dir: str) -> None:
+    ctx = _join(rank, port)
     torch.manual_seed(0)  # the same model and data on both ranks
     model = torch.nn.Linear(5, 4)
     data = Split(torch.randn(37, 5), torch.randint(0, 4, (37,)))
@@ -201,10 +206,8 @@ def _drift_worker(rank: int, port: int, result_dir: str) -> None:
     from admmcompress.models import create_model
     from admmcompress.train.runner import Runner
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
-    torch.set_num_threads(1)
     warnings.simplefilter("ignore")
-    ctx = Distributed.from_env()
+    ctx = _join(rank, port)
     out = {}
     for check in (False, True):
         config = RunConfig.from_dict({
@@ -237,9 +240,7 @@ def test_driver_state_that_drifts_across_ranks_is_rank_0s_or_an_error_in_debug_m
 def _nan_worker(rank: int, port: int, result_dir: str) -> None:
     from admmcompress.train.loop import TrainingDiverged, train_epoch
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
-    torch.set_num_threads(1)
-    ctx = Distributed.from_env()
+    ctx = _join(rank, port)
     torch.manual_seed(0)
     net = wrap(torch.nn.Linear(4, 3), ctx)
     batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(4)]
@@ -284,9 +285,7 @@ def _uneven_worker(rank: int, port: int, result_dir: str) -> None:
     from admmcompress.data.imported import DatasetLoader
     from admmcompress.train.loop import train_epoch
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
-    torch.set_num_threads(1)
-    ctx = Distributed.from_env()
+    ctx = _join(rank, port)
     torch.manual_seed(0)
     net = wrap(torch.nn.Linear(4, 3), ctx)
     with warnings.catch_warnings(record=True) as caught:
