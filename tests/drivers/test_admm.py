@@ -285,6 +285,28 @@ def test_rho_growth_must_not_shrink(growth):
         RhoSchedule(growth=growth)
 
 
+def test_rescale_dual_keeps_the_multiplier_rho_u_across_growth():
+    """With rescale_dual the unscaled multiplier Y = rho U changes only by rho (W - Z) per update (Boyd 3.4.1)."""
+    model = small_cnn()
+    admm = ADMM(model, cnn_plan(), rho=RhoSchedule(0.05, 2.0, 0.3, rescale_dual=True))
+    plain = ADMM(copy.deepcopy(model), cnn_plan(), rho=RhoSchedule(0.05, 2.0, 0.3))
+    params = dict(model.named_parameters())
+    for it in range(4):
+        cnn_train(model, admm, 3, seed=it)
+        before = {k: (s["rho"], s["U"].clone()) for k, s in admm.state.items()}
+        admm.step()
+        for t in admm.targets:
+            s, (rho, u_old) = admm.state[t.key], before[t.key]
+            y_expected = rho * (u_old + params[t.param_name].detach() - s["Z"])
+            torch.testing.assert_close(s["rho"] * s["U"], y_expected, rtol=1e-5, atol=1e-7)
+    assert [e["rho"]["3.weight:unstructured"] for e in admm.history] == [0.05, 0.1, 0.2, 0.3]
+    # at the cap rho stops growing, and so does the rescaling
+    assert admm.schedule.dual_scale(0.3) == 1.0 and admm.schedule.dual_scale(0.2) == pytest.approx(2 / 3)
+    assert plain.schedule.dual_scale(0.05) == 1.0
+    with pytest.raises(ValueError, match=r"rescale_dual='yes' must be true or false"):
+        RhoSchedule(rescale_dual="yes")
+
+
 def test_rho_maximum_below_initial():
     with pytest.raises(ValueError, match=r"rho_max=0.001 must be >= rho=0.01"):
         RhoSchedule(initial=1e-2, maximum=1e-3)

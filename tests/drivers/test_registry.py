@@ -38,7 +38,8 @@ def test_unknown_method_lists_the_registered_ones():
 
 
 def test_unknown_option_names_the_method_and_the_allowed_keys():
-    with pytest.raises(DriverError, match=r"unknown option\(s\) \['rh0'\] for method 'admm'; allowed: \['rho'"):
+    expected = r"unknown option\(s\) \['rh0'\] for method 'admm'; allowed: \['rescale_dual', 'rho'"
+    with pytest.raises(DriverError, match=expected):
         get_driver("admm").make_config({"rh0": 1.0})
 
 
@@ -59,7 +60,7 @@ def test_legacy_option_spellings_still_read():
     stage = StageConfig(plan={"rules": [{"match": "fc1", "structure": "unstructured", "sparsity": 0.5}]},
                         admm={"epochs": 1, "rho": 5e-3, "rho_growth": 1.1})
     assert (stage.options.rho, stage.options.rho_growth) == (5e-3, 1.1)
-    assert stage.to_dict()["options"] == {"rho": 5e-3, "rho_growth": 1.1, "rho_max": 1.0}
+    assert stage.to_dict()["options"] == {"rho": 5e-3, "rho_growth": 1.1, "rho_max": 1.0, "rescale_dual": False}
     gradual = StageConfig(plan=stage.plan, method="gradual", admm={"epochs": 1, "rho": 5e-3})  # ignored, as before
     assert gradual.options is not None
     rew = StageConfig(plan=stage.plan, method="reweighted", reweighted={"penalty": 1e-3})
@@ -172,3 +173,13 @@ def test_a_module_transform_driver_runs_retrains_and_resumes(scale_driver, tmp_p
     skeleton = LeNet300100()
     rebuild_transforms(skeleton, metrics["transforms"])
     skeleton.load_state_dict(model.state_dict())
+
+
+def test_rescale_dual_reads_from_a_stage_options_mapping():
+    plan = {"rules": [{"match": "fc1", "structure": "unstructured", "sparsity": 0.5}]}
+    stage = StageConfig(plan=plan, method="admm", options={"rho": 1e-3, "rescale_dual": True}, admm={"epochs": 1})
+    assert stage.options.schedule().rescale_dual is True
+    soft = StageConfig(plan=plan, method="soft", options={"rescale_dual": True, "rho_growth": 1.3}, admm={"epochs": 1})
+    assert soft.options.schedule.rescale_dual is True
+    with pytest.raises((DriverError, ValueError), match=r"rescale_dual=1 must be true or false"):
+        StageConfig(plan=plan, method="admm", options={"rescale_dual": 1}, admm={"epochs": 1})

@@ -310,6 +310,21 @@ def test_rho_grows_per_update_up_to_its_cap_and_the_penalty_and_threshold_use_it
         SoftConfig(rho_growth=0.5)
 
 
+def test_rescale_dual_scales_u_by_the_rho_ratio_at_each_growth():
+    x, y = torch.randn(64, 32), torch.randint(0, 10, (64,))
+    model = mlp()
+    cfg = SoftConfig(strength=1e-3, rho=0.1, rho_growth=2.0, rho_max=0.5, rescale_dual=True)
+    twin = copy.deepcopy(model)
+    soft = SoftThreshold(model, row_col_plan(), cfg)
+    plain = SoftThreshold(twin, row_col_plan(), SoftConfig(strength=1e-3, rho=0.1, rho_growth=2.0, rho_max=0.5))
+    train_a_little(model, soft, x, y, steps=2, every=2)
+    train_a_little(twin, plain, x, y, steps=2, every=2)
+    # same data and weights up to the first update: U differs by the factor rho_old / rho_new only
+    for n in soft.names:
+        torch.testing.assert_close(soft.U[n], plain.U[n] * 0.5)
+    assert soft.rho == plain.rho == 0.2
+
+
 @pytest.mark.parametrize(
     ("budget", "message"),
     [

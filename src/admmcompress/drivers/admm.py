@@ -48,11 +48,20 @@ class RhoSchedule:
     ``growth=1.0`` gives the constant-rho recipe (the TF LeNet-5 code uses 1e-4 constant);
     the default 1e-3 x1.3 follows the PyTorch progressive code (SPEC 1.3). The cap keeps a
     growing rho from freezing training (SPEC P8). This is the one place rho is validated.
+
+    ``rescale_dual``: U is the *scaled* dual (the multiplier divided by rho), so when rho grows the
+    multiplier it stands for grows with it unless U is rescaled by ``rho_old / rho_new`` (Boyd et al.
+    2011, section 3.4.1). The reference pruning code does not rescale, so the default keeps its
+    behaviour; ``True`` keeps the multiplier itself unchanged across the growth.
+
+    >>> RhoSchedule(1e-3, 2.0, rescale_dual=True).dual_scale(1e-3)
+    0.5
     """
 
     initial: float = 1e-3
     growth: float = 1.3
     maximum: float | None = None  # default: max(1.0, initial)
+    rescale_dual: bool = False
 
     def __post_init__(self) -> None:
         for key in ("initial", "growth", "maximum"):  # np.float32(1e-3) or a 0-d tensor is the number it holds
@@ -73,9 +82,15 @@ class RhoSchedule:
         _finite(self.growth, "rho_growth")
         if not self.maximum >= self.initial:
             raise ValueError(f"rho_max={self.maximum!r} must be >= rho={self.initial!r}")
+        if not isinstance(self.rescale_dual, bool):
+            raise ValueError(f"rescale_dual={self.rescale_dual!r} must be true or false")
 
     def next(self, rho: float) -> float:
         return min(rho * self.growth, self.maximum)
+
+    def dual_scale(self, rho: float) -> float:
+        """The factor U takes when rho steps from ``rho`` to ``next(rho)``: 1 unless ``rescale_dual``."""
+        return rho / self.next(rho) if self.rescale_dual else 1.0
 
 
 @dataclass(frozen=True)
@@ -83,12 +98,13 @@ class ADMMConfig:
     """Options of method ``admm`` (a run config's ``options:``; older configs give them inside ``admm:``).
 
     >>> ADMMConfig(rho=1e-3, rho_growth=1.1).schedule()
-    RhoSchedule(initial=0.001, growth=1.1, maximum=1.0)
+    RhoSchedule(initial=0.001, growth=1.1, maximum=1.0, rescale_dual=False)
     """
 
     rho: float = 1e-3
     rho_growth: float = 1.3
     rho_max: float = 1.0
+    rescale_dual: bool = False  # RhoSchedule: U rescaled as rho grows (off: the reference code's behaviour)
 
     def __post_init__(self) -> None:
         for key in ("rho", "rho_growth", "rho_max"):  # numpy/torch scalars: the Python numbers they hold
@@ -96,7 +112,7 @@ class ADMMConfig:
         self.schedule()  # validates
 
     def schedule(self) -> RhoSchedule:
-        return RhoSchedule(self.rho, self.rho_growth, self.rho_max)
+        return RhoSchedule(self.rho, self.rho_growth, self.rho_max, self.rescale_dual)
 
 
 @register_driver("admm", ADMMConfig)
@@ -172,6 +188,7 @@ class ADMM(Driver):
             entry["rho"][t.key] = s["rho"]
             entry["residual"][t.key] = _relative(w - s["Z"], w)
             entry["dual"][t.key] = _relative(s["Z"] - z_old, w)
+            s["U"] *= self.schedule.dual_scale(s["rho"])
             s["rho"] = self.schedule.next(s["rho"])
         self.iteration += 1
         self.history.append(entry)

@@ -106,9 +106,10 @@ class SoftConfig:
         strength: lambda, the group-lasso strength, used as given when there is no budget.
         rho: weight of ``rho/2 ||W - Z + U||^2`` (the pull of W toward Z); the threshold is ``lambda w_g / rho``.
         rho_growth, rho_max: rho is multiplied by ``rho_growth`` after each update, up to ``rho_max`` (default
-            ``max(1, rho)``), as ADMM's schedule (``RhoSchedule``; U is not rescaled, as there). With plain SGD a
+            ``max(1, rho)``), as ADMM's schedule (``RhoSchedule``). With plain SGD a
             constant small rho may pull W too weakly to reach Z within the phase (hard pruning then loses what
             W had); a growing rho closes that gap as it does for ADMM.
+        rescale_dual: rescale U by ``rho_old / rho_new`` as rho grows (``RhoSchedule``; off by default, as ADMM).
         budget: ``{kind: params|macs|latency, value|fraction|reduction: ...}``; None: fixed strength.
         ramp: share of the phase's updates over which the budget tightens from dense to the target (0: at once).
         weighting: "sqrt" (sqrt(group size), classic group lasso; default), "cost" (that x the group's cost per
@@ -123,6 +124,7 @@ class SoftConfig:
     rho: float = 1e-2
     rho_growth: float = 1.0
     rho_max: float | None = None
+    rescale_dual: bool = False
     budget: dict[str, Any] | None = None
     ramp: float = 0.5
     weighting: str = "sqrt"
@@ -131,7 +133,7 @@ class SoftConfig:
     @property
     def schedule(self) -> RhoSchedule:
         """rho's schedule (ADMM's class: one place validates and steps it)."""
-        return RhoSchedule(self.rho, self.rho_growth, self.rho_max)
+        return RhoSchedule(self.rho, self.rho_growth, self.rho_max, self.rescale_dual)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "strength", _number(self.strength, "strength", 0.0, strict=False))
@@ -460,6 +462,10 @@ class SoftThreshold(Driver):
             "residual": {n: _relative(w[n] - self.Z[n], w[n]) for n in self.names},
         }
         self.history.append(entry)
+        scale = self.schedule.dual_scale(self.rho)
+        if scale != 1.0:
+            for n in self.names:
+                self.U[n] *= scale
         self.rho = self.schedule.next(self.rho)
         self._refresh_anchors()
         return entry
