@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from structured_common import read_jsonl
 from torch import nn
 
 from admmcompress.data.ptb import batchify, bptt_windows, load_ptb
@@ -291,7 +292,7 @@ def main() -> None:
 
 
 def print_table(results: Path) -> None:
-    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(results)
     print(
         "| method | target | LSTM compression | valid ppl hard-pruned | valid ppl | test ppl "
         "| dense valid / test | s |"
