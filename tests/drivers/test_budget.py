@@ -142,6 +142,29 @@ def kept_params(model: nn.Module, shapes, plan: Plan) -> float:
     return structured_cost(shapes, {n: p != 0 for n, p in model.named_parameters() if n in shapes}, "params")
 
 
+@pytest.mark.parametrize("rate", [0.25, 0.5, 0.8])
+def test_allocation_cost_reads_the_hard_prune_masks_without_touching_the_model(rate):
+    import copy
+
+    from admmcompress.drivers.allocation import _cost_of
+
+    model = Residual().eval()
+    with torch.no_grad():
+        model.conv1.weight[:2] = 0  # zeros from an earlier stage count as pruned in both
+    targets = Plan([Rule(Filter(sparsity=0.9), type="Conv2d"), Rule(Column(sparsity=0.9), type="Conv2d")]
+                   ).resolve_coupled(model, X)
+    shapes = gemm_shapes(model, X)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rates = {t.key: rate * (i % 2 + 1) / 2 for i, t in enumerate(targets)}
+    for kind in ("params", "macs"):
+        trial = copy.deepcopy(model)  # the reference: hard-prune a copy and count what is left
+        hard_prune(trial, [t.with_structure(t.structure.with_sparsity(r)) for t in targets if (r := rates[t.key])])
+        expected = structured_cost(shapes, drop_unread_channels(targets, {n: p != 0 for n, p in
+                                                                          trial.named_parameters()}), kind)
+        assert _cost_of(model, targets, rates, shapes, kind) == expected
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_uniform_and_sensitivity_allocations_meet_the_budget():
     model = mlp()
     shapes = gemm_shapes(model, None)

@@ -35,7 +35,7 @@ from torch import nn
 
 from admmcompress.atomic import atomic_write
 from admmcompress.drivers.budget import Budget, BudgetError, drop_unread_channels, gemm_shapes, structured_cost
-from admmcompress.finalize import hard_prune
+from admmcompress.finalize import hard_prune, masks_of
 from admmcompress.plan import Plan, Rule, Target
 from admmcompress.plan.coupled import CoupledTarget
 from admmcompress.structures.groups import group_scores, kept_count
@@ -95,12 +95,14 @@ def write_rates_plan(path: str | Path, plan: Plan, comment: str = "") -> Path:
 
 def _cost_of(model: nn.Module, targets: list[Target], rates: Mapping[str, float], shapes, kind: str,
               latency=None) -> float:
-    trial = copy.deepcopy(model)
     staged = [t.with_structure(t.structure.with_sparsity(max(1e-9, r))) for t in targets
               if (r := rates.get(t.key, 0.0)) > 0]
-    masks = hard_prune(trial, staged) if staged else None
-    params = dict(trial.named_parameters())
-    patterns = {n: (p != 0) for n, p in params.items()} if masks is not None else {}
+    patterns: dict[str, torch.Tensor] = {}
+    if staged:  # the hard prune's masks, read off the weights: no model copy per bisection step
+        params = dict(model.named_parameters())
+        masks = masks_of(params, staged)
+        with torch.no_grad():
+            patterns = {n: (p != 0) & masks[n] if n in masks else (p != 0) for n, p in params.items()}
     return structured_cost(shapes, drop_unread_channels(targets, patterns), kind, latency)
 
 

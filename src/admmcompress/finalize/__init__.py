@@ -1,7 +1,7 @@
 """The finalizer: from a driven model to the exact structure, and what holds it there while retraining.
 
 - :mod:`~admmcompress.finalize.masks`: ``MaskSet`` (pruned weights stay zero under any optimizer),
-  ``prune_masks``, ``masks_from_model``;
+  ``prune_masks``, ``masks_of`` (the same masks, weights untouched), ``masks_from_model``;
 - :mod:`~admmcompress.finalize.quantized`: ``QuantizedMaskSet`` and ``HeldValues`` (quantized weights stay
   on their levels), ``hard_quantize``, ``partial_quantize``, ``release_holds``, ``mask_set_from_state``;
 - :mod:`~admmcompress.finalize.hard`: ``hard_prune``, the one call drivers make whatever the structure.
@@ -16,7 +16,7 @@
 """
 
 from admmcompress.finalize.hard import hard_prune
-from admmcompress.finalize.masks import MaskSet, masks_from_model, prune_masks
+from admmcompress.finalize.masks import MaskSet, masks_from_model, masks_of, prune_masks
 from admmcompress.finalize.quantized import (
     FIXED_LEVEL_UPDATES,
     UPDATES,
@@ -41,6 +41,7 @@ __all__ = [
     "mask_set_from_state",
     "masks_from_model",
     "partial_quantize",
+    "masks_of",
     "prune_masks",
     "release_holds",
 ]

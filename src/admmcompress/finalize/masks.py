@@ -156,13 +156,19 @@ def prune_masks(model: torch.nn.Module, targets, frozen: MaskSet | None = None) 
     Several targets on one parameter intersect; ``frozen`` masks from earlier stages are kept.
     Only the support is applied here: :func:`admmcompress.finalize.hard_prune` also quantizes.
     """
-    params = dict(model.named_parameters())
-    masks = MaskSet(frozen.masks if frozen is not None else None)
-    for target in targets:
-        for name, mask in target.masks(params).items():  # one parameter, or several for a coupled target
-            masks.intersect(name, mask)
+    masks = masks_of(dict(model.named_parameters()), targets, frozen)
     masks.apply(model)
     return masks
 
 
-__all__ = ["MaskSet", "masks_from_model", "prune_masks"]
+def masks_of(params: dict[str, torch.Tensor], targets, frozen: MaskSet | None = None) -> MaskSet:
+    """The masks :func:`prune_masks` would apply to ``params``, without touching them."""
+    masks = MaskSet(frozen.masks if frozen is not None else None)
+    with torch.no_grad():
+        for target in targets:
+            for name, mask in target.masks(params).items():  # one parameter, or several for a coupled target
+                masks.intersect(name, mask)
+    return masks
+
+
+__all__ = ["MaskSet", "masks_from_model", "masks_of", "prune_masks"]
