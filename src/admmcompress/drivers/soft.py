@@ -27,7 +27,11 @@ met mostly by the cut is magnitude pruning in disguise).
 The plan says what may be pruned: a layer without a rule is excluded; a rule's ``sparsity`` is the most
 its groups may lose (a bound; the largest groups beyond it are kept unshrunk); ``pin: {glob: sparsity}``
 fixes a layer's rate (its ``Z`` is the exact top-k projection, as in ADMM). Coupled targets
-(``coupling: strict``) are row groups spanning every member, so the result compacts physically.
+(``coupling: strict``) are row groups spanning every member, so the result compacts physically. ``heads``
+targets are row groups too: one group per attention head (with grouped-query attention, per key/value head and
+the query heads reading it) over its query, key and value rows and its output projection's columns, so a
+transformer's head counts and FFN widths come out of the same threshold. Budgets count Linear/Conv layers
+only: the attention products (``QK^T``, scores x ``V``) are not in a MAC budget.
 
 Three lines in your own loop::
 
@@ -80,7 +84,7 @@ from admmcompress.structures.block import BlockFilter
 from admmcompress.structures.groups import kept_count, top_groups
 from admmcompress.structures.scalars import plain_number
 
-ROW_KINDS = ("filter",)
+ROW_KINDS = ("filter", "heads")  # heads: coupled rows of q/k/v and columns of the output projection
 COLUMN_KINDS = ("column", "channel")
 WEIGHTINGS = ("cost", "sqrt", "none")
 _PRECISION = 1e-5  # the bisection stops when the strength is known to this relative precision
@@ -266,8 +270,8 @@ class SoftThreshold(Driver):
         bad = [t.key for t in targets if t.structure.quantizes or t.structure.kind not in ROW_KINDS + COLUMN_KINDS]
         if bad:
             raise PlanError(
-                f"method soft prunes rows and columns (structures filter, column, channel); targets {bad} have "
-                "other structures: give them to another stage"
+                f"method soft prunes rows and columns (structures filter, column, channel, heads); targets {bad} "
+                "have other structures: give them to another stage"
             )
         blocked = [t.key for t in targets if isinstance(t.structure, BlockFilter)]
         if blocked:
@@ -319,8 +323,8 @@ class SoftThreshold(Driver):
     def _norms(self, t: Target, flat: torch.Tensor) -> torch.Tensor:
         ids, n = self._ids[t.key]
         m = self._matrix(t, flat).double().pow(2)
-        if _is_row(t):  # rows (filters, coupled channel groups): a row sum instead of a scatter
-            return m.sum(dim=1).sqrt()
+        if _is_row(t):  # rows (filters, coupled channel groups, heads of consecutive rows): no scatter needed
+            return m.sum(dim=1).view(n, -1).sum(dim=1).sqrt()
         if t.structure.kind == "column":
             return m.sum(dim=0).sqrt()
         return _group_sum(m, ids, n).sqrt()
@@ -376,7 +380,7 @@ class SoftThreshold(Driver):
         factor = factor.to(flat.dtype)
         if isinstance(t, CoupledTarget):
             index = self._index[t.key]
-            flat[index] = flat[index] * factor.unsqueeze(1)
+            flat[index] = flat[index] * _per_row(t, factor).unsqueeze(1)
         elif _is_row(t):
             self._matrix(t, flat).mul_(factor.unsqueeze(1))  # a view: scales flat in place
         elif t.structure.kind == "column":
@@ -553,7 +557,7 @@ class SoftThreshold(Driver):
 
     def _masks(self, t: Target, keep: torch.Tensor) -> dict[str, torch.Tensor]:
         if isinstance(t, CoupledTarget):
-            return t.masks_for_channels(self._params, keep)
+            return t.masks_for_channels(self._params, _per_row(t, keep))
         ids, _ = self._ids[t.key]
         return {t.param_name: keep[ids].reshape(self._params[t.param_name].shape)}
 
@@ -632,6 +636,12 @@ def group_soft_threshold(
 
 def _is_row(t: Target) -> bool:
     return isinstance(t, CoupledTarget) or t.structure.kind in ROW_KINDS
+
+
+def _per_row(t: Target, per_group: torch.Tensor) -> torch.Tensor:
+    """A row target's per-group values, one per row of its matrix (a head spans ``head_dim`` rows)."""
+    width = getattr(t.structure, "head_dim", None) or 1
+    return per_group.repeat_interleave(width) if width > 1 else per_group
 
 
 def _group_sum(values: torch.Tensor, ids: torch.Tensor, n: int) -> torch.Tensor:
