@@ -1,4 +1,4 @@
-"""Method soft (SS-Auto) on attention heads: heads chosen by the group soft threshold beside FFN units."""
+"""Method soft (SS-Auto) on transformers: heads and FFN units from one threshold, and the hidden size."""
 
 from __future__ import annotations
 
@@ -124,3 +124,25 @@ def test_pinned_key_value_groups_compact_with_grouped_query_attention():
     for block in small.model.layers:
         assert block.self_attn.k_proj.out_features == 8  # one of two key/value heads (head_dim 8) kept
         assert block.self_attn.q_proj.out_features == 16  # with the two query heads that read it
+
+
+def test_the_hidden_size_is_one_row_group_per_stream_channel_and_compacts_exactly():
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=64)
+    model = transformers.BertForSequenceClassification(config).eval()
+    plan = Plan.from_dict({"rules": [{"match": "*output.dense", "structure": "filter", "sparsity": 0.5}]})
+    (target,) = plan.resolve_coupled(model, TOKENS, mode="extend")  # one target: the residual stream
+
+    def logits(m):
+        return m(TOKENS).logits
+
+    soft = drive(model, [target], SoftConfig(budget={"kind": "params", "reduction": 1.2}, rho=0.1), logits, updates=3)
+    masks = soft.finalize()
+    assert soft.final_cost <= soft.target_cost and soft.outcome["share_soft_threshold"] == 1.0
+    pruned = soft.outcome["zeroed_by_soft_threshold"]
+    assert pruned > 0
+    with torch.no_grad():
+        reference = logits(model)
+        small = compact(model, TOKENS, masks).model
+        torch.testing.assert_close(logits(small), reference, rtol=1e-4, atol=1e-5)
+    assert small.config.hidden_size == 32 - pruned
