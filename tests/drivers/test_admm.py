@@ -305,6 +305,8 @@ def test_rescale_dual_keeps_the_multiplier_rho_u_across_growth():
     assert plain.schedule.dual_scale(0.05) == 1.0
     with pytest.raises(ValueError, match=r"rescale_dual='yes' must be true or false"):
         RhoSchedule(rescale_dual="yes")
+    numpy = pytest.importorskip("numpy")
+    assert RhoSchedule(rescale_dual=numpy.bool_(True)).rescale_dual is True  # numpy's bool: the value it holds
 
 
 def test_rho_maximum_below_initial():

@@ -165,6 +165,15 @@ def test_allocation_cost_reads_the_hard_prune_masks_without_touching_the_model(r
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_allocation_baselines_refuse_quantization_rules_in_one_line():
+    from admmcompress.structures import FixedPoint
+
+    plan = Plan([Rule(Filter(sparsity=0.9), match="0"), Rule(FixedPoint(bits=4), match="2")])
+    with pytest.raises(BudgetError, match=r"choose pruning rates; \['2.weight:fixed_point'\] quantize") as err:
+        uniform_plan(mlp(), plan, {"kind": "params", "reduction": 2})
+    assert "\n" not in str(err.value)
+
+
 def test_uniform_and_sensitivity_allocations_meet_the_budget():
     model = mlp()
     shapes = gemm_shapes(model, None)

@@ -323,6 +323,15 @@ def test_rescale_dual_scales_u_by_the_rho_ratio_at_each_growth():
     for n in soft.names:
         torch.testing.assert_close(soft.U[n], plain.U[n] * 0.5)
     assert soft.rho == plain.rho == 0.2
+    model.zero_grad()
+    soft.penalty().backward()  # the penalty after the update pulls toward Z - U with the rescaled U, at the new rho
+    expected = 0.2 * (model[0].weight - soft.Z["0.weight"] + soft.U["0.weight"])
+    torch.testing.assert_close(model[0].weight.grad, expected)
+    resumed = SoftThreshold(copy.deepcopy(model), row_col_plan(), cfg)
+    resumed.load_state_dict(soft.state_dict())
+    assert resumed.rho == 0.2 and all(torch.equal(resumed.U[n], soft.U[n]) for n in soft.names)
+    train_a_little(model, soft, x, y, steps=6, every=2)  # up to the cap: no rescaling once rho stops growing
+    assert [e["rho"] for e in soft.history] == [0.1, 0.2, 0.4, 0.5] and soft.schedule.dual_scale(0.5) == 1.0
 
 
 @pytest.mark.parametrize(

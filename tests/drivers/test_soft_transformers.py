@@ -146,3 +146,26 @@ def test_the_hidden_size_is_one_row_group_per_stream_channel_and_compacts_exactl
         small = compact(model, TOKENS, masks).model
         torch.testing.assert_close(logits(small), reference, rtol=1e-4, atol=1e-5)
     assert small.config.hidden_size == 32 - pruned
+
+
+def test_output_columns_beside_heads_count_only_what_compaction_removes():
+    """A zero output-projection column does not remove its query/key rows (the scores read them): whole heads go."""
+    model = bert()
+    plan = Plan.from_dict({"rules": [
+        {"match": "*attention.self.query", "structure": "heads", "sparsity": 0.75},
+        {"match": "*attention.output.dense", "structure": "column", "sparsity": 0.5},
+    ]})
+    targets = plan.resolve_coupled(model, TOKENS)
+
+    def hidden(m):
+        return m(TOKENS).last_hidden_state
+
+    soft = drive(model, targets, SoftConfig(budget={"kind": "params", "reduction": 1.3}, rho=0.1), hidden, updates=2)
+    masks = soft.finalize()
+    assert soft.final_cost <= soft.target_cost
+    with torch.no_grad():
+        reference = hidden(model)
+        small = compact(model, TOKENS, masks).model
+        torch.testing.assert_close(hidden(small), reference, rtol=1e-4, atol=1e-5)
+    linear = sum(m.weight.numel() for m in small.modules() if isinstance(m, torch.nn.Linear))
+    assert linear == soft.final_cost

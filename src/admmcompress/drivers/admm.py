@@ -82,6 +82,8 @@ class RhoSchedule:
         _finite(self.growth, "rho_growth")
         if not self.maximum >= self.initial:
             raise ValueError(f"rho_max={self.maximum!r} must be >= rho={self.initial!r}")
+        if type(self.rescale_dual).__name__ == "bool_":  # numpy's bool: the truth value it holds
+            object.__setattr__(self, "rescale_dual", bool(self.rescale_dual))
         if not isinstance(self.rescale_dual, bool):
             raise ValueError(f"rescale_dual={self.rescale_dual!r} must be true or false")
 

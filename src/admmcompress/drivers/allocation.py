@@ -106,6 +106,16 @@ def _cost_of(model: nn.Module, targets: list[Target], rates: Mapping[str, float]
     return structured_cost(shapes, drop_unread_channels(targets, patterns), kind, latency)
 
 
+def _pruning_targets(model: nn.Module, plan: Plan | list[Target]) -> list[Target]:
+    """The plan's targets; the baselines allocate sparsities, so a quantization rule is refused in one line."""
+    targets = plan.resolve(model) if isinstance(plan, Plan) else list(plan)
+    quantized = [t.key for t in targets if t.structure.quantizes]
+    if quantized:
+        raise BudgetError(f"the allocation baselines choose pruning rates; {quantized} quantize: give them to "
+                          "another stage")
+    return targets
+
+
 def _baseline_budget(budget: Budget | Mapping[str, Any]) -> Budget:
     """The budget of a baseline allocation: params or MACs (a latency table is the SS-Auto driver's alone)."""
     budget = Budget.from_any(budget)
@@ -132,7 +142,7 @@ def _bisect(cost: Callable[[float], float], budget: float, lo: float = 0.0, hi: 
 def uniform_plan(model: nn.Module, plan: Plan | list[Target], budget: Budget | Mapping[str, Any],
                  example: torch.Tensor | None = None) -> Plan:
     """One sparsity for every target of ``plan``: the smallest whose magnitude pruning meets ``budget``."""
-    targets = plan.resolve(model) if isinstance(plan, Plan) else list(plan)
+    targets = _pruning_targets(model, plan)
     budget = _baseline_budget(budget)
     shapes = gemm_shapes(model, example)
     target = budget.resolve(structured_cost(shapes, {}, budget.kind))
@@ -160,7 +170,7 @@ def sensitivity_plan(model: nn.Module, plan: Plan | list[Target], budget: Budget
     ``curves`` come from :func:`sensitivity_curves` (``evaluate`` on the dense model gives the reference: the
     best accuracy of each curve's lowest rate is taken as the layer's no-loss level).
     """
-    targets = plan.resolve(model) if isinstance(plan, Plan) else list(plan)
+    targets = _pruning_targets(model, plan)
     budget = _baseline_budget(budget)
     shapes = gemm_shapes(model, example)
     target = budget.resolve(structured_cost(shapes, {}, budget.kind))
@@ -191,7 +201,7 @@ def torch_pruning_plan(model: nn.Module, plan: Plan | list[Target], budget: Budg
     """
     import torch_pruning as tp  # optional dependency; Torch-Pruning does the dependency-aware global ranking
 
-    targets = plan.resolve(model) if isinstance(plan, Plan) else list(plan)
+    targets = _pruning_targets(model, plan)
     budget = _baseline_budget(budget)
     shapes = gemm_shapes(model, example)
     target = budget.resolve(structured_cost(shapes, {}, budget.kind))

@@ -197,7 +197,8 @@ def drop_unread_channels(targets, patterns: Mapping[str, torch.Tensor]) -> dict[
 
     A channel whose consumer columns are all zero (say every column of the next conv that reads it was
     pruned) is removed by compaction with its producer filters; counting those filters would overstate the
-    cost. Only coupled targets (``Plan.resolve_coupled``) know their consumers; others pass through.
+    cost. Only coupled targets (``Plan.resolve_coupled``) know their consumers; others pass through. An
+    attention head goes only when none of its output-projection columns is read (compaction removes whole heads).
     """
     from admmcompress.plan.coupled import CoupledTarget
 
@@ -211,6 +212,9 @@ def drop_unread_channels(targets, patterns: Mapping[str, torch.Tensor]) -> dict[
         role = {n: torch.full(out[n].shape, 1.0 if n in readers else 0.0, device=out[n].device) for n in t.param_names}
         consumer_columns = t.value(role) > 0
         read = ((t.value({n: out[n].float() for n in t.param_names}) != 0) & consumer_columns).any(dim=1)
+        width = getattr(t.structure, "head_dim", None) or 1
+        if width > 1:  # attention heads: a query/key row is also read by the scores, so only whole heads go
+            read = read.view(-1, width).any(dim=1).repeat_interleave(width)
         for name, mask in t.masks_for_channels(out, read).items():
             out[name] = out[name] & mask
     return out

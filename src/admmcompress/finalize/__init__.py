@@ -40,8 +40,8 @@ __all__ = [
     "is_quantization",
     "mask_set_from_state",
     "masks_from_model",
-    "partial_quantize",
     "masks_of",
+    "partial_quantize",
     "prune_masks",
     "release_holds",
 ]
