@@ -82,7 +82,7 @@ class RhoSchedule:
         _finite(self.growth, "rho_growth")
         if not self.maximum >= self.initial:
             raise ValueError(f"rho_max={self.maximum!r} must be >= rho={self.initial!r}")
-        if type(self.rescale_dual).__name__ == "bool_":  # numpy's bool: the truth value it holds
+        if type(self.rescale_dual).__module__ == "numpy" and type(self.rescale_dual).__name__ in ("bool", "bool_"):
             object.__setattr__(self, "rescale_dual", bool(self.rescale_dual))
         if not isinstance(self.rescale_dual, bool):
             raise ValueError(f"rescale_dual={self.rescale_dual!r} must be true or false")
