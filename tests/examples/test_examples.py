@@ -37,3 +37,22 @@ def test_hf_trainer_example_prunes_ffns_to_2_of_4():
     assert result["pattern_holds"]
     assert result["dense_accuracy"] > 40.0  # 10 classes: far above chance after 2 short epochs
     assert result["pruned_accuracy"] > result["dense_accuracy"] - 5.0
+
+
+def test_ss_auto_vit_example_finds_heads_and_ffn_widths_that_compact():
+    import pytest
+
+    from admmcompress.data import find_dataset
+
+    pytest.importorskip("transformers")
+    try:
+        find_dataset("fashion_mnist")
+    except FileNotFoundError:
+        pytest.skip("fashion_mnist.npz is not available here (../shared/data or $ADMMCOMPRESS_DATA)")
+    result = load("ss_auto_vit").main(["--limit", "2000", "--dense-epochs", "2", "--soft-epochs", "1",
+                                       "--retrain-epochs", "1"])
+    assert result["agree"] and result["share_soft_threshold"] == 1.0
+    assert result["mac_reduction"] >= 2.0 / 1.01  # the budget, counted as compaction removes it
+    assert "structure: heads" in result["rates"] and "structure: filter" in result["rates"]
+    assert all(1 <= heads <= 4 and 1 <= units <= 128 for heads, units in result["blocks"])
+    assert result["pruned_accuracy"] > 40.0  # 10 classes: far above chance after the short schedule
