@@ -16,6 +16,11 @@ once per run at the end. Every method prunes the same structure, half the heads 
 
 - admm: ADMM for ``--admm-epochs`` (Z/U every quarter epoch, rho ``--rho`` growing x1.3 to 1), hard prune,
   ``--finetune-epochs`` of masked fine-tuning;
+- auto: SS-Auto (method ``soft``): the same driving schedule as admm (rho ``--rho`` x1.3 to 1, Z/U every quarter
+  epoch), but the rates are not given: one group-lasso strength, adapted at every update to meet a MAC budget
+  equal to the uniform plan's, picks how many heads and FFN units each block keeps (bounds: at most 3 of 4
+  heads and 90% of the units per block), then the same fine-tuning; the compacted shapes differ per block,
+  the MACs match the others';
 - magnitude: one-shot L2 magnitude pruning of the same coupled groups (heads and hidden units), then
   ``--admm-epochs + --finetune-epochs`` of masked fine-tuning: the same number of training steps;
 - tp_magnitude / tp_taylor: Torch-Pruning's ``MetaPruner`` with its group L2 magnitude or group Taylor
@@ -57,6 +62,8 @@ from torch import nn
 
 from admmcompress.data import load_dataset
 from admmcompress.drivers import ADMM, RhoSchedule
+from admmcompress.drivers.budget import drop_unread_channels, gemm_shapes, structured_cost
+from admmcompress.drivers.soft import SoftConfig, SoftThreshold
 from admmcompress.executors.compact import compact
 from admmcompress.finalize import hard_prune
 from admmcompress.plan import Plan, Rule
@@ -104,6 +111,19 @@ def plan() -> Plan:
     return Plan([Rule(Heads(sparsity=0.5), match="*attention.q_proj"), Rule(Filter(sparsity=0.5), match="*mlp.fc1")])
 
 
+def auto_bounds() -> Plan:
+    """What SS-Auto may prune: at most 3 of 4 heads and 90% of the FFN units of each block."""
+    return Plan([Rule(Heads(sparsity=0.75), match="*attention.q_proj"), Rule(Filter(sparsity=0.9), match="*mlp.fc1")])
+
+
+def uniform_macs(model: nn.Module, targets, x: torch.Tensor) -> float:
+    """The uniform plan's Linear/Conv MACs as SS-Auto's budget counts them (half the heads and units pruned)."""
+    trial = copy.deepcopy(model)
+    hard_prune(trial, targets)
+    patterns = {n: p != 0 for n, p in trial.named_parameters()}
+    return structured_cost(gemm_shapes(model, x), drop_unread_channels(targets, patterns), "macs")
+
+
 def train_opts(args, epochs: int, schedule: str = "cosine") -> dict:
     return {"epochs": epochs, "lr": 1e-3, "optimizer": "adamw", "batch_size": 128, "weight_decay": 0.05,
             "schedule": schedule, "seed": 1 + 1000 * args.seed, "fast": args.fast}
@@ -139,6 +159,18 @@ def run_method(args, log) -> dict:
         before = evaluate(model, val)
         masks = admm.finalize()
         epochs = args.finetune_epochs
+    elif args.what == "auto":
+        budget = {"kind": "macs", "value": uniform_macs(model, targets, x)}
+        soft = SoftThreshold(model, auto_bounds().resolve_coupled(model, x),
+                             SoftConfig(budget=budget, rho=args.rho, rho_growth=1.3, rho_max=1.0), example=x,
+                             updates=4 * args.admm_epochs)
+        opts = train_opts(args, args.admm_epochs, schedule="constant")
+        fit(model, train, opts.pop("epochs"), opts.pop("lr"), penalty=soft.penalty, every=max(1, steps // 4),
+            on_every=soft.step, log=log, **{**opts, "seed": 1000 * args.seed})
+        before = evaluate(model, val)
+        masks = soft.finalize()
+        found = {k: soft.outcome[k] for k in ("zeroed_by_soft_threshold", "cut_by_final_topk", "share_soft_threshold")}
+        epochs = args.finetune_epochs
     else:
         before = evaluate(model, val)
         masks = hard_prune(model, targets)
@@ -150,10 +182,14 @@ def run_method(args, log) -> dict:
     result = compact(model, x, masks)
     small = result.model.eval()
     timings = None if args.no_timing else latency(args, load_dense(args), small, test)
-    return {"validation_before_prune": before, "validation_after_prune": after, "validation": evaluate(model, val),
-            "accuracy": evaluate(small, test), "params": params(small), "macs": macs(small, x),
-            "heads": {k: list(v) for k, v in result.heads.items()}, "max_abs_diff": result.max_abs_diff,
-            "latency": timings}
+    ffn = {n: m.out_features for n, m in small.named_modules() if n.endswith("mlp.fc1")}
+    record = {"validation_before_prune": before, "validation_after_prune": after, "validation": evaluate(model, val),
+              "accuracy": evaluate(small, test), "params": params(small), "macs": macs(small, x),
+              "heads": {k: list(v) for k, v in result.heads.items()}, "ffn_units": ffn,
+              "max_abs_diff": result.max_abs_diff, "latency": timings}
+    if args.what == "auto":
+        record["soft"] = found
+    return record
 
 
 def torch_pruning_prune(args, model: ViT, train, x: torch.Tensor, taylor: bool) -> None:
@@ -246,7 +282,7 @@ def summary(out: Path) -> str:
              f"{dense['params']:,} params, {dense['macs'] / 1e6:.2f} M MACs", "",
              "| method | seeds | MACs (M) | params | val. after prune (%) | test top-1 (%) | speed-up b1 | b8 |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for method in ("admm", "magnitude", "tp_magnitude", "tp_taylor"):
+    for method in ("admm", "auto", "magnitude", "tp_magnitude", "tp_taylor"):
         runs = [json.loads(p.read_text()) for p in sorted(out.glob(f"{method}_seed*.json"))]
         if not runs:
             continue
@@ -255,7 +291,8 @@ def summary(out: Path) -> str:
         timed = [r for r in runs if r.get("latency")]
         speed = [statistics.median(r["latency"][b]["speedup"] for r in timed) if timed else float("nan")
                  for b in ("1", "8")]
-        lines.append(f"| {method} | {len(runs)} | {runs[0]['macs'] / 1e6:.2f} | {runs[0]['params']:,} | "
+        lines.append(f"| {method} | {len(runs)} | {statistics.mean(r['macs'] for r in runs) / 1e6:.2f} | "
+                     f"{round(statistics.mean(r['params'] for r in runs)):,} | "
                      f"{statistics.mean(r['validation_after_prune'] for r in runs):.2f} | "
                      f"{statistics.mean(acc):.2f} +- {sd:.2f} | {speed[0]:.2f}x | {speed[1]:.2f}x |")
     for timing in sorted(out.glob("time_t*.json")):
@@ -273,7 +310,8 @@ def summary(out: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["dense", "admm", "magnitude", "tp_magnitude", "tp_taylor", "time", "summary"])
+    parser.add_argument("what", choices=["dense", "admm", "auto", "magnitude", "tp_magnitude", "tp_taylor", "time",
+                                         "summary"])
     parser.add_argument("--out", default="runs/vit_fashion")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
