@@ -192,6 +192,11 @@ def structured_cost(
     return float(total)
 
 
+def rows_per_group(target) -> int:
+    """Consecutive rows of a row target's matrix that form one group: ``head_dim`` for heads, else 1."""
+    return getattr(target.structure, "head_dim", None) or 1
+
+
 def drop_unread_channels(targets, patterns: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``patterns`` with every coupled channel that no consumer reads removed from its producers too.
 
@@ -212,7 +217,7 @@ def drop_unread_channels(targets, patterns: Mapping[str, torch.Tensor]) -> dict[
         role = {n: torch.full(out[n].shape, 1.0 if n in readers else 0.0, device=out[n].device) for n in t.param_names}
         consumer_columns = t.value(role) > 0
         read = ((t.value({n: out[n].float() for n in t.param_names}) != 0) & consumer_columns).any(dim=1)
-        width = getattr(t.structure, "head_dim", None) or 1
+        width = rows_per_group(t)
         if width > 1:  # attention heads: a query/key row is also read by the scores, so only whole heads go
             read = read.view(-1, width).any(dim=1).repeat_interleave(width)
         for name, mask in t.masks_for_channels(out, read).items():
@@ -320,5 +325,5 @@ def _time(build, rounds: int) -> float:
 __all__ = [
     "BUDGET_KINDS", "Budget", "BudgetError", "GemmShape", "LatencyTable", "drop_unread_channels", "entry_costs",
     "gemm_shapes",
-    "kept_rows_cols", "structured_cost",
+    "kept_rows_cols", "rows_per_group", "structured_cost",
 ]

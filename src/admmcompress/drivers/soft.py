@@ -75,6 +75,7 @@ from admmcompress.drivers.budget import (
     entry_costs,
     gemm_shapes,
     kept_rows_cols,
+    rows_per_group,
     structured_cost,
 )
 from admmcompress.finalize import MaskSet
@@ -640,7 +641,7 @@ def _is_row(t: Target) -> bool:
 
 def _per_row(t: Target, per_group: torch.Tensor) -> torch.Tensor:
     """A row target's per-group values, one per row of its matrix (a head spans ``head_dim`` rows)."""
-    width = getattr(t.structure, "head_dim", None) or 1
+    width = rows_per_group(t)
     return per_group.repeat_interleave(width) if width > 1 else per_group
 
 
