@@ -5,6 +5,9 @@
     python benchmarks/ss_auto.py --model lenet5 --quick               # smoke: a fraction of an epoch, one seed
     python benchmarks/ss_auto.py --summarize --out runs/ss_auto       # the tables from results.jsonl
 
+Rerunning a command resumes it: a run already in ``results.jsonl`` is skipped, and one trained but not yet timed
+(in ``runs_partial.jsonl`` with its saved model) is only timed; a run cut off mid-training starts again.
+
 Methods, all on the same plan (rows = coupled filters, columns) and the same MAC budget, counted as
 ``admmcompress.drivers.budget`` counts it, then checked on the compacted model (``count_macs``):
 
@@ -246,6 +249,30 @@ def model_files(out: Path, record: dict) -> tuple[Path, Path]:
     return out / "models" / f"{stem}.safetensors", out / "models" / f"{stem}_masks.safetensors"
 
 
+def run_key(record: dict) -> tuple:
+    """What makes two runs the same run (model, method as tabled, reduction, seed, smoke or not, auto's weighting)."""
+    weighting = record.get("weighting", "sqrt") if record["method"] == "auto" else None
+    return record["model"], label(record), float(record["reduction"]), record["seed"], bool(record.get("quick")), \
+        weighting
+
+
+def earlier_runs(root: Path, out: Path) -> tuple[set[tuple], dict[tuple, dict]]:
+    """The runs finished before: those timed (``results.jsonl``) and those trained with their model saved but not
+    yet timed (``runs_partial.jsonl``, e.g. a seed cut short), so a rerun of the same command resumes."""
+    timed_file, partial_file = root / "results.jsonl", out / "runs_partial.jsonl"
+    timed = {run_key(r) for r in read_jsonl(timed_file)} if timed_file.is_file() else set()
+    partial = {run_key(r): r for r in (read_jsonl(partial_file) if partial_file.is_file() else [])
+               if all(f.is_file() for f in model_files(out, r))}
+    return timed, partial
+
+
+def reload_run(out: Path, record: dict, x: torch.Tensor) -> dict:
+    """A run trained before, from its saved model: its record with the compacted model to time."""
+    weights_file, masks_file = model_files(out, record)
+    masks = MaskSet.from_state_dict(ckpt.load_tensors(masks_file))
+    return {**record, "_compacted": compacted(record["model"], ckpt.load_tensors(weights_file), masks, x)}
+
+
 def compacted(name: str, weights: dict, masks: MaskSet, x: torch.Tensor) -> torch.nn.Module:
     """The model compacted as the run's was (with ``timed_columns: auto`` the column executor's per-layer choice
     is measured again, so it may differ from the run's)."""
@@ -359,6 +386,17 @@ def main() -> None:
         for seed in args.seeds if not args.quick else args.seeds[:1]:
             results = {}
             for method in args.methods:
+                wanted = {"model": args.model, "method": method, "reduction": reduction, "seed": seed,
+                          "quick": args.quick, "weighting": args.weighting,
+                          "soft_rho_growth": args.soft_rho_growth if method == "auto" else None}
+                timed, partial = earlier_runs(args.out, out)
+                if run_key(wanted) in timed:
+                    log(f"== {args.model} {reduction:g}x seed {seed}: {label(wanted)} finished before, skipped")
+                    continue
+                if run_key(wanted) in partial:
+                    log(f"== {args.model} {reduction:g}x seed {seed}: {label(wanted)} trained before, timed only")
+                    results[method] = reload_run(out, partial[run_key(wanted)], full.x[:1])
+                    continue
                 log(f"== {args.model} {reduction:g}x seed {seed}: {method}")
                 results[method] = one_run(args.model, method, reduction, seed, (full, test, held), out, log,
                                           args.quick, args.weighting, args.soft_rho_growth)
@@ -374,6 +412,8 @@ def main() -> None:
                 log(f"   accuracy {results[method]['accuracy']:.2f}%, compacted MACs "
                     f"{results[method]['macs_compacted']:,} (dense {results[method]['macs_dense']:,}), "
                     f"{results[method]['wall_seconds']:.0f} s")
+            if not results:
+                continue
             x = full.x[:1]
             models = {m: r.pop("_compacted") for m, r in results.items()}
             models["dense"] = load(setup, args.model)

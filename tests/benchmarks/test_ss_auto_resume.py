@@ -1,0 +1,81 @@
+"""benchmarks/ss_auto.py resumes: a run trained before is only timed, a run timed before is skipped."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from admmcompress.finalize import hard_prune
+from admmcompress.models import create_model
+from admmcompress.plan import Plan, Rule
+from admmcompress.structures import Filter
+from admmcompress.train import checkpoint as ckpt
+
+
+@pytest.fixture()
+def ss_auto(load_benchmark):
+    return load_benchmark("ss_auto")
+
+
+def trained_before(ss_auto, out, method: str) -> dict:
+    """A quick run's record and saved model, as a seed cut short after training leaves them."""
+    torch.manual_seed(0)
+    model = create_model("lenet5", dropout=0.0).eval()
+    masks = hard_prune(model, Plan([Rule(Filter(sparsity=0.5), match="conv2")]).resolve(model))
+    record = {"model": "lenet5", "method": method, "reduction": 2.0, "seed": 0, "quick": True, "weighting": "sqrt",
+              "soft_rho_growth": 1.0 if method == "auto" else None, "accuracy": 97.5, "macs_dense": 2,
+              "macs_compacted": 1, "wall_seconds": 1.0, "share_soft_threshold": 1.0}
+    weights_file, masks_file = ss_auto.model_files(out / "lenet5", record)
+    weights_file.parent.mkdir(parents=True, exist_ok=True)
+    ckpt.save_tensors(weights_file, model.state_dict())
+    ckpt.save_tensors(masks_file, masks.state_dict())
+    with open(out / "lenet5" / "runs_partial.jsonl", "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    return record
+
+
+def run_main(ss_auto, monkeypatch, out, methods: list[str]) -> None:
+    monkeypatch.setattr(ss_auto, "ensure_malloc_env", lambda: None)  # it would re-execute pytest
+    monkeypatch.setattr(sys, "argv", ["ss_auto.py", "--model", "lenet5", "--quick", "--reductions", "2",
+                                      "--seeds", "0", "--threads", "1", "--out", str(out), "--methods", *methods])
+    threads = torch.get_num_threads()
+    try:
+        ss_auto.main()
+    finally:
+        torch.set_num_threads(threads)  # main() sets it for the process; later tests keep theirs
+
+
+def test_a_trained_run_is_timed_without_training_and_then_skipped(ss_auto, tmp_path, monkeypatch):
+    trained_before(ss_auto, tmp_path, "uniform")
+    trained_before(ss_auto, tmp_path, "auto")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a run trained before was trained again")
+
+    monkeypatch.setattr(ss_auto, "one_run", no_training)
+    run_main(ss_auto, monkeypatch, tmp_path, ["uniform", "auto"])
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["method"] for r in rows) == ["auto", "uniform"]
+    assert all(r["accuracy"] == 97.5 and r["latency_ms"] > 0 and r["dense_latency_ms"] > 0 for r in rows)
+    run_main(ss_auto, monkeypatch, tmp_path, ["uniform", "auto"])  # everything timed: nothing runs again
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 2
+
+
+def test_another_recipe_is_not_taken_for_a_finished_run(ss_auto, tmp_path):
+    """auto with a growing rho, or another weighting, is a different run from the one recorded."""
+    record = trained_before(ss_auto, tmp_path, "auto")
+    timed, partial = ss_auto.earlier_runs(tmp_path, tmp_path / "lenet5")
+    assert not timed and ss_auto.run_key(record) in partial
+    assert ss_auto.run_key({**record, "soft_rho_growth": 1.3}) not in partial
+    assert ss_auto.run_key({**record, "weighting": "cost"}) not in partial
+    assert ss_auto.run_key({**record, "quick": False}) not in partial
+
+
+def test_a_run_whose_model_is_missing_is_run_again(ss_auto, tmp_path):
+    record = trained_before(ss_auto, tmp_path, "uniform")
+    for f in ss_auto.model_files(tmp_path / "lenet5", record):
+        f.unlink()
+    assert ss_auto.run_key(record) not in ss_auto.earlier_runs(tmp_path, tmp_path / "lenet5")[1]
