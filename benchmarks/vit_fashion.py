@@ -62,7 +62,8 @@ from torch import nn
 
 from admmcompress.data import load_dataset
 from admmcompress.drivers import ADMM, RhoSchedule
-from admmcompress.drivers.budget import drop_unread_channels, gemm_shapes, structured_cost
+from admmcompress.drivers.allocation import cost_at_rates
+from admmcompress.drivers.budget import gemm_shapes
 from admmcompress.drivers.soft import SoftConfig, SoftThreshold
 from admmcompress.executors.compact import compact
 from admmcompress.finalize import hard_prune
@@ -118,10 +119,8 @@ def auto_bounds() -> Plan:
 
 def uniform_macs(model: nn.Module, targets, x: torch.Tensor) -> float:
     """The uniform plan's Linear/Conv MACs as SS-Auto's budget counts them (half the heads and units pruned)."""
-    trial = copy.deepcopy(model)
-    hard_prune(trial, targets)
-    patterns = {n: p != 0 for n, p in trial.named_parameters()}
-    return structured_cost(gemm_shapes(model, x), drop_unread_channels(targets, patterns), "macs")
+    rates = {t.key: t.structure.target_sparsity for t in targets}
+    return cost_at_rates(model, targets, rates, gemm_shapes(model, x), "macs")
 
 
 def train_opts(args, epochs: int, schedule: str = "cosine") -> dict:

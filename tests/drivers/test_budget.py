@@ -146,7 +146,7 @@ def kept_params(model: nn.Module, shapes, plan: Plan) -> float:
 def test_allocation_cost_reads_the_hard_prune_masks_without_touching_the_model(rate):
     import copy
 
-    from admmcompress.drivers.allocation import _cost_of
+    from admmcompress.drivers.allocation import cost_at_rates
 
     model = Residual().eval()
     with torch.no_grad():
@@ -161,7 +161,7 @@ def test_allocation_cost_reads_the_hard_prune_masks_without_touching_the_model(r
         hard_prune(trial, [t.with_structure(t.structure.with_sparsity(r)) for t in targets if (r := rates[t.key])])
         expected = structured_cost(shapes, drop_unread_channels(targets, {n: p != 0 for n, p in
                                                                           trial.named_parameters()}), kind)
-        assert _cost_of(model, targets, rates, shapes, kind) == expected
+        assert cost_at_rates(model, targets, rates, shapes, kind) == expected
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 

@@ -93,8 +93,24 @@ def write_rates_plan(path: str | Path, plan: Plan, comment: str = "") -> Path:
     return atomic_write(Path(path), lambda tmp: tmp.write_text(text))
 
 
-def _cost_of(model: nn.Module, targets: list[Target], rates: Mapping[str, float], shapes, kind: str,
-              latency=None) -> float:
+def cost_at_rates(model: nn.Module, targets: list[Target], rates: Mapping[str, float], shapes, kind: str,
+                  latency=None) -> float:
+    """The budget's count (``"params"``, ``"macs"`` or ``"latency"``) of ``model`` hard-pruned at ``rates``
+    (target key -> sparsity; a target not named stays as it is), counted as compaction would leave it (coupled
+    targets: a removed filter takes the next layer's columns that read it; a channel nobody reads takes its
+    filter). The model is not touched.
+
+    >>> from admmcompress.models import create_model
+    >>> from admmcompress.plan import Plan, Rule
+    >>> from admmcompress.structures import Filter
+    >>> from admmcompress.drivers.budget import gemm_shapes
+    >>> model, x = create_model("lenet5"), torch.randn(1, 1, 28, 28)
+    >>> targets = Plan([Rule(Filter(sparsity=0.5), match="conv2")]).resolve_coupled(model, x)
+    >>> shapes = gemm_shapes(model, x)
+    >>> half, dense = (cost_at_rates(model, targets, rates, shapes, "macs") for rates in ({targets[0].key: 0.5}, {}))
+    >>> dense - half  # conv2 loses half its filters (800k MACs), fc1 the columns that read them (200k)
+    1000000.0
+    """
     staged = [t.with_structure(t.structure.with_sparsity(max(1e-9, r))) for t in targets
               if (r := rates.get(t.key, 0.0)) > 0]
     patterns: dict[str, torch.Tensor] = {}
@@ -146,7 +162,7 @@ def uniform_plan(model: nn.Module, plan: Plan | list[Target], budget: Budget | M
     budget = _baseline_budget(budget)
     shapes = gemm_shapes(model, example)
     target = budget.resolve(structured_cost(shapes, {}, budget.kind))
-    rate = _bisect(lambda s: _cost_of(model, targets, {t.key: s for t in targets}, shapes, budget.kind), target)
+    rate = _bisect(lambda s: cost_at_rates(model, targets, {t.key: s for t in targets}, shapes, budget.kind), target)
     return plan_from_rates(targets, {t.key: rate for t in targets}, model)
 
 
@@ -186,7 +202,7 @@ def sensitivity_plan(model: nn.Module, plan: Plan | list[Target], budget: Budget
     top = max(reference - min(c.values()) for c in curves.values()) + 1e-6
 
     def cost(share: float) -> float:
-        return _cost_of(model, targets, rates_at(share * top), shapes, budget.kind)
+        return cost_at_rates(model, targets, rates_at(share * top), shapes, budget.kind)
 
     share = _bisect(cost, target, 0.0, 1.0)
     return plan_from_rates(targets, rates_at(share * top), model)
@@ -233,6 +249,6 @@ def torch_pruning_plan(model: nn.Module, plan: Plan | list[Target], budget: Budg
 
 
 __all__ = [
-    "plan_from_rates", "rates_plan", "sensitivity_curves", "sensitivity_plan", "torch_pruning_plan",
+    "cost_at_rates", "plan_from_rates", "rates_plan", "sensitivity_curves", "sensitivity_plan", "torch_pruning_plan",
     "uniform_plan", "write_rates_plan",
 ]
