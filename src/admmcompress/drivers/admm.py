@@ -190,7 +190,8 @@ class ADMM(Driver):
             entry["rho"][t.key] = s["rho"]
             entry["residual"][t.key] = _relative(w - s["Z"], w)
             entry["dual"][t.key] = _relative(s["Z"] - z_old, w)
-            s["U"] *= self.schedule.dual_scale(s["rho"])
+            if (scale := self.schedule.dual_scale(s["rho"])) != 1.0:  # off by default: no pass over U
+                s["U"] *= scale
             s["rho"] = self.schedule.next(s["rho"])
         self.iteration += 1
         self.history.append(entry)
