@@ -24,6 +24,7 @@ MODULES = [
     "admmcompress.structures.lowrank",
     "admmcompress.plan",
     "admmcompress.plan.targets",
+    "admmcompress.strict_yaml",
     "admmcompress.plan.graph",
     "admmcompress.plan.coupled",
     "admmcompress.plan.rules",

@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -27,8 +28,15 @@ from admmcompress.train.runner import Runner, read_progress, rebuild_transforms,
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, TrainingDiverged, WriteError)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (the usage block stays behind --help); subcommands inherit it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="admmcompress", description=__doc__)
+    parser = OneLineParser(prog="admmcompress", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train/compress as a YAML config says; prints the report")
     run.add_argument("config", help="YAML run configuration (see configs/)")
@@ -136,6 +144,8 @@ def _check_run_flags(args: argparse.Namespace) -> None:
         raise ValueError(f"--seed {args.seed} must be an integer in [0, 2**63), e.g. --seed 1")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads {args.threads} must be a positive integer (torch's threads), e.g. --threads 4")
+    if args.out is not None and not args.out.strip():
+        raise ValueError("--out is empty; give a folder name, or leave --out out for runs/<name>-<time>")
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite replaces it: give one of them")
     if args.allow_config_change and not args.resume:
@@ -166,6 +176,7 @@ def _build_runner(config: RunConfig, out: Path | None, progress: bool, dist: Dis
 def _dry_run(args: argparse.Namespace, config: RunConfig, out: Path) -> int:
     """--dry-run: every check of a run (flags, config, plan against the model, data, checkpoints, --out), no writes."""
     folder = "(no --out: a new folder under runs/)"
+    resume = False
     if args.out:
         check_unlocked(out)  # a folder another run is writing: refused now, as the real run would be
         progress = read_progress(out) if args.resume else None
@@ -174,8 +185,12 @@ def _dry_run(args: argparse.Namespace, config: RunConfig, out: Path) -> int:
             allow_config_change=args.allow_config_change, stale_lock=(out / LOCK_FILE).exists(),
         )
         folder = plan.describe()
-    runner = _build_runner(config, None, progress=False)
-    runner.preflight()
+        resume = plan.resume
+    runner = _build_runner(config, out if resume else None, progress=False)
+    if resume:
+        runner.check_checkpoint()  # another model's checkpoint, a damaged one: refused now, as the run would
+    else:
+        runner.preflight()
     model = runner.model
     phases = ", ".join(f"{p.label} {p.cfg.epochs} epoch(s)" for p in runner.phases) or "none"
     print(f"admmcompress: dry run of '{config.name}': config, plan, data and checkpoints check out; nothing written")
@@ -258,7 +273,9 @@ def _report(out: Path, rehash: bool = False) -> int:
     for note in verify_run(out, files=not rehash):
         print(f"admmcompress: note: {note}", file=sys.stderr)
     metrics, history = load_report(out)
-    config = RunConfig.from_yaml(out / "config.yaml")
+    from admmcompress.run_export import read_run_config
+
+    config = read_run_config(out)  # a mistake in the run's config.yaml names that file
     model = create_model(config.model["name"], **{k: v for k, v in config.model.items() if k != "name"})
     rebuild_transforms(model, metrics.get("transforms", []))  # modules a driver rewrote (ModuleTransform)
     ckpt.load_weights(model, out / "model.safetensors")

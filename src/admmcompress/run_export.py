@@ -5,6 +5,7 @@ training package or the report: ``open_run`` verifies a run folder (the output c
 ``metrics.json``, the weights against ``masks.safetensors``: ``report.integrity``) and reads it
 (``config.yaml``, ``model.safetensors``) into an :class:`~admmcompress.executors.FinishedRun` (the model,
 its config, test inputs, its storage report), and ``export_run`` hands it to ``get_executor(name).export``.
+The command never replaces what the user has: ``--out`` must not exist (``--compact``: or be an empty folder).
 
 The command's flags come from the registry: one ``--<name>`` per registered executor that can
 ``export`` (built-ins ``--compact``, ``--onnx``, ``--packed``) and each executor's own options
@@ -37,17 +38,43 @@ from admmcompress.models import create_model
 from admmcompress.plugins import PluginError, load_plugins
 from admmcompress.report.storage import storage
 from admmcompress.train import checkpoint as ckpt
-from admmcompress.train.config import RunConfig
+from admmcompress.train.config import ConfigError, RunConfig
+
+# Executors whose --out is a folder (the others write one file).
+FOLDER_OUTPUTS = ("compact",)
+
+
+def _require_model(run_dir: Path) -> None:
+    if not (run_dir / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"'{run_dir}' has no model.safetensors; give the --out folder of a finished `admmcompress run`"
+        )
+
+
+def read_run_config(run_dir: str | Path) -> RunConfig:
+    """A run folder's ``config.yaml``; a mistake in it is one line naming that file.
+
+    The config's own messages say ``config: ...`` (right for ``admmcompress run CONFIG``, where the user named
+    the file); here the file is the run folder's copy, so its path replaces that prefix.
+    """
+    path = Path(run_dir) / "config.yaml"
+    try:
+        return RunConfig.from_yaml(path)
+    except ValueError as err:
+        text = str(err)
+        if str(path) in text:  # already names the file (missing, not YAML, not a mapping)
+            raise
+        kind = ConfigError if isinstance(err, ConfigError) else ValueError
+        raise kind(f"'{path}': {text.removeprefix('config: ')}") from None
+    except (TypeError, AttributeError) as err:  # a section of the wrong kind that the config's checks let through
+        raise ValueError(f"'{path}': a value has the wrong type or shape ({err}); the file is damaged") from None
 
 
 def load_run_model(run_dir: str | Path) -> tuple[torch.nn.Module, RunConfig]:
     """The model of a finished run folder (its ``config.yaml`` and ``model.safetensors``)."""
     run_dir = Path(run_dir)
-    if not (run_dir / "model.safetensors").is_file():
-        raise FileNotFoundError(
-            f"'{run_dir}' has no model.safetensors; give the --out folder of a finished `admmcompress run`"
-        )
-    config = RunConfig.from_yaml(run_dir / "config.yaml")
+    _require_model(run_dir)
+    config = read_run_config(run_dir)
     model = create_model(config.model["name"], **{k: v for k, v in config.model.items() if k != "name"})
     transforms = _recorded_transforms(run_dir)
     if transforms:  # modules a driver rewrote (ModuleTransform): rebuild them before loading the weights
@@ -62,7 +89,12 @@ def _recorded_transforms(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.json"
     if not path.is_file():
         return []
-    return json.loads(path.read_text()).get("metrics", {}).get("transforms", [])
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except ValueError as err:  # `hardware` reads a run without verifying it first: still one line
+        raise ValueError(f"'{path}' is not valid JSON ({err}): the file is damaged") from None
+    metrics = data.get("metrics") if isinstance(data, dict) else None
+    return metrics.get("transforms", []) if isinstance(metrics, dict) else []
 
 
 def example_input(config: RunConfig, count: int = 8) -> torch.Tensor:
@@ -93,14 +125,18 @@ def open_run(run_dir: str | Path) -> FinishedRun:
 def verify_run_folder(run_dir: str | Path) -> None:
     """Refuse a run folder whose outputs changed since the run (recorded checksums, weights against masks).
 
-    One ``RunIntegrityError`` line naming the file on a mismatch; a run written before checksums were
-    recorded gets a note on stderr. A folder without metrics.json (a model put there by hand, not a run's
-    output) has nothing recorded to verify.
+    The same check as ``admmcompress report``: one ``RunIntegrityError`` line naming the file on a mismatch;
+    a run written before checksums were recorded gets a note on stderr. A folder without metrics.json is
+    refused: nothing in it says which weights the run wrote (a tampered model would be exported as is).
     """
     from admmcompress.report.integrity import verify_run
 
-    if not (Path(run_dir) / "metrics.json").is_file():
-        return
+    run_dir = Path(run_dir)
+    _require_model(run_dir)  # an empty or missing folder: the usual "no model.safetensors" line
+    if not (run_dir / "metrics.json").is_file():
+        raise FileNotFoundError(
+            f"'{run_dir}' has no metrics.json, so its outputs cannot be verified; give a finished run folder"
+        )
     for note in verify_run(run_dir):
         print(f"admmcompress: note: {note}", file=sys.stderr)
 
@@ -227,7 +263,31 @@ def export_from_args(args: argparse.Namespace) -> str:
         raise ValueError(
             f"--{flag} is an option of --{' / --'.join(owners[wrong[0]])}, not of --{args.executor}; drop it"
         )
+    check_export_out(args.executor, args.out)
     return executor.export(open_run(args.dir), args.out, **given)
+
+
+def check_export_out(name: str, out: str | Path) -> None:
+    """Refuse an ``--out`` that export would write over or into, before the run is read.
+
+    Export never replaces what the user has: an existing file (or a folder where a file goes) is refused, and
+    ``--compact`` (a folder) takes a new or empty folder only. ``""`` would mean the current folder.
+    """
+    flag = f"--{name.replace('_', '-')}"
+    folder = name in FOLDER_OUTPUTS
+    if not str(out):
+        raise ValueError(f"--out is empty; give a {'folder' if folder else 'file'} name")
+    path = Path(out)
+    exists = path.exists() or path.is_symlink()  # a dangling link would be written through too
+    if folder and exists and not path.is_dir():
+        raise ValueError(f"--out '{out}' is a file; {flag} writes a folder, choose another --out")
+    if folder and path.is_dir() and any(path.iterdir()):
+        raise ValueError(f"--out '{out}' is a folder with files in it; {flag} writes a new folder: choose another "
+                         "--out or remove it")
+    if not folder and path.is_dir():
+        raise ValueError(f"--out '{out}' is a folder; {flag} writes a file, give a file name")
+    if not folder and exists:
+        raise ValueError(f"--out '{out}' exists; export does not overwrite: choose another name or remove it")
 
 
 # --- deprecated names (one release) ---------------------------------------------------------
@@ -261,6 +321,7 @@ def export_compact_run(run_dir: str | Path, out: str | Path, atol: float = 1e-4,
 
 __all__ = [
     "add_export_arguments",
+    "check_export_out",
     "config_plugins",
     "example_input",
     "export_compact_run",
@@ -271,5 +332,6 @@ __all__ = [
     "load_export_plugins",
     "load_run_model",
     "open_run",
+    "read_run_config",
     "verify_run_folder",
 ]

@@ -14,6 +14,7 @@ from admmcompress.executors.onnx_export import (  # noqa: E402
     run_onnx,
 )
 from admmcompress.models import create_model  # noqa: E402
+from admmcompress.report.integrity import record_output_checksums  # noqa: E402
 from admmcompress.structures.quantization import Clustering, FixedPoint, Ternary  # noqa: E402
 
 
@@ -121,6 +122,8 @@ def test_cli_export_onnx_checks_against_onnxruntime(tmp_path, capsys):
         "model: {name: lenet300100}\ndata: {dataset: mnist}\npretrained: dense.safetensors\nstages: []\n"
     )
     ckpt.save_tensors(run / "model.safetensors", model.state_dict())
+    (run / "metrics.json").write_text('{"metrics": {}, "history": []}')  # a finished run's: export verifies it
+    record_output_checksums(run)
     assert main(["export", "--onnx", str(run), "--out", str(tmp_path / "m.onnx")]) == 0
     printed = capsys.readouterr().out
     assert "'fc1.weight': 'int8'" in printed and "float weights: none" in printed

@@ -19,6 +19,7 @@ from admmcompress.executors.packed import (
     save_packed,
 )
 from admmcompress.models import create_model
+from admmcompress.report.integrity import record_output_checksums
 from admmcompress.report.storage import storage
 from admmcompress.structures.quantization import Binary, Clustering, FixedPoint, PowerOfTwo, Ternary
 from admmcompress.train import checkpoint as ckpt
@@ -170,6 +171,8 @@ def test_cli_export_packed_writes_and_verifies(tmp_path, capsys):
         "model: {name: lenet300100}\ndata: {dataset: mnist}\npretrained: dense.safetensors\nstages: []\n"
     )
     ckpt.save_tensors(run / "model.safetensors", model.state_dict())
+    (run / "metrics.json").write_text('{"metrics": {}, "history": []}')  # a finished run's: export verifies it
+    record_output_checksums(run)
     out = tmp_path / "model.admmpk"
     assert main(["export", "--packed", str(run), "--out", str(out)]) == 0
     printed = capsys.readouterr().out

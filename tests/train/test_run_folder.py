@@ -435,3 +435,43 @@ def test_dry_run_checks_everything_and_writes_nothing(tmp_path, capsys):
     assert err.startswith("admmcompress: error: ") and "matches no layer" in err and "Traceback" not in err
     missing = spec(data={"dataset": "mnist", "data_dir": str(tmp_path / "nowhere")})
     assert main(["run", str(write(tmp_path / "m.yaml", missing)), "--dry-run"]) == 2
+
+
+def test_resume_with_the_run_config_not_yaml_is_one_line(finished, tmp_path, capsys):
+    config, done = finished
+    out = tmp_path / "out"
+    _copy_run(done, out)
+    (out / "config.yaml").write_text("{{{")
+    message = error_line(capsys, ["run", str(config), "--out", str(out), "--resume", "--dry-run"])
+    assert "is not valid YAML" in message and "line 1" in message and "--overwrite" in message
+
+
+def test_resume_without_the_run_config_is_refused(finished, tmp_path, capsys):
+    """Nothing to check the config against: the checkpoint might be another config's."""
+    config, done = finished
+    out = tmp_path / "out"
+    _copy_run(done, out)
+    (out / "config.yaml").unlink()
+    for extra in ([], ["--dry-run"]):
+        message = error_line(capsys, ["run", str(config), "--out", str(out), "--resume", *extra])
+        assert "config.yaml' is missing, so the config cannot be checked" in message
+    assert (out / STATE_FILE).is_file()
+
+
+def test_dry_run_resume_loads_the_checkpoint_as_the_run_would(finished, tmp_path, capsys):
+    """Another model's checkpoint is refused by --dry-run --resume with the real resume's line; a good one passes."""
+    from admmcompress.models import create_model
+    from admmcompress.train import checkpoint as ckpt
+
+    config, done = finished
+    out = tmp_path / "out"
+    _copy_run(done, out)
+    assert main(["run", str(config), "--out", str(out), "--resume", "--dry-run"]) == 0
+    capsys.readouterr()
+    state = ckpt.load_state(out / STATE_FILE)
+    state["model"] = create_model("lenet5").state_dict()
+    ckpt.save_state(out / STATE_FILE, state)
+    before = (out / STATE_FILE).read_bytes()
+    message = error_line(capsys, ["run", str(config), "--out", str(out), "--resume", "--dry-run"])
+    assert "does not fit LeNet300100" in message
+    assert (out / STATE_FILE).read_bytes() == before

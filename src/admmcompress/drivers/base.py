@@ -128,6 +128,10 @@ class Driver:
         """One update at the phase's cadence; the return value is driver-specific (a log entry, masks)."""
         raise NotImplementedError
 
+    #: Whether the driver's work is done in ``step()`` (ADMM's Z/U step, a mask step): a phase whose cadence never
+    #: calls it is refused before training. False for a driver that prunes once when it is built.
+    needs_updates: bool = True
+
     #: Masks this driver keeps during its phase (None: it leaves the carried masks as they are). A driver
     #: whose ``step()`` changes masks sets this attribute; the runner re-attaches it after each update.
     masks: MaskSet | None = None

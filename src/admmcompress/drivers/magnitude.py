@@ -45,6 +45,7 @@ class OneShotMagnitude(Driver):
     ``finalize()`` returns them.
     """
 
+    needs_updates = False  # prunes once, when built
     supports_coupling = True
 
     def __init__(self, model: torch.nn.Module, targets: list[Target], frozen: MaskSet | None = None,

@@ -262,6 +262,8 @@ def _write_compacted(model: nn.Module, folder: str | Path, model_spec: dict[str,
     ``get_executor("compact").save(model, folder, model_spec=...)``.
     """
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():  # mkdir would say only "File exists", as a traceback
+        raise ValueError(f"'{folder}' is a file; a compacted model is saved as a folder, choose another path")
     folder.mkdir(parents=True, exist_ok=True)
     manifest = shape_manifest(model, model_spec)
     state, seen = {}, set()

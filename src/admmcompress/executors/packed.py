@@ -474,6 +474,7 @@ def save_packed(
     ``load_packed`` rebuild the architecture from the registry without a model instance."""
     if scheme != "best" and scheme not in SCHEMES:
         raise ValueError(f"scheme={scheme!r}; choose 'best' or one of {SCHEMES}")
+    index_bits = _index_bits(index_bits)  # checked before any byte is written
     weights = weight_tensors(model)  # the storage report's weight layers (norm scales stay raw)
     state = model.state_dict()
     spec = json.dumps(model_spec, separators=(",", ":")).encode() if model_spec else b""
@@ -809,14 +810,28 @@ def packed_size_lines(size: int, summary: PackedSummary, report: Any, scheme: st
     ]
 
 
+# Widest relative index b_r: 32 bits already skip 4,294,967,295 zeros per entry, more than any weight matrix
+# holds (a loaded model has at most MAX_MODEL_ELEMENTS); wider ones overflow the int64 skips the encoder builds.
+MAX_INDEX_BITS = 32
+
+
 def _index_bits(value: int | str) -> int | str:
-    """``"best"`` or a positive integer ``b_r`` (the command line gives strings)."""
-    if value == "best" or (isinstance(value, int) and not isinstance(value, bool)):
+    """``"best"`` or an integer ``b_r`` in 1..``MAX_INDEX_BITS`` (the command line gives strings)."""
+    if value == "best":
         return value
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"index_bits={value!r}: give a positive integer (relative index bits b_r) or 'best'") from None
+    if not (isinstance(value, int) and not isinstance(value, bool)):
+        try:
+            value = int(value)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"index_bits={value!r}: give a positive integer (relative index bits b_r) or 'best'"
+            ) from None
+    if not 1 <= value <= MAX_INDEX_BITS:
+        raise ValueError(
+            f"--index-bits {value} must be in 1..{MAX_INDEX_BITS} (relative index bits b_r; {MAX_INDEX_BITS} bits "
+            f"already skip {2**MAX_INDEX_BITS - 1:,} zeros per entry), or best"
+        )
+    return value
 
 
 @register_executor("packed")
@@ -869,6 +884,7 @@ class PackedExecutor(Executor):
 __all__ = [
     "BitReader",
     "BitWriter",
+    "MAX_INDEX_BITS",
     "MAX_MODEL_ELEMENTS",
     "PackedExecutor",
     "PackedFormatError",

@@ -28,3 +28,5 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         return _MODELS[name](**kwargs)
     except TypeError as err:
         raise ValueError(f"model '{name}': bad arguments {kwargs}: {err}") from None
+    except ValueError as err:  # a value the layers refuse (dropout 2.0): torch's text, with the model and arguments
+        raise ValueError(f"model '{name}' {kwargs}: {err}; fix the model's arguments") from None

@@ -192,7 +192,7 @@ def couple(
     for label, members in buckets.items():
         errors += _check_bucket(by_label[label], members, mode)
     if errors:
-        raise PlanError("the coupled plan does not fit this model:\n  - " + "\n  - ".join(errors))
+        raise PlanError.listing("the coupled plan does not fit this model", errors)
     canonical = {id(p): n for n, p in model.named_parameters()}  # a tied tensor has one name (the first)
     coupled = {
         label: _coupled_target(by_label[label], members, modules, canonical) for label, members in buckets.items()
@@ -287,7 +287,7 @@ def couple_heads(model: nn.Module, targets: Sequence[Target]) -> list[Target]:
             continue
         out.append(_head_target(t, layout, dict(model.named_modules())))
     if errors:
-        raise PlanError("the plan does not fit this model:\n  - " + "\n  - ".join(errors))
+        raise PlanError.listing("the plan does not fit this model", errors)
     return out
 
 

@@ -37,6 +37,7 @@ import yaml
 
 from admmcompress.plan.coupled import couple, couple_heads
 from admmcompress.plan.targets import PlanError, Target
+from admmcompress.strict_yaml import safe_load_unique, yaml_problem
 from admmcompress.structures.base import Structure
 from admmcompress.structures.groups import gemm_params
 from admmcompress.structures.registry import structure_class, structure_from_dict
@@ -69,6 +70,11 @@ class Rule:
         object.__setattr__(self, "exclude", tuple(exclude))
         for key in ("match", "type"):
             value = getattr(self, key)
+            if isinstance(value, (list, tuple)):  # quoting the list would make one bracket glob: say what works
+                raise PlanError(
+                    f"rule {key}={list(value)!r}: {key} takes one glob, e.g. {key}: \"conv*\"; for several layers "
+                    "write one rule per pattern"
+                )
             if value is not None and not isinstance(value, str):
                 raise PlanError(
                     f"rule {key}={value!r} must be a string (got {type(value).__name__}); "
@@ -164,7 +170,7 @@ class Plan:
             except PlanError as err:
                 errors.append(str(err))
         if errors:
-            raise PlanError("invalid plan:\n  - " + "\n  - ".join(errors))
+            raise PlanError.listing("invalid plan", errors)
         return cls(rules)
 
     @classmethod
@@ -177,9 +183,9 @@ class Plan:
                 raise PlanError(f"plan file '{path}' does not exist; check the path (relative to {Path.cwd()})")
             source = path.read_text()
         try:
-            spec = yaml.safe_load(source)
+            spec = safe_load_unique(source)
         except yaml.YAMLError as err:
-            raise PlanError(f"plan is not valid YAML: {err}") from None
+            raise PlanError(f"plan is not valid YAML: {yaml_problem(err)}") from None
         return cls.from_dict(spec)
 
     def to_dict(self) -> dict[str, Any]:
@@ -220,7 +226,7 @@ class Plan:
         errors += _tied_targets(targets, modules)
         errors += _tied_elsewhere(targets, modules, model)
         if errors:
-            raise PlanError("the plan does not fit this model:\n  - " + "\n  - ".join(errors))
+            raise PlanError.listing("the plan does not fit this model", errors)
         return couple_heads(model, targets)  # a heads target always spans its block's q/k/v rows and o columns
 
     def resolve_coupled(

@@ -25,6 +25,21 @@ from admmcompress.structures.base import Structure
 class PlanError(ValueError):
     """A plan that does not fit the model; the message lists every problem and its fix."""
 
+    @classmethod
+    def listing(cls, heading: str, problems: list[str]) -> PlanError:
+        """One line for one problem (``heading: problem``); several go one per line under the heading.
+
+        >>> str(PlanError.listing("invalid plan", ["rule #0: no sparsity"]))
+        'invalid plan: rule #0: no sparsity'
+        >>> print(PlanError.listing("invalid plan", ["a", "b"]))
+        invalid plan:
+          - a
+          - b
+        """
+        if len(problems) == 1:
+            return cls(f"{heading}: {problems[0]}")
+        return cls(f"{heading}:\n  - " + "\n  - ".join(problems))
+
 
 @dataclass(frozen=True)
 class Target:

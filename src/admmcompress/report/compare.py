@@ -61,9 +61,12 @@ def load_summary(run_dir: str | Path) -> RunSummary:
     if not metrics_file.is_file():
         raise FileNotFoundError(f"compare: no metrics.json in '{folder}'; give the --out folder of a finished run")
     try:
-        metrics = json.loads(metrics_file.read_text())["metrics"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise ValueError(f"compare: '{metrics_file}' is not a run's metrics.json (no 'metrics' entry)") from None
+        data = json.loads(metrics_file.read_bytes().decode("utf-8"))
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError: the words `report` uses for the file
+        raise ValueError(f"'{metrics_file}' is not valid JSON ({err}): the file is damaged") from None
+    metrics = data.get("metrics") if isinstance(data, dict) else None
+    if not isinstance(metrics, dict):
+        raise ValueError(f"compare: '{metrics_file}' is not a run's metrics.json (no 'metrics' entry)")
     config: dict[str, Any] = {}
     if config_file.is_file():
         config = yaml.safe_load(config_file.read_text()) or {}
@@ -238,19 +241,23 @@ def plot_compare(summaries: Sequence[RunSummary], path: str | Path) -> Path:
 def compare_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> str:
     """Table of ``run_dirs``; writes ``out`` (markdown) and its PNG beside it, or ``compare.png`` here.
 
-    Returns the markdown with a last line naming the files written.
+    Neither file may exist yet (nothing the user has is overwritten); both are written atomically. Returns the
+    markdown with a last line naming the files written.
     """
+    md = None if out is None else Path(out)
+    if md is not None and md.suffix != ".md":
+        raise ValueError(f"compare: --out {out}: give a markdown file name ending in .md, e.g. compare.md")
+    png = Path("compare.png") if md is None else md.with_suffix(".png")
+    for target in (md, png):  # checked before anything is read or written: a user's file is never replaced
+        if target is not None and (target.exists() or target.is_symlink()):
+            raise ValueError(f"'{target}' exists; give --out NEW.md or remove it")
     summaries = [load_summary(d) for d in run_dirs]
     table = compare_table(summaries)
-    if out is not None:
-        md = Path(out)
-        if md.suffix != ".md":
-            raise ValueError(f"compare: --out {out}: give a markdown file name ending in .md, e.g. compare.md")
-        md.parent.mkdir(parents=True, exist_ok=True)
+    if md is not None:
         atomic_write(md, lambda tmp: tmp.write_text(table + "\n"))
-        png = plot_compare(summaries, md.with_suffix(".png"))
+        plot_compare(summaries, png)
         return f"{table}\n\n(table in {md}, plot in {png})"
-    png = plot_compare(summaries, Path("compare.png"))
+    plot_compare(summaries, png)
     return f"{table}\n\n(plot in {png})"
 
 

@@ -58,8 +58,10 @@ def structure_from_dict(spec: Mapping[str, Any], where: str = "structure") -> St
     Raises ``ValueError`` prefixed with ``where`` (e.g. ``plan rule #2``) naming the problem and the fix.
     """
     name = spec.get("structure")
-    if not isinstance(name, str):
+    if name is None:
         raise ValueError(f"{where}: missing 'structure' (one of {', '.join(list_structures())})")
+    if not isinstance(name, str):
+        raise ValueError(f"{where}: structure={name!r} must be a name, one of {', '.join(list_structures())}")
     cls = structure_class(name)
     if cls is None:
         raise ValueError(f"{where}: unknown structure '{name}'; choose one of {', '.join(list_structures())}")

@@ -60,6 +60,11 @@ class SparsityStructure(Structure):
             object.__setattr__(self, key, plain_number(getattr(self, key)))
         if (self.sparsity is None) == (self.compression is None):
             raise ValueError(f"{name}: give exactly one of sparsity=... (in (0,1)) or compression=... (> 1)")
+        for key in ("sparsity", "compression"):
+            value = getattr(self, key)
+            if isinstance(value, str) or isinstance(value, bool):  # '0.8' quoted in YAML, or yes/no
+                raise ValueError(f"{name}: {key}={value!r} is {type(value).__name__}, not a number: write it as a "
+                                 "number, e.g. 0.8 (no quotes)")
         if self.sparsity is not None:
             if not isinstance(self.sparsity, (int, float)) or not 0.0 < float(self.sparsity) < 1.0:
                 raise ValueError(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from admmcompress.drivers.base import DriverError, get_driver, list_drivers
 from admmcompress.finalize import FIXED_LEVEL_UPDATES
 from admmcompress.plan import Plan, PlanError
 from admmcompress.plugins import load_plugins
+from admmcompress.strict_yaml import safe_load_unique, yaml_problem
 from admmcompress.structures.scalars import plain_number
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -49,6 +51,13 @@ LEGACY_ADMM_OPTIONS = ("rho", "rho_growth", "rho_max")
 COUPLINGS = ("none", "strict", "extend")
 COLUMN_MODES = ("off", "auto", "on")
 AUTOCAST_DTYPES = {None: None, "bf16": torch.bfloat16}
+# What to write for a required key that is missing (the one-line error shows it).
+REQUIRED_EXAMPLES = {
+    "plan": "plan: {rules: [{match: 'conv*', structure: unstructured, sparsity: 0.8}]}",
+    "model": "model: {name: lenet5}",
+}
+# A run's name names its folder under runs/: a plain name, never a path.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 class ConfigError(ValueError):
@@ -65,6 +74,12 @@ def _build(cls, spec: Any, where: str):
     unknown = sorted(set(spec) - names)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(names)}")
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [n for n in required if n not in spec]
+    if missing:
+        example = REQUIRED_EXAMPLES.get(missing[0], "")
+        raise ConfigError(f"{where}: missing '{missing[0]}:'{f'; add {example}' if example else ''}")
     try:
         return cls(**spec)
     except (TypeError, ValueError) as err:
@@ -127,9 +142,15 @@ class OptimizerConfig:
             raise ValueError(f"optimizer name={self.name!r}; choose one of {OPTIMIZERS}")
         _positive(self.lr, "lr")
         _number(self.momentum, "momentum")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum={self.momentum!r} must be in [0, 1), e.g. 0.9")
         _number(self.weight_decay, "weight_decay")
         if not 0 <= self.weight_decay < 1:
             raise ValueError(f"weight_decay={self.weight_decay!r} must be in [0, 1)")
+        if not isinstance(self.nesterov, bool):
+            raise ValueError(f"nesterov={self.nesterov!r} must be true or false")
+        if self.nesterov and (self.name != "sgd" or self.momentum == 0):
+            raise ValueError("nesterov: true needs name: sgd with momentum > 0; drop nesterov or change them")
 
 
 @dataclass
@@ -192,6 +213,7 @@ class PhaseConfig:
                 raise ValueError(f"dropout={self.dropout!r} must be in [0, 1) (0 turns dropout off)")
         if isinstance(self.optimizer, dict):
             self.optimizer = _build(OptimizerConfig, self.optimizer, "optimizer")
+        _section(self.optimizer, OptimizerConfig, "optimizer", "{name: sgd, lr: 0.01}")
         if isinstance(self.distill, dict):
             self.distill = _build(DistillConfig, self.distill, "distill")
         elif self.distill is not None and not isinstance(self.distill, DistillConfig):
@@ -417,16 +439,6 @@ class CompactRunConfig:
             raise ValueError(f"columns={self.columns!r}; choose one of {COLUMN_MODES}")
 
 
-def _yaml_problem(err: yaml.YAMLError) -> str:
-    """One line: the parser's problem and where (``str(err)`` spans several lines with a caret drawing)."""
-    problem = getattr(err, "problem", None)
-    mark = getattr(err, "problem_mark", None)
-    if problem is None:
-        return str(err).splitlines()[0]
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    return f"{problem}{where}"
-
-
 def _relative_to(path: str | None, base_dir: Path) -> str | None:
     """A checkpoint path written in a config is relative to the config's folder (unless it exists as given)."""
     if not path or Path(path).is_absolute():
@@ -505,6 +517,11 @@ class RunConfig:
             _section(self.pretrain, PhaseConfig, "pretrain", "{epochs: 10}")
         if self.pretrained is None and self.pretrain is None:
             raise ValueError("give 'pretrained' (a dense checkpoint) or 'pretrain' (epochs to train one)")
+        if self.pretrained is not None and self.pretrain is not None:
+            raise ValueError("give 'pretrained' (a dense checkpoint) or 'pretrain' (epochs to train one), not both: "
+                             "with both the pretrain phase would never run")
+        if self.pretrained is not None and (not isinstance(self.pretrained, str) or not self.pretrained):
+            raise ValueError(f"pretrained={self.pretrained!r} must be a checkpoint file's path")
         if self.pretrain is not None and self.pretrain.distill is not None:
             raise ValueError("pretrain: 'distill' needs a teacher, and the teacher is the pretrained model; "
                              "use distill in a stage's admm/retrain phase")
@@ -538,8 +555,11 @@ class RunConfig:
             raise ValueError(f"teacher={self.teacher!r} must be a checkpoint file or a list of them")
         if self.teacher is not None and not distills:
             raise ValueError("teacher is set but no phase distills; add distill: {alpha: 0.5} to a phase, or drop it")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ValueError(f"seed={self.seed!r} must be an integer >= 0")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed={self.seed!r} must be an integer in [0, 2**63), e.g. 1")
+        if not isinstance(self.name, str) or not NAME_PATTERN.fullmatch(self.name):
+            raise ValueError(f"name={self.name!r} must be a plain name (letters, digits, - _ .): it names the run's "
+                             "folder under runs/")
         if self.threads is not None:
             _positive(self.threads, "threads", integer=True)
         if self.compact is True:
@@ -588,9 +608,9 @@ class RunConfig:
                 f"config file '{path}' is not text (a binary file?); give a YAML run configuration (see configs/)"
             ) from None
         try:
-            spec = yaml.safe_load(text)
+            spec = safe_load_unique(text)
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
+            raise ConfigError(f"{path}: not valid YAML: {yaml_problem(err)}") from None
         if spec is None:
             raise ConfigError(
                 f"config file '{path}' is empty; a run config needs at least 'model:' and 'pretrained:' or "

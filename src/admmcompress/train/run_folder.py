@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from admmcompress.atomic import atomic_write
+from admmcompress.strict_yaml import safe_load_unique, yaml_problem
 from admmcompress.train.config import RunConfig
 from admmcompress.train.runner import STAGES_DIR, STATE_FILE, Phase
 
@@ -136,6 +137,11 @@ def plan_folder(
                 f"--resume: no checkpoint at {folder / STATE_FILE}; run without --resume to start, or pass the run's "
                 "--out folder"
             )
+    if STATE_FILE in present and CONFIG_FILE not in present:
+        raise RunFolderError(
+            f"--resume: '{folder / CONFIG_FILE}' is missing, so the config cannot be checked against the checkpoint; "
+            "restore it, or start again with --overwrite"
+        )
     plan = FolderPlan(folder, resume=STATE_FILE in present, restart=STATE_FILE not in present)
     if CONFIG_FILE in present:
         diff = config_diff(_saved_config(folder / CONFIG_FILE), config_dict(config))
@@ -169,10 +175,14 @@ def config_dict(config: RunConfig) -> dict[str, Any]:
 def _saved_config(path: Path) -> dict[str, Any]:
     """A run folder's config.yaml, with the defaults of keys added since it was written (so they are no change)."""
     try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
+        raw = safe_load_unique(path.read_text())
+    except yaml.YAMLError as err:
         raise RunFolderError(
-            f"--resume: cannot read '{path}' ({err}); restore it, or start again with --overwrite"
+            f"--resume: '{path}' is not valid YAML ({yaml_problem(err)}); restore it, or start again with --overwrite"
+        ) from None
+    except OSError as err:
+        raise RunFolderError(
+            f"--resume: cannot read '{path}' ({err.strerror or err}); restore it, or start again with --overwrite"
         ) from None
     if not isinstance(raw, dict):
         raise RunFolderError(f"--resume: '{path}' is not a run config; restore it, or start again with --overwrite")

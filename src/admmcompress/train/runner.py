@@ -22,7 +22,7 @@ from torch import nn
 
 from admmcompress.atomic import WriteError
 from admmcompress.data.datasets import BatchLoader, Split
-from admmcompress.data.imported import DatasetLoader, first_inputs
+from admmcompress.data.imported import DatasetLoader, describe, first_inputs
 from admmcompress.drivers.base import Driver, DriverContext, ModuleTransform, get_driver
 from admmcompress.finalize import (
     MaskSet,
@@ -130,6 +130,7 @@ class Runner:
             self.loader = DatasetLoader(train, config.data.batch_size, config.seed, self.dist.rank,
                                         self.dist.world_size, all_ranks=self.dist.all_true, least=self.dist.least)
         self.example = first_inputs(train)  # traces the channel coupling and gives compaction its input shape
+        check_model_reads(model, self.example, train, config)
         self.stage_targets: list[list[Target]] = [self._resolve(s) for s in config.stages]
         for i, (stage, targets) in enumerate(zip(config.stages, self.stage_targets, strict=True)):
             try:  # fail before any training, not at the stage
@@ -139,6 +140,17 @@ class Runner:
                                      "train during its phase); run this stage in one process")
                 driver.check_targets(targets)
                 driver.preflight(model, targets, stage.options, self.example)
+                cadence = Cadence.of(stage.admm, len(self.loader))
+                if driver.needs_updates and stage.admm.epochs > 0 and cadence.period > cadence.total_steps:
+                    # a warning, not a refusal: a smoke run of a real config on a few samples is legitimate
+                    warnings.warn(
+                        f"stages[{i}]: admm: one update every {cadence.period} steps never comes in the phase's "
+                        f"{cadence.total_steps} steps ({stage.admm.epochs} epoch(s) of {len(self.loader)}), so "
+                        f"'{stage.method}' will not update; give update_every_steps <= {cadence.total_steps}, "
+                        "or more epochs",
+                        UserWarning,
+                        stacklevel=2,
+                    )
             except PlanError as err:
                 raise PlanError(f"stages[{i}]: {err}") from None
             except ValueError as err:
@@ -222,6 +234,10 @@ class Runner:
         self.check_finite()
         if self.config.teacher is not None:
             self._frozen_copy()
+
+    def check_checkpoint(self) -> None:
+        """--dry-run --resume: the folder's checkpoint loads into this model (in memory only; nothing is written)."""
+        self._load()
 
     def _diverged_advice(self) -> str:
         """Where to go on after a NaN loss: only a checkpoint that exists is pointed to."""
@@ -592,6 +608,33 @@ class Runner:
         if state["optimizer"] is not None:
             self._pending = {"optimizer": state["optimizer"], "driver": state["driver"],
                              "average": state.get("average")}
+
+
+def check_model_reads(model: nn.Module, example: torch.Tensor, train: Any, config: RunConfig) -> None:
+    """One forward of the example batch (eval mode, no gradient): a model that cannot read the dataset's inputs,
+    or has fewer outputs than the dataset has classes, is refused in one line before anything is written."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(example)
+    except (RuntimeError, ValueError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"model '{config.model['name']}' cannot read the inputs of dataset {describe(config.data.dataset)} "
+            f"(shape {tuple(example.shape[1:])}): {first}; choose a model for this dataset, or a dataset for this model"
+        ) from None
+    finally:
+        model.train(was_training)
+    labels = getattr(train, "y", None)
+    if isinstance(out, torch.Tensor) and out.dim() == 2 and isinstance(labels, torch.Tensor) and labels.numel():
+        classes = int(labels.max()) + 1
+        if labels.dtype in (torch.int64, torch.int32) and classes > out.shape[1]:
+            raise ValueError(
+                f"model '{config.model['name']}' has {out.shape[1]} outputs but dataset "
+                f"{describe(config.data.dataset)} has {classes} classes; give the model num_classes: {classes} "
+                "(or a dataset with its classes)"
+            )
 
 
 def run_phases(config: RunConfig, train_dense: bool = True) -> list[Phase]:

@@ -1,0 +1,238 @@
+"""Wrong inputs to `admmcompress export` and `report --compare`: one line naming the problem and the fix.
+
+Nothing the user has is replaced: an existing --out (file or folder) is refused before the run is read, so are
+`report --compare`'s existing table and plot; a run folder without metrics.json cannot be verified and is
+refused; a run's damaged config.yaml or metrics.json is named in the message.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from admmcompress import run_export
+from admmcompress.cli import main
+from admmcompress.executors import get_executor
+from admmcompress.report.compare import compare_runs
+
+pytestmark = pytest.mark.filterwarnings("ignore:ADMM residual:RuntimeWarning")
+
+SPEC = {  # the tiny run of tests/executors/test_executor_registry.py: MNIST, 256 images, one epoch per phase
+    "name": "inputs",
+    "seed": 1,
+    "threads": 1,
+    "model": {"name": "lenet300100"},
+    "data": {"dataset": "mnist", "batch_size": 64, "train_limit": 256, "test_limit": 64},
+    "pretrain": {"epochs": 1},
+    "stages": [
+        {
+            "plan": {"rules": [{"match": "fc1", "structure": "unstructured", "sparsity": 0.9}]},
+            "method": "admm",
+            "admm": {"epochs": 1, "rho": 1.0e-2},
+            "retrain": {"epochs": 1},
+        }
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """One tiny finished run through `admmcompress run`; tests that change it work on copies."""
+    tmp = tmp_path_factory.mktemp("inputs")
+    config = tmp / "tiny.yaml"
+    config.write_text(yaml.safe_dump(SPEC, sort_keys=False))
+    threads = torch.get_num_threads()
+    try:
+        assert main(["run", str(config), "--out", str(tmp / "run"), "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return tmp / "run"
+
+
+@pytest.fixture
+def run(finished, tmp_path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(finished, copy)
+    return copy
+
+
+def error_line(capsys, argv: list[str]) -> str:
+    """The command's one stderr line (exit status 2, no traceback)."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("admmcompress: error: "), err
+    return err[0].removeprefix("admmcompress: error: ")
+
+
+@pytest.fixture
+def no_run_read(monkeypatch):
+    """Fail the test if export opens the run: --out is checked before any work."""
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("the run was opened before --out was checked")
+
+    monkeypatch.setattr(run_export, "open_run", refuse)
+
+
+# --- export --out -----------------------------------------------------------------------------------------
+
+
+def test_compact_out_that_is_a_file_is_refused_before_any_work(finished, tmp_path, capsys, no_run_read):
+    target = tmp_path / "precious.bin"
+    target.write_bytes(b"the user's file")
+    err = error_line(capsys, ["export", "--compact", str(finished), "--out", str(target)])
+    assert err == f"--out '{target}' is a file; --compact writes a folder, choose another --out"
+    assert target.read_bytes() == b"the user's file"
+
+
+def test_the_compact_save_refuses_a_file_in_one_line(tmp_path):
+    target = tmp_path / "precious.bin"
+    target.write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"is a file; a compacted model is saved as a folder, choose another path"):
+        get_executor("compact").save(nn.Sequential(nn.Linear(3, 2)), target)
+    assert target.read_bytes() == b"x"
+
+
+@pytest.mark.parametrize("flag", ["--packed", "--onnx"])
+def test_an_existing_out_file_is_never_replaced(finished, tmp_path, capsys, no_run_read, flag):
+    target = tmp_path / "precious.bin"
+    target.write_bytes(b"the user's file")
+    err = error_line(capsys, ["export", flag, str(finished), "--out", str(target)])
+    assert err == f"--out '{target}' exists; export does not overwrite: choose another name or remove it"
+    assert target.read_bytes() == b"the user's file"
+
+
+def test_a_folder_is_refused_where_a_file_goes_and_a_full_one_for_compact(finished, tmp_path, capsys, no_run_read):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    err = error_line(capsys, ["export", "--packed", str(finished), "--out", str(folder)])
+    assert err == f"--out '{folder}' is a folder; --packed writes a file, give a file name"
+    (folder / "notes.txt").write_text("keep me")
+    err = error_line(capsys, ["export", "--compact", str(finished), "--out", str(folder)])
+    assert err == (
+        f"--out '{folder}' is a folder with files in it; --compact writes a new folder: choose another --out or "
+        "remove it"
+    )
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"] and (folder / "notes.txt").read_text() == "keep me"
+
+
+def test_an_empty_out_is_refused(finished, capsys, no_run_read):
+    assert error_line(capsys, ["export", "--packed", str(finished), "--out", ""]) == "--out is empty; give a file name"
+    assert error_line(capsys, ["export", "--compact", str(finished), "--out", ""]) == (
+        "--out is empty; give a folder name"
+    )
+
+
+def test_new_outs_and_an_empty_compact_folder_are_written(finished, tmp_path, capsys):
+    assert main(["export", "--packed", str(finished), "--out", str(tmp_path / "m.admmpk")]) == 0
+    assert "outputs identical: True" in capsys.readouterr().out
+    empty = tmp_path / "compacted"
+    empty.mkdir()
+    assert main(["export", "--compact", str(finished), "--out", str(empty)]) == 0
+    assert (empty / "manifest.json").is_file()
+
+
+# --- export --index-bits ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", ["99", "40", "33", "0", "-1"])
+def test_index_bits_out_of_range_are_refused(finished, tmp_path, capsys, bits):
+    out = tmp_path / "x.bin"
+    argv = ["export", "--packed", str(finished), "--out", str(out), "--scheme", "relative", "--index-bits", bits]
+    err = error_line(capsys, argv)
+    assert err.startswith(f"--index-bits {bits} must be in 1..32 (relative index bits b_r") and err.endswith(
+        "), or best"
+    )
+    assert not out.exists()
+
+
+def test_the_widest_index_bits_still_pack(finished, tmp_path, capsys):
+    out = tmp_path / "x.bin"
+    argv = ["export", "--packed", str(finished), "--out", str(out), "--scheme", "relative", "--index-bits", "32"]
+    assert main(argv) == 0 and "outputs identical: True" in capsys.readouterr().out
+
+
+# --- export verifies the run as report does ---------------------------------------------------------------
+
+
+def test_a_run_without_metrics_json_is_not_exported(run, tmp_path, capsys):
+    (run / "metrics.json").unlink()
+    weights = load_file(str(run / "model.safetensors"))
+    masks = load_file(str(run / "masks.safetensors"))
+    first_pruned = tuple((~masks["fc1.weight"].bool()).nonzero()[0].tolist())
+    weights["fc1.weight"][first_pruned] = 0.5  # a weight the masks prune, revived
+    save_file(weights, str(run / "model.safetensors"))
+    out = tmp_path / "m.admmpk"
+    err = error_line(capsys, ["export", "--packed", str(run), "--out", str(out)])
+    assert err == f"'{run}' has no metrics.json, so its outputs cannot be verified; give a finished run folder"
+    assert not out.exists()
+    assert "no metrics.json" in error_line(capsys, ["report", str(run)])  # report refuses it too
+    with pytest.raises(FileNotFoundError, match="has no metrics.json, so its outputs cannot be verified"):
+        run_export.open_run(run)
+
+
+def test_a_missing_run_folder_still_says_it_has_no_model(tmp_path, capsys):
+    err = error_line(capsys, ["export", "--packed", str(tmp_path / "none"), "--out", str(tmp_path / "x")])
+    assert "has no model.safetensors" in err
+
+
+# --- a run's damaged files are named ----------------------------------------------------------------------
+
+
+def test_an_unknown_key_in_the_runs_config_names_the_file(run, tmp_path, capsys):
+    config = run / "config.yaml"
+    spec = yaml.safe_load(config.read_text())
+    spec["bogus_key"] = 1
+    config.write_text(yaml.safe_dump(spec, sort_keys=False))
+    err = error_line(capsys, ["export", "--packed", str(run), "--out", str(tmp_path / "m.admmpk")])
+    assert err.startswith(f"'{config}': unknown key(s) ['bogus_key']; allowed: ")
+    with pytest.raises(ValueError, match=r"config\.yaml': unknown key\(s\) \['bogus_key'\]"):
+        run_export.read_run_config(run)  # what `report` is to call too (cli._report)
+
+
+def test_compare_says_a_metrics_json_that_is_not_json_is_damaged(finished, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "metrics.json").write_text("{bad json")
+    err = error_line(capsys, ["report", "--compare", str(finished), str(bad)])
+    assert err.startswith(f"'{bad / 'metrics.json'}' is not valid JSON (") and err.endswith("): the file is damaged")
+    assert not (tmp_path / "compare.png").exists()
+
+
+# --- report --compare never overwrites --------------------------------------------------------------------
+
+
+def test_compare_refuses_an_existing_default_plot(finished, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "compare.png").write_bytes(b"the user's plot")
+    err = error_line(capsys, ["report", "--compare", str(finished)])
+    assert err == "'compare.png' exists; give --out NEW.md or remove it"
+    assert (tmp_path / "compare.png").read_bytes() == b"the user's plot"
+
+
+@pytest.mark.parametrize("existing", ["notes.md", "notes.png"])
+def test_compare_refuses_an_existing_table_or_plot(finished, tmp_path, capsys, existing):
+    (tmp_path / existing).write_text("the user's notes")
+    out = tmp_path / "notes.md"
+    err = error_line(capsys, ["report", "--compare", str(finished), "--out", str(out)])
+    assert err == f"'{tmp_path / existing}' exists; give --out NEW.md or remove it"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [existing]
+    assert (tmp_path / existing).read_text() == "the user's notes"
+
+
+def test_compare_writes_new_files_atomically(finished, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    text = compare_runs([finished], tmp_path / "t" / "notes.md")
+    assert "(table in" in text and (tmp_path / "t" / "notes.md").is_file() and (tmp_path / "t" / "notes.png").is_file()
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["notes.md", "notes.png"]  # no temp files left
+    with pytest.raises(ValueError, match="notes.md' exists; give --out NEW.md or remove it"):
+        compare_runs([finished], tmp_path / "t" / "notes.md")
+    assert json.loads((finished / "metrics.json").read_text())["metrics"]  # the run is untouched

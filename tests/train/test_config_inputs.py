@@ -1,0 +1,184 @@
+"""Wrong config values found by the bad-input audit: each is one line naming the key and the fix, before any
+folder is written (missing keys, wrong sections, out-of-range optimizer numbers, names that would be paths,
+duplicate YAML keys, a model that cannot read the data, a driver cadence that never comes)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from admmcompress.data.datasets import Split
+from admmcompress.models import create_model
+from admmcompress.plan import Plan, PlanError
+from admmcompress.train.config import ConfigError, RunConfig
+from admmcompress.train.runner import Runner
+
+PLAN = {"rules": [{"match": "fc1", "structure": "unstructured", "sparsity": 0.9}]}
+
+
+def spec(**overrides) -> dict:
+    base = {
+        "name": "tiny",
+        "model": {"name": "lenet300100"},
+        "data": {"dataset": "mnist", "batch_size": 8},
+        "pretrain": {"epochs": 1},
+        "stages": [{"plan": copy.deepcopy(PLAN), "admm": {"epochs": 1, "optimizer": {"name": "sgd", "lr": 0.01}}}],
+    }
+    base.update(overrides)
+    return base
+
+
+def with_admm(**admm) -> dict:
+    s = spec()
+    s["stages"][0]["admm"].update(admm)
+    return s
+
+
+def refused(content: dict, match: str) -> str:
+    with pytest.raises(ValueError, match=match) as info:
+        RunConfig.from_dict(content)
+    message = str(info.value)
+    assert "\n" not in message and "positional argument" not in message
+    return message
+
+
+@pytest.mark.parametrize("stage", [{"method": "admm"}, None])
+def test_a_stage_without_a_plan_names_the_missing_key_and_an_example(stage):
+    message = refused(spec(stages=[stage]), r"stages\[0\]: missing 'plan:'")
+    assert "plan: {rules:" in message
+
+
+def test_a_config_without_a_model_names_it():
+    content = spec()
+    del content["model"]
+    refused(content, "missing 'model:'; add model: {name: lenet5}")
+
+
+def test_an_optimizer_given_as_a_name_asks_for_a_mapping():
+    refused(with_admm(optimizer="sgd"), r"optimizer: expected a mapping such as \{name: sgd, lr: 0.01\}, got str 'sgd'")
+
+
+@pytest.mark.parametrize("momentum", [-0.5, 1.0, 5])
+def test_momentum_outside_zero_one_is_refused_while_reading(momentum):
+    refused(with_admm(optimizer={"name": "sgd", "momentum": momentum}), rf"momentum={momentum!r} must be in \[0, 1\)")
+
+
+def test_nesterov_must_be_a_boolean_with_sgd_and_momentum():
+    refused(with_admm(optimizer={"name": "sgd", "nesterov": "yes"}), "nesterov='yes' must be true or false")
+    refused(with_admm(optimizer={"name": "adam", "nesterov": True}), "nesterov: true needs name: sgd")
+    refused(with_admm(optimizer={"name": "sgd", "momentum": 0.0, "nesterov": True}), "momentum > 0")
+    RunConfig.from_dict(with_admm(optimizer={"name": "sgd", "momentum": 0.9, "nesterov": True}))
+
+
+@pytest.mark.parametrize("seed", [2**64, 2**63, -1])
+def test_a_seed_outside_what_torch_takes_is_refused(seed):
+    refused(spec(seed=seed), r"seed=.* must be an integer in \[0, 2\*\*63\)")
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "a/b", "", ".hidden", ["a"], 5])
+def test_a_name_that_is_not_a_plain_name_is_refused(name):
+    refused(spec(name=name), "must be a plain name")
+
+
+def test_pretrained_must_be_a_path_and_not_beside_pretrain(tmp_path):
+    content = spec(pretrained=5)
+    del content["pretrain"]
+    refused(content, "pretrained=5 must be a checkpoint file's path")
+    refused(spec(pretrained=str(tmp_path / "dense.safetensors")), "not both")
+
+
+def test_a_key_given_twice_in_a_config_file_is_refused_with_both_lines(tmp_path):
+    text = yaml.safe_dump(spec(), sort_keys=False) + "seed: 3\nname: other\n"
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"duplicate key 'name' \(first at line 1\); keep one of them at") as info:
+        RunConfig.from_yaml(path)
+    assert "\n" not in str(info.value)
+
+
+def test_yaml_anchors_and_merge_keys_still_read(tmp_path):
+    text = yaml.safe_dump({k: v for k, v in spec().items() if k != "stages"}, sort_keys=False) + (
+        "stages:\n"
+        "  - plan: &plan {rules: [{match: fc1, structure: unstructured, sparsity: 0.5}]}\n"
+        "    admm: &admm {epochs: 1, optimizer: {name: adam, lr: 1.0e-3}}\n"
+        "  - plan: {rules: [{match: fc1, structure: unstructured, sparsity: 0.9}]}\n"
+        "    admm: {<<: *admm, epochs: 2}\n"
+    )
+    (tmp_path / "run.yaml").write_text(text)
+    config = RunConfig.from_yaml(tmp_path / "run.yaml")
+    assert [s.admm.epochs for s in config.stages] == [1, 2]
+
+
+def test_a_plan_yaml_with_a_duplicate_key_is_one_line():
+    with pytest.raises(PlanError, match="duplicate key 'match'") as info:
+        Plan.from_yaml("rules:\n  - {match: fc1, match: fc2, structure: unstructured, sparsity: 0.5}\n")
+    assert "\n" not in str(info.value)
+
+
+def runner(model_name: str, x: torch.Tensor, y: torch.Tensor, **stage_admm) -> Runner:
+    content = spec(model={"name": model_name}, pretrained="unused.safetensors")
+    del content["pretrain"]
+    content["stages"][0]["admm"].update(stage_admm)
+    split = Split(x, y)
+    return Runner(RunConfig.from_dict(content), create_model(model_name), split, split, progress=False)
+
+
+def test_a_model_that_cannot_read_the_dataset_is_refused_before_training():
+    x, y = torch.randn(4, 3, 32, 32), torch.zeros(4, dtype=torch.long)  # CIFAR-shaped inputs for an MNIST model
+    with pytest.raises(ValueError, match=r"model 'lenet5' cannot read the inputs of dataset .* \(shape \(3, 32, 32\)\)"
+                       r".*choose a model for this dataset") as info:
+        content = spec(model={"name": "lenet5"}, pretrained="unused.safetensors")
+        del content["pretrain"]
+        content["stages"][0]["plan"] = {"rules": [{"match": "fc1", "structure": "unstructured", "sparsity": 0.5}]}
+        Runner(RunConfig.from_dict(content), create_model("lenet5"), Split(x, y), Split(x, y), progress=False)
+    assert "\n" not in str(info.value)
+
+
+def test_a_model_with_fewer_outputs_than_the_dataset_has_classes_is_refused():
+    x, y = torch.randn(4, 1, 28, 28), torch.tensor([0, 3, 11, 19])
+    with pytest.raises(ValueError, match="has 10 outputs but dataset .* has 20 classes; give the model num_classes"):
+        runner("lenet300100", x, y)
+
+
+def test_the_forward_check_leaves_the_model_in_training_mode_and_its_statistics_alone():
+    model = create_model("resnet20")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    content = spec(model={"name": "resnet20"}, pretrained="unused.safetensors")
+    del content["pretrain"]
+    content["stages"][0]["plan"] = {"rules": [{"match": "linear", "structure": "unstructured", "sparsity": 0.5}]}
+    split = Split(torch.randn(4, 3, 32, 32), torch.zeros(4, dtype=torch.long))
+    Runner(RunConfig.from_dict(content), model, split, split, progress=False)
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_driver_cadence_that_never_comes_is_warned_about_in_one_line():
+    x, y = torch.randn(16, 1, 28, 28), torch.zeros(16, dtype=torch.long)  # 2 steps per epoch at batch 8
+    with pytest.warns(UserWarning, match=r"stages\[0\]: admm: one update every 100 steps never comes in the "
+                      r"phase's 2 steps .* 'admm' will not update; give update_every_steps <= 2"):
+        runner("lenet300100", x, y, update_every_steps=100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a cadence that comes: no warning
+        runner("lenet300100", x, y, update_every_steps=2)
+
+
+def test_one_shot_magnitude_needs_no_updates():
+    x, y = torch.randn(16, 1, 28, 28), torch.zeros(16, dtype=torch.long)
+    content = spec(pretrained="unused.safetensors")
+    del content["pretrain"]
+    content["stages"][0].update(method="magnitude")
+    content["stages"][0]["admm"].update(update_every_steps=100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Runner(RunConfig.from_dict(content), create_model("lenet300100"), Split(x, y), Split(x, y), progress=False)
+
+
+def test_the_ready_configs_have_no_duplicate_keys():
+    root = Path(__file__).resolve().parents[2]
+    for path in sorted((root / "configs").glob("*.yaml")):
+        RunConfig.from_yaml(path)
