@@ -56,8 +56,9 @@ REQUIRED_EXAMPLES = {
     "plan": "plan: {rules: [{match: 'conv*', structure: unstructured, sparsity: 0.8}]}",
     "model": "model: {name: lenet5}",
 }
-# A run's name names its folder under runs/: a plain name, never a path.
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# A run's name names its folder under runs/ (when --out is not given): a name, never a path. Spaces are fine;
+# path separators, control characters and a leading dot ('..', hidden folders) are not.
+NAME_PATTERN = re.compile(r"[^./\\\x00-\x1f][^/\\\x00-\x1f]*")
 
 
 class ConfigError(ValueError):
@@ -558,8 +559,8 @@ class RunConfig:
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed={self.seed!r} must be an integer in [0, 2**63), e.g. 1")
         if not isinstance(self.name, str) or not NAME_PATTERN.fullmatch(self.name):
-            raise ValueError(f"name={self.name!r} must be a plain name (letters, digits, - _ .): it names the run's "
-                             "folder under runs/")
+            raise ValueError(f"name={self.name!r} must be a plain name (no '/', '\\' or leading '.'): it names the "
+                             "run's folder under runs/")
         if self.threads is not None:
             _positive(self.threads, "threads", integer=True)
         if self.compact is True:
