@@ -79,18 +79,24 @@ def _drop(values: list[float]) -> str:
     return f"{DENSE - statistics.mean(values):.2f}"
 
 
+def run_metrics(path: Path) -> dict:
+    """A run's metrics: metrics.json holds them under "metrics" (beside the history and checksums)."""
+    data = json.loads(path.read_text())
+    return data["metrics"] if "metrics" in data else data
+
+
 def summary(out: Path) -> str:
     """One row per published target, mean +- sd over the finished seeds."""
     lines = ["| row | published | compression (mean) | accuracy %, mean +- sd (seeds) | drop vs 99.39 | storage |",
              "|---|---|---:|---:|---:|---|"]
-    runs = [json.loads(p.read_text()) for p in sorted(out.glob("progressive_s*/metrics.json"))]
+    runs = [run_metrics(p) for p in sorted(out.glob("progressive_s*/metrics.json"))]
     for step, name, published in ((4, "progressive ADMM, step 5", "246x"), (5, "progressive ADMM, step 6", "348x")):
         stages = [r["stages"][step] for r in runs]
         if stages:
             acc = [s["accuracy_after_retrain"] for s in stages]
             rate = statistics.mean(s["overall_compression"] for s in stages)
             lines.append(f"| {name} | {published} (almost) no loss | {rate:.1f}x | {mean_sd(acc)} | {_drop(acc)} | - |")
-    quant = [json.loads(p.read_text()) for p in sorted(out.glob("quantize176_s*/metrics.json"))]
+    quant = [run_metrics(p) for p in sorted(out.glob("quantize176_s*/metrics.json"))]
     if quant:
         acc = [q["accuracy_after"] for q in quant]
         store = quant[0]["storage"]

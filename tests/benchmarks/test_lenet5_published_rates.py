@@ -51,8 +51,9 @@ def test_progressive_chain_keeps_each_step_and_quantization_continues_from_step_
     storage = quant["storage"]
     assert storage["weight_reduction"] == pytest.approx(176.0, rel=1e-3)  # the step-4 zeros stayed zero
     assert storage["paper_reduction"] > 2000 > storage["storage_reduction"]["best"]
-    (out / "metrics.json").write_text(json.dumps(metrics))
-    (tmp_path / "quantize176_s0" / "metrics.json").write_text(json.dumps(quant))
+    # as `admmcompress run` writes metrics.json: the metrics under "metrics", beside the history
+    (out / "metrics.json").write_text(json.dumps({"metrics": metrics, "history": []}))
+    (tmp_path / "quantize176_s0" / "metrics.json").write_text(json.dumps({"metrics": quant, "history": []}))
     table = bench.summary(tmp_path)
     assert "| progressive ADMM, step 5 | 246x (almost) no loss | 246.0x |" in table
     assert "| progressive ADMM, step 6 | 348x (almost) no loss | 348.0x |" in table
