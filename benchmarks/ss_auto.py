@@ -167,8 +167,9 @@ def one_run(name, method, reduction, seed, data, out, log, quick, weighting="sqr
     plan = Plan(setup["rules"])
     targets = plan.resolve_coupled(model, x, "strict")
     budget = Budget(kind="macs", reduction=reduction)
-    drive, retrain = (1, 1) if quick else setup.get("epochs", (setup["drive"], setup["retrain"]))
+    drive, retrain = epochs_of(setup, quick)
     every = 3 if quick else setup["every"]
+    protocol = {"epochs": [drive, retrain], "every": every}  # part of what makes a run the same run (resume)
     started = time.perf_counter()
     extra: dict = {}
     if method == "auto":
@@ -231,7 +232,7 @@ def one_run(name, method, reduction, seed, data, out, log, quick, weighting="sqr
         "macs_budget_count": structured_cost(shapes, drop_unread_channels(targets, patterns), "macs"),
         "macs_compacted": count_macs(small, x), "macs_dense": count_macs(load(setup, name), x),
         "params_compacted": sum(p.numel() for p in small.parameters()), "wall_seconds": wall, **extra,
-        "timed_columns": setup.get("timed_columns", "on"), "_compacted": timed,
+        "timed_columns": setup.get("timed_columns", "on"), **protocol, "_compacted": timed,
         "_trained": ({k: v.detach().clone() for k, v in model.state_dict().items()}, masks.state_dict()),
     }
 
@@ -245,15 +246,36 @@ def label(record: dict) -> str:
 def model_files(out: Path, record: dict) -> tuple[Path, Path]:
     """Where a run's trained (masked, not compacted) weights and masks are kept for ``--retime``."""
     quick = "_quick" if record.get("quick") else ""  # a smoke run never overwrites a full run's model
-    stem = f"{record['model']}_{record['reduction']:g}x_seed{record['seed']}_{label(record)}{quick}"
+    weighting = record.get("weighting", "sqrt") if record["method"] == "auto" else "sqrt"
+    weighted = "" if weighting == "sqrt" else f"_{weighting}"  # another weighting: its own files
+    setup = SETUPS[record["model"]]
+    epochs = recorded_epochs(record)
+    longer = "" if record.get("quick") or epochs == (setup["drive"], setup["retrain"]) else "_ep{}-{}".format(*epochs)
+    stem = f"{record['model']}_{record['reduction']:g}x_seed{record['seed']}_{label(record)}{weighted}{longer}{quick}"
     return out / "models" / f"{stem}.safetensors", out / "models" / f"{stem}_masks.safetensors"
 
 
+def epochs_of(setup: dict, quick: bool) -> tuple[int, int]:
+    """The (driving, retraining) epochs of a run: the setup's, ``--epochs``' override, or 1 + 1 for a smoke run."""
+    return (1, 1) if quick else tuple(setup.get("epochs", (setup["drive"], setup["retrain"])))
+
+
+def recorded_epochs(record: dict) -> tuple[int, int]:
+    """A record's epochs; records written before they were kept ran the setup's defaults (no --epochs then)."""
+    setup = SETUPS[record["model"]]
+    default = (1, 1) if record.get("quick") else (setup["drive"], setup["retrain"])
+    return tuple(record.get("epochs") or default)
+
+
 def run_key(record: dict) -> tuple:
-    """What makes two runs the same run (model, method as tabled, reduction, seed, smoke or not, auto's weighting)."""
+    """What makes two runs the same run: model, method as tabled, reduction, seed, smoke or not, auto's weighting,
+    epochs and update cadence (records written before these were kept ran the setup's defaults)."""
     weighting = record.get("weighting", "sqrt") if record["method"] == "auto" else None
-    return record["model"], label(record), float(record["reduction"]), record["seed"], bool(record.get("quick")), \
-        weighting
+    quick = bool(record.get("quick"))
+    setup = SETUPS[record["model"]]
+    every = record.get("every") or (3 if quick else setup["every"])
+    epochs = recorded_epochs(record)
+    return record["model"], label(record), float(record["reduction"]), record["seed"], quick, weighting, epochs, every
 
 
 def earlier_runs(root: Path, out: Path) -> tuple[set[tuple], dict[tuple, dict]]:
@@ -388,7 +410,9 @@ def main() -> None:
             for method in args.methods:
                 wanted = {"model": args.model, "method": method, "reduction": reduction, "seed": seed,
                           "quick": args.quick, "weighting": args.weighting,
-                          "soft_rho_growth": args.soft_rho_growth if method == "auto" else None}
+                          "soft_rho_growth": args.soft_rho_growth if method == "auto" else None,
+                          "epochs": list(epochs_of(setup, args.quick)),
+                          "every": 3 if args.quick else setup["every"]}
                 timed, partial = earlier_runs(args.out, out)
                 if run_key(wanted) in timed:
                     log(f"== {args.model} {reduction:g}x seed {seed}: {label(wanted)} finished before, skipped")

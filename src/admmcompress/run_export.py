@@ -40,9 +40,6 @@ from admmcompress.report.storage import storage
 from admmcompress.train import checkpoint as ckpt
 from admmcompress.train.config import ConfigError, RunConfig
 
-# Executors whose --out is a folder (the others write one file).
-FOLDER_OUTPUTS = ("compact",)
-
 
 def _require_model(run_dir: Path) -> None:
     if not (run_dir / "model.safetensors").is_file():
@@ -274,7 +271,7 @@ def check_export_out(name: str, out: str | Path) -> None:
     ``--compact`` (a folder) takes a new or empty folder only. ``""`` would mean the current folder.
     """
     flag = f"--{name.replace('_', '-')}"
-    folder = name in FOLDER_OUTPUTS
+    folder = get_executor(name).writes_folder
     if not str(out):
         raise ValueError(f"--out is empty; give a {'folder' if folder else 'file'} name")
     path = Path(out)

@@ -15,25 +15,37 @@ class DuplicateKeyError(yaml.constructor.ConstructorError):
     """A mapping names the same key twice (``problem`` says which, ``problem_mark`` where)."""
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, yaml.Node] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` keys may be overridden on purpose
-                continue
-            key = self.construct_object(key_node, deep=True)
-            try:
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _check_unique_keys(node: yaml.Node | None, visited: set[int]) -> None:
+    """Walk the composed document (before any merge is applied) and refuse a mapping that names a key twice.
+
+    Checked on the node tree as written, not while constructing: PyYAML applies ``<<: *anchor`` merges by
+    editing the merged mapping's node in place, so a check during construction would see an inherited key and
+    its override as a duplicate.
+    """
+    if node is None or id(node) in visited:  # an alias is the same node: check it once
+        return
+    visited.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[tuple[str, str], yaml.Node] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag != MERGE_TAG and isinstance(key_node, yaml.ScalarNode):
+                key = (key_node.tag, key_node.value)
                 first = seen.get(key)
-            except TypeError:  # an unhashable key: the base class gives its own error
-                break
-            if first is not None:
-                raise DuplicateKeyError(
-                    None, None,
-                    f"duplicate key {key!r} (first at line {first.start_mark.line + 1}); keep one of them",
-                    key_node.start_mark,
-                )
-            seen[key] = key_node
-        return super().construct_mapping(node, deep=deep)
+                if first is not None:
+                    line = first.start_mark.line + 1
+                    raise DuplicateKeyError(
+                        None, None, f"duplicate key {key_node.value!r} (first at line {line}); keep one of them",
+                        key_node.start_mark,
+                    )
+                seen[key] = key_node
+            _check_unique_keys(key_node, visited)
+            _check_unique_keys(value_node, visited)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _check_unique_keys(item, visited)
 
 
 def safe_load_unique(text: str) -> Any:
@@ -47,7 +59,13 @@ def safe_load_unique(text: str) -> Any:
     ...     print(err.problem, "- line", err.problem_mark.line + 1)
     duplicate key 'a' (first at line 1); keep one of them - line 2
     """
-    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: builds no arbitrary objects
+    loader = yaml.SafeLoader(text)  # safe: builds plain data only, never arbitrary objects
+    try:
+        node = loader.get_single_node()
+        _check_unique_keys(node, set())
+        return None if node is None else loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def yaml_problem(err: yaml.YAMLError) -> str:

@@ -79,3 +79,15 @@ def test_a_run_whose_model_is_missing_is_run_again(ss_auto, tmp_path):
     for f in ss_auto.model_files(tmp_path / "lenet5", record):
         f.unlink()
     assert ss_auto.run_key(record) not in ss_auto.earlier_runs(tmp_path, tmp_path / "lenet5")[1]
+
+
+def test_other_epochs_or_weighting_are_other_runs_with_their_own_files(ss_auto, tmp_path):
+    record = {"model": "resnet20", "method": "auto", "reduction": 4.0, "seed": 0, "quick": False,
+              "weighting": "sqrt", "soft_rho_growth": 1.0}
+    old = dict(record)  # written before epochs were recorded: the setup's 3 + 3
+    now = {**record, "epochs": [3, 3], "every": 88}
+    assert ss_auto.run_key(old) == ss_auto.run_key(now)
+    assert ss_auto.run_key({**now, "epochs": [30, 30]}) != ss_auto.run_key(now)
+    files = {ss_auto.model_files(tmp_path, r)[0].name for r in (now, {**now, "epochs": [30, 30]},
+                                                                  {**now, "weighting": "cost"})}
+    assert len(files) == 3 and ss_auto.model_files(tmp_path, old)[0].name == "resnet20_4x_seed0_auto.safetensors"

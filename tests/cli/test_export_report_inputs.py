@@ -147,7 +147,7 @@ def test_index_bits_out_of_range_are_refused(finished, tmp_path, capsys, bits):
     out = tmp_path / "x.bin"
     argv = ["export", "--packed", str(finished), "--out", str(out), "--scheme", "relative", "--index-bits", bits]
     err = error_line(capsys, argv)
-    assert err.startswith(f"--index-bits {bits} must be in 1..32 (relative index bits b_r") and err.endswith(
+    assert err.startswith(f"index_bits={bits} must be in 1..32 (relative index bits b_r") and err.endswith(
         "), or best"
     )
     assert not out.exists()
@@ -210,11 +210,13 @@ def test_compare_says_a_metrics_json_that_is_not_json_is_damaged(finished, tmp_p
 # --- report --compare never overwrites --------------------------------------------------------------------
 
 
-def test_compare_refuses_an_existing_default_plot(finished, tmp_path, capsys, monkeypatch):
+def test_compare_without_out_never_replaces_a_plot_and_repeats(finished, tmp_path, capsys, monkeypatch):
+    """The default plot goes to the first free name: compare.png, compare-2.png, ..."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "compare.png").write_bytes(b"the user's plot")
-    err = error_line(capsys, ["report", "--compare", str(finished)])
-    assert err == "'compare.png' exists; give --out NEW.md or remove it"
+    for name in ("compare-2.png", "compare-3.png"):
+        assert main(["report", "--compare", str(finished)]) == 0
+        assert f"(plot in {name})" in capsys.readouterr().out and (tmp_path / name).stat().st_size > 0
     assert (tmp_path / "compare.png").read_bytes() == b"the user's plot"
 
 

@@ -455,7 +455,11 @@ def test_resume_without_the_run_config_is_refused(finished, tmp_path, capsys):
     for extra in ([], ["--dry-run"]):
         message = error_line(capsys, ["run", str(config), "--out", str(out), "--resume", *extra])
         assert "config.yaml' is missing, so the config cannot be checked" in message
+        assert "--allow-config-change to resume with this config anyway" in message
     assert (out / STATE_FILE).is_file()
+    # a folder from a version (or the API) that wrote no config.yaml still resumes, knowingly
+    assert main(["run", str(config), "--out", str(out), "--resume", "--allow-config-change", "--no-progress"]) == 0
+    assert (out / "config.yaml").is_file() and (out / "metrics.json").is_file()
 
 
 def test_dry_run_resume_loads_the_checkpoint_as_the_run_would(finished, tmp_path, capsys):

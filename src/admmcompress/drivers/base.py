@@ -129,7 +129,7 @@ class Driver:
         raise NotImplementedError
 
     #: Whether the driver's work is done in ``step()`` (ADMM's Z/U step, a mask step): a phase whose cadence never
-    #: calls it is refused before training. False for a driver that prunes once when it is built.
+    #: calls it gets a warning before training. False for a driver that prunes once when it is built.
     needs_updates: bool = True
 
     #: Masks this driver keeps during its phase (None: it leaves the carried masks as they are). A driver

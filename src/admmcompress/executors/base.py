@@ -123,6 +123,8 @@ class Executor:
             (``index_bits`` becomes ``--index-bits``); given values reach ``export(**options)`` as strings,
             options left out are not passed (the executor's own defaults apply).
         hints: per act an executor lacks, where to go instead (shown in the ``UnsupportedAct`` message).
+        writes_folder: ``export`` writes a folder at ``--out`` (not one file): the command then takes a new or
+            empty folder there.
 
     >>> class Identity(Executor):
     ...     def convert(self, model, masks=None, example=None, **options):
@@ -135,6 +137,7 @@ class Executor:
     summary: ClassVar[str] = ""
     export_options: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
     hints: ClassVar[Mapping[str, str]] = {}
+    writes_folder: ClassVar[bool] = False
 
     def convert(
         self, model: nn.Module, masks: Any = None, example: Any = None, **options: Any

@@ -177,6 +177,7 @@ class CompactExecutor(Executor):
     """Physical compaction: pruned channels removed, a smaller dense model with the same outputs."""
 
     summary = "physically compacted model: --out FOLDER gets manifest + safetensors"
+    writes_folder = True
 
     def convert(
         self, model: nn.Module, masks: MaskSet | None = None, example: Any = None, **options: Any

@@ -828,7 +828,7 @@ def _index_bits(value: int | str) -> int | str:
             ) from None
     if not 1 <= value <= MAX_INDEX_BITS:
         raise ValueError(
-            f"--index-bits {value} must be in 1..{MAX_INDEX_BITS} (relative index bits b_r; {MAX_INDEX_BITS} bits "
+            f"index_bits={value} must be in 1..{MAX_INDEX_BITS} (relative index bits b_r; {MAX_INDEX_BITS} bits "
             f"already skip {2**MAX_INDEX_BITS - 1:,} zeros per entry), or best"
         )
     return value

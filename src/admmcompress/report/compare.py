@@ -238,6 +238,16 @@ def plot_compare(summaries: Sequence[RunSummary], path: str | Path) -> Path:
     return path
 
 
+def _free_name(path: Path) -> Path:
+    """``path``, or ``stem-2``, ``stem-3``, ... beside it: the first that does not exist (the default plot's name,
+    so a repeated ``report --compare`` without ``--out`` neither fails nor replaces an earlier plot)."""
+    candidate, n = path, 1
+    while candidate.exists() or candidate.is_symlink():
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate
+
+
 def compare_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> str:
     """Table of ``run_dirs``; writes ``out`` (markdown) and its PNG beside it, or ``compare.png`` here.
 
@@ -247,7 +257,7 @@ def compare_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None) 
     md = None if out is None else Path(out)
     if md is not None and md.suffix != ".md":
         raise ValueError(f"compare: --out {out}: give a markdown file name ending in .md, e.g. compare.md")
-    png = Path("compare.png") if md is None else md.with_suffix(".png")
+    png = _free_name(Path("compare.png")) if md is None else md.with_suffix(".png")
     for target in (md, png):  # checked before anything is read or written: a user's file is never replaced
         if target is not None and (target.exists() or target.is_symlink()):
             raise ValueError(f"'{target}' exists; give --out NEW.md or remove it")

@@ -56,9 +56,9 @@ REQUIRED_EXAMPLES = {
     "plan": "plan: {rules: [{match: 'conv*', structure: unstructured, sparsity: 0.8}]}",
     "model": "model: {name: lenet5}",
 }
-# A run's name names its folder under runs/ (when --out is not given): a name, never a path. Spaces are fine;
-# path separators, control characters and a leading dot ('..', hidden folders) are not.
-NAME_PATTERN = re.compile(r"[^./\\\x00-\x1f][^/\\\x00-\x1f]*")
+# A run's name names its folder under runs/ (when --out is not given): subfolders are fine ('ablations/seed0'),
+# a path that leaves runs/ (absolute, '..') or control characters are not.
+CONTROL = re.compile(r"[\x00-\x1f]")
 
 
 class ConfigError(ValueError):
@@ -143,15 +143,18 @@ class OptimizerConfig:
             raise ValueError(f"optimizer name={self.name!r}; choose one of {OPTIMIZERS}")
         _positive(self.lr, "lr")
         _number(self.momentum, "momentum")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum={self.momentum!r} must be in [0, 1), e.g. 0.9")
+        if not 0 <= self.momentum <= 1:  # torch refuses < 0; above 1 the steps grow without bound
+            raise ValueError(f"momentum={self.momentum!r} must be in [0, 1], e.g. 0.9")
         _number(self.weight_decay, "weight_decay")
         if not 0 <= self.weight_decay < 1:
             raise ValueError(f"weight_decay={self.weight_decay!r} must be in [0, 1)")
         if not isinstance(self.nesterov, bool):
             raise ValueError(f"nesterov={self.nesterov!r} must be true or false")
-        if self.nesterov and (self.name != "sgd" or self.momentum == 0):
-            raise ValueError("nesterov: true needs name: sgd with momentum > 0; drop nesterov or change them")
+        if self.nesterov and self.name == "sgd" and self.momentum == 0:  # torch's SGD would refuse it at step one
+            raise ValueError("nesterov: true needs momentum > 0; give momentum: 0.9, or drop nesterov")
+        if self.nesterov and self.name != "sgd":  # a warning: run folders written before this check still read
+            warnings.warn(f"optimizer {self.name}: nesterov applies to sgd only and is ignored", UserWarning,
+                          stacklevel=2)
 
 
 @dataclass
@@ -518,9 +521,9 @@ class RunConfig:
             _section(self.pretrain, PhaseConfig, "pretrain", "{epochs: 10}")
         if self.pretrained is None and self.pretrain is None:
             raise ValueError("give 'pretrained' (a dense checkpoint) or 'pretrain' (epochs to train one)")
-        if self.pretrained is not None and self.pretrain is not None:
-            raise ValueError("give 'pretrained' (a dense checkpoint) or 'pretrain' (epochs to train one), not both: "
-                             "with both the pretrain phase would never run")
+        if self.pretrained is not None and self.pretrain is not None:  # a warning: older run folders hold both
+            warnings.warn("both 'pretrained' and 'pretrain' are given: the run starts from 'pretrained' and the "
+                          "pretrain phase does not run; drop one of them", UserWarning, stacklevel=2)
         if self.pretrained is not None and (not isinstance(self.pretrained, str) or not self.pretrained):
             raise ValueError(f"pretrained={self.pretrained!r} must be a checkpoint file's path")
         if self.pretrain is not None and self.pretrain.distill is not None:
@@ -558,9 +561,12 @@ class RunConfig:
             raise ValueError("teacher is set but no phase distills; add distill: {alpha: 0.5} to a phase, or drop it")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed={self.seed!r} must be an integer in [0, 2**63), e.g. 1")
-        if not isinstance(self.name, str) or not NAME_PATTERN.fullmatch(self.name):
-            raise ValueError(f"name={self.name!r} must be a plain name (no '/', '\\' or leading '.'): it names the "
-                             "run's folder under runs/")
+        if isinstance(self.name, int) and not isinstance(self.name, bool):
+            self.name = str(self.name)  # `name: 2024` in YAML
+        if (not isinstance(self.name, str) or not self.name.strip() or CONTROL.search(self.name)
+                or Path(self.name).is_absolute() or ".." in Path(self.name.replace("\\", "/")).parts):
+            raise ValueError(f"name={self.name!r} must be a name inside runs/ (no absolute path, no '..'): it names "
+                             "the run's folder there when --out is not given")
         if self.threads is not None:
             _positive(self.threads, "threads", integer=True)
         if self.compact is True:

@@ -137,10 +137,11 @@ def plan_folder(
                 f"--resume: no checkpoint at {folder / STATE_FILE}; run without --resume to start, or pass the run's "
                 "--out folder"
             )
-    if STATE_FILE in present and CONFIG_FILE not in present:
+    if STATE_FILE in present and CONFIG_FILE not in present and not allow_config_change:
+        # older versions (and runs made through the API) wrote no config.yaml: resuming stays possible, knowingly
         raise RunFolderError(
             f"--resume: '{folder / CONFIG_FILE}' is missing, so the config cannot be checked against the checkpoint; "
-            "restore it, or start again with --overwrite"
+            "restore it, add --allow-config-change to resume with this config anyway, or start again with --overwrite"
         )
     plan = FolderPlan(folder, resume=STATE_FILE in present, restart=STATE_FILE not in present)
     if CONFIG_FILE in present:

@@ -22,7 +22,7 @@ from torch import nn
 
 from admmcompress.atomic import WriteError
 from admmcompress.data.datasets import BatchLoader, Split
-from admmcompress.data.imported import DatasetLoader, describe, first_inputs
+from admmcompress.data.imported import DatasetLoader, first_inputs
 from admmcompress.drivers.base import Driver, DriverContext, ModuleTransform, get_driver
 from admmcompress.finalize import (
     MaskSet,
@@ -130,7 +130,7 @@ class Runner:
             self.loader = DatasetLoader(train, config.data.batch_size, config.seed, self.dist.rank,
                                         self.dist.world_size, all_ranks=self.dist.all_true, least=self.dist.least)
         self.example = first_inputs(train)  # traces the channel coupling and gives compaction its input shape
-        check_model_reads(model, self.example, train, config)
+        check_model_reads(model, self.example, train, config, classifies=loss_fn is None)
         self.stage_targets: list[list[Target]] = [self._resolve(s) for s in config.stages]
         for i, (stage, targets) in enumerate(zip(config.stages, self.stage_targets, strict=True)):
             try:  # fail before any training, not at the stage
@@ -610,31 +610,45 @@ class Runner:
                              "average": state.get("average")}
 
 
-def check_model_reads(model: nn.Module, example: torch.Tensor, train: Any, config: RunConfig) -> None:
-    """One forward of the example batch (eval mode, no gradient): a model that cannot read the dataset's inputs,
-    or has fewer outputs than the dataset has classes, is refused in one line before anything is written."""
+def check_model_reads(model: nn.Module, example: Any, train: Any, config: RunConfig, classifies: bool = True) -> None:
+    """One forward of the example batch (eval mode, no gradient): a model that cannot read the training inputs,
+    or (``classifies``: the loss is cross-entropy) has fewer outputs than the labels have classes, is refused in
+    one line before anything is written."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             out = model(example)
-    except (RuntimeError, ValueError, TypeError) as err:
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(
-            f"model '{config.model['name']}' cannot read the inputs of dataset {describe(config.data.dataset)} "
-            f"(shape {tuple(example.shape[1:])}): {first}; choose a model for this dataset, or a dataset for this model"
+            f"model '{config.model['name']}' cannot read the training inputs ({_describe_input(example)}): {first}; "
+            "choose a model for this data, or data for this model"
         ) from None
     finally:
         model.train(was_training)
     labels = getattr(train, "y", None)
-    if isinstance(out, torch.Tensor) and out.dim() == 2 and isinstance(labels, torch.Tensor) and labels.numel():
-        classes = int(labels.max()) + 1
-        if labels.dtype in (torch.int64, torch.int32) and classes > out.shape[1]:
-            raise ValueError(
-                f"model '{config.model['name']}' has {out.shape[1]} outputs but dataset "
-                f"{describe(config.data.dataset)} has {classes} classes; give the model num_classes: {classes} "
-                "(or a dataset with its classes)"
-            )
+    if not (classifies and isinstance(out, torch.Tensor) and out.dim() == 2 and isinstance(labels, torch.Tensor)):
+        return
+    if labels.dtype not in (torch.int64, torch.int32) or not labels.numel():  # class indices only
+        return
+    classes = int(labels.max()) + 1
+    if classes > out.shape[1]:
+        raise ValueError(
+            f"model '{config.model['name']}' has {out.shape[1]} outputs but the training labels have {classes} "
+            f"classes; give the model num_classes: {classes} (or data with its classes)"
+        )
+
+
+def _describe_input(example: Any) -> str:
+    """The example batch's sample shape in words (a tensor, or a mapping/sequence of them)."""
+    if isinstance(example, torch.Tensor):
+        return f"shape {tuple(example.shape[1:])}"
+    if isinstance(example, dict):
+        return ", ".join(f"{k}: {_describe_input(v)}" for k, v in example.items())
+    if isinstance(example, (list, tuple)):
+        return ", ".join(_describe_input(v) for v in example)
+    return type(example).__name__
 
 
 def run_phases(config: RunConfig, train_dense: bool = True) -> list[Phase]:
