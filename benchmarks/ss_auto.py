@@ -168,7 +168,7 @@ def one_run(name, method, reduction, seed, data, out, log, quick, weighting="sqr
     targets = plan.resolve_coupled(model, x, "strict")
     budget = Budget(kind="macs", reduction=reduction)
     drive, retrain = epochs_of(setup, quick)
-    every = 3 if quick else setup["every"]
+    every = every_of(setup, quick)
     protocol = {"epochs": [drive, retrain], "every": every}  # part of what makes a run the same run (resume)
     started = time.perf_counter()
     extra: dict = {}
@@ -260,6 +260,11 @@ def epochs_of(setup: dict, quick: bool) -> tuple[int, int]:
     return (1, 1) if quick else tuple(setup.get("epochs", (setup["drive"], setup["retrain"])))
 
 
+def every_of(setup: dict, quick: bool) -> int:
+    """Optimizer steps between the drivers' updates: the setup's, or 3 for a smoke run."""
+    return 3 if quick else setup["every"]
+
+
 def recorded_epochs(record: dict) -> tuple[int, int]:
     """A record's epochs; records written before they were kept ran the setup's defaults (no --epochs then)."""
     setup = SETUPS[record["model"]]
@@ -273,7 +278,7 @@ def run_key(record: dict) -> tuple:
     weighting = record.get("weighting", "sqrt") if record["method"] == "auto" else None
     quick = bool(record.get("quick"))
     setup = SETUPS[record["model"]]
-    every = record.get("every") or (3 if quick else setup["every"])
+    every = record.get("every") or every_of(setup, quick)
     epochs = recorded_epochs(record)
     return record["model"], label(record), float(record["reduction"]), record["seed"], quick, weighting, epochs, every
 
@@ -412,7 +417,7 @@ def main() -> None:
                           "quick": args.quick, "weighting": args.weighting,
                           "soft_rho_growth": args.soft_rho_growth if method == "auto" else None,
                           "epochs": list(epochs_of(setup, args.quick)),
-                          "every": 3 if args.quick else setup["every"]}
+                          "every": every_of(setup, args.quick)}
                 timed, partial = earlier_runs(args.out, out)
                 if run_key(wanted) in timed:
                     log(f"== {args.model} {reduction:g}x seed {seed}: {label(wanted)} finished before, skipped")

@@ -7,6 +7,8 @@ into optimizer-step counts.
 (50, 8, True, False)
 >>> Cadence.of(ADMMPhaseConfig(epochs=3, update_every_epochs=1), steps_per_epoch=10).updates
 3
+>>> Cadence.of(ADMMPhaseConfig(epochs=1, update_every_steps=500), steps_per_epoch=100).fires
+False
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ class Cadence:
     def updates(self) -> int:
         """How many updates the phase makes (at least one: ``finalize`` completes a schedule)."""
         return max(1, self.total_steps // self.period)
+
+    @property
+    def fires(self) -> bool:
+        """Whether an update falls inside the phase at all (a period longer than the phase never comes)."""
+        return self.period <= self.total_steps
 
     def due(self, step: int) -> bool:
         """True after optimizer step ``step`` (1-based within the phase) if an update falls there."""

@@ -141,7 +141,7 @@ class Runner:
                 driver.check_targets(targets)
                 driver.preflight(model, targets, stage.options, self.example)
                 cadence = Cadence.of(stage.admm, len(self.loader))
-                if driver.needs_updates and stage.admm.epochs > 0 and cadence.period > cadence.total_steps:
+                if driver.needs_updates and stage.admm.epochs > 0 and not cadence.fires:
                     # a warning, not a refusal: a smoke run of a real config on a few samples is legitimate
                     warnings.warn(
                         f"stages[{i}]: admm: one update every {cadence.period} steps never comes in the phase's "
