@@ -96,13 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     """Check the flags and the config, then run in the locked --out folder (or only check: --dry-run)."""
     _check_run_flags(args)
-    try:
-        config = RunConfig.from_yaml(args.config)
-    except (TypeError, AttributeError) as err:  # a section of the wrong kind that the config's checks let through
-        raise ValueError(
-            f"config '{args.config}': a value has the wrong type or shape ({err}); compare it with a ready config "
-            "in configs/"
-        ) from None
+    config = RunConfig.from_yaml(args.config)
     if args.seed is not None:
         config.seed = args.seed
     out = Path(args.out) if args.out else Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -22,7 +22,6 @@ round trip: state dict bit-identical, outputs identical: True
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -63,8 +62,6 @@ def read_run_config(run_dir: str | Path) -> RunConfig:
             raise
         kind = ConfigError if isinstance(err, ConfigError) else ValueError
         raise kind(f"'{path}': {text.removeprefix('config: ')}") from None
-    except (TypeError, AttributeError) as err:  # a section of the wrong kind that the config's checks let through
-        raise ValueError(f"'{path}': a value has the wrong type or shape ({err}); the file is damaged") from None
 
 
 def load_run_model(run_dir: str | Path) -> tuple[torch.nn.Module, RunConfig]:
@@ -83,15 +80,12 @@ def load_run_model(run_dir: str | Path) -> tuple[torch.nn.Module, RunConfig]:
 
 
 def _recorded_transforms(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.json"
-    if not path.is_file():
+    from admmcompress.report.integrity import read_metrics
+
+    if not (run_dir / "metrics.json").is_file():
         return []
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except ValueError as err:  # `hardware` reads a run without verifying it first: still one line
-        raise ValueError(f"'{path}' is not valid JSON ({err}): the file is damaged") from None
-    metrics = data.get("metrics") if isinstance(data, dict) else None
-    return metrics.get("transforms", []) if isinstance(metrics, dict) else []
+    # `hardware` reads a run without verifying it first: a damaged file is still one line
+    return read_metrics(run_dir, require_history=False)["metrics"].get("transforms", [])
 
 
 def example_input(config: RunConfig, count: int = 8) -> torch.Tensor:

@@ -233,3 +233,18 @@ def test_chained_merges_are_not_taken_for_duplicates():
             "  - admm: &phase {<<: *common, epochs: 4}\n"
             "pretrain: {<<: *phase, epochs: 10}\n")
     assert safe_load_unique(text) == yaml.safe_load(text)
+
+
+def test_a_value_of_a_wrong_kind_that_slips_past_the_checks_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    # from_yaml is the one place that turns a stray TypeError/AttributeError into a line (run, report, export)
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {name: lenet5}\npretrained: x.safetensors\n")
+
+    def broken(cls, spec, base_dir=None):
+        raise TypeError("'int' object is not iterable")
+
+    monkeypatch.setattr(RunConfig, "from_dict", classmethod(broken))
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_yaml(path)
+    assert str(err.value).startswith(f"config '{path}': a value has the wrong type or shape")
+    assert "\n" not in str(err.value)

@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from admmcompress.atomic import atomic_write
+from admmcompress.report.integrity import read_metrics
 
 
 @dataclass(frozen=True)
@@ -60,13 +61,7 @@ def load_summary(run_dir: str | Path) -> RunSummary:
         return _read_summary(folder / SUMMARY_FILE)
     if not metrics_file.is_file():
         raise FileNotFoundError(f"compare: no metrics.json in '{folder}'; give the --out folder of a finished run")
-    try:
-        data = json.loads(metrics_file.read_bytes().decode("utf-8"))
-    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError: the words `report` uses for the file
-        raise ValueError(f"'{metrics_file}' is not valid JSON ({err}): the file is damaged") from None
-    metrics = data.get("metrics") if isinstance(data, dict) else None
-    if not isinstance(metrics, dict):
-        raise ValueError(f"compare: '{metrics_file}' is not a run's metrics.json (no 'metrics' entry)")
+    metrics = read_metrics(folder, require_history=False)["metrics"]
     config: dict[str, Any] = {}
     if config_file.is_file():
         config = yaml.safe_load(config_file.read_text()) or {}

@@ -83,8 +83,18 @@ def record_output_checksums(out_dir: str | Path) -> dict[str, Any]:
     return metrics[KEY]
 
 
-def read_metrics(out_dir: str | Path) -> dict[str, Any]:
-    """``metrics.json`` of a run folder as a dict, or one ``RunIntegrityError`` line when it is damaged."""
+def read_metrics(out_dir: str | Path, require_history: bool = True) -> dict[str, Any]:
+    """``metrics.json`` of a run folder as a dict, or one ``RunIntegrityError`` line when it is damaged.
+
+    The one reader of the file: ``report``, ``export``, ``compare`` and ``hardware`` all come here, so a
+    damaged file reads the same everywhere. ``require_history=False`` accepts a file without the per-epoch
+    history (summaries that only need the final figures).
+
+    >>> read_metrics("/nonexistent")
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: no metrics.json in '/nonexistent'; is it the --out folder of a finished run?
+    """
     path = Path(out_dir) / METRICS
     if not path.is_file():
         raise FileNotFoundError(f"no {METRICS} in '{out_dir}'; is it the --out folder of a finished run?")
@@ -92,10 +102,10 @@ def read_metrics(out_dir: str | Path) -> dict[str, Any]:
         data = json.loads(path.read_bytes().decode("utf-8"))
     except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
         raise RunIntegrityError(f"'{path}' is not valid JSON ({err}): the file is damaged") from None
-    if not isinstance(data, dict) or not isinstance(data.get("metrics"), dict) or not isinstance(
-        data.get("history"), list
-    ):
-        raise RunIntegrityError(f"'{path}' is not a run's {METRICS} (no 'metrics' and 'history'): the file is damaged")
+    if not isinstance(data, dict) or not isinstance(data.get("metrics"), dict):
+        raise RunIntegrityError(f"'{path}' is not a run's {METRICS} (no 'metrics' entry): the file is damaged")
+    if require_history and not isinstance(data.get("history"), list):
+        raise RunIntegrityError(f"'{path}' is not a run's {METRICS} (no 'history' entry): the file is damaged")
     return data
 
 

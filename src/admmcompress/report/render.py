@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from admmcompress.atomic import atomic_write
+from admmcompress.report.integrity import read_metrics
 
 
 def _fmt_rate(x: float) -> str:
@@ -154,8 +155,6 @@ def _json_default(value: Any) -> Any:
 
 
 def load_report(out_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    path = Path(out_dir) / "metrics.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no metrics.json in '{out_dir}'; is it the --out folder of a finished run?")
-    data = json.loads(path.read_text())
+    """The metrics and per-epoch history a finished run wrote (one clear line when the file is damaged)."""
+    data = read_metrics(out_dir)
     return data["metrics"], data["history"]

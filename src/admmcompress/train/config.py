@@ -629,7 +629,13 @@ class RunConfig:
                 f"config: expected a mapping, got {type(spec).__name__}: '{path}' holds {kind}; write 'key: value' "
                 "lines such as 'model: {name: lenet5}' (see configs/)"
             )
-        return cls.from_dict(spec, base_dir=path.parent)
+        try:
+            return cls.from_dict(spec, base_dir=path.parent)
+        except (TypeError, AttributeError) as err:  # a section of a wrong kind that the checks above let through
+            raise ConfigError(
+                f"config '{path}': a value has the wrong type or shape ({err}); compare it with a ready config "
+                "in configs/"
+            ) from None
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
