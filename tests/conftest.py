@@ -23,3 +23,45 @@ def keep_thread_count():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+# The tiny finished run several test files read (export, report, compare, plugin executors): MNIST, 256
+# images, one epoch per phase. Session-scoped so it trains once; a test that changes it works on a copy.
+TINY_RUN_SPEC = {
+    "name": "tiny",
+    "seed": 1,
+    "threads": 1,
+    "model": {"name": "lenet300100"},
+    "data": {"dataset": "mnist", "batch_size": 64, "train_limit": 256, "test_limit": 64},
+    "pretrain": {"epochs": 1},
+    "stages": [
+        {
+            "plan": {"rules": [{"match": "fc1", "structure": "unstructured", "sparsity": 0.9}]},
+            "method": "admm",
+            "admm": {"epochs": 1, "rho": 1.0e-2},
+            "retrain": {"epochs": 1},
+        }
+    ],
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_finished_run(tmp_path_factory):
+    """The folder of ``TINY_RUN_SPEC`` run through ``admmcompress run`` (read it; copy it to change it)."""
+    import warnings
+
+    import yaml
+
+    from admmcompress.cli import main
+
+    tmp = tmp_path_factory.mktemp("tiny_run")
+    config = tmp / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY_RUN_SPEC, sort_keys=False))
+    threads = torch.get_num_threads()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "ADMM residual", RuntimeWarning)
+            assert main(["run", str(config), "--out", str(tmp / "run"), "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return tmp / "run"

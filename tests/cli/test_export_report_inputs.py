@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -24,36 +23,10 @@ from admmcompress.report.compare import compare_runs
 
 pytestmark = pytest.mark.filterwarnings("ignore:ADMM residual:RuntimeWarning")
 
-SPEC = {  # the tiny run of tests/executors/test_executor_registry.py: MNIST, 256 images, one epoch per phase
-    "name": "inputs",
-    "seed": 1,
-    "threads": 1,
-    "model": {"name": "lenet300100"},
-    "data": {"dataset": "mnist", "batch_size": 64, "train_limit": 256, "test_limit": 64},
-    "pretrain": {"epochs": 1},
-    "stages": [
-        {
-            "plan": {"rules": [{"match": "fc1", "structure": "unstructured", "sparsity": 0.9}]},
-            "method": "admm",
-            "admm": {"epochs": 1, "rho": 1.0e-2},
-            "retrain": {"epochs": 1},
-        }
-    ],
-}
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    """One tiny finished run through `admmcompress run`; tests that change it work on copies."""
-    tmp = tmp_path_factory.mktemp("inputs")
-    config = tmp / "tiny.yaml"
-    config.write_text(yaml.safe_dump(SPEC, sort_keys=False))
-    threads = torch.get_num_threads()
-    try:
-        assert main(["run", str(config), "--out", str(tmp / "run"), "--no-progress"]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    return tmp / "run"
+@pytest.fixture
+def finished(tiny_finished_run) -> Path:
+    """The session's tiny finished run (tests/conftest.py); tests that change it work on copies."""
+    return tiny_finished_run
 
 
 @pytest.fixture

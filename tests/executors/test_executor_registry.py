@@ -258,34 +258,10 @@ def test_an_opened_run_is_what_export_takes(hand_run, tmp_path):
 # --- the command line, with a plugin's executor -----------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    """A tiny real run through `admmcompress run` (MNIST, 256 images, one epoch per phase)."""
-    tmp = tmp_path_factory.mktemp("export_cli")
-    spec = {
-        "name": "tiny_export",
-        "seed": 1,
-        "threads": 1,
-        "model": {"name": "lenet300100"},
-        "data": {"dataset": "mnist", "batch_size": 64, "train_limit": 256, "test_limit": 64},
-        "pretrain": {"epochs": 1},
-        "stages": [
-            {
-                "plan": {"rules": [{"match": "fc1", "structure": "unstructured", "sparsity": 0.9}]},
-                "method": "admm",
-                "admm": {"epochs": 1, "rho": 1.0e-2},
-                "retrain": {"epochs": 1},
-            }
-        ],
-    }
-    config = tmp / "tiny.yaml"
-    config.write_text(yaml.safe_dump(spec, sort_keys=False))
-    threads = torch.get_num_threads()
-    try:
-        assert main(["run", str(config), "--out", str(tmp / "run"), "--no-progress"]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    return tmp / "run"
+@pytest.fixture
+def finished_run(tiny_finished_run):
+    """The session's tiny real run (tests/conftest.py: MNIST, 256 images, one epoch per phase)."""
+    return tiny_finished_run
 
 
 def test_a_plugin_executor_gets_its_own_export_flag(finished_run, tmp_path, capsys, registry_guard):
