@@ -18,7 +18,7 @@ import yaml
 
 from admmcompress.cli import main
 from admmcompress.report import render
-from admmcompress.report.integrity import CHECKED_FILES, file_sha256, verify_run
+from admmcompress.report.integrity import CHECKED_FILES, file_sha256, seal, verify_run
 from admmcompress.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.filterwarnings("ignore:ADMM residual:RuntimeWarning")
@@ -177,3 +177,35 @@ def test_report_on_a_truly_read_only_folder(run, capsys):
         assert "could not save the report" in capsys.readouterr().err
     finally:
         run.chmod(0o755)
+
+
+def test_a_changed_config_value_is_refused_but_comments_and_layout_are_not(run, capsys, tmp_path):
+    path = run / "config.yaml"
+    record = json.loads((run / "metrics.json").read_text())["metrics"]["integrity"]
+    assert len(record["config"]) == 64  # the run recorded its config's values
+    original = path.read_text()
+    moved = yaml.safe_load(original)
+    moved["data"]["data_dir"], moved["plugins"], moved["threads"] = "/elsewhere/data", ["my_plugin.py"], 2
+    path.write_text("# a note of mine\n" + yaml.safe_dump(moved, indent=4))
+    assert verify_run(run) == []  # same values, other layout and locations (a moved folder): accepted
+    spec = yaml.safe_load(original)
+    spec["model"]["hidden"] = [500, 100]  # report and export would rebuild another model
+    path.write_text(yaml.safe_dump(spec))
+    err = error_line(capsys, ["report", str(run)])
+    assert f"'{path}' holds other values than the run was made with" in err and "--rehash" in err
+    err = error_line(capsys, ["export", "--packed", str(run), "--out", str(tmp_path / "m.admmpk")])
+    assert "holds other values than the run was made with" in err
+    path.write_text(original)
+    assert main(["report", str(run)]) == 0
+    path.unlink()
+    assert f"'{path}' is missing" in error_line(capsys, ["report", str(run)])
+
+
+def test_a_run_recorded_before_config_checksums_is_still_verified(run):
+    path = run / "metrics.json"
+    data = json.loads(path.read_text())
+    del data["metrics"]["integrity"]["config"]
+    seal(data["metrics"], data["history"])
+    path.write_text(json.dumps(data))
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("seed: 3", "seed: 4"))
+    assert verify_run(run) == []

@@ -4,7 +4,8 @@ When ``admmcompress run`` has written its outputs, ``record_output_checksums(out
 ``metrics.json`` (under ``metrics["integrity"]``) the SHA-256 of ``model.safetensors``,
 ``masks.safetensors`` and, for ``compact: true`` runs, ``compact/manifest.json`` and
 ``compact/model.safetensors``, plus a SHA-256 of ``metrics.json``'s own content (its canonical JSON,
-so re-indenting it changes nothing, but any changed value is seen). ``verify_run(out_dir)`` checks all
+so re-indenting it changes nothing, but any changed value is seen) and of ``config.yaml``'s values (the
+model is rebuilt from them). ``verify_run(out_dir)`` checks all
 of them and that the weights agree with the masks (every weight a mask prunes is exactly zero); a
 mismatch is one ``RunIntegrityError`` line naming the file. Runs written before checksums were
 recorded are still verified against their masks, and get a note instead of a refusal.
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from admmcompress.atomic import atomic_write
@@ -33,6 +35,7 @@ KEY = "integrity"
 METRICS = "metrics.json"
 MODEL, MASKS = "model.safetensors", "masks.safetensors"
 CHECKED_FILES = (MODEL, MASKS, "compact/manifest.json", "compact/model.safetensors")
+CONFIG = "config.yaml"  # checked by content (parsed YAML), not bytes
 
 
 class RunIntegrityError(ValueError):
@@ -46,6 +49,26 @@ def file_sha256(path: str | Path) -> str:
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# Keys that say where things are on a machine, not what the run was: a run folder moved to another machine
+# may need them edited (plugin files, the data folder, checkpoints it started from), so they are not checked.
+_CONFIG_LOCATIONS = ("plugins", "threads", "logging", "pretrained", "teacher")
+
+
+def config_sha256(path: str | Path) -> str:
+    """SHA-256 of a run config's values (its parsed YAML as canonical JSON, locations left out): comments and
+    layout may change, and the paths in ``_CONFIG_LOCATIONS`` and ``data.data_dir``; a value that shapes the
+    run may not, since ``report`` and ``export`` rebuild the model from it."""
+    try:
+        spec = yaml.safe_load(Path(path).read_bytes().decode("utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise RunIntegrityError(f"'{path}' is not readable YAML ({type(err).__name__}): the file is damaged") from None
+    if isinstance(spec, dict):
+        spec = {k: v for k, v in spec.items() if k not in _CONFIG_LOCATIONS}
+        if isinstance(spec.get("data"), dict):
+            spec["data"] = {k: v for k, v in spec["data"].items() if k != "data_dir"}
+    return canonical_sha256(_as_json(spec))
 
 
 def _as_json(value: Any) -> Any:
@@ -77,6 +100,8 @@ def record_output_checksums(out_dir: str | Path) -> dict[str, Any]:
     metrics, history = data["metrics"], data["history"]
     files = {name: file_sha256(out / name) for name in CHECKED_FILES if (out / name).is_file()}
     metrics[KEY] = {"algorithm": "sha256", "files": files}
+    if (out / CONFIG).is_file():
+        metrics[KEY]["config"] = config_sha256(out / CONFIG)
     seal(metrics, history)
     payload = json.dumps({**data, "metrics": metrics}, indent=2, default=str)
     atomic_write(path, lambda tmp: tmp.write_text(payload))
@@ -142,12 +167,23 @@ def _check_record(out: Path, record: Any, metrics: dict[str, Any], history: list
         and isinstance(record.get("files"), dict)
         and isinstance(record.get("content"), str)
         and all(isinstance(v, str) for v in record["files"].values())
+        and isinstance(record.get("config", ""), str)
     ):
         raise RunIntegrityError(f"'{path}': its '{KEY}' record is malformed; the file is damaged")
     if content_sha256(metrics, history) != record["content"]:
         raise RunIntegrityError(
             f"'{path}' does not match the checksum recorded in it when the run finished: it was changed or damaged"
         )
+    if "config" in record:  # runs before 2026-12-05 recorded no config checksum
+        config = out / CONFIG
+        if not config.is_file():
+            raise RunIntegrityError(f"'{config}' is missing; the run wrote it ({METRICS} records its checksum)")
+        if config_sha256(config) != record["config"]:
+            raise RunIntegrityError(
+                f"'{config}' holds other values than the run was made with (its checksum was recorded when the run "
+                "finished): report and export rebuild the model from it; undo the change, or add --rehash if it "
+                "was on purpose"
+            )
     for name, digest in record["files"].items():
         if name not in CHECKED_FILES:
             raise RunIntegrityError(f"'{path}' records a checksum for '{name}', which is not a run output: damaged")
