@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -221,3 +222,14 @@ def test_a_limit_on_a_class_sorted_split_warns(tmp_path):
         warnings.simplefilter("error")
         load_dataset("mnist", "test", tmp_path / "shuffled", limit=8)  # 8 classes of 10, not sorted: no warning
         load_dataset("mnist", "test", tmp_path / "sorted")  # no limit
+
+
+def test_a_limit_above_the_split_size_is_said_and_the_whole_split_used(tmp_path):
+    folder = tmp_path / "data"
+    _mnist_like(folder, n=6)
+    with pytest.warns(RuntimeWarning, match=r"mnist train: the limit 600 is more than its 6 samples; all 6 are used"):
+        split = load_dataset("mnist", "train", folder, limit=600)
+    assert len(split.y) == 6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(load_dataset("mnist", "test", folder, limit=6).y) == 6  # exactly the size: no note

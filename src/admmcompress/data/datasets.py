@@ -47,7 +47,9 @@ def load_dataset(
             raise ValueError("ptb is a language-model corpus, not a labelled split; use data.ptb.load_ptb")
         from admmcompress.data.fsdd import load_fsdd
 
-        return load_fsdd(split, data_dir, limit)
+        split_data = load_fsdd(split, data_dir, limit)
+        _note_limit_above_size(name, split, limit, len(split_data.y))
+        return split_data
     path = find_dataset(name, data_dir)
     if name == "cifar10":
         arrays = read_npz(path, [f"x_{split}_jpeg", f"{split}_offsets", f"y_{split}"], name)
@@ -55,6 +57,7 @@ def load_dataset(
         check_arrays(path, name, buffer.ndim == offsets.ndim == labels.ndim == 1 and len(offsets) == len(labels) + 1,
                      f"a JPEG byte buffer with {split} offsets (one more than labels)")
         _warn_if_few_classes(name, split, labels, limit)
+        _note_limit_above_size(name, split, limit, len(labels))
         images = _decode_jpegs(buffer, offsets, limit, path)
         labels = labels[: len(images)]
     else:
@@ -63,11 +66,23 @@ def load_dataset(
         check_arrays(path, name, images.ndim == 3 and labels.ndim == 1 and len(images) == len(labels),
                      f"{split} images (N, H, W) with N labels")
         _warn_if_few_classes(name, split, labels, limit)
+        _note_limit_above_size(name, split, limit, len(labels))
         images, labels = images[:limit, None], labels[:limit]
     x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
     mean, std = NORMALIZATION[name]
     x = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
     return Split(x.contiguous(), torch.from_numpy(labels.astype(np.int64)), path)
+
+
+def _note_limit_above_size(name: str, split: str, limit: int | None, size: int) -> None:
+    """A limit above the split's size is not an error (the whole split is used), but it is said, so a typo such
+    as 600000 for 60000, or a limit meant for another dataset, is seen."""
+    if limit is not None and limit > size:
+        warnings.warn(
+            f"{name} {split}: the limit {limit} is more than its {size} samples; all {size} are used",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _warn_if_few_classes(name: str, split: str, labels: np.ndarray, limit: int | None) -> None:
