@@ -116,6 +116,30 @@ def test_an_uncoupled_plan_that_cannot_be_compacted_fails_before_training():
         Runner(config, create_model("resnet20"), random_split(4), random_split(4), progress=False)
 
 
+def test_compact_with_a_plan_that_removes_no_width_is_said_before_training():
+    plan = {"rules": [{"type": "Conv2d", "structure": "unstructured", "sparsity": 0.5}]}
+    config = RunConfig.from_dict(spec(plan, coupling="none"))
+    with pytest.warns(UserWarning, match="compact: the plans prune no whole filter, channel or column"):
+        Runner(config, create_model("resnet20"), random_split(4), random_split(4), progress=False)
+
+
+def test_filters_zeroed_by_chance_under_unstructured_rules_are_kept_not_refused(tmp_path):
+    # at 90% some 16-filter convs lose whole filters; the residual add ties them to live ones, so they stay
+    plan = {"rules": [{"type": "Conv2d", "structure": "unstructured", "sparsity": 0.9}]}
+    config = RunConfig.from_dict({**spec(plan, coupling="none"), "seed": 0})
+    model = create_model("resnet20")
+    runner = Runner(config, model, random_split(8), random_split(8, seed=1), out_dir=tmp_path, progress=False)
+    metrics = runner.run()
+    figures = metrics["compaction"]
+    assert figures["max_abs_diff"] <= figures["atol"]
+    assert figures["params_after"] <= figures["params_before"]
+
+
+def test_pretrain_of_zero_epochs_says_it_prunes_an_untrained_model():
+    with pytest.warns(UserWarning, match=r"pretrain: \{epochs: 0\} prunes the randomly initialised model"):
+        RunConfig.from_dict(spec())
+
+
 def test_a_strict_coupled_plan_naming_part_of_a_group_is_a_plan_error():
     plan = {"rules": [{"match": "layers.0.0.conv2", "structure": "filter", "sparsity": 0.5}]}
     config = RunConfig.from_dict(spec(plan, compact=None))

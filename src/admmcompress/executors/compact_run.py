@@ -92,19 +92,21 @@ def compact_checked(
     samples: int = 8,
     columns: str = "off",
     seed: int = 0,
+    strict: bool = True,
 ) -> tuple[CompactionResult, dict[str, Any]]:
     """Compact ``model`` (masks applied), verify on two sets of random inputs; return the result and figures.
 
     ``example`` gives the input shape (one batch from the data). The compactor checks its own trace
     inputs; a second, independent set of ``samples`` random inputs is checked here against the masked
     model, and any ``max |diff| > atol`` raises ``CompactionError`` (the model is never silently wrong).
+    ``strict=False`` keeps zero filters that cannot be removed instead of raising (``CompactConfig.strict``).
     """
     masked = copy.deepcopy(model)
     if masks is not None:
         masks.apply(masked)
     masked.eval()
     trace = random_inputs(example, max(2, samples), seed)
-    result = compact(masked, trace, config=CompactConfig(atol=atol, columns=columns))
+    result = compact(masked, trace, config=CompactConfig(atol=atol, columns=columns, strict=strict))
     small = result.model.eval()
     check = random_inputs(example, samples, seed + 1)
     with torch.no_grad():

@@ -55,6 +55,8 @@ from admmcompress.train.teacher import load_teacher
 
 STATE_FILE = "checkpoint.pt"
 STAGES_DIR = "stages"  # save_stages: every finished stage's model and masks
+# Structures whose zeros are meant to remove channels: compaction must then remove every zero filter.
+CHANNEL_STRUCTURES = frozenset({"filter", "channel", "heads"})
 
 
 class NonFiniteError(ValueError):
@@ -319,7 +321,8 @@ class Runner:
         for targets in self.stage_targets:
             masks = hard_prune(trial, targets, masks)
         try:
-            compact(trial, self.example, masks, CompactConfig(atol=float("inf")))
+            config = CompactConfig(atol=float("inf"), strict=self._strict_compaction())
+            result = compact(trial, self.example, masks, config)
         except CompactionError as err:
             reason = " ".join(line.strip() for line in str(err).splitlines()[1:]) or str(err)
             raise ConfigError(
@@ -327,6 +330,26 @@ class Runner:
                 "(set 'coupling: strict' or 'coupling: extend' on the stage to prune tied layers together, "
                 "or drop 'compact')"
             ) from None
+        if result.params_after >= result.params_before:  # e.g. only unstructured or quantization rules
+            warnings.warn(
+                "compact: the plans prune no whole filter, channel or column, so the compacted model is as large "
+                "as the dense one; add structured rules (filter, channel, column) or drop 'compact'",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    def _strict_compaction(self) -> bool:
+        """Whether compaction must remove every zero filter: only when a stage prunes channels on purpose.
+
+        Unstructured, N:M, block or quantization rules can zero a whole filter by chance (a 16-filter conv at
+        90% unstructured sparsity often does); where a residual add ties it to live filters it cannot go, and
+        that is kept, not a failure at the end of the run.
+        """
+        return any(
+            isinstance(t, CoupledTarget) or t.structure.kind in CHANNEL_STRUCTURES
+            for targets in self.stage_targets
+            for t in targets
+        )
 
     def _compact(self) -> dict[str, Any]:
         """Compact the final masked model, check it on random inputs, save it under ``out_dir/compact``."""
@@ -335,7 +358,8 @@ class Runner:
 
         options = self.config.compact
         result, figures = compact_checked(
-            self.model, self.example, self.masks, options.atol, options.samples, options.columns, self.config.seed
+            self.model, self.example, self.masks, options.atol, options.samples, options.columns, self.config.seed,
+            strict=self._strict_compaction(),
         )
         self.compacted = result.model
         if self.out_dir is not None and self.dist.is_main:
