@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from admmcompress.executors.fold import forward
+from admmcompress.executors.fold import capture_inputs
 from admmcompress.timing import time_interleaved
 
 
@@ -205,7 +205,7 @@ def apply_column_executors(
         sparsity = 1.0 - fast.kept.numel() / total
         if sparsity >= min_sparsity:
             candidates[name] = (module, fast, sparsity)
-    inputs = _layer_inputs(model, example_inputs, set(candidates))
+    inputs = capture_inputs(model, example_inputs, set(candidates))
     decisions: dict[str, dict[str, Any]] = {}
     for name, (module, fast, sparsity) in candidates.items():
         entry: dict[str, Any] = {"column_sparsity": round(sparsity, 4)}
@@ -220,24 +220,6 @@ def apply_column_executors(
         if use:
             _set_module(model, name, fast)
     return decisions
-
-
-def _layer_inputs(model: nn.Module, example_inputs, names: set[str]) -> dict[str, torch.Tensor]:
-    captured: dict[str, torch.Tensor] = {}
-
-    def hook(name: str):
-        def record(_module, args) -> None:
-            captured.setdefault(name, args[0].detach())
-
-        return record
-
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules() if n in names]
-    try:
-        forward(model, example_inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return captured
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:

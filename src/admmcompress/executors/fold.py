@@ -75,7 +75,7 @@ def fold_constant_channels(
     todo = [(g, w) for g, w in requests if bool(w.any())]
     if not todo:
         return result
-    inputs = _capture_inputs(
+    inputs = capture_inputs(
         model, example_inputs, {m.layer for g, _ in todo for m in g.members if m.role == CONSUMER}
     )
     for group, wanted in todo:
@@ -104,7 +104,8 @@ def fold_constant_channels(
     return result
 
 
-def _capture_inputs(model: nn.Module, example_inputs, names: set[str]) -> dict[str, torch.Tensor]:
+def capture_inputs(model: nn.Module, example_inputs, names: set[str]) -> dict[str, torch.Tensor]:
+    """The first input each module in ``names`` receives on ``example_inputs`` (one forward in eval mode)."""
     captured: dict[str, torch.Tensor] = {}
 
     def hook(name: str):
