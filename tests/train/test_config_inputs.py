@@ -248,3 +248,32 @@ def test_a_value_of_a_wrong_kind_that_slips_past_the_checks_is_one_line_naming_t
         RunConfig.from_yaml(path)
     assert str(err.value).startswith(f"config '{path}': a value has the wrong type or shape")
     assert "\n" not in str(err.value)
+
+
+def test_the_trial_forward_runs_under_the_configs_autocast_and_leaves_buffers_as_they_were():
+    from admmcompress.train.runner import check_model_reads
+
+    class Observed(torch.nn.Module):
+        """Counts its forwards in a buffer (as quantization observers do) and needs bf16 inputs."""
+
+        def __init__(self):
+            super().__init__()
+            self.fc1 = torch.nn.Linear(4, 10)
+            self.register_buffer("seen", torch.zeros(()))
+            self.register_buffer("history", torch.zeros(0))
+
+        def forward(self, x):
+            self.seen += 1
+            self.history = torch.cat([self.history, torch.ones(1)])  # replaced, not updated in place
+            out = self.fc1(x)
+            if out.dtype != torch.bfloat16:
+                raise RuntimeError("expected bf16 activations")
+            return out
+
+    config = RunConfig.from_dict({**spec(pretrained="unused.safetensors"), "pretrain": None, "autocast": "bf16"})
+    model, x = Observed(), torch.randn(3, 4)
+    check_model_reads(model, x, Split(x, torch.zeros(3, dtype=torch.long)), config)
+    assert float(model.seen) == 0.0 and model.history.numel() == 0
+    plain = RunConfig.from_dict({**spec(pretrained="unused.safetensors"), "pretrain": None})
+    with pytest.raises(ValueError, match="expected bf16 activations"):
+        check_model_reads(model, x, Split(x, torch.zeros(3, dtype=torch.long)), plain)

@@ -635,13 +635,17 @@ class Runner:
 
 
 def check_model_reads(model: nn.Module, example: Any, train: Any, config: RunConfig, classifies: bool = True) -> None:
-    """One forward of the example batch (eval mode, no gradient): a model that cannot read the training inputs,
+    """One forward of the example batch (eval mode, no gradient, the run's autocast; buffers left as they were):
+    a model that cannot read the training inputs,
     or (``classifies``: the loss is cross-entropy) has fewer outputs than the labels have classes, is refused in
     one line before anything is written."""
     was_training = model.training
+    dtype = AUTOCAST_DTYPES[config.autocast]
+    # buffers a forward may update even in eval mode (quantization observers and the like) are put back
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             out = model(example)
     except (RuntimeError, ValueError, TypeError, IndexError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -651,6 +655,7 @@ def check_model_reads(model: nn.Module, example: Any, train: Any, config: RunCon
         ) from None
     finally:
         model.train(was_training)
+        _restore_buffers(model, buffers)
     labels = getattr(train, "y", None)
     if not (classifies and isinstance(out, torch.Tensor) and out.dim() == 2 and isinstance(labels, torch.Tensor)):
         return
@@ -662,6 +667,19 @@ def check_model_reads(model: nn.Module, example: Any, train: Any, config: RunCon
             f"model '{config.model['name']}' has {out.shape[1]} outputs but the training labels have {classes} "
             f"classes; give the model num_classes: {classes} (or data with its classes)"
         )
+
+
+def _restore_buffers(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Put back buffer values taken before a trial forward (in place where the shape held, else replaced)."""
+    with torch.no_grad():
+        for name, value in saved.items():
+            owner_name, _, attr = name.rpartition(".")
+            owner = model.get_submodule(owner_name)
+            current = owner._buffers.get(attr)
+            if current is not None and current.shape == value.shape and current.dtype == value.dtype:
+                current.copy_(value)
+            else:
+                owner._buffers[attr] = value
 
 
 def _describe_input(example: Any) -> str:
