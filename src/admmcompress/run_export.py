@@ -132,12 +132,15 @@ def verify_run_folder(run_dir: str | Path) -> None:
         print(f"admmcompress: note: {note}", file=sys.stderr)
 
 
-def export_run(name: str, run_dir: str | Path, out: str | Path, **options: Any) -> str:
+def export_run(name: str, run_dir: str | Path, out: str | Path, overwrite: bool = False, **options: Any) -> str:
     """``get_executor(name).export(open_run(run_dir), out, **options)``: the summary to print.
 
-    The executor is looked up first, so an unknown name fails before the run is read.
+    The executor is looked up first, so an unknown name fails before the run is read. An existing ``out``
+    is refused as on the command line (``check_export_out``) unless ``overwrite=True``.
     """
     executor = get_executor(name)
+    if not overwrite:
+        check_export_out(name, out)
     return executor.export(open_run(run_dir), out, **options)
 
 
@@ -289,13 +292,13 @@ def export_packed_run(
     run_dir: str | Path, out: str | Path, scheme: str = "best", index_bits: int | str = "best"
 ) -> str:
     """Deprecated: ``export_run("packed", run_dir, out, scheme=..., index_bits=...)``."""
-    return export_run("packed", run_dir, out, scheme=scheme, index_bits=index_bits)
+    return export_run("packed", run_dir, out, overwrite=True, scheme=scheme, index_bits=index_bits)
 
 
 @deprecated("export_onnx_run(run_dir, out) is deprecated; use export_run('onnx', run_dir, out)")
 def export_onnx_run(run_dir: str | Path, out: str | Path) -> str:
     """Deprecated: ``export_run("onnx", run_dir, out)``."""
-    return export_run("onnx", run_dir, out)
+    return export_run("onnx", run_dir, out, overwrite=True)
 
 
 @deprecated(

@@ -239,6 +239,19 @@ def test_the_old_run_export_names_warn_and_print_the_same(hand_run, tmp_path):
         assert run_export.export_onnx_run(run, tmp_path / "m.onnx").startswith("onnx: ")
 
 
+def test_export_run_never_replaces_a_file_unless_told(hand_run, tmp_path):
+    from admmcompress import run_export
+
+    run, _ = hand_run
+    out = tmp_path / "mine.admmpk"
+    out.write_bytes(b"the user's file")
+    with pytest.raises(ValueError, match="exists; export does not overwrite"):
+        run_export.export_run("packed", run, out)
+    assert out.read_bytes() == b"the user's file"
+    assert "round trip: state dict bit-identical" in run_export.export_run("packed", run, out, overwrite=True)
+    assert out.read_bytes() != b"the user's file"
+
+
 def test_an_opened_run_is_what_export_takes(hand_run, tmp_path):
     from admmcompress.run_export import open_run
 
