@@ -104,6 +104,16 @@ SETUPS = {
 }
 
 
+# Each setup's training precision as the protocols fixed it (before --fp32 changes a setup in place): runs in
+# another precision are rows of their own.
+DEFAULT_PRECISION = {name: "bf16" if setup.get("fast") is True else "fp32" for name, setup in SETUPS.items()}
+
+
+def precision_of(setup: dict) -> str:
+    """bf16 autocast + channels_last (``fast: True``) or float32 (``"channels_last"`` or plain)."""
+    return "bf16" if setup.get("fast") is True else "fp32"
+
+
 def shuffled(data: Split, limit: int | None) -> Split:
     """A seeded random order (and the first ``limit`` of it): subsets and held-out slices cover every class."""
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(1234))[:limit]
@@ -169,7 +179,8 @@ def one_run(name, method, reduction, seed, data, out, log, quick, weighting="sqr
     budget = Budget(kind="macs", reduction=reduction)
     drive, retrain = epochs_of(setup, quick)
     every = every_of(setup, quick)
-    protocol = {"epochs": [drive, retrain], "every": every}  # part of what makes a run the same run (resume)
+    # part of what makes a run the same run (resume)
+    protocol = {"epochs": [drive, retrain], "every": every, "precision": precision_of(setup)}
     started = time.perf_counter()
     extra: dict = {}
     if method == "auto":
@@ -240,7 +251,15 @@ def one_run(name, method, reduction, seed, data, out, log, quick, weighting="sqr
 def label(record: dict) -> str:
     """The method as the tables name it: ``auto`` with a growing rho is its own row (another recipe)."""
     growth = record.get("soft_rho_growth")
-    return f"auto_rho_x{growth:g}" if record["method"] == "auto" and growth not in (None, 1.0) else record["method"]
+    name = f"auto_rho_x{growth:g}" if record["method"] == "auto" and growth not in (None, 1.0) else record["method"]
+    default = DEFAULT_PRECISION[record["model"]]
+    precision = record.get("precision") or default  # records written before it was kept ran the default
+    return name if precision == default else f"{name}_{precision}"
+
+
+def method_order(row_label: str) -> tuple[int, str]:
+    """Table order: the methods' order, each one's recipes and precisions after it."""
+    return next(i for i, m in enumerate(METHODS) if row_label.startswith(m)), row_label
 
 
 def model_files(out: Path, record: dict) -> tuple[Path, Path]:
@@ -352,7 +371,7 @@ def summarize(out: Path) -> str:
                   "|---:|---|---:|---:|---:|---:|---:|---:|"]
         for reduction in sorted({r["reduction"] for r in rows if r["model"] == name}):
             here = [r for r in rows if (r["model"], r["reduction"]) == (name, reduction)]
-            labels = sorted({label(r) for r in here}, key=lambda m: (METHODS.index(m.split("_rho")[0]), m))
+            labels = sorted({label(r) for r in here}, key=method_order)
             for method in labels:
                 rs = [r for r in here if label(r) == method]
                 acc = [r["accuracy"] for r in rs]
@@ -385,6 +404,9 @@ def main() -> None:
     parser.add_argument("--soft-rho-growth", type=float, default=1.0,
                         help="method auto's rho factor per update (1: constant, the LeNet-5 protocol; the ADMM "
                              "baselines grow theirs x1.3)")
+    parser.add_argument("--fp32", action="store_true",
+                        help="train in fp32 instead of the setup's bf16 autocast: on a CPU without native bf16 "
+                             "(AVX2 only) bf16 is emulated (a ResNet-20 step measured 16x slower); rows of their own")
     parser.add_argument("--summarize", action="store_true")
     parser.add_argument("--retime", action="store_true",
                         help="time the saved runs of --out again (on a quiet machine), then summarize")
@@ -402,6 +424,8 @@ def main() -> None:
     setup = SETUPS[args.model]
     if args.epochs:
         setup["epochs"] = tuple(args.epochs)
+    if args.fp32:  # channels_last batches stay: 1.25x faster in float32 as well on the AVX2 machine
+        setup["fast"] = "channels_last" if setup.get("fast") else False
     log(f"# {command_line()}\n# {machine()}")
     # Shuffled once (seeded) before any split or subset: the dataset files may be sorted by class.
     everything = shuffled(load_dataset(setup["dataset"], "train"), 1000 if args.quick else None)
@@ -417,7 +441,7 @@ def main() -> None:
                           "quick": args.quick, "weighting": args.weighting,
                           "soft_rho_growth": args.soft_rho_growth if method == "auto" else None,
                           "epochs": list(epochs_of(setup, args.quick)),
-                          "every": every_of(setup, args.quick)}
+                          "every": every_of(setup, args.quick), "precision": precision_of(setup)}
                 timed, partial = earlier_runs(args.out, out)
                 if run_key(wanted) in timed:
                     log(f"== {args.model} {reduction:g}x seed {seed}: {label(wanted)} finished before, skipped")

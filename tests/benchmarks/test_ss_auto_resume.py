@@ -91,3 +91,20 @@ def test_other_epochs_or_weighting_are_other_runs_with_their_own_files(ss_auto, 
     files = {ss_auto.model_files(tmp_path, r)[0].name for r in (now, {**now, "epochs": [30, 30]},
                                                                   {**now, "weighting": "cost"})}
     assert len(files) == 3 and ss_auto.model_files(tmp_path, old)[0].name == "resnet20_4x_seed0_auto.safetensors"
+
+
+def test_another_precision_is_its_own_row_run_and_files(ss_auto, tmp_path):
+    record = {"model": "resnet20", "method": "uniform", "reduction": 4.0, "seed": 0, "quick": False,
+              "weighting": "sqrt", "soft_rho_growth": None, "epochs": [3, 3], "every": 88}
+    bf16, fp32 = {**record, "precision": "bf16"}, {**record, "precision": "fp32"}
+    assert ss_auto.run_key(record) == ss_auto.run_key(bf16)  # older records: the setup's bf16
+    assert ss_auto.run_key(fp32) != ss_auto.run_key(bf16)
+    assert ss_auto.label(fp32) == "uniform_fp32" and ss_auto.label(bf16) == "uniform"
+    assert ss_auto.model_files(tmp_path, fp32)[0].name == "resnet20_4x_seed0_uniform_fp32.safetensors"
+    assert ss_auto.label({**record, "model": "lenet5", "precision": "fp32"}) == "uniform"  # LeNet-5's default
+    rows = [{**r, "accuracy": a, "macs_dense": 4, "macs_compacted": 1, "wall_seconds": 1.0, "latency_ms": 1.0}
+            for r, a in ((fp32, 80.0), (bf16, 70.0), ({**fp32, "method": "tp_global"}, 75.0))]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = ss_auto.summarize(tmp_path)
+    order = [line.split(" | ")[1] for line in table.splitlines() if line.startswith("| 4x")]
+    assert order == ["uniform", "uniform_fp32", "tp_global_fp32"]
