@@ -27,6 +27,7 @@ from admmcompress.executors.compact_run import count_macs
 from admmcompress.timing import time_interleaved
 from admmcompress.train.config import OptimizerConfig, PhaseConfig
 from admmcompress.train.loop import learning_rate, make_optimizer, train_epoch
+from admmcompress.train.precision import native_bf16
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
 
@@ -131,6 +132,8 @@ def fit(
     ``fast="channels_last"`` keeps float32 with channels_last batches (1.25x on an AVX2 CPU without native
     bf16, where bf16 autocast is emulated and 16x slower).
     """
+    if fast is True and not native_bf16():  # emulated bf16: said in the benchmark's log, not only on stderr
+        log("  note: bf16 autocast on a CPU without native bf16 (10-16x slower than float32 here)")
     cfg = OptimizerConfig(name=optimizer, lr=lr, weight_decay=weight_decay, nesterov=optimizer == "sgd")
     opt = make_optimizer(model, cfg)
     if masks is not None:

@@ -51,6 +51,7 @@ from admmcompress.train.loop import (
     set_dropout,
     train_epoch,
 )
+from admmcompress.train.precision import warn_if_emulated_bf16
 from admmcompress.train.teacher import load_teacher
 
 STATE_FILE = "checkpoint.pt"
@@ -132,6 +133,8 @@ class Runner:
             self.loader = DatasetLoader(train, config.data.batch_size, config.seed, self.dist.rank,
                                         self.dist.world_size, all_ranks=self.dist.all_true, least=self.dist.least)
         self.example = first_inputs(train)  # traces the channel coupling and gives compaction its input shape
+        if self.dist.is_main:
+            warn_if_emulated_bf16(AUTOCAST_DTYPES[config.autocast])  # 10-16x slower where bf16 is emulated
         check_model_reads(model, self.example, train, config, classifies=loss_fn is None)
         self.stage_targets: list[list[Target]] = [self._resolve(s) for s in config.stages]
         for i, (stage, targets) in enumerate(zip(config.stages, self.stage_targets, strict=True)):
