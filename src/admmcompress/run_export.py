@@ -139,8 +139,7 @@ def export_run(name: str, run_dir: str | Path, out: str | Path, overwrite: bool 
     is refused as on the command line (``check_export_out``) unless ``overwrite=True``.
     """
     executor = get_executor(name)
-    if not overwrite:
-        check_export_out(name, out)
+    check_export_out(name, out, overwrite=overwrite)
     return executor.export(open_run(run_dir), out, **options)
 
 
@@ -261,11 +260,13 @@ def export_from_args(args: argparse.Namespace) -> str:
     return executor.export(open_run(args.dir), args.out, **given)
 
 
-def check_export_out(name: str, out: str | Path) -> None:
+def check_export_out(name: str, out: str | Path, overwrite: bool = False) -> None:
     """Refuse an ``--out`` that export would write over or into, before the run is read.
 
     Export never replaces what the user has: an existing file (or a folder where a file goes) is refused, and
     ``--compact`` (a folder) takes a new or empty folder only. ``""`` would mean the current folder.
+    ``overwrite=True`` (the API's choice) lets an existing file or a folder with files be replaced; the kind
+    of ``out`` (file or folder) must still fit.
     """
     flag = f"--{name.replace('_', '-')}"
     folder = get_executor(name).writes_folder
@@ -275,19 +276,22 @@ def check_export_out(name: str, out: str | Path) -> None:
     exists = path.exists() or path.is_symlink()  # a dangling link would be written through too
     if folder and exists and not path.is_dir():
         raise ValueError(f"--out '{out}' is a file; {flag} writes a folder, choose another --out")
-    if folder and path.is_dir() and any(path.iterdir()):
+    if folder and path.is_dir() and any(path.iterdir()) and not overwrite:
         raise ValueError(f"--out '{out}' is a folder with files in it; {flag} writes a new folder: choose another "
                          "--out or remove it")
     if not folder and path.is_dir():
         raise ValueError(f"--out '{out}' is a folder; {flag} writes a file, give a file name")
-    if not folder and exists:
+    if not folder and exists and not overwrite:
         raise ValueError(f"--out '{out}' exists; export does not overwrite: choose another name or remove it")
 
 
 # --- deprecated names (one release) ---------------------------------------------------------
 
 
-@deprecated("export_packed_run(run_dir, out, ...) is deprecated; use export_run('packed', run_dir, out, ...)")
+@deprecated(
+    "export_packed_run(run_dir, out, ...) is deprecated; use export_run('packed', run_dir, out, ...) "
+    "(add overwrite=True to replace an existing out, as this did)"
+)
 def export_packed_run(
     run_dir: str | Path, out: str | Path, scheme: str = "best", index_bits: int | str = "best"
 ) -> str:
@@ -295,7 +299,10 @@ def export_packed_run(
     return export_run("packed", run_dir, out, overwrite=True, scheme=scheme, index_bits=index_bits)
 
 
-@deprecated("export_onnx_run(run_dir, out) is deprecated; use export_run('onnx', run_dir, out)")
+@deprecated(
+    "export_onnx_run(run_dir, out) is deprecated; use export_run('onnx', run_dir, out) "
+    "(add overwrite=True to replace an existing out, as this did)"
+)
 def export_onnx_run(run_dir: str | Path, out: str | Path) -> str:
     """Deprecated: ``export_run("onnx", run_dir, out)``."""
     return export_run("onnx", run_dir, out, overwrite=True)

@@ -250,6 +250,8 @@ def test_export_run_never_replaces_a_file_unless_told(hand_run, tmp_path):
     assert out.read_bytes() == b"the user's file"
     assert "round trip: state dict bit-identical" in run_export.export_run("packed", run, out, overwrite=True)
     assert out.read_bytes() != b"the user's file"
+    with pytest.raises(ValueError, match="is a folder; --packed writes a file"):  # overwrite replaces files only
+        run_export.export_run("packed", run, tmp_path, overwrite=True)
 
 
 def test_an_opened_run_is_what_export_takes(hand_run, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -123,21 +124,12 @@ def test_compact_with_a_plan_that_removes_no_width_is_said_before_training():
         Runner(config, create_model("resnet20"), random_split(4), random_split(4), progress=False)
 
 
-def test_filters_zeroed_by_chance_under_unstructured_rules_are_kept_not_refused(tmp_path):
-    # at 90% some 16-filter convs lose whole filters; the residual add ties them to live ones, so they stay
-    plan = {"rules": [{"type": "Conv2d", "structure": "unstructured", "sparsity": 0.9}]}
-    config = RunConfig.from_dict({**spec(plan, coupling="none"), "seed": 0})
-    model = create_model("resnet20")
-    runner = Runner(config, model, random_split(8), random_split(8, seed=1), out_dir=tmp_path, progress=False)
-    metrics = runner.run()
-    figures = metrics["compaction"]
-    assert figures["max_abs_diff"] <= figures["atol"]
-    assert figures["params_after"] <= figures["params_before"]
-
-
-def test_pretrain_of_zero_epochs_says_it_prunes_an_untrained_model():
+def test_pretrain_of_zero_epochs_says_it_prunes_an_untrained_model_once_at_the_runs_start():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        config = RunConfig.from_dict(spec(compact=None))  # reading the config (report, export): nothing said
     with pytest.warns(UserWarning, match=r"pretrain: \{epochs: 0\} prunes the randomly initialised model"):
-        RunConfig.from_dict(spec())
+        Runner(config, create_model("resnet20"), random_split(4), random_split(4), progress=False)
 
 
 def test_a_strict_coupled_plan_naming_part_of_a_group_is_a_plan_error():
@@ -216,6 +208,31 @@ def test_cli_run_of_the_ready_config_compacts_reports_and_exports(tmp_path, caps
     assert "Reloaded from" in printed and (tmp_path / "exported" / "manifest.json").is_file()
     small = load_compacted(tmp_path / "exported")
     assert sum(p.numel() for p in small.parameters()) == metrics["params_after"]
+
+
+def test_filters_zeroed_by_chance_under_unstructured_rules_are_kept_by_the_run_and_its_export(
+    tmp_path, capsys, small_cifar
+):
+    # at 90% some 16-filter convs lose whole filters; the residual add ties them to live ones, so they stay
+    plan = {"rules": [{"type": "Conv2d", "structure": "unstructured", "sparsity": 0.9}]}
+    config = {**spec(plan, coupling="none"), "seed": 0, "threads": 1}
+    config["data"] = {"dataset": "cifar10", "train_limit": 8, "test_limit": 8, "batch_size": 8}
+    path, out = tmp_path / "unstructured.yaml", tmp_path / "run"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", str(path), "--out", str(out), "--no-progress"]) == 0
+    figures = json.loads((out / "metrics.json").read_text())["metrics"]["compaction"]
+    assert figures["max_abs_diff"] <= figures["atol"]
+    assert main(["export", "--compact", str(out), "--out", str(tmp_path / "exported")]) == 0
+    small = load_compacted(tmp_path / "exported")
+    assert sum(p.numel() for p in small.parameters()) == figures["params_after"]
+
+
+def test_compact_of_a_column_plan_is_not_told_it_removes_no_width():
+    plan = {"rules": [{"match": "layers.*.conv1", "structure": "column", "sparsity": 0.5}]}
+    config = RunConfig.from_dict({**spec(plan, coupling="none", compact={"columns": "on"}), "seed": 0})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "compact: the plans prune no whole", UserWarning)
+        Runner(config, create_model("resnet20"), random_split(4), random_split(4), progress=False)
 
 
 def one_line_error(capsys, argv) -> str:

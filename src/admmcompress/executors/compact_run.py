@@ -39,8 +39,38 @@ from admmcompress.executors.compact import (
 from admmcompress.executors.fold import forward
 from admmcompress.executors.manifest import _write_compacted, load_compacted
 from admmcompress.finalize import MaskSet
+from admmcompress.structures.registry import structure_class
 
 COMPACT_DIR = "compact"
+# Structures whose zeros are meant to remove channels: compaction must then remove every zero filter.
+CHANNEL_STRUCTURES = frozenset({"filter", "channel", "heads"})
+
+
+def strict_compaction(stages: list[dict[str, Any]]) -> bool:
+    """Whether compaction must remove every zero filter of a run with these stages (``StageConfig.to_dict()``
+    form, as a run folder's config.yaml holds them): only when a stage prunes channels on purpose (coupled
+    targets, or filter/channel/heads rules).
+
+    Unstructured, N:M, block or quantization rules can zero a whole filter by chance (a 16-filter conv at 90%
+    unstructured sparsity often does); where a residual add ties it to live filters it cannot go, and it is
+    kept rather than failing the run at its end (or its export). A plan that mixes both is strict throughout.
+
+    >>> strict_compaction([{"plan": {"rules": [{"structure": "unstructured", "sparsity": 0.9}]}}])
+    False
+    >>> strict_compaction([{"plan": {"rules": [{"structure": "row", "sparsity": 0.5}]}}])  # an alias of filter
+    True
+    """
+    for stage in stages:
+        if not isinstance(stage, dict):
+            continue
+        if stage.get("coupling", "none") != "none":
+            return True
+        rules = (stage.get("plan") or {}).get("rules") or []
+        for rule in rules:
+            cls = structure_class(rule.get("structure")) if isinstance(rule, dict) else None
+            if cls is not None and cls.kind in CHANNEL_STRUCTURES:
+                return True
+    return False
 
 
 def count_macs(model: nn.Module, example_inputs) -> int:
@@ -212,7 +242,8 @@ class CompactExecutor(Executor):
         columns = options.get("columns", "off")
         samples = int(samples)
         example = run.example(2)
-        result, figures = compact_checked(model, example, atol=atol, samples=samples, columns=columns)
+        strict = strict_compaction(run.settings.get("stages") or [])  # as the run itself compacted
+        result, figures = compact_checked(model, example, atol=atol, samples=samples, columns=columns, strict=strict)
         self.save(result.model, out, model_spec(run.model_config))
         figures = {**figures, "folder": str(Path(out))}
         restored = self.load(out).eval()

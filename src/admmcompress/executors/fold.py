@@ -115,12 +115,13 @@ def capture_inputs(model: nn.Module, example_inputs, names: set[str]) -> dict[st
         return record
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules() if n in names]
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # each module's own mode (e.g. frozen BatchNorm) comes back
     model.eval()
     try:
         forward(model, example_inputs)
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
         for h in handles:
             h.remove()
     return captured

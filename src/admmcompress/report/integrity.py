@@ -51,14 +51,17 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-# Keys that say where things are on a machine, not what the run was: a run folder moved to another machine
-# may need them edited (plugin files, the data folder, checkpoints it started from), so they are not checked.
-_CONFIG_LOCATIONS = ("plugins", "threads", "logging", "pretrained", "teacher")
+# Keys that say where things are on a machine or how fast it ran, not what the run was: a run folder moved to
+# another machine may need them edited (plugin files, the data folder, checkpoints it started from), and
+# `--resume --allow-config-change` accepts the speed ones; so they are not checked.
+_CONFIG_LOCATIONS = ("plugins", "threads", "logging", "pretrained", "teacher", "checkpoint_every_epochs",
+                     "save_stages")
+_DATA_LOCATIONS = ("data_dir", "eval_batch_size")
 
 
 def config_sha256(path: str | Path) -> str:
     """SHA-256 of a run config's values (its parsed YAML as canonical JSON, locations left out): comments and
-    layout may change, and the paths in ``_CONFIG_LOCATIONS`` and ``data.data_dir``; a value that shapes the
+    layout may change, and the keys in ``_CONFIG_LOCATIONS`` and ``_DATA_LOCATIONS``; a value that shapes the
     run may not, since ``report`` and ``export`` rebuild the model from it."""
     try:
         spec = yaml.safe_load(Path(path).read_bytes().decode("utf-8"))
@@ -67,7 +70,7 @@ def config_sha256(path: str | Path) -> str:
     if isinstance(spec, dict):
         spec = {k: v for k, v in spec.items() if k not in _CONFIG_LOCATIONS}
         if isinstance(spec.get("data"), dict):
-            spec["data"] = {k: v for k, v in spec["data"].items() if k != "data_dir"}
+            spec["data"] = {k: v for k, v in spec["data"].items() if k not in _DATA_LOCATIONS}
     return canonical_sha256(_as_json(spec))
 
 

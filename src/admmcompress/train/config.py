@@ -524,10 +524,6 @@ class RunConfig:
         if self.pretrained is not None and self.pretrain is not None:  # a warning: older run folders hold both
             warnings.warn("both 'pretrained' and 'pretrain' are given: the run starts from 'pretrained' and the "
                           "pretrain phase does not run; drop one of them", UserWarning, stacklevel=2)
-        if self.pretrained is None and self.pretrain is not None and self.pretrain.epochs == 0:
-            warnings.warn("pretrain: {epochs: 0} prunes the randomly initialised model (pruning at initialisation); "
-                          "give pretrain epochs or 'pretrained' (a dense checkpoint) to prune a trained one",
-                          UserWarning, stacklevel=2)
         if self.pretrained is not None and (not isinstance(self.pretrained, str) or not self.pretrained):
             raise ValueError(f"pretrained={self.pretrained!r} must be a checkpoint file's path")
         if self.pretrain is not None and self.pretrain.distill is not None:

@@ -26,8 +26,10 @@ def native_bf16() -> bool:
     """True where this CPU computes bf16 natively, or where that cannot be told (then nothing is said)."""
     if platform.machine().lower() not in _X86:
         return True  # ARM and others: no reliable probe here; assume the user chose knowingly
+    # torch's CPU feature probes (private, present since 2.1); oneDNN's _is_mkldnn_bf16_supported is not used:
+    # it answers True for any AVX-512 CPU, Skylake included, where bf16 is still emulated
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # oneDNN's own probe (a private op)
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except (AttributeError, RuntimeError):
         pass
     cpuinfo = Path("/proc/cpuinfo")

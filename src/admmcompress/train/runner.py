@@ -56,8 +56,6 @@ from admmcompress.train.teacher import load_teacher
 
 STATE_FILE = "checkpoint.pt"
 STAGES_DIR = "stages"  # save_stages: every finished stage's model and masks
-# Structures whose zeros are meant to remove channels: compaction must then remove every zero filter.
-CHANNEL_STRUCTURES = frozenset({"filter", "channel", "heads"})
 
 
 class NonFiniteError(ValueError):
@@ -133,8 +131,6 @@ class Runner:
             self.loader = DatasetLoader(train, config.data.batch_size, config.seed, self.dist.rank,
                                         self.dist.world_size, all_ranks=self.dist.all_true, least=self.dist.least)
         self.example = first_inputs(train)  # traces the channel coupling and gives compaction its input shape
-        if self.dist.is_main:
-            warn_if_emulated_bf16(AUTOCAST_DTYPES[config.autocast])  # 10-16x slower where bf16 is emulated
         check_model_reads(model, self.example, train, config, classifies=loss_fn is None)
         self.stage_targets: list[list[Target]] = [self._resolve(s) for s in config.stages]
         for i, (stage, targets) in enumerate(zip(config.stages, self.stage_targets, strict=True)):
@@ -183,6 +179,8 @@ class Runner:
         # Distillation teacher: the model as the first stage found it (saved with the checkpoint).
         self.teacher: nn.Module | None = None
         self.logger: EpochLogger | None = None  # log.csv / TensorBoard, when the config asks (rank 0 only)
+        if self.dist.is_main:  # notes last, once every check above has passed
+            _note_choices(config)
 
     # --- public -------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict[str, Any]:
@@ -324,8 +322,14 @@ class Runner:
         for targets in self.stage_targets:
             masks = hard_prune(trial, targets, masks)
         try:
-            config = CompactConfig(atol=float("inf"), strict=self._strict_compaction())
-            result = compact(trial, self.example, masks, config)
+            strict = self._strict_compaction()
+            # columns as the run will compact them ("auto" chooses by timing: every candidate counts here)
+            columns = "off" if self.config.compact.columns == "off" else "on"
+            with warnings.catch_warnings():
+                if not strict:  # notes about chance-zero filters of this made-up copy would only confuse
+                    warnings.simplefilter("ignore")
+                result = compact(trial, self.example, masks, CompactConfig(atol=float("inf"), strict=strict,
+                                                                           columns=columns))
         except CompactionError as err:
             reason = " ".join(line.strip() for line in str(err).splitlines()[1:]) or str(err)
             raise ConfigError(
@@ -342,17 +346,10 @@ class Runner:
             )
 
     def _strict_compaction(self) -> bool:
-        """Whether compaction must remove every zero filter: only when a stage prunes channels on purpose.
+        """Whether compaction must remove every zero filter (``compact_run.strict_compaction``; export agrees)."""
+        from admmcompress.executors.compact_run import strict_compaction
 
-        Unstructured, N:M, block or quantization rules can zero a whole filter by chance (a 16-filter conv at
-        90% unstructured sparsity often does); where a residual add ties it to live filters it cannot go, and
-        that is kept, not a failure at the end of the run.
-        """
-        return any(
-            isinstance(t, CoupledTarget) or t.structure.kind in CHANNEL_STRUCTURES
-            for targets in self.stage_targets
-            for t in targets
-        )
+        return strict_compaction([stage.to_dict() for stage in self.config.stages])
 
     def _compact(self) -> dict[str, Any]:
         """Compact the final masked model, check it on random inputs, save it under ``out_dir/compact``."""
@@ -670,6 +667,15 @@ def check_model_reads(model: nn.Module, example: Any, train: Any, config: RunCon
             f"model '{config.model['name']}' has {out.shape[1]} outputs but the training labels have {classes} "
             f"classes; give the model num_classes: {classes} (or data with its classes)"
         )
+
+
+def _note_choices(config: RunConfig) -> None:
+    """Warnings about legitimate but probably unintended settings (not refusals)."""
+    warn_if_emulated_bf16(AUTOCAST_DTYPES[config.autocast])  # 10-16x slower where bf16 is emulated
+    if config.pretrained is None and config.pretrain is not None and config.pretrain.epochs == 0:
+        warnings.warn("pretrain: {epochs: 0} prunes the randomly initialised model (pruning at initialisation); "
+                      "give pretrain epochs or 'pretrained' (a dense checkpoint) to prune a trained one",
+                      UserWarning, stacklevel=3)
 
 
 def _restore_buffers(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
