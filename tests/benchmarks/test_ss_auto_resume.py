@@ -105,6 +105,10 @@ def test_another_precision_is_its_own_row_run_and_files(ss_auto, tmp_path):
     rows = [{**r, "accuracy": a, "macs_dense": 4, "macs_compacted": 1, "wall_seconds": 1.0, "latency_ms": 1.0}
             for r, a in ((fp32, 80.0), (bf16, 70.0), ({**fp32, "method": "tp_global"}, 75.0))]
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    quiet = {"model": "resnet20", "reduction": 4.0, "seed": 0, "method": "uniform_fp32", "latency_ms": 0.5,
+             "dense_latency_ms": 2.0}  # what --retime writes: the row's label
+    (tmp_path / "retimed.jsonl").write_text(json.dumps(quiet) + "\n")
     table = ss_auto.summarize(tmp_path)
-    order = [line.split(" | ")[1] for line in table.splitlines() if line.startswith("| 4x")]
-    assert order == ["uniform", "uniform_fp32", "tp_global_fp32"]
+    lines = [line.split(" | ") for line in table.splitlines() if line.startswith("| 4x")]
+    assert [cells[1] for cells in lines] == ["uniform", "uniform_fp32", "tp_global_fp32"]
+    assert [cells[5] for cells in lines] == ["-", "0.500 (2.000)", "-"]  # the quiet latency of its own row only
