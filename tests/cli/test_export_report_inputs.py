@@ -20,6 +20,7 @@ from admmcompress import run_export
 from admmcompress.cli import main
 from admmcompress.executors import get_executor
 from admmcompress.report.compare import compare_runs
+from admmcompress.report.integrity import seal
 
 pytestmark = pytest.mark.filterwarnings("ignore:ADMM residual:RuntimeWarning")
 
@@ -164,6 +165,13 @@ def test_an_unknown_key_in_the_runs_config_names_the_file(run, tmp_path, capsys)
     spec = yaml.safe_load(config.read_text())
     spec["bogus_key"] = 1
     config.write_text(yaml.safe_dump(spec, sort_keys=False))
+    err = error_line(capsys, ["export", "--packed", str(run), "--out", str(tmp_path / "m.admmpk")])
+    assert err.startswith(f"'{config}' holds other values than the run was made with")  # its checksum first
+    metrics_file = run / "metrics.json"  # a run recorded before config checksums: the config's own message
+    data = json.loads(metrics_file.read_text())
+    del data["metrics"]["integrity"]["config"]
+    seal(data["metrics"], data["history"])
+    metrics_file.write_text(json.dumps(data))
     err = error_line(capsys, ["export", "--packed", str(run), "--out", str(tmp_path / "m.admmpk")])
     assert err.startswith(f"'{config}': unknown key(s) ['bogus_key']; allowed: ")
     with pytest.raises(ValueError, match=r"config\.yaml': unknown key\(s\) \['bogus_key'\]"):
