@@ -195,7 +195,9 @@ def one_run(name, method, reduction, seed, data, out, log, quick, weighting="sqr
                                         "share_soft_threshold", "strength")}
         extra["rates"] = record["rates"]
         growth = f"_rho_x{soft_rho_growth:g}" if soft_rho_growth != 1.0 else ""  # another recipe: its own files
-        tag = f"{name}_{reduction:g}x{growth}_seed{seed}"
+        precision = precision_of(setup)
+        other = "" if precision == DEFAULT_PRECISION[name] else f"_{precision}"  # and another precision
+        tag = f"{name}_{reduction:g}x{growth}{other}_seed{seed}"
         write_rates_plan(out / f"rates_{tag}.yaml", rates_plan(model, targets),
                          comment=f"SS-Auto rates for {name} at {reduction:g}x fewer MACs (seed {seed}); "
                                  "rerun with any driver (coupling: strict)")
