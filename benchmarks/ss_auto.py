@@ -4,6 +4,7 @@
     python benchmarks/ss_auto.py --model resnet20 --reductions 2 4    # from checkpoints/resnet20_cifar10_dense
     python benchmarks/ss_auto.py --model lenet5 --quick               # smoke: a fraction of an epoch, one seed
     python benchmarks/ss_auto.py --summarize --out runs/ss_auto       # the tables from results.jsonl
+    python benchmarks/ss_auto.py --model resnet20 --fp32 ...          # float32 where bf16 is emulated (AVX2)
 
 Rerunning a command resumes it: a run already in ``results.jsonl`` is skipped, and one trained but not yet timed
 (in ``runs_partial.jsonl`` with its saved model) is only timed; a run cut off mid-training starts again.
