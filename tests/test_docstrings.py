@@ -43,6 +43,7 @@ MODULES = [
     "admmcompress.drivers.factorize",
     "admmcompress.drivers.penni",
     "admmcompress.train.cadence",
+    "admmcompress.train.precision",
     "admmcompress.train.loop",
     "admmcompress.train.distributed",  # issue 24
     "admmcompress.train.logging",
@@ -75,6 +76,7 @@ MODULES = [
     "admmcompress.encoding",
     "admmcompress.report.storage",
     "admmcompress.report.compare",
+    "admmcompress.report.integrity",
     "admmcompress.report.rates",
     # modelled hardware (crossbars, SOT-MRAM)
     "admmcompress.hardware.constants",
