@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from admmcompress.data.datasets import BatchLoader, Split
 from admmcompress.train.config import DistillConfig, OptimizerConfig, PhaseConfig
+from admmcompress.train.precision import cpu_autocast
 
 
 def dropout_rates(model: nn.Module) -> dict[str, float]:
@@ -197,7 +198,7 @@ def train_epoch(
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
         if channels_last and isinstance(x, torch.Tensor) and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        with cpu_autocast(autocast):
             output = model(x)
         if loss_fn is not None:
             data_loss = loss = _scalar(loss_fn(batch, output, model), desc)

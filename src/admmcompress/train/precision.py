@@ -39,6 +39,11 @@ def native_bf16() -> bool:
     return True
 
 
+def cpu_autocast(dtype: torch.dtype | None) -> torch.autocast:
+    """The CPU autocast context of a run's ``autocast:`` setting: ``dtype``, or disabled (float32) when None."""
+    return torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
 def warn_if_emulated_bf16(dtype: torch.dtype | None, where: str = "autocast: bf16") -> bool:
     """Warn (once per call site) when ``dtype`` is bf16 and this CPU has no native bf16; return whether it did."""
     if dtype is not torch.bfloat16 or native_bf16():
@@ -53,4 +58,4 @@ def warn_if_emulated_bf16(dtype: torch.dtype | None, where: str = "autocast: bf1
     return True
 
 
-__all__ = ["native_bf16", "warn_if_emulated_bf16"]
+__all__ = ["cpu_autocast", "native_bf16", "warn_if_emulated_bf16"]

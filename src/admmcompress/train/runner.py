@@ -51,7 +51,7 @@ from admmcompress.train.loop import (
     set_dropout,
     train_epoch,
 )
-from admmcompress.train.precision import warn_if_emulated_bf16
+from admmcompress.train.precision import cpu_autocast, warn_if_emulated_bf16
 from admmcompress.train.teacher import load_teacher
 
 STATE_FILE = "checkpoint.pt"
@@ -645,7 +645,7 @@ def check_model_reads(model: nn.Module, example: Any, train: Any, config: RunCon
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     model.eval()
     try:
-        with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        with torch.no_grad(), cpu_autocast(dtype):
             out = model(example)
     except (RuntimeError, ValueError, TypeError, IndexError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
