@@ -227,6 +227,33 @@ def test_filters_zeroed_by_chance_under_unstructured_rules_are_kept_by_the_run_a
     assert sum(p.numel() for p in small.parameters()) == figures["params_after"]
 
 
+def test_a_filter_stage_then_an_unstructured_stage_compacts_keeping_chance_zero_filters(tmp_path, small_cifar):
+    # stage 2's 90% unstructured sparsity zeroes whole filters by chance in residual-tied convs; only stage 1's
+    # coupled filters must go, so the run compacts instead of failing over the others
+    filters = spec(coupling="strict")["stages"][0]
+    unstructured = {**filters, "coupling": "none",
+                    "plan": {"rules": [{"type": "Conv2d", "structure": "unstructured", "sparsity": 0.9}]}}
+    config = {**spec(), "seed": 0, "threads": 1, "stages": [filters, unstructured]}
+    config["data"] = {"dataset": "cifar10", "train_limit": 8, "test_limit": 8, "batch_size": 8}
+    path, out = tmp_path / "mixed.yaml", tmp_path / "run"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", str(path), "--out", str(out), "--no-progress"]) == 0
+    figures = json.loads((out / "metrics.json").read_text())["metrics"]["compaction"]
+    assert figures["max_abs_diff"] <= figures["atol"] and figures["params_after"] < figures["params_before"] / 2
+    assert main(["export", "--compact", str(out), "--out", str(tmp_path / "exported")]) == 0
+    small = load_compacted(tmp_path / "exported")
+    assert sum(p.numel() for p in small.parameters()) == figures["params_after"]
+
+
+def test_strict_compaction_names_the_layers_pruned_by_channel():
+    model = create_model("resnet20")
+    stages = [{"plan": {"rules": [{"match": "layers.0.0.conv1", "structure": "filter", "sparsity": 0.5}]}},
+              {"plan": {"rules": [{"type": "Conv2d", "structure": "unstructured", "sparsity": 0.9}]}}]
+    assert compact_run.strict_compaction(stages, model) == {"layers.0.0.conv1"}
+    coupled = [{**stages[1], "coupling": "strict"}]  # every layer of a coupled stage counts
+    assert len(compact_run.strict_compaction(coupled, model)) == 21  # every Conv2d, the 2 shortcuts included
+
+
 def test_compact_of_a_column_plan_is_not_told_it_removes_no_width():
     plan = {"rules": [{"match": "layers.*.conv1", "structure": "column", "sparsity": 0.5}]}
     config = RunConfig.from_dict({**spec(plan, coupling="none", compact={"columns": "on"}), "seed": 0})

@@ -39,38 +39,43 @@ from admmcompress.executors.compact import (
 from admmcompress.executors.fold import forward
 from admmcompress.executors.manifest import _write_compacted, load_compacted
 from admmcompress.finalize import MaskSet
-from admmcompress.structures.registry import structure_class
 
 COMPACT_DIR = "compact"
 # Structures whose zeros are meant to remove channels: compaction must then remove every zero filter.
 CHANNEL_STRUCTURES = frozenset({"filter", "channel", "heads"})
 
 
-def strict_compaction(stages: list[dict[str, Any]]) -> bool:
-    """Whether compaction must remove every zero filter of a run with these stages (``StageConfig.to_dict()``
-    form, as a run folder's config.yaml holds them): only when a stage prunes channels on purpose (coupled
-    targets, or filter/channel/heads rules).
+def strict_compaction(stages: list[dict[str, Any]], model: nn.Module) -> frozenset[str]:
+    """The layers of ``model`` whose pruned channels compaction must remove (``CompactConfig.strict``), for a
+    run with these stages (``StageConfig.to_dict()`` form, as a run folder's config.yaml holds them): the
+    layers a stage prunes channels of on purpose (filter/channel/heads rules, every layer of a coupled stage).
 
     Unstructured, N:M, block or quantization rules can zero a whole filter by chance (a 16-filter conv at 90%
     unstructured sparsity often does); where a residual add ties it to live filters it cannot go, and it is
-    kept rather than failing the run at its end (or its export). A plan that mixes both is strict throughout.
+    kept rather than failing the run at its end (or its export), also in a plan that mixes such a stage with
+    filter rules.
 
-    >>> strict_compaction([{"plan": {"rules": [{"structure": "unstructured", "sparsity": 0.9}]}}])
-    False
-    >>> strict_compaction([{"plan": {"rules": [{"structure": "row", "sparsity": 0.5}]}}])  # an alias of filter
-    True
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> rules = [{"type": "Linear", "structure": "unstructured", "sparsity": 0.9}]
+    >>> sorted(strict_compaction([{"plan": {"rules": rules}}], model))
+    []
+    >>> rules = [{"match": "0", "structure": "row", "sparsity": 0.5}]  # "row" is an alias of "filter"
+    >>> sorted(strict_compaction([{"plan": {"rules": rules}}], model))
+    ['0']
     """
+    from admmcompress.plan import Plan
+
+    layers: set[str] = set()
     for stage in stages:
-        if not isinstance(stage, dict):
+        if not isinstance(stage, dict) or not stage.get("plan"):
             continue
-        if stage.get("coupling", "none") != "none":
-            return True
-        rules = (stage.get("plan") or {}).get("rules") or []
-        for rule in rules:
-            cls = structure_class(rule.get("structure")) if isinstance(rule, dict) else None
-            if cls is not None and cls.kind in CHANNEL_STRUCTURES:
-                return True
-    return False
+        coupled = stage.get("coupling", "none") != "none"
+        # resolved per layer: a coupled stage zeroes its groups' producers together, so the layers its
+        # rules name are enough (coupled resolution traces the model, and only regroups these targets)
+        for target in Plan.from_dict(stage["plan"]).resolve(model):
+            if coupled or target.structure.kind in CHANNEL_STRUCTURES:
+                layers.update(getattr(target, "members", ()) or (target.layer,))
+    return frozenset(layers)
 
 
 def count_macs(model: nn.Module, example_inputs) -> int:
@@ -122,7 +127,7 @@ def compact_checked(
     samples: int = 8,
     columns: str = "off",
     seed: int = 0,
-    strict: bool = True,
+    strict: bool | frozenset[str] = True,
 ) -> tuple[CompactionResult, dict[str, Any]]:
     """Compact ``model`` (masks applied), verify on two sets of random inputs; return the result and figures.
 
@@ -242,7 +247,7 @@ class CompactExecutor(Executor):
         columns = options.get("columns", "off")
         samples = int(samples)
         example = run.example(2)
-        strict = strict_compaction(run.settings.get("stages") or [])  # as the run itself compacted
+        strict = strict_compaction(run.settings.get("stages") or [], model)  # as the run itself compacted
         result, figures = compact_checked(model, example, atol=atol, samples=samples, columns=columns, strict=strict)
         self.save(result.model, out, model_spec(run.model_config))
         figures = {**figures, "folder": str(Path(out))}

@@ -326,8 +326,8 @@ class Runner:
             # columns as the run will compact them ("auto" chooses by timing: every candidate counts here)
             columns = "off" if self.config.compact.columns == "off" else "on"
             with warnings.catch_warnings():
-                if not strict:  # notes about chance-zero filters of this made-up copy would only confuse
-                    warnings.simplefilter("ignore")
+                # notes about chance-zero filters of this made-up copy would only confuse
+                warnings.filterwarnings("ignore", message="compact: ", category=RuntimeWarning)
                 result = compact(trial, self.example, masks, CompactConfig(atol=float("inf"), strict=strict,
                                                                            columns=columns))
         except CompactionError as err:
@@ -345,11 +345,12 @@ class Runner:
                 stacklevel=2,
             )
 
-    def _strict_compaction(self) -> bool:
-        """Whether compaction must remove every zero filter (``compact_run.strict_compaction``; export agrees)."""
+    def _strict_compaction(self) -> frozenset[str]:
+        """The layers whose pruned channels compaction must remove (``compact_run.strict_compaction``; export
+        agrees)."""
         from admmcompress.executors.compact_run import strict_compaction
 
-        return strict_compaction([stage.to_dict() for stage in self.config.stages])
+        return strict_compaction([stage.to_dict() for stage in self.config.stages], self.model)
 
     def _compact(self) -> dict[str, Any]:
         """Compact the final masked model, check it on random inputs, save it under ``out_dir/compact``."""
