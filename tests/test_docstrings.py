@@ -77,6 +77,7 @@ MODULES = [
     "admmcompress.report.storage",
     "admmcompress.report.compare",
     "admmcompress.report.integrity",
+    "admmcompress.config_keys",
     "admmcompress.report.rates",
     # modelled hardware (crossbars, SOT-MRAM)
     "admmcompress.hardware.constants",

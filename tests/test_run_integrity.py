@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from admmcompress.cli import main
+from admmcompress.executors.manifest import canonical_sha256
 from admmcompress.report import render
 from admmcompress.report.integrity import CHECKED_FILES, file_sha256, seal, verify_run
 from admmcompress.train import checkpoint as ckpt
@@ -186,6 +187,7 @@ def test_a_changed_config_value_is_refused_but_comments_and_layout_are_not(run, 
     original = path.read_text()
     moved = yaml.safe_load(original)
     moved["data"]["data_dir"], moved["plugins"], moved["threads"] = "/elsewhere/data", ["my_plugin.py"], 2
+    moved["distributed"]["check_ranks"] = True  # every key --resume takes as a speed key is left out too
     path.write_text("# a note of mine\n" + yaml.safe_dump(moved, indent=4))
     assert verify_run(run) == []  # same values, other layout and locations (a moved folder): accepted
     spec = yaml.safe_load(original)
@@ -199,6 +201,21 @@ def test_a_changed_config_value_is_refused_but_comments_and_layout_are_not(run, 
     assert main(["report", str(run)]) == 0
     path.unlink()
     assert f"'{path}' is missing" in error_line(capsys, ["report", str(run)])
+
+
+def test_a_config_checksum_of_the_older_kind_still_verifies(run):
+    # runs finished before 2026-12-06 hashed distributed.check_ranks; their record must not turn into an error
+    path = run / "metrics.json"
+    data = json.loads(path.read_text())
+    spec = yaml.safe_load((run / "config.yaml").read_text())
+    old = {k: v for k, v in spec.items() if k not in ("plugins", "threads", "logging", "pretrained", "teacher",
+                                                        "checkpoint_every_epochs", "save_stages")}
+    old["data"] = {k: v for k, v in old["data"].items() if k not in ("data_dir", "eval_batch_size")}
+    assert "check_ranks" in old["distributed"]
+    data["metrics"]["integrity"]["config"] = canonical_sha256(json.loads(json.dumps(old, default=str)))
+    seal(data["metrics"], data["history"])
+    path.write_text(json.dumps(data))
+    assert verify_run(run) == []
 
 
 def test_a_run_recorded_before_config_checksums_is_still_verified(run):

@@ -28,6 +28,7 @@ import yaml
 from safetensors.torch import load_file
 
 from admmcompress.atomic import atomic_write
+from admmcompress.config_keys import LOCATION_KEYS, SPEED_KEYS, without_keys
 from admmcompress.executors.manifest import canonical_sha256
 from admmcompress.finalize.quantized import SEP
 
@@ -51,27 +52,30 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-# Keys that say where things are on a machine or how fast it ran, not what the run was: a run folder moved to
-# another machine may need them edited (plugin files, the data folder, checkpoints it started from), and
-# `--resume --allow-config-change` accepts the speed ones; so they are not checked.
-_CONFIG_LOCATIONS = ("plugins", "threads", "logging", "pretrained", "teacher", "checkpoint_every_epochs",
-                     "save_stages")
-_DATA_LOCATIONS = ("data_dir", "eval_batch_size")
-
-
 def config_sha256(path: str | Path) -> str:
     """SHA-256 of a run config's values (its parsed YAML as canonical JSON, locations left out): comments and
-    layout may change, and the keys in ``_CONFIG_LOCATIONS`` and ``_DATA_LOCATIONS``; a value that shapes the
-    run may not, since ``report`` and ``export`` rebuild the model from it."""
+    layout may change, and the speed and location keys of :mod:`admmcompress.config_keys`; a value that shapes
+    the run may not, since ``report`` and ``export`` rebuild the model from it."""
+    return _config_digests(path)[0]
+
+
+# Runs finished before 2026-12-06 left out fewer keys (distributed.check_ranks was hashed): still accepted.
+_LEGACY_HASHED = ("distributed.check_ranks",)
+
+
+def _config_digests(path: str | Path) -> tuple[str, str]:
+    """The config checksum as written now, and as runs finished before 2026-12-06 wrote it."""
     try:
         spec = yaml.safe_load(Path(path).read_bytes().decode("utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise RunIntegrityError(f"'{path}' is not readable YAML ({type(err).__name__}): the file is damaged") from None
-    if isinstance(spec, dict):
-        spec = {k: v for k, v in spec.items() if k not in _CONFIG_LOCATIONS}
-        if isinstance(spec.get("data"), dict):
-            spec["data"] = {k: v for k, v in spec["data"].items() if k not in _DATA_LOCATIONS}
-    return canonical_sha256(_as_json(spec))
+    if not isinstance(spec, dict):
+        return (canonical_sha256(_as_json(spec)),) * 2
+    left_out = SPEED_KEYS + LOCATION_KEYS
+    return tuple(  # type: ignore[return-value]
+        canonical_sha256(_as_json(without_keys(spec, keys)))
+        for keys in (left_out, [k for k in left_out if k not in _LEGACY_HASHED])
+    )
 
 
 def _as_json(value: Any) -> Any:
@@ -181,7 +185,7 @@ def _check_record(out: Path, record: Any, metrics: dict[str, Any], history: list
         config = out / CONFIG
         if not config.is_file():
             raise RunIntegrityError(f"'{config}' is missing; the run wrote it ({METRICS} records its checksum)")
-        if config_sha256(config) != record["config"]:
+        if record["config"] not in _config_digests(config):
             raise RunIntegrityError(
                 f"'{config}' holds other values than the run was made with (its checksum was recorded when the run "
                 "finished): report and export rebuild the model from it; undo the change, or add --rehash if it "

@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from admmcompress.atomic import atomic_write
+from admmcompress.config_keys import SPEED_KEYS
 from admmcompress.strict_yaml import safe_load_unique, yaml_problem
 from admmcompress.train.config import RunConfig
 from admmcompress.train.runner import STAGES_DIR, STATE_FILE, Phase
@@ -52,10 +53,6 @@ RUN_OUTPUTS = (
     STAGES_DIR,
 )
 FINAL_OUTPUTS = ("model.safetensors", "masks.safetensors", "metrics.json", "report.md")
-ALWAYS_SAFE = (
-    "threads", "checkpoint_every_epochs", "data.eval_batch_size", "distributed.check_ranks", "logging.csv",
-    "logging.tensorboard", "save_stages",
-)
 IN_PROGRESS_SAFE = ("epochs", "optimizer.lr")
 SHOWN_CHANGES = 8  # a config diff names at most this many keys in its one line
 
@@ -228,7 +225,7 @@ def unsafe_changes(
     prune_of_stage = {p.stage: i for i, p in enumerate(phases) if p.kind == "prune"}
     refused: dict[str, str] = {}
     for key, (_, new) in diff.items():
-        if key in ALWAYS_SAFE:
+        if key in SPEED_KEYS:
             continue
         parts = key.split(".")
         if len(parts) > 3 and parts[0] == "stages" and parts[2] == "options" and parts[1].isdigit():
