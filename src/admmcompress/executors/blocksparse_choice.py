@@ -33,6 +33,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from admmcompress.executors.fold import capture_inputs
 from admmcompress.timing import LatencyCache, time_interleaved
 
 CANDIDATES = ("dense", "torch", "cpp", "bsr")
@@ -132,27 +133,7 @@ def input_shape(module: nn.Module, name: str, shape: Sequence[int] | None, batch
 
 def recorded_shapes(model: nn.Module, example, names: Sequence[str]) -> dict[str, tuple[int, ...]]:
     """The first input shape each named layer sees when the model runs ``example``."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    modules = dict(model.named_modules())
-    hooks = []
-    for name in names:
-
-        def record(_module, args, name=name):
-            if args and isinstance(args[0], torch.Tensor):
-                shapes.setdefault(name, tuple(args[0].shape))
-
-        hooks.append(modules[name].register_forward_pre_hook(record))
-    modes = {m: m.training for m in model.modules()}
-    model.eval()  # no batch-norm statistics updated, no dropout
-    try:
-        with torch.inference_mode():
-            model(*example) if isinstance(example, tuple) else model(example)
-    finally:
-        for hook in hooks:
-            hook.remove()
-        for module, training in modes.items():
-            module.training = training
-    return shapes
+    return {name: tuple(x.shape) for name, x in capture_inputs(model, example, set(names)).items()}
 
 
 def measure(

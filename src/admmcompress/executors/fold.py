@@ -105,20 +105,23 @@ def fold_constant_channels(
 
 
 def capture_inputs(model: nn.Module, example_inputs, names: set[str]) -> dict[str, torch.Tensor]:
-    """The first input each module in ``names`` receives on ``example_inputs`` (one forward in eval mode)."""
+    """The first input each module in ``names`` receives on ``example_inputs`` (one forward in eval mode, no
+    gradients; a module whose first argument is not a tensor is left out)."""
     captured: dict[str, torch.Tensor] = {}
 
     def hook(name: str):
         def record(_module, args) -> None:
-            captured.setdefault(name, args[0].detach())
+            if args and isinstance(args[0], torch.Tensor):
+                captured.setdefault(name, args[0].detach())
 
         return record
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules() if n in names]
     modes = [(m, m.training) for m in model.modules()]  # each module's own mode (e.g. frozen BatchNorm) comes back
-    model.eval()
+    model.eval()  # no batch-norm statistics updated, no dropout
     try:
-        forward(model, example_inputs)
+        with torch.no_grad():
+            forward(model, example_inputs)
     finally:
         for module, training in modes:
             module.training = training
