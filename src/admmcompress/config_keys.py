@@ -11,6 +11,8 @@ The integrity checksum leaves both out, so editing them never makes ``report`` o
 >>> without_keys({"threads": 2, "data": {"dataset": "mnist", "data_dir": "/d"}, "logging": {"csv": True}},
 ...              SPEED_KEYS + LOCATION_KEYS)
 {'data': {'dataset': 'mnist'}}
+>>> without_keys({"threads": 2, "seed": 0}, "threads")
+{'seed': 0}
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ LOCATION_KEYS = ("plugins", "pretrained", "teacher", "data.data_dir")
 def without_keys(spec: dict[str, Any], dotted: Iterable[str]) -> dict[str, Any]:
     """A copy of ``spec`` without the ``dotted`` keys; a section they leave empty goes too (so a config that
     writes ``logging: {csv: true}`` and one that leaves ``logging`` out agree)."""
+    if isinstance(dotted, str):  # one key, not its letters
+        dotted = (dotted,)
     out = dict(spec)
     for key in dotted:
         head, _, rest = key.partition(".")

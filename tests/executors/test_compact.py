@@ -56,19 +56,6 @@ def test_a_pruned_filter_kept_alive_by_its_residual_group_is_a_clear_error():
     assert result.params_after == result.params_before and result.kept
 
 
-def test_strict_for_named_layers_fails_only_over_their_own_zero_filters():
-    model = randomize_norms(create_model("resnet20"))
-    x = torch.randn(2, 3, 32, 32)
-    masks = hard_prune(model, Plan({"layers.0.0.conv2": Filter(sparsity=0.5)}).resolve(model))
-    with pytest.raises(CompactionError, match="still compute them"):
-        compact(model, x, masks, CompactConfig(strict=frozenset({"layers.0.0.conv2"})))
-    # the same zero filters, as if a layer the plan did not prune channels of had them by chance: kept, warned
-    with pytest.warns(RuntimeWarning, match="still compute them"):
-        result = compact(model, x, masks, CompactConfig(strict=frozenset({"layers.1.0.conv1"})))
-    assert result.params_after == result.params_before and result.kept
-    assert CompactConfig(strict={"a"}).strict == frozenset({"a"})  # any set of names is kept as a frozenset
-
-
 def test_bias_constants_of_pruned_filters_fold_into_unpadded_consumers():
     torch.manual_seed(0)
     model = create_model("lenet5").eval()

@@ -245,13 +245,37 @@ def test_a_filter_stage_then_an_unstructured_stage_compacts_keeping_chance_zero_
     assert sum(p.numel() for p in small.parameters()) == figures["params_after"]
 
 
-def test_strict_compaction_names_the_layers_pruned_by_channel():
-    model = create_model("resnet20")
-    stages = [{"plan": {"rules": [{"match": "layers.0.0.conv1", "structure": "filter", "sparsity": 0.5}]}},
-              {"plan": {"rules": [{"type": "Conv2d", "structure": "unstructured", "sparsity": 0.9}]}}]
-    assert compact_run.strict_compaction(stages, model) == {"layers.0.0.conv1"}
-    coupled = [{**stages[1], "coupling": "strict"}]  # every layer of a coupled stage counts
-    assert len(compact_run.strict_compaction(coupled, model)) == 21  # every Conv2d, the 2 shortcuts included
+def test_filter_rules_that_cannot_be_compacted_fail_before_training_also_beside_an_unstructured_stage():
+    # two residual-tied convs, each with its own uncoupled filter rule: their pruned channels differ, so neither
+    # can go; the unstructured stage beside them must not hide that
+    filters = spec({"rules": [{"match": "layers.0.0.conv2", "structure": "filter", "sparsity": 0.5},
+                              {"match": "layers.0.1.conv2", "structure": "filter", "sparsity": 0.5}]},
+                   coupling="none")["stages"][0]
+    unstructured = {**filters, "plan": {"rules": [{"type": "Conv2d", "structure": "unstructured", "sparsity": 0.9}]}}
+    config = RunConfig.from_dict({**spec(), "seed": 0, "stages": [filters, unstructured]})
+    with pytest.raises(ConfigError, match="compaction cannot remove.*coupling: strict"):
+        Runner(config, create_model("resnet20"), random_split(4), random_split(4), progress=False)
+
+
+def test_a_tucker2_stage_with_filter_rules_compacts_at_the_end_of_the_run():
+    # the factorized convs replace the planned ones: the end of the run must not resolve the plan again
+    plan = {"rules": [{"match": "layers.2.*.conv*", "structure": "tucker2", "rank_ratio": 0.5},
+                      {"match": "layers.0.*.conv1", "structure": "filter", "sparsity": 0.5}]}
+    config = RunConfig.from_dict({**spec(plan, coupling="strict", compact={"samples": 2}), "seed": 0})
+    data = random_split(8)
+    metrics = Runner(config, create_model("resnet20"), data, data, progress=False).run()
+    figures = metrics["compaction"]
+    assert figures["params_after"] < figures["params_before"] and figures["max_abs_diff"] <= figures["atol"]
+
+
+def test_strict_compaction_only_for_plans_of_channel_and_column_rules():
+    filters = {"plan": {"rules": [{"type": "Conv2d", "structure": "filter", "sparsity": 0.5}]}}
+    columns = {"plan": {"rules": [{"type": "Conv2d", "structure": "column", "sparsity": 0.5}]}}
+    chance = {"plan": {"rules": [{"type": "Conv2d", "structure": "tucker2", "ranks": 0.5}]}}
+    assert compact_run.strict_compaction([filters, columns])
+    assert not compact_run.strict_compaction([columns])  # nothing pruned on purpose to hold it to
+    assert not compact_run.strict_compaction([filters, chance])
+    assert not compact_run.strict_compaction([{"plan": {"rules": [{"structure": "my_plugin"}]}}, filters])
 
 
 def test_compact_of_a_column_plan_is_not_told_it_removes_no_width():

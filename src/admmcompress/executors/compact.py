@@ -53,25 +53,20 @@ class CompactConfig:
 
     Args:
         strict: raise ``CompactionError`` when a pruned filter cannot be removed (e.g. one member of a
-            residual group kept it); with False the channel is kept and a warning says why. A set of layer
-            names is strict for the channels those layers pruned (zero in every one of them that computes
-            the channel); other zero filters that cannot go (chance zeros of unstructured rules) are kept
-            with a warning.
+            residual group kept it); with False the channel is kept and a warning says why.
         fold_constants: fold zero-weight channels with a bias/BN constant into consumers where exact.
         atol: largest allowed ``max |compacted - masked|`` on the example inputs (eval mode).
         extra_channelwise_ops: autograd op names (``"MyOp"`` for ``MyOpBackward0``) known to act per channel.
         columns: "off", "auto" (column executor where measured faster) or "on" (wherever columns are pruned).
     """
 
-    strict: bool | frozenset[str] = True
+    strict: bool = True
     fold_constants: bool = True
     atol: float = 1e-4
     extra_channelwise_ops: tuple[str, ...] = ()
     columns: str = "off"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.strict, bool):
-            object.__setattr__(self, "strict", frozenset(self.strict))
         if self.columns not in COLUMN_MODES:
             raise ValueError(f"CompactConfig: columns={self.columns!r} must be one of {COLUMN_MODES}")
         if not self.atol >= 0:
@@ -148,7 +143,7 @@ def compact(
     elif any(bool((s.filters_zero & ~s.zero & ~s.unread).any()) for s in statuses):
         result.kept.append("some zero filters keep a bias/BN constant and fold_constants=False, so they stay")
 
-    plan, blocking = [], set()
+    plan = []
     for (group, root), status in zip(pairs, statuses, strict=True):
         removable = status.removable_now
         if group.blocks:  # grouped convs: the same number from every block, at least one kept in each
@@ -162,17 +157,13 @@ def compact(
         uneven = status.pruned & status.removable_now & ~removable
         if group.blocks and bool(uneven.any()):
             result.kept.append(_why_uneven(group, uneven, status.removable_now))
-        if _pruned_on_purpose(group, stuck | uneven, modules, config.strict):
-            blocking.add(group.label)
         result.removed[group.label] = (int(removable.sum()), group.size)
         if bool(removable.any()):
             plan.append((group, root, removable))
-    # every kept note of a group names it ("... of 'label' ..."); one without a label fails only strict=True
-    fatal = [k for k in result.kept if config.strict is True or any(f"of '{label}'" in k for label in blocking)]
-    if fatal:
+    if result.kept and config.strict:
         raise CompactionError(
             "cannot remove every pruned channel "
-            "(compact(..., config=CompactConfig(strict=False)) keeps them):\n  - " + "\n  - ".join(fatal)
+            "(compact(..., config=CompactConfig(strict=False)) keeps them):\n  - " + "\n  - ".join(result.kept)
         )
     for kept in result.kept:
         warnings.warn(f"compact: {kept}", RuntimeWarning, stacklevel=2)
@@ -279,27 +270,6 @@ def _why_uneven(group, uneven: torch.Tensor, removable: torch.Tensor) -> str:
 def _root_local(group, removable: torch.Tensor) -> list[int]:
     """Indices in the Torch-Pruning root layer's own numbering (root local == root channel)."""
     return torch.nonzero(removable).flatten().tolist()
-
-
-def _pruned_on_purpose(group, stuck: torch.Tensor, modules, strict: bool | frozenset[str]) -> bool:
-    """Whether a channel of ``group`` that stays makes a ``strict`` compaction fail: always for True, never
-    for False; for a set of layers, when every one of them that computes the channel has a zero filter there.
-
-    A channel rule zeroes the filter in every layer it couples; a chance zero (an unstructured rule on the
-    same layers) is seldom zero in all of them, so it is kept with a warning instead."""
-    if isinstance(strict, bool) or not bool(stuck.any()):
-        return bool(strict) and bool(stuck.any())
-    zero_in_all, covered = stuck.clone(), torch.zeros_like(stuck)
-    for m in group.members:
-        if m.role in ("producer", "depthwise") and m.layer in strict:
-            weight = modules[m.layer].weight.detach()
-            live = weight.reshape(weight.shape[0], -1).ne(0).any(1)
-            local, root = (torch.as_tensor(list(ix), dtype=torch.long) for ix in (m.local, m.root))
-            rows_zero = torch.ones_like(stuck)
-            rows_zero[root] = ~live[local]
-            covered[root] = True
-            zero_in_all &= rows_zero
-    return bool((zero_in_all & covered).any())
 
 
 def _why_kept(group, stuck: torch.Tensor, status, modules) -> str:

@@ -39,43 +39,47 @@ from admmcompress.executors.compact import (
 from admmcompress.executors.fold import forward
 from admmcompress.executors.manifest import _write_compacted, load_compacted
 from admmcompress.finalize import MaskSet
+from admmcompress.structures.registry import structure_class
 
 COMPACT_DIR = "compact"
 # Structures whose zeros are meant to remove channels: compaction must then remove every zero filter.
 CHANNEL_STRUCTURES = frozenset({"filter", "channel", "heads"})
+# Structures that never zero a whole filter by chance (columns zero a layer's inputs, not its filters).
+NO_CHANCE_ZERO_FILTERS = CHANNEL_STRUCTURES | {"column"}
 
 
-def strict_compaction(stages: list[dict[str, Any]], model: nn.Module) -> frozenset[str]:
-    """The layers of ``model`` whose pruned channels compaction must remove (``CompactConfig.strict``), for a
-    run with these stages (``StageConfig.to_dict()`` form, as a run folder's config.yaml holds them): the
-    layers a stage prunes channels of on purpose (filter/channel/heads rules, every layer of a coupled stage).
+def strict_compaction(stages: list[dict[str, Any]]) -> bool:
+    """Whether compaction at the end of a run with these stages (``StageConfig.to_dict()`` form, as a run
+    folder's config.yaml holds them) must remove every zero filter: when some rule prunes channels on purpose
+    (filter/channel/heads) and no rule can zero a filter by chance (only those and column rules).
 
-    Unstructured, N:M, block or quantization rules can zero a whole filter by chance (a 16-filter conv at 90%
-    unstructured sparsity often does); where a residual add ties it to live filters it cannot go, and it is
-    kept rather than failing the run at its end (or its export), also in a plan that mixes such a stage with
-    filter rules.
+    Unstructured, N:M, block, quantization or factorizing rules can zero a whole filter by chance (a 16-filter
+    conv at 90% unstructured sparsity often does); where a residual add ties it to live filters it cannot go,
+    and it is kept with a warning rather than failing the run at its end (or its export). The channel rules of
+    such a plan are held to removal before training instead: the runner's preflight compacts their targets
+    alone, strictly (``structured_targets``).
 
-    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-    >>> rules = [{"type": "Linear", "structure": "unstructured", "sparsity": 0.9}]
-    >>> sorted(strict_compaction([{"plan": {"rules": rules}}], model))
-    []
-    >>> rules = [{"match": "0", "structure": "row", "sparsity": 0.5}]  # "row" is an alias of "filter"
-    >>> sorted(strict_compaction([{"plan": {"rules": rules}}], model))
-    ['0']
+    >>> rules = [{"type": "Conv2d", "structure": "row", "sparsity": 0.5}]  # "row" is an alias of "filter"
+    >>> strict_compaction([{"plan": {"rules": rules}}])
+    True
+    >>> strict_compaction([{"plan": {"rules": rules}}, {"plan": {"rules": [{"structure": "unstructured"}]}}])
+    False
     """
-    from admmcompress.plan import Plan
-
-    layers: set[str] = set()
+    kinds = []
     for stage in stages:
-        if not isinstance(stage, dict) or not stage.get("plan"):
-            continue
-        coupled = stage.get("coupling", "none") != "none"
-        # resolved per layer: a coupled stage zeroes its groups' producers together, so the layers its
-        # rules name are enough (coupled resolution traces the model, and only regroups these targets)
-        for target in Plan.from_dict(stage["plan"]).resolve(model):
-            if coupled or target.structure.kind in CHANNEL_STRUCTURES:
-                layers.update(getattr(target, "members", ()) or (target.layer,))
-    return frozenset(layers)
+        rules = ((stage.get("plan") or {}).get("rules") or []) if isinstance(stage, dict) else []
+        for rule in rules:
+            cls = structure_class(rule.get("structure")) if isinstance(rule, dict) else None
+            kinds.append(cls.kind if cls is not None else None)
+    return any(k in CHANNEL_STRUCTURES for k in kinds) and all(k in NO_CHANCE_ZERO_FILTERS for k in kinds)
+
+
+def structured_targets(targets: list) -> list:
+    """The targets that never zero a filter by chance: coupled ones, and filter/channel/heads/column
+    structures (what the runner's preflight compacts strictly)."""
+    from admmcompress.plan import CoupledTarget
+
+    return [t for t in targets if isinstance(t, CoupledTarget) or t.structure.kind in NO_CHANCE_ZERO_FILTERS]
 
 
 def count_macs(model: nn.Module, example_inputs) -> int:
@@ -127,7 +131,7 @@ def compact_checked(
     samples: int = 8,
     columns: str = "off",
     seed: int = 0,
-    strict: bool | frozenset[str] = True,
+    strict: bool = True,
 ) -> tuple[CompactionResult, dict[str, Any]]:
     """Compact ``model`` (masks applied), verify on two sets of random inputs; return the result and figures.
 
@@ -247,7 +251,7 @@ class CompactExecutor(Executor):
         columns = options.get("columns", "off")
         samples = int(samples)
         example = run.example(2)
-        strict = strict_compaction(run.settings.get("stages") or [], model)  # as the run itself compacted
+        strict = strict_compaction(run.settings.get("stages") or [])  # as the run itself compacted
         result, figures = compact_checked(model, example, atol=atol, samples=samples, columns=columns, strict=strict)
         self.save(result.model, out, model_spec(run.model_config))
         figures = {**figures, "folder": str(Path(out))}

@@ -59,23 +59,24 @@ def config_sha256(path: str | Path) -> str:
     return _config_digests(path)[0]
 
 
-# Runs finished before 2026-12-06 left out fewer keys (distributed.check_ranks was hashed): still accepted.
-_LEGACY_HASHED = ("distributed.check_ranks",)
-
-
 def _config_digests(path: str | Path) -> tuple[str, str]:
-    """The config checksum as written now, and as runs finished before 2026-12-06 wrote it."""
+    """The config checksum as written now, and as runs finished before 2026-12-06 wrote it (they left out
+    fewer keys: ``distributed.check_ranks`` was hashed); both verify."""
     try:
         spec = yaml.safe_load(Path(path).read_bytes().decode("utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise RunIntegrityError(f"'{path}' is not readable YAML ({type(err).__name__}): the file is damaged") from None
     if not isinstance(spec, dict):
         return (canonical_sha256(_as_json(spec)),) * 2
-    left_out = SPEED_KEYS + LOCATION_KEYS
-    return tuple(  # type: ignore[return-value]
-        canonical_sha256(_as_json(without_keys(spec, keys)))
-        for keys in (left_out, [k for k in left_out if k not in _LEGACY_HASHED])
-    )
+    legacy = {k: v for k, v in spec.items() if k not in _LEGACY_TOP}
+    if isinstance(legacy.get("data"), dict):
+        legacy["data"] = {k: v for k, v in legacy["data"].items() if k not in ("data_dir", "eval_batch_size")}
+    current = without_keys(spec, SPEED_KEYS + LOCATION_KEYS)
+    return canonical_sha256(_as_json(current)), canonical_sha256(_as_json(legacy))
+
+
+# What runs finished before 2026-12-06 left out of the checksum at the top level (kept as it was, so they verify).
+_LEGACY_TOP = ("plugins", "threads", "logging", "pretrained", "teacher", "checkpoint_every_epochs", "save_stages")
 
 
 def _as_json(value: Any) -> Any:

@@ -306,10 +306,15 @@ class Runner:
     def _preflight_compaction(self) -> None:
         """Fail before training if the plans prune channels that compaction could not remove.
 
-        The stages' targets are hard-pruned by magnitude on a copy whose BatchNorm shifts and statistics
-        are made nonzero (as after training), then the copy is compacted.
+        The stages' structured targets (filter/channel/heads/column, coupled) alone are hard-pruned by magnitude
+        on a copy whose BatchNorm shifts and statistics are made nonzero (as after training), and the copy is
+        compacted, strictly when they prune channels: every channel they prune must go. Other rules are left
+        out, since the filters they zero by chance are kept with a warning at the end
+        (``compact_run.strict_compaction``). A plan without structured targets is compacted whole, to say when
+        it removes no width at all.
         """
         from admmcompress.executors.compact import CompactConfig, CompactionError, compact
+        from admmcompress.executors.compact_run import CHANNEL_STRUCTURES, structured_targets
 
         trial = copy.deepcopy(self.model).eval()
         generator = torch.Generator().manual_seed(0)
@@ -318,11 +323,13 @@ class Runner:
                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and m.track_running_stats:
                     m.bias.add_(torch.rand(m.num_features, generator=generator) - 0.5)
                     m.running_mean.add_(torch.rand(m.num_features, generator=generator) - 0.5)
+        structured = [structured_targets(targets) for targets in self.stage_targets]
+        strict = any(isinstance(t, CoupledTarget) or t.structure.kind in CHANNEL_STRUCTURES
+                     for targets in structured for t in targets)
         masks = None
-        for targets in self.stage_targets:
-            masks = hard_prune(trial, targets, masks)
+        for targets in structured if any(structured) else self.stage_targets:
+            masks = hard_prune(trial, targets, masks) if targets else masks
         try:
-            strict = self._strict_compaction()
             # columns as the run will compact them ("auto" chooses by timing: every candidate counts here)
             columns = "off" if self.config.compact.columns == "off" else "on"
             with warnings.catch_warnings():
@@ -337,7 +344,7 @@ class Runner:
                 "(set 'coupling: strict' or 'coupling: extend' on the stage to prune tied layers together, "
                 "or drop 'compact')"
             ) from None
-        if result.params_after >= result.params_before:  # e.g. only unstructured or quantization rules
+        if not strict and result.params_after >= result.params_before:  # e.g. only unstructured rules
             warnings.warn(
                 "compact: the plans prune no whole filter, channel or column, so the compacted model is as large "
                 "as the dense one; add structured rules (filter, channel, column) or drop 'compact'",
@@ -345,12 +352,12 @@ class Runner:
                 stacklevel=2,
             )
 
-    def _strict_compaction(self) -> frozenset[str]:
-        """The layers whose pruned channels compaction must remove (``compact_run.strict_compaction``; export
-        agrees)."""
+    def _strict_compaction(self) -> bool:
+        """Whether compaction at the end must remove every zero filter (``compact_run.strict_compaction``;
+        export agrees): only when every rule prunes channels on purpose."""
         from admmcompress.executors.compact_run import strict_compaction
 
-        return strict_compaction([stage.to_dict() for stage in self.config.stages], self.model)
+        return strict_compaction([stage.to_dict() for stage in self.config.stages])
 
     def _compact(self) -> dict[str, Any]:
         """Compact the final masked model, check it on random inputs, save it under ``out_dir/compact``."""
