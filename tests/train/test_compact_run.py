@@ -15,8 +15,10 @@ from admmcompress.data.datasets import Split
 from admmcompress.executors import compact_run
 from admmcompress.executors.compact import CompactionError
 from admmcompress.executors.manifest import load_compacted
+from admmcompress.finalize import hard_prune
 from admmcompress.models import create_model
-from admmcompress.plan import CoupledTarget
+from admmcompress.plan import CoupledTarget, Plan, Rule
+from admmcompress.structures import Filter
 from admmcompress.train.config import CompactRunConfig, ConfigError, RunConfig
 from admmcompress.train.runner import Runner
 
@@ -266,6 +268,45 @@ def test_a_tucker2_stage_with_filter_rules_compacts_at_the_end_of_the_run():
     metrics = Runner(config, create_model("resnet20"), data, data, progress=False).run()
     figures = metrics["compaction"]
     assert figures["params_after"] < figures["params_before"] and figures["max_abs_diff"] <= figures["atol"]
+
+
+def test_a_zero_filter_of_the_pretrained_model_does_not_fail_the_preflight():
+    # a checkpoint from an earlier unstructured run may hold a zero filter in a residual-tied conv: training
+    # revives it, and no rule of this plan made it, so it is not the plan's mistake
+    model = create_model("resnet20")
+    with torch.no_grad():
+        model.layers[0][0].conv2.weight[3] = 0
+    filters = spec({"rules": [{"match": "layers.2.*.conv1", "structure": "filter", "sparsity": 0.5}]})["stages"][0]
+    unstructured = {**filters, "coupling": "none",
+                    "plan": {"rules": [{"type": "Conv2d", "structure": "unstructured", "sparsity": 0.5}]}}
+    config = RunConfig.from_dict({**spec(), "seed": 0, "stages": [filters, unstructured]})
+    Runner(config, model, random_split(4), random_split(4), progress=False)  # no ConfigError
+
+
+def test_chance_zero_filters_are_kept_at_the_end_of_a_mixed_plan_and_fail_a_channel_only_one():
+    torch.manual_seed(0)
+    model = create_model("resnet20").eval()
+    x = torch.randn(2, 3, 32, 32)
+    plan = Plan([Rule(Filter(sparsity=0.5), match="layers.2.*.conv1")])
+    masks = hard_prune(model, plan.resolve_coupled(model, x))
+    with torch.no_grad():  # a filter an unstructured rule zeroed by chance, tied to live ones by the residual add
+        model.layers[0][0].conv2.weight[3] = 0
+    filters = {"plan": {"rules": [{"match": "layers.2.*.conv1", "structure": "filter", "sparsity": 0.5}]}}
+    mixed = [filters, {"plan": {"rules": [{"type": "Conv2d", "structure": "unstructured", "sparsity": 0.9}]}}]
+    with pytest.warns(RuntimeWarning, match=r"channels \[3\] of .*still compute them"):
+        result, figures = compact_run.compact_checked(model, x, masks, samples=2,
+                                                      strict=compact_run.strict_compaction(mixed))
+    assert figures["params_after"] < figures["params_before"] and result.kept
+    with pytest.raises(CompactionError, match="still compute them"):
+        compact_run.compact_checked(model, x, masks, samples=2, strict=compact_run.strict_compaction([filters]))
+
+
+def test_a_column_plan_with_columns_off_is_told_to_switch_them_on():
+    plan = {"rules": [{"match": "layers.*.conv1", "structure": "column", "sparsity": 0.5},
+                      {"match": "layers.*.conv2", "structure": "unstructured", "sparsity": 0.5}]}
+    config = RunConfig.from_dict({**spec(plan, coupling="none", compact={"columns": "off"}), "seed": 0})
+    with pytest.warns(UserWarning, match=r"compact.columns is off.*columns: on"):
+        Runner(config, create_model("resnet20"), random_split(4), random_split(4), progress=False)
 
 
 def test_strict_compaction_only_for_plans_of_channel_and_column_rules():

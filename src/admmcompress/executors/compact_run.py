@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,58 @@ def structured_targets(targets: list) -> list:
     from admmcompress.plan import CoupledTarget
 
     return [t for t in targets if isinstance(t, CoupledTarget) or t.structure.kind in NO_CHANCE_ZERO_FILTERS]
+
+
+def preflight_compaction(
+    model: nn.Module,
+    stage_targets: list[list],
+    example,
+    columns: str = "off",
+    keep_zero_filters: bool = False,
+) -> str | None:
+    """Check before training that compaction can remove what the stages' targets prune on purpose: raises
+    ``CompactionError`` naming the channels; returns a note when the plans remove no width at all (else None).
+
+    The structured targets (``structured_targets``) alone are hard-pruned by magnitude on a copy of ``model``
+    whose BatchNorm shifts and statistics are made nonzero (as after training), and the copy is compacted,
+    strictly when they prune channels. Other rules are left out, since the filters they zero by chance are
+    kept with a warning at the end (``strict_compaction``); so are zero filters the model already has (from
+    its checkpoint), which training revives, unless ``keep_zero_filters`` (the run keeps its pretrained zeros).
+    A plan without structured targets is compacted whole, only to say when it removes no width.
+    """
+    from admmcompress.finalize import hard_prune
+    from admmcompress.plan import CoupledTarget
+
+    trial = copy.deepcopy(model).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in trial.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and m.track_running_stats:
+                m.bias.add_(torch.rand(m.num_features, generator=generator) - 0.5)
+                m.running_mean.add_(torch.rand(m.num_features, generator=generator) - 0.5)
+            weight = m._parameters.get("weight") if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) else None
+            if weight is not None and not keep_zero_filters:
+                zero = weight == 0
+                weight[zero] = torch.rand(int(zero.sum()), generator=generator).to(weight.dtype) + 0.5
+    structured = [structured_targets(targets) for targets in stage_targets]
+    strict = any(isinstance(t, CoupledTarget) or t.structure.kind in CHANNEL_STRUCTURES
+                 for targets in structured for t in targets)
+    masks = None
+    for targets in structured if any(structured) else stage_targets:
+        masks = hard_prune(trial, targets, masks) if targets else masks
+    # columns as the run will compact them ("auto" chooses by timing: every candidate counts here)
+    config = CompactConfig(atol=float("inf"), strict=strict, columns="off" if columns == "off" else "on")
+    with warnings.catch_warnings():
+        # notes about chance-zero filters of this made-up copy would only confuse
+        warnings.filterwarnings("ignore", message="compact: ", category=RuntimeWarning)
+        result = compact(trial, example, masks, config)
+    if strict or result.params_after < result.params_before:
+        return None
+    if columns == "off" and any(t.structure.kind == "column" for targets in structured for t in targets):
+        return ("compact.columns is off, so the column rules remove nothing and the compacted model is as large "
+                "as the dense one; set compact: {columns: on} (or auto), or drop 'compact'")
+    return ("the plans prune no whole filter, channel or column, so the compacted model is as large as the "
+            "dense one; add structured rules (filter, channel, column) or drop 'compact'")
 
 
 def count_macs(model: nn.Module, example_inputs) -> int:

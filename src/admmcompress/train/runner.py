@@ -8,7 +8,6 @@ result as an uninterrupted one. Phases are a flat list so the checkpoint only ne
 
 from __future__ import annotations
 
-import copy
 import sys
 import time
 import warnings
@@ -27,7 +26,6 @@ from admmcompress.drivers.base import Driver, DriverContext, ModuleTransform, ge
 from admmcompress.finalize import (
     MaskSet,
     QuantizedMaskSet,
-    hard_prune,
     mask_set_from_state,
     masks_from_model,
     release_holds,
@@ -304,39 +302,14 @@ class Runner:
         return stage.plan.resolve_coupled(self.model, self.example, stage.coupling)
 
     def _preflight_compaction(self) -> None:
-        """Fail before training if the plans prune channels that compaction could not remove.
+        """Fail before training if the plans prune channels that compaction could not remove; warn when they
+        remove no width (``compact_run.preflight_compaction``)."""
+        from admmcompress.executors.compact import CompactionError
+        from admmcompress.executors.compact_run import preflight_compaction
 
-        The stages' structured targets (filter/channel/heads/column, coupled) alone are hard-pruned by magnitude
-        on a copy whose BatchNorm shifts and statistics are made nonzero (as after training), and the copy is
-        compacted, strictly when they prune channels: every channel they prune must go. Other rules are left
-        out, since the filters they zero by chance are kept with a warning at the end
-        (``compact_run.strict_compaction``). A plan without structured targets is compacted whole, to say when
-        it removes no width at all.
-        """
-        from admmcompress.executors.compact import CompactConfig, CompactionError, compact
-        from admmcompress.executors.compact_run import CHANNEL_STRUCTURES, structured_targets
-
-        trial = copy.deepcopy(self.model).eval()
-        generator = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for m in trial.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and m.track_running_stats:
-                    m.bias.add_(torch.rand(m.num_features, generator=generator) - 0.5)
-                    m.running_mean.add_(torch.rand(m.num_features, generator=generator) - 0.5)
-        structured = [structured_targets(targets) for targets in self.stage_targets]
-        strict = any(isinstance(t, CoupledTarget) or t.structure.kind in CHANNEL_STRUCTURES
-                     for targets in structured for t in targets)
-        masks = None
-        for targets in structured if any(structured) else self.stage_targets:
-            masks = hard_prune(trial, targets, masks) if targets else masks
         try:
-            # columns as the run will compact them ("auto" chooses by timing: every candidate counts here)
-            columns = "off" if self.config.compact.columns == "off" else "on"
-            with warnings.catch_warnings():
-                # notes about chance-zero filters of this made-up copy would only confuse
-                warnings.filterwarnings("ignore", message="compact: ", category=RuntimeWarning)
-                result = compact(trial, self.example, masks, CompactConfig(atol=float("inf"), strict=strict,
-                                                                           columns=columns))
+            note = preflight_compaction(self.model, self.stage_targets, self.example, self.config.compact.columns,
+                                        keep_zero_filters=self.config.freeze_pretrained_zeros)
         except CompactionError as err:
             reason = " ".join(line.strip() for line in str(err).splitlines()[1:]) or str(err)
             raise ConfigError(
@@ -344,13 +317,8 @@ class Runner:
                 "(set 'coupling: strict' or 'coupling: extend' on the stage to prune tied layers together, "
                 "or drop 'compact')"
             ) from None
-        if not strict and result.params_after >= result.params_before:  # e.g. only unstructured rules
-            warnings.warn(
-                "compact: the plans prune no whole filter, channel or column, so the compacted model is as large "
-                "as the dense one; add structured rules (filter, channel, column) or drop 'compact'",
-                UserWarning,
-                stacklevel=2,
-            )
+        if note:
+            warnings.warn(f"compact: {note}", UserWarning, stacklevel=2)
 
     def _strict_compaction(self) -> bool:
         """Whether compaction at the end must remove every zero filter (``compact_run.strict_compaction``;
