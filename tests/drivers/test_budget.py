@@ -208,3 +208,29 @@ def test_torch_pruning_global_allocation_meets_a_mac_budget():
 def test_allocation_baselines_refuse_a_latency_budget_in_one_line():
     with pytest.raises(BudgetError, match="the allocation baselines take params or macs budgets, got latency"):
         uniform_plan(mlp(), Plan([Rule(Filter(sparsity=0.9), type="Linear")]), {"kind": "latency", "reduction": 2})
+    with pytest.raises(BudgetError, match="a macs budget needs example="):  # not counted as params instead
+        uniform_plan(mlp(), Plan([Rule(Filter(sparsity=0.9), type="Linear")]), {"kind": "macs", "reduction": 2})
+
+
+class Conv1dNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv1d(4, 16, 3, padding=1), nn.Conv1d(16, 16, 3, padding=1), nn.Linear(64, 4)
+
+    def forward(self, x):
+        return self.fc(nn.functional.max_pool1d(torch.relu(self.c2(torch.relu(self.c1(x)))), 4).flatten(1))
+
+
+def test_conv1d_layers_are_counted_by_the_budget_and_unreached_layers_are_refused():
+    model, x = Conv1dNet(), torch.randn(2, 4, 16)
+    shapes = gemm_shapes(model, x)
+    assert set(shapes) == {"c1.weight", "c2.weight", "fc.weight"}
+    assert structured_cost(shapes, {}, "macs") == 16 * 12 * 16 + 16 * 48 * 16 + 4 * 64
+    assert structured_cost(gemm_shapes(model, None), {}, "params") == sum(
+        m.weight.numel() for m in (model.c1, model.c2, model.fc))
+    plan = Plan([Rule(Filter(sparsity=0.9), type="Conv1d")])
+    SoftThreshold(model, plan, SoftConfig(budget={"kind": "macs", "reduction": 2}), example=x)  # accepted
+    model.unused = nn.Linear(4, 4)  # a layer the forward never reaches: pruning it would be free
+    with pytest.raises(BudgetError, match=r"layers \['unused'\] did not run on the example input"):
+        SoftThreshold(model, Plan([Rule(Filter(sparsity=0.9), type="Linear")]),
+                      SoftConfig(budget={"kind": "macs", "reduction": 1.01}), example=x)

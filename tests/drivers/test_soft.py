@@ -269,6 +269,39 @@ def test_coupled_result_compacts_exactly_on_a_residual_model():
     assert result.params_after < result.params_before
 
 
+class ReadsItsOwnChannels(nn.Module):
+    """``mix`` writes and reads the same residual channels: its weight is in one coupled group twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.mix, self.head = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = h + self.mix(torch.relu(h))
+        return self.head(h)
+
+
+def test_an_entry_in_two_groups_of_a_coupled_target_takes_both_factors_and_the_budget_holds():
+    model, x = ReadsItsOwnChannels(), torch.randn(4, 6)
+    plan = Plan([Rule(Filter(sparsity=0.9), match="stem"), Rule(Filter(sparsity=0.9), match="mix")])
+    targets = plan.resolve_coupled(model, x, "strict")
+    soft = SoftThreshold(model, targets, SoftConfig(rho=0.1, budget={"kind": "params", "reduction": 1.5}))
+    soft.step()
+    dead = (soft.Z["stem.weight"] == 0).all(1)  # the channel groups the threshold zeroed
+    z = soft.Z["mix.weight"]
+    assert 0 < int(dead.sum()) < 8 and bool((z[dead] == 0).all()) and bool((z[:, dead] == 0).all())
+    kept = 8 - int(dead.sum())
+    assert soft.history[-1]["cost"] == kept * 6 + kept * kept + 3 * kept  # stem, mix, head: counted as Z holds it
+    masks = soft.finalize()
+    assert soft.final_cost <= soft.target_cost
+    assert structured_params(model) == soft.final_cost  # what the driver counted is what the model holds
+    mix = model.mix.weight.detach()
+    dead = (mix == 0).all(1)  # channels whose mix row was zeroed: their mix column must be zero too
+    assert 0 < int(dead.sum()) < 8 and bool((mix[:, dead] == 0).all())
+    assert bool((masks["mix.weight"] == (mix != 0)).all())
+
+
 def test_state_dict_resume_is_exact():
     x, y = torch.randn(64, 32), torch.randint(0, 10, (64,))
     model = mlp()
@@ -438,3 +471,5 @@ def test_a_budget_the_plan_cannot_meet_is_refused_by_dry_run_before_training(tmp
 def test_a_pin_that_matches_no_target_is_one_line():
     with pytest.raises(PlanError, match=r"soft pin \['fc_9'\] matches no target layer"):
         SoftThreshold(mlp(), row_col_plan(), SoftConfig(pin={"fc_9": 0.5}))
+    with pytest.raises(PlanError, match=r"soft pin above its rule's sparsity.*pin 0.5 > 0.3"):
+        SoftThreshold(mlp(), row_col_plan(bound=0.3), SoftConfig(pin={"0": 0.5}))

@@ -132,12 +132,15 @@ def _pruning_targets(model: nn.Module, plan: Plan | list[Target]) -> list[Target
     return targets
 
 
-def _baseline_budget(budget: Budget | Mapping[str, Any]) -> Budget:
-    """The budget of a baseline allocation: params or MACs (a latency table is the SS-Auto driver's alone)."""
+def _baseline_budget(budget: Budget | Mapping[str, Any], example: torch.Tensor | None) -> Budget:
+    """The budget of a baseline allocation: params or MACs (a latency table is the SS-Auto driver's alone); MACs
+    need ``example`` to count output positions."""
     budget = Budget.from_any(budget)
     if budget.kind == "latency":
         raise BudgetError("the allocation baselines take params or macs budgets, got latency; give the same budget "
                           "in MACs, or use method soft for a latency budget")
+    if budget.kind == "macs" and example is None:
+        raise BudgetError("a macs budget needs example= (one input batch) to count output positions")
     return budget
 
 
@@ -159,7 +162,7 @@ def uniform_plan(model: nn.Module, plan: Plan | list[Target], budget: Budget | M
                  example: torch.Tensor | None = None) -> Plan:
     """One sparsity for every target of ``plan``: the smallest whose magnitude pruning meets ``budget``."""
     targets = _pruning_targets(model, plan)
-    budget = _baseline_budget(budget)
+    budget = _baseline_budget(budget, example)
     shapes = gemm_shapes(model, example)
     target = budget.resolve(structured_cost(shapes, {}, budget.kind))
     rate = _bisect(lambda s: cost_at_rates(model, targets, {t.key: s for t in targets}, shapes, budget.kind), target)
@@ -183,11 +186,11 @@ def sensitivity_plan(model: nn.Module, plan: Plan | list[Target], budget: Budget
                      curves: Mapping[str, Mapping[float, float]], example: torch.Tensor | None = None) -> Plan:
     """Each target's largest grid rate whose accuracy drop is at most ``d``; ``d`` bisected to meet ``budget``.
 
-    ``curves`` come from :func:`sensitivity_curves` (``evaluate`` on the dense model gives the reference: the
-    best accuracy of each curve's lowest rate is taken as the layer's no-loss level).
+    ``curves`` come from :func:`sensitivity_curves`. The reference (no loss) is the best accuracy over all the
+    curves, one level for every layer, so a drop ``d`` means the same accuracy for each.
     """
     targets = _pruning_targets(model, plan)
-    budget = _baseline_budget(budget)
+    budget = _baseline_budget(budget, example)
     shapes = gemm_shapes(model, example)
     target = budget.resolve(structured_cost(shapes, {}, budget.kind))
     reference = max(max(c.values()) for c in curves.values())
@@ -218,7 +221,7 @@ def torch_pruning_plan(model: nn.Module, plan: Plan | list[Target], budget: Budg
     import torch_pruning as tp  # optional dependency; Torch-Pruning does the dependency-aware global ranking
 
     targets = _pruning_targets(model, plan)
-    budget = _baseline_budget(budget)
+    budget = _baseline_budget(budget, example)
     shapes = gemm_shapes(model, example)
     target = budget.resolve(structured_cost(shapes, {}, budget.kind))
     prunable = {layer for t in targets for layer, kind in _source_layers(t) if kind == "filter"}

@@ -37,6 +37,7 @@ from torch import nn
 
 from admmcompress.structures.groups import as_matrix
 from admmcompress.structures.scalars import plain_number
+from admmcompress.structures.sparsity import GEMM_MODULES
 from admmcompress.timing import LatencyCache, time_interleaved
 
 BUDGET_KINDS = ("params", "macs", "latency")
@@ -125,7 +126,8 @@ class GemmShape:
 
 @torch.no_grad()
 def gemm_shapes(model: nn.Module, example: torch.Tensor | None) -> dict[str, GemmShape]:
-    """Every Linear/Conv2d layer's GEMM shape and output positions, by weight name, from one sample.
+    """Every Linear/Conv1d/Conv2d/Conv3d layer's GEMM shape and output positions, by weight name, from one sample
+    (with ``example``: the layers the forward reaches).
 
     Without ``example`` the positions are 1 (enough for parameter budgets, not for MACs or latency).
     """
@@ -133,7 +135,7 @@ def gemm_shapes(model: nn.Module, example: torch.Tensor | None) -> dict[str, Gem
     names = {m: n for n, m in model.named_modules()}
     if example is None:
         for name, m in model.named_modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
+            if isinstance(m, GEMM_MODULES):
                 param = f"{name}.weight" if name else "weight"
                 rows, cols = as_matrix(m.weight).shape
                 kind = "linear" if isinstance(m, nn.Linear) else "conv"
@@ -146,12 +148,12 @@ def gemm_shapes(model: nn.Module, example: torch.Tensor | None) -> dict[str, Gem
         rows, cols = as_matrix(module.weight).shape
         per_row = output[0].numel() // rows
         conv = None
-        if isinstance(module, nn.Conv2d):
+        if not isinstance(module, nn.Linear):
             conv = {k: getattr(module, k) for k in ("kernel_size", "stride", "padding", "dilation", "groups")}
         found[param] = GemmShape(name, param, rows, cols, per_row, "conv" if conv else "linear",
                                  tuple(inputs[0][0].shape), conv)
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, GEMM_MODULES)]
     training = model.training
     try:
         model.eval()(example[:1])
@@ -311,7 +313,8 @@ def _layer_builder(s: GemmShape, rows: int, cols: int):
         key = f"conv-{channels}x{out}-{c}-in{'x'.join(map(str, s.in_shape[1:]))}"
 
         def build():
-            layer = nn.Conv2d(channels, out, c["kernel_size"], c["stride"], c["padding"], c["dilation"], groups)
+            conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(c["kernel_size"])]
+            layer = conv(channels, out, c["kernel_size"], c["stride"], c["padding"], c["dilation"], groups)
             return layer, torch.randn(1, channels, *s.in_shape[1:])
     return key, build
 

@@ -84,6 +84,7 @@ from admmcompress.plan.coupled import CoupledTarget
 from admmcompress.structures.block import BlockFilter
 from admmcompress.structures.groups import kept_count, top_groups
 from admmcompress.structures.scalars import plain_number
+from admmcompress.structures.sparsity import GEMM_MODULES
 
 ROW_KINDS = ("filter", "heads")  # heads: coupled rows of q/k/v and columns of the output projection
 COLUMN_KINDS = ("column", "channel")
@@ -119,7 +120,8 @@ class SoftConfig:
         ramp: share of the phase's updates over which the budget tightens from dense to the target (0: at once).
         weighting: "sqrt" (sqrt(group size), classic group lasso; default), "cost" (that x the group's cost per
             weight relative to the mean: prunes the costliest layers first, far more aggressively) or "none".
-        pin: ``{layer glob: sparsity}``: fixed rates (exact top-k projection) for the matching targets.
+        pin: ``{layer glob: sparsity}``: fixed rates (exact top-k projection) for the matching targets, each at
+            most its rule's sparsity.
 
     >>> SoftConfig(budget={"kind": "macs", "reduction": 4}).budget
     {'kind': 'macs', 'reduction': 4.0}
@@ -213,6 +215,11 @@ class SoftThreshold(Driver):
         self._params = dict(model.named_parameters())
         self.names = list(dict.fromkeys(n for t in self.targets for n in _params_of(t)))
         self.pins = {t.key: self._pin(t) for t in self.targets}
+        over = [f"{t.key} (pin {self.pins[t.key]:g} > {t.structure.target_sparsity:g})" for t in self.targets
+                if self.pins[t.key] is not None and self.pins[t.key] > t.structure.target_sparsity + 1e-12]
+        if over:
+            raise PlanError(f"soft pin above its rule's sparsity, the most the layer may lose: {over[:4]}; lower the "
+                            "pin or raise the rule's sparsity")
         layers = [layer for t in self.targets for layer in _layers_of(t)]
         unmatched = [p for p in self.config.pin if not any(fnmatch.fnmatchcase(layer, p) for layer in layers)]
         if unmatched:
@@ -224,6 +231,7 @@ class SoftThreshold(Driver):
                     f"a {self.config.budget['kind']} budget needs example= (one input batch) to count output positions"
                 )
         self.shapes = gemm_shapes(model, example)
+        self._check_costed()
         self.budget = Budget.from_any(self.config.budget) if self.config.budget is not None else None
         kind = self.budget.kind if self.budget is not None else "params"
         self.kind = kind
@@ -232,6 +240,9 @@ class SoftThreshold(Driver):
             w = {n: self._params[n].detach() for n in self.names}
             self._ids = {t.key: t.structure.group_ids(t.value(w)) for t in self.targets}
             self._index = self._flat_index()
+            # a layer both writing and reading one coupled group's channels holds some entries twice
+            self._unique = {t.key: torch.unique(self._index[t.key], return_inverse=True) for t in self.targets
+                            if isinstance(t, CoupledTarget) and _repeats(self._index[t.key])}
             self._weights = self._group_weights(entry_costs(self.shapes, kind, self.latency))
             self.Z = {n: w[n].clone() for n in self.names}
             self.U = {n: torch.zeros_like(w[n]) for n in self.names}
@@ -282,6 +293,20 @@ class SoftThreshold(Driver):
             )
 
     # --- setup ---------------------------------------------------------------------------
+    def _check_costed(self) -> None:
+        """Every pruned GEMM weight must have a cost, or pruning it would be free against the budget."""
+        modules = dict(self.model.named_modules())
+        missing = []
+        for n in self.names:
+            layer, _, attr = n.rpartition(".")
+            if attr == "weight" and isinstance(modules.get(layer), GEMM_MODULES) and n not in self.shapes:
+                missing.append(layer)
+        if missing and self.config.budget is not None:
+            raise BudgetError(
+                f"layers {missing[:6]} did not run on the example input, so the budget cannot count them; pass an "
+                "example that reaches them, or leave them out of the plan"
+            )
+
     def _pin(self, t: Target) -> float | None:
         for pattern, rate in self.config.pin.items():
             if any(fnmatch.fnmatchcase(layer, pattern) for layer in _layers_of(t)):
@@ -381,7 +406,14 @@ class SoftThreshold(Driver):
         factor = factor.to(flat.dtype)
         if isinstance(t, CoupledTarget):
             index = self._index[t.key]
-            flat[index] = flat[index] * _per_row(t, factor).unsqueeze(1)
+            per_entry = _per_row(t, factor).unsqueeze(1).expand(index.shape)
+            if t.key in self._unique:  # an entry in two groups (a row and a column) takes both factors
+                where, inverse = self._unique[t.key]
+                combined = torch.ones(len(where), dtype=flat.dtype)
+                combined.scatter_reduce_(0, inverse.reshape(-1), per_entry.reshape(-1), reduce="prod")
+                flat[where] = flat[where] * combined
+            else:
+                flat[index] = flat[index] * per_entry
         elif _is_row(t):
             self._matrix(t, flat).mul_(factor.unsqueeze(1))  # a view: scales flat in place
         elif t.structure.kind == "column":
@@ -633,6 +665,12 @@ def group_soft_threshold(
     t = torch.as_tensor(threshold, dtype=norms.dtype)
     factor = torch.where(norms > t, 1 - t / norms.clamp_min(1e-300), 0.0)
     return matrix * factor.to(matrix.dtype)[ids]
+
+
+def _repeats(index: torch.Tensor) -> bool:
+    """Whether a flat index names one entry twice (slot 0, the padding, aside)."""
+    real = index[index > 0]
+    return real.numel() > real.unique().numel()
 
 
 def _is_row(t: Target) -> bool:
