@@ -78,6 +78,7 @@ MODULES = [
     "admmcompress.report.compare",
     "admmcompress.report.integrity",
     "admmcompress.config_keys",
+    "admmcompress.models.registry",
     "admmcompress.report.rates",
     # modelled hardware (crossbars, SOT-MRAM)
     "admmcompress.hardware.constants",

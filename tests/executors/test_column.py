@@ -58,3 +58,35 @@ def test_apply_column_executors_on_and_auto():
         torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="mode='fast' must be 'auto' or 'on'"):
         apply_column_executors(model, x, mode="fast")
+
+
+def test_kept_columns_outside_the_layer_are_refused_when_a_folder_is_loaded(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from admmcompress.executors.manifest import (
+        SELF_CHECKSUM,
+        ManifestError,
+        _write_compacted,
+        canonical_sha256,
+        load_compacted,
+        sha256_hex,
+    )
+
+    linear = nn.Linear(6, 3)
+    with torch.no_grad():
+        linear.weight[:, 1] = 0
+    model = nn.Sequential(ColumnLinear.from_linear(linear))
+    _write_compacted(model, tmp_path)
+    assert torch.equal(load_compacted(tmp_path, nn.Sequential(nn.Linear(6, 3)))[0].kept, model[0].kept)
+    state = load_file(tmp_path / "model.safetensors")
+    state["0.kept"] = torch.tensor([0, 2, 3, 4, 9])  # 9: past the 6 input features
+    save_file(state, tmp_path / "model.safetensors")
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    weights = (tmp_path / "model.safetensors").read_bytes()
+    manifest["weights"] = {**manifest["weights"], "bytes": len(weights), "sha256": sha256_hex(weights)}
+    manifest = {k: v for k, v in manifest.items() if k != SELF_CHECKSUM}
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, SELF_CHECKSUM: canonical_sha256(manifest)}))
+    with pytest.raises(ManifestError, match="kept columns run outside its 6 columns"):
+        load_compacted(tmp_path, nn.Sequential(nn.Linear(6, 3)))

@@ -163,6 +163,57 @@ def test_a_crafted_spec_cannot_make_the_loader_build_a_huge_model():
             load_packed(with_checksum(crafted))
 
 
+def test_crafted_packed_layouts_are_refused_before_anything_is_allocated():
+    # A spec of 100,000 GRU layers: few elements, but minutes to build even on the meta device.
+    model = create_model("lenet300100")
+    data = save_packed_bytes(model, model_spec={"name": "lenet300100"})
+    old_spec = b'{"name":"lenet300100"}'
+    deep = b'{"name":"gru_fsdd","num_layers":100000,"hidden":1}'
+    start = data.index(old_spec)
+    crafted = data[: start - 1] + bytes([len(deep)]) + deep + data[start + len(old_spec) :]
+    with pytest.raises(PackedFormatError, match="a layer count"):
+        load_packed(with_checksum(crafted))
+    # Format 1 naming no model: its shapes were checked against nothing, so nothing is decoded.
+    manifest = json.dumps({"tensors": [{"name": "w", "shape": [8192, 8192], "bytes": 0, "kind": "packed",
+                                        "scheme": "structured", "nnz": 0, "entries": 0, "index_bits": 0,
+                                        "order": "row", "value": "float32", "levels": 0}]}).encode()
+    with pytest.raises(PackedFormatError, match="names no model"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", PackedFormatWarning)
+        load_packed(b"ADMMPK1\n" + struct.pack("<I", len(manifest)) + manifest)
+    # A relative index wider than the writer's 32 bits (a skip of 2^64 - 1 would wrap to a negative index).
+    from admmcompress.executors.packed import MAGIC, BitWriter, _varint, layout_checksum
+
+    skeleton = nn.Linear(4, 2, bias=False)
+    bits = BitWriter()
+    bits.write(torch.tensor([7.0]).numpy().view("uint32").astype("uint64"), 32)
+    bits.write([2**64 - 1], 64)
+    bits.write([0, 0, 1, 1, 1], 1)
+    blob = bits.getvalue()
+    header = struct.pack("<I", layout_checksum(skeleton.state_dict())) + _varint(0) + _varint(1)
+    header += bytes([2]) + _varint(1) + _varint(64) + _varint(0) + _varint(len(blob))
+    body = header + blob
+    with pytest.raises(PackedFormatError, match="64 index bits"):
+        load_packed(MAGIC + struct.pack("<I", zlib.crc32(body)) + body, skeleton)
+
+
+def test_byte_flips_of_a_training_checkpoint_are_one_checkpoint_error(tmp_path):
+    path = tmp_path / "state.pt"
+    ckpt.save_state(path, {"model": {"w": torch.randn(3, 4)}, "epoch": 3, "rng": torch.get_rng_state()})
+    good = path.read_bytes()
+    rng = random.Random(SEED)
+    # every byte of the pickle (the first zip member) and the zip directory, a sample of the tensor bytes between
+    offsets = [*range(512), *rng.sample(range(512, len(good) - 1024), 200), *range(len(good) - 1024, len(good))]
+    for offset in offsets:
+        path.write_bytes(flipped(good, offset, rng.randrange(8)))
+        try:
+            ckpt.load_state(path)
+        except ckpt.CheckpointError as err:
+            assert "\n" not in str(err)
+    path.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ckpt.CheckpointError, match="cannot be read"):
+        ckpt.load_state(path)
+
+
 def test_format_2_files_still_load_with_a_note():
     model, data = packed_lenet5()
     v2 = b"APK\x02" + data[8:]  # format 2: the same bytes without the file checksum
@@ -251,12 +302,22 @@ def test_crafted_manifests_are_refused_with_one_line(compacted_folder, tmp_path)
         "'layers' must map": {**original, "layers": [1, 2]},
         "'model' must be null": {**original, "model": "lenet300100"},
         "elements": {**original, "model": {"name": "lstm_ptb", "kwargs": {"vocab_size": 10**6, "embed": 1000}}},
+        # built from the file at once on the CPU, not checked on the meta device first
+        "which a manifest does not set": {
+            **original, "layers": {**original["layers"], "fc1": {**original["layers"]["fc1"], "device": "cpu"}}
+        },
+        # minutes to build even on the meta device, though its elements stay few
+        "a layer count": {**original, "model": {"name": "gru_fsdd", "kwargs": {"num_layers": 100000}}},
     }
     for expected, manifest in cases.items():
         write(manifest)
         with pytest.raises(ManifestError, match=expected) as info:
             load_compacted(tmp_path)
         assert "\n" not in str(info.value)
+    # Nested deeper than Python's stack: one line, not a RecursionError.
+    (tmp_path / "manifest.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(ManifestError, match="is not valid JSON"):
+        load_compacted(tmp_path)
     # Written before checksums: loads, with a note that it cannot be verified.
     legacy = {k: v for k, v in original.items() if k not in ("sha256", "weights")}
     (tmp_path / "manifest.json").write_text(json.dumps(legacy))

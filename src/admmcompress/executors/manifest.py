@@ -346,6 +346,7 @@ def load_compacted(folder: str | Path, model: nn.Module | None = None) -> nn.Mod
             _replace(model, name, _build(name, dict(layer)))
         _apply_extras(model, manifest)
         model.load_state_dict(state, strict=True)
+        _check_column_indices(model)
         _retie(model, manifest.get("tied", []), state)
         parameters = manifest.get("parameters")
         if parameters is not None and parameters != sum(p.numel() for p in model.parameters()):
@@ -361,8 +362,9 @@ def read_compact_manifest(path: str | Path) -> dict[str, Any]:
         _fail(f"'{path}' is {len(raw):,} bytes; a compacted-model manifest is far smaller (corrupt?)")
     try:
         manifest = json.loads(raw.decode("utf-8"))
-    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
-        _fail(f"'{path}' is not valid JSON ({err}): the file is damaged; save the compacted model again")
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError; nesting past the stack
+        _fail(f"'{path}' is not valid JSON ({type(err).__name__}: {str(err)[:80]}): the file is damaged; save the "
+              "compacted model again")
     if not isinstance(manifest, dict):
         _fail(f"'{path}' is not a compacted-model manifest (a JSON {type(manifest).__name__}, not an object)")
     recorded = manifest.get(SELF_CHECKSUM)
@@ -509,7 +511,11 @@ def _skeleton(spec: dict[str, Any] | None, device: str = "cpu") -> nn.Module:
             "names no registered model; pass the skeleton: load_compacted(folder, MyModel())"
         )
     from admmcompress.models import create_model
+    from admmcompress.models.registry import spec_problem
 
+    problem = spec_problem(spec.get("kwargs", {}))
+    if problem:
+        raise ValueError(f"names model {spec.get('name')!r} with {problem}")
     with torch.device(device):
         return create_model(spec["name"], **spec.get("kwargs", {}))
 
@@ -561,6 +567,9 @@ def _build(name: str, layer: dict[str, Any], device: str = "cpu") -> nn.Module:
     types = FIELD_TYPES.get(kind)
     if types is not None and (set(layer) != set(types) or not all(_has_type(v, types[k]) for k, v in layer.items())):
         _fail(f"has layer '{name}' ({kind}) with arguments {layer}; it needs exactly {types}")
+    placement = sorted({"device", "dtype"} & set(layer))
+    if placement:  # chosen by the loader (meta first, then the CPU), never by the file
+        _fail(f"has layer '{name}' ({kind}) with arguments {placement}, which a manifest does not set (damaged?)")
     if kind not in ("ColumnConv2d", "ColumnLinear"):
         layer = {k: tuple(v) if isinstance(v, list) else v for k, v in layer.items()}
     try:
@@ -568,6 +577,19 @@ def _build(name: str, layer: dict[str, Any], device: str = "cpu") -> nn.Module:
             return BUILDERS[kind](**layer)
     except Exception as err:  # arguments from a file: say which layer, in one line
         _fail(f"has layer '{name}' ({kind}) with arguments it cannot be built from ({type(err).__name__}: {err})")
+
+
+def _check_column_indices(model: nn.Module) -> None:
+    """The kept-column indices of column executors point inside their layer's dense GEMM columns."""
+    for name, m in model.named_modules():
+        if isinstance(m, ColumnConv2d):
+            total = m.in_channels * math.prod(m.kernel_size)
+        elif isinstance(m, ColumnLinear):
+            total = m.in_features
+        else:
+            continue
+        if m.kept.numel() and (int(m.kept.min()) < 0 or int(m.kept.max()) >= total):
+            _fail(f"has layer '{name}' whose kept columns run outside its {total} columns (damaged weights)")
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -3,7 +3,8 @@
 Every weight matrix is written in the scheme the storage report chose for it (each layer's
 cheapest by default, or one scheme for all), field by field with the widths of SPEC 4.2, so its
 payload is ``ceil(bits / 8)`` bytes for the report's ``bits``. Everything else in the state dict
-(biases, BN statistics) is stored raw. Loading rebuilds the model and its weights bit-exactly.
+(biases, BN statistics) is stored raw. Loading rebuilds the model and its weights bit-exactly (a pruned -0.0
+comes back as +0.0).
 
 File layout, format 3 (no pickle; a few bytes of header so that small models, e.g. a LeNet-5 at
 ~10 KB, match the storage report within 1%)::
@@ -297,7 +298,8 @@ def _decode(data: bytes, meta: dict[str, Any]) -> torch.Tensor:
         _fail(f"tensor {name!r}: unknown scheme {scheme!r}")
     if meta["order"] not in ORDERS:
         _fail(f"tensor {name!r}: unknown index order {meta['order']!r}")
-    if not 0 <= nnz <= n or (scheme == "relative" and not (meta["entries"] >= nnz and 1 <= meta["index_bits"] <= 64)):
+    relative_ok = meta["entries"] >= nnz and 1 <= meta["index_bits"] <= MAX_INDEX_BITS
+    if not 0 <= nnz <= n or (scheme == "relative" and not relative_ok):
         _fail(f"tensor {name!r}: header fields out of range (nnz {nnz} of {n}, entries {meta['entries']}, "
               f"index bits {meta['index_bits']})")
     src = BitReader(data)
@@ -344,7 +346,7 @@ def _decode(data: bytes, meta: dict[str, Any]) -> torch.Tensor:
             total = torch.cumsum(skips + 1, 0)
             before = torch.where(pointers[:-1] > 0, total[(pointers[:-1] - 1).clamp(min=0)], torch.zeros(()).long())
             position = total - before[line] - 1
-            if int(position.max()) >= (rows if meta["order"] == "column" else cols):
+            if int(position.min()) < 0 or int(position.max()) >= (rows if meta["order"] == "column" else cols):
                 _fail(f"tensor {name!r}: a relative index runs past the end of its line")
             index = position * cols + line if meta["order"] == "column" else line * cols + position
             flat[index] = vals
@@ -542,8 +544,12 @@ def _build(spec: dict[str, Any] | None, device: str | None = None) -> torch.nn.M
     if not spec:
         _fail("names no model; pass model=<an instance of its architecture>")
     from admmcompress.models import create_model
+    from admmcompress.models.registry import spec_problem
 
     kwargs = {k: v for k, v in spec.items() if k != "name"}
+    problem = spec_problem(kwargs)
+    if problem:
+        _fail(f"names model {spec.get('name')!r} with {problem}")
     try:
         with torch.device(device or "cpu"):
             return create_model(spec["name"], **kwargs)
@@ -570,8 +576,8 @@ def _spec(raw: bytes) -> dict[str, Any] | None:
         return None
     try:
         spec = json.loads(raw.decode("utf-8"))
-    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
-        _fail(f"is corrupt: its model spec is not JSON ({err})")
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError; nesting past the stack
+        _fail(f"is corrupt: its model spec is not JSON ({type(err).__name__}: {str(err)[:80]})")
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
         _fail(f"is corrupt: its model spec {spec!r} is not a mapping with a model 'name'")
     return spec
@@ -649,8 +655,8 @@ def _parse_v1(
         raw = json.loads(head.take(length).decode("utf-8"))
         tensors = [manifest_entry(e) for e in raw["tensors"]]
         spec = raw.get("model")
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
-        _fail(f"is corrupt: its format-1 manifest cannot be read ({type(err).__name__}: {err})")
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:
+        _fail(f"is corrupt: its format-1 manifest cannot be read ({type(err).__name__}: {str(err)[:80]})")
     template = None if model is None and not spec else _shape_model(spec, model, limit)
     found = {str(e["name"]): list(e["shape"]) for e in tensors}
     if template is not None and found != {k: list(v.shape) for k, v in template.state_dict().items()}:
@@ -732,7 +738,7 @@ def _tensor_fields(head: _Cursor, name: str, value: torch.Tensor) -> dict[str, A
         index_bits = head.varint()
         fillers = head.varint()
         entries = nnz + fillers
-        if not 1 <= index_bits <= 64 or fillers > (n - min(nnz, n)) >> min(index_bits, 64):
+        if not 1 <= index_bits <= MAX_INDEX_BITS or fillers > (n - min(nnz, n)) >> min(index_bits, 64):
             _fail(f"is corrupt (tensor {name!r}: {index_bits} index bits, {fillers} filler entries)")
     levels = head.varint() if kind != "float32" else 0
     nbytes = head.varint()
@@ -758,6 +764,8 @@ def load_packed(
     data, label = _read(source)
     with _named(label):
         manifest, payload, template = _parse(data, model, max_elements)
+        if template is None:  # format 1 without a spec: its shapes were checked against nothing, decode nothing
+            _fail("is format 1 and names no model; pass model=<an instance of its architecture>")
         state, offset = {}, 0
         for entry in manifest["tensors"]:
             entry = manifest_entry(entry)
