@@ -180,6 +180,11 @@ def test_crafted_packed_layouts_are_refused_before_anything_is_allocated():
     with pytest.raises(PackedFormatError, match="names no model"), warnings.catch_warnings():
         warnings.simplefilter("ignore", PackedFormatWarning)
         load_packed(b"ADMMPK1\n" + struct.pack("<I", len(manifest)) + manifest)
+    named = json.dumps({"tensors": [], "model": "lenet5"}).encode()  # a spec that is a bare name
+    with pytest.raises(PackedFormatError, match="model spec 'lenet5' is not a mapping"):
+        load_packed(b"ADMMPK1\n" + struct.pack("<I", len(named)) + named)
+    with pytest.raises(PackedFormatError, match="is not an admmcompress packed file"):
+        load_packed(b"APK\x01" + bytes(8))  # format 1 has a magic of its own
     # A relative index wider than the writer's 32 bits (a skip of 2^64 - 1 would wrap to a negative index).
     from admmcompress.executors.packed import MAGIC, BitWriter, _varint, layout_checksum
 

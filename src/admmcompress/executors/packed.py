@@ -657,6 +657,8 @@ def _parse_v1(
         spec = raw.get("model")
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:
         _fail(f"is corrupt: its format-1 manifest cannot be read ({type(err).__name__}: {str(err)[:80]})")
+    if spec is not None and not (isinstance(spec, dict) and isinstance(spec.get("name"), str)):
+        _fail(f"is corrupt: its model spec {str(spec)[:60]!r} is not a mapping with a model 'name'")
     template = None if model is None and not spec else _shape_model(spec, model, limit)
     found = {str(e["name"]): list(e["shape"]) for e in tensors}
     if template is not None and found != {k: list(v.shape) for k, v in template.state_dict().items()}:
@@ -678,6 +680,9 @@ def _parse(
     if not data.startswith(MAGIC[:3]) or len(data) < len(MAGIC):
         _fail(f"is not an admmcompress packed file (magic {data[:8]!r}); write one with `admmcompress export --packed`")
     version = data[len(MAGIC) - 1]
+    if version == 1:  # format 1 has its own magic (ADMMPK1)
+        _fail(f"is not an admmcompress packed file (magic {data[:8]!r}: no format is written so); write one with "
+              "`admmcompress export --packed`")
     if version not in (2, FORMAT):
         _fail(f"is format {version}; this admmcompress reads formats 1 to {FORMAT} (upgrade admmcompress to read it)")
     head = _Cursor(data, len(MAGIC))
