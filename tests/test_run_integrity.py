@@ -203,6 +203,18 @@ def test_a_changed_config_value_is_refused_but_comments_and_layout_are_not(run, 
     assert f"'{path}' is missing" in error_line(capsys, ["report", str(run)])
 
 
+def test_a_run_stopped_before_recording_its_checksums_is_unfinished_and_resume_finishes_it(finished, run, capsys):
+    path = run / "metrics.json"
+    data = json.loads(path.read_text())
+    data["metrics"]["integrity"] = {"algorithm": "sha256", "pending": True}  # as the run writes it first
+    path.write_text(json.dumps(data))
+    err = error_line(capsys, ["report", str(run)])
+    assert "stopped while writing its final outputs" in err and "--resume" in err
+    assert main(["run", str(finished.parent / "run.yaml"), "--out", str(run), "--resume", "--no-progress"]) == 0
+    assert verify_run(run) == []
+    assert main(["report", str(run)]) == 0
+
+
 def test_a_config_checksum_of_the_older_kind_still_verifies(run):
     # runs finished before 2026-12-06 hashed distributed.check_ranks; their record must not turn into an error
     path = run / "metrics.json"

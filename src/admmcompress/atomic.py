@@ -17,7 +17,7 @@ import errno
 import os
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 # mkstemp's names: prefix, 8 characters from [a-z0-9_], suffix (see tempfile._RandomNameSequence).
@@ -98,17 +98,24 @@ def _write_error(path: Path, err: OSError) -> WriteError:
     return WriteError(err.errno or 0, f"cannot write '{path}': {reason}; {fix}{kept}")
 
 
-def clean_orphans(folder: str | Path) -> list[Path]:
-    """Remove temporary files left by writes killed mid-way in ``folder`` and below; return them.
+def clean_orphans(folder: str | Path, below: Iterable[str] = ()) -> list[Path]:
+    """Remove temporary files left by writes killed mid-way in ``folder`` and in its subfolders named in
+    ``below`` (and theirs); return them.
 
-    Only names this module makes are touched. Call it only while no other process writes the folder
+    Only names this module makes are touched, and only where the caller writes: another run may live in a
+    subfolder of ``folder`` under a lock of its own. Call it only while no other process writes these folders
     (a run holds the folder's lock, see ``admmcompress.train.lock``).
     """
     folder = Path(folder)
     removed = []
     if not folder.is_dir():
         return removed
-    for candidate in sorted(folder.rglob("*.tmp")):
+    candidates = list(folder.glob("*.tmp"))
+    for name in below:
+        sub = folder / name
+        if sub.is_dir() and not sub.is_symlink():
+            candidates += sub.rglob("*.tmp")
+    for candidate in sorted(candidates):
         if candidate.is_file() and not candidate.is_symlink() and TMP_PATTERN.match(candidate.name):
             candidate.unlink(missing_ok=True)
             removed.append(candidate)

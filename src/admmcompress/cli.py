@@ -22,7 +22,7 @@ from admmcompress.train.config import RunConfig
 from admmcompress.train.distributed import Distributed
 from admmcompress.train.lock import LOCK_FILE, RunLock, check_unlocked
 from admmcompress.train.loop import TrainingDiverged, evaluate
-from admmcompress.train.run_folder import commit, plan_folder
+from admmcompress.train.run_folder import RUN_SUBFOLDERS, commit, plan_folder
 from admmcompress.train.runner import Runner, read_progress, rebuild_transforms, run_phases
 
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, TrainingDiverged, WriteError)
@@ -206,12 +206,12 @@ def _run_locked(
     progress = read_progress(out) if args.resume else None
     plan = plan_folder(
         out, config, run_phases(config), progress, resume=args.resume, overwrite=args.overwrite,
-        allow_config_change=args.allow_config_change, stale_lock=stale_lock,
+        allow_config_change=args.allow_config_change, stale_lock=stale_lock, config_path=Path(args.config),
     )
     runner = _build_runner(config, out, progress=not args.no_progress and sys.stderr.isatty(), dist=ctx)
     if not plan.resume:
         runner.preflight()  # NaN weights or data, teacher files: refused before the folder changes
-    removed = clean_orphans(out)  # temporary files of writes a kill cut short; we hold the lock
+    removed = clean_orphans(out, RUN_SUBFOLDERS)  # temp files of writes a kill cut short; we hold the lock
     if removed:
         print(f"admmcompress: removed {len(removed)} unfinished temporary file(s) of a killed run", file=sys.stderr)
     if plan.restart:
@@ -230,10 +230,12 @@ def _run_locked(
         metrics["test_accuracy"] = evaluate(model, runner.final_test, config.data.eval_batch_size)
     source = getattr(runner.train, "source", None)  # which copy of the dataset was read (or the import path)
     metrics["data_file"] = str(Path(source).absolute()) if source is not None else describe(config.data.dataset)
+    from admmcompress.report.integrity import KEY, pending_record, record_output_checksums  # report/export verify
+
     ckpt.save_tensors(out / "model.safetensors", model.state_dict(), {"config": config.to_dict()})
     ckpt.save_tensors(out / "masks.safetensors", runner.masks.state_dict())
+    metrics[KEY] = pending_record()  # a kill before the record below leaves an unfinished run, not a legacy one
     print(save_report(out, metrics, runner.history, f"admmcompress: {config.name}"))
-    from admmcompress.report.integrity import record_output_checksums  # issue 20 part B: report/export verify
 
     record_output_checksums(out)  # SHA-256 of the outputs into metrics.json, once they are all written
     print(f"(report, metrics.json and plots in {out}; rerun: admmcompress run {args.config} --out {out}-again)")

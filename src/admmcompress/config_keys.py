@@ -1,8 +1,10 @@
-"""Run-config keys that do not change what a run computes (dotted paths into ``config.yaml``), in one place
+"""Run-config keys that do not change the model a run builds (dotted paths into ``config.yaml``), in one place
 for the two checks that need them: ``--resume`` (which config changes it accepts) and the run integrity
 record (which values its config checksum covers).
 
 - ``SPEED_KEYS``: how fast or how verbosely a run goes. ``--resume`` accepts changes to them at any point.
+  ``threads`` also changes the order of float sums, so the weights' last bits: a resume with another thread
+  count than the run's checkpoint says so (a warning), as it is then no longer bit-identical.
 - ``LOCATION_KEYS``: where things are on a machine (plugin files, the data folder, the checkpoints a run
   started from); a run folder moved to another machine may need them edited.
 

@@ -151,6 +151,33 @@ def test_overwrite_replaces_the_old_run_and_only_its_outputs(finished, tmp_path)
     assert read_progress(out) == (1, 0)  # the new run's checkpoint: pretrain done, nothing more
 
 
+def test_overwrite_removes_the_old_runs_plots_and_keeps_the_config_it_reads(finished, tmp_path, capsys):
+    config, done = finished
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("config.yaml", "metrics.json", "rates.png", "hardware.md", "hardware.png"):
+        (out / name).write_bytes((done / "config.yaml").read_bytes())  # content does not matter here
+    own = out / "config.yaml"
+    own.write_text("# my notes\n" + yaml.safe_dump(spec(stages=[])))
+    message = error_line(capsys, ["run", str(own), "--out", str(out), "--overwrite"])
+    assert "--overwrite would replace" in message and "cp " in message
+    assert own.read_text().startswith("# my notes")  # the user's file, untouched
+    dense = write(tmp_path / "dense.yaml", spec(stages=[]))
+    assert main(["run", str(dense), "--out", str(out), "--overwrite", "--no-progress"]) == 0
+    assert not any((out / name).exists() for name in ("rates.png", "hardware.md", "hardware.png"))
+
+
+def test_clean_orphans_leaves_other_runs_in_subfolders_alone(tmp_path):
+    mine, other = tmp_path / "stages" / "1", tmp_path / "other_run"
+    mine.mkdir(parents=True)
+    other.mkdir()
+    for folder in (tmp_path, mine, other):
+        (folder / ".checkpoint.pt.abcd1234.tmp").write_text("")
+    removed = clean_orphans(tmp_path, below=("stages", "compact"))
+    assert sorted(p.parent for p in removed) == sorted([tmp_path, mine])
+    assert (other / ".checkpoint.pt.abcd1234.tmp").exists()  # another run's write in progress, maybe
+
+
 def test_flags_that_contradict_are_one_line(tmp_path, capsys):
     config = str(write(tmp_path / "run.yaml", spec()))
     out = str(tmp_path / "out")

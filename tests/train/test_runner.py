@@ -172,6 +172,19 @@ def test_resume_after_a_crash_between_the_last_epoch_and_the_hard_prune(tmp_path
     assert resumed.metrics["stages"] == full.metrics["stages"]
 
 
+def test_resuming_with_another_thread_count_says_it_is_not_bit_identical(tmp_path, data):
+    from admmcompress.train import checkpoint as ckpt
+
+    config = run_config("admm")
+    Runner(config, fresh_model(), *data, out_dir=tmp_path, progress=False).run()
+    state = ckpt.load_state(tmp_path / "checkpoint.pt")
+    assert state["threads"] == torch.get_num_threads()
+    state["threads"] = torch.get_num_threads() + 1  # as if the run so far had another thread count
+    ckpt.save_state(tmp_path / "checkpoint.pt", state)
+    with pytest.warns(RuntimeWarning, match=r"resuming with \d+ threads; the run so far used \d+"):
+        Runner(config, fresh_model(), *data, out_dir=tmp_path, progress=False).run(resume=True)
+
+
 def test_resume_with_step_cadence_and_sparse_checkpoints(tmp_path, data, monkeypatch):
     config = run_config("admm", update_every_steps=5)
     config.checkpoint_every_epochs = 2

@@ -97,6 +97,12 @@ def seal(metrics: dict[str, Any], history: list[dict[str, Any]]) -> None:
         metrics[KEY]["content"] = content_sha256(metrics, history)
 
 
+def pending_record() -> dict[str, Any]:
+    """What ``metrics.json`` holds under ``integrity`` from its first write until ``record_output_checksums``: a
+    run stopped in between is then refused as unfinished, not passed as one written before checksums existed."""
+    return {"algorithm": "sha256", "pending": True}
+
+
 def record_output_checksums(out_dir: str | Path) -> dict[str, Any]:
     """Record the SHA-256 of the run's output files and of ``metrics.json``'s content in ``metrics.json``.
 
@@ -161,6 +167,11 @@ def verify_run(out_dir: str | Path, files: bool = True) -> list[str]:
         notes.append(
             f"'{out}' was written before runs recorded checksums: its files cannot be verified "
             "(the weights are still checked against the masks)"
+        )
+    elif isinstance(record, dict) and record.get("pending") is True:
+        raise RunIntegrityError(
+            f"'{out}' is a run that stopped while writing its final outputs (its checksums were never recorded); "
+            f"finish it: admmcompress run CONFIG --out {out} --resume"
         )
     elif files:
         _check_record(out, record, metrics, history)

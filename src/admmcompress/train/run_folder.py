@@ -47,11 +47,16 @@ RUN_OUTPUTS = (
     "report.md",
     "sparsity.png",
     "training.png",
+    "rates.png",
+    "hardware.md",
+    "hardware.png",
     "compact",
     "log.csv",
     "tensorboard",
     STAGES_DIR,
 )
+# The run's own subfolders (where its writes may leave temporary files); others may hold other runs.
+RUN_SUBFOLDERS = tuple(name for name in RUN_OUTPUTS if "." not in name)
 FINAL_OUTPUTS = ("model.safetensors", "masks.safetensors", "metrics.json", "report.md")
 IN_PROGRESS_SAFE = ("epochs", "optimizer.lr")
 SHOWN_CHANGES = 8  # a config diff names at most this many keys in its one line
@@ -102,17 +107,25 @@ def plan_folder(
     overwrite: bool,
     allow_config_change: bool,
     stale_lock: bool = False,
+    config_path: Path | None = None,
 ) -> FolderPlan:
     """Decide (without writing anything) how a run of ``config`` uses ``folder``; refuse with one line.
 
     ``progress`` is the folder checkpoint's ``(phase_index, epoch)`` (None without a checkpoint),
     ``phases`` the run's phases as the Runner lists them, ``stale_lock`` whether the folder held a lock file
-    before this run locked it (left by a run killed there, perhaps before it wrote anything).
+    before this run locked it (left by a run killed there, perhaps before it wrote anything), ``config_path``
+    the YAML file the run was started from (``--overwrite`` must not delete it).
     """
     if folder.exists() and not folder.is_dir():
         raise RunFolderError(f"--out '{folder}' is a file, not a folder; choose a folder for the run's outputs")
     present = outputs_in(folder) if folder.is_dir() else []
     if overwrite:
+        own = folder / CONFIG_FILE
+        if config_path is not None and own.is_file() and Path(config_path).resolve() == own.resolve():
+            raise RunFolderError(
+                f"--overwrite would replace '{own}', the config this run reads (with its comments); copy it out "
+                f"first (cp {own} run.yaml) and run that"
+            )
         return FolderPlan(folder, remove=present)
     if not resume:
         if present:

@@ -568,6 +568,7 @@ class Runner:
             "masks": self.masks.state_dict(),
             "loader": self.loader.state_dict(),
             "rng": torch.get_rng_state(),
+            "threads": torch.get_num_threads(),
             "history": self.history,
             "metrics": self.metrics,
             "transforms": self.transforms,
@@ -595,6 +596,15 @@ class Runner:
         self.masks = mask_set_from_state(state["masks"])
         self.loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"])
+        saved_threads = state.get("threads")  # checkpoints before 2026-12-06 did not record it
+        if isinstance(saved_threads, int) and saved_threads != torch.get_num_threads():
+            warnings.warn(
+                f"resuming with {torch.get_num_threads()} threads; the run so far used {saved_threads}: float sums "
+                "run in another order, so the result differs in its last bits from an uninterrupted run "
+                f"(set threads: {saved_threads} or --threads {saved_threads} for a bit-identical resume)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self.history, self.metrics = list(state["history"]), dict(state["metrics"])
         if state.get("teacher") is not None:
             self.teacher = self._frozen_copy(state["teacher"])
