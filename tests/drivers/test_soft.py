@@ -241,6 +241,15 @@ def test_pins_bounds_and_excluded_layers_are_respected():
     assert torch.equal(model[4].weight.detach(), fc3)
 
 
+def test_pins_hold_when_finalize_comes_before_any_update():
+    model = mlp()
+    soft = SoftThreshold(model, row_col_plan(), SoftConfig(pin={"2": 0.25}))
+    soft.finalize()
+    w2 = model[2].weight != 0
+    assert int(w2.any(1).sum()) == 48 and int(w2.any(0).sum()) == 48  # 25% of rows and columns, as pinned
+    assert bool((model[0].weight != 0).all())  # no update: nothing else is pruned
+
+
 def test_coupled_result_compacts_exactly_on_a_residual_model():
     model, x = Residual().eval(), torch.randn(4, 3, 8, 8)
     with torch.no_grad():

@@ -521,8 +521,8 @@ class SoftThreshold(Driver):
         stays within the budget. Both counts are in ``summary()``.
         """
         w = {n: self._params[n].detach().clone() for n in self.names}
-        none = {t.key: torch.zeros(self._ids[t.key][1], dtype=torch.bool) for t in self.targets}
-        soft = self._zero_groups(self.Z) if self.iteration else none
+        # without a Z-step yet (a phase of no updates), the prox of W itself: pins hold, nothing else is zero
+        soft = self._zero_groups(self.Z) if self.iteration else self._prox(w, self.strength)[1]
         final, restored = soft, 0
         if self.target_cost is not None:
             if self._cost(self._masked(w, soft)) > self.target_cost:
