@@ -215,6 +215,15 @@ def test_a_run_stopped_before_recording_its_checksums_is_unfinished_and_resume_f
     assert main(["report", str(run)]) == 0
 
 
+def test_report_waits_for_a_run_that_holds_the_folder(run, capsys):
+    from admmcompress.train.lock import RunLock
+
+    with RunLock(run):  # as a resumed run writing its final outputs would
+        err = error_line(capsys, ["report", str(run), "--rehash"])
+    assert "is being written by another admmcompress run" in err and "once that run has ended" in err
+    assert main(["report", str(run)]) == 0
+
+
 def test_a_config_checksum_of_the_older_kind_still_verifies(run):
     # runs finished before 2026-12-06 hashed distributed.check_ranks; their record must not turn into an error
     path = run / "metrics.json"

@@ -266,6 +266,8 @@ def _report(out: Path, rehash: bool = False) -> int:
     from admmcompress.report.integrity import record_output_checksums, seal, verify_run
     from admmcompress.report.render import render_markdown
 
+    # report rewrites metrics.json and report.md: never while a run writes them too
+    check_unlocked(out, "report rewrites its metrics.json and report.md, so run it once that run has ended")
     for note in verify_run(out, files=not rehash):
         print(f"admmcompress: note: {note}", file=sys.stderr)
     metrics, history = load_report(out)

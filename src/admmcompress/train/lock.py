@@ -107,7 +107,9 @@ class RunLock:
         self.release()
 
 
-def check_unlocked(folder: str | Path) -> None:
+def check_unlocked(
+    folder: str | Path, consequence: str = "a real run would be refused: wait for it to end, or choose another --out"
+) -> None:
     """Raise ``RunLocked`` if a live run holds ``folder``'s lock; writes nothing (what ``--dry-run`` needs).
 
     The lock file is opened read-only and probed with a non-blocking shared flock that is dropped at once, so
@@ -127,8 +129,7 @@ def check_unlocked(folder: str | Path) -> None:
             holder = _read_pid(fd)
             who = f"pid {holder}" if holder else "another process"
             raise RunLocked(
-                f"'{folder}' is being written by another admmcompress run ({who}); a real run would be refused: "
-                "wait for it to end, or choose another --out"
+                f"'{folder}' is being written by another admmcompress run ({who}); {consequence}"
             ) from None
     finally:
         os.close(fd)  # closing drops the probe's flock
