@@ -85,11 +85,15 @@ class ColumnConv2d(nn.Module):
             out.bias.copy_(conv.bias)
         return out.to(conv.weight.device)
 
+    @property
+    def dense_columns(self) -> int:
+        """GEMM columns of the dense conv (``in_channels x kh x kw``): ``kept`` indexes into these."""
+        return self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+
     def extra_repr(self) -> str:
-        total = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"columns={self.kept.numel()}/{total}, stride={self.stride}, padding={self.padding}"
+            f"columns={self.kept.numel()}/{self.dense_columns}, stride={self.stride}, padding={self.padding}"
         )
 
     def _positions(self, height: int, width: int, device: torch.device) -> torch.Tensor:
@@ -144,6 +148,11 @@ class ColumnLinear(nn.Module):
         if linear.bias is not None:
             out.bias.copy_(linear.bias)
         return out.to(linear.weight.device)
+
+    @property
+    def dense_columns(self) -> int:
+        """Input features of the dense Linear: ``kept`` indexes into these."""
+        return self.in_features
 
     def extra_repr(self) -> str:
         return (

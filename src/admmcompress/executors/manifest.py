@@ -582,14 +582,10 @@ def _build(name: str, layer: dict[str, Any], device: str = "cpu") -> nn.Module:
 def _check_column_indices(model: nn.Module) -> None:
     """The kept-column indices of column executors point inside their layer's dense GEMM columns."""
     for name, m in model.named_modules():
-        if isinstance(m, ColumnConv2d):
-            total = m.in_channels * math.prod(m.kernel_size)
-        elif isinstance(m, ColumnLinear):
-            total = m.in_features
-        else:
+        if not isinstance(m, (ColumnConv2d, ColumnLinear)) or not m.kept.numel():
             continue
-        if m.kept.numel() and (int(m.kept.min()) < 0 or int(m.kept.max()) >= total):
-            _fail(f"has layer '{name}' whose kept columns run outside its {total} columns (damaged weights)")
+        if int(m.kept.min()) < 0 or int(m.kept.max()) >= m.dense_columns:
+            _fail(f"has layer '{name}' whose kept columns run outside its {m.dense_columns} columns (damaged weights)")
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -578,8 +578,13 @@ def _spec(raw: bytes) -> dict[str, Any] | None:
         spec = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError; nesting past the stack
         _fail(f"is corrupt: its model spec is not JSON ({type(err).__name__}: {str(err)[:80]})")
+    return _named_spec(spec)
+
+
+def _named_spec(spec: Any) -> dict[str, Any]:
+    """``spec`` if it is a mapping with a model 'name' (formats 1 to 3 alike), else the file is corrupt."""
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
-        _fail(f"is corrupt: its model spec {spec!r} is not a mapping with a model 'name'")
+        _fail(f"is corrupt: its model spec {str(spec)[:60]!r} is not a mapping with a model 'name'")
     return spec
 
 
@@ -657,8 +662,7 @@ def _parse_v1(
         spec = raw.get("model")
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:
         _fail(f"is corrupt: its format-1 manifest cannot be read ({type(err).__name__}: {str(err)[:80]})")
-    if spec is not None and not (isinstance(spec, dict) and isinstance(spec.get("name"), str)):
-        _fail(f"is corrupt: its model spec {str(spec)[:60]!r} is not a mapping with a model 'name'")
+    spec = None if spec is None else _named_spec(spec)
     template = None if model is None and not spec else _shape_model(spec, model, limit)
     found = {str(e["name"]): list(e["shape"]) for e in tensors}
     if template is not None and found != {k: list(v.shape) for k, v in template.state_dict().items()}:
