@@ -325,7 +325,9 @@ def main() -> None:
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}; caches (per core / shared): "
           f"{cache_sizes()}; L3 used for the case sizes: {l3 / (1 << 20):.0f} MiB")
     print(f"date: {time.strftime('%Y-%m-%d %H:%M')}, load average {os.getloadavg()[0]:.2f}; "
-          f"compiled kernel: {'yes' if blocksparse_cpp.available() else 'no (torch path only)'}")
+          f"compiled kernel: {'yes' if blocksparse_cpp.available() else 'no (torch path only)'}, "
+          f"-march={os.environ.get(blocksparse_cpp.MARCH_ENV) or 'native'} (${blocksparse_cpp.MARCH_ENV}), "
+          f"MKL_ENABLE_INSTRUCTIONS={os.environ.get('MKL_ENABLE_INSTRUCTIONS', 'unset')}")
     print(f"Block(block=({args.block_rows}, {args.block_cols})), {args.steps} steps, choice table in {folder}")
     points: list[Point] = []
     for threads in args.threads:

@@ -214,6 +214,18 @@ def test_measured_once_then_read_from_the_cache(no_compiler, tmp_path, monkeypat
     close(model2[2](x), model[2](x))
 
 
+def test_a_table_from_another_kernel_version_is_measured_again(no_compiler, tmp_path, monkeypatch):
+    """The compiled kernel's version is part of every key: a faster kernel is not judged by old timings."""
+    table = LatencyCache(blocksparse_choice.TABLE, folder=tmp_path)
+    to_blocksparse(nn.Sequential(pruned(nn.Linear(32, 32))), block_rows=4, choose="measured", batches=(1,),
+                   table=table, rounds=1)
+    assert len(table) == 3
+    monkeypatch.setattr(blocksparse_cpp, "VERSION", blocksparse_cpp.VERSION + 1)
+    to_blocksparse(nn.Sequential(pruned(nn.Linear(32, 32))), block_rows=4, choose="measured", batches=(1,),
+                   table=table, rounds=1)
+    assert len(table) == 6  # measured again under the new version's keys
+
+
 def test_measured_conversion_errors_name_the_fix(no_compiler):
     with pytest.raises(ValueError, match=r"layer 'conv' \(Conv2d\): choose='measured' needs the image size; pass"):
         to_blocksparse(tagger(), choose="measured", table=FixedTable({}))
@@ -278,9 +290,9 @@ def test_the_executor_passes_the_choice_options_and_example(no_compiler):
 @pytest.fixture()
 def fresh_loader():
     """``load`` is cached once per process: cleared around a test that patches what it calls."""
-    blocksparse_cpp.load.cache_clear()
+    blocksparse_cpp._build.cache_clear()
     yield
-    blocksparse_cpp.load.cache_clear()
+    blocksparse_cpp._build.cache_clear()
 
 
 def test_the_loader_falls_back_to_one_thread_then_to_nothing(fresh_loader, monkeypatch):
@@ -302,7 +314,26 @@ def test_the_loader_falls_back_to_one_thread_then_to_nothing(fresh_loader, monke
     def no_compiler(name, **kwargs):
         raise OSError("c++: command not found")
 
-    blocksparse_cpp.load.cache_clear()
+    flags = []
+    monkeypatch.setattr(
+        cpp_extension, "load_inline", lambda name, extra_cflags, **kw: flags.append((name, extra_cflags))
+    )
+    blocksparse_cpp.load(march="haswell")  # another target: its own flag and cache name
+    assert flags[0][0] == blocksparse_cpp.extension_name("haswell") != blocksparse_cpp.extension_name()
+    assert "-march=haswell" in flags[0][1] and "-march=native" not in flags[0][1]
+
+    blocksparse_cpp._build.cache_clear()
     monkeypatch.setattr(cpp_extension, "load_inline", no_compiler)
     with pytest.warns(RuntimeWarning, match=r"kernel unavailable \(OSError: c\+\+: command not found\); using torch"):
         assert blocksparse_cpp.load() is None
+
+
+def test_a_build_target_that_is_not_a_march_name_is_refused():
+    with pytest.raises(ValueError, match="not a gcc -march name"):
+        blocksparse_cpp.load(march="native; rm -rf /")
+
+
+def test_the_build_target_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv(blocksparse_cpp.MARCH_ENV, "-march=x")
+    with pytest.raises(ValueError, match="ADMMCOMPRESS_KERNEL_MARCH"):
+        blocksparse_cpp.load()

@@ -297,3 +297,53 @@ def test_padding_is_dropped_from_the_kernel_copy_when_it_is_large(ext, threads, 
         x = torch.randn(n, 256)
         with torch.inference_mode():
             close(fast(x), dense(x))
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as info:
+            line = next((line for line in info if line.startswith("flags")), "")
+    except OSError:
+        return set()
+    return set(line.split(":", 1)[-1].split())
+
+
+@pytest.fixture(scope="module", params=["native", "haswell"])
+def any_build(request):
+    """The kernel as this CPU builds it, and its AVX2 build (no AVX-512: row-wise passes, no register tiles)."""
+    if request.param == "haswell" and not {"avx2", "fma"} <= _cpu_flags():
+        pytest.skip("this CPU does not run AVX2 + FMA code")
+    module = blocksparse_cpp.load(march=request.param)
+    if module is None:
+        pytest.skip("no C++ compiler / torch headers here")
+    return module
+
+
+@pytest.mark.parametrize("r", [4, 8, 16, 32])
+def test_every_batch_pass_equals_dense(any_build, threads, r):
+    """Batches 1..40 cover every pass (AVX2: 96 / r inputs at a time, then 4, 2, 1; AVX-512: 16-input tiles,
+    then 4, 2, 1), with and without bias, on both builds."""
+    torch.set_num_threads(2)
+    w = Block(compression=3, block=(r, 1)).project(torch.randn(4 * r, 70))
+    for bias in (torch.randn(4 * r), torch.empty(0)):
+        matrix = BlockSparseMatrix(w, r, impl="cpp", bias=bias if bias.numel() else None)
+        args = blocksparse_cpp.packed(matrix)
+        for n in (*range(1, 18), 23, 31, 32, 33, 40):
+            x = torch.randn(n, 70)
+            expected = x @ w.T + (bias if bias.numel() else 0)
+            close(any_build.bsmm(x, *args, 4 * r), expected)
+
+
+def test_every_sequence_batch_equals_dense_on_both_builds(any_build):
+    """The fused GRU step on each build, at batches that take the wide, four, two and single passes."""
+    dense = pruned(nn.GRU(16, 32), (16, 1), compression=3)
+    w_ih, b_ih = dense.weight_ih_l0.detach(), dense.bias_ih_l0.detach()
+    hh = BlockSparseMatrix(dense.weight_hh_l0.detach(), 16, impl="cpp", bias=dense.bias_hh_l0.detach())
+    for n in (1, 3, 7, 13, 20):
+        x, h0 = torch.randn(5, n, 16), torch.randn(n, 32)
+        with torch.inference_mode():
+            out, h = any_build.gru_sequence(x @ w_ih.T + b_ih, h0, *blocksparse_cpp.packed(hh), False)
+            expected, h_expected = dense(x, h0.unsqueeze(0))
+        close(out, expected)
+        close(h, h_expected[0])
+

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import warnings
 from types import ModuleType
 
@@ -40,7 +41,7 @@ import torch
 
 from admmcompress.timing import cpu_model
 
-VERSION = 9  # bump when SOURCE or the build flags change: the extension's cache name changes with it
+VERSION = 10  # bump when SOURCE or the build flags change: the extension's cache name changes with it
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -61,29 +62,56 @@ SOURCE = r"""
 // bias[b*r + j]. The offsets are b*K into the saved layout padded to K slots per block, or into a copy without
 // the padding.
 
-// One row block for n_rows inputs: out[n, j] = bias[j] + sum_k x[n, idx[k]] * v[k, j], j < R (R fixed:
-// the accumulator stays in registers and the j loop is one SIMD multiply-add per kept column).
+// NI inputs of one row block: out[n, j] = bias[j] + sum_k x[n, idx[k]] * v[k, j], j < R. R and NI are fixed, so
+// the NI x R accumulators stay in registers and each kept column's R weights, loaded once, serve NI inputs (one
+// broadcast of x and one SIMD multiply-add per input and column).
+template <int R, int NI>
+static inline void block_inputs(const float* __restrict x0, int64_t x_stride, const int32_t* __restrict idx,
+                                const float* __restrict v, const float* bias, int64_t K, float* __restrict out,
+                                int64_t out_stride) {
+  float acc[NI][R];
+  for (int q = 0; q < NI; ++q)
+    for (int j = 0; j < R; ++j) acc[q][j] = bias ? bias[j] : 0.f;
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t col = idx[k];
+    const float* __restrict vk = v + k * R;
+    for (int q = 0; q < NI; ++q) {
+      const float xv = x0[q * x_stride + col];
+#pragma omp simd
+      for (int j = 0; j < R; ++j) acc[q][j] += xv * vk[j];
+    }
+  }
+  for (int q = 0; q < NI; ++q)
+    for (int j = 0; j < R; ++j) out[q * out_stride + j] = acc[q][j];
+}
+
+// Inputs per pass of block_rows_fixed. AVX-512 multiplies 16 or more inputs in register tiles (tile_cols), so
+// the row-wise pass serves only the few left over: 4. AVX2 has no tiles here (16 registers of 8 floats): the
+// row-wise pass is the batched path, so it takes as many inputs as fill 12 of the 16 registers with
+// accumulators (R = 8: 12 inputs, R = 16: 6), leaving room for the weights and the broadcast input.
+#if defined(__AVX512F__)
+template <int R>
+static constexpr int kInputsPerPass = 4;
+#else
+template <int R>
+static constexpr int kInputsPerPass = R >= 96 ? 1 : (96 / R > 12 ? 12 : 96 / R);
+#endif
+
+// One row block for n_rows inputs (R fixed): kInputsPerPass<R> inputs at a time, then four, two, one by one.
 template <int R>
 static void block_rows_fixed(const float* __restrict x, int64_t n_rows, int64_t x_stride,
                              const int32_t* __restrict idx, const float* __restrict v, const float* bias,
                              int64_t K, float* __restrict out, int64_t out_stride) {
+  constexpr int NI = kInputsPerPass<R>;
   int64_t n = 0;
-  for (; n + 4 <= n_rows; n += 4) {  // four inputs at a time: each kept column's weights are loaded once
-    const float* __restrict x0 = x + n * x_stride;
-    float acc[4][R];
-    for (int q = 0; q < 4; ++q)
-      for (int j = 0; j < R; ++j) acc[q][j] = bias ? bias[j] : 0.f;
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t col = idx[k];
-      const float* __restrict vk = v + k * R;
-      for (int q = 0; q < 4; ++q) {
-        const float xv = x0[q * x_stride + col];
-#pragma omp simd
-        for (int j = 0; j < R; ++j) acc[q][j] += xv * vk[j];
-      }
-    }
-    for (int q = 0; q < 4; ++q)
-      for (int j = 0; j < R; ++j) out[(n + q) * out_stride + j] = acc[q][j];
+  for (; n + NI <= n_rows; n += NI)
+    block_inputs<R, NI>(x + n * x_stride, x_stride, idx, v, bias, K, out + n * out_stride, out_stride);
+  if (NI > 4)
+    for (; n + 4 <= n_rows; n += 4)
+      block_inputs<R, 4>(x + n * x_stride, x_stride, idx, v, bias, K, out + n * out_stride, out_stride);
+  if (NI > 2 && n + 2 <= n_rows) {  // batch 8 at R = 16 on AVX2: 6 + 2, not 6 + 1 + 1
+    block_inputs<R, 2>(x + n * x_stride, x_stride, idx, v, bias, K, out + n * out_stride, out_stride);
+    n += 2;
   }
   for (; n < n_rows; ++n) {  // one input: four partial sums over k, so the FMAs do not wait on each other
     const float* __restrict xn = x + n * x_stride;
@@ -173,7 +201,13 @@ static void tile_cols(const float* __restrict xt, int64_t ld, int64_t n0, const 
 // From this many inputs a product also reads them transposed (tile_cols); fewer go row by row.
 static const int64_t kTileRows = 16;
 
-static inline bool tiles(int64_t r, int64_t n_rows) { return n_rows >= kTileRows && (r == 16 || r == 8); }
+static inline bool tiles(int64_t r, int64_t n_rows) {
+#if defined(__AVX512F__)
+  return n_rows >= kTileRows && (r == 16 || r == 8);
+#else  // a 16 x 16 tile of accumulators spills out of 16 AVX2 registers: block_rows_fixed is faster there
+  return false;
+#endif
+}
 
 // A 16 x 16 tile of x (row stride ldx) transposed into xt (row stride ldt): 16 row loads, three rounds of
 // in-register shuffles, 16 row stores (a scalar tile loop is ~10x slower, and ATen's transposing copy of a
@@ -580,8 +614,8 @@ CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-trapping-math"]
 LDFLAGS = ["-fopenmp"]
 
 
-def extension_name() -> str:
-    """The cache name: the version and this CPU (``-march=native`` code must not run on another CPU)."""
+def extension_name(march: str = "native") -> str:
+    """The cache name: the version, this CPU (``-march=native`` code must not run on another CPU) and ``march``."""
     flags = ""
     try:
         with open("/proc/cpuinfo") as info:
@@ -589,26 +623,45 @@ def extension_name() -> str:
     except OSError:
         pass
     digest = hashlib.sha256(f"{cpu_model()}|{flags}|{torch.__version__}".encode()).hexdigest()[:10]
-    return f"admmcompress_blocksparse_v{VERSION}_{digest}"
+    target = "" if march == "native" else "_" + "".join(c if c.isalnum() else "_" for c in march)
+    return f"admmcompress_blocksparse_v{VERSION}_{digest}{target}"
 
 
 # Without OpenMP (a compiler without its runtime): the same kernel on one thread, under its own cache name.
 SERIAL_CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-trapping-math"]
 
 
-@functools.lru_cache(maxsize=1)
-def load(verbose: bool = False) -> ModuleType | None:
+MARCH_ENV = "ADMMCOMPRESS_KERNEL_MARCH"
+
+
+def load(verbose: bool = False, march: str | None = None) -> ModuleType | None:
     """The compiled kernel module, built on first use (about a minute); ``None`` if it cannot be built.
 
     Tried with OpenMP first, then without (one thread, with a warning); the torch path covers the rest.
+    ``march`` is gcc's ``-march``; by default ``$ADMMCOMPRESS_KERNEL_MARCH``, else ``"native"``: the widest
+    vectors this CPU has. Another target builds, on this machine, the code that CPU family gets: e.g.
+    ``"haswell"`` for the AVX2 path on an AVX-512 machine (the tests check both paths wherever the CPU runs
+    them; the benchmarks time the AVX2 path there with the variable set).
     """
+    march = march or os.environ.get(MARCH_ENV) or "native"
+    if not all(c.isalnum() or c in "-_." for c in march):
+        raise ValueError(
+            f"blocksparse_cpp: march={march!r} is not a gcc -march name; use e.g. 'native' or 'haswell'"
+            f" (argument or ${MARCH_ENV})"
+        )
+    return _build(verbose, march)
+
+
+@functools.cache
+def _build(verbose: bool, march: str) -> ModuleType | None:
     errors = []
     for suffix, cflags, ldflags in (("", CFLAGS, LDFLAGS), ("_serial", SERIAL_CFLAGS, [])):
+        cflags = [f"-march={march}" if flag == "-march=native" else flag for flag in cflags]
         try:
             from torch.utils.cpp_extension import load_inline
 
             module = load_inline(
-                name=extension_name() + suffix,
+                name=extension_name(march) + suffix,
                 cpp_sources=[SOURCE],
                 extra_cflags=cflags,
                 extra_ldflags=ldflags,
@@ -712,6 +765,7 @@ __all__ = [
     "COMPACT_ABOVE",
     "LDFLAGS",
     "SERIAL_CFLAGS",
+    "MARCH_ENV",
     "SOURCE",
     "VERSION",
     "available",
