@@ -5,10 +5,13 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from admmcompress.cli import main
 from admmcompress.encoding import SCHEMES
+from admmcompress.executors import packed as packed_module
 from admmcompress.executors.packed import (
     BitReader,
     BitWriter,
@@ -53,6 +56,36 @@ def test_bit_writer_and_reader_round_trip():
     assert src.read(1, 41).tolist() == [2**40 + 3]
     with pytest.raises(ValueError, match="does not fit in 2 bits"):
         BitWriter().write([4], 2)
+
+
+def _reference_bits(fields: list[tuple[list[int], int]]) -> bytes:
+    """The format, written the plain way: each value's bits MSB first, concatenated, zero-padded to a byte."""
+    text = "".join(format(v, f"0{w}b") for values, w in fields for v in values)
+    text += "0" * (-len(text) % 8)
+    return bytes(int(text[i : i + 8], 2) for i in range(0, len(text), 8))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.integers(1, 63).flatmap(lambda w: st.tuples(st.lists(st.integers(0, 2**w - 1), max_size=40), st.just(w))),
+        max_size=6,
+    ),
+    st.sampled_from([8, 13, 64, 1 << 20]),
+)
+def test_bit_streams_match_the_plain_format_across_step_boundaries(fields, step_bits):
+    """Written and read in steps of a few bits (a value or a byte split between steps) or of a MiB: the same
+    bytes as the format's plain definition, and the same values back."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(packed_module, "_STEP_BITS", step_bits)
+        out = BitWriter()
+        for values, width in fields:
+            out.write(values, width)
+        data = out.getvalue()
+        assert data == _reference_bits(fields)
+        src = BitReader(data)
+        for values, width in fields:
+            assert src.read(len(values), width).tolist() == values
 
 
 @pytest.mark.parametrize("quantizer", QUANTIZERS, ids=repr)

@@ -100,6 +100,11 @@ from admmcompress.structures.groups import as_matrix
 # --- bit streams ------------------------------------------------------------------------------
 
 
+# Bits handled per step of a read or write: the temporaries (a byte, then 8 bytes, per bit) stay a few MiB
+# whatever the layer's size. Unpacking a whole file at once cost about 140x its size in memory.
+_STEP_BITS = 1 << 20
+
+
 class BitWriter:
     """Append unsigned integers of fixed widths; ``getvalue()`` packs them MSB-first into bytes.
 
@@ -108,7 +113,8 @@ class BitWriter:
     """
 
     def __init__(self) -> None:
-        self._chunks: list[np.ndarray] = []
+        self._packed: list[bytes] = []  # whole bytes written so far
+        self._tail = np.zeros(0, dtype=np.uint8)  # the last bits (fewer than 8), one per byte
         self.bits = 0
 
     def write(self, values: Any, width: int) -> None:
@@ -118,32 +124,43 @@ class BitWriter:
         if width < 64 and values.size and int(values.max()) >> width:
             raise ValueError(f"BitWriter: value {int(values.max())} does not fit in {width} bits")
         shifts = np.arange(width - 1, -1, -1, dtype=np.uint64)
-        self._chunks.append(((values[:, None] >> shifts) & np.uint64(1)).astype(np.uint8).reshape(-1))
+        step = max(1, _STEP_BITS // width)
+        for first in range(0, values.size, step):
+            fields = values[first : first + step, None]
+            bits = np.concatenate([self._tail, ((fields >> shifts) & np.uint64(1)).astype(np.uint8).reshape(-1)])
+            whole = bits.size // 8 * 8
+            self._packed.append(np.packbits(bits[:whole]).tobytes())
+            self._tail = bits[whole:]
         self.bits += values.size * width
 
     def getvalue(self) -> bytes:
-        if not self._chunks:
-            return b""
-        return np.packbits(np.concatenate(self._chunks)).tobytes()
+        return b"".join(self._packed) + (np.packbits(self._tail).tobytes() if self._tail.size else b"")
 
 
 class BitReader:
-    """Read back what a ``BitWriter`` wrote, field by field."""
+    """Read back what a ``BitWriter`` wrote, field by field (only the bytes a read needs are unpacked)."""
 
     def __init__(self, data: bytes) -> None:
-        self._bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8))
+        self._bytes = np.frombuffer(data, dtype=np.uint8)
         self._pos = 0
 
     def read(self, count: int, width: int) -> np.ndarray:
         if width == 0 or count == 0:
             return np.zeros(count, dtype=np.uint64)
         end = self._pos + count * width
-        if end > self._bits.size:
-            raise ValueError(f"packed file is truncated: needs {end} bits, has {self._bits.size}")
-        chunk = self._bits[self._pos : end].reshape(count, width).astype(np.uint64)
-        self._pos = end
+        if end > self._bytes.size * 8:
+            raise ValueError(f"packed file is truncated: needs {end} bits, has {self._bytes.size * 8}")
         weights = np.uint64(1) << np.arange(width - 1, -1, -1, dtype=np.uint64)
-        return (chunk * weights).sum(axis=1, dtype=np.uint64)
+        out = np.empty(count, dtype=np.uint64)
+        step = max(1, _STEP_BITS // width)
+        for first in range(0, count, step):
+            n = min(step, count - first)
+            start = self._pos + first * width
+            skip = start % 8
+            bits = np.unpackbits(self._bytes[start // 8 : (start + n * width + 7) // 8])[skip : skip + n * width]
+            out[first : first + n] = (bits.reshape(n, width).astype(np.uint64) * weights).sum(axis=1, dtype=np.uint64)
+        self._pos = end
+        return out
 
 
 def _float_bits(values: torch.Tensor) -> np.ndarray:
