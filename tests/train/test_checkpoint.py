@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,23 @@ def test_load_weights_names_a_shape_mismatch(tmp_path):
         ValueError, match=r"missing \[\], unexpected \[\], wrong shapes \['fc3.bias', 'fc3.weight'\]"
     ):
         ckpt.load_weights(LeNet300100(), path)
+
+
+def test_load_weights_says_when_it_loads_with_less_precision(tmp_path):
+    """float32 weights into a bfloat16 model lose bits: a warning names them; bf16 into float32 is exact."""
+    path = ckpt.save_tensors(tmp_path / "m.safetensors", LeNet300100().state_dict())
+    with pytest.warns(RuntimeWarning, match=r"less precision than saved \(torch.float32 -> torch.bfloat16\)"):
+        ckpt.load_weights(LeNet300100().to(torch.bfloat16), path)
+    low = ckpt.save_tensors(tmp_path / "low.safetensors", LeNet300100().to(torch.bfloat16).state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ckpt.load_weights(LeNet300100(), low)
+
+
+def test_load_weights_refuses_a_float_tensor_for_an_integer_buffer(tmp_path):
+    model = torch.nn.BatchNorm1d(4)
+    state = dict(model.state_dict())
+    state["num_batches_tracked"] = torch.tensor(2.7)
+    path = ckpt.save_tensors(tmp_path / "bn.safetensors", state)
+    with pytest.raises(ValueError, match=r"float vs integer \['num_batches_tracked'\]"):
+        ckpt.load_weights(torch.nn.BatchNorm1d(4), path)

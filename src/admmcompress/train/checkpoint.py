@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +135,29 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
         raise CheckpointError(
             f"checkpoint '{path}' does not fit {type(model).__name__}: {mismatch}; is it for another model?"
         )
+    _warn_narrowing(model, state, path)
     model.load_state_dict(state)
+
+
+def _warn_narrowing(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """load_state_dict casts to the model's dtypes; one that loses precision (float32 weights into a bfloat16
+    model) is said, not done silently. Widening (bf16 into float32) is exact and passes quietly."""
+    own = model.state_dict()
+    narrowed = sorted(
+        k
+        for k, v in state.items()
+        if k in own and v.is_floating_point() and own[k].is_floating_point()
+        and torch.finfo(own[k].dtype).eps > torch.finfo(v.dtype).eps
+    )
+    if narrowed:
+        pairs = {(str(state[k].dtype), str(own[k].dtype)) for k in narrowed}
+        warnings.warn(
+            f"checkpoint '{path}': {_names(narrowed)} are loaded with less precision than saved "
+            f"({', '.join(f'{a} -> {b}' for a, b in sorted(pairs))}); convert the model first (e.g. model.float()) "
+            "to keep them exact",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def check_state_fits(model: torch.nn.Module, state: dict[str, Any], path: str | Path) -> None:
@@ -161,6 +184,11 @@ def _mismatch(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> str:
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if not (missing or unexpected or wrong):
+    # a float loaded into an integer buffer (or back) is truncated or reinterpreted by the cast: not this model's
+    kinds = sorted(
+        k for k in set(own) & set(state) if own[k].is_floating_point() != state[k].is_floating_point()
+    )
+    if not (missing or unexpected or wrong or kinds):
         return ""
-    return f"missing {_names(missing)}, unexpected {_names(unexpected)}, wrong shapes {_names(wrong)}"
+    found = f"missing {_names(missing)}, unexpected {_names(unexpected)}, wrong shapes {_names(wrong)}"
+    return found + (f", float vs integer {_names(kinds)}" if kinds else "")
