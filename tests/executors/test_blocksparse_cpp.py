@@ -321,8 +321,8 @@ def any_build(request):
 
 @pytest.mark.parametrize("r", [4, 8, 16, 32])
 def test_every_batch_pass_equals_dense(any_build, threads, r):
-    """Batches 1..40 cover every pass (AVX2: 96 / r inputs at a time, then 4, 2, 1; AVX-512: 16-input tiles,
-    then 4, 2, 1), with and without bias, on both builds."""
+    """Batches 1..40 cover every pass size (equal passes of up to 6 inputs on AVX2, 3 at r = 32; on AVX-512
+    16-input tiles, then passes of up to 4), with and without bias, on both builds."""
     torch.set_num_threads(2)
     w = Block(compression=3, block=(r, 1)).project(torch.randn(4 * r, 70))
     for bias in (torch.randn(4 * r), torch.empty(0)):

@@ -8,7 +8,9 @@ packed block-sparse product (row block by row block, each kept column's ``r`` we
 so the inner loop is one SIMD multiply-add per column) and the gate arithmetic, fused into the same
 pass when the gates split into whole row blocks (``hidden_size % r == 0``). Products (``bsmm``; ``bsmm_t``
 for inputs already stored column by column, as im2col gives them) keep four partial sums per row block at
-batch 1, and from 16 inputs multiply 16 x 16 register tiles (the inputs transposed once).
+batch 1 and take up to 4 (AVX-512) or 6 (AVX2) inputs per pass over a row block's weights; with AVX-512,
+from 16 inputs they multiply 16 x 16 register tiles (the inputs transposed once), which would spill out of
+AVX2's 16 registers.
 
 Threads: the extension is built with OpenMP (the same ``libgomp`` torch loads, so ``torch.set_num_threads``
 governs it) and splits every product over row blocks, in chunks of equal *work* (kept columns, padding
@@ -85,56 +87,67 @@ static inline void block_inputs(const float* __restrict x0, int64_t x_stride, co
     for (int j = 0; j < R; ++j) out[q * out_stride + j] = acc[q][j];
 }
 
-// Inputs per pass of block_rows_fixed. AVX-512 multiplies 16 or more inputs in register tiles (tile_cols), so
-// the row-wise pass serves only the few left over: 4. AVX2 has no tiles here (16 registers of 8 floats): the
-// row-wise pass is the batched path, so it takes as many inputs as fill 12 of the 16 registers with
-// accumulators (R = 8: 12 inputs, R = 16: 6), leaving room for the weights and the broadcast input.
+// The most inputs per pass of block_rows_fixed. A pass of m inputs reads m rows of x side by side; at a
+// power-of-two row length they fall in one set of the 8-way L1 cache, and 12 rows ran 1.35x slower than 3 x 4
+// (AVX-512, 2048 inputs, 2026-12). So at most 6, which on AVX2 (16 registers of 8 floats) also keeps the
+// accumulators of 16 rows in 12 registers. AVX-512 keeps 4 below its 16-input register tiles (8 and 12 were
+// not faster there). Passes are as equal as possible (8 inputs in 6-wide passes: 4 + 4, not 6 + 2): a pass of
+// m inputs has only m * R / 8 independent multiply-add chains, and too few leave the FMA units idle.
 #if defined(__AVX512F__)
 template <int R>
 static constexpr int kInputsPerPass = 4;
 #else
 template <int R>
-static constexpr int kInputsPerPass = R >= 96 ? 1 : (96 / R > 12 ? 12 : 96 / R);
+static constexpr int kInputsPerPass = R >= 96 ? 1 : (96 / R > 6 ? 6 : 96 / R);
 #endif
 
-// One row block for n_rows inputs (R fixed): kInputsPerPass<R> inputs at a time, then four, two, one by one.
+// block_inputs<R, m> for a run-time m in 2..M.
+template <int R, int M>
+static inline void block_inputs_upto(int64_t m, const float* __restrict x0, int64_t x_stride,
+                                     const int32_t* __restrict idx, const float* __restrict v, const float* bias,
+                                     int64_t K, float* __restrict out, int64_t out_stride) {
+  if constexpr (M >= 2) {
+    if (m == M) return block_inputs<R, M>(x0, x_stride, idx, v, bias, K, out, out_stride);
+    block_inputs_upto<R, M - 1>(m, x0, x_stride, idx, v, bias, K, out, out_stride);
+  }
+}
+
+// One input: four partial sums over k, so the FMAs do not wait on each other.
+template <int R>
+static inline void block_one_input(const float* __restrict xn, const int32_t* __restrict idx,
+                                   const float* __restrict v, const float* bias, int64_t K, float* __restrict o) {
+  float acc[4][R];
+  for (int q = 0; q < 4; ++q)
+    for (int j = 0; j < R; ++j) acc[q][j] = 0.f;
+  int64_t k = 0;
+  for (; k + 4 <= K; k += 4) {
+    for (int q = 0; q < 4; ++q) {
+      const float xv = xn[idx[k + q]];
+      const float* __restrict vk = v + (k + q) * R;
+#pragma omp simd
+      for (int j = 0; j < R; ++j) acc[q][j] += xv * vk[j];
+    }
+  }
+  for (; k < K; ++k) {
+    const float xv = xn[idx[k]];
+    const float* __restrict vk = v + k * R;
+#pragma omp simd
+    for (int j = 0; j < R; ++j) acc[0][j] += xv * vk[j];
+  }
+  for (int j = 0; j < R; ++j) o[j] = (bias ? bias[j] : 0.f) + ((acc[0][j] + acc[1][j]) + (acc[2][j] + acc[3][j]));
+}
+
+// One row block for n_rows inputs (R fixed): as few passes as kInputsPerPass<R> allows, of equal size.
 template <int R>
 static void block_rows_fixed(const float* __restrict x, int64_t n_rows, int64_t x_stride,
                              const int32_t* __restrict idx, const float* __restrict v, const float* bias,
                              int64_t K, float* __restrict out, int64_t out_stride) {
   constexpr int NI = kInputsPerPass<R>;
-  int64_t n = 0;
-  for (; n + NI <= n_rows; n += NI)
-    block_inputs<R, NI>(x + n * x_stride, x_stride, idx, v, bias, K, out + n * out_stride, out_stride);
-  if (NI > 4)
-    for (; n + 4 <= n_rows; n += 4)
-      block_inputs<R, 4>(x + n * x_stride, x_stride, idx, v, bias, K, out + n * out_stride, out_stride);
-  if (NI > 2 && n + 2 <= n_rows) {  // batch 8 at R = 16 on AVX2: 6 + 2, not 6 + 1 + 1
-    block_inputs<R, 2>(x + n * x_stride, x_stride, idx, v, bias, K, out + n * out_stride, out_stride);
-    n += 2;
-  }
-  for (; n < n_rows; ++n) {  // one input: four partial sums over k, so the FMAs do not wait on each other
-    const float* __restrict xn = x + n * x_stride;
-    float acc[4][R];
-    for (int q = 0; q < 4; ++q)
-      for (int j = 0; j < R; ++j) acc[q][j] = 0.f;
-    int64_t k = 0;
-    for (; k + 4 <= K; k += 4) {
-      for (int q = 0; q < 4; ++q) {
-        const float xv = xn[idx[k + q]];
-        const float* __restrict vk = v + (k + q) * R;
-#pragma omp simd
-        for (int j = 0; j < R; ++j) acc[q][j] += xv * vk[j];
-      }
-    }
-    for (; k < K; ++k) {
-      const float xv = xn[idx[k]];
-      const float* __restrict vk = v + k * R;
-#pragma omp simd
-      for (int j = 0; j < R; ++j) acc[0][j] += xv * vk[j];
-    }
-    float* o = out + n * out_stride;
-    for (int j = 0; j < R; ++j) o[j] = (bias ? bias[j] : 0.f) + ((acc[0][j] + acc[1][j]) + (acc[2][j] + acc[3][j]));
+  const int64_t passes = (n_rows + NI - 1) / NI;
+  for (int64_t p = 0; p < passes; ++p) {
+    const int64_t n = n_rows * p / passes, m = n_rows * (p + 1) / passes - n;
+    if (m == 1) block_one_input<R>(x + n * x_stride, idx, v, bias, K, out + n * out_stride);
+    else block_inputs_upto<R, NI>(m, x + n * x_stride, x_stride, idx, v, bias, K, out + n * out_stride, out_stride);
   }
 }
 
