@@ -645,28 +645,31 @@ SERIAL_CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-trapping-math"]
 
 
 MARCH_ENV = "ADMMCOMPRESS_KERNEL_MARCH"
+# Read once, when admmcompress is imported: load() runs on every product, and an environment lookup cost more than
+# a microsecond of a 15-microsecond one (2026-12).
+DEFAULT_MARCH = os.environ.get(MARCH_ENV) or "native"
 
 
 def load(verbose: bool = False, march: str | None = None) -> ModuleType | None:
     """The compiled kernel module, built on first use (about a minute); ``None`` if it cannot be built.
 
     Tried with OpenMP first, then without (one thread, with a warning); the torch path covers the rest.
-    ``march`` is gcc's ``-march``; by default ``$ADMMCOMPRESS_KERNEL_MARCH``, else ``"native"``: the widest
+    ``march`` is gcc's ``-march``; by default ``$ADMMCOMPRESS_KERNEL_MARCH`` as it was when admmcompress was
+    imported, else ``"native"``: the widest
     vectors this CPU has. Another target builds, on this machine, the code that CPU family gets: e.g.
     ``"haswell"`` for the AVX2 path on an AVX-512 machine (the tests check both paths wherever the CPU runs
     them; the benchmarks time the AVX2 path there with the variable set).
     """
-    march = march or os.environ.get(MARCH_ENV) or "native"
+    return _build(verbose, march or DEFAULT_MARCH)
+
+
+@functools.cache  # an error is raised again on the next call: exceptions are not cached
+def _build(verbose: bool, march: str) -> ModuleType | None:
     if not all(c.isalnum() or c in "-_." for c in march):
         raise ValueError(
             f"blocksparse_cpp: march={march!r} is not a gcc -march name; use e.g. 'native' or 'haswell'"
             f" (argument or ${MARCH_ENV})"
         )
-    return _build(verbose, march)
-
-
-@functools.cache
-def _build(verbose: bool, march: str) -> ModuleType | None:
     errors = []
     for suffix, cflags, ldflags in (("", CFLAGS, LDFLAGS), ("_serial", SERIAL_CFLAGS, [])):
         cflags = [f"-march={march}" if flag == "-march=native" else flag for flag in cflags]
@@ -776,6 +779,7 @@ def packed(
 __all__ = [
     "CFLAGS",
     "COMPACT_ABOVE",
+    "DEFAULT_MARCH",
     "LDFLAGS",
     "SERIAL_CFLAGS",
     "MARCH_ENV",
