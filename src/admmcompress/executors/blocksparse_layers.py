@@ -20,7 +20,6 @@ from torch import nn
 
 from admmcompress.executors.blockmatrix import BlockSparseMatrix
 
-
 _TORCH_MODULE = torch.nn.modules.module
 
 
