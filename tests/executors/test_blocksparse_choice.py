@@ -294,9 +294,9 @@ def test_the_executor_passes_the_choice_options_and_example(no_compiler):
 @pytest.fixture()
 def fresh_loader():
     """``load`` is cached once per process: cleared around a test that patches what it calls."""
-    blocksparse_cpp._build.cache_clear()
+    blocksparse_cpp._BUILT.clear()
     yield
-    blocksparse_cpp._build.cache_clear()
+    blocksparse_cpp._BUILT.clear()
 
 
 def test_the_loader_falls_back_to_one_thread_then_to_nothing(fresh_loader, monkeypatch):
@@ -326,7 +326,7 @@ def test_the_loader_falls_back_to_one_thread_then_to_nothing(fresh_loader, monke
     assert flags[0][0] == blocksparse_cpp.extension_name("haswell") != blocksparse_cpp.extension_name()
     assert "-march=haswell" in flags[0][1] and "-march=native" not in flags[0][1]
 
-    blocksparse_cpp._build.cache_clear()
+    blocksparse_cpp._BUILT.clear()
     monkeypatch.setattr(cpp_extension, "load_inline", no_compiler)
     with pytest.warns(RuntimeWarning, match=r"kernel unavailable \(OSError: c\+\+: command not found\); using torch"):
         assert blocksparse_cpp.load() is None
@@ -344,3 +344,39 @@ def test_the_build_target_comes_from_the_environment_at_import(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode != 0 and done.stdout.strip() == "-march=x"
     assert "not a gcc -march name" in done.stderr and "ADMMCOMPRESS_KERNEL_MARCH" in done.stderr
+
+
+def test_threads_loading_at_once_build_once(fresh_loader, monkeypatch):
+    import threading
+    import time
+
+    import torch.utils.cpp_extension as cpp_extension
+
+    calls = []
+
+    def slow_build(name, **kwargs):
+        calls.append(name)
+        time.sleep(0.2)
+        return object()
+
+    monkeypatch.setattr(cpp_extension, "load_inline", slow_build)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(blocksparse_cpp.load())) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1 and len({id(m) for m in got}) == 1
+
+
+def test_a_table_from_another_build_target_is_measured_again(no_compiler, tmp_path, monkeypatch):
+    """The build target is in the key too: AVX2 timings (ADMMCOMPRESS_KERNEL_MARCH=haswell) never decide for the
+    native build."""
+    table = LatencyCache(blocksparse_choice.TABLE, folder=tmp_path)
+    convert = lambda: to_blocksparse(nn.Sequential(pruned(nn.Linear(32, 32))), block_rows=4,  # noqa: E731
+                                     choose="measured", batches=(1,), table=table, rounds=1)
+    convert()
+    monkeypatch.setattr(blocksparse_cpp, "DEFAULT_MARCH", "haswell")
+    convert()
+    assert len(table) == 6
+

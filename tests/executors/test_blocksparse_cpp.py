@@ -347,3 +347,11 @@ def test_every_sequence_batch_equals_dense_on_both_builds(any_build):
         close(out, expected)
         close(h, h_expected[0])
 
+
+def test_the_compiled_product_refuses_an_input_of_the_wrong_width(ext):
+    """The kernel reads input columns by index without bounds checks: a wrong width is refused before it runs."""
+    matrix = BlockSparseMatrix(pruned(nn.Linear(64, 32), (4, 1)).weight.detach(), 4, impl="cpp")
+    with pytest.raises(ValueError, match="input has 8 features, expected 64"):
+        matrix(torch.randn(2, 8))
+    with pytest.raises(ValueError, match="input has 8 features, expected 64"):
+        matrix.forward_transposed(torch.randn(8, 2))

@@ -167,10 +167,29 @@ def test_load_weights_says_when_it_loads_with_less_precision(tmp_path):
         ckpt.load_weights(LeNet300100(), low)
 
 
-def test_load_weights_refuses_a_float_tensor_for_an_integer_buffer(tmp_path):
+def test_load_weights_refuses_fractions_for_an_integer_buffer(tmp_path):
     model = torch.nn.BatchNorm1d(4)
     state = dict(model.state_dict())
     state["num_batches_tracked"] = torch.tensor(2.7)
     path = ckpt.save_tensors(tmp_path / "bn.safetensors", state)
-    with pytest.raises(ValueError, match=r"float vs integer \['num_batches_tracked'\]"):
+    with pytest.raises(ValueError, match=r"fractional values for integer tensors \['num_batches_tracked'\]"):
         ckpt.load_weights(torch.nn.BatchNorm1d(4), path)
+
+
+def test_a_checkpoint_cast_wholesale_to_fp16_loads(tmp_path):
+    """Every tensor cast to fp16 (num_batches_tracked too, a whole number): loads, with the precision said."""
+    source = torch.nn.BatchNorm1d(4)
+    source.num_batches_tracked.fill_(7)
+    path = ckpt.save_tensors(tmp_path / "half.safetensors", {k: v.half() for k, v in source.state_dict().items()})
+    target = torch.nn.BatchNorm1d(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ckpt.load_weights(target, path)  # fp16 into float32 is exact: no warning, no refusal
+    assert int(target.num_batches_tracked) == 7
+
+
+def test_bf16_into_fp16_is_said_as_it_can_overflow(tmp_path):
+    path = ckpt.save_tensors(tmp_path / "bf.safetensors", {"weight": torch.full((2, 2), 1e5, dtype=torch.bfloat16),
+                                                          "bias": torch.zeros(2, dtype=torch.bfloat16)})
+    with pytest.warns(RuntimeWarning, match=r"torch.bfloat16 -> torch.float16"):
+        ckpt.load_weights(torch.nn.Linear(2, 2).half(), path)

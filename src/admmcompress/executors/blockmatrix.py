@@ -177,6 +177,8 @@ class BlockSparseMatrix(nn.Module):
         if self.impl == "cpp":
             ext = blocksparse_cpp.load()
             if ext is not None:  # None: loaded on a machine without a compiler; the packing runs in torch
+                if x.shape[-1] != self.in_features:  # the kernel reads columns by index, unchecked
+                    raise ValueError(self._width_error(x.shape[-1]))
                 return ext.bsmm(x, *blocksparse_cpp.packed(self), self.out_features)
         n = x.shape[0]
         if n >= ROWS_LAST_FROM:
@@ -203,8 +205,16 @@ class BlockSparseMatrix(nn.Module):
         if self.impl == "cpp" and xt.dtype == torch.float32:
             ext = blocksparse_cpp.load()
             if ext is not None:
+                if xt.shape[0] != self.in_features:
+                    raise ValueError(self._width_error(xt.shape[0]))
                 return ext.bsmm_t(xt, *blocksparse_cpp.packed(self), self.out_features)
         return self.forward(xt.t())  # the gather path's batch-last layout transposes it back for free
+
+    def _width_error(self, width: int) -> str:
+        return (
+            f"block-sparse matrix {self.out_features}x{self.in_features}: input has {width} features, expected "
+            f"{self.in_features}; pass inputs of the layer's in_features"
+        )
 
     def _rows_last(self, x: torch.Tensor) -> torch.Tensor:
         """The gather product with the batch as the matmuls' last dimension: ``(blocks, r, K) @ (blocks, K, N)``

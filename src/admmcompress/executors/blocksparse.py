@@ -207,7 +207,8 @@ def layer_key(
     module: nn.Module, packed: nn.Module, block_rows: int, shape: Sequence[int] | None, steps: int
 ) -> str:
     """What a latency of ``module`` depends on besides batch and threads: settings, input, pattern size, and
-    the compiled kernel's version (a table measured with an older kernel is measured again, not trusted)."""
+    the compiled kernel's version and build target (a table measured with an older kernel or another target's
+    build is measured again, not trusted)."""
     matrices = [m for m in packed.modules() if isinstance(m, BlockSparseMatrix)]
     stored = sum(m.stored_values for m in matrices)
     nonzeros = sum(m.nonzeros for m in matrices)
@@ -218,7 +219,7 @@ def layer_key(
         where = str([s for i, s in enumerate(shape) if len(shape) < batched_ndim or i != batch_dim])
     return (
         f"{type(module).__name__}({module.extra_repr()})|x={where}|r={block_rows}|stored={stored}|nnz={nonzeros}"
-        f"|kernel=v{blocksparse_cpp.VERSION}"
+        f"|kernel=v{blocksparse_cpp.VERSION}-{blocksparse_cpp.DEFAULT_MARCH}"
     )
 
 

@@ -33,9 +33,9 @@ with it and loaded where it cannot be built.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
+import threading
 import warnings
 from types import ModuleType
 
@@ -694,8 +694,22 @@ def load(verbose: bool = False, march: str | None = None) -> ModuleType | None:
     return _build(verbose, march or DEFAULT_MARCH)
 
 
-@functools.cache  # an error is raised again on the next call: exceptions are not cached
+_BUILT: dict[str, ModuleType | None] = {}  # by march; an error is not kept, so it is raised again next time
+_BUILD_LOCK = threading.Lock()  # threads that load at once wait for one build instead of each compiling
+
+
 def _build(verbose: bool, march: str) -> ModuleType | None:
+    try:
+        return _BUILT[march]
+    except KeyError:
+        pass
+    with _BUILD_LOCK:
+        if march not in _BUILT:
+            _BUILT[march] = _compile(verbose, march)
+        return _BUILT[march]
+
+
+def _compile(verbose: bool, march: str) -> ModuleType | None:
     if not all(c.isalnum() or c in "-_." for c in march):
         raise ValueError(
             f"blocksparse_cpp: march={march!r} is not a gcc -march name; use e.g. 'native' or 'haswell'"
@@ -721,11 +735,11 @@ def _build(verbose: bool, march: str) -> ModuleType | None:
             warnings.warn(
                 f"block-sparse C++ kernel built without OpenMP ({errors[0]}): it runs on one thread",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=4,  # load()'s caller
             )
         return module
     warnings.warn(
-        f"block-sparse C++ kernel unavailable ({errors[-1]}); using torch ops", RuntimeWarning, stacklevel=2
+        f"block-sparse C++ kernel unavailable ({errors[-1]}); using torch ops", RuntimeWarning, stacklevel=4
     )
     return None
 

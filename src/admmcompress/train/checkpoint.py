@@ -122,6 +122,14 @@ def _reason(err: BaseException) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
+def _truncated(value: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether casting the float ``value`` to the integer or bool ``dtype`` changes it (integers into floats do not
+    count: a model's float buffers take integer checkpoints' values exactly up to 2**24)."""
+    if not value.is_floating_point() or dtype.is_floating_point or dtype.is_complex:
+        return False
+    return not torch.equal(value.to(dtype).to(value.dtype), value)
+
+
 def _names(keys: list[str], limit: int = 8) -> str:
     """``['a', 'b']``, or the first ``limit`` and a count: a checkpoint of another model differs everywhere."""
     return repr(keys) if len(keys) <= limit else f"{keys[:limit]!r} and {len(keys) - limit} more"
@@ -140,14 +148,15 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
 
 
 def _warn_narrowing(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
-    """load_state_dict casts to the model's dtypes; one that loses precision (float32 weights into a bfloat16
-    model) is said, not done silently. Widening (bf16 into float32) is exact and passes quietly."""
+    """load_state_dict casts to the model's dtypes; one that loses precision or range (float32 weights into a
+    bfloat16 model; bfloat16 into float16, where values above 65504 become inf) is said, not done silently.
+    Widening (bf16 or fp16 into float32) is exact and passes quietly."""
     own = model.state_dict()
-    narrowed = sorted(
+    narrowed = sorted(  # not exactly representable in the model's dtype: bf16 <-> fp16 either way, fp32 -> either
         k
         for k, v in state.items()
         if k in own and v.is_floating_point() and own[k].is_floating_point()
-        and torch.finfo(own[k].dtype).eps > torch.finfo(v.dtype).eps
+        and torch.promote_types(v.dtype, own[k].dtype) != own[k].dtype
     )
     if narrowed:
         pairs = {(str(state[k].dtype), str(own[k].dtype)) for k in narrowed}
@@ -184,11 +193,12 @@ def _mismatch(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> str:
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    # a float loaded into an integer buffer (or back) is truncated or reinterpreted by the cast: not this model's
+    # A float tensor for an integer buffer is truncated by the cast: not this model's, unless every value is whole
+    # (a checkpoint cast wholesale to fp16 also casts BatchNorm's num_batches_tracked, and loads exactly).
     kinds = sorted(
-        k for k in set(own) & set(state) if own[k].is_floating_point() != state[k].is_floating_point()
+        k for k in set(own) & set(state) if own[k].shape == state[k].shape and _truncated(state[k], own[k].dtype)
     )
     if not (missing or unexpected or wrong or kinds):
         return ""
     found = f"missing {_names(missing)}, unexpected {_names(unexpected)}, wrong shapes {_names(wrong)}"
-    return found + (f", float vs integer {_names(kinds)}" if kinds else "")
+    return found + (f", fractional values for integer tensors {_names(kinds)}" if kinds else "")
