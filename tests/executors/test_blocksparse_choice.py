@@ -380,3 +380,15 @@ def test_a_table_from_another_build_target_is_measured_again(no_compiler, tmp_pa
     convert()
     assert len(table) == 6
 
+
+
+def test_a_target_this_cpu_cannot_run_is_refused_before_building(fresh_loader, monkeypatch):
+    """Code for a newer CPU would die of an illegal instruction: the loader names the missing instruction set."""
+    import shutil
+
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler here")
+    monkeypatch.setattr(blocksparse_cpp, "cpu_flags", lambda: "flags\t\t: fpu sse sse2 avx")
+    assert blocksparse_cpp.target_problem("native") == ""
+    with pytest.raises(ValueError, match=r"-march=haswell uses avx2, bmi2, f16c, fma, which this CPU lacks"):
+        blocksparse_cpp.load(march="haswell")

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 import threading
 import warnings
 from types import ModuleType
@@ -658,14 +659,46 @@ CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-trapping-math"]
 LDFLAGS = ["-fopenmp"]
 
 
-def extension_name(march: str = "native") -> str:
-    """The cache name: the version, this CPU (``-march=native`` code must not run on another CPU) and ``march``."""
-    flags = ""
+def cpu_flags() -> str:
+    """The ``flags`` line of ``/proc/cpuinfo`` (empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as info:
-            flags = next((line for line in info if line.startswith("flags")), "")
+            return next((line for line in info if line.startswith("flags")), "")
     except OSError:
-        pass
+        return ""
+
+
+# The compiler's macro for an instruction set -> the /proc/cpuinfo flag a CPU needs to run code that uses it.
+_ISA_FLAGS = {
+    "__AVX__": "avx", "__AVX2__": "avx2", "__FMA__": "fma", "__F16C__": "f16c", "__BMI2__": "bmi2",
+    "__AVX512F__": "avx512f", "__AVX512BW__": "avx512bw", "__AVX512DQ__": "avx512dq", "__AVX512VL__": "avx512vl",
+    "__AVX512BF16__": "avx512_bf16", "__AMX_TILE__": "amx_tile",
+}
+
+
+def target_problem(march: str) -> str:
+    """Why code built with ``-march=march`` would not run on this CPU (empty when it would, or when the compiler
+    or ``/proc/cpuinfo`` cannot say): it would die of an illegal instruction instead of raising an error."""
+    if march == "native":
+        return ""
+    flags = set(cpu_flags().split(":", 1)[-1].split())
+    if not flags:
+        return ""
+    try:
+        done = subprocess.run(
+            [os.environ.get("CXX", "c++"), f"-march={march}", "-dM", "-E", "-x", "c++", os.devnull],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    defined = {line.split()[1] for line in done.stdout.splitlines() if line.startswith("#define ")}
+    missing = sorted(flag for macro, flag in _ISA_FLAGS.items() if macro in defined and flag not in flags)
+    return f"-march={march} uses {', '.join(missing)}, which this CPU lacks" if missing else ""
+
+
+def extension_name(march: str = "native") -> str:
+    """The cache name: the version, this CPU (``-march=native`` code must not run on another CPU) and ``march``."""
+    flags = cpu_flags()
     digest = hashlib.sha256(f"{cpu_model()}|{flags}|{torch.__version__}".encode()).hexdigest()[:10]
     target = "" if march == "native" else "_" + "".join(c if c.isalnum() else "_" for c in march)
     return f"admmcompress_blocksparse_v{VERSION}_{digest}{target}"
@@ -715,6 +748,9 @@ def _compile(verbose: bool, march: str) -> ModuleType | None:
             f"blocksparse_cpp: march={march!r} is not a gcc -march name; use e.g. 'native' or 'haswell'"
             f" (argument or ${MARCH_ENV})"
         )
+    problem = target_problem(march)
+    if problem:
+        raise ValueError(f"blocksparse_cpp: {problem}; use 'native' or an older target (argument or ${MARCH_ENV})")
     errors = []
     for suffix, cflags, ldflags in (("", CFLAGS, LDFLAGS), ("_serial", SERIAL_CFLAGS, [])):
         cflags = [f"-march={march}" if flag == "-march=native" else flag for flag in cflags]
@@ -831,9 +867,11 @@ __all__ = [
     "SOURCE",
     "VERSION",
     "available",
+    "cpu_flags",
     "counts_of",
     "extension_name",
     "load",
     "packed",
     "supports",
+    "target_problem",
 ]
