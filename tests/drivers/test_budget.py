@@ -234,3 +234,17 @@ def test_conv1d_layers_are_counted_by_the_budget_and_unreached_layers_are_refuse
     with pytest.raises(BudgetError, match=r"layers \['unused'\] did not run on the example input"):
         SoftThreshold(model, Plan([Rule(Filter(sparsity=0.9), type="Linear")]),
                       SoftConfig(budget={"kind": "macs", "reduction": 1.01}), example=x)
+
+
+def test_the_torch_pruning_ratio_search_survives_a_cost_that_rises_again_at_high_ratios():
+    """Torch-Pruning's global ranking can leave a model larger at ratio 0.95 than at 0.8 (it keeps some layers
+    whole): the search takes the smallest ratio on a grid that meets the budget, then bisects below it."""
+    from admmcompress.drivers.allocation import _smallest_feasible
+
+    def cost(x: float) -> float:  # falls to 10 at x = 0.8, then rises to 60 at x = 0.95
+        return 100 - 112.5 * x if x <= 0.8 else 10 + (x - 0.8) * 333.3
+
+    found = _smallest_feasible(cost, 19.0, step=0.05, top=0.95, steps=20)
+    assert abs(found - 0.72) < 1e-4 and cost(found) <= 19.0
+    with pytest.raises(BudgetError, match="cannot be met at any rate up to 0.95"):
+        _smallest_feasible(cost, 5.0, step=0.05, top=0.95, steps=20)
