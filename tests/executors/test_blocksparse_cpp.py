@@ -195,6 +195,35 @@ def test_tiled_products_equal_dense_for_any_batch_and_width(ext, threads, n_thre
                 close(fast(x), dense(x))
 
 
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_products_of_many_inputs_run_slab_by_slab(ext, threads, n_threads):
+    """Products run over slabs of about 64 Ki input floats (at least 32 rows, whole tiles of 16), each thread
+    transposing a slab for itself: several slabs, a last slab of a few rows, and no rows at all, equal dense."""
+    torch.set_num_threads(n_threads)
+    for in_features, batches in ((4096, (0, 33, 75)), (100, (650,))):  # slabs of 32 and of 640 rows
+        dense = pruned(nn.Linear(in_features, 64), (16, 1))
+        fast = BlockSparseLinear.from_dense(dense, block_rows=16, impl="cpp")
+        for n in batches:
+            x = torch.randn(n, in_features)
+            with torch.inference_mode():
+                close(fast(x), dense(x))
+
+
+def test_the_slab_size_can_be_tuned_and_refuses_nonsense(ext):
+    """``set_slab_floats`` (a tuning knob): small slabs give the same products; zero is refused."""
+    dense = pruned(nn.Linear(64, 32), (16, 1))
+    fast = BlockSparseLinear.from_dense(dense, block_rows=16, impl="cpp")
+    x = torch.randn(100, 64)
+    try:
+        ext.set_slab_floats(1)  # the 32-row minimum: four slabs, the last of 4 rows
+        with torch.inference_mode():
+            close(fast(x), dense(x))
+        with pytest.raises(RuntimeError, match="positive"):
+            ext.set_slab_floats(0)
+    finally:
+        ext.set_slab_floats(65536)
+
+
 def test_kernel_arguments_follow_the_buffers(ext):
     """The kernel's arguments are kept between calls (32-bit indices), and rebuilt when the buffers change."""
     first = pruned(nn.Linear(48, 32), (16, 1))

@@ -9,13 +9,15 @@ so the inner loop is one SIMD multiply-add per column) and the gate arithmetic, 
 pass when the gates split into whole row blocks (``hidden_size % r == 0``). Products (``bsmm``; ``bsmm_t``
 for inputs already stored column by column, as im2col gives them) keep four partial sums per row block at
 batch 1 and take up to 4 (AVX-512) or 6 (AVX2) inputs per pass over a row block's weights; with AVX-512,
-from 16 inputs they multiply 16 x 16 register tiles (the inputs transposed once), which would spill out of
+from 16 inputs they multiply 16 x 16 register tiles (the inputs transposed first), which would spill out of
 AVX2's 16 registers.
 
 Threads: the extension is built with OpenMP (the same ``libgomp`` torch loads, so ``torch.set_num_threads``
 governs it) and splits every product over row blocks, in chunks of equal *work* (kept columns, padding
 skipped), up to four per thread, which the threads take as they finish (a thread on a shared or slower core
-does not hold the others up); a recurrent step splits over hidden slices (the ``r`` units whose gate
+does not hold the others up); a product of many inputs runs slab by slab (about 256 KiB of inputs, which
+stay in L2), and with tiles each thread transposes a slab for itself, so no thread reads what another core
+has just written; a recurrent step splits over hidden slices (the ``r`` units whose gate
 rows form one row block per gate), so each thread computes its slice's gates and state, and a whole sequence
 runs in one parallel region with a barrier per step. Products too small to pay for a thread start stay on one
 thread.
@@ -44,7 +46,7 @@ import torch
 
 from admmcompress.timing import cpu_model
 
-VERSION = 10  # bump when SOURCE or the build flags change: the extension's cache name changes with it
+VERSION = 11  # bump when SOURCE or the build flags change: the extension's cache name changes with it
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -394,14 +396,75 @@ static void run_chunks(const std::vector<int64_t>& bounds, const F& body) {
   for (int64_t c = 0; c < chunks; ++c) body(bounds[c], bounds[c + 1]);
 }
 
+// Chunks of row blocks with equal work (kept columns, padding skipped) for a product of n_rows inputs.
+static std::vector<int64_t> row_block_bounds(const Packed& p, int64_t n_rows) {
+  std::vector<int64_t> work(p.nb);
+  for (int64_t b = 0; b < p.nb; ++b) work[b] = (p.counts[b] + 1) * p.r * n_rows;
+  return balanced_bounds(work);
+}
+
 // out (n_rows x nb*r) = x @ W.T + b, over row blocks in chunks of equal work; xt / xt_tail as one_block's.
 static void block_mm(const Packed& p, const float* x, int64_t n_rows, int64_t in_features, float* out,
                      const float* xt = nullptr, const float* xt_tail = nullptr) {
-  std::vector<int64_t> work(p.nb);
-  for (int64_t b = 0; b < p.nb; ++b) work[b] = (p.counts[b] + 1) * p.r * n_rows;
-  run_chunks(balanced_bounds(work), [&](int64_t b0, int64_t b1) {
+  run_chunks(row_block_bounds(p, n_rows), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) one_block(p, b, x, n_rows, in_features, out, p.nb * p.r, xt, xt_tail);
   });
+}
+
+// Inputs per slab of bsmm: about 256 KiB of them (64 Ki floats), whole tiles, at least 32. Every row block
+// rereads its slab's inputs, which so stay in L2; over all 2048 inputs at once, products ran at 0.4-0.9x their
+// multiply-add rate at 32-512 inputs (2026-12).
+static int64_t slab_floats = 65536;  // set_slab_floats: for tuning only
+
+static inline int64_t slab_rows(int64_t in_features) {
+  return std::max<int64_t>(32, slab_floats / std::max<int64_t>(1, in_features) / 16 * 16);
+}
+
+void set_slab_floats(int64_t floats) {
+  TORCH_CHECK(floats > 0, "slab_floats must be positive");
+  slab_floats = floats;
+}
+
+// out (n_rows x nb*r) = x @ W.T + b for row-major x, slab by slab of inputs. For each slab the threads take
+// chunks of row blocks of equal work as they finish (the next slab's without waiting for the others: slabs do
+// not depend on each other). With tiles, every thread first transposes the slab into its own buffer, so no
+// thread reads what another core has just written: with one transposition split over 2 threads and read by
+// both, products ran up to 2.5x slower in some processes on a 2-vCPU VM, 1.0-1.1x in the others (2026-12).
+static void block_mm_slabs(const Packed& p, const float* x, int64_t n_rows, int64_t in_features, float* out,
+                           const torch::TensorOptions& options) {
+  if (n_rows == 0) return;
+  const int64_t slab = std::min(n_rows, slab_rows(in_features));
+  const int64_t slabs = (n_rows + slab - 1) / slab, out_stride = p.nb * p.r;
+  const bool tiled = tiles(p.r, slab);
+  const std::vector<int64_t> bounds = row_block_bounds(p, slab);
+  const int64_t chunks = static_cast<int64_t>(bounds.size()) - 1;
+  const int64_t threads = std::min(threads_now(), chunks);
+  torch::Tensor buffers;  // allocated here: nothing may throw inside the parallel region
+  if (tiled) buffers = torch::empty({threads, slab * in_features}, options);
+  float* first = tiled ? buffers.data_ptr<float>() : nullptr;
+  std::unique_ptr<std::atomic<int64_t>[]> next(new std::atomic<int64_t>[slabs]);
+  for (int64_t s = 0; s < slabs; ++s) next[s] = 0;
+  std::atomic<int64_t> slots{0};
+  auto body = [&]() {
+    float* xt = tiled ? first + slots++ * slab * in_features : nullptr;
+    for (int64_t s = 0; s < slabs; ++s) {
+      if (next[s].load() >= chunks) continue;  // the other threads took every chunk of this slab
+      const int64_t n0 = s * slab, m = std::min(slab, n_rows - n0);
+      const float* xs = x + n0 * in_features;
+      if (tiled) transpose_columns(xs, m, in_features, xt, 0, in_features);
+      for (int64_t c = next[s]++; c < chunks; c = next[s]++)
+        for (int64_t b = bounds[c]; b < bounds[c + 1]; ++b)
+          one_block(p, b, xs, m, in_features, out + n0 * out_stride, out_stride, tiled ? xt : nullptr);
+    }
+  };
+#ifdef _OPENMP
+  if (threads > 1) {
+#pragma omp parallel num_threads(static_cast<int>(threads))
+    body();
+    return;
+  }
+#endif
+  body();
 }
 
 static torch::Tensor finish(torch::Tensor out, const Packed& p, int64_t out_features) {
@@ -415,13 +478,7 @@ torch::Tensor bsmm(torch::Tensor x, torch::Tensor index, torch::Tensor values, t
   const Packed p = packed_of(index, values, offsets, counts, bias);
   const int64_t n = x.size(0);
   auto out = torch::empty({n, p.nb * p.r}, x.options());
-  torch::Tensor xt;
-  if (tiles(p.r, n)) {
-    xt = torch::empty({x.size(1), n}, x.options());
-    transpose_into(x.data_ptr<float>(), n, x.size(1), xt.data_ptr<float>());
-  }
-  const float* xtp = xt.defined() ? xt.data_ptr<float>() : nullptr;
-  block_mm(p, x.data_ptr<float>(), n, x.size(1), out.data_ptr<float>(), xtp);
+  block_mm_slabs(p, x.data_ptr<float>(), n, x.size(1), out.data_ptr<float>(), x.options());
   return finish(out, p, out_features);
 }
 
@@ -649,6 +706,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lstm_sequence", &lstm_sequence, "LSTM layer with a block-sparse hidden matrix");
   m.def("threads_compiled", &threads_compiled, "threads a product may use (1 without OpenMP)");
   m.def("product_chunks", &product_chunks, "chunk bounds over row blocks of one product");
+  m.def("set_slab_floats", &set_slab_floats, "input floats per slab of a product (for tuning)");
 }
 """
 
