@@ -137,6 +137,29 @@ def test_compiled_candidates_equal_the_masked_dense_layer(ext, threads, n_thread
         close(impls["cpp"](x[:1]), dense(x[:1]))  # one row, one image, one step: the small-input paths
 
 
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+@pytest.mark.parametrize("rows", [16, 8])
+def test_sequences_split_their_batch_over_two_threads(ext, threads, kind, rows):
+    """From 16 inputs per thread a sequence runs each part of its batch on its own thread (own state, no
+    barrier): 40 inputs in parts of 20 (a tile of 16 and 4 rows each), both directions, a given initial state,
+    equal the dense layer; so does the hidden-unit split when the split is switched off."""
+    torch.set_num_threads(2)
+    cls = nn.GRU if kind == "gru" else nn.LSTM
+    dense = pruned(cls(32, 64, num_layers=2, bidirectional=True), (rows, 1), compression=3)
+    fast = (BlockSparseGRU if kind == "gru" else BlockSparseLSTM).from_dense(dense, block_rows=rows, kernel="cpp")
+    x = torch.randn(7, 40, 32)
+    h0 = torch.randn(4, 40, 64)
+    state = h0 if kind == "gru" else (h0, torch.randn(4, 40, 64))
+    before = ext.set_batch_split_rows(16)
+    try:
+        for split_rows in (16, 10**9):
+            ext.set_batch_split_rows(split_rows)
+            with torch.inference_mode():
+                close(fast(x, state), dense(x, state))
+    finally:
+        ext.set_batch_split_rows(before)
+
+
 def test_unbalanced_row_blocks_split_by_work(ext, threads):
     """One row block keeps every column, the others one: chunks of equal work, outputs exact at 2 threads."""
     torch.set_num_threads(2)
@@ -184,7 +207,7 @@ def test_products_split_into_chunks_of_equal_work(ext, threads):
 @pytest.mark.parametrize("n_threads", [1, 2])
 def test_tiled_products_equal_dense_for_any_batch_and_width(ext, threads, n_threads):
     """From 16 inputs the kernel transposes them (16 x 16 register tiles, ragged edges element by element,
-    split over threads by column strips): every batch and width, whole tiles or not."""
+    each thread its own copy of a slab): every batch and width, whole tiles or not."""
     torch.set_num_threads(n_threads)
     for in_features in (37, 100, 3072):
         dense = pruned(nn.Linear(in_features, 64), (16, 1))
@@ -214,14 +237,15 @@ def test_the_slab_size_can_be_tuned_and_refuses_nonsense(ext):
     dense = pruned(nn.Linear(64, 32), (16, 1))
     fast = BlockSparseLinear.from_dense(dense, block_rows=16, impl="cpp")
     x = torch.randn(100, 64)
+    before = ext.set_slab_floats(1)  # the 32-row minimum: four slabs, the last of 4 rows
     try:
-        ext.set_slab_floats(1)  # the 32-row minimum: four slabs, the last of 4 rows
         with torch.inference_mode():
             close(fast(x), dense(x))
         with pytest.raises(RuntimeError, match="positive"):
             ext.set_slab_floats(0)
     finally:
-        ext.set_slab_floats(65536)
+        ext.set_slab_floats(before)
+    assert ext.set_slab_floats(before) == before
 
 
 def test_kernel_arguments_follow_the_buffers(ext):

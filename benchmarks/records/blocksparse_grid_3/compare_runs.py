@@ -13,9 +13,11 @@ HERE = Path(__file__).parent
 SETS = {
     "kernel v10 (a416d50), native": "v10_native_*.json",
     "private transposition, native": "private_native_*.json",
-    "slabs (v11), native": "slabs_native_*.json",
+    "slabs, native": "slabs_native_*.json",
+    "slabs + batch split (v11), native": "split_native_*.json",
     "kernel v10, haswell build": "v10_haswell_*.json",
-    "slabs (v11), haswell build": "slabs_haswell_*.json",
+    "slabs, haswell build": "slabs_haswell_*.json",
+    "slabs + batch split (v11), haswell build": "split_haswell_*.json",
 }
 
 

@@ -17,10 +17,11 @@ governs it) and splits every product over row blocks, in chunks of equal *work* 
 skipped), up to four per thread, which the threads take as they finish (a thread on a shared or slower core
 does not hold the others up); a product of many inputs runs slab by slab (about 256 KiB of inputs, which
 stay in L2), and with tiles each thread transposes a slab for itself, so no thread reads what another core
-has just written; a recurrent step splits over hidden slices (the ``r`` units whose gate
-rows form one row block per gate), so each thread computes its slice's gates and state, and a whole sequence
-runs in one parallel region with a barrier per step. Products too small to pay for a thread start stay on one
-thread.
+has just written. A recurrent sequence with at least 16 inputs per thread splits its batch: each thread runs
+the whole sequence for its inputs, with its own state and no barrier. Otherwise a step splits over hidden
+slices (the ``r`` units whose gate rows form one row block per gate), so each thread computes its slice's gates
+and state, and a whole sequence runs in one parallel region with a barrier per step. Products too small to pay
+for a thread start stay on one thread.
 
 It is opt-in (``kernel="cpp"`` / ``impl="cpp"``, or picked by ``to_blocksparse(choose="measured")``)
 because compiling takes a minute; ``available()`` says whether it can be built here (without OpenMP it is
@@ -356,7 +357,10 @@ static const int64_t kMinChunkWork = 32768;
 // times slower than on 1 thread while dense MKL kept 1.3x (2026-12).
 static const int64_t kChunksPerThread = 4;
 
-static inline int64_t threads_now() { return std::max<int64_t>(1, at::get_num_threads()); }
+// Within a part of a batch-split sequence (fused_sequence) everything runs on the calling thread.
+static thread_local bool serial_here = false;
+
+static inline int64_t threads_now() { return serial_here ? 1 : std::max<int64_t>(1, at::get_num_threads()); }
 
 // Bounds of contiguous ranges of units with about equal total work: up to kChunksPerThread per thread, none
 // below kMinChunkWork multiply-adds, one when torch has one thread.
@@ -411,18 +415,20 @@ static void block_mm(const Packed& p, const float* x, int64_t n_rows, int64_t in
   });
 }
 
-// Inputs per slab of bsmm: about 256 KiB of them (64 Ki floats), whole tiles, at least 32. Every row block
-// rereads its slab's inputs, which so stay in L2; over all 2048 inputs at once, products ran at 0.4-0.9x their
-// multiply-add rate at 32-512 inputs (2026-12).
-static int64_t slab_floats = 65536;  // set_slab_floats: for tuning only
+// Inputs per slab of bsmm: about 256 KiB of them (64 Ki floats; more when in_features > 2048, as a slab has at
+// least 32 rows), in whole tiles of 16. Every row block rereads its slab's inputs, which so stay in L2; over all
+// 2048 inputs at once, products ran at 0.56-0.82x their multiply-add rate at 128 inputs (2026-12).
+static std::atomic<int64_t> slab_floats{65536};  // set_slab_floats: for tuning only
 
 static inline int64_t slab_rows(int64_t in_features) {
-  return std::max<int64_t>(32, slab_floats / std::max<int64_t>(1, in_features) / 16 * 16);
+  const int64_t floats = slab_floats.load(std::memory_order_relaxed);
+  return std::max<int64_t>(32, floats / std::max<int64_t>(1, in_features) / 16 * 16);
 }
 
-void set_slab_floats(int64_t floats) {
+// Returns the previous value, so a caller can put it back.
+int64_t set_slab_floats(int64_t floats) {
   TORCH_CHECK(floats > 0, "slab_floats must be positive");
-  slab_floats = floats;
+  return slab_floats.exchange(floats);
 }
 
 // out (n_rows x nb*r) = x @ W.T + b for row-major x, slab by slab of inputs. For each slab the threads take
@@ -433,12 +439,20 @@ void set_slab_floats(int64_t floats) {
 static void block_mm_slabs(const Packed& p, const float* x, int64_t n_rows, int64_t in_features, float* out,
                            const torch::TensorOptions& options) {
   if (n_rows == 0) return;
-  const int64_t slab = std::min(n_rows, slab_rows(in_features));
+  int64_t per_row = 0;  // multiply-adds per input
+  for (int64_t b = 0; b < p.nb; ++b) per_row += (p.counts[b] + 1) * p.r;
+  // A slab of a small layer grows until it has work for every thread (chunks are cut within a slab).
+  const int64_t busy = (threads_now() * kMinChunkWork + per_row - 1) / std::max<int64_t>(1, per_row);
+  const int64_t slab = std::min(n_rows, std::max(slab_rows(in_features), (busy + 15) / 16 * 16));
   const int64_t slabs = (n_rows + slab - 1) / slab, out_stride = p.nb * p.r;
   const bool tiled = tiles(p.r, slab);
   const std::vector<int64_t> bounds = row_block_bounds(p, slab);
   const int64_t chunks = static_cast<int64_t>(bounds.size()) - 1;
+#ifdef _OPENMP
   const int64_t threads = std::min(threads_now(), chunks);
+#else
+  const int64_t threads = 1;
+#endif
   torch::Tensor buffers;  // allocated here: nothing may throw inside the parallel region
   if (tiled) buffers = torch::empty({threads, slab * in_features}, options);
   float* first = tiled ? buffers.data_ptr<float>() : nullptr;
@@ -451,7 +465,7 @@ static void block_mm_slabs(const Packed& p, const float* x, int64_t n_rows, int6
       if (next[s].load() >= chunks) continue;  // the other threads took every chunk of this slab
       const int64_t n0 = s * slab, m = std::min(slab, n_rows - n0);
       const float* xs = x + n0 * in_features;
-      if (tiled) transpose_columns(xs, m, in_features, xt, 0, in_features);
+      if (tiled && m >= kTileRows) transpose_columns(xs, m, in_features, xt, 0, in_features);  // else rows of x
       for (int64_t c = next[s]++; c < chunks; c = next[s]++)
         for (int64_t b = bounds[c]; b < bounds[c + 1]; ++b)
           one_block(p, b, xs, m, in_features, out + n0 * out_stride, out_stride, tiled ? xt : nullptr);
@@ -578,26 +592,58 @@ struct TransposedState {
   }
 };
 
-// The fused loop GRU and LSTM share: at step s each thread's hidden slices get their GATES row blocks of the
-// hidden product (into gh), then cell(n, gi row, gh row, previous state row, new state row, u0, u1) updates units
-// [u0, u1) of input n. The new state is written straight into out[t] (the next step's previous state).
+// The fused loop GRU and LSTM share, for inputs [n0, n1) of the N in gi (T, N, GATES*H), h0 and out (T, N, H):
+// at step s each thread's hidden slices get their GATES row blocks of the hidden product (into gh, N x GATES*H),
+// then cell(n, gi row, gh row, previous state row, new state row, u0, u1) updates units [u0, u1) of input n
+// (n counted in all N). The new state is written straight into out[t] (the next step's previous state).
 template <int GATES, typename Cell>
-static void fused_sequence(const Packed& p, const float* gip, const float* h0p, float* outp, int64_t T, int64_t N,
-                           int64_t H, bool reverse, float* ghp, const Cell& cell) {
-  const int64_t S = H / p.r, G = GATES * H;
-  TransposedState ht(tiles(p.r, N), h0p, N, H);
-  run_steps(slice_bounds(p, GATES, S, N), T, [&](int64_t s, int64_t s0, int64_t s1) {
+static void fused_rows(const Packed& p, const float* gip, const float* h0p, float* outp, int64_t T, int64_t N,
+                       int64_t n0, int64_t n1, int64_t H, bool reverse, float* ghp, const Cell& cell) {
+  const int64_t S = H / p.r, G = GATES * H, m = n1 - n0;
+  TransposedState ht(tiles(p.r, m), h0p + n0 * H, m, H);
+  run_steps(slice_bounds(p, GATES, S, m), T, [&](int64_t s, int64_t s0, int64_t s1) {
     const int64_t t = reverse ? T - 1 - s : s;
-    const float* hprev = s == 0 ? h0p : outp + (reverse ? t + 1 : t - 1) * N * H;
-    float* hnew = outp + t * N * H;
-    const float* git = gip + t * N * G;
+    const float* hprev = (s == 0 ? h0p : outp + (reverse ? t + 1 : t - 1) * N * H) + n0 * H;
+    float* hnew = outp + t * N * H + n0 * H;
+    const float* git = gip + t * N * G + n0 * G;
+    float* gh = ghp + n0 * G;
     for (int64_t sl = s0; sl < s1; ++sl) {
-      for (int64_t g = 0; g < GATES; ++g) one_block(p, g * S + sl, hprev, N, H, ghp, G, ht.at(s));
-      for (int64_t n = 0; n < N; ++n)
-        cell(n, git + n * G, ghp + n * G, hprev + n * H, hnew + n * H, sl * p.r, (sl + 1) * p.r);
+      for (int64_t g = 0; g < GATES; ++g) one_block(p, g * S + sl, hprev, m, H, gh, G, ht.at(s));
+      for (int64_t n = 0; n < m; ++n)
+        cell(n0 + n, git + n * G, gh + n * G, hprev + n * H, hnew + n * H, sl * p.r, (sl + 1) * p.r);
     }
     ht.write(s, hnew, s0 * p.r, s1 * p.r);
   });
+}
+
+// Inputs per thread from which a sequence splits its batch over the threads (each part the whole sequence on one
+// thread, its own state, no barrier) instead of its hidden units (a barrier per step, and every thread reads the
+// state the others wrote). set_batch_split_rows: for tuning.
+static std::atomic<int64_t> batch_split_rows{16};
+
+// Returns the previous value, so a caller can put it back.
+int64_t set_batch_split_rows(int64_t rows) {
+  TORCH_CHECK(rows > 0, "batch_split_rows must be positive");
+  return batch_split_rows.exchange(rows);
+}
+
+template <int GATES, typename Cell>
+static void fused_sequence(const Packed& p, const float* gip, const float* h0p, float* outp, int64_t T, int64_t N,
+                           int64_t H, bool reverse, float* ghp, const Cell& cell) {
+  const int64_t parts = std::min(threads_now(), N / batch_split_rows.load(std::memory_order_relaxed));
+#ifdef _OPENMP
+  if (parts > 1) {
+#pragma omp parallel for num_threads(static_cast<int>(parts)) schedule(static, 1)
+    for (int64_t q = 0; q < parts; ++q) {
+      const bool before = serial_here;
+      serial_here = true;
+      fused_rows<GATES>(p, gip, h0p, outp, T, N, N * q / parts, N * (q + 1) / parts, H, reverse, ghp, cell);
+      serial_here = before;
+    }
+    return;
+  }
+#endif
+  fused_rows<GATES>(p, gip, h0p, outp, T, N, 0, N, H, reverse, ghp, cell);
 }
 
 // GRU over gi (T, N, 3H) (input part incl. b_ih), h0 (N, H); the hidden product is block-sparse.
@@ -682,7 +728,8 @@ std::vector<torch::Tensor> lstm_sequence(torch::Tensor gi, torch::Tensor h0, tor
   return {out, out[last].clone(), c};
 }
 
-// The chunk bounds (over row blocks) a product of n_rows inputs is split into, for tests and tuning.
+// The chunk bounds over row blocks for n_rows inputs (one slab of bsmm, a bsmm_t product, or a recurrent step's
+// product), for tests and tuning.
 std::vector<int64_t> product_chunks(torch::Tensor counts, int64_t r, int64_t n_rows) {
   counts = counts.contiguous();
   const int64_t* c = counts.data_ptr<int64_t>();
@@ -707,6 +754,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("threads_compiled", &threads_compiled, "threads a product may use (1 without OpenMP)");
   m.def("product_chunks", &product_chunks, "chunk bounds over row blocks of one product");
   m.def("set_slab_floats", &set_slab_floats, "input floats per slab of a product (for tuning)");
+  m.def("set_batch_split_rows", &set_batch_split_rows, "inputs per thread from which sequences split the batch");
 }
 """
 
