@@ -47,7 +47,7 @@ import torch
 
 from admmcompress.timing import cpu_model
 
-VERSION = 11  # bump when SOURCE or the build flags change: the extension's cache name changes with it
+VERSION = 12  # bump when SOURCE or the build flags change: the extension's cache name changes with it
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -55,6 +55,7 @@ SOURCE = r"""
 #include <algorithm>
 #include <atomic>
 #include <memory>
+#include <numeric>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -400,11 +401,16 @@ static void run_chunks(const std::vector<int64_t>& bounds, const F& body) {
   for (int64_t c = 0; c < chunks; ++c) body(bounds[c], bounds[c + 1]);
 }
 
-// Chunks of row blocks with equal work (kept columns, padding skipped) for a product of n_rows inputs.
+// Multiply-adds of each of nb row blocks for n_rows inputs: kept columns (padding skipped) and the bias.
+static std::vector<int64_t> block_work(const int64_t* counts, int64_t nb, int64_t r, int64_t n_rows) {
+  std::vector<int64_t> work(nb);
+  for (int64_t b = 0; b < nb; ++b) work[b] = (counts[b] + 1) * r * n_rows;
+  return work;
+}
+
+// Chunks of row blocks with equal work for a product of n_rows inputs.
 static std::vector<int64_t> row_block_bounds(const Packed& p, int64_t n_rows) {
-  std::vector<int64_t> work(p.nb);
-  for (int64_t b = 0; b < p.nb; ++b) work[b] = (p.counts[b] + 1) * p.r * n_rows;
-  return balanced_bounds(work);
+  return balanced_bounds(block_work(p.counts, p.nb, p.r, n_rows));
 }
 
 // out (n_rows x nb*r) = x @ W.T + b, over row blocks in chunks of equal work; xt / xt_tail as one_block's.
@@ -439,14 +445,15 @@ int64_t set_slab_floats(int64_t floats) {
 static void block_mm_slabs(const Packed& p, const float* x, int64_t n_rows, int64_t in_features, float* out,
                            const torch::TensorOptions& options) {
   if (n_rows == 0) return;
-  int64_t per_row = 0;  // multiply-adds per input
-  for (int64_t b = 0; b < p.nb; ++b) per_row += (p.counts[b] + 1) * p.r;
+  std::vector<int64_t> work = block_work(p.counts, p.nb, p.r, 1);
+  const int64_t per_row = std::accumulate(work.begin(), work.end(), int64_t{0});  // multiply-adds per input
   // A slab of a small layer grows until it has work for every thread (chunks are cut within a slab).
   const int64_t busy = (threads_now() * kMinChunkWork + per_row - 1) / std::max<int64_t>(1, per_row);
   const int64_t slab = std::min(n_rows, std::max(slab_rows(in_features), (busy + 15) / 16 * 16));
   const int64_t slabs = (n_rows + slab - 1) / slab, out_stride = p.nb * p.r;
   const bool tiled = tiles(p.r, slab);
-  const std::vector<int64_t> bounds = row_block_bounds(p, slab);
+  for (int64_t& w : work) w *= slab;  // one slab's
+  const std::vector<int64_t> bounds = balanced_bounds(work);
   const int64_t chunks = static_cast<int64_t>(bounds.size()) - 1;
 #ifdef _OPENMP
   const int64_t threads = std::min(threads_now(), chunks);
@@ -732,10 +739,7 @@ std::vector<torch::Tensor> lstm_sequence(torch::Tensor gi, torch::Tensor h0, tor
 // product), for tests and tuning.
 std::vector<int64_t> product_chunks(torch::Tensor counts, int64_t r, int64_t n_rows) {
   counts = counts.contiguous();
-  const int64_t* c = counts.data_ptr<int64_t>();
-  std::vector<int64_t> work(counts.numel());
-  for (int64_t b = 0; b < counts.numel(); ++b) work[b] = (c[b] + 1) * r * n_rows;
-  return balanced_bounds(work);
+  return balanced_bounds(block_work(counts.data_ptr<int64_t>(), counts.numel(), r, n_rows));
 }
 
 int64_t threads_compiled() {
