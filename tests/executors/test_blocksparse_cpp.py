@@ -408,3 +408,45 @@ def test_the_compiled_product_refuses_an_input_of_the_wrong_width(ext):
         matrix(torch.randn(2, 8))
     with pytest.raises(ValueError, match="input has 8 features, expected 64"):
         matrix.forward_transposed(torch.randn(8, 2))
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_layers_fuse_their_input_product_into_the_steps(any_build, kind, n_threads):
+    """gru_layer / lstm_layer compute each step's input product inside the sequence from 16 inputs per serial
+    part (a tile of 16 and a ragged rest on AVX-512, passes on AVX2), else all steps' first: every batch around
+    the thresholds, both directions, equals the dense layer on both builds."""
+    torch.set_num_threads(n_threads)
+    cls = nn.GRU if kind == "gru" else nn.LSTM
+    dense = pruned(cls(24, 32), (16, 1), compression=3)
+    ih = BlockSparseMatrix(dense.weight_ih_l0.detach(), 16, impl="cpp", bias=dense.bias_ih_l0.detach())
+    hh = BlockSparseMatrix(dense.weight_hh_l0.detach(), 16, impl="cpp", bias=dense.bias_hh_l0.detach())
+    args = (*blocksparse_cpp.packed(ih), *blocksparse_cpp.packed(hh))
+    for n in (1, 15, 16, 17, 31, 32, 33, 45):
+        x, h0, c0 = torch.randn(6, n, 24), torch.randn(n, 32), torch.randn(n, 32)
+        for reverse in (False, True):
+            xs = x.flip(0) if reverse else x
+            with torch.inference_mode():
+                if kind == "gru":
+                    out, h = any_build.gru_layer(x, h0, *args, reverse)
+                    expected, h_expected = dense(xs, h0.unsqueeze(0))
+                else:
+                    out, h, c = any_build.lstm_layer(x, h0, c0, *args, reverse)
+                    expected, (h_expected, c_expected) = dense(xs, (h0.unsqueeze(0), c0.unsqueeze(0)))
+                    close(c, c_expected[0])
+            close(out.flip(0) if reverse else out, expected)
+            close(h, h_expected[0])
+
+
+@pytest.mark.parametrize("cls", [BlockSparseGRU, BlockSparseLSTM])
+def test_a_sequence_of_the_wrong_width_or_state_is_refused(cls):
+    """The compiled layer reads input and state columns by index: wrong shapes are refused before it runs."""
+    dense = (nn.GRU if cls is BlockSparseGRU else nn.LSTM)(12, 16)
+    fast = cls.from_dense(dense, block_rows=8, kernel="cpp")
+    with pytest.raises(ValueError, match="input has 5 features, expected input_size=12"):
+        fast(torch.randn(3, 2, 5))
+    with pytest.raises(ValueError, match="input of 4 dimensions"):
+        fast(torch.randn(3, 2, 12, 1))
+    bad = torch.zeros(1, 2, 8)
+    with pytest.raises(ValueError, match=r"initial state of shape \(1, 2, 8\), expected \(1, 2, 16\)"):
+        fast(torch.randn(3, 2, 12), bad if cls is BlockSparseGRU else (bad, bad))

@@ -47,7 +47,7 @@ import torch
 
 from admmcompress.timing import cpu_model
 
-VERSION = 12  # bump when SOURCE or the build flags change: the extension's cache name changes with it
+VERSION = 13  # bump when SOURCE or the build flags change: the extension's cache name changes with it
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -599,22 +599,39 @@ struct TransposedState {
   }
 };
 
+// The input product fused into the steps: x (T, N, I) and its matrix, whose row blocks line up with the hidden
+// matrix's (the same r and GATES*H rows). Each step computes its gate inputs right before its hidden products, so
+// they stay in cache instead of a (T, N, GATES*H) tensor written by one product and read back by the sequence;
+// only where each part of the sequence runs on one thread (fused_sequence; see there) with >= kTileRows inputs.
+struct StepInput {
+  const Packed* p;
+  const float* x;
+  int64_t I;
+};
+
 // The fused loop GRU and LSTM share, for inputs [n0, n1) of the N in gi (T, N, GATES*H), h0 and out (T, N, H):
 // at step s each thread's hidden slices get their GATES row blocks of the hidden product (into gh, N x GATES*H),
 // then cell(n, gi row, gh row, previous state row, new state row, u0, u1) updates units [u0, u1) of input n
 // (n counted in all N). The new state is written straight into out[t] (the next step's previous state).
 template <int GATES, typename Cell>
 static void fused_rows(const Packed& p, const float* gip, const float* h0p, float* outp, int64_t T, int64_t N,
-                       int64_t n0, int64_t n1, int64_t H, bool reverse, float* ghp, const Cell& cell) {
+                       int64_t n0, int64_t n1, int64_t H, bool reverse, float* ghp, const Cell& cell,
+                       const StepInput* in = nullptr, float* scratch = nullptr) {
   const int64_t S = H / p.r, G = GATES * H, m = n1 - n0;
   TransposedState ht(tiles(p.r, m), h0p + n0 * H, m, H);
+  float* gin = scratch;                                                           // in: this step's gate inputs
+  float* xin = in != nullptr && tiles(p.r, m) ? scratch + m * G : nullptr;  // in: its inputs transposed
   run_steps(slice_bounds(p, GATES, S, m), T, [&](int64_t s, int64_t s0, int64_t s1) {
     const int64_t t = reverse ? T - 1 - s : s;
     const float* hprev = (s == 0 ? h0p : outp + (reverse ? t + 1 : t - 1) * N * H) + n0 * H;
     float* hnew = outp + t * N * H + n0 * H;
-    const float* git = gip + t * N * G + n0 * G;
+    const float* git = in == nullptr ? gip + t * N * G + n0 * G : gin;
+    const float* xr = in == nullptr ? nullptr : in->x + (t * N + n0) * in->I;
+    if (xin != nullptr) transpose_columns(xr, m, in->I, xin, 0, in->I);
     float* gh = ghp + n0 * G;
     for (int64_t sl = s0; sl < s1; ++sl) {
+      if (in != nullptr)
+        for (int64_t g = 0; g < GATES; ++g) one_block(*in->p, g * S + sl, xr, m, in->I, gin, G, xin);
       for (int64_t g = 0; g < GATES; ++g) one_block(p, g * S + sl, hprev, m, H, gh, G, ht.at(s));
       for (int64_t n = 0; n < m; ++n)
         cell(n0 + n, git + n * G, gh + n * G, hprev + n * H, hnew + n * H, sl * p.r, (sl + 1) * p.r);
@@ -634,23 +651,79 @@ int64_t set_batch_split_rows(int64_t rows) {
   return batch_split_rows.exchange(rows);
 }
 
+static int64_t sequence_parts(int64_t N) {
+#ifdef _OPENMP
+  return std::max<int64_t>(1, std::min(threads_now(), N / batch_split_rows.load(std::memory_order_relaxed)));
+#else
+  return 1;
+#endif
+}
+
+// Whether a sequence of N inputs computes its input product step by step (StepInput): every part serial, and
+// enough inputs per part for the product to be a matrix product (batch 1 reads each weight once per step and
+// input; one product over all T*N inputs at once reads it once per 16).
+static bool fuses_input(int64_t N) {
+  const int64_t parts = sequence_parts(N);
+#ifdef _OPENMP
+  const bool serial = parts > 1 || threads_now() == 1;
+#else
+  const bool serial = true;
+#endif
+  return serial && N / parts >= kTileRows;
+}
+
+// Floats of scratch one part of N / parts inputs needs for a fused input product (gate inputs, transposed inputs).
+static int64_t part_scratch_floats(int64_t N, int64_t G, int64_t I, int64_t r) {
+  const int64_t m = (N + sequence_parts(N) - 1) / sequence_parts(N);
+  return m * G + (tiles(r, m) ? I * m : 0);
+}
+
 template <int GATES, typename Cell>
 static void fused_sequence(const Packed& p, const float* gip, const float* h0p, float* outp, int64_t T, int64_t N,
-                           int64_t H, bool reverse, float* ghp, const Cell& cell) {
-  const int64_t parts = std::min(threads_now(), N / batch_split_rows.load(std::memory_order_relaxed));
+                           int64_t H, bool reverse, float* ghp, const Cell& cell, const StepInput* in = nullptr,
+                           float* scratch = nullptr) {
+  const int64_t parts = sequence_parts(N);
+  const int64_t stride = in == nullptr ? 0 : part_scratch_floats(N, GATES * H, in->I, p.r);
 #ifdef _OPENMP
   if (parts > 1) {
 #pragma omp parallel for num_threads(static_cast<int>(parts)) schedule(static, 1)
     for (int64_t q = 0; q < parts; ++q) {
       const bool before = serial_here;
       serial_here = true;
-      fused_rows<GATES>(p, gip, h0p, outp, T, N, N * q / parts, N * (q + 1) / parts, H, reverse, ghp, cell);
+      fused_rows<GATES>(p, gip, h0p, outp, T, N, N * q / parts, N * (q + 1) / parts, H, reverse, ghp, cell, in,
+                        in == nullptr ? nullptr : scratch + q * stride);
       serial_here = before;
     }
     return;
   }
 #endif
-  fused_rows<GATES>(p, gip, h0p, outp, T, N, 0, N, H, reverse, ghp, cell);
+  fused_rows<GATES>(p, gip, h0p, outp, T, N, 0, N, H, reverse, ghp, cell, in, scratch);
+}
+
+// Whether each gate's rows are whole row blocks (the fused loop's layout): else product, then ATen gate ops.
+static bool gates_line_up(const Packed& p, int64_t gates, int64_t H) {
+  return H % p.r == 0 && p.nb * p.r == gates * H;
+}
+
+// Whether a layer's input matrix pi can run step by step beside its hidden matrix p (StepInput).
+static bool input_lines_up(const Packed& pi, const Packed& p, int64_t gates, int64_t H, int64_t N) {
+  return gates_line_up(p, gates, H) && pi.r == p.r && pi.nb == p.nb && fuses_input(N);
+}
+
+// The fused GRU loop, from gate inputs gip (T, N, 3H) or, with in, x's product step by step.
+static void gru_fused(const Packed& p, const float* gip, float* h0p, float* outp, int64_t T, int64_t N, int64_t H,
+                      bool reverse, float* ghp, const StepInput* in = nullptr, float* scratch = nullptr) {
+  fused_sequence<3>(p, gip, h0p, outp, T, N, H, reverse, ghp, [&](int64_t, const float* a, const float* b,
+                                                                 const float* hp, float* hn, int64_t u0,
+                                                                 int64_t u1) {
+#pragma omp simd
+    for (int64_t u = u0; u < u1; ++u) {
+      const float rg = sigmoid_f(a[u] + b[u]);
+      const float z = sigmoid_f(a[H + u] + b[H + u]);
+      const float c = tanh_f(a[2 * H + u] + rg * b[2 * H + u]);
+      hn[u] = c + z * (hp[u] - c);
+    }
+  }, in, scratch);
 }
 
 // GRU over gi (T, N, 3H) (input part incl. b_ih), h0 (N, H); the hidden product is block-sparse.
@@ -664,7 +737,7 @@ std::vector<torch::Tensor> gru_sequence(torch::Tensor gi, torch::Tensor h0, torc
   auto h = h0.contiguous().clone();
   auto gh = torch::empty({N, p.nb * p.r}, h0.options());
   if (T == 0) return {out, h};
-  if (H % p.r != 0 || p.nb * p.r != 3 * H) {  // gates straddle row blocks: product, then ATen gate ops
+  if (!gates_line_up(p, 3, H)) {
     for (int64_t s = 0; s < T; ++s) {
       const int64_t t = reverse ? T - 1 - s : s;
       block_mm(p, h.data_ptr<float>(), N, H, gh.data_ptr<float>());
@@ -676,19 +749,57 @@ std::vector<torch::Tensor> gru_sequence(torch::Tensor gi, torch::Tensor h0, torc
     }
     return {out, h};
   }
-  fused_sequence<3>(p, gi.data_ptr<float>(), h.data_ptr<float>(), out.data_ptr<float>(), T, N, H, reverse,
-                    gh.data_ptr<float>(), [&](int64_t, const float* a, const float* b, const float* hp, float* hn,
-                                              int64_t u0, int64_t u1) {
+  gru_fused(p, gi.data_ptr<float>(), h.data_ptr<float>(), out.data_ptr<float>(), T, N, H, reverse,
+            gh.data_ptr<float>());
+  return {out, out[reverse ? 0 : T - 1].clone()};
+}
+
+// A whole GRU layer from its inputs x (T, N, I): the input matrix (ih_*) and the hidden one. With >= kTileRows
+// inputs per serial part the input product runs step by step inside the sequence (StepInput); else all steps'
+// at once (bsmm), then gru_sequence.
+std::vector<torch::Tensor> gru_layer(torch::Tensor x, torch::Tensor h0, torch::Tensor ih_index,
+                                     torch::Tensor ih_values, torch::Tensor ih_offsets, torch::Tensor ih_counts,
+                                     torch::Tensor ih_bias, torch::Tensor index, torch::Tensor values,
+                                     torch::Tensor offsets, torch::Tensor counts, torch::Tensor bias, bool reverse) {
+  x = x.contiguous();
+  const int64_t T = x.size(0), N = x.size(1), I = x.size(2), H = h0.size(1);
+  const Packed pi = packed_of(ih_index, ih_values, ih_offsets, ih_counts, ih_bias);
+  const Packed p = packed_of(index, values, offsets, counts, bias);
+  if (T == 0 || !input_lines_up(pi, p, 3, H, N)) {
+    auto gi = bsmm(x.reshape({T * N, I}), ih_index, ih_values, ih_offsets, ih_counts, ih_bias, 3 * H);
+    return gru_sequence(gi.view({T, N, 3 * H}), h0, index, values, offsets, counts, bias, reverse);
+  }
+  auto out = torch::empty({T, N, H}, h0.options());
+  auto h = h0.contiguous().clone();
+  auto gh = torch::empty({N, p.nb * p.r}, h0.options());
+  auto scratch = torch::empty({sequence_parts(N), part_scratch_floats(N, 3 * H, I, p.r)}, x.options());
+  const StepInput in{&pi, x.data_ptr<float>(), I};
+  gru_fused(p, nullptr, h.data_ptr<float>(), out.data_ptr<float>(), T, N, H, reverse, gh.data_ptr<float>(), &in,
+            scratch.data_ptr<float>());
+  return {out, out[reverse ? 0 : T - 1].clone()};
+}
+
+// The fused LSTM loop (gate order i, f, g, o), from gate inputs gip (T, N, 4H) or, with in, x's product step by
+// step; the cell state cp (N, H) is updated in place.
+static void lstm_fused(const Packed& p, const float* gip, float* h0p, float* cp, float* outp, int64_t T, int64_t N,
+                       int64_t H, bool reverse, float* ghp, const StepInput* in = nullptr,
+                       float* scratch = nullptr) {
+  // a unit's cell: one thread per step (the barrier orders the steps)
+  fused_sequence<4>(p, gip, h0p, outp, T, N, H, reverse, ghp, [&](int64_t n, const float* a, const float* b,
+                                                                 const float*, float* hn, int64_t u0,
+                                                                 int64_t u1) {
+    float* cn = cp + n * H;
 #pragma omp simd
     for (int64_t u = u0; u < u1; ++u) {
-      const float rg = sigmoid_f(a[u] + b[u]);
-      const float z = sigmoid_f(a[H + u] + b[H + u]);
-      const float c = tanh_f(a[2 * H + u] + rg * b[2 * H + u]);
-      hn[u] = c + z * (hp[u] - c);
+      const float i = sigmoid_f(a[u] + b[u]);
+      const float f = sigmoid_f(a[H + u] + b[H + u]);
+      const float g = tanh_f(a[2 * H + u] + b[2 * H + u]);
+      const float o = sigmoid_f(a[3 * H + u] + b[3 * H + u]);
+      const float cell = f * cn[u] + i * g;
+      cn[u] = cell;
+      hn[u] = o * tanh_f(cell);
     }
-  });
-  const int64_t last = reverse ? 0 : T - 1;
-  return {out, out[last].clone()};
+  }, in, scratch);
 }
 
 // LSTM over gi (T, N, 4H), (h0, c0) (N, H); gate order i, f, g, o.
@@ -703,7 +814,7 @@ std::vector<torch::Tensor> lstm_sequence(torch::Tensor gi, torch::Tensor h0, tor
   auto c = c0.contiguous().clone();
   auto gh = torch::empty({N, p.nb * p.r}, h0.options());
   if (T == 0) return {out, h, c};
-  if (H % p.r != 0 || p.nb * p.r != 4 * H) {  // gates straddle row blocks: product, then ATen gate ops
+  if (!gates_line_up(p, 4, H)) {
     for (int64_t s = 0; s < T; ++s) {
       const int64_t t = reverse ? T - 1 - s : s;
       block_mm(p, h.data_ptr<float>(), N, H, gh.data_ptr<float>());
@@ -715,24 +826,34 @@ std::vector<torch::Tensor> lstm_sequence(torch::Tensor gi, torch::Tensor h0, tor
     }
     return {out, h, c};
   }
-  float* cp = c.data_ptr<float>();  // a unit's cell: one thread per step (the barrier orders the steps)
-  fused_sequence<4>(p, gi.data_ptr<float>(), h.data_ptr<float>(), out.data_ptr<float>(), T, N, H, reverse,
-                    gh.data_ptr<float>(), [&](int64_t n, const float* a, const float* b, const float*, float* hn,
-                                              int64_t u0, int64_t u1) {
-    float* cn = cp + n * H;
-#pragma omp simd
-    for (int64_t u = u0; u < u1; ++u) {
-      const float i = sigmoid_f(a[u] + b[u]);
-      const float f = sigmoid_f(a[H + u] + b[H + u]);
-      const float g = tanh_f(a[2 * H + u] + b[2 * H + u]);
-      const float o = sigmoid_f(a[3 * H + u] + b[3 * H + u]);
-      const float cell = f * cn[u] + i * g;
-      cn[u] = cell;
-      hn[u] = o * tanh_f(cell);
-    }
-  });
-  const int64_t last = reverse ? 0 : T - 1;
-  return {out, out[last].clone(), c};
+  lstm_fused(p, gi.data_ptr<float>(), h.data_ptr<float>(), c.data_ptr<float>(), out.data_ptr<float>(), T, N, H,
+             reverse, gh.data_ptr<float>());
+  return {out, out[reverse ? 0 : T - 1].clone(), c};
+}
+
+// A whole LSTM layer from its inputs x (T, N, I), as gru_layer.
+std::vector<torch::Tensor> lstm_layer(torch::Tensor x, torch::Tensor h0, torch::Tensor c0, torch::Tensor ih_index,
+                                      torch::Tensor ih_values, torch::Tensor ih_offsets, torch::Tensor ih_counts,
+                                      torch::Tensor ih_bias, torch::Tensor index, torch::Tensor values,
+                                      torch::Tensor offsets, torch::Tensor counts, torch::Tensor bias,
+                                      bool reverse) {
+  x = x.contiguous();
+  const int64_t T = x.size(0), N = x.size(1), I = x.size(2), H = h0.size(1);
+  const Packed pi = packed_of(ih_index, ih_values, ih_offsets, ih_counts, ih_bias);
+  const Packed p = packed_of(index, values, offsets, counts, bias);
+  if (T == 0 || !input_lines_up(pi, p, 4, H, N)) {
+    auto gi = bsmm(x.reshape({T * N, I}), ih_index, ih_values, ih_offsets, ih_counts, ih_bias, 4 * H);
+    return lstm_sequence(gi.view({T, N, 4 * H}), h0, c0, index, values, offsets, counts, bias, reverse);
+  }
+  auto out = torch::empty({T, N, H}, h0.options());
+  auto h = h0.contiguous().clone();
+  auto c = c0.contiguous().clone();
+  auto gh = torch::empty({N, p.nb * p.r}, h0.options());
+  auto scratch = torch::empty({sequence_parts(N), part_scratch_floats(N, 4 * H, I, p.r)}, x.options());
+  const StepInput in{&pi, x.data_ptr<float>(), I};
+  lstm_fused(p, nullptr, h.data_ptr<float>(), c.data_ptr<float>(), out.data_ptr<float>(), T, N, H, reverse,
+             gh.data_ptr<float>(), &in, scratch.data_ptr<float>());
+  return {out, out[reverse ? 0 : T - 1].clone(), c};
 }
 
 // The chunk bounds over row blocks for n_rows inputs (one slab of bsmm, a bsmm_t product, or a recurrent step's
@@ -755,6 +876,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bsmm_t", &bsmm_t, "block-sparse xt.T @ W.T + b from transposed inputs xt");
   m.def("gru_sequence", &gru_sequence, "GRU layer with a block-sparse hidden matrix");
   m.def("lstm_sequence", &lstm_sequence, "LSTM layer with a block-sparse hidden matrix");
+  m.def("gru_layer", &gru_layer, "GRU layer from its inputs, both matrices block-sparse");
+  m.def("lstm_layer", &lstm_layer, "LSTM layer from its inputs, both matrices block-sparse");
   m.def("threads_compiled", &threads_compiled, "threads a product may use (1 without OpenMP)");
   m.def("product_chunks", &product_chunks, "chunk bounds over row blocks of one product");
   m.def("set_slab_floats", &set_slab_floats, "input floats per slab of a product (for tuning)");

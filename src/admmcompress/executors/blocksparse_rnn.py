@@ -137,8 +137,15 @@ class _BlockSparseRNNBase(nn.Module):
             return ext.bsmm(x, *blocksparse_cpp.packed(ih), ih.out_features)
         return ih(x)
 
-    def _compiled(self, ext, gi: torch.Tensor, state, hh: BlockSparseMatrix, reverse: bool):
-        """The whole sequence in the compiled kernel: ``(outputs (T, N, H), final state)``."""
+    def _compiled(self, ext, x: torch.Tensor, state, ih: BlockSparseMatrix, hh: BlockSparseMatrix, reverse: bool):
+        """The whole layer in the compiled kernel, from its inputs x (T, N, I): ``(outputs (T, N, H), final
+        state)``. With enough inputs per thread the kernel computes each step's input product inside the sequence
+        (kept in cache), else all steps' at once before it."""
+        raise NotImplementedError
+
+    def _compiled_hidden(self, ext, gi: torch.Tensor, state, hh: BlockSparseMatrix, reverse: bool):
+        """The sequence in the compiled kernel from the input products gi (T, N, gates*H), when only the
+        hidden matrix runs compiled."""
         raise NotImplementedError
 
     def _stack(self, states: list):
@@ -149,6 +156,11 @@ class _BlockSparseRNNBase(nn.Module):
             raise ValueError(
                 f"{type(self).__name__}: packed sequences are not supported; pad them (batch of equal length)"
             )
+        if x.dim() not in (2, 3):
+            raise ValueError(
+                f"{type(self).__name__}: input of {x.dim()} dimensions; give (steps, batch, features), batch first"
+                " when batch_first=True, or (steps, features)"
+            )
         batched = x.dim() == 3
         if not batched:
             x = x.unsqueeze(1)
@@ -156,19 +168,35 @@ class _BlockSparseRNNBase(nn.Module):
         elif self.batch_first:
             x = x.transpose(0, 1)
         steps, batch = x.shape[0], x.shape[1]
+        if x.shape[2] != self.input_size:  # the compiled kernel reads input columns by index, unchecked
+            raise ValueError(
+                f"{type(self).__name__}: input has {x.shape[2]} features, expected input_size={self.input_size}"
+            )
         if hx is None:
             hx = self._zeros_state(batch, x)
+        expected = (self.num_layers * self.directions, batch, self.hidden_size)
+        for state in self._map(lambda t: t, hx) if isinstance(hx, tuple) else (hx,):
+            if tuple(state.shape) != expected:
+                raise ValueError(
+                    f"{type(self).__name__}: initial state of shape {tuple(state.shape)}, expected {expected}"
+                    " (layers x directions, batch, hidden_size)"
+                )
         finals = []
         for layer in range(self.num_layers):
             outputs = []
             for direction in range(self.directions):
                 index = layer * self.directions + direction
-                hh = self.hh[index]
-                gi = self._input_product(self.ih[index], x.reshape(steps * batch, -1)).view(steps, batch, -1)
+                ih, hh = self.ih[index], self.hh[index]
                 state = self._map(lambda t, i=index: t[i], hx)
                 ext = self._extension(hh)
+                if ext is not None and self._extension(ih) is not None:  # both products and the gates compiled
+                    sequence, state = self._compiled(ext, x, state, ih, hh, bool(direction))
+                    outputs.append(sequence)
+                    finals.append(state)
+                    continue
+                gi = self._input_product(ih, x.reshape(steps * batch, -1)).view(steps, batch, -1)
                 if ext is not None:
-                    sequence, state = self._compiled(ext, gi, state, hh, bool(direction))
+                    sequence, state = self._compiled_hidden(ext, gi, state, hh, bool(direction))
                     outputs.append(sequence)
                     finals.append(state)
                     continue
@@ -205,7 +233,11 @@ class BlockSparseGRU(_BlockSparseRNNBase):
     def _map(self, fn, state):
         return fn(state)
 
-    def _compiled(self, ext, gi, state, hh, reverse):
+    def _compiled(self, ext, x, state, ih, hh, reverse):
+        out, h = ext.gru_layer(x, state, *blocksparse_cpp.packed(ih), *blocksparse_cpp.packed(hh), reverse)
+        return out, h
+
+    def _compiled_hidden(self, ext, gi, state, hh, reverse):
         out, h = ext.gru_sequence(gi.contiguous(), state, *blocksparse_cpp.packed(hh), reverse)
         return out, h
 
@@ -231,7 +263,13 @@ class BlockSparseLSTM(_BlockSparseRNNBase):
     def _map(self, fn, state):
         return fn(state[0]), fn(state[1])
 
-    def _compiled(self, ext, gi, state, hh, reverse):
+    def _compiled(self, ext, x, state, ih, hh, reverse):
+        out, h, c = ext.lstm_layer(
+            x, state[0], state[1], *blocksparse_cpp.packed(ih), *blocksparse_cpp.packed(hh), reverse
+        )
+        return out, (h, c)
+
+    def _compiled_hidden(self, ext, gi, state, hh, reverse):
         out, h, c = ext.lstm_sequence(
             gi.contiguous(), state[0], state[1], *blocksparse_cpp.packed(hh), reverse
         )
