@@ -16,12 +16,14 @@ from __future__ import annotations
 import errno
 import os
 import re
-import tempfile
+import secrets
+import string
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-# mkstemp's names: prefix, 8 characters from [a-z0-9_], suffix (see tempfile._RandomNameSequence).
+# Temporary names: a dot, the target's name, 8 characters from [a-z0-9_], ".tmp" (as mkstemp's were).
 TMP_PATTERN = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+_TMP_CHARACTERS = string.ascii_lowercase + string.digits + "_"
 
 
 class WriteError(OSError):
@@ -36,18 +38,15 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        tmp_path = _create_temp(path)
     except OSError as err:
         raise _write_error(path, err) from err
-    os.close(fd)
-    tmp_path = Path(tmp)
     try:
         write(tmp_path)
         with open(tmp_path, "rb+") as handle:
             os.fsync(handle.fileno())
-        # mkstemp creates 0600 files; give the result the permissions a plain open() would.
-        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
+        _sync_folder(path.parent)  # the rename itself survives a power cut only once the folder is on disk
     except OSError as err:
         if isinstance(err, WriteError):
             raise
@@ -122,10 +121,36 @@ def clean_orphans(folder: str | Path, below: Iterable[str] = ()) -> list[Path]:
     return removed
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _create_temp(path: Path) -> Path:
+    """A new empty file ``.<name>.<8 random characters>.tmp`` beside ``path`` (TMP_PATTERN's names).
+
+    Created with mode 0666 less the umask, as a plain ``open()`` would (mkstemp's 0600 would need a chmod from
+    the umask, and reading the umask means setting it: a race with other threads creating files).
+    """
+    for _ in range(100):
+        name = "".join(secrets.choice(_TMP_CHARACTERS) for _ in range(8))
+        candidate = path.parent / f".{path.name}.{name}.tmp"
+        try:
+            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(errno.EEXIST, f"no free temporary name beside '{path}'")
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync a folder (its entries: a rename into it); a no-op where folders cannot be opened or synced."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP, errno.EACCES):
+            raise
+    finally:
+        os.close(fd)
 
 
 __all__ = ["TMP_PATTERN", "WriteError", "atomic_write", "clean_orphans"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -117,7 +118,8 @@ def _run(args: argparse.Namespace) -> int:
         finally:
             lock.release()
             if created and out.is_dir() and not any(out.iterdir()):  # the run failed before writing anything
-                out.rmdir()
+                with contextlib.suppress(OSError):  # another run took the folder since the lock was released
+                    out.rmdir()
     except BaseException as err:
         ctx.abort(err)  # a refusal before training reaches the other ranks as the same one line
         raise

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import stat
 import warnings
 from pathlib import Path
 
@@ -55,6 +57,31 @@ def test_atomic_write_of_a_new_file_leaves_nothing_when_the_writer_raises(tmp_pa
     with pytest.raises(RuntimeError, match="boom"):
         ckpt.atomic_write(target, broken)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_write_gives_the_permissions_of_a_plain_open_without_touching_the_umask(tmp_path, monkeypatch):
+    """The file gets 0666 less the umask, as open() would; the umask is never set (a race with other threads)."""
+    old = os.umask(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", lambda *_: pytest.fail("atomic_write set the umask"))
+        target = ckpt.atomic_write(tmp_path / "report.md", lambda tmp: tmp.write_text("x"))
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+
+
+def test_atomic_write_syncs_the_folder_after_the_rename(tmp_path, monkeypatch):
+    """A rename is durable only once the folder's entry is on disk: the folder is fsynced after os.replace."""
+    calls: list[str] = []
+    real_replace, real_fsync = os.replace, os.fsync
+    monkeypatch.setattr(os, "replace", lambda a, b: (calls.append("replace"), real_replace(a, b))[1])
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: (calls.append("fsync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file"),
+                                 real_fsync(fd))[1]
+    )
+    ckpt.atomic_write(tmp_path / "state.bin", lambda tmp: tmp.write_bytes(b"x"))
+    assert calls == ["fsync file", "replace", "fsync folder"]
 
 
 def test_save_state_load_state_round_trip(tmp_path):

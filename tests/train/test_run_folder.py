@@ -331,6 +331,42 @@ def test_a_killed_run_with_only_its_lock_file_resumes_from_the_start(tmp_path):
     assert (out / "model.safetensors").is_file()
 
 
+def test_the_lock_makes_the_folder_again_when_a_failed_run_removed_it(tmp_path, monkeypatch):
+    """A run that fails before writing removes its empty folder after releasing the lock: another run that
+    made the folder just before then finds it gone when it opens the lock file, makes it again and locks."""
+    out = tmp_path / "out"
+    real_open = os.open
+    removed = []
+
+    def open_after_removal(path, flags, *args):
+        if not removed:  # the failed run's rmdir lands between this run's mkdir and its open
+            out.rmdir()
+            removed.append(path)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", open_after_removal)
+    with RunLock(out) as lock:
+        assert lock.held and (out / LOCK_FILE).is_file()
+    assert removed
+
+
+def test_a_failed_run_leaves_a_folder_another_run_took_meanwhile(tmp_path, capsys, monkeypatch):
+    """The failed run removes its empty folder only while it is empty: one another run has locked since is left
+    alone, without an error of its own on top of the run's."""
+    config = str(write(tmp_path / "run.yaml", spec(model={"name": "no-such-model"})))
+    out = tmp_path / "out"
+    real_rmdir = Path.rmdir
+
+    def other_run_locks_first(self):
+        (out / LOCK_FILE).write_text("12345\n")  # the other run's lock file, between the check and the rmdir
+        real_rmdir(self)
+
+    monkeypatch.setattr(Path, "rmdir", other_run_locks_first)
+    line = error_line(capsys, ["run", config, "--out", str(out)])
+    assert "no-such-model" in line
+    assert (out / LOCK_FILE).is_file()
+
+
 def test_resume_of_an_empty_or_missing_folder_is_still_an_error(tmp_path, capsys):
     config = str(write(tmp_path / "run.yaml", spec()))
     assert "--resume: no checkpoint" in error_line(capsys, ["run", config, "--out", str(tmp_path / "new"), "--resume"])

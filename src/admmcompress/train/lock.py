@@ -50,10 +50,16 @@ class RunLock:
         if fcntl is None:  # pragma: no cover - not on POSIX
             _warn(f"no OS file locking on this system; make sure no other run writes '{self.folder}'")
             return self
+        tries = 0
         while True:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as err:
+                tries += 1
+                if isinstance(err, FileNotFoundError) and tries < 10:
+                    # a run that failed before writing anything removed its empty folder just now
+                    self.folder.mkdir(parents=True, exist_ok=True)
+                    continue
                 raise RunLocked(
                     f"cannot open the lock file '{self.path}' ({err.strerror}); make the folder writable, or choose "
                     "another --out"
