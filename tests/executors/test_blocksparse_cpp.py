@@ -450,3 +450,24 @@ def test_a_sequence_of_the_wrong_width_or_state_is_refused(cls):
     bad = torch.zeros(1, 2, 8)
     with pytest.raises(ValueError, match=r"initial state of shape \(1, 2, 8\), expected \(1, 2, 16\)"):
         fast(torch.randn(3, 2, 12), bad if cls is BlockSparseGRU else (bad, bad))
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+@pytest.mark.parametrize("r", [8, 16])
+def test_im2col_products_run_slab_by_slab_through_a_copy(ext, threads, n_threads, r):
+    """bsmm_t forced onto its slab path (small slabs, no size or kept-weight threshold) equals the dense product for
+    column counts with and without a ragged last tile and slab, with and without bias; the settings come back."""
+    torch.set_num_threads(n_threads)
+    w = Block(compression=3, block=(r, 1)).project(torch.randn(5 * r, 70))
+    bias = torch.randn(5 * r)
+    before = ext.set_slab_floats_t(70 * 32, 0, 0)  # slabs of 32 columns
+    try:
+        for b in (bias, None):
+            matrix = BlockSparseMatrix(w, r, impl="cpp", bias=b)
+            for n in (32, 33, 47, 64, 100, 161):
+                xt = torch.randn(70, n)
+                close(matrix.forward_transposed(xt), xt.T @ w.T + (0 if b is None else b))
+    finally:
+        assert ext.set_slab_floats_t(*before) == [70 * 32, 0, 0]
+    with pytest.raises(RuntimeError, match="slab_floats_t must be positive"):
+        ext.set_slab_floats_t(0, 0, 0)

@@ -47,7 +47,7 @@ import torch
 
 from admmcompress.timing import cpu_model
 
-VERSION = 14  # bump when SOURCE or the build flags change: the extension's cache name changes with it
+VERSION = 15  # bump when SOURCE or the build flags change: the extension's cache name changes with it
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -503,6 +503,75 @@ torch::Tensor bsmm(torch::Tensor x, torch::Tensor index, torch::Tensor values, t
   return finish(out, p, out_features);
 }
 
+// bsmm_t slab by slab: columns per slab about 1 MiB of inputs (256 Ki floats), in whole tiles of 16; from this many
+// input floats (64 MiB) on, and only for layers with at least this many kept weights per input row (so that the
+// copy below is small beside the product). set_slab_floats_t: for tuning only.
+static std::atomic<int64_t> slab_floats_t{262144};
+static std::atomic<int64_t> slab_from_floats_t{16777216};
+static std::atomic<int64_t> slab_kept_per_input_t{24};
+
+// Returns the previous values, so a caller can put them back.
+std::vector<int64_t> set_slab_floats_t(int64_t floats, int64_t from_floats, int64_t kept_per_input) {
+  TORCH_CHECK(floats > 0 && from_floats >= 0 && kept_per_input >= 0,
+              "slab_floats_t must be positive, the thresholds >= 0");
+  return {slab_floats_t.exchange(floats), slab_from_floats_t.exchange(from_floats),
+          slab_kept_per_input_t.exchange(kept_per_input)};
+}
+
+// bsmm_t over slabs of columns (needs tiles(p.r, 16)). Over all of a large xt, every row block reads its kept rows
+// in place, one cache line from each of hundreds of rows per 16-column tile: at 16384 columns of 2304 rows (144
+// MiB, 4.5x this EPYC's L3) a 10x 256-row layer ran at 8.6 GMAC/s against 50 at 1024 columns (one thread,
+// 2026-12). Here a thread takes a whole slab at a time (no thread reads what another wrote), copies its columns of
+// every input row into a contiguous buffer zero-padded to whole tiles, and runs every row block on it from cache:
+// 27-36 GMAC/s at those sizes. Not below them, nor for layers with few kept weights per input: the copy then costs
+// more than the in-place reads (benchmarks/records/blocksparse_bsmm_t_slabs).
+static void block_mm_t_slabs(const Packed& p, const float* xt, int64_t in_features, int64_t n, float* out,
+                             const torch::TensorOptions& options) {
+  const int64_t budget = slab_floats_t.load(std::memory_order_relaxed);
+  const int64_t slab = std::max<int64_t>(kTileRows, budget / std::max<int64_t>(1, in_features) / 16 * 16);
+  const int64_t slabs = (n + slab - 1) / slab, out_stride = p.nb * p.r;
+  const int64_t threads = std::min(threads_now(), slabs);
+  torch::Tensor buffers = torch::empty({threads, in_features * slab}, options);  // nothing may throw below
+  float* first = buffers.data_ptr<float>();
+  std::atomic<int64_t> next{0}, slots{0};
+  auto body = [&]() {
+    float* buf = first + slots++ * in_features * slab;
+    for (int64_t s = next++; s < slabs; s = next++) {
+      const int64_t n0 = s * slab, m = std::min(slab, n - n0), mp = (m + kTileRows - 1) / kTileRows * kTileRows;
+      for (int64_t i = 0; i < in_features; ++i) {
+        std::memcpy(buf + i * mp, xt + i * n + n0, m * sizeof(float));
+        for (int64_t t = m; t < mp; ++t) buf[i * mp + t] = 0.f;
+      }
+      float* o = out + n0 * out_stride;
+      for (int64_t b = 0; b < p.nb; ++b) {
+        const int32_t* idx = p.index + p.offsets[b];
+        const float* v = p.values + p.offsets[b] * p.r;
+        const float* bb = p.bias ? p.bias + b * p.r : nullptr;
+        for (int64_t t0 = 0; t0 < mp; t0 += kTileRows) {
+          const int64_t nt = std::min(kTileRows, m - t0);
+          if (p.r == 16) tile_cols<16, 16>(buf, mp, t0, idx, v, bb, p.counts[b], o + b * p.r, out_stride, nt);
+          else tile_cols<8, 16>(buf, mp, t0, idx, v, bb, p.counts[b], o + b * p.r, out_stride, nt);
+        }
+      }
+    }
+  };
+#ifdef _OPENMP
+  if (threads > 1) {
+#pragma omp parallel num_threads(static_cast<int>(threads))
+    body();
+    return;
+  }
+#endif
+  body();
+}
+
+// Whether bsmm_t of n columns runs slab by slab (block_mm_t_slabs).
+static bool slabs_t(const Packed& p, int64_t in_features, int64_t n) {
+  if (n < 2 * kTileRows || in_features * n < slab_from_floats_t.load(std::memory_order_relaxed)) return false;
+  const int64_t kept = std::accumulate(p.counts, p.counts + p.nb, int64_t{0}) * p.r;
+  return kept >= slab_kept_per_input_t.load(std::memory_order_relaxed) * in_features;
+}
+
 // The same product from the inputs already transposed, xt (I, N) (an im2col matrix): (xt.T @ W.T + b) (N, O).
 torch::Tensor bsmm_t(torch::Tensor xt, torch::Tensor index, torch::Tensor values, torch::Tensor offsets,
                      torch::Tensor counts, torch::Tensor bias, int64_t out_features) {
@@ -511,6 +580,10 @@ torch::Tensor bsmm_t(torch::Tensor xt, torch::Tensor index, torch::Tensor values
   const int64_t in_features = xt.size(0), n = xt.size(1);
   if (!tiles(p.r, n)) return bsmm(xt.t(), index, values, offsets, counts, bias, out_features);
   auto out = torch::empty({n, p.nb * p.r}, xt.options());
+  if (slabs_t(p, in_features, n)) {
+    block_mm_t_slabs(p, xt.data_ptr<float>(), in_features, n, out.data_ptr<float>(), xt.options());
+    return finish(out, p, out_features);
+  }
   const int64_t full = n / kTileRows * kTileRows;
   torch::Tensor tail;
   if (full < n) {  // the last n - full inputs, zero-padded to one tile
@@ -884,6 +957,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("threads_compiled", &threads_compiled, "threads a product may use (1 without OpenMP)");
   m.def("product_chunks", &product_chunks, "chunk bounds over row blocks of one product");
   m.def("set_slab_floats", &set_slab_floats, "input floats per slab of a product (for tuning)");
+  m.def("set_slab_floats_t", &set_slab_floats_t,
+        "bsmm_t: input floats per slab, from how many input floats and kept weights per input it slabs (tuning)");
   m.def("set_batch_split_rows", &set_batch_split_rows, "inputs per thread from which sequences split the batch");
 }
 """
