@@ -450,6 +450,10 @@ def test_a_sequence_of_the_wrong_width_or_state_is_refused(cls):
     bad = torch.zeros(1, 2, 8)
     with pytest.raises(ValueError, match=r"initial state of shape \(1, 2, 8\), expected \(1, 2, 16\)"):
         fast(torch.randn(3, 2, 12), bad if cls is BlockSparseGRU else (bad, bad))
+    if cls is BlockSparseLSTM:  # nn.LSTM takes (h, c) as a list too
+        x, h, c = torch.randn(3, 2, 12), torch.randn(1, 2, 16), torch.randn(1, 2, 16)
+        with torch.inference_mode():
+            close(fast(x, [h, c]), dense(x, (h, c)))
 
 
 @pytest.mark.parametrize("n_threads", [1, 2])

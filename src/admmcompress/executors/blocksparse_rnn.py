@@ -175,7 +175,7 @@ class _BlockSparseRNNBase(nn.Module):
         if hx is None:
             hx = self._zeros_state(batch, x)
         expected = (self.num_layers * self.directions, batch, self.hidden_size)
-        for state in self._map(lambda t: t, hx) if isinstance(hx, tuple) else (hx,):
+        for state in tuple(hx) if isinstance(hx, (tuple, list)) else (hx,):  # LSTM: (h, c) or [h, c]
             if tuple(state.shape) != expected:
                 raise ValueError(
                     f"{type(self).__name__}: initial state of shape {tuple(state.shape)}, expected {expected}"
