@@ -1,4 +1,5 @@
-"""Per-point "of the MAC ideal" of the grid runs of kernel v11 (blocksparse_grid_3) against v14 (this folder).
+"""Per-point "of the MAC ideal" of the grid runs of kernel v11 (blocksparse_grid_3) against v14 and v16 (this folder;
+v16 differs from v14 only in the im2col product, which the grid does not run).
 
     python benchmarks/records/blocksparse_fused_input/compare_grids.py
 """
@@ -12,9 +13,9 @@ from pathlib import Path
 HERE = Path(__file__).parent
 SETS = {
     "v11, native": HERE.parent / "blocksparse_grid_3" / "split_native_*.json",
-    "v14, native": HERE / "grid_v14_native_*.json",
+    "v14/v16, native": HERE / "grid_v1[46]_native_*.json",
     "v11, haswell build": HERE.parent / "blocksparse_grid_3" / "split_haswell_*.json",
-    "v14, haswell build": HERE / "grid_v14_haswell_*.json",
+    "v14/v16, haswell build": HERE / "grid_v1[46]_haswell_*.json",
 }
 
 
@@ -25,7 +26,7 @@ def main() -> None:
                      for p in run} for run in rs] for name, rs in runs.items()}
     print("| case | batch | threads | " + " | ".join(SETS) + " |")
     print("|---|---:|---:|" + "---|" * len(SETS))
-    for key in ideal["v14, native"][0]:
+    for key in ideal["v14/v16, native"][0]:
         cells = [", ".join(f"{run[key]:.2f}" for run in rs) for rs in ideal.values()]
         print(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
     print()
