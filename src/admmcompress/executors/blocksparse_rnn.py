@@ -151,6 +151,23 @@ class _BlockSparseRNNBase(nn.Module):
     def _stack(self, states: list):
         raise NotImplementedError
 
+    def _direction(self, x: torch.Tensor, state, ih: BlockSparseMatrix, hh: BlockSparseMatrix, reverse: bool):
+        """One direction of one layer over x (T, N, I): ``(outputs (T, N, H), final state)``, compiled as far as
+        the kernel runs its matrices."""
+        ext = self._extension(hh)
+        if ext is not None and self._extension(ih) is not None:  # both products and the gates compiled
+            return self._compiled(ext, x, state, ih, hh, reverse)
+        steps, batch = x.shape[0], x.shape[1]
+        gi = self._input_product(ih, x.reshape(steps * batch, -1)).view(steps, batch, -1)
+        if ext is not None:
+            return self._compiled_hidden(ext, gi, state, hh, reverse)
+        out: list[torch.Tensor] = [x] * steps
+        product = hh.forward  # the bound method: no module-call overhead on every step
+        for t in range(steps - 1, -1, -1) if reverse else range(steps):
+            state = self._step(gi[t], product(self._hidden(state)), state)
+            out[t] = self._hidden(state)
+        return torch.stack(out), state
+
     def forward(self, x: torch.Tensor, hx=None):
         if isinstance(x, PackedSequence):
             raise ValueError(
@@ -167,7 +184,7 @@ class _BlockSparseRNNBase(nn.Module):
             hx = None if hx is None else self._map(lambda t: t.unsqueeze(1), hx)
         elif self.batch_first:
             x = x.transpose(0, 1)
-        steps, batch = x.shape[0], x.shape[1]
+        batch = x.shape[1]
         if x.shape[2] != self.input_size:  # the compiled kernel reads input columns by index, unchecked
             raise ValueError(
                 f"{type(self).__name__}: input has {x.shape[2]} features, expected input_size={self.input_size}"
@@ -186,26 +203,9 @@ class _BlockSparseRNNBase(nn.Module):
             outputs = []
             for direction in range(self.directions):
                 index = layer * self.directions + direction
-                ih, hh = self.ih[index], self.hh[index]
                 state = self._map(lambda t, i=index: t[i], hx)
-                ext = self._extension(hh)
-                if ext is not None and self._extension(ih) is not None:  # both products and the gates compiled
-                    sequence, state = self._compiled(ext, x, state, ih, hh, bool(direction))
-                    outputs.append(sequence)
-                    finals.append(state)
-                    continue
-                gi = self._input_product(ih, x.reshape(steps * batch, -1)).view(steps, batch, -1)
-                if ext is not None:
-                    sequence, state = self._compiled_hidden(ext, gi, state, hh, bool(direction))
-                    outputs.append(sequence)
-                    finals.append(state)
-                    continue
-                out: list[torch.Tensor] = [x] * steps
-                product = hh.forward  # the bound method: no module-call overhead on every step
-                for t in range(steps - 1, -1, -1) if direction else range(steps):
-                    state = self._step(gi[t], product(self._hidden(state)), state)
-                    out[t] = self._hidden(state)
-                outputs.append(torch.stack(out))
+                sequence, state = self._direction(x, state, self.ih[index], self.hh[index], bool(direction))
+                outputs.append(sequence)
                 finals.append(state)
             x = outputs[0] if self.directions == 1 else torch.cat(outputs, 2)
             if self.training and self.dropout and layer < self.num_layers - 1:
