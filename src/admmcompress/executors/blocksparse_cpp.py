@@ -47,7 +47,7 @@ import torch
 
 from admmcompress.timing import cpu_model
 
-VERSION = 16  # bump when SOURCE or the build flags change: the extension's cache name changes with it
+VERSION = 17  # bump when SOURCE or the build flags change: the extension's cache name changes with it
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -522,37 +522,33 @@ std::vector<int64_t> set_slab_floats_t(int64_t floats, int64_t from_floats, int6
 // in place, one cache line from each of hundreds of rows per 16-column tile: at 16384 columns of 2304 rows (144
 // MiB, 4.5x this EPYC's L3) a 10x 256-row layer ran at 8.6 GMAC/s against 50 at 1024 columns (one thread,
 // 2026-12). Here a thread takes a whole slab at a time (no thread reads what another wrote), copies its columns of
-// every input row into a contiguous buffer zero-padded to whole tiles, and runs every row block on it from cache:
-// 27-36 GMAC/s at those sizes. Not below them, nor for layers with few kept weights per input: the copy then costs
-// more than the in-place reads (benchmarks/records/blocksparse_bsmm_t_slabs).
+// every input row into a contiguous buffer (its ragged tail into a zero-padded tile), and runs every row block on
+// it from cache (one_block, as the in-place path): 27-36 GMAC/s at those sizes. Not below them, nor for layers with
+// few kept weights per input: the copy then costs more than the in-place reads
+// (benchmarks/records/blocksparse_bsmm_t_slabs).
 static void block_mm_t_slabs(const Packed& p, const float* xt, int64_t in_features, int64_t n, float* out,
                              const torch::TensorOptions& options) {
   const int64_t budget = slab_floats_t.load(std::memory_order_relaxed);
   const int64_t slab = std::max<int64_t>(kTileRows, budget / std::max<int64_t>(1, in_features) / 16 * 16);
   const int64_t slabs = (n + slab - 1) / slab, out_stride = p.nb * p.r;
   const int64_t threads = std::min(threads_now(), slabs);
-  torch::Tensor buffers = torch::empty({threads, in_features * slab}, options);  // nothing may throw below
+  const int64_t per_thread = in_features * (slab + kTileRows);  // a slab, then its ragged tail as one tile
+  torch::Tensor buffers = torch::empty({threads, per_thread}, options);  // nothing may throw below
   float* first = buffers.data_ptr<float>();
   std::atomic<int64_t> next{0}, slots{0};
   auto body = [&]() {
-    float* buf = first + slots++ * in_features * slab;
+    float* buf = first + slots++ * per_thread;
+    float* tail = buf + in_features * slab;  // the last m % 16 inputs, zero-padded to a tile, as one_block reads them
     for (int64_t s = next++; s < slabs; s = next++) {
-      const int64_t n0 = s * slab, m = std::min(slab, n - n0), mp = (m + kTileRows - 1) / kTileRows * kTileRows;
+      const int64_t n0 = s * slab, m = std::min(slab, n - n0), full = m / kTileRows * kTileRows;
       for (int64_t i = 0; i < in_features; ++i) {
-        std::memcpy(buf + i * mp, xt + i * n + n0, m * sizeof(float));
-        for (int64_t t = m; t < mp; ++t) buf[i * mp + t] = 0.f;
+        std::memcpy(buf + i * m, xt + i * n + n0, full * sizeof(float));
+        if (full == m) continue;
+        std::memcpy(tail + i * kTileRows, xt + i * n + n0 + full, (m - full) * sizeof(float));
+        for (int64_t t = m - full; t < kTileRows; ++t) tail[i * kTileRows + t] = 0.f;
       }
-      float* o = out + n0 * out_stride;
-      for (int64_t b = 0; b < p.nb; ++b) {
-        const int32_t* idx = p.index + p.offsets[b];
-        const float* v = p.values + p.offsets[b] * p.r;
-        const float* bb = p.bias ? p.bias + b * p.r : nullptr;
-        for (int64_t t0 = 0; t0 < mp; t0 += kTileRows) {
-          const int64_t nt = std::min(kTileRows, m - t0);
-          if (p.r == 16) tile_cols<16, 16>(buf, mp, t0, idx, v, bb, p.counts[b], o + b * p.r, out_stride, nt);
-          else tile_cols<8, 16>(buf, mp, t0, idx, v, bb, p.counts[b], o + b * p.r, out_stride, nt);
-        }
-      }
+      for (int64_t b = 0; b < p.nb; ++b)
+        one_block(p, b, nullptr, m, in_features, out + n0 * out_stride, out_stride, buf, full < m ? tail : nullptr);
     }
   };
 #ifdef _OPENMP
@@ -751,7 +747,7 @@ static bool fuses_input(int64_t N) {
 
 // Floats of scratch one part of N / parts inputs needs for a fused input product (gate inputs, transposed inputs).
 static int64_t part_scratch_floats(int64_t N, int64_t G, int64_t I, int64_t r) {
-  const int64_t m = (N + sequence_parts(N) - 1) / sequence_parts(N);
+  const int64_t parts = sequence_parts(N), m = (N + parts - 1) / parts;
   return m * G + (tiles(r, m) ? I * m : 0);
 }
 
