@@ -30,10 +30,8 @@ import copy
 import json
 import os
 import random
-import re
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +41,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from admmcompress.cpu_caches import cache_sizes, l3_bytes
 from admmcompress.executors import blocksparse_cpp
 from admmcompress.executors.blocksparse import choice_report, convert_module, to_blocksparse
 from admmcompress.executors.blocksparse_choice import TABLE
@@ -50,37 +49,6 @@ from admmcompress.structures import Block
 from admmcompress.timing import LatencyCache, cpu_model, time_interleaved
 
 MALLOC = "MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824"
-
-
-def l3_bytes() -> int:
-    """The L3 (last-level) cache size in bytes: sysfs, else ``lscpu``; 0 when neither says."""
-    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
-        try:
-            if (index / "level").read_text().strip() == "3":
-                size = (index / "size").read_text().strip()
-                units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-                return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
-        except (OSError, ValueError):
-            continue
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    except OSError:
-        return 0
-    found = re.search(r"L3 cache:\s*([\d.]+)\s*([KMG])i?B", text)
-    return int(float(found.group(1)) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[found.group(2)]) if found else 0
-
-
-def cache_sizes() -> str:
-    """Every cache level of CPU 0 as sysfs lists it, e.g. ``L1d 32K, L1i 32K, L2 1024K, L3 32768K``."""
-    found = []
-    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
-        try:
-            level, kind = (index / "level").read_text().strip(), (index / "type").read_text().strip()
-            size = (index / "size").read_text().strip()
-        except OSError:
-            continue
-        found.append(f"L{level}{ {'Data': 'd', 'Instruction': 'i'}.get(kind, '')} {size}")
-    return ", ".join(found) or "unknown (no sysfs cache entries)"
 
 
 def square_sides(l3: int) -> tuple[int, int]:

@@ -52,6 +52,7 @@ MODULES = [
     "admmcompress.plugins",
     "admmcompress.deprecation",
     "admmcompress.timing",
+    "admmcompress.cpu_caches",
     # executors, encodings, reports
     "admmcompress.executors",
     "admmcompress.executors.base",

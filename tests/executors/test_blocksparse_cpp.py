@@ -475,3 +475,20 @@ def test_im2col_products_run_slab_by_slab_through_a_copy(ext, threads, n_threads
         assert ext.set_slab_floats_t(*before) == [70 * 32, 0, 0]
     with pytest.raises(RuntimeError, match="slab_floats_t must be positive"):
         ext.set_slab_floats_t(0, 0, 0)
+
+
+def test_im2col_slab_switch_follows_the_l3_size(ext):
+    """load() sets the switch to twice this machine's L3 (64 MiB where none is reported); fit_caches changes only the
+    switch, for an L3 of any size."""
+    from admmcompress.cpu_caches import l3_bytes
+
+    current = ext.set_slab_floats_t(262144, 0, 24)
+    ext.set_slab_floats_t(*current)
+    assert current[1] == blocksparse_cpp.slabs_t_from_floats(l3_bytes())
+    try:
+        blocksparse_cpp.fit_caches(ext, l3=260 << 20)  # a large-L3 Xeon: a 144 MiB im2col matrix stays in place
+        assert ext.set_slab_floats_t(*current) == [current[0], 2 * (260 << 20) // 4, current[2]]
+        blocksparse_cpp.fit_caches(ext, l3=0)
+        assert ext.set_slab_floats_t(*current) == [current[0], 1 << 24, current[2]]
+    finally:
+        ext.set_slab_floats_t(*current)

@@ -45,9 +45,10 @@ from types import ModuleType
 
 import torch
 
+from admmcompress.cpu_caches import l3_bytes
 from admmcompress.timing import cpu_model
 
-VERSION = 17  # bump when SOURCE or the build flags change: the extension's cache name changes with it
+VERSION = 18  # bump when SOURCE or the build flags change: the extension's cache name changes with it
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -504,8 +505,9 @@ torch::Tensor bsmm(torch::Tensor x, torch::Tensor index, torch::Tensor values, t
 }
 
 // bsmm_t slab by slab: columns per slab about 1 MiB of inputs (256 Ki floats), in whole tiles of 16; from this many
-// input floats (64 MiB) on, and only for layers with at least this many kept weights per input row (so that the
-// copy below is small beside the product). set_slab_floats_t: for tuning only.
+// input floats on (64 MiB here; load() sets twice the L3 size it reads), and only for layers with at least this
+// many kept weights per input row (so that the copy below is small beside the product). set_slab_floats_t: for
+// tuning only.
 static std::atomic<int64_t> slab_floats_t{262144};
 static std::atomic<int64_t> slab_from_floats_t{16777216};
 static std::atomic<int64_t> slab_kept_per_input_t{24};
@@ -1081,11 +1083,35 @@ def _compile(verbose: bool, march: str) -> ModuleType | None:
                 RuntimeWarning,
                 stacklevel=4,  # load()'s caller
             )
+        fit_caches(module)
         return module
     warnings.warn(
         f"block-sparse C++ kernel unavailable ({errors[-1]}); using torch ops", RuntimeWarning, stacklevel=4
     )
     return None
+
+
+# bsmm_t (the im2col product) reads its input in place while it stays in the L3 cache between row blocks and slab by
+# slab through a copy beyond: on a 32 MiB L3, in place ran as fast as in cache up to 36 MiB of inputs and 1.3-4.4x
+# slower than slabs from 72 MiB on (benchmarks/records/blocksparse_bsmm_t_slabs, AMD EPYC, 2026-12). Where the
+# L3 is larger (260 MiB on some Xeons) the same matrix stays in cache, so the switch scales with the L3 read here.
+SLABS_T_FROM_L3 = 2  # the switch, in multiples of the L3 size
+SLABS_T_FROM_FLOATS = 1 << 24  # 64 MiB of inputs (twice the L3 it was measured on) where no L3 size is reported
+
+
+def slabs_t_from_floats(l3: int) -> int:
+    """Input floats from which ``bsmm_t`` goes slab by slab, for an L3 of ``l3`` bytes (0: not known).
+
+    >>> slabs_t_from_floats(32 << 20), slabs_t_from_floats(260 << 20), slabs_t_from_floats(0)
+    (16777216, 136314880, 16777216)
+    """
+    return SLABS_T_FROM_L3 * l3 // 4 if l3 > 0 else SLABS_T_FROM_FLOATS
+
+
+def fit_caches(module: ModuleType, l3: int | None = None) -> None:
+    """Set the built kernel's cache-dependent switch for this machine's L3 (``l3`` bytes; read here by default)."""
+    slab, _, kept = module.set_slab_floats_t(1, 0, 0)  # the current values, put back but for the switch
+    module.set_slab_floats_t(slab, slabs_t_from_floats(l3_bytes() if l3 is None else l3), kept)
 
 
 def available() -> bool:
@@ -1172,14 +1198,18 @@ __all__ = [
     "LDFLAGS",
     "SERIAL_CFLAGS",
     "MARCH_ENV",
+    "SLABS_T_FROM_FLOATS",
+    "SLABS_T_FROM_L3",
     "SOURCE",
     "VERSION",
     "available",
     "cpu_flags",
     "counts_of",
     "extension_name",
+    "fit_caches",
     "load",
     "packed",
+    "slabs_t_from_floats",
     "supports",
     "target_problem",
 ]
