@@ -138,20 +138,20 @@ def _names(keys: list[str], limit: int = 8) -> str:
 def load_weights(model: torch.nn.Module, path: str | Path) -> None:
     """Load a safetensors state dict into ``model``; a mismatch names the missing/unexpected keys."""
     state = load_tensors(path)
-    mismatch = _mismatch(model, state)
+    own = model.state_dict()  # once: both checks below read it
+    mismatch = _mismatch(own, state)
     if mismatch:
         raise CheckpointError(
             f"checkpoint '{path}' does not fit {type(model).__name__}: {mismatch}; is it for another model?"
         )
-    _warn_narrowing(model, state, path)
+    _warn_narrowing(own, state, path)
     model.load_state_dict(state)
 
 
-def _warn_narrowing(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+def _warn_narrowing(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], path: str | Path) -> None:
     """load_state_dict casts to the model's dtypes; one that loses precision or range (float32 weights into a
     bfloat16 model; bfloat16 into float16, where values above 65504 become inf) is said, not done silently.
-    Widening (bf16 or fp16 into float32) is exact and passes quietly."""
-    own = model.state_dict()
+    Widening (bf16 or fp16 into float32) is exact and passes quietly. ``own``: the model's state dict."""
     narrowed = sorted(  # not exactly representable in the model's dtype: bf16 <-> fp16 either way, fp32 -> either
         k
         for k, v in state.items()
@@ -179,7 +179,7 @@ def check_state_fits(model: torch.nn.Module, state: dict[str, Any], path: str | 
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         mismatch = "it has no model weights"
     else:
-        mismatch = _mismatch(model, weights)
+        mismatch = _mismatch(model.state_dict(), weights)
     if mismatch:
         raise CheckpointError(
             f"checkpoint '{path}' does not fit {type(model).__name__}: {mismatch}; a run cannot resume from it: "
@@ -187,9 +187,8 @@ def check_state_fits(model: torch.nn.Module, state: dict[str, Any], path: str | 
         )
 
 
-def _mismatch(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> str:
-    """How ``state`` differs from ``model``'s state dict (keys, shapes); empty when it fits."""
-    own = model.state_dict()
+def _mismatch(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str:
+    """How ``state`` differs from a model's state dict ``own`` (keys, shapes); empty when it fits."""
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
