@@ -120,6 +120,12 @@ def test_a_duplicate_name_a_bad_name_or_a_non_executor_is_refused(registry_guard
         class Clashing(Executor):
             export_options = {"compact": {}}
 
+    with pytest.raises(ExecutorError, match=r"export option\(s\) \['overwrite'\] clash .* export_run's keywords"):
+
+        @register_executor("shadowing")  # export_run(..., overwrite=...) would take it for its own
+        class Shadowing(Executor):
+            export_options = {"overwrite": {}}
+
     with pytest.raises(ExecutorError, match="--scheme is already an export option of 'packed'"):
 
         @register_executor("scheme")

@@ -59,6 +59,8 @@ BUILTIN_MODULES = (
 )
 # Names the `admmcompress export` command uses itself; an executor flag may not take them.
 RESERVED = frozenset({"out", "plugin", "help", "dir"})
+# export_run's own keywords (run_export.py): an executor option of that name could not be passed through it.
+EXPORT_RUN_KEYWORDS = frozenset({"name", "run_dir", "overwrite"})
 
 
 class UnsupportedAct(NotImplementedError):
@@ -237,11 +239,12 @@ def _check_flags(name: str, cls: type[Executor]) -> None:
     others = {n: c for n, c in _EXECUTORS.items() if n != name}
     shared = {o: n for n, c in others.items() for o in c.export_options}
     bad = sorted(o for o in options if not isinstance(o, str) or not _NAME.fullmatch(o))
-    clash = sorted(o for o in options - set(bad) if o in RESERVED or o in others or o == name)
+    clash = sorted(o for o in options - set(bad) if o in RESERVED | EXPORT_RUN_KEYWORDS or o in others or o == name)
     if bad or clash or name in shared:
         problem = (
             f"export option names {bad} are not lowercase identifiers" if bad
-            else f"export option(s) {clash} clash with `admmcompress export` arguments or executor flags" if clash
+            else f"export option(s) {clash} clash with `admmcompress export` arguments, export_run's keywords or "
+            "executor flags" if clash
             else f"its flag --{name} is already an export option of '{shared[name]}'"
         )
         raise ExecutorError(f"register_executor('{name}'): {problem}; rename them")
