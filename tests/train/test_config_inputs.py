@@ -277,3 +277,35 @@ def test_the_trial_forward_runs_under_the_configs_autocast_and_leaves_buffers_as
     plain = RunConfig.from_dict({**spec(pretrained="unused.safetensors"), "pretrain": None})
     with pytest.raises(ValueError, match="expected bf16 activations"):
         check_model_reads(model, x, Split(x, torch.zeros(3, dtype=torch.long)), plain)
+
+
+def test_the_trial_forward_keeps_buffers_shared_and_the_same_tensors():
+    """A buffer two modules share, which the forward replaces in one of them and resizes in place in another,
+    comes back as the one tensor both hold, with its values; a plain buffer is the same tensor as before."""
+    from admmcompress.train.runner import check_model_reads
+
+    shared = torch.arange(3.0)
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("table", shared)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.fc = Holder(), Holder(), torch.nn.Linear(4, 10)
+            self.register_buffer("grown", torch.zeros(2))
+
+        def forward(self, x):
+            self.a.table = self.a.table * 10  # a new tensor in a only: the two would part
+            self.grown.resize_(5).fill_(7.0)  # the same tensor, another shape
+            return self.fc(x)
+
+    config = RunConfig.from_dict({**spec(pretrained="unused.safetensors"), "pretrain": None})
+    model, x = Model(), torch.randn(3, 4)
+    grown = model.grown
+    check_model_reads(model, x, Split(x, torch.zeros(3, dtype=torch.long)), config)
+    assert model.a.table is shared and model.b.table is shared
+    assert torch.equal(shared, torch.arange(3.0))
+    assert torch.equal(model.grown, torch.zeros(2)) and model.grown is not grown  # its copy, at the old shape

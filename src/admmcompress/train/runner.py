@@ -628,7 +628,7 @@ def check_model_reads(model: nn.Module, example: Any, train: Any, config: RunCon
     was_training = model.training
     dtype = AUTOCAST_DTYPES[config.autocast]
     # buffers a forward may update even in eval mode (quantization observers and the like) are put back
-    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    buffers = _snapshot_buffers(model)
     model.eval()
     try:
         with torch.no_grad(), cpu_autocast(dtype):
@@ -641,7 +641,7 @@ def check_model_reads(model: nn.Module, example: Any, train: Any, config: RunCon
         ) from None
     finally:
         model.train(was_training)
-        _restore_buffers(model, buffers)
+        _restore_buffers(buffers)
     labels = getattr(train, "y", None)
     if not (classifies and isinstance(out, torch.Tensor) and out.dim() == 2 and isinstance(labels, torch.Tensor)):
         return
@@ -664,17 +664,35 @@ def _note_choices(config: RunConfig) -> None:
                       UserWarning, stacklevel=3)
 
 
-def _restore_buffers(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
-    """Put back buffer values taken before a trial forward (in place where the shape held, else replaced)."""
+_BufferSlot = tuple[nn.Module, str, torch.Tensor, torch.Tensor]
+
+
+def _snapshot_buffers(model: nn.Module) -> list[_BufferSlot]:
+    """Every buffer of every module: ``(module, name, the tensor, a copy of its values)``. A tensor that several
+    modules share is copied once, so restoring it keeps them sharing one tensor. Buffers a forward creates (caches
+    such as rotary tables, which their modules track in plain attributes) are left to it."""
+    copies: dict[int, torch.Tensor] = {}
+    slots: list[_BufferSlot] = []
+    for module in model.modules():
+        for name, tensor in module._buffers.items():
+            if tensor is not None:
+                if id(tensor) not in copies:
+                    copies[id(tensor)] = tensor.detach().clone()
+                slots.append((module, name, tensor, copies[id(tensor)]))
+    return slots
+
+
+def _restore_buffers(slots: list[_BufferSlot]) -> None:
+    """Put every buffer slot back as :func:`_snapshot_buffers` found it after a trial forward: the same tensor
+    (a forward that assigned a new one does not leave it there, nor part the modules that shared the old one)
+    holding the same values (the copy itself where the forward changed the tensor's shape or type in place)."""
     with torch.no_grad():
-        for name, value in saved.items():
-            owner_name, _, attr = name.rpartition(".")
-            owner = model.get_submodule(owner_name)
-            current = owner._buffers.get(attr)
-            if current is not None and current.shape == value.shape and current.dtype == value.dtype:
-                current.copy_(value)
+        for module, name, tensor, values in slots:
+            if tensor.shape == values.shape and tensor.dtype == values.dtype:
+                tensor.copy_(values)
+                module._buffers[name] = tensor
             else:
-                owner._buffers[attr] = value
+                module._buffers[name] = values
 
 
 def _describe_input(example: Any) -> str:
