@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,10 +14,42 @@ from torch import nn
 
 from admmcompress.data.datasets import Split
 from admmcompress.finalize import MaskSet
-from admmcompress.plan import Plan
+from admmcompress.plan import Plan, PlanError
 from admmcompress.report.render import render_markdown, save_report
 from admmcompress.train.config import ADMMPhaseConfig, CompactRunConfig, PhaseConfig, RunConfig, StageConfig
 from admmcompress.train.runner import Runner
+
+# What CompressionResult.save writes (report.render.save_report and plot_run): the files it would replace.
+SAVED_FILES = ("metrics.json", "report.md", "sparsity.png", "training.png", "rates.png")
+
+
+class OutputFolderError(ValueError):
+    """An ``out_dir`` that ``compress`` or ``CompressionResult.save`` cannot use (one line naming it and the fix)."""
+
+
+def usable_folder(out_dir: str | Path, who: str) -> Path:
+    """``out_dir`` as a Path, after checking that it is (or can be made as) a folder this process can write into.
+
+    Checked up front so that a file or a read-only folder is refused before anything trains or is written;
+    a missing folder is not created here (its nearest existing parent is probed instead).
+    """
+    if not str(out_dir).strip():
+        raise OutputFolderError(f"{who}: out_dir is empty; give a folder name")
+    folder = Path(out_dir)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file" if existing == folder else f"cannot be made: '{existing}' on its path is a file"
+        raise OutputFolderError(f"{who}: out_dir '{folder}' {what}; choose a folder for the outputs")
+    try:
+        with tempfile.TemporaryFile(dir=existing):  # a probe: permission bits miss read-only mounts and ACLs
+            pass
+    except OSError as err:
+        raise OutputFolderError(
+            f"{who}: cannot write into out_dir '{folder}' ({err.strerror or err}); choose a folder you can write to"
+        ) from None
+    return folder
 
 
 @dataclass
@@ -37,8 +70,26 @@ class CompressionResult:
     def report(self) -> str:
         return render_markdown(self.metrics)
 
-    def save(self, out_dir: str | Path, title: str = "admmcompress report") -> str:
-        return save_report(out_dir, self.metrics, self.history, title)
+    def save(self, out_dir: str | Path, title: str = "admmcompress report", overwrite: bool = False) -> str:
+        """Write report.md, metrics.json and the plots (``SAVED_FILES``) into ``out_dir``; return the markdown.
+
+        As on the command line, nothing is written over by accident: ``out_dir`` may be new, empty or hold
+        other files (the checkpoint of ``compress(out_dir=...)``), but files it would replace are refused
+        (``OutputFolderError``) unless ``overwrite=True``. Each file is written atomically.
+        """
+        folder = Path(out_dir)
+        present = [name for name in SAVED_FILES if (folder / name).exists() or (folder / name).is_symlink()]
+        taken = [name for name in present if (folder / name).is_dir()]
+        if taken:  # overwrite or not, a file cannot replace a folder
+            raise OutputFolderError(
+                f"save: '{folder / taken[0]}' is a folder where save writes a file; choose another out_dir or move it"
+            )
+        if present and not overwrite:
+            raise OutputFolderError(
+                f"save: '{folder}' already holds {', '.join(present)}; save does not overwrite: choose another "
+                "out_dir, remove them, or pass overwrite=True"
+            )
+        return save_report(usable_folder(folder, "save"), self.metrics, self.history, title)
 
 
 def compress(
@@ -71,7 +122,8 @@ def compress(
     optimizer, update cadence); ``options`` the method's own config, a mapping or its dataclass
     (``{"rho": 1e-3}`` for admm, ``{"penalty": 1e-4}`` for reweighted; ``reweighted=`` is its deprecated
     spelling). ``loss_fn(batch, output, model)`` replaces cross-entropy in every phase. With ``out_dir``,
-    state is checkpointed there every epoch.
+    state is checkpointed there every epoch (a file or a folder this process cannot write into is refused,
+    ``OutputFolderError``, before training). An empty list of plans is a ``PlanError``.
 
     ``coupling`` ("none", "strict" or "extend") is a run config stage's ``coupling``: filter/channel
     targets on tied channels become one coupled target per channel group (``Plan.resolve_coupled``).
@@ -101,6 +153,8 @@ def compress(
                       DeprecationWarning, stacklevel=2)
         options = reweighted if options is None else options
     plans = plan if isinstance(plan, list) else [plan]
+    if not plans:  # no stage would run: the model would come back untouched
+        raise PlanError("compress: the plan list is empty; give a Plan, or a list of Plans (one per pruning step)")
     stages = [
         StageConfig(plan=p, method=method, admm=admm or ADMMPhaseConfig(), retrain=retrain or PhaseConfig(),
                     options=options, coupling=coupling)
@@ -108,6 +162,8 @@ def compress(
     ]
     config = RunConfig(model={"name": type(model).__name__}, data={"batch_size": batch_size}, seed=seed,
                        pretrained="<in-memory model>", stages=stages, compact=compact)
+    if out_dir is not None:  # refused now, not after the first epoch's checkpoint
+        out_dir = usable_folder(out_dir, "compress")
     runner = Runner(config, model, train, test, out_dir=out_dir, progress=progress, train_dense=False,
                     loss_fn=loss_fn)
     metrics = runner.run()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,13 @@ import torch
 from torch import nn
 
 from admmcompress.hardware.analysis import add_adc, add_variation, analyze
-from admmcompress.hardware.crossbar import CrossbarSpec
-from admmcompress.hardware.noise import DeviceNoise
+from admmcompress.hardware.crossbar import MAX_ADC_BITS, MAX_TILE, CrossbarSpec
+from admmcompress.hardware.noise import MAX_SIGMA, DeviceNoise
+
+MAX_WEIGHT_BITS = 16  # as CrossbarSpec and analyze() allow
+MAX_ACT_BITS = 32  # bit-serial input cycles per read: more is no activation format anyone uses
+MAX_DRAWS = 1000  # each draw is one pass over the test data
+MAX_SEED = 2**63 - 1  # as `admmcompress run --seed`; seed + draw index stays within torch's seed range
 
 
 def _tile(text: str) -> tuple[int, int]:
@@ -35,29 +41,76 @@ def _tile(text: str) -> tuple[int, int]:
         values = []
     if len(values) == 1:
         values = values * 2
-    if len(values) != 2 or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"--tile {text!r}: give one size (128) or ROWSxCOLS (128x64)")
+    if len(values) != 2 or not all(1 <= v <= MAX_TILE for v in values):
+        raise argparse.ArgumentTypeError(
+            f"--tile {text!r}: give one size (128) or ROWSxCOLS (128x64), each in [1, {MAX_TILE}]"
+        )
     return values[0], values[1]
 
 
+def _int_in(flag: str, low: int, high: int | None, example: int) -> Callable[[str], int]:
+    """An argparse ``type`` that takes an integer in ``[low, high]`` (no upper bound when ``high`` is None)."""
+    span = f"in [{low}, {high}]" if high is not None else f">= {low}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{flag} {text!r}: give an integer {span}, e.g. {flag} {example}")
+        return value
+
+    return parse
+
+
+def _float_in(flag: str, low: float, high: float, example: float) -> Callable[[str], float]:
+    """An argparse ``type`` that takes a number in ``[low, high]`` (NaN and inf refused)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not low <= value <= high:  # NaN fails the comparison too
+            raise argparse.ArgumentTypeError(
+                f"{flag} {text!r}: give a number in [{low:g}, {high:g}], e.g. {flag} {example}"
+            )
+        return value
+
+    return parse
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``hardware`` subcommand's flags."""
+    """The ``hardware`` subcommand's flags; every number is checked against its range here, before the run loads."""
     parser.add_argument("dir", help="a finished run folder (the --out of `admmcompress run`)")
     parser.add_argument("--tile", type=_tile, default=(128, 128), help="crossbar size: 128 or ROWSxCOLS")
-    parser.add_argument("--bits-per-cell", type=int, default=2, help="bits per memristor cell (default 2)")
-    parser.add_argument("--weight-bits", type=int, default=8, help="weight bits, sign included (default 8)")
+    parser.add_argument("--bits-per-cell", type=_int_in("--bits-per-cell", 1, 8, 2), default=2,
+                        help="bits per memristor cell (default 2)")
+    parser.add_argument("--weight-bits", type=_int_in("--weight-bits", 1, MAX_WEIGHT_BITS, 8), default=8,
+                        help="weight bits, sign included (default 8)")
     parser.add_argument("--signed", choices=("differential", "offset"), default="differential")
-    parser.add_argument("--adc-bits", type=int, default=8, help="ADC resolution in the cost model (default 8)")
-    parser.add_argument("--act-bits", type=int, default=8, help="input bits, fed bit-serially (default 8)")
-    parser.add_argument("--baseline-bits", type=int, default=16, help="bits of the unpruned reference (16)")
-    parser.add_argument("--pim-bits", type=int, nargs="*", default=[1, 2, 3, 4], help="SOT-MRAM weight bits")
-    parser.add_argument("--variation", type=float, nargs="*", default=[], help="log-normal sigmas, e.g. 0.05 0.1")
-    parser.add_argument("--stuck-on", type=float, default=0.0, help="stuck-at-on probability per cell")
-    parser.add_argument("--stuck-off", type=float, default=0.0, help="stuck-at-off probability per cell")
-    parser.add_argument("--draws", type=int, default=5, help="Monte-Carlo draws per noise setting (default 5)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the first draw")
-    parser.add_argument("--adc-sweep", type=int, nargs="*", default=[], help="ADC bits to evaluate accuracy at")
-    parser.add_argument("--samples", type=int, help="evaluate on the first N test samples only")
+    parser.add_argument("--adc-bits", type=_int_in("--adc-bits", 1, MAX_ADC_BITS, 8), default=8,
+                        help="ADC resolution in the cost model (default 8)")
+    parser.add_argument("--act-bits", type=_int_in("--act-bits", 1, MAX_ACT_BITS, 8), default=8,
+                        help="input bits, fed bit-serially (default 8)")
+    parser.add_argument("--baseline-bits", type=_int_in("--baseline-bits", 1, MAX_WEIGHT_BITS, 16), default=16,
+                        help="bits of the unpruned reference (16)")
+    parser.add_argument("--pim-bits", type=_int_in("--pim-bits", 1, MAX_WEIGHT_BITS, 2), nargs="*",
+                        default=[1, 2, 3, 4], help="SOT-MRAM weight bits")
+    parser.add_argument("--variation", type=_float_in("--variation", 0.0, MAX_SIGMA, 0.1), nargs="*", default=[],
+                        help="log-normal sigmas, e.g. 0.05 0.1")
+    parser.add_argument("--stuck-on", type=_float_in("--stuck-on", 0.0, 1.0, 0.001), default=0.0,
+                        help="stuck-at-on probability per cell")
+    parser.add_argument("--stuck-off", type=_float_in("--stuck-off", 0.0, 1.0, 0.001), default=0.0,
+                        help="stuck-at-off probability per cell")
+    parser.add_argument("--draws", type=_int_in("--draws", 1, MAX_DRAWS, 5), default=5,
+                        help="Monte-Carlo draws per noise setting (default 5)")
+    parser.add_argument("--seed", type=_int_in("--seed", 0, MAX_SEED, 1), default=0, help="seed of the first draw")
+    parser.add_argument("--adc-sweep", type=_int_in("--adc-sweep", 2, MAX_ADC_BITS, 6), nargs="*", default=[],
+                        help="ADC bits to evaluate accuracy at")
+    parser.add_argument("--samples", type=_int_in("--samples", 1, None, 500),
+                        help="evaluate on N test samples only (a seeded draw)")
     parser.add_argument("--no-save", action="store_true", help="print only; do not write hardware.md/.png")
 
 

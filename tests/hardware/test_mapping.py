@@ -95,6 +95,10 @@ def test_model_without_gemm_layers_is_a_clear_error():
         ({"signed": "twos"}, "signed='twos'; choose 'differential' or 'offset'"),
         ({"cols": 4, "weight_bits": 16, "bits_per_cell": 1}, "one weight takes 30 columns"),
         ({"g_min": 5.0, "g_max": 1.0}, "need 0 < g_min < g_max"),
+        # a huge tile would pad every layer to a huge grid (1.25e15 bytes for a 1e8 tile): refused with the range
+        ({"rows": 10**8, "cols": 10**8},
+         r"tile 100000000x100000000 is too large; rows and cols must be in \[1, 4096\]"),
+        ({"adc_bits": 5000}, r"adc_bits=5000 must be in \[1, 24\]"),  # 2 ** (5000 - 8) overflowed a float
     ],
 )
 def test_bad_specs_name_the_problem(kwargs, message):

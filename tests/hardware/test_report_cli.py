@@ -107,3 +107,31 @@ def test_cli_hardware_errors_are_one_line(tmp_path, capsys):
     assert main(["hardware", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("admmcompress: error:") and "model.safetensors" in err[0]
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--tile", "100000000"], "argument --tile: --tile '100000000': give one size (128) or ROWSxCOLS (128x64), "
+                                  "each in [1, 4096]"),
+        (["--tile", "64x100000"], "each in [1, 4096]"),
+        (["--adc-bits", "5000"], "argument --adc-bits: --adc-bits '5000': give an integer in [1, 24]"),
+        (["--act-bits", "100000"], "give an integer in [1, 32]"),
+        (["--draws", "100000000"], "give an integer in [1, 1000]"),
+        (["--pim-bits", "2", "4096"], "--pim-bits '4096': give an integer in [1, 16]"),
+        (["--adc-sweep", "64"], "--adc-sweep '64': give an integer in [2, 24]"),
+        (["--seed", str(2**70)], "--seed '1180591620717411303424': give an integer in [0, 9223372036854775807]"),
+        (["--variation", "nan"], "--variation 'nan': give a number in [0, 3]"),
+        (["--stuck-on", "2"], "--stuck-on '2': give a number in [0, 1]"),
+        (["--samples", "0"], "--samples '0': give an integer >= 1"),
+    ],
+)
+def test_cli_hardware_numbers_out_of_range_are_one_line_before_the_run_loads(tmp_path, capsys, flags, expected):
+    # tmp_path holds no run: the flag must be refused first (the old code went on to load the run, or allocated
+    # a 1e8 x 1e8 tile grid and died with torch's RuntimeError)
+    with pytest.raises(SystemExit) as code:
+        main(["hardware", str(tmp_path), *flags])
+    assert code.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("admmcompress hardware: error: "), err
+    assert expected in err[0]

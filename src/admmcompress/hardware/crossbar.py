@@ -35,6 +35,10 @@ from admmcompress.hardware.constants import DEVICE
 from admmcompress.structures.groups import as_matrix
 
 SIGNED = ("differential", "offset")
+# Largest tile side and ADC resolution accepted: real crossbars stay far below (64..1024 cells a side), and
+# the mapping pads every layer to whole tiles, so a huge tile would allocate a huge padded grid.
+MAX_TILE = 4096
+MAX_ADC_BITS = 24
 GEMM_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -65,6 +69,13 @@ class CrossbarSpec:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"crossbar: {key}={value!r} must be a positive integer, e.g. {example}")
+        if max(self.rows, self.cols) > MAX_TILE:
+            raise ValueError(
+                f"crossbar: tile {self.rows}x{self.cols} is too large; rows and cols must be in [1, {MAX_TILE}], "
+                "e.g. 128x128"
+            )
+        if self.adc_bits > MAX_ADC_BITS:
+            raise ValueError(f"crossbar: adc_bits={self.adc_bits} must be in [1, {MAX_ADC_BITS}], e.g. 8")
         if self.weight_bits > 16 or self.bits_per_cell > 8:
             raise ValueError(
                 f"crossbar: weight_bits={self.weight_bits}, bits_per_cell={self.bits_per_cell}; "
@@ -272,6 +283,6 @@ def map_model(
 
 
 __all__ = [
-    "CrossbarSpec", "LayerMapping", "ModelMapping", "gemm_layers", "gemm_matrices", "map_matrix", "map_model",
-    "TileLayout", "output_positions", "tile_grid",
+    "MAX_ADC_BITS", "MAX_TILE", "CrossbarSpec", "LayerMapping", "ModelMapping", "gemm_layers", "gemm_matrices",
+    "map_matrix", "map_model", "TileLayout", "output_positions", "tile_grid",
 ]

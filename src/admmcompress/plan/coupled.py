@@ -176,6 +176,11 @@ def couple(
     if mode not in COUPLING_MODES:
         raise PlanError(f"coupling mode {mode!r} is unknown; use one of {COUPLING_MODES}")
     if groups is None:
+        if example_inputs is None:  # else torch's TypeError from deep inside the model's forward
+            raise PlanError(
+                "coupled targets need an example input to trace the model's tied channels, got None; pass one "
+                "batch the model accepts, e.g. resolve_coupled(model, torch.zeros(1, 3, 32, 32))"
+            )
         groups = cached_channel_groups(model, example_inputs, extra_channelwise_ops or ())
     modules = dict(model.named_modules())
     errors: list[str] = []

@@ -51,6 +51,7 @@ from admmcompress.plan.residual import (
     stream_problem,
     stream_role,
 )
+from admmcompress.plan.targets import PlanError
 from admmcompress.plan.tp_compat import patch_torch_pruning
 
 PRODUCER, CONSUMER, NORM, DEPTHWISE = "producer", "consumer", "norm", "depthwise"
@@ -289,15 +290,47 @@ def _trace(tp, model: nn.Module, example_inputs, cut: list[torch.Tensor], cut_la
         handles = [layer.register_forward_hook(_cut_into(cut)) for layer in cut_layers]
         try:
             return call_model(m, inputs)
+        except Exception as err:  # the example does not fit the model: a PlanError, not torch's error
+            raise PlanError(_example_problem(m, inputs, err)) from None
         finally:
             for handle in handles:
                 handle.remove()
 
-    with torch.enable_grad():
-        return tp.DependencyGraph().build_dependency(
-            model, example_inputs=example_inputs, forward_fn=forward,
-            output_transform=lambda out: output_tensors(out) + cut, verbose=False,
-        )
+    before = {m: set(m._forward_hooks) for m in model.modules()}
+    try:
+        with torch.enable_grad():
+            return tp.DependencyGraph().build_dependency(
+                model, example_inputs=example_inputs, forward_fn=forward,
+                output_transform=lambda out: output_tensors(out) + cut, verbose=False,
+            )
+    except PlanError:
+        # Torch-Pruning removes its recording hooks only after a forward that returned: remove them here
+        for m, kept in before.items():
+            for key in set(m._forward_hooks) - kept:
+                m._forward_hooks.pop(key, None)
+        raise
+
+
+def _example_problem(model: nn.Module, inputs: Any, err: Exception) -> str:
+    """One line: the example the model could not read, what the model said, and what to pass instead."""
+    said = (str(err).strip().splitlines() or [""])[0]
+    if len(said) > 200:
+        said = said[:197] + "..."
+    return (
+        f"the example input ({_describe_input(inputs)}) does not fit {type(model).__name__}: {type(err).__name__}: "
+        f"{said}; pass one batch the model accepts (a tensor, a tuple of positional inputs or a dict of keywords)"
+    )
+
+
+def _describe_input(value: Any) -> str:
+    """A short description of an example input: shapes and dtypes, not values."""
+    if isinstance(value, torch.Tensor):
+        return f"tensor {tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
+    if isinstance(value, (tuple, list)):
+        return f"{type(value).__name__} of {len(value)}: " + ", ".join(_describe_input(v) for v in value[:4])
+    if isinstance(value, dict):
+        return "dict " + ", ".join(f"{k}: {_describe_input(v)}" for k, v in list(value.items())[:4])
+    return type(value).__name__
 
 
 def _cut_into(found: list[torch.Tensor]):

@@ -145,9 +145,17 @@ class Plan:
     def __init__(self, rules: Mapping[str, Structure] | Iterable[Rule]):
         if isinstance(rules, Mapping):
             rules = [Rule(structure=s, match=pattern) for pattern, s in rules.items()]
+        elif isinstance(rules, (str, bytes)) or not isinstance(rules, Iterable):  # "fc1" would be rules f, c, 1
+            raise PlanError(f"Plan({_short(rules)}): {PLAN_TAKES}")
         self.rules: list[Rule] = list(rules)
         if not self.rules:
             raise PlanError("the plan has no rules; add at least one {match: ..., structure: ..., sparsity: ...}")
+        for i, rule in enumerate(self.rules):  # checked now, not as an AttributeError when the plan is resolved
+            if not isinstance(rule, Rule):
+                hint = " (a rule mapping goes through Plan.from_dict)" if isinstance(rule, Mapping) else ""
+                raise PlanError(
+                    f"Plan rule #{i} is {type(rule).__name__} {_short(rule)}, not a Rule{hint}: {PLAN_TAKES}"
+                )
 
     def __repr__(self) -> str:
         return f"Plan({[r.describe() for r in self.rules]})"
@@ -175,17 +183,30 @@ class Plan:
 
     @classmethod
     def from_yaml(cls, source: str | Path) -> Plan:
-        """From a YAML file path or a YAML string."""
-        looks_like_path = isinstance(source, Path) or ("\n" not in source and source.endswith((".yaml", ".yml")))
-        if looks_like_path:
-            path = Path(source)
-            if not path.is_file():
-                raise PlanError(f"plan file '{path}' does not exist; check the path (relative to {Path.cwd()})")
-            source = path.read_text()
+        """From a YAML file path (an existing file, whatever its suffix) or a YAML string."""
+        if not isinstance(source, (str, Path)):
+            raise PlanError(
+                f"Plan.from_yaml takes a YAML file path or a YAML string, got {type(source).__name__}; "
+                "for a mapping or a list use Plan.from_dict"
+            )
+        path = _plan_path(source)
+        text = _read_plan_file(path) if path is not None else str(source)
+        where = f"plan file '{path}'" if path is not None else "plan"
         try:
-            spec = safe_load_unique(source)
+            spec = safe_load_unique(text)
         except yaml.YAMLError as err:
-            raise PlanError(f"plan is not valid YAML: {yaml_problem(err)}") from None
+            raise PlanError(f"{where} is not valid YAML: {yaml_problem(err)}") from None
+        if path is None and isinstance(spec, str) and "\n" not in text:  # one word: a file name that is not there
+            raise PlanError(
+                f"plan file '{source}' does not exist (check the path, relative to {Path.cwd()}); a YAML plan "
+                "string is a mapping, e.g. 'rules: [{match: fc1, structure: unstructured, sparsity: 0.5}]'"
+            )
+        if path is not None and not isinstance(spec, (Mapping, list)):
+            raise PlanError(
+                f"{where} holds no plan ({'it is empty' if spec is None else f'a YAML {type(spec).__name__}'}); "
+                "a plan file is a mapping with a list of rules, e.g. 'rules: [{match: fc1, structure: unstructured, "
+                "sparsity: 0.5}]'"
+            )
         return cls.from_dict(spec)
 
     def to_dict(self) -> dict[str, Any]:
@@ -251,6 +272,55 @@ class Plan:
         ['0:coupled-filter']
         """
         return couple(model, self.resolve(model), example, mode, extra_channelwise_ops)
+
+
+PLAN_TAKES = (
+    "a plan takes a mapping {'layer glob': structure} or a list of Rule(structure, match=..., type=...), "
+    "e.g. Plan({'fc1': Unstructured(sparsity=0.5)})"
+)
+
+
+def _short(value: Any) -> str:
+    """``repr(value)`` cut to one short line (a message names the value, not a whole tensor)."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _plan_path(source: str | Path) -> Path | None:
+    """The file ``source`` names, or None when it is YAML text; a named file that cannot be read is a PlanError.
+
+    A ``Path``, a ``.yaml``/``.yml`` name (any case) or the name of anything that exists is a path; other text
+    is YAML (a file name that does not exist is caught by ``from_yaml`` once it parses to a bare word).
+    """
+    if isinstance(source, str) and "\n" in source:
+        return None
+    path = Path(source)
+    try:  # a long one-line YAML string is no file name: the OS may say "name too long"
+        is_dir, is_file = path.is_dir(), path.is_file()
+    except (OSError, ValueError):
+        is_dir = is_file = False
+    if isinstance(source, str) and not (is_dir or is_file or source.strip().lower().endswith((".yaml", ".yml"))):
+        return None
+    if is_dir:
+        raise PlanError(f"plan file '{path}' is a folder; give the plan's YAML file in it")
+    if not is_file:
+        raise PlanError(f"plan file '{path}' does not exist; check the path (relative to {Path.cwd()})")
+    return path
+
+
+def _read_plan_file(path: Path) -> str:
+    """The text of a plan file; unreadable or binary files are a one-line PlanError."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise PlanError(f"plan file '{path}' cannot be read ({err.strerror or err}); check its permissions") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise PlanError(
+            f"plan file '{path}' is not a text (YAML) file: byte {data[err.start]:#04x} at offset {err.start} is not "
+            "UTF-8; give the plan's YAML file"
+        ) from None
 
 
 def _tied_targets(targets: list[Target], modules: dict[str, torch.nn.Module]) -> list[str]:
