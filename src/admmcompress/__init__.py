@@ -11,7 +11,7 @@ Three lines in your own loop::
 Or one call: ``compress(model, plan, train, test, admm={"epochs": 10}, retrain={"epochs": 5})``.
 """
 
-from admmcompress.api import CompressionResult, compress
+from admmcompress.api import CompressionResult, OutputFolderError, compress
 from admmcompress.drivers import (
     ADMM,
     Driver,
@@ -66,6 +66,7 @@ __all__ = [
     "CompactConfig",
     "CompactionError",
     "CompressionResult",
+    "OutputFolderError",
     "Filter",
     "GradualMagnitude",
     "IterativeQuantization",
