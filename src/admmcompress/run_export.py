@@ -22,6 +22,7 @@ round trip: state dict bit-identical, outputs identical: True
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -89,10 +90,11 @@ def _recorded_transforms(run_dir: Path) -> list[dict]:
 
 
 def example_input(config: RunConfig, count: int = 8) -> torch.Tensor:
-    """The first ``count`` test inputs of the run's dataset."""
-    from admmcompress.data.datasets import load_dataset
+    """The first ``count`` test inputs of the run's dataset (a bundled one, or the run's own by import path)."""
+    from admmcompress.data.imported import first_inputs, load_data
 
-    return load_dataset(config.data.dataset, "test", config.data.data_dir, count).x[:count]
+    # load_data, as the run did: `data.dataset` may be an {import: ...} mapping, not a bundled name
+    return first_inputs(load_data(config.data.dataset, "test", config.data.data_dir, count), count)
 
 
 def open_run(run_dir: str | Path) -> FinishedRun:
@@ -167,8 +169,8 @@ def config_plugins(run_dir: str | Path) -> list[str] | None:
     path = Path(run_dir) / "config.yaml"
     try:
         spec = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
-        return None  # a missing or broken config is reported when the run is opened
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None  # a missing, binary or broken config is reported when the run is opened
     return spec.get("plugins") if isinstance(spec, dict) else None
 
 
@@ -283,6 +285,22 @@ def check_export_out(name: str, out: str | Path, overwrite: bool = False) -> Non
         raise ValueError(f"--out '{out}' is a folder; {flag} writes a file, give a file name")
     if not folder and exists and not overwrite:
         raise ValueError(f"--out '{out}' exists; export does not overwrite: choose another name or remove it")
+    _check_out_location(path if folder else path.parent, out)
+
+
+def _check_out_location(where: Path, out: str | Path) -> None:
+    """Refuse, before the export's work, a folder for ``out`` that cannot be made or written (missing ones are
+    created at the write): judged by its nearest existing parent, as ``admmcompress run`` judges its --out."""
+    existing = where
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise ValueError(f"--out '{out}' cannot be written: '{existing}' is a file, not a folder; choose another --out")
+    if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"--out '{out}' cannot be written: '{existing}' is read-only for this user; make it writable or choose "
+            "another --out"
+        )
 
 
 # --- deprecated names (one release) ---------------------------------------------------------

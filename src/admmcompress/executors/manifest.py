@@ -45,6 +45,7 @@ on the meta device before any layer is built (a model built from the manifest's 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -59,7 +60,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 from typing_extensions import deprecated
 
-from admmcompress.atomic import atomic_write
+from admmcompress.atomic import WriteError, atomic_write
 from admmcompress.executors.column import ColumnConv2d, ColumnLinear
 from admmcompress.plan.attention import ALL_HEADS_ATTRS, HEAD_COUNT_ATTRS, HEAD_SIZE_ATTRS, KV_COUNT_ATTRS
 from admmcompress.plan.residual import WidthKeepingLayerNorm, tied_parameters
@@ -264,7 +265,7 @@ def _write_compacted(model: nn.Module, folder: str | Path, model_spec: dict[str,
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():  # mkdir would say only "File exists", as a traceback
         raise ValueError(f"'{folder}' is a file; a compacted model is saved as a folder, choose another path")
-    folder.mkdir(parents=True, exist_ok=True)
+    _make_folder(folder)
     manifest = shape_manifest(model, model_spec)
     state, seen = {}, set()
     for k, v in model.state_dict().items():
@@ -281,6 +282,24 @@ def _write_compacted(model: nn.Module, folder: str | Path, model_spec: dict[str,
     text = json.dumps(manifest, indent=1)
     atomic_write(folder / MANIFEST, lambda tmp: tmp.write_text(text))
     return folder
+
+
+def _make_folder(folder: Path) -> None:
+    """``mkdir -p folder``; a failure is one WriteError line naming the folder and the fix (mkdir's own
+    NotADirectoryError / read-only OSError would be a traceback)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        blocking = next((p for p in folder.parents if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            reason, fix = f"'{blocking}' is a file, not a folder", "choose another path"
+        elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            reason, fix = err.strerror or str(err), "make the folder writable (or write elsewhere) and retry"
+        elif err.errno in (errno.ENOSPC, errno.EDQUOT):
+            reason, fix = err.strerror or str(err), "free some space (or write elsewhere) and retry"
+        else:
+            reason, fix = err.strerror or str(err), "check the folder and retry"
+        raise WriteError(err.errno or 0, f"cannot create folder '{folder}': {reason}; {fix}") from None
 
 
 @deprecated(

@@ -40,6 +40,7 @@ Runtime on the example inputs, ``export`` = the same for a finished run's model 
 
 from __future__ import annotations
 
+import errno
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -50,6 +51,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from admmcompress.atomic import WriteError, atomic_write
 from admmcompress.encoding import grid_of
 from admmcompress.executors.base import Executor, FinishedRun, register_executor
 from admmcompress.structures.groups import gemm_params
@@ -205,6 +207,8 @@ def export_onnx(
     onnx = _require_onnx()
     from onnx import TensorProto, helper, numpy_helper
 
+    path = Path(path)
+    _check_out_folder(path)  # a file where a folder goes: one line now, not after the export
     was_training = model.training
     model.eval()
     values, names = _positional(example_inputs)
@@ -218,7 +222,6 @@ def export_onnx(
     for name, module in wrapped.named_modules():
         for param in gemm_params(module):
             weights[f"{name}.{param}" if name else param] = getattr(module, param).detach()
-    path = Path(path)
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         # The exporter may write the float weights to a side file; export apart, keep one self-contained file.
         warnings.simplefilter("ignore")
@@ -291,9 +294,24 @@ def export_onnx(
     nodes = list(graph.node)
     del graph.node[:]
     graph.node.extend(new_nodes + nodes)
-    onnx.checker.check_model(graph_model)
-    onnx.save(graph_model, str(path))
+    # One self-contained protobuf, whatever the name's extension, serialized once for the check and the file
+    # (over 2 GB protobuf refuses it, as onnx.save did: before anything is written).
+    data = graph_model.SerializeToString()
+    onnx.checker.check_model(data)
+    # atomic: a full disk leaves no truncated file at `path` (a retry would be refused as "exists")
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
     return summary
+
+
+def _check_out_folder(path: Path) -> None:
+    """Refuse a ``path`` under a file (atomic_write creates missing folders, but not through a file)."""
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise WriteError(
+            errno.ENOTDIR, f"cannot write '{path}': '{existing}' is a file, not a folder; choose another path"
+        )
 
 
 def run_onnx(path: str | Path, *inputs: torch.Tensor, **named: torch.Tensor) -> list[np.ndarray]:
