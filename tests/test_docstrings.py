@@ -77,6 +77,7 @@ MODULES = [
     "admmcompress.encoding",
     "admmcompress.report.storage",
     "admmcompress.report.compare",
+    "admmcompress.report.render",
     "admmcompress.report.integrity",
     "admmcompress.config_keys",
     "admmcompress.models.registry",

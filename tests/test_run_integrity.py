@@ -1,7 +1,8 @@
 """A finished run's outputs carry SHA-256 checksums in metrics.json; `report` and `export` verify them.
 
 A changed byte in model.safetensors, masks.safetensors, the compact/ files or metrics.json is refused with one
-line naming the file (exit status 2); a pruned weight made nonzero is refused even with fresh checksums; runs
+line naming the file (exit status 2); a pruned weight made nonzero is refused even with fresh checksums, and so is
+a missing output or an unreadable compacted model under --rehash; runs
 written before checksums still report and export, with a note; `report` on a read-only run folder prints the
 report and says it could not save it.
 """
@@ -247,3 +248,48 @@ def test_a_run_recorded_before_config_checksums_is_still_verified(run):
     path.write_text(json.dumps(data))
     (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("seed: 3", "seed: 4"))
     assert verify_run(run) == []
+
+
+# --- report --rehash still checks what the run wrote --------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["masks.safetensors", "compact/manifest.json", "compact/model.safetensors", "compact"])
+def test_rehash_refuses_a_missing_output_instead_of_dropping_it_from_the_record(run, capsys, name):
+    path = run / name
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    metrics = (run / "metrics.json").read_bytes()
+    err = error_line(capsys, ["report", str(run), "--rehash"])
+    missing = run / ("compact/manifest.json" if name == "compact" else name)
+    assert f"'{missing}' is missing; the run wrote it" in err and "restore it" in err
+    assert (run / "metrics.json").read_bytes() == metrics  # the old record stands: report still refuses
+    assert "is missing" in error_line(capsys, ["report", str(run)])
+
+
+def test_a_record_without_the_masks_does_not_pass_a_run_without_them(run, capsys):
+    # a record written by a --rehash that dropped the missing masks (before this was refused)
+    (run / "masks.safetensors").unlink()
+    path = run / "metrics.json"
+    data = json.loads(path.read_text())
+    del data["metrics"]["integrity"]["files"]["masks.safetensors"]
+    seal(data["metrics"], data["history"])
+    path.write_text(json.dumps(data))
+    assert f"'{run / 'masks.safetensors'}' is missing" in error_line(capsys, ["report", str(run)])
+
+
+@pytest.mark.parametrize("text", ['{"x":', "[]"])
+def test_rehash_refuses_a_compact_manifest_that_does_not_read(run, capsys, text):
+    manifest = run / "compact" / "manifest.json"
+    manifest.write_text(text)
+    metrics = (run / "metrics.json").read_bytes()
+    err = error_line(capsys, ["report", str(run), "--rehash"])
+    assert err.startswith(f"admmcompress: error: '{manifest}' is not ")
+    assert (run / "metrics.json").read_bytes() == metrics
+
+
+def test_rehash_refuses_compacted_weights_their_manifest_does_not_record(run, capsys):
+    weights = run / "compact" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x01
+    weights.write_bytes(bytes(data))
+    err = error_line(capsys, ["report", str(run), "--rehash"])
+    assert f"'{weights}' is not the file" in err and "manifest.json' records" in err

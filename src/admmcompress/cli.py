@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument(
         "--rehash",
         action="store_true",
-        help="the run's files were changed on purpose: skip their checksums, record new ones (masks still checked)",
+        help="the run's files were changed on purpose: skip their checksums, record new ones (masks still checked; "
+        "every output the run wrote must still be there; one run folder, not with --compare)",
     )
     export = sub.add_parser(
         "export", help="write a finished run's model with an executor: packed file, ONNX, compacted, or a plugin's"
@@ -247,6 +248,9 @@ def _run_locked(
 def _report_command(args: argparse.Namespace) -> int:
     if args.compare and args.dir:
         raise ValueError(f"report: give either a run folder or --compare RUN_DIR..., not both ('{args.dir}')")
+    if args.compare and args.rehash:  # --compare only reads runs: re-recording checksums there would be unseen
+        raise ValueError("report: --rehash re-records one run's checksums and --compare only reads runs; first "
+                         "`admmcompress report --rehash DIR` for each run changed on purpose, then --compare")
     if args.compare:
         from admmcompress.report.compare import compare_runs
 
@@ -279,11 +283,16 @@ def _report(out: Path, rehash: bool = False) -> int:
     model = create_model(config.model["name"], **{k: v for k, v in config.model.items() if k != "name"})
     rebuild_transforms(model, metrics.get("transforms", []))  # modules a driver rewrote (ModuleTransform)
     ckpt.load_weights(model, out / "model.safetensors")
-    layers = [row["name"] for row in metrics["stats"]["layers"]]
+    layers = _measured_layers(model, metrics["stats"]["layers"], out / "metrics.json")
     metrics["stats"] = measure(model, layers).to_dict()
     metrics["storage"] = storage(model, layers).to_dict()
     seal(metrics, history)  # the figures were recomputed: metrics.json's content checksum follows them
     title = f"admmcompress: {config.name}"
+    try:  # load_report checked the entries it knows; anything else it holds is still one line naming the file
+        render_markdown(metrics, title)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, ZeroDivisionError) as err:
+        raise ValueError(f"'{out / 'metrics.json'}' holds an entry the report cannot show ({type(err).__name__}: "
+                         f"{err}); restore the file as the run wrote it") from None
     try:
         text = save_report(out, metrics, history, title)
         if rehash:
@@ -294,6 +303,24 @@ def _report(out: Path, rehash: bool = False) -> int:
         return 0
     print(text)
     return 0
+
+
+def _measured_layers(model: torch.nn.Module, rows: list[dict], path: Path) -> list[str]:
+    """The pruned layers' module names from the report's rows (a GRU/LSTM's rows are '<layer>.<weight>')."""
+    from admmcompress.structures.groups import gemm_params
+
+    modules = dict(model.named_modules())
+    names, unknown = [], []
+    for row in rows:
+        name = row["name"]
+        layer, _, param = name.rpartition(".")
+        if name not in modules and layer in modules and param in gemm_params(modules[layer]):
+            name = layer
+        (names if name in modules else unknown).append(name)
+    if unknown:
+        raise ValueError(f"'{path}': metrics.stats.layers names {unknown[:4]}, which the model built from the run's "
+                         "config.yaml does not have; restore the file as the run wrote it")
+    return list(dict.fromkeys(names))
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -219,3 +219,80 @@ def test_compare_writes_new_files_atomically(finished, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="notes.md' exists; give --out NEW.md or remove it"):
         compare_runs([finished], tmp_path / "t" / "notes.md")
     assert json.loads((finished / "metrics.json").read_text())["metrics"]  # the run is untouched
+
+
+# --- report --compare verifies each run; report --rehash names a wrong value's key ------------------------------
+
+
+def test_compare_refuses_a_run_that_report_refuses(finished, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tampered = tmp_path / "tampered"
+    shutil.copytree(finished, tampered)
+    path = tampered / "metrics.json"
+    data = json.loads(path.read_text())
+    data["metrics"]["accuracy_after"] = 99.99
+    path.write_text(json.dumps(data))
+    err = error_line(capsys, ["report", "--compare", str(tampered), str(finished)])
+    assert err.startswith(f"'{path}' does not match the checksum recorded in it")
+    assert not (tmp_path / "compare.png").exists()
+
+
+def test_compare_notes_a_run_written_before_checksums(run, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = run / "metrics.json"
+    data = json.loads(path.read_text())
+    del data["metrics"]["integrity"]
+    path.write_text(json.dumps(data))
+    assert main(["report", "--compare", str(run)]) == 0
+    assert "admmcompress: note: " in capsys.readouterr().err
+
+
+def test_rehash_with_compare_is_refused(finished, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    err = error_line(capsys, ["report", "--rehash", "--compare", str(finished)])
+    assert "--rehash" in err and "--compare" in err and not (tmp_path / "compare.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "named"),
+    [
+        (("stats", "layers"), "x", "metrics.stats.layers holds 'x' (a str); it must hold a list"),
+        (("test_accuracy",), "high", "metrics.test_accuracy holds 'high' (a str); it must hold a number"),
+        (("accuracy_after",), [1], "metrics.accuracy_after holds [1] (a list); it must hold a number"),
+        (("stats", "layers", 0, "name"), 3, "metrics.stats.layers[0] holds"),
+        (("phase_seconds",), {"retrain": "slow"}, "metrics.phase_seconds.retrain holds 'slow' (a str)"),
+    ],
+)
+def test_rehash_names_the_key_of_a_value_of_the_wrong_type(run, capsys, key, value, named):
+    path = run / "metrics.json"
+    data = json.loads(path.read_text())
+    entry = data["metrics"]
+    for k in key[:-1]:
+        entry = entry[k]
+    entry[key[-1]] = value
+    path.write_text(json.dumps(data))
+    before = path.read_bytes()
+    err = error_line(capsys, ["report", str(run), "--rehash"])
+    assert err.startswith(f"'{path}': {named}")
+    assert path.read_bytes() == before and "Traceback" not in err
+
+
+def test_a_metrics_json_without_stats_names_the_missing_key(run, capsys):
+    path = run / "metrics.json"
+    data = json.loads(path.read_text())
+    del data["metrics"]["stats"]
+    path.write_text(json.dumps(data))
+    err = error_line(capsys, ["report", str(run), "--rehash"])
+    assert err.startswith(f"'{path}' has no 'stats' entry under 'metrics'")
+
+
+def test_report_measures_a_recurrent_layer_again_from_its_per_matrix_rows(tmp_path):
+    from admmcompress.cli import _measured_layers
+    from admmcompress.models import create_model
+    from admmcompress.report.metrics import measure
+
+    model = create_model("gru_fsdd", hidden=32)
+    rows = measure(model, ["gru"]).to_dict()["layers"]  # one row per matrix: 'gru.weight_ih_l0', ...
+    assert _measured_layers(model, rows, tmp_path / "metrics.json") == ["gru"]
+    with pytest.raises(ValueError, match=r"metrics\.json': metrics\.stats\.layers names \['conv9'\], which the model"):
+        _measured_layers(model, [*rows, {"name": "conv9"}], tmp_path / "metrics.json")

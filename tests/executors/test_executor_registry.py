@@ -201,6 +201,7 @@ def hand_run(tmp_path_factory):
         "model: {name: lenet300100}\ndata: {dataset: mnist}\npretrained: dense.safetensors\nstages: []\n"
     )
     ckpt.save_tensors(run / "model.safetensors", model.state_dict())
+    ckpt.save_tensors(run / "masks.safetensors", {})  # a run without pruning stages writes no masks, but the file
     (run / "metrics.json").write_text('{"metrics": {}, "history": []}')  # a finished run's: export verifies it
     record_output_checksums(run)
     return run, model

@@ -204,6 +204,7 @@ def test_cli_export_packed_writes_and_verifies(tmp_path, capsys):
         "model: {name: lenet300100}\ndata: {dataset: mnist}\npretrained: dense.safetensors\nstages: []\n"
     )
     ckpt.save_tensors(run / "model.safetensors", model.state_dict())
+    ckpt.save_tensors(run / "masks.safetensors", {})  # a run without pruning stages writes no masks, but the file
     (run / "metrics.json").write_text('{"metrics": {}, "history": []}')  # a finished run's: export verifies it
     record_output_checksums(run)
     out = tmp_path / "model.admmpk"

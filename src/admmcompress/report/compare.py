@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from typing import Any
 import yaml
 
 from admmcompress.atomic import atomic_write
-from admmcompress.report.integrity import read_metrics
+from admmcompress.report.integrity import read_metrics, verify_run
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,9 @@ class RunSummary:
 
 
 def load_summary(run_dir: str | Path) -> RunSummary:
-    """Read ``metrics.json`` and ``config.yaml`` of a finished run folder.
+    """Read ``metrics.json`` and ``config.yaml`` of a finished run folder, verified first as ``report`` verifies
+    it (a ``RunIntegrityError`` line naming the changed file; notes, such as a run written before checksums, on
+    stderr): a tampered run must not join a table.
 
     >>> load_summary("/nonexistent")
     Traceback (most recent call last):
@@ -61,6 +64,8 @@ def load_summary(run_dir: str | Path) -> RunSummary:
         return _read_summary(folder / SUMMARY_FILE)
     if not metrics_file.is_file():
         raise FileNotFoundError(f"compare: no metrics.json in '{folder}'; give the --out folder of a finished run")
+    for note in verify_run(folder, require_history=False):
+        print(f"admmcompress: note: {note}", file=sys.stderr)
     metrics = read_metrics(folder, require_history=False)["metrics"]
     config: dict[str, Any] = {}
     if config_file.is_file():

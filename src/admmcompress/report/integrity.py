@@ -8,7 +8,10 @@ so re-indenting it changes nothing, but any changed value is seen) and of ``conf
 model is rebuilt from them). ``verify_run(out_dir)`` checks all
 of them and that the weights agree with the masks (every weight a mask prunes is exactly zero); a
 mismatch is one ``RunIntegrityError`` line naming the file. Runs written before checksums were
-recorded are still verified against their masks, and get a note instead of a refusal.
+recorded are still verified against their masks, and get a note instead of a refusal. ``report --rehash``
+(files changed on purpose) skips the checksums but not the rest: every output the record lists must still be
+there (a missing one would drop out of the new record), masks included, and a compacted model's manifest must
+read and match its weights.
 
 What ``admmcompress run`` does at its end, then what ``report`` and ``export`` do first::
 
@@ -29,13 +32,14 @@ from safetensors.torch import load_file
 
 from admmcompress.atomic import atomic_write
 from admmcompress.config_keys import LOCATION_KEYS, SPEED_KEYS, without_keys
-from admmcompress.executors.manifest import canonical_sha256
+from admmcompress.executors.manifest import canonical_sha256, read_compact_manifest, sha256_hex
 from admmcompress.finalize.quantized import SEP
 
 KEY = "integrity"
 METRICS = "metrics.json"
 MODEL, MASKS = "model.safetensors", "masks.safetensors"
-CHECKED_FILES = (MODEL, MASKS, "compact/manifest.json", "compact/model.safetensors")
+COMPACT_MANIFEST, COMPACT_WEIGHTS = "compact/manifest.json", "compact/model.safetensors"
+CHECKED_FILES = (MODEL, MASKS, COMPACT_MANIFEST, COMPACT_WEIGHTS)
 CONFIG = "config.yaml"  # checked by content (parsed YAML), not bytes
 
 
@@ -148,16 +152,20 @@ def read_metrics(out_dir: str | Path, require_history: bool = True) -> dict[str,
     return data
 
 
-def verify_run(out_dir: str | Path, files: bool = True) -> list[str]:
+def verify_run(out_dir: str | Path, files: bool = True, require_history: bool = True) -> list[str]:
     """Check a finished run folder; return notes (one line each), raise ``RunIntegrityError`` on a mismatch.
 
-    Checks ``metrics.json``'s content checksum and the recorded SHA-256 of every output file (``files=False``
-    skips those two: files changed on purpose), then that ``model.safetensors`` agrees with
-    ``masks.safetensors``. A run without recorded checksums (written before they were) gets a note.
+    Checks ``metrics.json``'s content checksum and the recorded SHA-256 of every output file (``files=False``,
+    ``report --rehash``, skips those two: files changed on purpose, but every output the record lists must still
+    be there and a compacted model's manifest still read), then that ``model.safetensors`` agrees with
+    ``masks.safetensors`` (which must be there). A run without recorded checksums (written before they were)
+    gets a note; ``require_history=False`` accepts one without per-epoch history too (``compare``'s summaries).
     """
     out = Path(out_dir)
-    data = read_metrics(out)
-    metrics, history = data["metrics"], data["history"]
+    data = read_metrics(out, require_history=False)
+    if require_history or KEY in data["metrics"]:  # a recorded content checksum covers the history too
+        data = read_metrics(out)
+    metrics, history = data["metrics"], data.get("history", [])
     record = metrics.get(KEY)
     notes = []
     if record is None:
@@ -175,8 +183,51 @@ def verify_run(out_dir: str | Path, files: bool = True) -> list[str]:
         )
     elif files:
         _check_record(out, record, metrics, history)
+    else:  # --rehash: changed files get new checksums, but what the run wrote must still be there and readable
+        _check_outputs_present(out, record)
+    if (out / MODEL).is_file() and not (out / MASKS).is_file():
+        if record is not None or not files:  # a legacy run may predate masks.safetensors; --rehash needs it
+            raise RunIntegrityError(
+                f"'{out / MASKS}' is missing; the run wrote it: restore it (the weights cannot be checked "
+                "against the masks without it, so --rehash refuses too)"
+            )
+        notes.append(f"'{out}' has no {MASKS}: its weights cannot be checked against the masks")
     _check_masks(out)
     return notes
+
+
+def _check_outputs_present(out: Path, record: Any) -> None:
+    """``--rehash``: every output the old record lists still exists, and a compacted model's files still load.
+
+    A missing output would silently drop out of the new record, and a damaged one be recorded as genuine.
+    """
+    if record is None:
+        return  # a run written before checksums: nothing records which outputs it wrote
+    if not isinstance(record, dict) or not isinstance(record.get("files"), dict):
+        raise RunIntegrityError(f"'{out / METRICS}': its '{KEY}' record is malformed; the file is damaged")
+    for name in record["files"]:
+        target = out / str(name)
+        if name in CHECKED_FILES and name != MASKS and not target.is_file():  # masks: verify_run's own line
+            raise RunIntegrityError(
+                f"'{target}' is missing; the run wrote it ({METRICS} records its checksum): restore it "
+                "(--rehash records new checksums of changed outputs, not of missing ones)"
+            )
+    if (out / COMPACT_MANIFEST).is_file():
+        _check_compact(out)
+
+
+def _check_compact(out: Path) -> None:
+    """The compacted model's manifest reads (JSON, its own checksum, its fields) and names its weights file."""
+    manifest = read_compact_manifest(out / COMPACT_MANIFEST)  # ManifestError: one line naming the file
+    recorded = manifest.get("weights")
+    weights = out / COMPACT_WEIGHTS
+    if isinstance(recorded, dict) and weights.is_file():
+        data = weights.read_bytes()
+        if len(data) != recorded.get("bytes") or sha256_hex(data) != recorded.get("sha256"):
+            raise RunIntegrityError(
+                f"'{weights}' is not the file '{out / COMPACT_MANIFEST}' records: the compacted model would not "
+                "load; restore the run's compact/ folder"
+            )
 
 
 def _check_record(out: Path, record: Any, metrics: dict[str, Any], history: list[dict[str, Any]]) -> None:

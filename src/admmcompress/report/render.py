@@ -11,7 +11,8 @@ from admmcompress.atomic import atomic_write
 from admmcompress.report.integrity import read_metrics
 
 
-def _fmt_rate(x: float) -> str:
+def _fmt_rate(x: float | str) -> str:
+    x = float(x)  # metrics.json holds infinity as "inf"; a stage's compression is read back as written
     return "inf" if math.isinf(x) else f"{x:,.1f}x"
 
 
@@ -155,6 +156,111 @@ def _json_default(value: Any) -> Any:
 
 
 def load_report(out_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The metrics and per-epoch history a finished run wrote (one clear line when the file is damaged)."""
+    """The metrics and per-epoch history a finished run wrote (one clear line when the file is damaged, or when
+    an entry the report reads holds a value of the wrong type: see :func:`check_report_metrics`)."""
     data = read_metrics(out_dir)
+    check_report_metrics(data["metrics"], data["history"], Path(out_dir) / "metrics.json")
     return data["metrics"], data["history"]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_rate(value: Any) -> bool:  # metrics.json writes infinity as the string "inf"
+    return _is_number(value) or value in ("inf", "nan")
+
+
+_ACCURACY = ("a number or null (a top-1 accuracy in %)", "98.5")
+# Top-level entries the report shows: what each must hold, and an example of it.
+_SCALARS: dict[str, tuple[Any, str, str]] = {
+    "accuracy_before": (_is_number, *_ACCURACY),
+    "accuracy_after": (_is_number, *_ACCURACY),
+    "test_accuracy": (_is_number, *_ACCURACY),
+    "wall_seconds": (_is_number, "a number or null (seconds)", "61.0"),
+    "world_size": (lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number (processes)", "1"),
+    "evaluated_on": (lambda v: isinstance(v, str), "a string or null", '"test"'),
+    "data_file": (lambda v: isinstance(v, str), "a string or null (a path)", '"data/mnist.npz"'),
+}
+_STAGE_SCALARS = {
+    "overall_compression": (_is_rate, 'a number or "inf"', "10.0"),
+    "accuracy_before_hard_prune": (_is_number, *_ACCURACY),
+    "accuracy_after_hard_prune": (_is_number, *_ACCURACY),
+    "accuracy_after_retrain": (_is_number, *_ACCURACY),
+}
+
+
+def check_report_metrics(metrics: dict[str, Any], history: list[Any], path: str | Path) -> None:
+    """Refuse, in one ``ValueError`` line naming ``path`` and the key, an entry of ``metrics.json`` that the
+    report reads and that holds the wrong type (an edit made before ``report --rehash``, say): the report would
+    otherwise stop with a traceback, or a message naming neither the file nor the key.
+
+    >>> check_report_metrics({"stats": {"layers": []}, "test_accuracy": "high"}, [], "run/metrics.json")
+    ... # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: 'run/metrics.json': metrics.test_accuracy holds 'high' (a str); it must hold a number or null ...
+    """
+
+    def fail(key: str, value: Any, want: str, example: str) -> None:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise ValueError(
+            f"'{path}': {key} holds {shown} (a {type(value).__name__}); it must hold {want}, e.g. {example}"
+        )
+
+    def check(entries: dict[str, Any], prefix: str, spec: dict[str, tuple[Any, str, str]]) -> None:
+        for key, (valid, want, example) in spec.items():
+            value = entries.get(key)
+            if value is not None and not valid(value):
+                fail(f"{prefix}.{key}", value, want, example)
+
+    stats = metrics.get("stats")
+    if stats is None:
+        raise ValueError(f"'{path}' has no 'stats' entry under 'metrics' (the per-layer figures of the run; the "
+                         "report reads the pruned layers' names from it): the file is damaged; restore it")
+    if not isinstance(stats, dict):
+        fail("metrics.stats", stats, "an object with a 'layers' list", '{"layers": [{"name": "fc1", ...}]}')
+    layers = stats.get("layers")
+    if not isinstance(layers, list):
+        fail("metrics.stats.layers", layers, "a list of layer rows", '[{"name": "fc1", ...}]')
+    for i, row in enumerate(layers):
+        if not isinstance(row, dict) or not isinstance(row.get("name"), str):
+            fail(f"metrics.stats.layers[{i}]", row, "an object whose 'name' is a layer's name", '{"name": "fc1"}')
+    check(metrics, "metrics", _SCALARS)
+    stages = metrics.get("stages", [])
+    if not isinstance(stages, list):
+        fail("metrics.stages", stages, "a list of per-stage objects", '[{"overall_compression": 10.0}]')
+    for i, stage in enumerate(stages):
+        if stage and not isinstance(stage, dict):
+            fail(f"metrics.stages[{i}]", stage, "an object (or null)", '{"overall_compression": 10.0}')
+        if stage:
+            check(stage, f"metrics.stages[{i}]", _STAGE_SCALARS)
+            if stage.get("soft") is not None and not isinstance(stage["soft"], dict):
+                fail(f"metrics.stages[{i}].soft", stage["soft"], "an object (the rates found)", '{"rates": {}}')
+    seconds = metrics.get("phase_seconds", {})
+    if not isinstance(seconds, dict):
+        fail("metrics.phase_seconds", seconds, "an object of seconds per phase", '{"pretrain": 12.5}')
+    for phase, value in seconds.items():
+        if not _is_number(value):
+            fail(f"metrics.phase_seconds.{phase}", value, "a number (seconds)", "12.5")
+    averages = metrics.get("weight_average", {})
+    if not isinstance(averages, dict):
+        fail("metrics.weight_average", averages, "an object per phase", '{"retrain": {"snapshots": 3, ...}}')
+    for phase, average in averages.items():
+        if not isinstance(average, dict) or not isinstance(average.get("snapshots"), int):
+            fail(f"metrics.weight_average.{phase}", average, "an object with 'snapshots' (a whole number)",
+                 '{"snapshots": 3, "accuracy_last_weights": 98.1, "accuracy_averaged": 98.4}')
+        check(average, f"metrics.weight_average.{phase}",
+              {"accuracy_last_weights": (_is_number, *_ACCURACY), "accuracy_averaged": (_is_number, *_ACCURACY)})
+    for key in ("compaction", "storage"):
+        if metrics.get(key) is not None and not isinstance(metrics[key], dict):
+            fail(f"metrics.{key}", metrics[key], "an object (as the run wrote it)", "{...}")
+    if not isinstance(metrics.get("transforms", []), list):
+        fail("metrics.transforms", metrics["transforms"], "a list (the modules a driver rewrote)", "[]")
+    for i, row in enumerate(history):
+        if not isinstance(row, dict) or not _is_number(row.get("accuracy")):
+            fail(f"history[{i}]", row, "an object whose 'accuracy' is a number", '{"accuracy": 98.5, ...}')
+        if row.get("residual") is not None and not (
+            isinstance(row["residual"], dict) and all(_is_number(v) for v in row["residual"].values())
+        ):
+            fail(f"history[{i}].residual", row["residual"], "an object of numbers", '{"fc1": 0.01}')
