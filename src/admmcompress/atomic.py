@@ -17,6 +17,7 @@ import errno
 import os
 import re
 import secrets
+import stat
 import string
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -42,7 +43,12 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     except OSError as err:
         raise _write_error(path, err) from err
     try:
+        mode = stat.S_IMODE(tmp_path.stat().st_mode)  # 0666 less the umask (see _create_temp)
         write(tmp_path)
+        # safetensors' save_file writes a new file over the name it is given (its own temp, mode 0600, renamed
+        # into place): give it back the mode every other output has
+        if stat.S_IMODE(tmp_path.stat().st_mode) != mode:
+            os.chmod(tmp_path, mode)
         with open(tmp_path, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp_path, path)

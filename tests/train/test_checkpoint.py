@@ -71,6 +71,24 @@ def test_atomic_write_gives_the_permissions_of_a_plain_open_without_touching_the
     assert stat.S_IMODE(target.stat().st_mode) == 0o640
 
 
+@pytest.mark.parametrize("umask, mode", [(0o027, 0o640), (0o022, 0o644)])
+def test_safetensors_files_get_the_permissions_of_every_other_output(tmp_path, monkeypatch, umask, mode):
+    """safetensors' save_file writes a new 0600 file over the temporary name; atomic_write gives back the mode a
+    plain open() gives (model.safetensors, masks.safetensors, stages/ were 0600 while the rest were 0644)."""
+    old = os.umask(umask)
+    try:
+        monkeypatch.setattr(os, "umask", lambda *_: pytest.fail("save_tensors set the umask"))
+        target = ckpt.save_tensors(tmp_path / "model.safetensors", {"w": torch.ones(2)}, {"k": 1})
+        empty = ckpt.save_tensors(tmp_path / "masks.safetensors", {})
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
+    assert stat.S_IMODE(target.stat().st_mode) == mode
+    assert stat.S_IMODE(empty.stat().st_mode) == mode
+    assert torch.equal(ckpt.load_tensors(target)["w"], torch.ones(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["masks.safetensors", "model.safetensors"]
+
+
 def test_atomic_write_syncs_the_folder_after_the_rename(tmp_path, monkeypatch):
     """A rename is durable only once the folder's entry is on disk: the folder is fsynced after os.replace."""
     calls: list[str] = []

@@ -51,6 +51,9 @@ def find_dataset(name: str, data_dir: str | Path | None = None) -> Path:
     """Path of a dataset file, or a FileNotFoundError that says where to put it."""
     if name not in FILES:
         raise ValueError(f"unknown dataset '{name}'; available: {', '.join(sorted(FILES))}")
+    if data_dir is not None and not isinstance(data_dir, (str, os.PathLike)):  # Path(5) would be a TypeError
+        raise ValueError(f"data_dir must be a folder's path, not {type(data_dir).__name__}; give e.g. "
+                         "data_dir='/data/mnist', or leave it out")
     if data_dir:
         return _in_data_dir(name, Path(data_dir))
     dirs = search_dirs()

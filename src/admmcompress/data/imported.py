@@ -75,7 +75,17 @@ class DatasetSpec:
             raise ValueError(
                 f"data.dataset.import={self.target!r} cannot be imported ({err}); install the package or fix the path"
             ) from None
-        dataset = factory(**self.args, **self.split_args(split))
+        split_args = self.split_args(split)
+        try:
+            dataset = factory(**self.args, **split_args)
+        except TypeError as err:  # most often a dataset without a `split=` keyword (TensorDataset, torchvision's)
+            given = self.train_args if split == "train" else self.test_args
+            fix = ("give train_args/test_args (e.g. {train: true} / {train: false}) or make it accept split="
+                   if given is None else "fix args / train_args / test_args to match its signature")
+            raise ValueError(
+                f"data.dataset.import={self.target!r} cannot be called with {_keywords(self.args, split_args)} for "
+                f"the {split} split ({_first_line(err)}); {fix}"
+            ) from None
         if not isinstance(dataset, Dataset):
             raise ValueError(
                 f"data.dataset.import={self.target!r} returned a {type(dataset).__name__}, not a "
@@ -87,6 +97,17 @@ class DatasetSpec:
                 "epoch): the learning-rate and ADMM schedules count steps"
             )
         return dataset
+
+
+def _keywords(*mappings: dict[str, Any]) -> str:
+    """The keyword names a factory was called with (values can be long): ``root=, split=``."""
+    names = [str(k) for m in mappings for k in m]
+    return ", ".join(f"{k}=" for k in names) if names else "no arguments"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def load_data(dataset: str | dict[str, Any], split: str, data_dir: str | Path | None = None,

@@ -22,9 +22,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import reprlib
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import torch
@@ -90,18 +91,42 @@ def _build(cls, spec: Any, where: str):
 def _section(value: Any, cls: type, where: str, example: str) -> None:
     """A section that is neither a mapping nor already built (e.g. ``data: 5``): one line, not a later traceback."""
     if not isinstance(value, cls):
-        raise ValueError(f"{where}: expected a mapping such as {example}, got {type(value).__name__} {value!r}")
+        raise ValueError(f"{where}: expected a mapping such as {example}, got {type(value).__name__} {_short(value)}")
 
 
-def _yaml_hint(value: Any) -> str:
-    # YAML 1.1 reads 1e-3 (no dot) as a string; say so instead of a puzzling type error.
-    if isinstance(value, str):
-        try:
-            float(value)
-        except ValueError:
-            return ""
+def _yaml_hint(value: Any, integer: bool = False) -> str:
+    """Why a number arrived as text, and the fix: YAML 1.1 reads 1e-3 (no dot) as a string; quotes make any
+    number a string (an integer field's fix is to drop them, not to add a dot)."""
+    if not isinstance(value, str):
+        return ""
+    try:
+        number = float(value)
+    except ValueError:
+        return ""
+    if integer:
+        whole = value.strip().lstrip("+-").isdigit()
+        if whole or (math.isfinite(number) and number == int(number)):
+            fix = "drop the quotes" if whole else f"write a whole number, e.g. {int(number)}"
+            return f" (YAML read {value!r} as text: {fix})"
+        return ""
+    if "." not in value and "e" in value.lower():  # the YAML 1.1 case: an exponent without a dot
         return f" (YAML read {value!r} as text: write it with a dot, e.g. 1.0e-3)"
-    return ""
+    return f" (YAML read {value!r} as text: drop the quotes)"
+
+
+# The largest float32: a learning rate or other float hyperparameter above it overflows the first optimizer
+# step ("value cannot be converted to type float without overflow"), so it is refused with the config.
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _short(value: Any) -> str:
+    """A value's repr, bounded: a YAML alias bomb expands to hundreds of MB (reprlib never builds it whole)."""
+    text = _REPR.repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxstring, _REPR.maxother = 2, 4, 6, 40, 40
 
 
 def _plain_fields(config: Any) -> None:
@@ -117,16 +142,24 @@ def _plain_fields(config: Any) -> None:
             setattr(config, f.name, plain)
 
 
+def _finite(value: int | float) -> bool:
+    # math.isfinite converts an int to float: a 400-digit YAML integer would raise OverflowError there
+    return isinstance(value, int) or math.isfinite(value)
+
+
 def _number(value: Any, name: str) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise ValueError(f"{name}={value!r} must be a finite number{_yaml_hint(value)}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not _finite(value):
+        raise ValueError(f"{name}={_short(value)} must be a finite number{_yaml_hint(value)}")
 
 
 def _positive(value: Any, name: str, integer: bool = False) -> None:
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if not ok or isinstance(value, bool) or not value > 0 or not math.isfinite(value):
+    if not ok or isinstance(value, bool) or not value > 0 or not _finite(value):
         kind = "a positive integer" if integer else "a positive number"
-        raise ValueError(f"{name}={value!r} must be {kind}{_yaml_hint(value)}")
+        raise ValueError(f"{name}={_short(value)} must be {kind}{_yaml_hint(value, integer)}")
+    if not integer and value > FLOAT32_MAX:
+        raise ValueError(f"{name}={_short(value)} is beyond float32's range (about 3.4e38): training would overflow at "
+                         "the first step; give a realistic value, e.g. 1.0e-3 for a learning rate")
 
 
 @dataclass
@@ -140,16 +173,16 @@ class OptimizerConfig:
     def __post_init__(self) -> None:
         _plain_fields(self)
         if self.name not in OPTIMIZERS:
-            raise ValueError(f"optimizer name={self.name!r}; choose one of {OPTIMIZERS}")
+            raise ValueError(f"optimizer name={_short(self.name)}; choose one of {OPTIMIZERS}")
         _positive(self.lr, "lr")
         _number(self.momentum, "momentum")
         if not 0 <= self.momentum <= 1:  # torch refuses < 0; above 1 the steps grow without bound
-            raise ValueError(f"momentum={self.momentum!r} must be in [0, 1], e.g. 0.9")
+            raise ValueError(f"momentum={_short(self.momentum)} must be in [0, 1], e.g. 0.9")
         _number(self.weight_decay, "weight_decay")
         if not 0 <= self.weight_decay < 1:
-            raise ValueError(f"weight_decay={self.weight_decay!r} must be in [0, 1)")
+            raise ValueError(f"weight_decay={_short(self.weight_decay)} must be in [0, 1)")
         if not isinstance(self.nesterov, bool):
-            raise ValueError(f"nesterov={self.nesterov!r} must be true or false")
+            raise ValueError(f"nesterov={_short(self.nesterov)} must be true or false")
         if self.nesterov and self.name == "sgd" and self.momentum == 0:  # torch's SGD would refuse it at step one
             raise ValueError("nesterov: true needs momentum > 0; give momentum: 0.9, or drop nesterov")
         if self.nesterov and self.name != "sgd":  # a warning: run folders written before this check still read
@@ -173,7 +206,7 @@ class DistillConfig:
         _plain_fields(self)
         _number(self.alpha, "alpha")
         if not 0 < self.alpha <= 1:
-            raise ValueError(f"alpha={self.alpha!r} must be in (0, 1] (the weight of the teacher's soft targets)")
+            raise ValueError(f"alpha={_short(self.alpha)} must be in (0, 1] (the weight of the teacher's soft targets)")
         _positive(self.temperature, "temperature")
 
 
@@ -205,16 +238,16 @@ class PhaseConfig:
         _plain_fields(self)
         _number(self.label_smoothing, "label_smoothing")
         if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"label_smoothing={self.label_smoothing!r} must be in [0, 1), e.g. 0.1")
+            raise ValueError(f"label_smoothing={_short(self.label_smoothing)} must be in [0, 1), e.g. 0.1")
         if self.quantized_weights not in QUANTIZED_WEIGHTS:
             raise ValueError(
-                f"quantized_weights={self.quantized_weights!r}; choose one of {QUANTIZED_WEIGHTS} "
+                f"quantized_weights={_short(self.quantized_weights)}; choose one of {QUANTIZED_WEIGHTS} "
                 "('ste' retrains quantized weights on their levels)"
             )
         if self.dropout is not None:
             _number(self.dropout, "dropout")
             if not 0 <= self.dropout < 1:
-                raise ValueError(f"dropout={self.dropout!r} must be in [0, 1) (0 turns dropout off)")
+                raise ValueError(f"dropout={_short(self.dropout)} must be in [0, 1) (0 turns dropout off)")
         if isinstance(self.optimizer, dict):
             self.optimizer = _build(OptimizerConfig, self.optimizer, "optimizer")
         _section(self.optimizer, OptimizerConfig, "optimizer", "{name: sgd, lr: 0.01}")
@@ -223,9 +256,9 @@ class PhaseConfig:
         elif self.distill is not None and not isinstance(self.distill, DistillConfig):
             raise ValueError("distill: give a mapping such as {alpha: 0.5, temperature: 4.0}, or leave it out")
         if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs < 0:
-            raise ValueError(f"epochs={self.epochs!r} must be an integer >= 0")
+            raise ValueError(f"epochs={_short(self.epochs)} must be an integer >= 0")
         if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule={self.lr_schedule!r}; choose one of {LR_SCHEDULES}")
+            raise ValueError(f"lr_schedule={_short(self.lr_schedule)}; choose one of {LR_SCHEDULES}")
         if self.average_from_epoch is not None:
             _positive(self.average_from_epoch, "average_from_epoch", integer=True)
             if self.average_from_epoch > self.epochs:
@@ -313,7 +346,7 @@ class StageConfig:
         except DriverError as err:
             raise ValueError(str(err)) from None
         if self.coupling not in COUPLINGS:
-            raise ValueError(f"coupling={self.coupling!r}; choose one of {COUPLINGS}")
+            raise ValueError(f"coupling={_short(self.coupling)}; choose one of {COUPLINGS}")
         if self.coupling != "none" and not driver.cls.supports_coupling:
             coupled = [m for m in list_drivers() if get_driver(m).cls.supports_coupling]
             raise ValueError(
@@ -370,10 +403,16 @@ class DataConfig:
                                  "dataset into the dataset itself, and drop augment")
         elif not isinstance(self.dataset, str) or not self.dataset:
             raise ValueError(
-                f"dataset={self.dataset!r} must be a dataset name, e.g. mnist, or {{import: 'package.module:Name'}}"
+                f"dataset={_short(self.dataset)} must be a dataset name, e.g. mnist, or "
+                "{import: 'package.module:Name'}"
             )
         _positive(self.batch_size, "batch_size", integer=True)
         _positive(self.eval_batch_size, "eval_batch_size", integer=True)
+        if isinstance(self.data_dir, PurePath):  # from Python: kept as text, as config.yaml writes it
+            self.data_dir = str(self.data_dir)
+        if self.data_dir is not None and (not isinstance(self.data_dir, str) or not self.data_dir):
+            raise ValueError(f"data_dir={_short(self.data_dir)} must be a folder's path (text), e.g. "
+                             "data_dir: /data/mnist, or leave it out")
         for name in ("train_limit", "test_limit", "validation"):
             if getattr(self, name) is not None:
                 _positive(getattr(self, name), name, integer=True)
@@ -384,7 +423,7 @@ class DataConfig:
 
 def _flag(value: Any, name: str) -> None:
     if not isinstance(value, bool):
-        raise ValueError(f"{name}={value!r} must be true or false")
+        raise ValueError(f"{name}={_short(value)} must be true or false")
 
 
 @dataclass
@@ -437,10 +476,10 @@ class CompactRunConfig:
         _plain_fields(self)
         _number(self.atol, "atol")
         if not self.atol >= 0:
-            raise ValueError(f"atol={self.atol!r} must be >= 0, e.g. 1.0e-4")
+            raise ValueError(f"atol={_short(self.atol)} must be >= 0, e.g. 1.0e-4")
         _positive(self.samples, "samples", integer=True)
         if self.columns not in COLUMN_MODES:
-            raise ValueError(f"columns={self.columns!r}; choose one of {COLUMN_MODES}")
+            raise ValueError(f"columns={_short(self.columns)}; choose one of {COLUMN_MODES}")
 
 
 def _relative_to(path: str | None, base_dir: Path) -> str | None:
@@ -504,14 +543,19 @@ class RunConfig:
         except ValueError as err:
             raise ConfigError(str(err)) from None
         if not isinstance(self.channels_last, bool):
-            raise ValueError(f"channels_last={self.channels_last!r} must be true or false")
-        if self.autocast not in AUTOCAST_DTYPES:
-            choices = [k for k in AUTOCAST_DTYPES if k]
-            raise ValueError(f"autocast={self.autocast!r}; choose one of {choices} or leave it out")
+            raise ValueError(f"channels_last={_short(self.channels_last)} must be true or false")
+        if not isinstance(self.autocast, (str, type(None))) or self.autocast not in AUTOCAST_DTYPES:
+            choices = [k for k in AUTOCAST_DTYPES if k]  # a list or mapping is not hashable: checked as a type first
+            raise ValueError(f"autocast={_short(self.autocast)}; choose one of {choices} or leave it out")
         if not isinstance(self.model, dict) or "name" not in self.model:
             raise ValueError("model: give a mapping with 'name' (e.g. {name: lenet5}) and optional arguments")
         if not isinstance(self.model.get("name"), str) or not self.model["name"]:
-            raise ValueError(f"model: name={self.model.get('name')!r} must be a model name, e.g. {{name: lenet5}}")
+            raise ValueError(f"model: name={_short(self.model.get('name'))} must be a model name, e.g. "
+                             "{name: lenet5}")
+        odd = [k for k in self.model if not isinstance(k, str)]  # `5: 1` would fail as Python keywords later
+        if odd:
+            raise ValueError(f"model: argument name {odd[0]!r} must be text (a keyword argument of the model), e.g. "
+                             "{name: lenet5, dropout: 0.5}")
         if isinstance(self.data, dict):
             self.data = _build(DataConfig, self.data, "data")
         if isinstance(self.pretrain, dict):
@@ -525,7 +569,7 @@ class RunConfig:
             warnings.warn("both 'pretrained' and 'pretrain' are given: the run starts from 'pretrained' and the "
                           "pretrain phase does not run; drop one of them", UserWarning, stacklevel=2)
         if self.pretrained is not None and (not isinstance(self.pretrained, str) or not self.pretrained):
-            raise ValueError(f"pretrained={self.pretrained!r} must be a checkpoint file's path")
+            raise ValueError(f"pretrained={_short(self.pretrained)} must be a checkpoint file's path")
         if self.pretrain is not None and self.pretrain.distill is not None:
             raise ValueError("pretrain: 'distill' needs a teacher, and the teacher is the pretrained model; "
                              "use distill in a stage's admm/retrain phase")
@@ -537,9 +581,9 @@ class RunConfig:
         ]
         _positive(self.checkpoint_every_epochs, "checkpoint_every_epochs", integer=True)
         if not isinstance(self.freeze_pretrained_zeros, bool):
-            raise ValueError(f"freeze_pretrained_zeros={self.freeze_pretrained_zeros!r} must be true or false")
+            raise ValueError(f"freeze_pretrained_zeros={_short(self.freeze_pretrained_zeros)} must be true or false")
         if not isinstance(self.save_stages, bool):
-            raise ValueError(f"save_stages={self.save_stages!r} must be true or false")
+            raise ValueError(f"save_stages={_short(self.save_stages)} must be true or false")
         if self.freeze_pretrained_zeros and self.pretrained is None:
             raise ValueError("freeze_pretrained_zeros needs 'pretrained' (the pruned checkpoint to continue from)")
         distills = any(p.distill is not None for s in self.stages for p in (s.admm, s.retrain))
@@ -553,20 +597,21 @@ class RunConfig:
         if isinstance(self.teacher, list):
             if not self.teacher or not all(isinstance(f, str) and f for f in self.teacher):
                 raise ValueError(
-                    f"teacher={self.teacher!r}: give one checkpoint file, or a non-empty list of files (an ensemble)"
+                    f"teacher={_short(self.teacher)}: give one checkpoint file, or a non-empty list of files "
+                    "(an ensemble)"
                 )
         elif self.teacher is not None and not isinstance(self.teacher, str):
-            raise ValueError(f"teacher={self.teacher!r} must be a checkpoint file or a list of them")
+            raise ValueError(f"teacher={_short(self.teacher)} must be a checkpoint file or a list of them")
         if self.teacher is not None and not distills:
             raise ValueError("teacher is set but no phase distills; add distill: {alpha: 0.5} to a phase, or drop it")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
-            raise ValueError(f"seed={self.seed!r} must be an integer in [0, 2**63), e.g. 1")
+            raise ValueError(f"seed={_short(self.seed)} must be an integer in [0, 2**63), e.g. 1")
         if isinstance(self.name, int) and not isinstance(self.name, bool):
             self.name = str(self.name)  # `name: 2024` in YAML
         if (not isinstance(self.name, str) or not self.name.strip() or CONTROL.search(self.name)
                 or Path(self.name).is_absolute() or ".." in Path(self.name.replace("\\", "/")).parts):
-            raise ValueError(f"name={self.name!r} must be a name inside runs/ (no absolute path, no '..'): it names "
-                             "the run's folder there when --out is not given")
+            raise ValueError(f"name={_short(self.name)} must be a name inside runs/ (no absolute path, no '..'): "
+                             "it names the run's folder there when --out is not given")
         if self.threads is not None:
             _positive(self.threads, "threads", integer=True)
         if self.compact is True:
@@ -577,7 +622,7 @@ class RunConfig:
             self.compact = _build(CompactRunConfig, self.compact, "compact")
         elif self.compact is not None and not isinstance(self.compact, CompactRunConfig):
             raise ValueError(
-                f"compact={self.compact!r} must be true, false or a mapping like {{atol: 1.0e-4, samples: 8}}"
+                f"compact={_short(self.compact)} must be true, false or a mapping like {{atol: 1.0e-4, samples: 8}}"
             )
         if self.compact is not None and not self.stages:
             raise ValueError("compact: true needs at least one stage (there is nothing pruned to compact)")

@@ -186,7 +186,7 @@ def config_dict(config: RunConfig) -> dict[str, Any]:
 def _saved_config(path: Path) -> dict[str, Any]:
     """A run folder's config.yaml, with the defaults of keys added since it was written (so they are no change)."""
     try:
-        raw = safe_load_unique(path.read_text())
+        raw = safe_load_unique(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise RunFolderError(
             f"--resume: '{path}' is not valid YAML ({yaml_problem(err)}); restore it, or start again with --overwrite"
@@ -194,6 +194,11 @@ def _saved_config(path: Path) -> dict[str, Any]:
     except OSError as err:
         raise RunFolderError(
             f"--resume: cannot read '{path}' ({err.strerror or err}); restore it, or start again with --overwrite"
+        ) from None
+    except UnicodeDecodeError:  # a ValueError: without this, its text alone (no file name) would reach the user
+        raise RunFolderError(
+            f"--resume: '{path}' is not text (damaged or replaced by a binary file); restore the run's config.yaml, "
+            "or start again with --overwrite"
         ) from None
     if not isinstance(raw, dict):
         raise RunFolderError(f"--resume: '{path}' is not a run config; restore it, or start again with --overwrite")
