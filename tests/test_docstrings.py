@@ -53,6 +53,7 @@ MODULES = [
     "admmcompress.deprecation",
     "admmcompress.timing",
     "admmcompress.cpu_caches",
+    "admmcompress.messages",
     # executors, encodings, reports
     "admmcompress.executors",
     "admmcompress.executors.base",

@@ -85,7 +85,7 @@ def test_from_yaml_of_something_else_says_what_it_takes():
         (5, "Plan(5): a plan takes a mapping"),
         (["fc1"], "Plan rule #0 is str 'fc1', not a Rule: a plan takes a mapping"),
         ([{"match": "fc1"}], "not a Rule (a rule mapping goes through Plan.from_dict)"),
-        ([torch.zeros(100)], "Plan rule #0 is Tensor tensor([0., 0., 0., "),
+        ([torch.zeros(100)], "Plan rule #0 is Tensor tensor([0., 0., 0."),
     ],
 )
 def test_plan_items_that_are_no_rules_are_refused_when_built(rules, said):

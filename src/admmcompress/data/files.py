@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from admmcompress.messages import first_line
+
 REPO_ROOT = Path(__file__).resolve().parents[3]
 ENV_VAR = "ADMMCOMPRESS_DATA"
 
@@ -120,8 +122,7 @@ _READ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zli
 
 
 def _reason(err: BaseException) -> str:
-    text = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return text if len(text) <= 120 else text[:117] + "..."
+    return first_line(err, 120)
 
 
 def check_arrays(path: Path, name: str, condition: bool, what: str) -> None:

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from admmcompress.data.datasets import load_dataset
 from admmcompress.data.files import Split
+from admmcompress.messages import first_line
 
 _END = object()  # an exhausted iterator's marker (a batch may be any object, None included)
 
@@ -84,7 +85,7 @@ class DatasetSpec:
                    if given is None else "fix args / train_args / test_args to match its signature")
             raise ValueError(
                 f"data.dataset.import={self.target!r} cannot be called with {_keywords(self.args, split_args)} for "
-                f"the {split} split ({_first_line(err)}); {fix}"
+                f"the {split} split ({first_line(err)}); {fix}"
             ) from None
         if not isinstance(dataset, Dataset):
             raise ValueError(
@@ -103,11 +104,6 @@ def _keywords(*mappings: dict[str, Any]) -> str:
     """The keyword names a factory was called with (values can be long): ``root=, split=``."""
     names = [str(k) for m in mappings for k in m]
     return ", ".join(f"{k}=" for k in names) if names else "no arguments"
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def load_data(dataset: str | dict[str, Any], split: str, data_dir: str | Path | None = None,

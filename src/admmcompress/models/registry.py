@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import reprlib
 from collections.abc import Callable
 from typing import Any
 
 from torch import nn
+
+from admmcompress.messages import first_line, short_repr
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -62,24 +63,11 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     try:
         return _MODELS[name](**kwargs)
     except TypeError as err:
-        raise ValueError(f"model '{name}': bad arguments {_short(kwargs)}: {_first_line(err)}") from None
+        raise ValueError(f"model '{name}': bad arguments {short_repr(kwargs, 200)}: {first_line(err)}") from None
     # a value the layers refuse (dropout 2.0: ValueError; num_classes -1 or a width past memory: RuntimeError,
     # MemoryError): torch's text, with the model and arguments
     except (ValueError, RuntimeError, MemoryError) as err:
-        raise ValueError(f"model '{name}' {_short(kwargs)}: {_first_line(err)}; fix the model's arguments") from None
+        raise ValueError(
+            f"model '{name}' {short_repr(kwargs, 200)}: {first_line(err)}; fix the model's arguments"
+        ) from None
 
-
-_REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxstring, _REPR.maxother = 2, 8, 6, 40, 40
-
-
-def _short(kwargs: dict[str, Any]) -> str:
-    """The arguments' repr, bounded: a YAML alias bomb expands to hundreds of MB (reprlib never builds it whole)."""
-    text = _REPR.repr(kwargs)
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
-def _first_line(err: BaseException) -> str:
-    """An error's first line, shortened: torch's allocator messages run to paragraphs."""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return text if len(text) <= 160 else text[:157] + "..."

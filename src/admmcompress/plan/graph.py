@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from admmcompress.messages import first_line
 from admmcompress.plan.attention import query_key_layers
 from admmcompress.plan.residual import (
     LAYERNORM,
@@ -313,9 +314,7 @@ def _trace(tp, model: nn.Module, example_inputs, cut: list[torch.Tensor], cut_la
 
 def _example_problem(model: nn.Module, inputs: Any, err: Exception) -> str:
     """One line: the example the model could not read, what the model said, and what to pass instead."""
-    said = (str(err).strip().splitlines() or [""])[0]
-    if len(said) > 200:
-        said = said[:197] + "..."
+    said = first_line(err, 200)
     return (
         f"the example input ({_describe_input(inputs)}) does not fit {type(model).__name__}: {type(err).__name__}: "
         f"{said}; pass one batch the model accepts (a tensor, a tuple of positional inputs or a dict of keywords)"

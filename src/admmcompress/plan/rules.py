@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import yaml
 
+from admmcompress.messages import short_repr
 from admmcompress.plan.coupled import couple, couple_heads
 from admmcompress.plan.targets import PlanError, Target
 from admmcompress.strict_yaml import safe_load_unique, yaml_problem
@@ -146,7 +147,7 @@ class Plan:
         if isinstance(rules, Mapping):
             rules = [Rule(structure=s, match=pattern) for pattern, s in rules.items()]
         elif isinstance(rules, (str, bytes)) or not isinstance(rules, Iterable):  # "fc1" would be rules f, c, 1
-            raise PlanError(f"Plan({_short(rules)}): {PLAN_TAKES}")
+            raise PlanError(f"Plan({short_repr(rules)}): {PLAN_TAKES}")
         self.rules: list[Rule] = list(rules)
         if not self.rules:
             raise PlanError("the plan has no rules; add at least one {match: ..., structure: ..., sparsity: ...}")
@@ -154,7 +155,7 @@ class Plan:
             if not isinstance(rule, Rule):
                 hint = " (a rule mapping goes through Plan.from_dict)" if isinstance(rule, Mapping) else ""
                 raise PlanError(
-                    f"Plan rule #{i} is {type(rule).__name__} {_short(rule)}, not a Rule{hint}: {PLAN_TAKES}"
+                    f"Plan rule #{i} is {type(rule).__name__} {short_repr(rule)}, not a Rule{hint}: {PLAN_TAKES}"
                 )
 
     def __repr__(self) -> str:
@@ -278,12 +279,6 @@ PLAN_TAKES = (
     "a plan takes a mapping {'layer glob': structure} or a list of Rule(structure, match=..., type=...), "
     "e.g. Plan({'fc1': Unstructured(sparsity=0.5)})"
 )
-
-
-def _short(value: Any) -> str:
-    """``repr(value)`` cut to one short line (a message names the value, not a whole tensor)."""
-    text = " ".join(repr(value).split())
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _plan_path(source: str | Path) -> Path | None:

@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from admmcompress.atomic import atomic_write
+from admmcompress.messages import first_line
 
 
 class OutputFolderError(ValueError):
@@ -77,7 +78,7 @@ def load_state(path: str | Path) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a damaged pickle stream can raise nearly anything from torch's rebuild functions
         unsafe = isinstance(err, pickle.UnpicklingError)
-        reason = "objects other than tensors, refused by the weights only load" if unsafe else _reason(err)
+        reason = "objects other than tensors, refused by the weights only load" if unsafe else first_line(err, 120)
         raise (UnsafeCheckpointError if unsafe else CheckpointError)(
             f"checkpoint '{path}' cannot be read ({reason}): it is truncated, damaged or not a training state; "
             "a run cannot resume from it: start the run again (--overwrite) or in another --out"
@@ -110,16 +111,10 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(
-            f"checkpoint '{path}' is not a readable safetensors file ({_reason(err)}): it is truncated, damaged "
-            "or in another format; give a .safetensors file (a torch.save state dict converts with "
+            f"checkpoint '{path}' is not a readable safetensors file ({first_line(err, 120)}): it is truncated, "
+            "damaged or in another format; give a .safetensors file (a torch.save state dict converts with "
             "safetensors.torch.save_file(state_dict, 'model.safetensors'))"
         ) from None
-
-
-def _reason(err: BaseException) -> str:
-    """The first line of an error, shortened: library messages can run to paragraphs."""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def _truncated(value: torch.Tensor, dtype: torch.dtype) -> bool:

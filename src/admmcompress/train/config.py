@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import reprlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
@@ -35,6 +34,7 @@ from admmcompress.data.augment import Augment
 from admmcompress.data.imported import DatasetSpec
 from admmcompress.drivers.base import DriverError, get_driver, list_drivers
 from admmcompress.finalize import FIXED_LEVEL_UPDATES
+from admmcompress.messages import short_repr as _short  # a user's value in a message, bounded
 from admmcompress.plan import Plan, PlanError
 from admmcompress.plugins import load_plugins
 from admmcompress.strict_yaml import safe_load_unique, yaml_problem
@@ -117,16 +117,6 @@ def _yaml_hint(value: Any, integer: bool = False) -> str:
 # The largest float32: a learning rate or other float hyperparameter above it overflows the first optimizer
 # step ("value cannot be converted to type float without overflow"), so it is refused with the config.
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
-
-
-def _short(value: Any) -> str:
-    """A value's repr, bounded: a YAML alias bomb expands to hundreds of MB (reprlib never builds it whole)."""
-    text = _REPR.repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-_REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxstring, _REPR.maxother = 2, 4, 6, 40, 40
 
 
 def _plain_fields(config: Any) -> None:

@@ -31,6 +31,7 @@ from admmcompress.finalize import (
     masks_from_model,
     release_holds,
 )
+from admmcompress.messages import first_line
 from admmcompress.plan import CoupledTarget, PlanError, Target
 from admmcompress.report.metrics import measure
 from admmcompress.report.storage import storage
@@ -671,9 +672,9 @@ def check_model_reads(model: nn.Module, example: Any, train: Any, config: RunCon
         with torch.no_grad(), cpu_autocast(dtype):
             out = model(example)
     except (RuntimeError, ValueError, TypeError, IndexError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(
-            f"model '{config.model['name']}' cannot read the training inputs ({_describe_input(example)}): {first}; "
+            f"model '{config.model['name']}' cannot read the training inputs ({_describe_input(example)}): "
+            f"{first_line(err)}; "
             "choose a model for this data, or data for this model"
         ) from None
     finally:
@@ -819,7 +820,7 @@ def _restoring(path: str | Path, key: str) -> Iterator[None]:
     except ckpt.CheckpointError:
         raise
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as err:
-        _damaged(path, f"its '{key}' cannot be restored ({ckpt._reason(err)})")
+        _damaged(path, f"its '{key}' cannot be restored ({first_line(err, 120)})")
 
 
 def rebuild_transforms(model: nn.Module, transforms: list[dict[str, Any]]) -> None:
