@@ -15,6 +15,7 @@ from admmcompress.atomic import WriteError, clean_orphans
 from admmcompress.data.datasets import load_dataset
 from admmcompress.data.imported import describe, load_data
 from admmcompress.models import create_model
+from admmcompress.plugins import TRUST_FLAG, TRUST_HELP
 from admmcompress.report.metrics import measure
 from admmcompress.report.render import load_report, save_report
 from admmcompress.report.storage import storage
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         "--compare", nargs="+", metavar="RUN_DIR", help="one markdown table (and one PNG) across these run folders"
     )
     report.add_argument("--out", help="--compare: write the table to this .md file, its plot beside it (.png)")
+    report.add_argument(TRUST_FLAG, action="store_true", help=TRUST_HELP)
     report.add_argument(
         "--rehash",
         action="store_true",
@@ -260,10 +262,10 @@ def _report_command(args: argparse.Namespace) -> int:
         raise ValueError("report: give a run folder, or --compare RUN_DIR... to tabulate several")
     if args.out:
         raise ValueError("report: --out goes with --compare; a single run's report is written into its own folder")
-    return _report(Path(args.dir), rehash=args.rehash)
+    return _report(Path(args.dir), rehash=args.rehash, trust_plugins=args.trust_plugins)
 
 
-def _report(out: Path, rehash: bool = False) -> int:
+def _report(out: Path, rehash: bool = False, trust_plugins: bool = False) -> int:
     """Recompute per-layer figures from the saved weights; accuracy and times come from metrics.json.
 
     The run's outputs are verified first (recorded checksums, weights against masks); a read-only run
@@ -279,7 +281,7 @@ def _report(out: Path, rehash: bool = False) -> int:
     metrics, history = load_report(out)
     from admmcompress.run_export import read_run_config
 
-    config = read_run_config(out)  # a mistake in the run's config.yaml names that file
+    config = read_run_config(out, trust_plugins)  # a mistake in the run's config.yaml names that file
     model = create_model(config.model["name"], **{k: v for k, v in config.model.items() if k != "name"})
     rebuild_transforms(model, metrics.get("transforms", []))  # modules a driver rewrote (ModuleTransform)
     ckpt.load_weights(model, out / "model.safetensors")
@@ -336,7 +338,7 @@ def _hardware(args: argparse.Namespace) -> int:
     from admmcompress.run_hardware import run_command, sample
     from admmcompress.train.loop import evaluate
 
-    model, config = load_run_model(args.dir)
+    model, config = load_run_model(args.dir, args.trust_plugins)
     if not isinstance(config.data.dataset, str):
         raise ValueError("admmcompress hardware evaluates on a bundled dataset's test split; this run reads "
                          f"{describe(config.data.dataset)}: use the hardware package's functions on your own data")

@@ -16,10 +16,16 @@ import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 
 class PluginError(ValueError):
     """A plugin that cannot be imported; the message names it and the fix."""
+
+
+# The flag of the commands that read a run folder (report, export, hardware): see entries_inside.
+TRUST_FLAG = "--trust-plugins"
+TRUST_HELP = "import the plugins the run folder's config.yaml names from inside that folder (their code runs here)"
 
 
 def load_plugins(entries: list[str] | None, base_dir: str | Path | None = None) -> list[ModuleType]:
@@ -29,6 +35,37 @@ def load_plugins(entries: list[str] | None, base_dir: str | Path | None = None) 
     if not isinstance(entries, list) or not all(isinstance(e, str) and e for e in entries):
         raise PluginError(f"plugins={entries!r}: give a list of module names or .py files, e.g. [mypkg.toy_driver]")
     return [_load(entry, Path(base_dir) if base_dir is not None else Path.cwd()) for entry in entries]
+
+
+def entries_inside(entries: Any, folder: str | Path) -> list[str]:
+    """The ``entries`` whose code lies inside ``folder``: ``.py`` files there (relative paths taken from it) and
+    modules that ``sys.path`` finds there (the current folder is on it under ``python -m``).
+
+    A run folder read by ``report``, ``export`` or ``hardware`` may come from someone else; its ``plugins:``
+    would run their code here. Looking a top-level module up runs none of it.
+
+    >>> entries_inside(["json", "/opt/mine.py"], "/tmp/shared_run"), entries_inside(["evil.py"], "/tmp/run")
+    ([], ['evil.py'])
+    """
+    root = Path(folder).resolve()
+    found = []
+    for entry in entries if isinstance(entries, list) else []:
+        if not isinstance(entry, str) or not entry:
+            continue
+        if entry.endswith(".py"):
+            places = [Path(entry) if Path(entry).is_absolute() else root / entry]
+        else:
+            try:
+                spec = importlib.util.find_spec(entry.split(".")[0])
+            except (ImportError, ValueError):
+                spec = None
+            places = [] if spec is None else [
+                Path(p) for p in ([spec.origin] if spec.has_location and spec.origin else [])
+                + list(spec.submodule_search_locations or [])
+            ]
+        if any(place.resolve().is_relative_to(root) for place in places):
+            found.append(entry)
+    return found
 
 
 def _load(entry: str, base_dir: Path) -> ModuleType:
@@ -58,4 +95,4 @@ def _load(entry: str, base_dir: Path) -> ModuleType:
         ) from None
 
 
-__all__ = ["PluginError", "load_plugins"]
+__all__ = ["TRUST_FLAG", "TRUST_HELP", "PluginError", "entries_inside", "load_plugins"]

@@ -35,7 +35,7 @@ from typing_extensions import deprecated
 from admmcompress.executors.base import FinishedRun, get_executor, list_executors
 from admmcompress.executors.packed import packed_size_lines  # noqa: F401  (its old home; tests import it here)
 from admmcompress.models import create_model
-from admmcompress.plugins import PluginError, load_plugins
+from admmcompress.plugins import TRUST_FLAG, TRUST_HELP, PluginError, entries_inside, load_plugins
 from admmcompress.report.storage import storage
 from admmcompress.train import checkpoint as ckpt
 from admmcompress.train.config import ConfigError, RunConfig
@@ -48,12 +48,14 @@ def _require_model(run_dir: Path) -> None:
         )
 
 
-def read_run_config(run_dir: str | Path) -> RunConfig:
+def read_run_config(run_dir: str | Path, trust_plugins: bool = False) -> RunConfig:
     """A run folder's ``config.yaml``; a mistake in it is one line naming that file.
 
     The config's own messages say ``config: ...`` (right for ``admmcompress run CONFIG``, where the user named
-    the file); here the file is the run folder's copy, so its path replaces that prefix.
+    the file); here the file is the run folder's copy, so its path replaces that prefix. Plugins it names from
+    inside the folder are refused unless ``trust_plugins`` (:func:`check_run_plugins`).
     """
+    check_run_plugins(run_dir, trust_plugins)
     path = Path(run_dir) / "config.yaml"
     try:
         return RunConfig.from_yaml(path)
@@ -65,11 +67,11 @@ def read_run_config(run_dir: str | Path) -> RunConfig:
         raise kind(f"'{path}': {text.removeprefix('config: ')}") from None
 
 
-def load_run_model(run_dir: str | Path) -> tuple[torch.nn.Module, RunConfig]:
+def load_run_model(run_dir: str | Path, trust_plugins: bool = False) -> tuple[torch.nn.Module, RunConfig]:
     """The model of a finished run folder (its ``config.yaml`` and ``model.safetensors``)."""
     run_dir = Path(run_dir)
     _require_model(run_dir)
-    config = read_run_config(run_dir)
+    config = read_run_config(run_dir, trust_plugins)
     model = create_model(config.model["name"], **{k: v for k, v in config.model.items() if k != "name"})
     transforms = _recorded_transforms(run_dir)
     if transforms:  # modules a driver rewrote (ModuleTransform): rebuild them before loading the weights
@@ -97,14 +99,15 @@ def example_input(config: RunConfig, count: int = 8) -> torch.Tensor:
     return first_inputs(load_data(config.data.dataset, "test", config.data.data_dir, count), count)
 
 
-def open_run(run_dir: str | Path) -> FinishedRun:
-    """A finished run folder, opened for an executor's ``export`` (model loaded, in eval mode).
+def open_run(run_dir: str | Path, trust_plugins: bool = False) -> FinishedRun:
+    """A finished run folder, opened for an executor's ``export`` (model loaded, in eval mode); ``trust_plugins``:
+    import plugins its config names from inside the folder (:func:`check_run_plugins`).
 
     >>> run = open_run("runs/lenet5")                                              # doctest: +SKIP
     >>> get_executor("onnx").export(run, "lenet5.onnx")                             # doctest: +SKIP
     """
     verify_run_folder(run_dir)
-    model, config = load_run_model(run_dir)
+    model, config = load_run_model(run_dir, trust_plugins)
     return FinishedRun(
         folder=Path(run_dir),
         model=model,
@@ -134,15 +137,19 @@ def verify_run_folder(run_dir: str | Path) -> None:
         print(f"admmcompress: note: {note}", file=sys.stderr)
 
 
-def export_run(name: str, run_dir: str | Path, out: str | Path, overwrite: bool = False, **options: Any) -> str:
+def export_run(
+    name: str, run_dir: str | Path, out: str | Path, overwrite: bool = False, trust_plugins: bool = False,
+    **options: Any,
+) -> str:
     """``get_executor(name).export(open_run(run_dir), out, **options)``: the summary to print.
 
     The executor is looked up first, so an unknown name fails before the run is read. An existing ``out``
-    is refused as on the command line (``check_export_out``) unless ``overwrite=True``.
+    is refused as on the command line (``check_export_out``) unless ``overwrite=True``; plugins the run's config
+    names from inside its folder unless ``trust_plugins=True`` (``check_run_plugins``).
     """
     executor = get_executor(name)
     check_export_out(name, out, overwrite=overwrite)
-    return executor.export(open_run(run_dir), out, **options)
+    return executor.export(open_run(run_dir, trust_plugins), out, **options)
 
 
 # --- the command line -----------------------------------------------------------------------
@@ -174,12 +181,29 @@ def config_plugins(run_dir: str | Path) -> list[str] | None:
     return spec.get("plugins") if isinstance(spec, dict) else None
 
 
+def check_run_plugins(run_dir: str | Path, trusted: bool = False) -> None:
+    """Refuse a run folder whose ``config.yaml`` names plugins from inside the folder, unless ``trusted``.
+
+    ``report``, ``export`` and ``hardware`` import a run's plugins to rebuild its model; a run folder may come from
+    someone else, and its ``evil.py`` would run here. The user's own runs name plugins outside the folder (their
+    ``.py`` paths are made absolute from the config the run was started with), so they pass.
+    """
+    inside = [] if trusted else entries_inside(config_plugins(run_dir), run_dir)
+    if inside:
+        raise PluginError(
+            f"'{Path(run_dir) / 'config.yaml'}' names plugins {inside} from inside the run folder: reading the run "
+            f"would run their code; pass {TRUST_FLAG} if you trust this folder (API: trust_plugins=True)"
+        )
+
+
 def load_export_plugins(args: Sequence[str]) -> None:
     """Import the plugins an ``export`` command names: ``--plugin`` entries, then the run config's list."""
     pre = _Probe(add_help=False)
     pre.add_argument("--plugin", action="append", default=[])
+    pre.add_argument(TRUST_FLAG, action="store_true")
     known, _ = pre.parse_known_args(args)
     load_plugins(known.plugin, Path.cwd())
+    trusted = known.trust_plugins
     probe = _Probe(add_help=False)
     _add_arguments(probe, required=False)
     try:
@@ -187,6 +211,7 @@ def load_export_plugins(args: Sequence[str]) -> None:
     except argparse.ArgumentError:
         return  # the real parser will say what is wrong
     if known.dir:
+        check_run_plugins(known.dir, trusted)
         load_plugins(config_plugins(known.dir), Path(known.dir))
 
 
@@ -242,6 +267,7 @@ def _add_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
         help="import this module or .py file first (registers its executors; repeatable); "
         "the run config's `plugins:` are imported too",
     )
+    parser.add_argument(TRUST_FLAG, action="store_true", help=TRUST_HELP)
 
 
 def export_from_args(args: argparse.Namespace) -> str:
@@ -259,7 +285,7 @@ def export_from_args(args: argparse.Namespace) -> str:
             f"--{flag} is an option of --{' / --'.join(owners[wrong[0]])}, not of --{args.executor}; drop it"
         )
     check_export_out(args.executor, args.out)
-    return executor.export(open_run(args.dir), args.out, **given)
+    return executor.export(open_run(args.dir, getattr(args, "trust_plugins", False)), args.out, **given)
 
 
 def check_export_out(name: str, out: str | Path, overwrite: bool = False) -> None:
@@ -341,6 +367,7 @@ def export_compact_run(run_dir: str | Path, out: str | Path, atol: float = 1e-4,
 __all__ = [
     "add_export_arguments",
     "check_export_out",
+    "check_run_plugins",
     "config_plugins",
     "example_input",
     "export_compact_run",

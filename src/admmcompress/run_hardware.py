@@ -26,6 +26,7 @@ from torch import nn
 from admmcompress.hardware.analysis import add_adc, add_variation, analyze
 from admmcompress.hardware.crossbar import MAX_ADC_BITS, MAX_TILE, CrossbarSpec
 from admmcompress.hardware.noise import MAX_SIGMA, DeviceNoise
+from admmcompress.plugins import TRUST_FLAG, TRUST_HELP
 
 MAX_WEIGHT_BITS = 16  # as CrossbarSpec and analyze() allow
 MAX_ACT_BITS = 32  # bit-serial input cycles per read: more is no activation format anyone uses
@@ -112,6 +113,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=_int_in("--samples", 1, None, 500),
                         help="evaluate on N test samples only (a seeded draw)")
     parser.add_argument("--no-save", action="store_true", help="print only; do not write hardware.md/.png")
+    parser.add_argument(TRUST_FLAG, action="store_true", help=TRUST_HELP)
 
 
 def sample(split: Any, n: int | None, seed: int = 0) -> Any:

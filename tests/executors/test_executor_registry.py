@@ -310,8 +310,54 @@ def test_a_run_configs_plugins_are_imported_before_the_flags_are_built(finished_
     spec = yaml.safe_load((run / "config.yaml").read_text())
     spec["plugins"] = ["toy_cfg_plugin.py"]  # relative to the run folder's config.yaml
     (run / "config.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    assert main(["export", str(run), "--toy-cfg", "--out", str(tmp_path / "c.json")]) == 0
+    # code shipped inside a run folder runs only when the user says they trust the folder
+    with pytest.raises(SystemExit) as code:
+        main(["export", str(run), "--toy-cfg", "--out", str(tmp_path / "c.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code.value.code == 2 and len(err) == 1 and "names plugins ['toy_cfg_plugin.py'] from inside" in err[0]
+    assert "--trust-plugins" in err[0] and "toy_cfg" not in list_executors("export")
+    assert main(["export", str(run), "--toy-cfg", "--out", str(tmp_path / "c.json"), "--trust-plugins"]) == 0
     assert capsys.readouterr().out.startswith("toy_cfg: ")
+
+
+def test_a_run_folders_own_plugins_are_refused_by_report_export_and_hardware(finished_run, tmp_path, capsys):
+    """A shared run folder's config.yaml naming a .py file inside it (or a module found there) would run its code
+    on report / export / hardware: one line, nothing imported, unless --trust-plugins. A plugin outside the folder
+    (the absolute path a real run records) needs no flag."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    marker = tmp_path / "ran"
+    (run / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    spec = yaml.safe_load((run / "config.yaml").read_text())
+    spec["plugins"] = ["evil.py"]
+    (run / "config.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    for argv in (["report", str(run)], ["hardware", str(run), "--no-save", "--samples", "20"],
+                 ["export", "--packed", str(run), "--out", str(tmp_path / "m.admmpk")]):
+        if argv[0] == "export":
+            with pytest.raises(SystemExit) as code:
+                main(argv)
+            assert code.value.code == 2
+        else:
+            assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "names plugins ['evil.py'] from inside the run folder" in err[0], (argv, err)
+        assert not marker.exists()
+    from admmcompress.run_export import check_run_plugins, read_run_config
+
+    with pytest.raises(ValueError, match="--trust-plugins"):
+        read_run_config(run)
+    outside = tmp_path / "mine" / "own_plugin.py"
+    outside.parent.mkdir()
+    outside.write_text("")
+    spec["plugins"] = [str(outside)]
+    (run / "config.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    check_run_plugins(run)  # the user's own plugin, outside the folder: no flag needed
+    spec["plugins"] = ["evil.py"]
+    (run / "config.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    assert read_run_config(run, trust_plugins=True).plugins == [str((run / "evil.py").resolve())]
+    assert marker.exists()  # trusted: imported
 
 
 def one_line_error(capsys, argv) -> str:

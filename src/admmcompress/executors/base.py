@@ -60,7 +60,7 @@ BUILTIN_MODULES = (
 # Names the `admmcompress export` command uses itself; an executor flag may not take them.
 RESERVED = frozenset({"out", "plugin", "help", "dir"})
 # export_run's own keywords (run_export.py): an executor option of that name could not be passed through it.
-EXPORT_RUN_KEYWORDS = frozenset({"name", "run_dir", "overwrite"})
+EXPORT_RUN_KEYWORDS = frozenset({"name", "run_dir", "overwrite", "trust_plugins"})
 
 
 class UnsupportedAct(NotImplementedError):
