@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from admmcompress.train.distributed import Distributed
 from admmcompress.train.lock import LOCK_FILE, RunLock, check_unlocked
 from admmcompress.train.loop import TrainingDiverged, evaluate
 from admmcompress.train.run_folder import RUN_SUBFOLDERS, commit, plan_folder
-from admmcompress.train.runner import Runner, read_progress, rebuild_transforms, run_phases
+from admmcompress.train.runner import STATE_FILE, Runner, read_progress, rebuild_transforms, run_phases
 
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, TrainingDiverged, WriteError)
 
@@ -95,6 +96,20 @@ def main(argv: list[str] | None = None) -> int:
         message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
         print(f"admmcompress: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line saying how to go on, not a traceback
+        print(f"admmcompress: interrupted{_how_to_continue(args)}", file=sys.stderr)
+        return 130
+
+
+def _how_to_continue(args: argparse.Namespace) -> str:
+    """After Ctrl-C: the command that continues an interrupted run from its last checkpoint, if it wrote one."""
+    out = getattr(args, "run_folder", None)
+    if args.command != "run" or out is None:
+        return ""
+    if not (out / STATE_FILE).is_file():
+        return f" before the run's first checkpoint; nothing to resume in {out}"
+    return (f"; continue from the last checkpoint: admmcompress run {shlex.quote(args.config)} "
+            f"--out {shlex.quote(str(out))} --resume")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -105,6 +120,7 @@ def _run(args: argparse.Namespace) -> int:
         config.seed = args.seed
     out = Path(args.out) if args.out else Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     ckpt.check_output_folder(out)  # a file or a read-only folder: one line now, not a traceback after loading
+    args.run_folder = out  # for the line a Ctrl-C prints (main)
     if args.dry_run:
         return _dry_run(args, config, out)
     threads = args.threads or config.threads
@@ -243,7 +259,8 @@ def _run_locked(
     print(save_report(out, metrics, runner.history, f"admmcompress: {config.name}"))
 
     record_output_checksums(out)  # SHA-256 of the outputs into metrics.json, once they are all written
-    print(f"(report, metrics.json and plots in {out}; rerun: admmcompress run {args.config} --out {out}-again)")
+    print(f"(report, metrics.json and plots in {out}; rerun: admmcompress run {shlex.quote(args.config)} "
+          f"--out {shlex.quote(f'{out}-again')})")
     return 0
 
 

@@ -1,0 +1,41 @@
+"""Ctrl-C during a run: one line with the command that continues it, exit status 130, the lock released."""
+
+from __future__ import annotations
+
+import yaml
+
+from admmcompress import cli
+from admmcompress.train.lock import RunLock
+
+
+def _config(tmp_path):
+    path = tmp_path / "tiny run.yaml"  # a space: the printed command must still be one the shell reads right
+    path.write_text(yaml.safe_dump({"model": {"name": "lenet300100"}, "data": {"dataset": "mnist"},
+                                    "pretrain": {"epochs": 1}}, sort_keys=False))
+    return path
+
+
+def test_ctrl_c_after_a_checkpoint_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    def interrupted(args, config, out, stale, ctx):
+        (out / "checkpoint.pt").write_bytes(b"")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_run_locked", interrupted)
+    out = tmp_path / "my run"
+    assert cli.main(["run", str(_config(tmp_path)), "--out", str(out)]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"admmcompress: interrupted; continue from the last checkpoint: admmcompress run "
+                   f"'{tmp_path / 'tiny run.yaml'}' --out '{out}' --resume"]
+    RunLock(out).acquire().release()  # the interrupted run let go of its folder
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_path, monkeypatch, capsys):
+    def interrupted(args, config, out, stale, ctx):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_run_locked", interrupted)
+    out = tmp_path / "run"
+    assert cli.main(["run", str(_config(tmp_path)), "--out", str(out)]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"admmcompress: interrupted before the run's first checkpoint; nothing to resume in {out}"]
+    assert not out.exists()  # the empty folder the run made is removed, as for any run that wrote nothing
