@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shlex
 import sys
 import time
@@ -21,7 +22,7 @@ from admmcompress.report.metrics import measure
 from admmcompress.report.render import load_report, save_report
 from admmcompress.report.storage import storage
 from admmcompress.train import checkpoint as ckpt
-from admmcompress.train.config import RunConfig
+from admmcompress.train.config import MAX_THREADS, RunConfig
 from admmcompress.train.distributed import Distributed
 from admmcompress.train.lock import LOCK_FILE, RunLock, check_unlocked
 from admmcompress.train.loop import TrainingDiverged, evaluate
@@ -157,8 +158,9 @@ def _check_run_flags(args: argparse.Namespace) -> None:
     """The run flags, checked like config values: one line naming the flag and the fix."""
     if args.seed is not None and not 0 <= args.seed < 2**63:
         raise ValueError(f"--seed {args.seed} must be an integer in [0, 2**63), e.g. --seed 1")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads {args.threads} must be a positive integer (torch's threads), e.g. --threads 4")
+    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
+        raise ValueError(f"--threads {args.threads} must be an integer in [1, {MAX_THREADS}] (torch's threads; this "
+                         f"machine has {os.cpu_count()} CPUs), e.g. --threads 4")
     if args.out is not None and not args.out.strip():
         raise ValueError("--out is empty; give a folder name, or leave --out out for runs/<name>-<time>")
     if args.resume and args.overwrite:

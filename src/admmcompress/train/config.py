@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -117,6 +118,8 @@ def _yaml_hint(value: Any, integer: bool = False) -> str:
 # The largest float32: a learning rate or other float hyperparameter above it overflows the first optimizer
 # step ("value cannot be converted to type float without overflow"), so it is refused with the config.
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+# torch's threads: beyond this OpenMP aborts the process (100000 did), and no CPU of today has as many
+MAX_THREADS = 1024
 
 
 def _plain_fields(config: Any) -> None:
@@ -604,6 +607,9 @@ class RunConfig:
                              "it names the run's folder there when --out is not given")
         if self.threads is not None:
             _positive(self.threads, "threads", integer=True)
+            if self.threads > MAX_THREADS:
+                raise ValueError(f"threads={self.threads} is more than {MAX_THREADS} (OpenMP cannot start that many; "
+                                 f"this machine has {os.cpu_count()} CPUs), e.g. threads: {os.cpu_count()}")
         if self.compact is True:
             self.compact = CompactRunConfig()
         elif self.compact is False:

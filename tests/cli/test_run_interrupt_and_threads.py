@@ -1,4 +1,4 @@
-"""Ctrl-C during a run: one line with the command that continues it, exit status 130, the lock released."""
+"""Ctrl-C during a run (one line with the command that continues it, exit 130, lock released); thread counts."""
 
 from __future__ import annotations
 
@@ -39,3 +39,15 @@ def test_ctrl_c_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"admmcompress: interrupted before the run's first checkpoint; nothing to resume in {out}"]
     assert not out.exists()  # the empty folder the run made is removed, as for any run that wrote nothing
+
+
+def test_absurd_thread_counts_are_one_line(tmp_path, capsys):
+    """OpenMP aborts the process when asked for 100000 threads: refused first, flag and config alike."""
+    config = _config(tmp_path)
+    assert cli.main(["run", str(config), "--threads", "100000", "--dry-run"]) == 2
+    assert "--threads 100000 must be an integer in [1, 1024]" in capsys.readouterr().err
+    spec = yaml.safe_load(config.read_text())
+    config.write_text(yaml.safe_dump({**spec, "threads": 100000}))
+    assert cli.main(["run", str(config), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "threads=100000 is more than 1024" in err[0]
