@@ -151,6 +151,27 @@ def test_overwrite_replaces_the_old_run_and_only_its_outputs(finished, tmp_path)
     assert read_progress(out) == (1, 0)  # the new run's checkpoint: pretrain done, nothing more
 
 
+def test_overwrite_keeps_the_users_files_inside_the_runs_subfolders(tmp_path):
+    """--overwrite removes what a run wrote in compact/, stages/ and tensorboard/ (and temporary files of cut-short
+    writes), not a file the user put there; a subfolder left empty goes too."""
+    from admmcompress.train.config import RunConfig
+    from admmcompress.train.run_folder import FolderPlan, commit
+
+    out = tmp_path / "out"
+    written = ["compact/manifest.json", "compact/model.safetensors", "stages/stage1.safetensors",
+               "stages/stage1_masks.safetensors", "stages/.stage2.safetensors.abcd1234.tmp",
+               "tensorboard/events.out.tfevents.1733490000.host.123.0"]
+    mine = ["compact/notes.md", "stages/stage1_comparison.csv"]
+    for name in written + mine:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("x")
+    plan = FolderPlan(out, remove=["compact", "stages", "tensorboard"], write_config=False)
+    commit(plan, RunConfig.from_dict(spec()))
+    assert [name for name in written if (out / name).exists()] == []
+    assert all((out / name).read_text() == "x" for name in mine)
+    assert not (out / "tensorboard").exists()
+
+
 def test_overwrite_removes_the_old_runs_plots_and_keeps_the_config_it_reads(finished, tmp_path, capsys):
     config, done = finished
     out = tmp_path / "out"
@@ -237,8 +258,7 @@ def test_allow_config_change_accepts_safe_changes_and_records_them(tmp_path, cap
         return train_one_epoch(self, phase, steps)
 
     monkeypatch.setattr(Runner, "_train_one_epoch", stop_at_third_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        main(["run", str(config), "--out", str(out), "--no-progress"])
+    assert main(["run", str(config), "--out", str(out), "--no-progress"]) == 130  # Ctrl-C's exit status
     monkeypatch.setattr(Runner, "_train_one_epoch", train_one_epoch)
     assert read_progress(out) == (1, 1)
     capsys.readouterr()
@@ -388,8 +408,8 @@ def test_clean_orphans_touches_only_its_own_pattern(tmp_path):
     ("flags", "expected"),
     [
         (["--seed", "-1"], "--seed -1 must be an integer"),
-        (["--threads", "0"], "--threads 0 must be a positive integer"),
-        (["--threads", "-1"], "--threads -1 must be a positive integer"),
+        (["--threads", "0"], "--threads 0 must be an integer in [1, 1024]"),
+        (["--threads", "-1"], "--threads -1 must be an integer in [1, 1024]"),
         (["--seed", str(2**64)], "--seed 18446744073709551616 must be an integer"),
     ],
 )

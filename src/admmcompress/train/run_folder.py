@@ -22,15 +22,16 @@ for: start a new run instead (``--overwrite``, or another ``--out``).
 
 from __future__ import annotations
 
+import contextlib
 import json
-import shutil
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from admmcompress.atomic import atomic_write
+from admmcompress.atomic import TMP_PATTERN, atomic_write
 from admmcompress.config_keys import SPEED_KEYS
 from admmcompress.strict_yaml import safe_load_unique, yaml_problem
 from admmcompress.train.config import RunConfig
@@ -57,6 +58,13 @@ RUN_OUTPUTS = (
 )
 # The run's own subfolders (where its writes may leave temporary files); others may hold other runs.
 RUN_SUBFOLDERS = tuple(name for name in RUN_OUTPUTS if "." not in name)
+# What a run writes inside those subfolders: --overwrite removes these (and temporary files of cut-short writes),
+# then the folder once it is empty, so a file the user put there is kept.
+SUBFOLDER_FILES = {
+    "compact": re.compile(r"(manifest\.json|model\.safetensors)$"),
+    STAGES_DIR: re.compile(r"stage\d+(_masks)?\.safetensors$"),
+    "tensorboard": re.compile(r"events\.out\.tfevents\..+$"),
+}
 FINAL_OUTPUTS = ("model.safetensors", "masks.safetensors", "metrics.json", "report.md")
 IN_PROGRESS_SAFE = ("epochs", "optimizer.lr")
 SHOWN_CHANGES = 8  # a config diff names at most this many keys in its one line
@@ -170,12 +178,23 @@ def commit(plan: FolderPlan, config: RunConfig) -> None:
     for name in plan.remove:
         target = plan.folder / name
         if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
+            _remove_run_files(target, SUBFOLDER_FILES.get(name))
         else:
             target.unlink(missing_ok=True)
     if plan.write_config:
         text = yaml.safe_dump(config_dict(config), sort_keys=False)
         atomic_write(plan.folder / CONFIG_FILE, lambda tmp: tmp.write_text(text))
+
+
+def _remove_run_files(folder: Path, own: re.Pattern[str] | None) -> None:
+    """Remove the files a run wrote in one of its subfolders (``own``), then the folder if nothing else is left."""
+    for path in folder.iterdir():
+        if (path.is_file() or path.is_symlink()) and (
+            (own is not None and own.match(path.name)) or TMP_PATTERN.match(path.name)
+        ):
+            path.unlink()
+    with contextlib.suppress(OSError):  # a file of the user's keeps the folder
+        folder.rmdir()
 
 
 def config_dict(config: RunConfig) -> dict[str, Any]:
