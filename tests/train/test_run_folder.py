@@ -122,7 +122,11 @@ def test_a_folder_with_run_outputs_is_refused_without_resume_or_overwrite(tmp_pa
     (out / output).write_bytes(b"precious")
     config = write(tmp_path / "run.yaml", spec())
     message = error_line(capsys, ["run", str(config), "--out", str(out)])
-    assert "already holds a run" in message and "--overwrite" in message and output in message
+    if output == "report.md":  # a name anyone may use: not called a run, but still never written over
+        assert message.endswith(f"'{out}' holds report.md, which a run writes: move them, choose another --out, or "
+                                "add --overwrite to replace them")
+    else:
+        assert "already holds a run" in message and "--overwrite" in message and output in message
     assert (out / output).read_bytes() == b"precious"
 
 

@@ -66,6 +66,8 @@ SUBFOLDER_FILES = {
     "tensorboard": re.compile(r"events\.out\.tfevents\..+$"),
 }
 FINAL_OUTPUTS = ("model.safetensors", "masks.safetensors", "metrics.json", "report.md")
+# Files only a run writes: a folder holding one of them holds a run (a report.md or a plot alone may be anyone's).
+RUN_MARKERS = (STATE_FILE, CONFIG_FILE, "model.safetensors", "masks.safetensors", "metrics.json")
 IN_PROGRESS_SAFE = ("epochs", "optimizer.lr")
 SHOWN_CHANGES = 8  # a config diff names at most this many keys in its one line
 
@@ -136,6 +138,11 @@ def plan_folder(
             )
         return FolderPlan(folder, remove=present)
     if not resume:
+        if present and not any(name in RUN_MARKERS for name in present):  # report.md, plots, logs: maybe not a run's
+            raise RunFolderError(
+                f"'{folder}' holds {', '.join(present)}, which a run writes: move them, choose another --out, or add "
+                "--overwrite to replace them"
+            )
         if present:
             raise RunFolderError(
                 f"'{folder}' already holds a run; add --resume to continue it, --overwrite to replace it "
