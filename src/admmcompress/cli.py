@@ -275,6 +275,8 @@ def _report_command(args: argparse.Namespace) -> int:
     if args.compare:
         from admmcompress.report.compare import compare_runs
 
+        for folder in args.compare:  # a run still writing its outputs would read as a damaged one
+            check_unlocked(folder, "--compare reads its final outputs, so compare it once that run has ended")
         print(compare_runs(args.compare, args.out))
         return 0
     if not args.dir:

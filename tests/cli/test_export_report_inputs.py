@@ -296,3 +296,13 @@ def test_report_measures_a_recurrent_layer_again_from_its_per_matrix_rows(tmp_pa
     assert _measured_layers(model, rows, tmp_path / "metrics.json") == ["gru"]
     with pytest.raises(ValueError, match=r"metrics\.json': metrics\.stats\.layers names \['conv9'\], which the model"):
         _measured_layers(model, [*rows, {"name": "conv9"}], tmp_path / "metrics.json")
+
+
+def test_compare_waits_for_a_run_that_is_still_writing(run, finished, capsys):
+    """A live run's folder (its lock held) is refused by --compare with one line, not read as a damaged run."""
+    from admmcompress.train.lock import RunLock
+
+    with RunLock(run):
+        message = error_line(capsys, ["report", "--compare", str(run), str(finished)])
+    assert "--compare reads its final outputs, so compare it once that run has ended" in message
+    assert main(["report", "--compare", str(run), str(finished)]) == 0  # released: compared
