@@ -150,3 +150,18 @@ def test_compress_with_a_usable_out_dir_still_checkpoints(tmp_path):
     out: Path = tmp_path / "a" / "b"
     compress(tiny_model(), PLAN, data(), data(8, 1), out_dir=out, **SHORT)
     assert (out / "checkpoint.pt").is_file()
+
+
+def test_compress_does_not_replace_an_earlier_runs_checkpoint_unless_told(tmp_path):
+    out: Path = tmp_path / "run"
+    compress(tiny_model(), PLAN, data(), data(8, 1), out_dir=out, **SHORT)
+    first = (out / "checkpoint.pt").read_bytes()
+    with pytest.raises(OutputFolderError) as err:  # the old code trained and wrote over it
+        compress(tiny_model(), PLAN, data(), data(8, 1), out_dir=out, **SHORT)
+    assert one_line(err) == (
+        f"compress: out_dir '{out}' already holds checkpoint.pt of an earlier run; choose another out_dir, or pass "
+        "overwrite=True to replace it"
+    )
+    assert (out / "checkpoint.pt").read_bytes() == first
+    compress(tiny_model(), PLAN, data(), data(8, 1), out_dir=out, overwrite=True, **SHORT)
+    assert (out / "checkpoint.pt").is_file()

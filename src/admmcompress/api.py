@@ -17,7 +17,7 @@ from admmcompress.finalize import MaskSet
 from admmcompress.plan import Plan, PlanError
 from admmcompress.report.render import render_markdown, save_report
 from admmcompress.train.config import ADMMPhaseConfig, CompactRunConfig, PhaseConfig, RunConfig, StageConfig
-from admmcompress.train.runner import Runner
+from admmcompress.train.runner import STATE_FILE, Runner
 
 # What CompressionResult.save writes (report.render.save_report and plot_run): the files it would replace.
 SAVED_FILES = ("metrics.json", "report.md", "sparsity.png", "training.png", "rates.png")
@@ -110,6 +110,7 @@ def compress(
     progress: bool = False,
     loss_fn: Callable[[Any, torch.Tensor, nn.Module], torch.Tensor] | None = None,
     reweighted: Any = None,
+    overwrite: bool = False,
 ) -> CompressionResult:
     """Compress a trained ``model`` toward ``plan`` with the reference loop.
 
@@ -123,7 +124,8 @@ def compress(
     (``{"rho": 1e-3}`` for admm, ``{"penalty": 1e-4}`` for reweighted; ``reweighted=`` is its deprecated
     spelling). ``loss_fn(batch, output, model)`` replaces cross-entropy in every phase. With ``out_dir``,
     state is checkpointed there every epoch (a file or a folder this process cannot write into is refused,
-    ``OutputFolderError``, before training). An empty list of plans is a ``PlanError``.
+    ``OutputFolderError``, before training, and so is one holding an earlier run's checkpoint unless
+    ``overwrite=True``). An empty list of plans is a ``PlanError``.
 
     ``coupling`` ("none", "strict" or "extend") is a run config stage's ``coupling``: filter/channel
     targets on tied channels become one coupled target per channel group (``Plan.resolve_coupled``).
@@ -164,6 +166,11 @@ def compress(
                        pretrained="<in-memory model>", stages=stages, compact=compact)
     if out_dir is not None:  # refused now, not after the first epoch's checkpoint
         out_dir = usable_folder(out_dir, "compress")
+        if (out_dir / STATE_FILE).exists() and not overwrite:  # an earlier run's state: not replaced by accident
+            raise OutputFolderError(
+                f"compress: out_dir '{out_dir}' already holds {STATE_FILE} of an earlier run; choose another out_dir, "
+                "or pass overwrite=True to replace it"
+            )
     runner = Runner(config, model, train, test, out_dir=out_dir, progress=progress, train_dense=False,
                     loss_fn=loss_fn)
     metrics = runner.run()
