@@ -302,7 +302,8 @@ def test_compare_waits_for_a_run_that_is_still_writing(run, finished, capsys):
     """A live run's folder (its lock held) is refused by --compare with one line, not read as a damaged run."""
     from admmcompress.train.lock import RunLock
 
+    table = str(run.parent / "table.md")
     with RunLock(run):
-        message = error_line(capsys, ["report", "--compare", str(run), str(finished)])
+        message = error_line(capsys, ["report", "--compare", str(run), str(finished), "--out", table])
     assert "--compare reads its final outputs, so compare it once that run has ended" in message
-    assert main(["report", "--compare", str(run), str(finished)]) == 0  # released: compared
+    assert main(["report", "--compare", str(run), str(finished), "--out", table]) == 0  # released: compared

@@ -492,3 +492,31 @@ def test_im2col_slab_switch_follows_the_l3_size(ext):
         assert ext.set_slab_floats_t(*current) == [current[0], 1 << 24, current[2]]
     finally:
         ext.set_slab_floats_t(*current)
+
+
+def test_tracing_and_gradients_take_the_torch_path(ext):
+    """torch.jit.trace cannot see into the kernel (it recorded an empty tensor: outputs of 1e31), and the kernel's
+    outputs carry no gradient: both take the gather path, which gives the masked dense result."""
+    torch.manual_seed(0)
+    dense = nn.Linear(16, 32)
+    with torch.no_grad():
+        dense.weight.copy_(Block(compression=3, block=(4, 1)).project(dense.weight))
+    fast = BlockSparseLinear.from_dense(dense, block_rows=4, impl="cpp")
+    x = torch.randn(3, 16)
+    traced = torch.jit.trace(fast, (x,), check_trace=False)
+    close(traced(torch.ones(3, 16)), dense(torch.ones(3, 16)))
+    xg = x.clone().requires_grad_(True)
+    fast(xg).sum().backward()
+    close(xg.grad, dense.weight.sum(0).expand(3, 16))
+    rnn = nn.GRU(16, 16)
+    with torch.no_grad():
+        for name, weight in rnn.named_parameters():
+            if name.startswith("weight"):
+                weight.copy_(Block(compression=3, block=(16, 4), gates=3).project(weight))
+    fast_rnn = BlockSparseGRU.from_dense(rnn, block_rows=16, kernel="cpp").eval()
+    seq = torch.randn(5, 2, 16)
+    traced_rnn = torch.jit.trace(fast_rnn, (seq,), check_trace=False)
+    close(traced_rnn(seq)[0], rnn(seq)[0])
+    seq_g = seq.clone().requires_grad_(True)
+    fast_rnn(seq_g)[0].sum().backward()
+    assert seq_g.grad is not None and torch.isfinite(seq_g.grad).all()

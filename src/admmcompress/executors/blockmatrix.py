@@ -90,7 +90,7 @@ class BlockSparseMatrix(nn.Module):
         if impl == "csr":
             with warnings.catch_warnings():  # "sparse CSR support is in beta": known, and measured
                 warnings.simplefilter("ignore", UserWarning)
-                self.csr = weight.to_sparse_csr()  # an attribute, not a buffer (sparse)
+                self._keep_sparse(weight.to_sparse_csr())
             self.register_buffer("bias", bias)
             self.stored_columns = 0
             return
@@ -102,7 +102,7 @@ class BlockSparseMatrix(nn.Module):
                 )
             with warnings.catch_warnings():  # "sparse BSR support is in beta": known, and measured
                 warnings.simplefilter("ignore", UserWarning)
-                self.bsr = weight.to_sparse_bsr((block_rows, block_rows))  # MKL takes square blocks only
+                self._keep_sparse(weight.to_sparse_bsr((block_rows, block_rows)))  # MKL: square blocks only
             self.register_buffer("bias", bias)
             self.stored_columns = 0
             return
@@ -110,6 +110,23 @@ class BlockSparseMatrix(nn.Module):
             self.impl = impl if blocksparse_cpp.available() and weight.dtype == torch.float32 else "gather"
             buckets = 1  # the kernel reads one packed bucket
         self._pack(weight, buckets, bias)
+
+    def _keep_sparse(self, sparse: torch.Tensor) -> None:
+        """Keep a CSR/BSR weight as three dense buffers (row pointers, column indices, values), so that it is in
+        the state dict and follows ``load_state_dict``, ``deepcopy`` and ``.to()``; the sparse tensor is a view
+        of them, made per product (:meth:`sparse_weight`)."""
+        self.register_buffer("crow_indices", sparse.crow_indices().clone())
+        self.register_buffer("col_indices", sparse.col_indices().clone())
+        self.register_buffer("sparse_values", sparse.values().clone())
+
+    def sparse_weight(self) -> torch.Tensor:
+        """The CSR (``impl="csr"``) or BSR (``"bsr"``) weight, built over the saved buffers without copying them."""
+        buffers, size = self._buffers, (self.out_features, self.in_features)
+        make = torch.sparse_csr_tensor if self.impl == "csr" else torch.sparse_bsr_tensor
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return make(buffers["crow_indices"], buffers["col_indices"], buffers["sparse_values"], size,
+                        check_invariants=False)
 
     def _pack(self, weight: torch.Tensor, buckets: int, bias: torch.Tensor | None) -> None:
         rows, cols, r = self.out_features, self.in_features, self.block_rows
@@ -159,7 +176,7 @@ class BlockSparseMatrix(nn.Module):
     def stored_values(self) -> int:
         """Weights stored, padding and in-block zeros included (what a product reads)."""
         if self.impl == "bsr":
-            return int(self.bsr.values().numel())
+            return int(self._buffers["sparse_values"].numel())
         return self.stored_columns * self.block_rows if self.impl != "csr" else self.nonzeros
 
     def macs(self, batch: int = 1) -> int:
@@ -169,18 +186,28 @@ class BlockSparseMatrix(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x (N, I) -> x @ W.T + b (N, O)``."""
         buffers = self._buffers  # direct lookups: this runs once per RNN step, where overhead counts
+        if x.shape[-1] != self.in_features:  # the gather and the kernel read columns by index: a wider x would pass
+            raise ValueError(self._width_error(x.shape[-1]))
         if self.impl == "dense":
             return F.linear(x, buffers["weight"], buffers["bias"])
         if self.impl in ("csr", "bsr"):
-            y = ((self.csr if self.impl == "csr" else self.bsr) @ x.t()).t()
+            y = (self.sparse_weight() @ x.t()).t()
             return y if buffers["bias"] is None else y + buffers["bias"]
-        if self.impl == "cpp":
+        if (  # _kernel_takes, inlined: this is the batch-1 hot path
+            self.impl == "cpp" and not (x.requires_grad and _grad_enabled()) and x.dtype is _F32
+            and buffers["values0"].dtype is _F32 and _tracing_state() is None
+        ):
             ext = blocksparse_cpp.load()
             if ext is not None:  # None: loaded on a machine without a compiler; the packing runs in torch
-                if x.shape[-1] != self.in_features:  # the kernel reads columns by index, unchecked
-                    raise ValueError(self._width_error(x.shape[-1]))
                 return ext.bsmm(x, *blocksparse_cpp.packed(self), self.out_features)
         n = x.shape[0]
+        if x.dtype != buffers["values0"].dtype:  # else bmm's "expected scalar type" from deep inside
+            raise TypeError(
+                f"block-sparse matrix {self.out_features}x{self.in_features}: input is {x.dtype}, its weights are "
+                f"{buffers['values0'].dtype}; convert one to the other (e.g. x.float(), or the model with .double())"
+            )
+        if n == 0:  # view(0, blocks, -1) below cannot infer its last size
+            return x.new_zeros(0, self.out_features)
         if n >= ROWS_LAST_FROM:
             return self._rows_last(x)
         outs = []
@@ -202,13 +229,22 @@ class BlockSparseMatrix(nn.Module):
     def forward_transposed(self, xt: torch.Tensor) -> torch.Tensor:
         """``xt (I, N) -> xt.T @ W.T + b (N, O)``: the product from inputs stored column by column (an im2col
         matrix), without transposing them first where the implementation reads them that way."""
-        if self.impl == "cpp" and xt.dtype == torch.float32:
+        if self.impl == "cpp" and self._kernel_takes(xt):
             ext = blocksparse_cpp.load()
             if ext is not None:
                 if xt.shape[0] != self.in_features:
                     raise ValueError(self._width_error(xt.shape[0]))
                 return ext.bsmm_t(xt, *blocksparse_cpp.packed(self), self.out_features)
         return self.forward(xt.t())  # the gather path's batch-last layout transposes it back for free
+
+    def _kernel_takes(self, x: torch.Tensor) -> bool:
+        """Whether the compiled kernel can run this product; else the gather path runs it, which gives the same
+        result. Not for a gradient (the kernel's output has none), nor under ``torch.jit.trace`` (which cannot
+        see into it and would record an empty tensor), nor for other dtypes than the float32 it reads. Ordered
+        cheapest first, with torch's C functions called directly: at batch 1 a product takes ~10 us."""
+        if x.requires_grad and _grad_enabled():
+            return False
+        return x.dtype is _F32 and self._buffers["values0"].dtype is _F32 and _tracing_state() is None
 
     def _width_error(self, width: int) -> str:
         return (
@@ -238,5 +274,8 @@ class BlockSparseMatrix(nn.Module):
             f"nonzeros={self.nonzeros}, stored={self.stored_values}"
         )
 
+
+# torch.is_grad_enabled and torch.jit.is_tracing without their Python wrappers (what they call)
+_grad_enabled, _tracing_state, _F32 = torch._C.is_grad_enabled, torch._C._get_tracing_state, torch.float32
 
 __all__ = ["IMPLS", "BlockSparseMatrix"]

@@ -52,6 +52,21 @@ def lstm_cell(
     return s[..., 3 * size :] * torch.tanh(c), c
 
 
+def check_state_kind(owner: str, hx, lstm: bool) -> None:
+    """One clear line when a recurrent state is not one tensor (GRU) or a pair ``(h, c)`` of tensors (LSTM)."""
+    pair = isinstance(hx, (tuple, list)) and len(hx) == 2 and all(isinstance(t, torch.Tensor) for t in hx)
+    if lstm and not pair:
+        raise ValueError(f"{owner}: the LSTM state is a pair (h, c) of tensors, got {_kind(hx)}")
+    if not lstm and not isinstance(hx, torch.Tensor):
+        raise ValueError(f"{owner}: the GRU state is one tensor h, got {_kind(hx)}")
+
+
+def _kind(value) -> str:
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)}"
+    return type(value).__name__
+
+
 def _matrix(
     weight: torch.Tensor, bias: torch.Tensor | None, block_rows: int, min_sparsity: float, **kwargs
 ) -> BlockSparseMatrix:
@@ -123,16 +138,17 @@ class _BlockSparseRNNBase(nn.Module):
         """Apply a tensor function to every tensor of the state."""
         raise NotImplementedError
 
-    def _extension(self, matrix: BlockSparseMatrix) -> ModuleType | None:
+    def _extension(self, matrix: BlockSparseMatrix, allowed: bool = True) -> ModuleType | None:
         """The compiled kernel when this layer uses it and it runs ``matrix`` (``None``: the torch path,
-        e.g. a model saved with ``kernel="cpp"`` and loaded where nothing can be compiled)."""
-        if self.kernel != "cpp" or not blocksparse_cpp.supports(matrix):
+        e.g. a model saved with ``kernel="cpp"`` and loaded where nothing can be compiled, or a call the kernel
+        must not take, ``allowed=False``: see :meth:`forward`)."""
+        if self.kernel != "cpp" or not allowed or not blocksparse_cpp.supports(matrix):
             return None
         return blocksparse_cpp.load()
 
-    def _input_product(self, ih: BlockSparseMatrix, x: torch.Tensor) -> torch.Tensor:
+    def _input_product(self, ih: BlockSparseMatrix, x: torch.Tensor, allowed: bool = True) -> torch.Tensor:
         """``x @ W_ih.T + b_ih`` for all steps at once (compiled when the kernel is "cpp")."""
-        ext = self._extension(ih)
+        ext = self._extension(ih, allowed)
         if ext is not None:
             return ext.bsmm(x, *blocksparse_cpp.packed(ih), ih.out_features)
         return ih(x)
@@ -151,14 +167,22 @@ class _BlockSparseRNNBase(nn.Module):
     def _stack(self, states: list):
         raise NotImplementedError
 
-    def _direction(self, x: torch.Tensor, state, ih: BlockSparseMatrix, hh: BlockSparseMatrix, reverse: bool):
+    def _check_state_kind(self, hx) -> None:
+        """An initial state of the layer's kind: one tensor (GRU), or ``(h, c)`` (LSTM; a list is accepted)."""
+        check_state_kind(type(self).__name__, hx, self.mode == "LSTM")
+
+    def _direction(
+        self, x: torch.Tensor, state, ih: BlockSparseMatrix, hh: BlockSparseMatrix, reverse: bool, allowed: bool
+    ):
         """One direction of one layer over x (T, N, I): ``(outputs (T, N, H), final state)``, compiled as far as
-        the kernel runs its matrices."""
-        ext = self._extension(hh)
-        if ext is not None and self._extension(ih) is not None:  # both products and the gates compiled
+        the kernel runs its matrices (and ``allowed``: see :meth:`forward`)."""
+        ext = self._extension(hh, allowed)
+        if ext is not None and self._extension(ih, allowed) is not None:  # both products and the gates compiled
             return self._compiled(ext, x, state, ih, hh, reverse)
         steps, batch = x.shape[0], x.shape[1]
-        gi = self._input_product(ih, x.reshape(steps * batch, -1)).view(steps, batch, -1)
+        # explicit sizes: with batch 0, -1 cannot be inferred
+        gi = self._input_product(ih, x.reshape(steps * batch, x.shape[2]), allowed)
+        gi = gi.view(steps, batch, ih.out_features)
         if ext is not None:
             return self._compiled_hidden(ext, gi, state, hh, reverse)
         out: list[torch.Tensor] = [x] * steps
@@ -178,6 +202,8 @@ class _BlockSparseRNNBase(nn.Module):
                 f"{type(self).__name__}: input of {x.dim()} dimensions; give (steps, batch, features), batch first"
                 " when batch_first=True, or (steps, features)"
             )
+        if hx is not None:
+            self._check_state_kind(hx)
         batched = x.dim() == 3
         if not batched:
             x = x.unsqueeze(1)
@@ -189,6 +215,14 @@ class _BlockSparseRNNBase(nn.Module):
             raise ValueError(
                 f"{type(self).__name__}: input has {x.shape[2]} features, expected input_size={self.input_size}"
             )
+        if x.shape[0] == 0:  # as nn.GRU / nn.LSTM: nothing to run, and no final state to give
+            raise ValueError(f"{type(self).__name__}: the sequence has 0 steps; give at least one")
+        states = tuple(hx) if isinstance(hx, (tuple, list)) else (hx,) if hx is not None else ()
+        # The kernel's outputs carry no gradient, torch.jit.trace cannot see into it (it would record an empty
+        # tensor) and it reads float32 only: such calls take the torch path, which gives the same result.
+        kernel_ok = x.dtype == torch.float32 and not torch.jit.is_tracing() and not (
+            torch.is_grad_enabled() and any(t.requires_grad for t in (x, *states))
+        )
         if hx is None:
             hx = self._zeros_state(batch, x)
         expected = (self.num_layers * self.directions, batch, self.hidden_size)
@@ -204,7 +238,9 @@ class _BlockSparseRNNBase(nn.Module):
             for direction in range(self.directions):
                 index = layer * self.directions + direction
                 state = self._map(lambda t, i=index: t[i], hx)
-                sequence, state = self._direction(x, state, self.ih[index], self.hh[index], bool(direction))
+                sequence, state = self._direction(
+                    x, state, self.ih[index], self.hh[index], bool(direction), kernel_ok
+                )
                 outputs.append(sequence)
                 finals.append(state)
             x = outputs[0] if self.directions == 1 else torch.cat(outputs, 2)
@@ -299,14 +335,24 @@ class BlockSparseCell(nn.Module):
         return cls(cell, block_rows, **kwargs)
 
     def forward(self, x: torch.Tensor, hx=None):
+        name = type(self).__name__
+        if x.dim() not in (1, 2):  # as nn.GRUCell / nn.LSTMCell
+            raise ValueError(f"{name}: input of {x.dim()} dimensions; give (batch, features) or (features)")
         batched = x.dim() == 2
         if not batched:
             x = x.unsqueeze(0)
         zeros = x.new_zeros(x.shape[0], self.hidden_size)
         if hx is None:
             hx = (zeros, zeros) if self.lstm else zeros
-        elif not batched:
-            hx = tuple(h.unsqueeze(0) for h in hx) if self.lstm else hx.unsqueeze(0)
+        else:
+            check_state_kind(name, hx, self.lstm)
+            if not batched:
+                hx = tuple(h.unsqueeze(0) for h in hx) if self.lstm else hx.unsqueeze(0)
+            expected = (x.shape[0], self.hidden_size)
+            for state in hx if self.lstm else (hx,):  # a state of batch 1 would broadcast silently
+                if tuple(state.shape) != expected:
+                    raise ValueError(f"{name}: state of shape {tuple(state.shape)}, expected {expected} (batch, "
+                                     "hidden_size)")
         h = hx[0] if self.lstm else hx
         gi, gh = self.ih(x), self.hh(h)
         out = lstm_cell(gi, gh, h, hx[1]) if self.lstm else gru_cell(gi, gh, h)

@@ -1,0 +1,97 @@
+"""Wrong and unusual inputs to the block-sparse executor (review findings): one clear line, or the masked dense
+model's result; never a silently wrong one."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from admmcompress.executors.blocksparse import convert_module
+from admmcompress.structures import Block
+
+
+def pruned(layer: nn.Module, r: int = 4) -> nn.Module:
+    with torch.no_grad():
+        for name, weight in layer.named_parameters():
+            if name.startswith("weight"):
+                weight.copy_(Block(compression=3, block=(r, 2)).project(weight))
+    return layer.eval()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        yield
+
+
+def test_the_gather_path_refuses_a_wrong_width_and_dtype():
+    """A wider input used to give a result from the wrong columns, a narrower one an IndexError."""
+    dense = pruned(nn.Linear(48, 32))
+    fast = convert_module(dense, 4)
+    for width in (60, 40):
+        with pytest.raises(ValueError, match=f"input has {width} features, expected 48"):
+            fast(torch.randn(4, width))
+    with pytest.raises(TypeError, match="input is torch.float64, its weights are torch.float32"):
+        fast(torch.randn(4, 48, dtype=torch.float64))
+    conv = convert_module(pruned(nn.Conv2d(8, 20, 3)), 4)
+    with pytest.raises(ValueError, match="expected 72"):  # 10 channels read as 90 im2col columns
+        conv(torch.randn(2, 10, 9, 9))
+
+
+def test_batch_zero_gives_empty_outputs_as_dense():
+    linear = pruned(nn.Linear(48, 40))
+    assert convert_module(linear, 16)(torch.randn(0, 48)).shape == (0, 40)
+    for kind in (nn.GRU, nn.LSTM):
+        dense = pruned(kind(12, 24), 8)
+        out, _ = convert_module(dense, 8)(torch.randn(5, 0, 12))
+        assert out.shape == dense(torch.randn(5, 0, 12))[0].shape == (5, 0, 24)
+
+
+@pytest.mark.parametrize("impl", ["csr", "bsr"])
+def test_csr_and_bsr_weights_are_in_the_state_dict_and_copy(impl):
+    """They were plain attributes: a loaded state dict kept the old weights, deepcopy and .to() failed."""
+    dense = pruned(nn.Linear(8, 8))
+    other = copy.deepcopy(dense)
+    with torch.no_grad():
+        other.weight.mul_(2.0)  # the same pattern, other values: a checkpoint of this layer to load
+    source, target = convert_module(dense, 4, impl=impl), convert_module(other, 4, impl=impl)
+    x = torch.randn(3, 8)
+    assert not torch.allclose(source(x), target(x))
+    target.load_state_dict(source.state_dict())
+    torch.testing.assert_close(target(x), source(x))
+    for copied in (copy.deepcopy(source), source.to("cpu"), source.float()):
+        torch.testing.assert_close(copied(x), source(x))
+
+
+@pytest.mark.parametrize("kind", [nn.GRU, nn.LSTM])
+def test_recurrent_layers_refuse_zero_steps_and_states_of_the_wrong_kind(kind):
+    fast = convert_module(pruned(kind(12, 24), 8), 8)
+    with pytest.raises(ValueError, match="the sequence has 0 steps"):
+        fast(torch.randn(0, 3, 12))
+    h = torch.zeros(1, 3, 24)
+    wrong = [h, (h,), (h, h, h)] if kind is nn.LSTM else [(h, h), [h]]
+    for state in wrong:
+        with pytest.raises(ValueError, match="the (LSTM state is a pair|GRU state is one tensor)"):
+            fast(torch.randn(5, 3, 12), state)
+
+
+@pytest.mark.parametrize("kind", [nn.GRUCell, nn.LSTMCell])
+def test_cells_refuse_what_the_torch_cells_refuse(kind):
+    """A batch-1 state used to broadcast over the batch; a 3-D input to give a tensor."""
+    dense = pruned(kind(12, 20))
+    fast = convert_module(dense, 4)
+    x = torch.randn(3, 12)
+    h = torch.randn(1, 20)
+    with pytest.raises(ValueError, match=r"state of shape \(1, 20\), expected \(3, 20\)"):
+        fast(x, (h, h) if kind is nn.LSTMCell else h)
+    with pytest.raises(ValueError, match="input of 3 dimensions"):
+        fast(torch.randn(2, 3, 12))
+    state = (torch.randn(3, 20), torch.randn(3, 20)) if kind is nn.LSTMCell else torch.randn(3, 20)
+    expected, got = dense(x, state), fast(x, state)
+    for a, b in zip(expected if kind is nn.LSTMCell else (expected,), got if kind is nn.LSTMCell else (got,),
+                    strict=True):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
