@@ -95,3 +95,18 @@ def test_cells_refuse_what_the_torch_cells_refuse(kind):
     for a, b in zip(expected if kind is nn.LSTMCell else (expected,), got if kind is nn.LSTMCell else (got,),
                     strict=True):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+def test_conversion_arguments_are_checked_for_every_layer_type():
+    from admmcompress.executors.blocksparse import to_blocksparse
+
+    model = nn.Sequential(pruned(nn.Linear(8, 8)))
+    with pytest.raises(ValueError, match="kernel='foo'; choose one of"):
+        to_blocksparse(model, 4, kernel="foo")
+    with pytest.raises(ValueError, match="kernel='foo'; choose one of"):
+        convert_module(model[0], 4, kernel="foo")
+    with pytest.raises(ValueError, match="block_rows=True must be a positive integer"):
+        convert_module(model[0], True)
+    with pytest.raises(ValueError, match=r"layers='0' is one name; give a list, e\.g\. layers=\['0'\]"):
+        to_blocksparse(model, 4, layers="0")
+    assert to_blocksparse(model, 4, layers=["0"]) == ["0"]

@@ -46,7 +46,7 @@ from admmcompress.executors.blocksparse_choice import (
     recorded_shapes,
 )
 from admmcompress.executors.blocksparse_layers import BlockSparseConv2d, BlockSparseLinear, conv_blockers
-from admmcompress.executors.blocksparse_rnn import BlockSparseCell, BlockSparseGRU, BlockSparseLSTM
+from admmcompress.executors.blocksparse_rnn import KERNELS, BlockSparseCell, BlockSparseGRU, BlockSparseLSTM
 from admmcompress.plan import Plan, Target
 from admmcompress.structures.block import Block
 from admmcompress.structures.groups import gemm_params
@@ -76,6 +76,11 @@ def convert_module(module: nn.Module, block_rows: int = 16, name: str = "layer",
     ``kernel`` ("torch" or "cpp") applies to GRU/LSTM sequences only; ``min_sparsity`` to their
     matrices (one that is denser stays dense).
     """
+    kernel = kwargs.get("kernel", "torch")
+    if kernel not in KERNELS:  # checked for every layer type, though only GRU/LSTM sequences use it
+        raise ValueError(f"layer '{name}': kernel={kernel!r}; choose one of {KERNELS}")
+    if isinstance(block_rows, bool):  # True would pass as r = 1
+        raise ValueError(f"layer '{name}': block_rows={block_rows!r} must be a positive integer, e.g. 16")
     if not isinstance(module, (nn.GRU, nn.LSTM)):
         kwargs.pop("kernel", None)
     if isinstance(module, nn.Linear):
@@ -136,6 +141,8 @@ def to_blocksparse(
     """
     if choose not in ("fixed", "measured"):
         raise ValueError(f"to_blocksparse: choose={choose!r}; choose 'fixed' or 'measured'")
+    if kernel not in KERNELS:  # else unseen on a model without GRU/LSTM layers
+        raise ValueError(f"to_blocksparse: kernel={kernel!r}; choose one of {KERNELS}")
     modules = dict(model.named_modules())
     if layers is None:
         # Depthwise/grouped or reflect-padded convs have no block-sparse form: by default they stay dense.
@@ -145,6 +152,8 @@ def to_blocksparse(
             and not (isinstance(m, nn.Conv2d) and conv_blockers(m)[0])
         ]
     else:
+        if isinstance(layers, str):  # "fc" would be the layers 'f' and 'c'
+            raise ValueError(f"to_blocksparse: layers={layers!r} is one name; give a list, e.g. layers=[{layers!r}]")
         chosen = list(dict.fromkeys(layers))
         unknown = [n for n in chosen if n not in modules]
         if unknown:
