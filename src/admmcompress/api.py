@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from admmcompress.atomic import nearest_existing
 from admmcompress.data.datasets import Split
 from admmcompress.finalize import MaskSet
 from admmcompress.plan import Plan, PlanError
@@ -36,9 +37,7 @@ def usable_folder(out_dir: str | Path, who: str) -> Path:
     if not str(out_dir).strip():
         raise OutputFolderError(f"{who}: out_dir is empty; give a folder name")
     folder = Path(out_dir)
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = nearest_existing(folder)
     if not existing.is_dir():
         what = "is a file" if existing == folder else f"cannot be made: '{existing}' on its path is a file"
         raise OutputFolderError(f"{who}: out_dir '{folder}' {what}; choose a folder for the outputs")

@@ -103,6 +103,19 @@ def _write_error(path: Path, err: OSError) -> WriteError:
     return WriteError(err.errno or 0, f"cannot write '{path}': {reason}; {fix}{kept}")
 
 
+def nearest_existing(path: str | Path) -> Path:
+    """``path`` if it exists, else its nearest ancestor that does: where a missing folder would be created, so
+    whether it can be is judged there (a file on the way, a read-only folder).
+
+    >>> nearest_existing("/")
+    PosixPath('/')
+    """
+    existing = Path(path)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return existing
+
+
 def clean_orphans(folder: str | Path, below: Iterable[str] = ()) -> list[Path]:
     """Remove temporary files left by writes killed mid-way in ``folder`` and in its subfolders named in
     ``below`` (and theirs); return them.
@@ -159,4 +172,4 @@ def _sync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-__all__ = ["TMP_PATTERN", "WriteError", "atomic_write", "clean_orphans"]
+__all__ = ["TMP_PATTERN", "WriteError", "atomic_write", "clean_orphans", "nearest_existing"]

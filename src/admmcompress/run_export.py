@@ -32,6 +32,7 @@ import torch
 import yaml
 from typing_extensions import deprecated
 
+from admmcompress.atomic import nearest_existing
 from admmcompress.executors.base import FinishedRun, get_executor, list_executors
 from admmcompress.executors.packed import packed_size_lines  # noqa: F401  (its old home; tests import it here)
 from admmcompress.models import create_model
@@ -317,9 +318,7 @@ def check_export_out(name: str, out: str | Path, overwrite: bool = False) -> Non
 def _check_out_location(where: Path, out: str | Path) -> None:
     """Refuse, before the export's work, a folder for ``out`` that cannot be made or written (missing ones are
     created at the write): judged by its nearest existing parent, as ``admmcompress run`` judges its --out."""
-    existing = where
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = nearest_existing(where)
     if existing.exists() and not existing.is_dir():
         raise ValueError(f"--out '{out}' cannot be written: '{existing}' is a file, not a folder; choose another --out")
     if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):

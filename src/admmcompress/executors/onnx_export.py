@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from admmcompress.atomic import WriteError, atomic_write
+from admmcompress.atomic import WriteError, atomic_write, nearest_existing
 from admmcompress.encoding import grid_of
 from admmcompress.executors.base import Executor, FinishedRun, register_executor
 from admmcompress.structures.groups import gemm_params
@@ -305,9 +305,7 @@ def export_onnx(
 
 def _check_out_folder(path: Path) -> None:
     """Refuse a ``path`` under a file (atomic_write creates missing folders, but not through a file)."""
-    existing = path.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = nearest_existing(path.parent)
     if existing.exists() and not existing.is_dir():
         raise WriteError(
             errno.ENOTDIR, f"cannot write '{path}': '{existing}' is a file, not a folder; choose another path"

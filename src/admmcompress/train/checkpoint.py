@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from admmcompress.atomic import atomic_write
+from admmcompress.atomic import atomic_write, nearest_existing
 from admmcompress.messages import first_line
 
 
@@ -33,9 +33,7 @@ def check_output_folder(folder: str | Path) -> None:
     A folder not there yet is judged by its nearest existing parent (where it would be created).
     """
     folder = Path(folder)
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = nearest_existing(folder)
     if existing.exists() and not existing.is_dir():
         where = "is a file" if existing == folder else f"cannot be created: '{existing}' is a file"
         raise OutputFolderError(f"output folder '{folder}' {where}, not a folder; choose another --out")
