@@ -193,10 +193,7 @@ class BlockSparseMatrix(nn.Module):
         if self.impl in ("csr", "bsr"):
             y = (self.sparse_weight() @ x.t()).t()
             return y if buffers["bias"] is None else y + buffers["bias"]
-        if (  # _kernel_takes, inlined: this is the batch-1 hot path
-            self.impl == "cpp" and not (x.requires_grad and _grad_enabled()) and x.dtype is _F32
-            and buffers["values0"].dtype is _F32 and _tracing_state() is None
-        ):
+        if self.impl == "cpp" and self._kernel_takes(x):
             ext = blocksparse_cpp.load()
             if ext is not None:  # None: loaded on a machine without a compiler; the packing runs in torch
                 return ext.bsmm(x, *blocksparse_cpp.packed(self), self.out_features)
