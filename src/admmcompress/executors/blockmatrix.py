@@ -235,13 +235,9 @@ class BlockSparseMatrix(nn.Module):
         return self.forward(xt.t())  # the gather path's batch-last layout transposes it back for free
 
     def _kernel_takes(self, x: torch.Tensor) -> bool:
-        """Whether the compiled kernel can run this product; else the gather path runs it, which gives the same
-        result. Not for a gradient (the kernel's output has none), nor under ``torch.jit.trace`` (which cannot
-        see into it and would record an empty tensor), nor for other dtypes than the float32 it reads. Ordered
-        cheapest first, with torch's C functions called directly: at batch 1 a product takes ~10 us."""
-        if x.requires_grad and _grad_enabled():
-            return False
-        return x.dtype is _F32 and self._buffers["values0"].dtype is _F32 and _tracing_state() is None
+        """Whether the compiled kernel can run this product (:func:`kernel_may_take`, and float32 weights);
+        else the gather path runs it, which gives the same result."""
+        return self._buffers["values0"].dtype is _F32 and kernel_may_take(x)
 
     def _width_error(self, width: int) -> str:
         return (
@@ -275,4 +271,14 @@ class BlockSparseMatrix(nn.Module):
 # torch.is_grad_enabled and torch.jit.is_tracing without their Python wrappers (what they call)
 _grad_enabled, _tracing_state, _F32 = torch._C.is_grad_enabled, torch._C._get_tracing_state, torch.float32
 
-__all__ = ["IMPLS", "BlockSparseMatrix"]
+
+def kernel_may_take(x: torch.Tensor) -> bool:
+    """Whether a call on input ``x`` may run in the compiled kernel rather than in torch ops (same result): not for
+    a gradient (the kernel's outputs have none), nor under ``torch.jit.trace`` (which cannot see into it and would
+    record an empty tensor), nor for other dtypes than the float32 it reads. Cheapest checks first, torch's C
+    functions called directly and no generators: at batch 1 a product takes ~10 us."""
+    if x.requires_grad and _grad_enabled():
+        return False
+    return x.dtype is _F32 and _tracing_state() is None
+
+__all__ = ["IMPLS", "BlockSparseMatrix", "kernel_may_take"]

@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from admmcompress.executors import blocksparse_cpp
-from admmcompress.executors.blockmatrix import BlockSparseMatrix
+from admmcompress.executors.blockmatrix import BlockSparseMatrix, kernel_may_take
 
 KERNELS = ("torch", "cpp")
 
@@ -218,11 +218,8 @@ class _BlockSparseRNNBase(nn.Module):
         if x.shape[0] == 0:  # as nn.GRU / nn.LSTM: nothing to run, and no final state to give
             raise ValueError(f"{type(self).__name__}: the sequence has 0 steps; give at least one")
         states = tuple(hx) if isinstance(hx, (tuple, list)) else (hx,) if hx is not None else ()
-        # The kernel's outputs carry no gradient, torch.jit.trace cannot see into it (it would record an empty
-        # tensor) and it reads float32 only: such calls take the torch path, which gives the same result.
-        kernel_ok = x.dtype == torch.float32 and not torch.jit.is_tracing() and not (
-            torch.is_grad_enabled() and any(t.requires_grad for t in (x, *states))
-        )
+        # else the torch path, which gives the same result; a state that needs a gradient keeps the kernel out too
+        kernel_ok = kernel_may_take(x) and not (torch.is_grad_enabled() and any(t.requires_grad for t in states))
         if hx is None:
             hx = self._zeros_state(batch, x)
         expected = (self.num_layers * self.directions, batch, self.hidden_size)
