@@ -49,16 +49,6 @@ def error_line(capsys, argv: list[str]) -> str:
     return err[0].removeprefix("admmcompress: error: ")
 
 
-@pytest.fixture
-def no_run_read(monkeypatch):
-    """Fail the test if export opens the run: --out is checked before any work."""
-
-    def refuse(*_args, **_kwargs):
-        raise AssertionError("the run was opened before --out was checked")
-
-    monkeypatch.setattr(run_export, "open_run", refuse)
-
-
 @pytest.fixture(scope="module")
 def imported_run(tmp_path_factory):
     """A tiny run on `{import: "export_writes_dataset:make"}` (its module importable while the tests run)."""
