@@ -520,3 +520,54 @@ def test_tracing_and_gradients_take_the_torch_path(ext):
     seq_g = seq.clone().requires_grad_(True)
     fast_rnn(seq_g)[0].sum().backward()
     assert seq_g.grad is not None and torch.isfinite(seq_g.grad).all()
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_nan_and_infinite_gate_inputs_give_what_torch_gives(any_build, kind):
+    """The gate math's own exp clamps its argument: a NaN must come back as NaN (torch's result) rather than pass
+    through a float-to-int conversion, and infinities must saturate the gates as torch's sigmoid/tanh do."""
+    cls = nn.GRU if kind == "gru" else nn.LSTM
+    dense = pruned(cls(8, 16), (16, 1), compression=2)
+    ih = BlockSparseMatrix(dense.weight_ih_l0.detach(), 16, impl="cpp", bias=dense.bias_ih_l0.detach())
+    hh = BlockSparseMatrix(dense.weight_hh_l0.detach(), 16, impl="cpp", bias=dense.bias_hh_l0.detach())
+    args = (*blocksparse_cpp.packed(ih), *blocksparse_cpp.packed(hh))
+    x, h0, c0 = torch.randn(3, 20, 8), torch.randn(20, 16), torch.randn(20, 16)
+    x[0, 0, 0], x[1, 1, :], x[2, 2, :] = float("nan"), float("inf"), -float("inf")
+    with torch.inference_mode():
+        if kind == "gru":
+            out, _ = any_build.gru_layer(x, h0, *args, False)
+            expected, _ = dense(x, h0.unsqueeze(0))
+        else:
+            out, _, _ = any_build.lstm_layer(x, h0, c0, *args, False)
+            expected, _ = dense(x, (h0.unsqueeze(0), c0.unsqueeze(0)))
+    assert torch.equal(out.isnan(), expected.isnan()) and expected.isnan().any()
+    torch.testing.assert_close(out.nan_to_num(0.0), expected.nan_to_num(0.0), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_the_entry_points_refuse_states_of_the_wrong_shape(ext, kind):
+    """Direct callers of the compiled entry points (the Python layers check first) get torch's one-line error
+    instead of a read past the state."""
+    cls = nn.GRU if kind == "gru" else nn.LSTM
+    dense = pruned(cls(8, 16), (16, 1), compression=2)
+    ih = BlockSparseMatrix(dense.weight_ih_l0.detach(), 16, impl="cpp", bias=dense.bias_ih_l0.detach())
+    hh = BlockSparseMatrix(dense.weight_hh_l0.detach(), 16, impl="cpp", bias=dense.bias_hh_l0.detach())
+    args = (*blocksparse_cpp.packed(ih), *blocksparse_cpp.packed(hh))
+    x, good, short = torch.randn(3, 4, 8), torch.randn(4, 16), torch.randn(2, 16)
+    with pytest.raises(RuntimeError, match="the state must be a float32 \\(batch, hidden\\) tensor"):
+        if kind == "gru":
+            ext.gru_layer(x, short, *args, False)
+        else:
+            ext.lstm_layer(x, short, short, *args, False)
+    if kind == "lstm":
+        with pytest.raises(RuntimeError, match="the cell state must be float32"):
+            ext.lstm_layer(x, good, short, *args, False)
+    with pytest.raises(RuntimeError, match="inputs must be a float32"):
+        (ext.gru_layer if kind == "gru" else ext.lstm_layer)(x.double(), good, *([good] if kind == "lstm" else []),
+                                                             *args, False)
+    gate_inputs = torch.randn(3, 4, 5 * 16)
+    with pytest.raises(RuntimeError, match="gate inputs must be [34] x hidden wide"):
+        if kind == "gru":
+            ext.gru_sequence(gate_inputs, good, *blocksparse_cpp.packed(hh), False)
+        else:
+            ext.lstm_sequence(gate_inputs, good, good, *blocksparse_cpp.packed(hh), False)

@@ -48,7 +48,7 @@ import torch
 from admmcompress.cpu_caches import l3_bytes
 from admmcompress.timing import cpu_model
 
-VERSION = 18  # bump when SOURCE or the build flags change: the extension's cache name changes with it
+VERSION = 19  # bump when SOURCE or the build flags change: the extension's cache name changes with it
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -602,19 +602,23 @@ torch::Tensor bsmm_t(torch::Tensor xt, torch::Tensor index, torch::Tensor values
 // faster than with that ~1e-7 exp, both builds, outputs within 2e-7 of dense as before
 // (benchmarks/records/blocksparse_gate_math_2, 2026-12).
 static inline float exp_approx(float x) {
-  x = x < -87.0f ? -87.0f : x;  // plain selects and truncation: fmin/floor/std::min keep gcc from SIMD here
+  x = x < -87.0f ? -87.0f : x;  // plain selects: fmin/std::min keep gcc from SIMD here; a NaN passes both
   x = x > 88.0f ? 88.0f : x;
   const float t = x * 1.44269504088896341f;
-  // k = the nearest integer to t, by truncating a positive number (t + 128.5 > 0 for x >= -87)
-  const int32_t k = static_cast<int32_t>(t + 128.5f) - 128;
-  const float f = t - static_cast<float>(k);
+  // k = the nearest integer to t without a float -> int conversion (undefined behaviour for a NaN): adding
+  // 1.5 * 2^23 rounds t to an integer held in the low mantissa bits. A NaN gives some k in unsigned arithmetic
+  // (defined) and stays NaN through f, as torch's exp gives.
+  const float shifted = t + 12582912.0f;
+  uint32_t k_bits;
+  std::memcpy(&k_bits, &shifted, sizeof(k_bits));
+  const float f = t - (shifted - 12582912.0f);
   float q = 1.32647e-3f;
   q = q * f + 9.67151e-3f;
   q = q * f + 5.550734e-2f;
   q = q * f + 2.4022242e-1f;
   q = q * f + 6.9314698e-1f;
   q = q * f + 1.0f;
-  const int32_t bits = (k + 127) << 23;
+  const uint32_t bits = (k_bits - 0x4B400000u + 127u) << 23;  // 2^k: k = k_bits - bits of 1.5 * 2^23
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return q * scale;
@@ -785,6 +789,19 @@ static bool input_lines_up(const Packed& pi, const Packed& p, int64_t gates, int
   return gates_line_up(p, gates, H) && pi.r == p.r && pi.nb == p.nb && fuses_input(N);
 }
 
+// The shapes a sequence's tensors must have. The Python layers check them first with their own messages; this
+// keeps a direct caller of the entry points from reading or writing out of bounds (input and state columns are
+// read by index without bounds checks, so their widths remain the caller's to get right): x (T, N, width) and
+// each state (N, H), float32.
+static void check_states(const torch::Tensor& x, const torch::Tensor& h0, const torch::Tensor* c0) {
+  TORCH_CHECK(x.dim() == 3 && x.scalar_type() == torch::kFloat,
+              "block-sparse sequence: inputs must be a float32 (steps, batch, width) tensor");
+  TORCH_CHECK(h0.dim() == 2 && h0.scalar_type() == torch::kFloat && h0.size(0) == x.size(1),
+              "block-sparse sequence: the state must be a float32 (batch, hidden) tensor with the inputs' batch");
+  TORCH_CHECK(c0 == nullptr || (c0->defined() && c0->sizes() == h0.sizes() && c0->scalar_type() == torch::kFloat),
+              "block-sparse sequence: the cell state must be float32 and of the hidden state's shape");
+}
+
 // The fused GRU loop, from gate inputs gip (T, N, 3H) or, with in, x's product step by step.
 static void gru_fused(const Packed& p, const float* gip, float* h0p, float* outp, int64_t T, int64_t N, int64_t H,
                       bool reverse, float* ghp, const StepInput* in = nullptr, float* scratch = nullptr) {
@@ -805,6 +822,8 @@ static void gru_fused(const Packed& p, const float* gip, float* h0p, float* outp
 std::vector<torch::Tensor> gru_sequence(torch::Tensor gi, torch::Tensor h0, torch::Tensor index,
                                         torch::Tensor values, torch::Tensor offsets, torch::Tensor counts,
                                         torch::Tensor bias, bool reverse) {
+  check_states(gi, h0, nullptr);
+  TORCH_CHECK(gi.size(2) == 3 * h0.size(1), "block-sparse GRU: gate inputs must be 3 x hidden wide");
   gi = gi.contiguous();
   const int64_t T = gi.size(0), N = gi.size(1), H = h0.size(1);
   const Packed p = packed_of(index, values, offsets, counts, bias);
@@ -826,31 +845,6 @@ std::vector<torch::Tensor> gru_sequence(torch::Tensor gi, torch::Tensor h0, torc
   }
   gru_fused(p, gi.data_ptr<float>(), h.data_ptr<float>(), out.data_ptr<float>(), T, N, H, reverse,
             gh.data_ptr<float>());
-  return {out, out[reverse ? 0 : T - 1].clone()};
-}
-
-// A whole GRU layer from its inputs x (T, N, I): the input matrix (ih_*) and the hidden one. With >= kTileRows
-// inputs per serial part the input product runs step by step inside the sequence (StepInput); else all steps'
-// at once (bsmm), then gru_sequence.
-std::vector<torch::Tensor> gru_layer(torch::Tensor x, torch::Tensor h0, torch::Tensor ih_index,
-                                     torch::Tensor ih_values, torch::Tensor ih_offsets, torch::Tensor ih_counts,
-                                     torch::Tensor ih_bias, torch::Tensor index, torch::Tensor values,
-                                     torch::Tensor offsets, torch::Tensor counts, torch::Tensor bias, bool reverse) {
-  x = x.contiguous();
-  const int64_t T = x.size(0), N = x.size(1), I = x.size(2), H = h0.size(1);
-  const Packed pi = packed_of(ih_index, ih_values, ih_offsets, ih_counts, ih_bias);
-  const Packed p = packed_of(index, values, offsets, counts, bias);
-  if (T == 0 || !input_lines_up(pi, p, 3, H, N)) {
-    auto gi = bsmm(x.reshape({T * N, I}), ih_index, ih_values, ih_offsets, ih_counts, ih_bias, 3 * H);
-    return gru_sequence(gi.view({T, N, 3 * H}), h0, index, values, offsets, counts, bias, reverse);
-  }
-  auto out = torch::empty({T, N, H}, h0.options());
-  auto h = h0.contiguous().clone();
-  auto gh = torch::empty({N, p.nb * p.r}, h0.options());
-  auto scratch = torch::empty({sequence_parts(N), part_scratch_floats(N, 3 * H, I, p.r)}, x.options());
-  const StepInput in{&pi, x.data_ptr<float>(), I};
-  gru_fused(p, nullptr, h.data_ptr<float>(), out.data_ptr<float>(), T, N, H, reverse, gh.data_ptr<float>(), &in,
-            scratch.data_ptr<float>());
   return {out, out[reverse ? 0 : T - 1].clone()};
 }
 
@@ -881,6 +875,8 @@ static void lstm_fused(const Packed& p, const float* gip, float* h0p, float* cp,
 std::vector<torch::Tensor> lstm_sequence(torch::Tensor gi, torch::Tensor h0, torch::Tensor c0,
                                          torch::Tensor index, torch::Tensor values, torch::Tensor offsets,
                                          torch::Tensor counts, torch::Tensor bias, bool reverse) {
+  check_states(gi, h0, &c0);
+  TORCH_CHECK(gi.size(2) == 4 * h0.size(1), "block-sparse LSTM: gate inputs must be 4 x hidden wide");
   gi = gi.contiguous();
   const int64_t T = gi.size(0), N = gi.size(1), H = h0.size(1);
   const Packed p = packed_of(index, values, offsets, counts, bias);
@@ -906,29 +902,58 @@ std::vector<torch::Tensor> lstm_sequence(torch::Tensor gi, torch::Tensor h0, tor
   return {out, out[reverse ? 0 : T - 1].clone(), c};
 }
 
-// A whole LSTM layer from its inputs x (T, N, I), as gru_layer.
+// A whole GRU (GATES = 3) or LSTM (GATES = 4, with the cell state c0) layer from its inputs x (T, N, I): the
+// input matrix (ih_*) and the hidden one. With >= kTileRows inputs per serial part the input product runs step
+// by step inside the sequence (StepInput); else all steps' at once (bsmm), then gru_sequence / lstm_sequence.
+template <int GATES>
+static std::vector<torch::Tensor> layer(torch::Tensor x, torch::Tensor h0, torch::Tensor c0, torch::Tensor ih_index,
+                                        torch::Tensor ih_values, torch::Tensor ih_offsets, torch::Tensor ih_counts,
+                                        torch::Tensor ih_bias, torch::Tensor index, torch::Tensor values,
+                                        torch::Tensor offsets, torch::Tensor counts, torch::Tensor bias,
+                                        bool reverse) {
+  check_states(x, h0, GATES == 4 ? &c0 : nullptr);
+  x = x.contiguous();
+  const int64_t T = x.size(0), N = x.size(1), I = x.size(2), H = h0.size(1);
+  const Packed pi = packed_of(ih_index, ih_values, ih_offsets, ih_counts, ih_bias);
+  const Packed p = packed_of(index, values, offsets, counts, bias);
+  if (T == 0 || !input_lines_up(pi, p, GATES, H, N)) {
+    auto gi = bsmm(x.reshape({T * N, I}), ih_index, ih_values, ih_offsets, ih_counts, ih_bias, GATES * H)
+                  .view({T, N, GATES * H});
+    if constexpr (GATES == 3) return gru_sequence(gi, h0, index, values, offsets, counts, bias, reverse);
+    else return lstm_sequence(gi, h0, c0, index, values, offsets, counts, bias, reverse);
+  }
+  auto out = torch::empty({T, N, H}, h0.options());
+  auto h = h0.contiguous().clone();
+  auto gh = torch::empty({N, p.nb * p.r}, h0.options());
+  auto scratch = torch::empty({sequence_parts(N), part_scratch_floats(N, GATES * H, I, p.r)}, x.options());
+  const StepInput in{&pi, x.data_ptr<float>(), I};
+  if constexpr (GATES == 3) {
+    gru_fused(p, nullptr, h.data_ptr<float>(), out.data_ptr<float>(), T, N, H, reverse, gh.data_ptr<float>(), &in,
+              scratch.data_ptr<float>());
+    return {out, out[reverse ? 0 : T - 1].clone()};
+  } else {
+    auto c = c0.contiguous().clone();
+    lstm_fused(p, nullptr, h.data_ptr<float>(), c.data_ptr<float>(), out.data_ptr<float>(), T, N, H, reverse,
+               gh.data_ptr<float>(), &in, scratch.data_ptr<float>());
+    return {out, out[reverse ? 0 : T - 1].clone(), c};
+  }
+}
+
+std::vector<torch::Tensor> gru_layer(torch::Tensor x, torch::Tensor h0, torch::Tensor ih_index,
+                                     torch::Tensor ih_values, torch::Tensor ih_offsets, torch::Tensor ih_counts,
+                                     torch::Tensor ih_bias, torch::Tensor index, torch::Tensor values,
+                                     torch::Tensor offsets, torch::Tensor counts, torch::Tensor bias, bool reverse) {
+  return layer<3>(x, h0, torch::Tensor(), ih_index, ih_values, ih_offsets, ih_counts, ih_bias, index, values,
+                  offsets, counts, bias, reverse);
+}
+
 std::vector<torch::Tensor> lstm_layer(torch::Tensor x, torch::Tensor h0, torch::Tensor c0, torch::Tensor ih_index,
                                       torch::Tensor ih_values, torch::Tensor ih_offsets, torch::Tensor ih_counts,
                                       torch::Tensor ih_bias, torch::Tensor index, torch::Tensor values,
                                       torch::Tensor offsets, torch::Tensor counts, torch::Tensor bias,
                                       bool reverse) {
-  x = x.contiguous();
-  const int64_t T = x.size(0), N = x.size(1), I = x.size(2), H = h0.size(1);
-  const Packed pi = packed_of(ih_index, ih_values, ih_offsets, ih_counts, ih_bias);
-  const Packed p = packed_of(index, values, offsets, counts, bias);
-  if (T == 0 || !input_lines_up(pi, p, 4, H, N)) {
-    auto gi = bsmm(x.reshape({T * N, I}), ih_index, ih_values, ih_offsets, ih_counts, ih_bias, 4 * H);
-    return lstm_sequence(gi.view({T, N, 4 * H}), h0, c0, index, values, offsets, counts, bias, reverse);
-  }
-  auto out = torch::empty({T, N, H}, h0.options());
-  auto h = h0.contiguous().clone();
-  auto c = c0.contiguous().clone();
-  auto gh = torch::empty({N, p.nb * p.r}, h0.options());
-  auto scratch = torch::empty({sequence_parts(N), part_scratch_floats(N, 4 * H, I, p.r)}, x.options());
-  const StepInput in{&pi, x.data_ptr<float>(), I};
-  lstm_fused(p, nullptr, h.data_ptr<float>(), c.data_ptr<float>(), out.data_ptr<float>(), T, N, H, reverse,
-             gh.data_ptr<float>(), &in, scratch.data_ptr<float>());
-  return {out, out[reverse ? 0 : T - 1].clone(), c};
+  return layer<4>(x, h0, c0, ih_index, ih_values, ih_offsets, ih_counts, ih_bias, index, values, offsets, counts,
+                  bias, reverse);
 }
 
 // The chunk bounds over row blocks for n_rows inputs (one slab of bsmm, a bsmm_t product, or a recurrent step's
@@ -964,7 +989,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
 # OpenMP for the threads; the same libgomp soname torch links, so torch's own runtime (and its
 # set_num_threads) serves the kernel: no second thread pool. -fno-trapping-math lets gcc vectorise the gate
-# loops (the float -> int conversion in exp_approx); it changes no result (no reassociation, unlike -ffast-math).
+# loops (their selects); it changes no result (no reassociation, unlike -ffast-math).
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-trapping-math"]
 LDFLAGS = ["-fopenmp"]
 
