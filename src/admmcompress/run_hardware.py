@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,9 @@ def run_command(
     from admmcompress.report.hardware import render_hardware, save_hardware
 
     spec = spec_from_args(args)
+    if not args.no_save and not os.access(args.dir, os.W_OK | os.X_OK):  # refuse before minutes of analysis
+        raise ValueError(f"'{args.dir}' is read-only for this user, so hardware.md/.png cannot be written there; "
+                         "make it writable or pass --no-save to print the analysis only")
     result = analyze(model, spec, example[:1], args.baseline_bits, args.act_bits, tuple(args.pim_bits))
     noises = [DeviceNoise(sigma, args.stuck_on, args.stuck_off) for sigma in args.variation]
     if not noises and (args.stuck_on or args.stuck_off):

@@ -4,6 +4,7 @@ end to end: a tiny run with the variation-aware driver and crossbar structures, 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,17 @@ def test_cli_hardware_numbers_out_of_range_are_one_line_before_the_run_loads(tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("admmcompress hardware: error: "), err
     assert expected in err[0]
+
+
+def test_cli_hardware_on_a_read_only_run_is_one_line_before_the_analysis(crossbar_run, capsys, monkeypatch):
+    """The analysis takes minutes with --variation: a folder it cannot write hardware.md into is refused first."""
+    from admmcompress import run_hardware
+
+    real_access = os.access
+    monkeypatch.setattr(run_hardware.os, "access", lambda p, mode: Path(p) != crossbar_run and real_access(p, mode))
+    monkeypatch.setattr(run_hardware, "analyze", lambda *a, **k: pytest.fail("analysed a folder it cannot write"))
+    capsys.readouterr()
+    assert main(["hardware", str(crossbar_run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"admmcompress: error: '{crossbar_run}' is read-only for this user, so hardware.md/.png cannot "
+                   "be written there; make it writable or pass --no-save to print the analysis only"]
