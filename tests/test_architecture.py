@@ -33,7 +33,7 @@ ROOMS: dict[str, int] = {
     "plan": 4,
     "structures": 5, "encoding": 5,
     "models": 6, "data": 6, "atomic": 6, "plugins": 6, "deprecation": 6, "timing": 6, "strict_yaml": 6,
-    "config_keys": 6, "cpu_caches": 6, "messages": 6,
+    "config_keys": 6, "cpu_caches": 6, "messages": 6, "module_swap": 6,
 }
 # Top-level modules kept only as deprecated aliases of new homes: nothing inside the package may use them.
 ALIASES = {"masks", "quantize", "graph", "targets"}

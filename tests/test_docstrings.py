@@ -54,6 +54,7 @@ MODULES = [
     "admmcompress.timing",
     "admmcompress.cpu_caches",
     "admmcompress.messages",
+    "admmcompress.module_swap",
     # executors, encodings, reports
     "admmcompress.executors",
     "admmcompress.executors.base",

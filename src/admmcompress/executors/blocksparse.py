@@ -47,6 +47,7 @@ from admmcompress.executors.blocksparse_choice import (
 )
 from admmcompress.executors.blocksparse_layers import BlockSparseConv2d, BlockSparseLinear, conv_blockers
 from admmcompress.executors.blocksparse_rnn import KERNELS, BlockSparseCell, BlockSparseGRU, BlockSparseLSTM
+from admmcompress.module_swap import replace_module
 from admmcompress.plan import Plan, Target
 from admmcompress.structures.block import Block
 from admmcompress.structures.groups import gemm_params
@@ -176,9 +177,7 @@ def to_blocksparse(
             impls = candidates(modules[name], rows, name, buckets, min_sparsity)
             key = layer_key(modules[name], impls["torch"], rows, shapes.get(name), steps)
             new = choose_layer(name, impls, key, batches, shapes.get(name), table, rounds, steps)
-            new.train(modules[name].training)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, new)
+            replace_module(model, name, new)
             continue
         new = convert_module(
             modules[name],
@@ -189,9 +188,7 @@ def to_blocksparse(
             min_sparsity=min_sparsity,
             kernel=kernel,
         )
-        new.train(modules[name].training)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, new)
+        replace_module(model, name, new)
     return chosen
 
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from admmcompress.executors.fold import capture_inputs
+from admmcompress.module_swap import replace_module
 from admmcompress.timing import time_interleaved
 
 
@@ -227,14 +228,9 @@ def apply_column_executors(
         entry["executor"] = "column" if use else "dense"
         decisions[name] = entry
         if use:
-            _set_module(model, name, fast)
+            replace_module(model, name, fast)
     return decisions
 
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 __all__ = [

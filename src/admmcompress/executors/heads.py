@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from admmcompress.module_swap import replace_module
 from admmcompress.plan.attention import (
     ALL_HEADS_ATTRS,
     HEAD_COUNT_ATTRS,
@@ -37,11 +38,6 @@ from admmcompress.plan.attention import (
     AttentionLayout,
     attention_layouts,
 )
-
-
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 @torch.no_grad()
@@ -93,11 +89,11 @@ def remove_dead_heads(model: nn.Module) -> dict[str, tuple[int, int]]:
         kv_keep = _rows(kept, layout.head_dim)
         if layout.fused:
             stacked = torch.cat([q_keep, kv_keep + layout.width, kv_keep + layout.width + layout.kv_width])
-            _set(model, layout.q, _sliced(model.get_submodule(layout.q), stacked, 0))
+            replace_module(model, layout.q, _sliced(model.get_submodule(layout.q), stacked, 0))
         else:
             for name, keep in ((layout.q, q_keep), (layout.k, kv_keep), (layout.v, kv_keep)):
-                _set(model, name, _sliced(model.get_submodule(name), keep, 0))
-        _set(model, layout.o, _sliced(model.get_submodule(layout.o), q_keep, 1))
+                replace_module(model, name, _sliced(model.get_submodule(name), keep, 0))
+        replace_module(model, layout.o, _sliced(model.get_submodule(layout.o), q_keep, 1))
         heads = len(kept) * layout.group
         block = model.get_submodule(layout.module)
         _lower(block, HEAD_COUNT_ATTRS, layout.heads, heads)

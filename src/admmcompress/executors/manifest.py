@@ -62,6 +62,7 @@ from typing_extensions import deprecated
 
 from admmcompress.atomic import WriteError, atomic_write
 from admmcompress.executors.column import ColumnConv2d, ColumnLinear
+from admmcompress.module_swap import replace_module
 from admmcompress.plan.attention import ALL_HEADS_ATTRS, HEAD_COUNT_ATTRS, HEAD_SIZE_ATTRS, KV_COUNT_ATTRS
 from admmcompress.plan.residual import WidthKeepingLayerNorm, tied_parameters
 
@@ -608,9 +609,9 @@ def _check_column_indices(model: nn.Module) -> None:
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
+    parent_name = name.rpartition(".")[0]
     try:
-        parent = model.get_submodule(parent_name) if parent_name else model
+        model.get_submodule(parent_name)
     except AttributeError:
         raise ValueError(
             f"the skeleton has no module '{parent_name}' for layer '{name}'; "
@@ -618,7 +619,7 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
         ) from None
     if not name:
         raise ValueError("the whole model is a single layer; save it with torch's own state dict instead")
-    setattr(parent, child, module)
+    replace_module(model, name, module)
 
 
 __all__ = [

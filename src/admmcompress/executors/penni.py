@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from admmcompress.executors.base import Executor, ExecutorError, register_executor
+from admmcompress.module_swap import replace_module
 from admmcompress.structures.lowrank import shared_kernel_factors, shared_kernel_weight
 
 
@@ -140,10 +141,6 @@ class TwoStageConv(nn.Module):
         return positions * (len(self.maps) * kernel + int(self.stage2.weight.count_nonzero()))
 
 
-def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
 
 def decompose_shared_kernels(model: nn.Module, bases: Mapping[str, int], weights: bool = True) -> nn.Module:
     """Replace the named convs (in place) by :class:`SharedKernelConv` with ``bases[name]`` basis kernels.
@@ -156,7 +153,8 @@ def decompose_shared_kernels(model: nn.Module, bases: Mapping[str, int], weights
         if not isinstance(conv, nn.Conv2d):
             found = "no such layer" if conv is None else type(conv).__name__
             raise ExecutorError(f"penni: layer '{name}' is {found}; name Conv2d layers (bases={{layer: d}})")
-        _swap(model, name, SharedKernelConv.from_conv(conv, int(d)) if weights else SharedKernelConv(conv, int(d)))
+        shared = SharedKernelConv.from_conv(conv, int(d)) if weights else SharedKernelConv(conv, int(d))
+        replace_module(model, name, shared)
     return model
 
 
@@ -176,7 +174,7 @@ def materialize(model: nn.Module) -> nn.Module:
         conv.weight.copy_(module.weight)
         if module.bias is not None:
             conv.bias.copy_(module.bias)
-        _swap(work, name, conv)
+        replace_module(work, name, conv)
     return work
 
 
@@ -185,7 +183,7 @@ def to_two_stage(model: nn.Module, drop_dead: bool = True) -> nn.Module:
     """A copy with every :class:`SharedKernelConv` in its two-stage form (the input model is unchanged)."""
     work = copy.deepcopy(model)
     for name in shared_layers(work):
-        _swap(work, name, TwoStageConv.from_shared(work.get_submodule(name), drop_dead))
+        replace_module(work, name, TwoStageConv.from_shared(work.get_submodule(name), drop_dead))
     return work
 
 
@@ -224,7 +222,7 @@ def shrink(model: nn.Module, example: Any, atol: float = 1e-5) -> nn.Module:
         shared.coefs.copy_(coefs.reshape(shared.coefs.shape))
         if conv.bias is not None:
             shared.bias.copy_(conv.bias)
-        _swap(small, name, shared)
+        replace_module(small, name, shared)
     result = to_two_stage(small)
     was = model.training
     model.eval()

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from admmcompress.executors.base import Executor, ExecutorError, register_executor
+from admmcompress.module_swap import replace_module
 from admmcompress.structures.lowrank import tucker2_factors, tucker2_weight
 
 
@@ -74,10 +75,6 @@ class Tucker2Conv(nn.Module):
         return self.last(self.core(self.first(x)))
 
 
-def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
 
 def factorize_tucker2(model: nn.Module, ranks: Mapping[str, tuple[int, int]], weights: bool = True) -> nn.Module:
     """Replace the named convs of ``model`` (in place) by :class:`Tucker2Conv` at the given ranks.
@@ -91,7 +88,7 @@ def factorize_tucker2(model: nn.Module, ranks: Mapping[str, tuple[int, int]], we
             found = "no such layer" if conv is None else type(conv).__name__
             raise ExecutorError(f"tucker: layer '{name}' is {found}; name Conv2d layers (ranks={{layer: (r_o, r_i)}})")
         pair = (int(pair[0]), int(pair[1]))
-        _swap(model, name, Tucker2Conv.from_conv(conv, pair) if weights else Tucker2Conv(conv, pair))
+        replace_module(model, name, Tucker2Conv.from_conv(conv, pair) if weights else Tucker2Conv(conv, pair))
     return model
 
 

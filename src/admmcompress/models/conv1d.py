@@ -32,6 +32,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from admmcompress.module_swap import replace_module
+
 
 def is_conv1d(module: nn.Module) -> bool:
     """A GPT-style Conv1D: weight ``(nx, nf)`` applied as ``x @ W + b``."""
@@ -44,10 +46,6 @@ def is_conv1d(module: nn.Module) -> bool:
         and weight.shape[1] == module.nf
     )
 
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 @torch.no_grad()
@@ -62,7 +60,7 @@ def linear_from_conv1d(model: nn.Module) -> list[str]:
         if old.bias is not None:
             new.bias.copy_(old.bias)
         new.train(old.training)
-        _replace(model, name, new)
+        replace_module(model, name, new)
     return names
 
 
@@ -82,7 +80,7 @@ def conv1d_from_linear(model: nn.Module, names: list[str]) -> None:
         else:
             new.bias.zero_()
         new.train(old.training)
-        _replace(model, name, new)
+        replace_module(model, name, new)
 
 
 __all__ = ["conv1d_from_linear", "is_conv1d", "linear_from_conv1d"]
