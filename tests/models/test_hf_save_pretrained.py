@@ -53,13 +53,15 @@ def test_uniform_ffn_width_becomes_intermediate_size_and_reloads_equal(tmp_path)
             torch.testing.assert_close(reloaded(**x).logits, small(**x).logits, atol=1e-5, rtol=0)
 
 
-def test_gpt2_ffn_goes_back_to_conv1d_and_reloaded_model_generates_the_same(tmp_path):
+@pytest.mark.parametrize(("n_inner", "kept"), [(64, 48), (None, 96)])  # None: GPT-2's default, 4 x n_embd
+def test_gpt2_ffn_goes_back_to_conv1d_and_reloaded_model_generates_the_same(tmp_path, n_inner, kept):
     model = quiet(lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=4, n_inner=64, bos_token_id=0, eos_token_id=0)))
+        vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=4, n_inner=n_inner, bos_token_id=0,
+        eos_token_id=0)))
     swapped = linear_from_conv1d(model)
     small = compacted(model, [Rule(Filter(sparsity=0.25), match="*mlp.c_fc")])
     saved = save_compacted_pretrained(small, tmp_path, example_inputs=ids(), conv1d_names=swapped)
-    assert saved.format == "pretrained" and saved.changed == {"n_inner": 48}
+    assert saved.format == "pretrained" and saved.changed == {"n_inner": kept}, saved.reason
     reloaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     assert type(reloaded.transformer.h[0].mlp.c_fc).__name__ == "Conv1D"
     prompt, kwargs = ids(2, 4)["input_ids"], {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}

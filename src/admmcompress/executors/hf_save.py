@@ -59,6 +59,19 @@ def _build_on_meta(model: nn.Module, config) -> nn.Module:
         return type(model)(config)
 
 
+def _ffn_width(config) -> tuple[str | None, int]:
+    """The config key that sets the FFN width, and the width. GPT-2-style configs leave it ``None`` for
+    4 x hidden_size (its default); a wrong guess costs nothing: the rebuilt shapes are compared below."""
+    for key in FFN_KEYS:
+        if isinstance(getattr(config, key, None), int):
+            return key, getattr(config, key)
+    hidden = getattr(config, "hidden_size", None)
+    for key in FFN_KEYS:
+        if hasattr(config, key) and getattr(config, key) is None and isinstance(hidden, int):
+            return key, 4 * hidden
+    return None, 0
+
+
 def pretrained_config(model: nn.Module) -> tuple[Any | None, dict[str, Any], str]:
     """``(config, changed keys, "")`` for a config that rebuilds ``model``'s shapes, or ``(None, {}, reason)``.
 
@@ -73,9 +86,8 @@ def pretrained_config(model: nn.Module) -> tuple[Any | None, dict[str, Any], str
     wanted = _shapes(model)
     original = _shapes(_build_on_meta(model, config))
     changed: dict[str, Any] = {}
-    ffn_key = next((k for k in FFN_KEYS if isinstance(getattr(config, k, None), int)), None)
+    ffn_key, old = _ffn_width(config)
     if ffn_key is not None:
-        old = getattr(config, ffn_key)
         new = {w for name, shape in wanted.items() for w, o in zip(shape, original.get(name, ()), strict=False)
                if o == old and w != o}
         if len(new) > 1:
