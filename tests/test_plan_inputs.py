@@ -123,3 +123,46 @@ def test_an_example_the_model_cannot_read_is_a_plan_error(example, said):
     assert said in one_line(err)
     assert forward_hooks(model) == 0  # Torch-Pruning's tracing hooks are not left on the model
     assert [t.key for t in plan.resolve_coupled(model, torch.zeros(1, 1, 28, 28))] == ["conv1:coupled-filter"]
+
+
+def _sequential() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def test_drivers_and_hard_prune_take_a_plan_or_its_rules_as_well_as_targets():
+    """A Plan, its mapping or a list of Rules is resolved on the model where targets are expected, so the README's
+    ADMM(model, plan) and hard_prune(model, targets) forms can be mixed up without an AttributeError."""
+    from admmcompress import ADMM, Reweighted, Rule, hard_prune
+
+    rule = Rule(Unstructured(sparsity=0.5), match="0")
+    for plan in (Plan([rule]), [rule], {"0": Unstructured(sparsity=0.5)}):
+        model = _sequential()
+        assert [t.key for t in ADMM(model, plan).targets] == ["0.weight:unstructured"]
+        assert [t.key for t in Reweighted(model, plan).targets] == ["0.weight:unstructured"]
+        masks = hard_prune(model, plan)
+        assert int((model[0].weight == 0).sum()) == 96 and "0.weight" in masks.masks
+
+
+@pytest.mark.parametrize(
+    ("plan", "expected"),
+    [
+        ("rules: [{match: '0', structure: unstructured, sparsity: 0.5}]",
+         "ADMM got str \"rules: [{match: '...d, sparsity: 0.5}]\": it takes a Plan or resolved targets; read a "
+         "YAML plan with Plan.from_yaml(path or text)"),
+        (0.5, "ADMM got float 0.5: it takes a Plan"),
+        ([Unstructured(sparsity=0.5)], "ADMM: Unstructured"),
+    ],
+)
+def test_what_is_no_plan_and_no_targets_is_one_line(plan, expected):
+    from admmcompress import ADMM
+
+    with pytest.raises(PlanError) as err:
+        ADMM(_sequential(), plan)
+    assert one_line(err).startswith(expected)
+
+
+def test_the_yaml_shape_given_to_plan_names_from_dict():
+    with pytest.raises(PlanError) as err:
+        Plan({"rules": [{"match": "fc1", "structure": "unstructured", "sparsity": 0.5}]})
+    assert one_line(err).startswith("Plan({'rules': [...]}) is a plan's YAML shape: build it with Plan.from_dict")

@@ -31,7 +31,7 @@ import torch
 from admmcompress.drivers.base import Driver, DriverContext, ModuleTransform, register_driver
 from admmcompress.drivers.factorize import FactorizeTransform, check_factorized_targets
 from admmcompress.finalize import MaskSet, hard_prune
-from admmcompress.plan import Plan, Target
+from admmcompress.plan import Plan, Target, resolve_targets
 from admmcompress.structures.scalars import plain_number
 
 
@@ -136,7 +136,7 @@ class ADMM(Driver):
         frozen: MaskSet | None = None,
     ):
         self.model = model
-        self.targets: list[Target] = plan.resolve(model) if isinstance(plan, Plan) else list(plan)
+        self.targets: list[Target] = resolve_targets(model, plan, type(self).__name__)
         self.schedule = rho if isinstance(rho, RhoSchedule) else RhoSchedule(initial=float(plain_number(rho)))
         self.frozen = frozen
         self.iteration = 0

@@ -36,7 +36,7 @@ from torch import nn
 from admmcompress.atomic import atomic_write
 from admmcompress.drivers.budget import Budget, BudgetError, drop_unread_channels, gemm_shapes, structured_cost
 from admmcompress.finalize import hard_prune, masks_of
-from admmcompress.plan import Plan, Rule, Target
+from admmcompress.plan import Plan, Rule, Target, resolve_targets
 from admmcompress.plan.coupled import CoupledTarget
 from admmcompress.structures.groups import group_scores, kept_count
 from admmcompress.structures.registry import structure_class
@@ -124,7 +124,7 @@ def cost_at_rates(model: nn.Module, targets: list[Target], rates: Mapping[str, f
 
 def _pruning_targets(model: nn.Module, plan: Plan | list[Target]) -> list[Target]:
     """The plan's targets; the baselines allocate sparsities, so a quantization rule is refused in one line."""
-    targets = plan.resolve(model) if isinstance(plan, Plan) else list(plan)
+    targets = resolve_targets(model, plan, "the allocation baselines")
     quantized = [t.key for t in targets if t.structure.quantizes]
     if quantized:
         raise BudgetError(f"the allocation baselines choose pruning rates; {quantized} quantize: give them to "

@@ -23,7 +23,7 @@ import torch
 from admmcompress.drivers.base import Driver, DriverContext, register_driver
 from admmcompress.drivers.schedule import MaskSchedule
 from admmcompress.finalize import MaskSet, hard_prune, mask_set_from_state
-from admmcompress.plan import Plan, Target
+from admmcompress.plan import Plan, Target, resolve_targets
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class MagnitudeConfig:
 
 def one_shot(model: torch.nn.Module, plan: Plan | list[Target], frozen: MaskSet | None = None) -> MaskSet:
     """Prune every target to its final structure at once, by magnitude."""
-    targets = plan.resolve(model) if isinstance(plan, Plan) else list(plan)
+    targets = resolve_targets(model, plan, "one_shot")
     return hard_prune(model, targets, frozen)
 
 

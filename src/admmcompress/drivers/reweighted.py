@@ -46,7 +46,7 @@ import torch
 
 from admmcompress.drivers.base import Driver, DriverContext, register_driver
 from admmcompress.finalize import MaskSet, hard_prune
-from admmcompress.plan import Plan, Target
+from admmcompress.plan import Plan, Target, resolve_targets
 from admmcompress.structures.groups import as_matrix
 from admmcompress.structures.scalars import plain_number
 
@@ -134,7 +134,7 @@ class Reweighted(Driver):
         frozen: MaskSet | None = None,
     ):
         self.model = model
-        self.targets: list[Target] = plan.resolve(model) if isinstance(plan, Plan) else list(plan)
+        self.targets: list[Target] = resolve_targets(model, plan, type(self).__name__)
         self.config = penalty if isinstance(penalty, ReweightedConfig) else ReweightedConfig(penalty=penalty)
         self.frozen = frozen
         self.iteration = 0

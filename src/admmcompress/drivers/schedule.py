@@ -13,7 +13,7 @@ import torch
 
 from admmcompress.drivers.base import Driver, DriverContext
 from admmcompress.finalize import MaskSet, QuantizedMaskSet, mask_set_from_state
-from admmcompress.plan import Plan, Target
+from admmcompress.plan import Plan, Target, resolve_targets
 from admmcompress.structures.scalars import plain_number
 
 
@@ -40,7 +40,7 @@ class MaskSchedule(Driver):
         if updates < 1:
             raise ValueError(f"{type(self).__name__}: updates={updates} must be >= 1")
         self.model = model
-        self.targets = plan.resolve(model) if isinstance(plan, Plan) else list(plan)
+        self.targets = resolve_targets(model, plan, type(self).__name__)
         self.check_targets(self.targets)
         self.updates = updates
         self.iteration = 0

@@ -79,7 +79,7 @@ from admmcompress.drivers.budget import (
     structured_cost,
 )
 from admmcompress.finalize import MaskSet
-from admmcompress.plan import Plan, PlanError, Target
+from admmcompress.plan import Plan, PlanError, Target, resolve_targets
 from admmcompress.plan.coupled import CoupledTarget
 from admmcompress.structures.block import BlockFilter
 from admmcompress.structures.groups import kept_count, top_groups
@@ -205,7 +205,7 @@ class SoftThreshold(Driver):
         latency: LatencyTable | None = None,
     ):
         self.model, self.config, self.frozen = model, config or SoftConfig(), frozen
-        targets = plan.resolve(model) if isinstance(plan, Plan) else list(plan)
+        targets = resolve_targets(model, plan, type(self).__name__)
         self.check_targets(targets)
         # Rows first, then columns: the order of the sequential prox (SPEC 9).
         self.targets = [t for t in targets if _is_row(t)] + [t for t in targets if not _is_row(t)]

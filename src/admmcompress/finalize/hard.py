@@ -16,6 +16,7 @@ import torch
 
 from admmcompress.finalize.masks import MaskSet, prune_masks
 from admmcompress.finalize.quantized import QuantizedMaskSet, hard_quantize
+from admmcompress.plan.rules import resolve_targets
 
 
 @torch.no_grad()
@@ -26,6 +27,7 @@ def hard_prune(model: torch.nn.Module, targets, frozen: MaskSet | None = None) -
     With quantization targets (or values held by ``frozen``) the kept weights are then
     quantized and a ``QuantizedMaskSet`` is returned (see :mod:`admmcompress.finalize.quantized`).
     """
+    targets = resolve_targets(model, targets, "hard_prune")
     masks = prune_masks(model, targets, frozen)
     if isinstance(frozen, QuantizedMaskSet) or any(t.structure.quantizes for t in targets):
         return hard_quantize(model, targets, masks, frozen)  # prune first, then quantize the kept weights

@@ -15,7 +15,7 @@
 
 from admmcompress.plan.coupled import COUPLING_MODES, ChannelSlice, CoupledTarget, couple
 from admmcompress.plan.graph import cached_channel_groups, channel_groups, clear_channel_group_cache
-from admmcompress.plan.rules import GEMM_MODULES, RULE_KEYS, Plan, Rule, prunable_layers
+from admmcompress.plan.rules import GEMM_MODULES, RULE_KEYS, Plan, Rule, prunable_layers, resolve_targets
 from admmcompress.plan.targets import PlanError, Target
 
 __all__ = [
@@ -33,4 +33,5 @@ __all__ = [
     "clear_channel_group_cache",
     "couple",
     "prunable_layers",
+    "resolve_targets",
 ]

@@ -144,6 +144,9 @@ class Plan:
     """An ordered list of rules; build from Python, a dict, or YAML."""
 
     def __init__(self, rules: Mapping[str, Structure] | Iterable[Rule]):
+        if isinstance(rules, Mapping) and isinstance(rules.get("rules"), list):  # the YAML shape, not {glob: s}
+            raise PlanError("Plan({'rules': [...]}) is a plan's YAML shape: build it with Plan.from_dict(...), or "
+                            "Plan.from_yaml(...) from a file or a YAML string")
         if isinstance(rules, Mapping):
             rules = [Rule(structure=s, match=pattern) for pattern, s in rules.items()]
         elif isinstance(rules, (str, bytes)) or not isinstance(rules, Iterable):  # "fc1" would be rules f, c, 1
@@ -275,6 +278,35 @@ class Plan:
         return couple(model, self.resolve(model), example, mode, extra_channelwise_ops)
 
 
+def resolve_targets(model: torch.nn.Module, plan: Any, where: str) -> list:
+    """The targets ``where`` (a driver, ``hard_prune``...) works on: a :class:`Plan`, or what builds one (a mapping
+    ``{glob: structure}``, a list of :class:`Rule`), is resolved on ``model``; a list of resolved targets (what
+    ``Plan.resolve`` / ``Plan.resolve_coupled`` return) is taken as it is. Anything else is one ``PlanError``
+    naming the fix.
+
+    >>> import torch.nn as nn
+    >>> from admmcompress.structures import Unstructured
+    >>> [t.key for t in resolve_targets(nn.Linear(4, 2), [Rule(Unstructured(sparsity=0.5))], "ADMM")]
+    ['weight:unstructured']
+    """
+    if isinstance(plan, Mapping) or (isinstance(plan, (list, tuple)) and plan and isinstance(plan[0], Rule)):
+        plan = Plan(plan)  # checks every rule, one line for the first that is not one
+    if isinstance(plan, Plan):
+        return plan.resolve(model)
+    if isinstance(plan, (str, bytes, Path)):
+        raise PlanError(f"{where} got {type(plan).__name__} {short_repr(plan)}: it takes a Plan or resolved targets; "
+                        "read a YAML plan with Plan.from_yaml(path or text)")
+    if not isinstance(plan, Iterable):
+        raise PlanError(f"{where} got {type(plan).__name__} {short_repr(plan)}: it takes a Plan, e.g. "
+                        "Plan({'fc1': Unstructured(sparsity=0.5)}), or the targets Plan.resolve(model) returns")
+    targets = list(plan)
+    for item in targets:  # the driver/finalizer interface (Target and CoupledTarget; a plugin's own too)
+        if not all(hasattr(item, name) for name in ("structure", "value", "masks", "key")):
+            raise PlanError(f"{where}: {type(item).__name__} {short_repr(item)} is not a resolved target; pass the "
+                            "Plan itself, or the list Plan.resolve(model) / Plan.resolve_coupled(model, x) returns")
+    return targets
+
+
 PLAN_TAKES = (
     "a plan takes a mapping {'layer glob': structure} or a list of Rule(structure, match=..., type=...), "
     "e.g. Plan({'fc1': Unstructured(sparsity=0.5)})"
@@ -371,4 +403,4 @@ def _nothing_matched(i: int, rule: Rule, modules: dict[str, torch.nn.Module], ca
     return f"rule #{i} {rule.describe()}: matches no layer of the model; prunable layers are: {shown}"
 
 
-__all__ = ["GEMM_MODULES", "Plan", "PlanError", "Rule", "Target", "prunable_layers"]
+__all__ = ["GEMM_MODULES", "Plan", "PlanError", "Rule", "Target", "prunable_layers", "resolve_targets"]

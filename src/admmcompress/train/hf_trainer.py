@@ -41,7 +41,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 from admmcompress.drivers.base import Driver, DriverContext, get_driver
 from admmcompress.finalize import MaskSet
-from admmcompress.plan import Plan, Target
+from admmcompress.plan import Plan, Target, resolve_targets
 from admmcompress.train.framework_hooks import check_admm_epochs, finish_driving, hold_masks, is_positive_int
 from admmcompress.train.logging import numeric_scalars
 
@@ -92,7 +92,7 @@ class ADMMTrainerCallback(TrainerCallback):
         if self.masks is not None:  # a further train() call: fine-tune with the masks already found
             self._attach(model, optimizer, clear=False)
             return
-        targets = self.plan.resolve(model) if isinstance(self.plan, Plan) else list(self.plan)
+        targets = resolve_targets(model, self.plan, type(self).__name__)
         self.spec.cls.check_targets(targets)
         batches = len(train_dataloader) if train_dataloader is not None else max(1, state.max_steps)
         steps_per_epoch = max(1, batches // max(1, args.gradient_accumulation_steps))

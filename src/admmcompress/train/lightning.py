@@ -38,7 +38,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 from admmcompress.drivers.base import Driver, DriverContext, get_driver
 from admmcompress.finalize import MaskSet, mask_set_from_state
-from admmcompress.plan import Plan, Target
+from admmcompress.plan import Plan, Target, resolve_targets
 from admmcompress.train.framework_hooks import check_admm_epochs, finish_driving, hold_masks, is_positive_int
 from admmcompress.train.logging import numeric_scalars
 
@@ -99,7 +99,7 @@ class ADMMCallback(pl.Callback):
         if self.masks is not None:  # fine-tuning (resumed, or a further fit): the masks hold, no new driver
             self._attach(trainer, net, clear=False)
             return
-        targets = self.plan.resolve(net) if isinstance(self.plan, Plan) else list(self.plan)
+        targets = resolve_targets(net, self.plan, type(self).__name__)
         self.spec.cls.check_targets(targets)
         steps_per_epoch = max(1, int(trainer.num_training_batches) // trainer.accumulate_grad_batches)
         total = self.admm_epochs * steps_per_epoch
