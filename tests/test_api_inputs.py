@@ -165,3 +165,40 @@ def test_compress_does_not_replace_an_earlier_runs_checkpoint_unless_told(tmp_pa
     assert (out / "checkpoint.pt").read_bytes() == first
     compress(tiny_model(), PLAN, data(), data(8, 1), out_dir=out, overwrite=True, **SHORT)
     assert (out / "checkpoint.pt").is_file()
+
+
+@pytest.mark.parametrize(
+    ("train", "expected"),
+    [
+        ("loader", "train is a DataLoader; pass its dataset (train_loader.dataset): batches are drawn by the run's "
+                   "own batch size and seed (compress(batch_size=...) or data.batch_size)"),
+        ("tuple", "train is a tuple, not a dataset: wrap the tensors, e.g. torch.utils.data.TensorDataset(x, y)"),
+        ("array", "train is a dict, not a dataset: give a torch Dataset (e.g. TensorDataset(x, y)) or "
+                  "admmcompress.data.load_dataset(name, split)"),
+    ],
+)
+def test_compress_names_data_that_is_no_dataset_in_one_line(train, expected):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from admmcompress import Plan, Unstructured, compress
+
+    x, y = torch.randn(32, 12), torch.randint(0, 3, (32,))
+    data = {"loader": DataLoader(TensorDataset(x, y), batch_size=8), "tuple": (x, y), "array": {"x": x}}[train]
+    model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    with pytest.raises(TypeError) as err:
+        compress(model, Plan({"0": Unstructured(sparsity=0.5)}), data, TensorDataset(x, y), admm={"epochs": 1})
+    assert str(err.value) == expected
+
+
+def test_compress_takes_a_list_of_rules_as_one_plan():
+    from torch.utils.data import TensorDataset
+
+    from admmcompress import Rule, Unstructured, compress
+
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(32, 12), torch.randint(0, 3, (32,)))
+    model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    result = compress(model, [Rule(Unstructured(sparsity=0.5), match="0"), Rule(Unstructured(sparsity=0.25),
+                      match="2")], data, data, admm={"epochs": 1}, retrain={"epochs": 1}, progress=False)
+    assert len(result.metrics["stages"]) == 1
+    assert int((model[0].weight == 0).sum()) == 96 and int((model[2].weight == 0).sum()) == 12

@@ -15,7 +15,7 @@ from torch import nn
 from admmcompress.atomic import nearest_existing
 from admmcompress.data.datasets import Split
 from admmcompress.finalize import MaskSet
-from admmcompress.plan import Plan, PlanError
+from admmcompress.plan import Plan, PlanError, Rule
 from admmcompress.report.render import render_markdown, save_report
 from admmcompress.train.config import ADMMPhaseConfig, CompactRunConfig, PhaseConfig, RunConfig, StageConfig
 from admmcompress.train.runner import STATE_FILE, Runner
@@ -113,17 +113,19 @@ def compress(
 ) -> CompressionResult:
     """Compress a trained ``model`` toward ``plan`` with the reference loop.
 
-    A list of plans runs progressive (multi-step) pruning, each step starting from the last.
-    ``method`` is any registered driver (``admmcompress.drivers.list_drivers()``): "admm", "gradual"
-    (iterative magnitude) or "magnitude" (one-shot), all with the same epoch budget; "reweighted" is
-    reweighted group lasso; "iterative_quantization" freezes a growing share of each quantized layer on its
-    levels at every update of the ``admm`` phase (plans with quantization rules only; prune first with a run
-    config's earlier stage); plugins add their own. ``admm`` is the driving phase of every method (epochs,
-    optimizer, update cadence); ``options`` the method's own config, a mapping or its dataclass
-    (``{"rho": 1e-3}`` for admm, ``{"penalty": 1e-4}`` for reweighted; ``reweighted=`` is its deprecated
-    spelling). ``loss_fn(batch, output, model)`` replaces cross-entropy in every phase. With ``out_dir``,
-    state is checkpointed there every epoch (a file or a folder this process cannot write into is refused,
-    ``OutputFolderError``, before training, and so is one holding an earlier run's checkpoint unless
+    ``train`` and ``test`` are each an ``admmcompress.data.Split`` (``load_dataset``) or a torch ``Dataset`` (e.g.
+    ``TensorDataset(x, y)``), batched by ``batch_size`` and ``seed`` (a ``DataLoader`` or a tuple of tensors is
+    refused in one line naming the fix). A list of plans runs progressive (multi-step) pruning, each step starting
+    from the last (a list of rules is one plan). ``method`` is any registered driver
+    (``admmcompress.drivers.list_drivers()``): "admm", "gradual" (iterative magnitude) or "magnitude" (one-shot),
+    all with the same epoch budget; "reweighted" is reweighted group lasso; "iterative_quantization" freezes a
+    growing share of each quantized layer on its levels at every update of the ``admm`` phase (plans with
+    quantization rules only; prune first with a run config's earlier stage); plugins add their own. ``admm`` is the
+    driving phase of every method (epochs, optimizer, update cadence); ``options`` the method's own config, a
+    mapping or its dataclass (``{"rho": 1e-3}`` for admm, ``{"penalty": 1e-4}`` for reweighted; ``reweighted=`` is
+    its deprecated spelling). ``loss_fn(batch, output, model)`` replaces cross-entropy in every phase. With
+    ``out_dir``, state is checkpointed there every epoch (a file or a folder this process cannot write into is
+    refused, ``OutputFolderError``, before training, and so is one holding an earlier run's checkpoint unless
     ``overwrite=True``). An empty list of plans is a ``PlanError``.
 
     ``coupling`` ("none", "strict" or "extend") is a run config stage's ``coupling``: filter/channel
@@ -153,6 +155,8 @@ def compress(
         warnings.warn("compress(reweighted=...) is deprecated: pass options=... (the method's own config)",
                       DeprecationWarning, stacklevel=2)
         options = reweighted if options is None else options
+    if isinstance(plan, list) and plan and all(isinstance(r, Rule) for r in plan):  # one plan's rules, not steps
+        plan = Plan(plan)
     plans = plan if isinstance(plan, list) else [plan]
     if not plans:  # no stage would run: the model would come back untouched
         raise PlanError("compress: the plan list is empty; give a Plan, or a list of Plans (one per pruning step)")

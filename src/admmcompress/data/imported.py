@@ -125,6 +125,27 @@ def describe(dataset: str | dict[str, Any]) -> str:
     return dataset if isinstance(dataset, str) else str(dataset.get("import"))
 
 
+def check_dataset(data: Any, name: str) -> None:
+    """Refuse, in one line naming the fix, what is neither a :class:`Split` nor a torch ``Dataset`` (the loop
+    batches the data itself, by the run's batch size and seed, so a ``DataLoader`` is one step too far).
+
+    >>> check_dataset((torch.zeros(4, 2), torch.zeros(4)), "train")
+    Traceback (most recent call last):
+    ...
+    TypeError: train is a tuple, not a dataset: wrap the tensors, e.g. torch.utils.data.TensorDataset(x, y)
+    """
+    if isinstance(data, (Split, Dataset)):
+        return
+    if isinstance(data, DataLoader):
+        raise TypeError(f"{name} is a DataLoader; pass its dataset ({name}_loader.dataset): batches are drawn by the "
+                        "run's own batch size and seed (compress(batch_size=...) or data.batch_size)")
+    if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
+        raise TypeError(f"{name} is a {type(data).__name__}, not a dataset: wrap the tensors, e.g. "
+                        "torch.utils.data.TensorDataset(x, y)")
+    raise TypeError(f"{name} is a {type(data).__name__}, not a dataset: give a torch Dataset (e.g. "
+                    "TensorDataset(x, y)) or admmcompress.data.load_dataset(name, split)")
+
+
 def first_inputs(dataset: Split | Dataset, n: int = 2) -> torch.Tensor:
     """The first ``n`` inputs as a batch (traces and compaction checks need an example input)."""
     if isinstance(dataset, Split):

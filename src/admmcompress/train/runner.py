@@ -22,7 +22,7 @@ from torch import nn
 
 from admmcompress.atomic import WriteError
 from admmcompress.data.datasets import BatchLoader, Split
-from admmcompress.data.imported import DatasetLoader, first_inputs
+from admmcompress.data.imported import DatasetLoader, check_dataset, first_inputs
 from admmcompress.drivers.base import Driver, DriverContext, ModuleTransform, get_driver
 from admmcompress.finalize import (
     MaskSet,
@@ -139,6 +139,8 @@ class Runner:
         self.dist.check = self.dist.check or config.distributed.check_ranks
         if config.distributed.sync_batchnorm:
             model = sync_batchnorm(model, self.dist)
+        check_dataset(train, "train")
+        check_dataset(test, "test")
         self.config, self.model, self.train, self.test = config, model, train, test
         self._net: nn.Module = model  # what the training step calls: the model, or its DDP wrapper
         self.loss_fn = loss_fn  # replaces cross-entropy in every phase (train.loop.train_epoch's hook)
