@@ -110,3 +110,45 @@ def test_conversion_arguments_are_checked_for_every_layer_type():
     with pytest.raises(ValueError, match=r"layers='0' is one name; give a list, e\.g\. layers=\['0'\]"):
         to_blocksparse(model, 4, layers="0")
     assert to_blocksparse(model, 4, layers=["0"]) == ["0"]
+
+
+def _model_with_a_pruned_layer() -> nn.Module:
+    from admmcompress.finalize import hard_prune
+    from admmcompress.plan import Plan
+
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    hard_prune(model, Plan({"0": Block(compression=4, block=(16, 1))}).resolve(model))
+    return model
+
+
+def test_converting_a_model_in_train_mode_says_the_layers_cannot_learn():
+    """Block-sparse weights are buffers: a model converted in train mode (or put in it later) warns, instead of
+    a backward() failing later with 'element 0 of tensors does not require grad' (review finding)."""
+    from admmcompress.executors.blockmatrix import TRAIN_MODE_WARNING
+    from admmcompress.executors.blocksparse import to_blocksparse
+
+    model = _model_with_a_pruned_layer()
+    with pytest.warns(UserWarning, match="block-sparse layers run inference only"):
+        to_blocksparse(model, layers=["0"])
+    with pytest.warns(UserWarning, match="call model.eval\\(\\) after converting"):
+        model.train()
+    assert TRAIN_MODE_WARNING.startswith("block-sparse layers run inference only")
+    quiet = _model_with_a_pruned_layer().eval()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        to_blocksparse(quiet, layers=["0"])
+        quiet.eval()
+    assert not quiet[0].training
+
+
+def test_a_block_rows_name_the_model_does_not_have_is_refused():
+    from admmcompress.executors.blocksparse import to_blocksparse
+
+    model = _model_with_a_pruned_layer().eval()
+    with pytest.raises(ValueError, match=r"block_rows names \['lx'\], which the model does not have; check the names"):
+        to_blocksparse(model, block_rows={"lx": 4})
+    assert isinstance(model[0], nn.Linear)  # refused before any layer was replaced
+    to_blocksparse(model, block_rows={"0": 16, "2": 8})  # '2' stays dense (not sparse enough): not an error
+    assert type(model[0]).__name__ == "BlockSparseLinear" and isinstance(model[2], nn.Linear)

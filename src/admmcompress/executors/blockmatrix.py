@@ -41,7 +41,24 @@ IMPLS = ("gather", "cpp", "csr", "dense", "bsr")
 ROWS_LAST_FROM = 16
 
 
-class BlockSparseMatrix(nn.Module):
+TRAIN_MODE_WARNING = (
+    "block-sparse layers run inference only: their weights are buffers and get no gradients; call model.eval() "
+    "after converting, and to fine-tune, train the masked dense model (masks.attach) and convert it again"
+)
+
+
+class InferenceOnly(nn.Module):
+    """Base of the block-sparse modules: switching one to train mode (``model.train()``, or converting a model
+    that is in train mode) warns that it cannot learn, instead of a later ``backward()`` failing with torch's
+    "element 0 of tensors does not require grad". A check here, not in ``forward``: free at call time."""
+
+    def train(self, mode: bool = True) -> InferenceOnly:
+        if mode:
+            warnings.warn(TRAIN_MODE_WARNING, UserWarning, stacklevel=2)
+        return super().train(mode)
+
+
+class BlockSparseMatrix(InferenceOnly):
     """``x -> x @ W.T (+ b)`` for a weight with shared column patterns per row block (inference only).
 
     Args:
@@ -281,4 +298,4 @@ def kernel_may_take(x: torch.Tensor) -> bool:
         return False
     return x.dtype is _F32 and _tracing_state() is None
 
-__all__ = ["IMPLS", "BlockSparseMatrix", "kernel_may_take"]
+__all__ = ["IMPLS", "TRAIN_MODE_WARNING", "BlockSparseMatrix", "InferenceOnly", "kernel_may_take"]

@@ -167,6 +167,11 @@ def to_blocksparse(
         raise ValueError(
             "to_blocksparse: the model itself is a single layer; wrap it, e.g. nn.Sequential(layer)"
         )
+    if isinstance(block_rows, Mapping):  # a typo would silently take r = 16 for the layer meant (layers that stay
+        stray = sorted(str(n) for n in block_rows if n not in modules)  # dense may be named: block_rows_from(plan)
+        if stray:
+            raise ValueError(f"to_blocksparse: block_rows names {stray}, which the model does not have; check the "
+                             f"names (its layers converted here: {chosen[:6]})")
     shapes: dict[str, tuple[int, ...]] = {}
     if choose == "measured":
         check_batches(batches)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from admmcompress.executors.blockmatrix import BlockSparseMatrix
+from admmcompress.executors.blockmatrix import BlockSparseMatrix, InferenceOnly
 
 _TORCH_MODULE = torch.nn.modules.module
 
@@ -29,7 +29,7 @@ def _global_hooks() -> bool:
     return bool(getattr(module, "_global_forward_hooks", None) or getattr(module, "_global_forward_pre_hooks", None))
 
 
-class BlockSparseLinear(nn.Module):
+class BlockSparseLinear(InferenceOnly):
     """``y = x @ W.T + b`` with a block-sparse ``W`` (bias inside the matrix); input ``(..., I)``."""
 
     def __init__(self, matrix: BlockSparseMatrix):
@@ -74,7 +74,7 @@ def conv_blockers(conv: nn.Conv2d) -> tuple[list[str], tuple[int, ...]]:
     return problems, tuple(padding) if not isinstance(padding, str) else (0, 0)
 
 
-class BlockSparseConv2d(nn.Module):
+class BlockSparseConv2d(InferenceOnly):
     """A 2-D convolution (``groups=1``, zero padding) as im2col + block-sparse GEMM."""
 
     def __init__(

@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from admmcompress.executors import blocksparse_cpp
-from admmcompress.executors.blockmatrix import BlockSparseMatrix, kernel_may_take
+from admmcompress.executors.blockmatrix import BlockSparseMatrix, InferenceOnly, kernel_may_take
 
 KERNELS = ("torch", "cpp")
 
@@ -78,7 +78,7 @@ def _matrix(
     )
 
 
-class _BlockSparseRNNBase(nn.Module):
+class _BlockSparseRNNBase(InferenceOnly):
     """Shared sequence loop of the GRU/LSTM executors; subclasses give the cell and the state."""
 
     mode = ""
@@ -312,7 +312,7 @@ class BlockSparseLSTM(_BlockSparseRNNBase):
         return torch.stack([s[0] for s in states]), torch.stack([s[1] for s in states])
 
 
-class BlockSparseCell(nn.Module):
+class BlockSparseCell(InferenceOnly):
     """Drop-in for ``nn.GRUCell`` or ``nn.LSTMCell`` (inference): one step on block-sparse matrices."""
 
     def __init__(self, cell: nn.RNNCellBase, block_rows: int = 16, min_sparsity: float = 0.0, **kwargs):
