@@ -202,3 +202,16 @@ def test_compress_takes_a_list_of_rules_as_one_plan():
                       match="2")], data, data, admm={"epochs": 1}, retrain={"epochs": 1}, progress=False)
     assert len(result.metrics["stages"]) == 1
     assert int((model[0].weight == 0).sum()) == 96 and int((model[2].weight == 0).sum()) == 12
+
+
+def test_a_float64_model_on_float32_data_names_the_dtypes():
+    from torch.utils.data import TensorDataset
+
+    from admmcompress import Plan, Unstructured, compress
+
+    data = TensorDataset(torch.randn(16, 12), torch.randint(0, 3, (16,)))
+    model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).double()
+    with pytest.raises(ValueError) as err:
+        compress(model, Plan({"0": Unstructured(sparsity=0.5)}), data, data, admm={"epochs": 1})
+    assert str(err.value).endswith("the model's weights are float64 and the inputs float32: convert one, e.g. "
+                                   "model.float()")

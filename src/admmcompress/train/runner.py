@@ -676,8 +676,7 @@ def check_model_reads(model: nn.Module, example: Any, train: Any, config: RunCon
     except (RuntimeError, ValueError, TypeError, IndexError) as err:
         raise ValueError(
             f"model '{config.model['name']}' cannot read the training inputs ({_describe_input(example)}): "
-            f"{first_line(err)}; "
-            "choose a model for this data, or data for this model"
+            f"{first_line(err)}; {_reading_fix(model, example)}"
         ) from None
     finally:
         model.train(was_training)
@@ -693,6 +692,15 @@ def check_model_reads(model: nn.Module, example: Any, train: Any, config: RunCon
             f"model '{config.model['name']}' has {out.shape[1]} outputs but the training labels have {classes} "
             f"classes; give the model num_classes: {classes} (or data with its classes)"
         )
+
+
+def _reading_fix(model: nn.Module, example: Any) -> str:
+    """The fix for a model that cannot read the example: its weights' dtype where that differs from the inputs'."""
+    weights = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if isinstance(example, torch.Tensor) and example.is_floating_point() and weights not in (None, example.dtype):
+        return (f"the model's weights are {str(weights).removeprefix('torch.')} and the inputs "
+                f"{str(example.dtype).removeprefix('torch.')}: convert one, e.g. model.float()")
+    return "choose a model for this data, or data for this model"
 
 
 def _note_choices(config: RunConfig) -> None:
