@@ -38,7 +38,7 @@ def test_the_gather_path_refuses_a_wrong_width_and_dtype():
     with pytest.raises(TypeError, match="input is torch.float64, its weights are torch.float32"):
         fast(torch.randn(4, 48, dtype=torch.float64))
     conv = convert_module(pruned(nn.Conv2d(8, 20, 3)), 4)
-    with pytest.raises(ValueError, match="expected 72"):  # 10 channels read as 90 im2col columns
+    with pytest.raises(ValueError, match="input has 10 channels, expected 8"):  # not its 90 im2col columns
         conv(torch.randn(2, 10, 9, 9))
 
 
@@ -152,3 +152,24 @@ def test_a_block_rows_name_the_model_does_not_have_is_refused():
     assert isinstance(model[0], nn.Linear)  # refused before any layer was replaced
     to_blocksparse(model, block_rows={"0": 16, "2": 8})  # '2' stays dense (not sparse enough): not an error
     assert type(model[0]).__name__ == "BlockSparseLinear" and isinstance(model[2], nn.Linear)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")  # torch's own, dense conv
+@pytest.mark.parametrize(("kernel", "dilation"), [(2, 1), (4, 1), ((2, 3), 1), (2, 2), (3, 3), ((4, 1), (1, 2))])
+def test_same_padding_of_any_kernel_equals_the_dense_conv(kernel, dilation):
+    """padding='same' with an even span d*(k-1) pads one more row/column at the bottom/right, as torch does."""
+    from admmcompress.executors.blocksparse_layers import BlockSparseConv2d
+
+    conv = pruned(nn.Conv2d(4, 8, kernel, padding="same", dilation=dilation))
+    fast = BlockSparseConv2d.from_dense(conv, 4)
+    for x in (torch.randn(2, 4, 9, 8), torch.randn(4, 7, 6)):
+        with torch.inference_mode():
+            torch.testing.assert_close(fast(x), conv(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_conv_input_of_the_wrong_channel_count_names_channels():
+    from admmcompress.executors.blocksparse_layers import BlockSparseConv2d
+
+    fast = BlockSparseConv2d.from_dense(pruned(nn.Conv2d(4, 8, 3, padding=1)), 4)
+    with pytest.raises(ValueError, match="BlockSparseConv2d: input has 5 channels, expected 4"):
+        fast(torch.randn(1, 5, 8, 8))

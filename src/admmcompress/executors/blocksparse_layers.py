@@ -53,29 +53,27 @@ class BlockSparseLinear(InferenceOnly):
 
 
 def conv_blockers(conv: nn.Conv2d) -> tuple[list[str], tuple[int, ...]]:
-    """Why ``conv`` cannot run block-sparse (empty when it can), and its padding as numbers."""
+    """Why ``conv`` cannot run block-sparse (empty when it can), and its padding as numbers: ``(ph, pw)`` on both
+    sides, or for ``padding='same'`` with an even span ``(ph, pw, bottom, right)``, the extra row and column torch
+    pads on the bottom and right only."""
     problems = []
     if conv.groups != 1:
         problems.append(f"groups={conv.groups} (only 1 is supported)")
     if conv.padding_mode != "zeros":
         problems.append(f"padding_mode={conv.padding_mode!r} (only 'zeros')")
     padding = conv.padding
-    if isinstance(padding, str):
-        if padding == "valid":
-            padding = (0, 0)
-        elif all(s == 1 for s in conv.stride) and all(
-            (d * (k - 1)) % 2 == 0 for d, k in zip(conv.dilation, conv.kernel_size, strict=True)
-        ):
-            padding = tuple(
-                d * (k - 1) // 2 for d, k in zip(conv.dilation, conv.kernel_size, strict=True)
-            )
-        else:
-            problems.append("padding='same' with an even kernel")
-    return problems, tuple(padding) if not isinstance(padding, str) else (0, 0)
+    if padding == "valid":
+        return problems, (0, 0)
+    if padding == "same":  # stride 1 (torch refuses 'same' otherwise); total d*(k-1), the odd one bottom/right
+        totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
+        sides = tuple(t // 2 for t in totals)
+        extra = tuple(t % 2 for t in totals)
+        return problems, sides + extra if any(extra) else sides
+    return problems, tuple(padding)
 
 
 class BlockSparseConv2d(InferenceOnly):
-    """A 2-D convolution (``groups=1``, zero padding) as im2col + block-sparse GEMM."""
+    """A 2-D convolution (``groups=1``, zero padding, 'same' included) as im2col + block-sparse GEMM."""
 
     def __init__(
         self,
@@ -87,8 +85,11 @@ class BlockSparseConv2d(InferenceOnly):
     ):
         super().__init__()
         self.matrix = matrix
-        self.kernel_size, self.stride, self.padding, self.dilation = kernel_size, stride, padding, dilation
+        # (ph, pw) on both sides, then the extra bottom row / right column of padding='same' with an even span
+        self.padding, self.extra_padding = tuple(padding[:2]), tuple(padding[2:]) or (0, 0)
+        self.kernel_size, self.stride, self.dilation = kernel_size, stride, dilation
         self.out_channels = matrix.out_features
+        self.in_channels = matrix.in_features // (kernel_size[0] * kernel_size[1])
 
     @classmethod
     def from_dense(
@@ -108,6 +109,10 @@ class BlockSparseConv2d(InferenceOnly):
         batched = x.dim() == 4
         if not batched:
             x = x.unsqueeze(0)
+        if x.shape[1] != self.in_channels:  # else the product's own check counts im2col columns, not channels
+            raise ValueError(f"BlockSparseConv2d: input has {x.shape[1]} channels, expected {self.in_channels}")
+        if any(self.extra_padding):
+            x = F.pad(x, (0, self.extra_padding[1], 0, self.extra_padding[0]))
         n, _, h, w = x.shape
         cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (N, C*kh*kw, L)
         out_h = (h + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[
@@ -127,7 +132,8 @@ class BlockSparseConv2d(InferenceOnly):
         return y if batched else y.squeeze(0)
 
     def extra_repr(self) -> str:
-        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+        extra = f", extra_padding={self.extra_padding}" if any(self.extra_padding) else ""
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}{extra}"
 
 
 __all__ = ["BlockSparseConv2d", "BlockSparseLinear"]
