@@ -173,3 +173,19 @@ def test_a_conv_input_of_the_wrong_channel_count_names_channels():
     fast = BlockSparseConv2d.from_dense(pruned(nn.Conv2d(4, 8, 3, padding=1)), 4)
     with pytest.raises(ValueError, match="BlockSparseConv2d: input has 5 channels, expected 4"):
         fast(torch.randn(1, 5, 8, 8))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch 2.13's own
+def test_torch_jit_script_is_refused_in_one_line_and_trace_works():
+    from admmcompress.executors.blocksparse import to_blocksparse
+
+    model = _model_with_a_pruned_layer().eval()
+    to_blocksparse(model, layers=["0"])
+    with pytest.raises(TypeError, match=r"^BlockSparseLinear cannot be compiled by torch.jit.script .* use "
+                                        r"torch.jit.trace\(model, example\), which records its torch path$"):
+        torch.jit.script(model)
+    x = torch.randn(3, 64)
+    with pytest.warns(torch.jit.TracerWarning):
+        traced = torch.jit.trace(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), model(x), atol=1e-6, rtol=1e-6)

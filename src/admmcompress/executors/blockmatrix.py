@@ -57,6 +57,14 @@ class InferenceOnly(nn.Module):
             warnings.warn(TRAIN_MODE_WARNING, UserWarning, stacklevel=2)
         return super().train(mode)
 
+    def __prepare_scriptable__(self) -> InferenceOnly:
+        # torch.jit.script calls this on every submodule first: one line instead of the script compiler's
+        # error deep inside the kernel loader (the forward picks its implementation in Python, per call)
+        raise TypeError(
+            f"{type(self).__name__} cannot be compiled by torch.jit.script (it chooses its kernel in Python per "
+            "call); use torch.jit.trace(model, example), which records its torch path"
+        )
+
 
 class BlockSparseMatrix(InferenceOnly):
     """``x -> x @ W.T (+ b)`` for a weight with shared column patterns per row block (inference only).
