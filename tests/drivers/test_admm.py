@@ -314,6 +314,14 @@ def test_rho_maximum_below_initial():
         RhoSchedule(initial=1e-2, maximum=1e-3)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "name"), [({"initial": 1e300}, "rho=1e\\+300"), ({"maximum": 1e39}, "rho_max=1e\\+39")]
+)
+def test_rho_beyond_float32_is_refused(kwargs, name):
+    with pytest.raises(ValueError, match=f"^{name} is beyond float32's range"):
+        RhoSchedule(**kwargs)
+
+
 # --- state round trip --------------------------------------------------------------------------
 
 

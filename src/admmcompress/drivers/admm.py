@@ -34,6 +34,8 @@ from admmcompress.finalize import MaskSet, hard_prune
 from admmcompress.plan import Plan, Target, resolve_targets
 from admmcompress.structures.scalars import plain_number
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
 
 def _finite(value: Any, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -82,6 +84,10 @@ class RhoSchedule:
         _finite(self.growth, "rho_growth")
         if not self.maximum >= self.initial:
             raise ValueError(f"rho_max={self.maximum!r} must be >= rho={self.initial!r}")
+        for name, value in (("rho", self.initial), ("rho_max", self.maximum)):  # the penalty is summed in float32
+            if value > FLOAT32_MAX:
+                raise ValueError(f"{name}={value!r} is beyond float32's range (about 3.4e38): the penalty would be "
+                                 "infinite; give a realistic value, e.g. 1e-3")
         if type(self.rescale_dual).__module__ == "numpy" and type(self.rescale_dual).__name__ in ("bool", "bool_"):
             object.__setattr__(self, "rescale_dual", bool(self.rescale_dual))
         if not isinstance(self.rescale_dual, bool):
