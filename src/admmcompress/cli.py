@@ -360,10 +360,8 @@ def _hardware(args: argparse.Namespace) -> int:
     from admmcompress.train.loop import evaluate
 
     model, config = load_run_model(args.dir, args.trust_plugins)
-    if not isinstance(config.data.dataset, str):
-        raise ValueError("admmcompress hardware evaluates on a bundled dataset's test split; this run reads "
-                         f"{describe(config.data.dataset)}: use the hardware package's functions on your own data")
-    test = sample(load_dataset(config.data.dataset, "test", config.data.data_dir), args.samples, args.seed)
+    # the run's own test split: a bundled dataset, or its Dataset by import path (as export reads it)
+    test = sample(load_data(config.data.dataset, "test", config.data.data_dir), args.samples, args.seed)
     batch = config.data.eval_batch_size
     print(run_command(args, model, test.x[:8], lambda m: evaluate(m, test, batch), f"Hardware: {config.name}"))
     return 0

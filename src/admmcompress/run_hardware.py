@@ -15,18 +15,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import math
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset, IterableDataset
 
+from admmcompress.data.files import Split
 from admmcompress.hardware.analysis import add_adc, add_variation, analyze
 from admmcompress.hardware.crossbar import MAX_ADC_BITS, MAX_TILE, CrossbarSpec
 from admmcompress.hardware.noise import MAX_SIGMA, DeviceNoise
+from admmcompress.messages import first_line
 from admmcompress.plugins import TRUST_FLAG, TRUST_HELP
 
 MAX_WEIGHT_BITS = 16  # as CrossbarSpec and analyze() allow
@@ -117,21 +120,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(TRUST_FLAG, action="store_true", help=TRUST_HELP)
 
 
-def sample(split: Any, n: int | None, seed: int = 0) -> Any:
+def sample(split: Split | Dataset, n: int | None, seed: int = 0) -> Split:
     """``n`` samples of a dataset split drawn without replacement by a seeded permutation (test files are
-    often sorted by class, so the first ``n`` would be one class); the whole split when ``n`` is None.
+    often sorted by class, so the first ``n`` would be one class); the whole split when ``n`` is None. A torch
+    ``Dataset`` of ``(input, class)`` items (a run's own, by import path) is read into a :class:`Split` of the
+    samples drawn; an ``IterableDataset`` gives its first ``n``.
 
-    >>> from admmcompress.data.files import Split
     >>> part = sample(Split(torch.arange(10.0).view(10, 1), torch.arange(10)), 4, seed=0)
     >>> len(part), bool((part.x.view(-1) == part.y).all())
     (4, True)
     """
+    if n is not None and n < 1:
+        raise ValueError(f"--samples {n}: give a positive number of test samples")
+    if not isinstance(split, Split):
+        return _read_samples(split, n, seed)
     if n is None or n >= len(split.y):
         return split
-    if n < 1:
-        raise ValueError(f"--samples {n}: give a positive number of test samples")
     index = torch.randperm(len(split.y), generator=torch.Generator().manual_seed(seed))[:n]
     return dataclasses.replace(split, x=split.x[index], y=split.y[index])
+
+
+def _read_samples(dataset: Dataset, n: int | None, seed: int) -> Split:
+    """The drawn items of a torch Dataset as one in-memory Split (the analysis evaluates it many times over)."""
+    if isinstance(dataset, IterableDataset):
+        items = list(itertools.islice(iter(dataset), n))
+    else:
+        size = len(dataset)
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
+        items = [dataset[int(i)] for i in order[: size if n is None else n]]
+    if not items:
+        raise ValueError("the run's test dataset is empty: the hardware analysis needs test samples to evaluate")
+    first = items[0]
+    if not (isinstance(first, (tuple, list)) and len(first) >= 2 and isinstance(first[0], torch.Tensor)):
+        raise ValueError(f"the run's test dataset gives {type(first).__name__} items; admmcompress hardware "
+                         "measures accuracy on (input tensor, class) items: use the hardware package's functions "
+                         "(analyze, add_variation) with your own evaluation")
+    try:
+        x = torch.stack([item[0] for item in items])
+        y = torch.as_tensor([int(item[1]) for item in items])
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ValueError(f"the run's test items do not stack into one batch of inputs and class labels "
+                         f"({first_line(err)}); use the hardware package's functions with your own evaluation") \
+            from None
+    return Split(x, y)
 
 
 def spec_from_args(args: argparse.Namespace) -> CrossbarSpec:

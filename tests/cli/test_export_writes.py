@@ -92,6 +92,16 @@ def test_a_run_on_an_imported_dataset_exports(imported_run, tmp_path, capsys, fl
     assert said in capsys.readouterr().out
 
 
+def test_hardware_analyses_a_run_on_an_imported_dataset(imported_run, capsys):
+    """The hardware command reads the run's own test split by import path too (it refused such runs before)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(imported_run.parent))
+        assert main(["hardware", str(imported_run), "--no-save", "--samples", "40", "--variation", "0.05",
+                     "--draws", "1", "--pim-bits", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "| fc1 |" in printed and "| - | 0.05 | 0 | 0 |" in printed
+
+
 # --- --out checked before the run is read ------------------------------------------------------------------
 
 

@@ -150,3 +150,32 @@ def test_cli_hardware_on_a_read_only_run_is_one_line_before_the_analysis(crossba
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"admmcompress: error: '{crossbar_run}' is read-only for this user, so hardware.md/.png cannot "
                    "be written there; make it writable or pass --no-save to print the analysis only"]
+
+
+def test_sample_reads_a_torch_dataset_into_a_seeded_split():
+    from torch.utils.data import IterableDataset, TensorDataset
+
+    from admmcompress.run_hardware import sample
+
+    x, y = torch.randn(30, 4), torch.arange(30)
+    part = sample(TensorDataset(x, y), 10, seed=3)
+    assert len(part) == 10 and torch.equal(part.x, x[part.y])  # items kept whole, drawn across the split
+    assert not torch.equal(part.y, torch.arange(10))
+    assert torch.equal(sample(TensorDataset(x, y), None).y.sort().values, y)
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return ((x[i], int(y[i])) for i in range(30))
+
+    assert torch.equal(sample(Stream(), 5).y, torch.arange(5))
+
+    class Unlabelled(torch.utils.data.Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return {"pixels": x[i]}
+
+    with pytest.raises(ValueError, match="the run's test dataset gives dict items; admmcompress hardware measures "
+                                         "accuracy on \\(input tensor, class\\) items"):
+        sample(Unlabelled(), 2)
