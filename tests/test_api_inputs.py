@@ -215,3 +215,35 @@ def test_a_float64_model_on_float32_data_names_the_dtypes():
         compress(model, Plan({"0": Unstructured(sparsity=0.5)}), data, data, admm={"epochs": 1})
     assert str(err.value).endswith("the model's weights are float64 and the inputs float32: convert one, e.g. "
                                    "model.float()")
+
+
+def _full_disk(path, state):
+    from admmcompress.atomic import WriteError
+
+    raise WriteError(28, f"cannot write '{path}': No space left on device")
+
+
+def test_a_failed_checkpoint_write_gives_advice_for_where_the_run_came_from(tmp_path, monkeypatch, capsys):
+    """compress() has no resume: its advice is overwrite=True; the CLI's is --resume --out (review finding)."""
+    import yaml
+    from torch.utils.data import TensorDataset
+
+    from admmcompress import Plan, Unstructured, compress
+    from admmcompress.atomic import WriteError
+    from admmcompress.cli import main
+    from admmcompress.train import runner
+
+    monkeypatch.setattr(runner.ckpt, "save_state", _full_disk)
+    data = TensorDataset(torch.randn(16, 12), torch.randint(0, 3, (16,)))
+    model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    with pytest.raises(WriteError) as err:
+        compress(model, Plan({"0": Unstructured(sparsity=0.5)}), data, data, admm={"epochs": 1},
+                 out_dir=tmp_path / "api", progress=False)
+    assert str(err.value).endswith("then call compress again with overwrite=True (it starts over; runs that "
+                                   "resume: admmcompress run)")
+    from conftest import TINY_RUN_SPEC
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY_RUN_SPEC, sort_keys=False))
+    assert main(["run", str(config), "--out", str(tmp_path / "cli"), "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"then continue the run with --resume --out {tmp_path / 'cli'}")

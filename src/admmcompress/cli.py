@@ -187,6 +187,7 @@ def _build_runner(config: RunConfig, out: Path | None, progress: bool, dist: Dis
         test, final_test = held, test
     runner = Runner(config, model, train, test, out_dir=out, progress=progress, dist=dist)
     runner.final_test = final_test
+    runner.from_cli = True
     return runner
 
 

@@ -146,6 +146,8 @@ class Runner:
         self.loss_fn = loss_fn  # replaces cross-entropy in every phase (train.loop.train_epoch's hook)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.progress = progress
+        # Advice after a failure names the CLI's flags (--resume, --overwrite); compress() has no resume
+        self.from_cli = False
         self.loader: BatchLoader | ShardedLoader | DatasetLoader
         if isinstance(train, Split):
             self.loader = BatchLoader(
@@ -273,6 +275,8 @@ class Runner:
         path = None if self.out_dir is None else self.out_dir / STATE_FILE
         if path is None:
             return ", then run again (no output folder, so no checkpoint was saved)"
+        if not self.from_cli:
+            return ", then call compress again with overwrite=True"
         if not path.is_file() or not (self._saved or self._resumed):
             return f", then run again with --overwrite --out {self.out_dir} (no checkpoint was saved yet)"
         phase, epoch = read_progress(self.out_dir)
@@ -610,7 +614,9 @@ class Runner:
         try:
             ckpt.save_state(self.out_dir / STATE_FILE, state)
         except WriteError as err:
-            raise WriteError(err.errno, f"{err}; then continue the run with --resume --out {self.out_dir}") from None
+            how = (f"continue the run with --resume --out {self.out_dir}" if self.from_cli else
+                   "call compress again with overwrite=True (it starts over; runs that resume: admmcompress run)")
+            raise WriteError(err.errno, f"{err}; then {how}") from None
         self._saved = True
 
     def _load(self) -> None:
