@@ -223,9 +223,9 @@ def _full_disk(path, state):
     raise WriteError(28, f"cannot write '{path}': No space left on device")
 
 
-def test_a_failed_checkpoint_write_gives_advice_for_where_the_run_came_from(tmp_path, monkeypatch, capsys):
+def test_a_failed_checkpoint_write_gives_advice_for_where_the_run_came_from(tmp_path, monkeypatch, capsys,
+                                                                            tiny_finished_run):
     """compress() has no resume: its advice is overwrite=True; the CLI's is --resume --out (review finding)."""
-    import yaml
     from torch.utils.data import TensorDataset
 
     from admmcompress import Plan, Unstructured, compress
@@ -241,9 +241,6 @@ def test_a_failed_checkpoint_write_gives_advice_for_where_the_run_came_from(tmp_
                  out_dir=tmp_path / "api", progress=False)
     assert str(err.value).endswith("then call compress again with overwrite=True (it starts over; runs that "
                                    "resume: admmcompress run)")
-    from conftest import TINY_RUN_SPEC
-
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(TINY_RUN_SPEC, sort_keys=False))
+    config = tiny_finished_run / "config.yaml"  # the tiny run's own config, run again into a new folder
     assert main(["run", str(config), "--out", str(tmp_path / "cli"), "--no-progress"]) == 2
     assert capsys.readouterr().err.strip().endswith(f"then continue the run with --resume --out {tmp_path / 'cli'}")

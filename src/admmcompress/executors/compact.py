@@ -12,7 +12,11 @@ Grouped convs that are not depthwise (``1 < groups < in_channels``) keep their `
 every conv group to keep the same number of input and of output channels, so where a grouped conv splits
 a channel group, the same number of channels is removed from every block (coupled targets prune that
 way). Removable channels beyond that are kept (dead, harmless); pruned ones among them are an error
-under ``strict`` naming the grouped conv and the fix.
+under ``strict`` naming the grouped conv and the fix. A depthwise conv with a channel multiplier ``k`` loses
+whole conv groups: an input channel with its ``k`` filters (one channel group, see :mod:`admmcompress.plan.graph`).
+
+An example the model cannot run, or a compacted layer that fails (one the trace did not see read the removed
+channels), is one ``CompactionError`` line naming it.
 
 >>> import torch.nn as nn
 >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
@@ -37,8 +41,23 @@ from admmcompress.executors.channels import channel_status, may_remove_channels
 from admmcompress.executors.fold import fold_constant_channels, forward
 from admmcompress.executors.heads import remove_dead_heads
 from admmcompress.finalize import MaskSet
-from admmcompress.plan.graph import _groups_with_roots, build_dependency_graph, is_grouped_conv, output_tensors
-from admmcompress.plan.residual import keep_norm_widths, norm_widths, retie, tied_parameters, update_hidden_size
+from admmcompress.messages import first_line
+from admmcompress.plan.graph import (
+    _groups_with_roots,
+    build_dependency_graph,
+    depthwise_multiplier,
+    example_problem,
+    is_grouped_conv,
+    output_tensors,
+)
+from admmcompress.plan.residual import (
+    has_layernorm,
+    keep_norm_widths,
+    norm_widths,
+    retie,
+    tied_parameters,
+    update_hidden_size,
+)
 
 COLUMN_MODES = ("off", "auto", "on")
 
@@ -124,8 +143,7 @@ def compact(
         masks.apply(work)
     modes = {name: m.training for name, m in work.named_modules()}
     work.eval()
-    with torch.no_grad():
-        reference = output_tensors(forward(work, example_inputs))
+    reference = _reference_outputs(work, example_inputs)
     result = CompactionResult(model=work, params_before=count_params(work))
     result.heads = remove_dead_heads(work)  # before the trace: heads are not channels Torch-Pruning can follow
 
@@ -144,7 +162,7 @@ def compact(
         result.kept.append("some zero filters keep a bias/BN constant and fold_constants=False, so they stay")
 
     plan = []
-    for (group, root), status in zip(pairs, statuses, strict=True):
+    for (group, roots), status in zip(pairs, statuses, strict=True):
         removable = status.removable_now
         if group.blocks:  # grouped convs: the same number from every block, at least one kept in each
             removable = even_blocks(group.blocks, removable, status.pruned)
@@ -159,7 +177,7 @@ def compact(
             result.kept.append(_why_uneven(group, uneven, status.removable_now))
         result.removed[group.label] = (int(removable.sum()), group.size)
         if bool(removable.any()):
-            plan.append((group, root, removable))
+            plan.append((roots, removable))
     if result.kept and config.strict:
         raise CompactionError(
             "cannot remove every pruned channel "
@@ -169,9 +187,11 @@ def compact(
         warnings.warn(f"compact: {kept}", RuntimeWarning, stacklevel=2)
 
     widths, ties = norm_widths(work), tied_parameters(work)
-    for group, (module, handler), removable in plan:
-        idxs = _root_local(group, removable)
-        _prune(graph, graph.get_pruning_group(module, handler, idxs))
+    for roots, removable in plan:
+        for root in roots:  # one, or more where a depthwise multiplier conv joined two groups (plan.graph)
+            idxs = root.indices(removable)
+            if idxs:
+                _prune(graph, graph.get_pruning_group(root.module, root.handler, idxs))
     retie(work, ties)  # an LM head and the embedding it shares were sliced as two tensors
     result.hidden = update_hidden_size(work, keep_norm_widths(work, widths))  # LayerNorms keep their divisor
 
@@ -182,8 +202,7 @@ def compact(
     for name, param in work.named_parameters(remove_duplicate=False):
         if name in frozen:
             param.requires_grad_(False)
-    with torch.no_grad():
-        outputs = output_tensors(forward(work, example_inputs))
+    outputs = _compacted_outputs(work, example_inputs)
     result.max_abs_diff = _max_diff(reference, outputs)
     if not result.max_abs_diff <= config.atol:
         raise CompactionError(
@@ -220,22 +239,70 @@ def even_blocks(blocks: tuple[int, ...], removable: torch.Tensor, pruned: torch.
     return out
 
 
+def _reference_outputs(model: nn.Module, example_inputs) -> list[torch.Tensor]:
+    """The masked model's outputs; an example it cannot run (a float64 batch for a float32 model) is one line."""
+    try:
+        with torch.no_grad():
+            return output_tensors(forward(model, example_inputs))
+    except Exception as err:  # torch's error from deep inside the model: one CompactionError naming the example
+        raise CompactionError(f"compact: {example_problem(model, example_inputs, err)}") from None
+
+
+def _compacted_outputs(model: nn.Module, example_inputs) -> list[torch.Tensor]:
+    """The compacted model's outputs; a layer that fails (the trace did not see it read removed channels) is one
+    CompactionError naming it."""
+    running: list[str] = []  # the layers now inside their forward, innermost last
+
+    def enter(name: str):
+        return lambda _module, _args: running.append(name)  # returns None: the input is unchanged
+
+    def leave(_module, _args, _output) -> None:
+        running.pop()
+
+    handles = []
+    for name, module in model.named_modules():
+        if name:
+            handles += [module.register_forward_pre_hook(enter(name)), module.register_forward_hook(leave)]
+    try:
+        with torch.no_grad():
+            return output_tensors(forward(model, example_inputs))
+    except Exception as err:
+        where = f"layer '{running[-1]}' ({type(model.get_submodule(running[-1])).__name__})" if running else "forward"
+        raise CompactionError(
+            f"the compacted model fails in {where}: {type(err).__name__}: {first_line(err)}; the dependency trace did "
+            "not see it read the channels that were removed (it runs without gradients, or on a tensor the trace "
+            "cannot follow); exclude the layers that feed it from the rule, or report the model"
+        ) from None
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _prune(graph, pruning_group) -> None:
     """``pruning_group.prune()``, with each grouped conv's input channels removed conv group by conv group.
 
     (Torch-Pruning slices a grouped conv's weight columns with the first conv group's pattern for all of
-    them; the weight is rebuilt here from the removed input channels of every conv group.)
+    them; the weight is rebuilt here from the removed input channels of every conv group. A depthwise conv
+    with a channel multiplier loses whole conv groups: its rows go with its output channels, pruned from
+    their own root, so only ``in_channels`` and ``groups`` change here.)
     """
     saved: dict[nn.Module, tuple[torch.Tensor, set[int], set[int]]] = {}
+    multiplied: dict[nn.Module, torch.Tensor] = {}
     for dep, idxs in pruning_group:
         module = dep.target.module
+        reads = not graph.is_out_channel_pruning_fn(dep.handler)
         if is_grouped_conv(module):
             weight, out_idx, in_idx = saved.setdefault(module, (module.weight.detach().clone(), set(), set()))
-            (out_idx if graph.is_out_channel_pruning_fn(dep.handler) else in_idx).update(int(i) for i in idxs)
+            (in_idx if reads else out_idx).update(int(i) for i in idxs)
+        elif reads and depthwise_multiplier(module):
+            multiplied[module] = module.weight.detach().clone()
     pruning_group.prune()
     for module, (weight, out_idx, in_idx) in saved.items():
         if in_idx:
             module.weight = nn.Parameter(_grouped_weight(weight, out_idx, in_idx, module.groups))
+    for module, weight in multiplied.items():
+        module.weight = nn.Parameter(weight)
+        module.groups = module.in_channels
 
 
 def _grouped_weight(weight: torch.Tensor, out_idx: set[int], in_idx: set[int], groups: int) -> torch.Tensor:
@@ -267,11 +334,6 @@ def _why_uneven(group, uneven: torch.Tensor, removable: torch.Tensor) -> str:
     )
 
 
-def _root_local(group, removable: torch.Tensor) -> list[int]:
-    """Indices in the Torch-Pruning root layer's own numbering (root local == root channel)."""
-    return torch.nonzero(removable).flatten().tolist()
-
-
 def _why_kept(group, stuck: torch.Tensor, status, modules) -> str:
     idx = torch.nonzero(stuck).flatten().tolist()
     shown = str(idx if len(idx) <= 8 else idx[:8] + ["..."])
@@ -289,6 +351,12 @@ def _why_kept(group, stuck: torch.Tensor, status, modules) -> str:
             f"channels {shown} of '{group.label}' have zero filters in some layers but {alive} still compute "
             "them (coupled by a residual add / concat / depthwise conv); prune coupled layers together "
             "(Plan.resolve_coupled) so the whole group can go"
+        )
+    if group.leaks:
+        folded = " (the group has a LayerNorm, so no constant is folded)" if has_layernorm(group) else ""
+        return (
+            f"channels {shown} of '{group.label}' have zero filters, but {'; '.join(group.leaks[:3])}{folded}; "
+            "keep these channels (exclude the group's layers from the rule)"
         )
     return (
         f"channels {shown} of '{group.label}' have zero filters but still output a constant "

@@ -15,7 +15,8 @@ When a grouped (not depthwise) conv is a member, the group's channels are split 
 groups, see ``ChannelGroup.blocks``) and the structure is a
 :class:`~admmcompress.structures.block.BlockFilter`: every block keeps the
 same number of channels, its top channels by norm, so the grouped conv can be rebuilt with the same
-``groups`` by compaction.
+``groups`` by compaction. Where that lets the sparsity remove no channel at all, ``couple`` raises ``PlanError``;
+where it removes fewer than the sparsity asks, it warns with the counts.
 
 >>> import torch.nn as nn
 >>> from admmcompress.plan import Plan
@@ -31,6 +32,7 @@ same number of channels, its top channels by norm, so the grouped conv can be re
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -49,10 +51,12 @@ from admmcompress.plan.graph import (
 from admmcompress.plan.targets import PlanError, Target
 from admmcompress.structures.base import Structure
 from admmcompress.structures.block import BlockFilter
+from admmcompress.structures.groups import kept_count
 from admmcompress.structures.sparsity import Filter
 
 COUPLING_MODES = ("strict", "extend")
 COUPLED_KINDS = ("filter", "channel")
+SHORTFALL = 0.1  # the share of a group's channels its grouped convs may keep beyond the sparsity before a warning
 
 
 @dataclass(frozen=True)
@@ -195,7 +199,7 @@ def couple(
         else:
             buckets.setdefault(group.label, []).append(t)
     for label, members in buckets.items():
-        errors += _check_bucket(by_label[label], members, mode)
+        errors += _check_bucket(by_label[label], members, mode) + _check_blocks(by_label[label], members)
     if errors:
         raise PlanError.listing("the coupled plan does not fit this model", errors)
     canonical = {id(p): n for n, p in model.named_parameters()}  # a tied tensor has one name (the first)
@@ -260,6 +264,38 @@ def _check_bucket(group: ChannelGroup, members: list[Target], mode: str) -> list
                 "couple with mode='extend' to prune the whole group"
             )
     return errors
+
+
+def _removed(group: ChannelGroup, sparsity: float) -> tuple[int, int]:
+    """Channels a filter at ``sparsity`` removes from ``group``: ``(keeping every block equal, without blocks)``."""
+    plain = group.size - kept_count(group.size, sparsity)
+    if not group.blocks:
+        return plain, plain
+    sizes = torch.bincount(torch.tensor(group.blocks)).tolist()
+    return sum(n - kept_count(n, sparsity) for n in sizes), plain
+
+
+def _check_blocks(group: ChannelGroup, members: list[Target]) -> list[str]:
+    """An error when the grouped convs' blocks let the sparsity remove no channel; a warning when they cost more
+    than ``SHORTFALL`` of the group's channels."""
+    sparsity = members[0].structure.target_sparsity
+    removed, plain = _removed(group, sparsity)
+    if removed >= plain:
+        return []
+    grouped = [f"'{layer}' (groups={g})" for layer, g in group.grouped]
+    plural = len(grouped) > 1
+    convs, verb = f"grouped conv{'s' if plural else ''} {', '.join(grouped)}", "" if plural else "s"
+    span = min(torch.bincount(torch.tensor(group.blocks)).tolist())
+    if removed == 0:
+        named = ", ".join(f"'{t.layer}'" for t in members)
+        return [f"{members[0].structure.kind} target on {named}: {convs} split{verb} these {group.size} channels into "
+                f"blocks of {span} that each keep the same number and at least one, so sparsity {sparsity:g} removes "
+                "none of them; drop the target, or give the grouped conv fewer groups"]
+    if (plain - removed) / group.size > SHORTFALL:
+        warnings.warn(f"coupled target '{group.label}': {convs} keep{verb} the same number of channels in each "
+                      f"block of {span}, so sparsity {sparsity:g} removes {removed} of {group.size} channels, not "
+                      f"{plain}", UserWarning, stacklevel=4)
+    return []
 
 
 def couple_heads(model: nn.Module, targets: Sequence[Target]) -> list[Target]:

@@ -9,12 +9,17 @@ of each member layer that carries it:
 - ``consumer``: a Conv or Linear reading it (weight columns; after a flatten one channel is several
   Linear columns; in a grouped conv, the column of the channel's conv group, see ``channel_index``);
 - ``norm``: a BatchNorm entry (gamma, beta, running statistics);
-- ``depthwise``: a depthwise conv, which maps the channel to itself (weight row, bias entry);
+- ``depthwise``: a depthwise conv, which maps the channel to itself (weight row, bias entry); with a channel
+  multiplier ``k`` (``groups == in_channels``, ``out_channels == k * in_channels``) input channel ``c`` owns the
+  ``k`` rows ``c*k .. c*k+k-1``, so its output group is merged into its input group (``_merge_multipliers``);
 - ``layernorm``, ``embedding``, ``parameter``: a transformer's residual stream (LayerNorm entries, embedding
   columns, free parameters such as position embeddings and layer scale; see :mod:`admmcompress.plan.residual`).
 
 Residual adds, concatenations and depthwise convolutions tie channels across layers; a group lists
 all of them, with each member's local index and the group ("root") channel it belongs to.
+
+Zero preservation is traced per node, not judged by op names (``zero_leaks``): a channel every member zeroes
+stays zero through ``sigmoid(gate) * x`` (a squeeze-excite), since a zero factor makes the product zero.
 
 A grouped conv that is not depthwise (``1 < groups < in_channels``) splits its input and its output
 channels into ``groups`` equal conv groups, and PyTorch needs every conv group to keep the same number
@@ -43,6 +48,7 @@ from torch import nn
 from admmcompress.messages import first_line
 from admmcompress.plan.attention import query_key_layers
 from admmcompress.plan.residual import (
+    EMBEDDING,
     LAYERNORM,
     PARAMETER,
     STREAM_ROLES,
@@ -111,6 +117,11 @@ WEIGHT_NORM_OPS = frozenset({"WeightNormInterface", "NormExceptDim"})
 # Index-mapping nodes Torch-Pruning resolves itself (they move channels, never mix them).
 STRUCTURAL_OPS = ("concat", "split", "reshape", "slice", "expand")
 
+# Finite whatever their input, so a zero channel times them is zero (a squeeze-excite gate).
+BOUNDED_OPS = frozenset({"Sigmoid", "Hardsigmoid", "Tanh", "Hardtanh"})
+# Possibly infinite where their input is zero (x ** p with p < 0, y / x): a zero times them is not zero.
+UNBOUNDED_OPS = frozenset({"Pow", "Div"})
+
 # Axis moves: harmless in a group with no matrix product or attention (ViT's patch embedding flattened and
 # transposed to channels-last, ConvNeXt's permutes), where Torch-Pruning's channel mapping stays right; next to
 # attention they move heads and positions into channels, so there they remain problems (hand-written rule).
@@ -152,6 +163,7 @@ class ChannelGroup:
     problems: list[str] = field(default_factory=list)
     root: str = ""
     blocks: tuple[int, ...] = ()  # block id per channel when grouped convs split the channels; else ()
+    leaks: list[str] | None = None  # traced: where a zeroed channel is read as nonzero (None: judge by ``ops``)
 
     def layers(self, role: str) -> list[str]:
         return list(dict.fromkeys(m.layer for m in self.members if m.role == role))
@@ -177,8 +189,16 @@ class ChannelGroup:
 
     @property
     def zero_preserving(self) -> bool:
-        """True when every op in the group maps a zero channel to a zero channel."""
-        return all(op in STRUCTURAL_OPS or op in AXIS_MOVES or CHANNELWISE_OPS.get(op, False) for op in self.ops)
+        """True when a channel that every member zeroes is zero wherever a layer reads it: traced (``leaks``),
+        else when every op in the group maps a zero channel to a zero channel."""
+        if self.leaks is not None:
+            return not self.leaks
+        return all(keeps_zero(op) for op in self.ops)
+
+
+def keeps_zero(op: str) -> bool:
+    """Whether op ``op`` maps a zero channel to a zero channel (whatever its other inputs are zero there too)."""
+    return op in STRUCTURAL_OPS or op in AXIS_MOVES or CHANNELWISE_OPS.get(op, False)
 
 
 def channel_index(shape: tuple[int, ...] | torch.Size, dim: int, groups: int = 1) -> torch.Tensor:
@@ -212,8 +232,23 @@ def is_grouped_conv(module: nn.Module) -> bool:
         isinstance(module, nn.modules.conv._ConvNd)
         and not module.transposed
         and 1 < module.groups
-        and not module.groups == module.in_channels == module.out_channels
+        and module.groups != module.in_channels
     )
+
+
+def depthwise_multiplier(module: nn.Module) -> int:
+    """``k`` of a depthwise conv with channel multiplier ``k >= 2`` (``groups == in_channels``, ``out_channels ==
+    k * in_channels``: input channel ``c`` feeds only the rows ``c*k .. c*k+k-1``); 0 for any other layer.
+
+    >>> depthwise_multiplier(nn.Conv2d(8, 16, 3, groups=8)), depthwise_multiplier(nn.Conv2d(8, 8, 3, groups=8))
+    (2, 0)
+    """
+    if not isinstance(module, nn.modules.conv._ConvNd) or module.transposed:
+        return 0
+    channels, out = module.in_channels, module.out_channels
+    if module.groups != channels or channels < 2 or out == channels or out % channels:
+        return 0
+    return out // channels
 
 
 def op_name(grad_fn_name: str) -> str:
@@ -261,6 +296,7 @@ def build_dependency_graph(model: nn.Module, example_inputs):
     rms_nodes: set[int] = set()
     hooks: list = []
     cut: list[torch.Tensor] = []  # query/key projections' outputs: traced as model outputs (plan.attention)
+    dead: dict[int, Any] = {}  # autograd nodes of layer outputs the model does not return (see _dead_ends)
     try:
         for p in frozen:
             p.requires_grad_(True)
@@ -268,7 +304,7 @@ def build_dependency_graph(model: nn.Module, example_inputs):
                   if _is_spatial_zero_pad(m)]
         hooks += [m.register_forward_hook(record_rms_nodes(rms_nodes)) for m in model.modules() if is_rms_norm(m)]
         cut_layers = [model.get_submodule(n) for n in query_key_layers(model)]
-        graph = _trace(tp, model, example_inputs, cut, cut_layers)
+        graph = _trace(tp, model, example_inputs, cut, cut_layers, dead)
     finally:
         for hook in hooks:
             hook.remove()
@@ -280,19 +316,26 @@ def build_dependency_graph(model: nn.Module, example_inputs):
     graph.admm_param_names = {id(p): n for n, p in model.named_parameters()}  # free parameters' names
     graph.admm_rms_nodes = rms_nodes  # autograd nodes inside RMSNorm modules
     graph.admm_cut_layers = {id(layer) for layer in cut_layers}
+    graph.admm_dead_ends = dead  # traced as outputs, but no one sees their channels (see _convert)
     return graph
 
 
-def _trace(tp, model: nn.Module, example_inputs, cut: list[torch.Tensor], cut_layers: list[nn.Module]):
-    """Torch-Pruning's dependency graph of ``model``, the query/key projections' outputs cut into ``cut``."""
+def _trace(tp, model: nn.Module, example_inputs, cut: list[torch.Tensor], cut_layers: list[nn.Module],
+           dead: dict[int, Any]):
+    """Torch-Pruning's dependency graph of ``model``, the query/key projections' outputs cut into ``cut`` and the
+    outputs of layers whose result the model drops recorded in ``dead`` (autograd node by id)."""
+    produced: list[torch.Tensor] = []
+    layers = [m for m in model.modules() if any(p is not None for p in m._parameters.values())]
 
     def forward(m: nn.Module, inputs):
         cut.clear()  # hooked here, after Torch-Pruning's own hooks, so those still see the layers' real outputs
+        produced.clear()
         handles = [layer.register_forward_hook(_cut_into(cut)) for layer in cut_layers]
+        handles += [layer.register_forward_hook(_record_output(produced)) for layer in layers]
         try:
             return call_model(m, inputs)
         except Exception as err:  # the example does not fit the model: a PlanError, not torch's error
-            raise PlanError(_example_problem(m, inputs, err)) from None
+            raise PlanError(example_problem(m, inputs, err)) from None
         finally:
             for handle in handles:
                 handle.remove()
@@ -302,7 +345,8 @@ def _trace(tp, model: nn.Module, example_inputs, cut: list[torch.Tensor], cut_la
         with torch.enable_grad():
             return tp.DependencyGraph().build_dependency(
                 model, example_inputs=example_inputs, forward_fn=forward,
-                output_transform=lambda out: output_tensors(out) + cut, verbose=False,
+                output_transform=lambda out: _with_dead_ends(output_tensors(out) + cut, produced, dead),
+                verbose=False,
             )
     except PlanError:
         # Torch-Pruning removes its recording hooks only after a forward that returned: remove them here
@@ -312,7 +356,41 @@ def _trace(tp, model: nn.Module, example_inputs, cut: list[torch.Tensor], cut_la
         raise
 
 
-def _example_problem(model: nn.Module, inputs: Any, err: Exception) -> str:
+def _record_output(found: list[torch.Tensor]):
+    def hook(module: nn.Module, inputs, output) -> None:
+        found.extend(t for t in output_tensors(output) if t.grad_fn is not None)
+
+    return hook
+
+
+def _with_dead_ends(outputs: list[torch.Tensor], produced: list[torch.Tensor], dead: dict[int, Any]):
+    """``outputs`` and the layer outputs that none of them depends on (an auxiliary head whose result the model
+    drops): Torch-Pruning traces back from the outputs only, so such a layer would be missing from its input's
+    channel group and compaction would leave it reading the removed channels. Latest first, each one only when
+    not reached from the outputs or a later one; their autograd nodes go into ``dead``."""
+    reached: set[int] = set()
+    _reach([t.grad_fn for t in outputs], reached)
+    extra = []
+    for tensor in reversed(produced):
+        if id(tensor.grad_fn) not in reached:
+            extra.append(tensor)
+            dead[id(tensor.grad_fn)] = tensor.grad_fn  # kept alive, so the id stays its own
+            _reach([tensor.grad_fn], reached)
+    return outputs + extra
+
+
+def _reach(roots: list, reached: set[int]) -> None:
+    """Add the ids of every autograd node ``roots`` depend on (themselves included) to ``reached``."""
+    stack = [r for r in roots if r is not None]
+    while stack:
+        node = stack.pop()
+        if id(node) in reached:
+            continue
+        reached.add(id(node))
+        stack.extend(fn for fn, _ in getattr(node, "next_functions", ()) if fn is not None)
+
+
+def example_problem(model: nn.Module, inputs: Any, err: Exception) -> str:
     """One line: the example the model could not read, what the model said, and what to pass instead."""
     said = first_line(err, 200)
     return (
@@ -401,7 +479,8 @@ def cached_channel_groups(
     hit = entries.get(key)
     if hit is None or hit[0] != signature:
         hit = entries[key] = (signature, channel_groups(model, example_inputs, extra))
-    return [replace(g, members=list(g.members), ops=list(g.ops), problems=list(g.problems)) for g in hit[1]]
+    return [replace(g, members=list(g.members), ops=list(g.ops), problems=list(g.problems),
+                    leaks=None if g.leaks is None else list(g.leaks)) for g in hit[1]]
 
 
 def clear_channel_group_cache(model: nn.Module | None = None) -> None:
@@ -436,8 +515,24 @@ def _module_signature(model: nn.Module) -> tuple:
     return modules, params
 
 
+@dataclass(frozen=True)
+class PruneRoot:
+    """Where Torch-Pruning starts removing a group's channels: ``module``'s channels by ``handler``. Root channel
+    ``i`` carries group channel ``owner[i]`` (the same number when ``owner`` is empty)."""
+
+    module: Any
+    handler: Any
+    owner: tuple[int, ...] = ()
+
+    def indices(self, removed: torch.Tensor) -> list[int]:
+        """The root channels to remove for the group channels where ``removed`` (bool) is True."""
+        if not self.owner:
+            return torch.nonzero(removed).flatten().tolist()
+        return [i for i, channel in enumerate(self.owner) if bool(removed[channel])]
+
+
 def _groups_with_roots(model, example_inputs, extra_ops: tuple[str, ...], graph=None):
-    """``(ChannelGroup, (root module, root pruning function))`` pairs; builds the graph unless given."""
+    """``(ChannelGroup, [PruneRoot, ...])`` pairs; builds the graph unless given."""
     graph = graph if graph is not None else build_dependency_graph(model, example_inputs)
     names = {m: n for n, m in model.named_modules()}
     known = dict(CHANNELWISE_OPS, **{op: True for op in extra_ops})
@@ -449,9 +544,94 @@ def _groups_with_roots(model, example_inputs, extra_ops: tuple[str, ...], graph=
             continue
         seen.add(key)
         root = tp_group[0].dep
-        out.append((group, (root.target.module, root.handler)))
+        out.append((group, [PruneRoot(root.target.module, root.handler)]))
+    modules = dict(model.named_modules())
+    out = _merge_multipliers(out, modules)
+    for group, _ in out:
+        group.blocks, why = _blocks(group.members, group.size, modules)
+        reducing = [_reducing_problem(m.layer, modules[m.layer]) for m in group.members if m.layer in modules]
+        group.problems += [p for p in dict.fromkeys([why, *reducing]) if p]
     out.sort(key=lambda pair: pair[0].label)
     return out
+
+
+def _merge_multipliers(pairs: list, modules: dict[str, nn.Module]) -> list:
+    """Each depthwise conv with a channel multiplier (``depthwise_multiplier``) joins its output's group to its
+    input's: input channel ``c``, the conv's rows ``c*k .. c*k+k-1`` and what reads them are one group channel.
+    Torch-Pruning sees such a conv as a grouped conv whose conv groups hold one input channel each, none of
+    which could go; where the join fails the input's group says why."""
+    pairs, done = list(pairs), set()
+    while True:
+        found = next(((i, m) for i, (g, _) in enumerate(pairs) for m in g.members
+                      if m.role == CONSUMER and m.layer not in done and depthwise_multiplier(modules[m.layer])), None)
+        if found is None:
+            return pairs
+        i, reader = found
+        done.add(reader.layer)
+        j = next((j for j, (g, _) in enumerate(pairs) if g.root == reader.layer
+                  or any(m.layer == reader.layer and m.role == PRODUCER for m in g.members)), i)
+        merged, why = _merge_multiplier(pairs[i], pairs[j], reader, modules) if j != i else (None, "")
+        if merged is None:
+            pairs[i][0].problems.append(why or _multiplier_problem(reader.layer, modules[reader.layer]))
+            continue
+        pairs = [pair for k, pair in enumerate(pairs) if k not in (i, j)] + [merged]
+
+
+def _join(members: list[Member]) -> list[Member]:
+    """Members of one layer and role (a layer that reads both sides of a concat) become one member."""
+    first: dict[tuple[str, str], Member] = {}
+    pairs: dict[tuple[str, str], set[tuple[int, int]]] = {}
+    for m in members:
+        first.setdefault((m.layer, m.role), m)
+        pairs.setdefault((m.layer, m.role), set()).update(zip(m.local, m.root, strict=True))
+    return [replace(first[key], local=tuple(p[0] for p in sorted(found)), root=tuple(p[1] for p in sorted(found)))
+            for key, found in pairs.items()]
+
+
+def _reducing_problem(layer: str, module: nn.Module) -> str:
+    """Why a conv with ``groups == out_channels < in_channels`` blocks its groups ("" for any other layer):
+    Torch-Pruning takes it for a depthwise conv and ties its input channels one to one to its outputs."""
+    if not isinstance(module, nn.modules.conv._ConvNd) or not 1 < module.groups == module.out_channels \
+            or module.in_channels == module.out_channels:
+        return ""
+    return (f"conv '{layer}' (groups={module.groups}) reads {module.in_channels} input channels into "
+            f"{module.out_channels} outputs, but the dependency graph (Torch-Pruning) takes it for a depthwise conv "
+            f"and maps them one to one; drop the filter/channel targets on '{layer}' and the layers that feed it, or "
+            "give it groups=1 or in_channels == groups")
+
+
+def _multiplier_problem(layer: str, module: nn.Module) -> str:
+    return (f"depthwise conv '{layer}' (channel multiplier {depthwise_multiplier(module)}) shares its output channels "
+            "with layers that do not read its input (a concat or split in between), so its input channels cannot be "
+            f"removed with its filters; drop the filter/channel targets on the layers that feed '{layer}'")
+
+
+def _merge_multiplier(into: tuple, other: tuple, reader: Member, modules: dict[str, nn.Module]):
+    """``(group, roots)`` of ``into`` (where ``reader``, a multiplier conv, reads) joined by ``other`` (where it
+    writes), or ``(None, why)``."""
+    (a, a_roots), (b, b_roots) = into, other
+    k = depthwise_multiplier(modules[reader.layer])
+    source = dict(zip(reader.local, reader.root, strict=True))  # the conv's input channel -> group channel
+    writer = next((m for m in b.members if m.layer == reader.layer and m.role == PRODUCER), None)
+    if writer is None or b.problems:  # its output's channels cannot go (model outputs, ...), so neither can these
+        return None, "; ".join(b.problems)
+    rows = dict(zip(writer.root, writer.local, strict=True))  # other's channel -> the conv's row
+    if set(rows) != set(range(b.size)) or any(row // k not in source for row in rows.values()):
+        return None, _multiplier_problem(reader.layer, modules[reader.layer])
+    owner = tuple(source[rows[r] // k] for r in range(b.size))
+    written = [replace(m, root=tuple(owner[r] for r in m.root))
+               for m in [replace(writer, role=DEPTHWISE)] + [m for m in b.members if m is not writer]]
+    members = _join([m for m in a.members if m is not reader] + written)
+    group = ChannelGroup(
+        size=a.size,
+        members=members,
+        ops=sorted(set(a.ops + b.ops)),
+        problems=list(a.problems),
+        root=a.root,
+        leaks=None if a.leaks is None or b.leaks is None else list(dict.fromkeys(a.leaks + b.leaks)),
+    )
+    roots = a_roots + [replace(r, owner=tuple(owner[c] for c in (r.owner or range(b.size)))) for r in b_roots]
+    return (group, roots), ""
 
 
 def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGroup:
@@ -463,18 +643,23 @@ def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGro
     moves: list[str] = []
     ops: list[str] = []
     problems: list[str] = []
+    node_roles: dict[Any, set[str]] = {}  # traced node -> member roles, and -> op name (for zero_leaks)
+    node_ops: dict[Any, str] = {}
     size = 0
     for item in tp_group:
         node, handler = item.dep.target, item.dep.handler
         module = node.module
         pairs = list(zip(item.idxs, item.root_idxs, strict=True))
         size = max([size] + [r + 1 for _, r in pairs])
-        if node.type == tp.ops.OPTYPE.OUTPUT or (
+        dead = id(node.grad_fn) in getattr(graph, "admm_dead_ends", {})  # computed, then dropped by the model
+        if dead and node.type == tp.ops.OPTYPE.OUTPUT:
+            continue
+        if not dead and (node.type == tp.ops.OPTYPE.OUTPUT or (
             isinstance(module, nn.Module)
             and module in names
             and graph.is_out_channel_pruning_fn(handler)
             and not node.outputs
-        ):
+        )):
             if id(module) in getattr(graph, "admm_cut_layers", ()):  # traced as an output on purpose (see above)
                 problems.append(f"'{names[module]}' is an attention block's query/key projection: its channels are "
                                 "heads, pruned with structure: heads on the block's query projection")
@@ -485,6 +670,7 @@ def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGro
             layer = graph.admm_param_names[id(module)]  # a free nn.Parameter (position embeddings, layer scale)
             members.setdefault((layer, PARAMETER), []).extend(pairs)
             modules[layer], dims[layer] = module, node.pruning_dim
+            node_roles.setdefault(node, set()).add(PARAMETER)
             continue
         role = _role(module, handler, graph)
         if role == LAYERNORM and stream_problem(names[module], module):
@@ -493,14 +679,15 @@ def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGro
             if node.type == tp.ops.OPTYPE.ELEMENTWISE:
                 op = op_name(str(module._grad_fn))
                 if _inside_linear(op, node, names):
+                    node_ops[node] = INSIDE
                     continue
                 if id(node.grad_fn) in getattr(graph, "admm_zero_pads", ()):
-                    ops.append("ZeroPad")
+                    ops.append(node_ops.setdefault(node, "ZeroPad"))
                     continue
                 if id(node.grad_fn) in getattr(graph, "admm_rms_nodes", ()):
-                    ops.append("RMSNorm")
+                    ops.append(node_ops.setdefault(node, "RMSNorm"))
                     continue
-                ops.append(op)
+                ops.append(node_ops.setdefault(node, op))
                 if op in AXIS_MOVES and op not in known:
                     moves.append(f"op '{op}'{_near(node, names)}")
                 elif op in MIXING_OPS and op not in known:
@@ -522,7 +709,7 @@ def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGro
                         f"does, pass extra_channelwise_ops=('{op}',), otherwise keep these channels"
                     )
             elif node.type.name.lower() in STRUCTURAL_OPS:
-                ops.append(node.type.name.lower())
+                ops.append(node_ops.setdefault(node, node.type.name.lower()))
             elif isinstance(module, nn.Module) and module in names:
                 problems.append(
                     f"layer '{names[module]}' ({type(module).__name__}) has no channel rule here; "
@@ -533,6 +720,7 @@ def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGro
             continue
         members.setdefault((names[module], role), []).extend(pairs)
         modules[names[module]] = module
+        node_roles.setdefault(node, set()).add(role)
     result = []
     for (layer, role), pairs in members.items():
         pairs = sorted(set(pairs))
@@ -542,9 +730,6 @@ def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGro
     if moves and any(op in MIXING_OPS and op not in AXIS_MOVES and op not in known for op in ops):
         problems += [f"{m} moves an axis next to a matrix product or attention, so channels may mix: keep these "
                      "channels (exclude the layer from the rule)" for m in dict.fromkeys(moves)]
-    blocks, why = _blocks(result, size, modules)
-    if why:
-        problems.append(why)
     root_module = tp_group[0].dep.target.module
     return ChannelGroup(
         size=size,
@@ -552,8 +737,91 @@ def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGro
         ops=sorted(set(ops)),
         problems=list(dict.fromkeys(problems)),
         root=names.get(root_module, ""),
-        blocks=blocks,
+        leaks=zero_leaks(node_roles, node_ops, names),
     )
+
+
+INSIDE = "inside"  # the matrix product inside an nn.Linear, the statistics inside a LayerNorm: see _inside_linear
+_WRITERS = frozenset({PRODUCER, LAYERNORM, EMBEDDING, PARAMETER})  # a zeroed channel's entries there are zero
+_READERS = frozenset({CONSUMER, LAYERNORM})  # their result changes unless they read the channel as zero
+
+
+def zero_leaks(roles: dict[Any, set[str]], ops: dict[Any, str], names: dict) -> list[str] | None:
+    """Where a channel that every member zeroes (filter rows, biases, BN shifts, LayerNorm entries) is read as
+    nonzero, one line per cause and reader; empty when it is zero wherever a layer reads it.
+
+    Traced node by node (``roles``: a traced node's member roles; ``ops``: its op): writers (producers, LayerNorms,
+    embeddings, free parameters) output zero; BN, depthwise convs and ops that keep zero (``keeps_zero``) are zero
+    when all their inputs are; a multiply is zero when one factor is and the others are finite, so the gate of a
+    squeeze-excite (``sigmoid(fc(x)) * y``) keeps a zeroed ``y`` zero whatever the gate's own value; inside an
+    RMSNorm the input is scaled by a finite factor. Consumers and LayerNorms must then read zero. None when the
+    traced nodes form a cycle (a layer called twice): then ``ChannelGroup.zero_preserving`` judges by op names.
+    """
+    nodes = list(dict.fromkeys([*roles, *ops]))
+    known = set(nodes)
+    inputs = {n: [i for i in n.inputs if i in known] for n in nodes}
+    zero: dict[Any, bool] = {}
+    finite: dict[Any, bool] = {}
+    cause: dict[Any, Any] = {}
+    order = _topological(nodes, inputs)
+    if order is None:
+        return None
+    for n in order:
+        ins, op = inputs[n], ops.get(n)
+        passes = op in (None, INSIDE) or keeps_zero(op)  # zero in, zero out
+        zero[n] = _is_zero(roles.get(n, set()), op, [zero[i] for i in ins], [finite[i] for i in ins])
+        finite[n] = zero[n] or op in BOUNDED_OPS or (
+            op not in UNBOUNDED_OPS and (passes or op in CHANNELWISE_OPS) and all(finite[i] for i in ins)
+        )
+        if not zero[n]:  # the op that first made the channel nonzero, for the message
+            cause[n] = next((cause[i] for i in ins if not zero[i] and passes), n)
+    leaks = []
+    for n in nodes:
+        if roles.get(n, set()) & _READERS:
+            for i in inputs[n]:
+                if not zero.get(i, False):
+                    leaks.append(f"{_describe_node(cause.get(i, i), ops, names)} makes them nonzero where "
+                                 f"'{names.get(n.module, n.name)}' reads them")
+    return list(dict.fromkeys(leaks))
+
+
+def _is_zero(roles: set[str], op: str | None, zeros: list[bool], finites: list[bool]) -> bool:
+    """Whether a traced node outputs zero on a channel that every member zeroes (see ``zero_leaks``)."""
+    if roles & _WRITERS:
+        return True
+    if op is not None and op != INSIDE and not keeps_zero(op):
+        return False
+    if not zeros:  # no input in the group (a weight's transpose): zero when the op keeps zero
+        return True
+    if op == "Mul":
+        return any(zeros) and all(finites)
+    if op == "RMSNorm":
+        return any(zeros)
+    return all(zeros)
+
+
+def _topological(nodes: list, inputs: dict[Any, list]) -> list | None:
+    """``nodes`` with every node after its inputs (Kahn's algorithm); None when they form a cycle."""
+    waiting = {n: len(inputs[n]) for n in nodes}
+    users: dict[Any, list] = {}
+    for n in nodes:
+        for i in inputs[n]:
+            users.setdefault(i, []).append(n)
+    ready, order = [n for n in nodes if not waiting[n]], []
+    while ready:
+        n = ready.pop()
+        order.append(n)
+        for user in users.get(n, []):
+            waiting[user] -= 1
+            if not waiting[user]:
+                ready.append(user)
+    return order if len(order) == len(nodes) else None
+
+
+def _describe_node(node, ops: dict[Any, str], names: dict) -> str:
+    if node in ops and ops[node] != INSIDE:
+        return f"op '{ops[node]}'"
+    return f"'{names.get(node.module, node.name)}'"
 
 
 # On inputs of more than 2 dimensions nn.Linear runs a matrix product on a flattened view and returns a view
@@ -671,7 +939,11 @@ __all__ = [
     "clear_channel_group_cache",
     "channel_index",
     "channel_rows",
+    "depthwise_multiplier",
+    "example_problem",
     "group_of",
     "is_grouped_conv",
+    "keeps_zero",
     "op_name",
+    "zero_leaks",
 ]

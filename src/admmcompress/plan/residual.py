@@ -44,6 +44,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from admmcompress.module_swap import replace_module
+
 LAYERNORM, EMBEDDING, PARAMETER = "layernorm", "embedding", "parameter"
 STREAM_ROLES = (LAYERNORM, EMBEDDING, PARAMETER)
 
@@ -203,9 +205,7 @@ def keep_norm_widths(model: nn.Module, widths: dict[str, int]) -> dict[str, tupl
             norm.weight.mul_((full / kept) ** 0.5)
             norm.variance_epsilon = norm.variance_epsilon * full / kept
         elif not isinstance(norm, WidthKeepingLayerNorm):
-            parent, _, child = name.rpartition(".")
-            owner = model.get_submodule(parent) if parent else model
-            setattr(owner, child, WidthKeepingLayerNorm.from_norm(norm, full))
+            replace_module(model, name, WidthKeepingLayerNorm.from_norm(norm, full))
         changed[name] = (full, kept)
     return changed
 

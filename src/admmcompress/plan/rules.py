@@ -286,8 +286,9 @@ def resolve_targets(model: torch.nn.Module, plan: Any, where: str) -> list:
 
     >>> import torch.nn as nn
     >>> from admmcompress.structures import Unstructured
-    >>> [t.key for t in resolve_targets(nn.Linear(4, 2), [Rule(Unstructured(sparsity=0.5))], "ADMM")]
-    ['weight:unstructured']
+    >>> model = nn.Sequential(nn.Linear(4, 2))
+    >>> [t.key for t in resolve_targets(model, [Rule(Unstructured(sparsity=0.5), match="0")], "ADMM")]
+    ['0.weight:unstructured']
     """
     if isinstance(plan, Mapping) or (isinstance(plan, (list, tuple)) and plan and isinstance(plan[0], Rule)):
         plan = Plan(plan)  # checks every rule, one line for the first that is not one

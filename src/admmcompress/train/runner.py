@@ -344,10 +344,11 @@ class Runner:
                                         keep_zero_filters=self.config.freeze_pretrained_zeros)
         except CompactionError as err:
             reason = " ".join(line.strip() for line in str(err).splitlines()[1:]) or str(err)
+            coupled = any(stage.coupling != "none" for stage in self.config.stages)
+            fix = ("leave those layers out of the stage's rules" if coupled else
+                   "set 'coupling: strict' or 'coupling: extend' on the stage to prune tied layers together")
             raise ConfigError(
-                f"compact: the plan prunes channels that compaction cannot remove: {reason} "
-                "(set 'coupling: strict' or 'coupling: extend' on the stage to prune tied layers together, "
-                "or drop 'compact')"
+                f"compact: the plan prunes channels that compaction cannot remove: {reason} ({fix}, or drop 'compact')"
             ) from None
         if note:
             warnings.warn(f"compact: {note}", UserWarning, stacklevel=2)
