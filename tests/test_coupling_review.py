@@ -10,7 +10,7 @@ from torch import nn
 
 from admmcompress import Filter, Plan, Rule, compact, hard_prune
 from admmcompress.executors.compact import CompactionError
-from admmcompress.plan.graph import DEPTHWISE, channel_groups, group_of
+from admmcompress.plan.graph import channel_groups, group_of
 from admmcompress.plan.targets import PlanError
 
 
@@ -35,45 +35,37 @@ def multiplier_net(mult: int = 2) -> nn.Sequential:
                          nn.Conv2d(8, 8 * mult, 3, padding=1, groups=8), nn.GELU(), nn.Conv2d(8 * mult, 4, 1))
 
 
-def test_a_channel_multiplier_conv_joins_its_input_group_with_k_rows_per_channel():
-    groups = channel_groups(multiplier_net(), torch.zeros(1, 3, 16, 16))
-    group = group_of(groups, "0", ("producer",))
-    dw = next(m for m in group.members if m.layer == "3")
-    head = next(m for m in group.members if m.layer == "5")
-    assert group.size == 8 and not group.problems and not group.blocks
-    assert dw.role == DEPTHWISE and dw.local == tuple(range(16)) and dw.root == tuple(i // 2 for i in range(16))
-    assert head.root == dw.root
-    assert not any(m.layer == "3" and m.role == "producer" for g in groups for m in g.members)  # no second group
-
-
 @pytest.mark.parametrize("mult", [2, 3])
-def test_filter_rule_before_a_channel_multiplier_conv_prunes_and_compacts_exactly(mult):
-    torch.manual_seed(0)
-    model, x = multiplier_net(mult), torch.randn(2, 3, 16, 16)
-    masked, result = masked_and_compacted(model, x, Rule(Filter(sparsity=0.5), match="0"))
-    assert zero_filters(model[0]) == 4 and zero_filters(model[3]) == 4 * mult
-    small = result.model
-    assert (small[0].out_channels, small[3].in_channels, small[3].groups, small[3].out_channels) == (4, 4, 4, 4 * mult)
-    assert small[5].in_channels == 4 * mult and result.params_after < result.params_before
-    torch.testing.assert_close(small(x), masked, atol=1e-5, rtol=0)
-
-
-def test_chained_channel_multiplier_convs_compact_exactly():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 8, 3, padding=1, groups=4), nn.ReLU(),
-                          nn.Conv2d(8, 24, 3, padding=1, groups=8), nn.ReLU(), nn.Conv2d(24, 4, 1))
-    x = torch.randn(2, 3, 16, 16)
-    masked, result = masked_and_compacted(model, x, Rule(Filter(sparsity=0.5), match="0"))
-    assert result.removed["0+2+4"] == (2, 4)
-    assert [result.model[i].out_channels for i in (0, 2, 4)] == [2, 4, 12] and result.model[6].in_channels == 12
-    torch.testing.assert_close(result.model(x), masked, atol=1e-5, rtol=0)
-
-
-def test_a_channel_multiplier_conv_whose_output_is_the_model_output_is_one_plan_error():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1, groups=8))
+def test_a_filter_rule_feeding_a_channel_multiplier_conv_is_one_plan_error_not_a_silent_no_op(mult):
+    """Its input channels cannot be removed here (each is a conv group of its own): said in one line, where the
+    rule used to prune nothing without a word (review finding)."""
     plan = Plan([Rule(Filter(sparsity=0.5), match="0")])
-    with pytest.raises(PlanError, match=r"^[^\n]*filter target on '0': .*model outputs \(from '2'\)$"):
-        plan.resolve_coupled(model, torch.zeros(1, 3, 8, 8), mode="extend")
+    expected = (r"^[^\n]*filter target on '0': these 8 channels are read by grouped conv '3' \(groups=8\), a depthwise "
+                r"conv with a channel multiplier, whose input channels cannot be removed here; prune its own filters "
+                r"instead")
+    for mode in ("extend", "strict"):
+        with pytest.raises(PlanError, match=expected):
+            plan.resolve_coupled(multiplier_net(mult), torch.zeros(1, 3, 16, 16), mode=mode)
+
+
+def test_filters_of_a_channel_multiplier_conv_prune_evenly_per_input_channel_and_compact_exactly():
+    """The conv itself keeps the same number of its k filters per input channel (a regression a review caught when
+    such convs were briefly merged into their input's group)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, groups=3), nn.ReLU(), nn.Conv2d(6, 4, 1))
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        model[0].weight.mul_(torch.tensor([0.01, 0.01, 1, 1, 0.02, 1]).view(6, 1, 1, 1))
+    masked, result = masked_and_compacted(model, x, Rule(Filter(sparsity=0.5), match="0"))
+    rows = (model[0].weight.detach().flatten(1).abs().sum(1) == 0).nonzero().flatten().tolist()
+    assert rows == [0, 2, 4]  # one of the two rows of every input channel, not both rows of input 0
+    assert (result.model[0].in_channels, result.model[0].out_channels, result.model[0].groups) == (3, 3, 3)
+    torch.testing.assert_close(result.model(x), masked, atol=1e-5, rtol=0)
+    torch.manual_seed(0)
+    chained = multiplier_net()
+    masked, result = masked_and_compacted(chained, x, Rule(Filter(sparsity=0.5), match="3"), mode="strict")
+    assert result.model[3].out_channels == 8 and result.model[5].in_channels == 8
+    torch.testing.assert_close(result.model(x), masked, atol=1e-5, rtol=0)
 
 
 def test_a_conv_reducing_channels_with_groups_equal_to_outputs_is_one_plan_error():
@@ -230,3 +222,70 @@ def test_the_preflight_refusal_advises_what_the_stage_has_not_tried_yet(coupling
                  coupling=coupling, compact=True, admm={"epochs": 1}, progress=False)
     assert str(err.value).startswith("compact: the plan prunes channels that compaction cannot remove")
     assert str(err.value).endswith(fix)
+
+
+# --- second review: results read where the trace cannot follow, 0/0, NaN and infinities in the output check ---
+
+
+class StoredAux(nn.Module):
+    """``aux`` is computed and kept in an attribute (``branch``: compared in an ``if`` instead), not returned."""
+
+    def __init__(self, branch: bool = False):
+        super().__init__()
+        self.body, self.aux, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 10, 1), nn.Conv2d(8, 10, 1)
+        self.branch = branch
+
+    def forward(self, x):
+        y = F.relu(self.body(x))
+        if self.branch:
+            return self.head(y) if self.aux(y).mean() > 0.1 else -self.head(y)
+        self.aux_logits = self.aux(y)
+        return self.head(y)
+
+
+@pytest.mark.parametrize("branch", [False, True])
+def test_the_channels_of_a_result_the_model_does_not_return_are_kept(branch):
+    """Its layer's filters cannot be pruned coupled (it may be read outside the trace: 10 auxiliary classes became 5
+    silently, a branch flipped on other inputs); the layers it reads still compact exactly."""
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(PlanError, match=r"filter target on 'aux': its channels leave 'aux' in a result the model "
+                                        r"computes but does not return"):
+        Plan([Rule(Filter(sparsity=0.5), match="aux")]).resolve_coupled(StoredAux(branch), x)
+    torch.manual_seed(0)
+    model = StoredAux(branch)
+    masked, result = masked_and_compacted(model, x, Rule(Filter(sparsity=0.5), match="body"))
+    assert result.model.aux.in_channels == 4 and result.model.aux.out_channels == 10
+    torch.testing.assert_close(result.model(x), masked, atol=1e-5, rtol=0)
+
+
+def test_a_quotient_of_two_pruned_channels_is_not_zero_preserving():
+    class Quotient(nn.Module):
+        def __init__(self, divide_by_group: bool):
+            super().__init__()
+            self.c1, self.g = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1)
+            self.head = nn.Conv2d(8, 4, 1)
+            self.divide_by_group = divide_by_group
+
+        def forward(self, x):
+            return self.head(self.c1(x) / (self.g(x) if self.divide_by_group else 2.0))
+
+    x = torch.zeros(1, 3, 8, 8)
+    both = group_of(channel_groups(Quotient(True), x), "c1", ("producer",))
+    assert both.leaks == ["op 'Div' makes them nonzero where 'head' reads them"] and not both.zero_preserving
+    assert group_of(channel_groups(Quotient(False), x), "c1", ("producer",)).zero_preserving
+
+
+def test_the_output_check_sees_nan_and_ignores_equal_infinities():
+    from admmcompress.executors.compact import _max_diff
+
+    inf, nan = float("inf"), float("nan")
+    assert _max_diff([torch.tensor([1.0, -inf])], [torch.tensor([1.0, -inf])]) == 0.0  # a masked_fill(-inf)
+    assert _max_diff([torch.tensor([nan])], [torch.tensor([nan])]) == 0.0
+    assert _max_diff([torch.zeros(1), torch.tensor([1.0, nan])], [torch.zeros(1), torch.tensor([1.0, 2.0])]) == inf
+    assert _max_diff([torch.tensor([-inf, 1.0])], [torch.tensor([-inf, 1.25])]) == 0.25  # was lost behind the NaN
+
+
+def test_grouped_conv_blocks_that_remove_more_than_asked_warn_too():
+    plan = Plan([Rule(Filter(sparsity=0.3), match="0")])  # 2 of 8 asked; blocks of 2 each lose one: 4
+    with pytest.warns(UserWarning, match=r"sparsity 0.3 removes 4 of 8 channels, not 2"):
+        plan.resolve_coupled(grouped_net(), torch.zeros(1, 3, 8, 8), mode="extend")

@@ -47,6 +47,7 @@ MODULES = [
     "admmcompress.train.loop",
     "admmcompress.train.distributed",  # issue 24
     "admmcompress.train.logging",
+    "admmcompress.train.training_state",
     "admmcompress.data.imported",
     "admmcompress.data.files",
     "admmcompress.plugins",

@@ -27,7 +27,8 @@ from admmcompress.train.distributed import Distributed
 from admmcompress.train.lock import LOCK_FILE, RunLock, check_unlocked
 from admmcompress.train.loop import TrainingDiverged, evaluate
 from admmcompress.train.run_folder import RUN_SUBFOLDERS, commit, plan_folder
-from admmcompress.train.runner import STATE_FILE, Runner, read_progress, rebuild_transforms, run_phases
+from admmcompress.train.runner import STATE_FILE, Runner, rebuild_transforms, run_phases
+from admmcompress.train.training_state import read_progress
 
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, TrainingDiverged, WriteError)
 

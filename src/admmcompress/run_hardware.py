@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils.data import Dataset, IterableDataset, default_collate
 
 from admmcompress.data.files import Split
 from admmcompress.hardware.analysis import add_adc, add_variation, analyze
@@ -141,8 +141,11 @@ def sample(split: Split | Dataset, n: int | None, seed: int = 0) -> Split:
 
 
 def _read_samples(dataset: Dataset, n: int | None, seed: int) -> Split:
-    """The drawn items of a torch Dataset as one in-memory Split (the analysis evaluates it many times over)."""
+    """The drawn items of a torch Dataset as one in-memory Split (the analysis evaluates it many times over),
+    collated as a DataLoader would (numpy arrays and numbers become tensors)."""
     if isinstance(dataset, IterableDataset):
+        if n is None:  # a stream may not end: reading it whole could never return
+            raise ValueError("the run's test dataset is an IterableDataset: give --samples N to read its first N items")
         items = list(itertools.islice(iter(dataset), n))
     else:
         size = len(dataset)
@@ -150,18 +153,17 @@ def _read_samples(dataset: Dataset, n: int | None, seed: int) -> Split:
         items = [dataset[int(i)] for i in order[: size if n is None else n]]
     if not items:
         raise ValueError("the run's test dataset is empty: the hardware analysis needs test samples to evaluate")
-    first = items[0]
-    if not (isinstance(first, (tuple, list)) and len(first) >= 2 and isinstance(first[0], torch.Tensor)):
-        raise ValueError(f"the run's test dataset gives {type(first).__name__} items; admmcompress hardware "
-                         "measures accuracy on (input tensor, class) items: use the hardware package's functions "
-                         "(analyze, add_variation) with your own evaluation")
     try:
-        x = torch.stack([item[0] for item in items])
-        y = torch.as_tensor([int(item[1]) for item in items])
+        batch = default_collate(items)
     except (RuntimeError, TypeError, ValueError) as err:
-        raise ValueError(f"the run's test items do not stack into one batch of inputs and class labels "
-                         f"({first_line(err)}); use the hardware package's functions with your own evaluation") \
-            from None
+        raise ValueError(f"the run's test items do not collate into one batch ({first_line(err)}); use the hardware "
+                         "package's functions (analyze, add_variation) with your own evaluation") from None
+    x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) and len(batch) >= 2 else (batch, None)
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) or y.dim() != 1 \
+            or y.is_floating_point():
+        raise ValueError(f"the run's test dataset gives {type(items[0]).__name__} items that are not (input, class) "
+                         "pairs; admmcompress hardware measures accuracy on those: use the hardware package's "
+                         "functions (analyze, add_variation) with your own evaluation")
     return Split(x, y)
 
 

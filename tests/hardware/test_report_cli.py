@@ -176,6 +176,24 @@ def test_sample_reads_a_torch_dataset_into_a_seeded_split():
         def __getitem__(self, i):
             return {"pixels": x[i]}
 
-    with pytest.raises(ValueError, match="the run's test dataset gives dict items; admmcompress hardware measures "
-                                         "accuracy on \\(input tensor, class\\) items"):
+    with pytest.raises(ValueError, match="the run's test dataset gives dict items that are not \\(input, class\\) "
+                                         "pairs; admmcompress hardware measures accuracy on those"):
         sample(Unlabelled(), 2)
+
+    class Endless(IterableDataset):
+        def __iter__(self):
+            while True:
+                yield x[0], 1
+
+    with pytest.raises(ValueError, match="is an IterableDataset: give --samples N to read its first N items"):
+        sample(Endless(), None)  # read whole, it would never return
+
+    class Arrays(torch.utils.data.Dataset):  # training takes numpy items through DataLoader's collate: so does this
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            return x[i].numpy(), int(y[i])
+
+    part = sample(Arrays(), 4, seed=1)
+    assert part.x.dtype == torch.float32 and torch.equal(part.x, x[part.y])

@@ -11,7 +11,7 @@ from admmcompress.cli import main
 from admmcompress.data.datasets import Split
 from admmcompress.models import LeNet300100
 from admmcompress.train import checkpoint as ckpt
-from admmcompress.train import runner
+from admmcompress.train import training_state
 from admmcompress.train.config import RunConfig
 from admmcompress.train.runner import STATE_FILE, Runner, read_progress
 
@@ -69,8 +69,8 @@ def test_a_good_state_passes_and_read_progress_reads_it(tmp_path):
     assert read_progress(tmp_path) == (0, 1)
     state = good_state()
     del state["threads"], state["transforms"], state["average"]  # older checkpoints lack these
-    runner.check_training_state(state, tmp_path / STATE_FILE)
-    assert list(runner.STATE_KEYS) == REQUIRED
+    training_state.check_training_state(state, tmp_path / STATE_FILE)
+    assert list(training_state.STATE_KEYS) == REQUIRED
 
 
 @pytest.mark.parametrize("key", REQUIRED)

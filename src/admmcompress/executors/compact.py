@@ -12,8 +12,7 @@ Grouped convs that are not depthwise (``1 < groups < in_channels``) keep their `
 every conv group to keep the same number of input and of output channels, so where a grouped conv splits
 a channel group, the same number of channels is removed from every block (coupled targets prune that
 way). Removable channels beyond that are kept (dead, harmless); pruned ones among them are an error
-under ``strict`` naming the grouped conv and the fix. A depthwise conv with a channel multiplier ``k`` loses
-whole conv groups: an input channel with its ``k`` filters (one channel group, see :mod:`admmcompress.plan.graph`).
+under ``strict`` naming the grouped conv and the fix.
 
 An example the model cannot run, or a compacted layer that fails (one the trace did not see read the removed
 channels), is one ``CompactionError`` line naming it.
@@ -45,7 +44,6 @@ from admmcompress.messages import first_line
 from admmcompress.plan.graph import (
     _groups_with_roots,
     build_dependency_graph,
-    depthwise_multiplier,
     example_problem,
     is_grouped_conv,
     output_tensors,
@@ -188,7 +186,7 @@ def compact(
 
     widths, ties = norm_widths(work), tied_parameters(work)
     for roots, removable in plan:
-        for root in roots:  # one, or more where a depthwise multiplier conv joined two groups (plan.graph)
+        for root in roots:
             idxs = root.indices(removable)
             if idxs:
                 _prune(graph, graph.get_pruning_group(root.module, root.handler, idxs))
@@ -282,27 +280,18 @@ def _prune(graph, pruning_group) -> None:
     """``pruning_group.prune()``, with each grouped conv's input channels removed conv group by conv group.
 
     (Torch-Pruning slices a grouped conv's weight columns with the first conv group's pattern for all of
-    them; the weight is rebuilt here from the removed input channels of every conv group. A depthwise conv
-    with a channel multiplier loses whole conv groups: its rows go with its output channels, pruned from
-    their own root, so only ``in_channels`` and ``groups`` change here.)
+    them; the weight is rebuilt here from the removed input channels of every conv group.)
     """
     saved: dict[nn.Module, tuple[torch.Tensor, set[int], set[int]]] = {}
-    multiplied: dict[nn.Module, torch.Tensor] = {}
     for dep, idxs in pruning_group:
         module = dep.target.module
-        reads = not graph.is_out_channel_pruning_fn(dep.handler)
         if is_grouped_conv(module):
             weight, out_idx, in_idx = saved.setdefault(module, (module.weight.detach().clone(), set(), set()))
-            (in_idx if reads else out_idx).update(int(i) for i in idxs)
-        elif reads and depthwise_multiplier(module):
-            multiplied[module] = module.weight.detach().clone()
+            (out_idx if graph.is_out_channel_pruning_fn(dep.handler) else in_idx).update(int(i) for i in idxs)
     pruning_group.prune()
     for module, (weight, out_idx, in_idx) in saved.items():
         if in_idx:
             module.weight = nn.Parameter(_grouped_weight(weight, out_idx, in_idx, module.groups))
-    for module, weight in multiplied.items():
-        module.weight = nn.Parameter(weight)
-        module.groups = module.in_channels
 
 
 def _grouped_weight(weight: torch.Tensor, out_idx: set[int], in_idx: set[int], groups: int) -> torch.Tensor:
@@ -368,10 +357,17 @@ def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b, strict=True)):
         shapes = ([tuple(x.shape) for x in a], [tuple(y.shape) for y in b])
         raise CompactionError(f"compaction changed the output shapes {shapes[0]} -> {shapes[1]}; report the model")
-    return max(
-        (float((x.float() - y.float()).abs().max()) for x, y in zip(a, b, strict=True) if x.numel()),
-        default=0.0,
-    )
+    return max((_largest_difference(x.float(), y.float()) for x, y in zip(a, b, strict=True) if x.numel()),
+               default=0.0)
+
+
+def _largest_difference(x: torch.Tensor, y: torch.Tensor) -> float:
+    """max |x - y| where equal infinities and NaN against NaN count as equal and NaN against a number as infinitely
+    different (a masked_fill(-inf) output is not a difference; a NaN where the other model has a number is; and
+    Python's max would drop a NaN it is given after a number)."""
+    same = (x == y) | (x.isnan() & y.isnan())
+    diff = torch.where(same, torch.zeros_like(x), (x - y).abs())
+    return float(diff.nan_to_num(nan=float("inf")).max())
 
 
 __all__ = ["CompactConfig", "CompactionError", "CompactionResult", "compact", "count_params", "even_blocks"]

@@ -47,6 +47,7 @@ from admmcompress.plan.graph import (
     ChannelGroup,
     cached_channel_groups,
     channel_index,
+    depthwise_multiplier,
 )
 from admmcompress.plan.targets import PlanError, Target
 from admmcompress.structures.base import Structure
@@ -198,8 +199,9 @@ def couple(
             errors.append(error)
         else:
             buckets.setdefault(group.label, []).append(t)
+    modules = dict(model.named_modules())
     for label, members in buckets.items():
-        errors += _check_bucket(by_label[label], members, mode) + _check_blocks(by_label[label], members)
+        errors += _check_bucket(by_label[label], members, mode) + _check_blocks(by_label[label], members, modules)
     if errors:
         raise PlanError.listing("the coupled plan does not fit this model", errors)
     canonical = {id(p): n for n, p in model.named_parameters()}  # a tied tensor has one name (the first)
@@ -275,12 +277,12 @@ def _removed(group: ChannelGroup, sparsity: float) -> tuple[int, int]:
     return sum(n - kept_count(n, sparsity) for n in sizes), plain
 
 
-def _check_blocks(group: ChannelGroup, members: list[Target]) -> list[str]:
+def _check_blocks(group: ChannelGroup, members: list[Target], modules: Mapping[str, nn.Module]) -> list[str]:
     """An error when the grouped convs' blocks let the sparsity remove no channel; a warning when they cost more
     than ``SHORTFALL`` of the group's channels."""
     sparsity = members[0].structure.target_sparsity
     removed, plain = _removed(group, sparsity)
-    if removed >= plain:
+    if removed == plain:
         return []
     grouped = [f"'{layer}' (groups={g})" for layer, g in group.grouped]
     plural = len(grouped) > 1
@@ -288,14 +290,20 @@ def _check_blocks(group: ChannelGroup, members: list[Target]) -> list[str]:
     span = min(torch.bincount(torch.tensor(group.blocks)).tolist())
     if removed == 0:
         named = ", ".join(f"'{t.layer}'" for t in members)
+        if span == 1 and any(depthwise_multiplier(modules[layer]) for layer, _ in group.grouped if layer in modules):
+            return [f"{members[0].structure.kind} target on {named}: these {group.size} channels are read by "
+                    f"{convs}, a depthwise conv with a channel multiplier, whose input channels cannot be removed "
+                    "here; prune its own filters instead (a filter rule on it keeps the same number per input "
+                    "channel), or drop the target"]
         return [f"{members[0].structure.kind} target on {named}: {convs} split{verb} these {group.size} channels into "
                 f"blocks of {span} that each keep the same number and at least one, so sparsity {sparsity:g} removes "
                 "none of them; drop the target, or give the grouped conv fewer groups"]
-    if (plain - removed) / group.size > SHORTFALL:
+    if abs(plain - removed) / group.size > SHORTFALL:
         warnings.warn(f"coupled target '{group.label}': {convs} keep{verb} the same number of channels in each "
                       f"block of {span}, so sparsity {sparsity:g} removes {removed} of {group.size} channels, not "
                       f"{plain}", UserWarning, stacklevel=4)
     return []
+
 
 
 def couple_heads(model: nn.Module, targets: Sequence[Target]) -> list[Target]:

@@ -9,9 +9,9 @@ of each member layer that carries it:
 - ``consumer``: a Conv or Linear reading it (weight columns; after a flatten one channel is several
   Linear columns; in a grouped conv, the column of the channel's conv group, see ``channel_index``);
 - ``norm``: a BatchNorm entry (gamma, beta, running statistics);
-- ``depthwise``: a depthwise conv, which maps the channel to itself (weight row, bias entry); with a channel
-  multiplier ``k`` (``groups == in_channels``, ``out_channels == k * in_channels``) input channel ``c`` owns the
-  ``k`` rows ``c*k .. c*k+k-1``, so its output group is merged into its input group (``_merge_multipliers``);
+- ``depthwise``: a depthwise conv, which maps the channel to itself (weight row, bias entry). One with a channel
+  multiplier ``k`` (``out_channels == k * in_channels``) is a grouped conv of one input channel per conv group:
+  its filters prune ``k'`` of ``k`` per input channel, and its input channels are not removed (``PlanError``);
 - ``layernorm``, ``embedding``, ``parameter``: a transformer's residual stream (LayerNorm entries, embedding
   columns, free parameters such as position embeddings and layer scale; see :mod:`admmcompress.plan.residual`).
 
@@ -232,7 +232,7 @@ def is_grouped_conv(module: nn.Module) -> bool:
         isinstance(module, nn.modules.conv._ConvNd)
         and not module.transposed
         and 1 < module.groups
-        and module.groups != module.in_channels
+        and not module.groups == module.in_channels == module.out_channels
     )
 
 
@@ -517,18 +517,15 @@ def _module_signature(model: nn.Module) -> tuple:
 
 @dataclass(frozen=True)
 class PruneRoot:
-    """Where Torch-Pruning starts removing a group's channels: ``module``'s channels by ``handler``. Root channel
-    ``i`` carries group channel ``owner[i]`` (the same number when ``owner`` is empty)."""
+    """Where Torch-Pruning starts removing a group's channels: ``module``'s channels by ``handler`` (root channel
+    ``i`` is group channel ``i``)."""
 
     module: Any
     handler: Any
-    owner: tuple[int, ...] = ()
 
     def indices(self, removed: torch.Tensor) -> list[int]:
         """The root channels to remove for the group channels where ``removed`` (bool) is True."""
-        if not self.owner:
-            return torch.nonzero(removed).flatten().tolist()
-        return [i for i, channel in enumerate(self.owner) if bool(removed[channel])]
+        return torch.nonzero(removed).flatten().tolist()
 
 
 def _groups_with_roots(model, example_inputs, extra_ops: tuple[str, ...], graph=None):
@@ -546,46 +543,12 @@ def _groups_with_roots(model, example_inputs, extra_ops: tuple[str, ...], graph=
         root = tp_group[0].dep
         out.append((group, [PruneRoot(root.target.module, root.handler)]))
     modules = dict(model.named_modules())
-    out = _merge_multipliers(out, modules)
     for group, _ in out:
         group.blocks, why = _blocks(group.members, group.size, modules)
         reducing = [_reducing_problem(m.layer, modules[m.layer]) for m in group.members if m.layer in modules]
         group.problems += [p for p in dict.fromkeys([why, *reducing]) if p]
     out.sort(key=lambda pair: pair[0].label)
     return out
-
-
-def _merge_multipliers(pairs: list, modules: dict[str, nn.Module]) -> list:
-    """Each depthwise conv with a channel multiplier (``depthwise_multiplier``) joins its output's group to its
-    input's: input channel ``c``, the conv's rows ``c*k .. c*k+k-1`` and what reads them are one group channel.
-    Torch-Pruning sees such a conv as a grouped conv whose conv groups hold one input channel each, none of
-    which could go; where the join fails the input's group says why."""
-    pairs, done = list(pairs), set()
-    while True:
-        found = next(((i, m) for i, (g, _) in enumerate(pairs) for m in g.members
-                      if m.role == CONSUMER and m.layer not in done and depthwise_multiplier(modules[m.layer])), None)
-        if found is None:
-            return pairs
-        i, reader = found
-        done.add(reader.layer)
-        j = next((j for j, (g, _) in enumerate(pairs) if g.root == reader.layer
-                  or any(m.layer == reader.layer and m.role == PRODUCER for m in g.members)), i)
-        merged, why = _merge_multiplier(pairs[i], pairs[j], reader, modules) if j != i else (None, "")
-        if merged is None:
-            pairs[i][0].problems.append(why or _multiplier_problem(reader.layer, modules[reader.layer]))
-            continue
-        pairs = [pair for k, pair in enumerate(pairs) if k not in (i, j)] + [merged]
-
-
-def _join(members: list[Member]) -> list[Member]:
-    """Members of one layer and role (a layer that reads both sides of a concat) become one member."""
-    first: dict[tuple[str, str], Member] = {}
-    pairs: dict[tuple[str, str], set[tuple[int, int]]] = {}
-    for m in members:
-        first.setdefault((m.layer, m.role), m)
-        pairs.setdefault((m.layer, m.role), set()).update(zip(m.local, m.root, strict=True))
-    return [replace(first[key], local=tuple(p[0] for p in sorted(found)), root=tuple(p[1] for p in sorted(found)))
-            for key, found in pairs.items()]
 
 
 def _reducing_problem(layer: str, module: nn.Module) -> str:
@@ -598,40 +561,6 @@ def _reducing_problem(layer: str, module: nn.Module) -> str:
             f"{module.out_channels} outputs, but the dependency graph (Torch-Pruning) takes it for a depthwise conv "
             f"and maps them one to one; drop the filter/channel targets on '{layer}' and the layers that feed it, or "
             "give it groups=1 or in_channels == groups")
-
-
-def _multiplier_problem(layer: str, module: nn.Module) -> str:
-    return (f"depthwise conv '{layer}' (channel multiplier {depthwise_multiplier(module)}) shares its output channels "
-            "with layers that do not read its input (a concat or split in between), so its input channels cannot be "
-            f"removed with its filters; drop the filter/channel targets on the layers that feed '{layer}'")
-
-
-def _merge_multiplier(into: tuple, other: tuple, reader: Member, modules: dict[str, nn.Module]):
-    """``(group, roots)`` of ``into`` (where ``reader``, a multiplier conv, reads) joined by ``other`` (where it
-    writes), or ``(None, why)``."""
-    (a, a_roots), (b, b_roots) = into, other
-    k = depthwise_multiplier(modules[reader.layer])
-    source = dict(zip(reader.local, reader.root, strict=True))  # the conv's input channel -> group channel
-    writer = next((m for m in b.members if m.layer == reader.layer and m.role == PRODUCER), None)
-    if writer is None or b.problems:  # its output's channels cannot go (model outputs, ...), so neither can these
-        return None, "; ".join(b.problems)
-    rows = dict(zip(writer.root, writer.local, strict=True))  # other's channel -> the conv's row
-    if set(rows) != set(range(b.size)) or any(row // k not in source for row in rows.values()):
-        return None, _multiplier_problem(reader.layer, modules[reader.layer])
-    owner = tuple(source[rows[r] // k] for r in range(b.size))
-    written = [replace(m, root=tuple(owner[r] for r in m.root))
-               for m in [replace(writer, role=DEPTHWISE)] + [m for m in b.members if m is not writer]]
-    members = _join([m for m in a.members if m is not reader] + written)
-    group = ChannelGroup(
-        size=a.size,
-        members=members,
-        ops=sorted(set(a.ops + b.ops)),
-        problems=list(a.problems),
-        root=a.root,
-        leaks=None if a.leaks is None or b.leaks is None else list(dict.fromkeys(a.leaks + b.leaks)),
-    )
-    roots = a_roots + [replace(r, owner=tuple(owner[c] for c in (r.owner or range(b.size)))) for r in b_roots]
-    return (group, roots), ""
 
 
 def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGroup:
@@ -652,14 +581,17 @@ def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGro
         pairs = list(zip(item.idxs, item.root_idxs, strict=True))
         size = max([size] + [r + 1 for _, r in pairs])
         dead = id(node.grad_fn) in getattr(graph, "admm_dead_ends", {})  # computed, then dropped by the model
-        if dead and node.type == tp.ops.OPTYPE.OUTPUT:
-            continue
-        if not dead and (node.type == tp.ops.OPTYPE.OUTPUT or (
+        if node.type == tp.ops.OPTYPE.OUTPUT or (
             isinstance(module, nn.Module)
             and module in names
             and graph.is_out_channel_pruning_fn(handler)
             and not node.outputs
-        )):
+        ):
+            if dead:  # the result may still be read where the trace cannot see (an attribute, an if, an argmax)
+                layer = names.get(module) or next((names[i.module] for i in node.inputs if i.module in names), "?")
+                problems.append(f"its channels leave '{layer}' in a result the model computes but does not return "
+                                "(kept, compared or branched on where the trace cannot follow)")
+                continue
             if id(module) in getattr(graph, "admm_cut_layers", ()):  # traced as an output on purpose (see above)
                 problems.append(f"'{names[module]}' is an attention block's query/key projection: its channels are "
                                 "heads, pruned with structure: heads on the block's query projection")
@@ -770,6 +702,8 @@ def zero_leaks(roles: dict[Any, set[str]], ops: dict[Any, str], names: dict) -> 
         ins, op = inputs[n], ops.get(n)
         passes = op in (None, INSIDE) or keeps_zero(op)  # zero in, zero out
         zero[n] = _is_zero(roles.get(n, set()), op, [zero[i] for i in ins], [finite[i] for i in ins])
+        if op == "Div" and zero[n]:  # 0 / y is zero only for a numerator of the group over a divisor outside it
+            zero[n] = bool(n.inputs) and n.inputs[0] in known and all(i not in known for i in n.inputs[1:])
         finite[n] = zero[n] or op in BOUNDED_OPS or (
             op not in UNBOUNDED_OPS and (passes or op in CHANNELWISE_OPS) and all(finite[i] for i in ins)
         )

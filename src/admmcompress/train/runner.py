@@ -8,14 +8,13 @@ result as an uninterrupted one. Phases are a flat list so the checkpoint only ne
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 from torch import nn
@@ -53,33 +52,9 @@ from admmcompress.train.loop import (
 )
 from admmcompress.train.precision import cpu_autocast, warn_if_emulated_bf16
 from admmcompress.train.teacher import load_teacher
+from admmcompress.train.training_state import STATE_FILE, load_training_state, read_progress, restoring
 
-STATE_FILE = "checkpoint.pt"
 STAGES_DIR = "stages"  # save_stages: every finished stage's model and masks
-_NONE = type(None)
-# What a training state (checkpoint.pt) holds and the types of its values: check_training_state checks a loaded
-# state once against these, so a damaged or foreign file is one line naming the key, not a KeyError or a
-# traceback deep in a load_state_dict (or, for history, in the plots after training).
-STATE_KEYS: dict[str, tuple[type, ...]] = {
-    "phase_index": (int,),
-    "epoch": (int,),
-    "model": (dict,),
-    "optimizer": (dict, _NONE),
-    "driver": (dict, _NONE),
-    "masks": (dict,),
-    "loader": (dict,),
-    "rng": (torch.Tensor,),
-    "history": (list,),
-    "metrics": (dict,),
-}
-# Keys later versions added: absent from older checkpoints (their defaults apply), checked where present.
-OPTIONAL_STATE_KEYS: dict[str, tuple[type, ...]] = {
-    "average": (dict, _NONE),
-    "threads": (int, _NONE),
-    "transforms": (list,),
-    "teacher": (dict, _NONE),
-}
-_RESTART = "a run cannot resume from it: start the run again (--overwrite) or in another --out"
 
 
 class NonFiniteError(ValueError):
@@ -402,13 +377,13 @@ class Runner:
             self._driver = get_driver(stage.method).cls.from_config(self.model, targets, stage.options, context)
         if self._pending is not None:
             path = self.out_dir / STATE_FILE if self.out_dir is not None else Path(STATE_FILE)
-            with _restoring(path, "optimizer"):
+            with restoring(path, "optimizer"):
                 self._optimizer.load_state_dict(self._pending["optimizer"])
             if self._driver is not None and self._pending.get("driver") is not None:
-                with _restoring(path, "driver"):
+                with restoring(path, "driver"):
                     self._driver.load_state_dict(self._pending["driver"])
             if self._average is not None and self._pending.get("average") is not None:
-                with _restoring(path, "average"):
+                with restoring(path, "average"):
                     self._average.load_state_dict(self._pending["average"])
             self._pending = None
         if self._driver is not None:
@@ -628,20 +603,20 @@ class Runner:
             )
         state = load_training_state(path)
         self.transforms = list(state.get("transforms", []))
-        with _restoring(path, "transforms"):
+        with restoring(path, "transforms"):
             rebuild_transforms(self.model, self.transforms)  # the module structure the saved weights belong to
         ckpt.check_state_fits(self.model, state, path)  # another model's checkpoint: one line, not a traceback
         self.model.load_state_dict(state["model"])
         self.phase_index, self.epoch = state["phase_index"], state["epoch"]
-        with _restoring(path, "masks"):
+        with restoring(path, "masks"):
             self.masks = mask_set_from_state(state["masks"])
             params = dict(self.model.named_parameters())
             for name, mask in self.masks.items():  # else a shape error when the phase attaches them
                 if name not in params or params[name].shape != mask.shape:
                     raise ValueError(f"mask '{name}' {tuple(mask.shape)} fits no parameter of the model")
-        with _restoring(path, "loader"):
+        with restoring(path, "loader"):
             self.loader.load_state_dict(state["loader"])
-        with _restoring(path, "rng"):
+        with restoring(path, "rng"):
             torch.set_rng_state(state["rng"])
         saved_threads = state.get("threads")  # checkpoints before 2026-12-06 did not record it
         if isinstance(saved_threads, int) and saved_threads != torch.get_num_threads():
@@ -769,75 +744,6 @@ def run_phases(config: RunConfig, train_dense: bool = True) -> list[Phase]:
     for i, stage in enumerate(config.stages):
         phases += [Phase("prune", i, stage.admm), Phase("retrain", i, stage.retrain)]
     return phases
-
-
-def read_progress(out_dir: str | Path) -> tuple[int, int] | None:
-    """``(phase_index, epoch)`` of the checkpoint in a run folder, None if it has none yet."""
-    path = Path(out_dir) / STATE_FILE
-    if not path.is_file():
-        return None
-    state = load_training_state(path)
-    return state["phase_index"], state["epoch"]
-
-
-def load_training_state(path: str | Path) -> dict[str, Any]:
-    """A run folder's checkpoint, loaded weights-only (:func:`ckpt.load_state`) and checked by
-    :func:`check_training_state`: every reader of a training state goes through here."""
-    state = ckpt.load_state(path)
-    check_training_state(state, path)
-    return state
-
-
-def check_training_state(state: dict[str, Any], path: str | Path) -> None:
-    """Raise :class:`ckpt.CheckpointError` naming the file and the key unless ``state`` has every key of
-    ``STATE_KEYS`` with a value of its type (and ``OPTIONAL_STATE_KEYS``' where present)."""
-    for key in STATE_KEYS:
-        if key not in state:
-            raise ckpt.CheckpointError(
-                f"checkpoint '{path}' is not a training state of this tool (no '{key}'); {_RESTART}"
-            )
-    for key, types in (STATE_KEYS | OPTIONAL_STATE_KEYS).items():
-        value = state.get(key)
-        if key not in state or (isinstance(value, types) and not isinstance(value, bool)):
-            continue
-        expected = " or ".join("None" if t is _NONE else t.__name__ for t in types)
-        _damaged(path, f"'{key}' is {type(value).__name__}, expected {expected}")
-    for key in ("phase_index", "epoch"):
-        if state[key] < 0:
-            _damaged(path, f"'{key}' is {state[key]}, expected a count >= 0")
-    parts = {  # the containers' items that the resume reads directly
-        "model": (state["model"].values(), torch.Tensor),
-        "masks": (state["masks"].values(), torch.Tensor),
-        "history": (state["history"], dict),
-        "transforms": (state.get("transforms") or [], dict),
-    }
-    for key, (items, kind) in parts.items():
-        odd = next((item for item in items if not isinstance(item, kind)), None)
-        if odd is not None:
-            _damaged(path, f"'{key}' holds a {type(odd).__name__}, expected {kind.__name__} items")
-    if state["rng"].dtype != torch.uint8:
-        _damaged(path, f"'rng' is a {state['rng'].dtype} tensor, expected torch's random state (uint8)")
-    metrics = state["metrics"]
-    if not isinstance(metrics.get("stages"), list) or not isinstance(metrics.get("phase_seconds"), dict):
-        _damaged(path, "'metrics' has no 'stages' list or no 'phase_seconds' mapping")
-
-
-def _damaged(path: str | Path, problem: str) -> NoReturn:
-    raise ckpt.CheckpointError(
-        f"checkpoint '{path}': {problem}; it is damaged or not a training state of this tool: {_RESTART}"
-    )
-
-
-@contextlib.contextmanager
-def _restoring(path: str | Path, key: str) -> Iterator[None]:
-    """Restoring the checkpoint's ``key`` into the run: content that does not fit (a damaged or foreign state,
-    right in type but not in its insides) is one line naming the file and the key, not a traceback."""
-    try:
-        yield
-    except ckpt.CheckpointError:
-        raise
-    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as err:
-        _damaged(path, f"its '{key}' cannot be restored ({first_line(err, 120)})")
 
 
 def rebuild_transforms(model: nn.Module, transforms: list[dict[str, Any]]) -> None:
