@@ -289,3 +289,20 @@ def test_grouped_conv_blocks_that_remove_more_than_asked_warn_too():
     plan = Plan([Rule(Filter(sparsity=0.3), match="0")])  # 2 of 8 asked; blocks of 2 each lose one: 4
     with pytest.warns(UserWarning, match=r"sparsity 0.3 removes 4 of 8 channels, not 2"):
         plan.resolve_coupled(grouped_net(), torch.zeros(1, 3, 8, 8), mode="extend")
+
+
+def test_a_layer_broadcast_over_the_group_is_named_not_an_index_error():
+    """Conv2d(3, 1) added to 8 channels: Torch-Pruning puts it in their group (an IndexError deep in the coupled
+    target, a review found); one line naming the layer."""
+
+    class Broadcast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.s, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 1, 1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.head(self.c1(x) + self.s(x))
+
+    with pytest.raises(PlanError, match=r"layer 's' writes 1 channel\(s\) that are broadcast over these 8 \(an add or "
+                                        r"multiply\), so its channels cannot follow the group's"):
+        Plan([Rule(Filter(sparsity=0.5), match="c1")]).resolve_coupled(Broadcast(), torch.zeros(1, 3, 8, 8), "extend")

@@ -546,9 +546,24 @@ def _groups_with_roots(model, example_inputs, extra_ops: tuple[str, ...], graph=
     for group, _ in out:
         group.blocks, why = _blocks(group.members, group.size, modules)
         reducing = [_reducing_problem(m.layer, modules[m.layer]) for m in group.members if m.layer in modules]
-        group.problems += [p for p in dict.fromkeys([why, *reducing]) if p]
+        broadcast = [_broadcast_problem(m, modules[m.layer], group.size) for m in group.members if m.layer in modules]
+        group.problems += [p for p in dict.fromkeys([why, *reducing, *broadcast]) if p]
     out.sort(key=lambda pair: pair[0].label)
     return out
+
+
+def _broadcast_problem(member: Member, module: nn.Module, size: int) -> str:
+    """Why a layer that writes fewer channels than its group has (one channel broadcast over all of them by an add
+    or a multiply) cannot follow the group ("" where it writes them all)."""
+    if member.role not in (PRODUCER, DEPTHWISE) or not member.local:
+        return ""
+    for name, dim in member.param_dims(module):
+        tensor = getattr(module, name, None)
+        if isinstance(tensor, torch.Tensor) and tensor.dim() > dim and max(member.local) >= tensor.shape[dim]:
+            return (f"layer '{member.layer}' writes {tensor.shape[dim]} channel(s) that are broadcast over these "
+                    f"{size} (an add or multiply), so its channels cannot follow the group's; exclude the group's "
+                    "layers from the rule")
+    return ""
 
 
 def _reducing_problem(layer: str, module: nn.Module) -> str:
