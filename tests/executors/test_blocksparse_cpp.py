@@ -522,15 +522,19 @@ def test_tracing_and_gradients_take_the_torch_path(ext):
     assert seq_g.grad is not None and torch.isfinite(seq_g.grad).all()
 
 
+def _small_layer(kind: str):
+    """A pruned 8 -> 16 GRU/LSTM layer, the compiled layer entry points' arguments, and its hidden matrix."""
+    dense = pruned((nn.GRU if kind == "gru" else nn.LSTM)(8, 16), (16, 1), compression=2)
+    ih = BlockSparseMatrix(dense.weight_ih_l0.detach(), 16, impl="cpp", bias=dense.bias_ih_l0.detach())
+    hh = BlockSparseMatrix(dense.weight_hh_l0.detach(), 16, impl="cpp", bias=dense.bias_hh_l0.detach())
+    return dense, (*blocksparse_cpp.packed(ih), *blocksparse_cpp.packed(hh)), hh
+
+
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
 def test_nan_and_infinite_gate_inputs_give_what_torch_gives(any_build, kind):
     """The gate math's own exp clamps its argument: a NaN must come back as NaN (torch's result) rather than pass
     through a float-to-int conversion, and infinities must saturate the gates as torch's sigmoid/tanh do."""
-    cls = nn.GRU if kind == "gru" else nn.LSTM
-    dense = pruned(cls(8, 16), (16, 1), compression=2)
-    ih = BlockSparseMatrix(dense.weight_ih_l0.detach(), 16, impl="cpp", bias=dense.bias_ih_l0.detach())
-    hh = BlockSparseMatrix(dense.weight_hh_l0.detach(), 16, impl="cpp", bias=dense.bias_hh_l0.detach())
-    args = (*blocksparse_cpp.packed(ih), *blocksparse_cpp.packed(hh))
+    dense, args, _ = _small_layer(kind)
     x, h0, c0 = torch.randn(3, 20, 8), torch.randn(20, 16), torch.randn(20, 16)
     x[0, 0, 0], x[1, 1, :], x[2, 2, :] = float("nan"), float("inf"), -float("inf")
     with torch.inference_mode():
@@ -548,11 +552,7 @@ def test_nan_and_infinite_gate_inputs_give_what_torch_gives(any_build, kind):
 def test_the_entry_points_refuse_states_of_the_wrong_shape(ext, kind):
     """Direct callers of the compiled entry points (the Python layers check first) get torch's one-line error
     instead of a read past the state."""
-    cls = nn.GRU if kind == "gru" else nn.LSTM
-    dense = pruned(cls(8, 16), (16, 1), compression=2)
-    ih = BlockSparseMatrix(dense.weight_ih_l0.detach(), 16, impl="cpp", bias=dense.bias_ih_l0.detach())
-    hh = BlockSparseMatrix(dense.weight_hh_l0.detach(), 16, impl="cpp", bias=dense.bias_hh_l0.detach())
-    args = (*blocksparse_cpp.packed(ih), *blocksparse_cpp.packed(hh))
+    _, args, hh = _small_layer(kind)
     x, good, short = torch.randn(3, 4, 8), torch.randn(4, 16), torch.randn(2, 16)
     with pytest.raises(RuntimeError, match="the state must be a float32 \\(batch, hidden\\) tensor"):
         if kind == "gru":
