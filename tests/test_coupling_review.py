@@ -306,3 +306,27 @@ def test_a_layer_broadcast_over_the_group_is_named_not_an_index_error():
     with pytest.raises(PlanError, match=r"layer 's' writes 1 channel\(s\) that are broadcast over these 8 \(an add or "
                                         r"multiply\), so its channels cannot follow the group's"):
         Plan([Rule(Filter(sparsity=0.5), match="c1")]).resolve_coupled(Broadcast(), torch.zeros(1, 3, 8, 8), "extend")
+
+
+class ChannelMean(nn.Module):
+    """``y * (1 + relu(y.mean(channels) - 3))``: every channel depends on the others (``over="positions"``: a
+    global average pool instead, which keeps them apart)."""
+
+    def __init__(self, c: int = 8, over: str = "channels"):
+        super().__init__()
+        self.c1, self.head, self.over = nn.Conv2d(3, c, 3, padding=1), nn.Conv2d(c, 4, 1), over
+
+    def forward(self, x):
+        y = self.c1(x)
+        m = y.mean(1, keepdim=True) if self.over == "channels" else y.mean((2, 3), keepdim=True)
+        return self.head(y * (1 + F.relu(m - 3)))
+
+
+@pytest.mark.parametrize(("c", "hw"), [(8, 8), (16, 8), (8, 16)])
+def test_a_mean_over_the_channel_axis_is_refused_and_a_pool_is_not(c, hw):
+    """A mean over channels passed as channelwise: compaction's output check passed on small inputs while large
+    ones differed by ~300 (a review's finding). 8 channels at 8 x 8 is decided by NCHW's channel axis."""
+    x = torch.zeros(1, 3, hw, hw)
+    with pytest.raises(PlanError, match=r"op 'Mean' \(feeding 'head'\) averages over the channel axis"):
+        Plan([Rule(Filter(sparsity=0.5), match="c1")]).resolve_coupled(ChannelMean(c), x, mode="extend")
+    assert not group_of(channel_groups(ChannelMean(c, "positions"), x), "c1", ("producer",)).problems

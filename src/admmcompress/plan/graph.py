@@ -585,6 +585,7 @@ def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGro
     modules: dict[str, nn.Module] = {}
     dims: dict[str, int] = {}
     moves: list[str] = []
+    means: list[Any] = []  # Mean nodes: channelwise unless they average over the channel axis (_averages_channels)
     ops: list[str] = []
     problems: list[str] = []
     node_roles: dict[Any, set[str]] = {}  # traced node -> member roles, and -> op name (for zero_leaks)
@@ -635,6 +636,8 @@ def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGro
                     ops.append(node_ops.setdefault(node, "RMSNorm"))
                     continue
                 ops.append(node_ops.setdefault(node, op))
+                if op == "Mean":
+                    means.append(node)
                 if op in AXIS_MOVES and op not in known:
                     moves.append(f"op '{op}'{_near(node, names)}")
                 elif op in MIXING_OPS and op not in known:
@@ -674,6 +677,10 @@ def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGro
         conv_groups = modules[layer].groups if is_grouped_conv(modules[layer]) else 1
         result.append(Member(layer, role, tuple(p[0] for p in pairs), tuple(p[1] for p in pairs), conv_groups,
                              dims.get(layer, 0)))
+    for node in means:
+        if _averages_channels(node.grad_fn, size, moved=bool(moves)):
+            problems.append(f"op 'Mean'{_near(node, names)} averages over the channel axis, so every channel's value "
+                            "depends on the pruned ones: keep these channels (exclude the layer from the rule)")
     if moves and any(op in MIXING_OPS and op not in AXIS_MOVES and op not in known for op in ops):
         problems += [f"{m} moves an axis next to a matrix product or attention, so channels may mix: keep these "
                      "channels (exclude the layer from the rule)" for m in dict.fromkeys(moves)]
@@ -686,6 +693,25 @@ def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGro
         root=names.get(root_module, ""),
         leaks=zero_leaks(node_roles, node_ops, names),
     )
+
+
+def _averages_channels(grad_fn: Any, channels: int, moved: bool) -> bool:
+    """Whether a traced mean averages over the channel axis of its input (``y.mean(1)`` on NCHW), which mixes the
+    channels, rather than over positions (a global average pool, ``y.mean((2, 3))``). The channel axis is one of
+    ``channels`` entries: when only reduced axes have that many it is reduced; when kept and reduced axes both do
+    (8 channels at 8 x 8), a 4-D or 5-D tensor no axis move has touched has its channels at dim 1; otherwise
+    undecided (False), and compaction's output check is the guard."""
+    sizes = [int(n) for n in getattr(grad_fn, "_saved_self_sym_sizes", ()) or ()]
+    if not sizes:
+        return False
+    dims = getattr(grad_fn, "_saved_dim", None)  # None: the mean of everything
+    wrap = [int(d) - 2**64 if int(d) >= 2**63 else int(d) for d in dims] if dims is not None else range(len(sizes))
+    reduced = {d % len(sizes) for d in wrap}
+    if not any(sizes[d] == channels for d in reduced):
+        return False
+    if not any(sizes[d] == channels for d in range(len(sizes)) if d not in reduced):
+        return True
+    return len(sizes) in (4, 5) and not moved and 1 in reduced
 
 
 INSIDE = "inside"  # the matrix product inside an nn.Linear, the statistics inside a LayerNorm: see _inside_linear
