@@ -26,6 +26,8 @@ MODULES = [
     "admmcompress.plan.targets",
     "admmcompress.strict_yaml",
     "admmcompress.plan.graph",
+    "admmcompress.plan.channel_ops",
+    "admmcompress.plan.zero_flow",
     "admmcompress.plan.coupled",
     "admmcompress.plan.rules",
     "admmcompress.finalize",

@@ -18,8 +18,9 @@ of each member layer that carries it:
 Residual adds, concatenations and depthwise convolutions tie channels across layers; a group lists
 all of them, with each member's local index and the group ("root") channel it belongs to.
 
-Zero preservation is traced per node, not judged by op names (``zero_leaks``): a channel every member zeroes
-stays zero through ``sigmoid(gate) * x`` (a squeeze-excite), since a zero factor makes the product zero.
+Zero preservation is traced per node, not judged by op names (:mod:`admmcompress.plan.zero_flow`): a channel
+every member zeroes stays zero through ``sigmoid(gate) * x`` (a squeeze-excite), since a zero factor makes the
+product zero. The op tables are :mod:`admmcompress.plan.channel_ops`.
 
 A grouped conv that is not depthwise (``1 < groups < in_channels``) splits its input and its output
 channels into ``groups`` equal conv groups, and PyTorch needs every conv group to keep the same number
@@ -47,8 +48,19 @@ from torch import nn
 
 from admmcompress.messages import first_line
 from admmcompress.plan.attention import query_key_layers
+from admmcompress.plan.channel_ops import (
+    AXIS_MOVES,
+    CHANNELWISE_OPS,
+    CONSUMER,
+    DEPTHWISE,
+    MIXING_OPS,
+    NORM,
+    PRODUCER,
+    STRUCTURAL_OPS,
+    WEIGHT_NORM_OPS,
+    keeps_zero,
+)
 from admmcompress.plan.residual import (
-    EMBEDDING,
     LAYERNORM,
     PARAMETER,
     STREAM_ROLES,
@@ -60,72 +72,7 @@ from admmcompress.plan.residual import (
 )
 from admmcompress.plan.targets import PlanError
 from admmcompress.plan.tp_compat import patch_torch_pruning
-
-PRODUCER, CONSUMER, NORM, DEPTHWISE = "producer", "consumer", "norm", "depthwise"
-
-# Autograd ops that act on each channel separately (so a channel group is closed under them).
-# ``zero`` marks those with f(0) == 0: a channel that is zero before them stays zero after.
-CHANNELWISE_OPS: dict[str, bool] = {
-    "Relu": True,
-    "Hardtanh": True,
-    "LeakyRelu": True,
-    "Elu": True,
-    "Gelu": True,
-    "Silu": True,
-    "Hardswish": True,
-    "Tanh": True,
-    "Threshold": True,
-    "Add": True,
-    "Sub": True,
-    "Mul": True,
-    "Div": True,
-    "Neg": True,
-    "MaxPool2DWithIndices": True,
-    "MaxPool1DWithIndices": True,
-    "MaxPool3DWithIndices": True,
-    "AvgPool2D": True,
-    "AvgPool1D": True,
-    "AvgPool3D": True,
-    "AdaptiveAvgPool2D": True,
-    "AdaptiveAvgPool1D": True,
-    "AdaptiveMaxPool2D": True,
-    "Mean": True,
-    "Clone": True,
-    "T": True,
-    "NativeDropout": True,
-    "Squeeze": True,
-    "Select": True,  # x[:, 0] (a class token): picks along the sequence, every channel kept
-    "Alias": True,  # x[:, slice(None)]: a view, every channel kept
-    "RMSNorm": True,  # the inside of a LLaMA-style RMSNorm, recognised by module (plan.residual.record_rms_nodes)
-    "Unsqueeze": True,
-    "ZeroPad": True,  # ZeroPad2d / ConstantPadNd(value=0) modules, recognised by module (build_dependency_graph)
-    "Pow": False,  # x ** p (GPT-2's tanh GELU): per channel; zero stays zero only for p > 0
-    "Sigmoid": False,
-    "Hardsigmoid": False,
-    "Exp": False,
-}
-
-# Autograd ops that combine or reorder channels: never offered as extra channelwise ops in error messages.
-MIXING_OPS = frozenset({
-    "Addmm", "Mm", "Bmm", "Baddbmm", "Matmul", "Transpose", "Permute", "Softmax",
-    "ScaledDotProductFlashAttentionForCpu", "ScaledDotProductEfficientAttention", "ScaledDotProductAttentionMath",
-})
-
-# A weight_norm parametrization's ops: its norm spans channels, so slicing the conv would change it.
-WEIGHT_NORM_OPS = frozenset({"WeightNormInterface", "NormExceptDim"})
-
-# Index-mapping nodes Torch-Pruning resolves itself (they move channels, never mix them).
-STRUCTURAL_OPS = ("concat", "split", "reshape", "slice", "expand")
-
-# Finite whatever their input, so a zero channel times them is zero (a squeeze-excite gate).
-BOUNDED_OPS = frozenset({"Sigmoid", "Hardsigmoid", "Tanh", "Hardtanh"})
-# Possibly infinite where their input is zero (x ** p with p < 0, y / x): a zero times them is not zero.
-UNBOUNDED_OPS = frozenset({"Pow", "Div"})
-
-# Axis moves: harmless in a group with no matrix product or attention (ViT's patch embedding flattened and
-# transposed to channels-last, ConvNeXt's permutes), where Torch-Pruning's channel mapping stays right; next to
-# attention they move heads and positions into channels, so there they remain problems (hand-written rule).
-AXIS_MOVES = frozenset({"Transpose", "Permute"})
+from admmcompress.plan.zero_flow import INSIDE, zero_leaks
 
 
 class GraphError(ValueError):
@@ -194,11 +141,6 @@ class ChannelGroup:
         if self.leaks is not None:
             return not self.leaks
         return all(keeps_zero(op) for op in self.ops)
-
-
-def keeps_zero(op: str) -> bool:
-    """Whether op ``op`` maps a zero channel to a zero channel (whatever its other inputs are zero there too)."""
-    return op in STRUCTURAL_OPS or op in AXIS_MOVES or CHANNELWISE_OPS.get(op, False)
 
 
 def channel_index(shape: tuple[int, ...] | torch.Size, dim: int, groups: int = 1) -> torch.Tensor:
@@ -712,91 +654,6 @@ def _averages_channels(grad_fn: Any, channels: int, moved: bool) -> bool:
     if not any(sizes[d] == channels for d in range(len(sizes)) if d not in reduced):
         return True
     return len(sizes) in (4, 5) and not moved and 1 in reduced
-
-
-INSIDE = "inside"  # the matrix product inside an nn.Linear, the statistics inside a LayerNorm: see _inside_linear
-_WRITERS = frozenset({PRODUCER, LAYERNORM, EMBEDDING, PARAMETER})  # a zeroed channel's entries there are zero
-_READERS = frozenset({CONSUMER, LAYERNORM})  # their result changes unless they read the channel as zero
-
-
-def zero_leaks(roles: dict[Any, set[str]], ops: dict[Any, str], names: dict) -> list[str] | None:
-    """Where a channel that every member zeroes (filter rows, biases, BN shifts, LayerNorm entries) is read as
-    nonzero, one line per cause and reader; empty when it is zero wherever a layer reads it.
-
-    Traced node by node (``roles``: a traced node's member roles; ``ops``: its op): writers (producers, LayerNorms,
-    embeddings, free parameters) output zero; BN, depthwise convs and ops that keep zero (``keeps_zero``) are zero
-    when all their inputs are; a multiply is zero when one factor is and the others are finite, so the gate of a
-    squeeze-excite (``sigmoid(fc(x)) * y``) keeps a zeroed ``y`` zero whatever the gate's own value; inside an
-    RMSNorm the input is scaled by a finite factor. Consumers and LayerNorms must then read zero. None when the
-    traced nodes form a cycle (a layer called twice): then ``ChannelGroup.zero_preserving`` judges by op names.
-    """
-    nodes = list(dict.fromkeys([*roles, *ops]))
-    known = set(nodes)
-    inputs = {n: [i for i in n.inputs if i in known] for n in nodes}
-    zero: dict[Any, bool] = {}
-    finite: dict[Any, bool] = {}
-    cause: dict[Any, Any] = {}
-    order = _topological(nodes, inputs)
-    if order is None:
-        return None
-    for n in order:
-        ins, op = inputs[n], ops.get(n)
-        passes = op in (None, INSIDE) or keeps_zero(op)  # zero in, zero out
-        zero[n] = _is_zero(roles.get(n, set()), op, [zero[i] for i in ins], [finite[i] for i in ins])
-        if op == "Div" and zero[n]:  # 0 / y is zero only for a numerator of the group over a divisor outside it
-            zero[n] = bool(n.inputs) and n.inputs[0] in known and all(i not in known for i in n.inputs[1:])
-        finite[n] = zero[n] or op in BOUNDED_OPS or (
-            op not in UNBOUNDED_OPS and (passes or op in CHANNELWISE_OPS) and all(finite[i] for i in ins)
-        )
-        if not zero[n]:  # the op that first made the channel nonzero, for the message
-            cause[n] = next((cause[i] for i in ins if not zero[i] and passes), n)
-    leaks = []
-    for n in nodes:
-        if roles.get(n, set()) & _READERS:
-            for i in inputs[n]:
-                if not zero.get(i, False):
-                    leaks.append(f"{_describe_node(cause.get(i, i), ops, names)} makes them nonzero where "
-                                 f"'{names.get(n.module, n.name)}' reads them")
-    return list(dict.fromkeys(leaks))
-
-
-def _is_zero(roles: set[str], op: str | None, zeros: list[bool], finites: list[bool]) -> bool:
-    """Whether a traced node outputs zero on a channel that every member zeroes (see ``zero_leaks``)."""
-    if roles & _WRITERS:
-        return True
-    if op is not None and op != INSIDE and not keeps_zero(op):
-        return False
-    if not zeros:  # no input in the group (a weight's transpose): zero when the op keeps zero
-        return True
-    if op == "Mul":
-        return any(zeros) and all(finites)
-    if op == "RMSNorm":
-        return any(zeros)
-    return all(zeros)
-
-
-def _topological(nodes: list, inputs: dict[Any, list]) -> list | None:
-    """``nodes`` with every node after its inputs (Kahn's algorithm); None when they form a cycle."""
-    waiting = {n: len(inputs[n]) for n in nodes}
-    users: dict[Any, list] = {}
-    for n in nodes:
-        for i in inputs[n]:
-            users.setdefault(i, []).append(n)
-    ready, order = [n for n in nodes if not waiting[n]], []
-    while ready:
-        n = ready.pop()
-        order.append(n)
-        for user in users.get(n, []):
-            waiting[user] -= 1
-            if not waiting[user]:
-                ready.append(user)
-    return order if len(order) == len(nodes) else None
-
-
-def _describe_node(node, ops: dict[Any, str], names: dict) -> str:
-    if node in ops and ops[node] != INSIDE:
-        return f"op '{ops[node]}'"
-    return f"'{names.get(node.module, node.name)}'"
 
 
 # On inputs of more than 2 dimensions nn.Linear runs a matrix product on a flattened view and returns a view
