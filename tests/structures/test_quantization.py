@@ -259,3 +259,15 @@ def test_one_level_set_per_layer():
     )
     with pytest.raises(PlanError, match="'quantization' target; keep one"):
         plan.resolve(nn.Sequential(nn.Linear(2, 2)))
+
+
+@pytest.mark.parametrize(("k", "v", "levels"), [
+    (3, [3.0, 1 / 3, -1 / 3], [-1 / 3, 1 / 3, 3.0]),  # Lloyd put +-1/3 in one cluster: centroid exactly 0
+    (2, [-1.0, 1.0, 4.0], [-1.0, 2.5]),  # no free level: the cheapest nonzero merge
+])
+def test_clustering_never_gives_a_kept_weight_the_pruned_zero(k, v, levels):
+    """Found by the property test above in CI (hypothesis): a cluster whose members sum to 0 had level 0, the code
+    of a pruned weight, so kept weights were silently pruned."""
+    q = Clustering(clusters=k).quantize(torch.tensor(v))
+    torch.testing.assert_close(q.levels.double(), torch.tensor(levels, dtype=torch.float64))
+    assert bool((q.decode() != 0).all())

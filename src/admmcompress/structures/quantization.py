@@ -462,6 +462,42 @@ def kmeans_1d(values: torch.Tensor, k: int, max_iter: int = 100) -> tuple[torch.
     return centroids[used], remap[codes]
 
 
+def _nonzero_levels(values: torch.Tensor, levels: torch.Tensor, codes: torch.Tensor, k: int) -> torch.Tensor:
+    """``levels`` without the centroid at 0, which a kept weight may not take (0 is a pruned weight's code): its
+    cluster splits into the means of its negative and its positive members; if that makes more than ``k`` levels,
+    the two neighbours whose merge (the mean of their members, never 0) adds the least squared error become one.
+    Ascending and distinct, as k-means gives them.
+
+    >>> _nonzero_levels(torch.tensor([-1.0, 1.0, 3.0]), torch.tensor([0.0, 3.0]), torch.tensor([0, 0, 1]), 3)
+    tensor([-1.,  1.,  3.])
+    >>> _nonzero_levels(torch.tensor([-1.0, 1.0, 4.0]), torch.tensor([0.0, 4.0]), torch.tensor([0, 0, 1]), 2)
+    tensor([-1.0000,  2.5000])
+    """
+    zero = int(torch.nonzero(levels == 0)[0])
+    members = values[codes == zero]
+    sides = [members[members < 0], members[members > 0]]
+    found = torch.cat([levels[levels != 0], *[side.mean().view(1) for side in sides if side.numel()]])
+    found = torch.unique(found)  # sorted
+    while found.numel() > k:
+        near = _nearest(values, found)
+        best, best_cost = None, math.inf
+        for i in range(found.numel() - 1):
+            pair = values[(near == i) | (near == i + 1)]
+            mean = pair.mean()
+            if pair.numel() and float(mean) != 0.0:
+                before = sum(float(((values[near == j] - found[j]) ** 2).sum()) for j in (i, i + 1))
+                cost = float(((pair - mean) ** 2).sum()) - before
+                if cost < best_cost:
+                    best, best_cost = (i, mean), cost
+        if best is None:  # every merge would land on 0: drop the level with the fewest members instead
+            best_i = int(torch.bincount(near, minlength=found.numel()).argmin())
+            found = torch.cat([found[:best_i], found[best_i + 1:]])
+            continue
+        i, mean = best
+        found = torch.unique(torch.cat([found[:i], mean.view(1), found[i + 2:]]))
+    return found
+
+
 @register_structure("clustering", aliases=("cluster",))
 @dataclass(frozen=True)
 class Clustering(QuantizationStructure):
@@ -516,7 +552,11 @@ class Clustering(QuantizationStructure):
         return max(1, math.ceil(math.log2(self.k)))
 
     def _quantize(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return kmeans_1d(values, self.k)
+        levels, codes = kmeans_1d(values, self.k)
+        if bool((levels == 0).any()):  # members that sum to exactly 0 (-1/3 and 1/3): 0 means "pruned" here
+            levels = _nonzero_levels(values, levels, codes, self.k)
+            codes = _nearest(values, levels)
+        return levels, codes
 
     def to_dict(self) -> dict[str, Any]:
         if self.bits is not None:
