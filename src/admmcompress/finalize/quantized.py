@@ -254,7 +254,12 @@ def mask_set_from_state(state: Mapping[str, torch.Tensor]) -> MaskSet:
 
 
 def _centroids(weight: torch.Tensor, codes: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    """Mean of the members of each cluster (a cluster without members keeps its value)."""
+    """Mean of the members of each cluster (a cluster without members keeps its value, and so does one whose mean
+    is exactly 0, the code of a pruned weight: its members would be pruned by the update).
+
+    >>> _centroids(torch.tensor([-1.0, 1.0, 3.0]), torch.tensor([0, 0, 1]), torch.tensor([0.5, 2.0]))
+    tensor([0.5000, 3.0000])
+    """
     flat, flat_codes = weight.reshape(-1), codes.reshape(-1)
     members = flat_codes >= 0
     dtype = torch.float64
@@ -263,7 +268,7 @@ def _centroids(weight: torch.Tensor, codes: torch.Tensor, levels: torch.Tensor) 
     sums.index_add_(0, flat_codes[members], flat[members].to(dtype))
     counts.index_add_(0, flat_codes[members], torch.ones_like(flat[members], dtype=dtype))
     means = (sums / counts.clamp(min=1)).to(levels.dtype)
-    return torch.where(counts > 0, means, levels.to(weight.device))
+    return torch.where((counts > 0) & (means != 0), means, levels.to(weight.device))
 
 
 def is_quantization(target) -> bool:
