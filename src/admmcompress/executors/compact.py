@@ -160,7 +160,7 @@ def compact(
         result.kept.append("some zero filters keep a bias/BN constant and fold_constants=False, so they stay")
 
     plan = []
-    for (group, roots), status in zip(pairs, statuses, strict=True):
+    for (group, root), status in zip(pairs, statuses, strict=True):
         removable = status.removable_now
         if group.blocks:  # grouped convs: the same number from every block, at least one kept in each
             removable = even_blocks(group.blocks, removable, status.pruned)
@@ -175,7 +175,7 @@ def compact(
             result.kept.append(_why_uneven(group, uneven, status.removable_now))
         result.removed[group.label] = (int(removable.sum()), group.size)
         if bool(removable.any()):
-            plan.append((roots, removable))
+            plan.append((group, root, removable))
     if result.kept and config.strict:
         raise CompactionError(
             "cannot remove every pruned channel "
@@ -185,11 +185,9 @@ def compact(
         warnings.warn(f"compact: {kept}", RuntimeWarning, stacklevel=2)
 
     widths, ties = norm_widths(work), tied_parameters(work)
-    for roots, removable in plan:
-        for root in roots:
-            idxs = root.indices(removable)
-            if idxs:
-                _prune(graph, graph.get_pruning_group(root.module, root.handler, idxs))
+    for group, (module, handler), removable in plan:
+        idxs = _root_local(group, removable)
+        _prune(graph, graph.get_pruning_group(module, handler, idxs))
     retie(work, ties)  # an LM head and the embedding it shares were sliced as two tensors
     result.hidden = update_hidden_size(work, keep_norm_widths(work, widths))  # LayerNorms keep their divisor
 
@@ -321,6 +319,11 @@ def _why_uneven(group, uneven: torch.Tensor, removable: torch.Tensor) -> str:
         "Prune through Plan.resolve_coupled (its coupled target keeps every conv group equal), or prune the "
         "same number of channels in every conv group"
     )
+
+
+def _root_local(group, removable: torch.Tensor) -> list[int]:
+    """Indices in the Torch-Pruning root layer's own numbering (root local == root channel)."""
+    return torch.nonzero(removable).flatten().tolist()
 
 
 def _why_kept(group, stuck: torch.Tensor, status, modules) -> str:

@@ -268,26 +268,21 @@ def _check_bucket(group: ChannelGroup, members: list[Target], mode: str) -> list
     return errors
 
 
-def _removed(group: ChannelGroup, sparsity: float) -> tuple[int, int]:
-    """Channels a filter at ``sparsity`` removes from ``group``: ``(keeping every block equal, without blocks)``."""
-    plain = group.size - kept_count(group.size, sparsity)
-    if not group.blocks:
-        return plain, plain
-    sizes = torch.bincount(torch.tensor(group.blocks)).tolist()
-    return sum(n - kept_count(n, sparsity) for n in sizes), plain
-
-
 def _check_blocks(group: ChannelGroup, members: list[Target], modules: Mapping[str, nn.Module]) -> list[str]:
-    """An error when the grouped convs' blocks let the sparsity remove no channel; a warning when they cost more
-    than ``SHORTFALL`` of the group's channels."""
+    """An error when the grouped convs' blocks let the sparsity remove no channel; a warning when the channels
+    they remove differ from the sparsity's by more than ``SHORTFALL`` of the group's channels."""
+    if not group.blocks:
+        return []
     sparsity = members[0].structure.target_sparsity
-    removed, plain = _removed(group, sparsity)
+    sizes = torch.bincount(torch.tensor(group.blocks)).tolist()
+    plain = group.size - kept_count(group.size, sparsity)  # without blocks
+    removed = sum(n - kept_count(n, sparsity) for n in sizes)  # keeping every block equal
     if removed == plain:
         return []
     grouped = [f"'{layer}' (groups={g})" for layer, g in group.grouped]
     plural = len(grouped) > 1
     convs, verb = f"grouped conv{'s' if plural else ''} {', '.join(grouped)}", "" if plural else "s"
-    span = min(torch.bincount(torch.tensor(group.blocks)).tolist())
+    span = min(sizes)
     if removed == 0:
         named = ", ".join(f"'{t.layer}'" for t in members)
         if span == 1 and any(depthwise_multiplier(modules[layer]) for layer, _ in group.grouped if layer in modules):
@@ -303,7 +298,6 @@ def _check_blocks(group: ChannelGroup, members: list[Target], modules: Mapping[s
                       f"block of {span}, so sparsity {sparsity:g} removes {removed} of {group.size} channels, not "
                       f"{plain}", UserWarning, stacklevel=4)
     return []
-
 
 
 def couple_heads(model: nn.Module, targets: Sequence[Target]) -> list[Target]:

@@ -457,21 +457,8 @@ def _module_signature(model: nn.Module) -> tuple:
     return modules, params
 
 
-@dataclass(frozen=True)
-class PruneRoot:
-    """Where Torch-Pruning starts removing a group's channels: ``module``'s channels by ``handler`` (root channel
-    ``i`` is group channel ``i``)."""
-
-    module: Any
-    handler: Any
-
-    def indices(self, removed: torch.Tensor) -> list[int]:
-        """The root channels to remove for the group channels where ``removed`` (bool) is True."""
-        return torch.nonzero(removed).flatten().tolist()
-
-
 def _groups_with_roots(model, example_inputs, extra_ops: tuple[str, ...], graph=None):
-    """``(ChannelGroup, [PruneRoot, ...])`` pairs; builds the graph unless given."""
+    """``(ChannelGroup, (root module, root pruning function))`` pairs; builds the graph unless given."""
     graph = graph if graph is not None else build_dependency_graph(model, example_inputs)
     names = {m: n for n, m in model.named_modules()}
     known = dict(CHANNELWISE_OPS, **{op: True for op in extra_ops})
@@ -483,7 +470,7 @@ def _groups_with_roots(model, example_inputs, extra_ops: tuple[str, ...], graph=
             continue
         seen.add(key)
         root = tp_group[0].dep
-        out.append((group, [PruneRoot(root.target.module, root.handler)]))
+        out.append((group, (root.target.module, root.handler)))
     modules = dict(model.named_modules())
     for group, _ in out:
         group.blocks, why = _blocks(group.members, group.size, modules)
@@ -538,14 +525,14 @@ def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGro
         module = node.module
         pairs = list(zip(item.idxs, item.root_idxs, strict=True))
         size = max([size] + [r + 1 for _, r in pairs])
-        dead = id(node.grad_fn) in getattr(graph, "admm_dead_ends", {})  # computed, then dropped by the model
         if node.type == tp.ops.OPTYPE.OUTPUT or (
             isinstance(module, nn.Module)
             and module in names
             and graph.is_out_channel_pruning_fn(handler)
             and not node.outputs
         ):
-            if dead:  # the result may still be read where the trace cannot see (an attribute, an if, an argmax)
+            if id(node.grad_fn) in getattr(graph, "admm_dead_ends", {}):  # computed, then dropped by the model: it
+                # may still be read where the trace cannot see (an attribute, an if, an argmax)
                 layer = names.get(module) or next((names[i.module] for i in node.inputs if i.module in names), "?")
                 problems.append(f"its channels leave '{layer}' in a result the model computes but does not return "
                                 "(kept, compared or branched on where the trace cannot follow)")
