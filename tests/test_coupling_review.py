@@ -275,6 +275,67 @@ def test_a_quotient_of_two_pruned_channels_is_not_zero_preserving():
     assert group_of(channel_groups(Quotient(False), x), "c1", ("producer",)).zero_preserving
 
 
+class Offset(nn.Module):
+    """conv -> ``between`` -> head: whether a zeroed conv channel reaches the head as zero depends on ``between``."""
+
+    def __init__(self, between):
+        super().__init__()
+        self.conv, self.head, self.between = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1), between
+        self.register_buffer("shift", torch.linspace(0.5, 1.0, 8).view(1, 8, 1, 1))
+
+    def forward(self, x):
+        return self.head(self.between(self, self.conv(x)))
+
+
+# f(0) != 0 where an argument or an operand outside the trace decides it; f(0) == 0 for the same op elsewhere.
+OFFSETS = {
+    "Add(constant)": lambda m, y: y + 1.0,
+    "Sub(constant)": lambda m, y: y - 0.5,
+    "Rsub": lambda m, y: 1 - y,
+    "Hardtanh(f(0) != 0)": lambda m, y: F.hardtanh(y, 0.1, 1.0),
+    "Clamp(f(0) != 0)": lambda m, y: y.clamp(max=-0.1),
+    "Threshold(f(0) != 0)": lambda m, y: F.threshold(y, 0.5, 2.0),
+}
+ZERO_KEEPING = [lambda m, y: F.relu6(y), lambda m, y: y.clamp(min=0), lambda m, y: F.threshold(y, -0.5, 2.0),
+                lambda m, y: y * 2.0, lambda m, y: y + y]
+
+
+def filter_pruned_and_compacted(between):
+    """A filter rule alone (the head's columns stay): a zero conv channel reaches the head through ``between``."""
+    torch.manual_seed(0)
+    model, x = Offset(between).eval(), torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        model.conv.bias.zero_()  # the pruned channels are exactly 0 before ``between``
+    masks = hard_prune(model, Plan([Rule(Filter(sparsity=0.5), match="conv")]))
+    with torch.no_grad():
+        masked = model(x)
+    result = compact(model, x, masks)
+    torch.testing.assert_close(result.model(x), masked, atol=1e-5, rtol=0)
+    assert result.model.conv.out_channels == 4
+    return group_of(channel_groups(Offset(between), x), "conv", ("producer",)), result
+
+
+@pytest.mark.parametrize("op", list(OFFSETS))
+def test_an_op_mapping_zero_to_a_constant_is_named_and_its_constant_folded(op):
+    group, result = filter_pruned_and_compacted(OFFSETS[op])
+    assert group.leaks == [f"op '{op}' makes them nonzero where 'head' reads them"] and not group.zero_preserving
+    assert result.folded == {"conv": 4}  # before: removed as zero, and the output check failed after training
+
+
+@pytest.mark.parametrize("between", ZERO_KEEPING)
+def test_the_same_ops_keeping_zero_remove_the_channels_without_folding(between):
+    group, result = filter_pruned_and_compacted(between)
+    assert group.zero_preserving and result.folded == {}
+
+
+def test_a_buffer_added_per_channel_is_refused_by_compaction_in_one_line():
+    torch.manual_seed(0)
+    model, x = Offset(lambda m, y: y + m.shift).eval(), torch.randn(2, 3, 8, 8)
+    masks = hard_prune(model, Plan([Rule(Filter(sparsity=0.5), match="conv")]))
+    with pytest.raises(CompactionError, match="the dependency trace did not see it read the channels"):
+        compact(model, x, masks)
+
+
 def test_the_output_check_sees_nan_and_ignores_equal_infinities():
     from admmcompress.executors.compact import _max_diff
 

@@ -8,6 +8,8 @@ records (Torch-Pruning traces the graph; it does not say what an op does to a ze
 
 from __future__ import annotations
 
+import torch
+
 PRODUCER, CONSUMER, NORM, DEPTHWISE = "producer", "consumer", "norm", "depthwise"
 
 # Autograd ops that act on each channel separately (so a channel group is closed under them).
@@ -47,6 +49,15 @@ CHANNELWISE_OPS: dict[str, bool] = {
     "Unsqueeze": True,
     "ZeroPad": True,  # ZeroPad2d / ConstantPadNd(value=0) modules, recognised by module (build_dependency_graph)
     "Pow": False,  # x ** p (GPT-2's tanh GELU): per channel; zero stays zero only for p > 0
+    "Clamp": True,  # clamp(y, lo, hi) with lo <= 0 <= hi (see refine_op; others are "Clamp(f(0) != 0)")
+    "ClampMin": True,
+    "ClampMax": True,
+    "Add(constant)": False,  # y + c, c a number or a tensor outside the trace (see refine_op)
+    "Sub(constant)": False,
+    "Rsub": False,  # c - y
+    "Hardtanh(f(0) != 0)": False,  # hardtanh(y, 0.1, 1): see refine_op
+    "Threshold(f(0) != 0)": False,
+    "Clamp(f(0) != 0)": False,
     "Sigmoid": False,
     "Hardsigmoid": False,
     "Exp": False,
@@ -75,6 +86,37 @@ UNBOUNDED_OPS = frozenset({"Pow", "Div"})
 AXIS_MOVES = frozenset({"Transpose", "Permute"})
 
 
+def refine_op(op: str, grad_fn) -> str:
+    """``op`` renamed where its arguments decide whether it keeps a zero channel zero, from what autograd saved.
+
+    ``y + 1.0`` and ``y + buffer`` have an operand outside the trace (``next_functions`` holds ``None`` for it), so
+    a zero ``y`` gives the constant; ``hardtanh``/``clamp`` with both bounds on one side of 0 map 0 to a bound;
+    ``threshold(y, t, v)`` maps 0 to ``v`` for ``t >= 0``, and autograd does not save ``v``.
+
+    >>> import torch
+    >>> y = torch.ones(2, requires_grad=True)
+    >>> [refine_op("Add", (y + 1).grad_fn), refine_op("Add", (y + y).grad_fn)]
+    ['Add(constant)', 'Add']
+    >>> refine_op("Hardtanh", torch.nn.functional.hardtanh(y, 0.1, 1.0).grad_fn)
+    'Hardtanh(f(0) != 0)'
+    """
+    if op in ("Add", "Sub"):
+        if any(fn is None for fn, _ in getattr(grad_fn, "next_functions", ())):
+            return f"{op}(constant)"
+    elif op in ("Hardtanh", "Clamp", "ClampMin", "ClampMax"):
+        lo = getattr(grad_fn, "_saved_min_val", getattr(grad_fn, "_saved_min", None))
+        hi = getattr(grad_fn, "_saved_max_val", getattr(grad_fn, "_saved_max", None))
+        if _any(lo, lambda v: v > 0) or _any(hi, lambda v: v < 0):  # a bound (number or tensor) excludes 0
+            return f"{'Hardtanh' if op == 'Hardtanh' else 'Clamp'}(f(0) != 0)"
+    elif op == "Threshold" and float(getattr(grad_fn, "_saved_threshold", 0.0)) >= 0:
+        return "Threshold(f(0) != 0)"
+    return op
+
+
+def _any(bound, test) -> bool:
+    return bound is not None and bool(test(torch.as_tensor(bound)).any())
+
+
 def keeps_zero(op: str) -> bool:
     """Whether op ``op`` maps a zero channel to a zero channel (whatever its other inputs are zero there too)."""
     return op in STRUCTURAL_OPS or op in AXIS_MOVES or CHANNELWISE_OPS.get(op, False)
@@ -93,4 +135,5 @@ __all__ = [
     "UNBOUNDED_OPS",
     "WEIGHT_NORM_OPS",
     "keeps_zero",
+    "refine_op",
 ]

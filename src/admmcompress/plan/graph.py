@@ -59,6 +59,7 @@ from admmcompress.plan.channel_ops import (
     STRUCTURAL_OPS,
     WEIGHT_NORM_OPS,
     keeps_zero,
+    refine_op,
 )
 from admmcompress.plan.residual import (
     LAYERNORM,
@@ -554,7 +555,7 @@ def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGro
             problems.append(stream_problem(names[module], module))
         if role is None:
             if node.type == tp.ops.OPTYPE.ELEMENTWISE:
-                op = op_name(str(module._grad_fn))
+                op = refine_op(op_name(str(module._grad_fn)), node.grad_fn)
                 if _inside_linear(op, node, names):
                     node_ops[node] = INSIDE
                     continue
