@@ -38,6 +38,7 @@ from admmcompress.executors.packed import packed_size_lines  # noqa: F401  (its 
 from admmcompress.models import create_model
 from admmcompress.plugins import TRUST_FLAG, TRUST_HELP, PluginError, entries_inside, load_plugins
 from admmcompress.report.storage import storage
+from admmcompress.strict_yaml import safe_load_unique
 from admmcompress.train import checkpoint as ckpt
 from admmcompress.train.config import ConfigError, RunConfig
 
@@ -176,7 +177,7 @@ def config_plugins(run_dir: str | Path) -> list[str] | None:
     """The ``plugins:`` list of a run folder's ``config.yaml`` (None when there is none to read)."""
     path = Path(run_dir) / "config.yaml"
     try:
-        spec = yaml.safe_load(path.read_text())
+        spec = safe_load_unique(path.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None  # a missing, binary or broken config is reported when the run is opened
     return spec.get("plugins") if isinstance(spec, dict) else None

@@ -15,7 +15,32 @@ class DuplicateKeyError(yaml.constructor.ConstructorError):
     """A mapping names the same key twice (``problem`` says which, ``problem_mark`` where)."""
 
 
+class AliasBombError(yaml.constructor.ConstructorError):
+    """Aliases expand the document past ``MAX_EXPANDED_VALUES`` values (``problem`` says so, ``problem_mark`` where)."""
+
+
 MERGE_TAG = "tag:yaml.org,2002:merge"
+# A config or plan is hundreds of values; nested aliases (``*a`` nine times, nine levels deep) can make a few
+# hundred bytes expand to 10**9 values once anything walks or copies the data (a resume's comparison, json).
+MAX_EXPANDED_VALUES = 1_000_000
+
+
+def _expanded_size(node: yaml.Node | None, sizes: dict[int, int]) -> int:
+    """How many values ``node`` stands for with every alias written out (memoized: aliases share nodes)."""
+    if node is None:
+        return 0
+    known = sizes.get(id(node))
+    if known is not None:
+        return known
+    sizes[id(node)] = 1  # a recursive alias (``&a [*a]``) counts once; the constructor builds it as a cycle
+    if isinstance(node, yaml.MappingNode):
+        total = 1 + sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        total = 1 + sum(_expanded_size(item, sizes) for item in node.value)
+    else:
+        total = 1
+    sizes[id(node)] = total
+    return total
 
 
 def _check_unique_keys(node: yaml.Node | None, visited: set[int]) -> None:
@@ -48,6 +73,17 @@ def _check_unique_keys(node: yaml.Node | None, visited: set[int]) -> None:
             _check_unique_keys(item, visited)
 
 
+def _smallest_too_large(node: yaml.Node, sizes: dict[int, int]) -> yaml.Node:
+    """The innermost node past the limit (where the user's nesting is), for the error's line number."""
+    while True:
+        children = [v for pair in node.value for v in pair] if isinstance(node, yaml.MappingNode) else (
+            node.value if isinstance(node, yaml.SequenceNode) else [])
+        inner = next((c for c in children if sizes.get(id(c), 0) > MAX_EXPANDED_VALUES), None)
+        if inner is None:
+            return node
+        node = inner
+
+
 def safe_load_unique(text: str) -> Any:
     """``yaml.safe_load`` that refuses a key given twice in one mapping.
 
@@ -58,11 +94,24 @@ def safe_load_unique(text: str) -> Any:
     ... except DuplicateKeyError as err:
     ...     print(err.problem, "- line", err.problem_mark.line + 1)
     duplicate key 'a' (first at line 1); keep one of them - line 2
+    >>> bomb = "a0: &a0 [x, x, x, x, x, x, x, x, x]\\n" + "".join(
+    ...     f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\\n" for i in range(1, 9))
+    >>> try:
+    ...     safe_load_unique(bomb)
+    ... except AliasBombError as err:
+    ...     print(err.problem)
+    aliases (*name) expand this document to more than 1,000,000 values; write the values out instead of nesting aliases
     """
     loader = yaml.SafeLoader(text)  # safe: builds plain data only, never arbitrary objects
     try:
         node = loader.get_single_node()
         _check_unique_keys(node, set())
+        sizes: dict[int, int] = {}
+        if _expanded_size(node, sizes) > MAX_EXPANDED_VALUES:
+            raise AliasBombError(
+                None, None, f"aliases (*name) expand this document to more than {MAX_EXPANDED_VALUES:,} values; "
+                "write the values out instead of nesting aliases", _smallest_too_large(node, sizes).start_mark,
+            )
         return None if node is None else loader.construct_document(node)
     finally:
         loader.dispose()

@@ -24,10 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from admmcompress.atomic import atomic_write
 from admmcompress.report.integrity import read_metrics, verify_run
+from admmcompress.strict_yaml import safe_load_unique
 
 
 @dataclass(frozen=True)
@@ -69,7 +68,7 @@ def load_summary(run_dir: str | Path) -> RunSummary:
     metrics = read_metrics(folder, require_history=False)["metrics"]
     config: dict[str, Any] = {}
     if config_file.is_file():
-        config = yaml.safe_load(config_file.read_text()) or {}
+        config = safe_load_unique(config_file.read_text()) or {}
     stages = [s for s in config.get("stages") or [] if isinstance(s, dict)]
     methods = [str(s.get("method", "admm")) for s in stages]
     method = " + ".join(dict.fromkeys(methods)) if methods else "dense"

@@ -34,6 +34,7 @@ from admmcompress.atomic import atomic_write
 from admmcompress.config_keys import LOCATION_KEYS, SPEED_KEYS, without_keys
 from admmcompress.executors.manifest import canonical_sha256, read_compact_manifest, sha256_hex
 from admmcompress.finalize.quantized import SEP
+from admmcompress.strict_yaml import safe_load_unique, yaml_problem
 
 KEY = "integrity"
 METRICS = "metrics.json"
@@ -67,9 +68,11 @@ def _config_digests(path: str | Path) -> tuple[str, str]:
     """The config checksum as written now, and as runs finished before 2026-12-06 wrote it (they left out
     fewer keys: ``distributed.check_ranks`` was hashed); both verify."""
     try:
-        spec = yaml.safe_load(Path(path).read_bytes().decode("utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise RunIntegrityError(f"'{path}' is not readable YAML ({type(err).__name__}): the file is damaged") from None
+        spec = safe_load_unique(Path(path).read_bytes().decode("utf-8"))
+    except yaml.YAMLError as err:
+        raise RunIntegrityError(f"'{path}' is not readable YAML ({yaml_problem(err)}): the file is damaged") from None
+    except UnicodeDecodeError:
+        raise RunIntegrityError(f"'{path}' is not text (UnicodeDecodeError): the file is damaged") from None
     if not isinstance(spec, dict):
         return (canonical_sha256(_as_json(spec)),) * 2
     legacy = {k: v for k, v in spec.items() if k not in _LEGACY_TOP}
