@@ -4,7 +4,8 @@ The write goes to a temporary name in the same folder, is flushed to disk, then 
 target (``os.replace`` is atomic on one file system). Checkpoints, reports and packed files use it.
 A write that fails (disk full, read-only folder) raises :class:`WriteError` naming the file; the old
 file is untouched. A process killed mid-write leaves its temporary file behind: :func:`clean_orphans`
-removes those (and only those: names ``.<target>.<8 random characters>.tmp``).
+removes those (and only those: names ``.<target>.<8 random characters>.tmp``, files or the private folders of
+writers that make temp files of their own).
 
 Example::
 
@@ -17,6 +18,7 @@ import errno
 import os
 import re
 import secrets
+import shutil
 import stat
 import string
 from collections.abc import Callable, Iterable
@@ -34,12 +36,17 @@ class WriteError(OSError):
         return str(self.strerror)
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)`` then atomically rename the temp file to ``path``."""
+def atomic_write(path: str | Path, write: Callable[[Path], None], *, private_folder: bool = False) -> Path:
+    """Call ``write(tmp_path)`` then atomically rename the temp file to ``path``.
+
+    ``private_folder``: the temp file lives in a folder of its own (``.<name>.<8 characters>.tmp/<name>``), for
+    writers that make temp files of their own beside the name they are given (safetensors' ``save_file`` makes
+    ``.tmpXXXXXX``): a kill then leaves them in that folder, which :func:`clean_orphans` removes whole.
+    """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_path = _create_temp(path)
+        tmp_path = _create_temp(path, private_folder)
     except OSError as err:
         raise _write_error(path, err) from err
     try:
@@ -63,7 +70,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
             raise
         raise _write_error(path, cause) from err
     finally:
-        if tmp_path.exists():
+        if private_folder:
+            shutil.rmtree(tmp_path.parent, ignore_errors=True)
+        elif tmp_path.exists():
             tmp_path.unlink()
     return path
 
@@ -134,14 +143,20 @@ def clean_orphans(folder: str | Path, below: Iterable[str] = ()) -> list[Path]:
         if sub.is_dir() and not sub.is_symlink():
             candidates += sub.rglob("*.tmp")
     for candidate in sorted(candidates):
-        if candidate.is_file() and not candidate.is_symlink() and TMP_PATTERN.match(candidate.name):
+        if candidate.is_symlink() or not TMP_PATTERN.match(candidate.name):
+            continue
+        if candidate.is_file():
             candidate.unlink(missing_ok=True)
+            removed.append(candidate)
+        elif candidate.is_dir() and all(f.is_file() and not f.is_symlink() for f in candidate.iterdir()):
+            shutil.rmtree(candidate)  # a private_folder write's: its temp file and the writer's own
             removed.append(candidate)
     return removed
 
 
-def _create_temp(path: Path) -> Path:
-    """A new empty file ``.<name>.<8 random characters>.tmp`` beside ``path`` (TMP_PATTERN's names).
+def _create_temp(path: Path, private_folder: bool = False) -> Path:
+    """A new empty file ``.<name>.<8 random characters>.tmp`` beside ``path`` (TMP_PATTERN's names), or with
+    ``private_folder`` a new folder of that name holding an empty file ``<name>``.
 
     Created with mode 0666 less the umask, as a plain ``open()`` would (mkstemp's 0600 would need a chmod from
     the umask, and reading the umask means setting it: a race with other threads creating files).
@@ -150,6 +165,9 @@ def _create_temp(path: Path) -> Path:
         name = "".join(secrets.choice(_TMP_CHARACTERS) for _ in range(8))
         candidate = path.parent / f".{path.name}.{name}.tmp"
         try:
+            if private_folder:
+                os.mkdir(candidate)
+                candidate = candidate / path.name
             os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         except FileExistsError:
             continue

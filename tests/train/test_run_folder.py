@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -405,6 +407,33 @@ def test_clean_orphans_touches_only_its_own_pattern(tmp_path):
     assert removed == {".model.safetensors.x1y2z3_4.tmp", ".a.b.12345678.tmp"}
     assert all(TMP_PATTERN.match(n) for n in removed)
     assert {p.name for p in tmp_path.iterdir()} == set(names) - removed
+    holder = tmp_path / ".holder.abcdefgh.tmp"  # a folder of that name with a link inside is not a write's
+    holder.mkdir()
+    (holder / "link").symlink_to(tmp_path / "model.tmp")
+    assert clean_orphans(tmp_path) == [] and holder.is_dir()
+
+
+def test_a_safetensors_write_killed_midway_leaves_one_folder_that_clean_orphans_removes(tmp_path):
+    """safetensors' save_file writes its own temp file (``.tmpXXXXXX``) beside the name it is given; the checkpoint
+    writer gives it a name inside a private folder, so a kill leaves that folder, and nothing with a foreign name."""
+    from admmcompress.train.checkpoint import save_tensors
+
+    script = ("import sys, torch\nfrom admmcompress.train.checkpoint import save_tensors\n"
+              "save_tensors(sys.argv[1], {'w': torch.zeros(60_000_000)})\n")
+    target = tmp_path / "run" / "model.safetensors"
+    target.parent.mkdir()
+    child = subprocess.Popen([sys.executable, "-c", script, str(target)])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(p.name.startswith(".tmp") for p in target.parent.rglob(".tmp*")):
+        time.sleep(0.001)  # until safetensors has its own temp file open
+    child.kill()
+    child.wait()
+    left = list(target.parent.iterdir())
+    assert len(left) == 1 and TMP_PATTERN.match(left[0].name) and left[0].is_dir(), left
+    assert clean_orphans(target.parent) == left and not any(target.parent.iterdir())
+    save_tensors(target, {"w": torch.ones(3)})  # an uninterrupted write leaves the file alone
+    assert [p.name for p in target.parent.iterdir()] == ["model.safetensors"]
+    assert load_file(target)["w"].tolist() == [1.0, 1.0, 1.0]
 
 
 # --- --seed / --threads -----------------------------------------------------------------------------------------
@@ -531,6 +560,27 @@ def test_resume_with_the_run_config_not_yaml_is_one_line(finished, tmp_path, cap
     (out / "config.yaml").write_text("{{{")
     message = error_line(capsys, ["run", str(config), "--out", str(out), "--resume", "--dry-run"])
     assert "is not valid YAML" in message and "line 1" in message and "--overwrite" in message
+
+
+def test_resume_and_report_with_an_alias_bomb_in_the_run_config_are_one_quick_line(finished, tmp_path, capsys):
+    """Nine aliases nine levels deep: 10**8 values once expanded (the comparison with the config, the checksum)."""
+    config, done = finished
+    out = tmp_path / "out"
+    _copy_run(done, out)
+    bomb = ["bomb0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    bomb += [f"bomb{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    (out / "config.yaml").write_text((out / "config.yaml").read_text() + "\n".join(bomb) + "\n")
+    started = time.perf_counter()
+    message = error_line(capsys, ["run", str(config), "--out", str(out), "--resume", "--dry-run"])
+    assert "aliases (*name) expand this document to more than 1,000,000 values" in message, message
+    assert "--overwrite" in message
+    whole = tmp_path / "whole"  # a finished run for report and export
+    shutil.copytree(done, whole)
+    (whole / "config.yaml").write_text((out / "config.yaml").read_text())
+    for command in (["report", str(whole)], ["export", str(whole), "--compact", "--out", str(tmp_path / "exported")]):
+        message = error_line(capsys, command)
+        assert "aliases (*name) expand" in message, message
+    assert time.perf_counter() - started < 30
 
 
 def test_resume_without_the_run_config_is_refused(finished, tmp_path, capsys):

@@ -95,7 +95,7 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     # No metadata at all rather than an empty mapping: safetensors writes an unreadable file for no tensors
     # and empty metadata (a dense run's masks.safetensors).
     meta = {k: json.dumps(v) for k, v in (metadata or {}).items()} or None
-    return atomic_write(path, lambda tmp: save_file(flat, str(tmp), metadata=meta))
+    return atomic_write(path, lambda tmp: save_file(flat, str(tmp), metadata=meta), private_folder=True)
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
