@@ -133,20 +133,29 @@ def grid_of(levels: torch.Tensor, max_divisor: int = 512) -> tuple[float, int, i
     return None
 
 
-def value_format(weight: torch.Tensor, nnz: int | None = None) -> ValueFormat:
-    """The cheapest coding of the weight's distinct nonzero values (see the module docstring)."""
+def value_formats(weight: torch.Tensor) -> list[ValueFormat]:
+    """Every coding that holds the weight's distinct nonzero values: float32, a table, a grid where one fits."""
     values = weight.detach().reshape(-1)
-    nonzero = values[values != 0].to(torch.float32)
-    nnz = nonzero.numel() if nnz is None else nnz
-    levels = torch.unique(nonzero)
+    levels = torch.unique(values[values != 0].to(torch.float32))
     k = levels.numel()
     if k > MAX_LEVELS:
-        return FLOAT32
+        return [FLOAT32]
     options = [FLOAT32, table_format(k)]
     grid = grid_of(levels)
     if grid is not None:
         options.append(grid_format(k, *grid))
-    return min(options, key=lambda f: (nnz * f.code_bits + f.table_bits, f.kind != "grid"))
+    return options
+
+
+def value_format(weight: torch.Tensor, nnz: int | None = None) -> ValueFormat:
+    """The coding with the fewest bits for the nonzero values alone (``layer_storage`` also weighs zero codes).
+
+    >>> value_format(torch.tensor([[0.5, -0.5], [0.0, 1.0]])).kind
+    'grid'
+    """
+    values = weight.detach().reshape(-1)
+    nnz = int((values != 0).sum()) if nnz is None else nnz
+    return min(value_formats(weight), key=lambda f: (nnz * f.code_bits + f.table_bits, f.kind != "grid"))
 
 
 def codes_of(weight: torch.Tensor, fmt: ValueFormat) -> torch.Tensor:
@@ -286,7 +295,6 @@ def layer_storage(
     rows, cols = matrix.shape
     mask = matrix != 0
     nnz = int(mask.sum())
-    fmt = value_format(weight, nnz)
     gaps = relative_gaps(mask, order)
     lines = cols if order == "column" else rows
     choices = range(1, 17) if index_bits == "best" else [index_bits]
@@ -294,30 +302,32 @@ def layer_storage(
         isinstance(index_bits, bool) or not isinstance(index_bits, int) or index_bits < 1
     ):
         raise ValueError(f"index_bits={index_bits!r} must be a positive integer (b_r) or 'best'")
-
-    def rel(b_r: int) -> tuple[int, int]:
-        entries = relative_entries(gaps, b_r)
-        b = fmt.zero_bits if entries > nnz else fmt.code_bits
-        return relative_bits(entries, lines, b, b_r), entries
-
-    b_r = min(choices, key=lambda r: (rel(r)[0], r))
-    rel_bits, entries = rel(b_r)
+    entries_at = {r: relative_entries(gaps, r) for r in choices}
     kept_r, kept_c = mask.any(dim=1), mask.any(dim=0)
     kr, kc = int(kept_r.sum()), int(kept_c.sum())
-    block_has_zeros = kr * kc > nnz
-    bits = {
-        "dense": dense_bits(rows * cols, fmt.zero_bits if nnz < rows * cols else fmt.code_bits),
-        "bitmask": bitmask_bits(rows * cols, nnz, fmt.code_bits),
-        "relative": rel_bits,
-        "csr": csr_bits(nnz, rows, cols, fmt.code_bits),
-        "structured": structured_bits(
-            kr, kc, rows, cols, fmt.zero_bits if block_has_zeros else fmt.code_bits, compacted
-        ),
-    }
-    bits = {k: v + fmt.table_bits for k, v in bits.items()}
-    return LayerStorage(
-        name, list(weight.shape), rows, cols, rows * cols, nnz, fmt, b_r, order, entries, kr, kc, bits
-    )
+
+    def layer(fmt: ValueFormat) -> LayerStorage:
+        def rel(b_r: int) -> int:
+            entries = entries_at[b_r]
+            return relative_bits(entries, lines, fmt.zero_bits if entries > nnz else fmt.code_bits, b_r)
+
+        b_r = min(choices, key=lambda r: (rel(r), r))
+        bits = {
+            "dense": dense_bits(rows * cols, fmt.zero_bits if nnz < rows * cols else fmt.code_bits),
+            "bitmask": bitmask_bits(rows * cols, nnz, fmt.code_bits),
+            "relative": rel(b_r),
+            "csr": csr_bits(nnz, rows, cols, fmt.code_bits),
+            "structured": structured_bits(
+                kr, kc, rows, cols, fmt.zero_bits if kr * kc > nnz else fmt.code_bits, compacted
+            ),
+        }
+        bits = {k: v + fmt.table_bits for k, v in bits.items()}
+        return LayerStorage(
+            name, list(weight.shape), rows, cols, rows * cols, nnz, fmt, b_r, order, entries_at[b_r], kr, kc, bits
+        )
+
+    # The format is chosen with its zero code counted (a grid's zero code can be a bit wider than a table's).
+    return min((layer(f) for f in value_formats(weight)), key=lambda s: (s.bits[s.best], s.value.kind != "grid"))
 
 
 def ratio(num: float, den: float) -> float:
@@ -380,6 +390,7 @@ __all__ = [
     "structured_bits",
     "table_format",
     "value_format",
+    "value_formats",
     "weight_layers",
     "weight_tensors",
 ]

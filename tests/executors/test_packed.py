@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from admmcompress.cli import main
-from admmcompress.encoding import SCHEMES
+from admmcompress.encoding import SCHEMES, layer_storage
 from admmcompress.executors import packed as packed_module
 from admmcompress.executors.packed import (
     BitReader,
@@ -165,6 +165,52 @@ def test_small_lenet5_file_matches_the_storage_report_within_one_percent():
     assert f"header {summary.header_bytes} B" in overhead and "buffers" not in overhead
     assert f"file / report = {len(data) / expected_bytes:.4f}" in file_line
     assert f"{report.bits('best'):,} bits" in storage_line
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("quantizer", [FixedPoint(bits=3), Clustering(clusters=5), None], ids=repr)
+def test_a_half_or_double_model_is_coded_as_the_report_counts_and_comes_back_at_its_dtype(dtype, quantizer):
+    """Before: only float32 weights were coded; a float16 model's weights went raw, 35x the report's figure."""
+    model = compressed_model(0.3, quantizer).to(dtype)  # float32 values, so every layer is float32-exact
+    report, buffer = storage(model), io.BytesIO()
+    summary = save_packed(model, buffer)
+    assert set(summary.schemes) == {"0.weight", "3.weight"} and summary.raw_weights == {}
+    assert summary.weight_bits == report.bits("best")
+    assert summary.other_bytes * 8 == report.other_bits + 8 * sum(  # BN statistics: buffers, at their dtype
+        b.numel() * b.element_size() for n, b in model.named_buffers())
+    restored = load_packed(io.BytesIO(buffer.getvalue()), make_model().to(dtype)).eval()
+    for name, value in model.state_dict().items():
+        assert restored.state_dict()[name].dtype == value.dtype and torch.equal(restored.state_dict()[name], value)
+
+
+def test_double_weights_float32_cannot_hold_are_stored_raw_and_named():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8, dtype=torch.float64), nn.Linear(8, 4))  # float64 draws; a float32 layer
+    buffer = io.BytesIO()
+    summary = save_packed(model, buffer)
+    assert summary.raw_weights == {"0.weight": 16 * 8 * 8} and list(summary.schemes) == ["1.weight"]
+    first, *_ = packed_size_lines(len(buffer.getvalue()), summary, storage(model))
+    assert first.startswith("stored raw, not coded: 0.weight (1,024 B: float64 values that float32 cannot hold")
+    restored = load_packed(io.BytesIO(buffer.getvalue()), nn.Sequential(nn.Linear(16, 8, dtype=torch.float64),
+                                                                       nn.Linear(8, 4)))
+    assert all(torch.equal(v, restored.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_the_codebook_is_chosen_with_its_zero_code_counted():
+    """Seven of the integers -4..4: a grid codes nonzeros in 3 bits but zero needs a 4th; a table of 7 values
+    codes both in 3 bits, which is cheaper once zeros are stored (dense)."""
+    torch.manual_seed(0)
+    w = torch.tensor([-4, -3, -1, 1, 2, 3, 4])[torch.randint(0, 7, (64, 64))] * 0.25
+    w[torch.rand(64, 64) < 0.25] = 0
+    layer = layer_storage("w", w)
+    assert (layer.value.kind, layer.value.code_bits, layer.value.zero_bits, layer.best) == ("table", 3, 3, "dense")
+    assert layer.bits["dense"] == 64 * 64 * 3 + 7 * 32  # the grid's best was 13,424 bits (bitmask)
+    model = nn.Linear(64, 64, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(w)
+    summary = save_packed(model, buffer := io.BytesIO())
+    assert summary.weight_bits == layer.bits["dense"]
+    assert torch.equal(load_packed(io.BytesIO(buffer.getvalue()), nn.Linear(64, 64, bias=False)).weight, w)
 
 
 def test_a_different_architecture_is_refused():

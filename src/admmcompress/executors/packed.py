@@ -70,7 +70,7 @@ import math
 import struct
 import warnings
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, NoReturn
 
@@ -420,6 +420,7 @@ class PackedSummary:
     other_bytes: int
     weight_bits: int
     schemes: dict[str, str]
+    raw_weights: dict[str, int] = field(default_factory=dict)  # weights stored raw (float64 past float32), bytes
 
     @property
     def file_bytes(self) -> int:
@@ -475,9 +476,24 @@ class _Cursor:
                 _fail("is corrupt (a header varint is longer than 64 bits)")
 
 
-def _raw_bytes(value: torch.Tensor) -> bytes:
-    array = value.detach().cpu().contiguous().numpy()
+def _raw_bytes(name: str, value: torch.Tensor) -> bytes:
+    value = value.detach().cpu().contiguous()
+    if value.dtype == torch.bfloat16:  # numpy has no bfloat16: its 16 bits as an int16
+        value = value.view(torch.int16)
+    try:
+        array = value.numpy()
+    except TypeError:
+        raise ValueError(f"tensor {name!r} is {value.dtype}, which packed files do not store; convert the model "
+                         "(e.g. model.float()) before saving") from None
     return array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def _packable(value: torch.Tensor) -> bool:
+    """Whether a weight's values are exactly float32 values (what the codes and the storage report count):
+    float16 and bfloat16 always are; float64 only where no value needs more (a quantized layer)."""
+    if value.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return True
+    return value.is_floating_point() and torch.equal(value.to(torch.float32).to(value.dtype), value)
 
 
 @torch.no_grad()
@@ -499,10 +515,10 @@ def save_packed(
     spec = json.dumps(model_spec, separators=(",", ":")).encode() if model_spec else b""
     header = bytearray(struct.pack("<I", layout_checksum(state)))  # after the magic and the file checksum
     header += _varint(len(spec)) + spec + _varint(len(state))
-    blobs, schemes = [], {}
+    blobs, schemes, raw_weights = [], {}, {}
     weight_bytes = weight_bits = other_bytes = 0
     for name, value in state.items():
-        if name in weights and value.dtype == torch.float32:
+        if name in weights and _packable(value):  # coded from its float32 values, given back at its dtype
             layer = layer_storage(name, value, index_bits, order)
             chosen = layer.best if scheme == "best" else scheme
             blob = _encode(value, layer, chosen)
@@ -519,8 +535,10 @@ def save_packed(
                 header += _varint(layer.value.levels)
             header += _varint(len(blob))
         else:
-            blob = _raw_bytes(value)
+            blob = _raw_bytes(name, value)
             other_bytes += len(blob)
+            if name in weights:  # float64 values float32 cannot hold: the report counted them as float32
+                raw_weights[name] = len(blob)
             header.append(RAW_TAG)
         blobs.append(blob)
     body = bytes(header) + b"".join(blobs)
@@ -532,7 +550,7 @@ def save_packed(
         atomic_write(path, lambda tmp: tmp.write_bytes(data))
     else:
         path.write(data)
-    return PackedSummary(len(MAGIC) + 4 + len(header), weight_bytes, other_bytes, weight_bits, schemes)
+    return PackedSummary(len(MAGIC) + 4 + len(header), weight_bytes, other_bytes, weight_bits, schemes, raw_weights)
 
 
 def manifest_entry(entry: list[Any] | dict[str, Any]) -> dict[str, Any]:
@@ -745,17 +763,20 @@ def _tensor_fields(head: _Cursor, name: str, value: torch.Tensor) -> dict[str, A
     tag = head.byte()
     entry: dict[str, Any] = {"name": name, "shape": list(value.shape)}
     if tag == RAW_TAG:
+        stored = "int16" if value.dtype == torch.bfloat16 else str(value.dtype).removeprefix("torch.")
         try:
-            dtype = np.dtype(str(value.dtype).removeprefix("torch.")).newbyteorder("<")
+            dtype = np.dtype(stored).newbyteorder("<")
         except TypeError:
             _fail(f"tensor {name!r} is {value.dtype}, which packed files do not store")
         entry.update(kind="raw", dtype=dtype.str, bytes=value.numel() * dtype.itemsize)
+        if value.dtype == torch.bfloat16:
+            entry["view"] = "bfloat16"
         return entry
     scheme_index, order_index, kind_index = tag & 7, tag >> 3 & 1, tag >> 4 & 3
     if scheme_index >= len(SCHEMES) or kind_index >= len(KINDS) or tag >> 6:
         _fail(f"is corrupt (tensor {name!r}: tag {tag:#04x})")
-    if value.dtype != torch.float32 or value.dim() < 2:
-        _fail(f"is corrupt (tensor {name!r} is marked packed; only float32 weight matrices and kernels are)")
+    if not value.is_floating_point() or value.dim() < 2:
+        _fail(f"is corrupt (tensor {name!r} is marked packed; only floating weight matrices and kernels are)")
     rows, cols = as_matrix(value).shape
     scheme, kind, n = SCHEMES[scheme_index], KINDS[kind_index], rows * cols
     nnz = head.varint()
@@ -772,7 +793,7 @@ def _tensor_fields(head: _Cursor, name: str, value: torch.Tensor) -> dict[str, A
         _fail(f"is corrupt (tensor {name!r}: {nnz} nonzeros of {n}, {levels} levels, {nbytes:,} bytes)")
     entry.update(
         kind="packed", scheme=scheme, nnz=nnz, entries=entries, index_bits=index_bits,
-        order=ORDERS[order_index], value=kind, levels=levels, bytes=nbytes,
+        order=ORDERS[order_index], value=kind, levels=levels, bytes=nbytes, dtype=str(value.dtype),
     )
     return entry
 
@@ -797,14 +818,16 @@ def load_packed(
             entry = manifest_entry(entry)
             blob = payload[offset : offset + entry["bytes"]]
             offset += entry["bytes"]
-            if entry["kind"] == "packed":
-                state[entry["name"]] = _decode(blob, entry)
+            if entry["kind"] == "packed":  # float32 values, given back at the weight's own dtype (exactly)
+                state[entry["name"]] = _decode(blob, entry).to(getattr(torch, entry.get("dtype", "torch.float32")
+                                                                       .removeprefix("torch.")))
             else:
                 dtype = np.dtype(entry["dtype"])
                 if len(blob) != dtype.itemsize * math.prod(entry["shape"]):
                     _fail(f"tensor {entry['name']!r} has {len(blob):,} bytes, its shape needs more")
                 array = np.frombuffer(blob, dtype=dtype).reshape(entry["shape"])
-                state[entry["name"]] = torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=True))
+                tensor = torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=True))
+                state[entry["name"]] = tensor.view(torch.bfloat16) if entry.get("view") == "bfloat16" else tensor
         if offset != len(payload):
             _fail(f"has {len(payload) - offset:,} bytes after its last tensor")
         model = _build(manifest["model"]) if model is None else model  # only now: everything checked
@@ -830,8 +853,13 @@ def packed_size_lines(size: int, summary: PackedSummary, report: Any, scheme: st
     """
     weight_bits, other_bits = report.bits(scheme), report.other_bits
     figure = (weight_bits + other_bits) / 8
-    buffers = summary.other_bytes - other_bits / 8
-    return [
+    raw = sum(summary.raw_weights.values())
+    buffers = summary.other_bytes - raw - other_bits / 8
+    lines = [] if not raw else [
+        f"stored raw, not coded: {', '.join(summary.raw_weights)} ({raw:,} B: float64 values that float32 cannot "
+        "hold, which the report counts as float32 weights); convert the model with model.float() to code them"
+    ]
+    return lines + [
         f"storage report (SPEC 4.2): weights {weight_bits:,} bits = {weight_bits / 8:,.1f} B, "
         f"other parameters {other_bits / 8:,.0f} B; together {figure:,.1f} B",
         f"container overhead: header {summary.header_bytes:,} B (format, checksums, model spec, "
