@@ -11,7 +11,7 @@ from admmcompress.drivers import IterativeQuantization
 from admmcompress.finalize import MaskSet
 from admmcompress.models import LeNet300100
 from admmcompress.plan import Plan, PlanError
-from admmcompress.structures import FixedPoint, Unstructured
+from admmcompress.structures import FixedPoint, Ternary, Unstructured
 from admmcompress.train.config import ConfigError, RunConfig
 from admmcompress.train.runner import Runner
 
@@ -59,6 +59,27 @@ def test_pruned_zeros_stay_zero_and_finalize_completes_the_schedule():
     assert bool((w[~keep] == 0).all())
     assert w[keep].unique().numel() <= 4
     assert torch.equal(masks["weight"], keep)
+
+
+def test_ternary_prunes_its_dead_zone_as_the_projection_does_instead_of_snapping_it_to_plus_minus_a():
+    model = _layer(3)
+    projected = Ternary().project(model.weight.detach())
+    dead = (projected == 0) & (model.weight.detach() != 0)
+    assert int(dead.sum()) > 10
+    masks = IterativeQuantization(model, Plan({"": Ternary()}), updates=3).finalize()
+    w = model.weight.detach()
+    assert torch.equal(w == 0, projected == 0) and torch.equal(masks["weight"], projected != 0)
+    assert w.unique().numel() == 3 and torch.equal(w.unique(), projected.unique())
+
+
+def test_an_all_zero_layer_stays_zero_instead_of_an_index_error():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    nn.init.zeros_(model[1].weight)
+    driver = IterativeQuantization(model, Plan({"*": FixedPoint(bits=2)}), updates=2)
+    driver.step()
+    masks = driver.finalize()
+    assert not model[1].weight.detach().any() and bool(masks.held["1.weight"].frozen.all())
+    assert model[0].weight.detach().unique().numel() <= 4
 
 
 def test_state_dict_round_trip_restores_iteration_and_partial_holds():

@@ -337,7 +337,8 @@ def partial_quantize(
     already equal to a level are frozen, and of the rest, in every level's bin, the
     ``ceil(fraction * n_bin)`` closest to the level are snapped to it and frozen. The others keep
     training (attach the result to an optimizer). ``fraction=1.0`` freezes everything: the final
-    projection onto the fixed levels. Pruned zeros (and masks in ``previous``) stay as they are.
+    projection onto the fixed levels. Pruned zeros (and masks in ``previous``) stay as they are; weights the
+    first round's projection sets to zero (a ternary dead zone) are pruned then, as ``hard_quantize`` does.
 
     >>> import torch.nn as nn
     >>> from admmcompress.plan import Plan
@@ -361,14 +362,21 @@ def partial_quantize(
         name = target.param_name
         w = params[name].detach()
         before = held.get(name)
+        keep = torch.ones_like(w, dtype=torch.bool)
         if before is None or before.frozen is None:
-            levels = target.structure.quantize(w).levels.to(w.dtype)
+            q = target.structure.quantize(w)
+            levels = q.levels.to(w.dtype)
+            keep = q.codes >= 0  # weights the projection itself zeroes (ternary's dead zone) are pruned, as in
+            w = torch.where(keep, w, torch.zeros((), dtype=w.dtype))  # hard_quantize, not snapped to +-a
             frozen = w == 0
         else:
             levels, frozen = before.levels.to(w.dtype), before.frozen.to(w.device) | (w == 0)
-        codes = _nearest_level(w, levels)
+        if levels.numel() == 0:  # nothing nonzero to quantize (an all-zero layer): it stays zero, frozen
+            codes = torch.full(w.shape, -1, dtype=torch.int64, device=w.device)
+        else:
+            codes = _nearest_level(w, levels)
         codes = torch.where(w == 0, torch.full_like(codes, -1), codes)
-        distance = (w - levels[codes.clamp(min=0)]).abs()
+        distance = (w - levels[codes.clamp(min=0)]).abs() if levels.numel() else torch.zeros_like(w)
         frozen = frozen | ((distance == 0) & (codes >= 0))
         free = (~frozen).reshape(-1).nonzero().reshape(-1)
         if free.numel():
@@ -384,7 +392,7 @@ def partial_quantize(
             frozen[chosen] = True
             frozen = frozen.reshape(w.shape)
         held[name] = HeldValues(levels.cpu(), codes.cpu(), "hold", frozen.cpu())
-        out.intersect(name, torch.ones_like(w, dtype=torch.bool))  # quantizing prunes nothing
+        out.intersect(name, keep)  # only what the projection zeroes in the first round is pruned
     out.held = held
     out.apply(model)
     return out
