@@ -159,8 +159,8 @@ def test_compress_does_not_replace_an_earlier_runs_checkpoint_unless_told(tmp_pa
     with pytest.raises(OutputFolderError) as err:  # the old code trained and wrote over it
         compress(tiny_model(), PLAN, data(), data(8, 1), out_dir=out, **SHORT)
     assert one_line(err) == (
-        f"compress: out_dir '{out}' already holds checkpoint.pt of an earlier run; choose another out_dir, or pass "
-        "overwrite=True to replace it"
+        f"compress: out_dir '{out}' already holds checkpoint.pt of an earlier run; pass resume=True to continue it, "
+        "overwrite=True to replace it, or choose another out_dir"
     )
     assert (out / "checkpoint.pt").read_bytes() == first
     compress(tiny_model(), PLAN, data(), data(8, 1), out_dir=out, overwrite=True, **SHORT)
@@ -225,7 +225,7 @@ def _full_disk(path, state):
 
 def test_a_failed_checkpoint_write_gives_advice_for_where_the_run_came_from(tmp_path, monkeypatch, capsys,
                                                                             tiny_finished_run):
-    """compress() has no resume: its advice is overwrite=True; the CLI's is --resume --out (review finding)."""
+    """compress() without a checkpoint yet: call again; the CLI's advice is --resume --out (review finding)."""
     from torch.utils.data import TensorDataset
 
     from admmcompress import Plan, Unstructured, compress
@@ -239,8 +239,7 @@ def test_a_failed_checkpoint_write_gives_advice_for_where_the_run_came_from(tmp_
     with pytest.raises(WriteError) as err:
         compress(model, Plan({"0": Unstructured(sparsity=0.5)}), data, data, admm={"epochs": 1},
                  out_dir=tmp_path / "api", progress=False)
-    assert str(err.value).endswith("then call compress again with overwrite=True (it starts over; runs that "
-                                   "resume: admmcompress run)")
+    assert str(err.value).endswith("then call compress again (no checkpoint was saved yet)")
     config = tiny_finished_run / "config.yaml"  # the tiny run's own config, run again into a new folder
     assert main(["run", str(config), "--out", str(tmp_path / "cli"), "--no-progress"]) == 2
     assert capsys.readouterr().err.strip().endswith(f"then continue the run with --resume --out {tmp_path / 'cli'}")

@@ -12,13 +12,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from admmcompress.atomic import nearest_existing
+from admmcompress.atomic import clean_orphans, nearest_existing
+from admmcompress.config_keys import SPEED_KEYS
 from admmcompress.data.datasets import Split
 from admmcompress.finalize import MaskSet
+from admmcompress.messages import short_repr
 from admmcompress.plan import Plan, PlanError, Rule
 from admmcompress.report.render import render_markdown, save_report
-from admmcompress.train.config import ADMMPhaseConfig, CompactRunConfig, PhaseConfig, RunConfig, StageConfig
+from admmcompress.train.config import (
+    ADMMPhaseConfig,
+    CompactRunConfig,
+    PhaseConfig,
+    RunConfig,
+    StageConfig,
+    config_dict,
+)
+from admmcompress.train.lock import RunLock
+from admmcompress.train.run_folder import MISSING, config_diff
 from admmcompress.train.runner import STATE_FILE, Runner
+from admmcompress.train.training_state import load_training_state
 
 # What CompressionResult.save writes (report.render.save_report and plot_run): the files it would replace.
 SAVED_FILES = ("metrics.json", "report.md", "sparsity.png", "training.png", "rates.png")
@@ -110,6 +122,7 @@ def compress(
     loss_fn: Callable[[Any, torch.Tensor, nn.Module], torch.Tensor] | None = None,
     reweighted: Any = None,
     overwrite: bool = False,
+    resume: bool = False,
 ) -> CompressionResult:
     """Compress a trained ``model`` toward ``plan`` with the reference loop.
 
@@ -126,7 +139,11 @@ def compress(
     its deprecated spelling). ``loss_fn(batch, output, model)`` replaces cross-entropy in every phase. With
     ``out_dir``, state is checkpointed there every epoch (a file or a folder this process cannot write into is
     refused, ``OutputFolderError``, before training, and so is one holding an earlier run's checkpoint unless
-    ``overwrite=True``). An empty list of plans is a ``PlanError``.
+    ``overwrite=True``). ``resume=True`` continues a call that was interrupted from its last checkpoint in
+    ``out_dir``: pass the same model (as it was before that call), data and arguments; arguments that differ
+    from the interrupted call's are refused in one line naming them (the data and ``loss_fn`` cannot be
+    checked). While a call runs, ``out_dir`` is locked against a second one. An empty list of plans is a
+    ``PlanError``.
 
     ``coupling`` ("none", "strict" or "extend") is a run config stage's ``coupling``: filter/channel
     targets on tied channels become one coupled target per channel group (``Plan.resolve_coupled``).
@@ -167,16 +184,60 @@ def compress(
     ]
     config = RunConfig(model={"name": type(model).__name__}, data={"batch_size": batch_size}, seed=seed,
                        pretrained="<in-memory model>", stages=stages, compact=compact)
-    if out_dir is not None:  # refused now, not after the first epoch's checkpoint
-        out_dir = usable_folder(out_dir, "compress")
-        if (out_dir / STATE_FILE).exists() and not overwrite:  # an earlier run's state: not replaced by accident
+    if resume and overwrite:
+        raise ValueError("compress: resume=True continues the earlier call and overwrite=True replaces it; pass one")
+    if out_dir is None:
+        if resume:
+            raise ValueError("compress: resume=True needs out_dir=, the folder the interrupted call checkpointed to")
+        return _compress(config, model, train, test, None, progress, loss_fn, resume)
+    out_dir = usable_folder(out_dir, "compress")  # refused now, not after the first epoch's checkpoint
+    with RunLock(out_dir):  # a second call on the same folder is refused while this one runs
+        clean_orphans(out_dir, ("compact",))  # temp files of writes a kill cut short; we hold the lock
+        _check_resume(out_dir, config, resume, overwrite)
+        return _compress(config, model, train, test, out_dir, progress, loss_fn, resume)
+
+
+def _check_resume(out_dir: Path, config: RunConfig, resume: bool, overwrite: bool) -> None:
+    """Refuse to replace an earlier call's checkpoint by accident, or to resume one made with other arguments."""
+    state_file = out_dir / STATE_FILE
+    if not resume:
+        if state_file.exists() and not overwrite:  # an earlier run's state: not replaced by accident
             raise OutputFolderError(
-                f"compress: out_dir '{out_dir}' already holds {STATE_FILE} of an earlier run; choose another out_dir, "
-                "or pass overwrite=True to replace it"
+                f"compress: out_dir '{out_dir}' already holds {STATE_FILE} of an earlier run; pass resume=True to "
+                "continue it, overwrite=True to replace it, or choose another out_dir"
             )
+        return
+    if not state_file.is_file():
+        raise OutputFolderError(
+            f"compress: resume=True, but out_dir '{out_dir}' holds no {STATE_FILE} (the call stopped before its "
+            "first checkpoint, or this is another folder); call without resume=True to start"
+        )
+    saved = load_training_state(state_file).get("config")
+    if not isinstance(saved, dict):
+        raise OutputFolderError(
+            f"compress: '{state_file}' does not record the arguments of its call (written by `admmcompress run`, or "
+            "before compress could resume), so they cannot be checked; continue it with `admmcompress run --resume`, "
+            "or pass overwrite=True to start over"
+        )
+    diff = {k: v for k, v in config_diff(saved, config_dict(config)).items() if k not in SPEED_KEYS}
+    if diff:
+        shown = "; ".join(f"{k}: {_short(old)} -> {_short(new)}" for k, (old, new) in list(diff.items())[:3])
+        more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
+        raise ValueError(
+            f"compress: resume=True, but the arguments differ from the interrupted call's: {shown}{more}; pass the "
+            "same arguments, or overwrite=True to start over"
+        )
+
+
+def _short(value: Any) -> str:
+    return "(absent)" if value is MISSING else short_repr(value, 40)
+
+
+def _compress(config: RunConfig, model: nn.Module, train, test, out_dir: Path | None, progress: bool, loss_fn,
+              resume: bool) -> CompressionResult:
     runner = Runner(config, model, train, test, out_dir=out_dir, progress=progress, train_dense=False,
                     loss_fn=loss_fn)
-    metrics = runner.run()
+    metrics = runner.run(resume=resume)
     if getattr(train, "source", None) is not None:  # data from load_dataset: name the file, as a CLI run does
         metrics["data_file"] = str(Path(train.source).absolute())
     return CompressionResult(model, runner.masks, metrics, runner.history, runner.compacted)

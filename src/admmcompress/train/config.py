@@ -20,6 +20,7 @@ Example (``configs/lenet5_admm_71x.yaml``)::
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -682,3 +683,8 @@ class RunConfig:
         out = dataclasses.asdict(self)
         out["stages"] = [s.to_dict() for s in self.stages]
         return out
+
+
+def config_dict(config: RunConfig) -> dict[str, Any]:
+    """The config as plain YAML-able data (what a run folder's config.yaml and a checkpoint's ``config`` hold)."""
+    return json.loads(json.dumps(config.to_dict()))

@@ -34,7 +34,7 @@ import yaml
 from admmcompress.atomic import TMP_PATTERN, atomic_write
 from admmcompress.config_keys import SPEED_KEYS
 from admmcompress.strict_yaml import safe_load_unique, yaml_problem
-from admmcompress.train.config import RunConfig
+from admmcompress.train.config import RunConfig, config_dict
 from admmcompress.train.runner import STAGES_DIR, STATE_FILE, Phase
 
 CONFIG_FILE = "config.yaml"
@@ -202,11 +202,6 @@ def _remove_run_files(folder: Path, own: re.Pattern[str] | None) -> None:
             path.unlink()
     with contextlib.suppress(OSError):  # a file of the user's keeps the folder
         folder.rmdir()
-
-
-def config_dict(config: RunConfig) -> dict[str, Any]:
-    """The config as plain YAML-able data (what a run folder's config.yaml holds)."""
-    return json.loads(json.dumps(config.to_dict()))
 
 
 def _saved_config(path: Path) -> dict[str, Any]:

@@ -37,7 +37,14 @@ from admmcompress.report.storage import storage
 from admmcompress.train import checkpoint as ckpt
 from admmcompress.train.averaging import WeightAverage
 from admmcompress.train.cadence import Cadence
-from admmcompress.train.config import AUTOCAST_DTYPES, ConfigError, PhaseConfig, RunConfig, StageConfig
+from admmcompress.train.config import (
+    AUTOCAST_DTYPES,
+    ConfigError,
+    PhaseConfig,
+    RunConfig,
+    StageConfig,
+    config_dict,
+)
 from admmcompress.train.distributed import Distributed, ShardedLoader, sync_batchnorm, wrap
 from admmcompress.train.distributed import evaluate as evaluate_sharded
 from admmcompress.train.logging import EpochLogger, layer_sparsity
@@ -121,7 +128,7 @@ class Runner:
         self.loss_fn = loss_fn  # replaces cross-entropy in every phase (train.loop.train_epoch's hook)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.progress = progress
-        # Advice after a failure names the CLI's flags (--resume, --overwrite); compress() has no resume
+        # Advice after a failure names the CLI's flags (--resume, --overwrite), or compress()'s arguments
         self.from_cli = False
         self.loader: BatchLoader | ShardedLoader | DatasetLoader
         if isinstance(train, Split):
@@ -251,7 +258,9 @@ class Runner:
         if path is None:
             return ", then run again (no output folder, so no checkpoint was saved)"
         if not self.from_cli:
-            return ", then call compress again with overwrite=True"
+            saved = path.is_file() and (self._saved or self._resumed)
+            return (", then call compress again with resume=True (it continues from the last checkpoint) or "
+                    "overwrite=True" if saved else ", then call compress again with overwrite=True")
         if not path.is_file() or not (self._saved or self._resumed):
             return f", then run again with --overwrite --out {self.out_dir} (no checkpoint was saved yet)"
         phase, epoch = read_progress(self.out_dir)
@@ -584,14 +593,19 @@ class Runner:
             "history": self.history,
             "metrics": self.metrics,
             "transforms": self.transforms,
+            "config": config_dict(self.config),  # what compress(resume=True) checks its arguments against
         }
         if self.teacher is not None:
             state["teacher"] = self.teacher.state_dict()
         try:
             ckpt.save_state(self.out_dir / STATE_FILE, state)
         except WriteError as err:
-            how = (f"continue the run with --resume --out {self.out_dir}" if self.from_cli else
-                   "call compress again with overwrite=True (it starts over; runs that resume: admmcompress run)")
+            if self.from_cli:
+                how = f"continue the run with --resume --out {self.out_dir}"
+            elif self._saved or self._resumed:
+                how = "call compress again with resume=True (it continues from the last checkpoint)"
+            else:
+                how = "call compress again (no checkpoint was saved yet)"
             raise WriteError(err.errno, f"{err}; then {how}") from None
         self._saved = True
 

@@ -49,6 +49,7 @@ OPTIONAL_STATE_KEYS: dict[str, tuple[type, ...]] = {
     "threads": (int, _NONE),
     "transforms": (list,),
     "teacher": (dict, _NONE),
+    "config": (dict,),  # the run's config (config_dict), for compress(resume=True); from 2026-12-06
 }
 _RESTART = "a run cannot resume from it: start the run again (--overwrite) or in another --out"
 

@@ -1,0 +1,105 @@
+"""``compress(..., out_dir=..., resume=True)``: an interrupted call continues from its last checkpoint to the
+result an uninterrupted call gives; other arguments, a missing checkpoint and a held folder are one line each."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from admmcompress import Filter, Plan, Rule, compress
+from admmcompress.api import OutputFolderError
+from admmcompress.data.datasets import Split
+from admmcompress.train.lock import RunLock, RunLocked
+from admmcompress.train.runner import STATE_FILE, Runner
+
+pytestmark = pytest.mark.filterwarnings("ignore:ADMM residual:RuntimeWarning")
+
+
+def data(n: int, seed: int) -> Split:
+    g = torch.Generator().manual_seed(seed)
+    return Split(torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 3, (n,), generator=g))
+
+
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 4 * 4, 3))
+
+
+PLAN = Plan([Rule(Filter(sparsity=0.5), match="0")])
+ARGS = {"admm": {"epochs": 2, "update_every_steps": 2}, "retrain": {"epochs": 2}, "batch_size": 8,
+        "compact": {"samples": 2}}
+
+
+class Interrupted(Exception):
+    pass
+
+
+def interrupted_call(monkeypatch, out, after_saves: int):
+    """compress(...) stopped (as by Ctrl-C or a kill) right after its ``after_saves``-th checkpoint."""
+    save, count = Runner._save, [0]
+
+    def save_then_stop(self):
+        save(self)
+        count[0] += 1
+        if count[0] == after_saves:
+            raise Interrupted
+
+    monkeypatch.setattr(Runner, "_save", save_then_stop)
+    with pytest.raises(Interrupted):
+        compress(net(), PLAN, data(32, 0), data(16, 1), out_dir=out, **ARGS)
+    monkeypatch.setattr(Runner, "_save", save)
+
+
+@pytest.mark.parametrize("after_saves", [1, 3])  # inside the admm phase; inside retraining
+def test_an_interrupted_call_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, after_saves):
+    whole = compress(net(), PLAN, data(32, 0), data(16, 1), out_dir=tmp_path / "whole", **ARGS)
+    interrupted_call(monkeypatch, tmp_path / "cut", after_saves)
+    resumed = compress(net(), PLAN, data(32, 0), data(16, 1), out_dir=tmp_path / "cut", resume=True, **ARGS)
+    for name, value in whole.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], value), name
+    assert resumed.compacted is not None and resumed.compacted[0].out_channels == 4
+    assert [h["accuracy"] for h in resumed.history] == [h["accuracy"] for h in whole.history]
+
+
+def test_resume_with_other_arguments_names_them(tmp_path, monkeypatch):
+    interrupted_call(monkeypatch, tmp_path, 1)
+    other = dict(ARGS, retrain={"epochs": 3}, seed=5)
+    with pytest.raises(ValueError) as err:
+        compress(net(), PLAN, data(32, 0), data(16, 1), out_dir=tmp_path, resume=True, **other)
+    message = str(err.value)
+    assert message.startswith("compress: resume=True, but the arguments differ from the interrupted call's: ")
+    assert "seed: 0 -> 5" in message and "stages.0.retrain.epochs: 2 -> 3" in message
+    assert "\n" not in message and "overwrite=True to start over" in message
+
+
+def test_a_kept_checkpoint_is_not_replaced_without_saying_how(tmp_path, monkeypatch):
+    interrupted_call(monkeypatch, tmp_path, 1)
+    saved = (tmp_path / STATE_FILE).read_bytes()
+    with pytest.raises(OutputFolderError, match="pass resume=True to continue it, overwrite=True to replace it"):
+        compress(net(), PLAN, data(32, 0), data(16, 1), out_dir=tmp_path, **ARGS)
+    assert (tmp_path / STATE_FILE).read_bytes() == saved
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"resume": True}, "compress: resume=True needs out_dir="),
+        ({"resume": True, "overwrite": True, "out_dir": "x"}, "compress: resume=True continues the earlier call and "
+                                                              "overwrite=True replaces it; pass one"),
+        ({"resume": True, "out_dir": "empty"}, "holds no checkpoint.pt (the call stopped before its first "
+                                               "checkpoint, or this is another folder); call without resume=True"),
+    ],
+)
+def test_a_resume_that_cannot_be_is_one_line(tmp_path, kwargs, expected):
+    if "out_dir" in kwargs:
+        kwargs = dict(kwargs, out_dir=tmp_path / kwargs["out_dir"])
+    with pytest.raises(ValueError) as err:
+        compress(net(), PLAN, data(32, 0), data(16, 1), **kwargs, **ARGS)
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_folder_another_call_holds_is_refused(tmp_path):
+    with RunLock(tmp_path), pytest.raises(RunLocked):
+        compress(net(), PLAN, data(32, 0), data(16, 1), out_dir=tmp_path, **copy.deepcopy(ARGS))
