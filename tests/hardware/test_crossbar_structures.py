@@ -6,8 +6,9 @@ import itertools
 
 import pytest
 import torch
+from torch import nn
 
-from admmcompress import ADMM, Plan
+from admmcompress import ADMM, Plan, Rule
 from admmcompress.finalize import hard_prune
 from admmcompress.hardware import CrossbarSpec, map_model
 from admmcompress.plan import PlanError
@@ -138,3 +139,30 @@ def test_conductance_plan_form_and_errors():
         CrossbarRow(sparsity=0.5, tile=(0, 4))
     with pytest.raises(ValueError, match="columns_per_weight=9 is more than the tile's 8 columns"):
         CrossbarRow(sparsity=0.5, tile=(8, 8), columns_per_weight=9)
+
+
+@pytest.mark.parametrize("kind", [CrossbarTile, CrossbarRow, CrossbarColumn])
+@pytest.mark.parametrize("groups_", [16, 4])
+def test_a_grouped_conv_is_pruned_in_the_tiles_of_its_block_diagonal_layout(kind, groups_):
+    """The mapping lays a grouped conv's blocks on the diagonal (hardware.crossbar.block_diagonal); the plan binds
+    the structure to the conv, so a pruned tile group is a tile the mapping never instantiates."""
+    from admmcompress.hardware import CrossbarSpec
+    from admmcompress.hardware.crossbar import GemmWeight, map_matrix
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 32, 3, groups=groups_)
+    spec = CrossbarSpec(rows=16, cols=8, bits_per_cell=7, weight_bits=8)  # 2 columns a weight: 4 outputs x 16 inputs
+    target = Plan([Rule(kind(sparsity=0.5, tile=(16, 8), columns_per_weight=2), match="")]).resolve(conv)[0]
+    assert target.structure.conv_groups == groups_ and "conv_groups" not in target.structure.to_dict()
+    ids, count = target.structure.group_ids(conv.weight)
+    pruned = target.structure.project(conv.weight.detach())
+    layout = GemmWeight("conv", conv).matrix(pruned)
+    if kind is CrossbarTile:
+        mapping = map_matrix("conv", layout, spec, groups=groups_)
+        assert count == mapping.dense and int(ids[pruned.flatten(1) != 0].unique().numel()) == mapping.masked
+    # every group lies in one tile of the layout; the layout's entries in row-major order are the GEMM
+    # matrix's in row-major order (row o holds its group's inputs, in order)
+    rows, cols = torch.nonzero(GemmWeight("conv", conv).layout(), as_tuple=True)
+    tile_of = (rows // 4) * 1000 + cols // 16
+    for group in range(count):
+        assert tile_of[ids.flatten() == group].unique().numel() == 1

@@ -84,7 +84,7 @@ def test_tile_above_matrix_size_gets_a_clear_note():
 
 
 def test_model_without_gemm_layers_is_a_clear_error():
-    with pytest.raises(ValueError, match="ReLU has no Linear or Conv layer to map onto crossbar tiles"):
+    with pytest.raises(ValueError, match="ReLU has no Linear, Conv or recurrent layer to map onto crossbar tiles"):
         map_model(torch.nn.ReLU(), CrossbarSpec())
 
 

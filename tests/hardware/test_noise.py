@@ -36,16 +36,17 @@ def test_stuck_at_fractions():
 
 
 @pytest.mark.parametrize("signed", ["differential", "offset"])
-@pytest.mark.parametrize(("bits_per_cell", "weight_bits"), [(1, 4), (2, 5), (4, 4)])
+@pytest.mark.parametrize("bits_per_cell", range(1, 9))
+@pytest.mark.parametrize("weight_bits", [*range(1, 11), 16])
 def test_noiseless_read_back_is_exact_on_the_grid(signed, bits_per_cell, weight_bits):
-    spec = CrossbarSpec(rows=4, cols=16, bits_per_cell=bits_per_cell, weight_bits=weight_bits, signed=signed)
-    n = 2 ** (weight_bits - 1) - 1  # symmetric magnitudes both schemes can store
+    spec = CrossbarSpec(rows=4, cols=40, bits_per_cell=bits_per_cell, weight_bits=weight_bits, signed=signed)
+    # Symmetric magnitudes both schemes can store; a 1-bit weight keeps -q, 0 and +q (pruned weights are zero).
+    n = max(1, 2 ** (weight_bits - 1) - 1)
     g = torch.Generator().manual_seed(0)
     w = torch.randint(-n, n + 1, (6, 8), generator=g).double() * 0.125
-    w[0, 0] = n * 0.125  # the largest code is used, so the grid is recovered
-    read = CellMapping.of(w, spec).read(DeviceNoise())
-    exists = CellMapping.of(w, spec).exists
-    assert torch.allclose(read, w * exists, atol=1e-12)
+    w[0, 0], w[0, 1], w[0, 2] = n * 0.125, -n * 0.125, 0.0  # the largest codes of both signs, and a zero
+    cells = CellMapping.of(w, spec)
+    assert torch.allclose(cells.read(DeviceNoise()), w * cells.exists.reshape(w.shape), atol=1e-12)
 
 
 def test_cells_of_uninstantiated_tiles_read_zero_under_noise():

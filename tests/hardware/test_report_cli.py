@@ -197,3 +197,42 @@ def test_sample_reads_a_torch_dataset_into_a_seeded_split():
 
     part = sample(Arrays(), 4, seed=1)
     assert part.x.dtype == torch.float32 and torch.equal(part.x, x[part.y])
+
+
+def test_a_reference_too_wide_for_the_tile_names_baseline_bits():
+    spec = CrossbarSpec(rows=16, cols=16, bits_per_cell=1, weight_bits=4)  # 6 columns per weight: fits
+    with pytest.raises(ValueError) as err:
+        analyze(torch.nn.Sequential(torch.nn.Linear(64, 32)), spec, pim_bits=())
+    assert str(err.value) == (
+        "hardware: the unpruned 16-bit reference (--baseline-bits 16) takes 30 columns per weight, more than the 16 "
+        "of a tile; lower --baseline-bits (at most 9 fits) or use wider tiles"
+    )
+    # 9 bits: 8 slices x 2 cells fill the 16 columns, 1 output x 16 inputs per tile
+    assert analyze(torch.nn.Linear(64, 32), spec, baseline_bits=9, pim_bits=()).baseline.total("dense") == 128
+
+
+def test_sot_mram_reference_too_wide_for_the_subarray_names_baseline_bits():
+    with pytest.raises(ValueError, match=r"^hardware: the unpruned 16-bit SOT-MRAM reference \(--baseline-bits 16\) "
+                                         r"takes 16 columns per weight, more than the 8 of a sub-array; lower "
+                                         r"--baseline-bits or use wider sub-arrays$"):
+        analyze(torch.nn.Linear(64, 32), CrossbarSpec(), pim_bits=(2,), pim_subarray=(8, 8))
+
+
+def test_cli_hardware_reference_too_wide_is_one_line(crossbar_run, capsys):
+    capsys.readouterr()
+    code = main(["hardware", str(crossbar_run), "--tile", "16", "--bits-per-cell", "1", "--weight-bits", "4",
+                 "--no-save", "--pim-bits"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("admmcompress: error: hardware: the unpruned 16-bit "), err
+    assert "lower --baseline-bits (at most 9 fits) or use wider tiles" in err[0]
+
+
+def test_a_mapping_larger_than_its_reference_reports_the_change_with_a_sign():
+    # 8-bit weights against a 2-bit reference: twice the tiles, so every figure grows by 100%.
+    text = render_hardware(analyze(torch.nn.Sequential(torch.nn.Linear(64, 32)), CrossbarSpec(), baseline_bits=2,
+                                   pim_bits=()))
+    line = next(line for line in text.splitlines() if line.startswith("Compacted"))
+    assert "2.00x more tiles, area +100.00%, power +100.00%, energy +100.00%." in line, line
+    smaller = render_hardware(analyze(torch.nn.Linear(256, 64), CrossbarSpec(), pim_bits=()))
+    line = next(line for line in smaller.splitlines() if line.startswith("Compacted"))
+    assert "2.00x fewer tiles, area -50.00%, power -50.00%, energy -50.00%." in line, line

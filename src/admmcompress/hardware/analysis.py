@@ -60,6 +60,7 @@ class HardwareAnalysis:
     mapped_accuracy: float | None = None
     variation: list[VariationPoint] = field(default_factory=list)
     adc: list[tuple[int, float]] = field(default_factory=list)
+    adc_exact: list[str] = field(default_factory=list)  # mapped layers the ADC model leaves exact (ADCModel.skipped)
 
     @property
     def ratios(self) -> dict[str, float]:
@@ -90,6 +91,8 @@ class HardwareAnalysis:
                 for point in self.variation
             ],
             "adc": [{"bits": bits, "accuracy": acc} for bits, acc in self.adc],
+            "adc_exact": list(self.adc_exact),
+            "unmapped": dict(self.mapping.unmapped),
         }
 
 
@@ -142,10 +145,12 @@ def add_variation(
 def add_adc(
     result: HardwareAnalysis, model: nn.Module, evaluate: Evaluate, bits: Sequence[int], calibration: torch.Tensor
 ) -> HardwareAnalysis:
-    """Accuracy with each ADC resolution in ``bits`` (tile partial sums quantized, modelled ADC)."""
+    """Accuracy with each ADC resolution in ``bits`` (tile partial sums quantized, modelled ADC); the layers
+    the ADC model cannot convert run exact and are kept in ``result.adc_exact`` for the report to name."""
     for b in bits:
-        with adc_quantization(model, b, calibration, result.spec.inputs_per_tile):
+        with adc_quantization(model, b, calibration, result.spec.inputs_per_tile) as adc:
             result.adc.append((b, float(evaluate(model))))
+        result.adc_exact = list(adc.skipped)
     return result
 
 

@@ -29,7 +29,7 @@ from typing import Any
 from torch import nn
 
 from admmcompress.hardware.constants import CROSSBAR, CrossbarConstants
-from admmcompress.hardware.crossbar import CrossbarSpec, ModelMapping, map_model
+from admmcompress.hardware.crossbar import MAX_TILE, CrossbarSpec, ModelMapping, map_model
 
 COMPONENTS = ("array", "adc", "dac", "sample_hold", "shift_add", "registers")
 KINDS = ("dense", "masked", "compact")
@@ -120,11 +120,33 @@ def crossbar_cost(
     return cost
 
 
+def _columns(spec: CrossbarSpec, bits: int) -> int:
+    """Columns one ``bits``-bit weight takes under ``spec``, reference column included (any tile width)."""
+    wide = replace(spec, weight_bits=bits, cols=MAX_TILE)
+    return wide.columns_per_weight + wide.reserved_columns
+
+
+def baseline_spec(spec: CrossbarSpec, baseline_bits: int) -> CrossbarSpec:
+    """``spec`` at ``baseline_bits`` per weight: the reference's cells. A tile too narrow for the reference is
+    refused in one line about the reference and ``--baseline-bits``, not about the user's own weights."""
+    try:
+        return replace(spec, weight_bits=baseline_bits)
+    except ValueError:
+        if not 1 <= baseline_bits <= 16 or _columns(spec, baseline_bits) <= spec.cols:
+            raise  # not the tile width: CrossbarSpec's own message names it
+    fits = max((b for b in range(1, baseline_bits) if _columns(spec, b) <= spec.cols), default=spec.weight_bits)
+    raise ValueError(
+        f"hardware: the unpruned {baseline_bits}-bit reference (--baseline-bits {baseline_bits}) takes "
+        f"{_columns(spec, baseline_bits)} columns per weight, more than the {spec.cols} of a tile; "
+        f"lower --baseline-bits (at most {fits} fits) or use wider tiles"
+    ) from None
+
+
 def baseline_mapping(
     model: nn.Module, spec: CrossbarSpec, baseline_bits: int = 16, example: Any = None
 ) -> ModelMapping:
     """The unpruned full-precision reference: every weight mapped at ``baseline_bits``, same tiles and cells."""
-    return map_model(model, replace(spec, weight_bits=baseline_bits), example, dense=True)
+    return map_model(model, baseline_spec(spec, baseline_bits), example, dense=True)
 
 
-__all__ = ["COMPONENTS", "KINDS", "CrossbarCost", "baseline_mapping", "crossbar_cost", "tile_figures"]
+__all__ = ["COMPONENTS", "KINDS", "CrossbarCost", "baseline_mapping", "baseline_spec", "crossbar_cost", "tile_figures"]

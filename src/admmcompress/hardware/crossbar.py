@@ -12,6 +12,15 @@ Three tile counts per layer:
 - ``masked``: the same layout, but a tile whose weights are all pruned is not instantiated (masked mapping);
 - ``compact``: zero outputs and zero inputs removed first (structured pruning shrinks the matrix), then masked.
 
+What is mapped (:func:`gemm_weights`): every weight matrix :func:`~admmcompress.structures.groups.gemm_params`
+names (the ones storage counts) of Linear, Conv, ConvTranspose and recurrent (RNN/GRU/LSTM and their cells)
+layers. A recurrent layer gives one matrix per ``weight_ih_l*``/``weight_hh_l*`` (all its gates share the
+inputs, so they are outputs of one matrix), run once per time step. A transposed conv is the direct conv it
+equals (zeros inserted between its inputs). A conv with ``g`` groups is laid out block-diagonally: group ``i``'s
+``(O/g, C_in/g*k)`` matrix on the diagonal of an ``(O, C_in*k)`` grid. A weight matrix of any other layer
+(embeddings, attention in-projections, custom layers) is listed in :attr:`ModelMapping.unmapped`, so the
+report can name what its totals leave out.
+
 >>> spec = CrossbarSpec(rows=4, cols=4, bits_per_cell=2, weight_bits=3)    # 1 slice x 2 cells per weight
 >>> spec.columns_per_weight, spec.outputs_per_tile
 (2, 2)
@@ -30,16 +39,19 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
+from torch.nn.utils.rnn import PackedSequence
 
 from admmcompress.hardware.constants import DEVICE
-from admmcompress.structures.groups import as_matrix
+from admmcompress.structures.groups import gemm_params
 
 SIGNED = ("differential", "offset")
 # Largest tile side and ADC resolution accepted: real crossbars stay far below (64..1024 cells a side), and
 # the mapping pads every layer to whole tiles, so a huge tile would allocate a huge padded grid.
 MAX_TILE = 4096
 MAX_ADC_BITS = 24
-GEMM_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Layers whose gemm_params() a crossbar computes as matrix-vector products (ConvTranspose subclasses _ConvNd).
+GEMM_LAYERS = (nn.Linear, _ConvNd, nn.RNNBase, nn.RNNCellBase)
 
 
 @dataclass(frozen=True)
@@ -92,9 +104,23 @@ class CrossbarSpec:
             )
 
     @property
+    def max_code(self) -> int:
+        """Largest magnitude code ``|w| / q`` (symmetric, both schemes); at least 1, so a 1-bit weight keeps
+        -q, 0 (pruned) and +q."""
+        return max(1, 2 ** (self.weight_bits - 1) - 1)
+
+    @property
+    def offset_code(self) -> int:
+        """What the offset scheme adds to a signed code ``-max_code..max_code`` so the cells hold it unsigned."""
+        return 2 ** (self.weight_bits - 1)
+
+    @property
     def magnitude_bits(self) -> int:
-        """Bits the cells store per weight: the sign is the pair's choice of cell, or the offset's."""
-        return self.weight_bits - 1 if self.signed == "differential" else self.weight_bits
+        """Bits the cells store per weight: differential, the magnitude (the sign picks the pair's cell);
+        offset, the shifted code (``weight_bits``, but 2 for 1-bit weights: -1, 0 and +1 shift to 0..2)."""
+        if self.signed == "differential":
+            return self.weight_bits - 1
+        return (self.offset_code + self.max_code).bit_length()
 
     @property
     def slices(self) -> int:
@@ -155,6 +181,112 @@ def tile_grid(matrix: torch.Tensor, outputs_per_tile: int, inputs_per_tile: int)
     return padded.view(n_out, outputs_per_tile, n_in, inputs_per_tile).any(dim=3).any(dim=1)
 
 
+@dataclass(frozen=True)
+class GemmWeight:
+    """One weight matrix a crossbar computes with, ``module.<param>``, and its GEMM blocks (one per conv group).
+
+    >>> conv = nn.Conv2d(4, 6, 3, groups=2)                        # weight (6, 2, 3, 3)
+    >>> gemm = GemmWeight("conv", conv)
+    >>> tuple(gemm.blocks().shape), tuple(gemm.matrix().shape)     # 2 groups of 3 outputs x 18 inputs
+    ((2, 3, 18), (6, 36))
+    >>> torch.equal(gemm.weight_of(gemm.blocks()), conv.weight)
+    True
+    """
+
+    layer: str
+    module: nn.Module
+    param: str = "weight"
+
+    @property
+    def name(self) -> str:
+        """The layer's name; ``layer.param`` for one of the matrices of a recurrent layer."""
+        if self.param == "weight":
+            return self.layer
+        return f"{self.layer}.{self.param}" if self.layer else self.param
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return getattr(self.module, self.param)
+
+    @property
+    def groups(self) -> int:
+        return self.module.groups if isinstance(self.module, _ConvNd) else 1
+
+    def blocks(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """``(groups, outputs, inputs)`` GEMM blocks of ``weight`` (default: the module's), detached."""
+        w = (self.weight if weight is None else weight).detach()
+        g = self.groups
+        if isinstance(self.module, _ConvTransposeNd):
+            # Weight (C_in, C_out/g, *k): the direct conv it equals has C_out/g outputs x C_in/g * k inputs per
+            # group. That conv flips the kernel, which only reorders a group's inputs: wordlines take any order.
+            return w.reshape(g, w.shape[0] // g, w.shape[1], -1).transpose(1, 2).reshape(g, w.shape[1], -1)
+        return w.reshape(g, w.shape[0] // g, -1)
+
+    def weight_of(self, blocks: torch.Tensor) -> torch.Tensor:
+        """The weight tensor whose :meth:`blocks` are ``blocks`` (the inverse of :meth:`blocks`)."""
+        shape = self.weight.shape
+        if isinstance(self.module, _ConvTransposeNd):
+            g, outputs = blocks.shape[0], blocks.shape[1]
+            return blocks.reshape(g, outputs, shape[0] // g, -1).transpose(1, 2).reshape(shape)
+        return blocks.reshape(shape)
+
+    def matrix(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The ``(outputs, inputs)`` matrix laid out on the crossbars: the blocks on the diagonal."""
+        return block_diagonal(self.blocks(weight))
+
+    def layout(self) -> torch.Tensor:
+        """Ones where the layout has a weight (block-diagonal for a grouped conv): the unpruned mapping."""
+        return block_diagonal(torch.ones_like(self.blocks()))
+
+
+def block_diagonal(blocks: torch.Tensor) -> torch.Tensor:
+    """``(g, o, k)`` blocks as the ``(g*o, g*k)`` matrix with the blocks on its diagonal, zeros elsewhere.
+
+    Why block-diagonal and not one set of tiles per group: the function is the same, and a group of a depthwise
+    conv is one output x k inputs, so one tile per group would leave all but one column of it empty; on the
+    diagonal, the groups share tiles and the empty off-diagonal tiles are never instantiated (masked mapping).
+
+    >>> block_diagonal(torch.ones(2, 1, 2)).int()
+    tensor([[1, 1, 0, 0],
+            [0, 0, 1, 1]], dtype=torch.int32)
+    """
+    return blocks[0] if blocks.shape[0] == 1 else torch.block_diag(*blocks.unbind(0))
+
+
+def diagonal_blocks(matrix: torch.Tensor, groups: int) -> torch.Tensor:
+    """The ``(groups, o, k)`` diagonal blocks of a block-diagonal ``matrix`` (the inverse of :func:`block_diagonal`)."""
+    rows, cols = matrix.shape
+    grid = matrix.reshape(groups, rows // groups, groups, cols // groups)
+    return grid.diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+
+
+def gemm_weights(model: nn.Module) -> list[GemmWeight]:
+    """Every weight matrix a crossbar computes: the ``gemm_params`` (what storage counts) of each Linear, Conv,
+    ConvTranspose and recurrent layer."""
+    return [
+        GemmWeight(name, module, param)
+        for name, module in model.named_modules()
+        if isinstance(module, GEMM_LAYERS)
+        for param in gemm_params(module)
+    ]
+
+
+def unmapped_weights(model: nn.Module) -> dict[str, int]:
+    """``{"layer.param": weights}`` of every weight matrix or kernel no crossbar layer computes (embeddings,
+    attention in-projections, custom layers): what the mapping's totals leave out.
+
+    >>> unmapped_weights(nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2)))
+    {'0.weight': 40}
+    """
+    mapped = {(id(gemm.module), gemm.param) for gemm in gemm_weights(model)}
+    return {
+        f"{name}.{param}" if name else param: value.numel()
+        for name, module in model.named_modules()
+        for param, value in module.named_parameters(recurse=False)
+        if value.dim() >= 2 and (id(module), param) not in mapped
+    }
+
+
 @dataclass
 class LayerMapping:
     """Tiles of one layer: dense, masked (all-pruned tiles dropped) and compacted + masked."""
@@ -168,25 +300,33 @@ class LayerMapping:
     dense: int
     masked: int
     compact: int
-    positions: int = 1  # output positions per sample (conv: H x W); each needs one pass over the tiles
+    positions: int = 1  # passes over the tiles per sample: output positions (conv: H x W), time steps (RNN)
     note: str = ""
+    groups: int = 1  # a grouped conv's matrix is block-diagonal: outputs x inputs holds weights / groups of them
 
     @property
     def weights(self) -> int:
-        return self.outputs * self.inputs
+        return self.outputs * self.inputs // self.groups
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
-def map_matrix(name: str, matrix: torch.Tensor, spec: TileLayout, positions: int = 1) -> LayerMapping:
-    """Tile counts of one GEMM matrix ``(outputs, inputs)`` under ``spec``."""
+def map_matrix(
+    name: str, matrix: torch.Tensor, spec: TileLayout, positions: int = 1, groups: int = 1
+) -> LayerMapping:
+    """Tile counts of one GEMM matrix ``(outputs, inputs)`` under ``spec``; ``groups > 1``: the matrix is the
+    block-diagonal layout of a grouped conv, and ``dense`` counts only the tiles its diagonal blocks touch."""
     matrix = matrix.detach()
     out_t, in_t = spec.outputs_per_tile, spec.inputs_per_tile
     rows, cols = matrix.shape
     nonzero = matrix != 0
     kept_rows, kept_cols = nonzero.any(dim=1), nonzero.any(dim=0)
-    dense = math.ceil(rows / out_t) * math.ceil(cols / in_t)
+    if groups > 1:
+        layout = block_diagonal(matrix.new_ones(groups, rows // groups, cols // groups))
+        dense = int(tile_grid(layout, out_t, in_t).sum())
+    else:
+        dense = math.ceil(rows / out_t) * math.ceil(cols / in_t)
     masked = int(tile_grid(matrix, out_t, in_t).sum())
     compacted = matrix[kept_rows][:, kept_cols]
     compact = int(tile_grid(compacted, out_t, in_t).sum()) if compacted.numel() else 0
@@ -202,27 +342,51 @@ def map_matrix(name: str, matrix: torch.Tensor, spec: TileLayout, positions: int
         )
     return LayerMapping(
         name, rows, cols, int(kept_rows.sum()), int(kept_cols.sum()), int(nonzero.sum()), dense, masked, compact,
-        positions, note,
+        positions, note, groups,
     )
 
 
 def gemm_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """The model's Linear/Conv layers (the ones a crossbar computes), by name."""
-    for name, module in model.named_modules():
-        if isinstance(module, GEMM_LAYERS) and isinstance(getattr(module, "weight", None), torch.Tensor):
-            yield name, module
+    """The model's layers a crossbar computes (Linear, Conv, ConvTranspose, recurrent), by name."""
+    seen = set()
+    for gemm in gemm_weights(model):
+        if id(gemm.module) not in seen:
+            seen.add(id(gemm.module))
+            yield gemm.layer, gemm.module
+
+
+def _time_steps(module: nn.RNNBase, output: Any) -> int:
+    """Time steps of a recurrent layer's output (its first element), batched, unbatched or packed."""
+    out = output[0]
+    if isinstance(out, PackedSequence):
+        return len(out.batch_sizes)
+    if out.dim() == 2:  # unbatched (L, D*H)
+        return out.shape[0]
+    return out.shape[1] if module.batch_first else out.shape[0]
+
+
+def passes(module: nn.Module, output: Any) -> int:
+    """Passes over a layer's tiles that one call makes for the first sample: output positions (conv: H x W),
+    time steps (recurrent layer), vectors (Linear over a sequence); one for a recurrent cell's step."""
+    if isinstance(module, nn.RNNBase):
+        return _time_steps(module, output)
+    if isinstance(module, nn.RNNCellBase):
+        return 1
+    channels = module.out_channels if isinstance(module, _ConvNd) else module.weight.shape[0]
+    return max(1, output[0].numel() // channels)
 
 
 def output_positions(model: nn.Module, example: torch.Tensor | None) -> dict[str, int]:
-    """Output positions per sample of each GEMM layer (1 for Linear), from one forward pass on ``example``."""
+    """Passes per sample over each GEMM layer's tiles (1 for Linear), from one forward pass on ``example``;
+    a layer called several times (a recurrent cell in a loop, a shared layer) adds up its calls."""
     layers = dict(gemm_layers(model))
     if example is None:
         return {name: 1 for name in layers}
     found: dict[str, int] = {}
     handles = []
     for name, module in layers.items():
-        def record(mod: nn.Module, args: Any, out: torch.Tensor, name: str = name) -> None:
-            found[name] = max(1, out[0].numel() // mod.weight.shape[0])  # conv: H x W; linear: 1
+        def record(mod: nn.Module, args: Any, out: Any, name: str = name) -> None:
+            found[name] = found.get(name, 0) + passes(mod, out)
 
         handles.append(module.register_forward_hook(record))
     was_training = model.training
@@ -239,10 +403,12 @@ def output_positions(model: nn.Module, example: torch.Tensor | None) -> dict[str
 
 @dataclass
 class ModelMapping:
-    """Every GEMM layer's tiles under one spec, with totals and notes (layers smaller than a tile)."""
+    """Every GEMM layer's tiles under one spec, with totals and notes (layers smaller than a tile, weights not
+    mapped)."""
 
     spec: CrossbarSpec
     layers: list[LayerMapping] = field(default_factory=list)
+    unmapped: dict[str, int] = field(default_factory=dict)  # "layer.param" -> weights no crossbar computes
 
     def total(self, kind: str) -> int:
         """Sum of ``dense``, ``masked`` or ``compact`` tiles over the layers."""
@@ -250,39 +416,46 @@ class ModelMapping:
 
     @property
     def notes(self) -> list[str]:
-        return [layer.note for layer in self.layers if layer.note]
+        notes = [layer.note for layer in self.layers if layer.note]
+        if self.unmapped:
+            named = ", ".join(f"'{name}' ({count:,} weights)" for name, count in self.unmapped.items())
+            notes.append(
+                f"not mapped onto crossbar tiles (no Linear, Conv or recurrent layer computes them), so every tile, "
+                f"area, power and energy figure leaves them out: {named}"
+            )
+        return notes
 
 
 def gemm_matrices(
     model: nn.Module, example: torch.Tensor | None, dense: bool = False
-) -> Iterator[tuple[str, torch.Tensor, int]]:
-    """``(name, GEMM matrix, output positions per sample)`` of every mapped layer; ``dense``: all ones (the
-    unpruned mapping under the same layout)."""
+) -> Iterator[tuple[GemmWeight, torch.Tensor, int]]:
+    """``(weight, GEMM matrix, passes per sample)`` of every mapped weight; ``dense``: the layout's ones (the
+    unpruned mapping: a grouped conv keeps its block-diagonal zeros)."""
     positions = output_positions(model, example)
-    for name, module in gemm_layers(model):
-        matrix = as_matrix(module.weight.detach())
-        yield name, (torch.ones_like(matrix) if dense else matrix), positions[name]
+    for gemm in gemm_weights(model):
+        yield gemm, (gemm.layout() if dense else gemm.matrix()), positions[gemm.layer]
 
 
 def map_model(
     model: nn.Module, spec: CrossbarSpec, example: torch.Tensor | None = None, dense: bool = False
 ) -> ModelMapping:
-    """Map every Linear/Conv layer of ``model``; ``dense=True`` maps as if nothing were pruned.
+    """Map every Linear/Conv/recurrent weight matrix of ``model``; ``dense=True`` maps as if nothing were pruned.
 
     Raises ``ValueError`` if the model has no layer a crossbar computes.
     """
-    mapping = ModelMapping(spec)
-    for name, matrix, positions in gemm_matrices(model, example, dense):
-        mapping.layers.append(map_matrix(name, matrix, spec, positions))
+    mapping = ModelMapping(spec, unmapped=unmapped_weights(model))
+    for gemm, matrix, positions in gemm_matrices(model, example, dense):
+        mapping.layers.append(map_matrix(gemm.name, matrix, spec, positions, gemm.groups))
     if not mapping.layers:
         raise ValueError(
-            f"{type(model).__name__} has no Linear or Conv layer to map onto crossbar tiles; "
-            "the crossbar model maps GEMM layers only (give a model with Linear/Conv layers)"
+            f"{type(model).__name__} has no Linear, Conv or recurrent layer to map onto crossbar tiles; "
+            "the crossbar model maps GEMM layers only (give a model with Linear/Conv/GRU/LSTM layers)"
         )
     return mapping
 
 
 __all__ = [
-    "MAX_ADC_BITS", "MAX_TILE", "CrossbarSpec", "LayerMapping", "ModelMapping", "gemm_layers", "gemm_matrices",
-    "map_matrix", "map_model", "TileLayout", "output_positions", "tile_grid",
+    "MAX_ADC_BITS", "MAX_TILE", "CrossbarSpec", "GemmWeight", "LayerMapping", "ModelMapping", "block_diagonal",
+    "diagonal_blocks", "gemm_layers", "gemm_matrices", "gemm_weights", "map_matrix", "map_model", "TileLayout",
+    "output_positions", "passes", "tile_grid", "unmapped_weights",
 ]

@@ -1,11 +1,13 @@
 """Device non-idealities of a crossbar mapping: log-normal conductance variation and stuck-at faults, per cell.
 
 Every weight is first written into cells as :class:`~admmcompress.hardware.crossbar.CrossbarSpec` says: its
-magnitude code ``c = |w| / q`` (an integer up to ``2^magnitude_bits - 1``; ``q`` is the layer's weight per
+magnitude code ``c = |w| / q`` (an integer up to ``max_code = 2^(weight_bits-1) - 1``; ``q`` is the layer's weight per
 conductance step) is split into ``slices`` digits of ``bits_per_cell`` bits, and digit ``d`` is the conductance
 ``G = G_min + d * dG`` with ``dG = (G_max - G_min) / (2^bits_per_cell - 1)``. A differential pair puts the digits
 in the ``G+`` cells of a positive weight (its ``G-`` cells stay at ``G_min``) and vice versa; the offset scheme
-stores ``c + 2^(weight_bits-1)`` in one set of cells and subtracts an ideal reference column.
+stores the signed code plus ``2^(weight_bits-1)`` in one set of cells and subtracts an ideal reference column.
+Every weight matrix the crossbar mapping covers varies (:func:`~admmcompress.hardware.crossbar.gemm_weights`:
+Linear, Conv, ConvTranspose, recurrent), in its layout (a grouped conv's blocks on the diagonal).
 
 The device then changes each cell independently:
 
@@ -50,7 +52,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from admmcompress.hardware.crossbar import CrossbarSpec, gemm_layers, tile_grid
+from admmcompress.hardware.crossbar import (
+    CrossbarSpec,
+    GemmWeight,
+    block_diagonal,
+    diagonal_blocks,
+    gemm_weights,
+    tile_grid,
+)
 from admmcompress.structures.groups import as_matrix
 
 MAX_SIGMA = 3.0  # exp(3 z) spans five orders of magnitude: beyond any device model
@@ -116,53 +125,64 @@ def _grid_scale(magnitudes: torch.Tensor, n_max: int, exact_grid: bool) -> float
     return top / n_max
 
 
+def cells_exist(nonzero: torch.Tensor, spec: CrossbarSpec) -> torch.Tensor:
+    """Bool ``(groups, outputs, inputs)``: which weights of the blocks ``nonzero`` have cells, in the
+    block-diagonal layout: not on a removed output or input, and on a tile that holds a nonzero weight."""
+    out_t, in_t = spec.outputs_per_tile, spec.inputs_per_tile
+    kept = nonzero.any(dim=2, keepdim=True) & nonzero.any(dim=1, keepdim=True)
+    layout = block_diagonal(nonzero)
+    grid = tile_grid(layout, out_t, in_t)
+    on_tile = grid.repeat_interleave(out_t, 0).repeat_interleave(in_t, 1)[: layout.shape[0], : layout.shape[1]]
+    return kept & diagonal_blocks(on_tile, nonzero.shape[0])
+
+
 @dataclass
 class CellMapping:
-    """One weight matrix written into cells: scale ``q``, per-slice digits, and which weights exist."""
+    """One weight written into cells: scale ``q``, per-slice digits, and which weights exist, all on the
+    ``(groups, outputs, inputs)`` GEMM blocks of the weight (one group unless it is a grouped conv)."""
 
     spec: CrossbarSpec
     shape: torch.Size
     q: float
-    positive: torch.Tensor  # (slices, *matrix) digits of G+ (differential) or of the only cell set (offset)
+    positive: torch.Tensor  # (slices, *blocks) digits of G+ (differential) or of the only cell set (offset)
     negative: torch.Tensor | None  # digits of G- (differential only)
-    exists: torch.Tensor  # bool matrix: the weight's cells are on an instantiated tile
+    exists: torch.Tensor  # bool blocks: the weight's cells are on an instantiated tile
     dtype: torch.dtype = torch.float64  # of the conductances drawn (training uses float32: half the time)
+    layout: GemmWeight | None = None  # how the weight splits into blocks; None: its GEMM view, one block
 
     @classmethod
     def of(
-        cls, weight: torch.Tensor, spec: CrossbarSpec, exact_grid: bool = True, dtype: torch.dtype = torch.float64
+        cls, weight: torch.Tensor, spec: CrossbarSpec, exact_grid: bool = True, dtype: torch.dtype = torch.float64,
+        layout: GemmWeight | None = None,
     ) -> CellMapping:
-        """Write ``weight`` into cells; ``exact_grid`` looks for the grid quantized weights lie on."""
-        matrix = as_matrix(weight.detach()).to(torch.float64)
+        """Write ``weight`` into cells; ``exact_grid`` looks for the grid quantized weights lie on; ``layout``:
+        the mapped weight it is (a grouped or transposed conv's blocks), else its GEMM view is one block."""
+        blocks = layout.blocks(weight) if layout is not None else as_matrix(weight.detach()).unsqueeze(0)
+        blocks = blocks.to(torch.float64)
         base = 2**spec.bits_per_cell
-        nonzero = matrix != 0
-        exists = nonzero.any(dim=1, keepdim=True) & nonzero.any(dim=0, keepdim=True)
-        grid = tile_grid(matrix, spec.outputs_per_tile, spec.inputs_per_tile)
-        exists &= grid.repeat_interleave(spec.outputs_per_tile, 0).repeat_interleave(spec.inputs_per_tile, 1)[
-            : matrix.shape[0], : matrix.shape[1]
-        ]
-        if spec.signed == "differential":
-            n_max = 2**spec.magnitude_bits - 1
-        else:
-            n_max = 2 ** (spec.weight_bits - 1) - 1
-        n_max = max(1, n_max)
-        magnitudes = matrix.abs()
+        nonzero = blocks != 0
+        exists = cells_exist(nonzero, spec)
+        n_max = spec.max_code
+        magnitudes = blocks.abs()
+        # One q per weight tensor (every group): the layer's quantization grid is shared by its groups.
         q = _grid_scale(magnitudes[nonzero], n_max, exact_grid) if bool(nonzero.any()) else 1.0
         codes = torch.clamp(torch.round(magnitudes / q), 0, n_max).to(torch.int64)
         if spec.signed == "differential":
-            pos = torch.where(matrix > 0, codes, 0)
-            neg = torch.where(matrix < 0, codes, 0)
+            pos = torch.where(blocks > 0, codes, 0)
+            neg = torch.where(blocks < 0, codes, 0)
             return cls(
-                spec, weight.shape, q, _digits(pos, base, spec.slices), _digits(neg, base, spec.slices), exists, dtype
+                spec, weight.shape, q, _digits(pos, base, spec.slices), _digits(neg, base, spec.slices), exists,
+                dtype, layout,
             )
-        stored = torch.where(matrix < 0, -codes, codes) + 2 ** (spec.weight_bits - 1)
-        return cls(spec, weight.shape, q, _digits(stored, base, spec.slices), None, exists, dtype)
+        stored = torch.where(blocks < 0, -codes, codes) + spec.offset_code
+        return cls(spec, weight.shape, q, _digits(stored, base, spec.slices), None, exists, dtype, layout)
 
     def read(self, noise: DeviceNoise, generator: torch.Generator | None = None) -> torch.Tensor:
         """The weight tensor read back after one draw of ``noise`` (``dtype``, the weight's shape)."""
         spec = self.spec
         step = (spec.g_max - spec.g_min) / (2**spec.bits_per_cell - 1)
-        place = (2.0 ** (spec.bits_per_cell * torch.arange(spec.slices, dtype=self.dtype))).view(-1, 1, 1)
+        place = (2.0 ** (spec.bits_per_cell * torch.arange(spec.slices, dtype=self.dtype)))
+        place = place.view(-1, *[1] * self.exists.dim())
 
         def level(digits: torch.Tensor) -> torch.Tensor:
             g = spec.g_min + digits.to(self.dtype) * step
@@ -172,41 +192,43 @@ class CellMapping:
         if self.negative is not None:
             codes = level(self.positive) - level(self.negative)
         else:
-            codes = level(self.positive) - 2 ** (spec.weight_bits - 1)
-        return (self.q * codes * self.exists).reshape(self.shape)
+            codes = level(self.positive) - spec.offset_code
+        blocks = self.q * codes * self.exists
+        return self.layout.weight_of(blocks) if self.layout is not None else blocks.reshape(self.shape)
 
 
 def _digits(codes: torch.Tensor, base: int, slices: int) -> torch.Tensor:
     return torch.stack([(codes // base**s) % base for s in range(slices)])
 
 
-def _layers(model: nn.Module, layers: list[str] | None) -> list[tuple[str, nn.Module]]:
-    found = list(gemm_layers(model))
+def _layers(model: nn.Module, layers: list[str] | None) -> list[GemmWeight]:
+    """The mapped weights to vary: all, or those ``layers`` names (a layer name takes all its matrices)."""
+    found = gemm_weights(model)
     if not found:
-        raise ValueError(f"{type(model).__name__} has no Linear or Conv layer whose cells could vary")
+        raise ValueError(f"{type(model).__name__} has no Linear, Conv or recurrent layer whose cells could vary")
     if layers is None:
         return found
-    by_name = dict(found)
-    missing = [name for name in layers if name not in by_name]
+    names = {gemm.name for gemm in found} | {gemm.layer for gemm in found}
+    missing = [name for name in layers if name not in names]
     if missing:
-        raise ValueError(f"device noise: no Linear/Conv layer named {missing}; choose among {sorted(by_name)}")
-    return [(name, by_name[name]) for name in layers]
+        raise ValueError(f"device noise: no mapped layer named {missing}; choose among {sorted(names)}")
+    return [gemm for gemm in found if gemm.name in layers or gemm.layer in layers]
 
 
 @contextlib.contextmanager
 def device_noise(
     model: nn.Module, spec: CrossbarSpec, noise: DeviceNoise, seed: int = 0, layers: list[str] | None = None
 ) -> Iterator[nn.Module]:
-    """Inside the block the Linear/Conv weights are one seeded draw of the mapped, noisy device; restored after."""
+    """Inside the block the mapped weights are one seeded draw of the noisy device; restored after."""
     generator = torch.Generator().manual_seed(seed)
     saved = []
     try:
         with torch.no_grad():
-            for _, module in _layers(model, layers):
-                weight = module.weight
+            for gemm in _layers(model, layers):
+                weight = gemm.weight
                 saved.append((weight, weight.detach().clone()))
-                read = CellMapping.of(weight, spec).read(noise, generator)
-                weight.copy_(read.to(weight.dtype))
+                read = CellMapping.of(weight, spec, layout=gemm).read(noise, generator)
+                weight.copy_(read.to(weight.dtype))  # in place: a recurrent layer's flat weights see it too
         yield model
     finally:
         with torch.no_grad():
@@ -247,11 +269,12 @@ def monte_carlo(
 
 
 class NoiseInjector:
-    """Variation-aware training: every forward pass of each Linear/Conv layer sees a fresh noisy read of
-    its weight; gradients flow to the clean weight as if the noise were added (``w + (noisy - w).detach()``).
+    """Variation-aware training: every forward pass of each mapped layer (Linear, Conv, ConvTranspose,
+    recurrent) sees a fresh noisy read of its weight matrices; gradients flow to the clean weights as if the
+    noise were added (``w + (noisy - w).detach()``).
 
-    The weight stays the same ``nn.Parameter`` (state dicts, optimizers and masks are untouched): a
-    forward-pre-hook swaps the noisy tensor in for the call and a forward hook swaps the parameter back.
+    The weights stay the same ``nn.Parameter`` objects (state dicts, optimizers and masks are untouched): a
+    forward-pre-hook swaps the noisy tensors in for the call and a forward hook swaps the parameters back.
     """
 
     def __init__(
@@ -260,12 +283,16 @@ class NoiseInjector:
         self.spec, self.noise, self.layers = spec, noise, layers
         self.generator = torch.Generator().manual_seed(seed)
         self._handles: list[Any] = []
-        self._saved: dict[int, nn.Parameter] = {}
+        self._weights: dict[int, list[GemmWeight]] = {}
+        self._saved: dict[int, dict[str, nn.Parameter]] = {}
 
     def install(self, model: nn.Module) -> NoiseInjector:
         if self._handles:
             raise RuntimeError("NoiseInjector is already installed; call remove() first")
-        for _, module in _layers(model, self.layers):
+        self._weights = {}
+        for gemm in _layers(model, self.layers):
+            self._weights.setdefault(id(gemm.module), []).append(gemm)
+        for module in (weights[0].module for weights in self._weights.values()):
             self._handles.append(module.register_forward_pre_hook(self._swap_in))
             self._handles.append(module.register_forward_hook(self._swap_out, always_call=True))
         return self
@@ -278,18 +305,20 @@ class NoiseInjector:
     def _swap_in(self, module: nn.Module, args: Any) -> None:
         if not module.training:  # evaluation sees the clean weights; device_noise() is for noisy evaluation
             return
-        weight = module._parameters["weight"]
-        with torch.no_grad():
-            noisy = CellMapping.of(weight, self.spec, exact_grid=False, dtype=torch.float32).read(
-                self.noise, self.generator
-            )
-        self._saved[id(module)] = weight
-        module._parameters["weight"] = weight + (noisy.to(weight.dtype) - weight.detach())
+        saved = {}
+        for gemm in self._weights[id(module)]:
+            weight = module._parameters[gemm.param]
+            with torch.no_grad():
+                noisy = CellMapping.of(weight, self.spec, exact_grid=False, dtype=torch.float32, layout=gemm).read(
+                    self.noise, self.generator
+                )
+            saved[gemm.param] = weight
+            _set_weight(module, gemm.param, weight + (noisy.to(weight.dtype) - weight.detach()))
+        self._saved[id(module)] = saved
 
     def _swap_out(self, module: nn.Module, args: Any, output: Any) -> None:
-        weight = self._saved.pop(id(module), None)
-        if weight is not None:
-            module._parameters["weight"] = weight
+        for param, weight in self._saved.pop(id(module), {}).items():
+            _set_weight(module, param, weight)
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}
@@ -298,5 +327,13 @@ class NoiseInjector:
         self.generator.set_state(state["generator"])
 
 
-__all__ = ["CellMapping", "DeviceNoise", "MonteCarlo", "NoiseInjector", "device_noise", "monte_carlo",
+def _set_weight(module: nn.Module, param: str, value: torch.Tensor) -> None:
+    """Put ``value`` in for ``module.<param>`` without re-registering it; a recurrent layer's forward reads
+    its ``_flat_weights`` list, not the attribute, so that entry is swapped too."""
+    module._parameters[param] = value  # type: ignore[assignment]  # a non-leaf tensor for one call
+    if isinstance(module, nn.RNNBase):
+        module._flat_weights[module._flat_weights_names.index(param)] = value
+
+
+__all__ = ["CellMapping", "cells_exist", "DeviceNoise", "MonteCarlo", "NoiseInjector", "device_noise", "monte_carlo",
            "perturb_conductance"]

@@ -165,20 +165,27 @@ def pim_cost(
     model: nn.Module, spec: PIMSpec, example: torch.Tensor | None = None, dense: bool = False,
     constants: PIMConstants = PIM,
 ) -> PIMCost:
-    """Modelled SOT-MRAM cost of every Linear/Conv layer of ``model``; ``dense=True`` ignores pruning."""
+    """Modelled SOT-MRAM cost of every weight matrix the crossbar mapping covers (the same GEMM matrices and
+    passes, :func:`~admmcompress.hardware.crossbar.gemm_matrices`); ``dense=True`` ignores pruning."""
     cost = PIMCost(spec, constants=constants)
-    for name, matrix, positions in gemm_matrices(model, example, dense):
-        cost.layers.append(pim_matrix_cost(name, matrix, spec, positions))
+    for gemm, matrix, positions in gemm_matrices(model, example, dense):
+        cost.layers.append(pim_matrix_cost(gemm.name, matrix, spec, positions))
     if not cost.layers:
         raise ValueError(
-            f"{type(model).__name__} has no Linear or Conv layer to map onto SOT-MRAM sub-arrays; "
-            "give a model with Linear/Conv layers"
+            f"{type(model).__name__} has no Linear, Conv or recurrent layer to map onto SOT-MRAM sub-arrays; "
+            "give a model with Linear/Conv/GRU/LSTM layers"
         )
     return cost
 
 
 def pim_baseline(model: nn.Module, spec: PIMSpec, baseline_bits: int = 16, example: Any = None) -> PIMCost:
     """The unpruned reference at ``baseline_bits`` per weight, same sub-arrays and activation bits."""
+    if baseline_bits > spec.cols:  # one line about the reference, not about the user's own weight bits
+        raise ValueError(
+            f"hardware: the unpruned {baseline_bits}-bit SOT-MRAM reference (--baseline-bits {baseline_bits}) "
+            f"takes {baseline_bits} columns per weight, more than the {spec.cols} of a sub-array; lower "
+            "--baseline-bits or use wider sub-arrays"
+        )
     return pim_cost(model, replace(spec, weight_bits=baseline_bits), example, dense=True)
 
 

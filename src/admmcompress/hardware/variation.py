@@ -2,8 +2,9 @@
 
 The driver is :class:`~admmcompress.drivers.ADMM` plus a :class:`~admmcompress.hardware.noise.NoiseInjector`
 installed in ``prepare()`` and removed in ``close()`` (the driver protocol's hook for methods that act
-through the forward pass): every training forward of every Linear/Conv layer reads its weight through the
-crossbar model with a fresh log-normal / stuck-at draw, so ADMM converges to weights that tolerate it.
+through the forward pass): every training forward of every mapped layer (Linear, Conv, recurrent) reads its
+weights through the crossbar model with a fresh log-normal / stuck-at draw, so ADMM converges to weights that
+tolerate it.
 Evaluation (``model.eval()``) sees the clean weights. The noise generator's state is part of the driver's
 state, so ``--resume`` continues the same draws.
 

@@ -23,6 +23,16 @@ def _x(value: float) -> str:
     return "inf" if value == float("inf") else f"{value:.2f}x"
 
 
+def _change(ratio: float) -> str:
+    """A ``reference / mapping`` ratio as the signed change from the reference: 2.0 -> "-50.00%"."""
+    return f"{100 * (1 / ratio - 1):+.2f}%"
+
+
+def _tiles(ratio: float) -> str:
+    """A tile ratio in words that stay true either way: "2.00x fewer" or "2.00x more"."""
+    return f"{_x(ratio)} fewer" if ratio >= 1 else f"{_x(1 / ratio)} more"
+
+
 def _constants_markdown() -> list[str]:
     lines = ["", f"Constants of the {MODELLED} figures (admmcompress/hardware/constants.py; [M] = from memory "
              "of the named table, not re-checked):", "", "| constant | value | unit | source |", "|---|---|---|---|"]
@@ -57,10 +67,9 @@ def render_hardware(result: HardwareAnalysis, title: str = "Hardware") -> str:
     ratios = result.ratios
     lines += [
         "",
-        f"Compacted + masked mapping vs the reference ({MODELLED}): {_x(ratios['tiles'])} fewer tiles, "
-        f"area -{100 * (1 - 1 / ratios['area']):.2f}%, power -{100 * (1 - 1 / ratios['power']):.2f}%, "
-        f"energy -{100 * (1 - 1 / ratios['energy']):.2f}%."
-        if ratios["area"] not in (0.0, float("inf")) else "",
+        f"Compacted + masked mapping vs the reference ({MODELLED}): {_tiles(ratios['tiles'])} tiles, "
+        f"area {_change(ratios['area'])}, power {_change(ratios['power'])}, energy {_change(ratios['energy'])}."
+        if all(ratios[k] not in (0.0, float("inf")) for k in ("tiles", "area", "power", "energy")) else "",
         "",
         f"Where the area goes (compact mapping, {MODELLED}):",
         "",
@@ -74,12 +83,13 @@ def render_hardware(result: HardwareAnalysis, title: str = "Hardware") -> str:
     lines += [
         "",
         f"| layer | matrix | kept outputs x inputs | nonzero | tiles dense | tiles masked | tiles compact "
-        f"| positions | energy (nJ, {MODELLED}) |",
+        f"| positions / steps | energy (nJ, {MODELLED}) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for layer in result.mapping.layers:
+        groups = f" ({layer.groups} groups, block-diagonal)" if layer.groups > 1 else ""
         lines.append(
-            f"| {layer.name} | {layer.outputs}x{layer.inputs} | {layer.kept_outputs}x{layer.kept_inputs} "
+            f"| {layer.name} | {layer.outputs}x{layer.inputs}{groups} | {layer.kept_outputs}x{layer.kept_inputs} "
             f"| {layer.nonzero:,} | {layer.dense} | {layer.masked} | {layer.compact} | {layer.positions} "
             f"| {compact.layer_energy_nj.get(layer.name, 0.0):,.2f} |"
         )
@@ -129,6 +139,10 @@ def render_hardware(result: HardwareAnalysis, title: str = "Hardware") -> str:
             "|---|---|",
         ]
         lines += [f"| {bits} | {acc:.2f} |" for bits, acc in result.adc]
+        if result.adc_exact:
+            named = ", ".join(f"'{name}'" for name in result.adc_exact)
+            lines += ["", f"Note: the ADC model covers Linear and ungrouped zero-padded Conv2d layers; these mapped "
+                          f"layers were left exact (no ADC on their partial sums): {named}"]
     lines += _constants_markdown()
     return "\n".join(line for line in lines if line is not None) + "\n"
 
