@@ -35,7 +35,7 @@ tensor([ 1., -1.,  0.])
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -65,6 +65,9 @@ class CrossbarStructure(SparsityStructure):
 
     tile: tuple[int, int] = (128, 128)
     columns_per_weight: int = 1
+    # Set by bind() for a grouped conv, never written to a plan: its groups sit on the diagonal of the crossbar
+    # layout (hardware.crossbar.block_diagonal), so group g's inputs start at column g * (its inputs).
+    conv_groups: int = 1
     options: ClassVar[tuple[str, ...]] = ("tile", "columns_per_weight")
 
     def __post_init__(self) -> None:
@@ -91,11 +94,30 @@ class CrossbarStructure(SparsityStructure):
         """``(outputs, inputs)`` of the GEMM matrix one tile holds."""
         return self.tile[1] // self.columns_per_weight, self.tile[0]
 
-    def _blocks(self, weight: torch.Tensor) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    def bind(self, module: torch.nn.Module, param: str) -> CrossbarStructure:
+        """Specialised to a grouped conv: its tiles are those of the block-diagonal crossbar layout."""
+        conv_groups = getattr(module, "groups", 1)
+        return replace(self, conv_groups=conv_groups) if conv_groups > 1 else self
+
+    def _layout(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """Each GEMM entry's ``(output, input)`` in the crossbar layout, as ``(rows, 1)`` and ``(rows, cols)``
+        (the input depends on the row for a grouped conv), with the layout's output and input counts."""
         rows, cols = groups.as_matrix(weight).shape
-        out_block, in_block = self.block
         device = weight.device
-        return rows, cols, torch.arange(rows, device=device) // out_block, torch.arange(cols, device=device) // in_block
+        output = torch.arange(rows, device=device).view(-1, 1)
+        group = output // max(1, rows // self.conv_groups)  # rows are the conv groups' outputs, in order
+        inputs = group * cols + torch.arange(cols, device=device).view(1, -1)
+        return output, inputs, rows, cols * self.conv_groups
+
+    def _ids(self, first: torch.Tensor, second: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        """Group ids ``first * span + second`` over the GEMM matrix, numbered 0.. over the groups that hold an
+        entry (a grouped conv's layout has empty blocks off its diagonal: they are no groups)."""
+        span = int(second.max()) + 1
+        ids = (first * span + second).expand(shape)
+        if self.conv_groups == 1:
+            return ids, (int(first.max()) + 1) * span
+        used, ids = torch.unique(ids, return_inverse=True)
+        return ids, used.numel()
 
     @classmethod
     def example(cls) -> CrossbarStructure:
@@ -115,9 +137,8 @@ class CrossbarRow(CrossbarStructure):
     """Groups = one input (a wordline) restricted to the outputs of one tile."""
 
     def group_ids(self, weight: torch.Tensor) -> tuple[torch.Tensor, int]:
-        rows, cols, out_b, _ = self._blocks(weight)
-        ids = out_b.view(-1, 1) * cols + torch.arange(cols, device=weight.device).view(1, -1)
-        return ids, (int(out_b[-1]) + 1) * cols
+        output, inputs, rows, _ = self._layout(weight)
+        return self._ids(output // self.block[0], inputs, (rows, inputs.shape[1]))
 
 
 @register_structure("crossbar_column", aliases=("bitline",))
@@ -126,10 +147,8 @@ class CrossbarColumn(CrossbarStructure):
     """Groups = one output (its bitlines) restricted to the inputs of one tile."""
 
     def group_ids(self, weight: torch.Tensor) -> tuple[torch.Tensor, int]:
-        rows, cols, _, in_b = self._blocks(weight)
-        n_in = int(in_b[-1]) + 1
-        ids = torch.arange(rows, device=weight.device).view(-1, 1) * n_in + in_b.view(1, -1)
-        return ids, rows * n_in
+        output, inputs, rows, _ = self._layout(weight)
+        return self._ids(output, inputs // self.block[1], (rows, inputs.shape[1]))
 
 
 @register_structure("crossbar_tile", aliases=("crossbar_block",))
@@ -150,9 +169,8 @@ class CrossbarTile(CrossbarStructure):
             )
 
     def group_ids(self, weight: torch.Tensor) -> tuple[torch.Tensor, int]:
-        rows, cols, out_b, in_b = self._blocks(weight)
-        n_in = int(in_b[-1]) + 1
-        return out_b.view(-1, 1) * n_in + in_b.view(1, -1), (int(out_b[-1]) + 1) * n_in
+        output, inputs, rows, _ = self._layout(weight)
+        return self._ids(output // self.block[0], inputs // self.block[1], (rows, inputs.shape[1]))
 
 
 @register_structure("conductance", aliases=("conductance_levels",))
