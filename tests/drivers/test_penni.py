@@ -50,6 +50,21 @@ def test_first_phase_decomposes_and_the_spec_rebuilds_the_modules():
         assert torch.equal(fresh(x), model(x))
 
 
+@pytest.mark.parametrize("bases", [20, 21, 25])  # conv1 has 20 kernels (20 filters x 1 input) of 25 positions
+def test_more_bases_than_kernels_decompose_exactly_with_the_bases_asked_for(bases):
+    """The SVD of 20 kernels has 20 components; before, bases 21-25 passed the plan check and then failed."""
+    torch.manual_seed(0)
+    model, x = LeNet5(), torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        before = model(x)
+    Penni(model, Plan({"conv1": SharedKernels(bases=bases)}).resolve(model)).finalize().apply(model)
+    assert isinstance(model.conv1, SharedKernelConv) and model.conv1.basis.shape[0] == bases
+    basis = model.conv1.basis.detach().flatten(1).double()
+    torch.testing.assert_close(basis @ basis.T, torch.eye(bases, dtype=torch.float64), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, atol=1e-5, rtol=0)
+
+
 def test_l1_penalty_and_alternation():
     model, targets = decomposed()
     driver = Penni(model, targets, PenniConfig(l1=1e-3))

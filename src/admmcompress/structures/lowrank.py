@@ -233,7 +233,13 @@ def shared_kernel_factors(weight: torch.Tensor, bases: int) -> tuple[torch.Tenso
 
     ``coefs @ basis`` is the rank-``d`` truncated SVD of the ``(O*I, k*k)`` kernel matrix; at
     ``d = k*k`` it is the weight itself. Signs are fixed (largest entry of each basis kernel positive) so the
-    factors are deterministic.
+    factors are deterministic. A layer with fewer kernels than ``d`` (LeNet-5's conv1: 20 kernels of 25
+    positions) has rank at most ``O*I``: the basis is completed to ``d`` orthonormal kernels, with zero
+    coefficients, so the factors stay exact and the layer keeps the ``d`` bases asked for.
+
+    >>> coefs, basis = shared_kernel_factors(torch.randn(2, 1, 3, 3), bases=4)   # 2 kernels, 4 bases
+    >>> tuple(coefs.shape), tuple(basis.shape), bool(coefs[..., 2:].eq(0).all())
+    ((2, 1, 4), (4, 3, 3), True)
     """
     matrix = _kernel_matrix(weight.detach())
     if not 1 <= bases <= matrix.shape[1]:
@@ -241,8 +247,12 @@ def shared_kernel_factors(weight: torch.Tensor, bases: int) -> tuple[torch.Tenso
             f"bases={bases} must be in 1..{matrix.shape[1]} (the kernel's positions) for a weight of shape "
             f"{tuple(weight.shape)}"
         )
-    u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
-    basis, coefs = vh[:bases], u[:, :bases] * s[:bases]
+    kernels = matrix.shape[0]
+    rank = min(bases, kernels)
+    u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=bases > kernels)  # full: vh spans every position
+    basis = vh[:bases]
+    coefs = torch.zeros(kernels, bases, dtype=torch.float64)
+    coefs[:, :rank] = u[:, :rank] * s[:rank]
     flip = torch.sign(basis.gather(1, basis.abs().argmax(dim=1, keepdim=True))).squeeze(1)
     flip[flip == 0] = 1
     basis, coefs = basis * flip[:, None], coefs * flip[None, :]
