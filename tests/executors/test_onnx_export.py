@@ -133,3 +133,16 @@ def test_cli_export_onnx_checks_against_onnxruntime(tmp_path, capsys):
     assert diff < 1e-5
 
 
+
+
+def test_a_model_over_protobufs_limit_is_one_line_before_anything_is_written(tmp_path, monkeypatch):
+    """The limit is 2 GiB; lowered here to a LeNet-300-100's size so the test stays small."""
+    from admmcompress.executors import onnx_export
+
+    monkeypatch.setattr(onnx_export, "MAX_ONNX_BYTES", 100_000)  # the model is about 1 MiB
+    model = create_model("lenet300100").eval()
+    with pytest.raises(ValueError) as err:
+        export_onnx(model, (torch.randn(1, 1, 28, 28),), tmp_path / "big.onnx")
+    message = str(err.value)
+    assert message.startswith("ONNX export: the model is 0.00 GiB as one ONNX file, over protobuf's 2 GiB limit")
+    assert "--compact" in message and "\n" not in message and not any(tmp_path.iterdir())

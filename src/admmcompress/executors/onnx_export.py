@@ -57,6 +57,7 @@ from admmcompress.executors.base import Executor, FinishedRun, register_executor
 from admmcompress.structures.groups import gemm_params
 
 OPSET = 21  # int16 DequantizeLinear needs opset 21
+MAX_ONNX_BYTES = 2**31 - 1  # protobuf's limit on one serialized message (the whole self-contained file)
 
 
 @dataclass
@@ -294,8 +295,14 @@ def export_onnx(
     nodes = list(graph.node)
     del graph.node[:]
     graph.node.extend(new_nodes + nodes)
-    # One self-contained protobuf, whatever the name's extension, serialized once for the check and the file
-    # (over 2 GB protobuf refuses it, as onnx.save did: before anything is written).
+    # One self-contained protobuf, whatever the name's extension, serialized once for the check and the file;
+    # over protobuf's 2 GB a message cannot be serialized at all: refused here, before anything is written.
+    size = graph_model.ByteSize()
+    if size > MAX_ONNX_BYTES:
+        raise ValueError(
+            f"ONNX export: the model is {size / 2**30:.2f} GiB as one ONNX file, over protobuf's 2 GiB limit; "
+            "export it with --compact (manifest + safetensors), or quantize its weights to fewer bits first"
+        )
     data = graph_model.SerializeToString()
     onnx.checker.check_model(data)
     # atomic: a full disk leaves no truncated file at `path` (a retry would be refused as "exists")
