@@ -393,8 +393,10 @@ def test_finalize_hard_prunes_w_itself_with_exact_counts():
         warnings.simplefilter("ignore", RuntimeWarning)  # convergence is not the point here
         masks = admm.finalize()
     assert set(masks.masks) == {"0.weight", "3.weight"}
-    # Masks come from W (SPEC P4), filter and column intersected on conv 0.
-    expected_conv = Filter(sparsity=0.5).support(w_conv) & Column(sparsity=0.5).support(w_conv)
+    # Masks come from W (SPEC P4), filter and column intersected on conv 0; the columns ranked on W with the
+    # pruned filters zeroed (rows, then columns: finalize.masks_of).
+    rows = Filter(sparsity=0.5).support(w_conv)
+    expected_conv = rows & Column(sparsity=0.5).support(w_conv * rows)
     assert torch.equal(masks["0.weight"], expected_conv)
     assert torch.equal(masks["3.weight"], Unstructured(compression=8).support(w_fc))
     assert int(masks["3.weight"].sum()) == round(w_fc.numel() / 8)

@@ -25,6 +25,7 @@ masks), so every allocation is compared at the same cost.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,10 +35,18 @@ import yaml
 from torch import nn
 
 from admmcompress.atomic import atomic_write
-from admmcompress.drivers.budget import Budget, BudgetError, drop_unread_channels, gemm_shapes, structured_cost
+from admmcompress.drivers.budget import (
+    Budget,
+    BudgetError,
+    drop_unread_channels,
+    first_sample,
+    gemm_shapes,
+    structured_cost,
+)
 from admmcompress.finalize import hard_prune, masks_of
 from admmcompress.plan import Plan, Rule, Target, resolve_targets
 from admmcompress.plan.coupled import CoupledTarget
+from admmcompress.plan.graph import call_model
 from admmcompress.structures.groups import group_scores, kept_count
 from admmcompress.structures.registry import structure_class
 
@@ -147,7 +156,7 @@ def _smallest_feasible(cost: Callable[[float], float], budget: float, step: floa
     return _bisect(cost, budget, max(0.0, feasible - step), feasible, steps=steps)
 
 
-def _baseline_budget(budget: Budget | Mapping[str, Any], example: torch.Tensor | None) -> Budget:
+def _baseline_budget(budget: Budget | Mapping[str, Any], example: Any | None) -> Budget:
     """The budget of a baseline allocation: params or MACs (a latency table is the SS-Auto driver's alone); MACs
     need ``example`` to count output positions."""
     budget = Budget.from_any(budget)
@@ -174,7 +183,7 @@ def _bisect(cost: Callable[[float], float], budget: float, lo: float = 0.0, hi: 
 
 
 def uniform_plan(model: nn.Module, plan: Plan | list[Target], budget: Budget | Mapping[str, Any],
-                 example: torch.Tensor | None = None) -> Plan:
+                 example: Any | None = None) -> Plan:
     """One sparsity for every target of ``plan``: the smallest whose magnitude pruning meets ``budget``."""
     targets = _pruning_targets(model, plan)
     budget = _baseline_budget(budget, example)
@@ -198,11 +207,14 @@ def sensitivity_curves(model: nn.Module, targets: list[Target], evaluate: Callab
 
 
 def sensitivity_plan(model: nn.Module, plan: Plan | list[Target], budget: Budget | Mapping[str, Any],
-                     curves: Mapping[str, Mapping[float, float]], example: torch.Tensor | None = None) -> Plan:
+                     curves: Mapping[str, Mapping[float, float]], example: Any | None = None) -> Plan:
     """Each target's largest grid rate whose accuracy drop is at most ``d``; ``d`` bisected to meet ``budget``.
 
     ``curves`` come from :func:`sensitivity_curves`. The reference (no loss) is the best accuracy over all the
-    curves, one level for every layer, so a drop ``d`` means the same accuracy for each.
+    curves, one level for every layer, so a drop ``d`` means the same accuracy for each. One ``d`` can move a
+    layer with a flat curve far past what the budget needs (its drops are all tiny), overshooting the budget by
+    whole grid steps; so the rates at the bisected ``d`` are then lowered one grid step at a time while the
+    budget holds, the most accuracy regained per unit of cost added first.
     """
     targets = _pruning_targets(model, plan)
     budget = _baseline_budget(budget, example)
@@ -223,11 +235,41 @@ def sensitivity_plan(model: nn.Module, plan: Plan | list[Target], budget: Budget
         return cost_at_rates(model, targets, rates_at(share * top), shapes, budget.kind)
 
     share = _bisect(cost, target, 0.0, 1.0)
-    return plan_from_rates(targets, rates_at(share * top), model)
+
+    def rates_cost(rates: Mapping[str, float]) -> float:
+        return cost_at_rates(model, targets, rates, shapes, budget.kind)
+
+    return plan_from_rates(targets, _give_back(rates_at(share * top), curves, reference, rates_cost, target), model)
+
+
+def _give_back(rates: Mapping[str, float], curves: Mapping[str, Mapping[float, float]], reference: float,
+               cost: Callable[[Mapping[str, float]], float], budget: float) -> dict[str, float]:
+    """Lower targets one grid step at a time while ``cost`` stays within ``budget``, the most accuracy regained per
+    unit of cost added first (a step that regains nothing comes last); ``rates`` meet the budget."""
+    rates = dict(rates)
+    current = cost(rates)
+    while True:
+        best = None
+        for key, rate in rates.items():
+            if rate <= 0:
+                continue
+            lower = [r for r in sorted(curves[key]) if r < rate]
+            trial = {**rates, key: lower[-1] if lower else 0.0}
+            trial_cost = cost(trial)
+            regained = curves[key].get(trial[key], reference) - curves[key].get(rate, reference)
+            added = trial_cost - current
+            if trial_cost > budget or (added <= 0 and regained <= 0):
+                continue
+            score = regained / added if added > 0 else math.inf
+            if best is None or score > best[0]:
+                best = (score, trial, trial_cost)
+        if best is None:
+            return rates
+        _, rates, current = best
 
 
 def torch_pruning_plan(model: nn.Module, plan: Plan | list[Target], budget: Budget | Mapping[str, Any],
-                       example: torch.Tensor) -> Plan:
+                       example: Any) -> Plan:
     """Torch-Pruning's global magnitude pruning, its ratio bisected to meet ``budget``, as per-layer filter rates.
 
     Only the layers with a ``filter`` rule in ``plan`` may lose channels (the others are TP's ignored layers);
@@ -246,7 +288,8 @@ def torch_pruning_plan(model: nn.Module, plan: Plan | list[Target], budget: Budg
         trial = copy.deepcopy(model).eval()
         names = {m: n for n, m in trial.named_modules()}
         ignored = [m for m in trial.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and names[m] not in prunable]
-        pruner = tp.pruner.MagnitudePruner(trial, example[:1], importance=tp.importance.GroupMagnitudeImportance(p=2),
+        pruner = tp.pruner.MagnitudePruner(trial, first_sample(example), forward_fn=call_model,
+                                           importance=tp.importance.GroupMagnitudeImportance(p=2),
                                            pruning_ratio=ratio, global_pruning=True, ignored_layers=ignored)
         pruner.step()
         return trial

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -118,45 +118,77 @@ class GemmShape:
     param: str
     rows: int
     cols: int
-    positions: int  # output positions per row for one sample (1 for a Linear on a vector)
+    positions: int  # output positions per row for one sample, summed over the layer's calls (1: a Linear on a vector)
     kind: str  # "linear" or "conv"
-    in_shape: tuple[int, ...]  # one sample's input
+    in_shape: tuple[int, ...]  # one sample's input (the first call's)
     conv: dict[str, Any] | None = None  # kernel_size, stride, padding, dilation, groups (convs)
+    calls: tuple[tuple[int, ...], ...] = ()  # every call's input shape: a shared layer runs once per call
+
+    @property
+    def inputs(self) -> tuple[tuple[int, ...], ...]:
+        """The input shape of every call (a layer seen without a traced pass: its one ``in_shape``)."""
+        return self.calls or (self.in_shape,)
+
+
+def first_sample(example: Any) -> Any:
+    """``example`` cut to one sample: a tensor, or every tensor of a tuple/list/dict (other values as they are)."""
+    if isinstance(example, torch.Tensor):
+        return example[:1]
+    if isinstance(example, Mapping):
+        return {k: first_sample(v) for k, v in example.items()}
+    if isinstance(example, (tuple, list)):
+        return type(example)(first_sample(v) for v in example)
+    return example
+
+
+def _static_shapes(model: nn.Module) -> dict[str, GemmShape]:
+    """Every GEMM layer with one output position (no traced pass: enough for parameter budgets)."""
+    found = {}
+    for name, m in model.named_modules():
+        if isinstance(m, GEMM_MODULES):
+            param = f"{name}.weight" if name else "weight"
+            rows, cols = as_matrix(m.weight).shape
+            found[param] = GemmShape(name, param, rows, cols, 1, "linear" if isinstance(m, nn.Linear) else "conv", ())
+    return found
 
 
 @torch.no_grad()
-def gemm_shapes(model: nn.Module, example: torch.Tensor | None) -> dict[str, GemmShape]:
+def gemm_shapes(model: nn.Module, example: Any | None) -> dict[str, GemmShape]:
     """Every Linear/Conv1d/Conv2d/Conv3d layer's GEMM shape and output positions, by weight name, from one sample
     (with ``example``: the layers the forward reaches).
 
+    ``example`` is what the model is called on, as the plan's tracer takes it (``plan.graph.call_model``): a
+    tensor, a tuple of positional inputs or a dict of keyword inputs; every tensor is cut to its first sample.
+    A layer called several times per sample (a shared block) counts the output positions of every call.
     Without ``example`` the positions are 1 (enough for parameter budgets, not for MACs or latency).
     """
+    from admmcompress.plan.graph import call_model  # the plan's tracer calls models this way
+
+    if example is None:
+        return _static_shapes(model)
     found: dict[str, GemmShape] = {}
     names = {m: n for n, m in model.named_modules()}
-    if example is None:
-        for name, m in model.named_modules():
-            if isinstance(m, GEMM_MODULES):
-                param = f"{name}.weight" if name else "weight"
-                rows, cols = as_matrix(m.weight).shape
-                kind = "linear" if isinstance(m, nn.Linear) else "conv"
-                found[param] = GemmShape(name, param, rows, cols, 1, kind, ())
-        return found
 
     def hook(module: nn.Module, inputs, output) -> None:
         name = names[module]
         param = f"{name}.weight" if name else "weight"
         rows, cols = as_matrix(module.weight).shape
         per_row = output[0].numel() // rows
+        in_shape = tuple(inputs[0][0].shape)
+        seen = found.get(param)
+        if seen is not None:  # called again in the same pass: its MACs count once per call
+            found[param] = replace(seen, positions=seen.positions + per_row, calls=seen.calls + (in_shape,))
+            return
         conv = None
         if not isinstance(module, nn.Linear):
             conv = {k: getattr(module, k) for k in ("kernel_size", "stride", "padding", "dilation", "groups")}
-        found[param] = GemmShape(name, param, rows, cols, per_row, "conv" if conv else "linear",
-                                 tuple(inputs[0][0].shape), conv)
+        found[param] = GemmShape(name, param, rows, cols, per_row, "conv" if conv else "linear", in_shape, conv,
+                                 (in_shape,))
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, GEMM_MODULES)]
     training = model.training
     try:
-        model.eval()(example[:1])
+        call_model(model.eval(), first_sample(example))
     finally:
         model.train(training)
         for h in handles:
@@ -245,9 +277,10 @@ class LatencyTable:
 
     For every layer a grid of kept shares (``grid`` of rows x ``grid`` of columns) is timed as a dense layer of
     that size (a conv keeps ``ceil(cols / kernel positions)`` input channels) on the layer's input size, through
-    :func:`admmcompress.timing.time_interleaved`; values in between are interpolated bilinearly. Entries are
-    keyed by shape in a :class:`~admmcompress.timing.LatencyCache`, so another model with the same layer
-    shapes reuses them.
+    :func:`admmcompress.timing.time_interleaved`; values in between are interpolated bilinearly. A layer called
+    several times per sample (a shared block, a conv at several resolutions) costs the sum over its calls, each
+    on its own input size. Entries are keyed by shape in a :class:`~admmcompress.timing.LatencyCache`, so another
+    model with the same layer shapes reuses them.
     """
 
     def __init__(
@@ -261,29 +294,38 @@ class LatencyTable:
         self.grid = tuple(sorted(grid))
         self.cache = cache if cache is not None else LatencyCache("gemm-layer")  # an empty cache is falsy
         self.rounds = rounds
-        self._table: dict[str, torch.Tensor] = {p: self._measure(s) for p, s in self.shapes.items()}
+        # per layer: (calls with this input size, its table) for every distinct input size
+        self._tables: dict[str, list[tuple[int, torch.Tensor]]] = {
+            p: [(s.inputs.count(shape), self._measure(s, shape)) for shape in dict.fromkeys(s.inputs)]
+            for p, s in self.shapes.items()
+        }
 
     def _counts(self, total: int) -> list[int]:
         return [max(1, round(total * f)) for f in self.grid]
 
-    def _measure(self, s: GemmShape) -> torch.Tensor:
+    def _measure(self, s: GemmShape, in_shape: tuple[int, ...]) -> torch.Tensor:
         rows, cols = self._counts(s.rows), self._counts(s.cols)
         table = torch.zeros(len(rows), len(cols), dtype=torch.float64)
         for i, r in enumerate(rows):
             for j, c in enumerate(cols):
-                key, build = _layer_builder(s, r, c)
+                key, build = _layer_builder(s, r, c, in_shape)
                 table[i, j] = self.cache.get_or_measure(key, lambda b=build: _time(b, self.rounds))
         return table
 
     def ms(self, param: str, rows: int, cols: int) -> float:
-        """Interpolated milliseconds of layer ``param`` keeping ``rows`` x ``cols``."""
-        s, table = self.shapes[param], self._table[param]
+        """Interpolated milliseconds of layer ``param`` keeping ``rows`` x ``cols`` (summed over its calls)."""
+        s = self.shapes[param]
         i, fi = _bracket(self._counts(s.rows), rows)
         j, fj = _bracket(self._counts(s.cols), cols)
-        i1, j1 = min(i + 1, table.shape[0] - 1), min(j + 1, table.shape[1] - 1)
-        top = table[i, j] * (1 - fj) + table[i, j1] * fj
-        bottom = table[i1, j] * (1 - fj) + table[i1, j1] * fj
-        return float(top * (1 - fi) + bottom * fi)
+        return sum(calls * _interpolate(table, i, fi, j, fj) for calls, table in self._tables[param])
+
+
+def _interpolate(table: torch.Tensor, i: int, fi: float, j: int, fj: float) -> float:
+    """Bilinear value of ``table`` between grid cells ``(i, j)`` and ``(i + 1, j + 1)`` at weights ``fi, fj``."""
+    i1, j1 = min(i + 1, table.shape[0] - 1), min(j + 1, table.shape[1] - 1)
+    top = table[i, j] * (1 - fj) + table[i, j1] * fj
+    bottom = table[i1, j] * (1 - fj) + table[i1, j1] * fj
+    return float(top * (1 - fi) + bottom * fi)
 
 
 def _bracket(points: list[int], x: int) -> tuple[int, float]:
@@ -297,10 +339,10 @@ def _bracket(points: list[int], x: int) -> tuple[int, float]:
     return len(points) - 1, 0.0
 
 
-def _layer_builder(s: GemmShape, rows: int, cols: int):
+def _layer_builder(s: GemmShape, rows: int, cols: int, in_shape: tuple[int, ...]):
     if s.kind == "linear":
-        key = f"linear-{cols}x{rows}-in{'x'.join(map(str, s.in_shape))}"
-        shape = s.in_shape[:-1] + (cols,)
+        key = f"linear-{cols}x{rows}-in{'x'.join(map(str, in_shape))}"
+        shape = in_shape[:-1] + (cols,)
 
         def build():
             return nn.Linear(cols, rows), torch.randn(1, *shape)
@@ -310,12 +352,12 @@ def _layer_builder(s: GemmShape, rows: int, cols: int):
         groups = c["groups"]
         channels = max(1, math.ceil(cols / kpos)) * groups
         out = max(groups, (rows // groups) * groups)
-        key = f"conv-{channels}x{out}-{c}-in{'x'.join(map(str, s.in_shape[1:]))}"
+        key = f"conv-{channels}x{out}-{c}-in{'x'.join(map(str, in_shape[1:]))}"
 
         def build():
             conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(c["kernel_size"])]
             layer = conv(channels, out, c["kernel_size"], c["stride"], c["padding"], c["dilation"], groups)
-            return layer, torch.randn(1, channels, *s.in_shape[1:])
+            return layer, torch.randn(1, channels, *in_shape[1:])
     return key, build
 
 
@@ -327,6 +369,6 @@ def _time(build, rounds: int) -> float:
 
 __all__ = [
     "BUDGET_KINDS", "Budget", "BudgetError", "GemmShape", "LatencyTable", "drop_unread_channels", "entry_costs",
-    "gemm_shapes",
+    "first_sample", "gemm_shapes",
     "kept_rows_cols", "rows_per_group", "structured_cost",
 ]

@@ -18,11 +18,14 @@ the first stage to its bounds, so it is not the default).
 
 With a ``budget`` (:class:`~admmcompress.drivers.budget.Budget`: parameters, MACs or measured latency) the
 strength is adapted at every update: the smallest ``lambda`` whose ``Z`` meets the update's budget is found by
-bisection (the cost is monotone in ``lambda``); the budget tightens from the dense cost to the target over
-the first ``ramp`` share of the updates (cubic, as gradual pruning). If the last ``Z`` still misses the
-budget (a phase cut short), ``finalize()`` cuts further groups by the same weighted soft threshold on ``W``;
-``summary()`` reports how many groups the soft threshold zeroed and how many the final cut removed (a budget
-met mostly by the cut is magnitude pruning in disguise).
+bisection (with coupled targets the cost is not monotone in ``lambda``: smaller strengths below the bisection's
+are then tried down a geometric grid); the budget tightens from the model's cost when the stage begins (dense,
+unless an earlier stage pruned it) to the target over the first ``ramp`` share of the updates (cubic, as gradual
+pruning). Layers outside the targets are counted as they are: the zeros an earlier stage left count as removed.
+If the last ``Z`` still misses the budget (a phase cut short), ``finalize()`` cuts further groups by the same
+weighted soft threshold on ``W``; ``summary()`` reports how many groups the soft threshold zeroed and how many
+the final cut removed (a budget met mostly by the cut is magnitude pruning in disguise). ``finalize()`` also
+masks the producer rows of channels nobody reads, as the budget counts them and compaction removes them.
 
 The plan says what may be pruned: a layer without a rule is excluded; a rule's ``sparsity`` is the most
 its groups may lose (a bound; the largest groups beyond it are kept unshrunk); ``pin: {glob: sparsity}``
@@ -90,6 +93,10 @@ ROW_KINDS = ("filter", "heads")  # heads: coupled rows of q/k/v and columns of t
 COLUMN_KINDS = ("column", "channel")
 WEIGHTINGS = ("cost", "sqrt", "none")
 _PRECISION = 1e-5  # the bisection stops when the strength is known to this relative precision
+# Coupled targets make the cost bumpy in the strength (see _step_down): below the bisection's answer, strengths
+# down by this factor are tried until this many in a row miss the budget (about 0.6x below the last that met it).
+_STEP_DOWN = 0.97
+_STEP_DOWN_MISSES = 16
 FILL_TOLERANCE = 0.002  # finalize restores groups while the cost is more than this share below the budget
 _FILL_TRIES = 400
 
@@ -186,7 +193,8 @@ class SoftThreshold(Driver):
         model: the model being trained (start from a trained model: ``Z = W``, ``U = 0``).
         plan: a ``Plan`` or resolved targets (``Plan.resolve_coupled`` for coupled row groups).
         config: a ``SoftConfig``.
-        example: one input batch (needed for MAC and latency budgets: output positions per layer).
+        example: one input batch, as the plan takes it (a tensor, a tuple of inputs or a dict of keyword inputs);
+            needed for MAC and latency budgets (output positions per layer).
         frozen: masks from an earlier stage; merged into ``finalize()``.
         updates: how many ``step()`` calls the phase makes (the budget ramp's length).
         latency: a ready :class:`LatencyTable` (built, and cached per machine, when a latency budget needs one).
@@ -199,7 +207,7 @@ class SoftThreshold(Driver):
         model: torch.nn.Module,
         plan: Plan | list[Target],
         config: SoftConfig | None = None,
-        example: torch.Tensor | None = None,
+        example: Any | None = None,
         frozen: MaskSet | None = None,
         updates: int = 1,
         latency: LatencyTable | None = None,
@@ -232,6 +240,7 @@ class SoftThreshold(Driver):
                 )
         self.shapes = gemm_shapes(model, example)
         self._check_costed()
+        self._refresh_outside()
         self.budget = Budget.from_any(self.config.budget) if self.config.budget is not None else None
         kind = self.budget.kind if self.budget is not None else "params"
         self.kind = kind
@@ -250,6 +259,8 @@ class SoftThreshold(Driver):
         self.rho = self.config.rho
         self.schedule = self.config.schedule
         self.dense_cost = structured_cost(self.shapes, {}, kind, self.latency)
+        # the model as it comes (an earlier stage may have pruned it): where the budget ramp starts
+        self.start_cost = self._cost(w)
         self.target_cost: float | None = None
         self.final_cost: float | None = None
         self.outcome: dict[str, Any] = {}
@@ -259,14 +270,14 @@ class SoftThreshold(Driver):
             if least > self.target_cost * (1 + 1e-9):
                 raise BudgetError(
                     f"budget {self.budget.to_dict()} = {self.target_cost:g} {kind} is below the least this plan allows "
-                    f"({least:g} of {self.dense_cost:g}: layers without a rule, pins, bounds and one group kept per "
-                    "target); raise the budget or add/loosen rules"
+                    f"({least:g} of {self.dense_cost:g}: layers without a rule (as earlier stages left them), pins, "
+                    "bounds and one group kept per target); raise the budget or add/loosen rules"
                 )
         self._refresh_anchors()
 
     @classmethod
     def preflight(cls, model: torch.nn.Module, targets: list, config: SoftConfig,
-                  example: torch.Tensor | None) -> None:
+                  example: Any | None) -> None:
         """A params or MACs budget the plan cannot meet is refused before training (a latency budget is checked
         when its phase starts: its table is measured then)."""
         if config.budget is not None and config.budget["kind"] in ("params", "macs"):
@@ -306,6 +317,22 @@ class SoftThreshold(Driver):
                 f"layers {missing[:6]} did not run on the example input, so the budget cannot count them; pass an "
                 "example that reaches them, or leave them out of the plan"
             )
+
+    @torch.no_grad()
+    def _refresh_outside(self) -> None:
+        """The pattern of every costed layer outside the targets that is not dense: the zeros an earlier stage
+        left (its frozen masks, the weights it pruned) count as removed in every cost, not as dense."""
+        frozen = self.frozen.masks if self.frozen is not None else {}
+        targeted = set(self.names)
+        self._outside: dict[str, torch.Tensor] = {}
+        for param, s in self.shapes.items():
+            if param in targeted:
+                continue
+            pattern = self._params[param].detach() != 0
+            if param in frozen:
+                pattern = pattern & frozen[param].to(pattern.device)
+            if kept_rows_cols(pattern) != (s.rows, s.cols):  # a dense layer needs no pattern (and no memory)
+                self._outside[param] = pattern
 
     def _pin(self, t: Target) -> float | None:
         for pattern, rate in self.config.pin.items():
@@ -423,11 +450,17 @@ class SoftThreshold(Driver):
             view.mul_(factor[self._ids[t.key][0]])
 
     def _cost(self, z: dict[str, torch.Tensor]) -> float:
-        patterns = drop_unread_channels(self.targets, {n: t != 0 for n, t in z.items()})
-        return structured_cost(self.shapes, patterns, self.kind, self.latency)
+        """The budget's count of the model with the targets' weights at ``z`` (zeros removed)."""
+        return self._pattern_cost({n: t != 0 for n, t in z.items()})
 
     def _pattern_cost(self, patterns: dict[str, torch.Tensor]) -> float:
-        return structured_cost(self.shapes, drop_unread_channels(self.targets, patterns), self.kind, self.latency)
+        """The budget's count with the targets at ``patterns`` and every other layer as it now is."""
+        return structured_cost(self.shapes, self._counted(patterns), self.kind, self.latency)
+
+    def _counted(self, patterns: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What the budget counts: the targets' ``patterns`` over the other layers' current ones, less the channels
+        nobody reads (compaction removes them with their producers)."""
+        return drop_unread_channels(self.targets, {**self._outside, **patterns})
 
     def _meet(self, values: dict[str, torch.Tensor], budget: float) -> tuple[float, dict, dict]:
         """The smallest strength (geometric bisection) whose prox of ``values`` costs at most ``budget``."""
@@ -447,7 +480,14 @@ class SoftThreshold(Driver):
             while b < hi and self._cost(self._prox(values, b)[0]) > budget:
                 b = min(hi, b * 4)
             lo, hi = max(lo, a), b
-        best = self._prox(values, hi)
+        hi, best = self._bisect(values, budget, lo, hi, self._prox(values, hi))
+        if any(isinstance(t, CoupledTarget) for t in self.targets):
+            hi, best = self._step_down(values, budget, hi, best)
+        return hi, best[0], best[1]
+
+    def _bisect(self, values: dict[str, torch.Tensor], budget: float, lo: float, hi: float,
+                best: tuple[dict, dict]) -> tuple[float, tuple[dict, dict]]:
+        """Geometric bisection between ``lo`` (misses the budget) and ``hi`` (meets it, its prox ``best``)."""
         while hi / lo > 1 + _PRECISION:
             mid = math.sqrt(lo * hi)
             z, zeros = self._prox(values, mid)
@@ -455,15 +495,40 @@ class SoftThreshold(Driver):
                 hi, best = mid, (z, zeros)
             else:
                 lo = mid
-        return hi, best[0], best[1]
+        return hi, best
+
+    def _step_down(self, values: dict[str, torch.Tensor], budget: float, hi: float,
+                   best: tuple[dict, dict]) -> tuple[float, tuple[dict, dict]]:
+        """The smallest strength meeting the budget below the bisection's ``hi``, where the cost is not monotone.
+
+        With coupled targets the groups a rule's bound keeps are the largest after the row pass, so which
+        channels they read changes with the strength, and the channels nobody reads (removed with their
+        producers) come and go: the cost flips between levels under tiny changes of the strength, and the
+        bisection can settle in a bump above smaller strengths that meet the budget (and shrink less). Smaller
+        strengths are tried down a geometric grid; the lowest one that meets the budget is bisected against the
+        grid point below it.
+        """
+        lowest, misses, strength = None, 0, hi
+        while misses < _STEP_DOWN_MISSES:
+            strength *= _STEP_DOWN
+            z, zeros = self._prox(values, strength)
+            if self._cost(z) <= budget:
+                lowest, misses = (strength, (z, zeros)), 0
+            else:
+                misses += 1
+        if lowest is None:
+            return hi, best
+        return self._bisect(values, budget, lowest[0] * _STEP_DOWN, lowest[0], lowest[1])
 
     def budget_at(self, iteration: int) -> float | None:
-        """The budget of update ``iteration`` (1-based): dense -> target over the first ``ramp`` of the updates."""
+        """The budget of update ``iteration`` (1-based): from the cost the model had when the stage began (dense,
+        unless an earlier stage pruned it) to the target over the first ``ramp`` of the updates."""
         if self.target_cost is None:
             return None
         span = self.config.ramp * self.updates
         progress = 1.0 if span <= 0 else min(1.0, iteration / span)
-        return self.dense_cost - (self.dense_cost - self.target_cost) * (1 - (1 - progress) ** 3)
+        start = max(self.start_cost, self.target_cost)  # a model already within budget is not squeezed further
+        return start - (start - self.target_cost) * (1 - (1 - progress) ** 3)
 
     # --- the driver protocol ------------------------------------------------------------
     def _refresh_anchors(self) -> None:
@@ -481,6 +546,7 @@ class SoftThreshold(Driver):
         """Z = prox(W + U) at the (adapted) strength, U += W - Z; returns the log entry."""
         w = {n: self._params[n].detach() for n in self.names}
         v = {n: w[n] + self.U[n] for n in self.names}
+        self._refresh_outside()  # the other layers as training left them (frozen zeros stay zero)
         budget = self.budget_at(self.iteration + 1)
         if budget is None:
             self.Z, zeros = self._prox(v, self.strength)
@@ -521,6 +587,7 @@ class SoftThreshold(Driver):
         stays within the budget. Both counts are in ``summary()``.
         """
         w = {n: self._params[n].detach().clone() for n in self.names}
+        self._refresh_outside()
         # without a Z-step yet (a phase of no updates), the prox of W itself: pins hold, nothing else is zero
         soft = self._zero_groups(self.Z) if self.iteration else self._prox(w, self.strength)[1]
         final, restored = soft, 0
@@ -533,9 +600,21 @@ class SoftThreshold(Driver):
             for name, mask in self._masks(t, ~final[t.key]).items():
                 masks.intersect(name, mask)
         masks.apply(self.model)
+        self._drop_unread(masks)
         self.final_cost = self._cost({n: self._params[n].detach() for n in self.names})
         self.outcome = {**self._count(soft, final), "restored_by_fill": restored}
         return masks
+
+    def _drop_unread(self, masks: MaskSet) -> None:
+        """Mask the producer rows of channels nobody reads: the budget counts them removed and compaction removes
+        them, so the masked model, the rates table and the compacted model agree (the output is unchanged)."""
+        nonzero = {n: self._params[n].detach() != 0 for n in self.names}
+        kept = self._counted(nonzero)
+        for n in self.names:
+            dropped = nonzero[n] & ~kept[n]
+            if bool(dropped.any()):
+                masks.intersect(n, ~dropped)
+                self._params[n].data.mul_(~dropped)
 
     def _masked(self, w: dict[str, torch.Tensor], zeros: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         flat = self._flat(w)
@@ -607,19 +686,22 @@ class SoftThreshold(Driver):
             "share_soft_threshold": by_soft / pruned if pruned else 1.0,
         }
 
+    @torch.no_grad()
     def rates(self) -> dict[str, dict[str, int]]:
-        """Kept / total rows and columns of every Linear/Conv layer (current weights)."""
+        """Kept / total rows and columns of every Linear/Conv layer, as the budget counts them (current weights;
+        a channel nobody reads is removed with its producer rows, as compaction removes it)."""
+        counted = self._counted({n: self._params[n].detach() != 0 for n in self.shapes})
         out = {}
         for name, s in self.shapes.items():
-            r, c = kept_rows_cols(self._params[name].detach())
+            r, c = kept_rows_cols(counted[name])
             out[s.name] = {"rows_kept": r, "rows": s.rows, "cols_kept": c, "cols": s.cols}
         return out
 
     def summary(self) -> dict[str, Any]:
         budget = None
         if self.budget is not None:
-            budget = {**self.budget.to_dict(), "dense": self.dense_cost, "target": self.target_cost,
-                      "final": self.final_cost}
+            budget = {**self.budget.to_dict(), "dense": self.dense_cost, "start": self.start_cost,
+                      "target": self.target_cost, "final": self.final_cost}
         return {"soft": {"strength": self.strength, "budget": budget, **self.outcome, "rates": self.rates(),
                          "history": self.history}}
 
@@ -629,6 +711,7 @@ class SoftThreshold(Driver):
             "iteration": self.iteration,
             "strength": self.strength,
             "rho": self.rho,
+            "start_cost": self.start_cost,
             "history": list(self.history),
             "Z": {n: z.clone() for n, z in self.Z.items()},
             "U": {n: u.clone() for n, u in self.U.items()},
@@ -646,6 +729,8 @@ class SoftThreshold(Driver):
         self.iteration = int(state["iteration"])
         self.strength = float(state["strength"])
         self.rho = float(state.get("rho", self.config.rho))  # states saved before rho could grow: constant
+        # the ramp starts where the stage began, not where a resume finds the model
+        self.start_cost = float(state.get("start_cost", self.start_cost))
         self.history = list(state["history"])
         self.Z = {n: state["Z"][n].clone() for n in self.names}
         self.U = {n: state["U"][n].clone() for n in self.names}

@@ -8,6 +8,7 @@ result as an uninterrupted one. Phases are a flat list so the checkpoint only ne
 
 from __future__ import annotations
 
+import copy
 import sys
 import time
 import warnings
@@ -28,6 +29,7 @@ from admmcompress.finalize import (
     QuantizedMaskSet,
     mask_set_from_state,
     masks_from_model,
+    masks_of,
     release_holds,
 )
 from admmcompress.messages import first_line
@@ -97,6 +99,18 @@ class Phase:
         return f"stages.{self.stage}.{'admm' if self.kind == 'prune' else 'retrain'}"
 
 
+def _as_pruned_by(model: nn.Module, earlier: list[Target], driver: type[Driver]) -> nn.Module:
+    """The model a stage's preflight checks: as the stages before could leave it at the most (every rule at its
+    sparsity, on a copy), so a budget that only their pruning makes feasible is not refused before training,
+    while one that even this cannot meet still is. The stage checks its budget again on the real model when it
+    starts. The model itself when no stage before prunes, or the driver checks nothing (no copy)."""
+    if not earlier or getattr(driver.preflight, "__func__", None) is Driver.preflight.__func__:
+        return model
+    pruned = copy.deepcopy(model)
+    masks_of(dict(pruned.named_parameters()), earlier).apply(pruned)
+    return pruned
+
+
 class Runner:
     """Runs a ``RunConfig`` on a model and in-memory data (or torch Datasets); writes its state into ``out_dir``.
 
@@ -143,6 +157,7 @@ class Runner:
         self.example = first_inputs(train)  # traces the channel coupling and gives compaction its input shape
         check_model_reads(model, self.example, train, config, classifies=loss_fn is None)
         self.stage_targets: list[list[Target]] = [self._resolve(s) for s in config.stages]
+        earlier: list[Target] = []  # what the stages before may prune (their budget checks count it)
         for i, (stage, targets) in enumerate(zip(config.stages, self.stage_targets, strict=True)):
             try:  # fail before any training, not at the stage
                 driver = get_driver(stage.method).cls
@@ -150,7 +165,7 @@ class Runner:
                     raise ValueError(f"method '{stage.method}' cannot run under torchrun (it changes which parameters "
                                      "train during its phase); run this stage in one process")
                 driver.check_targets(targets)
-                driver.preflight(model, targets, stage.options, self.example)
+                driver.preflight(_as_pruned_by(model, earlier, driver), targets, stage.options, self.example)
                 cadence = Cadence.of(stage.admm, len(self.loader))
                 if driver.needs_updates and stage.admm.epochs > 0 and not cadence.fires:
                     # a warning, not a refusal: a smoke run of a real config on a few samples is legitimate
@@ -166,6 +181,7 @@ class Runner:
                 raise PlanError(f"stages[{i}]: {err}") from None
             except ValueError as err:
                 raise ValueError(f"stages[{i}]: {err}") from None
+            earlier += [t for t in targets if not t.structure.quantizes]
         self.compacted: nn.Module | None = None
         if config.compact is not None:
             self._preflight_compaction()
