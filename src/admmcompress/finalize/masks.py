@@ -161,13 +161,42 @@ def prune_masks(model: torch.nn.Module, targets, frozen: MaskSet | None = None) 
     return masks
 
 
+# Row (output) and column (input) structures: where both hit one weight, the columns are ranked on the weight
+# with the pruned rows zeroed, as SS-Auto's sequential prox (SPEC 9: rows, then columns) chooses them, so a
+# column that only pruned rows used is not kept in place of one the kept rows need.
+_ROW_KINDS, _COLUMN_KINDS = ("filter", "heads"), ("column", "channel")
+
+
 def masks_of(params: dict[str, torch.Tensor], targets, frozen: MaskSet | None = None) -> MaskSet:
-    """The masks :func:`prune_masks` would apply to ``params``, without touching them."""
+    """The masks :func:`prune_masks` would apply to ``params``, without touching them.
+
+    Every target ranks its groups on ``params``, except column/channel targets, which rank theirs on the weight
+    with the row (filter/heads) targets' pruned rows zeroed; several targets on one parameter intersect.
+
+    >>> import torch
+    >>> from admmcompress.plan import Plan, Rule
+    >>> from admmcompress.structures import Column, Filter
+    >>> w = {"0.weight": torch.tensor([[5.0, 0.0], [3.9, 4.0]])}   # column 0 is large mostly in row 0
+    >>> plan = Plan([Rule(Filter(sparsity=0.5), match="0"), Rule(Column(sparsity=0.5), match="0")])
+    >>> targets = plan.resolve(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    >>> masks_of(w, targets)["0.weight"].int().tolist()    # row 0 pruned, then column 1 kept (alone: column 0)
+    [[0, 0], [0, 1]]
+    """
     masks = MaskSet(frozen.masks if frozen is not None else None)
+    rows = MaskSet()
     with torch.no_grad():
         for target in targets:
+            if target.structure.kind in _COLUMN_KINDS:
+                continue
             for name, mask in target.masks(params).items():  # one parameter, or several for a coupled target
                 masks.intersect(name, mask)
+                if target.structure.kind in _ROW_KINDS:
+                    rows.intersect(name, mask)
+        ranked = {n: p * rows[n].to(p.dtype) if n in rows else p for n, p in params.items()}
+        for target in targets:
+            if target.structure.kind in _COLUMN_KINDS:
+                for name, mask in target.masks(ranked).items():
+                    masks.intersect(name, mask)
     return masks
 
 
