@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from admmcompress.drivers.budget import LatencyTable, first_sample, gemm_shapes, structured_cost
+from admmcompress.drivers.budget import LatencyTable, gemm_shapes, structured_cost
 from admmcompress.drivers.soft import SoftConfig, SoftThreshold
 from admmcompress.plan import Plan, Rule
+from admmcompress.plan.graph import first_sample
 from admmcompress.structures import Filter
 from admmcompress.timing import LatencyCache
 

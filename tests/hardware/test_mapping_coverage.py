@@ -142,3 +142,22 @@ def test_device_noise_and_the_injector_reach_recurrent_matrices():
     assert model.weight_ih_l0.grad is not None and model.weight_hh_l0.grad is not None
     injector.remove()
     assert torch.equal(model(x)[0], model(x)[0])
+
+
+def test_an_attention_out_projection_passes_once_per_position_and_a_dict_example_is_taken():
+    """nn.MultiheadAttention runs its out_proj inside F.multi_head_attention_forward (no hook of its own fires);
+    a model of keyword inputs gets its example as the plan's tracer passes it."""
+    from admmcompress.hardware.crossbar import output_positions
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.att, self.fc = nn.MultiheadAttention(16, 2, batch_first=True), nn.Linear(16, 4)
+
+        def forward(self, tokens, scale=1.0):
+            y, _ = self.att(tokens, tokens, tokens)
+            return self.fc(y * scale)
+
+    model = Attention()
+    assert output_positions(model, torch.randn(3, 7, 16)) == {"att.out_proj": 7, "fc": 7}
+    assert output_positions(model, {"tokens": torch.randn(3, 5, 16), "scale": 2.0}) == {"att.out_proj": 5, "fc": 5}

@@ -39,14 +39,13 @@ from admmcompress.drivers.budget import (
     Budget,
     BudgetError,
     drop_unread_channels,
-    first_sample,
     gemm_shapes,
     structured_cost,
 )
 from admmcompress.finalize import hard_prune, masks_of
 from admmcompress.plan import Plan, Rule, Target, resolve_targets
 from admmcompress.plan.coupled import CoupledTarget
-from admmcompress.plan.graph import call_model
+from admmcompress.plan.graph import call_model, first_sample
 from admmcompress.structures.groups import group_scores, kept_count
 from admmcompress.structures.registry import structure_class
 

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from admmcompress.plan.graph import call_model, first_sample  # as the plan traces models
 from admmcompress.structures.groups import as_matrix
 from admmcompress.structures.scalars import plain_number
 from admmcompress.structures.sparsity import GEMM_MODULES
@@ -130,17 +131,6 @@ class GemmShape:
         return self.calls or (self.in_shape,)
 
 
-def first_sample(example: Any) -> Any:
-    """``example`` cut to one sample: a tensor, or every tensor of a tuple/list/dict (other values as they are)."""
-    if isinstance(example, torch.Tensor):
-        return example[:1]
-    if isinstance(example, Mapping):
-        return {k: first_sample(v) for k, v in example.items()}
-    if isinstance(example, (tuple, list)):
-        return type(example)(first_sample(v) for v in example)
-    return example
-
-
 def _static_shapes(model: nn.Module) -> dict[str, GemmShape]:
     """Every GEMM layer with one output position (no traced pass: enough for parameter budgets)."""
     found = {}
@@ -162,8 +152,6 @@ def gemm_shapes(model: nn.Module, example: Any | None) -> dict[str, GemmShape]:
     A layer called several times per sample (a shared block) counts the output positions of every call.
     Without ``example`` the positions are 1 (enough for parameter budgets, not for MACs or latency).
     """
-    from admmcompress.plan.graph import call_model  # the plan's tracer calls models this way
-
     if example is None:
         return _static_shapes(model)
     found: dict[str, GemmShape] = {}
@@ -369,6 +357,5 @@ def _time(build, rounds: int) -> float:
 
 __all__ = [
     "BUDGET_KINDS", "Budget", "BudgetError", "GemmShape", "LatencyTable", "drop_unread_channels", "entry_costs",
-    "first_sample", "gemm_shapes",
-    "kept_rows_cols", "rows_per_group", "structured_cost",
+    "gemm_shapes", "kept_rows_cols", "rows_per_group", "structured_cost",
 ]

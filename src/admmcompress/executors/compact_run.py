@@ -40,6 +40,7 @@ from admmcompress.executors.compact import (
 from admmcompress.executors.fold import forward
 from admmcompress.executors.manifest import _write_compacted, load_compacted
 from admmcompress.finalize import MaskSet
+from admmcompress.plan.graph import first_sample
 from admmcompress.structures.registry import structure_class
 
 COMPACT_DIR = "compact"
@@ -156,7 +157,7 @@ def count_macs(model: nn.Module, example_inputs) -> int:
     training = model.training
     try:
         with torch.no_grad():
-            forward(model.eval(), _first(example_inputs))
+            forward(model.eval(), first_sample(example_inputs))
     finally:
         model.train(training)
         for handle in handles:
@@ -168,12 +169,6 @@ def random_inputs(example: torch.Tensor, count: int, seed: int = 0) -> torch.Ten
     """``count`` standard-normal inputs shaped like one sample of ``example`` (seeded)."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(count, *example.shape[1:], generator=generator, dtype=example.dtype)
-
-
-def _first(x):
-    if isinstance(x, torch.Tensor):
-        return x[:1]
-    return type(x)(t[:1] for t in x)
 
 
 def compact_checked(

@@ -43,6 +43,7 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.utils.rnn import PackedSequence
 
 from admmcompress.hardware.constants import DEVICE
+from admmcompress.plan.graph import call_model, first_sample
 from admmcompress.structures.groups import gemm_params
 
 SIGNED = ("differential", "offset")
@@ -389,11 +390,22 @@ def output_positions(model: nn.Module, example: torch.Tensor | None) -> dict[str
             found[name] = found.get(name, 0) + passes(mod, out)
 
         handles.append(module.register_forward_hook(record))
+    for name, module in model.named_modules():
+        out_proj = f"{name}.out_proj" if name else "out_proj"
+        if isinstance(module, nn.MultiheadAttention) and out_proj in layers:
+            # its out_proj runs inside F.multi_head_attention_forward, never through its own forward (no hook
+            # fires): one pass per output position of the attention, read off the attention's output
+            def attend(mod: nn.MultiheadAttention, args: Any, out: Any, name: str = out_proj) -> None:
+                result = out[0]
+                steps = result.shape[0] if result.dim() == 2 else result.shape[1 if mod.batch_first else 0]
+                found[name] = found.get(name, 0) + steps
+
+            handles.append(module.register_forward_hook(attend))
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            model(example[:1])
+            call_model(model, first_sample(example))  # a tensor, or a tuple/dict of inputs as the plan takes them
     finally:
         for h in handles:
             h.remove()

@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 import re
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -210,6 +210,22 @@ def call_model(model: nn.Module, example_inputs):
     if isinstance(example_inputs, (tuple, list)):
         return model(*example_inputs)
     return model(example_inputs)
+
+
+def first_sample(example: Any) -> Any:
+    """``example`` cut to one sample: a tensor, or every tensor of a tuple/list/dict (other values as they are).
+
+    >>> x = torch.zeros(4, 3)
+    >>> [tuple(v.shape) if isinstance(v, torch.Tensor) else v for v in first_sample((x, {"m": x}, True))[:1]]
+    [(1, 3)]
+    """
+    if isinstance(example, torch.Tensor):
+        return example[:1]
+    if isinstance(example, Mapping):
+        return {k: first_sample(v) for k, v in example.items()}
+    if isinstance(example, (tuple, list)):
+        return type(example)(first_sample(v) for v in example)
+    return example
 
 
 def output_tensors(output: Any) -> list[torch.Tensor]:
@@ -764,6 +780,7 @@ __all__ = [
     "group_of",
     "is_grouped_conv",
     "keeps_zero",
+    "first_sample",
     "op_name",
     "zero_leaks",
 ]
