@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from admmcompress import Filter, Plan, Rule, compact, hard_prune
-from admmcompress.executors.compact import CompactionError
+from admmcompress.executors.compact import CompactConfig, CompactionError
 from admmcompress.plan.graph import channel_groups, group_of
 from admmcompress.plan.targets import PlanError
 
@@ -391,3 +391,57 @@ def test_a_mean_over_the_channel_axis_is_refused_and_a_pool_is_not(c, hw):
     with pytest.raises(PlanError, match=r"op 'Mean' \(feeding 'head'\) averages over the channel axis"):
         Plan([Rule(Filter(sparsity=0.5), match="c1")]).resolve_coupled(ChannelMean(c), x, mode="extend")
     assert not group_of(channel_groups(ChannelMean(c, "positions"), x), "c1", ("producer",)).problems
+
+
+# --- a value added to pruned channels that is not a constant, or that the trace has no node for -----------------
+
+
+class AddsInput(nn.Module):
+    """fc1 -> relu -> + t -> fc2, with ``t`` an input of the model (a noise level, a time step)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x, t):
+        return self.fc2(torch.relu(self.fc1(x)) + t)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_an_input_added_to_pruned_channels_is_not_folded_as_a_constant(batch):
+    """A batch sharing t (or a batch of one) showed t as a constant: it was folded and the compacted model differed
+    by 0.67 on other inputs, while the check on the example passed."""
+    torch.manual_seed(0)
+    model = AddsInput().eval()
+    with torch.no_grad():
+        model.fc1.weight[:4] = 0
+        model.fc1.bias[:4] = 0
+    example = (torch.randn(batch, 8), torch.full((batch, 1), 0.3))
+    with pytest.raises(CompactionError, match="with a value that changes with the input"):
+        compact(model, example)
+    kept = compact(model, example, config=CompactConfig(strict=False))
+    x, t = torch.randn(16, 8), torch.rand(16, 1)
+    torch.testing.assert_close(kept.model(x, t), model(x, t), atol=1e-5, rtol=0)
+
+
+def test_a_scalar_parameter_added_to_pruned_channels_is_folded_not_taken_for_zero():
+    torch.manual_seed(0)
+
+    class AddsScalar(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.Conv2d(8, 4, 1)
+            self.shift = nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            return self.head(self.conv(x) + self.shift)
+
+    model, x = AddsScalar().eval(), torch.randn(2, 3, 8, 8)
+    group = group_of(channel_groups(model, x), "conv", ("producer",))
+    assert group.leaks == ["op 'Add' makes them nonzero where 'head' reads them"]
+    masks = hard_prune(model, Plan([Rule(Filter(sparsity=0.5), match="conv")]))
+    with torch.no_grad():
+        masked = model(x)
+    result = compact(model, x, masks)  # before: removed as zero, and the output check failed after training
+    assert result.folded == {"conv": 4} and result.model.conv.out_channels == 4
+    torch.testing.assert_close(result.model(x), masked, atol=1e-5, rtol=0)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from admmcompress.plan.graph import CONSUMER, ChannelGroup, call_model, channel_index, is_grouped_conv
+from admmcompress.plan.graph import CONSUMER, ChannelGroup, call_model, channel_index, is_grouped_conv, output_tensors
 
 
 @dataclass
@@ -75,10 +75,18 @@ def fold_constant_channels(
     todo = [(g, w) for g, w in requests if bool(w.any())]
     if not todo:
         return result
-    inputs = capture_inputs(
-        model, example_inputs, {m.layer for g, _ in todo for m in g.members if m.role == CONSUMER}
-    )
+    consumers = {m.layer for g, _ in todo for m in g.members if m.role == CONSUMER}
+    inputs = [capture_inputs(model, example_inputs, consumers)]
+    # y + t, where t is a literal or a buffer, or the model's input (a time step shared by the batch): the
+    # example alone cannot tell them apart, so a constant must also hold on the example with noise added
+    varied = _varied(example_inputs)
+    if varied is not None:
+        inputs.append(capture_inputs(model, varied, consumers))
     for group, wanted in todo:
+        if group.leaks and varied is None and _samples(example_inputs) < 2:
+            reasons.append(f"channels {_few(wanted)} of '{group.label}': {group.leaks[0]}, and an example of one "
+                           "sample cannot show that value to be the same for every input; pass two or more samples")
+            continue
         values, why = _constants(group, wanted, inputs, rtol)
         if why:
             reasons.append(f"channels {_few(wanted)} of '{group.label}': {why}")
@@ -102,6 +110,33 @@ def fold_constant_channels(
         if bool(wanted.any()):
             result.folded[group.label] = int(wanted.sum())
     return result
+
+
+def _varied(example_inputs):
+    """The example with seeded noise added to every floating tensor (None when it has none to vary)."""
+    generator = torch.Generator().manual_seed(0)
+    varied = False
+
+    def vary(value):
+        nonlocal varied
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            varied = True
+            noise = torch.randn(value.shape, generator=generator).to(value.dtype)
+            return value + noise * (value.detach().float().std().nan_to_num(0.0) + 1.0).to(value.dtype)
+        if isinstance(value, dict):
+            return {k: vary(v) for k, v in value.items()}
+        if isinstance(value, (tuple, list)):
+            return type(value)(vary(v) for v in value)
+        return value
+
+    out = vary(example_inputs)
+    return out if varied else None
+
+
+def _samples(example_inputs) -> int:
+    """The batch size of the example (its first tensor's first dimension; 1 when it has no tensor)."""
+    first = next(iter(output_tensors(example_inputs)), None)
+    return int(first.shape[0]) if first is not None and first.dim() else 1
 
 
 def capture_inputs(model: nn.Module, example_inputs, names: set[str]) -> dict[str, torch.Tensor]:
@@ -130,8 +165,9 @@ def capture_inputs(model: nn.Module, example_inputs, names: set[str]) -> dict[st
     return captured
 
 
-def _constants(group: ChannelGroup, wanted: torch.Tensor, inputs: dict[str, torch.Tensor], rtol: float):
-    """``[(consumer, local indices, root channels, constant values)]``, or a reason they are not constant."""
+def _constants(group: ChannelGroup, wanted: torch.Tensor, inputs: list[dict[str, torch.Tensor]], rtol: float):
+    """``[(consumer, local indices, root channels, constant values)]``, or a reason they are not constant (over
+    every position of every captured forward in ``inputs``)."""
     out = []
     for m in group.members:
         if m.role != CONSUMER:
@@ -141,18 +177,20 @@ def _constants(group: ChannelGroup, wanted: torch.Tensor, inputs: dict[str, torc
             continue
         local = torch.tensor([p[0] for p in pairs], dtype=torch.long)
         root = torch.tensor([p[1] for p in pairs], dtype=torch.long)
-        x = inputs[m.layer]
-        x = x.movedim(1, 0).reshape(x.shape[1], -1) if x.dim() > 2 else x.reshape(-1, x.shape[-1]).t()
-        seen = x.index_select(0, local)
+        seen = torch.cat([_by_channel(captured[m.layer]).index_select(0, local) for captured in inputs], dim=1)
         value = seen[:, 0]
         spread = (seen.max(dim=1).values - seen.min(dim=1).values).abs()
         if bool((spread > rtol * (value.abs() + 1.0)).any()):
-            return [], (
-                f"the input of '{m.layer}' is not constant on them (spread {float(spread.max()):.3g}); "
-                "an op between producer and consumer is not channelwise"
-            )
+            cause = (f"{group.leaks[0]}, with a value that changes with the input" if group.leaks else
+                     "an op between producer and consumer is not channelwise")
+            return [], f"the input of '{m.layer}' is not constant on them (spread {float(spread.max()):.3g}): {cause}"
         out.append((m.layer, local, root, value))
     return out, ""
+
+
+def _by_channel(x: torch.Tensor) -> torch.Tensor:
+    """A consumer's input as ``(channels, positions)``: channels at dim 1 (conv) or last (Linear)."""
+    return x.movedim(1, 0).reshape(x.shape[1], -1) if x.dim() > 2 else x.reshape(-1, x.shape[-1]).t()
 
 
 def _fold_into(module: nn.Module, local: torch.Tensor, value: torch.Tensor) -> int:

@@ -38,10 +38,13 @@ def zero_leaks(roles: dict[Any, set[str]], ops: dict[Any, str], names: dict) -> 
     order = _topological(nodes, inputs)
     if order is None:
         return None
+    traced = {id(getattr(n, "grad_fn", None)) for n in nodes}
     for n in order:
         ins, op = inputs[n], ops.get(n)
         passes = op in (None, INSIDE) or keeps_zero(op)  # zero in, zero out
         zero[n] = _is_zero(roles.get(n, set()), op, [zero[i] for i in ins], [finite[i] for i in ins])
+        if op in ("Add", "Sub") and zero[n] and _adds_outside(n, traced):
+            zero[n] = False  # y + p (a scalar parameter the trace has no node for) is p on a zeroed channel
         if op == "Div" and zero[n]:  # 0 / y is zero only for a numerator of the group over a divisor outside it
             zero[n] = bool(n.inputs) and n.inputs[0] in known and all(i not in known for i in n.inputs[1:])
         finite[n] = zero[n] or op in BOUNDED_OPS or (
@@ -72,6 +75,13 @@ def _is_zero(roles: set[str], op: str | None, zeros: list[bool], finites: list[b
     if op == "RMSNorm":
         return any(zeros)
     return all(zeros)
+
+
+def _adds_outside(node, traced: set[int]) -> bool:
+    """Whether a sum reads an operand that is not one of the group's traced nodes: a parameter the trace has no
+    node for (a scalar), or another path (``refine_op`` names literals and tensors without gradient)."""
+    functions = getattr(getattr(node, "grad_fn", None), "next_functions", ())
+    return any(fn is not None and id(fn) not in traced for fn, _ in functions)
 
 
 def _topological(nodes: list, inputs: dict[Any, list]) -> list | None:
