@@ -103,3 +103,21 @@ def test_a_resume_that_cannot_be_is_one_line(tmp_path, kwargs, expected):
 def test_a_folder_another_call_holds_is_refused(tmp_path):
     with RunLock(tmp_path), pytest.raises(RunLocked):
         compress(net(), PLAN, data(32, 0), data(16, 1), out_dir=tmp_path, **copy.deepcopy(ARGS))
+
+
+def test_refusals_name_compress_arguments_not_the_command_lines_flags(tmp_path, monkeypatch):
+    with RunLock(tmp_path), pytest.raises(RunLocked) as held:
+        compress(net(), PLAN, data(32, 0), data(16, 1), out_dir=tmp_path, **ARGS)
+    assert str(held.value).endswith("choose another out_dir") and "--out" not in str(held.value)
+    interrupted_call(monkeypatch, tmp_path, 1)
+    wider = nn.Sequential(nn.Conv2d(1, 16, 3), nn.ReLU(), nn.Conv2d(16, 4, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 4 * 4, 3))
+    with pytest.raises(ValueError) as other_model:
+        compress(wider, PLAN, data(32, 0), data(16, 1), out_dir=tmp_path, resume=True, **ARGS)
+    assert "pass overwrite=True to start over" in str(other_model.value) and "--out" not in str(other_model.value)
+    with pytest.raises(ValueError) as compact_off:
+        compress(net(), PLAN, data(32, 0), data(16, 1), out_dir=tmp_path, resume=True,
+                 **{k: v for k, v in ARGS.items() if k != "compact"})
+    message = str(compact_off.value)  # one change for the whole section, not one per key
+    assert "differ from the interrupted call's: compact: '{\"atol\": 0.0001, " in message
+    assert "\"samples\": 2}' -> 'off'; pass the same arguments" in message

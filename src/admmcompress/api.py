@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from admmcompress.finalize import MaskSet
 from admmcompress.messages import short_repr
 from admmcompress.plan import Plan, PlanError, Rule
 from admmcompress.report.render import render_markdown, save_report
+from admmcompress.train.checkpoint import CheckpointError
 from admmcompress.train.config import (
     ADMMPhaseConfig,
     CompactRunConfig,
@@ -27,13 +29,16 @@ from admmcompress.train.config import (
     StageConfig,
     config_dict,
 )
-from admmcompress.train.lock import RunLock
+from admmcompress.train.lock import RunLock, RunLocked
 from admmcompress.train.run_folder import MISSING, config_diff
 from admmcompress.train.runner import STATE_FILE, Runner
 from admmcompress.train.training_state import load_training_state
 
 # What CompressionResult.save writes (report.render.save_report and plot_run): the files it would replace.
 SAVED_FILES = ("metrics.json", "report.md", "sparsity.png", "training.png", "rates.png")
+
+
+IN_MEMORY = "<in-memory model>"  # a compress() call's pretrained: its model comes as an object
 
 
 class OutputFolderError(ValueError):
@@ -183,7 +188,7 @@ def compress(
         for p in plans
     ]
     config = RunConfig(model={"name": type(model).__name__}, data={"batch_size": batch_size}, seed=seed,
-                       pretrained="<in-memory model>", stages=stages, compact=compact)
+                       pretrained=IN_MEMORY, stages=stages, compact=compact)
     if resume and overwrite:
         raise ValueError("compress: resume=True continues the earlier call and overwrite=True replaces it; pass one")
     if out_dir is None:
@@ -191,10 +196,16 @@ def compress(
             raise ValueError("compress: resume=True needs out_dir=, the folder the interrupted call checkpointed to")
         return _compress(config, model, train, test, None, progress, loss_fn, resume)
     out_dir = usable_folder(out_dir, "compress")  # refused now, not after the first epoch's checkpoint
-    with RunLock(out_dir):  # a second call on the same folder is refused while this one runs
+    try:
+        lock = RunLock(out_dir).acquire()  # a second call on the same folder is refused while this one runs
+    except RunLocked as err:  # its advice names the CLI's --out
+        raise RunLocked(str(err).replace("choose another --out", "choose another out_dir")) from None
+    try:
         clean_orphans(out_dir, ("compact",))  # temp files of writes a kill cut short; we hold the lock
         _check_resume(out_dir, config, resume, overwrite)
         return _compress(config, model, train, test, out_dir, progress, loss_fn, resume)
+    finally:
+        lock.release()
 
 
 def _check_resume(out_dir: Path, config: RunConfig, resume: bool, overwrite: bool) -> None:
@@ -212,14 +223,19 @@ def _check_resume(out_dir: Path, config: RunConfig, resume: bool, overwrite: boo
             f"compress: resume=True, but out_dir '{out_dir}' holds no {STATE_FILE} (the call stopped before its "
             "first checkpoint, or this is another folder); call without resume=True to start"
         )
-    saved = load_training_state(state_file).get("config")
-    if not isinstance(saved, dict):
+    try:
+        saved = load_training_state(state_file).get("config")
+    except CheckpointError as err:  # its advice names the CLI's flags
+        raise OutputFolderError(f"compress: {str(err).split('; ')[0]}; pass overwrite=True to start over, or "
+                                "choose another out_dir") from None
+    if not isinstance(saved, dict) or saved.get("pretrained") != IN_MEMORY:
         raise OutputFolderError(
             f"compress: '{state_file}' does not record the arguments of its call (written by `admmcompress run`, or "
             "before compress could resume), so they cannot be checked; continue it with `admmcompress run --resume`, "
             "or pass overwrite=True to start over"
         )
-    diff = {k: v for k, v in config_diff(saved, config_dict(config)).items() if k not in SPEED_KEYS}
+    diff = {k: v for k, v in config_diff(_sections(saved), _sections(config_dict(config))).items()
+            if k not in SPEED_KEYS}
     if diff:
         shown = "; ".join(f"{k}: {_short(old)} -> {_short(new)}" for k, (old, new) in list(diff.items())[:3])
         more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
@@ -227,6 +243,13 @@ def _check_resume(out_dir: Path, config: RunConfig, resume: bool, overwrite: boo
             f"compress: resume=True, but the arguments differ from the interrupted call's: {shown}{more}; pass the "
             "same arguments, or overwrite=True to start over"
         )
+
+
+def _sections(spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` with its ``compact`` section as one value ("off" when absent), so turning it on or changing it is
+    one change, not one per key."""
+    compact = spec.get("compact")
+    return {**spec, "compact": json.dumps(compact, sort_keys=True) if compact else "off"}
 
 
 def _short(value: Any) -> str:
@@ -237,7 +260,12 @@ def _compress(config: RunConfig, model: nn.Module, train, test, out_dir: Path | 
               resume: bool) -> CompressionResult:
     runner = Runner(config, model, train, test, out_dir=out_dir, progress=progress, train_dense=False,
                     loss_fn=loss_fn)
-    metrics = runner.run(resume=resume)
+    try:
+        metrics = runner.run(resume=resume)
+    except CheckpointError as err:  # a checkpoint this call cannot resume: its advice names the CLI's flags
+        cli, api = "start the run again (--overwrite) or in another --out", "pass overwrite=True to start over, or " \
+            "choose another out_dir"
+        raise CheckpointError(str(err).replace(cli, api)) from None
     if getattr(train, "source", None) is not None:  # data from load_dataset: name the file, as a CLI run does
         metrics["data_file"] = str(Path(train.source).absolute())
     return CompressionResult(model, runner.masks, metrics, runner.history, runner.compacted)
