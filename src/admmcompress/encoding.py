@@ -89,6 +89,15 @@ class ValueFormat:
 
 
 FLOAT32 = ValueFormat("float32", 0, 32, 32, 0)
+FLOAT16 = ValueFormat("float16", 0, 16, 16, 0)  # a float16 or bfloat16 weight's own 16 bits, raw
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def float_bits(weight: torch.Tensor) -> int:
+    """Bits of one value of an unquantized ``weight`` at its own width: 16 for half types, else 32 (float64
+    weights are counted as float32, the storage baseline; ``executors.packed`` stores those float32 cannot hold
+    raw and names them)."""
+    return 16 if weight.dtype in HALF_DTYPES else 32
 
 
 def table_format(k: int) -> ValueFormat:
@@ -138,9 +147,10 @@ def value_formats(weight: torch.Tensor) -> list[ValueFormat]:
     values = weight.detach().reshape(-1)
     levels = torch.unique(values[values != 0].to(torch.float32))
     k = levels.numel()
+    raw = FLOAT16 if float_bits(weight) == 16 else FLOAT32
     if k > MAX_LEVELS:
-        return [FLOAT32]
-    options = [FLOAT32, table_format(k)]
+        return [raw]
+    options = [raw, table_format(k)]
     grid = grid_of(levels)
     if grid is not None:
         options.append(grid_format(k, *grid))
@@ -263,6 +273,7 @@ class LayerStorage:
     kept_rows: int
     kept_cols: int
     bits: dict[str, int] = field(default_factory=dict)
+    dense_value_bits: int = 32  # one unpruned, unquantized value: the baseline (16 for a half-precision weight)
 
     @property
     def best(self) -> str:
@@ -273,7 +284,7 @@ class LayerStorage:
         return ratio(self.params, self.nnz)
 
     def storage_reduction(self, scheme: str | None = None) -> float:
-        return ratio(32 * self.params, self.bits[scheme or self.best])
+        return ratio(self.dense_value_bits * self.params, self.bits[scheme or self.best])
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -323,7 +334,8 @@ def layer_storage(
         }
         bits = {k: v + fmt.table_bits for k, v in bits.items()}
         return LayerStorage(
-            name, list(weight.shape), rows, cols, rows * cols, nnz, fmt, b_r, order, entries_at[b_r], kr, kc, bits
+            name, list(weight.shape), rows, cols, rows * cols, nnz, fmt, b_r, order, entries_at[b_r], kr, kc, bits,
+            float_bits(weight),
         )
 
     # The format is chosen with its zero code counted (a grid's zero code can be a bit wider than a table's).
@@ -368,6 +380,7 @@ def weight_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 __all__ = [
+    "FLOAT16",
     "FLOAT32",
     "GRID_INT_BITS",
     "MAX_LEVELS",
@@ -379,6 +392,7 @@ __all__ = [
     "codes_of",
     "csr_bits",
     "dense_bits",
+    "float_bits",
     "grid_format",
     "grid_of",
     "layer_storage",

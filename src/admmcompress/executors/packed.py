@@ -17,7 +17,7 @@ File layout, format 3 (no pickle; a few bytes of header so that small models, e.
     per tensor                        0xFF for a raw tensor (its bytes follow from the model's
                                       dtype and shape), else a packed weight: tag byte (scheme
                                       index in bits 0-2, row order in bit 3, value kind in bits
-                                      4-5: float32/grid/table), varint nnz, for ``relative`` varint
+                                      4-5: float32/grid/table/float16), varint nnz, for ``relative`` varint
                                       b_r and varint fillers (E - nnz), for grid/table varint
                                       K, varint payload bytes
     payload                           the tensors' bytes, in state-dict order (raw little endian)
@@ -47,7 +47,8 @@ float32 values), then per scheme:
 - ``csr``: ``nnz`` codes, ``nnz`` column indices, ``R + 1`` row pointers;
 - ``structured``: ``R`` kept-row bits, ``C`` kept-column bits, the kept block's codes.
 
-Float32 layers store raw IEEE-754 bits in place of codes. The widths and codes come from
+Unquantized layers store raw IEEE-754 bits in place of codes: 32 bits a value, or the weight's own 16 for a
+float16/bfloat16 model. The widths and codes come from
 :mod:`admmcompress.encoding`, the same module the storage report counts with.
 
 The ``packed`` executor (``get_executor("packed")``): ``save`` = ``save_packed``, ``load`` =
@@ -78,7 +79,9 @@ import numpy as np
 import torch
 
 from admmcompress.encoding import (
+    FLOAT16,
     FLOAT32,
+    HALF_DTYPES,
     MAX_LEVELS,
     SCHEMES,
     LayerStorage,
@@ -163,11 +166,17 @@ class BitReader:
         return out
 
 
-def _float_bits(values: torch.Tensor) -> np.ndarray:
+def _float_bits(values: torch.Tensor, dtype: torch.dtype = torch.float32) -> np.ndarray:
+    """IEEE bits of ``values`` as ``dtype``: float32, or a half type's 16 bits (numpy has no bfloat16)."""
+    if dtype in HALF_DTYPES:
+        return values.detach().to(dtype).contiguous().view(torch.int16).numpy().view(np.uint16).astype(np.uint64)
     return values.detach().to(torch.float32).contiguous().numpy().view(np.uint32).astype(np.uint64)
 
 
-def _bits_float(raw: np.ndarray) -> torch.Tensor:
+def _bits_float(raw: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The float32 values of ``raw`` bits of ``dtype`` (exact: a half type's values are float32 values)."""
+    if dtype in HALF_DTYPES:
+        return torch.from_numpy(raw.astype(np.uint16).view(np.int16).copy()).view(dtype).to(torch.float32)
     return torch.from_numpy(raw.astype(np.uint32).view(np.float32).copy())
 
 
@@ -180,7 +189,8 @@ def _encode(weight: torch.Tensor, layer: LayerStorage, scheme: str) -> bytes:
     rows, cols = matrix.shape
     mask = matrix != 0
     out = BitWriter()
-    is_float = fmt.kind == "float32"
+    is_float = fmt.kind in FLOAT_KINDS  # raw values at the weight's own width (32 or 16 bits)
+    dtype = weight.dtype if fmt.kind == "float16" else torch.float32
     if fmt.kind == "table":
         out.write(_float_bits(torch.unique(matrix[mask])), 32)
     elif fmt.kind == "grid":
@@ -191,7 +201,7 @@ def _encode(weight: torch.Tensor, layer: LayerStorage, scheme: str) -> bytes:
     def values(selected: torch.Tensor, with_zero: bool) -> None:
         """Write the values at ``selected`` (a flat index into the matrix)."""
         if is_float:
-            out.write(_float_bits(matrix.reshape(-1)[selected]), 32)
+            out.write(_float_bits(matrix.reshape(-1)[selected], dtype), fmt.code_bits)
         elif with_zero:
             out.write(codes.reshape(-1)[selected].numpy(), fmt.zero_bits)
         else:
@@ -228,7 +238,7 @@ def _encode(weight: torch.Tensor, layer: LayerStorage, scheme: str) -> bytes:
         if is_float:
             flat = matrix.reshape(-1)
             vals = torch.where(entry_index >= 0, flat[entry_index.clamp(min=0)], torch.zeros(()))
-            out.write(_float_bits(vals), 32)
+            out.write(_float_bits(vals, dtype), fmt.code_bits)
         else:
             code = codes.reshape(-1)[entry_index.clamp(min=0)]
             code = torch.where(entry_index >= 0, code, torch.zeros_like(code))
@@ -282,6 +292,8 @@ def _codebook(src: BitReader, meta: dict[str, Any]) -> tuple[ValueFormat, torch.
     kind, name, levels = meta["value"], meta["name"], meta["levels"]
     if kind == "float32":
         return FLOAT32, None
+    if kind == "float16":
+        return FLOAT16, None
     if kind not in KINDS:
         _fail(f"tensor {name!r}: unknown value kind {kind!r}")
     if not 1 <= levels <= MAX_LEVELS:
@@ -321,7 +333,8 @@ def _decode(data: bytes, meta: dict[str, Any]) -> torch.Tensor:
               f"index bits {meta['index_bits']})")
     src = BitReader(data)
     fmt, table = _codebook(src, meta)
-    is_float = fmt.kind == "float32"
+    is_float = fmt.kind in FLOAT_KINDS
+    dtype = getattr(torch, meta.get("dtype", "torch.float32").removeprefix("torch."))
     levels = None if is_float else levels_of(fmt, table)
     b, b0 = fmt.code_bits, fmt.zero_bits
     entries, b_r = meta["entries"], meta["index_bits"]
@@ -338,7 +351,7 @@ def _decode(data: bytes, meta: dict[str, Any]) -> torch.Tensor:
 
     def read_values(count: int, with_zero: bool) -> torch.Tensor:
         if is_float:
-            return _bits_float(src.read(count, 32))
+            return _bits_float(src.read(count, fmt.code_bits), dtype if fmt.kind == "float16" else torch.float32)
         raw = torch.from_numpy(src.read(count, b0 if with_zero else b).astype(np.int64))
         code = raw - 1 if with_zero else raw  # now -1 = zero, 0.. = level index
         if code.numel() and int(code.max()) >= levels.numel():
@@ -399,7 +412,8 @@ MAGIC_V2 = b"APK\x02"
 MAGIC = b"APK\x03"
 FORMAT = 3
 RAW_TAG = 0xFF
-KINDS = ("float32", "grid", "table")
+KINDS = ("float32", "grid", "table", "float16")  # the tag's bits 4-5; float16: a half type's own 16 bits
+FLOAT_KINDS = ("float32", "float16")
 ORDERS = ("column", "row")
 MAX_SPEC_BYTES = 1 << 16  # a model spec is a registry name and a few keyword arguments
 MAX_MODEL_ELEMENTS = 1 << 28  # a model built from a file's spec: at most 2^28 elements (1 GiB of float32)
@@ -531,7 +545,7 @@ def save_packed(
             if chosen == "relative":
                 header += _varint(layer.index_bits)
                 header += _varint(layer.entries - layer.nnz)
-            if kind != "float32":
+            if kind not in FLOAT_KINDS:
                 header += _varint(layer.value.levels)
             header += _varint(len(blob))
         else:
@@ -787,9 +801,11 @@ def _tensor_fields(head: _Cursor, name: str, value: torch.Tensor) -> dict[str, A
         entries = nnz + fillers
         if not 1 <= index_bits <= MAX_INDEX_BITS or fillers > (n - min(nnz, n)) >> min(index_bits, 64):
             _fail(f"is corrupt (tensor {name!r}: {index_bits} index bits, {fillers} filler entries)")
-    levels = head.varint() if kind != "float32" else 0
+    if kind == "float16" and value.dtype not in HALF_DTYPES:
+        _fail(f"is corrupt (tensor {name!r} holds 16-bit values; the model's is {value.dtype})")
+    levels = head.varint() if kind not in FLOAT_KINDS else 0
     nbytes = head.varint()
-    if nnz > n or (kind != "float32" and not 1 <= levels <= MAX_LEVELS) or nbytes > len(head.data):
+    if nnz > n or (kind not in FLOAT_KINDS and not 1 <= levels <= MAX_LEVELS) or nbytes > len(head.data):
         _fail(f"is corrupt (tensor {name!r}: {nnz} nonzeros of {n}, {levels} levels, {nbytes:,} bytes)")
     entry.update(
         kind="packed", scheme=scheme, nnz=nnz, entries=entries, index_bits=index_bits,

@@ -7,7 +7,8 @@ prints them as the markdown table of report.md. How a weight is coded and what e
 shared with the executors that write those bits for real (``executors.packed``); its names are
 re-exported here for existing imports.
 
-"Weight reduction" = total weights / nonzero weights; "storage reduction" = ``32 N / S``.
+"Weight reduction" = total weights / nonzero weights; "storage reduction" = ``32 N / S`` (``16 N`` for a
+half-precision model's weights: the dense baseline is the weights at their own width).
 
 >>> w = torch.tensor([[0.5, 0, 0, 0, 0, 0, -0.5, 0.5, 0.5, -0.5]]).T   # one column; a gap of 5 zeros
 >>> layer_storage("w", w, index_bits=2).bits["relative"]    # 6 entries * (2 + 2) + 2 pointers * 3 + grid 64
@@ -78,13 +79,18 @@ class StorageReport:
     def weight_reduction(self) -> float:
         return ratio(self.params, self.nnz)
 
+    @property
+    def dense_bits(self) -> int:
+        """The unpruned, unquantized weights at their own width (32 bits a value; 16 for half-precision ones)."""
+        return sum(layer.dense_value_bits * layer.params for layer in self.layers)
+
     def storage_reduction(self, scheme: str | None = None) -> float:
-        return ratio(32 * self.params, self.bits(scheme))
+        return ratio(self.dense_bits, self.bits(scheme))
 
     @property
     def paper_reduction(self) -> float:
         """``32 N / sum(nnz * b)``: no indices, no codebooks (how 1,910x-style figures are computed)."""
-        return ratio(32 * self.params, sum(layer.nnz * layer.value.code_bits for layer in self.layers))
+        return ratio(self.dense_bits, sum(layer.nnz * layer.value.code_bits for layer in self.layers))
 
     def render(self) -> str:
         """The markdown table (``render_storage``); executors get it through an opened run, never by import."""
@@ -158,7 +164,7 @@ def render_storage(report: StorageReport | dict[str, Any]) -> str:
     ]
     for layer in data["layers"]:
         value = layer["value"]
-        kind = "float32" if value["kind"] == "float32" else f"{value['kind']} K={value['levels']}"
+        kind = value["kind"] if value["kind"].startswith("float") else f"{value['kind']} K={value['levels']}"
         lines.append(
             f"| {layer['name']} | {layer['nnz']:,} / {layer['params']:,} | {kind} | {value['code_bits']} | "
             f"{layer['index_bits']} | "
@@ -173,10 +179,11 @@ def render_storage(report: StorageReport | dict[str, Any]) -> str:
     lines += [
         "",
         f"- Weight reduction (weights / nonzero): **{_x(data['weight_reduction'])}**",
-        f"- Storage reduction (32-bit dense / stored bits, indices and codebooks included): "
+        f"- Storage reduction (dense weights at their own width, 32 or 16 bits / stored bits, indices and "
+        "codebooks included): "
         f"**{_x(reduction['best'])}** with each layer's best scheme; "
         + ", ".join(f"{s} {_x(reduction[s])}" for s in SCHEMES),
-        "- Paper-style storage reduction (32 N / sum nnz*b, no indices or codebooks): "
+        "- Paper-style storage reduction (32 N, or 16 N for half precision, / sum nnz*b, no indices or codebooks): "
         f"{_x(data['paper_reduction'])}",
         f"- Other parameters (biases etc.): {data['other_params']:,} = {data['other_bits']:,} bits, "
         "not included above",
