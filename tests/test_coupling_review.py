@@ -445,3 +445,19 @@ def test_a_scalar_parameter_added_to_pruned_channels_is_folded_not_taken_for_zer
     result = compact(model, x, masks)  # before: removed as zero, and the output check failed after training
     assert result.folded == {"conv": 4} and result.model.conv.out_channels == 4
     torch.testing.assert_close(result.model(x), masked, atol=1e-5, rtol=0)
+
+
+def test_a_value_that_turns_nan_on_the_noisy_example_is_not_taken_for_a_constant():
+    """log(t) of a noisy t is NaN in places; a NaN spread used to compare as 'not above the tolerance'."""
+    torch.manual_seed(0)
+
+    class AddsLog(AddsInput):
+        def forward(self, x, t):
+            return self.fc2(torch.relu(self.fc1(x)) + torch.log(t))
+
+    model = AddsLog().eval()
+    with torch.no_grad():
+        model.fc1.weight[:4] = 0
+        model.fc1.bias[:4] = 0
+    with pytest.raises(CompactionError, match="with a value that changes with the input"):
+        compact(model, (torch.randn(4, 8), torch.full((4, 1), 0.3)))
