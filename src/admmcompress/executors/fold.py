@@ -29,7 +29,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from admmcompress.plan.graph import CONSUMER, ChannelGroup, call_model, channel_index, is_grouped_conv, output_tensors
+from admmcompress.plan.graph import (
+    CONSUMER,
+    ChannelGroup,
+    call_model,
+    channel_index,
+    is_grouped_conv,
+    map_tensors,
+    output_tensors,
+)
 
 
 @dataclass
@@ -117,23 +125,17 @@ def fold_constant_channels(
 
 def _varied(example_inputs):
     """The example with seeded noise added to every floating tensor (None when it has none to vary)."""
+    if not any(t.is_floating_point() for t in output_tensors(example_inputs)):
+        return None
     generator = torch.Generator().manual_seed(0)
-    varied = False
 
-    def vary(value):
-        nonlocal varied
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            varied = True
-            noise = torch.randn(value.shape, generator=generator).to(value.dtype)
-            return value + noise * (value.detach().float().std().nan_to_num(0.0) + 1.0).to(value.dtype)
-        if isinstance(value, dict):
-            return {k: vary(v) for k, v in value.items()}
-        if isinstance(value, (tuple, list)):
-            return type(value)(vary(v) for v in value)
-        return value
+    def vary(value: torch.Tensor) -> torch.Tensor:
+        if not value.is_floating_point():
+            return value
+        noise = torch.randn(value.shape, generator=generator).to(value.dtype)
+        return value + noise * (value.detach().float().std().nan_to_num(0.0) + 1.0).to(value.dtype)
 
-    out = vary(example_inputs)
-    return out if varied else None
+    return map_tensors(vary, example_inputs)
 
 
 def _samples(example_inputs) -> int:

@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 import re
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -212,6 +212,22 @@ def call_model(model: nn.Module, example_inputs):
     return model(example_inputs)
 
 
+def map_tensors(fn: Callable[[torch.Tensor], Any], value: Any) -> Any:
+    """``value`` with ``fn`` applied to every tensor of it: a tensor, or those of a tuple/list/dict, nested (other
+    values as they are). The shape of example inputs as ``call_model`` takes them.
+
+    >>> map_tensors(lambda t: t * 2, (torch.ones(1), {"k": torch.ones(1)}, True))
+    (tensor([2.]), {'k': tensor([2.])}, True)
+    """
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, Mapping):
+        return {k: map_tensors(fn, v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(map_tensors(fn, v) for v in value)
+    return value
+
+
 def first_sample(example: Any) -> Any:
     """``example`` cut to one sample: a tensor, or every tensor of a tuple/list/dict (other values as they are).
 
@@ -219,13 +235,7 @@ def first_sample(example: Any) -> Any:
     >>> [tuple(v.shape) if isinstance(v, torch.Tensor) else v for v in first_sample((x, {"m": x}, True))[:1]]
     [(1, 3)]
     """
-    if isinstance(example, torch.Tensor):
-        return example[:1]
-    if isinstance(example, Mapping):
-        return {k: first_sample(v) for k, v in example.items()}
-    if isinstance(example, (tuple, list)):
-        return type(example)(first_sample(v) for v in example)
-    return example
+    return map_tensors(lambda t: t[:1], example)
 
 
 def output_tensors(output: Any) -> list[torch.Tensor]:
@@ -781,6 +791,7 @@ __all__ = [
     "is_grouped_conv",
     "keeps_zero",
     "first_sample",
+    "map_tensors",
     "op_name",
     "zero_leaks",
 ]
