@@ -161,3 +161,55 @@ def test_an_attention_out_projection_passes_once_per_position_and_a_dict_example
     model = Attention()
     assert output_positions(model, torch.randn(3, 7, 16)) == {"att.out_proj": 7, "fc": 7}
     assert output_positions(model, {"tokens": torch.randn(3, 5, 16), "scale": 2.0}) == {"att.out_proj": 5, "fc": 5}
+
+
+class _Tagger(nn.Module):
+    """An LSTM tagger, sequence-first or batch-first: the same layers, only the input layout differs."""
+
+    def __init__(self, batch_first: bool):
+        super().__init__()
+        self.lstm = nn.LSTM(8, 16, batch_first=batch_first)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0])
+
+
+def test_a_sequence_first_model_is_counted_per_sample_over_every_time_step():
+    """Cutting dim 0 of a (T, B, F) example would cut time: the whole example runs, and the batch comes from
+    the recurrent layer's batch axis."""
+    from admmcompress.hardware.crossbar import output_positions
+
+    first = output_positions(_Tagger(batch_first=False), torch.randn(12, 3, 8))
+    batched = output_positions(_Tagger(batch_first=True), torch.randn(3, 12, 8))
+    assert first == batched
+    assert "head" in first and set(first.values()) == {12}, first
+
+
+def test_a_conv_that_folds_time_into_its_batch_is_counted_per_sample():
+    """(B*T, C, H, W) through a conv, then an LSTM over T: the LSTM's batch is the model's, so the conv makes
+    T x H x W passes per sample."""
+    from admmcompress.hardware.crossbar import output_positions
+
+    class Video(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+            self.lstm = nn.LSTM(4 * 5 * 5, 6, batch_first=True)
+
+        def forward(self, x):  # (B, T, 1, 5, 5)
+            b, t = x.shape[:2]
+            y = self.conv(x.flatten(0, 1)).reshape(b, t, -1)
+            return self.lstm(y)[0]
+
+    found = output_positions(Video(), torch.randn(2, 7, 1, 5, 5))
+    assert found["conv"] == 7 * 5 * 5
+    assert all(v == 7 for k, v in found.items() if k.startswith("lstm")), found
+
+
+def test_positions_do_not_depend_on_the_batch_of_a_batch_first_example():
+    from admmcompress.hardware.crossbar import output_positions
+
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 4 * 4, 5))
+    one, four = output_positions(model, torch.randn(1, 2, 6, 6)), output_positions(model, torch.randn(4, 2, 6, 6))
+    assert one == four == {"0": 16, "2": 1}

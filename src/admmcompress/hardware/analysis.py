@@ -105,7 +105,8 @@ def analyze(
     pim_bits: Sequence[int] = (1, 2, 3, 4),
     pim_subarray: tuple[int, int] = (256, 256),
 ) -> HardwareAnalysis:
-    """Map ``model`` (``example``: one input batch, for conv output positions) and cost it, modelled."""
+    """Map ``model`` and cost it, modelled. ``example``: one input batch (batch-first, or sequence-first for a
+    model whose recurrent layers say so), for the passes each layer makes per sample; None: one pass each."""
     if isinstance(baseline_bits, bool) or not isinstance(baseline_bits, int) or not 1 <= baseline_bits <= 16:
         raise ValueError(f"hardware: baseline_bits={baseline_bits!r} must be an integer in [1, 16], e.g. 16")
     mapping = map_model(model, spec, example)

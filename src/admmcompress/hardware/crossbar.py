@@ -43,7 +43,7 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.utils.rnn import PackedSequence
 
 from admmcompress.hardware.constants import DEVICE
-from admmcompress.plan.graph import call_model, first_sample
+from admmcompress.plan.graph import call_model
 from admmcompress.structures.groups import gemm_params
 
 SIGNED = ("differential", "offset")
@@ -366,30 +366,65 @@ def _time_steps(module: nn.RNNBase, output: Any) -> int:
     return out.shape[1] if module.batch_first else out.shape[0]
 
 
-def passes(module: nn.Module, output: Any) -> int:
-    """Passes over a layer's tiles that one call makes for the first sample: output positions (conv: H x W),
-    time steps (recurrent layer), vectors (Linear over a sequence); one for a recurrent cell's step."""
+def _samples(module: nn.Module, args: Any, output: Any) -> int | None:
+    """How many samples a call of a recurrent layer or cell ran on (by ``batch_first`` and its input's rank);
+    None for other layers. Convs are not asked: a model may fold time or patches into their batch (B*T, C, H, W),
+    while a recurrent layer's batch axis is the model's."""
+    if isinstance(module, nn.RNNBase):
+        out = output[0]
+        if isinstance(out, PackedSequence):
+            return int(out.batch_sizes[0])
+        return 1 if out.dim() == 2 else out.shape[0 if module.batch_first else 1]
+    if isinstance(module, nn.RNNCellBase):
+        return args[0].shape[0] if args and args[0].dim() == 2 else 1
+    return None
+
+
+def passes(module: nn.Module, output: Any, samples: int = 1) -> int:
+    """Passes over a layer's tiles that one call makes per sample, the call having run on ``samples`` samples:
+    output positions (conv: H x W), time steps (recurrent layer), vectors (Linear over a sequence); one for a
+    recurrent cell's step."""
     if isinstance(module, nn.RNNBase):
         return _time_steps(module, output)
     if isinstance(module, nn.RNNCellBase):
         return 1
     channels = module.out_channels if isinstance(module, _ConvNd) else module.weight.shape[0]
-    return max(1, output[0].numel() // channels)
+    return max(1, output.numel() // channels // max(1, samples))
 
 
-def output_positions(model: nn.Module, example: torch.Tensor | None) -> dict[str, int]:
+def _example_samples(example: Any) -> int:
+    """The batch size of a batch-first example: dim 0 of its first tensor (1 without a batched tensor)."""
+    for value in [example] if isinstance(example, torch.Tensor) else list(
+        example.values() if isinstance(example, dict) else example if isinstance(example, (tuple, list)) else []
+    ):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return 1
+
+
+def output_positions(model: nn.Module, example: Any) -> dict[str, int]:
     """Passes per sample over each GEMM layer's tiles (1 for Linear), from one forward pass on ``example``;
-    a layer called several times (a recurrent cell in a loop, a shared layer) adds up its calls."""
+    a layer called several times (a recurrent cell in a loop, a shared layer) adds up its calls.
+
+    The whole example runs, not a slice of it: a sequence-first model's batch is not on dim 0, so cutting dim 0
+    would cut time. How many samples it held is read off the layers that know their batch axis (recurrent layers
+    and attention, by ``batch_first``), when they agree; otherwise the example is taken batch-first (dim 0).
+    """
     layers = dict(gemm_layers(model))
     if example is None:
         return {name: 1 for name in layers}
-    found: dict[str, int] = {}
+    calls: dict[str, list[tuple[nn.Module, Any]]] = {}  # outputs kept (shapes only) until the batch is known
+    seen_samples: set[int] = set()
     handles = []
     for name, module in layers.items():
         def record(mod: nn.Module, args: Any, out: Any, name: str = name) -> None:
-            found[name] = found.get(name, 0) + passes(mod, out)
+            calls.setdefault(name, []).append((mod, _shape_only(out)))
+            found = _samples(mod, args, out)
+            if found is not None:
+                seen_samples.add(found)
 
         handles.append(module.register_forward_hook(record))
+    steps: dict[str, int] = {}
     for name, module in model.named_modules():
         out_proj = f"{name}.out_proj" if name else "out_proj"
         if isinstance(module, nn.MultiheadAttention) and out_proj in layers:
@@ -397,20 +432,36 @@ def output_positions(model: nn.Module, example: torch.Tensor | None) -> dict[str
             # fires): one pass per output position of the attention, read off the attention's output
             def attend(mod: nn.MultiheadAttention, args: Any, out: Any, name: str = out_proj) -> None:
                 result = out[0]
-                steps = result.shape[0] if result.dim() == 2 else result.shape[1 if mod.batch_first else 0]
-                found[name] = found.get(name, 0) + steps
+                positions = result.shape[0] if result.dim() == 2 else result.shape[1 if mod.batch_first else 0]
+                steps[name] = steps.get(name, 0) + positions
+                if result.dim() == 3:
+                    seen_samples.add(result.shape[0 if mod.batch_first else 1])
 
             handles.append(module.register_forward_hook(attend))
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            call_model(model, first_sample(example))  # a tensor, or a tuple/dict of inputs as the plan takes them
+            call_model(model, example)  # a tensor, or a tuple/dict of inputs as the plan takes them
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    return {name: found.get(name, 1) for name in layers}
+    # one batch size, agreed by every layer that knows its batch axis; otherwise the example is batch-first
+    samples = seen_samples.pop() if len(seen_samples) == 1 else _example_samples(example)
+    for name, made in calls.items():
+        steps[name] = steps.get(name, 0) + sum(passes(mod, out, samples) for mod, out in made)
+    return {name: steps.get(name, 1) for name in layers}
+
+
+def _shape_only(output: Any) -> Any:
+    """What :func:`passes` reads of an output, without holding on to its data: empty tensors of the same shapes
+    (a recurrent layer's packed output kept as it is: its batch sizes are small)."""
+    if isinstance(output, torch.Tensor):
+        return torch.empty(output.shape, device="meta")
+    if isinstance(output, tuple) and not isinstance(output, PackedSequence):
+        return tuple(_shape_only(o) for o in output)
+    return output
 
 
 @dataclass
