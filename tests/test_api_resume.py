@@ -2,6 +2,7 @@
 result an uninterrupted call gives; other arguments, a missing checkpoint and a held folder are one line each."""
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ from torch import nn
 from admmcompress import Filter, Plan, Rule, compress
 from admmcompress.api import OutputFolderError
 from admmcompress.data.datasets import Split
+from admmcompress.train import checkpoint as ckpt
+from admmcompress.train.checkpoint import CheckpointError
 from admmcompress.train.lock import RunLock, RunLocked
 from admmcompress.train.runner import STATE_FILE, Runner
 
@@ -121,3 +124,66 @@ def test_refusals_name_compress_arguments_not_the_command_lines_flags(tmp_path, 
     message = str(compact_off.value)  # one change for the whole section, not one per key
     assert "differ from the interrupted call's: compact: '{\"atol\": 0.0001, " in message
     assert "\"samples\": 2}' -> 'off'; pass the same arguments" in message
+
+
+def _wider() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 16, 3), nn.ReLU(), nn.Conv2d(16, 4, 3), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 4 * 4, 3))
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_advises_compress_arguments(tmp_path, monkeypatch):
+    interrupted_call(monkeypatch, tmp_path, 1)
+    with pytest.raises(CheckpointError) as err:
+        compress(_wider(), PLAN, data(32, 0), data(16, 1), out_dir=tmp_path, resume=True, **ARGS)
+    assert str(err.value) == (
+        f"checkpoint '{tmp_path / STATE_FILE}' does not fit Sequential: missing [], unexpected [], wrong shapes "
+        "['0.bias', '0.weight', '2.weight']; a run cannot resume from it: pass overwrite=True to start over, or "
+        "choose another out_dir"
+    )
+    assert "--overwrite" not in str(err.value) and "--out" not in str(err.value)
+
+
+def test_checkpoint_content_that_cannot_be_restored_advises_compress_arguments(tmp_path, monkeypatch):
+    interrupted_call(monkeypatch, tmp_path, 1)
+    path = tmp_path / STATE_FILE
+    state = ckpt.load_state(path)
+    state["loader"] = {"generator": "abc"}
+    ckpt.save_state(path, state)
+    with pytest.raises(CheckpointError) as err:
+        compress(net(), PLAN, data(32, 0), data(16, 1), out_dir=tmp_path, resume=True, **ARGS)
+    message = str(err.value)
+    assert message.startswith(f"checkpoint '{path}': its 'loader' cannot be restored (")
+    assert message.endswith("; it is damaged or not a training state of this tool: a run cannot resume from it: "
+                            "pass overwrite=True to start over, or choose another out_dir")
+    assert "--overwrite" not in message and "--out" not in message
+
+
+@pytest.mark.parametrize(
+    ("write", "problem"),
+    [
+        # torch's own reason holds a '; ': the problem is named whole, not cut there
+        (lambda p: p.write_bytes(pickle.dumps(5, protocol=2)),
+         "cannot be read (Invalid magic number; corrupt file?): it is truncated, damaged or not a training state"),
+        (lambda p: torch.save([torch.zeros(2)], p), "holds a list, not a training state"),
+        (lambda p: torch.save({"epoch": 1}, p), "is not a training state of this tool (no 'phase_index')"),
+    ],
+)
+def test_a_checkpoint_that_is_not_a_training_state_is_refused_before_the_run(tmp_path, write, problem):
+    path = tmp_path / STATE_FILE
+    write(path)
+    with pytest.raises(OutputFolderError) as err:
+        compress(net(), PLAN, data(32, 0), data(16, 1), out_dir=tmp_path, resume=True, **ARGS)
+    assert str(err.value) == (f"compress: checkpoint '{path}' {problem}; pass overwrite=True to start over, or "
+                              "choose another out_dir")
+
+
+def test_a_damaged_value_is_named_without_the_command_lines_flags(tmp_path, monkeypatch):
+    interrupted_call(monkeypatch, tmp_path, 1)
+    path = tmp_path / STATE_FILE
+    state = ckpt.load_state(path)
+    state["epoch"] = "3"
+    ckpt.save_state(path, state)
+    with pytest.raises(OutputFolderError) as err:
+        compress(net(), PLAN, data(32, 0), data(16, 1), out_dir=tmp_path, resume=True, **ARGS)
+    assert str(err.value) == (f"compress: checkpoint '{path}': 'epoch' is str, expected int; pass overwrite=True to "
+                              "start over, or choose another out_dir")

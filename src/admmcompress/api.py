@@ -20,7 +20,7 @@ from admmcompress.finalize import MaskSet
 from admmcompress.messages import short_repr
 from admmcompress.plan import Plan, PlanError, Rule
 from admmcompress.report.render import render_markdown, save_report
-from admmcompress.train.checkpoint import CheckpointError
+from admmcompress.train.checkpoint import RESTART_API, CheckpointError
 from admmcompress.train.config import (
     ADMMPhaseConfig,
     CompactRunConfig,
@@ -225,9 +225,8 @@ def _check_resume(out_dir: Path, config: RunConfig, resume: bool, overwrite: boo
         )
     try:
         saved = load_training_state(state_file).get("config")
-    except CheckpointError as err:  # its advice names the CLI's flags
-        raise OutputFolderError(f"compress: {str(err).split('; ')[0]}; pass overwrite=True to start over, or "
-                                "choose another out_dir") from None
+    except CheckpointError as err:  # the problem alone, with compress's advice
+        raise OutputFolderError(f"compress: {err.problem}; {RESTART_API}") from None
     if not isinstance(saved, dict) or saved.get("pretrained") != IN_MEMORY:
         raise OutputFolderError(
             f"compress: '{state_file}' does not record the arguments of its call (written by `admmcompress run`, or "
@@ -260,12 +259,7 @@ def _compress(config: RunConfig, model: nn.Module, train, test, out_dir: Path | 
               resume: bool) -> CompressionResult:
     runner = Runner(config, model, train, test, out_dir=out_dir, progress=progress, train_dense=False,
                     loss_fn=loss_fn)
-    try:
-        metrics = runner.run(resume=resume)
-    except CheckpointError as err:  # a checkpoint this call cannot resume: its advice names the CLI's flags
-        cli, api = "start the run again (--overwrite) or in another --out", "pass overwrite=True to start over, or " \
-            "choose another out_dir"
-        raise CheckpointError(str(err).replace(cli, api)) from None
+    metrics = runner.run(resume=resume)  # its refusals advise compress's arguments (runner.from_cli is False)
     if getattr(train, "source", None) is not None:  # data from load_dataset: name the file, as a CLI run does
         metrics["data_file"] = str(Path(train.source).absolute())
     return CompressionResult(model, runner.masks, metrics, runner.history, runner.compacted)

@@ -55,6 +55,14 @@ def test_a_layer_called_several_times_counts_the_macs_of_every_call():
     assert structured_cost(shapes, {}, "params") == 8 * 64 + 64 * 64 + 64 * 2  # its weights are stored once
     conv = gemm_shapes(TwoScales(), torch.randn(1, 4, 8, 8))["conv.weight"]
     assert conv.positions == 8 * 8 + 4 * 4 and conv.calls == ((4, 8, 8), (4, 4, 4))
+    assert conv.in_shape == (4, 8, 8)  # the first call's
+
+
+def test_a_layer_seen_without_a_traced_pass_has_one_call_of_unknown_shape():
+    shapes = gemm_shapes(Shared(times=3), None)
+    assert {p: (s.positions, s.calls, s.in_shape) for p, s in shapes.items()} == dict.fromkeys(
+        ["inp.weight", "block.weight", "out.weight"], (1, ((),), ())
+    )
 
 
 def test_latency_sums_the_lookups_of_every_call(tmp_path):

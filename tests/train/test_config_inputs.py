@@ -138,8 +138,8 @@ def runner(model_name: str, x: torch.Tensor, y: torch.Tensor, **stage_admm) -> R
 
 def test_a_model_that_cannot_read_the_dataset_is_refused_before_training():
     x, y = torch.randn(4, 3, 32, 32), torch.zeros(4, dtype=torch.long)  # CIFAR-shaped inputs for an MNIST model
-    with pytest.raises(ValueError, match=r"model .lenet5. cannot read the training inputs \(shape \(3, 32, 32\)\)"
-                       r".*choose a model for this data") as info:
+    with pytest.raises(ValueError, match=r"model .lenet5. cannot read the training inputs "
+                       r"\(tensor \(2, 3, 32, 32\) float32\).*choose a model for this data") as info:
         content = spec(model={"name": "lenet5"}, pretrained="unused.safetensors")
         del content["pretrain"]
         content["stages"][0]["plan"] = {"rules": [{"match": "fc1", "structure": "unstructured", "sparsity": 0.5}]}
@@ -220,8 +220,22 @@ def test_an_index_error_in_the_forward_is_one_line():
 
     config = RunConfig.from_dict({**spec(pretrained="unused.safetensors"), "pretrain": None})
     tokens = torch.full((2, 5), 99)  # beyond the vocabulary
-    with pytest.raises(ValueError, match=r"cannot read the training inputs \(shape \(5,\)\): index out of range"):
+    with pytest.raises(ValueError, match=r"cannot read the training inputs \(tensor \(2, 5\) int64\): index out of "
+                                         "range"):
         check_model_reads(Embedder(), tokens, Split(tokens, torch.zeros(2, dtype=torch.long)), config)
+
+
+def test_an_example_of_several_inputs_is_described_as_the_plan_describes_it():
+    from admmcompress.plan.graph import describe_input
+    from admmcompress.train.runner import check_model_reads
+
+    config = RunConfig.from_dict({**spec(pretrained="unused.safetensors"), "pretrain": None})
+    example = {"x": torch.zeros(2, 5), "mask": torch.ones(2, 5, dtype=torch.bool)}
+    assert describe_input(example) == "dict x: tensor (2, 5) float32, mask: tensor (2, 5) bool"
+    with pytest.raises(ValueError) as err:  # nn.Linear is called with the dict itself
+        check_model_reads(torch.nn.Linear(5, 3), example, None, config)
+    assert str(err.value).startswith("model 'lenet300100' cannot read the training inputs (dict x: tensor (2, 5) "
+                                     "float32, mask: tensor (2, 5) bool): ")
 
 
 def test_chained_merges_are_not_taken_for_duplicates():

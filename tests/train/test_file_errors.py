@@ -318,6 +318,10 @@ def test_a_training_state_of_another_model_is_named_before_loading(tmp_path):
         ckpt.check_state_fits(model, ckpt.load_state(path), path)
     message = str(err.value)
     assert f"checkpoint '{path}' does not fit LeNet300100" in message and "--overwrite" in message
+    with pytest.raises(CheckpointError) as advised:  # the caller's advice (compress's) in place of the CLI's flags
+        ckpt.check_state_fits(model, ckpt.load_state(path), path, advice="call again")
+    assert str(advised.value) == message.replace(ckpt.RESTART_CLI, "call again")
+    assert advised.value.problem == message.split("; a run cannot resume")[0]
     with pytest.raises(CheckpointError, match="it has no model weights"):
         ckpt.check_state_fits(model, {"epoch": 1}, path)
     ckpt.check_state_fits(model, {"model": LeNet300100().state_dict()}, path)  # fits: no error

@@ -131,11 +131,13 @@ def test_resume_from_a_plain_state_dict_is_one_line(tmp_path, capsys):
                                   "(no 'phase_index')"), message
 
 
-def _runner(out) -> Runner:
+def _runner(out, from_cli: bool = True) -> Runner:
     torch.manual_seed(0)
     x, y = torch.randn(32, 1, 28, 28), torch.arange(32) % 10
     config = RunConfig.from_dict(SPEC)
-    return Runner(config, LeNet300100(), Split(x, y), Split(x[:16], y[:16]), out_dir=out, progress=False)
+    runner = Runner(config, LeNet300100(), Split(x, y), Split(x[:16], y[:16]), out_dir=out, progress=False)
+    runner.from_cli = from_cli  # as the CLI builds it, unless a test asks for compress()'s
+    return runner
 
 
 @pytest.mark.parametrize(
@@ -160,7 +162,12 @@ def test_content_that_does_not_fit_names_the_checkpoint_and_key(tmp_path, key, v
         _runner(tmp_path).run(resume=True)
     message = str(err.value)
     assert message.startswith(f"checkpoint '{path}': its '{key}' cannot be restored (")
-    assert "--overwrite" in message and "\n" not in message
+    assert message.endswith("; it is damaged or not a training state of this tool: a run cannot resume from it: "
+                            "start the run again (--overwrite) or in another --out")
+    assert "\n" not in message
+    with pytest.raises(ckpt.CheckpointError) as err:  # a Runner not built by the CLI advises compress's arguments
+        _runner(tmp_path, from_cli=False).run(resume=True)
+    assert str(err.value) == message.replace(ckpt.RESTART_CLI, ckpt.RESTART_API)
 
 
 def test_resume_with_a_binary_config_yaml_names_the_file(tmp_path, capsys):

@@ -121,14 +121,15 @@ class GemmShape:
     cols: int
     positions: int  # output positions per row for one sample, summed over the layer's calls (1: a Linear on a vector)
     kind: str  # "linear" or "conv"
-    in_shape: tuple[int, ...]  # one sample's input (the first call's)
+    # One sample's input shape at every call (a shared layer runs once per call); a layer seen without a traced
+    # pass has one call of unknown shape, ((),)
+    calls: tuple[tuple[int, ...], ...]
     conv: dict[str, Any] | None = None  # kernel_size, stride, padding, dilation, groups (convs)
-    calls: tuple[tuple[int, ...], ...] = ()  # every call's input shape: a shared layer runs once per call
 
     @property
-    def inputs(self) -> tuple[tuple[int, ...], ...]:
-        """The input shape of every call (a layer seen without a traced pass: its one ``in_shape``)."""
-        return self.calls or (self.in_shape,)
+    def in_shape(self) -> tuple[int, ...]:
+        """One sample's input at the first call (``()`` without a traced pass)."""
+        return self.calls[0]
 
 
 def _static_shapes(model: nn.Module) -> dict[str, GemmShape]:
@@ -138,7 +139,8 @@ def _static_shapes(model: nn.Module) -> dict[str, GemmShape]:
         if isinstance(m, GEMM_MODULES):
             param = f"{name}.weight" if name else "weight"
             rows, cols = as_matrix(m.weight).shape
-            found[param] = GemmShape(name, param, rows, cols, 1, "linear" if isinstance(m, nn.Linear) else "conv", ())
+            kind = "linear" if isinstance(m, nn.Linear) else "conv"
+            found[param] = GemmShape(name, param, rows, cols, 1, kind, ((),))
     return found
 
 
@@ -170,8 +172,7 @@ def gemm_shapes(model: nn.Module, example: Any | None) -> dict[str, GemmShape]:
         conv = None
         if not isinstance(module, nn.Linear):
             conv = {k: getattr(module, k) for k in ("kernel_size", "stride", "padding", "dilation", "groups")}
-        found[param] = GemmShape(name, param, rows, cols, per_row, "conv" if conv else "linear", in_shape, conv,
-                                 (in_shape,))
+        found[param] = GemmShape(name, param, rows, cols, per_row, "conv" if conv else "linear", (in_shape,), conv)
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, GEMM_MODULES)]
     training = model.training
@@ -284,7 +285,7 @@ class LatencyTable:
         self.rounds = rounds
         # per layer: (calls with this input size, its table) for every distinct input size
         self._tables: dict[str, list[tuple[int, torch.Tensor]]] = {
-            p: [(s.inputs.count(shape), self._measure(s, shape)) for shape in dict.fromkeys(s.inputs)]
+            p: [(s.calls.count(shape), self._measure(s, shape)) for shape in dict.fromkeys(s.calls)]
             for p, s in self.shapes.items()
         }
 

@@ -363,19 +363,20 @@ def example_problem(model: nn.Module, inputs: Any, err: Exception) -> str:
     """One line: the example the model could not read, what the model said, and what to pass instead."""
     said = first_line(err, 200)
     return (
-        f"the example input ({_describe_input(inputs)}) does not fit {type(model).__name__}: {type(err).__name__}: "
+        f"the example input ({describe_input(inputs)}) does not fit {type(model).__name__}: {type(err).__name__}: "
         f"{said}; pass one batch the model accepts (a tensor, a tuple of positional inputs or a dict of keywords)"
     )
 
 
-def _describe_input(value: Any) -> str:
-    """A short description of an example input: shapes and dtypes, not values."""
+def describe_input(value: Any) -> str:
+    """A short description of an example input for error messages (the plan's and the run's): shapes and dtypes,
+    not values."""
     if isinstance(value, torch.Tensor):
         return f"tensor {tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
     if isinstance(value, (tuple, list)):
-        return f"{type(value).__name__} of {len(value)}: " + ", ".join(_describe_input(v) for v in value[:4])
+        return f"{type(value).__name__} of {len(value)}: " + ", ".join(describe_input(v) for v in value[:4])
     if isinstance(value, dict):
-        return "dict " + ", ".join(f"{k}: {_describe_input(v)}" for k, v in list(value.items())[:4])
+        return "dict " + ", ".join(f"{k}: {describe_input(v)}" for k, v in list(value.items())[:4])
     return type(value).__name__
 
 

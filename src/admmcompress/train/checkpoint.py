@@ -56,18 +56,38 @@ def _torch_save(state: dict[str, Any], tmp: Path) -> None:
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model; the message names the file and the fix."""
+    """A checkpoint that cannot be read or does not fit the model; the message names the file and the fix.
+
+    ``problem``: the message without the fix, for a caller that gives its own (compress's resume check).
+    """
+
+    def __init__(self, message: str, problem: str | None = None):
+        super().__init__(message)
+        self.problem = message if problem is None else problem
 
 
 class UnsafeCheckpointError(CheckpointError, pickle.UnpicklingError):
     """A state file holding objects a weights-only load refuses (never unpickled); also an ``UnpicklingError``."""
 
 
-def load_state(path: str | Path) -> dict[str, Any]:
+# How to go on from a run's checkpoint that cannot be resumed: the checks below take it from their caller, which
+# names the command line's flags (the default) or compress()'s arguments.
+RESTART_CLI = "start the run again (--overwrite) or in another --out"
+RESTART_API = "pass overwrite=True to start over, or choose another out_dir"
+
+
+def cannot_resume(problem: str, advice: str, why: str = "",
+                  kind: type[CheckpointError] = CheckpointError) -> CheckpointError:
+    """The error for a checkpoint a run cannot resume from: ``problem`` (naming the file), ``why`` where given,
+    then ``advice``; ``problem`` alone is the error's ``problem``."""
+    return kind(f"{problem}; {why}a run cannot resume from it: {advice}", problem)
+
+
+def load_state(path: str | Path, advice: str = RESTART_CLI) -> dict[str, Any]:
     """Load a training state without unpickling arbitrary objects.
 
     A missing file raises ``FileNotFoundError``; a truncated, damaged or foreign one a :class:`CheckpointError`
-    naming it (its objects are never unpickled).
+    naming it (its objects are never unpickled) and ending in ``advice``.
     """
     path = Path(path)
     if not path.is_file():
@@ -77,15 +97,12 @@ def load_state(path: str | Path) -> dict[str, Any]:
     except Exception as err:  # a damaged pickle stream can raise nearly anything from torch's rebuild functions
         unsafe = isinstance(err, pickle.UnpicklingError)
         reason = "objects other than tensors, refused by the weights only load" if unsafe else first_line(err, 120)
-        raise (UnsafeCheckpointError if unsafe else CheckpointError)(
-            f"checkpoint '{path}' cannot be read ({reason}): it is truncated, damaged or not a training state; "
-            "a run cannot resume from it: start the run again (--overwrite) or in another --out"
+        raise cannot_resume(
+            f"checkpoint '{path}' cannot be read ({reason}): it is truncated, damaged or not a training state",
+            advice, kind=UnsafeCheckpointError if unsafe else CheckpointError,
         ) from None
     if not isinstance(state, dict):
-        raise CheckpointError(
-            f"checkpoint '{path}' holds a {type(state).__name__}, not a training state; a run cannot resume from "
-            "it: start the run again (--overwrite) or in another --out"
-        )
+        raise cannot_resume(f"checkpoint '{path}' holds a {type(state).__name__}, not a training state", advice)
     return state
 
 
@@ -162,8 +179,10 @@ def _warn_narrowing(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]
         )
 
 
-def check_state_fits(model: torch.nn.Module, state: dict[str, Any], path: str | Path) -> None:
-    """Raise :class:`CheckpointError` unless the training state's ``"model"`` weights fit ``model`` (resume).
+def check_state_fits(model: torch.nn.Module, state: dict[str, Any], path: str | Path,
+                     advice: str = RESTART_CLI) -> None:
+    """Raise :class:`CheckpointError` (ending in ``advice``) unless the training state's ``"model"`` weights fit
+    ``model`` (resume).
 
     Call it between :func:`load_state` and ``model.load_state_dict(state["model"])``: a run folder's
     checkpoint replaced by another model's names the file instead of a size-mismatch traceback.
@@ -174,10 +193,7 @@ def check_state_fits(model: torch.nn.Module, state: dict[str, Any], path: str | 
     else:
         mismatch = _mismatch(model.state_dict(), weights)
     if mismatch:
-        raise CheckpointError(
-            f"checkpoint '{path}' does not fit {type(model).__name__}: {mismatch}; a run cannot resume from it: "
-            "start the run again (--overwrite) or in another --out"
-        )
+        raise cannot_resume(f"checkpoint '{path}' does not fit {type(model).__name__}: {mismatch}", advice)
 
 
 def _mismatch(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str:

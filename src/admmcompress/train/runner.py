@@ -34,6 +34,7 @@ from admmcompress.finalize import (
 )
 from admmcompress.messages import first_line
 from admmcompress.plan import CoupledTarget, PlanError, Target
+from admmcompress.plan.graph import describe_input
 from admmcompress.report.metrics import measure
 from admmcompress.report.storage import storage
 from admmcompress.train import checkpoint as ckpt
@@ -268,6 +269,10 @@ class Runner:
         """--dry-run --resume: the folder's checkpoint loads into this model (in memory only; nothing is written)."""
         self._load()
 
+    def _restart_advice(self) -> str:
+        """How to start over from a checkpoint this run cannot resume (the end of a CheckpointError)."""
+        return ckpt.RESTART_CLI if self.from_cli else ckpt.RESTART_API
+
     def _diverged_advice(self) -> str:
         """Where to go on after a NaN loss: only a checkpoint that exists is pointed to."""
         path = None if self.out_dir is None else self.out_dir / STATE_FILE
@@ -402,13 +407,14 @@ class Runner:
             self._driver = get_driver(stage.method).cls.from_config(self.model, targets, stage.options, context)
         if self._pending is not None:
             path = self.out_dir / STATE_FILE if self.out_dir is not None else Path(STATE_FILE)
-            with restoring(path, "optimizer"):
+            advice = self._restart_advice()
+            with restoring(path, "optimizer", advice):
                 self._optimizer.load_state_dict(self._pending["optimizer"])
             if self._driver is not None and self._pending.get("driver") is not None:
-                with restoring(path, "driver"):
+                with restoring(path, "driver", advice):
                     self._driver.load_state_dict(self._pending["driver"])
             if self._average is not None and self._pending.get("average") is not None:
-                with restoring(path, "average"):
+                with restoring(path, "average", advice):
                     self._average.load_state_dict(self._pending["average"])
             self._pending = None
         if self._driver is not None:
@@ -631,22 +637,23 @@ class Runner:
             raise FileNotFoundError(
                 f"--resume: no checkpoint at {path}; run without --resume to start, or pass the run's --out folder"
             )
-        state = load_training_state(path)
+        advice = self._restart_advice()
+        state = load_training_state(path, advice)
         self.transforms = list(state.get("transforms", []))
-        with restoring(path, "transforms"):
+        with restoring(path, "transforms", advice):
             rebuild_transforms(self.model, self.transforms)  # the module structure the saved weights belong to
-        ckpt.check_state_fits(self.model, state, path)  # another model's checkpoint: one line, not a traceback
+        ckpt.check_state_fits(self.model, state, path, advice)  # another model's checkpoint: one line, not a traceback
         self.model.load_state_dict(state["model"])
         self.phase_index, self.epoch = state["phase_index"], state["epoch"]
-        with restoring(path, "masks"):
+        with restoring(path, "masks", advice):
             self.masks = mask_set_from_state(state["masks"])
             params = dict(self.model.named_parameters())
             for name, mask in self.masks.items():  # else a shape error when the phase attaches them
                 if name not in params or params[name].shape != mask.shape:
                     raise ValueError(f"mask '{name}' {tuple(mask.shape)} fits no parameter of the model")
-        with restoring(path, "loader"):
+        with restoring(path, "loader", advice):
             self.loader.load_state_dict(state["loader"])
-        with restoring(path, "rng"):
+        with restoring(path, "rng", advice):
             torch.set_rng_state(state["rng"])
         saved_threads = state.get("threads")  # checkpoints before 2026-12-06 did not record it
         if isinstance(saved_threads, int) and saved_threads != torch.get_num_threads():
@@ -687,7 +694,7 @@ def check_model_reads(model: nn.Module, example: Any, train: Any, config: RunCon
             out = model(example)
     except (RuntimeError, ValueError, TypeError, IndexError) as err:
         raise ValueError(
-            f"model '{config.model['name']}' cannot read the training inputs ({_describe_input(example)}): "
+            f"model '{config.model['name']}' cannot read the training inputs ({describe_input(example)}): "
             f"{first_line(err)}; {_reading_fix(model, example)}"
         ) from None
     finally:
@@ -753,17 +760,6 @@ def _restore_buffers(slots: list[_BufferSlot]) -> None:
                 module._buffers[name] = tensor
             else:
                 module._buffers[name] = values
-
-
-def _describe_input(example: Any) -> str:
-    """The example batch's sample shape in words (a tensor, or a mapping/sequence of them)."""
-    if isinstance(example, torch.Tensor):
-        return f"shape {tuple(example.shape[1:])}"
-    if isinstance(example, dict):
-        return ", ".join(f"{k}: {_describe_input(v)}" for k, v in example.items())
-    if isinstance(example, (list, tuple)):
-        return ", ".join(_describe_input(v) for v in example)
-    return type(example).__name__
 
 
 def run_phases(config: RunConfig, train_dense: bool = True) -> list[Phase]:

@@ -51,7 +51,6 @@ OPTIONAL_STATE_KEYS: dict[str, tuple[type, ...]] = {
     "teacher": (dict, _NONE),
     "config": (dict,),  # the run's config (config_dict), for compress(resume=True); from 2026-12-06
 }
-_RESTART = "a run cannot resume from it: start the run again (--overwrite) or in another --out"
 
 
 def read_progress(out_dir: str | Path) -> tuple[int, int] | None:
@@ -63,31 +62,30 @@ def read_progress(out_dir: str | Path) -> tuple[int, int] | None:
     return state["phase_index"], state["epoch"]
 
 
-def load_training_state(path: str | Path) -> dict[str, Any]:
+def load_training_state(path: str | Path, advice: str = ckpt.RESTART_CLI) -> dict[str, Any]:
     """A run folder's checkpoint, loaded weights-only (:func:`ckpt.load_state`) and checked by
-    :func:`check_training_state`: every reader of a training state goes through here."""
-    state = ckpt.load_state(path)
-    check_training_state(state, path)
+    :func:`check_training_state`: every reader of a training state goes through here. ``advice``: how to start
+    over, at the end of a refusal (the command line's flags by default)."""
+    state = ckpt.load_state(path, advice)
+    check_training_state(state, path, advice)
     return state
 
 
-def check_training_state(state: dict[str, Any], path: str | Path) -> None:
-    """Raise :class:`ckpt.CheckpointError` naming the file and the key unless ``state`` has every key of
-    ``STATE_KEYS`` with a value of its type (and ``OPTIONAL_STATE_KEYS``' where present)."""
+def check_training_state(state: dict[str, Any], path: str | Path, advice: str = ckpt.RESTART_CLI) -> None:
+    """Raise :class:`ckpt.CheckpointError` naming the file and the key (and ending in ``advice``) unless ``state``
+    has every key of ``STATE_KEYS`` with a value of its type (and ``OPTIONAL_STATE_KEYS``' where present)."""
     for key in STATE_KEYS:
         if key not in state:
-            raise ckpt.CheckpointError(
-                f"checkpoint '{path}' is not a training state of this tool (no '{key}'); {_RESTART}"
-            )
+            raise ckpt.cannot_resume(f"checkpoint '{path}' is not a training state of this tool (no '{key}')", advice)
     for key, types in (STATE_KEYS | OPTIONAL_STATE_KEYS).items():
         value = state.get(key)
         if key not in state or (isinstance(value, types) and not isinstance(value, bool)):
             continue
         expected = " or ".join("None" if t is _NONE else t.__name__ for t in types)
-        _damaged(path, f"'{key}' is {type(value).__name__}, expected {expected}")
+        _damaged(path, f"'{key}' is {type(value).__name__}, expected {expected}", advice)
     for key in ("phase_index", "epoch"):
         if state[key] < 0:
-            _damaged(path, f"'{key}' is {state[key]}, expected a count >= 0")
+            _damaged(path, f"'{key}' is {state[key]}, expected a count >= 0", advice)
     parts = {  # the containers' items that the resume reads directly
         "model": (state["model"].values(), torch.Tensor),
         "masks": (state["masks"].values(), torch.Tensor),
@@ -97,30 +95,30 @@ def check_training_state(state: dict[str, Any], path: str | Path) -> None:
     for key, (items, kind) in parts.items():
         odd = next((item for item in items if not isinstance(item, kind)), None)
         if odd is not None:
-            _damaged(path, f"'{key}' holds a {type(odd).__name__}, expected {kind.__name__} items")
+            _damaged(path, f"'{key}' holds a {type(odd).__name__}, expected {kind.__name__} items", advice)
     if state["rng"].dtype != torch.uint8:
-        _damaged(path, f"'rng' is a {state['rng'].dtype} tensor, expected torch's random state (uint8)")
+        _damaged(path, f"'rng' is a {state['rng'].dtype} tensor, expected torch's random state (uint8)", advice)
     metrics = state["metrics"]
     if not isinstance(metrics.get("stages"), list) or not isinstance(metrics.get("phase_seconds"), dict):
-        _damaged(path, "'metrics' has no 'stages' list or no 'phase_seconds' mapping")
+        _damaged(path, "'metrics' has no 'stages' list or no 'phase_seconds' mapping", advice)
 
 
-def _damaged(path: str | Path, problem: str) -> NoReturn:
-    raise ckpt.CheckpointError(
-        f"checkpoint '{path}': {problem}; it is damaged or not a training state of this tool: {_RESTART}"
-    )
+def _damaged(path: str | Path, problem: str, advice: str) -> NoReturn:
+    raise ckpt.cannot_resume(f"checkpoint '{path}': {problem}", advice,
+                             why="it is damaged or not a training state of this tool: ")
 
 
 @contextlib.contextmanager
-def restoring(path: str | Path, key: str) -> Iterator[None]:
+def restoring(path: str | Path, key: str, advice: str = ckpt.RESTART_CLI) -> Iterator[None]:
     """Restoring the checkpoint's ``key`` into the run: content that does not fit (a damaged or foreign state,
-    right in type but not in its insides) is one line naming the file and the key, not a traceback."""
+    right in type but not in its insides) is one line naming the file and the key (and ending in ``advice``),
+    not a traceback."""
     try:
         yield
     except ckpt.CheckpointError:
         raise
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as err:
-        _damaged(path, f"its '{key}' cannot be restored ({first_line(err, 120)})")
+        _damaged(path, f"its '{key}' cannot be restored ({first_line(err, 120)})", advice)
 
 
 __all__ = [
