@@ -29,7 +29,7 @@ from admmcompress.train.config import (
     StageConfig,
     config_dict,
 )
-from admmcompress.train.lock import RunLock, RunLocked
+from admmcompress.train.lock import RunLock
 from admmcompress.train.run_folder import MISSING, config_diff
 from admmcompress.train.runner import STATE_FILE, Runner
 from admmcompress.train.training_state import load_training_state
@@ -196,10 +196,7 @@ def compress(
             raise ValueError("compress: resume=True needs out_dir=, the folder the interrupted call checkpointed to")
         return _compress(config, model, train, test, None, progress, loss_fn, resume)
     out_dir = usable_folder(out_dir, "compress")  # refused now, not after the first epoch's checkpoint
-    try:
-        lock = RunLock(out_dir).acquire()  # a second call on the same folder is refused while this one runs
-    except RunLocked as err:  # its advice names the CLI's --out
-        raise RunLocked(str(err).replace("choose another --out", "choose another out_dir")) from None
+    lock = RunLock(out_dir, "choose another out_dir").acquire()  # a second call on this folder is refused meanwhile
     try:
         clean_orphans(out_dir, ("compact",))  # temp files of writes a kill cut short; we hold the lock
         _check_resume(out_dir, config, resume, overwrite)

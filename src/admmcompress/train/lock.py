@@ -38,8 +38,10 @@ class RunLocked(ValueError):
 class RunLock:
     """Exclusive, non-blocking lock of a run folder (created if missing) for the life of a ``with`` block."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, elsewhere: str = "choose another --out"):
+        """``elsewhere``: the advice to use another folder, in the caller's words (the CLI's flag by default)."""
         self.folder = Path(folder)
+        self.elsewhere = elsewhere
         self.path = self.folder / LOCK_FILE
         self._fd: int | None = None
 
@@ -61,8 +63,8 @@ class RunLock:
                     self.folder.mkdir(parents=True, exist_ok=True)
                     continue
                 raise RunLocked(
-                    f"cannot open the lock file '{self.path}' ({err.strerror}); make the folder writable, or choose "
-                    "another --out"
+                    f"cannot open the lock file '{self.path}' ({err.strerror}); make the folder writable, or "
+                    f"{self.elsewhere}"
                 ) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -73,7 +75,7 @@ class RunLock:
                     who = f"pid {holder}" if holder else "another process"
                     raise RunLocked(
                         f"'{self.folder}' is being written by another admmcompress run ({who}); wait for it to "
-                        "end, or choose another --out"
+                        f"end, or {self.elsewhere}"
                     ) from None
                 _warn(f"cannot lock '{self.path}' ({err.strerror}); make sure no other run writes '{self.folder}'")
                 return self
