@@ -120,3 +120,14 @@ def test_a_bert_with_an_attention_mask_is_traced_by_the_budget():
     soft.step()
     soft.finalize()
     assert soft.final_cost <= soft.target_cost
+
+
+def test_a_sequence_first_transformer_counts_every_position_per_sample():
+    """nn.TransformerEncoderLayer is sequence-first by default: an example (L, B, E) is not cut along L; the batch
+    comes from the attention's batch axis, so each Linear makes L passes per sample with an (L, E) input."""
+    torch.manual_seed(0)
+    first = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0)
+    batched = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
+    seq_first, batch_first = gemm_shapes(first, torch.randn(9, 3, 16)), gemm_shapes(batched, torch.randn(3, 9, 16))
+    assert seq_first == batch_first
+    assert seq_first["linear1.weight"].positions == 9 and seq_first["linear1.weight"].in_shape == (9, 16)

@@ -35,7 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from admmcompress.plan.graph import call_model, first_sample  # as the plan traces models
+# the model is called as the plan traces it
+from admmcompress.plan.graph import BATCH_AWARE, agreed_samples, call_model, samples_of_call
 from admmcompress.structures.groups import as_matrix
 from admmcompress.structures.scalars import plain_number
 from admmcompress.structures.sparsity import GEMM_MODULES
@@ -146,43 +147,62 @@ def _static_shapes(model: nn.Module) -> dict[str, GemmShape]:
 
 @torch.no_grad()
 def gemm_shapes(model: nn.Module, example: Any | None) -> dict[str, GemmShape]:
-    """Every Linear/Conv1d/Conv2d/Conv3d layer's GEMM shape and output positions, by weight name, from one sample
+    """Every Linear/Conv1d/Conv2d/Conv3d layer's GEMM shape and output positions per sample, by weight name
     (with ``example``: the layers the forward reaches).
 
     ``example`` is what the model is called on, as the plan's tracer takes it (``plan.graph.call_model``): a
-    tensor, a tuple of positional inputs or a dict of keyword inputs; every tensor is cut to its first sample.
-    A layer called several times per sample (a shared block) counts the output positions of every call.
+    tensor, a tuple of positional inputs or a dict of keyword inputs, batch-first, or sequence-first where the
+    model's recurrent or attention layers say so (``plan.graph.agreed_samples``). A layer called several times per
+    sample (a shared block) counts the output positions of every call.
     Without ``example`` the positions are 1 (enough for parameter budgets, not for MACs or latency).
     """
     if example is None:
         return _static_shapes(model)
-    found: dict[str, GemmShape] = {}
     names = {m: n for n, m in model.named_modules()}
+    seen: list[tuple[nn.Module, tuple[int, ...], int]] = []  # (layer, its input's shape, its output's size) per call
+    samples_seen: set[int] = set()
 
     def hook(module: nn.Module, inputs, output) -> None:
-        name = names[module]
-        param = f"{name}.weight" if name else "weight"
-        rows, cols = as_matrix(module.weight).shape
-        per_row = output[0].numel() // rows
-        in_shape = tuple(inputs[0][0].shape)
-        seen = found.get(param)
-        if seen is not None:  # called again in the same pass: its MACs count once per call
-            found[param] = replace(seen, positions=seen.positions + per_row, calls=seen.calls + (in_shape,))
-            return
-        conv = None
-        if not isinstance(module, nn.Linear):
-            conv = {k: getattr(module, k) for k in ("kernel_size", "stride", "padding", "dilation", "groups")}
-        found[param] = GemmShape(name, param, rows, cols, per_row, "conv" if conv else "linear", (in_shape,), conv)
+        seen.append((module, tuple(inputs[0].shape), output.numel()))
+
+    def batch(module: nn.Module, args, output) -> None:
+        if (found := samples_of_call(module, args, output)) is not None:
+            samples_seen.add(found)
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, GEMM_MODULES)]
+    handles += [m.register_forward_hook(batch) for m in model.modules() if isinstance(m, BATCH_AWARE)]
     training = model.training
     try:
-        call_model(model.eval(), first_sample(example))
+        # the whole example: cutting dim 0 of a sequence-first one would cut time
+        call_model(model.eval(), example)
     finally:
         model.train(training)
         for h in handles:
             h.remove()
+    samples = agreed_samples(samples_seen, example)
+    found: dict[str, GemmShape] = {}
+    for module, shape, size in seen:
+        name = names[module]
+        param = f"{name}.weight" if name else "weight"
+        rows, cols = as_matrix(module.weight).shape
+        per_row = max(1, size // rows // samples)
+        in_shape = _sample_shape(module, shape, samples)
+        if (earlier := found.get(param)) is not None:  # called again in the same pass: its MACs count once per call
+            found[param] = replace(earlier, positions=earlier.positions + per_row, calls=earlier.calls + (in_shape,))
+            continue
+        conv = None
+        if not isinstance(module, nn.Linear):
+            conv = {k: getattr(module, k) for k in ("kernel_size", "stride", "padding", "dilation", "groups")}
+        found[param] = GemmShape(name, param, rows, cols, per_row, "conv" if conv else "linear", (in_shape,), conv)
     return found
+
+
+def _sample_shape(module: nn.Module, shape: tuple[int, ...], samples: int) -> tuple[int, ...]:
+    """One sample's input shape, from a call's input shape: without dim 0 when it is the batch (or for a conv,
+    which is batch-first); a sequence-first Linear input ``(L, B, ..., F)`` without its dim 1."""
+    if isinstance(module, nn.Linear) and len(shape) >= 3 and shape[0] != samples and shape[1] == samples:
+        return (shape[0],) + shape[2:]
+    return shape[1:]
 
 
 def kept_rows_cols(pattern: torch.Tensor) -> tuple[int, int]:

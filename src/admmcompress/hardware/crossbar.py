@@ -43,7 +43,7 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.utils.rnn import PackedSequence
 
 from admmcompress.hardware.constants import DEVICE
-from admmcompress.plan.graph import call_model
+from admmcompress.plan.graph import BATCH_AWARE, agreed_samples, call_model, samples_of_call
 from admmcompress.structures.groups import gemm_params
 
 SIGNED = ("differential", "offset")
@@ -366,20 +366,6 @@ def _time_steps(module: nn.RNNBase, output: Any) -> int:
     return out.shape[1] if module.batch_first else out.shape[0]
 
 
-def _samples(module: nn.Module, args: Any, output: Any) -> int | None:
-    """How many samples a call of a recurrent layer or cell ran on (by ``batch_first`` and its input's rank);
-    None for other layers. Convs are not asked: a model may fold time or patches into their batch (B*T, C, H, W),
-    while a recurrent layer's batch axis is the model's."""
-    if isinstance(module, nn.RNNBase):
-        out = output[0]
-        if isinstance(out, PackedSequence):
-            return int(out.batch_sizes[0])
-        return 1 if out.dim() == 2 else out.shape[0 if module.batch_first else 1]
-    if isinstance(module, nn.RNNCellBase):
-        return args[0].shape[0] if args and args[0].dim() == 2 else 1
-    return None
-
-
 def passes(module: nn.Module, output: Any, samples: int = 1) -> int:
     """Passes over a layer's tiles that one call makes per sample, the call having run on ``samples`` samples:
     output positions (conv: H x W), time steps (recurrent layer), vectors (Linear over a sequence); one for a
@@ -390,16 +376,6 @@ def passes(module: nn.Module, output: Any, samples: int = 1) -> int:
         return 1
     channels = module.out_channels if isinstance(module, _ConvNd) else module.weight.shape[0]
     return max(1, output.numel() // channels // max(1, samples))
-
-
-def _example_samples(example: Any) -> int:
-    """The batch size of a batch-first example: dim 0 of its first tensor (1 without a batched tensor)."""
-    for value in [example] if isinstance(example, torch.Tensor) else list(
-        example.values() if isinstance(example, dict) else example if isinstance(example, (tuple, list)) else []
-    ):
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return value.shape[0]
-    return 1
 
 
 def output_positions(model: nn.Module, example: Any) -> dict[str, int]:
@@ -419,11 +395,14 @@ def output_positions(model: nn.Module, example: Any) -> dict[str, int]:
     for name, module in layers.items():
         def record(mod: nn.Module, args: Any, out: Any, name: str = name) -> None:
             calls.setdefault(name, []).append((mod, _shape_only(out)))
-            found = _samples(mod, args, out)
-            if found is not None:
-                seen_samples.add(found)
 
         handles.append(module.register_forward_hook(record))
+
+    def batch(mod: nn.Module, args: Any, out: Any) -> None:
+        if (found := samples_of_call(mod, args, out)) is not None:
+            seen_samples.add(found)
+
+    handles += [m.register_forward_hook(batch) for m in model.modules() if isinstance(m, BATCH_AWARE)]
     steps: dict[str, int] = {}
     for name, module in model.named_modules():
         out_proj = f"{name}.out_proj" if name else "out_proj"
@@ -434,8 +413,6 @@ def output_positions(model: nn.Module, example: Any) -> dict[str, int]:
                 result = out[0]
                 positions = result.shape[0] if result.dim() == 2 else result.shape[1 if mod.batch_first else 0]
                 steps[name] = steps.get(name, 0) + positions
-                if result.dim() == 3:
-                    seen_samples.add(result.shape[0 if mod.batch_first else 1])
 
             handles.append(module.register_forward_hook(attend))
     was_training = model.training
@@ -447,8 +424,7 @@ def output_positions(model: nn.Module, example: Any) -> dict[str, int]:
         for h in handles:
             h.remove()
         model.train(was_training)
-    # one batch size, agreed by every layer that knows its batch axis; otherwise the example is batch-first
-    samples = seen_samples.pop() if len(seen_samples) == 1 else _example_samples(example)
+    samples = agreed_samples(seen_samples, example)
     for name, made in calls.items():
         steps[name] = steps.get(name, 0) + sum(passes(mod, out, samples) for mod, out in made)
     return {name: steps.get(name, 1) for name in layers}

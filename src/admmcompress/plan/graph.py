@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 
 from admmcompress.messages import first_line
 from admmcompress.plan.attention import query_key_layers
@@ -236,6 +237,47 @@ def first_sample(example: Any) -> Any:
     [(1, 3)]
     """
     return map_tensors(lambda t: t[:1], example)
+
+
+def samples_of_call(module: nn.Module, args: Any, output: Any) -> int | None:
+    """How many samples one call of a layer that knows its batch axis ran on: a recurrent layer or cell, or an
+    ``nn.MultiheadAttention`` (by ``batch_first`` and the rank); None for other layers. Convs are not asked: a model
+    may fold time or patches into their batch (``(B*T, C, H, W)``), while these layers' batch axis is the model's.
+
+    >>> samples_of_call(nn.LSTM(2, 3), None, nn.LSTM(2, 3)(torch.zeros(7, 4, 2)))   # (steps, batch, features)
+    4
+    """
+    if isinstance(module, nn.RNNBase):
+        out = output[0]
+        if isinstance(out, PackedSequence):
+            return int(out.batch_sizes[0])
+        return 1 if out.dim() == 2 else out.shape[0 if module.batch_first else 1]
+    if isinstance(module, nn.RNNCellBase):
+        return args[0].shape[0] if args and args[0].dim() == 2 else 1
+    if isinstance(module, nn.MultiheadAttention):
+        out = output[0]
+        return 1 if out.dim() == 2 else out.shape[0 if module.batch_first else 1]
+    return None
+
+
+BATCH_AWARE = (nn.RNNBase, nn.RNNCellBase, nn.MultiheadAttention)  # the layers samples_of_call answers for
+
+
+def example_samples(example: Any) -> int:
+    """The batch size of a batch-first example: dim 0 of its first tensor (1 without one).
+
+    >>> example_samples({"ids": torch.zeros(3, 5, dtype=torch.long), "flag": True})
+    3
+    """
+    found: list[int] = []
+    map_tensors(lambda t: found.append(t.shape[0] if t.dim() else 1), example)
+    return found[0] if found else 1
+
+
+def agreed_samples(seen: set[int], example: Any) -> int:
+    """The samples an example held: the one batch size every batch-aware layer saw (``samples_of_call``), or,
+    when none saw one or they disagree, the example taken as batch-first."""
+    return next(iter(seen)) if len(seen) == 1 else example_samples(example)
 
 
 def output_tensors(output: Any) -> list[torch.Tensor]:
@@ -792,7 +834,10 @@ __all__ = [
     "is_grouped_conv",
     "keeps_zero",
     "first_sample",
+    "agreed_samples",
+    "example_samples",
     "map_tensors",
+    "samples_of_call",
     "op_name",
     "zero_leaks",
 ]
