@@ -4,7 +4,9 @@ At each of ``updates`` steps a further ``1/updates`` of every quantized layer's 
 (those closest to a level, bin by bin) is snapped to its level and frozen; the weights not yet
 frozen keep training and can make up for the error of those that were. After the last step
 every kept weight sits on a level. The levels are fixed at the first step (the structure's
-projection of the weights then), pruned zeros stay zero.
+projection of the weights then), pruned zeros stay zero. A layer whose every entry is frozen is
+fully quantized: a following phase with ``quantized_weights: ste`` retrains it straight-through on
+those levels, as after a hard quantization (the phase itself keeps its own rounds held).
 
 >>> import torch.nn as nn
 >>> from admmcompress.plan import Plan

@@ -34,7 +34,7 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +69,11 @@ class HeldValues:
             raise ValueError(f"a float shadow belongs to update='ste', not update={self.update!r}")
         self.codes = self.codes.to(torch.int64)
 
+    @property
+    def fully_quantized(self) -> bool:
+        """Whether every entry is on its level: no partial freeze, or one that has frozen them all."""
+        return self.frozen is None or bool(self.frozen.all())
+
     def decode(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> torch.Tensor:
         levels = self.levels.to(device=device, dtype=dtype)
         codes = self.codes.to(device)
@@ -93,12 +98,14 @@ class QuantizedMaskSet(MaskSet):
     def quantized(self) -> dict[str, HeldValues]:
         return dict(self.held)
 
-    def with_update(self, update: str) -> QuantizedMaskSet:
+    def with_update(self, update: str, leave: Collection[str] = ()) -> QuantizedMaskSet:
         """This set with its fixed-level values trained as ``update``: ``"hold"`` or ``"ste"``.
 
-        Clustered layers keep centroid updating and partially quantized ones their holds. Switching
-        to ``"ste"`` starts each shadow at the quantized values; an ``"ste"`` entry already training
-        keeps its shadow, so resuming a run continues exactly.
+        Clustered layers keep centroid updating and partially quantized ones their holds; a layer whose
+        every entry is frozen (the last round of iterative quantization) is fully quantized and switches
+        like a hard-quantized one. Names in ``leave`` stay as they are (a phase's own driver manages
+        them). Switching to ``"ste"`` starts each shadow at the quantized values; an ``"ste"`` entry
+        already training keeps its shadow, so resuming a run continues exactly.
 
         >>> import torch.nn as nn
         >>> from admmcompress.plan import Plan
@@ -116,7 +123,7 @@ class QuantizedMaskSet(MaskSet):
         switch = [
             n
             for n, h in self.held.items()
-            if h.update in FIXED_LEVEL_UPDATES and h.frozen is None and h.update != update
+            if h.update in FIXED_LEVEL_UPDATES and h.update != update and n not in leave and h.fully_quantized
         ]
         if not switch:
             return self  # nothing to change: the same set (a schedule may hold on to it)
@@ -124,6 +131,20 @@ class QuantizedMaskSet(MaskSet):
         for name in switch:
             held[name] = HeldValues(held[name].levels, held[name].codes, update)
         return QuantizedMaskSet(self.masks, held)
+
+    @torch.no_grad()
+    def refit_centroids(self, model: torch.nn.Module) -> None:
+        """Clustered entries take their levels from ``model``'s weights: each the mean of its code's members.
+
+        Their codes are fixed, so weights that changed while keeping them (a mean of snapshots of the layer,
+        as weight averaging takes) give every member of a cluster one value; this makes it the centroid, so
+        ``apply`` keeps it instead of writing the old levels back. Fixed levels are left as they are.
+        """
+        params = _named_params(model, self.held)
+        for name, held in self.held.items():
+            if held.update == "centroids":
+                param = params[name].detach()
+                held.levels = _centroids(param, held.codes.to(param.device), held.levels).cpu()
 
     def merged(self, other: MaskSet) -> QuantizedMaskSet:
         out = QuantizedMaskSet(self.masks, self.held)

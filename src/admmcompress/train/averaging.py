@@ -2,9 +2,12 @@
 
 The average of masked models is masked too (a pruned weight is zero in every snapshot), so a
 retrain phase can end on the average without touching the sparsity pattern. Weights a quantization
-holds on fixed values stay on them; straight-through (STE) weights would not, and are refused by the
-config. BatchNorm statistics do not average: :meth:`WeightAverage.apply` re-estimates them with
-``torch.optim.swa_utils.update_bn``.
+holds on fixed values stay on them (they are the same in every snapshot); a clustered layer keeps its
+codes while its centroids train, so its average has one value per cluster, the mean centroid, which the
+runner makes the layer's level (``QuantizedMaskSet.refit_centroids``). Straight-through (STE) weights
+would leave their levels, and are refused by the config. BatchNorm statistics do not average:
+:meth:`WeightAverage.apply` re-estimates them with ``torch.optim.swa_utils.update_bn`` (under torchrun
+the runner gives it one process's batches, or merges the ranks' estimates).
 """
 
 from __future__ import annotations

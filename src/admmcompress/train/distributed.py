@@ -13,7 +13,13 @@ What keeps N processes equal to one:
   N sees other batches), and an ``IterableDataset`` must split itself across ranks with ``__len__`` per rank
   (uneven shares: every rank counts and runs the shortest one, with a warning, instead of hanging in the
   all-reduce or scheduling other steps).
-  Dropout draws the same masks on every rank (unlike one process drawing for the whole batch).
+  Dropout draws from each rank's global RNG: while the ranks' shares of every batch are equal in size, their
+  generators stay in step and each rank draws the same masks for its share (unlike one process drawing for
+  the whole batch); a batch that splits unevenly (``data.batch_size``, or the last batch, not a multiple of N)
+  makes the ranks draw different counts, and from then on their generators differ. A checkpoint holds every
+  rank's generator state: a resume with the same N continues each rank's own (bit-identical); one with another
+  N gives every rank rank 0's, with a warning. A ``data.batch_size`` below N is refused; a last batch that
+  would leave a rank no sample (or, with BatchNorm, a single one) is skipped, with a warning.
 * **Driver state**: DDP keeps the weights bitwise equal on every rank (the gradient all-reduce returns the
   same sum everywhere), and every driver computes Z, U, rho and masks from those weights only, so they are
   equal on every rank without being sent. After each driver update and hard prune the ranks compare a SHA-256
@@ -25,10 +31,12 @@ What keeps N processes equal to one:
   epoch losses are averaged over ranks. Checkpoints, reports and metrics are written by rank 0 only.
 
 BatchNorm: DDP broadcasts rank 0's running statistics at each forward, and the runner broadcasts them
-before evaluations, so every rank evaluates rank 0's model. In training each rank normalizes with its own
-share of the batch, which differs from one process; ``distributed: {sync_batchnorm: true}`` converts BatchNorm
-to ``torch.nn.SyncBatchNorm`` (global batch statistics, as one process), which torch provides for CUDA
-devices only.
+before evaluations, so every rank evaluates rank 0's model. Weight averaging re-estimates them over all the
+training data: on one process's global batches on every rank (bundled datasets), or on each rank's own batches
+merged over the ranks (:meth:`Distributed.merge_batchnorm`, a dataset by import path). In training each rank
+normalizes with its own share of the batch, which differs from one process; ``distributed: {sync_batchnorm:
+true}`` converts BatchNorm to ``torch.nn.SyncBatchNorm`` (global batch statistics, as one process), which torch
+provides for CUDA devices only.
 
 >>> ctx = Distributed()            # one process: every helper is the identity
 >>> ctx.active, ctx.is_main, ctx.mean([2.0, 4.0])
@@ -155,6 +163,37 @@ class Distributed:
         for buffer in model.buffers():
             dist.broadcast(buffer, src=0)
 
+    def gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's ``tensor`` (the same shape and dtype on every rank), in rank order, on every rank: a
+        tensor collective, so nothing is pickled."""
+        if not self.active:
+            return [tensor]
+        gathered = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(gathered, tensor)
+        return gathered
+
+    @torch.no_grad()
+    def merge_batchnorm(self, model: nn.Module) -> None:
+        """BatchNorm running statistics estimated on each rank's own data (``update_bn``), merged over ranks.
+
+        Each rank's cumulative statistics are the mean over its batches (``num_batches_tracked`` of them); the
+        merged ones are the mean over every rank's batches, the same on every rank: an estimate on all the data.
+        """
+        if not self.active:
+            return
+        for module in model.modules():
+            if not isinstance(module, nn.modules.batchnorm._BatchNorm) or module.running_mean is None:
+                continue
+            batches = module.num_batches_tracked.to(torch.float64)
+            sums = torch.cat([module.running_mean.to(torch.float64).flatten() * batches,
+                              module.running_var.to(torch.float64).flatten() * batches, batches.view(1)])
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+            total, channels = sums[-1], module.running_mean.numel()
+            if total > 0:
+                module.running_mean.copy_((sums[:channels] / total).view_as(module.running_mean))
+                module.running_var.copy_((sums[channels:2 * channels] / total).view_as(module.running_var))
+            module.num_batches_tracked.fill_(int(total))
+
     def differing(self, named: Mapping[str, Any]) -> list[str]:
         """Names whose values differ from rank 0's on some rank (the same list on every rank)."""
         if not self.active:
@@ -228,8 +267,10 @@ class ShardedLoader:
     Every rank iterates the full loader (same permutation, same augmentation draws) and keeps its contiguous
     slice, so the union of the ranks' batches is exactly the one-process batch. ``weight(batch)`` is the factor
     that turns the rank's mean loss into its share of the global mean (``rows * world_size / global rows``;
-    DDP averages gradients over ranks). A last global batch smaller than the world size would leave a rank
-    without data: it is skipped, with a warning.
+    DDP averages gradients over ranks). A global batch smaller than the world size would leave a rank without
+    data: ``batch_size`` below it is refused, and a last batch below it is skipped, with a warning.
+    ``min_rows=2`` (a model with BatchNorm, which cannot normalize a single sample in training) skips a last
+    batch that would leave some rank fewer than 2 samples too.
 
     >>> import torch
     >>> data = Split(torch.arange(6.0).view(6, 1), torch.arange(6))
@@ -237,16 +278,25 @@ class ShardedLoader:
     [[2, 3], [5]]
     """
 
-    def __init__(self, inner: BatchLoader, ctx: Distributed):
+    def __init__(self, inner: BatchLoader, ctx: Distributed, min_rows: int = 1):
         self.inner, self.ctx = inner, ctx
         self.data = inner.data
         n, size = len(inner.data), inner.batch_size
+        if size < ctx.world_size:
+            raise ValueError(
+                f"data.batch_size={size} is smaller than the {ctx.world_size} processes: it is the global batch, "
+                f"split over them, so some would get no samples; give data.batch_size >= {ctx.world_size} (a "
+                f"multiple of {ctx.world_size} splits evenly) or run fewer processes (at most {size})"
+            )
         last = n - (len(inner) - 1) * size
-        self._skip_last = last < ctx.world_size
+        self._skip_last = last < ctx.world_size * min_rows  # the smallest share is last // world_size
         self._weight = 1.0
         if self._skip_last and ctx.is_main:
+            why = (f"fewer than the {ctx.world_size} processes" if last < ctx.world_size else
+                   f"so one of the {ctx.world_size} processes would get a single sample, which BatchNorm cannot "
+                   "normalize in training")
             warnings.warn(
-                f"the last batch of each epoch holds {last} sample(s), fewer than the {ctx.world_size} processes: "
+                f"the last batch of each epoch holds {last} sample(s), {why}: "
                 "it is skipped (one process trains on it); make the training set size a multiple of batch_size",
                 RuntimeWarning,
                 stacklevel=2,
@@ -283,6 +333,14 @@ def wrap(model: nn.Module, ctx: Distributed) -> nn.Module:
     if not ctx.active:
         return model
     return nn.parallel.DistributedDataParallel(model)
+
+
+def min_share(model: nn.Module) -> int:
+    """The fewest samples each rank's share of a batch may hold for ``model`` to train: 2 with BatchNorm (which
+    normalizes over the share's samples in training, and cannot over one), 1 otherwise. SyncBatchNorm
+    normalizes over the global batch, so it needs no more than one sample per rank."""
+    plain = (m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    return 2 if any(not isinstance(m, nn.SyncBatchNorm) for m in plain) else 1
 
 
 def sync_batchnorm(model: nn.Module, ctx: Distributed) -> nn.Module:
@@ -333,5 +391,5 @@ def evaluate(model: nn.Module, data: Split | Dataset, batch_size: int, ctx: Dist
 
 __all__ = [
     "CHECK_ENV", "Distributed", "FollowerError", "RankMismatch", "ShardedLoader", "correct_count", "evaluate",
-    "shard", "sync_batchnorm", "wrap",
+    "min_share", "shard", "sync_batchnorm", "wrap",
 ]

@@ -48,7 +48,7 @@ from admmcompress.train.config import (
     StageConfig,
     config_dict,
 )
-from admmcompress.train.distributed import Distributed, ShardedLoader, sync_batchnorm, wrap
+from admmcompress.train.distributed import Distributed, ShardedLoader, min_share, sync_batchnorm, wrap
 from admmcompress.train.distributed import evaluate as evaluate_sharded
 from admmcompress.train.logging import EpochLogger, layer_sparsity
 from admmcompress.train.loop import (
@@ -151,7 +151,7 @@ class Runner:
                 train, config.data.batch_size, shuffle=True, seed=config.seed, augment=config.data.augment
             )
             if self.dist.active:  # this rank's share of each global batch, in one process's order
-                self.loader = ShardedLoader(self.loader, self.dist)
+                self.loader = ShardedLoader(self.loader, self.dist, min_share(model))
         else:  # a torch Dataset by import path: read batch by batch (DistributedSampler under torchrun)
             self.loader = DatasetLoader(train, config.data.batch_size, config.seed, self.dist.rank,
                                         self.dist.world_size, all_ranks=self.dist.all_true, least=self.dist.least)
@@ -424,7 +424,11 @@ class Runner:
                 # above would otherwise drop holds this phase itself made.
                 self.masks = self._driver.masks
         if isinstance(self.masks, QuantizedMaskSet):  # held values train as this phase says
-            self.masks = self.masks.with_update(phase.cfg.quantized_weights)
+            # except those the phase's own driver holds (iterative quantization's rounds, restored on a resume):
+            # it manages them, and an uninterrupted run does not switch them mid-phase either
+            own = ({n for t in self.stage_targets[phase.stage] if t.structure.quantizes for n in _param_names(t)}
+                   if self._driver is not None else set())
+            self.masks = self.masks.with_update(phase.cfg.quantized_weights, leave=own)
         if len(self.masks):
             self.masks.attach(self.model, self._optimizer)
         self._net = wrap(self.model, self.dist)  # anew per phase: transforms and masks may change parameters
@@ -565,10 +569,22 @@ class Runner:
         ckpt.save_tensors(folder / f"stage{stage + 1}_masks.safetensors", self.masks.state_dict())
 
     def _end_on_average(self, phase: Phase) -> None:
-        """Load the phase's weight average (masks hold: pruned weights are zero in every snapshot)."""
+        """Load the phase's weight average (masks hold: pruned weights are zero in every snapshot).
+
+        Held values on fixed levels are the same in every snapshot, so their mean is on the levels; clustered
+        layers keep their codes while their centroids train, so the mean has one value per cluster, the mean
+        centroid, which becomes the layer's level. BatchNorm statistics are re-estimated on all the training
+        data: one process's global batches on every rank (bundled datasets), or each rank's own batches merged
+        over the ranks (a dataset by import path).
+        """
         last = self._evaluate()
         self.masks.detach()
-        self._average.apply(self.model, self.loader)
+        loader = self.loader.inner if isinstance(self.loader, ShardedLoader) else self.loader
+        self._average.apply(self.model, loader)
+        if not isinstance(self.loader, ShardedLoader):
+            self.dist.merge_batchnorm(self.model)  # each rank saw its own share: merge (one process: nothing)
+        if isinstance(self.masks, QuantizedMaskSet):
+            self.masks.refit_centroids(self.model)  # else apply would write the last step's centroids back
         self.masks.apply(self.model)  # pruned weights are zero in every snapshot; this only guards it
         key = "pretrain" if phase.kind == "pretrain" else phase.label
         self.metrics.setdefault("weight_average", {})[key] = {
@@ -599,6 +615,9 @@ class Runner:
     # --- checkpointing -------------------------------------------------------------------
     def _save(self) -> None:
         self._tick_clock()
+        # Every rank's random state: where a batch splits unevenly, the ranks draw different counts of dropout
+        # numbers, so their states part. Gathered on every rank (a collective), whoever writes.
+        rng_ranks = self.dist.gather(torch.get_rng_state())
         if self.out_dir is None or not self.dist.is_main:  # one writer: rank 0
             return
         state = {
@@ -610,7 +629,8 @@ class Runner:
             "average": self._average.state_dict() if self._average is not None else None,
             "masks": self.masks.state_dict(),
             "loader": self.loader.state_dict(),
-            "rng": torch.get_rng_state(),
+            "rng": rng_ranks[0],  # rank 0's (what a checkpoint before per-rank states held)
+            "rng_ranks": torch.stack(rng_ranks),  # one row per rank of the processes that wrote it
             "threads": torch.get_num_threads(),
             "history": self.history,
             "metrics": self.metrics,
@@ -630,6 +650,21 @@ class Runner:
                 how = "call compress again (no checkpoint was saved yet)"
             raise WriteError(err.errno, f"{err}; then {how}") from None
         self._saved = True
+
+    def _restore_rank_rng(self, state: dict[str, Any], path: Path, advice: str) -> None:
+        """This rank's own random state when the checkpoint's processes were as many as now; rank 0's (set by
+        the caller) otherwise, with a note on rank 0. Checkpoints before per-rank states: rank 0's, silently."""
+        ranks = state.get("rng_ranks")
+        if ranks is None:
+            return
+        with restoring(path, "rng_ranks", advice):
+            if not (isinstance(ranks, torch.Tensor) and ranks.dtype == torch.uint8 and ranks.dim() == 2
+                    and len(ranks) >= 1):
+                raise ValueError("expected a uint8 tensor of one random state per rank")
+            if len(ranks) == self.dist.world_size:
+                torch.set_rng_state(ranks[self.dist.rank].clone())
+        if len(ranks) != self.dist.world_size and self.dist.is_main:
+            warnings.warn(_world_note(len(ranks), self.dist.world_size), RuntimeWarning, stacklevel=3)
 
     def _load(self) -> None:
         path = None if self.out_dir is None else self.out_dir / STATE_FILE
@@ -655,6 +690,7 @@ class Runner:
             self.loader.load_state_dict(state["loader"])
         with restoring(path, "rng", advice):
             torch.set_rng_state(state["rng"])
+        self._restore_rank_rng(state, path, advice)
         saved_threads = state.get("threads")  # checkpoints before 2026-12-06 did not record it
         if isinstance(saved_threads, int) and saved_threads != torch.get_num_threads():
             warnings.warn(
@@ -677,6 +713,12 @@ class Runner:
         if state["optimizer"] is not None:
             self._pending = {"optimizer": state["optimizer"], "driver": state["driver"],
                              "average": state.get("average")}
+
+
+def _world_note(saved: int, now: int) -> str:
+    return (f"resuming with {now} process(es) a checkpoint written by {saved}: every rank continues from rank "
+            "0's random state and the batches split another way, so the result is close to, not bit-identical "
+            f"with, an uninterrupted run (resume with {saved} process(es) for that)")
 
 
 def check_model_reads(model: nn.Module, example: Any, train: Any, config: RunConfig, classifies: bool = True) -> None:

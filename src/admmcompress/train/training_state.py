@@ -50,6 +50,7 @@ OPTIONAL_STATE_KEYS: dict[str, tuple[type, ...]] = {
     "transforms": (list,),
     "teacher": (dict, _NONE),
     "config": (dict,),  # the run's config (config_dict), for compress(resume=True); from 2026-12-06
+    "rng_ranks": (torch.Tensor,),  # every rank's random state (one row each); from 2026-12-06
 }
 
 
