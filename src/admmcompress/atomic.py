@@ -5,7 +5,8 @@ target (``os.replace`` is atomic on one file system). Checkpoints, reports and p
 A write that fails (disk full, read-only folder) raises :class:`WriteError` naming the file; the old
 file is untouched. A process killed mid-write leaves its temporary file behind: :func:`clean_orphans`
 removes those (and only those: names ``.<target>.<8 random characters>.tmp``, files or the private folders of
-writers that make temp files of their own).
+writers that make temp files of their own). :func:`atomic_folder` writes a new folder whole the same way (built in
+a private folder beside it, then renamed into place).
 
 Example::
 
@@ -27,6 +28,7 @@ from pathlib import Path
 # Temporary names: a dot, the target's name, 8 characters from [a-z0-9_], ".tmp" (as mkstemp's were).
 TMP_PATTERN = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 _TMP_CHARACTERS = string.ascii_lowercase + string.digits + "_"
+_TMP_TAIL = len(".12345678.tmp")  # what follows the target's name in a temporary name
 
 
 class WriteError(OSError):
@@ -125,18 +127,20 @@ def nearest_existing(path: str | Path) -> Path:
     return existing
 
 
-def clean_orphans(folder: str | Path, below: Iterable[str] = ()) -> list[Path]:
+def clean_orphans(folder: str | Path, below: Iterable[str] = (), targets: Iterable[str] | None = None) -> list[Path]:
     """Remove temporary files left by writes killed mid-way in ``folder`` and in its subfolders named in
-    ``below`` (and theirs); return them.
+    ``below`` (and theirs); return them. ``targets``: only those of writes to these names (``.<name>.*.tmp``).
 
     Only names this module makes are touched, and only where the caller writes: another run may live in a
     subfolder of ``folder`` under a lock of its own. Call it only while no other process writes these folders
-    (a run holds the folder's lock, see ``admmcompress.train.lock``).
+    (a run holds the folder's lock, see ``admmcompress.train.lock``), or with ``targets`` that no other process
+    writes.
     """
     folder = Path(folder)
     removed = []
     if not folder.is_dir():
         return removed
+    names = None if targets is None else set(targets)
     candidates = list(folder.glob("*.tmp"))
     for name in below:
         sub = folder / name
@@ -144,6 +148,8 @@ def clean_orphans(folder: str | Path, below: Iterable[str] = ()) -> list[Path]:
             candidates += sub.rglob("*.tmp")
     for candidate in sorted(candidates):
         if candidate.is_symlink() or not TMP_PATTERN.match(candidate.name):
+            continue
+        if names is not None and candidate.name[1:-_TMP_TAIL] not in names:
             continue
         if candidate.is_file():
             candidate.unlink(missing_ok=True)
@@ -154,17 +160,56 @@ def clean_orphans(folder: str | Path, below: Iterable[str] = ()) -> list[Path]:
     return removed
 
 
-def _create_temp(path: Path, private_folder: bool = False) -> Path:
+def atomic_folder(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Write a new folder whole: ``write(tmp_folder)`` fills a private folder ``.<name>.<8 characters>.tmp``
+    beside ``path``, which is then renamed to ``path`` (missing, or an empty folder it replaces).
+
+    A process killed before the rename leaves no ``path`` (or the empty one it had) and that private folder,
+    which :func:`clean_orphans` removes; never a half-filled ``path``. A failing write raises :class:`WriteError`
+    and leaves nothing behind. Write the files inside with :func:`atomic_write` (flushed to disk).
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_folder = _create_temp(path, folder=True)
+    except OSError as err:
+        raise _write_error(path, err) from err
+    try:
+        write(tmp_folder)
+        _sync_folder(tmp_folder)
+        try:
+            os.replace(tmp_folder, path)  # POSIX renames a folder over an empty one in one step
+        except OSError:
+            if not (path.is_dir() and not path.is_symlink() and not any(path.iterdir())):
+                raise
+            path.rmdir()  # where a folder cannot be renamed over another (Windows): the empty one goes first
+            os.rename(tmp_folder, path)
+        _sync_folder(path.parent)
+    except WriteError as err:  # a file inside: named where it was going, not in the private folder
+        raise WriteError(err.errno or 0, str(err).replace(str(tmp_folder), str(path))) from err
+    except OSError as err:
+        raise _write_error(path, err) from err
+    finally:
+        if tmp_folder.exists():
+            shutil.rmtree(tmp_folder, ignore_errors=True)
+    return path
+
+
+def _create_temp(path: Path, private_folder: bool = False, folder: bool = False) -> Path:
     """A new empty file ``.<name>.<8 random characters>.tmp`` beside ``path`` (TMP_PATTERN's names), or with
     ``private_folder`` a new folder of that name holding an empty file ``<name>``.
 
     Created with mode 0666 less the umask, as a plain ``open()`` would (mkstemp's 0600 would need a chmod from
-    the umask, and reading the umask means setting it: a race with other threads creating files).
+    the umask, and reading the umask means setting it: a race with other threads creating files). ``folder``: an
+    empty folder of that name (0777 less the umask, as ``mkdir`` makes), for :func:`atomic_folder`.
     """
     for _ in range(100):
         name = "".join(secrets.choice(_TMP_CHARACTERS) for _ in range(8))
         candidate = path.parent / f".{path.name}.{name}.tmp"
         try:
+            if folder:
+                os.mkdir(candidate)
+                return candidate
             if private_folder:
                 os.mkdir(candidate)
                 candidate = candidate / path.name
@@ -190,4 +235,4 @@ def _sync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-__all__ = ["TMP_PATTERN", "WriteError", "atomic_write", "clean_orphans", "nearest_existing"]
+__all__ = ["TMP_PATTERN", "WriteError", "atomic_folder", "atomic_write", "clean_orphans", "nearest_existing"]

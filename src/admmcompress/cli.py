@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import shlex
 import sys
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -86,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
 
     add_hardware_arguments(sub.add_parser("hardware", help="modelled crossbar / SOT-MRAM mapping of a finished run"))
     args = parser.parse_args(argv)
+    shown = warnings.formatwarning
+    warnings.formatwarning = functools.partial(_format_warning, other=shown)  # the library's warnings: one line
     try:
         if args.command == "run":
             return _run(args)
@@ -101,6 +106,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: one line saying how to go on, not a traceback
         print(f"admmcompress: interrupted{_how_to_continue(args)}", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = shown
+
+
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def _format_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None,
+    other: Callable[..., str] = warnings.formatwarning,
+) -> str:
+    """A warning this library raises, as the command prints it: ``admmcompress: warning: ...`` on one line (no
+    source file, line and code: they say nothing to a user of the command). Others get ``other``'s format."""
+    try:
+        ours = Path(filename).resolve().is_relative_to(_PACKAGE)
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        return other(message, category, filename, lineno, line)
+    return f"admmcompress: warning: {message}\n"
 
 
 def _how_to_continue(args: argparse.Namespace) -> str:
@@ -110,8 +135,27 @@ def _how_to_continue(args: argparse.Namespace) -> str:
         return ""
     if not (out / STATE_FILE).is_file():
         return f" before the run's first checkpoint; nothing to resume in {out}"
+    flags = _same_run_flags(args) + (["--allow-config-change"] if args.allow_config_change else [])
     return (f"; continue from the last checkpoint: admmcompress run {shlex.quote(args.config)} "
-            f"--out {shlex.quote(str(out))} --resume")
+            f"--out {shlex.quote(str(out))}{_joined(flags)} --resume")
+
+
+def _same_run_flags(args: argparse.Namespace) -> list[str]:
+    """The flags of ``args`` that a command continuing or repeating this run must repeat: the overrides that change
+    the run's config or its result (``--seed``: the run's config.yaml, which --resume compares; ``--threads``: the
+    float sums' order, so a bit-identical resume), and ``--no-progress``."""
+    flags = []
+    if args.seed is not None:
+        flags += ["--seed", str(args.seed)]
+    if args.threads is not None:
+        flags += ["--threads", str(args.threads)]
+    if args.no_progress:
+        flags.append("--no-progress")
+    return flags
+
+
+def _joined(flags: list[str]) -> str:
+    return "".join(f" {shlex.quote(flag)}" for flag in flags)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -264,7 +308,7 @@ def _run_locked(
 
     record_output_checksums(out)  # SHA-256 of the outputs into metrics.json, once they are all written
     print(f"(report, metrics.json and plots in {out}; rerun: admmcompress run {shlex.quote(args.config)} "
-          f"--out {shlex.quote(f'{out}-again')})")
+          f"--out {shlex.quote(f'{out}-again')}{_joined(_same_run_flags(args))})")
     return 0
 
 
@@ -279,6 +323,10 @@ def _report_command(args: argparse.Namespace) -> int:
 
         for folder in args.compare:  # a run still writing its outputs would read as a damaged one
             check_unlocked(folder, "--compare reads its final outputs, so compare it once that run has ended")
+        md = Path(args.out) if args.out else None
+        if md is not None and md.suffix == ".md":  # what a killed --compare left of the table and its plot
+            with contextlib.suppress(OSError):
+                clean_orphans(md.parent, targets=[md.name, md.with_suffix(".png").name])
         print(compare_runs(args.compare, args.out))
         return 0
     if not args.dir:
@@ -299,6 +347,7 @@ def _report(out: Path, rehash: bool = False, trust_plugins: bool = False) -> int
 
     # report rewrites metrics.json and report.md: never while a run writes them too
     check_unlocked(out, "report rewrites its metrics.json and report.md, so run it once that run has ended")
+    _clean_leftovers(out)
     for note in verify_run(out, files=not rehash):
         print(f"admmcompress: note: {note}", file=sys.stderr)
     metrics, history = load_report(out)
@@ -328,6 +377,18 @@ def _report(out: Path, rehash: bool = False, trust_plugins: bool = False) -> int
         return 0
     print(text)
     return 0
+
+
+def _clean_leftovers(out: Path) -> None:
+    """Remove the temporary files a killed command (a report, a run) left in the run folder ``out``; no run holds
+    its lock (checked just before), so nothing writes them. A read-only folder is left as it is."""
+    try:
+        removed = clean_orphans(out)
+    except OSError:
+        return
+    if removed:
+        print(f"admmcompress: removed {len(removed)} unfinished temporary file(s) of a killed write in '{out}'",
+              file=sys.stderr)
 
 
 def _measured_layers(model: torch.nn.Module, rows: list[dict], path: Path) -> list[str]:

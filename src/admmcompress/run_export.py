@@ -32,7 +32,7 @@ import torch
 import yaml
 from typing_extensions import deprecated
 
-from admmcompress.atomic import nearest_existing
+from admmcompress.atomic import TMP_PATTERN, clean_orphans, nearest_existing
 from admmcompress.executors.base import FinishedRun, get_executor, list_executors
 from admmcompress.executors.packed import packed_size_lines  # noqa: F401  (its old home; tests import it here)
 from admmcompress.models import create_model
@@ -150,6 +150,7 @@ def export_run(
     names from inside its folder unless ``trust_plugins=True`` (``check_run_plugins``).
     """
     executor = get_executor(name)
+    clean_export_leftovers(out)
     check_export_out(name, out, overwrite=overwrite)
     return executor.export(open_run(run_dir, trust_plugins), out, **options)
 
@@ -286,8 +287,36 @@ def export_from_args(args: argparse.Namespace) -> str:
         raise ValueError(
             f"--{flag} is an option of --{' / --'.join(owners[wrong[0]])}, not of --{args.executor}; drop it"
         )
+    removed = clean_export_leftovers(args.out)
+    if removed:
+        print(f"admmcompress: removed {len(removed)} unfinished temporary file(s) of a killed export to "
+              f"'{args.out}'", file=sys.stderr)
     check_export_out(args.executor, args.out)
     return executor.export(open_run(args.dir, getattr(args, "trust_plugins", False)), args.out, **given)
+
+
+def clean_export_leftovers(out: str | Path) -> list[Path]:
+    """Remove what an export to ``out`` killed mid-write left (its temporary files; returns them).
+
+    Only this library's temporary names (``atomic.TMP_PATTERN``) of writes to ``out`` itself: ``.<name>.*.tmp``
+    files (or the private folders of a folder being written whole) beside it, and, when ``out`` is a folder that
+    holds nothing else, the temporary files in it. Other exports may write beside ``out`` at the same time, so
+    the temporary files of other names are left alone; a user's file is never touched. A folder that cannot be
+    cleaned (read-only) is left as it is: the export then says what is wrong with ``out``.
+    """
+    if not str(out):
+        return []
+    path = Path(out)
+    removed: list[Path] = []
+    try:
+        removed += clean_orphans(path.parent, targets=[path.name])
+        if path.is_dir() and not path.is_symlink():
+            entries = list(path.iterdir())
+            if entries and all(TMP_PATTERN.match(entry.name) for entry in entries):
+                removed += clean_orphans(path)
+    except OSError:
+        pass
+    return removed
 
 
 def check_export_out(name: str, out: str | Path, overwrite: bool = False) -> None:
@@ -368,6 +397,7 @@ __all__ = [
     "add_export_arguments",
     "check_export_out",
     "check_run_plugins",
+    "clean_export_leftovers",
     "config_plugins",
     "example_input",
     "export_compact_run",

@@ -60,7 +60,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 from typing_extensions import deprecated
 
-from admmcompress.atomic import WriteError, atomic_write
+from admmcompress.atomic import WriteError, atomic_folder, atomic_write
 from admmcompress.executors.column import ColumnConv2d, ColumnLinear
 from admmcompress.module_swap import replace_module
 from admmcompress.plan.attention import ALL_HEADS_ATTRS, HEAD_COUNT_ATTRS, HEAD_SIZE_ATTRS, KV_COUNT_ATTRS
@@ -266,7 +266,10 @@ def _write_compacted(model: nn.Module, folder: str | Path, model_spec: dict[str,
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():  # mkdir would say only "File exists", as a traceback
         raise ValueError(f"'{folder}' is a file; a compacted model is saved as a folder, choose another path")
-    _make_folder(folder)
+    created = not folder.exists()
+    _make_folder(folder)  # a folder that cannot be made: one line naming it, before any work
+    if created:
+        folder.rmdir()  # made only to check that it can be: the rename below makes it, whole
     manifest = shape_manifest(model, model_spec)
     state, seen = {}, set()
     for k, v in model.state_dict().items():
@@ -278,10 +281,18 @@ def _write_compacted(model: nn.Module, folder: str | Path, model_spec: dict[str,
     weights = save_safetensors(state, metadata={"format": FORMAT})
     manifest["weights"] = {"file": WEIGHTS, "bytes": len(weights), "sha256": sha256_hex(weights)}
     manifest[SELF_CHECKSUM] = canonical_sha256(manifest)
-    # Weights first, manifest last (both atomic): a manifest on disk always names complete weights.
-    atomic_write(folder / WEIGHTS, lambda tmp: tmp.write_bytes(weights))
     text = json.dumps(manifest, indent=1)
-    atomic_write(folder / MANIFEST, lambda tmp: tmp.write_text(text))
+
+    def write(into: Path) -> None:  # weights first, manifest last: a manifest on disk always names complete weights
+        atomic_write(into / WEIGHTS, lambda tmp: tmp.write_bytes(weights))
+        atomic_write(into / MANIFEST, lambda tmp: tmp.write_text(text))
+
+    if not created and any(folder.iterdir()):  # saved over an earlier save (the API may): file by file, each atomic
+        write(folder)
+        return folder
+    # a new (or empty) folder is written whole: a kill or a failed write leaves no folder (or the empty one it
+    # had), never weights without their manifest; a killed write's private folder is removed by the next export
+    atomic_folder(folder, write)
     return folder
 
 
