@@ -30,15 +30,12 @@ from admmcompress.train.config import (
     config_dict,
 )
 from admmcompress.train.lock import RunLock
-from admmcompress.train.run_folder import MISSING, config_diff
+from admmcompress.train.run_folder import IN_MEMORY, MISSING, config_diff
 from admmcompress.train.runner import STATE_FILE, Runner
 from admmcompress.train.training_state import load_training_state
 
 # What CompressionResult.save writes (report.render.save_report and plot_run): the files it would replace.
 SAVED_FILES = ("metrics.json", "report.md", "sparsity.png", "training.png", "rates.png")
-
-
-IN_MEMORY = "<in-memory model>"  # a compress() call's pretrained: its model comes as an object
 
 
 class OutputFolderError(ValueError):
@@ -147,8 +144,11 @@ def compress(
     ``overwrite=True``). ``resume=True`` continues a call that was interrupted from its last checkpoint in
     ``out_dir``: pass the same model (as it was before that call), data and arguments; arguments that differ
     from the interrupted call's are refused in one line naming them (the data and ``loss_fn`` cannot be
-    checked). While a call runs, ``out_dir`` is locked against a second one. An empty list of plans is a
-    ``PlanError``.
+    checked). An interrupted call (an exception, or Ctrl-C in a notebook) takes its mask hooks and dropout
+    changes off the model object it was given, but the layers a finished stage rewrote (PENNI's
+    ``SharedKernelConv``, Tucker-2) stay rewritten: ``resume=True`` with a model carrying such layers, or this
+    library's mask hooks, is refused in one line (the weights themselves come from the checkpoint). While a call
+    runs, ``out_dir`` is locked against a second one. An empty list of plans is a ``PlanError``.
 
     ``coupling`` ("none", "strict" or "extend") is a run config stage's ``coupling``: filter/channel
     targets on tied channels become one coupled target per channel group (``Plan.resolve_coupled``).
@@ -199,14 +199,17 @@ def compress(
     lock = RunLock(out_dir, "choose another out_dir").acquire()  # a second call on this folder is refused meanwhile
     try:
         clean_orphans(out_dir, ("compact",))  # temp files of writes a kill cut short; we hold the lock
-        _check_resume(out_dir, config, resume, overwrite)
+        saved = _check_resume(out_dir, config, resume, overwrite)
+        if saved is not None:
+            _check_model_untouched(model, saved)
         return _compress(config, model, train, test, out_dir, progress, loss_fn, resume)
     finally:
         lock.release()
 
 
-def _check_resume(out_dir: Path, config: RunConfig, resume: bool, overwrite: bool) -> None:
-    """Refuse to replace an earlier call's checkpoint by accident, or to resume one made with other arguments."""
+def _check_resume(out_dir: Path, config: RunConfig, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """Refuse to replace an earlier call's checkpoint by accident, or to resume one made with other arguments;
+    the checkpoint's training state when resuming."""
     state_file = out_dir / STATE_FILE
     if not resume:
         if state_file.exists() and not overwrite:  # an earlier run's state: not replaced by accident
@@ -221,9 +224,10 @@ def _check_resume(out_dir: Path, config: RunConfig, resume: bool, overwrite: boo
             "first checkpoint, or this is another folder); call without resume=True to start"
         )
     try:
-        saved = load_training_state(state_file).get("config")
+        state = load_training_state(state_file)
     except CheckpointError as err:  # the problem alone, with compress's advice
         raise OutputFolderError(f"compress: {err.problem}; {RESTART_API}") from None
+    saved = state.get("config")
     if not isinstance(saved, dict) or saved.get("pretrained") != IN_MEMORY:
         raise OutputFolderError(
             f"compress: '{state_file}' does not record the arguments of its call (written by `admmcompress run`, or "
@@ -239,6 +243,44 @@ def _check_resume(out_dir: Path, config: RunConfig, resume: bool, overwrite: boo
             f"compress: resume=True, but the arguments differ from the interrupted call's: {shown}{more}; pass the "
             "same arguments, or overwrite=True to start over"
         )
+    return state
+
+
+# The modules a recorded module transform (``Runner.transforms``) puts in place of a layer: found at a layer the
+# checkpoint's transforms name, they were put there by the interrupted call itself.
+def _rewritten_types() -> tuple[type[nn.Module], ...]:
+    from admmcompress.executors.penni import SharedKernelConv
+    from admmcompress.executors.tucker import Tucker2Conv
+
+    return SharedKernelConv, Tucker2Conv
+
+
+def _library_hook(hook: Any) -> bool:
+    """Whether a tensor hook is one this library's masks register (``MaskSet.attach`` and its subclasses)."""
+    return hook is torch.zeros_like or str(getattr(hook, "__module__", "")).startswith("admmcompress.")
+
+
+def _check_model_untouched(model: nn.Module, state: dict[str, Any]) -> None:
+    """resume=True: refuse, in one line, a model that still carries what a call of this library put on it
+    (mask gradient hooks; layers the checkpoint's module transforms rewrote, e.g. into ``SharedKernelConv``): the
+    checkpoint is restored onto the model as it was before the interrupted call, and onto anything else it gives
+    other weights than an uninterrupted call (or does not load)."""
+    hooked = [name for name, param in model.named_parameters()
+              if any(_library_hook(h) for h in (param._backward_hooks or {}).values())]
+    modules = dict(model.named_modules())
+    rewritten = [f"'{layer}' ({type(modules[layer]).__name__})"
+                 for entry in state.get("transforms") or [] if isinstance(entry, dict)
+                 for layer in ((entry.get("spec") or {}).get("factorized") or {})
+                 if isinstance(modules.get(layer), _rewritten_types())]
+    if not (hooked or rewritten):
+        return
+    found = (f"mask gradient hooks on {', '.join(repr(n) for n in hooked[:3])}{' ...' if len(hooked) > 3 else ''}"
+             if hooked else f"layers {', '.join(rewritten[:3])}{' ...' if len(rewritten) > 3 else ''} already "
+             "rewritten by the interrupted call")
+    raise ValueError(
+        f"compress: resume=True, but the model carries {found}; pass the model as it was before the interrupted "
+        "call (a fresh copy, e.g. built and loaded again; masks attached with MaskSet.attach: detach() them first)"
+    )
 
 
 def _sections(spec: dict[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -87,11 +88,14 @@ def load_state(path: str | Path, advice: str = RESTART_CLI) -> dict[str, Any]:
     """Load a training state without unpickling arbitrary objects.
 
     A missing file raises ``FileNotFoundError``; a truncated, damaged or foreign one a :class:`CheckpointError`
-    naming it (its objects are never unpickled) and ending in ``advice``.
+    naming it (its objects are never unpickled) and ending in ``advice``. A zip checkpoint (what ``torch.save``
+    writes) has every member checked against its CRC-32 first (:func:`check_archive`): torch's reader does not, so
+    a flipped byte in a tensor would otherwise load as a silently different weight.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist")
+    check_archive(path, advice)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a damaged pickle stream can raise nearly anything from torch's rebuild functions
@@ -104,6 +108,27 @@ def load_state(path: str | Path, advice: str = RESTART_CLI) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise cannot_resume(f"checkpoint '{path}' holds a {type(state).__name__}, not a training state", advice)
     return state
+
+
+def check_archive(path: str | Path, advice: str = RESTART_CLI) -> None:
+    """Raise :class:`CheckpointError` (naming the file and the member, ending in ``advice``) unless every member of
+    the zip archive ``path`` matches the CRC-32 its header records (``zipfile.ZipFile.testzip``: it reads the whole
+    file once, 1.5 ms for a 4 MB checkpoint that torch.load reads in 3.7 ms). A file that is not a zip archive is
+    left to ``torch.load``: torch's legacy (pre-1.6, non-zip) format carries no checksum, and a truncated archive
+    has no directory to check against."""
+    path = Path(path)
+    try:
+        if not zipfile.is_zipfile(path):
+            return
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except Exception as err:  # a damaged header can raise nearly anything (BadZipFile, zlib.error, "encrypted", ...)
+        raise cannot_resume(f"checkpoint '{path}' is damaged ({first_line(err, 120)})", advice) from None
+    if bad is not None:
+        raise cannot_resume(
+            f"checkpoint '{path}' is damaged: its member '{bad}' does not match its CRC-32 (bytes changed on disk or "
+            "in a copy)", advice,
+        )
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> Path:

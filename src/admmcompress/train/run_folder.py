@@ -14,10 +14,16 @@ contradict what was already trained:
   ``options`` (rho, ...);
 * the phase in progress: ``epochs`` (not below the epochs it has done) and ``optimizer.lr`` (the advice after
   a NaN loss);
+* where files are (``LOCATION_KEYS``, so a moved run folder can be pointed at its files): ``data.data_dir`` and
+  ``plugins``; ``pretrained`` from one file to another (the weights come from the checkpoint; none <-> a file
+  would add or drop the pretrain phase); ``teacher`` from one file (or list of files, as many) to another where
+  the checkpoint holds the teacher (every checkpoint of a run with ``teacher:`` does, but those written before
+  teachers were saved);
 * before the first checkpoint: anything (the run starts from the beginning with the new config).
 
-Everything else (model, data, plan, method, seed, pretrained, ...) changes what the checkpoint was trained
-for: start a new run instead (``--overwrite``, or another ``--out``).
+Everything else (model, data, plan, method, seed, ...) changes what the checkpoint was trained for: start a new
+run instead (``--overwrite``, or another ``--out``). The run checks the checkpoint's own config (in
+``checkpoint.pt`` since 2026-12-06) the same way, so another run's checkpoint copied into the folder is refused.
 """
 
 from __future__ import annotations
@@ -27,15 +33,27 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
 from admmcompress.atomic import TMP_PATTERN, atomic_write
-from admmcompress.config_keys import SPEED_KEYS
+from admmcompress.config_keys import LOCATION_KEYS, SPEED_KEYS
 from admmcompress.strict_yaml import safe_load_unique, yaml_problem
 from admmcompress.train.config import RunConfig, config_dict
-from admmcompress.train.runner import STAGES_DIR, STATE_FILE, Phase
+from admmcompress.train.training_state import STAGES_DIR, STATE_FILE
+
+
+class Phase(Protocol):
+    """What the checks here read of a run's phase (``admmcompress.train.runner.Phase``, which the runner imports
+    this module to check its checkpoint with; typed here so the two modules do not import each other)."""
+
+    kind: str  # "pretrain" | "prune" | "retrain"
+    stage: int
+
+    @property
+    def config_key(self) -> str: ...
+
 
 CONFIG_FILE = "config.yaml"
 # Files and folders a run writes into its --out folder (what --overwrite removes, nothing else).
@@ -223,6 +241,12 @@ def _saved_config(path: Path) -> dict[str, Any]:
         ) from None
     if not isinstance(raw, dict):
         raise RunFolderError(f"--resume: '{path}' is not a run config; restore it, or start again with --overwrite")
+    return normalized_config(raw)
+
+
+def normalized_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """A saved config (config.yaml, or the one a checkpoint holds) with the defaults of keys added since it was
+    written, so they are no change; as written where this version cannot read it."""
     try:
         return config_dict(RunConfig.from_dict(raw))
     except (ValueError, TypeError, KeyError):  # written by another version: compare as written
@@ -244,6 +268,7 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 MISSING = "(absent)"
+IN_MEMORY = "<in-memory model>"  # a compress() call's pretrained: its model comes as an object, no file
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -254,17 +279,27 @@ def config_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any
 
 
 def unsafe_changes(
-    diff: dict[str, tuple[Any, Any]], phases: list[Phase], progress: tuple[int, int] | None
+    diff: dict[str, tuple[Any, Any]], phases: list[Phase], progress: tuple[int, int] | None,
+    teacher_saved: bool = True,
 ) -> dict[str, str]:
-    """The changed keys ``--allow-config-change`` cannot accept, each with the reason (see the module doc)."""
+    """The changed keys ``--allow-config-change`` cannot accept, each with the reason (see the module doc).
+
+    ``teacher_saved``: whether the checkpoint holds the distillation teacher (then its file may have moved).
+    """
     if progress is None:
         return {}  # nothing was saved: the run starts from the beginning with the new config
     phase_index, epoch = progress
     by_key = {p.config_key: i for i, p in enumerate(phases)}
     prune_of_stage = {p.stage: i for i, p in enumerate(phases) if p.kind == "prune"}
     refused: dict[str, str] = {}
-    for key, (_, new) in diff.items():
+    for key, (old, new) in diff.items():
         if key in SPEED_KEYS:
+            continue
+        location = _location_key(key)
+        if location is not None:
+            reason = _moved_file_refusal(location, old, new, teacher_saved)
+            if reason:
+                refused[key] = reason
             continue
         parts = key.split(".")
         if len(parts) > 3 and parts[0] == "stages" and parts[2] == "options" and parts[1].isdigit():
@@ -288,6 +323,28 @@ def unsafe_changes(
         elif rest == "epochs" and not (isinstance(new, int) and new >= epoch):
             refused[key] = f"the phase has done {epoch} epochs already"
     return refused
+
+
+def _location_key(key: str) -> str | None:
+    """The entry of ``LOCATION_KEYS`` that the dotted ``key`` is, or is inside (``teacher.1``: ``teacher``)."""
+    return next((loc for loc in LOCATION_KEYS if key == loc or key.startswith(loc + ".")), None)
+
+
+def _is_path(value: Any) -> bool:
+    return isinstance(value, str) and value not in (MISSING, IN_MEMORY) and bool(value.strip())
+
+
+def _moved_file_refusal(location: str, old: Any, new: Any, teacher_saved: bool) -> str:
+    """Why a changed location key cannot be accepted once a checkpoint exists; empty when it can (a moved file)."""
+    if location in ("data.data_dir", "plugins"):
+        return ""  # where the data or the plugins' code is: the model, data and method names are checked apart
+    if not (_is_path(old) and _is_path(new)):  # a file added or dropped, not moved
+        if location == "pretrained":
+            return "it decides whether the run pretrains (a file may move, not come or go)"
+        return "it decides which teacher distills (a file may move, not come or go)"
+    if location == "teacher" and not teacher_saved:
+        return "the checkpoint holds no copy of the teacher (written before teachers were saved)"
+    return ""  # the weights (and the teacher) come from the checkpoint now
 
 
 def _phase_key(key: str, by_key: dict[str, int]) -> tuple[str | None, str]:
@@ -321,9 +378,14 @@ def _refusal(folder: Path, diff: dict[str, Any], refused: dict[str, str], allowe
         )
     return (
         f"--resume: the config differs from the run's '{saved}' in {_changes(diff)}; resume with the run's own "
-        "config, add --allow-config-change to accept safe changes (epochs of unfinished phases, threads, ...), "
-        "or start again with --overwrite"
+        "config, add --allow-config-change to accept safe changes (epochs of unfinished phases, threads, moved "
+        "files' paths, ...), or start again with --overwrite"
     )
+
+
+def describe_changes(diff: dict[str, tuple[Any, Any]], reasons: dict[str, str] | None = None) -> str:
+    """``key (old -> new: reason), ...`` for one line (at most ``SHOWN_CHANGES`` keys, then a count)."""
+    return _changes(diff, reasons)
 
 
 __all__ = [
@@ -333,6 +395,8 @@ __all__ = [
     "RunFolderError",
     "commit",
     "config_diff",
+    "describe_changes",
+    "normalized_config",
     "outputs_in",
     "plan_folder",
     "unsafe_changes",

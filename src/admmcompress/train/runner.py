@@ -8,6 +8,7 @@ result as an uninterrupted one. Phases are a flat list so the checkpoint only ne
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 import time
@@ -61,10 +62,15 @@ from admmcompress.train.loop import (
     train_epoch,
 )
 from admmcompress.train.precision import cpu_autocast, warn_if_emulated_bf16
+from admmcompress.train.run_folder import config_diff, describe_changes, normalized_config, unsafe_changes
 from admmcompress.train.teacher import load_teacher
-from admmcompress.train.training_state import STATE_FILE, load_training_state, read_progress, restoring
-
-STAGES_DIR = "stages"  # save_stages: every finished stage's model and masks
+from admmcompress.train.training_state import (
+    STAGES_DIR,
+    STATE_FILE,
+    load_training_state,
+    read_progress,
+    restoring,
+)
 
 
 class NonFiniteError(ValueError):
@@ -202,6 +208,7 @@ class Runner:
         self.transforms: list[dict[str, Any]] = []
         self._optimizer: torch.optim.Optimizer | None = None
         self._pending: dict[str, Any] | None = None
+        self._resumed_phase = False  # the next phase entered is the one a resume continues
         self._average: WeightAverage | None = None  # the phase's weight average, if its config asks for one
         # Distillation teacher: the model as the first stage found it (saved with the checkpoint).
         self.teacher: nn.Module | None = None
@@ -230,8 +237,7 @@ class Runner:
             self._net = self.model  # drop the DDP wrapper (its reducer must not outlive the process group)
             if self.logger is not None:
                 self.logger.close()
-        self.masks.detach()
-        set_dropout(self.model, self._model_dropout)
+            self._release_model()
         self.metrics["accuracy_after"] = self._evaluate()
         self.metrics["stats"] = measure(self.model, self.layers()).to_dict()
         self.metrics["storage"] = storage(self.model, self.layers()).to_dict()
@@ -239,6 +245,17 @@ class Runner:
             self.metrics["compaction"] = self._compact()
         self._tick_clock()
         return self.metrics
+
+    def _release_model(self) -> None:
+        """Take off the model what the phases put on it, however the run ends (an exception or Ctrl-C in a
+        notebook too, so the caller's model object carries no mask hooks, no frozen parameters, no phase's dropout):
+        the masks' gradient and optimizer hooks, the driver's own (``close``), the model's dropout rates. Module
+        rewrites of finished stages stay (they are the result so far); ``compress(resume=True)`` refuses such a
+        model."""
+        self.masks.detach()
+        if self._driver is not None:
+            self._driver.close()  # e.g. PENNI's frozen coefficients or bases trainable again
+        set_dropout(self.model, self._model_dropout)
 
     def check_finite(self) -> None:
         """Refuse NaN/inf in the starting weights or the data before any training; the message names the tensor."""
@@ -384,6 +401,8 @@ class Runner:
     # --- phases -------------------------------------------------------------------------
     def _enter(self, phase: Phase) -> None:
         """Build the phase's optimizer/driver and masks; restore them if resuming mid-phase."""
+        # the first phase after a resume is built on the checkpoint's model and masks (mid-phase: its state too)
+        resumed, self._resumed_phase = self._resumed_phase, False
         self.masks.detach()
         set_dropout(self.model, self._model_dropout if phase.cfg.dropout is None else phase.cfg.dropout)
         if phase.kind != "pretrain" and self.teacher is None and self._uses_distillation():
@@ -404,10 +423,13 @@ class Runner:
                 example=self.example,
                 resuming=self._pending is not None,
             )
-            self._driver = get_driver(stage.method).cls.from_config(self.model, targets, stage.options, context)
+            # resumed: the driver is built on the restored model and masks; a checkpoint that does not fit them
+            # (another method's, written before checkpoints held their config) is one line naming the file, not
+            # a KeyError from inside the driver
+            with self._restoring("driver", resumed):
+                self._driver = get_driver(stage.method).cls.from_config(self.model, targets, stage.options, context)
         if self._pending is not None:
-            path = self.out_dir / STATE_FILE if self.out_dir is not None else Path(STATE_FILE)
-            advice = self._restart_advice()
+            path, advice = self._state_path(), self._restart_advice()
             with restoring(path, "optimizer", advice):
                 self._optimizer.load_state_dict(self._pending["optimizer"])
             if self._driver is not None and self._pending.get("driver") is not None:
@@ -418,7 +440,8 @@ class Runner:
                     self._average.load_state_dict(self._pending["average"])
             self._pending = None
         if self._driver is not None:
-            self._driver.prepare(self.model)
+            with self._restoring("driver", resumed):
+                self._driver.prepare(self.model)
             if self._driver.masks is not None:
                 # The driver's masks are the phase's current ones (with any values it holds); release_holds
                 # above would otherwise drop holds this phase itself made.
@@ -433,6 +456,16 @@ class Runner:
             self.masks.attach(self.model, self._optimizer)
         self._net = wrap(self.model, self.dist)  # anew per phase: transforms and masks may change parameters
         self._check_ranks(f"{phase.label} start")
+
+    def _state_path(self) -> Path:
+        return self.out_dir / STATE_FILE if self.out_dir is not None else Path(STATE_FILE)
+
+    def _restoring(self, key: str, resumed: bool) -> contextlib.AbstractContextManager[None]:
+        """While a phase is restored from the checkpoint (``resumed``): an error is one line naming the file and
+        ``key`` (:func:`restoring`); otherwise the code's own errors pass as they are."""
+        if not resumed:
+            return contextlib.nullcontext()
+        return restoring(self._state_path(), key, self._restart_advice())
 
     def _past_first_stage(self) -> bool:
         first = next((i for i, p in enumerate(self.phases) if p.kind != "pretrain"), len(self.phases))
@@ -674,6 +707,8 @@ class Runner:
             )
         advice = self._restart_advice()
         state = load_training_state(path, advice)
+        self._check_same_run(state, path, advice)
+        self._resumed_phase = True
         self.transforms = list(state.get("transforms", []))
         with restoring(path, "transforms", advice):
             rebuild_transforms(self.model, self.transforms)  # the module structure the saved weights belong to
@@ -713,6 +748,23 @@ class Runner:
         if state["optimizer"] is not None:
             self._pending = {"optimizer": state["optimizer"], "driver": state["driver"],
                              "average": state.get("average")}
+
+
+    def _check_same_run(self, state: dict[str, Any], path: Path, advice: str) -> None:
+        """Refuse a checkpoint written by another run (another method, seed, plan, ... : one copied into the
+        folder) in one line naming the keys that differ: its config against this run's, accepting what a resume
+        may change (``run_folder.unsafe_changes``: speed keys, moved files, phases not started yet). Checkpoints
+        written before they held their config are not checked."""
+        saved = state.get("config")
+        if saved is None:
+            return
+        diff = config_diff(normalized_config(saved), config_dict(self.config))
+        refused = unsafe_changes(diff, self.phases, (state["phase_index"], state["epoch"]),
+                                 teacher_saved=state.get("teacher") is not None)
+        if refused:
+            problem = (f"checkpoint '{path}' is not this run's: its config differs in "
+                       f"{describe_changes({k: diff[k] for k in refused}, refused)}")
+            raise ckpt.CheckpointError(f"{problem}; restore this run's own {STATE_FILE}, or {advice}", problem)
 
 
 def _world_note(saved: int, now: int) -> str:

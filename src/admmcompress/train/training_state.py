@@ -27,6 +27,7 @@ from admmcompress.messages import first_line
 from admmcompress.train import checkpoint as ckpt
 
 STATE_FILE = "checkpoint.pt"
+STAGES_DIR = "stages"  # save_stages: every finished stage's model and masks, beside the checkpoint
 _NONE = type(None)
 # What a training state (checkpoint.pt) holds and the types of its values: check_training_state checks a loaded
 # state once against these, so a damaged or foreign file is one line naming the key, not a KeyError or a
@@ -124,6 +125,7 @@ def restoring(path: str | Path, key: str, advice: str = ckpt.RESTART_CLI) -> Ite
 
 __all__ = [
     "OPTIONAL_STATE_KEYS",
+    "STAGES_DIR",
     "STATE_FILE",
     "STATE_KEYS",
     "check_training_state",
