@@ -213,3 +213,27 @@ def test_positions_do_not_depend_on_the_batch_of_a_batch_first_example():
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 4 * 4, 5))
     one, four = output_positions(model, torch.randn(1, 2, 6, 6)), output_positions(model, torch.randn(4, 2, 6, 6))
     assert one == four == {"0": 16, "2": 1}
+
+
+def test_attention_over_windows_folded_into_the_batch_keeps_the_examples_batch():
+    """Swin-style windows: a batch-first attention runs on (B * windows, L, E); the example's dim 0 is still the
+    model's batch, so the conv before it makes H x W passes per sample (not H x W / windows)."""
+    from admmcompress.drivers.budget import gemm_shapes
+    from admmcompress.hardware.crossbar import output_positions
+
+    class Windows(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.att = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):  # (B, 3, 8, 8) -> 4 windows of 4 x 4
+            y = self.conv(x)
+            b = y.shape[0]
+            w = y.unfold(2, 4, 4).unfold(3, 4, 4).permute(0, 2, 3, 4, 5, 1).reshape(b * 4, 16, 8)
+            return self.fc(self.att(w, w, w)[0])
+
+    x = torch.randn(2, 3, 8, 8)
+    assert output_positions(Windows(), x)["conv"] == 64
+    assert gemm_shapes(Windows(), x)["conv.weight"].positions == 64

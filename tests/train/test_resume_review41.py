@@ -351,3 +351,17 @@ def test_which_location_changes_a_resume_accepts():
     # a compress() call's checkpoint names no file: resumed by `run` with one, its weights are not a moved file's
     assert "pretrained" in unsafe_changes({"pretrained": ("<in-memory model>", "/a.safetensors")}, phases, progress)
     assert "pretrains" in refused["pretrained"] and "holds no copy of the teacher" in refused["teacher.0"]
+
+
+def test_a_checkpoint_saved_with_torchs_crcs_turned_off_still_loads(tmp_path, monkeypatch):
+    """torch.save with serialization.config.save.compute_crc32 = False records CRC 0 for every member: nothing
+    to check against, so the file is read (not refused as damaged)."""
+    import torch.utils.serialization
+
+    from admmcompress.train.checkpoint import check_archive
+
+    monkeypatch.setattr(torch.utils.serialization.config.save, "compute_crc32", False)
+    path = tmp_path / "nocrc.pt"
+    torch.save({"w": torch.ones(3)}, path)
+    check_archive(path)  # no CheckpointError
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(3))

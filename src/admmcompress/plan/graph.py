@@ -240,27 +240,23 @@ def first_sample(example: Any) -> Any:
 
 
 def samples_of_call(module: nn.Module, args: Any, output: Any) -> int | None:
-    """How many samples one call of a layer that knows its batch axis ran on: a recurrent layer or cell, or an
-    ``nn.MultiheadAttention`` (by ``batch_first`` and the rank); None for other layers. Convs are not asked: a model
-    may fold time or patches into their batch (``(B*T, C, H, W)``), while these layers' batch axis is the model's.
+    """How many samples one call of a sequence-first layer ran on: a recurrent layer or an
+    ``nn.MultiheadAttention`` with ``batch_first=False`` on a batched input (its batch is dim 1); None for every
+    other call. Batch-first layers are not asked: the example's dim 0 is the batch there, and such a layer's own
+    batch may be a folded one (windows or sentences of a sample, ``(B*W, L, E)``).
 
     >>> samples_of_call(nn.LSTM(2, 3), None, nn.LSTM(2, 3)(torch.zeros(7, 4, 2)))   # (steps, batch, features)
     4
     """
-    if isinstance(module, nn.RNNBase):
+    if isinstance(module, (nn.RNNBase, nn.MultiheadAttention)) and not module.batch_first:
         out = output[0]
         if isinstance(out, PackedSequence):
             return int(out.batch_sizes[0])
-        return 1 if out.dim() == 2 else out.shape[0 if module.batch_first else 1]
-    if isinstance(module, nn.RNNCellBase):
-        return args[0].shape[0] if args and args[0].dim() == 2 else 1
-    if isinstance(module, nn.MultiheadAttention):
-        out = output[0]
-        return 1 if out.dim() == 2 else out.shape[0 if module.batch_first else 1]
+        return out.shape[1] if out.dim() == 3 else None
     return None
 
 
-BATCH_AWARE = (nn.RNNBase, nn.RNNCellBase, nn.MultiheadAttention)  # the layers samples_of_call answers for
+BATCH_AWARE = (nn.RNNBase, nn.MultiheadAttention)  # the layers samples_of_call may answer for
 
 
 def example_samples(example: Any) -> int:
@@ -275,9 +271,18 @@ def example_samples(example: Any) -> int:
 
 
 def agreed_samples(seen: set[int], example: Any) -> int:
-    """The samples an example held: the one batch size every batch-aware layer saw (``samples_of_call``), or,
-    when none saw one or they disagree, the example taken as batch-first."""
-    return next(iter(seen)) if len(seen) == 1 else example_samples(example)
+    """The samples an example held. Batch-first (dim 0 of its first tensor) unless the model is sequence-first:
+    its sequence-first layers (``samples_of_call``) agree on one batch that is the example's dim 1.
+
+    >>> x = torch.zeros(7, 4, 2)                                  # (steps, batch, features)
+    >>> agreed_samples({4}, x), agreed_samples(set(), x), agreed_samples({8}, x)
+    (4, 7, 7)
+    """
+    first: list[torch.Size] = []
+    map_tensors(lambda t: first.append(t.shape), example)
+    if len(seen) == 1 and first and len(first[0]) >= 2 and first[0][1] in seen:
+        return first[0][1]
+    return example_samples(example)
 
 
 def output_tensors(output: Any) -> list[torch.Tensor]:

@@ -181,7 +181,8 @@ def plan_folder(
                 "--out folder"
             )
     if STATE_FILE in present and CONFIG_FILE not in present and not allow_config_change:
-        # older versions (and runs made through the API) wrote no config.yaml: resuming stays possible, knowingly
+        # older versions wrote no config.yaml: resuming stays possible, knowingly (a compress() folder has none
+        # either, but its checkpoint holds its config, which the runner checks: `run` cannot continue it)
         raise RunFolderError(
             f"--resume: '{folder / CONFIG_FILE}' is missing, so the config cannot be checked against the checkpoint; "
             "restore it, add --allow-config-change to resume with this config anyway, or start again with --overwrite"
