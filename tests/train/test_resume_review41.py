@@ -353,15 +353,21 @@ def test_which_location_changes_a_resume_accepts():
     assert "pretrains" in refused["pretrained"] and "holds no copy of the teacher" in refused["teacher.0"]
 
 
-def test_a_checkpoint_saved_with_torchs_crcs_turned_off_still_loads(tmp_path, monkeypatch):
+def test_a_checkpoint_saved_with_torchs_crcs_turned_off_still_loads(tmp_path):
     """torch.save with serialization.config.save.compute_crc32 = False records CRC 0 for every member: nothing
     to check against, so the file is read (not refused as damaged)."""
     import torch.utils.serialization
 
     from admmcompress.train.checkpoint import check_archive
 
-    monkeypatch.setattr(torch.utils.serialization.config.save, "compute_crc32", False)
     path = tmp_path / "nocrc.pt"
-    torch.save({"w": torch.ones(3)}, path)
+    save_config = torch.utils.serialization.config.save
+    # set and restored by hand: torch's config object does not survive monkeypatch's restore (later saves fail)
+    before = save_config.compute_crc32
+    save_config.compute_crc32 = False
+    try:
+        torch.save({"w": torch.ones(3)}, path)
+    finally:
+        save_config.compute_crc32 = before
     check_archive(path)  # no CheckpointError
     assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(3))
