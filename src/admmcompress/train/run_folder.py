@@ -116,7 +116,7 @@ class FolderPlan:
         else:
             what = f"write a new run into '{self.folder}'"
         if self.accepted:
-            what += f", with config changes {_changes(self.accepted)}"
+            what += f", with config changes {describe_changes(self.accepted)}"
         return what
 
 
@@ -360,7 +360,8 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _changes(diff: dict[str, Any], reasons: dict[str, str] | None = None) -> str:
+def describe_changes(diff: dict[str, Any], reasons: dict[str, str] | None = None) -> str:
+    """``key (old -> new: reason), ...`` for one line (at most ``SHOWN_CHANGES`` keys, then a count)."""
     keys = list(diff)
     shown = [
         f"{k} ({_short(diff[k][0])} -> {_short(diff[k][1])}{': ' + reasons[k] if reasons else ''})"
@@ -374,19 +375,15 @@ def _refusal(folder: Path, diff: dict[str, Any], refused: dict[str, str], allowe
     saved = folder / CONFIG_FILE
     if allowed:
         return (
-            f"--resume --allow-config-change: cannot accept {_changes({k: diff[k] for k in refused}, refused)}; "
+            "--resume --allow-config-change: cannot accept "
+            f"{describe_changes({k: diff[k] for k in refused}, refused)}; "
             f"resume with the run's own config ('{saved}') or those keys as they were, or start again with --overwrite"
         )
     return (
-        f"--resume: the config differs from the run's '{saved}' in {_changes(diff)}; resume with the run's own "
-        "config, add --allow-config-change to accept safe changes (epochs of unfinished phases, threads, moved "
+        f"--resume: the config differs from the run's '{saved}' in {describe_changes(diff)}; resume with the run's "
+        "own config, add --allow-config-change to accept safe changes (epochs of unfinished phases, threads, moved "
         "files' paths, ...), or start again with --overwrite"
     )
-
-
-def describe_changes(diff: dict[str, tuple[Any, Any]], reasons: dict[str, str] | None = None) -> str:
-    """``key (old -> new: reason), ...`` for one line (at most ``SHOWN_CHANGES`` keys, then a count)."""
-    return _changes(diff, reasons)
 
 
 __all__ = [
