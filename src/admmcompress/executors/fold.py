@@ -34,6 +34,7 @@ from admmcompress.plan.graph import (
     ChannelGroup,
     call_model,
     channel_index,
+    example_samples,
     is_grouped_conv,
     map_tensors,
     output_tensors,
@@ -94,7 +95,7 @@ def fold_constant_channels(
         except Exception:  # a model that refuses noisy inputs (a range check): judged on the example alone
             varied = None
     for group, wanted in todo:
-        if group.leaks and varied is None and _samples(example_inputs) < 2:
+        if group.leaks and varied is None and example_samples(example_inputs) < 2:
             reasons.append(f"channels {_few(wanted)} of '{group.label}': {group.leaks[0]}, and an example of one "
                            "sample cannot show that value to be the same for every input; pass two or more samples")
             continue
@@ -136,12 +137,6 @@ def _varied(example_inputs):
         return value + noise * (value.detach().float().std().nan_to_num(0.0) + 1.0).to(value.dtype)
 
     return map_tensors(vary, example_inputs)
-
-
-def _samples(example_inputs) -> int:
-    """The batch size of the example (its first tensor's first dimension; 1 when it has no tensor)."""
-    first = next(iter(output_tensors(example_inputs)), None)
-    return int(first.shape[0]) if first is not None and first.dim() else 1
 
 
 def capture_inputs(model: nn.Module, example_inputs, names: set[str]) -> dict[str, torch.Tensor]:
