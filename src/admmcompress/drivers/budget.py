@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 # the model is called as the plan traces it
-from admmcompress.plan.graph import BATCH_AWARE, agreed_samples, call_model, samples_of_call
+from admmcompress.plan.graph import run_example
 from admmcompress.structures.groups import as_matrix
 from admmcompress.structures.scalars import plain_number
 from admmcompress.structures.sparsity import GEMM_MODULES
@@ -145,14 +145,13 @@ def _static_shapes(model: nn.Module) -> dict[str, GemmShape]:
     return found
 
 
-@torch.no_grad()
 def gemm_shapes(model: nn.Module, example: Any | None) -> dict[str, GemmShape]:
     """Every Linear/Conv1d/Conv2d/Conv3d layer's GEMM shape and output positions per sample, by weight name
     (with ``example``: the layers the forward reaches).
 
     ``example`` is what the model is called on, as the plan's tracer takes it (``plan.graph.call_model``): a
     tensor, a tuple of positional inputs or a dict of keyword inputs, batch-first, or sequence-first where the
-    model's recurrent or attention layers say so (``plan.graph.agreed_samples``). A layer called several times per
+    model's recurrent, attention or cell layers say so (``plan.graph.run_example``). A layer called several times per
     sample (a shared block) counts the output positions of every call.
     Without ``example`` the positions are 1 (enough for parameter budgets, not for MACs or latency).
     """
@@ -160,26 +159,11 @@ def gemm_shapes(model: nn.Module, example: Any | None) -> dict[str, GemmShape]:
         return _static_shapes(model)
     names = {m: n for n, m in model.named_modules()}
     seen: list[tuple[nn.Module, tuple[int, ...], int]] = []  # (layer, its input's shape, its output's size) per call
-    samples_seen: set[int] = set()
 
     def hook(module: nn.Module, inputs, output) -> None:
         seen.append((module, tuple(inputs[0].shape), output.numel()))
 
-    def batch(module: nn.Module, args, output) -> None:
-        if (found := samples_of_call(module, args, output)) is not None:
-            samples_seen.add(found)
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, GEMM_MODULES)]
-    handles += [m.register_forward_hook(batch) for m in model.modules() if isinstance(m, BATCH_AWARE)]
-    training = model.training
-    try:
-        # the whole example: cutting dim 0 of a sequence-first one would cut time
-        call_model(model.eval(), example)
-    finally:
-        model.train(training)
-        for h in handles:
-            h.remove()
-    samples = agreed_samples(samples_seen, example)
+    samples = run_example(model, example, [(m, hook) for m in model.modules() if isinstance(m, GEMM_MODULES)])
     found: dict[str, GemmShape] = {}
     for module, shape, size in seen:
         name = names[module]

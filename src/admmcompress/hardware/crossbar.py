@@ -43,7 +43,7 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.utils.rnn import PackedSequence
 
 from admmcompress.hardware.constants import DEVICE
-from admmcompress.plan.graph import BATCH_AWARE, agreed_samples, call_model, samples_of_call
+from admmcompress.plan.graph import Hook, run_example
 from admmcompress.structures.groups import gemm_params
 
 SIGNED = ("differential", "offset")
@@ -384,25 +384,19 @@ def output_positions(model: nn.Module, example: Any) -> dict[str, int]:
 
     The whole example runs, not a slice of it: a sequence-first model's batch is not on dim 0, so cutting dim 0
     would cut time. How many samples it held is read off the layers that know their batch axis (recurrent layers
-    and attention, by ``batch_first``), when they agree; otherwise the example is taken batch-first (dim 0).
+    and attention, by ``batch_first``) and a loop of recurrent cells over the example's dim 0, when they agree
+    (``plan.graph.run_example``); otherwise the example is taken batch-first (dim 0).
     """
     layers = dict(gemm_layers(model))
     if example is None:
         return {name: 1 for name in layers}
     calls: dict[str, list[tuple[nn.Module, Any]]] = {}  # outputs kept (shapes only) until the batch is known
-    seen_samples: set[int] = set()
-    handles = []
+    hooks: list[tuple[nn.Module, Hook]] = []
     for name, module in layers.items():
         def record(mod: nn.Module, args: Any, out: Any, name: str = name) -> None:
             calls.setdefault(name, []).append((mod, _shape_only(out)))
 
-        handles.append(module.register_forward_hook(record))
-
-    def batch(mod: nn.Module, args: Any, out: Any) -> None:
-        if (found := samples_of_call(mod, args, out)) is not None:
-            seen_samples.add(found)
-
-    handles += [m.register_forward_hook(batch) for m in model.modules() if isinstance(m, BATCH_AWARE)]
+        hooks.append((module, record))
     steps: dict[str, int] = {}
     for name, module in model.named_modules():
         out_proj = f"{name}.out_proj" if name else "out_proj"
@@ -414,17 +408,8 @@ def output_positions(model: nn.Module, example: Any) -> dict[str, int]:
                 positions = result.shape[0] if result.dim() == 2 else result.shape[1 if mod.batch_first else 0]
                 steps[name] = steps.get(name, 0) + positions
 
-            handles.append(module.register_forward_hook(attend))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            call_model(model, example)  # a tensor, or a tuple/dict of inputs as the plan takes them
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    samples = agreed_samples(seen_samples, example)
+            hooks.append((module, attend))
+    samples = run_example(model, example, hooks)  # a tensor, or a tuple/dict of inputs as the plan takes them
     for name, made in calls.items():
         steps[name] = steps.get(name, 0) + sum(passes(mod, out, samples) for mod, out in made)
     return {name: steps.get(name, 1) for name in layers}

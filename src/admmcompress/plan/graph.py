@@ -285,6 +285,76 @@ def agreed_samples(seen: set[int], example: Any) -> int:
     return example_samples(example)
 
 
+Hook = Callable[[nn.Module, Any, Any], None]  # a forward hook's (module, args, output), its return ignored
+
+
+def run_example(model: nn.Module, example: Any, hooks: Iterable[tuple[nn.Module, Hook]]) -> int:
+    """Run the whole ``example`` through ``model`` once (eval mode, no grad; train/eval mode restored after), calling
+    ``hook(module, args, output)`` after every call of each ``(module, hook)`` pair, and return the samples the
+    example held: ``agreed_samples`` over the model's sequence-first layers (``samples_of_call``) and, where they
+    say the same, its recurrent cells (``cell_samples``).
+
+    The whole example runs, not a slice of it: cutting dim 0 of a sequence-first example would cut time.
+
+    >>> lstm, seen = nn.LSTM(2, 3), []                                   # sequence-first: (steps, batch, features)
+    >>> run_example(lstm, torch.zeros(7, 4, 2), [(lstm, lambda m, args, out: seen.append(tuple(out[0].shape)))])
+    4
+    >>> seen
+    [(7, 4, 3)]
+    """
+    seen: set[int] = set()
+    cells: dict[nn.Module, list[int | None]] = {}
+
+    def batch(module: nn.Module, args: Any, output: Any) -> None:
+        if (found := samples_of_call(module, args, output)) is not None:
+            seen.add(found)
+
+    def cell(module: nn.Module, args: Any, output: Any) -> None:
+        h = output[0] if isinstance(output, tuple) else output  # LSTMCell returns (h, c)
+        cells.setdefault(module, []).append(h.shape[0] if h.dim() == 2 else None)
+
+    handles = [module.register_forward_hook(hook) for module, hook in hooks]
+    handles += [m.register_forward_hook(batch) for m in model.modules() if isinstance(m, BATCH_AWARE)]
+    handles += [m.register_forward_hook(cell) for m in model.modules() if isinstance(m, nn.RNNCellBase)]
+    training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            call_model(model, example)
+    finally:
+        model.train(training)
+        for h in handles:
+            h.remove()
+    if (found := cell_samples(cells, example)) is not None:
+        seen.add(found)
+    return agreed_samples(seen, example)
+
+
+def cell_samples(calls: Mapping[nn.Module, list[int | None]], example: Any) -> int | None:
+    """The batch a model's own loop over recurrent cells (``nn.LSTMCell``, ``nn.GRUCell``, ``nn.RNNCell``) says a
+    sequence-first example held, from each cell's calls (the batch of each: dim 0 of a ``(B, F)`` input, None when
+    unbatched); None when the cells say nothing sure.
+
+    A cell's input does not say which axis of the example its batch came from, and a model may fold other axes into
+    it (``(B*T, F)``, or the words of a sentence), so the cells count only as a sequence-first loop would look: every
+    call on one batch ``B`` that is the example's dim 1 and not its dim 0, and every cell called once per step of dim
+    0 (a multiple of it, at least 2: with one step a batch-first single sample folded over dim 1 looks the same).
+
+    >>> cell, x = nn.LSTMCell(2, 3), torch.zeros(5, 4, 2)               # (steps, batch, features)
+    >>> cell_samples({cell: [4] * 5}, x), cell_samples({cell: [4] * 3}, x), cell_samples({cell: [20]}, x)
+    (4, None, None)
+    """
+    first: list[torch.Size] = []
+    map_tensors(lambda t: first.append(t.shape), example)
+    if not calls or not first or len(first[0]) < 2:
+        return None
+    steps, batch = first[0][0], first[0][1]
+    batches = {b for made in calls.values() for b in made}
+    if batches != {batch} or steps == batch or steps < 2:
+        return None
+    return batch if all(len(made) % steps == 0 for made in calls.values()) else None
+
+
 def output_tensors(output: Any) -> list[torch.Tensor]:
     """The tensors of a model output: a tensor, tuples/lists and mappings (``ModelOutput``) of them. Other objects
     (a generation cache) are not outputs whose channels matter here, and the tracer cannot walk them."""
@@ -825,6 +895,7 @@ __all__ = [
     "STRUCTURAL_OPS",
     "ChannelGroup",
     "GraphError",
+    "Hook",
     "Member",
     "build_dependency_graph",
     "cached_channel_groups",
@@ -840,9 +911,11 @@ __all__ = [
     "keeps_zero",
     "first_sample",
     "agreed_samples",
+    "cell_samples",
     "example_samples",
     "map_tensors",
     "samples_of_call",
     "op_name",
+    "run_example",
     "zero_leaks",
 ]
