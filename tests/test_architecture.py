@@ -25,7 +25,7 @@ ROOT = "admmcompress"
 
 # Lower number = higher room.
 ROOMS: dict[str, int] = {
-    "": 0, "__main__": 0, "cli": 0, "api": 0, "run_export": 0, "run_hardware": 0,
+    "": 0, "__main__": 0, "cli": 0, "api": 0, "run_export": 0, "run_hardware": 0, "command_locks": 0,
     "masks": 0, "quantize": 0, "graph": 0, "targets": 0,
     "train": 1,
     "drivers": 2, "executors": 2, "report": 2, "hardware": 2,

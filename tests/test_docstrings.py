@@ -97,6 +97,7 @@ MODULES = [
     "admmcompress.hardware.variation",
     "admmcompress.hardware.analysis",
     "admmcompress.run_hardware",
+    "admmcompress.command_locks",
     "admmcompress.report.hardware",
     # models
     "admmcompress.models.widths",

@@ -16,7 +16,7 @@ from typing import NoReturn
 
 import torch
 
-from admmcompress.atomic import WriteError, clean_orphans
+from admmcompress.atomic import WriteError
 from admmcompress.data.datasets import load_dataset
 from admmcompress.data.imported import describe, load_data
 from admmcompress.models import create_model
@@ -280,9 +280,9 @@ def _run_locked(
     runner = _build_runner(config, out, progress=not args.no_progress and sys.stderr.isatty(), dist=ctx)
     if not plan.resume:
         runner.preflight()  # NaN weights or data, teacher files: refused before the folder changes
-    removed = clean_orphans(out, RUN_SUBFOLDERS)  # temp files of writes a kill cut short; we hold the lock
-    if removed:
-        print(f"admmcompress: removed {len(removed)} unfinished temporary file(s) of a killed run", file=sys.stderr)
+    from admmcompress.command_locks import clean_leftovers, say_removed
+
+    say_removed(clean_leftovers(out, below=RUN_SUBFOLDERS), out)  # writes a kill cut short; we hold the lock
     if plan.restart:
         print(f"admmcompress: no checkpoint in '{out}' yet (the run stopped before its first one): "
               "starting from the beginning", file=sys.stderr)
@@ -319,16 +319,9 @@ def _report_command(args: argparse.Namespace) -> int:
         raise ValueError("report: --rehash re-records one run's checksums and --compare only reads runs; first "
                          "`admmcompress report --rehash DIR` for each run changed on purpose, then --compare")
     if args.compare:
-        from admmcompress.report.compare import compare_runs
-
         for folder in args.compare:  # a run still writing its outputs would read as a damaged one
             check_unlocked(folder, "--compare reads its final outputs, so compare it once that run has ended")
-        md = Path(args.out) if args.out else None
-        if md is not None and md.suffix == ".md":  # what a killed --compare left of the table and its plot
-            with contextlib.suppress(OSError):
-                clean_orphans(md.parent, targets=[md.name, md.with_suffix(".png").name])
-        print(compare_runs(args.compare, args.out))
-        return 0
+        return _compare(args.compare, args.out)
     if not args.dir:
         raise ValueError("report: give a run folder, or --compare RUN_DIR... to tabulate several")
     if args.out:
@@ -336,18 +329,48 @@ def _report_command(args: argparse.Namespace) -> int:
     return _report(Path(args.dir), rehash=args.rehash, trust_plugins=args.trust_plugins)
 
 
+def _compare(runs: list[str], out: str | None) -> int:
+    """``report --compare``: print the table; write it to ``out`` with its plot beside it, or the plot alone to
+    ``compare.png`` here (``compare-2.png``, ... when taken).
+
+    What a killed earlier --compare left of these files is removed first, holding their lock (``hold_target``) so
+    that a --compare writing them now is refused rather than cleaned away.
+    """
+    from admmcompress.command_locks import clean_leftovers, hold_target, say_removed
+    from admmcompress.report.compare import DEFAULT_PLOT, compare_runs, default_plot_targets
+
+    md = Path(out) if out is not None else None
+    advice = "wait for it to end, or " + ("give --out NEW.md" if md is None else "choose another --out")
+    with hold_target(md if md is not None else Path(DEFAULT_PLOT), advice):
+        if md is None:
+            say_removed(clean_leftovers(".", targets=default_plot_targets(".")), DEFAULT_PLOT)
+        elif md.suffix == ".md":  # (another name is refused by compare_runs, with nothing cleaned)
+            say_removed(clean_leftovers(md.parent, targets=[md.name, md.with_suffix(".png").name]), md)
+        print(compare_runs(runs, out))
+    return 0
+
+
 def _report(out: Path, rehash: bool = False, trust_plugins: bool = False) -> int:
     """Recompute per-layer figures from the saved weights; accuracy and times come from metrics.json.
 
     The run's outputs are verified first (recorded checksums, weights against masks); a read-only run
-    folder gets the report printed, and a note that it could not be saved there.
+    folder gets the report printed, and a note that it could not be saved there. The folder's lock is held
+    throughout (with --rehash too): a run, or another report, writing it at the same time is refused.
     """
+    from admmcompress.command_locks import hold_run_folder
+
+    consequence = "report rewrites its metrics.json and report.md, so run it once that run has ended"
+    with hold_run_folder(out, consequence, elsewhere="report a copy of the folder"):
+        return _report_locked(out, rehash, trust_plugins)
+
+
+def _report_locked(out: Path, rehash: bool, trust_plugins: bool) -> int:
+    """``_report``'s work, holding the run folder's lock (or in a folder it cannot write)."""
+    from admmcompress.command_locks import clean_leftovers, say_removed
     from admmcompress.report.integrity import record_output_checksums, seal, verify_run
     from admmcompress.report.render import render_markdown
 
-    # report rewrites metrics.json and report.md: never while a run writes them too
-    check_unlocked(out, "report rewrites its metrics.json and report.md, so run it once that run has ended")
-    _clean_leftovers(out)
+    say_removed(clean_leftovers(out), out)  # what a killed report (or run) left; no one else writes here now
     for note in verify_run(out, files=not rehash):
         print(f"admmcompress: note: {note}", file=sys.stderr)
     metrics, history = load_report(out)
@@ -377,18 +400,6 @@ def _report(out: Path, rehash: bool = False, trust_plugins: bool = False) -> int
         return 0
     print(text)
     return 0
-
-
-def _clean_leftovers(out: Path) -> None:
-    """Remove the temporary files a killed command (a report, a run) left in the run folder ``out``; no run holds
-    its lock (checked just before), so nothing writes them. A read-only folder is left as it is."""
-    try:
-        removed = clean_orphans(out)
-    except OSError:
-        return
-    if removed:
-        print(f"admmcompress: removed {len(removed)} unfinished temporary file(s) of a killed write in '{out}'",
-              file=sys.stderr)
 
 
 def _measured_layers(model: torch.nn.Module, rows: list[dict], path: Path) -> list[str]:

@@ -32,7 +32,8 @@ import torch
 import yaml
 from typing_extensions import deprecated
 
-from admmcompress.atomic import TMP_PATTERN, clean_orphans, nearest_existing
+from admmcompress.atomic import TMP_PATTERN, nearest_existing
+from admmcompress.command_locks import clean_leftovers, hold_target, say_removed
 from admmcompress.executors.base import FinishedRun, get_executor, list_executors
 from admmcompress.executors.packed import packed_size_lines  # noqa: F401  (its old home; tests import it here)
 from admmcompress.models import create_model
@@ -41,6 +42,8 @@ from admmcompress.report.storage import storage
 from admmcompress.strict_yaml import safe_load_unique
 from admmcompress.train import checkpoint as ckpt
 from admmcompress.train.config import ConfigError, RunConfig
+
+EXPORT_ADVICE = "wait for it to end, or choose another --out"  # the end of the line refusing a second export
 
 
 def _require_model(run_dir: Path) -> None:
@@ -150,9 +153,10 @@ def export_run(
     names from inside its folder unless ``trust_plugins=True`` (``check_run_plugins``).
     """
     executor = get_executor(name)
-    clean_export_leftovers(out)
-    check_export_out(name, out, overwrite=overwrite)
-    return executor.export(open_run(run_dir, trust_plugins), out, **options)
+    with hold_target(out, EXPORT_ADVICE):
+        clean_export_leftovers(out)
+        check_export_out(name, out, overwrite=overwrite)
+        return executor.export(open_run(run_dir, trust_plugins), out, **options)
 
 
 # --- the command line -----------------------------------------------------------------------
@@ -287,12 +291,10 @@ def export_from_args(args: argparse.Namespace) -> str:
         raise ValueError(
             f"--{flag} is an option of --{' / --'.join(owners[wrong[0]])}, not of --{args.executor}; drop it"
         )
-    removed = clean_export_leftovers(args.out)
-    if removed:
-        print(f"admmcompress: removed {len(removed)} unfinished temporary file(s) of a killed export to "
-              f"'{args.out}'", file=sys.stderr)
-    check_export_out(args.executor, args.out)
-    return executor.export(open_run(args.dir, getattr(args, "trust_plugins", False)), args.out, **given)
+    with hold_target(args.out, EXPORT_ADVICE):  # a second export to this --out is refused: it would clean ours
+        say_removed(clean_export_leftovers(args.out), args.out)
+        check_export_out(args.executor, args.out)
+        return executor.export(open_run(args.dir, getattr(args, "trust_plugins", False)), args.out, **given)
 
 
 def clean_export_leftovers(out: str | Path) -> list[Path]:
@@ -301,21 +303,21 @@ def clean_export_leftovers(out: str | Path) -> list[Path]:
     Only this library's temporary names (``atomic.TMP_PATTERN``) of writes to ``out`` itself: ``.<name>.*.tmp``
     files (or the private folders of a folder being written whole) beside it, and, when ``out`` is a folder that
     holds nothing else, the temporary files in it. Other exports may write beside ``out`` at the same time, so
-    the temporary files of other names are left alone; a user's file is never touched. A folder that cannot be
-    cleaned (read-only) is left as it is: the export then says what is wrong with ``out``.
+    the temporary files of other names are left alone; a user's file is never touched, nor is the temporary file
+    of an export to ``out`` running now, as long as the caller holds :func:`hold_target` (the commands do). A
+    folder that cannot be cleaned (read-only) is left as it is: the export then says what is wrong with ``out``.
     """
     if not str(out):
         return []
     path = Path(out)
-    removed: list[Path] = []
+    removed = clean_leftovers(path.parent, targets=[path.name])
     try:
-        removed += clean_orphans(path.parent, targets=[path.name])
-        if path.is_dir() and not path.is_symlink():
-            entries = list(path.iterdir())
-            if entries and all(TMP_PATTERN.match(entry.name) for entry in entries):
-                removed += clean_orphans(path)
-    except OSError:
-        pass
+        only_temporary = path.is_dir() and not path.is_symlink() and all(
+            TMP_PATTERN.match(entry.name) for entry in path.iterdir())
+    except OSError:  # unreadable: left as it is
+        only_temporary = False
+    if only_temporary:
+        removed += clean_leftovers(path)
     return removed
 
 

@@ -18,6 +18,7 @@ import dataclasses
 import itertools
 import math
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,11 +27,12 @@ from torch import nn
 from torch.utils.data import Dataset, IterableDataset, default_collate
 
 from admmcompress.data.files import Split
-from admmcompress.hardware.analysis import add_adc, add_variation, analyze
+from admmcompress.hardware.analysis import HardwareAnalysis, add_adc, add_variation, analyze
 from admmcompress.hardware.crossbar import MAX_ADC_BITS, MAX_TILE, CrossbarSpec
 from admmcompress.hardware.noise import MAX_SIGMA, DeviceNoise
 from admmcompress.messages import first_line
 from admmcompress.plugins import TRUST_FLAG, TRUST_HELP
+from admmcompress.train.lock import RunLocked, check_unlocked, holder_pid
 
 MAX_WEIGHT_BITS = 16  # as CrossbarSpec and analyze() allow
 MAX_ACT_BITS = 32  # bit-serial input cycles per read: more is no activation format anyone uses
@@ -181,12 +183,14 @@ def run_command(
     title: str,
 ) -> str:
     """Analyze ``model`` as the flags say; returns the markdown (also saved in the run folder unless --no-save)."""
-    from admmcompress.report.hardware import render_hardware, save_hardware
+    from admmcompress.report.hardware import render_hardware
 
     spec = spec_from_args(args)
-    if not args.no_save and not os.access(args.dir, os.W_OK | os.X_OK):  # refuse before minutes of analysis
-        raise ValueError(f"'{args.dir}' is read-only for this user, so hardware.md/.png cannot be written there; "
-                         "make it writable or pass --no-save to print the analysis only")
+    if not args.no_save:  # a folder it could not save into: refused before minutes of analysis
+        if not os.access(args.dir, os.W_OK | os.X_OK):
+            raise ValueError(f"'{args.dir}' is read-only for this user, so hardware.md/.png cannot be written there; "
+                             "make it writable or pass --no-save to print the analysis only")
+        check_unlocked(args.dir, SAVE_REFUSED)
     result = analyze(model, spec, example[:1], args.baseline_bits, args.act_bits, tuple(args.pim_bits))
     noises = [DeviceNoise(sigma, args.stuck_on, args.stuck_off) for sigma in args.variation]
     if not noises and (args.stuck_on or args.stuck_off):
@@ -197,8 +201,30 @@ def run_command(
         add_adc(result, model, evaluate, args.adc_sweep, example)
     if args.no_save:
         return render_hardware(result, title)
-    md, png = save_hardware(result, Path(args.dir), title)
-    return render_hardware(result, title) + f"\nwritten: {md}, {png}\n"
+    return render_hardware(result, title) + _save(result, Path(args.dir), title)
+
+
+SAVE_REFUSED = "hardware writes hardware.md/.png there, so run it once that run has ended, or pass --no-save"
+
+
+def _save(result: HardwareAnalysis, folder: Path, title: str) -> str:
+    """Write hardware.md/.png into the run folder holding its lock, after removing what a killed ``hardware`` left
+    of them; the line naming them. A command that took the folder during the analysis (a run, a report) keeps it:
+    the analysis is then printed only, with a note, rather than lost."""
+    from admmcompress.command_locks import clean_leftovers, hold_run_folder, say_removed
+    from admmcompress.report.hardware import save_hardware
+
+    try:
+        with hold_run_folder(folder, SAVE_REFUSED, elsewhere="pass --no-save"):
+            say_removed(clean_leftovers(folder, targets=["hardware.md", "hardware.png"]), folder)
+            md, png = save_hardware(result, folder, title)
+    except RunLocked:
+        pid = holder_pid(folder)
+        print(f"admmcompress: note: another admmcompress command{f' (pid {pid})' if pid else ''} "
+              f"took '{folder}' during the analysis, so hardware.md/.png were not saved; printed only: rerun once it "
+              "has ended", file=sys.stderr)
+        return ""
+    return f"\nwritten: {md}, {png}\n"
 
 
 __all__ = ["add_arguments", "run_command", "sample", "spec_from_args"]

@@ -158,9 +158,11 @@ def test_an_export_killed_mid_write_leaves_nothing_in_the_way(tiny_finished_run,
     argv = ["export", flag, str(tiny_finished_run), "--out", str(out)]
     killed(name, n, argv, when)
     assert leftovers(exp)  # the kill left its temporary file (or private folder) behind
+    assert (exp / f".{out.name}.admmcompress.lock").is_file()  # and its lock file, which the OS unlocked
     assert not out.exists()  # never a half-written --out: no file, no folder with weights but no manifest
     assert main(argv) == 0
-    assert "removed 1 unfinished temporary file(s) of a killed export" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"admmcompress: removed 1 unfinished temporary file(s) of a killed write to '{out}'\n" in err
     assert leftovers(exp) == []
     assert sorted(p.name for p in exp.iterdir()) == [out.name]
     if flag == "--compact":
@@ -174,8 +176,10 @@ def test_a_report_killed_mid_write_is_cleaned_by_the_next_report(tiny_finished_r
     killed("metrics.json", 1, ["report", str(run)])
     assert [n for n in leftovers(run) if n.startswith(".metrics.json.")]
     assert main(["report", str(run)]) == 0
-    assert "removed 1 unfinished temporary file(s) of a killed write" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"admmcompress: removed 1 unfinished temporary file(s) of a killed write to '{run}'\n" in err
     assert leftovers(run) == []
+    assert not (run / ".admmcompress.lock").exists()  # the report held the folder's lock, and let it go
 
 
 def test_export_cleans_only_its_own_temporary_names(tmp_path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from admmcompress.atomic import atomic_write
+from admmcompress.atomic import TMP_PATTERN, atomic_write
 from admmcompress.report.integrity import read_metrics, verify_run
 from admmcompress.strict_yaml import safe_load_unique
 
@@ -237,6 +238,22 @@ def plot_compare(summaries: Sequence[RunSummary], path: str | Path) -> Path:
     return path
 
 
+DEFAULT_PLOT = "compare.png"  # the plot of a comparison without ``out``, in the current folder
+_DEFAULT_PLOT_NAMES = re.compile(r"^compare(-[0-9]+)?\.png$")  # it, and the free names _free_name gives beside it
+
+
+def default_plot_targets(folder: str | Path = ".") -> list[str]:
+    """The default plot's names (``compare.png``, ``compare-2.png``, ...) that temporary files in ``folder`` were
+    written for: the targets whose leftovers a killed comparison without ``out`` may have left there.
+
+    >>> default_plot_targets("/nonexistent")
+    []
+    """
+    tail = len(".12345678.tmp")  # what follows the target's name in a temporary name (atomic's)
+    targets = {p.name[1:-tail] for p in Path(folder).glob(".compare*.tmp") if TMP_PATTERN.match(p.name)}
+    return sorted(name for name in targets if _DEFAULT_PLOT_NAMES.match(name))
+
+
 def _free_name(path: Path) -> Path:
     """``path``, or ``stem-2``, ``stem-3``, ... beside it: the first that does not exist (the default plot's name,
     so a repeated ``report --compare`` without ``--out`` neither fails nor replaces an earlier plot)."""
@@ -256,7 +273,7 @@ def compare_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None) 
     md = None if out is None else Path(out)
     if md is not None and md.suffix != ".md":
         raise ValueError(f"compare: --out {out}: give a markdown file name ending in .md, e.g. compare.md")
-    png = _free_name(Path("compare.png")) if md is None else md.with_suffix(".png")
+    png = _free_name(Path(DEFAULT_PLOT)) if md is None else md.with_suffix(".png")
     for target in (md, png):  # checked before anything is read or written: a user's file is never replaced
         if target is not None and (target.exists() or target.is_symlink()):
             raise ValueError(f"'{target}' exists; give --out NEW.md or remove it")
@@ -270,4 +287,13 @@ def compare_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None) 
     return f"{table}\n\n(plot in {png})"
 
 
-__all__ = ["RunSummary", "compare_runs", "compare_table", "load_summary", "plot_compare", "save_summary"]
+__all__ = [
+    "DEFAULT_PLOT",
+    "RunSummary",
+    "compare_runs",
+    "compare_table",
+    "default_plot_targets",
+    "load_summary",
+    "plot_compare",
+    "save_summary",
+]
