@@ -265,8 +265,10 @@ def _check_model_untouched(model: nn.Module, state: dict[str, Any]) -> None:
     (mask gradient hooks; layers the checkpoint's module transforms rewrote, e.g. into ``SharedKernelConv``): the
     checkpoint is restored onto the model as it was before the interrupted call, and onto anything else it gives
     other weights than an uninterrupted call (or does not load)."""
+    # torch keeps a tensor's gradient hooks in the private `_backward_hooks` (unchanged since torch 1.0; there is no
+    # public list). A torch without it skips this check rather than failing: the transforms' check below still runs.
     hooked = [name for name, param in model.named_parameters()
-              if any(_library_hook(h) for h in (param._backward_hooks or {}).values())]
+              if any(_library_hook(h) for h in (getattr(param, "_backward_hooks", None) or {}).values())]
     modules = dict(model.named_modules())
     rewritten = [f"'{layer}' ({type(modules[layer]).__name__})"
                  for entry in state.get("transforms") or [] if isinstance(entry, dict)

@@ -131,12 +131,13 @@ def _format_warning(
 def _how_to_continue(args: argparse.Namespace) -> str:
     """After Ctrl-C: the command that continues an interrupted run from its last checkpoint, if it wrote one."""
     out = getattr(args, "run_folder", None)
-    if args.command != "run" or out is None:
+    if args.command != "run" or out is None or getattr(args, "rank", 0) != 0:  # under torchrun rank 0 says it once
         return ""
     if not (out / STATE_FILE).is_file():
         return f" before the run's first checkpoint; nothing to resume in {out}"
     flags = _same_run_flags(args) + (["--allow-config-change"] if args.allow_config_change else [])
-    return (f"; continue from the last checkpoint: admmcompress run {shlex.quote(args.config)} "
+    launcher = getattr(args, "launcher", "admmcompress")  # under torchrun: every rank is launched again
+    return (f"; continue from the last checkpoint: {launcher} run {shlex.quote(args.config)} "
             f"--out {shlex.quote(str(out))}{_joined(flags)} --resume")
 
 
@@ -173,6 +174,7 @@ def _run(args: argparse.Namespace) -> int:
     if threads:
         torch.set_num_threads(threads)
     ctx = Distributed.from_env()  # under torchrun: rank 0 locks, checks and writes --out; the other ranks follow
+    args.launcher, args.rank = ctx.launcher, ctx.rank  # for the command that continues it (_how_to_continue)
     try:
         if not ctx.is_main:
             return _follow(config, out, ctx)

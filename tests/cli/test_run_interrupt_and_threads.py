@@ -29,6 +29,32 @@ def test_ctrl_c_after_a_checkpoint_says_how_to_resume(tmp_path, monkeypatch, cap
     RunLock(out).acquire().release()  # the interrupted run let go of its folder
 
 
+def test_ctrl_c_under_torchrun_says_to_launch_every_rank_again(tmp_path, monkeypatch, capsys):
+    """Under torchrun the continue command is a torchrun line for as many processes, printed by rank 0 only: one
+    process would resume the run with another world size."""
+    from admmcompress.train.distributed import Distributed
+
+    def interrupted(args, config, out, stale, ctx):
+        (out / "checkpoint.pt").write_bytes(b"")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_run_locked", interrupted)
+    class TwoRanks(Distributed):  # rank 0 of two, without a process group (abort and close need one)
+        def abort(self, err):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(cli.Distributed, "from_env", classmethod(lambda cls: TwoRanks(0, 2)))
+    out = tmp_path / "run"
+    assert cli.main(["run", str(_config(tmp_path)), "--out", str(out), "--seed", "3"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"admmcompress: interrupted; continue from the last checkpoint: torchrun --standalone "
+                   f"--nproc-per-node 2 -m admmcompress run '{tmp_path / 'tiny run.yaml'}' --out {out} --seed 3 "
+                   "--resume"]
+
+
 def test_ctrl_c_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_path, monkeypatch, capsys):
     def interrupted(args, config, out, stale, ctx):
         raise KeyboardInterrupt

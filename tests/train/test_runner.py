@@ -205,9 +205,22 @@ def test_resume_of_a_finished_run_changes_nothing(tmp_path, data):
     assert_same_masks(full.masks, again.masks)
 
 
-def test_resume_without_a_checkpoint_says_so(tmp_path, data):
+def test_resume_without_a_checkpoint_says_so_in_the_callers_terms(tmp_path, data):
+    """A Runner built in Python is told about resume=True and out_dir=; the command line's about its flags."""
     runner = Runner(run_config(), fresh_model(), *data, out_dir=tmp_path, progress=False)
-    with pytest.raises(FileNotFoundError, match="--resume: no checkpoint"):
+    with pytest.raises(FileNotFoundError) as err:
+        runner.run(resume=True)
+    message = str(err.value)
+    assert message.startswith(f"resume=True: no checkpoint at {tmp_path / STATE_FILE}; run without resume=True "
+                              "to start, or pass out_dir= the folder")
+    assert "--" not in message and "\n" not in message
+    without = Runner(run_config(), fresh_model(), *data, progress=False)
+    with pytest.raises(FileNotFoundError, match=r"^resume=True needs out_dir=, the folder the interrupted run "
+                                                r"checkpointed to; run without resume=True to start$"):
+        without.run(resume=True)
+    runner.from_cli = True  # as admmcompress run builds it
+    with pytest.raises(FileNotFoundError, match=r"^--resume: no checkpoint at .*; run without --resume to start, "
+                                                r"or pass the run's --out folder$"):
         runner.run(resume=True)
 
 

@@ -18,8 +18,12 @@ What keeps N processes equal to one:
   the whole batch); a batch that splits unevenly (``data.batch_size``, or the last batch, not a multiple of N)
   makes the ranks draw different counts, and from then on their generators differ. A checkpoint holds every
   rank's generator state: a resume with the same N continues each rank's own (bit-identical); one with another
-  N gives every rank rank 0's, with a warning. A ``data.batch_size`` below N is refused; a last batch that
-  would leave a rank no sample (or, with BatchNorm, a single one) is skipped, with a warning.
+  N gives every rank rank 0's, with a warning. A ``data.batch_size`` below N is refused, and so is a training
+  set smaller than N (no batch could give every rank a sample: no step would train); a last batch that would
+  leave a rank no sample (or, with BatchNorm, a single one) is skipped, with a warning. BatchNorm that sees one
+  value per channel from each sample (``(N, C)`` inputs, 1x1 maps) cannot normalize a single sample in training,
+  so with such a layer a ``data.batch_size`` below 2N, or a training set below 2N samples, is refused up front
+  (:func:`check_batch`) instead of stopping at the first step with torch's error.
 * **Driver state**: DDP keeps the weights bitwise equal on every rank (the gradient all-reduce returns the
   same sum everywhere), and every driver computes Z, U, rho and masks from those weights only, so they are
   equal on every rank without being sent. After each driver update and hard prune the ranks compare a SHA-256
@@ -47,7 +51,9 @@ provides for CUDA devices only.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import math
 import os
 import warnings
 from collections.abc import Iterator, Mapping
@@ -80,6 +86,8 @@ class Distributed:
     world_size: int = 1
     check: bool = False  # assert equal driver state on every rank (debug mode)
     shared: bool = False  # rank 0 has sent its start/resume decision (see share)
+    # processes per machine (torchrun's LOCAL_WORLD_SIZE; 0: unknown, taken as all of them on one machine)
+    local_world_size: int = 0
 
     @property
     def active(self) -> bool:
@@ -88,6 +96,32 @@ class Distributed:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def launcher(self) -> str:
+        """The start of a command line that launches ``admmcompress`` as this run was launched: ``admmcompress``
+        in one process, a ``torchrun`` line for as many processes under torchrun (advice that continues a run
+        must relaunch every rank: one process would resume it with another world size, not as it was).
+
+        >>> Distributed().launcher, Distributed(0, 2).launcher
+        ('admmcompress', 'torchrun --standalone --nproc-per-node 2 -m admmcompress')
+        >>> Distributed(0, 8, local_world_size=4).launcher
+        'torchrun --nnodes 2 --nproc-per-node 4 (and the rendezvous flags of the first launch) -m admmcompress'
+        """
+        if not self.active:
+            return "admmcompress"
+        local = self.local_world_size or self.world_size
+        if local >= self.world_size:
+            return f"torchrun --standalone --nproc-per-node {self.world_size} -m admmcompress"
+        # several machines: torchrun's rendezvous endpoint is not known to the processes it starts
+        return (f"torchrun --nnodes {self.world_size // local} --nproc-per-node {local} (and the rendezvous flags "
+                "of the first launch) -m admmcompress")
+
+    def relaunch_note(self) -> str:
+        """'' in one process; under torchrun, the end of advice that continues the run: relaunch every rank."""
+        if not self.active:
+            return ""
+        return f" (all {self.world_size} processes, launched again with {self.launcher} run ...)"
 
     # --- lifecycle ------------------------------------------------------------------------
     @classmethod
@@ -104,7 +138,8 @@ class Distributed:
             raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed; run one process")
         if not dist.is_initialized():
             dist.init_process_group(backend or "gloo")
-        return cls(dist.get_rank(), dist.get_world_size(), check)
+        local = os.environ.get("LOCAL_WORLD_SIZE", "")  # set by torchrun; only advice reads it
+        return cls(dist.get_rank(), dist.get_world_size(), check, local_world_size=int(local) if local.isdigit() else 0)
 
     def close(self) -> None:
         if self.active and dist.is_initialized():
@@ -261,6 +296,40 @@ def shard(n: int, rank: int, world_size: int) -> tuple[int, int]:
     return start, start + base + (rank < extra)
 
 
+# Why a rank's share of a batch needs 2 samples, when the model's BatchNorm layers could not be traced (min_share)
+BATCHNORM_NEEDS_TWO = ("the model's BatchNorm normalizes over each process's share of the batch, and cannot over a "
+                       "single sample in training")
+
+
+def batchnorm_needs_two(layer: str) -> str:
+    """Why a rank's share needs 2 samples: BatchNorm ``layer`` sees one value per channel from each sample."""
+    return (f"BatchNorm layer '{layer}' sees one value per channel from each sample (an (N, C) input or a 1x1 map), "
+            "which it cannot normalize over a single sample in training")
+
+
+def _at_most(processes: int) -> str:
+    return f"at most {processes} processes" if processes >= 2 else "one process (without torchrun)"
+
+
+def check_batch(batch_size: int, ctx: Distributed, min_rows: int = 1, why: str = BATCHNORM_NEEDS_TWO) -> None:
+    """Refuse, in one line naming the sizes and the fix, a global ``batch_size`` whose split over the processes
+    gives some rank fewer than ``min_rows`` samples at every step (``min_rows=2``: the model has BatchNorm that
+    needs two, ``why`` says which): torch would stop at the first step, or a rank would train on nothing."""
+    world = ctx.world_size
+    if batch_size < world:
+        raise ValueError(
+            f"data.batch_size={batch_size} is smaller than the {world} processes: it is the global batch, "
+            f"split over them, so some would get no samples; give data.batch_size >= {world} (a "
+            f"multiple of {world} splits evenly) or run fewer processes (at most {batch_size})"
+        )
+    if batch_size // world < min_rows:  # the smallest share is batch_size // world
+        raise ValueError(
+            f"data.batch_size={batch_size} split over the {world} processes gives some of them a single sample at "
+            f"every step, and {why} (torch would stop at the first step: 'Expected more than 1 value per channel "
+            f"when training'); give data.batch_size >= {world * min_rows} or run {_at_most(batch_size // min_rows)}"
+        )
+
+
 class ShardedLoader:
     """This rank's share of each global batch of a :class:`BatchLoader` (same order for any world size).
 
@@ -268,9 +337,10 @@ class ShardedLoader:
     slice, so the union of the ranks' batches is exactly the one-process batch. ``weight(batch)`` is the factor
     that turns the rank's mean loss into its share of the global mean (``rows * world_size / global rows``;
     DDP averages gradients over ranks). A global batch smaller than the world size would leave a rank without
-    data: ``batch_size`` below it is refused, and a last batch below it is skipped, with a warning.
-    ``min_rows=2`` (a model with BatchNorm, which cannot normalize a single sample in training) skips a last
-    batch that would leave some rank fewer than 2 samples too.
+    data: ``batch_size`` below it is refused (:func:`check_batch`), and so is a training set below it (no step
+    would train); a last batch below it is skipped, with a warning. ``min_rows=2`` (a model with BatchNorm that
+    cannot normalize a single sample in training; ``why`` says which layer) asks the same of every rank's share
+    with 2 samples instead of 1.
 
     >>> import torch
     >>> data = Split(torch.arange(6.0).view(6, 1), torch.arange(6))
@@ -278,25 +348,28 @@ class ShardedLoader:
     [[2, 3], [5]]
     """
 
-    def __init__(self, inner: BatchLoader, ctx: Distributed, min_rows: int = 1):
+    def __init__(self, inner: BatchLoader, ctx: Distributed, min_rows: int = 1, why: str = BATCHNORM_NEEDS_TWO):
         self.inner, self.ctx = inner, ctx
         self.data = inner.data
-        n, size = len(inner.data), inner.batch_size
-        if size < ctx.world_size:
+        n, size, world = len(inner.data), inner.batch_size, ctx.world_size
+        check_batch(size, ctx, min_rows, why)
+        if n < world * min_rows:  # then n <= size: the only batch is the last, which is skipped
+            each = "a sample" if min_rows == 1 else f"{min_rows} samples"
+            because = "" if min_rows == 1 else f" ({why})"
             raise ValueError(
-                f"data.batch_size={size} is smaller than the {ctx.world_size} processes: it is the global batch, "
-                f"split over them, so some would get no samples; give data.batch_size >= {ctx.world_size} (a "
-                f"multiple of {ctx.world_size} splits evenly) or run fewer processes (at most {size})"
+                f"the training set holds {n} sample(s), too few to give each of the {world} processes {each}"
+                f"{because}, so no step would train; give at least {world * min_rows} training samples or run "
+                f"{_at_most(n // min_rows)}"
             )
         last = n - (len(inner) - 1) * size
-        self._skip_last = last < ctx.world_size * min_rows  # the smallest share is last // world_size
+        self._skip_last = last < world * min_rows  # the smallest share is last // world_size
         self._weight = 1.0
         if self._skip_last and ctx.is_main:
-            why = (f"fewer than the {ctx.world_size} processes" if last < ctx.world_size else
-                   f"so one of the {ctx.world_size} processes would get a single sample, which BatchNorm cannot "
-                   "normalize in training")
+            reason = (f"fewer than the {world} processes" if last < world else
+                      f"so one of the {world} processes would get a single sample, which BatchNorm cannot "
+                      "normalize in training")
             warnings.warn(
-                f"the last batch of each epoch holds {last} sample(s), {why}: "
+                f"the last batch of each epoch holds {last} sample(s), {reason}: "
                 "it is skipped (one process trains on it); make the training set size a multiple of batch_size",
                 RuntimeWarning,
                 stacklevel=2,
@@ -336,11 +409,49 @@ def wrap(model: nn.Module, ctx: Distributed) -> nn.Module:
 
 
 def min_share(model: nn.Module) -> int:
-    """The fewest samples each rank's share of a batch may hold for ``model`` to train: 2 with BatchNorm (which
-    normalizes over the share's samples in training, and cannot over one), 1 otherwise. SyncBatchNorm
-    normalizes over the global batch, so it needs no more than one sample per rank."""
-    plain = (m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
-    return 2 if any(not isinstance(m, nn.SyncBatchNorm) for m in plain) else 1
+    """The fewest samples each rank's share of a batch may hold for ``model`` to train, by the conservative rule:
+    2 with BatchNorm (which normalizes over the share's samples in training, and cannot over one), 1 otherwise.
+    SyncBatchNorm normalizes over the global batch, so it needs no more than one sample per rank. Only BatchNorm
+    that sees one value per channel from each sample needs 2 (:func:`batchnorm_inputs` tells which layers do)."""
+    return 2 if plain_batchnorm(model) else 1
+
+
+def plain_batchnorm(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``model``'s BatchNorm layers that normalize over this rank's share alone (not SyncBatchNorm), by name."""
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.SyncBatchNorm)]
+
+
+@contextlib.contextmanager
+def batchnorm_inputs(model: nn.Module) -> Iterator[dict[str, int]]:
+    """While open: for each plain BatchNorm layer of ``model`` that a forward calls, the fewest values per channel
+    one sample gave it (the product of its input's sizes after the channel dimension: 1 for an ``(N, C)`` input
+    or a 1x1 map). Such a layer fails in training on a single sample (torch counts batch x those values); one
+    that sees more (a conv's HxW > 1 map) trains on one sample per rank.
+
+    >>> import torch
+    >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(8, 3), nn.BatchNorm1d(3))
+    >>> with batchnorm_inputs(net) as seen:
+    ...     _ = net.eval()(torch.zeros(2, 1, 4, 4))
+    >>> seen
+    {'1': 4, '4': 1}
+    """
+    seen: dict[str, int] = {}
+
+    def recorder(name: str) -> Any:
+        def record(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0] if args else None
+            if isinstance(x, torch.Tensor) and x.dim() >= 2:
+                values = math.prod(x.shape[2:])
+                seen[name] = min(values, seen.get(name, values))
+        return record
+
+    handles = [m.register_forward_pre_hook(recorder(name)) for name, m in plain_batchnorm(model)]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def sync_batchnorm(model: nn.Module, ctx: Distributed) -> nn.Module:
@@ -390,6 +501,7 @@ def evaluate(model: nn.Module, data: Split | Dataset, batch_size: int, ctx: Dist
 
 
 __all__ = [
-    "CHECK_ENV", "Distributed", "FollowerError", "RankMismatch", "ShardedLoader", "correct_count", "evaluate",
-    "min_share", "shard", "sync_batchnorm", "wrap",
+    "BATCHNORM_NEEDS_TWO", "CHECK_ENV", "Distributed", "FollowerError", "RankMismatch", "ShardedLoader",
+    "batchnorm_inputs", "batchnorm_needs_two", "check_batch", "correct_count", "evaluate", "min_share",
+    "plain_batchnorm", "shard", "sync_batchnorm", "wrap",
 ]

@@ -49,7 +49,18 @@ from admmcompress.train.config import (
     StageConfig,
     config_dict,
 )
-from admmcompress.train.distributed import Distributed, ShardedLoader, min_share, sync_batchnorm, wrap
+from admmcompress.train.distributed import (
+    BATCHNORM_NEEDS_TWO,
+    Distributed,
+    ShardedLoader,
+    batchnorm_inputs,
+    batchnorm_needs_two,
+    check_batch,
+    min_share,
+    plain_batchnorm,
+    sync_batchnorm,
+    wrap,
+)
 from admmcompress.train.distributed import evaluate as evaluate_sharded
 from admmcompress.train.logging import EpochLogger, layer_sparsity
 from admmcompress.train.loop import (
@@ -151,18 +162,23 @@ class Runner:
         self.progress = progress
         # Advice after a failure names the CLI's flags (--resume, --overwrite), or compress()'s arguments
         self.from_cli = False
+        self.example = first_inputs(train)  # traces the channel coupling and gives compaction its input shape
+        check_model_reads(model, self.example, train, config, classifies=loss_fn is None)
+        # Under torchrun: the fewest samples each rank's share of a batch needs (2 for BatchNorm that sees one
+        # value per channel from each sample), checked against data.batch_size before any training
+        min_rows, why = share_needs(model, self.example, config) if self.dist.active else (1, "")
         self.loader: BatchLoader | ShardedLoader | DatasetLoader
         if isinstance(train, Split):
             self.loader = BatchLoader(
                 train, config.data.batch_size, shuffle=True, seed=config.seed, augment=config.data.augment
             )
             if self.dist.active:  # this rank's share of each global batch, in one process's order
-                self.loader = ShardedLoader(self.loader, self.dist, min_share(model))
+                self.loader = ShardedLoader(self.loader, self.dist, min_rows, why)
         else:  # a torch Dataset by import path: read batch by batch (DistributedSampler under torchrun)
+            if self.dist.active:
+                check_batch(config.data.batch_size, self.dist, min_rows, why)
             self.loader = DatasetLoader(train, config.data.batch_size, config.seed, self.dist.rank,
                                         self.dist.world_size, all_ranks=self.dist.all_true, least=self.dist.least)
-        self.example = first_inputs(train)  # traces the channel coupling and gives compaction its input shape
-        check_model_reads(model, self.example, train, config, classifies=loss_fn is None)
         self.stage_targets: list[list[Target]] = [self._resolve(s) for s in config.stages]
         earlier: list[Target] = []  # what the stages before may prune (their budget checks count it)
         for i, (stage, targets) in enumerate(zip(config.stages, self.stage_targets, strict=True)):
@@ -305,7 +321,7 @@ class Runner:
         where = (f"{self.phases[phase].label} after epoch {epoch}" if phase < len(self.phases)
                  else "after the last phase")
         return (f", then continue from the last checkpoint '{path}' ({where}) with --resume --allow-config-change "
-                f"--out {self.out_dir}")
+                f"--out {self.out_dir}{self.dist.relaunch_note()}")
 
     def _train_phases(self) -> None:
         if self.teacher is None and self.config.teacher is not None:
@@ -676,7 +692,7 @@ class Runner:
             ckpt.save_state(self.out_dir / STATE_FILE, state)
         except WriteError as err:
             if self.from_cli:
-                how = f"continue the run with --resume --out {self.out_dir}"
+                how = f"continue the run with --resume --out {self.out_dir}{self.dist.relaunch_note()}"
             elif self._saved or self._resumed:
                 how = "call compress again with resume=True (it continues from the last checkpoint)"
             else:
@@ -702,8 +718,17 @@ class Runner:
     def _load(self) -> None:
         path = None if self.out_dir is None else self.out_dir / STATE_FILE
         if path is None or not path.is_file():
+            if self.from_cli:
+                raise FileNotFoundError(
+                    f"--resume: no checkpoint at {path}; run without --resume to start, or pass the run's --out folder"
+                )
+            # the Python API (Runner(out_dir=...).run(resume=True), compress(out_dir=..., resume=True)): its names
+            if path is None:
+                raise FileNotFoundError("resume=True needs out_dir=, the folder the interrupted run checkpointed to; "
+                                        "run without resume=True to start")
             raise FileNotFoundError(
-                f"--resume: no checkpoint at {path}; run without --resume to start, or pass the run's --out folder"
+                f"resume=True: no checkpoint at {path}; run without resume=True to start, or pass out_dir= the "
+                "folder the interrupted run checkpointed to"
             )
         advice = self._restart_advice()
         state = load_training_state(path, advice)
@@ -805,6 +830,38 @@ def check_model_reads(model: nn.Module, example: Any, train: Any, config: RunCon
             f"model '{config.model['name']}' has {out.shape[1]} outputs but the training labels have {classes} "
             f"classes; give the model num_classes: {classes} (or data with its classes)"
         )
+
+
+def share_needs(model: nn.Module, example: Any, config: RunConfig) -> tuple[int, str]:
+    """Under torchrun: the fewest samples each rank's share of a batch may hold for ``model`` to train, and why
+    (the text of a refusal): 2 when a plain BatchNorm layer sees one value per channel from each sample (an
+    ``(N, C)`` input, a 1x1 map: torch cannot normalize a single sample there), else 1 (a conv BatchNorm on HxW > 1
+    maps trains on one sample per rank).
+
+    Told apart by one forward of ``example`` in training mode (so layers only training runs, such as auxiliary
+    heads, are seen) with the run's autocast and no gradient, that records what each BatchNorm layer reads
+    (``batchnorm_inputs``); the model's buffers, modes and the random generator are put back as they were. Where
+    that forward fails, or SyncBatchNorm is present (its training forward would communicate), the conservative rule
+    holds: 2 with any plain BatchNorm (``min_share``)."""
+    if not plain_batchnorm(model):
+        return 1, ""
+    if any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
+        return min_share(model), BATCHNORM_NEEDS_TWO
+    modes = [(m, m.training) for m in model.modules()]
+    buffers = _snapshot_buffers(model)  # training-mode BatchNorm updates its running statistics
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), cpu_autocast(AUTOCAST_DTYPES[config.autocast]):
+            with batchnorm_inputs(model) as seen:
+                model.train()
+                model(example)
+    except Exception:  # any failure of this trial forward: the conservative rule
+        return min_share(model), BATCHNORM_NEEDS_TWO
+    finally:
+        for module, training in modes:
+            module.training = training
+        _restore_buffers(buffers)
+    single = next((name for name, values in seen.items() if values == 1), None)
+    return (2, batchnorm_needs_two(single)) if single is not None else (1, "")
 
 
 def _reading_fix(model: nn.Module, example: Any) -> str:
