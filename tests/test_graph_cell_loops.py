@@ -144,3 +144,37 @@ def test_a_cell_loop_beside_a_sequence_first_lstm_keeps_the_lstms_batch(along):
     assert run_example(model, x, []) == B
     assert gemm_shapes(model, x)["head.weight"].positions == T
     assert output_positions(model, x) == {"lstm": T, "cell": T if along == 0 else B, "head": T}
+
+
+class ListCell(nn.RNNCellBase):
+    """A user's cell that returns its state as a list (no ``.dim()`` on the output itself)."""
+
+    def __init__(self) -> None:
+        super().__init__(4, 4, bias=True, num_chunks=1)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor | None = None) -> list[torch.Tensor]:
+        y = self.fc(x)
+        return [y, y]
+
+
+class ListCellLoop(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell = ListCell()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.cell(step)[0] for step in x.unbind(0)])
+
+
+def test_a_cell_returning_a_list_is_read_like_any_other():
+    shapes = gemm_shapes(ListCellLoop(), torch.randn(T, B, 4))
+    assert shapes["cell.fc.weight"].positions == T  # one call per step of each of the B sequences
+
+
+def test_run_example_puts_back_every_layers_own_mode():
+    model = nn.Sequential(nn.Linear(F, 4), nn.BatchNorm1d(4), nn.Dropout(0.5))
+    model.train()
+    model[1].eval()  # a frozen BatchNorm inside a training model
+    run_example(model, torch.randn(B, F), [])
+    assert [m.training for m in model] == [True, False, True] and model.training

@@ -29,7 +29,7 @@ from admmcompress.train.config import MAX_THREADS, RunConfig
 from admmcompress.train.distributed import Distributed
 from admmcompress.train.lock import LOCK_FILE, RunLock, check_unlocked
 from admmcompress.train.loop import TrainingDiverged, evaluate
-from admmcompress.train.run_folder import RUN_SUBFOLDERS, commit, plan_folder
+from admmcompress.train.run_folder import RUN_OUTPUTS, RUN_SUBFOLDERS, commit, plan_folder
 from admmcompress.train.runner import STATE_FILE, Runner, rebuild_transforms, run_phases
 from admmcompress.train.training_state import read_progress
 
@@ -173,8 +173,9 @@ def _run(args: argparse.Namespace) -> int:
     threads = args.threads or config.threads
     if threads:
         torch.set_num_threads(threads)
+    said = Distributed.announced()  # for the command that continues it (_how_to_continue), even while joining
+    args.launcher, args.rank = said.launcher, said.rank
     ctx = Distributed.from_env()  # under torchrun: rank 0 locks, checks and writes --out; the other ranks follow
-    args.launcher, args.rank = ctx.launcher, ctx.rank  # for the command that continues it (_how_to_continue)
     try:
         if not ctx.is_main:
             return _follow(config, out, ctx)
@@ -372,7 +373,9 @@ def _report_locked(out: Path, rehash: bool, trust_plugins: bool) -> int:
     from admmcompress.report.integrity import record_output_checksums, seal, verify_run
     from admmcompress.report.render import render_markdown
 
-    say_removed(clean_leftovers(out), out)  # what a killed report (or run) left; no one else writes here now
+    # what a killed report (or run) left of the run's files; an export writing into the folder holds only its own
+    # file's lock, so temporary files of other names are not ours to remove
+    say_removed(clean_leftovers(out, targets=RUN_OUTPUTS), out)
     for note in verify_run(out, files=not rehash):
         print(f"admmcompress: note: {note}", file=sys.stderr)
     metrics, history = load_report(out)

@@ -79,23 +79,23 @@ def hold_run_folder(folder: str | Path, consequence: str, elsewhere: str) -> Ite
         return
     lock = _take_run_lock(folder, consequence, elsewhere)
     try:
-        yield True
+        yield lock is not None
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
-def _take_run_lock(folder: Path, consequence: str, elsewhere: str) -> RunLock:
-    """``RunLock(folder)`` taken, or the refusal naming the holder and ``consequence``."""
-    tries = 3
-    while True:
-        try:
-            return RunLock(folder, elsewhere).acquire()
-        except RunLocked:
+def _take_run_lock(folder: Path, consequence: str, elsewhere: str) -> RunLock | None:
+    """``RunLock(folder)`` taken, or the refusal naming the holder and ``consequence``; None where no lock can be
+    taken although no command holds it (a lock file that cannot be opened or written: another user's, a full
+    disk), so the command goes on as in a read-only folder and its own writes say what is wrong."""
+    for _ in range(3):
+        try:  # a killed run's lock file stays: run --resume reads it as "a run started here"
+            return RunLock(folder, elsewhere, keep_stale=True).acquire()
+        except (RunLocked, OSError):
             check_unlocked(folder, consequence)  # held by a live command: the line with our consequence
-            tries -= 1
-            if not tries:
-                raise  # no lock file can be opened: RunLock's line
-            # else its holder ended between the two: try again
+            # else its holder ended between the two, or the file cannot be locked: try again
+    return None
 
 
 @contextlib.contextmanager
@@ -175,10 +175,48 @@ def _lock_target(lock: Path, out: str | Path, advice: str) -> int | None:
         except FileNotFoundError:
             same = False
         if same:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())  # so that a refused command can name its holder
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())  # so that a refused command can name its holder
+            except OSError:  # a full disk: go on unlocked, leaving no file; the export's write names the problem
+                lock.unlink(missing_ok=True)
+                os.close(fd)
+                return None
             return fd
         os.close(fd)
+
+
+def clean_stale_target_locks(folder: str | Path) -> list[Path]:
+    """Remove the ``.<name>.admmcompress.lock`` files in ``folder`` that no live command holds (a killed export's:
+    the OS dropped its lock); the ones removed. A file another command holds stays, as does any other file.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     _ = (Path(folder) / ".m.onnx.admmcompress.lock").write_text("12345")
+    ...     [p.name for p in clean_stale_target_locks(folder)], list(Path(folder).iterdir())
+    (['.m.onnx.admmcompress.lock'], [])
+    """
+    removed = []
+    if fcntl is None:  # pragma: no cover - not on POSIX
+        return removed
+    for path in sorted(Path(folder).glob(f".*{TARGET_LOCK_SUFFIX}")):
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: a live command's
+            os.close(fd)
+            continue
+        try:
+            path.unlink()  # before the lock drops, as hold_target's own release
+            removed.append(path)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
 
 
 def _pid_in(fd: int) -> str | None:
@@ -190,4 +228,7 @@ def _pid_in(fd: int) -> str | None:
     return text if text.isdigit() else None
 
 
-__all__ = ["TARGET_LOCK_SUFFIX", "clean_leftovers", "hold_run_folder", "hold_target", "say_removed"]
+__all__ = [
+    "TARGET_LOCK_SUFFIX", "clean_leftovers", "clean_stale_target_locks", "hold_run_folder", "hold_target",
+    "say_removed",
+]

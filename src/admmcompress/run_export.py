@@ -22,6 +22,7 @@ round trip: state dict bit-identical, outputs identical: True
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -33,7 +34,13 @@ import yaml
 from typing_extensions import deprecated
 
 from admmcompress.atomic import TMP_PATTERN, nearest_existing
-from admmcompress.command_locks import clean_leftovers, hold_target, say_removed
+from admmcompress.command_locks import (
+    TARGET_LOCK_SUFFIX,
+    clean_leftovers,
+    clean_stale_target_locks,
+    hold_target,
+    say_removed,
+)
 from admmcompress.executors.base import FinishedRun, get_executor, list_executors
 from admmcompress.executors.packed import packed_size_lines  # noqa: F401  (its old home; tests import it here)
 from admmcompress.models import create_model
@@ -302,7 +309,8 @@ def clean_export_leftovers(out: str | Path) -> list[Path]:
 
     Only this library's temporary names (``atomic.TMP_PATTERN``) of writes to ``out`` itself: ``.<name>.*.tmp``
     files (or the private folders of a folder being written whole) beside it, and, when ``out`` is a folder that
-    holds nothing else, the temporary files in it. Other exports may write beside ``out`` at the same time, so
+    holds nothing else, the temporary files in it (and the lock files of killed exports into it, while no live
+    export holds one). Other exports may write beside ``out`` at the same time, so
     the temporary files of other names are left alone; a user's file is never touched, nor is the temporary file
     of an export to ``out`` running now, as long as the caller holds :func:`hold_target` (the commands do). A
     folder that cannot be cleaned (read-only) is left as it is: the export then says what is wrong with ``out``.
@@ -311,13 +319,16 @@ def clean_export_leftovers(out: str | Path) -> list[Path]:
         return []
     path = Path(out)
     removed = clean_leftovers(path.parent, targets=[path.name])
-    try:
+    try:  # what killed writes into the folder left: their temporary files and their exports' lock files
         only_temporary = path.is_dir() and not path.is_symlink() and all(
-            TMP_PATTERN.match(entry.name) for entry in path.iterdir())
+            TMP_PATTERN.match(entry.name) or entry.name.endswith(TARGET_LOCK_SUFFIX) for entry in path.iterdir())
     except OSError:  # unreadable: left as it is
         only_temporary = False
     if only_temporary:
-        removed += clean_leftovers(path)
+        with contextlib.suppress(OSError):
+            removed += clean_stale_target_locks(path)
+        if not any(path.glob(f".*{TARGET_LOCK_SUFFIX}")):  # a lock still there: a live export writes in it
+            removed += clean_leftovers(path)
     return removed
 
 

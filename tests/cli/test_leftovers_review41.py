@@ -30,6 +30,7 @@ from admmcompress.cli import main
 from admmcompress.executors import get_executor
 from admmcompress.executors.manifest import load_compacted
 from admmcompress.run_export import clean_export_leftovers
+from admmcompress.train.lock import RunLock
 
 pytestmark = pytest.mark.filterwarnings("ignore:ADMM residual:RuntimeWarning")
 
@@ -179,7 +180,10 @@ def test_a_report_killed_mid_write_is_cleaned_by_the_next_report(tiny_finished_r
     err = capsys.readouterr().err
     assert f"admmcompress: removed 1 unfinished temporary file(s) of a killed write to '{run}'\n" in err
     assert leftovers(run) == []
-    assert not (run / ".admmcompress.lock").exists()  # the report held the folder's lock, and let it go
+    # the report held the folder's lock and let it go; the killed report's lock file stays (a killed run's is
+    # run --resume's marker of a run started there, and the two cannot be told apart), emptied and unlocked
+    assert (run / ".admmcompress.lock").read_text() == ""
+    RunLock(run).acquire().release()
 
 
 def test_export_cleans_only_its_own_temporary_names(tmp_path):

@@ -47,6 +47,8 @@ def test_ctrl_c_under_torchrun_says_to_launch_every_rank_again(tmp_path, monkeyp
             pass
 
     monkeypatch.setattr(cli.Distributed, "from_env", classmethod(lambda cls: TwoRanks(0, 2)))
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}.items():  # as torchrun sets them
+        monkeypatch.setenv(name, value)
     out = tmp_path / "run"
     assert cli.main(["run", str(_config(tmp_path)), "--out", str(out), "--seed", "3"]) == 130
     err = capsys.readouterr().err.strip().splitlines()

@@ -244,3 +244,21 @@ def test_continue_advice_under_torchrun_says_to_launch_with_torchrun_again(tmp_p
     advice = two._diverged_advice()
     assert f"with --resume --allow-config-change --out {tmp_path} (all 2 processes, launched again with torchrun " \
            "--standalone --nproc-per-node 2 -m admmcompress run ...)" in advice
+
+
+# --- a Dataset by import path: DistributedSampler pads the ranks' shares to one length ------------------------------
+def test_a_dataset_loader_drops_a_last_batch_leaving_each_rank_one_sample_where_batchnorm_needs_two():
+    from torch.utils.data import TensorDataset
+
+    from admmcompress.data.imported import DatasetLoader
+
+    data = TensorDataset(torch.randn(6, 3), torch.zeros(6, dtype=torch.long))  # 3 a rank: batches of 2, then 1
+    kept = DatasetLoader(data, 4, rank=0, world_size=2)
+    assert [len(b[0]) for b in kept] == [2, 1]
+    with pytest.warns(RuntimeWarning, match="leaves each process 1 sample"):
+        dropped = DatasetLoader(data, 4, rank=0, world_size=2, min_rows=2, why="BatchNorm layer '0' ...")
+    assert [len(b[0]) for b in dropped] == [2] and len(dropped) == 1
+    with pytest.raises(ValueError, match=r"^the training set holds 2 sample\(s\), too few to give each of the 2 "
+                                         r"processes 2 \(BatchNorm layer '0' \.\.\.\), so no step would train"):
+        DatasetLoader(TensorDataset(torch.randn(2, 3)), 4, rank=1, world_size=2, min_rows=2,
+                      why="BatchNorm layer '0' ...")

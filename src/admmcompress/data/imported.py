@@ -154,6 +154,27 @@ def first_inputs(dataset: Split | Dataset, n: int = 2) -> torch.Tensor:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
+def _drop_short_last(samples: int, per_step: int, world_size: int, min_rows: int, why: str, rank: int) -> bool:
+    """Whether each rank's last batch must be dropped (``DistributedSampler`` pads the ranks' shares to one length,
+    so all drop it alike) because it would hold fewer than ``min_rows`` samples (``why``: a BatchNorm layer that
+    cannot normalize a single one); a share too small for any step is refused in one line."""
+    share = -(-samples // world_size)  # the sampler's per-rank count, padded
+    if share < min_rows:
+        raise ValueError(
+            f"the training set holds {samples} sample(s), too few to give each of the {world_size} processes "
+            f"{min_rows} ({why}), so no step would train; give at least {world_size * min_rows} training samples or "
+            "run fewer processes"
+        )
+    last = share % per_step
+    if 0 < last < min_rows:
+        if rank == 0:
+            warnings.warn(
+                f"the last batch of each epoch leaves each process {last} sample(s) and {why}: it is skipped; make "
+                "the training set size a multiple of batch_size", RuntimeWarning, stacklevel=3)
+        return True
+    return False
+
+
 class DatasetLoader:
     """Batches of a torch ``Dataset`` in a seeded order that is a function of (seed, epoch): resumable.
 
@@ -168,7 +189,7 @@ class DatasetLoader:
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
                  workers: int = 0, all_ranks: Callable[[bool], bool] | None = None,
-                 least: Callable[[int], int] | None = None):
+                 least: Callable[[int], int] | None = None, min_rows: int = 1, why: str = ""):
         if batch_size % world_size:
             raise ValueError(
                 f"data.batch_size={batch_size} is not a multiple of the {world_size} processes; the global batch "
@@ -186,7 +207,11 @@ class DatasetLoader:
                 )
             else:
                 self.sampler = _EpochSampler(len(dataset), seed)
-        self.loader = DataLoader(dataset, batch_size=self.batch_size, sampler=self.sampler, num_workers=workers)
+        drop_last = False
+        if world_size > 1 and min_rows > 1 and not isinstance(dataset, IterableDataset):
+            drop_last = _drop_short_last(len(dataset), self.batch_size, world_size, min_rows, why, rank)
+        self.loader = DataLoader(dataset, batch_size=self.batch_size, sampler=self.sampler, num_workers=workers,
+                                 drop_last=drop_last)
         self.length = len(self.loader)
         if self.all_ranks is not None and least is not None:
             self.length = least(self.length)

@@ -289,7 +289,7 @@ Hook = Callable[[nn.Module, Any, Any], None]  # a forward hook's (module, args, 
 
 
 def run_example(model: nn.Module, example: Any, hooks: Iterable[tuple[nn.Module, Hook]]) -> int:
-    """Run the whole ``example`` through ``model`` once (eval mode, no grad; train/eval mode restored after), calling
+    """Run the whole ``example`` through ``model`` once (eval mode, no grad; each layer's mode restored after), calling
     ``hook(module, args, output)`` after every call of each ``(module, hook)`` pair, and return the samples the
     example held: ``agreed_samples`` over the model's sequence-first layers (``samples_of_call``) and, where they
     say the same, its recurrent cells (``cell_samples``).
@@ -310,19 +310,21 @@ def run_example(model: nn.Module, example: Any, hooks: Iterable[tuple[nn.Module,
             seen.add(found)
 
     def cell(module: nn.Module, args: Any, output: Any) -> None:
-        h = output[0] if isinstance(output, tuple) else output  # LSTMCell returns (h, c)
-        cells.setdefault(module, []).append(h.shape[0] if h.dim() == 2 else None)
+        found = output_tensors(output)  # LSTMCell returns (h, c); a user's cell may return a list or a dict
+        h = found[0] if found else None
+        cells.setdefault(module, []).append(h.shape[0] if h is not None and h.dim() == 2 else None)
 
     handles = [module.register_forward_hook(hook) for module, hook in hooks]
     handles += [m.register_forward_hook(batch) for m in model.modules() if isinstance(m, BATCH_AWARE)]
     handles += [m.register_forward_hook(cell) for m in model.modules() if isinstance(m, nn.RNNCellBase)]
-    training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # each layer's own: a frozen BatchNorm stays in eval
     try:
         model.eval()
         with torch.no_grad():
             call_model(model, example)
     finally:
-        model.train(training)
+        for module, training in modes:
+            module.training = training
         for h in handles:
             h.remove()
     if (found := cell_samples(cells, example)) is not None:

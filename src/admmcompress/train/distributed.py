@@ -141,6 +141,20 @@ class Distributed:
         local = os.environ.get("LOCAL_WORLD_SIZE", "")  # set by torchrun; only advice reads it
         return cls(dist.get_rank(), dist.get_world_size(), check, local_world_size=int(local) if local.isdigit() else 0)
 
+    @classmethod
+    def announced(cls) -> Distributed:
+        """What torchrun's environment says this process is (``RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``),
+        without joining the process group: for advice printed before it forms (a Ctrl-C while it waits).
+
+        >>> Distributed.announced().launcher if "WORLD_SIZE" not in os.environ else "admmcompress"
+        'admmcompress'
+        """
+        def number(name: str, default: int) -> int:
+            text = os.environ.get(name, "")
+            return int(text) if text.isdigit() else default
+
+        return cls(number("RANK", 0), max(1, number("WORLD_SIZE", 1)), local_world_size=number("LOCAL_WORLD_SIZE", 0))
+
     def close(self) -> None:
         if self.active and dist.is_initialized():
             dist.destroy_process_group()

@@ -17,11 +17,14 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import sys
 from pathlib import Path
 from types import TracebackType
+
+from admmcompress.atomic import WriteError
 
 try:
     import fcntl
@@ -38,12 +41,16 @@ class RunLocked(ValueError):
 class RunLock:
     """Exclusive, non-blocking lock of a run folder (created if missing) for the life of a ``with`` block."""
 
-    def __init__(self, folder: str | Path, elsewhere: str = "choose another --out"):
-        """``elsewhere``: the advice to use another folder, in the caller's words (the CLI's flag by default)."""
+    def __init__(self, folder: str | Path, elsewhere: str = "choose another --out", keep_stale: bool = False):
+        """``elsewhere``: the advice to use another folder, in the caller's words (the CLI's flag by default).
+        ``keep_stale``: a lock file found there (a killed run's, which ``run --resume`` reads as "a run started
+        here") stays when this lock is released; only the lock is dropped (``report``, ``hardware``)."""
         self.folder = Path(folder)
         self.elsewhere = elsewhere
         self.path = self.folder / LOCK_FILE
+        self.keep_stale = keep_stale
         self._fd: int | None = None
+        self._found = False  # the lock file was there before acquire
 
     def acquire(self) -> RunLock:
         if self.folder.exists() and not self.folder.is_dir():
@@ -54,6 +61,7 @@ class RunLock:
             return self
         tries = 0
         while True:
+            self._found = self.path.exists()
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as err:
@@ -86,18 +94,30 @@ class RunLock:
             if same:
                 break
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        os.fsync(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            os.fsync(fd)
+        except OSError as err:  # a full disk: one line, and no lock file of ours left behind
+            if not self._found:
+                self.path.unlink(missing_ok=True)
+            os.close(fd)
+            raise WriteError(err.errno, f"cannot write the lock file '{self.path}' ({err.strerror}); free some "
+                                        f"space there, or {self.elsewhere}") from None
         self._fd = fd
         return self
 
     def release(self) -> None:
-        """Remove the lock file, then drop the lock (in that order, so a waiter retries on the new file)."""
+        """Remove the lock file, then drop the lock (in that order, so a waiter retries on the new file); with
+        ``keep_stale``, a file that was there before stays (emptied of this pid: its holder is gone)."""
         if self._fd is None:
             return
         try:
-            self.path.unlink(missing_ok=True)
+            if self.keep_stale and self._found:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, 0)
+            else:
+                self.path.unlink(missing_ok=True)
         finally:
             os.close(self._fd)  # closing drops the flock
             self._fd = None

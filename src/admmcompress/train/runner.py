@@ -178,7 +178,8 @@ class Runner:
             if self.dist.active:
                 check_batch(config.data.batch_size, self.dist, min_rows, why)
             self.loader = DatasetLoader(train, config.data.batch_size, config.seed, self.dist.rank,
-                                        self.dist.world_size, all_ranks=self.dist.all_true, least=self.dist.least)
+                                        self.dist.world_size, all_ranks=self.dist.all_true, least=self.dist.least,
+                                        min_rows=min_rows, why=why)
         self.stage_targets: list[list[Target]] = [self._resolve(s) for s in config.stages]
         earlier: list[Target] = []  # what the stages before may prune (their budget checks count it)
         for i, (stage, targets) in enumerate(zip(config.stages, self.stage_targets, strict=True)):
