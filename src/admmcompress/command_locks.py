@@ -22,14 +22,13 @@ True
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from admmcompress.atomic import clean_orphans, nearest_existing
-from admmcompress.train.lock import RunLock, RunLocked, check_unlocked
+from admmcompress.train.lock import HeldElsewhere, RunLock, RunLocked, check_unlocked, take_flock
 
 try:
     import fcntl
@@ -155,35 +154,23 @@ def _make_folder(folder: Path) -> list[Path]:
 
 
 def _lock_target(lock: Path, out: str | Path, advice: str) -> int | None:
-    """The open, flocked descriptor of ``lock`` holding this pid; None where the file system has no locks."""
-    while True:
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError:  # a folder by that name, say: go on unlocked, as where there are no locks
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            holder = _pid_in(fd)
-            os.close(fd)
-            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                who = f"pid {holder}" if holder else "another process"
-                raise RunLocked(f"'{out}' is being written by another admmcompress command ({who}); {advice}") from None
-            return None
-        try:  # the holder before us may have removed the file between our open and our lock (as RunLock)
-            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            try:
-                os.ftruncate(fd, 0)
-                os.write(fd, f"{os.getpid()}\n".encode())  # so that a refused command can name its holder
-            except OSError:  # a full disk: go on unlocked, leaving no file; the export's write names the problem
-                lock.unlink(missing_ok=True)
-                os.close(fd)
-                return None
-            return fd
+    """The open, flocked descriptor of ``lock`` holding this pid; None where it cannot be had though no command
+    holds it (a folder by that name, a file system without locks, a full disk): the command goes on unlocked."""
+    try:
+        fd = take_flock(lock)
+    except HeldElsewhere as held:
+        who = f"pid {held.pid}" if held.pid else "another process"
+        raise RunLocked(f"'{out}' is being written by another admmcompress command ({who}); {advice}") from None
+    except OSError:
+        return None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())  # so that a refused command can name its holder
+    except OSError:  # a full disk: go on unlocked, leaving no file; the export's write names the problem
+        lock.unlink(missing_ok=True)
         os.close(fd)
+        return None
+    return fd
 
 
 def clean_stale_target_locks(folder: str | Path) -> list[Path]:
@@ -217,15 +204,6 @@ def clean_stale_target_locks(folder: str | Path) -> list[Path]:
         finally:
             os.close(fd)
     return removed
-
-
-def _pid_in(fd: int) -> str | None:
-    """The pid a lock file holds ('' or unreadable: None)."""
-    try:
-        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-    except OSError:
-        return None
-    return text if text.isdigit() else None
 
 
 __all__ = [

@@ -59,41 +59,31 @@ class RunLock:
         if fcntl is None:  # pragma: no cover - not on POSIX
             _warn(f"no OS file locking on this system; make sure no other run writes '{self.folder}'")
             return self
-        tries = 0
-        while True:
+        for tries in range(1, 11):
             self._found = self.path.exists()
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = take_flock(self.path)
+                break
+            except HeldElsewhere as held:
+                who = f"pid {held.pid}" if held.pid else "another process"
+                raise RunLocked(
+                    f"'{self.folder}' is being written by another admmcompress run ({who}); wait for it to "
+                    f"end, or {self.elsewhere}"
+                ) from None
+            except FileNotFoundError:
+                if tries == 10:
+                    raise RunLocked(f"cannot open the lock file '{self.path}' (the folder keeps disappearing); "
+                                    f"{self.elsewhere}") from None
+                # a run that failed before writing anything removed its empty folder just now
+                self.folder.mkdir(parents=True, exist_ok=True)
+            except LockUnsupported as err:
+                _warn(f"cannot lock '{self.path}' ({err}); make sure no other run writes '{self.folder}'")
+                return self
             except OSError as err:
-                tries += 1
-                if isinstance(err, FileNotFoundError) and tries < 10:
-                    # a run that failed before writing anything removed its empty folder just now
-                    self.folder.mkdir(parents=True, exist_ok=True)
-                    continue
                 raise RunLocked(
                     f"cannot open the lock file '{self.path}' ({err.strerror}); make the folder writable, or "
                     f"{self.elsewhere}"
                 ) from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as err:
-                holder = _read_pid(fd)
-                os.close(fd)
-                if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    who = f"pid {holder}" if holder else "another process"
-                    raise RunLocked(
-                        f"'{self.folder}' is being written by another admmcompress run ({who}); wait for it to "
-                        f"end, or {self.elsewhere}"
-                    ) from None
-                _warn(f"cannot lock '{self.path}' ({err.strerror}); make sure no other run writes '{self.folder}'")
-                return self
-            try:  # the holder before us may have removed the file between our open and our lock
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
         try:
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
@@ -133,6 +123,44 @@ class RunLock:
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
         self.release()
+
+
+class HeldElsewhere(Exception):
+    """Another process holds the file's flock; ``pid``: the one it wrote there, if any."""
+
+    def __init__(self, pid: int | None):
+        super().__init__(pid)
+        self.pid = pid
+
+
+class LockUnsupported(OSError):
+    """The file system refuses flock (some network mounts): the caller goes on unlocked."""
+
+
+def take_flock(path: Path) -> int:
+    """Open ``path`` (made if missing) and take its exclusive flock without waiting; the open descriptor.
+
+    Raises ``HeldElsewhere`` while another process holds it, ``LockUnsupported`` where the file system has no
+    locks, and the ``OSError`` of an open that fails. A holder that removed the file between our open and our
+    lock (it does so on release) leaves us the old file: we try again on the one at the path.
+    """
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = _read_pid(fd)
+            os.close(fd)
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise HeldElsewhere(holder) from None
+            raise LockUnsupported(err.errno, err.strerror) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
 
 
 def check_unlocked(
@@ -184,4 +212,7 @@ def _warn(message: str) -> None:
     print(f"admmcompress: warning: {message}", file=sys.stderr)
 
 
-__all__ = ["LOCK_FILE", "RunLock", "RunLocked", "check_unlocked", "holder_pid"]
+__all__ = [
+    "LOCK_FILE", "HeldElsewhere", "LockUnsupported", "RunLock", "RunLocked", "check_unlocked", "holder_pid",
+    "take_flock",
+]
