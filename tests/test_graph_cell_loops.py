@@ -178,3 +178,23 @@ def test_run_example_puts_back_every_layers_own_mode():
     model[1].eval()  # a frozen BatchNorm inside a training model
     run_example(model, torch.randn(B, F), [])
     assert [m.training for m in model] == [True, False, True] and model.training
+
+
+class PerSampleWords(nn.Module):
+    """Batch-first (B, words, F), stepping a cell over each sample's words at once: cell(x[b]) has the shape of a
+    sequence-first step, so only the output (led by B) tells the two apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell, self.fc = nn.GRUCell(4, 6), nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.fc(self.cell(x[b])).mean(0) for b in range(x.shape[0])])
+
+
+def test_a_batch_first_model_stepping_a_cell_over_each_samples_words_stays_batch_first():
+    x = torch.randn(2, 8, 4)
+    assert run_example(PerSampleWords(), x, []) == 2
+    assert gemm_shapes(PerSampleWords(), x)["fc.weight"].positions == 8  # 8 words of one sample
+    assert output_positions(PerSampleWords(), x)["fc"] == 8
+    assert gemm_shapes(PerSampleWords(), x[:1])["fc.weight"].positions == 8  # as for one sample alone

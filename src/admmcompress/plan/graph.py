@@ -321,18 +321,18 @@ def run_example(model: nn.Module, example: Any, hooks: Iterable[tuple[nn.Module,
     try:
         model.eval()
         with torch.no_grad():
-            call_model(model, example)
+            returned = call_model(model, example)
     finally:
         for module, training in modes:
             module.training = training
         for h in handles:
             h.remove()
-    if (found := cell_samples(cells, example)) is not None:
+    if (found := cell_samples(cells, example, returned)) is not None:
         seen.add(found)
     return agreed_samples(seen, example)
 
 
-def cell_samples(calls: Mapping[nn.Module, list[int | None]], example: Any) -> int | None:
+def cell_samples(calls: Mapping[nn.Module, list[int | None]], example: Any, returned: Any = None) -> int | None:
     """The batch a model's own loop over recurrent cells (``nn.LSTMCell``, ``nn.GRUCell``, ``nn.RNNCell``) says a
     sequence-first example held, from each cell's calls (the batch of each: dim 0 of a ``(B, F)`` input, None when
     unbatched); None when the cells say nothing sure.
@@ -341,10 +341,15 @@ def cell_samples(calls: Mapping[nn.Module, list[int | None]], example: Any) -> i
     it (``(B*T, F)``, or the words of a sentence), so the cells count only as a sequence-first loop would look: every
     call on one batch ``B`` that is the example's dim 1 and not its dim 0, and every cell called once per step of dim
     0 (a multiple of it, at least 2: with one step a batch-first single sample folded over dim 1 looks the same).
+    A batch-first model stepping a cell over each sample's words (``cell(x[b])``) calls it the same way, so the
+    model's output (``returned``, when given) must say so too: a tensor led by that batch (``(B, ...)``, a
+    classifier on the last state) or by the steps and then the batch (``(T, B, ...)``, a tagger).
 
     >>> cell, x = nn.LSTMCell(2, 3), torch.zeros(5, 4, 2)               # (steps, batch, features)
     >>> cell_samples({cell: [4] * 5}, x), cell_samples({cell: [4] * 3}, x), cell_samples({cell: [20]}, x)
     (4, None, None)
+    >>> cell_samples({cell: [4] * 5}, x, torch.zeros(4, 10)), cell_samples({cell: [4] * 5}, x, torch.zeros(5, 10))
+    (4, None)
     """
     first: list[torch.Size] = []
     map_tensors(lambda t: first.append(t.shape), example)
@@ -354,6 +359,9 @@ def cell_samples(calls: Mapping[nn.Module, list[int | None]], example: Any) -> i
     batches = {b for made in calls.values() for b in made}
     if batches != {batch} or steps == batch or steps < 2:
         return None
+    if returned is not None and not any(t.dim() >= 1 and (t.shape[0] == batch or tuple(t.shape[:2]) == (steps, batch))
+                                        for t in output_tensors(returned)):
+        return None  # the output is not the sequence-first batch's: each call may be one sample's words
     return batch if all(len(made) % steps == 0 for made in calls.values()) else None
 
 
