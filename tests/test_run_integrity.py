@@ -221,7 +221,7 @@ def test_report_waits_for_a_run_that_holds_the_folder(run, capsys):
 
     with RunLock(run):  # as a resumed run writing its final outputs would
         err = error_line(capsys, ["report", str(run), "--rehash"])
-    assert "is being written by another admmcompress run" in err and "once that run has ended" in err
+    assert "is being written by another admmcompress command" in err and "once it has ended" in err
     assert main(["report", str(run)]) == 0
 
 

@@ -323,7 +323,7 @@ def _report_command(args: argparse.Namespace) -> int:
                          "`admmcompress report --rehash DIR` for each run changed on purpose, then --compare")
     if args.compare:
         for folder in args.compare:  # a run still writing its outputs would read as a damaged one
-            check_unlocked(folder, "--compare reads its final outputs, so compare it once that run has ended")
+            check_unlocked(folder, "--compare reads its final outputs, so compare it once it has ended")
         return _compare(args.compare, args.out)
     if not args.dir:
         raise ValueError("report: give a run folder, or --compare RUN_DIR... to tabulate several")
@@ -362,7 +362,7 @@ def _report(out: Path, rehash: bool = False, trust_plugins: bool = False) -> int
     """
     from admmcompress.command_locks import hold_run_folder
 
-    consequence = "report rewrites its metrics.json and report.md, so run it once that run has ended"
+    consequence = "report rewrites its metrics.json and report.md, so run it once it has ended"
     with hold_run_folder(out, consequence, elsewhere="report a copy of the folder"):
         return _report_locked(out, rehash, trust_plugins)
 

@@ -204,7 +204,7 @@ def run_command(
     return render_hardware(result, title) + _save(result, Path(args.dir), title)
 
 
-SAVE_REFUSED = "hardware writes hardware.md/.png there, so run it once that run has ended, or pass --no-save"
+SAVE_REFUSED = "hardware writes hardware.md/.png there, so run it once it has ended, or pass --no-save"
 
 
 def _save(result: HardwareAnalysis, folder: Path, title: str) -> str:

@@ -75,8 +75,8 @@ def test_a_second_report_while_one_writes_is_refused_and_cleans_nothing(run, mon
                               lambda: messages.append(refused(capsys, ["report", str(run), *flags])))
     assert main(["report", str(run), *flags]) == 0  # the first report: its temporary file was not removed
     assert seen[0] == seen[1] and [n for n in seen[0] if n.startswith(".metrics.json.")]
-    assert messages == [f"'{run}' is being written by another admmcompress run (pid {os.getpid()}); report rewrites "
-                        "its metrics.json and report.md, so run it once that run has ended"]
+    assert messages == [f"'{run}' is being written by another admmcompress command (pid {os.getpid()}); report "
+                        "rewrites its metrics.json and report.md, so run it once it has ended"]
     assert temporary_files(run) == [] and not (run / ".admmcompress.lock").exists()
 
 
@@ -86,7 +86,7 @@ def test_a_report_while_another_command_holds_the_folder_leaves_its_files_alone(
         writing.write_text("half")
         message = refused(capsys, ["report", str(run)])
         assert writing.read_text() == "half"
-    assert f"is being written by another admmcompress run (pid {os.getpid()})" in message
+    assert f"is being written by another admmcompress command (pid {os.getpid()})" in message
     assert main(["report", str(run)]) == 0  # released: the report runs, and removes what no one writes now
     assert f"removed 1 unfinished temporary file(s) of a killed write to '{run}'" in capsys.readouterr().err
     assert not writing.exists()
@@ -171,8 +171,8 @@ def test_hardware_on_a_folder_another_command_holds_is_refused_before_the_analys
     monkeypatch.setattr(run_hardware, "analyze", lambda *a, **k: pytest.fail("analysed a folder it cannot save to"))
     with RunLock(run):
         message = refused(capsys, ["hardware", str(run), *HARDWARE])
-    assert message == (f"'{run}' is being written by another admmcompress run (pid {os.getpid()}); hardware writes "
-                       "hardware.md/.png there, so run it once that run has ended, or pass --no-save")
+    assert message == (f"'{run}' is being written by another admmcompress command (pid {os.getpid()}); hardware writes "
+                       "hardware.md/.png there, so run it once it has ended, or pass --no-save")
 
 
 def test_hardware_whose_folder_is_taken_during_the_analysis_prints_it_and_writes_nothing(run, monkeypatch, capsys):

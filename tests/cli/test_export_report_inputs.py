@@ -295,5 +295,5 @@ def test_compare_waits_for_a_run_that_is_still_writing(run, finished, capsys):
     table = str(run.parent / "table.md")
     with RunLock(run):
         message = error_line(capsys, ["report", "--compare", str(run), str(finished), "--out", table])
-    assert "--compare reads its final outputs, so compare it once that run has ended" in message
+    assert "--compare reads its final outputs, so compare it once it has ended" in message
     assert main(["report", "--compare", str(run), str(finished), "--out", table]) == 0  # released: compared

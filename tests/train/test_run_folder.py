@@ -530,7 +530,7 @@ def test_dry_run_on_a_folder_another_run_is_writing_is_refused_like_the_run(tmp_
     out = tmp_path / "out"
     with RunLock(out):  # another run holds the folder
         message = error_line(capsys, ["run", str(config), "--out", str(out), "--dry-run"])
-        assert "being written by another admmcompress run" in message and f"pid {os.getpid()}" in message
+        assert "being written by another admmcompress command" in message and f"pid {os.getpid()}" in message
         assert (out / LOCK_FILE).read_text().strip() == str(os.getpid())  # the probe wrote nothing
     (out / LOCK_FILE).write_text("12345\n")  # a stale file of a killed run: the real run would take over
     assert main(["run", str(config), "--out", str(out), "--dry-run"]) == 0

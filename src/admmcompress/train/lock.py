@@ -67,7 +67,7 @@ class RunLock:
             except HeldElsewhere as held:
                 who = f"pid {held.pid}" if held.pid else "another process"
                 raise RunLocked(
-                    f"'{self.folder}' is being written by another admmcompress run ({who}); wait for it to "
+                    f"'{self.folder}' is being written by another admmcompress command ({who}); wait for it to "
                     f"end, or {self.elsewhere}"
                 ) from None
             except FileNotFoundError:
@@ -185,7 +185,7 @@ def check_unlocked(
             holder = _read_pid(fd)
             who = f"pid {holder}" if holder else "another process"
             raise RunLocked(
-                f"'{folder}' is being written by another admmcompress run ({who}); {consequence}"
+                f"'{folder}' is being written by another admmcompress command ({who}); {consequence}"
             ) from None
     finally:
         os.close(fd)  # closing drops the probe's flock
