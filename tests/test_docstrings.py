@@ -50,6 +50,7 @@ MODULES = [
     "admmcompress.train.distributed",  # issue 24
     "admmcompress.train.logging",
     "admmcompress.train.training_state",
+    "admmcompress.train.trial_forward",
     "admmcompress.data.imported",
     "admmcompress.data.files",
     "admmcompress.plugins",

@@ -216,7 +216,7 @@ def test_an_index_error_in_the_forward_is_one_line():
         def forward(self, x):
             return self.fc1(self.emb(x).mean(1))
 
-    from admmcompress.train.runner import check_model_reads
+    from admmcompress.train.trial_forward import check_model_reads
 
     config = RunConfig.from_dict({**spec(pretrained="unused.safetensors"), "pretrain": None})
     tokens = torch.full((2, 5), 99)  # beyond the vocabulary
@@ -227,7 +227,7 @@ def test_an_index_error_in_the_forward_is_one_line():
 
 def test_an_example_of_several_inputs_is_described_as_the_plan_describes_it():
     from admmcompress.plan.graph import describe_input
-    from admmcompress.train.runner import check_model_reads
+    from admmcompress.train.trial_forward import check_model_reads
 
     config = RunConfig.from_dict({**spec(pretrained="unused.safetensors"), "pretrain": None})
     example = {"x": torch.zeros(2, 5), "mask": torch.ones(2, 5, dtype=torch.bool)}
@@ -265,7 +265,7 @@ def test_a_value_of_a_wrong_kind_that_slips_past_the_checks_is_one_line_naming_t
 
 
 def test_the_trial_forward_runs_under_the_configs_autocast_and_leaves_buffers_as_they_were():
-    from admmcompress.train.runner import check_model_reads
+    from admmcompress.train.trial_forward import check_model_reads
 
     class Observed(torch.nn.Module):
         """Counts its forwards in a buffer (as quantization observers do) and needs bf16 inputs."""
@@ -296,7 +296,7 @@ def test_the_trial_forward_runs_under_the_configs_autocast_and_leaves_buffers_as
 def test_the_trial_forward_keeps_buffers_shared_and_the_same_tensors():
     """A buffer two modules share, which the forward replaces in one of them and resizes in place in another,
     comes back as the one tensor both hold, with its values; a plain buffer is the same tensor as before."""
-    from admmcompress.train.runner import check_model_reads
+    from admmcompress.train.trial_forward import check_model_reads
 
     shared = torch.arange(3.0)
 

@@ -31,7 +31,8 @@ from admmcompress.train.distributed import (
     _digest,
     batchnorm_inputs,
 )
-from admmcompress.train.runner import Runner, share_needs
+from admmcompress.train.runner import Runner
+from admmcompress.train.trial_forward import share_needs
 
 
 def _config(batch_size: int = 16, epochs: int = 1) -> RunConfig:
