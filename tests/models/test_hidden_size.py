@@ -250,3 +250,16 @@ def test_wav2vec2_weight_norm_is_refused_with_the_fold_and_prunes_once_folded():
     for shape in [(2, 4), (3, 7)]:  # another batch size and clip length
         torch.testing.assert_close(logits(result.model, inputs(*shape)), logits(model, inputs(*shape)), atol=1e-4,
                                    rtol=0)
+
+
+def test_a_model_that_returns_the_stream_itself_is_told_to_prune_one_with_a_head():
+    """A bare BertModel returns the hidden states: their width is the output's, so compaction cannot narrow them."""
+    from admmcompress.executors.compact import CompactionError
+
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=64)
+    model, example = transformers.BertModel(config).eval(), tokens(2, 8)
+    targets = Plan([Rule(Filter(sparsity=0.25), match="*output.dense")]).resolve_coupled(model, example, mode="extend")
+    with pytest.raises(CompactionError, match=r"the model returns pruned channels themselves \(e\.g\. a bare "
+                                              r"BertModel's hidden states\).*BertForSequenceClassification"):
+        compact(model, example, hard_prune(model, targets))

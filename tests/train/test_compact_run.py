@@ -69,6 +69,9 @@ def test_coupling_and_compact_options_are_validated():
         RunConfig.from_dict(spec(compact={"atoll": 1e-4}))
     with pytest.raises(ConfigError, match="columns='fast'"):
         RunConfig.from_dict(spec(compact={"columns": "fast"}))
+    for text, mode in (("off", "off"), ("on", "on"), ('"off"', "off")):  # YAML 1.1 reads bare off/on as booleans
+        read = yaml.safe_load(f"compact: {{columns: {text}}}")["compact"]
+        assert RunConfig.from_dict(spec(compact=read)).compact.columns == mode
     with pytest.raises(ConfigError, match="compact=1 must be true, false or a mapping"):
         RunConfig.from_dict(spec(compact=1))
     with pytest.raises(ConfigError, match="compact: true needs at least one stage"):

@@ -359,7 +359,11 @@ def _why_kept(group, stuck: torch.Tensor, status, modules) -> str:
 def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b, strict=True)):
         shapes = ([tuple(x.shape) for x in a], [tuple(y.shape) for y in b])
-        raise CompactionError(f"compaction changed the output shapes {shapes[0]} -> {shapes[1]}; report the model")
+        raise CompactionError(
+            f"compaction changed the output shapes {shapes[0]} -> {shapes[1]}: the model returns pruned channels "
+            "themselves (e.g. a bare BertModel's hidden states), so their width cannot change; prune a model with "
+            "a head that reads them (BertForSequenceClassification), or exclude the layers that write the output"
+        )
     return max((_largest_difference(x.float(), y.float()) for x, y in zip(a, b, strict=True) if x.numel()),
                default=0.0)
 

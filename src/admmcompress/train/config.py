@@ -467,6 +467,8 @@ class CompactRunConfig:
     columns: str = "off"
 
     def __post_init__(self) -> None:
+        if isinstance(self.columns, bool):  # YAML 1.1 reads an unquoted off / on as false / true
+            self.columns = "on" if self.columns else "off"
         _plain_fields(self)
         _number(self.atol, "atol")
         if not self.atol >= 0:
