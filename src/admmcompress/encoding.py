@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from admmcompress.structures.groups import as_matrix, gemm_params
+from admmcompress.structures.groups import as_matrix, factor_params, gemm_params
 
 SCHEMES = ("dense", "bitmask", "relative", "csr", "structured")
 MAX_LEVELS = 2**16  # more distinct values than this: treated as unquantized float32
@@ -374,9 +374,22 @@ def weight_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     modules = dict(model.named_modules())
     out = {}
     for name in weight_layers(model):
-        for param in gemm_params(modules[name]):
-            out[f"{name}.{param}" if name else param] = getattr(modules[name], param)
+        for param, tensor in layer_weights(modules[name]):
+            out[f"{name}.{param}" if name else param] = tensor
     return out
+
+
+def layer_weights(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` of the weights a layer stores: its GEMM weights (``gemm_params``), or, of a factorized
+    layer (``Tucker2Conv``, ``SharedKernelConv``), its factors' weights, not the dense ``weight`` they make.
+
+    >>> [n for n, _ in layer_weights(torch.nn.Linear(4, 3))]
+    ['weight']
+    """
+    factors = factor_params(module)
+    if factors:
+        return [(p, module.get_parameter(p)) for p in factors]
+    return [(p, getattr(module, p)) for p in gemm_params(module)]
 
 
 __all__ = [
@@ -396,6 +409,7 @@ __all__ = [
     "grid_format",
     "grid_of",
     "layer_storage",
+    "layer_weights",
     "levels_of",
     "ratio",
     "relative_bits",

@@ -25,7 +25,7 @@ import copy
 import math
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -45,7 +45,13 @@ def _check_conv(conv: nn.Conv2d, what: str) -> None:
 
 
 class SharedKernelConv(nn.Module):
-    """A conv whose kernels share ``d`` basis kernels; trains ``basis`` and ``coefs`` (PENNI's training form)."""
+    """A conv whose kernels share ``d`` basis kernels; trains ``basis`` and ``coefs`` (PENNI's training form).
+
+    ``factor_params`` names the factors' weights (what reports and storage count for this layer, against the
+    dense conv's weights that :attr:`weight` rebuilds; ``structures.groups.factor_params``).
+    """
+
+    factor_params: ClassVar[tuple[str, ...]] = ("basis", "coefs")
 
     def __init__(self, conv: nn.Conv2d, bases: int):
         super().__init__()
@@ -73,8 +79,14 @@ class SharedKernelConv(nn.Module):
         return module
 
     @property
+    def factorization(self) -> str:
+        """How the layer is factorized, in words (report.md's row of the layer)."""
+        return f"{self.basis.shape[0]} shared kernels"
+
+    @property
     def weight(self) -> torch.Tensor:
-        """The reconstructed conv weight ``(O, I, k, k)`` (reports count it like a conv's)."""
+        """The reconstructed conv weight ``(O, I, k, k)``, the dense conv's shape (``factor_params`` are the
+        parameters)."""
         return shared_kernel_weight(self.coefs, self.basis).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -30,7 +30,13 @@ from admmcompress.structures.lowrank import tucker2_factors, tucker2_weight
 
 
 class Tucker2Conv(nn.Module):
-    """Three convs in sequence: ``first`` (1x1, I -> r_i), ``core`` (k x k, r_i -> r_o), ``last`` (1x1, r_o -> O)."""
+    """Three convs in sequence: ``first`` (1x1, I -> r_i), ``core`` (k x k, r_i -> r_o), ``last`` (1x1, r_o -> O).
+
+    ``factor_params`` names the factors' weights (what reports and storage count for this layer, against the
+    dense conv's weights that :attr:`weight` rebuilds; ``structures.groups.factor_params``).
+    """
+
+    factor_params: ClassVar[tuple[str, ...]] = ("first.weight", "core.weight", "last.weight")
 
     def __init__(self, conv: nn.Conv2d, ranks: tuple[int, int]):
         super().__init__()
@@ -66,8 +72,13 @@ class Tucker2Conv(nn.Module):
         return self.core.out_channels, self.core.in_channels
 
     @property
+    def factorization(self) -> str:
+        """How the layer is factorized, in words (report.md's row of the layer)."""
+        return f"Tucker-2, ranks {self.ranks[0]}x{self.ranks[1]}"
+
+    @property
     def weight(self) -> torch.Tensor:
-        """The equivalent dense weight (reports count it like a conv's; the factors are the parameters)."""
+        """The equivalent dense weight, of the conv's shape (the factors in ``factor_params`` are the parameters)."""
         u_out, u_in = self.last.weight[:, :, 0, 0], self.first.weight[:, :, 0, 0].t()
         return tucker2_weight(self.core.weight, u_out, u_in).contiguous()
 

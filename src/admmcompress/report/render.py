@@ -21,25 +21,30 @@ def render_markdown(metrics: dict[str, Any], title: str = "admmcompress report")
     stats = metrics["stats"]
     lines = [f"# {title}", "", "| layer | type | shape | weights | kept | sparsity | compression |",
              "|---|---|---|---:|---:|---:|---:|"]
+    factorized = [layer for layer in stats["layers"] if layer.get("factorized") is not None]
     for layer in stats["layers"]:
         shape = "x".join(str(d) for d in layer["shape"])
         lines.append(
             f"| {layer['name']} | {layer['type']} | {shape} | {layer['params']:,} | {layer['kept']:,} | "
-            f"{100 * layer['sparsity']:.2f}% | {_fmt_rate(layer['compression'])} |"
+            f"{_sparsity_cell(layer)} | {_fmt_rate(layer['compression'])} |"
         )
     pruned, kept = stats["pruned_layer_weights"], stats["kept_weights"]
-    lines.append(
-        f"| **total (pruned layers)** | | | {pruned:,} | {kept:,} | "
-        f"{100 * (1 - kept / pruned) if pruned else 0.0:.2f}% | "
-        f"**{_fmt_rate(stats['overall_compression'])}** |"
-    )
+    if factorized:  # weights of dense convs against factors: not a sparsity
+        which = "factorized" if len(factorized) == len(stats["layers"]) else "pruned and factorized"
+        lines.append(f"| **total ({which} layers)** | | | {pruned:,} | {kept:,} | - | "
+                     f"**{_fmt_rate(stats['overall_compression'])}** |")
+    else:
+        lines.append(
+            f"| **total (pruned layers)** | | | {pruned:,} | {kept:,} | "
+            f"{100 * (1 - kept / pruned) if pruned else 0.0:.2f}% | "
+            f"**{_fmt_rate(stats['overall_compression'])}** |"
+        )
     before, after = metrics.get("accuracy_before"), metrics.get("accuracy_after")
-    lines += [
-        "",
+    lines += [""] + (_factorized_lines(stats, factorized) if factorized else [
         f"- Overall compression (pruned layers' weights / nonzero): **{_fmt_rate(stats['overall_compression'])}**",
         f"- Compression over all {stats['total_params']:,} parameters (biases and unpruned layers included): "
         f"{_fmt_rate(stats['compression_all_params'])}",
-    ]
+    ])
     if before is not None and after is not None:
         where = f" ({metrics['evaluated_on']})" if metrics.get("evaluated_on") else ""
         lines.append(f"- Top-1 accuracy{where}: {before:.2f}% before -> {after:.2f}% after "
@@ -86,6 +91,41 @@ def render_markdown(metrics: dict[str, Any], title: str = "admmcompress report")
     return "\n".join(lines) + "\n"
 
 
+def _sparsity_cell(layer: dict[str, Any]) -> str:
+    """A pruned layer's sparsity; a factorized layer is said to be one (and its factors' zeros, if any)."""
+    if layer.get("factorized") is None:
+        return f"{100 * layer['sparsity']:.2f}%"
+    zeros = f", {100 * layer['sparsity']:.2f}% of its factor weights zero" if layer["kept"] < layer["factors"] else ""
+    return f"factorized ({layer['factorized']}){zeros}"
+
+
+# What the factors of each factorized layer type are (report.md's note under the layer table).
+_FACTORS = {
+    "Tucker2Conv": "1x1 (in -> r_in), k x k core (r_in -> r_out), 1x1 (r_out -> out) convs",
+    "SharedKernelConv": "d shared basis kernels and a coefficient per (out, in, basis)",
+}
+
+
+def _factorized_lines(stats: dict[str, Any], factorized: list[dict[str, Any]]) -> list[str]:
+    """The overall figures of a model some of whose layers were replaced by their factors: against the dense
+    model (its convs' weights and its parameters before the rewrite), in words that say what they count."""
+    kinds = dict.fromkeys(layer["type"] for layer in factorized)
+    forms = "; ".join(f"{kind}: {_FACTORS[kind]}" if kind in _FACTORS else kind for kind in kinds)
+    dense = sum(layer["params"] for layer in factorized)
+    factors = sum(layer["factors"] for layer in factorized)
+    model_params = stats.get("model_params", stats["total_params"] - dense + factors)
+    return [
+        f"- Factorized, not pruned: {len(factorized)} layer(s) were replaced by their factors ({forms}); their rows "
+        f"count the weights of the dense conv each replaced ({dense:,} in all) against the nonzero weights of its "
+        f"factors ({factors:,} factor weights in all)",
+        f"- Overall compression (these layers' dense weights / their nonzero weights, the factors' for factorized "
+        f"layers): **{_fmt_rate(stats['overall_compression'])}**",
+        f"- Compression over all {stats['total_params']:,} parameters of the dense model (biases and uncompressed "
+        f"layers included): {_fmt_rate(stats['compression_all_params'])} (the model as it ends holds "
+        f"{model_params:,} parameters, {stats['nonzero_params']:,} of them nonzero)",
+    ]
+
+
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}%"
 
@@ -100,8 +140,10 @@ def plot_run(metrics: dict[str, Any], history: list[dict[str, Any]], out_dir: Pa
     written = []
     layers = metrics["stats"]["layers"]
     fig, ax = plt.subplots(figsize=(max(4, 0.9 * len(layers) + 2), 3.2))
-    ax.bar([layer["name"] for layer in layers], [100 * layer["sparsity"] for layer in layers], color="#3b6ea8")
-    ax.set_ylabel("sparsity (%)")
+    factorized = [layer.get("factorized") is not None for layer in layers]
+    colors = ["#c77c2e" if f else "#3b6ea8" for f in factorized] if any(factorized) else "#3b6ea8"
+    ax.bar([layer["name"] for layer in layers], [100 * layer["sparsity"] for layer in layers], color=colors)
+    ax.set_ylabel("sparsity (%)" if not any(factorized) else "sparsity (%; orange: zeros of the factors)")
     ax.set_ylim(0, 100)
     ax.set_title(f"per-layer sparsity, overall {_fmt_rate(metrics['stats']['overall_compression'])}")
     fig.tight_layout()

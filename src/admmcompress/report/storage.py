@@ -18,7 +18,7 @@ half-precision model's weights: the dense baseline is the weights at their own w
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,6 +38,7 @@ from admmcompress.encoding import (  # noqa: F401  (moved there; re-exported for
     grid_format,
     grid_of,
     layer_storage,
+    layer_weights,
     levels_of,
     ratio,
     relative_bits,
@@ -48,7 +49,7 @@ from admmcompress.encoding import (  # noqa: F401  (moved there; re-exported for
     value_format,
     weight_layers,
 )
-from admmcompress.structures.groups import gemm_params
+from admmcompress.structures.groups import factor_params
 
 
 @dataclass
@@ -59,6 +60,8 @@ class StorageReport:
     other_bits: int
     other_params: int
     scheme: str = "best"
+    #: factorized layers (stored as their factors' rows): the weights of the dense conv each replaced
+    factorized: dict[str, int] = field(default_factory=dict)
 
     @property
     def params(self) -> int:
@@ -107,6 +110,7 @@ class StorageReport:
             "weight_reduction": self.weight_reduction,
             "storage_reduction": {s: self.storage_reduction(s) for s in ("best", *SCHEMES)},
             "paper_reduction": self.paper_reduction,
+            **({"factorized": self.factorized} if self.factorized else {}),  # (absent: as pruning runs wrote it)
         })
 
 
@@ -144,15 +148,19 @@ def storage(
     unknown = [n for n in layers if n not in modules]
     if unknown:
         raise ValueError(f"storage: the model has no layer(s) {unknown}; give module names such as 'fc1'")
-    rows, counted = [], set()
+    rows, counted, factorized = [], set(), {}
     for name in dict.fromkeys(layers):
-        for param in gemm_params(modules[name]):
+        # a factorized layer stores its factors (one row each), not the dense weight they make
+        if factor_params(modules[name]):
+            factorized[name] = modules[name].weight.numel()
+        for param, tensor in layer_weights(modules[name]):
             full = f"{name}.{param}" if name else param
-            counted.add(full)
-            rows.append(layer_storage(full, getattr(modules[name], param), index_bits, order, compacted))
+            if full not in counted:  # a factor is also its own layer (Tucker2Conv's convs) when layers=None
+                counted.add(full)
+                rows.append(layer_storage(full, tensor, index_bits, order, compacted))
     others = [(n, p) for n, p in model.named_parameters() if n not in counted]
     other_bits = sum(p.numel() * p.element_size() * 8 for _, p in others)
-    return StorageReport(rows, other_bits, sum(p.numel() for _, p in others))
+    return StorageReport(rows, other_bits, sum(p.numel() for _, p in others), factorized=factorized)
 
 
 def render_storage(report: StorageReport | dict[str, Any]) -> str:
@@ -188,6 +196,13 @@ def render_storage(report: StorageReport | dict[str, Any]) -> str:
         f"- Other parameters (biases etc.): {data['other_params']:,} = {data['other_bits']:,} bits, "
         "not included above",
     ]
+    if data.get("factorized"):
+        lines.append(
+            f"- Factorized layers ({len(data['factorized'])}) are stored as their factors (the rows "
+            "'<layer>.first.weight', '<layer>.coefs', ...), and the reductions above start from the factors: the "
+            f"dense convs they replaced held {sum(data['factorized'].values()):,} weights (the compression against "
+            "them is in the layer table)"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -113,6 +113,22 @@ def gemm_params(module: torch.nn.Module) -> list[str]:
     return ["weight"] if isinstance(getattr(module, "weight", None), torch.Tensor) else []
 
 
+def factor_params(module: torch.nn.Module) -> list[str]:
+    """Names (under ``module``) of the factors' weights of a factorized layer, ``[]`` for any other module.
+
+    A layer a low-rank target rewrote (``Tucker2Conv``: ``first.weight``, ``core.weight``, ``last.weight``;
+    ``SharedKernelConv``: ``basis``, ``coefs``) holds these parameters; its ``weight`` is the dense conv weight
+    they make, computed, of the shape of the conv it replaced. Reports and storage count the factors.
+
+    >>> class Factored(torch.nn.Module):                    # as executors.tucker.Tucker2Conv declares its factors
+    ...     factor_params = ("first.weight", "last.weight")
+    >>> factor_params(Factored()), factor_params(torch.nn.Conv2d(4, 8, 3))
+    (['first.weight', 'last.weight'], [])
+    """
+    names = getattr(type(module), "factor_params", None)
+    return list(names) if isinstance(names, tuple) else []
+
+
 def gate_count(module: torch.nn.Module, param: str) -> int:
     """How many gate matrices are stacked along the rows of ``module.<param>`` (1 if none).
 
