@@ -123,7 +123,7 @@ def run_and_report(tmp_path: Path, stages: list[dict]) -> tuple[str, dict, Path]
     return report, metrics, out
 
 
-def test_tucker2_run_and_report_count_the_factors_against_the_dense_model(tmp_path):
+def test_tucker2_run_and_report_count_the_factors_against_the_dense_model(tmp_path, capsys):
     pytest.importorskip("tensorly")
     plan = {"rules": [{"match": "conv1", "structure": "filter", "sparsity": 0.5},
                       {"match": "conv2", "structure": "tucker2", "ranks": [10, 5]}]}
@@ -156,6 +156,33 @@ def test_tucker2_run_and_report_count_the_factors_against_the_dense_model(tmp_pa
             f"included): {LENET5_PARAMS / (final - 250):.1f}x (the model as it ends holds {final:,} parameters, "
             f"{final - 250:,} of them nonzero)") in report
     assert "conv2.core.weight" in report and "| conv2.weight |" not in report  # storage: the factors
+
+    # exports: packed loads back into the run's own (factorized) model; compact's manifest cannot describe factors
+    capsys.readouterr()
+    assert main(["export", "--packed", str(out), "--out", str(tmp_path / "m.admmpk")]) == 0
+    printed = capsys.readouterr().out
+    assert "round trip: state dict bit-identical, outputs identical: True" in printed
+    assert "factorized layers (1, e.g. 'conv2'): load the file into a model that has them" in printed
+    assert main(["export", "--compact", str(out), "--out", str(tmp_path / "cmp")]) == 2
+    assert ("export --compact: the run's layers ['conv2'] are factorized (Tucker2Conv), which a compacted model's "
+            "manifest cannot describe; export the run with --packed or --onnx instead") in capsys.readouterr().err
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_compact_with_a_factorizing_stage_is_refused_before_training(tmp_path, capsys):
+    """A compacted model's manifest describes layers by their widths: a run that factorizes cannot end in one."""
+    spec = {
+        "name": "factorized", "seed": 0, "threads": 1, "model": {"name": "lenet5"},
+        "data": {"dataset": "mnist", "batch_size": 64, "train_limit": 128, "test_limit": 64},
+        "pretrained": str(LENET5_DENSE), "compact": True,
+        "stages": [{"plan": {"rules": [{"match": "conv2", "structure": "tucker2", "ranks": [10, 5]}]},
+                    "method": "admm", "admm": {"epochs": 1}, "retrain": {"epochs": 1}}],
+    }
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(spec, sort_keys=False))
+    assert main(["run", str(config), "--out", str(tmp_path / "out"), "--dry-run"]) == 2
+    assert ("compact: stages[0] (admm) factorizes layers (Tucker-2 / shared kernels), which a compacted model's "
+            "manifest cannot describe; drop compact:") in capsys.readouterr().err
 
 
 def test_penni_run_and_report_count_basis_and_nonzero_coefficients(tmp_path):

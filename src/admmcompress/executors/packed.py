@@ -65,6 +65,7 @@ True
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import math
@@ -98,7 +99,7 @@ from admmcompress.encoding import (
     weight_tensors,
 )
 from admmcompress.executors.base import Executor, FinishedRun, register_executor
-from admmcompress.structures.groups import as_matrix
+from admmcompress.structures.groups import as_matrix, factor_params
 
 # --- bit streams ------------------------------------------------------------------------------
 
@@ -946,7 +947,10 @@ class PackedExecutor(Executor):
         model = run.model
         index_bits = _index_bits(index_bits)
         summary = self.save(model, out, scheme=scheme, index_bits=index_bits, model_spec=dict(run.model_config))
-        restored = self.load(out).eval()
+        factorized = [name for name, module in model.named_modules() if factor_params(module)]
+        # the file's model spec builds the architecture before factorization: a factorized run's file loads into
+        # the run's own model (its weights blanked first, so every value checked below comes from the file)
+        restored = self.load(out, _blank_copy(model) if factorized else None).eval()
         for name, value in model.state_dict().items():
             if not torch.equal(value, restored.state_dict()[name]):
                 raise RuntimeError(f"packed round trip changed '{name}'; please report this as a bug")
@@ -956,7 +960,20 @@ class PackedExecutor(Executor):
         report = run.storage(index_bits=index_bits)
         lines = [report.render(), *packed_size_lines(Path(out).stat().st_size, summary, report, scheme)]
         lines.append(f"round trip: state dict bit-identical, outputs identical: {identical}")
+        if factorized:
+            lines.append(f"factorized layers ({len(factorized)}, e.g. '{factorized[0]}'): load the file into a model "
+                         "that has them, load_packed(path, skeleton) with the run's model as skeleton "
+                         "(admmcompress.run_export.load_run_model(run_dir)[0])")
         return "\n".join(lines)
+
+
+def _blank_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` with every floating-point tensor of its state NaN and every other one zero."""
+    blank = copy.deepcopy(model)
+    with torch.no_grad():
+        for value in blank.state_dict().values():
+            value.fill_(float("nan") if value.is_floating_point() else 0)
+    return blank
 
 
 __all__ = [
