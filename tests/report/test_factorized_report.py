@@ -231,3 +231,13 @@ def test_packed_codes_the_factors_the_storage_table_counts():
     assert names == ["0.basis", "0.coefs", "2.weight"] and list(weight_tensors(model)) == names
     restored = load_packed(io.BytesIO(save_packed_bytes(model)), factorized())
     assert all(torch.equal(value, restored.state_dict()[name]) for name, value in model.state_dict().items())
+
+
+def test_the_training_logs_sparsity_of_a_factorized_layer_is_of_its_factors():
+    from admmcompress.train.logging import layer_sparsity
+
+    model = two_convs()
+    FactorizeTransform({"0": SharedKernels(bases=4)}).apply(model)
+    with torch.no_grad():
+        model[0].coefs[:4] = 0  # 4 of 8 output channels' coefficients: 4 * 4 * 4 = 64 of 8 * 4 * 4 + 4 * 9 = 164
+    assert layer_sparsity(model, ["0", "2"]) == {"0": pytest.approx(64 / 164), "2": 0.0}

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from admmcompress.atomic import atomic_write
+from admmcompress.structures.groups import factor_params
 from admmcompress.train.config import LoggingConfig
 
 CSV_FILE = "log.csv"
@@ -53,13 +54,17 @@ def numeric_scalars(progress: Mapping[str, Any]) -> dict[str, float]:
 
 @torch.no_grad()
 def layer_sparsity(model: nn.Module, layers: list[str]) -> dict[str, float]:
-    """Fraction of exactly-zero weights of each named layer (its ``weight`` parameter)."""
+    """Fraction of exactly-zero weights of each named layer: its ``weight`` parameter, or of a factorized layer
+    (``Tucker2Conv``, ``SharedKernelConv``) its factors' weights, as the report counts them (the dense weight its
+    ``weight`` rebuilds from them has no zeros to speak of)."""
     modules = dict(model.named_modules())
     out: dict[str, float] = {}
     for name in layers:
-        weight = getattr(modules.get(name), "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.numel():
-            out[name] = float((weight == 0).sum()) / weight.numel()
+        module = modules.get(name)
+        factors = [module.get_parameter(p) for p in factor_params(module)] if module is not None else []
+        weights = factors or [getattr(module, "weight", None)]
+        if all(isinstance(w, torch.Tensor) for w in weights) and sum(w.numel() for w in weights):
+            out[name] = float(sum(int((w == 0).sum()) for w in weights)) / sum(w.numel() for w in weights)
     return out
 
 
