@@ -68,8 +68,11 @@ def test_a_tucker2_layer_is_counted_as_its_factors_against_the_dense_conv():
     for layers in (["0", "2"], None):
         table = storage(model, layers)
         assert [row.name for row in table.layers] == ["0.weight", "2.first.weight", "2.core.weight", "2.last.weight"]
-        assert table.params == 288 + 88 and table.other_params == 8 + 6 and table.factorized == {"2": 432}
-    assert "the dense convs they replaced held 432 weights" in render_markdown(
+        # the reductions start from the dense conv the factors replaced, as the layer table's compression does
+        assert table.params == 288 + 432 and table.other_params == 8 + 6 and table.factorized == {"2": 432}
+        assert table.dense_bits == 32 * (288 + 432) and table.weight_reduction == pytest.approx(720 / 376)
+        assert table.storage_reduction() == pytest.approx(32 * 720 / table.bits())  # bits: the rows, the factors'
+    assert "the reductions above start from the dense convs they replaced, 432 weights" in render_markdown(
         {"stats": data, "storage": storage(model, ["0", "2"]).to_dict()})
 
 
@@ -241,3 +244,22 @@ def test_the_training_logs_sparsity_of_a_factorized_layer_is_of_its_factors():
     with torch.no_grad():
         model[0].coefs[:4] = 0  # 4 of 8 output channels' coefficients: 4 * 4 * 4 = 64 of 8 * 4 * 4 + 4 * 9 = 164
     assert layer_sparsity(model, ["0", "2"]) == {"0": pytest.approx(64 / 164), "2": 0.0}
+
+
+@pytest.mark.parametrize("method", ["magnitude", "reweighted"])
+def test_a_method_that_does_not_factorize_refuses_low_rank_targets(tmp_path, capsys, method):
+    """magnitude/gradual/reweighted drove a tucker2 target as masks and left the conv dense (silently)."""
+    spec = {
+        "name": "factorized", "seed": 0, "threads": 1, "model": {"name": "lenet5"},
+        "data": {"dataset": "mnist", "batch_size": 64, "train_limit": 128, "test_limit": 64},
+        "pretrained": str(LENET5_DENSE), "compact": True,
+        "stages": [{"plan": {"rules": [{"match": "conv2", "structure": "tucker2", "ranks": [10, 5]},
+                                       {"match": "conv1", "structure": "filter", "sparsity": 0.5}]},
+                    "method": method, "admm": {"epochs": 1}, "retrain": {"epochs": 1}}],
+    }
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(spec, sort_keys=False))
+    assert main(["run", str(config), "--out", str(tmp_path / "out"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert f"method '{method}' does not factorize layers, so its 'tucker2' targets would stay dense" in err
+    assert "compact:" not in err  # the stage is refused for what it is, not for the compaction

@@ -125,6 +125,7 @@ class ADMMConfig:
 
 @register_driver("admm", ADMMConfig)
 class ADMM(Driver):
+    factorizes = True  # low-rank targets end in their factors (FactorizeTransform)
     """ADMM state for every target of a plan on one model (shaped like an optimizer's state).
 
     Args:

@@ -93,6 +93,9 @@ class Driver:
     supports_coupling: ClassVar[bool] = False
     #: False for a driver that changes which parameters train during its phase (DDP's reducer would not follow).
     supports_distributed: ClassVar[bool] = True
+    #: True for a driver that ends low-rank targets (``structure.factorizes``: tucker2, shared_kernels) in their
+    #: factors (a ``FactorizeTransform``); the runner refuses such targets for any other driver.
+    factorizes: ClassVar[bool] = False
     history: list[dict[str, Any]]
 
     @classmethod

@@ -83,6 +83,7 @@ class Penni(Driver):
 
     # Each step() swaps which of coefficients / bases trains (requires_grad), which DDP's reducer does not follow.
     supports_distributed = False
+    factorizes = True  # its first stage replaces the convs by shared kernels
 
     def __init__(self, model: nn.Module, targets: list[Target], config: PenniConfig | None = None,
                  frozen: MaskSet | None = None):

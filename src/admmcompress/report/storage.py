@@ -63,9 +63,19 @@ class StorageReport:
     #: factorized layers (stored as their factors' rows): the weights of the dense conv each replaced
     factorized: dict[str, int] = field(default_factory=dict)
 
+    def _factor_rows(self, name: str) -> list[LayerStorage]:
+        prefix = f"{name}." if name else ""
+        return [layer for layer in self.layers if layer.name.startswith(prefix)]
+
+    def _dense_rows(self) -> list[LayerStorage]:
+        factors = {id(row) for name in self.factorized for row in self._factor_rows(name)}
+        return [layer for layer in self.layers if id(layer) not in factors]
+
     @property
     def params(self) -> int:
-        return sum(layer.params for layer in self.layers)
+        """The weights before compression: a factorized layer's count is the dense conv's it replaced (as in the
+        layer table's compression), not its factors'."""
+        return sum(layer.params for layer in self._dense_rows()) + sum(self.factorized.values())
 
     @property
     def nnz(self) -> int:
@@ -84,8 +94,13 @@ class StorageReport:
 
     @property
     def dense_bits(self) -> int:
-        """The unpruned, unquantized weights at their own width (32 bits a value; 16 for half-precision ones)."""
-        return sum(layer.dense_value_bits * layer.params for layer in self.layers)
+        """The unpruned, unquantized weights at their own width (32 bits a value; 16 for half-precision ones); a
+        factorized layer's are the dense conv's it replaced, at its factors' width."""
+        bits = sum(layer.dense_value_bits * layer.params for layer in self._dense_rows())
+        for name, count in self.factorized.items():
+            rows = self._factor_rows(name)
+            bits += (rows[0].dense_value_bits if rows else 32) * count
+        return bits
 
     def storage_reduction(self, scheme: str | None = None) -> float:
         return ratio(self.dense_bits, self.bits(scheme))
@@ -199,9 +214,8 @@ def render_storage(report: StorageReport | dict[str, Any]) -> str:
     if data.get("factorized"):
         lines.append(
             f"- Factorized layers ({len(data['factorized'])}) are stored as their factors (the rows "
-            "'<layer>.first.weight', '<layer>.coefs', ...), and the reductions above start from the factors: the "
-            f"dense convs they replaced held {sum(data['factorized'].values()):,} weights (the compression against "
-            "them is in the layer table)"
+            "'<layer>.first.weight', '<layer>.coefs', ...); the reductions above start from the dense convs they "
+            f"replaced, {sum(data['factorized'].values()):,} weights, as the layer table's compression does"
         )
     return "\n".join(lines) + "\n"
 

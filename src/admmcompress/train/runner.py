@@ -183,6 +183,14 @@ class Runner:
                     raise ValueError(f"method '{stage.method}' cannot run under torchrun (it changes which parameters "
                                      "train during its phase); run this stage in one process")
                 driver.check_targets(targets)
+                if not driver.factorizes and any(t.structure.factorizes for t in targets):
+                    # the driver would drive them as masks and leave the layers dense: nothing would factorize
+                    low_rank = next(t for t in targets if t.structure.factorizes)
+                    raise PlanError(
+                        f"method '{stage.method}' does not factorize layers, so its '{low_rank.structure.kind}' "
+                        "targets would stay dense; use method admm (or penni for shared_kernels), or another "
+                        "structure"
+                    )
                 driver.preflight(_as_pruned_by(model, earlier, driver), targets, stage.options, self.example)
                 cadence = Cadence.of(stage.admm, len(self.loader))
                 if driver.needs_updates and stage.admm.epochs > 0 and not cadence.fires:
@@ -371,12 +379,9 @@ class Runner:
         remove no width (``compact_run.preflight_compaction``)."""
         from admmcompress.executors.compact import CompactionError
         from admmcompress.executors.compact_run import preflight_compaction
-        from admmcompress.structures.lowrank import SharedKernels, Tucker2
-
         factorizing = [(i, stage.method) for i, (stage, targets) in enumerate(zip(self.config.stages,
                                                                                    self.stage_targets, strict=True))
-                       if stage.method == "penni" or any(isinstance(t.structure, (Tucker2, SharedKernels))
-                                                         for t in targets)]
+                       if any(t.structure.factorizes for t in targets)]  # (other drivers refuse them)
         if factorizing:  # the compacted model's manifest describes layers by their widths, not by their factors
             i, method = factorizing[0]
             raise ValueError(
