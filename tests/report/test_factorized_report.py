@@ -263,3 +263,15 @@ def test_a_method_that_does_not_factorize_refuses_low_rank_targets(tmp_path, cap
     err = capsys.readouterr().err
     assert f"method '{method}' does not factorize layers, so its 'tucker2' targets would stay dense" in err
     assert "compact:" not in err  # the stage is refused for what it is, not for the compaction
+
+
+def test_a_layer_list_naming_the_factors_too_counts_each_factor_once():
+    """weight_layers() lists a Tucker2Conv and its three convs: measure() counts the factors in the layer's row."""
+    from admmcompress.encoding import weight_layers
+
+    pytest.importorskip("tensorly")
+    model = two_convs()
+    FactorizeTransform({"2": Tucker2(ranks=(3, 2))}).apply(model)
+    listed = weight_layers(model)
+    assert {"2", "2.first", "2.core", "2.last"} <= set(listed)
+    assert measure(model, listed).to_dict() == measure(model, ["0", "2"]).to_dict()

@@ -133,7 +133,10 @@ def measure(model: torch.nn.Module, layers: list[str]) -> ModelStats:
     if unknown:
         raise ValueError(f"measure: the model has no layer(s) {unknown}")
     stats = ModelStats(total_params=sum(p.numel() for p in model.parameters()))
+    factorized = [n for n in layers if factor_params(modules[n])]
     for name in dict.fromkeys(layers):
+        if any(name.startswith(f"{f}.") or not f for f in factorized if f != name):
+            continue  # a factor of a factorized layer (Tucker2Conv's convs): counted in that layer's row
         factors = [modules[name].get_parameter(p) for p in factor_params(modules[name])]
         if factors:  # replaced by its factors: the dense conv's weights against the factors' nonzero weights
             dense = modules[name].weight
