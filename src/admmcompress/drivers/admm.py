@@ -125,7 +125,6 @@ class ADMMConfig:
 
 @register_driver("admm", ADMMConfig)
 class ADMM(Driver):
-    factorizes = True  # low-rank targets end in their factors (FactorizeTransform)
     """ADMM state for every target of a plan on one model (shaped like an optimizer's state).
 
     Args:
@@ -134,6 +133,8 @@ class ADMM(Driver):
         rho: initial rho, or a full ``RhoSchedule``.
         frozen: masks from an earlier stage (progressive pruning); they are merged into ``finalize()``.
     """
+
+    factorizes = True  # low-rank targets end in their factors (FactorizeTransform)
 
     def __init__(
         self,
