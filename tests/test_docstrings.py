@@ -26,6 +26,7 @@ MODULES = [
     "admmcompress.plan",
     "admmcompress.plan.targets",
     "admmcompress.strict_yaml",
+    "admmcompress.atomic",
     "admmcompress.plan.graph",
     "admmcompress.plan.channel_ops",
     "admmcompress.plan.zero_flow",

@@ -31,6 +31,16 @@ _TMP_CHARACTERS = string.ascii_lowercase + string.digits + "_"
 _TMP_TAIL = len(".12345678.tmp")  # what follows the target's name in a temporary name
 
 
+def temp_target(name: str) -> str | None:
+    """The name of the file a temporary file ``name`` was written for (``.model.bin.ab12cd34.tmp``: ``model.bin``);
+    None for a name this module does not make.
+
+    >>> temp_target(".model.bin.ab12cd34.tmp"), temp_target("model.bin")
+    ('model.bin', None)
+    """
+    return name[1:-_TMP_TAIL] if TMP_PATTERN.match(name) else None
+
+
 class WriteError(OSError):
     """An atomic write failed (disk full, no permission...); the message names the file, the old one is intact."""
 
@@ -147,9 +157,8 @@ def clean_orphans(folder: str | Path, below: Iterable[str] = (), targets: Iterab
         if sub.is_dir() and not sub.is_symlink():
             candidates += sub.rglob("*.tmp")
     for candidate in sorted(candidates):
-        if candidate.is_symlink() or not TMP_PATTERN.match(candidate.name):
-            continue
-        if names is not None and candidate.name[1:-_TMP_TAIL] not in names:
+        target = temp_target(candidate.name)
+        if candidate.is_symlink() or target is None or (names is not None and target not in names):
             continue
         if candidate.is_file():
             candidate.unlink(missing_ok=True)
@@ -235,4 +244,6 @@ def _sync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-__all__ = ["TMP_PATTERN", "WriteError", "atomic_folder", "atomic_write", "clean_orphans", "nearest_existing"]
+__all__ = [
+    "TMP_PATTERN", "WriteError", "atomic_folder", "atomic_write", "clean_orphans", "nearest_existing", "temp_target",
+]

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from admmcompress.atomic import TMP_PATTERN, atomic_write
+from admmcompress.atomic import atomic_write, temp_target
 from admmcompress.report.integrity import read_metrics, verify_run
 from admmcompress.strict_yaml import safe_load_unique
 
@@ -249,9 +249,8 @@ def default_plot_targets(folder: str | Path = ".") -> list[str]:
     >>> default_plot_targets("/nonexistent")
     []
     """
-    tail = len(".12345678.tmp")  # what follows the target's name in a temporary name (atomic's)
-    targets = {p.name[1:-tail] for p in Path(folder).glob(".compare*.tmp") if TMP_PATTERN.match(p.name)}
-    return sorted(name for name in targets if _DEFAULT_PLOT_NAMES.match(name))
+    targets = {temp_target(p.name) for p in Path(folder).glob(".compare*.tmp")}
+    return sorted(name for name in targets if name is not None and _DEFAULT_PLOT_NAMES.match(name))
 
 
 def _free_name(path: Path) -> Path:
