@@ -159,8 +159,7 @@ def _lock_target(lock: Path, out: str | Path, advice: str) -> int | None:
     try:
         fd = take_flock(lock)
     except HeldElsewhere as held:
-        who = f"pid {held.pid}" if held.pid else "another process"
-        raise RunLocked(f"'{out}' is being written by another admmcompress command ({who}); {advice}") from None
+        raise RunLocked(f"'{out}' is being written by another admmcompress command ({held.who}); {advice}") from None
     except OSError:
         return None
     try:
@@ -188,13 +187,8 @@ def clean_stale_target_locks(folder: str | Path) -> list[Path]:
         return removed
     for path in sorted(Path(folder).glob(f".*{TARGET_LOCK_SUFFIX}")):
         try:
-            fd = os.open(path, os.O_RDWR)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # held: a live command's
-            os.close(fd)
+            fd = take_flock(path)
+        except (HeldElsewhere, OSError):  # held: a live command's (or a file that cannot be locked: left alone)
             continue
         try:
             path.unlink()  # before the lock drops, as hold_target's own release

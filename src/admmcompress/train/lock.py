@@ -65,9 +65,8 @@ class RunLock:
                 fd = take_flock(self.path)
                 break
             except HeldElsewhere as held:
-                who = f"pid {held.pid}" if held.pid else "another process"
                 raise RunLocked(
-                    f"'{self.folder}' is being written by another admmcompress command ({who}); wait for it to "
+                    f"'{self.folder}' is being written by another admmcompress command ({held.who}); wait for it to "
                     f"end, or {self.elsewhere}"
                 ) from None
             except FileNotFoundError:
@@ -132,6 +131,11 @@ class HeldElsewhere(Exception):
         super().__init__(pid)
         self.pid = pid
 
+    @property
+    def who(self) -> str:
+        """The holder as a refusal names it: ``pid N``, or ``another process`` when it wrote none."""
+        return holder_text(self.pid)
+
 
 class LockUnsupported(OSError):
     """The file system refuses flock (some network mounts): the caller goes on unlocked."""
@@ -182,10 +186,9 @@ def check_unlocked(
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # shared: conflicts with the run's, works read-only
     except OSError as err:
         if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            holder = _read_pid(fd)
-            who = f"pid {holder}" if holder else "another process"
             raise RunLocked(
-                f"'{folder}' is being written by another admmcompress command ({who}); {consequence}"
+                f"'{folder}' is being written by another admmcompress command ({holder_text(_read_pid(fd))}); "
+                f"{consequence}"
             ) from None
     finally:
         os.close(fd)  # closing drops the probe's flock
@@ -198,6 +201,11 @@ def holder_pid(folder: str | Path) -> int | None:
     except OSError:
         return None
     return int(text) if text.isdigit() else None
+
+
+def holder_text(pid: int | None) -> str:
+    """A lock's holder as refusals name it: ``pid N``, or ``another process`` when its file holds no pid."""
+    return f"pid {pid}" if pid else "another process"
 
 
 def _read_pid(fd: int) -> int | None:
@@ -214,5 +222,5 @@ def _warn(message: str) -> None:
 
 __all__ = [
     "LOCK_FILE", "HeldElsewhere", "LockUnsupported", "RunLock", "RunLocked", "check_unlocked", "holder_pid",
-    "take_flock",
+    "holder_text", "take_flock",
 ]
