@@ -41,7 +41,7 @@ from admmcompress.executors.fold import forward
 from admmcompress.executors.manifest import _write_compacted, load_compacted
 from admmcompress.finalize import MaskSet
 from admmcompress.plan.graph import first_sample
-from admmcompress.structures.groups import factor_params
+from admmcompress.structures.groups import factorized_layers
 from admmcompress.structures.registry import structure_class
 
 COMPACT_DIR = "compact"
@@ -295,11 +295,11 @@ class CompactExecutor(Executor):
     ) -> str:
         """Compact the run's model (its config's ``compact:`` atol and columns), check it, save it, reload it."""
         model = run.model
-        factorized = [name for name, module in model.named_modules() if factor_params(module)]
+        factorized = factorized_layers(model)
         if factorized:  # the manifest describes Linear/Conv/norm layers by their widths, not a layer's factors
             raise ExecutorError(
                 f"export --compact: the run's layers {factorized[:3]}{' ...' if len(factorized) > 3 else ''} are "
-                f"factorized ({type(dict(model.named_modules())[factorized[0]]).__name__}), which a compacted "
+                f"factorized ({type(model.get_submodule(factorized[0])).__name__}), which a compacted "
                 "model's manifest cannot describe; export the run with --packed or --onnx instead"
             )
         options = run.settings.get("compact") or {}

@@ -99,7 +99,7 @@ from admmcompress.encoding import (
     weight_tensors,
 )
 from admmcompress.executors.base import Executor, FinishedRun, register_executor
-from admmcompress.structures.groups import as_matrix, factor_params
+from admmcompress.structures.groups import as_matrix, factorized_layers
 
 # --- bit streams ------------------------------------------------------------------------------
 
@@ -947,7 +947,7 @@ class PackedExecutor(Executor):
         model = run.model
         index_bits = _index_bits(index_bits)
         summary = self.save(model, out, scheme=scheme, index_bits=index_bits, model_spec=dict(run.model_config))
-        factorized = [name for name, module in model.named_modules() if factor_params(module)]
+        factorized = factorized_layers(model)
         # the file's model spec builds the architecture before factorization: a factorized run's file loads into
         # the run's own model (its weights blanked first, so every value checked below comes from the file)
         restored = self.load(out, _blank_copy(model) if factorized else None).eval()

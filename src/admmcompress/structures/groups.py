@@ -129,6 +129,15 @@ def factor_params(module: torch.nn.Module) -> list[str]:
     return list(names) if isinstance(names, tuple) else []
 
 
+def factorized_layers(model: torch.nn.Module) -> list[str]:
+    """The names of ``model``'s factorized layers (those with :func:`factor_params`), in module order.
+
+    >>> factorized_layers(torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3)))
+    []
+    """
+    return [name for name, module in model.named_modules() if factor_params(module)]
+
+
 def gate_count(module: torch.nn.Module, param: str) -> int:
     """How many gate matrices are stacked along the rows of ``module.<param>`` (1 if none).
 
