@@ -259,15 +259,21 @@ def samples_of_call(module: nn.Module, args: Any, output: Any) -> int | None:
 BATCH_AWARE = (nn.RNNBase, nn.MultiheadAttention)  # the layers samples_of_call may answer for
 
 
+def _first_shape(example: Any) -> torch.Size | None:
+    """The shape of the example's first tensor (None without one): the tensor whose axes say the batch."""
+    found: list[torch.Size] = []
+    map_tensors(lambda t: found.append(t.shape), example)
+    return found[0] if found else None
+
+
 def example_samples(example: Any) -> int:
     """The batch size of a batch-first example: dim 0 of its first tensor (1 without one).
 
     >>> example_samples({"ids": torch.zeros(3, 5, dtype=torch.long), "flag": True})
     3
     """
-    found: list[int] = []
-    map_tensors(lambda t: found.append(t.shape[0] if t.dim() else 1), example)
-    return found[0] if found else 1
+    shape = _first_shape(example)
+    return shape[0] if shape else 1
 
 
 def agreed_samples(seen: set[int], example: Any) -> int:
@@ -278,10 +284,9 @@ def agreed_samples(seen: set[int], example: Any) -> int:
     >>> agreed_samples({4}, x), agreed_samples(set(), x), agreed_samples({8}, x)
     (4, 7, 7)
     """
-    first: list[torch.Size] = []
-    map_tensors(lambda t: first.append(t.shape), example)
-    if len(seen) == 1 and first and len(first[0]) >= 2 and first[0][1] in seen:
-        return first[0][1]
+    shape = _first_shape(example)
+    if len(seen) == 1 and shape is not None and len(shape) >= 2 and shape[1] in seen:
+        return shape[1]
     return example_samples(example)
 
 
@@ -351,11 +356,10 @@ def cell_samples(calls: Mapping[nn.Module, list[int | None]], example: Any, retu
     >>> cell_samples({cell: [4] * 5}, x, torch.zeros(4, 10)), cell_samples({cell: [4] * 5}, x, torch.zeros(5, 10))
     (4, None)
     """
-    first: list[torch.Size] = []
-    map_tensors(lambda t: first.append(t.shape), example)
-    if not calls or not first or len(first[0]) < 2:
+    shape = _first_shape(example)
+    if not calls or shape is None or len(shape) < 2:
         return None
-    steps, batch = first[0][0], first[0][1]
+    steps, batch = shape[0], shape[1]
     batches = {b for made in calls.values() for b in made}
     if batches != {batch} or steps == batch or steps < 2:
         return None

@@ -138,8 +138,8 @@ class Distributed:
             raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed; run one process")
         if not dist.is_initialized():
             dist.init_process_group(backend or "gloo")
-        local = os.environ.get("LOCAL_WORLD_SIZE", "")  # set by torchrun; only advice reads it
-        return cls(dist.get_rank(), dist.get_world_size(), check, local_world_size=int(local) if local.isdigit() else 0)
+        # LOCAL_WORLD_SIZE (set by torchrun) is read as announced() reads it; only advice uses it
+        return cls(dist.get_rank(), dist.get_world_size(), check, local_world_size=cls.announced().local_world_size)
 
     @classmethod
     def announced(cls) -> Distributed:
