@@ -323,3 +323,15 @@ def test_the_trial_forward_keeps_buffers_shared_and_the_same_tensors():
     assert model.a.table is shared and model.b.table is shared
     assert torch.equal(shared, torch.arange(3.0))
     assert torch.equal(model.grown, torch.zeros(2)) and model.grown is not grown  # its copy, at the old shape
+
+
+def test_the_read_check_puts_back_each_layers_own_mode():
+    """A frozen BatchNorm (eval) inside a model in training mode stays in eval after the trial forward."""
+    from admmcompress.train.trial_forward import check_model_reads
+
+    config = RunConfig.from_dict({**spec(pretrained="unused.safetensors"), "pretrain": None})
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 3)).train()
+    model[1].eval()
+    x = torch.randn(3, 5)
+    check_model_reads(model, x, Split(x, torch.zeros(3, dtype=torch.long)), config)
+    assert [m.training for m in model] == [True, False, True] and model.training

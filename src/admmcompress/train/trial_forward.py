@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -38,22 +40,17 @@ def check_model_reads(model: nn.Module, example: Any, train: Any, config: RunCon
     a model that cannot read the training inputs,
     or (``classifies``: the loss is cross-entropy) has fewer outputs than the labels have classes, is refused in
     one line before anything is written."""
-    was_training = model.training
     dtype = AUTOCAST_DTYPES[config.autocast]
-    # buffers a forward may update even in eval mode (quantization observers and the like) are put back
-    buffers = _snapshot_buffers(model)
-    model.eval()
     try:
-        with torch.no_grad(), cpu_autocast(dtype):
+        # buffers a forward may update even in eval mode (quantization observers and the like) are put back
+        with _left_as_found(model), torch.no_grad(), cpu_autocast(dtype):
+            model.eval()
             out = model(example)
     except (RuntimeError, ValueError, TypeError, IndexError) as err:
         raise ValueError(
             f"model '{config.model['name']}' cannot read the training inputs ({describe_input(example)}): "
             f"{first_line(err)}; {_reading_fix(model, example)}"
         ) from None
-    finally:
-        model.train(was_training)
-        _restore_buffers(buffers)
     labels = getattr(train, "y", None)
     if not (classifies and isinstance(out, torch.Tensor) and out.dim() == 2 and isinstance(labels, torch.Tensor)):
         return
@@ -82,21 +79,29 @@ def share_needs(model: nn.Module, example: Any, config: RunConfig) -> tuple[int,
         return 1, ""
     if any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
         return min_share(model), BATCHNORM_NEEDS_TWO
-    modes = [(m, m.training) for m in model.modules()]
-    buffers = _snapshot_buffers(model)  # training-mode BatchNorm updates its running statistics
-    try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad(), cpu_autocast(AUTOCAST_DTYPES[config.autocast]):
-            with batchnorm_inputs(model) as seen:
-                model.train()
-                model(example)
+    try:  # (training-mode BatchNorm updates its running statistics: _left_as_found puts them back)
+        with (_left_as_found(model), torch.random.fork_rng(devices=[]), torch.no_grad(),
+              cpu_autocast(AUTOCAST_DTYPES[config.autocast]), batchnorm_inputs(model) as seen):
+            model.train()
+            model(example)
     except Exception:  # any failure of this trial forward: the conservative rule
         return min_share(model), BATCHNORM_NEEDS_TWO
+    single = next((name for name, values in seen.items() if values == 1), None)
+    return (2, batchnorm_needs_two(single)) if single is not None else (1, "")
+
+
+@contextlib.contextmanager
+def _left_as_found(model: nn.Module) -> Iterator[None]:
+    """Put back, however the block ends, every module's train/eval mode and every buffer (a trial forward's
+    changes: running statistics, observers) as they were when it began."""
+    modes = [(m, m.training) for m in model.modules()]
+    buffers = _snapshot_buffers(model)
+    try:
+        yield
     finally:
         for module, training in modes:
             module.training = training
         _restore_buffers(buffers)
-    single = next((name for name, values in seen.items() if values == 1), None)
-    return (2, batchnorm_needs_two(single)) if single is not None else (1, "")
 
 
 def _reading_fix(model: nn.Module, example: Any) -> str:
