@@ -786,7 +786,6 @@ class Runner:
             self._pending = {"optimizer": state["optimizer"], "driver": state["driver"],
                              "average": state.get("average")}
 
-
     def _check_same_run(self, state: dict[str, Any], path: Path, advice: str) -> None:
         """Refuse a checkpoint written by another run (another method, seed, plan, ... : one copied into the
         folder) in one line naming the keys that differ: its config against this run's, accepting what a resume
