@@ -66,6 +66,21 @@ def test_an_interrupted_call_resumes_to_the_uninterrupted_result(tmp_path, monke
     assert [h["accuracy"] for h in resumed.history] == [h["accuracy"] for h in whole.history]
 
 
+def test_a_resumed_call_removes_the_temporary_files_a_kill_left_in_every_run_subfolder(tmp_path, monkeypatch):
+    out = tmp_path / "cut"
+    interrupted_call(monkeypatch, out, 1)
+    (out / "stages").mkdir(exist_ok=True)
+    left = [out / ".checkpoint.pt.ab12cd_3.tmp", out / "stages" / ".stage1.safetensors.ab12cd_3.tmp",
+            out / "compact" / ".model.safetensors.ab12cd_3.tmp"]
+    (out / "compact").mkdir(exist_ok=True)
+    for path in left:
+        path.write_bytes(b"half a file")
+    mine = out / "stages" / "notes.tmp"  # not a name our writes make: kept
+    mine.write_text("mine")
+    compress(net(), PLAN, data(32, 0), data(16, 1), out_dir=out, resume=True, **ARGS)
+    assert not [p for p in left if p.exists()] and mine.read_text() == "mine"
+
+
 def test_resume_with_other_arguments_names_them(tmp_path, monkeypatch):
     interrupted_call(monkeypatch, tmp_path, 1)
     other = dict(ARGS, retrain={"epochs": 3}, seed=5)

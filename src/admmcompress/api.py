@@ -30,7 +30,7 @@ from admmcompress.train.config import (
     config_dict,
 )
 from admmcompress.train.lock import RunLock
-from admmcompress.train.run_folder import IN_MEMORY, MISSING, config_diff
+from admmcompress.train.run_folder import IN_MEMORY, MISSING, RUN_SUBFOLDERS, config_diff
 from admmcompress.train.runner import STATE_FILE, Runner
 from admmcompress.train.training_state import load_training_state
 
@@ -198,7 +198,7 @@ def compress(
     out_dir = usable_folder(out_dir, "compress")  # refused now, not after the first epoch's checkpoint
     lock = RunLock(out_dir, "choose another out_dir").acquire()  # a second call on this folder is refused meanwhile
     try:
-        clean_orphans(out_dir, ("compact",))  # temp files of writes a kill cut short; we hold the lock
+        clean_orphans(out_dir, RUN_SUBFOLDERS)  # temp files of writes a kill cut short (stages/ too); we hold the lock
         saved = _check_resume(out_dir, config, resume, overwrite)
         if saved is not None:
             _check_model_untouched(model, saved)

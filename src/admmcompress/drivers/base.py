@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from admmcompress.finalize import MaskSet
+from admmcompress.plan import PlanError
 
 
 class DriverError(ValueError):
@@ -94,7 +95,7 @@ class Driver:
     #: False for a driver that changes which parameters train during its phase (DDP's reducer would not follow).
     supports_distributed: ClassVar[bool] = True
     #: True for a driver that ends low-rank targets (``structure.factorizes``: tucker2, shared_kernels) in their
-    #: factors (a ``FactorizeTransform``); the runner refuses such targets for any other driver.
+    #: factors (a ``FactorizeTransform``); ``check_targets`` refuses such targets for any other driver.
     factorizes: ClassVar[bool] = False
     history: list[dict[str, Any]]
 
@@ -105,7 +106,18 @@ class Driver:
 
     @classmethod
     def check_targets(cls, targets: list) -> None:
-        """Raise ``PlanError`` if this driver cannot drive ``targets`` (called before any training)."""
+        """Raise ``PlanError`` if this driver cannot drive ``targets`` (called before any training).
+
+        Here: low-rank targets given to a driver that does not factorize (it would drive them as masks and leave
+        the layers dense). A driver that refuses more calls ``super().check_targets(targets)`` first.
+        """
+        low_rank = None if cls.factorizes else next((t for t in targets if t.structure.factorizes), None)
+        if low_rank is not None:
+            raise PlanError(
+                f"method '{cls.name or cls.__name__}' does not factorize layers, so its "
+                f"'{low_rank.structure.kind}' targets would stay dense; use method admm (or penni for "
+                "shared_kernels), or another structure"
+            )
 
     @classmethod
     def preflight(cls, model: nn.Module, targets: list, config: Any, example: torch.Tensor | None) -> None:

@@ -49,7 +49,8 @@ class MaskSchedule(Driver):
 
     @classmethod
     def check_targets(cls, targets: list[Target]) -> None:
-        """Raise if this schedule cannot drive ``targets`` (every target is fine here)."""
+        """Raise if this schedule cannot drive ``targets`` (here: only low-rank ones, which it cannot factorize)."""
+        super().check_targets(targets)
 
     def step(self) -> MaskSet:
         """Take the next update; returns the masks (re-attach them to keep them)."""

@@ -290,6 +290,7 @@ class SoftThreshold(Driver):
 
     @classmethod
     def check_targets(cls, targets: list) -> None:
+        super().check_targets(targets)
         bad = [t.key for t in targets if t.structure.quantizes or t.structure.kind not in ROW_KINDS + COLUMN_KINDS]
         if bad:
             raise PlanError(

@@ -182,15 +182,7 @@ class Runner:
                 if self.dist.active and not driver.supports_distributed:
                     raise ValueError(f"method '{stage.method}' cannot run under torchrun (it changes which parameters "
                                      "train during its phase); run this stage in one process")
-                driver.check_targets(targets)
-                if not driver.factorizes and any(t.structure.factorizes for t in targets):
-                    # the driver would drive them as masks and leave the layers dense: nothing would factorize
-                    low_rank = next(t for t in targets if t.structure.factorizes)
-                    raise PlanError(
-                        f"method '{stage.method}' does not factorize layers, so its '{low_rank.structure.kind}' "
-                        "targets would stay dense; use method admm (or penni for shared_kernels), or another "
-                        "structure"
-                    )
+                driver.check_targets(targets)  # (low-rank targets for a driver that cannot factorize them too)
                 driver.preflight(_as_pruned_by(model, earlier, driver), targets, stage.options, self.example)
                 cadence = Cadence.of(stage.admm, len(self.loader))
                 if driver.needs_updates and stage.admm.epochs > 0 and not cadence.fires:
