@@ -47,3 +47,17 @@ def test_a_driver_that_cannot_factorize_refuses_tucker2_when_built(method, build
 def test_admm_factorizes_and_accepts_tucker2():
     model = conv_model()
     ADMM.check_targets(low_rank(model))  # no error
+
+
+def test_check_low_rank_refuses_for_a_plugin_whose_check_targets_skips_super():
+    from admmcompress.drivers import Driver
+
+    class Plugin(Driver):
+        name = "plugin_without_super"
+
+        @classmethod
+        def check_targets(cls, targets: list) -> None:  # refuses nothing, calls no super()
+            pass
+
+    with pytest.raises(PlanError, match=f"method 'plugin_without_super' {REFUSAL}"):
+        Plugin.check_low_rank(low_rank(conv_model()))

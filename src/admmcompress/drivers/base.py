@@ -108,9 +108,15 @@ class Driver:
     def check_targets(cls, targets: list) -> None:
         """Raise ``PlanError`` if this driver cannot drive ``targets`` (called before any training).
 
-        Here: low-rank targets given to a driver that does not factorize (it would drive them as masks and leave
-        the layers dense). A driver that refuses more calls ``super().check_targets(targets)`` first.
+        Here: :meth:`check_low_rank`. A driver that refuses more calls ``super().check_targets(targets)`` first.
         """
+        cls.check_low_rank(targets)
+
+    @classmethod
+    def check_low_rank(cls, targets: list) -> None:
+        """Raise ``PlanError`` for low-rank targets given to a driver that does not factorize (it would drive them
+        as masks and leave the layers dense). The runner calls it too, for a plugin whose ``check_targets`` does
+        not call ``super()``."""
         low_rank = None if cls.factorizes else next((t for t in targets if t.structure.factorizes), None)
         if low_rank is not None:
             raise PlanError(

@@ -94,6 +94,7 @@ class ADMMTrainerCallback(TrainerCallback):
             return
         targets = resolve_targets(model, self.plan, type(self).__name__)
         self.spec.cls.check_targets(targets)
+        self.spec.cls.check_low_rank(targets)  # (a plugin's check_targets may not call super())
         batches = len(train_dataloader) if train_dataloader is not None else max(1, state.max_steps)
         steps_per_epoch = max(1, batches // max(1, args.gradient_accumulation_steps))
         period = self.every_steps or steps_per_epoch
