@@ -55,7 +55,7 @@ from torch.nn.utils import prune
 from admmcompress.data import BatchLoader, Split, load_dataset
 from admmcompress.models import create_model
 from admmcompress.train import checkpoint as ckpt
-from admmcompress.train.loop import evaluate
+from admmcompress.train.loop import TrainingDiverged, evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMM_CONFIG = ROOT / "configs" / "lenet5_admm_71x.yaml"
@@ -203,8 +203,12 @@ def one_run(contender: str, seed: int, root: Path, quick: bool) -> dict:
     out = root / f"{contender}_s{seed}"
     done = out / "result.json"
     if done.is_file():
+        record = json.loads(done.read_text())
+        if record.get("quick", False) != quick:  # a smoke result is never taken for a real one, or the reverse
+            raise SystemExit(f"{out} holds a {'--quick smoke' if record.get('quick') else 'full'} result; "
+                             "pass another --out, or remove that folder to rerun it")
         print(f"{out.name}: finished before", flush=True)
-        return json.loads(done.read_text())
+        return record
     log = log_to(out)
     log(f"{contender} seed {seed}: {machine()}")
     started = time.perf_counter()
@@ -220,7 +224,7 @@ def one_run(contender: str, seed: int, root: Path, quick: bool) -> dict:
         try:
             model = trainer(seed, train, log, quick)
             record = {"accuracy": evaluate(model, test)}
-        except Diverged as error:
+        except (Diverged, TrainingDiverged) as error:
             model, record = None, {"accuracy": None, "diverged": str(error)}
     kept = kept_weights(model) if model is not None else {}
     record.update(contender=contender, seed=seed, kept=kept,
@@ -236,8 +240,11 @@ def one_run(contender: str, seed: int, root: Path, quick: bool) -> dict:
 
 def summarize(root: Path) -> str:
     records = [json.loads(p.read_text()) for p in sorted(root.glob("*_s*/result.json"))]
-    lines = ["| contender | accuracy %, mean +- sd (seeds) | drop vs 99.39 | compression | kept conv1/conv2/fc1/fc2 | "
-             "minutes per run |", "|---|---:|---:|---:|---|---:|"]
+    full = [r for r in records if not r.get("quick", False)]
+    note = [] if full or not records else ["smoke runs (--quick): not results", ""]
+    records = full or records
+    lines = note + ["| contender | accuracy %, mean +- sd (seeds) | drop vs 99.39 | compression | "
+                    "kept conv1/conv2/fc1/fc2 | minutes per run |", "|---|---:|---:|---:|---|---:|"]
     for contender in CONTENDERS:
         rows = [r for r in records if r["contender"] == contender]
         diverged = [r for r in rows if r["accuracy"] is None]

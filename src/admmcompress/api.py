@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from admmcompress.atomic import clean_orphans, nearest_existing
+from admmcompress.atomic import nearest_existing
+from admmcompress.command_locks import clean_leftovers
 from admmcompress.config_keys import SPEED_KEYS
 from admmcompress.data.datasets import Split
 from admmcompress.finalize import MaskSet
@@ -198,7 +199,7 @@ def compress(
     out_dir = usable_folder(out_dir, "compress")  # refused now, not after the first epoch's checkpoint
     lock = RunLock(out_dir, "choose another out_dir").acquire()  # a second call on this folder is refused meanwhile
     try:
-        clean_orphans(out_dir, RUN_SUBFOLDERS)  # temp files of writes a kill cut short (stages/ too); we hold the lock
+        clean_leftovers(out_dir, below=RUN_SUBFOLDERS)  # temp files of writes a kill cut short; we hold the lock
         saved = _check_resume(out_dir, config, resume, overwrite)
         if saved is not None:
             _check_model_untouched(model, saved)

@@ -48,6 +48,10 @@ def test_each_torch_contender_runs_and_keeps_6050_weights(bench, tmp_path, conte
     assert 0.0 <= record["accuracy"] <= 100.0
     again = bench.one_run(contender, 0, tmp_path, quick=True)  # finished: read back, not retrained
     assert again == json.loads((tmp_path / f"{contender}_s0" / "result.json").read_text())
+    with pytest.raises(SystemExit, match="holds a --quick smoke result; pass another --out"):
+        bench.one_run(contender, 0, tmp_path, quick=False)  # a smoke result is not taken for a real one
+    table = bench.summarize(tmp_path)
+    assert table.startswith("smoke runs (--quick): not results")
 
 
 def test_nni_admm_runs_and_keeps_the_per_layer_counts(bench, tmp_path):

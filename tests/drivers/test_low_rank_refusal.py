@@ -61,3 +61,11 @@ def test_check_low_rank_refuses_for_a_plugin_whose_check_targets_skips_super():
 
     with pytest.raises(PlanError, match=f"method 'plugin_without_super' {REFUSAL}"):
         Plugin.check_low_rank(low_rank(conv_model()))
+
+
+def test_an_unregistered_subclass_is_named_as_itself_not_as_its_registered_parent():
+    class MyGradual(GradualMagnitude):
+        pass
+
+    with pytest.raises(PlanError, match=f"method 'MyGradual' {REFUSAL}"):
+        MyGradual(conv_model(), low_rank(conv_model()), updates=2)

@@ -120,7 +120,7 @@ class Driver:
         low_rank = None if cls.factorizes else next((t for t in targets if t.structure.factorizes), None)
         if low_rank is not None:
             raise PlanError(
-                f"method '{cls.name or cls.__name__}' does not factorize layers, so its "
+                f"method '{cls.__dict__.get('name') or cls.__name__}' does not factorize layers, so its "
                 f"'{low_rank.structure.kind}' targets would stay dense; use method admm (or penni for "
                 "shared_kernels), or another structure"
             )
