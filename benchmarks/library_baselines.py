@@ -28,7 +28,7 @@ images:
   ``rho/2 * sqrt(||W - Z + U||)`` (NNI 2.10.1, ``ADMMPruner.criterion_patch``), not the augmented Lagrangian's
   ``rho/2 * ||W - Z + U||^2``. It starts at Z = W, U = 0, where the square root's gradient is undefined: the
   first backward pass gives NaN gradients, and the weights are NaN after the first step. The run is recorded as
-  it ends (``diverged``: the step where the loss stopped being finite); NNI's code is not patched here.
+  it ends (``diverged``: where the loss stopped being finite); NNI's code is not patched here.
 
 The pruning is PyTorch's own (this script only chooses amounts and trains); the training epochs are the
 library's ``train_epoch`` (``structured_common.fit``), the data the bundled MNIST. Every run writes
@@ -55,7 +55,7 @@ from torch.nn.utils import prune
 from admmcompress.data import BatchLoader, Split, load_dataset
 from admmcompress.models import create_model
 from admmcompress.train import checkpoint as ckpt
-from admmcompress.train.loop import TrainingDiverged, evaluate
+from admmcompress.train.loop import TrainingDiverged, evaluate, train_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMM_CONFIG = ROOT / "configs" / "lenet5_admm_71x.yaml"
@@ -134,10 +134,6 @@ def train_torch(contender: str, seed: int, train: Split, log, quick: bool) -> nn
     return model
 
 
-class Diverged(RuntimeError):
-    """A contender's training loss stopped being finite: recorded as its result, not retried."""
-
-
 def train_nni_admm(seed: int, train: Split, log, quick: bool) -> nn.Module:
     """NNI's ``ADMMPruner`` (legacy trainer API of NNI 2.10.1), then masked fine-tuning as the torch contenders."""
     import nni  # NNI 2.10.1 in its own environment (module docstring)
@@ -146,19 +142,14 @@ def train_nni_admm(seed: int, train: Split, log, quick: bool) -> nn.Module:
     torch.manual_seed(seed)
     model = dense_model()
     loader = BatchLoader(train, BATCH, shuffle=True, seed=seed)
-    epoch, steps = [0], [0]
+    epoch = [0]
 
     def trainer(model: nn.Module, optimizer: torch.optim.Optimizer, criterion) -> None:
-        model.train()
+        """NNI's trainer callback: one epoch of the library's loop on NNI's criterion (cross-entropy + its
+        penalty), at NNI's optimizer's own learning rate; a non-finite loss raises TrainingDiverged."""
         started = time.perf_counter()
-        for x, y in loader:
-            optimizer.zero_grad()
-            loss = criterion(model(x), y)
-            if not torch.isfinite(loss):
-                raise Diverged(f"loss {float(loss)} at NNI ADMM step {steps[0]} (epoch {epoch[0] + 1})")
-            loss.backward()
-            optimizer.step()
-            steps[0] += 1
+        train_epoch(model, loader, optimizer, lambda step: LR, epoch[0] * len(loader), progress=False,
+                    desc=f"NNI ADMM epoch {epoch[0] + 1}", loss_fn=lambda batch, out, m: criterion(out, batch[1]))
         epoch[0] += 1
         log(f"  NNI ADMM epoch {epoch[0]} ({time.perf_counter() - started:.0f} s)")
 
@@ -188,11 +179,14 @@ def run_admm(seed: int, out: Path, quick: bool) -> dict:
         cfg["stages"][0]["retrain"]["epochs"] = 1
         config = out / "quick.yaml"
         config.write_text(yaml.safe_dump(cfg))
-    command = [sys.executable, "-m", "admmcompress", "run", str(config), "--seed", str(seed), "--threads", "1",
-               "--out", str(out / "run"), "--no-progress", "--overwrite"]
-    subprocess.run(command, check=True)
-    metrics = json.loads((out / "run" / "metrics.json").read_text())["metrics"]
-    return {"accuracy": metrics["accuracy"]}
+    finished = out / "run" / "metrics.json"
+    if not finished.is_file():  # a run folder with metrics.json is a finished run: read, not rerun
+        resume = ["--resume"] if (out / "run" / "checkpoint.pt").is_file() else ["--overwrite"]
+        command = [sys.executable, "-m", "admmcompress", "run", str(config), "--seed", str(seed), "--threads", "1",
+                   "--out", str(out / "run"), "--no-progress", *resume]
+        subprocess.run(command, check=True)
+    metrics = json.loads(finished.read_text())["metrics"]
+    return {"accuracy": metrics["accuracy_after"], "minutes": metrics["wall_seconds"] / 60}
 
 
 def kept_weights(model: nn.Module) -> dict[str, int]:
@@ -224,12 +218,12 @@ def one_run(contender: str, seed: int, root: Path, quick: bool) -> dict:
         try:
             model = trainer(seed, train, log, quick)
             record = {"accuracy": evaluate(model, test)}
-        except (Diverged, TrainingDiverged) as error:
+        except TrainingDiverged as error:  # recorded as the contender's result, not retried
             model, record = None, {"accuracy": None, "diverged": str(error)}
     kept = kept_weights(model) if model is not None else {}
+    record.setdefault("minutes", (time.perf_counter() - started) / 60)  # (ADMM: the run's own wall time)
     record.update(contender=contender, seed=seed, kept=kept,
-                  compression=430500 / sum(kept.values()) if kept else None,
-                  minutes=(time.perf_counter() - started) / 60, machine=machine(), quick=quick)
+                  compression=430500 / sum(kept.values()) if kept else None, machine=machine(), quick=quick)
     if model is None:
         log(f"{contender} seed {seed}: diverged: {record['diverged']}")
     else:
