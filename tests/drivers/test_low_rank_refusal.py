@@ -49,7 +49,7 @@ def test_admm_factorizes_and_accepts_tucker2():
     ADMM.check_targets(low_rank(model))  # no error
 
 
-def test_check_low_rank_refuses_for_a_plugin_whose_check_targets_skips_super():
+def test_a_plugin_whose_check_targets_calls_no_super_still_refuses_low_rank_targets():
     from admmcompress.drivers import Driver
 
     class Plugin(Driver):
@@ -60,7 +60,7 @@ def test_check_low_rank_refuses_for_a_plugin_whose_check_targets_skips_super():
             pass
 
     with pytest.raises(PlanError, match=f"method 'plugin_without_super' {REFUSAL}"):
-        Plugin.check_low_rank(low_rank(conv_model()))
+        Plugin.accept_targets(low_rank(conv_model()))
 
 
 def test_an_unregistered_subclass_is_named_as_itself_not_as_its_registered_parent():

@@ -95,7 +95,7 @@ class Driver:
     #: False for a driver that changes which parameters train during its phase (DDP's reducer would not follow).
     supports_distributed: ClassVar[bool] = True
     #: True for a driver that ends low-rank targets (``structure.factorizes``: tucker2, shared_kernels) in their
-    #: factors (a ``FactorizeTransform``); ``check_targets`` refuses such targets for any other driver.
+    #: factors (a ``FactorizeTransform``); ``accept_targets`` refuses such targets for any other driver.
     factorizes: ClassVar[bool] = False
     history: list[dict[str, Any]]
 
@@ -106,17 +106,21 @@ class Driver:
 
     @classmethod
     def check_targets(cls, targets: list) -> None:
-        """Raise ``PlanError`` if this driver cannot drive ``targets`` (called before any training).
+        """Raise ``PlanError`` if this driver cannot drive ``targets`` (its own refusals; the default has none).
+        Callers use :meth:`accept_targets`, which adds the refusals every driver shares."""
 
-        Here: :meth:`check_low_rank`. A driver that refuses more calls ``super().check_targets(targets)`` first.
-        """
+    @classmethod
+    def accept_targets(cls, targets: list) -> None:
+        """Raise ``PlanError`` if this driver cannot drive ``targets``, before any training: the one entry for the
+        runner, the HF and Lightning callbacks and the drivers' constructors (:meth:`check_low_rank`, then
+        :meth:`check_targets`, so an override need not call ``super()``)."""
         cls.check_low_rank(targets)
+        cls.check_targets(targets)
 
     @classmethod
     def check_low_rank(cls, targets: list) -> None:
         """Raise ``PlanError`` for low-rank targets given to a driver that does not factorize (it would drive them
-        as masks and leave the layers dense). The runner calls it too, for a plugin whose ``check_targets`` does
-        not call ``super()``."""
+        as masks and leave the layers dense)."""
         low_rank = None if cls.factorizes else next((t for t in targets if t.structure.factorizes), None)
         if low_rank is not None:
             raise PlanError(

@@ -41,7 +41,6 @@ class IterativeQuantization(MaskSchedule):
 
     @classmethod
     def check_targets(cls, targets: list[Target]) -> None:
-        super().check_targets(targets)
         check_quantization_only(targets)
 
     def frozen_share_at(self, iteration: int) -> float:

@@ -51,7 +51,7 @@ class OneShotMagnitude(Driver):
     def __init__(self, model: torch.nn.Module, targets: list[Target], frozen: MaskSet | None = None,
                  resuming: bool = False):
         self.model, self.targets, self.frozen = model, list(targets), frozen
-        self.check_targets(self.targets)
+        self.accept_targets(self.targets)
         self.history: list[dict[str, Any]] = []
         # Resuming a phase begun before drivers kept state: the carried masks already hold the pruning.
         self.masks = frozen if resuming and frozen is not None else one_shot(model, self.targets, frozen)

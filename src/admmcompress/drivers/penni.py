@@ -87,7 +87,7 @@ class Penni(Driver):
 
     def __init__(self, model: nn.Module, targets: list[Target], config: PenniConfig | None = None,
                  frozen: MaskSet | None = None):
-        self.check_targets(targets)
+        self.accept_targets(targets)
         self.model, self.config, self.frozen = model, config or PenniConfig(), frozen
         self.shared = [t for t in targets if t.structure.factorizes]
         self.quantized = [t for t in targets if t.structure.quantizes]

@@ -135,7 +135,7 @@ class Reweighted(Driver):
     ):
         self.model = model
         self.targets: list[Target] = resolve_targets(model, plan, type(self).__name__)
-        self.check_targets(self.targets)
+        self.accept_targets(self.targets)
         self.config = penalty if isinstance(penalty, ReweightedConfig) else ReweightedConfig(penalty=penalty)
         self.frozen = frozen
         self.iteration = 0

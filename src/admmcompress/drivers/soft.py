@@ -214,7 +214,7 @@ class SoftThreshold(Driver):
     ):
         self.model, self.config, self.frozen = model, config or SoftConfig(), frozen
         targets = resolve_targets(model, plan, type(self).__name__)
-        self.check_targets(targets)
+        self.accept_targets(targets)
         # Rows first, then columns: the order of the sequential prox (SPEC 9).
         self.targets = [t for t in targets if _is_row(t)] + [t for t in targets if not _is_row(t)]
         self.updates = max(1, int(updates))
@@ -290,7 +290,6 @@ class SoftThreshold(Driver):
 
     @classmethod
     def check_targets(cls, targets: list) -> None:
-        super().check_targets(targets)
         bad = [t.key for t in targets if t.structure.quantizes or t.structure.kind not in ROW_KINDS + COLUMN_KINDS]
         if bad:
             raise PlanError(

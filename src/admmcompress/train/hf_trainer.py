@@ -93,8 +93,7 @@ class ADMMTrainerCallback(TrainerCallback):
             self._attach(model, optimizer, clear=False)
             return
         targets = resolve_targets(model, self.plan, type(self).__name__)
-        self.spec.cls.check_targets(targets)
-        self.spec.cls.check_low_rank(targets)  # (a plugin's check_targets may not call super())
+        self.spec.cls.accept_targets(targets)
         batches = len(train_dataloader) if train_dataloader is not None else max(1, state.max_steps)
         steps_per_epoch = max(1, batches // max(1, args.gradient_accumulation_steps))
         period = self.every_steps or steps_per_epoch

@@ -100,8 +100,7 @@ class ADMMCallback(pl.Callback):
             self._attach(trainer, net, clear=False)
             return
         targets = resolve_targets(net, self.plan, type(self).__name__)
-        self.spec.cls.check_targets(targets)
-        self.spec.cls.check_low_rank(targets)  # (a plugin's check_targets may not call super())
+        self.spec.cls.accept_targets(targets)
         steps_per_epoch = max(1, int(trainer.num_training_batches) // trainer.accumulate_grad_batches)
         total = self.admm_epochs * steps_per_epoch
         period = self.every_steps or self.every_epochs * steps_per_epoch

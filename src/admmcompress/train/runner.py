@@ -182,8 +182,7 @@ class Runner:
                 if self.dist.active and not driver.supports_distributed:
                     raise ValueError(f"method '{stage.method}' cannot run under torchrun (it changes which parameters "
                                      "train during its phase); run this stage in one process")
-                driver.check_targets(targets)
-                driver.check_low_rank(targets)  # (a plugin's check_targets may not call super())
+                driver.accept_targets(targets)
                 driver.preflight(_as_pruned_by(model, earlier, driver), targets, stage.options, self.example)
                 cadence = Cadence.of(stage.admm, len(self.loader))
                 if driver.needs_updates and stage.admm.epochs > 0 and not cadence.fires:
