@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The 40 target points (10x, batch 1 and 32, 1 and 2 threads) with kernel v19 and v20 in alternating fresh
+# processes, three of each, on an idle machine. v19 runs from a worktree of the commit before v20:
+#   git worktree add /tmp/wt_v19 <commit before v20>
+#   bash benchmarks/records/kernel_v20/ab_targets.sh /tmp/wt_v19 benchmarks/records/kernel_v20
+set -euo pipefail
+old_tree=$1 out=$2
+export MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824
+for i in 1 2 3; do
+  for build in v20 v19; do
+    if [ "$build" = v19 ]; then src=$old_tree/src; else src=$PWD/src; fi
+    echo "$build run $i start $(date +%T) load $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$out/times.txt"
+    PYTHONPATH=$src python benchmarks/blocksparse_grid.py --compressions 10 --batches 1 32 \
+      --json "$out/targets_${build}_$i.json" > "$out/targets_${build}_$i.md"
+  done
+done
+echo "done $(date +%T)" | tee -a "$out/times.txt"
