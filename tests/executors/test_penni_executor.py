@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -144,3 +146,26 @@ def test_onnx_export_of_a_two_stage_model_matches_onnxruntime(tmp_path):
     export_onnx(fast, (x,), tmp_path / "penni.onnx")
     with torch.no_grad():
         assert torch.allclose(torch.from_numpy(run_onnx(tmp_path / "penni.onnx", x)[0]), fast(x), atol=1e-5)
+
+
+def test_onnx_export_of_the_training_form_saves_bases_and_coefficients_not_dense_kernels(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from admmcompress.executors.onnx_export import export_onnx, run_onnx
+
+    torch.manual_seed(0)
+    model = decompose_shared_kernels(nn.Sequential(nn.Conv2d(16, 32, 3, padding=1)).eval(), {"0": 2})
+    with torch.no_grad():
+        model[0].coefs[:, :8] = 0  # half the input channels unused: their maps are dropped too
+    x = torch.randn(2, 16, 8, 8)
+    summary = export_onnx(model, (x,), tmp_path / "shared.onnx")
+    assert summary.two_stage == ["0"] and isinstance(model[0], SharedKernelConv)  # the model itself unchanged
+    sizes = sorted(tuple(init.dims) for init in onnx.load(str(tmp_path / "shared.onnx")).graph.initializer)
+    assert (32, 16, 3, 3) not in sizes  # no rebuilt dense kernel
+    weights = sum(math.prod(dims) for dims in sizes if len(dims) == 4)
+    assert weights == 16 * 9 + 32 * 16  # 16 used maps of 3x3 + a 1x1 conv over them, against 4,608 dense
+    with torch.no_grad():
+        assert torch.allclose(torch.from_numpy(run_onnx(tmp_path / "shared.onnx", x)[0]), model(x), atol=1e-5)
+    dense = export_onnx(nn.Sequential(nn.Conv2d(16, 32, 3, padding=1)), (x,), tmp_path / "dense.onnx")
+    assert dense.two_stage == []

@@ -23,6 +23,11 @@ by its key). Then every weight initializer is rewritten by what its values allow
   are the table's, bit for bit. Used only when smaller than float32.
 - anything else (unquantized layers) stays float32.
 
+Shared-kernel convs (PENNI's training form, :class:`~admmcompress.executors.penni.SharedKernelConv`) are exported
+in their two-stage form (a copy through :func:`~admmcompress.executors.penni.to_two_stage`; the model passed in is
+not changed): the exporter would otherwise fold the bases and coefficients into the rebuilt dense kernels, and
+the file would hold as many weights as the dense model. ``OnnxSummary.two_stage`` names them.
+
 Needs the optional ``export`` extra: ``pip install "admmcompress[export]"`` (onnx, onnxruntime,
 onnxscript).
 
@@ -54,6 +59,7 @@ import torch
 from admmcompress.atomic import WriteError, atomic_write, nearest_existing
 from admmcompress.encoding import grid_of
 from admmcompress.executors.base import Executor, FinishedRun, register_executor
+from admmcompress.executors.penni import shared_layers, to_two_stage
 from admmcompress.structures.groups import gemm_params
 
 OPSET = 21  # int16 DequantizeLinear needs opset 21
@@ -63,7 +69,8 @@ MAX_ONNX_BYTES = 2**31 - 1  # protobuf's limit on one serialized message (the wh
 @dataclass
 class OnnxSummary:
     """Which weights became integer + DequantizeLinear or codebook indices + Gather (with their
-    integer type), which stayed float, and whether the batch dimension is dynamic."""
+    integer type), which stayed float, whether the batch dimension is dynamic, and which shared-kernel convs
+    were exported in their two-stage form."""
 
     path: str
     quantized: dict[str, str] = field(default_factory=dict)
@@ -73,6 +80,7 @@ class OnnxSummary:
     dynamic_sequence: bool = False
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
+    two_stage: list[str] = field(default_factory=list)  # shared-kernel convs exported as their two stages
 
 
 def output_tensors(output: Any) -> tuple[list[str], tuple[torch.Tensor, ...]]:
@@ -210,6 +218,9 @@ def export_onnx(
 
     path = Path(path)
     _check_out_folder(path)  # a file where a folder goes: one line now, not after the export
+    two_stage = shared_layers(model)
+    if two_stage:  # else the exporter folds bases and coefficients into dense kernels: no weights saved
+        model = to_two_stage(model)
     was_training = model.training
     model.eval()
     values, names = _positional(example_inputs)
@@ -242,7 +253,7 @@ def export_onnx(
     graph = graph_model.graph
     summary = OnnxSummary(
         str(path), dynamic_batch=dynamic_batch, dynamic_sequence=dynamic_sequence,
-        inputs=[i.name for i in graph.input], outputs=[o.name for o in graph.output],
+        inputs=[i.name for i in graph.input], outputs=[o.name for o in graph.output], two_stage=two_stage,
     )
     kept, new_nodes = [], []
     for init in graph.initializer:
@@ -401,7 +412,8 @@ class OnnxExecutor(Executor):
             f"onnx: {out}; integer weights + DequantizeLinear: {summary.quantized or 'none'}; "
             f"codebook indices + Gather: {summary.codebook or 'none'}; "
             f"float weights: {summary.float_weights or 'none'}; dynamic batch: {summary.dynamic_batch}; "
-            f"max |onnxruntime - torch| on {len(x)} test inputs (batches of {len(x)} and 1): {diff:.3g}"
+            + (f"shared-kernel convs in their two-stage form: {summary.two_stage}; " if summary.two_stage else "")
+            + f"max |onnxruntime - torch| on {len(x)} test inputs (batches of {len(x)} and 1): {diff:.3g}"
         )
 
 
