@@ -173,3 +173,26 @@ def test_penni_is_refused_under_torchrun_before_training():
     train = load_dataset("mnist", "train", limit=32)
     with pytest.raises(ValueError, match="method 'penni' cannot run under torchrun"):
         Runner(config, LeNet5(), train, train, dist=Distributed(rank=0, world_size=2))
+
+
+def test_pointwise_1x1_convs_are_in_the_run_s_layer_table_and_compression():
+    """The 1x1 convs ``pointwise: true`` prunes are no plan target, yet the run's stats count them."""
+    from admmcompress.data.datasets import Split
+
+    g = torch.Generator().manual_seed(0)
+    data = Split(torch.randn(32, 3, 8, 8, generator=g), torch.randint(0, 2, (32,), generator=g))
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 1), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 2))
+    stage = {"plan": {"rules": [{"match": "0", "structure": "shared_kernels", "bases": 4}]}, "method": "penni",
+             "options": {"pointwise": True, "prune_std": 1.0}, "admm": {"epochs": 1, "update_every_epochs": 1},
+             "retrain": {"epochs": 0}}
+    decompose = {"plan": stage["plan"], "method": "penni", "admm": {"epochs": 0}, "retrain": {"epochs": 0}}
+    config = RunConfig.from_dict({"model": {"name": "lenet5"}, "seed": 0, "pretrain": {"epochs": 0},
+                                  "data": {"batch_size": 16}, "stages": [decompose, stage]})
+    with pytest.warns(UserWarning, match="pruning at initialisation"):
+        runner = Runner(config, model, data, data, progress=False)
+    metrics = runner.run()
+    rows = {row["name"]: row for row in metrics["stats"]["layers"]}
+    assert set(rows) == {"0", "2"}
+    assert rows["2"]["kept"] == int(model[2].weight.count_nonzero()) < model[2].weight.numel()
+    assert set(metrics["stages"][1]["layers"]) == {"0", "2"}

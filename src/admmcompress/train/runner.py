@@ -352,11 +352,13 @@ class Runner:
         self._clock = now
 
     def layers(self) -> list[str]:
-        """Every layer some stage prunes, in model order (a coupled target: its Conv/Linear members)."""
+        """Every layer some stage prunes, in model order (a coupled target: its Conv/Linear members), and every
+        layer whose weights carry a mask though no target names it (PENNI's 1x1 convs with ``pointwise``)."""
         wanted: set[str] = set()
         for targets in self.stage_targets:
             for t in targets:
                 wanted |= set(_gemm_members(t, self.model)) if isinstance(t, CoupledTarget) else {t.layer}
+        wanted |= {key.rpartition(".")[0] for key, _ in self.masks.items() if key.endswith(".weight")}
         return [n for n, _ in self.model.named_modules() if n in wanted]
 
     # --- coupling and compaction ---------------------------------------------------------
