@@ -169,3 +169,7 @@ def test_onnx_export_of_the_training_form_saves_bases_and_coefficients_not_dense
         assert torch.allclose(torch.from_numpy(run_onnx(tmp_path / "shared.onnx", x)[0]), model(x), atol=1e-5)
     dense = export_onnx(nn.Sequential(nn.Conv2d(16, 32, 3, padding=1)), (x,), tmp_path / "dense.onnx")
     assert dense.two_stage == []
+    alone = model[0].eval()  # the layer itself as the model
+    assert export_onnx(alone, (x,), tmp_path / "alone.onnx").two_stage == [""]
+    with torch.no_grad():
+        assert torch.allclose(torch.from_numpy(run_onnx(tmp_path / "alone.onnx", x)[0]), alone(x), atol=1e-5)

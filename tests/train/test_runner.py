@@ -518,3 +518,25 @@ def test_stage_files_survive_a_crash_and_resume_and_overwrite_removes_them(tmp_p
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert_same_state(resumed.model, straight.model)
     assert "stages" in outputs_in(tmp_path)  # what --overwrite removes
+
+
+def test_the_layer_table_of_a_coupled_run_lists_its_convs_and_linears_not_the_batchnorms_they_mask():
+    # a coupled target masks its BatchNorm's weight and bias too; those are no layer of the table or its compression
+    from torch import nn
+
+    from admmcompress.data.datasets import Split
+
+    g = torch.Generator().manual_seed(0)
+    split = Split(torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 2, (16,), generator=g))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    stage = {"plan": {"rules": [{"match": "0", "structure": "filter", "sparsity": 0.5}]}, "method": "magnitude",
+             "coupling": "strict", "admm": {"epochs": 0}, "retrain": {"epochs": 1}}
+    config = RunConfig.from_dict({"model": {"name": "lenet5"}, "seed": 0, "pretrain": {"epochs": 0},
+                                  "data": {"batch_size": 8}, "stages": [stage]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pruning at initialisation
+        runner = Runner(config, model, split, split, progress=False)
+        metrics = runner.run()
+    assert any(key.startswith("1.") for key, _ in runner.masks.items())  # the BatchNorm is masked ...
+    assert [row["name"] for row in metrics["stats"]["layers"]] == ["0", "3"]  # ... but not a row

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The 40 target points (10x, batch 1 and 32, 1 and 2 threads) with kernel v19 and v20 in alternating fresh
-# processes, three of each, on an idle machine. v19 runs from a worktree of the commit before v20:
-#   git worktree add /tmp/wt_v19 <commit before v20>
+# processes, three of each, on an idle machine (v20 first in each pair). v20 was not kept: the library is v19,
+# so v19 runs from a clean worktree and v20 from this tree with the patch applied:
+#   git worktree add /tmp/wt_v19 HEAD
+#   git apply benchmarks/records/kernel_v20/v20_prefetch.patch
 #   bash benchmarks/records/kernel_v20/ab_targets.sh /tmp/wt_v19 benchmarks/records/kernel_v20
+#   git apply -R benchmarks/records/kernel_v20/v20_prefetch.patch
 set -euo pipefail
 old_tree=$1 out=$2
 export MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824

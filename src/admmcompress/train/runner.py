@@ -86,11 +86,13 @@ def _param_names(t: Target) -> tuple[str, ...]:
     return t.param_names if isinstance(t, CoupledTarget) else (t.param_name,)
 
 
+_GEMM_KINDS = (nn.modules.conv._ConvNd, nn.Linear)
+
+
 def _gemm_members(t: CoupledTarget, model: nn.Module) -> list[str]:
     """A coupled target's Conv/Linear member layers (BatchNorm entries go with them but are not reported)."""
     modules = dict(model.named_modules())
-    kinds = (nn.modules.conv._ConvNd, nn.Linear)
-    return [m for m in t.members if isinstance(modules.get(m), kinds)]
+    return [m for m in t.members if isinstance(modules.get(m), _GEMM_KINDS)]
 
 
 @dataclass(frozen=True)
@@ -353,13 +355,19 @@ class Runner:
 
     def layers(self) -> list[str]:
         """Every layer some stage prunes, in model order (a coupled target: its Conv/Linear members), and every
-        layer whose weights carry a mask though no target names it (PENNI's 1x1 convs with ``pointwise``)."""
+        Conv/Linear whose weight carries a mask though no target names it (PENNI's 1x1 convs with ``pointwise``;
+        not the BatchNorms of a coupled target, nor a layer inside a target, as a Tucker-2 layer's factors)."""
         wanted: set[str] = set()
         for targets in self.stage_targets:
             for t in targets:
                 wanted |= set(_gemm_members(t, self.model)) if isinstance(t, CoupledTarget) else {t.layer}
-        wanted |= {key.rpartition(".")[0] for key, _ in self.masks.items() if key.endswith(".weight")}
-        return [n for n, _ in self.model.named_modules() if n in wanted]
+        modules = dict(self.model.named_modules())
+        for key, _ in self.masks.items():
+            name, _, param = key.rpartition(".")
+            inside = any(name.startswith(f"{w}.") or not w for w in wanted)
+            if param == "weight" and name not in wanted and not inside and isinstance(modules.get(name), _GEMM_KINDS):
+                wanted.add(name)
+        return [n for n in modules if n in wanted]
 
     # --- coupling and compaction ---------------------------------------------------------
     def _resolve(self, stage: StageConfig) -> list[Target]:
