@@ -204,7 +204,8 @@ def one_run(contender: str, seed: int, root: Path, quick: bool) -> dict:
         print(f"{out.name}: finished before", flush=True)
         return record
     log = log_to(out)
-    log(f"{contender} seed {seed}: {machine()}")
+    where = machine()  # read once, at the start: its load average is the one other runs left
+    log(f"{contender} seed {seed}: {where}")
     started = time.perf_counter()
     if contender == "admm":
         record = run_admm(seed, out, quick)
@@ -223,7 +224,7 @@ def one_run(contender: str, seed: int, root: Path, quick: bool) -> dict:
     kept = kept_weights(model) if model is not None else {}
     record.setdefault("minutes", (time.perf_counter() - started) / 60)  # (ADMM: the run's own wall time)
     record.update(contender=contender, seed=seed, kept=kept,
-                  compression=430500 / sum(kept.values()) if kept else None, machine=machine(), quick=quick)
+                  compression=430500 / sum(kept.values()) if kept else None, machine=where, quick=quick)
     if model is None:
         log(f"{contender} seed {seed}: diverged: {record['diverged']}")
     else:
