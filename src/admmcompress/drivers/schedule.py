@@ -47,10 +47,6 @@ class MaskSchedule(Driver):
         self.history: list[dict[str, Any]] = []
         self.masks = carry(frozen)
 
-    @classmethod
-    def check_targets(cls, targets: list[Target]) -> None:
-        """Raise if this schedule cannot drive ``targets`` (every target is fine here)."""
-
     def step(self) -> MaskSet:
         """Take the next update; returns the masks (re-attach them to keep them)."""
         raise NotImplementedError

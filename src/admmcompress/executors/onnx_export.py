@@ -59,7 +59,7 @@ import torch
 from admmcompress.atomic import WriteError, atomic_write, nearest_existing
 from admmcompress.encoding import grid_of
 from admmcompress.executors.base import Executor, FinishedRun, register_executor
-from admmcompress.executors.penni import TwoStageConv, shared_layers, to_two_stage
+from admmcompress.executors.penni import shared_layers, to_two_stage
 from admmcompress.structures.groups import gemm_params
 
 OPSET = 21  # int16 DequantizeLinear needs opset 21
@@ -220,7 +220,7 @@ def export_onnx(
     _check_out_folder(path)  # a file where a folder goes: one line now, not after the export
     two_stage = shared_layers(model)
     if two_stage:  # else the exporter folds bases and coefficients into dense kernels: no weights saved
-        model = TwoStageConv.from_shared(model) if two_stage == [""] else to_two_stage(model)
+        model = to_two_stage(model)
     was_training = model.training
     model.eval()
     values, names = _positional(example_inputs)

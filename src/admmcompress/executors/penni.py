@@ -192,7 +192,10 @@ def materialize(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def to_two_stage(model: nn.Module, drop_dead: bool = True) -> nn.Module:
-    """A copy with every :class:`SharedKernelConv` in its two-stage form (the input model is unchanged)."""
+    """A copy with every :class:`SharedKernelConv` in its two-stage form (the input model is unchanged; a
+    :class:`SharedKernelConv` given alone comes back as one :class:`TwoStageConv`)."""
+    if isinstance(model, SharedKernelConv):
+        return TwoStageConv.from_shared(model, drop_dead)
     work = copy.deepcopy(model)
     for name in shared_layers(work):
         replace_module(work, name, TwoStageConv.from_shared(work.get_submodule(name), drop_dead))

@@ -252,8 +252,9 @@ class Runner:
                 self.logger.close()
             self._release_model()
         self.metrics["accuracy_after"] = self._evaluate()
-        self.metrics["stats"] = measure(self.model, self.layers()).to_dict()
-        self.metrics["storage"] = storage(self.model, self.layers()).to_dict()
+        layers = self.layers()
+        self.metrics["stats"] = measure(self.model, layers).to_dict()
+        self.metrics["storage"] = storage(self.model, layers).to_dict()
         if self.config.compact is not None:
             self.metrics["compaction"] = self._compact()
         self._tick_clock()
@@ -364,8 +365,9 @@ class Runner:
         modules = dict(self.model.named_modules())
         for key, _ in self.masks.items():
             name, _, param = key.rpartition(".")
-            inside = any(name.startswith(f"{w}.") or not w for w in wanted)
-            if param == "weight" and name not in wanted and not inside and isinstance(modules.get(name), _GEMM_KINDS):
+            if param != "weight" or name in wanted or not isinstance(modules.get(name), _GEMM_KINDS):
+                continue
+            if not any(name.startswith(f"{w}.") or not w for w in wanted):  # not inside a target
                 wanted.add(name)
         return [n for n in modules if n in wanted]
 
