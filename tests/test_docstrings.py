@@ -81,6 +81,7 @@ MODULES = [
     "admmcompress.executors.onnx_export",
     "admmcompress.executors.penni",
     "admmcompress.executors.tucker",
+    "admmcompress.executors.factorized",
     "admmcompress.executors.rank_search",
     "admmcompress.encoding",
     "admmcompress.report.storage",

@@ -160,32 +160,53 @@ def test_tucker2_run_and_report_count_the_factors_against_the_dense_model(tmp_pa
             f"{final - 250:,} of them nonzero)") in report
     assert "conv2.core.weight" in report and "| conv2.weight |" not in report  # storage: the factors
 
-    # exports: packed loads back into the run's own (factorized) model; compact's manifest cannot describe factors
+    # exports: the packed file and the compacted folder load back from their model spec alone, factors included
     capsys.readouterr()
     assert main(["export", "--packed", str(out), "--out", str(tmp_path / "m.admmpk")]) == 0
     printed = capsys.readouterr().out
     assert "round trip: state dict bit-identical, outputs identical: True" in printed
-    assert "factorized layers (1, e.g. 'conv2'): load the file into a model that has them" in printed
-    assert main(["export", "--compact", str(out), "--out", str(tmp_path / "cmp")]) == 2
-    assert ("export --compact: the run's layers ['conv2'] are factorized (Tucker2Conv), which a compacted model's "
-            "manifest cannot describe; export the run with --packed or --onnx instead") in capsys.readouterr().err
-    assert not (tmp_path / "cmp").exists()
+    from admmcompress.executors.manifest import load_compacted
+    from admmcompress.executors.packed import load_packed
+    from admmcompress.run_export import load_run_model
+
+    run_model = load_run_model(out)[0].eval()
+    x = torch.randn(4, 1, 28, 28)
+    packed = load_packed(tmp_path / "m.admmpk").eval()
+    assert type(packed.conv2).__name__ == "Tucker2Conv" and torch.equal(packed(x), run_model(x))
+    assert main(["export", "--compact", str(out), "--out", str(tmp_path / "cmp")]) == 0
+    compacted = load_compacted(tmp_path / "cmp").eval()
+    assert compacted.conv1.out_channels == 10 and compacted.conv2.first.in_channels == 10  # 10 filters went
+    assert compacted.conv2.ranks == (10, 5)
+    assert torch.allclose(compacted(x), run_model(x), atol=1e-4)
 
 
-def test_compact_with_a_factorizing_stage_is_refused_before_training(tmp_path, capsys):
-    """A compacted model's manifest describes layers by their widths: a run that factorizes cannot end in one."""
+def test_a_penni_run_with_compact_ends_in_a_folder_that_loads_with_its_shared_kernels(tmp_path):
+    """A run that factorizes may end in ``compact:`` (it was refused before training until 2026-12-07): the
+    compacted model keeps its shared-kernel convs, and its folder loads from the manifest alone."""
+    from admmcompress.executors.manifest import load_compacted
+    from admmcompress.executors.penni import SharedKernelConv
+    from admmcompress.run_export import load_run_model
+
+    filters = {"rules": [{"match": "conv1", "structure": "filter", "sparsity": 0.5}]}
+    shared = {"rules": [{"match": "conv2", "structure": "shared_kernels", "bases": 5}]}
     spec = {
         "name": "factorized", "seed": 0, "threads": 1, "model": {"name": "lenet5"},
         "data": {"dataset": "mnist", "batch_size": 64, "train_limit": 128, "test_limit": 64},
-        "pretrained": str(LENET5_DENSE), "compact": True,
-        "stages": [{"plan": {"rules": [{"match": "conv2", "structure": "tucker2", "ranks": [10, 5]}]},
-                    "method": "admm", "admm": {"epochs": 1}, "retrain": {"epochs": 1}}],
+        "pretrained": str(LENET5_DENSE), "compact": {"samples": 2},
+        "stages": [{"plan": filters, "method": "admm", "admm": {"epochs": 0}, "retrain": {"epochs": 0}},
+                   {"plan": shared, "method": "penni", "admm": {"epochs": 0}, "retrain": {"epochs": 0}}],
     }
-    config = tmp_path / "run.yaml"
+    config, out = tmp_path / "run.yaml", tmp_path / "out"
     config.write_text(yaml.safe_dump(spec, sort_keys=False))
-    assert main(["run", str(config), "--out", str(tmp_path / "out"), "--dry-run"]) == 2
-    assert ("compact: stages[0] (admm) factorizes layers (Tucker-2 / shared kernels), which a compacted model's "
-            "manifest cannot describe; drop compact:") in capsys.readouterr().err
+    assert main(["run", str(config), "--out", str(out), "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert metrics["compaction"]["removed"]["conv1"] == [10, 20]
+    assert metrics["compaction"]["params_after"] < metrics["compaction"]["params_before"]
+    compacted = load_compacted(out / "compact").eval()
+    assert isinstance(compacted.conv2, SharedKernelConv)
+    assert (compacted.conv1.out_channels, compacted.conv2.in_channels) == (10, 10)
+    x = torch.randn(4, 1, 28, 28)
+    assert torch.allclose(compacted(x), load_run_model(out)[0].eval()(x), atol=1e-4)
 
 
 def test_penni_run_and_report_count_basis_and_nonzero_coefficients(tmp_path):

@@ -262,15 +262,22 @@ def test_filter_rules_that_cannot_be_compacted_fail_before_training_also_beside_
         Runner(config, create_model("resnet20"), random_split(4), random_split(4), progress=False)
 
 
-def test_a_tucker2_stage_with_filter_rules_and_compact_is_refused_before_training():
-    # the compacted model's manifest describes layers by their widths: the factorized convs it would hold could not
-    # be loaded back from compact/ (they were written, unloadable, until 2026-12-07); the filter rules alone compact
+def test_a_tucker2_stage_with_coupled_filter_rules_compacts_to_a_folder_that_loads_alone(tmp_path):
+    # the compacted model holds its Tucker-2 convs, recorded whole in the manifest (until 2026-12-07 such a run was
+    # refused before training: the manifest could not describe them); the filter rules' channels still go
     plan = {"rules": [{"match": "layers.2.*.conv*", "structure": "tucker2", "rank_ratio": 0.5},
                       {"match": "layers.0.*.conv1", "structure": "filter", "sparsity": 0.5}]}
     config = RunConfig.from_dict({**spec(plan, coupling="strict", compact={"samples": 2}), "seed": 0})
     data = random_split(8)
-    with pytest.raises(ValueError, match=r"^compact: stages\[0\] \(admm\) factorizes layers"):
-        Runner(config, create_model("resnet20"), data, data, progress=False)
+    runner = Runner(config, create_model("resnet20"), data, data, out_dir=tmp_path, progress=False)
+    figures = runner.run()["compaction"]
+    assert figures["params_after"] < figures["params_before"] and figures["macs_after"] < figures["macs_before"]
+    restored = load_compacted(tmp_path / compact_run.COMPACT_DIR)
+    block = restored.layers[2][0].conv1
+    assert type(block).__name__ == "Tucker2Conv" and block.ranks == (32, 16)  # half of (64, 32)
+    assert restored.layers[0][0].conv1.out_channels == 8  # half of the 16 filters
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(outputs(restored, x), outputs(runner.model, x), atol=1e-4)
 
 
 def test_a_zero_filter_of_the_pretrained_model_does_not_fail_the_preflight():

@@ -131,7 +131,9 @@ def compact(
     """A physically smaller copy of ``model`` with the same outputs (the input model is not changed).
 
     ``masks`` (optional) are applied to the copy first, so pruned entries are exactly zero.
-    ``example_inputs`` is what ``model`` is called with (a tensor, or a tuple of them).
+    ``example_inputs`` is what ``model`` is called with (a tensor, or a tuple of them). Channels through a
+    PENNI shared-kernel conv are kept here: ``executors.penni.compact_shared`` (what the ``compact`` executor
+    and a run's ``compact:`` call for such a model) removes them.
     """
     config = config or CompactConfig()
     work = copy.deepcopy(model)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from typing_extensions import deprecated
 
-from admmcompress.executors.base import Executor, ExecutorError, FinishedRun, register_executor, reject_unknown
+from admmcompress.executors.base import Executor, FinishedRun, register_executor, reject_unknown
 from admmcompress.executors.compact import (
     CompactConfig,
     CompactionError,
@@ -39,9 +39,9 @@ from admmcompress.executors.compact import (
 )
 from admmcompress.executors.fold import forward
 from admmcompress.executors.manifest import _write_compacted, load_compacted
+from admmcompress.executors.penni import SharedKernelConv, compact_shared, shared_layers
 from admmcompress.finalize import MaskSet
 from admmcompress.plan.graph import first_sample
-from admmcompress.structures.groups import factorized_layers
 from admmcompress.structures.registry import structure_class
 
 COMPACT_DIR = "compact"
@@ -100,7 +100,8 @@ def preflight_compaction(
     strictly when they prune channels. Other rules are left out, since the filters they zero by chance are
     kept with a warning at the end (``strict_compaction``); so are zero filters the model already has (from
     its checkpoint), which training revives, unless ``keep_zero_filters`` (the run keeps its pretrained zeros).
-    A plan without structured targets is compacted whole, only to say when it removes no width.
+    A plan without structured targets is compacted whole, only to say when it removes no width (one that
+    factorizes layers is not: its compacted model holds the factors).
     """
     from admmcompress.finalize import hard_prune
     from admmcompress.plan import CoupledTarget
@@ -117,6 +118,9 @@ def preflight_compaction(
                 zero = weight == 0
                 weight[zero] = torch.rand(int(zero.sum()), generator=generator).to(weight.dtype) + 0.5
     structured = [structured_targets(targets) for targets in stage_targets]
+    if not any(structured) and any(getattr(getattr(t, "structure", None), "factorizes", False)
+                                   for targets in stage_targets for t in targets):
+        return None  # no width to check: the compacted model holds the factorized layers (smaller by their factors)
     strict = any(isinstance(t, CoupledTarget) or t.structure.kind in CHANNEL_STRUCTURES
                  for targets in structured for t in targets)
     masks = None
@@ -152,8 +156,10 @@ def count_macs(model: nn.Module, example_inputs) -> int:
             total += output[0].numel() * module.in_features
         elif isinstance(module, (ColumnConv2d, ColumnLinear)):
             total += output[0].numel() * module.kept.numel()
+        elif isinstance(module, SharedKernelConv):  # its forward is the dense conv of the kernels it rebuilds
+            total += output[0].numel() * module.in_channels * int(torch.tensor(module.kernel_size).prod())
 
-    kinds = (nn.modules.conv._ConvNd, nn.Linear, ColumnConv2d, ColumnLinear)
+    kinds = (nn.modules.conv._ConvNd, nn.Linear, ColumnConv2d, ColumnLinear, SharedKernelConv)
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
     training = model.training
     try:
@@ -194,7 +200,9 @@ def compact_checked(
         masks.apply(masked)
     masked.eval()
     trace = random_inputs(example, max(2, samples), seed)
-    result = compact(masked, trace, config=CompactConfig(atol=atol, columns=columns, strict=strict))
+    config = CompactConfig(atol=atol, columns=columns, strict=strict)
+    # shared-kernel convs are compacted through their plain equivalent (Torch-Pruning cannot see into them)
+    result = (compact_shared if shared_layers(masked) else compact)(masked, trace, config=config)
     small = result.model.eval()
     check = random_inputs(example, samples, seed + 1)
     with torch.no_grad():
@@ -272,14 +280,17 @@ class CompactExecutor(Executor):
     def convert(
         self, model: nn.Module, masks: MaskSet | None = None, example: Any = None, **options: Any
     ) -> nn.Module:
-        """``compact(model, example, masks, CompactConfig(**options)).model``; ``example`` is required."""
+        """``compact(model, example, masks, CompactConfig(**options)).model`` (``penni.compact_shared`` for a model
+        holding shared-kernel convs); ``example`` is required."""
         if example is None:
             raise ValueError(
                 "compact.convert needs example=<inputs the model is called with> (e.g. torch.randn(2, 3, 32, 32)): "
                 "compaction traces the model"
             )
         reject_unknown("compact", "convert", options, _CONFIG_FIELDS)
-        return compact(model, example, masks, CompactConfig(**options)).model
+        # shared-kernel convs are compacted through their plain equivalent (Torch-Pruning cannot see into them)
+        return (compact_shared if shared_layers(model) else compact)(model, example, masks,
+                                                                     CompactConfig(**options)).model
 
     def save(self, model: nn.Module, path: str | Path, model_spec: dict[str, Any] | None = None) -> Path:
         """``manifest.json`` + ``model.safetensors`` into the folder ``path``; ``model_spec``
@@ -295,13 +306,6 @@ class CompactExecutor(Executor):
     ) -> str:
         """Compact the run's model (its config's ``compact:`` atol and columns), check it, save it, reload it."""
         model = run.model
-        factorized = factorized_layers(model)
-        if factorized:  # the manifest describes Linear/Conv/norm layers by their widths, not a layer's factors
-            raise ExecutorError(
-                f"export --compact: the run's layers {factorized[:3]}{' ...' if len(factorized) > 3 else ''} are "
-                f"factorized ({type(model.get_submodule(factorized[0])).__name__}), which a compacted "
-                "model's manifest cannot describe; export the run with --packed or --onnx instead"
-            )
         options = run.settings.get("compact") or {}
         atol = float(atol) if atol is not None else options.get("atol", 1e-4)
         columns = options.get("columns", "off")

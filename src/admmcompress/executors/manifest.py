@@ -8,6 +8,10 @@ registry name from the manifest, or the one you pass), replaces those layers wit
 recorded shapes, then calls an ordinary ``load_state_dict(strict=True)``: the original widths are never
 needed. ``save_compacted`` is the deprecated old name of the save.
 
+Factorized convs (``Tucker2Conv``, ``SharedKernelConv``: what a low-rank target leaves where the model code builds a
+plain conv) are recorded whole, by their widths and factor sizes (Tucker-2 ranks, number of basis kernels), and
+built in the skeleton's conv's place; a Tucker2Conv's three convs are not recorded again.
+
 Transformers (a skeleton built from the ORIGINAL config, passed by the caller): the manifest also records
 LayerNorms (``WidthKeepingLayerNorm`` with its full width) and Embeddings as layers; under ``tensors`` the
 shape of every parameter held by a module it does not know (RMSNorm weights, ViT's position embeddings and
@@ -62,6 +66,8 @@ from typing_extensions import deprecated
 
 from admmcompress.atomic import WriteError, atomic_folder, atomic_write
 from admmcompress.executors.column import ColumnConv2d, ColumnLinear
+from admmcompress.executors.penni import SharedKernelConv
+from admmcompress.executors.tucker import Tucker2Conv
 from admmcompress.module_swap import replace_module
 from admmcompress.plan.attention import ALL_HEADS_ATTRS, HEAD_COUNT_ATTRS, HEAD_SIZE_ATTRS, KV_COUNT_ATTRS
 from admmcompress.plan.residual import WidthKeepingLayerNorm, tied_parameters
@@ -179,7 +185,66 @@ SPECS.update({
         "sparse": m.sparse,
     },
 })
-BUILDERS: dict[str, type] = {cls.__name__: cls for cls in SPECS}
+
+
+def _padding(padding: Any) -> Any:
+    return padding if isinstance(padding, str) else list(padding)
+
+
+# Factorized convs (a low-rank target's modules): recorded whole, by the widths and factor sizes that give their
+# parts; the parts (a Tucker2Conv's three convs) are not recorded again.
+SPECS.update({
+    Tucker2Conv: lambda m: {
+        "in_channels": m.first.in_channels,
+        "out_channels": m.last.out_channels,
+        "ranks": list(m.ranks),
+        "kernel_size": list(m.core.kernel_size),
+        "stride": list(m.core.stride),
+        "padding": _padding(m.core.padding),
+        "dilation": list(m.core.dilation),
+        "bias": m.last.bias is not None,
+        "first_bias": m.first.bias is not None,  # compaction folds a removed constant channel into a bias
+        "core_bias": m.core.bias is not None,
+        "padding_mode": m.core.padding_mode,
+    },
+    SharedKernelConv: lambda m: {
+        "in_channels": m.in_channels,
+        "out_channels": m.out_channels,
+        "bases": int(m.basis.shape[0]),
+        "kernel_size": list(m.kernel_size),
+        "stride": list(m.stride),
+        "padding": list(m.padding),
+        "dilation": list(m.dilation),
+        "bias": m.bias is not None,
+    },
+})
+
+
+def _conv_on_meta(in_channels: int, out_channels: int, kernel_size: tuple[int, ...], stride: tuple[int, ...],
+                  padding: Any, dilation: tuple[int, ...], bias: bool, padding_mode: str = "zeros") -> nn.Conv2d:
+    """The plain conv a factorized layer is built from: on the meta device (its weight is never needed)."""
+    return nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, bias=bias,
+                     padding_mode=padding_mode, device="meta")
+
+
+def _here() -> torch.device:
+    return torch.empty(0).device  # the device of the loader's ``with torch.device(...)`` (meta while checking)
+
+
+def _build_tucker2(*, ranks: tuple[int, int], first_bias: bool, core_bias: bool, **conv: Any) -> nn.Module:
+    module = Tucker2Conv(_conv_on_meta(**conv), ranks)
+    for part, has_bias in ((module.first, first_bias), (module.core, core_bias)):
+        if has_bias:
+            part.bias = nn.Parameter(torch.empty(part.out_channels, dtype=part.weight.dtype, device="meta"))
+    return module.to_empty(device=_here())
+
+
+def _build_shared(*, bases: int, **conv: Any) -> nn.Module:
+    return SharedKernelConv(_conv_on_meta(**conv), bases).to_empty(device=_here())
+
+
+BUILDERS: dict[str, Callable[..., nn.Module]] = {cls.__name__: cls for cls in SPECS}
+BUILDERS.update({"Tucker2Conv": _build_tucker2, "SharedKernelConv": _build_shared})
 # The types every argument of the layers added with the transformers support must have (strict: a file's
 # "eps": "1e-5" or "bias": 1 is refused, not passed on to a constructor that would keep it).
 _INT, _FLOAT, _BOOL, _OPT_INT, _OPT_FLOAT = "int", "float", "bool", "int or null", "float or null"
@@ -189,7 +254,13 @@ FIELD_TYPES: dict[str, dict[str, str]] = {
                               "elementwise_affine": _BOOL, "bias": _BOOL, "channels_first": _BOOL},
     "Embedding": {"num_embeddings": _INT, "embedding_dim": _INT, "padding_idx": _OPT_INT, "max_norm": _OPT_FLOAT,
                   "norm_type": _FLOAT, "scale_grad_by_freq": _BOOL, "sparse": _BOOL},
+    "Tucker2Conv": {"in_channels": _INT, "out_channels": _INT, "ranks": "ints", "kernel_size": "ints",
+                    "stride": "ints", "padding": "padding", "dilation": "ints", "bias": _BOOL,
+                    "first_bias": _BOOL, "core_bias": _BOOL, "padding_mode": "padding_mode"},
+    "SharedKernelConv": {"in_channels": _INT, "out_channels": _INT, "bases": _INT, "kernel_size": "ints",
+                         "stride": "ints", "padding": "sizes", "dilation": "ints", "bias": _BOOL},
 }
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 # Integer attributes the head executor lowers (executors/heads.py), per attention module, and the float
 # eps an RMSNorm's hidden-size compaction rescales (plan/residual.keep_norm_widths). The head size and the
 # attention's scale never change, but a skeleton built from a compacted config (BERT derives its head size from
@@ -207,9 +278,14 @@ def _is_int(value: Any) -> bool:
 
 def _has_type(value: Any, kind: str) -> bool:
     """Whether a JSON value has one of the ``FIELD_TYPES`` kinds (ints bounded, floats finite)."""
-    if kind == "ints":
+    if kind in ("ints", "sizes"):  # sizes may be 0 (a padding)
+        least = 1 if kind == "ints" else 0
         return isinstance(value, list) and 0 < len(value) <= MAX_DIMS and all(
-            _is_int(v) and 0 < v <= MAX_INT for v in value)
+            _is_int(v) and least <= v <= MAX_INT for v in value)
+    if kind == "padding":
+        return value in ("same", "valid") or _has_type(value, "sizes")
+    if kind == "padding_mode":
+        return value in PADDING_MODES
     if kind.endswith(" or null") and value is None:
         return True
     if kind.startswith("int"):
@@ -223,7 +299,9 @@ def shape_manifest(model: nn.Module, model_spec: dict[str, Any] | None = None) -
     """The JSON-ready manifest: format, the optional registered ``{"name", "kwargs"}``, layer shapes, the shapes
     of the parameters of every other module (RMSNorm weights, position embeddings, class tokens, layer scales),
     the head-count attributes of attention modules and the config fields compaction edits."""
-    modules = dict(model.named_modules())
+    recorded = {name for name, m in model.named_modules() if type(m) in SPECS}
+    # a recorded layer's parts (a Tucker2Conv's convs) are built with it, from its record
+    modules = {name: m for name, m in model.named_modules() if not _inside(name, recorded)}
     layers = {name: {"type": type(m).__name__, **SPECS[type(m)](m)} for name, m in modules.items() if type(m) in SPECS}
     tensors = {
         f"{name}.{attr}" if name else attr: list(p.shape)
@@ -250,6 +328,12 @@ def shape_manifest(model: nn.Module, model_spec: dict[str, Any] | None = None) -
         "tied": [[f"{m}.{a}" if m else a for m, a in names] for names in tied_parameters(model)],
         "parameters": sum(p.numel() for p in model.parameters()),
     }
+
+
+def _inside(name: str, layers: set[str]) -> bool:
+    """Whether module ``name`` lies inside one of ``layers`` (``"a.b.c"`` inside ``"a.b"`` or ``"a"``)."""
+    parts = name.split(".")
+    return bool(name) and ("" in layers or any(".".join(parts[:i]) in layers for i in range(1, len(parts))))
 
 
 def _json_value(value: Any) -> Any:

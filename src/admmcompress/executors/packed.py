@@ -24,7 +24,9 @@ File layout, format 3 (no pickle; a few bytes of header so that small models, e.
 
 Names and shapes are not stored: they come from the model the file is loaded into (an instance
 passed to ``load_packed``, or the one the model spec builds), and the layout checksum refuses a
-model whose state dict differs. Varints are unsigned LEB128.
+model whose state dict differs. A model holding factorized convs (Tucker-2, PENNI shared kernels) adds them to
+its spec under ``"factorized_layers"`` (``{layer: {"structure": ..., "ranks" or "bases"}}``), which the loader
+rebuilds in the registry model's plain convs. Varints are unsigned LEB128.
 
 Integrity: the file checksum is verified before anything else is read (CRC-32 catches every single-bit
 flip and every burst up to 32 bits; 4 bytes keep small files within 1% of the report). Then every header
@@ -65,7 +67,6 @@ True
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 import math
@@ -98,8 +99,9 @@ from admmcompress.encoding import (
     table_format,
     weight_tensors,
 )
-from admmcompress.executors.base import Executor, FinishedRun, register_executor
-from admmcompress.structures.groups import as_matrix, factorized_layers
+from admmcompress.executors.base import Executor, ExecutorError, FinishedRun, register_executor
+from admmcompress.executors.factorized import factorized_spec, rebuild_factorized
+from admmcompress.structures.groups import as_matrix
 
 # --- bit streams ------------------------------------------------------------------------------
 
@@ -418,6 +420,7 @@ FLOAT_KINDS = ("float32", "float16")
 ORDERS = ("column", "row")
 MAX_SPEC_BYTES = 1 << 16  # a model spec is a registry name and a few keyword arguments
 MAX_MODEL_ELEMENTS = 1 << 28  # a model built from a file's spec: at most 2^28 elements (1 GiB of float32)
+FACTORIZED_KEY = "factorized_layers"  # model spec key: {layer: structure} of convs the registry builds plain
 
 
 @dataclass
@@ -521,12 +524,16 @@ def save_packed(
     model_spec: dict[str, Any] | None = None,
 ) -> PackedSummary:
     """Write ``model`` as a packed file; ``model_spec`` (``{"name": ..., **kwargs}``) lets
-    ``load_packed`` rebuild the architecture from the registry without a model instance."""
+    ``load_packed`` rebuild the architecture from the registry without a model instance (with the model's
+    factorized convs, recorded under ``"factorized_layers"``: ``executors.factorized``)."""
     if scheme != "best" and scheme not in SCHEMES:
         raise ValueError(f"scheme={scheme!r}; choose 'best' or one of {SCHEMES}")
     index_bits = _index_bits(index_bits)  # checked before any byte is written
     weights = weight_tensors(model)  # the storage report's weight layers (norm scales stay raw)
     state = model.state_dict()
+    factorized = factorized_spec(model)
+    if model_spec and factorized:  # the registry builds these convs plain: the loader rebuilds them from this
+        model_spec = {**model_spec, FACTORIZED_KEY: factorized}
     spec = json.dumps(model_spec, separators=(",", ":")).encode() if model_spec else b""
     header = bytearray(struct.pack("<I", layout_checksum(state)))  # after the magic and the file checksum
     header += _varint(len(spec)) + spec + _varint(len(state))
@@ -596,15 +603,21 @@ def _build(spec: dict[str, Any] | None, device: str | None = None) -> torch.nn.M
     from admmcompress.models import create_model
     from admmcompress.models.registry import spec_problem
 
-    kwargs = {k: v for k, v in spec.items() if k != "name"}
+    kwargs = {k: v for k, v in spec.items() if k not in ("name", FACTORIZED_KEY)}
     problem = spec_problem(kwargs)
     if problem:
         _fail(f"names model {spec.get('name')!r} with {problem}")
     try:
         with torch.device(device or "cpu"):
-            return create_model(spec["name"], **kwargs)
+            model = create_model(spec["name"], **kwargs)
     except Exception as err:  # a spec from a file: whatever the registry says about it, say it in one line
         _fail(f"names a model that cannot be built ({spec!r}: {type(err).__name__}: {err})")
+    if FACTORIZED_KEY in spec:  # convs a low-rank target rewrote: the registry builds them plain
+        try:
+            rebuild_factorized(model, spec[FACTORIZED_KEY], "its model spec's factorized layers")
+        except ExecutorError as err:
+            _fail(str(err))
+    return model
 
 
 def _shape_model(spec: dict[str, Any] | None, model: torch.nn.Module | None, limit: int) -> torch.nn.Module:
@@ -947,10 +960,7 @@ class PackedExecutor(Executor):
         model = run.model
         index_bits = _index_bits(index_bits)
         summary = self.save(model, out, scheme=scheme, index_bits=index_bits, model_spec=dict(run.model_config))
-        factorized = factorized_layers(model)
-        # the file's model spec builds the architecture before factorization: a factorized run's file loads into
-        # the run's own model (its weights blanked first, so every value checked below comes from the file)
-        restored = self.load(out, _blank_copy(model) if factorized else None).eval()
+        restored = self.load(out).eval()  # from the file's model spec alone (factorized convs included)
         for name, value in model.state_dict().items():
             if not torch.equal(value, restored.state_dict()[name]):
                 raise RuntimeError(f"packed round trip changed '{name}'; please report this as a bug")
@@ -960,20 +970,7 @@ class PackedExecutor(Executor):
         report = run.storage(index_bits=index_bits)
         lines = [report.render(), *packed_size_lines(Path(out).stat().st_size, summary, report, scheme)]
         lines.append(f"round trip: state dict bit-identical, outputs identical: {identical}")
-        if factorized:
-            lines.append(f"factorized layers ({len(factorized)}, e.g. '{factorized[0]}'): load the file into a model "
-                         "that has them, load_packed(path, skeleton) with the run's model as skeleton "
-                         "(admmcompress.run_export.load_run_model(run_dir)[0])")
         return "\n".join(lines)
-
-
-def _blank_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``model`` with every floating-point tensor of its state NaN and every other one zero."""
-    blank = copy.deepcopy(model)
-    with torch.no_grad():
-        for value in blank.state_dict().values():
-            value.fill_(float("nan") if value.is_floating_point() else 0)
-    return blank
 
 
 __all__ = [

@@ -22,6 +22,7 @@ True
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
 from collections.abc import Mapping
@@ -203,25 +204,29 @@ def to_two_stage(model: nn.Module, drop_dead: bool = True) -> nn.Module:
 
 
 @torch.no_grad()
-def shrink(model: nn.Module, example: Any, atol: float = 1e-5) -> nn.Module:
-    """Remove dead input/output channels across layers, then the two-stage form (SPEC 10.2 "shrink").
+def compact_shared(model: nn.Module, example: Any, masks: Any = None, config: Any = None) -> Any:
+    """:func:`~admmcompress.executors.compact.compact` for a model holding :class:`SharedKernelConv` layers.
 
-    A filter whose coefficients are all zero (and whose BN shift is zero or foldable) and an input channel no
-    layer reads are removed by :func:`~admmcompress.executors.compact.compact` on the plain equivalent model,
-    which keeps the union of channels across residual adds. Each shrunk layer keeps its basis; its
-    coefficients are solved back from the shrunk kernels (least squares on the same basis: exact up to
-    rounding, entries below ``1e-6`` of the layer's largest set to zero), and the result is checked against
-    ``model`` on ``example`` (eval mode, ``atol``).
+    Torch-Pruning cannot follow channels through a shared-kernel conv (its kernels are computed, not a layer's
+    weight), so the plain equivalent model (:func:`materialize`) is compacted, which removes a filter whose
+    coefficients are all zero (and whose BN shift is zero or foldable) and an input channel no layer reads, and
+    keeps the union of channels across residual adds. Each shrunk layer keeps its basis; its coefficients are
+    solved back from the shrunk kernels (least squares on the same basis: exact up to rounding, entries below
+    ``1e-6`` of the layer's largest set to zero). Column executors (``config.columns``) go on the plain convs
+    only. Returns the ``CompactionResult``, its ``max_abs_diff`` that of the shared-kernel result on ``example``.
     """
-    from admmcompress.executors.compact import CompactConfig, compact
+    from admmcompress.executors.compact import CompactConfig, compact, count_params
+    from admmcompress.executors.fold import forward
 
-    names = shared_layers(model)
-    plain = materialize(model)
-    with warnings.catch_warnings():  # channels a residual partner still writes stay: PENNI keeps the union
-        warnings.filterwarnings("ignore", message="compact: ", category=RuntimeWarning)
-        small = compact(plain, example, config=CompactConfig(strict=False, atol=atol)).model
+    config = config or CompactConfig()
+    work = copy.deepcopy(model)
+    if masks is not None:
+        masks.apply(work)
+    names = shared_layers(work)
+    result = compact(materialize(work), example, config=dataclasses.replace(config, columns="off"))
+    small = result.model
     for name in names:
-        original, conv = model.get_submodule(name), small.get_submodule(name)
+        original, conv = work.get_submodule(name), small.get_submodule(name)
         shared = SharedKernelConv(conv, original.basis.shape[0])
         basis = original.basis.detach().reshape(shared.basis.shape[0], -1)
         kernels = conv.weight.detach().reshape(conv.out_channels * conv.in_channels, -1)
@@ -237,7 +242,44 @@ def shrink(model: nn.Module, example: Any, atol: float = 1e-5) -> nn.Module:
         shared.coefs.copy_(coefs.reshape(shared.coefs.shape))
         if conv.bias is not None:
             shared.bias.copy_(conv.bias)
+        shared.basis.requires_grad_(original.basis.requires_grad)
+        shared.coefs.requires_grad_(original.coefs.requires_grad)
         replace_module(small, name, shared)
+    if config.columns != "off":
+        from admmcompress.executors.column import apply_column_executors
+
+        result.columns = apply_column_executors(small, example, mode=config.columns, min_sparsity=0.0)
+    work.eval()
+    small.eval()
+    result.max_abs_diff = max(result.max_abs_diff, _largest_difference(forward(work, example), forward(small, example)))
+    result.params_before, result.params_after = count_params(work), count_params(small)
+    if not result.max_abs_diff <= config.atol:
+        from admmcompress.executors.compact import CompactionError
+
+        raise CompactionError(f"the compacted shared-kernel model differs from the input model by "
+                              f"{result.max_abs_diff:.3g} (> atol={config.atol:g}); report the model")
+    return result
+
+
+def _largest_difference(a: Any, b: Any) -> float:
+    from admmcompress.plan.graph import output_tensors
+
+    return max((float((x - y).abs().max()) for x, y in zip(output_tensors(a), output_tensors(b), strict=True)
+                if x.numel()), default=0.0)
+
+
+@torch.no_grad()
+def shrink(model: nn.Module, example: Any, atol: float = 1e-5) -> nn.Module:
+    """Remove dead input/output channels across layers, then the two-stage form (SPEC 10.2 "shrink").
+
+    :func:`compact_shared` with ``strict=False`` (PENNI keeps the union of channels across residual adds); the
+    result is checked against ``model`` on ``example`` (eval mode, ``atol``).
+    """
+    from admmcompress.executors.compact import CompactConfig
+
+    with warnings.catch_warnings():  # channels a residual partner still writes stay: PENNI keeps the union
+        warnings.filterwarnings("ignore", message="compact: ", category=RuntimeWarning)
+        small = compact_shared(model, example, config=CompactConfig(strict=False, atol=atol)).model
     result = to_two_stage(small)
     was = model.training
     model.eval()
@@ -285,6 +327,7 @@ __all__ = [
     "PenniExecutor",
     "SharedKernelConv",
     "TwoStageConv",
+    "compact_shared",
     "decompose_shared_kernels",
     "materialize",
     "shared_layers",

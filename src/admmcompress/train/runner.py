@@ -383,16 +383,6 @@ class Runner:
         remove no width (``compact_run.preflight_compaction``)."""
         from admmcompress.executors.compact import CompactionError
         from admmcompress.executors.compact_run import preflight_compaction
-        factorizing = [(i, stage.method) for i, (stage, targets) in enumerate(zip(self.config.stages,
-                                                                                   self.stage_targets, strict=True))
-                       if any(t.structure.factorizes for t in targets)]  # (other drivers refuse them)
-        if factorizing:  # the compacted model's manifest describes layers by their widths, not by their factors
-            i, method = factorizing[0]
-            raise ValueError(
-                f"compact: stages[{i}] ({method}) factorizes layers (Tucker-2 / shared kernels), which a compacted "
-                "model's manifest cannot describe; drop compact: (the factorized model is the run's "
-                "model.safetensors), and export it with --packed or --onnx"
-            )
         try:
             note = preflight_compaction(self.model, self.stage_targets, self.example, self.config.compact.columns,
                                         keep_zero_filters=self.config.freeze_pretrained_zeros)
