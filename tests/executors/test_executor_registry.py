@@ -145,6 +145,13 @@ def test_unsupported_acts_say_what_the_executor_can_do():
         get_executor("onnx").load("model.onnx")
     with pytest.raises(NotImplementedError, match="executor 'packed' cannot convert"):
         get_executor("packed").convert(nn.Linear(2, 2))
+    # the factorizing executors point to the formats that record their layers (the compact manifest, packed)
+    with pytest.raises(UnsupportedAct, match=r"'penni' cannot save; it can: convert \(save the shared-kernel model "
+                                             r"with get_executor\('compact'\)\.save"):
+        get_executor("penni").save(nn.Linear(2, 2), "x")
+    with pytest.raises(UnsupportedAct, match=r"'tucker' cannot load; it can: convert \(load it with "
+                                             r"get_executor\('compact'\)\.load"):
+        get_executor("tucker").load("x")
 
 
 def test_convert_returns_a_new_model_and_leaves_the_input_alone():

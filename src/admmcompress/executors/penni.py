@@ -300,6 +300,12 @@ class PenniExecutor(Executor):
     """
 
     summary = "PENNI two-stage convs (depthwise basis conv + 1x1 coefficient conv)"
+    hints = {
+        "save": "save the shared-kernel model with get_executor('compact').save (its manifest records them) and "
+                "convert after loading it, or write the two-stage model with get_executor('onnx')",
+        "load": "load the shared-kernel model with get_executor('compact').load, then convert it",
+        "export": "export the run with --compact (shared-kernel convs kept) or --onnx (two-stage form)",
+    }
 
     def convert(self, model: nn.Module, masks: Any = None, example: Any = None, **options: Any) -> nn.Module:
         bases = options.pop("bases", None)

@@ -108,6 +108,12 @@ class TuckerExecutor(Executor):
     """Tucker-2 factorization of named convs: ``convert(model, ranks={layer: (r_o, r_i)})``."""
 
     summary = "Tucker-2 factorized convs (1x1 -> k x k -> 1x1)"
+    hints = {
+        "save": "save the factorized model with get_executor('compact').save (its manifest records the Tucker-2 "
+                "convs) or get_executor('packed').save",
+        "load": "load it with get_executor('compact').load or get_executor('packed').load",
+        "export": "export the run with --compact, --packed or --onnx",
+    }
 
     def convert(self, model: nn.Module, masks: Any = None, example: Any = None, **options: Any) -> nn.Module:
         ranks = options.pop("ranks", None)
