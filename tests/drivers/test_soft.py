@@ -93,6 +93,33 @@ def test_the_z_step_is_rows_then_columns_with_the_exact_threshold():
     assert torch.equal(soft.U["weight"], w - soft.Z["weight"])  # U += W - Z from U = 0
 
 
+def test_a_bound_caps_the_layers_strength_and_keeps_the_groups_in_order():
+    """At most half the columns may go, the strength would zero three of four: the layer is thresholded at the
+    largest strength that keeps its bound, so the kept columns keep their order (until 2026-12-07 the largest
+    column below the threshold was kept unshrunk while a larger one above it was shrunk to 0.1)."""
+    model = nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.1, 0.9, 0.5, 0.3]]))
+    soft = SoftThreshold(model, Plan([Rule(Column(sparsity=0.5), match="")]),
+                         SoftConfig(strength=1.0, rho=1.0, weighting="none"))
+    soft.step()
+    z = soft.Z["weight"][0].double()
+    # the capped strength is 0.5, the largest column norm among the two zeroed: each kept column shrinks by it
+    assert torch.allclose(z, torch.tensor([0.6, 0.4, 0.0, 0.0], dtype=torch.float64), atol=1e-6)
+    exact = group_soft_threshold(model.weight.detach().double(), column_ids(1, 4), 4, 0.5)[0]
+    assert torch.allclose(z, exact, atol=1e-7)  # the exact prox at the capped strength
+    out = (soft.finalize(), soft.summary()["soft"])[1]
+    assert (out["targets"], out["targets_at_bound"], out["zeroed_at_bound"]) == (1, 1, 2)
+    # a strength within the bound is not capped: 0.4 zeroes one column (0.3) and shrinks the rest by 0.4
+    soft = SoftThreshold(nn.Linear(4, 1, bias=False), Plan([Rule(Column(sparsity=0.5), match="")]),
+                         SoftConfig(strength=0.4, rho=1.0, weighting="none"))
+    with torch.no_grad():
+        soft._params["weight"].copy_(torch.tensor([[1.1, 0.9, 0.5, 0.3]]))
+    soft.step()
+    assert torch.allclose(soft.Z["weight"][0], torch.tensor([0.7, 0.5, 0.1, 0.0]), atol=1e-6)
+    assert soft.summary()["soft"]["history"][-1]["strength"] == 0.4
+
+
 def test_penalty_gradient_is_rho_times_w_minus_z_plus_u_and_finite_at_the_start():
     model = mlp()
     soft = SoftThreshold(model, row_col_plan(), SoftConfig(strength=1e-3, rho=0.3))

@@ -28,7 +28,8 @@ the final cut removed (a budget met mostly by the cut is magnitude pruning in di
 masks the producer rows of channels nobody reads, as the budget counts them and compaction removes them.
 
 The plan says what may be pruned: a layer without a rule is excluded; a rule's ``sparsity`` is the most
-its groups may lose (a bound; the largest groups beyond it are kept unshrunk); ``pin: {glob: sparsity}``
+its groups may lose (a bound: where the strength would zero more, the layer is thresholded at the largest
+strength that keeps its bound, every kept group shrunk by it); ``pin: {glob: sparsity}``
 fixes a layer's rate (its ``Z`` is the exact top-k projection, as in ADMM). Coupled targets
 (``coupling: strict``) are row groups spanning every member, so the result compacts physically. ``heads``
 targets are row groups too: one group per attention head (with grouped-query attention, per key/value head and
@@ -416,14 +417,13 @@ class SoftThreshold(Driver):
             if pin is not None:
                 factor = top_groups(norms, kept_count(n, pin)).to(norms.dtype)
             else:
-                threshold = strength * self._weights[t.key] / self.rho
+                weights = self._weights[t.key].to(norms.dtype)
+                threshold = strength * weights / self.rho
                 factor = torch.where(norms > threshold, 1 - threshold / norms.clamp_min(1e-300), 0.0)
                 factor = torch.nan_to_num(factor, nan=0.0)  # inf / inf at strength = inf
                 most = n - kept_count(n, t.structure.target_sparsity)  # the rule's sparsity bounds the layer
-                zero = factor == 0
-                if int(zero.sum()) > most:
-                    keep = top_groups(norms, n - most) & zero & (norms > 0)
-                    factor[keep] = 1.0  # kept by the bound: not shrunk
+                if int((factor == 0).sum()) > most:
+                    factor = _capped_factor(norms, weights, most)
             self._scale(t, flat, factor)
         zeros = {t.key: self._norms(t, flat) == 0 for t in self.targets}
         return self._unflat(flat), zeros
@@ -505,8 +505,8 @@ class SoftThreshold(Driver):
         channels they read changes with the strength, and the channels nobody reads (removed with their
         producers) come and go: the cost flips between levels under tiny changes of the strength, and the
         bisection can settle in a bump above smaller strengths that meet the budget (and shrink less). Smaller
-        strengths are tried down a geometric grid; the lowest one that meets the budget is bisected against the
-        grid point below it.
+        strengths are tried down a geometric grid (steps of 3%, until 16 in a row miss); the lowest one that meets
+        the budget is bisected against the grid point below it. A window narrower than one step can be missed.
         """
         lowest, misses, strength = None, 0, hi
         while misses < _STEP_DOWN_MISSES:
@@ -678,10 +678,21 @@ class SoftThreshold(Driver):
         by_soft = sum(int((soft[k] & final[k]).sum()) for k in free)  # restored groups are not pruned
         by_cut = sum(int((final[k] & ~soft[k]).sum()) for k in free)
         pruned = by_soft + by_cut
+        by_key = {t.key: t for t in self.targets}
+        # targets whose rule's sparsity bound capped the strength: their rates are the plan's, not the threshold's
+        at_bound = []
+        for k in free:
+            n = self._ids[k][1]
+            most = n - kept_count(n, by_key[k].structure.target_sparsity)
+            if most > 0 and int(soft[k].sum()) >= most:
+                at_bound.append(k)
         return {
             "groups": sum(self._ids[k][1] for k in free),
             "zeroed_by_soft_threshold": by_soft,  # of the pruned groups: zero in the last Z
             "cut_by_final_topk": by_cut,
+            "targets": len(free),
+            "targets_at_bound": len(at_bound),
+            "zeroed_at_bound": sum(int((soft[k] & final[k]).sum()) for k in at_bound),
             "pinned_pruned": sum(int(final[t.key].sum()) for t in self.targets if self.pins[t.key] is not None),
             "share_soft_threshold": by_soft / pruned if pruned else 1.0,
         }
@@ -766,6 +777,27 @@ def _per_row(t: Target, per_group: torch.Tensor) -> torch.Tensor:
     """A row target's per-group values, one per row of its matrix (a head spans ``head_dim`` rows)."""
     width = rows_per_group(t)
     return per_group.repeat_interleave(width) if width > 1 else per_group
+
+
+def _capped_factor(norms: torch.Tensor, weights: torch.Tensor, most: int) -> torch.Tensor:
+    """The group soft-threshold factors of a target whose bound (at most ``most`` zero groups) caps its strength.
+
+    The layer is thresholded at the largest strength that zeroes at most ``most`` groups: the ``most`` groups of
+    smallest ``||V_g|| / w_g`` (where each group would reach zero) are zeroed, and every other group is shrunk by
+    that strength, ``1 - c w_g / ||V_g||`` with ``c`` the largest ratio among the zeroed ones. Groups keep their
+    order (a larger group stays larger), and ``Z`` stays the exact prox of the group lasso at the capped strength
+    (the kept groups' factors are held above 0 only against rounding and exact ties at ``c``).
+
+    >>> _capped_factor(torch.tensor([1.1, 0.9, 0.5, 0.3], dtype=torch.float64), torch.ones(4), 2).tolist()
+    [0.5454545454545454, 0.4444444444444444, 0.0, 0.0]
+    """
+    ratio = norms / weights.clamp_min(1e-300)
+    order = torch.argsort(ratio, stable=True)
+    zero = torch.zeros_like(norms, dtype=torch.bool)
+    zero[order[:most]] = True
+    cap = ratio[order[most - 1]] if most > 0 else torch.zeros((), dtype=norms.dtype)
+    shrink = (1 - cap * weights / norms.clamp_min(1e-300)).clamp_min(torch.finfo(norms.dtype).eps)
+    return torch.where(zero, torch.zeros_like(shrink), shrink)
 
 
 def _group_sum(values: torch.Tensor, ids: torch.Tensor, n: int) -> torch.Tensor:

@@ -5,7 +5,8 @@ layer, the budget met, and how the pruned groups were chosen (soft threshold vs 
 
 >>> record = {"rates": {"fc1": {"rows_kept": 30, "rows": 300, "cols_kept": 392, "cols": 784}},
 ...           "budget": {"kind": "params", "target": 12000.0, "final": 11760.0},
-...           "zeroed_by_soft_threshold": 900, "cut_by_final_topk": 100, "share_soft_threshold": 0.9}
+...           "zeroed_by_soft_threshold": 900, "cut_by_final_topk": 100, "share_soft_threshold": 0.9,
+...           "targets": 1, "targets_at_bound": 1, "zeroed_at_bound": 900}
 >>> print(render_rates(record))  # doctest: +NORMALIZE_WHITESPACE
 | layer | rows kept | row sparsity | columns kept | column sparsity |
 |---|---:|---:|---:|---:|
@@ -13,6 +14,8 @@ layer, the budget met, and how the pruned groups were chosen (soft threshold vs 
 <BLANKLINE>
 - Budget (params): 11,760 of 12,000 allowed
 - Pruned groups: 900 zeroed by the soft threshold, 100 cut by the final top-k (90.0% by the threshold)
+- Targets at their rule's sparsity bound: 1 of 1 (their rates are the plan's bounds, not the threshold's); 900 of
+  the pruned groups are theirs
 """
 
 from __future__ import annotations
@@ -40,6 +43,12 @@ def render_rates(record: dict[str, Any]) -> str:
             f"- Pruned groups: {record['zeroed_by_soft_threshold']} zeroed by the soft threshold, "
             f"{record['cut_by_final_topk']} cut by the final top-k "
             f"({100 * record['share_soft_threshold']:.1f}% by the threshold)"
+        )
+    if record.get("targets_at_bound"):  # records before 2026-12-07 do not say
+        lines.append(
+            f"- Targets at their rule's sparsity bound: {record['targets_at_bound']} of {record['targets']} (their "
+            f"rates are the plan's bounds, not the threshold's); {record['zeroed_at_bound']} of the pruned groups "
+            "are theirs"
         )
     return "\n".join(lines)
 
