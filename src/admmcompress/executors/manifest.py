@@ -412,6 +412,7 @@ def load_compacted(folder: str | Path, model: nn.Module | None = None) -> nn.Mod
 
     Checks first, builds after: both checksums, the manifest's structure, every layer's arguments (on the
     meta device) and the weights' names and shapes against the layers; any failure is one ``ManifestError``.
+    The model comes back in eval mode, whatever the skeleton's (call ``.train()`` to fine-tune it).
     """
     folder = Path(folder)
     path = folder / MANIFEST
@@ -454,6 +455,9 @@ def load_compacted(folder: str | Path, model: nn.Module | None = None) -> nn.Mod
         found = {k: (str(v.dtype), tuple(v.shape)) for k, v in state.items()}
         if found != expected:
             wrong = sorted(set(found) ^ set(expected)) or sorted(k for k in found if found[k] != expected[k])
+            if model is not None:  # most likely the skeleton, not the file: say so first
+                _fail(f"'{weights_path}' does not fit the skeleton given with the layers its manifest describes "
+                      f"(first differences: {wrong[:4]}): pass a skeleton of the architecture it was saved from")
             _fail(f"'{weights_path}' does not fit the layers its manifest describes (first differences: {wrong[:4]})")
         if model is None:
             model = _skeleton(manifest["model"])  # only now: everything checked
@@ -466,7 +470,7 @@ def load_compacted(folder: str | Path, model: nn.Module | None = None) -> nn.Mod
         parameters = manifest.get("parameters")
         if parameters is not None and parameters != sum(p.numel() for p in model.parameters()):
             _fail(f"records {parameters:,} parameters, the model it describes has another count")
-    return model
+    return model.eval()  # for inference, as from_pretrained: a BatchNorm in train mode would give other outputs
 
 
 def read_compact_manifest(path: str | Path) -> dict[str, Any]:

@@ -836,7 +836,8 @@ def load_packed(
 
     Nothing is built or allocated before the whole header has been checked (a model from the file's spec is
     first built on the meta device and refused above ``max_elements``); every weight is decoded and checked
-    before the model is built. A corrupt, truncated or crafted file is one ``PackedFormatError``.
+    before the model is built. A corrupt, truncated or crafted file is one ``PackedFormatError``. The model comes
+    back in eval mode (call ``.train()`` to fine-tune it).
     """
     data, label = _read(source)
     with _named(label):
@@ -863,7 +864,7 @@ def load_packed(
         model = _build(manifest["model"]) if model is None else model  # only now: everything checked
         model.load_state_dict(state)
     _note_unchecked(manifest, label)
-    return model
+    return model.eval()  # for inference, as from_pretrained: a BatchNorm in train mode would give other outputs
 
 
 def save_packed_bytes(model: torch.nn.Module, **kwargs: Any) -> bytes:
