@@ -183,6 +183,23 @@ def test_ternary_is_the_exact_projection_over_every_support(v):
 # --- clustering --------------------------------------------------------------------------------------
 
 
+def test_kmeans_uses_every_cluster_of_a_pruned_layer():
+    """A pruned layer's kept weights sit in two clumps away from zero: the even start put centroids in the gap,
+    which found no members and were dropped (8 clusters asked, 5 used, twice the error; a user review's finding).
+    Empty clusters are now moved onto the worst-fit values, so all k are used, each the mean of its members."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(2000, generator=gen)
+    kept = w[w.abs() >= 1.0]
+    for k in (8, 32):
+        centroids, codes = kmeans_1d(kept, k)
+        assert centroids.numel() == k and torch.equal(torch.unique(codes), torch.arange(k))
+        assert all(torch.isclose(kept[codes == j].mean(), centroids[j]) for j in range(k))
+        assert torch.equal(codes, torch.argmin((kept[:, None] - centroids[None]).abs(), dim=1))
+    w[w.abs() < 1.0] = 0
+    assert torch.unique(Clustering(clusters=8).project(w)).numel() == 8 + 1  # and the pruned zeros
+    assert kmeans_1d(torch.tensor([1.0, 1.0, 2.0]), 3)[0].tolist() == [1.0, 2.0]  # two distinct values: two levels
+
+
 def test_kmeans_is_a_lloyd_fixed_point_and_beats_its_initialisation():
     gen = torch.Generator().manual_seed(5)
     v = torch.cat(

@@ -438,13 +438,19 @@ def kmeans_1d(values: torch.Tensor, k: int, max_iter: int = 100) -> tuple[torch.
     """Lloyd's 1-D k-means, centroids initialised evenly between min and max (Han et al. style).
 
     Returns ``(centroids ascending, codes)``; every value is assigned to its nearest centroid and
-    every centroid is the mean of its members (empty clusters are dropped). A local optimum.
+    every centroid is the mean of its members. A local optimum. A centroid left without members (the even
+    start puts some in the gap a pruned layer's kept weights leave around zero) is moved onto the value
+    farthest from its own centroid, so ``k`` levels are used whenever the values hold ``k`` distinct ones;
+    only with fewer are clusters dropped.
 
     >>> kmeans_1d(torch.tensor([1.0, 1.2, 5.0, 5.2], dtype=torch.float64), 2)[0]
     tensor([1.1000, 5.1000], dtype=torch.float64)
+    >>> kmeans_1d(torch.tensor([-1.0, -0.9, 0.9, 1.0, 1.1]), 4)[0]    # the even start leaves two in the gap
+    tensor([-0.9500,  0.9000,  1.0000,  1.1000])
     """
     low, high = float(values.min()), float(values.max())
     centroids = torch.linspace(low, high, k, dtype=values.dtype, device=values.device)
+    can_fill = torch.unique(values).numel() >= k
     codes = None
     for _ in range(max_iter):
         new_codes = _nearest(values, centroids)
@@ -452,6 +458,10 @@ def kmeans_1d(values: torch.Tensor, k: int, max_iter: int = 100) -> tuple[torch.
         counts = torch.zeros_like(centroids).index_add_(0, new_codes, torch.ones_like(values))
         filled = counts > 0
         centroids = torch.where(filled, sums / counts.clamp(min=1), centroids)
+        if can_fill and not bool(filled.all()):
+            centroids = _reseed(values, centroids, new_codes, ~filled)
+            codes = None  # not converged: the moved centroids take members next
+            continue
         if codes is not None and torch.equal(new_codes, codes):
             break
         codes = new_codes
@@ -460,6 +470,20 @@ def kmeans_1d(values: torch.Tensor, k: int, max_iter: int = 100) -> tuple[torch.
     used[codes] = True
     remap = torch.cumsum(used, 0) - 1
     return centroids[used], remap[codes]
+
+
+def _reseed(values: torch.Tensor, centroids: torch.Tensor, codes: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+    """``centroids`` (ascending again) with each ``empty`` one moved onto the value of largest squared error to its
+    own centroid (a distinct value per moved centroid; the standard repair of an empty k-means cluster)."""
+    error = (values - centroids[codes]).pow(2)
+    centroids = centroids.clone()
+    for slot in torch.nonzero(empty).flatten().tolist():
+        i = int(torch.argmax(error))
+        if float(error[i]) <= 0:
+            break
+        centroids[slot] = values[i]
+        error[values == values[i]] = 0  # that value is a centroid now
+    return torch.sort(centroids).values
 
 
 def _nonzero_levels(values: torch.Tensor, levels: torch.Tensor, codes: torch.Tensor, k: int) -> torch.Tensor:
