@@ -5,6 +5,7 @@ duplicate YAML keys, a model that cannot read the data, a driver cadence that ne
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 from pathlib import Path
 
@@ -151,6 +152,61 @@ def test_a_model_with_fewer_outputs_than_the_dataset_has_classes_is_refused():
     x, y = torch.randn(4, 1, 28, 28), torch.tensor([0, 3, 11, 19])
     with pytest.raises(ValueError, match="has 10 outputs but the training labels have 20 classes; give the model"):
         runner("lenet300100", x, y)
+
+
+@pytest.mark.parametrize(("y", "says"), [
+    (torch.tensor([0.0, 3.0, 1.0, 2.0]), "are torch.float32 shaped (4,): give integer class indices (y.long()), or "
+                                         "class probabilities shaped like the model's outputs (N, 10)"),
+    (torch.nn.functional.one_hot(torch.tensor([0, 3, 1, 2]), 10), "are shaped (4, 10) for outputs shaped (N, 10): "
+                                                                   "they look one-hot: give y.argmax(1)"),
+    (torch.tensor([0, -3, 1, 2]), "hold the negative class -3: class indices run from 0"),
+    (torch.tensor([True, False, True, True]), "are torch.bool: give integer class indices (y.long())"),
+])
+def test_labels_cross_entropy_cannot_take_are_refused_in_one_line_before_training(y, says):
+    """They failed in the first training step with torch's error (a user review's finding), through compress() and
+    through a dataset imported by path, whose --dry-run passed."""
+    with pytest.raises(ValueError, match="^the training labels ") as info:
+        runner("lenet300100", torch.randn(4, 1, 28, 28), y)
+    assert says in str(info.value) and str(info.value).endswith("; the loss is cross-entropy")
+    assert "\n" not in str(info.value)
+
+
+def test_class_probabilities_and_ignored_targets_are_labels_cross_entropy_takes():
+    probabilities = torch.softmax(torch.randn(4, 10), dim=1)
+    runner("lenet300100", torch.randn(4, 1, 28, 28), probabilities)
+    runner("lenet300100", torch.randn(4, 1, 28, 28), torch.tensor([0, -100, 9, 2]))
+
+
+def test_a_torch_datasets_labels_are_checked_from_its_first_samples():
+    from torch.utils.data import TensorDataset
+
+    x = torch.randn(4, 1, 28, 28)
+    content = spec(model={"name": "lenet300100"}, pretrained="unused.safetensors")
+    del content["pretrain"]
+    content["stages"][0]["plan"] = {"rules": [{"match": "fc1", "structure": "unstructured", "sparsity": 0.5}]}
+    for y, says in ((torch.tensor([0, 3, 11, 19]), "has 10 outputs but the training labels have 20 classes"),
+                    (torch.tensor([0.0, 3.0, 1.0, 2.0]), "the training labels are torch.float32 shaped (4,)")):
+        data = TensorDataset(x, y)
+        with pytest.raises(ValueError, match=re.escape(says)):
+            Runner(RunConfig.from_dict(content), create_model("lenet300100"), data, data, progress=False)
+
+
+def test_a_filter_rule_on_the_classifier_warns_that_it_cuts_off_classes():
+    """`{type: Linear, structure: filter}` also took the classifier's rows: half the classes, silently (a user
+    review's finding); compaction keeps them, as outputs, so only accuracy showed it."""
+    x, y = torch.randn(4, 1, 28, 28), torch.tensor([0, 3, 1, 2])
+    content = spec(model={"name": "lenet300100"}, pretrained="unused.safetensors")
+    del content["pretrain"]
+    content["stages"][0]["plan"] = {"rules": [{"type": "Linear", "structure": "filter", "sparsity": 0.5}]}
+    with pytest.warns(UserWarning, match=re.escape(
+            "stages[0] prunes rows (filters) of 'fc3', whose outputs are the model's: up to 50% of its classes "
+            "would be cut off; leave it out of the rule (exclude: ['fc3'])")) as seen:
+        Runner(RunConfig.from_dict(content), create_model("lenet300100"), Split(x, y), Split(x, y), progress=False)
+    assert sum("prunes rows" in str(w.message) for w in seen) == 1  # fc1, fc2 feed other layers: no warning
+    content["stages"][0]["plan"]["rules"][0]["exclude"] = ["fc3"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        Runner(RunConfig.from_dict(content), create_model("lenet300100"), Split(x, y), Split(x, y), progress=False)
 
 
 def test_the_forward_check_leaves_the_model_in_training_mode_and_its_statistics_alone():

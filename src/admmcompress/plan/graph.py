@@ -744,7 +744,8 @@ def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGro
                 elif op not in known:
                     problems.append(
                         f"op '{op}'{_near(node, names)} is not known to act on each channel separately; if it "
-                        f"does, pass extra_channelwise_ops=('{op}',), otherwise keep these channels"
+                        f"does, pass extra_channelwise_ops=('{op}',) (to resolve_coupled, and to compact in its "
+                        "CompactConfig), otherwise keep these channels"
                     )
             elif node.type.name.lower() in STRUCTURAL_OPS:
                 ops.append(node_ops.setdefault(node, node.type.name.lower()))

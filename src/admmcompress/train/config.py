@@ -324,7 +324,14 @@ class StageConfig:
         if isinstance(self.admm, dict):
             phase = dict(self.admm)
             legacy = {k: phase.pop(k) for k in LEGACY_ADMM_OPTIONS if k in phase}
-            self.admm = _build(ADMMPhaseConfig, phase, "admm")
+            try:
+                self.admm = _build(ADMMPhaseConfig, phase, "admm")
+            except ConfigError as err:
+                if "unknown key" not in str(err) or self.method != "admm":
+                    raise
+                # the older spelling the shipped configs use is read too: say so beside the phase's own keys
+                raise ConfigError(f"{err} (and {list(LEGACY_ADMM_OPTIONS)}, the older spelling of options: "
+                                  "{rho: ..., rho_growth: ..., rho_max: ...})") from None
         if self.method != "admm":
             legacy = {}  # ignored for other methods, as before the registry
         if self.method == "reweighted" and self.reweighted is not None:

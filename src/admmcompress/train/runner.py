@@ -159,7 +159,7 @@ class Runner:
         # Advice after a failure names the CLI's flags (--resume, --overwrite), or compress()'s arguments
         self.from_cli = False
         self.example = first_inputs(train)  # traces the channel coupling and gives compaction its input shape
-        check_model_reads(model, self.example, train, config, classifies=loss_fn is None)
+        output_layers = check_model_reads(model, self.example, train, config, classifies=loss_fn is None)
         # Under torchrun: the fewest samples each rank's share of a batch needs (2 for BatchNorm that sees one
         # value per channel from each sample), checked against data.batch_size before any training
         min_rows, why = share_needs(model, self.example, config) if self.dist.active else (1, "")
@@ -177,6 +177,7 @@ class Runner:
                                         self.dist.world_size, all_ranks=self.dist.all_true, least=self.dist.least,
                                         min_rows=min_rows, why=why)
         self.stage_targets: list[list[Target]] = [self._resolve(s) for s in config.stages]
+        _warn_pruned_outputs(self.stage_targets, output_layers, classifies=loss_fn is None)
         earlier: list[Target] = []  # what the stages before may prune (their budget checks count it)
         for i, (stage, targets) in enumerate(zip(config.stages, self.stage_targets, strict=True)):
             try:  # fail before any training, not at the stage
@@ -387,12 +388,16 @@ class Runner:
             note = preflight_compaction(self.model, self.stage_targets, self.example, self.config.compact.columns,
                                         keep_zero_filters=self.config.freeze_pretrained_zeros)
         except CompactionError as err:
-            reason = " ".join(line.strip() for line in str(err).splitlines()[1:]) or str(err)
+            reasons = [line.strip().removeprefix("- ") for line in str(err).splitlines()[1:] if line.strip()]
+            reason = reasons[0] if reasons else str(err)
+            more = f" (and {len(reasons) - 1} more group(s) like it)" if len(reasons) > 1 else ""
             coupled = any(stage.coupling != "none" for stage in self.config.stages)
             fix = ("leave those layers out of the stage's rules" if coupled else
                    "set 'coupling: strict' or 'coupling: extend' on the stage to prune tied layers together")
+            # the fix first: one reason per channel group made a line of thousands of characters
             raise ConfigError(
-                f"compact: the plan prunes channels that compaction cannot remove: {reason} ({fix}, or drop 'compact')"
+                f"compact: the plan prunes channels that compaction cannot remove; {fix}, or drop 'compact'. "
+                f"First: {reason}{more}"
             ) from None
         if note:
             warnings.warn(f"compact: {note}", UserWarning, stacklevel=2)
@@ -820,6 +825,22 @@ def run_phases(config: RunConfig, train_dense: bool = True) -> list[Phase]:
     for i, stage in enumerate(config.stages):
         phases += [Phase("prune", i, stage.admm), Phase("retrain", i, stage.retrain)]
     return phases
+
+
+def _warn_pruned_outputs(stage_targets: list[list[Target]], output_layers: list[str], classifies: bool) -> None:
+    """Warn when a rule prunes rows (filters) of a layer whose outputs the model returns: for a classifier those
+    are its classes, which would always score the bias alone (compaction keeps them: they are outputs)."""
+    for i, targets in enumerate(stage_targets):
+        for t in targets:
+            if getattr(t, "layer", None) in output_layers and t.structure.kind == "filter":
+                what = "classes" if classifies else "outputs"
+                warnings.warn(
+                    f"stages[{i}] prunes rows (filters) of '{t.layer}', whose outputs are the model's: up to "
+                    f"{t.structure.target_sparsity:.0%} of its {what} would be cut off; leave it out of the rule "
+                    f"(exclude: ['{t.layer}'])",
+                    UserWarning,
+                    stacklevel=3,
+                )
 
 
 def rebuild_transforms(model: nn.Module, transforms: list[dict[str, Any]]) -> None:

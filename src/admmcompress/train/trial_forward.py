@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from admmcompress.messages import first_line
-from admmcompress.plan.graph import describe_input
+from admmcompress.plan.graph import describe_input, output_tensors
 from admmcompress.train.config import AUTOCAST_DTYPES, RunConfig
 from admmcompress.train.distributed import (
     BATCHNORM_NEEDS_TWO,
@@ -35,12 +35,23 @@ from admmcompress.train.distributed import (
 from admmcompress.train.precision import cpu_autocast
 
 
-def check_model_reads(model: nn.Module, example: Any, train: Any, config: RunConfig, classifies: bool = True) -> None:
+def check_model_reads(model: nn.Module, example: Any, train: Any, config: RunConfig,
+                      classifies: bool = True) -> list[str]:
     """One forward of the example batch (eval mode, no gradient, the run's autocast; buffers left as they were):
-    a model that cannot read the training inputs,
-    or (``classifies``: the loss is cross-entropy) has fewer outputs than the labels have classes, is refused in
-    one line before anything is written."""
+    a model that cannot read the training inputs, or (``classifies``: the loss is cross-entropy) labels that
+    cross-entropy cannot take or more classes than the model has outputs, is refused in one line before anything
+    is written. Returns the names of the layers whose outputs the model returns as they are (its classifier)."""
     dtype = AUTOCAST_DTYPES[config.autocast]
+    written: dict[int, str] = {}
+
+    def record(name: str):
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            if isinstance(output, torch.Tensor):
+                written[id(output)] = name
+        return hook
+
+    handles = [m.register_forward_hook(record(n)) for n, m in model.named_modules()
+               if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
     try:
         # buffers a forward may update even in eval mode (quantization observers and the like) are put back
         with _left_as_found(model), torch.no_grad(), cpu_autocast(dtype):
@@ -51,17 +62,66 @@ def check_model_reads(model: nn.Module, example: Any, train: Any, config: RunCon
             f"model '{config.model['name']}' cannot read the training inputs ({describe_input(example)}): "
             f"{first_line(err)}; {_reading_fix(model, example)}"
         ) from None
-    labels = getattr(train, "y", None)
-    if not (classifies and isinstance(out, torch.Tensor) and out.dim() == 2 and isinstance(labels, torch.Tensor)):
+    finally:
+        for handle in handles:
+            handle.remove()
+    outputs = [written[id(t)] for t in output_tensors(out) if id(t) in written]
+    if classifies and isinstance(out, torch.Tensor) and out.dim() >= 2:
+        _check_labels(first_labels(train), out, config)
+    return outputs
+
+
+def _check_labels(labels: Any, out: torch.Tensor, config: RunConfig) -> None:
+    if not isinstance(labels, torch.Tensor) or not labels.numel():
         return
-    if labels.dtype not in (torch.int64, torch.int32) or not labels.numel():  # class indices only
+    problem = _label_problem(labels, tuple(out.shape))
+    if problem:
+        raise ValueError(f"the training labels {problem}; the loss is cross-entropy")
+    if labels.is_floating_point():  # class probabilities shaped like the outputs
         return
     classes = int(labels.max()) + 1
     if classes > out.shape[1]:
         raise ValueError(
             f"model '{config.model['name']}' has {out.shape[1]} outputs but the training labels have {classes} "
-            f"classes; give the model num_classes: {classes} (or data with its classes)"
+            f"classes; give the model {classes} outputs (num_classes: {classes} for a registered model), or data "
+            "with its classes"
         )
+
+
+def first_labels(train: Any, n: int = 256) -> torch.Tensor | None:
+    """The training labels (a ``Split``'s ``y``), or those of a ``Dataset``'s first ``n`` samples (None when its
+    items are not ``(input, label)`` pairs of tensors or numbers)."""
+    labels = getattr(train, "y", None)
+    if isinstance(labels, torch.Tensor) or not isinstance(train, torch.utils.data.Dataset):
+        return labels
+    try:
+        size = len(train)  # type: ignore[arg-type]
+        items = [train[i] for i in range(min(n, size))]
+        return torch.utils.data.default_collate([item[1] for item in items])
+    except Exception:  # an iterable dataset, items that are not pairs, labels that do not collate: not checked here
+        return None
+
+
+def _label_problem(labels: torch.Tensor, out_shape: tuple[int, ...]) -> str:
+    """What makes ``labels`` unusable as cross-entropy targets of outputs shaped ``out_shape`` (N, C, ...), or ''."""
+    batchless = (out_shape[0], *out_shape[2:])  # class indices: the outputs' shape without the class axis
+    if labels.dtype == torch.bool or labels.is_complex():
+        return f"are {labels.dtype}: give integer class indices (y.long())"
+    if labels.is_floating_point():
+        if labels.shape[1:] == torch.Size(out_shape[1:]):
+            return ""
+        fix = "y.long()" if labels.shape[1:] == torch.Size(batchless[1:]) else "class indices"
+        shape = ", ".join(map(str, out_shape[1:]))
+        return (f"are {labels.dtype} shaped {tuple(labels.shape)}: give integer class indices ({fix}), or class "
+                f"probabilities shaped like the model's outputs (N, {shape})")
+    if labels.shape[1:] != torch.Size(batchless[1:]):
+        one_hot = labels.dim() == len(out_shape) and labels.shape[1] == out_shape[1]
+        hint = "they look one-hot: give y.argmax(1)" if one_hot else "give one class index per output position"
+        return f"are shaped {tuple(labels.shape)} for outputs shaped (N, {', '.join(map(str, out_shape[1:]))}): {hint}"
+    wrong = labels[(labels < 0) & (labels != -100)]  # -100: cross-entropy's ignore_index
+    if wrong.numel():
+        return f"hold the negative class {int(wrong[0])}: class indices run from 0 (-100 marks an ignored target)"
+    return ""
 
 
 def share_needs(model: nn.Module, example: Any, config: RunConfig) -> tuple[int, str]:
@@ -144,4 +204,4 @@ def _restore_buffers(slots: list[_BufferSlot]) -> None:
                 module._buffers[name] = values
 
 
-__all__ = ["check_model_reads", "share_needs"]
+__all__ = ["check_model_reads", "first_labels", "share_needs"]
