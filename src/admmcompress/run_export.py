@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -107,8 +108,11 @@ def example_input(config: RunConfig, count: int = 8) -> torch.Tensor:
     """The first ``count`` test inputs of the run's dataset (a bundled one, or the run's own by import path)."""
     from admmcompress.data.imported import first_inputs, load_data
 
-    # load_data, as the run did: `data.dataset` may be an {import: ...} mapping, not a bundled name
-    return first_inputs(load_data(config.data.dataset, "test", config.data.data_dir, count), count)
+    # load_data, as the run did: `data.dataset` may be an {import: ...} mapping, not a bundled name. These inputs
+    # only give shapes and dtypes, so the warning that a limit keeps few classes says nothing here
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*samples hold only classes", category=RuntimeWarning)
+        return first_inputs(load_data(config.data.dataset, "test", config.data.data_dir, count), count)
 
 
 def open_run(run_dir: str | Path, trust_plugins: bool = False) -> FinishedRun:

@@ -20,8 +20,13 @@ by its key). Then every weight initializer is rewritten by what its values allow
   to hold them exactly needs far more codes than ``K`` (usually more than int16 has). The Gather
   costs nothing at run time: its inputs are all initializers, so ONNX Runtime folds it into a
   float32 weight when the session is created; the file keeps 1-2 bytes per weight, and the values
-  are the table's, bit for bit. Used only when smaller than float32.
+  are the table's, bit for bit. Used only when smaller than float32 (dense or sparse, below).
 - anything else (unquantized layers) stays float32.
+
+Whichever tensor holds one entry per weight (codes, indices, float values) is written as a *sparse initializer*
+(its nonzeros and their int64 positions, ``OnnxSummary.sparse``) where that is smaller: a pruned layer below about
+a third (float32) or a ninth (int8 codes) of its weights. ONNX Runtime makes it dense when the session is created,
+so the graph and its outputs do not change; a pruned model's file shrinks with its nonzeros.
 
 Shared-kernel convs (PENNI's training form, :class:`~admmcompress.executors.penni.SharedKernelConv`) are exported
 in their two-stage form (a copy through :func:`~admmcompress.executors.penni.to_two_stage`; the model passed in is
@@ -45,7 +50,9 @@ Runtime on the example inputs, ``export`` = the same for a finished run's model 
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -76,6 +83,7 @@ class OnnxSummary:
     quantized: dict[str, str] = field(default_factory=dict)
     float_weights: list[str] = field(default_factory=list)
     codebook: dict[str, str] = field(default_factory=dict)
+    sparse: dict[str, str] = field(default_factory=dict)  # weights stored as a sparse initializer (nonzeros only)
     dynamic_batch: bool = False
     dynamic_sequence: bool = False
     inputs: list[str] = field(default_factory=list)
@@ -165,19 +173,45 @@ def integer_codes(weight: torch.Tensor) -> tuple[np.ndarray, float] | None:
     return codes.reshape(weight.shape).numpy().astype(dtype), scale
 
 
+def sparse_bytes(array: np.ndarray) -> int:
+    """Bytes of ``array`` as a sparse initializer: each nonzero's value and its int64 position."""
+    return int(np.count_nonzero(array)) * (array.itemsize + 8)
+
+
 def codebook_indices(weight: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(indices, table)`` with ``weight == table[indices]`` (uint8/uint16 indices, float32 table).
+    """``(indices, table)`` with ``weight == table[indices]`` (uint8/uint16 indices, float32 table; 0.0, where the
+    weight holds it, first, so that a pruned weight's index is 0 and a sparse initializer leaves it out).
 
     None when that is not smaller than storing ``weight`` as float32 (e.g. an unquantized layer).
     """
     flat = weight.detach().to(torch.float32).reshape(-1)
     table, inverse = torch.unique(flat, sorted=True, return_inverse=True)
+    zero = torch.nonzero(table == 0).flatten()
+    if zero.numel():  # move 0.0 to index 0: indices below it shift up by one
+        z = int(zero[0])
+        order = torch.cat([zero, torch.arange(z), torch.arange(z + 1, table.numel())])
+        position = torch.empty_like(order)
+        position[order] = torch.arange(order.numel())
+        table, inverse = table[order], position[inverse]
     if table.numel() > 2**16:
         return None
     dtype = np.uint8 if table.numel() <= 2**8 else np.uint16
     if table.numel() * 4 + flat.numel() * np.dtype(dtype).itemsize >= flat.numel() * 4:
         return None
     return inverse.reshape(weight.shape).numpy().astype(dtype), table.numpy()
+
+
+@contextlib.contextmanager
+def _quiet_registration():
+    """The exporter logs one line per torchvision op it skips when torchvision is absent (it is, beside this torch):
+    noise about ops no model here uses."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _batch_shapes(
@@ -243,11 +277,12 @@ def export_onnx(
             values, shapes = _batch_shapes(values, sequence=dynamic_sequence)
             if not dynamic_batch:  # keep only the sequence axes
                 shapes = tuple({d: v for d, v in s.items() if d != 0} or None if s else None for s in shapes)
-        torch.onnx.export(
-            wrapped, values, str(raw), dynamo=True, opset_version=opset, verbose=False,
-            dynamic_shapes=shapes if plain or shapes is None else (shapes,), input_names=names,
-            output_names=None if plain else output_names,
-        )
+        with _quiet_registration():
+            torch.onnx.export(
+                wrapped, values, str(raw), dynamo=True, opset_version=opset, verbose=False,
+                dynamic_shapes=shapes if plain or shapes is None else (shapes,), input_names=names,
+                output_names=None if plain else output_names,
+            )
         graph_model = onnx.load(str(raw))
     model.train(was_training)
     graph = graph_model.graph
@@ -255,7 +290,20 @@ def export_onnx(
         str(path), dynamic_batch=dynamic_batch, dynamic_sequence=dynamic_sequence,
         inputs=[i.name for i in graph.input], outputs=[o.name for o in graph.output], two_stage=two_stage,
     )
-    kept, new_nodes = [], []
+    kept, new_nodes, sparse = [], [], []
+
+    def store(array: np.ndarray, name: str, weight_name: str) -> None:
+        """``array`` as an initializer, or as a sparse one (its nonzeros and their positions) where smaller."""
+        if sparse_bytes(array) < array.nbytes:
+            flat = array.reshape(-1)
+            where = np.flatnonzero(flat).astype(np.int64)
+            sparse.append(helper.make_sparse_tensor(numpy_helper.from_array(flat[where], name),
+                                                    numpy_helper.from_array(where, f"{name}_positions"),
+                                                    list(array.shape)))
+            summary.sparse[weight_name] = f"{where.size:,} of {flat.size:,} stored"
+        else:
+            kept.append(numpy_helper.from_array(array, name))
+
     for init in graph.initializer:
         weight = weights.get(init.name)
         value = numpy_helper.to_array(init) if weight is not None else None
@@ -264,10 +312,13 @@ def export_onnx(
         )
         found = integer_codes(weight) if matches else None
         table = codebook_indices(weight) if matches and found is None else None
+        if table is not None and min(value.nbytes, sparse_bytes(value)) <= min(
+                table[0].nbytes, sparse_bytes(table[0])) + table[1].nbytes:
+            table = None  # an unquantized pruned layer (one level per nonzero): its float nonzeros are smaller
         if table is not None:
             indices, levels = table
             base = init.name
-            kept.append(numpy_helper.from_array(indices, f"{base}_indices"))
+            store(indices, f"{base}_indices", base)
             kept.append(numpy_helper.from_array(levels, f"{base}_codebook"))
             new_nodes.append(
                 helper.make_node(
@@ -283,13 +334,16 @@ def export_onnx(
             summary.codebook[base] = f"{indices.dtype} K={levels.size}"
             continue
         if found is None:
-            kept.append(init)
+            if matches:
+                store(value, init.name, init.name)
+            else:
+                kept.append(init)
             if weight is not None:
                 summary.float_weights.append(init.name)
             continue
         codes, scale = found
         base = init.name
-        kept.append(numpy_helper.from_array(codes, f"{base}_quantized"))
+        store(codes, f"{base}_quantized", base)
         kept.append(numpy_helper.from_array(np.array(scale, dtype=np.float32), f"{base}_scale"))
         kept.append(numpy_helper.from_array(np.array(0, dtype=codes.dtype), f"{base}_zero_point"))
         new_nodes.append(
@@ -303,6 +357,7 @@ def export_onnx(
         summary.quantized[base] = str(codes.dtype)
     del graph.initializer[:]
     graph.initializer.extend(kept)
+    graph.sparse_initializer.extend(sparse)  # ONNX Runtime makes them dense when the session is created
     nodes = list(graph.node)
     del graph.node[:]
     graph.node.extend(new_nodes + nodes)
@@ -411,7 +466,9 @@ class OnnxExecutor(Executor):
         return (
             f"onnx: {out}; integer weights + DequantizeLinear: {summary.quantized or 'none'}; "
             f"codebook indices + Gather: {summary.codebook or 'none'}; "
-            f"float weights: {summary.float_weights or 'none'}; dynamic batch: {summary.dynamic_batch}; "
+            f"float weights: {summary.float_weights or 'none'}; "
+            + (f"stored sparse (nonzeros only): {summary.sparse}; " if summary.sparse else "")
+            + f"dynamic batch: {summary.dynamic_batch}; "
             + (f"shared-kernel convs in their two-stage form: {summary.two_stage}; " if summary.two_stage else "")
             + f"max |onnxruntime - torch| on {len(x)} test inputs (batches of {len(x)} and 1): {diff:.3g}"
         )
@@ -419,5 +476,5 @@ class OnnxExecutor(Executor):
 
 __all__ = [
     "OnnxExecutor", "OnnxSummary", "codebook_indices", "export_onnx", "integer_codes", "max_onnx_diff",
-    "output_tensors", "run_onnx",
+    "output_tensors", "run_onnx", "sparse_bytes",
 ]
