@@ -71,7 +71,7 @@ def admm_quant(
     started = time.perf_counter()
     admm = {"epochs": epochs - 1, "update_every_steps": 80, "rho": 1e-3, "lr_schedule": "admm_reset"}
     retrain = {"epochs": 1, "quantized_weights": quantized_weights}
-    result = compress(model, plan, train, test, admm=admm, retrain=retrain, seed=seed)
+    result = compress(model, plan, train, test, admm=admm, retrain=retrain, seed=seed, progress="epochs")
     return result.metrics["accuracy_after"], time.perf_counter() - started
 
 

@@ -72,3 +72,30 @@ def test_compact_with_an_uncoupled_residual_plan_fails_before_training():
     with pytest.raises(ConfigError, match="compaction cannot remove.*coupling: strict"):
         compress(model, PLAN, data(), data(8, 1), compact=True, **SHORT)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_progress_false_is_quiet_and_epochs_prints_a_line_each(capsys):
+    """compress(progress=False) printed one line per epoch (a user review's finding): False is quiet now, 'epochs'
+    gives those lines, and anything else is one line naming the choices."""
+    import torch
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from admmcompress import compress
+    from admmcompress.plan import Plan
+    from admmcompress.structures import Unstructured
+
+    data = TensorDataset(torch.randn(16, 1, 4, 4), torch.randint(0, 10, (16,)))
+
+    def call(progress):
+        torch.manual_seed(0)
+        return compress(nn.Sequential(nn.Flatten(), nn.Linear(16, 10)), Plan({"1": Unstructured(sparsity=0.5)}),
+                        data, data, admm={"epochs": 1}, retrain={"epochs": 1}, progress=progress)
+
+    call(False)
+    assert "epoch" not in capsys.readouterr().err
+    call("epochs")
+    lines = [line for line in capsys.readouterr().err.splitlines() if " epoch " in line]
+    assert [line.split(":")[0] for line in lines] == ["stage1/prune epoch 1/1", "stage1/retrain epoch 1/1"]
+    with pytest.raises(ValueError, match=r"progress='bars'; give False \(quiet\), True \(bars\) or 'epochs'"):
+        call("bars")

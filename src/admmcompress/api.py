@@ -121,7 +121,7 @@ def compress(
     batch_size: int = 64,
     seed: int = 0,
     out_dir: str | Path | None = None,
-    progress: bool = False,
+    progress: bool | str = False,
     loss_fn: Callable[[Any, torch.Tensor, nn.Module], torch.Tensor] | None = None,
     reweighted: Any = None,
     overwrite: bool = False,
@@ -149,7 +149,9 @@ def compress(
     changes off the model object it was given, but the layers a finished stage rewrote (PENNI's
     ``SharedKernelConv``, Tucker-2) stay rewritten: ``resume=True`` with a model carrying such layers, or this
     library's mask hooks, is refused in one line (the weights themselves come from the checkpoint). While a call
-    runs, ``out_dir`` is locked against a second one. An empty list of plans is a ``PlanError``.
+    runs, ``out_dir`` is locked against a second one. An empty list of plans is a ``PlanError``. ``progress``:
+    False (quiet), True (progress bars) or ``"epochs"`` (one line per epoch on stderr, as ``admmcompress run
+    --no-progress`` prints).
 
     ``coupling`` ("none", "strict" or "extend") is a run config stage's ``coupling``: filter/channel
     targets on tied channels become one coupled target per channel group (``Plan.resolve_coupled``).
@@ -299,8 +301,10 @@ def _short(value: Any) -> str:
 
 def _compress(config: RunConfig, model: nn.Module, train, test, out_dir: Path | None, progress: bool, loss_fn,
               resume: bool) -> CompressionResult:
-    runner = Runner(config, model, train, test, out_dir=out_dir, progress=progress, train_dense=False,
-                    loss_fn=loss_fn)
+    if progress not in (True, False, "epochs"):
+        raise ValueError(f"compress: progress={progress!r}; give False (quiet), True (bars) or 'epochs' (a line each)")
+    runner = Runner(config, model, train, test, out_dir=out_dir, progress=progress is True, train_dense=False,
+                    loss_fn=loss_fn, epoch_lines=progress == "epochs")
     metrics = runner.run(resume=resume)  # its refusals advise compress's arguments (runner.from_cli is False)
     if getattr(train, "source", None) is not None:  # data from load_dataset: name the file, as a CLI run does
         metrics["data_file"] = str(Path(train.source).absolute())

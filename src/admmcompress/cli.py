@@ -7,12 +7,14 @@ import contextlib
 import functools
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
 
@@ -91,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     shown = warnings.formatwarning
     warnings.formatwarning = functools.partial(_format_warning, other=shown)  # the library's warnings: one line
+    terminate = _on_sigterm()
     try:
         if args.command == "run":
             return _run(args)
@@ -103,11 +106,35 @@ def main(argv: list[str] | None = None) -> int:
         message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
         print(f"admmcompress: error: {message}", file=sys.stderr)
         return 2
+    except Terminated:  # `kill`, `timeout`, a scheduler's stop: the same line as Ctrl-C (it said nothing before)
+        print(f"admmcompress: terminated (SIGTERM){_how_to_continue(args)}", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:  # Ctrl-C: one line saying how to go on, not a traceback
         print(f"admmcompress: interrupted{_how_to_continue(args)}", file=sys.stderr)
         return 130
     finally:
         warnings.formatwarning = shown
+        terminate()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is, so it ends as Ctrl-C does (files written atomically, a resume hint)."""
+
+
+def _on_sigterm() -> Callable[[], None]:
+    """Make SIGTERM raise :class:`Terminated` while a command runs; returns what puts the old handler back (a
+    no-op where signals cannot be set: not the main thread, or no SIGTERM)."""
+    if not hasattr(signal, "SIGTERM") or threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(_signum: int, _frame: Any) -> None:
+        raise Terminated
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):  # an embedding that does not allow it
+        return lambda: None
+    return lambda: signal.signal(signal.SIGTERM, old)
 
 
 _PACKAGE = Path(__file__).resolve().parent

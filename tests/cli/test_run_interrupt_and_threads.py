@@ -29,6 +29,27 @@ def test_ctrl_c_after_a_checkpoint_says_how_to_resume(tmp_path, monkeypatch, cap
     RunLock(out).acquire().release()  # the interrupted run let go of its folder
 
 
+def test_sigterm_ends_a_run_as_ctrl_c_does_and_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    """`timeout` or a scheduler stops a run with SIGTERM: it ended silently with 143 (a user review's finding)."""
+    import os
+    import signal
+
+    def terminated(args, config, out, stale, ctx):
+        (out / "checkpoint.pt").write_bytes(b"")
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the command")
+
+    monkeypatch.setattr(cli, "_run_locked", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "run"
+    assert cli.main(["run", str(_config(tmp_path)), "--out", str(out)]) == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"admmcompress: terminated (SIGTERM); continue from the last checkpoint: admmcompress run "
+                   f"'{tmp_path / 'tiny run.yaml'}' --out {out} --resume"]
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is the command's only
+    RunLock(out).acquire().release()
+
+
 def test_ctrl_c_under_torchrun_says_to_launch_every_rank_again(tmp_path, monkeypatch, capsys):
     """Under torchrun the continue command is a torchrun line for as many processes, printed by rank 0 only: one
     process would resume the run with another world size."""

@@ -599,7 +599,8 @@ def manifest_entry(entry: list[Any] | dict[str, Any]) -> dict[str, Any]:
 def _build(spec: dict[str, Any] | None, device: str | None = None) -> torch.nn.Module:
     """The model a file's spec names (``device="meta"``: shapes only, nothing allocated)."""
     if not spec:
-        _fail("names no model; pass model=<an instance of its architecture>")
+        _fail("names no model; pass an instance of its architecture: load_packed(path, model), or the packed "
+              "executor's load(path, skeleton)")
     from admmcompress.models import create_model
     from admmcompress.models.registry import spec_problem
 
@@ -843,7 +844,8 @@ def load_packed(
     with _named(label):
         manifest, payload, template = _parse(data, model, max_elements)
         if template is None:  # format 1 without a spec: its shapes were checked against nothing, decode nothing
-            _fail("is format 1 and names no model; pass model=<an instance of its architecture>")
+            _fail("is format 1 and names no model; pass an instance of its architecture: load_packed(path, model), "
+                  "or the packed executor's load(path, skeleton)")
         state, offset = {}, 0
         for entry in manifest["tensors"]:
             entry = manifest_entry(entry)

@@ -59,7 +59,8 @@ def spec_problem(kwargs: Any, limit: int = MAX_SPEC_INT) -> str | None:
 def create_model(name: str, **kwargs: Any) -> nn.Module:
     """Build a registered model, e.g. ``create_model("lenet5", dropout=0.5)``."""
     if name not in _MODELS:
-        raise ValueError(f"unknown model '{name}'; registered models: {', '.join(list_models())}")
+        raise ValueError(f"unknown model '{name}'; registered models: {', '.join(list_models())} (a model your code "
+                         "or a plugin registers: import it first, or pass the model itself)")
     try:
         return _MODELS[name](**kwargs)
     except TypeError as err:

@@ -143,6 +143,7 @@ class Runner:
         train_dense: bool = True,
         loss_fn: Callable[[Any, torch.Tensor, nn.Module], torch.Tensor] | None = None,
         dist: Distributed | None = None,
+        epoch_lines: bool = True,
     ):
         # Under torchrun: this process's rank; one process otherwise (admmcompress.train.distributed).
         self.dist = dist if dist is not None else Distributed()
@@ -156,6 +157,7 @@ class Runner:
         self.loss_fn = loss_fn  # replaces cross-entropy in every phase (train.loop.train_epoch's hook)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.progress = progress
+        self.epoch_lines = epoch_lines  # no progress bars: one line per epoch on stderr (compress() may silence it)
         # Advice after a failure names the CLI's flags (--resume, --overwrite), or compress()'s arguments
         self.from_cli = False
         self.example = first_inputs(train)  # traces the channel coupling and gives compaction its input shape
@@ -668,7 +670,7 @@ class Runner:
         self.history.append(entry)
         if self.logger is not None:
             self.logger.log(self.history)
-        if not self.progress:  # one line per epoch where there are no progress bars (logs, background runs)
+        if not self.progress and self.epoch_lines:  # one line per epoch where there are no bars (logs, background)
             print(f"{phase.label} epoch {self.epoch}/{phase.cfg.epochs}: loss {losses['loss']:.4f}, "
                   f"accuracy {entry['accuracy']:.2f}%, {seconds:.0f} s", file=sys.stderr, flush=True)
 
