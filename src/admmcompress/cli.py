@@ -47,6 +47,10 @@ class OneLineParser(argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="admmcompress", description=__doc__)
+    from admmcompress import __version__
+
+    version = f"admmcompress {__version__} (torch {torch.__version__})"
+    parser.add_argument("--version", action="version", version=version)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train/compress as a YAML config says; prints the report")
     run.add_argument("config", help="YAML run configuration (see configs/)")

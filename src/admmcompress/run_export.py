@@ -55,6 +55,8 @@ EXPORT_ADVICE = "wait for it to end, or choose another --out"  # the end of the 
 
 
 def _require_model(run_dir: Path) -> None:
+    if not run_dir.exists():
+        raise FileNotFoundError(f"'{run_dir}' does not exist; give the --out folder of a finished `admmcompress run`")
     if not (run_dir / "model.safetensors").is_file():
         raise FileNotFoundError(
             f"'{run_dir}' has no model.safetensors; give the --out folder of a finished `admmcompress run`"

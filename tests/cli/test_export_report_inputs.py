@@ -142,9 +142,12 @@ def test_a_run_without_metrics_json_is_not_exported(run, tmp_path, capsys):
         run_export.open_run(run)
 
 
-def test_a_missing_run_folder_still_says_it_has_no_model(tmp_path, capsys):
+def test_a_missing_run_folder_says_it_does_not_exist(tmp_path, capsys):
+    # it said "has no model.safetensors", as for a folder that is not a run's (a user review's finding)
     err = error_line(capsys, ["export", "--packed", str(tmp_path / "none"), "--out", str(tmp_path / "x")])
-    assert "has no model.safetensors" in err
+    assert f"'{tmp_path / 'none'}' does not exist; give the --out folder of a finished `admmcompress run`" in err
+    err = error_line(capsys, ["export", "--packed", str(tmp_path), "--out", str(tmp_path / "x")])
+    assert "has no model.safetensors" in err  # a folder that is not a run's
 
 
 # --- a run's damaged files are named ----------------------------------------------------------------------
@@ -297,3 +300,14 @@ def test_compare_waits_for_a_run_that_is_still_writing(run, finished, capsys):
         message = error_line(capsys, ["report", "--compare", str(run), str(finished), "--out", table])
     assert "--compare reads its final outputs, so compare it once it has ended" in message
     assert main(["report", "--compare", str(run), str(finished), "--out", table]) == 0  # released: compared
+
+
+def test_the_command_says_its_version(capsys):
+    import torch
+
+    from admmcompress import __version__
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"admmcompress {__version__} (torch {torch.__version__})"

@@ -352,7 +352,7 @@ def test_cli_errors_of_compaction_are_one_line(tmp_path, capsys, small_cifar):
     message = one_line_error(capsys, ["run", str(path), "--out", str(tmp_path / "o")])
     assert "compaction cannot remove" in message and "coupling: strict" in message
     message = one_line_error(capsys, ["export", "--compact", str(tmp_path / "none"), "--out", str(tmp_path / "x")])
-    assert "has no model.safetensors" in message
+    assert "none' does not exist; give the --out folder of a finished" in message
     path.write_text(yaml.safe_dump({**spec(coupling="tight"), "data": {"dataset": "cifar10"}}))
     assert "coupling='tight'" in one_line_error(capsys, ["run", str(path), "--out", str(tmp_path / "p")])
 

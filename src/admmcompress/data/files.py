@@ -46,7 +46,18 @@ def search_dirs(data_dir: str | Path | None = None) -> list[Path]:
     if os.environ.get(ENV_VAR):
         dirs.append(Path(os.environ[ENV_VAR]))
     dirs += [REPO_ROOT / "data", REPO_ROOT.parent / "shared" / "data"]
-    return dirs
+    unique: list[Path] = []
+    for d in dirs:  # the variable may name a default place: search (and list) it once
+        if not any(_same_place(d, u) for u in unique):
+            unique.append(d)
+    return unique
+
+
+def _same_place(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return a == b
 
 
 def find_dataset(name: str, data_dir: str | Path | None = None) -> Path:
