@@ -194,6 +194,8 @@ def one_run(name, method, reduction, seed, data, out, log, quick, weighting="sqr
         record = soft.summary()["soft"]
         extra = {k: record[k] for k in ("zeroed_by_soft_threshold", "cut_by_final_topk", "restored_by_fill",
                                         "share_soft_threshold", "strength")}
+        # how many targets' rates their rule's bound set (records written since 2026-12-07, stop 45)
+        extra.update({k: record[k] for k in ("targets", "targets_at_bound", "zeroed_at_bound") if k in record})
         extra["rates"] = record["rates"]
         growth = f"_rho_x{soft_rho_growth:g}" if soft_rho_growth != 1.0 else ""  # another recipe: its own files
         precision = precision_of(setup)
@@ -381,12 +383,15 @@ def summarize(out: Path) -> str:
                 red = statistics.mean(r["macs_dense"] / r["macs_compacted"] for r in rs)
                 lat = statistics.mean(r.get("latency_ms", float("nan")) for r in rs)
                 share = statistics.mean(r["share_soft_threshold"] for r in rs) if method.startswith("auto") else None
+                bound = [f"{r['targets_at_bound']}/{r['targets']}" for r in rs if "targets_at_bound" in r]
+                shown = "-" if share is None else f"{100 * share:.0f}%" + (
+                    f" ({', '.join(bound)} targets at their bound)" if bound else "")
                 qs = [q for r in rs if (q := quiet.get((name, reduction, r["seed"], method)))]
                 retimed = (f"{statistics.mean(q['latency_ms'] for q in qs):.3f} "
                            f"({statistics.mean(q['dense_latency_ms'] for q in qs):.3f})" if qs else "-")
                 lines.append(
                     f"| {reduction:g}x | {method} | {mean_sd(acc)} | {red:.2f}x | "
-                    f"{lat:.3f} | {retimed} | {'-' if share is None else f'{100 * share:.0f}%'} | "
+                    f"{lat:.3f} | {retimed} | {shown} | "
                     f"{statistics.mean(r['wall_seconds'] for r in rs):.0f} |"
                 )
         lines.append("")
