@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from admmcompress import Filter, Plan, Rule, compact, hard_prune
+from admmcompress import Channel, Filter, Plan, Rule, compact, hard_prune
 from admmcompress.executors.compact import CompactConfig, CompactionError
 from admmcompress.plan.graph import channel_groups, group_of
 from admmcompress.plan.targets import PlanError
@@ -461,3 +461,71 @@ def test_a_value_that_turns_nan_on_the_noisy_example_is_not_taken_for_a_constant
         model.fc1.bias[:4] = 0
     with pytest.raises(CompactionError, match="with a value that changes with the input"):
         compact(model, (torch.randn(4, 8), torch.full((4, 1), 0.3)))
+
+
+# --- stop 45's review of modern CNNs: concatenations, collapsed groups, resampling, channel-moving ops ---
+
+
+class _Concat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1)
+        self.c = nn.Conv2d(16, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.c(torch.relu(torch.cat([self.a(x), self.b(x)], 1))).mean((2, 3))
+
+
+@pytest.mark.parametrize("mode", ["strict", "extend"])
+def test_a_channel_rule_on_a_conv_reading_a_concat_prunes_every_part(mode):
+    """Only the first part's group was found: 4 of 16 input channels went where the rule asked for 8, silently."""
+    torch.manual_seed(0)
+    model, x = _Concat().eval(), torch.randn(2, 3, 16, 16)
+    targets = Plan([Rule(Channel(sparsity=0.5), match="c")]).resolve_coupled(model, x, mode=mode)
+    assert sorted(t.key for t in targets) == ["a:coupled-filter", "b:coupled-filter"]
+    hard_prune(model, targets)
+    read = model.c.weight.transpose(0, 1).flatten(1).abs().sum(1) != 0
+    assert int(read[:8].sum()) == 4 and int(read[8:].sum()) == 4
+    assert compact(model, x).model.c.in_channels == 8
+
+
+class _ChannelMeanGate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.gate = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(1, 1, 3, padding=1)
+        self.out = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        m = y.permute(0, 2, 3, 1).mean(-1, keepdim=True).permute(0, 3, 1, 2)  # a mean over the channels
+        return self.out(y * torch.sigmoid(self.gate(m))).mean((2, 3))
+
+
+def test_a_group_the_trace_collapses_to_one_channel_is_refused():
+    """Accepted before as one 'conv+gate' group of one channel: the filter rule pruned 0 of 8 filters, silently."""
+    with pytest.raises(PlanError, match="layer 'conv' writes 8 channels, but the trace ties them to one channel"):
+        Plan([Rule(Filter(sparsity=0.5), match="conv")]).resolve_coupled(_ChannelMeanGate().eval(),
+                                                                         torch.randn(2, 3, 8, 8), mode="extend")
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear", "bicubic"])
+def test_upsampling_between_convs_is_per_channel(mode):
+    """A U-Net's decoder upsamples before its next conv: refused before ('not known to act on each channel')."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Upsample(scale_factor=2, mode=mode),
+                          nn.ReflectionPad2d(1), nn.Conv2d(8, 4, 3), nn.Mish()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    masks = hard_prune(model, Plan([Rule(Filter(sparsity=0.5), match="0")]).resolve_coupled(model, x))
+    result = compact(model, x, masks)
+    assert result.model[4].in_channels == 4 and result.max_abs_diff <= 1e-5
+
+
+def test_a_pixel_shuffle_is_never_taken_for_a_channelwise_op():
+    """The refusal offered extra_channelwise_ops=('PixelShuffle',); following it ended in an IndexError."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.PixelShuffle(2), nn.Conv2d(2, 4, 3, padding=1)).eval()
+    plan, x = Plan([Rule(Filter(sparsity=0.5), match="0")]), torch.randn(2, 3, 8, 8)
+    with pytest.raises(PlanError, match="op 'PixelShuffle' .* mixes or moves channels") as err:
+        plan.resolve_coupled(model, x)
+    assert "extra_channelwise_ops" not in str(err.value)
+    with pytest.raises(ValueError, match=r"extra_channelwise_ops: \['PixelShuffle'\] cannot act on each channel"):
+        plan.resolve_coupled(model, x, extra_channelwise_ops=("PixelShuffle",))

@@ -455,10 +455,9 @@ def load_compacted(folder: str | Path, model: nn.Module | None = None) -> nn.Mod
         found = {k: (str(v.dtype), tuple(v.shape)) for k, v in state.items()}
         if found != expected:
             wrong = sorted(set(found) ^ set(expected)) or sorted(k for k in found if found[k] != expected[k])
-            if model is not None:  # most likely the skeleton, not the file: say so first
-                _fail(f"'{weights_path}' does not fit the skeleton given with the layers its manifest describes "
-                      f"(first differences: {wrong[:4]}): pass a skeleton of the architecture it was saved from")
-            _fail(f"'{weights_path}' does not fit the layers its manifest describes (first differences: {wrong[:4]})")
+            hint = ("; is the skeleton given the architecture it was saved from?" if model is not None else "")
+            _fail(f"'{weights_path}' does not fit the layers its manifest describes (first differences: {wrong[:4]})"
+                  f"{hint}")
         if model is None:
             model = _skeleton(manifest["model"])  # only now: everything checked
         for name, layer in manifest["layers"].items():

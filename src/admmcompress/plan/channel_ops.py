@@ -8,6 +8,8 @@ records (Torch-Pruning traces the graph; it does not say what an op does to a ze
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 PRODUCER, CONSUMER, NORM, DEPTHWISE = "producer", "consumer", "norm", "depthwise"
@@ -61,13 +63,44 @@ CHANNELWISE_OPS: dict[str, bool] = {
     "Sigmoid": False,
     "Hardsigmoid": False,
     "Exp": False,
+    # Resampling and padding of each channel's map (U-Nets, FPNs, segmentation heads): per channel, 0 stays 0
+    **{f"Upsample{kind}{d}D": True for kind in ("Nearest", "NearestExact", "Bilinear", "Bicubic", "Linear",
+                                                "Trilinear") for d in (1, 2, 3)},
+    **{f"{kind}Pad{d}D": True for kind in ("Reflection", "Replication") for d in (1, 2, 3)},
+    "Mish": True,
+    "Celu": True,
+    "Hardshrink": True,
+    "Softshrink": True,
+    "Softplus": False,  # softplus(0) = ln 2
+    "LogSigmoid": False,
 }
 
 # Autograd ops that combine or reorder channels: never offered as extra channelwise ops in error messages.
 MIXING_OPS = frozenset({
     "Addmm", "Mm", "Bmm", "Baddbmm", "Matmul", "Transpose", "Permute", "Softmax",
     "ScaledDotProductFlashAttentionForCpu", "ScaledDotProductEfficientAttention", "ScaledDotProductAttentionMath",
+    # channels moved into space and back (pixel shuffle), normalized over (a LayerNorm's F.layer_norm outside a
+    # module the trace knows), or split into halves that multiply each other (GLU)
+    "PixelShuffle", "PixelUnshuffle", "ChannelShuffle", "NativeLayerNorm", "Glu",
 })
+
+# Ops that change the channel count or order themselves: never per channel, so never accepted as extra ones.
+RESHAPING_OPS = frozenset({"PixelShuffle", "PixelUnshuffle", "ChannelShuffle", "Glu"})
+
+
+def check_extra_ops(extra_ops: Iterable[str]) -> tuple[str, ...]:
+    """``extra_ops`` as a tuple of op names; an op that moves channels (pixel shuffle, GLU) is refused in one line.
+
+    >>> check_extra_ops(["UpsampleNearest2D"])
+    ('UpsampleNearest2D',)
+    """
+    ops = tuple(extra_ops)
+    bad = [op for op in ops if not isinstance(op, str)] or sorted(set(ops) & RESHAPING_OPS)
+    if bad:
+        raise ValueError(f"extra_channelwise_ops: {bad} cannot act on each channel separately (they change the "
+                         "channel count or order); keep the channels they read (exclude those layers from the rule)")
+    return ops
+
 
 # A weight_norm parametrization's ops: its norm spans channels, so slicing the conv would change it.
 WEIGHT_NORM_OPS = frozenset({"WeightNormInterface", "NormExceptDim"})
@@ -129,6 +162,8 @@ __all__ = [
     "CONSUMER",
     "DEPTHWISE",
     "MIXING_OPS",
+    "RESHAPING_OPS",
+    "check_extra_ops",
     "NORM",
     "PRODUCER",
     "STRUCTURAL_OPS",

@@ -194,10 +194,10 @@ def couple(
     for t in targets:
         if t.structure.kind not in COUPLED_KINDS or isinstance(t, CoupledTarget):
             continue
-        group, error = _find_group(groups, t, modules)
+        found, error = _find_groups(groups, t, modules)
         if error:
             errors.append(error)
-        else:
+        for group in found:  # a conv reading a concat reads several groups: the rule's rate holds in each
             buckets.setdefault(group.label, []).append(t)
     modules = dict(model.named_modules())
     for label, members in buckets.items():
@@ -211,34 +211,37 @@ def couple(
     placed: set[str] = set()
     out: list[Target] = []
     for t in targets:
-        label = next((lbl for lbl, ms in buckets.items() if any(m is t for m in ms)), None)
-        if label is None:
+        labels = [lbl for lbl, ms in buckets.items() if any(m is t for m in ms)]
+        if not labels:
             out.append(t)
-        elif label not in placed:
-            placed.add(label)
-            out.append(coupled[label])
+        for label in labels:
+            if label not in placed:
+                placed.add(label)
+                out.append(coupled[label])
     return out
 
 
-def _find_group(groups: list[ChannelGroup], t: Target, modules) -> tuple[ChannelGroup | None, str]:
+def _find_groups(groups: list[ChannelGroup], t: Target, modules) -> tuple[list[ChannelGroup], str]:
+    """Every channel group ``t``'s layer plays its role in (a channel target on a conv that reads a concatenation
+    is in one group per part: each was pruned alone before 2026-12-07, silently), or an error."""
     roles = (PRODUCER, DEPTHWISE) if t.structure.kind == "filter" else (CONSUMER, DEPTHWISE)
-    for g in groups:
-        if any(m.layer == t.layer and m.role in roles for m in g.members):
-            if g.problems:
-                return None, (
-                    f"{t.structure.kind} target on '{t.layer}': its channels cannot be removed: "
-                    + "; ".join(g.problems)
-                )
-            return g, ""
+    found = [g for g in groups if any(m.layer == t.layer and m.role in roles for m in g.members)]
+    for g in found:
+        if g.problems:
+            return [], (
+                f"{t.structure.kind} target on '{t.layer}': its channels cannot be removed: " + "; ".join(g.problems)
+            )
+    if found:
+        return found, ""
     module = modules[t.layer]
     for g in groups:
         if g.root == t.layer and g.problems:
-            return None, (
+            return [], (
                 f"{t.structure.kind} target on '{t.layer}': "
                 + "; ".join(g.problems)
                 + "; drop the target, or prune it uncoupled (Plan.resolve)"
             )
-    return None, (
+    return [], (
         f"{t.structure.kind} target on '{t.layer}' ({type(module).__name__}): the dependency graph has no "
         f"channel group where it is a {' or '.join(roles)}; drop the target or prune it uncoupled "
         "(Plan.resolve)"

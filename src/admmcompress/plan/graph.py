@@ -59,6 +59,7 @@ from admmcompress.plan.channel_ops import (
     PRODUCER,
     STRUCTURAL_OPS,
     WEIGHT_NORM_OPS,
+    check_extra_ops,
     keeps_zero,
     refine_op,
 )
@@ -620,7 +621,7 @@ def _groups_with_roots(model, example_inputs, extra_ops: tuple[str, ...], graph=
     """``(ChannelGroup, (root module, root pruning function))`` pairs; builds the graph unless given."""
     graph = graph if graph is not None else build_dependency_graph(model, example_inputs)
     names = {m: n for n, m in model.named_modules()}
-    known = dict(CHANNELWISE_OPS, **{op: True for op in extra_ops})
+    known = dict(CHANNELWISE_OPS, **{op: True for op in check_extra_ops(extra_ops)})
     out, seen = [], set()
     for tp_group in graph.get_all_groups(root_module_types=(nn.modules.conv._ConvNd, nn.Linear)):
         group = _convert(tp_group, graph, names, known)
@@ -635,7 +636,8 @@ def _groups_with_roots(model, example_inputs, extra_ops: tuple[str, ...], graph=
         group.blocks, why = _blocks(group.members, group.size, modules)
         reducing = [_reducing_problem(m.layer, modules[m.layer]) for m in group.members if m.layer in modules]
         broadcast = [_broadcast_problem(m, modules[m.layer], group.size) for m in group.members if m.layer in modules]
-        group.problems += [p for p in dict.fromkeys([why, *reducing, *broadcast]) if p]
+        collapsed = [_collapsed_problem(m, modules[m.layer], group.size) for m in group.members if m.layer in modules]
+        group.problems += [p for p in dict.fromkeys([why, *reducing, *broadcast, *collapsed]) if p]
     out.sort(key=lambda pair: pair[0].label)
     return out
 
@@ -652,6 +654,21 @@ def _broadcast_problem(member: Member, module: nn.Module, size: int) -> str:
                     f"{size} (an add or multiply), so its channels cannot follow the group's; exclude the group's "
                     "layers from the rule")
     return ""
+
+
+def _collapsed_problem(member: Member, module: nn.Module, size: int) -> str:
+    """Why a group of one channel holds a producer of many ("" otherwise): a reduction across channels (a mean
+    over a channels-last axis, a max over channels) feeding a one-channel layer makes the trace map every
+    channel onto that one, so the group's target would prune nothing (a review's finding: accepted, 0 of 8
+    filters pruned, silently)."""
+    if size != 1 or member.role != PRODUCER:
+        return ""
+    channels = getattr(module, "out_channels", getattr(module, "out_features", 1))
+    if not isinstance(channels, int) or channels <= 1:
+        return ""
+    return (f"layer '{member.layer}' writes {channels} channels, but the trace ties them to one channel (a reduction "
+            "or broadcast across channels, e.g. a mean or max over them feeding a one-channel layer): keep these "
+            "channels (exclude the layer from the rule)")
 
 
 def _reducing_problem(layer: str, module: nn.Module) -> str:
@@ -730,9 +747,9 @@ def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGro
                     moves.append(f"op '{op}'{_near(node, names)}")
                 elif op in MIXING_OPS and op not in known:
                     problems.append(
-                        f"op '{op}'{_near(node, names)} mixes or moves channels (a matrix product, attention or "
-                        "an axis permutation outside nn.Linear/Conv): keep these channels (exclude the layer "
-                        "from the rule)"
+                        f"op '{op}'{_near(node, names)} mixes or moves channels (a matrix product, attention, an "
+                        "axis permutation outside nn.Linear/Conv, a pixel shuffle or a normalization across "
+                        "channels): keep these channels (exclude the layer from the rule)"
                     )
                 elif op in WEIGHT_NORM_OPS and op not in known:
                     problems.append(
