@@ -529,3 +529,25 @@ def test_a_pixel_shuffle_is_never_taken_for_a_channelwise_op():
     assert "extra_channelwise_ops" not in str(err.value)
     with pytest.raises(ValueError, match=r"extra_channelwise_ops: \['PixelShuffle'\] cannot act on each channel"):
         plan.resolve_coupled(model, x, extra_channelwise_ops=("PixelShuffle",))
+
+
+def test_layernorms_are_known_by_their_class_not_their_name():
+    """A user's channels-first subclass called LayerNorm was taken for torch's (compaction then differed by 0.22);
+    transformers' ConvNextV2LayerNorm, the same code as the supported ConvNextLayerNorm, was refused by its name."""
+
+    class LayerNorm(nn.LayerNorm):  # channels first, by permuting around torch's
+        def forward(self, x):
+            return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), LayerNorm(8), nn.Conv2d(8, 4, 1)).eval()
+    with pytest.raises(PlanError, match=r"LayerNorm subclass '1' \(LayerNorm\) has a forward this library cannot"):
+        Plan([Rule(Filter(sparsity=0.5), match="0")]).resolve_coupled(model, torch.randn(2, 3, 8, 8), mode="extend")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ConvNextV2Config(num_stages=2, depths=[1, 1], hidden_sizes=[16, 32], num_labels=10,
+                                           image_size=32)
+    torch.manual_seed(0)
+    convnext = transformers.ConvNextV2ForImageClassification(config).eval()
+    x = torch.randn(2, 3, 32, 32)
+    targets = Plan([Rule(Filter(sparsity=0.5), type="Conv2d")]).resolve_coupled(convnext, x, mode="extend")
+    result = compact(convnext, x, hard_prune(convnext, targets))
+    assert result.params_after < 0.6 * result.params_before and result.max_abs_diff <= 1e-5

@@ -155,7 +155,19 @@ def member_tensors(layer: str, role: str, dim: int, modules: dict[str, nn.Module
     return [(getattr(module, n), d) for n, d in stream_param_dims(role, module, dim)]
 
 
-_KNOWN_LAYERNORMS = ("LayerNorm", "WidthKeepingLayerNorm", "ConvNextLayerNorm")
+# LayerNorm classes whose forward this library rewrites exactly, by module and name (a user's channels-first subclass
+# that happens to be called LayerNorm is not one of them); a subclass that keeps nn.LayerNorm's forward is known too.
+_KNOWN_LAYERNORMS = frozenset({
+    "torch.nn.modules.normalization.LayerNorm",
+    "admmcompress.plan.residual.WidthKeepingLayerNorm",
+    "transformers.models.convnext.modeling_convnext.ConvNextLayerNorm",
+    "transformers.models.convnextv2.modeling_convnextv2.ConvNextV2LayerNorm",  # the same code as ConvNeXt's
+})
+
+
+def _known_layernorm(module: nn.Module) -> bool:
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}" in _KNOWN_LAYERNORMS or cls.forward is nn.LayerNorm.forward
 
 
 def stream_problem(name: str, module: Any) -> str | None:
@@ -167,7 +179,7 @@ def stream_problem(name: str, module: Any) -> str | None:
     if module.weight is None:
         return (f"LayerNorm '{name}' has no weight (elementwise_affine=False), so it turns a removed (zero) channel "
                 "back into a non-zero one; keep the hidden size")
-    if type(module).__name__ not in _KNOWN_LAYERNORMS:
+    if not _known_layernorm(module):
         return (f"LayerNorm subclass '{name}' ({type(module).__name__}) has a forward this library cannot rewrite to "
                 "keep its statistics exact; keep the hidden size")
     return None
