@@ -768,8 +768,9 @@ def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGro
                 ops.append(node_ops.setdefault(node, node.type.name.lower()))
             elif isinstance(module, nn.Module) and module in names:
                 problems.append(
-                    f"layer '{names[module]}' ({type(module).__name__}) has no channel rule here; "
-                    "supported: Conv (not transposed), Linear, BatchNorm, LayerNorm, Embedding"
+                    f"layer '{names[module]}' ({type(module).__name__}) has no channel rule here (supported: Conv "
+                    "(not transposed), Linear, BatchNorm, LayerNorm, Embedding); exclude the layers whose channels it "
+                    "reads from the rule"
                 )
             else:
                 problems.append(f"'{node.name}' cannot be sliced by channel")

@@ -178,10 +178,12 @@ def stream_problem(name: str, module: Any) -> str | None:
         return f"LayerNorm '{name}' normalizes over {tuple(module.normalized_shape)}; only one axis is supported"
     if module.weight is None:
         return (f"LayerNorm '{name}' has no weight (elementwise_affine=False), so it turns a removed (zero) channel "
-                "back into a non-zero one; keep the hidden size")
+                "back into a non-zero one; keep the channels it normalizes (exclude the layers writing them from the "
+                "rule; in a transformer: keep the hidden size)")
     if not _known_layernorm(module):
         return (f"LayerNorm subclass '{name}' ({type(module).__name__}) has a forward this library cannot rewrite to "
-                "keep its statistics exact; keep the hidden size")
+                "keep its statistics exact; keep the channels it normalizes (exclude the layers writing them from the "
+                "rule; in a transformer: keep the hidden size)")
     return None
 
 
