@@ -531,17 +531,30 @@ def test_a_pixel_shuffle_is_never_taken_for_a_channelwise_op():
         plan.resolve_coupled(model, x, extra_channelwise_ops=("PixelShuffle",))
 
 
-def test_layernorms_are_known_by_their_class_not_their_name():
-    """A user's channels-first subclass called LayerNorm was taken for torch's (compaction then differed by 0.22);
-    transformers' ConvNextV2LayerNorm, the same code as the supported ConvNextLayerNorm, was refused by its name."""
+def test_layernorms_are_known_by_their_class():
+    """transformers' ConvNextV2LayerNorm, the same code as the supported ConvNextLayerNorm, was refused by its name;
+    CLIP-style subclasses called LayerNorm (a float32 cast around torch's) stay accepted; another name is refused."""
 
-    class LayerNorm(nn.LayerNorm):  # channels first, by permuting around torch's
+    class LayerNorm2d(nn.LayerNorm):  # channels first, by permuting around torch's
         def forward(self, x):
             return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), LayerNorm(8), nn.Conv2d(8, 4, 1)).eval()
-    with pytest.raises(PlanError, match=r"LayerNorm subclass '1' \(LayerNorm\) has a forward this library cannot"):
+    class LayerNorm(nn.LayerNorm):  # CLIP's and open_clip's: the last axis, in float32
+        def forward(self, x):
+            return super().forward(x.float()).to(x.dtype)
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), LayerNorm2d(8), nn.Conv2d(8, 4, 1)).eval()
+    with pytest.raises(PlanError, match=r"LayerNorm subclass '1' \(LayerNorm2d\) has a forward this library cannot"):
         Plan([Rule(Filter(sparsity=0.5), match="0")]).resolve_coupled(model, torch.randn(2, 3, 8, 8), mode="extend")
+    torch.manual_seed(0)
+    clip = nn.Sequential(nn.Linear(6, 8), LayerNorm(8), nn.Linear(8, 3)).eval()
+    with torch.no_grad():
+        clip[1].weight.uniform_(0.5, 1.5)
+        clip[1].bias.uniform_(-0.5, 0.5)
+    x = torch.randn(4, 6)
+    targets = Plan([Rule(Filter(sparsity=0.5), match="0")]).resolve_coupled(clip, x, mode="extend")
+    result = compact(clip, x, hard_prune(clip, targets))
+    assert result.params_after < result.params_before and result.max_abs_diff <= 1e-5
     transformers = pytest.importorskip("transformers")
     config = transformers.ConvNextV2Config(num_stages=2, depths=[1, 1], hidden_sizes=[16, 32], num_labels=10,
                                            image_size=32)

@@ -138,7 +138,8 @@ def _on_sigterm() -> Callable[[], None]:
         old = signal.signal(signal.SIGTERM, handler)
     except (ValueError, OSError):  # an embedding that does not allow it
         return lambda: None
-    return lambda: signal.signal(signal.SIGTERM, old)
+    # a handler installed from C reads back as None: the default is what can be put back then
+    return lambda: signal.signal(signal.SIGTERM, old if old is not None else signal.SIG_DFL)
 
 
 _PACKAGE = Path(__file__).resolve().parent

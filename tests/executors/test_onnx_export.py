@@ -184,3 +184,16 @@ def test_codebook_indices_put_zero_first():
     assert table[0] == 0.0 and sorted(table.tolist()) == [-0.5, 0.0, 0.25]
     assert torch.equal(torch.from_numpy(table)[torch.from_numpy(indices).long()], w)
     assert (indices == 0).sum() == 2
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_file_with_sparse_weights_passes_onnx_shape_inference(tmp_path):
+    """The exporter's value_info declared a sparse-stored weight dense: shape inference failed (a review's finding)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(torch.rand_like(model[0].weight) < 0.1)
+        model[2].weight.zero_()
+    summary = export_onnx(model, (torch.randn(2, 16),), tmp_path / "m.onnx")
+    assert set(summary.sparse) == {"0.weight", "2.weight"}
+    onnx.shape_inference.infer_shapes(onnx.load(str(tmp_path / "m.onnx")), strict_mode=True)

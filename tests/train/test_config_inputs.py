@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from torch import nn
 
 from admmcompress.data.datasets import Split
 from admmcompress.models import create_model
@@ -207,6 +208,32 @@ def test_a_filter_rule_on_the_classifier_warns_that_it_cuts_off_classes():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         Runner(RunConfig.from_dict(content), create_model("lenet300100"), Split(x, y), Split(x, y), progress=False)
+
+
+def test_the_classifier_warning_does_not_fire_where_no_layer_output_is_returned():
+    """Output layers were matched by id() of freed tensors, which CPython reuses: a DenseNet-style model whose output
+    is a mean of its last conv's output warned about 'c2' (a review's finding)."""
+    from admmcompress.train.trial_forward import check_model_reads
+
+    class Dense(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c0, self.c1 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(5, 4, 3, padding=1)
+            self.c2, self.c3 = nn.Conv2d(9, 4, 3, padding=1), nn.Conv2d(13, 10, 1)
+
+        def forward(self, x):
+            x1 = torch.relu(self.c0(x))
+            x2 = torch.relu(self.c1(torch.cat([x, x1], 1)))
+            x3 = torch.relu(self.c2(torch.cat([x, x1, x2], 1)))
+            return self.c3(torch.cat([x, x1, x2, x3], 1)).mean((2, 3))
+
+    config = RunConfig.from_dict({**spec(model={"name": "lenet300100"}, pretrained="unused.safetensors")})
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 3, 1, 2])
+    for seed in range(5):
+        torch.manual_seed(seed)
+        assert check_model_reads(Dense(), x, Split(x, y), config) == []
+    head = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    assert check_model_reads(head, x, Split(x, y), config) == ["1"]
 
 
 def test_the_forward_check_leaves_the_model_in_training_mode_and_its_statistics_alone():

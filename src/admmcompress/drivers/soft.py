@@ -786,7 +786,8 @@ def _capped_factor(norms: torch.Tensor, weights: torch.Tensor, most: int) -> tor
     smallest ``||V_g|| / w_g`` (where each group would reach zero) are zeroed, and every other group is shrunk by
     that strength, ``1 - c w_g / ||V_g||`` with ``c`` the largest ratio among the zeroed ones. Groups keep their
     order (a larger group stays larger), and ``Z`` stays the exact prox of the group lasso at the capped strength
-    (the kept groups' factors are held above 0 only against rounding and exact ties at ``c``).
+    (the kept groups' factors are held above 0 only against rounding and exact ties at ``c``). A bound that lets
+    no group go (``most = 0``) leaves the layer unshrunk: no strength above 0 keeps every group.
 
     >>> _capped_factor(torch.tensor([1.1, 0.9, 0.5, 0.3], dtype=torch.float64), torch.ones(4), 2).tolist()
     [0.5454545454545454, 0.4444444444444444, 0.0, 0.0]

@@ -131,10 +131,17 @@ def compact(
     """A physically smaller copy of ``model`` with the same outputs (the input model is not changed).
 
     ``masks`` (optional) are applied to the copy first, so pruned entries are exactly zero.
-    ``example_inputs`` is what ``model`` is called with (a tensor, or a tuple of them). Channels through a
-    PENNI shared-kernel conv are kept here: ``executors.penni.compact_shared`` (what the ``compact`` executor
-    and a run's ``compact:`` call for such a model) removes them.
+    ``example_inputs`` is what ``model`` is called with (a tensor, or a tuple of them). A model holding PENNI
+    shared-kernel convs is refused in one line: ``executors.penni.compact_shared`` (what the ``compact``
+    executor and a run's ``compact:`` call for such a model) compacts through them.
     """
+    shared = [n for n, m in model.named_modules() if "coefs" in getattr(type(m), "factor_params", ())]
+    if shared:  # its kernels are computed, so the trace cannot follow its channels (an IndexError further on)
+        raise CompactionError(
+            f"compact: '{shared[0]}' is a shared-kernel conv, which compact() cannot slice; use "
+            "admmcompress.executors.penni.compact_shared(model, example, masks, config) or "
+            "get_executor('compact').convert, which go through it"
+        )
     config = config or CompactConfig()
     work = copy.deepcopy(model)
     # Every step below may replace parameters with new (trainable) ones: frozen ones are frozen again by name.

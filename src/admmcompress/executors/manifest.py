@@ -231,12 +231,9 @@ def _here() -> torch.device:
     return torch.empty(0).device  # the device of the loader's ``with torch.device(...)`` (meta while checking)
 
 
-def _build_tucker2(*, ranks: tuple[int, int], first_bias: bool, core_bias: bool, **conv: Any) -> nn.Module:
-    module = Tucker2Conv(_conv_on_meta(**conv), ranks)
-    for part, has_bias in ((module.first, first_bias), (module.core, core_bias)):
-        if has_bias:
-            part.bias = nn.Parameter(torch.empty(part.out_channels, dtype=part.weight.dtype, device="meta"))
-    return module.to_empty(device=_here())
+def _build_tucker2(*, ranks: tuple[int, int], **shapes: Any) -> nn.Module:
+    # from the shapes, not by factorizing a conv: compaction may have left the ranks above the widths
+    return Tucker2Conv.from_shapes(ranks=ranks, device="meta", **shapes).to_empty(device=_here())
 
 
 def _build_shared(*, bases: int, **conv: Any) -> nn.Module:

@@ -358,6 +358,10 @@ def export_onnx(
     del graph.initializer[:]
     graph.initializer.extend(kept)
     graph.sparse_initializer.extend(sparse)  # ONNX Runtime makes them dense when the session is created
+    stored_sparse = {t.values.name for t in sparse}  # a dense value_info of the same name fails shape inference
+    kept_info = [v for v in graph.value_info if v.name not in stored_sparse]
+    del graph.value_info[:]
+    graph.value_info.extend(kept_info)
     nodes = list(graph.node)
     del graph.node[:]
     graph.node.extend(new_nodes + nodes)

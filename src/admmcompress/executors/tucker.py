@@ -55,6 +55,22 @@ class Tucker2Conv(nn.Module):
         self.last = nn.Conv2d(r_o, conv.out_channels, 1, bias=conv.bias is not None, **kw)
 
     @classmethod
+    def from_shapes(cls, in_channels: int, out_channels: int, ranks: tuple[int, int], kernel_size, stride, padding,
+                    dilation, bias: bool, padding_mode: str = "zeros", first_bias: bool = False,
+                    core_bias: bool = False, device: Any = None) -> Tucker2Conv:
+        """The module for saved shapes (a manifest's): compaction may leave ranks above the widths it removed, which
+        the constructor (made for factorizing a conv) refuses; weights uninitialized, to be loaded."""
+        block = nn.Module.__new__(cls)
+        nn.Module.__init__(block)
+        r_o, r_i = ranks
+        kw = {"device": device}
+        block.first = nn.Conv2d(in_channels, r_i, 1, bias=first_bias, **kw)
+        block.core = nn.Conv2d(r_i, r_o, kernel_size, stride, padding, dilation, bias=core_bias,
+                               padding_mode=padding_mode, **kw)
+        block.last = nn.Conv2d(r_o, out_channels, 1, bias=bias, **kw)
+        return block
+
+    @classmethod
     @torch.no_grad()
     def from_conv(cls, conv: nn.Conv2d, ranks: tuple[int, int]) -> Tucker2Conv:
         """Factor ``conv.weight`` by truncated HOSVD at ``ranks`` (exact when the weight already has them)."""

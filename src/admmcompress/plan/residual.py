@@ -155,8 +155,9 @@ def member_tensors(layer: str, role: str, dim: int, modules: dict[str, nn.Module
     return [(getattr(module, n), d) for n, d in stream_param_dims(role, module, dim)]
 
 
-# LayerNorm classes whose forward this library rewrites exactly, by module and name (a user's channels-first subclass
-# that happens to be called LayerNorm is not one of them); a subclass that keeps nn.LayerNorm's forward is known too.
+# LayerNorm classes whose forward this library rewrites exactly: by module and name, or any class called LayerNorm
+# (CLIP's, open_clip's and timm's cast to float32 around torch's; a channels-first one of that name fails the
+# compaction's output check, not silently), or a subclass that keeps nn.LayerNorm's forward.
 _KNOWN_LAYERNORMS = frozenset({
     "torch.nn.modules.normalization.LayerNorm",
     "admmcompress.plan.residual.WidthKeepingLayerNorm",
@@ -167,7 +168,8 @@ _KNOWN_LAYERNORMS = frozenset({
 
 def _known_layernorm(module: nn.Module) -> bool:
     cls = type(module)
-    return f"{cls.__module__}.{cls.__qualname__}" in _KNOWN_LAYERNORMS or cls.forward is nn.LayerNorm.forward
+    return (f"{cls.__module__}.{cls.__qualname__}" in _KNOWN_LAYERNORMS or cls.__name__ == "LayerNorm"
+            or cls.forward is nn.LayerNorm.forward)
 
 
 def stream_problem(name: str, module: Any) -> str | None:

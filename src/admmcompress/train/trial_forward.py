@@ -43,11 +43,13 @@ def check_model_reads(model: nn.Module, example: Any, train: Any, config: RunCon
     is written. Returns the names of the layers whose outputs the model returns as they are (its classifier)."""
     dtype = AUTOCAST_DTYPES[config.autocast]
     written: dict[int, str] = {}
+    alive: list[torch.Tensor] = []  # held until the forward returns: a freed tensor's id is reused by the next
 
     def record(name: str):
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
             if isinstance(output, torch.Tensor):
                 written[id(output)] = name
+                alive.append(output)
         return hook
 
     handles = [m.register_forward_hook(record(n)) for n, m in model.named_modules()
@@ -66,6 +68,7 @@ def check_model_reads(model: nn.Module, example: Any, train: Any, config: RunCon
         for handle in handles:
             handle.remove()
     outputs = [written[id(t)] for t in output_tensors(out) if id(t) in written]
+    alive.clear()
     if classifies and isinstance(out, torch.Tensor) and out.dim() >= 2:
         _check_labels(first_labels(train), out, config)
     return outputs
@@ -88,7 +91,7 @@ def _check_labels(labels: Any, out: torch.Tensor, config: RunConfig) -> None:
         )
 
 
-def first_labels(train: Any, n: int = 256) -> torch.Tensor | None:
+def first_labels(train: Any, n: int = 64) -> torch.Tensor | None:
     """The training labels (a ``Split``'s ``y``), or those of a ``Dataset``'s first ``n`` samples (None when its
     items are not ``(input, label)`` pairs of tensors or numbers)."""
     labels = getattr(train, "y", None)
