@@ -178,6 +178,13 @@ def random_inputs(example: torch.Tensor, count: int, seed: int = 0) -> torch.Ten
     return torch.randn(count, *example.shape[1:], generator=generator, dtype=example.dtype)
 
 
+def _compact(model: nn.Module, example: Any, masks: MaskSet | None = None,
+             config: CompactConfig | None = None) -> CompactionResult:
+    """``compact``, or ``penni.compact_shared`` for a model holding shared-kernel convs (compacted through their
+    plain equivalent: Torch-Pruning cannot see into them, and ``compact`` refuses them)."""
+    return (compact_shared if shared_layers(model) else compact)(model, example, masks, config)
+
+
 def compact_checked(
     model: nn.Module,
     example: torch.Tensor,
@@ -200,9 +207,7 @@ def compact_checked(
         masks.apply(masked)
     masked.eval()
     trace = random_inputs(example, max(2, samples), seed)
-    config = CompactConfig(atol=atol, columns=columns, strict=strict)
-    # shared-kernel convs are compacted through their plain equivalent (Torch-Pruning cannot see into them)
-    result = (compact_shared if shared_layers(masked) else compact)(masked, trace, config=config)
+    result = _compact(masked, trace, config=CompactConfig(atol=atol, columns=columns, strict=strict))
     small = result.model.eval()
     check = random_inputs(example, samples, seed + 1)
     with torch.no_grad():
@@ -288,9 +293,7 @@ class CompactExecutor(Executor):
                 "compaction traces the model"
             )
         reject_unknown("compact", "convert", options, _CONFIG_FIELDS)
-        # shared-kernel convs are compacted through their plain equivalent (Torch-Pruning cannot see into them)
-        return (compact_shared if shared_layers(model) else compact)(model, example, masks,
-                                                                     CompactConfig(**options)).model
+        return _compact(model, example, masks, CompactConfig(**options)).model
 
     def save(self, model: nn.Module, path: str | Path, model_spec: dict[str, Any] | None = None) -> Path:
         """``manifest.json`` + ``model.safetensors`` into the folder ``path``; ``model_spec``

@@ -215,8 +215,7 @@ def compact_shared(model: nn.Module, example: Any, masks: Any = None, config: An
     ``1e-6`` of the layer's largest set to zero). Column executors (``config.columns``) go on the plain convs
     only. Returns the ``CompactionResult``, its ``max_abs_diff`` that of the shared-kernel result on ``example``.
     """
-    from admmcompress.executors.compact import CompactConfig, compact, count_params
-    from admmcompress.executors.fold import forward
+    from admmcompress.executors.compact import CompactConfig, _max_diff, _reference_outputs, compact, count_params
 
     config = config or CompactConfig()
     work = copy.deepcopy(model)
@@ -251,7 +250,8 @@ def compact_shared(model: nn.Module, example: Any, masks: Any = None, config: An
         result.columns = apply_column_executors(small, example, mode=config.columns, min_sparsity=0.0)
     work.eval()
     small.eval()
-    result.max_abs_diff = max(result.max_abs_diff, _largest_difference(forward(work, example), forward(small, example)))
+    outputs = _reference_outputs(work, example), _reference_outputs(small, example)
+    result.max_abs_diff = max(result.max_abs_diff, _max_diff(*outputs))  # compact()'s own comparison
     result.params_before, result.params_after = count_params(work), count_params(small)
     if not result.max_abs_diff <= config.atol:
         from admmcompress.executors.compact import CompactionError
@@ -259,13 +259,6 @@ def compact_shared(model: nn.Module, example: Any, masks: Any = None, config: An
         raise CompactionError(f"the compacted shared-kernel model differs from the input model by "
                               f"{result.max_abs_diff:.3g} (> atol={config.atol:g}); report the model")
     return result
-
-
-def _largest_difference(a: Any, b: Any) -> float:
-    from admmcompress.plan.graph import output_tensors
-
-    return max((float((x - y).abs().max()) for x, y in zip(output_tensors(a), output_tensors(b), strict=True)
-                if x.numel()), default=0.0)
 
 
 @torch.no_grad()

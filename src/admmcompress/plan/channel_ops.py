@@ -75,17 +75,17 @@ CHANNELWISE_OPS: dict[str, bool] = {
     "LogSigmoid": False,
 }
 
-# Autograd ops that combine or reorder channels: never offered as extra channelwise ops in error messages.
+# Ops that change the channel count or order themselves (channels moved into space and back, or split into
+# halves that multiply each other): never per channel, so never accepted as extra ones either.
+RESHAPING_OPS = frozenset({"PixelShuffle", "PixelUnshuffle", "ChannelShuffle", "Glu"})
+
+# Autograd ops that combine or reorder channels: never offered as extra channelwise ops in error messages
+# (NativeLayerNorm: a LayerNorm's F.layer_norm outside a module the trace knows normalizes over the channels).
 MIXING_OPS = frozenset({
     "Addmm", "Mm", "Bmm", "Baddbmm", "Matmul", "Transpose", "Permute", "Softmax",
     "ScaledDotProductFlashAttentionForCpu", "ScaledDotProductEfficientAttention", "ScaledDotProductAttentionMath",
-    # channels moved into space and back (pixel shuffle), normalized over (a LayerNorm's F.layer_norm outside a
-    # module the trace knows), or split into halves that multiply each other (GLU)
-    "PixelShuffle", "PixelUnshuffle", "ChannelShuffle", "NativeLayerNorm", "Glu",
-})
-
-# Ops that change the channel count or order themselves: never per channel, so never accepted as extra ones.
-RESHAPING_OPS = frozenset({"PixelShuffle", "PixelUnshuffle", "ChannelShuffle", "Glu"})
+    "NativeLayerNorm",
+}) | RESHAPING_OPS
 
 
 def check_extra_ops(extra_ops: Iterable[str]) -> tuple[str, ...]:
