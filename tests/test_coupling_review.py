@@ -531,6 +531,43 @@ def test_a_pixel_shuffle_is_never_taken_for_a_channelwise_op():
         plan.resolve_coupled(model, x, extra_channelwise_ops=("PixelShuffle",))
 
 
+def test_a_channel_shuffle_written_with_view_and_transpose_is_refused():
+    """ShuffleNet's shuffle (view into groups, transpose, reshape) was accepted and compaction failed at the end."""
+
+    class Shuffle(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1, groups=2)
+            self.c3 = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            y = self.c2(torch.relu(self.c1(x)))
+            b, c, h, w = y.shape
+            return self.c3(y.view(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, c, h, w))
+
+    for shape in [(1, 3, 8, 8), (2, 3, 6, 5)]:  # spatial sizes equal to and unlike the channel count
+        with pytest.raises(PlanError, match="a view splits the channel axis .* \\(a channel shuffle\\)"):
+            Plan([Rule(Filter(sparsity=0.5), match="c2")]).resolve_coupled(Shuffle().eval(), torch.randn(shape))
+
+
+def test_a_flatten_then_transpose_stays_accepted():
+    """A patch embedding (conv, flatten of the positions, transpose to channels-last) merges positions only."""
+    torch.manual_seed(0)
+
+    class Patches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = nn.Conv2d(3, 8, 2, stride=2), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.embed(x).flatten(2).transpose(1, 2)).mean(1))
+
+    model, x = Patches().eval(), torch.randn(2, 3, 8, 8)
+    targets = Plan([Rule(Filter(sparsity=0.5), match="embed")]).resolve_coupled(model, x)
+    result = compact(model, x, hard_prune(model, targets))
+    assert result.model.embed.out_channels == 4 and result.max_abs_diff <= 1e-5
+
+
 def test_layernorms_are_known_by_their_class():
     """transformers' ConvNextV2LayerNorm, the same code as the supported ConvNextLayerNorm, was refused by its name;
     CLIP-style subclasses called LayerNorm (a float32 cast around torch's) stay accepted; another name is refused."""

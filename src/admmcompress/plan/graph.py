@@ -691,6 +691,7 @@ def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGro
     dims: dict[str, int] = {}
     moves: list[str] = []
     means: list[Any] = []  # Mean nodes: channelwise unless they average over the channel axis (_averages_channels)
+    reshapes: list[Any] = []  # reshape nodes: a split of the channel axis next to an axis move shuffles channels
     ops: list[str] = []
     problems: list[str] = []
     node_roles: dict[Any, set[str]] = {}  # traced node -> member roles, and -> op name (for zero_leaks)
@@ -766,6 +767,8 @@ def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGro
                     )
             elif node.type.name.lower() in STRUCTURAL_OPS:
                 ops.append(node_ops.setdefault(node, node.type.name.lower()))
+                if node.type.name.lower() == "reshape":
+                    reshapes.append(node)
             elif isinstance(module, nn.Module) and module in names:
                 problems.append(
                     f"layer '{names[module]}' ({type(module).__name__}) has no channel rule here (supported: Conv "
@@ -788,6 +791,11 @@ def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGro
         if _averages_channels(node.grad_fn, size, moved=bool(moves)):
             problems.append(f"op 'Mean'{_near(node, names)} averages over the channel axis, so every channel's value "
                             "depends on the pruned ones: keep these channels (exclude the layer from the rule)")
+    split = next((node for node in reshapes if _splits_channels(node.grad_fn, size)), None)
+    if moves and split is not None:
+        problems.append(f"a view splits the channel axis{_near(split, names)} and an axis move reorders the parts (a "
+                        "channel shuffle): the channels' order changes, so they cannot be pruned as one group: keep "
+                        "these channels (exclude the layers before the shuffle from the rule)")
     if moves and any(op in MIXING_OPS and op not in AXIS_MOVES and op not in known for op in ops):
         problems += [f"{m} moves an axis next to a matrix product or attention, so channels may mix: keep these "
                      "channels (exclude the layer from the rule)" for m in dict.fromkeys(moves)]
@@ -819,6 +827,33 @@ def _averages_channels(grad_fn: Any, channels: int, moved: bool) -> bool:
     if not any(sizes[d] == channels for d in range(len(sizes)) if d not in reduced):
         return True
     return len(sizes) in (4, 5) and not moved and 1 in reduced
+
+
+def _splits_channels(grad_fn: Any, channels: int) -> bool:
+    """Whether a traced reshape splits an axis of ``channels`` entries into several (``view(b, g, c // g, h, w)``
+    in a ShuffleNet channel shuffle), read from the input sizes autograd saved and the output's metadata. Torch-Pruning
+    maps channels through a reshape as if it only merged or split trailing axes, which an axis move of the parts
+    afterwards breaks (a review's finding: accepted, then compaction failed). Hand-written."""
+    sizes = [int(n) for n in getattr(grad_fn, "_saved_self_sym_sizes", ()) or ()]
+    meta = getattr(grad_fn, "_input_metadata", ())
+    if not sizes or not meta:
+        return False
+    out = [int(n) for n in meta[0].shape]
+    prefix_in, prefix = 1, {}
+    acc = 1
+    for i, n in enumerate(out):  # output axis index at which each prefix product is reached
+        prefix.setdefault(acc, i)
+        acc *= n
+    for n in sizes:
+        if n == channels and prefix_in in prefix:
+            start, acc, end = prefix[prefix_in], 1, prefix[prefix_in]
+            while end < len(out) and acc < n:
+                acc *= out[end]
+                end += 1
+            if acc == n and end - start > 1 and all(out[i] != n for i in range(start, end)):
+                return True
+        prefix_in *= n
+    return False
 
 
 # On inputs of more than 2 dimensions nn.Linear runs a matrix product on a flattened view and returns a view
