@@ -1,5 +1,6 @@
 """Channel groups from Torch-Pruning's dependency graph: residual, concat, depthwise, flatten, outputs."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -88,9 +89,62 @@ def test_unknown_op_is_reported_not_assumed_channelwise():
 
     groups = channel_groups(Odd(), torch.zeros(2, 3, 8, 8))
     a = group_of(groups, "a", (PRODUCER,))
-    assert any("op 'Erf' (feeding 'b') is not known" in p and "extra_channelwise_ops=('Erf',)" in p for p in a.problems)
+    assert any("op 'Erf' (feeding 'b') is not known" in p and "register_channelwise_op('Erf')" in p
+               for p in a.problems)
     again = channel_groups(Odd(), torch.zeros(2, 3, 8, 8), extra_channelwise_ops=("Erf",))
     assert not group_of(again, "a", (PRODUCER,)).problems
+
+
+class _Cube(torch.autograd.Function):  # a user's own activation: autograd names its node "_CubeBackward"
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * grad
+
+
+class _CubeNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 2, 3, padding=1)
+
+    def forward(self, x):
+        return self.b(_Cube.apply(self.a(x)))
+
+
+def test_a_registered_op_is_channelwise_for_every_later_trace(tmp_path):
+    """Declared once, a user's op reaches the paths that take no extra_channelwise_ops argument: compress(), run
+    configs (through a plugin) and compaction; the cache of traced groups does not serve the old answer."""
+    from admmcompress import Filter, Plan, Rule, compact, hard_prune
+    from admmcompress.plan import PlanError, register_channelwise_op, unregister_channelwise_op
+
+    torch.manual_seed(0)
+    model, x = _CubeNet().eval(), torch.randn(2, 3, 8, 8)
+    plan = Plan([Rule(Filter(sparsity=0.5), match="a")])
+    with pytest.raises(PlanError, match="op '_Cube' .*register_channelwise_op\\('_Cube'\\)"):
+        plan.resolve_coupled(model, x)
+    register_channelwise_op("_CubeBackward", keeps_zero=True)
+    try:
+        result = compact(model, x, hard_prune(model, plan.resolve_coupled(model, x)))
+        assert result.model.a.out_channels == 4 and result.max_abs_diff <= 1e-5
+    finally:
+        unregister_channelwise_op("_Cube")
+    with pytest.raises(PlanError, match="op '_Cube'"):
+        plan.resolve_coupled(model, x)
+
+
+@pytest.mark.parametrize("name, problem", [("Mm", "combines or moves channels"), ("PixelShuffle", "combines"),
+                                           ("", "not an autograd op name"), (3, "not an autograd op name")])
+def test_registering_a_mixing_or_malformed_op_is_one_line(name, problem):
+    from admmcompress.plan import register_channelwise_op
+
+    with pytest.raises(ValueError, match=problem) as err:
+        register_channelwise_op(name)
+    assert "\n" not in str(err.value)
 
 
 def test_tracing_restores_the_training_mode():

@@ -214,7 +214,7 @@ def compact(
             f"the compacted model's outputs differ from the masked model's by {result.max_abs_diff:.3g} "
             f"(> atol={config.atol:g}); an op in the model probably mixes channels or does not keep zero "
             "at zero. "
-            "Name channelwise ops in CompactConfig.extra_channelwise_ops, or report the model"
+            "Declare an op known to act per channel with admmcompress.plan.register_channelwise_op, or report the model"
         )
     for name, m in work.named_modules():
         m.train(modes.get(name, model.training))

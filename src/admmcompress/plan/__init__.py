@@ -13,6 +13,7 @@
 ['0.weight:unstructured']
 """
 
+from admmcompress.plan.channel_ops import register_channelwise_op, unregister_channelwise_op
 from admmcompress.plan.coupled import COUPLING_MODES, ChannelSlice, CoupledTarget, couple
 from admmcompress.plan.graph import cached_channel_groups, channel_groups, clear_channel_group_cache
 from admmcompress.plan.rules import GEMM_MODULES, RULE_KEYS, Plan, Rule, prunable_layers, resolve_targets
@@ -33,5 +34,7 @@ __all__ = [
     "clear_channel_group_cache",
     "couple",
     "prunable_layers",
+    "register_channelwise_op",
     "resolve_targets",
+    "unregister_channelwise_op",
 ]

@@ -8,6 +8,7 @@ records (Torch-Pruning traces the graph; it does not say what an op does to a ze
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import torch
@@ -88,6 +89,45 @@ MIXING_OPS = frozenset({
 }) | RESHAPING_OPS
 
 
+# Ops a user declared channelwise once for every trace (``register_channelwise_op``): compress() and run configs
+# (through a plugin module) reach the graph without an argument to thread through. Op name -> f(0) == 0.
+_REGISTERED: dict[str, bool] = {}
+
+
+def register_channelwise_op(name: str, keeps_zero: bool = False) -> None:
+    """Declare autograd op ``name`` (``"MyAct"`` for ``MyActBackward0``; the suffix may be given) to act on each
+    channel separately, for every later trace: ``Plan.resolve_coupled``, ``compress()``, run configs (call it in a
+    module named under ``plugins:``) and compaction. ``keeps_zero=True`` also says ``f(0) == 0``, so a pruned
+    channel stays zero through it (a bias-free activation); leave it False when unsure (compaction then keeps
+    what a zero channel would still feed). Ops that move or mix channels are refused in one line.
+
+    >>> register_channelwise_op("MySwishBackward0", keeps_zero=True)
+    >>> registered_channelwise_ops()["MySwish"]
+    True
+    >>> unregister_channelwise_op("MySwish")
+    """
+    op = re.sub(r"Backward\d*$", "", name) if isinstance(name, str) else name
+    if not isinstance(op, str) or not op.isidentifier():
+        raise ValueError(f"register_channelwise_op: name {name!r} is not an autograd op name; give the name of "
+                         "its grad_fn without 'Backward0', e.g. 'MyAct' for MyActBackward0")
+    if op in MIXING_OPS or op in WEIGHT_NORM_OPS:
+        raise ValueError(f"register_channelwise_op: '{op}' combines or moves channels, so it cannot act on each "
+                         "channel separately; keep the channels it reads (exclude those layers from the rule)")
+    if not isinstance(keeps_zero, bool):
+        raise ValueError(f"register_channelwise_op: keeps_zero={keeps_zero!r}; give True (f(0) == 0) or False")
+    _REGISTERED[op] = keeps_zero
+
+
+def unregister_channelwise_op(name: str) -> None:
+    """Forget an op declared with ``register_channelwise_op`` (no error if it was not)."""
+    _REGISTERED.pop(name, None)
+
+
+def registered_channelwise_ops() -> dict[str, bool]:
+    """The ops declared with ``register_channelwise_op`` (a copy): name -> whether f(0) == 0."""
+    return dict(_REGISTERED)
+
+
 def check_extra_ops(extra_ops: Iterable[str]) -> tuple[str, ...]:
     """``extra_ops`` as a tuple of op names; an op that moves channels (pixel shuffle, GLU) is refused in one line.
 
@@ -152,7 +192,7 @@ def _any(bound, test) -> bool:
 
 def keeps_zero(op: str) -> bool:
     """Whether op ``op`` maps a zero channel to a zero channel (whatever its other inputs are zero there too)."""
-    return op in STRUCTURAL_OPS or op in AXIS_MOVES or CHANNELWISE_OPS.get(op, False)
+    return op in STRUCTURAL_OPS or op in AXIS_MOVES or CHANNELWISE_OPS.get(op, _REGISTERED.get(op, False))
 
 
 __all__ = [
@@ -171,4 +211,7 @@ __all__ = [
     "WEIGHT_NORM_OPS",
     "keeps_zero",
     "refine_op",
+    "register_channelwise_op",
+    "registered_channelwise_ops",
+    "unregister_channelwise_op",
 ]

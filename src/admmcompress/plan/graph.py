@@ -62,6 +62,7 @@ from admmcompress.plan.channel_ops import (
     check_extra_ops,
     keeps_zero,
     refine_op,
+    registered_channelwise_ops,
 )
 from admmcompress.plan.residual import (
     LAYERNORM,
@@ -575,7 +576,7 @@ def cached_channel_groups(
     example_key = _inputs_key(example_inputs)
     if example_key is None:
         return channel_groups(model, example_inputs, extra)
-    key = (example_key, tuple(sorted(set(extra))))
+    key = (example_key, tuple(sorted(set(extra))), tuple(sorted(registered_channelwise_ops().items())))
     signature = _module_signature(model)
     entries = _GROUP_CACHE.setdefault(model, {})
     hit = entries.get(key)
@@ -621,7 +622,7 @@ def _groups_with_roots(model, example_inputs, extra_ops: tuple[str, ...], graph=
     """``(ChannelGroup, (root module, root pruning function))`` pairs; builds the graph unless given."""
     graph = graph if graph is not None else build_dependency_graph(model, example_inputs)
     names = {m: n for n, m in model.named_modules()}
-    known = dict(CHANNELWISE_OPS, **{op: True for op in check_extra_ops(extra_ops)})
+    known = dict(CHANNELWISE_OPS, **registered_channelwise_ops(), **{op: True for op in check_extra_ops(extra_ops)})
     out, seen = [], set()
     for tp_group in graph.get_all_groups(root_module_types=(nn.modules.conv._ConvNd, nn.Linear)):
         group = _convert(tp_group, graph, names, known)
@@ -762,8 +763,8 @@ def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGro
                 elif op not in known:
                     problems.append(
                         f"op '{op}'{_near(node, names)} is not known to act on each channel separately; if it "
-                        f"does, pass extra_channelwise_ops=('{op}',) (to resolve_coupled, and to compact in its "
-                        "CompactConfig), otherwise keep these channels"
+                        f"does, call admmcompress.plan.register_channelwise_op('{op}') before resolving (in a "
+                        "plugin module for run configs), otherwise keep these channels"
                     )
             elif node.type.name.lower() in STRUCTURAL_OPS:
                 ops.append(node_ops.setdefault(node, node.type.name.lower()))
