@@ -467,3 +467,34 @@ def test_admm_drives_any_structure():
     masks = admm.finalize()
     rows_kept = masks["weight"].any(dim=1)
     assert rows_kept.tolist() in ([True] * 4 + [False] * 4, [False] * 4 + [True] * 4)
+
+
+def _levels(t):
+    return sorted({round(v, 6) for v in t[t != 0].abs().tolist()})
+
+
+@pytest.mark.parametrize("coupled", [False, True])
+def test_pruning_and_quantizing_one_weight_fits_the_levels_on_the_kept_weights(coupled):
+    """SPEC 2.1: the levels are for the nonzero weights. In one stage the quantization Z was the projection of all
+    of W + U, so its levels were fit to the whole distribution (not those hard_prune ends with) and the weights
+    about to be pruned were pulled toward +-q instead of 0 (a review's finding)."""
+    from admmcompress.finalize import hard_prune
+    from admmcompress.plan import Rule
+    from admmcompress.structures import FixedPoint
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 4))
+    prune = Filter(sparsity=0.5) if coupled else Unstructured(sparsity=0.9)
+    plan = Plan([Rule(prune, match="0"), Rule(FixedPoint(bits=2), match="0")])
+    targets = plan.resolve_coupled(model, torch.randn(2, 20)) if coupled else plan.resolve(model)
+    admm = ADMM(model, targets, rho=1e-2)
+    for _ in range(2):  # W unchanged: each Z-step projects W + U with U = W - Z
+        zq = next(s["Z"] for k, s in admm.state.items() if k.endswith("fixed_point"))
+        zp = next(s["Z"] for k, s in admm.state.items() if not k.endswith("fixed_point"))
+        kept = (zp != 0).any(dim=1, keepdim=True).expand(-1, 20)[:16] if coupled else zp != 0
+        assert not bool(zq[~kept].any())  # the pruned weights' quantization target is 0
+        admm.step()
+    expected = copy.deepcopy(model)
+    hard_prune(expected, targets)  # from W itself, as the first Z-step (U = 0): the same levels
+    first = next(s["Z"] for k, s in ADMM(model, targets, rho=1e-2).state.items() if k.endswith("fixed_point"))
+    assert _levels(first) == _levels(expected[0].weight.detach())
