@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from admmcompress.finalize import MaskSet, hard_prune, masks_from_model
-from admmcompress.plan import Plan
+from admmcompress.plan import Plan, Rule
 from admmcompress.structures import Column, Filter, Unstructured
 
 OPTIMIZERS = {
@@ -209,6 +209,23 @@ def test_intersect_and_merged():
     assert a["w"].tolist() == [False, True, False]
     assert a["w"].dtype == torch.bool
     assert "w" in a and "v" not in a and len(merged) == 2
+
+
+def test_a_quantized_set_merged_with_more_pruning_cannot_revive_the_pruned_weights():
+    """merged() kept the old codes, so apply() wrote their levels back into entries the new mask prunes."""
+    from admmcompress.finalize import hard_quantize
+    from admmcompress.structures import FixedPoint
+
+    torch.manual_seed(0)
+    model = nn.Linear(6, 4, bias=False)
+    quantized = hard_quantize(model, Plan([Rule(FixedPoint(bits=2), match="")]).resolve(model))
+    extra = torch.ones(4, 6, dtype=torch.bool)
+    extra[0] = False
+    merged = quantized.merged(MaskSet({"weight": extra}))
+    merged.apply(model)
+    assert not bool(model.weight[0].any()) and bool(model.weight[1:].all())
+    assert bool((quantized.held["weight"].codes[0] >= 0).all())  # the input set is unchanged
+    assert merged.copy().held["weight"] is merged.held["weight"] and type(merged.copy()) is type(merged)
 
 
 def test_state_dict_round_trip():

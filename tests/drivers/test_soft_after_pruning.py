@@ -130,3 +130,18 @@ def test_the_rates_table_the_masked_model_and_the_compacted_model_agree():
         assert (rates[name]["rows_kept"], rates[name]["cols_kept"]) == compacted
         assert int((model.get_submodule(name).weight != 0).any(1).sum()) == compacted[0]  # the masked model
     assert soft.final_cost == sum(r["rows_kept"] * r["cols_kept"] for r in rates.values())
+
+
+def test_an_earlier_stage_s_quantized_values_stay_held_after_the_soft_stage():
+    """The soft driver started its masks from a plain copy of the frozen set: an earlier quantization stage's
+    levels were dropped, and retraining moved those weights off them."""
+    from admmcompress.finalize import QuantizedMaskSet, hard_quantize
+    from admmcompress.structures import FixedPoint
+
+    model = mlp()
+    frozen = hard_quantize(model, Plan([Rule(FixedPoint(bits=2), match="2")]).resolve(model))
+    soft = soft_on_layer_zero(model, frozen, 0.9)
+    masks = soft.finalize()
+    assert isinstance(masks, QuantizedMaskSet) and set(masks.held) == {"2.weight"}
+    w = model[2].weight.detach()
+    assert torch.equal(w, masks.held["2.weight"].decode(w.dtype))

@@ -83,3 +83,34 @@ def test_purify_with_zero_threshold_is_exact_and_threshold_is_checked():
     assert (outputs(model, fresh) - before).abs().max() <= 1e-4
     with pytest.raises(ValueError, match="threshold=-1 must be >= 0"):
         purify(model, x, MaskSet(), threshold=-1)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5])
+def test_purify_keeps_the_held_levels_of_a_quantized_model(threshold):
+    """purify/remove_unused_paths returned a plain MaskSet: retraining with it moved 2-bit weights off their 4
+    levels (a review's finding); the removed weights' codes are pruned too, so apply() cannot revive them."""
+    from torch import nn
+
+    from admmcompress.finalize import QuantizedMaskSet, hard_quantize
+    from admmcompress.structures import FixedPoint
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 6, 3), nn.ReLU(), nn.Conv2d(6, 4, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(16, 3))
+    plan = Plan([Rule(Filter(sparsity=0.5), match="0"), Rule(FixedPoint(bits=2), type="Conv2d"),
+                 Rule(FixedPoint(bits=2), type="Linear")])
+    masks = hard_quantize(model, plan.resolve(model))
+    x, y = torch.randn(8, 2, 6, 6), torch.randint(0, 3, (8,))
+    out = purify(model, x, masks, threshold=threshold).masks
+    assert isinstance(out, QuantizedMaskSet) and set(out.held) == set(masks.held)
+    for name, held in out.held.items():
+        assert not bool((held.codes[~out.masks[name]] >= 0).any())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    out.attach(model, opt)
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    for name in out.held:
+        w = dict(model.named_parameters())[name].detach()
+        assert w[w != 0].unique().numel() <= 4 and not bool(w[~out.masks[name]].any())

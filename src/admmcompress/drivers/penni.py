@@ -41,6 +41,7 @@ from torch import nn
 
 from admmcompress.drivers.base import Driver, DriverContext, ModuleTransform, register_driver
 from admmcompress.drivers.factorize import FactorizeTransform
+from admmcompress.drivers.schedule import carry
 from admmcompress.executors.penni import SharedKernelConv
 from admmcompress.finalize import MaskSet, hard_quantize
 from admmcompress.plan import PlanError, Target
@@ -177,7 +178,7 @@ class Penni(Driver):
         """Decompose (plain convs), or prune coefficients below ``prune_std * std`` and return their masks."""
         if not self.decomposed:
             return FactorizeTransform({t.layer: t.structure for t in self.shared}, self.frozen)
-        masks = MaskSet(self.frozen.masks if self.frozen is not None else None)
+        masks = carry(self.frozen)  # an earlier stage's quantized values stay held
         for key, tensor in self._sparsified().items():
             masks.intersect(key, tensor.abs() >= self.config.prune_std * tensor.std())
         masks.apply(self.model)

@@ -82,6 +82,7 @@ from admmcompress.drivers.budget import (
     rows_per_group,
     structured_cost,
 )
+from admmcompress.drivers.schedule import carry
 from admmcompress.finalize import MaskSet
 from admmcompress.plan import Plan, PlanError, Target, resolve_targets
 from admmcompress.plan.coupled import CoupledTarget
@@ -595,7 +596,7 @@ class SoftThreshold(Driver):
             if self._cost(self._masked(w, soft)) > self.target_cost:
                 _, _, final = self._meet(self._masked(w, soft), self.target_cost)
             final, restored = self._fill(w, final)
-        masks = MaskSet(self.frozen.masks if self.frozen is not None else None)
+        masks = carry(self.frozen)  # an earlier stage's quantized values stay held
         for t in self.targets:
             for name, mask in self._masks(t, ~final[t.key]).items():
                 masks.intersect(name, mask)

@@ -93,7 +93,7 @@ def remove_unused_paths(
     """
     if groups is None:
         groups = channel_groups(model, example_inputs)
-    masks = MaskSet(masks.masks if masks is not None else None)
+    masks = masks.copy() if masks is not None else MaskSet()  # a QuantizedMaskSet keeps its levels
     before = nonzero_params(model)
     passes = []
     for i in range(max_passes):
@@ -188,7 +188,7 @@ def purify(
         raise ValueError(
             f"purify: threshold={threshold!r} must be >= 0 (0 keeps every nonzero filter/column)"
         )
-    masks = MaskSet(masks.masks)
+    masks = masks.copy()  # a QuantizedMaskSet keeps its levels
     passes = []
     before = nonzero_params(model)
     if threshold > 0:

@@ -50,6 +50,10 @@ class MaskSet:
         mask = mask.to(torch.bool)
         self.masks[name] = self.masks[name] & mask if name in self.masks else mask
 
+    def copy(self) -> MaskSet:
+        """A new set with the same masks (one of the same kind: a ``QuantizedMaskSet`` keeps its levels)."""
+        return MaskSet(self.masks)
+
     def merged(self, other: MaskSet) -> MaskSet:
         out = MaskSet(self.masks)
         for name, mask in other.items():

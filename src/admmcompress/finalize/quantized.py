@@ -35,7 +35,7 @@ True
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -145,6 +145,20 @@ class QuantizedMaskSet(MaskSet):
             if held.update == "centroids":
                 param = params[name].detach()
                 held.levels = _centroids(param, held.codes.to(param.device), held.levels).cpu()
+
+    def copy(self) -> QuantizedMaskSet:
+        return QuantizedMaskSet(self.masks, self.held)
+
+    def intersect(self, name: str, mask: torch.Tensor) -> None:
+        """AND a mask in, and prune the held codes it removes (``apply`` wrote their levels back: a review found
+        ``merged`` reviving pruned weights)."""
+        super().intersect(name, mask)
+        held = self.held.get(name)
+        if held is not None:
+            keep = self.masks[name].cpu()
+            if bool((held.codes[~keep] >= 0).any()):
+                codes = torch.where(keep, held.codes, torch.full_like(held.codes, -1))
+                self.held[name] = replace(held, codes=codes)
 
     def merged(self, other: MaskSet) -> QuantizedMaskSet:
         out = QuantizedMaskSet(self.masks, self.held)
