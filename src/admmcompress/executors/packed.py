@@ -879,22 +879,24 @@ def save_packed_bytes(model: torch.nn.Module, **kwargs: Any) -> bytes:
 def packed_size_lines(size: int, summary: PackedSummary, report: Any, scheme: str = "best") -> list[str]:
     """The packed file's size against the storage report (SPEC 4.2), every byte of difference named.
 
-    ``report`` is the model's ``report.storage.StorageReport`` (only its ``bits(scheme)`` and
-    ``other_bits`` are read). The report counts weight bits (codes, indices, codebooks) and, apart, the
-    other parameters; the file adds the container header, each packed weight's last partial byte and
-    any buffers (BN statistics), which the report does not count.
+    ``report`` is the model's ``report.storage.StorageReport`` (its ``bits(scheme)``, ``other_bits`` and
+    ``buffer_bits`` are read). The report counts weight bits (codes, indices, codebooks) and, apart, the
+    other parameters and the buffers (BN statistics); the file adds the container header and each packed
+    weight's last partial byte.
     """
     weight_bits, other_bits = report.bits(scheme), report.other_bits
-    figure = (weight_bits + other_bits) / 8
+    buffer_bits = getattr(report, "buffer_bits", 0)
+    figure = (weight_bits + other_bits + buffer_bits) / 8
     raw = sum(summary.raw_weights.values())
-    buffers = summary.other_bytes - raw - other_bits / 8
+    buffers = summary.other_bytes - raw - (other_bits + buffer_bits) / 8
     lines = [] if not raw else [
         f"stored raw, not coded: {', '.join(summary.raw_weights)} ({raw:,} B: float64 values that float32 cannot "
         "hold, which the report counts as float32 weights); convert the model with model.float() to code them"
     ]
     return lines + [
         f"storage report (SPEC 4.2): weights {weight_bits:,} bits = {weight_bits / 8:,.1f} B, "
-        f"other parameters {other_bits / 8:,.0f} B; together {figure:,.1f} B",
+        f"other parameters {other_bits / 8:,.0f} B"
+        + (f", buffers {buffer_bits / 8:,.0f} B" if buffer_bits else "") + f"; together {figure:,.1f} B",
         f"container overhead: header {summary.header_bytes:,} B (format, checksums, model spec, "
         f"per-tensor scheme/nnz/length), byte padding {summary.padding_bits:,} bits "
         f"({len(summary.schemes)} packed weights)"
