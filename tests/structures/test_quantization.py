@@ -200,6 +200,16 @@ def test_kmeans_uses_every_cluster_of_a_pruned_layer():
     assert kmeans_1d(torch.tensor([1.0, 1.0, 2.0]), 3)[0].tolist() == [1.0, 2.0]  # two distinct values: two levels
 
 
+@pytest.mark.parametrize("n", [10, 100, 255])
+def test_kmeans_with_more_clusters_than_distinct_values_is_exact(n):
+    """A small layer after heavy pruning can hold fewer weights than the clusters asked for: each weight its own
+    level, no error (Lloyd from an even start merged them: 100 weights into 81 levels, a review's finding)."""
+    values = torch.randn(n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    centroids, codes = kmeans_1d(values, 256)
+    assert centroids.numel() == n and torch.equal(centroids[codes], values)
+    assert bool((centroids[1:] > centroids[:-1]).all())
+
+
 def test_kmeans_is_a_lloyd_fixed_point_and_beats_its_initialisation():
     gen = torch.Generator().manual_seed(5)
     v = torch.cat(

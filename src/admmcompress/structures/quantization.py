@@ -440,17 +440,21 @@ def kmeans_1d(values: torch.Tensor, k: int, max_iter: int = 100) -> tuple[torch.
     Returns ``(centroids ascending, codes)``; every value is assigned to its nearest centroid and
     every centroid is the mean of its members. A local optimum. A centroid left without members (the even
     start puts some in the gap a pruned layer's kept weights leave around zero) is moved onto the value
-    farthest from its own centroid, so ``k`` levels are used whenever the values hold ``k`` distinct ones;
-    only with fewer are clusters dropped.
+    farthest from its own centroid, so ``k`` levels are used whenever the values hold ``k`` distinct ones; with
+    at most ``k`` distinct values each is its own level (no error).
 
     >>> kmeans_1d(torch.tensor([1.0, 1.2, 5.0, 5.2], dtype=torch.float64), 2)[0]
     tensor([1.1000, 5.1000], dtype=torch.float64)
     >>> kmeans_1d(torch.tensor([-1.0, -0.9, 0.9, 1.0, 1.1]), 4)[0]    # the even start leaves two in the gap
     tensor([-0.9500,  0.9000,  1.0000,  1.1000])
+    >>> kmeans_1d(torch.tensor([3.0, -1.0, 3.0]), 8)
+    (tensor([-1.,  3.]), tensor([1, 0, 1]))
     """
+    distinct = torch.unique(values)  # ascending
+    if distinct.numel() <= k:  # each value its own level: exact (Lloyd from an even start merged some, review)
+        return distinct, torch.searchsorted(distinct, values)
     low, high = float(values.min()), float(values.max())
     centroids = torch.linspace(low, high, k, dtype=values.dtype, device=values.device)
-    can_fill = torch.unique(values).numel() >= k
     codes = None
     for _ in range(max_iter):
         new_codes = _nearest(values, centroids)
@@ -458,7 +462,7 @@ def kmeans_1d(values: torch.Tensor, k: int, max_iter: int = 100) -> tuple[torch.
         counts = torch.zeros_like(centroids).index_add_(0, new_codes, torch.ones_like(values))
         filled = counts > 0
         centroids = torch.where(filled, sums / counts.clamp(min=1), centroids)
-        if can_fill and not bool(filled.all()):
+        if not bool(filled.all()):
             centroids = _reseed(values, centroids, new_codes, ~filled)
             codes = None  # not converged: the moved centroids take members next
             continue
