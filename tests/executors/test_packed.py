@@ -288,3 +288,34 @@ def test_not_a_packed_file_is_a_clear_error(tmp_path):
     bad.write_bytes(b"PK\x03\x04 something else")
     with pytest.raises(ValueError, match="not an admmcompress packed file"):
         load_packed(bad, make_model())
+
+
+@pytest.mark.parametrize("rule", [{"structure": "fixed_point", "bits": 3}, {"structure": "clustering", "clusters": 8},
+                                  {"structure": "power_of_two", "bits": 3}])
+def test_a_float64_model_s_levels_are_stored_as_codes(rule):
+    """Levels of a float64 model (q * 3) that float32 cannot hold made the file store the layer raw at 64 bits
+    while the report counted codes (a review's finding); the levels are float32 values now, through retraining's
+    centroid updates too."""
+    import io
+
+    from torch import nn
+
+    from admmcompress.executors.packed import save_packed
+    from admmcompress.finalize import hard_quantize
+    from admmcompress.plan import Plan
+    from admmcompress.report.storage import storage
+
+    torch.manual_seed(0)
+    model = nn.Linear(64, 32, bias=False).double()
+    masks = hard_quantize(model, Plan.from_dict([{"match": "", **rule}]).resolve(model))
+    assert masks.held["weight"].update == ("centroids" if rule["structure"] == "clustering" else "hold")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    masks.attach(model, opt)
+    model(torch.randn(4, 64, dtype=torch.float64)).pow(2).sum().backward()
+    opt.step()
+    w = model.weight.detach()
+    assert torch.equal(w.float().double(), w)
+    buffer = io.BytesIO()
+    summary = save_packed(model, buffer)
+    assert not summary.raw_weights
+    assert len(buffer.getvalue()) <= storage(model).bits() / 8 + 64

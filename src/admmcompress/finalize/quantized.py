@@ -40,6 +40,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from admmcompress.finalize.masks import MaskSet, _named_params, prune_masks
+from admmcompress.structures.quantization import storable_levels
 
 UPDATES = ("hold", "centroids", "ste")
 FIXED_LEVEL_UPDATES = ("hold", "ste")  # how values on fixed levels train (a phase's ``quantized_weights``)
@@ -302,7 +303,7 @@ def _centroids(weight: torch.Tensor, codes: torch.Tensor, levels: torch.Tensor) 
     counts = torch.zeros_like(sums)
     sums.index_add_(0, flat_codes[members], flat[members].to(dtype))
     counts.index_add_(0, flat_codes[members], torch.ones_like(flat[members], dtype=dtype))
-    means = (sums / counts.clamp(min=1)).to(levels.dtype)
+    means = storable_levels(sums / counts.clamp(min=1), levels.dtype)
     return torch.where((counts > 0) & (means != 0), means, levels.to(weight.device))
 
 

@@ -124,7 +124,7 @@ class QuantizationStructure(Structure):
         if not bool(nonzero.any()):
             return Quantized(flat.new_zeros(0), codes.view(weight.shape))
         levels, sub_codes = self._quantize(flat[nonzero].to(torch.float64))
-        levels = levels.to(weight.dtype)
+        levels = storable_levels(levels, weight.dtype)
         # Levels that round to the same value in the weight's dtype are one level.
         levels, remap = torch.unique(levels, sorted=True, return_inverse=True)
         sub_codes = torch.where(sub_codes >= 0, remap[sub_codes.clamp(min=0)], sub_codes)
@@ -434,6 +434,19 @@ class Ternary(QuantizationStructure):
 # --- clustering -----------------------------------------------------------------------------
 
 
+def storable_levels(levels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``levels`` in ``dtype``, through float32 for a float64 weight: a codebook is stored at 32 bits, so levels
+    float32 cannot hold (``q * 3`` of a float64 model) made the packed file store the layer raw, at 64 bits a
+    value, while the storage report counted its codes (a review's finding).
+
+    >>> storable_levels(torch.tensor([0.1], dtype=torch.float64), torch.float64).item() == float(torch.tensor(0.1))
+    True
+    """
+    if dtype == torch.float64:
+        levels = levels.to(torch.float32)
+    return levels.to(dtype)
+
+
 def kmeans_1d(values: torch.Tensor, k: int, max_iter: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's 1-D k-means, centroids initialised evenly between min and max (Han et al. style).
 
@@ -606,4 +619,5 @@ __all__ = [
     "Ternary",
     "best_interval",
     "kmeans_1d",
+    "storable_levels",
 ]
