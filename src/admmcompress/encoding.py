@@ -310,9 +310,9 @@ def layer_storage(
     lines = cols if order == "column" else rows
     choices = range(1, 17) if index_bits == "best" else [index_bits]
     if index_bits != "best" and (
-        isinstance(index_bits, bool) or not isinstance(index_bits, int) or index_bits < 1
+        isinstance(index_bits, bool) or not isinstance(index_bits, int) or not 1 <= index_bits <= 32
     ):
-        raise ValueError(f"index_bits={index_bits!r} must be a positive integer (b_r) or 'best'")
+        raise ValueError(f"index_bits={index_bits!r} must be an integer b_r in 1..32 (as packed files take) or 'best'")
     entries_at = {r: relative_entries(gaps, r) for r in choices}
     kept_r, kept_c = mask.any(dim=1), mask.any(dim=0)
     kr, kc = int(kept_r.sum()), int(kept_c.sum())

@@ -3,6 +3,7 @@
 The per-weight helpers live in ``admmcompress.encoding``; ``report.storage`` keeps the model table.
 """
 
+import io
 import math
 
 import pytest
@@ -111,8 +112,14 @@ def test_model_totals_weight_and_storage_reduction():
 
 def test_clog2_and_bad_arguments():
     assert [clog2(x) for x in (1, 2, 5, 1024, 1025)] == [0, 1, 3, 10, 11]
-    with pytest.raises(ValueError, match="index_bits=0 must be a positive integer"):
-        layer_storage("A", A, index_bits=0)
+    for bad in (0, 33, 2.5, True):  # the packed file's range; 2.5 and True were read as 2 and 1 (review)
+        with pytest.raises(ValueError, match=f"index_bits={bad!r} must be an integer b_r in 1..32"):
+            layer_storage("A", A, index_bits=bad)
+        if bad != 0 and bad != 33:
+            from admmcompress.executors.packed import save_packed
+
+            with pytest.raises(ValueError, match=f"index_bits={bad!r}: give a positive integer"):
+                save_packed(nn.Linear(2, 2), io.BytesIO(), index_bits=bad)
     with pytest.raises(ValueError, match=r"no layer\(s\) \['fc9'\]"):
         storage(nn.Linear(2, 2), ["fc9"])
     assert math.isinf(

@@ -916,13 +916,10 @@ def _index_bits(value: int | str) -> int | str:
     """``"best"`` or an integer ``b_r`` in 1..``MAX_INDEX_BITS`` (the command line gives strings)."""
     if value == "best":
         return value
-    if not (isinstance(value, int) and not isinstance(value, bool)):
-        try:
-            value = int(value)
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"index_bits={value!r}: give a positive integer (relative index bits b_r) or 'best'"
-            ) from None
+    if isinstance(value, str) and value.strip().isdigit():  # the command line's "4"
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):  # 2.5 or True: int() would read them as 2 or 1
+        raise ValueError(f"index_bits={value!r}: give a positive integer (relative index bits b_r) or 'best'")
     if not 1 <= value <= MAX_INDEX_BITS:
         raise ValueError(
             f"index_bits={value} must be in 1..{MAX_INDEX_BITS} (relative index bits b_r; {MAX_INDEX_BITS} bits "
