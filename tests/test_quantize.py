@@ -188,3 +188,14 @@ def test_iterative_partial_quantization_freezes_a_growing_share_on_fixed_levels(
     assert torch.equal(restored.held["3.weight"].frozen, state.held["3.weight"].frozen)
     with pytest.raises(ValueError, match=r"fraction=0 must be in \(0, 1\]"):
         partial_quantize(model, targets, 0)
+
+
+def test_a_quantization_pattern_leaves_norm_scales_alone_and_naming_one_is_refused():
+    """{match: '*'} quantized a LayerNorm's scale to 2 bits: no storage saved (kept with the biases), accuracy lost."""
+    from admmcompress.plan import PlanError
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.BatchNorm1d(16), nn.Linear(16, 4))
+    targets = Plan.from_dict([{"match": "*", "structure": "fixed_point", "bits": 2}]).resolve(model)
+    assert [t.param_name for t in targets] == ["0.weight", "3.weight"]
+    with pytest.raises(PlanError, match=r"layer '1' \(LayerNorm\) has a 1-D weight .* drop it from the rule"):
+        Plan.from_dict([{"match": "1", "structure": "fixed_point", "bits": 2}]).resolve(model)

@@ -135,6 +135,11 @@ def is_of_type(module: torch.nn.Module, name: str) -> bool:
     return any(cls.__name__ == name for cls in type(module).__mro__)
 
 
+def _one_dimensional(module: torch.nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and weight.dim() < 2
+
+
 def prunable_layers(model: torch.nn.Module) -> list[str]:
     """Names of modules with a 'weight' tensor or GRU/LSTM weight matrices (what a plan may target)."""
     return [n for n, m in model.named_modules() if gemm_params(m)]
@@ -226,6 +231,10 @@ class Plan:
         seen: dict[tuple[str, str], int] = {}
         for i, rule in enumerate(self.rules):
             selected = [n for n in candidates if rule.selects(n, modules[n])]
+            if rule.structure.quantizes and rule.match != "" and not any(n == rule.match for n in selected):
+                # A pattern ('*', type: ...) quantizes matrices and kernels, not the 1-D scales of norm layers it
+                # also matches (a review's finding); a rule naming such a layer is refused by check_module.
+                selected = [n for n in selected if not _one_dimensional(modules[n])] or selected
             if not selected:
                 errors.append(_nothing_matched(i, rule, modules, candidates))
                 continue

@@ -101,6 +101,12 @@ class QuantizationStructure(Structure):
                 f"layer '{name}' ({type(module).__name__}) has no 'weight' tensor to quantize; "
                 "narrow the rule so it matches layers with weights"
             )
+        if module.weight.dim() < 2:
+            raise ValueError(
+                f"layer '{name}' ({type(module).__name__}) has a 1-D weight (one scale per channel): quantizing it "
+                "saves no storage (the report and packed files keep it with the biases) and costs accuracy; drop it "
+                "from the rule"
+            )
 
     def params(self, module: torch.nn.Module) -> list[str]:
         """Names of the module's weight matrices this structure quantizes (one target each)."""
