@@ -96,7 +96,7 @@ def test_an_empty_out_is_refused(finished, capsys, no_run_read):
 
 def test_new_outs_and_an_empty_compact_folder_are_written(finished, tmp_path, capsys):
     assert main(["export", "--packed", str(finished), "--out", str(tmp_path / "m.admmpk")]) == 0
-    assert "outputs identical: True" in capsys.readouterr().out
+    assert "outputs identical (eval mode)" in capsys.readouterr().out
     empty = tmp_path / "compacted"
     empty.mkdir()
     assert main(["export", "--compact", str(finished), "--out", str(empty)]) == 0
@@ -120,7 +120,7 @@ def test_index_bits_out_of_range_are_refused(finished, tmp_path, capsys, bits):
 def test_the_widest_index_bits_still_pack(finished, tmp_path, capsys):
     out = tmp_path / "x.bin"
     argv = ["export", "--packed", str(finished), "--out", str(out), "--scheme", "relative", "--index-bits", "32"]
-    assert main(argv) == 0 and "outputs identical: True" in capsys.readouterr().out
+    assert main(argv) == 0 and "outputs identical (eval mode)" in capsys.readouterr().out
 
 
 # --- export verifies the run as report does ---------------------------------------------------------------

@@ -81,7 +81,7 @@ def test_example_input_reads_an_imported_dataset_as_the_run_did(imported_run):
 
 
 @pytest.mark.parametrize(("flag", "name", "said"), [
-    ("--packed", "m.admmpk", "outputs identical: True"),
+    ("--packed", "m.admmpk", "outputs identical (eval mode)"),
     ("--onnx", "m.onnx", "max |onnxruntime - torch| on 8 test inputs"),
     ("--compact", "c", "compacted: "),
 ])

@@ -275,7 +275,7 @@ def test_cli_export_packed_writes_and_verifies(tmp_path, capsys):
     out = tmp_path / "model.admmpk"
     assert main(["export", "--packed", str(run), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "outputs identical: True" in printed and "file / report" in printed
+    assert "outputs identical (eval mode)" in printed and "file / report" in printed
     assert "storage report (SPEC 4.2)" in printed and "container overhead: header" in printed
     manifest, _ = read_manifest(out)
     assert manifest["model"] == {"name": "lenet300100"}

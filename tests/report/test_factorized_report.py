@@ -164,7 +164,7 @@ def test_tucker2_run_and_report_count_the_factors_against_the_dense_model(tmp_pa
     capsys.readouterr()
     assert main(["export", "--packed", str(out), "--out", str(tmp_path / "m.admmpk")]) == 0
     printed = capsys.readouterr().out
-    assert "round trip: state dict bit-identical, outputs identical: True" in printed
+    assert "round trip: state dict bit-identical, outputs identical (eval mode)" in printed
     from admmcompress.executors.manifest import load_compacted
     from admmcompress.executors.packed import load_packed
     from admmcompress.run_export import load_run_model
