@@ -319,3 +319,11 @@ def test_a_float64_model_s_levels_are_stored_as_codes(rule):
     summary = save_packed(model, buffer)
     assert not summary.raw_weights
     assert len(buffer.getvalue()) <= storage(model).bits() / 8 + 64
+
+
+def test_a_folder_or_a_missing_path_is_one_line(tmp_path):
+    from admmcompress.executors.packed import PackedFormatError, load_packed
+
+    for path, what in [(tmp_path, "a folder"), (tmp_path / "gone.admmpk", "missing")]:
+        with pytest.raises(PackedFormatError, match=f"is {what}, not a packed file"):
+            load_packed(path)

@@ -676,7 +676,12 @@ def _read(source: str | Path | BinaryIO | bytes) -> tuple[bytes, str]:
     if isinstance(source, bytes):
         return source, "<bytes>"
     if isinstance(source, (str, Path)):
-        return Path(source).read_bytes(), f"'{source}'"
+        path = Path(source)
+        if not path.is_file():  # a folder or a missing path: one line, not an OSError's traceback (review)
+            what = "a folder" if path.is_dir() else "missing"
+            raise PackedFormatError(f"'{source}' is {what}, not a packed file; give the path of a file written by "
+                                    "save_packed or `admmcompress export --packed`")
+        return path.read_bytes(), f"'{source}'"
     name = getattr(source, "name", None)
     return source.read(), f"'{name}'" if isinstance(name, str) else "<stream>"
 
