@@ -168,3 +168,37 @@ def test_each_layer_role_belongs_to_exactly_one_group():
         groups = channel_groups(model, torch.zeros(1, *model.input_shape))
         seen = Counter((m.layer, m.role) for g in groups for m in g.members)
         assert max(seen.values()) == 1, name
+
+
+class _Flip(torch.autograd.Function):  # reverses the channel order: not per channel, whatever a user declares
+    @staticmethod
+    def forward(ctx, x):
+        return x.flip(1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.flip(1)
+
+
+class _FlipNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 6, 1), nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(_Flip.apply(self.a(x)))))
+
+
+def test_an_output_mismatch_names_the_first_layer_whose_output_differs():
+    """The error named no layer; it now points at the first layer (in execution order) that keeps its width and
+    gives another output, here the conv after the wrongly declared op."""
+    from admmcompress import Filter, Plan, Rule, compact, hard_prune
+    from admmcompress.executors.compact import CompactConfig, CompactionError
+
+    torch.manual_seed(0)
+    model, x = _FlipNet().eval(), torch.randn(2, 3, 4, 4)
+    targets = Plan([Rule(Filter(sparsity=0.5), match="a")]).resolve_coupled(model, x,
+                                                                            extra_channelwise_ops=("_Flip",))
+    masks = hard_prune(model, targets)
+    with pytest.raises(CompactionError, match=r"first at the output of 'b' \(Conv2d, by "):
+        compact(model, x, masks, CompactConfig(extra_channelwise_ops=("_Flip",)))

@@ -210,9 +210,10 @@ def compact(
     outputs = _compacted_outputs(work, example_inputs)
     result.max_abs_diff = _max_diff(reference, outputs)
     if not result.max_abs_diff <= config.atol:
+        where = _first_divergence(model, masks, work, example_inputs, config.atol)
         raise CompactionError(
             f"the compacted model's outputs differ from the masked model's by {result.max_abs_diff:.3g} "
-            f"(> atol={config.atol:g}); an op in the model probably mixes channels or does not keep zero "
+            f"(> atol={config.atol:g}){where}; an op in the model probably mixes channels or does not keep zero "
             "at zero. "
             "Declare an op known to act per channel with admmcompress.plan.register_channelwise_op, or report the model"
         )
@@ -363,6 +364,49 @@ def _why_kept(group, stuck: torch.Tensor, status, modules) -> str:
         f"channels {shown} of '{group.label}' have zero filters but still output a constant "
         "(bias / BN shift) that was not folded"
     )
+
+
+def _module_outputs(model: nn.Module, example_inputs) -> dict[str, torch.Tensor]:
+    """Each named module's first tensor output on ``example_inputs``, in the order the modules returned."""
+    found: dict[str, torch.Tensor] = {}
+
+    def keep(name: str):
+        def hook(_module, _args, output) -> None:
+            tensors = output_tensors(output)
+            if tensors and name not in found:
+                found[name] = tensors[0].detach()
+        return hook
+
+    handles = [m.register_forward_hook(keep(n)) for n, m in model.named_modules() if n]
+    try:
+        with torch.no_grad():
+            forward(model, example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found
+
+
+def _first_divergence(model: nn.Module, masks: MaskSet | None, compacted: nn.Module, example_inputs,
+                      atol: float) -> str:
+    """' (first at layer 'x', by d)': the first module, in execution order, whose output keeps its shape and
+    differs; layers whose width changed are skipped, so this is the first layer after the channels went wrong
+    (a review's finding: the error named no layer). Only run when compaction already failed."""
+    try:
+        masked = copy.deepcopy(model).eval()
+        if masks is not None:
+            masks.apply(masked)
+        before, after = _module_outputs(masked, example_inputs), _module_outputs(compacted, example_inputs)
+    except Exception:  # the message stands without the pointer
+        return ""
+    for name, x in before.items():
+        y = after.get(name)
+        if y is not None and x.shape == y.shape and x.numel():
+            diff = _largest_difference(x.float(), y.float())
+            if not diff <= atol:
+                return f", first at the output of '{name}' ({type(dict(masked.named_modules())[name]).__name__}, by " \
+                       f"{diff:.3g})"
+    return ""
 
 
 def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
