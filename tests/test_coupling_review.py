@@ -388,7 +388,7 @@ def test_a_mean_over_the_channel_axis_is_refused_and_a_pool_is_not(c, hw):
     """A mean over channels passed as channelwise: compaction's output check passed on small inputs while large
     ones differed by ~300 (a review's finding). 8 channels at 8 x 8 is decided by NCHW's channel axis."""
     x = torch.zeros(1, 3, hw, hw)
-    with pytest.raises(PlanError, match=r"op 'Mean' \(feeding 'head'\) averages over the channel axis"):
+    with pytest.raises(PlanError, match=r"op 'Mean' \(feeding 'head'\) reduces over the channel axis"):
         Plan([Rule(Filter(sparsity=0.5), match="c1")]).resolve_coupled(ChannelMean(c), x, mode="extend")
     assert not group_of(channel_groups(ChannelMean(c, "positions"), x), "c1", ("producer",)).problems
 
@@ -601,3 +601,30 @@ def test_layernorms_are_known_by_their_class():
     targets = Plan([Rule(Filter(sparsity=0.5), type="Conv2d")]).resolve_coupled(convnext, x, mode="extend")
     result = compact(convnext, x, hard_prune(convnext, targets))
     assert result.params_after < 0.6 * result.params_before and result.max_abs_diff <= 1e-5
+
+
+@pytest.mark.parametrize("reduce, accepted", [(lambda y: y.amax((2, 3)), True), (lambda y: y.max(3)[0].max(2)[0], True),
+                                              (lambda y: y.amax(1, keepdim=True) * y, False),
+                                              (lambda y: y.max(1, keepdim=True)[0] * y, False)])
+def test_a_max_is_per_channel_over_positions_and_refused_over_channels(reduce, accepted):
+    """A global max pool is per channel (it was an unknown op, and declaring Amax channelwise also let a max over
+    the channels through, which mixes them)."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 2)
+
+        def forward(self, x):
+            y = reduce(torch.relu(self.body(x)))
+            return self.head(y.flatten(2).mean(2) if y.dim() == 4 else y)
+
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(2, 3, 6, 6)
+    plan = Plan([Rule(Filter(sparsity=0.5), match="body")])
+    if accepted:
+        result = compact(model, x, hard_prune(model, plan.resolve_coupled(model, x)))
+        assert result.model.body.out_channels == 4 and result.max_abs_diff <= 1e-5
+    else:
+        with pytest.raises(PlanError, match=r"op '(Amax|Max)' .*reduces over the channel axis"):
+            plan.resolve_coupled(model, x)

@@ -41,7 +41,9 @@ CHANNELWISE_OPS: dict[str, bool] = {
     "AdaptiveAvgPool2D": True,
     "AdaptiveAvgPool1D": True,
     "AdaptiveMaxPool2D": True,
-    "Mean": True,
+    "Mean": True,  # over positions; over the channel axis it mixes them (graph._averages_channels refuses that)
+    "Amax": True,  # the same for a max (a global max pool, or CBAM's max over channels)
+    "Max": True,
     "Clone": True,
     "T": True,
     "NativeDropout": True,

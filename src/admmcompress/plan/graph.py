@@ -743,7 +743,7 @@ def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGro
                     ops.append(node_ops.setdefault(node, "RMSNorm"))
                     continue
                 ops.append(node_ops.setdefault(node, op))
-                if op == "Mean":
+                if op in REDUCTIONS:
                     means.append(node)
                 if op in AXIS_MOVES and op not in known:
                     moves.append(f"op '{op}'{_near(node, names)}")
@@ -790,8 +790,10 @@ def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGro
                              dims.get(layer, 0)))
     for node in means:
         if _averages_channels(node.grad_fn, size, moved=bool(moves)):
-            problems.append(f"op 'Mean'{_near(node, names)} averages over the channel axis, so every channel's value "
-                            "depends on the pruned ones: keep these channels (exclude the layer from the rule)")
+            op = node_ops.get(node, "Mean")
+            problems.append(f"op '{op}'{_near(node, names)} reduces over the channel axis (a mean or max across "
+                            "channels), so every channel's value depends on the pruned ones: keep these channels "
+                            "(exclude the layer from the rule)")
     split = next((node for node in reshapes if _splits_channels(node.grad_fn, size)), None)
     if moves and split is not None:
         problems.append(f"a view splits the channel axis{_near(split, names)} and an axis move reorders the parts (a "
@@ -818,9 +820,12 @@ def _averages_channels(grad_fn: Any, channels: int, moved: bool) -> bool:
     (8 channels at 8 x 8), a 4-D or 5-D tensor no axis move has touched has its channels at dim 1; otherwise
     undecided (False), and compaction's output check is the guard."""
     sizes = [int(n) for n in getattr(grad_fn, "_saved_self_sym_sizes", ()) or ()]
+    if not sizes and isinstance(getattr(grad_fn, "_saved_self", None), torch.Tensor):  # amax saves its input
+        sizes = [int(n) for n in grad_fn._saved_self.shape]
     if not sizes:
         return False
-    dims = getattr(grad_fn, "_saved_dim", None)  # None: the mean of everything
+    dims = getattr(grad_fn, "_saved_dim", None)  # None: the mean (max) of everything
+    dims = (dims,) if isinstance(dims, int) else dims  # max(dim) saves one int
     wrap = [int(d) - 2**64 if int(d) >= 2**63 else int(d) for d in dims] if dims is not None else range(len(sizes))
     reduced = {d % len(sizes) for d in wrap}
     if not any(sizes[d] == channels for d in reduced):
@@ -855,6 +860,11 @@ def _splits_channels(grad_fn: Any, channels: int) -> bool:
                 return True
         prefix_in *= n
     return False
+
+
+# Reductions that are per channel over positions and mix the channels over the channel axis (see
+# _averages_channels): a mean, amax or max(dim).
+REDUCTIONS = frozenset({"Mean", "Amax", "Max"})
 
 
 # On inputs of more than 2 dimensions nn.Linear runs a matrix product on a flattened view and returns a view
