@@ -99,8 +99,18 @@ def llama():
     return transformers.LlamaForCausalLM(config), "*mlp.[gu]*_proj", token_ids
 
 
+def qwen3():
+    """Per-head RMSNorms on the queries and keys (their weights brought the rotary halves back into the trace:
+    resolving a plan ran for minutes, a review's finding)."""
+    config = transformers.Qwen3Config(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                      max_position_embeddings=64)
+    return transformers.Qwen3ForCausalLM(config), "*mlp.[gu]*_proj", token_ids
+
+
 MODELS: dict[str, Callable] = {"bert": bert, "vit": vit, "wav2vec2": wav2vec2, "whisper_encoder": whisper_encoder,
-                               "convnext": convnext, "mobilevit": mobilevit, "gpt2": gpt2, "llama": llama}
+                               "convnext": convnext, "mobilevit": mobilevit, "gpt2": gpt2, "llama": llama,
+                               "qwen3": qwen3}
 
 
 def build(name: str):
@@ -126,7 +136,8 @@ def test_ffn_hidden_units_prune_and_compact_exactly(name):
     model, ffn, inputs = build(name)
     x = inputs(2, 4)
     targets = Plan([Rule(Filter(sparsity=0.5), match=ffn)]).resolve_coupled(model, x)
-    width = 3 if name == "llama" else 2  # fc1 rows + fc2 columns (SwiGLU: gate and up rows), decided together
+    # fc1 rows + fc2 columns (SwiGLU: gate and up rows), decided together
+    width = 3 if name in ("llama", "qwen3") else 2
     assert targets and all(len(t.members) == width for t in targets)
     masks = hard_prune(model, targets)
     result = compact(model, x, masks)
@@ -162,7 +173,7 @@ def test_cnn_backbone_channels_prune_and_compact_exactly(backbone):
 
 QUERIES = {"bert": "*attention.self.query", "vit": "*attention.q_proj", "wav2vec2": "*attention.q_proj",
            "whisper_encoder": "*self_attn.q_proj", "mobilevit": "*attention.attention.query", "gpt2": "*attn.c_attn",
-           "llama": "*self_attn.q_proj"}
+           "llama": "*self_attn.q_proj", "qwen3": "*self_attn.q_proj"}
 
 
 @pytest.mark.parametrize("name", QUERIES)

@@ -219,4 +219,28 @@ def query_key_layers(model: nn.Module) -> list[str]:
     return [name for lay in layouts.values() if not lay.fused for name in (lay.q, lay.k)]
 
 
-__all__ = ["AttentionLayout", "attention_layouts", "head_channels", "query_key_layers", "register_attention"]
+def query_key_norms(model: nn.Module) -> list[str]:
+    """The norms inside an attention block that act on its queries or keys (Qwen3's and OLMo2's ``q_norm`` and
+    ``k_norm``): children of the block holding one 1-D weight, other than its projections. Cut from the trace as
+    the query/key projections are (their weights brought the rotary halves back into it: resolving a plan on a
+    one-layer Qwen3 ran for minutes, a review's finding)."""
+    try:
+        layouts = attention_layouts(model)
+    except ValueError:
+        return []
+    found = []
+    for lay in layouts.values():
+        if lay.fused:
+            continue
+        block = model.get_submodule(lay.module)
+        projections = {lay.q, lay.k, lay.v, lay.o}
+        for child_name, child in block.named_children():
+            full = f"{lay.module}.{child_name}" if lay.module else child_name
+            weights = [p for p in child.parameters(recurse=False)]
+            if full not in projections and len(weights) == 1 and weights[0].dim() == 1:
+                found.append(full)
+    return list(dict.fromkeys(found))
+
+
+__all__ = ["AttentionLayout", "attention_layouts", "head_channels", "query_key_layers", "query_key_norms",
+           "register_attention"]

@@ -48,7 +48,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from admmcompress.messages import first_line
-from admmcompress.plan.attention import query_key_layers
+from admmcompress.plan.attention import query_key_layers, query_key_norms
 from admmcompress.plan.channel_ops import (
     AXIS_MOVES,
     CHANNELWISE_OPS,
@@ -405,7 +405,7 @@ def build_dependency_graph(model: nn.Module, example_inputs):
         hooks += [m.register_forward_hook(_record_zero_pad(zero_pads)) for m in model.modules()
                   if _is_spatial_zero_pad(m)]
         hooks += [m.register_forward_hook(record_rms_nodes(rms_nodes)) for m in model.modules() if is_rms_norm(m)]
-        cut_layers = [model.get_submodule(n) for n in query_key_layers(model)]
+        cut_layers = [model.get_submodule(n) for n in query_key_layers(model) + query_key_norms(model)]
         graph = _trace(tp, model, example_inputs, cut, cut_layers, dead)
     finally:
         for hook in hooks:
@@ -716,8 +716,8 @@ def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGro
                                 "(kept, compared or branched on where the trace cannot follow)")
                 continue
             if id(module) in getattr(graph, "admm_cut_layers", ()):  # traced as an output on purpose (see above)
-                problems.append(f"'{names[module]}' is an attention block's query/key projection: its channels are "
-                                "heads, pruned with structure: heads on the block's query projection")
+                problems.append(f"'{names[module]}' is an attention block's query/key projection (or its norm): its "
+                                "channels are heads, pruned with structure: heads on the block's query projection")
             else:
                 problems.append(f"its channels are model outputs (from '{names.get(module, node.name)}')")
             continue
