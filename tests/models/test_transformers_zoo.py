@@ -229,3 +229,24 @@ def test_pruned_model_exports_to_onnx_and_matches_onnxruntime(name, tmp_path):
     sequence = name in ("bert",)
     export_onnx(small, x if isinstance(x, dict) else (x,), tmp_path / "m.onnx", dynamic_sequence=sequence)
     assert max_onnx_diff(tmp_path / "m.onnx", small, inputs(3, 6 if sequence else 4)) < 1e-4
+
+
+def test_t5_ffn_units_prune_and_compact_exactly():
+    """The decoder's relative position bias (an Embedding of buckets x heads) sits in the attention group, whose
+    channel mapping the trace loses; compaction indexed it with a bucket and raised a bare IndexError (review)."""
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1,
+                                   num_heads=4, decoder_start_token_id=0)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+
+    def inputs(b, t):
+        g = torch.Generator().manual_seed(b * 10 + t)
+        return {"input_ids": torch.randint(0, 100, (b, t), generator=g),
+                "decoder_input_ids": torch.randint(0, 100, (b, 3), generator=g)}
+
+    x = inputs(2, 6)
+    targets = Plan([Rule(Filter(sparsity=0.5), match="*DenseReluDense.wi")]).resolve_coupled(model, x)
+    result = compact(model, x, hard_prune(model, targets))
+    assert result.params_after < result.params_before
+    for shape in [(2, 6), (3, 5)]:
+        assert_same_outputs(result.model, model, inputs(*shape))

@@ -100,7 +100,10 @@ def channel_status(group: ChannelGroup, modules: dict[str, nn.Module]) -> Channe
     read = torch.zeros(n, dtype=torch.bool)
     for m in group.members:
         if m.role in STREAM_ROLES:  # embeddings, LayerNorm weights, free parameters: all zero, or the channel lives
-            for tensor, dim in member_tensors(m.layer, m.role, m.dim, modules):
+            tensors = member_tensors(m.layer, m.role, m.dim, modules)
+            if group.problems and any(max(m.local, default=-1) >= t.shape[d] for t, d in tensors):
+                continue  # lost mapping, as below (T5's relative position bias in the q/k/v group: an IndexError)
+            for tensor, dim in tensors:
                 filters_zero &= _zero_per_root(m, tensor, dim, n)
             produced |= _covered(m, n)
             continue
