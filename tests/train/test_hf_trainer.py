@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # the Trainer needs it
 
 from admmcompress.plan import Plan, Rule  # noqa: E402
-from admmcompress.structures import NM, Unstructured  # noqa: E402
+from admmcompress.structures import NM, Filter, Unstructured  # noqa: E402
 from admmcompress.train.hf_trainer import ADMMTrainerCallback  # noqa: E402
 
 
@@ -103,3 +103,46 @@ def test_bad_arguments_are_one_clear_line():
         ADMMTrainerCallback(plan, admm_epochs=1, update_every_steps=0)
     with pytest.raises(ValueError, match="nope"):
         ADMMTrainerCallback(plan, admm_epochs=1, method="nope")
+
+
+def llama_lm():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)
+    return transformers.LlamaForCausalLM(config)
+
+
+class LMTokens(Tokens):
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+SWIGLU = [Rule(Filter(sparsity=0.5), match="*mlp.*_proj", exclude="*down_proj")]
+
+
+def test_a_coupled_plan_trains_into_a_model_that_compacts(tmp_path):
+    """Resolved per layer, SwiGLU's gate and up projections zeroed different rows and compaction refused the trained
+    model (a review's finding); coupling='strict' traces the first batch and prunes them together."""
+    from admmcompress.executors.compact import compact
+
+    model = llama_lm()
+    callback = ADMMTrainerCallback(Plan(SWIGLU), admm_epochs=1, options={"rho": 1e-2}, coupling="strict")
+    args = transformers.TrainingArguments(str(tmp_path), num_train_epochs=2, per_device_train_batch_size=16,
+                                          report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+    transformers.Trainer(model=model, args=args, train_dataset=LMTokens(), callbacks=[callback]).train()
+    x = {"input_ids": LMTokens().ids[:2]}
+    result = compact(model.eval(), x, callback.masks)
+    assert result.model.model.layers[0].mlp.gate_proj.out_features == 32 and result.max_abs_diff <= 1e-4
+
+
+def test_per_layer_targets_on_tied_layers_are_warned_and_coupling_is_checked():
+    from admmcompress.train.framework_hooks import resolve_for_callback
+
+    model, x = llama_lm(), {"input_ids": LMTokens().ids[:2]}
+    with pytest.warns(RuntimeWarning, match=r"tied \('model.layers.0.mlp.gate_proj', 'model.layers.0.mlp.up_proj'\)"
+                                            ".* pass coupling='strict'"):
+        resolve_for_callback(model, Plan(SWIGLU), "none", lambda: x, "ADMMTrainerCallback")
+    with pytest.raises(ValueError, match="coupling='tied'; choose one of"):
+        ADMMTrainerCallback(Plan(SWIGLU), admm_epochs=1, coupling="tied")
+    with pytest.raises(ValueError, match="give the Plan, not resolved targets"):
+        ADMMTrainerCallback(Plan(SWIGLU).resolve(model), admm_epochs=1, coupling="strict")

@@ -3,7 +3,8 @@ the driving phase, and keeping masks on a framework's optimizers."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import warnings
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -11,6 +12,10 @@ from torch import nn
 
 from admmcompress.drivers.base import Driver, ModuleTransform
 from admmcompress.finalize import MaskSet
+from admmcompress.plan import COUPLING_MODES, Plan, resolve_targets
+from admmcompress.plan.coupled import CoupledTarget
+
+COUPLINGS = ("none", *COUPLING_MODES)
 
 
 def is_positive_int(value: Any) -> bool:
@@ -21,6 +26,39 @@ def is_positive_int(value: Any) -> bool:
 def check_admm_epochs(admm_epochs: Any) -> None:
     if not is_positive_int(admm_epochs):
         raise ValueError(f"admm_epochs={admm_epochs!r} must be an integer >= 1 (epochs of the driving phase)")
+
+
+def check_coupling(coupling: Any, plan: Any, who: str) -> None:
+    """One line for a coupling a framework callback cannot use (checked when the callback is made)."""
+    if coupling not in COUPLINGS:
+        raise ValueError(f"{who}: coupling={coupling!r}; choose one of {COUPLINGS}")
+    if coupling != "none" and not isinstance(plan, Plan):
+        raise ValueError(f"{who}: coupling={coupling!r} resolves a Plan over the model's channel groups; give the "
+                         "Plan, not resolved targets (or coupling='none')")
+
+
+def resolve_for_callback(model: nn.Module, plan: Any, coupling: str, example: Callable[[], Any], who: str) -> list:
+    """The driver's targets: per layer (``coupling="none"``), or coupled over channel groups from ``example()`` (a
+    training batch, read only when needed). Per layer, filter/channel targets on layers whose channels are tied
+    (SwiGLU's gate and up projections, a residual add) prune different channels and the model cannot be compacted
+    afterwards (a review's finding: the README's one-rule SwiGLU plan trained, then compaction refused): warned."""
+    if coupling != "none":
+        return plan.resolve_coupled(model, example(), coupling)
+    targets = resolve_targets(model, plan, who)
+    channel = [t for t in targets if getattr(t.structure, "kind", "") in ("filter", "channel")]
+    if not channel or not isinstance(plan, Plan):
+        return targets
+    try:
+        coupled = plan.resolve_coupled(model, example(), "extend")
+    except Exception:  # noqa: BLE001 - only a hint: the per-layer targets stand
+        return targets
+    tied = [t for t in coupled if isinstance(t, CoupledTarget) and len(t.sources) > 1]
+    if tied:
+        layers = ", ".join(f"'{s.split(':')[0].rsplit('.', 1)[0]}'" for s in tied[0].sources[:3])
+        warnings.warn(f"{who}: filter/channel targets on layers whose channels are tied ({layers}) are resolved per "
+                      "layer, so they prune different channels and the model cannot be compacted afterwards; pass "
+                      "coupling='strict' (or 'extend') to prune them together", RuntimeWarning, stacklevel=3)
+    return targets
 
 
 def finish_driving(driver: Driver, method: str, who: str) -> MaskSet:

@@ -41,8 +41,15 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 from admmcompress.drivers.base import Driver, DriverContext, get_driver
 from admmcompress.finalize import MaskSet
-from admmcompress.plan import Plan, Target, resolve_targets
-from admmcompress.train.framework_hooks import check_admm_epochs, finish_driving, hold_masks, is_positive_int
+from admmcompress.plan import Plan, Target
+from admmcompress.train.framework_hooks import (
+    check_admm_epochs,
+    check_coupling,
+    finish_driving,
+    hold_masks,
+    is_positive_int,
+    resolve_for_callback,
+)
 from admmcompress.train.logging import numeric_scalars
 
 
@@ -54,6 +61,9 @@ class ADMMTrainerCallback(TrainerCallback):
         admm_epochs: epochs of the driving phase (>= 1); the trainer's later epochs fine-tune with masks.
         method: a registered driver (``admm``, ``reweighted``, a plugin's); ``options`` its config mapping.
         update_every_steps: the driver's update cadence in optimizer steps (default: once per epoch).
+        coupling: ``"strict"``/``"extend"``: filter/channel targets become one target per channel group
+            (``Plan.resolve_coupled`` on the first training batch), so the model compacts afterwards; ``"none"``
+            (default): per layer, with a warning where tied layers would prune different channels.
     """
 
     def __init__(
@@ -63,8 +73,11 @@ class ADMMTrainerCallback(TrainerCallback):
         method: str = "admm",
         options: dict[str, Any] | None = None,
         update_every_steps: int | None = None,
+        coupling: str = "none",
     ):
         check_admm_epochs(admm_epochs)
+        check_coupling(coupling, plan, type(self).__name__)
+        self.coupling = coupling
         if update_every_steps is not None and not is_positive_int(update_every_steps):
             raise ValueError(f"update_every_steps={update_every_steps!r} must be a positive integer (or None)")
         self.spec = get_driver(method)  # an unknown method: one line listing the registered ones
@@ -92,7 +105,8 @@ class ADMMTrainerCallback(TrainerCallback):
         if self.masks is not None:  # a further train() call: fine-tune with the masks already found
             self._attach(model, optimizer, clear=False)
             return
-        targets = resolve_targets(model, self.plan, type(self).__name__)
+        targets = resolve_for_callback(model, self.plan, self.coupling, lambda: _first_batch(train_dataloader, model),
+                                       type(self).__name__)
         self.spec.cls.accept_targets(targets)
         batches = len(train_dataloader) if train_dataloader is not None else max(1, state.max_steps)
         steps_per_epoch = max(1, batches // max(1, args.gradient_accumulation_steps))
@@ -143,6 +157,18 @@ class ADMMTrainerCallback(TrainerCallback):
         # accelerate wraps the torch optimizer; the step hooks go on the one inside
         optimizers = [] if optimizer is None else [getattr(optimizer, "optimizer", optimizer)]
         hold_masks(self.masks, model, optimizers, clear)
+
+
+def _first_batch(loader, model: nn.Module) -> Any:
+    """The trainer's first batch (a dict of tensors) on the model's device, without labels: the example a coupled
+    plan is traced with."""
+    if loader is None:
+        raise ValueError("ADMMTrainerCallback: coupling needs the trainer's train_dataloader to trace the model")
+    batch = next(iter(loader))
+    device = next(model.parameters()).device
+    if isinstance(batch, dict):
+        return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items() if k not in ("labels", "label")}
+    return batch
 
 
 __all__ = ["ADMMTrainerCallback"]
