@@ -114,3 +114,17 @@ def test_llama_family_heads_and_swiglu_units_compact_exactly_and_still_generate(
 def test_a_filter_rule_on_a_query_projection_points_to_heads():
     with pytest.raises(PlanError, match="'0.q_proj' is an attention block's query/key projection"):
         Plan([Rule(Filter(sparsity=0.5), match="0.q_proj")]).resolve_coupled(gqa(), torch.randn(2, 5, 8))
+
+
+@pytest.mark.parametrize("kv_heads, sparsity, hint", [(1, 0.5, "drop the target"), (2, 0.2, "at least 0.5")])
+def test_a_heads_rate_that_removes_no_key_value_group_is_refused(kv_heads, sparsity, hint):
+    """With one key/value head (MQA) or a rate below one group, a heads rule pruned nothing, silently (review)."""
+    transformers = pytest.importorskip("transformers")
+    from admmcompress.plan import Plan, PlanError, Rule
+    from admmcompress.structures import Heads
+
+    config = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=16)
+    model = transformers.LlamaForCausalLM(config)
+    with pytest.raises(PlanError, match=f"query heads share {kv_heads} key/value head.* removes none; .*{hint}"):
+        Plan([Rule(Heads(sparsity=sparsity), match="*q_proj")]).resolve(model)

@@ -331,6 +331,14 @@ def couple_heads(model: nn.Module, targets: Sequence[Target]) -> list[Target]:
         if given is not None and given != layout.head_dim:
             errors.append(f"heads target on '{t.layer}': head_dim={given} but the block's heads have {layout.head_dim}")
             continue
+        units, sparsity = layout.kv_count, getattr(t.structure, "sparsity", None)
+        if sparsity and kept_count(units, sparsity) == units:  # a silent no-op otherwise (MQA; review)
+            shared = f"share {units} key/value head(s)" if layout.kv_heads is not None else f"are {units} heads"
+            errors.append(f"heads target on '{t.layer}': the block's {layout.heads} query heads {shared}, pruned as "
+                          f"whole key/value groups with at least one kept, so sparsity {sparsity:g} removes none; "
+                          + (f"give a sparsity of at least {1 / units:g}" if units > 1 else "drop the target")
+                          + " (the rate counts key/value groups)")
+            continue
         out.append(_head_target(t, layout, dict(model.named_modules())))
     if errors:
         raise PlanError.listing("the plan does not fit this model", errors)
