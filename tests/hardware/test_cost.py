@@ -69,12 +69,20 @@ def test_pim_model_totals_by_hand():
     cost = pim_cost(model, spec)
     assert cost.subarrays == 2
     assert cost.area_um2 == pytest.approx(2 * (32 * PIM.cell_area.value + 8 * PIM.column_periphery_area.value))
-    per_cycle = 8 * (PIM.row_op_energy.value + PIM.count_energy.value)  # pJ, every bitline of the sub-array
+    per_cycle = 4 * (PIM.row_op_energy.value + PIM.count_energy.value)  # pJ, one bit plane: 8 bitlines / 2 bits
     assert cost.energy_nj == pytest.approx(5 * 6 * per_cycle / 1000)
     assert cost.latency_us == pytest.approx(4 * 6 * PIM.cycle_time.value / 1000)
     assert cost.power_mw == pytest.approx(cost.energy_nj / cost.latency_us)
     dense = pim_cost(model, spec, dense=True)
     assert dense.subarrays == 4 and cost.ratios(dense)["subarrays"] == pytest.approx(2.0)
+
+
+def test_pim_energy_grows_linearly_with_the_weight_bits():
+    """Each cycle pairs one weight bit plane with one input bit; charging every bitline in every one of the
+    weight_bits x act_bits cycles counted the weight bits twice (energy x4 per doubling, a review's finding)."""
+    model = torch.nn.Linear(1024, 1024, bias=False)
+    energy = [pim_cost(model, PIMSpec(rows=256, cols=256, weight_bits=w, act_bits=8)).energy_nj for w in (1, 2, 4)]
+    assert energy[1] == pytest.approx(2 * energy[0]) and energy[2] == pytest.approx(4 * energy[0])
 
 
 def test_adc_with_many_bits_is_exact_and_few_bits_are_not():

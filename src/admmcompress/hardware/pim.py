@@ -12,7 +12,10 @@ inputs removed first, as for crossbars):
 
 - area = sub-arrays x (rows x cols x cell area + cols x column periphery);
 - row operations per inference = output positions x sum over instantiated sub-arrays of their occupied rows;
-- energy per inference = row operations x ``weight_bits x act_bits`` cycles x cols x (AND + count energy);
+- energy per inference = row operations x ``weight_bits x act_bits`` cycles x ``cols // weight_bits`` bitlines
+  sensed per cycle (one weight bit plane against one input bit) x (AND + count energy), so a row operation costs
+  ``act_bits x cols`` bit operations whatever the weight width (it charged every bitline in every cycle, the
+  weight bits twice: energy grew with their square, a review's finding);
 - latency = sum over layers of positions x (rows of its fullest sub-array) x cycles x cycle time (the
   sub-arrays of a layer work in parallel, layers in sequence);
 - power = energy / latency.
@@ -121,7 +124,7 @@ class PIMCost:
     @property
     def energy_nj(self) -> float:
         c, s = self.constants, self.spec
-        per_cycle_pj = s.cols * (c.row_op_energy.value + c.count_energy.value)
+        per_cycle_pj = s.outputs_per_tile * (c.row_op_energy.value + c.count_energy.value)  # one bit plane
         cycles = sum(layer.positions * layer.row_ops * layer.cycles_per_row_op for layer in self.layers)
         return cycles * per_cycle_pj / 1000.0
 
