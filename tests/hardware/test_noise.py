@@ -125,3 +125,19 @@ def test_off_grid_weights_are_rounded_to_the_nearest_cell_code():
     read = cells.read(DeviceNoise())
     assert float((read - w).abs().max()) <= q / 2 + 1e-12
     assert torch.equal(read, torch.round(w / q) * q)
+
+
+def test_a_tied_weight_is_drawn_once_and_restored_exactly():
+    """Two mapped layers sharing one Parameter: noise was applied twice and the restore wrote the first noisy
+    draw back, so the noise stayed in the model after the block (a review's finding)."""
+    from torch import nn
+
+    from admmcompress.hardware import device_noise
+
+    torch.manual_seed(0)
+    a, b = nn.Linear(16, 16), nn.Linear(16, 16)
+    b.weight = a.weight
+    model, clean = nn.Sequential(a, nn.ReLU(), b), a.weight.detach().clone()
+    with device_noise(model, CrossbarSpec(), DeviceNoise(sigma=0.2), seed=0):
+        assert not torch.equal(a.weight.detach(), clean)
+    assert torch.equal(a.weight.detach(), clean)

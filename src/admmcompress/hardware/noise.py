@@ -224,15 +224,19 @@ def device_noise(
     saved = []
     try:
         with torch.no_grad():
+            seen: set[int] = set()
             for gemm in _layers(model, layers):
                 weight = gemm.weight
+                if id(weight) in seen:  # a tied weight is one set of cells: drawn once (twice, the restore wrote
+                    continue  # the first draw back and the noise stayed in the model, a review's finding)
+                seen.add(id(weight))
                 saved.append((weight, weight.detach().clone()))
                 read = CellMapping.of(weight, spec, layout=gemm).read(noise, generator)
                 weight.copy_(read.to(weight.dtype))  # in place: a recurrent layer's flat weights see it too
         yield model
     finally:
         with torch.no_grad():
-            for weight, original in saved:
+            for weight, original in reversed(saved):
                 weight.copy_(original)
 
 
