@@ -166,3 +166,16 @@ def test_a_grouped_conv_is_pruned_in_the_tiles_of_its_block_diagonal_layout(kind
     tile_of = (rows // 4) * 1000 + cols // 16
     for group in range(count):
         assert tile_of[ids.flatten() == group].unique().numel() == 1
+
+
+def test_a_depthwise_conv_is_judged_on_its_crossbar_layout():
+    """Its (32, 9) matrix fits in one tile, but its block-diagonal layout (32 x 288) spans 3 (a review's finding:
+    refused as if nothing could be removed)."""
+    from torch import nn
+
+    from admmcompress.structures.crossbar import CrossbarTile
+
+    depthwise = nn.Conv2d(32, 32, 3, groups=32, bias=False)
+    structure = CrossbarTile(sparsity=0.5, tile=(128, 128), columns_per_weight=4)
+    structure.check_module(depthwise, "dw")
+    assert structure.bind(depthwise, "weight").n_groups(depthwise.weight) == 3

@@ -159,11 +159,12 @@ class CrossbarTile(CrossbarStructure):
     def check_module(self, module: torch.nn.Module, name: str) -> None:
         super().check_module(module, name)
         weight = module.weight
-        if self.n_groups(weight) < 2:
-            rows, cols = groups.as_matrix(weight).shape
+        bound = self.bind(module, "weight")  # a grouped conv's block-diagonal crossbar layout (review: judged on
+        if bound.n_groups(weight) < 2:  # the plain (O, k) matrix, a depthwise conv was refused)
+            _, _, rows, cols = bound._layout(weight)
             out_block, in_block = self.block
             raise ValueError(
-                f"layer '{name}': its {rows}x{cols} GEMM matrix fits in one {self.tile[0]}x{self.tile[1]} tile "
+                f"layer '{name}': its {rows}x{cols} crossbar layout fits in one {self.tile[0]}x{self.tile[1]} tile "
                 f"({out_block} outputs x {in_block} inputs), so crossbar_tile pruning cannot remove anything; "
                 "use a smaller tile, crossbar_row/crossbar_column, or leave the layer out of the rule"
             )
