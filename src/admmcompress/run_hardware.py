@@ -175,6 +175,10 @@ def spec_from_args(args: argparse.Namespace) -> CrossbarSpec:
     return CrossbarSpec(rows, cols, args.bits_per_cell, args.weight_bits, args.signed, adc_bits=args.adc_bits)
 
 
+# Training inputs the ADC full scales are calibrated on (the model's own inputs, not the evaluated test inputs).
+ADC_CALIBRATION = 256
+
+
 def run_command(
     args: argparse.Namespace,
     model: nn.Module,

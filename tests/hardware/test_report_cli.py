@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -89,10 +90,15 @@ def crossbar_run(tmp_path_factory):
 def test_cli_hardware_on_a_variation_aware_crossbar_run(crossbar_run, capsys):
     out: Path = crossbar_run
     capsys.readouterr()
-    code = main(["hardware", str(out), "--variation", "0.1", "--draws", "2", "--adc-sweep", "6", "--pim-bits", "2",
-                 "--samples", "50"])
+    code = main(["hardware", str(out), "--variation", "0.1", "--draws", "2", "--adc-sweep", "6", "24", "--pim-bits",
+                 "2", "--samples", "50"])
     printed = capsys.readouterr().out
     assert code == 0
+    # full scales from 256 training inputs: a 24-bit ADC is exact on the evaluated test inputs (set on 8 test
+    # inputs, it clipped others and changed the accuracy, a review's finding)
+    assert "full scales set on 256 training inputs" in printed
+    clean = re.search(r"clean (\d+\.\d+)%", printed).group(1)
+    assert f"| 24 | {clean} |" in printed
     assert (out / "hardware.md").is_file() and (out / "hardware.png").is_file()
     assert_every_cost_figure_is_modelled(printed)
     fc1 = next(line for line in printed.splitlines() if line.startswith("| fc1 |"))

@@ -61,6 +61,7 @@ class HardwareAnalysis:
     variation: list[VariationPoint] = field(default_factory=list)
     adc: list[tuple[int, float]] = field(default_factory=list)
     adc_exact: list[str] = field(default_factory=list)  # mapped layers the ADC model leaves exact (ADCModel.skipped)
+    adc_calibration: int = 0  # inputs the ADC full scales were set on
 
     @property
     def ratios(self) -> dict[str, float]:
@@ -92,6 +93,7 @@ class HardwareAnalysis:
             ],
             "adc": [{"bits": bits, "accuracy": acc} for bits, acc in self.adc],
             "adc_exact": list(self.adc_exact),
+            "adc_calibration": self.adc_calibration,
             "unmapped": dict(self.mapping.unmapped),
         }
 
@@ -147,7 +149,10 @@ def add_adc(
     result: HardwareAnalysis, model: nn.Module, evaluate: Evaluate, bits: Sequence[int], calibration: torch.Tensor
 ) -> HardwareAnalysis:
     """Accuracy with each ADC resolution in ``bits`` (tile partial sums quantized, modelled ADC); the layers
-    the ADC model cannot convert run exact and are kept in ``result.adc_exact`` for the report to name."""
+    the ADC model cannot convert run exact and are kept in ``result.adc_exact`` for the report to name.
+    ``calibration``: the inputs each tile's full scale is set on (a few hundred, not the evaluated ones: set on 8,
+    even a 24-bit ADC clipped partial sums of other inputs and changed the accuracy, a review's finding)."""
+    result.adc_calibration = int(calibration.shape[0])
     for b in bits:
         with adc_quantization(model, b, calibration, result.spec.inputs_per_tile) as adc:
             result.adc.append((b, float(evaluate(model))))

@@ -133,7 +133,9 @@ def render_hardware(result: HardwareAnalysis, title: str = "Hardware") -> str:
     if result.adc:
         lines += [
             "",
-            f"Accuracy vs ADC resolution ({MODELLED} ADC: each tile's partial sum quantized, analog inputs):",
+            f"Accuracy vs ADC resolution ({MODELLED} ADC: each tile's partial sum quantized, analog inputs"
+            + (f"; full scales set on {result.adc_calibration} training inputs" if result.adc_calibration else "")
+            + "):",
             "",
             "| ADC bits | accuracy (%) |",
             "|---|---|",
