@@ -468,7 +468,7 @@ def _hardware(args: argparse.Namespace) -> int:
     """Load the run and its test data; the analysis itself is admmcompress.run_hardware."""
     from admmcompress.data.imported import first_inputs
     from admmcompress.run_export import load_run_model
-    from admmcompress.run_hardware import ADC_CALIBRATION, run_command, sample
+    from admmcompress.run_hardware import ADC_CALIBRATION, layout_of_run, run_command, sample
     from admmcompress.train.loop import evaluate
 
     model, config = load_run_model(args.dir, args.trust_plugins)
@@ -479,7 +479,8 @@ def _hardware(args: argparse.Namespace) -> int:
     # inputs clipped even a 24-bit ADC, a review's finding)
     calibration = first_inputs(load_data(config.data.dataset, "train", config.data.data_dir, ADC_CALIBRATION),
                                ADC_CALIBRATION)
-    print(run_command(args, model, calibration, lambda m: evaluate(m, test, batch), f"Hardware: {config.name}"))
+    print(run_command(args, model, calibration, lambda m: evaluate(m, test, batch), f"Hardware: {config.name}",
+                      layout_of_run(config.stages)))
     return 0
 
 

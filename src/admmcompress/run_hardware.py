@@ -91,11 +91,12 @@ def _float_in(flag: str, low: float, high: float, example: float) -> Callable[[s
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``hardware`` subcommand's flags; every number is checked against its range here, before the run loads."""
     parser.add_argument("dir", help="a finished run folder (the --out of `admmcompress run`)")
-    parser.add_argument("--tile", type=_tile, default=(128, 128), help="crossbar size: 128 or ROWSxCOLS")
-    parser.add_argument("--bits-per-cell", type=_int_in("--bits-per-cell", 1, 8, 2), default=2,
-                        help="bits per memristor cell (default 2)")
-    parser.add_argument("--weight-bits", type=_int_in("--weight-bits", 1, MAX_WEIGHT_BITS, 8), default=8,
-                        help="weight bits, sign included (default 8)")
+    parser.add_argument("--tile", type=_tile, default=None,
+                        help="crossbar size: 128 or ROWSxCOLS (default: the run's crossbar_* tile, else 128)")
+    parser.add_argument("--bits-per-cell", type=_int_in("--bits-per-cell", 1, 8, 2), default=None,
+                        help="bits per memristor cell (default: the run's conductance bits, else 2)")
+    parser.add_argument("--weight-bits", type=_int_in("--weight-bits", 1, MAX_WEIGHT_BITS, 8), default=None,
+                        help="weight bits, sign included (default: the run's conductance levels, else 8)")
     parser.add_argument("--signed", choices=("differential", "offset"), default="differential")
     parser.add_argument("--adc-bits", type=_int_in("--adc-bits", 1, MAX_ADC_BITS, 8), default=8,
                         help="ADC resolution in the cost model (default 8)")
@@ -169,10 +170,45 @@ def _read_samples(dataset: Dataset, n: int | None, seed: int) -> Split:
     return Split(x, y)
 
 
-def spec_from_args(args: argparse.Namespace) -> CrossbarSpec:
-    """The crossbar spec the flags describe (one-line ``ValueError`` on a bad combination)."""
-    rows, cols = args.tile
-    return CrossbarSpec(rows, cols, args.bits_per_cell, args.weight_bits, args.signed, adc_bits=args.adc_bits)
+DEFAULT_LAYOUT = {"tile": (128, 128), "bits_per_cell": 2, "weight_bits": 8}
+
+
+def spec_from_args(args: argparse.Namespace, run_layout: dict | None = None) -> CrossbarSpec:
+    """The crossbar spec the flags describe; a flag not given takes the run's own layout (``layout_of_run``), then
+    the defaults (one-line ``ValueError`` on a bad combination)."""
+    chosen = {key: getattr(args, key) if getattr(args, key, None) is not None else
+              (run_layout or {}).get(key, default) for key, default in DEFAULT_LAYOUT.items()}
+    rows, cols = chosen["tile"]
+    return CrossbarSpec(rows, cols, chosen["bits_per_cell"], chosen["weight_bits"], args.signed,
+                        adc_bits=args.adc_bits)
+
+
+def layout_of_run(stages: list) -> dict:
+    """The crossbar layout a run trained for, read from its plans (the last rule that states each wins): a
+    ``conductance`` rule's ``bits`` per cell and ``bits x cells + 1`` weight bits (sign included), a
+    ``crossbar_*`` rule's tile. Without them the command costed a default 8-bit chip, not the one the run was
+    compressed for (a review's finding: 92 tiles where the run's own layout needs 48)."""
+    found: dict = {}
+    for stage in stages:
+        for rule in getattr(stage.plan, "rules", []):
+            structure = rule.structure
+            if structure.kind == "conductance":
+                found["bits_per_cell"] = structure.bits
+                found["weight_bits"] = structure.bits * structure.cells + 1
+            elif structure.kind.startswith("crossbar_") and getattr(structure, "tile", None):
+                found["tile"] = tuple(structure.tile)
+                found["columns_per_weight"] = structure.columns_per_weight
+    return found
+
+
+def layout_note(spec: CrossbarSpec, run_layout: dict | None) -> str:
+    """A line where the costed mapping's tile blocks differ from those the run's crossbar_* rules pruned ("")."""
+    wanted = (run_layout or {}).get("columns_per_weight")
+    if wanted is None or wanted == spec.columns_per_weight:
+        return ""
+    return (f"Note: the run's crossbar_* rules pruned tile blocks for {wanted} column(s) per weight, but this mapping "
+            f"takes {spec.columns_per_weight} ({spec.describe().split(' (')[0]}), so its tiles do not line up with "
+            "the pruned blocks; pass the --weight-bits / --bits-per-cell the run was trained for.\n\n")
 
 
 # Training inputs the ADC full scales are calibrated on (the model's own inputs, not the evaluated test inputs).
@@ -185,11 +221,13 @@ def run_command(
     example: torch.Tensor,
     evaluate: Callable[[nn.Module], float],
     title: str,
+    run_layout: dict | None = None,
 ) -> str:
-    """Analyze ``model`` as the flags say; returns the markdown (also saved in the run folder unless --no-save)."""
+    """Analyze ``model`` as the flags say (a flag not given: the run's ``run_layout``); returns the markdown (also
+    saved in the run folder unless --no-save)."""
     from admmcompress.report.hardware import render_hardware
 
-    spec = spec_from_args(args)
+    spec = spec_from_args(args, run_layout)
     if not args.no_save:  # a folder it could not save into: refused before minutes of analysis
         if not os.access(args.dir, os.W_OK | os.X_OK):
             raise ValueError(f"'{args.dir}' is read-only for this user, so hardware.md/.png cannot be written there; "
@@ -203,9 +241,10 @@ def run_command(
         add_variation(result, model, evaluate, noises, args.draws, args.seed)
     if args.adc_sweep:
         add_adc(result, model, evaluate, args.adc_sweep, example)
+    note = layout_note(spec, run_layout)
     if args.no_save:
-        return render_hardware(result, title)
-    return render_hardware(result, title) + _save(result, Path(args.dir), title)
+        return note + render_hardware(result, title)
+    return note + render_hardware(result, title) + _save(result, Path(args.dir), title)
 
 
 SAVE_REFUSED = "hardware writes hardware.md/.png there, so run it once it has ended, or pass --no-save"

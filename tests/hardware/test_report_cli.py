@@ -86,12 +86,27 @@ def crossbar_run(tmp_path_factory):
     return out
 
 
+def test_cli_hardware_costs_the_layout_the_run_was_trained_for(crossbar_run, capsys):
+    """Without flags it costed a default 8-bit chip, whatever the run's conductance levels (a review's finding);
+    where the run's own tile blocks assumed another column count, a note says so."""
+    capsys.readouterr()
+    assert main(["hardware", str(crossbar_run), "--no-save", "--samples", "20", "--pim-bits", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "128x128 tiles, 2 bit(s)/cell, 3-bit weights" in printed  # conductance bits 2, cells 1: 3 bits, signed
+    assert printed.startswith("Note: the run's crossbar_* rules pruned tile blocks for 8 column(s) per weight, but "
+                              "this mapping takes 2")
+    assert main(["hardware", str(crossbar_run), "--no-save", "--samples", "20", "--pim-bits", "2",
+                 "--weight-bits", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert "2 bit(s)/cell, 8-bit weights" in printed and not printed.startswith("Note:")
+
+
 @pytest.mark.filterwarnings("ignore:ADMM residual:RuntimeWarning")
 def test_cli_hardware_on_a_variation_aware_crossbar_run(crossbar_run, capsys):
     out: Path = crossbar_run
     capsys.readouterr()
     code = main(["hardware", str(out), "--variation", "0.1", "--draws", "2", "--adc-sweep", "6", "24", "--pim-bits",
-                 "2", "--samples", "50"])
+                 "2", "--samples", "50", "--weight-bits", "8"])
     printed = capsys.readouterr().out
     assert code == 0
     # full scales from 256 training inputs: a 24-bit ADC is exact on the evaluated test inputs (set on 8 test
