@@ -98,3 +98,12 @@ def test_adc_with_many_bits_is_exact_and_few_bits_are_not():
     assert adc.skipped == [] and len(adc.full_scale["3"]) == 15  # ceil(144 / 10) input blocks
     assert not torch.allclose(rough, exact, atol=1e-3)
     assert torch.allclose(model(x), exact)  # hooks removed on exit
+
+
+def test_adc_area_and_power_follow_the_columns_a_tile_converts():
+    """One ISAAC ADC converts 128 columns per cycle; charged once per tile whatever its width, 512x512 tiles came
+    out 12.5x smaller than 128x128 ones for the same layers (a review's finding)."""
+    small, wide = tile_figures(CrossbarSpec(128, 128)), tile_figures(CrossbarSpec(512, 512))
+    assert wide[0]["adc"] == pytest.approx(4 * small[0]["adc"]) and wide[1]["adc"] == pytest.approx(4 * small[1]["adc"])
+    fewer_bits = tile_figures(CrossbarSpec(128, 128, adc_bits=7))
+    assert fewer_bits[0]["adc"] == pytest.approx(small[0]["adc"] / 2)

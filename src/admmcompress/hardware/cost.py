@@ -39,7 +39,10 @@ def tile_figures(spec: CrossbarSpec, constants: CrossbarConstants = CROSSBAR) ->
     """Per-tile ``(area in um^2, power in mW)`` by component for ``spec``'s tile size and ADC resolution."""
     c = constants
     cells = spec.rows * spec.cols / (c.reference_rows.value * c.reference_cols.value)
-    adc = 2.0 ** (spec.adc_bits - c.reference_adc_bits.value)
+    # ISAAC's ADC converts its 128 columns per 100 ns cycle; a tile of other width needs that throughput in
+    # proportion at the same cycle (one ADC per tile whatever its width made 512x512 tiles 12.5x smaller than
+    # 128x128 ones, a review's finding), and 2x per extra bit of resolution
+    adc = 2.0 ** (spec.adc_bits - c.reference_adc_bits.value) * spec.cols / c.reference_cols.value
     area = {
         "array": c.array_area.value * cells,
         "adc": c.adc_area.value * adc,
