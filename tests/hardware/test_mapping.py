@@ -78,9 +78,11 @@ def test_conv_layers_use_the_gemm_view_and_output_positions():
 def test_tile_above_matrix_size_gets_a_clear_note():
     layer = map_matrix("tiny", torch.ones(4, 10), CrossbarSpec())
     assert layer.dense == 1
-    assert "'tiny' (4x10) is smaller than one tile (16 outputs x 128 inputs)" in layer.note
+    assert "'tiny' (4x10) fits in one tile (16 outputs x 128 inputs)" in layer.note
     assert "use a smaller tile" in layer.note
     assert map_model(torch.nn.Linear(10, 4), CrossbarSpec()).notes == [layer.note.replace("'tiny'", "''")]
+    exact = map_matrix("exact", torch.ones(16, 128), CrossbarSpec())  # one tile exactly: noted too (review)
+    assert exact.dense == 1 and "fits in one tile" in exact.note
 
 
 def test_model_without_gemm_layers_is_a_clear_error():

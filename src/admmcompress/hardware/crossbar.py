@@ -335,10 +335,10 @@ def map_matrix(
     # masked layout; a mapper keeps whichever layout needs fewer.
     compact = min(compact, masked)
     note = ""
-    if rows < out_t and cols < in_t:
+    if rows <= out_t and cols <= in_t:  # (an exact fit too: one tile either way)
         used = 100.0 * rows * cols / (out_t * in_t)
         note = (
-            f"'{name}' ({rows}x{cols}) is smaller than one tile ({out_t} outputs x {in_t} inputs): "
+            f"'{name}' ({rows}x{cols}) fits in one tile ({out_t} outputs x {in_t} inputs): "
             f"it uses 1 tile, {used:.1f}% of its cells; tile-level pruning cannot help it (use a smaller tile)"
         )
     return LayerMapping(
