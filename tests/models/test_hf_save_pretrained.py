@@ -100,3 +100,27 @@ def test_head_counts_the_config_cannot_say_and_pruned_hidden_size_are_refused_in
     small = compact(model, x, hard_prune(model, targets)).model
     config, _, reason = pretrained_config(small)
     assert config is None and "keep the statistics of the original width" in reason
+
+
+def test_a_pruned_hidden_size_under_a_derived_head_size_saves_pretrained(tmp_path):
+    """Qwen2's config derives head_dim from hidden_size: after hidden-size pruning it derived 6 for 8-wide heads,
+    and the reload check crashed in the rotary embedding (a review's finding); the config now states head_dim."""
+    config = transformers.Qwen2Config(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = quiet(lambda: transformers.Qwen2ForCausalLM(config))
+    x = ids(1, 6)
+    hard_prune(model, Plan([Rule(Filter(sparsity=0.25), match="*o_proj")]).resolve_coupled(model, x, mode="extend"))
+    small = compact(model, x).model
+    assert small.config.hidden_size == 24 and small.config.head_dim == 8
+    saved = save_compacted_pretrained(small, tmp_path, example_inputs=ids(2, 5))
+    assert saved.format == "pretrained" and saved.max_abs_diff is not None and saved.max_abs_diff <= 1e-4
+
+
+def test_distilbert_ffn_width_is_its_hidden_dim(tmp_path):
+    """DistilBERT names its FFN width hidden_dim: a uniform FFN fell back to the manifest (review)."""
+    config = transformers.DistilBertConfig(vocab_size=100, dim=32, n_layers=1, n_heads=4, hidden_dim=64,
+                                           max_position_embeddings=16)
+    model = quiet(lambda: transformers.DistilBertForSequenceClassification(config))
+    small = compacted(model, [Rule(Filter(sparsity=0.5), match="*ffn.lin1")])
+    saved = save_compacted_pretrained(small, tmp_path, example_inputs=ids(2, 5))
+    assert saved.format == "pretrained" and saved.changed == {"hidden_dim": 32}

@@ -35,7 +35,7 @@ from admmcompress.plan.attention import attention_layouts
 from admmcompress.plan.graph import call_model, output_tensors
 from admmcompress.plan.residual import WidthKeepingLayerNorm
 
-FFN_KEYS = ("intermediate_size", "n_inner", "encoder_ffn_dim", "decoder_ffn_dim", "ffn_dim")
+FFN_KEYS = ("intermediate_size", "n_inner", "encoder_ffn_dim", "decoder_ffn_dim", "ffn_dim", "hidden_dim")
 HEAD_KEYS = ("num_attention_heads",)  # transformers maps n_head / encoder_attention_heads onto it (attribute_map)
 
 

@@ -272,6 +272,12 @@ def update_hidden_size(model: nn.Module, shrunk: dict[str, tuple[int, int]]) -> 
     after = {kept for full, kept in shrunk.values() if full == before}
     if len(after) != 1:
         return None
+    heads = getattr(config, "num_attention_heads", None)
+    if getattr(config, "head_dim", None) is None and isinstance(heads, int) and heads and before % heads == 0:
+        # Configs that derive the head size from the hidden size (Qwen2: head_dim = hidden_size // heads) would
+        # derive another one now, and so would a model rebuilt from this config (its rotary table: a crash on
+        # save, a review's finding); the attention layers keep theirs, so the config states it.
+        config.head_dim = before // heads
     config.hidden_size = after.pop()
     if isinstance(getattr(config, "rms_norm_eps", None), float):  # RMSNorms rescaled alike (keep_norm_widths)
         config.rms_norm_eps = config.rms_norm_eps * before / config.hidden_size
