@@ -263,3 +263,24 @@ def test_a_model_that_returns_the_stream_itself_is_told_to_prune_one_with_a_head
     with pytest.raises(CompactionError, match=r"the model returns pruned channels themselves \(e\.g\. a bare "
                                               r"BertModel's hidden states\).*BertForSequenceClassification"):
         compact(model, example, hard_prune(model, targets))
+
+
+def test_a_norm_the_library_does_not_know_is_named_once_and_no_op_is_offered():
+    """Gemma's RMSNorm (x * (1 + w)) is not the LLaMA one: the refusal offered register_channelwise_op('Rsqrt')
+    and ('Embedding'), neither per channel (a review's finding); it now names the norm."""
+    import transformers
+
+    from admmcompress.plan import Plan, PlanError, Rule
+    from admmcompress.structures import Filter
+
+    config = transformers.GemmaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                      max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.GemmaForCausalLM(config).eval()
+    x = {"input_ids": torch.randint(0, 100, (1, 6), generator=torch.Generator().manual_seed(0))}
+    with pytest.raises(PlanError) as err:
+        Plan([Rule(Filter(sparsity=0.25), match="*o_proj")]).resolve_coupled(model, x, mode="extend")
+    text = str(err.value)
+    assert "normalization 'model.norm' (GemmaRMSNorm) is not one this library knows" in text
+    assert "register_channelwise_op" not in text

@@ -69,6 +69,7 @@ from admmcompress.plan.residual import (
     PARAMETER,
     STREAM_ROLES,
     is_rms_norm,
+    is_unknown_norm,
     record_rms_nodes,
     stream_param_dims,
     stream_problem,
@@ -396,6 +397,7 @@ def build_dependency_graph(model: nn.Module, example_inputs):
     frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
     zero_pads: set[int] = set()
     rms_nodes: set[int] = set()
+    odd_norms: dict[int, str] = {}  # autograd nodes inside a norm the library does not know -> the norm
     hooks: list = []
     cut: list[torch.Tensor] = []  # query/key projections' outputs: traced as model outputs (plan.attention)
     dead: dict[int, Any] = {}  # autograd nodes of layer outputs the model does not return (see _dead_ends)
@@ -405,6 +407,8 @@ def build_dependency_graph(model: nn.Module, example_inputs):
         hooks += [m.register_forward_hook(_record_zero_pad(zero_pads)) for m in model.modules()
                   if _is_spatial_zero_pad(m)]
         hooks += [m.register_forward_hook(record_rms_nodes(rms_nodes)) for m in model.modules() if is_rms_norm(m)]
+        hooks += [m.register_forward_hook(record_rms_nodes(odd_norms, f"'{n}' ({type(m).__name__})"))
+                  for n, m in model.named_modules() if is_unknown_norm(m) and ".parametrizations." not in n]
         cut_layers = [model.get_submodule(n) for n in query_key_layers(model) + query_key_norms(model)]
         graph = _trace(tp, model, example_inputs, cut, cut_layers, dead)
     finally:
@@ -417,6 +421,7 @@ def build_dependency_graph(model: nn.Module, example_inputs):
     graph.admm_zero_pads = zero_pads  # autograd nodes of zero-padding modules (channelwise, see _convert)
     graph.admm_param_names = {id(p): n for n, p in model.named_parameters()}  # free parameters' names
     graph.admm_rms_nodes = rms_nodes  # autograd nodes inside RMSNorm modules
+    graph.admm_unknown_norms = odd_norms  # autograd nodes inside norms this library does not know
     graph.admm_cut_layers = {id(layer) for layer in cut_layers}
     graph.admm_dead_ends = dead  # traced as outputs, but no one sees their channels (see _convert)
     return graph
@@ -743,6 +748,12 @@ def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGro
                     ops.append(node_ops.setdefault(node, "RMSNorm"))
                     continue
                 ops.append(node_ops.setdefault(node, op))
+                norm = getattr(graph, "admm_unknown_norms", {}).get(id(node.grad_fn))
+                if norm is not None:  # one line per norm, no channelwise op offered (a review's finding)
+                    problems.append(f"normalization {norm} is not one this library knows (its statistics span the "
+                                    "channels; known: BatchNorm, LayerNorm, LLaMA-style RMSNorm): keep these channels "
+                                    "(exclude the layers that feed it from the rule)")
+                    continue
                 if op in REDUCTIONS:
                     means.append(node)
                 if op in AXIS_MOVES and op not in known:
@@ -759,6 +770,12 @@ def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGro
                         "fold it first with torch.nn.utils.parametrize.remove_parametrizations(module, 'weight') "
                         "(or torch.nn.utils.remove_weight_norm(module) for the older weight_norm; outputs unchanged; "
                         "Wav2Vec2's positional conv has one), then prune"
+                    )
+                elif op == "Embedding":  # a lookup whose module returns more (Gemma's scaled embedding)
+                    problems.append(
+                        f"an embedding lookup{_near(node, names)} sits inside a module that returns more than the "
+                        "lookup (a scaled embedding), so the trace cannot tie its weight's columns to these channels: "
+                        "keep these channels (exclude the layers they feed from the rule)"
                     )
                 elif op not in known:
                     problems.append(

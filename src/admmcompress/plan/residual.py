@@ -111,9 +111,10 @@ def is_rms_norm(module: Any) -> bool:
             and isinstance(getattr(module, "variance_epsilon", None), float))
 
 
-def record_rms_nodes(found: set[int]):
+def record_rms_nodes(found: set[int] | dict[int, str], label: str = ""):
     """A forward hook that adds the ids of the autograd nodes an RMSNorm creates to ``found``: its statistics
-    mix channels only to scale them all alike, so inside it they are not ops of the channel group."""
+    mix channels only to scale them all alike, so inside it they are not ops of the channel group. With a dict,
+    each id maps to ``label`` (the module, for a norm the library does not know)."""
 
     def hook(module: nn.Module, inputs, output) -> None:
         start = inputs[0].grad_fn if inputs and isinstance(inputs[0], torch.Tensor) else None
@@ -122,10 +123,22 @@ def record_rms_nodes(found: set[int]):
             node = stack.pop()
             if node is None or node is start or id(node) in found or type(node).__name__ == "AccumulateGrad":
                 continue
-            found.add(id(node))
+            if isinstance(found, dict):
+                found[id(node)] = label
+            else:
+                found.add(id(node))
             stack.extend(fn for fn, _ in node.next_functions)
 
     return hook
+
+
+def is_unknown_norm(module: nn.Module) -> bool:
+    """A normalization layer none of the rules here knows (Gemma's ``x * (1 + w)`` RMSNorm, a user's own): a
+    leaf module named like a norm that is no BatchNorm, LayerNorm or recognised RMSNorm. Its statistics span the
+    channels, so the ops inside it are named as its own in a refusal, not offered as channelwise ops."""
+    known = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+    return ("norm" in type(module).__name__.lower() and not any(module.children()) and not isinstance(module, known)
+            and not is_rms_norm(module))
 
 
 def stream_role(module: Any) -> str | None:
@@ -292,6 +305,7 @@ __all__ = [
     "WidthKeepingLayerNorm",
     "has_layernorm",
     "is_rms_norm",
+    "is_unknown_norm",
     "keep_norm_widths",
     "member_tensors",
     "norm_widths",
