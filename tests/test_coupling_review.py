@@ -628,3 +628,51 @@ def test_a_max_is_per_channel_over_positions_and_refused_over_channels(reduce, a
     else:
         with pytest.raises(PlanError, match=r"op '(Amax|Max)' .*reduces over the channel axis"):
             plan.resolve_coupled(model, x)
+
+
+class _FrozenBatchNorm2d(nn.Module):  # torchvision.ops.misc.FrozenBatchNorm2d's computation: per channel
+    def __init__(self, n):
+        super().__init__()
+        for key, value in (("weight", torch.ones(n)), ("bias", torch.zeros(n)), ("running_mean", torch.zeros(n)),
+                           ("running_var", torch.ones(n))):
+            self.register_buffer(key, value)
+
+    def forward(self, x):
+        scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1) + 1e-5).rsqrt()
+        return x * scale + self.bias.reshape(1, -1, 1, 1) - self.running_mean.reshape(1, -1, 1, 1) * scale
+
+
+class _GatedRMSNorm(nn.Module):  # Mamba2 / Qwen3-Next style: a second input, the gate, from elsewhere
+    def __init__(self, n):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+
+    def forward(self, x, gate):
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * nn.functional.silu(gate)
+
+
+class _GatedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l0, self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(16, 8)
+        self.norm, self.c = _GatedRMSNorm(8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.l0(x))
+        return self.c(self.norm(self.a(h), self.b(h)))
+
+
+def test_only_norms_that_reduce_are_unknown_norms_and_a_gate_stays_outside():
+    """The unknown-norm refusal took a frozen BatchNorm (x * scale + bias, per channel) for a norm whose statistics
+    span the channels, and followed a gated norm's gate up through the network, refusing unrelated groups (a
+    review of the change)."""
+    from admmcompress.plan.graph import channel_groups
+
+    frozen = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _FrozenBatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    group = next(g for g in channel_groups(frozen, torch.randn(1, 3, 8, 8)) if "0" in [m.layer for m in g.members])
+    assert not group.problems
+    groups = {tuple(sorted(m.layer for m in g.members)): g.problems for g in channel_groups(_GatedNet(),
+                                                                                         torch.randn(2, 8))}
+    assert groups[("a", "b", "l0")] == []
+    assert any("normalization 'norm' (_GatedRMSNorm) is not one this library knows" in p
+               for p in groups[("a", "b", "c", "norm.weight")])

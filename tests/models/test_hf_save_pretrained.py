@@ -112,8 +112,14 @@ def test_a_pruned_hidden_size_under_a_derived_head_size_saves_pretrained(tmp_pat
     hard_prune(model, Plan([Rule(Filter(sparsity=0.25), match="*o_proj")]).resolve_coupled(model, x, mode="extend"))
     small = compact(model, x).model
     assert small.config.hidden_size == 24 and small.config.head_dim == 8
-    saved = save_compacted_pretrained(small, tmp_path, example_inputs=ids(2, 5))
+    saved = save_compacted_pretrained(small, tmp_path / "pretrained", example_inputs=ids(2, 5))
     assert saved.format == "pretrained" and saved.max_abs_diff is not None and saved.max_abs_diff <= 1e-4
+    from admmcompress.executors import get_executor
+    from admmcompress.executors.manifest import load_compacted
+
+    get_executor("compact").save(small, tmp_path / "manifest")  # the manifest keeps the stated head_dim too
+    back = load_compacted(tmp_path / "manifest", quiet(lambda: transformers.Qwen2ForCausalLM(config)))
+    assert back.config.head_dim == 8 and back.config.hidden_size == 24
 
 
 def test_distilbert_ffn_width_is_its_hidden_dim(tmp_path):

@@ -112,6 +112,13 @@ def test_model_totals_weight_and_storage_reduction():
 
 def test_clog2_and_bad_arguments():
     assert [clog2(x) for x in (1, 2, 5, 1024, 1025)] == [0, 1, 3, 10, 11]
+    import numpy as np
+
+    from admmcompress.executors.packed import _index_bits
+
+    assert _index_bits(np.int64(4)) == 4 and _index_bits(" 5 ") == 5
+    with pytest.raises(ValueError, match="index_bits='\\+-4': give a positive integer"):
+        _index_bits("+-4")
     for bad in (0, 33, 2.5, True):  # the packed file's range; 2.5 and True were read as 2 and 1 (review)
         with pytest.raises(ValueError, match=f"index_bits={bad!r} must be an integer b_r in 1..32"):
             layer_storage("A", A, index_bits=bad)

@@ -146,3 +146,5 @@ def test_per_layer_targets_on_tied_layers_are_warned_and_coupling_is_checked():
         ADMMTrainerCallback(Plan(SWIGLU), admm_epochs=1, coupling="tied")
     with pytest.raises(ValueError, match="give the Plan, not resolved targets"):
         ADMMTrainerCallback(Plan(SWIGLU).resolve(model), admm_epochs=1, coupling="strict")
+    with pytest.raises(ValueError, match=r"coupling='strict' needs a method that drives coupled targets, one of \["):
+        ADMMTrainerCallback(Plan(SWIGLU), admm_epochs=1, method="reweighted", coupling="strict")

@@ -174,7 +174,7 @@ class ADMM(Driver):
         if not target.structure.quantizes:
             return target.structure.project(value)
         keep = self._kept(target.param_name)
-        return target.structure.project(value if keep is None else value * keep)
+        return target.structure.project(value if keep is None else value * keep.to(value.device))
 
     def _kept(self, name: str) -> torch.Tensor | None:
         """Where the pruning targets' Z (and earlier stages' masks) keep parameter ``name``; None: everywhere."""

@@ -265,7 +265,10 @@ PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 INT_ATTRIBUTES = HEAD_COUNT_ATTRS + KV_COUNT_ATTRS + ALL_HEADS_ATTRS + HEAD_SIZE_ATTRS
 FLOAT_ATTRIBUTES = ("variance_epsilon", "scaling")
 # Model config fields compaction edits (plan/residual.update_hidden_size) and their JSON types.
-CONFIG_FIELDS = {"hidden_size": _INT, "hidden_sizes": "ints", "rms_norm_eps": _FLOAT}
+CONFIG_FIELDS = {"hidden_size": _INT, "hidden_sizes": "ints", "rms_norm_eps": _FLOAT, "head_dim": _INT}
+# Fields compaction may add to a config that derived them (Qwen2's head_dim after hidden-size pruning): a skeleton
+# built from the original config does not have them yet (a review: a reload lost it, and saving crashed again).
+ADDED_CONFIG_FIELDS = frozenset({"head_dim"})
 MAX_DIMS, MAX_INT = 8, 1 << 40
 
 
@@ -568,6 +571,8 @@ def _check_extras(
         if kind is None:
             _fail(f"records config field {field!r}; only {sorted(CONFIG_FIELDS)} are restored")
         current = _json_value(getattr(config, field, None))
+        if field in ADDED_CONFIG_FIELDS and current is None and _has_type(value, kind):
+            continue
         if not _has_type(value, kind) or not _has_type(current, kind) or (
                 kind == "ints" and len(value) != len(current)):
             _fail(f"records config.{field} = {value!r}; the skeleton's config has {current!r} (another model?)")

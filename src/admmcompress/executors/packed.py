@@ -70,6 +70,8 @@ from __future__ import annotations
 import io
 import json
 import math
+import numbers
+import re
 import struct
 import warnings
 import zlib
@@ -921,7 +923,9 @@ def _index_bits(value: int | str) -> int | str:
     """``"best"`` or an integer ``b_r`` in 1..``MAX_INDEX_BITS`` (the command line gives strings)."""
     if value == "best":
         return value
-    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():  # the command line's "4" (or "-1")
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):  # the command line's "4" (or "-1")
+        value = int(value)
+    elif isinstance(value, numbers.Integral) and not isinstance(value, bool):  # numpy's int64 too
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):  # 2.5 or True: int() would read them as 2 or 1
         raise ValueError(f"index_bits={value!r}: give a positive integer (relative index bits b_r) or 'best'")

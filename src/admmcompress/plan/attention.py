@@ -37,6 +37,7 @@ whole groups: a key head, a value head, and the query heads and output columns t
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -219,9 +220,14 @@ def query_key_layers(model: nn.Module) -> list[str]:
     return [name for lay in layouts.values() if not lay.fused for name in (lay.q, lay.k)]
 
 
+# Names of the norms on queries and keys: Qwen3/OLMo2 q_norm/k_norm, Phi's q_layernorm/k_layernorm (with a bias),
+# query_norm/key_norm; not a norm on the attention output (BitNet's attn_sub_norm, a review of the change).
+QK_NORM_NAME = re.compile(r"(^|_)(q|k|query|key)_?(norm|layernorm|ln)$")
+
+
 def query_key_norms(model: nn.Module) -> list[str]:
     """The norms inside an attention block that act on its queries or keys (Qwen3's and OLMo2's ``q_norm`` and
-    ``k_norm``): children of the block holding one 1-D weight, other than its projections. Cut from the trace as
+    ``k_norm``): children of the block named so (``QK_NORM_NAME``) holding 1-D weights. Cut from the trace as
     the query/key projections are (their weights brought the rotary halves back into it: resolving a plan on a
     one-layer Qwen3 ran for minutes, a review's finding)."""
     try:
@@ -237,7 +243,8 @@ def query_key_norms(model: nn.Module) -> list[str]:
         for child_name, child in block.named_children():
             full = f"{lay.module}.{child_name}" if lay.module else child_name
             weights = [p for p in child.parameters(recurse=False)]
-            if full not in projections and len(weights) == 1 and weights[0].dim() == 1:
+            if full not in projections and QK_NORM_NAME.search(child_name) and 1 <= len(weights) <= 2 \
+                    and all(w.dim() == 1 for w in weights):
                 found.append(full)
     return list(dict.fromkeys(found))
 

@@ -121,8 +121,8 @@ def register_channelwise_op(name: str, keeps_zero: bool = False) -> None:
 
 
 def unregister_channelwise_op(name: str) -> None:
-    """Forget an op declared with ``register_channelwise_op`` (no error if it was not)."""
-    _REGISTERED.pop(name, None)
+    """Forget an op declared with ``register_channelwise_op`` (no error if it was not); the suffix may be given."""
+    _REGISTERED.pop(re.sub(r"Backward\d*$", "", name) if isinstance(name, str) else name, None)
 
 
 def registered_channelwise_ops() -> dict[str, bool]:

@@ -406,8 +406,9 @@ def build_dependency_graph(model: nn.Module, example_inputs):
             p.requires_grad_(True)
         hooks += [m.register_forward_hook(_record_zero_pad(zero_pads)) for m in model.modules()
                   if _is_spatial_zero_pad(m)]
-        hooks += [m.register_forward_hook(record_rms_nodes(rms_nodes)) for m in model.modules() if is_rms_norm(m)]
-        hooks += [m.register_forward_hook(record_rms_nodes(odd_norms, f"'{n}' ({type(m).__name__})"))
+        hooks += [m.register_forward_hook(record_rms_nodes(rms_nodes), with_kwargs=True) for m in model.modules()
+                  if is_rms_norm(m)]
+        hooks += [m.register_forward_hook(record_rms_nodes(odd_norms, f"'{n}' ({type(m).__name__})"), with_kwargs=True)
                   for n, m in model.named_modules() if is_unknown_norm(m) and ".parametrizations." not in n]
         cut_layers = [model.get_submodule(n) for n in query_key_layers(model) + query_key_norms(model)]
         graph = _trace(tp, model, example_inputs, cut, cut_layers, dead)
@@ -811,7 +812,7 @@ def _convert(tp_group, graph, names: dict, known: dict[str, bool]) -> ChannelGro
             problems.append(f"op '{op}'{_near(node, names)} reduces over the channel axis (a mean or max across "
                             "channels), so every channel's value depends on the pruned ones: keep these channels "
                             "(exclude the layer from the rule)")
-    split = next((node for node in reshapes if _splits_channels(node.grad_fn, size)), None)
+    split = next((node for node in reshapes if _shuffled(node, size)), None)
     if moves and split is not None:
         problems.append(f"a view splits the channel axis{_near(split, names)} and an axis move reorders the parts (a "
                         "channel shuffle): the channels' order changes, so they cannot be pruned as one group: keep "
@@ -852,15 +853,46 @@ def _averages_channels(grad_fn: Any, channels: int, moved: bool) -> bool:
     return len(sizes) in (4, 5) and not moved and 1 in reduced
 
 
-def _splits_channels(grad_fn: Any, channels: int) -> bool:
-    """Whether a traced reshape splits an axis of ``channels`` entries into several (``view(b, g, c // g, h, w)``
-    in a ShuffleNet channel shuffle), read from the input sizes autograd saved and the output's metadata. Torch-Pruning
-    maps channels through a reshape as if it only merged or split trailing axes, which an axis move of the parts
-    afterwards breaks (a review's finding: accepted, then compaction failed). Hand-written."""
+def _shuffled(node: Any, channels: int) -> bool:
+    """Whether a traced reshape splits an axis of ``channels`` entries and the op right after it swaps two of the
+    parts (ShuffleNet's ``view(b, g, c // g, h, w).transpose(1, 2)``). A permute that moves a part past other axes
+    (a channels-last window partition whose height equals the channel count) is not taken for one (a review of
+    the change found it refused)."""
+    split = _split_axes(node.grad_fn, channels)
+    if split is None:
+        return False
+    start, end = split
+    for later in getattr(node, "outputs", ()):
+        fn = later.grad_fn
+        rank = len(fn._input_metadata[0].shape) if getattr(fn, "_input_metadata", ()) else 0
+        if not rank:
+            continue
+        if type(fn).__name__.startswith("TransposeBackward"):
+            axes = {_axis(fn._saved_dim0, rank), _axis(fn._saved_dim1, rank)}
+        elif type(fn).__name__.startswith("PermuteBackward"):
+            axes = {i for i, d in enumerate(fn._saved_dims) if _axis(d, rank) != i}
+        else:
+            continue
+        if len(axes) > 1 and all(start <= a < end for a in axes):
+            return True
+    return False
+
+
+def _axis(dim: int, rank: int) -> int:
+    """An axis autograd saved (negative ones as unsigned 64-bit values) as 0..rank-1."""
+    dim = int(dim)
+    return (dim - 2**64 if dim >= 2**63 else dim) % rank
+
+
+def _split_axes(grad_fn: Any, channels: int) -> tuple[int, int] | None:
+    """The output axes ``[start, end)`` a traced reshape splits an axis of ``channels`` entries into (None when it
+    splits none), read from the input sizes autograd saved and the output's metadata. Torch-Pruning maps channels
+    through a reshape as if it only merged or split trailing axes, which an axis move of the parts afterwards
+    breaks (a review's finding: accepted, then compaction failed). Hand-written."""
     sizes = [int(n) for n in getattr(grad_fn, "_saved_self_sym_sizes", ()) or ()]
     meta = getattr(grad_fn, "_input_metadata", ())
     if not sizes or not meta:
-        return False
+        return None
     out = [int(n) for n in meta[0].shape]
     prefix_in, prefix = 1, {}
     acc = 1
@@ -874,9 +906,9 @@ def _splits_channels(grad_fn: Any, channels: int) -> bool:
                 acc *= out[end]
                 end += 1
             if acc == n and end - start > 1 and all(out[i] != n for i in range(start, end)):
-                return True
+                return start, end
         prefix_in *= n
-    return False
+    return None
 
 
 # Reductions that are per channel over positions and mix the channels over the channel axis (see

@@ -39,6 +39,7 @@ True
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -111,23 +112,35 @@ def is_rms_norm(module: Any) -> bool:
             and isinstance(getattr(module, "variance_epsilon", None), float))
 
 
-def record_rms_nodes(found: set[int] | dict[int, str], label: str = ""):
-    """A forward hook that adds the ids of the autograd nodes an RMSNorm creates to ``found``: its statistics
-    mix channels only to scale them all alike, so inside it they are not ops of the channel group. With a dict,
-    each id maps to ``label`` (the module, for a norm the library does not know)."""
+# Autograd nodes of a reduction: a norm holding one computes statistics (over the channels, for the norms here).
+_REDUCING_NODES = ("Mean", "Var", "Std", "Sum", "Norm", "LinalgVectorNorm", "Amax", "VarMean", "StdMean")
 
-    def hook(module: nn.Module, inputs, output) -> None:
-        start = inputs[0].grad_fn if inputs and isinstance(inputs[0], torch.Tensor) else None
+
+def record_rms_nodes(found: set[int] | dict[int, str], label: str = ""):
+    """A forward hook (``with_kwargs=True``) that adds the ids of the autograd nodes an RMSNorm creates to
+    ``found``: its statistics mix channels only to scale them all alike, so inside it they are not ops of the
+    channel group. With a dict, each id maps to ``label`` (a norm the library does not know), and only for a
+    module that reduces (a frozen BatchNorm, ``x * scale + bias``, is per channel: a review's finding). The walk
+    stops at every tensor input (a gated norm's gate comes from elsewhere in the network)."""
+
+    def hook(module: nn.Module, args, kwargs, output) -> None:
+        inputs = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+        stops = {id(t.grad_fn) for t in inputs if t.grad_fn is not None}
         stack = [output.grad_fn] if isinstance(output, torch.Tensor) and output.grad_fn is not None else []
+        inside, seen = [], set()
         while stack:
             node = stack.pop()
-            if node is None or node is start or id(node) in found or type(node).__name__ == "AccumulateGrad":
+            if node is None or id(node) in stops or id(node) in found or id(node) in seen \
+                    or type(node).__name__ == "AccumulateGrad":
                 continue
-            if isinstance(found, dict):
-                found[id(node)] = label
-            else:
-                found.add(id(node))
+            seen.add(id(node))
+            inside.append(node)
             stack.extend(fn for fn, _ in node.next_functions)
+        if isinstance(found, dict):
+            if any(re.sub(r"Backward\d*$", "", type(n).__name__) in _REDUCING_NODES for n in inside):
+                found.update({id(n): label for n in inside})
+        else:
+            found.update(id(n) for n in inside)
 
     return hook
 

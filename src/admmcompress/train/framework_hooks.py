@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from admmcompress.drivers.base import Driver, ModuleTransform
+from admmcompress.drivers.base import Driver, ModuleTransform, get_driver, list_drivers
 from admmcompress.finalize import MaskSet
 from admmcompress.plan import COUPLING_MODES, Plan, resolve_targets
 from admmcompress.plan.coupled import CoupledTarget
@@ -28,28 +28,37 @@ def check_admm_epochs(admm_epochs: Any) -> None:
         raise ValueError(f"admm_epochs={admm_epochs!r} must be an integer >= 1 (epochs of the driving phase)")
 
 
-def check_coupling(coupling: Any, plan: Any, who: str) -> None:
+def check_coupling(coupling: Any, plan: Any, who: str, driver: Any = None) -> None:
     """One line for a coupling a framework callback cannot use (checked when the callback is made)."""
     if coupling not in COUPLINGS:
         raise ValueError(f"{who}: coupling={coupling!r}; choose one of {COUPLINGS}")
+    if coupling != "none" and driver is not None and not driver.cls.supports_coupling:
+        coupled = [m for m in list_drivers() if get_driver(m).cls.supports_coupling]
+        raise ValueError(f"{who}: coupling={coupling!r} needs a method that drives coupled targets, one of {coupled} "
+                         f"({driver.name} drives one parameter per target); change the method, or use coupling='none'")
     if coupling != "none" and not isinstance(plan, Plan):
         raise ValueError(f"{who}: coupling={coupling!r} resolves a Plan over the model's channel groups; give the "
                          "Plan, not resolved targets (or coupling='none')")
 
 
-def resolve_for_callback(model: nn.Module, plan: Any, coupling: str, example: Callable[[], Any], who: str) -> list:
+def resolve_for_callback(model: nn.Module, plan: Any, coupling: str, example: Callable[[], Any], who: str,
+                         can_couple: bool = True) -> list:
     """The driver's targets: per layer (``coupling="none"``), or coupled over channel groups from ``example()`` (a
     training batch, read only when needed). Per layer, filter/channel targets on layers whose channels are tied
     (SwiGLU's gate and up projections, a residual add) prune different channels and the model cannot be compacted
     afterwards (a review's finding: the README's one-rule SwiGLU plan trained, then compaction refused): warned."""
     if coupling != "none":
-        return plan.resolve_coupled(model, example(), coupling)
+        with torch.random.fork_rng():  # reading a batch draws from the global generator: training order unchanged
+            batch = example()
+        return plan.resolve_coupled(model, batch, coupling)
     targets = resolve_targets(model, plan, who)
     channel = [t for t in targets if getattr(t.structure, "kind", "") in ("filter", "channel")]
-    if not channel or not isinstance(plan, Plan):
+    if not channel or not isinstance(plan, Plan) or not can_couple:
         return targets
     try:
-        coupled = plan.resolve_coupled(model, example(), "extend")
+        with torch.random.fork_rng():  # reading a batch draws from the global generator: training order unchanged
+            batch = example()
+        coupled = plan.resolve_coupled(model, batch, "extend")
     except Exception:  # noqa: BLE001 - only a hint: the per-layer targets stand
         return targets
     tied = [t for t in coupled if isinstance(t, CoupledTarget) and len(t.sources) > 1]

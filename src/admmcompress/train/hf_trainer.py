@@ -76,11 +76,11 @@ class ADMMTrainerCallback(TrainerCallback):
         coupling: str = "none",
     ):
         check_admm_epochs(admm_epochs)
-        check_coupling(coupling, plan, type(self).__name__)
         self.coupling = coupling
         if update_every_steps is not None and not is_positive_int(update_every_steps):
             raise ValueError(f"update_every_steps={update_every_steps!r} must be a positive integer (or None)")
         self.spec = get_driver(method)  # an unknown method: one line listing the registered ones
+        check_coupling(coupling, plan, type(self).__name__, self.spec)
         self.config = self.spec.make_config(options)
         self.plan, self.admm_epochs, self.every_steps = plan, admm_epochs, update_every_steps
         self.driver: Driver | None = None
@@ -106,7 +106,7 @@ class ADMMTrainerCallback(TrainerCallback):
             self._attach(model, optimizer, clear=False)
             return
         targets = resolve_for_callback(model, self.plan, self.coupling, lambda: _first_batch(train_dataloader, model),
-                                       type(self).__name__)
+                                       type(self).__name__, self.spec.cls.supports_coupling)
         self.spec.cls.accept_targets(targets)
         batches = len(train_dataloader) if train_dataloader is not None else max(1, state.max_steps)
         steps_per_epoch = max(1, batches // max(1, args.gradient_accumulation_steps))
