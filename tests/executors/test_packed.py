@@ -327,3 +327,18 @@ def test_a_folder_or_a_missing_path_is_one_line(tmp_path):
     for path, what in [(tmp_path, "a folder"), (tmp_path / "gone.admmpk", "missing")]:
         with pytest.raises(PackedFormatError, match=f"is {what}, not a packed file"):
             load_packed(path)
+
+
+def test_non_finite_weights_are_saved_with_a_warning():
+    from torch import nn
+
+    from admmcompress.executors.packed import load_packed, save_packed
+
+    model = nn.Linear(4, 2)
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    buffer = io.BytesIO()
+    with pytest.warns(RuntimeWarning, match="save_packed: weight hold NaN or infinite values"):
+        save_packed(model, buffer)
+    buffer.seek(0)
+    assert torch.isnan(load_packed(buffer, nn.Linear(4, 2)).weight[0, 0])

@@ -533,6 +533,11 @@ def save_packed(
     index_bits = _index_bits(index_bits)  # checked before any byte is written
     weights = weight_tensors(model)  # the storage report's weight layers (norm scales stay raw)
     state = model.state_dict()
+    broken = [n for n, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:  # saved as they are (the file holds the model), but such a model gives NaN: say so (SPEC P1)
+        warnings.warn(f"save_packed: {', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''} hold NaN or "
+                      "infinite values; the file keeps them, but the model's outputs will not be finite",
+                      RuntimeWarning, stacklevel=2)
     factorized = factorized_spec(model)
     if model_spec and factorized:  # the registry builds these convs plain: the loader rebuilds them from this
         model_spec = {**model_spec, FACTORIZED_KEY: factorized}
