@@ -7,6 +7,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("lightning")
 
@@ -44,6 +45,35 @@ def test_callback_refuses_bad_settings_in_one_line():
         ADMMCallback(plan, admm_epochs=1, update_every_epochs=1, update_every_steps=5)
     with pytest.raises(ValueError, match="method='nope'; choose one of"):
         ADMMCallback(plan, admm_epochs=1, method="nope")
+    with pytest.raises(ValueError, match=r"coupling='strict' traces the network: give example=\.\.\."):
+        ADMMCallback(plan, admm_epochs=1, coupling="strict")
+    with pytest.raises(ValueError, match="coupling='strict' needs a method that drives coupled targets"):
+        ADMMCallback(plan, admm_epochs=1, method="reweighted", coupling="strict", example=torch.zeros(1, 784))
+
+
+def test_a_coupled_plan_prunes_whole_channel_groups(tmp_path):
+    """coupling='strict' with an example: the plan is resolved over channel groups, so the fine-tuned network
+    compacts (per layer, tied layers could prune different channels)."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from admmcompress.data import load_dataset
+    from admmcompress.executors.compact import compact
+    from admmcompress.structures import Filter
+
+    example = _example()
+    pl.seed_everything(0, verbose=False)
+    train = load_dataset("mnist", "train", limit=128)
+    module = example.Classifier()
+    x = train.x[:2]
+    callback = ADMMCallback(Plan({"fc1": Filter(sparsity=0.5)}), admm_epochs=1, options={"rho": 1e-2},
+                            submodule="net", coupling="strict", example=x)
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, callbacks=[callback], logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(module, DataLoader(TensorDataset(train.x, train.y), batch_size=64))
+    assert "fc2.weight" in callback.masks  # the coupled target also zeroes the columns that read fc1's rows
+    result = compact(module.net.eval(), x, callback.masks)
+    assert result.params_after < result.params_before and result.max_abs_diff <= 1e-4
 
 
 def _fit(tmp_path, max_epochs: int, ckpt_path: str | None = None):

@@ -39,7 +39,15 @@ except ImportError:  # pragma: no cover - depends on the environment
 from admmcompress.drivers.base import Driver, DriverContext, get_driver
 from admmcompress.finalize import MaskSet, mask_set_from_state
 from admmcompress.plan import Plan, Target, resolve_targets
-from admmcompress.train.framework_hooks import check_admm_epochs, finish_driving, hold_masks, is_positive_int
+from admmcompress.plan.graph import map_tensors
+from admmcompress.train.framework_hooks import (
+    check_admm_epochs,
+    check_coupling,
+    finish_driving,
+    hold_masks,
+    is_positive_int,
+    resolve_for_callback,
+)
 from admmcompress.train.logging import numeric_scalars
 
 
@@ -52,6 +60,10 @@ class ADMMCallback(pl.Callback):
         method: a registered driver (``admm``, ``reweighted``, a plugin's); ``options`` its config mapping.
         update_every_epochs / update_every_steps: the driver's update cadence (default: every epoch).
         submodule: the attribute path of the network inside the LightningModule (None: the module itself).
+        coupling / example: ``"strict"``/``"extend"`` resolve filter/channel targets over channel groups
+            (``Plan.resolve_coupled``) by tracing the network on ``example`` (what it is called with), so the
+            model compacts afterwards; ``"none"`` (default) resolves per layer, and warns, given ``example``, where
+            tied layers would prune different channels.
     """
 
     def __init__(
@@ -63,14 +75,21 @@ class ADMMCallback(pl.Callback):
         update_every_epochs: int | None = None,
         update_every_steps: int | None = None,
         submodule: str | None = None,
+        coupling: str = "none",
+        example: Any = None,
     ):
         check_admm_epochs(admm_epochs)
+        if coupling != "none" and example is None:
+            raise ValueError(f"ADMMCallback: coupling={coupling!r} traces the network: give example=... (an input "
+                             "it is called with, e.g. one training batch's inputs)")
+        self.coupling, self.example = coupling, example
         if update_every_epochs is not None and update_every_steps is not None:
             raise ValueError("give update_every_epochs or update_every_steps, not both")
         for name, value in (("update_every_epochs", update_every_epochs), ("update_every_steps", update_every_steps)):
             if value is not None and not is_positive_int(value):
                 raise ValueError(f"{name}={value!r} must be a positive integer")
         self.spec = get_driver(method)  # an unknown method: one line listing the registered ones
+        check_coupling(coupling, plan, "ADMMCallback", self.spec)
         self.config = self.spec.make_config(options)
         self.plan, self.admm_epochs, self.submodule = plan, admm_epochs, submodule
         self.every_epochs = update_every_epochs if update_every_steps is None else None
@@ -99,7 +118,11 @@ class ADMMCallback(pl.Callback):
         if self.masks is not None:  # fine-tuning (resumed, or a further fit): the masks hold, no new driver
             self._attach(trainer, net, clear=False)
             return
-        targets = resolve_targets(net, self.plan, type(self).__name__)
+        device = next(net.parameters()).device
+        example = None if self.example is None else map_tensors(lambda t: t.to(device), self.example)
+        targets = (resolve_for_callback(net, self.plan, self.coupling, lambda: example, type(self).__name__,
+                                        self.spec.cls.supports_coupling) if example is not None
+                   else resolve_targets(net, self.plan, type(self).__name__))
         self.spec.cls.accept_targets(targets)
         steps_per_epoch = max(1, int(trainer.num_training_batches) // trainer.accumulate_grad_batches)
         total = self.admm_epochs * steps_per_epoch
