@@ -294,6 +294,12 @@ class LayerStorage:
         return out
 
 
+# Widest relative index b_r: 32 bits already skip 4,294,967,295 zeros per entry, more than any weight matrix
+# holds (a packed file's model has at most executors.packed.MAX_MODEL_ELEMENTS); wider ones overflow the int64
+# skips the encoder builds.
+MAX_INDEX_BITS = 32
+
+
 def layer_storage(
     name: str,
     weight: torch.Tensor,
@@ -310,9 +316,10 @@ def layer_storage(
     lines = cols if order == "column" else rows
     choices = range(1, 17) if index_bits == "best" else [index_bits]
     if index_bits != "best" and (
-        isinstance(index_bits, bool) or not isinstance(index_bits, int) or not 1 <= index_bits <= 32
+        isinstance(index_bits, bool) or not isinstance(index_bits, int) or not 1 <= index_bits <= MAX_INDEX_BITS
     ):
-        raise ValueError(f"index_bits={index_bits!r} must be an integer b_r in 1..32 (as packed files take) or 'best'")
+        raise ValueError(f"index_bits={index_bits!r} must be an integer b_r in 1..{MAX_INDEX_BITS} (as packed files "
+                         "take) or 'best'")
     entries_at = {r: relative_entries(gaps, r) for r in choices}
     kept_r, kept_c = mask.any(dim=1), mask.any(dim=0)
     kr, kc = int(kept_r.sum()), int(kept_c.sum())
@@ -396,6 +403,7 @@ __all__ = [
     "FLOAT16",
     "FLOAT32",
     "GRID_INT_BITS",
+    "MAX_INDEX_BITS",
     "MAX_LEVELS",
     "SCHEMES",
     "LayerStorage",

@@ -86,6 +86,7 @@ from admmcompress.encoding import (
     FLOAT16,
     FLOAT32,
     HALF_DTYPES,
+    MAX_INDEX_BITS,
     MAX_LEVELS,
     SCHEMES,
     LayerStorage,
@@ -917,11 +918,6 @@ def packed_size_lines(size: int, summary: PackedSummary, report: Any, scheme: st
         f"{summary.other_bytes:,} other tensors; file / report = {size / figure:.4f} "
         f"({100 * (size / figure - 1):+.2f}%)",
     ]
-
-
-# Widest relative index b_r: 32 bits already skip 4,294,967,295 zeros per entry, more than any weight matrix
-# holds (a loaded model has at most MAX_MODEL_ELEMENTS); wider ones overflow the int64 skips the encoder builds.
-MAX_INDEX_BITS = 32
 
 
 def _index_bits(value: int | str) -> int | str:

@@ -91,6 +91,15 @@ MIXING_OPS = frozenset({
 }) | RESHAPING_OPS
 
 
+def op_name(grad_fn_name: str) -> str:
+    """``"ReluBackward0" -> "Relu"`` (the autograd node name without suffix).
+
+    >>> op_name("ReluBackward0"), op_name("Relu")
+    ('Relu', 'Relu')
+    """
+    return re.sub(r"Backward\d*$", "", grad_fn_name)
+
+
 # Ops a user declared channelwise once for every trace (``register_channelwise_op``): compress() and run configs
 # (through a plugin module) reach the graph without an argument to thread through. Op name -> f(0) == 0.
 _REGISTERED: dict[str, bool] = {}
@@ -108,7 +117,7 @@ def register_channelwise_op(name: str, keeps_zero: bool = False) -> None:
     True
     >>> unregister_channelwise_op("MySwish")
     """
-    op = re.sub(r"Backward\d*$", "", name) if isinstance(name, str) else name
+    op = op_name(name) if isinstance(name, str) else name
     if not isinstance(op, str) or not op.isidentifier():
         raise ValueError(f"register_channelwise_op: name {name!r} is not an autograd op name; give the name of "
                          "its grad_fn without 'Backward0', e.g. 'MyAct' for MyActBackward0")
@@ -122,7 +131,7 @@ def register_channelwise_op(name: str, keeps_zero: bool = False) -> None:
 
 def unregister_channelwise_op(name: str) -> None:
     """Forget an op declared with ``register_channelwise_op`` (no error if it was not); the suffix may be given."""
-    _REGISTERED.pop(re.sub(r"Backward\d*$", "", name) if isinstance(name, str) else name, None)
+    _REGISTERED.pop(op_name(name) if isinstance(name, str) else name, None)
 
 
 def registered_channelwise_ops() -> dict[str, bool]:
@@ -212,6 +221,7 @@ __all__ = [
     "UNBOUNDED_OPS",
     "WEIGHT_NORM_OPS",
     "keeps_zero",
+    "op_name",
     "refine_op",
     "register_channelwise_op",
     "registered_channelwise_ops",

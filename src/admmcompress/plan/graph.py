@@ -37,7 +37,6 @@ number of channels in every block and compaction can rebuild the conv with the s
 from __future__ import annotations
 
 import math
-import re
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -61,6 +60,7 @@ from admmcompress.plan.channel_ops import (
     WEIGHT_NORM_OPS,
     check_extra_ops,
     keeps_zero,
+    op_name,
     refine_op,
     registered_channelwise_ops,
 )
@@ -196,11 +196,6 @@ def depthwise_multiplier(module: nn.Module) -> int:
     if module.groups != channels or channels < 2 or out == channels or out % channels:
         return 0
     return out // channels
-
-
-def op_name(grad_fn_name: str) -> str:
-    """``"ReluBackward0" -> "Relu"`` (the autograd node name without suffix)."""
-    return re.sub(r"Backward\d*$", "", grad_fn_name)
 
 
 def call_model(model: nn.Module, example_inputs):
@@ -396,7 +391,7 @@ def build_dependency_graph(model: nn.Module, example_inputs):
     # trace would not see them: they get a gradient for the trace only.
     frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
     zero_pads: set[int] = set()
-    rms_nodes: set[int] = set()
+    rms_nodes: dict[int, str] = {}
     odd_norms: dict[int, str] = {}  # autograd nodes inside a norm the library does not know -> the norm
     hooks: list = []
     cut: list[torch.Tensor] = []  # query/key projections' outputs: traced as model outputs (plan.attention)
@@ -408,8 +403,9 @@ def build_dependency_graph(model: nn.Module, example_inputs):
                   if _is_spatial_zero_pad(m)]
         hooks += [m.register_forward_hook(record_rms_nodes(rms_nodes), with_kwargs=True) for m in model.modules()
                   if is_rms_norm(m)]
-        hooks += [m.register_forward_hook(record_rms_nodes(odd_norms, f"'{n}' ({type(m).__name__})"), with_kwargs=True)
-                  for n, m in model.named_modules() if is_unknown_norm(m) and ".parametrizations." not in n]
+        unknown = [(n, m) for n, m in model.named_modules() if is_unknown_norm(m) and ".parametrizations." not in n]
+        hooks += [m.register_forward_hook(record_rms_nodes(odd_norms, f"'{n}' ({type(m).__name__})",
+                                                           reducing_only=True), with_kwargs=True) for n, m in unknown]
         cut_layers = [model.get_submodule(n) for n in query_key_layers(model) + query_key_norms(model)]
         graph = _trace(tp, model, example_inputs, cut, cut_layers, dead)
     finally:
@@ -844,8 +840,7 @@ def _averages_channels(grad_fn: Any, channels: int, moved: bool) -> bool:
         return False
     dims = getattr(grad_fn, "_saved_dim", None)  # None: the mean (max) of everything
     dims = (dims,) if isinstance(dims, int) else dims  # max(dim) saves one int
-    wrap = [int(d) - 2**64 if int(d) >= 2**63 else int(d) for d in dims] if dims is not None else range(len(sizes))
-    reduced = {d % len(sizes) for d in wrap}
+    reduced = {_axis(d, len(sizes)) for d in dims} if dims is not None else set(range(len(sizes)))
     if not any(sizes[d] == channels for d in reduced):
         return False
     if not any(sizes[d] == channels for d in range(len(sizes)) if d not in reduced):

@@ -39,13 +39,13 @@ True
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
 from torch import nn
 
 from admmcompress.module_swap import replace_module
+from admmcompress.plan.channel_ops import op_name
 
 LAYERNORM, EMBEDDING, PARAMETER = "layernorm", "embedding", "parameter"
 STREAM_ROLES = (LAYERNORM, EMBEDDING, PARAMETER)
@@ -116,12 +116,12 @@ def is_rms_norm(module: Any) -> bool:
 _REDUCING_NODES = ("Mean", "Var", "Std", "Sum", "Norm", "LinalgVectorNorm", "Amax", "VarMean", "StdMean")
 
 
-def record_rms_nodes(found: set[int] | dict[int, str], label: str = ""):
-    """A forward hook (``with_kwargs=True``) that adds the ids of the autograd nodes an RMSNorm creates to
-    ``found``: its statistics mix channels only to scale them all alike, so inside it they are not ops of the
-    channel group. With a dict, each id maps to ``label`` (a norm the library does not know), and only for a
-    module that reduces (a frozen BatchNorm, ``x * scale + bias``, is per channel: a review's finding). The walk
-    stops at every tensor input (a gated norm's gate comes from elsewhere in the network)."""
+def record_rms_nodes(found: dict[int, str], label: str = "", reducing_only: bool = False):
+    """A forward hook (``with_kwargs=True``) that maps the ids of the autograd nodes an RMSNorm creates to ``label``
+    in ``found``: its statistics mix channels only to scale them all alike, so inside it they are not ops of the
+    channel group. ``reducing_only``: only for a module that reduces (a norm the library does not know; a frozen
+    BatchNorm, ``x * scale + bias``, is per channel: a review's finding). The walk stops at every tensor input (a
+    gated norm's gate comes from elsewhere in the network)."""
 
     def hook(module: nn.Module, args, kwargs, output) -> None:
         inputs = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
@@ -136,11 +136,8 @@ def record_rms_nodes(found: set[int] | dict[int, str], label: str = ""):
             seen.add(id(node))
             inside.append(node)
             stack.extend(fn for fn, _ in node.next_functions)
-        if isinstance(found, dict):
-            if any(re.sub(r"Backward\d*$", "", type(n).__name__) in _REDUCING_NODES for n in inside):
-                found.update({id(n): label for n in inside})
-        else:
-            found.update(id(n) for n in inside)
+        if not reducing_only or any(op_name(type(n).__name__) in _REDUCING_NODES for n in inside):
+            found.update({id(n): label for n in inside})
 
     return hook
 

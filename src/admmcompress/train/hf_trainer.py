@@ -42,6 +42,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 from admmcompress.drivers.base import Driver, DriverContext, get_driver
 from admmcompress.finalize import MaskSet
 from admmcompress.plan import Plan, Target
+from admmcompress.plan.graph import map_tensors
 from admmcompress.train.framework_hooks import (
     check_admm_epochs,
     check_coupling,
@@ -165,10 +166,10 @@ def _first_batch(loader, model: nn.Module) -> Any:
     if loader is None:
         raise ValueError("ADMMTrainerCallback: coupling needs the trainer's train_dataloader to trace the model")
     batch = next(iter(loader))
-    device = next(model.parameters()).device
     if isinstance(batch, dict):
-        return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items() if k not in ("labels", "label")}
-    return batch
+        batch = {k: v for k, v in batch.items() if k not in ("labels", "label")}
+    device = next(model.parameters()).device
+    return map_tensors(lambda t: t.to(device), batch)
 
 
 __all__ = ["ADMMTrainerCallback"]
