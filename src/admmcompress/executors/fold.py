@@ -201,7 +201,9 @@ def _fold_into(module: nn.Module, local: torch.Tensor, value: torch.Tensor) -> i
             raise ValueError("a nonzero constant cannot be folded into a grouped conv")  # pragma: no cover
         index = zeroed_index(module, local)
         zeroed = int(torch.count_nonzero(weight.reshape(-1)[index]))
-        weight.view(-1)[index] = 0.0
+        flat = weight.detach().reshape(-1).clone()  # reshape, not view: a channels-last weight has no flat view
+        flat[index] = 0.0
+        weight.detach().copy_(flat.view(weight.shape))
         return zeroed
     cols = weight.index_select(1, local.to(weight.device))
     zeroed = int(torch.count_nonzero(cols))

@@ -15,10 +15,11 @@ import torch
 
 
 def as_matrix(weight: torch.Tensor) -> torch.Tensor:
-    """Return the GEMM view ``(rows, cols)`` of a weight tensor as a view (no copy).
+    """Return the GEMM view ``(rows, cols)`` of a weight tensor, in its logical (contiguous) order.
 
     ``Conv(O, I/g, kh, kw) -> (O, I/g*kh*kw)``, ``Linear(O, I) -> (O, I)``; a 1-D tensor
-    becomes a single column. Writing into the returned view writes into ``weight``.
+    becomes a single column. A view of a contiguous weight; a copy of a channels-last one (whose
+    memory holds each row as ``kh, kw, I``): read it, never write into it.
 
     >>> as_matrix(torch.zeros(20, 1, 5, 5)).shape
     torch.Size([20, 25])
@@ -27,7 +28,7 @@ def as_matrix(weight: torch.Tensor) -> torch.Tensor:
         raise ValueError("as_matrix: a scalar parameter has no GEMM view; prune only weight tensors")
     if weight.dim() == 1:
         return weight.view(-1, 1)
-    return weight.view(weight.shape[0], -1)
+    return weight.reshape(weight.shape[0], -1)
 
 
 def kept_count(n_groups: int, sparsity: float) -> int:
