@@ -173,3 +173,41 @@ def test_onnx_export_of_the_training_form_saves_bases_and_coefficients_not_dense
     assert export_onnx(alone, (x,), tmp_path / "alone.onnx").two_stage == [""]
     with torch.no_grad():
         assert torch.allclose(torch.from_numpy(run_onnx(tmp_path / "alone.onnx", x)[0]), alone(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("geometry", [{"padding": 1, "padding_mode": "reflect"}, {"padding": "same"}])
+def test_a_plan_refuses_convs_the_two_stage_form_cannot_express_before_training(geometry):
+    from admmcompress.plan import Plan, PlanError
+    from admmcompress.structures import SharedKernels
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, **geometry))
+    with pytest.raises(PlanError, match="layer '0': only ungrouped convs with numeric zero padding share kernels"):
+        Plan({"0": SharedKernels(bases=5)}).resolve(model)
+
+
+def test_bases_for_every_conv_skip_the_convs_the_two_stage_form_cannot_express():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")).eval()
+    fast = get_executor("penni").convert(model, bases=9)
+    assert isinstance(fast[0], TwoStageConv) and type(fast[1]) is nn.Conv2d
+    x = torch.randn(1, 3, 6, 6)
+    with torch.no_grad():
+        assert torch.allclose(fast(x), model(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("bases", [8.9, "5", 0, {"0": 4.5}])
+def test_malformed_bases_are_refused_never_truncated(bases):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3))
+    with pytest.raises(ExecutorError, match=r"penni: layer .*bases=.* must be a positive integer"):
+        get_executor("penni").convert(model, bases=bases)
+
+
+def test_factors_and_inference_forms_stay_on_the_weights_device():
+    from admmcompress.executors.penni import materialize
+    from admmcompress.structures.lowrank import shared_kernel_factors
+
+    coefs, basis = shared_kernel_factors(torch.randn(4, 3, 3, 3, device="meta"), bases=4)
+    assert coefs.device.type == basis.device.type == "meta"
+    module = shared().to("meta")
+    assert {p.device.type for p in TwoStageConv.from_shared(module, drop_dead=False).parameters()} == {"meta"}
+    assert {p.device.type for p in materialize(nn.Sequential(module)).parameters()} == {"meta"}

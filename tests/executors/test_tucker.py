@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from admmcompress.drivers import ADMM
 from admmcompress.drivers.factorize import FactorizeTransform
-from admmcompress.executors import get_executor
+from admmcompress.executors import ExecutorError, get_executor
 from admmcompress.executors import rank_search as rs
 from admmcompress.executors.tucker import Tucker2Conv, factorize_tucker2
 from admmcompress.plan import Plan, PlanError
@@ -181,3 +181,30 @@ def test_onnx_export_of_a_tucker_model_matches_onnxruntime(tmp_path):
     export_onnx(small, (x,), tmp_path / "tucker.onnx")
     with torch.no_grad():
         assert torch.allclose(torch.from_numpy(run_onnx(tmp_path / "tucker.onnx", x)[0]), small(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("ranks", [4, (4,), (3.9, 7.99), "42", (0, 2), (True, 2)])
+def test_malformed_ranks_are_refused_never_truncated(ranks):
+    model = nn.Sequential(nn.Conv2d(8, 8, 3))
+    with pytest.raises(ExecutorError, match=r"tucker: layer '0': Tucker2: ranks=.* must be two positive integers"):
+        get_executor("tucker").convert(model, ranks={"0": ranks})
+
+
+def test_rank_choice_refuses_an_infinite_budget_and_a_layer_without_candidates():
+    costs, losses = random_tables(0)
+    with pytest.raises(ValueError, match="must be a finite number > 0"):
+        rs.choose_ranks(costs, losses, math.inf)
+    name = next(iter(costs))
+    with pytest.raises(ValueError, match=f"layer '{name}' has no candidate"):
+        rs.choose_ranks({**costs, name: {}}, losses, 1.0)
+
+
+def test_layer_shape_keeps_text_padding_and_the_padding_mode():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding="same"), nn.Conv2d(4, 4, 3, padding=1),
+                          nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"), nn.Conv2d(4, 4, 3, padding="valid"))
+    shapes = rs.layer_shapes(model, torch.randn(1, 4, 8, 8), ["0", "1", "2", "3"])
+    assert shapes["0"].out_hw() == (8, 8) and shapes["3"].out_hw() == (6, 6)
+    assert rs.flop_table(shapes)["0"][None] == shapes["1"].macs(None)
+    assert shapes["1"].key(None, 1) != shapes["2"].key(None, 1)
+    assert shapes["2"].conv().padding_mode == "circular"
+    assert shapes["1"].key(None, 1) == "4x4 k(3, 3) s(1, 1) p(1, 1) d(1, 1) b1 in8x8 | dense | batch 1"  # cached keys

@@ -34,15 +34,27 @@ from torch.nn import functional as F
 
 from admmcompress.executors.base import Executor, ExecutorError, register_executor
 from admmcompress.module_swap import replace_module
-from admmcompress.structures.lowrank import shared_kernel_factors, shared_kernel_weight
+from admmcompress.structures.lowrank import (
+    SharedKernels,
+    shared_kernel_blocker,
+    shared_kernel_factors,
+    shared_kernel_weight,
+)
+from admmcompress.structures.scalars import plain_number
 
 
 def _check_conv(conv: nn.Conv2d, what: str) -> None:
-    if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        raise ValueError(
-            f"{what}: only ungrouped convs with numeric zero padding are decomposed (got groups={conv.groups}, "
-            f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}); narrow the plan to such convs"
-        )
+    reason = shared_kernel_blocker(conv)
+    if reason is not None:
+        raise ValueError(f"{what}: {reason}")
+
+
+def _bases(name: str, d: Any) -> int:
+    """``d`` as a positive int (the structure's own check): 8.9 bases is an error, not 8."""
+    try:
+        return SharedKernels(bases=d).bases
+    except ValueError as error:
+        raise ExecutorError(f"penni: layer '{name}': {error}") from None
 
 
 class SharedKernelConv(nn.Module):
@@ -106,7 +118,7 @@ class TwoStageConv(nn.Module):
 
     def __init__(self, maps: list[tuple[int, int]], in_channels: int, out_channels: int, bases: int,
                  kernel_size: tuple[int, int], stride, padding, dilation, bias: bool,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
         super().__init__()
         if not maps:
             raise ValueError("TwoStageConv: no map is used (every coefficient is zero); keep at least one")
@@ -117,12 +129,12 @@ class TwoStageConv(nn.Module):
         if maps == grid:  # every map of every channel: a plain depthwise conv with channel multiplier d
             self.index = None
             self.stage1 = nn.Conv2d(in_channels, len(maps), kernel_size, stride, padding, dilation,
-                                    groups=in_channels, bias=False, dtype=dtype)
+                                    groups=in_channels, bias=False, dtype=dtype, device=device)
         else:
-            self.register_buffer("index", torch.tensor(channels, dtype=torch.long))
+            self.register_buffer("index", torch.tensor(channels, dtype=torch.long, device=device))
             self.stage1 = nn.Conv2d(len(maps), len(maps), kernel_size, stride, padding, dilation,
-                                    groups=len(maps), bias=False, dtype=dtype)
-        self.stage2 = nn.Conv2d(len(maps), out_channels, 1, bias=bias, dtype=dtype)
+                                    groups=len(maps), bias=False, dtype=dtype, device=device)
+        self.stage2 = nn.Conv2d(len(maps), out_channels, 1, bias=bias, dtype=dtype, device=device)
 
     @classmethod
     @torch.no_grad()
@@ -134,7 +146,7 @@ class TwoStageConv(nn.Module):
             used[0, 0] = True  # an all-zero layer still needs one (zero) map to give its output shape
         maps = [(int(i), int(j)) for i, j in used.nonzero().tolist()]
         out = cls(maps, module.in_channels, module.out_channels, basis.shape[0], module.kernel_size, module.stride,
-                  module.padding, module.dilation, module.bias is not None, dtype=coefs.dtype)
+                  module.padding, module.dilation, module.bias is not None, dtype=coefs.dtype, device=coefs.device)
         rows, cols = torch.tensor([i for i, _ in maps]), torch.tensor([j for _, j in maps])
         out.stage1.weight.copy_(basis[cols].unsqueeze(1))
         out.stage2.weight.copy_(coefs[:, rows, cols][:, :, None, None])
@@ -166,7 +178,8 @@ def decompose_shared_kernels(model: nn.Module, bases: Mapping[str, int], weights
         if not isinstance(conv, nn.Conv2d):
             found = "no such layer" if conv is None else type(conv).__name__
             raise ExecutorError(f"penni: layer '{name}' is {found}; name Conv2d layers (bases={{layer: d}})")
-        shared = SharedKernelConv.from_conv(conv, int(d)) if weights else SharedKernelConv(conv, int(d))
+        d = _bases(name, d)
+        shared = SharedKernelConv.from_conv(conv, d) if weights else SharedKernelConv(conv, d)
         replace_module(model, name, shared)
     return model
 
@@ -183,7 +196,8 @@ def materialize(model: nn.Module) -> nn.Module:
     for name in shared_layers(work):
         module = work.get_submodule(name)
         conv = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-                         module.dilation, bias=module.bias is not None, dtype=module.coefs.dtype)
+                         module.dilation, bias=module.bias is not None, dtype=module.coefs.dtype,
+                         device=module.coefs.device)
         conv.weight.copy_(module.weight)
         if module.bias is not None:
             conv.bias.copy_(module.bias)
@@ -309,9 +323,12 @@ class PenniExecutor(Executor):
         if masks is not None:
             masks.apply(work)
         if bases is not None:
-            if isinstance(bases, int):
-                bases = {n: bases for n, m in work.named_modules()
-                         if isinstance(m, nn.Conv2d) and math.prod(m.kernel_size) > 1 and m.groups == 1}
+            if not isinstance(bases, Mapping):
+                d = _bases("every k x k conv", plain_number(bases))
+                # every conv the two-stage form can express (1x1, grouped and non-zero-padded convs stay)
+                bases = {n: d for n, m in work.named_modules()
+                         if isinstance(m, nn.Conv2d) and math.prod(m.kernel_size) > 1
+                         and shared_kernel_blocker(m) is None}
             decompose_shared_kernels(work, bases)
         if not shared_layers(work):
             raise ExecutorError("penni: the model has no shared-kernel conv; pass bases=d to decompose its convs")

@@ -44,22 +44,28 @@ class LayerShape:
     out_channels: int
     kernel_size: tuple[int, int]
     stride: tuple[int, int]
-    padding: tuple[int, int]
+    padding: tuple[int, int] | str  # "same" kept as the conv says it ("valid" is (0, 0))
     dilation: tuple[int, int]
     bias: bool
     height: int
     width: int
+    padding_mode: str = "zeros"  # reflect/circular padding costs differently and must not share a cache entry
 
     @classmethod
     def of(cls, conv: nn.Conv2d, height: int, width: int) -> LayerShape:
+        padding = conv.padding
+        padding = (0, 0) if padding == "valid" else padding if isinstance(padding, str) else tuple(padding)
         return cls(conv.in_channels, conv.out_channels, tuple(conv.kernel_size), tuple(conv.stride),
-                   tuple(conv.padding), tuple(conv.dilation), conv.bias is not None, height, width)
+                   padding, tuple(conv.dilation), conv.bias is not None, height, width, conv.padding_mode)
 
     def conv(self) -> nn.Conv2d:
         return nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                         self.dilation, bias=self.bias)
+                         self.dilation, bias=self.bias, padding_mode=self.padding_mode)
 
     def out_hw(self) -> tuple[int, int]:
+        if self.padding == "same":  # torch allows it at stride 1 only: the input size
+            return self.height, self.width
+
         def size(n: int, i: int) -> int:
             k = self.dilation[i] * (self.kernel_size[i] - 1) + 1
             return (n + 2 * self.padding[i] - k) // self.stride[i] + 1
@@ -70,6 +76,8 @@ class LayerShape:
         """The cache key of one timing (shape, candidate, batch)."""
         geometry = (f"{self.in_channels}x{self.out_channels} k{self.kernel_size} s{self.stride} p{self.padding} "
                     f"d{self.dilation} b{int(self.bias)} in{self.height}x{self.width}")
+        if self.padding_mode != "zeros":  # zero-padded keys stay as cached before this field existed
+            geometry += f" {self.padding_mode}"
         return f"{geometry} | {'dense' if ranks is None else f'tucker{ranks[0]}x{ranks[1]}'} | batch {batch}"
 
     def macs(self, ranks: Ranks) -> int:
@@ -216,12 +224,15 @@ def choose_ranks(
     """
     if not costs:
         raise ValueError("choose_ranks: no layers to choose for")
-    if not budget > 0:
-        raise ValueError(f"choose_ranks: budget={budget!r} must be > 0 (same unit as the cost table)")
+    if not (budget > 0 and math.isfinite(budget)):
+        raise ValueError(f"choose_ranks: budget={budget!r} must be a finite number > 0 (same unit as the cost "
+                         "table); to keep every layer dense, do not search")
     quantum = quantum or budget / 2000
     slots = int(math.floor(budget / quantum + 1e-9))
     names = list(costs)
     for name in names:
+        if not costs[name]:
+            raise ValueError(f"choose_ranks: layer '{name}' has no candidate; give it at least the dense conv (None)")
         if set(costs[name]) - set(losses.get(name, {})):
             raise ValueError(f"choose_ranks: layer '{name}' has candidates without a loss; give losses for all")
     cheapest = sum(min(math.ceil(c / quantum - 1e-9) for c in costs[n].values()) for n in names)

@@ -26,7 +26,7 @@ from torch import nn
 
 from admmcompress.executors.base import Executor, ExecutorError, register_executor
 from admmcompress.module_swap import replace_module
-from admmcompress.structures.lowrank import tucker2_factors, tucker2_weight
+from admmcompress.structures.lowrank import Tucker2, tucker2_factors, tucker2_weight
 
 
 class Tucker2Conv(nn.Module):
@@ -114,7 +114,10 @@ def factorize_tucker2(model: nn.Module, ranks: Mapping[str, tuple[int, int]], we
         if not isinstance(conv, nn.Conv2d):
             found = "no such layer" if conv is None else type(conv).__name__
             raise ExecutorError(f"tucker: layer '{name}' is {found}; name Conv2d layers (ranks={{layer: (r_o, r_i)}})")
-        pair = (int(pair[0]), int(pair[1]))
+        try:  # the structure's own check: two positive integers, never truncated
+            pair = Tucker2(ranks=pair).ranks
+        except ValueError as error:
+            raise ExecutorError(f"tucker: layer '{name}': {error}") from None
         replace_module(model, name, Tucker2Conv.from_conv(conv, pair) if weights else Tucker2Conv(conv, pair))
     return model
 

@@ -163,6 +163,9 @@ class SharedKernels(Structure):
 
     def check_module(self, module: torch.nn.Module, name: str) -> None:
         _, _, kernel = _conv_dims(module, name, self.kind)
+        reason = shared_kernel_blocker(module)
+        if reason is not None:  # refused now, not when finalize builds the shared-kernel conv after training
+            raise ValueError(f"layer '{name}': {reason}")
         positions = math.prod(kernel)
         if positions == 1:
             raise ValueError(
@@ -194,6 +197,19 @@ class SharedKernels(Structure):
 
 
 # --- the factorizations (used by the projections and by the executors) ------------------------------------
+
+
+def shared_kernel_blocker(conv: torch.nn.Conv2d) -> str | None:
+    """Why ``conv`` cannot become a shared-kernel (two-stage) conv, or None: the two-stage form is an ungrouped
+    depthwise + 1x1 pair with numeric zero padding.
+
+    >>> shared_kernel_blocker(torch.nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect")) is not None
+    True
+    """
+    if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return (f"only ungrouped convs with numeric zero padding share kernels (got groups={conv.groups}, "
+                f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}); narrow the plan to such convs")
+    return None
 
 
 def tucker2_factors(weight: torch.Tensor, ranks: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -251,7 +267,7 @@ def shared_kernel_factors(weight: torch.Tensor, bases: int) -> tuple[torch.Tenso
     rank = min(bases, kernels)
     u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=bases > kernels)  # full: vh spans every position
     basis = vh[:bases]
-    coefs = torch.zeros(kernels, bases, dtype=torch.float64)
+    coefs = torch.zeros(kernels, bases, dtype=torch.float64, device=matrix.device)
     coefs[:, :rank] = u[:, :rank] * s[:rank]
     flip = torch.sign(basis.gather(1, basis.abs().argmax(dim=1, keepdim=True))).squeeze(1)
     flip[flip == 0] = 1
@@ -268,6 +284,7 @@ def shared_kernel_weight(coefs: torch.Tensor, basis: torch.Tensor) -> torch.Tens
 
 __all__ = [
     "SharedKernels",
+    "shared_kernel_blocker",
     "Tucker2",
     "shared_kernel_factors",
     "shared_kernel_weight",
