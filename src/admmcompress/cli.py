@@ -229,8 +229,10 @@ def _run(args: argparse.Namespace) -> int:
 
 def _follow(config: RunConfig, out: Path, ctx: Distributed) -> int:
     """A rank > 0 under torchrun: trains in step with rank 0, which decided start or resume and writes --out."""
+    ctx.proceed()  # rank 0's folder checks passed: build the runner beside it (its collectives meet rank 0's)
+    runner = _build_runner(config, out, progress=False, dist=ctx)
     resume = ctx.share()
-    _build_runner(config, out, progress=False, dist=ctx).run(resume=resume)
+    runner.run(resume=resume)
     return 0
 
 
@@ -312,6 +314,8 @@ def _run_locked(
         out, config, run_phases(config), progress, resume=args.resume, overwrite=args.overwrite,
         allow_config_change=args.allow_config_change, stale_lock=stale_lock, config_path=Path(args.config),
     )
+    if ctx is not None:
+        ctx.proceed()  # every rank builds its runner now: building can hold collectives (_follow)
     runner = _build_runner(config, out, progress=not args.no_progress and sys.stderr.isatty(), dist=ctx)
     if not plan.resume:
         runner.preflight()  # NaN weights or data, teacher files: refused before the folder changes

@@ -25,7 +25,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from admmcompress.cli import main
 from admmcompress.data.augment import Augment
@@ -408,3 +408,44 @@ def test_ddp_own_loop_example_runs_in_one_process_and_prunes_to_the_plan():
     result = module.main(limit=512, epochs=1)
     assert result["world_size"] == 1
     assert result["compression"] == pytest.approx(266200 / 15010, abs=1e-9)  # fc1 20x, fc2 10x, fc3 4x
+
+
+ITERABLE = '''
+import os, torch
+class RankShard(torch.utils.data.IterableDataset):
+    """This rank's own share of 32 samples (as an IterableDataset under torchrun should yield)."""
+    def __init__(self, split="train"):
+        self.rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        self.n = 32 // world
+    def __len__(self):
+        return self.n
+    def __iter__(self):
+        g = torch.Generator().manual_seed(100 + self.rank)
+        for _ in range(self.n):
+            yield torch.randn(1, 28, 28, generator=g), torch.randint(0, 10, (), generator=g)
+'''
+
+
+@pytest.mark.parametrize("nan", [False, True], ids=["runs", "refused"])
+def test_an_iterable_dataset_runs_under_torchrun_and_a_refusal_reaches_every_rank(tmp_path, nan):
+    """Building the runner agrees on the IterableDataset's length (a collective): every rank builds it at the
+    same point, so rank 0 neither waits for good (it did) nor leaves the others waiting when its preflight
+    (run by rank 0 alone, after the build) refuses NaN weights."""
+    from admmcompress.models import create_model
+
+    (tmp_path / "rank_shard.py").write_text(ITERABLE)
+    spec = {"name": "iterable", "seed": 0, "threads": 1, "model": {"name": "lenet300100"},
+            "data": {"dataset": {"import": "rank_shard:RankShard"}, "batch_size": 8}, "pretrain": {"epochs": 1}}
+    if nan:
+        state = {k: v.clone() for k, v in create_model("lenet300100").state_dict().items()}
+        state["fc1.weight"][0, 0] = float("nan")
+        save_file(state, str(tmp_path / "nan.safetensors"))
+        spec["pretrained"] = str(tmp_path / "nan.safetensors")
+    config = tmp_path / "iterable.yaml"
+    config.write_text(yaml.safe_dump(spec, sort_keys=False))
+    done = _torchrun(config, tmp_path / "out", {"PYTHONPATH": str(tmp_path)})
+    if not nan:
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert _metrics(tmp_path / "out")["world_size"] == 2
+    else:
+        assert done.returncode != 0 and "holds 1 NaN/inf value(s)" in done.stderr, done.stderr[-3000:]
