@@ -229,9 +229,9 @@ def _run(args: argparse.Namespace) -> int:
 
 def _follow(config: RunConfig, out: Path, ctx: Distributed) -> int:
     """A rank > 0 under torchrun: trains in step with rank 0, which decided start or resume and writes --out."""
-    ctx.proceed()  # rank 0's folder checks passed: build the runner beside it (its collectives meet rank 0's)
-    runner = _build_runner(config, out, progress=False, dist=ctx)
-    resume = ctx.share()
+    resume = ctx.proceed()  # rank 0's folder checks passed: build the runner beside it (its collectives meet rank 0's)
+    runner = _build_runner(config, out, progress=False, dist=ctx, resume=resume)
+    ctx.share()  # the folder is ready
     runner.run(resume=resume)
     return 0
 
@@ -254,11 +254,16 @@ def _check_run_flags(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag} needs --out DIR: the folder of the run to {flag[2:]}")
 
 
-def _build_runner(config: RunConfig, out: Path | None, progress: bool, dist: Distributed | None = None) -> Runner:
-    """Model (pretrained weights loaded), data and the Runner: every check that needs no training."""
+def _build_runner(config: RunConfig, out: Path | None, progress: bool, dist: Distributed | None = None,
+                  resume: bool = False) -> Runner:
+    """Model (pretrained weights loaded), data and the Runner: every check that needs no training.
+
+    ``resume``: the weights come from the folder's checkpoint, so the ``pretrained`` file is not read (a run
+    whose dense file was moved since still resumes).
+    """
     torch.manual_seed(config.seed)  # the initial weights of a model trained from scratch follow the seed too
     model = create_model(config.model["name"], **{k: v for k, v in config.model.items() if k != "name"})
-    if config.pretrained:
+    if config.pretrained and not resume:
         ckpt.load_weights(model, config.pretrained)
     load = load_dataset if isinstance(config.data.dataset, str) else load_data  # bundled, or a Dataset by import path
     train = load(config.data.dataset, "train", config.data.data_dir, config.data.train_limit)
@@ -286,7 +291,7 @@ def _dry_run(args: argparse.Namespace, config: RunConfig, out: Path) -> int:
         )
         folder = plan.describe()
         resume = plan.resume
-    runner = _build_runner(config, out if resume else None, progress=False)
+    runner = _build_runner(config, out if resume else None, progress=False, resume=resume)
     if resume:
         runner.check_checkpoint()  # another model's checkpoint, a damaged one: refused now, as the run would
     else:
@@ -315,8 +320,9 @@ def _run_locked(
         allow_config_change=args.allow_config_change, stale_lock=stale_lock, config_path=Path(args.config),
     )
     if ctx is not None:
-        ctx.proceed()  # every rank builds its runner now: building can hold collectives (_follow)
-    runner = _build_runner(config, out, progress=not args.no_progress and sys.stderr.isatty(), dist=ctx)
+        ctx.proceed(plan.resume)  # every rank builds its runner now: building can hold collectives (_follow)
+    runner = _build_runner(config, out, progress=not args.no_progress and sys.stderr.isatty(), dist=ctx,
+                           resume=plan.resume)
     if not plan.resume:
         runner.preflight()  # NaN weights or data, teacher files: refused before the folder changes
     from admmcompress.command_locks import clean_leftovers, say_removed
@@ -329,7 +335,7 @@ def _run_locked(
         print(f"admmcompress: {plan.describe()}; config.yaml updated", file=sys.stderr)
     commit(plan, config)
     if ctx is not None:
-        ctx.share(plan.resume)  # the folder is ready: the other ranks start (or resume) with rank 0
+        ctx.share()  # the folder is ready: the other ranks start (or resume) with rank 0
     model = runner.model
     print(f"admmcompress: run '{config.name}' -> {out}", file=sys.stderr)
     metrics = runner.run(resume=plan.resume)

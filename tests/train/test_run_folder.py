@@ -616,3 +616,58 @@ def test_dry_run_resume_loads_the_checkpoint_as_the_run_would(finished, tmp_path
     message = error_line(capsys, ["run", str(config), "--out", str(out), "--resume", "--dry-run"])
     assert "does not fit LeNet300100" in message
     assert (out / STATE_FILE).read_bytes() == before
+
+
+# --- files the new run reads are not deleted by --overwrite; --resume needs no pretrained file ------------------
+@pytest.mark.parametrize("key", ["pretrained", "teacher"])
+def test_overwrite_refuses_to_delete_the_file_the_new_run_reads(finished, tmp_path, capsys, key):
+    _, done = finished
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    before = sorted(p.name for p in out.iterdir())
+    new = spec(pretrained=str(out / "model.safetensors"), pretrain=None)
+    if key == "teacher":
+        new = spec(teacher=str(out / "model.safetensors"))
+        new["stages"][0]["retrain"]["distill"] = {"alpha": 0.5}
+    config = write(tmp_path / "new.yaml", new)
+    message = error_line(capsys, ["run", str(config), "--out", str(out), "--overwrite"])
+    assert f"--overwrite would delete '{out / 'model.safetensors'}', the {key} file this run reads" in message
+    assert sorted(p.name for p in out.iterdir()) == before  # nothing deleted
+
+
+def test_overwrite_may_read_a_users_file_kept_in_the_runs_subfolder(finished, tmp_path):
+    """Only the run's own files in stages/ go; the user's copy there is read, not refused."""
+    _, done = finished
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    (out / "stages").mkdir(exist_ok=True)
+    shutil.copy(done / "model.safetensors", out / "stages" / "dense_copy.safetensors")
+    config = write(tmp_path / "new.yaml", spec(pretrained=str(out / "stages" / "dense_copy.safetensors"),
+                                               pretrain=None, stages=[]))
+    assert main(["run", str(config), "--out", str(out), "--overwrite", "--no-progress", "--dry-run"]) == 0
+
+
+def test_resume_does_not_read_the_pretrained_file(finished, tmp_path, monkeypatch):
+    """The weights come from the checkpoint: a dense file moved away since the run started is not needed."""
+    from admmcompress.train.runner import Runner
+
+    _, done = finished
+    dense = tmp_path / "dense.safetensors"
+    shutil.copy(done / "model.safetensors", dense)
+    config = write(tmp_path / "run.yaml", spec(pretrained=str(dense), pretrain=None))
+    out = tmp_path / "out"
+    train_one_epoch = Runner._train_one_epoch
+
+    def stop_at_second_epoch(self, phase, steps, calls=[]):  # noqa: B006 - counts calls across this test
+        calls.append(phase.label)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # after the first epoch's checkpoint
+        return train_one_epoch(self, phase, steps)
+
+    monkeypatch.setattr(Runner, "_train_one_epoch", stop_at_second_epoch)
+    assert main(["run", str(config), "--out", str(out), "--no-progress"]) == 130
+    monkeypatch.setattr(Runner, "_train_one_epoch", train_one_epoch)
+    dense.unlink()
+    assert main(["run", str(config), "--out", str(out), "--resume", "--no-progress", "--dry-run"]) == 0
+    assert main(["run", str(config), "--out", str(out), "--resume", "--no-progress"]) == 0
+    assert (out / "masks.safetensors").is_file()

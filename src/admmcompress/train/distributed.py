@@ -160,12 +160,11 @@ class Distributed:
             dist.destroy_process_group()
 
     # --- rank 0 decides, the others follow ---------------------------------------------------------
-    def proceed(self) -> None:
-        """Rank 0 passed the checks that need no model: every rank builds its Runner now, at the same point, so
-        the collectives inside (an IterableDataset's agreed length) meet. Rank 0 can still :meth:`abort` (a
-        refusal of preflight) until it calls :meth:`share`."""
-        if self.active:
-            self._broadcast()
+    def proceed(self, value: Any = None) -> Any:
+        """Rank 0 passed the checks that need no model and sends ``value`` (start or resume): every rank builds
+        its Runner now, at the same point, so the collectives inside (an IterableDataset's agreed length) meet.
+        Rank 0 can still :meth:`abort` (a refusal of preflight) until it calls :meth:`share`."""
+        return self._broadcast(value)
 
     def share(self, value: Any = None, error: BaseException | None = None) -> Any:
         """Rank 0's ``value`` (or its ``error``, raised as :class:`FollowerError`) on every rank."""

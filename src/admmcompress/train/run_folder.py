@@ -154,6 +154,7 @@ def plan_folder(
                 f"--overwrite would replace '{own}', the config this run reads (with its comments); copy it out "
                 f"first (cp {own} run.yaml) and run that"
             )
+        _check_inputs_survive(folder, present, config)
         return FolderPlan(folder, remove=present)
     if not resume:
         if present and not any(name in RUN_MARKERS for name in present):  # report.md, plots, logs: maybe not a run's
@@ -197,6 +198,34 @@ def plan_folder(
             plan.accepted = diff
         plan.write_config = bool(diff)
     return plan
+
+
+def _read_files(config: RunConfig) -> list[tuple[str, str]]:
+    """``(config key, path)`` of every checkpoint file the run reads while it trains."""
+    teachers = config.teacher if isinstance(config.teacher, list) else [config.teacher]
+    named = [("pretrained", config.pretrained)] + [("teacher", t) for t in teachers]
+    return [(key, path) for key, path in named if isinstance(path, str) and path]
+
+
+def _check_inputs_survive(folder: Path, present: list[str], config: RunConfig) -> None:
+    """--overwrite deletes ``present``: refuse when the new run reads one of them (its pretrained or teacher file
+    is the old run's output), before anything is deleted; the run would fail after deleting it."""
+    def deleted(target: Path) -> bool:
+        for name in present:
+            place = (folder / name).resolve()
+            if target == place:
+                return True
+            own = SUBFOLDER_FILES.get(name)  # in a subfolder only the run's own files go (stages/stage0...)
+            if target.parent == place and own is not None and own.match(target.name):
+                return True
+        return False
+
+    for key, path in _read_files(config):
+        if deleted(Path(path).resolve()):
+            raise RunFolderError(
+                f"--overwrite would delete '{path}', the {key} file this run reads (an output of the run in "
+                f"'{folder}'); copy it out first (cp {path} dense.safetensors), point {key}: at the copy, and run again"
+            )
 
 
 def commit(plan: FolderPlan, config: RunConfig) -> None:
