@@ -671,3 +671,19 @@ def test_resume_does_not_read_the_pretrained_file(finished, tmp_path, monkeypatc
     assert main(["run", str(config), "--out", str(out), "--resume", "--no-progress", "--dry-run"]) == 0
     assert main(["run", str(config), "--out", str(out), "--resume", "--no-progress"]) == 0
     assert (out / "masks.safetensors").is_file()
+
+
+def test_resume_never_imports_plugins_the_run_folder_names(finished, tmp_path, capsys):
+    """config.yaml naming a plugin inside someone else's folder: compared as written, its code never run."""
+    config, done = finished
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    marker = tmp_path / "ran"
+    (out / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    saved["plugins"] = [str(out / "evil.py")]
+    write(out / "config.yaml", saved)
+    for flags in (["--dry-run"], []):
+        message = error_line(capsys, ["run", str(config), "--out", str(out), "--resume", *flags])
+        assert message.startswith("--resume: the config differs") and "plugins" in message.split(",")[0]
+    assert not marker.exists()

@@ -190,7 +190,7 @@ def plan_folder(
         )
     plan = FolderPlan(folder, resume=STATE_FILE in present, restart=STATE_FILE not in present)
     if CONFIG_FILE in present:
-        diff = config_diff(_saved_config(folder / CONFIG_FILE), config_dict(config))
+        diff = config_diff(_saved_config(folder / CONFIG_FILE, config), config_dict(config))
         if diff:
             refused = diff if not allow_config_change else unsafe_changes(diff, phases, progress)
             if refused:
@@ -252,7 +252,7 @@ def _remove_run_files(folder: Path, own: re.Pattern[str] | None) -> None:
         folder.rmdir()
 
 
-def _saved_config(path: Path) -> dict[str, Any]:
+def _saved_config(path: Path, config: RunConfig) -> dict[str, Any]:
     """A run folder's config.yaml, with the defaults of keys added since it was written (so they are no change)."""
     try:
         raw = safe_load_unique(path.read_text(encoding="utf-8"))
@@ -271,16 +271,26 @@ def _saved_config(path: Path) -> dict[str, Any]:
         ) from None
     if not isinstance(raw, dict):
         raise RunFolderError(f"--resume: '{path}' is not a run config; restore it, or start again with --overwrite")
-    return normalized_config(raw)
+    return normalized_config(raw, config.plugins)
 
 
-def normalized_config(raw: dict[str, Any]) -> dict[str, Any]:
+def normalized_config(raw: dict[str, Any], plugins: list[str] | None = None) -> dict[str, Any]:
     """A saved config (config.yaml, or the one a checkpoint holds) with the defaults of keys added since it was
-    written, so they are no change; as written where this version cannot read it."""
-    try:
-        return config_dict(RunConfig.from_dict(raw))
-    except (ValueError, TypeError, KeyError):  # written by another version: compare as written
+    written, so they are no change; as written where this version cannot read it.
+
+    Reading it as a config imports its plugins: only when they are ``plugins``, the ones the running config
+    already imported. Other plugins named in a run folder (someone else's folder, an edited file) are compared
+    as written, never run (``report``/``export`` ask for --trust-plugins for the same reason).
+    """
+    saved_plugins = raw.get("plugins")
+    foreign = list(saved_plugins or []) != list(plugins or [])
+    try:  # with foreign plugins: read with the running config's (already imported), the saved list put back
+        normalized = config_dict(RunConfig.from_dict({**raw, "plugins": list(plugins or [])} if foreign else raw))
+    except (ValueError, TypeError, KeyError):  # another version's config, or a method only its plugins register
         return json.loads(json.dumps(raw))
+    if foreign:
+        normalized["plugins"] = json.loads(json.dumps(saved_plugins))
+    return normalized
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:

@@ -795,7 +795,7 @@ class Runner:
         saved = state.get("config")
         if saved is None:
             return
-        diff = config_diff(normalized_config(saved), config_dict(self.config))
+        diff = config_diff(normalized_config(saved, self.config.plugins), config_dict(self.config))
         refused = unsafe_changes(diff, self.phases, (state["phase_index"], state["epoch"]),
                                  teacher_saved=state.get("teacher") is not None)
         if refused:
