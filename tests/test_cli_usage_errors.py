@@ -61,3 +61,14 @@ def test_an_empty_out_for_a_run_is_refused(capsys):
     assert main(["run", "any.yaml", "--out", ""]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["admmcompress: error: --out is empty; give a folder name, or leave --out out for runs/<name>-<time>"]
+
+
+@pytest.mark.parametrize("command", [["report", "{long}"], ["run", "{long}.yaml"], ["export", "--packed", "{long}",
+                                                                                     "--out", "o.bin"]])
+def test_an_os_error_on_a_path_is_one_line_naming_it(command, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    long = "a" * 300  # longer than any file system allows one name
+    assert main([part.format(long=long) for part in command]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    assert err[0].startswith("admmcompress: error: cannot use '") and long in err[0] and "too long" in err[0]

@@ -110,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
         print(f"admmcompress: error: {message}", file=sys.stderr)
         return 2
+    except OSError as err:  # a name too long, no permission, a full disk: the file and the system's words
+        where = f"cannot use '{err.filename}'" if err.filename else "a file operation failed"
+        print(f"admmcompress: error: {where}: {err.strerror or err}; check the path and its folder", file=sys.stderr)
+        return 2
     except Terminated:  # `kill`, `timeout`, a scheduler's stop: the same line as Ctrl-C (it said nothing before)
         print(f"admmcompress: terminated (SIGTERM){_how_to_continue(args)}", file=sys.stderr)
         return 143
