@@ -293,3 +293,13 @@ def test_rehash_refuses_compacted_weights_their_manifest_does_not_record(run, ca
     weights.write_bytes(bytes(data))
     err = error_line(capsys, ["report", str(run), "--rehash"])
     assert f"'{weights}' is not the file" in err and "manifest.json' records" in err
+
+
+@pytest.mark.parametrize("transforms", [[5], [{"method": "admm"}], [{"method": "penni", "spec": 3}], {"a": 1}])
+def test_malformed_recorded_transforms_are_one_line_naming_metrics_json(transforms):
+    from torch import nn
+
+    from admmcompress.train.runner import rebuild_transforms
+
+    with pytest.raises(ValueError, match=r"^metrics\.json: .*restore the run's metrics\.json$"):
+        rebuild_transforms(nn.Linear(2, 2), transforms)

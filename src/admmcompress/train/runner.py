@@ -33,6 +33,7 @@ from admmcompress.finalize import (
     masks_of,
     release_holds,
 )
+from admmcompress.messages import short_repr as _short  # a value read from a file, bounded
 from admmcompress.plan import CoupledTarget, PlanError, Target
 from admmcompress.report.metrics import measure
 from admmcompress.report.storage import storage
@@ -846,6 +847,18 @@ def _warn_pruned_outputs(stage_targets: list[list[Target]], output_layers: list[
 
 
 def rebuild_transforms(model: nn.Module, transforms: list[dict[str, Any]]) -> None:
-    """Re-apply recorded module transforms (``metrics["transforms"]``) to a freshly built model, in order."""
-    for entry in transforms:
+    """Re-apply recorded module transforms (``metrics["transforms"]``) to a freshly built model, in order.
+
+    The entries come from a file (metrics.json): each is checked to be ``{method: <driver>, spec: {...}}``.
+    """
+    if not isinstance(transforms, list):
+        raise ValueError(f"metrics.json: 'transforms' is {_short(transforms)}, not a list of the run's module "
+                         "rewrites; restore the run's metrics.json")
+    for i, entry in enumerate(transforms):
+        if not (isinstance(entry, dict) and isinstance(entry.get("method"), str) and isinstance(entry.get("spec"),
+                                                                                                dict)):
+            raise ValueError(
+                f"metrics.json: transforms entry {i} is {_short(entry)}, not {{method: <driver>, spec: {{...}}}} "
+                "as a run writes it; restore the run's metrics.json"
+            )
         get_driver(entry["method"]).cls.rebuild(model, entry["spec"])
