@@ -418,3 +418,19 @@ def test_the_read_check_puts_back_each_layers_own_mode():
     x = torch.randn(3, 5)
     check_model_reads(model, x, Split(x, torch.zeros(3, dtype=torch.long)), config)
     assert [m.training for m in model] == [True, False, True] and model.training
+
+
+def test_settings_the_chosen_method_or_optimizer_ignores_are_named_in_a_warning():
+    with pytest.warns(UserWarning, match=r"optimizer adam: momentum=0.1 applies to sgd only and is ignored"):
+        RunConfig.from_dict(with_admm(optimizer={"name": "adam", "momentum": 0.1}))
+    gradual = with_admm(rho=0.5)
+    gradual["stages"][0]["method"] = "gradual"
+    with pytest.warns(UserWarning, match=r"method gradual: \['rho'\] inside admm: apply to method admm only"):
+        RunConfig.from_dict(gradual)
+    block = spec()
+    block["stages"][0]["reweighted"] = {"penalty": 5}
+    with pytest.warns(UserWarning, match="method admm: the reweighted: block applies to method reweighted only"):
+        RunConfig.from_dict(block)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the defaults, and the settings the method reads, say nothing
+        RunConfig.from_dict(with_admm(optimizer={"name": "adam"}, rho=0.5))

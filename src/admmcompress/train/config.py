@@ -182,6 +182,9 @@ class OptimizerConfig:
         if self.nesterov and self.name != "sgd":  # a warning: run folders written before this check still read
             warnings.warn(f"optimizer {self.name}: nesterov applies to sgd only and is ignored", UserWarning,
                           stacklevel=2)
+        if self.momentum != 0.9 and self.name != "sgd":  # 0.9 is the default every saved config holds
+            warnings.warn(f"optimizer {self.name}: momentum={_short(self.momentum)} applies to sgd only and is "
+                          "ignored (Adam's betas are torch's defaults)", UserWarning, stacklevel=2)
 
 
 @dataclass
@@ -332,8 +335,13 @@ class StageConfig:
                 # the older spelling the shipped configs use is read too: say so beside the phase's own keys
                 raise ConfigError(f"{err} (and {list(LEGACY_ADMM_OPTIONS)}, the older spelling of options: "
                                   "{rho: ..., rho_growth: ..., rho_max: ...})") from None
-        if self.method != "admm":
-            legacy = {}  # ignored for other methods, as before the registry
+        if self.method != "admm" and legacy:  # ignored for other methods, as before the registry: said so now
+            warnings.warn(f"method {self.method}: {sorted(legacy)} inside admm: apply to method admm only and are "
+                          f"ignored; give {self.method}'s own settings under options:", UserWarning, stacklevel=2)
+            legacy = {}
+        if self.reweighted is not None and self.method != "reweighted":
+            warnings.warn(f"method {self.method}: the reweighted: block applies to method reweighted only and is "
+                          "ignored; drop it, or set method: reweighted", UserWarning, stacklevel=2)
         if self.method == "reweighted" and self.reweighted is not None:
             legacy = self.reweighted
         self.reweighted = None
