@@ -75,7 +75,7 @@ def test_arrays_of_the_wrong_shape_are_refused(tmp_path):
     path = _mnist_like(tmp_path, y_train=np.arange(5))  # 6 images, 5 labels
     with pytest.raises(DataFileError) as err:
         load_dataset("mnist", "train", data_dir=tmp_path)
-    assert "images (N, H, W) with N labels" in _one_line(err, path)
+    assert "images (N, H, W) of uint8 pixels with N integer labels" in _one_line(err, path)
 
 
 def test_a_single_npy_array_under_the_npz_name_is_refused(tmp_path):
@@ -233,3 +233,69 @@ def test_a_limit_above_the_split_size_is_said_and_the_whole_split_used(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert len(load_dataset("mnist", "test", folder, limit=6).y) == 6  # exactly the size: no note
+
+
+def _rewrite_member(path: Path, member: str, data: bytes, compress_type: int | None = None) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        others = {n: z.read(n) for n in z.namelist() if n != member}
+    with zipfile.ZipFile(path, "w") as z:
+        for name, content in others.items():
+            z.writestr(name, content)
+        z.writestr(member, data)
+    if compress_type is not None:  # patch the stored method id (zipfile cannot write one it cannot read)
+        raw = bytearray(path.read_bytes())
+        for signature, offset in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):
+            at = raw.find(signature)
+            while at != -1:
+                raw[at + offset: at + offset + 2] = compress_type.to_bytes(2, "little")
+                at = raw.find(signature, at + 4)
+        path.write_bytes(bytes(raw))
+
+
+def test_a_header_claiming_more_than_the_member_holds_is_refused_before_allocating(tmp_path):
+    path = _mnist_like(tmp_path)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": (10**9, 28, 28)})
+    _rewrite_member(path, "x_train.npy", header.getvalue() + b"\0" * 100)
+    with pytest.raises(DataFileError, match=r"claims shape \(1000000000, 28, 28\) of uint8") as err:
+        load_dataset("mnist", "train", data_dir=tmp_path)
+    _one_line(err, path)
+
+
+def test_a_member_stored_with_a_compression_method_zipfile_lacks_is_one_line(tmp_path):
+    path = _mnist_like(tmp_path)
+    _rewrite_member(path, "x_train.npy", path.read_bytes()[:0] + b"x" * 64, compress_type=99)
+    with pytest.raises(DataFileError) as err:
+        load_dataset("mnist", "train", data_dir=tmp_path)
+    _one_line(err, path)
+
+
+def test_float_images_and_float_offsets_are_refused_not_rescaled(tmp_path):
+    path = _mnist_like(tmp_path, x_train=np.random.default_rng(0).random((6, 28, 28), dtype=np.float32))
+    with pytest.raises(DataFileError, match="of uint8 pixels") as err:
+        load_dataset("mnist", "train", data_dir=tmp_path)
+    _one_line(err, path)
+    np.savez(
+        tmp_path / "fsdd.npz", audio=np.zeros(100, np.int16), offsets=np.array([0.0, 50.0, 100.0]),
+        labels=np.array([1, 2]), is_test=np.array([False, True]), sample_rate=np.array(8000),
+    )
+    with pytest.raises(DataFileError, match="integer offsets"):
+        load_fsdd("train", data_dir=tmp_path)
+
+
+def test_a_cifar_jpeg_of_another_size_is_named_by_its_index(tmp_path):
+    from PIL import Image
+
+    parts = []
+    for size in (32, 32, 64):
+        buffer = io.BytesIO()
+        Image.new("RGB", (size, size), (10, 20, 30)).save(buffer, format="JPEG")
+        parts.append(np.frombuffer(buffer.getvalue(), np.uint8))
+    offsets = np.cumsum([0] + [len(p) for p in parts])
+    np.savez(tmp_path / "cifar10_jpeg.npz", x_train_jpeg=np.concatenate(parts), train_offsets=offsets,
+             y_train=np.array([1, 2, 3]))
+    with pytest.raises(DataFileError, match="image 2 is 64x64, not 32x32 as image 0") as err:
+        load_dataset("cifar10", "train", data_dir=tmp_path)
+    _one_line(err, tmp_path / "cifar10_jpeg.npz")

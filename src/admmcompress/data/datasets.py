@@ -54,8 +54,9 @@ def load_dataset(
     if name == "cifar10":
         arrays = read_npz(path, [f"x_{split}_jpeg", f"{split}_offsets", f"y_{split}"], name)
         buffer, offsets, labels = arrays[f"x_{split}_jpeg"], arrays[f"{split}_offsets"], arrays[f"y_{split}"]
-        check_arrays(path, name, buffer.ndim == offsets.ndim == labels.ndim == 1 and len(offsets) == len(labels) + 1,
-                     f"a JPEG byte buffer with {split} offsets (one more than labels)")
+        check_arrays(path, name, buffer.ndim == offsets.ndim == labels.ndim == 1 and len(offsets) == len(labels) + 1
+                     and offsets.dtype.kind in "iu" and buffer.dtype == np.uint8,
+                     f"a uint8 JPEG byte buffer with integer {split} offsets (one more than labels)")
         _warn_if_few_classes(name, split, labels, limit)
         _note_limit_above_size(name, split, limit, len(labels))
         images = _decode_jpegs(buffer, offsets, limit, path)
@@ -63,8 +64,10 @@ def load_dataset(
     else:
         arrays = read_npz(path, [f"x_{split}", f"y_{split}"], name)
         images, labels = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        check_arrays(path, name, images.ndim == 3 and labels.ndim == 1 and len(images) == len(labels),
-                     f"{split} images (N, H, W) with N labels")
+        # uint8 pixels are divided by 255 below: float images (already in [0, 1]) would be squeezed to ~0
+        check_arrays(path, name, images.ndim == 3 and labels.ndim == 1 and len(images) == len(labels)
+                     and images.dtype == np.uint8 and labels.dtype.kind in "iu",
+                     f"{split} images (N, H, W) of uint8 pixels with N integer labels")
         _warn_if_few_classes(name, split, labels, limit)
         _note_limit_above_size(name, split, limit, len(labels))
         images, labels = images[:limit, None], labels[:limit]
@@ -113,7 +116,15 @@ def _decode_jpegs(buffer: np.ndarray, offsets: np.ndarray, limit: int | None, pa
             images.append(
                 np.asarray(Image.open(io.BytesIO(buffer[offsets[i] : offsets[i + 1]].tobytes())).convert("RGB"))
             )
+            if images[-1].shape != images[0].shape:  # a stack of mixed sizes fails without naming the image
+                raise DataFileError(
+                    f"dataset file '{path}': image {i} is {images[-1].shape[0]}x{images[-1].shape[1]}, not "
+                    f"{images[0].shape[0]}x{images[0].shape[1]} as image 0; replace it with a good copy of "
+                    f"{FILES['cifar10']}"
+                )
         return np.stack(images).transpose(0, 3, 1, 2)
+    except DataFileError:
+        raise
     except (OSError, ValueError) as err:  # a damaged JPEG (PIL's UnidentifiedImageError is an OSError)
         raise DataFileError(
             f"dataset file '{path}': image {len(images)} cannot be decoded ({err}); "

@@ -122,14 +122,35 @@ def read_npz(path: str | Path, keys: Sequence[str], name: str) -> dict[str, np.n
                 f"dataset file '{path}' lacks the array(s) {missing} of '{name}' (it has {archive.files}); {fix}"
             )
         try:
+            for k in keys:
+                _check_member_size(archive, k)
             return {k: archive[k] for k in keys}
         except _READ_ERRORS as err:
             raise DataFileError(f"dataset file '{path}' is damaged ({_reason(err)}); {fix}") from None
 
 
+def _check_member_size(archive: np.lib.npyio.NpzFile, key: str) -> None:
+    """A damaged ``.npy`` header can claim any shape: compare the bytes it claims with the member's size before
+    numpy allocates them (730 GiB for one flipped byte)."""
+    member = archive.zip.getinfo(f"{key}.npy")
+    with archive.zip.open(member) as f:
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):  # 3.0 (utf-8 field names) is checked by numpy's read alone
+            return
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)  # numpy's own header parser
+        header = f.tell()
+    claimed = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+    if claimed != member.file_size - header:
+        raise ValueError(f"array '{key}' claims shape {shape} of {dtype} ({claimed:,} bytes) but holds "
+                         f"{member.file_size - header:,} bytes")
+
+
 # What numpy/zipfile raise on a damaged archive: a bad zip, CRC or deflate stream, a short read, a bad
-# .npy header, an object array (allow_pickle=False), a member listed but unreadable.
-_READ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
+# .npy header, an object array (allow_pickle=False), a member listed but unreadable, a compression method
+# zipfile lacks (NotImplementedError), an encrypted member (RuntimeError), a header claiming too much memory.
+_READ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, NotImplementedError,
+                RuntimeError, MemoryError)
 
 
 def _reason(err: BaseException) -> str:

@@ -55,8 +55,9 @@ def _normalised_features(path: str, frames: int, feature: str) -> tuple[np.ndarr
     check_arrays(
         Path(path), "fsdd",
         audio.ndim == labels.ndim == is_test.ndim == 1 and len(offsets) == len(labels) + 1 == len(is_test) + 1
-        and arrays["sample_rate"].size == 1 and is_test.dtype == bool,
-        "audio samples with offsets, labels and is_test per recording and one sample_rate",
+        and arrays["sample_rate"].size == 1 and is_test.dtype == bool and offsets.dtype.kind in "iu"
+        and labels.dtype.kind in "iu",
+        "audio samples with integer offsets, labels and is_test per recording and one sample_rate",
     )
     rate = int(arrays["sample_rate"])
     signal = fixed_length(audio, offsets, N_FFT + HOP * (frames - 1))
