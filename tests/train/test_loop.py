@@ -328,3 +328,20 @@ def test_without_loss_fn_other_batch_shapes_get_one_clear_error():
         train_epoch(model, batches, opt, lambda s: 0.1, 0, progress=False)
     with pytest.raises(ValueError, match="max_grad_norm=0 must be > 0"):
         train_epoch(model, batches, opt, lambda s: 0.1, 0, progress=False, max_grad_norm=0)
+
+
+def test_the_reported_loss_is_weighted_as_the_gradient_is():
+    """A rank's share weight scales its reported loss too: the mean over ranks is then the global batch's."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    batches = [(torch.randn(3, 4), torch.tensor([0, 1, 2])), (torch.randn(2, 4), torch.tensor([1, 2]))]
+    weights = iter([1.2, 0.8])
+
+    def run(loss_weight=None):
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        return train_epoch(model, batches, opt, lambda s: 0.0, first_step=0, progress=False,
+                           loss_weight=loss_weight)["loss"]
+
+    plain = [float(nn.functional.cross_entropy(model(x), y)) for x, y in batches]
+    assert run() == pytest.approx(sum(plain) / 2)
+    assert run(lambda batch: next(weights)) == pytest.approx((1.2 * plain[0] + 0.8 * plain[1]) / 2)

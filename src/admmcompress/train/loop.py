@@ -212,8 +212,8 @@ def train_epoch(
                 with torch.no_grad():
                     teacher_logits = teacher(x)
                 loss = distillation_loss(logits, teacher_logits, y, distill, hard=loss)
-        if loss_weight is not None:
-            loss = loss * loss_weight(batch)
+        weight = 1.0 if loss_weight is None else loss_weight(batch)
+        loss = loss * weight if loss_weight is not None else loss
         if penalty is not None:
             extra = penalty()
             loss = loss + extra
@@ -234,7 +234,7 @@ def train_epoch(
         if max_grad_norm is not None:
             nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()
-        data_sum += data_loss.item()
+        data_sum += data_loss.item() * weight  # weighted like the gradient: the mean over ranks is the global one
         step += 1
         if after_step is not None:
             after_step(step)
