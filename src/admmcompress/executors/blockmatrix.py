@@ -134,7 +134,16 @@ class BlockSparseMatrix(InferenceOnly):
         if impl == "cpp":
             self.impl = impl if blocksparse_cpp.available() and weight.dtype == torch.float32 else "gather"
             buckets = 1  # the kernel reads one packed bucket
-        self._pack(weight, buckets, bias)
+        # Normal tensors even when converted under torch.inference_mode: inference tensors have no version
+        # counter, and the compiled kernel's cached arguments (blocksparse_cpp.packed) would then be rebuilt per call.
+        with torch.inference_mode(False), torch.no_grad():
+            self._pack(weight, buckets, bias)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        # The kernel's cached arguments derive from the buffers loaded here: dropped, not trusted to version
+        # counters (inference tensors, loaded in place under torch.inference_mode, have none).
+        self.__dict__.pop("_kernel_args", None)
+        super()._load_from_state_dict(*args, **kwargs)
 
     def _keep_sparse(self, sparse: torch.Tensor) -> None:
         """Keep a CSR/BSR weight as three dense buffers (row pointers, column indices, values), so that it is in
@@ -216,6 +225,11 @@ class BlockSparseMatrix(InferenceOnly):
         if self.impl == "dense":
             return F.linear(x, buffers["weight"], buffers["bias"])
         if self.impl in ("csr", "bsr"):
+            if self.impl == "bsr" and x.requires_grad and _grad_enabled():
+                # torch has no backward of a BSR product to its dense operand ("addmm ... Strided + SparseBsc"):
+                # as the compiled kernel hands gradients to the gather path, the dense product of the same
+                # weights computes this one
+                return F.linear(x, self.sparse_weight().to_dense(), buffers["bias"])
             y = (self.sparse_weight() @ x.t()).t()
             return y if buffers["bias"] is None else y + buffers["bias"]
         if self.impl == "cpp" and self._kernel_takes(x):

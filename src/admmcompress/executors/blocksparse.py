@@ -44,6 +44,7 @@ from admmcompress.executors.blocksparse_choice import (
     choice_report,
     choose_layer,
     recorded_shapes,
+    weight_dtype,
 )
 from admmcompress.executors.blocksparse_layers import BlockSparseConv2d, BlockSparseLinear, conv_blockers
 from admmcompress.executors.blocksparse_rnn import KERNELS, BlockSparseCell, BlockSparseGRU, BlockSparseLSTM
@@ -62,6 +63,24 @@ def block_rows_from(targets: Plan | list[Target], model: nn.Module | None = None
             raise ValueError("block_rows_from(plan): pass the model too, or the resolved targets")
         targets = targets.resolve(model)
     return {t.layer: t.structure.block[0] for t in targets if isinstance(t.structure, Block)}
+
+
+def weight_readers(model: nn.Module) -> dict[str, str]:
+    """``{layer: owner type}`` for the Linears of ``model`` whose owner reads their ``weight`` itself rather than
+    calling them: every ``nn.MultiheadAttention``'s ``out_proj`` (``F.multi_head_attention_forward``) and the
+    ``linear1``/``linear2`` of an ``nn.TransformerEncoderLayer`` (its eval-mode fast path). A block-sparse
+    replacement has no ``weight``: the owner's forward would fail."""
+    readers: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            subs = [sub for sub, _ in module.named_modules() if sub]
+        elif isinstance(module, nn.TransformerEncoderLayer):
+            subs = ["linear1", "linear2"]
+        else:
+            continue
+        for sub in subs:
+            readers[f"{name}.{sub}" if name else sub] = type(module).__name__
+    return readers
 
 
 def sparsity_of(module: nn.Module) -> float:
@@ -124,7 +143,8 @@ def to_blocksparse(
         block_rows: rows per row block, one for all or ``{layer: r}`` (see ``block_rows_from``);
             layers missing from the mapping use 16.
         layers: names to convert (each must be a supported type); default: every supported layer
-            whose weights are at least ``min_sparsity`` zero (grouped/depthwise convs stay dense).
+            whose weights are at least ``min_sparsity`` zero (grouped/depthwise convs, ``proj_size`` LSTMs and
+            the Linears whose weight attention reads directly, see :func:`weight_readers`, stay dense).
         min_sparsity: below it a layer (or, in a GRU/LSTM, one matrix) stays dense: packing pays
             off only when most columns of a row block are gone.
         impl, buckets: see :class:`~admmcompress.executors.blockmatrix.BlockSparseMatrix`.
@@ -145,11 +165,14 @@ def to_blocksparse(
     if kernel not in KERNELS:  # else unseen on a model without GRU/LSTM layers
         raise ValueError(f"to_blocksparse: kernel={kernel!r}; choose one of {KERNELS}")
     modules = dict(model.named_modules())
+    readers = weight_readers(model)
     if layers is None:
-        # Depthwise/grouped or reflect-padded convs have no block-sparse form: by default they stay dense.
+        # Depthwise/grouped or reflect-padded convs, proj_size LSTMs and the Linears whose weight attention reads
+        # directly have no block-sparse form: by default they stay dense.
         chosen = [
             n for n, m in modules.items()
-            if isinstance(m, SUPPORTED) and sparsity_of(m) >= min_sparsity
+            if isinstance(m, SUPPORTED) and n not in readers and not getattr(m, "proj_size", 0)
+            and sparsity_of(m) >= min_sparsity
             and not (isinstance(m, nn.Conv2d) and conv_blockers(m)[0])
         ]
     else:
@@ -163,6 +186,12 @@ def to_blocksparse(
         if wrong:
             supported = ", ".join(t.__name__ for t in SUPPORTED)
             raise ValueError(f"to_blocksparse: {wrong} cannot be converted; supported types are {supported}")
+        read = {n: readers[n] for n in chosen if n in readers}
+        if read:
+            raise ValueError(
+                f"to_blocksparse: {read} are Linears whose owner reads their weight directly instead of calling "
+                "them, which a block-sparse layer would break; leave them dense (pass layers=... without them)"
+            )
     if "" in chosen:
         raise ValueError(
             "to_blocksparse: the model itself is a single layer; wrap it, e.g. nn.Sequential(layer)"
@@ -217,9 +246,9 @@ def candidates(
 def layer_key(
     module: nn.Module, packed: nn.Module, block_rows: int, shape: Sequence[int] | None, steps: int
 ) -> str:
-    """What a latency of ``module`` depends on besides batch and threads: settings, input, pattern size, and
-    the compiled kernel's version and build target (a table measured with an older kernel or another target's
-    build is measured again, not trusted)."""
+    """What a latency of ``module`` depends on besides batch and threads: settings, input (and its dtype where not
+    float32), pattern size, and the compiled kernel's version and build target (a table measured with an older
+    kernel or another target's build is measured again, not trusted)."""
     matrices = [m for m in packed.modules() if isinstance(m, BlockSparseMatrix)]
     stored = sum(m.stored_values for m in matrices)
     nonzeros = sum(m.nonzeros for m in matrices)
@@ -228,9 +257,12 @@ def layer_key(
     else:
         batch_dim, batched_ndim = batch_axis(module)
         where = str([s for i, s in enumerate(shape) if len(shape) < batched_ndim or i != batch_dim])
+    dtype = weight_dtype(module)
+    # float32 keys carry no dtype, as before dtypes were timed, so the tables measured then stay valid
+    typed = "" if dtype == torch.float32 else f"|dtype={str(dtype).removeprefix('torch.')}"
     return (
-        f"{type(module).__name__}({module.extra_repr()})|x={where}|r={block_rows}|stored={stored}|nnz={nonzeros}"
-        f"|kernel=v{blocksparse_cpp.VERSION}-{blocksparse_cpp.DEFAULT_MARCH}"
+        f"{type(module).__name__}({module.extra_repr()})|x={where}{typed}|r={block_rows}|stored={stored}"
+        f"|nnz={nonzeros}|kernel=v{blocksparse_cpp.VERSION}-{blocksparse_cpp.DEFAULT_MARCH}"
     )
 
 
@@ -281,4 +313,5 @@ __all__ = [
     "layer_key",
     "sparsity_of",
     "to_blocksparse",
+    "weight_readers",
 ]

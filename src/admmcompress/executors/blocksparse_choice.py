@@ -38,6 +38,10 @@ from admmcompress.timing import LatencyCache, time_interleaved
 
 CANDIDATES = ("dense", "torch", "cpp", "bsr")
 TABLE = "blocksparse-choice"
+TRAIN_ERROR = (
+    "MeasuredChoice runs inference only (its implementations copy one weight); call model.eval() to run it, and to "
+    "fine-tune, train the masked dense model before converting it with choose='measured'"
+)
 
 
 class Table(Protocol):
@@ -71,7 +75,12 @@ def batch_axis(module: nn.Module) -> tuple[int, int]:
 
 
 class MeasuredChoice(nn.Module):
-    """A layer with one or more implementations, the one to run picked by the input's batch size.
+    """A layer with one or more implementations, the one to run picked by the input's batch size (inference only).
+
+    Its implementations hold copies of one weight, so it cannot learn: training would update the dense copy
+    alone and the outputs would then depend on the batch size. The dense implementation's parameters are
+    frozen, the layer starts in eval mode, and a call in train mode with gradients enabled is refused:
+    fine-tune the masked dense model, then convert it.
 
     Args:
         impls: the implementations in use (``{name: module}``, names from :data:`CANDIDATES`).
@@ -86,9 +95,11 @@ class MeasuredChoice(nn.Module):
         if not choice or missing:
             raise ValueError(f"MeasuredChoice: the choice names {missing or 'nothing'}; pass those implementations")
         self.impls = nn.ModuleDict(dict(impls))
+        self.impls.requires_grad_(False)  # only the dense copy has parameters; training them alone splits the copies
         self.batches = sorted(int(b) for b in choice)
         self.names = [choice[b] for b in self.batches]
         self.batch_dim, self.batched_ndim = batch_dim, batched_ndim
+        self.eval()  # a converted layer runs inference; a fresh nn.Module would start in train mode and refuse it
 
     @property
     def choice(self) -> dict[int, str]:
@@ -103,11 +114,18 @@ class MeasuredChoice(nn.Module):
         return chosen
 
     def forward(self, x, *args, **kwargs):
+        if self.training and torch.is_grad_enabled():  # a training step would silently fit one copy only
+            raise ValueError(TRAIN_ERROR)
         batch = x.shape[self.batch_dim] if isinstance(x, torch.Tensor) and x.dim() >= self.batched_ndim else 1
         return self.impls._modules[self.implementation(batch)](x, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return "choice=" + ", ".join(f"batch {b}: {n}" for b, n in zip(self.batches, self.names, strict=True))
+
+
+def weight_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of ``module``'s floating-point weights, which its input must have (torch's default without any)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.get_default_dtype())
 
 
 def input_shape(module: nn.Module, name: str, shape: Sequence[int] | None, batch: int, steps: int) -> list[int]:
@@ -159,7 +177,8 @@ def measure(
         keys = {impl: f"{key}|batch={batch}|threads={threads}|{impl}" for impl in impls}
         found = {impl: table.get(k) for impl, k in keys.items()}
         if any(ms is None for ms in found.values()):
-            x = torch.randn(*input_shape(dense, name, shape, batch, steps))
+            # in the weights' dtype: a float64 layer refuses float32 inputs (and is timed as it will run)
+            x = torch.randn(*input_shape(dense, name, shape, batch, steps), dtype=weight_dtype(dense))
             with torch.inference_mode():
                 found = time_interleaved({impl: (lambda m=m, x=x: m(x)) for impl, m in impls.items()}, rounds=rounds)
             for impl, ms in found.items():  # one interleaved pass: the ratios between them are consistent
@@ -236,6 +255,7 @@ def choice_report(model: nn.Module) -> ChoiceReport:
 __all__ = [
     "CANDIDATES",
     "TABLE",
+    "TRAIN_ERROR",
     "ChoiceReport",
     "MeasuredChoice",
     "Table",
@@ -247,4 +267,5 @@ __all__ = [
     "pick",
     "input_shape",
     "recorded_shapes",
+    "weight_dtype",
 ]

@@ -1173,12 +1173,13 @@ def counts_of(index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 COMPACT_ABOVE = 0.05
 
 
-def _version(tensor: torch.Tensor) -> int:
-    """The tensor's in-place write counter (0 for inference tensors, which have none and cannot be written)."""
+def _version(tensor: torch.Tensor) -> int | None:
+    """The tensor's in-place write counter; ``None`` for inference tensors, which have none (and can be written in
+    place under ``torch.inference_mode``)."""
     try:
         return tensor._version
     except RuntimeError:
-        return 0
+        return None
 
 
 def packed(
@@ -1192,7 +1193,9 @@ def packed(
 
     The arguments are kept on the matrix (not saved) and rebuilt, the kept-column counts included,
     whenever ``index0``, ``values0`` or ``bias0`` is another tensor or was written in place: at batch 1 the
-    product takes microseconds, so they are not rebuilt per call.
+    product takes microseconds, so they are not rebuilt per call. Inference tensors have no write counter to tell:
+    buffers that are (made or loaded under ``torch.inference_mode`` other than by ``BlockSparseMatrix`` and
+    ``load_state_dict``, which drop the arguments) have them rebuilt on every call.
     """
     buffers = matrix._buffers
     index, values, bias = buffers["index0"], buffers["values0"], buffers["bias0"]
@@ -1215,7 +1218,10 @@ def packed(
     else:
         offsets = torch.arange(blocks, dtype=torch.int64, device=counts.device) * slots
         args = (index.to(torch.int32).contiguous(), values.view(blocks * slots, r), offsets, counts, flat)
-    matrix.__dict__["_kernel_args"] = (index, values, bias, versions, args)  # not a buffer, not pickled
+    # not a buffer, not pickled; None, which no versions tuple equals, where a counter cannot be read (the check
+    # above then rebuilds each call, at no cost to buffers that have counters)
+    stamp = None if None in versions else versions
+    matrix.__dict__["_kernel_args"] = (index, values, bias, stamp, args)
     return args
 
 

@@ -106,6 +106,11 @@ class BlockSparseConv2d(InferenceOnly):
         return cls(matrix, conv.kernel_size, conv.stride, tuple(padding), conv.dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() not in (3, 4):  # as nn.Conv2d; else a 5-D input fails later as a wrong channel count
+            raise ValueError(
+                f"BlockSparseConv2d: expected a 3-D (channels, height, width) or 4-D (batch, channels, height, "
+                f"width) input, got shape {tuple(x.shape)}"
+            )
         batched = x.dim() == 4
         if not batched:
             x = x.unsqueeze(0)

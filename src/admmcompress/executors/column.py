@@ -17,6 +17,7 @@ they measure faster than the dense layer on the example input (``mode="auto"``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -97,6 +98,15 @@ class ColumnConv2d(nn.Module):
             f"columns={self.kept.numel()}/{self.dense_columns}, stride={self.stride}, padding={self.padding}"
         )
 
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        # the cached gather positions derive from ``kept``, which this loads (in place, so same tensor)
+        self._index = {}
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> ColumnConv2d:
+        self._index = {}  # a move (.to(device)) gives ``kept`` anew: positions are derived again from it
+        return super()._apply(fn, recurse)
+
     def _positions(self, height: int, width: int, device: torch.device) -> torch.Tensor:
         key = (height, width, str(device))
         if key not in self._index:
@@ -115,18 +125,34 @@ class ColumnConv2d(nn.Module):
         return self._index[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, _, h, w = x.shape
+        if x.dim() not in (3, 4):  # as nn.Conv2d
+            raise ValueError(
+                f"ColumnConv2d: expected a 3-D (channels, height, width) or 4-D (batch, channels, height, width) "
+                f"input, got shape {tuple(x.shape)}"
+            )
+        batched = x.dim() == 4
+        if not batched:
+            x = x.unsqueeze(0)
+        n, c, h, w = x.shape
+        if c != self.in_channels:  # the gather reads flat positions: other channel counts would pass unnoticed
+            raise ValueError(f"ColumnConv2d: input has {c} channels, expected in_channels={self.in_channels}")
         ph, pw = self.padding
         kh, kw = self.kernel_size
         (sh, sw), (dh, dw) = self.stride, self.dilation
         ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
         wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        if ho < 1 or wo < 1:  # as nn.Conv2d, instead of an empty or failed gather
+            raise ValueError(
+                f"ColumnConv2d: input of {h}x{w} (padded {h + 2 * ph}x{w + 2 * pw}) is smaller than the dilated "
+                f"kernel {dh * (kh - 1) + 1}x{dw * (kw - 1) + 1}; give a larger input"
+            )
         padded = F.pad(x, (pw, pw, ph, ph)) if (ph or pw) else x
         columns = padded.reshape(n, -1).index_select(1, self._positions(h, w, x.device))
         out = torch.matmul(self.weight, columns.view(n, self.kept.numel(), ho * wo))
         if self.bias is not None:
             out = out + self.bias.view(1, -1, 1)
-        return out.view(n, self.out_channels, ho, wo)
+        out = out.view(n, self.out_channels, ho, wo)
+        return out if batched else out.squeeze(0)
 
 
 class ColumnLinear(nn.Module):
@@ -161,6 +187,9 @@ class ColumnLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:  # the gather reads kept features only: a wider x passes
+            width = "a scalar" if x.dim() == 0 else f"{x.shape[-1]} features"
+            raise ValueError(f"ColumnLinear: input has {width}, expected in_features={self.in_features}")
         return F.linear(x.index_select(-1, self.kept), self.weight, self.bias)
 
 
