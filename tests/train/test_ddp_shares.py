@@ -263,3 +263,25 @@ def test_a_dataset_loader_drops_a_last_batch_leaving_each_rank_one_sample_where_
                                          r"processes 2 \(BatchNorm layer '0' \.\.\.\), so no step would train"):
         DatasetLoader(TensorDataset(torch.randn(2, 3)), 4, rank=1, world_size=2, min_rows=2,
                       why="BatchNorm layer '0' ...")
+
+
+@pytest.mark.filterwarnings("ignore:pretrain")
+def test_one_process_skips_a_last_batch_of_one_sample_that_batchnorm_cannot_train_on():
+    """9 samples in batches of 8: the last holds one, which BatchNorm1d on (N, C) cannot normalize in training
+    (torch stopped the run at the end of its first epoch); it is skipped with a warning, as under torchrun."""
+    from torch.utils.data import TensorDataset
+
+    data = _vectors(9)
+    with pytest.warns(RuntimeWarning, match="the last batch of each epoch holds a single sample, and BatchNorm"):
+        runner = Runner(_config(batch_size=8), _bn1d_net(), data, data, progress=False, epoch_lines=False)
+    assert len(runner.loader) == 1
+    runner.run()
+    with pytest.warns(RuntimeWarning, match="it is skipped"):
+        runner = Runner(_config(batch_size=8), _bn1d_net(), TensorDataset(data.x, data.y), data, progress=False,
+                        epoch_lines=False)
+    runner.run()
+    with pytest.raises(ValueError, match=r"^data\.batch_size=1 gives a single sample per step, and BatchNorm layer"):
+        Runner(_config(batch_size=1), _bn1d_net(), data, data, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a conv BatchNorm on 4x4 maps trains on the last sample
+        Runner(_config(batch_size=8), _conv_bn_net(), _images(9), _images(9), progress=False, epoch_lines=False)

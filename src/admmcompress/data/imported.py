@@ -208,7 +208,7 @@ class DatasetLoader:
             else:
                 self.sampler = _EpochSampler(len(dataset), seed)
         drop_last = False
-        if world_size > 1 and min_rows > 1 and not isinstance(dataset, IterableDataset):
+        if min_rows > 1 and not isinstance(dataset, IterableDataset):  # one process too: torch would stop there
             drop_last = _drop_short_last(len(dataset), self.batch_size, world_size, min_rows, why, rank)
         self.loader = DataLoader(dataset, batch_size=self.batch_size, sampler=self.sampler, num_workers=workers,
                                  drop_last=drop_last)

@@ -345,6 +345,9 @@ def check_batch(batch_size: int, ctx: Distributed, min_rows: int = 1, why: str =
             f"split over them, so some would get no samples; give data.batch_size >= {world} (a "
             f"multiple of {world} splits evenly) or run fewer processes (at most {batch_size})"
         )
+    if world == 1 and batch_size < min_rows:  # one process: its batch is the whole batch
+        raise ValueError(f"data.batch_size={batch_size} gives a single sample per step, and {why}; give "
+                         f"data.batch_size >= {min_rows}")
     if batch_size // world < min_rows:  # the smallest share is batch_size // world
         raise ValueError(
             f"data.batch_size={batch_size} split over the {world} processes gives some of them a single sample at "
@@ -387,7 +390,14 @@ class ShardedLoader:
         last = n - (len(inner) - 1) * size
         self._skip_last = last < world * min_rows  # the smallest share is last // world_size
         self._weight = 1.0
-        if self._skip_last and ctx.is_main:
+        if self._skip_last and ctx.is_main and world == 1:  # one process with BatchNorm that needs two samples
+            warnings.warn(
+                f"the last batch of each epoch holds a single sample, and {why}: it is skipped; make the training "
+                "set size a multiple of batch_size (or leave one more sample in the last batch)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        elif self._skip_last and ctx.is_main:
             reason = (f"fewer than the {world} processes" if last < world else
                       f"so one of the {world} processes would get a single sample, which BatchNorm cannot "
                       "normalize in training")

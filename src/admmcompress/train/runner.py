@@ -163,18 +163,20 @@ class Runner:
         self.from_cli = False
         self.example = first_inputs(train)  # traces the channel coupling and gives compaction its input shape
         output_layers = check_model_reads(model, self.example, train, config, classifies=loss_fn is None)
-        # Under torchrun: the fewest samples each rank's share of a batch needs (2 for BatchNorm that sees one
-        # value per channel from each sample), checked against data.batch_size before any training
-        min_rows, why = share_needs(model, self.example, config) if self.dist.active else (1, "")
+        # The fewest samples each rank's share of a batch needs (2 for BatchNorm that sees one value per channel
+        # from each sample), checked against data.batch_size before any training; one process is a rank too
+        min_rows, why = share_needs(model, self.example, config)
         self.loader: BatchLoader | ShardedLoader | DatasetLoader
         if isinstance(train, Split):
             self.loader = BatchLoader(
                 train, config.data.batch_size, shuffle=True, seed=config.seed, augment=config.data.augment
             )
-            if self.dist.active:  # this rank's share of each global batch, in one process's order
+            # this rank's share of each global batch, in one process's order; in one process, a last batch of a
+            # single sample that such a BatchNorm cannot train on is skipped (torch would stop at the epoch's end)
+            if self.dist.active or min_rows > 1:
                 self.loader = ShardedLoader(self.loader, self.dist, min_rows, why)
         else:  # a torch Dataset by import path: read batch by batch (DistributedSampler under torchrun)
-            if self.dist.active:
+            if self.dist.active or min_rows > 1:
                 check_batch(config.data.batch_size, self.dist, min_rows, why)
             self.loader = DatasetLoader(train, config.data.batch_size, config.seed, self.dist.rank,
                                         self.dist.world_size, all_ranks=self.dist.all_true, least=self.dist.least,
