@@ -47,6 +47,18 @@ def test_two_ranks_split_each_epoch_between_them():
         DatasetLoader(data, 5, world_size=2)
 
 
+def test_a_dataset_that_does_not_split_evenly_over_the_ranks_says_which_samples_repeat():
+    import warnings
+
+    odd = TensorDataset(torch.arange(11.0), torch.arange(11))
+    with pytest.warns(RuntimeWarning, match="11 samples do not split evenly over 2 processes: 1 sample"):
+        DatasetLoader(odd, 4, rank=0, world_size=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DatasetLoader(odd, 4, rank=1, world_size=2)  # said once, by rank 0
+        DatasetLoader(TensorDataset(torch.arange(12.0), torch.arange(12)), 4, rank=0, world_size=2)
+
+
 def test_config_checks_the_import_spec():
     with pytest.raises(ValueError, match="must be 'package.module:ClassOrFactory'"):
         DataConfig(dataset={"import": "toy_datasets.MnistItems"})

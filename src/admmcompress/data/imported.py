@@ -205,6 +205,13 @@ class DatasetLoader:
                 self.sampler = torch.utils.data.DistributedSampler(
                     dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed
                 )
+                extra = -len(dataset) % world_size
+                if extra and rank == 0:  # the sampler pads the ranks' shares to one length by repeating samples
+                    warnings.warn(
+                        f"the training set's {len(dataset)} samples do not split evenly over {world_size} processes: "
+                        f"{extra} sample(s) are trained on twice per epoch (torch's DistributedSampler pads the "
+                        f"shares); make the size a multiple of {world_size} to train each once",
+                        RuntimeWarning, stacklevel=2)
             else:
                 self.sampler = _EpochSampler(len(dataset), seed)
         drop_last = False
