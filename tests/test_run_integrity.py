@@ -303,3 +303,26 @@ def test_malformed_recorded_transforms_are_one_line_naming_metrics_json(transfor
 
     with pytest.raises(ValueError, match=r"^metrics\.json: .*restore the run's metrics\.json$"):
         rebuild_transforms(nn.Linear(2, 2), transforms)
+
+
+def test_a_quantized_weight_moved_off_its_recorded_levels_is_refused(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+    from torch import nn
+
+    from admmcompress import Plan, hard_prune
+    from admmcompress.report.integrity import RunIntegrityError, _check_masks
+    from admmcompress.structures.quantization import FixedPoint
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6))
+    masks = hard_prune(model, Plan({"0": FixedPoint(bits=3)}))
+    save_file(masks.state_dict(), str(tmp_path / "masks.safetensors"))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    _check_masks(tmp_path)  # as the run wrote it
+    row, col = (state["0.weight"] != 0).nonzero()[0].tolist()
+    state["0.weight"][row, col] += 1e-3
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(RunIntegrityError, match="1 weights of '0.weight' are off the quantization levels"):
+        _check_masks(tmp_path)

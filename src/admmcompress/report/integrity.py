@@ -306,6 +306,29 @@ def _check_masks(out: Path) -> None:
                 f"'{out / MODEL}': {int(revived.sum())} weights of '{name}' that masks.safetensors prunes are not "
                 "zero; the file was changed after the run"
             )
+        _check_levels(out, name, weight, masks)
+
+
+def _check_levels(out: Path, name: str, weight: torch.Tensor, masks: dict[str, torch.Tensor]) -> None:
+    """A quantized weight holds exactly its recorded levels (``levels[codes]``) wherever it is held: the storage
+    report counts those levels, so a weight moved off them after the run would be reported wrongly."""
+    codes, levels = masks.get(f"{name}{SEP}codes"), masks.get(f"{name}{SEP}levels")
+    if codes is None or levels is None or codes.shape != weight.shape:
+        return
+    codes = codes.to(torch.int64)
+    held = codes >= 0
+    frozen = masks.get(f"{name}{SEP}frozen")
+    if frozen is not None and frozen.shape == weight.shape:  # partial quantization holds a subset only
+        held &= frozen.bool()
+    if not bool(held.any()) or int(codes.max()) >= levels.numel():
+        return
+    expected = levels.to(weight.dtype)[codes.clamp_min(0)]
+    off = held & (weight != expected)
+    if bool(off.any()):
+        raise RunIntegrityError(
+            f"'{out / MODEL}': {int(off.sum())} weights of '{name}' are off the quantization levels masks.safetensors "
+            "records for them; the file was changed after the run"
+        )
 
 
 __all__ = [
