@@ -96,7 +96,7 @@ def test_state_dict_round_trip_restores_iteration_and_partial_holds():
 def test_pruning_rules_are_refused_with_the_fix():
     with pytest.raises(PlanError, match=r"only quantizes, but the plan prunes \['weight'\]; prune in an earlier"):
         IterativeQuantization(_layer(), Plan({"": Unstructured(sparsity=0.5)}), updates=2)
-    with pytest.raises(ValueError, match="updates=0 must be >= 1"):
+    with pytest.raises(ValueError, match="updates=0 must be a whole number >= 1"):
         IterativeQuantization(_layer(), Plan({"": FixedPoint(bits=2)}), updates=0)
 
 

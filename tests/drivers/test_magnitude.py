@@ -62,9 +62,9 @@ def test_cubic_schedule_values():
     assert [round(gradual.sparsity_at(i), 4) for i in (1, 2, 3)] == [0.5781, 0.875, 0.9844]
 
 
-@pytest.mark.parametrize("updates", [0, -1])
-def test_updates_must_be_positive(updates):
-    with pytest.raises(ValueError, match=f"updates={updates} must be >= 1"):
+@pytest.mark.parametrize("updates", [0, -1, None, 2.5, True, "3"])
+def test_updates_must_be_a_positive_whole_number(updates):
+    with pytest.raises(ValueError, match=f"updates={updates!r} must be a whole number >= 1"):
         GradualMagnitude(nn.Linear(2, 2), Plan({"": Unstructured(sparsity=0.5)}), updates=updates)
 
 

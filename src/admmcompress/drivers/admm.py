@@ -145,7 +145,8 @@ class ADMM(Driver):
     ):
         self.model = model
         self.targets: list[Target] = resolve_targets(model, plan, type(self).__name__)
-        self.schedule = rho if isinstance(rho, RhoSchedule) else RhoSchedule(initial=float(plain_number(rho)))
+        self.accept_targets(self.targets)  # as the runner does: a rule this driver would drop is refused here too
+        self.schedule = rho if isinstance(rho, RhoSchedule) else RhoSchedule(initial=plain_number(rho))
         self.frozen = frozen
         self.iteration = 0
         self.history: list[dict[str, Any]] = []
@@ -206,8 +207,21 @@ class ADMM(Driver):
         # The penalty only needs Z - U; caching it halves the per-batch work.
         self._anchors = {k: (s["Z"] - s["U"]).detach() for k, s in self.state.items()}
 
+    def _follow_model(self) -> None:
+        """Read the model's parameters anew: ``load_state_dict(assign=True)``, or a conversion that makes new
+        tensors, replaces them, and a penalty on the old ones would train nothing. A model moved to another
+        device takes Z and U along."""
+        self._params = dict(self.model.named_parameters())
+        names = (n for t in self.targets for n in (t.param_names if isinstance(t, CoupledTarget) else (t.param_name,)))
+        device = next((self._params[n].device for n in names if n in self._params), None)
+        if device is not None and any(s["Z"].device != device for s in self.state.values()):
+            for s in self.state.values():
+                s["Z"], s["U"] = s["Z"].to(device), s["U"].to(device)
+            self._refresh_anchors()
+
     def penalty(self) -> torch.Tensor:
         """``sum_i rho_i/2 * ||W_i - Z_i + U_i||_F^2`` as a differentiable scalar."""
+        self._follow_model()
         total = None
         for t in self.targets:
             diff = t.value(self._params) - self._anchors[t.key]
@@ -222,6 +236,7 @@ class ADMM(Driver):
     def step(self) -> dict[str, Any]:
         """One ADMM update: Z = project(W + U), U += W - Z, rho schedule. Returns the log entry."""
         entry: dict[str, Any] = {"iteration": self.iteration + 1, "rho": {}, "residual": {}, "dual": {}}
+        self._follow_model()
         for t in self.targets:
             s = self.state[t.key]
             w = t.value(self._params).detach()

@@ -67,16 +67,28 @@ def plan_from_rates(targets: list[Target], rates: Mapping[str, float], model: nn
     With ``model`` each rate is written as the exact share of groups it removes (``1 - kept / groups``).
     """
     params = dict(model.named_parameters()) if model is not None else None
-    rules = []
+    # A rule names a layer, so the targets of one layer (a GRU's weight_ih_l0, weight_hh_l0, ...) share its rule
+    by_rule: dict[tuple[str, str], list[tuple[Target, float]]] = {}
     for t in targets:
-        rate = float(rates.get(t.key, 0.0))
-        if rate > 0 and params is not None:
-            n = t.structure.group_ids(t.value(params))[1]
+        for source in _source_layers(t):
+            by_rule.setdefault(source, []).append((t, float(rates.get(t.key, 0.0))))
+    rules = []
+    for (layer, kind), entries in by_rule.items():
+        asked = {rate for _, rate in entries}
+        if len(asked) > 1:
+            shown = ", ".join(f"{t.key} {rate:.3g}" for t, rate in entries[:4])
+            raise BudgetError(
+                f"layer '{layer}' has {len(entries)} targets at different {kind} rates ({shown}): a plan rule gives a "
+                "layer one rate; give its targets one rate (e.g. pin the layer in the plan)"
+            )
+        rate = asked.pop()
+        if rate > 0 and params is not None and len(entries) == 1:
+            target = entries[0][0]
+            n = target.structure.group_ids(target.value(params))[1]
             rate = 1.0 - kept_count(n, rate) / n
         if rate <= 0:
             continue
-        for layer, kind in _source_layers(t):
-            rules.append(Rule(structure_class(kind)(sparsity=min(rate, 0.999999)), match=layer))
+        rules.append(Rule(structure_class(kind)(sparsity=min(rate, 0.999999)), match=layer))
     if not rules:
         raise BudgetError("every rate is 0: nothing to prune; tighten the budget")
     return Plan(rules)

@@ -50,7 +50,7 @@ class OneShotMagnitude(Driver):
 
     def __init__(self, model: torch.nn.Module, targets: list[Target], frozen: MaskSet | None = None,
                  resuming: bool = False):
-        self.model, self.targets, self.frozen = model, list(targets), frozen
+        self.model, self.targets, self.frozen = model, resolve_targets(model, targets, type(self).__name__), frozen
         self.accept_targets(self.targets)
         self.history: list[dict[str, Any]] = []
         # Resuming a phase begun before drivers kept state: the carried masks already hold the pruning.

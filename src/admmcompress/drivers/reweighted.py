@@ -107,9 +107,12 @@ def group_norms(weight: torch.Tensor, ids: torch.Tensor, n_groups: int, power: i
     >>> group_norms(w, torch.tensor([[0, 1], [0, 1]]), 2, power=1).tolist()
     [5.0, 0.0]
     """
-    flat = as_matrix(weight).reshape(-1)
-    squares = torch.zeros(n_groups, dtype=weight.dtype, device=weight.device)
-    squares = squares.index_add(0, ids.reshape(-1), flat * flat)
+    # float32 at least: in float16 the squares of small entries and _TINY itself round to 0, and sqrt's backward
+    # at 0 is inf * 0 = NaN (exactly where the penalty drives groups)
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    flat = as_matrix(weight).reshape(-1).to(dtype)
+    squares = torch.zeros(n_groups, dtype=dtype, device=weight.device)
+    squares = squares.index_add(0, ids.reshape(-1).to(weight.device), flat * flat)
     if power == 2:
         return squares
     return squares.clamp_min(_TINY).sqrt() * (squares > _TINY)
@@ -164,9 +167,11 @@ class Reweighted(Driver):
 
     def penalty(self) -> torch.Tensor:
         """``lambda * sum_targets sum_g P_g * ||W_g||^power`` as a differentiable scalar."""
+        self._params = dict(self.model.named_parameters())  # replaced parameters (assign=True loads) are followed
         total = None
         for t in self.targets:
-            term = (self.state[t.key]["P"] * self._norms(t)).sum()
+            norms = self._norms(t)
+            term = (self.state[t.key]["P"].to(norms.device) * norms).sum()
             total = term if total is None else total + term
         if total is None:
             return torch.zeros(())
@@ -181,8 +186,10 @@ class Reweighted(Driver):
         weights are from the structure: hard pruning will remove that much).
         """
         entry: dict[str, Any] = {"iteration": self.iteration + 1, "penalty": {}, "residual": {}}
+        self._params = dict(self.model.named_parameters())
         for t in self.targets:
-            entry["penalty"][t.key] = float((self.state[t.key]["P"] * self._norms(t, detach=True)).sum())
+            norms = self._norms(t, detach=True)
+            entry["penalty"][t.key] = float((self.state[t.key]["P"].to(norms.device) * norms).sum())
             self.state[t.key]["P"] = self._weights(t)
         entry["residual"] = self.residuals()
         self.iteration += 1

@@ -37,8 +37,9 @@ class MaskSchedule(Driver):
         frozen: MaskSet | None = None,
     ):
         updates = plain_number(updates)  # np.int64(4) or a 0-d tensor: the int it holds
-        if updates < 1:
-            raise ValueError(f"{type(self).__name__}: updates={updates} must be >= 1")
+        if isinstance(updates, bool) or not isinstance(updates, int) or updates < 1:
+            raise ValueError(f"{type(self).__name__}: updates={updates!r} must be a whole number >= 1 (the driver's "
+                             "updates of the phase)")
         self.model = model
         self.targets = resolve_targets(model, plan, type(self).__name__)
         self.accept_targets(self.targets)

@@ -86,11 +86,13 @@ class MaskSet:
             )
         self.detach()
         self.apply(model)
-        self._model = weakref.ref(model)
         self._params = _named_params(model, self.masks)
         for name, param in self._params.items():
+            if not param.requires_grad:  # a frozen weight gets no gradient; the re-mask after each step holds it
+                continue
             keep = self.masks[name].to(param.device, param.dtype)
-            self._handles.append(param.register_hook(lambda grad, keep=keep: grad * keep))
+            self._handles.append(param.register_hook(lambda grad, keep=keep: grad * _like(keep, grad)))
+        self._model = weakref.ref(model)  # only once attached: a failure above leaves the set free to attach
         if optimizer is not None:
             self.watch(optimizer)
         return self
@@ -137,6 +139,14 @@ class MaskSet:
     @classmethod
     def from_state_dict(cls, state: Mapping[str, torch.Tensor]) -> MaskSet:
         return cls(state)
+
+
+def _like(factor: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``factor`` in ``grad``'s dtype and device: a model cast (``.to(torch.bfloat16)``) or moved after attaching
+    gets gradients of its new kind, which a hook may not change."""
+    if factor.dtype == grad.dtype and factor.device == grad.device:
+        return factor
+    return factor.to(grad.device, grad.dtype)
 
 
 def _named_params(model: torch.nn.Module, names) -> dict[str, torch.nn.Parameter]:

@@ -39,7 +39,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from admmcompress.finalize.masks import MaskSet, _named_params, prune_masks
+from admmcompress.finalize.masks import MaskSet, _like, _named_params, prune_masks
 from admmcompress.structures.quantization import storable_levels
 
 UPDATES = ("hold", "centroids", "ste")
@@ -187,9 +187,11 @@ class QuantizedMaskSet(MaskSet):
         self._held_params = _named_params(model, self.held)
         for name, param in self._held_params.items():
             held = self.held[name]
+            if not param.requires_grad and held.update != "ste":  # no gradient to hold back; the values are re-set
+                continue
             if held.frozen is not None:
                 free = (~held.frozen).to(param.device, param.dtype)
-                self._handles.append(param.register_hook(lambda grad, free=free: grad * free))
+                self._handles.append(param.register_hook(lambda grad, free=free: grad * _like(free, grad)))
             elif held.update == "hold":
                 self._handles.append(param.register_hook(torch.zeros_like))
             elif held.update == "ste":  # a new shadow starts at the values; a restored one continues
