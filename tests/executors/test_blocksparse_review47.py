@@ -75,6 +75,10 @@ def test_attention_linears_stay_dense_by_default_and_are_refused_by_name(no_comp
     expected = layer(x)  # eval + batch_first: the fast path, which reads linear1/linear2's weights too
     assert to_blocksparse(layer, block_rows=8) == []
     close(layer(x), expected)
+    layer = zero_columns(nn.TransformerEncoderLayer(16, 2, dim_feedforward=32)).eval()  # sequence first: no fast path
+    expected = layer(x)
+    assert to_blocksparse(layer, block_rows=8) == ["linear1", "linear2"]
+    close(layer(x), expected)
 
     with pytest.raises(ValueError, match=r"\{'attn.out_proj': 'MultiheadAttention'\} are Linears whose owner reads "
                        r"their weight directly .* leave them dense \(pass layers=\.\.\. without them\)"):

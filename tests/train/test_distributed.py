@@ -449,3 +449,17 @@ def test_an_iterable_dataset_runs_under_torchrun_and_a_refusal_reaches_every_ran
         assert _metrics(tmp_path / "out")["world_size"] == 2
     else:
         assert done.returncode != 0 and "holds 1 NaN/inf value(s)" in done.stderr, done.stderr[-3000:]
+
+
+def test_a_refusal_every_rank_makes_while_building_is_one_line_on_each(tmp_path):
+    """Followers build their runner beside rank 0: when all refuse the batch size, rank 0's notice to the others
+    finds them gone, and its own line is shown (it was a gloo 'Connection closed by peer' traceback)."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"name": "tiny", "seed": 0, "threads": 1, "model": {"name": "lenet300100"},
+                                      "data": {"dataset": "mnist", "batch_size": 1, "train_limit": 64},
+                                      "pretrain": {"epochs": 1}}, sort_keys=False))
+    done = _torchrun(config, tmp_path / "out")
+    lines = [line for line in done.stderr.splitlines() if line.startswith("admmcompress: error: data.batch_size=1")]
+    # one line per rank that got to print before torchrun stopped the group
+    assert done.returncode != 0 and 1 <= len(lines) <= 2, done.stderr[-3000:]
+    assert "Connection closed" not in done.stderr and "[rank0]" not in done.stderr, done.stderr[-3000:]

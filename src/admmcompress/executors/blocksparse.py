@@ -68,14 +68,14 @@ def block_rows_from(targets: Plan | list[Target], model: nn.Module | None = None
 def weight_readers(model: nn.Module) -> dict[str, str]:
     """``{layer: owner type}`` for the Linears of ``model`` whose owner reads their ``weight`` itself rather than
     calling them: every ``nn.MultiheadAttention``'s ``out_proj`` (``F.multi_head_attention_forward``) and the
-    ``linear1``/``linear2`` of an ``nn.TransformerEncoderLayer`` (its eval-mode fast path). A block-sparse
-    replacement has no ``weight``: the owner's forward would fail."""
+    ``linear1``/``linear2`` of an ``nn.TransformerEncoderLayer`` with ``batch_first=True`` (its eval-mode fast
+    path). A block-sparse replacement has no ``weight``: the owner's forward would fail."""
     readers: dict[str, str] = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.MultiheadAttention):
             subs = [sub for sub, _ in module.named_modules() if sub]
-        elif isinstance(module, nn.TransformerEncoderLayer):
-            subs = ["linear1", "linear2"]
+        elif isinstance(module, nn.TransformerEncoderLayer) and module.self_attn.batch_first:
+            subs = ["linear1", "linear2"]  # torch's fast path (layer and encoder stack) needs batch_first=True
         else:
             continue
         for sub in subs:

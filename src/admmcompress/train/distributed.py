@@ -184,7 +184,10 @@ class Distributed:
     def abort(self, error: BaseException) -> None:
         """On rank 0, before it shared its decision: send ``error`` so the other ranks stop instead of waiting."""
         if self.active and self.is_main and not self.shared:
-            self.share(error=error)
+            try:
+                self.share(error=error)
+            except Exception:  # the others stopped on the same check and left: rank 0's own line is what to show
+                pass
 
     # --- reductions -------------------------------------------------------------------------
     def sum(self, values: list[float]) -> list[float]:
