@@ -285,3 +285,30 @@ def test_one_process_skips_a_last_batch_of_one_sample_that_batchnorm_cannot_trai
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a conv BatchNorm on 4x4 maps trains on the last sample
         Runner(_config(batch_size=8), _conv_bn_net(), _images(9), _images(9), progress=False, epoch_lines=False)
+
+
+@pytest.mark.filterwarnings("ignore:the last batch")
+def test_weight_averaging_re_estimates_batchnorm_without_the_one_sample_last_batch():
+    cfg = RunConfig.from_dict({"seed": 3, "model": {"name": "net"}, "data": {"batch_size": 8}, "stages": [],
+                               "pretrain": {"epochs": 2, "average_from_epoch": 1,
+                                            "optimizer": {"name": "sgd", "lr": 0.1}}})
+    data = _vectors(9)
+    runner = Runner(cfg, _bn1d_net(), data, data, progress=False, epoch_lines=False)
+    runner.run()  # stopped in update_bn on the last batch of one sample
+    assert runner.metrics["weight_average"]["pretrain"]["snapshots"] >= 1
+
+
+def test_a_sized_iterable_dataset_ends_the_epoch_before_a_one_sample_last_batch():
+    from torch.utils.data import IterableDataset
+
+    data = _vectors(9)
+
+    class Nine(IterableDataset):
+        def __len__(self):
+            return 9
+
+        def __iter__(self):
+            yield from zip(data.x, data.y, strict=True)
+
+    with pytest.warns(RuntimeWarning, match=r"the IterableDataset's last batch holds 1 sample\(s\) and BatchNorm"):
+        Runner(_config(batch_size=8), _bn1d_net(), Nine(), data, progress=False, epoch_lines=False).run()

@@ -154,6 +154,17 @@ def first_inputs(dataset: Split | Dataset, n: int = 2) -> torch.Tensor:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
+def batch_rows(batch: Any) -> int | None:
+    """Samples in a batch: the first dimension of its inputs (the batch itself, or its first element); None when
+    the batch is not a tensor or a sequence starting with one.
+
+    >>> batch_rows((torch.zeros(3, 2), torch.zeros(3))), batch_rows({"x": 1})
+    (3, None)
+    """
+    x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    return int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() > 0 else None
+
+
 def _drop_short_last(samples: int, per_step: int, world_size: int, min_rows: int, why: str, rank: int) -> bool:
     """Whether each rank's last batch must be dropped (``DistributedSampler`` pads the ranks' shares to one length,
     so all drop it alike) because it would hold fewer than ``min_rows`` samples (``why``: a BatchNorm layer that
@@ -217,6 +228,9 @@ class DatasetLoader:
         drop_last = False
         if min_rows > 1 and not isinstance(dataset, IterableDataset):  # one process too: torch would stop there
             drop_last = _drop_short_last(len(dataset), self.batch_size, world_size, min_rows, why, rank)
+        # an IterableDataset's last batch is only known when it comes: one too short for BatchNorm ends the epoch
+        self.min_rows = min_rows if isinstance(dataset, IterableDataset) else 1
+        self.why, self._told = why, False
         self.loader = DataLoader(dataset, batch_size=self.batch_size, sampler=self.sampler, num_workers=workers,
                                  drop_last=drop_last)
         self.length = len(self.loader)
@@ -236,12 +250,15 @@ class DatasetLoader:
             self.sampler.set_epoch(self.epoch)
         self.epoch += 1
         if self.all_ranks is None:
-            yield from self.loader
+            for batch in self.loader:
+                if self._short(batch):
+                    return
+                yield batch
             return
         batches, step = iter(self.loader), 0
         while True:
             batch = next(batches, _END)
-            if not self.all_ranks(batch is not _END):
+            if not self.all_ranks(batch is not _END and not self._short(batch)):  # every rank stops at a short one
                 if batch is not _END:
                     warnings.warn(
                         f"the IterableDataset's share on this rank has more batches than another rank's (which ended "
@@ -250,6 +267,19 @@ class DatasetLoader:
                 return
             step += 1
             yield batch
+
+    def _short(self, batch: Any) -> bool:
+        """Whether ``batch`` holds fewer rows than BatchNorm needs (told once; the epoch ends there)."""
+        if self.min_rows <= 1 or batch is _END:
+            return False
+        rows = batch_rows(batch)
+        if rows is None or rows >= self.min_rows:
+            return False
+        if not self._told:
+            self._told = True
+            warnings.warn(f"the IterableDataset's last batch holds {rows} sample(s) and {self.why}: the epoch ends "
+                          "before it; give each process a multiple of the batch size", RuntimeWarning, stacklevel=3)
+        return True
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch}
@@ -275,4 +305,5 @@ class _EpochSampler(torch.utils.data.Sampler[int]):
         return iter(torch.randperm(self.n, generator=generator).tolist())
 
 
-__all__ = ["DatasetLoader", "DatasetSpec", "describe", "first_inputs", "load_data"]
+__all__ = [
+    "DatasetLoader", "DatasetSpec", "batch_rows", "describe", "first_inputs", "load_data"]

@@ -23,7 +23,7 @@ from torch import nn
 
 from admmcompress.atomic import WriteError
 from admmcompress.data.datasets import BatchLoader, Split
-from admmcompress.data.imported import DatasetLoader, check_dataset, first_inputs
+from admmcompress.data.imported import DatasetLoader, batch_rows, check_dataset, first_inputs
 from admmcompress.drivers.base import Driver, DriverContext, ModuleTransform, get_driver
 from admmcompress.finalize import (
     MaskSet,
@@ -166,6 +166,7 @@ class Runner:
         # The fewest samples each rank's share of a batch needs (2 for BatchNorm that sees one value per channel
         # from each sample), checked against data.batch_size before any training; one process is a rank too
         min_rows, why = share_needs(model, self.example, config)
+        self._min_rows = min_rows
         self.loader: BatchLoader | ShardedLoader | DatasetLoader
         if isinstance(train, Split):
             self.loader = BatchLoader(
@@ -645,6 +646,8 @@ class Runner:
         last = self._evaluate()
         self.masks.detach()
         loader = self.loader.inner if isinstance(self.loader, ShardedLoader) else self.loader
+        if self._min_rows > 1:  # the statistics pass trains BatchNorm too: a one-sample last batch would stop it
+            loader = (b for b in loader if (batch_rows(b) or self._min_rows) >= self._min_rows)
         self._average.apply(self.model, loader)
         if not isinstance(self.loader, ShardedLoader):
             self.dist.merge_batchnorm(self.model)  # each rank saw its own share: merge (one process: nothing)
