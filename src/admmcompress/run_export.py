@@ -49,7 +49,7 @@ from admmcompress.plugins import TRUST_FLAG, TRUST_HELP, PluginError, entries_in
 from admmcompress.report.storage import storage
 from admmcompress.strict_yaml import safe_load_unique
 from admmcompress.train import checkpoint as ckpt
-from admmcompress.train.config import ConfigError, RunConfig
+from admmcompress.train.config import ConfigError, RunConfig, written_by_the_library
 
 EXPORT_ADVICE = "wait for it to end, or choose another --out"  # the end of the line refusing a second export
 
@@ -73,7 +73,8 @@ def read_run_config(run_dir: str | Path, trust_plugins: bool = False) -> RunConf
     check_run_plugins(run_dir, trust_plugins)
     path = Path(run_dir) / "config.yaml"
     try:
-        return RunConfig.from_yaml(path)
+        with written_by_the_library():  # the run folder's copy: old versions wrote rho* for every method
+            return RunConfig.from_yaml(path)
     except ValueError as err:
         text = str(err)
         if str(path) in text:  # already names the file (missing, not YAML, not a mapping)

@@ -434,3 +434,20 @@ def test_settings_the_chosen_method_or_optimizer_ignores_are_named_in_a_warning(
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the defaults, and the settings the method reads, say nothing
         RunConfig.from_dict(with_admm(optimizer={"name": "adam"}, rho=0.5))
+
+
+def test_configs_the_library_wrote_before_the_registry_read_without_ignored_setting_warnings(tmp_path):
+    """Older versions wrote rho* inside admm: and a reweighted: block for every method into run folders."""
+    from admmcompress.run_export import read_run_config
+    from admmcompress.train.run_folder import normalized_config
+
+    old = with_admm(rho=1e-3, rho_growth=1.3, rho_max=1.0)
+    old["stages"][0]["method"] = "gradual"
+    old["stages"][0]["reweighted"] = {"penalty": 1e-4}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        normalized_config(old)
+        read_run_config(tmp_path)
+    with pytest.warns(UserWarning, match="inside admm: apply to method admm only"):
+        RunConfig.from_dict(old)  # the user's own config still says so

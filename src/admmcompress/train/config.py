@@ -19,12 +19,14 @@ Example (``configs/lenet5_admm_71x.yaml``)::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import re
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any
@@ -155,6 +157,20 @@ def _positive(value: Any, name: str, integer: bool = False) -> None:
         raise ValueError(f"{name}={_short(value)} is beyond float32's range (about 3.4e38): training would overflow at "
                          "the first step; give a realistic value, e.g. 1.0e-3 for a learning rate")
 
+
+
+class IgnoredSetting(UserWarning):
+    """A config setting the chosen method does not read (said when a user's config is read)."""
+
+
+@contextlib.contextmanager
+def written_by_the_library() -> Iterator[None]:
+    """Read a config the library wrote (a run folder's config.yaml, a checkpoint's): versions before the driver
+    registry wrote ``rho*`` and a ``reweighted:`` block for every method, which :class:`IgnoredSetting` would
+    then blame on the user at every resume or report."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IgnoredSetting)
+        yield
 
 @dataclass
 class OptimizerConfig:
@@ -337,11 +353,11 @@ class StageConfig:
                                   "{rho: ..., rho_growth: ..., rho_max: ...})") from None
         if self.method != "admm" and legacy:  # ignored for other methods, as before the registry: said so now
             warnings.warn(f"method {self.method}: {sorted(legacy)} inside admm: apply to method admm only and are "
-                          f"ignored; give {self.method}'s own settings under options:", UserWarning, stacklevel=2)
+                          f"ignored; give {self.method}'s own settings under options:", IgnoredSetting, stacklevel=2)
             legacy = {}
         if self.reweighted is not None and self.method != "reweighted":
             warnings.warn(f"method {self.method}: the reweighted: block applies to method reweighted only and is "
-                          "ignored; drop it, or set method: reweighted", UserWarning, stacklevel=2)
+                          "ignored; drop it, or set method: reweighted", IgnoredSetting, stacklevel=2)
         if self.method == "reweighted" and self.reweighted is not None:
             legacy = self.reweighted
         self.reweighted = None

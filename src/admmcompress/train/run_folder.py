@@ -40,7 +40,7 @@ import yaml
 from admmcompress.atomic import TMP_PATTERN, atomic_write
 from admmcompress.config_keys import LOCATION_KEYS, SPEED_KEYS
 from admmcompress.strict_yaml import safe_load_unique, yaml_problem
-from admmcompress.train.config import RunConfig, config_dict
+from admmcompress.train.config import RunConfig, config_dict, written_by_the_library
 from admmcompress.train.training_state import STAGES_DIR, STATE_FILE
 
 
@@ -285,7 +285,8 @@ def normalized_config(raw: dict[str, Any], plugins: list[str] | None = None) -> 
     saved_plugins = raw.get("plugins")
     foreign = list(saved_plugins or []) != list(plugins or [])
     try:  # with foreign plugins: read with the running config's (already imported), the saved list put back
-        normalized = config_dict(RunConfig.from_dict({**raw, "plugins": list(plugins or [])} if foreign else raw))
+        with written_by_the_library():  # settings older versions wrote for every method are not the user's doing
+            normalized = config_dict(RunConfig.from_dict({**raw, "plugins": list(plugins or [])} if foreign else raw))
     except (ValueError, TypeError, KeyError):  # another version's config, or a method only its plugins register
         return json.loads(json.dumps(raw))
     if foreign:
