@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -183,7 +184,13 @@ def test_onnx_export_of_a_tucker_model_matches_onnxruntime(tmp_path):
         assert torch.allclose(torch.from_numpy(run_onnx(tmp_path / "tucker.onnx", x)[0]), small(x), atol=1e-5)
 
 
-@pytest.mark.parametrize("ranks", [4, (4,), (3.9, 7.99), "42", (0, 2), (True, 2)])
+@pytest.mark.parametrize("ranks", [np.array([4, 4]), torch.tensor([4, 4]), [np.int64(4), 4]])
+def test_integer_ranks_from_arrays_are_accepted(ranks):
+    converted = get_executor("tucker").convert(nn.Sequential(nn.Conv2d(8, 8, 3)), ranks={"0": ranks})
+    assert isinstance(converted[0], Tucker2Conv)
+
+
+@pytest.mark.parametrize("ranks", [4, (4,), (3.9, 7.99), "42", (0, 2), (True, 2), np.array([4.5, 4.0])])
 def test_malformed_ranks_are_refused_never_truncated(ranks):
     model = nn.Sequential(nn.Conv2d(8, 8, 3))
     with pytest.raises(ExecutorError, match=r"tucker: layer '0': Tucker2: ranks=.* must be two positive integers"):

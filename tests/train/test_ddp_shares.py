@@ -312,3 +312,12 @@ def test_a_sized_iterable_dataset_ends_the_epoch_before_a_one_sample_last_batch(
 
     with pytest.warns(RuntimeWarning, match=r"the IterableDataset's last batch holds 1 sample\(s\) and BatchNorm"):
         Runner(_config(batch_size=8), _bn1d_net(), Nine(), data, progress=False, epoch_lines=False).run()
+
+
+def test_one_process_with_a_single_training_sample_and_batchnorm_is_one_line_without_process_advice():
+    from torch.utils.data import TensorDataset
+
+    data = _vectors(1)
+    for train in (data, TensorDataset(data.x, data.y)):
+        with pytest.raises(ValueError, match=r"^the training set holds 1 sample.*give at least 2 training samples$"):
+            Runner(_config(batch_size=8), _bn1d_net(), train, data, progress=False)

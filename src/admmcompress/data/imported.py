@@ -170,6 +170,9 @@ def _drop_short_last(samples: int, per_step: int, world_size: int, min_rows: int
     so all drop it alike) because it would hold fewer than ``min_rows`` samples (``why``: a BatchNorm layer that
     cannot normalize a single one); a share too small for any step is refused in one line."""
     share = -(-samples // world_size)  # the sampler's per-rank count, padded
+    if share < min_rows and world_size == 1:
+        raise ValueError(f"the training set holds {samples} sample(s), and {why}, so no step would train; give at "
+                         f"least {min_rows} training samples")
     if share < min_rows:
         raise ValueError(
             f"the training set holds {samples} sample(s), too few to give each of the {world_size} processes "

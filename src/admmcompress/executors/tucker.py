@@ -114,6 +114,8 @@ def factorize_tucker2(model: nn.Module, ranks: Mapping[str, tuple[int, int]], we
         if not isinstance(conv, nn.Conv2d):
             found = "no such layer" if conv is None else type(conv).__name__
             raise ExecutorError(f"tucker: layer '{name}' is {found}; name Conv2d layers (ranks={{layer: (r_o, r_i)}})")
+        if hasattr(pair, "tolist") and getattr(pair, "ndim", 0) == 1:  # a numpy array or tensor of two ranks
+            pair = pair.tolist()
         try:  # the structure's own check: two positive integers, never truncated
             pair = Tucker2(ranks=pair).ranks
         except ValueError as error:

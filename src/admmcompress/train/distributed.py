@@ -323,8 +323,8 @@ def shard(n: int, rank: int, world_size: int) -> tuple[int, int]:
 
 
 # Why a rank's share of a batch needs 2 samples, when the model's BatchNorm layers could not be traced (min_share)
-BATCHNORM_NEEDS_TWO = ("the model's BatchNorm normalizes over each process's share of the batch, and cannot over a "
-                       "single sample in training")
+BATCHNORM_NEEDS_TWO = ("the model's BatchNorm cannot normalize a single sample in training (it normalizes over each "
+                       "process's share of the batch)")
 
 
 def batchnorm_needs_two(layer: str) -> str:
@@ -382,6 +382,9 @@ class ShardedLoader:
         self.data = inner.data
         n, size, world = len(inner.data), inner.batch_size, ctx.world_size
         check_batch(size, ctx, min_rows, why)
+        if n < min_rows and world == 1:  # one process (a BatchNorm that needs two samples)
+            raise ValueError(f"the training set holds {n} sample, and {why}, so no step would train; give at least "
+                             f"{min_rows} training samples")
         if n < world * min_rows:  # then n <= size: the only batch is the last, which is skipped
             each = "a sample" if min_rows == 1 else f"{min_rows} samples"
             because = "" if min_rows == 1 else f" ({why})"

@@ -755,7 +755,7 @@ class Runner:
         self._resumed_phase = True
         self.transforms = list(state.get("transforms", []))
         with restoring(path, "transforms", advice):
-            rebuild_transforms(self.model, self.transforms)  # the module structure the saved weights belong to
+            rebuild_transforms(self.model, self.transforms, "checkpoint")  # the structure the saved weights need
         ckpt.check_state_fits(self.model, state, path, advice)  # another model's checkpoint: one line, not a traceback
         self.model.load_state_dict(state["model"])
         self.phase_index, self.epoch = state["phase_index"], state["epoch"]
@@ -851,19 +851,18 @@ def _warn_pruned_outputs(stage_targets: list[list[Target]], output_layers: list[
                 )
 
 
-def rebuild_transforms(model: nn.Module, transforms: list[dict[str, Any]]) -> None:
+def rebuild_transforms(model: nn.Module, transforms: list[dict[str, Any]], source: str = "metrics.json") -> None:
     """Re-apply recorded module transforms (``metrics["transforms"]``) to a freshly built model, in order.
 
-    The entries come from a file (metrics.json): each is checked to be ``{method: <driver>, spec: {...}}``.
+    The entries come from a file (``source``: metrics.json, or the checkpoint): each is checked to be
+    ``{method: <driver>, spec: {...}}``.
     """
     if not isinstance(transforms, list):
-        raise ValueError(f"metrics.json: 'transforms' is {_short(transforms)}, not a list of the run's module "
-                         "rewrites; restore the run's metrics.json")
+        raise ValueError(f"{source}: 'transforms' is {_short(transforms)}, not a list of module rewrites; restore "
+                         f"the run's {source}")
     for i, entry in enumerate(transforms):
         if not (isinstance(entry, dict) and isinstance(entry.get("method"), str) and isinstance(entry.get("spec"),
                                                                                                 dict)):
-            raise ValueError(
-                f"metrics.json: transforms entry {i} is {_short(entry)}, not {{method: <driver>, spec: {{...}}}} "
-                "as a run writes it; restore the run's metrics.json"
-            )
+            raise ValueError(f"{source}: transforms entry {i} is {_short(entry)}, not {{method, spec}}; restore the "
+                             f"run's {source}")
         get_driver(entry["method"]).cls.rebuild(model, entry["spec"])
