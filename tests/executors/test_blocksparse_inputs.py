@@ -38,7 +38,7 @@ def test_the_gather_path_refuses_a_wrong_width_and_dtype():
     with pytest.raises(TypeError, match="input is torch.float64, its weights are torch.float32"):
         fast(torch.randn(4, 48, dtype=torch.float64))
     conv = convert_module(pruned(nn.Conv2d(8, 20, 3)), 4)
-    with pytest.raises(ValueError, match="input has 10 channels, expected 8"):  # not its 90 im2col columns
+    with pytest.raises(ValueError, match="input has 10 channels, expected in_channels=8"):  # not its 90 im2col columns
         conv(torch.randn(2, 10, 9, 9))
 
 
@@ -171,7 +171,7 @@ def test_a_conv_input_of_the_wrong_channel_count_names_channels():
     from admmcompress.executors.blocksparse_layers import BlockSparseConv2d
 
     fast = BlockSparseConv2d.from_dense(pruned(nn.Conv2d(4, 8, 3, padding=1)), 4)
-    with pytest.raises(ValueError, match="BlockSparseConv2d: input has 5 channels, expected 4"):
+    with pytest.raises(ValueError, match="BlockSparseConv2d: input has 5 channels, expected in_channels=4"):
         fast(torch.randn(1, 5, 8, 8))
 
 

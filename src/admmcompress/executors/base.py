@@ -189,6 +189,23 @@ _NAME = re.compile(r"[a-z][a-z0-9_]*")
 E = TypeVar("E", bound=type[Executor])
 
 
+def image_batch(x: torch.Tensor, who: str, in_channels: int) -> tuple[torch.Tensor, bool]:
+    """``(x as a 4-D batch, whether it came batched)`` for a conv replacement, checked as ``nn.Conv2d`` checks its
+    input: 3-D or 4-D, ``in_channels`` channels (a replacement's own product would fail later, or not at all).
+
+    >>> image_batch(torch.zeros(3, 4, 4), "conv", 3)[0].shape
+    torch.Size([1, 3, 4, 4])
+    """
+    if x.dim() not in (3, 4):
+        raise ValueError(f"{who}: expected a 3-D (channels, height, width) or 4-D (batch, channels, height, width) "
+                         f"input, got shape {tuple(x.shape)}")
+    batched = x.dim() == 4
+    x = x if batched else x.unsqueeze(0)
+    if x.shape[1] != in_channels:
+        raise ValueError(f"{who}: input has {x.shape[1]} channels, expected in_channels={in_channels}")
+    return x, batched
+
+
 def _same_class(a: type, b: type) -> bool:
     # A re-imported module (a reloaded plugin) defines a new class object with the same name.
     return a is b or (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)

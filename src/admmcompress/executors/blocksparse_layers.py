@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from admmcompress.executors.base import image_batch
 from admmcompress.executors.blockmatrix import BlockSparseMatrix, InferenceOnly
 
 _TORCH_MODULE = torch.nn.modules.module
@@ -106,16 +107,8 @@ class BlockSparseConv2d(InferenceOnly):
         return cls(matrix, conv.kernel_size, conv.stride, tuple(padding), conv.dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() not in (3, 4):  # as nn.Conv2d; else a 5-D input fails later as a wrong channel count
-            raise ValueError(
-                f"BlockSparseConv2d: expected a 3-D (channels, height, width) or 4-D (batch, channels, height, "
-                f"width) input, got shape {tuple(x.shape)}"
-            )
-        batched = x.dim() == 4
-        if not batched:
-            x = x.unsqueeze(0)
-        if x.shape[1] != self.in_channels:  # else the product's own check counts im2col columns, not channels
-            raise ValueError(f"BlockSparseConv2d: input has {x.shape[1]} channels, expected {self.in_channels}")
+        # checked: else the product's own check counts im2col columns, not channels
+        x, batched = image_batch(x, "BlockSparseConv2d", self.in_channels)
         if any(self.extra_padding):
             x = F.pad(x, (0, self.extra_padding[1], 0, self.extra_padding[0]))
         n, _, h, w = x.shape

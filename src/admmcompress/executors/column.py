@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from admmcompress.executors.base import image_batch
 from admmcompress.executors.fold import capture_inputs
 from admmcompress.module_swap import replace_module
 from admmcompress.timing import time_interleaved
@@ -125,17 +126,9 @@ class ColumnConv2d(nn.Module):
         return self._index[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() not in (3, 4):  # as nn.Conv2d
-            raise ValueError(
-                f"ColumnConv2d: expected a 3-D (channels, height, width) or 4-D (batch, channels, height, width) "
-                f"input, got shape {tuple(x.shape)}"
-            )
-        batched = x.dim() == 4
-        if not batched:
-            x = x.unsqueeze(0)
-        n, c, h, w = x.shape
-        if c != self.in_channels:  # the gather reads flat positions: other channel counts would pass unnoticed
-            raise ValueError(f"ColumnConv2d: input has {c} channels, expected in_channels={self.in_channels}")
+        # checked: the gather reads flat positions, so other channel counts would pass unnoticed
+        x, batched = image_batch(x, "ColumnConv2d", self.in_channels)
+        n, _, h, w = x.shape
         ph, pw = self.padding
         kh, kw = self.kernel_size
         (sh, sw), (dh, dw) = self.stride, self.dilation
