@@ -331,7 +331,7 @@ def couple_heads(model: nn.Module, targets: Sequence[Target]) -> list[Target]:
         if given is not None and given != layout.head_dim:
             errors.append(f"heads target on '{t.layer}': head_dim={given} but the block's heads have {layout.head_dim}")
             continue
-        units, sparsity = layout.kv_count, getattr(t.structure, "sparsity", None)
+        units, sparsity = layout.kv_count, getattr(t.structure, "target_sparsity", None)  # compression: too
         if sparsity and kept_count(units, sparsity) == units:  # a silent no-op otherwise (MQA; review)
             shared = f"share {units} key/value head(s)" if layout.kv_heads is not None else f"are {units} heads"
             errors.append(f"heads target on '{t.layer}': the block's {layout.heads} query heads {shared}, pruned as "

@@ -119,6 +119,11 @@ class Rule:
             example = "{match: conv1, structure: unstructured, sparsity: 0.8}"
             raise PlanError(f"{where}: expected a mapping like {example}")
         named = structure_class(spec.get("structure"))
+        if named is None and spec.get("structure") is not None:  # a misspelt name: say that, not its options' keys
+            try:
+                structure_from_dict(dict(spec), where)
+            except ValueError as err:
+                raise PlanError(str(err)) from None
         allowed = RULE_KEYS | set(named.options if named is not None else ())
         unknown = sorted(set(spec) - allowed)
         if unknown:
@@ -237,6 +242,11 @@ class Plan:
                 selected = [n for n in selected if not _one_dimensional(modules[n])] or selected
             if not selected:
                 errors.append(_nothing_matched(i, rule, modules, candidates))
+                continue
+            if rule.exclude and not any(fnmatch.fnmatchcase(n, g) for n in modules for g in rule.exclude):
+                # a misspelt exclude protects nothing: the layer it meant is pruned without a word
+                errors.append(f"rule #{i} {rule.describe()}: exclude {list(rule.exclude)} matches no layer of this "
+                              f"model; check the names (prunable layers: {_shown(candidates)})")
                 continue
             for name in selected:
                 try:
@@ -391,8 +401,12 @@ def _tied_elsewhere(targets: list[Target], modules: dict[str, torch.nn.Module], 
     return errors
 
 
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:12]) + (" ..." if len(names) > 12 else "")
+
+
 def _nothing_matched(i: int, rule: Rule, modules: dict[str, torch.nn.Module], candidates: list[str]) -> str:
-    shown = ", ".join(candidates[:12]) + (" ..." if len(candidates) > 12 else "")
+    shown = _shown(candidates)
     if rule.match is not None and rule.match in modules and rule.match not in candidates:
         kind = type(modules[rule.match]).__name__
         return (

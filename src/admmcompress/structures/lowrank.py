@@ -46,6 +46,14 @@ def _require_tensorly():
     return tensorly, partial_tucker
 
 
+def _no_rate(kind: str, spec: Mapping[str, Any], example: str) -> None:
+    """A low-rank rule takes no sparsity/compression (it would be dropped): say so, as quantization rules do."""
+    given = sorted(k for k in ("sparsity", "compression") if spec.get(k) is not None)
+    if given:
+        raise ValueError(f"structure '{kind}' takes no {given[0]} (it sets {example}); prune the layer with a separate "
+                         "rule of its own structure")
+
+
 def _conv_dims(module: torch.nn.Module, name: str, kind: str) -> tuple[int, int, tuple[int, ...]]:
     if not isinstance(module, torch.nn.Conv2d):
         raise ValueError(
@@ -130,6 +138,7 @@ class Tucker2(Structure):
 
     @classmethod
     def from_dict(cls, spec: Mapping[str, Any]) -> Tucker2:
+        _no_rate(cls.kind, spec, "ranks: [4, 8]")
         return cls(ranks=spec.get("ranks"), rank_ratio=spec.get("rank_ratio"))
 
     @classmethod
@@ -189,6 +198,7 @@ class SharedKernels(Structure):
 
     @classmethod
     def from_dict(cls, spec: Mapping[str, Any]) -> SharedKernels:
+        _no_rate(cls.kind, spec, "bases: 5")
         return cls(bases=spec.get("bases", 5))
 
     @classmethod
