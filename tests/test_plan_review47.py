@@ -48,3 +48,17 @@ def test_a_heads_rate_given_as_compression_is_checked_as_the_same_sparsity():
 def test_a_misspelt_structure_is_named_before_its_options():
     with pytest.raises(PlanError, match="unknown structure 'fixedpoint'; choose one of"):
         Plan.from_yaml("rules: [{match: fc1, structure: fixedpoint, bits: 4}]")
+
+
+def test_a_gates_count_the_layer_does_not_have_is_refused():
+    with pytest.raises(PlanError, match=r"gates=3 but the layer stacks 1 gate matrices"):
+        Plan.from_yaml("rules: [{match: fc1, structure: block, block: [2, 2], gates: 3, sparsity: 0.5}]").resolve(
+            Classifier())
+    gru = nn.Sequential(nn.GRU(8, 8))
+    targets = Plan.from_yaml("rules: [{match: '0', structure: block, block: [2, 2], gates: 3, sparsity: 0.5}]")
+    assert {t.structure.gates for t in targets.resolve(gru)} == {3}  # what the layer has: accepted
+
+
+def test_an_exponent_yaml_reads_as_text_gets_the_dot_fix():
+    with pytest.raises(PlanError, match="write it with a dot, e.g. 1.0e"):
+        Plan.from_yaml("rules: [{match: fc1, structure: unstructured, compression: 1e2}]")

@@ -112,6 +112,10 @@ class Block(SparsityStructure):
             allowed = ", ".join(t.__name__ for t in GEMM_MODULES) + ", GRU, LSTM, RNN and their cells"
             raise ValueError(unsupported_layer(name, module, self.kind, allowed))
         for param in self.params(module):
+            gates = groups.gate_count(module, param)
+            if self.gates not in (1, gates):  # 1 is the default: the module's own count is used (bind)
+                raise ValueError(f"layer '{name}' {param}: gates={self.gates} but the layer stacks {gates} gate "
+                                 "matrices; drop gates: (it is read from the layer)")
             bound = self.bind(module, param)
             bound.layout(getattr(module, param).shape, f"layer '{name}' {param}")
 

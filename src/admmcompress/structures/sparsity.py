@@ -45,6 +45,14 @@ def unsupported_layer(name: str, module: torch.nn.Module, kind: str, allowed: st
     )
 
 
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
 @dataclass(frozen=True)
 class SparsityStructure(Structure):
     """Base class: keep the k groups of largest L2 norm of a partition of the GEMM matrix."""
@@ -63,8 +71,12 @@ class SparsityStructure(Structure):
         for key in ("sparsity", "compression"):
             value = getattr(self, key)
             if isinstance(value, str) or isinstance(value, bool):  # '0.8' quoted in YAML, or yes/no
-                raise ValueError(f"{name}: {key}={value!r} is {type(value).__name__}, not a number: write it as a "
-                                 "number, e.g. 0.8 (no quotes)")
+                example = "0.8" if key == "sparsity" else "10"
+                if isinstance(value, str) and "e" in value.lower() and "." not in value and _is_number(value):
+                    fix = f"YAML reads an exponent without a dot as text: write it with a dot, e.g. {float(value):.1e}"
+                else:
+                    fix = f"write it as a number, e.g. {example} (no quotes)"
+                raise ValueError(f"{name}: {key}={value!r} is {type(value).__name__}, not a number: {fix}")
         if self.sparsity is not None:
             if not isinstance(self.sparsity, (int, float)) or not 0.0 < float(self.sparsity) < 1.0:
                 raise ValueError(
