@@ -197,3 +197,18 @@ def test_a_file_with_sparse_weights_passes_onnx_shape_inference(tmp_path):
     summary = export_onnx(model, (torch.randn(2, 16),), tmp_path / "m.onnx")
     assert set(summary.sparse) == {"0.weight", "2.weight"}
     onnx.shape_inference.infer_shapes(onnx.load(str(tmp_path / "m.onnx")), strict_mode=True)
+
+
+def test_a_quantized_conv_before_batchnorm_keeps_its_integer_weights(tmp_path):
+    """The exporter's optimizer folded BatchNorm into the conv, so no initializer equalled the quantized weight and
+    it was written dense in float32; exported unoptimized, BatchNormalization stays and the conv is int8."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 4)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(FixedPoint(bits=4).project(model[0].weight))
+        model[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 8, 8)
+    summary = export_onnx(model, (x,), tmp_path / "m.onnx")
+    assert summary.quantized["0.weight"] == "int8"  # (BatchNorm's all-ones scale is on a grid too)
+    assert torch.allclose(torch.from_numpy(run_onnx(tmp_path / "m.onnx", x)[0]), model(x), atol=1e-5)

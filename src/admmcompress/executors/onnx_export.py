@@ -282,6 +282,9 @@ def export_onnx(
                 wrapped, values, str(raw), dynamo=True, opset_version=opset, verbose=False,
                 dynamic_shapes=shapes if plain or shapes is None else (shapes,), input_names=names,
                 output_names=None if plain else output_names,
+                # unoptimized: the optimizer folds BatchNorm into conv weights and repacks RNN gates under new
+                # names, so no initializer equals a model weight and every quantized/sparse weight went dense
+                optimize=False,
             )
         graph_model = onnx.load(str(raw))
     model.train(was_training)
@@ -423,6 +426,9 @@ def _max_onnx_diff(path: str | Path, model: torch.nn.Module, batches: tuple[torc
         return max(float((torch.from_numpy(run_onnx(path, b)[0]) - model(b)).abs().max()) for b in batches)
 
 
+
+EXPORT_ATOL = 1e-4  # `admmcompress export --onnx`: ONNX Runtime against torch on the run's test inputs
+
 @register_executor("onnx")
 class OnnxExecutor(Executor):
     """ONNX with integer weights + DequantizeLinear (codebooks: indices + Gather), checked with ONNX Runtime."""
@@ -467,6 +473,9 @@ class OnnxExecutor(Executor):
         x = run.example(8)
         summary = export_onnx(model, (x,), out)
         diff = _max_onnx_diff(out, model, (x, x[:1]))  # two batch sizes: the graph's batch dimension is dynamic
+        if not diff <= EXPORT_ATOL:  # as save() and the packed/compact exports: a wrong graph is not a success
+            raise RuntimeError(f"onnxruntime's outputs for '{out}' differ from torch's by {diff:.3g} (more than "
+                               f"{EXPORT_ATOL:g}); the file was written but does not compute the run's model")
         return (
             f"onnx: {out}; integer weights + DequantizeLinear: {summary.quantized or 'none'}; "
             f"codebook indices + Gather: {summary.codebook or 'none'}; "
