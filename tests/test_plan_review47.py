@@ -22,9 +22,9 @@ class Attention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(8, 8) for _ in range(4))
 
 
-def test_an_exclude_that_matches_no_layer_is_refused_not_ignored():
+def test_an_exclude_that_matches_no_layer_is_said_not_ignored():
     plan = Plan.from_yaml("rules: [{type: Linear, exclude: [clasifier], structure: unstructured, sparsity: 0.5}]")
-    with pytest.raises(PlanError, match=r"exclude \['clasifier'\] matches no layer of this model"):
+    with pytest.warns(UserWarning, match=r"exclude \['clasifier'\] matches no layer of this model, so it keeps"):
         plan.resolve(Classifier())
     one_of = Plan.from_yaml("rules: [{type: Linear, exclude: [classifier, '*.head'], structure: unstructured, "
                             "sparsity: 0.5}]")

@@ -27,6 +27,7 @@ The same plan in YAML::
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,10 +245,11 @@ class Plan:
                 errors.append(_nothing_matched(i, rule, modules, candidates))
                 continue
             if rule.exclude and not any(fnmatch.fnmatchcase(n, g) for n in modules for g in rule.exclude):
-                # a misspelt exclude protects nothing: the layer it meant is pruned without a word
-                errors.append(f"rule #{i} {rule.describe()}: exclude {list(rule.exclude)} matches no layer of this "
-                              f"model; check the names (prunable layers: {_shown(candidates)})")
-                continue
+                # a misspelt exclude protects nothing: said, not refused (one plan may serve several models, some
+                # without the excluded layer, e.g. exclude: [lm_head] on encoders)
+                warnings.warn(f"rule #{i} {rule.describe()}: exclude {list(rule.exclude)} matches no layer of this "
+                              f"model, so it keeps nothing out; check the names (prunable layers: "
+                              f"{_shown(candidates)})", UserWarning, stacklevel=2)
             for name in selected:
                 try:
                     rule.structure.check_module(modules[name], name)
