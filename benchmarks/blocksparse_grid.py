@@ -16,6 +16,9 @@ round in a new random order, so that no contender always follows the cache-evict
 OpenMP), ``bsr`` (torch sparse BSR on the same weight pruned in whole ``r x r`` blocks at the same
 compression: what torch offers for block sparsity) and ``chosen`` (``to_blocksparse(choose="measured")``:
 the per-shape choice, from a latency table measured in a separate pass, cached in ``--table-dir``).
+With ``--float16``, also ``cpp16``: the compiled kernel on the same weights stored in float16
+(``values_dtype=torch.float16``, half the bytes; checked against the masked layer with its weights rounded to
+float16), reported beside the float32 kernel, not in place of it.
 
 Columns: speedup = dense ms / contender ms; "of ideal" = speedup / the real compression (dense MACs /
 kept MACs); "vs bsr" = bsr ms / cpp ms. The summary checks the issue's targets: >= 0.8 of the ideal at
@@ -125,6 +128,17 @@ def close(a, b) -> None:
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+def half_rounded(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` with its weight matrices rounded to float16 and back (biases as they are): what the
+    kernel computes from float16 weights."""
+    rounded = copy.deepcopy(module)
+    with torch.no_grad():
+        for name, p in rounded.named_parameters():
+            if "weight" in name:
+                p.copy_(p.half().float())
+    return rounded
+
+
 def contenders(case: Case, dense: nn.Module, c: float, args, table) -> tuple[dict[str, nn.Module], float, dict]:
     """``{name: module}`` for one compression, checked against the masked dense layer; the real compression;
     and the per-shape choice (``{batch: implementation}``)."""
@@ -135,6 +149,10 @@ def contenders(case: Case, dense: nn.Module, c: float, args, table) -> tuple[dic
     found["torch"] = convert_module(masked, r, impl="gather", kernel="torch", min_sparsity=0.0)
     if blocksparse_cpp.available():
         found["cpp"] = convert_module(masked, r, impl="cpp", kernel="cpp", min_sparsity=0.0)
+    if blocksparse_cpp.available() and args.float16:
+        found["cpp16"] = convert_module(
+            masked, r, impl="cpp", kernel="cpp", min_sparsity=0.0, values_dtype=torch.float16
+        )
     found["bsr"] = convert_module(squares, r, impl="bsr", kernel="torch", min_sparsity=0.0)
     holder = nn.ModuleDict({"m": copy.deepcopy(masked)})
     to_blocksparse(
@@ -143,10 +161,11 @@ def contenders(case: Case, dense: nn.Module, c: float, args, table) -> tuple[dic
     )
     found["chosen"] = holder["m"]
     x = case.example(3, min(args.steps, 4))
+    references = {"bsr": squares, "cpp16": half_rounded(masked)}
     with torch.inference_mode():
         for name, module in found.items():
             if name != "dense":
-                close(module(x), (squares if name == "bsr" else masked)(x))
+                close(module(x), references.get(name, masked)(x))
     return found, 1.0 / nonzero_share(masked), choice_report(holder).layers["m"]
 
 
@@ -188,30 +207,37 @@ def fmt(value: float | None, spec: str = ".2f") -> str:
 
 HEADER = (
     "| case | cache | c (real) | batch | thr | dense ms | torch | cpp | bsr | chosen | cpp of ideal | "
-    "cpp vs bsr |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"
+    "cpp vs bsr | cpp16 | cpp16 of ideal |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"
 )
 
 
 def row(p: Point) -> str:
     cpp = p.speedup("cpp")
     vs_bsr = p.ms["bsr"] / p.ms["cpp"] if "cpp" in p.ms else None
+    half = p.speedup("cpp16")
     return (
         f"| {p.case} | {p.cache} | {p.compression:g}x ({p.real:.2f}) | {p.batch} | {p.threads} | "
         f"{p.ms['dense']:.3f} | {fmt(p.speedup('torch'))}x | {fmt(cpp)}x | {fmt(p.speedup('bsr'))}x | "
-        f"{fmt(p.speedup('chosen'))}x ({p.chosen}) | {fmt(None if cpp is None else cpp / p.real)} | {fmt(vs_bsr)}x |"
+        f"{fmt(p.speedup('chosen'))}x ({p.chosen}) | {fmt(None if cpp is None else cpp / p.real)} | {fmt(vs_bsr)}x | "
+        f"{fmt(half)}x | {fmt(None if half is None else half / p.real)} |"
     )
 
 
 def summary(points: list[Point]) -> list[str]:
     lines = ["", "Targets (issue 19):"]
-    for batch, target in ((1, 0.8), (32, 0.5)):
-        at = [p for p in points if p.batch == batch and p.compression == 10 and "cpp" in p.ms]
-        for p in at:
-            share = p.speedup("cpp") / p.real
-            lines.append(
-                f"- batch {batch}, 10x, {p.case} ({p.cache}), {p.threads} thr: cpp {share:.2f} of ideal "
-                f"({'meets' if share >= target else 'below'} {target})"
-            )
+    for kernel in ("cpp", "cpp16"):
+        for batch, target in ((1, 0.8), (32, 0.5)):
+            at = [p for p in points if p.batch == batch and p.compression == 10 and kernel in p.ms]
+            for p in at:
+                share = p.speedup(kernel) / p.real
+                lines.append(
+                    f"- batch {batch}, 10x, {p.case} ({p.cache}), {p.threads} thr: {kernel} {share:.2f} of ideal "
+                    f"({'meets' if share >= target else 'below'} {target})"
+                )
+        met = [p.speedup(kernel) / p.real >= (0.8 if p.batch == 1 else 0.5) for p in points
+               if p.batch in (1, 32) and p.compression == 10 and kernel in p.ms]
+        if met:
+            lines.append(f"- {kernel}: targets met at {sum(met)} of {len(met)} points")
     slower = [p for p in points if p.speedup("chosen") < 1.0]
     lines.append(
         f"- chosen slower than dense at {len(slower)} of {len(points)} points"
@@ -236,9 +262,10 @@ def merged(paths: list[str]) -> tuple[list[Point], list[str]]:
         ms = {n: statistics.median(p.ms[n] for p in found if n in p.ms) for n in found[0].ms}
         chosen = statistics.mode(p.chosen for p in found)
         points.append(Point(case, found[0].cache, c, found[0].real, batch, threads, ms, chosen))
-        if c == 10 and batch in (1, 32) and "cpp" in ms:
-            shares = ", ".join(f"{p.speedup('cpp') / p.real:.2f}" for p in found)
-            spread.append(f"- {case}, batch {batch}, {threads} thr: cpp of ideal per run {shares}")
+        for kernel in ("cpp", "cpp16"):
+            if c == 10 and batch in (1, 32) and kernel in ms:
+                shares = ", ".join(f"{p.speedup(kernel) / p.real:.2f}" for p in found if kernel in p.ms)
+                spread.append(f"- {case}, batch {batch}, {threads} thr: {kernel} of ideal per run {shares}")
     return points, spread
 
 
@@ -272,6 +299,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--block-rows", type=int, default=16)
     parser.add_argument("--block-cols", type=int, default=64)
+    parser.add_argument("--float16", action="store_true",
+                        help="also time the compiled kernel on float16 weights (contender cpp16)")
     parser.add_argument("--only", nargs="+", help="cases whose name contains one of these words")
     parser.add_argument("--table-dir", default=None, help="latency table folder for the choice (default: fresh)")
     parser.add_argument("--json", default=None, help="also write every point here")

@@ -78,6 +78,11 @@ class BlockSparseMatrix(InferenceOnly):
             blocks are skipped; needs ``r`` to divide both dimensions) or ``"dense"``.
         buckets: groups of row blocks padded separately (``"gather"`` only), sorted by column count.
         bias: optional ``(O,)`` bias, added inside the batched matmul (``baddbmm``).
+        values_dtype: what the kept weights are stored in: the weight's dtype (default), or ``torch.float16``
+            (also ``"float16"``) for a float32 weight with ``impl="gather"``/``"cpp"``: half the bytes to store
+            and for a product to read, while inputs, bias and products stay float32 (the weights are widened as
+            they are read). Outputs then equal the masked layer with its weights rounded to float16 (an error
+            of about 1e-3 of the float32 layer's, relative to its largest output), not the float32 layer.
     """
 
     def __init__(
@@ -87,6 +92,7 @@ class BlockSparseMatrix(InferenceOnly):
         impl: str = "gather",
         buckets: int = 1,
         bias: torch.Tensor | None = None,
+        values_dtype: torch.dtype | str | None = None,
     ):
         super().__init__()
         if weight.dim() != 2:
@@ -100,6 +106,7 @@ class BlockSparseMatrix(InferenceOnly):
         if not isinstance(buckets, int) or buckets < 1:
             raise ValueError(f"BlockSparseMatrix: buckets={buckets!r} must be a positive integer")
         weight = weight.detach()
+        stored_as = _stored_dtype(values_dtype, weight.dtype, impl)
         self.out_features, self.in_features = weight.shape
         if bias is not None and bias.shape != (self.out_features,):
             raise ValueError(f"BlockSparseMatrix: bias shape {tuple(bias.shape)} != ({self.out_features},)")
@@ -137,7 +144,7 @@ class BlockSparseMatrix(InferenceOnly):
         # Normal tensors even when converted under torch.inference_mode: inference tensors have no version
         # counter, and the compiled kernel's cached arguments (blocksparse_cpp.packed) would then be rebuilt per call.
         with torch.inference_mode(False), torch.no_grad():
-            self._pack(weight, buckets, bias)
+            self._pack(weight, buckets, bias, stored_as)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         # The kernel's cached arguments derive from the buffers loaded here: dropped, not trusted to version
@@ -162,7 +169,7 @@ class BlockSparseMatrix(InferenceOnly):
             return make(buffers["crow_indices"], buffers["col_indices"], buffers["sparse_values"], size,
                         check_invariants=False)
 
-    def _pack(self, weight: torch.Tensor, buckets: int, bias: torch.Tensor | None) -> None:
+    def _pack(self, weight: torch.Tensor, buckets: int, bias: torch.Tensor | None, stored_as: torch.dtype) -> None:
         rows, cols, r = self.out_features, self.in_features, self.block_rows
         n_blocks = (rows + r - 1) // r
         padded = torch.zeros(n_blocks * r, cols + 1, dtype=weight.dtype, device=weight.device)
@@ -185,7 +192,7 @@ class BlockSparseMatrix(InferenceOnly):
             index = torch.where(valid, cols_sorted, torch.zeros_like(cols_sorted))
             values = blocks[chunk].gather(2, index.unsqueeze(1).expand(-1, r, k)) * valid.unsqueeze(1)
             self.register_buffer(f"index{b}", index.reshape(-1).contiguous())
-            self.register_buffer(f"values{b}", values.transpose(1, 2).contiguous())  # (blocks, K, r)
+            self.register_buffer(f"values{b}", values.transpose(1, 2).to(stored_as).contiguous())  # (blocks, K, r)
             block_bias = None if bias is None else blocks[chunk][:, :, cols].unsqueeze(1).contiguous()
             self.register_buffer(f"bias{b}", block_bias)  # (blocks, 1, r)
         self.register_buffer("unpermute", torch.argsort(torch.cat(chunks)) if self.n_buckets > 1 else None)
@@ -237,10 +244,11 @@ class BlockSparseMatrix(InferenceOnly):
             if ext is not None:  # None: loaded on a machine without a compiler; the packing runs in torch
                 return ext.bsmm(x, *blocksparse_cpp.packed(self), self.out_features)
         n = x.shape[0]
-        if x.dtype != buffers["values0"].dtype:  # else bmm's "expected scalar type" from deep inside
+        stored = buffers["values0"].dtype
+        if x.dtype != stored and not (stored is _F16 and x.dtype is _F32):  # else bmm's "expected scalar type"
             raise TypeError(
                 f"block-sparse matrix {self.out_features}x{self.in_features}: input is {x.dtype}, its weights are "
-                f"{buffers['values0'].dtype}; convert one to the other (e.g. x.float(), or the model with .double())"
+                f"{stored}; convert one to the other (e.g. x.float(), or the model with .double())"
             )
         if n == 0:  # view(0, blocks, -1) below cannot infer its last size
             return x.new_zeros(0, self.out_features)
@@ -248,7 +256,7 @@ class BlockSparseMatrix(InferenceOnly):
             return self._rows_last(x)
         outs = []
         for b in range(self.n_buckets):
-            values, bias = buffers[f"values{b}"], buffers[f"bias{b}"]
+            values, bias = _like(buffers[f"values{b}"], x), _like(buffers[f"bias{b}"], x)
             # (blocks, N, K) @ (blocks, K, r) -> (blocks, N, r); at N = 1 no transpose is needed, and the
             # gather is a 1-D index_select (a quarter faster than along dim 1 of a (1, I) tensor here)
             if n == 1:
@@ -274,9 +282,13 @@ class BlockSparseMatrix(InferenceOnly):
         return self.forward(xt.t())  # the gather path's batch-last layout transposes it back for free
 
     def _kernel_takes(self, x: torch.Tensor) -> bool:
-        """Whether the compiled kernel can run this product (:func:`kernel_may_take`, and float32 weights);
-        else the gather path runs it, which gives the same result."""
-        return self._buffers["values0"].dtype is _F32 and kernel_may_take(x)
+        """Whether the compiled kernel can run this product (:func:`kernel_may_take`, float32 or float16 weights and
+        a float32 bias); else the gather path runs it, which gives the same result."""
+        buffers = self._buffers
+        bias = buffers["bias0"]
+        return (
+            buffers["values0"].dtype in _KERNEL_DTYPES and (bias is None or bias.dtype is _F32) and kernel_may_take(x)
+        )
 
     def _width_error(self, width: int) -> str:
         return (
@@ -291,7 +303,7 @@ class BlockSparseMatrix(InferenceOnly):
         xt = x.t().contiguous()
         outs = []
         for b in range(self.n_buckets):
-            values, bias = buffers[f"values{b}"], buffers[f"bias{b}"]
+            values, bias = _like(buffers[f"values{b}"], x), _like(buffers[f"bias{b}"], x)
             gathered = xt.index_select(0, buffers[f"index{b}"]).view(values.shape[0], values.shape[1], n)
             weights = values.transpose(1, 2)  # (blocks, r, K), a view
             outs.append(
@@ -300,15 +312,59 @@ class BlockSparseMatrix(InferenceOnly):
         y = outs[0] if self.n_buckets == 1 else torch.cat(outs, 0).index_select(0, buffers["unpermute"])
         return y.reshape(-1, n)[: self.out_features].t().contiguous()
 
+    @property
+    def values_dtype(self) -> torch.dtype:
+        """The dtype the kept weights are stored in (``torch.float16``: widened to float32 per product)."""
+        values = self._buffers.get("values0")
+        if values is None:
+            values = self._buffers.get("weight", self._buffers.get("sparse_values"))
+        return values.dtype
+
     def extra_repr(self) -> str:
+        stored = "" if self.values_dtype is not _F16 else ", values_dtype=float16"
         return (
             f"{self.out_features}x{self.in_features}, block_rows={self.block_rows}, impl={self.impl}, "
-            f"nonzeros={self.nonzeros}, stored={self.stored_values}"
+            f"nonzeros={self.nonzeros}, stored={self.stored_values}{stored}"
         )
 
 
 # torch.is_grad_enabled and torch.jit.is_tracing without their Python wrappers (what they call)
 _grad_enabled, _tracing_state, _F32 = torch._C.is_grad_enabled, torch._C._get_tracing_state, torch.float32
+_F16 = torch.float16
+_KERNEL_DTYPES = (_F32, _F16)
+VALUES_DTYPES = ("float16",)  # storage other than the weight's own dtype
+
+
+def _stored_dtype(values_dtype: torch.dtype | str | None, weight_dtype: torch.dtype, impl: str) -> torch.dtype:
+    """The dtype the kept weights are stored in, checked: the weight's own, or float16 for a float32 packed one."""
+    if values_dtype is None:
+        return weight_dtype
+    named = values_dtype.removeprefix("torch.") if isinstance(values_dtype, str) else None
+    dtype = getattr(torch, named, None) if named in VALUES_DTYPES + ("float32",) else values_dtype
+    if dtype == weight_dtype:
+        return weight_dtype
+    if dtype is not _F16:
+        raise ValueError(
+            f"BlockSparseMatrix: values_dtype={values_dtype!r}; choose torch.float16 (half the weight bytes) or "
+            f"leave it unset (the weight's {str(weight_dtype).removeprefix('torch.')})"
+        )
+    if weight_dtype is not _F32:
+        raise ValueError(
+            f"BlockSparseMatrix: values_dtype=float16 stores a float32 weight in half precision; this weight is "
+            f"{str(weight_dtype).removeprefix('torch.')}: pass a float32 one, or leave values_dtype unset"
+        )
+    if impl not in ("gather", "cpp"):
+        raise ValueError(
+            f"BlockSparseMatrix: values_dtype=float16 applies to impl='gather' or 'cpp', not {impl!r}; use one of "
+            "those, or leave values_dtype unset"
+        )
+    return _F16
+
+
+def _like(tensor: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """``tensor`` in ``x``'s dtype (float16 weights widened for a float32 input; else itself, no copy)."""
+    return tensor if tensor is None or tensor.dtype is x.dtype else tensor.to(x.dtype)
+
 
 
 def kernel_may_take(x: torch.Tensor) -> bool:
@@ -320,4 +376,4 @@ def kernel_may_take(x: torch.Tensor) -> bool:
         return False
     return x.dtype is _F32 and _tracing_state() is None
 
-__all__ = ["IMPLS", "TRAIN_MODE_WARNING", "BlockSparseMatrix", "InferenceOnly", "kernel_may_take"]
+__all__ = ["IMPLS", "TRAIN_MODE_WARNING", "VALUES_DTYPES", "BlockSparseMatrix", "InferenceOnly", "kernel_may_take"]

@@ -136,6 +136,7 @@ def to_blocksparse(
     table: Table | None = None,
     rounds: int = 9,
     steps: int = 16,
+    values_dtype: torch.dtype | str | None = None,
 ) -> list[str]:
     """Replace sparse layers of ``model`` in place with block-sparse executors; returns their names.
 
@@ -159,11 +160,29 @@ def to_blocksparse(
             or a tuple of them) gives each layer's input shape; without it Linear/cells are timed on
             ``(batch, in)`` and GRU/LSTM on ``steps`` steps (convolutions need it). ``choice_report(model)``
             says how often dense won.
+        values_dtype: ``torch.float16`` stores the kept weights of every packed matrix in half precision (half
+            their bytes; products stay float32, see :class:`~admmcompress.executors.blockmatrix.BlockSparseMatrix`);
+            matrices that stay dense (below ``min_sparsity``) keep float32. Not with ``choose="measured"``, which
+            times float32 layers.
+
+    >>> from admmcompress.structures import Block
+    >>> model = nn.Sequential(nn.Linear(64, 32)).eval()
+    >>> with torch.no_grad():
+    ...     _ = model[0].weight.copy_(Block(compression=8, block=(8, 8)).project(model[0].weight))
+    >>> to_blocksparse(model, block_rows=8, values_dtype=torch.float16)
+    ['0']
+    >>> model[0].matrix.values_dtype, model(torch.randn(2, 64)).dtype
+    (torch.float16, torch.float32)
     """
     if choose not in ("fixed", "measured"):
         raise ValueError(f"to_blocksparse: choose={choose!r}; choose 'fixed' or 'measured'")
     if kernel not in KERNELS:  # else unseen on a model without GRU/LSTM layers
         raise ValueError(f"to_blocksparse: kernel={kernel!r}; choose one of {KERNELS}")
+    if values_dtype is not None and choose == "measured":
+        raise ValueError(
+            "to_blocksparse: choose='measured' times float32 layers and cannot store float16 weights; use "
+            "choose='fixed' with values_dtype, or leave values_dtype unset"
+        )
     modules = dict(model.named_modules())
     readers = weight_readers(model)
     if layers is None:
@@ -221,6 +240,7 @@ def to_blocksparse(
             buckets=buckets,
             min_sparsity=min_sparsity,
             kernel=kernel,
+            **({} if values_dtype is None else {"values_dtype": values_dtype}),
         )
         replace_module(model, name, new)
     return chosen
@@ -268,7 +288,7 @@ def layer_key(
 
 _OPTIONS = (
     "block_rows", "layers", "min_sparsity", "impl", "buckets", "kernel", "choose", "batches", "table", "rounds",
-    "steps",
+    "steps", "values_dtype",
 )
 
 
@@ -286,8 +306,8 @@ class BlocksparseExecutor(Executor):
     def convert(self, model: nn.Module, masks: Any = None, example: Any = None, **options: Any) -> nn.Module:
         """A copy of ``model`` (``masks`` applied) with its sparse layers block-sparse; options as
         ``to_blocksparse`` (``block_rows``, ``layers``, ``min_sparsity``, ``impl``, ``buckets``, ``kernel``,
-        ``choose``, ``batches``, ``table``, ``rounds``, ``steps``). ``example`` (a model input) is used by
-        ``choose="measured"`` only, for the layers' input shapes."""
+        ``choose``, ``batches``, ``table``, ``rounds``, ``steps``, ``values_dtype``). ``example`` (a model input)
+        is used by ``choose="measured"`` only, for the layers' input shapes."""
         reject_unknown("blocksparse", "convert", options, _OPTIONS)
         work = copy.deepcopy(model)
         if masks is not None:

@@ -70,9 +70,12 @@ def _kind(value) -> str:
 def _matrix(
     weight: torch.Tensor, bias: torch.Tensor | None, block_rows: int, min_sparsity: float, **kwargs
 ) -> BlockSparseMatrix:
-    """Block-sparse when sparse enough to pay off, else dense (``impl="dense"``)."""
+    """Block-sparse when sparse enough to pay off, else dense (``impl="dense"``, float32: ``values_dtype`` applies to
+    packed matrices only, and a dense one widened per recurrent step would cost more than it saves)."""
     sparsity = 1.0 - int(torch.count_nonzero(weight)) / weight.numel()
     impl = kwargs.pop("impl", "gather")
+    if sparsity < min_sparsity:
+        kwargs.pop("values_dtype", None)
     return BlockSparseMatrix(
         weight, block_rows, impl=impl if sparsity >= min_sparsity else "dense", bias=bias, **kwargs
     )

@@ -1,0 +1,230 @@
+"""Block-sparse weights stored in float16 (``values_dtype``): half the bytes, products in float32.
+
+The reference for every output is the masked dense layer with its weights rounded to float16 (biases stay
+float32): the stored weights are exactly those, and products accumulate in float32, so outputs match it to float32
+rounding. Tests of the compiled kernel skip where it cannot be built; the others switch it off.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from admmcompress.executors import blocksparse_cpp, get_executor
+from admmcompress.executors.blockmatrix import BlockSparseMatrix
+from admmcompress.executors.blocksparse import convert_module, to_blocksparse
+from admmcompress.structures import Block
+
+
+@pytest.fixture(autouse=True)
+def _private_rng():
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        yield
+
+
+@pytest.fixture()
+def no_compiler(monkeypatch):
+    monkeypatch.setattr(blocksparse_cpp, "load", lambda verbose=False: None)
+
+
+@pytest.fixture(scope="module")
+def ext():
+    module = blocksparse_cpp.load()
+    if module is None:
+        pytest.skip("no C++ compiler / torch headers here")
+    return module
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def block_pruned(weight: torch.Tensor, r: int) -> torch.Tensor:
+    return Block(compression=6, block=(r, 1), allow_ragged=True).project(weight)
+
+
+def rounded(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose weight matrices (not biases) are rounded to float16 and back."""
+    copy_ = copy.deepcopy(module)
+    with torch.no_grad():
+        for name, p in copy_.named_parameters():
+            if "weight" in name:
+                p.copy_(p.half().float())
+    return copy_
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def sparse_linear(inp: int, out: int, r: int) -> nn.Linear:
+    layer = nn.Linear(inp, out).eval()
+    with torch.no_grad():
+        layer.weight.copy_(block_pruned(layer.weight, r))
+    return layer
+
+
+# --- storage ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, "float16", "torch.float16"])
+def test_half_storage_halves_the_weight_bytes_and_keeps_bias_and_products_float32(no_compiler, dtype):
+    layer = sparse_linear(40, 24, 8)
+    full = BlockSparseMatrix(layer.weight, 8, bias=layer.bias)
+    half = BlockSparseMatrix(layer.weight, 8, bias=layer.bias, values_dtype=dtype)
+    assert half.values0.dtype == torch.float16 and half.bias0.dtype == torch.float32
+    assert half.values0.nbytes * 2 == full.values0.nbytes and half.values_dtype == torch.float16
+    assert "values_dtype=float16" in repr(half) and "values_dtype" not in repr(full)
+    x = torch.randn(3, 40)
+    assert half(x).dtype == torch.float32
+    close(half(x), rounded(layer)(x))
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 5, 16, 40])
+def test_the_torch_path_equals_the_rounded_layer_at_every_batch(no_compiler, n):
+    layer = sparse_linear(48, 40, 16)  # 40 rows: a ragged last row block
+    for buckets in (1, 3):
+        m = BlockSparseMatrix(layer.weight, 16, bias=layer.bias, buckets=buckets, values_dtype=torch.float16)
+        x = torch.randn(n, 48)
+        close(m(x), rounded(layer)(x))
+
+
+def test_float32_as_values_dtype_is_the_default_storage():
+    layer = sparse_linear(16, 8, 8)
+    assert BlockSparseMatrix(layer.weight, 8, values_dtype="float32").values0.dtype == torch.float32
+    assert BlockSparseMatrix(layer.weight.double(), 8, values_dtype=torch.float64).values0.dtype == torch.float64
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"values_dtype": torch.bfloat16}, "choose torch.float16"),
+        ({"values_dtype": "half16"}, "choose torch.float16"),
+        ({"values_dtype": torch.float16, "impl": "dense"}, "applies to impl='gather' or 'cpp'"),
+        ({"values_dtype": torch.float16, "impl": "csr"}, "applies to impl='gather' or 'cpp'"),
+        ({"values_dtype": torch.float16, "impl": "bsr"}, "applies to impl='gather' or 'cpp'"),
+    ],
+)
+def test_wrong_storage_requests_name_the_fix(kwargs, words):
+    layer = sparse_linear(16, 16, 8)
+    with pytest.raises(ValueError, match=words):
+        BlockSparseMatrix(layer.weight, 8, **kwargs)
+
+
+def test_half_storage_of_a_float64_weight_is_refused():
+    with pytest.raises(ValueError, match="this weight is float64"):
+        BlockSparseMatrix(torch.eye(8, dtype=torch.float64), 8, values_dtype=torch.float16)
+
+
+def test_a_half_input_is_refused_in_one_line(no_compiler):
+    m = BlockSparseMatrix(sparse_linear(16, 8, 8).weight, 8, values_dtype=torch.float16)
+    with pytest.raises(TypeError, match="input is torch.bfloat16"):
+        m(torch.randn(2, 16, dtype=torch.bfloat16))
+
+
+def test_measured_choice_refuses_half_storage():
+    model = nn.Sequential(sparse_linear(16, 8, 8))
+    with pytest.raises(ValueError, match="choose='fixed' with values_dtype"):
+        to_blocksparse(model, block_rows=8, choose="measured", values_dtype=torch.float16)
+
+
+# --- every layer type, torch path and compiled kernel ----------------------------------------------------------------
+
+
+def layer_cases() -> list[tuple[str, nn.Module, torch.Tensor]]:
+    conv = nn.Conv2d(6, 16, 3, padding=1).eval()
+    with torch.no_grad():
+        w = conv.weight.reshape(16, -1)
+        conv.weight.copy_(block_pruned(w, 8).view_as(conv.weight))
+    cases: list[tuple[str, nn.Module, torch.Tensor]] = [
+        ("linear", sparse_linear(40, 24, 8), torch.randn(3, 40)),
+        ("conv", conv, torch.randn(2, 6, 5, 5)),
+    ]
+    for cls, x in ((nn.GRU, torch.randn(5, 2, 12)), (nn.LSTM, torch.randn(5, 1, 12)),
+                   (nn.GRUCell, torch.randn(2, 12)), (nn.LSTMCell, torch.randn(1, 12))):
+        rnn = cls(12, 16).eval()
+        with torch.no_grad():
+            for name, p in rnn.named_parameters():
+                if "weight" in name:
+                    p.copy_(block_pruned(p, 8))
+        cases.append((cls.__name__, rnn, x))
+    return cases
+
+
+def outputs(result) -> list[torch.Tensor]:
+    if isinstance(result, torch.Tensor):
+        return [result]
+    return [t for item in result for t in outputs(item)]
+
+
+@pytest.mark.parametrize("case", range(6), ids=["linear", "conv", "gru", "lstm", "grucell", "lstmcell"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["torch", "kernel"])
+def test_every_layer_type_equals_its_rounded_layer(case, compiled, monkeypatch):
+    if compiled and blocksparse_cpp.load() is None:
+        pytest.skip("no C++ compiler / torch headers here")
+    if not compiled:
+        monkeypatch.setattr(blocksparse_cpp, "load", lambda verbose=False: None)
+    name, layer, x = layer_cases()[case]
+    impl = "cpp" if compiled else "gather"
+    fast = convert_module(layer, 8, name=name, impl=impl, kernel=impl.replace("gather", "torch"),
+                          values_dtype=torch.float16).eval()
+    halves = [b for n, b in fast.named_buffers() if n.split(".")[-1].startswith("values")]
+    assert halves and all(b.dtype == torch.float16 for b in halves)
+    with torch.inference_mode():
+        for got, want in zip(outputs(fast(x)), outputs(rounded(layer)(x)), strict=True):
+            close(got, want)
+
+
+def test_matrices_that_stay_dense_keep_float32(no_compiler):
+    gru = nn.GRU(8, 8).eval()  # dense weights: below min_sparsity, so each matrix stays dense
+    fast = convert_module(gru, 8, impl="gather", min_sparsity=0.5, values_dtype=torch.float16)
+    assert all(m.impl == "dense" and m.weight.dtype == torch.float32 for m in (*fast.ih, *fast.hh))
+
+
+def test_the_executor_passes_values_dtype(no_compiler):
+    model = nn.Sequential(sparse_linear(32, 16, 8)).eval()
+    fast = get_executor("blocksparse").convert(model, block_rows=8, values_dtype="float16")
+    assert fast[0].matrix.values0.dtype == torch.float16 and model[0].weight.dtype == torch.float32
+
+
+# --- the compiled kernel's paths: one input, row passes, slabs, transposed (im2col) inputs ---------------------------
+
+
+@pytest.mark.parametrize("r", [4, 8, 16, 32, 5])
+def test_the_kernel_reads_half_weights_in_every_product_path(ext, threads, r):
+    layer = sparse_linear(96, 2 * r + 3, r)  # a ragged last row block
+    m = BlockSparseMatrix(layer.weight, r, impl="cpp", bias=layer.bias, values_dtype=torch.float16)
+    reference = rounded(layer)
+    with torch.inference_mode():
+        for n in (1, 2, 3, 5, 7, 16, 17, 40):
+            x = torch.randn(n, 96)
+            close(ext.bsmm(x, *blocksparse_cpp.packed(m), m.out_features), reference(x))
+            close(ext.bsmm_t(x.t().contiguous(), *blocksparse_cpp.packed(m), m.out_features), reference(x))
+
+
+def test_the_kernel_reads_half_weights_slab_by_slab(ext, threads):
+    layer = sparse_linear(64, 48, 16)
+    m = BlockSparseMatrix(layer.weight, 16, impl="cpp", bias=layer.bias, values_dtype=torch.float16)
+    x = torch.randn(300, 64)
+    previous = ext.set_slab_floats(64 * 32)  # slabs of 32 inputs: ten of them
+    try:
+        with torch.inference_mode():
+            close(m(x), rounded(layer)(x))
+    finally:
+        ext.set_slab_floats(previous)
+
+
+def test_the_kernel_refuses_a_half_bias(ext):
+    m = BlockSparseMatrix(sparse_linear(16, 16, 8).weight, 8, impl="cpp", bias=torch.randn(16),
+                          values_dtype=torch.float16)
+    index, values, offsets, counts, bias = blocksparse_cpp.packed(m)
+    with pytest.raises(RuntimeError, match="the bias must be float32"):
+        ext.bsmm(torch.randn(1, 16), index, values, offsets, counts, bias.half(), 16)
