@@ -100,3 +100,24 @@ def test_wrong_driver_inputs_are_one_line():
         ADMM(mlp(), Plan({"0": Unstructured(sparsity=0.5)}), rho=None)
     masks = OneShotMagnitude(mlp(), Plan({"0": Unstructured(sparsity=0.5)})).finalize()
     assert float(masks["0.weight"].float().mean()) == 0.5
+
+
+# --- an ADMM state that does not fit the model is one line, not a KeyError or a broadcast error later ------------
+
+
+def test_admm_load_state_dict_names_a_foreign_or_misshapen_state():
+    def driver(width: int) -> ADMM:
+        torch.manual_seed(0)
+        return ADMM(nn.Sequential(nn.Linear(8, width)), Plan({"0": Unstructured(sparsity=0.5)}), rho=1e-3)
+
+    narrow, wide = driver(4), driver(6)
+    with pytest.raises(ValueError, match="not an ADMM driver state .* pass what ADMM.state_dict"):
+        narrow.load_state_dict({"Z": {}})
+    misshapen = r"ADMM state of '0.weight:unstructured': Z \(6, 8\), U \(6, 8\) .* shape \(4, 8\)"
+    with pytest.raises(ValueError, match=misshapen):
+        narrow.load_state_dict(wide.state_dict())
+    broken = narrow.state_dict()
+    broken["state"]["0.weight:unstructured"]["rho"] = "high"
+    with pytest.raises(ValueError, match="a number rho expected"):
+        narrow.load_state_dict(broken)
+    narrow.load_state_dict(driver(4).state_dict())  # a state of the same model and plan loads

@@ -130,3 +130,57 @@ def test_distilbert_ffn_width_is_its_hidden_dim(tmp_path):
     small = compacted(model, [Rule(Filter(sparsity=0.5), match="*ffn.lin1")])
     saved = save_compacted_pretrained(small, tmp_path, example_inputs=ids(2, 5))
     assert saved.format == "pretrained" and saved.changed == {"hidden_dim": 32}
+
+
+# --- nothing the user had is lost: the folder is written whole, and replaced only when asked ------------------------
+
+
+def ffn_halved():
+    return compacted(bert(), [Rule(Filter(sparsity=0.5), match="*intermediate.dense")])
+
+
+def test_a_folder_that_holds_files_is_refused_unless_overwrite_and_then_replaced_whole(tmp_path):
+    small = ffn_halved()
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="already holds files; .* overwrite=True"):
+        save_compacted_pretrained(small, folder)
+    assert (folder / "notes.txt").read_text() == "mine"
+    saved = save_compacted_pretrained(small, folder, example_inputs=ids(), overwrite=True)
+    assert saved.format == "pretrained" and saved.folder == folder
+    assert not (folder / "notes.txt").exists() and (folder / "config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"]  # no staged or set-aside folder left
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_save_that_fails_its_check_leaves_what_was_there(tmp_path, overwrite):
+    small = ffn_halved()
+    folder = tmp_path / "saved"
+    if overwrite:
+        save_compacted_pretrained(small, folder)
+        before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(ValueError, match="differs from the saved one"):
+        save_compacted_pretrained(small, folder, example_inputs=ids(), atol=-1.0, overwrite=overwrite)
+    if overwrite:
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    else:
+        assert not folder.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["saved"] if overwrite else [])
+
+
+def test_the_manifest_fallback_is_written_whole_too(tmp_path):
+    model = bert()
+    targets = Plan([Rule(Filter(sparsity=0.5), match="*layer.0.intermediate.dense")]).resolve_coupled(model, ids())
+    small = compact(model, ids(), hard_prune(model, targets)).model  # one layer pruned: widths differ
+    with pytest.raises(ValueError, match="differs from the saved one"):
+        save_compacted_pretrained(small, tmp_path / "m", example_inputs=ids(), atol=-1.0)
+    assert not (tmp_path / "m").exists() and not list(tmp_path.iterdir())
+    saved = save_compacted_pretrained(small, tmp_path / "m", example_inputs=ids())
+    assert saved.format == "manifest" and (tmp_path / "m" / "manifest.json").exists()
+
+
+def test_a_file_in_place_of_the_folder_is_refused(tmp_path):
+    (tmp_path / "x").write_text("")
+    with pytest.raises(ValueError, match="is a file; a model is saved as a folder"):
+        save_compacted_pretrained(ffn_halved(), tmp_path / "x")

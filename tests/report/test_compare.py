@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,32 @@ def test_results_made_outside_the_runner_join_through_summary_json(two_runs, tmp
     (tmp_path / "broken" / "summary.json").write_text('{"nam": 1}')
     with pytest.raises(ValueError, match="is not a summary written by save_summary"):
         load_summary(tmp_path / "broken")
+
+
+@pytest.mark.parametrize(
+    ("entry", "named"),
+    [
+        ({"accuracy_after": "high"}, "accuracy_after = 'high', not a number"),
+        ({"compression": [4]}, "compression = [4], not a number"),
+        ({"wall_seconds": True}, "wall_seconds = True, not a number"),
+        ({"params_after": 12.5}, "params_after = 12.5, not a whole number"),
+        ({"name": 7}, "name = 7"),
+        ({"extra": [1]}, "extra = [1], not an object"),
+    ],
+)
+def test_a_summary_with_wrong_types_is_one_line_not_a_crash_of_the_table(tmp_path, capsys, entry, named):
+    fields = {"name": "x", "folder": "x", "method": "magnitude", "accuracy_after": 90.0, **entry}
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "summary.json").write_text(json.dumps(fields))
+    with pytest.raises(ValueError, match=f"holds {re.escape(named)}"):
+        load_summary(tmp_path / "x")
+    assert main(["report", "--compare", str(tmp_path / "x")]) == 2
+    assert "write it with save_summary" in capsys.readouterr().err
+
+
+def test_an_infinite_figure_is_saved_as_standard_json_and_read_back(tmp_path):
+    summary = RunSummary("all pruned", "p", "admm", float("inf"), 99.0, 10.0, storage_reduction=float("inf"))
+    save_summary(summary, tmp_path / "p")
+    text = (tmp_path / "p" / "summary.json").read_text()
+    json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
+    assert load_summary(tmp_path / "p") == summary

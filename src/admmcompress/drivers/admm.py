@@ -324,10 +324,27 @@ class ADMM(Driver):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        missing = sorted(set(self.state) - set(state["state"]))
-        extra = sorted(set(state["state"]) - set(self.state))
+        entries = state.get("state") if isinstance(state, dict) else None
+        if not isinstance(entries, dict) or not {"iteration", "history"} <= set(state):
+            raise ValueError(
+                "ADMM.load_state_dict: this is not an ADMM driver state (it needs 'iteration', 'history' and "
+                "'state'); pass what ADMM.state_dict() returned"
+            )
+        missing = sorted(set(self.state) - set(entries))
+        extra = sorted(set(entries) - set(self.state))
         if missing or extra:
             raise ValueError(f"ADMM state does not match the plan: missing {missing}, unexpected {extra}")
+        for k, s in entries.items():
+            want = tuple(self.state[k]["Z"].shape)
+            got = {n: tuple(s[n].shape) if isinstance(s, dict) and isinstance(s.get(n), torch.Tensor) else None
+                   for n in ("Z", "U")}
+            rho = s.get("rho") if isinstance(s, dict) else None
+            number = isinstance(rho, (int, float)) or (isinstance(rho, torch.Tensor) and rho.numel() == 1)
+            if any(shape != want for shape in got.values()) or not number:
+                raise ValueError(
+                    f"ADMM state of '{k}': Z {got['Z']}, U {got['U']} (tensors of the target's shape {want} and a "
+                    "number rho expected); load the state saved with this model and plan"
+                )
         self.iteration = int(state["iteration"])
         self.history = list(state["history"])
         for k, s in state["state"].items():

@@ -22,6 +22,9 @@ size the config derives from the hidden size), it writes the library's manifest 
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from admmcompress.atomic import atomic_folder
 from admmcompress.executors.manifest import _write_compacted
 from admmcompress.models.conv1d import conv1d_from_linear
 from admmcompress.plan.attention import attention_layouts
@@ -128,33 +132,76 @@ def save_compacted_pretrained(
     example_inputs: Any = None,
     conv1d_names: list[str] | None = None,
     atol: float = 1e-4,
+    overwrite: bool = False,
 ) -> SavedModel:
     """``save_pretrained`` output in ``folder`` when the config can say ``model``'s shapes, else the manifest.
 
     ``conv1d_names`` (what ``linear_from_conv1d`` returned) are turned back into ``Conv1D`` in a copy before saving.
-    With ``example_inputs`` the saved folder is reloaded (``from_pretrained`` / ``load_compacted``) and its outputs
+    With ``example_inputs`` the saved model is reloaded (``from_pretrained`` / ``load_compacted``) and its outputs
     compared with ``model``'s; a difference above ``atol`` raises ``ValueError``.
+
+    The folder is written whole beside ``folder`` and renamed into place once complete (and checked): a failure
+    or a kill leaves no half-written model. A ``folder`` that holds files is refused unless ``overwrite=True``,
+    which replaces it only then (its old content is renamed to ``<folder>.replaced`` for the moment of the swap).
     """
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"'{folder}' is a file; a model is saved as a folder, choose another path")
+    if _holds_files(folder) and not overwrite:
+        raise ValueError(
+            f"'{folder}' already holds files; save into a new or empty folder, or pass overwrite=True to replace "
+            "them once the new save is complete"
+        )
     out = copy.deepcopy(model)
     if conv1d_names:
         conv1d_from_linear(out, conv1d_names)  # the layout the model class builds (and its shapes are compared in)
     config, changed, reason = pretrained_config(out)
     if config is None:
-        _write_compacted(model, folder)
         saved = SavedModel(folder, "manifest", f"saved as the library's manifest, not save_pretrained: {reason}")
-        if example_inputs is not None:
-            from admmcompress.executors.manifest import load_compacted
 
-            skeleton = type(model)(model.config) if hasattr(model, "config") else copy.deepcopy(model)
-            saved.max_abs_diff = _check(load_compacted(folder, skeleton), model, example_inputs, atol)
-        return saved
-    out.config = config
-    out.save_pretrained(folder)
-    saved = SavedModel(folder, "pretrained", changed=changed)
-    if example_inputs is not None:
-        saved.max_abs_diff = _check(type(model).from_pretrained(folder), model, example_inputs, atol)
+        def write(into: Path) -> None:
+            _write_compacted(model, into)
+            if example_inputs is not None:
+                from admmcompress.executors.manifest import load_compacted
+
+                skeleton = type(model)(model.config) if hasattr(model, "config") else copy.deepcopy(model)
+                saved.max_abs_diff = _check(load_compacted(into, skeleton), model, example_inputs, atol)
+    else:
+        out.config = config
+        saved = SavedModel(folder, "pretrained", changed=changed)
+
+        def write(into: Path) -> None:
+            out.save_pretrained(into)
+            if example_inputs is not None:
+                saved.max_abs_diff = _check(type(model).from_pretrained(into), model, example_inputs, atol)
+
+    _write_whole(folder, write)
     return saved
+
+
+def _holds_files(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.iterdir())
+
+
+def _write_whole(folder: Path, write: Callable[[Path], None]) -> None:
+    """``write`` a new folder whole (:func:`~admmcompress.atomic.atomic_folder`) in place of ``folder``; one that
+    holds files is set aside only once the new one is complete, and removed after the swap."""
+    if not _holds_files(folder):
+        atomic_folder(folder, write)
+        return
+    staged = folder.with_name(f"{folder.name}.new")
+    aside = folder.with_name(f"{folder.name}.replaced")
+    for path in (staged, aside):
+        if path.exists():
+            raise ValueError(f"'{path}' is in the way of replacing '{folder}'; move it away (a kept earlier save?)")
+    atomic_folder(staged, write)
+    os.rename(folder, aside)
+    try:
+        os.rename(staged, folder)
+    except OSError:
+        os.rename(aside, folder)  # the earlier save back in place; the new one stays beside it, named
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _check(reloaded: nn.Module, model: nn.Module, example_inputs: Any, atol: float) -> float:

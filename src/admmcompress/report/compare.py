@@ -104,7 +104,12 @@ def save_summary(summary: RunSummary, folder: str | Path) -> Path:
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(dataclasses.asdict(summary), indent=1, default=str)
+    fields = dataclasses.asdict(summary)
+    for key in _FIGURES:  # JSON has no infinity (json.dumps would write a bare Infinity other readers refuse)
+        value = fields[key]
+        if isinstance(value, float) and not math.isfinite(value):
+            fields[key] = str(value)
+    text = json.dumps(fields, indent=1, default=str)
     return atomic_write(folder / SUMMARY_FILE, lambda tmp: tmp.write_text(text))
 
 
@@ -112,9 +117,36 @@ def _read_summary(path: Path) -> RunSummary:
     try:
         data = json.loads(path.read_text())
         known = {f.name for f in dataclasses.fields(RunSummary)}
-        return RunSummary(**{k: v for k, v in data.items() if k in known})
+        summary = RunSummary(**{k: v for k, v in data.items() if k in known})
     except (json.JSONDecodeError, TypeError, AttributeError):
         raise ValueError(f"compare: '{path}' is not a summary written by save_summary") from None
+    wrong = _wrong_fields(summary)
+    if wrong:
+        raise ValueError(f"compare: '{path}' holds {wrong[0]}; write it with save_summary (numbers as numbers)")
+    return dataclasses.replace(summary, **{k: _number(getattr(summary, k)) for k in _FIGURES})
+
+
+# The figures of a summary: numbers, or the strings "inf"/"-inf"/"nan" (JSON has no infinity)
+_FIGURES = ("compression", "accuracy_before", "accuracy_after", "accuracy_hard_pruned", "storage_reduction",
+            "wall_seconds")
+_COUNTS = ("params_after", "macs_after")
+
+
+def _wrong_fields(summary: RunSummary) -> list[str]:
+    """What in a summary read from JSON the table could not show, as ``"<field> = <value>"`` (empty: all fine)."""
+    wrong = [f"{k} = {getattr(summary, k)!r}" for k in ("name", "folder", "method")
+             if not isinstance(getattr(summary, k), str)]
+    for key in _FIGURES:
+        value = getattr(summary, key)
+        if value is not None and (isinstance(value, bool) or _number(value) is None):
+            wrong.append(f"{key} = {value!r}, not a number")
+    for key in _COUNTS:
+        value = getattr(summary, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            wrong.append(f"{key} = {value!r}, not a whole number")
+    if not isinstance(summary.extra, dict):
+        wrong.append(f"extra = {summary.extra!r}, not an object")
+    return wrong
 
 
 def _storage_reduction(storage: dict[str, Any]) -> float | None:
