@@ -20,13 +20,8 @@ from admmcompress.finalize import hard_prune
 from admmcompress.plan import Plan
 from admmcompress.structures import Block, Unstructured
 
+pytestmark = pytest.mark.usefixtures("private_rng")
 
-@pytest.fixture(autouse=True)
-def _private_rng():
-    """Seeded, and the global RNG restored afterwards: later tests see the state they would without these."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        yield
 
 ATOL = 1e-5  # the issue asks for <= 1e-4
 

@@ -31,20 +31,9 @@ from admmcompress.plan import Plan
 from admmcompress.structures import Block
 from admmcompress.timing import LatencyCache
 
+pytestmark = pytest.mark.usefixtures("private_rng")
+
 ATOL = 1e-4  # the issue's bound against the masked dense model
-
-
-@pytest.fixture(autouse=True)
-def _private_rng():
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        yield
-
-
-@pytest.fixture()
-def no_compiler(monkeypatch):
-    """As on a machine where the extension cannot be built: the loader answers ``None``."""
-    monkeypatch.setattr(blocksparse_cpp, "load", lambda verbose=False: None)
 
 
 @pytest.fixture()

@@ -21,7 +21,7 @@ from admmcompress.finalize import hard_prune
 from admmcompress.plan import Plan
 from admmcompress.structures import Block
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("private_rng")]
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +30,6 @@ def ext():
     if module is None:
         pytest.skip("no C++ compiler / torch headers here")
     return module
-
-
-@pytest.fixture(autouse=True)
-def _private_rng():
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        yield
 
 
 @pytest.mark.parametrize("cls", [nn.GRU, nn.LSTM])

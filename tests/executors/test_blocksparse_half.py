@@ -18,17 +18,7 @@ from admmcompress.executors.blockmatrix import BlockSparseMatrix
 from admmcompress.executors.blocksparse import convert_module, to_blocksparse
 from admmcompress.structures import Block
 
-
-@pytest.fixture(autouse=True)
-def _private_rng():
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        yield
-
-
-@pytest.fixture()
-def no_compiler(monkeypatch):
-    monkeypatch.setattr(blocksparse_cpp, "load", lambda verbose=False: None)
+pytestmark = pytest.mark.usefixtures("private_rng")
 
 
 @pytest.fixture(scope="module")

@@ -22,18 +22,7 @@ from admmcompress.executors.blocksparse import (
 )
 from admmcompress.executors.column import ColumnConv2d, ColumnLinear
 
-
-@pytest.fixture(autouse=True)
-def _private_rng():
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        yield
-
-
-@pytest.fixture()
-def no_compiler(monkeypatch):
-    """As on a machine where the extension cannot be built: the loader answers ``None``."""
-    monkeypatch.setattr(blocksparse_cpp, "load", lambda verbose=False: None)
+pytestmark = pytest.mark.usefixtures("private_rng")
 
 
 def zero_columns(module: nn.Module) -> nn.Module:
