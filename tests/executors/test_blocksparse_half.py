@@ -218,3 +218,98 @@ def test_the_kernel_refuses_a_half_bias(ext):
     index, values, offsets, counts, bias = blocksparse_cpp.packed(m)
     with pytest.raises(RuntimeError, match="the bias must be float32"):
         ext.bsmm(torch.randn(1, 16), index, values, offsets, counts, bias.half(), 16)
+
+
+# --- review of the float16 storage (stop 48): each test failed before its fix ---------------------------------------
+
+
+class DictTable:
+    """An in-memory latency table for choose='measured' (nothing written to the user's cache)."""
+
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = {}
+
+    def get(self, key: str) -> float | None:
+        return self.ms.get(key)
+
+    def put(self, key: str, ms: float) -> None:
+        self.ms[key] = ms
+
+
+@pytest.mark.parametrize("values_dtype", [torch.float16, None])
+def test_a_recurrent_layer_turned_half_runs_on_float32_inputs(ext, values_dtype):
+    gru = nn.GRU(12, 16).eval()
+    with torch.no_grad():
+        for name, p in gru.named_parameters():
+            if "weight" in name:
+                p.copy_(block_pruned(p, 8))
+    fast = convert_module(gru, 8, kernel="cpp", values_dtype=values_dtype).eval().half()
+    assert fast.kernel == "cpp" and not blocksparse_cpp.supports(fast.hh[0])  # its bias is float16 now
+    x = torch.randn(5, 2, 12)
+    with torch.inference_mode():
+        out, _ = fast(x)  # was: "block-sparse kernel: the bias must be float32" from inside the kernel
+    torch.testing.assert_close(out, rounded(gru)(x)[0], atol=5e-3, rtol=0)
+
+
+def test_weights_float16_cannot_hold_are_refused_and_vanishing_ones_warned():
+    w = torch.zeros(16, 8)
+    w[0, 0] = 1e5
+    with pytest.raises(ValueError, match="largest |w| is 1e[+]05, float16 stops at 65504"):
+        BlockSparseMatrix(w, 8, values_dtype=torch.float16)
+    w[0, 0], w[1, 1] = 1.0, 1e-9
+    with pytest.warns(RuntimeWarning, match="1 nonzero weight.* stored as zero"):
+        BlockSparseMatrix(w, 8, values_dtype=torch.float16)
+
+
+def test_float16_inputs_are_refused_by_float16_storage_but_not_by_a_model_turned_half(no_compiler):
+    layer = sparse_linear(16, 8, 8)
+    stored = BlockSparseMatrix(layer.weight, 8, bias=layer.bias, values_dtype=torch.float16)
+    with pytest.raises(TypeError, match="stored in float16 .* pass x.float"):
+        stored(torch.randn(2, 16, dtype=torch.float16))  # was: computed in float16, returned float16
+    halved = BlockSparseMatrix(layer.weight, 8, bias=layer.bias).half()
+    assert halved(torch.randn(2, 16, dtype=torch.float16)).dtype == torch.float16
+
+
+def test_a_refused_layer_leaves_the_model_unconverted(no_compiler):
+    model = nn.Sequential(sparse_linear(16, 8, 8), sparse_linear(8, 8, 8).double())
+    with pytest.raises(ValueError, match="layer '1': .*this weight is float64"):
+        to_blocksparse(model, block_rows=8, min_sparsity=0.0, values_dtype=torch.float16)
+    assert [type(m) for m in model] == [nn.Linear, nn.Linear]  # was: the first converted, the second not
+
+
+def test_measured_choice_takes_float32_as_values_dtype(no_compiler):
+    model = nn.Sequential(sparse_linear(16, 8, 8)).eval()
+    to_blocksparse(model, block_rows=8, choose="measured", values_dtype="float32", table=DictTable(), rounds=1)
+    assert model(torch.randn(2, 16)).shape == (2, 8)
+
+
+OOM_SCRIPT = r"""
+import resource, torch
+from admmcompress.executors import blocksparse_cpp
+from admmcompress.executors.blockmatrix import BlockSparseMatrix
+blocksparse_cpp.load()
+torch.set_num_threads(THREADS)
+m = BlockSparseMatrix(torch.randn(128, 1 << 18), 64, impl="cpp", values_dtype=torch.float16)
+x = torch.randn(2, 1 << 18)
+blocksparse_cpp.packed(m)
+used = int(open("/proc/self/statm").read().split()[0]) * 4096
+resource.setrlimit(resource.RLIMIT_AS, (used + (24 << 20), resource.RLIM_INFINITY))  # a row block widens to 64 MiB
+try:
+    m(x)
+    print("ran")
+except RuntimeError as err:
+    print("RuntimeError", err)
+"""
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_running_out_of_memory_while_widening_is_an_error_not_an_abort(ext, threads):
+    import subprocess
+    import sys
+
+    if not hasattr(__import__("resource"), "RLIMIT_AS"):
+        pytest.skip("no address-space limit here")
+    run = subprocess.run([sys.executable, "-c", OOM_SCRIPT.replace("THREADS", str(threads))], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-400:]  # was: std::terminate inside the parallel region (rc 134)
+    assert "out of memory widening float16 weights" in run.stdout

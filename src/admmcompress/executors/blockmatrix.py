@@ -106,7 +106,10 @@ class BlockSparseMatrix(InferenceOnly):
         if not isinstance(buckets, int) or buckets < 1:
             raise ValueError(f"BlockSparseMatrix: buckets={buckets!r} must be a positive integer")
         weight = weight.detach()
-        stored_as = _stored_dtype(values_dtype, weight.dtype, impl)
+        stored_as = stored_dtype(values_dtype, weight.dtype, impl)
+        # float16 storage of a float32 layer: it takes float32 inputs only (float16 ones would silently compute in
+        # float16); a model turned to float16 as a whole (.half()) takes float16 inputs as before
+        self.half_storage = stored_as is not weight.dtype
         self.out_features, self.in_features = weight.shape
         if bias is not None and bias.shape != (self.out_features,):
             raise ValueError(f"BlockSparseMatrix: bias shape {tuple(bias.shape)} != ({self.out_features},)")
@@ -191,6 +194,8 @@ class BlockSparseMatrix(InferenceOnly):
             valid = torch.arange(k, device=weight.device).view(1, k) < counts[chunk].view(-1, 1)
             index = torch.where(valid, cols_sorted, torch.zeros_like(cols_sorted))
             values = blocks[chunk].gather(2, index.unsqueeze(1).expand(-1, r, k)) * valid.unsqueeze(1)
+            if stored_as is not values.dtype:
+                _check_representable(values, stored_as)
             self.register_buffer(f"index{b}", index.reshape(-1).contiguous())
             self.register_buffer(f"values{b}", values.transpose(1, 2).to(stored_as).contiguous())  # (blocks, K, r)
             block_bias = None if bias is None else blocks[chunk][:, :, cols].unsqueeze(1).contiguous()
@@ -245,10 +250,16 @@ class BlockSparseMatrix(InferenceOnly):
                 return ext.bsmm(x, *blocksparse_cpp.packed(self), self.out_features)
         n = x.shape[0]
         stored = buffers["values0"].dtype
-        if x.dtype != stored and not (stored is _F16 and x.dtype is _F32):  # else bmm's "expected scalar type"
+        widen = stored is _F16 and x.dtype is _F32
+        if x.dtype != stored and not widen:
             raise TypeError(
                 f"block-sparse matrix {self.out_features}x{self.in_features}: input is {x.dtype}, its weights are "
                 f"{stored}; convert one to the other (e.g. x.float(), or the model with .double())"
+            )
+        if stored is _F16 and not widen and self.__dict__.get("half_storage"):
+            raise TypeError(
+                f"block-sparse matrix {self.out_features}x{self.in_features}: input is {x.dtype}; its weights are "
+                "stored in float16 (values_dtype) for float32 inputs and products: pass x.float()"
             )
         if n == 0:  # view(0, blocks, -1) below cannot infer its last size
             return x.new_zeros(0, self.out_features)
@@ -335,8 +346,14 @@ _KERNEL_DTYPES = (_F32, _F16)
 VALUES_DTYPES = ("float16",)  # storage other than the weight's own dtype
 
 
-def _stored_dtype(values_dtype: torch.dtype | str | None, weight_dtype: torch.dtype, impl: str) -> torch.dtype:
-    """The dtype the kept weights are stored in, checked: the weight's own, or float16 for a float32 packed one."""
+def stored_dtype(
+    values_dtype: torch.dtype | str | None, weight_dtype: torch.dtype, impl: str = "gather"
+) -> torch.dtype:
+    """The dtype the kept weights are stored in, checked: the weight's own, or float16 for a float32 packed one.
+
+    >>> stored_dtype("float16", torch.float32), stored_dtype(None, torch.float64)
+    (torch.float16, torch.float64)
+    """
     if values_dtype is None:
         return weight_dtype
     named = values_dtype.removeprefix("torch.") if isinstance(values_dtype, str) else None
@@ -361,6 +378,28 @@ def _stored_dtype(values_dtype: torch.dtype | str | None, weight_dtype: torch.dt
     return _F16
 
 
+# float16's largest finite value, and its smallest positive one (subnormal)
+_F16_MAX, _F16_TINY = 65504.0, 2.0**-24
+
+
+def _check_representable(values: torch.Tensor, dtype: torch.dtype) -> None:
+    """Refuse weights that float16 would turn into infinities; warn about nonzeros it would turn into zeros."""
+    largest = float(values.abs().max()) if values.numel() else 0.0
+    if largest > _F16_MAX:
+        raise ValueError(
+            f"BlockSparseMatrix: values_dtype=float16 cannot hold this weight (its largest |w| is {largest:.4g}, "
+            f"float16 stops at {_F16_MAX:g}); leave values_dtype unset for this layer"
+        )
+    lost = int(((values != 0) & (values.abs() < _F16_TINY / 2)).sum())
+    if lost:
+        warnings.warn(
+            f"BlockSparseMatrix: {lost} nonzero weight(s) below float16's smallest ({_F16_TINY:.2g}) are stored as "
+            "zero with values_dtype=float16",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
 def _like(tensor: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
     """``tensor`` in ``x``'s dtype (float16 weights widened for a float32 input; else itself, no copy)."""
     return tensor if tensor is None or tensor.dtype is x.dtype else tensor.to(x.dtype)
@@ -376,4 +415,12 @@ def kernel_may_take(x: torch.Tensor) -> bool:
         return False
     return x.dtype is _F32 and _tracing_state() is None
 
-__all__ = ["IMPLS", "TRAIN_MODE_WARNING", "VALUES_DTYPES", "BlockSparseMatrix", "InferenceOnly", "kernel_may_take"]
+__all__ = [
+    "IMPLS",
+    "TRAIN_MODE_WARNING",
+    "VALUES_DTYPES",
+    "BlockSparseMatrix",
+    "InferenceOnly",
+    "kernel_may_take",
+    "stored_dtype",
+]

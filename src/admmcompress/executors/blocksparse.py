@@ -35,7 +35,7 @@ from torch import nn
 
 from admmcompress.executors import blocksparse_cpp
 from admmcompress.executors.base import Executor, register_executor, reject_unknown
-from admmcompress.executors.blockmatrix import BlockSparseMatrix
+from admmcompress.executors.blockmatrix import BlockSparseMatrix, stored_dtype
 from admmcompress.executors.blocksparse_choice import (
     MeasuredChoice,
     Table,
@@ -178,7 +178,8 @@ def to_blocksparse(
         raise ValueError(f"to_blocksparse: choose={choose!r}; choose 'fixed' or 'measured'")
     if kernel not in KERNELS:  # else unseen on a model without GRU/LSTM layers
         raise ValueError(f"to_blocksparse: kernel={kernel!r}; choose one of {KERNELS}")
-    if values_dtype is not None and choose == "measured":
+    halves = values_dtype is not None and stored_dtype(values_dtype, torch.float32) is not torch.float32
+    if choose == "measured" and halves:
         raise ValueError(
             "to_blocksparse: choose='measured' times float32 layers and cannot store float16 weights; use "
             "choose='fixed' with values_dtype, or leave values_dtype unset"
@@ -224,24 +225,31 @@ def to_blocksparse(
     if choose == "measured":
         check_batches(batches)
         shapes = recorded_shapes(model, example, chosen) if example is not None else {}
+    # Every replacement is built before any is swapped in: a layer refused halfway (a float16 request on a float64
+    # weight, say) must leave the model as it was, not half converted.
+    replacements: dict[str, nn.Module] = {}
     for name in chosen:
         rows = block_rows.get(name, 16) if isinstance(block_rows, Mapping) else block_rows
         if choose == "measured":
             impls = candidates(modules[name], rows, name, buckets, min_sparsity)
             key = layer_key(modules[name], impls["torch"], rows, shapes.get(name), steps)
-            new = choose_layer(name, impls, key, batches, shapes.get(name), table, rounds, steps)
-            replace_module(model, name, new)
+            replacements[name] = choose_layer(name, impls, key, batches, shapes.get(name), table, rounds, steps)
             continue
-        new = convert_module(
-            modules[name],
-            rows,
-            name=name,
-            impl=impl,
-            buckets=buckets,
-            min_sparsity=min_sparsity,
-            kernel=kernel,
-            **({} if values_dtype is None else {"values_dtype": values_dtype}),
-        )
+        try:
+            replacements[name] = convert_module(
+                modules[name],
+                rows,
+                name=name,
+                impl=impl,
+                buckets=buckets,
+                min_sparsity=min_sparsity,
+                kernel=kernel,
+                **({} if values_dtype is None else {"values_dtype": values_dtype}),
+            )
+        except ValueError as err:
+            text = str(err)
+            raise ValueError(text if f"'{name}'" in text else f"layer '{name}': {text}") from None
+    for name, new in replacements.items():
         replace_module(model, name, new)
     return chosen
 

@@ -48,7 +48,7 @@ import torch
 from admmcompress.cpu_caches import l3_bytes
 from admmcompress.timing import cpu_model
 
-VERSION = 21  # bump when SOURCE or the build flags change: the extension's cache name changes with it
+VERSION = 22  # bump when SOURCE or the build flags change: the extension's cache name changes with it
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -209,18 +209,51 @@ static void block_rows_any(const float* __restrict x, int64_t n_rows, int64_t x_
 // ran 1.5-1.8x faster than from float32 weights (AVX2 EPYC, one thread, 768x3072 to 5888x5888; 2026-12).
 static inline float half_to_float(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
 
-// n weights widened into this thread's buffer (valid until its next call). Grown, never shrunk: at most one row
-// block's weights (in_features x r floats), allocated the first time a thread needs that many.
+// Widening runs inside OpenMP parallel regions, where an exception would abort the process: a buffer that cannot
+// be allocated is counted here instead, and the call reports it once the region is over (checked_widening).
+static std::atomic<int64_t> widen_failures{0};
+// The per-thread buffer holds one row block's weights; one above this many floats (1 MiB) is released after use,
+// so a very wide layer does not leave a copy that large in every thread.
+static constexpr int64_t kKeptWideFloats = int64_t{1} << 18;
+static thread_local std::vector<float> wide_buffer;
+
+// n weights widened into this thread's buffer (valid until its next call); nullptr when it cannot be allocated.
 static const float* widened(const uint16_t* __restrict h, int64_t n) {
-  static thread_local std::vector<float> buffer;
-  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
-  float* __restrict f = buffer.data();
+  if (static_cast<int64_t>(wide_buffer.size()) < n) {
+    try {
+      wide_buffer.resize(n);
+    } catch (...) {
+      widen_failures.fetch_add(1);
+      return nullptr;
+    }
+  }
+  float* __restrict f = wide_buffer.data();
   int64_t i = 0;
 #if defined(__F16C__)
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(h + i))));
 #endif
   for (; i < n; ++i) f[i] = half_to_float(h[i]);
   return f;
+}
+
+struct ReleaseWidened {  // at the end of a row block widened into an oversized buffer
+  ~ReleaseWidened() {
+    if (static_cast<int64_t>(wide_buffer.size()) > kKeptWideFloats) std::vector<float>().swap(wide_buffer);
+  }
+};
+
+// f(args...) of an exported function, then one error line if a widening buffer could not be allocated meanwhile
+// (the outputs of its row block were not written).
+template <typename R, typename... A>
+static auto checked_widening(R (*f)(A...)) {
+  return [f](A... args) -> R {
+    const int64_t before = widen_failures.load();
+    R result = f(std::move(args)...);
+    TORCH_CHECK(widen_failures.load() == before,
+                "block-sparse kernel: out of memory widening float16 weights to float32 (one row block per thread); "
+                "free memory, or convert this layer without values_dtype (float32 weights need no widening)");
+    return result;
+  };
 }
 
 #if defined(__F16C__) && defined(__FMA__)
@@ -459,9 +492,11 @@ static inline void one_block(const Packed& p, int64_t b, const float* x, int64_t
     const uint16_t* h = p.half + p.offsets[b] * p.r;
     if (xt == nullptr && rows_half(p.r, n_rows, x, x_stride, idx, h, bb, kb, o, out_stride)) return;
     v = widened(h, kb * p.r);  // more inputs share the widening
+    if (v == nullptr) return;  // counted: the call fails once its parallel region is over
   } else {
     v = p.values + p.offsets[b] * p.r;
   }
+  const ReleaseWidened release;
   if (xt != nullptr) {
     int64_t n0 = 0;
     for (; n0 + kTileRows <= n_rows; n0 += kTileRows) {
@@ -1107,12 +1142,12 @@ int64_t threads_compiled() {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("bsmm", &bsmm, "block-sparse x @ W.T + b");
-  m.def("bsmm_t", &bsmm_t, "block-sparse xt.T @ W.T + b from transposed inputs xt");
-  m.def("gru_sequence", &gru_sequence, "GRU layer with a block-sparse hidden matrix");
-  m.def("lstm_sequence", &lstm_sequence, "LSTM layer with a block-sparse hidden matrix");
-  m.def("gru_layer", &gru_layer, "GRU layer from its inputs, both matrices block-sparse");
-  m.def("lstm_layer", &lstm_layer, "LSTM layer from its inputs, both matrices block-sparse");
+  m.def("bsmm", checked_widening(&bsmm), "block-sparse x @ W.T + b");
+  m.def("bsmm_t", checked_widening(&bsmm_t), "block-sparse xt.T @ W.T + b from transposed inputs xt");
+  m.def("gru_sequence", checked_widening(&gru_sequence), "GRU layer with a block-sparse hidden matrix");
+  m.def("lstm_sequence", checked_widening(&lstm_sequence), "LSTM layer with a block-sparse hidden matrix");
+  m.def("gru_layer", checked_widening(&gru_layer), "GRU layer from its inputs, both matrices block-sparse");
+  m.def("lstm_layer", checked_widening(&lstm_layer), "LSTM layer from its inputs, both matrices block-sparse");
   m.def("threads_compiled", &threads_compiled, "threads a product may use (1 without OpenMP)");
   m.def("product_chunks", &product_chunks, "chunk bounds over row blocks of one product");
   m.def("set_slab_floats", &set_slab_floats, "input floats per slab of a product (for tuning)");
@@ -1283,14 +1318,16 @@ def available() -> bool:
 
 
 def supports(matrix: torch.nn.Module) -> bool:
-    """The kernel runs ``gather``/``cpp`` matrices with one bucket (the packed layout it reads) and float32 or
-    float16 weights (``values_dtype``)."""
+    """The kernel runs ``gather``/``cpp`` matrices with one bucket (the packed layout it reads), float32 or
+    float16 weights (``values_dtype``) and a float32 bias (not after ``model.half()``)."""
     buffers = getattr(matrix, "_buffers", {})
+    bias = buffers.get("bias0")
     return (
         getattr(matrix, "impl", None) in ("gather", "cpp")
         and getattr(matrix, "n_buckets", 0) == 1
         and buffers.get("values0") is not None
         and buffers["values0"].dtype in (torch.float32, torch.float16)
+        and (bias is None or bias.dtype == torch.float32)
     )
 
 
