@@ -24,14 +24,6 @@ from admmcompress.structures import Block
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("private_rng")]
 
 
-@pytest.fixture(scope="module")
-def ext():
-    module = blocksparse_cpp.load()
-    if module is None:
-        pytest.skip("no C++ compiler / torch headers here")
-    return module
-
-
 @pytest.mark.parametrize("cls", [nn.GRU, nn.LSTM])
 @pytest.mark.parametrize("kwargs", [{}, {"num_layers": 2, "bidirectional": True, "batch_first": True}])
 def test_compiled_sequences_equal_torch(ext, cls, kwargs):

@@ -21,14 +21,6 @@ from admmcompress.structures import Block
 pytestmark = pytest.mark.usefixtures("private_rng")
 
 
-@pytest.fixture(scope="module")
-def ext():
-    module = blocksparse_cpp.load()
-    if module is None:
-        pytest.skip("no C++ compiler / torch headers here")
-    return module
-
-
 @pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
 def threads(request):
     before = torch.get_num_threads()
