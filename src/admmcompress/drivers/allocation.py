@@ -38,16 +38,26 @@ from admmcompress.atomic import atomic_write
 from admmcompress.drivers.budget import (
     Budget,
     BudgetError,
+    budget_shapes,
+    check_costed,
     drop_unread_channels,
-    gemm_shapes,
     structured_cost,
 )
+from admmcompress.drivers.soft import COLUMN_KINDS, ROW_KINDS
 from admmcompress.finalize import hard_prune, masks_of
 from admmcompress.plan import Plan, Rule, Target, resolve_targets
 from admmcompress.plan.coupled import CoupledTarget
 from admmcompress.plan.graph import call_model, first_sample
+from admmcompress.structures.base import Structure
 from admmcompress.structures.groups import group_scores, kept_count
 from admmcompress.structures.registry import structure_class
+from admmcompress.structures.sparsity import GEMM_MODULES
+
+COSTED_KINDS = ROW_KINDS + COLUMN_KINDS  # what removes whole rows or columns of the GEMM view, as SS-Auto
+
+
+def _params_of(t: Target) -> tuple[str, ...]:
+    return t.param_names if isinstance(t, CoupledTarget) else (t.param_name,)
 
 
 def _source_layers(t: Target) -> list[tuple[str, str]]:
@@ -59,6 +69,13 @@ def _source_layers(t: Target) -> list[tuple[str, str]]:
             out.append((param.rsplit(".", 1)[0], kind))
         return out
     return [(t.layer, t.structure.kind)]
+
+
+def _rule_structure(t: Target, kind: str, rate: float) -> Structure:
+    """The plan rule's structure for a source of ``t`` at ``rate``: ``t``'s own, with its options (block size,
+    head_dim, per_block); a coupled group's Filter/BlockFilter stands for its sources' rules, so those are rebuilt."""
+    cls = structure_class(kind)
+    return t.structure.with_sparsity(rate) if type(t.structure) is cls else cls(sparsity=rate)
 
 
 def plan_from_rates(targets: list[Target], rates: Mapping[str, float], model: nn.Module | None = None) -> Plan:
@@ -88,7 +105,7 @@ def plan_from_rates(targets: list[Target], rates: Mapping[str, float], model: nn
             rate = 1.0 - kept_count(n, rate) / n
         if rate <= 0:
             continue
-        rules.append(Rule(structure_class(kind)(sparsity=min(rate, 0.999999)), match=layer))
+        rules.append(Rule(_rule_structure(entries[0][0], kind, min(rate, 0.999999)), match=layer))
     if not rules:
         raise BudgetError("every rate is 0: nothing to prune; tighten the budget")
     return Plan(rules)
@@ -143,13 +160,27 @@ def cost_at_rates(model: nn.Module, targets: list[Target], rates: Mapping[str, f
 
 
 def _pruning_targets(model: nn.Module, plan: Plan | list[Target]) -> list[Target]:
-    """The plan's targets; the baselines allocate sparsities, so a quantization rule is refused in one line."""
+    """The plan's targets; the baselines allocate sparsities the budget counts, so a quantization rule, or a
+    structure that removes no whole row or column (unstructured, block, N:M), is refused in one line."""
     targets = resolve_targets(model, plan, "the allocation baselines")
     quantized = [t.key for t in targets if t.structure.quantizes]
     if quantized:
         raise BudgetError(f"the allocation baselines choose pruning rates; {quantized} quantize: give them to "
                           "another stage")
+    # the budget counts kept rows x kept columns of Linear/Conv layers: other structures would look free or useless
+    other = [t.key for t in targets if t.structure.kind not in COSTED_KINDS]
+    if other:
+        raise BudgetError(f"the allocation baselines allocate rates the budget counts (structures "
+                          f"{', '.join(COSTED_KINDS)}); targets {other[:6]} have other structures: give them to "
+                          "another stage")
     return targets
+
+
+def _budget_shapes(model: nn.Module, targets: list[Target], budget: Budget, example: Any | None) -> dict:
+    """The layers ``budget`` counts; a target's weight it does not count is refused in one line."""
+    shapes = budget_shapes(model, example, budget.kind)
+    check_costed(model, [n for t in targets for n in _params_of(t)], shapes, budget.kind)
+    return shapes
 
 
 def _smallest_feasible(cost: Callable[[float], float], budget: float, step: float, top: float,
@@ -198,7 +229,7 @@ def uniform_plan(model: nn.Module, plan: Plan | list[Target], budget: Budget | M
     """One sparsity for every target of ``plan``: the smallest whose magnitude pruning meets ``budget``."""
     targets = _pruning_targets(model, plan)
     budget = _baseline_budget(budget, example)
-    shapes = gemm_shapes(model, example)
+    shapes = _budget_shapes(model, targets, budget, example)
     target = budget.resolve(structured_cost(shapes, {}, budget.kind))
     rate = _bisect(lambda s: cost_at_rates(model, targets, {t.key: s for t in targets}, shapes, budget.kind), target)
     return plan_from_rates(targets, {t.key: rate for t in targets}, model)
@@ -229,8 +260,12 @@ def sensitivity_plan(model: nn.Module, plan: Plan | list[Target], budget: Budget
     """
     targets = _pruning_targets(model, plan)
     budget = _baseline_budget(budget, example)
-    shapes = gemm_shapes(model, example)
+    shapes = _budget_shapes(model, targets, budget, example)
     target = budget.resolve(structured_cost(shapes, {}, budget.kind))
+    uncovered = [t.key for t in targets if not (curves.get(t.key) if isinstance(curves, Mapping) else None)]
+    if uncovered:
+        raise BudgetError(f"the sensitivity curves have no points for targets {uncovered[:6]}; compute them for this "
+                          "plan's targets with sensitivity_curves(model, targets, evaluate)")
     reference = max(max(c.values()) for c in curves.values())
 
     def rates_at(drop: float) -> dict[str, float]:
@@ -290,7 +325,7 @@ def torch_pruning_plan(model: nn.Module, plan: Plan | list[Target], budget: Budg
 
     targets = _pruning_targets(model, plan)
     budget = _baseline_budget(budget, example)
-    shapes = gemm_shapes(model, example)
+    shapes = _budget_shapes(model, targets, budget, example)
     target = budget.resolve(structured_cost(shapes, {}, budget.kind))
     prunable = {layer for t in targets for layer, kind in _source_layers(t) if kind == "filter"}
     modules = dict(model.named_modules())
@@ -298,7 +333,8 @@ def torch_pruning_plan(model: nn.Module, plan: Plan | list[Target], budget: Budg
     def pruned_copy(ratio: float) -> nn.Module:
         trial = copy.deepcopy(model).eval()
         names = {m: n for n, m in trial.named_modules()}
-        ignored = [m for m in trial.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and names[m] not in prunable]
+        # every Linear/Conv layer outside the plan, or TP prunes it too and the rates read back miss the budget
+        ignored = [m for m in trial.modules() if isinstance(m, GEMM_MODULES) and names[m] not in prunable]
         pruner = tp.pruner.MagnitudePruner(trial, first_sample(example), forward_fn=call_model,
                                            importance=tp.importance.GroupMagnitudeImportance(p=2),
                                            pruning_ratio=ratio, global_pruning=True, ignored_layers=ignored)
@@ -306,7 +342,7 @@ def torch_pruning_plan(model: nn.Module, plan: Plan | list[Target], budget: Budg
         return trial
 
     def cost(ratio: float) -> float:
-        return structured_cost(gemm_shapes(pruned_copy(ratio), example), {}, budget.kind)
+        return structured_cost(budget_shapes(pruned_copy(ratio), example, budget.kind), {}, budget.kind)
 
     ratio = _smallest_feasible(cost, target, step=0.05, top=0.95, steps=10)
     small = dict(pruned_copy(ratio).named_modules())

@@ -9,6 +9,9 @@ entry, and costs
 - ``latency``: milliseconds of the layer at ``(r_l, c_l)``, interpolated in a table measured once per
   machine (:class:`LatencyTable`, over :class:`admmcompress.timing.LatencyCache`).
 
+A params budget counts every Linear/Conv layer; MACs and latency the layers the example input reaches (the
+projections of ``nn.MultiheadAttention`` run inside its own forward, unseen: a target there is refused). A weight
+several layers share (tied) is one entry, by its parameter name: its weights count once, its MACs once per use.
 Layers no target touches cost their dense figure. A pruned channel that an uncoupled consumer still reads
 is counted at the consumer (conservative); with ``coupling: strict`` the consumer's columns are pruned with
 the channel and the count is what compaction removes.
@@ -28,7 +31,7 @@ the channel and the count is what compaction removes.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -133,15 +136,35 @@ class GemmShape:
         return self.calls[0]
 
 
-def _static_shapes(model: nn.Module) -> dict[str, GemmShape]:
-    """Every GEMM layer with one output position (no traced pass: enough for parameter budgets)."""
-    found = {}
+def layer_weights(model: nn.Module) -> dict[str, str]:
+    """``{layer: the name of its weight}`` for every Linear/Conv layer, the name as ``model.named_parameters()``
+    (and so the plan) gives it: layers sharing one Parameter (tied weights) share its one name, the first.
+
+    >>> a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    >>> b.weight = a.weight
+    >>> layer_weights(nn.Sequential(a, b))
+    {'0': '0.weight', '1': '0.weight'}
+    """
+    canonical = {id(p): n for n, p in model.named_parameters()}  # a shared Parameter is listed once
+    out = {}
     for name, m in model.named_modules():
         if isinstance(m, GEMM_MODULES):
-            param = f"{name}.weight" if name else "weight"
-            rows, cols = as_matrix(m.weight).shape
-            kind = "linear" if isinstance(m, nn.Linear) else "conv"
-            found[param] = GemmShape(name, param, rows, cols, 1, kind, ((),))
+            out[name] = canonical.get(id(m.weight), f"{name}.weight" if name else "weight")
+    return out
+
+
+def _static_shapes(model: nn.Module) -> dict[str, GemmShape]:
+    """Every GEMM layer with one output position (no traced pass: enough for parameter budgets); a weight shared
+    by several layers is counted once."""
+    found = {}
+    modules = dict(model.named_modules())
+    for name, param in layer_weights(model).items():
+        if param in found:  # tied: its weights are stored once
+            continue
+        m = modules[name]
+        rows, cols = as_matrix(m.weight).shape
+        kind = "linear" if isinstance(m, nn.Linear) else "conv"
+        found[param] = GemmShape(name, param, rows, cols, 1, kind, ((),))
     return found
 
 
@@ -154,24 +177,31 @@ def gemm_shapes(model: nn.Module, example: Any | None) -> dict[str, GemmShape]:
     model's recurrent, attention or cell layers say so (``plan.graph.run_example``). A layer called several times per
     sample (a shared block) counts the output positions of every call.
     Without ``example`` the positions are 1 (enough for parameter budgets, not for MACs or latency).
+    Shapes are keyed by the weight's parameter name (:func:`layer_weights`): a weight several layers share (tied)
+    is one entry, its weights counted once and its output positions summed over the layers that use it.
     """
     if example is None:
         return _static_shapes(model)
     names = {m: n for n, m in model.named_modules()}
+    weights = layer_weights(model)
     seen: list[tuple[nn.Module, tuple[int, ...], int]] = []  # (layer, its input's shape, its output's size) per call
 
     def hook(module: nn.Module, inputs, output) -> None:
         seen.append((module, tuple(inputs[0].shape), output.numel()))
 
     samples = run_example(model, example, [(m, hook) for m in model.modules() if isinstance(m, GEMM_MODULES)])
+    if samples < 1:
+        raise BudgetError("the example batch holds no sample (batch size 0), so no output position can be counted; "
+                          "pass at least one sample, e.g. x[:2]")
     found: dict[str, GemmShape] = {}
     for module, shape, size in seen:
         name = names[module]
-        param = f"{name}.weight" if name else "weight"
+        param = weights[name]
         rows, cols = as_matrix(module.weight).shape
         per_row = max(1, size // rows // samples)
         in_shape = _sample_shape(module, shape, samples)
-        if (earlier := found.get(param)) is not None:  # called again in the same pass: its MACs count once per call
+        # called again in the same pass, or another layer sharing the weight: its MACs count once per call
+        if (earlier := found.get(param)) is not None:
             found[param] = replace(earlier, positions=earlier.positions + per_row, calls=earlier.calls + (in_shape,))
             continue
         conv = None
@@ -179,6 +209,34 @@ def gemm_shapes(model: nn.Module, example: Any | None) -> dict[str, GemmShape]:
             conv = {k: getattr(module, k) for k in ("kernel_size", "stride", "padding", "dilation", "groups")}
         found[param] = GemmShape(name, param, rows, cols, per_row, "conv" if conv else "linear", (in_shape,), conv)
     return found
+
+
+def budget_shapes(model: nn.Module, example: Any | None, kind: str) -> dict[str, GemmShape]:
+    """The layers a ``kind`` budget counts: for ``params`` every Linear/Conv layer (its count needs no output
+    positions, so it does not hang on which layers ``example`` reaches); for MACs and latency, those it reaches."""
+    return gemm_shapes(model, None if kind == "params" else example)
+
+
+def check_costed(model: nn.Module, names: Iterable[str], shapes: Mapping[str, GemmShape], kind: str) -> None:
+    """Refuse, in one line, a pruned Linear/Conv weight among ``names`` that ``shapes`` do not count: pruning it
+    would be free against the budget."""
+    targeted = set(names)
+    missing: dict[str, str] = {}  # weight -> the first layer using it
+    for layer, param in layer_weights(model).items():
+        if param in targeted and param not in shapes:
+            missing.setdefault(param, layer)
+    attention = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    inside = [layer for layer in missing.values() if any(not a or layer.startswith(f"{a}.") for a in attention)]
+    if inside:  # MultiheadAttention calls its projections functionally: no forward hook of theirs fires
+        raise BudgetError(
+            f"layers {inside[:6]} are inside an nn.MultiheadAttention, which uses their weights without running "
+            f"them, so a {kind} budget cannot see them; use a params budget, or leave them out of the plan"
+        )
+    if missing:
+        raise BudgetError(
+            f"layers {list(missing.values())[:6]} did not run on the example input, so the budget cannot count them; "
+            "pass an example that reaches them, or leave them out of the plan"
+        )
 
 
 def _sample_shape(module: nn.Module, shape: tuple[int, ...], samples: int) -> tuple[int, ...]:
@@ -361,6 +419,7 @@ def _time(build, rounds: int) -> float:
 
 
 __all__ = [
-    "BUDGET_KINDS", "Budget", "BudgetError", "GemmShape", "LatencyTable", "drop_unread_channels", "entry_costs",
-    "gemm_shapes", "kept_rows_cols", "rows_per_group", "structured_cost",
+    "BUDGET_KINDS", "Budget", "BudgetError", "GemmShape", "LatencyTable", "budget_shapes", "check_costed",
+    "drop_unread_channels", "entry_costs", "gemm_shapes", "kept_rows_cols", "layer_weights", "rows_per_group",
+    "structured_cost",
 ]

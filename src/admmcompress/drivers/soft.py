@@ -75,9 +75,10 @@ from admmcompress.drivers.budget import (
     Budget,
     BudgetError,
     LatencyTable,
+    budget_shapes,
+    check_costed,
     drop_unread_channels,
     entry_costs,
-    gemm_shapes,
     kept_rows_cols,
     rows_per_group,
     structured_cost,
@@ -89,7 +90,6 @@ from admmcompress.plan.coupled import CoupledTarget
 from admmcompress.structures.block import BlockFilter
 from admmcompress.structures.groups import kept_count, top_groups
 from admmcompress.structures.scalars import plain_number
-from admmcompress.structures.sparsity import GEMM_MODULES
 
 ROW_KINDS = ("filter", "heads")  # heads: coupled rows of q/k/v and columns of the output projection
 COLUMN_KINDS = ("column", "channel")
@@ -170,6 +170,8 @@ class SoftConfig:
                 raise ValueError(str(err)) from None
         if not isinstance(self.pin, dict):
             raise ValueError(f"soft pin={self.pin!r} must map layer globs to sparsities, e.g. {{conv1: 0.5}}")
+        # YAML reads `pin: {0: 0.5}` (an nn.Sequential layer) with an int key; layer names are text
+        object.__setattr__(self, "pin", {str(pattern): rate for pattern, rate in self.pin.items()})
         for pattern, rate in self.pin.items():
             rate = plain_number(rate)
             if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 <= rate < 1:
@@ -240,7 +242,7 @@ class SoftThreshold(Driver):
                 raise BudgetError(
                     f"a {self.config.budget['kind']} budget needs example= (one input batch) to count output positions"
                 )
-        self.shapes = gemm_shapes(model, example)
+        self.shapes = budget_shapes(model, example, self.config.budget["kind"] if self.config.budget else "params")
         self._check_costed()
         self._refresh_outside()
         self.budget = Budget.from_any(self.config.budget) if self.config.budget is not None else None
@@ -308,17 +310,8 @@ class SoftThreshold(Driver):
     # --- setup ---------------------------------------------------------------------------
     def _check_costed(self) -> None:
         """Every pruned GEMM weight must have a cost, or pruning it would be free against the budget."""
-        modules = dict(self.model.named_modules())
-        missing = []
-        for n in self.names:
-            layer, _, attr = n.rpartition(".")
-            if attr == "weight" and isinstance(modules.get(layer), GEMM_MODULES) and n not in self.shapes:
-                missing.append(layer)
-        if missing and self.config.budget is not None:
-            raise BudgetError(
-                f"layers {missing[:6]} did not run on the example input, so the budget cannot count them; pass an "
-                "example that reaches them, or leave them out of the plan"
-            )
+        if self.config.budget is not None:
+            check_costed(self.model, self.names, self.shapes, self.config.budget["kind"])
 
     @torch.no_grad()
     def _refresh_outside(self) -> None:
