@@ -8,6 +8,7 @@ rounding. Tests of the compiled kernel skip where it cannot be built; the others
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -249,8 +250,13 @@ def test_weights_float16_cannot_hold_are_refused_and_vanishing_ones_warned():
     with pytest.raises(ValueError, match="largest |w| is 1e[+]05, float16 stops at 65504"):
         BlockSparseMatrix(w, 8, values_dtype=torch.float16)
     w[0, 0], w[1, 1] = 1.0, 1e-9
-    with pytest.warns(RuntimeWarning, match="1 nonzero weight.* stored as zero"):
+    with pytest.warns(RuntimeWarning, match="1 nonzero weight.* stored as zero"):  # 1 of 2: a badly scaled layer
         BlockSparseMatrix(w, 8, values_dtype=torch.float16)
+    many = torch.ones(16, 200)
+    many[1, 1] = 1e-9  # 1 of 3,200: chance, as in any large layer
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        BlockSparseMatrix(many, 8, values_dtype=torch.float16)
 
 
 def test_float16_inputs_are_refused_by_float16_storage_but_not_by_a_model_turned_half(no_compiler):

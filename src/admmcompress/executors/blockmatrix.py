@@ -380,6 +380,7 @@ def stored_dtype(
 
 # float16's largest finite value, and its smallest positive one (subnormal)
 _F16_MAX, _F16_TINY = 65504.0, 2.0**-24
+_LOST_SHARE = 0.01  # of the nonzeros: warned above this
 
 
 def _check_representable(values: torch.Tensor, dtype: torch.dtype) -> None:
@@ -390,11 +391,14 @@ def _check_representable(values: torch.Tensor, dtype: torch.dtype) -> None:
             f"BlockSparseMatrix: values_dtype=float16 cannot hold this weight (its largest |w| is {largest:.4g}, "
             f"float16 stops at {_F16_MAX:g}); leave values_dtype unset for this layer"
         )
-    lost = int(((values != 0) & (values.abs() < _F16_TINY / 2)).sum())
-    if lost:
+    # A few weights of a trained or random layer fall below float16's smallest by chance and change nothing; many
+    # mean a badly scaled layer
+    nonzero = values != 0
+    lost = int((nonzero & (values.abs() < _F16_TINY / 2)).sum())
+    if lost > _LOST_SHARE * int(nonzero.sum()):
         warnings.warn(
             f"BlockSparseMatrix: {lost} nonzero weight(s) below float16's smallest ({_F16_TINY:.2g}) are stored as "
-            "zero with values_dtype=float16",
+            "zero with values_dtype=float16; leave values_dtype unset for this layer to keep them",
             RuntimeWarning,
             stacklevel=4,
         )
