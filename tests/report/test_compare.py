@@ -167,3 +167,24 @@ def test_an_infinite_figure_is_saved_as_standard_json_and_read_back(tmp_path):
     text = (tmp_path / "p" / "summary.json").read_text()
     json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
     assert load_summary(tmp_path / "p") == summary
+
+
+def test_runs_of_different_models_or_splits_get_a_caveat_under_the_table(tmp_path, capsys):
+    def run(name: str, model: str, evaluated_on: str) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        metrics = {"accuracy_after": 90.0, "evaluated_on": evaluated_on}
+        (folder / "metrics.json").write_text(json.dumps({"metrics": metrics}))
+        (folder / "config.yaml").write_text(yaml.safe_dump({"name": name, "model": {"name": model},
+                                                            "data": {"dataset": "mnist"}}))
+        return folder
+
+    a, b, c = run("a", "lenet5", "test"), run("b", "lenet5", "test"), run("c", "lenet300", "validation")
+    assert load_summary(a).extra == {"model": "lenet5", "dataset": "mnist", "evaluated_on": "test"}
+    assert "note:" not in compare_runs([a, b], tmp_path / "ab.md")
+    text = compare_runs([a, b, c], tmp_path / "abc.md")
+    note = ("note: the runs differ in model (lenet5, lenet300); evaluated on (test, validation); their accuracies "
+            "do not compare directly")
+    assert note in text and note in (tmp_path / "abc.md").read_text()
+    assert main(["report", "--compare", str(a), str(c), "--out", str(tmp_path / "ac.md")]) == 0
+    assert "their accuracies do not compare directly" in capsys.readouterr().out

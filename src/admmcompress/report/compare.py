@@ -75,6 +75,12 @@ def load_summary(run_dir: str | Path) -> RunSummary:
     method = " + ".join(dict.fromkeys(methods)) if methods else "dense"
     stage_metrics = [s for s in metrics.get("stages") or [] if s]
     compaction = metrics.get("compaction") or {}
+    model, data = config.get("model"), config.get("data")
+    setting = {  # what makes two runs' accuracies comparable at all (compared by compare_runs' caveat)
+        "model": model.get("name") if isinstance(model, dict) else None,
+        "dataset": data.get("dataset") if isinstance(data, dict) else None,
+        "evaluated_on": metrics.get("evaluated_on"),
+    }
     return RunSummary(
         name=str(config.get("name") or folder.name),
         folder=folder.name,
@@ -87,7 +93,27 @@ def load_summary(run_dir: str | Path) -> RunSummary:
         params_after=compaction.get("params_after"),
         macs_after=compaction.get("macs_after"),
         wall_seconds=_number(metrics.get("wall_seconds")),
+        extra={k: str(v) for k, v in setting.items() if isinstance(v, str) and v},
     )
+
+
+SETTINGS = ("model", "dataset", "evaluated_on")
+
+
+def caveat(summaries: Sequence[RunSummary]) -> str:
+    """One line when the runs differ in model, dataset or the split their accuracy was measured on (their
+    accuracies then do not compare directly); empty otherwise. Runs that did not record a setting are not counted.
+
+    >>> a = RunSummary("a", "a", "admm", extra={"model": "lenet5", "dataset": "mnist"})
+    >>> caveat([a, RunSummary("b", "b", "admm", extra={"model": "resnet20", "dataset": "mnist"})])
+    'note: the runs differ in model (lenet5, resnet20); their accuracies do not compare directly'
+    """
+    differ = []
+    for key in SETTINGS:
+        seen = list(dict.fromkeys(str(s.extra[key]) for s in summaries if s.extra.get(key)))
+        if len(seen) > 1:
+            differ.append(f"{key.replace('_', ' ')} ({', '.join(seen)})")
+    return f"note: the runs differ in {'; '.join(differ)}; their accuracies do not compare directly" if differ else ""
 
 
 SUMMARY_FILE = "summary.json"
@@ -310,6 +336,8 @@ def compare_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None) 
             raise ValueError(f"'{target}' exists; give --out NEW.md or remove it")
     summaries = [load_summary(d) for d in run_dirs]
     table = compare_table(summaries)
+    if note := caveat(summaries):
+        table = f"{table}\n\n{note}"
     if md is not None:
         atomic_write(md, lambda tmp: tmp.write_text(table + "\n"))
         plot_compare(summaries, png)
@@ -320,7 +348,9 @@ def compare_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None) 
 
 __all__ = [
     "DEFAULT_PLOT",
+    "SETTINGS",
     "RunSummary",
+    "caveat",
     "compare_runs",
     "compare_table",
     "default_plot_targets",
