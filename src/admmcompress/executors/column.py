@@ -86,7 +86,8 @@ class ColumnConv2d(nn.Module):
         out.weight.copy_(conv.weight.reshape(conv.out_channels, -1)[:, kept])
         if conv.bias is not None:
             out.bias.copy_(conv.bias)
-        return out.to(conv.weight.device)
+        # the conv's dtype too: built in float32, a float64 / half conv became one that rejects its input
+        return out.to(device=conv.weight.device, dtype=conv.weight.dtype)
 
     @property
     def dense_columns(self) -> int:
@@ -167,7 +168,7 @@ class ColumnLinear(nn.Module):
         out.weight.copy_(linear.weight[:, kept])
         if linear.bias is not None:
             out.bias.copy_(linear.bias)
-        return out.to(linear.weight.device)
+        return out.to(device=linear.weight.device, dtype=linear.weight.dtype)  # as ColumnConv2d.from_conv
 
     @property
     def dense_columns(self) -> int:
@@ -241,6 +242,10 @@ def apply_column_executors(
     decisions: dict[str, dict[str, Any]] = {}
     for name, (module, fast, sparsity) in candidates.items():
         entry: dict[str, Any] = {"column_sparsity": round(sparsity, 4)}
+        if mode == "auto" and name not in inputs:  # not called on the example (or not with a tensor): nothing to time
+            entry.update(executor="dense", reason="not called with a tensor on the example inputs")
+            decisions[name] = entry
+            continue
         if mode == "auto":
             dense_ms, fast_ms = time_pair(module, fast, inputs[name], rounds)
             entry.update(dense_ms=round(dense_ms, 4), column_ms=round(fast_ms, 4))

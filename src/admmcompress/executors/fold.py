@@ -99,7 +99,7 @@ def fold_constant_channels(
             reasons.append(f"channels {_few(wanted)} of '{group.label}': {group.leaks[0]}, and an example of one "
                            "sample cannot show that value to be the same for every input; pass two or more samples")
             continue
-        values, why = _constants(group, wanted, inputs, rtol)
+        values, why = _constants(group, wanted, inputs, rtol, modules)
         if why:
             reasons.append(f"channels {_few(wanted)} of '{group.label}': {why}")
             continue
@@ -165,7 +165,8 @@ def capture_inputs(model: nn.Module, example_inputs, names: set[str]) -> dict[st
     return captured
 
 
-def _constants(group: ChannelGroup, wanted: torch.Tensor, inputs: list[dict[str, torch.Tensor]], rtol: float):
+def _constants(group: ChannelGroup, wanted: torch.Tensor, inputs: list[dict[str, torch.Tensor]], rtol: float,
+               modules: dict[str, nn.Module]):
     """``[(consumer, local indices, root channels, constant values)]``, or a reason they are not constant (over
     every position of every captured forward in ``inputs``)."""
     out = []
@@ -177,7 +178,8 @@ def _constants(group: ChannelGroup, wanted: torch.Tensor, inputs: list[dict[str,
             continue
         local = torch.tensor([p[0] for p in pairs], dtype=torch.long)
         root = torch.tensor([p[1] for p in pairs], dtype=torch.long)
-        seen = torch.cat([_by_channel(captured[m.layer]).index_select(0, local) for captured in inputs], dim=1)
+        last = isinstance(modules[m.layer], nn.Linear)
+        seen = torch.cat([_by_channel(captured[m.layer], last).index_select(0, local) for captured in inputs], dim=1)
         value = seen[:, 0]
         spread = (seen.max(dim=1).values - seen.min(dim=1).values).abs()
         if bool((~(spread <= rtol * (value.abs() + 1.0))).any()):  # NaN (log of a noisy input) is no constant
@@ -188,9 +190,10 @@ def _constants(group: ChannelGroup, wanted: torch.Tensor, inputs: list[dict[str,
     return out, ""
 
 
-def _by_channel(x: torch.Tensor) -> torch.Tensor:
-    """A consumer's input as ``(channels, positions)``: channels at dim 1 (conv) or last (Linear)."""
-    return x.movedim(1, 0).reshape(x.shape[1], -1) if x.dim() > 2 else x.reshape(-1, x.shape[-1]).t()
+def _by_channel(x: torch.Tensor, last: bool) -> torch.Tensor:
+    """A consumer's input as ``(channels, positions)``: channels last for a Linear (also when fed ``(batch,
+    sequence, features)``: taking dim 1 there read sequence positions as channels), else at dim 1 (conv)."""
+    return x.reshape(-1, x.shape[-1]).t() if last or x.dim() <= 2 else x.movedim(1, 0).reshape(x.shape[1], -1)
 
 
 def _fold_into(module: nn.Module, local: torch.Tensor, value: torch.Tensor) -> int:

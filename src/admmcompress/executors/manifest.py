@@ -446,6 +446,12 @@ def load_compacted(folder: str | Path, model: nn.Module | None = None) -> nn.Mod
         layers = {name: _build(name, dict(layer), "meta") for name, layer in manifest["layers"].items()}
         expected = _expected_state(skeleton, layers)
         expected.update(_check_extras(skeleton, manifest, layers))
+        dtype = _saved_dtype(state)
+        if dtype is not None and any(_is_float(d) and d != str(dtype) for d, _ in expected.values()):
+            # layers are built in the default dtype: a float64 / half model never loaded
+            expected = {k: (str(dtype) if _is_float(d) else d, shape) for k, (d, shape) in expected.items()}
+        else:
+            dtype = None  # the built layers have the saved dtype already: nothing is cast
         _check_tied(manifest.get("tied", []), skeleton, layers, expected)
         if model is None:  # the skeleton is built at its full widths first: bound it too
             full = sum(v.numel() for v in skeleton.state_dict().values())
@@ -463,6 +469,8 @@ def load_compacted(folder: str | Path, model: nn.Module | None = None) -> nn.Mod
         for name, layer in manifest["layers"].items():
             _replace(model, name, _build(name, dict(layer)))
         _apply_extras(model, manifest)
+        if dtype is not None:
+            model.to(dtype)  # floating parameters and buffers only: kept-column indices stay integers
         model.load_state_dict(state, strict=True)
         _check_column_indices(model)
         _retie(model, manifest.get("tied", []), state)
@@ -470,6 +478,17 @@ def load_compacted(folder: str | Path, model: nn.Module | None = None) -> nn.Mod
         if parameters is not None and parameters != sum(p.numel() for p in model.parameters()):
             _fail(f"records {parameters:,} parameters, the model it describes has another count")
     return model.eval()  # for inference, as from_pretrained: a BatchNorm in train mode would give other outputs
+
+
+def _is_float(dtype: str) -> bool:
+    kind = getattr(torch, dtype.removeprefix("torch."), None)
+    return isinstance(kind, torch.dtype) and kind.is_floating_point
+
+
+def _saved_dtype(state: dict[str, torch.Tensor]) -> torch.dtype | None:
+    """The one floating dtype of the saved tensors (None when there are several, or none)."""
+    kinds = {v.dtype for v in state.values() if v.is_floating_point()}
+    return kinds.pop() if len(kinds) == 1 else None
 
 
 def read_compact_manifest(path: str | Path) -> dict[str, Any]:

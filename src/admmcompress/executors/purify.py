@@ -31,9 +31,10 @@ import torch
 from torch import nn
 
 from admmcompress.executors.channels import channel_status
+from admmcompress.executors.compact import _largest_difference
 from admmcompress.executors.fold import fold_constant_channels, forward, zeroed_index
 from admmcompress.finalize import MaskSet
-from admmcompress.plan.graph import CONSUMER, NORM, ChannelGroup, channel_groups, channel_index
+from admmcompress.plan.graph import CONSUMER, NORM, ChannelGroup, channel_groups, channel_index, output_tensors
 
 
 @dataclass
@@ -214,7 +215,9 @@ def purify(
                     else:
                         keep[:, weak] = False
                     report.weights += int(torch.count_nonzero(matrix * ~keep))
-                    matrix.mul_(keep.to(matrix.dtype))
+                    # the weight itself: reshape copies a channels-last weight, whose zeros then came only at the end
+                    weight.mul_(keep.view_as(weight).to(weight.dtype))
+                    matrix = weight.reshape(weight.shape[0], -1)  # columns are ranked on the rows left
                     masks.intersect(name, keep.view_as(weight))
                     bucket[layer] = int(weak.sum())
         report.max_output_change = _change(reference, _outputs(model, example_inputs))
@@ -230,11 +233,17 @@ def _outputs(model: nn.Module, example_inputs) -> list[torch.Tensor]:
         out = forward(model, example_inputs)
     finally:
         model.train(was_training)
-    return [out] if isinstance(out, torch.Tensor) else [t for t in out if isinstance(t, torch.Tensor)]
+    # every tensor, nested ones and a dict's / ModelOutput's values too: iterating a dict gave its keys, so a model
+    # returning one was never checked
+    return [t.detach().clone() for t in output_tensors(out)]
 
 
 def _change(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return max((float((x - y).abs().max()) for x, y in zip(a, b, strict=True) if x.numel()), default=0.0)
+    """The largest output change; NaN where the other had a number counts as infinite (``nan > atol`` is False)."""
+    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b, strict=True)):
+        return float("inf")
+    return max((_largest_difference(x.float(), y.float()) for x, y in zip(a, b, strict=True) if x.numel()),
+               default=0.0)
 
 
 __all__ = ["PassReport", "PurifyReport", "nonzero_params", "purify", "remove_unused_paths"]
