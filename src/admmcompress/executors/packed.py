@@ -149,15 +149,19 @@ class BitWriter:
 class BitReader:
     """Read back what a ``BitWriter`` wrote, field by field (only the bytes a read needs are unpacked)."""
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, name: str | None = None) -> None:
         self._bytes = np.frombuffer(data, dtype=np.uint8)
         self._pos = 0
+        self._name = name  # the tensor a packed file's stream holds: a short stream is then a PackedFormatError
 
     def read(self, count: int, width: int) -> np.ndarray:
         if width == 0 or count == 0:
             return np.zeros(count, dtype=np.uint64)
         end = self._pos + count * width
         if end > self._bytes.size * 8:
+            if self._name is not None:  # a header field (a codebook's size) past the stream: the file's fault
+                have = self._bytes.size * 8
+                _fail(f"tensor {self._name!r} is truncated: its fields need {end:,} bits, it has {have:,}")
             raise ValueError(f"packed file is truncated: needs {end} bits, has {self._bytes.size * 8}")
         weights = np.uint64(1) << np.arange(width - 1, -1, -1, dtype=np.uint64)
         out = np.empty(count, dtype=np.uint64)
@@ -337,7 +341,7 @@ def _decode(data: bytes, meta: dict[str, Any]) -> torch.Tensor:
     if not 0 <= nnz <= n or (scheme == "relative" and not relative_ok):
         _fail(f"tensor {name!r}: header fields out of range (nnz {nnz} of {n}, entries {meta['entries']}, "
               f"index bits {meta['index_bits']})")
-    src = BitReader(data)
+    src = BitReader(data, name)
     fmt, table = _codebook(src, meta)
     is_float = fmt.kind in FLOAT_KINDS
     dtype = getattr(torch, meta.get("dtype", "torch.float32").removeprefix("torch."))
@@ -511,7 +515,10 @@ def _raw_bytes(name: str, value: torch.Tensor) -> bytes:
 
 def _packable(value: torch.Tensor) -> bool:
     """Whether a weight's values are exactly float32 values (what the codes and the storage report count):
-    float16 and bfloat16 always are; float64 only where no value needs more (a quantized layer)."""
+    float16 and bfloat16 always are; float64 only where no value needs more (a quantized layer). An empty weight
+    (``nn.Linear(0, n)``) has no GEMM view to code: it is stored raw, 0 bytes, as the report counts it."""
+    if value.numel() == 0:
+        return False
     if value.dtype in (torch.float32, torch.float16, torch.bfloat16):
         return True
     return value.is_floating_point() and torch.equal(value.to(torch.float32).to(value.dtype), value)
@@ -567,7 +574,7 @@ def save_packed(
         else:
             blob = _raw_bytes(name, value)
             other_bytes += len(blob)
-            if name in weights:  # float64 values float32 cannot hold: the report counted them as float32
+            if name in weights and value.numel():  # float64 values float32 cannot hold: the report counted float32
                 raw_weights[name] = len(blob)
             header.append(RAW_TAG)
         blobs.append(blob)

@@ -185,7 +185,8 @@ def storage(
             full = f"{name}.{param}" if name else param
             if full not in counted:  # a factor is also its own layer (Tucker2Conv's convs) when layers=None
                 counted.add(full)
-                rows.append(layer_storage(full, tensor, index_bits, order, compacted))
+                if tensor.numel():  # an empty weight (nn.Linear(0, n)) stores nothing and has no GEMM view
+                    rows.append(layer_storage(full, tensor, index_bits, order, compacted))
     others = [(n, p) for n, p in model.named_parameters() if n not in counted]
     other_bits = sum(p.numel() * p.element_size() * 8 for _, p in others)
     buffers = _saved_buffers(model)

@@ -129,8 +129,16 @@ class QuantizationStructure(Structure):
         codes = torch.full(flat.shape, -1, dtype=torch.int64, device=flat.device)
         if not bool(nonzero.any()):
             return Quantized(flat.new_zeros(0), codes.view(weight.shape))
-        levels, sub_codes = self._quantize(flat[nonzero].to(torch.float64))
+        values = flat[nonzero].to(torch.float64)
+        if not bool(torch.isfinite(values).all()):  # one NaN made FixedPoint zero the whole layer (a review)
+            bad = int((~torch.isfinite(values)).sum())
+            raise ValueError(
+                f"{type(self).__name__}: the weight holds {bad} NaN/inf value(s); quantization needs finite weights "
+                "(training diverged: lower the learning rate or rho)"
+            )
+        levels, sub_codes = self._quantize(values)
         levels = storable_levels(levels, weight.dtype)
+        sub_codes = _representable(self, values, levels, sub_codes, weight.dtype)
         # Levels that round to the same value in the weight's dtype are one level.
         levels, remap = torch.unique(levels, sorted=True, return_inverse=True)
         sub_codes = torch.where(sub_codes >= 0, remap[sub_codes.clamp(min=0)], sub_codes)
@@ -202,6 +210,31 @@ def _check_bits(name: str, bits: Any, low: int = 1) -> None:
             f"{name}: bits={bits!r} must be an integer in [{low}, {MAX_BITS}], e.g. bits: 4 "
             "(bits per stored nonzero weight)"
         )
+
+
+def _representable(
+    structure: Structure, values: torch.Tensor, levels: torch.Tensor, codes: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """``codes`` with every value whose level the stored dtype cannot hold (a float16 ``q * c`` past 65504 became
+    inf, a tiny one 0: a review's finding) moved to the nearest level of its sign that it can hold."""
+    valid = torch.isfinite(levels) & (levels != 0)
+    moved = (codes >= 0) & ~valid[codes.clamp(min=0)]
+    if not bool(moved.any()):
+        return codes
+    codes = codes.clone()
+    for side, members in ((levels > 0, moved & (values > 0)), (levels < 0, moved & (values < 0))):  # keep the sign
+        choice = torch.nonzero(valid & side).flatten()  # ascending, as the levels are
+        if not bool(members.any()):
+            continue
+        if choice.numel() == 0:
+            held = "float32 (its codebook's width)" if dtype == torch.float64 else str(dtype).removeprefix("torch.")
+            magnitudes = values.abs()
+            raise ValueError(
+                f"{type(structure).__name__}: no level near the weights (|w| {float(magnitudes.min()):.3g} to "
+                f"{float(magnitudes.max()):.3g}) is a finite nonzero {held} value; rescale the layer's weights"
+            )
+        codes[members] = choice[_nearest(values[members], levels[choice].to(torch.float64))]
+    return codes
 
 
 def _signed(magnitude_levels: torch.Tensor, magnitude_codes: torch.Tensor, values: torch.Tensor):
