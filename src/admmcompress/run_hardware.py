@@ -203,12 +203,23 @@ def layout_of_run(stages: list) -> dict:
 
 def layout_note(spec: CrossbarSpec, run_layout: dict | None) -> str:
     """A line where the costed mapping's tile blocks differ from those the run's crossbar_* rules pruned ("")."""
-    wanted = (run_layout or {}).get("columns_per_weight")
-    if wanted is None or wanted == spec.columns_per_weight:
+    layout = run_layout or {}
+    wanted = layout.get("columns_per_weight")
+    if wanted is None:
         return ""
-    return (f"Note: the run's crossbar_* rules pruned tile blocks for {wanted} column(s) per weight, but this mapping "
-            f"takes {spec.columns_per_weight} ({spec.describe().split(' (')[0]}), so its tiles do not line up with "
-            "the pruned blocks; pass the --weight-bits / --bits-per-cell the run was trained for.\n\n")
+    fix = "so its tiles do not line up with the pruned blocks; pass the {} the run was trained for.\n\n"
+    if wanted != spec.columns_per_weight:
+        return (f"Note: the run's crossbar_* rules pruned tile blocks for {wanted} column(s) per weight, but this "
+                f"mapping takes {spec.columns_per_weight} ({spec.describe().split(' (')[0]}), "
+                + fix.format("--weight-bits / --bits-per-cell"))
+    # The pruned blocks are rows x (cols // columns per weight) of the rule's tile: another --tile misaligns them as
+    # surely as other bits do (only the bits were compared, so --tile 64 on a run pruned at 128 said nothing)
+    tile, ours = tuple(layout.get("tile", ())), tuple(spec.structure_options()["tile"])
+    if tile and tile != ours:
+        return (f"Note: the run's crossbar_* rules pruned the blocks of {tile[0]}x{tile[1]} tiles, but this mapping "
+                f"takes {ours[0]}x{ours[1]} cells of each tile for weights ({spec.describe().split(' (')[0]}), "
+                + fix.format("--tile"))
+    return ""
 
 
 # Training inputs the ADC full scales are calibrated on (the model's own inputs, not the evaluated test inputs).

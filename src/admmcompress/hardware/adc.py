@@ -97,6 +97,11 @@ def adc_quantization(
     """
     if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 24:
         raise ValueError(f"adc_quantization: bits={bits!r} must be an integer in [2, 24], e.g. 8")
+    if isinstance(inputs_per_tile, bool) or not isinstance(inputs_per_tile, int) or inputs_per_tile < 1:
+        raise ValueError(
+            f"adc_quantization: inputs_per_tile={inputs_per_tile!r} must be a positive integer (the tile's wordlines), "
+            "e.g. 128"
+        )
     state = ADCModel(bits, inputs_per_tile)
     layers = {name: m for name, m in gemm_layers(model) if _supported(m)}
     state.skipped = [name for name, m in gemm_layers(model) if name not in layers]
@@ -105,7 +110,11 @@ def adc_quantization(
     def calibrate(name: str):
         def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
             parts, _ = _partials(module, args[0], inputs_per_tile)
-            state.full_scale[name] = [float(p.abs().max()) for p in parts]
+            scales = [float(p.abs().max()) for p in parts]
+            # A layer called several times (shared, in a loop) has one ADC: its full scale covers every call (the
+            # last call's alone clipped the others' partial sums, even at 16 bits)
+            seen = state.full_scale.get(name, scales)
+            state.full_scale[name] = [max(a, b) for a, b in zip(seen, scales, strict=True)]
 
         return hook
 
@@ -121,7 +130,7 @@ def adc_quantization(
 
         return hook
 
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # each layer's own: a frozen BatchNorm stays in eval
     model.eval()
     try:
         handles = [m.register_forward_hook(calibrate(name)) for name, m in layers.items()]
@@ -129,12 +138,16 @@ def adc_quantization(
             model(calibration)
         for h in handles:
             h.remove()
-        handles = [m.register_forward_hook(convert(name)) for name, m in layers.items()]
+        # A layer the calibration pass never called through its own forward (MultiheadAttention's out_proj) has no
+        # full scale and would never be converted: named in `skipped`, not counted as covered
+        state.skipped = [name for name, _ in gemm_layers(model) if name not in state.full_scale]
+        handles = [m.register_forward_hook(convert(name)) for name, m in layers.items() if name in state.full_scale]
         yield state
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 __all__ = ["ADCModel", "adc_quantization"]

@@ -3,7 +3,8 @@
 Every figure here is *modelled*: it is the tile count of a mapping times per-tile figures from
 :mod:`admmcompress.hardware.constants` (ISAAC's table, [M]), never a measurement. Per instantiated tile:
 
-- area  = array x (rows*cols / 128^2) + ADC x 2^(adc_bits-8) + DAC x rows + S&H x cols + shift-add + registers
+- area  = array x (rows*cols / 128^2) + ADC x 2^(adc_bits-8) x cols/128 + DAC x rows + S&H x cols + shift-add
+  + registers (the ADC converts ``cols`` columns per cycle, 128 in the reference)
 - power = the same sum with the power entries (all tiles active: peak power of the chip)
 - energy per inference = sum over layers of tiles x output positions x ``act_bits`` read cycles (1-bit DACs
   feed the input bit-serially) x tile power x cycle time.
