@@ -69,10 +69,20 @@ def conv1d_from_linear(model: nn.Module, names: list[str]) -> None:
     """Turn the named ``nn.Linear`` layers back into transformers' ``Conv1D`` (needs transformers)."""
     from transformers.pytorch_utils import Conv1D  # the layer the original model used
 
+    if isinstance(names, str):  # a str is iterated by character: 't' is no layer (an AttributeError, a review)
+        raise ValueError(f"conv1d_from_linear: names={names!r} is one string; give the list linear_from_conv1d "
+                         "returned, e.g. ['transformer.h.0.attn.c_attn']")
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise ValueError(f"conv1d_from_linear: the model has no layer {missing[0]!r}; give the names "
+                         "linear_from_conv1d returned for this model")
+    for name in names:  # all checked before any is swapped: a refusal leaves the model as it was
+        if not isinstance(modules[name], nn.Linear):
+            kind = type(modules[name]).__name__
+            raise ValueError(f"conv1d_from_linear: '{name}' is {kind}, not the Linear it was made into")
     for name in names:
-        old = model.get_submodule(name)
-        if not isinstance(old, nn.Linear):
-            raise ValueError(f"conv1d_from_linear: '{name}' is {type(old).__name__}, not the Linear it was made into")
+        old = modules[name]
         new = Conv1D(old.out_features, old.in_features).to(device=old.weight.device, dtype=old.weight.dtype)
         new.weight.copy_(old.weight.t())
         if old.bias is not None:

@@ -39,6 +39,7 @@ True
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -62,6 +63,10 @@ class WidthKeepingLayerNorm(nn.LayerNorm):
                  bias: bool = True, channels_first: bool = False, device=None, dtype=None) -> None:
         super().__init__(normalized_shape, eps=eps, elementwise_affine=elementwise_affine, bias=bias, device=device,
                          dtype=dtype)
+        if isinstance(full_width, bool) or not hasattr(full_width, "__index__"):  # int(4.5) would divide by 4
+            raise ValueError(f"WidthKeepingLayerNorm: full_width={full_width!r} must be an integer, the width before "
+                             "pruning")
+        full_width = operator.index(full_width)
         if full_width < self.normalized_shape[-1]:
             raise ValueError(f"WidthKeepingLayerNorm: full_width={full_width} is below the width "
                              f"{self.normalized_shape[-1]}; it is the width before pruning")

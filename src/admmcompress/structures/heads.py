@@ -25,6 +25,7 @@ import torch
 from admmcompress.models.conv1d import is_conv1d
 from admmcompress.structures import groups
 from admmcompress.structures.base import register_structure
+from admmcompress.structures.scalars import plain_number
 from admmcompress.structures.sparsity import SparsityStructure, unsupported_layer
 
 
@@ -35,6 +36,15 @@ class Heads(SparsityStructure):
 
     head_dim: int | None = None
     options: ClassVar[tuple[str, ...]] = ("head_dim",)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        size = plain_number(self.head_dim) if self.head_dim is not None else None
+        # head_dim=0 divided by zero in group_ids; a float or string split rows into fractional heads (a review)
+        if size is not None and not (isinstance(size, int) and not isinstance(size, bool) and size >= 1):
+            raise ValueError(f"Heads: head_dim={self.head_dim!r} must be a positive integer (channels per head), "
+                             "or left out: Plan.resolve reads it from the attention block")
+        object.__setattr__(self, "head_dim", size)
 
     def check_module(self, module: torch.nn.Module, name: str) -> None:
         if is_conv1d(module):  # GPT-2's fused c_attn: heads are read once it is an nn.Linear
