@@ -60,3 +60,31 @@ def test_conv1d_from_linear_with_the_returned_names_still_works() -> None:
 def test_a_full_width_that_is_no_integer_is_refused(full_width: object) -> None:
     with pytest.raises(ValueError, match="full_width=.* must be an integer"):
         WidthKeepingLayerNorm(4, full_width)
+
+
+# --- zero rows a model has by itself are not pruned channels ---------------------------------------------------------
+
+
+def test_bart_compacts_although_its_tied_lm_head_has_a_zero_padding_row():
+    transformers = pytest.importorskip("transformers")
+    from admmcompress.executors.compact import CompactionError, compact
+    from admmcompress.finalize import hard_prune
+    from admmcompress.plan import Rule
+    from admmcompress.structures import Filter
+
+    torch.manual_seed(0)
+    config = transformers.BartConfig(
+        vocab_size=100, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, forced_eos_token_id=None,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.BartForConditionalGeneration(config).eval()
+    assert bool((model.lm_head.weight[0] == 0).all())  # the padding embedding, tied: no pruning made it
+    x = {"input_ids": torch.randint(3, 100, (2, 5))}
+    masks = hard_prune(model, Plan([Rule(Filter(sparsity=0.5), match="*fc1")]).resolve_coupled(model, x))
+    small = compact(model, x, masks)  # was: "channels [0] of 'lm_head' are pruned but its channels are model outputs"
+    assert small.params_after < small.params_before and small.max_abs_diff < 1e-5
+    with pytest.raises(CompactionError, match="model outputs"):  # without masks the zero row cannot be told apart
+        compact(model, x)

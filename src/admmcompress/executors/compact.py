@@ -36,12 +36,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from admmcompress.executors.channels import channel_status, may_remove_channels
+from admmcompress.executors.channels import _covered, _zero_per_root, channel_status, may_remove_channels
 from admmcompress.executors.fold import fold_constant_channels, forward
 from admmcompress.executors.heads import remove_dead_heads
 from admmcompress.finalize import MaskSet
 from admmcompress.messages import first_line
 from admmcompress.plan.graph import (
+    DEPTHWISE,
+    PRODUCER,
+    ChannelGroup,
     _groups_with_roots,
     build_dependency_graph,
     example_problem,
@@ -118,6 +121,20 @@ class CompactionResult:
         return "\n".join(lines)
 
 
+def _masked_rows(group: ChannelGroup, masks: MaskSet) -> torch.Tensor:
+    """The root channels of ``group`` whose rows a mask zeroed in one of its producing layers."""
+    out = torch.zeros(group.size, dtype=torch.bool)
+    for m in group.members:
+        name = f"{m.layer}.weight" if m.layer else "weight"
+        if m.role not in (PRODUCER, DEPTHWISE) or name not in masks:
+            continue
+        mask = masks[name]
+        if mask.dim() < 1 or max(m.local, default=-1) >= mask.shape[0]:
+            continue  # a member whose mapping the trace lost (the group's problem): it is never removed
+        out |= _zero_per_root(m, mask, 0, group.size) & _covered(m, group.size)
+    return out
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -177,6 +194,8 @@ def compact(
             removable = removable.clone()
             removable[0] = False
         stuck = status.pruned & ~status.removable_now
+        if masks is not None:  # zero rows the model had by itself (BART's padding row of its tied lm_head) were not
+            stuck &= _masked_rows(group, masks)  # pruned: only those the masks removed must go
         if bool(stuck.any()) and not any(f"of '{group.label}'" in k for k in result.kept):
             result.kept.append(_why_kept(group, stuck, status, modules))
         uneven = status.pruned & status.removable_now & ~removable
