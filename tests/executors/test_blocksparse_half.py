@@ -311,3 +311,30 @@ def test_running_out_of_memory_while_widening_is_an_error_not_an_abort(ext, thre
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-400:]  # was: std::terminate inside the parallel region (rc 134)
     assert "out of memory widening float16 weights" in run.stdout
+
+
+EMPTY_FIRST_BLOCK = r"""
+import torch
+from admmcompress.executors import blocksparse_cpp
+from admmcompress.executors.blockmatrix import BlockSparseMatrix
+blocksparse_cpp.load()
+torch.set_num_threads(1)
+torch.manual_seed(0)
+w = torch.randn(32, 40)
+w[:16] = 0  # row block 0 keeps no column: the first one this fresh thread widens
+b = torch.randn(32)
+m = BlockSparseMatrix(w, 16, impl="cpp", bias=b, values_dtype=torch.float16)
+x = torch.randn(8, 40)  # more inputs than one pass: the widening path
+with torch.inference_mode():
+    y = m(x)
+print(float((y - (x @ w.half().float().T + b)).abs().max()))
+"""
+
+
+def test_a_row_block_without_columns_first_in_a_fresh_thread_gives_its_bias(ext):
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", EMPTY_FIRST_BLOCK], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-400:]
+    assert float(run.stdout.split()[-1]) < 1e-5  # was: the empty buffer's null data() read as a failed allocation

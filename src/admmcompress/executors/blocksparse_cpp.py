@@ -48,7 +48,7 @@ import torch
 from admmcompress.cpu_caches import l3_bytes
 from admmcompress.timing import cpu_model
 
-VERSION = 22  # bump when SOURCE or the build flags change: the extension's cache name changes with it
+VERSION = 23  # bump when SOURCE or the build flags change: the extension's cache name changes with it
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -219,6 +219,8 @@ static thread_local std::vector<float> wide_buffer;
 
 // n weights widened into this thread's buffer (valid until its next call); nullptr when it cannot be allocated.
 static const float* widened(const uint16_t* __restrict h, int64_t n) {
+  static const float nothing[1] = {0.f};
+  if (n == 0) return nothing;  // a row block without kept columns: an empty buffer's data() may be null (= failed)
   if (static_cast<int64_t>(wide_buffer.size()) < n) {
     try {
       wide_buffer.resize(n);
