@@ -212,7 +212,7 @@ class ADMM(Driver):
         tensors, replaces them, and a penalty on the old ones would train nothing. A model moved to another
         device takes Z and U along."""
         self._params = dict(self.model.named_parameters())
-        names = (n for t in self.targets for n in (t.param_names if isinstance(t, CoupledTarget) else (t.param_name,)))
+        names = (n for t in self.targets for n in t.param_names)
         device = next((self._params[n].device for n in names if n in self._params), None)
         if device is not None and any(s["Z"].device != device for s in self.state.values()):
             for s in self.state.values():

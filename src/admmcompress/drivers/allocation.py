@@ -56,10 +56,6 @@ from admmcompress.structures.sparsity import GEMM_MODULES
 COSTED_KINDS = ROW_KINDS + COLUMN_KINDS  # what removes whole rows or columns of the GEMM view, as SS-Auto
 
 
-def _params_of(t: Target) -> tuple[str, ...]:
-    return t.param_names if isinstance(t, CoupledTarget) else (t.param_name,)
-
-
 def _source_layers(t: Target) -> list[tuple[str, str]]:
     """``(layer, structure kind)`` of the plan rules behind ``t`` (a coupled target: every source)."""
     if isinstance(t, CoupledTarget):
@@ -179,7 +175,7 @@ def _pruning_targets(model: nn.Module, plan: Plan | list[Target]) -> list[Target
 def _budget_shapes(model: nn.Module, targets: list[Target], budget: Budget, example: Any | None) -> dict:
     """The layers ``budget`` counts; a target's weight it does not count is refused in one line."""
     shapes = budget_shapes(model, example, budget.kind)
-    check_costed(model, [n for t in targets for n in _params_of(t)], shapes, budget.kind)
+    check_costed(model, [n for t in targets for n in t.param_names], shapes, budget.kind)
     return shapes
 
 

@@ -178,10 +178,6 @@ class SoftConfig:
                 raise ValueError(f"soft pin {pattern!r}: sparsity={rate!r} must be in [0, 1)")
 
 
-def _params_of(t: Target) -> tuple[str, ...]:
-    return t.param_names if isinstance(t, CoupledTarget) else (t.param_name,)
-
-
 def _layers_of(t: Target) -> list[str]:
     """The layers whose rules made ``t`` (a coupled target: every source layer)."""
     if isinstance(t, CoupledTarget):
@@ -225,7 +221,7 @@ class SoftThreshold(Driver):
         self.iteration = 0
         self.history: list[dict[str, Any]] = []
         self._params = dict(model.named_parameters())
-        self.names = list(dict.fromkeys(n for t in self.targets for n in _params_of(t)))
+        self.names = list(dict.fromkeys(n for t in self.targets for n in t.param_names))
         self.pins = {t.key: self._pin(t) for t in self.targets}
         over = [f"{t.key} (pin {self.pins[t.key]:g} > {t.structure.target_sparsity:g})" for t in self.targets
                 if self.pins[t.key] is not None and self.pins[t.key] > t.structure.target_sparsity + 1e-12]

@@ -204,7 +204,7 @@ static void block_rows_any(const float* __restrict x, int64_t n_rows, int64_t x_
   }
 }
 
-// Float16 weights: a product of one input widens them in registers as it reads them (F16C); products of more
+// Float16 weights: up to one pass of inputs (rows_half) widens them in registers as it reads them (F16C); more
 // inputs widen a row block's weights once into a per-thread float32 copy that all of them read. One input at 10x
 // ran 1.5-1.8x faster than from float32 weights (AVX2 EPYC, one thread, 768x3072 to 5888x5888; 2026-12).
 static inline float half_to_float(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }

@@ -59,6 +59,11 @@ class Target:
     def param_name(self) -> str:
         return f"{self.layer}.{self.param}" if self.layer else self.param
 
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        """Every parameter the target constrains: its one here, a channel group's in ``CoupledTarget``."""
+        return (self.param_name,)
+
     # The driver/finalizer interface (a CoupledTarget spans several parameters behind the same three calls).
     def value(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The tensor this target constrains, from ``dict(model.named_parameters())``."""

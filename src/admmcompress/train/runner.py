@@ -83,10 +83,6 @@ class NonFiniteError(ValueError):
     """NaN/inf in the starting weights or the data, found before training (the message names the tensor)."""
 
 
-def _param_names(t: Target) -> tuple[str, ...]:
-    return t.param_names if isinstance(t, CoupledTarget) else (t.param_name,)
-
-
 _GEMM_KINDS = (nn.modules.conv._ConvNd, nn.Linear)
 
 
@@ -218,7 +214,7 @@ class Runner:
         self.masks = MaskSet()
         self._model_dropout = dropout_rates(model)  # restored wherever a phase sets no dropout of its own
         if config.freeze_pretrained_zeros:
-            names = dict.fromkeys(n for targets in self.stage_targets for t in targets for n in _param_names(t))
+            names = dict.fromkeys(n for targets in self.stage_targets for t in targets for n in t.param_names)
             self.masks = masks_from_model(model, list(names))
         self.history: list[dict[str, Any]] = []
         self.metrics: dict[str, Any] = {"stages": [{} for _ in config.stages], "phase_seconds": {}}
@@ -482,7 +478,7 @@ class Runner:
         if isinstance(self.masks, QuantizedMaskSet):  # held values train as this phase says
             # except those the phase's own driver holds (iterative quantization's rounds, restored on a resume):
             # it manages them, and an uninterrupted run does not switch them mid-phase either
-            own = ({n for t in self.stage_targets[phase.stage] if t.structure.quantizes for n in _param_names(t)}
+            own = ({n for t in self.stage_targets[phase.stage] if t.structure.quantizes for n in t.param_names}
                    if self._driver is not None else set())
             self.masks = self.masks.with_update(phase.cfg.quantized_weights, leave=own)
         if len(self.masks):
