@@ -22,6 +22,15 @@ settings.register_profile("ci", settings.get_profile("fast"), derandomize=True)
 settings.load_profile(os.environ.get("ADMMCOMPRESS_HYPOTHESIS", "fast"))
 
 
+@pytest.fixture()
+def private_rng():
+    """Seeded, and the global RNG restored afterwards: later tests see the state they would without these.
+    A test module takes it for every test with ``pytestmark = pytest.mark.usefixtures("private_rng")``."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        yield
+
+
 @pytest.fixture(autouse=True)
 def keep_thread_count():
     """A config's `threads:` sets torch's thread count for the whole process; put it back after every test."""

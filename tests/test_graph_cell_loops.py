@@ -15,11 +15,7 @@ from admmcompress.plan.graph import cell_samples, run_example
 T, B, F = 5, 3, 4
 
 
-@pytest.fixture(autouse=True)
-def _private_rng():
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        yield
+pytestmark = pytest.mark.usefixtures("private_rng")  # seeded, the global RNG restored after
 
 
 class CellLoop(nn.Module):

@@ -32,12 +32,7 @@ from admmcompress.plan import Plan, Rule
 from admmcompress.structures import Column, Filter
 from admmcompress.timing import LatencyCache
 
-
-@pytest.fixture(autouse=True)
-def _private_rng():
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        yield
+pytestmark = pytest.mark.usefixtures("private_rng")  # seeded, the global RNG restored after
 
 
 X = torch.randn(2, 3, 8, 8)

@@ -14,12 +14,7 @@ from admmcompress.plan.graph import first_sample
 from admmcompress.structures import Filter
 from admmcompress.timing import LatencyCache
 
-
-@pytest.fixture(autouse=True)
-def _private_rng():
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        yield
+pytestmark = pytest.mark.usefixtures("private_rng")  # seeded, the global RNG restored after
 
 
 class Shared(nn.Module):

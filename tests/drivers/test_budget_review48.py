@@ -22,12 +22,7 @@ from admmcompress.plan import Plan, Rule
 from admmcompress.structures import Filter, Unstructured
 from admmcompress.structures.registry import structure_class
 
-
-@pytest.fixture(autouse=True)
-def _private_rng():
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        yield
+pytestmark = pytest.mark.usefixtures("private_rng")  # seeded, the global RNG restored after
 
 
 def mlp() -> nn.Sequential:

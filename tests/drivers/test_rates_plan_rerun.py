@@ -24,11 +24,7 @@ PLAN = {"rules": [
 LAYERS = ("conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight")
 
 
-@pytest.fixture(autouse=True)
-def _private_rng():
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        yield
+pytestmark = pytest.mark.usefixtures("private_rng")  # seeded, the global RNG restored after
 
 
 def kept(model: torch.nn.Module) -> dict[str, tuple[int, int]]:

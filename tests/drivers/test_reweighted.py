@@ -15,13 +15,7 @@ from admmcompress.structures import Block, Column, Unstructured
 from admmcompress.train.config import ConfigError, RunConfig
 from admmcompress.train.runner import Runner
 
-
-@pytest.fixture(autouse=True)
-def _private_rng():
-    """Seeded, and the global RNG restored afterwards: later tests see the state they would without these."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        yield
+pytestmark = pytest.mark.usefixtures("private_rng")  # seeded, the global RNG restored after
 
 
 def block_columns(w: torch.Tensor, r: int) -> list[torch.Tensor]:

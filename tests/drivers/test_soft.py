@@ -24,12 +24,7 @@ from admmcompress.structures.groups import as_matrix, column_ids, row_ids
 from admmcompress.train.config import ConfigError, RunConfig
 from admmcompress.train.runner import Runner
 
-
-@pytest.fixture(autouse=True)
-def _private_rng():
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        yield
+pytestmark = pytest.mark.usefixtures("private_rng")  # seeded, the global RNG restored after
 
 
 def objective(z: torch.Tensor, v: torch.Tensor, ids: torch.Tensor, n: int, t: float) -> float:

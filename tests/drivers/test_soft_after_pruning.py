@@ -19,12 +19,7 @@ from admmcompress.structures.groups import as_matrix
 from admmcompress.train.config import RunConfig
 from admmcompress.train.runner import Runner
 
-
-@pytest.fixture(autouse=True)
-def _private_rng():
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        yield
+pytestmark = pytest.mark.usefixtures("private_rng")  # seeded, the global RNG restored after
 
 
 def mlp() -> nn.Module:

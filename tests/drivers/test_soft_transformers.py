@@ -16,11 +16,7 @@ transformers = pytest.importorskip("transformers")
 TOKENS = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(autouse=True)
-def _private_rng():
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        yield
+pytestmark = pytest.mark.usefixtures("private_rng")  # seeded, the global RNG restored after
 
 
 def bert() -> torch.nn.Module:

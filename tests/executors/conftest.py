@@ -3,18 +3,8 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from admmcompress.executors import blocksparse_cpp
-
-
-@pytest.fixture()
-def private_rng():
-    """Seeded, and the global RNG restored afterwards: later tests see the state they would without these.
-    A test module takes it for every test with ``pytestmark = pytest.mark.usefixtures("private_rng")``."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        yield
 
 
 @pytest.fixture()

@@ -7,13 +7,7 @@ from admmcompress.models import GRUClassifier, LSTMLanguageModel, create_model
 from admmcompress.plan import Plan
 from admmcompress.structures import Block
 
-
-@pytest.fixture(autouse=True)
-def _private_rng():
-    """Seeded, and the global RNG restored afterwards: later tests see the state they would without these."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        yield
+pytestmark = pytest.mark.usefixtures("private_rng")  # seeded, the global RNG restored after
 
 
 def test_gru_classifier_shapes_and_block_plan_targets():

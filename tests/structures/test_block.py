@@ -15,13 +15,7 @@ from admmcompress.structures import Block, BlockRow, Unstructured, structure_fro
 from admmcompress.structures.block import top_groups_per_block
 from admmcompress.structures.groups import kept_count
 
-
-@pytest.fixture(autouse=True)
-def _private_rng():
-    """Seeded, and the global RNG restored afterwards: later tests see the state they would without these."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        yield
+pytestmark = pytest.mark.usefixtures("private_rng")  # seeded, the global RNG restored after
 
 
 def oracle(rows, cols, r, c, axis, gates=1):
