@@ -3,9 +3,10 @@
 A head is dead when it cannot change the block's output: its columns of the output projection are all zero,
 or its value rows and value bias are all zero (its attention then averages zeros). Removing it slices its
 rows out of the query, key and value projections and its columns out of the output projection, and lowers the
-block's head-count attributes (``num_heads`` / ``num_attention_heads`` / ``num_key_value_heads`` /
-``all_head_size`` / ``split_size``); the attention code of the built-in layouts infers the head count from the
-projections' width, so the outputs are unchanged, which ``compact`` checks. One head is always kept.
+block's head-count attributes (``num_heads`` / ``num_attention_heads`` / ``n_heads`` / ``num_key_value_heads`` /
+``all_head_size`` / ``split_size``, and the layout's ``width_attrs``: DistilBERT's ``dim``); the attention code of
+the built-in layouts infers the head count from the projections' width or reads these attributes, so the outputs
+are unchanged, which ``compact`` checks. One head is always kept.
 
 With grouped-query attention the unit is a key/value head with the query heads that read it: it is dead when
 its value rows are zero or every one of its query heads' output columns is. A fused projection (GPT-2's
@@ -98,7 +99,7 @@ def remove_dead_heads(model: nn.Module) -> dict[str, tuple[int, int]]:
         block = model.get_submodule(layout.module)
         _lower(block, HEAD_COUNT_ATTRS, layout.heads, heads)
         _lower(block, KV_COUNT_ATTRS, layout.kv_count, len(kept))
-        _lower(block, ALL_HEADS_ATTRS, layout.width, heads * layout.head_dim)
+        _lower(block, ALL_HEADS_ATTRS + layout.width_attrs, layout.width, heads * layout.head_dim)
         changed[layout.module] = (layout.heads, heads)
     return changed
 

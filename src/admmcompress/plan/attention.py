@@ -15,7 +15,9 @@ Built in:
 - ``query``/``key``/``value`` with ``num_attention_heads`` and ``attention_head_size`` whose parent holds
   ``output.dense`` (BERT-style ``attention.self`` / ``attention.output``);
 - GPT-2's fused ``c_attn`` (query, key and value rows stacked in one Linear, split by ``split_size``) with
-  ``c_proj``, once its ``Conv1D`` layers are ``nn.Linear`` (:func:`admmcompress.models.conv1d.linear_from_conv1d`).
+  ``c_proj``, once its ``Conv1D`` layers are ``nn.Linear`` (:func:`admmcompress.models.conv1d.linear_from_conv1d`);
+- ``q_lin``/``k_lin``/``v_lin``/``out_lin`` with ``n_heads`` and ``dim`` (transformers' DistilBERT; the head size is
+  ``attention_head_size`` where the block has it, else ``dim // n_heads``); ``dim`` is lowered with the heads.
 
 Grouped-query attention (``kv_heads`` key/value heads, each shared by ``heads // kv_heads`` query heads) prunes
 whole groups: a key head, a value head, and the query heads and output columns that read them
@@ -39,11 +41,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
-HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads")
+HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_heads")  # n_heads: DistilBERT
 KV_COUNT_ATTRS = ("num_key_value_heads",)
 HEAD_SIZE_ATTRS = ("head_dim", "attention_head_size")
 ALL_HEADS_ATTRS = ("all_head_size", "split_size")  # heads * head_dim (BERT, GPT-2), kept in step with the heads
@@ -62,6 +64,9 @@ class AttentionLayout:
     head_dim: int
     kv_heads: int | None = None  # key/value heads (grouped-query attention); None: one per query head
     fused: bool = False  # q, k and v are row blocks of one Linear (q, k and v name it), in that order
+    # the block's own attributes holding heads * head_dim besides ALL_HEADS_ATTRS (DistilBERT's ``dim``: too common
+    # a name to lower on every block), lowered with the heads by compaction
+    width_attrs: tuple[str, ...] = ()
 
     @property
     def width(self) -> int:
@@ -136,8 +141,10 @@ def _check_kv(name: str, module: nn.Module, kv_heads: int) -> None:
 
 
 def _layout(name: str, module: nn.Module, q: str, k: str, v: str, o: str,
-            modules: dict[str, nn.Module]) -> AttentionLayout | None:
-    head_dim = _first_attr(module, HEAD_SIZE_ATTRS)
+            modules: dict[str, nn.Module], head_dim: int | None = None) -> AttentionLayout | None:
+    """The layout of projections ``q``..``o``, or None where they are not Linear layers of one head size; the
+    head size is the block's ``HEAD_SIZE_ATTRS`` (else ``head_dim``)."""
+    head_dim = _first_attr(module, HEAD_SIZE_ATTRS) or head_dim
     layers = [modules.get(n) for n in (q, k, v, o)]
     if head_dim is None or head_dim <= 0 or not all(isinstance(m, nn.Linear) for m in layers):
         return None
@@ -189,7 +196,21 @@ def _fused_style(name: str, module: nn.Module, modules: dict[str, nn.Module]) ->
     return AttentionLayout(name, qkv_name, qkv_name, qkv_name, _join(name, "c_proj"), heads, head_dim, fused=True)
 
 
-_BUILT_IN: tuple[Adapter, ...] = (_proj_style, _bert_style, _fused_style)
+def _distilbert_style(name: str, module: nn.Module, modules: dict[str, nn.Module]) -> AttentionLayout | None:
+    """DistilBERT: ``q_lin``/``k_lin``/``v_lin``/``out_lin`` with ``n_heads`` and ``dim`` (= heads * head size)."""
+    if not {"q_lin", "k_lin", "v_lin", "out_lin"} <= set(dict(module.named_children())):
+        return None
+    heads, dim = _first_attr(module, ("n_heads",)), _first_attr(module, ("dim",))
+    if heads is None or heads <= 0:
+        return None
+    # transformers 5 reads attention_head_size (taken first by _layout); older versions derive it from dim
+    derived = dim // heads if dim is not None and dim % heads == 0 else None
+    q, k, v, o = (_join(name, c) for c in ("q_lin", "k_lin", "v_lin", "out_lin"))
+    layout = _layout(name, module, q, k, v, o, modules, head_dim=derived)
+    return None if layout is None else replace(layout, width_attrs=("dim",))
+
+
+_BUILT_IN: tuple[Adapter, ...] = (_proj_style, _bert_style, _fused_style, _distilbert_style)
 
 
 def attention_layouts(model: nn.Module) -> dict[str, AttentionLayout]:

@@ -1,11 +1,11 @@
 """Whole attention heads: the ``heads`` structure.
 
 A plan names an attention block by its query projection (``{match: "*attention.self.query", structure: heads,
-sparsity: 0.25}`` in BERT, ``"*q_proj"`` in ViT/Whisper/LLaMA-style blocks, ``"*attn.c_attn"`` in GPT-2 after
-``linear_from_conv1d``); ``Plan.resolve`` turns the target into one coupled target over the block's query, key
-and value rows and the output projection's columns (:mod:`admmcompress.plan.attention` finds them). With
-grouped-query attention a "head" here is a key/value head with the query heads sharing it.
-Its GEMM view has one row per head channel, ``head_dim``
+sparsity: 0.25}`` in BERT, ``"*attention.q_lin"`` in DistilBERT, ``"*q_proj"`` in ViT/Whisper/LLaMA-style blocks,
+``"*attn.c_attn"`` in GPT-2 after ``linear_from_conv1d``); ``Plan.resolve`` turns the target into one coupled
+target over the block's query, key and value rows and the output projection's columns
+(:mod:`admmcompress.plan.attention` finds them). With grouped-query attention a "head" here is a key/value head
+with the query heads sharing it. Its GEMM view has one row per head channel, ``head_dim``
 consecutive rows per head; the projection keeps the ``k`` heads of largest L2 norm over all four layers, an
 exact projection (a partition into groups, like ``filter``). ``compact`` then slices the removed heads out.
 
@@ -52,7 +52,7 @@ class Heads(SparsityStructure):
         if not isinstance(module, torch.nn.Linear):
             raise ValueError(
                 f"layer '{name}' is {type(module).__name__}; a heads rule names an attention block's query "
-                "projection (an nn.Linear such as '*attention.self.query' or '*q_proj')"
+                "projection (an nn.Linear such as '*attention.self.query', '*attention.q_lin' or '*q_proj')"
             )
 
     def group_ids(self, weight: torch.Tensor) -> tuple[torch.Tensor, int]:
