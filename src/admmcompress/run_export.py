@@ -99,12 +99,13 @@ def load_run_model(run_dir: str | Path, trust_plugins: bool = False) -> tuple[to
 
 
 def _recorded_transforms(run_dir: Path) -> list[dict]:
-    from admmcompress.report.integrity import read_metrics
+    from admmcompress.report.integrity import read_metrics, read_nonfinite
 
     if not (run_dir / "metrics.json").is_file():
         return []
-    # `hardware` reads a run without verifying it first: a damaged file is still one line
-    return read_metrics(run_dir, require_history=False)["metrics"].get("transforms", [])
+    # `hardware` reads a run without verifying it first: a damaged file is still one line. A spec's infinity
+    # (spelled "inf" in the file) comes back as the float the driver recorded, as `report`'s load_report does
+    return read_nonfinite(read_metrics(run_dir, require_history=False)["metrics"].get("transforms", []))
 
 
 def example_input(config: RunConfig, count: int = 8) -> torch.Tensor:

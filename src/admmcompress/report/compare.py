@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from admmcompress.atomic import atomic_write, temp_target
-from admmcompress.report.integrity import read_metrics, verify_run
+from admmcompress.report.integrity import read_metrics, spell_nonfinite, verify_run
 from admmcompress.strict_yaml import safe_load_unique
 
 
@@ -132,9 +132,7 @@ def save_summary(summary: RunSummary, folder: str | Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     fields = dataclasses.asdict(summary)
     for key in _FIGURES:  # JSON has no infinity (json.dumps would write a bare Infinity other readers refuse)
-        value = fields[key]
-        if isinstance(value, float) and not math.isfinite(value):
-            fields[key] = str(value)
+        fields[key] = spell_nonfinite(fields[key])  # "inf", "-inf", "nan": as metrics.json spells them
     text = json.dumps(fields, indent=1, default=str)
     return atomic_write(folder / SUMMARY_FILE, lambda tmp: tmp.write_text(text))
 

@@ -5,7 +5,8 @@ When ``admmcompress run`` has written its outputs, ``record_output_checksums(out
 ``masks.safetensors`` and, for ``compact: true`` runs, ``compact/manifest.json`` and
 ``compact/model.safetensors``, plus a SHA-256 of ``metrics.json``'s own content (its canonical JSON,
 so re-indenting it changes nothing, but any changed value is seen) and of ``config.yaml``'s values (the
-model is rebuilt from them). ``verify_run(out_dir)`` checks all
+model is rebuilt from them). Infinity and NaN are written as the strings "inf", "-inf" and "nan" (JSON has no
+such numbers; ``read_nonfinite`` turns them back). ``verify_run(out_dir)`` checks all
 of them and that the weights agree with the masks (every weight a mask prunes is exactly zero); a
 mismatch is one ``RunIntegrityError`` line naming the file. Runs written before checksums were
 recorded are still verified against their masks, and get a note instead of a refusal. ``report --rehash``
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -87,15 +89,72 @@ _LEGACY_TOP = ("plugins", "threads", "logging", "pretrained", "teacher", "checkp
 
 
 def _as_json(value: Any) -> Any:
-    """``value`` as ``metrics.json`` holds it once written (numpy scalars and the like become what the
-    writer makes of them), so the content checksum is the same before writing and after reading."""
+    """``value`` as JSON holds it once written (numpy scalars and the like become what the writer makes of
+    them), so a checksum is the same before writing and after reading. Config checksums and the legacy content
+    checksum: infinity stays a float here (written as the bare ``Infinity`` that strict JSON readers refuse)."""
     return json.loads(json.dumps(value, default=str))
 
 
-def content_sha256(metrics: dict[str, Any], history: list[dict[str, Any]]) -> str:
-    """SHA-256 of ``metrics.json``'s content: metrics and history, the integrity record without this value."""
+# JSON has no infinity or NaN: metrics.json spells them as compare's summary.json does, str(float)
+NONFINITE = ("inf", "-inf", "nan")
+
+
+def spell_nonfinite(value: Any) -> Any:
+    """A copy of ``value`` (dicts, lists, tuples walked) with each infinite or NaN float as its spelling in
+    ``NONFINITE``, so that ``json.dumps`` writes standard JSON instead of a bare ``Infinity`` or ``NaN``.
+
+    >>> spell_nonfinite({"ratio": float("inf"), "loss": [1.5, float("nan"), -float("inf")]})
+    {'ratio': 'inf', 'loss': [1.5, 'nan', '-inf']}
+    """
+    if isinstance(value, float):  # numpy's float64 too; other scalars go through json's default=str
+        return value if math.isfinite(value) else str(float(value))
+    if isinstance(value, dict):
+        return {key: spell_nonfinite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [spell_nonfinite(item) for item in value]
+    return value
+
+
+def read_nonfinite(value: Any) -> Any:
+    """A copy of ``value`` read from ``metrics.json`` with each string of ``NONFINITE`` turned back into its float
+    (the figures a reader computes with); a legacy file's bare ``Infinity`` already reads as a float.
+
+    >>> read_nonfinite({"ratio": "inf", "name": "fc1", "loss": [1.5, "nan"]})
+    {'ratio': inf, 'name': 'fc1', 'loss': [1.5, nan]}
+    """
+    if isinstance(value, str):
+        return float(value) if value in NONFINITE else value
+    if isinstance(value, dict):
+        return {key: read_nonfinite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [read_nonfinite(item) for item in value]
+    return value
+
+
+def metrics_text(data: dict[str, Any]) -> str:
+    """``metrics.json``'s text for ``data`` (``{"metrics": ..., "history": ...}``): standard JSON, infinity and
+    NaN spelled as in ``NONFINITE`` (``allow_nan=False``: a bare ``Infinity`` can no longer slip through)."""
+    return json.dumps(spell_nonfinite(data), indent=2, default=str, allow_nan=False)
+
+
+def _content(metrics: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the content checksum covers: metrics and history, the integrity record without its own value."""
     record = {k: v for k, v in metrics.get(KEY, {}).items() if k != "content"}
-    return canonical_sha256(_as_json({"metrics": {**metrics, KEY: record}, "history": history}))
+    return {"metrics": {**metrics, KEY: record}, "history": history}
+
+
+def content_sha256(metrics: dict[str, Any], history: list[dict[str, Any]]) -> str:
+    """SHA-256 of ``metrics.json``'s content as written now (infinity and NaN spelled, as the file holds them).
+
+    A figure read back as a float or as its spelling hashes the same, so a report may decode them first.
+    """
+    return canonical_sha256(_as_json(spell_nonfinite(_content(metrics, history))))
+
+
+def _content_digests(metrics: dict[str, Any], history: list[dict[str, Any]]) -> tuple[str, str]:
+    """The content checksum as written now, and as runs written before metrics.json spelled infinity and NaN
+    wrote it (bare ``Infinity``/``NaN`` in the hashed text): both verify, as ``_config_digests``' two do."""
+    return content_sha256(metrics, history), canonical_sha256(_as_json(_content(metrics, history)))
 
 
 def seal(metrics: dict[str, Any], history: list[dict[str, Any]]) -> None:
@@ -124,7 +183,7 @@ def record_output_checksums(out_dir: str | Path) -> dict[str, Any]:
     if (out / CONFIG).is_file():
         metrics[KEY]["config"] = config_sha256(out / CONFIG)
     seal(metrics, history)
-    payload = json.dumps({**data, "metrics": metrics}, indent=2, default=str)
+    payload = metrics_text({**data, "metrics": metrics})
     atomic_write(path, lambda tmp: tmp.write_text(payload))
     return metrics[KEY]
 
@@ -243,7 +302,7 @@ def _check_record(out: Path, record: Any, metrics: dict[str, Any], history: list
         and isinstance(record.get("config", ""), str)
     ):
         raise RunIntegrityError(f"'{path}': its '{KEY}' record is malformed; the file is damaged")
-    if content_sha256(metrics, history) != record["content"]:
+    if record["content"] not in _content_digests(metrics, history):
         raise RunIntegrityError(
             f"'{path}' does not match the checksum recorded in it when the run finished: it was changed or damaged"
         )
@@ -336,8 +395,11 @@ __all__ = [
     "RunIntegrityError",
     "content_sha256",
     "file_sha256",
+    "metrics_text",
     "read_metrics",
+    "read_nonfinite",
     "record_output_checksums",
     "seal",
+    "spell_nonfinite",
     "verify_run",
 ]

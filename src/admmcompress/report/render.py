@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from admmcompress.atomic import atomic_write
-from admmcompress.report.integrity import read_metrics
+from admmcompress.report.integrity import metrics_text, read_metrics, read_nonfinite
 
 
 def _fmt_rate(x: float | str) -> str:
@@ -184,23 +183,18 @@ def save_report(out_dir: str | Path, metrics: dict[str, Any], history: list[dict
     """Write metrics.json, report.md and the plots; return the markdown."""
     out_dir = Path(out_dir)
     text = render_markdown(metrics, title)
-    payload = json.dumps({"metrics": metrics, "history": history}, indent=2, default=_json_default)
+    payload = metrics_text({"metrics": metrics, "history": history})  # standard JSON: infinity as "inf"
     atomic_write(out_dir / "metrics.json", lambda tmp: tmp.write_text(payload))
     atomic_write(out_dir / "report.md", lambda tmp: tmp.write_text(text))
     plot_run(metrics, history, out_dir)
     return text
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, float) and math.isinf(value):
-        return "inf"
-    return str(value)
-
-
 def load_report(out_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The metrics and per-epoch history a finished run wrote (one clear line when the file is damaged, or when
-    an entry the report reads holds a value of the wrong type: see :func:`check_report_metrics`)."""
-    data = read_metrics(out_dir)
+    an entry the report reads holds a value of the wrong type: see :func:`check_report_metrics`). Infinity and
+    NaN, which the file spells "inf", "-inf" and "nan", come back as floats: the report computes with them."""
+    data = read_nonfinite(read_metrics(out_dir))
     check_report_metrics(data["metrics"], data["history"], Path(out_dir) / "metrics.json")
     return data["metrics"], data["history"]
 
