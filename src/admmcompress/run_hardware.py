@@ -28,7 +28,7 @@ from torch.utils.data import Dataset, IterableDataset, default_collate
 
 from admmcompress.data.files import Split
 from admmcompress.hardware.analysis import HardwareAnalysis, add_adc, add_variation, analyze
-from admmcompress.hardware.crossbar import MAX_ADC_BITS, MAX_TILE, CrossbarSpec
+from admmcompress.hardware.crossbar import MAX_ADC_BITS, MAX_TILE, RESERVED_COLUMNS, SIGNED, CrossbarSpec
 from admmcompress.hardware.noise import MAX_SIGMA, DeviceNoise
 from admmcompress.messages import first_line
 from admmcompress.plugins import TRUST_FLAG, TRUST_HELP
@@ -97,7 +97,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bits per memristor cell (default: the run's conductance bits, else 2)")
     parser.add_argument("--weight-bits", type=_int_in("--weight-bits", 1, MAX_WEIGHT_BITS, 8), default=None,
                         help="weight bits, sign included (default: the run's conductance levels, else 8)")
-    parser.add_argument("--signed", choices=("differential", "offset"), default="differential")
+    parser.add_argument("--signed", choices=SIGNED, default=None,
+                        help="signed weights: a differential pair or one cell + an offset column per tile (default: "
+                             "the scheme the run's crossbar_* rules were laid out for, else differential)")
     parser.add_argument("--adc-bits", type=_int_in("--adc-bits", 1, MAX_ADC_BITS, 8), default=8,
                         help="ADC resolution in the cost model (default 8)")
     parser.add_argument("--act-bits", type=_int_in("--act-bits", 1, MAX_ACT_BITS, 8), default=8,
@@ -175,19 +177,50 @@ DEFAULT_LAYOUT = {"tile": (128, 128), "bits_per_cell": 2, "weight_bits": 8}
 
 def spec_from_args(args: argparse.Namespace, run_layout: dict | None = None) -> CrossbarSpec:
     """The crossbar spec the flags describe; a flag not given takes the run's own layout (``layout_of_run``), then
-    the defaults (one-line ``ValueError`` on a bad combination)."""
-    chosen = {key: getattr(args, key) if getattr(args, key, None) is not None else
-              (run_layout or {}).get(key, default) for key, default in DEFAULT_LAYOUT.items()}
+    the defaults (one-line ``ValueError`` on a bad combination).
+
+    The run's ``tile`` is the block its crossbar_* rules pruned, the weight columns of a tile
+    (:meth:`CrossbarSpec.structure_options`): the offset scheme's tile has one reference column more.
+    """
+    layout = run_layout or {}
+    chosen = {key: getattr(args, key) if getattr(args, key, None) is not None else layout.get(key, default)
+              for key, default in DEFAULT_LAYOUT.items()}
+    # the run's bits (its conductance rules) or the flags' tell its scheme apart; the default bits do not
+    stated = all(getattr(args, key, None) is not None or key in layout for key in ("bits_per_cell", "weight_bits"))
+    inferred = signed_of_run(layout, chosen["bits_per_cell"], chosen["weight_bits"]) if stated else None
+    signed = getattr(args, "signed", None) or inferred or "differential"
     rows, cols = chosen["tile"]
-    return CrossbarSpec(rows, cols, chosen["bits_per_cell"], chosen["weight_bits"], args.signed,
-                        adc_bits=args.adc_bits)
+    if getattr(args, "tile", None) is None and "tile" in layout:
+        cols += RESERVED_COLUMNS[signed]
+    return CrossbarSpec(rows, cols, chosen["bits_per_cell"], chosen["weight_bits"], signed, adc_bits=args.adc_bits)
+
+
+def signed_of_run(run_layout: dict | None, bits_per_cell: int, weight_bits: int) -> str | None:
+    """The signed scheme the run's crossbar_* rules were laid out for: the one that, at these bits, takes the
+    rules' columns per weight; None when the rules state none, or both schemes or neither take that many.
+
+    >>> signed_of_run({"columns_per_weight": 3}, 2, 5), signed_of_run({"columns_per_weight": 4}, 2, 5)
+    ('offset', 'differential')
+    """
+    wanted = (run_layout or {}).get("columns_per_weight")
+    fits = [signed for signed in SIGNED if _columns_per_weight(bits_per_cell, weight_bits, signed) == wanted]
+    return fits[0] if wanted is not None and len(fits) == 1 else None
+
+
+def _columns_per_weight(bits_per_cell: int, weight_bits: int, signed: str) -> int | None:
+    """Columns one weight takes in a scheme (None for bits no spec takes: the spec itself then says why)."""
+    try:
+        return CrossbarSpec(1, MAX_TILE, bits_per_cell, weight_bits, signed).columns_per_weight
+    except ValueError:
+        return None
 
 
 def layout_of_run(stages: list) -> dict:
     """The crossbar layout a run trained for, read from its plans (the last rule that states each wins): a
     ``conductance`` rule's ``bits`` per cell and ``bits x cells + 1`` weight bits (sign included), a
     ``crossbar_*`` rule's tile. Without them the command costed a default 8-bit chip, not the one the run was
-    compressed for (a review's finding: 92 tiles where the run's own layout needs 48)."""
+    compressed for (a review's finding: 92 tiles where the run's own layout needs 48). The run does not record
+    its signed scheme: :func:`spec_from_args` tells it from ``columns_per_weight`` (:func:`signed_of_run`)."""
     found: dict = {}
     for stage in stages:
         for rule in getattr(stage.plan, "rules", []):
@@ -207,18 +240,21 @@ def layout_note(spec: CrossbarSpec, run_layout: dict | None) -> str:
     wanted = layout.get("columns_per_weight")
     if wanted is None:
         return ""
-    fix = "so its tiles do not line up with the pruned blocks; pass the {} the run was trained for.\n\n"
+    fix = "so its tiles do not line up with the pruned blocks; pass the {} the run was trained for{}.\n\n"
     if wanted != spec.columns_per_weight:
+        other = signed_of_run(layout, spec.bits_per_cell, spec.weight_bits)
+        # the run records no scheme, and at bits it does not state an offset run is not told apart: name the flag
+        hint = f" (or --signed {other}: at these bits it takes {wanted})" if other not in (None, spec.signed) else ""
         return (f"Note: the run's crossbar_* rules pruned tile blocks for {wanted} column(s) per weight, but this "
                 f"mapping takes {spec.columns_per_weight} ({spec.describe().split(' (')[0]}), "
-                + fix.format("--weight-bits / --bits-per-cell"))
+                + fix.format("--weight-bits / --bits-per-cell", hint))
     # The pruned blocks are rows x (cols // columns per weight) of the rule's tile: another --tile misaligns them as
     # surely as other bits do (only the bits were compared, so --tile 64 on a run pruned at 128 said nothing)
     tile, ours = tuple(layout.get("tile", ())), tuple(spec.structure_options()["tile"])
     if tile and tile != ours:
         return (f"Note: the run's crossbar_* rules pruned the blocks of {tile[0]}x{tile[1]} tiles, but this mapping "
                 f"takes {ours[0]}x{ours[1]} cells of each tile for weights ({spec.describe().split(' (')[0]}), "
-                + fix.format("--tile"))
+                + fix.format("--tile", ""))
     return ""
 
 
@@ -281,4 +317,6 @@ def _save(result: HardwareAnalysis, folder: Path, title: str) -> str:
     return f"\nwritten: {md}, {png}\n"
 
 
-__all__ = ["add_arguments", "run_command", "sample", "spec_from_args"]
+__all__ = [
+    "add_arguments", "layout_of_run", "layout_note", "run_command", "sample", "signed_of_run", "spec_from_args",
+]

@@ -85,6 +85,9 @@ class ADCModel:
     inputs_per_tile: int
     full_scale: dict[str, list[float]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    # of `skipped`, the Linear/Conv2d layers the model covers that the calibration pass never called through their
+    # own forward (an unused layer, MultiheadAttention's out_proj): left exact for that reason, not for their kind
+    uncalled: list[str] = field(default_factory=list)
 
 
 @contextlib.contextmanager
@@ -141,6 +144,7 @@ def adc_quantization(
         # A layer the calibration pass never called through its own forward (MultiheadAttention's out_proj) has no
         # full scale and would never be converted: named in `skipped`, not counted as covered
         state.skipped = [name for name, _ in gemm_layers(model) if name not in state.full_scale]
+        state.uncalled = [name for name in state.skipped if name in layers]
         handles = [m.register_forward_hook(convert(name)) for name, m in layers.items() if name in state.full_scale]
         yield state
     finally:

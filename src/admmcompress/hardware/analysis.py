@@ -61,6 +61,7 @@ class HardwareAnalysis:
     variation: list[VariationPoint] = field(default_factory=list)
     adc: list[tuple[int, float]] = field(default_factory=list)
     adc_exact: list[str] = field(default_factory=list)  # mapped layers the ADC model leaves exact (ADCModel.skipped)
+    adc_uncalled: list[str] = field(default_factory=list)  # of those, Linear/Conv2d never called (ADCModel.uncalled)
     adc_calibration: int = 0  # inputs the ADC full scales were set on
 
     @property
@@ -93,6 +94,7 @@ class HardwareAnalysis:
             ],
             "adc": [{"bits": bits, "accuracy": acc} for bits, acc in self.adc],
             "adc_exact": list(self.adc_exact),
+            "adc_uncalled": list(self.adc_uncalled),
             "adc_calibration": self.adc_calibration,
             "unmapped": dict(self.mapping.unmapped),
         }
@@ -156,7 +158,7 @@ def add_adc(
     for b in bits:
         with adc_quantization(model, b, calibration, result.spec.inputs_per_tile) as adc:
             result.adc.append((b, float(evaluate(model))))
-        result.adc_exact = list(adc.skipped)
+        result.adc_exact, result.adc_uncalled = list(adc.skipped), list(adc.uncalled)
     return result
 
 

@@ -47,6 +47,8 @@ from admmcompress.plan.graph import Hook, run_example
 from admmcompress.structures.groups import gemm_params
 
 SIGNED = ("differential", "offset")
+# Reference columns per tile of each signed scheme: the offset scheme subtracts one column's current.
+RESERVED_COLUMNS = {"differential": 0, "offset": 1}
 # Largest tile side and ADC resolution accepted: real crossbars stay far below (64..1024 cells a side), and
 # the mapping pads every layer to whole tiles, so a huge tile would allocate a huge padded grid.
 MAX_TILE = 4096
@@ -135,7 +137,7 @@ class CrossbarSpec:
     @property
     def reserved_columns(self) -> int:
         """Reference columns per tile (the offset scheme subtracts one column's current)."""
-        return 1 if self.signed == "offset" else 0
+        return RESERVED_COLUMNS[self.signed]
 
     @property
     def outputs_per_tile(self) -> int:
@@ -319,31 +321,131 @@ def map_matrix(
     """Tile counts of one GEMM matrix ``(outputs, inputs)`` under ``spec``; ``groups > 1``: the matrix is the
     block-diagonal layout of a grouped conv, and ``dense`` counts only the tiles its diagonal blocks touch."""
     matrix = matrix.detach()
+    if groups > 1:
+        return map_blocks(name, _checked_blocks(name, matrix, groups), spec, positions)
     out_t, in_t = spec.outputs_per_tile, spec.inputs_per_tile
     rows, cols = matrix.shape
     nonzero = matrix != 0
     kept_rows, kept_cols = nonzero.any(dim=1), nonzero.any(dim=0)
-    if groups > 1:
-        layout = block_diagonal(matrix.new_ones(groups, rows // groups, cols // groups))
-        dense = int(tile_grid(layout, out_t, in_t).sum())
-    else:
-        dense = math.ceil(rows / out_t) * math.ceil(cols / in_t)
+    dense = math.ceil(rows / out_t) * math.ceil(cols / in_t)
     masked = int(tile_grid(matrix, out_t, in_t).sum())
     compacted = matrix[kept_rows][:, kept_cols]
     compact = int(tile_grid(compacted, out_t, in_t).sum()) if compacted.numel() else 0
     # Removing zero rows/columns shifts the others across tile borders, which can fill more tiles than the
     # masked layout; a mapper keeps whichever layout needs fewer.
-    compact = min(compact, masked)
-    note = ""
-    if rows <= out_t and cols <= in_t:  # (an exact fit too: one tile either way)
-        used = 100.0 * rows * cols / (out_t * in_t)
-        note = (
-            f"'{name}' ({rows}x{cols}) fits in one tile ({out_t} outputs x {in_t} inputs): "
-            f"it uses 1 tile, {used:.1f}% of its cells; tile-level pruning cannot help it (use a smaller tile)"
-        )
     return LayerMapping(
-        name, rows, cols, int(kept_rows.sum()), int(kept_cols.sum()), int(nonzero.sum()), dense, masked, compact,
-        positions, note, groups,
+        name, rows, cols, int(kept_rows.sum()), int(kept_cols.sum()), int(nonzero.sum()), dense, masked,
+        min(compact, masked), positions, _one_tile_note(name, rows, cols, spec),
+    )
+
+
+def _checked_blocks(name: str, matrix: torch.Tensor, groups: int) -> torch.Tensor:
+    """The diagonal blocks of a grouped conv's layout ``matrix``; one-line ``ValueError`` if it is not one."""
+    rows, cols = matrix.shape
+    fix = "give the block-diagonal layout of a grouped conv (GemmWeight.matrix()) or groups=1"
+    if rows % groups or cols % groups:
+        raise ValueError(f"map_matrix: '{name}' ({rows}x{cols}) does not split into {groups} diagonal blocks; {fix}")
+    blocks = diagonal_blocks(matrix, groups)
+    # weights off the diagonal blocks would be dropped from the counts: refused, not ignored
+    if int(torch.count_nonzero(blocks)) != int(torch.count_nonzero(matrix)):
+        raise ValueError(f"map_matrix: '{name}' has nonzero weights off its {groups} diagonal blocks; {fix}")
+    return blocks
+
+
+def map_blocks(name: str, blocks: torch.Tensor, spec: TileLayout, positions: int = 1) -> LayerMapping:
+    """:func:`map_matrix` of the block-diagonal layout of ``blocks`` ``(groups, outputs, inputs)`` (a grouped
+    conv's, :meth:`GemmWeight.blocks`), counted from the blocks: the layout, ``groups`` times the weights, is
+    never built (a 768-channel 7x7 depthwise conv's took 0.8 GB and seconds).
+
+    >>> spec = CrossbarSpec(rows=4, cols=4, bits_per_cell=2, weight_bits=3)       # 2 outputs x 4 inputs a tile
+    >>> layer = map_blocks("dw", torch.ones(6, 1, 3), spec)                      # 6 x 18 layout, 3 x 5 tiles
+    >>> layer.dense, layer.masked, (layer.outputs, layer.inputs, layer.groups)
+    (6, 6, (6, 18, 6))
+    """
+    blocks = blocks.detach()
+    if blocks.dim() != 3:
+        raise ValueError(
+            f"map_blocks: '{name}' blocks of shape {tuple(blocks.shape)}; give (groups, outputs, inputs) blocks, "
+            "e.g. GemmWeight.blocks()"
+        )
+    groups, outputs, inputs = blocks.shape
+    if groups == 1:
+        return map_matrix(name, blocks[0], spec, positions)
+    out_t, in_t = spec.outputs_per_tile, spec.inputs_per_tile
+    nonzero = blocks != 0
+    kept_rows, kept_cols = nonzero.any(dim=2), nonzero.any(dim=1)  # (groups, outputs), (groups, inputs)
+    on = torch.ones(1, 1, dtype=torch.bool)
+    row_tiles, col_tiles = line_tiles(on.expand(groups, outputs), out_t), line_tiles(on.expand(groups, inputs), in_t)
+    dense = block_tile_counts(on.view(1, 1, 1).expand(groups, outputs, inputs), row_tiles, col_tiles).numel()
+    masked = block_tile_counts(nonzero, row_tiles, col_tiles).numel()
+    # compacted: the kept lines close up across the groups, so the tile of a kept line is its rank among them
+    compact = block_tile_counts(nonzero, line_tiles(kept_rows, out_t), line_tiles(kept_cols, in_t)).numel()
+    rows, cols = groups * outputs, groups * inputs
+    return LayerMapping(
+        name, rows, cols, int(kept_rows.sum()), int(kept_cols.sum()), int(nonzero.sum()), dense, masked,
+        min(compact, masked), positions, _one_tile_note(name, rows, cols, spec), groups,
+    )
+
+
+def line_tiles(kept: torch.Tensor, per_tile: int) -> torch.Tensor:
+    """The tile index along one axis of a block-diagonal layout of each line (row or column) of its groups,
+    ``kept`` ``(groups, lines)``: lines in group order, those not kept removed (a removed line gets its kept
+    predecessor's tile, harmless: it holds no weight).
+
+    >>> line_tiles(torch.tensor([[True, False, True], [True, True, False]]), 2).tolist()
+    [[0, 0, 0], [1, 1, 1]]
+    """
+    rank = kept.reshape(-1).cumsum(0) - 1
+    return (rank.clamp(min=0) // per_tile).view(kept.shape)
+
+
+def block_tile_counts(nonzero: torch.Tensor, row_tiles: torch.Tensor, col_tiles: torch.Tensor) -> torch.Tensor:
+    """Nonzero weights on each occupied tile (one entry per tile, in row-major tile order) of the block-diagonal
+    layout of ``nonzero`` ``(groups, outputs, inputs)``, whose rows and columns lie on tiles ``row_tiles``
+    ``(groups, outputs)`` and ``col_tiles`` ``(groups, inputs)`` (:func:`line_tiles`).
+
+    Each group's lines lie on consecutive tiles, so a group's weights are summed into its own small grid of the
+    tiles it spans, and groups sharing a tile are then merged by the tile's index: memory of the order of the
+    weights, not of the layout.
+
+    >>> on = torch.ones(3, 1, dtype=torch.bool)
+    >>> block_tile_counts(torch.ones(3, 1, 2, dtype=torch.bool), line_tiles(on, 2),
+    ...                   line_tiles(on.expand(3, 2), 4)).tolist()  # 3 x 6 layout, 2 x 4 tiles: groups 0, 1 share one
+    [4, 2]
+    """
+    groups, outputs, inputs = nonzero.shape
+    if nonzero.numel() == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    row_first, col_first = row_tiles[:, :1], col_tiles[:, :1]
+    row_local, col_local = row_tiles - row_first, col_tiles - col_first  # tiles spanned by each group, from 0
+    n_rows, n_cols = int(row_local.max()) + 1, int(col_local.max()) + 1
+    group = torch.arange(groups).view(groups, 1)
+    # sum each group's rows into its tile rows, then its columns into its tile columns: (groups, n_rows, n_cols)
+    # (int32: a tile holds far fewer than 2^31 weights, and this copy is as large as the weights)
+    by_rows = torch.zeros(groups * n_rows, inputs, dtype=torch.int32).index_add_(
+        0, (row_local + group * n_rows).reshape(-1), nonzero.reshape(groups * outputs, inputs).to(torch.int32)
+    )
+    by_tile = torch.zeros(groups * n_cols, n_rows, dtype=torch.int32).index_add_(
+        0, (col_local + group * n_cols).reshape(-1),
+        by_rows.view(groups, n_rows, inputs).transpose(1, 2).reshape(groups * inputs, n_rows),
+    ).view(groups, n_cols, n_rows).transpose(1, 2)
+    occupied = by_tile > 0
+    width = int(col_tiles.max()) + 1
+    tile_row = row_first.view(groups, 1, 1) + torch.arange(n_rows).view(1, n_rows, 1)
+    tile_col = col_first.view(groups, 1, 1) + torch.arange(n_cols).view(1, 1, n_cols)
+    tiles, where = torch.unique((tile_row * width + tile_col)[occupied], return_inverse=True)
+    return torch.zeros(tiles.numel(), dtype=torch.int64).index_add_(0, where, by_tile[occupied].to(torch.int64))
+
+
+def _one_tile_note(name: str, rows: int, cols: int, spec: TileLayout) -> str:
+    """The note on a layer that fits in one tile (an exact fit too: one tile either way); "" otherwise."""
+    out_t, in_t = spec.outputs_per_tile, spec.inputs_per_tile
+    if rows > out_t or cols > in_t:
+        return ""
+    used = 100.0 * rows * cols / (out_t * in_t)
+    return (
+        f"'{name}' ({rows}x{cols}) fits in one tile ({out_t} outputs x {in_t} inputs): "
+        f"it uses 1 tile, {used:.1f}% of its cells; tile-level pruning cannot help it (use a smaller tile)"
     )
 
 
@@ -468,8 +570,12 @@ def map_model(
     Raises ``ValueError`` if the model has no layer a crossbar computes.
     """
     mapping = ModelMapping(spec, unmapped=unmapped_weights(model))
-    for gemm, matrix, positions in gemm_matrices(model, example, dense):
-        mapping.layers.append(map_matrix(gemm.name, matrix, spec, positions, gemm.groups))
+    positions = output_positions(model, example)
+    for gemm in gemm_weights(model):
+        # from the blocks, not gemm.matrix(): a depthwise conv's block-diagonal layout is `groups` times its weights
+        blocks = gemm.blocks()
+        blocks = torch.ones_like(blocks) if dense else blocks
+        mapping.layers.append(map_blocks(gemm.name, blocks, spec, positions[gemm.layer]))
     if not mapping.layers:
         raise ValueError(
             f"{type(model).__name__} has no Linear, Conv or recurrent layer to map onto crossbar tiles; "
@@ -479,7 +585,8 @@ def map_model(
 
 
 __all__ = [
-    "MAX_ADC_BITS", "MAX_TILE", "CrossbarSpec", "GemmWeight", "LayerMapping", "ModelMapping", "block_diagonal",
-    "diagonal_blocks", "gemm_layers", "gemm_matrices", "gemm_weights", "map_matrix", "map_model", "TileLayout",
-    "output_positions", "passes", "tile_grid", "unmapped_weights",
+    "MAX_ADC_BITS", "MAX_TILE", "RESERVED_COLUMNS", "SIGNED", "CrossbarSpec", "GemmWeight", "LayerMapping",
+    "ModelMapping", "block_diagonal", "block_tile_counts", "diagonal_blocks", "gemm_layers", "gemm_matrices",
+    "gemm_weights", "line_tiles", "map_blocks", "map_matrix", "map_model", "TileLayout", "output_positions", "passes",
+    "tile_grid", "unmapped_weights",
 ]

@@ -141,12 +141,29 @@ def render_hardware(result: HardwareAnalysis, title: str = "Hardware") -> str:
             "|---|---|",
         ]
         lines += [f"| {bits} | {acc:.2f} |" for bits, acc in result.adc]
-        if result.adc_exact:
-            named = ", ".join(f"'{name}'" for name in result.adc_exact)
-            lines += ["", f"Note: the ADC model covers Linear and ungrouped zero-padded Conv2d layers; these mapped "
-                          f"layers were left exact (no ADC on their partial sums): {named}"]
+        lines += _adc_exact_notes(result)
     lines += _constants_markdown()
     return "\n".join(line for line in lines if line is not None) + "\n"
+
+
+def _adc_exact_notes(result: HardwareAnalysis) -> list[str]:
+    """Notes naming the mapped layers the ADC sweep left exact, by why: a kind the ADC model does not cover, or a
+    covered Linear/Conv2d that never ran through its own forward (one note listed both as of other kinds)."""
+    uncalled = [name for name in result.adc_exact if name in result.adc_uncalled]
+    other = [name for name in result.adc_exact if name not in result.adc_uncalled]
+    notes = []
+    if other:
+        notes += ["", "Note: the ADC model covers Linear and ungrouped zero-padded Conv2d layers; these mapped layers "
+                      f"of other kinds were left exact (no ADC on their partial sums): {_quoted(other)}"]
+    if uncalled:
+        notes += ["", "Note: these mapped Linear/Conv2d layers never ran through their own forward on the calibration "
+                      "inputs (unused, or called inside another layer as MultiheadAttention's out_proj is), so no ADC "
+                      f"was set for them and they were left exact (no ADC on their partial sums): {_quoted(uncalled)}"]
+    return notes
+
+
+def _quoted(names: list[str]) -> str:
+    return ", ".join(f"'{name}'" for name in names)
 
 
 def plot_hardware(result: HardwareAnalysis, path: str | Path) -> Path:
