@@ -16,9 +16,12 @@ Transformers (a skeleton built from the ORIGINAL config, passed by the caller): 
 LayerNorms (``WidthKeepingLayerNorm`` with its full width) and Embeddings as layers; under ``tensors`` the
 shape of every parameter held by a module it does not know (RMSNorm weights, ViT's position embeddings and
 class token, ConvNeXt's layer scale), re-created as zeros of that shape before the state dict loads; under
-``attributes`` the head counts the head executor lowers (``num_heads``, ``num_attention_heads``,
+``attributes`` the head counts the head executor lowers (``num_heads``, ``num_attention_heads``, ``n_heads``,
 ``num_key_value_heads``, ``all_head_size``, ``split_size``; also the head size and ``scaling``, which a skeleton
-built from a compacted config gets wrong) and an RMSNorm's ``variance_epsilon``, per module;
+built from a compacted config gets wrong) and an RMSNorm's ``variance_epsilon``, per module; under
+``width_attributes`` the width attributes an attention layout names (``AttentionLayout.width_attrs``:
+DistilBERT's ``dim``), per attention block only: ``dim`` is too common a name to record on every module
+(``nn.Softmax(dim=-1)``), so the loader accepts one only where the skeleton's layout of that block names it;
 under ``config`` the fields compaction edits (``hidden_size``, ``hidden_sizes``, ``rms_norm_eps``); under
 ``tied`` the groups of parameter names that are one tensor (an LM head sharing the token embedding), saved once
 per name and tied again after loading. Each must
@@ -69,7 +72,13 @@ from admmcompress.executors.column import ColumnConv2d, ColumnLinear
 from admmcompress.executors.penni import SharedKernelConv
 from admmcompress.executors.tucker import Tucker2Conv
 from admmcompress.module_swap import replace_module
-from admmcompress.plan.attention import ALL_HEADS_ATTRS, HEAD_COUNT_ATTRS, HEAD_SIZE_ATTRS, KV_COUNT_ATTRS
+from admmcompress.plan.attention import (
+    ALL_HEADS_ATTRS,
+    HEAD_COUNT_ATTRS,
+    HEAD_SIZE_ATTRS,
+    KV_COUNT_ATTRS,
+    attention_layouts,
+)
 from admmcompress.plan.residual import WidthKeepingLayerNorm, tied_parameters
 
 FORMAT = "admmcompress.compacted/1"
@@ -263,6 +272,9 @@ PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 # attention's scale never change, but a skeleton built from a compacted config (BERT derives its head size from
 # hidden_size) would get them wrong, so they are recorded too.
 INT_ATTRIBUTES = HEAD_COUNT_ATTRS + KV_COUNT_ATTRS + ALL_HEADS_ATTRS + HEAD_SIZE_ATTRS
+# The attention layouts' own width attributes (DistilBERT's ``dim``) live under their own key: recorded and
+# accepted per block the layouts name, never by name on every module (``nn.Softmax`` has a ``dim`` too).
+WIDTH_ATTRIBUTES = "width_attributes"
 FLOAT_ATTRIBUTES = ("variance_epsilon", "scaling")
 # Model config fields compaction edits (plan/residual.update_hidden_size) and their JSON types.
 CONFIG_FIELDS = {"hidden_size": _INT, "hidden_sizes": "ints", "rms_norm_eps": _FLOAT, "head_dim": _INT}
@@ -298,7 +310,8 @@ def _has_type(value: Any, kind: str) -> bool:
 def shape_manifest(model: nn.Module, model_spec: dict[str, Any] | None = None) -> dict[str, Any]:
     """The JSON-ready manifest: format, the optional registered ``{"name", "kwargs"}``, layer shapes, the shapes
     of the parameters of every other module (RMSNorm weights, position embeddings, class tokens, layer scales),
-    the head-count attributes of attention modules and the config fields compaction edits."""
+    the head-count attributes of attention modules, the width attributes their layouts name and the config fields
+    compaction edits."""
     recorded = {name for name, m in model.named_modules() if type(m) in SPECS}
     # a recorded layer's parts (a Tucker2Conv's convs) are built with it, from its record
     modules = {name: m for name, m in model.named_modules() if not _inside(name, recorded)}
@@ -324,10 +337,32 @@ def shape_manifest(model: nn.Module, model_spec: dict[str, Any] | None = None) -
         "layers": layers,
         "tensors": tensors,
         "attributes": attributes,
+        WIDTH_ATTRIBUTES: _width_attributes(model),
         "config": {k: v for k, v in fields.items() if _has_type(v, CONFIG_FIELDS[k])},
         "tied": [[f"{m}.{a}" if m else a for m, a in names] for names in tied_parameters(model)],
         "parameters": sum(p.numel() for p in model.parameters()),
     }
+
+
+def _layout_widths(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """The width attributes each attention block's layout names, by block (``{}`` where none is read)."""
+    try:
+        layouts = attention_layouts(model)
+    except ValueError:  # a block that cannot be read as a layout: its widths were never lowered by the heads either
+        return {}
+    return {lay.module: lay.width_attrs for lay in layouts.values() if lay.width_attrs}
+
+
+def _width_attributes(model: nn.Module) -> dict[str, dict[str, int]]:
+    """``{block: {attr: value}}`` for the integer width attributes the attention layouts name (DistilBERT's
+    ``dim``), which ``remove_dead_heads`` lowers with the heads and transformers 4's forward reads."""
+    found = {}
+    for block, attrs in _layout_widths(model).items():
+        module = model.get_submodule(block)
+        values = {a: getattr(module, a) for a in attrs if _has_type(getattr(module, a, None), _INT)}
+        if values:
+            found[block] = values
+    return found
 
 
 def _inside(name: str, layers: set[str]) -> bool:
@@ -539,6 +574,9 @@ def _check_fields(manifest: dict[str, Any], path: Path) -> None:
         _fail(f"'{path}': 'tensors' must map parameter names to shapes (lists of at most {MAX_DIMS} positive ints)")
     if not isinstance(attributes, dict) or not all(isinstance(v, dict) for v in attributes.values()):
         _fail(f"'{path}': 'attributes' must map module names to {{attribute: value}}")
+    widths = manifest.get(WIDTH_ATTRIBUTES, {})  # absent from manifests written before it: nothing to restore
+    if not isinstance(widths, dict) or not all(isinstance(v, dict) for v in widths.values()):
+        _fail(f"'{path}': '{WIDTH_ATTRIBUTES}' must map attention block names to {{attribute: value}}")
     if not isinstance(config, dict):
         _fail(f"'{path}': 'config' must map config fields to values, not {config!r}")
     tied = manifest.get("tied", [])
@@ -581,6 +619,7 @@ def _check_extras(
             if not _has_type(value, kind) or not _has_type(getattr(owner, attr, None), kind):
                 _fail(f"records attribute {full!r} = {value!r}; it must be of type {kind}, on a skeleton module "
                       f"that has one (the skeleton's: {getattr(owner, attr, None)!r})")
+    _check_width_attributes(skeleton, manifest.get(WIDTH_ATTRIBUTES, {}), module)
     recorded = manifest.get("config", {})
     config = getattr(skeleton, "config", None)
     if recorded and config is None:
@@ -596,6 +635,26 @@ def _check_extras(
                 kind == "ints" and len(value) != len(current)):
             _fail(f"records config.{field} = {value!r}; the skeleton's config has {current!r} (another model?)")
     return expected
+
+
+def _check_width_attributes(skeleton: nn.Module, widths: dict[str, dict[str, Any]],
+                            module: Callable[[str, str], nn.Module]) -> None:
+    """Each recorded width attribute names one the skeleton's layout of that attention block names, and holds an
+    int where the skeleton's block holds one (``module`` checks the block's name)."""
+    if not widths:
+        return
+    named = _layout_widths(skeleton)
+    for name, values in widths.items():
+        owner = module(name, "width attributes")
+        for attr, value in values.items():
+            full = f"{name}.{attr}"
+            if attr not in named.get(name, ()):
+                _fail(f"records width attribute {full!r}, but the skeleton reads no attention block there with that "
+                      f"width attribute (there: {list(named.get(name, ()))}); pass the skeleton it was saved from, "
+                      "with any attention adapter it used registered")
+            if not _has_type(value, _INT) or not _has_type(getattr(owner, attr, None), _INT):
+                _fail(f"records width attribute {full!r} = {value!r}; it must be of type {_INT}, on a skeleton block "
+                      f"that has one (the skeleton's: {getattr(owner, attr, None)!r})")
 
 
 def _check_tied(tied: list[list[str]], skeleton: nn.Module, layers: dict[str, nn.Module],
@@ -627,7 +686,7 @@ def _retie(model: nn.Module, tied: list[list[str]], state: dict[str, torch.Tenso
 @torch.no_grad()
 def _apply_extras(model: nn.Module, manifest: dict[str, Any]) -> None:
     """Give the (checked) skeleton the recorded parameter shapes (zeros, filled by the state dict next), head
-    attributes and config fields."""
+    and width attributes and config fields."""
     for name, shape in manifest.get("tensors", {}).items():
         owner_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_name)
@@ -635,10 +694,11 @@ def _apply_extras(model: nn.Module, manifest: dict[str, Any]) -> None:
         if tuple(current.shape) != tuple(shape):  # the same shape: keep it (and any tie it has)
             fresh = torch.zeros(shape, dtype=current.dtype, device=current.device)
             owner._parameters[attr] = nn.Parameter(fresh, requires_grad=current.requires_grad)
-    for name, values in manifest.get("attributes", {}).items():
-        owner = model.get_submodule(name)
-        for attr, value in values.items():
-            setattr(owner, attr, value)
+    for key in ("attributes", WIDTH_ATTRIBUTES):
+        for name, values in manifest.get(key, {}).items():
+            owner = model.get_submodule(name)
+            for attr, value in values.items():
+                setattr(owner, attr, value)
     config = getattr(model, "config", None)
     for field, value in manifest.get("config", {}).items():
         setattr(config, field, list(value) if isinstance(value, list) else value)
