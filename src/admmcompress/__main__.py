@@ -1,6 +1,6 @@
 """``python -m admmcompress ...``: the same command line (and exit status) as the ``admmcompress`` script."""
 
-from admmcompress.cli import main
+from admmcompress.cli import entry
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import logging
 import os
 import shlex
 import signal
@@ -498,5 +499,23 @@ def _hardware(args: argparse.Namespace) -> int:
     return 0
 
 
+def entry() -> NoReturn:
+    """The ``admmcompress`` script and ``python -m admmcompress``: :func:`main`'s status is the exit status.
+
+    A process torchrun started ends with ``os._exit`` once its output is flushed: its process group is closed by
+    then (:meth:`Distributed.close`), and skipping the interpreter's finalization keeps torch's gloo threads from
+    touching a half torn-down interpreter, which now and then aborted a finished run ("terminate called without an
+    active exception", SIGABRT) and made torchrun stop the other ranks before rank 0 had written its outputs.
+    """
+    code = main()
+    if Distributed.announced().active:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):  # a closed or broken pipe: nothing left to keep
+                stream.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()

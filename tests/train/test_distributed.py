@@ -339,7 +339,9 @@ SPEC = {
 
 
 def _torchrun(config: Path, out: Path, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ADMMCOMPRESS_CHECK_RANKS": "1", **(extra_env or {})}
+    # faulthandler: a rank that aborts (SIGABRT) prints where each of its Python threads was
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ADMMCOMPRESS_CHECK_RANKS": "1", "PYTHONFAULTHANDLER": "1",
+           **(extra_env or {})}
     torchrun = shutil.which("torchrun")
     command = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
     return subprocess.run(

@@ -52,6 +52,7 @@ provides for CUDA devices only.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import math
 import os
@@ -156,7 +157,10 @@ class Distributed:
         return cls(number("RANK", 0), max(1, number("WORLD_SIZE", 1)), local_world_size=number("LOCAL_WORLD_SIZE", 0))
 
     def close(self) -> None:
+        """Leave the process group. Garbage goes first: what collectives left in reference cycles (work objects,
+        tensors Python still points to) is freed now, while the interpreter is whole, not later by gloo's threads."""
         if self.active and dist.is_initialized():
+            gc.collect()
             dist.destroy_process_group()
 
     # --- rank 0 decides, the others follow ---------------------------------------------------------
