@@ -55,10 +55,8 @@ from torch import nn
 from admmcompress.hardware.crossbar import (
     CrossbarSpec,
     GemmWeight,
-    block_diagonal,
-    diagonal_blocks,
     gemm_weights,
-    tile_grid,
+    line_tiles,
 )
 from admmcompress.structures.groups import as_matrix
 
@@ -127,13 +125,43 @@ def _grid_scale(magnitudes: torch.Tensor, n_max: int, exact_grid: bool) -> float
 
 def cells_exist(nonzero: torch.Tensor, spec: CrossbarSpec) -> torch.Tensor:
     """Bool ``(groups, outputs, inputs)``: which weights of the blocks ``nonzero`` have cells, in the
-    block-diagonal layout: not on a removed output or input, and on a tile that holds a nonzero weight."""
-    out_t, in_t = spec.outputs_per_tile, spec.inputs_per_tile
+    block-diagonal layout: not on a removed output or input, and on a tile that holds a nonzero weight.
+
+    Worked out per group on the tiles it spans, never on the layout (``groups`` times the weights).
+
+    >>> spec = CrossbarSpec(rows=4, cols=4, bits_per_cell=2, weight_bits=3)   # 2 outputs x 4 inputs a tile
+    >>> nonzero = torch.tensor([[[True, False, True]], [[False, True, False]]])  # 2 x 6 layout, 1 x 2 tiles
+    >>> cells_exist(nonzero, spec).int().tolist()            # group 0's input 1 is removed (no weight on it)
+    [[[1, 0, 1]], [[0, 1, 0]]]
+    """
+    groups, outputs, inputs = nonzero.shape
     kept = nonzero.any(dim=2, keepdim=True) & nonzero.any(dim=1, keepdim=True)
-    layout = block_diagonal(nonzero)
-    grid = tile_grid(layout, out_t, in_t)
-    on_tile = grid.repeat_interleave(out_t, 0).repeat_interleave(in_t, 1)[: layout.shape[0], : layout.shape[1]]
-    return kept & diagonal_blocks(on_tile, nonzero.shape[0])
+    if not bool(nonzero.any()):
+        return kept
+    on = torch.ones(1, 1, dtype=torch.bool)  # every line: tiles of the layout as written, before compaction
+    row_tiles = line_tiles(on.expand(groups, outputs), spec.outputs_per_tile)
+    col_tiles = line_tiles(on.expand(groups, inputs), spec.inputs_per_tile)
+    row_local, col_local = row_tiles - row_tiles[:, :1], col_tiles - col_tiles[:, :1]
+    n_rows, n_cols = int(row_local.max()) + 1, int(col_local.max()) + 1
+    group = torch.arange(groups).view(groups, 1)
+    # each group's weights summed on its own small grid of the tiles it spans: (groups, n_rows, n_cols)
+    by_rows = torch.zeros(groups * n_rows, inputs, dtype=torch.int32).index_add_(
+        0, (row_local + group * n_rows).reshape(-1), nonzero.reshape(groups * outputs, inputs).to(torch.int32)
+    )
+    held = torch.zeros(groups * n_cols, n_rows, dtype=torch.int32).index_add_(
+        0, (col_local + group * n_cols).reshape(-1),
+        by_rows.view(groups, n_rows, inputs).transpose(1, 2).reshape(groups * inputs, n_rows),
+    ).view(groups, n_cols, n_rows).transpose(1, 2) > 0
+    # a tile shared by groups is instantiated when any of them holds a weight on it: merged by the tile's index
+    # (width leaves room for the local tiles past a group's last one, so no two tiles share an index)
+    width = int(col_tiles.max()) + n_cols
+    tile_row = row_tiles[:, :1].view(groups, 1, 1) + torch.arange(n_rows).view(1, n_rows, 1)
+    tile_col = col_tiles[:, :1].view(groups, 1, 1) + torch.arange(n_cols).view(1, 1, n_cols)
+    tile = tile_row * width + tile_col
+    instantiated = torch.isin(tile, tile[held])
+    # back onto the weights: each input's tile column, then each output's tile row
+    by_input = instantiated.gather(2, col_local.unsqueeze(1).expand(groups, n_rows, inputs))
+    return kept & by_input.gather(1, row_local.unsqueeze(2).expand(groups, outputs, inputs))
 
 
 @dataclass

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from admmcompress.hardware.constants import PIM, PIMConstants
-from admmcompress.hardware.crossbar import gemm_matrices
+from admmcompress.hardware.crossbar import block_tile_counts, gemm_weights, line_tiles, output_positions
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,59 @@ def pim_matrix_cost(name: str, matrix: torch.Tensor, spec: PIMSpec, positions: i
         name, int((occupied_rows > 0).sum()), int(occupied_rows.sum()), int(occupied_rows.max()) if kept.numel() else 0,
         positions, spec.cycles_per_row_op, int(nonzero.sum()) * spec.weight_bits,
     )
+
+
+def pim_blocks_cost(name: str, blocks: torch.Tensor, spec: PIMSpec, positions: int = 1) -> PIMLayerCost:
+    """:func:`pim_matrix_cost` of the block-diagonal layout of ``blocks`` ``(groups, outputs, inputs)`` (a grouped
+    conv's, :meth:`~admmcompress.hardware.crossbar.GemmWeight.blocks`), counted from the blocks: the layout,
+    ``groups`` times the weights, is never built (a 4096-channel 7x7 depthwise conv's would take GBs).
+
+    >>> spec = PIMSpec(rows=4, cols=4, weight_bits=2, act_bits=2)        # 2 outputs x 4 inputs per sub-array
+    >>> cost = pim_blocks_cost("dw", torch.ones(3, 1, 3), spec)          # 3 x 9 layout, rows 4 + 2 and 2 + 1
+    >>> cost.subarrays, cost.row_ops, cost.max_rows
+    (4, 9, 4)
+    """
+    blocks = blocks.detach()
+    if blocks.dim() != 3:
+        raise ValueError(
+            f"pim_blocks_cost: '{name}' blocks of shape {tuple(blocks.shape)}; give (groups, outputs, inputs) "
+            "blocks, e.g. GemmWeight.blocks()"
+        )
+    if blocks.shape[0] == 1:
+        return pim_matrix_cost(name, blocks[0], spec, positions)
+    nonzero = blocks != 0
+    rows = subarray_rows(nonzero, spec)
+    return PIMLayerCost(
+        name, rows.numel(), int(rows.sum()), int(rows.max()) if rows.numel() else 0, positions,
+        spec.cycles_per_row_op, int(nonzero.sum()) * spec.weight_bits,
+    )
+
+
+def subarray_rows(nonzero: torch.Tensor, spec: PIMSpec) -> torch.Tensor:
+    """Occupied rows of each instantiated sub-array (one entry per sub-array, row-major order) of the compacted
+    block-diagonal layout of ``nonzero`` ``(groups, outputs, inputs)``: zero outputs and inputs removed, a row
+    (an input) occupied in a sub-array when one of the sub-array's outputs has a weight on it.
+
+    >>> spec = PIMSpec(rows=4, cols=4, weight_bits=2)                 # 2 outputs x 4 inputs per sub-array
+    >>> subarray_rows(torch.ones(3, 1, 3, dtype=torch.bool), spec).tolist()   # outputs 0-1: inputs 0-3, 4-5
+    [4, 2, 2, 1]
+    """
+    groups, outputs, inputs = nonzero.shape
+    if not bool(nonzero.any()):
+        return torch.zeros(0, dtype=torch.int64)
+    # compacted as the dense path compacts: the kept lines close up across the groups (crossbar.map_blocks)
+    row_tiles = line_tiles(nonzero.any(dim=2), spec.outputs_per_tile)
+    col_tiles = line_tiles(nonzero.any(dim=1), spec.inputs_per_tile)
+    row_local = row_tiles - row_tiles[:, :1]  # sub-array rows each group spans, from 0
+    n_rows = int(row_local.max()) + 1
+    group = torch.arange(groups).view(groups, 1)
+    # a group's outputs merged per sub-array row: (group, sub-array row, input) holds whether that input is used
+    used = torch.zeros(groups * n_rows, inputs, dtype=torch.int32).index_add_(
+        0, (row_local + group * n_rows).reshape(-1), nonzero.reshape(groups * outputs, inputs).to(torch.int32)
+    ) > 0
+    # one "output" per sub-array row: block_tile_counts then counts used inputs, i.e. occupied rows, per sub-array
+    used_tiles = row_tiles[:, :1] + torch.arange(n_rows).view(1, n_rows)
+    return block_tile_counts(used.view(groups, n_rows, inputs), used_tiles, col_tiles)
 
 
 @dataclass
@@ -168,11 +221,15 @@ def pim_cost(
     model: nn.Module, spec: PIMSpec, example: torch.Tensor | None = None, dense: bool = False,
     constants: PIMConstants = PIM,
 ) -> PIMCost:
-    """Modelled SOT-MRAM cost of every weight matrix the crossbar mapping covers (the same GEMM matrices and
-    passes, :func:`~admmcompress.hardware.crossbar.gemm_matrices`); ``dense=True`` ignores pruning."""
+    """Modelled SOT-MRAM cost of every weight matrix the crossbar mapping covers (the same GEMM blocks and
+    passes as :func:`~admmcompress.hardware.crossbar.map_model`); ``dense=True`` ignores pruning."""
     cost = PIMCost(spec, constants=constants)
-    for gemm, matrix, positions in gemm_matrices(model, example, dense):
-        cost.layers.append(pim_matrix_cost(gemm.name, matrix, spec, positions))
+    positions = output_positions(model, example)
+    for gemm in gemm_weights(model):
+        # from the blocks, not gemm.matrix(): a depthwise conv's block-diagonal layout is `groups` times its weights
+        blocks = gemm.blocks()
+        blocks = torch.ones_like(blocks) if dense else blocks
+        cost.layers.append(pim_blocks_cost(gemm.name, blocks, spec, positions[gemm.layer]))
     if not cost.layers:
         raise ValueError(
             f"{type(model).__name__} has no Linear, Conv or recurrent layer to map onto SOT-MRAM sub-arrays; "
@@ -192,4 +249,7 @@ def pim_baseline(model: nn.Module, spec: PIMSpec, baseline_bits: int = 16, examp
     return pim_cost(model, replace(spec, weight_bits=baseline_bits), example, dense=True)
 
 
-__all__ = ["PIMCost", "PIMLayerCost", "PIMSpec", "pim_baseline", "pim_cost", "pim_matrix_cost"]
+__all__ = [
+    "PIMCost", "PIMLayerCost", "PIMSpec", "pim_baseline", "pim_blocks_cost", "pim_cost", "pim_matrix_cost",
+    "subarray_rows",
+]
