@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 from typing_extensions import deprecated
 
 from admmcompress.executors.base import Executor, FinishedRun, register_executor, reject_unknown
@@ -41,6 +42,7 @@ from admmcompress.executors.fold import forward
 from admmcompress.executors.manifest import _write_compacted, load_compacted
 from admmcompress.executors.penni import SharedKernelConv, compact_shared, shared_layers
 from admmcompress.finalize import MaskSet
+from admmcompress.plan.attention import attention_layouts
 from admmcompress.plan.graph import first_sample
 from admmcompress.structures.registry import structure_class
 
@@ -141,11 +143,120 @@ def preflight_compaction(
             "dense one; add structured rules (filter, channel, column) or drop 'compact'")
 
 
-def count_macs(model: nn.Module, example_inputs) -> int:
-    """Multiply-accumulates of the Conv/Linear layers (and column executors) for the first sample."""
+# Gate matrices per recurrent step: a plain RNN has one, a GRU three (r, z, n), an LSTM four (i, f, g, o).
+RNN_GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "GRU": 3, "LSTM": 4}
+CELL_GATES = ((nn.LSTMCell, 4), (nn.GRUCell, 3), (nn.RNNCell, 1))
+
+
+def _rows(t: torch.Tensor | PackedSequence) -> int:
+    """Positions (steps x batch) a sequence holds: a packed one its real lengths, a padded one all its steps."""
+    data = t.data if isinstance(t, PackedSequence) else t
+    return data.numel() // data.shape[-1] if data.shape[-1] else 0
+
+
+def _rnn_step_macs(rnn: nn.RNNBase) -> int:
+    """Multiply-accumulates of one position through every layer and direction of ``rnn``: per direction
+    ``gates * hidden * (input + recurrent)``, the recurrent input being ``proj_size`` where set (an LSTM
+    projection then adds ``hidden * proj_size``)."""
+    gates, hidden, proj = RNN_GATES[rnn.mode], rnn.hidden_size, getattr(rnn, "proj_size", 0)
+    recurrent = proj or hidden
+    directions = 2 if rnn.bidirectional else 1
+    total = 0
+    for layer in range(rnn.num_layers):
+        inputs = rnn.input_size if layer == 0 else recurrent * directions
+        total += directions * (gates * hidden * (inputs + recurrent) + hidden * proj)
+    return total
+
+
+def _cell_macs(cell: nn.RNNCellBase, output) -> int:
+    """One step of a GRU/LSTM/RNN cell on every row of its call (``output``: ``h'`` or ``(h', c')``)."""
+    gates = next(g for kind, g in CELL_GATES if isinstance(cell, kind))
+    h = output[0] if isinstance(output, tuple) else output
+    return _rows(h) * gates * cell.hidden_size * (cell.input_size + cell.hidden_size)
+
+
+def _batch_and_length(t: torch.Tensor, batch_first: bool) -> tuple[int, int]:
+    """``(batch, length)`` of a sequence-layer tensor: ``(L, E)`` unbatched, else ``(N, L, E)`` or ``(L, N, E)``."""
+    if t.dim() == 2:
+        return 1, t.shape[0]
+    return (t.shape[0], t.shape[1]) if batch_first else (t.shape[1], t.shape[0])
+
+
+def _mha_macs(mha: nn.MultiheadAttention, args: tuple, kwargs: dict[str, Any], output, products: bool) -> int:
+    """``nn.MultiheadAttention``: its packed query/key/value projections and ``out_proj``; Q K^T and A V if
+    ``products``.
+
+    Its forward reads ``out_proj``'s weight directly (the Linear is never called, so its hook never runs):
+    it is counted here, and left out of the Linear hook should a torch version call it."""
+    key = args[1] if len(args) > 1 else kwargs["key"]
+    width = mha.embed_dim
+    batch, q_len = _batch_and_length(output[0], mha.batch_first)
+    k_len = _batch_and_length(key, mha.batch_first)[1]
+    q_rows, k_rows = batch * q_len, batch * k_len
+    projections = q_rows * width * width + k_rows * (mha.kdim + mha.vdim) * width + q_rows * width * width
+    return projections + (2 * width * batch * q_len * k_len if products else 0)
+
+
+def _attention_product_hooks(model: nn.Module) -> tuple[list, Any]:
+    """Hooks on the query and key projections of every block ``attention_layouts`` reads, and a function giving
+    the products' MACs once the forward has run: ``2 * heads * head_dim * L_q * L_k`` per sequence (Q K^T and
+    A V), the lengths read from the projections' outputs ``(..., L, width)`` (the dims before ``L`` batch).
+
+    The head count is the block's own (lowered by compaction), so removed heads show as fewer MACs."""
+    try:
+        layouts = attention_layouts(model)
+    except ValueError:  # a block that cannot be read (its stated key/value heads disagree): its products uncounted
+        return [], lambda: 0
+    modules = dict(model.named_modules())
+    seen: dict[str, dict[str, list[tuple[int, int]]]] = {}
+
+    def record(block: str, roles: tuple[str, ...]):
+        def hook(_module: nn.Module, _inputs, output) -> None:
+            length = output.shape[-2] if output.dim() >= 3 else output.shape[0]  # (L, width): one sequence
+            for role in roles:
+                seen[block][role].append((output.numel() // (output.shape[-1] * length), length))
+        return hook
+
+    handles = []
+    for layout in layouts.values():
+        seen[layout.q] = {"q": [], "k": []}
+        # fused (GPT-2 c_attn): one call gives the queries and keys
+        sides = [(layout.q, ("q", "k"))] if layout.q == layout.k else [(layout.q, ("q",)), (layout.k, ("k",))]
+        handles += [modules[name].register_forward_hook(record(layout.q, roles)) for name, roles in sides]
+
+    def macs() -> int:
+        # the i-th query call pairs with the i-th key call (a block called twice runs twice); not strict: a query
+        # with no key call of its own (keys from a cache) has no product counted
+        return sum(2 * layouts[block].width * batch * q_len * k_len
+                   for block, calls in seen.items()
+                   for (batch, q_len), (_, k_len) in zip(calls["q"], calls["k"], strict=False))
+
+    return handles, macs
+
+
+def count_macs(model: nn.Module, example_inputs, attention_products: bool = False) -> int:
+    """Multiply-accumulates of the model on the first sample of ``example_inputs`` (dim 0 the batch).
+
+    Counted: Conv/Linear layers (and column and shared-kernel executors) on their first output row;
+    recurrent layers ``nn.RNN``/``nn.GRU``/``nn.LSTM`` (every layer and direction, ``proj_size``) on every
+    position they run, a packed sequence its real lengths and a padded one every padded step; the cells
+    ``nn.RNNCell``/``nn.GRUCell``/``nn.LSTMCell`` per call; ``nn.MultiheadAttention``'s projections. These are
+    the products with weights, which the MAC budgets of :mod:`admmcompress.drivers.budget` count too.
+    ``attention_products=True`` adds the products of activations: ``Q K^T`` and ``A V`` of every block that
+    :func:`~admmcompress.plan.attention.attention_layouts` reads (``2 * heads * head_dim * L_q * L_k``) and of
+    every ``nn.MultiheadAttention`` (fewer heads after compaction: fewer of them).
+    Gate and softmax arithmetic is not counted (as activations are not). The block-sparse executors
+    (``BlockSparseLinear``/``Conv2d``, ``BlockSparseGRU``/``LSTM``/``Cell``) are not counted: this figure compares
+    a masked dense model with its compacted copy, which holds none of them.
+
+    >>> count_macs(nn.GRU(4, 8, batch_first=True), torch.zeros(1, 5, 4)) == 5 * 3 * 8 * (4 + 8)
+    True
+    """
     from admmcompress.executors.column import ColumnConv2d, ColumnLinear
 
     total = 0
+    # counted by their MultiheadAttention (see _mha_macs)
+    mha_out = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
 
     def hook(module: nn.Module, _inputs, output) -> None:
         nonlocal total
@@ -153,14 +264,27 @@ def count_macs(model: nn.Module, example_inputs) -> int:
             per_out = module.in_channels // module.groups * int(torch.tensor(module.kernel_size).prod())
             total += output[0].numel() * per_out
         elif isinstance(module, nn.Linear):
-            total += output[0].numel() * module.in_features
+            total += 0 if id(module) in mha_out else output[0].numel() * module.in_features
         elif isinstance(module, (ColumnConv2d, ColumnLinear)):
             total += output[0].numel() * module.kept.numel()
         elif isinstance(module, SharedKernelConv):  # its forward is the dense conv of the kernels it rebuilds
             total += output[0].numel() * module.in_channels * int(torch.tensor(module.kernel_size).prod())
+        elif isinstance(module, nn.RNNBase):  # output: (sequence, state); every position the layer ran
+            total += _rows(output[0]) * _rnn_step_macs(module)
+        elif isinstance(module, nn.RNNCellBase):
+            total += _cell_macs(module, output)
 
-    kinds = (nn.modules.conv._ConvNd, nn.Linear, ColumnConv2d, ColumnLinear, SharedKernelConv)
+    def mha_hook(module: nn.MultiheadAttention, args: tuple, kwargs: dict[str, Any], output) -> None:
+        nonlocal total
+        total += _mha_macs(module, args, kwargs, output, attention_products)
+
+    kinds = (nn.modules.conv._ConvNd, nn.Linear, ColumnConv2d, ColumnLinear, SharedKernelConv, nn.RNNBase,
+             nn.RNNCellBase)
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
+    handles += [m.register_forward_hook(mha_hook, with_kwargs=True)
+                for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    product_handles, products = _attention_product_hooks(model) if attention_products else ([], lambda: 0)
+    handles += product_handles
     training = model.training
     try:
         with torch.no_grad():
@@ -169,7 +293,7 @@ def count_macs(model: nn.Module, example_inputs) -> int:
         model.train(training)
         for handle in handles:
             handle.remove()
-    return total
+    return total + products()
 
 
 def random_inputs(example: torch.Tensor, count: int, seed: int = 0) -> torch.Tensor:
