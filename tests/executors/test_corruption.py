@@ -228,7 +228,7 @@ def test_format_2_files_still_load_with_a_note():
     with pytest.warns(PackedFormatWarning):
         assert read_manifest(v2)[0]["checksum"] is None
     assert read_manifest(data)[0]["checksum"] == f"{struct.unpack('<I', data[4:8])[0]:08x}"
-    with pytest.raises(PackedFormatError, match="is format 9; this admmcompress reads formats 1 to 3"):
+    with pytest.raises(PackedFormatError, match="is format 9; this admmcompress reads formats 1 to 4"):
         load_packed(b"APK\x09" + data[4:])
     with pytest.raises(PackedFormatError, match=r"packed file '.*x.apk' is corrupt or truncated"):
         buffer = io.BytesIO(flipped(data, 100, 0))

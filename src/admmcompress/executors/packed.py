@@ -6,10 +6,10 @@ payload is ``ceil(bits / 8)`` bytes for the report's ``bits``. Everything else i
 (biases, BN statistics) is stored raw. Loading rebuilds the model and its weights bit-exactly (a pruned -0.0
 comes back as +0.0).
 
-File layout, format 3 (no pickle; a few bytes of header so that small models, e.g. a LeNet-5 at
+File layout, formats 3 and 4 (no pickle; a few bytes of header so that small models, e.g. a LeNet-5 at
 ~10 KB, match the storage report within 1%)::
 
-    b"APK\\x03"                       4 bytes, magic and format version
+    b"APK\\x03" (b"APK\\x04")         4 bytes, magic and format version
     uint32 little endian              CRC-32 of every byte after this field (header and payload)
     uint32 little endian              CRC-32 of the state dict's layout (names, dtypes, shapes)
     varint n, n bytes                 model spec as compact JSON (n = 0: none)
@@ -19,8 +19,17 @@ File layout, format 3 (no pickle; a few bytes of header so that small models, e.
                                       index in bits 0-2, row order in bit 3, value kind in bits
                                       4-5: float32/grid/table/float16), varint nnz, for ``relative`` varint
                                       b_r and varint fillers (E - nnz), for grid/table varint
-                                      K, varint payload bytes
+                                      K, varint payload bytes; format 4 only: 0xFE and varint i
+                                      for a tensor tied to the i-th (an alias: no payload)
     payload                           the tensors' bytes, in state-dict order (raw little endian)
+
+Tied tensors (one Parameter shared by two modules: a language model's ``lm_head.weight`` IS its embedding's
+weight, or any ``b.weight = a.weight``; ``tied_names``) are one tensor, stored once under its first state-dict name,
+as the storage report counts them once; each other name is an alias entry. A file holding an alias is format 4
+(magic ``b"APK\\x04"``, otherwise format 3's layout); a model without ties is written as format 3, as before, so
+older admmcompress reads it. Loading an alias gives its name the tied tensor itself: the loaded model's names share
+one Parameter again even where the instance passed to ``load_packed`` was built untied. Format 3 files written from
+tied models before ties were stored once (each name's copy in full) still load.
 
 Names and shapes are not stored: they come from the model the file is loaded into (an instance
 passed to ``load_packed``, or the one the model spec builds), and the layout checksum refuses a
@@ -419,9 +428,11 @@ def _decode(data: bytes, meta: dict[str, Any]) -> torch.Tensor:
 
 MAGIC_V1 = b"ADMMPK1\n"
 MAGIC_V2 = b"APK\x02"
-MAGIC = b"APK\x03"
-FORMAT = 3
+MAGIC = b"APK\x03"  # written when no tensor is tied (the files of models without ties are as before)
+MAGIC_TIED = b"APK\x04"  # format 4: format 3 plus alias entries, written only when the model ties tensors
+FORMAT = 4  # the newest format read
 RAW_TAG = 0xFF
+ALIAS_TAG = 0xFE  # format 4: the tensor is an earlier one (tied weights), stored once; its index follows
 KINDS = ("float32", "grid", "table", "float16")  # the tag's bits 4-5; float16: a half type's own 16 bits
 FLOAT_KINDS = ("float32", "float16")
 ORDERS = ("column", "row")
@@ -446,6 +457,9 @@ class PackedSummary:
     weight_bits: int
     schemes: dict[str, str]
     raw_weights: dict[str, int] = field(default_factory=dict)  # weights stored raw (float64 past float32), bytes
+    #: tied tensors (``{"lm_head.weight": "embed.weight"}``): stored once, under the first name, each other name an
+    #: alias entry of the header (format 4)
+    aliases: dict[str, str] = field(default_factory=dict)
 
     @property
     def file_bytes(self) -> int:
@@ -460,6 +474,38 @@ def layout_checksum(state: dict[str, torch.Tensor]) -> int:
     """CRC-32 of the state dict's names, dtypes and shapes, in order (what a packed file omits)."""
     text = "\n".join(f"{k}:{str(v.dtype).removeprefix('torch.')}:{list(v.shape)}" for k, v in state.items())
     return zlib.crc32(text.encode())
+
+
+def tied_names(model: torch.nn.Module, names: Any = None) -> dict[str, str]:
+    """``{name: first name}`` of the state-dict names that hold a tensor an earlier name holds: one Parameter (or
+    buffer) shared by two modules, as a language model's ``lm_head.weight`` IS its embedding's weight, or any
+    ``b.weight = a.weight``. Such a tensor is one tensor: it is counted (``report.storage``) and stored once.
+
+    ``names``: the state dict's names in order (default: ``model.state_dict()``'s). Ties are found by identity, so
+    a model on the meta device (built from a file's spec) gives the same answer as the one it was saved from.
+
+    >>> import torch.nn as nn
+    >>> model = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 5, bias=False))
+    >>> model[1].weight = model[0].weight
+    >>> tied_names(model)
+    {'1.weight': '0.weight'}
+    """
+    owner: dict[str, int] = {}  # name -> id of the tensor object it names
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owner[name] = id(param)
+    for name, buffer in model.named_buffers(remove_duplicate=False):
+        owner.setdefault(name, id(buffer))
+    first: dict[int, str] = {}
+    out = {}
+    for name in model.state_dict() if names is None else names:
+        key = owner.get(name)
+        if key is None:  # a state-dict entry of a module's own (extra state): never tied
+            continue
+        if key in first:
+            out[name] = first[key]
+        else:
+            first[key] = name
+    return out
 
 
 def _varint(value: int) -> bytes:
@@ -552,10 +598,19 @@ def save_packed(
     spec = json.dumps(model_spec, separators=(",", ":")).encode() if model_spec else b""
     header = bytearray(struct.pack("<I", layout_checksum(state)))  # after the magic and the file checksum
     header += _varint(len(spec)) + spec + _varint(len(state))
+    # A tied tensor is stored once, under its first name; each other name is an alias entry (format 4). It is coded
+    # if any of its names is a weight layer's, as the storage report counts it (once, among the weights).
+    aliases = tied_names(model, state)
+    coded = set(weights) | {aliases[n] for n in aliases if n in weights}
+    position = {name: i for i, name in enumerate(state)}
     blobs, schemes, raw_weights = [], {}, {}
     weight_bytes = weight_bits = other_bytes = 0
     for name, value in state.items():
-        if name in weights and _packable(value):  # coded from its float32 values, given back at its dtype
+        if name in aliases:  # nothing in the payload: the tensor it is tied to holds the values
+            header.append(ALIAS_TAG)
+            header += _varint(position[aliases[name]])
+            continue
+        if name in coded and _packable(value):  # coded from its float32 values, given back at its dtype
             layer = layer_storage(name, value, index_bits, order)
             chosen = layer.best if scheme == "best" else scheme
             blob = _encode(value, layer, chosen)
@@ -574,20 +629,22 @@ def save_packed(
         else:
             blob = _raw_bytes(name, value)
             other_bytes += len(blob)
-            if name in weights and value.numel():  # float64 values float32 cannot hold: the report counted float32
+            if name in coded and value.numel():  # float64 values float32 cannot hold: the report counted float32
                 raw_weights[name] = len(blob)
             header.append(RAW_TAG)
         blobs.append(blob)
     body = bytes(header) + b"".join(blobs)
     # One CRC-32 over everything after it: any single-bit flip or burst up to 32 bits is always caught.
-    data = MAGIC + struct.pack("<I", zlib.crc32(body)) + body
+    data = (MAGIC_TIED if aliases else MAGIC) + struct.pack("<I", zlib.crc32(body)) + body
     if isinstance(path, (str, Path)):
         from admmcompress.atomic import atomic_write
 
         atomic_write(path, lambda tmp: tmp.write_bytes(data))
     else:
         path.write(data)
-    return PackedSummary(len(MAGIC) + 4 + len(header), weight_bytes, other_bytes, weight_bits, schemes, raw_weights)
+    return PackedSummary(
+        len(MAGIC) + 4 + len(header), weight_bytes, other_bytes, weight_bits, schemes, raw_weights, aliases
+    )
 
 
 def manifest_entry(entry: list[Any] | dict[str, Any]) -> dict[str, Any]:
@@ -661,7 +718,7 @@ def _spec(raw: bytes) -> dict[str, Any] | None:
 
 
 def _named_spec(spec: Any) -> dict[str, Any]:
-    """``spec`` if it is a mapping with a model 'name' (formats 1 to 3 alike), else the file is corrupt."""
+    """``spec`` if it is a mapping with a model 'name' (formats 1 to 4 alike), else the file is corrupt."""
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
         _fail(f"is corrupt: its model spec {str(spec)[:60]!r} is not a mapping with a model 'name'")
     return spec
@@ -673,10 +730,11 @@ def read_manifest(
     """``(manifest, payload)`` of a packed file; the manifest is JSON-ready.
 
     ``manifest``: ``{"format", "model" (spec or None), "header_bytes", "checksum", "tensors"}``, one dict
-    per tensor in payload order (``name``, ``shape``, ``bytes``, ``kind`` raw/packed, then ``dtype``, or
-    ``scheme``, ``nnz``, ``entries``, ``index_bits``, ``order``, ``value`` kind, ``levels``). ``checksum``
-    is the file's CRC-32 as hex (format 3), or None (formats 1 and 2 carry none: a ``PackedFormatWarning``
-    says so). Formats 2 and 3 store no names or shapes: they are read from ``model`` (default: the file's
+    per tensor in state-dict order (``name``, ``shape``, ``bytes``, ``kind`` raw/packed/alias, then ``dtype``, or
+    ``scheme``, ``nnz``, ``entries``, ``index_bits``, ``order``, ``value`` kind, ``levels``, or for an alias (a tied
+    tensor, format 4: 0 bytes) ``of``, the name it is tied to). ``checksum``
+    is the file's CRC-32 as hex (formats 3 and 4), or None (formats 1 and 2 carry none: a ``PackedFormatWarning``
+    says so). Formats 2 to 4 store no names or shapes: they are read from ``model`` (default: the file's
     spec, built on the meta device). Any problem is one ``PackedFormatError`` naming the file.
     """
     data, label = _read(source)
@@ -728,7 +786,8 @@ def _note_unchecked(manifest: dict[str, Any], label: str) -> None:
     if manifest["checksum"] is None:
         warnings.warn(
             f"packed file {label} is format {manifest['format']}, which carries no checksum: corruption cannot be "
-            f"detected; write it again (`admmcompress export --packed`) for format {FORMAT}",
+            f"detected; write it again (`admmcompress export --packed`) for format 3 (or {FORMAT}, the same with "
+            "tied weights stored once)",
             PackedFormatWarning,
             stacklevel=3,
         )
@@ -771,11 +830,11 @@ def _parse(
     if version == 1:  # format 1 has its own magic (ADMMPK1)
         _fail(f"is not an admmcompress packed file (magic {data[:8]!r}: no format is written so); write one with "
               "`admmcompress export --packed`")
-    if version not in (2, FORMAT):
+    if version not in (2, 3, FORMAT):
         _fail(f"is format {version}; this admmcompress reads formats 1 to {FORMAT} (upgrade admmcompress to read it)")
     head = _Cursor(data, len(MAGIC))
     checksum = None
-    if version == FORMAT:
+    if version >= 3:
         (recorded,) = struct.unpack("<I", head.take(4))
         actual = zlib.crc32(memoryview(data)[head.pos :])
         if actual != recorded:
@@ -798,7 +857,10 @@ def _parse(
             f"({count} tensors, layout checksum {layout:08x}; this model: {len(state)} tensors, "
             f"{layout_checksum(state):08x}); load it into an instance of the architecture it was saved from"
         )
-    tensors = [_tensor_fields(head, name, value) for name, value in state.items()]
+    tensors: list[dict[str, Any]] = []
+    values = list(state.values())
+    for name, value in state.items():
+        tensors.append(_tensor_fields(head, name, value, version, tensors, values))
     payload = data[head.pos :]
     needed = sum(entry["bytes"] for entry in tensors)
     if len(payload) != needed:
@@ -807,10 +869,29 @@ def _parse(
     return manifest, payload, template
 
 
-def _tensor_fields(head: _Cursor, name: str, value: torch.Tensor) -> dict[str, Any]:
-    """One tensor's header fields, each checked against the model's tensor (formats 2 and 3)."""
+def _tensor_fields(
+    head: _Cursor,
+    name: str,
+    value: torch.Tensor,
+    version: int = FORMAT,
+    earlier: list[dict[str, Any]] = (),
+    values: list[torch.Tensor] = (),
+) -> dict[str, Any]:
+    """One tensor's header fields, each checked against the model's tensor (formats 2 to 4; ``earlier``: the
+    entries read before it, ``values`` the model's tensors in state-dict order, which an alias is checked against)."""
     tag = head.byte()
     entry: dict[str, Any] = {"name": name, "shape": list(value.shape)}
+    if tag == ALIAS_TAG and version >= 4:  # a tied tensor: the earlier one it is, no bytes of its own
+        index = head.varint()
+        first = earlier[index] if index < len(earlier) else None
+        if first is None or first["kind"] == "alias":
+            _fail(f"is corrupt (tensor {name!r} is tied to tensor {index}, which is not an earlier stored tensor)")
+        if values[index].dtype != value.dtype or list(values[index].shape) != entry["shape"]:
+            _fail(f"is corrupt (tensor {name!r} is tied to {first['name']!r}, which is "
+                  f"{str(values[index].dtype).removeprefix('torch.')} {list(values[index].shape)}; this model's "
+                  f"{name!r} is {str(value.dtype).removeprefix('torch.')} {entry['shape']})")
+        entry.update(kind="alias", of=first["name"], bytes=0)
+        return entry
     if tag == RAW_TAG:
         stored = "int16" if value.dtype == torch.bfloat16 else str(value.dtype).removeprefix("torch.")
         try:
@@ -871,7 +952,9 @@ def load_packed(
             entry = manifest_entry(entry)
             blob = payload[offset : offset + entry["bytes"]]
             offset += entry["bytes"]
-            if entry["kind"] == "packed":  # float32 values, given back at the weight's own dtype (exactly)
+            if entry["kind"] == "alias":  # a tied tensor (format 4): the very tensor of the name it is tied to
+                state[entry["name"]] = state[entry["of"]]
+            elif entry["kind"] == "packed":  # float32 values, given back at the weight's own dtype (exactly)
                 state[entry["name"]] = _decode(blob, entry).to(getattr(torch, entry.get("dtype", "torch.float32")
                                                                        .removeprefix("torch.")))
             else:
@@ -885,8 +968,25 @@ def load_packed(
             _fail(f"has {len(payload) - offset:,} bytes after its last tensor")
         model = _build(manifest["model"]) if model is None else model  # only now: everything checked
         model.load_state_dict(state)
+        _tie(model, {e["name"]: e["of"] for e in manifest["tensors"] if e["kind"] == "alias"})
     _note_unchecked(manifest, label)
     return model.eval()  # for inference, as from_pretrained: a BatchNorm in train mode would give other outputs
+
+
+def _tie(model: torch.nn.Module, aliases: dict[str, str]) -> None:
+    """Make each alias name the very tensor of the name it is tied to (a model built untied gets its ties back;
+    one built tied, as its architecture ties them, already is). A name that is no module's parameter or buffer
+    (a module's own state-dict entry) is left as loaded: its values are the tied tensor's."""
+    for name, first in aliases.items():
+        try:
+            (module, attr), (source, source_attr) = (
+                (model.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]) for n in (name, first)
+            )
+        except AttributeError:
+            continue
+        for table, source_table in ((module._parameters, source._parameters), (module._buffers, source._buffers)):
+            if attr in table and source_attr in source_table and table[attr] is not source_table[source_attr]:
+                table[attr] = source_table[source_attr]
 
 
 def save_packed_bytes(model: torch.nn.Module, **kwargs: Any) -> bytes:
@@ -902,13 +1002,15 @@ def packed_size_lines(size: int, summary: PackedSummary, report: Any, scheme: st
     ``report`` is the model's ``report.storage.StorageReport`` (its ``bits(scheme)``, ``other_bits`` and
     ``buffer_bits`` are read). The report counts weight bits (codes, indices, codebooks) and, apart, the
     other parameters and the buffers (BN statistics); the file adds the container header and each packed
-    weight's last partial byte.
+    weight's last partial byte. A tied tensor is one tensor to both: counted once, stored once (its other names are
+    alias entries of the header). A report of 0 B (every weight empty, no other tensor) has no ratio: "n/a".
     """
     weight_bits, other_bits = report.bits(scheme), report.other_bits
     buffer_bits = getattr(report, "buffer_bits", 0)
     figure = (weight_bits + other_bits + buffer_bits) / 8
     raw = sum(summary.raw_weights.values())
     buffers = summary.other_bytes - raw - (other_bits + buffer_bits) / 8
+    aliases = getattr(summary, "aliases", {})  # (a summary pickled before ties were stored once has none)
     lines = [] if not raw else [
         f"stored raw, not coded: {', '.join(summary.raw_weights)} ({raw:,} B: float64 values that float32 cannot "
         "hold, which the report counts as float32 weights); convert the model with model.float() to code them"
@@ -918,12 +1020,15 @@ def packed_size_lines(size: int, summary: PackedSummary, report: Any, scheme: st
         f"other parameters {other_bits / 8:,.0f} B"
         + (f", buffers {buffer_bits / 8:,.0f} B" if buffer_bits else "") + f"; together {figure:,.1f} B",
         f"container overhead: header {summary.header_bytes:,} B (format, checksums, model spec, "
-        f"per-tensor scheme/nnz/length), byte padding {summary.padding_bits:,} bits "
-        f"({len(summary.schemes)} packed weights)"
+        f"per-tensor scheme/nnz/length"
+        + (f"; {len(aliases)} tied tensor(s) stored once, as alias entries: "
+           + ", ".join(f"{name} = {first}" for name, first in aliases.items()) if aliases else "")
+        + f"), byte padding {summary.padding_bits:,} bits ({len(summary.schemes)} packed weights)"
         + (f", buffers not in the report {buffers:,.0f} B" if buffers else ""),
         f"packed file: {size:,} B = {summary.header_bytes:,} header + {summary.weight_bytes:,} weights + "
-        f"{summary.other_bytes:,} other tensors; file / report = {size / figure:.4f} "
-        f"({100 * (size / figure - 1):+.2f}%)",
+        f"{summary.other_bytes:,} other tensors; file / report = "
+        + (f"{size / figure:.4f} ({100 * (size / figure - 1):+.2f}%)" if figure else
+           "n/a (the report counts 0 B: no weight, other parameter or buffer holds a value)"),
     ]
 
 
@@ -1014,4 +1119,5 @@ __all__ = [
     "read_manifest",
     "save_packed",
     "save_packed_bytes",
+    "tied_names",
 ]

@@ -40,7 +40,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from admmcompress.finalize.masks import MaskSet, _like, _named_params, prune_masks
-from admmcompress.structures.quantization import storable_levels
+from admmcompress.structures.quantization import Ternary, storable_levels
 
 UPDATES = ("hold", "centroids", "ste")
 FIXED_LEVEL_UPDATES = ("hold", "ste")  # how values on fixed levels train (a phase's ``quantized_weights``)
@@ -371,12 +371,16 @@ def partial_quantize(
     """One round of iterative quantization (ADMM-NN, SPEC 2.3): freeze part of each layer on its levels.
 
     The levels come from the first round (the structure's projection of the current weights) and stay
-    fixed. In every round each not-yet-frozen nonzero weight is assigned its nearest level; weights
+    fixed. In every round each not-yet-frozen kept weight is assigned its nearest level; weights
     already equal to a level are frozen, and of the rest, in every level's bin, the
     ``ceil(fraction * n_bin)`` closest to the level are snapped to it and frozen. The others keep
     training (attach the result to an optimizer). ``fraction=1.0`` freezes everything: the final
-    projection onto the fixed levels. Pruned zeros (and masks in ``previous``) stay as they are; weights the
-    first round's projection sets to zero (a ternary dead zone) are pruned then, as ``hard_quantize`` does.
+    projection onto the fixed levels. Pruned positions are those the masks of ``previous`` prune, and the
+    nonzero weights the first round's projection sets to zero (a ternary dead zone, pruned then, as
+    ``hard_quantize`` does, and for ternary, whose zero is a level, the exact zeros): they stay zero and frozen. A
+    kept weight that is exactly 0.0 (it trained there, or no mask was given) is not pruned: it stays free, in its
+    nearest level's bin, until a round snaps it to that level. Only a layer with no level at all (no nonzero
+    weight in the first round) is held at zero.
 
     >>> import torch.nn as nn
     >>> from admmcompress.plan import Plan
@@ -400,20 +404,33 @@ def partial_quantize(
         name = target.param_name
         w = params[name].detach()
         before = held.get(name)
+        # Pruned = what the masks prune (SPEC 2.3: pruned weights stay 0), never "the value is exactly 0": a free
+        # weight can train to 0.0 and must stay free (a review found it frozen at 0 for good, code -1).
+        mask = out.masks.get(name)
+        kept = torch.ones_like(w, dtype=torch.bool) if mask is None else mask.to(w.device)
+        w = torch.where(kept, w, torch.zeros((), dtype=w.dtype, device=w.device))
         keep = torch.ones_like(w, dtype=torch.bool)
         if before is None or before.frozen is None:
-            q = target.structure.quantize(w)
+            q = target.structure.quantize(w)  # levels from the kept weights (exact zeros take no part in them)
             levels = q.levels.to(w.dtype)
-            keep = q.codes >= 0  # weights the projection itself zeroes (ternary's dead zone) are pruned, as in
-            w = torch.where(keep, w, torch.zeros((), dtype=w.dtype))  # hard_quantize, not snapped to +-a
-            frozen = w == 0
+            # nonzero weights the projection itself zeroes (ternary's dead zone) are pruned, as in hard_quantize, not
+            # snapped to +-a; an exact zero the projection skips is kept (the masks say what is pruned), except where
+            # zero is a level of the set (ternary): its projection is that level, the dead zone's
+            keep = (q.codes >= 0) | ((w == 0) & (not isinstance(target.structure, Ternary)))
+            kept = kept & keep
+            w = torch.where(keep, w, torch.zeros((), dtype=w.dtype, device=w.device))
+            frozen, prior = ~kept, None
         else:
-            levels, frozen = before.levels.to(w.dtype), before.frozen.to(w.device) | (w == 0)
-        if levels.numel() == 0:  # nothing nonzero to quantize (an all-zero layer): it stays zero, frozen
+            levels, prior = before.levels.to(w.dtype), before.frozen.to(w.device)
+            frozen = prior | ~kept
+        if levels.numel() == 0:  # no level to hold a weight on (no nonzero weight in the first round): held at zero
             codes = torch.full(w.shape, -1, dtype=torch.int64, device=w.device)
+            frozen = torch.ones_like(frozen)
         else:
             codes = _nearest_level(w, levels)
-        codes = torch.where(w == 0, torch.full_like(codes, -1), codes)
+        codes = torch.where(kept, codes, torch.full_like(codes, -1))
+        if prior is not None:  # frozen entries keep the codes they are held on
+            codes = torch.where(prior, before.codes.to(w.device), codes)
         distance = (w - levels[codes.clamp(min=0)]).abs() if levels.numel() else torch.zeros_like(w)
         frozen = frozen | ((distance == 0) & (codes >= 0))
         free = (~frozen).reshape(-1).nonzero().reshape(-1)

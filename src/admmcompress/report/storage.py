@@ -163,7 +163,9 @@ def storage(
     """Storage of the weight matrices of ``layers`` (module names; default: every layer whose weight
     is a matrix or kernel: conv, linear, embedding, recurrent). Normalisation scales (BatchNorm,
     LayerNorm: one value per channel) are counted with the biases under "other parameters",
-    at full width, unless named in ``layers``.
+    at full width, unless named in ``layers``. A tensor several layers share (tied weights: an LM head whose
+    weight IS the embedding's, any ``b.weight = a.weight``) is one tensor, counted once: one row, under the first
+    name ``layers`` reaches it by (the packed file stores it once too, ``executors.packed.tied_names``).
 
     >>> import torch.nn as nn
     >>> report = storage(nn.Linear(4, 2, bias=False))
@@ -176,18 +178,22 @@ def storage(
     unknown = [n for n in layers if n not in modules]
     if unknown:
         raise ValueError(f"storage: the model has no layer(s) {unknown}; give module names such as 'fc1'")
-    rows, counted, factorized = [], set(), {}
+    rows, counted, factorized = [], {}, {}  # counted: id -> tensor (held, so that no id is reused while we look)
     for name in dict.fromkeys(layers):
         # a factorized layer stores its factors (one row each), not the dense weight they make
         if factor_params(modules[name]):
             factorized[name] = modules[name].weight.numel()
         for param, tensor in layer_weights(modules[name]):
             full = f"{name}.{param}" if name else param
-            if full not in counted:  # a factor is also its own layer (Tucker2Conv's convs) when layers=None
-                counted.add(full)
+            # a factor is also its own layer (Tucker2Conv's convs) when layers=None; a tied weight (lm_head.weight
+            # IS the embedding's, or any b.weight = a.weight) is one tensor, stored once: one row, under its first name
+            if id(tensor) not in counted:
+                counted[id(tensor)] = tensor
                 if tensor.numel():  # an empty weight (nn.Linear(0, n)) stores nothing and has no GEMM view
                     rows.append(layer_storage(full, tensor, index_bits, order, compacted))
-    others = [(n, p) for n, p in model.named_parameters() if n not in counted]
+    # every other parameter once (named_parameters gives a shared one once, under its first name, which need not be
+    # the name it was counted under above: by identity, not by name)
+    others = [(n, p) for n, p in model.named_parameters() if id(p) not in counted]
     other_bits = sum(p.numel() * p.element_size() * 8 for _, p in others)
     buffers = _saved_buffers(model)
     return StorageReport(rows, other_bits, sum(p.numel() for _, p in others), factorized=factorized,
