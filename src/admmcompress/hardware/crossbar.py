@@ -413,28 +413,41 @@ def block_tile_counts(nonzero: torch.Tensor, row_tiles: torch.Tensor, col_tiles:
     ...                   line_tiles(on.expand(3, 2), 4)).tolist()  # 3 x 6 layout, 2 x 4 tiles: groups 0, 1 share one
     [4, 2]
     """
-    groups, outputs, inputs = nonzero.shape
     if nonzero.numel() == 0:
         return torch.zeros(0, dtype=torch.int64)
+    by_tile = group_tile_sums(nonzero, row_tiles, col_tiles)
+    groups, n_rows, n_cols = by_tile.shape
     row_first, col_first = row_tiles[:, :1], col_tiles[:, :1]
-    row_local, col_local = row_tiles - row_first, col_tiles - col_first  # tiles spanned by each group, from 0
-    n_rows, n_cols = int(row_local.max()) + 1, int(col_local.max()) + 1
-    group = torch.arange(groups).view(groups, 1)
-    # sum each group's rows into its tile rows, then its columns into its tile columns: (groups, n_rows, n_cols)
-    # (int32: a tile holds far fewer than 2^31 weights, and this copy is as large as the weights)
-    by_rows = torch.zeros(groups * n_rows, inputs, dtype=torch.int32).index_add_(
-        0, (row_local + group * n_rows).reshape(-1), nonzero.reshape(groups * outputs, inputs).to(torch.int32)
-    )
-    by_tile = torch.zeros(groups * n_cols, n_rows, dtype=torch.int32).index_add_(
-        0, (col_local + group * n_cols).reshape(-1),
-        by_rows.view(groups, n_rows, inputs).transpose(1, 2).reshape(groups * inputs, n_rows),
-    ).view(groups, n_cols, n_rows).transpose(1, 2)
     occupied = by_tile > 0
     width = int(col_tiles.max()) + 1
     tile_row = row_first.view(groups, 1, 1) + torch.arange(n_rows).view(1, n_rows, 1)
     tile_col = col_first.view(groups, 1, 1) + torch.arange(n_cols).view(1, 1, n_cols)
     tiles, where = torch.unique((tile_row * width + tile_col)[occupied], return_inverse=True)
     return torch.zeros(tiles.numel(), dtype=torch.int64).index_add_(0, where, by_tile[occupied].to(torch.int64))
+
+
+def group_tile_sums(nonzero: torch.Tensor, row_tiles: torch.Tensor, col_tiles: torch.Tensor) -> torch.Tensor:
+    """Nonzero weights of each group on each tile it spans, ``(groups, n_rows, n_cols)``: local tile ``(i, j)`` of
+    group ``g`` is tile ``(row_tiles[g, 0] + i, col_tiles[g, 0] + j)`` of the layout (those past the group's last
+    tile hold 0). Its lines lie on consecutive tiles, so summing its rows, then its columns, needs memory of the
+    order of the weights, not of the block-diagonal layout.
+
+    >>> on = torch.ones(2, 3, dtype=torch.bool)
+    >>> group_tile_sums(torch.ones(2, 1, 3, dtype=torch.bool), line_tiles(on[:, :1], 2), line_tiles(on, 4)).tolist()
+    [[[3, 0]], [[1, 2]]]
+    """
+    groups, outputs, inputs = nonzero.shape
+    row_local, col_local = row_tiles - row_tiles[:, :1], col_tiles - col_tiles[:, :1]  # from each group's first
+    n_rows, n_cols = int(row_local.max()) + 1, int(col_local.max()) + 1
+    group = torch.arange(groups).view(groups, 1)
+    # int32: a tile holds far fewer than 2^31 weights, and this copy is as large as the weights
+    by_rows = torch.zeros(groups * n_rows, inputs, dtype=torch.int32).index_add_(
+        0, (row_local + group * n_rows).reshape(-1), nonzero.reshape(groups * outputs, inputs).to(torch.int32)
+    )
+    return torch.zeros(groups * n_cols, n_rows, dtype=torch.int32).index_add_(
+        0, (col_local + group * n_cols).reshape(-1),
+        by_rows.view(groups, n_rows, inputs).transpose(1, 2).reshape(groups * inputs, n_rows),
+    ).view(groups, n_cols, n_rows).transpose(1, 2)
 
 
 def _one_tile_note(name: str, rows: int, cols: int, spec: TileLayout) -> str:
@@ -587,6 +600,6 @@ def map_model(
 __all__ = [
     "MAX_ADC_BITS", "MAX_TILE", "RESERVED_COLUMNS", "SIGNED", "CrossbarSpec", "GemmWeight", "LayerMapping",
     "ModelMapping", "block_diagonal", "block_tile_counts", "diagonal_blocks", "gemm_layers", "gemm_matrices",
-    "gemm_weights", "line_tiles", "map_blocks", "map_matrix", "map_model", "TileLayout", "output_positions", "passes",
-    "tile_grid", "unmapped_weights",
+    "gemm_weights", "group_tile_sums", "line_tiles", "map_blocks", "map_matrix", "map_model", "TileLayout",
+    "output_positions", "passes", "tile_grid", "unmapped_weights",
 ]

@@ -56,6 +56,7 @@ from admmcompress.hardware.crossbar import (
     CrossbarSpec,
     GemmWeight,
     gemm_weights,
+    group_tile_sums,
     line_tiles,
 )
 from admmcompress.structures.groups import as_matrix
@@ -142,16 +143,8 @@ def cells_exist(nonzero: torch.Tensor, spec: CrossbarSpec) -> torch.Tensor:
     row_tiles = line_tiles(on.expand(groups, outputs), spec.outputs_per_tile)
     col_tiles = line_tiles(on.expand(groups, inputs), spec.inputs_per_tile)
     row_local, col_local = row_tiles - row_tiles[:, :1], col_tiles - col_tiles[:, :1]
-    n_rows, n_cols = int(row_local.max()) + 1, int(col_local.max()) + 1
-    group = torch.arange(groups).view(groups, 1)
-    # each group's weights summed on its own small grid of the tiles it spans: (groups, n_rows, n_cols)
-    by_rows = torch.zeros(groups * n_rows, inputs, dtype=torch.int32).index_add_(
-        0, (row_local + group * n_rows).reshape(-1), nonzero.reshape(groups * outputs, inputs).to(torch.int32)
-    )
-    held = torch.zeros(groups * n_cols, n_rows, dtype=torch.int32).index_add_(
-        0, (col_local + group * n_cols).reshape(-1),
-        by_rows.view(groups, n_rows, inputs).transpose(1, 2).reshape(groups * inputs, n_rows),
-    ).view(groups, n_cols, n_rows).transpose(1, 2) > 0
+    held = group_tile_sums(nonzero, row_tiles, col_tiles) > 0  # (groups, n_rows, n_cols): each group's own tiles
+    n_rows, n_cols = held.shape[1:]
     # a tile shared by groups is instantiated when any of them holds a weight on it: merged by the tile's index
     # (width leaves room for the local tiles past a group's last one, so no two tiles share an index)
     width = int(col_tiles.max()) + n_cols
