@@ -120,7 +120,8 @@ class ModelStats:
 @torch.no_grad()
 def measure(model: torch.nn.Module, layers: list[str]) -> ModelStats:
     """Count weights and nonzeros of the named layers' ``weight`` (in the order given); a factorized layer's
-    row counts the dense conv it replaced against its factors (see the module's docstring).
+    row counts the dense conv it replaced against its factors (see the module's docstring). A weight tensor that
+    several layers share (tied weights) is counted once, under the first of their names.
 
     >>> from admmcompress.executors.tucker import Tucker2Conv
     >>> m = torch.nn.Sequential(Tucker2Conv(torch.nn.Conv2d(8, 16, 3, bias=False), (4, 2)))
@@ -134,6 +135,7 @@ def measure(model: torch.nn.Module, layers: list[str]) -> ModelStats:
         raise ValueError(f"measure: the model has no layer(s) {unknown}")
     stats = ModelStats(total_params=sum(p.numel() for p in model.parameters()))
     factorized = [n for n in layers if factor_params(modules[n])]
+    seen: dict[int, torch.Tensor] = {}  # id -> weight (held, so no id is reused): a tied weight counts once
     for name in dict.fromkeys(layers):
         if any(name.startswith(f"{f}.") or not f for f in factorized if f != name):
             continue  # a factor of a factorized layer (Tucker2Conv's convs): counted in that layer's row
@@ -156,6 +158,11 @@ def measure(model: torch.nn.Module, layers: list[str]) -> ModelStats:
         params = gemm_params(modules[name]) or ["weight"]
         for param in params:
             weight = getattr(modules[name], param)
+            # a weight several layers share (an LM head tied to the embedding) is one tensor: one row, under the
+            # first name, as the storage report and the packed file count it
+            if id(weight) in seen:
+                continue
+            seen[id(weight)] = weight
             stats.layers.append(
                 LayerStats(
                     name=name if param == "weight" else f"{name}.{param}",
