@@ -436,18 +436,32 @@ def group_tile_sums(nonzero: torch.Tensor, row_tiles: torch.Tensor, col_tiles: t
     >>> group_tile_sums(torch.ones(2, 1, 3, dtype=torch.bool), line_tiles(on[:, :1], 2), line_tiles(on, 4)).tolist()
     [[[3, 0]], [[1, 2]]]
     """
-    groups, outputs, inputs = nonzero.shape
-    row_local, col_local = row_tiles - row_tiles[:, :1], col_tiles - col_tiles[:, :1]  # from each group's first
-    n_rows, n_cols = int(row_local.max()) + 1, int(col_local.max()) + 1
+    by_rows = group_row_sums(nonzero, row_tiles)
+    groups, n_rows, inputs = by_rows.shape
+    col_local = col_tiles - col_tiles[:, :1]  # from each group's first
+    n_cols = int(col_local.max()) + 1
     group = torch.arange(groups).view(groups, 1)
-    # int32: a tile holds far fewer than 2^31 weights, and this copy is as large as the weights
-    by_rows = torch.zeros(groups * n_rows, inputs, dtype=torch.int32).index_add_(
-        0, (row_local + group * n_rows).reshape(-1), nonzero.reshape(groups * outputs, inputs).to(torch.int32)
-    )
     return torch.zeros(groups * n_cols, n_rows, dtype=torch.int32).index_add_(
-        0, (col_local + group * n_cols).reshape(-1),
-        by_rows.view(groups, n_rows, inputs).transpose(1, 2).reshape(groups * inputs, n_rows),
+        0, (col_local + group * n_cols).reshape(-1), by_rows.transpose(1, 2).reshape(groups * inputs, n_rows),
     ).view(groups, n_cols, n_rows).transpose(1, 2)
+
+
+def group_row_sums(nonzero: torch.Tensor, row_tiles: torch.Tensor) -> torch.Tensor:
+    """Nonzero weights of each group per tile row it spans and input, ``(groups, n_rows, inputs)``: the rows of
+    ``nonzero`` ``(groups, outputs, inputs)`` summed by their tile row ``row_tiles`` ``(groups, outputs)``, counted
+    from each group's first (int32: a tile holds far fewer than 2^31 weights; this copy is as large as the weights).
+
+    >>> group_row_sums(torch.ones(2, 3, 1, dtype=torch.bool), line_tiles(torch.ones(2, 3, dtype=torch.bool), 2))
+    ... # doctest: +NORMALIZE_WHITESPACE
+    tensor([[[2], [1]], [[1], [2]]], dtype=torch.int32)
+    """
+    groups, outputs, inputs = nonzero.shape
+    row_local = row_tiles - row_tiles[:, :1]
+    n_rows = int(row_local.max()) + 1
+    group = torch.arange(groups).view(groups, 1)
+    return torch.zeros(groups * n_rows, inputs, dtype=torch.int32).index_add_(
+        0, (row_local + group * n_rows).reshape(-1), nonzero.reshape(groups * outputs, inputs).to(torch.int32)
+    ).view(groups, n_rows, inputs)
 
 
 def _one_tile_note(name: str, rows: int, cols: int, spec: TileLayout) -> str:
@@ -565,14 +579,16 @@ class ModelMapping:
         return notes
 
 
-def gemm_matrices(
+def gemm_blocks(
     model: nn.Module, example: torch.Tensor | None, dense: bool = False
 ) -> Iterator[tuple[GemmWeight, torch.Tensor, int]]:
-    """``(weight, GEMM matrix, passes per sample)`` of every mapped weight; ``dense``: the layout's ones (the
-    unpruned mapping: a grouped conv keeps its block-diagonal zeros)."""
+    """``(weight, its (groups, outputs, inputs) blocks, passes per sample)`` of every mapped weight; ``dense``: the
+    blocks' ones (the unpruned mapping). Blocks, not :meth:`GemmWeight.matrix`: a depthwise conv's block-diagonal
+    layout is ``groups`` times its weights."""
     positions = output_positions(model, example)
     for gemm in gemm_weights(model):
-        yield gemm, (gemm.layout() if dense else gemm.matrix()), positions[gemm.layer]
+        blocks = gemm.blocks()
+        yield gemm, (torch.ones_like(blocks) if dense else blocks), positions[gemm.layer]
 
 
 def map_model(
@@ -583,12 +599,8 @@ def map_model(
     Raises ``ValueError`` if the model has no layer a crossbar computes.
     """
     mapping = ModelMapping(spec, unmapped=unmapped_weights(model))
-    positions = output_positions(model, example)
-    for gemm in gemm_weights(model):
-        # from the blocks, not gemm.matrix(): a depthwise conv's block-diagonal layout is `groups` times its weights
-        blocks = gemm.blocks()
-        blocks = torch.ones_like(blocks) if dense else blocks
-        mapping.layers.append(map_blocks(gemm.name, blocks, spec, positions[gemm.layer]))
+    for gemm, blocks, positions in gemm_blocks(model, example, dense):
+        mapping.layers.append(map_blocks(gemm.name, blocks, spec, positions))
     if not mapping.layers:
         raise ValueError(
             f"{type(model).__name__} has no Linear, Conv or recurrent layer to map onto crossbar tiles; "
@@ -599,7 +611,7 @@ def map_model(
 
 __all__ = [
     "MAX_ADC_BITS", "MAX_TILE", "RESERVED_COLUMNS", "SIGNED", "CrossbarSpec", "GemmWeight", "LayerMapping",
-    "ModelMapping", "block_diagonal", "block_tile_counts", "diagonal_blocks", "gemm_layers", "gemm_matrices",
-    "gemm_weights", "group_tile_sums", "line_tiles", "map_blocks", "map_matrix", "map_model", "TileLayout",
-    "output_positions", "passes", "tile_grid", "unmapped_weights",
+    "ModelMapping", "block_diagonal", "block_tile_counts", "diagonal_blocks", "gemm_blocks", "gemm_layers",
+    "gemm_weights", "group_row_sums", "group_tile_sums", "line_tiles", "map_blocks", "map_matrix", "map_model",
+    "TileLayout", "output_positions", "passes", "tile_grid", "unmapped_weights",
 ]

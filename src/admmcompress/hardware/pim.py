@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from admmcompress.hardware.constants import PIM, PIMConstants
-from admmcompress.hardware.crossbar import block_tile_counts, gemm_weights, line_tiles, output_positions
+from admmcompress.hardware.crossbar import block_tile_counts, gemm_blocks, group_row_sums, line_tiles
 
 
 @dataclass(frozen=True)
@@ -138,22 +138,17 @@ def subarray_rows(nonzero: torch.Tensor, spec: PIMSpec) -> torch.Tensor:
     >>> subarray_rows(torch.ones(3, 1, 3, dtype=torch.bool), spec).tolist()   # outputs 0-1: inputs 0-3, 4-5
     [4, 2, 2, 1]
     """
-    groups, outputs, inputs = nonzero.shape
     if not bool(nonzero.any()):
         return torch.zeros(0, dtype=torch.int64)
     # compacted as the dense path compacts: the kept lines close up across the groups (crossbar.map_blocks)
     row_tiles = line_tiles(nonzero.any(dim=2), spec.outputs_per_tile)
     col_tiles = line_tiles(nonzero.any(dim=1), spec.inputs_per_tile)
-    row_local = row_tiles - row_tiles[:, :1]  # sub-array rows each group spans, from 0
-    n_rows = int(row_local.max()) + 1
-    group = torch.arange(groups).view(groups, 1)
     # a group's outputs merged per sub-array row: (group, sub-array row, input) holds whether that input is used
-    used = torch.zeros(groups * n_rows, inputs, dtype=torch.int32).index_add_(
-        0, (row_local + group * n_rows).reshape(-1), nonzero.reshape(groups * outputs, inputs).to(torch.int32)
-    ) > 0
+    used = group_row_sums(nonzero, row_tiles) > 0
+    n_rows = used.shape[1]
     # one "output" per sub-array row: block_tile_counts then counts used inputs, i.e. occupied rows, per sub-array
     used_tiles = row_tiles[:, :1] + torch.arange(n_rows).view(1, n_rows)
-    return block_tile_counts(used.view(groups, n_rows, inputs), used_tiles, col_tiles)
+    return block_tile_counts(used, used_tiles, col_tiles)
 
 
 @dataclass
@@ -224,12 +219,8 @@ def pim_cost(
     """Modelled SOT-MRAM cost of every weight matrix the crossbar mapping covers (the same GEMM blocks and
     passes as :func:`~admmcompress.hardware.crossbar.map_model`); ``dense=True`` ignores pruning."""
     cost = PIMCost(spec, constants=constants)
-    positions = output_positions(model, example)
-    for gemm in gemm_weights(model):
-        # from the blocks, not gemm.matrix(): a depthwise conv's block-diagonal layout is `groups` times its weights
-        blocks = gemm.blocks()
-        blocks = torch.ones_like(blocks) if dense else blocks
-        cost.layers.append(pim_blocks_cost(gemm.name, blocks, spec, positions[gemm.layer]))
+    for gemm, blocks, positions in gemm_blocks(model, example, dense):
+        cost.layers.append(pim_blocks_cost(gemm.name, blocks, spec, positions))
     if not cost.layers:
         raise ValueError(
             f"{type(model).__name__} has no Linear, Conv or recurrent layer to map onto SOT-MRAM sub-arrays; "
