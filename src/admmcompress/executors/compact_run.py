@@ -44,6 +44,7 @@ from admmcompress.executors.penni import SharedKernelConv, compact_shared, share
 from admmcompress.finalize import MaskSet
 from admmcompress.plan.attention import attention_layouts
 from admmcompress.plan.graph import first_sample
+from admmcompress.structures.groups import gemm_params
 from admmcompress.structures.registry import structure_class
 
 COMPACT_DIR = "compact"
@@ -143,36 +144,22 @@ def preflight_compaction(
             "dense one; add structured rules (filter, channel, column) or drop 'compact'")
 
 
-# Gate matrices per recurrent step: a plain RNN has one, a GRU three (r, z, n), an LSTM four (i, f, g, o).
-RNN_GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "GRU": 3, "LSTM": 4}
-CELL_GATES = ((nn.LSTMCell, 4), (nn.GRUCell, 3), (nn.RNNCell, 1))
-
-
 def _rows(t: torch.Tensor | PackedSequence) -> int:
     """Positions (steps x batch) a sequence holds: a packed one its real lengths, a padded one all its steps."""
     data = t.data if isinstance(t, PackedSequence) else t
     return data.numel() // data.shape[-1] if data.shape[-1] else 0
 
 
-def _rnn_step_macs(rnn: nn.RNNBase) -> int:
-    """Multiply-accumulates of one position through every layer and direction of ``rnn``: per direction
-    ``gates * hidden * (input + recurrent)``, the recurrent input being ``proj_size`` where set (an LSTM
-    projection then adds ``hidden * proj_size``)."""
-    gates, hidden, proj = RNN_GATES[rnn.mode], rnn.hidden_size, getattr(rnn, "proj_size", 0)
-    recurrent = proj or hidden
-    directions = 2 if rnn.bidirectional else 1
-    total = 0
-    for layer in range(rnn.num_layers):
-        inputs = rnn.input_size if layer == 0 else recurrent * directions
-        total += directions * (gates * hidden * (inputs + recurrent) + hidden * proj)
-    return total
+def _step_macs(layer: nn.RNNBase | nn.RNNCellBase) -> int:
+    """Multiply-accumulates of one position through a recurrent layer (every layer and direction) or cell: each of
+    its weight matrices (``weight_ih``, ``weight_hh``, an LSTM's ``weight_hr`` projection) is used once per position
+    and direction, so the sum of their sizes (``gates * hidden * (input + recurrent)`` and ``hidden * proj_size``)."""
+    return sum(getattr(layer, param).numel() for param in gemm_params(layer))
 
 
 def _cell_macs(cell: nn.RNNCellBase, output) -> int:
     """One step of a GRU/LSTM/RNN cell on every row of its call (``output``: ``h'`` or ``(h', c')``)."""
-    gates = next(g for kind, g in CELL_GATES if isinstance(cell, kind))
-    h = output[0] if isinstance(output, tuple) else output
-    return _rows(h) * gates * cell.hidden_size * (cell.input_size + cell.hidden_size)
+    return _rows(output[0] if isinstance(output, tuple) else output) * _step_macs(cell)
 
 
 def _batch_and_length(t: torch.Tensor, batch_first: bool) -> tuple[int, int]:
@@ -240,8 +227,8 @@ def count_macs(model: nn.Module, example_inputs, attention_products: bool = Fals
     Counted: Conv/Linear layers (and column and shared-kernel executors) on their first output row;
     recurrent layers ``nn.RNN``/``nn.GRU``/``nn.LSTM`` (every layer and direction, ``proj_size``) on every
     position they run, a packed sequence its real lengths and a padded one every padded step; the cells
-    ``nn.RNNCell``/``nn.GRUCell``/``nn.LSTMCell`` per call; ``nn.MultiheadAttention``'s projections. These are
-    the products with weights, which the MAC budgets of :mod:`admmcompress.drivers.budget` count too.
+    ``nn.RNNCell``/``nn.GRUCell``/``nn.LSTMCell`` per call; ``nn.MultiheadAttention``'s projections: the products
+    with weights (the MAC budgets of :mod:`admmcompress.drivers.budget` count their Linear/Conv part).
     ``attention_products=True`` adds the products of activations: ``Q K^T`` and ``A V`` of every block that
     :func:`~admmcompress.plan.attention.attention_layouts` reads (``2 * heads * head_dim * L_q * L_k``) and of
     every ``nn.MultiheadAttention`` (fewer heads after compaction: fewer of them).
@@ -270,7 +257,7 @@ def count_macs(model: nn.Module, example_inputs, attention_products: bool = Fals
         elif isinstance(module, SharedKernelConv):  # its forward is the dense conv of the kernels it rebuilds
             total += output[0].numel() * module.in_channels * int(torch.tensor(module.kernel_size).prod())
         elif isinstance(module, nn.RNNBase):  # output: (sequence, state); every position the layer ran
-            total += _rows(output[0]) * _rnn_step_macs(module)
+            total += _rows(output[0]) * _step_macs(module)
         elif isinstance(module, nn.RNNCellBase):
             total += _cell_macs(module, output)
 
